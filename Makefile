@@ -1,0 +1,63 @@
+# Tide build.  `make` installs missing Debian packages (scripts/deps.sh),
+# then builds bin/tide.  `make test`, `make demo`, `make bench`, `make clean`.
+
+CC      ?= cc
+OPT     ?= -O2
+PKGS    := luajit libuv libzmq
+CFLAGS  := $(OPT) -g -std=gnu11 -Wall -Wextra -Werror -fno-strict-aliasing \
+           -Iengine -Ilua -Igpu $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+LDLIBS  := $(shell pkg-config --libs $(PKGS) 2>/dev/null) -lm -lpthread -ldl
+LDFLAGS := -Wl,-E
+
+ENGINE_SRCS := $(wildcard engine/*.c) $(wildcard lua/*.c)
+GPU_SRCS    :=
+EXTRA_OBJS  :=
+TEST_DEPS   :=
+# Optional fragments add sources and libraries (gpu layer, http ingress).
+-include gpu/gpu.mk
+-include engine/http.mk
+
+SRCS := $(ENGINE_SRCS) $(GPU_SRCS)
+OBJS := $(patsubst %.c,build/obj/%.o,$(SRCS))
+LIB_OBJS := $(filter-out build/obj/engine/main.o,$(OBJS))
+
+.PHONY: all deps test demo bench clean lint ctest luatest
+all: deps bin/tide
+
+deps:
+	@sh scripts/deps.sh
+
+bin/tide: $(OBJS) $(EXTRA_OBJS)
+	@mkdir -p bin
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+
+build/obj/%.o: %.c $(wildcard engine/*.h lua/*.h gpu/*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c -o $@ $<
+
+# C unit tests: one binary per build flavour (plain, asan+ubsan), each test
+# run in its own process with a timeout by tests/c/runner.c.
+CTEST_SRCS := $(wildcard tests/c/test-*.c) tests/c/runner.c
+build/ctest: $(CTEST_SRCS) $(LIB_OBJS) $(EXTRA_OBJS) tests/c/test-list.h
+	$(CC) $(CFLAGS) -Itests/c $(LDFLAGS) -o $@ $(CTEST_SRCS) $(LIB_OBJS) $(EXTRA_OBJS) $(LDLIBS)
+
+ASAN := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+build/ctest-asan: $(CTEST_SRCS) $(SRCS) tests/c/test-list.h
+	$(CC) $(CFLAGS) $(ASAN) -O1 -Itests/c $(LDFLAGS) -o $@ $(CTEST_SRCS) \
+	  $(filter-out engine/main.c,$(SRCS)) $(EXTRA_OBJS) $(LDLIBS)
+
+test: all build/ctest build/ctest-asan $(TEST_DEPS)
+	@sh tests/run.sh
+
+demo: all
+	bin/tide run examples/quickstart.lua
+
+bench: all
+	bin/tide bench
+
+lint:
+	cppcheck -q --error-exitcode=1 --enable=warning,performance engine lua gpu
+	luacheck -q stdlib examples tests/lua
+
+clean:
+	rm -rf build bin/tide

@@ -1,0 +1,23 @@
+#!/bin/sh
+# Installs the Debian packages Tide builds and tests with.  Idempotent and
+# quick when everything is present: one dpkg-query, no network.
+set -e
+PKGS="pkg-config gcc make libuv1-dev libzmq3-dev libsodium-dev libedit-dev
+libopenblas-dev node-llhttp lua-cjson lua-check libsqlite3-dev clang
+libclang-rt-14-dev bible-kjv-text"
+# Either LuaJIT flavour satisfies the build; never remove one that is installed.
+if ! dpkg-query -W -f='${Status}\n' libluajit-5.1-dev libluajit2-5.1-dev 2>/dev/null |
+    grep -q 'install ok installed'; then
+  PKGS="$PKGS libluajit-5.1-dev"
+fi
+missing=""
+for p in $PKGS; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' ||
+    missing="$missing $p"
+done
+[ -z "$missing" ] && exit 0
+echo "deps: installing$missing"
+SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq || true
+$SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null

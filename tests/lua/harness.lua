@@ -1,0 +1,66 @@
+-- Minimal TAP harness for Lua tests run under `tide run`.
+local M = {}
+local n, failed = 0, 0
+
+local function fmt(v)
+  if type(v) == "string" then return string.format("%q", v) end
+  return tostring(v)
+end
+
+function M.test(name, fn)
+  n = n + 1
+  local ok, err = xpcall(fn, function(e)
+    if type(e) == "table" then e = tostring(e) end
+    return debug.traceback(tostring(e), 2)
+  end)
+  if ok then
+    io.write(string.format("ok %d - %s\n", n, name))
+  else
+    failed = failed + 1
+    io.write(string.format("not ok %d - %s\n", n, name))
+    io.write("# " .. tostring(err):gsub("\n", "\n# ") .. "\n")
+  end
+  io.flush()
+end
+
+function M.eq(a, b, msg)
+  if a ~= b then
+    error(string.format("%sexpected %s, got %s", msg and (msg .. ": ") or "", fmt(b), fmt(a)), 2)
+  end
+end
+
+function M.ok(v, msg)
+  if not v then error(msg or "expected a true value", 2) end
+  return v
+end
+
+-- Asserts that fn raises; returns the error value.  `pat` is matched
+-- against tostring(err) when given.
+function M.raises(fn, pat)
+  local ok, err = pcall(fn)
+  if ok then error("expected an error" .. (pat and (" matching " .. pat) or ""), 2) end
+  if pat and not tostring(err):find(pat) then
+    error(string.format("error %q does not match %q", tostring(err), pat), 2)
+  end
+  return err
+end
+
+function M.deep_eq(a, b, path)
+  path = path or "value"
+  if type(a) ~= type(b) then error(path .. ": type " .. type(a) .. " ~= " .. type(b), 2) end
+  if type(a) ~= "table" then
+    if a ~= b then error(path .. ": " .. fmt(a) .. " ~= " .. fmt(b), 2) end
+    return
+  end
+  for k, v in pairs(a) do M.deep_eq(v, b[k], path .. "." .. tostring(k)) end
+  for k in pairs(b) do
+    if a[k] == nil then error(path .. "." .. tostring(k) .. " missing", 2) end
+  end
+end
+
+function M.done()
+  io.write(string.format("1..%d\n", n))
+  io.flush()
+end
+
+return M
