@@ -1,0 +1,32 @@
+/* Tide GPU layer error messages (see gpu_err.h). */
+#include "gpu_err.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+
+static const char *const td__gpu_msgs[] = {
+#define TD_GPU__MSG(name, msg) msg,
+    TD_GPU_ERRDEF(TD_GPU__MSG)
+#undef TD_GPU__MSG
+};
+
+static __thread char td__gpu_detail[256];
+
+const char *td_gpu_strerror(int err) {
+  int i = -err - TD_GPU__EFIRST - 1;
+  if (err == 0) return "success";
+  if (i < 0 || i >= (int)(sizeof(td__gpu_msgs) / sizeof(td__gpu_msgs[0])))
+    return "unknown error";
+  return td__gpu_msgs[i];
+}
+
+void td_gpu_set_detail(const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(td__gpu_detail, sizeof(td__gpu_detail), fmt, ap);
+  va_end(ap);
+}
+
+const char *td_gpu_last_detail(void) { return td__gpu_detail; }
+
+void td_gpu_clear_detail(void) { td__gpu_detail[0] = '\0'; }
