@@ -1,0 +1,219 @@
+/* Tide HTTP ingress: an HTTP/1.1 server (keep-alive, pipelining, chunked
+ * streaming, limits) on a libuv loop the caller drives.
+ * Uses libuv (uv_tcp, uv_timer, uv_prepare, uv_async) and llhttp (Debian
+ * node-llhttp sources, compiled in by engine/http.mk). Routing is not here:
+ * one on_request callback receives every parsed request.
+ */
+#ifndef TD_HTTP_H
+#define TD_HTTP_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+/* -- Threads, ownership, lifetimes ---------------------------------------
+ *
+ * A server belongs to one libuv loop and to the thread that runs it (the
+ * "loop thread"). td_http_server_new() records the calling thread as the
+ * loop thread, so call it on the thread that will run uv_run() on the loop.
+ * td_http_server_new/listen/port/stats/close run on the loop thread only,
+ * and every callback (on_request, on_abort, close_cb) is called there.
+ *
+ * Requests are named by a td_http_req_id: a 64-bit number, never 0, never
+ * reused by a server. Ids may be passed anywhere (other threads, Lua, other
+ * processes' replies); a call with an id whose request has finished or been
+ * aborted returns UV_ENOENT and does nothing, so late replies are harmless.
+ *
+ * The response calls (td_http_respond, td_http_stream_start/write/end,
+ * td_http_abort) may be called from any thread. On the loop thread they act
+ * at once and report errors. From another thread they validate and copy
+ * their arguments, queue them for the loop thread (uv_async_send), and
+ * return 0; a queued call whose request is gone by the time it runs is
+ * dropped (on_abort has told the owner). Calls for one request must come
+ * from one thread so that they keep their order. No call may be made once
+ * the server's close callback has run.
+ *
+ * The server never keeps a caller's pointer: headers and bodies passed to
+ * the response calls are copied before the call returns.
+ *
+ * Every request handed to on_request must be finished exactly once by the
+ * application: td_http_respond, td_http_stream_end or td_http_abort — unless
+ * on_abort reports it first (client gone, response timeout, slow client,
+ * server closing). After on_abort the id is dead.
+ *
+ * Errors are 0 or a negative libuv code (UV_E*, i.e. -errno on Unix):
+ * UV_ENOENT (no such live request), UV_EINVAL (bad argument, or a call that
+ * does not fit the request's state, such as a second respond), UV_ENOBUFS
+ * (the client does not read: its connection was dropped), UV_ECANCELED (the
+ * server is closing), UV_ENOMEM. uv_strerror() names them.
+ */
+
+typedef struct td_http_server td_http_server_t;
+
+/* A request id: 0 is never a valid id. */
+typedef uint64_t td_http_req_id;
+
+/* A header: in requests, both strings are NUL-terminated and the lengths are
+ * exact; names are lowercased. In responses, a length of 0 means "the string
+ * is NUL-terminated" (so {"Content-Type", 0, "text/plain", 0} works). */
+typedef struct td_http_header {
+  const char *name;  /* field name */
+  size_t name_len;   /* its length (responses: 0 = strlen) */
+  const char *value; /* field value, surrounding blanks removed */
+  size_t value_len;  /* its length (responses: 0 = strlen) */
+} td_http_header_t;
+
+#define TD_HTTP_HDR(name, value) {(name), 0, (value), 0}
+
+/* A parsed request, as handed to on_request. The server owns it; it and
+ * every string it points to stay valid on the loop thread until the request
+ * is finished or aborted. Another thread that handles the request must copy
+ * what it needs during on_request. Strings are NUL-terminated. */
+typedef struct td_http_request {
+  td_http_req_id id;                /* handle for the response calls */
+  const char *method;               /* "GET", "POST", ... (static string) */
+  const char *path;                 /* target up to '?' ('#'), origin form, not decoded */
+  size_t path_len;                  /* its length */
+  const char *query;                /* after '?', without it; "" if none */
+  size_t query_len;                 /* its length */
+  const td_http_header_t *headers;  /* in order received, names lowercased */
+  size_t nheaders;                  /* number of headers */
+  const char *body;                 /* body bytes (de-chunked), NUL after them */
+  size_t body_len;                  /* body length */
+  int http_minor;                   /* 0 for HTTP/1.0, 1 for HTTP/1.1 */
+  int keep_alive;                   /* 1 if the connection stays open after */
+  uint64_t conn_id;                 /* the connection it came on (for logs) */
+} td_http_request_t;
+
+/* Why a request was aborted (on_abort's reason). */
+typedef enum td_http_abort_reason {
+  TD_HTTP_ABORT_DISCONNECT = 1, /* client closed or reset the connection */
+  TD_HTTP_ABORT_TIMEOUT,        /* no response began in response_timeout_ms; 504 sent */
+  TD_HTTP_ABORT_SLOW_CLIENT,    /* output backlog or stalled write: connection dropped */
+  TD_HTTP_ABORT_SERVER_CLOSE,   /* td_http_server_close() */
+  TD_HTTP_ABORT_CONN_CLOSE      /* an earlier request on the connection ended it */
+} td_http_abort_reason_t;
+
+/* Called on the loop thread for every complete request (except /-/healthz,
+ * answered by the server). The application must finish it (see above); it
+ * may do so inside this callback or any time later, from any thread. */
+typedef void (*td_http_request_cb)(td_http_server_t *srv,
+                                   const td_http_request_t *req, void *data);
+
+/* Called on the loop thread when a request handed to on_request will never
+ * be answered (reason above), so a generator can be cancelled. The id is
+ * already dead when it runs; response calls with it return UV_ENOENT. */
+typedef void (*td_http_abort_cb)(td_http_server_t *srv, td_http_req_id id,
+                                 td_http_abort_reason_t reason, void *data);
+
+/* Called on the loop thread once the server and all its handles are
+ * closed; the server's memory is freed right after it returns. */
+typedef void (*td_http_close_cb)(td_http_server_t *srv, void *data);
+
+/* Options; a field left 0 takes the default in brackets. */
+typedef struct td_http_opts {
+  td_http_request_cb on_request; /* required */
+  td_http_abort_cb on_abort;     /* optional */
+  void *data;                    /* passed to every callback */
+  size_t max_header_bytes;       /* request line + headers [16 KiB]; 431 (414: URL) */
+  size_t max_headers;            /* header fields per request [100]; 431 */
+  size_t max_body_bytes;         /* request body [1 MiB]; 413 */
+  unsigned request_timeout_ms;   /* to receive a whole request [30000]; 408 */
+  unsigned keepalive_timeout_ms; /* idle connection closed after [30000] */
+  unsigned response_timeout_ms;  /* for the app to begin a response [0: none]; 504 */
+  unsigned send_timeout_ms;      /* a write that makes no progress [60000] */
+  unsigned max_pipeline;         /* requests in flight per connection [64] */
+  size_t max_output_bytes;       /* unsent output per connection [64 MiB] */
+  unsigned max_connections;      /* open connections [10000]; more are closed */
+} td_http_opts_t;
+
+/* Counters, read with td_http_server_stats(). */
+typedef struct td_http_stats {
+  uint64_t connections;      /* accepted since start */
+  uint64_t connections_open; /* open now */
+  uint64_t requests;         /* complete requests parsed (incl. healthz) */
+  uint64_t responses;        /* responses finished (any status) */
+  uint64_t aborted;          /* on_abort calls */
+  uint64_t bad_requests;     /* 400: malformed HTTP */
+  uint64_t timeouts;         /* 408 and closed idle/stalled connections with a partial request */
+  uint64_t too_large;        /* 413, 414, 431 */
+  uint64_t healthz;          /* /-/healthz answered */
+} td_http_stats_t;
+
+/* -- Server ------------------------------------------------------------- */
+
+/* Creates a server on `loop`; the calling thread becomes its loop thread.
+ * `opts` is copied. Returns NULL when memory runs out. The caller owns the
+ * result and releases it with td_http_server_close(). */
+td_http_server_t *td_http_server_new(uv_loop_t *loop, const td_http_opts_t *opts);
+
+/* Listens on host:port. host NULL means "127.0.0.1" (never all interfaces
+ * unless asked: "0.0.0.0" or "::"); port 0 picks a free port (see
+ * td_http_server_port). Returns 0 or a UV error (UV_EADDRINUSE, UV_EINVAL);
+ * a server listens on one address at most (UV_EALREADY). */
+int td_http_server_listen(td_http_server_t *srv, const char *host, int port);
+
+/* The port listened on, or 0 when not listening. */
+int td_http_server_port(const td_http_server_t *srv);
+
+/* Copies the counters into *out. */
+void td_http_server_stats(const td_http_server_t *srv, td_http_stats_t *out);
+
+/* Stops listening, drops every connection (on_abort with
+ * TD_HTTP_ABORT_SERVER_CLOSE for each unfinished request), closes all
+ * handles, then calls cb (may be NULL) and frees the server. Call once. */
+void td_http_server_close(td_http_server_t *srv, td_http_close_cb cb);
+
+/* -- Responses (any thread) ---------------------------------------------- */
+
+/* Sends a whole response: status 200..599, headers (Content-Length,
+ * Transfer-Encoding, Connection and Date are set by the server and ignored
+ * if given), body of len bytes (not sent for HEAD, 204, 304). Finishes the
+ * request. Responses leave in request order whatever order they are made. */
+int td_http_respond(td_http_server_t *srv, td_http_req_id id, int status,
+                    const td_http_header_t *headers, size_t nheaders,
+                    const void *body, size_t len);
+
+/* Begins a streamed response: chunked transfer encoding on HTTP/1.1, raw
+ * bytes then close on HTTP/1.0. For Server-Sent Events pass
+ * Content-Type: text/event-stream and write whole events. */
+int td_http_stream_start(td_http_server_t *srv, td_http_req_id id, int status,
+                         const td_http_header_t *headers, size_t nheaders);
+
+/* Sends one chunk (len 0 does nothing). Chunks are flushed before the loop
+ * next waits for I/O. UV_ENOBUFS: the client has stopped reading and its
+ * connection was dropped (on_abort fired). */
+int td_http_stream_write(td_http_server_t *srv, td_http_req_id id,
+                         const void *data, size_t len);
+
+/* Ends a streamed response and finishes the request. */
+int td_http_stream_end(td_http_server_t *srv, td_http_req_id id);
+
+/* Fails a request: before its response began, a 500 is sent; after a
+ * stream began, the connection is closed after the partial response so the
+ * client sees it truncated. Finishes the request. */
+int td_http_abort(td_http_server_t *srv, td_http_req_id id);
+
+/* -- Helpers ------------------------------------------------------------- */
+
+/* The value of the first header named `name` (any case), or NULL. */
+const char *td_http_request_header(const td_http_request_t *req, const char *name);
+
+/* The reason phrase of a status code ("Not Found"), or "Unknown". */
+const char *td_http_status_text(int status);
+
+/* -- Internal: in-memory connections for tests and the fuzzer ------------
+ * A virtual connection runs the same parser, queue and writer as a TCP one
+ * but hands its output to `sink` instead of a socket. Loop thread only. */
+typedef struct td__http_conn td__http_conn_t;
+typedef void (*td__http_sink_cb)(void *ud, const char *data, size_t len);
+td__http_conn_t *td__http_virt_open(td_http_server_t *srv, td__http_sink_cb sink,
+                                    void *ud);
+/* Feeds bytes as if read from the socket; len 0 means end of input. */
+void td__http_virt_feed(td__http_conn_t *c, const char *data, size_t len);
+/* Runs pending flushes (what the loop's prepare phase would do). */
+void td__http_virt_flush(td_http_server_t *srv);
+/* Drops the connection (on_abort for unfinished requests) and frees it. */
+void td__http_virt_close(td__http_conn_t *c);
+
+#endif

@@ -1,0 +1,995 @@
+/* HTTP ingress tests: a server on an ephemeral port, its loop on a thread of
+ * its own, and a blocking socket client in the test's thread. Each test
+ * ends by closing the server and asserting its loop closed with no handles.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE /* memmem */
+#endif
+#include <arpa/inet.h>
+#include <errno.h>
+#include <llhttp.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <pthread.h>
+#include <stddef.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "http.h"
+#include "test.h"
+
+/* -- Fixture: server thread ---------------------------------------------- */
+
+#define FX_MAX_HELD 64
+
+typedef struct fx fx_t;
+typedef void (*fx_handler)(fx_t *fx, td_http_server_t *srv, const td_http_request_t *req);
+
+struct fx {
+  uv_loop_t loop;            /* the server's loop, run by th */
+  td_http_server_t *srv;     /* the server */
+  uv_async_t stop;           /* asks the loop thread to close everything */
+  pthread_t th;              /* loop thread */
+  td_http_opts_t opts;       /* options (on_request/on_abort filled in) */
+  fx_handler handler;        /* the test's application */
+  int port;                  /* bound port */
+  int loop_close_rc;         /* uv_loop_close() result after the loop ended */
+  pthread_mutex_t mu;        /* guards what follows */
+  pthread_cond_t cv;         /* signalled on every change */
+  int started;               /* server listening */
+  int nreq;                  /* requests seen by on_request */
+  td_http_req_id held[FX_MAX_HELD]; /* requests kept for later answers */
+  char held_path[FX_MAX_HELD][32];  /* their paths */
+  int nheld;                 /* how many */
+  int naborts;               /* on_abort calls */
+  td_http_req_id abort_id;   /* last aborted id */
+  int abort_reason;          /* last reason */
+  int abort_write_rc;        /* stream_write on the dead id inside on_abort */
+  int closed;                /* close callback ran */
+};
+
+static void fx_on_request(td_http_server_t *srv, const td_http_request_t *req, void *data) {
+  fx_t *fx = data;
+  pthread_mutex_lock(&fx->mu);
+  fx->nreq++;
+  pthread_mutex_unlock(&fx->mu);
+  fx->handler(fx, srv, req);
+  pthread_cond_broadcast(&fx->cv);
+}
+
+static void fx_on_abort(td_http_server_t *srv, td_http_req_id id,
+                        td_http_abort_reason_t reason, void *data) {
+  fx_t *fx = data;
+  int rc = td_http_stream_write(srv, id, "x", 1);
+  pthread_mutex_lock(&fx->mu);
+  fx->naborts++;
+  fx->abort_id = id;
+  fx->abort_reason = (int)reason;
+  fx->abort_write_rc = rc;
+  pthread_cond_broadcast(&fx->cv);
+  pthread_mutex_unlock(&fx->mu);
+}
+
+static void fx_hold(fx_t *fx, const td_http_request_t *req) {
+  pthread_mutex_lock(&fx->mu);
+  ASSERT(fx->nheld < FX_MAX_HELD);
+  fx->held[fx->nheld] = req->id;
+  snprintf(fx->held_path[fx->nheld], sizeof(fx->held_path[0]), "%s", req->path);
+  fx->nheld++;
+  pthread_mutex_unlock(&fx->mu);
+}
+
+static void fx_on_closed(td_http_server_t *srv, void *data) {
+  fx_t *fx = data;
+  (void)srv;
+  fx->closed = 1;
+}
+
+static void fx_on_stop(uv_async_t *h) {
+  fx_t *fx = h->data;
+  td_http_server_close(fx->srv, fx_on_closed);
+  uv_close((uv_handle_t *)&fx->stop, NULL);
+}
+
+static void *fx_thread(void *arg) {
+  fx_t *fx = arg;
+  ASSERT_EQ(uv_loop_init(&fx->loop), 0);
+  fx->opts.on_request = fx_on_request;
+  fx->opts.on_abort = fx_on_abort;
+  fx->opts.data = fx;
+  fx->srv = td_http_server_new(&fx->loop, &fx->opts);
+  ASSERT(fx->srv != NULL);
+  ASSERT_EQ(td_http_server_listen(fx->srv, NULL, 0), 0);
+  ASSERT_EQ(td_http_server_listen(fx->srv, NULL, 0), UV_EALREADY);
+  fx->port = td_http_server_port(fx->srv);
+  ASSERT(fx->port > 0);
+  ASSERT_EQ(uv_async_init(&fx->loop, &fx->stop, fx_on_stop), 0);
+  fx->stop.data = fx;
+  pthread_mutex_lock(&fx->mu);
+  fx->started = 1;
+  pthread_cond_broadcast(&fx->cv);
+  pthread_mutex_unlock(&fx->mu);
+  uv_run(&fx->loop, UV_RUN_DEFAULT);
+  fx->loop_close_rc = uv_loop_close(&fx->loop);
+  return NULL;
+}
+
+static fx_t *fx_start(fx_handler handler, const td_http_opts_t *opts) {
+  fx_t *fx = calloc(1, sizeof(*fx));
+  ASSERT(fx);
+  if (opts) fx->opts = *opts;
+  fx->handler = handler;
+  pthread_mutex_init(&fx->mu, NULL);
+  pthread_cond_init(&fx->cv, NULL);
+  ASSERT_EQ(pthread_create(&fx->th, NULL, fx_thread, fx), 0);
+  pthread_mutex_lock(&fx->mu);
+  while (!fx->started) pthread_cond_wait(&fx->cv, &fx->mu);
+  pthread_mutex_unlock(&fx->mu);
+  return fx;
+}
+
+/* Closes the server and checks that nothing was left open. */
+static void fx_stop(fx_t *fx) {
+  uv_async_send(&fx->stop);
+  ASSERT_EQ(pthread_join(fx->th, NULL), 0);
+  ASSERT(fx->closed);
+  ASSERT_EQ(fx->loop_close_rc, 0);
+  pthread_mutex_destroy(&fx->mu);
+  pthread_cond_destroy(&fx->cv);
+  free(fx);
+}
+
+/* Waits (at most 5 s) until *counter >= n. */
+static int fx_wait(fx_t *fx, const int *counter, int n) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  ts.tv_sec += 5;
+  pthread_mutex_lock(&fx->mu);
+  int rc = 0;
+  while (*counter < n && rc == 0) rc = pthread_cond_timedwait(&fx->cv, &fx->mu, &ts);
+  int ok = *counter >= n;
+  pthread_mutex_unlock(&fx->mu);
+  return ok;
+}
+
+static td_http_req_id fx_held_by_path(fx_t *fx, const char *path) {
+  td_http_req_id id = 0;
+  pthread_mutex_lock(&fx->mu);
+  for (int i = 0; i < fx->nheld; i++)
+    if (strcmp(fx->held_path[i], path) == 0) id = fx->held[i];
+  pthread_mutex_unlock(&fx->mu);
+  return id;
+}
+
+/* Reads a fixture counter under its lock. */
+static int fx_get(fx_t *fx, const int *counter) {
+  pthread_mutex_lock(&fx->mu);
+  int v = *counter;
+  pthread_mutex_unlock(&fx->mu);
+  return v;
+}
+
+/* -- Client -------------------------------------------------------------- */
+
+typedef struct resp {
+  int status;          /* status code */
+  char hdrs[4096];     /* "name: value\n" lines, names lowercased */
+  size_t hlen;         /* used */
+  char body[300000];   /* de-chunked body */
+  size_t body_len;     /* used */
+  int nchunks;         /* chunk headers seen (incl. the last 0) */
+  int keep_alive;      /* llhttp_should_keep_alive */
+  int in_value;        /* parser state */
+} resp_t;
+
+typedef struct client {
+  int fd;                   /* socket */
+  char buf[65536];          /* received bytes */
+  size_t len;               /* valid */
+  size_t off;               /* parsed */
+  llhttp_t p;               /* response parser */
+  llhttp_settings_t s;      /* its callbacks */
+  resp_t *r;                /* response being read */
+  int done;                 /* message complete */
+} client_t;
+
+static int rc_header_field(llhttp_t *p, const char *at, size_t n) {
+  client_t *c = p->data;
+  resp_t *r = c->r;
+  if (r->in_value) {
+    r->hdrs[r->hlen++] = '\n';
+    r->in_value = 0;
+  }
+  for (size_t i = 0; i < n && r->hlen < sizeof(r->hdrs) - 8; i++)
+    r->hdrs[r->hlen++] = (char)((at[i] >= 'A' && at[i] <= 'Z') ? at[i] + 32 : at[i]);
+  return 0;
+}
+
+static int rc_header_value(llhttp_t *p, const char *at, size_t n) {
+  client_t *c = p->data;
+  resp_t *r = c->r;
+  if (!r->in_value) {
+    r->hdrs[r->hlen++] = ':';
+    r->hdrs[r->hlen++] = ' ';
+    r->in_value = 1;
+  }
+  for (size_t i = 0; i < n && r->hlen < sizeof(r->hdrs) - 8; i++) r->hdrs[r->hlen++] = at[i];
+  return 0;
+}
+
+static int rc_headers_complete(llhttp_t *p) {
+  client_t *c = p->data;
+  if (c->r->in_value) c->r->hdrs[c->r->hlen++] = '\n';
+  c->r->hdrs[c->r->hlen] = '\0';
+  c->r->status = p->status_code;
+  return 0;
+}
+
+static int rc_body(llhttp_t *p, const char *at, size_t n) {
+  client_t *c = p->data;
+  ASSERT(c->r->body_len + n < sizeof(c->r->body));
+  memcpy(c->r->body + c->r->body_len, at, n);
+  c->r->body_len += n;
+  c->r->body[c->r->body_len] = '\0';
+  return 0;
+}
+
+static int rc_chunk_header(llhttp_t *p) {
+  client_t *c = p->data;
+  c->r->nchunks++;
+  return 0;
+}
+
+static int rc_message_complete(llhttp_t *p) {
+  client_t *c = p->data;
+  c->r->keep_alive = llhttp_should_keep_alive(p);
+  c->done = 1;
+  return HPE_PAUSED;
+}
+
+static client_t *cl_open(int port) {
+  client_t *c = calloc(1, sizeof(*c));
+  ASSERT(c);
+  c->fd = socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT(c->fd >= 0);
+  struct timeval tv = {5, 0};
+  setsockopt(c->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  int one = 1;
+  setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(connect(c->fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+  llhttp_settings_init(&c->s);
+  c->s.on_header_field = rc_header_field;
+  c->s.on_header_value = rc_header_value;
+  c->s.on_headers_complete = rc_headers_complete;
+  c->s.on_body = rc_body;
+  c->s.on_chunk_header = rc_chunk_header;
+  c->s.on_message_complete = rc_message_complete;
+  llhttp_init(&c->p, HTTP_RESPONSE, &c->s);
+  c->p.data = c;
+  return c;
+}
+
+static void cl_close(client_t *c) {
+  close(c->fd);
+  free(c);
+}
+
+static void cl_send(client_t *c, const char *data, size_t n) {
+  while (n > 0) {
+    ssize_t k = send(c->fd, data, n, MSG_NOSIGNAL);
+    ASSERT(k > 0);
+    data += k;
+    n -= (size_t)k;
+  }
+}
+
+static void cl_sends(client_t *c, const char *s) { cl_send(c, s, strlen(s)); }
+
+/* Reads one response into *r. Returns 0, or -1 if the connection ended (or
+ * 5 s passed) before a whole response arrived. */
+static int cl_read(client_t *c, resp_t *r) {
+  memset(r, 0, offsetof(resp_t, body));
+  r->body_len = 0;
+  r->body[0] = '\0';
+  c->r = r;
+  c->done = 0;
+  for (;;) {
+    if (c->off < c->len) {
+      llhttp_errno_t e = llhttp_execute(&c->p, c->buf + c->off, c->len - c->off);
+      if (e == HPE_PAUSED) {
+        c->off = (size_t)(llhttp_get_error_pos(&c->p) - c->buf);
+        llhttp_resume(&c->p);
+        return 0;
+      }
+      if (e != HPE_OK) return -1;
+      c->off = c->len = 0;
+    }
+    ssize_t k = recv(c->fd, c->buf, sizeof(c->buf), 0);
+    if (k <= 0) {
+      if (k == 0) (void)llhttp_finish(&c->p); /* ends a close-delimited body */
+      if (c->done) return 0;
+      return -1;
+    }
+    c->len = (size_t)k;
+    c->off = 0;
+  }
+}
+
+/* 1 when the server has closed the connection (EOF within 5 s). */
+static int cl_eof(client_t *c) {
+  char b[256];
+  if (c->off < c->len) return 0;
+  for (;;) {
+    ssize_t k = recv(c->fd, b, sizeof(b), 0);
+    if (k == 0) return 1;
+    if (k < 0) return errno == ECONNRESET;
+    /* stray bytes: not expected */
+    return 0;
+  }
+}
+
+static int has_header(const resp_t *r, const char *line) {
+  return strstr(r->hdrs, line) != NULL;
+}
+
+/* -- Handlers ------------------------------------------------------------ */
+
+/* /hello -> "hello"; /echo -> the body; /stream -> 3 chunks; /hold/... kept. */
+static void app_basic(fx_t *fx, td_http_server_t *srv, const td_http_request_t *req) {
+  static const td_http_header_t ct[] = {TD_HTTP_HDR("Content-Type", "text/plain")};
+  if (strncmp(req->path, "/hold", 5) == 0) {
+    fx_hold(fx, req);
+    return;
+  }
+  if (strcmp(req->path, "/hello") == 0) {
+    ASSERT_EQ(td_http_respond(srv, req->id, 200, ct, 1, "hello", 5), 0);
+  } else if (strcmp(req->path, "/echo") == 0) {
+    const char *t = td_http_request_header(req, "Content-Type");
+    td_http_header_t h[] = {{"Content-Type", 0, t ? t : "application/octet-stream", 0}};
+    ASSERT_EQ(td_http_respond(srv, req->id, 200, h, 1, req->body, req->body_len), 0);
+  } else if (strcmp(req->path, "/stream") == 0) {
+    ASSERT_EQ(td_http_stream_start(srv, req->id, 200, ct, 1), 0);
+    ASSERT_EQ(td_http_stream_write(srv, req->id, "one", 3), 0);
+    ASSERT_EQ(td_http_stream_write(srv, req->id, "", 0), 0);
+    ASSERT_EQ(td_http_stream_write(srv, req->id, "two", 3), 0);
+    ASSERT_EQ(td_http_stream_write(srv, req->id, "three", 5), 0);
+    ASSERT_EQ(td_http_stream_end(srv, req->id), 0);
+    ASSERT_EQ(td_http_stream_end(srv, req->id), UV_ENOENT);
+  } else if (strcmp(req->path, "/info") == 0) {
+    char b[512];
+    const char *x = td_http_request_header(req, "x-test");
+    int n = snprintf(b, sizeof(b), "%s|%s|%s|%s|%zu|%d", req->method, req->path, req->query,
+                     x ? x : "-", req->nheaders, req->http_minor);
+    ASSERT_EQ(td_http_respond(srv, req->id, 200, NULL, 0, b, (size_t)n), 0);
+  } else if (strcmp(req->path, "/nocontent") == 0) {
+    ASSERT_EQ(td_http_respond(srv, req->id, 204, NULL, 0, "zzz", 3), 0);
+  } else {
+    ASSERT_EQ(td_http_respond(srv, req->id, 404, NULL, 0, "no", 2), 0);
+  }
+}
+
+/* -- Tests --------------------------------------------------------------- */
+
+TEST_IMPL(http_get) {
+  fx_t *fx = fx_start(app_basic, NULL);
+  client_t *c = cl_open(fx->port);
+  resp_t *r = malloc(sizeof(*r));
+  cl_sends(c, "GET /info?x=1&y=%20 HTTP/1.1\r\nHost: t\r\nX-Test:  abc  \r\n\r\n");
+  ASSERT_EQ(cl_read(c, r), 0);
+  ASSERT_EQ(r->status, 200);
+  ASSERT(strcmp(r->body, "GET|/info|x=1&y=%20|abc|2|1") == 0);
+  ASSERT(has_header(r, "content-length: 27\n"));
+  ASSERT(has_header(r, "date: "));
+  ASSERT(r->keep_alive);
+  /* An absolute-form target and a fragment. */
+  cl_sends(c, "GET http://h:1/info?q#frag HTTP/1.1\r\n\r\n");
+  ASSERT_EQ(cl_read(c, r), 0);
+  ASSERT(strcmp(r->body, "GET|/info|q|-|0|1") == 0);
+  cl_sends(c, "GET /hello HTTP/1.1\r\n\r\n");
+  ASSERT_EQ(cl_read(c, r), 0);
+  ASSERT(strcmp(r->body, "hello") == 0);
+  ASSERT(has_header(r, "content-type: text/plain\n"));
+  cl_sends(c, "GET /missing HTTP/1.1\r\n\r\n");
+  ASSERT_EQ(cl_read(c, r), 0);
+  ASSERT_EQ(r->status, 404);
+  cl_close(c);
+  free(r);
+  fx_stop(fx);
+  return 0;
+}
+
+TEST_IMPL(http_post_body) {
+  td_http_opts_t o = {.max_body_bytes = 200000};
+  fx_t *fx = fx_start(app_basic, &o);
+  client_t *c = cl_open(fx->port);
+  resp_t *r = malloc(sizeof(*r));
+  size_t n = 150000;
+  char *body = malloc(n);
+  for (size_t i = 0; i < n; i++) body[i] = (char)('a' + i % 26);
+  char head[256];
+  snprintf(head, sizeof(head),
+           "POST /echo HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n\r\n", n);
+  cl_sends(c, head);
+  cl_send(c, body, n);
+  ASSERT_EQ(cl_read(c, r), 0);
+  ASSERT_EQ(r->status, 200);
+  ASSERT_EQ(r->body_len, n);
+  ASSERT(memcmp(r->body, body, n) == 0);
+  ASSERT(has_header(r, "content-type: application/json\n"));
+  /* A chunked request body is de-chunked. */
+  cl_sends(c, "POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+              "5\r\nhello\r\n7;x=y\r\n, world\r\n0\r\nX-Trailer: t\r\n\r\n");
+  ASSERT_EQ(cl_read(c, r), 0);
+  ASSERT(strcmp(r->body, "hello, world") == 0);
+  /* Expect: 100-continue gets an interim 100 before the body is sent. */
+  cl_sends(c, "PUT /echo HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n");
+  ASSERT_EQ(cl_read(c, r), 0);
+  ASSERT_EQ(r->status, 100);
+  cl_sends(c, "abcd");
+  ASSERT_EQ(cl_read(c, r), 0);
+  ASSERT_EQ(r->status, 200);
+  ASSERT(strcmp(r->body, "abcd") == 0);
+  cl_close(c);
+  free(body);
+  free(r);
+  fx_stop(fx);
+  return 0;
+}
+
+TEST_IMPL(http_keepalive) {
+  fx_t *fx = fx_start(app_basic, NULL);
+  client_t *c = cl_open(fx->port);
+  resp_t *r = malloc(sizeof(*r));
+  for (int i = 0; i < 20; i++) {
+    cl_sends(c, i % 2 ? "GET /hello HTTP/1.1\r\nHost: x\r\n\r\n"
+                      : "POST /echo HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc");
+    ASSERT_EQ(cl_read(c, r), 0);
+    ASSERT_EQ(r->status, 200);
+    ASSERT(strcmp(r->body, i % 2 ? "hello" : "abc") == 0);
+    ASSERT(r->keep_alive);
+  }
+  ASSERT_EQ(fx_get(fx, &fx->nreq), 20);
+  /* Connection: close is honoured: the response says so, then EOF. */
+  cl_sends(c, "GET /hello HTTP/1.1\r\nConnection: close\r\n\r\n");
+  ASSERT_EQ(cl_read(c, r), 0);
+  ASSERT(has_header(r, "connection: close\n"));
+  ASSERT(cl_eof(c));
+  cl_close(c);
+  /* HTTP/1.0 keep-alive only when asked. */
+  c = cl_open(fx->port);
+  cl_sends(c, "GET /hello HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+  ASSERT_EQ(cl_read(c, r), 0);
+  ASSERT(has_header(r, "connection: keep-alive\n"));
+  cl_sends(c, "GET /hello HTTP/1.0\r\n\r\n");
+  ASSERT_EQ(cl_read(c, r), 0);
+  ASSERT(strcmp(r->body, "hello") == 0);
+  ASSERT(cl_eof(c));
+  cl_close(c);
+  free(r);
+  fx_stop(fx);
+  return 0;
+}
+
+TEST_IMPL(http_pipeline_order) {
+  fx_t *fx = fx_start(app_basic, NULL);
+  client_t *c = cl_open(fx->port);
+  resp_t *r = malloc(sizeof(*r));
+  /* Five requests in one write; /hold/1 and /hold/2 are answered last, from
+   * this thread (the cross-thread path), in reverse order. */
+  cl_sends(c,
+           "GET /hold/1 HTTP/1.1\r\n\r\n"
+           "GET /hello HTTP/1.1\r\n\r\n"
+           "GET /hold/2 HTTP/1.1\r\n\r\n"
+           "POST /echo HTTP/1.1\r\nContent-Length: 4\r\n\r\nbody"
+           "GET /stream HTTP/1.1\r\n\r\n");
+  ASSERT(fx_wait(fx, &fx->nreq, 5));
+  td_http_req_id h1 = fx_held_by_path(fx, "/hold/1"), h2 = fx_held_by_path(fx, "/hold/2");
+  ASSERT(h1 && h2 && h1 != h2);
+  ASSERT_EQ(td_http_stream_start(fx->srv, h2, 200, NULL, 0), 0);
+  ASSERT_EQ(td_http_stream_write(fx->srv, h2, "late-2", 6), 0);
+  ASSERT_EQ(td_http_stream_end(fx->srv, h2), 0);
+  usleep(50000); /* nothing may be sent before /hold/1 is answered */
+  char peek;
+  ASSERT_EQ(recv(c->fd, &peek, 1, MSG_PEEK | MSG_DONTWAIT), -1);
+  static const td_http_header_t h[] = {TD_HTTP_HDR("X-Late", "yes")};
+  ASSERT_EQ(td_http_respond(fx->srv, h1, 200, h, 1, "late-1", 6), 0);
+  const char *want[] = {"late-1", "hello", "late-2", "body", "onetwothree"};
+  for (int i = 0; i < 5; i++) {
+    ASSERT_EQ(cl_read(c, r), 0);
+    ASSERT_EQ(r->status, 200);
+    ASSERT(strcmp(r->body, want[i]) == 0);
+  }
+  cl_close(c);
+  free(r);
+  fx_stop(fx);
+  return 0;
+}
+
+TEST_IMPL(http_pipeline_limit) {
+  td_http_opts_t o = {.max_pipeline = 2};
+  fx_t *fx = fx_start(app_basic, &o);
+  client_t *c = cl_open(fx->port);
+  resp_t *r = malloc(sizeof(*r));
+  char req[4096] = "GET /hold/a HTTP/1.1\r\n\r\n";
+  for (int i = 0; i < 30; i++) strcat(req, "GET /hello HTTP/1.1\r\n\r\n");
+  cl_sends(c, req);
+  ASSERT(fx_wait(fx, &fx->nreq, 2));
+  usleep(50000);
+  ASSERT_EQ(fx_get(fx, &fx->nreq), 2); /* parsing paused: the head is owed */
+  ASSERT_EQ(td_http_respond(fx->srv, fx_held_by_path(fx, "/hold/a"), 200, NULL, 0, "a", 1), 0);
+  ASSERT_EQ(cl_read(c, r), 0);
+  ASSERT(strcmp(r->body, "a") == 0);
+  for (int i = 0; i < 30; i++) {
+    ASSERT_EQ(cl_read(c, r), 0);
+    ASSERT(strcmp(r->body, "hello") == 0);
+  }
+  ASSERT_EQ(fx_get(fx, &fx->nreq), 31);
+  cl_close(c);
+  free(r);
+  fx_stop(fx);
+  return 0;
+}
+
+/* Streams from this thread with pauses: chunks must arrive one by one. */
+TEST_IMPL(http_stream_chunked) {
+  fx_t *fx = fx_start(app_basic, NULL);
+  client_t *c = cl_open(fx->port);
+  resp_t *r = malloc(sizeof(*r));
+  cl_sends(c, "GET /stream HTTP/1.1\r\n\r\n");
+  ASSERT_EQ(cl_read(c, r), 0);
+  ASSERT(has_header(r, "transfer-encoding: chunked\n"));
+  ASSERT(strcmp(r->body, "onetwothree") == 0);
+  ASSERT_EQ(r->nchunks, 4);
+
+  cl_sends(c, "GET /hold/sse HTTP/1.1\r\n\r\n");
+  ASSERT(fx_wait(fx, &fx->nheld, 1));
+  td_http_req_id id = fx->held[0];
+  static const td_http_header_t h[] = {TD_HTTP_HDR("Content-Type", "text/event-stream")};
+  ASSERT_EQ(td_http_stream_start(fx->srv, id, 200, h, 1), 0);
+  char buf[512] = "";
+  size_t got = 0;
+  for (int i = 0; i < 3; i++) {
+    char ev[32];
+    int n = snprintf(ev, sizeof(ev), "data: %d\n\n", i);
+    ASSERT_EQ(td_http_stream_write(fx->srv, id, ev, (size_t)n), 0);
+    /* The chunk arrives without the stream ending. */
+    while (!strstr(buf, ev)) {
+      ssize_t k = recv(c->fd, buf + got, sizeof(buf) - got - 1, 0);
+      ASSERT(k > 0);
+      got += (size_t)k;
+      buf[got] = '\0';
+    }
+  }
+  ASSERT(strstr(buf, "text/event-stream") != NULL);
+  ASSERT(strstr(buf, "0\r\n\r\n") == NULL);
+  ASSERT_EQ(td_http_stream_end(fx->srv, id), 0);
+  while (!strstr(buf, "\r\n0\r\n\r\n")) {
+    ssize_t k = recv(c->fd, buf + got, sizeof(buf) - got - 1, 0);
+    ASSERT(k > 0);
+    got += (size_t)k;
+    buf[got] = '\0';
+  }
+  cl_close(c);
+
+  /* HTTP/1.0: raw bytes, ended by the close. */
+  c = cl_open(fx->port);
+  cl_sends(c, "GET /stream HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+  ASSERT_EQ(cl_read(c, r), 0);
+  ASSERT(strcmp(r->body, "onetwothree") == 0);
+  ASSERT(!has_header(r, "transfer-encoding"));
+  ASSERT(has_header(r, "connection: close\n"));
+  cl_close(c);
+  free(r);
+  fx_stop(fx);
+  return 0;
+}
+
+TEST_IMPL(http_head_nocontent) {
+  fx_t *fx = fx_start(app_basic, NULL);
+  client_t *c = cl_open(fx->port);
+  resp_t *r = malloc(sizeof(*r));
+  /* HEAD: the length of the GET body, no body; the next response must
+   * still frame correctly. */
+  cl_sends(c, "HEAD /hello HTTP/1.1\r\n\r\nGET /nocontent HTTP/1.1\r\n\r\nGET /hello HTTP/1.1\r\n\r\n");
+  char buf[2048];
+  size_t got = 0;
+  while (got < sizeof(buf) - 1) {
+    ssize_t k = recv(c->fd, buf + got, sizeof(buf) - 1 - got, 0);
+    ASSERT(k > 0);
+    got += (size_t)k;
+    buf[got] = '\0';
+    if (strstr(buf, "\r\n\r\nhello")) break;
+  }
+  ASSERT(strncmp(buf, "HTTP/1.1 200 OK\r\n", 17) == 0);
+  ASSERT(strstr(buf, "Content-Length: 5\r\n\r\nHTTP/1.1 204 No Content\r\n") != NULL);
+  char *p = strstr(buf, "204 No Content");
+  char *end = strstr(p, "\r\n\r\n");
+  ASSERT(end && strncmp(end + 4, "HTTP/1.1 200 OK", 15) == 0);
+  ASSERT(strstr(p, "zzz") == NULL);
+  ASSERT(memmem(p, (size_t)(end - p), "Content-Length", 14) == NULL);
+  cl_close(c);
+  free(r);
+  fx_stop(fx);
+  return 0;
+}
+
+TEST_IMPL(http_limits) {
+  td_http_opts_t o = {.max_header_bytes = 1024, .max_body_bytes = 1000, .max_headers = 10};
+  fx_t *fx = fx_start(app_basic, &o);
+  resp_t *r = malloc(sizeof(*r));
+  char *big = malloc(8192);
+
+  /* Header too large -> 431, then close. */
+  client_t *c = cl_open(fx->port);
+  snprintf(big, 8192, "GET /hello HTTP/1.1\r\nX-Big: %02000d\r\n\r\n", 7);
+  cl_sends(c, big);
+  ASSERT_EQ(cl_read(c, r), 0);
+  ASSERT_EQ(r->status, 431);
+  ASSERT(strstr(r->body, "\"status\":431") != NULL);
+  ASSERT(has_header(r, "connection: close\n"));
+  ASSERT(has_header(r, "content-type: application/json\n"));
+  ASSERT(cl_eof(c));
+  cl_close(c);
+
+  /* Too many header fields -> 431. */
+  c = cl_open(fx->port);
+  strcpy(big, "GET /hello HTTP/1.1\r\n");
+  for (int i = 0; i < 12; i++) strcat(big, "A: b\r\n");
+  strcat(big, "\r\n");
+  cl_sends(c, big);
+  ASSERT_EQ(cl_read(c, r), 0);
+  ASSERT_EQ(r->status, 431);
+  cl_close(c);
+
+  /* Target too long -> 414. */
+  c = cl_open(fx->port);
+  snprintf(big, 8192, "GET /%02000d HTTP/1.1\r\n\r\n", 1);
+  cl_sends(c, big);
+  ASSERT_EQ(cl_read(c, r), 0);
+  ASSERT_EQ(r->status, 414);
+  cl_close(c);
+
+  /* Declared body too large -> 413 at once, before the body is sent. */
+  c = cl_open(fx->port);
+  cl_sends(c, "POST /echo HTTP/1.1\r\nContent-Length: 1000000\r\n\r\n");
+  ASSERT_EQ(cl_read(c, r), 0);
+  ASSERT_EQ(r->status, 413);
+  ASSERT(cl_eof(c));
+  cl_close(c);
+
+  /* Chunked body growing past the limit -> 413; an earlier pipelined
+   * request on the same connection is still answered first. */
+  c = cl_open(fx->port);
+  cl_sends(c, "GET /hello HTTP/1.1\r\n\r\nPOST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
+  for (int i = 0; i < 3; i++) {
+    snprintf(big, 8192, "1f4\r\n%0500d\r\n", i);
+    cl_sends(c, big);
+  }
+  ASSERT_EQ(cl_read(c, r), 0);
+  ASSERT_EQ(r->status, 200);
+  ASSERT_EQ(cl_read(c, r), 0);
+  ASSERT_EQ(r->status, 413);
+  cl_close(c);
+  /* The application never saw the oversize requests. */
+  ASSERT_EQ(fx_get(fx, &fx->nreq), 1);
+  free(big);
+  free(r);
+  fx_stop(fx);
+  return 0;
+}
+
+TEST_IMPL(http_malformed) {
+  fx_t *fx = fx_start(app_basic, NULL);
+  resp_t *r = malloc(sizeof(*r));
+  const char *bad[] = {
+      "GARBAGE\r\n\r\n",
+      "GET / HTTP/1.1\r\nContent-Length: abc\r\n\r\n",
+      "GET / HTTP/1.1\r\nBad Header\r\n\r\n",
+      "GET / HTTP/1.1\r\n: empty-name\r\n\r\n",
+      "POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+      "GET / HTTP/9.9\r\n\r\n",
+      "CONNECT example.com:443 HTTP/1.1\r\n\r\n",
+      "\x01\x02\x03\x04",
+  };
+  for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+    client_t *c = cl_open(fx->port);
+    cl_sends(c, bad[i]);
+    ASSERT_EQ(cl_read(c, r), 0);
+    ASSERT(r->status == 400 || r->status == 405 || r->status == 505);
+    ASSERT(has_header(r, "connection: close\n"));
+    ASSERT(cl_eof(c));
+    cl_close(c);
+  }
+  /* Good request, then garbage, on one connection: 200 then 400. */
+  client_t *c = cl_open(fx->port);
+  cl_sends(c, "GET /hello HTTP/1.1\r\n\r\nGET /hello HTTP/1.1\r\nX\x01Y: z\r\n\r\n");
+  ASSERT_EQ(cl_read(c, r), 0);
+  ASSERT_EQ(r->status, 200);
+  ASSERT_EQ(cl_read(c, r), 0);
+  ASSERT_EQ(r->status, 400);
+  ASSERT(cl_eof(c));
+  cl_close(c);
+  ASSERT_EQ(fx_get(fx, &fx->nreq), 1);
+  /* The server still serves. */
+  c = cl_open(fx->port);
+  cl_sends(c, "GET /hello HTTP/1.1\r\n\r\n");
+  ASSERT_EQ(cl_read(c, r), 0);
+  ASSERT_EQ(r->status, 200);
+  cl_close(c);
+  free(r);
+  fx_stop(fx);
+  return 0;
+}
+
+TEST_IMPL(http_disconnect) {
+  fx_t *fx = fx_start(app_basic, NULL);
+  client_t *c = cl_open(fx->port);
+  cl_sends(c, "GET /hold/gen HTTP/1.1\r\n\r\n");
+  ASSERT(fx_wait(fx, &fx->nheld, 1));
+  td_http_req_id id = fx->held[0];
+  ASSERT_EQ(td_http_stream_start(fx->srv, id, 200, NULL, 0), 0);
+  ASSERT_EQ(td_http_stream_write(fx->srv, id, "tok", 3), 0);
+  cl_close(c); /* the client goes away mid-stream */
+  ASSERT(fx_wait(fx, &fx->naborts, 1));
+  ASSERT_EQ(fx->abort_id, id);
+  ASSERT_EQ(fx->abort_reason, TD_HTTP_ABORT_DISCONNECT);
+  ASSERT_EQ(fx->abort_write_rc, UV_ENOENT);
+  /* Late calls from this thread are accepted and dropped. */
+  ASSERT_EQ(td_http_stream_write(fx->srv, id, "more", 4), 0);
+  ASSERT_EQ(td_http_stream_end(fx->srv, id), 0);
+
+  /* A request not yet answered is aborted too. */
+  c = cl_open(fx->port);
+  cl_sends(c, "POST /hold/x HTTP/1.1\r\nContent-Length: 1\r\n\r\nz");
+  ASSERT(fx_wait(fx, &fx->nheld, 2));
+  cl_close(c);
+  ASSERT(fx_wait(fx, &fx->naborts, 2));
+  ASSERT_EQ(fx->abort_id, fx->held[1]);
+
+  /* The server closing aborts what it holds. */
+  c = cl_open(fx->port);
+  cl_sends(c, "GET /hold/y HTTP/1.1\r\n\r\n");
+  ASSERT(fx_wait(fx, &fx->nheld, 3));
+  td_http_req_id last = fx->held[2];
+  uv_async_send(&fx->stop);
+  ASSERT_EQ(pthread_join(fx->th, NULL), 0);
+  ASSERT_EQ(fx_get(fx, &fx->naborts), 3);
+  ASSERT_EQ(fx->abort_id, last);
+  ASSERT_EQ(fx->abort_reason, TD_HTTP_ABORT_SERVER_CLOSE);
+  ASSERT(fx->closed);
+  ASSERT_EQ(fx->loop_close_rc, 0);
+  cl_close(c);
+  free(fx);
+  return 0;
+}
+
+TEST_IMPL(http_timeouts) {
+  td_http_opts_t o = {.request_timeout_ms = 150, .keepalive_timeout_ms = 150,
+                      .response_timeout_ms = 150};
+  fx_t *fx = fx_start(app_basic, &o);
+  resp_t *r = malloc(sizeof(*r));
+  /* A request that never completes -> 408, close. */
+  client_t *c = cl_open(fx->port);
+  cl_sends(c, "GET /hello HTTP/1.1\r\nHost: slow");
+  ASSERT_EQ(cl_read(c, r), 0);
+  ASSERT_EQ(r->status, 408);
+  ASSERT(cl_eof(c));
+  cl_close(c);
+  /* An idle keep-alive connection is closed quietly. */
+  c = cl_open(fx->port);
+  cl_sends(c, "GET /hello HTTP/1.1\r\n\r\n");
+  ASSERT_EQ(cl_read(c, r), 0);
+  ASSERT_EQ(r->status, 200);
+  ASSERT(cl_eof(c));
+  cl_close(c);
+  /* The application never answers -> 504 and on_abort(TIMEOUT); the
+   * connection stays usable. */
+  c = cl_open(fx->port);
+  cl_sends(c, "GET /hold/z HTTP/1.1\r\n\r\n");
+  ASSERT_EQ(cl_read(c, r), 0);
+  ASSERT_EQ(r->status, 504);
+  ASSERT(fx_wait(fx, &fx->naborts, 1));
+  ASSERT_EQ(fx->abort_reason, TD_HTTP_ABORT_TIMEOUT);
+  ASSERT_EQ(td_http_respond(fx->srv, fx->held[0], 200, NULL, 0, "late", 4), 0); /* dropped */
+  cl_sends(c, "GET /hello HTTP/1.1\r\n\r\n");
+  ASSERT_EQ(cl_read(c, r), 0);
+  ASSERT_EQ(r->status, 200);
+  ASSERT(strcmp(r->body, "hello") == 0);
+  cl_close(c);
+  free(r);
+  fx_stop(fx);
+  return 0;
+}
+
+/* Answers from the loop thread with bad arguments, abort, healthz. */
+static void app_api(fx_t *fx, td_http_server_t *srv, const td_http_request_t *req) {
+  static const td_http_header_t crlf[] = {TD_HTTP_HDR("X-A", "1\r\nSet-Cookie: evil")};
+  static const td_http_header_t badname[] = {TD_HTTP_HDR("X A", "1")};
+  static const td_http_header_t own[] = {TD_HTTP_HDR("Content-Length", "999"),
+                                         TD_HTTP_HDR("X-Own", "kept")};
+  (void)fx;
+  ASSERT_EQ(td_http_respond(srv, req->id, 99, NULL, 0, NULL, 0), UV_EINVAL);
+  ASSERT_EQ(td_http_respond(srv, req->id, 600, NULL, 0, NULL, 0), UV_EINVAL);
+  ASSERT_EQ(td_http_respond(srv, req->id, 200, crlf, 1, NULL, 0), UV_EINVAL);
+  ASSERT_EQ(td_http_respond(srv, req->id, 200, badname, 1, NULL, 0), UV_EINVAL);
+  ASSERT_EQ(td_http_stream_write(srv, req->id, "x", 1), UV_EINVAL);
+  ASSERT_EQ(td_http_stream_end(srv, req->id), UV_EINVAL);
+  ASSERT_EQ(td_http_respond(srv, req->id + 1, 200, NULL, 0, NULL, 0), UV_ENOENT);
+  ASSERT_EQ(td_http_respond(srv, 0, 200, NULL, 0, NULL, 0), UV_ENOENT);
+  if (strcmp(req->path, "/abort") == 0) {
+    ASSERT_EQ(td_http_abort(srv, req->id), 0);
+  } else if (strcmp(req->path, "/abort-stream") == 0) {
+    ASSERT_EQ(td_http_stream_start(srv, req->id, 200, NULL, 0), 0);
+    ASSERT_EQ(td_http_respond(srv, req->id, 200, NULL, 0, NULL, 0), UV_EINVAL);
+    ASSERT_EQ(td_http_stream_write(srv, req->id, "partial", 7), 0);
+    ASSERT_EQ(td_http_abort(srv, req->id), 0);
+  } else {
+    ASSERT_EQ(td_http_respond(srv, req->id, 201, own, 2, "ok", 2), 0);
+  }
+  ASSERT_EQ(td_http_respond(srv, req->id, 200, NULL, 0, NULL, 0), UV_ENOENT);
+  ASSERT_EQ(td_http_abort(srv, req->id), UV_ENOENT);
+}
+
+TEST_IMPL(http_api_misuse) {
+  fx_t *fx = fx_start(app_api, NULL);
+  resp_t *r = malloc(sizeof(*r));
+  client_t *c = cl_open(fx->port);
+  cl_sends(c, "GET /x HTTP/1.1\r\n\r\n");
+  ASSERT_EQ(cl_read(c, r), 0);
+  ASSERT_EQ(r->status, 201);
+  ASSERT(has_header(r, "content-length: 2\n"));
+  ASSERT(has_header(r, "x-own: kept\n"));
+  ASSERT(!has_header(r, "999"));
+  /* abort before the response began: 500, connection kept. */
+  cl_sends(c, "GET /abort HTTP/1.1\r\n\r\n");
+  ASSERT_EQ(cl_read(c, r), 0);
+  ASSERT_EQ(r->status, 500);
+  ASSERT(r->keep_alive);
+  /* healthz is answered by the server, not the application. */
+  int before = fx_get(fx, &fx->nreq);
+  cl_sends(c, "GET /-/healthz HTTP/1.1\r\n\r\n");
+  ASSERT_EQ(cl_read(c, r), 0);
+  ASSERT_EQ(r->status, 200);
+  ASSERT(strcmp(r->body, "{\"status\":\"ok\"}\n") == 0);
+  ASSERT_EQ(fx_get(fx, &fx->nreq), before);
+  /* abort after a stream began: the client sees a truncated body. */
+  cl_sends(c, "GET /abort-stream HTTP/1.1\r\n\r\n");
+  ASSERT_EQ(cl_read(c, r), -1);
+  ASSERT(strcmp(r->body, "partial") == 0);
+  cl_close(c);
+  free(r);
+  fx_stop(fx);
+  return 0;
+}
+
+/* Many clients at once, each keep-alive with pipelining, answered from a
+ * thread that is not the loop thread. */
+static void app_offthread(fx_t *fx, td_http_server_t *srv, const td_http_request_t *req) {
+  (void)srv;
+  fx_hold(fx, req);
+}
+
+typedef struct {
+  fx_t *fx;    /* fixture */
+  int stop;    /* set by the test */
+  int answered;/* responses sent */
+} answerer_t;
+
+static void *answer_thread(void *arg) {
+  answerer_t *a = arg;
+  while (!__atomic_load_n(&a->stop, __ATOMIC_ACQUIRE)) {
+    td_http_req_id ids[FX_MAX_HELD];
+    char paths[FX_MAX_HELD][32];
+    pthread_mutex_lock(&a->fx->mu);
+    int n = a->fx->nheld;
+    memcpy(ids, a->fx->held, sizeof(ids[0]) * (size_t)n);
+    memcpy(paths, a->fx->held_path, sizeof(paths[0]) * (size_t)n);
+    a->fx->nheld = 0;
+    pthread_mutex_unlock(&a->fx->mu);
+    /* Newest first: the server must restore request order. */
+    for (int i = n - 1; i >= 0; i--) {
+      ASSERT_EQ(td_http_respond(a->fx->srv, ids[i], 200, NULL, 0, paths[i], strlen(paths[i])), 0);
+      a->answered++;
+    }
+    if (!n) usleep(200);
+  }
+  return NULL;
+}
+
+TEST_IMPL(http_many_clients_offthread) {
+  fx_t *fx = fx_start(app_offthread, NULL);
+  answerer_t a = {.fx = fx};
+  pthread_t th;
+  ASSERT_EQ(pthread_create(&th, NULL, answer_thread, &a), 0);
+  resp_t *r = malloc(sizeof(*r));
+  enum { NC = 8, ROUNDS = 25, DEPTH = 3 };
+  client_t *cs[NC];
+  for (int i = 0; i < NC; i++) cs[i] = cl_open(fx->port);
+  for (int round = 0; round < ROUNDS; round++) {
+    for (int i = 0; i < NC; i++) {
+      char req[256];
+      int n = 0;
+      for (int d = 0; d < DEPTH; d++)
+        n += snprintf(req + n, sizeof(req) - (size_t)n, "GET /c%d/r%d/%d HTTP/1.1\r\n\r\n", i, round, d);
+      cl_send(cs[i], req, (size_t)n);
+    }
+    for (int i = 0; i < NC; i++)
+      for (int d = 0; d < DEPTH; d++) {
+        char want[64];
+        snprintf(want, sizeof(want), "/c%d/r%d/%d", i, round, d);
+        ASSERT_EQ(cl_read(cs[i], r), 0);
+        ASSERT(strcmp(r->body, want) == 0);
+      }
+  }
+  for (int i = 0; i < NC; i++) cl_close(cs[i]);
+  __atomic_store_n(&a.stop, 1, __ATOMIC_RELEASE);
+  ASSERT_EQ(pthread_join(th, NULL), 0);
+  ASSERT_EQ(a.answered, NC * ROUNDS * DEPTH);
+  free(r);
+  fx_stop(fx);
+  return 0;
+}
+
+/* The server answers after it is closed? No: calls made after close began
+ * from another thread are refused. And a server that never listened closes. */
+static void noop_app(fx_t *fx, td_http_server_t *srv, const td_http_request_t *req) {
+  (void)fx;
+  (void)srv;
+  (void)req;
+}
+
+static int closed_flag;
+static void on_closed_flag(td_http_server_t *srv, void *data) {
+  (void)srv;
+  (void)data;
+  closed_flag = 1;
+}
+static void noop_req(td_http_server_t *srv, const td_http_request_t *req, void *data) {
+  (void)srv;
+  (void)req;
+  (void)data;
+}
+
+TEST_IMPL(http_lifecycle) {
+  /* Created, never listened, closed: no handle left. */
+  uv_loop_t loop;
+  ASSERT_EQ(uv_loop_init(&loop), 0);
+  td_http_opts_t o = {.on_request = noop_req};
+  td_http_server_t *srv = td_http_server_new(&loop, &o);
+  ASSERT(srv);
+  ASSERT_EQ(td_http_server_port(srv), 0);
+  td_http_stats_t st;
+  td_http_server_stats(srv, &st);
+  ASSERT_EQ(st.connections, 0);
+  td_http_server_close(srv, on_closed_flag);
+  ASSERT_EQ(uv_run(&loop, UV_RUN_DEFAULT), 0);
+  ASSERT(closed_flag);
+  ASSERT_EQ(uv_loop_close(&loop), 0);
+
+  /* A port in use is reported. */
+  fx_t *fx = fx_start(noop_app, NULL);
+  ASSERT_EQ(uv_loop_init(&loop), 0);
+  srv = td_http_server_new(&loop, &o);
+  ASSERT_EQ(td_http_server_listen(srv, "127.0.0.1", fx->port), UV_EADDRINUSE);
+  ASSERT_EQ(td_http_server_listen(srv, "127.0.0.1", fx->port), UV_EALREADY);
+  closed_flag = 0;
+  td_http_server_close(srv, on_closed_flag);
+  ASSERT_EQ(uv_run(&loop, UV_RUN_DEFAULT), 0);
+  ASSERT(closed_flag);
+  ASSERT_EQ(uv_loop_close(&loop), 0);
+  fx_stop(fx);
+
+  /* A host that is not an address. */
+  ASSERT_EQ(uv_loop_init(&loop), 0);
+  srv = td_http_server_new(&loop, &o);
+  ASSERT_EQ(td_http_server_listen(srv, "not-an-ip", 0), UV_EINVAL);
+  td_http_server_close(srv, NULL);
+  ASSERT_EQ(uv_run(&loop, UV_RUN_DEFAULT), 0);
+  ASSERT_EQ(uv_loop_close(&loop), 0);
+  return 0;
+}
