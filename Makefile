@@ -1,10 +1,11 @@
 # Tide build.  `make` installs missing Debian packages (scripts/deps.sh),
 # then builds bin/tide.  `make test`, `make demo`, `make bench`, `make clean`.
 
+.DEFAULT_GOAL := all
 CC      ?= cc
 OPT     ?= -O2
 PKGS    := luajit libuv libzmq
-CFLAGS  := $(OPT) -g -std=gnu11 -Wall -Wextra -Werror -fno-strict-aliasing \
+CFLAGS  := $(OPT) -g -std=gnu11 -D_GNU_SOURCE -Wall -Wextra -Werror -fno-strict-aliasing \
            -Iengine -Ilua -Igpu $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 LDLIBS  := $(shell pkg-config --libs $(PKGS) 2>/dev/null) -lm -lpthread -ldl
 LDFLAGS := -Wl,-E

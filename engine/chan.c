@@ -1,0 +1,94 @@
+/* Tide channels (see chan.h). */
+#include "chan.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <unistd.h>
+
+void td_chan_init(td_chan_t *c, int fd) {
+  memset(c, 0, sizeof(*c));
+  c->fd = fd;
+  td_buf_init(&c->in);
+  td_buf_init(&c->out);
+  if (fd >= 0) fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+}
+
+void td_chan_close(td_chan_t *c) {
+  if (c->fd >= 0) close(c->fd);
+  c->fd = -1;
+  td_buf_free(&c->in);
+  td_buf_free(&c->out);
+  c->in_off = c->out_off = 0;
+}
+
+int td_chan_read(td_chan_t *c) {
+  if (c->fd < 0) return TD_ECLOSED;
+  /* Drop consumed bytes before reading more. */
+  if (c->in_off) {
+    memmove(c->in.p, c->in.p + c->in_off, c->in.len - c->in_off);
+    c->in.len -= c->in_off;
+    c->in_off = 0;
+  }
+  for (;;) {
+    td_buf_reserve(&c->in, 64 * 1024);
+    ssize_t r = read(c->fd, c->in.p + c->in.len, c->in.cap - c->in.len);
+    if (r > 0) {
+      c->in.len += (size_t)r;
+      if (c->in.len < c->in.cap) return 0;
+      continue;
+    }
+    if (r == 0) return TD_ECLOSED;
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
+    return TD_EIO;
+  }
+}
+
+int td_chan_next(td_chan_t *c, uint8_t *type, const uint8_t **p, uint32_t *n) {
+  size_t avail = c->in.len - c->in_off;
+  if (avail < 5) return 0;
+  uint32_t len;
+  memcpy(&len, c->in.p + c->in_off, 4);
+  if (len < 1 || len > TD_FRAME_MAX) return TD_EPROTO;
+  if (avail < 4 + (size_t)len) return 0;
+  *type = c->in.p[c->in_off + 4];
+  *p = c->in.p + c->in_off + 5;
+  *n = len - 1;
+  c->in_off += 4 + (size_t)len;
+  return 1;
+}
+
+void td_chan_begin(td_chan_t *c, uint8_t type) {
+  c->frame_at = c->out.len;
+  td_buf_u32(&c->out, 0);
+  td_buf_u8(&c->out, type);
+}
+
+void td_chan_end(td_chan_t *c) {
+  uint32_t len = (uint32_t)(c->out.len - c->frame_at - 4);
+  memcpy(c->out.p + c->frame_at, &len, 4);
+}
+
+int td_chan_flush(td_chan_t *c) {
+  while (c->out_off < c->out.len) {
+    if (c->fd < 0) return TD_ECLOSED;
+    ssize_t w = write(c->fd, c->out.p + c->out_off, c->out.len - c->out_off);
+    if (w > 0) { c->out_off += (size_t)w; continue; }
+    if (w < 0 && errno == EINTR) continue;
+    if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return 0;
+    return TD_ECLOSED;
+  }
+  c->out.len = c->out_off = 0;
+  return 0;
+}
+
+int td_chan_flush_all(td_chan_t *c) {
+  for (;;) {
+    int rc = td_chan_flush(c);
+    if (rc) return rc;
+    if (!td_chan_pending(c)) return 0;
+    struct pollfd pfd = {c->fd, POLLOUT, 0};
+    poll(&pfd, 1, 1000);
+  }
+}

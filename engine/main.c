@@ -1,0 +1,210 @@
+/* tide: the command-line entry point. `tide run` embeds LuaJIT, starts
+ * the embedded cluster on first use and runs a driver script; `tide bench`
+ * runs the benchmark suite; `tide __worker` is how workers start.
+ * Uses core (bindings), node, worker.
+ */
+#include <dlfcn.h>
+#include <luajit.h>
+#include <lauxlib.h>
+#include <limits.h>
+#include <lualib.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "core.h"
+
+extern volatile int td_interrupted;
+static lua_State *td__L;
+static char td__home[PATH_MAX];
+static char td__exe[PATH_MAX];
+
+static const char td__usage[] =
+  "usage: tide <command> [options]\n"
+  "\n"
+  "  tide run [--num-cpus N] [--num-gpus N] [--resources JSON]\n"
+  "           [--object-store-memory BYTES] SCRIPT [ARGS...]\n"
+  "                         run a Lua driver script on an embedded local cluster\n"
+  "  tide bench [NAME...] [--json]\n"
+  "                         run the benchmarks (Ray's metric names, JSON lines)\n"
+  "  tide --version         print the version\n"
+  "  tide --help            print this help\n"
+  "\n"
+  "Options come before SCRIPT; everything after SCRIPT is the script's `arg`.\n"
+  "Exit status: 0 success, 1 script error, 2 usage error.\n";
+
+static int td__usage_error(const char *fmt, const char *arg) {
+  fprintf(stderr, "tide: ");
+  fprintf(stderr, fmt, arg);
+  fprintf(stderr, "\n\n%s", td__usage);
+  return 2;
+}
+
+/* -- Interrupts ---------------------------------------------------------------- */
+
+static void td__stop_hook(lua_State *L, lua_Debug *ar) {
+  (void)ar;
+  lua_sethook(L, NULL, 0, 0);
+  luaL_error(L, "interrupted");
+}
+
+static void td__on_signal(int sig) {
+  td_interrupted = 1;
+  if (td__L) lua_sethook(td__L, td__stop_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
+  if (sig != SIGINT) {
+    /* A second TERM/HUP means now. */
+    signal(sig, SIG_DFL);
+  }
+}
+
+/* -- Error reporting -------------------------------------------------------------- */
+
+static int td__traceback(lua_State *L) {
+  /* Error tables from tide.get carry their own description. */
+  if (!lua_isstring(L, 1)) {
+    if (luaL_callmeta(L, 1, "__tostring") && lua_isstring(L, -1)) {
+      lua_replace(L, 1);
+    } else {
+      lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+      lua_replace(L, 1);
+    }
+  }
+  luaL_traceback(L, L, lua_tostring(L, 1), 1);
+  return 1;
+}
+
+static void td__open(lua_State *L) {
+  luaL_openlibs(L);
+  lua_getglobal(L, "package");
+  lua_pushfstring(L, "%s/stdlib/?.lua;%s/stdlib/?/init.lua;./?.lua;", td__home, td__home);
+  lua_getfield(L, -2, "path");
+  lua_concat(L, 2);
+  lua_setfield(L, -2, "path");
+  lua_getfield(L, -1, "preload");
+  lua_pushcfunction(L, luaopen_tide_core);
+  lua_setfield(L, -2, "tide.core");
+  /* Optional C modules linked into this binary (the gpu layer). */
+  lua_CFunction tensor = (lua_CFunction)(uintptr_t)dlsym(RTLD_DEFAULT, "luaopen_tide_tensor");
+  if (tensor) {
+    lua_pushcfunction(L, tensor);
+    lua_setfield(L, -2, "tide.tensor");
+  }
+  lua_pop(L, 2);
+}
+
+/* -- tide run --------------------------------------------------------------------- */
+
+static int td__run(int argc, char **argv, int first, const char *script_override) {
+  lua_State *L = luaL_newstate();
+  td__L = L;
+  td_ctx.is_driver = 1;
+  td_ser_init(&td_ctx.ser);
+  td__open(L);
+  /* CLI options become tide.init defaults. */
+  lua_newtable(L);
+  int i = first;
+  for (; i < argc && !script_override; i++) {
+    const char *a = argv[i];
+    if (a[0] != '-' || !strcmp(a, "-")) break;
+    if (!strcmp(a, "--")) { i++; break; }
+    const char *key = NULL;
+    if (!strcmp(a, "--num-cpus")) key = "num_cpus";
+    else if (!strcmp(a, "--num-gpus")) key = "num_gpus";
+    else if (!strcmp(a, "--resources")) key = "resources_json";
+    else if (!strcmp(a, "--object-store-memory")) key = "object_store_memory";
+    else if (!strcmp(a, "--address")) key = "address";
+    else return td__usage_error("unknown option %s", a);
+    if (i + 1 >= argc) return td__usage_error("option %s needs a value", a);
+    const char *v = argv[++i];
+    if (strcmp(key, "resources_json") && strcmp(key, "address")) {
+      char *end;
+      double d = strtod(v, &end);
+      if (*end || end == v || d < 0) return td__usage_error("option needs a non-negative number: %s", a);
+      lua_pushnumber(L, d);
+    } else {
+      lua_pushstring(L, v);
+    }
+    lua_setfield(L, -2, key);
+  }
+  lua_pushstring(L, td__exe);
+  lua_setfield(L, -2, "exe");
+  lua_setfield(L, LUA_REGISTRYINDEX, "tide.cli_opts");
+  const char *script = script_override;
+  if (!script) {
+    if (i >= argc) return td__usage_error("%s", "run needs a SCRIPT");
+    script = argv[i++];
+  }
+  /* arg: script at 0, its arguments from 1. */
+  lua_createtable(L, argc - i, 1);
+  lua_pushstring(L, script);
+  lua_rawseti(L, -2, 0);
+  for (int k = i; k < argc; k++) {
+    lua_pushstring(L, argv[k]);
+    lua_rawseti(L, -2, k - i + 1);
+  }
+  lua_setglobal(L, "arg");
+  signal(SIGINT, td__on_signal);
+  signal(SIGTERM, td__on_signal);
+  signal(SIGHUP, td__on_signal);
+  signal(SIGPIPE, SIG_IGN);
+  int rc = 0;
+  lua_pushcfunction(L, td__traceback);
+  if (luaL_loadfile(L, script) != 0) {
+    fprintf(stderr, "tide: %s\n", lua_tostring(L, -1));
+    rc = 1;
+  } else {
+    int n = 0;
+    for (int k = i; k < argc; k++, n++) lua_pushstring(L, argv[k]);
+    if (lua_pcall(L, n, 0, -2 - n) != 0) {
+      fprintf(stderr, "tide: %s\n", lua_tostring(L, -1));
+      rc = 1;
+    }
+  }
+  fflush(stdout);
+  /* Let workers' last prints arrive, then tear everything down. */
+  if (td_ctx.node) {
+    td_node_pump(td_ctx.node, 0);
+    td_node_destroy(&td_ctx.node);
+  }
+  td__L = NULL;
+  return rc;
+}
+
+int main(int argc, char **argv) {
+  if (argc >= 2 && !strcmp(argv[1], "__worker")) return td_worker_main(argc, argv);
+  ssize_t n = readlink("/proc/self/exe", td__exe, sizeof(td__exe) - 1);
+  if (n <= 0) return 1;
+  td__exe[n] = 0;
+  /* TIDE_HOME is the checkout: bin/tide lives in $TIDE_HOME/bin. */
+  const char *home = getenv("TIDE_HOME");
+  if (home) {
+    snprintf(td__home, sizeof(td__home), "%s", home);
+  } else {
+    snprintf(td__home, sizeof(td__home), "%s", td__exe);
+    for (int k = 0; k < 2; k++) {
+      char *s = strrchr(td__home, '/');
+      if (s) *s = 0;
+    }
+  }
+  setenv("TIDE_HOME", td__home, 1);
+  if (getenv("TIDE_VERBOSE")) td_verbose = 1;
+  if (argc < 2) { fputs(td__usage, stderr); return 2; }
+  const char *cmd = argv[1];
+  if (!strcmp(cmd, "--version") || !strcmp(cmd, "version")) {
+    printf("tide %s (%s)\n", TD_VERSION, LUAJIT_VERSION);
+    return 0;
+  }
+  if (!strcmp(cmd, "--help") || !strcmp(cmd, "-h") || !strcmp(cmd, "help")) {
+    fputs(td__usage, stdout);
+    return 0;
+  }
+  if (!strcmp(cmd, "run")) return td__run(argc, argv, 2, NULL);
+  if (!strcmp(cmd, "bench")) {
+    char path[PATH_MAX + 32];
+    snprintf(path, sizeof(path), "%s/bench/bench.lua", td__home);
+    return td__run(argc, argv, 2, path);
+  }
+  return td__usage_error("unknown command %s", cmd);
+}

@@ -1,0 +1,1785 @@
+/* Tide node (see node.h): workers, scheduling, objects, actors. */
+#include "node.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "chan.h"
+#include "ser.h"
+
+#define TD_PIPELINE 32          /* tasks queued at one leased worker */
+#define TD_ACTORS_PER_HOST 4096 /* lightweight actors per shared process */
+
+/* -- Records --------------------------------------------------------------- */
+
+enum { OBJ_PENDING, OBJ_READY, OBJ_ERROR };
+enum { LOC_NONE, LOC_INLINE, LOC_SHM, LOC_SPILLED };
+enum { T_WAITDEPS, T_QUEUED, T_SENT, T_DONE };
+enum { WK_TASK, WK_HOST, WK_GPUHOST };
+enum { A_PENDING, A_ALIVE, A_RESTARTING, A_DEAD };
+
+typedef struct td_task td_task_t;
+typedef struct td_actor td_actor_t;
+
+typedef struct td_obj {
+  uint64_t id;
+  uint8_t state;         /* OBJ_* */
+  uint8_t loc;           /* LOC_* */
+  uint8_t is_stream;     /* a streaming generator's handle object */
+  uint8_t stream_done;
+  uint8_t *data;         /* inline bytes or error blob, owned */
+  size_t len;            /* value size */
+  size_t off;            /* shm or spill offset */
+  int32_t refs;          /* handles, in-flight holds, containment */
+  int32_t pins;          /* readers that must not see it move */
+  uint64_t *contained;   /* refs this value holds, owned */
+  uint32_t ncontained;
+  td_task_t *producer;   /* running producer, for cancel */
+  td_task_t **waiters;   /* tasks waiting for it as a dependency */
+  uint32_t nwaiters, capwaiters;
+  uint64_t *items;       /* stream items, held */
+  uint32_t nitems, capitems;
+  uint64_t last_use;     /* LRU clock for spilling */
+} td_obj_t;
+
+struct td_task {
+  uint64_t id;
+  td_spec_t spec;        /* arrays and args owned by the task */
+  uint8_t state;         /* T_* */
+  uint8_t cancelled;
+  uint8_t force_cancel;
+  uint32_t deps_pending;
+  int32_t retries_left;
+  uint32_t attempt;
+  int res_idx[TD_NRES_MAX];  /* resolved demand: index, amount */
+  double res_amt[TD_NRES_MAX];
+  int nres;
+  td_wk_t *wk;           /* where it was sent */
+  td_actor_t *actor;     /* for actor calls and creations */
+  td_task_t *prev, *next;/* links in the queue it is on */
+};
+
+typedef struct td_tq {
+  td_task_t *head, *tail;
+  int len;
+} td_tq_t;
+
+struct td_wk {
+  uint64_t id;
+  pid_t pid;
+  int kind;              /* WK_* */
+  int dead;
+  td_chan_t ch;
+  td_tq_t inflight;      /* tasks and calls sent, in order */
+  int leased;            /* holds lease resources for its task shape */
+  double lease[TD_NRES_MAX];
+  uint64_t lease_pg;
+  int lease_bundle;
+  int blocked;
+  int nactors;
+  int gpus[16], ngpus;
+  td_map_t fns_sent;     /* function ids this worker has */
+  int exit_status;
+};
+
+struct td_actor {
+  uint64_t id;
+  td_task_t *create;     /* the creation task, kept for restarts */
+  int state;             /* A_* */
+  td_wk_t *host;
+  int restarts_left;
+  int res_held;
+  td_tq_t queue;         /* calls not sent yet, in order */
+  char *reason;          /* why it died */
+  int gpus[16], ngpus;
+};
+
+typedef struct td_req {
+  td_wk_t *wk;
+  uint32_t req;
+  int op;                /* TD_M_GET / WAIT / STREAM_NEXT */
+  uint64_t *ids;
+  uint32_t n, num;
+  double deadline;       /* 0 = none */
+  struct td_req *next;
+} td_req_t;
+
+typedef struct td_pg {
+  uint64_t id;
+  int strategy;
+  int nb;
+  double (*total)[TD_NRES_MAX];
+  double (*avail)[TD_NRES_MAX];
+  int created, removed;
+  uint64_t ready_id;
+  char name[64];
+  struct td_pg *next;
+} td_pg_t;
+
+typedef struct td_fnblob {
+  size_t len;
+  uint8_t data[];
+} td_fnblob_t;
+
+struct td_node {
+  td_store_t *store;
+  size_t inline_max;
+  int nres;
+  char resname[TD_NRES_MAX][32];
+  double total[TD_NRES_MAX], avail[TD_NRES_MAX];
+  double gpu_free[64];   /* free fraction of each GPU id */
+  int ngpus;
+  td_map_t objs, tasks, actors, fns;
+  td_wk_t **wks;
+  int nwks, capwks;
+  td_tq_t queue;         /* runnable tasks and actor creations */
+  td_req_t *reqs;        /* pending worker requests */
+  td_pg_t *pgs;
+  uint64_t next_seq, next_task, next_wk;
+  int spill_fd;
+  size_t spill_off, spilled;
+  uint64_t clock;
+  int dirty;             /* objects changed since requests were checked */
+  char exe[PATH_MAX];
+  td_rpc_cb rpc;
+  void *rpc_ud;
+  td_buf_t tmp;
+  struct pollfd *pfds;
+  int cappfds;
+};
+
+static void td__sched(td_node_t *n);
+static void td__task_fail(td_node_t *n, td_task_t *t, const char *kind, const char *msg);
+static void td__actor_restart_or_die(td_node_t *n, td_actor_t *a, const char *why);
+static void td__actor_pump(td_node_t *n, td_actor_t *a);
+
+/* -- Queues ---------------------------------------------------------------- */
+
+static void tq_push(td_tq_t *q, td_task_t *t) {
+  t->next = NULL;
+  t->prev = q->tail;
+  if (q->tail) q->tail->next = t; else q->head = t;
+  q->tail = t;
+  q->len++;
+}
+static void tq_push_front(td_tq_t *q, td_task_t *t) {
+  t->prev = NULL;
+  t->next = q->head;
+  if (q->head) q->head->prev = t; else q->tail = t;
+  q->head = t;
+  q->len++;
+}
+static void tq_del(td_tq_t *q, td_task_t *t) {
+  if (t->prev) t->prev->next = t->next; else q->head = t->next;
+  if (t->next) t->next->prev = t->prev; else q->tail = t->prev;
+  t->prev = t->next = NULL;
+  q->len--;
+}
+
+/* -- Error blobs -------------------------------------------------------------
+ * Errors made by the node are encoded like a Lua table
+ * {kind = ..., message = ..., traceback = ""}, so the bindings decode every
+ * error the same way. */
+
+static void td__put_lstr(td_buf_t *b, const char *s) {
+  td_buf_u8(b, TD_T_STR);
+  td_buf_str(b, s, strlen(s));
+}
+static void td__errblob(td_buf_t *b, const char *kind, const char *msg) {
+  td_buf_reset(b);
+  td_buf_u8(b, TD_T_TABLE);
+  td_buf_u32(b, 0);
+  td_buf_u32(b, 3);
+  td__put_lstr(b, "kind"); td__put_lstr(b, kind);
+  td__put_lstr(b, "message"); td__put_lstr(b, msg);
+  td__put_lstr(b, "traceback"); td__put_lstr(b, "");
+}
+
+/* -- Objects --------------------------------------------------------------- */
+
+uint64_t td_node_new_id(td_node_t *n) { return ++n->next_seq; }
+
+static td_obj_t *td__obj(td_node_t *n, uint64_t id) { return td_map_get(&n->objs, id); }
+
+static td_obj_t *td__obj_new(td_node_t *n, uint64_t id) {
+  td_obj_t *o = td_map_get(&n->objs, id);
+  if (o) return o;
+  o = td_xcalloc(1, sizeof(*o));
+  o->id = id;
+  td_map_set(&n->objs, id, o);
+  return o;
+}
+
+static void td__obj_release_data(td_node_t *n, td_obj_t *o) {
+  if (o->loc == LOC_SHM) td_store_free(n->store, o->off, o->len);
+  free(o->data);
+  o->data = NULL;
+  o->loc = LOC_NONE;
+}
+
+static void td__obj_free(td_node_t *n, td_obj_t *o) {
+  td_map_del(&n->objs, o->id);
+  td__obj_release_data(n, o);
+  for (uint32_t i = 0; i < o->ncontained; i++) td_node_decref(n, o->contained[i]);
+  for (uint32_t i = 0; i < o->nitems; i++) td_node_decref(n, o->items[i]);
+  free(o->contained);
+  free(o->items);
+  free(o->waiters);
+  free(o);
+}
+
+void td_node_incref(td_node_t *n, uint64_t id) {
+  td_obj_t *o = td__obj(n, id);
+  if (o) o->refs++;
+}
+
+void td_node_decref(td_node_t *n, uint64_t id) {
+  td_obj_t *o = td__obj(n, id);
+  if (!o) return;
+  if (--o->refs <= 0 && o->state != OBJ_PENDING && !o->nwaiters) td__obj_free(n, o);
+}
+
+/* Frees spill victims until `size` bytes fit; returns 0 or an error. */
+static int td__alloc(td_node_t *n, size_t size, size_t *off, td_obj_t *keep) {
+  if (size > td_store_capacity(n->store)) return TD_ETOOBIG;
+  while (td_store_alloc(n->store, size, off) != 0) {
+    td_obj_t *victim = NULL, *o;
+    size_t it = 0;
+    while (td_map_next(&n->objs, &it, NULL, (void **)&o)) {
+      if (o->loc != LOC_SHM || o->pins || o == keep) continue;
+      if (!victim || o->last_use < victim->last_use) victim = o;
+    }
+    if (!victim) return TD_ESTOREFULL;
+    if (n->spill_fd < 0) {
+      const char *dir = getenv("TIDE_SPILL_DIR");
+      /* An unnamed temporary file: nothing is left behind, whatever happens. */
+      n->spill_fd = open(dir ? dir : "/tmp", O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+      if (n->spill_fd < 0) return TD_EIO;
+    }
+    const uint8_t *src = td_store_base(n->store) + victim->off;
+    size_t done = 0;
+    while (done < victim->len) {
+      ssize_t w = pwrite(n->spill_fd, src + done, victim->len - done, (off_t)(n->spill_off + done));
+      if (w <= 0) { if (errno == EINTR) continue; return TD_EIO; }
+      done += (size_t)w;
+    }
+    td_store_free(n->store, victim->off, victim->len);
+    victim->loc = LOC_SPILLED;
+    victim->off = n->spill_off;
+    n->spill_off += victim->len;
+    n->spilled += victim->len;
+    td_log("spilled object %llx (%zu bytes)", (unsigned long long)victim->id, victim->len);
+  }
+  return 0;
+}
+
+static int td__obj_resident(td_node_t *n, td_obj_t *o) {
+  o->last_use = ++n->clock;
+  if (o->loc != LOC_SPILLED) return 0;
+  size_t off;
+  int rc = td__alloc(n, o->len, &off, o);
+  if (rc) return rc;
+  uint8_t *dst = td_store_base(n->store) + off;
+  size_t done = 0;
+  while (done < o->len) {
+    ssize_t r = pread(n->spill_fd, dst + done, o->len - done, (off_t)(o->off + done));
+    if (r <= 0) { if (r < 0 && errno == EINTR) continue; td_store_free(n->store, off, o->len); return TD_EIO; }
+    done += (size_t)r;
+  }
+  n->spilled -= o->len;
+  o->loc = LOC_SHM;
+  o->off = off;
+  return 0;
+}
+
+static void td__obj_wake(td_node_t *n, td_obj_t *o);
+
+/* Gives a pending object its value. `data` is inline bytes (copied) or,
+ * with shm, an extent the worker already filled. */
+static void td__obj_set(td_node_t *n, td_obj_t *o, int state, int shm, const uint8_t *data,
+                        size_t len, size_t off, const uint64_t *refs, uint32_t nrefs) {
+  if (o->state != OBJ_PENDING) {  /* a duplicate result, e.g. after a retry */
+    if (shm) td_store_free(n->store, off, len);
+    return;
+  }
+  o->state = (uint8_t)state;
+  o->len = len;
+  if (shm) {
+    o->loc = LOC_SHM;
+    o->off = off;
+  } else {
+    o->loc = LOC_INLINE;
+    o->data = td_xmalloc(len);
+    memcpy(o->data, data, len);
+  }
+  if (nrefs) {
+    o->contained = td_xmalloc(nrefs * 8);
+    memcpy(o->contained, refs, nrefs * 8);
+    o->ncontained = nrefs;
+    for (uint32_t i = 0; i < nrefs; i++) td_node_incref(n, refs[i]);
+  }
+  o->producer = NULL;
+  td__obj_wake(n, o);
+}
+
+static void td__obj_fail(td_node_t *n, td_obj_t *o, const uint8_t *blob, size_t len) {
+  if (o->is_stream) {
+    /* A failed stream ends with one item that raises. */
+    uint64_t item = td_node_new_id(n);
+    td_obj_t *io = td__obj_new(n, item);
+    io->refs = 1;
+    td__obj_set(n, io, OBJ_ERROR, 0, blob, len, 0, NULL, 0);
+    if (o->nitems == o->capitems) {
+      o->capitems = o->capitems ? o->capitems * 2 : 8;
+      o->items = td_xrealloc(o->items, o->capitems * 8);
+    }
+    o->items[o->nitems++] = item;
+    o->stream_done = 1;
+    o->state = OBJ_READY;
+    o->loc = LOC_INLINE;
+    o->producer = NULL;
+    td__obj_wake(n, o);
+    return;
+  }
+  td__obj_set(n, o, OBJ_ERROR, 0, blob, len, 0, NULL, 0);
+}
+
+int td_node_store(td_node_t *n, uint64_t id, size_t size, const uint64_t *refs, uint32_t nrefs,
+                  uint8_t **dst) {
+  td_obj_t *o = td__obj_new(n, id);
+  if (size > n->inline_max) {
+    size_t off;
+    int rc = td__alloc(n, size, &off, NULL);
+    if (rc) {
+      td_map_del(&n->objs, id);
+      free(o);
+      return rc;
+    }
+    td__obj_set(n, o, OBJ_READY, 1, NULL, size, off, refs, nrefs);
+    *dst = td_store_base(n->store) + off;
+  } else {
+    o->data = td_xmalloc(size);
+    o->state = OBJ_READY;
+    o->loc = LOC_INLINE;
+    o->len = size;
+    if (nrefs) {
+      o->contained = td_xmalloc(nrefs * 8);
+      memcpy(o->contained, refs, nrefs * 8);
+      o->ncontained = nrefs;
+      for (uint32_t i = 0; i < nrefs; i++) td_node_incref(n, refs[i]);
+    }
+    *dst = o->data;
+    n->dirty = 1;
+  }
+  o->refs = 1;
+  o->last_use = ++n->clock;
+  return 0;
+}
+
+int td_node_state(td_node_t *n, uint64_t id) {
+  td_obj_t *o = td__obj(n, id);
+  if (!o) return TD_OBJ_MISSING;
+  if (o->is_stream) return TD_OBJ_READY;
+  return o->state == OBJ_PENDING ? TD_OBJ_PENDING : o->state == OBJ_READY ? TD_OBJ_READY : TD_OBJ_ERROR;
+}
+
+int td_node_bytes(td_node_t *n, uint64_t id, const uint8_t **p, size_t *len, int *is_err) {
+  td_obj_t *o = td__obj(n, id);
+  if (!o || o->state == OBJ_PENDING) return TD_ENOTFOUND;
+  int rc = td__obj_resident(n, o);
+  if (rc) return rc;
+  *is_err = o->state == OBJ_ERROR;
+  *p = o->loc == LOC_SHM ? td_store_base(n->store) + o->off : o->data;
+  *len = o->len;
+  return 0;
+}
+
+int td_node_stream_item(td_node_t *n, uint64_t stream, uint32_t idx, uint64_t *item) {
+  td_obj_t *o = td__obj(n, stream);
+  if (!o) return -1;
+  if (idx < o->nitems) { *item = o->items[idx]; return 1; }
+  return o->stream_done ? -1 : 0;
+}
+
+/* -- Workers ---------------------------------------------------------------- */
+
+uint64_t td_wk_id(const td_wk_t *wk) { return wk->id; }
+
+static td_wk_t *td__spawn(td_node_t *n, int kind, const int *gpus, int ngpus) {
+  int sv[2];
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) return NULL;
+  uint64_t id = ++n->next_wk;
+  char idbuf[32], kindbuf[8], gpubuf[128] = "";
+  snprintf(idbuf, sizeof(idbuf), "%llu", (unsigned long long)id);
+  snprintf(kindbuf, sizeof(kindbuf), "%d", kind);
+  for (int i = 0, o = 0; i < ngpus && o < 120; i++)
+    o += snprintf(gpubuf + o, sizeof(gpubuf) - (size_t)o, i ? ",%d" : "%d", gpus[i]);
+  pid_t pid = fork();
+  if (pid < 0) { close(sv[0]); close(sv[1]); return NULL; }
+  if (pid == 0) {
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() == 1) _exit(1);
+    dup2(sv[1], 3);
+    dup2(td_store_fd(n->store), 4);
+    close_range(5, ~0U, 0);
+    signal(SIGINT, SIG_IGN);
+    if (ngpus) setenv("CUDA_VISIBLE_DEVICES", gpubuf, 1);
+    char *argv[] = {"tide-worker", "__worker", idbuf, kindbuf, gpubuf, NULL};
+    execv(n->exe, argv);
+    _exit(127);
+  }
+  close(sv[1]);
+  td_wk_t *wk = td_xcalloc(1, sizeof(*wk));
+  wk->id = id;
+  wk->pid = pid;
+  wk->kind = kind;
+  td_chan_init(&wk->ch, sv[0]);
+  td_map_init(&wk->fns_sent);
+  wk->ngpus = ngpus;
+  memcpy(wk->gpus, gpus, (size_t)ngpus * sizeof(int));
+  if (n->nwks == n->capwks) {
+    n->capwks = n->capwks ? n->capwks * 2 : 16;
+    n->wks = td_xrealloc(n->wks, (size_t)n->capwks * sizeof(td_wk_t *));
+  }
+  n->wks[n->nwks++] = wk;
+  td_log("spawned worker %llu pid %d kind %d", (unsigned long long)id, (int)pid, kind);
+  return wk;
+}
+
+/* -- Resources ---------------------------------------------------------------- */
+
+int td_node_res_index(td_node_t *n, const char *name) {
+  for (int i = 0; i < n->nres; i++)
+    if (!strcmp(n->resname[i], name)) return i;
+  if (n->nres == TD_NRES_MAX || strlen(name) >= 32) return -1;
+  snprintf(n->resname[n->nres], 32, "%s", name);
+  n->total[n->nres] = n->avail[n->nres] = 0;
+  return n->nres++;
+}
+int td_node_res_count(td_node_t *n) { return n->nres; }
+const char *td_node_res_name(td_node_t *n, int i) { return n->resname[i]; }
+double td_node_res_total(td_node_t *n, int i) { return n->total[i]; }
+double td_node_res_avail(td_node_t *n, int i) { return n->avail[i]; }
+
+static td_pg_t *td__pg(td_node_t *n, uint64_t id) {
+  for (td_pg_t *pg = n->pgs; pg; pg = pg->next)
+    if (pg->id == id) return pg;
+  return NULL;
+}
+
+/* The pool a task draws from: the node's, or a placement group bundle's. */
+static double *td__pool(td_node_t *n, td_task_t *t, int *bundle) {
+  *bundle = -1;
+  if (!t->spec.pg_id) return n->avail;
+  td_pg_t *pg = td__pg(n, t->spec.pg_id);
+  if (!pg || !pg->created || pg->removed) return NULL;
+  if (t->spec.bundle >= 0) {
+    if (t->spec.bundle >= pg->nb) return NULL;
+    *bundle = t->spec.bundle;
+    return pg->avail[t->spec.bundle];
+  }
+  for (int b = 0; b < pg->nb; b++) {
+    int fits = 1;
+    for (int i = 0; i < t->nres; i++)
+      if (pg->avail[b][t->res_idx[i]] + 1e-9 < t->res_amt[i]) fits = 0;
+    if (fits) { *bundle = b; return pg->avail[b]; }
+  }
+  *bundle = 0;
+  return pg->avail[0];
+}
+
+static int td__fits(const double *pool, const td_task_t *t) {
+  for (int i = 0; i < t->nres; i++)
+    if (pool[t->res_idx[i]] + 1e-9 < t->res_amt[i]) return 0;
+  return 1;
+}
+
+static void td__take(double *pool, const td_task_t *t, double sign) {
+  for (int i = 0; i < t->nres; i++) pool[t->res_idx[i]] -= sign * t->res_amt[i];
+}
+
+/* Picks GPU ids for `amount` GPUs (whole GPUs, or a share of one). */
+static int td__gpus_take(td_node_t *n, double amount, int *ids) {
+  if (amount <= 0) return 0;
+  int k = 0;
+  if (amount < 1) {
+    for (int g = 0; g < n->ngpus; g++)
+      if (n->gpu_free[g] + 1e-9 >= amount) { n->gpu_free[g] -= amount; ids[0] = g; return 1; }
+    return 0;
+  }
+  for (int g = 0; g < n->ngpus && k < (int)amount && k < 16; g++)
+    if (n->gpu_free[g] >= 1 - 1e-9) { n->gpu_free[g] = 0; ids[k++] = g; }
+  return k;
+}
+static void td__gpus_give(td_node_t *n, double amount, const int *ids, int k) {
+  for (int i = 0; i < k; i++) n->gpu_free[ids[i]] += amount < 1 ? amount : 1;
+}
+
+static double td__task_gpus(const td_task_t *t) {
+  for (int i = 0; i < t->nres; i++)
+    if (t->res_idx[i] == TD_RES_GPU) return t->res_amt[i];
+  return 0;
+}
+
+/* -- Sending -------------------------------------------------------------------- */
+
+/* Appends how a dependency value travels. Shared-memory values are pinned
+ * until the task finishes. */
+static void td__put_value(td_node_t *n, td_buf_t *b, uint64_t id, int pin) {
+  td_obj_t *o = td__obj(n, id);
+  if (!o || o->state == OBJ_PENDING || td__obj_resident(n, o) != 0) {
+    td_buf_u8(b, TD_V_LOST);
+    return;
+  }
+  if (o->state == OBJ_ERROR) {
+    td_buf_u8(b, TD_V_ERROR);
+    td_buf_str(b, o->data, o->len);
+  } else if (o->loc == LOC_SHM) {
+    td_buf_u8(b, TD_V_SHM);
+    td_buf_u64(b, o->off);
+    td_buf_u64(b, o->len);
+    if (pin) o->pins++;
+  } else {
+    td_buf_u8(b, TD_V_INLINE);
+    td_buf_str(b, o->data, o->len);
+  }
+}
+
+static void td__unpin_deps(td_node_t *n, td_task_t *t) {
+  for (uint32_t i = 0; i < t->spec.ndeps; i++) {
+    td_obj_t *o = td__obj(n, t->spec.deps[i]);
+    if (o && o->loc == LOC_SHM && o->pins > 0) o->pins--;
+  }
+}
+
+static void td__send_fn(td_node_t *n, td_wk_t *wk, uint64_t fn_id) {
+  if (td_map_get(&wk->fns_sent, fn_id)) {
+    td_buf_u8(&wk->ch.out, 0);
+    return;
+  }
+  td_fnblob_t *fb = td_map_get(&n->fns, fn_id);
+  if (!fb) { td_buf_u8(&wk->ch.out, 0); return; }
+  td_map_set(&wk->fns_sent, fn_id, (void *)1);
+  td_buf_u8(&wk->ch.out, 1);
+  td_buf_str(&wk->ch.out, fb->data, fb->len);
+}
+
+static void td__send_args(td_node_t *n, td_wk_t *wk, td_task_t *t) {
+  td_buf_t *b = &wk->ch.out;
+  td_buf_str(b, t->spec.args, t->spec.args_len);
+  td_buf_u32(b, t->spec.ndeps);
+  for (uint32_t i = 0; i < t->spec.ndeps; i++) {
+    td_buf_u64(b, t->spec.deps[i]);
+    td__put_value(n, b, t->spec.deps[i], 1);
+  }
+}
+
+static void td__send_task(td_node_t *n, td_wk_t *wk, td_task_t *t) {
+  td_buf_t *b = &wk->ch.out;
+  t->wk = wk;
+  t->state = T_SENT;
+  t->attempt++;
+  tq_push(&wk->inflight, t);
+  if (t->spec.kind == TD_K_TASK) {
+    td_chan_begin(&wk->ch, TD_M_TASK);
+    td_buf_u64(b, t->id);
+    td_buf_u64(b, t->spec.fn_id);
+    td_buf_u32(b, (uint32_t)t->spec.nret);
+    uint32_t nr = t->spec.nret < 0 ? 1 : (uint32_t)t->spec.nret;
+    td_buf_put(b, t->spec.rets, nr * 8);
+    td_buf_u32(b, t->attempt);
+    td_buf_str(b, t->spec.name, strlen(t->spec.name));
+    td_buf_str(b, t->spec.env, t->spec.env_len);
+    td_buf_u32(b, (uint32_t)wk->ngpus);
+    for (int i = 0; i < wk->ngpus; i++) td_buf_u32(b, (uint32_t)wk->gpus[i]);
+    td__send_fn(n, wk, t->spec.fn_id);
+    td__send_args(n, wk, t);
+  } else if (t->spec.kind == TD_K_ACTOR_NEW) {
+    td_actor_t *a = t->actor;
+    td_chan_begin(&wk->ch, TD_M_ACTOR_NEW);
+    td_buf_u64(b, t->id);
+    td_buf_u64(b, a->id);
+    td_buf_u64(b, t->spec.fn_id);
+    td_buf_str(b, t->spec.name, strlen(t->spec.name));
+    td_buf_u32(b, (uint32_t)(t->spec.max_concurrency > 0 ? t->spec.max_concurrency : 1));
+    td_buf_u32(b, t->attempt);
+    td_buf_str(b, t->spec.env, t->spec.env_len);
+    td_buf_u32(b, (uint32_t)a->ngpus);
+    for (int i = 0; i < a->ngpus; i++) td_buf_u32(b, (uint32_t)a->gpus[i]);
+    td__send_fn(n, wk, t->spec.fn_id);
+    td__send_args(n, wk, t);
+  } else {
+    td_chan_begin(&wk->ch, TD_M_ACTOR_CALL);
+    td_buf_u64(b, t->id);
+    td_buf_u64(b, t->spec.actor_id);
+    td_buf_str(b, t->spec.method, strlen(t->spec.method));
+    td_buf_u32(b, (uint32_t)t->spec.nret);
+    uint32_t nr = t->spec.nret < 0 ? 1 : (uint32_t)t->spec.nret;
+    td_buf_put(b, t->spec.rets, nr * 8);
+    td__send_args(n, wk, t);
+  }
+  td_chan_end(&wk->ch);
+  if (wk->ch.out.len > (256u << 10)) td_chan_flush(&wk->ch);
+}
+
+/* -- Task lifecycle ---------------------------------------------------------------- */
+
+static void td__task_free(td_node_t *n, td_task_t *t) {
+  td_map_del(&n->tasks, t->id);
+  for (uint32_t i = 0; i < t->spec.ndeps; i++) td_node_decref(n, t->spec.deps[i]);
+  for (uint32_t i = 0; i < t->spec.nrefs; i++) td_node_decref(n, t->spec.refs[i]);
+  free(t->spec.rets);
+  free(t->spec.deps);
+  free(t->spec.refs);
+  free((void *)t->spec.args);
+  free(t);
+}
+
+/* Gives a task's lease back when its worker has nothing left to run. */
+static void td__lease_done(td_node_t *n, td_wk_t *wk) {
+  if (wk->kind != WK_TASK || wk->inflight.len || !wk->leased) return;
+  if (!wk->blocked) {
+    double *pool = n->avail;
+    if (wk->lease_pg) {
+      td_pg_t *pg = td__pg(n, wk->lease_pg);
+      pool = pg && !pg->removed && wk->lease_bundle >= 0 ? pg->avail[wk->lease_bundle] : NULL;
+    }
+    if (pool)
+      for (int i = 0; i < n->nres; i++) pool[i] += wk->lease[i];
+    td__gpus_give(n, wk->lease[TD_RES_GPU], wk->gpus, wk->ngpus);
+  }
+  wk->ngpus = 0;
+  wk->leased = 0;
+  wk->blocked = 0;
+  memset(wk->lease, 0, sizeof(wk->lease));
+}
+
+/* Ends a task: every return gets `blob` as an error (when given). */
+static void td__task_finish(td_node_t *n, td_task_t *t) {
+  t->state = T_DONE;
+  td__unpin_deps(n, t);
+  uint32_t nr = t->spec.nret < 0 ? 1 : (uint32_t)t->spec.nret;
+  for (uint32_t i = 0; i < nr; i++) {
+    td_obj_t *o = td__obj(n, t->spec.rets[i]);
+    if (o && o->producer == t) o->producer = NULL;
+  }
+  td__task_free(n, t);
+}
+
+static void td__task_fail(td_node_t *n, td_task_t *t, const char *kind, const char *msg) {
+  char full[600];
+  if (t->spec.name[0])
+    snprintf(full, sizeof(full), "%s (task %s)", msg, t->spec.name);
+  else
+    snprintf(full, sizeof(full), "%s", msg);
+  td__errblob(&n->tmp, kind, full);
+  uint32_t nr = t->spec.nret < 0 ? 1 : (uint32_t)t->spec.nret;
+  for (uint32_t i = 0; i < nr; i++) {
+    td_obj_t *o = td__obj(n, t->spec.rets[i]);
+    if (o) td__obj_fail(n, o, n->tmp.p, n->tmp.len);
+  }
+  td__task_finish(n, t);
+}
+
+/* Fails a task whose dependency failed, with that dependency's error. */
+static int td__deps_failed(td_node_t *n, td_task_t *t) {
+  for (uint32_t i = 0; i < t->spec.ndeps; i++) {
+    td_obj_t *o = td__obj(n, t->spec.deps[i]);
+    if (o && o->state == OBJ_ERROR) {
+      uint8_t *copy = td_xmalloc(o->len);
+      size_t len = o->len;
+      memcpy(copy, o->data, len);
+      uint32_t nr = t->spec.nret < 0 ? 1 : (uint32_t)t->spec.nret;
+      for (uint32_t k = 0; k < nr; k++) {
+        td_obj_t *r = td__obj(n, t->spec.rets[k]);
+        if (r) td__obj_fail(n, r, copy, len);
+      }
+      free(copy);
+      return 1;
+    }
+  }
+  return 0;
+}
+
+static void td__obj_wake(td_node_t *n, td_obj_t *o) {
+  n->dirty = 1;
+  uint32_t nw = o->nwaiters;
+  td_task_t **ws = o->waiters;
+  o->waiters = NULL;
+  o->nwaiters = o->capwaiters = 0;
+  for (uint32_t i = 0; i < nw; i++) {
+    td_task_t *t = ws[i];
+    if (--t->deps_pending) continue;
+    if (t->spec.kind == TD_K_ACTOR_CALL) {
+      td__actor_pump(n, t->actor);
+    } else if (t->state == T_WAITDEPS) {
+      if (t->spec.kind == TD_K_TASK && td__deps_failed(n, t)) { td__task_finish(n, t); continue; }
+      t->state = T_QUEUED;
+      tq_push(&n->queue, t);
+    }
+  }
+  free(ws);
+  if (o->refs <= 0 && o->state != OBJ_PENDING && !o->is_stream) td__obj_free(n, o);
+}
+
+/* -- Actors ------------------------------------------------------------------------ */
+
+static void td__actor_pump(td_node_t *n, td_actor_t *a) {
+  if (a->state == A_DEAD) {
+    while (a->queue.head) {
+      td_task_t *t = a->queue.head;
+      tq_del(&a->queue, t);
+      td__task_fail(n, t, "ActorDiedError", a->reason ? a->reason : "the actor is dead");
+    }
+    return;
+  }
+  if (a->state != A_ALIVE || !a->host) return;
+  while (a->queue.head && a->queue.head->deps_pending == 0) {
+    td_task_t *t = a->queue.head;
+    tq_del(&a->queue, t);
+    td__send_task(n, a->host, t);
+  }
+}
+
+static void td__actor_release(td_node_t *n, td_actor_t *a) {
+  if (!a->res_held) return;
+  td_task_t *c = a->create;
+  td__take(n->avail, c, -1);
+  td__gpus_give(n, td__task_gpus(c), a->gpus, a->ngpus);
+  a->ngpus = 0;
+  a->res_held = 0;
+}
+
+static void td__actor_die(td_node_t *n, td_actor_t *a, const char *why) {
+  if (a->state == A_DEAD) return;
+  a->state = A_DEAD;
+  free(a->reason);
+  a->reason = td_xstrdup(why);
+  if (a->host) a->host->nactors--;
+  a->host = NULL;
+  td__actor_release(n, a);
+  /* The creation task is kept until now for restarts. */
+  if (a->create && a->create->state != T_QUEUED) {
+    td_obj_t *o = td__obj(n, a->create->spec.rets[0]);
+    if (o && o->state == OBJ_PENDING) {
+      td__errblob(&n->tmp, "ActorDiedError", why);
+      td__obj_fail(n, o, n->tmp.p, n->tmp.len);
+    }
+  }
+  td__actor_pump(n, a);
+}
+
+static void td__actor_restart_or_die(td_node_t *n, td_actor_t *a, const char *why) {
+  if (a->state == A_DEAD) return;
+  if (a->host) a->host->nactors--;
+  a->host = NULL;
+  if (a->restarts_left != 0) {
+    if (a->restarts_left > 0) a->restarts_left--;
+    td_log("restarting actor %llx: %s", (unsigned long long)a->id, why);
+    a->state = A_RESTARTING;
+    td__actor_release(n, a);
+    a->create->state = T_QUEUED;
+    tq_push(&n->queue, a->create);
+    return;
+  }
+  char msg[512];
+  snprintf(msg, sizeof(msg), "the actor died: %s", why);
+  td__actor_die(n, a, msg);
+}
+
+static td_wk_t *td__pick_host(td_node_t *n, td_actor_t *a) {
+  if (a->ngpus) return td__spawn(n, WK_GPUHOST, a->gpus, a->ngpus);
+  td_wk_t *best = NULL;
+  int hosts = 0;
+  for (int i = 0; i < n->nwks; i++) {
+    td_wk_t *w = n->wks[i];
+    if (w->dead || w->kind != WK_HOST) continue;
+    hosts++;
+    if (w->nactors < TD_ACTORS_PER_HOST && (!best || w->nactors < best->nactors)) best = w;
+  }
+  int want = (int)(n->total[TD_RES_CPU] > 1 ? n->total[TD_RES_CPU] : 1);
+  if (!best || (hosts < want && best->nactors > 0)) {
+    td_wk_t *w = td__spawn(n, WK_HOST, NULL, 0);
+    if (w) best = w;
+  }
+  return best;
+}
+
+/* -- Scheduling ---------------------------------------------------------------------- */
+
+static int td__task_workers(td_node_t *n, int *idle_out, td_wk_t **idle) {
+  int count = 0, blocked = 0;
+  *idle = NULL;
+  *idle_out = 0;
+  for (int i = 0; i < n->nwks; i++) {
+    td_wk_t *w = n->wks[i];
+    if (w->dead || w->kind != WK_TASK) continue;
+    count++;
+    if (w->blocked) blocked++;
+    if (!w->leased && !w->inflight.len) { (*idle_out)++; if (!*idle) *idle = w; }
+  }
+  return count - blocked;
+}
+
+static int td__same_shape(td_wk_t *w, td_task_t *t, int bundle) {
+  if (w->lease_pg != t->spec.pg_id || w->lease_bundle != bundle) return 0;
+  double shape[TD_NRES_MAX] = {0};
+  for (int i = 0; i < t->nres; i++) shape[t->res_idx[i]] += t->res_amt[i];
+  return !memcmp(shape, w->lease, sizeof(shape));
+}
+
+static int td__try_pg(td_node_t *n, td_pg_t *pg) {
+  if (pg->created || pg->removed) return 0;
+  if (pg->strategy == TD_PG_STRICT_SPREAD && pg->nb > 1) return 0; /* needs more nodes */
+  double need[TD_NRES_MAX] = {0};
+  for (int b = 0; b < pg->nb; b++)
+    for (int i = 0; i < n->nres; i++) need[i] += pg->total[b][i];
+  for (int i = 0; i < n->nres; i++)
+    if (n->avail[i] + 1e-9 < need[i]) return 0;
+  for (int i = 0; i < n->nres; i++) n->avail[i] -= need[i];
+  pg->created = 1;
+  td_obj_t *o = td__obj(n, pg->ready_id);
+  if (o) {
+    uint8_t t = TD_T_TRUE;
+    td__obj_set(n, o, OBJ_READY, 0, &t, 1, 0, NULL, 0);
+  }
+  return 1;
+}
+
+static void td__sched(td_node_t *n) {
+  for (td_pg_t *pg = n->pgs; pg; pg = pg->next) td__try_pg(n, pg);
+  int misses = 0;
+  td_task_t *t = n->queue.head;
+  while (t && misses < 256) {
+    td_task_t *next = t->next;
+    int bundle;
+    double *pool = td__pool(n, t, &bundle);
+    if (t->spec.kind == TD_K_ACTOR_NEW) {
+      td_actor_t *a = t->actor;
+      if (pool && td__fits(pool, t)) {
+        int gpus[16];
+        double g = td__task_gpus(t);
+        int k = td__gpus_take(n, g, gpus);
+        if (g > 0 && !k) { misses++; t = next; continue; }
+        td__take(pool, t, 1);
+        a->res_held = t->spec.pg_id == 0;
+        memcpy(a->gpus, gpus, sizeof(int) * (size_t)k);
+        a->ngpus = k;
+        td_wk_t *host = td__pick_host(n, a);
+        if (!host) {
+          td__take(pool, t, -1);
+          td__gpus_give(n, g, gpus, k);
+          a->res_held = 0;
+          misses++;
+          t = next;
+          continue;
+        }
+        tq_del(&n->queue, t);
+        a->host = host;
+        host->nactors++;
+        a->state = A_ALIVE;
+        td__send_task(n, host, t);
+        /* The creation is not in flight as a call: it stays with the actor. */
+        tq_del(&host->inflight, t);
+        t->state = T_SENT;
+        td__actor_pump(n, a);
+      } else {
+        misses++;
+      }
+      t = next;
+      continue;
+    }
+    int nidle;
+    td_wk_t *idle;
+    int active = td__task_workers(n, &nidle, &idle);
+    if (pool && td__fits(pool, t)) {
+      int cap = (int)(n->total[TD_RES_CPU] > 1 ? n->total[TD_RES_CPU] : 1);
+      int cpu_free_task = 1;
+      for (int i = 0; i < t->nres; i++)
+        if (t->res_idx[i] == TD_RES_CPU && t->res_amt[i] > 0) cpu_free_task = 0;
+      if (!idle && (active < cap || (cpu_free_task && active < 4 * cap + 8)))
+        idle = td__spawn(n, WK_TASK, NULL, 0);
+      if (idle) {
+        int gpus[16];
+        double g = td__task_gpus(t);
+        int k = td__gpus_take(n, g, gpus);
+        if (!(g > 0 && !k)) {
+          tq_del(&n->queue, t);
+          td__take(pool, t, 1);
+          idle->leased = 1;
+          memset(idle->lease, 0, sizeof(idle->lease));
+          for (int i = 0; i < t->nres; i++) idle->lease[t->res_idx[i]] += t->res_amt[i];
+          idle->lease_pg = t->spec.pg_id;
+          idle->lease_bundle = bundle;
+          memcpy(idle->gpus, gpus, sizeof(int) * (size_t)k);
+          idle->ngpus = k;
+          td__send_task(n, idle, t);
+          t = next;
+          misses = 0;
+          continue;
+        }
+      }
+    }
+    /* Pipeline behind a leased worker of the same shape. */
+    td_wk_t *best = NULL;
+    for (int i = 0; i < n->nwks; i++) {
+      td_wk_t *w = n->wks[i];
+      if (w->dead || w->kind != WK_TASK || !w->leased || w->blocked) continue;
+      if (w->inflight.len >= TD_PIPELINE || !td__same_shape(w, t, bundle)) continue;
+      if (!best || w->inflight.len < best->inflight.len) best = w;
+    }
+    if (best) {
+      tq_del(&n->queue, t);
+      td__send_task(n, best, t);
+      misses = 0;
+    } else {
+      misses++;
+    }
+    t = next;
+  }
+}
+
+/* -- Submission ------------------------------------------------------------------------ */
+
+static td_task_t *td__task_new(td_node_t *n, const td_spec_t *s) {
+  td_task_t *t = td_xcalloc(1, sizeof(*t));
+  t->id = ++n->next_task;
+  t->spec = *s;
+  uint32_t nr = s->nret < 0 ? 1 : (uint32_t)s->nret;
+  t->spec.rets = td_xmalloc(nr * 8 + 8);
+  memcpy(t->spec.rets, s->rets, nr * 8);
+  t->spec.deps = td_xmalloc(s->ndeps * 8 + 8);
+  memcpy(t->spec.deps, s->deps, s->ndeps * 8);
+  t->spec.refs = td_xmalloc(s->nrefs * 8 + 8);
+  memcpy(t->spec.refs, s->refs, s->nrefs * 8);
+  uint8_t *args = td_xmalloc(s->args_len + 1);
+  memcpy(args, s->args, s->args_len);
+  t->spec.args = args;
+  t->retries_left = s->max_retries;
+  td_map_set(&n->tasks, t->id, t);
+  return t;
+}
+
+int td_node_submit(td_node_t *n, const td_spec_t *s, const char **msg) {
+  *msg = NULL;
+  td_actor_t *a = NULL;
+  if (s->kind == TD_K_ACTOR_CALL) {
+    a = td_map_get(&n->actors, s->actor_id);
+    if (!a) { *msg = "unknown actor"; return TD_EINVAL; }
+  }
+  td_task_t *t = td__task_new(n, s);
+  /* Resource demands: a task asks for 1 CPU unless told otherwise. */
+  int has_cpu = 0;
+  for (uint32_t i = 0; i < s->nres; i++) {
+    int idx = td_node_res_index(n, s->res_name[i]);
+    if (idx < 0) { td__task_free(n, t); *msg = "too many resource kinds"; return TD_EINVAL; }
+    if (idx == TD_RES_CPU) has_cpu = 1;
+    if (s->res_amt[i] <= 0) continue;
+    t->res_idx[t->nres] = idx;
+    t->res_amt[t->nres++] = s->res_amt[i];
+  }
+  if (!has_cpu && s->kind == TD_K_TASK) {
+    t->res_idx[t->nres] = TD_RES_CPU;
+    t->res_amt[t->nres++] = 1;
+  }
+  uint32_t nr = s->nret < 0 ? 1 : (uint32_t)s->nret;
+  for (uint32_t i = 0; i < nr; i++) {
+    td_obj_t *o = td__obj_new(n, s->rets[i]);
+    o->refs++;
+    o->producer = t;
+    if (s->nret < 0) o->is_stream = 1;
+  }
+  for (uint32_t i = 0; i < s->ndeps; i++) td_node_incref(n, s->deps[i]);
+  for (uint32_t i = 0; i < s->nrefs; i++) td_node_incref(n, s->refs[i]);
+  for (uint32_t i = 0; i < s->ndeps; i++) {
+    td_obj_t *o = td__obj(n, s->deps[i]);
+    if (!o) {
+      td__task_fail(n, t, "ObjectLostError", "an argument's object was freed or never existed");
+      return 0;
+    }
+    if (o->state != OBJ_PENDING) continue;
+    if (o->nwaiters == o->capwaiters) {
+      o->capwaiters = o->capwaiters ? o->capwaiters * 2 : 4;
+      o->waiters = td_xrealloc(o->waiters, o->capwaiters * sizeof(td_task_t *));
+    }
+    o->waiters[o->nwaiters++] = t;
+    t->deps_pending++;
+  }
+  if (s->kind == TD_K_ACTOR_CALL) {
+    t->actor = a;
+    tq_push(&a->queue, t);
+    td__actor_pump(n, a);
+    return 0;
+  }
+  if (s->kind == TD_K_ACTOR_NEW) {
+    a = td_xcalloc(1, sizeof(*a));
+    a->id = s->actor_id;
+    a->create = t;
+    a->state = A_PENDING;
+    a->restarts_left = s->max_restarts;
+    t->actor = a;
+    td_map_set(&n->actors, a->id, a);
+  }
+  if (t->deps_pending) {
+    t->state = T_WAITDEPS;
+    return 0;
+  }
+  if (s->kind == TD_K_TASK && td__deps_failed(n, t)) {
+    td__task_finish(n, t);
+    return 0;
+  }
+  t->state = T_QUEUED;
+  tq_push(&n->queue, t);
+  td__sched(n);
+  return 0;
+}
+
+void td_node_register_fn(td_node_t *n, uint64_t id, const uint8_t *blob, size_t len) {
+  if (td_map_get(&n->fns, id)) return;
+  td_fnblob_t *fb = td_xmalloc(sizeof(*fb) + len);
+  fb->len = len;
+  memcpy(fb->data, blob, len);
+  td_map_set(&n->fns, id, fb);
+}
+
+int td_node_cancel(td_node_t *n, uint64_t obj_id, int force) {
+  td_obj_t *o = td__obj(n, obj_id);
+  if (!o || !o->producer) return TD_ENOTFOUND;
+  td_task_t *t = o->producer;
+  if (t->state == T_QUEUED || t->state == T_WAITDEPS) {
+    if (t->state == T_QUEUED) tq_del(&n->queue, t);
+    else if (t->actor && t->spec.kind == TD_K_ACTOR_CALL) tq_del(&t->actor->queue, t);
+    /* Drop it from the waiter lists of its dependencies. */
+    for (uint32_t i = 0; i < t->spec.ndeps; i++) {
+      td_obj_t *d = td__obj(n, t->spec.deps[i]);
+      if (!d) continue;
+      for (uint32_t k = 0; k < d->nwaiters; k++)
+        if (d->waiters[k] == t) d->waiters[k--] = d->waiters[--d->nwaiters];
+    }
+    td__task_fail(n, t, "TaskCancelledError", "the task was cancelled before it ran");
+    return 0;
+  }
+  if (t->state == T_SENT && t->wk) {
+    t->cancelled = 1;
+    if (force && t->wk->kind == WK_TASK) {
+      t->force_cancel = 1;
+      kill(t->wk->pid, SIGKILL);
+    } else {
+      td_chan_begin(&t->wk->ch, TD_M_CANCEL);
+      td_buf_u64(&t->wk->ch.out, t->id);
+      td_chan_end(&t->wk->ch);
+    }
+  }
+  return 0;
+}
+
+int td_node_kill_actor(td_node_t *n, uint64_t actor_id, int no_restart) {
+  td_actor_t *a = td_map_get(&n->actors, actor_id);
+  if (!a) return TD_ENOTFOUND;
+  td_wk_t *host = a->host;
+  if (!no_restart && host) {
+    td__actor_restart_or_die(n, a, "killed by tide.kill");
+  } else {
+    if ((a->state == A_PENDING || a->state == A_RESTARTING) && a->create->state == T_QUEUED)
+      tq_del(&n->queue, a->create);
+    td__actor_die(n, a, "the actor was killed by tide.kill");
+  }
+  if (host && !host->dead) {
+    if (host->kind == WK_GPUHOST) {
+      kill(host->pid, SIGKILL);
+    } else {
+      td_chan_begin(&host->ch, TD_M_ACTOR_KILL);
+      td_buf_u64(&host->ch.out, actor_id);
+      td_chan_end(&host->ch);
+    }
+  }
+  /* Calls already on the host fail there; queued calls failed above. */
+  return 0;
+}
+
+int td_node_get_actor(td_node_t *n, const char *name, const char *ns, uint64_t *actor_id,
+                      uint64_t *class_id) {
+  size_t it = 0;
+  td_actor_t *a;
+  while (td_map_next(&n->actors, &it, NULL, (void **)&a)) {
+    if (a->state == A_DEAD || !a->create) continue;
+    if (!strcmp(a->create->spec.name, name) && !strcmp(a->create->spec.ns, ns)) {
+      *actor_id = a->id;
+      *class_id = a->create->spec.fn_id;
+      return 0;
+    }
+  }
+  return TD_ENOTFOUND;
+}
+
+int td_node_actor_state(td_node_t *n, uint64_t actor_id, const char **reason) {
+  td_actor_t *a = td_map_get(&n->actors, actor_id);
+  if (!a) return -1;
+  *reason = a->reason;
+  return a->state;
+}
+
+/* -- Placement groups ---------------------------------------------------------------------- */
+
+int td_node_pg_create(td_node_t *n, int nb, const double (*bundles)[TD_NRES_MAX], int strategy,
+                      const char *name, uint64_t *pg_id, uint64_t *ready_id) {
+  td_pg_t *pg = td_xcalloc(1, sizeof(*pg));
+  pg->id = td_node_new_id(n);
+  pg->nb = nb;
+  pg->strategy = strategy;
+  pg->total = td_xcalloc((size_t)nb, sizeof(*pg->total));
+  pg->avail = td_xcalloc((size_t)nb, sizeof(*pg->avail));
+  memcpy(pg->total, bundles, (size_t)nb * sizeof(*pg->total));
+  memcpy(pg->avail, bundles, (size_t)nb * sizeof(*pg->avail));
+  snprintf(pg->name, sizeof(pg->name), "%s", name ? name : "");
+  pg->ready_id = td_node_new_id(n);
+  td_obj_t *o = td__obj_new(n, pg->ready_id);
+  o->refs = 1;
+  pg->next = n->pgs;
+  n->pgs = pg;
+  *pg_id = pg->id;
+  *ready_id = pg->ready_id;
+  td__try_pg(n, pg);
+  return 0;
+}
+
+int td_node_pg_remove(td_node_t *n, uint64_t pg_id) {
+  td_pg_t **pp = &n->pgs, *pg;
+  while ((pg = *pp) && pg->id != pg_id) pp = &pg->next;
+  if (!pg) return TD_ENOTFOUND;
+  if (pg->created)
+    for (int b = 0; b < pg->nb; b++)
+      for (int i = 0; i < n->nres; i++) n->avail[i] += pg->total[b][i];
+  /* Work still running in it keeps its worker; its lease returns nowhere. */
+  for (int i = 0; i < n->nwks; i++)
+    if (n->wks[i]->lease_pg == pg_id) n->wks[i]->lease_pg = UINT64_MAX;
+  td_obj_t *o = td__obj(n, pg->ready_id);
+  if (o && o->state == OBJ_PENDING) {
+    td__errblob(&n->tmp, "TaskCancelledError", "the placement group was removed");
+    td__obj_fail(n, o, n->tmp.p, n->tmp.len);
+  }
+  *pp = pg->next;
+  free(pg->total);
+  free(pg->avail);
+  free(pg);
+  td__sched(n);
+  return 0;
+}
+
+uint64_t td_node_pg_lookup(td_node_t *n, const char *name) {
+  for (td_pg_t *pg = n->pgs; pg; pg = pg->next)
+    if (!strcmp(pg->name, name)) return pg->id;
+  return 0;
+}
+
+void td_node_stats(td_node_t *n, td_node_stats_t *st) {
+  memset(st, 0, sizeof(*st));
+  for (int i = 0; i < n->nwks; i++) {
+    if (n->wks[i]->dead) continue;
+    st->workers++;
+    st->tasks_running += n->wks[i]->inflight.len;
+  }
+  st->actors = (int)n->actors.len;
+  st->tasks_queued = n->queue.len;
+  st->objects = n->objs.len;
+  st->store_used = td_store_used(n->store);
+  st->store_capacity = td_store_capacity(n->store);
+  st->spilled_bytes = n->spilled;
+}
+
+/* -- Worker requests -------------------------------------------------------------------- */
+
+void td_node_reply(td_node_t *n, td_wk_t *wk, uint32_t req, const void *p, size_t len) {
+  (void)n;
+  if (wk->dead) return;
+  td_chan_begin(&wk->ch, TD_M_REPLY);
+  td_buf_u32(&wk->ch.out, req);
+  td_buf_put(&wk->ch.out, p, len);
+  td_chan_end(&wk->ch);
+}
+
+/* Answers a request if it can be answered now (or `expired`). */
+static int td__req_try(td_node_t *n, td_req_t *r, int expired) {
+  td_buf_t *b = &r->wk->ch.out;
+  if (r->op == TD_M_GET) {
+    for (uint32_t i = 0; i < r->n && !expired; i++) {
+      td_obj_t *o = td__obj(n, r->ids[i]);
+      if (o && o->state == OBJ_PENDING) return 0;
+    }
+    td_chan_begin(&r->wk->ch, TD_M_REPLY);
+    td_buf_u32(b, r->req);
+    int timed_out = 0;
+    for (uint32_t i = 0; i < r->n; i++) {
+      td_obj_t *o = td__obj(n, r->ids[i]);
+      if (o && o->state == OBJ_PENDING) timed_out = 1;
+    }
+    td_buf_u8(b, (uint8_t)timed_out);
+    if (!timed_out)
+      for (uint32_t i = 0; i < r->n; i++) td__put_value(n, b, r->ids[i], 1);
+    td_chan_end(&r->wk->ch);
+    return 1;
+  }
+  if (r->op == TD_M_WAIT) {
+    uint32_t ready = 0;
+    for (uint32_t i = 0; i < r->n; i++) {
+      td_obj_t *o = td__obj(n, r->ids[i]);
+      if (!o || o->state != OBJ_PENDING) ready++;
+    }
+    if (ready < r->num && !expired) return 0;
+    td_chan_begin(&r->wk->ch, TD_M_REPLY);
+    td_buf_u32(b, r->req);
+    td_buf_u32(b, r->n);
+    for (uint32_t i = 0; i < r->n; i++) {
+      td_obj_t *o = td__obj(n, r->ids[i]);
+      td_buf_u8(b, !o || o->state != OBJ_PENDING);
+    }
+    td_chan_end(&r->wk->ch);
+    return 1;
+  }
+  /* TD_M_STREAM_NEXT: ids[0] = stream, num = index */
+  uint64_t item = 0;
+  int st = td_node_stream_item(n, r->ids[0], r->num, &item);
+  if (st == 0 && !expired) return 0;
+  td_chan_begin(&r->wk->ch, TD_M_REPLY);
+  td_buf_u32(b, r->req);
+  td_buf_u8(b, st == 1 ? 0 : st == -1 ? 1 : 2);
+  td_buf_u64(b, item);
+  if (st == 1) td_node_incref(n, item); /* the worker's new handle */
+  td_chan_end(&r->wk->ch);
+  return 1;
+}
+
+static void td__reqs_check(td_node_t *n, double now) {
+  td_req_t **pp = &n->reqs, *r;
+  while ((r = *pp)) {
+    int expired = r->deadline > 0 && now >= r->deadline;
+    if (r->wk->dead || td__req_try(n, r, expired)) {
+      *pp = r->next;
+      free(r->ids);
+      free(r);
+    } else {
+      pp = &r->next;
+    }
+  }
+}
+
+static void td__req_add(td_node_t *n, td_wk_t *wk, int op, td_rd_t *rd) {
+  td_req_t *r = td_xcalloc(1, sizeof(*r));
+  r->wk = wk;
+  r->op = op;
+  r->req = td_rd_u32(rd);
+  if (op == TD_M_STREAM_NEXT) {
+    r->n = 1;
+    r->ids = td_xmalloc(8);
+    r->ids[0] = td_rd_u64(rd);
+    r->num = td_rd_u32(rd);
+    double timeout = td_rd_f64(rd);
+    r->deadline = timeout >= 0 ? td_now() + timeout : 0;
+  } else {
+    double timeout = td_rd_f64(rd);
+    r->deadline = timeout >= 0 ? td_now() + timeout : 0;
+    if (op == TD_M_WAIT) r->num = td_rd_u32(rd);
+    r->n = td_rd_u32(rd);
+    const uint8_t *p = td_rd_bytes(rd, (size_t)r->n * 8);
+    r->ids = td_xmalloc((size_t)r->n * 8 + 8);
+    if (p) memcpy(r->ids, p, (size_t)r->n * 8);
+  }
+  if (rd->bad) { free(r->ids); free(r); return; }
+  if (td__req_try(n, r, 0)) { free(r->ids); free(r); return; }
+  r->next = n->reqs;
+  n->reqs = r;
+}
+
+/* -- Messages from workers ---------------------------------------------------------------- */
+
+/* Reads one value as sent by a worker: inline or an extent it filled. */
+static int td__read_value(td_rd_t *rd, int *shm, const uint8_t **p, size_t *len, size_t *off) {
+  uint8_t kind = td_rd_u8(rd);
+  if (kind == TD_V_INLINE) {
+    uint32_t l;
+    *p = td_rd_str(rd, &l);
+    *len = l;
+    *shm = 0;
+  } else if (kind == TD_V_SHM) {
+    *off = td_rd_u64(rd);
+    *len = td_rd_u64(rd);
+    *shm = 1;
+  } else {
+    return TD_EPROTO;
+  }
+  return rd->bad ? TD_EPROTO : 0;
+}
+
+static int td__valid_extent(td_node_t *n, size_t off, size_t len) {
+  size_t cap = td_store_capacity(n->store);
+  return off <= cap && len <= cap - off;
+}
+
+static void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why);
+
+static int td__on_done(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  uint64_t tid = td_rd_u64(rd);
+  uint8_t ok = td_rd_u8(rd);
+  td_task_t *t = td_map_get(&n->tasks, tid);
+  if (t && t->wk != wk) t = NULL;
+  if (ok) {
+    uint32_t nv = td_rd_u32(rd);
+    if (rd->bad || (t && t->spec.nret >= 0 && nv != (uint32_t)t->spec.nret)) return TD_EPROTO;
+    for (uint32_t i = 0; i < nv; i++) {
+      int shm;
+      const uint8_t *p = NULL;
+      size_t len, off = 0;
+      if (td__read_value(rd, &shm, &p, &len, &off)) return TD_EPROTO;
+      if (shm && !td__valid_extent(n, off, len)) return TD_EPROTO;
+      uint32_t nrefs = td_rd_u32(rd);
+      const uint8_t *rp = td_rd_bytes(rd, (size_t)nrefs * 8);
+      if (rd->bad) return TD_EPROTO;
+      uint64_t *refs = td_xmalloc((size_t)nrefs * 8 + 8);
+      if (nrefs) memcpy(refs, rp, (size_t)nrefs * 8);
+      td_obj_t *o = t ? td__obj(n, t->spec.rets[i]) : NULL;
+      if (o) td__obj_set(n, o, OBJ_READY, shm, p, len, off, refs, nrefs);
+      else if (shm) td_store_free(n->store, off, len);
+      free(refs);
+    }
+    if (t && t->spec.nret < 0) {
+      td_obj_t *o = td__obj(n, t->spec.rets[0]);
+      if (o) {
+        o->stream_done = 1;
+        o->state = OBJ_READY;
+        o->loc = LOC_INLINE;
+        o->producer = NULL;
+        td__obj_wake(n, o);
+      }
+    }
+  } else {
+    uint32_t len;
+    const uint8_t *blob = td_rd_str(rd, &len);
+    if (rd->bad) return TD_EPROTO;
+    if (t) {
+      uint32_t nr = t->spec.nret < 0 ? 1 : (uint32_t)t->spec.nret;
+      for (uint32_t i = 0; i < nr; i++) {
+        td_obj_t *o = td__obj(n, t->spec.rets[i]);
+        if (o) td__obj_fail(n, o, blob, len);
+      }
+    }
+  }
+  if (t) {
+    tq_del(&wk->inflight, t);
+    td__task_finish(n, t);
+    td__lease_done(n, wk);
+  }
+  return 0;
+}
+
+static int td__on_item(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  uint64_t tid = td_rd_u64(rd), item = td_rd_u64(rd);
+  int shm;
+  const uint8_t *p = NULL;
+  size_t len, off = 0;
+  if (td__read_value(rd, &shm, &p, &len, &off)) return TD_EPROTO;
+  if (shm && !td__valid_extent(n, off, len)) return TD_EPROTO;
+  uint32_t nrefs = td_rd_u32(rd);
+  const uint8_t *rp = td_rd_bytes(rd, (size_t)nrefs * 8);
+  if (rd->bad || !item) return TD_EPROTO;
+  td_task_t *t = td_map_get(&n->tasks, tid);
+  td_obj_t *s = t && t->wk == wk && t->spec.nret < 0 ? td__obj(n, t->spec.rets[0]) : NULL;
+  if (!s || td__obj(n, item)) {
+    if (shm) td_store_free(n->store, off, len);
+    return 0;
+  }
+  uint64_t *refs = td_xmalloc((size_t)nrefs * 8 + 8);
+  if (nrefs) memcpy(refs, rp, (size_t)nrefs * 8);
+  td_obj_t *io = td__obj_new(n, item);
+  io->refs = 1; /* held by the stream */
+  td__obj_set(n, io, OBJ_READY, shm, p, len, off, refs, nrefs);
+  free(refs);
+  if (s->nitems == s->capitems) {
+    s->capitems = s->capitems ? s->capitems * 2 : 8;
+    s->items = td_xrealloc(s->items, s->capitems * 8);
+  }
+  s->items[s->nitems++] = item;
+  n->dirty = 1;
+  return 0;
+}
+
+static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p, uint32_t len) {
+  td_rd_t rd;
+  td_rd_init(&rd, p, len);
+  switch (type) {
+    case TD_M_READY: return 0;
+    case TD_M_DONE: return td__on_done(n, wk, &rd);
+    case TD_M_ITEM: return td__on_item(n, wk, &rd);
+    case TD_M_SUBMIT: {
+      td_spec_t s;
+      uint64_t *scratch;
+      int rc = td_spec_decode(&s, &rd, &scratch);
+      if (!rc) {
+        const char *msg;
+        if (td_node_submit(n, &s, &msg) != 0) {
+          /* The submitter already holds handles: fail them clearly. */
+          td__errblob(&n->tmp, s.kind == TD_K_ACTOR_CALL ? "ActorDiedError" : "TaskError", msg);
+          uint32_t nr = s.nret < 0 ? 1 : (uint32_t)s.nret;
+          for (uint32_t i = 0; i < nr; i++) {
+            td_obj_t *o = td__obj_new(n, s.rets[i]);
+            o->refs++;
+            td__obj_fail(n, o, n->tmp.p, n->tmp.len);
+          }
+        }
+      }
+      free(scratch);
+      return rc;
+    }
+    case TD_M_GET:
+    case TD_M_WAIT:
+    case TD_M_STREAM_NEXT:
+      td__req_add(n, wk, type, &rd);
+      return rd.bad ? TD_EPROTO : 0;
+    case TD_M_PUT: {
+      uint64_t id = td_rd_u64(&rd);
+      int shm;
+      const uint8_t *vp = NULL;
+      size_t vlen, off = 0;
+      if (td__read_value(&rd, &shm, &vp, &vlen, &off)) return TD_EPROTO;
+      if (shm && !td__valid_extent(n, off, vlen)) return TD_EPROTO;
+      uint32_t nrefs = td_rd_u32(&rd);
+      const uint8_t *rp = td_rd_bytes(&rd, (size_t)nrefs * 8);
+      if (rd.bad || !id || td__obj(n, id)) return TD_EPROTO;
+      uint64_t *refs = td_xmalloc((size_t)nrefs * 8 + 8);
+      if (nrefs) memcpy(refs, rp, (size_t)nrefs * 8);
+      td_obj_t *o = td__obj_new(n, id);
+      o->refs = 1;
+      td__obj_set(n, o, OBJ_READY, shm, vp, vlen, off, refs, nrefs);
+      free(refs);
+      return 0;
+    }
+    case TD_M_REFS: {
+      uint32_t cnt = td_rd_u32(&rd);
+      for (uint32_t i = 0; i < cnt && !rd.bad; i++) {
+        uint64_t id = td_rd_u64(&rd);
+        int32_t d = (int32_t)td_rd_u32(&rd);
+        if (rd.bad) break;
+        if (d > 0) { td_obj_t *o = td__obj(n, id); if (o) o->refs += d; }
+        else for (int32_t k = 0; k < -d; k++) td_node_decref(n, id);
+      }
+      return rd.bad ? TD_EPROTO : 0;
+    }
+    case TD_M_UNPIN: {
+      uint32_t cnt = td_rd_u32(&rd);
+      for (uint32_t i = 0; i < cnt && !rd.bad; i++) {
+        td_obj_t *o = td__obj(n, td_rd_u64(&rd));
+        if (o && o->pins > 0) o->pins--;
+      }
+      return rd.bad ? TD_EPROTO : 0;
+    }
+    case TD_M_PRINT: {
+      uint32_t l;
+      const uint8_t *s = td_rd_str(&rd, &l);
+      if (rd.bad) return TD_EPROTO;
+      fwrite(s, 1, l, stdout);
+      fflush(stdout);
+      return 0;
+    }
+    case TD_M_ALLOC: {
+      uint32_t req = td_rd_u32(&rd);
+      uint64_t size = td_rd_u64(&rd);
+      if (rd.bad) return TD_EPROTO;
+      size_t off = 0;
+      int rc = td__alloc(n, size, &off, NULL);
+      td_buf_t b;
+      td_buf_init(&b);
+      td_buf_u8(&b, rc == 0);
+      td_buf_u64(&b, rc == 0 ? off : (uint64_t)-rc);
+      td_node_reply(n, wk, req, b.p, b.len);
+      td_buf_free(&b);
+      return 0;
+    }
+    case TD_M_BLOCKED: {
+      uint32_t cnt = td_rd_u32(&rd);
+      for (uint32_t i = 0; i < cnt && !rd.bad; i++) {
+        td_task_t *t = td_map_get(&n->tasks, td_rd_u64(&rd));
+        if (!t || t->wk != wk || t->state != T_SENT) continue;
+        tq_del(&wk->inflight, t);
+        td__unpin_deps(n, t);
+        t->attempt--;
+        t->state = T_QUEUED;
+        t->wk = NULL;
+        tq_push_front(&n->queue, t);
+      }
+      if (wk->kind == WK_TASK && wk->leased && !wk->blocked) {
+        n->avail[TD_RES_CPU] += wk->lease[TD_RES_CPU];
+        wk->blocked = 1;
+      }
+      return rd.bad ? TD_EPROTO : 0;
+    }
+    case TD_M_UNBLOCKED:
+      if (wk->blocked) {
+        n->avail[TD_RES_CPU] -= wk->lease[TD_RES_CPU];
+        wk->blocked = 0;
+      }
+      return 0;
+    case TD_M_ACTOR_READY: {
+      uint64_t aid = td_rd_u64(&rd);
+      td_actor_t *a = td_map_get(&n->actors, aid);
+      if (a && a->host == wk && a->create) {
+        td_obj_t *o = td__obj(n, a->create->spec.rets[0]);
+        uint8_t tt = TD_T_TRUE;
+        if (o && o->state == OBJ_PENDING) td__obj_set(n, o, OBJ_READY, 0, &tt, 1, 0, NULL, 0);
+      }
+      return rd.bad ? TD_EPROTO : 0;
+    }
+    case TD_M_ACTOR_EXIT: {
+      uint64_t aid = td_rd_u64(&rd);
+      uint8_t crashed = td_rd_u8(&rd);
+      uint32_t l;
+      const uint8_t *why = td_rd_str(&rd, &l);
+      if (rd.bad) return TD_EPROTO;
+      td_actor_t *a = td_map_get(&n->actors, aid);
+      if (!a || a->host != wk) return 0;
+      char msg[512];
+      snprintf(msg, sizeof(msg), "%.*s", (int)l, why);
+      if (crashed) {
+        td__actor_restart_or_die(n, a, msg);
+      } else {
+        td__actor_die(n, a, msg);
+      }
+      return 0;
+    }
+    case TD_M_RPC: {
+      uint32_t req = td_rd_u32(&rd);
+      uint32_t ol, al;
+      const uint8_t *op = td_rd_str(&rd, &ol);
+      const uint8_t *args = td_rd_str(&rd, &al);
+      if (rd.bad || ol >= 64) return TD_EPROTO;
+      char opname[64];
+      memcpy(opname, op, ol);
+      opname[ol] = 0;
+      if (n->rpc) n->rpc(n->rpc_ud, wk, req, opname, args, al);
+      return 0;
+    }
+    default: return TD_EPROTO;
+  }
+}
+
+/* -- Worker death ---------------------------------------------------------------------- */
+
+static void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why) {
+  if (wk->dead) return;
+  wk->dead = 1;
+  td_chan_close(&wk->ch);
+  int st = 0;
+  char reason[256];
+  pid_t r = 0;
+  for (int i = 0; i < 200 && (r = waitpid(wk->pid, &st, WNOHANG)) == 0; i++) usleep(1000);
+  if (r == wk->pid && WIFSIGNALED(st))
+    snprintf(reason, sizeof(reason), "worker process %d was killed by signal %d", (int)wk->pid, WTERMSIG(st));
+  else if (r == wk->pid && WIFEXITED(st))
+    snprintf(reason, sizeof(reason), "worker process %d exited with status %d", (int)wk->pid, WEXITSTATUS(st));
+  else
+    snprintf(reason, sizeof(reason), "worker process %d %s", (int)wk->pid, why);
+  td_log("%s", reason);
+  int first = 1;
+  while (wk->inflight.head) {
+    td_task_t *t = wk->inflight.head;
+    tq_del(&wk->inflight, t);
+    td__unpin_deps(n, t);
+    t->wk = NULL;
+    if (t->spec.kind == TD_K_TASK) {
+      if (t->cancelled) {
+        td__task_fail(n, t, "TaskCancelledError", "the task was cancelled");
+      } else if (!first || t->retries_left != 0) {
+        if (first && t->retries_left > 0) t->retries_left--;
+        t->state = T_QUEUED;
+        tq_push_front(&n->queue, t);
+      } else {
+        td__task_fail(n, t, "WorkerCrashedError", reason);
+      }
+    } else if (t->spec.kind == TD_K_ACTOR_CALL) {
+      td_actor_t *a = t->actor;
+      if (t->retries_left != 0 && a->restarts_left != 0) {
+        if (t->retries_left > 0) t->retries_left--;
+        t->state = T_QUEUED;
+        tq_push_front(&a->queue, t);
+      } else {
+        char msg[400];
+        snprintf(msg, sizeof(msg), "the actor's process died: %s", reason);
+        td__task_fail(n, t, "ActorDiedError", msg);
+      }
+    }
+    first = 0;
+  }
+  size_t it = 0;
+  td_actor_t *a;
+  while (td_map_next(&n->actors, &it, NULL, (void **)&a))
+    if (a->host == wk) td__actor_restart_or_die(n, a, reason);
+  wk->ngpus = wk->kind == WK_TASK ? wk->ngpus : 0;
+  td__lease_done(n, wk);
+  for (int i = 0; i < n->nwks; i++) {
+    if (n->wks[i] != wk) continue;
+    n->wks[i] = n->wks[--n->nwks];
+    break;
+  }
+  td_map_free(&wk->fns_sent);
+  free(wk);
+  n->dirty = 1;
+}
+
+/* -- Loop -------------------------------------------------------------------------------- */
+
+void td_node_flush(td_node_t *n) {
+  for (int i = 0; i < n->nwks; i++)
+    if (td_chan_pending(&n->wks[i]->ch)) td_chan_flush(&n->wks[i]->ch);
+}
+
+static void td__wk_input(td_node_t *n, td_wk_t *wk) {
+  int rc = td_chan_read(&wk->ch);
+  uint8_t type;
+  const uint8_t *p;
+  uint32_t len;
+  int got;
+  while ((got = td_chan_next(&wk->ch, &type, &p, &len)) == 1) {
+    if (td__on_msg(n, wk, type, p, len) != 0) {
+      fprintf(stderr, "tide: malformed message (type %u) from worker %d; stopping it\n",
+              (unsigned)type, (int)wk->pid);
+      kill(wk->pid, SIGKILL);
+      td__wk_dead(n, wk, "sent a malformed message");
+      return;
+    }
+    if (wk->dead) return;
+  }
+  if (got < 0) {
+    kill(wk->pid, SIGKILL);
+    td__wk_dead(n, wk, "sent a malformed frame");
+    return;
+  }
+  if (rc) td__wk_dead(n, wk, "closed its connection");
+}
+
+void td_node_pump(td_node_t *n, double timeout) {
+  td_node_flush(n);
+  double now = td_now();
+  for (td_req_t *r = n->reqs; r; r = r->next)
+    if (r->deadline > 0 && r->deadline - now < timeout) timeout = r->deadline - now;
+  if (timeout < 0) timeout = 0;
+  if (n->cappfds < n->nwks) {
+    n->cappfds = n->nwks + 16;
+    n->pfds = td_xrealloc(n->pfds, (size_t)n->cappfds * sizeof(struct pollfd));
+  }
+  int np = n->nwks;
+  for (int i = 0; i < np; i++) {
+    n->pfds[i].fd = n->wks[i]->ch.fd;
+    n->pfds[i].events = POLLIN | (td_chan_pending(&n->wks[i]->ch) ? POLLOUT : 0);
+    n->pfds[i].revents = 0;
+  }
+  int ms = timeout > 1e6 ? -1 : (int)(timeout * 1000 + 0.999);
+  int r = poll(n->pfds, (nfds_t)np, ms);
+  if (r > 0) {
+    /* Workers may die while handling; copy the list first. */
+    td_wk_t **ready = td_xmalloc((size_t)np * sizeof(td_wk_t *) + 1);
+    uint64_t *ids = td_xmalloc((size_t)np * 8 + 8);
+    int nr = 0;
+    for (int i = 0; i < np; i++)
+      if (n->pfds[i].revents) { ready[nr] = n->wks[i]; ids[nr++] = n->wks[i]->id; }
+    for (int i = 0; i < nr; i++) {
+      int alive = 0;
+      for (int k = 0; k < n->nwks; k++) if (n->wks[k] == ready[i] && n->wks[k]->id == ids[i]) alive = 1;
+      if (alive) td__wk_input(n, ready[i]);
+    }
+    free(ready);
+    free(ids);
+  }
+  if (n->dirty || n->reqs) {
+    n->dirty = 0;
+    td__reqs_check(n, td_now());
+  }
+  td__sched(n);
+  td_node_flush(n);
+}
+
+/* -- Lifecycle ------------------------------------------------------------------------------ */
+
+td_node_t *td_node_new(const td_node_opts_t *o) {
+  td_node_t *n = td_xcalloc(1, sizeof(*n));
+  long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+  long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
+  double mem = (double)pages * (double)psz;
+  size_t cap = o->store_capacity ? o->store_capacity : (size_t)(mem * 0.3);
+  n->store = td_store_new(cap);
+  if (!n->store) { free(n); return NULL; }
+  n->inline_max = o->inline_max ? o->inline_max : 64 * 1024;
+  n->spill_fd = -1;
+  td_map_init(&n->objs);
+  td_map_init(&n->tasks);
+  td_map_init(&n->actors);
+  td_map_init(&n->fns);
+  td_buf_init(&n->tmp);
+  td_node_res_index(n, "CPU");
+  td_node_res_index(n, "GPU");
+  td_node_res_index(n, "memory");
+  n->total[TD_RES_CPU] = o->num_cpus >= 0 ? o->num_cpus : (double)ncpu;
+  n->total[TD_RES_GPU] = o->num_gpus > 0 ? o->num_gpus : 0;
+  n->total[TD_RES_MEM] = o->memory >= 0 ? o->memory : mem * 0.7;
+  n->ngpus = (int)n->total[TD_RES_GPU];
+  if (n->ngpus > 64) n->ngpus = 64;
+  for (int g = 0; g < n->ngpus; g++) n->gpu_free[g] = 1;
+  for (int i = 0; i < o->nres; i++) {
+    int idx = td_node_res_index(n, o->res_names[i]);
+    if (idx >= 0) n->total[idx] = o->res_amts[i];
+  }
+  memcpy(n->avail, n->total, sizeof(n->total));
+  snprintf(n->exe, sizeof(n->exe), "%s", o->exe ? o->exe : "/proc/self/exe");
+  for (int i = 0; i < o->prestart; i++) td__spawn(n, WK_TASK, NULL, 0);
+  return n;
+}
+
+void td_node_set_rpc(td_node_t *n, td_rpc_cb cb, void *ud) {
+  n->rpc = cb;
+  n->rpc_ud = ud;
+}
+
+void td_node_destroy(td_node_t **np) {
+  td_node_t *n = *np;
+  if (!n) return;
+  for (int i = 0; i < n->nwks; i++) kill(n->wks[i]->pid, SIGKILL);
+  for (int i = 0; i < n->nwks; i++) {
+    td_wk_t *wk = n->wks[i];
+    waitpid(wk->pid, NULL, 0);
+    td_chan_close(&wk->ch);
+    td_map_free(&wk->fns_sent);
+    free(wk);
+  }
+  free(n->wks);
+  size_t it = 0;
+  void *v;
+  while (td_map_next(&n->objs, &it, NULL, &v)) {
+    td_obj_t *o = v;
+    free(o->data); free(o->contained); free(o->items); free(o->waiters); free(o);
+  }
+  it = 0;
+  while (td_map_next(&n->tasks, &it, NULL, &v)) {
+    td_task_t *t = v;
+    free(t->spec.rets); free(t->spec.deps); free(t->spec.refs); free((void *)t->spec.args); free(t);
+  }
+  it = 0;
+  while (td_map_next(&n->actors, &it, NULL, &v)) { free(((td_actor_t *)v)->reason); free(v); }
+  it = 0;
+  while (td_map_next(&n->fns, &it, NULL, &v)) free(v);
+  while (n->reqs) { td_req_t *r = n->reqs; n->reqs = r->next; free(r->ids); free(r); }
+  while (n->pgs) { td_pg_t *pg = n->pgs; n->pgs = pg->next; free(pg->total); free(pg->avail); free(pg); }
+  td_map_free(&n->objs); td_map_free(&n->tasks); td_map_free(&n->actors); td_map_free(&n->fns);
+  td_buf_free(&n->tmp);
+  free(n->pfds);
+  if (n->spill_fd >= 0) close(n->spill_fd);
+  td_store_destroy(&n->store);
+  free(n);
+  *np = NULL;
+}

@@ -1,0 +1,109 @@
+/* Tide node: the per-machine executor. It owns the worker processes, the
+ * local scheduler (resources, worker leases, placement groups), the object
+ * table and shared-memory store (with spilling to disk), and the actor
+ * directory. In the embedded cluster it runs inside the driver process and
+ * is pumped whenever the driver waits; workers talk to it over Unix
+ * sockets. Uses chan, store, proto.
+ */
+#ifndef TD_NODE_H
+#define TD_NODE_H
+
+#include "proto.h"
+#include "store.h"
+
+typedef struct td_node td_node_t;
+typedef struct td_wk td_wk_t;
+
+/* Object states, as the bindings see them. */
+enum { TD_OBJ_PENDING, TD_OBJ_READY, TD_OBJ_ERROR, TD_OBJ_MISSING };
+
+typedef struct td_node_opts {
+  double num_cpus;           /* <0: detect */
+  double num_gpus;           /* fake GPUs are fine: ids 0..n-1 */
+  double memory;             /* bytes; <0: detect */
+  char res_names[TD_NRES_MAX][32]; /* custom resources */
+  double res_amts[TD_NRES_MAX];
+  int nres;
+  size_t store_capacity;     /* bytes of shared memory; 0: default */
+  size_t inline_max;         /* values up to this size stay inline */
+  const char *exe;           /* the tide binary, for spawning workers */
+  int prestart;              /* task workers to start at once */
+} td_node_opts_t;
+
+/* RPC handler for control requests from workers, installed by the Lua
+ * bindings. It answers with td_node_reply when req != 0. */
+typedef void (*td_rpc_cb)(void *ud, td_wk_t *wk, uint32_t req, const char *op,
+                          const uint8_t *args, size_t len);
+
+/* Creates a node; caller owns it. Returns NULL on failure (errno set). */
+td_node_t *td_node_new(const td_node_opts_t *opts);
+/* Kills every worker and frees everything; idempotent, NULLs *n. */
+void td_node_destroy(td_node_t **n);
+void td_node_set_rpc(td_node_t *n, td_rpc_cb cb, void *ud);
+
+/* One loop iteration: flush, poll up to `timeout` s, handle, schedule. */
+void td_node_pump(td_node_t *n, double timeout);
+void td_node_flush(td_node_t *n);
+/* Replies to a worker request (payload is copied). */
+void td_node_reply(td_node_t *n, td_wk_t *wk, uint32_t req, const void *p, size_t len);
+
+/* -- Objects (the driver is owner 0) -------------------------------------- */
+
+uint64_t td_node_new_id(td_node_t *n);
+/* Creates a ready object of `size` bytes with one reference held by the
+ * caller and returns where to write its bytes (valid until the next pump).
+ * `refs` are nested refs the value holds. Returns 0, TD_ETOOBIG. */
+int td_node_store(td_node_t *n, uint64_t id, size_t size, const uint64_t *refs,
+                  uint32_t nrefs, uint8_t **dst);
+int td_node_state(td_node_t *n, uint64_t id);
+/* Bytes of a ready or failed object (failed: *is_err, bytes are an encoded
+ * error table). Restores spilled objects. Valid until the next pump. */
+int td_node_bytes(td_node_t *n, uint64_t id, const uint8_t **p, size_t *len, int *is_err);
+void td_node_incref(td_node_t *n, uint64_t id);
+void td_node_decref(td_node_t *n, uint64_t id);
+/* Streams: 1 = *item is the idx-th item (0-based), 0 = not yet, -1 = ended. */
+int td_node_stream_item(td_node_t *n, uint64_t stream, uint32_t idx, uint64_t *item);
+
+/* -- Tasks and actors ------------------------------------------------------ */
+
+/* Registers a function or actor class descriptor under id. */
+void td_node_register_fn(td_node_t *n, uint64_t id, const uint8_t *blob, size_t len);
+/* Submits a task, actor creation or actor call. The return objects are
+ * created with one reference each, held by the submitter. Returns 0 or
+ * TD_EINVAL with *msg set (unknown resource shapes are accepted: they wait). */
+int td_node_submit(td_node_t *n, const td_spec_t *spec, const char **msg);
+int td_node_cancel(td_node_t *n, uint64_t obj_id, int force);
+int td_node_kill_actor(td_node_t *n, uint64_t actor_id, int no_restart);
+/* Finds a live named actor. Returns 0 or TD_ENOTFOUND. */
+int td_node_get_actor(td_node_t *n, const char *name, const char *ns, uint64_t *actor_id,
+                      uint64_t *class_id);
+/* Actor state: 0 pending, 1 alive, 2 restarting, 3 dead; -1 unknown. */
+int td_node_actor_state(td_node_t *n, uint64_t actor_id, const char **reason);
+
+/* -- Placement groups ------------------------------------------------------ */
+
+enum { TD_PG_PACK, TD_PG_SPREAD, TD_PG_STRICT_PACK, TD_PG_STRICT_SPREAD };
+/* bundles: nb rows of TD_NRES_MAX amounts indexed by resource index. */
+int td_node_pg_create(td_node_t *n, int nb, const double (*bundles)[TD_NRES_MAX],
+                      int strategy, const char *name, uint64_t *pg_id, uint64_t *ready_id);
+int td_node_pg_remove(td_node_t *n, uint64_t pg_id);
+uint64_t td_node_pg_lookup(td_node_t *n, const char *name);
+
+/* -- Resources and introspection ------------------------------------------ */
+
+/* Index of a resource name, adding it (with zero capacity) if new; -1 if
+ * the table is full. */
+int td_node_res_index(td_node_t *n, const char *name);
+int td_node_res_count(td_node_t *n);
+const char *td_node_res_name(td_node_t *n, int i);
+double td_node_res_total(td_node_t *n, int i);
+double td_node_res_avail(td_node_t *n, int i);
+
+typedef struct td_node_stats {
+  int workers, actors, tasks_running, tasks_queued;
+  size_t objects, store_used, store_capacity, spilled_bytes;
+} td_node_stats_t;
+void td_node_stats(td_node_t *n, td_node_stats_t *st);
+uint64_t td_wk_id(const td_wk_t *wk);
+
+#endif

@@ -1,0 +1,88 @@
+/* Tide node <-> worker protocol: message types and the task spec that
+ * both the driver and workers submit. Every decoder checks bounds (td_rd_t)
+ * and rejects malformed input with TD_EPROTO; nothing trusts a length.
+ */
+#ifndef TD_PROTO_H
+#define TD_PROTO_H
+
+#include "td.h"
+
+/* -- Message types -------------------------------------------------------- */
+
+enum {
+  /* node -> worker */
+  TD_M_TASK = 1,       /* run a task */
+  TD_M_ACTOR_NEW,      /* create an actor in this process */
+  TD_M_ACTOR_CALL,     /* call an actor method */
+  TD_M_ACTOR_KILL,     /* destroy an actor */
+  TD_M_REPLY,          /* reply to a worker request: u32 req_id, payload */
+  TD_M_CANCEL,         /* interrupt a running task: u64 task_id */
+  /* worker -> node */
+  TD_M_READY = 20,     /* u32 pid */
+  TD_M_DONE,           /* task or call finished */
+  TD_M_ITEM,           /* one streamed item */
+  TD_M_SUBMIT,         /* a nested task, actor or call (td_spec) */
+  TD_M_GET,            /* u32 req, f64 timeout, u32 n, u64 ids[n] */
+  TD_M_WAIT,           /* u32 req, f64 timeout, u32 num, u32 n, u64 ids[n] */
+  TD_M_PUT,            /* u64 id, value, refs */
+  TD_M_REFS,           /* u32 n, (u64 id, i32 delta)[n] */
+  TD_M_PRINT,          /* str text */
+  TD_M_ALLOC,          /* u32 req, u64 size: shared-memory extent */
+  TD_M_BLOCKED,        /* u32 n, u64 unstarted task ids[n] handed back */
+  TD_M_UNBLOCKED,
+  TD_M_ACTOR_EXIT,     /* u64 actor id, u8 crashed, str reason */
+  TD_M_RPC,            /* u32 req, str op, str args (serialized list) */
+  TD_M_STREAM_NEXT,    /* u32 req, u64 stream id, u32 index, f64 timeout */
+  TD_M_UNPIN,          /* u32 n, u64 ids[n] */
+  TD_M_ACTOR_READY,    /* u64 actor id */
+};
+
+/* How a value travels: inline bytes, a shared-memory extent, or an error. */
+enum { TD_V_INLINE, TD_V_SHM, TD_V_ERROR, TD_V_LOST };
+
+/* -- Task spec ------------------------------------------------------------ */
+
+enum { TD_K_TASK, TD_K_ACTOR_NEW, TD_K_ACTOR_CALL };
+
+#define TD_NRES_MAX 32   /* resource kinds per node: CPU, GPU, memory, custom */
+#define TD_RES_CPU 0
+#define TD_RES_GPU 1
+#define TD_RES_MEM 2
+
+/* What a submitter asks for. Built from Lua options by the bindings, sent
+ * as TD_M_SUBMIT by workers, handed to td_node_submit. */
+typedef struct td_spec {
+  uint8_t kind;           /* TD_K_* */
+  uint64_t fn_id;         /* function, or class for ACTOR_NEW */
+  uint64_t actor_id;      /* ACTOR_NEW / ACTOR_CALL */
+  char method[64];        /* ACTOR_CALL */
+  int32_t nret;           /* returns; -1 = streaming */
+  uint64_t *rets;         /* nret ids (1 for streaming), chosen by the submitter */
+  const uint8_t *args;    /* encoded argument list (not owned) */
+  uint32_t args_len;
+  uint64_t *deps;         /* top-level argument refs */
+  uint32_t ndeps;
+  uint64_t *refs;         /* nested refs held while in flight */
+  uint32_t nrefs;
+  uint32_t nres;          /* resource demands */
+  char res_name[TD_NRES_MAX][32];
+  double res_amt[TD_NRES_MAX];
+  int32_t max_retries;    /* tasks; actors: max_task_retries */
+  int32_t max_restarts;   /* actors */
+  int32_t max_concurrency;
+  uint8_t detached;
+  uint64_t pg_id;         /* 0 = none */
+  int32_t bundle;         /* 0-based; -1 = any */
+  uint8_t strategy;       /* 0 default, 1 spread */
+  char name[128];         /* task name or actor name */
+  char ns[64];            /* actor namespace */
+  char env[1024];         /* runtime_env env_vars as "K=V\0K=V\0" */
+  uint32_t env_len;
+} td_spec_t;
+
+void td_spec_encode(const td_spec_t *s, td_buf_t *b);
+/* Decodes into *s; pointers refer into the message or into `scratch`,
+ * which the caller frees. Returns 0 or TD_EPROTO. */
+int td_spec_decode(td_spec_t *s, td_rd_t *r, uint64_t **scratch);
+
+#endif

@@ -1,0 +1,938 @@
+/* Tide worker process: runs tasks (one at a time, in a task worker) or
+ * hosts actors (many Lua states in one process, like skynet services;
+ * their calls run as coroutines that yield while they wait). Talks to its
+ * node over the socket on fd 3 and maps the node's store from fd 4.
+ * Uses core (bindings), ser, chan, proto.
+ */
+#include <errno.h>
+#include <lauxlib.h>
+#include <lualib.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include "core.h"
+
+enum { WK_TASK, WK_HOST, WK_GPUHOST };
+
+typedef struct td_frame {
+  uint8_t type;
+  uint32_t len;
+  struct td_frame *next;
+  uint8_t data[];
+} td_frame_t;
+
+typedef struct td_actor_st td_actor_st_t;
+
+/* A running task or call: a coroutine and what it returns to. */
+typedef struct td_co {
+  lua_State *co;
+  int ref;                 /* registry ref keeping the thread alive */
+  td_actor_st_t *actor;    /* NULL for tasks */
+  uint64_t task_id;
+  int32_t nret;
+  uint64_t rets[8];
+  uint32_t req;            /* request it waits for, 0 = none */
+  td_push_fn push;
+  void *ud;
+  int is_init;
+  char name[128];
+  char gpus[128];
+} td_co_t;
+
+/* An actor hosted here: its own Lua state. */
+struct td_actor_st {
+  uint64_t id;
+  lua_State *L;
+  int max_conc, running;
+  td_frame_t *qhead, *qtail;  /* calls waiting for a free slot */
+  int ready;                  /* init finished */
+  char name[128];
+  char gpus[128];
+};
+
+static lua_State *td__task_L;       /* the task worker's state */
+static td_map_t td__actors;         /* actor id -> td_actor_st_t */
+static td_map_t td__waiting;        /* req -> td_co_t (yielded) */
+static td_frame_t *td__dq_head, *td__dq_tail;  /* deferred frames */
+static td_co_t *td__cur;            /* the coroutine running now */
+static td_buf_t td__out;
+static char td__home[4096];
+
+static void td__dispatch(uint8_t type, const uint8_t *p, uint32_t len);
+
+/* -- Frames ---------------------------------------------------------------------- */
+
+static td_frame_t *td__frame_copy(uint8_t type, const uint8_t *p, uint32_t len) {
+  td_frame_t *f = td_xmalloc(sizeof(*f) + len);
+  f->type = type;
+  f->len = len;
+  f->next = NULL;
+  memcpy(f->data, p, len);
+  return f;
+}
+
+static void td__defer(uint8_t type, const uint8_t *p, uint32_t len) {
+  td_frame_t *f = td__frame_copy(type, p, len);
+  if (td__dq_tail) td__dq_tail->next = f; else td__dq_head = f;
+  td__dq_tail = f;
+}
+
+static void td__flush(void) {
+  td_core_flush_refs();
+  if (td_chan_flush_all(&td_ctx.ch)) _exit(0);
+}
+
+/* Reads whatever is there; exits when the node is gone. */
+static void td__read(int timeout_ms) {
+  struct pollfd pfd = {td_ctx.ch.fd, POLLIN, 0};
+  int r = poll(&pfd, 1, timeout_ms);
+  if (r < 0 && errno != EINTR) _exit(0);
+  if (r > 0 && td_chan_read(&td_ctx.ch)) _exit(0);
+}
+
+uint32_t td_w_begin_req(uint8_t type) {
+  uint32_t req = ++td_ctx.next_req;
+  if (!req) req = ++td_ctx.next_req;
+  td_chan_begin(&td_ctx.ch, type);
+  td_buf_u32(&td_ctx.ch.out, req);
+  return req;
+}
+
+/* -- Waiting ----------------------------------------------------------------------- */
+
+/* Blocks until the reply to `req` arrives, deferring everything else. A
+ * task worker hands new tasks straight back, and reports itself blocked so
+ * the node can lend its CPU to others. */
+static int td__block(lua_State *L, uint32_t req, td_push_fn push, void *ud, int report) {
+  if (report) {
+    td_chan_begin(&td_ctx.ch, TD_M_BLOCKED);
+    td_buf_u32(&td_ctx.ch.out, 0);
+    td_chan_end(&td_ctx.ch);
+  }
+  /* Deferred frames may already hold the reply. */
+  td_frame_t **pp = &td__dq_head, *f;
+  while ((f = *pp)) {
+    uint32_t r;
+    if (f->type == TD_M_REPLY && f->len >= 4 && (memcpy(&r, f->data, 4), r == req)) {
+      *pp = f->next;
+      if (td__dq_tail == f) {
+        td__dq_tail = NULL;
+        for (td_frame_t *g = td__dq_head; g; g = g->next) td__dq_tail = g;
+      }
+      if (report) { td_chan_begin(&td_ctx.ch, TD_M_UNBLOCKED); td_chan_end(&td_ctx.ch); }
+      int n = push(L, f->data + 4, f->len - 4, ud);
+      free(f);
+      return n;
+    }
+    pp = &f->next;
+  }
+  for (;;) {
+    td__flush();
+    td__read(-1);
+    uint8_t type;
+    const uint8_t *p;
+    uint32_t len;
+    int got;
+    while ((got = td_chan_next(&td_ctx.ch, &type, &p, &len)) == 1) {
+      if (type == TD_M_REPLY && len >= 4) {
+        uint32_t r;
+        memcpy(&r, p, 4);
+        if (r == req) {
+          if (report) { td_chan_begin(&td_ctx.ch, TD_M_UNBLOCKED); td_chan_end(&td_ctx.ch); }
+          return push(L, p + 4, len - 4, ud);
+        }
+      }
+      if (type == TD_M_TASK && report && len >= 8) {
+        /* Not ours to run while blocked: give it back. */
+        uint64_t tid;
+        memcpy(&tid, p, 8);
+        td_chan_begin(&td_ctx.ch, TD_M_BLOCKED);
+        td_buf_u32(&td_ctx.ch.out, 1);
+        td_buf_u64(&td_ctx.ch.out, tid);
+        td_chan_end(&td_ctx.ch);
+        continue;
+      }
+      if (type == TD_M_CANCEL && len >= 8 && td__cur) {
+        uint64_t tid;
+        memcpy(&tid, p, 8);
+        if (tid == td__cur->task_id) {
+          /* Tell the waiting call it was cancelled; the reply is dropped. */
+          if (report) { td_chan_begin(&td_ctx.ch, TD_M_UNBLOCKED); td_chan_end(&td_ctx.ch); }
+          lua_pushinteger(L, 3);
+          return 1;
+        }
+      }
+      td__defer(type, p, len);
+    }
+    if (got < 0) _exit(2);
+  }
+}
+
+int td_w_await(lua_State *L, uint32_t req, td_push_fn push, void *ud) {
+  if (td_ctx.kind != WK_TASK && td__cur && td__cur->co == L) {
+    td__cur->req = req;
+    td__cur->push = push;
+    td__cur->ud = ud;
+    td_map_set(&td__waiting, req, td__cur);
+    return lua_yield(L, 0);
+  }
+  return td__block(L, req, push, ud, td_ctx.kind == WK_TASK);
+}
+
+static int td__push_alloc(lua_State *L, const uint8_t *p, size_t n, void *ud) {
+  (void)L;
+  td_rd_t rd;
+  td_rd_init(&rd, p, n);
+  uint8_t ok = td_rd_u8(&rd);
+  uint64_t v = td_rd_u64(&rd);
+  *(int64_t *)ud = ok && !rd.bad ? (int64_t)v : -(int64_t)(v ? v : 1);
+  return 0;
+}
+
+int td_w_alloc(size_t size, size_t *off) {
+  int64_t res = 0;
+  uint32_t req = td_w_begin_req(TD_M_ALLOC);
+  td_buf_u64(&td_ctx.ch.out, size);
+  td_chan_end(&td_ctx.ch);
+  td__block(NULL, req, td__push_alloc, &res, 0);
+  if (res < 0) return (int)res == -1 ? TD_ESTOREFULL : -(int)-res;
+  *off = (size_t)res;
+  return 0;
+}
+
+static int td__push_nothing(lua_State *L, const uint8_t *p, size_t n, void *ud) {
+  (void)L; (void)p; (void)n; (void)ud;
+  return 0;
+}
+
+int td_w_sleep(lua_State *L, double seconds) {
+  /* A wait on an object that never exists, with a timeout, sleeps without
+   * blocking the process. */
+  uint32_t req = td_w_begin_req(TD_M_WAIT);
+  td_buf_f64(&td_ctx.ch.out, seconds);
+  td_buf_u32(&td_ctx.ch.out, 1);
+  td_buf_u32(&td_ctx.ch.out, 1);
+  td_buf_u64(&td_ctx.ch.out, UINT64_MAX - 1);
+  td_chan_end(&td_ctx.ch);
+  if (td_ctx.kind != WK_TASK && td__cur && td__cur->co == L) return td_w_await(L, req, td__push_nothing, NULL);
+  return td__block(L, req, td__push_nothing, NULL, 0);
+}
+
+/* -- Lua states -------------------------------------------------------------------- */
+
+static lua_State *td__newstate(int actor) {
+  lua_State *L = luaL_newstate();
+  if (!L) return NULL;
+  luaL_openlibs(L);
+  lua_getglobal(L, "package");
+  lua_pushfstring(L, "%s/stdlib/?.lua;%s/stdlib/?/init.lua;", td__home, td__home);
+  lua_getfield(L, -2, "path");
+  lua_concat(L, 2);
+  lua_setfield(L, -2, "path");
+  lua_getfield(L, -1, "preload");
+  lua_pushcfunction(L, luaopen_tide_core);
+  lua_setfield(L, -2, "tide.core");
+  lua_pop(L, 2);
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "tide.boot");
+  if (lua_pcall(L, 1, 1, 0) != 0) {
+    fprintf(stderr, "tide worker: cannot load tide.boot: %s\n", lua_tostring(L, -1));
+    _exit(3);
+  }
+  lua_getfield(L, -1, "setup");
+  lua_pushboolean(L, actor);
+  lua_call(L, 1, 0);
+  lua_pop(L, 1);
+  return L;
+}
+
+/* Loads a function or class by id, caching it in the state's registry. */
+static int td__load_fn(lua_State *L, uint64_t id, const uint8_t *blob, uint32_t len) {
+  lua_getfield(L, LUA_REGISTRYINDEX, "tide.fns");
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushvalue(L, -1);
+    lua_setfield(L, LUA_REGISTRYINDEX, "tide.fns");
+  }
+  lua_pushnumber(L, (lua_Number)id);
+  lua_rawget(L, -2);
+  if (!lua_isnil(L, -1)) { lua_remove(L, -2); return 0; }
+  lua_pop(L, 1);
+  if (!blob) { lua_pop(L, 1); lua_pushliteral(L, "function definition was not sent"); return -1; }
+  td_deser_t d = {0};
+  if (td_deser_value(&d, L, blob, len)) {
+    lua_pop(L, 1);
+    lua_pushfstring(L, "cannot load the remote function: %s", d.err);
+    return -1;
+  }
+  lua_pushnumber(L, (lua_Number)id);
+  lua_pushvalue(L, -2);
+  lua_rawset(L, -4);
+  lua_remove(L, -2);
+  return 0;
+}
+
+/* Argument refs resolve to the values the node sent with the task. */
+typedef struct td__deps {
+  uint32_t n;
+  uint64_t *ids;
+  const uint8_t **at;     /* where each value starts in the message */
+  const uint8_t *end;
+  int failed;             /* index+1 of a dependency that failed */
+} td__deps_t;
+
+static int td__argref(void *ud, lua_State *L, uint64_t id) {
+  td__deps_t *d = ud;
+  for (uint32_t i = 0; i < d->n; i++) {
+    if (d->ids[i] != id) continue;
+    td_rd_t rd;
+    td_rd_init(&rd, d->at[i], (size_t)(d->end - d->at[i]));
+    int rc = td_core_push_wire(L, &rd);
+    if (rc == 1) { d->failed = (int)i + 1; return 1; }
+    return rc ? 1 : 0;
+  }
+  lua_pushnil(L);
+  return 0;
+}
+
+static void td__mkref(void *ud, lua_State *L, uint64_t id) {
+  (void)ud;
+  td_core_pushref(L, id, 0);
+}
+
+/* Skips one wire value. */
+static void td__skip_wire(td_rd_t *rd) {
+  uint8_t k = td_rd_u8(rd);
+  if (k == TD_V_INLINE || k == TD_V_ERROR) { uint32_t l; td_rd_str(rd, &l); }
+  else if (k == TD_V_SHM) { td_rd_u64(rd); td_rd_u64(rd); }
+}
+
+/* Decodes args+deps from rd onto L. Returns nargs, or -1 with an error
+ * value pushed (error table when a dependency failed: *deperr set). */
+static int td__push_args(lua_State *L, td_rd_t *rd, int *deperr) {
+  uint32_t alen;
+  const uint8_t *args = td_rd_str(rd, &alen);
+  td__deps_t d = {0};
+  d.n = td_rd_u32(rd);
+  if (rd->bad || d.n > 100000) { lua_pushliteral(L, "malformed task"); return -1; }
+  d.ids = td_xmalloc((size_t)d.n * 8 + 8);
+  d.at = td_xmalloc((size_t)d.n * sizeof(void *) + 8);
+  for (uint32_t i = 0; i < d.n; i++) {
+    d.ids[i] = td_rd_u64(rd);
+    d.at[i] = rd->p;
+    td__skip_wire(rd);
+  }
+  d.end = rd->end;
+  int nargs = -1;
+  if (!rd->bad) {
+    td_deser_t ds = {0};
+    ds.ud = &d;
+    ds.argref = td__argref;
+    ds.mkref = td__mkref;
+    int top = lua_gettop(L);
+    int rc = td_deser_args(&ds, L, args, alen, &nargs);
+    if (rc) {
+      if (d.failed) {
+        td_rd_t r2;
+        td_rd_init(&r2, d.at[d.failed - 1], (size_t)(d.end - d.at[d.failed - 1]));
+        lua_settop(L, top);
+        td_core_push_wire(L, &r2);
+        *deperr = 1;
+      } else {
+        lua_settop(L, top);
+        lua_pushfstring(L, "cannot decode the arguments: %s", ds.err);
+      }
+      nargs = -1;
+    }
+  } else {
+    lua_pushliteral(L, "malformed task");
+  }
+  free(d.ids);
+  free((void *)d.at);
+  return nargs;
+}
+
+/* -- Results -------------------------------------------------------------------------- */
+
+/* Turns an error value into an error table via the stdlib's formatter. */
+static void td__errtable(lua_State *L, lua_State *co, int erridx, td_co_t *c) {
+  lua_getfield(L, LUA_REGISTRYINDEX, "tide.hook.errfmt");
+  lua_pushvalue(co, erridx);
+  lua_xmove(co, L, 1);
+  luaL_traceback(L, co, NULL, 0);
+  lua_pushstring(L, c->name);
+  if (lua_pcall(L, 3, 1, 0) != 0 || !lua_istable(L, -1)) {
+    const char *m = lua_tostring(L, -1);
+    lua_pop(L, 1);
+    lua_createtable(L, 0, 2);
+    lua_pushliteral(L, "TaskError");
+    lua_setfield(L, -2, "kind");
+    lua_pushstring(L, m ? m : "task failed");
+    lua_setfield(L, -2, "message");
+  }
+}
+
+static void td__send_error(lua_State *L, uint64_t task_id) {
+  td_ser_t *s = &td_ctx.ser;
+  if (td_ser_value(s, L, -1, "error")) {
+    lua_pop(L, 1);
+    lua_createtable(L, 0, 2);
+    lua_pushliteral(L, "TaskError");
+    lua_setfield(L, -2, "kind");
+    lua_pushliteral(L, "the task raised an error that cannot be sent");
+    lua_setfield(L, -2, "message");
+    td_ser_value(s, L, -1, "error");
+  }
+  lua_pop(L, 1);
+  td_chan_begin(&td_ctx.ch, TD_M_DONE);
+  td_buf_u64(&td_ctx.ch.out, task_id);
+  td_buf_u8(&td_ctx.ch.out, 0);
+  td_buf_u32(&td_ctx.ch.out, (uint32_t)s->size);
+  td_ser_append(s, &td_ctx.ch.out);
+  td_chan_end(&td_ctx.ch);
+}
+
+static void td__send_error_msg(lua_State *L, uint64_t task_id, const char *kind, const char *msg) {
+  lua_createtable(L, 0, 3);
+  lua_pushstring(L, kind);
+  lua_setfield(L, -2, "kind");
+  lua_pushstring(L, msg);
+  lua_setfield(L, -2, "message");
+  lua_pushliteral(L, "");
+  lua_setfield(L, -2, "traceback");
+  td__send_error(L, task_id);
+}
+
+/* Sends the results left on a finished coroutine's stack. */
+static void td__send_results(lua_State *L, td_co_t *c) {
+  lua_State *co = c->co;
+  int n = lua_gettop(co);
+  if (c->nret < 0) {
+    td_chan_begin(&td_ctx.ch, TD_M_DONE);
+    td_buf_u64(&td_ctx.ch.out, c->task_id);
+    td_buf_u8(&td_ctx.ch.out, 1);
+    td_buf_u32(&td_ctx.ch.out, 0);
+    td_chan_end(&td_ctx.ch);
+    return;
+  }
+  if (c->nret > 1 && n < c->nret) {
+    char msg[160];
+    snprintf(msg, sizeof(msg), "the function returned %d values but num_returns is %d", n, c->nret);
+    td__send_error_msg(L, c->task_id, "TaskError", msg);
+    return;
+  }
+  td_buf_reset(&td__out);
+  for (int i = 1; i <= c->nret; i++) {
+    td_ser_t *s = &td_ctx.ser;
+    if (i > n) lua_pushnil(co);
+    else lua_pushvalue(co, i);
+    char what[32];
+    snprintf(what, sizeof(what), "return value %d", i);
+    int rc = td_ser_value(s, co, -1, what);
+    if (!rc) rc = td_core_put_value(s, &td__out);
+    lua_pop(co, 1);
+    if (rc) {
+      td__send_error_msg(L, c->task_id, "TaskError", rc == TD_ESER ? s->err : td_strerror(rc));
+      return;
+    }
+    td_buf_u32(&td__out, (uint32_t)s->nrefs);
+    td_buf_put(&td__out, s->refs, (size_t)s->nrefs * 8);
+  }
+  td_chan_begin(&td_ctx.ch, TD_M_DONE);
+  td_buf_u64(&td_ctx.ch.out, c->task_id);
+  td_buf_u8(&td_ctx.ch.out, 1);
+  td_buf_u32(&td_ctx.ch.out, (uint32_t)c->nret);
+  td_buf_put(&td_ctx.ch.out, td__out.p, td__out.len);
+  td_chan_end(&td_ctx.ch);
+}
+
+/* -- Running coroutines ----------------------------------------------------------------- */
+
+static void td__actor_next(td_actor_st_t *a);
+static void td__actor_destroy(td_actor_st_t *a, const char *why, int crashed);
+
+static void td__set_env(const uint8_t *env, uint32_t len, int set) {
+  for (uint32_t i = 0; i < len;) {
+    const char *kv = (const char *)env + i;
+    size_t l = strnlen(kv, len - i);
+    const char *eq = memchr(kv, '=', l);
+    if (eq) {
+      char key[256];
+      size_t kl = (size_t)(eq - kv) < sizeof(key) - 1 ? (size_t)(eq - kv) : sizeof(key) - 1;
+      memcpy(key, kv, kl);
+      key[kl] = 0;
+      if (set) {
+        char val[1024];
+        size_t vl = l - kl - 1 < sizeof(val) - 1 ? l - kl - 1 : sizeof(val) - 1;
+        memcpy(val, eq + 1, vl);
+        val[vl] = 0;
+        setenv(key, val, 1);
+      } else {
+        unsetenv(key);
+      }
+    }
+    i += (uint32_t)l + 1;
+  }
+}
+
+static void td__co_free(lua_State *L, td_co_t *c) {
+  luaL_unref(L, LUA_REGISTRYINDEX, c->ref);
+  free(c);
+}
+
+/* Resumes c with nargs values on its stack and handles how it stops. */
+static void td__resume(td_co_t *c, int nargs) {
+  td_actor_st_t *a = c->actor;
+  lua_State *L = a ? a->L : td__task_L;
+  td__cur = c;
+  td_ctx.cur_task = c->task_id;
+  td_ctx.cur_actor = a ? a->id : 0;
+  snprintf(td_ctx.cur_name, sizeof(td_ctx.cur_name), "%s", c->name);
+  snprintf(td_ctx.gpu_ids, sizeof(td_ctx.gpu_ids), "%s", c->gpus);
+  int st = lua_resume(c->co, nargs);
+  td__cur = NULL;
+  td_ctx.cur_task = 0;
+  if (st == LUA_YIELD) {
+    if (!c->req) {  /* a plain coroutine.yield at the top: treat as an error */
+      td__send_error_msg(L, c->task_id, "TaskError", "coroutine.yield outside a coroutine in a task");
+    } else {
+      return;
+    }
+  } else if (st == 0) {
+    if (c->is_init) {
+      a->ready = 1;
+      td_chan_begin(&td_ctx.ch, TD_M_ACTOR_READY);
+      td_buf_u64(&td_ctx.ch.out, a->id);
+      td_chan_end(&td_ctx.ch);
+    } else {
+      td__send_results(L, c);
+    }
+  } else {
+    /* os.exit inside a lightweight actor raises this marker. */
+    int is_exit = 0;
+    if (a && lua_istable(c->co, -1)) {
+      lua_getfield(c->co, -1, "__tide_exit");
+      is_exit = lua_toboolean(c->co, -1);
+      lua_pop(c->co, 1);
+    }
+    if (is_exit) {
+      if (!c->is_init) td__send_error_msg(L, c->task_id, "ActorDiedError", "the actor called os.exit");
+      td_co_t copy = *c;
+      td__co_free(L, c);
+      td__actor_destroy(a, "the actor called os.exit", 1);
+      (void)copy;
+      return;
+    }
+    td__errtable(L, c->co, lua_gettop(c->co), c);
+    if (c->is_init) {
+      lua_getfield(L, -1, "message");
+      char why[600];
+      snprintf(why, sizeof(why), "the actor's init failed: %s", lua_tostring(L, -1));
+      lua_pop(L, 2);
+      td_co_t copy = *c;
+      td__co_free(L, c);
+      (void)copy;
+      td__actor_destroy(a, why, 0);
+      return;
+    }
+    td__send_error(L, c->task_id);
+  }
+  int was_call = a != NULL;
+  td__co_free(L, c);
+  if (was_call) {
+    a->running--;
+    td__actor_next(a);
+  }
+}
+
+/* Starts fn (at the top of L) in a new coroutine with nargs args below... */
+static td_co_t *td__co_new(lua_State *L, td_actor_st_t *a, uint64_t task_id, int32_t nret,
+                           const char *name) {
+  td_co_t *c = td_xcalloc(1, sizeof(*c));
+  c->co = lua_newthread(L);
+  c->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  c->actor = a;
+  c->task_id = task_id;
+  c->nret = nret;
+  snprintf(c->name, sizeof(c->name), "%s", name);
+  if (a) snprintf(c->gpus, sizeof(c->gpus), "%s", a->gpus);
+  return c;
+}
+
+/* -- Handlers ---------------------------------------------------------------------------- */
+
+static void td__on_task(const uint8_t *p, uint32_t len) {
+  td_rd_t rd;
+  td_rd_init(&rd, p, len);
+  uint64_t task_id = td_rd_u64(&rd), fn_id = td_rd_u64(&rd);
+  int32_t nret = (int32_t)td_rd_u32(&rd);
+  uint32_t nr = nret < 0 ? 1 : (uint32_t)nret;
+  td_rd_bytes(&rd, (size_t)nr * 8);
+  td_rd_u32(&rd); /* attempt */
+  uint32_t nl, el;
+  const uint8_t *name = td_rd_str(&rd, &nl);
+  const uint8_t *env = td_rd_str(&rd, &el);
+  uint32_t ng = td_rd_u32(&rd);
+  char gpus[128] = "";
+  for (uint32_t i = 0, o = 0; i < ng && i < 16 && o < 110; i++)
+    o += (uint32_t)snprintf(gpus + o, sizeof(gpus) - o, i ? ",%u" : "%u", td_rd_u32(&rd));
+  uint8_t has_fn = td_rd_u8(&rd);
+  const uint8_t *blob = NULL;
+  uint32_t bl = 0;
+  if (has_fn) blob = td_rd_str(&rd, &bl);
+  if (rd.bad) _exit(2);
+  lua_State *L = td__task_L;
+  char nm[128];
+  snprintf(nm, sizeof(nm), "%.*s", (int)nl, name);
+  if (td__load_fn(L, fn_id, blob, bl)) {
+    td__send_error_msg(L, task_id, "TaskError", lua_tostring(L, -1));
+    lua_pop(L, 1);
+    return;
+  }
+  td_co_t *c = td__co_new(L, NULL, task_id, nret, nm);
+  snprintf(c->gpus, sizeof(c->gpus), "%s", gpus);
+  lua_xmove(L, c->co, 1);
+  int deperr = 0;
+  int nargs = td__push_args(c->co, &rd, &deperr);
+  if (nargs < 0) {
+    if (!deperr) {
+      const char *m = lua_tostring(c->co, -1);
+      td__send_error_msg(L, task_id, "TaskError", m ? m : "bad arguments");
+    } else {
+      lua_xmove(c->co, L, 1);
+      td__send_error(L, task_id);
+    }
+    td__co_free(L, c);
+    return;
+  }
+  if (el) td__set_env(env, el, 1);
+  if (ng) setenv("CUDA_VISIBLE_DEVICES", gpus, 1);
+  td__resume(c, nargs);
+  if (el) td__set_env(env, el, 0);
+}
+
+static void td__actor_start_call(td_actor_st_t *a, const uint8_t *p, uint32_t len) {
+  td_rd_t rd;
+  td_rd_init(&rd, p, len);
+  uint64_t task_id = td_rd_u64(&rd);
+  td_rd_u64(&rd);
+  uint32_t ml;
+  const uint8_t *m = td_rd_str(&rd, &ml);
+  int32_t nret = (int32_t)td_rd_u32(&rd);
+  uint32_t nr = nret < 0 ? 1 : (uint32_t)nret;
+  td_rd_bytes(&rd, (size_t)nr * 8);
+  if (rd.bad) _exit(2);
+  lua_State *L = a->L;
+  char name[160];
+  snprintf(name, sizeof(name), "%s.%.*s", a->name, (int)ml, m);
+  /* method = class[m], called as method(self, ...) */
+  lua_getfield(L, LUA_REGISTRYINDEX, "tide.self");
+  lua_getfield(L, -1, "__class");
+  lua_pushlstring(L, (const char *)m, ml);
+  lua_rawget(L, -2);
+  if (!lua_isfunction(L, -1)) {
+    lua_pop(L, 3);
+    char msg[200];
+    snprintf(msg, sizeof(msg), "the actor has no method '%.*s'", (int)ml, m);
+    td__send_error_msg(L, task_id, "TaskError", msg);
+    return;
+  }
+  a->running++;
+  td_co_t *c = td__co_new(L, a, task_id, nret, name);
+  lua_pushvalue(L, -1);  /* method */
+  lua_pushvalue(L, -4);  /* self */
+  lua_xmove(L, c->co, 2);
+  lua_pop(L, 3);
+  int deperr = 0;
+  int nargs = td__push_args(c->co, &rd, &deperr);
+  if (nargs < 0) {
+    if (!deperr) td__send_error_msg(L, task_id, "TaskError", lua_tostring(c->co, -1));
+    else { lua_xmove(c->co, L, 1); td__send_error(L, task_id); }
+    td__co_free(L, c);
+    a->running--;
+    return;
+  }
+  td__resume(c, nargs + 1);
+}
+
+static void td__actor_next(td_actor_st_t *a) {
+  while (a->L && a->ready && a->qhead && a->running < a->max_conc) {
+    td_frame_t *f = a->qhead;
+    a->qhead = f->next;
+    if (!a->qhead) a->qtail = NULL;
+    td__actor_start_call(a, f->data, f->len);
+    free(f);
+  }
+}
+
+static void td__actor_destroy(td_actor_st_t *a, const char *why, int crashed) {
+  /* Calls queued here fail; calls suspended in coroutines fail too. */
+  lua_State *L = a->L;
+  while (a->qhead) {
+    td_frame_t *f = a->qhead;
+    a->qhead = f->next;
+    uint64_t tid;
+    memcpy(&tid, f->data, 8);
+    td__send_error_msg(L, tid, "ActorDiedError", why);
+    free(f);
+  }
+  a->qtail = NULL;
+  size_t it = 0;
+  uint64_t req;
+  void *v;
+  while (td_map_next(&td__waiting, &it, &req, &v)) {
+    td_co_t *c = v;
+    if (c->actor != a) continue;
+    td_map_del(&td__waiting, req);
+    if (!c->is_init) td__send_error_msg(L, c->task_id, "ActorDiedError", why);
+    free(c);
+  }
+  td_chan_begin(&td_ctx.ch, TD_M_ACTOR_EXIT);
+  td_buf_u64(&td_ctx.ch.out, a->id);
+  td_buf_u8(&td_ctx.ch.out, (uint8_t)crashed);
+  td_buf_str(&td_ctx.ch.out, why, strlen(why));
+  td_chan_end(&td_ctx.ch);
+  td_map_del(&td__actors, a->id);
+  td__flush();
+  lua_close(L);
+  free(a);
+  if (td_ctx.kind == WK_GPUHOST) _exit(0);
+}
+
+static void td__on_actor_new(const uint8_t *p, uint32_t len) {
+  td_rd_t rd;
+  td_rd_init(&rd, p, len);
+  uint64_t task_id = td_rd_u64(&rd), actor_id = td_rd_u64(&rd), class_id = td_rd_u64(&rd);
+  uint32_t nl, el;
+  const uint8_t *name = td_rd_str(&rd, &nl);
+  uint32_t mc = td_rd_u32(&rd);
+  td_rd_u32(&rd);
+  const uint8_t *env = td_rd_str(&rd, &el);
+  uint32_t ng = td_rd_u32(&rd);
+  char gpus[128] = "";
+  for (uint32_t i = 0, o = 0; i < ng && i < 16 && o < 110; i++)
+    o += (uint32_t)snprintf(gpus + o, sizeof(gpus) - o, i ? ",%u" : "%u", td_rd_u32(&rd));
+  uint8_t has = td_rd_u8(&rd);
+  const uint8_t *blob = NULL;
+  uint32_t bl = 0;
+  if (has) blob = td_rd_str(&rd, &bl);
+  if (rd.bad) _exit(2);
+  (void)task_id;
+  td_actor_st_t *old = td_map_get(&td__actors, actor_id);
+  if (old) td__actor_destroy(old, "replaced by a restart", 0);
+  td_actor_st_t *a = td_xcalloc(1, sizeof(*a));
+  a->id = actor_id;
+  a->max_conc = mc ? (int)mc : 1;
+  snprintf(a->name, sizeof(a->name), "%.*s", (int)nl, name);
+  snprintf(a->gpus, sizeof(a->gpus), "%s", gpus);
+  if (el) td__set_env(env, el, 1);
+  a->L = td__newstate(td_ctx.kind == WK_HOST);
+  td_map_set(&td__actors, actor_id, a);
+  lua_State *L = a->L;
+  /* Class functions are cached per process in the host's registry cache. */
+  if (td__load_fn(L, class_id, blob, bl)) {
+    char why[300];
+    snprintf(why, sizeof(why), "the actor class cannot be loaded: %s", lua_tostring(L, -1));
+    td__actor_destroy(a, why, 0);
+    return;
+  }
+  /* self = setmetatable({__class = class}, {__index = class}) */
+  lua_newtable(L);
+  lua_pushvalue(L, -2);
+  lua_setfield(L, -2, "__class");
+  lua_newtable(L);
+  lua_pushvalue(L, -3);
+  lua_setfield(L, -2, "__index");
+  lua_setmetatable(L, -2);
+  lua_pushvalue(L, -1);
+  lua_setfield(L, LUA_REGISTRYINDEX, "tide.self");
+  lua_getfield(L, -2, "init");
+  if (!lua_isfunction(L, -1)) {
+    lua_pop(L, 3);
+    a->ready = 1;
+    td_chan_begin(&td_ctx.ch, TD_M_ACTOR_READY);
+    td_buf_u64(&td_ctx.ch.out, a->id);
+    td_chan_end(&td_ctx.ch);
+    /* Still decode the arguments so refs in them are accounted. */
+    int deperr = 0;
+    int top = lua_gettop(L);
+    td__push_args(L, &rd, &deperr);
+    lua_settop(L, top);
+    return;
+  }
+  td_co_t *c = td__co_new(L, a, 0, 0, a->name);
+  c->is_init = 1;
+  lua_pushvalue(L, -1);   /* init */
+  lua_pushvalue(L, -3);   /* self */
+  lua_xmove(L, c->co, 2);
+  lua_pop(L, 3);
+  int deperr = 0;
+  int nargs = td__push_args(c->co, &rd, &deperr);
+  if (nargs < 0) {
+    char why[300];
+    lua_getfield(c->co, -1, "message");
+    snprintf(why, sizeof(why), "the actor's constructor arguments failed: %s",
+             lua_tostring(c->co, -1) ? lua_tostring(c->co, -1) : lua_tostring(c->co, -2));
+    td__co_free(L, c);
+    td__actor_destroy(a, why, 0);
+    return;
+  }
+  td__resume(c, nargs + 1);
+}
+
+static void td__on_actor_call(const uint8_t *p, uint32_t len) {
+  if (len < 16) _exit(2);
+  uint64_t task_id, actor_id;
+  memcpy(&task_id, p, 8);
+  memcpy(&actor_id, p + 8, 8);
+  td_actor_st_t *a = td_map_get(&td__actors, actor_id);
+  if (!a) {
+    td__send_error_msg(td__task_L, task_id, "ActorDiedError", "the actor is not alive in this process");
+    return;
+  }
+  td_frame_t *f = td__frame_copy(TD_M_ACTOR_CALL, p, len);
+  if (a->qtail) a->qtail->next = f; else a->qhead = f;
+  a->qtail = f;
+  td__actor_next(a);
+}
+
+/* Runs the trampoline that turns a reply into values, protected, in the
+ * actor's main thread; then moves them to the waiting coroutine. */
+typedef struct { td_co_t *c; const uint8_t *p; size_t n; int nres; } td__pushctx_t;
+static int td__push_tramp(lua_State *L) {
+  td__pushctx_t *x = lua_touserdata(L, 1);
+  lua_pop(L, 1);
+  x->nres = x->c->push(L, x->p, x->n, x->c->ud);
+  return x->nres;
+}
+
+static void td__on_reply(const uint8_t *p, uint32_t len) {
+  if (len < 4) _exit(2);
+  uint32_t req;
+  memcpy(&req, p, 4);
+  td_co_t *c = td_map_del(&td__waiting, req);
+  if (!c) return;
+  lua_State *L = c->actor ? c->actor->L : td__task_L;
+  td__pushctx_t x = {c, p + 4, len - 4, 0};
+  int top = lua_gettop(L);
+  lua_pushcfunction(L, td__push_tramp);
+  lua_pushlightuserdata(L, &x);
+  c->req = 0;
+  if (lua_pcall(L, 1, LUA_MULTRET, 0) != 0) {
+    /* Resume with status 4 and the message: the stdlib raises it. */
+    lua_pushinteger(c->co, 4);
+    lua_xmove(L, c->co, 1);
+    lua_settop(L, top);
+    td__resume(c, 2);
+    return;
+  }
+  int n = lua_gettop(L) - top;
+  lua_xmove(L, c->co, n);
+  td__resume(c, n);
+}
+
+static void td__on_cancel(const uint8_t *p, uint32_t len) {
+  if (len < 8) return;
+  uint64_t tid;
+  memcpy(&tid, p, 8);
+  size_t it = 0;
+  uint64_t req;
+  void *v;
+  while (td_map_next(&td__waiting, &it, &req, &v)) {
+    td_co_t *c = v;
+    if (c->task_id != tid) continue;
+    td_map_del(&td__waiting, req);
+    c->req = 0;
+    lua_pushinteger(c->co, 3);
+    td__resume(c, 1);
+    return;
+  }
+  /* Queued calls that have not started are answered at once. */
+  size_t it2 = 0;
+  td_actor_st_t *a;
+  while (td_map_next(&td__actors, &it2, NULL, (void **)&a)) {
+    for (td_frame_t **pp = &a->qhead, *f; (f = *pp); pp = &f->next) {
+      uint64_t t;
+      memcpy(&t, f->data, 8);
+      if (t != tid) continue;
+      *pp = f->next;
+      if (a->qtail == f) {
+        a->qtail = NULL;
+        for (td_frame_t *g = a->qhead; g; g = g->next) a->qtail = g;
+      }
+      td__send_error_msg(a->L, tid, "TaskCancelledError", "the call was cancelled");
+      free(f);
+      return;
+    }
+  }
+}
+
+static void td__dispatch(uint8_t type, const uint8_t *p, uint32_t len) {
+  switch (type) {
+    case TD_M_TASK: td__on_task(p, len); break;
+    case TD_M_ACTOR_NEW: td__on_actor_new(p, len); break;
+    case TD_M_ACTOR_CALL: td__on_actor_call(p, len); break;
+    case TD_M_REPLY: td__on_reply(p, len); break;
+    case TD_M_CANCEL: td__on_cancel(p, len); break;
+    case TD_M_ACTOR_KILL: {
+      if (len < 8) _exit(2);
+      uint64_t id;
+      memcpy(&id, p, 8);
+      td_actor_st_t *a = td_map_get(&td__actors, id);
+      if (a) td__actor_destroy(a, "the actor was killed by tide.kill", 0);
+      break;
+    }
+    default: _exit(2);
+  }
+}
+
+int td_worker_main(int argc, char **argv) {
+  if (argc < 4) return 2;
+  signal(SIGINT, SIG_IGN);
+  signal(SIGPIPE, SIG_IGN);
+  memset(&td_ctx, 0, sizeof(td_ctx));
+  td_ctx.wk_id = strtoull(argv[2], NULL, 10);
+  td_ctx.kind = atoi(argv[3]);
+  snprintf(td_ctx.gpu_ids, sizeof(td_ctx.gpu_ids), "%s", argc > 4 ? argv[4] : "");
+  const char *im = getenv("TIDE_INLINE_MAX");
+  td_ctx.inline_max = im ? strtoull(im, NULL, 10) : 64 * 1024;
+  const char *home = getenv("TIDE_HOME");
+  snprintf(td__home, sizeof(td__home), "%s", home ? home : ".");
+  td_chan_init(&td_ctx.ch, 3);
+  td_ctx.base = td_store_map(4, &td_ctx.cap);
+  td_map_init(&td_ctx.lrefs);
+  td_map_init(&td__actors);
+  td_map_init(&td__waiting);
+  td_ser_init(&td_ctx.ser);
+  td_buf_init(&td__out);
+  td__task_L = td__newstate(0);
+  td_chan_begin(&td_ctx.ch, TD_M_READY);
+  td_buf_u32(&td_ctx.ch.out, (uint32_t)getpid());
+  td_chan_end(&td_ctx.ch);
+  for (;;) {
+    while (td__dq_head) {
+      td_frame_t *f = td__dq_head;
+      td__dq_head = f->next;
+      if (!td__dq_head) td__dq_tail = NULL;
+      td__dispatch(f->type, f->data, f->len);
+      free(f);
+    }
+    uint8_t type;
+    const uint8_t *p;
+    uint32_t len;
+    int got;
+    /* Frames are consumed one at a time: running Lua may read more. */
+    while (!td__dq_head && (got = td_chan_next(&td_ctx.ch, &type, &p, &len)) == 1) {
+      td_frame_t *f = td__frame_copy(type, p, len);
+      td__dispatch(f->type, f->data, f->len);
+      free(f);
+    }
+    if (td__dq_head) continue;
+    td__flush();
+    td__read(-1);
+  }
+}

@@ -1,0 +1,72 @@
+/* Tide Lua bindings: the `tide.core` module that stdlib/tide.lua builds
+ * the public API on. One module, two backends: in the driver the calls go
+ * straight to the embedded node; in a worker they become messages to the
+ * node, and blocking calls yield the task's coroutine (or wait).
+ * Uses node, ser, chan.
+ */
+#ifndef TD_CORE_H
+#define TD_CORE_H
+
+#include <lua.h>
+
+#include "chan.h"
+#include "node.h"
+#include "ser.h"
+
+typedef int (*td_push_fn)(lua_State *L, const uint8_t *p, size_t n, void *ud);
+
+/* Process-wide state of the bindings (one per process). */
+typedef struct td_ctx {
+  int is_driver;
+  td_node_t *node;         /* driver: the embedded node */
+  lua_State *rpcL;         /* driver: private state that runs worker RPCs */
+  td_chan_t ch;            /* worker: channel to the node */
+  uint8_t *base;           /* worker: store mapping */
+  size_t cap;
+  uint64_t wk_id;          /* 0 in the driver */
+  uint32_t seq;            /* worker: id counter */
+  uint32_t next_req;
+  int kind;                /* worker kind: 0 task, 1 host, 2 gpu host */
+  size_t inline_max;
+  td_map_t lrefs;          /* worker: id -> local handle count */
+  uint64_t *dec;           /* refs dropped by __gc, applied at safe points */
+  size_t ndec, capdec;
+  td_ser_t ser;            /* reusable encoder */
+  /* What is running now, for get_runtime_context and print prefixes. */
+  uint64_t cur_task, cur_actor;
+  char cur_name[128];
+  char gpu_ids[128];
+} td_ctx_t;
+
+extern td_ctx_t td_ctx;
+
+int luaopen_tide_core(lua_State *L);
+/* Applies (driver) or sends (worker) reference changes queued by __gc. */
+void td_core_flush_refs(void);
+/* Pushes an ObjectRef for id. `owned`: the caller already holds the
+ * node-side reference (fresh returns, puts); otherwise one is taken. */
+void td_core_pushref(lua_State *L, uint64_t id, int owned);
+uint64_t td_core_new_id(void);
+/* Encodes a value for a result or put: inline, or into shared memory
+ * (worker: asks the node for an extent). Appends to b. Returns 0 or err. */
+int td_core_put_value(const td_ser_t *s, td_buf_t *b);
+/* Pushes the value an encoded wire value refers to (TD_V_*). Returns 0,
+ * 1 if it is an error table (pushed), or TD_EPROTO. */
+int td_core_push_wire(lua_State *L, td_rd_t *rd);
+/* Raises a Lua error describing a serialization failure. */
+int td_core_ser_error(lua_State *L, td_ser_t *s);
+
+/* -- Worker side (worker.c) ---------------------------------------------------- */
+
+/* Starts a request frame of `type`; writes a new request id. */
+uint32_t td_w_begin_req(uint8_t type);
+/* Waits for the reply to req: yields when L is a coroutine the worker
+ * resumes, blocks otherwise; `push` turns the reply into Lua values. */
+int td_w_await(lua_State *L, uint32_t req, td_push_fn push, void *ud);
+/* Allocates a shared-memory extent (blocking round trip). */
+int td_w_alloc(size_t size, size_t *off);
+int td_worker_main(int argc, char **argv);
+/* Worker sleep that keeps the process responsive. */
+int td_w_sleep(lua_State *L, double seconds);
+
+#endif

@@ -1,0 +1,502 @@
+/* Tide value serialization (see ser.h for the format and the hooks). */
+#include "ser.h"
+
+#include <lauxlib.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#define TD_SER_MAX_DEPTH 200
+
+void td_ser_init(td_ser_t *s) {
+  memset(s, 0, sizeof(*s));
+  td_buf_init(&s->buf);
+  td_buf_init(&s->path);
+}
+
+void td_ser_free(td_ser_t *s) {
+  td_buf_free(&s->buf);
+  td_buf_free(&s->path);
+  free(s->segs);
+  free(s->refs);
+  free(s->deps);
+  memset(s, 0, sizeof(*s));
+}
+
+static void td__ser_reset(td_ser_t *s) {
+  td_buf_reset(&s->buf);
+  td_buf_reset(&s->path);
+  s->nsegs = s->nrefs = s->ndeps = 0;
+  s->size = 0;
+  s->err[0] = 0;
+  s->depth = 0;
+  s->nseen = 0;
+}
+
+static void td__push_id(uint64_t **v, int *n, int *cap, uint64_t id) {
+  if (*n == *cap) {
+    *cap = *cap ? *cap * 2 : 8;
+    *v = td_xrealloc(*v, (size_t)*cap * sizeof(uint64_t));
+  }
+  (*v)[(*n)++] = id;
+}
+
+/* Records an error naming the value's place: `what, field "a.b"`. */
+static int td__ser_fail(td_ser_t *s, const char *what, const char *fmt, const char *arg) {
+  char msg[256];
+  snprintf(msg, sizeof(msg), fmt, arg);
+  if (s->path.len)
+    snprintf(s->err, sizeof(s->err), "%s (%s, field \"%.*s\")", msg, what,
+             (int)s->path.len, (const char *)s->path.p);
+  else
+    snprintf(s->err, sizeof(s->err), "%s (%s)", msg, what);
+  return TD_ESER;
+}
+
+static int td__is_ref(lua_State *L, int idx) {
+  if (!lua_getmetatable(L, idx)) return 0;
+  luaL_getmetatable(L, TD_REF_MT);
+  int eq = lua_rawequal(L, -1, -2);
+  lua_pop(L, 2);
+  return eq;
+}
+
+/* Appends a key to the error path; returns the old length to restore. */
+static size_t td__path_push(td_ser_t *s, lua_State *L, int kidx) {
+  size_t old = s->path.len;
+  if (lua_type(L, kidx) == LUA_TSTRING) {
+    size_t n;
+    const char *k = lua_tolstring(L, kidx, &n);
+    if (old) td_buf_u8(&s->path, '.');
+    td_buf_put(&s->path, k, n);
+  } else if (lua_type(L, kidx) == LUA_TNUMBER) {
+    char tmp[48];
+    int n = snprintf(tmp, sizeof(tmp), "[%.14g]", lua_tonumber(L, kidx));
+    td_buf_put(&s->path, tmp, (size_t)n);
+  } else {
+    char tmp[48];
+    int n = snprintf(tmp, sizeof(tmp), "[<%s>]", luaL_typename(L, kidx));
+    td_buf_put(&s->path, tmp, (size_t)n);
+  }
+  return old;
+}
+
+static int td__ser(td_ser_t *s, lua_State *L, int idx, const char *what);
+
+static int td__ser_table(td_ser_t *s, lua_State *L, int idx, const char *what) {
+  /* Shared and cyclic tables are sent once and referred back to. */
+  lua_pushvalue(L, idx);
+  lua_rawget(L, s->seen);
+  if (!lua_isnil(L, -1)) {
+    uint32_t at = (uint32_t)lua_tointeger(L, -1);
+    lua_pop(L, 1);
+    td_buf_u8(&s->buf, TD_T_BACK);
+    td_buf_u32(&s->buf, at);
+    return 0;
+  }
+  lua_pop(L, 1);
+  lua_pushvalue(L, idx);
+  lua_pushinteger(L, s->nseen++);
+  lua_rawset(L, s->seen);
+
+  size_t narr = lua_objlen(L, idx);
+  size_t nhash = 0;
+  int allnum = 1;
+  for (size_t i = 1; i <= narr; i++) {
+    lua_rawgeti(L, idx, (int)i);
+    if (lua_isnil(L, -1)) { lua_pop(L, 1); narr = i - 1; break; }
+    if (lua_type(L, -1) != LUA_TNUMBER) allnum = 0;
+    lua_pop(L, 1);
+  }
+  lua_pushnil(L);
+  while (lua_next(L, idx)) {
+    lua_pop(L, 1);
+    if (lua_type(L, -1) == LUA_TNUMBER) {
+      lua_Number k = lua_tonumber(L, -1);
+      if (k >= 1 && k <= (lua_Number)narr && k == (lua_Number)(size_t)k) continue;
+    }
+    nhash++;
+  }
+  if (allnum && nhash == 0 && narr >= 16) {
+    td_buf_u8(&s->buf, TD_T_NUMARR);
+    td_buf_u32(&s->buf, (uint32_t)narr);
+    td_buf_reserve(&s->buf, narr * 8);
+    for (size_t i = 1; i <= narr; i++) {
+      lua_rawgeti(L, idx, (int)i);
+      double v = lua_tonumber(L, -1);
+      lua_pop(L, 1);
+      memcpy(s->buf.p + s->buf.len, &v, 8);
+      s->buf.len += 8;
+    }
+    return 0;
+  }
+  td_buf_u8(&s->buf, TD_T_TABLE);
+  td_buf_u32(&s->buf, (uint32_t)narr);
+  td_buf_u32(&s->buf, (uint32_t)nhash);
+  for (size_t i = 1; i <= narr; i++) {
+    lua_rawgeti(L, idx, (int)i);
+    lua_pushinteger(L, (lua_Integer)i);
+    size_t old = td__path_push(s, L, lua_gettop(L));
+    lua_pop(L, 1);
+    int rc = td__ser(s, L, lua_gettop(L), what);
+    lua_pop(L, 1);
+    if (rc) return rc;
+    s->path.len = old;
+  }
+  lua_pushnil(L);
+  while (lua_next(L, idx)) {
+    int k = lua_gettop(L) - 1, v = lua_gettop(L);
+    if (lua_type(L, k) == LUA_TNUMBER) {
+      lua_Number kn = lua_tonumber(L, k);
+      if (kn >= 1 && kn <= (lua_Number)narr && kn == (lua_Number)(size_t)kn) {
+        lua_pop(L, 1);
+        continue;
+      }
+    }
+    size_t old = td__path_push(s, L, k);
+    int rc = td__ser(s, L, k, what);
+    if (!rc) rc = td__ser(s, L, v, what);
+    if (rc) { lua_pop(L, 2); return rc; }
+    s->path.len = old;
+    lua_pop(L, 1);
+  }
+  return 0;
+}
+
+/* Objects whose metatable carries __tide_ser (tensors, actor handles,
+ * remote functions) are sent as module name + blob. */
+static int td__ser_ext(td_ser_t *s, lua_State *L, int idx, const char *what, int *handled) {
+  *handled = 0;
+  if (!lua_getmetatable(L, idx)) return 0;
+  lua_getfield(L, -1, "__tide_ser");
+  if (!lua_isfunction(L, -1)) { lua_pop(L, 2); return 0; }
+  *handled = 1;
+  lua_getfield(L, -2, "__tide_module");
+  if (lua_type(L, -1) != LUA_TSTRING) {
+    lua_pop(L, 3);
+    return td__ser_fail(s, what, "cannot send a %s: its metatable has no __tide_module", luaL_typename(L, idx));
+  }
+  size_t mlen;
+  const char *mod = lua_tolstring(L, -1, &mlen);
+  lua_pushvalue(L, -2);
+  lua_pushvalue(L, idx);
+  if (lua_pcall(L, 1, 1, 0) != 0 || lua_type(L, -1) != LUA_TSTRING) {
+    const char *e = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "__tide_ser did not return a string";
+    int rc = td__ser_fail(s, what, "cannot send an object: %s", e);
+    lua_pop(L, 4);
+    return rc;
+  }
+  size_t blen;
+  const char *blob = lua_tolstring(L, -1, &blen);
+  td_buf_u8(&s->buf, TD_T_EXT);
+  td_buf_str(&s->buf, mod, mlen);
+  td_buf_str(&s->buf, blob, blen);
+  lua_pop(L, 4);
+  return 0;
+}
+
+static int td__ser(td_ser_t *s, lua_State *L, int idx, const char *what) {
+  switch (lua_type(L, idx)) {
+    case LUA_TNIL: td_buf_u8(&s->buf, TD_T_NIL); return 0;
+    case LUA_TBOOLEAN:
+      td_buf_u8(&s->buf, lua_toboolean(L, idx) ? TD_T_TRUE : TD_T_FALSE);
+      return 0;
+    case LUA_TNUMBER:
+      td_buf_u8(&s->buf, TD_T_NUM);
+      td_buf_f64(&s->buf, lua_tonumber(L, idx));
+      return 0;
+    case LUA_TSTRING: {
+      size_t n;
+      const char *p = lua_tolstring(L, idx, &n);
+      td_buf_u8(&s->buf, TD_T_STR);
+      td_buf_u32(&s->buf, (uint32_t)n);
+      if (n >= TD_SER_SEG_MIN) {
+        if (s->nsegs == s->capsegs) {
+          s->capsegs = s->capsegs ? s->capsegs * 2 : 4;
+          s->segs = td_xrealloc(s->segs, (size_t)s->capsegs * sizeof(td_seg_t));
+        }
+        s->segs[s->nsegs++] = (td_seg_t){s->buf.len, p, n};
+      } else {
+        td_buf_put(&s->buf, p, n);
+      }
+      s->size += 0;
+      return 0;
+    }
+    case LUA_TTABLE: {
+      int handled, rc;
+      if (s->depth >= TD_SER_MAX_DEPTH)
+        return td__ser_fail(s, what, "%s", "cannot send a table nested more than 200 levels deep");
+      rc = td__ser_ext(s, L, idx, what, &handled);
+      if (handled) return rc;
+      s->depth++;
+      rc = td__ser_table(s, L, idx, what);
+      s->depth--;
+      return rc;
+    }
+    case LUA_TUSERDATA: {
+      if (td__is_ref(L, idx)) {
+        uint64_t id = ((td_ref_ud_t *)lua_touserdata(L, idx))->id;
+        td_buf_u8(&s->buf, TD_T_REF);
+        td_buf_u64(&s->buf, id);
+        td__push_id(&s->refs, &s->nrefs, &s->caprefs, id);
+        return 0;
+      }
+      int handled, rc = td__ser_ext(s, L, idx, what, &handled);
+      if (handled) return rc;
+      return td__ser_fail(s, what, "cannot send a %s", "userdata");
+    }
+    case LUA_TFUNCTION: {
+      if (lua_iscfunction(L, idx))
+        return td__ser_fail(s, what, "cannot send a %s", "C function");
+      if (s->depth >= TD_SER_MAX_DEPTH)
+        return td__ser_fail(s, what, "%s", "cannot send functions nested more than 200 levels deep");
+      lua_getfield(L, LUA_REGISTRYINDEX, TD_HOOK_DUMPFN);
+      if (!lua_isfunction(L, -1)) {
+        lua_pop(L, 1);
+        return td__ser_fail(s, what, "cannot send a %s (no function hook)", "function");
+      }
+      lua_pushvalue(L, idx);
+      if (lua_pcall(L, 1, 1, 0) != 0 || !lua_istable(L, -1)) {
+        const char *e = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "bad descriptor";
+        int rc = td__ser_fail(s, what, "cannot send a function: %s", e);
+        lua_pop(L, 1);
+        return rc;
+      }
+      td_buf_u8(&s->buf, TD_T_FUNC);
+      s->depth++;
+      int rc = td__ser_table(s, L, lua_gettop(L), what);
+      s->depth--;
+      lua_pop(L, 1);
+      return rc;
+    }
+    case LUA_TTHREAD: return td__ser_fail(s, what, "cannot send a %s", "coroutine");
+    case LUA_TLIGHTUSERDATA: return td__ser_fail(s, what, "cannot send a %s", "light userdata");
+    default: return td__ser_fail(s, what, "cannot send a %s", luaL_typename(L, idx));
+  }
+}
+
+static void td__ser_finish(td_ser_t *s) {
+  s->size = s->buf.len;
+  for (int i = 0; i < s->nsegs; i++) s->size += s->segs[i].n;
+}
+
+int td_ser_value(td_ser_t *s, lua_State *L, int idx, const char *what) {
+  if (idx < 0) idx = lua_gettop(L) + idx + 1;
+  td__ser_reset(s);
+  lua_newtable(L);
+  s->seen = lua_gettop(L);
+  int rc = td__ser(s, L, idx, what);
+  lua_settop(L, s->seen - 1);
+  td__ser_finish(s);
+  return rc;
+}
+
+int td_ser_args(td_ser_t *s, lua_State *L, int first, int n) {
+  td__ser_reset(s);
+  lua_newtable(L);
+  s->seen = lua_gettop(L);
+  td_buf_u32(&s->buf, (uint32_t)n);
+  int rc = 0;
+  for (int i = 0; i < n && !rc; i++) {
+    int idx = first + i;
+    if (lua_type(L, idx) == LUA_TUSERDATA && td__is_ref(L, idx)) {
+      uint64_t id = ((td_ref_ud_t *)lua_touserdata(L, idx))->id;
+      td_buf_u8(&s->buf, TD_T_ARGREF);
+      td_buf_u64(&s->buf, id);
+      td__push_id(&s->deps, &s->ndeps, &s->capdeps, id);
+      continue;
+    }
+    char what[32];
+    snprintf(what, sizeof(what), "argument %d", i + 1);
+    rc = td__ser(s, L, idx, what);
+  }
+  lua_settop(L, s->seen - 1);
+  td__ser_finish(s);
+  return rc;
+}
+
+void td_ser_copy(const td_ser_t *s, void *dst) {
+  uint8_t *d = dst;
+  size_t from = 0;
+  for (int i = 0; i < s->nsegs; i++) {
+    memcpy(d, s->buf.p + from, s->segs[i].at - from);
+    d += s->segs[i].at - from;
+    memcpy(d, s->segs[i].p, s->segs[i].n);
+    d += s->segs[i].n;
+    from = s->segs[i].at;
+  }
+  memcpy(d, s->buf.p + from, s->buf.len - from);
+}
+
+void td_ser_append(const td_ser_t *s, td_buf_t *b) {
+  td_buf_reserve(b, s->size);
+  td_ser_copy(s, b->p + b->len);
+  b->len += s->size;
+}
+
+/* -- Decoder -------------------------------------------------------------- */
+
+typedef struct td__dctx {
+  td_deser_t *d;
+  td_rd_t r;
+  int seen;   /* stack index of the array of decoded tables */
+  int nseen;
+  int depth;
+} td__dctx_t;
+
+static int td__de(td__dctx_t *c, lua_State *L);
+
+static int td__de_fail(td__dctx_t *c, const char *msg) {
+  if (!c->d->err[0]) snprintf(c->d->err, sizeof(c->d->err), "%s", msg);
+  return TD_EPROTO;
+}
+
+static int td__de_table_body(td__dctx_t *c, lua_State *L) {
+  uint32_t narr = td_rd_u32(&c->r), nhash = td_rd_u32(&c->r);
+  if (c->r.bad || narr > (size_t)(c->r.end - c->r.p) || nhash > (size_t)(c->r.end - c->r.p))
+    return td__de_fail(c, "truncated table");
+  lua_createtable(L, (int)narr, (int)nhash);
+  int t = lua_gettop(L);
+  lua_pushvalue(L, t);
+  lua_rawseti(L, c->seen, ++c->nseen);
+  for (uint32_t i = 1; i <= narr; i++) {
+    int rc = td__de(c, L);
+    if (rc) return rc;
+    lua_rawseti(L, t, (int)i);
+  }
+  for (uint32_t i = 0; i < nhash; i++) {
+    int rc = td__de(c, L);
+    if (!rc) rc = td__de(c, L);
+    if (rc) return rc;
+    if (lua_isnil(L, -2) || (lua_type(L, -2) == LUA_TNUMBER && lua_tonumber(L, -2) != lua_tonumber(L, -2)))
+      return td__de_fail(c, "table key is nil or NaN");
+    lua_rawset(L, t);
+  }
+  return 0;
+}
+
+static int td__de(td__dctx_t *c, lua_State *L) {
+  if (++c->depth > TD_SER_MAX_DEPTH + 2) return td__de_fail(c, "nesting too deep");
+  if (!lua_checkstack(L, 8)) return td__de_fail(c, "Lua stack overflow");
+  uint8_t tag = td_rd_u8(&c->r);
+  if (c->r.bad) return td__de_fail(c, "truncated value");
+  int rc = 0;
+  switch (tag) {
+    case TD_T_NIL: lua_pushnil(L); break;
+    case TD_T_FALSE: lua_pushboolean(L, 0); break;
+    case TD_T_TRUE: lua_pushboolean(L, 1); break;
+    case TD_T_NUM: lua_pushnumber(L, td_rd_f64(&c->r)); break;
+    case TD_T_STR: {
+      uint32_t n;
+      const uint8_t *p = td_rd_str(&c->r, &n);
+      if (c->r.bad) return td__de_fail(c, "truncated string");
+      lua_pushlstring(L, (const char *)p, n);
+      break;
+    }
+    case TD_T_TABLE: rc = td__de_table_body(c, L); break;
+    case TD_T_BACK: {
+      uint32_t at = td_rd_u32(&c->r);
+      if (c->r.bad || at >= (uint32_t)c->nseen) return td__de_fail(c, "bad back reference");
+      lua_rawgeti(L, c->seen, (int)at + 1);
+      break;
+    }
+    case TD_T_REF: {
+      uint64_t id = td_rd_u64(&c->r);
+      if (c->r.bad || !c->d->mkref) return td__de_fail(c, "bad object ref");
+      c->d->mkref(c->d->ud, L, id);
+      break;
+    }
+    case TD_T_ARGREF: {
+      uint64_t id = td_rd_u64(&c->r);
+      if (c->r.bad || !c->d->argref) return td__de_fail(c, "bad argument ref");
+      if (c->d->argref(c->d->ud, L, id)) return TD_ESER;
+      break;
+    }
+    case TD_T_NUMARR: {
+      uint32_t n = td_rd_u32(&c->r);
+      const uint8_t *p = td_rd_bytes(&c->r, (size_t)n * 8);
+      if (!p) return td__de_fail(c, "truncated number array");
+      lua_createtable(L, (int)n, 0);
+      lua_pushvalue(L, -1);
+      lua_rawseti(L, c->seen, ++c->nseen);
+      for (uint32_t i = 0; i < n; i++) {
+        double v;
+        memcpy(&v, p + (size_t)i * 8, 8);
+        lua_pushnumber(L, v);
+        lua_rawseti(L, -2, (int)i + 1);
+      }
+      break;
+    }
+    case TD_T_FUNC: {
+      if (td_rd_u8(&c->r) != TD_T_TABLE) return td__de_fail(c, "bad function descriptor");
+      lua_getfield(L, LUA_REGISTRYINDEX, TD_HOOK_LOADFN);
+      if (!lua_isfunction(L, -1)) return td__de_fail(c, "no function loader");
+      rc = td__de_table_body(c, L);
+      if (rc) return rc;
+      if (lua_pcall(L, 1, 1, 0) != 0) {
+        snprintf(c->d->err, sizeof(c->d->err), "cannot load function: %s",
+                 lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "?");
+        return TD_ESER;
+      }
+      break;
+    }
+    case TD_T_EXT: {
+      uint32_t mn, bn;
+      const uint8_t *m = td_rd_str(&c->r, &mn);
+      const uint8_t *b = td_rd_str(&c->r, &bn);
+      if (c->r.bad) return td__de_fail(c, "truncated extension object");
+      lua_getglobal(L, "require");
+      lua_pushlstring(L, (const char *)m, mn);
+      if (lua_pcall(L, 1, 1, 0) != 0 || !lua_istable(L, -1)) {
+        snprintf(c->d->err, sizeof(c->d->err), "cannot load module %.*s for a received object", (int)mn, m);
+        return TD_ESER;
+      }
+      lua_getfield(L, -1, "__tide_deser");
+      lua_remove(L, -2);
+      lua_pushlstring(L, (const char *)b, bn);
+      if (lua_pcall(L, 1, 1, 0) != 0) {
+        snprintf(c->d->err, sizeof(c->d->err), "cannot decode a %.*s object: %s", (int)mn, m,
+                 lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "?");
+        return TD_ESER;
+      }
+      break;
+    }
+    default: return td__de_fail(c, "unknown value tag");
+  }
+  c->depth--;
+  return rc;
+}
+
+static void td__dctx_init(td__dctx_t *c, td_deser_t *d, lua_State *L, const uint8_t *p, size_t n) {
+  c->d = d;
+  d->err[0] = 0;
+  td_rd_init(&c->r, p, n);
+  lua_newtable(L);
+  c->seen = lua_gettop(L);
+  c->nseen = 0;
+  c->depth = 0;
+}
+
+int td_deser_value(td_deser_t *d, lua_State *L, const uint8_t *p, size_t n) {
+  td__dctx_t c;
+  int top = lua_gettop(L);
+  td__dctx_init(&c, d, L, p, n);
+  int rc = td__de(&c, L);
+  if (rc) { lua_settop(L, top); return rc; }
+  lua_remove(L, c.seen);
+  return 0;
+}
+
+int td_deser_args(td_deser_t *d, lua_State *L, const uint8_t *p, size_t n, int *nargs) {
+  td__dctx_t c;
+  int top = lua_gettop(L);
+  td__dctx_init(&c, d, L, p, n);
+  uint32_t cnt = td_rd_u32(&c.r);
+  if (c.r.bad || cnt > 100000) { lua_settop(L, top); return td__de_fail(&c, "bad argument count"); }
+  for (uint32_t i = 0; i < cnt; i++) {
+    int rc = td__de(&c, L);
+    if (rc) { lua_settop(L, top); return rc; }
+  }
+  lua_remove(L, c.seen);
+  *nargs = (int)cnt;
+  return 0;
+}

@@ -1,0 +1,520 @@
+-- tide: the Lua API of Tide (DESIGN.md §3). Remote functions, actors,
+-- objects, placement groups, DAGs and cluster information, built on the
+-- C module tide.core. The same module serves the driver and workers.
+local core = require("tide.core")
+local capture = require("tide.capture")
+
+local M = {}
+
+local type, pairs, ipairs, select, setmetatable, getmetatable, error, tostring, tonumber =
+  type, pairs, ipairs, select, setmetatable, getmetatable, error, tostring, tonumber
+local format, concat, unpack = string.format, table.concat, unpack
+
+capture.install()
+local REF_MT = debug.getregistry()["tide.ObjectRef"]
+
+local function is_ref(v) return getmetatable(v) == REF_MT end
+M.is_ref = is_ref
+
+-- -- Errors ---------------------------------------------------------------
+
+local Error = {}
+Error.__index = Error
+Error.__tostring = function(e)
+  local s = tostring(e.kind) .. ": " .. tostring(e.message)
+  if e.traceback and e.traceback ~= "" then s = s .. "\n(remote) " .. e.traceback end
+  return s
+end
+M.Error = Error
+
+local function raise(kind, message, extra)
+  local e = extra or {}
+  e.kind, e.message = kind, message
+  error(setmetatable(e, Error), 0)
+end
+
+local function raise_status(st, v, what)
+  if st == 1 then
+    error(setmetatable(v, Error), 0)
+  elseif st == 2 then
+    raise("GetTimeoutError", what .. " timed out")
+  elseif st == 3 then
+    raise("TaskCancelledError", "the task was cancelled")
+  elseif st == 4 then
+    error(v, 0)
+  end
+end
+
+-- -- Options ---------------------------------------------------------------
+
+local COMMON = {
+  num_cpus = "number", num_gpus = "number", memory = "number", resources = "table",
+  name = "string", placement_group = "table", bundle_index = "number",
+  scheduling_strategy = "string|table", runtime_env = "table",
+}
+local TASK_OPTS = {max_retries = "number", num_returns = "number|string", retry_exceptions = "boolean"}
+local ACTOR_OPTS = {
+  max_restarts = "number", max_task_retries = "number", namespace = "string",
+  lifetime = "string", max_concurrency = "number", get_if_exists = "boolean",
+}
+for k, v in pairs(COMMON) do TASK_OPTS[k] = v; ACTOR_OPTS[k] = v end
+
+local function check_opts(opts, allowed, fname, level)
+  if opts == nil then return {} end
+  if type(opts) ~= "table" then
+    error(format("%s: options must be a table, got %s", fname, type(opts)), level + 1)
+  end
+  for k, v in pairs(opts) do
+    local want = allowed[k]
+    if not want then
+      error(format("%s: unknown option '%s'", fname, tostring(k)), level + 1)
+    end
+    local t = type(v)
+    if not want:find(t, 1, true) then
+      error(format("%s: option '%s' must be a %s, got %s", fname, k, want:gsub("|", " or "), t), level + 1)
+    end
+    if t == "number" and v < 0 and k ~= "max_retries" and k ~= "max_restarts" and k ~= "max_task_retries" then
+      error(format("%s: option '%s' must not be negative", fname, k), level + 1)
+    end
+  end
+  if opts.num_returns ~= nil and opts.num_returns ~= "streaming"
+     and (type(opts.num_returns) ~= "number" or opts.num_returns < 1 or opts.num_returns % 1 ~= 0) then
+    error(fname .. ": option 'num_returns' must be a positive integer or \"streaming\"", level + 1)
+  end
+  if opts.lifetime ~= nil and opts.lifetime ~= "detached" and opts.lifetime ~= "non_detached" then
+    error(fname .. ": option 'lifetime' must be \"detached\" or \"non_detached\"", level + 1)
+  end
+  if opts.resources then
+    for rk, rv in pairs(opts.resources) do
+      if type(rk) ~= "string" or type(rv) ~= "number" or rv < 0 then
+        error(format("%s: option 'resources' must map names to non-negative numbers (bad entry %s)",
+          fname, tostring(rk)), level + 1)
+      end
+    end
+  end
+  if opts.max_concurrency and (opts.max_concurrency < 1 or opts.max_concurrency % 1 ~= 0) then
+    error(fname .. ": option 'max_concurrency' must be a positive integer", level + 1)
+  end
+  local ss = opts.scheduling_strategy
+  if type(ss) == "string" and ss ~= "DEFAULT" and ss ~= "SPREAD" then
+    error(fname .. ": option 'scheduling_strategy' must be \"DEFAULT\", \"SPREAD\" or {node_id = ..., soft = ...}",
+      level + 1)
+  end
+  if opts.runtime_env then
+    for k in pairs(opts.runtime_env) do
+      if k ~= "env_vars" and k ~= "working_dir" then
+        error(format("%s: unknown runtime_env key '%s'", fname, tostring(k)), level + 1)
+      end
+    end
+  end
+  return opts
+end
+
+local function merge(a, b)
+  local r = {}
+  for k, v in pairs(a or {}) do r[k] = v end
+  for k, v in pairs(b or {}) do r[k] = v end
+  return r
+end
+
+-- The flat table tide.core reads.
+local function normalize(o, is_actor)
+  local res = {}
+  for k, v in pairs(o.resources or {}) do res[k] = v end
+  res.CPU = o.num_cpus or (is_actor and 0 or 1)
+  if o.num_gpus then res.GPU = o.num_gpus end
+  if o.memory then res.memory = o.memory end
+  local n = {
+    resources = res, name = o.name, namespace = o.namespace,
+    max_retries = o.max_retries, max_restarts = o.max_restarts,
+    max_task_retries = o.max_task_retries, max_concurrency = o.max_concurrency,
+    detached = o.lifetime == "detached",
+  }
+  if o.placement_group then
+    n.pg = o.placement_group.id
+    n.bundle = o.bundle_index and (o.bundle_index - 1) or -1
+  end
+  local ss = o.scheduling_strategy
+  if ss == "SPREAD" then n.strategy = 1 end
+  if type(ss) == "table" and ss.node_id ~= nil and ss.node_id ~= "node-0" and not ss.soft then
+    error(format("no node with id %s for a hard node affinity", tostring(ss.node_id)), 4)
+  end
+  if o.runtime_env and o.runtime_env.env_vars then n.env = o.runtime_env.env_vars end
+  return n
+end
+
+-- -- Starting --------------------------------------------------------------
+
+local started = not core.is_driver
+local init_opts
+
+local INIT_OPTS = {
+  address = "string", num_cpus = "number", num_gpus = "number", resources = "table",
+  object_store_memory = "number", inline_max = "number", prestart = "number",
+  namespace = "string",
+}
+
+local function start(level)
+  if started then return end
+  local reg = debug.getregistry()
+  local o = merge(reg["tide.cli_opts"] or {}, init_opts)
+  if o.resources_json then
+    local ok, cjson = pcall(require, "cjson")
+    if not ok then error("--resources needs lua-cjson", level + 1) end
+    local ok2, t = pcall(cjson.decode, o.resources_json)
+    if not ok2 or type(t) ~= "table" then
+      error("--resources: not a JSON object: " .. o.resources_json, level + 1)
+    end
+    for k, v in pairs(t) do
+      if type(v) ~= "number" or v < 0 then
+        error(format("--resources: %s must be a non-negative number", tostring(k)), level + 1)
+      end
+    end
+    o.resources = merge(t, o.resources)
+    o.resources_json = nil
+  end
+  if o.address and o.address ~= "" and o.address ~= "local" then
+    error("tide: connecting to a cluster at " .. o.address .. " is not supported yet; run without --address",
+      level + 1)
+  end
+  core.start(o)
+  started = true
+end
+
+function M.init(opts)
+  check_opts(opts, INIT_OPTS, "tide.init", 2)
+  if started then error("tide.init: the cluster is already running", 2) end
+  init_opts = opts
+  start(2)
+end
+
+function M.is_initialized() return started end
+
+local function ensure() if not started then start(3) end end
+M._start = function() start(2) end
+
+-- -- Remote functions --------------------------------------------------------
+
+local RemoteFunction = {__tide_module = "tide"}
+RemoteFunction.__index = RemoteFunction
+
+local function num_returns(o)
+  local nr = o.num_returns or 1
+  if nr == "streaming" then return -1 end
+  return nr
+end
+
+local Generator = {}
+Generator.__index = Generator
+
+function Generator:next(timeout)
+  local r = core.stream_next(self.ref, self.i, timeout)
+  if r == nil then return nil end
+  if r == false then raise("GetTimeoutError", "waiting for the next streamed item timed out") end
+  self.i = self.i + 1
+  return r
+end
+Generator.__call = function(self) return self:next() end
+Generator.__tostring = function(self) return "ObjectRefGenerator(" .. tostring(self.ref) .. ")" end
+
+local function make_rf(fn_id, opts)
+  local self = setmetatable({fn_id = fn_id, opts = opts}, RemoteFunction)
+  self.norm = normalize(opts, false)
+  self.nret = num_returns(opts)
+  return self
+end
+
+function M.remote(a, b)
+  local opts, fn
+  if type(a) == "function" and b == nil then
+    fn, opts = a, {}
+  elseif type(a) == "table" and type(b) == "function" then
+    opts, fn = a, b
+  else
+    error("tide.remote: expected a function, or an options table and a function", 2)
+  end
+  check_opts(opts, TASK_OPTS, "tide.remote", 2)
+  ensure()
+  local ok, id = pcall(core.register, fn)
+  if not ok then error("tide.remote: " .. tostring(id), 2) end
+  if not opts.name then
+    local info = debug.getinfo(fn, "S")
+    opts = merge(opts, {name = info.short_src:match("[^/]*$") .. ":" .. info.linedefined})
+  end
+  return make_rf(id, opts)
+end
+
+function RemoteFunction:remote(...)
+  if self.nret == -1 then
+    local ref = core.submit(self.fn_id, self.norm, -1, ...)
+    return setmetatable({ref = ref, i = 0}, Generator)
+  end
+  return core.submit(self.fn_id, self.norm, self.nret, ...)
+end
+
+function RemoteFunction:options(opts)
+  check_opts(opts, TASK_OPTS, "options", 2)
+  return make_rf(self.fn_id, merge(self.opts, opts))
+end
+
+RemoteFunction.__tide_ser = function(self)
+  return core.encode({self.fn_id, self.opts})
+end
+RemoteFunction.__tostring = function(self) return "RemoteFunction(" .. tostring(self.fn_id) .. ")" end
+
+-- -- Actors -------------------------------------------------------------------
+
+local ActorClass = {}
+ActorClass.__index = ActorClass
+local ActorHandle = {__tide_module = "tide"}
+
+local function make_handle(id, class_id, ready)
+  return setmetatable({_id = id, _class_id = class_id, _ready = ready, _methods = {}}, ActorHandle)
+end
+
+ActorHandle.__index = function(h, k)
+  local m = h._methods[k]
+  if m then return m end
+  if type(k) ~= "string" or k:sub(1, 1) == "_" then return nil end
+  local id = h._id
+  m = function(_, ...) return core.actor_call(id, k, 1, ...) end
+  h._methods[k] = m
+  return m
+end
+ActorHandle.__tostring = function(h) return "ActorHandle(" .. tostring(h._id) .. ")" end
+ActorHandle.__tide_ser = function(h) return core.encode({"actor", h._id, h._class_id}) end
+
+function M.actor(class, opts)
+  if type(class) ~= "table" then
+    error("tide.actor: expected a table of methods, got " .. type(class), 2)
+  end
+  for k, v in pairs(class) do
+    if type(k) ~= "string" or type(v) ~= "function" then
+      error(format("tide.actor: field %s must be a method (function), got %s", tostring(k), type(v)), 2)
+    end
+  end
+  check_opts(opts, ACTOR_OPTS, "tide.actor", 2)
+  ensure()
+  local ok, id = pcall(core.register, class)
+  if not ok then error("tide.actor: " .. tostring(id), 2) end
+  return setmetatable({class_id = id, opts = opts or {}, class = class}, ActorClass)
+end
+
+function ActorClass:options(opts)
+  check_opts(opts, ACTOR_OPTS, "options", 2)
+  return setmetatable({class_id = self.class_id, opts = merge(self.opts, opts), class = self.class},
+    ActorClass)
+end
+
+function ActorClass:remote(...)
+  local o = self.opts
+  if o.name then
+    local aid, cid = core.get_actor(o.name, o.namespace or "")
+    if aid then
+      if o.get_if_exists then return make_handle(aid, cid) end
+      error(format("an actor named '%s' already exists in namespace '%s'", o.name, o.namespace or ""), 2)
+    end
+  end
+  local norm = normalize(o, true)
+  local aid, ready = core.actor_new(self.class_id, norm, ...)
+  return make_handle(aid, self.class_id, ready)
+end
+
+function M.get_actor(name, opts)
+  if type(name) ~= "string" then error("tide.get_actor: name must be a string", 2) end
+  ensure()
+  local ns = opts and opts.namespace or ""
+  local aid, cid = core.get_actor(name, ns)
+  if not aid then
+    error(format("tide.get_actor: no live actor named '%s' in namespace '%s'", name, ns), 2)
+  end
+  return make_handle(aid, cid)
+end
+
+function M.kill(h, opts)
+  if getmetatable(h) ~= ActorHandle then error("tide.kill: expected an ActorHandle", 2) end
+  local no_restart = true
+  if opts and opts.no_restart == false then no_restart = false end
+  core.kill(h._id, no_restart)
+end
+
+-- Decoding handles and remote functions received in values.
+function M.__tide_deser(s)
+  local t = core.decode(s)
+  if t[1] == "actor" then return make_handle(t[2], t[3]) end
+  return make_rf(t[1], t[2])
+end
+
+-- -- Objects -------------------------------------------------------------------
+
+function M.get(x, opts)
+  local timeout = opts and opts.timeout
+  if timeout ~= nil and type(timeout) ~= "number" then error("tide.get: timeout must be a number", 2) end
+  ensure()
+  if is_ref(x) then
+    local st, v = core.get1(x, timeout)
+    if st == 0 then return v end
+    raise_status(st, v, "tide.get")
+  end
+  if getmetatable(x) == Generator then
+    error("tide.get: expected an ObjectRef, got a generator; iterate it to get refs", 2)
+  end
+  if type(x) ~= "table" or getmetatable(x) ~= nil then
+    error("tide.get: expected an ObjectRef or an array of ObjectRefs, got " .. type(x), 2)
+  end
+  for i = 1, #x do
+    if not is_ref(x[i]) then
+      error(format("tide.get: element %d is a %s, expected an ObjectRef", i, type(x[i])), 2)
+    end
+  end
+  local st, v = core.getn(x, timeout)
+  if st == 0 then return v end
+  raise_status(st, v, "tide.get")
+end
+
+function M.put(v)
+  ensure()
+  if is_ref(v) then error("tide.put: cannot put an ObjectRef; it is already an object", 2) end
+  local ok, r = pcall(core.put, v)
+  if not ok then error(tostring(r), 2) end
+  return r
+end
+
+function M.wait(refs, opts)
+  if type(refs) ~= "table" then error("tide.wait: expected an array of ObjectRefs", 2) end
+  for i = 1, #refs do
+    if not is_ref(refs[i]) then
+      error(format("tide.wait: element %d is a %s, expected an ObjectRef", i, type(refs[i])), 2)
+    end
+  end
+  local num = opts and opts.num_returns or 1
+  if type(num) ~= "number" or num < 0 then error("tide.wait: num_returns must be a number", 2) end
+  if num > #refs then error(format("tide.wait: num_returns %d exceeds the %d refs given", num, #refs), 2) end
+  ensure()
+  local flags = core.wait(refs, num, opts and opts.timeout)
+  if type(flags) == "number" then raise_status(flags, nil, "tide.wait") end
+  local ready, pending = {}, {}
+  for i = 1, #refs do
+    if flags[i] and #ready < num then ready[#ready + 1] = refs[i] else pending[#pending + 1] = refs[i] end
+  end
+  return ready, pending
+end
+
+function M.cancel(ref, opts)
+  if not is_ref(ref) then error("tide.cancel: expected an ObjectRef", 2) end
+  return core.cancel(ref, opts and opts.force or false)
+end
+
+function M.yield(v)
+  core.yield_item(v)
+end
+
+function M.sleep(s)
+  if type(s) ~= "number" then error("tide.sleep: expected seconds", 2) end
+  local st = core.sleep(s)
+  if st == 3 then raise("TaskCancelledError", "the task was cancelled") end
+end
+
+-- -- Cluster ----------------------------------------------------------------------
+
+function M.cluster_resources() ensure(); return core.resources(false) end
+function M.available_resources() ensure(); return core.resources(true) end
+
+function M.nodes()
+  ensure()
+  return {{node_id = "node-0", address = "127.0.0.1", alive = true, resources = core.resources(false)}}
+end
+
+function M.get_runtime_context()
+  ensure()
+  return core.context()
+end
+
+function M.stats() ensure(); return core.stats() end
+
+-- -- Placement groups ---------------------------------------------------------------
+
+local PlacementGroup = {}
+PlacementGroup.__index = PlacementGroup
+local STRATEGIES = {PACK = 0, SPREAD = 1, STRICT_PACK = 2, STRICT_SPREAD = 3}
+
+function M.placement_group(bundles, opts)
+  if type(bundles) ~= "table" or #bundles == 0 then
+    error("tide.placement_group: bundles must be a non-empty array of resource tables", 2)
+  end
+  for i, b in ipairs(bundles) do
+    if type(b) ~= "table" then error(format("tide.placement_group: bundle %d is not a table", i), 2) end
+    for k, v in pairs(b) do
+      if type(k) ~= "string" or type(v) ~= "number" or v < 0 then
+        error(format("tide.placement_group: bundle %d has a bad entry %s", i, tostring(k)), 2)
+      end
+    end
+  end
+  local strategy = opts and opts.strategy or "PACK"
+  local code = STRATEGIES[strategy]
+  if not code then
+    error("tide.placement_group: strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD", 2)
+  end
+  ensure()
+  local id, ready = core.pg_create(bundles, code, opts and opts.name or "")
+  return setmetatable({id = id, bundles = bundles, strategy = strategy, _ready = ready}, PlacementGroup)
+end
+
+function PlacementGroup:ready() return self._ready end
+function PlacementGroup:wait(timeout)
+  local ready = M.wait({self._ready}, {timeout = timeout})
+  return #ready == 1
+end
+
+function M.remove_placement_group(pg)
+  if getmetatable(pg) ~= PlacementGroup then error("tide.remove_placement_group: expected a placement group", 2) end
+  core.pg_remove(pg.id)
+end
+
+-- -- DAGs ------------------------------------------------------------------------
+
+local DAGNode = {}
+DAGNode.__index = DAGNode
+
+function RemoteFunction:bind(...)
+  return setmetatable({rf = self, args = {n = select("#", ...), ...}}, DAGNode)
+end
+
+function ActorHandle.__index_bind(h, method, ...)
+  return setmetatable({actor = h, method = method, args = {n = select("#", ...), ...}}, DAGNode)
+end
+
+local function exec_node(node, memo)
+  local r = memo[node]
+  if r then return r end
+  local args = {}
+  for i = 1, node.args.n do
+    local a = node.args[i]
+    if getmetatable(a) == DAGNode then a = exec_node(a, memo) end
+    args[i] = a
+  end
+  if node.rf then
+    r = node.rf:remote(unpack(args, 1, node.args.n))
+  else
+    r = core.actor_call(node.actor._id, node.method, 1, unpack(args, 1, node.args.n))
+  end
+  memo[node] = r
+  return r
+end
+
+function DAGNode:execute()
+  return exec_node(self, {})
+end
+
+M.ObjectRef = REF_MT
+M.ActorHandle = ActorHandle
+M.RemoteFunction = RemoteFunction
+
+-- handle:bind("method", ...) builds a DAG node for an actor call.
+local handle_index = ActorHandle.__index
+ActorHandle.__index = function(h, k)
+  if k == "bind" then return ActorHandle.__index_bind end
+  return handle_index(h, k)
+end
+
+return M
