@@ -1,6 +1,11 @@
 /* Every C unit test, one TEST_DECLARE per line; areas owned by other
  * parts of the tree add theirs through the included lists. */
 TEST_DECLARE(buf_grow)
+TEST_DECLARE(map_basic)
+TEST_DECLARE(store_alloc_free)
+TEST_DECLARE(chan_frames)
+TEST_DECLARE(spec_roundtrip_and_garbage)
+TEST_DECLARE(ser_roundtrip)
 #if __has_include("test-list-gpu.h")
 #include "test-list-gpu.h"
 #endif

@@ -1,0 +1,236 @@
+/* Unit tests of the engine's building blocks: buffers, id maps, the
+ * shared-memory store, channels, the spec codec, and value serialization
+ * (including malformed input, which must be rejected, never crash). */
+#include <lauxlib.h>
+#include <lualib.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "chan.h"
+#include "proto.h"
+#include "ser.h"
+#include "store.h"
+#include "test.h"
+
+TEST_IMPL(buf_grow) {
+  td_buf_t b;
+  td_buf_init(&b);
+  for (int i = 0; i < 10000; i++) td_buf_u32(&b, (uint32_t)i);
+  ASSERT_EQ(b.len, 40000);
+  uint32_t v;
+  memcpy(&v, b.p + 4 * 9999, 4);
+  ASSERT_EQ(v, 9999);
+  td_rd_t r;
+  td_rd_init(&r, b.p, 6);
+  ASSERT_EQ(td_rd_u32(&r), 0);
+  ASSERT_EQ(r.bad, 0);
+  td_rd_u32(&r);
+  ASSERT_EQ(r.bad, 1);
+  td_buf_free(&b);
+  return 0;
+}
+
+TEST_IMPL(map_basic) {
+  td_map_t m;
+  td_map_init(&m);
+  for (uint64_t i = 1; i <= 5000; i++) td_map_set(&m, i * 7919, (void *)(uintptr_t)i);
+  ASSERT_EQ(m.len, 5000);
+  for (uint64_t i = 1; i <= 5000; i += 2) ASSERT_EQ((uintptr_t)td_map_del(&m, i * 7919), i);
+  ASSERT_EQ(m.len, 2500);
+  for (uint64_t i = 2; i <= 5000; i += 2) ASSERT_EQ((uintptr_t)td_map_get(&m, i * 7919), i);
+  ASSERT(td_map_get(&m, 7919) == NULL);
+  size_t it = 0, n = 0;
+  while (td_map_next(&m, &it, NULL, NULL)) n++;
+  ASSERT_EQ(n, 2500);
+  /* Deleted slots are reused without growing forever. */
+  for (int round = 0; round < 100; round++) {
+    td_map_set(&m, 1, (void *)1);
+    td_map_del(&m, 1);
+  }
+  ASSERT(m.cap <= 16384);
+  td_map_free(&m);
+  return 0;
+}
+
+TEST_IMPL(store_alloc_free) {
+  td_store_t *s = td_store_new(1 << 20);
+  ASSERT(s);
+  size_t a, b, c, d;
+  ASSERT_EQ(td_store_alloc(s, 300000, &a), 0);
+  ASSERT_EQ(td_store_alloc(s, 300000, &b), 0);
+  ASSERT_EQ(td_store_alloc(s, 300000, &c), 0);
+  ASSERT_EQ(td_store_alloc(s, 300000, &d), TD_ESTOREFULL);
+  td_store_free(s, b, 300000);
+  ASSERT_EQ(td_store_alloc(s, 300000, &d), 0);
+  ASSERT_EQ(d, b); /* the freed extent is reused */
+  td_store_free(s, a, 300000);
+  td_store_free(s, d, 300000);
+  td_store_free(s, c, 300000);
+  ASSERT_EQ(td_store_used(s), 0);
+  /* Coalesced: one allocation of the whole capacity fits again. */
+  ASSERT_EQ(td_store_alloc(s, td_store_capacity(s), &a), 0);
+  /* Another process sees the same bytes through the fd. */
+  memset(td_store_base(s), 0x5a, 4096);
+  size_t cap;
+  uint8_t *m = td_store_map(td_store_fd(s), &cap);
+  ASSERT(m && cap == td_store_capacity(s) && m[4095] == 0x5a);
+  td_store_destroy(&s);
+  ASSERT(s == NULL);
+  td_store_destroy(&s);
+  return 0;
+}
+
+TEST_IMPL(chan_frames) {
+  int sv[2];
+  ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+  td_chan_t a, b;
+  td_chan_init(&a, sv[0]);
+  td_chan_init(&b, sv[1]);
+  for (int i = 0; i < 1000; i++) {
+    td_chan_begin(&a, (uint8_t)(i & 0x7f));
+    td_buf_u32(&a.out, (uint32_t)i);
+    td_chan_end(&a);
+  }
+  ASSERT_EQ(td_chan_flush_all(&a), 0);
+  int got = 0;
+  while (got < 1000) {
+    ASSERT_EQ(td_chan_read(&b), 0);
+    uint8_t t;
+    const uint8_t *p;
+    uint32_t n;
+    while (td_chan_next(&b, &t, &p, &n) == 1) {
+      uint32_t v;
+      ASSERT_EQ(n, 4);
+      memcpy(&v, p, 4);
+      ASSERT_EQ(v, (uint32_t)got);
+      ASSERT_EQ(t, got & 0x7f);
+      got++;
+    }
+  }
+  /* A bad length is a protocol error, not a crash. */
+  uint32_t bad = 0;
+  ASSERT_EQ(write(sv[0], &bad, 4), 4);
+  ASSERT_EQ(write(sv[0], "x", 1), 1);
+  usleep(1000);
+  td_chan_read(&b);
+  uint8_t t;
+  const uint8_t *p;
+  uint32_t n;
+  ASSERT_EQ(td_chan_next(&b, &t, &p, &n), TD_EPROTO);
+  td_chan_close(&a);
+  ASSERT_EQ(td_chan_read(&b), TD_ECLOSED);
+  td_chan_close(&b);
+  return 0;
+}
+
+TEST_IMPL(spec_roundtrip_and_garbage) {
+  td_spec_t s;
+  memset(&s, 0, sizeof(s));
+  uint64_t rets[2] = {11, 12}, deps[1] = {5}, refs[2] = {6, 7};
+  s.kind = TD_K_TASK;
+  s.fn_id = 99;
+  s.nret = 2;
+  s.rets = rets;
+  s.args = (const uint8_t *)"abc";
+  s.args_len = 3;
+  s.deps = deps;
+  s.ndeps = 1;
+  s.refs = refs;
+  s.nrefs = 2;
+  s.nres = 1;
+  strcpy(s.res_name[0], "CPU");
+  s.res_amt[0] = 2;
+  s.max_retries = 3;
+  strcpy(s.name, "f");
+  td_buf_t b;
+  td_buf_init(&b);
+  td_spec_encode(&s, &b);
+  td_spec_t d;
+  uint64_t *scratch;
+  td_rd_t r;
+  td_rd_init(&r, b.p, b.len);
+  ASSERT_EQ(td_spec_decode(&d, &r, &scratch), 0);
+  ASSERT(d.fn_id == 99 && d.nret == 2 && d.rets[1] == 12 && d.ndeps == 1 && d.deps[0] == 5);
+  ASSERT(d.nrefs == 2 && d.refs[1] == 7 && d.args_len == 3 && !memcmp(d.args, "abc", 3));
+  ASSERT(!strcmp(d.res_name[0], "CPU") && d.res_amt[0] == 2 && !strcmp(d.name, "f"));
+  free(scratch);
+  /* Every truncation and random corruption is rejected or decoded, never a crash. */
+  for (size_t cut = 0; cut < b.len; cut++) {
+    td_rd_init(&r, b.p, cut);
+    int rc = td_spec_decode(&d, &r, &scratch);
+    ASSERT(rc != 0 || r.bad || cut == b.len);
+    free(scratch);
+  }
+  srand(1);
+  for (int i = 0; i < 20000; i++) {
+    uint8_t junk[256];
+    size_t n = (size_t)(rand() % 256);
+    for (size_t k = 0; k < n; k++) junk[k] = (uint8_t)rand();
+    td_rd_init(&r, junk, n);
+    td_spec_decode(&d, &r, &scratch);
+    free(scratch);
+  }
+  td_buf_free(&b);
+  return 0;
+}
+
+static void test_mkref(void *ud, lua_State *L, uint64_t id) {
+  (void)ud;
+  lua_pushnumber(L, (lua_Number)id);
+}
+
+TEST_IMPL(ser_roundtrip) {
+  lua_State *L = luaL_newstate();
+  luaL_openlibs(L);
+  luaL_newmetatable(L, TD_REF_MT);
+  lua_pop(L, 1);
+  /* A cyclic, shared, nested value with a large string and a number array. */
+  ASSERT_EQ(luaL_dostring(L,
+    "local t = {1, 2, 'x', flag = true, nested = {a = 1.5}}\n"
+    "t.self = t; t.again = t.nested\n"
+    "t.big = string.rep('z', 100000)\n"
+    "t.nums = {} for i = 1, 100 do t.nums[i] = i * 0.5 end\n"
+    "return t"), 0);
+  td_ser_t s;
+  td_ser_init(&s);
+  ASSERT_EQ(td_ser_value(&s, L, -1, "value"), 0);
+  ASSERT_EQ(s.nsegs, 1); /* the big string is not copied twice */
+  uint8_t *bytes = malloc(s.size);
+  td_ser_copy(&s, bytes);
+  td_deser_t d = {0};
+  d.mkref = test_mkref;
+  ASSERT_EQ(td_deser_value(&d, L, bytes, s.size), 0);
+  lua_setglobal(L, "u");
+  ASSERT_EQ(luaL_dostring(L,
+    "assert(u[1] == 1 and u[3] == 'x' and u.flag == true and u.nested.a == 1.5)\n"
+    "assert(u.self == u and u.again == u.nested and #u.big == 100000)\n"
+    "assert(#u.nums == 100 and u.nums[100] == 50)"), 0);
+  /* Truncations and corruptions fail cleanly. */
+  for (size_t cut = 0; cut < s.size; cut += 97) {
+    int top = lua_gettop(L);
+    td_deser_value(&d, L, bytes, cut);
+    lua_settop(L, top);
+  }
+  srand(2);
+  for (int i = 0; i < 3000; i++) {
+    uint8_t junk[128];
+    size_t n = (size_t)(rand() % 128);
+    for (size_t k = 0; k < n; k++) junk[k] = (uint8_t)(rand() % 16);
+    int top = lua_gettop(L);
+    td_deser_value(&d, L, junk, n);
+    lua_settop(L, top);
+  }
+  free(bytes);
+  /* Unsendable values are named with their place. */
+  ASSERT_EQ(luaL_dostring(L, "return {cfg = {cb = coroutine.create(print)}}"), 0);
+  ASSERT_EQ(td_ser_value(&s, L, -1, "argument 2"), TD_ESER);
+  ASSERT(strstr(s.err, "coroutine") && strstr(s.err, "argument 2") && strstr(s.err, "cfg.cb"));
+  lua_pop(L, 1);
+  lua_pushcfunction(L, luaopen_base);
+  ASSERT_EQ(td_ser_value(&s, L, -1, "argument 1"), TD_ESER);
+  ASSERT(strstr(s.err, "C function"));
+  td_ser_free(&s);
+  lua_close(L);
+  return 0;
+}
