@@ -365,6 +365,7 @@ int td_node_store(td_node_t *n, uint64_t id, size_t size, const uint64_t *refs, 
       free(o);
       return rc;
     }
+    o->refs = 1;
     td__obj_set(n, o, OBJ_READY, 1, NULL, size, off, refs, nrefs);
     *dst = td_store_base(n->store) + off;
   } else {
@@ -429,8 +430,13 @@ static td_wk_t *td__spawn(td_node_t *n, int kind, const int *gpus, int ngpus) {
   if (pid == 0) {
     prctl(PR_SET_PDEATHSIG, SIGKILL);
     if (getppid() == 1) _exit(1);
-    dup2(sv[1], 3);
-    dup2(td_store_fd(n->store), 4);
+    /* Move the socket and the store to fds 3 and 4 without clobbering
+     * either, and keep them across exec. */
+    int sock = sv[1] == 4 ? dup(sv[1]) : sv[1];
+    if (td_store_fd(n->store) != 4) dup2(td_store_fd(n->store), 4);
+    if (sock != 3) dup2(sock, 3);
+    fcntl(3, F_SETFD, 0);
+    fcntl(4, F_SETFD, 0);
     close_range(5, ~0U, 0);
     signal(SIGINT, SIG_IGN);
     if (ngpus) setenv("CUDA_VISIBLE_DEVICES", gpubuf, 1);
@@ -1233,7 +1239,8 @@ static int td__req_try(td_node_t *n, td_req_t *r, int expired) {
     uint32_t ready = 0;
     for (uint32_t i = 0; i < r->n; i++) {
       td_obj_t *o = td__obj(n, r->ids[i]);
-      if (!o || o->state != OBJ_PENDING) ready++;
+      /* id 0 never becomes ready: workers sleep on it. */
+      if (r->ids[i] && (!o || o->state != OBJ_PENDING)) ready++;
     }
     if (ready < r->num && !expired) return 0;
     td_chan_begin(&r->wk->ch, TD_M_REPLY);

@@ -215,7 +215,7 @@ int td_w_sleep(lua_State *L, double seconds) {
   td_buf_f64(&td_ctx.ch.out, seconds);
   td_buf_u32(&td_ctx.ch.out, 1);
   td_buf_u32(&td_ctx.ch.out, 1);
-  td_buf_u64(&td_ctx.ch.out, UINT64_MAX - 1);
+  td_buf_u64(&td_ctx.ch.out, 0);
   td_chan_end(&td_ctx.ch);
   if (td_ctx.kind != WK_TASK && td__cur && td__cur->co == L) return td_w_await(L, req, td__push_nothing, NULL);
   return td__block(L, req, td__push_nothing, NULL, 0);
