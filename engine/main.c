@@ -17,6 +17,7 @@
 #include "core.h"
 
 extern volatile int td_interrupted;
+int luaopen_tide_rawbench(lua_State *L);
 static lua_State *td__L;
 static char td__home[PATH_MAX];
 static char td__exe[PATH_MAX];
@@ -85,6 +86,8 @@ static void td__open(lua_State *L) {
   lua_getfield(L, -1, "preload");
   lua_pushcfunction(L, luaopen_tide_core);
   lua_setfield(L, -2, "tide.core");
+  lua_pushcfunction(L, luaopen_tide_rawbench);
+  lua_setfield(L, -2, "tide.rawbench");
   /* Optional C modules linked into this binary (the gpu layer). */
   lua_CFunction tensor = (lua_CFunction)(uintptr_t)dlsym(RTLD_DEFAULT, "luaopen_tide_tensor");
   if (tensor) {

@@ -484,6 +484,7 @@ static int d_stream_next(lua_State *L) {
 /* core.put(value) -> ref */
 static int d_put(lua_State *L) {
   luaL_checkany(L, 1);
+  td_core_flush_refs();
   if (td_ser_value(&td_ctx.ser, L, 1, "tide.put value")) return td_core_ser_error(L, &td_ctx.ser);
   uint64_t id = td_node_new_id(td_ctx.node);
   uint8_t *dst;

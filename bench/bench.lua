@@ -1,0 +1,248 @@
+-- tide bench: Ray's microbenchmark metrics (DESIGN §10) as JSON lines, each
+-- against a machine limit measured in this same run.
+--   tide bench [NAME...] [--json]      NAME filters metrics by prefix
+-- TIDE_BENCH_SCALE scales iteration counts (default 1).
+local tide = require("tide")
+local raw = require("tide.rawbench")
+local cjson = require("cjson")
+
+local SCALE = tonumber(os.getenv("TIDE_BENCH_SCALE") or "1")
+local filters = {}
+for _, a in ipairs(arg) do
+  if a ~= "--json" then filters[#filters + 1] = a end
+end
+
+local function wanted(name)
+  if #filters == 0 then return true end
+  for _, f in ipairs(filters) do
+    if name:sub(1, #f) == f then return true end
+  end
+  return false
+end
+
+local function emit(rec)
+  if rec.limit then rec.fraction_of_limit = rec.value / rec.limit end
+  io.write(cjson.encode(rec), "\n")
+  io.flush()
+end
+
+-- Runs fn repeatedly for about `secs`, returns the median rate of 3 runs
+-- (units of `per` work items per call).
+local function rate(fn, per, secs)
+  secs = (secs or 1) * SCALE
+  local rates = {}
+  for r = 1, 3 do
+    local n, t0 = 0, raw.now()
+    repeat fn(); n = n + 1 until raw.now() - t0 >= secs / 3
+    rates[r] = n * per / (raw.now() - t0)
+  end
+  table.sort(rates)
+  return rates[2]
+end
+
+-- -- Machine limits ------------------------------------------------------
+local limits = {}
+-- Median of three runs each: placement on one core or two changes these.
+local function median3(f, ...)
+  local v = {f(...), f(...), f(...)}
+  table.sort(v)
+  return v[2]
+end
+limits.pipe_pingpong = median3(raw.pipe_pingpong, 20000)
+limits.pipe_stream = median3(raw.pipe_stream, 500000)
+limits.memcpy = raw.memcpy(64 * 1024 * 1024, 8)
+limits.futex = median3(raw.futex_pingpong, 50000)
+emit({metric = "limit_pipe_pingpong_64b", value = limits.pipe_pingpong, unit = "round trips/s"})
+emit({metric = "limit_pipe_pipelined_64b", value = limits.pipe_stream, unit = "msgs/s"})
+emit({metric = "limit_memcpy_prefaulted", value = limits.memcpy / 1e9, unit = "GB/s"})
+emit({metric = "limit_shm_futex_pingpong", value = limits.futex, unit = "round trips/s"})
+
+local nop = tide.remote(function() return 0 end)
+local function m(name, value, unit, limit, extra)
+  local r = {metric = name, value = value, unit = unit, limit = limit}
+  for k, v in pairs(extra or {}) do r[k] = v end
+  emit(r)
+end
+
+-- Warm the worker pool.
+tide.get(nop:remote())
+
+if wanted("single_client_tasks_sync") then
+  m("single_client_tasks_sync", rate(function() tide.get(nop:remote()) end, 1), "tasks/s",
+    limits.pipe_pingpong)
+end
+
+if wanted("single_client_tasks_async") then
+  local N = 10000
+  m("single_client_tasks_async", rate(function()
+    local refs = {}
+    for i = 1, N do refs[i] = nop:remote() end
+    tide.get(refs)
+  end, N, 3), "tasks/s", limits.pipe_stream)
+end
+
+if wanted("multi_client_tasks_async") then
+  local client = tide.remote({num_cpus = 0}, function(n)
+    local refs = {}
+    for i = 1, n do refs[i] = nop:remote() end
+    tide.get(refs)
+    return n
+  end)
+  local N = 5000
+  m("multi_client_tasks_async", rate(function()
+    tide.get({client:remote(N), client:remote(N)})
+  end, 2 * N, 3), "tasks/s", limits.pipe_stream)
+end
+
+local Actor = tide.actor({
+  small = function(self) return 0 end,
+  call_n = function(self, other, n)
+    local refs = {}
+    for i = 1, n do refs[i] = other:small() end
+    tide.get(refs)
+    return n
+  end,
+})
+
+if wanted("1_1_actor_calls_sync") then
+  local a = Actor:remote()
+  tide.get(a:small())
+  m("1_1_actor_calls_sync", rate(function() tide.get(a:small()) end, 1), "calls/s", limits.pipe_pingpong)
+end
+
+if wanted("1_1_actor_calls_async") then
+  local a = Actor:remote()
+  local N = 10000
+  m("1_1_actor_calls_async", rate(function()
+    local refs = {}
+    for i = 1, N do refs[i] = a:small() end
+    tide.get(refs)
+  end, N, 3), "calls/s", limits.pipe_stream)
+end
+
+if wanted("1_n_actor_calls_async") then
+  local actors = {}
+  for i = 1, 4 do actors[i] = Actor:remote() end
+  local N = 10000
+  m("1_n_actor_calls_async", rate(function()
+    local refs = {}
+    for i = 1, N do refs[i] = actors[(i % 4) + 1]:small() end
+    tide.get(refs)
+  end, N, 3), "calls/s", limits.pipe_stream)
+end
+
+if wanted("n_n_actor_calls_async") then
+  local callers, callees = {}, {}
+  for i = 1, 2 do callers[i] = Actor:remote(); callees[i] = Actor:remote() end
+  local N = 5000
+  m("n_n_actor_calls_async", rate(function()
+    tide.get({callers[1]:call_n(callees[1], N), callers[2]:call_n(callees[2], N)})
+  end, 2 * N, 3), "calls/s", limits.pipe_stream)
+end
+
+if wanted("single_client_get_calls") then
+  local r = tide.put(0)
+  m("single_client_get_calls", rate(function() for _ = 1, 100 do tide.get(r) end end, 100),
+    "calls/s", limits.pipe_pingpong)
+end
+
+if wanted("single_client_put_calls") then
+  m("single_client_put_calls", rate(function() for _ = 1, 100 do tide.put(0) end end, 100),
+    "calls/s", limits.pipe_pingpong)
+end
+
+if wanted("single_client_put_gigabytes") then
+  local big = string.rep("x", 64 * 1024 * 1024)
+  local r = tide.put(big) -- fault the store's pages in once
+  r = nil
+  collectgarbage()
+  -- Each ref is dropped and collected, so the store reuses its extent.
+  local gb = rate(function()
+    local ref = tide.put(big)
+    ref = nil
+    collectgarbage()
+  end, #big / 1e9, 2)
+  m("single_client_put_gigabytes", gb, "GB/s", limits.memcpy / 1e9)
+end
+
+if wanted("single_client_tasks_and_get_batch") then
+  m("single_client_tasks_and_get_batch", rate(function()
+    local refs = {}
+    for i = 1, 1000 do refs[i] = nop:remote() end
+    tide.get(refs)
+  end, 1, 2), "batches/s", limits.pipe_stream / 1000)
+end
+
+if wanted("single_client_wait_1k_refs") then
+  local refs = {}
+  for i = 1, 1000 do refs[i] = nop:remote() end
+  tide.get(refs)
+  m("single_client_wait_1k_refs", rate(function() tide.wait(refs, {num_returns = 1000}) end, 1),
+    "waits/s")
+end
+
+if wanted("placement_group_create") then
+  m("placement_group_create/removal", rate(function()
+    local pg = tide.placement_group({{CPU = 0.01}})
+    tide.remove_placement_group(pg)
+  end, 1), "pgs/s")
+end
+
+if wanted("cold_start") then
+  local tmp = os.tmpname()
+  local f = assert(io.open(tmp, "w"))
+  f:write('local tide = require("tide")\n',
+    'assert(tide.get(tide.remote(function() return 1 end):remote()) == 1)\n')
+  f:close()
+  local exe = os.getenv("TIDE_HOME") .. "/bin/tide"
+  local times = {}
+  for i = 1, 7 do
+    local t0 = raw.now()
+    assert(os.execute(exe .. " run " .. tmp .. " >/dev/null 2>&1") == 0)
+    times[i] = raw.now() - t0
+  end
+  os.remove(tmp)
+  table.sort(times)
+  m("cold_start_first_task", times[4] * 1000, "ms", nil, {runs = 7})
+end
+
+if wanted("idle_worker_rss") then
+  local pid = tide.get(tide.remote(function() return tide.get_runtime_context().pid end):remote())
+  m("idle_worker_rss", (raw.rss(pid) or 0) / 1024, "KiB")
+end
+
+if wanted("million_tasks") then
+  local N = math.floor(1000000 * SCALE)
+  local t0 = raw.now()
+  local batch = 20000
+  local done = 0
+  while done < N do
+    local refs = {}
+    for i = 1, batch do refs[i] = nop:remote() end
+    tide.get(refs)
+    done = done + batch
+  end
+  local dt = raw.now() - t0
+  m("million_tasks", N / dt, "tasks/s", nil, {tasks = N, seconds = dt,
+    driver_max_rss_mib = raw.maxrss() / 1048576})
+end
+
+if wanted("actors_100k") then
+  local N = math.floor(100000 * SCALE)
+  local Tiny = tide.actor({get = function(self) return 1 end})
+  local before = 0
+  local t0 = raw.now()
+  local handles = {}
+  for i = 1, N do handles[i] = Tiny:remote() end
+  -- One call to the last actor proves they are all created.
+  tide.get(handles[N]:get())
+  local dt = raw.now() - t0
+  -- Memory of the processes hosting them.
+  local pids = {}
+  for line in io.popen("pgrep -P " .. raw.pid_self()):lines() do pids[#pids + 1] = tonumber(line) end
+  local rss = 0
+  for _, p in ipairs(pids) do rss = rss + (raw.rss(p) or 0) end
+  m("actors_created_per_s", N / dt, "actors/s", nil, {actors = N})
+  m("actor_memory", (rss - before) / N / 1024, "KiB/actor", nil, {actors = N, worker_rss_mib = rss / 1048576})
+  for i = 1, N, math.max(1, math.floor(N / 10)) do assert(tide.get(handles[i]:get()) == 1) end
+end
