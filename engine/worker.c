@@ -249,8 +249,27 @@ static lua_State *td__newstate(int actor) {
   return L;
 }
 
+/* Definitions arrive once per process; every Lua state here loads them
+ * from this cache. */
+typedef struct td__blob {
+  uint32_t len;
+  uint8_t data[];
+} td__blob_t;
+static td_map_t td__blobs;
+
 /* Loads a function or class by id, caching it in the state's registry. */
 static int td__load_fn(lua_State *L, uint64_t id, const uint8_t *blob, uint32_t len) {
+  if (blob) {
+    if (!td_map_get(&td__blobs, id)) {
+      td__blob_t *b = td_xmalloc(sizeof(*b) + len);
+      b->len = len;
+      memcpy(b->data, blob, len);
+      td_map_set(&td__blobs, id, b);
+    }
+  } else {
+    td__blob_t *b = td_map_get(&td__blobs, id);
+    if (b) { blob = b->data; len = b->len; }
+  }
   lua_getfield(L, LUA_REGISTRYINDEX, "tide.fns");
   if (lua_isnil(L, -1)) {
     lua_pop(L, 1);
@@ -907,6 +926,7 @@ int td_worker_main(int argc, char **argv) {
   td_map_init(&td_ctx.lrefs);
   td_map_init(&td__actors);
   td_map_init(&td__waiting);
+  td_map_init(&td__blobs);
   td_ser_init(&td_ctx.ser);
   td_buf_init(&td__out);
   td__task_L = td__newstate(0);
