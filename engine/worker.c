@@ -223,10 +223,173 @@ int td_w_sleep(lua_State *L, double seconds) {
 
 /* -- Lua states -------------------------------------------------------------------- */
 
+/* -- Lightweight actor states --------------------------------------------------
+ * An actor's state opens only the libraries every script expects at once;
+ * io, debug, jit, ffi and the capture module load on first use. Functions
+ * are loaded by a C loader, so a new state parses no Lua source. */
+
+static const char *const td__restore_marks[] = {"\0tide.self", "\0tide.mod", "\0tide.cfn"};
+
+/* Replaces a capture marker table at the top of L by what it stands for. */
+static void td__restore(lua_State *L, int fn) {
+  if (!lua_istable(L, -1)) return;
+  lua_pushstring(L, td__restore_marks[0]);
+  lua_rawget(L, -2);
+  if (lua_toboolean(L, -1)) { lua_pop(L, 2); lua_pushvalue(L, fn); return; }
+  lua_pop(L, 1);
+  lua_pushlstring(L, td__restore_marks[1], 9);
+  lua_rawget(L, -2);
+  if (lua_isstring(L, -1)) {
+    lua_remove(L, -2);
+    if (!strcmp(lua_tostring(L, -1), "_G")) { lua_pop(L, 1); lua_pushvalue(L, LUA_GLOBALSINDEX); return; }
+    lua_getglobal(L, "require");
+    lua_insert(L, -2);
+    lua_call(L, 1, 1);
+    return;
+  }
+  lua_pop(L, 1);
+  lua_pushlstring(L, td__restore_marks[2], 9);
+  lua_rawget(L, -2);
+  if (lua_isstring(L, -1)) {
+    /* "lib.name" or "name" */
+    char path[128];
+    snprintf(path, sizeof(path), "%s", lua_tostring(L, -1));
+    lua_pop(L, 2);
+    char *dot = strchr(path, '.');
+    if (dot) {
+      *dot = 0;
+      lua_getglobal(L, path);
+      lua_getfield(L, -1, dot + 1);
+      lua_remove(L, -2);
+    } else {
+      lua_getglobal(L, path);
+    }
+    return;
+  }
+  lua_pop(L, 1);
+}
+
+/* loadfn hook: descriptor {bc, nup, up, g} -> function. */
+static int td__c_loadfn(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  lua_getfield(L, 1, "bc");
+  size_t n;
+  const char *bc = lua_tolstring(L, -1, &n);
+  if (!bc || luaL_loadbuffer(L, bc, n, "=remote") != 0) return luaL_error(L, "cannot load function bytecode");
+  int fn = lua_gettop(L);
+  lua_getfield(L, 1, "nup");
+  int nup = (int)lua_tointeger(L, -1);
+  lua_pop(L, 1);
+  lua_getfield(L, 1, "up");
+  int up = lua_gettop(L);
+  for (int i = 1; i <= nup; i++) {
+    lua_rawgeti(L, up, i);
+    if (lua_isnil(L, -1)) { lua_pop(L, 1); continue; }
+    td__restore(L, fn);
+    lua_setupvalue(L, fn, i);
+  }
+  lua_getfield(L, 1, "g");
+  if (lua_istable(L, -1)) {
+    int g = lua_gettop(L);
+    lua_newtable(L);
+    int env = lua_gettop(L);
+    lua_pushnil(L);
+    while (lua_next(L, g)) {
+      td__restore(L, fn);
+      lua_pushvalue(L, -2);
+      lua_insert(L, -2);
+      lua_rawset(L, env);
+    }
+    lua_newtable(L);
+    lua_pushvalue(L, LUA_GLOBALSINDEX);
+    lua_setfield(L, -2, "__index");
+    lua_pushvalue(L, LUA_GLOBALSINDEX);
+    lua_setfield(L, -2, "__newindex");
+    lua_setmetatable(L, env);
+    lua_setfenv(L, fn);
+  }
+  lua_settop(L, fn);
+  return 1;
+}
+
+/* dumpfn hook for actor states: the capture module loads on first use. */
+static int td__c_dumpfn(lua_State *L) {
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "tide.capture");
+  lua_call(L, 1, 1);
+  lua_getfield(L, -1, "dumpfn");
+  lua_pushvalue(L, 1);
+  lua_call(L, 1, 1);
+  return 1;
+}
+
+static int td__c_print(lua_State *L) {
+  int n = lua_gettop(L);
+  luaL_Buffer b;
+  luaL_buffinit(L, &b);
+  char pre[200];
+  snprintf(pre, sizeof(pre), "(%s pid=%d) ", td_ctx.cur_name[0] ? td_ctx.cur_name : "actor", (int)getpid());
+  luaL_addstring(&b, pre);
+  for (int i = 1; i <= n; i++) {
+    lua_getglobal(L, "tostring");
+    lua_pushvalue(L, i);
+    lua_call(L, 1, 1);
+    if (i > 1) luaL_addchar(&b, '\t');
+    luaL_addvalue(&b);
+  }
+  luaL_addchar(&b, '\n');
+  luaL_pushresult(&b);
+  size_t len;
+  const char *s = lua_tolstring(L, -1, &len);
+  td_chan_begin(&td_ctx.ch, TD_M_PRINT);
+  td_buf_str(&td_ctx.ch.out, s, len);
+  td_chan_end(&td_ctx.ch);
+  return 0;
+}
+
+static int td__c_exit(lua_State *L) {
+  lua_createtable(L, 0, 1);
+  lua_pushboolean(L, 1);
+  lua_setfield(L, -2, "__tide_exit");
+  return lua_error(L);
+}
+
+/* _G's __index: opens io, debug, jit and ffi the first time they are named. */
+static int td__lazy_global(lua_State *L) {
+  const char *k = lua_tostring(L, 2);
+  lua_CFunction open = NULL;
+  if (!k) return 0;
+  if (!strcmp(k, "io")) open = luaopen_io;
+  else if (!strcmp(k, "debug")) open = luaopen_debug;
+  else if (!strcmp(k, "jit")) open = luaopen_jit;
+  else return 0;
+  lua_pushcfunction(L, open);
+  lua_pushstring(L, k);
+  lua_call(L, 1, 0);
+  lua_rawget(L, 1);
+  return 1;
+}
+
 static lua_State *td__newstate(int actor) {
   lua_State *L = luaL_newstate();
   if (!L) return NULL;
-  luaL_openlibs(L);
+  if (actor) {
+    static const luaL_Reg libs[] = {{"", luaopen_base}, {LUA_LOADLIBNAME, luaopen_package},
+      {LUA_TABLIBNAME, luaopen_table}, {LUA_STRLIBNAME, luaopen_string},
+      {LUA_MATHLIBNAME, luaopen_math}, {LUA_OSLIBNAME, luaopen_os}, {LUA_BITLIBNAME, luaopen_bit},
+      {NULL, NULL}};
+    for (const luaL_Reg *lib = libs; lib->func; lib++) {
+      lua_pushcfunction(L, lib->func);
+      lua_pushstring(L, lib->name);
+      lua_call(L, 1, 0);
+    }
+    lua_newtable(L);
+    lua_pushcfunction(L, td__lazy_global);
+    lua_setfield(L, -2, "__index");
+    lua_setmetatable(L, LUA_GLOBALSINDEX);
+  } else {
+    luaL_openlibs(L);
+  }
   lua_getglobal(L, "package");
   lua_pushfstring(L, "%s/stdlib/?.lua;%s/stdlib/?/init.lua;", td__home, td__home);
   lua_getfield(L, -2, "path");
@@ -235,7 +398,27 @@ static lua_State *td__newstate(int actor) {
   lua_getfield(L, -1, "preload");
   lua_pushcfunction(L, luaopen_tide_core);
   lua_setfield(L, -2, "tide.core");
+  if (actor) {
+    /* The debug and jit libraries some modules require by name. */
+    lua_pushcfunction(L, luaopen_debug);
+    lua_setfield(L, -2, "debug");
+    lua_pushcfunction(L, luaopen_jit);
+    lua_setfield(L, -2, "jit");
+  }
   lua_pop(L, 2);
+  if (actor) {
+    lua_pushcfunction(L, td__c_loadfn);
+    lua_setfield(L, LUA_REGISTRYINDEX, TD_HOOK_LOADFN);
+    lua_pushcfunction(L, td__c_dumpfn);
+    lua_setfield(L, LUA_REGISTRYINDEX, TD_HOOK_DUMPFN);
+    lua_pushcfunction(L, td__c_print);
+    lua_setglobal(L, "print");
+    lua_getglobal(L, "os");
+    lua_pushcfunction(L, td__c_exit);
+    lua_setfield(L, -2, "exit");
+    lua_pop(L, 1);
+    return L;
+  }
   lua_getglobal(L, "require");
   lua_pushliteral(L, "tide.boot");
   if (lua_pcall(L, 1, 1, 0) != 0) {
@@ -380,6 +563,13 @@ static int td__push_args(lua_State *L, td_rd_t *rd, int *deperr) {
 /* Turns an error value into an error table via the stdlib's formatter. */
 static void td__errtable(lua_State *L, lua_State *co, int erridx, td_co_t *c) {
   lua_getfield(L, LUA_REGISTRYINDEX, "tide.hook.errfmt");
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    lua_getglobal(L, "require");
+    lua_pushliteral(L, "tide.boot");
+    if (lua_pcall(L, 1, 1, 0) == 0) lua_getfield(L, -1, "errfmt"), lua_remove(L, -2);
+    else lua_pop(L, 1), lua_pushnil(L);
+  }
   lua_pushvalue(co, erridx);
   lua_xmove(co, L, 1);
   luaL_traceback(L, co, NULL, 0);

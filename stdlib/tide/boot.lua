@@ -22,6 +22,8 @@ local function errfmt(err, tb, name)
   return e
 end
 
+M.errfmt = errfmt
+
 function M.setup(is_actor)
   require("tide.capture").install()
   local reg = debug.getregistry()
