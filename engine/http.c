@@ -12,10 +12,9 @@
 
 /* -- Constants ----------------------------------------------------------- */
 
-#define TD__HTTP_SLOT_BITS 24                        /* live requests <= 16M */
-#define TD__HTTP_SLOT_MASK ((1u << TD__HTTP_SLOT_BITS) - 1)
 #define TD__HTTP_READ_BUF (64 * 1024)                /* one shared read buffer */
 #define TD__HTTP_HIGH_WATER (1024 * 1024)            /* unsent bytes that pause parsing */
+#define TD__HTTP_EAGER_FLUSH (256 * 1024)            /* stream bytes that are written at once */
 #define TD__HTTP_KEEP_BUF (64 * 1024)                /* pooled buffers above this are freed */
 #define TD__HTTP_POOL_MAX 256                        /* idle request structs kept */
 #define TD__HTTP_LINGER_MS 2000                      /* read-and-discard after our FIN */
@@ -74,7 +73,7 @@ struct td__http_req {
   td_http_request_t pub;  /* the view handed to on_request */
   td__http_conn_t *conn;  /* the connection it arrived on */
   td__http_req_t *next;   /* next in the connection's queue, or in the pool */
-  uint32_t slot;          /* index in srv->slots while it has an id, else UINT32_MAX */
+  uint8_t has_id;         /* its id is live (in srv->ids) */
   uint8_t state;          /* TD__RQ_* */
   uint8_t framing;        /* TD__FR_* of a streamed response */
   uint8_t head_only;      /* HEAD request: headers only */
@@ -160,12 +159,10 @@ struct td_http_server {
   int port;                   /* bound port */
   td__http_conn_t *conns;     /* open connections */
   td__http_conn_t *dirty;     /* connections with output or parsing to resume */
-  td__http_req_t **slots;     /* live requests with an id, by slot */
-  uint64_t *gens;             /* generation of each slot (high bits of ids) */
-  uint32_t nslots;            /* slots in use or freed */
-  uint32_t cslots;            /* capacity */
-  uint32_t *free_slots;       /* stack of free slot indices */
-  uint32_t nfree;             /* its depth */
+  td__http_req_t **ids;       /* live requests by id: open addressing, linear probing */
+  size_t ids_cap;             /* table size, a power of two (0 before the first) */
+  size_t ids_count;           /* live ids */
+  td_http_req_id next_id;     /* ids are 1, 2, 3, ...: exact in a double for ages */
   td__http_req_t *pool;       /* idle request structs */
   unsigned npool;             /* their number */
   td_http_stats_t st;         /* counters */
@@ -360,7 +357,7 @@ static td__http_req_t *req_new(td__http_conn_t *c) {
   }
   r->conn = c;
   r->next = NULL;
-  r->slot = UINT32_MAX;
+  r->has_id = 0;
   r->state = TD__RQ_PARSING;
   r->framing = TD__FR_LENGTH;
   r->head_only = r->close_after = r->healthz = 0;
@@ -372,49 +369,69 @@ static td__http_req_t *req_new(td__http_conn_t *c) {
   return r;
 }
 
+/* Request ids: a hash table keyed by the id (sequential ids hash to
+ * themselves); removal shifts the run back so probes never see holes. */
+static int ids_grow(td_http_server_t *srv) {
+  size_t cap = srv->ids_cap ? srv->ids_cap * 2 : 64;
+  td__http_req_t **t = calloc(cap, sizeof(*t));
+  if (!t) return UV_ENOMEM;
+  for (size_t i = 0; i < srv->ids_cap; i++) {
+    td__http_req_t *r = srv->ids[i];
+    if (!r) continue;
+    size_t k = (size_t)r->pub.id & (cap - 1);
+    while (t[k]) k = (k + 1) & (cap - 1);
+    t[k] = r;
+  }
+  free(srv->ids);
+  srv->ids = t;
+  srv->ids_cap = cap;
+  return 0;
+}
+
 /* Gives the request an id (it is about to be handed to on_request). */
 static int req_assign_id(td_http_server_t *srv, td__http_req_t *r) {
-  uint32_t slot;
-  if (srv->nfree) {
-    slot = srv->free_slots[--srv->nfree];
-  } else {
-    if (srv->nslots == srv->cslots) {
-      uint32_t cap = srv->cslots ? srv->cslots * 2 : 64;
-      if (cap > TD__HTTP_SLOT_MASK) return UV_ENOMEM;
-      td__http_req_t **s = realloc(srv->slots, cap * sizeof(*s));
-      if (!s) return UV_ENOMEM;
-      srv->slots = s;
-      uint64_t *g = realloc(srv->gens, cap * sizeof(*g));
-      if (!g) return UV_ENOMEM;
-      srv->gens = g;
-      uint32_t *f = realloc(srv->free_slots, cap * sizeof(*f));
-      if (!f) return UV_ENOMEM;
-      srv->free_slots = f;
-      srv->cslots = cap;
-    }
-    slot = srv->nslots++;
-    srv->gens[slot] = 0;
-  }
-  srv->gens[slot]++;
-  srv->slots[slot] = r;
-  r->slot = slot;
-  r->pub.id = (srv->gens[slot] << TD__HTTP_SLOT_BITS) | slot;
+  if ((srv->ids_count + 1) * 2 > srv->ids_cap && ids_grow(srv)) return UV_ENOMEM;
+  r->pub.id = ++srv->next_id;
+  size_t mask = srv->ids_cap - 1, k = (size_t)r->pub.id & mask;
+  while (srv->ids[k]) k = (k + 1) & mask;
+  srv->ids[k] = r;
+  srv->ids_count++;
+  r->has_id = 1;
   return 0;
+}
+
+static size_t ids_index(const td_http_server_t *srv, td_http_req_id id) {
+  if (!srv->ids_cap || !id) return SIZE_MAX;
+  size_t mask = srv->ids_cap - 1;
+  for (size_t k = (size_t)id & mask; srv->ids[k]; k = (k + 1) & mask)
+    if (srv->ids[k]->pub.id == id) return k;
+  return SIZE_MAX;
 }
 
 /* Kills the request's id: later calls with it get UV_ENOENT. */
 static void req_drop_id(td_http_server_t *srv, td__http_req_t *r) {
-  if (r->slot == UINT32_MAX) return;
-  srv->slots[r->slot] = NULL;
-  srv->free_slots[srv->nfree++] = r->slot;
-  r->slot = UINT32_MAX;
+  if (!r->has_id) return;
+  r->has_id = 0;
+  size_t i = ids_index(srv, r->pub.id);
+  if (i == SIZE_MAX) abort(); /* internal invariant */
+  size_t mask = srv->ids_cap - 1;
+  srv->ids[i] = NULL;
+  srv->ids_count--;
+  for (size_t j = (i + 1) & mask; srv->ids[j]; j = (j + 1) & mask) {
+    size_t home = (size_t)srv->ids[j]->pub.id & mask;
+    /* Move it back unless its home lies in the cyclic range (i, j]. */
+    int in_range = i <= j ? (home > i && home <= j) : (home > i || home <= j);
+    if (!in_range) {
+      srv->ids[i] = srv->ids[j];
+      srv->ids[j] = NULL;
+      i = j;
+    }
+  }
 }
 
 static td__http_req_t *req_lookup(td_http_server_t *srv, td_http_req_id id) {
-  uint32_t slot = (uint32_t)(id & TD__HTTP_SLOT_MASK);
-  if (slot >= srv->nslots) return NULL;
-  td__http_req_t *r = srv->slots[slot];
-  return (r && r->pub.id == id) ? r : NULL;
+  size_t k = ids_index(srv, id);
+  return k == SIZE_MAX ? NULL : srv->ids[k];
 }
 
 static void req_release(td_http_server_t *srv, td__http_req_t *r) {
@@ -437,13 +454,14 @@ static void req_release(td_http_server_t *srv, td__http_req_t *r) {
 
 /* A request is "live" while the application owes it a response. */
 static int req_live(const td__http_req_t *r) {
-  return r->slot != UINT32_MAX &&
+  return r->has_id &&
          (r->state == TD__RQ_DISPATCHED || r->state == TD__RQ_STREAMING);
 }
 
 /* -- Connection bookkeeping ---------------------------------------------- */
 
 static void conn_service(td__http_conn_t *c);
+static void conn_flush(td__http_conn_t *c);
 static void conn_timer_update(td__http_conn_t *c);
 static void conn_parse(td__http_conn_t *c, const char *p, size_t n);
 
@@ -484,8 +502,13 @@ static td__hbuf_t *req_target(td__http_req_t *r) {
   return r == r->conn->qhead ? &r->conn->wbuf : &r->out;
 }
 
+/* Output the client has not taken: what waits behind a write the socket
+ * could not take at once, plus what waits for its turn in the queue. Bytes
+ * made in the current loop turn and not yet tried do not count, so a big
+ * response written in pieces by one callback is not mistaken for a slow
+ * client. */
 static size_t conn_backlog(const td__http_conn_t *c, const td__hbuf_t *target) {
-  size_t n = c->wbuf.len + c->wflight.len;
+  size_t n = c->writing ? c->wbuf.len + c->wflight.len : 0;
   if (target != &c->wbuf) n += target->len;
   return n;
 }
@@ -1509,9 +1532,7 @@ static void server_maybe_closed(td_http_server_t *srv) {
   }
   cmds_free(srv->cmd_head);
   pthread_mutex_destroy(&srv->mu);
-  free(srv->slots);
-  free(srv->gens);
-  free(srv->free_slots);
+  free(srv->ids);
   free(srv);
 }
 
@@ -1603,6 +1624,7 @@ static int stream_write_now(td_http_server_t *srv, td_http_req_id id, const void
   } else {
     hbuf_raw(b, data, len);
   }
+  if (b == &c->wbuf && b->len >= TD__HTTP_EAGER_FLUSH) conn_flush(c);
   conn_mark_dirty(c);
   return 0;
 }

@@ -993,3 +993,152 @@ TEST_IMPL(http_lifecycle) {
   ASSERT_EQ(uv_loop_close(&loop), 0);
   return 0;
 }
+
+/* A client that stops reading: the backlog limit, then the send timeout,
+ * drop it with on_abort(SLOW_CLIENT). */
+static void slow_client_case(td_http_opts_t *o, int total_chunks) {
+  fx_t *fx = fx_start(app_basic, o);
+  client_t *c = cl_open(fx->port);
+  int small = 4096;
+  setsockopt(c->fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof(small));
+  cl_sends(c, "GET /hold/big HTTP/1.1\r\n\r\n");
+  ASSERT(fx_wait(fx, &fx->nheld, 1));
+  td_http_req_id id = fx->held[0];
+  ASSERT_EQ(td_http_stream_start(fx->srv, id, 200, NULL, 0), 0);
+  size_t n = 256 * 1024;
+  char *chunk = malloc(n);
+  memset(chunk, 'x', n);
+  for (int i = 0; i < total_chunks && fx_get(fx, &fx->naborts) == 0; i++) {
+    ASSERT_EQ(td_http_stream_write(fx->srv, id, chunk, n), 0);
+    usleep(2000);
+  }
+  ASSERT(fx_wait(fx, &fx->naborts, 1));
+  ASSERT_EQ(fx->abort_id, id);
+  ASSERT_EQ(fx->abort_reason, TD_HTTP_ABORT_SLOW_CLIENT);
+  free(chunk);
+  cl_close(c);
+  fx_stop(fx);
+}
+
+TEST_IMPL(http_slow_client) {
+  td_http_opts_t o1 = {.max_output_bytes = 1024 * 1024};
+  slow_client_case(&o1, 400);
+  td_http_opts_t o2 = {.send_timeout_ms = 200};
+  slow_client_case(&o2, 64);
+  return 0;
+}
+
+TEST_IMPL(http_max_connections) {
+  td_http_opts_t o = {.max_connections = 2};
+  fx_t *fx = fx_start(app_basic, &o);
+  resp_t *r = malloc(sizeof(*r));
+  client_t *a = cl_open(fx->port), *b = cl_open(fx->port);
+  cl_sends(a, "GET /hello HTTP/1.1\r\n\r\n");
+  ASSERT_EQ(cl_read(a, r), 0); /* both are accepted by now */
+  cl_sends(b, "GET /hello HTTP/1.1\r\n\r\n");
+  ASSERT_EQ(cl_read(b, r), 0);
+  client_t *c = cl_open(fx->port);
+  ASSERT(cl_eof(c)); /* one too many: closed at once */
+  cl_close(c);
+  cl_sends(a, "GET /hello HTTP/1.1\r\n\r\n");
+  ASSERT_EQ(cl_read(a, r), 0);
+  ASSERT_EQ(r->status, 200);
+  cl_close(a);
+  cl_close(b);
+  free(r);
+  fx_stop(fx);
+  return 0;
+}
+
+/* Thousands of live requests over in-memory connections, answered in a
+ * scrambled order: ids stay unique and findable (hash table growth and
+ * removal), and every connection's responses come out in request order. */
+#define VN_CONNS 100
+#define VN_REQS 50
+
+typedef struct vnet {
+  td_http_req_id ids[VN_CONNS * VN_REQS]; /* live ids in arrival order */
+  int n;                                  /* how many */
+  char out[VN_CONNS][VN_REQS * 160];      /* each connection's output */
+  size_t out_len[VN_CONNS];               /* used */
+} vnet_t;
+
+static vnet_t *vn;
+
+static void vn_request(td_http_server_t *srv, const td_http_request_t *req, void *data) {
+  (void)srv;
+  (void)data;
+  ASSERT(vn->n < VN_CONNS * VN_REQS);
+  for (int i = 0; i < vn->n; i++) ASSERT(vn->ids[i] != req->id);
+  vn->ids[vn->n++] = req->id;
+}
+
+static void vn_sink(void *ud, const char *d, size_t n) {
+  int k = (int)(intptr_t)ud;
+  ASSERT(vn->out_len[k] + n <= sizeof(vn->out[k]));
+  memcpy(vn->out[k] + vn->out_len[k], d, n);
+  vn->out_len[k] += n;
+}
+
+TEST_IMPL(http_ids_many) {
+  vn = calloc(1, sizeof(*vn));
+  uv_loop_t loop;
+  ASSERT_EQ(uv_loop_init(&loop), 0);
+  td_http_opts_t o = {.on_request = vn_request, .max_pipeline = VN_REQS};
+  td_http_server_t *srv = td_http_server_new(&loop, &o);
+  td__http_conn_t *cs[VN_CONNS];
+  static char path[VN_CONNS * VN_REQS][32];
+  for (int k = 0; k < VN_CONNS; k++) {
+    cs[k] = td__http_virt_open(srv, vn_sink, (void *)(intptr_t)k);
+    ASSERT(cs[k]);
+    for (int j = 0; j < VN_REQS; j++) {
+      char req[64];
+      int n = snprintf(req, sizeof(req), "GET /%d/%d HTTP/1.1\r\n\r\n", k, j);
+      td__http_virt_feed(cs[k], req, (size_t)n);
+      snprintf(path[k * VN_REQS + j], sizeof(path[0]), "/%d/%d", k, j);
+    }
+  }
+  td__http_virt_flush(srv);
+  ASSERT_EQ(vn->n, VN_CONNS * VN_REQS);
+  /* Arrival order is connection by connection: ids[i] is path[i]. */
+  int total = vn->n;
+  int *order = malloc(sizeof(int) * (size_t)total);
+  for (int i = 0; i < total; i++) order[i] = i;
+  uint32_t x = 12345;
+  for (int i = total - 1; i > 0; i--) {
+    x = x * 1103515245u + 12345u;
+    int j = (int)((x >> 8) % (uint32_t)(i + 1));
+    int t = order[i];
+    order[i] = order[j];
+    order[j] = t;
+  }
+  for (int i = 0; i < total; i++) {
+    int q = order[i];
+    ASSERT_EQ(td_http_respond(srv, vn->ids[q], 200, NULL, 0, path[q], strlen(path[q])), 0);
+    ASSERT_EQ(td_http_respond(srv, vn->ids[q], 200, NULL, 0, NULL, 0), UV_ENOENT);
+    if (i % 97 == 0) td__http_virt_flush(srv);
+  }
+  td__http_virt_flush(srv);
+  for (int k = 0; k < VN_CONNS; k++) {
+    const char *p = vn->out[k], *end = vn->out[k] + vn->out_len[k];
+    for (int j = 0; j < VN_REQS; j++) {
+      char want[48];
+      snprintf(want, sizeof(want), "\r\n\r\n/%d/%d", k, j);
+      const char *hit = memmem(p, (size_t)(end - p), want, strlen(want));
+      ASSERT(hit != NULL);
+      p = hit + strlen(want);
+    }
+    td__http_virt_close(cs[k]);
+  }
+  td_http_stats_t st;
+  td_http_server_stats(srv, &st);
+  ASSERT_EQ(st.requests, (uint64_t)total);
+  ASSERT_EQ(st.responses, (uint64_t)total);
+  ASSERT_EQ(st.connections_open, 0);
+  td_http_server_close(srv, NULL);
+  ASSERT_EQ(uv_run(&loop, UV_RUN_DEFAULT), 0);
+  ASSERT_EQ(uv_loop_close(&loop), 0);
+  free(order);
+  free(vn);
+  return 0;
+}
