@@ -56,6 +56,7 @@ struct td_actor_st {
 static lua_State *td__task_L;       /* the task worker's state */
 static td_map_t td__actors;         /* actor id -> td_actor_st_t */
 static td_map_t td__waiting;        /* req -> td_co_t (yielded) */
+static td_map_t td__dead;           /* actor id -> why it ended here */
 static td_frame_t *td__dq_head, *td__dq_tail;  /* deferred frames */
 static td_co_t *td__cur;            /* the coroutine running now */
 static td_buf_t td__out;
@@ -370,6 +371,29 @@ static int td__lazy_global(lua_State *L) {
   return 1;
 }
 
+/* package.preload for jit.util / jit.opt: opening jit registers them. */
+static int td__preload_jit_sub(lua_State *L) {
+  const char *name = luaL_checkstring(L, 1);
+  /* require left a sentinel in _LOADED[name]; the library replaces it. */
+  lua_getfield(L, LUA_REGISTRYINDEX, "_LOADED");
+  lua_pushnil(L);
+  lua_setfield(L, -2, name);
+  lua_pushcfunction(L, luaopen_jit);
+  lua_pushliteral(L, "jit");
+  lua_call(L, 1, 1);
+  lua_setglobal(L, "jit");
+  /* Opening jit pre-registers the real loaders of its submodules. */
+  lua_getfield(L, LUA_REGISTRYINDEX, "_PRELOAD");
+  lua_getfield(L, -1, name);
+  if (lua_tocfunction(L, -1) != td__preload_jit_sub && lua_isfunction(L, -1)) {
+    lua_pushstring(L, name);
+    lua_call(L, 1, 1);
+    return 1;
+  }
+  lua_getfield(L, -4, name);
+  return 1;
+}
+
 static lua_State *td__newstate(int actor) {
   lua_State *L = luaL_newstate();
   if (!L) return NULL;
@@ -404,6 +428,10 @@ static lua_State *td__newstate(int actor) {
     lua_setfield(L, -2, "debug");
     lua_pushcfunction(L, luaopen_jit);
     lua_setfield(L, -2, "jit");
+    lua_pushcfunction(L, td__preload_jit_sub);
+    lua_setfield(L, -2, "jit.util");
+    lua_pushcfunction(L, td__preload_jit_sub);
+    lua_setfield(L, -2, "jit.opt");
   }
   lua_pop(L, 2);
   if (actor) {
@@ -906,6 +934,9 @@ static void td__actor_destroy(td_actor_st_t *a, const char *why, int crashed) {
   td_buf_str(&td_ctx.ch.out, why, strlen(why));
   td_chan_end(&td_ctx.ch);
   td_map_del(&td__actors, a->id);
+  /* Calls already on their way get this reason. */
+  free(td_map_del(&td__dead, a->id));
+  td_map_set(&td__dead, a->id, td_xstrdup(why));
   td__flush();
   lua_close(L);
   free(a);
@@ -1000,7 +1031,8 @@ static void td__on_actor_call(const uint8_t *p, uint32_t len) {
   memcpy(&actor_id, p + 8, 8);
   td_actor_st_t *a = td_map_get(&td__actors, actor_id);
   if (!a) {
-    td__send_error_msg(td__task_L, task_id, "ActorDiedError", "the actor is not alive in this process");
+    const char *why = td_map_get(&td__dead, actor_id);
+    td__send_error_msg(td__task_L, task_id, "ActorDiedError", why ? why : "the actor is not alive in this process");
     return;
   }
   td_frame_t *f = td__frame_copy(TD_M_ACTOR_CALL, p, len);
@@ -1117,6 +1149,7 @@ int td_worker_main(int argc, char **argv) {
   td_map_init(&td__actors);
   td_map_init(&td__waiting);
   td_map_init(&td__blobs);
+  td_map_init(&td__dead);
   td_ser_init(&td_ctx.ser);
   td_buf_init(&td__out);
   td__task_L = td__newstate(0);

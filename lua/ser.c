@@ -447,7 +447,8 @@ static int td__de(td__dctx_t *c, lua_State *L) {
       lua_getglobal(L, "require");
       lua_pushlstring(L, (const char *)m, mn);
       if (lua_pcall(L, 1, 1, 0) != 0 || !lua_istable(L, -1)) {
-        snprintf(c->d->err, sizeof(c->d->err), "cannot load module %.*s for a received object", (int)mn, m);
+        snprintf(c->d->err, sizeof(c->d->err), "cannot load module %.*s for a received object: %s", (int)mn,
+                 m, lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "?");
         return TD_ESER;
       }
       lua_getfield(L, -1, "__tide_deser");
