@@ -52,6 +52,8 @@ typedef struct td_ops {
                   int accum);
   /* *out = sum of in[0..n) accumulated in double (result on the host). */
   int (*sum)(double *out, const float *in, int64_t n);
+  /* *out = sum of a[i] * b[i] accumulated in double (result on the host). */
+  int (*dot)(double *out, const float *a, const float *b, int64_t n);
 
   /* -- Activations and normalisation (over the last dim, cols) -- */
 

@@ -223,6 +223,13 @@ static int td__cpu_sum(double *out, const float *in, int64_t n) {
   return 0;
 }
 
+static int td__cpu_dot(double *out, const float *a, const float *b, int64_t n) {
+  double s = 0;
+  for (int64_t i = 0; i < n; i++) s += (double)a[i] * b[i];
+  *out = s;
+  return 0;
+}
+
 /* -- Softmax, layernorm, gelu ---------------------------------------------- */
 
 static int td__cpu_softmax_fwd(float *y, const float *x, int64_t rows,
@@ -314,10 +321,18 @@ static int td__cpu_layernorm_bwd(float *dx, float *dw, float *db,
 
 #define TD__GELU_K 0.7978845608028654f /* sqrt(2/pi) */
 
+/* tanh through one expf (libm's tanhf is several times slower); absolute
+ * error ~1e-7, clamped where expf would overflow. */
+static inline float td__tanh(float u) {
+  if (u > 15.0f) return 1.0f;
+  if (u < -15.0f) return -1.0f;
+  return 1.0f - 2.0f / (expf(2.0f * u) + 1.0f);
+}
+
 static int td__cpu_gelu_fwd(float *y, const float *x, int64_t n) {
   for (int64_t i = 0; i < n; i++) {
     float v = x[i];
-    y[i] = 0.5f * v * (1.0f + tanhf(TD__GELU_K * (v + 0.044715f * v * v * v)));
+    y[i] = 0.5f * v * (1.0f + td__tanh(TD__GELU_K * (v + 0.044715f * v * v * v)));
   }
   return 0;
 }
@@ -326,8 +341,7 @@ static int td__cpu_gelu_bwd(float *dx, const float *dy, const float *x,
                             int64_t n, int accum) {
   for (int64_t i = 0; i < n; i++) {
     float v = x[i];
-    float u = TD__GELU_K * (v + 0.044715f * v * v * v);
-    float t = tanhf(u);
+    float t = td__tanh(TD__GELU_K * (v + 0.044715f * v * v * v));
     float du = TD__GELU_K * (1.0f + 3.0f * 0.044715f * v * v);
     float g = (0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * du) * dy[i];
     dx[i] = accum ? dx[i] + g : g;
@@ -366,26 +380,25 @@ static int td__attn_check(int B, int T, int C, int NH) {
   return B < 0 || T < 0 || C <= 0 || NH <= 0 || C % NH ? -TD_GPU_EINVAL : 0;
 }
 
+/* Attention per (batch, head) as two small GEMMs over strided views of
+ * qkv: S = scale * Q K^T (into att), causal softmax in place, O = P V.  The
+ * masked half is computed and then zeroed; at the sizes used here BLAS
+ * still wins over a triangular loop by a wide margin. */
 static int td__cpu_attention_fwd(float *out, float *att, const float *qkv,
                                  int B, int T, int C, int NH) {
   if (td__attn_check(B, T, C, NH)) return -TD_GPU_EINVAL;
-  int hs = C / NH;
+  if (B == 0 || T == 0) return 0;
+  int hs = C / NH, C3 = 3 * C;
   float scale = 1.0f / sqrtf((float)hs);
   for (int b = 0; b < B; b++)
-    for (int h = 0; h < NH; h++)
+    for (int h = 0; h < NH; h++) {
+      const float *q = qkv + (int64_t)b * T * C3 + h * hs;
+      float *p = att + ((int64_t)b * NH + h) * T * T;
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hs, scale, q, C3,
+                  q + C, C3, 0.0f, p, T);
       for (int t = 0; t < T; t++) {
-        const float *q = qkv + ((int64_t)b * T + t) * 3 * C + h * hs;
-        float *a = att + (((int64_t)b * NH + h) * T + t) * T;
-        float m = -INFINITY;
-        for (int t2 = 0; t2 <= t; t2++) {
-          const float *k = qkv + ((int64_t)b * T + t2) * 3 * C + C + h * hs;
-          float s = 0;
-          for (int i = 0; i < hs; i++) s += q[i] * k[i];
-          s *= scale;
-          a[t2] = s;
-          if (s > m) m = s;
-        }
-        float sum = 0;
+        float *a = p + (int64_t)t * T, m = -INFINITY, sum = 0;
+        for (int t2 = 0; t2 <= t; t2++) m = fmaxf(m, a[t2]);
         for (int t2 = 0; t2 <= t; t2++) {
           a[t2] = expf(a[t2] - m);
           sum += a[t2];
@@ -393,57 +406,48 @@ static int td__cpu_attention_fwd(float *out, float *att, const float *qkv,
         float inv = 1.0f / sum;
         for (int t2 = 0; t2 <= t; t2++) a[t2] *= inv;
         for (int t2 = t + 1; t2 < T; t2++) a[t2] = 0;
-        float *o = out + ((int64_t)b * T + t) * C + h * hs;
-        for (int i = 0; i < hs; i++) o[i] = 0;
-        for (int t2 = 0; t2 <= t; t2++) {
-          const float *v = qkv + ((int64_t)b * T + t2) * 3 * C + 2 * C + h * hs;
-          for (int i = 0; i < hs; i++) o[i] += a[t2] * v[i];
-        }
       }
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hs, T, 1.0f, p, T,
+                  q + 2 * C, C3, 0.0f, out + (int64_t)b * T * C + h * hs, C);
+    }
   return 0;
 }
 
+/* Backward per (batch, head): dV += P^T dO, dP = dO V^T, dS = P * (dP -
+ * rowsum(P * dP)) * scale, dQ += dS K, dK += dS^T Q. */
 static int td__cpu_attention_bwd(float *dqkv, const float *dout,
                                  const float *qkv, const float *att, int B,
                                  int T, int C, int NH, int accum) {
   if (td__attn_check(B, T, C, NH)) return -TD_GPU_EINVAL;
-  int hs = C / NH;
-  float scale = 1.0f / sqrtf((float)hs);
   if (!accum) memset(dqkv, 0, sizeof(float) * (size_t)B * T * 3 * C);
-  float *datt = malloc(sizeof(float) * (size_t)(T > 0 ? T : 1));
-  if (!datt) return -TD_GPU_ENOMEM;
+  if (B == 0 || T == 0) return 0;
+  int hs = C / NH, C3 = 3 * C;
+  float scale = 1.0f / sqrtf((float)hs);
+  float *ds = malloc(sizeof(float) * (size_t)T * T);
+  if (!ds) return -TD_GPU_ENOMEM;
   for (int b = 0; b < B; b++)
-    for (int h = 0; h < NH; h++)
+    for (int h = 0; h < NH; h++) {
+      const float *q = qkv + (int64_t)b * T * C3 + h * hs;
+      const float *p = att + ((int64_t)b * NH + h) * T * T;
+      const float *go = dout + (int64_t)b * T * C + h * hs;
+      float *dq = dqkv + (int64_t)b * T * C3 + h * hs;
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hs, T, 1.0f, p, T, go, C,
+                  1.0f, dq + 2 * C, C3);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hs, 1.0f, go, C,
+                  q + 2 * C, C3, 0.0f, ds, T);
       for (int t = 0; t < T; t++) {
-        const float *a = att + (((int64_t)b * NH + h) * T + t) * T;
-        const float *go = dout + ((int64_t)b * T + t) * C + h * hs;
-        const float *q = qkv + ((int64_t)b * T + t) * 3 * C + h * hs;
-        float *dq = dqkv + ((int64_t)b * T + t) * 3 * C + h * hs;
-        /* out = sum a[t2] v[t2]: gradients into v and into a. */
-        float dot = 0;
-        for (int t2 = 0; t2 <= t; t2++) {
-          const float *v = qkv + ((int64_t)b * T + t2) * 3 * C + 2 * C + h * hs;
-          float *dv = dqkv + ((int64_t)b * T + t2) * 3 * C + 2 * C + h * hs;
-          float s = 0;
-          for (int i = 0; i < hs; i++) {
-            s += v[i] * go[i];
-            dv[i] += a[t2] * go[i];
-          }
-          datt[t2] = s;
-          dot += s * a[t2];
-        }
-        /* softmax backward, then the scaled q.k product. */
-        for (int t2 = 0; t2 <= t; t2++) {
-          float dpre = a[t2] * (datt[t2] - dot) * scale;
-          const float *k = qkv + ((int64_t)b * T + t2) * 3 * C + C + h * hs;
-          float *dk = dqkv + ((int64_t)b * T + t2) * 3 * C + C + h * hs;
-          for (int i = 0; i < hs; i++) {
-            dq[i] += dpre * k[i];
-            dk[i] += dpre * q[i];
-          }
-        }
+        const float *pr = p + (int64_t)t * T;
+        float *d = ds + (int64_t)t * T, dot = 0;
+        for (int t2 = 0; t2 <= t; t2++) dot += pr[t2] * d[t2];
+        for (int t2 = 0; t2 <= t; t2++) d[t2] = pr[t2] * (d[t2] - dot) * scale;
+        for (int t2 = t + 1; t2 < T; t2++) d[t2] = 0;
       }
-  free(datt);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hs, T, 1.0f, ds, T,
+                  q + C, C3, 1.0f, dq, C3);
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hs, T, 1.0f, ds, T, q,
+                  C3, 1.0f, dq + C, C3);
+    }
+  free(ds);
   return 0;
 }
 
@@ -641,6 +645,7 @@ const td_ops_t td_cpu_ops = {
     .mul = td__cpu_mul,
     .sum_rows = td__cpu_sum_rows,
     .sum = td__cpu_sum,
+    .dot = td__cpu_dot,
     .softmax_fwd = td__cpu_softmax_fwd,
     .softmax_bwd = td__cpu_softmax_bwd,
     .layernorm_fwd = td__cpu_layernorm_fwd,

@@ -12,6 +12,7 @@
 #include <limits.h>
 #include <lua.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -34,7 +35,7 @@ typedef struct {
  * The Lua GC does not see tensor memory, so allocation-heavy scripts ask
  * for a collection once that much has been allocated again. */
 static size_t td__pressure;
-#define TD__PRESSURE_MIN ((size_t)256 << 20)
+#define TD__PRESSURE_MIN ((size_t)64 << 20)
 
 /* Raises "tide.tensor.<fn>: <message>[: <detail>]" for a failed call. */
 __attribute__((noreturn)) static void td__raise(lua_State *L, const char *fn,
@@ -427,6 +428,40 @@ static int td_l_from_bytes(lua_State *L) {
   return 1;
 }
 
+/* T.from_file(path, offset, shape [, dtype = "f32"]): reads the raw bytes
+ * at offset of a file straight into a new tensor (checkpoint loading without
+ * a Lua string copy).  Returns nil, err when the file cannot be read. */
+static int td_l_from_file(lua_State *L) {
+  const char *path = luaL_checkstring(L, 1);
+  double off = luaL_checknumber(L, 2);
+  int64_t shape[TD_MAX_DIMS];
+  int ndim = td__shape_arg(L, 3, shape);
+  int dtype = TD_F32;
+  if (!lua_isnoneornil(L, 4)) {
+    dtype = td_dtype_parse(luaL_checkstring(L, 4));
+    if (dtype < 0) luaL_error(L, "tide.tensor.from_file: unknown dtype");
+  }
+  if (off < 0) luaL_error(L, "tide.tensor.from_file: negative offset");
+  td_tensor_t *t = NULL;
+  TD__TRY(L, "from_file", td_tensor_empty(&t, dtype, TD_CPU, ndim, shape));
+  td__push(L, t);
+  FILE *f = fopen(path, "rb");
+  if (!f) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "%s: cannot open", path);
+    return 2;
+  }
+  size_t want = td_tensor_nbytes(t), got = 0;
+  if (fseeko(f, (off_t)off, SEEK_SET) == 0) got = fread(td_tensor_data(t), 1, want, f);
+  fclose(f);
+  if (got != want) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "%s: short read at offset %f", path, off);
+    return 2;
+  }
+  return 1;
+}
+
 /* T.__tide_deser(s): the object-store hook, inverse of __tide_ser. */
 static int td_l_deser(lua_State *L) {
   size_t len;
@@ -474,6 +509,11 @@ static int td_m_device(lua_State *L) {
 
 static int td_m_numel(lua_State *L) {
   lua_pushnumber(L, (lua_Number)td_tensor_numel(td__check(L, 1)));
+  return 1;
+}
+
+static int td_m_nbytes(lua_State *L) {
+  lua_pushnumber(L, (lua_Number)td_tensor_nbytes(td__check(L, 1)));
   return 1;
 }
 
@@ -1029,6 +1069,23 @@ static int td_l_sum(lua_State *L) {
   return 1;
 }
 
+/* T.dot(a, b) -> number: sum of a * b over all elements (same numel). */
+static int td_l_dot(lua_State *L) {
+  const char *fn = "dot";
+  td_tensor_t *a = td__contig(L, fn, 1), *b = td__contig(L, fn, 2);
+  td__want_dtype(L, fn, a, TD_F32, "a");
+  td__want_dtype(L, fn, b, TD_F32, "b");
+  td__same_device(L, fn, a, b);
+  if (td_tensor_numel(a) != td_tensor_numel(b))
+    luaL_error(L, "tide.tensor.dot: sizes differ (%d and %d)", (int)td_tensor_numel(a),
+               (int)td_tensor_numel(b));
+  double s = 0;
+  TD__TRY(L, fn, td__ops(L, fn, a)->dot(&s, td_tensor_data(a), td_tensor_data(b),
+                                        td_tensor_numel(a)));
+  lua_pushnumber(L, s);
+  return 1;
+}
+
 /* T.mean(x) -> number. */
 static int td_l_mean(lua_State *L) {
   double s = td__sum(L, "mean", 1);
@@ -1537,7 +1594,7 @@ static const luaL_Reg td__methods[] = {
     {"shape", td_m_shape},       {"size", td_m_size},
     {"strides", td_m_strides},   {"dtype", td_m_dtype},
     {"device", td_m_device},     {"numel", td_m_numel},
-    {"dim", td_m_dim},           {"is_contiguous", td_m_is_contiguous},
+    {"dim", td_m_dim},           {"nbytes", td_m_nbytes},           {"is_contiguous", td_m_is_contiguous},
     {"view", td_m_view},         {"reshape", td_m_reshape},
     {"slice", td_m_slice},       {"transpose", td_m_transpose},
     {"contiguous", td_m_contiguous}, {"clone", td_m_clone},
@@ -1559,6 +1616,7 @@ static const luaL_Reg td__funcs[] = {
     {"arange", td_l_arange},
     {"from_table", td_l_from_table},
     {"from_bytes", td_l_from_bytes},
+    {"from_file", td_l_from_file},
     {"__tide_deser", td_l_deser},
     {"matmul", td_l_matmul},
     {"add", td_l_add},
@@ -1569,6 +1627,7 @@ static const luaL_Reg td__funcs[] = {
     {"mul_backward", td_l_mul_backward},
     {"sum", td_l_sum},
     {"mean", td_l_mean},
+    {"dot", td_l_dot},
     {"softmax", td_l_softmax},
     {"softmax_backward", td_l_softmax_backward},
     {"layernorm", td_l_layernorm},

@@ -4,9 +4,8 @@
 -- "data_offsets": [begin, end]}, "__metadata__": {string: string}}, then the
 -- raw little-endian tensor bytes (offsets relative to the end of the header).
 local T = require("tide.tensor")
--- A private cjson instance: offsets need 17 significant digits.
-local cjson = require("cjson").new()
-cjson.encode_number_precision(17)
+-- cjson writes 14 significant digits: byte offsets are exact below 1e14.
+local cjson = require("cjson")
 
 local byte, char, rep = string.byte, string.char, string.rep
 local floor = math.floor
