@@ -5,10 +5,13 @@
 
 #include <llhttp.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <time.h>
+#include <unistd.h>
 
 /* -- Constants ----------------------------------------------------------- */
 
@@ -1777,6 +1780,236 @@ int td_http_stream_end(td_http_server_t *srv, td_http_req_id id) {
 int td_http_abort(td_http_server_t *srv, td_http_req_id id) {
   if (!on_loop_thread(srv)) return cmd_post(srv, TD__OP_ABORT, id, 0, NULL, 0, NULL, 0);
   return abort_now(srv, id);
+}
+
+void td_http_server_flush(td_http_server_t *srv) {
+  date_refresh(srv);
+  server_run_dirty(srv);
+}
+
+/* -- Inbox ----------------------------------------------------------------- */
+
+typedef struct td__http_evnode td__http_evnode_t;
+struct td__http_evnode {
+  td__http_evnode_t *next; /* queue */
+  td_http_event_t ev;      /* what the consumer gets */
+};
+
+struct td_http_inbox {
+  pthread_mutex_t mu;       /* guards everything below */
+  td__http_evnode_t *head;  /* oldest */
+  td__http_evnode_t *tail;  /* newest */
+  size_t n;                 /* queued */
+  int fd;                   /* eventfd: nonzero count while n > 0 */
+};
+
+td_http_inbox_t *td_http_inbox_new(void) {
+  td_http_inbox_t *ib = calloc(1, sizeof(*ib));
+  if (!ib) return NULL;
+  ib->fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (ib->fd < 0 || pthread_mutex_init(&ib->mu, NULL)) {
+    if (ib->fd >= 0) close(ib->fd);
+    free(ib);
+    return NULL;
+  }
+  return ib;
+}
+
+void td_http_event_free(td_http_event_t *ev) {
+  if (ev) free((char *)ev - offsetof(td__http_evnode_t, ev));
+}
+
+void td_http_inbox_destroy(td_http_inbox_t **pib) {
+  td_http_inbox_t *ib = *pib;
+  if (!ib) return;
+  *pib = NULL;
+  td__http_evnode_t *e = ib->head;
+  while (e) {
+    td__http_evnode_t *n = e->next;
+    free(e);
+    e = n;
+  }
+  close(ib->fd);
+  pthread_mutex_destroy(&ib->mu);
+  free(ib);
+}
+
+int td_http_inbox_fd(const td_http_inbox_t *ib) { return ib->fd; }
+
+static void inbox_push(td_http_inbox_t *ib, td__http_evnode_t *e) {
+  uint64_t one = 1;
+  e->next = NULL;
+  pthread_mutex_lock(&ib->mu);
+  if (ib->tail)
+    ib->tail->next = e;
+  else
+    ib->head = e;
+  ib->tail = e;
+  if (ib->n++ == 0 && write(ib->fd, &one, sizeof(one)) < 0) {
+    /* The count cannot overflow at one write per empty-to-full edge. */
+  }
+  pthread_mutex_unlock(&ib->mu);
+}
+
+td_http_event_t *td_http_inbox_pop(td_http_inbox_t *ib) {
+  uint64_t v;
+  pthread_mutex_lock(&ib->mu);
+  td__http_evnode_t *e = ib->head;
+  if (e) {
+    ib->head = e->next;
+    if (!ib->head) ib->tail = NULL;
+    if (--ib->n == 0 && read(ib->fd, &v, sizeof(v)) < 0) {
+      /* Already zero: nothing to reset. */
+    }
+  }
+  pthread_mutex_unlock(&ib->mu);
+  return e ? &e->ev : NULL;
+}
+
+void td_http_inbox_on_request(td_http_server_t *srv, const td_http_request_t *req,
+                              void *inbox) {
+  size_t size = sizeof(td__http_evnode_t) + req->nheaders * sizeof(td_http_header_t) +
+                req->path_len + req->query_len + req->body_len + 3;
+  for (size_t i = 0; i < req->nheaders; i++)
+    size += req->headers[i].name_len + req->headers[i].value_len + 2;
+  td__http_evnode_t *e = malloc(size);
+  if (!e) {
+    static const td_http_header_t ct[] = {TD_HTTP_HDR("Content-Type", "application/json")};
+    static const char msg[] = "{\"error\":\"server out of memory\",\"status\":503}\n";
+    (void)td_http_respond(srv, req->id, 503, ct, 1, msg, sizeof(msg) - 1);
+    return;
+  }
+  td_http_event_t *ev = &e->ev;
+  memset(ev, 0, sizeof(*ev));
+  ev->kind = TD_HTTP_EV_REQUEST;
+  ev->id = req->id;
+  ev->req = *req;
+  td_http_header_t *h = (td_http_header_t *)(e + 1);
+  char *p = (char *)(h + req->nheaders);
+#define TD__COPY(dst, src, n) \
+  do {                        \
+    memcpy(p, (src), (n));    \
+    p[(n)] = '\0';            \
+    (dst) = p;                \
+    p += (n) + 1;             \
+  } while (0)
+  for (size_t i = 0; i < req->nheaders; i++) {
+    h[i].name_len = req->headers[i].name_len;
+    h[i].value_len = req->headers[i].value_len;
+    TD__COPY(h[i].name, req->headers[i].name, h[i].name_len);
+    TD__COPY(h[i].value, req->headers[i].value, h[i].value_len);
+  }
+  ev->req.headers = req->nheaders ? h : NULL;
+  TD__COPY(ev->req.path, req->path, req->path_len);
+  TD__COPY(ev->req.query, req->query, req->query_len);
+  TD__COPY(ev->req.body, req->body, req->body_len);
+#undef TD__COPY
+  inbox_push(inbox, e);
+}
+
+void td_http_inbox_on_abort(td_http_server_t *srv, td_http_req_id id,
+                            td_http_abort_reason_t reason, void *inbox) {
+  (void)srv;
+  td__http_evnode_t *e = calloc(1, sizeof(*e));
+  if (!e) return; /* the owner keeps a dead id; its late answer is dropped */
+  e->ev.kind = TD_HTTP_EV_ABORT;
+  e->ev.id = id;
+  e->ev.reason = reason;
+  inbox_push(inbox, e);
+}
+
+/* -- A server on its own thread -------------------------------------------- */
+
+struct td_http_thread {
+  pthread_t th;           /* the loop thread */
+  uv_loop_t loop;         /* its loop */
+  uv_async_t stop;        /* closes the server from td_http_thread_stop */
+  td_http_server_t *srv;  /* the server */
+  td_http_opts_t opts;    /* as given */
+  char host[64];          /* listen address */
+  int port;               /* requested, then bound */
+  int rc;                 /* listen result */
+  int ready;              /* start finished (guarded by mu) */
+  pthread_mutex_t mu;     /* start handshake */
+  pthread_cond_t cv;      /* signalled when ready */
+};
+
+static void thread_on_stop(uv_async_t *h) {
+  td_http_thread_t *t = h->data;
+  td_http_server_close(t->srv, NULL);
+  uv_close((uv_handle_t *)&t->stop, NULL);
+}
+
+static void *thread_main(void *arg) {
+  td_http_thread_t *t = arg;
+  int rc = uv_loop_init(&t->loop);
+  if (rc == 0) {
+    t->srv = td_http_server_new(&t->loop, &t->opts);
+    rc = t->srv ? td_http_server_listen(t->srv, t->host[0] ? t->host : NULL, t->port)
+                : UV_ENOMEM;
+    if (rc == 0) rc = uv_async_init(&t->loop, &t->stop, thread_on_stop);
+    if (rc == 0) {
+      t->stop.data = t;
+      t->port = td_http_server_port(t->srv);
+    } else if (t->srv) {
+      td_http_server_close(t->srv, NULL);
+      uv_run(&t->loop, UV_RUN_DEFAULT);
+    }
+  }
+  pthread_mutex_lock(&t->mu);
+  t->rc = rc;
+  t->ready = 1;
+  pthread_cond_signal(&t->cv);
+  pthread_mutex_unlock(&t->mu);
+  if (rc == 0) uv_run(&t->loop, UV_RUN_DEFAULT);
+  uv_loop_close(&t->loop);
+  return NULL;
+}
+
+int td_http_thread_start(const td_http_opts_t *opts, const char *host, int port,
+                         td_http_thread_t **out) {
+  if (!opts || !opts->on_request || !out) abort(); /* API misuse */
+  *out = NULL;
+  if (host && strlen(host) >= sizeof(((td_http_thread_t *)0)->host)) return UV_EINVAL;
+  td_http_thread_t *t = calloc(1, sizeof(*t));
+  if (!t) return UV_ENOMEM;
+  t->opts = *opts;
+  if (host) strcpy(t->host, host);
+  t->port = port;
+  pthread_mutex_init(&t->mu, NULL);
+  pthread_cond_init(&t->cv, NULL);
+  if (pthread_create(&t->th, NULL, thread_main, t)) {
+    free(t);
+    return UV_EAGAIN;
+  }
+  pthread_mutex_lock(&t->mu);
+  while (!t->ready) pthread_cond_wait(&t->cv, &t->mu);
+  pthread_mutex_unlock(&t->mu);
+  int rc = t->rc;
+  if (rc) {
+    pthread_join(t->th, NULL);
+    pthread_mutex_destroy(&t->mu);
+    pthread_cond_destroy(&t->cv);
+    free(t);
+    return rc;
+  }
+  *out = t;
+  return 0;
+}
+
+td_http_server_t *td_http_thread_server(td_http_thread_t *t) { return t->srv; }
+
+int td_http_thread_port(const td_http_thread_t *t) { return t->port; }
+
+void td_http_thread_stop(td_http_thread_t **pt) {
+  td_http_thread_t *t = *pt;
+  if (!t) return;
+  *pt = NULL;
+  uv_async_send(&t->stop);
+  pthread_join(t->th, NULL);
+  pthread_mutex_destroy(&t->mu);
+  pthread_cond_destroy(&t->cv);
+  free(t);
 }
 
 /* -- Virtual connections (tests, fuzzer) ---------------------------------- */

@@ -194,6 +194,86 @@ int td_http_stream_end(td_http_server_t *srv, td_http_req_id id);
  * client sees it truncated. Finishes the request. */
 int td_http_abort(td_http_server_t *srv, td_http_req_id id);
 
+/* Flushes pending output now instead of in the loop's next prepare phase.
+ * Loop thread only; for callers that drive the loop themselves (see
+ * "Driving the loop" below) and answer outside uv_run. */
+void td_http_server_flush(td_http_server_t *srv);
+
+/* -- Inbox: requests handed to another thread ----------------------------
+ *
+ * For an application whose thread is not the loop thread (the Lua thread
+ * of a node, pumped by poll()): the server's callbacks copy each request
+ * and each abort into a queue; td_http_inbox_fd() is readable while the
+ * queue is not empty, so it can sit in that thread's poll() set. The
+ * application pops events and answers with the response calls above (they
+ * accept any thread).
+ *
+ *   td_http_inbox_t *ib = td_http_inbox_new();
+ *   td_http_opts_t o = {.on_request = td_http_inbox_on_request,
+ *                       .on_abort = td_http_inbox_on_abort, .data = ib};
+ *   td_http_thread_start(&o, NULL, 8000, &th);       // or a loop of yours
+ *   ... poll(fd = td_http_inbox_fd(ib)) ...
+ *   td_http_event_t *ev;
+ *   while ((ev = td_http_inbox_pop(ib))) { ...; td_http_event_free(ev); }
+ */
+typedef struct td_http_inbox td_http_inbox_t;
+
+typedef enum td_http_event_kind {
+  TD_HTTP_EV_REQUEST = 1, /* a new request: ev->req */
+  TD_HTTP_EV_ABORT        /* request ev->id will never be answered: ev->reason */
+} td_http_event_kind_t;
+
+/* One event, in a single allocation owned by whoever popped it. */
+typedef struct td_http_event {
+  td_http_event_kind_t kind;     /* what happened */
+  td_http_req_id id;             /* the request */
+  td_http_abort_reason_t reason; /* TD_HTTP_EV_ABORT: why */
+  td_http_request_t req;         /* TD_HTTP_EV_REQUEST: a deep copy (same layout) */
+} td_http_event_t;
+
+/* Creates an empty inbox; the caller owns it. NULL when out of memory or
+ * out of file descriptors. */
+td_http_inbox_t *td_http_inbox_new(void);
+/* Frees the inbox and any events left in it; NULLs *ib; idempotent. Only
+ * after the server posting into it has closed. */
+void td_http_inbox_destroy(td_http_inbox_t **ib);
+/* An eventfd, readable while events are queued. Owned by the inbox. */
+int td_http_inbox_fd(const td_http_inbox_t *ib);
+/* The oldest event, or NULL. Any thread; the caller owns the result. */
+td_http_event_t *td_http_inbox_pop(td_http_inbox_t *ib);
+void td_http_event_free(td_http_event_t *ev);
+/* Callbacks for td_http_opts_t with .data = the inbox. A request that
+ * cannot be copied (out of memory) is answered 503 by the callback. */
+void td_http_inbox_on_request(td_http_server_t *srv, const td_http_request_t *req,
+                              void *inbox);
+void td_http_inbox_on_abort(td_http_server_t *srv, td_http_req_id id,
+                            td_http_abort_reason_t reason, void *inbox);
+
+/* -- A server on a thread of its own ------------------------------------ */
+
+typedef struct td_http_thread td_http_thread_t;
+
+/* Starts a thread with its own loop and a server listening on host:port
+ * (as td_http_server_new + _listen); callbacks run on that thread. Returns
+ * 0 and the caller owns *out, or a UV error (listen failed: nothing left
+ * running). */
+int td_http_thread_start(const td_http_opts_t *opts, const char *host, int port,
+                         td_http_thread_t **out);
+/* The server, for the response calls (which any thread may make). */
+td_http_server_t *td_http_thread_server(td_http_thread_t *t);
+/* The port listened on. */
+int td_http_thread_port(const td_http_thread_t *t);
+/* Closes the server (on_abort for unfinished requests), joins the thread,
+ * frees everything; NULLs *t; idempotent. */
+void td_http_thread_stop(td_http_thread_t **t);
+
+/* -- Driving the loop ------------------------------------------------------
+ * To run the server inside a poll()-based loop on one thread: put
+ * uv_backend_fd(loop) (POLLIN) in the poll set with timeout
+ * min(yours, uv_backend_timeout(loop)), call uv_run(loop, UV_RUN_NOWAIT)
+ * after each poll, and td_http_server_flush() after answering outside
+ * uv_run. Callbacks then run inside that uv_run call. */
+
 /* -- Helpers ------------------------------------------------------------- */
 
 /* The value of the first header named `name` (any case), or NULL. */

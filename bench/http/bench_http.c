@@ -6,12 +6,16 @@
  *   build/bench-http [-c 32] [-d 5] [-w 1]          both metrics, in-process server
  *   build/bench-http --url http://127.0.0.1:18080/hello [--post JSON]  load only
  *   build/bench-http --serve 8080                   server only (for wrk)
+ *   build/bench-http --inbox [-c ..] [-d ..]       server thread + inbox consumer thread
+ *     (the path a Lua application thread takes: requests copied into a
+ *     td_http_inbox, answers made from another thread)
  *
  * Prints one JSON line per metric:
  *   {"metric":"http_get_hello","value":<req/s>,"unit":"req/s","p50_ms":..,"p99_ms":..}
  */
 #include <llhttp.h>
 #include <math.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -67,6 +71,31 @@ static void *server_main(void *arg) {
   __atomic_store_n(&s->ready, 1, __ATOMIC_RELEASE);
   uv_run(&s->loop, UV_RUN_DEFAULT);
   uv_loop_close(&s->loop);
+  return NULL;
+}
+
+/* -- Inbox consumer: answers from a thread that is not the loop thread ----- */
+
+typedef struct consumer {
+  pthread_t th;            /* consumer thread */
+  td_http_inbox_t *ib;     /* requests */
+  td_http_server_t *srv;   /* for the answers */
+  volatile int stop;       /* set to end */
+} consumer_t;
+
+static void *consumer_main(void *arg) {
+  consumer_t *k = arg;
+  struct pollfd pfd = {.fd = td_http_inbox_fd(k->ib), .events = POLLIN};
+  while (!__atomic_load_n(&k->stop, __ATOMIC_ACQUIRE)) {
+    td_http_event_t *ev;
+    int any = 0;
+    while ((ev = td_http_inbox_pop(k->ib))) {
+      any = 1;
+      if (ev->kind == TD_HTTP_EV_REQUEST) app(k->srv, &ev->req, NULL);
+      td_http_event_free(ev);
+    }
+    if (!any) poll(&pfd, 1, 50);
+  }
   return NULL;
 }
 
@@ -292,7 +321,7 @@ static int parse_url(const char *url, char *host, size_t hn, int *port, char *pa
 }
 
 int main(int argc, char **argv) {
-  int nconns = 32, serve_port = -1;
+  int nconns = 32, serve_port = -1, inbox = 0;
   double dur = 5, warm = 1;
   const char *url = NULL, *post = NULL;
   for (int i = 1; i < argc; i++) {
@@ -302,6 +331,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[i], "--url") && i + 1 < argc) url = argv[++i];
     else if (!strcmp(argv[i], "--post") && i + 1 < argc) post = argv[++i];
     else if (!strcmp(argv[i], "--serve") && i + 1 < argc) serve_port = atoi(argv[++i]);
+    else if (!strcmp(argv[i], "--inbox")) inbox = 1;
     else {
       fprintf(stderr,
               "usage: bench-http [-c CONNS] [-d SECONDS] [-w WARMUP_S]\n"
@@ -322,6 +352,30 @@ int main(int argc, char **argv) {
     if (parse_url(url, host, sizeof(host), &port, path, sizeof(path))) return 2;
     return run_load(post ? "http_post_echo_json" : "http_get_hello", host, port, path, post,
                     nconns, warm, dur, url);
+  }
+  if (inbox) {
+    consumer_t k = {.ib = td_http_inbox_new()};
+    td_http_opts_t o = {.on_request = td_http_inbox_on_request,
+                        .on_abort = td_http_inbox_on_abort, .data = k.ib,
+                        .keepalive_timeout_ms = 120000};
+    td_http_thread_t *th;
+    int rc = td_http_thread_start(&o, NULL, 0, &th);
+    if (rc) {
+      fprintf(stderr, "bench-http: %s\n", uv_strerror(rc));
+      return 1;
+    }
+    k.srv = td_http_thread_server(th);
+    pthread_create(&k.th, NULL, consumer_main, &k);
+    int port = td_http_thread_port(th);
+    int bad = run_load("http_get_hello", "127.0.0.1", port, "/hello", NULL, nconns, warm, dur,
+                       "tide-c-ingress+inbox-thread");
+    bad |= run_load("http_post_echo_json", "127.0.0.1", port, "/echo", ECHO_BODY, nconns,
+                    warm, dur, "tide-c-ingress+inbox-thread");
+    __atomic_store_n(&k.stop, 1, __ATOMIC_RELEASE);
+    pthread_join(k.th, NULL);
+    td_http_thread_stop(&th);
+    td_http_inbox_destroy(&k.ib);
+    return bad;
   }
   server_thread_t s = {.port = 0};
   pthread_create(&s.th, NULL, server_main, &s);

@@ -1,7 +1,8 @@
 #!/bin/sh
 # HTTP ingress benchmark. Prints JSON lines:
 #  1. build/bench-http: in-process Tide C ingress + its own closed-loop client
-#     (http_get_hello, http_post_echo_json);
+#     (http_get_hello, http_post_echo_json), answered on the loop thread, then
+#     through an inbox by another thread (--inbox: the Lua thread's path);
 #  2. with wrk installed: `wrk -t1 -c32 -d5s` against `bench-http --serve`
 #     (the C ingress alone in its process), and against nginx (1 worker,
 #     `return 200 "ok"`, bench/http/nginx_plain.conf) when nginx is
@@ -17,6 +18,7 @@ BODY='{"id":42,"name":"peer","tags":["a","b","c"],"value":3.5,"ok":true}'
 make -s build/bench-http >&2 || exit 1
 
 build/bench-http -c "$CONNS" -d "$DUR" -w 1
+build/bench-http --inbox -c "$CONNS" -d "$DUR" -w 1
 
 command -v wrk >/dev/null || { echo "run.sh: wrk not installed; skipping the wrk comparison" >&2; exit 0; }
 

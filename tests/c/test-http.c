@@ -10,6 +10,7 @@
 #include <llhttp.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stddef.h>
 #include <string.h>
@@ -1140,5 +1141,100 @@ TEST_IMPL(http_ids_many) {
   ASSERT_EQ(uv_loop_close(&loop), 0);
   free(order);
   free(vn);
+  return 0;
+}
+
+/* The server on its own thread (td_http_thread_*), requests consumed from
+ * an inbox by this thread through poll(), answers made from here. */
+static td_http_event_t *inbox_wait(td_http_inbox_t *ib) {
+  struct pollfd pfd = {.fd = td_http_inbox_fd(ib), .events = POLLIN};
+  for (int i = 0; i < 50; i++) {
+    td_http_event_t *ev = td_http_inbox_pop(ib);
+    if (ev) return ev;
+    ASSERT(poll(&pfd, 1, 100) >= 0);
+  }
+  return NULL;
+}
+
+TEST_IMPL(http_inbox_thread) {
+  td_http_inbox_t *ib = td_http_inbox_new();
+  ASSERT(ib);
+  td_http_opts_t o = {.on_request = td_http_inbox_on_request,
+                      .on_abort = td_http_inbox_on_abort, .data = ib};
+  td_http_thread_t *th = NULL;
+  ASSERT_EQ(td_http_thread_start(&o, NULL, 0, &th), 0);
+  td_http_server_t *srv = td_http_thread_server(th);
+  int port = td_http_thread_port(th);
+  ASSERT(port > 0);
+  td_http_thread_t *th2 = (td_http_thread_t *)1;
+  ASSERT_EQ(td_http_thread_start(&o, "127.0.0.1", port, &th2), UV_EADDRINUSE);
+  ASSERT(th2 == NULL);
+
+  resp_t *r = malloc(sizeof(*r));
+  client_t *c = cl_open(port);
+  cl_sends(c, "GET /a?x=1 HTTP/1.1\r\nX-H: v1\r\n\r\n"
+              "POST /b HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"
+              "GET /-/healthz HTTP/1.1\r\n\r\n"
+              "GET /c HTTP/1.1\r\n\r\n");
+  td_http_event_t *ev[3];
+  for (int i = 0; i < 3; i++) {
+    ev[i] = inbox_wait(ib);
+    ASSERT(ev[i] && ev[i]->kind == TD_HTTP_EV_REQUEST);
+    ASSERT_EQ(ev[i]->id, ev[i]->req.id);
+  }
+  ASSERT(strcmp(ev[0]->req.path, "/a") == 0 && strcmp(ev[0]->req.query, "x=1") == 0);
+  ASSERT(strcmp(td_http_request_header(&ev[0]->req, "X-H"), "v1") == 0);
+  ASSERT(strcmp(ev[1]->req.method, "POST") == 0);
+  ASSERT(ev[1]->req.body_len == 5 && strcmp(ev[1]->req.body, "hello") == 0);
+  ASSERT(strcmp(ev[2]->req.path, "/c") == 0);
+  /* Queue drained: the fd is no longer readable. */
+  struct pollfd pfd = {.fd = td_http_inbox_fd(ib), .events = POLLIN};
+  ASSERT_EQ(poll(&pfd, 1, 0), 0);
+  for (int i = 2; i >= 0; i--) {
+    ASSERT_EQ(td_http_respond(srv, ev[i]->id, 200, NULL, 0, ev[i]->req.path,
+                              ev[i]->req.path_len), 0);
+    td_http_event_free(ev[i]);
+  }
+  const char *want[] = {"/a", "/b", "{\"status\":\"ok\"}\n", "/c"};
+  for (int i = 0; i < 4; i++) {
+    ASSERT_EQ(cl_read(c, r), 0);
+    ASSERT(strcmp(r->body, want[i]) == 0);
+  }
+  /* A streamed answer, then the client leaves: an abort event. */
+  cl_sends(c, "GET /gen HTTP/1.1\r\n\r\n");
+  td_http_event_t *g = inbox_wait(ib);
+  ASSERT(g && g->kind == TD_HTTP_EV_REQUEST);
+  ASSERT_EQ(td_http_stream_start(srv, g->id, 200, NULL, 0), 0);
+  ASSERT_EQ(td_http_stream_write(srv, g->id, "t1", 2), 0);
+  char buf[512];
+  ASSERT(recv(c->fd, buf, sizeof(buf), 0) > 0);
+  cl_close(c);
+  td_http_event_t *a = inbox_wait(ib);
+  ASSERT(a && a->kind == TD_HTTP_EV_ABORT);
+  ASSERT_EQ(a->id, g->id);
+  ASSERT_EQ(a->reason, TD_HTTP_ABORT_DISCONNECT);
+  ASSERT_EQ(td_http_stream_write(srv, g->id, "t2", 2), 0); /* dropped */
+  td_http_event_free(a);
+  td_http_event_free(g);
+
+  /* Events left in the inbox at stop are freed by destroy. */
+  c = cl_open(port);
+  cl_sends(c, "GET /left HTTP/1.1\r\n\r\n");
+  td_http_event_t *left = inbox_wait(ib);
+  ASSERT(left);
+  td_http_event_free(left);
+  td_http_thread_stop(&th);
+  ASSERT(th == NULL);
+  td_http_thread_stop(&th);
+  td_http_event_t *gone = inbox_wait(ib); /* the abort of /left: server closed */
+  ASSERT(gone && gone->kind == TD_HTTP_EV_ABORT);
+  ASSERT_EQ(gone->reason, TD_HTTP_ABORT_SERVER_CLOSE);
+  td_http_event_free(gone);
+  cl_close(c);
+  c = NULL;
+  td_http_inbox_destroy(&ib);
+  ASSERT(ib == NULL);
+  td_http_inbox_destroy(&ib);
+  free(r);
   return 0;
 }
