@@ -5,6 +5,7 @@
 
 #include <llhttp.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1242,6 +1243,7 @@ static void on_timer(uv_timer_t *h) {
       conn_kill(c, TD_HTTP_ABORT_DISCONNECT);
       return;
     case TD__DL_SEND:
+      srv->st.timeouts++;
       conn_kill(c, TD_HTTP_ABORT_SLOW_CLIENT);
       return;
     case TD__DL_REQUEST: {
@@ -1469,6 +1471,10 @@ td_http_server_t *td_http_server_new(uv_loop_t *loop, const td_http_opts_t *opts
   if (!o->max_output_bytes) o->max_output_bytes = 64u * 1024 * 1024;
   if (!o->max_connections) o->max_connections = 10000;
   srv->thread = pthread_self();
+  /* A write to a connection the peer reset must be an error, not a
+   * SIGPIPE that kills the process; libuv writes with plain write(). */
+  struct sigaction sa;
+  if (sigaction(SIGPIPE, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL) signal(SIGPIPE, SIG_IGN);
   if (pthread_mutex_init(&srv->mu, NULL)) {
     free(srv);
     return NULL;
@@ -1737,8 +1743,10 @@ static int cmd_post(td_http_server_t *srv, int op, td_http_req_id id, int status
   else
     srv->cmd_head = m;
   srv->cmd_tail = m;
-  pthread_mutex_unlock(&srv->mu);
+  /* Under the lock: td_http_server_close sets mq_closed under it before it
+   * closes the async handle, so the handle is alive here. */
   uv_async_send(&srv->async);
+  pthread_mutex_unlock(&srv->mu);
   return 0;
 }
 

@@ -135,7 +135,7 @@ typedef struct td_http_stats {
   uint64_t responses;        /* responses finished (any status) */
   uint64_t aborted;          /* on_abort calls */
   uint64_t bad_requests;     /* 400: malformed HTTP */
-  uint64_t timeouts;         /* 408 and closed idle/stalled connections with a partial request */
+  uint64_t timeouts;         /* 408 sent, or a write stalled past send_timeout_ms */
   uint64_t too_large;        /* 413, 414, 431 */
   uint64_t healthz;          /* /-/healthz answered */
 } td_http_stats_t;
@@ -143,7 +143,9 @@ typedef struct td_http_stats {
 /* -- Server ------------------------------------------------------------- */
 
 /* Creates a server on `loop`; the calling thread becomes its loop thread.
- * `opts` is copied. Returns NULL when memory runs out. The caller owns the
+ * If SIGPIPE still has its default action, it is set to ignored (writes to
+ * a reset connection then fail instead of killing the process). `opts` is
+ * copied. Returns NULL when memory runs out. The caller owns the
  * result and releases it with td_http_server_close(). */
 td_http_server_t *td_http_server_new(uv_loop_t *loop, const td_http_opts_t *opts);
 
