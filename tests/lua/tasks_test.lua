@@ -3,6 +3,7 @@
 -- actor handles), nested tasks, refs as arguments, DAGs, options.
 local t = dofile("tests/lua/harness.lua")
 local tide = require("tide")
+tide.init({num_cpus = 2})
 
 t.test("a remote function runs and returns its value", function()
   local double = tide.remote(function(x) return x * 2 end)
@@ -243,6 +244,18 @@ t.test("1000 tasks all return the right values", function()
   local bad = 0
   for i = 1, 1000 do if vals[i] ~= i * 2 + 1 then bad = bad + 1 end end
   t.eq(bad, 0)
+end)
+
+t.test("short tasks are not queued behind a long task while a CPU is free", function()
+  local long = tide.remote(function() tide.sleep(60); return "long" end)
+  local quick = tide.remote(function(i) return i end)
+  local l = long:remote()
+  local refs = {}
+  for i = 1, 20 do refs[i] = quick:remote(i) end
+  -- with 2 CPUs and one held by `long`, all 20 can finish long before it ends
+  local ready = tide.wait(refs, {num_returns = 20, timeout = 20})
+  tide.cancel(l, {force = true})
+  t.eq(#ready, 20, "quick tasks waited behind the long task")
 end)
 
 t.test("DAG: bind/execute with nodes as arguments", function()
