@@ -118,7 +118,8 @@ struct td__http_conn {
   size_t hbytes;            /* request line + header bytes of the current request */
   uint64_t id;              /* connection number, for logs */
   uint64_t t_activity;      /* loop time of the last read or response */
-  uint64_t t_write;         /* loop time the write in flight started */
+  uint64_t t_write;         /* loop time the write in flight last made progress */
+  size_t wq_mark;           /* libuv's write queue size then */
   uint64_t t_linger;        /* loop time our FIN was sent */
   uint64_t timer_due;       /* when the armed timer fires */
   int err_status;           /* status picked by a parser callback that failed */
@@ -1138,6 +1139,7 @@ static void conn_flush(td__http_conn_t *c) {
   int n = uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
   if (n == (int)c->wbuf.len) {
     c->wbuf.len = 0;
+    if (c->wbuf.cap > TD__HTTP_HIGH_WATER) hbuf_free(&c->wbuf); /* after a big one */
     conn_maybe_finish(c);
     return;
   }
@@ -1158,12 +1160,14 @@ static void conn_flush(td__http_conn_t *c) {
   }
   c->writing = 1;
   c->t_write = uv_now(c->srv->loop);
+  c->wq_mark = c->tcp.write_queue_size;
 }
 
 static void on_write(uv_write_t *req, int status) {
   td__http_conn_t *c = req->handle->data;
   c->writing = 0;
   c->wflight.len = 0;
+  if (c->wflight.cap > TD__HTTP_HIGH_WATER) hbuf_free(&c->wflight);
   if (c->dead) return;
   if (status < 0) {
     conn_kill(c, TD_HTTP_ABORT_DISCONNECT);
@@ -1243,6 +1247,12 @@ static void on_timer(uv_timer_t *h) {
       conn_kill(c, TD_HTTP_ABORT_DISCONNECT);
       return;
     case TD__DL_SEND:
+      if (c->tcp.write_queue_size < c->wq_mark) {
+        /* Slow but moving: measure the next period from now. */
+        c->wq_mark = c->tcp.write_queue_size;
+        c->t_write = now;
+        break;
+      }
       srv->st.timeouts++;
       conn_kill(c, TD_HTTP_ABORT_SLOW_CLIENT);
       return;
