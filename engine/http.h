@@ -20,7 +20,8 @@
  * and every callback (on_request, on_abort, close_cb) is called there.
  *
  * Requests are named by a td_http_req_id: a 64-bit number, never 0, never
- * reused by a server. Ids may be passed anywhere (other threads, Lua, other
+ * reused by a server. Ids count 1, 2, 3, ... per server, so a Lua number
+ * (a double, exact below 2^53) holds every id a server will hand out. Ids may be passed anywhere (other threads, Lua, other
  * processes' replies); a call with an id whose request has finished or been
  * aborted returns UV_ENOENT and does nothing, so late replies are harmless.
  *
@@ -196,15 +197,19 @@ int td_http_stream_end(td_http_server_t *srv, td_http_req_id id);
  * client sees it truncated. Finishes the request. */
 int td_http_abort(td_http_server_t *srv, td_http_req_id id);
 
-/* Flushes pending output now instead of in the loop's next prepare phase.
- * Loop thread only; for callers that drive the loop themselves (see
- * "Driving the loop" below) and answer outside uv_run. */
+/* Writes pending output now instead of in the loop's next prepare phase.
+ * Loop thread only. (An application that is not on a libuv loop should not
+ * try to pump this server's loop from its own poll(): libuv registers
+ * watchers started in callbacks only at its next poll, so a poll() on
+ * uv_backend_fd can sleep through a new connection's data. Run the server
+ * on its own thread instead: td_http_thread_start + an inbox.) */
 void td_http_server_flush(td_http_server_t *srv);
 
 /* -- Inbox: requests handed to another thread ----------------------------
  *
  * For an application whose thread is not the loop thread (the Lua thread
- * of a node, pumped by poll()): the server's callbacks copy each request
+ * of a node, pumped by poll()) — the recommended way to put the server
+ * behind Lua: the server's callbacks copy each request
  * and each abort into a queue; td_http_inbox_fd() is readable while the
  * queue is not empty, so it can sit in that thread's poll() set. The
  * application pops events and answers with the response calls above (they
@@ -268,13 +273,6 @@ int td_http_thread_port(const td_http_thread_t *t);
 /* Closes the server (on_abort for unfinished requests), joins the thread,
  * frees everything; NULLs *t; idempotent. */
 void td_http_thread_stop(td_http_thread_t **t);
-
-/* -- Driving the loop ------------------------------------------------------
- * To run the server inside a poll()-based loop on one thread: put
- * uv_backend_fd(loop) (POLLIN) in the poll set with timeout
- * min(yours, uv_backend_timeout(loop)), call uv_run(loop, UV_RUN_NOWAIT)
- * after each poll, and td_http_server_flush() after answering outside
- * uv_run. Callbacks then run inside that uv_run call. */
 
 /* -- Helpers ------------------------------------------------------------- */
 
