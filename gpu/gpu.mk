@@ -11,7 +11,7 @@
 #                              time when a GPU is present.
 
 GPU_CORE_SRCS := gpu/gpu_err.c gpu/tensor.c gpu/ops_cpu.c gpu/device.c \
-                 gpu/tensor_lua.c
+                 gpu/tensor_lua.c gpu/ring.c gpu/ring_local.c
 GPU_HDRS      := $(wildcard gpu/*.h)
 GPU_SRCS      += $(GPU_CORE_SRCS)
 LDLIBS        += -lopenblas
@@ -20,3 +20,8 @@ TEST_DEPS     += build/tide_tensor_dev.so
 build/tide_tensor_dev.so: $(GPU_CORE_SRCS) $(GPU_HDRS)
 	@mkdir -p build
 	$(CC) $(CFLAGS) -fPIC -shared -o $@ $(GPU_CORE_SRCS) -lopenblas -lm -lpthread -ldl
+
+TEST_DEPS += build/bench-allreduce
+build/bench-allreduce: gpu/bench/bench_allreduce.c gpu/ring.c gpu/ring_local.c gpu/gpu_err.c $(GPU_HDRS)
+	@mkdir -p build
+	$(CC) $(CFLAGS) -o $@ gpu/bench/bench_allreduce.c gpu/ring.c gpu/ring_local.c gpu/gpu_err.c -lpthread

@@ -1,0 +1,308 @@
+/* Tide CPU ring collectives (see ring.h).
+ *
+ * Allreduce = reduce-scatter then allgather around the ring rank -> rank+1,
+ * each of the n-1 steps moving one chunk (1/n of the data) cut into pieces,
+ * so every rank sends and receives 2(n-1)/n of the data: the bandwidth
+ * optimum.  Received pieces are reduced straight out of the transport's
+ * buffer when it offers recv_peek (no extra copy). */
+#include "ring.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+struct td_ring {
+  td_ring_transport_t tr; /* copy of the caller's transport */
+  int rank, n;            /* this rank, ranks in the ring */
+  size_t piece;           /* pipelining unit in bytes (multiple of 64) */
+  void *scratch;          /* pre-faulted work memory, reused */
+  size_t scratch_cap;     /* bytes at scratch */
+};
+
+/* -- Scratch ------------------------------------------------------------------- */
+
+static void td__scratch_release(void *p, size_t n) {
+  if (p) munmap(p, n);
+}
+
+/* Returns at least n bytes of pre-faulted scratch (contents undefined). */
+static void *td__scratch(td_ring_t *r, size_t n) {
+  if (n <= r->scratch_cap) return r->scratch;
+  size_t cap = (n + 4095) & ~(size_t)4095;
+  void *p = mmap(NULL, cap, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+  if (p == MAP_FAILED) return NULL;
+  td__scratch_release(r->scratch, r->scratch_cap);
+  r->scratch = p;
+  r->scratch_cap = cap;
+  return p;
+}
+
+/* -- Lifecycle ------------------------------------------------------------------- */
+
+int td_ring_new(td_ring_t **out, const td_ring_transport_t *tr, int rank,
+                int nranks, size_t piece_bytes) {
+  if (!tr || !tr->send || !tr->recv || nranks < 1 || rank < 0 || rank >= nranks ||
+      (tr->recv_peek && !tr->recv_release))
+    return -TD_GPU_EINVAL;
+  td_ring_t *r = calloc(1, sizeof(*r));
+  if (!r) return -TD_GPU_ENOMEM;
+  r->tr = *tr;
+  r->rank = rank;
+  r->n = nranks;
+  size_t piece = piece_bytes ? piece_bytes : (256u << 10);
+  /* Without sendrecv, send-then-receive is deadlock-free while four pieces
+   * fit in what the transport buffers (see ring.h). */
+  if (!tr->sendrecv && tr->max_inflight && piece > tr->max_inflight / 4)
+    piece = tr->max_inflight / 4;
+  piece &= ~(size_t)63;
+  if (piece < 64) piece = 64;
+  r->piece = piece;
+  *out = r;
+  return 0;
+}
+
+void td_ring_free(td_ring_t **r) {
+  if (!r || !*r) return;
+  td__scratch_release((*r)->scratch, (*r)->scratch_cap);
+  free(*r);
+  *r = NULL;
+}
+
+int td_ring_rank(const td_ring_t *r) { return r->rank; }
+int td_ring_size(const td_ring_t *r) { return r->n; }
+
+/* -- Reduction kernels ------------------------------------------------------------ */
+
+static void td__reduce_inplace(float *restrict dst, const float *restrict b,
+                               size_t n, int op) {
+  switch (op) {
+    case TD_RING_MAX:
+      for (size_t i = 0; i < n; i++) dst[i] = dst[i] > b[i] ? dst[i] : b[i];
+      break;
+    case TD_RING_MIN:
+      for (size_t i = 0; i < n; i++) dst[i] = dst[i] < b[i] ? dst[i] : b[i];
+      break;
+    default:
+      for (size_t i = 0; i < n; i++) dst[i] += b[i];
+  }
+}
+
+static void td__reduce_into(float *restrict dst, const float *restrict a,
+                            const float *restrict b, size_t n, int op) {
+  switch (op) {
+    case TD_RING_MAX:
+      for (size_t i = 0; i < n; i++) dst[i] = a[i] > b[i] ? a[i] : b[i];
+      break;
+    case TD_RING_MIN:
+      for (size_t i = 0; i < n; i++) dst[i] = a[i] < b[i] ? a[i] : b[i];
+      break;
+    default:
+      for (size_t i = 0; i < n; i++) dst[i] = a[i] + b[i];
+  }
+}
+
+/* What happens to received bytes: copied to dst, or reduced as
+ * dst = op(a, received) (a may equal dst). */
+typedef struct {
+  int reduce;       /* 0 = copy, 1 = reduce */
+  int op;           /* TD_RING_* when reducing */
+  char *dst;        /* destination of byte 0 of the message */
+  const char *a;    /* first operand of byte 0 when reducing */
+} td__sink_t;
+
+static void td__apply(const td__sink_t *k, size_t off, const void *in, size_t n) {
+  if (!k->reduce) {
+    memcpy(k->dst + off, in, n);
+    return;
+  }
+  float *d = (float *)(void *)(k->dst + off);
+  const float *a = (const float *)(const void *)(k->a + off);
+  if (a == d)
+    td__reduce_inplace(d, in, n / sizeof(float), k->op);
+  else
+    td__reduce_into(d, a, in, n / sizeof(float), k->op);
+}
+
+/* Sends slen bytes at sbuf to `to` while receiving rlen bytes from `from`
+ * into sink, piece by piece. */
+static int td__xfer(td_ring_t *r, int to, const char *sbuf, size_t slen,
+                    int from, const td__sink_t *sink, size_t rlen) {
+  const td_ring_transport_t *tr = &r->tr;
+  size_t so = 0, ro = 0;
+  char *tmp = NULL;
+  if (!tr->recv_peek && (sink->reduce || tr->sendrecv)) {
+    tmp = td__scratch(r, r->piece);
+    if (!tmp) return -TD_GPU_ENOMEM;
+  }
+  while (so < slen || ro < rlen) {
+    size_t ps = slen - so < r->piece ? slen - so : r->piece;
+    size_t pr = rlen - ro < r->piece ? rlen - ro : r->piece;
+    int rc = 0;
+    if (tr->recv_peek) {
+      if (ps) rc = tr->send(tr->ctx, to, sbuf + so, ps);
+      for (size_t got = 0; !rc && got < pr;) {
+        const void *p;
+        int64_t n = tr->recv_peek(tr->ctx, from, &p, pr - got);
+        if (n <= 0) return n < 0 ? (int)n : -TD_GPU_EIO;
+        td__apply(sink, ro + got, p, (size_t)n);
+        rc = tr->recv_release(tr->ctx, from, (size_t)n);
+        got += (size_t)n;
+      }
+    } else {
+      /* Copies land in place; reductions go through tmp. */
+      char *rbuf = sink->reduce ? tmp : sink->dst + ro;
+      if (tr->sendrecv && ps && pr) {
+        rc = tr->sendrecv(tr->ctx, to, sbuf + so, ps, from, rbuf, pr);
+      } else {
+        if (ps) rc = tr->send(tr->ctx, to, sbuf + so, ps);
+        if (!rc && pr) rc = tr->recv(tr->ctx, from, rbuf, pr);
+      }
+      if (!rc && pr && sink->reduce) td__apply(sink, ro, rbuf, pr);
+    }
+    if (rc) return rc;
+    so += ps;
+    ro += pr;
+  }
+  return 0;
+}
+
+static int td__mod(int a, int n) { return ((a % n) + n) % n; }
+
+/* -- Collectives ---------------------------------------------------------------------- */
+
+int td_ring_allreduce(td_ring_t *r, const float *send, float *recv,
+                      size_t count, int op) {
+  if (op < TD_RING_SUM || op > TD_RING_MIN) return -TD_GPU_EINVAL;
+  int n = r->n, me = r->rank, rc;
+  if (n == 1 || count == 0) {
+    if (send != recv) memcpy(recv, send, count * sizeof(float));
+    return 0;
+  }
+  int next = (me + 1) % n, prev = (me + n - 1) % n;
+  /* Reduce-scatter: step s sends chunk me-s, receives and reduces me-s-1
+   * (recv = op(send, incoming): each chunk is reduced once per rank, so the
+   * out-of-place form costs no extra copy).  Step 0 sends from send. */
+  for (int s = 0; s < n - 1; s++) {
+    int cs = td__mod(me - s, n), cr = td__mod(me - s - 1, n);
+    size_t s0 = td_ring_chunk_start(count, n, cs), r0 = td_ring_chunk_start(count, n, cr);
+    td__sink_t k = {1, op, (char *)(recv + r0), (const char *)(send + r0)};
+    rc = td__xfer(r, next, (const char *)((s == 0 ? send : recv) + s0),
+                  td_ring_chunk_count(count, n, cs) * sizeof(float), prev, &k,
+                  td_ring_chunk_count(count, n, cr) * sizeof(float));
+    if (rc) return rc;
+  }
+  /* This rank now holds the reduced chunk me+1. */
+  int mine = td__mod(me + 1, n);
+  if (op == TD_RING_AVG) {
+    float *p = recv + td_ring_chunk_start(count, n, mine), inv = 1.0f / (float)n;
+    for (size_t i = 0, c = td_ring_chunk_count(count, n, mine); i < c; i++) p[i] *= inv;
+  }
+  /* Allgather: step s sends chunk me+1-s, receives chunk me-s. */
+  for (int s = 0; s < n - 1; s++) {
+    int cs = td__mod(me + 1 - s, n), cr = td__mod(me - s, n);
+    size_t s0 = td_ring_chunk_start(count, n, cs), r0 = td_ring_chunk_start(count, n, cr);
+    td__sink_t k = {0, 0, (char *)(recv + r0), NULL};
+    rc = td__xfer(r, next, (const char *)(recv + s0),
+                  td_ring_chunk_count(count, n, cs) * sizeof(float), prev, &k,
+                  td_ring_chunk_count(count, n, cr) * sizeof(float));
+    if (rc) return rc;
+  }
+  return 0;
+}
+
+int td_ring_reduce_scatter(td_ring_t *r, const float *in, float *out,
+                           size_t count, int op) {
+  if (op < TD_RING_SUM || op > TD_RING_MIN) return -TD_GPU_EINVAL;
+  int n = r->n, me = r->rank, rc;
+  size_t mine = td_ring_chunk_count(count, n, me);
+  if (n == 1) {
+    memcpy(out, in, count * sizeof(float));
+    return 0;
+  }
+  /* Step s sends chunk me-s-1 (in[] at s = 0, else the partial reduced at
+   * step s-1) and reduces chunk me-s-2 into a work buffer; the last step
+   * reduces chunk me straight into out.  Two work buffers alternate. */
+  size_t maxc = td_ring_chunk_count(count, n, 0) + 1;
+  float *work = td__scratch(r, 2 * maxc * sizeof(float) + r->piece);
+  if (!work && count) return -TD_GPU_ENOMEM;
+  /* td__xfer may use the scratch's head for pieces: keep the work after it. */
+  float *w[2] = {NULL, NULL};
+  if (work) {
+    w[0] = (float *)(void *)((char *)work + r->piece);
+    w[1] = w[0] + maxc;
+  }
+  int next = (me + 1) % n, prev = (me + n - 1) % n;
+  const float *sending = NULL;
+  for (int s = 0; s < n - 1; s++) {
+    int cs = td__mod(me - s - 1, n), cr = td__mod(me - s - 2, n);
+    if (s == 0) sending = in + td_ring_chunk_start(count, n, cs);
+    float *dst = s == n - 2 ? out : w[s % 2];
+    td__sink_t k = {1, op, (char *)dst, (const char *)(in + td_ring_chunk_start(count, n, cr))};
+    rc = td__xfer(r, next, (const char *)sending,
+                  td_ring_chunk_count(count, n, cs) * sizeof(float), prev, &k,
+                  td_ring_chunk_count(count, n, cr) * sizeof(float));
+    if (rc) return rc;
+    sending = dst;
+  }
+  if (op == TD_RING_AVG) {
+    float inv = 1.0f / (float)n;
+    for (size_t i = 0; i < mine; i++) out[i] *= inv;
+  }
+  return 0;
+}
+
+int td_ring_allgather(td_ring_t *r, const void *send, void *recv, size_t bytes) {
+  int n = r->n, me = r->rank, rc;
+  char *out = recv;
+  if ((const char *)send != out + (size_t)me * bytes)
+    memcpy(out + (size_t)me * bytes, send, bytes);
+  int next = (me + 1) % n, prev = (me + n - 1) % n;
+  for (int s = 0; s < n - 1; s++) {
+    int cs = td__mod(me - s, n), cr = td__mod(me - s - 1, n);
+    td__sink_t k = {0, 0, out + (size_t)cr * bytes, NULL};
+    rc = td__xfer(r, next, out + (size_t)cs * bytes, bytes, prev, &k, bytes);
+    if (rc) return rc;
+  }
+  return 0;
+}
+
+int td_ring_broadcast(td_ring_t *r, void *buf, size_t bytes, int root) {
+  if (root < 0 || root >= r->n) return -TD_GPU_EINVAL;
+  int n = r->n, pos = td__mod(r->rank - root, n);
+  int next = (r->rank + 1) % n, prev = (r->rank + n - 1) % n;
+  const td_ring_transport_t *tr = &r->tr;
+  char *p = buf;
+  for (size_t off = 0; off < bytes; off += r->piece) {
+    size_t len = bytes - off < r->piece ? bytes - off : r->piece;
+    int rc = 0;
+    if (pos > 0) rc = tr->recv(tr->ctx, prev, p + off, len);
+    if (!rc && pos < n - 1) rc = tr->send(tr->ctx, next, p + off, len);
+    if (rc) return rc;
+  }
+  return 0;
+}
+
+int td_ring_send(td_ring_t *r, const void *buf, size_t bytes, int peer) {
+  if (peer < 0 || peer >= r->n || peer == r->rank) return -TD_GPU_EINVAL;
+  return bytes ? r->tr.send(r->tr.ctx, peer, buf, bytes) : 0;
+}
+
+int td_ring_recv(td_ring_t *r, void *buf, size_t bytes, int peer) {
+  if (peer < 0 || peer >= r->n || peer == r->rank) return -TD_GPU_EINVAL;
+  return bytes ? r->tr.recv(r->tr.ctx, peer, buf, bytes) : 0;
+}
+
+int td_ring_barrier(td_ring_t *r) {
+  /* An allgather of one byte per rank: rank r ends holding every rank's
+   * byte, each sent only after its owner entered. */
+  char small[64], *all = small;
+  if (r->n > (int)sizeof(small)) {
+    all = malloc((size_t)r->n);
+    if (!all) return -TD_GPU_ENOMEM;
+  }
+  char b = 1;
+  int rc = td_ring_allgather(r, &b, all, 1);
+  if (all != small) free(all);
+  return rc;
+}
