@@ -88,7 +88,8 @@ typedef struct td_http_request {
 
 /* Why a request was aborted (on_abort's reason). */
 typedef enum td_http_abort_reason {
-  TD_HTTP_ABORT_DISCONNECT = 1, /* client closed or reset the connection */
+  TD_HTTP_ABORT_DISCONNECT = 1, /* client closed or reset the connection (a FIN
+                                   counts: HTTP/1.1 cannot tell a half-close) */
   TD_HTTP_ABORT_TIMEOUT,        /* no response began in response_timeout_ms; 504 sent */
   TD_HTTP_ABORT_SLOW_CLIENT,    /* output backlog or stalled write: connection dropped */
   TD_HTTP_ABORT_SERVER_CLOSE,   /* td_http_server_close() */
