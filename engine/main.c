@@ -45,6 +45,8 @@ static int td__usage_error(const char *fmt, const char *arg) {
 
 /* -- Interrupts ---------------------------------------------------------------- */
 
+static volatile int td__was_interrupted;
+
 static void td__stop_hook(lua_State *L, lua_Debug *ar) {
   (void)ar;
   lua_sethook(L, NULL, 0, 0);
@@ -63,7 +65,8 @@ static void td__on_alarm(int sig) {
 }
 
 static void td__on_signal(int sig) {
-  if (td_interrupted) td__on_alarm(sig);
+  if (td__was_interrupted) td__on_alarm(sig);
+  td__was_interrupted = 1;
   td_interrupted = 1;
   signal(SIGALRM, td__on_alarm);
   alarm(1);
@@ -167,6 +170,21 @@ static int td__run(int argc, char **argv, int first, const char *script_override
   signal(SIGHUP, td__on_signal);
   signal(SIGPIPE, SIG_IGN);
   int rc = 0;
+  /* Start the cluster before the script, so bad flags fail first (exit 2)
+   * and the first task finds warm workers. */
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "tide");
+  if (lua_pcall(L, 1, 1, 0) != 0) {
+    fprintf(stderr, "tide: %s\n", lua_tostring(L, -1));
+    return 2;
+  }
+  lua_getfield(L, -1, "_start");
+  if (lua_pcall(L, 0, 0, 0) != 0) {
+    fprintf(stderr, "tide: %s\n", lua_tostring(L, -1));
+    lua_close(L);
+    return 2;
+  }
+  lua_pop(L, 1);
   lua_pushcfunction(L, td__traceback);
   if (luaL_loadfile(L, script) != 0) {
     fprintf(stderr, "tide: %s\n", lua_tostring(L, -1));
@@ -175,8 +193,13 @@ static int td__run(int argc, char **argv, int first, const char *script_override
     int n = 0;
     for (int k = i; k < argc; k++, n++) lua_pushstring(L, argv[k]);
     if (lua_pcall(L, n, 0, -2 - n) != 0) {
-      fprintf(stderr, "tide: %s\n", lua_tostring(L, -1));
-      rc = 1;
+      if (td__was_interrupted) {
+        fprintf(stderr, "tide: interrupted\n");
+        rc = 130;
+      } else {
+        fprintf(stderr, "tide: %s\n", lua_tostring(L, -1));
+        rc = 1;
+      }
     }
   }
   fflush(stdout);

@@ -66,6 +66,8 @@ struct td_task {
   int nres;
   td_wk_t *wk;           /* where it was sent */
   td_actor_t *actor;     /* for actor calls and creations */
+  double sent_at;        /* when it was sent to its worker */
+  uint8_t slow;          /* not known to be short when sent */
   td_task_t *prev, *next;/* links in the queue it is on */
 };
 
@@ -90,7 +92,17 @@ struct td_wk {
   int gpus[16], ngpus;
   td_map_t fns_sent;     /* function ids this worker has */
   int exit_status;
+  int nslow;             /* inflight tasks not known to be short */
+  double last_done;      /* when its last task finished */
 };
+
+/* Running time of a function, to decide whether queueing behind it is
+ * safe: short tasks pipeline, long or unknown ones do not. */
+typedef struct td_fnstat {
+  double avg;            /* seconds, moving average */
+  uint32_t n;
+} td_fnstat_t;
+#define TD_SHORT_TASK 0.002
 
 struct td_actor {
   uint64_t id;
@@ -139,7 +151,7 @@ struct td_node {
   double total[TD_NRES_MAX], avail[TD_NRES_MAX];
   double gpu_free[64];   /* free fraction of each GPU id */
   int ngpus;
-  td_map_t objs, tasks, actors, fns;
+  td_map_t objs, tasks, actors, fns, fnstats;
   td_wk_t **wks;
   int nwks, capwks;
   td_tq_t queue;         /* runnable tasks and actor creations */
@@ -184,6 +196,38 @@ static void tq_del(td_tq_t *q, td_task_t *t) {
   if (t->next) t->next->prev = t->prev; else q->tail = t->prev;
   t->prev = t->next = NULL;
   q->len--;
+}
+
+static void td__inflight_add(td_node_t *n, td_wk_t *wk, td_task_t *t) {
+  tq_push(&wk->inflight, t);
+  t->slow = 0;
+  if (t->spec.kind != TD_K_TASK) return;
+  td_fnstat_t *st = td_map_get(&n->fnstats, t->spec.fn_id);
+  t->slow = !(st && st->avg < TD_SHORT_TASK);
+  t->sent_at = td_now();
+  wk->nslow += t->slow;
+}
+
+static void td__inflight_del(td_wk_t *wk, td_task_t *t) {
+  tq_del(&wk->inflight, t);
+  wk->nslow -= t->slow;
+  t->slow = 0;
+}
+
+static void td__task_timed(td_node_t *n, td_wk_t *wk, td_task_t *t) {
+  if (t->spec.kind != TD_K_TASK) return;
+  double now = td_now();
+  double dur = now - (t->sent_at > wk->last_done ? t->sent_at : wk->last_done);
+  wk->last_done = now;
+  td_fnstat_t *st = td_map_get(&n->fnstats, t->spec.fn_id);
+  if (!st) {
+    st = td_xcalloc(1, sizeof(*st));
+    td_map_set(&n->fnstats, t->spec.fn_id, st);
+    st->avg = dur;
+  } else {
+    st->avg = 0.8 * st->avg + 0.2 * dur;
+  }
+  st->n++;
 }
 
 /* -- Error blobs -------------------------------------------------------------
@@ -595,7 +639,7 @@ static void td__send_task(td_node_t *n, td_wk_t *wk, td_task_t *t) {
   t->wk = wk;
   t->state = T_SENT;
   t->attempt++;
-  tq_push(&wk->inflight, t);
+  td__inflight_add(n, wk, t);
   if (t->spec.kind == TD_K_TASK) {
     td_chan_begin(&wk->ch, TD_M_TASK);
     td_buf_u64(b, t->id);
@@ -803,6 +847,35 @@ static void td__actor_restart_or_die(td_node_t *n, td_actor_t *a, const char *wh
   td__actor_die(n, a, msg);
 }
 
+/* Calls of actor a that were sent to wk: retried on the restarted actor
+ * when allowed (max_task_retries), failed with ActorDiedError otherwise. */
+static void td__actor_calls_lost(td_node_t *n, td_actor_t *a, td_wk_t *wk, int may_retry,
+                                 const char *why) {
+  td_tq_t keep = {0};
+  td_task_t *t = wk->inflight.head;
+  while (t) {
+    td_task_t *next = t->next;
+    if (t->actor == a && t->spec.kind == TD_K_ACTOR_CALL) {
+      tq_del(&wk->inflight, t);
+      td__unpin_deps(n, t);
+      t->wk = NULL;
+      if (may_retry && t->retries_left != 0) {
+        if (t->retries_left > 0) t->retries_left--;
+        t->state = T_QUEUED;
+        tq_push(&keep, t);
+      } else {
+        td__task_fail(n, t, "ActorDiedError", why);
+      }
+    }
+    t = next;
+  }
+  while (keep.tail) {
+    td_task_t *x = keep.tail;
+    tq_del(&keep, x);
+    tq_push_front(&a->queue, x);
+  }
+}
+
 static td_wk_t *td__pick_host(td_node_t *n, td_actor_t *a) {
   if (a->ngpus) return td__spawn(n, WK_GPUHOST, a->gpus, a->ngpus);
   td_wk_t *best = NULL;
@@ -896,7 +969,7 @@ static void td__sched(td_node_t *n) {
         a->state = A_ALIVE;
         td__send_task(n, host, t);
         /* The creation is not in flight as a call: it stays with the actor. */
-        tq_del(&host->inflight, t);
+        td__inflight_del(host, t);
         t->state = T_SENT;
         td__actor_pump(n, a);
       } else {
@@ -913,8 +986,9 @@ static void td__sched(td_node_t *n) {
       int cpu_free_task = 1;
       for (int i = 0; i < t->nres; i++)
         if (t->res_idx[i] == TD_RES_CPU && t->res_amt[i] > 0) cpu_free_task = 0;
-      if (!idle && (active < cap || (cpu_free_task && active < 4 * cap + 8)))
-        idle = td__spawn(n, WK_TASK, NULL, 0);
+      /* It fits, so it may run now: a worker is started if none is idle. */
+      (void)cpu_free_task;
+      if (!idle && active < 4 * cap + 8) idle = td__spawn(n, WK_TASK, NULL, 0);
       if (idle) {
         int gpus[16];
         double g = td__task_gpus(t);
@@ -941,7 +1015,7 @@ static void td__sched(td_node_t *n) {
     for (int i = 0; i < n->nwks; i++) {
       td_wk_t *w = n->wks[i];
       if (w->dead || w->kind != WK_TASK || !w->leased || w->blocked) continue;
-      if (w->inflight.len >= TD_PIPELINE || !td__same_shape(w, t, bundle)) continue;
+      if (w->inflight.len >= TD_PIPELINE || w->nslow || !td__same_shape(w, t, bundle)) continue;
       if (!best || w->inflight.len < best->inflight.len) best = w;
     }
     if (best) {
@@ -1027,6 +1101,21 @@ int td_node_submit(td_node_t *n, const td_spec_t *s, const char **msg) {
     td__actor_pump(n, a);
     return 0;
   }
+  /* A demand beyond what the node has can never be met: say so now
+   * rather than wait forever. */
+  char why[400] = "";
+  if (!s->pg_id) {
+    for (int i = 0; i < t->nres && !why[0]; i++) {
+      int r = t->res_idx[i];
+      if (t->res_amt[i] > n->total[r] + 1e-9)
+        snprintf(why, sizeof(why), "infeasible: it requires %s = %g but this node has %s = %g",
+                 n->resname[r], t->res_amt[i], n->resname[r], n->total[r]);
+    }
+  }
+  if (why[0] && s->kind == TD_K_TASK) {
+    td__task_fail(n, t, "TaskError", why);
+    return 0;
+  }
   if (s->kind == TD_K_ACTOR_NEW) {
     a = td_xcalloc(1, sizeof(*a));
     a->id = s->actor_id;
@@ -1035,6 +1124,10 @@ int td_node_submit(td_node_t *n, const td_spec_t *s, const char **msg) {
     a->restarts_left = s->max_restarts;
     t->actor = a;
     td_map_set(&n->actors, a->id, a);
+    if (why[0]) {
+      td__actor_die(n, a, why);
+      return 0;
+    }
   }
   if (t->deps_pending) {
     t->state = T_WAITDEPS;
@@ -1093,6 +1186,7 @@ int td_node_kill_actor(td_node_t *n, uint64_t actor_id, int no_restart) {
   td_actor_t *a = td_map_get(&n->actors, actor_id);
   if (!a) return TD_ENOTFOUND;
   td_wk_t *host = a->host;
+  if (host) td__actor_calls_lost(n, a, host, 0, "the actor was killed by tide.kill");
   if (!no_restart && host) {
     td__actor_restart_or_die(n, a, "killed by tide.kill");
   } else {
@@ -1372,6 +1466,17 @@ static int td__on_done(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
     uint32_t len;
     const uint8_t *blob = td_rd_str(rd, &len);
     if (rd->bad) return TD_EPROTO;
+    if (t && t->spec.kind == TD_K_TASK && t->spec.retry_exceptions && t->retries_left != 0 && !t->cancelled) {
+      /* retry_exceptions: the task runs again, like after a crash. */
+      if (t->retries_left > 0) t->retries_left--;
+      td__inflight_del(wk, t);
+      td__unpin_deps(n, t);
+      t->state = T_QUEUED;
+      t->wk = NULL;
+      tq_push_front(&n->queue, t);
+      td__lease_done(n, wk);
+      return 0;
+    }
     if (t) {
       uint32_t nr = t->spec.nret < 0 ? 1 : (uint32_t)t->spec.nret;
       for (uint32_t i = 0; i < nr; i++) {
@@ -1381,7 +1486,8 @@ static int td__on_done(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
     }
   }
   if (t) {
-    tq_del(&wk->inflight, t);
+    td__inflight_del(wk, t);
+    td__task_timed(n, wk, t);
     td__task_finish(n, t);
     td__lease_done(n, wk);
   }
@@ -1505,7 +1611,7 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
       td_buf_t b;
       td_buf_init(&b);
       td_buf_u8(&b, rc == 0);
-      td_buf_u64(&b, rc == 0 ? off : (uint64_t)-rc);
+      td_buf_u64(&b, rc == 0 ? off : (uint64_t)rc);
       td_node_reply(n, wk, req, b.p, b.len);
       td_buf_free(&b);
       return 0;
@@ -1515,7 +1621,7 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
       for (uint32_t i = 0; i < cnt && !rd.bad; i++) {
         td_task_t *t = td_map_get(&n->tasks, td_rd_u64(&rd));
         if (!t || t->wk != wk || t->state != T_SENT) continue;
-        tq_del(&wk->inflight, t);
+        td__inflight_del(wk, t);
         td__unpin_deps(n, t);
         t->attempt--;
         t->state = T_QUEUED;
@@ -1550,10 +1656,15 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
       uint32_t l;
       const uint8_t *why = td_rd_str(&rd, &l);
       if (rd.bad) return TD_EPROTO;
+      uint32_t incarnation = td_rd_u32(&rd);
       td_actor_t *a = td_map_get(&n->actors, aid);
-      if (!a || a->host != wk) return 0;
+      /* An earlier incarnation's exit (after a kill and restart) is old news. */
+      if (!a || a->host != wk || rd.bad || incarnation != a->create->attempt) return 0;
       char msg[512];
       snprintf(msg, sizeof(msg), "%.*s", (int)l, why);
+      char died[600];
+      snprintf(died, sizeof(died), "the actor died: %s", msg);
+      td__actor_calls_lost(n, a, wk, crashed && a->restarts_left != 0, died);
       if (crashed) {
         td__actor_restart_or_die(n, a, msg);
       } else {
@@ -1597,7 +1708,7 @@ static void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why) {
   int first = 1;
   while (wk->inflight.head) {
     td_task_t *t = wk->inflight.head;
-    tq_del(&wk->inflight, t);
+    td__inflight_del(wk, t);
     td__unpin_deps(n, t);
     t->wk = NULL;
     if (t->spec.kind == TD_K_TASK) {
@@ -1728,6 +1839,7 @@ td_node_t *td_node_new(const td_node_opts_t *o) {
   td_map_init(&n->tasks);
   td_map_init(&n->actors);
   td_map_init(&n->fns);
+  td_map_init(&n->fnstats);
   td_buf_init(&n->tmp);
   td_node_res_index(n, "CPU");
   td_node_res_index(n, "GPU");
@@ -1780,6 +1892,9 @@ void td_node_destroy(td_node_t **np) {
   while (td_map_next(&n->actors, &it, NULL, &v)) { free(((td_actor_t *)v)->reason); free(v); }
   it = 0;
   while (td_map_next(&n->fns, &it, NULL, &v)) free(v);
+  it = 0;
+  while (td_map_next(&n->fnstats, &it, NULL, &v)) free(v);
+  td_map_free(&n->fnstats);
   while (n->reqs) { td_req_t *r = n->reqs; n->reqs = r->next; free(r->ids); free(r); }
   while (n->pgs) { td_pg_t *pg = n->pgs; n->pgs = pg->next; free(pg->total); free(pg->avail); free(pg); }
   td_map_free(&n->objs); td_map_free(&n->tasks); td_map_free(&n->actors); td_map_free(&n->fns);

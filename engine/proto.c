@@ -27,6 +27,7 @@ void td_spec_encode(const td_spec_t *s, td_buf_t *b) {
   td_buf_u32(b, (uint32_t)s->max_restarts);
   td_buf_u32(b, (uint32_t)s->max_concurrency);
   td_buf_u8(b, s->detached);
+  td_buf_u8(b, s->retry_exceptions);
   td_buf_u64(b, s->pg_id);
   td_buf_u32(b, (uint32_t)s->bundle);
   td_buf_u8(b, s->strategy);
@@ -85,6 +86,7 @@ int td_spec_decode(td_spec_t *s, td_rd_t *r, uint64_t **scratch) {
   s->max_restarts = (int32_t)td_rd_u32(r);
   s->max_concurrency = (int32_t)td_rd_u32(r);
   s->detached = td_rd_u8(r);
+  s->retry_exceptions = td_rd_u8(r);
   s->pg_id = td_rd_u64(r);
   s->bundle = (int32_t)td_rd_u32(r);
   s->strategy = td_rd_u8(r);

@@ -49,6 +49,7 @@ struct td_actor_st {
   int max_conc, running;
   td_frame_t *qhead, *qtail;  /* calls waiting for a free slot */
   int ready;                  /* init finished */
+  uint32_t incarnation;       /* restarts so far + 1, echoed in ACTOR_EXIT */
   char name[128];
   char gpus[128];
 };
@@ -56,11 +57,12 @@ struct td_actor_st {
 static lua_State *td__task_L;       /* the task worker's state */
 static td_map_t td__actors;         /* actor id -> td_actor_st_t */
 static td_map_t td__waiting;        /* req -> td_co_t (yielded) */
-static td_map_t td__dead;           /* actor id -> why it ended here */
 static td_frame_t *td__dq_head, *td__dq_tail;  /* deferred frames */
 static td_co_t *td__cur;            /* the coroutine running now */
 static td_buf_t td__out;
 static char td__home[4096];
+static int td__gpu_env_set;       /* a task here set CUDA_VISIBLE_DEVICES */
+static double td__last_read;      /* when the socket was last drained */
 
 static void td__dispatch(uint8_t type, const uint8_t *p, uint32_t len);
 
@@ -92,6 +94,31 @@ static void td__read(int timeout_ms) {
   int r = poll(&pfd, 1, timeout_ms);
   if (r < 0 && errno != EINTR) _exit(0);
   if (r > 0 && td_chan_read(&td_ctx.ch)) _exit(0);
+  td__last_read = td_now();
+}
+
+/* True if a cancel for task_id is already here. A task pipelined behind a
+ * long one may have been cancelled while it waited: look before running it
+ * (reading the socket only when it has not been read for a while). */
+static int td__cancel_pending(uint64_t task_id) {
+  if (td_now() - td__last_read > 0.001) {
+    struct pollfd pfd = {td_ctx.ch.fd, POLLIN, 0};
+    if (poll(&pfd, 1, 0) > 0 && td_chan_read(&td_ctx.ch)) _exit(0);
+    td__last_read = td_now();
+  }
+  const uint8_t *p = td_ctx.ch.in.p + td_ctx.ch.in_off, *end = td_ctx.ch.in.p + td_ctx.ch.in.len;
+  while (end - p >= 5) {
+    uint32_t len;
+    memcpy(&len, p, 4);
+    if (len < 1 || (size_t)(end - p) < 4 + (size_t)len) break;
+    if (p[4] == TD_M_CANCEL && len >= 9) {
+      uint64_t tid;
+      memcpy(&tid, p + 5, 8);
+      if (tid == task_id) return 1;
+    }
+    p += 4 + len;
+  }
+  return 0;
 }
 
 uint32_t td_w_begin_req(uint8_t type) {
@@ -189,7 +216,7 @@ static int td__push_alloc(lua_State *L, const uint8_t *p, size_t n, void *ud) {
   td_rd_init(&rd, p, n);
   uint8_t ok = td_rd_u8(&rd);
   uint64_t v = td_rd_u64(&rd);
-  *(int64_t *)ud = ok && !rd.bad ? (int64_t)v : -(int64_t)(v ? v : 1);
+  *(int64_t *)ud = ok && !rd.bad ? (int64_t)v : -(int64_t)(v ? v : TD_ESTOREFULL);
   return 0;
 }
 
@@ -199,7 +226,7 @@ int td_w_alloc(size_t size, size_t *off) {
   td_buf_u64(&td_ctx.ch.out, size);
   td_chan_end(&td_ctx.ch);
   td__block(NULL, req, td__push_alloc, &res, 0);
-  if (res < 0) return (int)res == -1 ? TD_ESTOREFULL : -(int)-res;
+  if (res < 0) return (int)-res;
   *off = (size_t)res;
   return 0;
 }
@@ -432,6 +459,8 @@ static lua_State *td__newstate(int actor) {
     lua_setfield(L, -2, "jit.util");
     lua_pushcfunction(L, td__preload_jit_sub);
     lua_setfield(L, -2, "jit.opt");
+    lua_pushcfunction(L, luaopen_ffi);
+    lua_setfield(L, -2, "ffi");
   }
   lua_pop(L, 2);
   if (actor) {
@@ -757,7 +786,7 @@ static void td__resume(td_co_t *c, int nargs) {
       lua_pop(c->co, 1);
     }
     if (is_exit) {
-      if (!c->is_init) td__send_error_msg(L, c->task_id, "ActorDiedError", "the actor called os.exit");
+      /* The node fails or retries every call in flight, this one too. */
       td_co_t copy = *c;
       td__co_free(L, c);
       td__actor_destroy(a, "the actor called os.exit", 1);
@@ -778,10 +807,10 @@ static void td__resume(td_co_t *c, int nargs) {
     }
     td__send_error(L, c->task_id);
   }
-  int was_call = a != NULL;
+  int is_init = c->is_init;
   td__co_free(L, c);
-  if (was_call) {
-    a->running--;
+  if (a) {
+    if (!is_init) a->running--;
     td__actor_next(a);
   }
 }
@@ -830,6 +859,11 @@ static void td__on_task(const uint8_t *p, uint32_t len) {
     lua_pop(L, 1);
     return;
   }
+  if (td__cancel_pending(task_id)) {
+    lua_pop(L, 1);
+    td__send_error_msg(L, task_id, "TaskCancelledError", "the task was cancelled before it ran");
+    return;
+  }
   td_co_t *c = td__co_new(L, NULL, task_id, nret, nm);
   snprintf(c->gpus, sizeof(c->gpus), "%s", gpus);
   lua_xmove(L, c->co, 1);
@@ -847,7 +881,10 @@ static void td__on_task(const uint8_t *p, uint32_t len) {
     return;
   }
   if (el) td__set_env(env, el, 1);
+  /* A task sees exactly the GPUs it was given. */
   if (ng) setenv("CUDA_VISIBLE_DEVICES", gpus, 1);
+  else if (td__gpu_env_set) unsetenv("CUDA_VISIBLE_DEVICES");
+  td__gpu_env_set = ng > 0;
   td__resume(c, nargs);
   if (el) td__set_env(env, el, 0);
 }
@@ -907,14 +944,12 @@ static void td__actor_next(td_actor_st_t *a) {
 }
 
 static void td__actor_destroy(td_actor_st_t *a, const char *why, int crashed) {
-  /* Calls queued here fail; calls suspended in coroutines fail too. */
+  /* Calls queued or suspended here are dropped: the node, told below,
+   * fails or retries every call it sent to this actor. */
   lua_State *L = a->L;
   while (a->qhead) {
     td_frame_t *f = a->qhead;
     a->qhead = f->next;
-    uint64_t tid;
-    memcpy(&tid, f->data, 8);
-    td__send_error_msg(L, tid, "ActorDiedError", why);
     free(f);
   }
   a->qtail = NULL;
@@ -925,18 +960,15 @@ static void td__actor_destroy(td_actor_st_t *a, const char *why, int crashed) {
     td_co_t *c = v;
     if (c->actor != a) continue;
     td_map_del(&td__waiting, req);
-    if (!c->is_init) td__send_error_msg(L, c->task_id, "ActorDiedError", why);
     free(c);
   }
   td_chan_begin(&td_ctx.ch, TD_M_ACTOR_EXIT);
   td_buf_u64(&td_ctx.ch.out, a->id);
   td_buf_u8(&td_ctx.ch.out, (uint8_t)crashed);
   td_buf_str(&td_ctx.ch.out, why, strlen(why));
+  td_buf_u32(&td_ctx.ch.out, a->incarnation);
   td_chan_end(&td_ctx.ch);
   td_map_del(&td__actors, a->id);
-  /* Calls already on their way get this reason. */
-  free(td_map_del(&td__dead, a->id));
-  td_map_set(&td__dead, a->id, td_xstrdup(why));
   td__flush();
   lua_close(L);
   free(a);
@@ -950,7 +982,7 @@ static void td__on_actor_new(const uint8_t *p, uint32_t len) {
   uint32_t nl, el;
   const uint8_t *name = td_rd_str(&rd, &nl);
   uint32_t mc = td_rd_u32(&rd);
-  td_rd_u32(&rd);
+  uint32_t incarnation = td_rd_u32(&rd);
   const uint8_t *env = td_rd_str(&rd, &el);
   uint32_t ng = td_rd_u32(&rd);
   char gpus[128] = "";
@@ -967,6 +999,7 @@ static void td__on_actor_new(const uint8_t *p, uint32_t len) {
   td_actor_st_t *a = td_xcalloc(1, sizeof(*a));
   a->id = actor_id;
   a->max_conc = mc ? (int)mc : 1;
+  a->incarnation = incarnation;
   snprintf(a->name, sizeof(a->name), "%.*s", (int)nl, name);
   snprintf(a->gpus, sizeof(a->gpus), "%s", gpus);
   if (el) td__set_env(env, el, 1);
@@ -1030,11 +1063,9 @@ static void td__on_actor_call(const uint8_t *p, uint32_t len) {
   memcpy(&task_id, p, 8);
   memcpy(&actor_id, p + 8, 8);
   td_actor_st_t *a = td_map_get(&td__actors, actor_id);
-  if (!a) {
-    const char *why = td_map_get(&td__dead, actor_id);
-    td__send_error_msg(td__task_L, task_id, "ActorDiedError", why ? why : "the actor is not alive in this process");
-    return;
-  }
+  /* An actor that ended here: the node answers for its calls. */
+  if (!a) return;
+  (void)task_id;
   td_frame_t *f = td__frame_copy(TD_M_ACTOR_CALL, p, len);
   if (a->qtail) a->qtail->next = f; else a->qhead = f;
   a->qtail = f;
@@ -1149,7 +1180,6 @@ int td_worker_main(int argc, char **argv) {
   td_map_init(&td__actors);
   td_map_init(&td__waiting);
   td_map_init(&td__blobs);
-  td_map_init(&td__dead);
   td_ser_init(&td_ctx.ser);
   td_buf_init(&td__out);
   td__task_L = td__newstate(0);

@@ -160,8 +160,12 @@ int td_core_push_wire(lua_State *L, td_rd_t *rd) {
   return kind == TD_V_ERROR ? 1 : 0;
 }
 
+/* The API function that called us is level 1; the user's line is level 2. */
 int td_core_ser_error(lua_State *L, td_ser_t *s) {
-  return luaL_error(L, "%s", s->err);
+  luaL_where(L, 2);
+  lua_pushstring(L, s->err);
+  lua_concat(L, 2);
+  return lua_error(L);
 }
 
 /* -- Values out ---------------------------------------------------------------- */
@@ -208,6 +212,9 @@ static void td__spec_opts(lua_State *L, int t, td_spec_t *s) {
   s->strategy = (uint8_t)td__optnum(L, t, "strategy", 0);
   lua_getfield(L, t, "detached");
   s->detached = (uint8_t)lua_toboolean(L, -1);
+  lua_pop(L, 1);
+  lua_getfield(L, t, "retry_exceptions");
+  s->retry_exceptions = (uint8_t)lua_toboolean(L, -1);
   lua_pop(L, 1);
   td__optstr(L, t, "name", s->name, sizeof(s->name));
   td__optstr(L, t, "namespace", s->ns, sizeof(s->ns));
@@ -356,6 +363,7 @@ static void td__pump(lua_State *L, double deadline) {
   td_node_pump(td_ctx.node, wait < 0 ? 0 : wait);
   if (td_interrupted) {
     td_interrupted = 0;
+    lua_sethook(L, NULL, 0, 0);
     luaL_error(L, "interrupted");
   }
 }
@@ -489,9 +497,12 @@ static int d_put(lua_State *L) {
   uint64_t id = td_node_new_id(td_ctx.node);
   uint8_t *dst;
   int rc = td_node_store(td_ctx.node, id, td_ctx.ser.size, td_ctx.ser.refs, (uint32_t)td_ctx.ser.nrefs, &dst);
-  if (rc)
+  if (rc) {
+    td_node_stats_t st;
+    td_node_stats(td_ctx.node, &st);
     return luaL_error(L, "tide.put: %s (value of %f bytes, store capacity %f bytes)", td_strerror(rc),
-                      (double)td_ctx.ser.size, (double)0);
+                      (double)td_ctx.ser.size, (double)st.store_capacity);
+  }
   td_ser_copy(&td_ctx.ser, dst);
   td_core_pushref(L, id, 1);
   return 1;
@@ -1097,8 +1108,20 @@ static int d_start(lua_State *L) {
   return 0;
 }
 
+/* core.stop(): tears the embedded node down (before a restart). */
+static int d_stop(lua_State *L) {
+  (void)L;
+  if (td_ctx.rpcL) lua_close(td_ctx.rpcL);
+  td_ctx.rpcL = NULL;
+  td_node_destroy(&td_ctx.node);
+  td_ctx.ndec = 0; /* drops queued by the closing states refer to the old node */
+  return 0;
+}
+
 int td_core_register_start(lua_State *L) {
   lua_pushcfunction(L, d_start);
   lua_setfield(L, -2, "start");
+  lua_pushcfunction(L, d_stop);
+  lua_setfield(L, -2, "stop");
   return 0;
 }

@@ -128,7 +128,7 @@ local function normalize(o, is_actor)
     resources = res, name = o.name, namespace = o.namespace,
     max_retries = o.max_retries, max_restarts = o.max_restarts,
     max_task_retries = o.max_task_retries, max_concurrency = o.max_concurrency,
-    detached = o.lifetime == "detached",
+    detached = o.lifetime == "detached", retry_exceptions = o.retry_exceptions,
   }
   if o.placement_group then
     n.pg = o.placement_group.id
@@ -147,6 +147,7 @@ end
 
 local started = not core.is_driver
 local init_opts
+local used
 
 local INIT_OPTS = {
   address = "string", num_cpus = "number", num_gpus = "number", resources = "table",
@@ -183,14 +184,24 @@ end
 
 function M.init(opts)
   check_opts(opts, INIT_OPTS, "tide.init", 2)
-  if started then error("tide.init: the cluster is already running", 2) end
+  if started and used then error("tide.init: the cluster is already running", 2) end
+  if started then
+    -- tide run started it with its flags before the script; nothing has
+    -- used it yet, so it restarts with these options on top.
+    core.stop()
+    started = false
+  end
   init_opts = opts
   start(2)
 end
 
 function M.is_initialized() return started end
 
-local function ensure() if not started then start(3) end end
+used = false
+local function ensure()
+  used = true
+  if not started then start(3) end
+end
 M._start = function() start(2) end
 
 -- -- Remote functions --------------------------------------------------------
@@ -264,8 +275,9 @@ RemoteFunction.__tostring = function(self) return "RemoteFunction(" .. tostring(
 
 -- -- Actors -------------------------------------------------------------------
 
-local ActorClass = {}
+local ActorClass = {__tide_module = "tide"}
 ActorClass.__index = ActorClass
+ActorClass.__tide_ser = function(c) return core.encode({"class", c.class_id, c.opts}) end
 local ActorHandle = {__tide_module = "tide"}
 
 local function make_handle(id, class_id, ready)
@@ -275,8 +287,8 @@ end
 ActorHandle.__index = function(h, k)
   local m = h._methods[k]
   if m then return m end
-  if type(k) ~= "string" or k:sub(1, 1) == "_" then return nil end
-  local id = h._id
+  if type(k) ~= "string" or not k:match("^[%a][%w_]*$") then return nil end
+  local id = rawget(h, "_id")
   m = function(_, ...) return core.actor_call(id, k, 1, ...) end
   h._methods[k] = m
   return m
@@ -342,6 +354,7 @@ end
 function M.__tide_deser(s)
   local t = core.decode(s)
   if t[1] == "actor" then return make_handle(t[2], t[3]) end
+  if t[1] == "class" then return setmetatable({class_id = t[2], opts = t[3] or {}}, ActorClass) end
   return make_rf(t[1], t[2])
 end
 

@@ -115,7 +115,7 @@ end
 
 local function restore(v, fn)
   if type(v) ~= "table" then return v end
-  if v[SELF] then return fn end
+  if rawget(v, SELF) then return fn end
   local m = rawget(v, MOD)
   if m then
     if m == "_G" then return _G end

@@ -68,9 +68,11 @@ local function param_specs(cfg)
   return specs
 end
 
-local function wrap(cfg, params)
+local function wrap(cfg, params, device)
+  device = device or "cpu"
   local m = setmetatable({config = cfg, params = {}, p = {}, grads = nil, g = nil,
-                          opt_m = nil, opt_v = nil, step_count = 0, acts = nil}, Model)
+                          opt_m = nil, opt_v = nil, step_count = 0, acts = nil,
+                          device = device}, Model)
   for i, spec in ipairs(param_specs(cfg)) do
     local name = spec[1]
     local t = params[name]
@@ -83,6 +85,7 @@ local function wrap(cfg, params)
       error("gpt: parameter " .. name .. " has shape {" .. table.concat(got, ",") ..
             "}, config wants {" .. table.concat(want, ",") .. "}", 3)
     end
+    if t:device() ~= device then t = t:to(device) end
     m.params[i] = {name, t}
     m.p[name] = t
   end
@@ -108,9 +111,11 @@ function Model:_layer_views()
   end
 end
 
--- M.new(config [, {seed = 0}]) -> model with deterministic GPT-2 init:
--- N(0, init_std) weights, residual projections scaled by 1/sqrt(2 n_layer),
--- zero biases, unit layernorm weights.  Parameter i uses seed*7919 + i.
+-- M.new(config [, {seed = 0, device = "cpu"}]) -> model with deterministic
+-- GPT-2 init: N(0, init_std) weights, residual projections scaled by
+-- 1/sqrt(2 n_layer), zero biases, unit layernorm weights.  Parameter i uses
+-- seed*7919 + i; the numbers are drawn on the CPU, so every device starts
+-- from the same weights.
 function M.new(config, opts)
   local cfg = check_config(config)
   local seed = (opts and opts.seed) or 0
@@ -128,7 +133,7 @@ function M.new(config, opts)
     end
     params[name] = t
   end
-  return wrap(cfg, params)
+  return wrap(cfg, params, opts and opts.device)
 end
 
 -- m:num_params() -> number of scalars.
@@ -148,30 +153,33 @@ function Model:_acts(B, Tn)
   local cfg = self.config
   local C, V, NH, L = cfg.n_embd, cfg.vocab_size, cfg.n_head, cfg.n_layer
   local N = B * Tn
+  local dev = {device = self.device}
+  local function empty(shape) return T.empty(shape, dev) end
   a = {B = B, T = Tn, N = N, res = {}, layer = {}}
-  for l = 1, L + 1 do a.res[l] = T.empty({N, C}) end -- res[l] = input of layer l
+  for l = 1, L + 1 do a.res[l] = empty({N, C}) end -- res[l] = input of layer l
   for l = 1, L do
     a.layer[l] = {
-      ln1 = T.empty({N, C}), ln1_mean = T.empty({N}), ln1_rstd = T.empty({N}),
-      qkv = T.empty({N, 3 * C}), atty = T.empty({N, C}), att = T.empty({B, NH, Tn, Tn}),
-      x2 = T.empty({N, C}), ln2 = T.empty({N, C}), ln2_mean = T.empty({N}),
-      ln2_rstd = T.empty({N}), fch = T.empty({N, 4 * C}), fch_gelu = T.empty({N, 4 * C}),
-      tmp = T.empty({N, C}),
+      ln1 = empty({N, C}), ln1_mean = empty({N}), ln1_rstd = empty({N}),
+      qkv = empty({N, 3 * C}), atty = empty({N, C}), att = empty({B, NH, Tn, Tn}),
+      x2 = empty({N, C}), ln2 = empty({N, C}), ln2_mean = empty({N}),
+      ln2_rstd = empty({N}), fch = empty({N, 4 * C}), fch_gelu = empty({N, 4 * C}),
+      tmp = empty({N, C}),
     }
     local y = a.layer[l]
     y.qkv3 = y.qkv:view({B, Tn, 3 * C})
     y.atty3 = y.atty:view({B, Tn, C})
   end
-  a.lnf = T.empty({N, C}); a.lnf_mean = T.empty({N}); a.lnf_rstd = T.empty({N})
-  a.logits = T.empty({N, V}); a.losses = T.empty({N})
+  a.lnf = empty({N, C}); a.lnf_mean = empty({N}); a.lnf_rstd = empty({N})
+  a.logits = empty({N, V}); a.losses = empty({N})
   -- gradient scratch
-  a.dres = T.empty({N, C}); a.dC = T.empty({N, C}); a.d3C = T.empty({N, 3 * C})
-  a.d4C = T.empty({N, 4 * C}); a.dlogits = T.empty({N, V})
+  a.dres = empty({N, C}); a.dC = empty({N, C}); a.d3C = empty({N, 3 * C})
+  a.d4C = empty({N, 4 * C}); a.dlogits = empty({N, V})
   a.d3C3 = a.d3C:view({B, Tn, 3 * C}); a.dC3 = a.dC:view({B, Tn, C})
   self.acts = a
   return a
 end
 
+-- Checks (B,T) i32 ids and moves them to the model's device.
 local function check_ids(self, idx, what)
   if not T.is_tensor(idx) or idx:dtype() ~= "i32" or idx:dim() ~= 2 then
     error("gpt: " .. what .. " must be a (B, T) i32 tensor", 3)
@@ -180,7 +188,8 @@ local function check_ids(self, idx, what)
   if s[2] > self.config.block_size then
     error("gpt: sequence length " .. s[2] .. " exceeds block_size " .. self.config.block_size, 3)
   end
-  return s[1], s[2]
+  if idx:device() ~= self.device then idx = idx:to(self.device) end
+  return s[1], s[2], idx
 end
 
 -- -- Forward -------------------------------------------------------------------
@@ -190,7 +199,8 @@ end
 -- The activations are kept for m:backward() (logits is a reused buffer:
 -- clone it to keep it past the next forward).
 function Model:forward(idx, targets)
-  local B, Tn = check_ids(self, idx, "inputs")
+  local B, Tn
+  B, Tn, idx = check_ids(self, idx, "inputs")
   local cfg = self.config
   local C, NH, eps = cfg.n_embd, cfg.n_head, cfg.ln_eps
   local a = self:_acts(B, Tn)
@@ -223,7 +233,8 @@ function Model:forward(idx, targets)
   self._inputs, self._targets = idx, nil
   local logits = a.logits:view({B, Tn, cfg.vocab_size})
   if targets then
-    local tb, tt = check_ids(self, targets, "targets")
+    local tb, tt
+    tb, tt, targets = check_ids(self, targets, "targets")
     if tb ~= B or tt ~= Tn then error("gpt: targets must have the shape of inputs", 2) end
     self._targets = targets
     local loss = T.cross_entropy(a.logits, targets:view({B * Tn}), {out = a.losses})
@@ -239,7 +250,7 @@ function Model:zero_grad()
   if not self.grads then
     self.grads, self.g = {}, {}
     for i, e in ipairs(self.params) do
-      local g = T.zeros(e[2]:shape())
+      local g = T.zeros(e[2]:shape(), {device = self.device})
       self.grads[i] = {e[1], g}
       self.g[e[1]] = g
     end
@@ -324,8 +335,8 @@ function Model:step(opts)
   if not self.opt_m then
     self.opt_m, self.opt_v = {}, {}
     for i, e in ipairs(self.params) do
-      self.opt_m[i] = T.zeros(e[2]:shape())
-      self.opt_v[i] = T.zeros(e[2]:shape())
+      self.opt_m[i] = T.zeros(e[2]:shape(), {device = self.device})
+      self.opt_v[i] = T.zeros(e[2]:shape(), {device = self.device})
     end
   end
   local norm
@@ -387,8 +398,8 @@ function Model:new_cache(B)
   local cfg = self.config
   local c = {k = {}, v = {}, B = B, pos = 0}
   for l = 1, cfg.n_layer do
-    c.k[l] = T.zeros({B, cfg.block_size, cfg.n_embd})
-    c.v[l] = T.zeros({B, cfg.block_size, cfg.n_embd})
+    c.k[l] = T.zeros({B, cfg.block_size, cfg.n_embd}, {device = self.device})
+    c.v[l] = T.zeros({B, cfg.block_size, cfg.n_embd}, {device = self.device})
   end
   return c
 end
@@ -422,7 +433,7 @@ function Model:generate(prompt, n, opts)
       for i = start, len do r[#r + 1] = out[b][i] end
       rows[b] = r
     end
-    local idx = T.from_table(rows, {dtype = "i32"})
+    local idx = T.from_table(rows, {dtype = "i32", device = self.device})
     logits = self:_forward_cached(cache, idx, 0)
     cache.pos = len - start + 1
   end
@@ -439,7 +450,8 @@ function Model:generate(prompt, n, opts)
     else
       local col = {}
       for b = 1, B do col[b] = {next_ids[b]} end
-      logits = self:_forward_cached(cache, T.from_table(col, {dtype = "i32"}), cache.pos)
+      logits = self:_forward_cached(cache, T.from_table(col, {dtype = "i32", device = self.device}),
+                                    cache.pos)
       cache.pos = cache.pos + 1
     end
   end
@@ -458,7 +470,7 @@ function Model:save(path, metadata)
   return true
 end
 
--- M.load(path [, {config = {...}}]) -> model.  The config comes from the
+-- M.load(path [, {config = {...}, device = "cpu"}]) -> model.  The config comes from the
 -- checkpoint's metadata unless given (real GPT-2 checkpoints carry none;
 -- pass their config.json values).  Names may carry a "transformer." prefix;
 -- other dtypes (f16, bf16) are converted to f32; extra tensors (attention
@@ -479,7 +491,15 @@ function M.load(path, opts)
     if t:dtype() ~= "f32" then t = t:to("f32") end
     params[name] = t
   end
-  return wrap(cfg, params)
+  return wrap(cfg, params, opts and opts.device)
+end
+
+-- m:to(device) -> a new model with the same weights on device (gradients
+-- and optimizer state are not carried).
+function Model:to(device)
+  local params = {}
+  for _, e in ipairs(self.params) do params[e[1]] = e[2]:to(device) end
+  return wrap(self.config, params, device)
 end
 
 -- m:clone_params() -> map name -> copy (tests, checkpoints in memory).
