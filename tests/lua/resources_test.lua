@@ -5,20 +5,6 @@ local t = dofile("tests/lua/harness.lua")
 local tide = require("tide")
 tide.init({num_cpus = 2, num_gpus = 2, resources = {A = 1, B = 3}})
 
--- Records how many tasks are inside a section at once.
-local Tracker = tide.actor({
-  init = function(self) self.inside = 0; self.peak = 0; self.seen = {} end,
-  enter = function(self, tag)
-    self.inside = self.inside + 1
-    if self.inside > self.peak then self.peak = self.inside end
-    if tag ~= nil then self.seen[#self.seen + 1] = tag end
-    return self.inside
-  end,
-  leave = function(self) self.inside = self.inside - 1 end,
-  peak = function(self) return self.peak end,
-  seen = function(self) return self.seen end,
-})
-
 -- Lets n callers meet: arrive() returns true once n have arrived (false
 -- after `limit` seconds). Needs max_concurrency >= n.
 local Latch = tide.actor({
@@ -30,6 +16,25 @@ local Latch = tide.actor({
     return self.count >= self.n
   end,
 })
+
+-- Monotonic seconds, the same clock in every process on this machine.
+local function now()
+  local ffi = require("ffi")
+  pcall(ffi.cdef, "struct tide_test_ts { long s; long ns; }; int clock_gettime(int, struct tide_test_ts *);")
+  local ts = ffi.new("struct tide_test_ts")
+  ffi.C.clock_gettime(1, ts)
+  return tonumber(ts.s) + tonumber(ts.ns) * 1e-9
+end
+
+-- Largest number of [start, finish] intervals that overlap at one instant.
+local function max_overlap(iv)
+  local ev = {}
+  for _, x in ipairs(iv) do ev[#ev + 1] = {x[1], 1}; ev[#ev + 1] = {x[2], -1} end
+  table.sort(ev, function(a, b) if a[1] ~= b[1] then return a[1] < b[1] end return a[2] < b[2] end)
+  local cur, peak = 0, 0
+  for _, e in ipairs(ev) do cur = cur + e[2]; if cur > peak then peak = cur end end
+  return peak
+end
 
 local function wait_idle()
   -- until no task holds CPU or GPU (for checks on available_resources)
@@ -146,18 +151,22 @@ t.test("a task without GPUs sees no GPU (after GPU tasks ran in the pool)", func
 end)
 
 t.test("GPU tasks never exceed the GPUs: 6 one-GPU tasks, at most 2 at once", function()
-  local tr = Tracker:options({max_concurrency = 8}):remote()
-  local g = tide.remote({num_gpus = 1, num_cpus = 0}, function(tr)
-    tide.get(tr:enter(os.getenv("CUDA_VISIBLE_DEVICES")))
-    tide.sleep(0.1)
-    tide.get(tr:leave())
+  -- no blocking get inside: a task blocked in tide.get may lend its CPU
+  local g = tide.remote({num_gpus = 1, num_cpus = 0}, function()
+    local t0 = now(); tide.sleep(0.1)
+    return {t0, now(), os.getenv("CUDA_VISIBLE_DEVICES")}
   end)
   local refs = {}
-  for i = 1, 6 do refs[i] = g:remote(tr) end
-  tide.get(refs, {timeout = 60})
-  t.ok(tide.get(tr:peak()) <= 2, "more GPU tasks at once than GPUs: " .. tide.get(tr:peak()))
-  for _, id in ipairs(tide.get(tr:seen())) do
-    t.ok(id == "0" or id == "1", "bad CUDA_VISIBLE_DEVICES " .. tostring(id))
+  for i = 1, 6 do refs[i] = g:remote() end
+  local iv = tide.get(refs, {timeout = 60})
+  t.ok(max_overlap(iv) <= 2, "more GPU tasks at once than GPUs: " .. max_overlap(iv))
+  for i = 1, 6 do
+    t.ok(iv[i][3] == "0" or iv[i][3] == "1", "bad CUDA_VISIBLE_DEVICES " .. tostring(iv[i][3]))
+    for j = i + 1, 6 do
+      if iv[i][1] < iv[j][2] and iv[j][1] < iv[i][2] then
+        t.ok(iv[i][3] ~= iv[j][3], "overlapping GPU tasks share GPU " .. tostring(iv[i][3]))
+      end
+    end
   end
 end)
 
@@ -204,14 +213,12 @@ t.test("a task waits until its custom resource is free (A = 1)", function()
 end)
 
 t.test("tasks on a custom resource never overlap beyond its amount", function()
-  local tr = Tracker:options({max_concurrency = 8}):remote()
-  local f = tide.remote({resources = {A = 1}, num_cpus = 0}, function(tr)
-    tide.get(tr:enter()); tide.sleep(0.05); tide.get(tr:leave())
+  local f = tide.remote({resources = {A = 1}, num_cpus = 0}, function()
+    local t0 = now(); tide.sleep(0.05); return {t0, now()}
   end)
   local refs = {}
-  for i = 1, 5 do refs[i] = f:remote(tr) end
-  tide.get(refs, {timeout = 60})
-  t.eq(tide.get(tr:peak()), 1)
+  for i = 1, 5 do refs[i] = f:remote() end
+  t.eq(max_overlap(tide.get(refs, {timeout = 60})), 1)
 end)
 
 t.test("fractional custom resources: B = 3 lets three B = 1 tasks run at once", function()
@@ -221,21 +228,44 @@ t.test("fractional custom resources: B = 3 lets three B = 1 tasks run at once", 
   t.ok(r[1] and r[2] and r[3], "three B=1 tasks did not run concurrently")
 end)
 
-t.test("a task asking for 2 CPUs runs alone; fractional CPUs share", function()
-  local tr = Tracker:options({max_concurrency = 8}):remote()
-  local two = tide.remote({num_cpus = 2}, function(tr)
-    tide.get(tr:enter()); tide.sleep(0.05); tide.get(tr:leave())
+t.test("a task asking for 2 CPUs runs alone", function()
+  local two = tide.remote({num_cpus = 2}, function()
+    local t0 = now(); tide.sleep(0.05); return {t0, now()}
   end)
   local refs = {}
-  for i = 1, 3 do refs[i] = two:remote(tr) end
-  tide.get(refs, {timeout = 60})
-  t.eq(tide.get(tr:peak()), 1, "num_cpus = 2 tasks overlapped on 2 CPUs")
-  local latch = Latch:options({max_concurrency = 4}):remote(4)
-  local half = tide.remote({num_cpus = 0.5}, function(l) return tide.get(l:arrive(30)) end)
-  local hr = {}
-  for i = 1, 4 do hr[i] = half:remote(latch) end
-  local v = tide.get(hr, {timeout = 60})
-  t.ok(v[1] and v[2] and v[3] and v[4], "four num_cpus = 0.5 tasks did not run at once")
+  for i = 1, 3 do refs[i] = two:remote() end
+  t.eq(max_overlap(tide.get(refs, {timeout = 60})), 1, "num_cpus = 2 tasks overlapped on 2 CPUs")
+end)
+
+t.test("one-CPU tasks: at most 2 at once on 2 CPUs", function()
+  local one = tide.remote(function()
+    local t0 = now(); tide.sleep(0.05); return {t0, now()}
+  end)
+  local refs = {}
+  for i = 1, 6 do refs[i] = one:remote() end
+  t.ok(max_overlap(tide.get(refs, {timeout = 60})) <= 2, "more one-CPU tasks at once than CPUs")
+end)
+
+t.test("fractional CPUs share: four num_cpus = 0.5 tasks run at once on 2 CPUs", function()
+  local Count = tide.actor({
+    init = function(self) self.n = 0 end,
+    arrive = function(self) self.n = self.n + 1 end,
+    n = function(self) return self.n end,
+  })
+  local c = Count:remote()
+  -- arrive without waiting, then hold the CPU share (no blocking get)
+  local half = tide.remote({num_cpus = 0.5}, function(c) c:arrive(); tide.sleep(60) end)
+  local refs = {}
+  for i = 1, 4 do refs[i] = half:remote(c) end
+  local n = 0
+  for _ = 1, 1000 do
+    n = tide.get(c:n())
+    if n >= 4 then break end
+    tide.sleep(0.02)
+  end
+  for i = 1, 4 do tide.cancel(refs[i], {force = true}) end
+  for i = 1, 4 do pcall(tide.get, refs[i], {timeout = 30}) end
+  t.eq(n, 4, "num_cpus = 0.5 tasks running at once")
 end)
 
 t.test("the memory resource is accounted while a task runs", function()
