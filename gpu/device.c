@@ -86,8 +86,9 @@ static void td__load(void) {
   int rc = p->device_count(&n);
   if (rc || n <= 0) {
     td__dev.err = -TD_GPU_ENODEV;
-    snprintf(td__dev.why, sizeof(td__dev.why), "CUDA reports no device%s%s",
-             rc ? ": " : "", rc ? td_gpu_last_detail() : "");
+    const char *d = td_gpu_last_detail();
+    snprintf(td__dev.why, sizeof(td__dev.why), "CUDA reports no device%s%.300s",
+             d[0] ? ": " : "", d);
     return;
   }
   td__dev.ndev = n;

@@ -11,7 +11,7 @@
 #                              time when a GPU is present.
 
 GPU_CORE_SRCS := gpu/gpu_err.c gpu/tensor.c gpu/ops_cpu.c gpu/device.c \
-                 gpu/tensor_lua.c gpu/ring.c gpu/ring_local.c
+                 gpu/tensor_lua.c gpu/ring.c gpu/ring_local.c gpu/nccl.c
 GPU_HDRS      := $(wildcard gpu/*.h)
 GPU_SRCS      += $(GPU_CORE_SRCS)
 LDLIBS        += -lopenblas
@@ -25,3 +25,29 @@ TEST_DEPS += build/bench-allreduce
 build/bench-allreduce: gpu/bench/bench_allreduce.c gpu/ring.c gpu/ring_local.c gpu/gpu_err.c $(GPU_HDRS)
 	@mkdir -p build
 	$(CC) $(CFLAGS) -o $@ gpu/bench/bench_allreduce.c gpu/ring.c gpu/ring_local.c gpu/gpu_err.c -lpthread
+
+# -- CUDA plugin (only when nvcc exists) ---------------------------------------
+NVCC ?= $(shell command -v nvcc 2>/dev/null || { test -x /usr/local/cuda/bin/nvcc && echo /usr/local/cuda/bin/nvcc; })
+ifneq ($(strip $(NVCC)),)
+CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
+# Hopper and Ampere SASS plus Hopper PTX (JIT-compiled on newer GPUs).
+CUDA_ARCH ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
+             -gencode arch=compute_90,code=compute_90
+NVCCFLAGS ?= -O2 -std=c++17 -Xcompiler -fPIC,-Wall -Igpu -I$(CUDA_HOME)/include
+TEST_DEPS += build/tide_cuda.so
+# The plugin finds CUDA libraries in $ORIGIN/cuda-libs (what scripts/gpu-check.sh
+# carries to a GPU machine), then in the toolkit it was built against.
+build/tide_cuda.so: gpu/cuda/plugin.cu $(GPU_HDRS)
+	@mkdir -p build
+	$(NVCC) $(NVCCFLAGS) $(CUDA_ARCH) -shared -o $@ gpu/cuda/plugin.cu \
+	  -L$(CUDA_HOME)/lib64 -lcublas -lnccl \
+	  -Xlinker -rpath='$$ORIGIN/cuda-libs' -Xlinker -rpath=$(CUDA_HOME)/lib64
+endif
+
+# A fake plugin (host memory, CPU kernels) that lets the CUDA code paths and
+# tests/gpu/cuda_test.lua run on machines without a GPU.
+TEST_DEPS += build/fake_cuda.so
+build/fake_cuda.so: tests/gpu/fake_cuda.c gpu/ops_cpu.c gpu/gpu_err.c gpu/tensor.c gpu/device.c $(GPU_HDRS)
+	@mkdir -p build
+	$(CC) $(CFLAGS) -fPIC -shared -fvisibility=hidden -o $@ tests/gpu/fake_cuda.c gpu/ops_cpu.c \
+	  gpu/gpu_err.c gpu/tensor.c gpu/device.c -lopenblas -lm -lpthread -ldl

@@ -18,6 +18,7 @@
 
 #include "device.h"
 #include "gpu_err.h"
+#include "nccl.h"
 #include "ops.h"
 #include "tensor.h"
 
@@ -1546,6 +1547,161 @@ static int td_l_is_tensor(lua_State *L) {
   return 1;
 }
 
+/* T.synchronize(): waits for queued CUDA work (no-op without a GPU). */
+static int td_l_synchronize(lua_State *L) {
+  int err = 0;
+  const td_cuda_plugin_t *p = td_cuda_device_count() > 0 ? td_cuda_plugin(&err) : NULL;
+  if (p) TD__TRY(L, "synchronize", p->synchronize());
+  return 0;
+}
+
+/* T.device_name([i = 0]) -> "NVIDIA H100 ..." or "cpu". */
+static int td_l_device_name(lua_State *L) {
+  int dev = (int)luaL_optinteger(L, 1, 0), err = 0;
+  if (td_cuda_device_count() <= dev || dev < 0) {
+    lua_pushstring(L, "cpu");
+    return 1;
+  }
+  char buf[256];
+  const td_cuda_plugin_t *p = td_cuda_plugin(&err);
+  TD__TRY(L, "device_name", p ? p->device_name(dev, buf, sizeof(buf)) : err);
+  lua_pushstring(L, buf);
+  return 1;
+}
+
+/* -- NCCL communicators ------------------------------------------------------------ */
+
+#define TD__COMM_MT "tide.nccl_comm"
+
+typedef struct {
+  td_nccl_t *c; /* owned; NULL once destroyed */
+} td__comm_t;
+
+static td_nccl_t *td__check_comm(lua_State *L, int idx) {
+  td__comm_t *b = luaL_checkudata(L, idx, TD__COMM_MT);
+  if (!b->c) luaL_error(L, "tide.tensor: the NCCL communicator was destroyed");
+  return b->c;
+}
+
+static int td__redop_arg(lua_State *L, int idx) {
+  const char *s = luaL_optstring(L, idx, "sum");
+  if (!strcmp(s, "sum")) return TD_SUM;
+  if (!strcmp(s, "avg")) return TD_AVG;
+  if (!strcmp(s, "max")) return TD_MAX;
+  if (!strcmp(s, "min")) return TD_MIN;
+  return luaL_error(L, "tide.tensor: unknown reduction '%s' (sum, avg, max, min)", s);
+}
+
+/* T.nccl_unique_id() -> 128-byte string (rank 0 makes it, all ranks use it). */
+static int td_l_nccl_unique_id(lua_State *L) {
+  uint8_t id[TD_NCCL_ID_BYTES];
+  TD__TRY(L, "nccl_unique_id", td_nccl_unique_id(id));
+  lua_pushlstring(L, (const char *)id, sizeof(id));
+  return 1;
+}
+
+/* T.nccl_comm(nranks, id, rank [, device = "cuda:0"]) -> communicator. */
+static int td_l_nccl_comm(lua_State *L) {
+  int n = (int)luaL_checkinteger(L, 1);
+  size_t len;
+  const char *id = luaL_checklstring(L, 2, &len);
+  int rank = (int)luaL_checkinteger(L, 3);
+  int dev = td__parse_device(L, luaL_optstring(L, 4, "cuda:0"));
+  if (len != TD_NCCL_ID_BYTES) luaL_error(L, "tide.tensor.nccl_comm: id must be %d bytes", TD_NCCL_ID_BYTES);
+  if (dev == TD_CPU) luaL_error(L, "tide.tensor.nccl_comm: NCCL needs a cuda device");
+  td__comm_t *b = lua_newuserdata(L, sizeof(*b));
+  b->c = NULL;
+  luaL_getmetatable(L, TD__COMM_MT);
+  lua_setmetatable(L, -2);
+  TD__TRY(L, "nccl_comm", td_nccl_new(&b->c, n, (const uint8_t *)id, rank, dev));
+  return 1;
+}
+
+static int td_c_gc(lua_State *L) {
+  td__comm_t *b = luaL_checkudata(L, 1, TD__COMM_MT);
+  td_nccl_free(&b->c);
+  return 0;
+}
+
+static int td_c_rank(lua_State *L) {
+  lua_pushinteger(L, td_nccl_rank(td__check_comm(L, 1)));
+  return 1;
+}
+
+static int td_c_size(lua_State *L) {
+  lua_pushinteger(L, td_nccl_size(td__check_comm(L, 1)));
+  return 1;
+}
+
+/* comm:allreduce(t [, op = "sum"]) -> t (in place). */
+static int td_c_allreduce(lua_State *L) {
+  td_nccl_t *c = td__check_comm(L, 1);
+  TD__TRY(L, "allreduce", td_nccl_allreduce(c, td__check(L, 2), td__redop_arg(L, 3)));
+  lua_settop(L, 2);
+  return 1;
+}
+
+/* New tensor like t with the first dimension scaled by num/den. */
+static td_tensor_t *td__resized(lua_State *L, const char *fn, td_tensor_t *t, int64_t num,
+                                int64_t den) {
+  int64_t shape[TD_MAX_DIMS];
+  int nd = td_tensor_ndim(t);
+  if (nd < 1) luaL_error(L, "tide.tensor.%s: tensor needs a dimension", fn);
+  memcpy(shape, td_tensor_shape(t), sizeof(int64_t) * (size_t)nd);
+  if ((shape[0] * num) % den) luaL_error(L, "tide.tensor.%s: first dimension not divisible", fn);
+  shape[0] = shape[0] * num / den;
+  td_tensor_t *o = NULL;
+  TD__TRY(L, fn, td_tensor_empty(&o, td_tensor_dtype(t), td_tensor_device(t), nd, shape));
+  return td__push(L, o);
+}
+
+/* comm:allgather(t) -> new tensor, ranks' t concatenated along dim 1. */
+static int td_c_allgather(lua_State *L) {
+  td_nccl_t *c = td__check_comm(L, 1);
+  td_tensor_t *t = td__check(L, 2);
+  td_tensor_t *o = td__resized(L, "allgather", t, td_nccl_size(c), 1);
+  TD__TRY(L, "allgather", td_nccl_allgather(c, t, o));
+  return 1;
+}
+
+/* comm:reduce_scatter(t [, op]) -> new tensor: this rank's slice of dim 1. */
+static int td_c_reduce_scatter(lua_State *L) {
+  td_nccl_t *c = td__check_comm(L, 1);
+  td_tensor_t *t = td__check(L, 2);
+  int op = td__redop_arg(L, 3);
+  td_tensor_t *o = td__resized(L, "reduce_scatter", t, 1, td_nccl_size(c));
+  TD__TRY(L, "reduce_scatter", td_nccl_reduce_scatter(c, t, o, op));
+  return 1;
+}
+
+/* comm:broadcast(t, root) -> t (in place; root 0-based). */
+static int td_c_broadcast(lua_State *L) {
+  td_nccl_t *c = td__check_comm(L, 1);
+  TD__TRY(L, "broadcast", td_nccl_broadcast(c, td__check(L, 2), (int)luaL_checkinteger(L, 3)));
+  lua_settop(L, 2);
+  return 1;
+}
+
+static int td_c_send(lua_State *L) {
+  td_nccl_t *c = td__check_comm(L, 1);
+  TD__TRY(L, "send", td_nccl_send(c, td__check(L, 2), (int)luaL_checkinteger(L, 3)));
+  return 0;
+}
+
+static int td_c_recv(lua_State *L) {
+  td_nccl_t *c = td__check_comm(L, 1);
+  TD__TRY(L, "recv", td_nccl_recv(c, td__check(L, 2), (int)luaL_checkinteger(L, 3)));
+  lua_settop(L, 2);
+  return 1;
+}
+
+static const luaL_Reg td__comm_methods[] = {
+    {"rank", td_c_rank},           {"size", td_c_size},
+    {"allreduce", td_c_allreduce}, {"allgather", td_c_allgather},
+    {"reduce_scatter", td_c_reduce_scatter}, {"broadcast", td_c_broadcast},
+    {"send", td_c_send},           {"recv", td_c_recv},
+    {"destroy", td_c_gc},          {NULL, NULL}};
+
 /* -- Operators ------------------------------------------------------------------ */
 
 /* a + b, a - b, a * b with tensors or numbers on either side. */
@@ -1648,6 +1804,10 @@ static const luaL_Reg td__funcs[] = {
     {"device_count", td_l_device_count},
     {"memory", td_l_memory},
     {"is_tensor", td_l_is_tensor},
+    {"synchronize", td_l_synchronize},
+    {"device_name", td_l_device_name},
+    {"nccl_unique_id", td_l_nccl_unique_id},
+    {"nccl_comm", td_l_nccl_comm},
     {NULL, NULL}};
 
 int luaopen_tide_tensor(lua_State *L) {
@@ -1674,6 +1834,15 @@ int luaopen_tide_tensor(lua_State *L) {
   lua_setfield(L, -2, "__unm");
   lua_newtable(L);
   luaL_register(L, NULL, td__methods);
+  lua_setfield(L, -2, "__index");
+  lua_pop(L, 1);
+  luaL_newmetatable(L, TD__COMM_MT);
+  lua_pushstring(L, TD__COMM_MT);
+  lua_setfield(L, -2, "__name");
+  lua_pushcfunction(L, td_c_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_newtable(L);
+  luaL_register(L, NULL, td__comm_methods);
   lua_setfield(L, -2, "__index");
   lua_pop(L, 1);
   lua_newtable(L);
