@@ -54,6 +54,25 @@ t.test("calls from one caller run in submission order", function()
   for i = 1, 300 do t.eq(items[i], i) end
 end)
 
+t.test("calls from several callers each keep their own order", function()
+  local log = Log:remote()
+  local send = tide.remote(function(h, base)
+    local refs = {}
+    for i = 1, 100 do refs[i] = h:append(base + i) end
+    tide.get(refs)
+    return true
+  end)
+  tide.get({send:remote(log, 1000), send:remote(log, 2000), send:remote(log, 3000)}, {timeout = 60})
+  local items = tide.get(log:items_())
+  t.eq(#items, 300)
+  local last = {}
+  for _, x in ipairs(items) do
+    local caller = math.floor(x / 1000)
+    t.ok((last[caller] or 0) < x, "caller " .. caller .. " out of order at " .. x)
+    last[caller] = x
+  end
+end)
+
 t.test("several actors of one class keep separate state", function()
   local cs = {}
   for i = 1, 6 do cs[i] = Counter:remote(i * 100) end
@@ -126,6 +145,26 @@ t.test("kill: later calls raise ActorDiedError and the name is released", functi
   local err = t.raises(function() tide.get(c:incr(), {timeout = 30}) end, "ActorDiedError")
   t.eq(err.kind, "ActorDiedError")
   t.raises(function() tide.get_actor("to-kill") end, "to%-kill")
+end)
+
+t.test("kill with calls in flight: every pending call gets ActorDiedError", function()
+  local Waiter = tide.actor({
+    init = function(self) end,
+    wait_on = function(self, box) return tide.get(box[1]) end,
+  })
+  local w = Waiter:remote()
+  local g = slow:remote()
+  local refs = {}
+  for i = 1, 5 do refs[i] = w:wait_on({g}) end
+  tide.wait({refs[1]}, {timeout = 0.3})
+  tide.kill(w)
+  local kinds = {}
+  for i = 1, 5 do
+    local ok, err = pcall(tide.get, refs[i], {timeout = 30})
+    kinds[i] = ok and "ok" or (type(err) == "table" and err.kind or tostring(err))
+  end
+  tide.cancel(g, {force = true})
+  for i = 1, 5 do t.eq(kinds[i], "ActorDiedError", "pending call " .. i) end
 end)
 
 t.test("kill with no_restart = false restarts the actor with init rerun", function()

@@ -246,6 +246,45 @@ t.test("a ref in flight keeps its object alive after the driver drops it", funct
   t.ok(tide.get(out, {timeout = 60}) == s, "object freed while a task still held a ref")
 end)
 
+t.test("one large object read by many tasks is not copied into the store again", function()
+  flush()
+  local r = tide.put(pattern(2 * MiB, 4))
+  local used = tide.stats().store_used
+  local len = tide.remote(function(s) return #s end)
+  local refs = {}
+  for i = 1, 10 do refs[i] = len:remote(r) end
+  local vals = tide.get(refs)
+  for i = 1, 10 do t.eq(vals[i], 2 * MiB) end
+  t.ok(tide.stats().store_used < used + MiB,
+    string.format("store grew from %d to %d reading one object 10 times", used, tide.stats().store_used))
+end)
+
+t.test("an actor holding a ref keeps the object alive; killing it frees the object", function()
+  local Holder = tide.actor({
+    init = function(self) end,
+    hold = function(self, box) self.r = box[1]; return true end,
+    read = function(self) return #tide.get(self.r) end,
+  })
+  local h = Holder:remote()
+  flush()
+  local before = tide.stats().store_used
+  local r = tide.put(pattern(MiB, 8))
+  tide.get(h:hold({r}))
+  r = nil
+  flush()
+  t.eq(tide.get(h:read()), MiB, "object freed while an actor held a ref")
+  t.ok(tide.stats().store_used >= before + MiB, "object not in the store while held")
+  tide.kill(h)
+  local after
+  for _ = 1, 200 do
+    flush()
+    after = tide.stats().store_used
+    if after < before + MiB then break end
+    tide.sleep(0.02)
+  end
+  t.ok(after < before + MiB, string.format("object not freed after the holder died: %d -> %d", before, after))
+end)
+
 t.test("a put object survives while a ref remains (no premature free)", function()
   local r = tide.put(pattern(300000, 1))
   local keep = r

@@ -108,6 +108,35 @@ t.test("streaming with options() on a plain remote function", function()
   t.eq(s, 5050)
 end)
 
+t.test("streaming is incremental: an item is available while the task still runs", function()
+  local gate = tide.remote(function() tide.sleep(60); return "open" end)
+  local producer = tide.remote({num_returns = "streaming"}, function(box)
+    tide.yield("first")
+    tide.yield(tide.get(box[1]))
+  end)
+  local g = gate:remote()
+  local gen = producer:remote({g})
+  local ok, r = pcall(gen.next, gen, 30)
+  local v = ok and r and tide.get(r, {timeout = 30})
+  tide.cancel(g, {force = true})
+  t.ok(ok, "no item while the producer was blocked: " .. tostring(r))
+  t.eq(v, "first")
+  -- the producer now fails on the cancelled gate: the stream ends with an error
+  t.ok(not pcall(function() local r2 = gen:next(30); if r2 then tide.get(r2, {timeout = 30}) end end),
+    "expected the cancelled gate to fail the stream")
+end)
+
+t.test("generator next(timeout) raises GetTimeoutError when no item comes", function()
+  local gate = tide.remote(function() tide.sleep(60); return "open" end)
+  local producer = tide.remote({num_returns = "streaming"}, function(box) tide.yield(tide.get(box[1])) end)
+  local g = gate:remote()
+  local gen = producer:remote({g})
+  local ok, err = pcall(gen.next, gen, 0.2)
+  tide.cancel(g, {force = true})     -- ends the producer too
+  t.ok(not ok, "next(0.2) returned while the producer was blocked")
+  t.eq(type(err) == "table" and err.kind, "GetTimeoutError")
+end)
+
 t.test("upvalues are captured by value when tide.remote is called", function()
   local base = 100
   local cfg = {scale = 3}
