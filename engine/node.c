@@ -1097,6 +1097,8 @@ int td_node_submit(td_node_t *n, const td_spec_t *s, const char **msg) {
   }
   if (s->kind == TD_K_ACTOR_CALL) {
     t->actor = a;
+    /* Calls inherit the actor's max_task_retries. */
+    t->retries_left = a->create ? a->create->spec.max_retries : 0;
     tq_push(&a->queue, t);
     td__actor_pump(n, a);
     return 0;

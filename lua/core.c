@@ -160,11 +160,19 @@ int td_core_push_wire(lua_State *L, td_rd_t *rd) {
   return kind == TD_V_ERROR ? 1 : 0;
 }
 
-/* The API function that called us is level 1; the user's line is level 2. */
+/* Errors point at the user's line: the first Lua frame outside the tide
+ * stdlib (API wrappers may or may not have tail-called us). */
 int td_core_ser_error(lua_State *L, td_ser_t *s) {
-  luaL_where(L, 2);
+  lua_Debug ar;
+  for (int level = 1; lua_getstack(L, level, &ar); level++) {
+    if (!lua_getinfo(L, "Sl", &ar) || ar.currentline <= 0) continue;
+    size_t n = strlen(ar.short_src);
+    if (n >= 9 && !strcmp(ar.short_src + n - 9, "/tide.lua")) continue;
+    if (strstr(ar.short_src, "/stdlib/tide/")) continue;
+    lua_pushfstring(L, "%s:%d: %s", ar.short_src, ar.currentline, s->err);
+    return lua_error(L);
+  }
   lua_pushstring(L, s->err);
-  lua_concat(L, 2);
   return lua_error(L);
 }
 

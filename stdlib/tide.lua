@@ -246,8 +246,7 @@ function M.remote(a, b)
   end
   check_opts(opts, TASK_OPTS, "tide.remote", 2)
   ensure()
-  local ok, id = pcall(core.register, fn)
-  if not ok then error("tide.remote: " .. tostring(id), 2) end
+  local id = core.register(fn)
   if not opts.name then
     local info = debug.getinfo(fn, "S")
     opts = merge(opts, {name = info.short_src:match("[^/]*$") .. ":" .. info.linedefined})
@@ -307,8 +306,7 @@ function M.actor(class, opts)
   end
   check_opts(opts, ACTOR_OPTS, "tide.actor", 2)
   ensure()
-  local ok, id = pcall(core.register, class)
-  if not ok then error("tide.actor: " .. tostring(id), 2) end
+  local id = core.register(class)
   return setmetatable({class_id = id, opts = opts or {}, class = class}, ActorClass)
 end
 
@@ -388,9 +386,7 @@ end
 function M.put(v)
   ensure()
   if is_ref(v) then error("tide.put: cannot put an ObjectRef; it is already an object", 2) end
-  local ok, r = pcall(core.put, v)
-  if not ok then error(tostring(r), 2) end
-  return r
+  return core.put(v)
 end
 
 function M.wait(refs, opts)

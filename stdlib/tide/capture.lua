@@ -10,6 +10,7 @@ local bit = require("bit")
 local funcbc, funck, funcinfo = jutil.funcbc, jutil.funck, jutil.funcinfo
 local band, rshift = bit.band, bit.rshift
 local getupvalue, setupvalue = debug.getupvalue, debug.setupvalue
+local getmetatable = getmetatable
 local type, pairs, rawget, setmetatable, getfenv, setfenv = type, pairs, rawget, setmetatable, getfenv, setfenv
 local loadstring, dump = loadstring, string.dump
 
@@ -95,7 +96,13 @@ function M.dumpfn(fn)
   if info.ffid then error("cannot send a C function", 0) end
   local d = {bc = dump(fn), nup = info.upvalues or 0, up = {}}
   for i = 1, d.nup do
-    local _, v = getupvalue(fn, i)
+    local name, v = getupvalue(fn, i)
+    local t = type(v)
+    if t == "thread" or (t == "function" and funcinfo(v).ffid and not CFN_NAME[v])
+       or (t == "userdata" and not (getmetatable(v) or {}).__tide_ser and not (getmetatable(v) or {}).__name) then
+      error(string.format("cannot send a %s captured as upvalue '%s'",
+        t == "thread" and "coroutine" or t == "function" and "C function" or t, name), 0)
+    end
     if v ~= nil then d.up[i] = capture_value(v, fn) end
   end
   local env = getfenv(fn)

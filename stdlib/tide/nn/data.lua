@@ -15,7 +15,7 @@ local band, lshift, rshift, bor = bit.band, bit.lshift, bit.rshift, bit.bor
 
 local M = {}
 
-M.KJV_PATH = "/usr/lib/bible.data"
+M.KJV_PATH = os.getenv("TIDE_KJV_PATH") or "/usr/lib/bible.data"
 
 local function u32be(s, pos)
   local a, b, c, d = byte(s, pos, pos + 3)
