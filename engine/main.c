@@ -13,12 +13,15 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <netdb.h>
+#include <sys/socket.h>
 
 #include "core.h"
 
 extern volatile int td_interrupted;
 int luaopen_tide_rawbench(lua_State *L);
 static lua_State *td__L;
+static int td__serving;  /* tide serve run: --host/--port are allowed */
 static char td__home[PATH_MAX];
 static char td__exe[PATH_MAX];
 
@@ -28,6 +31,10 @@ static const char td__usage[] =
   "  tide run [--num-cpus N] [--num-gpus N] [--resources JSON]\n"
   "           [--object-store-memory BYTES] SCRIPT [ARGS...]\n"
   "                         run a Lua driver script on an embedded local cluster\n"
+  "  tide serve run [--host H] [--port P] [resource flags] APP.lua [ARGS...]\n"
+  "                         serve the deployments APP.lua declares (serve.run)\n"
+  "  tide serve status [--port P] [--host H]\n"
+  "                         print the deployments of a running `tide serve run`\n"
   "  tide bench [NAME...] [--json]\n"
   "                         run the benchmarks (Ray's metric names, JSON lines)\n"
   "  tide --version         print the version\n"
@@ -135,10 +142,12 @@ static int td__run(int argc, char **argv, int first, const char *script_override
     else if (!strcmp(a, "--resources")) key = "resources_json";
     else if (!strcmp(a, "--object-store-memory")) key = "object_store_memory";
     else if (!strcmp(a, "--address")) key = "address";
+    else if (!strcmp(a, "--host") && td__serving) key = "serve_host";
+    else if (!strcmp(a, "--port") && td__serving) key = "serve_port";
     else return td__usage_error("unknown option %s", a);
     if (i + 1 >= argc) return td__usage_error("option %s needs a value", a);
     const char *v = argv[++i];
-    if (strcmp(key, "resources_json") && strcmp(key, "address")) {
+    if (strcmp(key, "resources_json") && strcmp(key, "address") && strcmp(key, "serve_host")) {
       char *end;
       double d = strtod(v, &end);
       if (*end || end == v || d < 0) return td__usage_error("option needs a non-negative number: %s", a);
@@ -212,6 +221,43 @@ static int td__run(int argc, char **argv, int first, const char *script_override
   return rc;
 }
 
+/* tide serve status: asks a running ingress for /-/status. */
+static int td__serve_status(int argc, char **argv) {
+  const char *host = "127.0.0.1";
+  int port = 8000;
+  for (int i = 3; i < argc; i++) {
+    if (!strcmp(argv[i], "--port") && i + 1 < argc) port = atoi(argv[++i]);
+    else if (!strcmp(argv[i], "--host") && i + 1 < argc) host = argv[++i];
+    else return td__usage_error("unknown option %s", argv[i]);
+  }
+  struct addrinfo hints = {0}, *ai;
+  hints.ai_socktype = SOCK_STREAM;
+  char ps[16];
+  snprintf(ps, sizeof(ps), "%d", port);
+  if (getaddrinfo(host, ps, &hints, &ai) != 0) {
+    fprintf(stderr, "tide: cannot resolve %s\n", host);
+    return 1;
+  }
+  int fd = socket(ai->ai_family, SOCK_STREAM, 0);
+  if (fd < 0 || connect(fd, ai->ai_addr, ai->ai_addrlen) != 0) {
+    fprintf(stderr, "tide: no serve ingress at %s:%d (is `tide serve run` running?)\n", host, port);
+    freeaddrinfo(ai);
+    return 1;
+  }
+  freeaddrinfo(ai);
+  const char req[] = "GET /-/status HTTP/1.0\r\nHost: tide\r\n\r\n";
+  if (write(fd, req, sizeof(req) - 1) < 0) return 1;
+  char buf[65536];
+  size_t len = 0;
+  ssize_t r;
+  while (len < sizeof(buf) - 1 && (r = read(fd, buf + len, sizeof(buf) - 1 - len)) > 0) len += (size_t)r;
+  close(fd);
+  buf[len] = 0;
+  char *body = strstr(buf, "\r\n\r\n");
+  printf("%s\n", body ? body + 4 : buf);
+  return 0;
+}
+
 int main(int argc, char **argv) {
   if (argc >= 2 && !strcmp(argv[1], "__worker")) return td_worker_main(argc, argv);
   ssize_t n = readlink("/proc/self/exe", td__exe, sizeof(td__exe) - 1);
@@ -241,6 +287,14 @@ int main(int argc, char **argv) {
     return 0;
   }
   if (!strcmp(cmd, "run")) return td__run(argc, argv, 2, NULL);
+  if (!strcmp(cmd, "serve")) {
+    if (argc >= 3 && !strcmp(argv[2], "run")) {
+      td__serving = 1;
+      return td__run(argc, argv, 3, NULL);
+    }
+    if (argc >= 3 && !strcmp(argv[2], "status")) return td__serve_status(argc, argv);
+    return td__usage_error("%s", "serve needs 'run' or 'status'");
+  }
   if (!strcmp(cmd, "bench")) {
     char path[PATH_MAX + 32];
     snprintf(path, sizeof(path), "%s/bench/bench.lua", td__home);

@@ -168,6 +168,9 @@ struct td_node {
   td_buf_t tmp;
   struct pollfd *pfds;
   int cappfds;
+  int ext_fd;            /* extension fd (-1: none) */
+  td_node_cb ext_read, ext_tick;
+  void *ext_ud;
 };
 
 static void td__sched(td_node_t *n);
@@ -779,7 +782,7 @@ static void td__obj_wake(td_node_t *n, td_obj_t *o) {
     }
   }
   free(ws);
-  if (o->refs <= 0 && o->state != OBJ_PENDING && !o->is_stream) td__obj_free(n, o);
+  if (o->refs <= 0 && o->state != OBJ_PENDING) td__obj_free(n, o);
 }
 
 /* -- Actors ------------------------------------------------------------------------ */
@@ -1790,7 +1793,7 @@ void td_node_pump(td_node_t *n, double timeout) {
   for (td_req_t *r = n->reqs; r; r = r->next)
     if (r->deadline > 0 && r->deadline - now < timeout) timeout = r->deadline - now;
   if (timeout < 0) timeout = 0;
-  if (n->cappfds < n->nwks) {
+  if (n->cappfds < n->nwks + 1) {
     n->cappfds = n->nwks + 16;
     n->pfds = td_xrealloc(n->pfds, (size_t)n->cappfds * sizeof(struct pollfd));
   }
@@ -1801,7 +1804,10 @@ void td_node_pump(td_node_t *n, double timeout) {
     n->pfds[i].revents = 0;
   }
   int ms = timeout > 1e6 ? -1 : (int)(timeout * 1000 + 0.999);
-  int r = poll(n->pfds, (nfds_t)np, ms);
+  int ext = n->ext_fd >= 0;
+  if (ext) n->pfds[np] = (struct pollfd){n->ext_fd, POLLIN, 0};
+  int r = poll(n->pfds, (nfds_t)(np + ext), ms);
+  if (r > 0 && ext && n->pfds[np].revents) n->ext_read(n->ext_ud);
   if (r > 0) {
     /* Workers may die while handling; copy the list first. */
     td_wk_t **ready = td_xmalloc((size_t)np * sizeof(td_wk_t *) + 1);
@@ -1822,7 +1828,15 @@ void td_node_pump(td_node_t *n, double timeout) {
     td__reqs_check(n, td_now());
   }
   td__sched(n);
+  if (n->ext_tick) n->ext_tick(n->ext_ud);
   td_node_flush(n);
+}
+
+void td_node_watch_fd(td_node_t *n, int fd, td_node_cb on_readable, td_node_cb on_tick, void *ud) {
+  n->ext_fd = fd;
+  n->ext_read = on_readable;
+  n->ext_tick = on_tick;
+  n->ext_ud = ud;
 }
 
 /* -- Lifecycle ------------------------------------------------------------------------------ */
@@ -1837,6 +1851,7 @@ td_node_t *td_node_new(const td_node_opts_t *o) {
   if (!n->store) { free(n); return NULL; }
   n->inline_max = o->inline_max ? o->inline_max : 64 * 1024;
   n->spill_fd = -1;
+  n->ext_fd = -1;
   td_map_init(&n->objs);
   td_map_init(&n->tasks);
   td_map_init(&n->actors);

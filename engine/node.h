@@ -44,6 +44,10 @@ void td_node_set_rpc(td_node_t *n, td_rpc_cb cb, void *ud);
 /* One loop iteration: flush, poll up to `timeout` s, handle, schedule. */
 void td_node_pump(td_node_t *n, double timeout);
 void td_node_flush(td_node_t *n);
+/* Extensions (the HTTP ingress): one more fd to poll, with a callback when
+ * it is readable, and a callback after every pump. */
+typedef void (*td_node_cb)(void *ud);
+void td_node_watch_fd(td_node_t *n, int fd, td_node_cb on_readable, td_node_cb on_tick, void *ud);
 /* Replies to a worker request (payload is copied). */
 void td_node_reply(td_node_t *n, td_wk_t *wk, uint32_t req, const void *p, size_t len);
 

@@ -979,6 +979,7 @@ static int c_context(lua_State *L) {
 }
 
 int td_core_register_start(lua_State *L);
+void td_serve_register(lua_State *L);
 void td_core_driver_rpc(void);
 
 /* core.encode(v) -> string; core.decode(s) -> v: for __tide_ser hooks. */
@@ -1053,7 +1054,10 @@ int luaopen_tide_core(lua_State *L) {
       lua_setfield(L, -2, td__rpc_ops[i]);
     }
   }
-  if (td_ctx.is_driver) td_core_register_start(L);
+  if (td_ctx.is_driver) {
+    td_core_register_start(L);
+    td_serve_register(L);
+  }
   lua_pushboolean(L, td_ctx.is_driver);
   lua_setfield(L, -2, "is_driver");
   lua_pushnumber(L, (lua_Number)td_ctx.wk_id);

@@ -286,7 +286,7 @@ end
 ActorHandle.__index = function(h, k)
   local m = h._methods[k]
   if m then return m end
-  if type(k) ~= "string" or not k:match("^[%a][%w_]*$") then return nil end
+  if type(k) ~= "string" or not k:match("^[%a_][%w_]*$") then return nil end
   local id = rawget(h, "_id")
   m = function(_, ...) return core.actor_call(id, k, 1, ...) end
   h._methods[k] = m

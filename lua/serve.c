@@ -1,0 +1,547 @@
+/* Tide serving glue: HTTP requests from the ingress thread (engine/http.c)
+ * are routed by path prefix to deployment replicas (actors) and answered
+ * from the replicas' streamed results, all in C on the node's loop: no Lua
+ * runs in the driver per request. Replicas run stdlib/tide/serve.lua's
+ * __serve method, which yields one header item and then body chunks.
+ * Uses http, node, ser; exposed to Lua as tide.core serve_* functions.
+ */
+#include <lauxlib.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "core.h"
+#include "http.h"
+
+#define TD_SERVE_MAX_DEPS 64
+
+typedef struct td_replica {
+  uint64_t actor_id;
+  int ongoing;           /* requests sent to it and not finished */
+  int draining;          /* replaced: gets no new requests */
+} td_replica_t;
+
+typedef struct td_dep {
+  char name[64];
+  char prefix[256];      /* route, e.g. "/echo" */
+  size_t plen;
+  td_replica_t *reps;
+  int nreps, capreps;
+  int max_ongoing;       /* per replica; beyond it requests get 503 */
+  uint64_t requests, errors, rejected;
+} td_dep_t;
+
+typedef struct td_pend {
+  td_http_req_id rid;
+  uint64_t stream;       /* the replica call's stream object */
+  uint64_t actor_id;
+  td_dep_t *dep;
+  uint32_t next;         /* next item to read */
+  int started;           /* a chunked response has begun */
+  int retried;
+  int idempotent;
+  uint8_t *args;         /* kept to retry on another replica */
+  size_t args_len;
+  struct td_pend *prev, *nxt;
+} td_pend_t;
+
+static struct {
+  td_http_thread_t *th;
+  td_http_server_t *srv;
+  td_http_inbox_t *ib;
+  td_dep_t deps[TD_SERVE_MAX_DEPS];
+  int ndeps;
+  td_pend_t *pend;       /* requests in flight */
+  td_map_t by_rid;       /* rid -> td_pend_t */
+  uint32_t rng;
+  td_buf_t buf;
+} S;
+
+/* -- Replicas -------------------------------------------------------------- */
+
+static td_replica_t *td__rep(td_dep_t *d, uint64_t actor_id) {
+  for (int i = 0; i < d->nreps; i++)
+    if (d->reps[i].actor_id == actor_id) return &d->reps[i];
+  return NULL;
+}
+
+/* Power of two choices over replicas with room. */
+static td_replica_t *td__pick(td_dep_t *d, uint64_t avoid) {
+  td_replica_t *c[2] = {NULL, NULL};
+  int live = 0;
+  for (int i = 0; i < d->nreps; i++) {
+    td_replica_t *r = &d->reps[i];
+    if (r->draining || r->ongoing >= d->max_ongoing || r->actor_id == avoid) continue;
+    live++;
+    /* Reservoir-sample two distinct candidates. */
+    S.rng = S.rng * 1103515245u + 12345u;
+    if (live <= 2) c[live - 1] = r;
+    else if ((S.rng >> 8) % (uint32_t)live < 2) c[(S.rng >> 4) & 1] = r;
+  }
+  if (!c[0]) return NULL;
+  if (!c[1]) return c[0];
+  return c[0]->ongoing <= c[1]->ongoing ? c[0] : c[1];
+}
+
+static td_dep_t *td__route(const char *path, size_t len) {
+  td_dep_t *best = NULL;
+  for (int i = 0; i < S.ndeps; i++) {
+    td_dep_t *d = &S.deps[i];
+    if (d->plen > len || memcmp(d->prefix, path, d->plen)) continue;
+    /* "/echo" matches "/echo" and "/echo/x", not "/echoes". */
+    if (d->plen > 1 && len > d->plen && path[d->plen] != '/') continue;
+    if (!best || d->plen > best->plen) best = d;
+  }
+  return best;
+}
+
+/* -- Responses --------------------------------------------------------------- */
+
+static void td__respond_json(td_http_req_id rid, int status, const char *json) {
+  td_http_header_t h[2] = {TD_HTTP_HDR("Content-Type", "application/json"), TD_HTTP_HDR("Retry-After", "1")};
+  td_http_respond(S.srv, rid, status, h, status == 503 ? 2 : 1, json, strlen(json));
+}
+
+static void td__json_str(td_buf_t *b, const char *s, size_t n) {
+  td_buf_u8(b, '"');
+  for (size_t i = 0; i < n; i++) {
+    unsigned char c = (unsigned char)s[i];
+    if (c == '"' || c == '\\') { td_buf_u8(b, '\\'); td_buf_u8(b, c); }
+    else if (c < 0x20) {
+      char e[8];
+      snprintf(e, sizeof(e), "\\u%04x", c);
+      td_buf_put(b, e, 6);
+    } else td_buf_u8(b, c);
+  }
+  td_buf_u8(b, '"');
+}
+
+/* Finds a string field in an encoded error table. */
+static int td__blob_field(const uint8_t *p, size_t n, const char *key, const char **out, uint32_t *olen) {
+  td_rd_t r;
+  td_rd_init(&r, p, n);
+  if (td_rd_u8(&r) != TD_T_TABLE) return -1;
+  uint32_t narr = td_rd_u32(&r), nhash = td_rd_u32(&r);
+  if (narr) return -1;
+  for (uint32_t i = 0; i < nhash && !r.bad; i++) {
+    if (td_rd_u8(&r) != TD_T_STR) return -1;
+    uint32_t kl;
+    const uint8_t *k = td_rd_str(&r, &kl);
+    uint8_t vt = td_rd_u8(&r);
+    if (vt != TD_T_STR) {
+      /* Skip simple values; anything nested ends the search. */
+      if (vt == TD_T_NUM) { td_rd_f64(&r); continue; }
+      if (vt == TD_T_NIL || vt == TD_T_TRUE || vt == TD_T_FALSE) continue;
+      return -1;
+    }
+    uint32_t vl;
+    const uint8_t *v = td_rd_str(&r, &vl);
+    if (!r.bad && kl == strlen(key) && !memcmp(k, key, kl)) {
+      *out = (const char *)v;
+      *olen = vl;
+      return 0;
+    }
+  }
+  return -1;
+}
+
+static void td__pend_free(td_pend_t *p) {
+  td_replica_t *r = td__rep(p->dep, p->actor_id);
+  if (r && r->ongoing > 0) r->ongoing--;
+  if (p->prev) p->prev->nxt = p->nxt; else S.pend = p->nxt;
+  if (p->nxt) p->nxt->prev = p->prev;
+  td_map_del(&S.by_rid, p->rid);
+  if (p->stream) td_node_decref(td_ctx.node, p->stream);
+  free(p->args);
+  free(p);
+}
+
+/* Sends the request to a replica as a streaming call of __serve. */
+static int td__dispatch(td_pend_t *p, uint64_t avoid) {
+  td_replica_t *r = td__pick(p->dep, avoid);
+  if (!r) return -1;
+  td_spec_t s;
+  memset(&s, 0, sizeof(s));
+  s.kind = TD_K_ACTOR_CALL;
+  s.actor_id = r->actor_id;
+  strcpy(s.method, "__serve");
+  s.nret = -1;
+  uint64_t ret = td_node_new_id(td_ctx.node);
+  s.rets = &ret;
+  s.args = p->args;
+  s.args_len = (uint32_t)p->args_len;
+  const char *msg;
+  if (td_node_submit(td_ctx.node, &s, &msg)) return -1;
+  r->ongoing++;
+  p->actor_id = r->actor_id;
+  p->stream = ret;
+  p->next = 0;
+  return 0;
+}
+
+/* Encodes the request as the single argument of __serve: a table. */
+static void td__encode_req(td_buf_t *b, const td_http_request_t *q, const td_dep_t *d) {
+  td_buf_reset(b);
+  td_buf_u32(b, 1);
+  td_buf_u8(b, TD_T_TABLE);
+  td_buf_u32(b, 0);
+  td_buf_u32(b, 7);
+#define TD__KV(k, v, n) td_buf_u8(b, TD_T_STR); td_buf_str(b, k, strlen(k)); \
+  td_buf_u8(b, TD_T_STR); td_buf_str(b, v, n);
+  TD__KV("method", q->method, strlen(q->method));
+  TD__KV("path", q->path, q->path_len);
+  TD__KV("query_string", q->query, q->query_len);
+  TD__KV("body", q->body ? q->body : "", q->body_len);
+  TD__KV("route", d->prefix, d->plen);
+  TD__KV("deployment", d->name, strlen(d->name));
+#undef TD__KV
+  td_buf_u8(b, TD_T_STR);
+  td_buf_str(b, "headers", 7);
+  td_buf_u8(b, TD_T_TABLE);
+  td_buf_u32(b, 0);
+  td_buf_u32(b, (uint32_t)q->nheaders);
+  for (size_t i = 0; i < q->nheaders; i++) {
+    td_buf_u8(b, TD_T_STR);
+    td_buf_str(b, q->headers[i].name, q->headers[i].name_len);
+    td_buf_u8(b, TD_T_STR);
+    td_buf_str(b, q->headers[i].value, q->headers[i].value_len);
+  }
+}
+
+static void td__on_request(const td_http_request_t *q) {
+  if (q->path_len == 9 && !memcmp(q->path, "/-/status", 9)) {
+    td_buf_reset(&S.buf);
+    td_buf_put(&S.buf, "{\"deployments\":{", 16);
+    for (int i = 0; i < S.ndeps; i++) {
+      td_dep_t *d = &S.deps[i];
+      int live = 0, ongoing = 0;
+      for (int k = 0; k < d->nreps; k++) {
+        live += !d->reps[k].draining;
+        ongoing += d->reps[k].ongoing;
+      }
+      if (i) td_buf_u8(&S.buf, ',');
+      td__json_str(&S.buf, d->name, strlen(d->name));
+      char tmp[256];
+      int n = snprintf(tmp, sizeof(tmp), ":{\"route\":");
+      td_buf_put(&S.buf, tmp, (size_t)n);
+      td__json_str(&S.buf, d->prefix, d->plen ? d->plen : 1);
+      n = snprintf(tmp, sizeof(tmp),
+                   ",\"replicas\":%d,\"ongoing\":%d,\"requests\":%llu,\"errors\":%llu,\"rejected\":%llu}",
+                   live, ongoing, (unsigned long long)d->requests, (unsigned long long)d->errors,
+                   (unsigned long long)d->rejected);
+      td_buf_put(&S.buf, tmp, (size_t)n);
+    }
+    td_buf_put(&S.buf, "}}", 3);
+    td__respond_json(q->id, 200, (const char *)S.buf.p);
+    return;
+  }
+  if (q->path_len == 9 && !memcmp(q->path, "/-/routes", 9)) {
+    td_buf_reset(&S.buf);
+    td_buf_u8(&S.buf, '{');
+    for (int i = 0; i < S.ndeps; i++) {
+      if (i) td_buf_u8(&S.buf, ',');
+      td__json_str(&S.buf, S.deps[i].prefix, S.deps[i].plen);
+      td_buf_u8(&S.buf, ':');
+      td__json_str(&S.buf, S.deps[i].name, strlen(S.deps[i].name));
+    }
+    td_buf_put(&S.buf, "}", 2);
+    td__respond_json(q->id, 200, (const char *)S.buf.p);
+    return;
+  }
+  td_dep_t *d = td__route(q->path, q->path_len);
+  if (!d) {
+    td__respond_json(q->id, 404, "{\"error\":\"no route matches this path\"}");
+    return;
+  }
+  d->requests++;
+  td_pend_t *p = td_xcalloc(1, sizeof(*p));
+  p->rid = q->id;
+  p->dep = d;
+  p->idempotent = !strcmp(q->method, "GET") || !strcmp(q->method, "HEAD") ||
+                  !strcmp(q->method, "PUT") || !strcmp(q->method, "DELETE");
+  td__encode_req(&S.buf, q, d);
+  p->args = td_xmalloc(S.buf.len);
+  memcpy(p->args, S.buf.p, S.buf.len);
+  p->args_len = S.buf.len;
+  if (td__dispatch(p, 0)) {
+    d->rejected++;
+    td__respond_json(q->id, 503, "{\"error\":\"every replica is at max_ongoing_requests; retry later\"}");
+    free(p->args);
+    free(p);
+    return;
+  }
+  p->nxt = S.pend;
+  if (S.pend) S.pend->prev = p;
+  S.pend = p;
+  td_map_set(&S.by_rid, p->rid, p);
+}
+
+static void td__on_readable(void *ud) {
+  (void)ud;
+  td_http_event_t *ev;
+  while ((ev = td_http_inbox_pop(S.ib))) {
+    if (ev->kind == TD_HTTP_EV_REQUEST) {
+      td__on_request(&ev->req);
+    } else {
+      /* The client went away: stop the generation. */
+      td_pend_t *p = td_map_get(&S.by_rid, ev->id);
+      if (p) {
+        td_node_cancel(td_ctx.node, p->stream, 0);
+        td__pend_free(p);
+      }
+    }
+    td_http_event_free(ev);
+  }
+}
+
+/* Parses the header item: "F<status>\n" or "C<status>\n", header lines
+ * "Name: value\n", a blank line, then (F) the whole body. */
+static int td__start_response(td_pend_t *p, const char *s, size_t n) {
+  if (n < 5 || (s[0] != 'F' && s[0] != 'C')) return -1;
+  int status = atoi(s + 1);
+  if (status < 100 || status > 599) status = 500;
+  const char *e = s + n, *line = memchr(s, '\n', n);
+  if (!line) return -1;
+  line++;
+  td_http_header_t h[32];
+  size_t nh = 0;
+  while (line < e && *line != '\n') {
+    const char *nl = memchr(line, '\n', (size_t)(e - line));
+    const char *colon = memchr(line, ':', nl ? (size_t)(nl - line) : (size_t)(e - line));
+    if (!nl || !colon) return -1;
+    if (nh < 32) {
+      const char *v = colon + 1;
+      while (v < nl && *v == ' ') v++;
+      h[nh++] = (td_http_header_t){line, (size_t)(colon - line), v, (size_t)(nl - v)};
+      if (h[nh - 1].value_len == 0) nh--;
+    }
+    line = nl + 1;
+  }
+  if (line < e) line++;
+  if (s[0] == 'F') {
+    td_http_respond(S.srv, p->rid, status, h, nh, line, (size_t)(e - line));
+    return 1;
+  }
+  td_http_stream_start(S.srv, p->rid, status, h, nh);
+  p->started = 1;
+  return 0;
+}
+
+static void td__on_tick(void *ud) {
+  (void)ud;
+  td_pend_t *p = S.pend;
+  while (p) {
+    td_pend_t *nxt = p->nxt;
+    for (;;) {
+      uint64_t item;
+      int st = td_node_stream_item(td_ctx.node, p->stream, p->next, &item);
+      if (st == 0) break;
+      if (st < 0) {
+        if (p->started) td_http_stream_end(S.srv, p->rid);
+        else td__respond_json(p->rid, 500, "{\"error\":\"the handler produced no response\"}");
+        td__pend_free(p);
+        break;
+      }
+      p->next++;
+      const uint8_t *b;
+      size_t len;
+      int is_err;
+      if (td_node_bytes(td_ctx.node, item, &b, &len, &is_err)) continue;
+      if (is_err) {
+        const char *kind = "", *msg = "the request failed";
+        uint32_t kl = 0, ml = (uint32_t)strlen(msg);
+        td__blob_field(b, len, "kind", &kind, &kl);
+        td__blob_field(b, len, "message", &msg, &ml);
+        int died = kl == 14 && !memcmp(kind, "ActorDiedError", 14);
+        if (!p->started && died && p->idempotent && !p->retried) {
+          /* The replica died: an idempotent request tries another one. */
+          uint64_t dead = p->actor_id;
+          td_replica_t *r = td__rep(p->dep, dead);
+          if (r && r->ongoing > 0) r->ongoing--;
+          td_node_decref(td_ctx.node, p->stream);
+          p->stream = 0;
+          p->retried = 1;
+          if (td__dispatch(p, dead) == 0) break;
+        }
+        p->dep->errors++;
+        if (p->started) {
+          td_http_abort(S.srv, p->rid);
+        } else {
+          td_buf_reset(&S.buf);
+          td_buf_put(&S.buf, "{\"error\":", 9);
+          td__json_str(&S.buf, msg, ml);
+          td_buf_put(&S.buf, ",\"kind\":", 8);
+          td__json_str(&S.buf, kind, kl);
+          td_buf_put(&S.buf, "}", 2);
+          td__respond_json(p->rid, died ? 503 : 500, (const char *)S.buf.p);
+        }
+        td__pend_free(p);
+        break;
+      }
+      /* Items are strings: the header item, then body chunks. */
+      td_rd_t rd;
+      td_rd_init(&rd, b, len);
+      uint32_t sl = 0;
+      const uint8_t *sp = td_rd_u8(&rd) == TD_T_STR ? td_rd_str(&rd, &sl) : NULL;
+      if (!sp || rd.bad) continue;
+      if (!p->started) {
+        int rc = td__start_response(p, (const char *)sp, sl);
+        if (rc != 0) {
+          if (rc < 0) td__respond_json(p->rid, 500, "{\"error\":\"malformed response from the replica\"}");
+          td__pend_free(p);
+          break;
+        }
+      } else {
+        td_http_stream_write(S.srv, p->rid, sp, sl);
+      }
+    }
+    p = nxt;
+  }
+}
+
+/* -- Lua ------------------------------------------------------------------------ */
+
+/* core.serve_start(host, port) -> port */
+static int s_start(lua_State *L) {
+  const char *host = luaL_optstring(L, 1, "127.0.0.1");
+  int port = (int)luaL_optinteger(L, 2, 8000);
+  if (!td_ctx.node) return luaL_error(L, "the cluster is not running");
+  if (S.th) return luaL_error(L, "the HTTP ingress is already running");
+  S.ib = td_http_inbox_new();
+  td_map_init(&S.by_rid);
+  td_buf_init(&S.buf);
+  S.rng = 2463534242u;
+  td_http_opts_t o;
+  memset(&o, 0, sizeof(o));
+  o.on_request = td_http_inbox_on_request;
+  o.on_abort = td_http_inbox_on_abort;
+  o.data = S.ib;
+  o.max_body_bytes = (size_t)luaL_optnumber(L, 3, 0);
+  o.response_timeout_ms = (uint64_t)luaL_optnumber(L, 4, 0);
+  int rc = td_http_thread_start(&o, host, port, &S.th);
+  if (rc) {
+    td_http_inbox_destroy(&S.ib);
+    return luaL_error(L, "cannot listen on %s:%d: %s", host, port, uv_strerror(rc));
+  }
+  S.srv = td_http_thread_server(S.th);
+  td_node_watch_fd(td_ctx.node, td_http_inbox_fd(S.ib), td__on_readable, td__on_tick, NULL);
+  lua_pushinteger(L, td_http_thread_port(S.th));
+  return 1;
+}
+
+/* core.serve_deployment(name, route, max_ongoing) */
+static int s_deployment(lua_State *L) {
+  const char *name = luaL_checkstring(L, 1);
+  size_t plen;
+  const char *prefix = luaL_checklstring(L, 2, &plen);
+  int max_ongoing = (int)luaL_optinteger(L, 3, 100);
+  td_dep_t *d = NULL;
+  for (int i = 0; i < S.ndeps; i++)
+    if (!strcmp(S.deps[i].name, name)) d = &S.deps[i];
+  if (!d) {
+    if (S.ndeps == TD_SERVE_MAX_DEPS) return luaL_error(L, "too many deployments");
+    d = &S.deps[S.ndeps++];
+    memset(d, 0, sizeof(*d));
+    snprintf(d->name, sizeof(d->name), "%s", name);
+  }
+  if (plen >= sizeof(d->prefix)) return luaL_error(L, "route too long");
+  memcpy(d->prefix, prefix, plen + 1);
+  d->plen = plen;
+  if (plen > 1 && prefix[plen - 1] == '/') d->plen--;
+  d->max_ongoing = max_ongoing > 0 ? max_ongoing : 100;
+  return 0;
+}
+
+static td_dep_t *td__checkdep(lua_State *L, int idx) {
+  const char *name = luaL_checkstring(L, idx);
+  for (int i = 0; i < S.ndeps; i++)
+    if (!strcmp(S.deps[i].name, name)) return &S.deps[i];
+  luaL_error(L, "no deployment named %s", name);
+  return NULL;
+}
+
+/* core.serve_replicas(name, {actor_id, ...}): new replicas take traffic;
+ * replicas left out drain (no new requests) until removed. */
+static int s_replicas(lua_State *L) {
+  td_dep_t *d = td__checkdep(L, 1);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  for (int i = 0; i < d->nreps; i++) d->reps[i].draining = 1;
+  int n = (int)lua_objlen(L, 2);
+  for (int i = 1; i <= n; i++) {
+    lua_rawgeti(L, 2, i);
+    uint64_t id = (uint64_t)lua_tonumber(L, -1);
+    lua_pop(L, 1);
+    td_replica_t *r = td__rep(d, id);
+    if (r) { r->draining = 0; continue; }
+    if (d->nreps == d->capreps) {
+      d->capreps = d->capreps ? d->capreps * 2 : 8;
+      d->reps = td_xrealloc(d->reps, (size_t)d->capreps * sizeof(td_replica_t));
+    }
+    d->reps[d->nreps++] = (td_replica_t){id, 0, 0};
+  }
+  return 0;
+}
+
+/* core.serve_remove(name, actor_id): forgets a drained replica. */
+static int s_remove(lua_State *L) {
+  td_dep_t *d = td__checkdep(L, 1);
+  uint64_t id = (uint64_t)luaL_checknumber(L, 2);
+  for (int i = 0; i < d->nreps; i++) {
+    if (d->reps[i].actor_id != id) continue;
+    d->reps[i] = d->reps[--d->nreps];
+    break;
+  }
+  return 0;
+}
+
+/* core.serve_stats() -> {name = {route, requests, errors, rejected, replicas = {{id, ongoing, draining}}}} */
+static int s_stats(lua_State *L) {
+  lua_createtable(L, 0, S.ndeps);
+  for (int i = 0; i < S.ndeps; i++) {
+    td_dep_t *d = &S.deps[i];
+    lua_createtable(L, 0, 6);
+    lua_pushlstring(L, d->prefix, d->plen ? d->plen : 1);
+    lua_setfield(L, -2, "route");
+    lua_pushnumber(L, (lua_Number)d->requests);
+    lua_setfield(L, -2, "requests");
+    lua_pushnumber(L, (lua_Number)d->errors);
+    lua_setfield(L, -2, "errors");
+    lua_pushnumber(L, (lua_Number)d->rejected);
+    lua_setfield(L, -2, "rejected");
+    lua_createtable(L, d->nreps, 0);
+    for (int k = 0; k < d->nreps; k++) {
+      lua_createtable(L, 0, 3);
+      lua_pushnumber(L, (lua_Number)d->reps[k].actor_id);
+      lua_setfield(L, -2, "id");
+      lua_pushinteger(L, d->reps[k].ongoing);
+      lua_setfield(L, -2, "ongoing");
+      lua_pushboolean(L, d->reps[k].draining);
+      lua_setfield(L, -2, "draining");
+      lua_rawseti(L, -2, k + 1);
+    }
+    lua_setfield(L, -2, "replicas");
+    lua_setfield(L, -2, d->name);
+  }
+  return 1;
+}
+
+static int s_stop(lua_State *L) {
+  (void)L;
+  if (!S.th) return 0;
+  td_node_watch_fd(td_ctx.node, -1, NULL, NULL, NULL);
+  td_http_thread_stop(&S.th);
+  while (S.pend) td__pend_free(S.pend);
+  td_http_inbox_destroy(&S.ib);
+  for (int i = 0; i < S.ndeps; i++) free(S.deps[i].reps);
+  S.ndeps = 0;
+  td_map_free(&S.by_rid);
+  td_buf_free(&S.buf);
+  S.srv = NULL;
+  return 0;
+}
+
+void td_serve_register(lua_State *L) {
+  static const luaL_Reg fns[] = {
+    {"serve_start", s_start}, {"serve_deployment", s_deployment}, {"serve_replicas", s_replicas},
+    {"serve_remove", s_remove}, {"serve_stats", s_stats}, {"serve_stop", s_stop}, {NULL, NULL}};
+  luaL_register(L, NULL, fns);
+}

@@ -1,0 +1,620 @@
+-- tide.serve: HTTP endpoints declared in Lua (DESIGN §5). Deployments are
+-- actors (replicas); the C ingress routes requests to them by path prefix
+-- and power-of-two-choices load balancing, with no Lua in the driver per
+-- request. Replicas run __serve below, which yields a header item and body
+-- chunks that the ingress turns into a response (chunked when streaming).
+local tide = require("tide")
+local core = require("tide.core")
+local cjson = require("cjson")
+
+local M = {}
+
+local type, pairs, ipairs, tostring, tonumber, setmetatable, getmetatable, error, pcall, xpcall =
+  type, pairs, ipairs, tostring, tonumber, setmetatable, getmetatable, error, pcall, xpcall
+local format, concat, floor, ceil = string.format, table.concat, math.floor, math.ceil
+
+local STATE_ACTOR = "tide.serve.state"
+
+-- -- Response helpers ----------------------------------------------------
+
+local Stream = {}
+Stream.__index = Stream
+local Response = {}
+Response.__index = Response
+
+-- serve.stream(fn [, {sse = true, content_type = ...}]): fn(send) sends chunks.
+function M.stream(fn, opts)
+  if type(fn) ~= "function" then error("serve.stream: expected a function(send)", 2) end
+  return setmetatable({fn = fn, opts = opts or {}}, Stream)
+end
+
+-- serve.response{status = 201, headers = {...}, body = "..." | table}
+function M.response(t)
+  if type(t) ~= "table" then error("serve.response: expected a table", 2) end
+  local st = t.status or 200
+  if type(st) ~= "number" or st < 100 or st > 599 then
+    error("serve.response: status must be a number from 100 to 599", 2)
+  end
+  return setmetatable({status = st, headers = t.headers or {}, body = t.body}, Response)
+end
+
+local function header_item(kind, status, headers, body)
+  local parts = {kind .. tostring(floor(status)) .. "\n"}
+  for k, v in pairs(headers) do
+    local ks, vs = tostring(k), tostring(v)
+    if not ks:find("[\r\n:]") and not vs:find("[\r\n]") then
+      parts[#parts + 1] = ks .. ": " .. vs .. "\n"
+    end
+  end
+  parts[#parts + 1] = "\n"
+  if body then parts[#parts + 1] = body end
+  return concat(parts)
+end
+
+local function encode_body(v, headers)
+  if type(v) == "table" then
+    headers["Content-Type"] = headers["Content-Type"] or "application/json"
+    return cjson.encode(v)
+  elseif v == nil then
+    return ""
+  end
+  headers["Content-Type"] = headers["Content-Type"] or "text/plain; charset=utf-8"
+  return tostring(v)
+end
+
+local function send_full(status, headers, body)
+  tide.yield(header_item("F", status, headers, body))
+end
+
+local function send_error(status, msg)
+  send_full(status, {["Content-Type"] = "application/json"}, cjson.encode({error = msg}))
+end
+
+local function send_result(res)
+  local mt = getmetatable(res)
+  if mt == Stream then
+    local sse = res.opts.sse
+    local ct = res.opts.content_type or (sse and "text/event-stream" or "text/plain; charset=utf-8")
+    tide.yield(header_item("C", res.opts.status or 200, {["Content-Type"] = ct, ["Cache-Control"] = "no-cache"}))
+    local function send(chunk)
+      if type(chunk) == "table" then chunk = cjson.encode(chunk) end
+      chunk = tostring(chunk)
+      if sse then chunk = "data: " .. chunk:gsub("\n", "\ndata: ") .. "\n\n" end
+      tide.yield(chunk)
+    end
+    res.fn(send)
+    return
+  end
+  if mt == Response then
+    local headers = {}
+    for k, v in pairs(res.headers) do headers[k] = v end
+    return send_full(res.status, headers, encode_body(res.body, headers))
+  end
+  local headers = {}
+  send_full(200, headers, encode_body(res, headers))
+end
+
+local function parse_query(q)
+  local t = {}
+  for pair in q:gmatch("[^&]+") do
+    local k, v = pair:match("^([^=]*)=?(.*)$")
+    local function unesc(s) return (s:gsub("+", " "):gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end)) end
+    t[unesc(k)] = unesc(v)
+  end
+  return t
+end
+
+-- -- Jobs -------------------------------------------------------------------
+
+local seeded = false
+local function job_id()
+  if not seeded then
+    -- Every replica process needs its own sequence.
+    local ctx = core.context()
+    math.randomseed(os.time() * 65537 + (ctx.pid or 0) * 131 + floor(os.clock() * 1e6))
+    seeded = true
+  end
+  local t = {}
+  for i = 1, 16 do t[i] = format("%x", math.random(0, 15)) end
+  return "job-" .. concat(t)
+end
+
+local function state_actor()
+  return tide.get_actor(STATE_ACTOR, {namespace = "serve"})
+end
+
+-- The job object handlers receive.
+local Job = {}
+Job.__index = Job
+function Job:progress(p, note)
+  if type(p) ~= "number" then error("job:progress: expected a number", 2) end
+  self._state:progress(self.id, p, note)
+end
+
+-- -- Replica side -------------------------------------------------------------
+
+-- Builds the actor class of a deployment's replicas.
+local function replica_class(d)
+  local user_init, call, methods, jobs = d.init, d.call, d.methods, d.jobs
+  local class = {}
+  class.init = function(self, ...)
+    if user_init then user_init(self, ...) end
+  end
+  class.__serve = function(self, req)
+    local serve = require("tide.serve")
+    return serve._handle(self, req, call, methods, jobs)
+  end
+  class.__job = function(self, id, name, req)
+    local serve = require("tide.serve")
+    return serve._run_job(self, id, name, req, jobs)
+  end
+  -- Composition: handle:remote(...) calls `call`, handle:method(name, ...) any method.
+  if call then class.call = call end
+  for k, v in pairs(d.extra) do class[k] = v end
+  return class
+end
+
+function M._handle(self, req, call, methods, jobs)
+  req.query = parse_query(req.query_string or "")
+  local sub = req.path:sub(#req.route + 1)
+  req.subpath = sub
+  local ct = req.headers["content-type"] or ""
+  if req.body ~= "" then
+    if ct:find("json", 1, true) then
+      local ok, v = pcall(cjson.decode, req.body)
+      if not ok then return send_error(400, "request body is not valid JSON: " .. tostring(v)) end
+      req.json = v
+    elseif req.body:match("^%s*[%[{]") then
+      -- A JSON-looking body sent without a JSON content type (curl -d).
+      local ok, v = pcall(cjson.decode, req.body)
+      if ok then req.json = v end
+    end
+  end
+  if jobs then
+    local name = sub:match("^/([%w_%-]+)$")
+    if req.method == "POST" and name and jobs[name] then
+      local id = job_id()
+      local st = state_actor()
+      tide.get(st:submit(id, req.deployment, name, req))
+      return send_full(202, {["Content-Type"] = "application/json", Location = req.route .. "/" .. id},
+        cjson.encode({id = id, status = "pending"}))
+    end
+    local id, rest = sub:match("^/(job%-%x+)(.*)$")
+    if id then
+      local st = state_actor()
+      if req.method == "DELETE" and rest == "" then
+        local rec = tide.get(st:cancel(id))
+        if not rec then return send_error(404, "no job " .. id) end
+        return send_full(200, {["Content-Type"] = "application/json"}, cjson.encode(rec))
+      elseif req.method == "GET" and rest == "" then
+        local rec = tide.get(st:get(id))
+        if not rec then return send_error(404, "no job " .. id) end
+        return send_full(200, {["Content-Type"] = "application/json"}, cjson.encode(rec))
+      elseif req.method == "GET" and rest == "/events" then
+        return send_result(M.stream(function(send)
+          local last
+          while true do
+            local rec = tide.get(st:get(id))
+            if not rec then send({error = "no job " .. id}); return end
+            local enc = cjson.encode(rec)
+            if enc ~= last then send(enc); last = enc end
+            if rec.status ~= "pending" and rec.status ~= "running" then return end
+            tide.sleep(0.05)
+          end
+        end, {sse = true}))
+      end
+    end
+  end
+  local handler = methods and methods[req.method] or call
+  if not handler then
+    if methods and not call then return send_error(405, "method " .. req.method .. " not allowed") end
+    return send_error(404, "no handler for " .. req.path)
+  end
+  local ok, res = xpcall(handler, debug.traceback, self, req)
+  if not ok then
+    if type(res) == "table" and getmetatable(res) == Response then return send_result(res) end
+    return send_error(500, tostring(res))
+  end
+  return send_result(res)
+end
+
+function M._run_job(self, id, name, req, jobs)
+  local st = state_actor()
+  local job = setmetatable({id = id, _state = st}, Job)
+  st:progress(id, 0, nil, "running")
+  return jobs[name](self, req, job)
+end
+
+-- Cluster-side job state, kept in a named actor (not in any replica): jobs
+-- survive the replica that accepted them and are retried on another one
+-- if the replica running them dies.
+local State = {
+  set_replicas = function(self, dep, handles) self.replicas[dep] = handles end,
+  replicas = function(self, dep) return self.replicas[dep] end,
+  progress = function(self, id, p, note, status)
+    local rec = self.jobs[id]
+    if not rec or rec.status == "cancelled" then return end
+    rec.progress = p
+    if note then rec.note = note end
+    if status then rec.status = status end
+  end,
+  get = function(self, id) return self.jobs[id] end,
+  cancel = function(self, id)
+    local rec = self.jobs[id]
+    if not rec then return nil end
+    if rec.status == "pending" or rec.status == "running" then
+      rec.status = "cancelled"
+      local ref = self.refs[id]
+      if ref then require("tide").cancel(ref) end
+    end
+    return rec
+  end,
+  list = function(self)
+    local out = {}
+    for _, r in pairs(self.jobs) do out[#out + 1] = r end
+    return out
+  end,
+}
+
+-- Launching and watching a job: the accepting call returns at once; a
+-- second call of this actor (a coroutine) waits for the job.
+State.start = function(self, id)
+  local tide_ = require("tide")
+  local rec = self.jobs[id]
+  local tries = 0
+  while rec and rec.status ~= "cancelled" do
+    local reps = self.replicas[rec.deployment] or {}
+    if #reps == 0 then rec.status = "failed"; rec.error = "no replicas"; return end
+    local h = reps[math.random(1, #reps)]
+    local ref = h:__job(id, rec.job, self.reqs[id])
+    self.refs[id] = ref
+    local ok, res = pcall(tide_.get, ref)
+    self.refs[id] = nil
+    if rec.status == "cancelled" then return end
+    if ok then
+      rec.status, rec.result, rec.progress = "succeeded", res, 1
+      self.reqs[id] = nil
+      return
+    end
+    tries = tries + 1
+    if type(res) == "table" and res.kind == "ActorDiedError" and tries < 3 then
+      rec.status = "pending"
+    else
+      rec.status = "failed"
+      rec.error = type(res) == "table" and tostring(res.message) or tostring(res)
+      if type(res) == "table" and res.kind == "TaskCancelledError" then rec.status = "cancelled" end
+      self.reqs[id] = nil
+      return
+    end
+  end
+end
+
+State.init = function(self)
+  self.jobs, self.refs, self.replicas, self.reqs = {}, {}, {}, {}
+end
+State.submit = function(self, id, dep, name, req)
+  self.jobs[id] = {id = id, status = "pending", progress = 0, job = name, deployment = dep}
+  self.reqs[id] = req
+  self.me = self.me or require("tide").get_actor("tide.serve.state", {namespace = "serve"})
+  self.me:start(id) -- fire and forget: runs concurrently in this actor
+  return id
+end
+
+-- -- Deployments --------------------------------------------------------------
+
+local DEPLOY_KEYS = {
+  name = "string", route = "string", init = "function", call = "function", methods = "table",
+  num_replicas = "number", autoscaling = "table", resources = "table", max_ongoing_requests = "number",
+  jobs = "table", num_cpus = "number", num_gpus = "number", max_restarts = "number",
+  user_config = "table", extra_methods = "table",
+}
+
+local Deployment = {}
+Deployment.__index = Deployment
+
+function M.deployment(spec)
+  if type(spec) ~= "table" then error("serve.deployment: expected a table", 2) end
+  for k, v in pairs(spec) do
+    local want = DEPLOY_KEYS[k]
+    if not want then error(format("serve.deployment: unknown key '%s'", tostring(k)), 2) end
+    if type(v) ~= want then
+      error(format("serve.deployment: '%s' must be a %s, got %s", k, want, type(v)), 2)
+    end
+  end
+  if not spec.name then error("serve.deployment: 'name' is required", 2) end
+  if not spec.call and not spec.methods and not spec.jobs then
+    error("serve.deployment: give 'call', 'methods' or 'jobs'", 2)
+  end
+  local route = spec.route or ("/" .. spec.name)
+  if route:sub(1, 1) ~= "/" then error("serve.deployment: 'route' must start with /", 2) end
+  if spec.num_replicas and spec.autoscaling then
+    error("serve.deployment: give 'num_replicas' or 'autoscaling', not both", 2)
+  end
+  local a = spec.autoscaling
+  if a then
+    for k in pairs(a) do
+      if k ~= "min_replicas" and k ~= "max_replicas" and k ~= "target_ongoing_requests"
+         and k ~= "upscale_delay_s" and k ~= "downscale_delay_s" then
+        error(format("serve.deployment: unknown autoscaling key '%s'", tostring(k)), 2)
+      end
+    end
+    if (a.min_replicas or 1) > (a.max_replicas or 1) then
+      error("serve.deployment: autoscaling min_replicas exceeds max_replicas", 2)
+    end
+  end
+  if spec.methods then
+    for m, f in pairs(spec.methods) do
+      if type(f) ~= "function" then error(format("serve.deployment: methods.%s must be a function", m), 2) end
+    end
+  end
+  local d = setmetatable({}, Deployment)
+  for k, v in pairs(spec) do d[k] = v end
+  d.route = route
+  d.extra = spec.extra_methods or {}
+  return d
+end
+
+-- serve.batch{max_batch_size = n, batch_wait_timeout_s = s}(fn): fn(self, reqs)
+-- receives a batch and returns one result per request.
+function M.batch(opts)
+  opts = opts or {}
+  local max = opts.max_batch_size or 8
+  local wait = opts.batch_wait_timeout_s or 0.01
+  if type(max) ~= "number" or max < 1 then error("serve.batch: max_batch_size must be >= 1", 2) end
+  return function(fn)
+    local key = tostring(fn)
+    return function(self, req)
+      local tide_ = require("tide")
+      local queues = rawget(self, "__batches") or {}
+      self.__batches = queues
+      local q = queues[key]
+      if not q then q = {}; queues[key] = q end
+      local slot = {req = req}
+      q[#q + 1] = slot
+      local function run(batch)
+        local reqs = {}
+        for i, s in ipairs(batch) do reqs[i] = s.req end
+        local ok, res = pcall(fn, self, reqs)
+        for i, s in ipairs(batch) do
+          s.done = true
+          if not ok then s.err = res
+          elseif type(res) ~= "table" or res[i] == nil and #res ~= #batch then
+            s.err = "serve.batch: the handler must return one result per request"
+          else s.result = res[i] end
+        end
+      end
+      if #q >= max then
+        queues[key] = nil
+        run(q)
+      elseif #q == 1 then
+        -- The first request of a batch waits for company, then runs it.
+        local waited = 0
+        while not slot.done and waited < wait do tide_.sleep(0.001); waited = waited + 0.001 end
+        if not slot.done and queues[key] == q then
+          queues[key] = nil
+          run(q)
+        end
+      end
+      while not slot.done do tide_.sleep(0.001) end
+      if slot.err then error(slot.err, 0) end
+      return slot.result
+    end
+  end
+end
+
+-- -- Handles (composition) ------------------------------------------------------
+
+local Handle = {}
+Handle.__index = Handle
+Handle.__tide_module = "tide.serve"
+Handle.__tide_ser = function(h) return core.encode({h.name}) end
+function M.__tide_deser(s) return M.get_handle(core.decode(s)[1]) end
+
+function M.get_handle(name)
+  return setmetatable({name = name, cache = nil, at = -1}, Handle)
+end
+
+local function pick(h)
+  local now = os.time()
+  if not h.cache or now - h.at >= 1 then
+    h.cache = tide.get(state_actor():replicas(h.name)) or {}
+    h.at = now
+  end
+  if #h.cache == 0 then error("serve: deployment " .. h.name .. " has no replicas", 3) end
+  return h.cache[math.random(1, #h.cache)]
+end
+
+-- handle:remote(...) calls the deployment's `call` on a replica -> ObjectRef.
+function Handle:remote(...)
+  return pick(self):call(...)
+end
+
+-- handle:method("name", ...) calls another method (extra_methods) -> ObjectRef.
+function Handle:method(name, ...)
+  local r = pick(self)
+  return r[name](r, ...)
+end
+
+-- -- Running ------------------------------------------------------------------------
+
+local running = {deps = {}, order = {}}
+
+local function log(fmt, ...)
+  io.stderr:write(format("[serve] " .. fmt .. "\n", ...))
+end
+
+local function new_replica(d, cls)
+  return cls:options({
+    max_concurrency = d.max_ongoing_requests or 100,
+    num_cpus = d.num_cpus or (d.resources and d.resources.CPU) or 0,
+    num_gpus = d.num_gpus, resources = d.resources, max_restarts = d.max_restarts or 0,
+  }):remote()
+end
+
+local function publish(st, name)
+  local ids = {}
+  for i, r in ipairs(st.replicas) do ids[i] = r._id end
+  core.serve_replicas(name, ids)
+  tide.get(running.state:set_replicas(name, st.replicas))
+end
+
+-- serve.deploy(app): creates or replaces deployments; returns at once.
+-- Redeploying a name starts new replicas, moves traffic to them, and lets
+-- the old ones finish what they have before they are stopped.
+function M.deploy(app)
+  if getmetatable(app) == Deployment then app = {app} end
+  if type(app) ~= "table" then error("serve.deploy: expected a deployment or an array of them", 2) end
+  if not running.started then M.start() end
+  for _, d in ipairs(app) do
+    if getmetatable(d) ~= Deployment then error("serve.deploy: expected deployments from serve.deployment", 2) end
+    local cls = tide.actor(replica_class(d))
+    local a = d.autoscaling
+    local n = a and (a.min_replicas or 1) or (d.num_replicas or 1)
+    local old = running.deps[d.name]
+    core.serve_deployment(d.name, d.route, d.max_ongoing_requests or 100)
+    local st = {spec = d, cls = cls, replicas = {}, draining = old and old.draining or {},
+      up_since = nil, down_since = nil}
+    for i = 1, n do st.replicas[i] = new_replica(d, cls) end
+    if old then
+      for _, r in ipairs(old.replicas) do st.draining[#st.draining + 1] = r end
+      log("redeploying %s: %d new replicas, %d draining", d.name, n, #old.replicas)
+    else
+      running.order[#running.order + 1] = d.name
+    end
+    running.deps[d.name] = st
+    publish(st, d.name)
+  end
+end
+
+-- Starts the HTTP ingress (serve.run does it for you).
+function M.start(opts)
+  if running.started then return running.port end
+  opts = opts or {}
+  local cli = debug.getregistry()["tide.cli_opts"] or {}
+  local host = opts.host or cli.serve_host or "127.0.0.1"
+  local port = opts.port or tonumber(cli.serve_port) or 8000
+  local St = tide.actor(State)
+  running.state = St:options({name = STATE_ACTOR, namespace = "serve", max_concurrency = 10000,
+    get_if_exists = true}):remote()
+  running.port = core.serve_start(host, port, opts.max_body_bytes, opts.request_timeout_ms)
+  running.host = host
+  running.started = true
+  log("listening on http://%s:%d", host, running.port)
+  return running.port
+end
+
+local function tick(now)
+  local stats = core.serve_stats()
+  for name, st in pairs(running.deps) do
+    local s = stats[name]
+    if s then
+      local ongoing, live = 0, {}
+      for _, r in ipairs(s.replicas) do
+        if not r.draining then ongoing = ongoing + r.ongoing end
+        live[r.id] = r
+      end
+      -- Replace replicas that died.
+      local changed = false
+      for i, h in ipairs(st.replicas) do
+        local state = core.actor_state(h._id)
+        if state == "DEAD" then
+          log("replica %s of %s died; starting a replacement", tostring(h._id), name)
+          st.replicas[i] = new_replica(st.spec, st.cls)
+          core.serve_remove(name, h._id)
+          changed = true
+        end
+      end
+      -- Autoscaling on ongoing requests per replica, with delays against flapping.
+      local a = st.spec.autoscaling
+      if a then
+        local target = a.target_ongoing_requests or 2
+        local n = #st.replicas
+        local want = math.max(a.min_replicas or 1, math.min(a.max_replicas or 1, ceil(ongoing / target)))
+        if want > n then
+          st.down_since = nil
+          st.up_since = st.up_since or now
+          if now - st.up_since >= (a.upscale_delay_s or 0.5) then
+            log("scaling %s up from %d to %d replicas (%d ongoing, target %g per replica)",
+              name, n, want, ongoing, target)
+            for i = n + 1, want do st.replicas[i] = new_replica(st.spec, st.cls) end
+            st.up_since = nil
+            changed = true
+          end
+        elseif want < n then
+          st.up_since = nil
+          st.down_since = st.down_since or now
+          if now - st.down_since >= (a.downscale_delay_s or 2) then
+            log("scaling %s down from %d to %d replicas (%d ongoing, target %g per replica)",
+              name, n, want, ongoing, target)
+            for i = n, want + 1, -1 do
+              st.draining[#st.draining + 1] = st.replicas[i]
+              st.replicas[i] = nil
+            end
+            st.down_since = nil
+            changed = true
+          end
+        else
+          st.up_since, st.down_since = nil, nil
+        end
+      end
+      if changed then publish(st, name) end
+      -- Stop drained replicas once their requests are done.
+      for i = #st.draining, 1, -1 do
+        local h = st.draining[i]
+        local r = live[h._id]
+        if not r or r.ongoing == 0 then
+          core.serve_remove(name, h._id)
+          tide.kill(h)
+          table.remove(st.draining, i)
+        end
+      end
+    end
+  end
+end
+
+-- serve.run(app [, {host, port, blocking = true}]): deploys and serves.
+-- Under `tide serve run` it blocks until the process is stopped.
+function M.run(app, opts)
+  opts = opts or {}
+  if not running.started then M.start(opts) end
+  M.deploy(app)
+  if opts.blocking == false then return running.port end
+  local rb = require("tide.rawbench")
+  local last = 0
+  while true do
+    core.pump(0.05)
+    local now = rb.now()
+    if now - last >= 0.25 then
+      last = now
+      tick(now)
+    end
+  end
+end
+
+-- serve.poll(seconds): serves for a while (for drivers that also do other work).
+function M.poll(seconds)
+  local rb = require("tide.rawbench")
+  local t_end = rb.now() + (seconds or 0)
+  local last = 0
+  repeat
+    core.pump(0.02)
+    local mono = rb.now()
+    if mono - last >= 0.25 then last = mono; tick(mono) end
+  until mono >= t_end
+end
+
+function M.status()
+  return core.serve_stats()
+end
+
+function M.shutdown()
+  if not running.started then return end
+  for _, st in pairs(running.deps) do
+    for _, h in ipairs(st.replicas) do tide.kill(h) end
+    for _, h in ipairs(st.draining) do tide.kill(h) end
+  end
+  core.serve_stop()
+  running = {deps = {}, order = {}}
+end
+
+return M
