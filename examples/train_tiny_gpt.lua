@@ -3,7 +3,6 @@
 -- back and prints a sample from the untrained and from the trained model.
 --
 --   tide run examples/train_tiny_gpt.lua [steps=600] [checkpoint path]
-local T = require("tide.tensor")
 local GPT = require("tide.nn.gpt")
 local D = require("tide.nn.data")
 local tok = require("tide.nn.tokenizer").byte_level()

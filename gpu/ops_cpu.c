@@ -534,6 +534,7 @@ static int td__cpu_attention_cached(float *out, float *kcache, float *vcache,
 
 static int td__cpu_ce_fwd(float *losses, const float *logits,
                           const int32_t *targets, int64_t rows, int64_t V) {
+  if (V <= 0) return -TD_GPU_EINVAL;
   for (int64_t r = 0; r < rows; r++)
     if (targets[r] < -1 || targets[r] >= V) return -TD_GPU_ERANGE;
   for (int64_t r = 0; r < rows; r++) {
@@ -544,8 +545,8 @@ static int td__cpu_ce_fwd(float *losses, const float *logits,
     const float *l = logits + r * V;
     float m = -INFINITY;
     for (int64_t c = 0; c < V; c++) m = fmaxf(m, l[c]);
-    double s = 0;
-    for (int64_t c = 0; c < V; c++) s += exp((double)(l[c] - m));
+    double s = exp((double)(l[0] - m)); /* V > 0: s >= 1 once the max is in */
+    for (int64_t c = 1; c < V; c++) s += exp((double)(l[c] - m));
     losses[r] = (float)(log(s) + m - l[targets[r]]);
   }
   return 0;
@@ -554,6 +555,7 @@ static int td__cpu_ce_fwd(float *losses, const float *logits,
 static int td__cpu_ce_bwd(float *dlogits, const float *logits,
                           const int32_t *targets, int64_t rows, int64_t V,
                           float scale, int accum) {
+  if (V <= 0) return -TD_GPU_EINVAL;
   for (int64_t r = 0; r < rows; r++)
     if (targets[r] < -1 || targets[r] >= V) return -TD_GPU_ERANGE;
   for (int64_t r = 0; r < rows; r++) {

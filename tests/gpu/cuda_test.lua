@@ -36,7 +36,7 @@ local function close(got, want, tol, what)
     local d = math.abs(g[i] - w[i]) / math.max(1, math.abs(w[i]))
     if d > worst or d ~= d then worst, at = d, i end
   end
-  if not (worst <= tol) then
+  if worst ~= worst or worst > tol then -- NaN fails too
     error(string.format("%s: element %d differs by %.3g (cuda %.7g, cpu %.7g), tolerance %.1g",
       what or "tensor", at, worst, g[at] or 0 / 0, w[at] or 0 / 0, tol), 2)
   end

@@ -16,7 +16,7 @@ function M.byte_level()
 end
 
 -- tok:encode(s) -> array of ids (one per byte).
-function Byte:encode(s)
+function Byte.encode(_, s)
   if type(s) ~= "string" then error("tokenizer.encode: expected a string", 2) end
   local ids = {}
   for i = 1, #s do ids[i] = byte(s, i) end
@@ -24,14 +24,14 @@ function Byte:encode(s)
 end
 
 -- tok:encode_tensor(s) -> i32 tensor {#s} of ids (fast path, in C).
-function Byte:encode_tensor(s)
+function Byte.encode_tensor(_, s)
   if type(s) ~= "string" then error("tokenizer.encode_tensor: expected a string", 2) end
   return T.from_bytes(s, {#s}, "u8"):to("i32")
 end
 
 -- tok:decode(ids) -> string; ids is an array of numbers or an i32 tensor.
 -- Ids outside 0..255 raise.
-function Byte:decode(ids)
+function Byte.decode(_, ids)
   if T.is_tensor(ids) then ids = ids:view({-1}):to_table() end
   local parts, chunk = {}, {}
   for i = 1, #ids do
