@@ -1109,7 +1109,25 @@ int td_node_submit(td_node_t *n, const td_spec_t *s, const char **msg) {
   /* A demand beyond what the node has can never be met: say so now
    * rather than wait forever. */
   char why[400] = "";
-  if (!s->pg_id) {
+  if (s->pg_id && s->kind != TD_K_ACTOR_CALL) {
+    td_pg_t *pg = td__pg(n, s->pg_id);
+    if (!pg || pg->removed) {
+      snprintf(why, sizeof(why), "its placement group does not exist or was removed");
+    } else if (s->bundle >= pg->nb) {
+      snprintf(why, sizeof(why), "bundle_index %d is out of range: the placement group has %d bundles",
+               s->bundle + 1, pg->nb);
+    } else {
+      for (int i = 0; i < t->nres && !why[0]; i++) {
+        int r = t->res_idx[i];
+        double most = 0;
+        for (int b = 0; b < pg->nb; b++)
+          if ((s->bundle < 0 || b == s->bundle) && pg->total[b][r] > most) most = pg->total[b][r];
+        if (t->res_amt[i] > most + 1e-9)
+          snprintf(why, sizeof(why), "infeasible: it requires %s = %g but its placement group bundle has %g",
+                   n->resname[r], t->res_amt[i], most);
+      }
+    }
+  } else if (!s->pg_id) {
     for (int i = 0; i < t->nres && !why[0]; i++) {
       int r = t->res_idx[i];
       if (t->res_amt[i] > n->total[r] + 1e-9)
@@ -1277,6 +1295,21 @@ int td_node_pg_remove(td_node_t *n, uint64_t pg_id) {
   free(pg->total);
   free(pg->avail);
   free(pg);
+  /* Work queued for the group can never run now. */
+  td_task_t *t = n->queue.head;
+  while (t) {
+    td_task_t *next = t->next;
+    if (t->spec.pg_id == pg_id) {
+      tq_del(&n->queue, t);
+      if (t->spec.kind == TD_K_ACTOR_NEW) {
+        t->state = T_DONE;
+        td__actor_die(n, t->actor, "its placement group was removed");
+      } else {
+        td__task_fail(n, t, "TaskError", "its placement group was removed");
+      }
+    }
+    t = next;
+  }
   td__sched(n);
   return 0;
 }

@@ -4,6 +4,7 @@
  * node over the socket on fd 3 and maps the node's store from fd 4.
  * Uses core (bindings), ser, chan, proto.
  */
+#include <dlfcn.h>
 #include <errno.h>
 #include <lauxlib.h>
 #include <lualib.h>
@@ -52,6 +53,8 @@ struct td_actor_st {
   uint32_t incarnation;       /* restarts so far + 1, echoed in ACTOR_EXIT */
   char name[128];
   char gpus[128];
+  uint8_t *env;               /* runtime_env env_vars, set around each call */
+  uint32_t envlen;
 };
 
 static lua_State *td__task_L;       /* the task worker's state */
@@ -449,6 +452,17 @@ static lua_State *td__newstate(int actor) {
   lua_getfield(L, -1, "preload");
   lua_pushcfunction(L, luaopen_tide_core);
   lua_setfield(L, -2, "tide.core");
+  /* Optional C modules linked into the binary (the gpu layer). */
+  static lua_CFunction tensor;
+  static int looked;
+  if (!looked) {
+    tensor = (lua_CFunction)(uintptr_t)dlsym(RTLD_DEFAULT, "luaopen_tide_tensor");
+    looked = 1;
+  }
+  if (tensor) {
+    lua_pushcfunction(L, tensor);
+    lua_setfield(L, -2, "tide.tensor");
+  }
   if (actor) {
     /* The debug and jit libraries some modules require by name. */
     lua_pushcfunction(L, luaopen_debug);
@@ -759,9 +773,15 @@ static void td__resume(td_co_t *c, int nargs) {
   td_ctx.cur_actor = a ? a->id : 0;
   snprintf(td_ctx.cur_name, sizeof(td_ctx.cur_name), "%s", c->name);
   snprintf(td_ctx.gpu_ids, sizeof(td_ctx.gpu_ids), "%s", c->gpus);
+  td_ctx.cur_streaming = c->nret < 0;
+  /* Actors share processes: their env_vars are set only while they run. */
+  if (a && a->envlen) td__set_env(a->env, a->envlen, 1);
   int st = lua_resume(c->co, nargs);
+  if (a && a->envlen) td__set_env(a->env, a->envlen, 0);
+  fflush(stdout);
   td__cur = NULL;
   td_ctx.cur_task = 0;
+  td_ctx.cur_streaming = 0;
   if (st == LUA_YIELD) {
     if (!c->req) {  /* a plain coroutine.yield at the top: treat as an error */
       td__send_error_msg(L, c->task_id, "TaskError", "coroutine.yield outside a coroutine in a task");
@@ -971,6 +991,7 @@ static void td__actor_destroy(td_actor_st_t *a, const char *why, int crashed) {
   td_map_del(&td__actors, a->id);
   td__flush();
   lua_close(L);
+  free(a->env);
   free(a);
   if (td_ctx.kind == WK_GPUHOST) _exit(0);
 }
@@ -1000,9 +1021,14 @@ static void td__on_actor_new(const uint8_t *p, uint32_t len) {
   a->id = actor_id;
   a->max_conc = mc ? (int)mc : 1;
   a->incarnation = incarnation;
-  snprintf(a->name, sizeof(a->name), "%.*s", (int)nl, name);
+  if (nl) snprintf(a->name, sizeof(a->name), "%.*s", (int)nl, name);
+  else snprintf(a->name, sizeof(a->name), "actor-%llu", (unsigned long long)actor_id);
   snprintf(a->gpus, sizeof(a->gpus), "%s", gpus);
-  if (el) td__set_env(env, el, 1);
+  if (el) {
+    a->env = td_xmalloc(el);
+    memcpy(a->env, env, el);
+    a->envlen = el;
+  }
   a->L = td__newstate(td_ctx.kind == WK_HOST);
   td_map_set(&td__actors, actor_id, a);
   lua_State *L = a->L;
@@ -1166,6 +1192,7 @@ int td_worker_main(int argc, char **argv) {
   if (argc < 4) return 2;
   signal(SIGINT, SIG_IGN);
   signal(SIGPIPE, SIG_IGN);
+  setvbuf(stdout, NULL, _IOLBF, 0);
   memset(&td_ctx, 0, sizeof(td_ctx));
   td_ctx.wk_id = strtoull(argv[2], NULL, 10);
   td_ctx.kind = atoi(argv[3]);

@@ -813,7 +813,8 @@ static int w_put(lua_State *L) {
 /* core.yield_item(value): one item of a streaming task. */
 static int w_yield_item(lua_State *L) {
   luaL_checkany(L, 1);
-  if (!td_ctx.cur_task) return luaL_error(L, "tide.yield can only be called inside a streaming task");
+  if (!td_ctx.cur_task || !td_ctx.cur_streaming)
+    return luaL_error(L, "tide.yield can only be called inside a task or method called with num_returns = \"streaming\"");
   if (td_ser_value(&td_ctx.ser, L, 1, "yielded value")) return td_core_ser_error(L, &td_ctx.ser);
   td_buf_reset(&td__valbuf);
   int rc = td_core_put_value(&td_ctx.ser, &td__valbuf);

@@ -35,6 +35,7 @@ typedef struct td_ctx {
   /* What is running now, for get_runtime_context and print prefixes. */
   uint64_t cur_task, cur_actor;
   char cur_name[128];
+  int cur_streaming;       /* the running task or call streams (tide.yield) */
   char gpu_ids[128];
 } td_ctx_t;
 

@@ -175,7 +175,7 @@ local function start(level)
     o.resources_json = nil
   end
   if o.address and o.address ~= "" and o.address ~= "local" then
-    error("tide: connecting to a cluster at " .. o.address .. " is not supported yet; run without --address",
+    error("connecting to a cluster at " .. o.address .. " is not supported yet; run without --address",
       level + 1)
   end
   core.start(o)
@@ -183,6 +183,7 @@ local function start(level)
 end
 
 function M.init(opts)
+  if not core.is_driver then error("tide.init can only be called in the driver script", 2) end
   check_opts(opts, INIT_OPTS, "tide.init", 2)
   if started and used then error("tide.init: the cluster is already running", 2) end
   if started then
@@ -415,6 +416,9 @@ function M.cancel(ref, opts)
 end
 
 function M.yield(v)
+  if not core.yield_item then
+    error("tide.yield can only be called inside a task or method called with num_returns = \"streaming\"", 2)
+  end
   core.yield_item(v)
 end
 
