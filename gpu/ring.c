@@ -7,6 +7,8 @@
  * buffer when it offers recv_peek (no extra copy). */
 #include "ring.h"
 
+#include "simd.h"
+
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -74,7 +76,7 @@ int td_ring_size(const td_ring_t *r) { return r->n; }
 
 /* -- Reduction kernels ------------------------------------------------------------ */
 
-static void td__reduce_inplace(float *restrict dst, const float *restrict b,
+TD__HOT static void td__reduce_inplace(float *restrict dst, const float *restrict b,
                                size_t n, int op) {
   switch (op) {
     case TD_RING_MAX:
@@ -88,7 +90,7 @@ static void td__reduce_inplace(float *restrict dst, const float *restrict b,
   }
 }
 
-static void td__reduce_into(float *restrict dst, const float *restrict a,
+TD__HOT static void td__reduce_into(float *restrict dst, const float *restrict a,
                             const float *restrict b, size_t n, int op) {
   switch (op) {
     case TD_RING_MAX:
