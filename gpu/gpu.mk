@@ -33,7 +33,7 @@ CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
 # Hopper and Ampere SASS plus Hopper PTX (JIT-compiled on newer GPUs).
 CUDA_ARCH ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
              -gencode arch=compute_90,code=compute_90
-NVCCFLAGS ?= -O2 -std=c++17 -Xcompiler -fPIC,-Wall -Igpu -I$(CUDA_HOME)/include
+NVCCFLAGS ?= -O2 -std=c++17 -Xcompiler -fPIC,-Wall -I$(CUDA_HOME)/include -Igpu
 TEST_DEPS += build/tide_cuda.so
 # The plugin finds CUDA libraries in $ORIGIN/cuda-libs (what scripts/gpu-check.sh
 # carries to a GPU machine), then in the toolkit it was built against.
