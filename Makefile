@@ -4,7 +4,7 @@
 .DEFAULT_GOAL := all
 CC      ?= cc
 OPT     ?= -O2
-PKGS    := luajit libuv libzmq
+PKGS    := luajit libuv libzmq libedit
 CFLAGS  := $(OPT) -g -std=gnu11 -D_GNU_SOURCE -Wall -Wextra -Werror -fno-strict-aliasing \
            -Iengine -Ilua -Igpu $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 LDLIBS  := $(shell pkg-config --libs $(PKGS) 2>/dev/null) -lm -lpthread -ldl

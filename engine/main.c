@@ -20,8 +20,10 @@
 
 extern volatile int td_interrupted;
 int luaopen_tide_rawbench(lua_State *L);
+int luaopen_tide_readline(lua_State *L);
 static lua_State *td__L;
 static int td__serving;  /* tide serve run: --host/--port are allowed */
+static int td__repl;     /* tide repl: Ctrl-C interrupts, never exits */
 static char td__home[PATH_MAX];
 static char td__exe[PATH_MAX];
 
@@ -35,6 +37,8 @@ static const char td__usage[] =
   "                         serve the deployments APP.lua declares (serve.run)\n"
   "  tide serve status [--port P] [--host H]\n"
   "                         print the deployments of a running `tide serve run`\n"
+  "  tide repl [resource flags]\n"
+  "                         interactive Lua with tide loaded, on an embedded cluster\n"
   "  tide bench [NAME...] [--json]\n"
   "                         run the benchmarks (Ray's metric names, JSON lines)\n"
   "  tide --version         print the version\n"
@@ -72,6 +76,12 @@ static void td__on_alarm(int sig) {
 }
 
 static void td__on_signal(int sig) {
+  if (td__repl && sig == SIGINT) {
+    /* The REPL catches the error and prompts again. */
+    td_interrupted = 1;
+    if (td__L) lua_sethook(td__L, td__stop_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
+    return;
+  }
   if (td__was_interrupted) td__on_alarm(sig);
   td__was_interrupted = 1;
   td_interrupted = 1;
@@ -112,6 +122,8 @@ static void td__open(lua_State *L) {
   lua_setfield(L, -2, "tide.core");
   lua_pushcfunction(L, luaopen_tide_rawbench);
   lua_setfield(L, -2, "tide.rawbench");
+  lua_pushcfunction(L, luaopen_tide_readline);
+  lua_setfield(L, -2, "tide.readline");
   /* Optional C modules linked into this binary (the gpu layer). */
   lua_CFunction tensor = (lua_CFunction)(uintptr_t)dlsym(RTLD_DEFAULT, "luaopen_tide_tensor");
   if (tensor) {
@@ -132,7 +144,7 @@ static int td__run(int argc, char **argv, int first, const char *script_override
   /* CLI options become tide.init defaults. */
   lua_newtable(L);
   int i = first;
-  for (; i < argc && !script_override; i++) {
+  for (; i < argc && (!script_override || td__repl); i++) {
     const char *a = argv[i];
     if (a[0] != '-' || !strcmp(a, "-")) break;
     if (!strcmp(a, "--")) { i++; break; }
@@ -294,6 +306,13 @@ int main(int argc, char **argv) {
     }
     if (argc >= 3 && !strcmp(argv[2], "status")) return td__serve_status(argc, argv);
     return td__usage_error("%s", "serve needs 'run' or 'status'");
+  }
+  if (!strcmp(cmd, "repl")) {
+    td__repl = 1;
+    char path[PATH_MAX + 32];
+    snprintf(path, sizeof(path), "%s/stdlib/tide/repl.lua", td__home);
+    /* Flags are parsed by td__run as for `tide run`. */
+    return td__run(argc, argv, 2, path);
   }
   if (!strcmp(cmd, "bench")) {
     char path[PATH_MAX + 32];

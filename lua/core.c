@@ -516,6 +516,14 @@ static int d_put(lua_State *L) {
   return 1;
 }
 
+/* core.state(ref) -> "pending" | "ready" | "failed" | "missing" (REPL display) */
+static int d_state(lua_State *L) {
+  static const char *names[] = {"pending", "ready", "failed", "missing"};
+  int st = td_node_state(td_ctx.node, td__checkref(L, 1));
+  lua_pushstring(L, names[st]);
+  return 1;
+}
+
 static int d_sleep(lua_State *L) {
   double deadline = td_now() + luaL_checknumber(L, 1);
   while (td_now() < deadline) td__pump(L, deadline);
@@ -1037,7 +1045,7 @@ int luaopen_tide_core(lua_State *L) {
     {"encode", c_encode}, {"decode", c_decode}, {NULL, NULL}};
   static const luaL_Reg driver[] = {
     {"get1", d_get1}, {"getn", d_getn}, {"wait", d_wait}, {"stream_next", d_stream_next},
-    {"put", d_put}, {"sleep", d_sleep}, {"pump", d_pump}, {"cancel", c_cancel}, {"kill", c_kill},
+    {"put", d_put}, {"sleep", d_sleep}, {"pump", d_pump}, {"state", d_state}, {"cancel", c_cancel}, {"kill", c_kill},
     {"get_actor", c_get_actor}, {"actor_state", c_actor_state}, {"pg_create", c_pg_create},
     {"pg_remove", c_pg_remove}, {"pg_lookup", c_pg_lookup}, {"resources", c_resources},
     {"stats", c_stats}, {"register_blob", c_register_blob}, {NULL, NULL}};
