@@ -1,0 +1,182 @@
+#!/bin/sh
+# `tide serve run` and `tide serve status` as a user runs them: the contract
+# app (examples/serve_app.lua) served in a subprocess, talked to with the
+# project's own HTTP client (tests/lua/httpc.lua run as a script) and, when
+# it is installed, with curl.  TAP output.
+cd "$(dirname "$0")/../.."
+P=18330
+P2=18331
+TIDE=bin/tide
+tmp=$(mktemp -d)
+n=0
+pids=""
+cleanup() {
+  for p in $pids; do kill "$p" 2>/dev/null; done
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+ok() { n=$((n + 1)); echo "ok $n - $1"; }
+notok() { n=$((n + 1)); echo "not ok $n - $1"; shift; for l in "$@"; do echo "# $l"; done; }
+check() {  # check NAME CMD...: ok when CMD succeeds
+  name=$1; shift
+  if "$@" >"$tmp/out" 2>&1; then ok "$name"; else notok "$name" "$(head -c 600 "$tmp/out")"; fi
+}
+# http METHOD PORT PATH [BODY]: prints the status line then the body.
+http() { $TIDE run tests/lua/httpc.lua "$@" 2>&1; }
+wait_healthz() {  # wait_healthz PORT LOG
+  i=0
+  while [ $i -lt 100 ]; do
+    if http GET "$1" /-/healthz 2>/dev/null | head -1 | grep -q '^200$'; then return 0; fi
+    i=$((i + 1)); sleep 0.2
+  done
+  return 1
+}
+# listening HEXADDR PORT: a LISTEN socket on that address (in /proc/net/tcp form).
+listening() {
+  hp=$(printf '%04X' "$2")
+  awk -v a="$1:$hp" '$2 == a && $4 == "0A" {f = 1} END {exit !f}' /proc/net/tcp
+}
+
+# -- Start the contract app ---------------------------------------------------------
+$TIDE serve run --port $P examples/serve_app.lua >"$tmp/serve.log" 2>&1 &
+spid=$!
+pids="$pids $spid"
+if wait_healthz $P; then ok "tide serve run examples/serve_app.lua answers /-/healthz"
+else notok "tide serve run examples/serve_app.lua answers /-/healthz" "$(cat "$tmp/serve.log")"; fi
+
+if grep -q "listening on http://127.0.0.1:$P" "$tmp/serve.log"; then ok "it logs the address it listens on"
+else notok "it logs the address it listens on" "$(cat "$tmp/serve.log")"; fi
+
+# -- The contract -----------------------------------------------------------------------
+out=$(http POST $P /echo '{"x": 1}')
+if [ "$(echo "$out" | head -1)" = 200 ] && echo "$out" | grep -q '"got":{"x":1}' &&
+   echo "$out" | grep -q '"method":"POST"'; then ok "POST /echo returns the JSON it got"
+else notok "POST /echo returns the JSON it got" "$out"; fi
+
+out=$(http GET $P /count)
+if [ "$out" = "$(printf '200\n1\n2\n3\n4\n5')" ]; then ok "GET /count streams 1..5"
+else notok "GET /count streams 1..5" "$out"; fi
+
+out=$(http POST $P /jobs/work '{"x": 21}')
+id=$(echo "$out" | sed -n 's/.*"id":"\([^"]*\)".*/\1/p')
+if [ "$(echo "$out" | head -1)" = 202 ] && [ -n "$id" ]; then ok "POST /jobs/work answers 202 with a job id"
+else notok "POST /jobs/work answers 202 with a job id" "$out"; fi
+
+i=0; job=""
+while [ $i -lt 50 ] && [ -n "$id" ]; do
+  job=$(http GET $P "/jobs/$id")
+  echo "$job" | grep -q '"status":"succeeded"' && break
+  i=$((i + 1)); sleep 0.2
+done
+if echo "$job" | grep -q '"status":"succeeded"' && echo "$job" | grep -q '"answer":42' &&
+   echo "$job" | grep -q '"progress":1'; then ok "GET /jobs/<id> resolves to succeeded with the result"
+else notok "GET /jobs/<id> resolves to succeeded with the result" "$job"; fi
+
+out=$(http DELETE $P /jobs/job-0000000000000000)
+if [ "$(echo "$out" | head -1)" = 404 ]; then ok "DELETE of an unknown job is a 404"
+else notok "DELETE of an unknown job is a 404" "$out"; fi
+
+out=$(http GET $P /nowhere)
+if [ "$(echo "$out" | head -1)" = 404 ]; then ok "unknown paths are 404"
+else notok "unknown paths are 404" "$out"; fi
+
+out=$(http GET $P /-/routes)
+if echo "$out" | grep -q '"\\*/echo":"echo"' && echo "$out" | grep -q 'jobs'; then ok "/-/routes lists the routes"
+else notok "/-/routes lists the routes" "$out"; fi
+
+# -- tide serve status ---------------------------------------------------------------------
+out=$($TIDE serve status --port $P 2>&1); rc=$?
+if [ $rc -eq 0 ] && echo "$out" | grep -q '"echo":{"route":"\\*/echo","replicas":2' &&
+   echo "$out" | grep -q '"count"' && echo "$out" | grep -q '"jobs"'; then
+  ok "tide serve status prints the deployments and their replicas"
+else notok "tide serve status prints the deployments and their replicas" "rc=$rc" "$out"; fi
+
+out=$($TIDE serve status --port 1 2>&1); rc=$?
+if [ $rc -eq 1 ] && echo "$out" | grep -q 'no serve ingress'; then
+  ok "tide serve status without a server exits 1 with a message"
+else notok "tide serve status without a server exits 1 with a message" "rc=$rc" "$out"; fi
+
+$TIDE serve >"$tmp/out" 2>&1; rc=$?
+if [ $rc -eq 2 ]; then ok "tide serve without a subcommand exits 2"
+else notok "tide serve without a subcommand exits 2" "rc=$rc" "$(cat "$tmp/out")"; fi
+
+$TIDE serve status --bogus >"$tmp/out" 2>&1; rc=$?
+if [ $rc -eq 2 ]; then ok "tide serve status with an unknown flag exits 2"
+else notok "tide serve status with an unknown flag exits 2" "rc=$rc" "$(cat "$tmp/out")"; fi
+
+# -- Safety: the address ------------------------------------------------------------------
+if [ -r /proc/net/tcp ]; then
+  if listening 0100007F $P && ! listening 00000000 $P; then ok "binds 127.0.0.1 by default"
+  else notok "binds 127.0.0.1 by default" "$(grep -i ":$(printf '%04X' $P) " /proc/net/tcp)"; fi
+else
+  ok "binds 127.0.0.1 by default # SKIP no /proc/net/tcp"
+fi
+
+# -- curl, when installed ----------------------------------------------------------------
+if command -v curl >/dev/null 2>&1; then
+  out=$(curl -s -m 10 -d '{"x": 2}' http://127.0.0.1:$P/echo)
+  c1=$(curl -s -m 10 -N http://127.0.0.1:$P/count)
+  jid=$(curl -s -m 10 -d '{"x": 5}' http://127.0.0.1:$P/jobs/work | sed -n 's/.*"id":"\([^"]*\)".*/\1/p')
+  sleep 0.5
+  j=$(curl -s -m 10 http://127.0.0.1:$P/jobs/$jid)
+  if echo "$out" | grep -q '"got":{"x":2}' && [ "$c1" = "$(printf '1\n2\n3\n4\n5')" ] &&
+     echo "$j" | grep -q '"answer":10'; then
+    ok "curl gets JSON, a stream of chunks, and a job result"
+  else notok "curl gets JSON, a stream of chunks, and a job result" "$out" "$c1" "$j"; fi
+else
+  ok "curl gets JSON, a stream of chunks, and a job result # SKIP curl not installed"
+fi
+
+# -- Stopping --------------------------------------------------------------------------------
+kill -INT $spid 2>/dev/null
+i=0
+while kill -0 $spid 2>/dev/null && [ $i -lt 50 ]; do i=$((i + 1)); sleep 0.1; done
+if kill -0 $spid 2>/dev/null; then notok "SIGINT stops tide serve run" "still running after 5 s"
+else
+  wait $spid; rc=$?
+  if [ $rc -eq 130 ]; then ok "SIGINT stops tide serve run (exit 130)"
+  else notok "SIGINT stops tide serve run (exit 130)" "rc=$rc" "$(tail -5 "$tmp/serve.log")"; fi
+fi
+if ! http GET $P /-/healthz >/dev/null 2>&1; then ok "the port is closed afterwards"
+else notok "the port is closed afterwards"; fi
+
+# -- --host 0.0.0.0 -----------------------------------------------------------------------
+$TIDE serve run --host 0.0.0.0 --port $P2 examples/serve_app.lua >"$tmp/serve2.log" 2>&1 &
+spid2=$!
+pids="$pids $spid2"
+if wait_healthz $P2 && [ -r /proc/net/tcp ] && listening 00000000 $P2; then
+  ok "--host 0.0.0.0 listens on every interface"
+elif [ ! -r /proc/net/tcp ]; then ok "--host 0.0.0.0 listens on every interface # SKIP no /proc/net/tcp"
+else notok "--host 0.0.0.0 listens on every interface" "$(cat "$tmp/serve2.log")"; fi
+kill -TERM $spid2 2>/dev/null
+i=0
+while kill -0 $spid2 2>/dev/null && [ $i -lt 50 ]; do i=$((i + 1)); sleep 0.1; done
+if kill -0 $spid2 2>/dev/null; then notok "SIGTERM stops tide serve run" "still running after 5 s"
+else ok "SIGTERM stops tide serve run"; fi
+
+# -- Errors in the app ------------------------------------------------------------------
+cat >"$tmp/bad.lua" <<'EOF'
+local serve = require("tide.serve")
+serve.run({serve.deployment{name = "x", bogus = true, call = function() end}})
+EOF
+timeout 30 $TIDE serve run --port $P2 "$tmp/bad.lua" >"$tmp/out" 2>&1; rc=$?
+if [ $rc -eq 1 ] && grep -q "unknown key 'bogus'" "$tmp/out"; then
+  ok "an app with a bad deployment exits 1 naming the problem"
+else notok "an app with a bad deployment exits 1 naming the problem" "rc=$rc" "$(head -5 "$tmp/out")"; fi
+
+$TIDE serve run --port $P2 >"$tmp/out" 2>&1; rc=$?
+if [ $rc -eq 2 ]; then ok "tide serve run without an app exits 2"
+else notok "tide serve run without an app exits 2" "rc=$rc" "$(head -5 "$tmp/out")"; fi
+
+# Two servers on one port: the second fails clearly.
+$TIDE serve run --port $P2 examples/serve_app.lua >"$tmp/serve3.log" 2>&1 &
+spid3=$!
+pids="$pids $spid3"
+wait_healthz $P2
+timeout 30 $TIDE serve run --port $P2 examples/serve_app.lua >"$tmp/out" 2>&1; rc=$?
+if [ $rc -eq 1 ] && grep -qi "cannot listen" "$tmp/out"; then ok "a port in use is an error naming the port"
+else notok "a port in use is an error naming the port" "rc=$rc" "$(head -5 "$tmp/out")"; fi
+kill -TERM $spid3 2>/dev/null
+
+echo "1..$n"
