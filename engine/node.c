@@ -1162,7 +1162,9 @@ int td_node_submit(td_node_t *n, const td_spec_t *s, const char **msg) {
   }
   t->state = T_QUEUED;
   tq_push(&n->queue, t);
-  td__sched(n);
+  /* Only a task at the head can start now; others wait their turn (the
+   * next pump schedules the rest), so submitting stays O(1). */
+  if (n->queue.len == 1) td__sched(n);
   return 0;
 }
 
@@ -1821,6 +1823,7 @@ static void td__wk_input(td_node_t *n, td_wk_t *wk) {
 }
 
 void td_node_pump(td_node_t *n, double timeout) {
+  td__sched(n);
   td_node_flush(n);
   double now = td_now();
   for (td_req_t *r = n->reqs; r; r = r->next)

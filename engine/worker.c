@@ -710,9 +710,7 @@ static void td__send_results(lua_State *L, td_co_t *c) {
     td_ser_t *s = &td_ctx.ser;
     if (i > n) lua_pushnil(co);
     else lua_pushvalue(co, i);
-    char what[32];
-    snprintf(what, sizeof(what), "return value %d", i);
-    int rc = td_ser_value(s, co, -1, what);
+    int rc = td_ser_value(s, co, -1, c->nret == 1 ? "return value" : "a return value");
     if (!rc) rc = td_core_put_value(s, &td__out);
     lua_pop(co, 1);
     if (rc) {
@@ -771,8 +769,8 @@ static void td__resume(td_co_t *c, int nargs) {
   td__cur = c;
   td_ctx.cur_task = c->task_id;
   td_ctx.cur_actor = a ? a->id : 0;
-  snprintf(td_ctx.cur_name, sizeof(td_ctx.cur_name), "%s", c->name);
-  snprintf(td_ctx.gpu_ids, sizeof(td_ctx.gpu_ids), "%s", c->gpus);
+  memcpy(td_ctx.cur_name, c->name, sizeof(td_ctx.cur_name));
+  memcpy(td_ctx.gpu_ids, c->gpus, sizeof(td_ctx.gpu_ids));
   td_ctx.cur_streaming = c->nret < 0;
   /* Actors share processes: their env_vars are set only while they run. */
   if (a && a->envlen) td__set_env(a->env, a->envlen, 1);
@@ -844,8 +842,11 @@ static td_co_t *td__co_new(lua_State *L, td_actor_st_t *a, uint64_t task_id, int
   c->actor = a;
   c->task_id = task_id;
   c->nret = nret;
-  snprintf(c->name, sizeof(c->name), "%s", name);
-  if (a) snprintf(c->gpus, sizeof(c->gpus), "%s", a->gpus);
+  size_t l = strlen(name);
+  if (l > sizeof(c->name) - 1) l = sizeof(c->name) - 1;
+  memcpy(c->name, name, l);
+  c->name[l] = 0;
+  if (a) memcpy(c->gpus, a->gpus, sizeof(c->gpus));
   return c;
 }
 
@@ -873,7 +874,9 @@ static void td__on_task(const uint8_t *p, uint32_t len) {
   if (rd.bad) _exit(2);
   lua_State *L = td__task_L;
   char nm[128];
-  snprintf(nm, sizeof(nm), "%.*s", (int)nl, name);
+  if (nl > sizeof(nm) - 1) nl = sizeof(nm) - 1;
+  memcpy(nm, name, nl);
+  nm[nl] = 0;
   if (td__load_fn(L, fn_id, blob, bl)) {
     td__send_error_msg(L, task_id, "TaskError", lua_tostring(L, -1));
     lua_pop(L, 1);
@@ -885,7 +888,7 @@ static void td__on_task(const uint8_t *p, uint32_t len) {
     return;
   }
   td_co_t *c = td__co_new(L, NULL, task_id, nret, nm);
-  snprintf(c->gpus, sizeof(c->gpus), "%s", gpus);
+  memcpy(c->gpus, gpus, sizeof(c->gpus));
   lua_xmove(L, c->co, 1);
   int deperr = 0;
   int nargs = td__push_args(c->co, &rd, &deperr);

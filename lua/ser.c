@@ -42,8 +42,13 @@ static void td__push_id(uint64_t **v, int *n, int *cap, uint64_t id) {
 
 /* Records an error naming the value's place: `what, field "a.b"`. */
 static int td__ser_fail(td_ser_t *s, const char *what, const char *fmt, const char *arg) {
-  char msg[256];
+  char msg[256], whatbuf[48];
   snprintf(msg, sizeof(msg), fmt, arg);
+  /* Argument names are formatted only when something fails. */
+  if (!what) {
+    snprintf(whatbuf, sizeof(whatbuf), "argument %d", s->argi);
+    what = whatbuf;
+  }
   if (s->path.len)
     snprintf(s->err, sizeof(s->err), "%s (%s, field \"%.*s\")", msg, what,
              (int)s->path.len, (const char *)s->path.p);
@@ -305,9 +310,8 @@ int td_ser_args(td_ser_t *s, lua_State *L, int first, int n) {
       td__push_id(&s->deps, &s->ndeps, &s->capdeps, id);
       continue;
     }
-    char what[32];
-    snprintf(what, sizeof(what), "argument %d", i + 1);
-    rc = td__ser(s, L, idx, what);
+    s->argi = i + 1;
+    rc = td__ser(s, L, idx, NULL);
   }
   lua_settop(L, s->seen - 1);
   td__ser_finish(s);

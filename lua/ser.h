@@ -43,6 +43,7 @@ typedef struct td_ser {
   td_buf_t path;      /* where we are, for error messages */
   char err[512];      /* set when encoding fails */
   int depth;
+  int argi;           /* with what == NULL: "argument <argi>" in errors */
   int seen;           /* stack index of the seen-tables table */
   int nseen;
 } td_ser_t;
