@@ -53,7 +53,7 @@ test: all build/ctest build/ctest-asan $(TEST_DEPS)
 demo: all
 	bin/tide run examples/quickstart.lua
 
-bench: all
+bench: all build/bench-http
 	bin/tide bench
 
 lint:

@@ -246,3 +246,47 @@ if wanted("actors_100k") then
   m("actor_memory", (rss - before) / N / 1024, "KiB/actor", nil, {actors = N, worker_rss_mib = rss / 1048576})
   for i = 1, N, math.max(1, math.floor(N / 10)) do assert(tide.get(handles[i]:get()) == 1) end
 end
+
+-- Serving: GET /hello and POST /echo (JSON decoded and encoded again by a
+-- Lua replica), driven by the closed-loop client in bench/http.
+if wanted("http") then
+  local home = os.getenv("TIDE_HOME")
+  local client = home .. "/build/bench-http"
+  local f = io.open(client, "r")
+  if not f then
+    io.stderr:write("tide bench: " .. client .. " is missing (make build/bench-http); skipping http\n")
+  else
+    f:close()
+    local serve = require("tide.serve")
+    local hello = serve.deployment{name = "hello", route = "/hello", num_replicas = 1,
+      call = function() return "ok" end}
+    local echo = serve.deployment{name = "echo", route = "/echo", num_replicas = 1,
+      call = function(_, req) return req.json end}
+    local port = serve.run({hello, echo}, {port = 18950, blocking = false})
+    local function load(name, path, post)
+      local out = os.tmpname()
+      local cmd = string.format("(%s --url http://127.0.0.1:%d%s -c 32 -d %g %s > %s 2>&1; echo END >> %s) &",
+        client, port, path, 3 * SCALE, post and ("--post '" .. post .. "'") or "", out, out)
+      os.execute(cmd)
+      local text
+      repeat
+        serve.poll(0.2)
+        local h = io.open(out, "r")
+        text = h and h:read("*a") or ""
+        if h then h:close() end
+      until text:find("END")
+      os.remove(out)
+      for line in text:gmatch("[^\n]+") do
+        local ok, rec = pcall(cjson.decode, line)
+        if ok and type(rec) == "table" and rec.value then
+          m(name, rec.value, "req/s", nil, {p50_ms = rec.p50_ms, p99_ms = rec.p99_ms, errors = rec.errors})
+          return
+        end
+      end
+      io.stderr:write("tide bench: no result from the HTTP client: " .. text .. "\n")
+    end
+    load("http_get_hello", "/hello")
+    load("http_post_echo_json", "/echo", '{"user":"tide","items":[1,2,3],"note":"benchmark body"}')
+    serve.shutdown()
+  end
+end
