@@ -125,6 +125,25 @@ local Resp = serve.deployment{
       error(serve.response{status = 403, body = {error = "forbidden"}})
     elseif k == "/nil" then
       return nil
+    elseif k == "/nocontent" then
+      return serve.response{status = 204}
+    elseif k == "/big" then
+      return string.rep("0123456789abcdef", 5 * 65536) -- 5 MiB
+    elseif k == "/utf8" then
+      return {s = "h\195\169llo \226\156\147", got = req.json}
+    elseif k == "/taskfail" then
+      return tide.get(tide.remote(function() error("inner task failure") end):remote())
+    elseif k == "/midfail" then
+      return serve.stream(function(send) send("a"); send("b"); error("boom mid-stream") end)
+    elseif k == "/earlyfail" then
+      return serve.stream(function() error("boom before the first chunk") end)
+    elseif k == "/midfail-slow" then
+      return serve.stream(function(send)
+        send("a"); tide.sleep(0.1); send("b"); tide.sleep(0.1); error("boom mid-stream")
+      end)
+    elseif k == "/hang" then
+      tide.sleep(0.5)
+      return "late"
     end
     return serve.response{status = 400, body = {error = "unknown case " .. k}}
   end,
@@ -438,6 +457,87 @@ t.test("handler errors: 500 JSON with the message; error(serve.response{...}) as
   t.ok(r.boom.json and r.boom.json.error:find("handler exploded", 1, true), r.boom.body)
   t.eq(r.resp.status, 403)
   t.deep_eq(r.resp.json, {error = "forbidden"})
+end)
+
+t.test("responses: 204 without a body, a 5 MiB body, UTF-8 JSON, HEAD", function()
+  local r = run(function(httpc, p)
+    local c = httpc.connect(p)
+    local out = {nocontent = c:get("/resp/nocontent"), big = c:get("/resp/big"),
+      utf8 = c:post("/resp/utf8", {json = {u = "\195\188"}}), head = c:request("HEAD", "/resp/text")}
+    out.after_head = c:get("/resp/text")
+    c:close()
+    return out
+  end)
+  t.eq(r.nocontent.status, 204)
+  t.eq(r.nocontent.body, "")
+  t.eq(r.big.status, 200)
+  t.eq(#r.big.body, 5 * 1024 * 1024)
+  t.eq(r.big.body:sub(1, 16), "0123456789abcdef")
+  t.deep_eq(r.utf8.json, {s = "h\195\169llo \226\156\147", got = {u = "\195\188"}})
+  t.eq(r.head.status, 200)
+  t.eq(r.head.headers["content-length"], tostring(#"plain text"))
+  t.eq(r.head.body, "", "no body for HEAD")
+  t.eq(r.after_head.body, "plain text", "the connection is still in sync after HEAD")
+end)
+
+t.test("handler errors: a failed task inside a handler gives a readable 500", function()
+  local r = run(function(httpc, p) return httpc.get(p, "/resp/taskfail") end)
+  t.eq(r.status, 500)
+  t.ok(r.json and r.json.error:find("inner task failure", 1, true), r.body)
+end)
+
+-- Reads a streamed response until the server ends or cuts it.
+local function read_stream(httpc, p, path)
+  local c = httpc.connect(p)
+  c:send_raw(httpc.format_request("GET", path))
+  local ok, head = pcall(c.read_head, c, {timeout = 5})
+  if not ok then c:close(); return {err = head} end
+  local got, finished = {}, false
+  local ok2, err = pcall(function()
+    while true do
+      local d = c:read_chunk({timeout = 5})
+      if not d then finished = true; break end
+      got[#got + 1] = d
+    end
+  end)
+  c:close()
+  return {status = head.status, chunks = got, finished = finished, err = not ok2 and err or nil}
+end
+
+t.test("streaming: a generator that fails after sending (with pauses) truncates the response", function()
+  local r = run(function(httpc, p) return read_stream(httpc, p, "/resp/midfail-slow") end)
+  t.eq(r.status, 200, tostring(r.err))
+  t.deep_eq(r.chunks, {"a", "b"})
+  t.eq(r.finished, false, "no terminating chunk: the client can tell the stream failed")
+end)
+
+t.test("streaming: a generator that fails right after sending still delivers what it sent", function()
+  local r = run(function(httpc, p) return read_stream(httpc, p, "/resp/midfail") end)
+  t.eq(r.status, 200, "the status line and headers arrive: " .. tostring(r.err))
+  t.deep_eq(r.chunks, {"a", "b"})
+  t.eq(r.finished, false, "no terminating chunk")
+end)
+
+t.test("streaming: a generator that fails before sending anything is seen as failed", function()
+  local r = run(function(httpc, p) return read_stream(httpc, p, "/resp/earlyfail") end)
+  t.ok(r.err or (r.status >= 500) or not r.finished,
+    "a 5xx or a truncated stream, not a clean empty 200")
+  local after = run(function(httpc, p) return httpc.get(p, "/resp/text") end)
+  t.eq(after.body, "plain text")
+end)
+
+t.test("a client that leaves before its response does not leak an ongoing request", function()
+  local r = run(function(httpc, p)
+    local c = httpc.connect(p)
+    c:send_raw(httpc.format_request("GET", "/resp/hang"))
+    tide.sleep(0.1)
+    c:close()
+    tide.sleep(0.6)
+    return httpc.get(p, "/-/status").json.deployments.resp
+  end)
+  t.eq(r.ongoing, 0)
+  local after = run(function(httpc, p) return httpc.get(p, "/resp/text") end)
+  t.eq(after.body, "plain text")
 end)
 
 t.test("methods: handlers chosen by HTTP method; others get 405", function()
