@@ -13,6 +13,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
 #include <netdb.h>
 #include <sys/socket.h>
 
@@ -24,6 +29,7 @@ int luaopen_tide_readline(lua_State *L);
 static lua_State *td__L;
 static int td__serving;  /* tide serve run: --host/--port are allowed */
 static int td__repl;     /* tide repl: Ctrl-C interrupts, never exits */
+static int td__statuscmd; /* tide status: flags are parsed */
 static char td__home[PATH_MAX];
 static char td__exe[PATH_MAX];
 
@@ -37,6 +43,12 @@ static const char td__usage[] =
   "                         serve the deployments APP.lua declares (serve.run)\n"
   "  tide serve status [--port P] [--host H]\n"
   "                         print the deployments of a running `tide serve run`\n"
+  "  tide start --head [--block] [resource flags]\n"
+  "                         run a node in the background (--block: foreground)\n"
+  "  tide stop | tide status [--address A]\n"
+  "                         stop it; print its resources, workers, actors, tasks, objects\n"
+  "  tide run --address local SCRIPT / tide repl --address local\n"
+  "                         attach a driver or a REPL to the running node\n"
   "  tide repl [resource flags]\n"
   "                         interactive Lua with tide loaded, on an embedded cluster\n"
   "  tide bench [NAME...] [--json]\n"
@@ -135,16 +147,14 @@ static void td__open(lua_State *L) {
 
 /* -- tide run --------------------------------------------------------------------- */
 
-static int td__run(int argc, char **argv, int first, const char *script_override) {
-  lua_State *L = luaL_newstate();
-  td__L = L;
-  td_ctx.is_driver = 1;
-  td_ser_init(&td_ctx.ser);
-  td__open(L);
-  /* CLI options become tide.init defaults. */
+static int td__resolve_address(const char *a, char *out, size_t n);
+
+/* Parses option flags from argv[first]; sets registry tide.cli_opts.
+ * Returns -1 to go on (with *next at the first non-option), or an exit code. */
+static int td__parse_flags(lua_State *L, int argc, char **argv, int first, int *next) {
   lua_newtable(L);
   int i = first;
-  for (; i < argc && (!script_override || td__repl); i++) {
+  for (; i < argc; i++) {
     const char *a = argv[i];
     if (a[0] != '-' || !strcmp(a, "-")) break;
     if (!strcmp(a, "--")) { i++; break; }
@@ -172,6 +182,40 @@ static int td__run(int argc, char **argv, int first, const char *script_override
   lua_pushstring(L, td__exe);
   lua_setfield(L, -2, "exe");
   lua_setfield(L, LUA_REGISTRYINDEX, "tide.cli_opts");
+  if (next) *next = i;
+  return -1;
+}
+
+static int td__run(int argc, char **argv, int first, const char *script_override) {
+  lua_State *L = luaL_newstate();
+  td__L = L;
+  td_ctx.is_driver = 1;
+  td_ser_init(&td_ctx.ser);
+  td__open(L);
+  /* CLI options become tide.init defaults. */
+  int i = first;
+  if (!script_override || td__repl || td__statuscmd) {
+    int rc = td__parse_flags(L, argc, argv, first, &i);
+    if (rc >= 0) return rc;
+  } else {
+    td__parse_flags(L, 0, argv, 0, NULL);
+  }
+  /* --address (or TIDE_ADDRESS): attach to a running node instead. */
+  lua_getfield(L, LUA_REGISTRYINDEX, "tide.cli_opts");
+  lua_getfield(L, -1, "address");
+  const char *addr = lua_tostring(L, -1);
+  if (!addr) addr = getenv("TIDE_ADDRESS");
+  if (addr) {
+    char path[PATH_MAX], err[512];
+    if (td__resolve_address(addr, path, sizeof(path))) return 2;
+    if (td_client_connect(path, err, sizeof(err))) {
+      fprintf(stderr, "tide: %s\n", err);
+      return 1;
+    }
+    lua_pushnil(L);
+    lua_setfield(L, -3, "address");
+  }
+  lua_pop(L, 2);
   const char *script = script_override;
   if (!script) {
     if (i >= argc) return td__usage_error("%s", "run needs a SCRIPT");
@@ -228,9 +272,189 @@ static int td__run(int argc, char **argv, int first, const char *script_override
   if (td_ctx.node) {
     td_node_pump(td_ctx.node, 0);
     td_node_destroy(&td_ctx.node);
+  } else if (td_ctx.ch.fd >= 0 && !td_ctx.is_driver) {
+    /* An attached driver gives back every reference it still holds. */
+    lua_close(L);
+    L = NULL;
+    td_core_flush_refs();
+    td_chan_flush_all(&td_ctx.ch);
   }
   td__L = NULL;
   return rc;
+}
+
+/* -- Node daemon ---------------------------------------------------------------
+ * `tide start --head` runs the node in the background (or in the
+ * foreground with --block) with its socket, pid and log in one session
+ * directory, mode 0700: only this user can attach. Drivers and REPLs attach
+ * with --address (the socket path, or "local" for this user's session). */
+
+static void td__session_dir(char *out, size_t n) {
+  const char *d = getenv("TIDE_SESSION_DIR");
+  if (d) snprintf(out, n, "%s", d);
+  else snprintf(out, n, "/tmp/tide-%d", (int)getuid());
+}
+
+/* Resolves --address to a socket path; returns 0 or prints why not. */
+static int td__resolve_address(const char *a, char *out, size_t n) {
+  if (!strcmp(a, "local") || !strcmp(a, "auto") || !*a) {
+    char dir[PATH_MAX - 16];
+    td__session_dir(dir, sizeof(dir));
+    snprintf(out, n, "%s/node.sock", dir);
+    return 0;
+  }
+  if (strchr(a, '/')) {
+    snprintf(out, n, "%s", a);
+    return 0;
+  }
+  fprintf(stderr, "tide: address %s: only this machine's node can be attached to for now "
+                  "(--address local, or the node.sock path `tide start --head` printed)\n", a);
+  return -1;
+}
+
+static volatile sig_atomic_t td__stop_daemon;
+static void td__on_term(int sig) { (void)sig; td__stop_daemon = 1; }
+static int td__listen_fd = -1;
+
+static void td__on_accept(void *ud) {
+  (void)ud;
+  int fd = accept4(td__listen_fd, NULL, NULL, SOCK_CLOEXEC);
+  if (fd >= 0) td_node_add_client(td_ctx.node, fd);
+}
+
+static int td__read_pid(const char *dir) {
+  char path[PATH_MAX + 16];
+  snprintf(path, sizeof(path), "%s/node.pid", dir);
+  FILE *f = fopen(path, "r");
+  int pid = 0;
+  if (f) {
+    if (fscanf(f, "%d", &pid) != 1) pid = 0;
+    fclose(f);
+  }
+  return pid > 0 && kill(pid, 0) == 0 ? pid : 0;
+}
+
+static int td__start(int argc, char **argv) {
+  int head = 0, block = 0;
+  char dir[PATH_MAX], sock[PATH_MAX + 16], pidf[PATH_MAX + 16], logf[PATH_MAX + 16];
+  td__session_dir(dir, sizeof(dir));
+  /* Resource flags are parsed by the same code as tide run. */
+  char *rest[64];
+  int nrest = 0;
+  rest[nrest++] = argv[0];
+  rest[nrest++] = "start";
+  for (int i = 2; i < argc && nrest < 62; i++) {
+    if (!strcmp(argv[i], "--head")) head = 1;
+    else if (!strcmp(argv[i], "--block")) block = 1;
+    else if (!strcmp(argv[i], "--address"))
+      return td__usage_error("%s", "joining another node (--address) needs multi-node support, which "
+                                   "is not built yet; start a single node with --head");
+    else rest[nrest++] = argv[i];
+  }
+  if (!head) return td__usage_error("%s", "start needs --head");
+  if (mkdir(dir, 0700) != 0 && errno != EEXIST) {
+    fprintf(stderr, "tide: cannot create %s: %s\n", dir, strerror(errno));
+    return 1;
+  }
+  chmod(dir, 0700);
+  int running = td__read_pid(dir);
+  if (running) {
+    fprintf(stderr, "tide: a node is already running here (pid %d); `tide stop` stops it\n", running);
+    return 1;
+  }
+  snprintf(sock, sizeof(sock), "%s/node.sock", dir);
+  snprintf(pidf, sizeof(pidf), "%s/node.pid", dir);
+  snprintf(logf, sizeof(logf), "%s/node.log", dir);
+  if (!block) {
+    pid_t pid = fork();
+    if (pid < 0) return 1;
+    if (pid > 0) {
+      for (int i = 0; i < 100; i++) {
+        struct stat st;
+        if (stat(sock, &st) == 0) {
+          printf("tide: node started (pid %d), session %s\n", (int)pid, dir);
+          printf("attach with:\n  bin/tide run --address local SCRIPT.lua\n  bin/tide repl --address local\n"
+                 "  bin/tide status\nstop with:\n  bin/tide stop\n");
+          return 0;
+        }
+        int st2;
+        if (waitpid(pid, &st2, WNOHANG) == pid) break;
+        usleep(50000);
+      }
+      fprintf(stderr, "tide: the node did not start; see %s\n", logf);
+      return 1;
+    }
+    setsid();
+    int lf = open(logf, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+    if (lf >= 0) { dup2(lf, 1); dup2(lf, 2); close(lf); }
+    int nf = open("/dev/null", O_RDONLY);
+    if (nf >= 0) { dup2(nf, 0); close(nf); }
+  }
+  FILE *f = fopen(pidf, "w");
+  if (f) { fprintf(f, "%d\n", (int)getpid()); fclose(f); }
+  /* Start the node through the same Lua path as tide run, without a script. */
+  lua_State *L = luaL_newstate();
+  td_ctx.is_driver = 1;
+  td_ser_init(&td_ctx.ser);
+  td__open(L);
+  int rc = td__parse_flags(L, nrest, rest, 2, NULL);
+  if (rc >= 0) { unlink(pidf); return rc; }
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "tide");
+  if (lua_pcall(L, 1, 1, 0) != 0 || (lua_getfield(L, -1, "_start"), lua_pcall(L, 0, 0, 0)) != 0) {
+    fprintf(stderr, "tide: %s\n", lua_tostring(L, -1));
+    unlink(pidf);
+    return 2;
+  }
+  unlink(sock);
+  struct sockaddr_un sa;
+  memset(&sa, 0, sizeof(sa));
+  sa.sun_family = AF_UNIX;
+  if (strlen(sock) >= sizeof(sa.sun_path)) {
+    fprintf(stderr, "tide: session path too long for a socket: %s\n", sock);
+    return 1;
+  }
+  memcpy(sa.sun_path, sock, strlen(sock) + 1);
+  td__listen_fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (td__listen_fd < 0 || bind(td__listen_fd, (struct sockaddr *)&sa, sizeof(sa)) != 0 ||
+      listen(td__listen_fd, 64) != 0) {
+    fprintf(stderr, "tide: cannot listen on %s: %s\n", sock, strerror(errno));
+    unlink(pidf);
+    return 1;
+  }
+  chmod(sock, 0600);
+  signal(SIGTERM, td__on_term);
+  signal(SIGINT, td__on_term);
+  signal(SIGHUP, SIG_IGN);
+  signal(SIGPIPE, SIG_IGN);
+  td_node_watch_fd(td_ctx.node, td__listen_fd, td__on_accept, NULL, NULL);
+  printf("tide: node listening on %s\n", sock);
+  fflush(stdout);
+  while (!td__stop_daemon) {
+    td_core_flush_refs();
+    td_node_pump(td_ctx.node, 0.5);
+  }
+  printf("tide: node stopping\n");
+  td_node_destroy(&td_ctx.node);
+  close(td__listen_fd);
+  unlink(sock);
+  unlink(pidf);
+  return 0;
+}
+
+static int td__stop(void) {
+  char dir[PATH_MAX];
+  td__session_dir(dir, sizeof(dir));
+  int pid = td__read_pid(dir);
+  if (!pid) {
+    fprintf(stderr, "tide: no node is running in %s\n", dir);
+    return 1;
+  }
+  kill(pid, SIGTERM);
+  for (int i = 0; i < 100 && kill(pid, 0) == 0; i++) usleep(50000);
+  if (kill(pid, 0) == 0) kill(pid, SIGKILL);
+  printf("tide: stopped the node (pid %d)\n", pid);
+  return 0;
 }
 
 /* tide serve status: asks a running ingress for /-/status. */
@@ -299,6 +523,17 @@ int main(int argc, char **argv) {
     return 0;
   }
   if (!strcmp(cmd, "run")) return td__run(argc, argv, 2, NULL);
+  if (!strcmp(cmd, "start")) return td__start(argc, argv);
+  if (!strcmp(cmd, "stop")) return td__stop();
+  if (!strcmp(cmd, "status")) {
+    char path[PATH_MAX + 32];
+    snprintf(path, sizeof(path), "%s/stdlib/tide/status.lua", td__home);
+    td__statuscmd = 1;
+    int has_addr = 0;
+    for (int k = 2; k < argc; k++) has_addr |= !strcmp(argv[k], "--address");
+    if (!has_addr && !getenv("TIDE_ADDRESS")) setenv("TIDE_ADDRESS", "local", 1);
+    return td__run(argc, argv, 2, path);
+  }
   if (!strcmp(cmd, "serve")) {
     if (argc >= 3 && !strcmp(argv[2], "run")) {
       td__serving = 1;

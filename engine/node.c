@@ -25,7 +25,7 @@
 enum { OBJ_PENDING, OBJ_READY, OBJ_ERROR };
 enum { LOC_NONE, LOC_INLINE, LOC_SHM, LOC_SPILLED };
 enum { T_WAITDEPS, T_QUEUED, T_SENT, T_DONE };
-enum { WK_TASK, WK_HOST, WK_GPUHOST };
+enum { WK_TASK, WK_HOST, WK_GPUHOST, WK_CLIENT };
 enum { A_PENDING, A_ALIVE, A_RESTARTING, A_DEAD };
 
 typedef struct td_task td_task_t;
@@ -109,6 +109,7 @@ struct td_actor {
   td_task_t *create;     /* the creation task, kept for restarts */
   int state;             /* A_* */
   td_wk_t *host;
+  uint64_t owner;        /* client that created it (0: the node's driver) */
   int restarts_left;
   int res_held;
   td_tq_t queue;         /* calls not sent yet, in order */
@@ -1325,11 +1326,13 @@ uint64_t td_node_pg_lookup(td_node_t *n, const char *name) {
 void td_node_stats(td_node_t *n, td_node_stats_t *st) {
   memset(st, 0, sizeof(*st));
   for (int i = 0; i < n->nwks; i++) {
-    if (n->wks[i]->dead) continue;
+    if (n->wks[i]->dead || n->wks[i]->kind == WK_CLIENT) continue;
     st->workers++;
     st->tasks_running += n->wks[i]->inflight.len;
   }
-  st->actors = (int)n->actors.len;
+  size_t it = 0;
+  td_actor_t *a;
+  while (td_map_next(&n->actors, &it, NULL, (void **)&a)) st->actors += a->state != A_DEAD;
   st->tasks_queued = n->queue.len;
   st->objects = n->objs.len;
   st->store_used = td_store_used(n->store);
@@ -1578,7 +1581,12 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
       int rc = td_spec_decode(&s, &rd, &scratch);
       if (!rc) {
         const char *msg;
-        if (td_node_submit(n, &s, &msg) != 0) {
+        int sub = td_node_submit(n, &s, &msg);
+        if (sub == 0 && s.kind == TD_K_ACTOR_NEW) {
+          td_actor_t *na = td_map_get(&n->actors, s.actor_id);
+          if (na) na->owner = wk->id;
+        }
+        if (sub != 0) {
           /* The submitter already holds handles: fail them clearly. */
           td__errblob(&n->tmp, s.kind == TD_K_ACTOR_CALL ? "ActorDiedError" : "TaskError", msg);
           uint32_t nr = s.nret < 0 ? 1 : (uint32_t)s.nret;
@@ -1737,7 +1745,15 @@ static void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why) {
   int st = 0;
   char reason[256];
   pid_t r = 0;
-  for (int i = 0; i < 200 && (r = waitpid(wk->pid, &st, WNOHANG)) == 0; i++) usleep(1000);
+  for (int i = 0; wk->pid > 0 && i < 200 && (r = waitpid(wk->pid, &st, WNOHANG)) == 0; i++) usleep(1000);
+  if (wk->kind == WK_CLIENT) {
+    /* A driver that leaves takes its non-detached actors with it. */
+    size_t it2 = 0;
+    td_actor_t *oa;
+    while (td_map_next(&n->actors, &it2, NULL, (void **)&oa))
+      if (oa->owner == wk->id && oa->state != A_DEAD && oa->create && !oa->create->spec.detached)
+        td_node_kill_actor(n, oa->id, 1);
+  }
   if (r == wk->pid && WIFSIGNALED(st))
     snprintf(reason, sizeof(reason), "worker process %d was killed by signal %d", (int)wk->pid, WTERMSIG(st));
   else if (r == wk->pid && WIFEXITED(st))
@@ -1808,14 +1824,14 @@ static void td__wk_input(td_node_t *n, td_wk_t *wk) {
     if (td__on_msg(n, wk, type, p, len) != 0) {
       fprintf(stderr, "tide: malformed message (type %u) from worker %d; stopping it\n",
               (unsigned)type, (int)wk->pid);
-      kill(wk->pid, SIGKILL);
+      if (wk->pid > 0) kill(wk->pid, SIGKILL);
       td__wk_dead(n, wk, "sent a malformed message");
       return;
     }
     if (wk->dead) return;
   }
   if (got < 0) {
-    kill(wk->pid, SIGKILL);
+    if (wk->pid > 0) kill(wk->pid, SIGKILL);
     td__wk_dead(n, wk, "sent a malformed frame");
     return;
   }
@@ -1866,6 +1882,44 @@ void td_node_pump(td_node_t *n, double timeout) {
   td__sched(n);
   if (n->ext_tick) n->ext_tick(n->ext_ud);
   td_node_flush(n);
+}
+
+int td_node_add_client(td_node_t *n, int fd) {
+  /* The store fd goes first, beside one byte, as SCM_RIGHTS. */
+  char byte = 'T';
+  struct iovec iov = {&byte, 1};
+  char ctl[CMSG_SPACE(sizeof(int))];
+  memset(ctl, 0, sizeof(ctl));
+  struct msghdr mh = {0};
+  mh.msg_iov = &iov;
+  mh.msg_iovlen = 1;
+  mh.msg_control = ctl;
+  mh.msg_controllen = sizeof(ctl);
+  struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+  cm->cmsg_level = SOL_SOCKET;
+  cm->cmsg_type = SCM_RIGHTS;
+  cm->cmsg_len = CMSG_LEN(sizeof(int));
+  int sfd = td_store_fd(n->store);
+  memcpy(CMSG_DATA(cm), &sfd, sizeof(int));
+  if (sendmsg(fd, &mh, MSG_NOSIGNAL) != 1) { close(fd); return TD_EIO; }
+  td_wk_t *wk = td_xcalloc(1, sizeof(*wk));
+  wk->id = ++n->next_wk;
+  wk->pid = 0;
+  wk->kind = WK_CLIENT;
+  td_chan_init(&wk->ch, fd);
+  td_map_init(&wk->fns_sent);
+  if (n->nwks == n->capwks) {
+    n->capwks = n->capwks ? n->capwks * 2 : 16;
+    n->wks = td_xrealloc(n->wks, (size_t)n->capwks * sizeof(td_wk_t *));
+  }
+  n->wks[n->nwks++] = wk;
+  td_chan_begin(&wk->ch, TD_M_HELLO);
+  td_buf_u64(&wk->ch.out, wk->id);
+  td_buf_u64(&wk->ch.out, n->inline_max);
+  td_chan_end(&wk->ch);
+  td_chan_flush(&wk->ch);
+  td_log("client %llu attached", (unsigned long long)wk->id);
+  return 0;
 }
 
 void td_node_watch_fd(td_node_t *n, int fd, td_node_cb on_readable, td_node_cb on_tick, void *ud) {
@@ -1921,10 +1975,11 @@ void td_node_set_rpc(td_node_t *n, td_rpc_cb cb, void *ud) {
 void td_node_destroy(td_node_t **np) {
   td_node_t *n = *np;
   if (!n) return;
-  for (int i = 0; i < n->nwks; i++) kill(n->wks[i]->pid, SIGKILL);
+  for (int i = 0; i < n->nwks; i++)
+    if (n->wks[i]->pid > 0) kill(n->wks[i]->pid, SIGKILL);
   for (int i = 0; i < n->nwks; i++) {
     td_wk_t *wk = n->wks[i];
-    waitpid(wk->pid, NULL, 0);
+    if (wk->pid > 0) waitpid(wk->pid, NULL, 0);
     td_chan_close(&wk->ch);
     td_map_free(&wk->fns_sent);
     free(wk);

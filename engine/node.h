@@ -48,6 +48,9 @@ void td_node_flush(td_node_t *n);
  * it is readable, and a callback after every pump. */
 typedef void (*td_node_cb)(void *ud);
 void td_node_watch_fd(td_node_t *n, int fd, td_node_cb on_readable, td_node_cb on_tick, void *ud);
+/* Adopts a connected client (a driver or REPL attached to this node over
+ * a Unix socket): sends it the store fd and its id. Returns 0 or an error. */
+int td_node_add_client(td_node_t *n, int fd);
 /* Replies to a worker request (payload is copied). */
 void td_node_reply(td_node_t *n, td_wk_t *wk, uint32_t req, const void *p, size_t len);
 

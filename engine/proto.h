@@ -17,6 +17,7 @@ enum {
   TD_M_ACTOR_KILL,     /* destroy an actor */
   TD_M_REPLY,          /* reply to a worker request: u32 req_id, payload */
   TD_M_CANCEL,         /* interrupt a running task: u64 task_id */
+  TD_M_HELLO,          /* to a client: u64 its id, u64 inline_max (store fd sent before) */
   /* worker -> node */
   TD_M_READY = 20,     /* u32 pid */
   TD_M_DONE,           /* task or call finished */

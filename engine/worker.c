@@ -13,10 +13,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 
 #include "core.h"
 
-enum { WK_TASK, WK_HOST, WK_GPUHOST };
+enum { WK_TASK, WK_HOST, WK_GPUHOST, WK_CLIENT };
 
 typedef struct td_frame {
   uint8_t type;
@@ -96,7 +98,13 @@ static void td__read(int timeout_ms) {
   struct pollfd pfd = {td_ctx.ch.fd, POLLIN, 0};
   int r = poll(&pfd, 1, timeout_ms);
   if (r < 0 && errno != EINTR) _exit(0);
-  if (r > 0 && td_chan_read(&td_ctx.ch)) _exit(0);
+  if (r > 0 && td_chan_read(&td_ctx.ch)) {
+    if (td_ctx.kind == WK_CLIENT) {
+      fprintf(stderr, "tide: lost the connection to the node\n");
+      _exit(1);
+    }
+    _exit(0);
+  }
   td__last_read = td_now();
 }
 
@@ -1189,6 +1197,75 @@ static void td__dispatch(uint8_t type, const uint8_t *p, uint32_t len) {
     }
     default: _exit(2);
   }
+}
+
+/* -- Clients ---------------------------------------------------------------------
+ * A driver or REPL attached to a running node (`tide start --head`) uses
+ * the worker side of the bindings: its calls become messages to the node.
+ */
+int td_client_connect(const char *path, char *err, size_t errlen) {
+  struct sockaddr_un sa;
+  memset(&sa, 0, sizeof(sa));
+  sa.sun_family = AF_UNIX;
+  if (strlen(path) >= sizeof(sa.sun_path)) {
+    snprintf(err, errlen, "socket path too long: %s", path);
+    return -1;
+  }
+  strcpy(sa.sun_path, path);
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof(sa)) != 0) {
+    snprintf(err, errlen, "cannot connect to the node at %s: %s (is `tide start --head` running?)", path,
+             strerror(errno));
+    if (fd >= 0) close(fd);
+    return -1;
+  }
+  char byte;
+  struct iovec iov = {&byte, 1};
+  char ctl[CMSG_SPACE(sizeof(int))];
+  struct msghdr mh = {0};
+  mh.msg_iov = &iov;
+  mh.msg_iovlen = 1;
+  mh.msg_control = ctl;
+  mh.msg_controllen = sizeof(ctl);
+  int storefd = -1;
+  if (recvmsg(fd, &mh, 0) == 1) {
+    struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+    if (cm && cm->cmsg_type == SCM_RIGHTS) memcpy(&storefd, CMSG_DATA(cm), sizeof(int));
+  }
+  if (storefd < 0) {
+    snprintf(err, errlen, "the node at %s did not send its object store", path);
+    close(fd);
+    return -1;
+  }
+  memset(&td_ctx, 0, sizeof(td_ctx));
+  td_ctx.kind = WK_CLIENT;
+  td_chan_init(&td_ctx.ch, fd);
+  td_ctx.base = td_store_map(storefd, &td_ctx.cap);
+  close(storefd);
+  td_map_init(&td_ctx.lrefs);
+  td_map_init(&td__actors);
+  td_map_init(&td__waiting);
+  td_map_init(&td__blobs);
+  td_ser_init(&td_ctx.ser);
+  td_buf_init(&td__out);
+  for (;;) {
+    uint8_t type;
+    const uint8_t *p;
+    uint32_t len;
+    int got = td_chan_next(&td_ctx.ch, &type, &p, &len);
+    if (got == 1 && type == TD_M_HELLO && len >= 16) {
+      memcpy(&td_ctx.wk_id, p, 8);
+      uint64_t im;
+      memcpy(&im, p + 8, 8);
+      td_ctx.inline_max = (size_t)im;
+      return 0;
+    }
+    if (got != 0) break;
+    struct pollfd pfd = {fd, POLLIN, 0};
+    if (poll(&pfd, 1, 5000) <= 0 || td_chan_read(&td_ctx.ch)) break;
+  }
+  snprintf(err, errlen, "the node at %s did not greet this client", path);
+  return -1;
 }
 
 int td_worker_main(int argc, char **argv) {

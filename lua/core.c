@@ -1069,6 +1069,8 @@ int luaopen_tide_core(lua_State *L) {
   }
   lua_pushboolean(L, td_ctx.is_driver);
   lua_setfield(L, -2, "is_driver");
+  lua_pushboolean(L, !td_ctx.is_driver && td_ctx.kind == 3);
+  lua_setfield(L, -2, "is_client");
   lua_pushnumber(L, (lua_Number)td_ctx.wk_id);
   lua_setfield(L, -2, "worker_id");
   lua_pushnumber(L, (lua_Number)td_ctx.inline_max);

@@ -183,6 +183,15 @@ local function start(level)
 end
 
 function M.init(opts)
+  if core.is_client then
+    -- Attached to a running node (tide run --address): it is already up.
+    for k in pairs(opts or {}) do
+      if k ~= "address" and k ~= "namespace" then
+        error("tide.init: '" .. tostring(k) .. "' is fixed by the running node this driver is attached to", 2)
+      end
+    end
+    return
+  end
   if not core.is_driver then error("tide.init can only be called in the driver script", 2) end
   check_opts(opts, INIT_OPTS, "tide.init", 2)
   if started and used then error("tide.init: the cluster is already running", 2) end

@@ -1,0 +1,69 @@
+#!/bin/sh
+# tide start --head / status / run --address / repl --address / stop:
+# a node daemon in its own session directory, drivers and a REPL attached
+# to it, detached actors outliving their driver, non-detached ones not.
+cd "$(dirname "$0")/../.."
+T=bin/tide
+n=0
+ok() { n=$((n + 1)); echo "ok $n - $1"; }
+no() { n=$((n + 1)); echo "not ok $n - $1"; [ -n "$2" ] && echo "# $2"; }
+check() { if eval "$2"; then ok "$1"; else no "$1" "$3"; fi; }
+export TIDE_SESSION_DIR=$(mktemp -d /tmp/tide-cluster-test-XXXXXX)
+rmdir "$TIDE_SESSION_DIR"
+W=$(mktemp -d /tmp/tide-cluster-work-XXXXXX)
+trap '$T stop >/dev/null 2>&1; rm -rf "$W" "$TIDE_SESSION_DIR"' EXIT
+
+out=$($T start --head --num-cpus 2 2>&1)
+check "start --head starts a node in the background" '[ $? -eq 0 ] && echo "$out" | grep -q "node started"' "$out"
+check "the session directory is private (0700)" '[ "$(stat -c %a "$TIDE_SESSION_DIR")" = 700 ]'
+check "the node socket is private (0600)" '[ "$(stat -c %a "$TIDE_SESSION_DIR/node.sock")" = 600 ]'
+out=$($T start --head 2>&1)
+check "a second start is refused while one runs" '[ $? -ne 0 ] && echo "$out" | grep -q "already running"' "$out"
+
+cat > "$W/drv.lua" <<'LUA'
+local tide = require("tide")
+local sq = tide.remote(function(x) return x * x end)
+local Keep = tide.actor({init = function(s) s.n = 0 end, incr = function(s) s.n = s.n + 1; return s.n end})
+local k = Keep:options({name = "keep", lifetime = "detached"}):remote()
+local t = Keep:options({name = "temp"}):remote()
+print("RESULT", tide.get(sq:remote(12)), tide.get(k:incr()), tide.get(t:incr()),
+  #tide.get(tide.put(string.rep("x", 300000))))
+LUA
+out=$($T run --address local "$W/drv.lua" 2>&1)
+check "a driver attached with --address runs tasks, actors and large objects" \
+  'echo "$out" | grep -q "RESULT	144	1	1	300000"' "$out"
+
+cat > "$W/drv2.lua" <<'LUA'
+local tide = require("tide")
+print("KEEP", tide.get(tide.get_actor("keep"):incr()))
+print("TEMP", pcall(tide.get_actor, "temp"))
+LUA
+out=$($T run --address local "$W/drv2.lua" 2>&1)
+check "a detached actor outlives the driver that made it" 'echo "$out" | grep -q "KEEP	2"' "$out"
+check "a non-detached actor ends with its driver" 'echo "$out" | grep -q "TEMP	false"' "$out"
+
+out=$(printf 'x = tide.get(tide.get_actor("keep"):incr())\nx * 10\n:status\n' | $T repl --address local 2>&1)
+check "a REPL attached to the node drives it" 'echo "$out" | grep -q "^30$"' "$out"
+check "the REPL :status shows the node" 'echo "$out" | grep -q "actors"' "$out"
+
+out=$($T status 2>&1)
+check "tide status prints resources and counts" \
+  'echo "$out" | grep -q "CPU" && echo "$out" | grep -q "actors 1"' "$out"
+
+out=$($T run --address /nonexistent/node.sock "$W/drv2.lua" 2>&1)
+check "attaching to no node fails clearly" '[ $? -ne 0 ] && echo "$out" | grep -q "cannot connect"' "$out"
+out=$($T run --address 10.0.0.1:6380 "$W/drv2.lua" 2>&1)
+check "a TCP address is refused clearly (multi-node is not built yet)" '[ $? -eq 2 ] && echo "$out" | grep -q "only this machine"' "$out"
+
+pid=$(cat "$TIDE_SESSION_DIR/node.pid")
+out=$($T stop 2>&1)
+sleep 0.3
+check "tide stop stops the node" '! kill -0 $pid 2>/dev/null' "$out"
+check "no node worker is left after stop" '! pgrep -f "tide-worker" -P $pid >/dev/null 2>&1'
+check "the socket and pid files are removed" '[ ! -e "$TIDE_SESSION_DIR/node.sock" ] && [ ! -e "$TIDE_SESSION_DIR/node.pid" ]'
+out=$($T status 2>&1)
+check "status without a node says so" '[ $? -ne 0 ] && echo "$out" | grep -q "cannot connect"' "$out"
+
+out=$(timeout 10 $T start --head --block --num-cpus 1 > "$W/fg.log" 2>&1 & sleep 1.5; $T status 2>&1; $T stop 2>&1)
+check "start --block runs in the foreground and answers" 'echo "$out" | grep -q "CPU"' "$out"
+echo "1..$n"
