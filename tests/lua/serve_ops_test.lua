@@ -146,6 +146,13 @@ local app = {
       return {}
     end),
   },
+  serve.deployment{
+    name = "victim", route = "/victim", num_replicas = 2,
+    call = function(self, req)
+      tide.sleep(tonumber(req.query.s) or 0)
+      return {actor_id = tide.get_runtime_context().actor_id}
+    end,
+  },
   version(1),
   jobs_version(1),
 }
@@ -274,6 +281,53 @@ t.test("replica death: an idempotent GET is retried on another replica", functio
   t.eq(r.status, 200, r.body)
   t.ok(r.json and r.json.actor_id ~= died, "answered by the other replica")
   t.ok(poll_until(function() return live_replicas("die2") == 2 end, 10), "two live replicas again")
+end)
+
+-- Kills (tide.kill) the replica of `name` that has a request in flight.
+-- The replicas' handles are kept by the serve state actor.
+local function kill_busy_replica(name)
+  local busy
+  assert(poll_until(function()
+    for _, rep in ipairs(serve.status()[name].replicas) do
+      if rep.ongoing > 0 and not rep.draining then busy = rep.id; return true end
+    end
+  end, 10), "no request in flight")
+  local state = tide.get_actor("tide.serve.state", {namespace = "serve"})
+  for _, h in ipairs(tide.get(state:replicas(name))) do
+    if h._id == busy then tide.kill(h); return busy end
+  end
+  error("no handle for replica " .. tostring(busy))
+end
+
+t.test("replica killed mid-request: a GET is retried on the other replica", function()
+  local ref = client(function(httpc, p) return httpc.get(p, "/victim?s=1") end):remote(PORT)
+  local killed = kill_busy_replica("victim")
+  local r = await(ref)
+  t.eq(r.status, 200, r.body)
+  t.ok(r.json.actor_id ~= killed, "answered by the other replica")
+end)
+
+t.test("replica killed mid-request: a POST fails with 503 and a JSON ActorDiedError", function()
+  t.ok(poll_until(function() return live_replicas("victim") == 2 end, 10), "two live replicas first")
+  local ref = client(function(httpc, p) return httpc.post(p, "/victim?s=1", {json = {}}) end):remote(PORT)
+  local killed = kill_busy_replica("victim")
+  local r = await(ref)
+  t.eq(r.status, 503, r.body)
+  t.eq(r.json and r.json.kind, "ActorDiedError", r.body)
+  t.ok(type(r.json.error) == "string" and #r.json.error > 0, r.body)
+  t.ok(poll_until(function()
+    local n, s = live_replicas("victim")
+    if n ~= 2 then return false end
+    for _, rep in ipairs(s.replicas) do if rep.id == killed then return false end end
+    return true
+  end, 10), "the killed replica was replaced")
+  local after = run(function(httpc, p)
+    local out = {}
+    for i = 1, 4 do out[i] = httpc.post(p, "/victim", {json = {}}).status end
+    return out
+  end)
+  t.deep_eq(after, {200, 200, 200, 200})
+  t.ok(serve.status().victim.errors >= 1, "the failure is counted")
 end)
 
 t.test("redeploy: the in-flight request finishes on the old version, new ones reach the new", function()
