@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <linux/futex.h>
 #include <poll.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -38,7 +39,12 @@ struct td_ring_shm {
   char *data;         /* n * n * cap bytes */
 };
 
-#define TD__SPINS 4000
+/* Waiting for a peer: spin briefly (the peer is usually on another core
+ * and about to publish), then yield the CPU a while (a peer that shares
+ * our core, as on a loaded or oversubscribed machine, gets to run at once),
+ * then sleep on the futex. */
+#define TD__SPINS 256
+#define TD__YIELDS 512
 
 static void td__futex_wait(uint32_t *addr, uint32_t seen) {
   struct timespec ts = {0, 2 * 1000 * 1000}; /* re-check every 2 ms regardless */
@@ -103,6 +109,8 @@ static int td__shm_send(void *ctx, int peer, const void *buf, size_t len) {
     for (int spins = 0; head - tail == s->cap; spins++) {
       if (spins < TD__SPINS) {
         td__relax();
+      } else if (spins < TD__SPINS + TD__YIELDS) {
+        sched_yield();
       } else {
         uint32_t seen = __atomic_load_n(&c->tail_seq, __ATOMIC_ACQUIRE);
         __atomic_store_n(&c->writer_waiting, 1, __ATOMIC_SEQ_CST);
@@ -137,6 +145,8 @@ static int64_t td__shm_peek(void *ctx, int peer, const void **ptr, size_t len) {
   for (int spins = 0; head == tail; spins++) {
     if (spins < TD__SPINS) {
       td__relax();
+    } else if (spins < TD__SPINS + TD__YIELDS) {
+      sched_yield();
     } else {
       uint32_t seen = __atomic_load_n(&c->head_seq, __ATOMIC_ACQUIRE);
       __atomic_store_n(&c->reader_waiting, 1, __ATOMIC_SEQ_CST);
