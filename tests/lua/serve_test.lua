@@ -693,6 +693,7 @@ t.test("limits: a body over 1 MiB gets 413, huge headers 431, a huge URL 414", f
       .. string.rep("x", 1000))
     local ok, resp = pcall(c.read_response, c, {timeout = 5})
     out.announced = ok and resp.status or tostring(resp)
+    out.announced_json = ok and resp.json
     c:close()
     -- Send it all (the server may stop reading once it has answered).
     c = httpc.connect(p)
@@ -717,6 +718,7 @@ t.test("limits: a body over 1 MiB gets 413, huge headers 431, a huge URL 414", f
     return out
   end)
   t.eq(r.announced, 413)
+  t.ok(r.announced_json and r.announced_json.error, "413 has a JSON error body")
   t.eq(r.sent, 413)
   t.eq(r.chunked, 413)
   t.eq(r.headers, 431)
