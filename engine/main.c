@@ -124,25 +124,19 @@ static int td__traceback(lua_State *L) {
 
 static void td__open(lua_State *L) {
   luaL_openlibs(L);
-  lua_getglobal(L, "package");
-  lua_pushfstring(L, "%s/stdlib/?.lua;%s/stdlib/?/init.lua;./?.lua;", td__home, td__home);
-  lua_getfield(L, -2, "path");
-  lua_concat(L, 2);
-  lua_setfield(L, -2, "path");
-  lua_getfield(L, -1, "preload");
-  lua_pushcfunction(L, luaopen_tide_core);
-  lua_setfield(L, -2, "tide.core");
+  td_core_setup_paths(L, td__home);
   lua_pushcfunction(L, luaopen_tide_rawbench);
   lua_setfield(L, -2, "tide.rawbench");
   lua_pushcfunction(L, luaopen_tide_readline);
   lua_setfield(L, -2, "tide.readline");
-  /* Optional C modules linked into this binary (the gpu layer). */
-  lua_CFunction tensor = (lua_CFunction)(uintptr_t)dlsym(RTLD_DEFAULT, "luaopen_tide_tensor");
-  if (tensor) {
-    lua_pushcfunction(L, tensor);
-    lua_setfield(L, -2, "tide.tensor");
-  }
-  lua_pop(L, 2);
+  lua_pop(L, 1);
+  /* Scripts next to the caller can be required too. */
+  lua_getglobal(L, "package");
+  lua_getfield(L, -1, "path");
+  lua_pushliteral(L, ";./?.lua");
+  lua_concat(L, 2);
+  lua_setfield(L, -2, "path");
+  lua_pop(L, 1);
 }
 
 /* -- tide run --------------------------------------------------------------------- */

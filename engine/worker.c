@@ -452,25 +452,7 @@ static lua_State *td__newstate(int actor) {
   } else {
     luaL_openlibs(L);
   }
-  lua_getglobal(L, "package");
-  lua_pushfstring(L, "%s/stdlib/?.lua;%s/stdlib/?/init.lua;", td__home, td__home);
-  lua_getfield(L, -2, "path");
-  lua_concat(L, 2);
-  lua_setfield(L, -2, "path");
-  lua_getfield(L, -1, "preload");
-  lua_pushcfunction(L, luaopen_tide_core);
-  lua_setfield(L, -2, "tide.core");
-  /* Optional C modules linked into the binary (the gpu layer). */
-  static lua_CFunction tensor;
-  static int looked;
-  if (!looked) {
-    tensor = (lua_CFunction)(uintptr_t)dlsym(RTLD_DEFAULT, "luaopen_tide_tensor");
-    looked = 1;
-  }
-  if (tensor) {
-    lua_pushcfunction(L, tensor);
-    lua_setfield(L, -2, "tide.tensor");
-  }
+  td_core_setup_paths(L, td__home);
   if (actor) {
     /* The debug and jit libraries some modules require by name. */
     lua_pushcfunction(L, luaopen_debug);
@@ -484,7 +466,7 @@ static lua_State *td__newstate(int actor) {
     lua_pushcfunction(L, luaopen_ffi);
     lua_setfield(L, -2, "ffi");
   }
-  lua_pop(L, 2);
+  lua_pop(L, 1);
   if (actor) {
     lua_pushcfunction(L, td__c_loadfn);
     lua_setfield(L, LUA_REGISTRYINDEX, TD_HOOK_LOADFN);
@@ -583,6 +565,17 @@ static int td__argref(void *ud, lua_State *L, uint64_t id) {
 static void td__mkref(void *ud, lua_State *L, uint64_t id) {
   (void)ud;
   td_core_pushref(L, id, 0);
+}
+
+/* Reads a GPU id list as "0,1,...". */
+static void td__read_gpus(td_rd_t *rd, char *out, size_t cap) {
+  uint32_t ng = td_rd_u32(rd);
+  size_t o = 0;
+  out[0] = 0;
+  for (uint32_t i = 0; i < ng && i < 16; i++) {
+    uint32_t g = td_rd_u32(rd);
+    if (o + 12 < cap) o += (size_t)snprintf(out + o, cap - o, i ? ",%u" : "%u", g);
+  }
 }
 
 /* Skips one wire value. */
@@ -871,10 +864,9 @@ static void td__on_task(const uint8_t *p, uint32_t len) {
   uint32_t nl, el;
   const uint8_t *name = td_rd_str(&rd, &nl);
   const uint8_t *env = td_rd_str(&rd, &el);
-  uint32_t ng = td_rd_u32(&rd);
-  char gpus[128] = "";
-  for (uint32_t i = 0, o = 0; i < ng && i < 16 && o < 110; i++)
-    o += (uint32_t)snprintf(gpus + o, sizeof(gpus) - o, i ? ",%u" : "%u", td_rd_u32(&rd));
+  char gpus[128];
+  td__read_gpus(&rd, gpus, sizeof(gpus));
+  int ng = gpus[0] != 0;
   uint8_t has_fn = td_rd_u8(&rd);
   const uint8_t *blob = NULL;
   uint32_t bl = 0;
@@ -1016,10 +1008,8 @@ static void td__on_actor_new(const uint8_t *p, uint32_t len) {
   uint32_t mc = td_rd_u32(&rd);
   uint32_t incarnation = td_rd_u32(&rd);
   const uint8_t *env = td_rd_str(&rd, &el);
-  uint32_t ng = td_rd_u32(&rd);
-  char gpus[128] = "";
-  for (uint32_t i = 0, o = 0; i < ng && i < 16 && o < 110; i++)
-    o += (uint32_t)snprintf(gpus + o, sizeof(gpus) - o, i ? ",%u" : "%u", td_rd_u32(&rd));
+  char gpus[128];
+  td__read_gpus(&rd, gpus, sizeof(gpus));
   uint8_t has = td_rd_u8(&rd);
   const uint8_t *blob = NULL;
   uint32_t bl = 0;

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
+#include <dlfcn.h>
 
 td_ctx_t td_ctx;
 
@@ -1076,6 +1077,31 @@ int luaopen_tide_core(lua_State *L) {
   lua_pushnumber(L, (lua_Number)td_ctx.inline_max);
   lua_setfield(L, -2, "inline_max");
   return 1;
+}
+
+/* Puts $home/stdlib on package.path and preloads tide.core and the
+ * optional C modules linked into the binary (the gpu layer). Leaves
+ * package.preload on the stack for the caller's own additions. */
+void td_core_setup_paths(lua_State *L, const char *home) {
+  static lua_CFunction tensor;
+  static int looked;
+  lua_getglobal(L, "package");
+  lua_pushfstring(L, "%s/stdlib/?.lua;%s/stdlib/?/init.lua;", home, home);
+  lua_getfield(L, -2, "path");
+  lua_concat(L, 2);
+  lua_setfield(L, -2, "path");
+  lua_getfield(L, -1, "preload");
+  lua_remove(L, -2);
+  lua_pushcfunction(L, luaopen_tide_core);
+  lua_setfield(L, -2, "tide.core");
+  if (!looked) {
+    tensor = (lua_CFunction)(uintptr_t)dlsym(RTLD_DEFAULT, "luaopen_tide_tensor");
+    looked = 1;
+  }
+  if (tensor) {
+    lua_pushcfunction(L, tensor);
+    lua_setfield(L, -2, "tide.tensor");
+  }
 }
 
 /* Sets up the driver's private RPC state once the node exists. */

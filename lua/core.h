@@ -42,6 +42,8 @@ typedef struct td_ctx {
 extern td_ctx_t td_ctx;
 
 int luaopen_tide_core(lua_State *L);
+/* package.path and preloads for a new state; leaves package.preload pushed. */
+void td_core_setup_paths(lua_State *L, const char *home);
 /* Applies (driver) or sends (worker) reference changes queued by __gc. */
 void td_core_flush_refs(void);
 /* Pushes an ObjectRef for id. `owned`: the caller already holds the
