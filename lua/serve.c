@@ -79,7 +79,9 @@ static td_replica_t *td__pick(td_dep_t *d, uint64_t avoid) {
   }
   if (!c[0]) return NULL;
   if (!c[1]) return c[0];
-  return c[0]->ongoing <= c[1]->ongoing ? c[0] : c[1];
+  if (c[0]->ongoing != c[1]->ongoing) return c[0]->ongoing < c[1]->ongoing ? c[0] : c[1];
+  S.rng = S.rng * 1103515245u + 12345u;
+  return c[(S.rng >> 16) & 1];  /* ties broken at random, so idle replicas share */
 }
 
 static td_dep_t *td__route(const char *path, size_t len) {

@@ -213,6 +213,12 @@ function M._handle(self, req, call, methods, jobs)
   local ok, res = xpcall(handler, debug.traceback, self, req)
   if not ok then
     if type(res) == "table" and getmetatable(res) == Response then return send_result(res) end
+    -- os.exit in a lightweight actor ends the replica: let it through.
+    if type(res) == "table" and rawget(res, "__tide_exit") then error(res, 0) end
+    if type(res) == "table" then
+      local okj, enc = pcall(cjson.encode, res)
+      res = okj and enc or tostring(res)
+    end
     return send_error(500, tostring(res))
   end
   return send_result(res)
