@@ -2,16 +2,16 @@
 -- bible-kjv-text), on the CPU, in a few minutes; saves a checkpoint, loads it
 -- back and prints a sample from the untrained and from the trained model.
 --
---   tide run examples/train_tiny_gpt.lua [steps=600] [checkpoint path]
+--   tide run examples/train_tiny_gpt.lua [steps=1200] [checkpoint path]
 local GPT = require("tide.nn.gpt")
 local D = require("tide.nn.data")
 local tok = require("tide.nn.tokenizer").byte_level()
 
-local steps = tonumber(arg and arg[1]) or 600
+local steps = tonumber(arg and arg[1]) or 1200
 local ckpt = (arg and arg[2]) or ((os.getenv("TMPDIR") or "/tmp") .. "/tide_tiny_gpt.safetensors")
 local B, CTX = 16, 64
 local config = {vocab_size = tok.vocab_size, n_layer = 4, n_head = 4, n_embd = 128, block_size = CTX}
-local LR, WARMUP, MIN_LR = 2e-3, 30, 2e-4
+local LR, WARMUP, MIN_LR = 3e-3, 30, 3e-4
 
 local text = assert(D.bible_kjv())
 local train, valid = D.split(text, 0.05)
