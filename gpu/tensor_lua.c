@@ -21,10 +21,9 @@
 #include "nccl.h"
 #include "ops.h"
 #include "tensor.h"
+#include "tensor_lua.h"
 
 #define TD__MT "tide.tensor"
-
-int luaopen_tide_tensor(lua_State *L);
 
 /* -- Boxes, errors, GC pressure -------------------------------------------- */
 
@@ -73,13 +72,12 @@ static td_tensor_t *td__push(lua_State *L, td_tensor_t *t) {
   b->t = t;
   luaL_getmetatable(L, TD__MT);
   lua_setmetatable(L, -2);
-  if (td_tensor_device(t) == TD_CPU) {
-    td__pressure += td_tensor_nbytes(t);
-    size_t live = td_tensor_host_bytes();
-    if (td__pressure > TD__PRESSURE_MIN && td__pressure > live) {
-      td__pressure = 0;
-      lua_gc(L, LUA_GCCOLLECT, 0);
-    }
+  /* Device tensors count too: their memory is as invisible to the GC. */
+  td__pressure += td_tensor_nbytes(t);
+  size_t live = td_tensor_host_bytes();
+  if (td__pressure > TD__PRESSURE_MIN && td__pressure > live) {
+    td__pressure = 0;
+    lua_gc(L, LUA_GCCOLLECT, 0);
   }
   return t;
 }
@@ -1809,6 +1807,47 @@ static const luaL_Reg td__funcs[] = {
     {"nccl_unique_id", td_l_nccl_unique_id},
     {"nccl_comm", td_l_nccl_comm},
     {NULL, NULL}};
+
+/* Boxes t in a new userdata without a metatable check (td__push's core). */
+static void td__box_new(lua_State *L, td_tensor_t *t) {
+  td__box_t *b = lua_newuserdata(L, sizeof(*b));
+  b->t = t;
+  luaL_getmetatable(L, TD__MT);
+  lua_setmetatable(L, -2);
+}
+
+#define TD__PUSHED "tide.tensor.pushed" /* registry slot for td__push_p */
+
+/* Under lua_cpcall: makes the box (and the metatables if needed) and parks
+ * it in the registry, so a memory error cannot lose t. */
+static int td__push_p(lua_State *L) {
+  td_tensor_t *t = lua_touserdata(L, 1);
+  luaL_getmetatable(L, TD__MT);
+  int have = !lua_isnil(L, -1);
+  lua_pop(L, 1);
+  if (!have) {
+    luaopen_tide_tensor(L);
+    lua_pop(L, 1);
+  }
+  td__box_new(L, t);
+  lua_setfield(L, LUA_REGISTRYINDEX, TD__PUSHED);
+  return 0;
+}
+
+void td_tensor_lua_push(lua_State *L, td_tensor_t *t) {
+  if (lua_cpcall(L, td__push_p, t) != 0) {
+    td_tensor_free(&t); /* clean up, then raise the error left on the stack */
+    lua_error(L);
+  }
+  lua_getfield(L, LUA_REGISTRYINDEX, TD__PUSHED);
+  lua_pushnil(L);
+  lua_setfield(L, LUA_REGISTRYINDEX, TD__PUSHED);
+}
+
+td_tensor_t *td_tensor_lua_to(lua_State *L, int idx) {
+  if (!td__is_tensor(L, idx)) return NULL;
+  return ((td__box_t *)lua_touserdata(L, idx))->t;
+}
 
 int luaopen_tide_tensor(lua_State *L) {
   luaL_newmetatable(L, TD__MT);

@@ -4,8 +4,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <lauxlib.h>
+#include <lualib.h>
+
 #include "device.h"
 #include "tensor.h"
+#include "tensor_lua.h"
 #include "test.h"
 
 static td_tensor_t *iota(int ndim, const int64_t *shape) {
@@ -182,5 +186,25 @@ TEST_IMPL(tensor_devices_without_gpu) {
   ASSERT(g == NULL);
   ASSERT_EQ(td_tensor_empty(&g, TD_F32, 0, 1, shape), rc);
   td_tensor_free(&t);
+  return 0;
+}
+
+TEST_IMPL(tensor_lua_push) {
+  /* C code (the object store) hands a tensor to Lua and gets it back. */
+  lua_State *L = luaL_newstate();
+  luaL_openlibs(L);
+  int64_t shape[2] = {2, 3};
+  td_tensor_t *t = NULL;
+  ASSERT_EQ(td_tensor_zeros(&t, TD_F32, TD_CPU, 2, shape), 0);
+  ((float *)td_tensor_data(t))[5] = 4.5f;
+  td_tensor_lua_push(L, t); /* the module is not opened yet */
+  ASSERT(td_tensor_lua_to(L, -1) == t);
+  lua_setglobal(L, "x");
+  ASSERT_EQ(luaL_dostring(L, "assert(x:get(2, 3) == 4.5); assert(x:shape()[2] == 3);"
+                             "y = x:view({6})"), 0);
+  lua_pushnumber(L, 1);
+  ASSERT(td_tensor_lua_to(L, -1) == NULL);
+  lua_pop(L, 1);
+  lua_close(L); /* __gc frees x and y */
   return 0;
 }
