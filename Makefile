@@ -47,6 +47,18 @@ build/ctest-asan: $(CTEST_SRCS) $(SRCS) tests/c/test-list.h
 	$(CC) $(CFLAGS) $(ASAN) -O1 -Itests/c $(LDFLAGS) -o $@ $(CTEST_SRCS) \
 	  $(filter-out engine/main.c,$(SRCS)) $(EXTRA_OBJS) $(LDLIBS)
 
+# libFuzzer target over the node's message handling and the value decoder.
+ifneq ($(shell command -v clang 2>/dev/null),)
+TEST_DEPS += build/fuzz-node
+endif
+NODE_FUZZ_SRCS := tests/fuzz/fuzz_node.c engine/node.c engine/util.c engine/store.c engine/chan.c \
+                  engine/proto.c lua/ser.c
+build/fuzz-node: $(NODE_FUZZ_SRCS) $(wildcard engine/*.h lua/*.h)
+	@mkdir -p build
+	clang -g -O1 -std=gnu11 -D_GNU_SOURCE -Wall -Wextra -Werror -fsanitize=fuzzer,address,undefined \
+	  -fno-sanitize-recover=undefined -Iengine -Ilua $(shell pkg-config --cflags luajit) \
+	  -o $@ $(NODE_FUZZ_SRCS) $(shell pkg-config --libs luajit) -lm
+
 test: all build/ctest build/ctest-asan $(TEST_DEPS)
 	@sh tests/run.sh
 
@@ -62,3 +74,4 @@ lint:
 
 clean:
 	rm -rf build bin/tide
+

@@ -40,7 +40,7 @@ typedef struct td_obj {
   uint8_t *data;         /* inline bytes or error blob, owned */
   size_t len;            /* value size */
   size_t off;            /* shm or spill offset */
-  int32_t refs;          /* handles, in-flight holds, containment */
+  int64_t refs;          /* handles, in-flight holds, containment */
   int32_t pins;          /* readers that must not see it move */
   uint64_t *contained;   /* refs this value holds, owned */
   uint32_t ncontained;
@@ -92,6 +92,7 @@ struct td_wk {
   int gpus[16], ngpus;
   td_map_t fns_sent;     /* function ids this worker has */
   int exit_status;
+  td_map_t allocs;       /* shm extents lent by TD_M_ALLOC: off+1 -> len */
   int nslow;             /* inflight tasks not known to be short */
   double last_done;      /* when its last task finished */
 };
@@ -169,6 +170,7 @@ struct td_node {
   td_buf_t tmp;
   struct pollfd *pfds;
   int cappfds;
+  int no_workers;        /* opts.no_workers */
   int ext_fd;            /* extension fd (-1: none) */
   td_node_cb ext_read, ext_tick;
   void *ext_ud;
@@ -465,6 +467,7 @@ int td_node_stream_item(td_node_t *n, uint64_t stream, uint32_t idx, uint64_t *i
 uint64_t td_wk_id(const td_wk_t *wk) { return wk->id; }
 
 static td_wk_t *td__spawn(td_node_t *n, int kind, const int *gpus, int ngpus) {
+  if (n->no_workers) return NULL;
   int sv[2];
   if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) return NULL;
   uint64_t id = ++n->next_wk;
@@ -499,6 +502,7 @@ static td_wk_t *td__spawn(td_node_t *n, int kind, const int *gpus, int ngpus) {
   wk->kind = kind;
   td_chan_init(&wk->ch, sv[0]);
   td_map_init(&wk->fns_sent);
+  td_map_init(&wk->allocs);
   wk->ngpus = ngpus;
   memcpy(wk->gpus, gpus, (size_t)ngpus * sizeof(int));
   if (n->nwks == n->capwks) {
@@ -1435,8 +1439,9 @@ static void td__req_add(td_node_t *n, td_wk_t *wk, int op, td_rd_t *rd) {
     if (op == TD_M_WAIT) r->num = td_rd_u32(rd);
     r->n = td_rd_u32(rd);
     const uint8_t *p = td_rd_bytes(rd, (size_t)r->n * 8);
+    if (!p) { free(r); return; }  /* a count beyond the message */
     r->ids = td_xmalloc((size_t)r->n * 8 + 8);
-    if (p) memcpy(r->ids, p, (size_t)r->n * 8);
+    memcpy(r->ids, p, (size_t)r->n * 8);
   }
   if (rd->bad) { free(r->ids); free(r); return; }
   if (td__req_try(n, r, 0)) { free(r->ids); free(r); return; }
@@ -1464,9 +1469,22 @@ static int td__read_value(td_rd_t *rd, int *shm, const uint8_t **p, size_t *len,
   return rd->bad ? TD_EPROTO : 0;
 }
 
-static int td__valid_extent(td_node_t *n, size_t off, size_t len) {
-  size_t cap = td_store_capacity(n->store);
-  return off <= cap && len <= cap - off;
+/* A worker may only hand back an extent it was lent, whole: anything else
+ * would let a bad message free or alias memory it does not own. */
+static int td__take_extent(td_wk_t *wk, size_t off, size_t len) {
+  void *v = td_map_get(&wk->allocs, (uint64_t)off + 1);
+  if (!v || (size_t)(uintptr_t)v != len) return 0;
+  td_map_del(&wk->allocs, (uint64_t)off + 1);
+  return 1;
+}
+
+/* Gives back what a dead worker was lent and never used. */
+static void td__free_lent(td_node_t *n, td_wk_t *wk) {
+  size_t it = 0;
+  uint64_t k;
+  void *v;
+  while (td_map_next(&wk->allocs, &it, &k, &v)) td_store_free(n->store, (size_t)(k - 1), (size_t)(uintptr_t)v);
+  td_map_free(&wk->allocs);
 }
 
 static void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why);
@@ -1484,7 +1502,7 @@ static int td__on_done(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
       const uint8_t *p = NULL;
       size_t len, off = 0;
       if (td__read_value(rd, &shm, &p, &len, &off)) return TD_EPROTO;
-      if (shm && !td__valid_extent(n, off, len)) return TD_EPROTO;
+      if (shm && !td__take_extent(wk, off, len)) return TD_EPROTO;
       uint32_t nrefs = td_rd_u32(rd);
       const uint8_t *rp = td_rd_bytes(rd, (size_t)nrefs * 8);
       if (rd->bad) return TD_EPROTO;
@@ -1543,7 +1561,7 @@ static int td__on_item(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   const uint8_t *p = NULL;
   size_t len, off = 0;
   if (td__read_value(rd, &shm, &p, &len, &off)) return TD_EPROTO;
-  if (shm && !td__valid_extent(n, off, len)) return TD_EPROTO;
+  if (shm && !td__take_extent(wk, off, len)) return TD_EPROTO;
   uint32_t nrefs = td_rd_u32(rd);
   const uint8_t *rp = td_rd_bytes(rd, (size_t)nrefs * 8);
   if (rd->bad || !item) return TD_EPROTO;
@@ -1611,7 +1629,7 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
       const uint8_t *vp = NULL;
       size_t vlen, off = 0;
       if (td__read_value(&rd, &shm, &vp, &vlen, &off)) return TD_EPROTO;
-      if (shm && !td__valid_extent(n, off, vlen)) return TD_EPROTO;
+      if (shm && !td__take_extent(wk, off, vlen)) return TD_EPROTO;
       uint32_t nrefs = td_rd_u32(&rd);
       const uint8_t *rp = td_rd_bytes(&rd, (size_t)nrefs * 8);
       if (rd.bad || !id || td__obj(n, id)) return TD_EPROTO;
@@ -1629,8 +1647,17 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
         uint64_t id = td_rd_u64(&rd);
         int32_t d = (int32_t)td_rd_u32(&rd);
         if (rd.bad) break;
-        if (d > 0) { td_obj_t *o = td__obj(n, id); if (o) o->refs += d; }
-        else for (int32_t k = 0; k < -d; k++) td_node_decref(n, id);
+        td_obj_t *o = td__obj(n, id);
+        if (!o || d == 0) continue;
+        if (d > 0) {
+          /* Saturate: a forged count cannot overflow. */
+          o->refs = o->refs > INT64_MAX / 2 ? o->refs : o->refs + d;
+        } else {
+          /* One step, whatever the count: a forged delta cannot spin. */
+          o->refs = d < -o->refs ? 0 : o->refs + d;
+          o->refs++;
+          td_node_decref(n, id);
+        }
       }
       return rd.bad ? TD_EPROTO : 0;
     }
@@ -1656,6 +1683,7 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
       if (rd.bad) return TD_EPROTO;
       size_t off = 0;
       int rc = td__alloc(n, size, &off, NULL);
+      if (rc == 0) td_map_set(&wk->allocs, (uint64_t)off + 1, (void *)(uintptr_t)size);
       td_buf_t b;
       td_buf_init(&b);
       td_buf_u8(&b, rc == 0);
@@ -1802,7 +1830,15 @@ static void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why) {
     n->wks[i] = n->wks[--n->nwks];
     break;
   }
+  /* Its pending requests die with it. */
+  for (td_req_t **pp = &n->reqs, *r; (r = *pp);) {
+    if (r->wk != wk) { pp = &r->next; continue; }
+    *pp = r->next;
+    free(r->ids);
+    free(r);
+  }
   td_map_free(&wk->fns_sent);
+  td__free_lent(n, wk);
   free(wk);
   n->dirty = 1;
 }
@@ -1884,6 +1920,31 @@ void td_node_pump(td_node_t *n, double timeout) {
   td_node_flush(n);
 }
 
+/* Feeds one message as if a client sent it (fuzzing and tests): a
+ * malformed one is rejected and the client dropped, as on a real socket. */
+int td_node_feed(td_node_t *n, uint8_t type, const uint8_t *p, uint32_t len) {
+  td_wk_t *wk = NULL;
+  for (int i = 0; i < n->nwks; i++)
+    if (n->wks[i]->kind == WK_CLIENT && n->wks[i]->ch.fd < 0) wk = n->wks[i];
+  if (!wk) {
+    wk = td_xcalloc(1, sizeof(*wk));
+    wk->id = ++n->next_wk;
+    wk->kind = WK_CLIENT;
+    td_chan_init(&wk->ch, -1);
+    td_map_init(&wk->fns_sent);
+    td_map_init(&wk->allocs);
+    if (n->nwks == n->capwks) {
+      n->capwks = n->capwks ? n->capwks * 2 : 16;
+      n->wks = td_xrealloc(n->wks, (size_t)n->capwks * sizeof(td_wk_t *));
+    }
+    n->wks[n->nwks++] = wk;
+  }
+  int rc = td__on_msg(n, wk, type, p, len);
+  if (rc) td__wk_dead(n, wk, "sent a malformed message");
+  else td_buf_reset(&wk->ch.out); /* replies go nowhere */
+  return rc;
+}
+
 int td_node_add_client(td_node_t *n, int fd) {
   /* The store fd goes first, beside one byte, as SCM_RIGHTS. */
   char byte = 'T';
@@ -1908,6 +1969,7 @@ int td_node_add_client(td_node_t *n, int fd) {
   wk->kind = WK_CLIENT;
   td_chan_init(&wk->ch, fd);
   td_map_init(&wk->fns_sent);
+  td_map_init(&wk->allocs);
   if (n->nwks == n->capwks) {
     n->capwks = n->capwks ? n->capwks * 2 : 16;
     n->wks = td_xrealloc(n->wks, (size_t)n->capwks * sizeof(td_wk_t *));
@@ -1942,6 +2004,7 @@ td_node_t *td_node_new(const td_node_opts_t *o) {
   n->inline_max = o->inline_max ? o->inline_max : 64 * 1024;
   n->spill_fd = -1;
   n->ext_fd = -1;
+  n->no_workers = o->no_workers;
   td_map_init(&n->objs);
   td_map_init(&n->tasks);
   td_map_init(&n->actors);
@@ -1982,6 +2045,7 @@ void td_node_destroy(td_node_t **np) {
     if (wk->pid > 0) waitpid(wk->pid, NULL, 0);
     td_chan_close(&wk->ch);
     td_map_free(&wk->fns_sent);
+    td_map_free(&wk->allocs);
     free(wk);
   }
   free(n->wks);

@@ -28,6 +28,7 @@ typedef struct td_node_opts {
   size_t inline_max;         /* values up to this size stay inline */
   const char *exe;           /* the tide binary, for spawning workers */
   int prestart;              /* task workers to start at once */
+  int no_workers;            /* never spawn workers (fuzzing, tests) */
 } td_node_opts_t;
 
 /* RPC handler for control requests from workers, installed by the Lua
@@ -51,6 +52,9 @@ void td_node_watch_fd(td_node_t *n, int fd, td_node_cb on_readable, td_node_cb o
 /* Adopts a connected client (a driver or REPL attached to this node over
  * a Unix socket): sends it the store fd and its id. Returns 0 or an error. */
 int td_node_add_client(td_node_t *n, int fd);
+/* Handles one message as if a client had sent it; for fuzzing and tests.
+ * Returns 0 or TD_EPROTO (the fake client is then dropped). */
+int td_node_feed(td_node_t *n, uint8_t type, const uint8_t *p, uint32_t len);
 /* Replies to a worker request (payload is copied). */
 void td_node_reply(td_node_t *n, td_wk_t *wk, uint32_t req, const void *p, size_t len);
 
