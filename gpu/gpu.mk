@@ -3,9 +3,8 @@
 # Adds the tensor core, CPU reference ops, Lua binding and CPU collectives to
 # GPU_SRCS (linked into bin/tide and the C test binaries), OpenBLAS to LDLIBS,
 # and extra targets to TEST_DEPS:
-#   build/tide_tensor_dev.so   the tensor module for plain `luajit` (dev use)
 #   build/bench-allreduce      CPU ring allreduce benchmark (JSON lines)
-#   build/bench-matmul         tensor matmul vs plain OpenBLAS sgemm
+#   build/fake_cuda.so         a stand-in CUDA plugin for GPU-less test runs
 #   build/tide_cuda.so         CUDA plugin (kernels, cuBLAS, NCCL), only when
 #                              nvcc is found; never linked, dlopen()ed at run
 #                              time when a GPU is present.
@@ -15,8 +14,9 @@ GPU_CORE_SRCS := gpu/gpu_err.c gpu/tensor.c gpu/ops_cpu.c gpu/device.c \
 GPU_HDRS      := $(wildcard gpu/*.h)
 GPU_SRCS      += $(GPU_CORE_SRCS)
 LDLIBS        += -lopenblas
-TEST_DEPS     += build/tide_tensor_dev.so
 
+# The module alone, for plain `luajit` (tests/gpu/dev_prelude.lua); not
+# needed by bin/tide, so not built by default.
 build/tide_tensor_dev.so: $(GPU_CORE_SRCS) $(GPU_HDRS)
 	@mkdir -p build
 	$(CC) $(CFLAGS) -fPIC -shared -o $@ $(GPU_CORE_SRCS) -lopenblas -lm -lpthread -ldl
