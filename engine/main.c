@@ -47,6 +47,9 @@ static const char td__usage[] =
   "                         run a node in the background (--block: foreground)\n"
   "  tide stop | tide status [--address A]\n"
   "                         stop it; print its resources, workers, actors, tasks, objects\n"
+  "  tide submit [--working-dir D] SCRIPT [ARGS...]\n"
+  "  tide job list | status ID | logs ID [--follow] | stop ID\n"
+  "                         run a driver script as a job on the running node\n"
   "  tide run --address local SCRIPT / tide repl --address local\n"
   "                         attach a driver or a REPL to the running node\n"
   "  tide repl [resource flags]\n"
@@ -417,6 +420,8 @@ static int td__start(int argc, char **argv) {
     return 1;
   }
   chmod(sock, 0600);
+  setenv("TIDE_SESSION_DIR", dir, 1);
+  td_core_enable_jobs(td__home);
   signal(SIGTERM, td__on_term);
   signal(SIGINT, td__on_term);
   signal(SIGHUP, SIG_IGN);
@@ -518,6 +523,19 @@ int main(int argc, char **argv) {
   }
   if (!strcmp(cmd, "run")) return td__run(argc, argv, 2, NULL);
   if (!strcmp(cmd, "start")) return td__start(argc, argv);
+  if (!strcmp(cmd, "submit") || !strcmp(cmd, "job")) {
+    /* Clients of the node: stdlib/tide/jobcli.lua does the work. */
+    char path[PATH_MAX + 32];
+    snprintf(path, sizeof(path), "%s/stdlib/tide/jobcli.lua", td__home);
+    for (int k = 2; k + 1 < argc; k++)
+      if (!strcmp(argv[k], "--address")) setenv("TIDE_ADDRESS", argv[k + 1], 1);
+    if (!getenv("TIDE_ADDRESS")) setenv("TIDE_ADDRESS", "local", 1);
+    char sock[PATH_MAX];
+    if (td__resolve_address(getenv("TIDE_ADDRESS") ? getenv("TIDE_ADDRESS") : "local", sock, sizeof(sock)) == 0)
+      setenv("TIDE_NODE_SOCKET", sock, 1);
+    setenv("TIDE_EXE", td__exe, 1);
+    return td__run(argc, argv, 1, path);
+  }
   if (!strcmp(cmd, "stop")) return td__stop();
   if (!strcmp(cmd, "status")) {
     char path[PATH_MAX + 32];

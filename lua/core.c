@@ -863,7 +863,11 @@ static int td__push_rpc(lua_State *L, const uint8_t *p, size_t n, void *ud) {
   int rc = td__decode(L, b, l);
   td__mkref_owned_flag = 0;
   if (rc) return lua_error(L);
-  if (!ok) return lua_error(L);
+  if (!ok) {
+    /* The node raised: its error is the first result. */
+    if (lua_istable(L, -1)) lua_rawgeti(L, -1, 1);
+    return lua_error(L);
+  }
   int cnt = (int)lua_objlen(L, -1);
   luaL_checkstack(L, cnt + 2, "rpc results");
   int t = lua_gettop(L);
@@ -875,6 +879,11 @@ static int td__push_rpc(lua_State *L, const uint8_t *p, size_t n, void *ud) {
 static int w_rpc(lua_State *L) {
   size_t ol;
   const char *op = lua_tolstring(L, lua_upvalueindex(1), &ol);
+  if (!op) {
+    /* core.call_node(op, ...): the op comes first. */
+    op = luaL_checklstring(L, 1, &ol);
+    lua_remove(L, 1);
+  }
   int n = lua_gettop(L);
   lua_createtable(L, n, 0);
   for (int i = 1; i <= n; i++) {
@@ -1058,6 +1067,8 @@ int luaopen_tide_core(lua_State *L) {
   luaL_register(L, NULL, common);
   luaL_register(L, NULL, td_ctx.is_driver ? driver : worker);
   if (!td_ctx.is_driver) {
+    lua_pushcfunction(L, w_rpc);
+    lua_setfield(L, -2, "call_node");
     for (int i = 0; td__rpc_ops[i]; i++) {
       lua_pushstring(L, td__rpc_ops[i]);
       lua_pushcclosure(L, w_rpc, 1);
@@ -1118,6 +1129,30 @@ void td_core_driver_rpc(void) {
   lua_pop(L, 1);
   td_ctx.rpcL = L;
   td_node_set_rpc(td_ctx.node, td__rpc_cb, L);
+}
+
+/* The node daemon also keeps jobs (tide submit): their ops run in the
+ * private state, from stdlib/tide/jobs.lua. */
+void td_core_enable_jobs(const char *home) {
+  lua_State *L = td_ctx.rpcL;
+  if (!L) return;
+  td_core_setup_paths(L, home);
+  lua_pop(L, 1);
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "tide.jobs");
+  if (lua_pcall(L, 1, 1, 0) != 0) {
+    fprintf(stderr, "tide: cannot load tide.jobs: %s\n", lua_tostring(L, -1));
+    lua_pop(L, 1);
+    return;
+  }
+  lua_getfield(L, LUA_REGISTRYINDEX, "tide.rpc.ops");
+  lua_pushnil(L);
+  while (lua_next(L, -3)) {
+    lua_pushvalue(L, -2);
+    lua_insert(L, -2);
+    lua_settable(L, -4);
+  }
+  lua_pop(L, 2);
 }
 
 /* core.start(opts): creates the embedded node (driver only). */

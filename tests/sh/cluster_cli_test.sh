@@ -3,7 +3,7 @@
 # a node daemon in its own session directory, drivers and a REPL attached
 # to it, detached actors outliving their driver, non-detached ones not.
 cd "$(dirname "$0")/../.."
-T=bin/tide
+T=$(pwd)/bin/tide
 n=0
 ok() { n=$((n + 1)); echo "ok $n - $1"; }
 no() { n=$((n + 1)); echo "not ok $n - $1"; [ -n "$2" ] && echo "# $2"; }
@@ -54,6 +54,41 @@ out=$($T run --address /nonexistent/node.sock "$W/drv2.lua" 2>&1)
 check "attaching to no node fails clearly" '[ $? -ne 0 ] && echo "$out" | grep -q "cannot connect"' "$out"
 out=$($T run --address 10.0.0.1:6380 "$W/drv2.lua" 2>&1)
 check "a TCP address is refused clearly (multi-node is not built yet)" '[ $? -eq 2 ] && echo "$out" | grep -q "only this machine"' "$out"
+
+mkdir -p "$W/wd"
+cat > "$W/wd/job.lua" <<'LUA'
+local tide = require("tide")
+local sq = tide.remote(function(x) return x * x end)
+print("JOB", arg[1], tide.get(sq:remote(tonumber(arg[1]))))
+LUA
+cat > "$W/wd/long.lua" <<'LUA'
+local tide = require("tide")
+print("LONG started"); io.stdout:flush()
+tide.get(tide.remote(function() tide.sleep(60) end):remote())
+LUA
+out=$(cd "$W/wd" && $T submit job.lua 6 2>&1)
+id=$(echo "$out" | sed -n 's/^submitted //p')
+check "tide submit runs a script as a job on the node" '[ -n "$id" ]' "$out"
+for i in 1 2 3 4 5 6 7 8 9 10; do
+  $T job status "$id" 2>/dev/null | grep -q SUCCEEDED && break; sleep 0.5
+done
+out=$($T job status "$id" 2>&1)
+check "tide job status shows it succeeded" 'echo "$out" | grep -q "SUCCEEDED"' "$out"
+out=$($T job logs "$id" 2>&1)
+check "tide job logs shows its output" 'echo "$out" | grep -q "JOB	6	36"' "$out"
+out=$(cd "$W/wd" && $T submit --working-dir "$W/wd" long.lua 2>&1)
+lid=$(echo "$out" | sed -n 's/^submitted //p')
+sleep 1.5
+out=$($T job list 2>&1)
+check "tide job list shows both jobs" 'echo "$out" | grep -q "$id" && echo "$out" | grep "$lid" | grep -q RUNNING' "$out"
+$T job stop "$lid" >/dev/null 2>&1
+for i in 1 2 3 4 5 6 7 8 9 10; do
+  $T job status "$lid" 2>/dev/null | grep -q STOPPED && break; sleep 0.5
+done
+out=$($T job status "$lid" 2>&1)
+check "tide job stop stops a running job" 'echo "$out" | grep -q STOPPED' "$out"
+out=$($T job status nope 2>&1)
+check "an unknown job id is an error" '[ $? -ne 0 ] && echo "$out" | grep -q "no job"' "$out"
 
 pid=$(cat "$TIDE_SESSION_DIR/node.pid")
 out=$($T stop 2>&1)

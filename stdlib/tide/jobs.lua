@@ -1,0 +1,94 @@
+-- tide.jobs: driver scripts submitted to a running node (`tide submit`),
+-- kept by the node itself: each job runs as `tide run --address <node>` in
+-- its working directory, its output in the session's jobs/ directory.
+-- These functions run inside the node daemon, called by clients via RPC.
+local M = {}
+
+local jobs, order = {}, {}
+local format = string.format
+
+local function sh_quote(s)
+  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+
+local function session()
+  return os.getenv("TIDE_SESSION_DIR") or ("/tmp/tide-" .. (os.getenv("TIDE_UID") or "0"))
+end
+
+local function read_file(path)
+  local f = io.open(path, "r")
+  if not f then return nil end
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
+local function refresh(j)
+  if j.status ~= "RUNNING" then return end
+  local code = read_file(j.dir .. "/" .. j.id .. ".exit")
+  if code then
+    j.exit_code = tonumber(code:match("%d+"))
+    j.status = j.stopped and "STOPPED" or (j.exit_code == 0 and "SUCCEEDED" or "FAILED")
+    j.ended = os.time()
+  elseif j.pid and os.execute("kill -0 " .. j.pid .. " 2>/dev/null") ~= 0 then
+    -- Gone without leaving an exit status (killed hard).
+    j.status = j.stopped and "STOPPED" or "FAILED"
+    j.ended = os.time()
+  end
+end
+
+local function view(j)
+  refresh(j)
+  return {id = j.id, status = j.status, script = j.script, args = j.args, working_dir = j.wd,
+    pid = j.pid, exit_code = j.exit_code, started = j.started, ended = j.ended, log = j.log}
+end
+
+-- job_submit(script, args, working_dir, exe, socket) -> job view
+function M.job_submit(script, args, wd, exe, sock)
+  if type(script) ~= "string" or script == "" then error("job_submit: script must be a path", 0) end
+  local dir = session() .. "/jobs"
+  os.execute("mkdir -p " .. sh_quote(dir))
+  local id = format("job-%d-%04d", os.time(), #order + 1)
+  local log = dir .. "/" .. id .. ".log"
+  local argv = {}
+  for i, a in ipairs(args or {}) do argv[i] = sh_quote(a) end
+  local cmd = format("cd %s && (%s run --address %s %s %s; echo $? > %s) > %s 2>&1 < /dev/null & echo $!",
+    sh_quote(wd or "."), sh_quote(exe), sh_quote(sock), sh_quote(script), table.concat(argv, " "),
+    sh_quote(dir .. "/" .. id .. ".exit"), sh_quote(log))
+  local p = io.popen(cmd)
+  local pid = tonumber(p:read("*l") or "")
+  p:close()
+  local j = {id = id, status = pid and "RUNNING" or "FAILED", script = script, args = args or {},
+    wd = wd, pid = pid, started = os.time(), log = log, dir = dir}
+  jobs[id] = j
+  order[#order + 1] = id
+  return view(j)
+end
+
+function M.job_list()
+  local out = {}
+  for i, id in ipairs(order) do out[i] = view(jobs[id]) end
+  return out
+end
+
+function M.job_status(id)
+  local j = jobs[id]
+  if not j then error("no job " .. tostring(id), 0) end
+  return view(j)
+end
+
+function M.job_stop(id)
+  local j = jobs[id]
+  if not j then error("no job " .. tostring(id), 0) end
+  refresh(j)
+  if j.status == "RUNNING" and j.pid then
+    j.stopped = true
+    -- The job's shell and its driver: the driver's workers die with it.
+    -- The driver (child of the job's shell) gets SIGTERM; the shell then
+    -- records its exit status.
+    os.execute(format("pkill -TERM -P %d 2>/dev/null", j.pid))
+  end
+  return view(j)
+end
+
+return M
