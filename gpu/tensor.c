@@ -273,7 +273,7 @@ int td_tensor_empty(td_tensor_t **out, int dtype, int device, int ndim,
   }
   t->dtype = dtype;
   t->ndim = ndim;
-  memcpy(t->shape, shape, sizeof(int64_t) * (size_t)ndim);
+  if (ndim > 0) memcpy(t->shape, shape, sizeof(int64_t) * (size_t)ndim);
   td__set_contiguous(t);
   *out = t;
   return 0;
@@ -327,7 +327,7 @@ int td_tensor_wrap(td_tensor_t **out, void *data, size_t nbytes, int dtype,
   t->st = st;
   t->dtype = dtype;
   t->ndim = ndim;
-  memcpy(t->shape, shape, sizeof(int64_t) * (size_t)ndim);
+  if (ndim > 0) memcpy(t->shape, shape, sizeof(int64_t) * (size_t)ndim);
   td__set_contiguous(t);
   *out = t;
   return 0;
