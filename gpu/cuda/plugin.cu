@@ -659,39 +659,68 @@ static int td_c_attention_fwd(float *out, float *att, const float *qkv, int B, i
   return 0;
 }
 
-/* One thread per (b, h, t): dq for row t, dk and dv of earlier rows by
- * atomics (the CPU reference's loops, parallel over t). */
-__global__ void k_attention_bwd(float *dqkv, const float *dout, const float *qkv, const float *att,
-                                int B, int T, int C, int NH) {
+/* Attention backward without atomics, in three passes over (b, h, row):
+ *   dot[t]  = sum over t2 <= t of att[t][t2] * (v[t2] . dout[t])
+ *   dq[t]  += sum over t2 <= t of dpre[t][t2] * k[t2]
+ *   dk[t2] += sum over t >= t2 of dpre[t][t2] * q[t],
+ *   dv[t2] += sum over t >= t2 of att[t][t2] * dout[t]
+ * with dpre[t][t2] = att[t][t2] * (v[t2] . dout[t] - dot[t]) * scale: the
+ * CPU reference's formulas, each output element owned by one thread. */
+__device__ float d_vdot(const float *v, const float *g, int hs) {
+  float s = 0;
+  for (int i = 0; i < hs; i++) s += v[i] * g[i];
+  return s;
+}
+
+__global__ void k_attn_bwd_dot(float *dot, const float *dout, const float *qkv, const float *att,
+                               int B, int T, int C, int NH) {
+  int hs = C / NH;
+  FOR_N(k, (int64_t)B * NH * T) {
+    int t = (int)(k % T), h = (int)((k / T) % NH), b = (int)(k / ((int64_t)T * NH));
+    const float *a = att + (((int64_t)b * NH + h) * T + t) * T;
+    const float *go = dout + ((int64_t)b * T + t) * C + h * hs;
+    float s = 0;
+    for (int t2 = 0; t2 <= t; t2++)
+      s += a[t2] * d_vdot(qkv + ((int64_t)b * T + t2) * 3 * C + 2 * C + h * hs, go, hs);
+    dot[k] = s;
+  }
+}
+
+__global__ void k_attn_bwd_dq(float *dqkv, const float *dot, const float *dout, const float *qkv,
+                              const float *att, int B, int T, int C, int NH) {
   int hs = C / NH;
   float scale = rsqrtf((float)hs);
   FOR_N(k, (int64_t)B * NH * T) {
     int t = (int)(k % T), h = (int)((k / T) % NH), b = (int)(k / ((int64_t)T * NH));
     const float *a = att + (((int64_t)b * NH + h) * T + t) * T;
     const float *go = dout + ((int64_t)b * T + t) * C + h * hs;
-    const float *q = qkv + ((int64_t)b * T + t) * 3 * C + h * hs;
     float *dq = dqkv + ((int64_t)b * T + t) * 3 * C + h * hs;
-    float dot = 0;
     for (int t2 = 0; t2 <= t; t2++) {
-      const float *v = qkv + ((int64_t)b * T + t2) * 3 * C + 2 * C + h * hs;
-      float *dv = dqkv + ((int64_t)b * T + t2) * 3 * C + 2 * C + h * hs;
-      float s = 0;
-      for (int i = 0; i < hs; i++) {
-        s += v[i] * go[i];
-        atomicAdd(&dv[i], a[t2] * go[i]);
-      }
-      dot += s * a[t2];
+      const float *row = qkv + ((int64_t)b * T + t2) * 3 * C;
+      float dpre = a[t2] * (d_vdot(row + 2 * C + h * hs, go, hs) - dot[k]) * scale;
+      for (int i = 0; i < hs; i++) dq[i] += dpre * row[C + h * hs + i];
     }
-    for (int t2 = 0; t2 <= t; t2++) {
-      const float *v = qkv + ((int64_t)b * T + t2) * 3 * C + 2 * C + h * hs;
-      float s = 0;
-      for (int i = 0; i < hs; i++) s += v[i] * go[i];
-      float dpre = a[t2] * (s - dot) * scale;
-      const float *kk = qkv + ((int64_t)b * T + t2) * 3 * C + C + h * hs;
-      float *dk = dqkv + ((int64_t)b * T + t2) * 3 * C + C + h * hs;
+  }
+}
+
+__global__ void k_attn_bwd_dkv(float *dqkv, const float *dot, const float *dout, const float *qkv,
+                               const float *att, int B, int T, int C, int NH) {
+  int hs = C / NH;
+  float scale = rsqrtf((float)hs);
+  FOR_N(k, (int64_t)B * NH * T) {
+    int t2 = (int)(k % T), h = (int)((k / T) % NH), b = (int)(k / ((int64_t)T * NH));
+    const float *v = qkv + ((int64_t)b * T + t2) * 3 * C + 2 * C + h * hs;
+    float *dk = dqkv + ((int64_t)b * T + t2) * 3 * C + C + h * hs;
+    float *dv = dk + C;
+    int64_t base = ((int64_t)b * NH + h) * T;
+    for (int t = t2; t < T; t++) {
+      float p = att[(base + t) * T + t2];
+      const float *go = dout + ((int64_t)b * T + t) * C + h * hs;
+      const float *q = qkv + ((int64_t)b * T + t) * 3 * C + h * hs;
+      float dpre = p * (d_vdot(v, go, hs) - dot[base + t]) * scale;
       for (int i = 0; i < hs; i++) {
-        atomicAdd(&dq[i], dpre * kk[i]);
-        atomicAdd(&dk[i], dpre * q[i]);
+        dk[i] += dpre * q[i];
+        dv[i] += p * go[i];
       }
     }
   }
@@ -703,8 +732,15 @@ static int td_c_attention_bwd(float *dqkv, const float *dout, const float *qkv, 
   if (!accum) CK(cudaMemset(dqkv, 0, sizeof(float) * (size_t)B * T * 3 * C));
   int64_t n = (int64_t)B * NH * T;
   if (n == 0) return 0;
-  k_attention_bwd<<<td__blocks(n, 128), 128>>>(dqkv, dout, qkv, att, B, T, C, NH);
-  CK_LAUNCH("attention_bwd");
+  float *dot = nullptr;
+  CK(cudaMalloc((void **)&dot, sizeof(float) * (size_t)n));
+  unsigned g = td__blocks(n, 128);
+  k_attn_bwd_dot<<<g, 128>>>(dot, dout, qkv, att, B, T, C, NH);
+  k_attn_bwd_dq<<<g, 128>>>(dqkv, dot, dout, qkv, att, B, T, C, NH);
+  k_attn_bwd_dkv<<<g, 128>>>(dqkv, dot, dout, qkv, att, B, T, C, NH);
+  cudaError_t e = cudaGetLastError();
+  cudaFree(dot); /* stream-ordered after the kernels that use it */
+  if (e != cudaSuccess) return td__cuda_fail(e, "attention_bwd");
   return 0;
 }
 
