@@ -744,14 +744,19 @@ static void td__set_env(const uint8_t *env, uint32_t len, int set) {
       size_t kl = (size_t)(eq - kv) < sizeof(key) - 1 ? (size_t)(eq - kv) : sizeof(key) - 1;
       memcpy(key, kv, kl);
       key[kl] = 0;
+      static char saved_cwd[4096];
+      int is_wd = !strcmp(key, "TIDE_WORKING_DIR");
       if (set) {
         char val[1024];
         size_t vl = l - kl - 1 < sizeof(val) - 1 ? l - kl - 1 : sizeof(val) - 1;
         memcpy(val, eq + 1, vl);
         val[vl] = 0;
         setenv(key, val, 1);
+        /* runtime_env.working_dir: the task runs there (and requires from it). */
+        if (is_wd && getcwd(saved_cwd, sizeof(saved_cwd)) && chdir(val) != 0) saved_cwd[0] = 0;
       } else {
         unsetenv(key);
+        if (is_wd && saved_cwd[0] && chdir(saved_cwd) != 0) saved_cwd[0] = 0;
       }
     }
     i += (uint32_t)l + 1;

@@ -45,6 +45,20 @@ local function raise_status(st, v, what)
   end
 end
 
+-- Raises msg at the user's line: the first frame outside the tide stdlib
+-- (wrappers here may have been tail-called).
+local function uerror(msg)
+  local level = 2
+  while true do
+    local info = debug.getinfo(level, "S")
+    if not info then break end
+    if info.what ~= "C" and not info.source:find("stdlib/tide", 1, true) then break end
+    level = level + 1
+  end
+  error(msg, level)
+end
+M._uerror = uerror
+
 -- -- Options ---------------------------------------------------------------
 
 local COMMON = {
@@ -137,9 +151,22 @@ local function normalize(o, is_actor)
   local ss = o.scheduling_strategy
   if ss == "SPREAD" then n.strategy = 1 end
   if type(ss) == "table" and ss.node_id ~= nil and ss.node_id ~= "node-0" and not ss.soft then
-    error(format("no node with id %s for a hard node affinity", tostring(ss.node_id)), 4)
+    uerror(format("no node with id %s for a hard node affinity", tostring(ss.node_id)))
   end
-  if o.runtime_env and o.runtime_env.env_vars then n.env = o.runtime_env.env_vars end
+  local re = o.runtime_env
+  if re and (re.env_vars or re.working_dir) then
+    n.env = {}
+    for k, v in pairs(re.env_vars or {}) do n.env[k] = tostring(v) end
+    if re.working_dir then
+      local wd = re.working_dir
+      if type(wd) ~= "string" then uerror("runtime_env.working_dir must be a path") end
+      if wd:sub(1, 1) ~= "/" then wd = (os.getenv("PWD") or ".") .. "/" .. wd end
+      local f = io.open(wd .. "/.", "r")
+      if not f then uerror("runtime_env.working_dir " .. wd .. " is not a readable directory") end
+      f:close()
+      n.env.TIDE_WORKING_DIR = wd
+    end
+  end
   return n
 end
 
