@@ -10,7 +10,7 @@
 #                              time when a GPU is present.
 
 GPU_CORE_SRCS := gpu/gpu_err.c gpu/tensor.c gpu/ops_cpu.c gpu/device.c \
-                 gpu/tensor_lua.c gpu/ring.c gpu/ring_local.c gpu/nccl.c
+                 gpu/tensor_lua.c gpu/ring.c gpu/ring_local.c gpu/nccl_comm.c
 GPU_HDRS      := $(wildcard gpu/*.h)
 GPU_SRCS      += $(GPU_CORE_SRCS)
 LDLIBS        += -lopenblas

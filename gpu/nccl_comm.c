@@ -1,5 +1,5 @@
-/* Tide NCCL communicators (see nccl.h). */
-#include "nccl.h"
+/* Tide NCCL communicators (see nccl_comm.h). */
+#include "nccl_comm.h"
 
 #include <stdlib.h>
 

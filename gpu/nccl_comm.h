@@ -10,8 +10,8 @@
  * must be called by all ranks in the same order.  A communicator is used by
  * one thread; the caller owns it and frees it with td_nccl_free().
  */
-#ifndef TD_NCCL_H
-#define TD_NCCL_H
+#ifndef TD_NCCL_COMM_H
+#define TD_NCCL_COMM_H
 
 #include <stdint.h>
 

@@ -18,7 +18,7 @@
 
 #include "device.h"
 #include "gpu_err.h"
-#include "nccl.h"
+#include "nccl_comm.h"
 #include "ops.h"
 #include "tensor.h"
 #include "tensor_lua.h"
