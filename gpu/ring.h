@@ -97,6 +97,11 @@ typedef struct td_ring_shm td_ring_shm_t;
 int td_ring_shm_new(td_ring_shm_t **out, int nranks, size_t cap);
 /* Fills *tr with the transport as seen by rank (call in that process). */
 void td_ring_shm_transport(td_ring_shm_t *s, int rank, td_ring_transport_t *tr);
+/* Bytes a region for nranks with cap bytes per channel needs, and a
+ * transport over memory the caller shares by other means (the object
+ * store); init zeroes the headers (one rank, before the others attach). */
+size_t td_ring_shm_bytes(int nranks, size_t cap);
+int td_ring_shm_wrap(td_ring_shm_t **out, void *mem, int nranks, size_t cap, int init);
 /* Unmaps the region (each process that holds it); NULLs *s. */
 void td_ring_shm_free(td_ring_shm_t **s);
 

@@ -84,9 +84,32 @@ int td_ring_shm_new(td_ring_shm_t **out, int nranks, size_t cap) {
   return 0;
 }
 
+size_t td_ring_shm_bytes(int nranks, size_t cap) {
+  cap = (cap + 4095) & ~(size_t)4095;
+  size_t hdr = ((sizeof(td__chan_t) * (size_t)nranks * nranks) + 4095) & ~(size_t)4095;
+  return hdr + cap * (size_t)nranks * nranks;
+}
+
+int td_ring_shm_wrap(td_ring_shm_t **out, void *mem, int nranks, size_t cap, int init) {
+  if (nranks < 1 || cap < 4096 || !mem) return -TD_GPU_EINVAL;
+  cap = (cap + 4095) & ~(size_t)4095;
+  td_ring_shm_t *s = calloc(1, sizeof(*s));
+  if (!s) return -TD_GPU_ENOMEM;
+  size_t hdr = ((sizeof(td__chan_t) * (size_t)nranks * nranks) + 4095) & ~(size_t)4095;
+  s->map_len = 0; /* not ours to unmap */
+  s->n = nranks;
+  s->rank = -1;
+  s->cap = cap;
+  s->chans = mem;
+  s->data = (char *)mem + hdr;
+  if (init) memset(mem, 0, hdr);
+  *out = s;
+  return 0;
+}
+
 void td_ring_shm_free(td_ring_shm_t **s) {
   if (!s || !*s) return;
-  munmap((*s)->chans, (*s)->map_len);
+  if ((*s)->map_len) munmap((*s)->chans, (*s)->map_len);
   free(*s);
   *s = NULL;
 }

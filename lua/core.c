@@ -7,8 +7,79 @@
 #include <stdlib.h>
 #include <unistd.h>
 #include <dlfcn.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 
 td_ctx_t td_ctx;
+
+/* -- Background pump -----------------------------------------------------------
+ * The embedded node lives in the driver process and advances when the
+ * driver is inside a tide call. So that workers are not stalled while the
+ * script computes, a thread pumps the node whenever the driver is not in a
+ * call. The two never touch the node at once: a Dekker-style handshake on
+ * two sequentially consistent flags. The thread runs no Lua but the node's
+ * private RPC state. */
+static _Atomic int td__driver_in, td__bg_active, td__bg_stop;
+static pthread_t td__bg;
+static int td__bg_running;
+
+static inline void td__enter(void) {
+  atomic_store(&td__driver_in, 1);
+  while (atomic_load(&td__bg_active)) sched_yield();
+}
+static inline void td__leave(void) { atomic_store(&td__driver_in, 0); }
+
+static void *td__bg_main(void *arg) {
+  (void)arg;
+  enum { MAXFD = 4096 };
+  static int fds[MAXFD];
+  static struct pollfd pfds[MAXFD];
+  while (!atomic_load(&td__bg_stop)) {
+    if (atomic_load(&td__driver_in)) {
+      usleep(2000);
+      continue;
+    }
+    atomic_store(&td__bg_active, 1);
+    if (atomic_load(&td__driver_in)) {
+      atomic_store(&td__bg_active, 0);
+      continue;
+    }
+    td_node_pump(td_ctx.node, 0);
+    int n = td_node_fds(td_ctx.node, fds, MAXFD);
+    atomic_store(&td__bg_active, 0);
+    for (int i = 0; i < n; i++) pfds[i] = (struct pollfd){fds[i], POLLIN, 0};
+    poll(pfds, (nfds_t)n, 20);
+  }
+  return NULL;
+}
+
+static void td__bg_start(void) {
+  if (td__bg_running) return;
+  atomic_store(&td__bg_stop, 0);
+  if (pthread_create(&td__bg, NULL, td__bg_main, NULL) == 0) td__bg_running = 1;
+}
+
+/* Stops the background pump (before the node goes away, or when a daemon
+ * pumps the node itself). */
+void td_core_bg_stop(void) {
+  if (!td__bg_running) return;
+  atomic_store(&td__bg_stop, 1);
+  pthread_join(td__bg, NULL);
+  td__bg_running = 0;
+  atomic_store(&td__driver_in, 0);
+}
+
+/* Wraps a driver function: the node is ours while it runs. */
+static int td__guard(lua_State *L) {
+  lua_CFunction f = lua_tocfunction(L, lua_upvalueindex(1));
+  td__enter();
+  int n = f(L);
+  td__leave();
+  return n;
+}
+static int td__opening_rpc; /* the node's private state takes no guards */
 
 /* -- References ------------------------------------------------------------------ */
 
@@ -39,6 +110,14 @@ static void td__local_ref(uint64_t id, int delta, int send) {
   }
 }
 
+/* True in the node's private RPC state. */
+static int G_is_rpc(lua_State *L) {
+  lua_getfield(L, LUA_REGISTRYINDEX, "tide.is_rpc");
+  int r = lua_toboolean(L, -1);
+  lua_pop(L, 1);
+  return r;
+}
+
 void td_core_pushref(lua_State *L, uint64_t id, int owned) {
   td_ref_ud_t *r = lua_newuserdata(L, sizeof(*r));
   r->id = id;
@@ -58,6 +137,12 @@ void td_core_pushref(lua_State *L, uint64_t id, int owned) {
 static int ref_gc(lua_State *L) {
   td_ref_ud_t *r = lua_touserdata(L, 1);
   if (!r->id) return 0;
+  if (td_ctx.rpcL && G_is_rpc(L)) {
+    /* The node's own state runs inside a pump: drop the reference now. */
+    td_node_decref(td_ctx.node, r->id);
+    r->id = 0;
+    return 0;
+  }
   if (td_ctx.ndec == td_ctx.capdec) {
     td_ctx.capdec = td_ctx.capdec ? td_ctx.capdec * 2 : 64;
     td_ctx.dec = td_xrealloc(td_ctx.dec, td_ctx.capdec * 8);
@@ -165,6 +250,7 @@ int td_core_push_wire(lua_State *L, td_rd_t *rd) {
  * stdlib (API wrappers may or may not have tail-called us). */
 int td_core_ser_error(lua_State *L, td_ser_t *s) {
   lua_Debug ar;
+  td__leave();
   for (int level = 1; lua_getstack(L, level, &ar); level++) {
     if (!lua_getinfo(L, "Sl", &ar) || ar.currentline <= 0) continue;
     size_t n = strlen(ar.short_src);
@@ -1064,8 +1150,19 @@ int luaopen_tide_core(lua_State *L) {
     {"put", w_put}, {"sleep", w_sleep}, {"yield_item", w_yield_item}, {"print", w_print},
     {NULL, NULL}};
   lua_newtable(L);
-  luaL_register(L, NULL, common);
-  luaL_register(L, NULL, td_ctx.is_driver ? driver : worker);
+  if (td_ctx.is_driver && !td__opening_rpc) {
+    /* Every driver entry point holds the node against the pump thread. */
+    const luaL_Reg *lists[] = {common, driver};
+    for (int k = 0; k < 2; k++)
+      for (const luaL_Reg *r = lists[k]; r->name; r++) {
+        lua_pushcfunction(L, r->func);
+        lua_pushcclosure(L, td__guard, 1);
+        lua_setfield(L, -2, r->name);
+      }
+  } else {
+    luaL_register(L, NULL, common);
+    luaL_register(L, NULL, td_ctx.is_driver ? driver : worker);
+  }
   if (!td_ctx.is_driver) {
     lua_pushcfunction(L, w_rpc);
     lua_setfield(L, -2, "call_node");
@@ -1078,6 +1175,16 @@ int luaopen_tide_core(lua_State *L) {
   if (td_ctx.is_driver) {
     td_core_register_start(L);
     td_serve_register(L);
+    if (!td__opening_rpc) {
+      /* serve_* and start/stop are guarded like the rest. */
+      static const char *const guarded[] = {"serve_start", "serve_deployment", "serve_replicas",
+                                            "serve_remove", "serve_stats", "serve_stop", "stop", NULL};
+      for (int k = 0; guarded[k]; k++) {
+        lua_getfield(L, -1, guarded[k]);
+        lua_pushcclosure(L, td__guard, 1);
+        lua_setfield(L, -2, guarded[k]);
+      }
+    }
   }
   lua_pushboolean(L, td_ctx.is_driver);
   lua_setfield(L, -2, "is_driver");
@@ -1089,6 +1196,8 @@ int luaopen_tide_core(lua_State *L) {
   lua_setfield(L, -2, "inline_max");
   return 1;
 }
+
+int luaopen_tide_collective_c(lua_State *L);
 
 /* Puts $home/stdlib on package.path and preloads tide.core and the
  * optional C modules linked into the binary (the gpu layer). Leaves
@@ -1105,6 +1214,8 @@ void td_core_setup_paths(lua_State *L, const char *home) {
   lua_remove(L, -2);
   lua_pushcfunction(L, luaopen_tide_core);
   lua_setfield(L, -2, "tide.core");
+  lua_pushcfunction(L, luaopen_tide_collective_c);
+  lua_setfield(L, -2, "tide.collective_c");
   if (!looked) {
     tensor = (lua_CFunction)(uintptr_t)dlsym(RTLD_DEFAULT, "luaopen_tide_tensor");
     looked = 1;
@@ -1119,7 +1230,11 @@ void td_core_setup_paths(lua_State *L, const char *home) {
 void td_core_driver_rpc(void) {
   lua_State *L = luaL_newstate();
   luaL_openlibs(L);
+  lua_pushboolean(L, 1);
+  lua_setfield(L, LUA_REGISTRYINDEX, "tide.is_rpc");
+  td__opening_rpc = 1;
   luaopen_tide_core(L);
+  td__opening_rpc = 0;
   lua_newtable(L);
   for (int i = 0; td__rpc_ops[i]; i++) {
     lua_getfield(L, -2, td__rpc_ops[i]);
@@ -1127,6 +1242,13 @@ void td_core_driver_rpc(void) {
   }
   lua_setfield(L, LUA_REGISTRYINDEX, "tide.rpc.ops");
   lua_pop(L, 1);
+  /* A key-value store on the node: rendezvous for collective groups (and
+   * NCCL ids), reached from workers with core.call_node("kv_*", ...). */
+  (void)luaL_dostring(L, "local ops = debug.getregistry()['tide.rpc.ops']\n"
+                   "local kv = {}\n"
+                   "ops.kv_put = function(k, v) kv[k] = v; return true end\n"
+                   "ops.kv_get = function(k) return kv[k] end\n"
+                   "ops.kv_del = function(k) kv[k] = nil; return true end\n");
   td_ctx.rpcL = L;
   td_node_set_rpc(td_ctx.node, td__rpc_cb, L);
 }
@@ -1189,12 +1311,15 @@ static int d_start(lua_State *L) {
   td_ctx.node = td_node_new(&o);
   if (!td_ctx.node) return luaL_error(L, "cannot start the node: object store of %f bytes", (double)o.store_capacity);
   td_core_driver_rpc();
+  td__bg_start();
   return 0;
 }
 
 /* core.stop(): tears the embedded node down (before a restart). */
 static int d_stop(lua_State *L) {
   (void)L;
+  td__leave();
+  td_core_bg_stop();
   if (td_ctx.rpcL) lua_close(td_ctx.rpcL);
   td_ctx.rpcL = NULL;
   td_node_destroy(&td_ctx.node);

@@ -1,0 +1,100 @@
+-- tide.collective between tasks: every collective, 2-4 ranks, sizes that do
+-- not divide by the rank count, checked element by element.
+local t = dofile("tests/lua/harness.lua")
+local tide = require("tide")
+tide.init({num_cpus = 2})
+
+-- Each rank fills x[i] = (rank + 1) * i and runs every collective.
+local rank_body = tide.remote({num_cpus = 0}, function(world, rank, n, name)
+  local T = require("tide.tensor")
+  local C = require("tide.collective")
+  C.init_group(world, rank, name)
+  if os.getenv("COLL_DEBUG") then print("joined", name, rank) end
+  local function filled(scale)
+    local v = {}
+    for i = 1, n do v[i] = scale * i end
+    return T.from_table(v)
+  end
+  local out = {}
+  for _, op in ipairs({"sum", "avg", "max", "min"}) do
+    local x = filled(rank + 1)
+    C.allreduce(x, op)
+    local v = x:to_table()
+    out[op] = {v[1], v[n]}
+  end
+  local g = T.zeros({n * world})
+  C.allgather(filled(rank + 1), g)
+  local gv = g:to_table()
+  out.gather = {gv[1], gv[n * world]}
+  local chunk = C.chunk_count(n, world, rank)
+  local rs = T.zeros({chunk})
+  C.reduce_scatter(filled(rank + 1), rs, "sum")
+  out.rs_len = chunk
+  out.rs_first = rs:to_table()[1]
+  local b = filled(rank == 1 % world and 7 or 0)
+  C.broadcast(b, 1 % world)
+  out.bcast = b:to_table()[n]
+  if world >= 2 then
+    if rank == 0 then C.send(filled(5), 1)
+    elseif rank == 1 then
+      local r = T.zeros({n})
+      C.recv(r, 0)
+      out.recv = r:to_table()[n]
+    end
+  end
+  if os.getenv("COLL_DEBUG") then print("before barrier", name, rank) end
+  C.barrier()
+  return out
+end)
+
+local function run(world, n)
+  local name = "g" .. world .. "_" .. n
+  local refs = {}
+  for r = 0, world - 1 do refs[r + 1] = rank_body:remote(world, r, n, name) end
+  return tide.get(refs, {timeout = 60})
+end
+
+for _, case in ipairs({{2, 1000}, {3, 1001}, {4, 1023}, {2, 7}}) do
+  local world, n = case[1], case[2]
+  t.test(string.format("%d ranks, %d elements: every collective", world, n), function()
+    local res = run(world, n)
+    local s = world * (world + 1) / 2  -- sum of (rank + 1)
+    for rank = 0, world - 1 do
+      local o = res[rank + 1]
+      t.eq(o.sum[1], s, "allreduce sum")
+      t.eq(o.sum[2], s * n, "allreduce sum, last element")
+      t.ok(math.abs(o.avg[2] - s * n / world) < 1e-3 * n, "allreduce avg")
+      t.eq(o.max[2], world * n, "allreduce max")
+      t.eq(o.min[2], n, "allreduce min")
+      t.eq(o.gather[1], 1, "allgather first")
+      t.eq(o.gather[2], world * n, "allgather last (rank world-1's last)")
+      t.eq(o.bcast, 7 * n, "broadcast from rank 1")
+    end
+    -- reduce_scatter: rank r holds chunk r of the sum; chunks cover n.
+    local total, start = 0, 1
+    for rank = 0, world - 1 do
+      local o = res[rank + 1]
+      t.eq(o.rs_first, s * start, "reduce_scatter chunk start")
+      start = start + o.rs_len
+      total = total + o.rs_len
+    end
+    t.eq(total, n, "reduce_scatter chunks cover the tensor")
+    t.eq(res[2].recv, 5 * n, "send/recv")
+  end)
+end
+
+t.test("bad arguments are refused clearly", function()
+  local f = tide.remote({num_cpus = 0}, function()
+    local C = require("tide.collective")
+    local ok1, e1 = pcall(C.init_group, 2, 5, "bad")
+    local ok2, e2 = pcall(C.allreduce, require("tide.tensor").ones({3}))
+    return ok1, tostring(e1), ok2, tostring(e2)
+  end):options({num_returns = 4})
+  local a, b, c, d = f:remote()
+  t.eq(tide.get(a), false)
+  t.ok(tide.get(b):find("rank"), tide.get(b))
+  t.eq(tide.get(c), false)
+  t.ok(tide.get(d):find("init_group"), tide.get(d))
+end)
+
+t.done()
