@@ -290,3 +290,34 @@ if wanted("http") then
     serve.shutdown()
   end
 end
+
+-- CPU collectives between two tasks through tide.collective (bus bandwidth,
+-- the Open MPI peer's metric names; `tide bench allreduce` runs just these).
+if wanted("allreduce") then
+  local rank_fn = tide.remote({num_cpus = 0}, function(world, rank, name, sizes, budget)
+    local T = require("tide.tensor")
+    local C = require("tide.collective")
+    local raw_ = require("tide.rawbench")
+    C.init_group(world, rank, name)
+    local out = {}
+    for i, bytes in ipairs(sizes) do
+      local n = math.floor(bytes / 4)
+      local x = T.ones({n})
+      C.allreduce(x, "sum") -- warm up, fault pages in
+      local iters = math.max(3, math.min(200, math.floor(budget / (bytes / 1e9 + 1e-5))))
+      C.barrier()
+      local t0 = raw_.now()
+      for _ = 1, iters do C.allreduce(x, "sum") end
+      local dt = (raw_.now() - t0) / iters
+      out[i] = 2 * (world - 1) / world * bytes / dt / 1e9
+    end
+    return out
+  end)
+  local sizes = {4096, 65536, 1048576, 16777216, 67108864, 268435456}
+  local res = tide.get({rank_fn:remote(2, 0, "bench", sizes, 0.05 * SCALE),
+                        rank_fn:remote(2, 1, "bench", sizes, 0.05 * SCALE)})
+  for i, bytes in ipairs(sizes) do
+    local label = bytes >= 1048576 and (math.floor(bytes / 1048576) .. "MiB") or (math.floor(bytes / 1024) .. "KiB")
+    m("allreduce_f32_sum_" .. label, math.min(res[1][i], res[2][i]), "GB/s", nil, {ranks = 2, bytes = bytes})
+  end
+end

@@ -128,8 +128,6 @@ static int td__traceback(lua_State *L) {
 static void td__open(lua_State *L) {
   luaL_openlibs(L);
   td_core_setup_paths(L, td__home);
-  lua_pushcfunction(L, luaopen_tide_rawbench);
-  lua_setfield(L, -2, "tide.rawbench");
   lua_pushcfunction(L, luaopen_tide_readline);
   lua_setfield(L, -2, "tide.readline");
   lua_pop(L, 1);
@@ -267,6 +265,7 @@ static int td__run(int argc, char **argv, int first, const char *script_override
   fflush(stdout);
   /* Let workers' last prints arrive, then tear everything down. */
   if (td_ctx.node) {
+    td_core_bg_stop();
     td_node_pump(td_ctx.node, 0);
     td_node_destroy(&td_ctx.node);
   } else if (td_ctx.ch.fd >= 0 && !td_ctx.is_driver) {
@@ -403,6 +402,8 @@ static int td__start(int argc, char **argv) {
     unlink(pidf);
     return 2;
   }
+  /* This process pumps the node itself. */
+  td_core_bg_stop();
   unlink(sock);
   struct sockaddr_un sa;
   memset(&sa, 0, sizeof(sa));

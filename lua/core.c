@@ -1198,6 +1198,7 @@ int luaopen_tide_core(lua_State *L) {
 }
 
 int luaopen_tide_collective_c(lua_State *L);
+int luaopen_tide_rawbench(lua_State *L);
 
 /* Puts $home/stdlib on package.path and preloads tide.core and the
  * optional C modules linked into the binary (the gpu layer). Leaves
@@ -1216,6 +1217,8 @@ void td_core_setup_paths(lua_State *L, const char *home) {
   lua_setfield(L, -2, "tide.core");
   lua_pushcfunction(L, luaopen_tide_collective_c);
   lua_setfield(L, -2, "tide.collective_c");
+  lua_pushcfunction(L, luaopen_tide_rawbench);
+  lua_setfield(L, -2, "tide.rawbench");
   if (!looked) {
     tensor = (lua_CFunction)(uintptr_t)dlsym(RTLD_DEFAULT, "luaopen_tide_tensor");
     looked = 1;
