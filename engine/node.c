@@ -490,7 +490,8 @@ static td_wk_t *td__spawn(td_node_t *n, int kind, const int *gpus, int ngpus) {
     fcntl(4, F_SETFD, 0);
     close_range(5, ~0U, 0);
     signal(SIGINT, SIG_IGN);
-    if (ngpus) setenv("CUDA_VISIBLE_DEVICES", gpubuf, 1);
+    /* No setenv here (not safe after fork in a threaded process): the
+     * worker sets CUDA_VISIBLE_DEVICES from argv. */
     char *argv[] = {"tide-worker", "__worker", idbuf, kindbuf, gpubuf, NULL};
     execv(n->exe, argv);
     _exit(127);
@@ -1982,6 +1983,14 @@ int td_node_add_client(td_node_t *n, int fd) {
   td_chan_flush(&wk->ch);
   td_log("client %llu attached", (unsigned long long)wk->id);
   return 0;
+}
+
+int td_node_fds(td_node_t *n, int *fds, int max) {
+  int k = 0;
+  for (int i = 0; i < n->nwks && k < max; i++)
+    if (n->wks[i]->ch.fd >= 0) fds[k++] = n->wks[i]->ch.fd;
+  if (n->ext_fd >= 0 && k < max) fds[k++] = n->ext_fd;
+  return k;
 }
 
 void td_node_watch_fd(td_node_t *n, int fd, td_node_cb on_readable, td_node_cb on_tick, void *ud) {

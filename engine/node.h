@@ -52,6 +52,8 @@ void td_node_watch_fd(td_node_t *n, int fd, td_node_cb on_readable, td_node_cb o
 /* Adopts a connected client (a driver or REPL attached to this node over
  * a Unix socket): sends it the store fd and its id. Returns 0 or an error. */
 int td_node_add_client(td_node_t *n, int fd);
+/* The fds a pump would poll (a snapshot for a thread waiting on them). */
+int td_node_fds(td_node_t *n, int *fds, int max);
 /* Handles one message as if a client had sent it; for fuzzing and tests.
  * Returns 0 or TD_EPROTO (the fake client is then dropped). */
 int td_node_feed(td_node_t *n, uint8_t type, const uint8_t *p, uint32_t len);

@@ -1272,6 +1272,8 @@ int td_worker_main(int argc, char **argv) {
   td_ctx.wk_id = strtoull(argv[2], NULL, 10);
   td_ctx.kind = atoi(argv[3]);
   snprintf(td_ctx.gpu_ids, sizeof(td_ctx.gpu_ids), "%s", argc > 4 ? argv[4] : "");
+  /* A GPU actor's process sees only its GPUs. */
+  if (td_ctx.gpu_ids[0]) setenv("CUDA_VISIBLE_DEVICES", td_ctx.gpu_ids, 1);
   const char *im = getenv("TIDE_INLINE_MAX");
   td_ctx.inline_max = im ? strtoull(im, NULL, 10) : 64 * 1024;
   const char *home = getenv("TIDE_HOME");

@@ -69,6 +69,8 @@ int td_w_await(lua_State *L, uint32_t req, td_push_fn push, void *ud);
 /* Allocates a shared-memory extent (blocking round trip). */
 int td_w_alloc(size_t size, size_t *off);
 int td_worker_main(int argc, char **argv);
+/* Stops the driver's background pump thread (idempotent). */
+void td_core_bg_stop(void);
 /* Node daemon: serve `tide submit` jobs (stdlib/tide/jobs.lua) over RPC. */
 void td_core_enable_jobs(const char *home);
 /* Attaches this process to a node as a client (see worker.c). */
