@@ -404,7 +404,7 @@ function Model:new_cache(B)
   return c
 end
 
--- m:generate(prompt, n [, {temperature = 1, top_k = 0, seed = 0}]) -> ids
+-- m:generate(prompt, n [, {temperature = 1, top_k = 0, seed = 0, on_token = fn}]) -> ids
 -- prompt: an array of ids (one sequence) or an array of equal-length arrays
 -- (a batch); returns the prompt followed by n new ids (same nesting).
 -- Uses a KV cache: one forward over the prompt, then one position per new
@@ -444,6 +444,9 @@ function Model:generate(prompt, n, opts)
     sopts.offset = (step - 1) * B
     local next_ids = T.sample(logits, sopts):to_table()
     for b = 1, B do out[b][#out[b] + 1] = next_ids[b] end
+    -- on_token(id | ids, step) sees each new token as it is made (streaming);
+    -- returning false stops the generation early.
+    if opts.on_token and opts.on_token(batched and next_ids or next_ids[1], step) == false then break end
     if step == n then break end
     if cache.pos >= bs then
       prefill(floor(bs / 2))
