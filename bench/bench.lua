@@ -287,6 +287,39 @@ if wanted("http") then
     end
     load("http_get_hello", "/hello")
     load("http_post_echo_json", "/echo", '{"user":"tide","items":[1,2,3],"note":"benchmark body"}')
+    -- Ingress overhead: one request at a time over HTTP against calling an
+    -- actor with the same handler directly, medians from the same run.
+    local out = os.tmpname()
+    os.execute(string.format("(%s --url http://127.0.0.1:%d/hello -c 1 -d %g > %s 2>&1; echo END >> %s) &",
+      client, port, 2 * SCALE, out, out))
+    local text
+    repeat
+      serve.poll(0.2)
+      local h = io.open(out, "r")
+      text = h and h:read("*a") or ""
+      if h then h:close() end
+    until text:find("END")
+    os.remove(out)
+    local p50_http
+    for line in text:gmatch("[^\n]+") do
+      local ok, rec = pcall(cjson.decode, line)
+      if ok and type(rec) == "table" and rec.p50_ms then p50_http = rec.p50_ms end
+    end
+    local Direct = tide.actor({call = function() return "ok" end})
+    local d = Direct:remote()
+    tide.get(d:call())
+    local lat = {}
+    for i = 1, 2000 do
+      local t0 = raw.now()
+      tide.get(d:call())
+      lat[i] = raw.now() - t0
+    end
+    table.sort(lat)
+    local p50_direct = lat[1000] * 1000
+    if p50_http then
+      m("http_ingress_overhead_p50", (p50_http - p50_direct) * 1000, "us", nil,
+        {http_p50_ms = p50_http, direct_call_p50_ms = p50_direct})
+    end
     serve.shutdown()
   end
 end
