@@ -305,6 +305,29 @@ if wanted("http") then
       local ok, rec = pcall(cjson.decode, line)
       if ok and type(rec) == "table" and rec.p50_ms then p50_http = rec.p50_ms end
     end
+    -- Time to first chunk of a stream whose handler sends at once, one
+    -- request at a time on a keep-alive connection, from a task.
+    local streamer = serve.deployment{name = "stream1", route = "/stream1", num_replicas = 1,
+      call = function() return serve.stream(function(send) send("x") end) end}
+    serve.deploy({streamer})
+    local ttfc = tide.remote({num_cpus = 0}, function(port_, n, home)
+      package.path = home .. "/tests/lua/?.lua;" .. package.path
+      local httpc = require("httpc")
+      local c = httpc.connect("127.0.0.1", port_)
+      c:request("GET", "/stream1")
+      local ts = {}
+      for i = 1, n do
+        local t0 = httpc.now()
+        local r = c:request("GET", "/stream1")
+        ts[i] = r.chunks[1].t - t0
+      end
+      c:close()
+      table.sort(ts)
+      return ts[math.floor(n / 2)]
+    end)
+    local ref = ttfc:remote(port, 300, home)
+    repeat serve.poll(0.05) until #tide.wait({ref}, {timeout = 0}) == 1
+    m("http_stream_first_chunk_p50", tide.get(ref) * 1e6, "us", nil, {requests = 300})
     local Direct = tide.actor({call = function() return "ok" end})
     local d = Direct:remote()
     tide.get(d:call())
