@@ -263,7 +263,7 @@ if wanted("http") then
     local echo = serve.deployment{name = "echo", route = "/echo", num_replicas = 1,
       call = function(_, req) return req.json end}
     local port = serve.run({hello, echo}, {port = 18950, blocking = false})
-    local function load(name, path, post)
+    local function load(name, path, post, limit)
       local out = os.tmpname()
       local cmd = string.format("(%s --url http://127.0.0.1:%d%s -c 32 -d %g %s > %s 2>&1; echo END >> %s) &",
         client, port, path, 3 * SCALE, post and ("--post '" .. post .. "'") or "", out, out)
@@ -279,13 +279,31 @@ if wanted("http") then
       for line in text:gmatch("[^\n]+") do
         local ok, rec = pcall(cjson.decode, line)
         if ok and type(rec) == "table" and rec.value then
-          m(name, rec.value, "req/s", nil, {p50_ms = rec.p50_ms, p99_ms = rec.p99_ms, errors = rec.errors})
+          m(name, rec.value, "req/s", limit, {p50_ms = rec.p50_ms, p99_ms = rec.p99_ms, errors = rec.errors})
           return
         end
       end
       io.stderr:write("tide bench: no result from the HTTP client: " .. text .. "\n")
     end
-    load("http_get_hello", "/hello")
+    -- The peer in the same run when nginx is installed: nginx's own
+    -- `return 200` (an upper bound for nginx + lua-nginx-module running the
+    -- same handler; Debian's Lua module conflicts with this LuaJIT).
+    local nginx_rps
+    if os.execute("command -v nginx >/dev/null 2>&1") == 0 then
+      os.execute("mkdir -p /tmp/tide-bench-nginx && nginx -p /tmp/tide-bench-nginx/ -e /tmp/tide-bench-nginx/error.log -c "
+        .. home .. "/bench/http/nginx_plain.conf >/dev/null 2>&1")
+      local h = io.popen(string.format("%s --url http://127.0.0.1:18081/hello -c 32 -d %g 2>/dev/null", client, 3 * SCALE))
+      local text = h:read("*a")
+      h:close()
+      os.execute("nginx -p /tmp/tide-bench-nginx/ -e /tmp/tide-bench-nginx/error.log -c " .. home
+        .. "/bench/http/nginx_plain.conf -s stop >/dev/null 2>&1")
+      for line in text:gmatch("[^\n]+") do
+        local ok, rec = pcall(cjson.decode, line)
+        if ok and type(rec) == "table" and rec.value then nginx_rps = rec.value end
+      end
+      if nginx_rps then m("http_get_hello_nginx_return", nginx_rps, "req/s") end
+    end
+    load("http_get_hello", "/hello", nil, nginx_rps)
     load("http_post_echo_json", "/echo", '{"user":"tide","items":[1,2,3],"note":"benchmark body"}')
     -- Ingress overhead: one request at a time over HTTP against calling an
     -- actor with the same handler directly, medians from the same run.
