@@ -21,6 +21,7 @@
 #include <netdb.h>
 #include <sys/socket.h>
 
+#include "bridge.h"
 #include "core.h"
 
 extern volatile int td_interrupted;
@@ -30,6 +31,8 @@ static lua_State *td__L;
 static int td__serving;  /* tide serve run: --host/--port are allowed */
 static int td__repl;     /* tide repl: Ctrl-C interrupts, never exits */
 static int td__statuscmd; /* tide status: flags are parsed */
+static int td__remote;    /* attached over TCP through the bridge */
+static const char *td__key_arg; /* --key FILE */
 static char td__home[PATH_MAX];
 static char td__exe[PATH_MAX];
 
@@ -143,6 +146,7 @@ static void td__open(lua_State *L) {
 /* -- tide run --------------------------------------------------------------------- */
 
 static int td__resolve_address(const char *a, char *out, size_t n);
+static void td__session_dir(char *out, size_t n);
 
 /* Parses option flags from argv[first]; sets registry tide.cli_opts.
  * Returns -1 to go on (with *next at the first non-option), or an exit code. */
@@ -159,6 +163,7 @@ static int td__parse_flags(lua_State *L, int argc, char **argv, int first, int *
     else if (!strcmp(a, "--resources")) key = "resources_json";
     else if (!strcmp(a, "--object-store-memory")) key = "object_store_memory";
     else if (!strcmp(a, "--address")) key = "address";
+    else if (!strcmp(a, "--key") && i + 1 < argc) { td__key_arg = argv[++i]; continue; }
     else if (!strcmp(a, "--host") && td__serving) key = "serve_host";
     else if (!strcmp(a, "--port") && td__serving) key = "serve_port";
     else return td__usage_error("unknown option %s", a);
@@ -202,8 +207,30 @@ static int td__run(int argc, char **argv, int first, const char *script_override
   if (!addr) addr = getenv("TIDE_ADDRESS");
   if (addr) {
     char path[PATH_MAX], err[512];
-    if (td__resolve_address(addr, path, sizeof(path))) return 2;
-    if (td_client_connect(path, err, sizeof(err))) {
+    int kind = td__resolve_address(addr, path, sizeof(path));
+    if (kind < 0) return 2;
+    if (kind == 1) {
+      /* TCP: the cluster key from --key, TIDE_KEY_FILE, or this user's session. */
+      char keyf[PATH_MAX + 16];
+      const char *kf = td__key_arg ? td__key_arg : getenv("TIDE_KEY_FILE");
+      if (!kf) {
+        char dir[PATH_MAX - 16];
+        td__session_dir(dir, sizeof(dir));
+        snprintf(keyf, sizeof(keyf), "%s/cluster.key", dir);
+        kf = keyf;
+      }
+      td_cluster_key_t key;
+      int fd;
+      if (td_key_load(kf, &key)) {
+        fprintf(stderr, "tide: no cluster key at %s (pass --key FILE or set TIDE_KEY_FILE)\n", kf);
+        return 1;
+      }
+      if (td_bridge_client_start(path, &key, &fd) || td_client_connect_fd(fd, addr, err, sizeof(err))) {
+        fprintf(stderr, "tide: %s\n", err[0] ? err : "cannot reach the node");
+        return 1;
+      }
+      td__remote = 1;
+    } else if (td_client_connect(path, err, sizeof(err))) {
       fprintf(stderr, "tide: %s\n", err);
       return 1;
     }
@@ -274,6 +301,10 @@ static int td__run(int argc, char **argv, int first, const char *script_override
     L = NULL;
     td_core_flush_refs();
     td_chan_flush_all(&td_ctx.ch);
+    if (td__remote) {
+      close(td_ctx.ch.fd);
+      td_bridge_client_stop();
+    }
   }
   td__L = NULL;
   return rc;
@@ -291,7 +322,8 @@ static void td__session_dir(char *out, size_t n) {
   else snprintf(out, n, "/tmp/tide-%d", (int)getuid());
 }
 
-/* Resolves --address to a socket path; returns 0 or prints why not. */
+/* Resolves --address: a Unix socket path (returns 0) or, for HOST:PORT, a
+ * ZeroMQ endpoint (returns 1); -1 after printing why not. */
 static int td__resolve_address(const char *a, char *out, size_t n) {
   if (!strcmp(a, "local") || !strcmp(a, "auto") || !*a) {
     char dir[PATH_MAX - 16];
@@ -303,8 +335,12 @@ static int td__resolve_address(const char *a, char *out, size_t n) {
     snprintf(out, n, "%s", a);
     return 0;
   }
-  fprintf(stderr, "tide: address %s: only this machine's node can be attached to for now "
-                  "(--address local, or the node.sock path `tide start --head` printed)\n", a);
+  const char *colon = strrchr(a, ':');
+  if (colon && colon[1] && strspn(colon + 1, "0123456789") == strlen(colon + 1) && colon > a) {
+    snprintf(out, n, "tcp://%.*s:%s", (int)(colon - a), a, colon + 1);
+    return 1;
+  }
+  fprintf(stderr, "tide: address %s: give HOST:PORT, local, or a node.sock path\n", a);
   return -1;
 }
 
@@ -331,8 +367,10 @@ static int td__read_pid(const char *dir) {
 }
 
 static int td__start(int argc, char **argv) {
-  int head = 0, block = 0;
+  int head = 0, block = 0, port = 6380;
+  const char *bind_host = "0.0.0.0";
   char dir[PATH_MAX], sock[PATH_MAX + 16], pidf[PATH_MAX + 16], logf[PATH_MAX + 16];
+  char keyf[PATH_MAX + 16];
   td__session_dir(dir, sizeof(dir));
   /* Resource flags are parsed by the same code as tide run. */
   char *rest[64];
@@ -342,6 +380,8 @@ static int td__start(int argc, char **argv) {
   for (int i = 2; i < argc && nrest < 62; i++) {
     if (!strcmp(argv[i], "--head")) head = 1;
     else if (!strcmp(argv[i], "--block")) block = 1;
+    else if (!strcmp(argv[i], "--port") && i + 1 < argc) port = atoi(argv[++i]);
+    else if (!strcmp(argv[i], "--host") && i + 1 < argc) bind_host = argv[++i];
     else if (!strcmp(argv[i], "--address"))
       return td__usage_error("%s", "joining another node (--address) needs multi-node support, which "
                                    "is not built yet; start a single node with --head");
@@ -361,6 +401,7 @@ static int td__start(int argc, char **argv) {
   snprintf(sock, sizeof(sock), "%s/node.sock", dir);
   snprintf(pidf, sizeof(pidf), "%s/node.pid", dir);
   snprintf(logf, sizeof(logf), "%s/node.log", dir);
+  snprintf(keyf, sizeof(keyf), "%s/cluster.key", dir);
   if (!block) {
     pid_t pid = fork();
     if (pid < 0) return 1;
@@ -370,7 +411,11 @@ static int td__start(int argc, char **argv) {
         if (stat(sock, &st) == 0) {
           printf("tide: node started (pid %d), session %s\n", (int)pid, dir);
           printf("attach with:\n  bin/tide run --address local SCRIPT.lua\n  bin/tide repl --address local\n"
-                 "  bin/tide status\nstop with:\n  bin/tide stop\n");
+                 "  bin/tide status\n");
+          if (port > 0)
+            printf("from another machine (copy the key, mode 0600):\n"
+                   "  bin/tide run --address HOST:%d --key %s SCRIPT.lua\n", port, keyf);
+          printf("stop with:\n  bin/tide stop\n");
           return 0;
         }
         int st2;
@@ -421,6 +466,20 @@ static int td__start(int argc, char **argv) {
     return 1;
   }
   chmod(sock, 0600);
+  /* TCP, secured with CURVE: the cluster key is made once per session. */
+  if (port > 0) {
+    td_cluster_key_t key;
+    if (td_key_load(keyf, &key) && td_key_create(keyf, &key)) {
+      fprintf(stderr, "tide: cannot write the cluster key %s\n", keyf);
+    } else {
+      char ep[300];
+      snprintf(ep, sizeof(ep), "tcp://%s:%d", bind_host, port);
+      if (td_bridge_server_start(ep, sock, &key) == 0)
+        printf("tide: listening on %s (CURVE; key %s)\n", ep, keyf);
+      else
+        fprintf(stderr, "tide: TCP disabled: cannot listen on %s\n", ep);
+    }
+  }
   setenv("TIDE_SESSION_DIR", dir, 1);
   td_core_enable_jobs(td__home);
   signal(SIGTERM, td__on_term);
@@ -435,6 +494,7 @@ static int td__start(int argc, char **argv) {
     td_node_pump(td_ctx.node, 0.5);
   }
   printf("tide: node stopping\n");
+  td_bridge_server_stop();
   td_node_destroy(&td_ctx.node);
   close(td__listen_fd);
   unlink(sock);

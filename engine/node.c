@@ -94,6 +94,7 @@ struct td_wk {
   int exit_status;
   td_map_t allocs;       /* shm extents lent by TD_M_ALLOC: off+1 -> len */
   int nslow;             /* inflight tasks not known to be short */
+  int remote;            /* a client over TCP: no shared memory */
   double last_done;      /* when its last task finished */
 };
 
@@ -594,7 +595,7 @@ static double td__task_gpus(const td_task_t *t) {
 
 /* Appends how a dependency value travels. Shared-memory values are pinned
  * until the task finishes. */
-static void td__put_value(td_node_t *n, td_buf_t *b, uint64_t id, int pin) {
+static void td__put_value(td_node_t *n, td_buf_t *b, uint64_t id, int pin, int remote) {
   td_obj_t *o = td__obj(n, id);
   if (!o || o->state == OBJ_PENDING || td__obj_resident(n, o) != 0) {
     td_buf_u8(b, TD_V_LOST);
@@ -603,6 +604,10 @@ static void td__put_value(td_node_t *n, td_buf_t *b, uint64_t id, int pin) {
   if (o->state == OBJ_ERROR) {
     td_buf_u8(b, TD_V_ERROR);
     td_buf_str(b, o->data, o->len);
+  } else if (o->loc == LOC_SHM && remote) {
+    /* A remote client cannot map the store: the bytes travel inline. */
+    td_buf_u8(b, TD_V_INLINE);
+    td_buf_str(b, td_store_base(n->store) + o->off, o->len);
   } else if (o->loc == LOC_SHM) {
     td_buf_u8(b, TD_V_SHM);
     td_buf_u64(b, o->off);
@@ -639,7 +644,7 @@ static void td__send_args(td_node_t *n, td_wk_t *wk, td_task_t *t) {
   td_buf_u32(b, t->spec.ndeps);
   for (uint32_t i = 0; i < t->spec.ndeps; i++) {
     td_buf_u64(b, t->spec.deps[i]);
-    td__put_value(n, b, t->spec.deps[i], 1);
+    td__put_value(n, b, t->spec.deps[i], 1, 0);
   }
 }
 
@@ -1373,7 +1378,7 @@ static int td__req_try(td_node_t *n, td_req_t *r, int expired) {
     }
     td_buf_u8(b, (uint8_t)timed_out);
     if (!timed_out)
-      for (uint32_t i = 0; i < r->n; i++) td__put_value(n, b, r->ids[i], 1);
+      for (uint32_t i = 0; i < r->n; i++) td__put_value(n, b, r->ids[i], !r->wk->remote, r->wk->remote);
     td_chan_end(&r->wk->ch);
     return 1;
   }
@@ -1592,6 +1597,10 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
   td_rd_init(&rd, p, len);
   switch (type) {
     case TD_M_READY: return 0;
+    case TD_M_REMOTE:
+      if (wk->kind != WK_CLIENT) return TD_EPROTO;
+      wk->remote = 1;
+      return 0;
     case TD_M_DONE: return td__on_done(n, wk, &rd);
     case TD_M_ITEM: return td__on_item(n, wk, &rd);
     case TD_M_SUBMIT: {
@@ -1683,7 +1692,7 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
       uint64_t size = td_rd_u64(&rd);
       if (rd.bad) return TD_EPROTO;
       size_t off = 0;
-      int rc = td__alloc(n, size, &off, NULL);
+      int rc = wk->remote ? TD_EINVAL : td__alloc(n, size, &off, NULL);
       if (rc == 0) td_map_set(&wk->allocs, (uint64_t)off + 1, (void *)(uintptr_t)size);
       td_buf_t b;
       td_buf_init(&b);

@@ -36,6 +36,7 @@ enum {
   TD_M_STREAM_NEXT,    /* u32 req, u64 stream id, u32 index, f64 timeout */
   TD_M_UNPIN,          /* u32 n, u64 ids[n] */
   TD_M_ACTOR_READY,    /* u64 actor id */
+  TD_M_REMOTE,         /* from the TCP bridge: this client cannot map the store */
 };
 
 /* How a value travels: inline bytes, a shared-memory extent, or an error. */

@@ -1198,6 +1198,64 @@ static void td__dispatch(uint8_t type, const uint8_t *p, uint32_t len) {
  * A driver or REPL attached to a running node (`tide start --head`) uses
  * the worker side of the bindings: its calls become messages to the node.
  */
+/* Common part: fd is connected to the node (directly or through the TCP
+ * bridge); a local client first receives the store's fd. */
+static int td__client_attach(int fd, int remote, const char *where, char *err, size_t errlen) {
+  int storefd = -1;
+  if (!remote) {
+    char byte;
+    struct iovec iov = {&byte, 1};
+    char ctl[CMSG_SPACE(sizeof(int))];
+    struct msghdr mh = {0};
+    mh.msg_iov = &iov;
+    mh.msg_iovlen = 1;
+    mh.msg_control = ctl;
+    mh.msg_controllen = sizeof(ctl);
+    if (recvmsg(fd, &mh, 0) == 1) {
+      struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+      if (cm && cm->cmsg_type == SCM_RIGHTS) memcpy(&storefd, CMSG_DATA(cm), sizeof(int));
+    }
+    if (storefd < 0) {
+      snprintf(err, errlen, "the node at %s did not send its object store", where);
+      close(fd);
+      return -1;
+    }
+  }
+  memset(&td_ctx, 0, sizeof(td_ctx));
+  td_ctx.kind = WK_CLIENT;
+  td_chan_init(&td_ctx.ch, fd);
+  if (storefd >= 0) {
+    td_ctx.base = td_store_map(storefd, &td_ctx.cap);
+    close(storefd);
+  }
+  td_map_init(&td_ctx.lrefs);
+  td_map_init(&td__actors);
+  td_map_init(&td__waiting);
+  td_map_init(&td__blobs);
+  td_ser_init(&td_ctx.ser);
+  td_buf_init(&td__out);
+  for (;;) {
+    uint8_t type;
+    const uint8_t *p;
+    uint32_t len;
+    int got = td_chan_next(&td_ctx.ch, &type, &p, &len);
+    if (got == 1 && type == TD_M_HELLO && len >= 16) {
+      memcpy(&td_ctx.wk_id, p, 8);
+      uint64_t im;
+      memcpy(&im, p + 8, 8);
+      /* Without the store every value travels inline. */
+      td_ctx.inline_max = remote ? (size_t)1 << 40 : (size_t)im;
+      return 0;
+    }
+    if (got != 0) break;
+    struct pollfd pfd = {fd, POLLIN, 0};
+    if (poll(&pfd, 1, 5000) <= 0 || td_chan_read(&td_ctx.ch)) break;
+  }
+  snprintf(err, errlen, "the node at %s did not answer%s", where,
+           remote ? " (wrong or missing cluster key? see --key)" : "");
+  return -1;
+}
+
 int td_client_connect(const char *path, char *err, size_t errlen) {
   struct sockaddr_un sa;
   memset(&sa, 0, sizeof(sa));
@@ -1214,53 +1272,11 @@ int td_client_connect(const char *path, char *err, size_t errlen) {
     if (fd >= 0) close(fd);
     return -1;
   }
-  char byte;
-  struct iovec iov = {&byte, 1};
-  char ctl[CMSG_SPACE(sizeof(int))];
-  struct msghdr mh = {0};
-  mh.msg_iov = &iov;
-  mh.msg_iovlen = 1;
-  mh.msg_control = ctl;
-  mh.msg_controllen = sizeof(ctl);
-  int storefd = -1;
-  if (recvmsg(fd, &mh, 0) == 1) {
-    struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
-    if (cm && cm->cmsg_type == SCM_RIGHTS) memcpy(&storefd, CMSG_DATA(cm), sizeof(int));
-  }
-  if (storefd < 0) {
-    snprintf(err, errlen, "the node at %s did not send its object store", path);
-    close(fd);
-    return -1;
-  }
-  memset(&td_ctx, 0, sizeof(td_ctx));
-  td_ctx.kind = WK_CLIENT;
-  td_chan_init(&td_ctx.ch, fd);
-  td_ctx.base = td_store_map(storefd, &td_ctx.cap);
-  close(storefd);
-  td_map_init(&td_ctx.lrefs);
-  td_map_init(&td__actors);
-  td_map_init(&td__waiting);
-  td_map_init(&td__blobs);
-  td_ser_init(&td_ctx.ser);
-  td_buf_init(&td__out);
-  for (;;) {
-    uint8_t type;
-    const uint8_t *p;
-    uint32_t len;
-    int got = td_chan_next(&td_ctx.ch, &type, &p, &len);
-    if (got == 1 && type == TD_M_HELLO && len >= 16) {
-      memcpy(&td_ctx.wk_id, p, 8);
-      uint64_t im;
-      memcpy(&im, p + 8, 8);
-      td_ctx.inline_max = (size_t)im;
-      return 0;
-    }
-    if (got != 0) break;
-    struct pollfd pfd = {fd, POLLIN, 0};
-    if (poll(&pfd, 1, 5000) <= 0 || td_chan_read(&td_ctx.ch)) break;
-  }
-  snprintf(err, errlen, "the node at %s did not greet this client", path);
-  return -1;
+  return td__client_attach(fd, 0, path, err, errlen);
+}
+
+int td_client_connect_fd(int fd, const char *where, char *err, size_t errlen) {
+  return td__client_attach(fd, 1, where, err, errlen);
 }
 
 int td_worker_main(int argc, char **argv) {

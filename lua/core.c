@@ -1,5 +1,6 @@
 /* Tide Lua bindings (see core.h). */
 #include "core.h"
+#include "bridge.h"
 
 #include <lauxlib.h>
 #include <lualib.h>
@@ -713,6 +714,8 @@ static int c_stats(lua_State *L) {
   TD__F(workers) TD__F(actors) TD__F(tasks_running) TD__F(tasks_queued)
   TD__F(objects) TD__F(store_used) TD__F(store_capacity) TD__F(spilled_bytes)
 #undef TD__F
+  lua_pushnumber(L, (lua_Number)td_bridge_refused());
+  lua_setfield(L, -2, "refused_connections");
   return 1;
 }
 

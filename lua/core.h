@@ -75,6 +75,8 @@ void td_core_bg_stop(void);
 void td_core_enable_jobs(const char *home);
 /* Attaches this process to a node as a client (see worker.c). */
 int td_client_connect(const char *path, char *err, size_t errlen);
+/* The same over an fd from the TCP bridge (no shared memory). */
+int td_client_connect_fd(int fd, const char *where, char *err, size_t errlen);
 /* Worker sleep that keeps the process responsive. */
 int td_w_sleep(lua_State *L, double seconds);
 

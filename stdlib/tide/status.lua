@@ -14,3 +14,4 @@ print(string.format("  workers %d, actors %d, tasks running %d, queued %d", s.wo
   s.tasks_running, s.tasks_queued))
 print(string.format("  objects %d, store %d / %d bytes, %d bytes spilled", s.objects, s.store_used,
   s.store_capacity, s.spilled_bytes))
+print(string.format("  connections refused (no valid cluster key): %d", s.refused_connections or 0))

@@ -13,7 +13,8 @@ rmdir "$TIDE_SESSION_DIR"
 W=$(mktemp -d /tmp/tide-cluster-work-XXXXXX)
 trap '$T stop >/dev/null 2>&1; rm -rf "$W" "$TIDE_SESSION_DIR"' EXIT
 
-out=$($T start --head --num-cpus 2 2>&1)
+PORT=$((17000 + $$ % 1000))
+out=$($T start --head --num-cpus 2 --port $PORT 2>&1)
 check "start --head starts a node in the background" '[ $? -eq 0 ] && echo "$out" | grep -q "node started"' "$out"
 check "the session directory is private (0700)" '[ "$(stat -c %a "$TIDE_SESSION_DIR")" = 700 ]'
 check "the node socket is private (0600)" '[ "$(stat -c %a "$TIDE_SESSION_DIR/node.sock")" = 600 ]'
@@ -52,8 +53,26 @@ check "tide status prints resources and counts" \
 
 out=$($T run --address /nonexistent/node.sock "$W/drv2.lua" 2>&1)
 check "attaching to no node fails clearly" '[ $? -ne 0 ] && echo "$out" | grep -q "cannot connect"' "$out"
-out=$($T run --address 10.0.0.1:6380 "$W/drv2.lua" 2>&1)
-check "a TCP address is refused clearly (multi-node is not built yet)" '[ $? -eq 2 ] && echo "$out" | grep -q "only this machine"' "$out"
+check "the cluster key is private (0600)" '[ "$(stat -c %a "$TIDE_SESSION_DIR/cluster.key")" = 600 ]'
+cat > "$W/tcp.lua" <<'LUA'
+local tide = require("tide")
+local sq = tide.remote(function(x) return x * x end)
+local big = tide.remote(function(n) return string.rep("b", n) end)
+print("TCP", tide.get(sq:remote(12)), tide.get(tide.get_actor("keep"):incr()),
+  #tide.get(tide.put(string.rep("x", 300000))), #tide.get(big:remote(500000)))
+LUA
+out=$($T run --address 127.0.0.1:$PORT --key "$TIDE_SESSION_DIR/cluster.key" "$W/tcp.lua" 2>&1)
+check "a driver attached over TCP (CURVE) with the cluster key runs tasks, actors and large objects" \
+  'echo "$out" | grep -q "TCP	144	4	300000	500000"' "$out"
+(export TIDE_SESSION_DIR="$W/other"; $T start --head --port $((PORT + 1)) >/dev/null 2>&1; $T stop >/dev/null 2>&1)
+out=$(timeout 30 $T run --address 127.0.0.1:$PORT --key "$W/other/cluster.key" "$W/drv2.lua" 2>&1)
+check "a driver with another cluster's key is refused" '[ $? -ne 0 ] && echo "$out" | grep -q "did not answer"' "$out"
+out=$($T status 2>&1)
+check "refused connections are counted in tide status" \
+  'echo "$out" | grep -q "refused (no valid cluster key): [1-9]"' "$out"
+check "refusals are logged by the node" 'grep -q "refused a connection" "$TIDE_SESSION_DIR/node.log"'
+out=$($T run --address 10.0.0.1 "$W/drv2.lua" 2>&1)
+check "a malformed address is a usage error" '[ $? -eq 2 ]' "$out"
 
 mkdir -p "$W/wd"
 cat > "$W/wd/job.lua" <<'LUA'

@@ -1,0 +1,387 @@
+/* Tide TCP bridge (see bridge.h). */
+#include "bridge.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+#include <zmq.h>
+
+#include "proto.h"
+#include "td.h"
+
+#define TD__IDLE_S 15.0    /* a client silent this long is gone */
+#define TD__BEAT_S 2.0     /* clients send an empty message this often */
+
+/* -- Keys -------------------------------------------------------------------- */
+
+int td_key_create(const char *path, td_cluster_key_t *k) {
+  if (zmq_curve_keypair(k->server_public, k->server_secret) ||
+      zmq_curve_keypair(k->client_public, k->client_secret))
+    return -1;
+  int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0) return -1;
+  fchmod(fd, 0600);
+  char buf[512];
+  int n = snprintf(buf, sizeof(buf),
+                   "# Tide cluster key: whoever holds this file may join and run code.\n"
+                   "server_public=%s\nserver_secret=%s\nclient_public=%s\nclient_secret=%s\n",
+                   k->server_public, k->server_secret, k->client_public, k->client_secret);
+  int ok = write(fd, buf, (size_t)n) == n;
+  close(fd);
+  return ok ? 0 : -1;
+}
+
+int td_key_load(const char *path, td_cluster_key_t *k) {
+  FILE *f = fopen(path, "r");
+  if (!f) return -1;
+  memset(k, 0, sizeof(*k));
+  char line[256];
+  while (fgets(line, sizeof(line), f)) {
+    char *eq = strchr(line, '=');
+    if (!eq || line[0] == '#') continue;
+    *eq = 0;
+    char *v = eq + 1;
+    v[strcspn(v, "\r\n")] = 0;
+    if (strlen(v) != 40) continue;
+    if (!strcmp(line, "server_public")) memcpy(k->server_public, v, 41);
+    else if (!strcmp(line, "server_secret")) memcpy(k->server_secret, v, 41);
+    else if (!strcmp(line, "client_public")) memcpy(k->client_public, v, 41);
+    else if (!strcmp(line, "client_secret")) memcpy(k->client_secret, v, 41);
+  }
+  fclose(f);
+  return k->server_public[0] && k->client_public[0] && k->client_secret[0] ? 0 : -1;
+}
+
+/* -- Node side ----------------------------------------------------------------- */
+
+typedef struct td__conn {
+  uint8_t id[256];   /* ZeroMQ routing id */
+  size_t idlen;
+  int fd;            /* client connection on the node's Unix socket */
+  double seen;       /* last message from the peer */
+} td__conn_t;
+
+static struct {
+  void *ctx, *router, *zap, *mon;
+  pthread_t th;
+  int running;
+  _Atomic int stop;
+  _Atomic uint64_t refused;
+  char unix_sock[256];
+  td_cluster_key_t key;
+  uint8_t client_pub[32];
+  td__conn_t *conns;
+  int nconns, capconns;
+} B;
+
+uint64_t td_bridge_refused(void) { return atomic_load(&B.refused); }
+
+static int td__write_all(int fd, const void *p, size_t n) {
+  const uint8_t *b = p;
+  while (n) {
+    ssize_t w = write(fd, b, n);
+    if (w < 0 && errno == EINTR) continue;
+    if (w < 0 && errno == EAGAIN) {
+      struct pollfd pfd = {fd, POLLOUT, 0};
+      poll(&pfd, 1, 1000);
+      continue;
+    }
+    if (w <= 0) return -1;
+    b += w;
+    n -= (size_t)w;
+  }
+  return 0;
+}
+
+/* A new peer becomes a client of the node: connect, drop the store fd the
+ * node offers (a remote peer cannot map it), and say it is remote. */
+static int td__conn_open(td__conn_t *c) {
+  struct sockaddr_un sa;
+  memset(&sa, 0, sizeof(sa));
+  sa.sun_family = AF_UNIX;
+  memcpy(sa.sun_path, B.unix_sock, strlen(B.unix_sock) + 1);
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof(sa)) != 0) {
+    if (fd >= 0) close(fd);
+    return -1;
+  }
+  char byte;
+  struct iovec iov = {&byte, 1};
+  char ctl[CMSG_SPACE(sizeof(int))];
+  struct msghdr mh = {0};
+  mh.msg_iov = &iov;
+  mh.msg_iovlen = 1;
+  mh.msg_control = ctl;
+  mh.msg_controllen = sizeof(ctl);
+  if (recvmsg(fd, &mh, 0) != 1) { close(fd); return -1; }
+  struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+  if (cm && cm->cmsg_type == SCM_RIGHTS) {
+    int sfd;
+    memcpy(&sfd, CMSG_DATA(cm), sizeof(int));
+    close(sfd);
+  }
+  uint8_t frame[5] = {1, 0, 0, 0, TD_M_REMOTE};
+  if (td__write_all(fd, frame, 5)) { close(fd); return -1; }
+  fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+  c->fd = fd;
+  return 0;
+}
+
+static void td__conn_close(int i) {
+  close(B.conns[i].fd);
+  B.conns[i] = B.conns[--B.nconns];
+}
+
+/* ZAP: only the cluster's client key gets in; everyone else is counted. */
+static void td__zap_one(void) {
+  zmq_msg_t parts[7];
+  int n = 0, more = 1;
+  while (more && n < 7) {
+    zmq_msg_init(&parts[n]);
+    if (zmq_msg_recv(&parts[n], B.zap, 0) < 0) break;
+    more = zmq_msg_more(&parts[n]);
+    n++;
+  }
+  while (more) {  /* drain anything unexpected */
+    zmq_msg_t x;
+    zmq_msg_init(&x);
+    zmq_msg_recv(&x, B.zap, 0);
+    more = zmq_msg_more(&x);
+    zmq_msg_close(&x);
+  }
+  int ok = n == 7 && zmq_msg_size(&parts[5]) == 5 && !memcmp(zmq_msg_data(&parts[5]), "CURVE", 5) &&
+           zmq_msg_size(&parts[6]) == 32 && !memcmp(zmq_msg_data(&parts[6]), B.client_pub, 32);
+  /* Refusals are counted from the socket monitor's handshake events. */
+  const char *rid = n > 1 ? zmq_msg_data(&parts[1]) : "";
+  size_t ridlen = n > 1 ? zmq_msg_size(&parts[1]) : 0;
+  zmq_send(B.zap, "1.0", 3, ZMQ_SNDMORE);
+  zmq_send(B.zap, rid, ridlen, ZMQ_SNDMORE);
+  zmq_send(B.zap, ok ? "200" : "400", 3, ZMQ_SNDMORE);
+  zmq_send(B.zap, ok ? "OK" : "no cluster key", ok ? 2 : 14, ZMQ_SNDMORE);
+  zmq_send(B.zap, "", 0, ZMQ_SNDMORE);
+  zmq_send(B.zap, "", 0, 0);
+  for (int i = 0; i < n; i++) zmq_msg_close(&parts[i]);
+}
+
+/* A failed handshake (no key, wrong key, not ZeroMQ at all): counted and
+ * logged, the peer never reaches the node. */
+static void td__monitor_one(void) {
+  zmq_msg_t ev, addr;
+  zmq_msg_init(&ev);
+  zmq_msg_init(&addr);
+  if (zmq_msg_recv(&ev, B.mon, 0) < 0) goto out;
+  if (zmq_msg_more(&ev)) zmq_msg_recv(&addr, B.mon, 0);
+  if (zmq_msg_size(&ev) >= 6) {
+    uint16_t event;
+    memcpy(&event, zmq_msg_data(&ev), 2);
+    if (event & (ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL |
+                 ZMQ_EVENT_HANDSHAKE_FAILED_AUTH)) {
+      atomic_fetch_add(&B.refused, 1);
+      fprintf(stderr, "tide: refused a connection from %.*s: no valid cluster key\n",
+              (int)zmq_msg_size(&addr), (const char *)zmq_msg_data(&addr));
+      fflush(stderr);
+    }
+  }
+out:
+  zmq_msg_close(&ev);
+  zmq_msg_close(&addr);
+}
+
+static void *td__server_main(void *arg) {
+  (void)arg;
+  uint8_t buf[65536];
+  while (!atomic_load(&B.stop)) {
+    int n = 3 + B.nconns;
+    zmq_pollitem_t items[n];
+    items[0] = (zmq_pollitem_t){B.router, 0, ZMQ_POLLIN, 0};
+    items[1] = (zmq_pollitem_t){B.zap, 0, ZMQ_POLLIN, 0};
+    items[2] = (zmq_pollitem_t){B.mon, 0, ZMQ_POLLIN, 0};
+    for (int i = 0; i < B.nconns; i++) items[3 + i] = (zmq_pollitem_t){NULL, B.conns[i].fd, ZMQ_POLLIN, 0};
+    if (zmq_poll(items, n, 500) < 0 && errno != EINTR) break;
+    if (items[1].revents) td__zap_one();
+    if (items[2].revents) td__monitor_one();
+    double now = td_now();
+    if (items[0].revents) {
+      for (;;) {
+        zmq_msg_t id, data;
+        zmq_msg_init(&id);
+        if (zmq_msg_recv(&id, B.router, ZMQ_DONTWAIT) < 0) { zmq_msg_close(&id); break; }
+        zmq_msg_init(&data);
+        int have = zmq_msg_more(&id) && zmq_msg_recv(&data, B.router, 0) >= 0;
+        size_t idlen = zmq_msg_size(&id);
+        int ci = -1;
+        for (int i = 0; i < B.nconns; i++)
+          if (B.conns[i].idlen == idlen && !memcmp(B.conns[i].id, zmq_msg_data(&id), idlen)) ci = i;
+        if (ci < 0 && idlen <= sizeof(B.conns[0].id)) {
+          if (B.nconns == B.capconns) {
+            B.capconns = B.capconns ? B.capconns * 2 : 16;
+            B.conns = td_xrealloc(B.conns, (size_t)B.capconns * sizeof(td__conn_t));
+          }
+          td__conn_t *c = &B.conns[B.nconns];
+          memcpy(c->id, zmq_msg_data(&id), idlen);
+          c->idlen = idlen;
+          if (td__conn_open(c) == 0) ci = B.nconns++;
+        }
+        if (ci >= 0) {
+          B.conns[ci].seen = now;
+          if (have && zmq_msg_size(&data) && td__write_all(B.conns[ci].fd, zmq_msg_data(&data), zmq_msg_size(&data)))
+            td__conn_close(ci);
+        }
+        zmq_msg_close(&id);
+        zmq_msg_close(&data);
+      }
+    }
+    for (int i = B.nconns - 1; i >= 0; i--) {
+      if (i + 3 < n && items[3 + i].revents && items[3 + i].fd == B.conns[i].fd) {
+        ssize_t r = read(B.conns[i].fd, buf, sizeof(buf));
+        if (r > 0) {
+          zmq_send(B.router, B.conns[i].id, B.conns[i].idlen, ZMQ_SNDMORE);
+          zmq_send(B.router, buf, (size_t)r, 0);
+          continue;
+        }
+        if (r == 0 || (errno != EAGAIN && errno != EINTR)) { td__conn_close(i); continue; }
+      }
+      if (now - B.conns[i].seen > TD__IDLE_S) td__conn_close(i);  /* the peer is gone */
+    }
+  }
+  return NULL;
+}
+
+int td_bridge_server_start(const char *endpoint, const char *unix_sock, const td_cluster_key_t *k) {
+  if (strlen(unix_sock) >= sizeof(B.unix_sock)) return -1;
+  memcpy(B.unix_sock, unix_sock, strlen(unix_sock) + 1);
+  B.key = *k;
+  if (!zmq_z85_decode(B.client_pub, k->client_public)) return -1;
+  B.ctx = zmq_ctx_new();
+  /* The ZAP handler is bound before any CURVE socket. */
+  B.zap = zmq_socket(B.ctx, ZMQ_REP);
+  if (zmq_bind(B.zap, "inproc://zeromq.zap.01")) return -1;
+  B.router = zmq_socket(B.ctx, ZMQ_ROUTER);
+  int one = 1, linger = 0;
+  zmq_setsockopt(B.router, ZMQ_CURVE_SERVER, &one, sizeof(one));
+  zmq_setsockopt(B.router, ZMQ_CURVE_SECRETKEY, k->server_secret, 40);
+  zmq_setsockopt(B.router, ZMQ_LINGER, &linger, sizeof(linger));
+  zmq_setsockopt(B.router, ZMQ_ZAP_DOMAIN, "tide", 4);
+  zmq_socket_monitor(B.router, "inproc://tide-bridge-monitor",
+                     ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL |
+                         ZMQ_EVENT_HANDSHAKE_FAILED_AUTH);
+  B.mon = zmq_socket(B.ctx, ZMQ_PAIR);
+  zmq_connect(B.mon, "inproc://tide-bridge-monitor");
+  if (zmq_bind(B.router, endpoint)) {
+    fprintf(stderr, "tide: cannot listen on %s: %s\n", endpoint, zmq_strerror(errno));
+    zmq_close(B.mon);
+    zmq_close(B.router);
+    zmq_close(B.zap);
+    zmq_ctx_term(B.ctx);
+    return -1;
+  }
+  atomic_store(&B.stop, 0);
+  if (pthread_create(&B.th, NULL, td__server_main, NULL)) return -1;
+  B.running = 1;
+  return 0;
+}
+
+void td_bridge_server_stop(void) {
+  if (!B.running) return;
+  atomic_store(&B.stop, 1);
+  pthread_join(B.th, NULL);
+  while (B.nconns) td__conn_close(0);
+  zmq_close(B.mon);
+  zmq_close(B.router);
+  zmq_close(B.zap);
+  zmq_ctx_term(B.ctx);
+  B.running = 0;
+}
+
+/* -- Client side --------------------------------------------------------------- */
+
+static struct {
+  void *ctx, *dealer;
+  int fd;            /* our end of the socketpair */
+  pthread_t th;
+  int running;
+  _Atomic int stop;
+} C;
+
+static void *td__client_main(void *arg) {
+  (void)arg;
+  uint8_t buf[65536];
+  double beat = td_now();
+  int open = 1;
+  while (open || !atomic_load(&C.stop)) {
+    zmq_pollitem_t items[2] = {{C.dealer, 0, ZMQ_POLLIN, 0}, {NULL, C.fd, ZMQ_POLLIN, 0}};
+    int n = open ? 2 : 1;
+    if (zmq_poll(items, n, 250) < 0 && errno != EINTR) break;
+    if (items[0].revents) {
+      for (;;) {
+        zmq_msg_t m;
+        zmq_msg_init(&m);
+        if (zmq_msg_recv(&m, C.dealer, ZMQ_DONTWAIT) < 0) { zmq_msg_close(&m); break; }
+        if (open && zmq_msg_size(&m) && td__write_all(C.fd, zmq_msg_data(&m), zmq_msg_size(&m))) open = 0;
+        zmq_msg_close(&m);
+      }
+    }
+    if (open && items[1].revents) {
+      ssize_t r = read(C.fd, buf, sizeof(buf));
+      if (r > 0) zmq_send(C.dealer, buf, (size_t)r, 0);
+      else if (r == 0 || (errno != EAGAIN && errno != EINTR)) open = 0;
+    }
+    if (td_now() - beat > TD__BEAT_S) {
+      zmq_send(C.dealer, "", 0, ZMQ_DONTWAIT);
+      beat = td_now();
+    }
+    if (!open) break;
+  }
+  return NULL;
+}
+
+int td_bridge_client_start(const char *endpoint, const td_cluster_key_t *k, int *fd) {
+  int sv[2];
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv)) return -1;
+  C.ctx = zmq_ctx_new();
+  C.dealer = zmq_socket(C.ctx, ZMQ_DEALER);
+  int linger = 2000, ivl = 1000;
+  /* A refused handshake is retried once a second, not flooded. */
+  zmq_setsockopt(C.dealer, ZMQ_RECONNECT_IVL, &ivl, sizeof(ivl));
+  zmq_setsockopt(C.dealer, ZMQ_CURVE_SERVERKEY, k->server_public, 40);
+  zmq_setsockopt(C.dealer, ZMQ_CURVE_PUBLICKEY, k->client_public, 40);
+  zmq_setsockopt(C.dealer, ZMQ_CURVE_SECRETKEY, k->client_secret, 40);
+  zmq_setsockopt(C.dealer, ZMQ_LINGER, &linger, sizeof(linger));
+  if (zmq_connect(C.dealer, endpoint)) {
+    zmq_close(C.dealer);
+    zmq_ctx_term(C.ctx);
+    close(sv[0]);
+    close(sv[1]);
+    return -1;
+  }
+  /* The first message makes the node's bridge open our connection. */
+  zmq_send(C.dealer, "", 0, 0);
+  C.fd = sv[1];
+  fcntl(C.fd, F_SETFL, fcntl(C.fd, F_GETFL) | O_NONBLOCK);
+  atomic_store(&C.stop, 0);
+  if (pthread_create(&C.th, NULL, td__client_main, NULL)) return -1;
+  C.running = 1;
+  *fd = sv[0];
+  return 0;
+}
+
+void td_bridge_client_stop(void) {
+  if (!C.running) return;
+  /* The caller closed its end: the thread forwards what is left, sees the
+   * end of the stream and stops; zmq_close then lingers to deliver it. */
+  atomic_store(&C.stop, 1);
+  pthread_join(C.th, NULL);
+  close(C.fd);
+  zmq_close(C.dealer);
+  zmq_ctx_term(C.ctx);
+  C.running = 0;
+}
