@@ -106,7 +106,15 @@ local function eval(chunk)
     if type(e) == "table" then return tostring(e) end
     -- The REPL's own frames are noise: cut the traceback at its entry.
     local tb = debug.traceback(tostring(e), 2)
-    return (tb:gsub("\n%s*%[C%]: in function 'xpcall'.*$", ""))
+    tb = tb:gsub("\n%s*%[C%]: in function 'xpcall'.*$", "")
+    local lines = {}
+    for line in tb:gmatch("[^\n]+") do
+      if not line:find("[builtin#", 1, true) and not line:find("in function 'error'", 1, true) then
+        lines[#lines + 1] = line
+      end
+    end
+    if lines[#lines] == "stack traceback:" then lines[#lines] = nil end
+    return table.concat(lines, "\n")
   end)}
   if not res[1] then
     print(res[2])

@@ -1,0 +1,41 @@
+#!/bin/sh
+# tide repl: expressions printed, multi-line chunks, pretty tables,
+# ObjectRefs with their state, errors that do not end the session,
+# functions defined at the prompt sent as tasks, :help/:status, and Ctrl-C
+# interrupting a blocking get without leaving the REPL.
+cd "$(dirname "$0")/../.."
+T=$(pwd)/bin/tide
+n=0
+check() { n=$((n + 1)); if eval "$2"; then echo "ok $n - $1"; else echo "not ok $n - $1"; echo "$3" | sed 's/^/# /'; fi; }
+W=$(mktemp -d /tmp/tide-repl-test-XXXXXX)
+trap 'rm -rf "$W"' EXIT
+export HOME="$W"
+
+out=$(printf '%s\n' '1 + 41' '({a = 1,' '  b = {2, 3}})' \
+  'sq = tide.remote(function(x) return x * x end)' 'r = sq:remote(9)' 'tide.get(r)' 'r' \
+  'error("boom")' '"still here"' ':help' ':status' ':quit' | timeout 60 $T repl 2>&1)
+check "expressions are printed" 'echo "$out" | grep -q "^42$"' "$out"
+check "a chunk continues over lines until complete, tables pretty-printed" \
+  'echo "$out" | grep -q "a = 1" && echo "$out" | grep -q "b = {"' "$out"
+check "a function defined at the prompt runs as a task" 'echo "$out" | grep -q "^81$"' "$out"
+check "ObjectRefs show their state" 'echo "$out" | grep -q "ObjectRef(.*ready)"' "$out"
+check "an error is reported and the session goes on" \
+  'echo "$out" | grep -q "boom" && echo "$out" | grep -q "still here"' "$out"
+check ":help and :status answer" 'echo "$out" | grep -q ":status" && echo "$out" | grep -q "resources"' "$out"
+check "the history file is written" '[ -s "$W/.tide_history" ]'
+
+mkfifo "$W/in"
+( timeout 60 $T repl < "$W/in" > "$W/out" 2>&1 ) &
+exec 3> "$W/in"
+echo 'tide.get(tide.remote(function() tide.sleep(30) end):remote())' >&3
+sleep 2
+pkill -INT -f "$T repl" 2>/dev/null || pkill -INT -f "bin/tide repl"
+sleep 1
+echo '"after" .. " interrupt"' >&3
+echo ':quit' >&3
+exec 3>&-
+wait
+out=$(cat "$W/out")
+check "Ctrl-C interrupts a blocking get and the REPL goes on" \
+  'echo "$out" | grep -q "interrupted" && echo "$out" | grep -q "after interrupt"' "$out"
+echo "1..$n"
