@@ -59,6 +59,12 @@ build/fuzz-node: $(NODE_FUZZ_SRCS) $(wildcard engine/*.h lua/*.h)
 	  -fno-sanitize-recover=undefined -Iengine -Ilua $(shell pkg-config --cflags luajit) \
 	  -o $@ $(NODE_FUZZ_SRCS) $(shell pkg-config --libs luajit) -lm
 
+# The whole engine under ASan+UBSan, for the Lua suites (tests/sh/asan_lua_test.sh).
+TEST_DEPS += build/asan/tide
+build/asan/tide: $(SRCS) $(EXTRA_OBJS) $(wildcard engine/*.h lua/*.h gpu/*.h)
+	@mkdir -p build/asan
+	$(CC) $(CFLAGS) $(ASAN) -O1 $(LDFLAGS) -o $@ $(SRCS) $(EXTRA_OBJS) $(LDLIBS)
+
 test: all build/ctest build/ctest-asan $(TEST_DEPS)
 	@sh tests/run.sh
 

@@ -69,6 +69,7 @@ struct td_task {
   double sent_at;        /* when it was sent to its worker */
   uint8_t slow;          /* not known to be short when sent */
   td_task_t *prev, *next;/* links in the queue it is on */
+  void *on;              /* the queue it is on, NULL if none */
 };
 
 typedef struct td_tq {
@@ -185,6 +186,8 @@ static void td__actor_pump(td_node_t *n, td_actor_t *a);
 /* -- Queues ---------------------------------------------------------------- */
 
 static void tq_push(td_tq_t *q, td_task_t *t) {
+  if (t->on) { fprintf(stderr, "tide: BUG: task %llu queued twice\n", (unsigned long long)t->id); abort(); }
+  t->on = q;
   t->next = NULL;
   t->prev = q->tail;
   if (q->tail) q->tail->next = t; else q->head = t;
@@ -192,6 +195,8 @@ static void tq_push(td_tq_t *q, td_task_t *t) {
   q->len++;
 }
 static void tq_push_front(td_tq_t *q, td_task_t *t) {
+  if (t->on) { fprintf(stderr, "tide: BUG: task %llu queued twice\n", (unsigned long long)t->id); abort(); }
+  t->on = q;
   t->prev = NULL;
   t->next = q->head;
   if (q->head) q->head->prev = t; else q->tail = t;
@@ -199,6 +204,8 @@ static void tq_push_front(td_tq_t *q, td_task_t *t) {
   q->len++;
 }
 static void tq_del(td_tq_t *q, td_task_t *t) {
+  if (t->on != q) { fprintf(stderr, "tide: BUG: task %llu not on that queue\n", (unsigned long long)t->id); abort(); }
+  t->on = NULL;
   if (t->prev) t->prev->next = t->next; else q->head = t->next;
   if (t->next) t->next->prev = t->prev; else q->tail = t->prev;
   t->prev = t->next = NULL;
@@ -506,7 +513,7 @@ static td_wk_t *td__spawn(td_node_t *n, int kind, const int *gpus, int ngpus) {
   td_map_init(&wk->fns_sent);
   td_map_init(&wk->allocs);
   wk->ngpus = ngpus;
-  memcpy(wk->gpus, gpus, (size_t)ngpus * sizeof(int));
+  if (ngpus) memcpy(wk->gpus, gpus, (size_t)ngpus * sizeof(int));
   if (n->nwks == n->capwks) {
     n->capwks = n->capwks ? n->capwks * 2 : 16;
     n->wks = td_xrealloc(n->wks, (size_t)n->capwks * sizeof(td_wk_t *));
@@ -1053,11 +1060,11 @@ static td_task_t *td__task_new(td_node_t *n, const td_spec_t *s) {
   t->spec.rets = td_xmalloc(nr * 8 + 8);
   memcpy(t->spec.rets, s->rets, nr * 8);
   t->spec.deps = td_xmalloc(s->ndeps * 8 + 8);
-  memcpy(t->spec.deps, s->deps, s->ndeps * 8);
+  if (s->ndeps) memcpy(t->spec.deps, s->deps, s->ndeps * 8);
   t->spec.refs = td_xmalloc(s->nrefs * 8 + 8);
-  memcpy(t->spec.refs, s->refs, s->nrefs * 8);
+  if (s->nrefs) memcpy(t->spec.refs, s->refs, s->nrefs * 8);
   uint8_t *args = td_xmalloc(s->args_len + 1);
-  memcpy(args, s->args, s->args_len);
+  if (s->args_len) memcpy(args, s->args, s->args_len);
   t->spec.args = args;
   t->retries_left = s->max_retries;
   td_map_set(&n->tasks, t->id, t);

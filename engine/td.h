@@ -50,6 +50,7 @@ void td_buf_free(td_buf_t *b);
 void td_buf_reserve(td_buf_t *b, size_t extra); /* aborts on OOM */
 static inline void td_buf_reset(td_buf_t *b) { b->len = 0; }
 static inline void td_buf_put(td_buf_t *b, const void *p, size_t n) {
+  if (!n) return;
   if (b->len + n > b->cap) td_buf_reserve(b, n);
   memcpy(b->p + b->len, p, n);
   b->len += n;

@@ -56,6 +56,7 @@ struct td_actor_st {
   char name[128];
   char gpus[128];
   uint8_t *env;               /* runtime_env env_vars, set around each call */
+  struct td_actor_st *next_dead; /* destroyed, waiting to be freed */
   uint32_t envlen;
 };
 
@@ -500,6 +501,7 @@ typedef struct td__blob {
   uint8_t data[];
 } td__blob_t;
 static td_map_t td__blobs;
+static td_actor_st_t *td__dead_actors;  /* destroyed actors, freed between frames */
 
 /* Loads a function or class by id, caching it in the state's registry. */
 static int td__load_fn(lua_State *L, uint64_t id, const uint8_t *blob, uint32_t len) {
@@ -833,7 +835,7 @@ static void td__resume(td_co_t *c, int nargs) {
   }
   int is_init = c->is_init;
   td__co_free(L, c);
-  if (a) {
+  if (a && a->L) {
     if (!is_init) a->running--;
     td__actor_next(a);
   }
@@ -1000,7 +1002,11 @@ static void td__actor_destroy(td_actor_st_t *a, const char *why, int crashed) {
   td__flush();
   lua_close(L);
   free(a->env);
-  free(a);
+  /* Callers up the stack (td__actor_next, td__resume) may still hold a:
+   * it is freed from the main loop. */
+  a->L = NULL;
+  a->next_dead = td__dead_actors;
+  td__dead_actors = a;
   if (td_ctx.kind == WK_GPUHOST) _exit(0);
 }
 
@@ -1307,6 +1313,11 @@ int td_worker_main(int argc, char **argv) {
   td_buf_u32(&td_ctx.ch.out, (uint32_t)getpid());
   td_chan_end(&td_ctx.ch);
   for (;;) {
+    while (td__dead_actors) {
+      td_actor_st_t *a = td__dead_actors;
+      td__dead_actors = a->next_dead;
+      free(a);
+    }
     while (td__dq_head) {
       td_frame_t *f = td__dq_head;
       td__dq_head = f->next;

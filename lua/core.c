@@ -72,12 +72,24 @@ void td_core_bg_stop(void) {
   atomic_store(&td__driver_in, 0);
 }
 
-/* Wraps a driver function: the node is ours while it runs. */
+/* Wraps a driver function: the node is ours while it runs. Guards nest
+ * (a put may call a __tide_ser hook that calls core.encode); only the
+ * outermost gives the node back. A Lua error unwinds past the guards
+ * without leaving them: the next entry sees that its frame is above the
+ * recorded outermost one (the stack grows down) and starts over. */
+static int td__depth;
+static char *td__outer_sp;
+
 static int td__guard(lua_State *L) {
   lua_CFunction f = lua_tocfunction(L, lua_upvalueindex(1));
-  td__enter();
+  char here;
+  if (td__depth && &here > td__outer_sp) td__depth = 0;
+  if (td__depth++ == 0) {
+    td__outer_sp = &here;
+    td__enter();
+  }
   int n = f(L);
-  td__leave();
+  if (--td__depth == 0) td__leave();
   return n;
 }
 static int td__opening_rpc; /* the node's private state takes no guards */
@@ -251,7 +263,6 @@ int td_core_push_wire(lua_State *L, td_rd_t *rd) {
  * stdlib (API wrappers may or may not have tail-called us). */
 int td_core_ser_error(lua_State *L, td_ser_t *s) {
   lua_Debug ar;
-  td__leave();
   for (int level = 1; lua_getstack(L, level, &ar); level++) {
     if (!lua_getinfo(L, "Sl", &ar) || ar.currentline <= 0) continue;
     size_t n = strlen(ar.short_src);
@@ -1324,7 +1335,6 @@ static int d_start(lua_State *L) {
 /* core.stop(): tears the embedded node down (before a restart). */
 static int d_stop(lua_State *L) {
   (void)L;
-  td__leave();
   td_core_bg_stop();
   if (td_ctx.rpcL) lua_close(td_ctx.rpcL);
   td_ctx.rpcL = NULL;
