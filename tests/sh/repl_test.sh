@@ -25,16 +25,21 @@ check ":help and :status answer" 'echo "$out" | grep -q ":status" && echo "$out"
 check "the history file is written" '[ -s "$W/.tide_history" ]'
 
 mkfifo "$W/in"
-( timeout 60 $T repl < "$W/in" > "$W/out" 2>&1 ) &
+# The REPL's own pid gets the SIGINT, as a terminal would send it.
+$T repl < "$W/in" > "$W/out" 2>&1 &
+rp=$!
+( sleep 60; kill -9 $rp 2>/dev/null ) &
+watchdog=$!
 exec 3> "$W/in"
 echo 'tide.get(tide.remote(function() tide.sleep(30) end):remote())' >&3
 sleep 2
-pkill -INT -f "$T repl" 2>/dev/null || pkill -INT -f "bin/tide repl"
+kill -INT $rp
 sleep 1
 echo '"after" .. " interrupt"' >&3
 echo ':quit' >&3
 exec 3>&-
-wait
+wait $rp
+kill $watchdog 2>/dev/null
 out=$(cat "$W/out")
 check "Ctrl-C interrupts a blocking get and the REPL goes on" \
   'echo "$out" | grep -q "interrupted" && echo "$out" | grep -q "after interrupt"' "$out"
