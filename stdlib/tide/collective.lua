@@ -25,7 +25,34 @@ local function sleep(s)
   tide.sleep(s)
 end
 
--- C.init_group(world_size, rank, name) -> group (also the default group).
+-- NCCL groups for CUDA tensors: rank 0 makes the unique id and passes it
+-- through the node's KV; every rank then joins the communicator.
+local function init_nccl(world, rank, name, opts)
+  local T = require("tide.tensor")
+  local key = "tide.collective.nccl:" .. name .. ":" .. world
+  local id
+  if rank == 0 then
+    id = T.nccl_unique_id()
+    core.call_node("kv_put", key, id)
+  else
+    local waited, timeout = 0, opts.timeout or 60
+    repeat
+      id = core.call_node("kv_get", key)
+      if not id then
+        if waited > timeout then error("init_group: rank 0 of " .. name .. " did not appear", 3) end
+        sleep(0.002)
+        waited = waited + 0.002
+      end
+    until id
+  end
+  local comm = T.nccl_comm(world, id, rank, opts.device or "cuda:0")
+  local g = {nccl = comm, device = opts.device or "cuda:0"}
+  groups[name], default, owners[g] = g, g, owner()
+  return g
+end
+
+-- C.init_group(world_size, rank, name [, {backend = "ring" | "nccl", device, timeout}])
+-- -> group (also the default group).
 function M.init_group(world, rank, name, opts)
   if type(world) ~= "number" or world < 1 or world % 1 ~= 0 then
     error("init_group: world_size must be a positive integer", 2)
@@ -35,7 +62,12 @@ function M.init_group(world, rank, name, opts)
   end
   if type(name) ~= "string" or name == "" then error("init_group: name must be a string", 2) end
   if not core.call_node then error("init_group: call it inside tasks or actors", 2) end
-  local timeout = opts and opts.timeout or 60
+  opts = opts or {}
+  if opts.backend == "nccl" then return init_nccl(world, rank, name, opts) end
+  if opts.backend ~= nil and opts.backend ~= "ring" then
+    error("init_group: backend must be \"ring\" (CPU tensors) or \"nccl\" (CUDA tensors)", 2)
+  end
+  local timeout = opts.timeout or 60
   local key = "tide.collective:" .. name .. ":" .. world
   local bytes = cc.region_bytes(world, CAP)
   local off
@@ -68,20 +100,62 @@ local function group(name)
   return g
 end
 
-function M.allreduce(t, op, name) return group(name):allreduce(t, op or "sum") end
-function M.reduce_scatter(t, out, op, name) return group(name):reduce_scatter(t, out, op or "sum") end
-function M.allgather(t, out, name) return group(name):allgather(t, out) end
-function M.broadcast(t, root, name) return group(name):broadcast(t, root or 0) end
-function M.send(t, peer, name) return group(name):send(t, peer) end
-function M.recv(t, peer, name) return group(name):recv(t, peer) end
-function M.barrier(name) return group(name):barrier() end
+-- With an NCCL group, allgather and reduce_scatter return new tensors
+-- (the communicator's API) and also copy into out when it is given.
+local function nccl_out(res, out)
+  if out then out:copy(res) end
+  return out or res
+end
+
+function M.allreduce(t, op, name)
+  local g = group(name)
+  if g.nccl then return g.nccl:allreduce(t, op or "sum") end
+  return g:allreduce(t, op or "sum")
+end
+function M.reduce_scatter(t, out, op, name)
+  local g = group(name)
+  if g.nccl then return nccl_out(g.nccl:reduce_scatter(t, op or "sum"), out) end
+  return g:reduce_scatter(t, out, op or "sum")
+end
+function M.allgather(t, out, name)
+  local g = group(name)
+  if g.nccl then return nccl_out(g.nccl:allgather(t), out) end
+  return g:allgather(t, out)
+end
+function M.broadcast(t, root, name)
+  local g = group(name)
+  if g.nccl then return g.nccl:broadcast(t, root or 0) end
+  return g:broadcast(t, root or 0)
+end
+function M.send(t, peer, name)
+  local g = group(name)
+  if g.nccl then return g.nccl:send(t, peer) end
+  return g:send(t, peer)
+end
+function M.recv(t, peer, name)
+  local g = group(name)
+  if g.nccl then return g.nccl:recv(t, peer) end
+  return g:recv(t, peer)
+end
+function M.barrier(name)
+  local g = group(name)
+  if g.nccl then
+    -- A one-element allreduce is NCCL's barrier.
+    local T = require("tide.tensor")
+    return g.nccl:allreduce(T.zeros({1}):to(g.device or "cuda:0"))
+  end
+  return g:barrier()
+end
 
 -- Elements of rank's chunk in reduce_scatter of count elements.
 function M.chunk_count(count, world, rank) return cc.chunk_count(count, world, rank) end
 
 function M.destroy_group(name)
   local g = groups[name]
-  if g then g:destroy(); groups[name] = nil end
+  if g then
+    if g.nccl then g.nccl:destroy() else g:destroy() end
+    groups[name] = nil
+  end
   if default == g then default = nil end
 end
 

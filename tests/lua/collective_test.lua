@@ -97,4 +97,18 @@ t.test("bad arguments are refused clearly", function()
   t.ok(tide.get(d):find("init_group"), tide.get(d))
 end)
 
+t.test("an NCCL group without a GPU fails clearly", function()
+  local f = tide.remote({num_cpus = 0}, function()
+    local C = require("tide.collective")
+    local ok, e = pcall(C.init_group, 1, 0, "nccl-nogpu", {backend = "nccl"})
+    local ok2, e2 = pcall(C.init_group, 1, 0, "x", {backend = "mpi"})
+    return ok, tostring(e), ok2, tostring(e2)
+  end):options({num_returns = 4})
+  local a, b, c, d = f:remote()
+  if tide.get(a) then return end  -- a GPU is present: nothing to check here
+  t.ok(#tide.get(b) > 0, "an error message")
+  t.eq(tide.get(c), false)
+  t.ok(tide.get(d):find("backend"), tide.get(d))
+end)
+
 t.done()
