@@ -1330,10 +1330,13 @@ int td_worker_main(int argc, char **argv) {
     uint32_t len;
     int got;
     /* Frames are consumed one at a time: running Lua may read more. */
+    /* A copy (reading more may move the channel's buffer), into one
+     * reused buffer: nested waits defer frames, they never dispatch. */
+    static td_buf_t cur;
     while (!td__dq_head && (got = td_chan_next(&td_ctx.ch, &type, &p, &len)) == 1) {
-      td_frame_t *f = td__frame_copy(type, p, len);
-      td__dispatch(f->type, f->data, f->len);
-      free(f);
+      td_buf_reset(&cur);
+      td_buf_put(&cur, p, len);
+      td__dispatch(type, cur.p, len);
     }
     if (td__dq_head) continue;
     td__flush();
