@@ -2,6 +2,7 @@
 #include "node.h"
 
 #include <errno.h>
+#include <stddef.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <poll.h>
@@ -1053,9 +1054,15 @@ static void td__sched(td_node_t *n) {
 /* -- Submission ------------------------------------------------------------------------ */
 
 static td_task_t *td__task_new(td_node_t *n, const td_spec_t *s) {
-  td_task_t *t = td_xcalloc(1, sizeof(*t));
+  /* The spec is large (names, env): only what a task needs is copied. */
+  td_task_t *t = td_xmalloc(sizeof(*t));
+  size_t spec_at = offsetof(td_task_t, spec), spec_end = spec_at + sizeof(td_spec_t);
+  memset(t, 0, spec_at);
+  memset((char *)t + spec_end, 0, sizeof(*t) - spec_end);
+  memcpy(&t->spec, s, offsetof(td_spec_t, env));
+  if (s->env_len) memcpy(t->spec.env, s->env, s->env_len);
+  t->spec.nres = 0;
   t->id = ++n->next_task;
-  t->spec = *s;
   uint32_t nr = s->nret < 0 ? 1 : (uint32_t)s->nret;
   t->spec.rets = td_xmalloc(nr * 8 + 8);
   memcpy(t->spec.rets, s->rets, nr * 8);

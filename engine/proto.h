@@ -66,9 +66,6 @@ typedef struct td_spec {
   uint32_t ndeps;
   uint64_t *refs;         /* nested refs held while in flight */
   uint32_t nrefs;
-  uint32_t nres;          /* resource demands */
-  char res_name[TD_NRES_MAX][32];
-  double res_amt[TD_NRES_MAX];
   int32_t max_retries;    /* tasks; actors: max_task_retries */
   int32_t max_restarts;   /* actors */
   int32_t max_concurrency;
@@ -79,8 +76,13 @@ typedef struct td_spec {
   uint8_t strategy;       /* 0 default, 1 spread */
   char name[128];         /* task name or actor name */
   char ns[64];            /* actor namespace */
-  char env[1024];         /* runtime_env env_vars as "K=V\0K=V\0" */
   uint32_t env_len;
+  char env[1024];         /* runtime_env env_vars as "K=V\0K=V\0"; env_len used */
+  /* Read at submission only (a task keeps resolved demands): nothing from
+   * here on is copied into the node's task records. */
+  uint32_t nres;          /* resource demands */
+  char res_name[TD_NRES_MAX][32];
+  double res_amt[TD_NRES_MAX];
 } td_spec_t;
 
 void td_spec_encode(const td_spec_t *s, td_buf_t *b);
