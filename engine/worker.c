@@ -1073,6 +1073,7 @@ static void td__on_actor_new(const uint8_t *p, uint32_t len) {
     int top = lua_gettop(L);
     td__push_args(L, &rd, &deperr);
     lua_settop(L, top);
+    lua_gc(L, LUA_GCCOLLECT, 0);
     return;
   }
   td_co_t *c = td__co_new(L, a, 0, 0, a->name);
@@ -1093,6 +1094,9 @@ static void td__on_actor_new(const uint8_t *p, uint32_t len) {
     return;
   }
   td__resume(c, nargs + 1);
+  /* A new state carries the garbage of loading its class: collect it now,
+   * so each idle actor costs only what it keeps. */
+  if (td_map_get(&td__actors, actor_id) == a && a->L) lua_gc(a->L, LUA_GCCOLLECT, 0);
 }
 
 static void td__on_actor_call(const uint8_t *p, uint32_t len) {
