@@ -6,9 +6,9 @@ local capture = require("tide.capture")
 
 local M = {}
 
-local type, pairs, ipairs, select, setmetatable, getmetatable, error, tostring, tonumber =
-  type, pairs, ipairs, select, setmetatable, getmetatable, error, tostring, tonumber
-local format, concat, unpack = string.format, table.concat, unpack
+local type, pairs, ipairs, select, setmetatable, getmetatable, error, tostring =
+  type, pairs, ipairs, select, setmetatable, getmetatable, error, tostring
+local format, unpack = string.format, unpack
 
 capture.install()
 local REF_MT = debug.getregistry()["tide.ObjectRef"]

@@ -98,7 +98,9 @@ local function parse_query(q)
   local t = {}
   for pair in q:gmatch("[^&]+") do
     local k, v = pair:match("^([^=]*)=?(.*)$")
-    local function unesc(s) return (s:gsub("+", " "):gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end)) end
+    local function unesc(s)
+      return (s:gsub("+", " "):gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+    end
     t[unesc(k)] = unesc(v)
   end
   return t
