@@ -58,6 +58,13 @@ emit({metric = "limit_memcpy_prefaulted", value = limits.memcpy / 1e9, unit = "G
 emit({metric = "limit_shm_futex_pingpong", value = limits.futex, unit = "round trips/s"})
 
 local nop = tide.remote(function() return 0 end)
+
+-- Makes n refs with make(i) and gets them all (one pipelined batch).
+local function batch(n, make)
+  local refs = {}
+  for i = 1, n do refs[i] = make(i) end
+  return tide.get(refs)
+end
 local function m(name, value, unit, limit, extra)
   local r = {metric = name, value = value, unit = unit, limit = limit}
   for k, v in pairs(extra or {}) do r[k] = v end
@@ -75,9 +82,7 @@ end
 if wanted("single_client_tasks_async") then
   local N = 10000
   m("single_client_tasks_async", rate(function()
-    local refs = {}
-    for i = 1, N do refs[i] = nop:remote() end
-    tide.get(refs)
+    batch(N, function() return nop:remote() end)
   end, N, 3), "tasks/s", limits.pipe_stream)
 end
 
@@ -114,9 +119,7 @@ if wanted("1_1_actor_calls_async") then
   local a = Actor:remote()
   local N = 10000
   m("1_1_actor_calls_async", rate(function()
-    local refs = {}
-    for i = 1, N do refs[i] = a:small() end
-    tide.get(refs)
+    batch(N, function() return a:small() end)
   end, N, 3), "calls/s", limits.pipe_stream)
 end
 
@@ -125,9 +128,7 @@ if wanted("1_n_actor_calls_async") then
   for i = 1, 4 do actors[i] = Actor:remote() end
   local N = 10000
   m("1_n_actor_calls_async", rate(function()
-    local refs = {}
-    for i = 1, N do refs[i] = actors[(i % 4) + 1]:small() end
-    tide.get(refs)
+    batch(N, function(i) return actors[(i % 4) + 1]:small() end)
   end, N, 3), "calls/s", limits.pipe_stream)
 end
 
@@ -167,9 +168,7 @@ end
 
 if wanted("single_client_tasks_and_get_batch") then
   m("single_client_tasks_and_get_batch", rate(function()
-    local refs = {}
-    for i = 1, 1000 do refs[i] = nop:remote() end
-    tide.get(refs)
+    batch(1000, function() return nop:remote() end)
   end, 1, 2), "batches/s", limits.pipe_stream / 1000)
 end
 
@@ -214,13 +213,11 @@ end
 if wanted("million_tasks") then
   local N = math.floor(1000000 * SCALE)
   local t0 = raw.now()
-  local batch = 20000
+  local per_batch = 20000
   local done = 0
   while done < N do
-    local refs = {}
-    for i = 1, batch do refs[i] = nop:remote() end
-    tide.get(refs)
-    done = done + batch
+    batch(per_batch, function() return nop:remote() end)
+    done = done + per_batch
   end
   local dt = raw.now() - t0
   m("million_tasks", N / dt, "tasks/s", nil, {tasks = N, seconds = dt,

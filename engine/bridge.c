@@ -15,6 +15,7 @@
 #include <unistd.h>
 #include <zmq.h>
 
+#include "chan.h"
 #include "proto.h"
 #include "td.h"
 
@@ -114,21 +115,9 @@ static int td__conn_open(td__conn_t *c) {
     if (fd >= 0) close(fd);
     return -1;
   }
-  char byte;
-  struct iovec iov = {&byte, 1};
-  char ctl[CMSG_SPACE(sizeof(int))];
-  struct msghdr mh = {0};
-  mh.msg_iov = &iov;
-  mh.msg_iovlen = 1;
-  mh.msg_control = ctl;
-  mh.msg_controllen = sizeof(ctl);
-  if (recvmsg(fd, &mh, 0) != 1) { close(fd); return -1; }
-  struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
-  if (cm && cm->cmsg_type == SCM_RIGHTS) {
-    int sfd;
-    memcpy(&sfd, CMSG_DATA(cm), sizeof(int));
-    close(sfd);
-  }
+  int sfd = td_sock_recv_fd(fd);
+  if (sfd < 0) { close(fd); return -1; }
+  close(sfd);
   uint8_t frame[5] = {1, 0, 0, 0, TD_M_REMOTE};
   if (td__write_all(fd, frame, 5)) { close(fd); return -1; }
   fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);

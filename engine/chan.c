@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 void td_chan_init(td_chan_t *c, int fd) {
@@ -91,4 +92,38 @@ int td_chan_flush_all(td_chan_t *c) {
     struct pollfd pfd = {c->fd, POLLOUT, 0};
     poll(&pfd, 1, 1000);
   }
+}
+
+int td_sock_send_fd(int sock, int fd) {
+  char byte = 'T';
+  struct iovec iov = {&byte, 1};
+  char ctl[CMSG_SPACE(sizeof(int))];
+  memset(ctl, 0, sizeof(ctl));
+  struct msghdr mh = {0};
+  mh.msg_iov = &iov;
+  mh.msg_iovlen = 1;
+  mh.msg_control = ctl;
+  mh.msg_controllen = sizeof(ctl);
+  struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+  cm->cmsg_level = SOL_SOCKET;
+  cm->cmsg_type = SCM_RIGHTS;
+  cm->cmsg_len = CMSG_LEN(sizeof(int));
+  memcpy(CMSG_DATA(cm), &fd, sizeof(int));
+  return sendmsg(sock, &mh, MSG_NOSIGNAL) == 1 ? 0 : -1;
+}
+
+int td_sock_recv_fd(int sock) {
+  char byte;
+  struct iovec iov = {&byte, 1};
+  char ctl[CMSG_SPACE(sizeof(int))];
+  struct msghdr mh = {0};
+  mh.msg_iov = &iov;
+  mh.msg_iovlen = 1;
+  mh.msg_control = ctl;
+  mh.msg_controllen = sizeof(ctl);
+  if (recvmsg(sock, &mh, MSG_CMSG_CLOEXEC) != 1) return -1;
+  struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+  int fd = -1;
+  if (cm && cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) memcpy(&fd, CMSG_DATA(cm), sizeof(int));
+  return fd;
 }

@@ -34,6 +34,11 @@ void td_chan_end(td_chan_t *c);
 int td_chan_flush(td_chan_t *c);
 /* Writes everything, waiting for the socket as needed. */
 int td_chan_flush_all(td_chan_t *c);
+/* Passes an fd (with one byte) over a Unix socket; the receiver gets the
+ * fd or -1 (the byte is consumed either way). Return 0 / -1. */
+int td_sock_send_fd(int sock, int fd);
+int td_sock_recv_fd(int sock);
+
 static inline int td_chan_pending(const td_chan_t *c) { return c->out.len > c->out_off; }
 
 #endif

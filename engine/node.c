@@ -302,10 +302,15 @@ void td_node_incref(td_node_t *n, uint64_t id) {
   if (o) o->refs++;
 }
 
+/* Drops k references; frees the object when none is left. */
+static void td__unref(td_node_t *n, td_obj_t *o, int64_t k) {
+  o->refs = k > o->refs ? 0 : o->refs - k;
+  if (o->refs <= 0 && o->state != OBJ_PENDING && !o->nwaiters) td__obj_free(n, o);
+}
+
 void td_node_decref(td_node_t *n, uint64_t id) {
   td_obj_t *o = td__obj(n, id);
-  if (!o) return;
-  if (--o->refs <= 0 && o->state != OBJ_PENDING && !o->nwaiters) td__obj_free(n, o);
+  if (o) td__unref(n, o, 1);
 }
 
 /* Frees spill victims until `size` bytes fit; returns 0 or an error. */
@@ -1678,9 +1683,7 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
           o->refs = o->refs > INT64_MAX / 2 ? o->refs : o->refs + d;
         } else {
           /* One step, whatever the count: a forged delta cannot spin. */
-          o->refs = d < -o->refs ? 0 : o->refs + d;
-          o->refs++;
-          td_node_decref(n, id);
+          td__unref(n, o, -(int64_t)d);
         }
       }
       return rd.bad ? TD_EPROTO : 0;
@@ -1971,22 +1974,7 @@ int td_node_feed(td_node_t *n, uint8_t type, const uint8_t *p, uint32_t len) {
 
 int td_node_add_client(td_node_t *n, int fd) {
   /* The store fd goes first, beside one byte, as SCM_RIGHTS. */
-  char byte = 'T';
-  struct iovec iov = {&byte, 1};
-  char ctl[CMSG_SPACE(sizeof(int))];
-  memset(ctl, 0, sizeof(ctl));
-  struct msghdr mh = {0};
-  mh.msg_iov = &iov;
-  mh.msg_iovlen = 1;
-  mh.msg_control = ctl;
-  mh.msg_controllen = sizeof(ctl);
-  struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
-  cm->cmsg_level = SOL_SOCKET;
-  cm->cmsg_type = SCM_RIGHTS;
-  cm->cmsg_len = CMSG_LEN(sizeof(int));
-  int sfd = td_store_fd(n->store);
-  memcpy(CMSG_DATA(cm), &sfd, sizeof(int));
-  if (sendmsg(fd, &mh, MSG_NOSIGNAL) != 1) { close(fd); return TD_EIO; }
+  if (td_sock_send_fd(fd, td_store_fd(n->store))) { close(fd); return TD_EIO; }
   td_wk_t *wk = td_xcalloc(1, sizeof(*wk));
   wk->id = ++n->next_wk;
   wk->pid = 0;

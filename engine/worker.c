@@ -1213,18 +1213,7 @@ static void td__dispatch(uint8_t type, const uint8_t *p, uint32_t len) {
 static int td__client_attach(int fd, int remote, const char *where, char *err, size_t errlen) {
   int storefd = -1;
   if (!remote) {
-    char byte;
-    struct iovec iov = {&byte, 1};
-    char ctl[CMSG_SPACE(sizeof(int))];
-    struct msghdr mh = {0};
-    mh.msg_iov = &iov;
-    mh.msg_iovlen = 1;
-    mh.msg_control = ctl;
-    mh.msg_controllen = sizeof(ctl);
-    if (recvmsg(fd, &mh, 0) == 1) {
-      struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
-      if (cm && cm->cmsg_type == SCM_RIGHTS) memcpy(&storefd, CMSG_DATA(cm), sizeof(int));
-    }
+    storefd = td_sock_recv_fd(fd);
     if (storefd < 0) {
       snprintf(err, errlen, "the node at %s did not send its object store", where);
       close(fd);

@@ -109,18 +109,11 @@ static void td__send_ref(uint64_t id, int delta) {
   td_chan_end(&td_ctx.ch);
 }
 
-static void td__local_ref(uint64_t id, int delta, int send) {
-  intptr_t c = (intptr_t)td_map_get(&td_ctx.lrefs, id);
-  c += delta;
+/* The process's count of its own handles to id. */
+static void td__local_ref(uint64_t id, int delta) {
+  intptr_t c = (intptr_t)td_map_get(&td_ctx.lrefs, id) + delta;
   if (c > 0) td_map_set(&td_ctx.lrefs, id, (void *)c);
   else td_map_del(&td_ctx.lrefs, id);
-  if (send) {
-    td_chan_begin(&td_ctx.ch, TD_M_REFS);
-    td_buf_u32(&td_ctx.ch.out, 1);
-    td_buf_u64(&td_ctx.ch.out, id);
-    td_buf_u32(&td_ctx.ch.out, (uint32_t)delta);
-    td_chan_end(&td_ctx.ch);
-  }
 }
 
 /* True in the node's private RPC state. */
@@ -141,9 +134,9 @@ void td_core_pushref(lua_State *L, uint64_t id, int owned) {
   } else {
     intptr_t c = (intptr_t)td_map_get(&td_ctx.lrefs, id);
     /* The process holds one node-side reference for all its handles. */
-    if (c == 0 && !owned) td__local_ref(id, 0, 0), td__send_ref(id, 1);
+    if (c == 0 && !owned) td__send_ref(id, 1);
     if (c > 0 && owned) td__send_ref(id, -1);
-    td__local_ref(id, 1, 0);
+    td__local_ref(id, 1);
   }
 }
 
@@ -180,7 +173,7 @@ void td_core_flush_refs(void) {
   for (size_t i = 0; i < td_ctx.ndec; i++) {
     uint64_t id = td_ctx.dec[i];
     intptr_t c = (intptr_t)td_map_get(&td_ctx.lrefs, id);
-    td__local_ref(id, -1, 0);
+    td__local_ref(id, -1);
     if (c <= 1) {
       td_buf_u64(&td_ctx.ch.out, id);
       td_buf_u32(&td_ctx.ch.out, (uint32_t)-1);

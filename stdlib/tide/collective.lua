@@ -25,6 +25,18 @@ local function sleep(s)
   tide.sleep(s)
 end
 
+-- Waits for rank 0 to publish key in the node's KV.
+local function await_key(key, name, timeout)
+  local waited = 0
+  while true do
+    local v = core.call_node("kv_get", key)
+    if v then return v end
+    if waited > timeout then error("init_group: rank 0 of " .. name .. " did not appear", 4) end
+    sleep(0.002)
+    waited = waited + 0.002
+  end
+end
+
 -- NCCL groups for CUDA tensors: rank 0 makes the unique id and passes it
 -- through the node's KV; every rank then joins the communicator.
 local function init_nccl(world, rank, name, opts)
@@ -35,15 +47,7 @@ local function init_nccl(world, rank, name, opts)
     id = T.nccl_unique_id()
     core.call_node("kv_put", key, id)
   else
-    local waited, timeout = 0, opts.timeout or 60
-    repeat
-      id = core.call_node("kv_get", key)
-      if not id then
-        if waited > timeout then error("init_group: rank 0 of " .. name .. " did not appear", 3) end
-        sleep(0.002)
-        waited = waited + 0.002
-      end
-    until id
+    id = await_key(key, name, opts.timeout or 60)
   end
   local comm = T.nccl_comm(world, id, rank, opts.device or "cuda:0")
   local g = {nccl = comm, device = opts.device or "cuda:0"}
@@ -78,15 +82,7 @@ function M.init_group(world, rank, name, opts)
     groups[name], default, owners[g] = g, g, owner()
     return g
   end
-  local waited = 0
-  repeat
-    off = core.call_node("kv_get", key)
-    if not off then
-      if waited > timeout then error("init_group: rank 0 of " .. name .. " did not appear", 2) end
-      sleep(0.002)
-      waited = waited + 0.002
-    end
-  until off
+  off = await_key(key, name, timeout)
   local g = cc.attach(off, bytes, world, rank, CAP, false)
   groups[name], default, owners[g] = g, g, owner()
   return g
