@@ -147,6 +147,7 @@ static void td__open(lua_State *L) {
 
 static int td__resolve_address(const char *a, char *out, size_t n);
 static void td__session_dir(char *out, size_t n);
+static int td__load_key(td_cluster_key_t *key);
 
 /* Parses option flags from argv[first]; sets registry tide.cli_opts.
  * Returns -1 to go on (with *next at the first non-option), or an exit code. */
@@ -211,20 +212,9 @@ static int td__run(int argc, char **argv, int first, const char *script_override
     if (kind < 0) return 2;
     if (kind == 1) {
       /* TCP: the cluster key from --key, TIDE_KEY_FILE, or this user's session. */
-      char keyf[PATH_MAX + 16];
-      const char *kf = td__key_arg ? td__key_arg : getenv("TIDE_KEY_FILE");
-      if (!kf) {
-        char dir[PATH_MAX - 16];
-        td__session_dir(dir, sizeof(dir));
-        snprintf(keyf, sizeof(keyf), "%s/cluster.key", dir);
-        kf = keyf;
-      }
       td_cluster_key_t key;
       int fd;
-      if (td_key_load(kf, &key)) {
-        fprintf(stderr, "tide: no cluster key at %s (pass --key FILE or set TIDE_KEY_FILE)\n", kf);
-        return 1;
-      }
+      if (td__load_key(&key)) return 1;
       if (td_bridge_client_start(path, &key, &fd) || td_client_connect_fd(fd, addr, err, sizeof(err))) {
         fprintf(stderr, "tide: %s\n", err[0] ? err : "cannot reach the node");
         return 1;
@@ -366,8 +356,41 @@ static int td__read_pid(const char *dir) {
   return pid > 0 && kill(pid, 0) == 0 ? pid : 0;
 }
 
+/* Resolves the cluster key for TCP: --key, TIDE_KEY_FILE, or this user's
+ * default session (where `tide start --head` wrote it). Prints why not. */
+static int td__load_key(td_cluster_key_t *key) {
+  char keyf[PATH_MAX + 16];
+  const char *kf = td__key_arg ? td__key_arg : getenv("TIDE_KEY_FILE");
+  if (!kf) {
+    char dir[PATH_MAX - 16];
+    td__session_dir(dir, sizeof(dir));
+    snprintf(keyf, sizeof(keyf), "%s/cluster.key", dir);
+    kf = keyf;
+  }
+  if (td_key_load(kf, key)) {
+    fprintf(stderr, "tide: no cluster key at %s (pass --key FILE or set TIDE_KEY_FILE)\n", kf);
+    return -1;
+  }
+  return 0;
+}
+
+/* One try at joining the head: connect over CURVE and get an index.
+ * Returns 0 with *fd the link, or -1. */
+static int td__join_once(const char *ep, const td_cluster_key_t *key, uint32_t want, uint32_t *index, int *fd) {
+  if (td_bridge_client_start(ep, key, fd)) return -1;
+  int rc = td_link_handshake(*fd, want, index, 3.0);
+  if (rc == 0) return 0;
+  close(*fd);
+  td_bridge_client_stop();
+  fprintf(stderr, "tide: cannot join the head at %s: %s; retrying\n", ep, td_strerror(rc));
+  fflush(stderr);
+  return -1;
+}
+
 static int td__start(int argc, char **argv) {
-  int head = 0, block = 0, port = 6380;
+  int head = 0, block = 0, port = 6380, port_given = 0;
+  const char *join = NULL, *node_name = NULL;
+  double node_timeout = 0;
   const char *bind_host = "0.0.0.0";
   char dir[PATH_MAX], sock[PATH_MAX + 16], pidf[PATH_MAX + 16], logf[PATH_MAX + 16];
   char keyf[PATH_MAX + 16];
@@ -380,14 +403,28 @@ static int td__start(int argc, char **argv) {
   for (int i = 2; i < argc && nrest < 62; i++) {
     if (!strcmp(argv[i], "--head")) head = 1;
     else if (!strcmp(argv[i], "--block")) block = 1;
-    else if (!strcmp(argv[i], "--port") && i + 1 < argc) port = atoi(argv[++i]);
+    else if (!strcmp(argv[i], "--port") && i + 1 < argc) port = atoi(argv[++i]), port_given = 1;
     else if (!strcmp(argv[i], "--host") && i + 1 < argc) bind_host = argv[++i];
-    else if (!strcmp(argv[i], "--address"))
-      return td__usage_error("%s", "joining another node (--address) needs multi-node support, which "
-                                   "is not built yet; start a single node with --head");
+    else if (!strcmp(argv[i], "--address") && i + 1 < argc) join = argv[++i];
+    else if (!strcmp(argv[i], "--key") && i + 1 < argc) td__key_arg = argv[++i];
+    else if (!strcmp(argv[i], "--name") && i + 1 < argc) node_name = argv[++i];
+    else if (!strcmp(argv[i], "--node-timeout") && i + 1 < argc) {
+      char *end;
+      node_timeout = strtod(argv[++i], &end);
+      if (*end || !(node_timeout > 0)) return td__usage_error("%s", "--node-timeout needs a positive number of seconds");
+    }
     else rest[nrest++] = argv[i];
   }
-  if (!head) return td__usage_error("%s", "start needs --head");
+  if (!head && !join) return td__usage_error("%s", "start needs --head, or --address HOST:PORT to join a head");
+  if (head && join) return td__usage_error("%s", "start takes --head or --address, not both");
+  char join_ep[PATH_MAX];
+  td_cluster_key_t join_key;
+  if (join) {
+    if (td__resolve_address(join, join_ep, sizeof(join_ep)) != 1)
+      return td__usage_error("--address %s: a node joins its head at HOST:PORT", join);
+    if (td__load_key(&join_key)) return 1;
+    if (!port_given) port = 0;  /* a node listens on TCP only when asked */
+  }
   if (mkdir(dir, 0700) != 0 && errno != EEXIST) {
     fprintf(stderr, "tide: cannot create %s: %s\n", dir, strerror(errno));
     return 1;
@@ -406,10 +443,11 @@ static int td__start(int argc, char **argv) {
     pid_t pid = fork();
     if (pid < 0) return 1;
     if (pid > 0) {
-      for (int i = 0; i < 100; i++) {
+      for (int i = 0; i < (join ? 300 : 100); i++) {
         struct stat st;
         if (stat(sock, &st) == 0) {
           printf("tide: node started (pid %d), session %s\n", (int)pid, dir);
+          if (join) printf("tide: joined the head at %s\n", join);
           printf("attach with:\n  bin/tide run --address local SCRIPT.lua\n  bin/tide repl --address local\n"
                  "  bin/tide status\n");
           if (port > 0)
@@ -421,6 +459,11 @@ static int td__start(int argc, char **argv) {
         int st2;
         if (waitpid(pid, &st2, WNOHANG) == pid) break;
         usleep(50000);
+      }
+      if (join && kill(pid, 0) == 0) {
+        fprintf(stderr, "tide: no answer from the head at %s yet; the node keeps trying (see %s; "
+                        "`tide stop` stops it)\n", join, logf);
+        return 1;
       }
       fprintf(stderr, "tide: the node did not start; see %s\n", logf);
       return 1;
@@ -440,6 +483,36 @@ static int td__start(int argc, char **argv) {
   td__open(L);
   int rc = td__parse_flags(L, nrest, rest, 2, NULL);
   if (rc >= 0) { unlink(pidf); return rc; }
+  signal(SIGTERM, td__on_term);
+  signal(SIGINT, td__on_term);
+  signal(SIGPIPE, SIG_IGN);
+  /* Joining: the head gives this node its index first, as every id made
+   * here carries it. */
+  uint32_t node_index = 0;
+  int link_fd = -1;
+  if (join) {
+    while (td__join_once(join_ep, &join_key, 0, &node_index, &link_fd)) {
+      if (td__stop_daemon) { unlink(pidf); return 0; }
+      sleep(1);
+    }
+    char nid[32];
+    snprintf(nid, sizeof(nid), "node-%u", node_index);
+    setenv("TIDE_NODE_ID", nid, 1);  /* workers' runtime context */
+    printf("tide: joined the head at %s as %s\n", join, nid);
+    fflush(stdout);
+  }
+  lua_getfield(L, LUA_REGISTRYINDEX, "tide.cli_opts");
+  lua_pushinteger(L, (lua_Integer)node_index);
+  lua_setfield(L, -2, "node_index");
+  if (node_timeout > 0) {
+    lua_pushnumber(L, node_timeout);
+    lua_setfield(L, -2, "node_timeout");
+  }
+  if (node_name) {
+    lua_pushstring(L, node_name);
+    lua_setfield(L, -2, "node_name");
+  }
+  lua_pop(L, 1);
   lua_getglobal(L, "require");
   lua_pushliteral(L, "tide");
   if (lua_pcall(L, 1, 1, 0) != 0 || (lua_getfield(L, -1, "_start"), lua_pcall(L, 0, 0, 0)) != 0) {
@@ -487,15 +560,35 @@ static int td__start(int argc, char **argv) {
   signal(SIGHUP, SIG_IGN);
   signal(SIGPIPE, SIG_IGN);
   td_node_watch_fd(td_ctx.node, td__listen_fd, td__on_accept, NULL, NULL);
+  if (link_fd >= 0) td_node_link_head(td_ctx.node, link_fd);
   printf("tide: node listening on %s\n", sock);
   fflush(stdout);
+  double retry_at = 0;
   while (!td__stop_daemon) {
     td_core_flush_refs();
     td_node_pump(td_ctx.node, 0.5);
+    if (join && !td_node_linked(td_ctx.node) && td_now() >= retry_at) {
+      /* The head is gone: keep trying, under the same index. */
+      td_bridge_client_stop();
+      uint32_t again = 0;
+      if (td__join_once(join_ep, &join_key, node_index, &again, &link_fd) == 0) {
+        if (again != node_index) {
+          fprintf(stderr, "tide: the head gave this node index %u, not its own %u; stopping "
+                          "(start it again to join as a new node)\n", again, node_index);
+          break;
+        }
+        td_node_link_head(td_ctx.node, link_fd);
+        printf("tide: rejoined the head at %s as node-%u\n", join, node_index);
+        fflush(stdout);
+      } else {
+        retry_at = td_now() + 1;
+      }
+    }
   }
   printf("tide: node stopping\n");
   td_bridge_server_stop();
   td_node_destroy(&td_ctx.node);
+  td_bridge_client_stop();  /* after the link is closed */
   close(td__listen_fd);
   unlink(sock);
   unlink(pidf);

@@ -26,11 +26,23 @@
 enum { OBJ_PENDING, OBJ_READY, OBJ_ERROR };
 enum { LOC_NONE, LOC_INLINE, LOC_SHM, LOC_SPILLED };
 enum { T_WAITDEPS, T_QUEUED, T_SENT, T_DONE };
-enum { WK_TASK, WK_HOST, WK_GPUHOST, WK_CLIENT };
+/* WK_NODE: on a head, the link to a node that joined it; WK_HEAD: on a
+ * node, its link to the head. Links are neither workers nor clients. */
+enum { WK_TASK, WK_HOST, WK_GPUHOST, WK_CLIENT, WK_NODE, WK_HEAD };
 enum { A_PENDING, A_ALIVE, A_RESTARTING, A_DEAD };
 
 typedef struct td_task td_task_t;
 typedef struct td_actor td_actor_t;
+
+/* On a node: work its head sent it, until the results go back. */
+typedef struct td_fwd {
+  uint64_t task;         /* the head's task id */
+  uint8_t kind;          /* TD_K_* */
+  int32_t nret;
+  uint64_t *rets;
+  uint64_t actor;
+  uint32_t items_sent;   /* streams: items sent to the head so far */
+} td_fwd_t;
 
 typedef struct td_obj {
   uint64_t id;
@@ -51,6 +63,7 @@ typedef struct td_obj {
   uint64_t *items;       /* stream items, held */
   uint32_t nitems, capitems;
   uint64_t last_use;     /* LRU clock for spilling */
+  td_fwd_t *fwd;         /* a return of work the head sent this node */
 } td_obj_t;
 
 struct td_task {
@@ -69,6 +82,7 @@ struct td_task {
   td_actor_t *actor;     /* for actor calls and creations */
   double sent_at;        /* when it was sent to its worker */
   uint8_t slow;          /* not known to be short when sent */
+  uint8_t node_held;     /* holds resources of the node link it was sent to */
   td_task_t *prev, *next;/* links in the queue it is on */
   void *on;              /* the queue it is on, NULL if none */
 };
@@ -98,6 +112,12 @@ struct td_wk {
   int nslow;             /* inflight tasks not known to be short */
   int remote;            /* a client over TCP: no shared memory */
   double last_done;      /* when its last task finished */
+  /* Node links (WK_NODE, WK_HEAD): */
+  uint32_t node_index;
+  int joined;            /* WK_NODE: its resources are known */
+  char name[64];
+  double ntotal[TD_NRES_MAX], navail[TD_NRES_MAX]; /* by this node's resource index */
+  double last_seen;      /* last message from the other side */
 };
 
 /* Running time of a function, to decide whether queueing behind it is
@@ -119,6 +139,9 @@ struct td_actor {
   td_tq_t queue;         /* calls not sent yet, in order */
   char *reason;          /* why it died */
   int gpus[16], ngpus;
+  td_wk_t *res_node;     /* the node link whose resources it holds */
+  uint32_t fwd_attempt;  /* on a node: the head's incarnation (0: not the head's) */
+  uint8_t crashed;       /* it died by a crash, not by a kill or its own exit */
 };
 
 typedef struct td_req {
@@ -177,12 +200,29 @@ struct td_node {
   int ext_fd;            /* extension fd (-1: none) */
   td_node_cb ext_read, ext_tick;
   void *ext_ud;
+  /* Cluster: */
+  uint32_t index;        /* this node's index; 0 = the head */
+  char name[64];
+  double node_timeout;   /* silence after which a link is dead */
+  double beat_at;        /* when heartbeats were last sent */
+  double tick_at;        /* when links were last checked */
+  td_wk_t *head;         /* a node's link to its head */
+  int nlinks;            /* a head's joined nodes */
+  uint32_t spread;       /* round robin for SPREAD */
+  uint32_t next_index;
+  td_map_t fwd;          /* head task id -> td_fwd_t */
+  uint64_t *fwd_ready;   /* returns of head work that changed */
+  uint32_t nfwd_ready, capfwd_ready;
 };
 
 static void td__sched(td_node_t *n);
 static void td__task_fail(td_node_t *n, td_task_t *t, const char *kind, const char *msg);
 static void td__actor_restart_or_die(td_node_t *n, td_actor_t *a, const char *why);
 static void td__actor_pump(td_node_t *n, td_actor_t *a);
+static void td__send_node_task(td_node_t *n, td_wk_t *wk, td_task_t *t);
+static void td__fwd_note(td_node_t *n, uint64_t id);
+static td_obj_t *td__obj_from_bytes(td_node_t *n, uint64_t id, int state, const uint8_t *p, size_t len);
+static void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why);
 
 /* -- Queues ---------------------------------------------------------------- */
 
@@ -223,8 +263,13 @@ static void td__inflight_add(td_node_t *n, td_wk_t *wk, td_task_t *t) {
   wk->nslow += t->slow;
 }
 
+static void td__take(double *pool, const td_task_t *t, double sign);
 static void td__inflight_del(td_wk_t *wk, td_task_t *t) {
   tq_del(&wk->inflight, t);
+  if (t->node_held) {  /* back to the node link it held */
+    td__take(wk->navail, t, -1);
+    t->node_held = 0;
+  }
   wk->nslow -= t->slow;
   t->slow = 0;
 }
@@ -541,8 +586,17 @@ int td_node_res_index(td_node_t *n, const char *name) {
 }
 int td_node_res_count(td_node_t *n) { return n->nres; }
 const char *td_node_res_name(td_node_t *n, int i) { return n->resname[i]; }
-double td_node_res_total(td_node_t *n, int i) { return n->total[i]; }
-double td_node_res_avail(td_node_t *n, int i) { return n->avail[i]; }
+/* Cluster-wide: this node and every node joined to it. */
+static double td__res_sum(td_node_t *n, int i, int avail) {
+  double v = avail ? n->avail[i] : n->total[i];
+  for (int k = 0; k < n->nwks; k++) {
+    td_wk_t *w = n->wks[k];
+    if (w->kind == WK_NODE && w->joined && !w->dead) v += avail ? w->navail[i] : w->ntotal[i];
+  }
+  return v;
+}
+double td_node_res_total(td_node_t *n, int i) { return td__res_sum(n, i, 0); }
+double td_node_res_avail(td_node_t *n, int i) { return td__res_sum(n, i, 1); }
 
 static td_pg_t *td__pg(td_node_t *n, uint64_t id) {
   for (td_pg_t *pg = n->pgs; pg; pg = pg->next)
@@ -667,7 +721,9 @@ static void td__send_task(td_node_t *n, td_wk_t *wk, td_task_t *t) {
   t->state = T_SENT;
   t->attempt++;
   td__inflight_add(n, wk, t);
-  if (t->spec.kind == TD_K_TASK) {
+  if (wk->kind == WK_NODE) {
+    td__send_node_task(n, wk, t);
+  } else if (t->spec.kind == TD_K_TASK) {
     td_chan_begin(&wk->ch, TD_M_TASK);
     td_buf_u64(b, t->id);
     td_buf_u64(b, t->spec.fn_id);
@@ -790,6 +846,7 @@ static int td__deps_failed(td_node_t *n, td_task_t *t) {
 
 static void td__obj_wake(td_node_t *n, td_obj_t *o) {
   n->dirty = 1;
+  if (o->fwd) td__fwd_note(n, o->id);
   uint32_t nw = o->nwaiters;
   td_task_t **ws = o->waiters;
   o->waiters = NULL;
@@ -831,6 +888,12 @@ static void td__actor_pump(td_node_t *n, td_actor_t *a) {
 static void td__actor_release(td_node_t *n, td_actor_t *a) {
   if (!a->res_held) return;
   td_task_t *c = a->create;
+  if (a->res_node) {
+    td__take(a->res_node->navail, c, -1);
+    a->res_node = NULL;
+    a->res_held = 0;
+    return;
+  }
   td__take(n->avail, c, -1);
   td__gpus_give(n, td__task_gpus(c), a->gpus, a->ngpus);
   a->ngpus = 0;
@@ -842,6 +905,15 @@ static void td__actor_die(td_node_t *n, td_actor_t *a, const char *why) {
   a->state = A_DEAD;
   free(a->reason);
   a->reason = td_xstrdup(why);
+  if (a->fwd_attempt && n->head) {
+    /* The head decides whether it restarts, and where. */
+    td_chan_begin(&n->head->ch, TD_M_ACTOR_EXIT);
+    td_buf_u64(&n->head->ch.out, a->id);
+    td_buf_u8(&n->head->ch.out, a->crashed);
+    td_buf_str(&n->head->ch.out, why, strlen(why));
+    td_buf_u32(&n->head->ch.out, a->fwd_attempt);
+    td_chan_end(&n->head->ch);
+  }
   if (a->host) a->host->nactors--;
   a->host = NULL;
   td__actor_release(n, a);
@@ -871,6 +943,7 @@ static void td__actor_restart_or_die(td_node_t *n, td_actor_t *a, const char *wh
   }
   char msg[512];
   snprintf(msg, sizeof(msg), "the actor died: %s", why);
+  a->crashed = 1;
   td__actor_die(n, a, msg);
 }
 
@@ -919,6 +992,102 @@ static td_wk_t *td__pick_host(td_node_t *n, td_actor_t *a) {
     if (w) best = w;
   }
   return best;
+}
+
+/* -- Cluster: node links ---------------------------------------------------------
+ * A head sees each node that joined it as one WK_NODE link with the node's
+ * resources; it places tasks and actors there when they do not fit here,
+ * spread, or ask for that node. A node runs what its head sends it as if
+ * a local driver had submitted it, and sends the results back inline. */
+
+static td_wk_t *td__link(td_node_t *n, uint32_t index) {
+  for (int i = 0; i < n->nwks; i++) {
+    td_wk_t *w = n->wks[i];
+    if (w->kind == WK_NODE && w->joined && !w->dead && w->node_index == index) return w;
+  }
+  return NULL;
+}
+
+/* The most of resource r any live node has (this one included). */
+static double td__cluster_max(td_node_t *n, int r) {
+  double most = n->total[r];
+  for (int i = 0; i < n->nwks; i++) {
+    td_wk_t *w = n->wks[i];
+    if (w->kind == WK_NODE && w->joined && !w->dead && w->ntotal[r] > most) most = w->ntotal[r];
+  }
+  return most;
+}
+
+/* Where a task or actor creation goes: 0 here, 1 to *out, 2 wait, 3 fail
+ * (hard affinity to a node that is not there). *hold: the node has room
+ * now, so the head holds the resources there; otherwise the task was
+ * asked to go there and waits in that node's queue. */
+static int td__place(td_node_t *n, td_task_t *t, int local_fits, td_wk_t **out, int *hold) {
+  *out = NULL;
+  *hold = 1;
+  uint8_t st = t->spec.strategy;
+  if (t->spec.pg_id) return 0;
+  td_wk_t *w = NULL;
+  if (st == TD_ST_NODE || st == TD_ST_NODE_SOFT) {
+    if (t->spec.node == n->index) {
+      if (local_fits || st == TD_ST_NODE) return 0;
+    } else if ((w = td__link(n, t->spec.node)) != NULL) {
+      if (!td__fits(w->ntotal, t) && st == TD_ST_NODE_SOFT) w = NULL;  /* never fits there */
+    } else if (st == TD_ST_NODE) {
+      return 3;
+    }
+  } else if (st == TD_ST_SPREAD && n->nlinks) {
+    /* Round robin over every node, this one as number 0. */
+    int k = n->nlinks + 1, c = (int)(n->spread++ % (uint32_t)k);
+    if (c == 0) return 0;
+    for (int i = 0, seen = 0; i < n->nwks && !w; i++) {
+      td_wk_t *x = n->wks[i];
+      if (x->kind == WK_NODE && x->joined && !x->dead && ++seen == c) w = x;
+    }
+    if (w && !td__fits(w->ntotal, t)) w = NULL;
+  }
+  if (w) {
+    *hold = td__fits(w->navail, t);
+    *out = w;
+    return 1;
+  }
+  if (local_fits || !n->nlinks) return 0;
+  /* Spill to the node with the most free CPU where it fits now. */
+  for (int i = 0; i < n->nwks; i++) {
+    td_wk_t *x = n->wks[i];
+    if (x->kind != WK_NODE || !x->joined || x->dead || !td__fits(x->navail, t)) continue;
+    if (!w || x->navail[TD_RES_CPU] > w->navail[TD_RES_CPU]) w = x;
+  }
+  *out = w;
+  return w ? 1 : 0;
+}
+
+/* Head -> node: the whole spec (demands by name), the function the first
+ * time, and the argument values inline. */
+static void td__send_node_task(td_node_t *n, td_wk_t *wk, td_task_t *t) {
+  td_buf_t *b = &wk->ch.out;
+  td_chan_begin(&wk->ch, TD_M_NODE_TASK);
+  td_buf_u64(b, t->id);
+  td_buf_u32(b, t->attempt);
+  td_spec_t s;
+  memcpy(&s, &t->spec, sizeof(s));
+  s.nres = 0;
+  for (int i = 0; i < t->nres; i++) {
+    snprintf(s.res_name[s.nres], sizeof(s.res_name[0]), "%s", n->resname[t->res_idx[i]]);
+    s.res_amt[s.nres++] = t->res_amt[i];
+  }
+  int has_cpu = 0;
+  for (int i = 0; i < t->nres; i++) has_cpu |= t->res_idx[i] == TD_RES_CPU;
+  if (s.kind == TD_K_TASK && !has_cpu && s.nres < TD_NRES_MAX) {  /* asked for no CPU: say so */
+    snprintf(s.res_name[s.nres], sizeof(s.res_name[0]), "CPU");
+    s.res_amt[s.nres++] = 0;
+  }
+  s.strategy = TD_ST_DEFAULT;
+  s.pg_id = 0;
+  td_spec_encode(&s, b);
+  td__send_fn(n, wk, t->spec.fn_id);
+  td_buf_u32(b, t->spec.ndeps);
+  for (uint32_t i = 0; i < t->spec.ndeps; i++) td__put_value(n, b, t->spec.deps[i], 0, 1);
 }
 
 /* -- Scheduling ---------------------------------------------------------------------- */
@@ -970,6 +1139,40 @@ static void td__sched(td_node_t *n) {
     td_task_t *next = t->next;
     int bundle;
     double *pool = td__pool(n, t, &bundle);
+    td_wk_t *to;
+    int hold;
+    int where = td__place(n, t, pool && td__fits(pool, t), &to, &hold);
+    if (where == 3 || where == 1) {
+      tq_del(&n->queue, t);
+      char why[160];
+      snprintf(why, sizeof(why), "no alive node node-%u for a hard node affinity", t->spec.node);
+      if (where == 3 && t->spec.kind == TD_K_TASK) {
+        td__task_fail(n, t, "TaskError", why);
+      } else if (where == 3) {
+        t->state = T_SENT;
+        td__actor_die(n, t->actor, why);
+      } else if (t->spec.kind == TD_K_TASK) {
+        if (hold) td__take(to->navail, t, 1);
+        t->node_held = (uint8_t)hold;
+        td__send_task(n, to, t);
+      } else {
+        td_actor_t *a = t->actor;
+        if (hold) td__take(to->navail, t, 1);
+        a->res_node = hold ? to : NULL;
+        a->res_held = hold;
+        a->host = to;
+        to->nactors++;
+        a->state = A_ALIVE;
+        td__send_task(n, to, t);
+        td__inflight_del(to, t);
+        t->state = T_SENT;
+        td__actor_pump(n, a);
+      }
+      misses = 0;
+      t = next;
+      continue;
+    }
+    if (where == 2) { misses++; t = next; continue; }
     if (t->spec.kind == TD_K_ACTOR_NEW) {
       td_actor_t *a = t->actor;
       if (pool && td__fits(pool, t)) {
@@ -1160,9 +1363,11 @@ int td_node_submit(td_node_t *n, const td_spec_t *s, const char **msg) {
   } else if (!s->pg_id) {
     for (int i = 0; i < t->nres && !why[0]; i++) {
       int r = t->res_idx[i];
-      if (t->res_amt[i] > n->total[r] + 1e-9)
-        snprintf(why, sizeof(why), "infeasible: it requires %s = %g but this node has %s = %g",
-                 n->resname[r], t->res_amt[i], n->resname[r], n->total[r]);
+      double most = td__cluster_max(n, r);
+      if (t->res_amt[i] > most + 1e-9)
+        snprintf(why, sizeof(why), "infeasible: it requires %s = %g but %s %s = %g",
+                 n->resname[r], t->res_amt[i], n->nlinks ? "the most any node has is" : "this node has",
+                 n->resname[r], most);
     }
   }
   if (why[0] && s->kind == TD_K_TASK) {
@@ -1231,6 +1436,7 @@ int td_node_cancel(td_node_t *n, uint64_t obj_id, int force) {
     } else {
       td_chan_begin(&t->wk->ch, TD_M_CANCEL);
       td_buf_u64(&t->wk->ch.out, t->id);
+      if (t->wk->kind == WK_NODE) td_buf_u8(&t->wk->ch.out, (uint8_t)force);
       td_chan_end(&t->wk->ch);
     }
   }
@@ -1514,6 +1720,25 @@ static void td__free_lent(td_node_t *n, td_wk_t *wk) {
 
 static void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why);
 
+/* Head: objects a node pushed beside a return value (made there, held
+ * by it). Each new one holds a ref until the value that contains it is set. */
+static int td__link_pushed(td_node_t *n, td_rd_t *rd, uint64_t **made, uint32_t *nmade) {
+  uint32_t np = td_rd_u32(rd);
+  if (rd->bad || np > (uint32_t)((rd->end - rd->p) / 9)) return TD_EPROTO;
+  *made = td_xmalloc((size_t)np * 8 + 8);
+  for (uint32_t i = 0; i < np; i++) {
+    uint64_t id = td_rd_u64(rd);
+    uint8_t kind = td_rd_u8(rd);
+    uint32_t vl = 0;
+    const uint8_t *vp = kind == TD_V_LOST ? NULL : td_rd_str(rd, &vl);
+    if (rd->bad || (kind != TD_V_INLINE && kind != TD_V_ERROR && kind != TD_V_LOST)) return TD_EPROTO;
+    if (kind == TD_V_LOST || td__obj(n, id)) continue;
+    td__obj_from_bytes(n, id, kind == TD_V_ERROR ? OBJ_ERROR : OBJ_READY, vp, vl);
+    (*made)[(*nmade)++] = id;
+  }
+  return 0;
+}
+
 static int td__on_done(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   uint64_t tid = td_rd_u64(rd);
   uint8_t ok = td_rd_u8(rd);
@@ -1533,9 +1758,18 @@ static int td__on_done(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
       if (rd->bad) return TD_EPROTO;
       uint64_t *refs = td_xmalloc((size_t)nrefs * 8 + 8);
       if (nrefs) memcpy(refs, rp, (size_t)nrefs * 8);
+      uint64_t *made = NULL;
+      uint32_t nmade = 0;
+      if (wk->kind == WK_NODE && td__link_pushed(n, rd, &made, &nmade)) { free(refs); return TD_EPROTO; }
       td_obj_t *o = t ? td__obj(n, t->spec.rets[i]) : NULL;
+      if (o && !shm && wk->kind == WK_NODE && len > n->inline_max && td__alloc(n, len, &off, o) == 0) {
+        memcpy(td_store_base(n->store) + off, p, len);  /* large: into the store */
+        shm = 1;
+      }
       if (o) td__obj_set(n, o, OBJ_READY, shm, p, len, off, refs, nrefs);
       else if (shm) td_store_free(n->store, off, len);
+      for (uint32_t k = 0; k < nmade; k++) td_node_decref(n, made[k]);
+      free(made);
       free(refs);
     }
     if (t && t->spec.nret < 0) {
@@ -1608,7 +1842,321 @@ static int td__on_item(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   }
   s->items[s->nitems++] = item;
   n->dirty = 1;
+  if (s->fwd) td__fwd_note(n, s->id);
   return 0;
+}
+
+/* -- Cluster: messages between a head and its nodes ------------------------------- */
+
+/* A value from another node, inline: it goes to the store when large, so
+ * workers here map it. Returns the object (state set, one ref held). */
+static td_obj_t *td__obj_from_bytes(td_node_t *n, uint64_t id, int state, const uint8_t *p, size_t len) {
+  td_obj_t *o = td__obj_new(n, id);
+  o->refs++;
+  size_t off;
+  if (state == OBJ_READY && len > n->inline_max && td__alloc(n, len, &off, NULL) == 0) {
+    memcpy(td_store_base(n->store) + off, p, len);
+    td__obj_set(n, o, OBJ_READY, 1, NULL, len, off, NULL, 0);
+  } else {
+    td__obj_set(n, o, state, 0, p, len, 0, NULL, 0);
+  }
+  return o;
+}
+
+/* Head: a client asks to join as a node. */
+static int td__on_join(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  uint32_t want = td_rd_u32(rd);
+  if (rd->bad || wk->kind != WK_CLIENT) return TD_EPROTO;
+  uint32_t idx = want;
+  if (!idx || idx > TD_NODE_MAX || idx == n->index || td__link(n, idx)) {
+    do idx = ++n->next_index; while (idx == n->index || td__link(n, idx));
+    if (idx > TD_NODE_MAX) { td_log("refusing a node: no node index left"); return TD_EPROTO; }
+  }
+  if (idx > n->next_index) n->next_index = idx;
+  wk->kind = WK_NODE;
+  wk->node_index = idx;
+  wk->last_seen = td_now();
+  td_chan_begin(&wk->ch, TD_M_WELCOME);
+  td_buf_u32(&wk->ch.out, idx);
+  td_chan_end(&wk->ch);
+  return 0;
+}
+
+/* Head: a joined node says what it has. */
+static int td__on_node_info(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  if (wk->kind != WK_NODE || wk->joined) return TD_EPROTO;
+  uint32_t l;
+  const uint8_t *name = td_rd_str(rd, &l);
+  uint32_t nr = td_rd_u32(rd);
+  if (rd->bad || nr > TD_NRES_MAX) return TD_EPROTO;
+  snprintf(wk->name, sizeof(wk->name), "%.*s", (int)(l < 63 ? l : 63), (const char *)name);
+  char line[512];
+  int o = snprintf(line, sizeof(line), "node-%u (%s) joined:", wk->node_index, wk->name);
+  for (uint32_t i = 0; i < nr; i++) {
+    uint32_t rl;
+    const uint8_t *rn = td_rd_str(rd, &rl);
+    double v = td_rd_f64(rd);
+    if (rd->bad || rl == 0 || rl >= 32 || !(v >= 0)) return TD_EPROTO;
+    char rname[32];
+    memcpy(rname, rn, rl);
+    rname[rl] = 0;
+    int idx = td_node_res_index(n, rname);
+    if (idx < 0) continue;
+    wk->ntotal[idx] = wk->navail[idx] = v;
+    if (o < (int)sizeof(line) - 48) o += snprintf(line + o, sizeof(line) - (size_t)o, " %s=%g", rname, v);
+  }
+  wk->joined = 1;
+  n->nlinks++;
+  td_log("%s", line);
+  fprintf(stderr, "tide: %s\n", line);
+  return 0;
+}
+
+/* Node: the work its head sends. */
+static int td__on_node_task(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  if (wk != n->head) return TD_EPROTO;
+  uint64_t htid = td_rd_u64(rd);
+  uint32_t attempt = td_rd_u32(rd);
+  td_spec_t s;
+  uint64_t *scratch;
+  if (td_spec_decode(&s, rd, &scratch)) { free(scratch); return TD_EPROTO; }
+  int rc = TD_EPROTO;
+  if (td_rd_u8(rd)) {
+    uint32_t bl;
+    const uint8_t *blob = td_rd_str(rd, &bl);
+    if (rd->bad) goto out;
+    td_node_register_fn(n, s.fn_id, blob, bl);
+  }
+  uint32_t nd = td_rd_u32(rd);
+  if (rd->bad || nd != s.ndeps || td_map_get(&n->fwd, htid)) goto out;
+  /* Argument values: the objects here hold one ref until submitted. */
+  uint64_t *made = td_xmalloc((size_t)nd * 8 + 8);
+  uint32_t nmade = 0;
+  for (uint32_t i = 0; i < nd; i++) {
+    uint8_t kind = td_rd_u8(rd);
+    uint32_t vl = 0;
+    const uint8_t *vp = kind == TD_V_LOST ? NULL : td_rd_str(rd, &vl);
+    if (rd->bad || kind == TD_V_SHM || kind > TD_V_LOST) { rd->bad = 1; break; }
+    if (td__obj(n, s.deps[i])) continue;
+    if (kind == TD_V_LOST) {
+      td__errblob(&n->tmp, "ObjectLostError", "an argument's object was lost before it reached this node");
+      td__obj_from_bytes(n, s.deps[i], OBJ_ERROR, n->tmp.p, n->tmp.len);
+    } else {
+      td__obj_from_bytes(n, s.deps[i], kind == TD_V_ERROR ? OBJ_ERROR : OBJ_READY, vp, vl);
+    }
+    made[nmade++] = s.deps[i];
+  }
+  if (!rd->bad) {
+    rc = 0;
+    /* The head places, retries and restarts; here it just runs. */
+    s.strategy = TD_ST_DEFAULT;
+    s.pg_id = 0;
+    s.max_restarts = 0;
+    const char *msg = NULL;
+    int sub = s.kind == TD_K_ACTOR_CALL && !td_map_get(&n->actors, s.actor_id)
+                  ? (msg = "the actor is not on this node", TD_EINVAL)
+                  : td_node_submit(n, &s, &msg);
+    if (sub == 0) {
+      td_fwd_t *f = td_xcalloc(1, sizeof(*f));
+      f->task = htid;
+      f->kind = s.kind;
+      f->nret = s.nret;
+      f->actor = s.actor_id;
+      uint32_t nr = s.nret < 0 ? 1 : (uint32_t)s.nret;
+      f->rets = td_xmalloc(nr * 8 + 8);
+      memcpy(f->rets, s.rets, nr * 8);
+      td_map_set(&n->fwd, htid, f);
+      for (uint32_t i = 0; i < nr; i++) {
+        td_obj_t *o = td__obj(n, s.rets[i]);
+        if (!o) continue;
+        o->fwd = f;
+        if (o->state != OBJ_PENDING) td__obj_wake(n, o);
+      }
+      if (s.kind == TD_K_ACTOR_NEW) {
+        td_actor_t *a = td_map_get(&n->actors, s.actor_id);
+        if (a) a->fwd_attempt = attempt;
+      }
+    } else {
+      td__errblob(&n->tmp, s.kind == TD_K_ACTOR_CALL ? "ActorDiedError" : "TaskError", msg);
+      td_chan_begin(&wk->ch, TD_M_DONE);
+      td_buf_u64(&wk->ch.out, htid);
+      td_buf_u8(&wk->ch.out, 0);
+      td_buf_str(&wk->ch.out, n->tmp.p, n->tmp.len);
+      td_chan_end(&wk->ch);
+    }
+  }
+  for (uint32_t i = 0; i < nmade; i++) td_node_decref(n, made[i]);
+  free(made);
+out:
+  free(scratch);
+  return rc;
+}
+
+/* Node: one return value for the head, with the contained objects made
+ * here (the head has no other way to reach them). */
+static void td__put_link_value(td_node_t *n, td_buf_t *b, td_obj_t *o) {
+  td__put_value(n, b, o->id, 0, 1);
+  td_buf_u32(b, o->ncontained);
+  td_buf_put(b, o->contained, (size_t)o->ncontained * 8);
+  uint32_t at = (uint32_t)b->len, cnt = 0;
+  td_buf_u32(b, 0);
+  for (uint32_t i = 0; i < o->ncontained; i++) {
+    td_obj_t *c = td__obj(n, o->contained[i]);
+    if (!c || c->state != OBJ_READY || td__obj_resident(n, c) != 0) continue;
+    td_buf_u64(b, c->id);
+    td__put_value(n, b, c->id, 0, 1);
+    cnt++;
+  }
+  memcpy(b->p + at, &cnt, 4);
+}
+
+static void td__fwd_end(td_node_t *n, td_fwd_t *f) {
+  uint32_t nr = f->nret < 0 ? 1 : (uint32_t)f->nret;
+  td_map_del(&n->fwd, f->task);
+  for (uint32_t i = 0; i < nr; i++) {
+    td_obj_t *o = td__obj(n, f->rets[i]);
+    if (o && o->fwd == f) o->fwd = NULL;
+    if (o) td_node_decref(n, f->rets[i]);
+  }
+  free(f->rets);
+  free(f);
+}
+
+static void td__link_fail(td_node_t *n, uint64_t task, const uint8_t *blob, size_t len) {
+  td_chan_begin(&n->head->ch, TD_M_DONE);
+  td_buf_u64(&n->head->ch.out, task);
+  td_buf_u8(&n->head->ch.out, 0);
+  td_buf_str(&n->head->ch.out, blob, len);
+  td_chan_end(&n->head->ch);
+}
+
+/* Node: sends the head what finished of its work. */
+static void td__fwd_flush(td_node_t *n) {
+  uint32_t cnt = n->nfwd_ready;
+  uint64_t *ids = n->fwd_ready;
+  n->fwd_ready = NULL;
+  n->nfwd_ready = n->capfwd_ready = 0;
+  for (uint32_t k = 0; k < cnt; k++) {
+    td_obj_t *o = td__obj(n, ids[k]);
+    td_fwd_t *f = o ? o->fwd : NULL;
+    if (!f || !n->head) continue;
+    td_buf_t *b = &n->head->ch.out;
+    if (f->nret < 0) {
+      /* A stream: its new items, then its end (or the error that ended it). */
+      int failed = 0;
+      for (; f->items_sent < o->nitems && !failed; f->items_sent++) {
+        td_obj_t *it = td__obj(n, o->items[f->items_sent]);
+        if (it && it->state == OBJ_ERROR) {
+          td__link_fail(n, f->task, it->data, it->len);
+          failed = 1;
+          break;
+        }
+        if (!it) continue;
+        td_chan_begin(&n->head->ch, TD_M_ITEM);
+        td_buf_u64(b, f->task);
+        td_buf_u64(b, it->id);
+        td__put_value(n, b, it->id, 0, 1);
+        td_buf_u32(b, 0);
+        td_chan_end(&n->head->ch);
+      }
+      if (failed || o->stream_done) {
+        if (!failed) {
+          td_chan_begin(&n->head->ch, TD_M_DONE);
+          td_buf_u64(b, f->task);
+          td_buf_u8(b, 1);
+          td_buf_u32(b, 0);
+          td_chan_end(&n->head->ch);
+        }
+        td__fwd_end(n, f);
+      }
+      continue;
+    }
+    uint32_t nr = (uint32_t)f->nret;
+    td_obj_t *err = NULL;
+    int pending = 0;
+    for (uint32_t i = 0; i < nr; i++) {
+      td_obj_t *r = td__obj(n, f->rets[i]);
+      if (!r || r->state == OBJ_PENDING) pending = 1;
+      else if (r->state == OBJ_ERROR && !err) err = r;
+    }
+    if (pending) continue;
+    if (f->kind == TD_K_ACTOR_NEW) {
+      /* Ready; a failed init reaches the head as the actor's exit. */
+      if (!err) {
+        td_chan_begin(&n->head->ch, TD_M_ACTOR_READY);
+        td_buf_u64(b, f->actor);
+        td_chan_end(&n->head->ch);
+      }
+    } else if (err) {
+      td__link_fail(n, f->task, err->data, err->len);
+    } else {
+      td_chan_begin(&n->head->ch, TD_M_DONE);
+      td_buf_u64(b, f->task);
+      td_buf_u8(b, 1);
+      td_buf_u32(b, nr);
+      for (uint32_t i = 0; i < nr; i++) td__put_link_value(n, b, td__obj(n, f->rets[i]));
+      td_chan_end(&n->head->ch);
+    }
+    td__fwd_end(n, f);
+  }
+  free(ids);
+  if (n->head && n->head->ch.out.len > (256u << 10)) td_chan_flush(&n->head->ch);
+}
+
+static void td__fwd_note(td_node_t *n, uint64_t id) {
+  if (n->nfwd_ready == n->capfwd_ready) {
+    n->capfwd_ready = n->capfwd_ready ? n->capfwd_ready * 2 : 64;
+    n->fwd_ready = td_xrealloc(n->fwd_ready, n->capfwd_ready * 8);
+  }
+  n->fwd_ready[n->nfwd_ready++] = id;
+}
+
+/* Node: the head is gone. Its work here is dropped: a head that comes
+ * back does not know it. */
+static void td__head_lost(td_node_t *n) {
+  size_t it = 0;
+  td_fwd_t *f;
+  uint64_t *actors = td_xmalloc((size_t)n->fwd.len * 8 + 8);
+  uint32_t na = 0;
+  while (td_map_next(&n->fwd, &it, NULL, (void **)&f)) {
+    if (f->kind == TD_K_ACTOR_NEW) actors[na++] = f->actor;
+  }
+  it = 0;
+  while (td_map_next(&n->fwd, &it, NULL, (void **)&f)) {
+    td__fwd_end(n, f);
+    it = 0;
+  }
+  td_actor_t *a;
+  it = 0;
+  while (td_map_next(&n->actors, &it, NULL, (void **)&a))
+    if (a->fwd_attempt && a->state != A_DEAD) actors[na++] = a->id;
+  n->head = NULL;
+  for (uint32_t i = 0; i < na; i++) td_node_kill_actor(n, actors[i], 1);
+  free(actors);
+}
+
+/* Heartbeats both ways; a link silent past the timeout is dead. */
+static void td__cluster_tick(td_node_t *n, double now) {
+  int beat = now - n->beat_at >= 1.0;
+  if (beat) n->beat_at = now;
+  for (int i = 0; i < n->nwks; i++) {
+    td_wk_t *w = n->wks[i];
+    if ((w->kind != WK_NODE && w->kind != WK_HEAD) || w->dead) continue;
+    if (now - w->last_seen > n->node_timeout) {
+      char why[160];
+      if (w->last_seen == 0)
+        snprintf(why, sizeof(why), "restarted and no longer knows this node");
+      else
+        snprintf(why, sizeof(why), "sent no heartbeat for %.1f s", now - w->last_seen);
+      td__wk_dead(n, w, why);
+      i = -1;  /* the list changed */
+      continue;
+    }
+    if (beat && (w->joined || w->kind == WK_HEAD)) {
+      td_chan_begin(&w->ch, TD_M_BEAT);
+      td_chan_end(&w->ch);
+    }
+  }
 }
 
 static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p, uint32_t len) {
@@ -1616,6 +2164,42 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
   td_rd_init(&rd, p, len);
   switch (type) {
     case TD_M_READY: return 0;
+    case TD_M_BEAT:
+      if (wk->kind == WK_CLIENT) {
+        /* A node of an earlier head: tell it to join again. */
+        td_chan_begin(&wk->ch, TD_M_WELCOME);
+        td_buf_u32(&wk->ch.out, 0);
+        td_chan_end(&wk->ch);
+      }
+      return 0;
+    case TD_M_JOIN: return td__on_join(n, wk, &rd);
+    case TD_M_NODE_INFO: return td__on_node_info(n, wk, &rd);
+    case TD_M_NODE_TASK: return td__on_node_task(n, wk, &rd);
+    case TD_M_HELLO: return wk->kind == WK_HEAD ? 0 : TD_EPROTO;
+    case TD_M_WELCOME:
+      /* Index 0: the head restarted and does not know this node. */
+      if (wk->kind != WK_HEAD) return TD_EPROTO;
+      if (td_rd_u32(&rd) == 0) wk->last_seen = 0;
+      return 0;
+    case TD_M_CANCEL: {
+      if (wk->kind != WK_HEAD) return TD_EPROTO;
+      uint64_t htid = td_rd_u64(&rd);
+      uint8_t force = td_rd_u8(&rd);
+      td_fwd_t *f = rd.bad ? NULL : td_map_get(&n->fwd, htid);
+      if (f) td_node_cancel(n, f->rets[0], force);
+      return rd.bad ? TD_EPROTO : 0;
+    }
+    case TD_M_ACTOR_KILL: {
+      if (wk->kind != WK_HEAD) return TD_EPROTO;
+      uint64_t aid = td_rd_u64(&rd);
+      if (rd.bad) return TD_EPROTO;
+      td_actor_t *a = td_map_get(&n->actors, aid);
+      if (a && a->fwd_attempt) {
+        a->fwd_attempt = 0;  /* the head knows */
+        td_node_kill_actor(n, aid, 1);
+      }
+      return 0;
+    }
     case TD_M_REMOTE:
       if (wk->kind != WK_CLIENT) return TD_EPROTO;
       wk->remote = 1;
@@ -1809,13 +2393,20 @@ static void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why) {
       if (oa->owner == wk->id && oa->state != A_DEAD && oa->create && !oa->create->spec.detached)
         td_node_kill_actor(n, oa->id, 1);
   }
-  if (r == wk->pid && WIFSIGNALED(st))
+  if (wk->kind == WK_NODE) {
+    if (wk->joined) n->nlinks--;
+    snprintf(reason, sizeof(reason), "node-%u (%s) died: it %s", wk->node_index, wk->name, why);
+  } else if (wk->kind == WK_HEAD) {
+    snprintf(reason, sizeof(reason), "lost the head: it %s", why);
+    if (n->head == wk) td__head_lost(n);
+  } else if (r == wk->pid && WIFSIGNALED(st))
     snprintf(reason, sizeof(reason), "worker process %d was killed by signal %d", (int)wk->pid, WTERMSIG(st));
   else if (r == wk->pid && WIFEXITED(st))
     snprintf(reason, sizeof(reason), "worker process %d exited with status %d", (int)wk->pid, WEXITSTATUS(st));
   else
     snprintf(reason, sizeof(reason), "worker process %d %s", (int)wk->pid, why);
   td_log("%s", reason);
+  if (wk->kind >= WK_NODE) fprintf(stderr, "tide: %s\n", reason);
   int first = 1;
   while (wk->inflight.head) {
     td_task_t *t = wk->inflight.head;
@@ -1844,7 +2435,7 @@ static void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why) {
         td__task_fail(n, t, "ActorDiedError", msg);
       }
     }
-    first = 0;
+    first = wk->kind == WK_NODE;  /* every task on a node was running */
   }
   size_t it = 0;
   td_actor_t *a;
@@ -1879,6 +2470,7 @@ void td_node_flush(td_node_t *n) {
 
 static void td__wk_input(td_node_t *n, td_wk_t *wk) {
   int rc = td_chan_read(&wk->ch);
+  if (wk->kind >= WK_NODE) wk->last_seen = td_now();
   uint8_t type;
   const uint8_t *p;
   uint32_t len;
@@ -1941,6 +2533,14 @@ void td_node_pump(td_node_t *n, double timeout) {
   if (n->dirty || n->reqs) {
     n->dirty = 0;
     td__reqs_check(n, td_now());
+  }
+  if (n->nfwd_ready) td__fwd_flush(n);
+  if (n->head || n->nlinks || n->next_index) {
+    double now = td_now();
+    if (now - n->tick_at >= 0.25) {
+      n->tick_at = now;
+      td__cluster_tick(n, now);
+    }
   }
   td__sched(n);
   if (n->ext_tick) n->ext_tick(n->ext_ud);
@@ -2011,6 +2611,87 @@ void td_node_watch_fd(td_node_t *n, int fd, td_node_cb on_readable, td_node_cb o
   n->ext_ud = ud;
 }
 
+/* -- Cluster: joining ---------------------------------------------------------------------- */
+
+int td_link_handshake(int fd, uint32_t want, uint32_t *index, double timeout) {
+  td_chan_t c;
+  td_chan_init(&c, fd);
+  td_chan_begin(&c, TD_M_JOIN);
+  td_buf_u32(&c.out, want);
+  td_chan_end(&c);
+  int rc = td_chan_flush_all(&c) ? TD_EIO : TD_ETIMEDOUT;
+  double deadline = td_now() + timeout;
+  while (rc == TD_ETIMEDOUT) {
+    double left = deadline - td_now();
+    if (left <= 0) break;
+    struct pollfd pfd = {fd, POLLIN, 0};
+    if (poll(&pfd, 1, (int)(left * 1000) + 1) <= 0) continue;
+    if (td_chan_read(&c)) { rc = TD_EIO; break; }
+    uint8_t type;
+    const uint8_t *p;
+    uint32_t len;
+    int got;
+    while ((got = td_chan_next(&c, &type, &p, &len)) == 1) {
+      if (type != TD_M_WELCOME) continue;  /* the node's HELLO to a client */
+      td_rd_t rd;
+      td_rd_init(&rd, p, len);
+      *index = td_rd_u32(&rd);
+      rc = rd.bad || !*index ? TD_EPROTO : 0;
+      break;
+    }
+    if (got < 0) rc = TD_EPROTO;
+  }
+  c.fd = -1;
+  td_chan_close(&c);
+  return rc;
+}
+
+int td_node_link_head(td_node_t *n, int fd) {
+  if (n->head) return TD_EINVAL;
+  td_wk_t *wk = td_xcalloc(1, sizeof(*wk));
+  wk->id = ++n->next_wk;
+  wk->kind = WK_HEAD;
+  wk->remote = 1;
+  wk->last_seen = td_now();
+  td_chan_init(&wk->ch, fd);
+  td_map_init(&wk->fns_sent);
+  td_map_init(&wk->allocs);
+  fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+  if (n->nwks == n->capwks) {
+    n->capwks = n->capwks ? n->capwks * 2 : 16;
+    n->wks = td_xrealloc(n->wks, (size_t)n->capwks * sizeof(td_wk_t *));
+  }
+  n->wks[n->nwks++] = wk;
+  n->head = wk;
+  td_chan_begin(&wk->ch, TD_M_NODE_INFO);
+  td_buf_str(&wk->ch.out, n->name, strlen(n->name));
+  td_buf_u32(&wk->ch.out, (uint32_t)n->nres);
+  for (int i = 0; i < n->nres; i++) {
+    td_buf_str(&wk->ch.out, n->resname[i], strlen(n->resname[i]));
+    td_buf_f64(&wk->ch.out, n->total[i]);
+  }
+  td_chan_end(&wk->ch);
+  td_chan_flush(&wk->ch);
+  return 0;
+}
+
+int td_node_linked(td_node_t *n) { return n->head != NULL; }
+uint32_t td_node_index(td_node_t *n) { return n->index; }
+
+int td_node_cluster(td_node_t *n, td_node_info_t *out, int max) {
+  int k = 0;
+  if (max < 1) return 0;
+  td_node_stats_t st;
+  td_node_stats(n, &st);
+  out[k++] = (td_node_info_t){n->index, n->name, 1, n->total, n->avail, st.tasks_running, st.actors};
+  for (int i = 0; i < n->nwks && k < max; i++) {
+    td_wk_t *w = n->wks[i];
+    if (w->kind != WK_NODE || !w->joined || w->dead) continue;
+    out[k++] = (td_node_info_t){w->node_index, w->name, 1, w->ntotal, w->navail, w->inflight.len, w->nactors};
+  }
+  return k;
+}
+
 /* -- Lifecycle ------------------------------------------------------------------------------ */
 
 td_node_t *td_node_new(const td_node_opts_t *o) {
@@ -2025,6 +2706,13 @@ td_node_t *td_node_new(const td_node_opts_t *o) {
   n->spill_fd = -1;
   n->ext_fd = -1;
   n->no_workers = o->no_workers;
+  n->index = o->index <= TD_NODE_MAX ? o->index : 0;
+  n->next_seq = (uint64_t)n->index << TD_NODE_SHIFT;
+  n->next_wk = (uint64_t)n->index << (TD_NODE_SHIFT - 32);
+  n->node_timeout = o->node_timeout > 0 ? o->node_timeout : 5.0;
+  snprintf(n->name, sizeof(n->name), "%s", o->name ? o->name : "");
+  if (!n->name[0]) gethostname(n->name, sizeof(n->name) - 1);
+  td_map_init(&n->fwd);
   td_map_init(&n->objs);
   td_map_init(&n->tasks);
   td_map_init(&n->actors);
@@ -2089,6 +2777,10 @@ void td_node_destroy(td_node_t **np) {
   td_map_free(&n->fnstats);
   while (n->reqs) { td_req_t *r = n->reqs; n->reqs = r->next; free(r->ids); free(r); }
   while (n->pgs) { td_pg_t *pg = n->pgs; n->pgs = pg->next; free(pg->total); free(pg->avail); free(pg); }
+  it = 0;
+  while (td_map_next(&n->fwd, &it, NULL, &v)) { free(((td_fwd_t *)v)->rets); free(v); }
+  td_map_free(&n->fwd);
+  free(n->fwd_ready);
   td_map_free(&n->objs); td_map_free(&n->tasks); td_map_free(&n->actors); td_map_free(&n->fns);
   td_buf_free(&n->tmp);
   free(n->pfds);

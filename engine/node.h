@@ -29,6 +29,9 @@ typedef struct td_node_opts {
   const char *exe;           /* the tide binary, for spawning workers */
   int prestart;              /* task workers to start at once */
   int no_workers;            /* never spawn workers (fuzzing, tests) */
+  uint32_t index;            /* this node's index in its cluster (0: the head) */
+  double node_timeout;       /* seconds of silence before a link is dead; 0: 5 */
+  const char *name;          /* shown by tide status; NULL: the host name */
 } td_node_opts_t;
 
 /* RPC handler for control requests from workers, installed by the Lua
@@ -111,6 +114,29 @@ int td_node_res_count(td_node_t *n);
 const char *td_node_res_name(td_node_t *n, int i);
 double td_node_res_total(td_node_t *n, int i);
 double td_node_res_avail(td_node_t *n, int i);
+
+/* -- Cluster ------------------------------------------------------------------ */
+
+/* A node joining a head: sends JOIN (want: the index it had, or 0) on a
+ * connection to the head and waits for its index. Returns 0, TD_ETIMEDOUT,
+ * TD_EIO or TD_EPROTO. Done before td_node_new, whose ids carry the index. */
+int td_link_handshake(int fd, uint32_t want, uint32_t *index, double timeout);
+/* Adopts the connection as this node's link to its head (after the
+ * handshake) and reports its resources. The head then sends it work. */
+int td_node_link_head(td_node_t *n, int fd);
+/* 1 while the link to the head is up; 0 once it is lost (rejoin then). */
+int td_node_linked(td_node_t *n);
+uint32_t td_node_index(td_node_t *n);
+
+typedef struct td_node_info {
+  uint32_t index;
+  const char *name;
+  int alive;
+  const double *total, *avail; /* by resource index (td_node_res_name) */
+  int tasks, actors;
+} td_node_info_t;
+/* This node, then every node joined to it. Returns how many. */
+int td_node_cluster(td_node_t *n, td_node_info_t *out, int max);
 
 typedef struct td_node_stats {
   int workers, actors, tasks_running, tasks_queued;

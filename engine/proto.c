@@ -31,6 +31,7 @@ void td_spec_encode(const td_spec_t *s, td_buf_t *b) {
   td_buf_u64(b, s->pg_id);
   td_buf_u32(b, (uint32_t)s->bundle);
   td_buf_u8(b, s->strategy);
+  td_buf_u32(b, s->node);
   td_buf_str(b, s->name, strlen(s->name));
   td_buf_str(b, s->ns, strlen(s->ns));
   td_buf_str(b, s->env, s->env_len);
@@ -90,11 +91,13 @@ int td_spec_decode(td_spec_t *s, td_rd_t *r, uint64_t **scratch) {
   s->pg_id = td_rd_u64(r);
   s->bundle = (int32_t)td_rd_u32(r);
   s->strategy = td_rd_u8(r);
+  s->node = td_rd_u32(r);
   if (td__get_str(r, s->name, sizeof(s->name))) return TD_EPROTO;
   if (td__get_str(r, s->ns, sizeof(s->ns))) return TD_EPROTO;
   uint32_t elen;
   const uint8_t *e = td_rd_str(r, &elen);
-  if (r->bad || elen > sizeof(s->env) || s->kind > TD_K_ACTOR_CALL) return TD_EPROTO;
+  if (r->bad || elen > sizeof(s->env) || s->kind > TD_K_ACTOR_CALL ||
+      s->strategy > TD_ST_NODE_SOFT) return TD_EPROTO;
   memcpy(s->env, e, elen);
   s->env_len = elen;
   return 0;

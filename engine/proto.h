@@ -18,6 +18,8 @@ enum {
   TD_M_REPLY,          /* reply to a worker request: u32 req_id, payload */
   TD_M_CANCEL,         /* interrupt a running task: u64 task_id */
   TD_M_HELLO,          /* to a client: u64 its id, u64 inline_max (store fd sent before) */
+  TD_M_NODE_TASK,      /* head -> node: u64 task id, u32 attempt, spec, fn, dep values */
+  TD_M_WELCOME,        /* head -> node: u32 the node's index */
   /* worker -> node */
   TD_M_READY = 20,     /* u32 pid */
   TD_M_DONE,           /* task or call finished */
@@ -37,7 +39,18 @@ enum {
   TD_M_UNPIN,          /* u32 n, u64 ids[n] */
   TD_M_ACTOR_READY,    /* u64 actor id */
   TD_M_REMOTE,         /* from the TCP bridge: this client cannot map the store */
+  /* between nodes (a node's link to its head, both ways) */
+  TD_M_BEAT = 40,      /* heartbeat, empty */
+  TD_M_JOIN,           /* node -> head: u32 index wanted (0: any) */
+  TD_M_NODE_INFO,      /* node -> head: str name, u32 n, (str resource, f64 total)[n] */
 };
+
+/* Object, worker and node ids carry the index of the node that made them
+ * in their top bits, so any node can tell where an object came from:
+ * [node:12][worker:20][sequence:32]. Node 0 is the head. */
+#define TD_NODE_SHIFT 52
+#define TD_NODE_MAX 4095
+static inline uint32_t td_id_node(uint64_t id) { return (uint32_t)(id >> TD_NODE_SHIFT); }
 
 /* How a value travels: inline bytes, a shared-memory extent, or an error. */
 enum { TD_V_INLINE, TD_V_SHM, TD_V_ERROR, TD_V_LOST };
@@ -45,6 +58,9 @@ enum { TD_V_INLINE, TD_V_SHM, TD_V_ERROR, TD_V_LOST };
 /* -- Task spec ------------------------------------------------------------ */
 
 enum { TD_K_TASK, TD_K_ACTOR_NEW, TD_K_ACTOR_CALL };
+/* Scheduling strategies: default (local first, then a node that fits),
+ * spread over nodes, or node affinity, hard or soft. */
+enum { TD_ST_DEFAULT, TD_ST_SPREAD, TD_ST_NODE, TD_ST_NODE_SOFT };
 
 #define TD_NRES_MAX 32   /* resource kinds per node: CPU, GPU, memory, custom */
 #define TD_RES_CPU 0
@@ -73,7 +89,8 @@ typedef struct td_spec {
   uint8_t retry_exceptions; /* tasks: retry when the function raises */
   uint64_t pg_id;         /* 0 = none */
   int32_t bundle;         /* 0-based; -1 = any */
-  uint8_t strategy;       /* 0 default, 1 spread */
+  uint8_t strategy;       /* TD_ST_* */
+  uint32_t node;          /* TD_ST_NODE*: the node's index */
   char name[128];         /* task name or actor name */
   char ns[64];            /* actor namespace */
   uint32_t env_len;

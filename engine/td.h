@@ -23,7 +23,8 @@
   _(STOREFULL, "object store is full")                             \
   _(TOOBIG, "value too large for the object store even after spilling") \
   _(CLOSED, "peer closed the connection")                          \
-  _(INVAL, "invalid argument")
+  _(INVAL, "invalid argument")                                    \
+  _(TIMEDOUT, "timed out")
 
 enum {
   TD_OK = 0,

@@ -310,6 +310,7 @@ static void td__spec_opts(lua_State *L, int t, td_spec_t *s) {
   s->bundle = (int32_t)td__optnum(L, t, "bundle", -1);
   s->pg_id = (uint64_t)td__optnum(L, t, "pg", 0);
   s->strategy = (uint8_t)td__optnum(L, t, "strategy", 0);
+  s->node = (uint32_t)td__optnum(L, t, "node", 0);
   lua_getfield(L, t, "detached");
   s->detached = (uint8_t)lua_toboolean(L, -1);
   lua_pop(L, 1);
@@ -710,6 +711,40 @@ static int c_resources(lua_State *L) {
   return 1;
 }
 
+/* core.nodes() -> {{node_id, name, alive, resources, available, tasks, actors}, ...} */
+static int c_nodes(lua_State *L) {
+  td_node_info_t info[256];
+  int k = td_node_cluster(td_ctx.node, info, 256);
+  lua_createtable(L, k, 0);
+  for (int i = 0; i < k; i++) {
+    lua_createtable(L, 0, 8);
+    lua_pushfstring(L, "node-%d", (int)info[i].index);
+    lua_setfield(L, -2, "node_id");
+    lua_pushstring(L, info[i].name);
+    lua_setfield(L, -2, "name");
+    lua_pushstring(L, info[i].name);  /* the host it runs on */
+    lua_setfield(L, -2, "address");
+    lua_pushboolean(L, info[i].alive);
+    lua_setfield(L, -2, "alive");
+    for (int pass = 0; pass < 2; pass++) {
+      const double *v = pass ? info[i].avail : info[i].total;
+      lua_newtable(L);
+      for (int r = 0; r < td_node_res_count(td_ctx.node); r++) {
+        if (info[i].total[r] <= 0) continue;
+        lua_pushnumber(L, v[r] < 0 ? 0 : v[r]);
+        lua_setfield(L, -2, td_node_res_name(td_ctx.node, r));
+      }
+      lua_setfield(L, -2, pass ? "available" : "resources");
+    }
+    lua_pushinteger(L, info[i].tasks);
+    lua_setfield(L, -2, "tasks");
+    lua_pushinteger(L, info[i].actors);
+    lua_setfield(L, -2, "actors");
+    lua_rawseti(L, -2, i + 1);
+  }
+  return 1;
+}
+
 static int c_stats(lua_State *L) {
   td_node_stats_t st;
   td_node_stats(td_ctx.node, &st);
@@ -1056,7 +1091,12 @@ static int c_context(lua_State *L) {
   lua_createtable(L, 0, 8);
   lua_pushliteral(L, "01");
   lua_setfield(L, -2, "job_id");
-  lua_pushliteral(L, "node-0");
+  if (td_ctx.node) {
+    lua_pushfstring(L, "node-%d", (int)td_node_index(td_ctx.node));
+  } else {
+    const char *nid = getenv("TIDE_NODE_ID");
+    lua_pushstring(L, nid ? nid : "node-0");
+  }
   lua_setfield(L, -2, "node_id");
   if (td_ctx.is_driver) {
     lua_pushliteral(L, "driver");
@@ -1124,7 +1164,7 @@ static int c_decode(lua_State *L) {
 /* -- Module --------------------------------------------------------------------------- */
 
 static const char *const td__rpc_ops[] = {"cancel", "kill", "get_actor", "actor_state", "pg_create",
-                                          "pg_remove", "pg_lookup", "resources", "stats", NULL};
+                                          "pg_remove", "pg_lookup", "resources", "stats", "nodes", NULL};
 
 int luaopen_tide_core(lua_State *L) {
   if (luaL_newmetatable(L, TD_REF_MT)) {
@@ -1151,7 +1191,7 @@ int luaopen_tide_core(lua_State *L) {
     {"put", d_put}, {"sleep", d_sleep}, {"pump", d_pump}, {"state", d_state}, {"cancel", c_cancel}, {"kill", c_kill},
     {"get_actor", c_get_actor}, {"actor_state", c_actor_state}, {"pg_create", c_pg_create},
     {"pg_remove", c_pg_remove}, {"pg_lookup", c_pg_lookup}, {"resources", c_resources},
-    {"stats", c_stats}, {"register_blob", c_register_blob}, {NULL, NULL}};
+    {"stats", c_stats}, {"nodes", c_nodes}, {"register_blob", c_register_blob}, {NULL, NULL}};
   static const luaL_Reg worker[] = {
     {"get1", w_get1}, {"getn", w_getn}, {"wait", w_wait}, {"stream_next", w_stream_next},
     {"put", w_put}, {"sleep", w_sleep}, {"yield_item", w_yield_item}, {"print", w_print},
@@ -1299,6 +1339,11 @@ static int d_start(lua_State *L) {
   o.store_capacity = (size_t)td__optnum(L, 1, "object_store_memory", 0);
   o.inline_max = (size_t)td__optnum(L, 1, "inline_max", 64 * 1024);
   o.prestart = (int)td__optnum(L, 1, "prestart", 0);
+  o.index = (uint32_t)td__optnum(L, 1, "node_index", 0);
+  o.node_timeout = td__optnum(L, 1, "node_timeout", 5);
+  lua_getfield(L, 1, "node_name");
+  o.name = lua_tostring(L, -1);  /* kept alive by the options table */
+  lua_pop(L, 1);
   lua_getfield(L, 1, "exe");
   o.exe = lua_tostring(L, -1);
   lua_pop(L, 1);

@@ -150,8 +150,15 @@ local function normalize(o, is_actor)
   end
   local ss = o.scheduling_strategy
   if ss == "SPREAD" then n.strategy = 1 end
-  if type(ss) == "table" and ss.node_id ~= nil and ss.node_id ~= "node-0" and not ss.soft then
-    uerror(format("no node with id %s for a hard node affinity", tostring(ss.node_id)))
+  if type(ss) == "table" and ss.node_id ~= nil then
+    local k = type(ss.node_id) == "string" and tonumber(ss.node_id:match("^node%-(%d+)$"))
+    if k then
+      n.strategy = ss.soft and 3 or 2
+      n.node = k
+    elseif not ss.soft then
+      uerror(format("no node with id %s for a hard node affinity (node ids look like \"node-1\")",
+        tostring(ss.node_id)))
+    end
   end
   local re = o.runtime_env
   if re and (re.env_vars or re.working_dir) then
@@ -469,9 +476,10 @@ end
 function M.cluster_resources() ensure(); return core.resources(false) end
 function M.available_resources() ensure(); return core.resources(true) end
 
+-- This node first, then every node joined to it (on the head: the cluster).
 function M.nodes()
   ensure()
-  return {{node_id = "node-0", address = "127.0.0.1", alive = true, resources = core.resources(false)}}
+  return core.nodes()
 end
 
 function M.get_runtime_context()
