@@ -34,6 +34,12 @@ enum { A_PENDING, A_ALIVE, A_RESTARTING, A_DEAD };
 typedef struct td_task td_task_t;
 typedef struct td_actor td_actor_t;
 
+/* On a node: a worker's request passed on to the head, until it answers. */
+typedef struct td_relay {
+  uint64_t wk_id;
+  uint32_t req;
+} td_relay_t;
+
 /* On a node: work its head sent it, until the results go back. */
 typedef struct td_fwd {
   uint64_t task;         /* the head's task id */
@@ -64,6 +70,8 @@ typedef struct td_obj {
   uint32_t nitems, capitems;
   uint64_t last_use;     /* LRU clock for spilling */
   td_fwd_t *fwd;         /* a return of work the head sent this node */
+  uint8_t foreign;       /* a record of another node's object: holds one ref there */
+  uint8_t pulling;       /* its value was asked for */
 } td_obj_t;
 
 struct td_task {
@@ -115,6 +123,7 @@ struct td_wk {
   /* Node links (WK_NODE, WK_HEAD): */
   uint32_t node_index;
   int joined;            /* WK_NODE: its resources are known */
+  uint32_t fns_upto;     /* function definitions sent so far (n->fn_order) */
   char name[64];
   double ntotal[TD_NRES_MAX], navail[TD_NRES_MAX]; /* by this node's resource index */
   double last_seen;      /* last message from the other side */
@@ -211,6 +220,11 @@ struct td_node {
   uint32_t spread;       /* round robin for SPREAD */
   uint32_t next_index;
   td_map_t fwd;          /* head task id -> td_fwd_t */
+  td_map_t pulls;        /* request id -> object id, values asked of a link */
+  td_map_t relays;       /* request id -> td_relay_t, requests passed to the head */
+  uint32_t next_pull;
+  uint64_t *fn_order;    /* function ids in the order registered */
+  uint32_t nfn_order, capfn_order;
   uint64_t *fwd_ready;   /* returns of head work that changed */
   uint32_t nfwd_ready, capfwd_ready;
 };
@@ -331,8 +345,10 @@ static void td__obj_release_data(td_node_t *n, td_obj_t *o) {
   o->loc = LOC_NONE;
 }
 
+static void td__unhold(td_node_t *n, td_obj_t *o);
 static void td__obj_free(td_node_t *n, td_obj_t *o) {
   td_map_del(&n->objs, o->id);
+  if (o->foreign) td__unhold(n, o);
   td__obj_release_data(n, o);
   for (uint32_t i = 0; i < o->ncontained; i++) td_node_decref(n, o->contained[i]);
   for (uint32_t i = 0; i < o->nitems; i++) td_node_decref(n, o->items[i]);
@@ -342,15 +358,24 @@ static void td__obj_free(td_node_t *n, td_obj_t *o) {
   free(o);
 }
 
+static td_obj_t *td__foreign(td_node_t *n, uint64_t id, int held);
+static void td__pull(td_node_t *n, td_obj_t *o);
+static void td__send_fns(td_node_t *n, td_wk_t *wk);
+static void td__export(td_node_t *n, const uint64_t *ids, uint32_t k);
+static void td__import(td_node_t *n, td_wk_t *from, const uint64_t *ids, uint32_t k);
+static int td__forward(td_node_t *n, const td_spec_t *s);
+
 void td_node_incref(td_node_t *n, uint64_t id) {
   td_obj_t *o = td__obj(n, id);
   if (o) o->refs++;
+  else if ((o = td__foreign(n, id, 0)) != NULL) o->refs++;
 }
 
 /* Drops k references; frees the object when none is left. */
 static void td__unref(td_node_t *n, td_obj_t *o, int64_t k) {
   o->refs = k > o->refs ? 0 : o->refs - k;
-  if (o->refs <= 0 && o->state != OBJ_PENDING && !o->nwaiters) td__obj_free(n, o);
+  if (o->refs > 0 || o->nwaiters) return;
+  if (o->state != OBJ_PENDING || (o->foreign && !o->pulling)) td__obj_free(n, o);
 }
 
 void td_node_decref(td_node_t *n, uint64_t id) {
@@ -1066,6 +1091,7 @@ static int td__place(td_node_t *n, td_task_t *t, int local_fits, td_wk_t **out, 
  * time, and the argument values inline. */
 static void td__send_node_task(td_node_t *n, td_wk_t *wk, td_task_t *t) {
   td_buf_t *b = &wk->ch.out;
+  td__send_fns(n, wk);
   td_chan_begin(&wk->ch, TD_M_NODE_TASK);
   td_buf_u64(b, t->id);
   td_buf_u32(b, t->attempt);
@@ -1324,6 +1350,7 @@ int td_node_submit(td_node_t *n, const td_spec_t *s, const char **msg) {
       return 0;
     }
     if (o->state != OBJ_PENDING) continue;
+    if (o->foreign) td__pull(n, o);
     if (o->nwaiters == o->capwaiters) {
       o->capwaiters = o->capwaiters ? o->capwaiters * 2 : 4;
       o->waiters = td_xrealloc(o->waiters, o->capwaiters * sizeof(td_task_t *));
@@ -1409,6 +1436,11 @@ void td_node_register_fn(td_node_t *n, uint64_t id, const uint8_t *blob, size_t 
   fb->len = len;
   memcpy(fb->data, blob, len);
   td_map_set(&n->fns, id, fb);
+  if (n->nfn_order == n->capfn_order) {
+    n->capfn_order = n->capfn_order ? n->capfn_order * 2 : 64;
+    n->fn_order = td_xrealloc(n->fn_order, n->capfn_order * 8);
+  }
+  n->fn_order[n->nfn_order++] = id;
 }
 
 int td_node_cancel(td_node_t *n, uint64_t obj_id, int force) {
@@ -1675,6 +1707,10 @@ static void td__req_add(td_node_t *n, td_wk_t *wk, int op, td_rd_t *rd) {
     memcpy(r->ids, p, (size_t)r->n * 8);
   }
   if (rd->bad) { free(r->ids); free(r); return; }
+  for (uint32_t i = 0; i < r->n; i++) {
+    td_obj_t *o = td__obj(n, r->ids[i]);
+    if (o && o->foreign) td__pull(n, o);
+  }
   if (td__req_try(n, r, 0)) { free(r->ids); free(r); return; }
   r->next = n->reqs;
   n->reqs = r;
@@ -1760,7 +1796,10 @@ static int td__on_done(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
       if (nrefs) memcpy(refs, rp, (size_t)nrefs * 8);
       uint64_t *made = NULL;
       uint32_t nmade = 0;
-      if (wk->kind == WK_NODE && td__link_pushed(n, rd, &made, &nmade)) { free(refs); return TD_EPROTO; }
+      if (wk->kind == WK_NODE) {
+        if (td__link_pushed(n, rd, &made, &nmade)) { free(refs); free(made); return TD_EPROTO; }
+        td__import(n, wk, refs, nrefs);
+      }
       td_obj_t *o = t ? td__obj(n, t->spec.rets[i]) : NULL;
       if (o && !shm && wk->kind == WK_NODE && len > n->inline_max && td__alloc(n, len, &off, o) == 0) {
         memcpy(td_store_base(n->store) + off, p, len);  /* large: into the store */
@@ -1844,6 +1883,188 @@ static int td__on_item(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   n->dirty = 1;
   if (s->fwd) td__fwd_note(n, s->id);
   return 0;
+}
+
+/* -- Cluster: objects and definitions between nodes ---------------------------------
+ * An object belongs to the node whose index its id carries, or to the head
+ * when it was sent there. A node that meets a ref to an object it does not
+ * have keeps a foreign record: it holds one ref upstream (the head, or on
+ * the head the node that made it) until the record is freed, and asks for
+ * the value when something needs it. */
+
+static td_wk_t *td__upstream(td_node_t *n, uint64_t id) {
+  if (!id || td_id_node(id) == n->index) return NULL;
+  if (n->head) return n->head->dead ? NULL : n->head;
+  return td__link(n, td_id_node(id));
+}
+
+static void td__send_refs1(td_wk_t *up, uint64_t id, int32_t delta) {
+  td_chan_begin(&up->ch, TD_M_REFS);
+  td_buf_u32(&up->ch.out, 1);
+  td_buf_u64(&up->ch.out, id);
+  td_buf_u32(&up->ch.out, (uint32_t)delta);
+  td_chan_end(&up->ch);
+}
+
+/* held: the ref upstream is already taken (an export); else one is asked. */
+static td_obj_t *td__foreign(td_node_t *n, uint64_t id, int held) {
+  td_wk_t *up = td__upstream(n, id);
+  if (!up) return NULL;
+  td_obj_t *o = td__obj_new(n, id);
+  o->foreign = 1;
+  if (!held) td__send_refs1(up, id, 1);
+  return o;
+}
+
+/* foreign == 2: a return of work forwarded to the head, kept there. */
+static td_wk_t *td__upstream_of(td_node_t *n, td_obj_t *o) {
+  if (o->foreign == 2) return n->head && !n->head->dead ? n->head : NULL;
+  return td__upstream(n, o->id);
+}
+
+static void td__unhold(td_node_t *n, td_obj_t *o) {
+  td_wk_t *up = td__upstream_of(n, o);
+  if (up) td__send_refs1(up, o->id, -1);
+}
+
+static void td__pull(td_node_t *n, td_obj_t *o) {
+  if (o->pulling || !o->foreign || o->state != OBJ_PENDING) return;
+  td_wk_t *up = td__upstream_of(n, o);
+  if (!up) return;
+  o->pulling = 1;
+  uint32_t req = (++n->next_pull) | 0x80000000u;
+  td_map_set(&n->pulls, req, (void *)(uintptr_t)o->id);
+  td_chan_begin(&up->ch, TD_M_GET);
+  td_buf_u32(&up->ch.out, req);
+  td_buf_f64(&up->ch.out, -1);
+  td_buf_u32(&up->ch.out, 1);
+  td_buf_u64(&up->ch.out, o->id);
+  td_chan_end(&up->ch);
+}
+
+/* Fills a pending object from inline bytes (into the store when large). */
+static void td__obj_fill(td_node_t *n, td_obj_t *o, int state, const uint8_t *p, size_t len) {
+  size_t off;
+  if (state == OBJ_READY && len > n->inline_max && td__alloc(n, len, &off, o) == 0) {
+    memcpy(td_store_base(n->store) + off, p, len);
+    td__obj_set(n, o, OBJ_READY, 1, NULL, len, off, NULL, 0);
+  } else {
+    td__obj_set(n, o, state, 0, p, len, 0, NULL, 0);
+  }
+}
+
+int td_node_relay(td_node_t *n, td_wk_t *wk, uint32_t req, const char *op, const uint8_t *args, size_t len) {
+  if (!n->head || n->head->dead) return TD_ENOTFOUND;
+  td_relay_t *r = td_xmalloc(sizeof(*r));
+  r->wk_id = wk->id;
+  r->req = req;
+  uint32_t fr = (++n->next_pull & 0x3fffffffu) | 0x40000000u;
+  td_map_set(&n->relays, fr, r);
+  td_chan_begin(&n->head->ch, TD_M_RPC);
+  td_buf_u32(&n->head->ch.out, fr);
+  td_buf_str(&n->head->ch.out, op, strlen(op));
+  td_buf_str(&n->head->ch.out, args, len);
+  td_chan_end(&n->head->ch);
+  return 0;
+}
+
+/* A link answers a pull (u32 req, u8 timed out, value) or a relayed
+ * request (its reply goes back to the worker that asked). */
+static int td__on_link_reply(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  uint32_t req = td_rd_u32(rd);
+  td_relay_t *rl = rd->bad ? NULL : td_map_get(&n->relays, req);
+  if (rl) {
+    td_map_del(&n->relays, req);
+    for (int i = 0; i < n->nwks; i++)
+      if (n->wks[i]->id == rl->wk_id) td_node_reply(n, n->wks[i], rl->req, rd->p, (size_t)(rd->end - rd->p));
+    free(rl);
+    return 0;
+  }
+  uint8_t timed_out = td_rd_u8(rd);
+  if (rd->bad) return TD_EPROTO;
+  void *v = td_map_get(&n->pulls, req);
+  if (!v) return 0;
+  td_map_del(&n->pulls, req);
+  td_obj_t *o = td__obj(n, (uint64_t)(uintptr_t)v);
+  uint8_t kind = timed_out ? TD_V_LOST : td_rd_u8(rd);
+  uint32_t vl = 0;
+  const uint8_t *vp = kind == TD_V_LOST ? NULL : td_rd_str(rd, &vl);
+  if (rd->bad || kind == TD_V_SHM || kind > TD_V_LOST) return TD_EPROTO;
+  (void)wk;
+  if (!o || o->state != OBJ_PENDING) return 0;
+  o->pulling = 0;
+  if (kind == TD_V_LOST) {
+    td__errblob(&n->tmp, "ObjectLostError", "the object was lost on the node that held it");
+    td__obj_set(n, o, OBJ_ERROR, 0, n->tmp.p, n->tmp.len, 0, NULL, 0);
+  } else {
+    td__obj_fill(n, o, kind == TD_V_ERROR ? OBJ_ERROR : OBJ_READY, vp, vl);
+  }
+  return 0;
+}
+
+/* Function definitions the other side has not had yet. */
+static void td__send_fns(td_node_t *n, td_wk_t *wk) {
+  for (; wk->fns_upto < n->nfn_order; wk->fns_upto++) {
+    uint64_t id = n->fn_order[wk->fns_upto];
+    td_fnblob_t *fb = td_map_get(&n->fns, id);
+    if (!fb || td_map_get(&wk->fns_sent, id)) continue;
+    td_map_set(&wk->fns_sent, id, (void *)1);
+    td_chan_begin(&wk->ch, TD_M_FN);
+    td_buf_u64(&wk->ch.out, id);
+    td_buf_str(&wk->ch.out, fb->data, fb->len);
+    td_chan_end(&wk->ch);
+  }
+}
+
+/* Ids a node hands the head inside a message (refs in a value, a spec's
+ * arguments): the node holds each for the head (an export); the head keeps
+ * that hold in a new foreign record, or gives it back if it has one. */
+static void td__export(td_node_t *n, const uint64_t *ids, uint32_t k) {
+  for (uint32_t i = 0; i < k; i++) td_node_incref(n, ids[i]);
+}
+static void td__import(td_node_t *n, td_wk_t *from, const uint64_t *ids, uint32_t k) {
+  for (uint32_t i = 0; i < k; i++) {
+    if (!td__obj(n, ids[i])) {
+      if (td__upstream(n, ids[i]) == from) {
+        td__obj_new(n, ids[i])->foreign = 1;
+        continue;
+      }
+    }
+    td__send_refs1(from, ids[i], -1);
+  }
+}
+
+/* Node: work a worker here submitted that this node cannot do (a call to
+ * an actor it does not host, a demand it cannot meet) goes to the head.
+ * Returns 1 when forwarded. */
+static int td__forward(td_node_t *n, const td_spec_t *s) {
+  if (!n->head || s->nret < 0) return 0;  /* streams stay here */
+  if (s->kind == TD_K_ACTOR_CALL) {
+    if (td_map_get(&n->actors, s->actor_id)) return 0;
+  } else {
+    int short_of = 0;
+    for (uint32_t i = 0; i < s->nres && !short_of; i++) {
+      int idx = td_node_res_index(n, s->res_name[i]);
+      short_of = idx >= 0 && s->res_amt[i] > n->total[idx] + 1e-9;
+    }
+    if (!short_of) return 0;
+  }
+  td_wk_t *h = n->head;
+  td__send_fns(n, h);
+  td__export(n, s->deps, s->ndeps);
+  td__export(n, s->refs, s->nrefs);
+  td_chan_begin(&h->ch, TD_M_SUBMIT);
+  td_spec_encode(s, &h->ch.out);
+  td_chan_end(&h->ch);
+  /* The returns live on the head; here they are foreign records that
+   * hold the submitter's ref there. */
+  uint32_t nr = s->nret < 0 ? 1 : (uint32_t)s->nret;
+  for (uint32_t i = 0; i < nr; i++) {
+    td_obj_t *o = td__obj_new(n, s->rets[i]);
+    o->foreign = 2;
+    o->refs++;
+  }
+  return 1;
 }
 
 /* -- Cluster: messages between a head and its nodes ------------------------------- */
@@ -1952,6 +2173,7 @@ static int td__on_node_task(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
     s.strategy = TD_ST_DEFAULT;
     s.pg_id = 0;
     s.max_restarts = 0;
+    s.retry_exceptions = 0;  /* the head sees the error and retries */
     const char *msg = NULL;
     int sub = s.kind == TD_K_ACTOR_CALL && !td_map_get(&n->actors, s.actor_id)
                   ? (msg = "the actor is not on this node", TD_EINVAL)
@@ -2008,6 +2230,7 @@ static void td__put_link_value(td_node_t *n, td_buf_t *b, td_obj_t *o) {
     cnt++;
   }
   memcpy(b->p + at, &cnt, 4);
+  td__export(n, o->contained, o->ncontained);
 }
 
 static void td__fwd_end(td_node_t *n, td_fwd_t *f) {
@@ -2164,6 +2387,19 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
   td_rd_init(&rd, p, len);
   switch (type) {
     case TD_M_READY: return 0;
+    case TD_M_FN: {
+      if (wk->kind != WK_NODE && wk->kind != WK_HEAD) return TD_EPROTO;
+      uint64_t id = td_rd_u64(&rd);
+      uint32_t bl;
+      const uint8_t *blob = td_rd_str(&rd, &bl);
+      if (rd.bad) return TD_EPROTO;
+      td_node_register_fn(n, id, blob, bl);
+      td_map_set(&wk->fns_sent, id, (void *)1);  /* it has this one */
+      return 0;
+    }
+    case TD_M_REPLY:
+      if (wk->kind != WK_NODE && wk->kind != WK_HEAD) return TD_EPROTO;
+      return td__on_link_reply(n, wk, &rd);
     case TD_M_BEAT:
       if (wk->kind == WK_CLIENT) {
         /* A node of an earlier head: tell it to join again. */
@@ -2210,6 +2446,11 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
       td_spec_t s;
       uint64_t *scratch;
       int rc = td_spec_decode(&s, &rd, &scratch);
+      if (!rc && wk->kind != WK_NODE && td__forward(n, &s)) { free(scratch); return 0; }
+      if (!rc && wk->kind == WK_NODE) {
+        td__import(n, wk, s.deps, s.ndeps);
+        td__import(n, wk, s.refs, s.nrefs);
+      }
       if (!rc) {
         const char *msg;
         int sub = td_node_submit(n, &s, &msg);
@@ -2261,6 +2502,7 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
         int32_t d = (int32_t)td_rd_u32(&rd);
         if (rd.bad) break;
         td_obj_t *o = td__obj(n, id);
+        if (!o && d > 0) o = td__foreign(n, id, 0);  /* a ref to another node's object */
         if (!o || d == 0) continue;
         if (d > 0) {
           /* Saturate: a forged count cannot overflow. */
@@ -2713,6 +2955,8 @@ td_node_t *td_node_new(const td_node_opts_t *o) {
   snprintf(n->name, sizeof(n->name), "%s", o->name ? o->name : "");
   if (!n->name[0]) gethostname(n->name, sizeof(n->name) - 1);
   td_map_init(&n->fwd);
+  td_map_init(&n->pulls);
+  td_map_init(&n->relays);
   td_map_init(&n->objs);
   td_map_init(&n->tasks);
   td_map_init(&n->actors);
@@ -2780,7 +3024,12 @@ void td_node_destroy(td_node_t **np) {
   it = 0;
   while (td_map_next(&n->fwd, &it, NULL, &v)) { free(((td_fwd_t *)v)->rets); free(v); }
   td_map_free(&n->fwd);
+  td_map_free(&n->pulls);
+  it = 0;
+  while (td_map_next(&n->relays, &it, NULL, &v)) free(v);
+  td_map_free(&n->relays);
   free(n->fwd_ready);
+  free(n->fn_order);
   td_map_free(&n->objs); td_map_free(&n->tasks); td_map_free(&n->actors); td_map_free(&n->fns);
   td_buf_free(&n->tmp);
   free(n->pfds);

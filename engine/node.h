@@ -124,6 +124,10 @@ int td_link_handshake(int fd, uint32_t want, uint32_t *index, double timeout);
 /* Adopts the connection as this node's link to its head (after the
  * handshake) and reports its resources. The head then sends it work. */
 int td_node_link_head(td_node_t *n, int fd);
+/* Passes a worker's RPC to the head (cluster-wide state: named actors,
+ * the KV); the head's reply goes back to the worker. TD_ENOTFOUND when
+ * this node has no head. */
+int td_node_relay(td_node_t *n, td_wk_t *wk, uint32_t req, const char *op, const uint8_t *args, size_t len);
 /* 1 while the link to the head is up; 0 once it is lost (rejoin then). */
 int td_node_linked(td_node_t *n);
 uint32_t td_node_index(td_node_t *n);

@@ -43,6 +43,7 @@ enum {
   TD_M_BEAT = 40,      /* heartbeat, empty */
   TD_M_JOIN,           /* node -> head: u32 index wanted (0: any) */
   TD_M_NODE_INFO,      /* node -> head: str name, u32 n, (str resource, f64 total)[n] */
+  TD_M_FN,             /* either way: u64 id, str definition (before work that needs it) */
 };
 
 /* Object, worker and node ids carry the index of the node that made them

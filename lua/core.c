@@ -1043,6 +1043,8 @@ static void td__rpc_cb(void *ud, td_wk_t *wk, uint32_t req, const char *op, cons
     }
     return;
   }
+  /* The KV is the head's: a node passes it on. */
+  if (!strncmp(op, "kv_", 3) && req && td_node_relay(td_ctx.node, wk, req, op, args, len) == 0) return;
   int ok = 0;
   lua_getfield(L, LUA_REGISTRYINDEX, "tide.rpc.ops");
   lua_getfield(L, -1, op);
@@ -1062,6 +1064,11 @@ static void td__rpc_cb(void *ud, td_wk_t *wk, uint32_t req, const char *op, cons
   }
   int base = top + 2;  /* ops table, then results */
   int nres = lua_gettop(L) - base + 1;
+  if (ok && nres == 0 && req && !strcmp(op, "get_actor") &&
+      td_node_relay(td_ctx.node, wk, req, op, args, len) == 0) {
+    lua_settop(L, top);  /* not here: maybe elsewhere in the cluster */
+    return;
+  }
   lua_createtable(L, nres, 0);
   for (int i = 0; i < nres; i++) {
     lua_pushvalue(L, base + i);

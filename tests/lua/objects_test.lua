@@ -160,7 +160,7 @@ t.test("get with a timeout returns the value when it is ready in time", function
   t.eq(tide.get(quick:remote(), {timeout = 30}), "v")
 end)
 
-t.test("objects whose total exceeds the store spill to disk and come back intact", function()
+t.local_test("objects whose total exceeds the store spill to disk and come back intact", function()
   local refs, vals = {}, {}
   for i = 1, 8 do                    -- 8 x 3 MiB = 24 MiB > 16 MiB store
     vals[i] = pattern(3 * MiB, i)
@@ -178,13 +178,13 @@ t.test("objects whose total exceeds the store spill to disk and come back intact
   t.eq(tide.get(len:remote(refs[1])), 3 * MiB)
 end)
 
-t.test("a value larger than the whole store gives a clear error naming the capacity", function()
+t.local_test("a value larger than the whole store gives a clear error naming the capacity", function()
   local err = t.raises(function() tide.put(string.rep("x", STORE + MiB)) end, "too large")
   t.ok(tostring(err):find(tostring(STORE), 1, true),
     "error does not name the store capacity (" .. STORE .. "): " .. tostring(err))
 end)
 
-t.test("a task returning a value larger than the store fails clearly, not hangs", function()
+t.local_test("a task returning a value larger than the store fails clearly, not hangs", function()
   local big = tide.remote(function(n) return string.rep("y", n) end)
   local err = t.raises(function() tide.get(big:remote(STORE + MiB), {timeout = 60}) end, "too large")
   t.ok(type(err) == "table" and err.kind ~= "GetTimeoutError", "expected a task failure, got a timeout")
