@@ -344,6 +344,21 @@ static void td__on_accept(void *ud) {
   if (fd >= 0) td_node_add_client(td_ctx.node, fd);
 }
 
+/* A process that exists and is not a zombie (a killed daemon whose
+ * parent, maybe an init that does not reap, has not collected it). */
+static int td__alive(int pid) {
+  if (kill(pid, 0) != 0) return 0;
+  char path[64], buf[512];
+  snprintf(path, sizeof(path), "/proc/%d/stat", pid);
+  FILE *f = fopen(path, "r");
+  if (!f) return 1;
+  size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+  fclose(f);
+  buf[n] = 0;
+  char *p = strrchr(buf, ')');
+  return !(p && p[1] == ' ' && (p[2] == 'Z' || p[2] == 'X'));
+}
+
 static int td__read_pid(const char *dir) {
   char path[PATH_MAX + 16];
   snprintf(path, sizeof(path), "%s/node.pid", dir);
@@ -353,7 +368,7 @@ static int td__read_pid(const char *dir) {
     if (fscanf(f, "%d", &pid) != 1) pid = 0;
     fclose(f);
   }
-  return pid > 0 && kill(pid, 0) == 0 ? pid : 0;
+  return pid > 0 && td__alive(pid) ? pid : 0;
 }
 
 /* Resolves the cluster key for TCP: --key, TIDE_KEY_FILE, or this user's
@@ -604,8 +619,8 @@ static int td__stop(void) {
     return 1;
   }
   kill(pid, SIGTERM);
-  for (int i = 0; i < 100 && kill(pid, 0) == 0; i++) usleep(50000);
-  if (kill(pid, 0) == 0) kill(pid, SIGKILL);
+  for (int i = 0; i < 100 && td__alive(pid); i++) usleep(50000);
+  if (td__alive(pid)) kill(pid, SIGKILL);
   printf("tide: stopped the node (pid %d)\n", pid);
   return 0;
 }

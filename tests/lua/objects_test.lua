@@ -259,7 +259,7 @@ t.test("one large object read by many tasks is not copied into the store again",
     string.format("store grew from %d to %d reading one object 10 times", used, tide.stats().store_used))
 end)
 
-t.test("an actor holding a ref keeps the object alive; killing it frees the object", function()
+t.local_test("an actor holding a ref keeps the object alive; killing it frees the object", function()
   local Holder = tide.actor({
     init = function(self) end,
     hold = function(self, box) self.r = box[1]; return true end,

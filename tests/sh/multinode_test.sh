@@ -1,0 +1,87 @@
+#!/bin/sh
+# A real cluster on loopback: a head and two nodes, each a daemon in its own
+# session directory, joined over ZeroMQ CURVE on distinct ports with fake
+# resources. Runs placement checks and the core Lua suites against it, then
+# kills a worker, a node and the head with kill -9 in the middle of work.
+cd "$(dirname "$0")/../.."
+T=$(pwd)/bin/tide
+n=0
+ok() { n=$((n + 1)); echo "ok $n - $1"; }
+no() { n=$((n + 1)); echo "not ok $n - $1"; [ -n "$2" ] && echo "# $2" | head -40; }
+check() { if eval "$2"; then ok "$1"; else no "$1" "$3"; fi; }
+D=$(mktemp -d /tmp/tide-multinode-XXXXXX)
+stop_all() { for s in head n1 n2 n3 bad; do TIDE_SESSION_DIR=$D/$s $T stop >/dev/null 2>&1; done; }
+trap 'stop_all; rm -rf "$D"' EXIT
+PORT=$((18000 + $$ % 1000))
+KEY=$D/head/cluster.key
+start_head() { TIDE_SESSION_DIR=$D/head $T start --head --port $PORT --num-cpus 0 --node-timeout 2 "$@"; }
+node() { s=$1; shift; TIDE_SESSION_DIR=$D/$s $T start --address 127.0.0.1:$PORT --key $KEY --node-timeout 2 "$@"; }
+nodes_up() {  # nodes_up N SECONDS: wait until the head lists N nodes
+  i=0
+  while [ $i -lt $(($2 * 10)) ]; do
+    [ "$(TIDE_SESSION_DIR=$D/head $T status 2>/dev/null | grep -c '^node-')" = "$1" ] && return 0
+    sleep 0.1; i=$((i + 1))
+  done
+  return 1
+}
+now() { date +%s.%N; }
+
+out=$(start_head 2>&1)
+check "the head starts and prints how to join" 'echo "$out" | grep -q "node started"' "$out"
+out=$(node n1 --num-cpus 2 --resources '{"A":1}' 2>&1)
+check "a node joins the head with --address and the cluster key" 'echo "$out" | grep -q "joined the head"' "$out"
+out=$(node n2 --num-cpus 2 --num-gpus 2 2>&1)
+check "a second node joins" 'echo "$out" | grep -q "joined the head"' "$out"
+nodes_up 3 10
+st=$(TIDE_SESSION_DIR=$D/head $T status 2>&1)
+check "tide status on the head lists three nodes and their resources" \
+  'echo "$st" | grep -q "cluster: 3 nodes" && echo "$st" | grep -q "^node-2" && echo "$st" | grep -Eq "A +0 / 1"' "$st"
+
+# A node without the cluster key is refused, logged and counted.
+TIDE_SESSION_DIR=$D/other $T start --head --port $((PORT + 1)) >/dev/null 2>&1
+TIDE_SESSION_DIR=$D/other $T stop >/dev/null 2>&1
+TIDE_SESSION_DIR=$D/bad timeout 4 $T start --block --address 127.0.0.1:$PORT --key $D/other/cluster.key >/dev/null 2>&1
+st=$(TIDE_SESSION_DIR=$D/head $T status 2>&1)
+check "a node with the wrong key is refused and counted" \
+  'echo "$st" | grep -q "cluster: 3 nodes" && echo "$st" | grep -Eq "refused \(no valid cluster key\): [1-9]"' "$st"
+check "the head's log names the refused peer" 'grep -q "refused a connection" $D/head/node.log' "$(tail -5 $D/head/node.log)"
+
+echo "# placement across nodes"
+TIDE_SESSION_DIR=$D/head timeout 240 $T run --address local tests/cluster/placement.lua 2>&1
+echo "# the core suites against the cluster"
+for s in tasks actors objects failures; do
+  TIDE_SESSION_DIR=$D/head TIDE_TEST_CLUSTER=1 timeout 300 $T run --address local tests/lua/${s}_test.lua 2>&1 |
+    sed "s/^\(not ok\|ok\) \([0-9]*\) - /\1 \2 - cluster $s: /"
+done
+
+echo "# node death"
+t0=$(now)
+NODE1_PID_FILE=$D/n1/node.pid TIDE_SESSION_DIR=$D/head timeout 120 $T run --address local tests/cluster/node_death.lua 2>&1
+check "the head logs the dead node" 'grep -q "node-1 .* died" $D/head/node.log' "$(tail -5 $D/head/node.log)"
+out=$(node n3 --num-cpus 2 --resources '{"A":1}' 2>&1)
+check "a replacement node joins as a new node" 'echo "$out" | grep -q "joined the head" && nodes_up 3 10' "$out"
+
+echo "# head death and restart"
+kill -9 "$(cat $D/head/node.pid)"
+sleep 0.3
+t0=$(now)
+start_head >/dev/null 2>&1
+nodes_up 3 15
+t1=$(now)
+took=$(echo "$t1 - $t0" | bc)
+echo "# head restart to all nodes back: $took s"
+check "after kill -9 of the head, a restarted head gets its nodes back" 'nodes_up 3 1' \
+  "$(TIDE_SESSION_DIR=$D/head $T status 2>&1)"
+cat > $D/after.lua <<'LUA'
+local tide = require("tide")
+local f = tide.remote(function(x) return x + 1, tide.get_runtime_context().node_id end)
+local a, b = f:options({num_returns = 2, resources = {A = 1}}):remote(41)
+print("AFTER", tide.get(a), tide.get(b))
+LUA
+out=$(TIDE_SESSION_DIR=$D/head timeout 60 $T run --address local $D/after.lua 2>&1)
+check "work placed on a rejoined node runs" 'echo "$out" | grep -q "AFTER	42	node-3"' "$out"
+check "the nodes log that they rejoined" 'grep -q "rejoined the head" $D/n2/node.log' "$(tail -5 $D/n2/node.log)"
+
+stop_all
+check "tide stop stops every daemon" '! TIDE_SESSION_DIR=$D/head $T status >/dev/null 2>&1'
+echo "1..$n"
