@@ -392,3 +392,62 @@ if wanted("allreduce") then
     m("allreduce_f32_sum_" .. label, math.min(res[1][i], res[2][i]), "GB/s", nil, {ranks = 2, bytes = bytes})
   end
 end
+
+-- Multi-node (`tide bench multinode`): a head and two nodes started here as
+-- daemons on loopback, each in its own session directory; bench/multinode.lua
+-- runs attached to the head. Then the head is killed and restarted, and the
+-- time until its nodes are back is measured.
+if wanted("multinode") then
+  local exe = os.getenv("TIDE_HOME") .. "/bin/tide"
+  local dir = os.tmpname()
+  os.remove(dir)
+  math.randomseed(os.time() + raw.pid_self())
+  local port = 19000 + math.random(0, 900)
+  local key = dir .. "/head/cluster.key"
+  local function sh(cmd) return os.execute(cmd .. " >/dev/null 2>&1") end
+  local function start_head()
+    return sh(string.format("TIDE_SESSION_DIR=%s/head %s start --head --port %d --num-cpus 0", dir, exe, port))
+  end
+  local function nodes_up()
+    local f = io.popen(string.format("TIDE_SESSION_DIR=%s/head %s status 2>/dev/null", dir, exe))
+    local k = 0
+    for line in f:lines() do if line:match("^node%-") then k = k + 1 end end
+    f:close()
+    return k
+  end
+  os.execute("mkdir -p " .. dir)
+  start_head()
+  for k = 1, 2 do
+    sh(string.format("TIDE_SESSION_DIR=%s/n%d %s start --address 127.0.0.1:%d --key %s --num-cpus 2",
+      dir, k, exe, port, key))
+  end
+  local t0 = raw.now()
+  while nodes_up() < 3 and raw.now() - t0 < 20 do tide.sleep(0.05) end
+  local tcp = raw.tcp_stream(512 * 1024 * 1024)
+  emit({metric = "limit_tcp_loopback", value = tcp / 1e9, unit = "GB/s"})
+  local f = io.popen(string.format(
+    "TD_LIMIT_PINGPONG=%f TD_LIMIT_STREAM=%f TD_LIMIT_TCP=%f TD_NODE2_PID=%s/n2/node.pid " ..
+    "TIDE_SESSION_DIR=%s/head %s run --address local %s/bench/multinode.lua 2>&1",
+    limits.pipe_pingpong, limits.pipe_stream, tcp, dir, dir, exe, os.getenv("TIDE_HOME")))
+  for line in f:lines() do io.write(line, "\n") end
+  io.flush()
+  f:close()
+  -- Head restart: kill -9, start again; the node left rejoins by itself.
+  local want = nodes_up()
+  local hf = io.open(dir .. "/head/node.pid")
+  local hpid = hf and hf:read("*n")
+  if hf then hf:close() end
+  if hpid then
+    sh("kill -9 " .. hpid)
+    tide.sleep(0.2)
+    local t0 = raw.now()
+    start_head()
+    while nodes_up() < want and raw.now() - t0 < 30 do tide.sleep(0.05) end
+    m("multinode_head_restart", raw.now() - t0, "s", nil,
+      {note = "kill -9 of the head; start again until its " .. (want - 1) .. " node(s) rejoined"})
+  end
+  for _, s in ipairs({"head", "n1", "n2"}) do
+    sh(string.format("TIDE_SESSION_DIR=%s/%s %s stop", dir, s, exe))
+  end
+  if not os.getenv("TD_BENCH_KEEP") then os.execute("rm -rf " .. dir) else print(dir) end
+end

@@ -22,6 +22,16 @@
 #define TD__IDLE_S 15.0    /* a client silent this long is gone */
 #define TD__BEAT_S 2.0     /* clients send an empty message this often */
 
+/* Chunks of a byte stream must never be dropped, as a ROUTER does at its
+ * high-water mark: no limit (the peer's reading paces the sender). */
+static void td__no_hwm(void *sock) {
+  int zero = 0;
+  zmq_setsockopt(sock, ZMQ_SNDHWM, &zero, sizeof(zero));
+  zmq_setsockopt(sock, ZMQ_RCVHWM, &zero, sizeof(zero));
+}
+
+#define TD__CHUNK (1 << 20) /* bytes read from a local socket at once */
+
 /* -- Keys -------------------------------------------------------------------- */
 
 int td_key_create(const char *path, td_cluster_key_t *k) {
@@ -187,7 +197,7 @@ out:
 
 static void *td__server_main(void *arg) {
   (void)arg;
-  uint8_t buf[65536];
+  uint8_t *buf = td_xmalloc(TD__CHUNK);
   while (!atomic_load(&B.stop)) {
     int n = 3 + B.nconns;
     zmq_pollitem_t items[n];
@@ -231,7 +241,7 @@ static void *td__server_main(void *arg) {
     }
     for (int i = B.nconns - 1; i >= 0; i--) {
       if (i + 3 < n && items[3 + i].revents && items[3 + i].fd == B.conns[i].fd) {
-        ssize_t r = read(B.conns[i].fd, buf, sizeof(buf));
+        ssize_t r = read(B.conns[i].fd, buf, TD__CHUNK);
         if (r > 0) {
           zmq_send(B.router, B.conns[i].id, B.conns[i].idlen, ZMQ_SNDMORE);
           zmq_send(B.router, buf, (size_t)r, 0);
@@ -242,6 +252,7 @@ static void *td__server_main(void *arg) {
       if (now - B.conns[i].seen > TD__IDLE_S) td__conn_close(i);  /* the peer is gone */
     }
   }
+  free(buf);
   return NULL;
 }
 
@@ -259,6 +270,7 @@ int td_bridge_server_start(const char *endpoint, const char *unix_sock, const td
   zmq_setsockopt(B.router, ZMQ_CURVE_SERVER, &one, sizeof(one));
   zmq_setsockopt(B.router, ZMQ_CURVE_SECRETKEY, k->server_secret, 40);
   zmq_setsockopt(B.router, ZMQ_LINGER, &linger, sizeof(linger));
+  td__no_hwm(B.router);
   zmq_setsockopt(B.router, ZMQ_ZAP_DOMAIN, "tide", 4);
   zmq_socket_monitor(B.router, "inproc://tide-bridge-monitor",
                      ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL |
@@ -303,7 +315,7 @@ static struct {
 
 static void *td__client_main(void *arg) {
   (void)arg;
-  uint8_t buf[65536];
+  uint8_t *buf = td_xmalloc(TD__CHUNK);
   double beat = td_now();
   int open = 1;
   while (open || !atomic_load(&C.stop)) {
@@ -320,7 +332,7 @@ static void *td__client_main(void *arg) {
       }
     }
     if (open && items[1].revents) {
-      ssize_t r = read(C.fd, buf, sizeof(buf));
+      ssize_t r = read(C.fd, buf, TD__CHUNK);
       if (r > 0) zmq_send(C.dealer, buf, (size_t)r, 0);
       else if (r == 0 || (errno != EAGAIN && errno != EINTR)) open = 0;
     }
@@ -330,6 +342,7 @@ static void *td__client_main(void *arg) {
     }
     if (!open) break;
   }
+  free(buf);
   return NULL;
 }
 
@@ -345,6 +358,7 @@ int td_bridge_client_start(const char *endpoint, const td_cluster_key_t *k, int 
   zmq_setsockopt(C.dealer, ZMQ_CURVE_PUBLICKEY, k->client_public, 40);
   zmq_setsockopt(C.dealer, ZMQ_CURVE_SECRETKEY, k->client_secret, 40);
   zmq_setsockopt(C.dealer, ZMQ_LINGER, &linger, sizeof(linger));
+  td__no_hwm(C.dealer);
   if (zmq_connect(C.dealer, endpoint)) {
     zmq_close(C.dealer);
     zmq_ctx_term(C.ctx);

@@ -1083,6 +1083,19 @@ static int td__place(td_node_t *n, td_task_t *t, int local_fits, td_wk_t **out, 
     if (x->kind != WK_NODE || !x->joined || x->dead || !td__fits(x->navail, t)) continue;
     if (!w || x->navail[TD_RES_CPU] > w->navail[TD_RES_CPU]) w = x;
   }
+  if (!w && t->spec.kind == TD_K_TASK && !td__fits(n->total, t)) {
+    /* Nowhere free, and this node can never run it: a task known to be
+     * short queues at the least busy node that can, as local tasks
+     * pipeline behind a leased worker. */
+    td_fnstat_t *fs = td_map_get(&n->fnstats, t->spec.fn_id);
+    for (int i = 0; fs && fs->avg < TD_SHORT_TASK && i < n->nwks; i++) {
+      td_wk_t *x = n->wks[i];
+      if (x->kind != WK_NODE || !x->joined || x->dead || !td__fits(x->ntotal, t)) continue;
+      double cap = TD_PIPELINE * (x->ntotal[TD_RES_CPU] > 1 ? x->ntotal[TD_RES_CPU] : 1);
+      if (x->inflight.len < cap && (!w || x->inflight.len < w->inflight.len)) w = x;
+    }
+    *hold = 0;
+  }
   *out = w;
   return w ? 1 : 0;
 }
@@ -1113,7 +1126,13 @@ static void td__send_node_task(td_node_t *n, td_wk_t *wk, td_task_t *t) {
   td_spec_encode(&s, b);
   td__send_fn(n, wk, t->spec.fn_id);
   td_buf_u32(b, t->spec.ndeps);
-  for (uint32_t i = 0; i < t->spec.ndeps; i++) td__put_value(n, b, t->spec.deps[i], 0, 1);
+  for (uint32_t i = 0; i < t->spec.ndeps; i++) {
+    td_obj_t *o = td__obj(n, t->spec.deps[i]);
+    if (o && o->state == OBJ_READY && o->len > n->inline_max)
+      td_buf_u8(b, TD_V_PULL);  /* fetched once by the node, however many tasks use it */
+    else
+      td__put_value(n, b, t->spec.deps[i], 0, 1);
+  }
 }
 
 /* -- Scheduling ---------------------------------------------------------------------- */
@@ -2156,10 +2175,14 @@ static int td__on_node_task(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   for (uint32_t i = 0; i < nd; i++) {
     uint8_t kind = td_rd_u8(rd);
     uint32_t vl = 0;
-    const uint8_t *vp = kind == TD_V_LOST ? NULL : td_rd_str(rd, &vl);
-    if (rd->bad || kind == TD_V_SHM || kind > TD_V_LOST) { rd->bad = 1; break; }
+    const uint8_t *vp = kind >= TD_V_LOST ? NULL : td_rd_str(rd, &vl);
+    if (rd->bad || kind == TD_V_SHM || kind > TD_V_PULL) { rd->bad = 1; break; }
     if (td__obj(n, s.deps[i])) continue;
-    if (kind == TD_V_LOST) {
+    if (kind == TD_V_PULL) {
+      td_obj_t *o = td__foreign(n, s.deps[i], 0);
+      if (!o) { rd->bad = 1; break; }
+      o->refs++;
+    } else if (kind == TD_V_LOST) {
       td__errblob(&n->tmp, "ObjectLostError", "an argument's object was lost before it reached this node");
       td__obj_from_bytes(n, s.deps[i], OBJ_ERROR, n->tmp.p, n->tmp.len);
     } else {

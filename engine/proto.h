@@ -54,7 +54,8 @@ enum {
 static inline uint32_t td_id_node(uint64_t id) { return (uint32_t)(id >> TD_NODE_SHIFT); }
 
 /* How a value travels: inline bytes, a shared-memory extent, or an error. */
-enum { TD_V_INLINE, TD_V_SHM, TD_V_ERROR, TD_V_LOST };
+enum { TD_V_INLINE, TD_V_SHM, TD_V_ERROR, TD_V_LOST,
+       TD_V_PULL /* between nodes: large, ask the sender for it (once per node) */ };
 
 /* -- Task spec ------------------------------------------------------------ */
 

@@ -8,7 +8,10 @@
 #include <linux/futex.h>
 #include <stdatomic.h>
 #include <stdlib.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -82,6 +85,55 @@ static int rb_pipe_stream(lua_State *L) {
   waitpid(pid, NULL, 0);
   close(a[0]); close(a[1]); close(b[0]); close(b[1]);
   lua_pushnumber(L, n / dt);
+  return 1;
+}
+
+/* Bytes per second over a TCP loopback connection between two processes,
+ * 1 MiB writes into a reader that drains: the wire between two nodes on
+ * one machine, as object transfers are measured against. */
+static int rb_tcp_stream(lua_State *L) {
+  size_t total = (size_t)luaL_optnumber(L, 1, 1 << 30);
+  int ls = socket(AF_INET, SOCK_STREAM, 0);
+  struct sockaddr_in sa = {0};
+  sa.sin_family = AF_INET;
+  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t sl = sizeof(sa);
+  if (ls < 0 || bind(ls, (struct sockaddr *)&sa, sizeof(sa)) || listen(ls, 1) ||
+      getsockname(ls, (struct sockaddr *)&sa, &sl))
+    return luaL_error(L, "tcp listen failed");
+  size_t chunk = 1 << 20;
+  pid_t pid = fork();
+  if (pid == 0) {
+    int c = accept(ls, NULL, NULL);
+    char *buf = malloc(chunk);
+    size_t got = 0;
+    while (c >= 0 && got < total) {
+      ssize_t r = read(c, buf, chunk);
+      if (r <= 0) _exit(1);
+      got += (size_t)r;
+    }
+    char done = 1;
+    if (write(c, &done, 1) != 1) _exit(1);
+    _exit(0);
+  }
+  close(ls);
+  int c = socket(AF_INET, SOCK_STREAM, 0);
+  if (c < 0 || connect(c, (struct sockaddr *)&sa, sizeof(sa))) return luaL_error(L, "tcp connect failed");
+  char *buf = malloc(chunk);
+  memset(buf, 1, chunk);
+  double t0 = td_now();
+  for (size_t sent = 0; sent < total;) {
+    ssize_t w = write(c, buf, chunk < total - sent ? chunk : total - sent);
+    if (w <= 0) break;
+    sent += (size_t)w;
+  }
+  char done;
+  td__fullread(c, &done, 1);
+  double dt = td_now() - t0;
+  close(c);
+  free(buf);
+  waitpid(pid, NULL, 0);
+  lua_pushnumber(L, (double)total / dt);
   return 1;
 }
 
@@ -174,6 +226,7 @@ static int rb_maxrss(lua_State *L) {
 int luaopen_tide_rawbench(lua_State *L) {
   static const luaL_Reg fns[] = {
     {"pipe_pingpong", rb_pipe_pingpong}, {"pipe_stream", rb_pipe_stream}, {"memcpy", rb_memcpy},
+    {"tcp_stream", rb_tcp_stream},
     {"futex_pingpong", rb_futex_pingpong}, {"now", rb_now}, {"rss", rb_rss},
     {"maxrss", rb_maxrss}, {"pid_self", rb_pid_self}, {NULL, NULL}};
   lua_newtable(L);

@@ -1,0 +1,106 @@
+-- The multi-node section of tide bench, run by bench.lua as a driver
+-- attached to the head of a 3-node loopback cluster (the head has no CPU,
+-- node-1 and node-2 two each), so every task and call crosses nodes.
+-- Prints JSON lines; the limits come from bench.lua (same run).
+local tide = require("tide")
+local raw = require("tide.rawbench")
+local cjson = require("cjson")
+local SCALE = tonumber(os.getenv("TIDE_BENCH_SCALE") or "1")
+local pipe_pingpong = tonumber(os.getenv("TD_LIMIT_PINGPONG"))
+local pipe_stream = tonumber(os.getenv("TD_LIMIT_STREAM"))
+local tcp = tonumber(os.getenv("TD_LIMIT_TCP"))
+
+local function emit(rec)
+  if rec.limit then rec.fraction_of_limit = rec.value / rec.limit end
+  io.write(cjson.encode(rec), "\n")
+  io.flush()
+end
+local function rate(fn, per, secs)
+  secs = (secs or 1) * SCALE
+  local rates = {}
+  for r = 1, 3 do
+    local n, t0 = 0, raw.now()
+    repeat fn(); n = n + 1 until raw.now() - t0 >= secs / 3
+    rates[r] = n * per / (raw.now() - t0)
+  end
+  table.sort(rates)
+  return rates[2]
+end
+local function batch(n, make)
+  local refs = {}
+  for i = 1, n do refs[i] = make(i) end
+  return tide.get(refs)
+end
+
+local nop = tide.remote(function() return 0 end)
+for _ = 1, 3 do batch(100, function() return nop:remote() end) end
+
+emit({metric = "multinode_tasks_sync", value = rate(function() tide.get(nop:remote()) end, 1),
+  unit = "tasks/s", limit = pipe_pingpong, nodes = 3})
+local N = 5000
+emit({metric = "multinode_tasks_async", value = rate(function()
+  batch(N, function() return nop:remote() end)
+end, N, 3), unit = "tasks/s", limit = pipe_stream, nodes = 3})
+
+local Actor = tide.actor({
+  small = function() return 0 end,
+  call_n = function(_, other, n)
+    local refs = {}
+    for i = 1, n do refs[i] = other:small() end
+    tide.get(refs)
+    return n
+  end,
+})
+local on = function(k) return {scheduling_strategy = {node_id = "node-" .. k}} end
+-- Callers on one node call actors on the other: every call crosses nodes.
+local callers = {Actor:options(on(1)):remote(), Actor:options(on(2)):remote()}
+local callees = {Actor:options(on(2)):remote(), Actor:options(on(1)):remote()}
+tide.get({callers[1]:small(), callers[2]:small(), callees[1]:small(), callees[2]:small()})
+N = 2000
+emit({metric = "multinode_n_n_actor_calls_async", value = rate(function()
+  tide.get({callers[1]:call_n(callees[1], N), callers[2]:call_n(callees[2], N)})
+end, 2 * N, 3), unit = "calls/s", limit = pipe_stream, nodes = 3})
+
+-- Object transfer: a value in the head's store read by a task on node-1.
+local len = tide.remote(function(s) return #s end)
+for _, mib in ipairs({1, 16, 256}) do
+  local size = mib * 1024 * 1024
+  local reps = mib >= 256 and 2 or (mib >= 16 and 6 or 30)
+  local s = string.rep("t", size)
+  tide.get(len:options(on(1)):remote(tide.put(s)))  -- warm: the node's store pages
+  local best = 0
+  for _ = 1, 3 do
+    -- Distinct objects: each is its own transfer (a node fetches an
+    -- object once, however many of its tasks use it).
+    local objs = {}
+    for i = 1, reps do objs[i] = tide.put(s) end
+    local t0 = raw.now()
+    local refs = {}
+    for i = 1, reps do refs[i] = len:options(on(1)):remote(objs[i]) end
+    tide.get(refs)
+    local bw = reps * size / (raw.now() - t0)
+    if bw > best then best = bw end
+    objs, refs = nil, nil
+    collectgarbage()
+  end
+  emit({metric = "multinode_object_transfer_" .. mib .. "MiB", value = best / 1e9, unit = "GB/s",
+    limit = tcp / 1e9, note = "head store -> node-1 store -> worker, distinct objects, best of 3"})
+  s = nil
+  collectgarbage()
+end
+
+-- Node death: an actor on node-2 with a restart left answers again from
+-- another node; the time includes detection (the heartbeat timeout).
+local pidfile = os.getenv("TD_NODE2_PID")
+if pidfile then
+  local P = tide.actor({where = function() return tide.get_runtime_context().node_id end})
+  local a = P:options({max_restarts = 1, max_task_retries = 1, num_cpus = 1,
+    scheduling_strategy = {node_id = "node-2", soft = true}}):remote()
+  assert(tide.get(a:where()) == "node-2")
+  local t0 = raw.now()
+  os.execute("kill -9 $(cat " .. pidfile .. ")")
+  local where = tide.get(a:where(), {timeout = 60})
+  emit({metric = "multinode_node_death_to_actor_restart", value = raw.now() - t0, unit = "s",
+    note = "kill -9 of node-2 until its actor answers from " .. where ..
+      " (node timeout " .. (os.getenv("TD_NODE_TIMEOUT") or "5") .. " s)"})
+end
