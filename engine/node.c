@@ -2642,6 +2642,50 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
 
 /* -- Worker death ---------------------------------------------------------------------- */
 
+/* Objects that only the lost link could give: ObjectLostError (they were
+ * made there and never sent; nothing here can make them again). */
+static void td__link_lost_objects(td_node_t *n, td_wk_t *wk) {
+  size_t cnt = 0, it = 0;
+  td_obj_t *o;
+  uint64_t *ids = td_xmalloc((size_t)n->objs.len * 8 + 8);
+  while (td_map_next(&n->objs, &it, NULL, (void **)&o)) {
+    if (!o->foreign || o->state != OBJ_PENDING) continue;
+    int from = wk->kind == WK_HEAD ? 1 : o->foreign == 1 && td_id_node(o->id) == wk->node_index;
+    if (from) ids[cnt++] = o->id;
+  }
+  char msg[200];
+  snprintf(msg, sizeof(msg), "the object was on %s, which died before sending it",
+           wk->kind == WK_HEAD ? "the head" : "a node");
+  td__errblob(&n->tmp, "ObjectLostError", msg);
+  for (size_t i = 0; i < cnt; i++) {
+    o = td__obj(n, ids[i]);
+    if (!o || o->state != OBJ_PENDING) continue;
+    o->pulling = 0;
+    o->foreign = 0;  /* nothing is held there any more */
+    td__obj_set(n, o, OBJ_ERROR, 0, n->tmp.p, n->tmp.len, 0, NULL, 0);
+  }
+  free(ids);
+  /* Pulls and relays that link would have answered. */
+  it = 0;
+  uint64_t k;
+  void *v;
+  while (td_map_next(&n->relays, &it, &k, &v)) {
+    if (wk->kind != WK_HEAD) break;
+    td_map_del(&n->relays, k);
+    td_relay_t *rl = v;
+    /* The worker gets an error reply: u8 ok = 0, u32 size, a string. */
+    const char *err = "the head is gone (this node is rejoining it)";
+    td_buf_reset(&n->tmp);
+    td_buf_u8(&n->tmp, 0);
+    td_buf_u32(&n->tmp, (uint32_t)(5 + strlen(err)));
+    td__put_lstr(&n->tmp, err);
+    for (int i = 0; i < n->nwks; i++)
+      if (n->wks[i]->id == rl->wk_id) td_node_reply(n, n->wks[i], rl->req, n->tmp.p, n->tmp.len);
+    free(rl);
+    it = 0;
+  }
+}
+
 static void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why) {
   if (wk->dead) return;
   wk->dead = 1;
@@ -2658,6 +2702,7 @@ static void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why) {
       if (oa->owner == wk->id && oa->state != A_DEAD && oa->create && !oa->create->spec.detached)
         td_node_kill_actor(n, oa->id, 1);
   }
+  if (wk->kind == WK_NODE || wk->kind == WK_HEAD) td__link_lost_objects(n, wk);
   if (wk->kind == WK_NODE) {
     if (wk->joined) n->nlinks--;
     snprintf(reason, sizeof(reason), "node-%u (%s) died: it %s", wk->node_index, wk->name, why);

@@ -11,6 +11,12 @@ t.test("node-1 dies: its task runs again elsewhere, its actors restart or die", 
     hit = function(s) s.n = s.n + 1; return tide.get_runtime_context().node_id end,
   })
   local on1 = {scheduling_strategy = {node_id = "node-1", soft = true}}
+  -- A ref to an object still being made on node-1, held on the head.
+  local mk = tide.remote(function()
+    local inner = tide.remote({num_cpus = 0}, function() os.execute("sleep 30"); return 1 end)
+    return {inner:remote()}
+  end)
+  local box = tide.get(mk:options({scheduling_strategy = {node_id = "node-1"}}):remote())
   local keep = A:options({max_restarts = 1, scheduling_strategy = on1.scheduling_strategy, num_cpus = 1}):remote()
   local lose = A:options({max_restarts = 0, scheduling_strategy = on1.scheduling_strategy}):remote()
   t.eq(tide.get(keep:hit()), "node-1")
@@ -29,6 +35,7 @@ t.test("node-1 dies: its task runs again elsewhere, its actors restart or die", 
   io.write(string.format("# node death to actor restarted elsewhere: %d s (whole seconds)\n", t1 - t0))
   t.raises(function() tide.get(lose:hit(), {timeout = 30}) end, "ActorDiedError")
   t.eq(#tide.nodes(), 2)
+  t.raises(function() tide.get(box[1], {timeout = 30}) end, "ObjectLostError")
 end)
 
 t.done()
