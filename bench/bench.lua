@@ -439,7 +439,9 @@ if wanted("multinode") then
   if hf then hf:close() end
   if hpid then
     sh("kill -9 " .. hpid)
-    tide.sleep(0.2)
+    -- Until it is gone (or a zombie nobody reaped yet).
+    sh(string.format("for i in $(seq 100); do kill -0 %d || break; " ..
+      "grep -q '^State:.*Z' /proc/%d/status && break; sleep 0.05; done", hpid, hpid))
     local t0 = raw.now()
     start_head()
     while nodes_up() < want and raw.now() - t0 < 30 do tide.sleep(0.05) end

@@ -278,11 +278,12 @@ int td_bridge_server_start(const char *endpoint, const char *unix_sock, const td
   B.mon = zmq_socket(B.ctx, ZMQ_PAIR);
   zmq_connect(B.mon, "inproc://tide-bridge-monitor");
   if (zmq_bind(B.router, endpoint)) {
-    fprintf(stderr, "tide: cannot listen on %s: %s\n", endpoint, zmq_strerror(errno));
+    int err = errno;
     zmq_close(B.mon);
     zmq_close(B.router);
     zmq_close(B.zap);
     zmq_ctx_term(B.ctx);
+    errno = err;  /* for the caller's message */
     return -1;
   }
   atomic_store(&B.stop, 0);

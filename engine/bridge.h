@@ -23,7 +23,7 @@ int td_key_create(const char *path, td_cluster_key_t *k);
 int td_key_load(const char *path, td_cluster_key_t *k);
 
 /* Node side: listens on endpoint ("tcp://0.0.0.0:6380") and forwards every
- * authenticated peer to the node's Unix socket. Returns 0 or -1. */
+ * authenticated peer to the node's Unix socket. Returns 0 or -1 (errno). */
 int td_bridge_server_start(const char *endpoint, const char *unix_sock, const td_cluster_key_t *k);
 void td_bridge_server_stop(void);
 uint64_t td_bridge_refused(void); /* peers refused so far */

@@ -20,6 +20,7 @@
 #include <sys/wait.h>
 #include <netdb.h>
 #include <sys/socket.h>
+#include <zmq.h>
 
 #include "bridge.h"
 #include "core.h"
@@ -562,10 +563,15 @@ static int td__start(int argc, char **argv) {
     } else {
       char ep[300];
       snprintf(ep, sizeof(ep), "tcp://%s:%d", bind_host, port);
-      if (td_bridge_server_start(ep, sock, &key) == 0)
+      /* A killed predecessor may hold the port for a moment while its
+       * last threads exit: try for a while before giving up. */
+      int up = -1;
+      for (int i = 0; i < 100 && (up = td_bridge_server_start(ep, sock, &key)) != 0 && !td__stop_daemon; i++)
+        usleep(100000);
+      if (up == 0)
         printf("tide: listening on %s (CURVE; key %s)\n", ep, keyf);
       else
-        fprintf(stderr, "tide: TCP disabled: cannot listen on %s\n", ep);
+        fprintf(stderr, "tide: TCP disabled: cannot listen on %s: %s\n", ep, zmq_strerror(errno));
     }
   }
   setenv("TIDE_SESSION_DIR", dir, 1);

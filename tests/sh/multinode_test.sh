@@ -62,8 +62,13 @@ out=$(node n3 --num-cpus 2 --resources '{"A":1}' 2>&1)
 check "a replacement node joins as a new node" 'echo "$out" | grep -q "joined the head" && nodes_up 3 10' "$out"
 
 echo "# head death and restart"
-kill -9 "$(cat $D/head/node.pid)"
-sleep 0.3
+hpid=$(cat $D/head/node.pid)
+kill -9 $hpid
+for i in $(seq 100); do   # until it is gone, or a zombie nobody reaped yet
+  kill -0 $hpid 2>/dev/null || break
+  grep -q '^State:.*Z' /proc/$hpid/status 2>/dev/null && break
+  sleep 0.05
+done
 t0=$(now)
 start_head >/dev/null 2>&1
 nodes_up 3 15
