@@ -90,7 +90,8 @@ struct td_task {
   td_actor_t *actor;     /* for actor calls and creations */
   double sent_at;        /* when it was sent to its worker */
   uint8_t slow;          /* not known to be short when sent */
-  uint8_t node_held;     /* holds resources of the node link it was sent to */
+  uint8_t node_held;     /* sent to a node link holding: 1 its resources, 2 a bundle's */
+  int32_t held_bundle;   /* node_held 2: the bundle of its placement group */
   td_task_t *prev, *next;/* links in the queue it is on */
   void *on;              /* the queue it is on, NULL if none */
 };
@@ -172,6 +173,8 @@ typedef struct td_pg {
   int created, removed;
   uint64_t ready_id;
   char name[64];
+  uint32_t *where;       /* per bundle, once created: the index of its node */
+  uint64_t owner;        /* the client that made it (0: the node's driver) */
   struct td_pg *next;
 } td_pg_t;
 
@@ -202,6 +205,7 @@ struct td_node {
   char exe[PATH_MAX];
   td_rpc_cb rpc;
   void *rpc_ud;
+  td_wk_t *rpc_wk;       /* whose request the RPC handler is running */
   td_buf_t tmp;
   struct pollfd *pfds;
   int cappfds;
@@ -278,12 +282,16 @@ static void td__inflight_add(td_node_t *n, td_wk_t *wk, td_task_t *t) {
 }
 
 static void td__take(double *pool, const td_task_t *t, double sign);
-static void td__inflight_del(td_wk_t *wk, td_task_t *t) {
+static td_pg_t *td__pg(td_node_t *n, uint64_t id);
+static void td__inflight_del(td_node_t *n, td_wk_t *wk, td_task_t *t) {
   tq_del(&wk->inflight, t);
-  if (t->node_held) {  /* back to the node link it held */
+  if (t->node_held == 1) {  /* back to the node link it held */
     td__take(wk->navail, t, -1);
-    t->node_held = 0;
+  } else if (t->node_held == 2) {  /* back to its bundle */
+    td_pg_t *pg = td__pg(n, t->spec.pg_id);
+    if (pg && !pg->removed && t->held_bundle >= 0 && t->held_bundle < pg->nb) td__take(pg->avail[t->held_bundle], t, -1);
   }
+  t->node_held = 0;
   wk->nslow -= t->slow;
   t->slow = 0;
 }
@@ -1047,11 +1055,27 @@ static double td__cluster_max(td_node_t *n, int r) {
  * (hard affinity to a node that is not there). *hold: the node has room
  * now, so the head holds the resources there; otherwise the task was
  * asked to go there and waits in that node's queue. */
-static int td__place(td_node_t *n, td_task_t *t, int local_fits, td_wk_t **out, int *hold) {
+static int td__place(td_node_t *n, td_task_t *t, int bundle, int local_fits, td_wk_t **out, int *hold,
+                     char *why, size_t whylen) {
   *out = NULL;
   *hold = 1;
   uint8_t st = t->spec.strategy;
-  if (t->spec.pg_id) return 0;
+  if (t->spec.pg_id) {
+    /* Where its bundle is; local_fits says whether the bundle has room. */
+    td_pg_t *pg = td__pg(n, t->spec.pg_id);
+    if (!pg || !pg->where || bundle < 0 || bundle >= pg->nb || pg->where[bundle] == n->index) return 0;
+    td_wk_t *w = td__link(n, pg->where[bundle]);
+    if (!w) {
+      snprintf(why, whylen, "node-%u, which held bundle %d of its placement group, died", pg->where[bundle],
+               bundle + 1);
+      return 3;
+    }
+    if (!local_fits) return 2;
+    *out = w;
+    *hold = 2;
+    return 1;
+  }
+  snprintf(why, whylen, "no alive node node-%u for a hard node affinity", t->spec.node);
   td_wk_t *w = NULL;
   if (st == TD_ST_NODE || st == TD_ST_NODE_SOFT) {
     if (t->spec.node == n->index) {
@@ -1158,22 +1182,85 @@ static int td__same_shape(td_wk_t *w, td_task_t *t, int bundle) {
   return !memcmp(shape, w->lease, sizeof(shape));
 }
 
+/* The pool of resources of the node with index idx (this one or a link). */
+static double *td__node_pool(td_node_t *n, uint32_t idx) {
+  if (idx == n->index) return n->avail;
+  td_wk_t *w = td__link(n, idx);
+  return w ? w->navail : NULL;
+}
+
+static int td__bundle_fits(td_node_t *n, const double *pool, const double *bundle) {
+  for (int i = 0; i < n->nres; i++)
+    if (pool[i] + 1e-9 < bundle[i]) return 0;
+  return 1;
+}
+
+/* Reserves every bundle of a placement group on the nodes its strategy
+ * allows, or none: the choice is made on copies of the pools first. */
 static int td__try_pg(td_node_t *n, td_pg_t *pg) {
   if (pg->created || pg->removed) return 0;
-  if (pg->strategy == TD_PG_STRICT_SPREAD && pg->nb > 1) return 0; /* needs more nodes */
-  double need[TD_NRES_MAX] = {0};
-  for (int b = 0; b < pg->nb; b++)
-    for (int i = 0; i < n->nres; i++) need[i] += pg->total[b][i];
-  for (int i = 0; i < n->nres; i++)
-    if (n->avail[i] + 1e-9 < need[i]) return 0;
-  for (int i = 0; i < n->nres; i++) n->avail[i] -= need[i];
-  pg->created = 1;
-  td_obj_t *o = td__obj(n, pg->ready_id);
-  if (o) {
-    uint8_t t = TD_T_TRUE;
-    td__obj_set(n, o, OBJ_READY, 0, &t, 1, 0, NULL, 0);
+  int k = 1 + n->nlinks, c;
+  uint32_t *idx = td_xmalloc((size_t)k * sizeof(uint32_t));
+  double (*av)[TD_NRES_MAX] = td_xmalloc((size_t)k * sizeof(*av));
+  int *used = td_xcalloc((size_t)k, sizeof(int)), *at = td_xmalloc((size_t)pg->nb * sizeof(int) + 1);
+  idx[0] = n->index;
+  memcpy(av[0], n->avail, sizeof(av[0]));
+  k = 1;
+  for (int i = 0; i < n->nwks; i++) {
+    td_wk_t *w = n->wks[i];
+    if (w->kind != WK_NODE || !w->joined || w->dead) continue;
+    idx[k] = w->node_index;
+    memcpy(av[k++], w->navail, sizeof(av[0]));
   }
-  return 1;
+  int ok = 1;
+  int strict_pack = pg->strategy == TD_PG_STRICT_PACK, pack = pg->strategy == TD_PG_PACK;
+  if (strict_pack || pack) {
+    /* All on one node when some node has room for the sum. */
+    double need[TD_NRES_MAX] = {0};
+    for (int b = 0; b < pg->nb; b++)
+      for (int i = 0; i < n->nres; i++) need[i] += pg->total[b][i];
+    for (c = 0; c < k && !td__bundle_fits(n, av[c], need); c++) {}
+    if (c < k) {
+      for (int b = 0; b < pg->nb; b++) at[b] = c;
+    } else if (strict_pack) {
+      ok = 0;
+    }
+    if (c < k || strict_pack) goto decided;
+  }
+  for (int b = 0; b < pg->nb && ok; b++) {
+    int pick = -1;
+    /* SPREAD and STRICT_SPREAD: a node no other bundle has, first. */
+    if (!pack)
+      for (c = 0; c < k && pick < 0; c++)
+        if (!used[c] && td__bundle_fits(n, av[c], pg->total[b])) pick = c;
+    if (pick < 0 && pg->strategy != TD_PG_STRICT_SPREAD)
+      for (c = 0; c < k && pick < 0; c++)
+        if (td__bundle_fits(n, av[c], pg->total[b])) pick = c;
+    if (pick < 0) { ok = 0; break; }
+    at[b] = pick;
+    used[pick] = 1;
+    for (int i = 0; i < n->nres; i++) av[pick][i] -= pg->total[b][i];
+  }
+decided:
+  if (ok) {
+    pg->where = td_xmalloc((size_t)pg->nb * sizeof(uint32_t));
+    for (int b = 0; b < pg->nb; b++) {
+      pg->where[b] = idx[at[b]];
+      double *pool = td__node_pool(n, pg->where[b]);
+      for (int i = 0; i < n->nres; i++) pool[i] -= pg->total[b][i];
+    }
+    pg->created = 1;
+    td_obj_t *o = td__obj(n, pg->ready_id);
+    if (o) {
+      uint8_t t = TD_T_TRUE;
+      td__obj_set(n, o, OBJ_READY, 0, &t, 1, 0, NULL, 0);
+    }
+  }
+  free(idx);
+  free(av);
+  free(used);
+  free(at);
+  return ok;
 }
 
 static void td__sched(td_node_t *n) {
@@ -1186,30 +1273,30 @@ static void td__sched(td_node_t *n) {
     double *pool = td__pool(n, t, &bundle);
     td_wk_t *to;
     int hold;
-    int where = td__place(n, t, pool && td__fits(pool, t), &to, &hold);
+    char why[200];
+    int where = td__place(n, t, bundle, pool && td__fits(pool, t), &to, &hold, why, sizeof(why));
     if (where == 3 || where == 1) {
       tq_del(&n->queue, t);
-      char why[160];
-      snprintf(why, sizeof(why), "no alive node node-%u for a hard node affinity", t->spec.node);
       if (where == 3 && t->spec.kind == TD_K_TASK) {
         td__task_fail(n, t, "TaskError", why);
       } else if (where == 3) {
         t->state = T_SENT;
         td__actor_die(n, t->actor, why);
       } else if (t->spec.kind == TD_K_TASK) {
-        if (hold) td__take(to->navail, t, 1);
+        if (hold) td__take(hold == 2 ? pool : to->navail, t, 1);
         t->node_held = (uint8_t)hold;
+        t->held_bundle = bundle;
         td__send_task(n, to, t);
       } else {
         td_actor_t *a = t->actor;
-        if (hold) td__take(to->navail, t, 1);
-        a->res_node = hold ? to : NULL;
-        a->res_held = hold;
+        if (hold) td__take(hold == 2 ? pool : to->navail, t, 1);
+        a->res_node = hold == 1 ? to : NULL;
+        a->res_held = hold == 1;
         a->host = to;
         to->nactors++;
         a->state = A_ALIVE;
         td__send_task(n, to, t);
-        td__inflight_del(to, t);
+        td__inflight_del(n, to, t);
         t->state = T_SENT;
         td__actor_pump(n, a);
       }
@@ -1244,7 +1331,7 @@ static void td__sched(td_node_t *n) {
         a->state = A_ALIVE;
         td__send_task(n, host, t);
         /* The creation is not in flight as a call: it stays with the actor. */
-        td__inflight_del(host, t);
+        td__inflight_del(n, host, t);
         t->state = T_SENT;
         td__actor_pump(n, a);
       } else {
@@ -1554,6 +1641,7 @@ int td_node_pg_create(td_node_t *n, int nb, const double (*bundles)[TD_NRES_MAX]
   memcpy(pg->total, bundles, (size_t)nb * sizeof(*pg->total));
   memcpy(pg->avail, bundles, (size_t)nb * sizeof(*pg->avail));
   snprintf(pg->name, sizeof(pg->name), "%s", name ? name : "");
+  pg->owner = n->rpc_wk && n->rpc_wk->kind == WK_CLIENT ? n->rpc_wk->id : 0;
   pg->ready_id = td_node_new_id(n);
   td_obj_t *o = td__obj_new(n, pg->ready_id);
   o->refs = 1;
@@ -1570,8 +1658,10 @@ int td_node_pg_remove(td_node_t *n, uint64_t pg_id) {
   while ((pg = *pp) && pg->id != pg_id) pp = &pg->next;
   if (!pg) return TD_ENOTFOUND;
   if (pg->created)
-    for (int b = 0; b < pg->nb; b++)
-      for (int i = 0; i < n->nres; i++) n->avail[i] += pg->total[b][i];
+    for (int b = 0; b < pg->nb; b++) {
+      double *pool = td__node_pool(n, pg->where[b]);  /* NULL: that node died */
+      for (int i = 0; pool && i < n->nres; i++) pool[i] += pg->total[b][i];
+    }
   /* Work still running in it keeps its worker; its lease returns nowhere. */
   for (int i = 0; i < n->nwks; i++)
     if (n->wks[i]->lease_pg == pg_id) n->wks[i]->lease_pg = UINT64_MAX;
@@ -1583,6 +1673,7 @@ int td_node_pg_remove(td_node_t *n, uint64_t pg_id) {
   *pp = pg->next;
   free(pg->total);
   free(pg->avail);
+  free(pg->where);
   free(pg);
   /* Work queued for the group can never run now. */
   td_task_t *t = n->queue.head;
@@ -1847,7 +1938,7 @@ static int td__on_done(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
     if (t && t->spec.kind == TD_K_TASK && t->spec.retry_exceptions && t->retries_left != 0 && !t->cancelled) {
       /* retry_exceptions: the task runs again, like after a crash. */
       if (t->retries_left > 0) t->retries_left--;
-      td__inflight_del(wk, t);
+      td__inflight_del(n, wk, t);
       td__unpin_deps(n, t);
       t->state = T_QUEUED;
       t->wk = NULL;
@@ -1864,7 +1955,7 @@ static int td__on_done(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
     }
   }
   if (t) {
-    td__inflight_del(wk, t);
+    td__inflight_del(n, wk, t);
     td__task_timed(n, wk, t);
     td__task_finish(n, t);
     td__lease_done(n, wk);
@@ -2573,7 +2664,7 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
       for (uint32_t i = 0; i < cnt && !rd.bad; i++) {
         td_task_t *t = td_map_get(&n->tasks, td_rd_u64(&rd));
         if (!t || t->wk != wk || t->state != T_SENT) continue;
-        td__inflight_del(wk, t);
+        td__inflight_del(n, wk, t);
         td__unpin_deps(n, t);
         t->attempt--;
         t->state = T_QUEUED;
@@ -2633,7 +2724,9 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
       char opname[64];
       memcpy(opname, op, ol);
       opname[ol] = 0;
+      n->rpc_wk = wk;
       if (n->rpc) n->rpc(n->rpc_ud, wk, req, opname, args, al);
+      n->rpc_wk = NULL;
       return 0;
     }
     default: return TD_EPROTO;
@@ -2695,7 +2788,12 @@ static void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why) {
   pid_t r = 0;
   for (int i = 0; wk->pid > 0 && i < 200 && (r = waitpid(wk->pid, &st, WNOHANG)) == 0; i++) usleep(1000);
   if (wk->kind == WK_CLIENT) {
-    /* A driver that leaves takes its non-detached actors with it. */
+    /* A driver that leaves takes its placement groups and non-detached
+     * actors with it. */
+    for (td_pg_t *pg = n->pgs, *next; pg; pg = next) {
+      next = pg->next;
+      if (pg->owner == wk->id) td_node_pg_remove(n, pg->id);
+    }
     size_t it2 = 0;
     td_actor_t *oa;
     while (td_map_next(&n->actors, &it2, NULL, (void **)&oa))
@@ -2720,7 +2818,7 @@ static void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why) {
   int first = 1;
   while (wk->inflight.head) {
     td_task_t *t = wk->inflight.head;
-    td__inflight_del(wk, t);
+    td__inflight_del(n, wk, t);
     td__unpin_deps(n, t);
     t->wk = NULL;
     if (t->spec.kind == TD_K_TASK) {
@@ -3088,7 +3186,7 @@ void td_node_destroy(td_node_t **np) {
   while (td_map_next(&n->fnstats, &it, NULL, &v)) free(v);
   td_map_free(&n->fnstats);
   while (n->reqs) { td_req_t *r = n->reqs; n->reqs = r->next; free(r->ids); free(r); }
-  while (n->pgs) { td_pg_t *pg = n->pgs; n->pgs = pg->next; free(pg->total); free(pg->avail); free(pg); }
+  while (n->pgs) { td_pg_t *pg = n->pgs; n->pgs = pg->next; free(pg->total); free(pg->avail); free(pg->where); free(pg); }
   it = 0;
   while (td_map_next(&n->fwd, &it, NULL, &v)) { free(((td_fwd_t *)v)->rets); free(v); }
   td_map_free(&n->fwd);
