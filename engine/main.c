@@ -23,6 +23,7 @@
 #include <zmq.h>
 
 #include "bridge.h"
+#include "persist.h"
 #include "core.h"
 
 extern volatile int td_interrupted;
@@ -517,6 +518,11 @@ static int td__start(int argc, char **argv) {
     printf("tide: joined the head at %s as %s\n", join, nid);
     fflush(stdout);
   }
+  /* A head keeps its tables in the session's head.db: restarted, it
+   * resumes them. */
+  char dbf[PATH_MAX + 16];
+  snprintf(dbf, sizeof(dbf), "%s/head.db", dir);
+  if (head && td_persist_open(dbf) == 0) printf("tide: head state in %s\n", dbf);
   lua_getfield(L, LUA_REGISTRYINDEX, "tide.cli_opts");
   lua_pushinteger(L, (lua_Integer)node_index);
   lua_setfield(L, -2, "node_index");
@@ -575,6 +581,7 @@ static int td__start(int argc, char **argv) {
     }
   }
   setenv("TIDE_SESSION_DIR", dir, 1);
+  td_node_restore(td_ctx.node);
   td_core_enable_jobs(td__home);
   signal(SIGTERM, td__on_term);
   signal(SIGINT, td__on_term);
@@ -610,6 +617,17 @@ static int td__start(int argc, char **argv) {
   td_bridge_server_stop();
   td_node_destroy(&td_ctx.node);
   td_bridge_client_stop();  /* after the link is closed */
+  if (td_persist_on()) {
+    /* Stopped on purpose: the cluster ends, and its state with it (only a
+     * head that died is resumed). */
+    td_persist_close();
+    unlink(dbf);
+    char side[PATH_MAX + 32];
+    snprintf(side, sizeof(side), "%s-wal", dbf);
+    unlink(side);
+    snprintf(side, sizeof(side), "%s-shm", dbf);
+    unlink(side);
+  }
   close(td__listen_fd);
   unlink(sock);
   unlink(pidf);

@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "chan.h"
+#include "persist.h"
 #include "ser.h"
 
 #define TD_PIPELINE 32          /* tasks queued at one leased worker */
@@ -223,6 +224,7 @@ struct td_node {
   int nlinks;            /* a head's joined nodes */
   uint32_t spread;       /* round robin for SPREAD */
   uint32_t next_index;
+  int restoring;         /* re-creating persisted actors: they wait for nodes */
   td_map_t fwd;          /* head task id -> td_fwd_t */
   td_map_t pulls;        /* request id -> object id, values asked of a link */
   td_map_t relays;       /* request id -> td_relay_t, requests passed to the head */
@@ -558,11 +560,34 @@ int td_node_stream_item(td_node_t *n, uint64_t stream, uint32_t idx, uint64_t *i
 
 uint64_t td_wk_id(const td_wk_t *wk) { return wk->id; }
 
+/* Worker and client ids. A head with a store keeps the next one ahead of
+ * use, so ids a restarted head gives never repeat those of objects and
+ * actors it restores. */
+static uint64_t td__new_wk_id(td_node_t *n) {
+  uint64_t id = ++n->next_wk;
+  if ((id & 255) == 0 && td_persist_on()) {
+    char v[24];
+    int l = snprintf(v, sizeof(v), "%llu", (unsigned long long)(id + 256));
+    td_persist_put("meta", "next_wk", v, (size_t)l);
+  }
+  return id;
+}
+
+static void td__restore_meta(void *ud, const char *key, const void *val, size_t len) {
+  td_node_t *n = ud;
+  char v[24];
+  if (strcmp(key, "next_wk") || len >= sizeof(v)) return;
+  memcpy(v, val, len);
+  v[len] = 0;
+  uint64_t w = strtoull(v, NULL, 10);
+  if (w > n->next_wk) n->next_wk = w;
+}
+
 static td_wk_t *td__spawn(td_node_t *n, int kind, const int *gpus, int ngpus) {
   if (n->no_workers) return NULL;
   int sv[2];
   if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) return NULL;
-  uint64_t id = ++n->next_wk;
+  uint64_t id = td__new_wk_id(n);
   char idbuf[32], kindbuf[8], gpubuf[128] = "";
   snprintf(idbuf, sizeof(idbuf), "%llu", (unsigned long long)id);
   snprintf(kindbuf, sizeof(kindbuf), "%d", kind);
@@ -938,6 +963,11 @@ static void td__actor_die(td_node_t *n, td_actor_t *a, const char *why) {
   a->state = A_DEAD;
   free(a->reason);
   a->reason = td_xstrdup(why);
+  if (a->create && a->create->spec.detached && td_persist_on()) {
+    char key[24];
+    snprintf(key, sizeof(key), "%016llx", (unsigned long long)a->id);
+    td_persist_put("actor", key, NULL, 0);
+  }
   if (a->fwd_attempt && n->head) {
     /* The head decides whether it restarts, and where. */
     td_chan_begin(&n->head->ch, TD_M_ACTOR_EXIT);
@@ -1418,6 +1448,71 @@ static td_task_t *td__task_new(td_node_t *n, const td_spec_t *s) {
   return t;
 }
 
+/* A detached actor outlives its driver, and on a head with a store also
+ * the head: its definition and creation spec are kept until it dies.
+ * Arguments that are refs cannot be kept (their objects die with the head). */
+static void td__persist_actor(td_node_t *n, const td_spec_t *s) {
+  if (!td_persist_on() || s->ndeps || s->nrefs) return;
+  td_fnblob_t *fb = td_map_get(&n->fns, s->fn_id);
+  if (!fb) return;
+  td_buf_t b;
+  td_buf_init(&b);
+  td_buf_str(&b, fb->data, fb->len);
+  td_spec_encode(s, &b);
+  char key[24];
+  snprintf(key, sizeof(key), "%016llx", (unsigned long long)s->actor_id);
+  td_persist_put("actor", key, b.p, b.len);
+  td_buf_free(&b);
+}
+
+static void td__restore_actor(void *ud, const char *key, const void *val, size_t len) {
+  td_node_t *n = ud;
+  td_rd_t rd;
+  td_rd_init(&rd, val, len);
+  uint32_t bl;
+  const uint8_t *blob = td_rd_str(&rd, &bl);
+  td_spec_t s;
+  uint64_t *scratch = NULL;
+  if (rd.bad || td_spec_decode(&s, &rd, &scratch) || s.kind != TD_K_ACTOR_NEW) {
+    fprintf(stderr, "tide: dropping persisted actor %s: unreadable\n", key);
+    td_persist_put("actor", key, NULL, 0);
+    free(scratch);
+    return;
+  }
+  td_node_register_fn(n, s.fn_id, blob, bl);
+  const char *msg;
+  if (!td_map_get(&n->actors, s.actor_id) && td_node_submit(n, &s, &msg) == 0) {
+    td_node_decref(n, s.rets[0]);  /* nobody waits for its readiness */
+    fprintf(stderr, "tide: restoring detached actor %s%s%s\n", key, s.name[0] ? " " : "", s.name);
+  }
+  free(scratch);
+}
+
+static void td__restore_node(void *ud, const char *key, const void *val, size_t len) {
+  td_node_t *n = ud;
+  (void)val, (void)len;
+  unsigned long idx = strtoul(key, NULL, 10);
+  /* Indices given before stay reserved for nodes that come back. */
+  if (idx > n->next_index && idx <= TD_NODE_MAX) n->next_index = (uint32_t)idx;
+}
+
+/* Before any worker is made: ids continue past the last boot's. */
+static void td__restore_ids(td_node_t *n) {
+  if (!td_persist_on()) return;
+  td_persist_each("meta", td__restore_meta, n);
+  n->next_wk = (n->next_wk + 256) & ~(uint64_t)255;
+  char v[24];
+  int l = snprintf(v, sizeof(v), "%llu", (unsigned long long)(n->next_wk + 256));
+  td_persist_put("meta", "next_wk", v, (size_t)l);
+}
+
+void td_node_restore(td_node_t *n) {
+  td_persist_each("node", td__restore_node, n);
+  n->restoring = 1;
+  td_persist_each("actor", td__restore_actor, n);
+  n->restoring = 0;
+}
+
 int td_node_submit(td_node_t *n, const td_spec_t *s, const char **msg) {
   *msg = NULL;
   td_actor_t *a = NULL;
@@ -1503,10 +1598,12 @@ int td_node_submit(td_node_t *n, const td_spec_t *s, const char **msg) {
                  n->resname[r], most);
     }
   }
+  if (why[0] && n->restoring) why[0] = 0;  /* its nodes have not rejoined yet */
   if (why[0] && s->kind == TD_K_TASK) {
     td__task_fail(n, t, "TaskError", why);
     return 0;
   }
+  if (s->kind == TD_K_ACTOR_NEW && s->detached && !why[0]) td__persist_actor(n, s);
   if (s->kind == TD_K_ACTOR_NEW) {
     a = td_xcalloc(1, sizeof(*a));
     a->id = s->actor_id;
@@ -2238,6 +2335,9 @@ static int td__on_node_info(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   }
   wk->joined = 1;
   n->nlinks++;
+  char key[16];
+  snprintf(key, sizeof(key), "%u", wk->node_index);
+  td_persist_put("node", key, wk->name, strlen(wk->name));
   td_log("%s", line);
   fprintf(stderr, "tide: %s\n", line);
   return 0;
@@ -2963,7 +3063,7 @@ int td_node_feed(td_node_t *n, uint8_t type, const uint8_t *p, uint32_t len) {
     if (n->wks[i]->kind == WK_CLIENT && n->wks[i]->ch.fd < 0) wk = n->wks[i];
   if (!wk) {
     wk = td_xcalloc(1, sizeof(*wk));
-    wk->id = ++n->next_wk;
+    wk->id = td__new_wk_id(n);
     wk->kind = WK_CLIENT;
     td_chan_init(&wk->ch, -1);
     td_map_init(&wk->fns_sent);
@@ -2984,7 +3084,7 @@ int td_node_add_client(td_node_t *n, int fd) {
   /* The store fd goes first, beside one byte, as SCM_RIGHTS. */
   if (td_sock_send_fd(fd, td_store_fd(n->store))) { close(fd); return TD_EIO; }
   td_wk_t *wk = td_xcalloc(1, sizeof(*wk));
-  wk->id = ++n->next_wk;
+  wk->id = td__new_wk_id(n);
   wk->pid = 0;
   wk->kind = WK_CLIENT;
   td_chan_init(&wk->ch, fd);
@@ -3057,7 +3157,7 @@ int td_link_handshake(int fd, uint32_t want, uint32_t *index, double timeout) {
 int td_node_link_head(td_node_t *n, int fd) {
   if (n->head) return TD_EINVAL;
   td_wk_t *wk = td_xcalloc(1, sizeof(*wk));
-  wk->id = ++n->next_wk;
+  wk->id = td__new_wk_id(n);
   wk->kind = WK_HEAD;
   wk->remote = 1;
   wk->last_seen = td_now();
@@ -3144,6 +3244,7 @@ td_node_t *td_node_new(const td_node_opts_t *o) {
   }
   memcpy(n->avail, n->total, sizeof(n->total));
   snprintf(n->exe, sizeof(n->exe), "%s", o->exe ? o->exe : "/proc/self/exe");
+  td__restore_ids(n);
   for (int i = 0; i < o->prestart; i++) td__spawn(n, WK_TASK, NULL, 0);
   return n;
 }

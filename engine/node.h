@@ -132,6 +132,10 @@ int td_node_relay(td_node_t *n, td_wk_t *wk, uint32_t req, const char *op, const
 int td_node_linked(td_node_t *n);
 uint32_t td_node_index(td_node_t *n);
 
+/* A head with a persistent store (persist.h): re-creates the detached
+ * actors it had and reserves the node indices it gave. */
+void td_node_restore(td_node_t *n);
+
 typedef struct td_node_info {
   uint32_t index;
   const char *name;

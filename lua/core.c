@@ -1,5 +1,6 @@
 /* Tide Lua bindings (see core.h). */
 #include "core.h"
+#include "persist.h"
 #include "bridge.h"
 
 #include <lauxlib.h>
@@ -758,6 +759,29 @@ static int c_stats(lua_State *L) {
   return 1;
 }
 
+/* core.persist(kind, key, bytes|nil): the head's store (persist.h). */
+static int c_persist(lua_State *L) {
+  size_t n = 0;
+  const char *kind = luaL_checkstring(L, 1), *key = luaL_checkstring(L, 2);
+  const char *v = lua_isnil(L, 3) ? NULL : luaL_checklstring(L, 3, &n);
+  td_persist_put(kind, key, v, n);
+  return 0;
+}
+
+static void td__persisted_row(void *ud, const char *key, const void *val, size_t len) {
+  lua_State *L = ud;
+  lua_pushlstring(L, val ? val : "", len);
+  lua_setfield(L, -2, key);
+}
+
+/* core.persisted(kind) -> {key = bytes}: what a restarted head had. */
+static int c_persisted(lua_State *L) {
+  const char *kind = luaL_checkstring(L, 1);
+  lua_newtable(L);
+  td_persist_each(kind, td__persisted_row, L);
+  return 1;
+}
+
 /* core.register_blob(id, blob): a worker's registration, through RPC. */
 static int c_register_blob(lua_State *L) {
   size_t n;
@@ -1198,7 +1222,8 @@ int luaopen_tide_core(lua_State *L) {
     {"put", d_put}, {"sleep", d_sleep}, {"pump", d_pump}, {"state", d_state}, {"cancel", c_cancel}, {"kill", c_kill},
     {"get_actor", c_get_actor}, {"actor_state", c_actor_state}, {"pg_create", c_pg_create},
     {"pg_remove", c_pg_remove}, {"pg_lookup", c_pg_lookup}, {"resources", c_resources},
-    {"stats", c_stats}, {"nodes", c_nodes}, {"register_blob", c_register_blob}, {NULL, NULL}};
+    {"stats", c_stats}, {"nodes", c_nodes}, {"register_blob", c_register_blob},
+    {"persist", c_persist}, {"persisted", c_persisted}, {NULL, NULL}};
   static const luaL_Reg worker[] = {
     {"get1", w_get1}, {"getn", w_getn}, {"wait", w_wait}, {"stream_next", w_stream_next},
     {"put", w_put}, {"sleep", w_sleep}, {"yield_item", w_yield_item}, {"print", w_print},
@@ -1298,14 +1323,24 @@ void td_core_driver_rpc(void) {
     lua_setfield(L, -2, td__rpc_ops[i]);
   }
   lua_setfield(L, LUA_REGISTRYINDEX, "tide.rpc.ops");
-  lua_pop(L, 1);
+  lua_setfield(L, LUA_REGISTRYINDEX, "tide.rpc.core");
   /* A key-value store on the node: rendezvous for collective groups (and
-   * NCCL ids), reached from workers with core.call_node("kv_*", ...). */
-  (void)luaL_dostring(L, "local ops = debug.getregistry()['tide.rpc.ops']\n"
+   * NCCL ids), reached from workers with core.call_node("kv_*", ...). On a
+   * head with a store it is kept there too, and comes back. */
+  if (luaL_dostring(L, "local ops = debug.getregistry()['tide.rpc.ops']\n"
+                   "local core = debug.getregistry()['tide.rpc.core']\n"
                    "local kv = {}\n"
-                   "ops.kv_put = function(k, v) kv[k] = v; return true end\n"
+                   "for k, v in pairs(core.persisted('kv')) do\n"
+                   "  local ok, val = pcall(core.decode, v)\n"
+                   "  if ok then kv[k] = val end\n"
+                   "end\n"
+                   "local function keep(k, v)\n"
+                   "  if type(k) == 'string' then core.persist('kv', k, v ~= nil and core.encode(v) or nil) end\n"
+                   "end\n"
+                   "ops.kv_put = function(k, v) kv[k] = v; pcall(keep, k, v); return true end\n"
                    "ops.kv_get = function(k) return kv[k] end\n"
-                   "ops.kv_del = function(k) kv[k] = nil; return true end\n");
+                   "ops.kv_del = function(k) kv[k] = nil; pcall(keep, k, nil); return true end\n"))
+    fprintf(stderr, "tide: BUG: the node's KV: %s\n", lua_tostring(L, -1));
   td_ctx.rpcL = L;
   td_node_set_rpc(td_ctx.node, td__rpc_cb, L);
 }

@@ -7,6 +7,30 @@ local M = {}
 local jobs, order = {}, {}
 local format = string.format
 
+-- On a head with a store (head.db) the table is kept there too, so a
+-- restarted head still lists, reports and shows the logs of its jobs.
+local core = debug.getregistry()["tide.rpc.core"]
+local function keep(j)
+  if core and core.persist then
+    pcall(core.persist, "job", j.id, core.encode({id = j.id, status = j.status, script = j.script,
+      args = j.args, wd = j.wd, pid = j.pid, started = j.started, ended = j.ended, log = j.log,
+      dir = j.dir, exit_code = j.exit_code, stopped = j.stopped}))
+  end
+end
+if core and core.persisted then
+  local rows = core.persisted("job")
+  local ids = {}
+  for id in pairs(rows) do ids[#ids + 1] = id end
+  table.sort(ids)
+  for _, id in ipairs(ids) do
+    local ok, j = pcall(core.decode, rows[id])
+    if ok and type(j) == "table" and j.id then
+      jobs[id] = j
+      order[#order + 1] = id
+    end
+  end
+end
+
 local function sh_quote(s)
   return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
 end
@@ -23,7 +47,13 @@ local function read_file(path)
   return s
 end
 
+local refresh_
 local function refresh(j)
+  local before = j.status
+  refresh_(j)
+  if j.status ~= before then keep(j) end
+end
+refresh_ = function(j)
   if j.status ~= "RUNNING" then return end
   local code = read_file(j.dir .. "/" .. j.id .. ".exit")
   if code then
@@ -62,6 +92,7 @@ function M.job_submit(script, args, wd, exe, sock)
     wd = wd, pid = pid, started = os.time(), log = log, dir = dir}
   jobs[id] = j
   order[#order + 1] = id
+  keep(j)
   return view(j)
 end
 
@@ -83,6 +114,7 @@ function M.job_stop(id)
   refresh(j)
   if j.status == "RUNNING" and j.pid then
     j.stopped = true
+    keep(j)
     -- The job's shell and its driver: the driver's workers die with it.
     -- The driver (child of the job's shell) gets SIGTERM; the shell then
     -- records its exit status.

@@ -62,6 +62,18 @@ out=$(node n3 --num-cpus 2 --resources '{"A":1}' 2>&1)
 check "a replacement node joins as a new node" 'echo "$out" | grep -q "joined the head" && nodes_up 3 10' "$out"
 
 echo "# head death and restart"
+cat > $D/before.lua <<'LUA'
+local tide = require("tide")
+local K = tide.actor({init = function(s) s.n = 0 end, incr = function(s) s.n = s.n + 1; return s.n end,
+  node = function() return tide.get_runtime_context().node_id end})
+local k = K:options({name = "keeper", lifetime = "detached", resources = {A = 0.5}}):remote()
+print("BEFORE", tide.get(k:incr()), tide.get(k:node()), require("tide.core").call_node("kv_put", "mn-key", "kept"))
+LUA
+out=$(TIDE_SESSION_DIR=$D/head timeout 60 $T run --address local $D/before.lua 2>&1)
+check "a detached actor and a KV entry made before the head dies" 'echo "$out" | grep -q "BEFORE	1	node-3	true"' "$out"
+echo 'print("JOB RAN")' > $D/job.lua
+TIDE_SESSION_DIR=$D/head $T submit $D/job.lua >/dev/null 2>&1
+sleep 1
 hpid=$(cat $D/head/node.pid)
 kill -9 $hpid
 for i in $(seq 100); do   # until it is gone, or a zombie nobody reaped yet
@@ -80,13 +92,25 @@ check "after kill -9 of the head, a restarted head gets its nodes back" 'nodes_u
 cat > $D/after.lua <<'LUA'
 local tide = require("tide")
 local f = tide.remote(function(x) return x + 1, tide.get_runtime_context().node_id end)
-local a, b = f:options({num_returns = 2, resources = {A = 1}}):remote(41)
+local a, b = f:options({num_returns = 2, resources = {A = 0.5}}):remote(41)
 print("AFTER", tide.get(a), tide.get(b))
 LUA
 out=$(TIDE_SESSION_DIR=$D/head timeout 60 $T run --address local $D/after.lua 2>&1)
 check "work placed on a rejoined node runs" 'echo "$out" | grep -q "AFTER	42	node-3"' "$out"
 check "the nodes log that they rejoined" 'grep -q "rejoined the head" $D/n2/node.log' "$(tail -5 $D/n2/node.log)"
+cat > $D/resumed.lua <<'LUA'
+local tide = require("tide")
+local k = tide.get_actor("keeper")
+print("RESUMED", tide.get(k:incr(), {timeout = 30}), tide.get(k:node()),
+  require("tide.core").call_node("kv_get", "mn-key"))
+LUA
+out=$(TIDE_SESSION_DIR=$D/head timeout 60 $T run --address local $D/resumed.lua 2>&1)
+check "the restarted head resumes its detached actor (re-created) and its KV from head.db" \
+  'echo "$out" | grep -q "RESUMED	1	node-3	kept"' "$out"
+out=$(TIDE_SESSION_DIR=$D/head $T job list 2>&1)
+check "the restarted head still lists the job it ran" 'echo "$out" | grep -q "SUCCEEDED"' "$out"
 
 stop_all
 check "tide stop stops every daemon" '! TIDE_SESSION_DIR=$D/head $T status >/dev/null 2>&1'
+check "a head stopped on purpose leaves no state to resume" '[ ! -e $D/head/head.db ]'
 echo "1..$n"
