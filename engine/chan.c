@@ -32,7 +32,15 @@ int td_chan_read(td_chan_t *c) {
     c->in_off = 0;
   }
   for (;;) {
-    td_buf_reserve(&c->in, 64 * 1024);
+    /* A large frame whose length is known gets its whole size at once,
+     * not a doubling series of copies. */
+    size_t want = 64 * 1024;
+    if (c->in.len >= 4) {
+      uint32_t flen;
+      memcpy(&flen, c->in.p, 4);
+      if (flen <= TD_FRAME_MAX && 4 + (size_t)flen > c->in.len + want) want = 4 + (size_t)flen - c->in.len;
+    }
+    td_buf_reserve(&c->in, want);
     ssize_t r = read(c->fd, c->in.p + c->in.len, c->in.cap - c->in.len);
     if (r > 0) {
       c->in.len += (size_t)r;
