@@ -52,7 +52,7 @@ ifneq ($(shell command -v clang 2>/dev/null),)
 TEST_DEPS += build/fuzz-node
 endif
 NODE_FUZZ_SRCS := tests/fuzz/fuzz_node.c engine/node.c engine/util.c engine/store.c engine/chan.c \
-                  engine/proto.c engine/persist.c lua/ser.c
+                  engine/proto.c engine/persist.c engine/pkg.c lua/ser.c
 build/fuzz-node: $(NODE_FUZZ_SRCS) $(wildcard engine/*.h lua/*.h)
 	@mkdir -p build
 	clang -g -O1 -std=gnu11 -D_GNU_SOURCE -Wall -Wextra -Werror -fsanitize=fuzzer,address,undefined \

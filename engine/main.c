@@ -720,8 +720,10 @@ int main(int argc, char **argv) {
     /* Clients of the node: stdlib/tide/jobcli.lua does the work. */
     char path[PATH_MAX + 32];
     snprintf(path, sizeof(path), "%s/stdlib/tide/jobcli.lua", td__home);
-    for (int k = 2; k + 1 < argc; k++)
+    for (int k = 2; k + 1 < argc; k++) {
       if (!strcmp(argv[k], "--address")) setenv("TIDE_ADDRESS", argv[k + 1], 1);
+      if (!strcmp(argv[k], "--key")) td__key_arg = argv[k + 1];
+    }
     if (!getenv("TIDE_ADDRESS")) setenv("TIDE_ADDRESS", "local", 1);
     char sock[PATH_MAX];
     if (td__resolve_address(getenv("TIDE_ADDRESS") ? getenv("TIDE_ADDRESS") : "local", sock, sizeof(sock)) == 0)

@@ -17,6 +17,7 @@
 
 #include "chan.h"
 #include "persist.h"
+#include "pkg.h"
 #include "ser.h"
 
 #define TD_PIPELINE 32          /* tasks queued at one leased worker */
@@ -40,6 +41,14 @@ typedef struct td_relay {
   uint64_t wk_id;
   uint32_t req;
 } td_relay_t;
+
+/* On a node: a NODE_TASK held until its package arrives from the head. */
+typedef struct td_parked {
+  char hash[17];
+  uint8_t *msg;
+  uint32_t len;
+  struct td_parked *next;
+} td_parked_t;
 
 /* On a node: work its head sent it, until the results go back. */
 typedef struct td_fwd {
@@ -233,6 +242,7 @@ struct td_node {
   uint32_t nfn_order, capfn_order;
   uint64_t *fwd_ready;   /* returns of head work that changed */
   uint32_t nfwd_ready, capfwd_ready;
+  struct td_parked *parked; /* head work waiting for its working-directory package */
 };
 
 static void td__sched(td_node_t *n);
@@ -1423,6 +1433,33 @@ static void td__sched(td_node_t *n) {
 
 /* -- Submission ------------------------------------------------------------------------ */
 
+/* The value of KEY in a spec's env ("K=V\0..."), copied into out. */
+static int td__env_get(const char *env, uint32_t len, const char *key, char *out, size_t n) {
+  size_t kl = strlen(key);
+  for (uint32_t i = 0; i < len;) {
+    const char *kv = env + i;
+    size_t l = strnlen(kv, len - i);
+    if (l > kl && kv[kl] == '=' && !memcmp(kv, key, kl)) {
+      snprintf(out, n, "%.*s", (int)(l - kl - 1), kv + kl + 1);
+      return 1;
+    }
+    i += (uint32_t)l + 1;
+  }
+  return 0;
+}
+
+/* Work of a job with a working-directory package runs in the package's
+ * directory on whatever node runs it (it is unpacked here by then). */
+static void td__env_pkg(td_spec_t *s) {
+  char hash[32], dir[PATH_MAX], wd[8];
+  if (!td__env_get(s->env, s->env_len, "TIDE_PKG", hash, sizeof(hash)) ||
+      td__env_get(s->env, s->env_len, "TIDE_WORKING_DIR", wd, sizeof(wd)) || !td_pkg_have(hash))
+    return;
+  td_pkg_dir(hash, dir, sizeof(dir));
+  int l = snprintf(s->env + s->env_len, sizeof(s->env) - s->env_len, "TIDE_WORKING_DIR=%s", dir);
+  if (l > 0 && s->env_len + (uint32_t)l + 1 <= sizeof(s->env)) s->env_len += (uint32_t)l + 1;
+}
+
 static td_task_t *td__task_new(td_node_t *n, const td_spec_t *s) {
   /* The spec is large (names, env): only what a task needs is copied. */
   td_task_t *t = td_xmalloc(sizeof(*t));
@@ -1431,6 +1468,8 @@ static td_task_t *td__task_new(td_node_t *n, const td_spec_t *s) {
   memset((char *)t + spec_end, 0, sizeof(*t) - spec_end);
   memcpy(&t->spec, s, offsetof(td_spec_t, env));
   if (s->env_len) memcpy(t->spec.env, s->env, s->env_len);
+  t->spec.env_len = s->env_len;
+  td__env_pkg(&t->spec);
   t->spec.nres = 0;
   t->id = ++n->next_task;
   uint32_t nr = s->nret < 0 ? 1 : (uint32_t)s->nret;
@@ -2350,7 +2389,30 @@ static int td__on_node_task(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   uint32_t attempt = td_rd_u32(rd);
   td_spec_t s;
   uint64_t *scratch;
+  const uint8_t *msg = rd->p - 12;  /* the whole message, to park it */
+  uint32_t msglen = (uint32_t)(rd->end - msg);
   if (td_spec_decode(&s, rd, &scratch)) { free(scratch); return TD_EPROTO; }
+  char hash[32];
+  if (td__env_get(s.env, s.env_len, "TIDE_PKG", hash, sizeof(hash)) && strlen(hash) == 16 && !td_pkg_have(hash)) {
+    /* Its job's working directory is not here yet: ask the head once. */
+    free(scratch);
+    int asked = 0;
+    for (td_parked_t *q = n->parked; q; q = q->next) asked |= !strcmp(q->hash, hash);
+    td_parked_t *pk = td_xcalloc(1, sizeof(*pk));
+    snprintf(pk->hash, sizeof(pk->hash), "%.16s", hash);
+    pk->msg = td_xmalloc(msglen);
+    memcpy(pk->msg, msg, msglen);
+    pk->len = msglen;
+    pk->next = n->parked;
+    n->parked = pk;
+    if (!asked) {
+      td_chan_begin(&wk->ch, TD_M_PKG_GET);
+      td_buf_str(&wk->ch.out, hash, strlen(hash));
+      td_chan_end(&wk->ch);
+    }
+    (void)htid, (void)attempt;
+    return 0;
+  }
   int rc = TD_EPROTO;
   if (td_rd_u8(rd)) {
     uint32_t bl;
@@ -2596,6 +2658,69 @@ static void td__cluster_tick(td_node_t *n, double now) {
   }
 }
 
+/* Head: a node asks for a working-directory package. */
+static int td__on_pkg_get(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  (void)n;
+  uint32_t hl;
+  const uint8_t *h = td_rd_str(rd, &hl);
+  if (rd->bad || wk->kind != WK_NODE || hl != 16) return TD_EPROTO;
+  char hash[17];
+  memcpy(hash, h, 16);
+  hash[16] = 0;
+  size_t len = 0;
+  void *blob = td_pkg_read(hash, &len);
+  td_chan_begin(&wk->ch, TD_M_PKG);
+  td_buf_str(&wk->ch.out, hash, 16);
+  td_buf_u8(&wk->ch.out, blob != NULL);
+  if (blob) td_buf_str(&wk->ch.out, blob, len);
+  else td_buf_str(&wk->ch.out, "the head does not have it", 25);
+  td_chan_end(&wk->ch);
+  free(blob);
+  return 0;
+}
+
+/* Node: the package arrived (or cannot): the work parked for it goes on
+ * (or fails, naming why). */
+static int td__on_pkg(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  uint32_t hl, bl;
+  const uint8_t *h = td_rd_str(rd, &hl);
+  uint8_t ok = td_rd_u8(rd);
+  const uint8_t *blob = td_rd_str(rd, &bl);
+  if (rd->bad || wk != n->head || hl != 16) return TD_EPROTO;
+  char hash[17], err[300] = "";
+  memcpy(hash, h, 16);
+  hash[16] = 0;
+  if (!ok) snprintf(err, sizeof(err), "%.*s", (int)(bl < 200 ? bl : 200), (const char *)blob);
+  else td_pkg_install(hash, blob, bl, err, sizeof(err));
+  td_parked_t **pp = &n->parked, *q, *mine = NULL;
+  while ((q = *pp)) {  /* take this package's work, oldest first */
+    if (strcmp(q->hash, hash)) { pp = &q->next; continue; }
+    *pp = q->next;
+    q->next = mine;
+    mine = q;
+  }
+  int rc = 0;
+  while (mine) {
+    q = mine;
+    mine = q->next;
+    if (!err[0] && n->head) {
+      td_rd_t r2;
+      td_rd_init(&r2, q->msg, q->len);
+      rc |= td__on_node_task(n, wk, &r2);
+    } else if (n->head && q->len >= 8) {
+      uint64_t htid;
+      memcpy(&htid, q->msg, 8);
+      char why[400];
+      snprintf(why, sizeof(why), "working directory package %s unavailable on this node: %s", hash, err);
+      td__errblob(&n->tmp, "TaskError", why);
+      td__link_fail(n, htid, n->tmp.p, n->tmp.len);
+    }
+    free(q->msg);
+    free(q);
+  }
+  return rc;
+}
+
 static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p, uint32_t len) {
   td_rd_t rd;
   td_rd_init(&rd, p, len);
@@ -2614,6 +2739,8 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
     case TD_M_REPLY:
       if (wk->kind != WK_NODE && wk->kind != WK_HEAD) return TD_EPROTO;
       return td__on_link_reply(n, wk, &rd);
+    case TD_M_PKG_GET: return td__on_pkg_get(n, wk, &rd);
+    case TD_M_PKG: return td__on_pkg(n, wk, &rd);
     case TD_M_BEAT:
       if (wk->kind == WK_CLIENT) {
         /* A node of an earlier head: tell it to join again. */
@@ -3292,6 +3419,12 @@ void td_node_destroy(td_node_t **np) {
   while (td_map_next(&n->fwd, &it, NULL, &v)) { free(((td_fwd_t *)v)->rets); free(v); }
   td_map_free(&n->fwd);
   td_map_free(&n->pulls);
+  while (n->parked) {
+    td_parked_t *q = n->parked;
+    n->parked = q->next;
+    free(q->msg);
+    free(q);
+  }
   it = 0;
   while (td_map_next(&n->relays, &it, NULL, &v)) free(v);
   td_map_free(&n->relays);

@@ -1,6 +1,7 @@
 /* Tide Lua bindings (see core.h). */
 #include "core.h"
 #include "persist.h"
+#include "pkg.h"
 #include "bridge.h"
 
 #include <lauxlib.h>
@@ -782,6 +783,31 @@ static int c_persisted(lua_State *L) {
   return 1;
 }
 
+/* core.pkg_hash(blob) -> the 16-hex-digit name of a package (pkg.h). */
+static int c_pkg_hash(lua_State *L) {
+  size_t n;
+  const char *b = luaL_checklstring(L, 1, &n);
+  char h[17];
+  td_pkg_hash(b, n, h);
+  lua_pushstring(L, h);
+  return 1;
+}
+
+/* core.pkg_install(hash[, blob]) -> dir: installs a shipped working
+ * directory in this machine's cache (or finds it there). */
+static int c_pkg_install(lua_State *L) {
+  const char *hash = luaL_checkstring(L, 1);
+  size_t n = 0;
+  const char *blob = luaL_optlstring(L, 2, NULL, &n);
+  char err[400] = "", dir[4096];
+  if (blob && n > TD_PKG_MAX) return luaL_error(L, "package %s is larger than %d MiB", hash, (int)(TD_PKG_MAX >> 20));
+  if (blob ? td_pkg_install(hash, blob, n, err, sizeof(err)) != 0 : !td_pkg_have(hash))
+    return luaL_error(L, "%s", err[0] ? err : "no such package here");
+  td_pkg_dir(hash, dir, sizeof(dir));
+  lua_pushstring(L, dir);
+  return 1;
+}
+
 /* core.register_blob(id, blob): a worker's registration, through RPC. */
 static int c_register_blob(lua_State *L) {
   size_t n;
@@ -1215,7 +1241,7 @@ int luaopen_tide_core(lua_State *L) {
   lua_pop(L, 1);
   static const luaL_Reg common[] = {
     {"submit", c_submit}, {"actor_new", c_actor_new}, {"actor_call", c_actor_call},
-    {"register", c_register}, {"context", c_context},
+    {"register", c_register}, {"context", c_context}, {"pkg_hash", c_pkg_hash},
     {"encode", c_encode}, {"decode", c_decode}, {NULL, NULL}};
   static const luaL_Reg driver[] = {
     {"get1", d_get1}, {"getn", d_getn}, {"wait", d_wait}, {"stream_next", d_stream_next},
@@ -1223,7 +1249,7 @@ int luaopen_tide_core(lua_State *L) {
     {"get_actor", c_get_actor}, {"actor_state", c_actor_state}, {"pg_create", c_pg_create},
     {"pg_remove", c_pg_remove}, {"pg_lookup", c_pg_lookup}, {"resources", c_resources},
     {"stats", c_stats}, {"nodes", c_nodes}, {"register_blob", c_register_blob},
-    {"persist", c_persist}, {"persisted", c_persisted}, {NULL, NULL}};
+    {"persist", c_persist}, {"persisted", c_persisted}, {"pkg_install", c_pkg_install}, {NULL, NULL}};
   static const luaL_Reg worker[] = {
     {"get1", w_get1}, {"getn", w_getn}, {"wait", w_wait}, {"stream_next", w_stream_next},
     {"put", w_put}, {"sleep", w_sleep}, {"yield_item", w_yield_item}, {"print", w_print},

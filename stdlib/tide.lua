@@ -161,6 +161,12 @@ local function normalize(o, is_actor)
     end
   end
   local re = o.runtime_env
+  local pkg = os.getenv("TIDE_PKG")  -- a job's shipped working directory
+  if pkg and not (re and re.working_dir) then
+    local ev = {TIDE_PKG = pkg}
+    for k, v in pairs(re and re.env_vars or {}) do ev[k] = v end
+    re = {env_vars = ev}
+  end
   if re and (re.env_vars or re.working_dir) then
     n.env = {}
     for k, v in pairs(re.env_vars or {}) do n.env[k] = tostring(v) end

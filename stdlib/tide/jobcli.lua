@@ -16,6 +16,36 @@ local function abspath(p)
   return cwd .. "/" .. p
 end
 
+-- A working directory as one package ("TDPKG1", engine/pkg.h): every
+-- regular file under dir (but .git), named by its path relative to dir.
+local function le(v, bytes)
+  local t = {}
+  for b = 1, bytes do
+    t[b] = string.char(v % 256)
+    v = math.floor(v / 256)
+  end
+  return table.concat(t)
+end
+local function pack(dir)
+  local q = "'" .. dir:gsub("'", "'\\''") .. "'"
+  local p = io.popen("cd " .. q .. " && find . -type f -not -path './.git/*' | LC_ALL=C sort")
+  local parts, n, total = {}, 0, 0
+  for path in p:lines() do
+    path = path:gsub("^%./", "")
+    local f = io.open(dir .. "/" .. path, "rb")
+    if f then
+      local data = f:read("*a")
+      f:close()
+      total = total + #data
+      if total > 512 * 1024 * 1024 then die("submit: the working directory is over 512 MiB", 1) end
+      parts[#parts + 1] = le(#path, 4) .. path .. le(#data, 8) .. data
+      n = n + 1
+    end
+  end
+  p:close()
+  return "TDPKG1" .. le(n, 4) .. table.concat(parts)
+end
+
 local function show(j)
   print(string.format("%-22s %-10s pid %-7s exit %-4s %s", j.id, j.status, tostring(j.pid),
     j.exit_code and tostring(j.exit_code) or "-", j.script))
@@ -24,7 +54,7 @@ end
 local args = {}
 local i = 1
 while i <= #arg do
-  if arg[i] == "--address" then i = i + 2 else args[#args + 1] = arg[i]; i = i + 1 end
+  if arg[i] == "--address" or arg[i] == "--key" then i = i + 2 else args[#args + 1] = arg[i]; i = i + 1 end
 end
 
 local cmd = args[1]
@@ -41,8 +71,20 @@ if cmd == "submit" then
   f:close()
   local rest = {}
   for n = k + 1, #args do rest[#rest + 1] = args[n] end
-  local j = core.call_node("job_submit", abspath(script), rest, wd or abspath("."),
-    os.getenv("TIDE_EXE"), os.getenv("TIDE_NODE_SOCKET"))
+  local j
+  if wd then
+    -- Shipped: the node keeps it by content hash, and every node that runs
+    -- the job's work fetches it once. The script is named inside it.
+    local blob = pack(wd)
+    local hash = core.pkg_hash(blob)
+    core.call_node("pkg_put", hash, blob)
+    local s = abspath(script)
+    if s:sub(1, #wd + 1) == wd .. "/" then s = s:sub(#wd + 2) end
+    j = core.call_node("job_submit", s, rest, false, os.getenv("TIDE_EXE") or false, false, hash)
+  else
+    j = core.call_node("job_submit", abspath(script), rest, abspath("."),
+      os.getenv("TIDE_EXE"), os.getenv("TIDE_NODE_SOCKET"))
+  end
   print("submitted " .. j.id)
   print("  tide job status " .. j.id .. "\n  tide job logs " .. j.id .. " --follow")
 elseif cmd == "job" then
@@ -54,23 +96,15 @@ elseif cmd == "job" then
   elseif sub == "stop" and id then
     show(core.call_node("job_stop", id))
   elseif sub == "logs" and id then
+    -- Through the node, so it works from any machine.
     local follow = args[4] == "--follow"
-    local j = core.call_node("job_status", id)
-    local f = io.open(j.log, "r")
-    if not f then die("no log for " .. id, 1) end
+    local off = 0
     while true do
-      local chunk = f:read("*a")
-      if chunk and #chunk > 0 then io.write(chunk); io.flush() end
-      if not follow then break end
-      j = core.call_node("job_status", id)
-      if j.status ~= "RUNNING" then
-        local rest = f:read("*a")
-        if rest then io.write(rest) end
-        break
-      end
-      require("tide").sleep(0.2)
+      local chunk, status = core.call_node("job_log", id, off)
+      if #chunk > 0 then io.write(chunk); io.flush(); off = off + #chunk end
+      if #chunk == 0 and (not follow or status ~= "RUNNING") then break end
+      if #chunk == 0 then require("tide").sleep(0.2) end
     end
-    f:close()
   else
     die("usage: tide job list | status ID | logs ID [--follow] | stop ID")
   end

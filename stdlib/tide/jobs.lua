@@ -74,26 +74,60 @@ local function view(j)
 end
 
 -- job_submit(script, args, working_dir, exe, socket) -> job view
-function M.job_submit(script, args, wd, exe, sock)
+-- pkg_put(hash, blob) -> dir: a working directory shipped by `tide submit`,
+-- unpacked into this machine's package cache (nodes fetch it from here).
+function M.pkg_put(hash, blob)
+  return core.pkg_install(hash, blob)
+end
+
+-- job_submit(script, args, working_dir, exe, socket[, pkg]) -> job view.
+-- With pkg, working_dir is ignored: the job runs in the package's
+-- directory, and so do its tasks and actors on every node.
+function M.job_submit(script, args, wd, exe, sock, pkg)
   if type(script) ~= "string" or script == "" then error("job_submit: script must be a path", 0) end
+  local env = ""
+  if wd == false then wd = nil end
+  if pkg then
+    wd = core.pkg_install(pkg)  -- already here: just its directory
+    env = "TIDE_PKG=" .. sh_quote(pkg) .. " "
+  end
+  -- The driver attaches to this node with this node's own binary (the
+  -- submitter may be another machine).
+  local own = (os.getenv("TIDE_HOME") or "") .. "/bin/tide"
+  if io.open(own, "r") then exe = own end
+  sock = session() .. "/node.sock"
   local dir = session() .. "/jobs"
   os.execute("mkdir -p " .. sh_quote(dir))
   local id = format("job-%d-%04d", os.time(), #order + 1)
   local log = dir .. "/" .. id .. ".log"
   local argv = {}
   for i, a in ipairs(args or {}) do argv[i] = sh_quote(a) end
-  local cmd = format("cd %s && (%s run --address %s %s %s; echo $? > %s) > %s 2>&1 < /dev/null & echo $!",
-    sh_quote(wd or "."), sh_quote(exe), sh_quote(sock), sh_quote(script), table.concat(argv, " "),
+  local cmd = format("cd %s && (%s%s run --address %s %s %s; echo $? > %s) > %s 2>&1 < /dev/null & echo $!",
+    sh_quote(wd or "."), env, sh_quote(exe), sh_quote(sock), sh_quote(script), table.concat(argv, " "),
     sh_quote(dir .. "/" .. id .. ".exit"), sh_quote(log))
   local p = io.popen(cmd)
   local pid = tonumber(p:read("*l") or "")
   p:close()
   local j = {id = id, status = pid and "RUNNING" or "FAILED", script = script, args = args or {},
-    wd = wd, pid = pid, started = os.time(), log = log, dir = dir}
+    wd = wd, pid = pid, started = os.time(), log = log, dir = dir, pkg = pkg}
   jobs[id] = j
   order[#order + 1] = id
   keep(j)
   return view(j)
+end
+
+-- job_log(id, offset) -> bytes of the job's output from offset (0-based),
+-- status: for `tide job logs` from any machine.
+function M.job_log(id, offset)
+  local j = jobs[id]
+  if not j then error("no job " .. tostring(id), 0) end
+  refresh(j)
+  local f = io.open(j.log, "rb")
+  if not f then return "", j.status end
+  f:seek("set", tonumber(offset) or 0)
+  local chunk = f:read(1048576) or ""
+  f:close()
+  return chunk, j.status
 end
 
 function M.job_list()

@@ -14,8 +14,9 @@ stop_all() { for s in head n1 n2 n3 bad; do TIDE_SESSION_DIR=$D/$s $T stop >/dev
 trap 'stop_all; rm -rf "$D"' EXIT
 PORT=$((18000 + $$ % 1000))
 KEY=$D/head/cluster.key
-start_head() { TIDE_SESSION_DIR=$D/head $T start --head --port $PORT --num-cpus 0 --node-timeout 2 "$@"; }
-node() { s=$1; shift; TIDE_SESSION_DIR=$D/$s $T start --address 127.0.0.1:$PORT --key $KEY --node-timeout 2 "$@"; }
+# Each daemon has its own package cache, as on separate machines.
+start_head() { TIDE_PKG_CACHE=$D/pkgs-head TIDE_SESSION_DIR=$D/head $T start --head --port $PORT --num-cpus 0 --node-timeout 2 "$@"; }
+node() { s=$1; shift; TIDE_PKG_CACHE=$D/pkgs-$s TIDE_SESSION_DIR=$D/$s $T start --address 127.0.0.1:$PORT --key $KEY --node-timeout 2 "$@"; }
 nodes_up() {  # nodes_up N SECONDS: wait until the head lists N nodes
   i=0
   while [ $i -lt $(($2 * 10)) ]; do
@@ -53,6 +54,34 @@ for s in tasks actors objects failures; do
   TIDE_SESSION_DIR=$D/head TIDE_TEST_CLUSTER=1 timeout 300 $T run --address local tests/lua/${s}_test.lua 2>&1 |
     sed "s/^\(not ok\|ok\) \([0-9]*\) - /\1 \2 - cluster $s: /"
 done
+
+echo "# a job submitted over TCP with its working directory"
+mkdir -p $D/proj/lib
+cat > $D/proj/lib/greet.lua <<'LUA'
+return function(who) return "hello " .. who .. " from " .. require("tide").get_runtime_context().node_id end
+LUA
+cat > $D/proj/main.lua <<'LUA'
+package.path = "./lib/?.lua;" .. package.path
+local tide = require("tide")
+print("DRIVER", require("greet")("driver"))
+local f = tide.remote(function(i)
+  package.path = "./lib/?.lua;" .. package.path
+  return require("greet")("task")
+end)
+local refs = {}
+for i = 1, 8 do refs[i] = f:options({scheduling_strategy = "SPREAD"}):remote(i) end
+for _, v in ipairs(tide.get(refs)) do print("TASK", v) end
+LUA
+out=$(cd / && $T submit --address 127.0.0.1:$PORT --key $KEY --working-dir $D/proj $D/proj/main.lua 2>&1)
+id=$(echo "$out" | sed -n 's/^submitted //p')
+i=0
+while [ $i -lt 100 ] && ! TIDE_SESSION_DIR=$D/head $T job status "$id" 2>/dev/null | grep -q SUCCEEDED; do sleep 0.2; i=$((i + 1)); done
+logs=$(cd / && $T job logs "$id" --address 127.0.0.1:$PORT --key $KEY 2>&1)
+check "a job's shipped working directory is importable by its driver" \
+  'echo "$logs" | grep -q "DRIVER	hello driver from node-0"' "$out $logs"
+check "... and by its tasks on every node (each node fetched the package once)" \
+  'echo "$logs" | grep -q "TASK	hello task from node-1" && echo "$logs" | grep -q "TASK	hello task from node-2" &&
+   ls $D/pkgs-n1/*.pkg >/dev/null && ls $D/pkgs-n2/*.pkg >/dev/null' "$logs $(ls -R $D/pkgs-n1 $D/pkgs-n2 2>&1)"
 
 echo "# node death"
 t0=$(now)
