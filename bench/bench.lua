@@ -20,25 +20,8 @@ local function wanted(name)
   return false
 end
 
-local function emit(rec)
-  if rec.limit then rec.fraction_of_limit = rec.value / rec.limit end
-  io.write(cjson.encode(rec), "\n")
-  io.flush()
-end
-
--- Runs fn repeatedly for about `secs`, returns the median rate of 3 runs
--- (units of `per` work items per call).
-local function rate(fn, per, secs)
-  secs = (secs or 1) * SCALE
-  local rates = {}
-  for r = 1, 3 do
-    local n, t0 = 0, raw.now()
-    repeat fn(); n = n + 1 until raw.now() - t0 >= secs / 3
-    rates[r] = n * per / (raw.now() - t0)
-  end
-  table.sort(rates)
-  return rates[2]
-end
+local C = dofile(os.getenv("TIDE_HOME") .. "/bench/common.lua")
+local emit, rate = C.emit, C.rate
 
 -- -- Machine limits ------------------------------------------------------
 local limits = {}
@@ -59,12 +42,7 @@ emit({metric = "limit_shm_futex_pingpong", value = limits.futex, unit = "round t
 
 local nop = tide.remote(function() return 0 end)
 
--- Makes n refs with make(i) and gets them all (one pipelined batch).
-local function batch(n, make)
-  local refs = {}
-  for i = 1, n do refs[i] = make(i) end
-  return tide.get(refs)
-end
+local batch = C.batch
 local function m(name, value, unit, limit, extra)
   local r = {metric = name, value = value, unit = unit, limit = limit}
   for k, v in pairs(extra or {}) do r[k] = v end

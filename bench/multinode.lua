@@ -4,33 +4,12 @@
 -- Prints JSON lines; the limits come from bench.lua (same run).
 local tide = require("tide")
 local raw = require("tide.rawbench")
-local cjson = require("cjson")
-local SCALE = tonumber(os.getenv("TIDE_BENCH_SCALE") or "1")
 local pipe_pingpong = tonumber(os.getenv("TD_LIMIT_PINGPONG"))
 local pipe_stream = tonumber(os.getenv("TD_LIMIT_STREAM"))
 local tcp = tonumber(os.getenv("TD_LIMIT_TCP"))
 
-local function emit(rec)
-  if rec.limit then rec.fraction_of_limit = rec.value / rec.limit end
-  io.write(cjson.encode(rec), "\n")
-  io.flush()
-end
-local function rate(fn, per, secs)
-  secs = (secs or 1) * SCALE
-  local rates = {}
-  for r = 1, 3 do
-    local n, t0 = 0, raw.now()
-    repeat fn(); n = n + 1 until raw.now() - t0 >= secs / 3
-    rates[r] = n * per / (raw.now() - t0)
-  end
-  table.sort(rates)
-  return rates[2]
-end
-local function batch(n, make)
-  local refs = {}
-  for i = 1, n do refs[i] = make(i) end
-  return tide.get(refs)
-end
+local C = dofile(os.getenv("TIDE_HOME") .. "/bench/common.lua")
+local emit, rate, batch = C.emit, C.rate, C.batch
 
 local nop = tide.remote(function() return 0 end)
 for _ = 1, 3 do batch(100, function() return nop:remote() end) end

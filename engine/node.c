@@ -1115,7 +1115,6 @@ static int td__place(td_node_t *n, td_task_t *t, int bundle, int local_fits, td_
     *hold = 2;
     return 1;
   }
-  snprintf(why, whylen, "no alive node node-%u for a hard node affinity", t->spec.node);
   td_wk_t *w = NULL;
   if (st == TD_ST_NODE || st == TD_ST_NODE_SOFT) {
     if (t->spec.node == n->index) {
@@ -1123,6 +1122,7 @@ static int td__place(td_node_t *n, td_task_t *t, int bundle, int local_fits, td_
     } else if ((w = td__link(n, t->spec.node)) != NULL) {
       if (!td__fits(w->ntotal, t) && st == TD_ST_NODE_SOFT) w = NULL;  /* never fits there */
     } else if (st == TD_ST_NODE) {
+      snprintf(why, whylen, "no alive node node-%u for a hard node affinity", t->spec.node);
       return 3;
     }
   } else if (st == TD_ST_SPREAD && n->nlinks) {
@@ -1303,6 +1303,20 @@ decided:
   return ok;
 }
 
+/* Sends an actor's creation to its host (a process here, or a node link)
+ * and then the calls waiting for it. */
+static void td__actor_start(td_node_t *n, td_actor_t *a, td_wk_t *host) {
+  td_task_t *t = a->create;
+  a->host = host;
+  host->nactors++;
+  a->state = A_ALIVE;
+  td__send_task(n, host, t);
+  /* The creation is not in flight as a call: it stays with the actor. */
+  td__inflight_del(n, host, t);
+  t->state = T_SENT;
+  td__actor_pump(n, a);
+}
+
 static void td__sched(td_node_t *n) {
   for (td_pg_t *pg = n->pgs; pg; pg = pg->next) td__try_pg(n, pg);
   int misses = 0;
@@ -1332,13 +1346,7 @@ static void td__sched(td_node_t *n) {
         if (hold) td__take(hold == 2 ? pool : to->navail, t, 1);
         a->res_node = hold == 1 ? to : NULL;
         a->res_held = hold == 1;
-        a->host = to;
-        to->nactors++;
-        a->state = A_ALIVE;
-        td__send_task(n, to, t);
-        td__inflight_del(n, to, t);
-        t->state = T_SENT;
-        td__actor_pump(n, a);
+        td__actor_start(n, a, to);
       }
       misses = 0;
       t = next;
@@ -1366,14 +1374,7 @@ static void td__sched(td_node_t *n) {
           continue;
         }
         tq_del(&n->queue, t);
-        a->host = host;
-        host->nactors++;
-        a->state = A_ALIVE;
-        td__send_task(n, host, t);
-        /* The creation is not in flight as a call: it stays with the actor. */
-        td__inflight_del(n, host, t);
-        t->state = T_SENT;
-        td__actor_pump(n, a);
+        td__actor_start(n, a, host);
       } else {
         misses++;
       }
@@ -2320,13 +2321,7 @@ static int td__forward(td_node_t *n, const td_spec_t *s) {
 static td_obj_t *td__obj_from_bytes(td_node_t *n, uint64_t id, int state, const uint8_t *p, size_t len) {
   td_obj_t *o = td__obj_new(n, id);
   o->refs++;
-  size_t off;
-  if (state == OBJ_READY && len > n->inline_max && td__alloc(n, len, &off, NULL) == 0) {
-    memcpy(td_store_base(n->store) + off, p, len);
-    td__obj_set(n, o, OBJ_READY, 1, NULL, len, off, NULL, 0);
-  } else {
-    td__obj_set(n, o, state, 0, p, len, 0, NULL, 0);
-  }
+  td__obj_fill(n, o, state, p, len);
   return o;
 }
 
