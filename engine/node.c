@@ -21,6 +21,8 @@
 #include "ser.h"
 
 #define TD_PIPELINE 32          /* tasks queued at one leased worker */
+#define TD_CHUNK (8u << 20)     /* values above this cross nodes in chunks */
+#define TD_CHUNKS_OUT 4         /* chunks asked for at once, per object */
 #define TD_ACTORS_PER_HOST 4096 /* lightweight actors per shared process */
 
 /* -- Records --------------------------------------------------------------- */
@@ -82,6 +84,9 @@ typedef struct td_obj {
   td_fwd_t *fwd;         /* a return of work the head sent this node */
   uint8_t foreign;       /* a record of another node's object: holds one ref there */
   uint8_t pulling;       /* its value was asked for */
+  uint8_t chunked;       /* being fetched in chunks into its extent (off, len) */
+  uint32_t up;           /* node index + 1 to fetch it from (0: by its id) */
+  uint64_t asked, got;   /* chunks: bytes asked for and received */
 } td_obj_t;
 
 struct td_task {
@@ -739,6 +744,10 @@ static void td__put_value(td_node_t *n, td_buf_t *b, uint64_t id, int pin, int r
   if (o->state == OBJ_ERROR) {
     td_buf_u8(b, TD_V_ERROR);
     td_buf_str(b, o->data, o->len);
+  } else if (remote == 2 && o->len > TD_CHUNK) {
+    /* To another node: it fetches the bytes in chunks. */
+    td_buf_u8(b, TD_V_PULL);
+    td_buf_u64(b, o->len);
   } else if (o->loc == LOC_SHM && remote) {
     /* A remote client cannot map the store: the bytes travel inline. */
     td_buf_u8(b, TD_V_INLINE);
@@ -1882,7 +1891,8 @@ static int td__req_try(td_node_t *n, td_req_t *r, int expired) {
     }
     td_buf_u8(b, (uint8_t)timed_out);
     if (!timed_out)
-      for (uint32_t i = 0; i < r->n; i++) td__put_value(n, b, r->ids[i], !r->wk->remote, r->wk->remote);
+      for (uint32_t i = 0; i < r->n; i++)
+        td__put_value(n, b, r->ids[i], !r->wk->remote, r->wk->kind >= WK_NODE ? 2 : r->wk->remote);
     td_chan_end(&r->wk->ch);
     return 1;
   }
@@ -2022,6 +2032,41 @@ static int td__link_pushed(td_node_t *n, td_rd_t *rd, uint64_t **made, uint32_t 
   return 0;
 }
 
+static void td__chunk_begin(td_node_t *n, td_obj_t *o, uint64_t total, td_wk_t *up);
+static void td__send_refs1(td_wk_t *up, uint64_t id, int32_t delta);
+
+/* Head: a large return a node keeps for us until we have fetched it in
+ * chunks (TD_V_PULL, u64 size, then refs and pushed objects as usual). */
+static int td__on_done_chunked(td_node_t *n, td_wk_t *wk, td_rd_t *rd, td_obj_t *o) {
+  td_rd_u8(rd);
+  uint64_t total = td_rd_u64(rd), id = td_rd_u64(rd);
+  uint32_t nrefs = td_rd_u32(rd);
+  const uint8_t *rp = td_rd_bytes(rd, (size_t)nrefs * 8);
+  if (rd->bad) return TD_EPROTO;
+  uint64_t *refs = td_xmalloc((size_t)nrefs * 8 + 8), *made = NULL;
+  uint32_t nmade = 0;
+  if (nrefs) memcpy(refs, rp, (size_t)nrefs * 8);
+  if (td__link_pushed(n, rd, &made, &nmade)) { free(refs); free(made); return TD_EPROTO; }
+  td__import(n, wk, refs, nrefs);
+  if (o && o->id == id && o->state == OBJ_PENDING && !o->chunked) {
+    o->foreign = 1;  /* holds the node's ref until fetched (or freed) */
+    o->up = wk->node_index + 1;
+    if (nrefs) {
+      o->contained = td_xmalloc((size_t)nrefs * 8);
+      memcpy(o->contained, refs, (size_t)nrefs * 8);
+      o->ncontained = nrefs;
+      for (uint32_t i = 0; i < nrefs; i++) td_node_incref(n, refs[i]);
+    }
+    td__chunk_begin(n, o, total, wk);
+  } else {
+    td__send_refs1(wk, id, -1);  /* not wanted (any more): let it go */
+  }
+  for (uint32_t k = 0; k < nmade; k++) td_node_decref(n, made[k]);
+  free(made);
+  free(refs);
+  return 0;
+}
+
 static int td__on_done(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   uint64_t tid = td_rd_u64(rd);
   uint8_t ok = td_rd_u8(rd);
@@ -2034,6 +2079,10 @@ static int td__on_done(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
       int shm;
       const uint8_t *p = NULL;
       size_t len, off = 0;
+      if (wk->kind == WK_NODE && rd->p < rd->end && *rd->p == TD_V_PULL) {
+        if (td__on_done_chunked(n, wk, rd, t ? td__obj(n, t->spec.rets[i]) : NULL)) return TD_EPROTO;
+        continue;
+      }
       if (td__read_value(rd, &shm, &p, &len, &off)) return TD_EPROTO;
       if (shm && !td__take_extent(wk, off, len)) return TD_EPROTO;
       uint32_t nrefs = td_rd_u32(rd);
@@ -2166,6 +2215,7 @@ static td_obj_t *td__foreign(td_node_t *n, uint64_t id, int held) {
 /* foreign == 2: a return of work forwarded to the head, kept there. */
 static td_wk_t *td__upstream_of(td_node_t *n, td_obj_t *o) {
   if (o->foreign == 2) return n->head && !n->head->dead ? n->head : NULL;
+  if (o->up) return n->head ? (n->head->dead ? NULL : n->head) : td__link(n, o->up - 1);
   return td__upstream(n, o->id);
 }
 
@@ -2215,6 +2265,100 @@ int td_node_relay(td_node_t *n, td_wk_t *wk, uint32_t req, const char *op, const
   return 0;
 }
 
+/* -- Chunks: values over TD_CHUNK cross nodes as TD_CHUNK_GET / TD_CHUNK
+ * pairs, several in flight, written straight into the store extent the
+ * value will live in; the sender reads them from where the value lies. */
+
+static void td__chunk_more(td_node_t *n, td_obj_t *o, td_wk_t *up) {
+  (void)n;
+  while (o->asked < o->len && o->asked - o->got < (uint64_t)TD_CHUNKS_OUT * TD_CHUNK) {
+    uint32_t l = o->len - o->asked < TD_CHUNK ? (uint32_t)(o->len - o->asked) : TD_CHUNK;
+    td_chan_begin(&up->ch, TD_M_CHUNK_GET);
+    td_buf_u64(&up->ch.out, o->id);
+    td_buf_u64(&up->ch.out, o->asked);
+    td_buf_u32(&up->ch.out, l);
+    td_chan_end(&up->ch);
+    o->asked += l;
+  }
+}
+
+static void td__chunk_fail(td_node_t *n, td_obj_t *o, const char *kind, const char *why) {
+  if (o->chunked) td_store_free(n->store, o->off, o->len);
+  o->chunked = 0;
+  o->pulling = 0;
+  o->len = 0;
+  td__errblob(&n->tmp, kind, why);
+  td__obj_set(n, o, OBJ_ERROR, 0, n->tmp.p, n->tmp.len, 0, NULL, 0);
+}
+
+/* Starts fetching a value of `total` bytes from `up` into a new extent. */
+static void td__chunk_begin(td_node_t *n, td_obj_t *o, uint64_t total, td_wk_t *up) {
+  size_t off;
+  if (total == 0 || td__alloc(n, total, &off, o) != 0) {
+    char why[160];
+    snprintf(why, sizeof(why), "no room in this node's object store for a value of %llu bytes",
+             (unsigned long long)total);
+    td__chunk_fail(n, o, "ObjectStoreFullError", why);
+    return;
+  }
+  o->chunked = 1;
+  o->pulling = 1;
+  o->off = off;
+  o->len = total;
+  o->asked = o->got = 0;
+  td__chunk_more(n, o, up);
+}
+
+/* Sender: the bytes asked for, or none when the object is gone. */
+static int td__on_chunk_get(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  uint64_t id = td_rd_u64(rd), off = td_rd_u64(rd);
+  uint32_t len = td_rd_u32(rd);
+  if (rd->bad || wk->kind < WK_NODE) return TD_EPROTO;
+  td_obj_t *o = td__obj(n, id);
+  const uint8_t *src = NULL;
+  if (o && o->state == OBJ_READY && td__obj_resident(n, o) == 0 && off < o->len && len <= o->len - off &&
+      len <= TD_CHUNK)
+    src = (o->loc == LOC_SHM ? td_store_base(n->store) + o->off : o->data) + off;
+  td_chan_begin(&wk->ch, TD_M_CHUNK);
+  td_buf_u64(&wk->ch.out, id);
+  td_buf_u64(&wk->ch.out, off);
+  td_buf_str(&wk->ch.out, src ? src : (const uint8_t *)"", src ? len : 0);
+  td_chan_end(&wk->ch);
+  if (wk->ch.out.len > (32u << 20)) td_chan_flush(&wk->ch);
+  return 0;
+}
+
+/* Receiver: one chunk into place; the value is set when all have come. */
+static int td__on_chunk(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  uint64_t id = td_rd_u64(rd), off = td_rd_u64(rd);
+  uint32_t l;
+  const uint8_t *p = td_rd_str(rd, &l);
+  if (rd->bad || wk->kind < WK_NODE) return TD_EPROTO;
+  td_obj_t *o = td__obj(n, id);
+  if (!o || !o->chunked || o->state != OBJ_PENDING) return 0;  /* late */
+  if (l == 0 || off >= o->len || l > o->len - off) {
+    td__chunk_fail(n, o, "ObjectLostError", "the object was freed on the node that held it");
+    return 0;
+  }
+  memcpy(td_store_base(n->store) + o->off + off, p, l);
+  o->got += l;
+  if (o->got < o->len) {
+    td__chunk_more(n, o, wk);
+    return 0;
+  }
+  o->chunked = 0;
+  o->pulling = 0;
+  if (o->up) {  /* a result its node kept for us: it can go now */
+    td__send_refs1(wk, o->id, -1);
+    o->up = 0;
+    o->foreign = 0;
+  }
+  size_t at = o->off, len = o->len;
+  o->len = 0;
+  td__obj_set(n, o, OBJ_READY, 1, NULL, len, at, NULL, 0);
+  return 0;
+}
+
 /* A link answers a pull (u32 req, u8 timed out, value) or a relayed
  * request (its reply goes back to the worker that asked). */
 static int td__on_link_reply(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
@@ -2235,10 +2379,14 @@ static int td__on_link_reply(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   td_obj_t *o = td__obj(n, (uint64_t)(uintptr_t)v);
   uint8_t kind = timed_out ? TD_V_LOST : td_rd_u8(rd);
   uint32_t vl = 0;
-  const uint8_t *vp = kind == TD_V_LOST ? NULL : td_rd_str(rd, &vl);
-  if (rd->bad || kind == TD_V_SHM || kind > TD_V_LOST) return TD_EPROTO;
-  (void)wk;
+  uint64_t total = kind == TD_V_PULL ? td_rd_u64(rd) : 0;
+  const uint8_t *vp = kind >= TD_V_LOST ? NULL : td_rd_str(rd, &vl);
+  if (rd->bad || kind == TD_V_SHM || kind > TD_V_PULL) return TD_EPROTO;
   if (!o || o->state != OBJ_PENDING) return 0;
+  if (kind == TD_V_PULL) {
+    td__chunk_begin(n, o, total, wk);
+    return 0;
+  }
   o->pulling = 0;
   if (kind == TD_V_LOST) {
     td__errblob(&n->tmp, "ObjectLostError", "the object was lost on the node that held it");
@@ -2488,7 +2636,11 @@ out:
 /* Node: one return value for the head, with the contained objects made
  * here (the head has no other way to reach them). */
 static void td__put_link_value(td_node_t *n, td_buf_t *b, td_obj_t *o) {
-  td__put_value(n, b, o->id, 0, 1);
+  td__put_value(n, b, o->id, 0, 2);
+  if (o->state == OBJ_READY && o->len > TD_CHUNK) {  /* kept until the head has fetched it */
+    td_buf_u64(b, o->id);
+    td_node_incref(n, o->id);
+  }
   td_buf_u32(b, o->ncontained);
   td_buf_put(b, o->contained, (size_t)o->ncontained * 8);
   uint32_t at = (uint32_t)b->len, cnt = 0;
@@ -2735,6 +2887,8 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
       if (wk->kind != WK_NODE && wk->kind != WK_HEAD) return TD_EPROTO;
       return td__on_link_reply(n, wk, &rd);
     case TD_M_PKG_GET: return td__on_pkg_get(n, wk, &rd);
+    case TD_M_CHUNK_GET: return td__on_chunk_get(n, wk, &rd);
+    case TD_M_CHUNK: return td__on_chunk(n, wk, &rd);
     case TD_M_PKG: return td__on_pkg(n, wk, &rd);
     case TD_M_BEAT:
       if (wk->kind == WK_CLIENT) {
@@ -2965,7 +3119,9 @@ static void td__link_lost_objects(td_node_t *n, td_wk_t *wk) {
   uint64_t *ids = td_xmalloc((size_t)n->objs.len * 8 + 8);
   while (td_map_next(&n->objs, &it, NULL, (void **)&o)) {
     if (!o->foreign || o->state != OBJ_PENDING) continue;
-    int from = wk->kind == WK_HEAD ? 1 : o->foreign == 1 && td_id_node(o->id) == wk->node_index;
+    int from = wk->kind == WK_HEAD ? 1
+                                   : (o->foreign == 1 && td_id_node(o->id) == wk->node_index) ||
+                                         o->up == wk->node_index + 1;
     if (from) ids[cnt++] = o->id;
   }
   char msg[200];
@@ -2975,9 +3131,9 @@ static void td__link_lost_objects(td_node_t *n, td_wk_t *wk) {
   for (size_t i = 0; i < cnt; i++) {
     o = td__obj(n, ids[i]);
     if (!o || o->state != OBJ_PENDING) continue;
-    o->pulling = 0;
     o->foreign = 0;  /* nothing is held there any more */
-    td__obj_set(n, o, OBJ_ERROR, 0, n->tmp.p, n->tmp.len, 0, NULL, 0);
+    o->up = 0;
+    td__chunk_fail(n, o, "ObjectLostError", msg);
   }
   free(ids);
   /* Pulls and relays that link would have answered. */

@@ -46,6 +46,8 @@ enum {
   TD_M_FN,             /* either way: u64 id, str definition (before work that needs it) */
   TD_M_PKG_GET,        /* node -> head: str hash of a working-directory package */
   TD_M_PKG,            /* head -> node: str hash, u8 ok, str package (or why not) */
+  TD_M_CHUNK_GET,      /* between nodes: u64 object id, u64 offset, u32 length */
+  TD_M_CHUNK,          /* the answer: u64 id, u64 offset, str bytes (empty: it is gone) */
 };
 
 /* Object, worker and node ids carry the index of the node that made them
@@ -57,7 +59,8 @@ static inline uint32_t td_id_node(uint64_t id) { return (uint32_t)(id >> TD_NODE
 
 /* How a value travels: inline bytes, a shared-memory extent, or an error. */
 enum { TD_V_INLINE, TD_V_SHM, TD_V_ERROR, TD_V_LOST,
-       TD_V_PULL /* between nodes: large, ask the sender for it (once per node) */ };
+       TD_V_PULL /* between nodes: large, ask the sender for it (once per node); in a reply,
+                    followed by u64 size: fetch it in chunks (TD_M_CHUNK_GET) */ };
 
 /* -- Task spec ------------------------------------------------------------ */
 

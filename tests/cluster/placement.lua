@@ -68,7 +68,7 @@ t.test("an actor on another node keeps its state; a task there finds it by name"
 end)
 
 t.test("large values cross nodes both ways, and refs inside values follow", function()
-  local big = string.rep("x", 8 * 1024 * 1024)
+  local big = string.rep("x", 20 * 1024 * 1024)  -- over TD_CHUNK: chunked both ways
   local f = tide.remote(function(s) return #s, string.rep("y", #s) end)
   local a, b = f:options({num_returns = 2, resources = {A = 1}}):remote(big)
   t.eq(tide.get(a), #big)
