@@ -23,6 +23,7 @@
 #define TD_PIPELINE 32          /* tasks queued at one leased worker */
 #define TD_CHUNK (8u << 20)     /* values above this cross nodes in chunks */
 #define TD_CHUNKS_OUT 4         /* chunks asked for at once, per object */
+#define TD__NOWHERE UINT32_MAX  /* a placement group bundle whose node died */
 #define TD_ACTORS_PER_HOST 4096 /* lightweight actors per shared process */
 
 /* -- Records --------------------------------------------------------------- */
@@ -1113,6 +1114,7 @@ static int td__place(td_node_t *n, td_task_t *t, int bundle, int local_fits, td_
     /* Where its bundle is; local_fits says whether the bundle has room. */
     td_pg_t *pg = td__pg(n, t->spec.pg_id);
     if (!pg || !pg->where || bundle < 0 || bundle >= pg->nb || pg->where[bundle] == n->index) return 0;
+    if (pg->where[bundle] == TD__NOWHERE) return 2;  /* being placed again */
     td_wk_t *w = td__link(n, pg->where[bundle]);
     if (!w) {
       snprintf(why, whylen, "node-%u, which held bundle %d of its placement group, died", pg->where[bundle],
@@ -1263,7 +1265,32 @@ static int td__try_pg(td_node_t *n, td_pg_t *pg) {
   }
   int ok = 1;
   int strict_pack = pg->strategy == TD_PG_STRICT_PACK, pack = pg->strategy == TD_PG_PACK;
-  if (strict_pack || pack) {
+  /* After a node died, only its bundles are placed again, around the rest
+   * (where[b] == TD__NOWHERE marks them). */
+  int repair = pg->where != NULL, home = -1, left = 0;
+  for (int b = 0; repair && b < pg->nb; b++) left += pg->where[b] != TD__NOWHERE;
+  if (repair && !left) {  /* every bundle was lost: place it afresh */
+    free(pg->where);
+    pg->where = NULL;
+    repair = 0;
+  }
+  for (int b = 0; repair && b < pg->nb; b++) {
+    at[b] = -1;
+    if (pg->where[b] == TD__NOWHERE) continue;
+    for (c = 0; c < k && idx[c] != pg->where[b]; c++) {}
+    at[b] = c < k ? c : -1;
+    if (c < k) used[c] = 1, home = c;
+  }
+  if (repair && strict_pack && home >= 0) {
+    for (int b = 0; b < pg->nb && ok; b++) {
+      if (pg->where[b] != TD__NOWHERE) continue;
+      if (!td__bundle_fits(n, av[home], pg->total[b])) ok = 0;
+      for (int i = 0; ok && i < n->nres; i++) av[home][i] -= pg->total[b][i];
+      at[b] = home;
+    }
+    goto decided;
+  }
+  if ((strict_pack || pack) && !repair) {
     /* All on one node when some node has room for the sum. */
     double need[TD_NRES_MAX] = {0};
     for (int b = 0; b < pg->nb; b++)
@@ -1278,6 +1305,7 @@ static int td__try_pg(td_node_t *n, td_pg_t *pg) {
   }
   for (int b = 0; b < pg->nb && ok; b++) {
     int pick = -1;
+    if (repair && pg->where[b] != TD__NOWHERE) continue;
     /* SPREAD and STRICT_SPREAD: a node no other bundle has, first. */
     if (!pack)
       for (c = 0; c < k && pick < 0; c++)
@@ -1292,8 +1320,9 @@ static int td__try_pg(td_node_t *n, td_pg_t *pg) {
   }
 decided:
   if (ok) {
-    pg->where = td_xmalloc((size_t)pg->nb * sizeof(uint32_t));
+    if (!repair) pg->where = td_xmalloc((size_t)pg->nb * sizeof(uint32_t));
     for (int b = 0; b < pg->nb; b++) {
+      if (repair && pg->where[b] != TD__NOWHERE) continue;
       pg->where[b] = idx[at[b]];
       double *pool = td__node_pool(n, pg->where[b]);
       for (int i = 0; i < n->nres; i++) pool[i] -= pg->total[b][i];
@@ -3111,6 +3140,26 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
 
 /* -- Worker death ---------------------------------------------------------------------- */
 
+/* Placement groups with a bundle on a dead node are placed again, whole
+ * (as Ray reschedules them): the other bundles give their share back and
+ * the next pass reserves all of them anew. Work in them waits meanwhile. */
+static void td__pgs_node_lost(td_node_t *n, uint32_t index) {
+  for (td_pg_t *pg = n->pgs; pg; pg = pg->next) {
+    if (!pg->created || pg->removed || !pg->where) continue;
+    int lost = 0;
+    for (int b = 0; b < pg->nb; b++) {
+      if (pg->where[b] != index) continue;
+      pg->where[b] = TD__NOWHERE;
+      memcpy(pg->avail[b], pg->total[b], sizeof(pg->avail[b]));
+      lost++;
+    }
+    if (!lost) continue;
+    pg->created = 0;
+    fprintf(stderr, "tide: placement group %llx lost %d bundle(s) on node-%u; placing them again\n",
+            (unsigned long long)pg->id, lost, index);
+  }
+}
+
 /* Objects that only the lost link could give: ObjectLostError (they were
  * made there and never sent; nothing here can make them again). */
 static void td__link_lost_objects(td_node_t *n, td_wk_t *wk) {
@@ -3181,6 +3230,7 @@ static void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why) {
   if (wk->kind == WK_NODE || wk->kind == WK_HEAD) td__link_lost_objects(n, wk);
   if (wk->kind == WK_NODE) {
     if (wk->joined) n->nlinks--;
+    td__pgs_node_lost(n, wk->node_index);
     snprintf(reason, sizeof(reason), "node-%u (%s) died: it %s", wk->node_index, wk->name, why);
   } else if (wk->kind == WK_HEAD) {
     snprintf(reason, sizeof(reason), "lost the head: it %s", why);
