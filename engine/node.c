@@ -849,11 +849,7 @@ static void td__task_free(td_node_t *n, td_task_t *t) {
   td_map_del(&n->tasks, t->id);
   for (uint32_t i = 0; i < t->spec.ndeps; i++) td_node_decref(n, t->spec.deps[i]);
   for (uint32_t i = 0; i < t->spec.nrefs; i++) td_node_decref(n, t->spec.refs[i]);
-  free(t->spec.rets);
-  free(t->spec.deps);
-  free(t->spec.refs);
-  free((void *)t->spec.args);
-  free(t);
+  free(t);  /* with its arrays and arguments */
 }
 
 /* Gives a task's lease back when its worker has nothing left to run. */
@@ -1500,8 +1496,12 @@ static void td__env_pkg(td_spec_t *s) {
 }
 
 static td_task_t *td__task_new(td_node_t *n, const td_spec_t *s) {
-  /* The spec is large (names, env): only what a task needs is copied. */
-  td_task_t *t = td_xmalloc(sizeof(*t));
+  /* The spec is large (names, env): only what a task needs is copied.
+   * Its id arrays and arguments live in the same allocation, after it. */
+  uint32_t nr = s->nret < 0 ? 1 : (uint32_t)s->nret;
+  size_t ids = ((size_t)nr + s->ndeps + s->nrefs) * 8;
+  td_task_t *t = td_xmalloc(sizeof(*t) + ids + s->args_len + 1);
+  uint64_t *tail = (uint64_t *)(t + 1);
   size_t spec_at = offsetof(td_task_t, spec), spec_end = spec_at + sizeof(td_spec_t);
   memset(t, 0, spec_at);
   memset((char *)t + spec_end, 0, sizeof(*t) - spec_end);
@@ -1511,14 +1511,13 @@ static td_task_t *td__task_new(td_node_t *n, const td_spec_t *s) {
   td__env_pkg(&t->spec);
   t->spec.nres = 0;
   t->id = ++n->next_task;
-  uint32_t nr = s->nret < 0 ? 1 : (uint32_t)s->nret;
-  t->spec.rets = td_xmalloc(nr * 8 + 8);
+  t->spec.rets = tail;
   memcpy(t->spec.rets, s->rets, nr * 8);
-  t->spec.deps = td_xmalloc(s->ndeps * 8 + 8);
+  t->spec.deps = tail + nr;
   if (s->ndeps) memcpy(t->spec.deps, s->deps, s->ndeps * 8);
-  t->spec.refs = td_xmalloc(s->nrefs * 8 + 8);
+  t->spec.refs = tail + nr + s->ndeps;
   if (s->nrefs) memcpy(t->spec.refs, s->refs, s->nrefs * 8);
-  uint8_t *args = td_xmalloc(s->args_len + 1);
+  uint8_t *args = (uint8_t *)tail + ids;
   if (s->args_len) memcpy(args, s->args, s->args_len);
   t->spec.args = args;
   t->retries_left = s->max_retries;
@@ -3605,7 +3604,7 @@ void td_node_destroy(td_node_t **np) {
   it = 0;
   while (td_map_next(&n->tasks, &it, NULL, &v)) {
     td_task_t *t = v;
-    free(t->spec.rets); free(t->spec.deps); free(t->spec.refs); free((void *)t->spec.args); free(t);
+    free(t);
   }
   it = 0;
   while (td_map_next(&n->actors, &it, NULL, &v)) { free(((td_actor_t *)v)->reason); free(v); }

@@ -6,6 +6,7 @@
 
 #include <lauxlib.h>
 #include <lualib.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -299,9 +300,20 @@ static double td__optnum(lua_State *L, int t, const char *k, double def) {
 }
 static void td__optstr(lua_State *L, int t, const char *k, char *dst, size_t cap) {
   lua_getfield(L, t, k);
-  const char *s = lua_tostring(L, -1);
-  snprintf(dst, cap, "%s", s ? s : "");
+  size_t n = 0;
+  const char *s = lua_tolstring(L, -1, &n);
+  if (!s) n = 0;
+  if (n >= cap) n = cap - 1;
+  if (n) memcpy(dst, s, n);
+  dst[n] = 0;
   lua_pop(L, 1);
+}
+
+/* Clears a spec up to its env; env and demands are read only up to their
+ * lengths, so a submit does not zero 3 KB. */
+static void td__spec_zero(td_spec_t *s) {
+  memset(s, 0, offsetof(td_spec_t, env));
+  s->nres = 0;
 }
 
 /* Fills a spec from the options table that stdlib/tide.lua normalized. */
@@ -326,7 +338,11 @@ static void td__spec_opts(lua_State *L, int t, td_spec_t *s) {
     lua_pushnil(L);
     while (lua_next(L, -2) && s->nres < TD_NRES_MAX) {
       if (lua_type(L, -2) == LUA_TSTRING && lua_isnumber(L, -1)) {
-        snprintf(s->res_name[s->nres], 32, "%s", lua_tostring(L, -2));
+        size_t kl;
+        const char *k = lua_tolstring(L, -2, &kl);
+        if (kl > 31) kl = 31;
+        memcpy(s->res_name[s->nres], k, kl);
+        s->res_name[s->nres][kl] = 0;
         s->res_amt[s->nres++] = lua_tonumber(L, -1);
       }
       lua_pop(L, 1);
@@ -388,7 +404,7 @@ static int td__submit(lua_State *L, td_spec_t *s, int first_arg) {
 /* core.submit(fn_id, opts, nret, ...) -> refs */
 static int c_submit(lua_State *L) {
   td_spec_t s;
-  memset(&s, 0, sizeof(s));
+  td__spec_zero(&s);
   s.kind = TD_K_TASK;
   s.fn_id = (uint64_t)luaL_checknumber(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
@@ -400,7 +416,7 @@ static int c_submit(lua_State *L) {
 /* core.actor_new(class_id, opts, ...) -> actor_id, ready_ref */
 static int c_actor_new(lua_State *L) {
   td_spec_t s;
-  memset(&s, 0, sizeof(s));
+  td__spec_zero(&s);
   s.kind = TD_K_ACTOR_NEW;
   s.fn_id = (uint64_t)luaL_checknumber(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
@@ -420,7 +436,7 @@ static int c_actor_new(lua_State *L) {
 /* core.actor_call(actor_id, method, nret, ...) -> refs */
 static int c_actor_call(lua_State *L) {
   td_spec_t s;
-  memset(&s, 0, sizeof(s));
+  td__spec_zero(&s);
   s.kind = TD_K_ACTOR_CALL;
   s.actor_id = (uint64_t)luaL_checknumber(L, 1);
   size_t ml;
