@@ -24,6 +24,8 @@
 #define TD_CHUNK (8u << 20)     /* values above this cross nodes in chunks */
 #define TD_CHUNKS_OUT 4         /* chunks asked for at once, per object */
 #define TD__NOWHERE UINT32_MAX  /* a placement group bundle whose node died */
+#define TD_TASK_TAIL 256        /* pooled task records hold ids and args up to this */
+#define TD_POOL_MAX 4096        /* free records kept for reuse, of each kind */
 #define TD_ACTORS_PER_HOST 4096 /* lightweight actors per shared process */
 
 /* -- Records --------------------------------------------------------------- */
@@ -107,6 +109,7 @@ struct td_task {
   double sent_at;        /* when it was sent to its worker */
   uint8_t slow;          /* not known to be short when sent */
   uint8_t node_held;     /* sent to a node link holding: 1 its resources, 2 a bundle's */
+  uint8_t pooled;        /* a TD_TASK_TAIL record, reused from n->task_pool */
   int32_t held_bundle;   /* node_held 2: the bundle of its placement group */
   td_task_t *prev, *next;/* links in the queue it is on */
   void *on;              /* the queue it is on, NULL if none */
@@ -249,6 +252,9 @@ struct td_node {
   uint64_t *fwd_ready;   /* returns of head work that changed */
   uint32_t nfwd_ready, capfwd_ready;
   struct td_parked *parked; /* head work waiting for its working-directory package */
+  /* Free task and object records, reused: no malloc per task. */
+  void **task_pool, **obj_pool;
+  int ntask_pool, nobj_pool;
 };
 
 static void td__sched(td_node_t *n);
@@ -358,7 +364,12 @@ static td_obj_t *td__obj(td_node_t *n, uint64_t id) { return td_map_get(&n->objs
 static td_obj_t *td__obj_new(td_node_t *n, uint64_t id) {
   td_obj_t *o = td_map_get(&n->objs, id);
   if (o) return o;
-  o = td_xcalloc(1, sizeof(*o));
+  if (n->nobj_pool) {
+    o = n->obj_pool[--n->nobj_pool];
+    memset(o, 0, sizeof(*o));
+  } else {
+    o = td_xcalloc(1, sizeof(*o));
+  }
   o->id = id;
   td_map_set(&n->objs, id, o);
   return o;
@@ -381,7 +392,12 @@ static void td__obj_free(td_node_t *n, td_obj_t *o) {
   free(o->contained);
   free(o->items);
   free(o->waiters);
-  free(o);
+  if (n->nobj_pool < TD_POOL_MAX) {
+    if (!n->obj_pool) n->obj_pool = td_xmalloc(TD_POOL_MAX * sizeof(void *));
+    n->obj_pool[n->nobj_pool++] = o;
+  } else {
+    free(o);
+  }
 }
 
 static td_obj_t *td__foreign(td_node_t *n, uint64_t id, int held);
@@ -849,7 +865,12 @@ static void td__task_free(td_node_t *n, td_task_t *t) {
   td_map_del(&n->tasks, t->id);
   for (uint32_t i = 0; i < t->spec.ndeps; i++) td_node_decref(n, t->spec.deps[i]);
   for (uint32_t i = 0; i < t->spec.nrefs; i++) td_node_decref(n, t->spec.refs[i]);
-  free(t);  /* with its arrays and arguments */
+  if (t->pooled && n->ntask_pool < TD_POOL_MAX) {
+    if (!n->task_pool) n->task_pool = td_xmalloc(TD_POOL_MAX * sizeof(void *));
+    n->task_pool[n->ntask_pool++] = t;
+  } else {
+    free(t);  /* with its arrays and arguments */
+  }
 }
 
 /* Gives a task's lease back when its worker has nothing left to run. */
@@ -1500,7 +1521,10 @@ static td_task_t *td__task_new(td_node_t *n, const td_spec_t *s) {
    * Its id arrays and arguments live in the same allocation, after it. */
   uint32_t nr = s->nret < 0 ? 1 : (uint32_t)s->nret;
   size_t ids = ((size_t)nr + s->ndeps + s->nrefs) * 8;
-  td_task_t *t = td_xmalloc(sizeof(*t) + ids + s->args_len + 1);
+  size_t tail_len = ids + s->args_len + 1;
+  int pooled = tail_len <= TD_TASK_TAIL;
+  td_task_t *t = pooled && n->ntask_pool ? n->task_pool[--n->ntask_pool]
+                                          : td_xmalloc(sizeof(*t) + (pooled ? TD_TASK_TAIL : tail_len));
   uint64_t *tail = (uint64_t *)(t + 1);
   size_t spec_at = offsetof(td_task_t, spec), spec_end = spec_at + sizeof(td_spec_t);
   memset(t, 0, spec_at);
@@ -1511,6 +1535,7 @@ static td_task_t *td__task_new(td_node_t *n, const td_spec_t *s) {
   td__env_pkg(&t->spec);
   t->spec.nres = 0;
   t->id = ++n->next_task;
+  t->pooled = (uint8_t)pooled;
   t->spec.rets = tail;
   memcpy(t->spec.rets, s->rets, nr * 8);
   t->spec.deps = tail + nr;
@@ -3601,6 +3626,10 @@ void td_node_destroy(td_node_t **np) {
     td_obj_t *o = v;
     free(o->data); free(o->contained); free(o->items); free(o->waiters); free(o);
   }
+  while (n->nobj_pool) free(n->obj_pool[--n->nobj_pool]);
+  while (n->ntask_pool) free(n->task_pool[--n->ntask_pool]);
+  free(n->obj_pool);
+  free(n->task_pool);
   it = 0;
   while (td_map_next(&n->tasks, &it, NULL, &v)) {
     td_task_t *t = v;
