@@ -40,6 +40,14 @@ emit({metric = "multinode_n_n_actor_calls_async", value = rate(function()
   tide.get({callers[1]:call_n(callees[1], N), callers[2]:call_n(callees[2], N)})
 end, 2 * N, 3), unit = "calls/s", limit = pipe_stream, nodes = 3})
 
+-- Placement groups over the nodes: two bundles on two nodes, created
+-- (waited for) and removed, from a driver attached to the head.
+emit({metric = "multinode_placement_group_create/removal", value = rate(function()
+  local pg = tide.placement_group({{CPU = 1}, {CPU = 1}}, {strategy = "STRICT_SPREAD"})
+  tide.get(pg:ready())
+  tide.remove_placement_group(pg)
+end, 1), unit = "pgs/s", nodes = 3, note = "STRICT_SPREAD, 2 bundles on 2 nodes, attached driver"})
+
 -- Object transfer: a value in the head's store read by a task on node-1.
 local len = tide.remote(function(s) return #s end)
 for _, mib in ipairs({1, 16, 256}) do

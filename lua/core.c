@@ -1086,11 +1086,25 @@ static int w_rpc(lua_State *L) {
   }
   if (td_ser_value(&td_ctx.ser, L, -1, "argument")) return td_core_ser_error(L, &td_ctx.ser);
   td_core_flush_refs();
-  uint32_t req = td_w_begin_req(TD_M_RPC);
+  /* Removing a placement group answers nothing the caller waits for: it
+   * is sent without a request id (the node replies to none), in order. */
+  int cast = ol == 9 && !memcmp(op, "pg_remove", 9);
+  uint32_t req = 0;
+  if (cast) {
+    td_chan_begin(&td_ctx.ch, TD_M_RPC);
+    td_buf_u32(&td_ctx.ch.out, 0);
+  } else {
+    req = td_w_begin_req(TD_M_RPC);
+  }
   td_buf_str(&td_ctx.ch.out, op, ol);
   td_buf_u32(&td_ctx.ch.out, (uint32_t)td_ctx.ser.size);
   td_ser_append(&td_ctx.ser, &td_ctx.ch.out);
   td_chan_end(&td_ctx.ch);
+  if (cast) {
+    td_chan_flush(&td_ctx.ch);
+    lua_pushboolean(L, 1);
+    return 1;
+  }
   return td_w_await(L, req, td__push_rpc, NULL);
 }
 
