@@ -32,7 +32,9 @@
 
 enum { OBJ_PENDING, OBJ_READY, OBJ_ERROR };
 enum { LOC_NONE, LOC_INLINE, LOC_SHM, LOC_SPILLED };
-enum { T_WAITDEPS, T_QUEUED, T_SENT, T_DONE };
+/* T_FETCHING: done on a node, its large result still coming in chunks;
+ * kept so that it can run again if that node dies first (lineage). */
+enum { T_WAITDEPS, T_QUEUED, T_SENT, T_DONE, T_FETCHING };
 /* WK_NODE: on a head, the link to a node that joined it; WK_HEAD: on a
  * node, its link to the head. Links are neither workers nor clients. */
 enum { WK_TASK, WK_HOST, WK_GPUHOST, WK_CLIENT, WK_NODE, WK_HEAD };
@@ -2088,6 +2090,16 @@ static int td__link_pushed(td_node_t *n, td_rd_t *rd, uint64_t **made, uint32_t 
 static void td__chunk_begin(td_node_t *n, td_obj_t *o, uint64_t total, td_wk_t *up);
 static void td__send_refs1(td_wk_t *up, uint64_t id, int32_t delta);
 
+/* 1 while a result of t is still being fetched from the node that ran it. */
+static int td__task_fetching(td_node_t *n, td_task_t *t) {
+  uint32_t nr = t->spec.nret < 0 ? 1 : (uint32_t)t->spec.nret;
+  for (uint32_t i = 0; i < nr; i++) {
+    td_obj_t *o = td__obj(n, t->spec.rets[i]);
+    if (o && o->chunked && o->producer == t) return 1;
+  }
+  return 0;
+}
+
 /* Head: a large return a node keeps for us until we have fetched it in
  * chunks (TD_V_PULL, u64 size, then refs and pushed objects as usual). */
 static int td__on_done_chunked(td_node_t *n, td_wk_t *wk, td_rd_t *rd, td_obj_t *o) {
@@ -2196,7 +2208,13 @@ static int td__on_done(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   if (t) {
     td__inflight_del(n, wk, t);
     td__task_timed(n, wk, t);
-    td__task_finish(n, t);
+    if (td__task_fetching(n, t)) {
+      td__unpin_deps(n, t);
+      t->state = T_FETCHING;
+      t->wk = NULL;
+    } else {
+      td__task_finish(n, t);
+    }
     td__lease_done(n, wk);
   }
   return 0;
@@ -2407,8 +2425,10 @@ static int td__on_chunk(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
     o->foreign = 0;
   }
   size_t at = o->off, len = o->len;
+  td_task_t *t = o->producer;
   o->len = 0;
   td__obj_set(n, o, OBJ_READY, 1, NULL, len, at, NULL, 0);
+  if (t && t->state == T_FETCHING && !td__task_fetching(n, t)) td__task_finish(n, t);
   return 0;
 }
 
@@ -3206,8 +3226,45 @@ static void td__link_lost_objects(td_node_t *n, td_wk_t *wk) {
     if (!o || o->state != OBJ_PENDING) continue;
     o->foreign = 0;  /* nothing is held there any more */
     o->up = 0;
+    td_task_t *t = o->producer;
+    if (t && t->state == T_FETCHING && t->retries_left != 0) {
+      /* Lineage: the task that made it runs again, elsewhere. */
+      if (o->chunked) td_store_free(n->store, o->off, o->len);
+      o->chunked = 0;
+      o->pulling = 0;
+      o->len = 0;
+      for (uint32_t k = 0; k < o->ncontained; k++) td_node_decref(n, o->contained[k]);
+      free(o->contained);
+      o->contained = NULL;
+      o->ncontained = 0;
+      continue;
+    }
     td__chunk_fail(n, o, "ObjectLostError", msg);
   }
+  /* Tasks whose results were lost in transit run again. */
+  size_t it2 = 0, nf = 0;
+  td_task_t *t, **fetching = td_xmalloc((size_t)n->tasks.len * sizeof(*fetching) + 8);
+  while (td_map_next(&n->tasks, &it2, NULL, (void **)&t))
+    if (t->state == T_FETCHING && !td__task_fetching(n, t)) fetching[nf++] = t;
+  for (size_t i = 0; i < nf; i++) {
+    t = fetching[i];
+    int lost = 0;
+    uint32_t nr = t->spec.nret < 0 ? 1 : (uint32_t)t->spec.nret;
+    for (uint32_t k = 0; k < nr; k++) {
+      td_obj_t *r = td__obj(n, t->spec.rets[k]);
+      lost |= r && r->state == OBJ_PENDING && r->producer == t;
+    }
+    if (!lost) {  /* its results failed instead (no retry left) */
+      td__task_finish(n, t);
+      continue;
+    }
+    if (t->retries_left > 0) t->retries_left--;
+    t->state = T_QUEUED;
+    tq_push_front(&n->queue, t);
+    fprintf(stderr, "tide: running task %llu again: its result was lost with the node that made it\n",
+            (unsigned long long)t->id);
+  }
+  free(fetching);
   free(ids);
   /* Pulls and relays that link would have answered. */
   it = 0;

@@ -1,0 +1,38 @@
+-- A large result is lost with the node that made it: the node dies after
+-- the task returned, while the head is still fetching the result in chunks
+-- (or, if timing differs, before): the task runs again elsewhere and the
+-- driver gets the value whole.
+local t = dofile("tests/lua/harness.lua")
+local tide = require("tide")
+
+t.test("a result lost with its node is made again by running its task elsewhere", function()
+  local target
+  for _, n in ipairs(tide.nodes()) do if n.name == "lineage-node" then target = n.node_id end end
+  t.ok(target, "no node named lineage-node")
+  local marker = os.tmpname()
+  os.remove(marker)
+  local make = tide.remote(function(m, mib)
+    local f = io.open(m, "r")
+    if not f then
+      -- First run: this node dies 1.5 s from now (its daemon is this
+      -- worker's parent), after the value below has been returned.
+      io.open(m, "w"):close()
+      local st = io.open("/proc/self/stat"):read("*a")
+      local ppid = st:match("^%d+ %b() %S+ (%d+)")
+      os.execute("(sleep 1.5; kill -9 " .. ppid .. ") >/dev/null 2>&1 &")
+    else
+      f:close()
+    end
+    return string.rep("L", mib * 1048576 - 4) .. "tail"
+  end)
+  local v = make:options({max_retries = 3, scheduling_strategy = {node_id = target, soft = true}}):remote(marker, 256)
+  local s = tide.get(v, {timeout = 120})
+  t.eq(#s, 256 * 1048576)
+  t.eq(s:sub(-4), "tail")
+  local alive = false
+  for _, n in ipairs(tide.nodes()) do alive = alive or n.node_id == target end
+  t.ok(not alive, "the node that made it first is dead")
+  os.remove(marker)
+end)
+
+t.done()
