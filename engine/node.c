@@ -51,11 +51,20 @@ typedef struct td_relay {
 
 /* On a node: a NODE_TASK held until its package arrives from the head. */
 typedef struct td_parked {
-  char hash[17];
+  char key[1024];        /* a package hash, or the head's path of a working dir */
   uint8_t *msg;
   uint32_t len;
   struct td_parked *next;
 } td_parked_t;
+
+/* On a node: a working directory the head named by its path, shipped as
+ * a package; looked up again after a minute (the head may have changed it). */
+typedef struct td_wdmap {
+  char path[1024];
+  char hash[17];
+  double at;
+  struct td_wdmap *next;
+} td_wdmap_t;
 
 /* On a node: work its head sent it, until the results go back. */
 typedef struct td_fwd {
@@ -254,6 +263,7 @@ struct td_node {
   uint64_t *fwd_ready;   /* returns of head work that changed */
   uint32_t nfwd_ready, capfwd_ready;
   struct td_parked *parked; /* head work waiting for its working-directory package */
+  struct td_wdmap *wdmap;   /* head paths of working dirs -> packages, fetched */
   /* Free task and object records, reused: no malloc per task. */
   void **task_pool, **obj_pool;
   int ntask_pool, nobj_pool;
@@ -2598,6 +2608,47 @@ static int td__on_node_info(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   return 0;
 }
 
+/* The package a head path was shipped as, while fresh (a minute). */
+static const char *td__wd_hash(td_node_t *n, const char *path) {
+  double now = td_now();
+  for (td_wdmap_t *m = n->wdmap; m; m = m->next)
+    if (!strcmp(m->path, path)) return now - m->at < 60 ? m->hash : NULL;
+  return NULL;
+}
+
+static void td__wd_note(td_node_t *n, const char *path, const char *hash) {
+  td_wdmap_t *m = n->wdmap;
+  while (m && strcmp(m->path, path)) m = m->next;
+  if (!m) {
+    m = td_xcalloc(1, sizeof(*m));
+    snprintf(m->path, sizeof(m->path), "%s", path);
+    m->next = n->wdmap;
+    n->wdmap = m;
+  }
+  snprintf(m->hash, sizeof(m->hash), "%s", hash);
+  m->at = td_now();
+}
+
+/* Sets KEY=val in a spec's env, replacing what was there. */
+static void td__env_set(td_spec_t *s, const char *key, const char *val) {
+  char out[sizeof(s->env)];
+  uint32_t ol = 0;
+  size_t kl = strlen(key);
+  for (uint32_t i = 0; i < s->env_len;) {
+    const char *kv = s->env + i;
+    size_t l = strnlen(kv, s->env_len - i);
+    if (!(l > kl && kv[kl] == '=' && !memcmp(kv, key, kl))) {
+      memcpy(out + ol, kv, l + 1 <= s->env_len - i ? l + 1 : l);
+      ol += (uint32_t)(l + 1 <= s->env_len - i ? l + 1 : l);
+    }
+    i += (uint32_t)l + 1;
+  }
+  int w = snprintf(out + ol, sizeof(out) - ol, "%s=%s", key, val);
+  if (w > 0 && ol + (uint32_t)w + 1 <= sizeof(out)) ol += (uint32_t)w + 1;
+  memcpy(s->env, out, ol);
+  s->env_len = ol;
+}
+
 /* Node: the work its head sends. */
 static int td__on_node_task(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   if (wk != n->head) return TD_EPROTO;
@@ -2608,14 +2659,34 @@ static int td__on_node_task(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   const uint8_t *msg = rd->p - 12;  /* the whole message, to park it */
   uint32_t msglen = (uint32_t)(rd->end - msg);
   if (td_spec_decode(&s, rd, &scratch)) { free(scratch); return TD_EPROTO; }
-  char hash[32];
-  if (td__env_get(s.env, s.env_len, "TIDE_PKG", hash, sizeof(hash)) && strlen(hash) == 16 && !td_pkg_have(hash)) {
-    /* Its job's working directory is not here yet: ask the head once. */
+  /* A working directory must be here first: a job's package (TIDE_PKG),
+   * or a task's runtime_env working_dir, a path on the head shipped as a
+   * package (a snapshot, as Ray uploads it). */
+  char hash[32], wdp[1024], key[1024] = "";
+  if (td__env_get(s.env, s.env_len, "TIDE_PKG", hash, sizeof(hash))) {
+    if (strlen(hash) == 16 && !td_pkg_have(hash)) {
+      snprintf(key, sizeof(key), "%s", hash);
+    } else if (strlen(hash) == 16) {  /* here, not where the head has it */
+      char dir[PATH_MAX];
+      td_pkg_dir(hash, dir, sizeof(dir));
+      td__env_set(&s, "TIDE_WORKING_DIR", dir);
+    }
+  } else if (td__env_get(s.env, s.env_len, "TIDE_WORKING_DIR", wdp, sizeof(wdp)) && wdp[0] == '/') {
+    const char *h = td__wd_hash(n, wdp);
+    if (h && td_pkg_have(h)) {
+      char dir[PATH_MAX];
+      td_pkg_dir(h, dir, sizeof(dir));
+      td__env_set(&s, "TIDE_WORKING_DIR", dir);
+    } else {
+      snprintf(key, sizeof(key), "%s", wdp);
+    }
+  }
+  if (key[0]) {
     free(scratch);
     int asked = 0;
-    for (td_parked_t *q = n->parked; q; q = q->next) asked |= !strcmp(q->hash, hash);
+    for (td_parked_t *q = n->parked; q; q = q->next) asked |= !strcmp(q->key, key);
     td_parked_t *pk = td_xcalloc(1, sizeof(*pk));
-    snprintf(pk->hash, sizeof(pk->hash), "%.16s", hash);
+    snprintf(pk->key, sizeof(pk->key), "%s", key);
     pk->msg = td_xmalloc(msglen);
     memcpy(pk->msg, msg, msglen);
     pk->len = msglen;
@@ -2623,7 +2694,7 @@ static int td__on_node_task(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
     n->parked = pk;
     if (!asked) {
       td_chan_begin(&wk->ch, TD_M_PKG_GET);
-      td_buf_str(&wk->ch.out, hash, strlen(hash));
+      td_buf_str(&wk->ch.out, key, strlen(key));
       td_chan_end(&wk->ch);
     }
     (void)htid, (void)attempt;
@@ -2881,19 +2952,29 @@ static void td__cluster_tick(td_node_t *n, double now) {
 /* Head: a node asks for a working-directory package. */
 static int td__on_pkg_get(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   (void)n;
-  uint32_t hl;
-  const uint8_t *h = td_rd_str(rd, &hl);
-  if (rd->bad || wk->kind != WK_NODE || hl != 16) return TD_EPROTO;
-  char hash[17];
-  memcpy(hash, h, 16);
-  hash[16] = 0;
+  uint32_t kl;
+  const uint8_t *k = td_rd_str(rd, &kl);
+  if (rd->bad || wk->kind != WK_NODE || kl == 0 || kl >= 1024) return TD_EPROTO;
+  char key[1024], err[300] = "the head does not have it";
+  memcpy(key, k, kl);
+  key[kl] = 0;
   size_t len = 0;
-  void *blob = td_pkg_read(hash, &len);
+  void *blob;
+  if (key[0] == '/') {  /* a working directory by its path here: pack it now */
+    blob = td_pkg_pack(key, &len, err, sizeof(err));
+    if (blob) {
+      char h[17];
+      td_pkg_hash(blob, len, h);
+      td_pkg_install(h, blob, len, err, sizeof(err));
+    }
+  } else {
+    blob = td_pkg_read(key, &len);
+  }
   td_chan_begin(&wk->ch, TD_M_PKG);
-  td_buf_str(&wk->ch.out, hash, 16);
+  td_buf_str(&wk->ch.out, key, kl);
   td_buf_u8(&wk->ch.out, blob != NULL);
   if (blob) td_buf_str(&wk->ch.out, blob, len);
-  else td_buf_str(&wk->ch.out, "the head does not have it", 25);
+  else td_buf_str(&wk->ch.out, err, strlen(err));
   td_chan_end(&wk->ch);
   free(blob);
   return 0;
@@ -2902,19 +2983,26 @@ static int td__on_pkg_get(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
 /* Node: the package arrived (or cannot): the work parked for it goes on
  * (or fails, naming why). */
 static int td__on_pkg(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
-  uint32_t hl, bl;
-  const uint8_t *h = td_rd_str(rd, &hl);
+  uint32_t kl, bl;
+  const uint8_t *k = td_rd_str(rd, &kl);
   uint8_t ok = td_rd_u8(rd);
   const uint8_t *blob = td_rd_str(rd, &bl);
-  if (rd->bad || wk != n->head || hl != 16) return TD_EPROTO;
-  char hash[17], err[300] = "";
-  memcpy(hash, h, 16);
-  hash[16] = 0;
-  if (!ok) snprintf(err, sizeof(err), "%.*s", (int)(bl < 200 ? bl : 200), (const char *)blob);
-  else td_pkg_install(hash, blob, bl, err, sizeof(err));
+  if (rd->bad || wk != n->head || kl == 0 || kl >= 1024) return TD_EPROTO;
+  char hash[1024], err[300] = "";  /* the key: a hash, or a working dir's path */
+  memcpy(hash, k, kl);
+  hash[kl] = 0;
+  if (!ok) {
+    snprintf(err, sizeof(err), "%.*s", (int)(bl < 200 ? bl : 200), (const char *)blob);
+  } else if (hash[0] == '/') {
+    char h[17];
+    td_pkg_hash(blob, bl, h);
+    if (td_pkg_install(h, blob, bl, err, sizeof(err)) == 0) td__wd_note(n, hash, h);
+  } else {
+    td_pkg_install(hash, blob, bl, err, sizeof(err));
+  }
   td_parked_t **pp = &n->parked, *q, *mine = NULL;
   while ((q = *pp)) {  /* take this package's work, oldest first */
-    if (strcmp(q->hash, hash)) { pp = &q->next; continue; }
+    if (strcmp(q->key, hash)) { pp = &q->next; continue; }
     *pp = q->next;
     q->next = mine;
     mine = q;
@@ -2931,7 +3019,7 @@ static int td__on_pkg(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
       uint64_t htid;
       memcpy(&htid, q->msg, 8);
       char why[400];
-      snprintf(why, sizeof(why), "working directory package %s unavailable on this node: %s", hash, err);
+      snprintf(why, sizeof(why), "working directory %.200s unavailable on this node: %s", hash, err);
       td__errblob(&n->tmp, "TaskError", why);
       td__link_fail(n, htid, n->tmp.p, n->tmp.len);
     }
@@ -3710,6 +3798,11 @@ void td_node_destroy(td_node_t **np) {
     n->parked = q->next;
     free(q->msg);
     free(q);
+  }
+  while (n->wdmap) {
+    td_wdmap_t *m = n->wdmap;
+    n->wdmap = m->next;
+    free(m);
   }
   it = 0;
   while (td_map_next(&n->relays, &it, NULL, &v)) free(v);

@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -145,4 +146,96 @@ void *td_pkg_read(const char *hash, size_t *len) {
   fclose(f);
   if (b) *len = (size_t)n;
   return b;
+}
+
+typedef struct td__pack {
+  unsigned char *p;
+  size_t len, cap;
+  uint32_t files;
+  int bad;
+  char *err;
+  size_t errlen;
+} td__pack_t;
+
+/* Room for n more bytes; 0, or 1 (bad, err set). */
+static int td__room(td__pack_t *k, size_t n) {
+  if (k->bad) return 1;
+  if (k->len + n > TD_PKG_MAX) {
+    snprintf(k->err, k->errlen, "the working directory is over %d MiB", (int)(TD_PKG_MAX >> 20));
+    return k->bad = 1;
+  }
+  if (k->len + n <= k->cap) return 0;
+  size_t cap = k->cap ? k->cap : 65536;
+  while (cap < k->len + n) cap *= 2;
+  unsigned char *np = realloc(k->p, cap);
+  if (!np) {
+    snprintf(k->err, k->errlen, "out of memory");
+    return k->bad = 1;
+  }
+  k->p = np;
+  k->cap = cap;
+  return 0;
+}
+
+static void td__put(td__pack_t *k, const void *d, size_t n) {
+  if (td__room(k, n)) return;
+  memcpy(k->p + k->len, d, n);
+  k->len += n;
+}
+
+/* Adds the files under root/rel (rel "" for root itself). */
+static void td__pack_dir(td__pack_t *k, const char *root, const char *rel, int depth) {
+  char path[PATH_MAX];
+  snprintf(path, sizeof(path), "%s%s%s", root, rel[0] ? "/" : "", rel);
+  DIR *d = opendir(path);
+  if (!d || depth > 64) {
+    if (d) closedir(d);
+    snprintf(k->err, k->errlen, "cannot read %s", path);
+    k->bad = 1;
+    return;
+  }
+  struct dirent *e;
+  while (!k->bad && (e = readdir(d))) {
+    if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..") || (!rel[0] && !strcmp(e->d_name, ".git"))) continue;
+    char sub[1024], full[PATH_MAX + 1100];
+    int sl = snprintf(sub, sizeof(sub), "%s%s%s", rel, rel[0] ? "/" : "", e->d_name);
+    if (sl <= 0 || (size_t)sl >= sizeof(sub)) continue;
+    snprintf(full, sizeof(full), "%s/%s", root, sub);
+    struct stat st;
+    if (stat(full, &st) != 0) continue;
+    if (S_ISDIR(st.st_mode)) { td__pack_dir(k, root, sub, depth + 1); continue; }
+    if (!S_ISREG(st.st_mode)) continue;
+    FILE *f = fopen(full, "rb");
+    if (!f) continue;
+    uint32_t pl = (uint32_t)sl;
+    uint64_t sz = (uint64_t)st.st_size;
+    td__put(k, &pl, 4);
+    td__put(k, sub, pl);
+    td__put(k, &sz, 8);
+    if (!td__room(k, (size_t)sz)) {  /* read straight into the blob */
+      if (fread(k->p + k->len, 1, (size_t)sz, f) == (size_t)sz) {
+        k->len += (size_t)sz;
+      } else {
+        snprintf(k->err, k->errlen, "cannot read %s", full);
+        k->bad = 1;
+      }
+    }
+    fclose(f);
+    k->files++;
+  }
+  closedir(d);
+}
+
+void *td_pkg_pack(const char *dir, size_t *len, char *err, size_t errlen) {
+  td__pack_t k = {0};
+  k.err = err;
+  k.errlen = errlen;
+  uint32_t zero = 0;
+  td__put(&k, "TDPKG1", 6);
+  td__put(&k, &zero, 4);
+  td__pack_dir(&k, dir, "", 0);
+  if (k.bad) { free(k.p); return NULL; }
+  memcpy(k.p + 6, &k.files, 4);
+  *len = k.len;
+  return k.p;
 }

@@ -23,5 +23,8 @@ int td_pkg_have(const char *hash);
 int td_pkg_install(const char *hash, const void *blob, size_t len, char *err, size_t errlen);
 /* The blob of an installed package (malloc'd), or NULL. */
 void *td_pkg_read(const char *hash, size_t *len);
+/* Packs every regular file under dir (not .git) into a new blob
+ * (malloc'd; *len its size), or NULL with err set. */
+void *td_pkg_pack(const char *dir, size_t *len, char *err, size_t errlen);
 
 #endif

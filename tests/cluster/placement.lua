@@ -153,6 +153,32 @@ t.test("placement groups across nodes: all four strategies, all bundles or none"
   t.eq(tide.available_resources().CPU, cpu0)
 end)
 
+t.test("a task's runtime_env working_dir is shipped to the node that runs it", function()
+  local dir = os.tmpname()
+  os.remove(dir)
+  os.execute("mkdir -p " .. dir .. "/sub")
+  local f = io.open(dir .. "/shipped_mod.lua", "w")
+  f:write("return {answer = 42}\n")
+  f:close()
+  f = io.open(dir .. "/sub/data.txt", "w")
+  f:write("deep")
+  f:close()
+  local g = tide.remote(function()
+    local m = require("shipped_mod")
+    local d = io.open("sub/data.txt"):read("*a")
+    return m.answer .. " " .. d .. " " .. io.popen("pwd"):read("*l")
+  end)
+  for _, node in ipairs({"node-1", "node-2"}) do
+    local out = tide.get(g:options({runtime_env = {working_dir = dir},
+      scheduling_strategy = {node_id = node}}):remote(), {timeout = 30})
+    local answer, data, cwd = out:match("^(%S+) (%S+) (.*)$")
+    t.eq(answer, "42")
+    t.eq(data, "deep")
+    t.ok(cwd ~= dir, "ran in the head's directory, not a shipped copy: " .. cwd)
+  end
+  os.execute("rm -rf " .. dir)
+end)
+
 t.test("1000 tasks over two nodes all come back right", function()
   local sq = tide.remote(function(x) return x * x end)
   local refs = {}
