@@ -20,8 +20,8 @@ local function wanted(name)
   return false
 end
 
-local C = dofile(os.getenv("TIDE_HOME") .. "/bench/common.lua")
-local emit, rate = C.emit, C.rate
+local common = dofile(os.getenv("TIDE_HOME") .. "/bench/common.lua")
+local emit, rate = common.emit, common.rate
 
 -- -- Machine limits ------------------------------------------------------
 local limits = {}
@@ -42,7 +42,7 @@ emit({metric = "limit_shm_futex_pingpong", value = limits.futex, unit = "round t
 
 local nop = tide.remote(function() return 0 end)
 
-local batch = C.batch
+local batch = common.batch
 local function m(name, value, unit, limit, extra)
   local r = {metric = name, value = value, unit = unit, limit = limit}
   for k, v in pairs(extra or {}) do r[k] = v end
@@ -420,10 +420,10 @@ if wanted("multinode") then
     -- Until it is gone (or a zombie nobody reaped yet).
     sh(string.format("for i in $(seq 100); do kill -0 %d || break; " ..
       "grep -q '^State:.*Z' /proc/%d/status && break; sleep 0.05; done", hpid, hpid))
-    local t0 = raw.now()
+    local t1 = raw.now()
     start_head()
-    while nodes_up() < want and raw.now() - t0 < 30 do tide.sleep(0.05) end
-    m("multinode_head_restart", raw.now() - t0, "s", nil,
+    while nodes_up() < want and raw.now() - t1 < 30 do tide.sleep(0.05) end
+    m("multinode_head_restart", raw.now() - t1, "s", nil,
       {note = "kill -9 of the head; start again until its " .. (want - 1) .. " node(s) rejoined"})
   end
   for _, s in ipairs({"head", "n1", "n2"}) do

@@ -67,12 +67,12 @@ for _, mib in ipairs({1, 16, 256}) do
     tide.get(refs)
     local bw = reps * size / (raw.now() - t0)
     if bw > best then best = bw end
-    objs, refs = nil, nil
+    objs, refs = nil, nil -- luacheck: ignore 311
     collectgarbage()
   end
   emit({metric = "multinode_object_transfer_" .. mib .. "MiB", value = best / 1e9, unit = "GB/s",
     limit = tcp / 1e9, note = "head store -> node-1 store -> worker, distinct objects, best of 3"})
-  s = nil
+  s = nil -- luacheck: ignore 311
   collectgarbage()
 end
 

@@ -83,7 +83,7 @@ end
 -- job_submit(script, args, working_dir, exe, socket[, pkg]) -> job view.
 -- With pkg, working_dir is ignored: the job runs in the package's
 -- directory, and so do its tasks and actors on every node.
-function M.job_submit(script, args, wd, exe, sock, pkg)
+function M.job_submit(script, args, wd, exe, _, pkg)
   if type(script) ~= "string" or script == "" then error("job_submit: script must be a path", 0) end
   local env = ""
   if wd == false then wd = nil end
@@ -95,7 +95,7 @@ function M.job_submit(script, args, wd, exe, sock, pkg)
   -- submitter may be another machine).
   local own = (os.getenv("TIDE_HOME") or "") .. "/bin/tide"
   if io.open(own, "r") then exe = own end
-  sock = session() .. "/node.sock"
+  local sock = session() .. "/node.sock"
   local dir = session() .. "/jobs"
   os.execute("mkdir -p " .. sh_quote(dir))
   local id = format("job-%d-%04d", os.time(), #order + 1)
