@@ -3018,8 +3018,8 @@ static int td__on_pkg(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
     } else if (n->head && q->len >= 8) {
       uint64_t htid;
       memcpy(&htid, q->msg, 8);
-      char why[400];
-      snprintf(why, sizeof(why), "working directory %.200s unavailable on this node: %s", hash, err);
+      char why[600];
+      snprintf(why, sizeof(why), "working directory %.200s unavailable on this node: %.300s", hash, err);
       td__errblob(&n->tmp, "TaskError", why);
       td__link_fail(n, htid, n->tmp.p, n->tmp.len);
     }
