@@ -121,6 +121,8 @@ struct td_task {
   uint8_t slow;          /* not known to be short when sent */
   uint8_t node_held;     /* sent to a node link holding: 1 its resources, 2 a bundle's */
   uint8_t pooled;        /* a TD_TASK_TAIL record, reused from n->task_pool */
+  uint64_t owner;        /* the client (or head link) whose work it is: prints go there */
+  uint64_t owner_task;   /* on a node: the head's id of this task */
   int32_t held_bundle;   /* node_held 2: the bundle of its placement group */
   td_task_t *prev, *next;/* links in the queue it is on */
   void *on;              /* the queue it is on, NULL if none */
@@ -236,6 +238,7 @@ struct td_node {
   td_rpc_cb rpc;
   void *rpc_ud;
   td_wk_t *rpc_wk;       /* whose request the RPC handler is running */
+  uint64_t submitter, submitter_task; /* owner of the tasks being submitted now */
   td_buf_t tmp;
   struct pollfd *pfds;
   int cappfds;
@@ -1548,6 +1551,8 @@ static td_task_t *td__task_new(td_node_t *n, const td_spec_t *s) {
   t->spec.nres = 0;
   t->id = ++n->next_task;
   t->pooled = (uint8_t)pooled;
+  t->owner = n->submitter;
+  t->owner_task = n->submitter_task;
   t->spec.rets = tail;
   memcpy(t->spec.rets, s->rets, nr * 8);
   t->spec.deps = tail + nr;
@@ -2738,9 +2743,12 @@ static int td__on_node_task(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
     s.max_restarts = 0;
     s.retry_exceptions = 0;  /* the head sees the error and retries */
     const char *msg = NULL;
+    n->submitter = wk->id;  /* prints go back to the head, as this task's */
+    n->submitter_task = htid;
     int sub = s.kind == TD_K_ACTOR_CALL && !td_map_get(&n->actors, s.actor_id)
                   ? (msg = "the actor is not on this node", TD_EINVAL)
                   : td_node_submit(n, &s, &msg);
+    n->submitter = n->submitter_task = 0;
     if (sub == 0) {
       td_fwd_t *f = td_xcalloc(1, sizeof(*f));
       f->task = htid;
@@ -3029,6 +3037,22 @@ static int td__on_pkg(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   return rc;
 }
 
+/* A print from task tid goes to the client whose work it is (a driver
+ * attached to this node), or to the head when the head sent the task. */
+static void td__print_to_owner(td_node_t *n, uint64_t tid, const uint8_t *s, uint32_t l) {
+  td_task_t *t = tid ? td_map_get(&n->tasks, tid) : NULL;
+  if (!t || !t->owner) return;
+  for (int i = 0; i < n->nwks; i++) {
+    td_wk_t *w = n->wks[i];
+    if (w->id != t->owner || w->dead || (w->kind != WK_CLIENT && w->kind != WK_HEAD)) continue;
+    td_chan_begin(&w->ch, TD_M_PRINT);
+    td_buf_str(&w->ch.out, s, l);
+    if (w->kind == WK_HEAD) td_buf_u64(&w->ch.out, t->owner_task);
+    td_chan_end(&w->ch);
+    return;
+  }
+}
+
 static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p, uint32_t len) {
   td_rd_t rd;
   td_rd_init(&rd, p, len);
@@ -3104,7 +3128,11 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
       }
       if (!rc) {
         const char *msg;
+        /* Whose work: a client's, or the work of the task this worker runs. */
+        n->submitter = wk->kind == WK_CLIENT ? wk->id : wk->inflight.head ? wk->inflight.head->owner : 0;
+        n->submitter_task = wk->kind == WK_CLIENT || !wk->inflight.head ? 0 : wk->inflight.head->owner_task;
         int sub = td_node_submit(n, &s, &msg);
+        n->submitter = n->submitter_task = 0;
         if (sub == 0 && s.kind == TD_K_ACTOR_NEW) {
           td_actor_t *na = td_map_get(&n->actors, s.actor_id);
           if (na) na->owner = wk->id;
@@ -3177,8 +3205,10 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
       uint32_t l;
       const uint8_t *s = td_rd_str(&rd, &l);
       if (rd.bad) return TD_EPROTO;
+      uint64_t tid = rd.end - rd.p >= 8 ? td_rd_u64(&rd) : 0;
       fwrite(s, 1, l, stdout);
       fflush(stdout);
+      td__print_to_owner(n, tid, s, l);
       return 0;
     }
     case TD_M_ALLOC: {

@@ -48,6 +48,7 @@ typedef struct td_co {
 /* An actor hosted here: its own Lua state. */
 struct td_actor_st {
   uint64_t id;
+  uint64_t create_task;       /* the node's id of the creation, for init's prints */
   lua_State *L;
   int max_conc, running;
   td_frame_t *qhead, *qtail;  /* calls waiting for a free slot */
@@ -184,6 +185,18 @@ static int td__block(lua_State *L, uint32_t req, td_push_fn push, void *ud, int 
           if (report) { td_chan_begin(&td_ctx.ch, TD_M_UNBLOCKED); td_chan_end(&td_ctx.ch); }
           return push(L, p + 4, len - 4, ud);
         }
+      }
+      if (type == TD_M_PRINT && td_ctx.kind == WK_CLIENT) {
+        /* A task of this driver printed (it runs elsewhere). */
+        td_rd_t rd;
+        td_rd_init(&rd, p, len);
+        uint32_t l;
+        const uint8_t *s = td_rd_str(&rd, &l);
+        if (!rd.bad) {
+          fwrite(s, 1, l, stdout);
+          fflush(stdout);
+        }
+        continue;
       }
       if (type == TD_M_TASK && report && len >= 8) {
         /* Not ours to run while blocked: give it back. */
@@ -383,6 +396,7 @@ static int td__c_print(lua_State *L) {
   const char *s = lua_tolstring(L, -1, &len);
   td_chan_begin(&td_ctx.ch, TD_M_PRINT);
   td_buf_str(&td_ctx.ch.out, s, len);
+  td_buf_u64(&td_ctx.ch.out, td_ctx.cur_task ? td_ctx.cur_task : td_ctx.print_task);  /* to its driver */
   td_chan_end(&td_ctx.ch);
   return 0;
 }
@@ -776,6 +790,7 @@ static void td__resume(td_co_t *c, int nargs) {
   lua_State *L = a ? a->L : td__task_L;
   td__cur = c;
   td_ctx.cur_task = c->task_id;
+  td_ctx.print_task = c->is_init && a ? a->create_task : 0;
   td_ctx.cur_actor = a ? a->id : 0;
   memcpy(td_ctx.cur_name, c->name, sizeof(td_ctx.cur_name));
   memcpy(td_ctx.gpu_ids, c->gpus, sizeof(td_ctx.gpu_ids));
@@ -1026,11 +1041,11 @@ static void td__on_actor_new(const uint8_t *p, uint32_t len) {
   uint32_t bl = 0;
   if (has) blob = td_rd_str(&rd, &bl);
   if (rd.bad) _exit(2);
-  (void)task_id;
   td_actor_st_t *old = td_map_get(&td__actors, actor_id);
   if (old) td__actor_destroy(old, "replaced by a restart", 0);
   td_actor_st_t *a = td_xcalloc(1, sizeof(*a));
   a->id = actor_id;
+  a->create_task = task_id;
   a->max_conc = mc ? (int)mc : 1;
   a->incarnation = incarnation;
   if (nl) snprintf(a->name, sizeof(a->name), "%.*s", (int)nl, name);

@@ -34,6 +34,7 @@ typedef struct td_ctx {
   td_ser_t ser;            /* reusable encoder */
   /* What is running now, for get_runtime_context and print prefixes. */
   uint64_t cur_task, cur_actor;
+  uint64_t print_task;        /* whose prints these are when cur_task is 0 (an actor's init) */
   char cur_name[128];
   int cur_streaming;       /* the running task or call streams (tide.yield) */
   char gpu_ids[128];

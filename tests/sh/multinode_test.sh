@@ -49,6 +49,18 @@ check "the head's log names the refused peer" 'grep -q "refused a connection" $D
 
 echo "# placement across nodes"
 TIDE_SESSION_DIR=$D/head timeout 240 $T run --address local tests/cluster/placement.lua 2>&1
+cat > $D/prints.lua <<'LUA'
+local tide = require("tide")
+local f = tide.remote(function() print("PRINTED on " .. tide.get_runtime_context().node_id) return 1 end)
+local A = tide.actor({init = function() print("INIT PRINTED") end, hi = function() print("CALL PRINTED") return 1 end})
+tide.get(f:options({scheduling_strategy = {node_id = "node-2"}}):remote())
+local a = A:options({scheduling_strategy = {node_id = "node-1"}}):remote()
+tide.get(a:hi())
+LUA
+out=$(TIDE_SESSION_DIR=$D/head timeout 60 $T run --address local $D/prints.lua 2>&1)
+check "prints of tasks and actors on other nodes reach the driver" \
+  'echo "$out" | grep -q "PRINTED on node-2" && echo "$out" | grep -q "INIT PRINTED" && echo "$out" | grep -q "CALL PRINTED"' "$out"
+
 echo "# the core suites against the cluster"
 for s in tasks actors objects failures; do
   TIDE_SESSION_DIR=$D/head TIDE_TEST_CLUSTER=1 timeout 300 $T run --address local tests/lua/${s}_test.lua 2>&1 |
