@@ -2931,6 +2931,12 @@ static void td__head_lost(td_node_t *n) {
   n->head = NULL;
   for (uint32_t i = 0; i < na; i++) td_node_kill_actor(n, actors[i], 1);
   free(actors);
+  while (n->parked) {  /* its work waiting for packages goes too */
+    td_parked_t *q = n->parked;
+    n->parked = q->next;
+    free(q->msg);
+    free(q);
+  }
 }
 
 /* Heartbeats both ways; a link silent past the timeout is dead. */
