@@ -238,11 +238,20 @@ if wanted("http") then
     local echo = serve.deployment{name = "echo", route = "/echo", num_replicas = 1,
       call = function(_, req) return req.json end}
     local port = serve.run({hello, echo}, {port = 18950, blocking = false})
-    local function load(name, path, post, limit)
+    -- The JSON records in the client's output.
+    local function records(text)
+      local out = {}
+      for line in text:gmatch("[^\n]+") do
+        local ok, rec = pcall(cjson.decode, line)
+        if ok and type(rec) == "table" then out[#out + 1] = rec end
+      end
+      return out
+    end
+    -- Runs the HTTP client with args in the background while this process
+    -- serves; returns its output.
+    local function run_client(args)
       local out = os.tmpname()
-      local cmd = string.format("(%s --url http://127.0.0.1:%d%s -c 32 -d %g %s > %s 2>&1; echo END >> %s) &",
-        client, port, path, 3 * SCALE, post and ("--post '" .. post .. "'") or "", out, out)
-      os.execute(cmd)
+      os.execute(string.format("(%s %s > %s 2>&1; echo END >> %s) &", client, args, out, out))
       local text
       repeat
         serve.poll(0.2)
@@ -251,9 +260,13 @@ if wanted("http") then
         if h then h:close() end
       until text:find("END")
       os.remove(out)
-      for line in text:gmatch("[^\n]+") do
-        local ok, rec = pcall(cjson.decode, line)
-        if ok and type(rec) == "table" and rec.value then
+      return text
+    end
+    local function load(name, path, post, limit)
+      local text = run_client(string.format("--url http://127.0.0.1:%d%s -c 32 -d %g %s", port, path, 3 * SCALE,
+        post and ("--post '" .. post .. "'") or ""))
+      for _, rec in ipairs(records(text)) do
+        if rec.value then
           m(name, rec.value, "req/s", limit, {p50_ms = rec.p50_ms, p99_ms = rec.p99_ms, errors = rec.errors})
           return
         end
@@ -272,9 +285,8 @@ if wanted("http") then
       h:close()
       os.execute("nginx -p /tmp/tide-bench-nginx/ -e /tmp/tide-bench-nginx/error.log -c " .. home
         .. "/bench/http/nginx_plain.conf -s stop >/dev/null 2>&1")
-      for line in text:gmatch("[^\n]+") do
-        local ok, rec = pcall(cjson.decode, line)
-        if ok and type(rec) == "table" and rec.value then nginx_rps = rec.value end
+      for _, rec in ipairs(records(text)) do
+        if rec.value then nginx_rps = rec.value end
       end
       if nginx_rps then m("http_get_hello_nginx_return", nginx_rps, "req/s") end
     end
@@ -282,21 +294,10 @@ if wanted("http") then
     load("http_post_echo_json", "/echo", '{"user":"tide","items":[1,2,3],"note":"benchmark body"}')
     -- Ingress overhead: one request at a time over HTTP against calling an
     -- actor with the same handler directly, medians from the same run.
-    local out = os.tmpname()
-    os.execute(string.format("(%s --url http://127.0.0.1:%d/hello -c 1 -d %g > %s 2>&1; echo END >> %s) &",
-      client, port, 2 * SCALE, out, out))
-    local text
-    repeat
-      serve.poll(0.2)
-      local h = io.open(out, "r")
-      text = h and h:read("*a") or ""
-      if h then h:close() end
-    until text:find("END")
-    os.remove(out)
+    local text = run_client(string.format("--url http://127.0.0.1:%d/hello -c 1 -d %g", port, 2 * SCALE))
     local p50_http
-    for line in text:gmatch("[^\n]+") do
-      local ok, rec = pcall(cjson.decode, line)
-      if ok and type(rec) == "table" and rec.p50_ms then p50_http = rec.p50_ms end
+    for _, rec in ipairs(records(text)) do
+      if rec.p50_ms then p50_http = rec.p50_ms end
     end
     -- Time to first chunk of a stream whose handler sends at once, one
     -- request at a time on a keep-alive connection, from a task.

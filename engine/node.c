@@ -279,6 +279,8 @@ static void td__actor_pump(td_node_t *n, td_actor_t *a);
 static void td__send_node_task(td_node_t *n, td_wk_t *wk, td_task_t *t);
 static void td__fwd_note(td_node_t *n, uint64_t id);
 static td_obj_t *td__obj_from_bytes(td_node_t *n, uint64_t id, int state, const uint8_t *p, size_t len);
+static void td__obj_fill(td_node_t *n, td_obj_t *o, int state, const uint8_t *p, size_t len,
+                         const uint64_t *refs, uint32_t nrefs);
 static void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why);
 
 /* -- Queues ---------------------------------------------------------------- */
@@ -630,6 +632,22 @@ static void td__restore_meta(void *ud, const char *key, const void *val, size_t 
   if (w > n->next_wk) n->next_wk = w;
 }
 
+/* A new entry in the node's table of workers, clients and links. */
+static td_wk_t *td__wk_add(td_node_t *n, uint64_t id, int kind, int fd) {
+  td_wk_t *wk = td_xcalloc(1, sizeof(*wk));
+  wk->id = id;
+  wk->kind = kind;
+  td_chan_init(&wk->ch, fd);
+  td_map_init(&wk->fns_sent);
+  td_map_init(&wk->allocs);
+  if (n->nwks == n->capwks) {
+    n->capwks = n->capwks ? n->capwks * 2 : 16;
+    n->wks = td_xrealloc(n->wks, (size_t)n->capwks * sizeof(td_wk_t *));
+  }
+  n->wks[n->nwks++] = wk;
+  return wk;
+}
+
 static td_wk_t *td__spawn(td_node_t *n, int kind, const int *gpus, int ngpus) {
   if (n->no_workers) return NULL;
   int sv[2];
@@ -661,20 +679,10 @@ static td_wk_t *td__spawn(td_node_t *n, int kind, const int *gpus, int ngpus) {
     _exit(127);
   }
   close(sv[1]);
-  td_wk_t *wk = td_xcalloc(1, sizeof(*wk));
-  wk->id = id;
+  td_wk_t *wk = td__wk_add(n, id, kind, sv[0]);
   wk->pid = pid;
-  wk->kind = kind;
-  td_chan_init(&wk->ch, sv[0]);
-  td_map_init(&wk->fns_sent);
-  td_map_init(&wk->allocs);
   wk->ngpus = ngpus;
   if (ngpus) memcpy(wk->gpus, gpus, (size_t)ngpus * sizeof(int));
-  if (n->nwks == n->capwks) {
-    n->capwks = n->capwks ? n->capwks * 2 : 16;
-    n->wks = td_xrealloc(n->wks, (size_t)n->capwks * sizeof(td_wk_t *));
-  }
-  n->wks[n->nwks++] = wk;
   td_log("spawned worker %llu pid %d kind %d", (unsigned long long)id, (int)pid, kind);
   return wk;
 }
@@ -1126,6 +1134,7 @@ static td_wk_t *td__link(td_node_t *n, uint32_t index) {
 /* The most of resource r any live node has (this one included). */
 static double td__cluster_max(td_node_t *n, int r) {
   double most = n->total[r];
+  if (!n->nlinks) return most;  /* one node: no scan on the submit path */
   for (int i = 0; i < n->nwks; i++) {
     td_wk_t *w = n->wks[i];
     if (w->kind == WK_NODE && w->joined && !w->dead && w->ntotal[r] > most) most = w->ntotal[r];
@@ -2177,11 +2186,8 @@ static int td__on_done(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
         td__import(n, wk, refs, nrefs);
       }
       td_obj_t *o = t ? td__obj(n, t->spec.rets[i]) : NULL;
-      if (o && !shm && wk->kind == WK_NODE && len > n->inline_max && td__alloc(n, len, &off, o) == 0) {
-        memcpy(td_store_base(n->store) + off, p, len);  /* large: into the store */
-        shm = 1;
-      }
-      if (o) td__obj_set(n, o, OBJ_READY, shm, p, len, off, refs, nrefs);
+      if (o && !shm && wk->kind == WK_NODE) td__obj_fill(n, o, OBJ_READY, p, len, refs, nrefs);
+      else if (o) td__obj_set(n, o, OBJ_READY, shm, p, len, off, refs, nrefs);
       else if (shm) td_store_free(n->store, off, len);
       for (uint32_t k = 0; k < nmade; k++) td_node_decref(n, made[k]);
       free(made);
@@ -2325,14 +2331,16 @@ static void td__pull(td_node_t *n, td_obj_t *o) {
   td_chan_end(&up->ch);
 }
 
-/* Fills a pending object from inline bytes (into the store when large). */
-static void td__obj_fill(td_node_t *n, td_obj_t *o, int state, const uint8_t *p, size_t len) {
+/* Fills a pending object from inline bytes another node sent (into the
+ * store when large, so workers here map it). */
+static void td__obj_fill(td_node_t *n, td_obj_t *o, int state, const uint8_t *p, size_t len,
+                         const uint64_t *refs, uint32_t nrefs) {
   size_t off;
   if (state == OBJ_READY && len > n->inline_max && td__alloc(n, len, &off, o) == 0) {
     memcpy(td_store_base(n->store) + off, p, len);
-    td__obj_set(n, o, OBJ_READY, 1, NULL, len, off, NULL, 0);
+    td__obj_set(n, o, OBJ_READY, 1, NULL, len, off, refs, nrefs);
   } else {
-    td__obj_set(n, o, state, 0, p, len, 0, NULL, 0);
+    td__obj_set(n, o, state, 0, p, len, 0, refs, nrefs);
   }
 }
 
@@ -2480,7 +2488,7 @@ static int td__on_link_reply(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
     td__errblob(&n->tmp, "ObjectLostError", "the object was lost on the node that held it");
     td__obj_set(n, o, OBJ_ERROR, 0, n->tmp.p, n->tmp.len, 0, NULL, 0);
   } else {
-    td__obj_fill(n, o, kind == TD_V_ERROR ? OBJ_ERROR : OBJ_READY, vp, vl);
+    td__obj_fill(n, o, kind == TD_V_ERROR ? OBJ_ERROR : OBJ_READY, vp, vl, NULL, 0);
   }
   return 0;
 }
@@ -2557,7 +2565,7 @@ static int td__forward(td_node_t *n, const td_spec_t *s) {
 static td_obj_t *td__obj_from_bytes(td_node_t *n, uint64_t id, int state, const uint8_t *p, size_t len) {
   td_obj_t *o = td__obj_new(n, id);
   o->refs++;
-  td__obj_fill(n, o, state, p, len);
+  td__obj_fill(n, o, state, p, len, NULL, 0);
   return o;
 }
 
@@ -2911,19 +2919,25 @@ static void td__fwd_note(td_node_t *n, uint64_t id) {
 
 /* Node: the head is gone. Its work here is dropped: a head that comes
  * back does not know it. */
+static void td__parked_drop(td_node_t *n) {
+  while (n->parked) {
+    td_parked_t *q = n->parked;
+    n->parked = q->next;
+    free(q->msg);
+    free(q);
+  }
+}
+
 static void td__head_lost(td_node_t *n) {
-  size_t it = 0;
-  td_fwd_t *f;
-  uint64_t *actors = td_xmalloc((size_t)n->fwd.len * 8 + 8);
+  size_t it = 0, k = 0;
+  void *v;
+  td_fwd_t **fs = td_xmalloc((size_t)n->fwd.len * sizeof(*fs) + 8);
+  while (td_map_next(&n->fwd, &it, NULL, &v)) fs[k++] = v;
+  for (size_t i = 0; i < k; i++) td__fwd_end(n, fs[i]);
+  free(fs);
+  /* Its actors here (each has fwd_attempt set when created for it). */
+  uint64_t *actors = td_xmalloc((size_t)n->actors.len * 8 + 8);
   uint32_t na = 0;
-  while (td_map_next(&n->fwd, &it, NULL, (void **)&f)) {
-    if (f->kind == TD_K_ACTOR_NEW) actors[na++] = f->actor;
-  }
-  it = 0;
-  while (td_map_next(&n->fwd, &it, NULL, (void **)&f)) {
-    td__fwd_end(n, f);
-    it = 0;
-  }
   td_actor_t *a;
   it = 0;
   while (td_map_next(&n->actors, &it, NULL, (void **)&a))
@@ -2931,12 +2945,7 @@ static void td__head_lost(td_node_t *n) {
   n->head = NULL;
   for (uint32_t i = 0; i < na; i++) td_node_kill_actor(n, actors[i], 1);
   free(actors);
-  while (n->parked) {  /* its work waiting for packages goes too */
-    td_parked_t *q = n->parked;
-    n->parked = q->next;
-    free(q->msg);
-    free(q);
-  }
+  td__parked_drop(n);  /* its work waiting for packages goes too */
 }
 
 /* Heartbeats both ways; a link silent past the timeout is dead. */
@@ -3390,25 +3399,24 @@ static void td__link_lost_objects(td_node_t *n, td_wk_t *wk) {
   }
   free(fetching);
   free(ids);
-  /* Pulls and relays that link would have answered. */
+  /* Requests relayed to a lost head: each worker gets an error reply
+   * (u8 ok = 0, u32 size, a string); the map is emptied after. */
+  if (wk->kind != WK_HEAD) return;
+  const char *err = "the head is gone (this node is rejoining it)";
+  td_buf_reset(&n->tmp);
+  td_buf_u8(&n->tmp, 0);
+  td_buf_u32(&n->tmp, (uint32_t)(5 + strlen(err)));
+  td__put_lstr(&n->tmp, err);
   it = 0;
-  uint64_t k;
   void *v;
-  while (td_map_next(&n->relays, &it, &k, &v)) {
-    if (wk->kind != WK_HEAD) break;
-    td_map_del(&n->relays, k);
+  while (td_map_next(&n->relays, &it, NULL, &v)) {
     td_relay_t *rl = v;
-    /* The worker gets an error reply: u8 ok = 0, u32 size, a string. */
-    const char *err = "the head is gone (this node is rejoining it)";
-    td_buf_reset(&n->tmp);
-    td_buf_u8(&n->tmp, 0);
-    td_buf_u32(&n->tmp, (uint32_t)(5 + strlen(err)));
-    td__put_lstr(&n->tmp, err);
     for (int i = 0; i < n->nwks; i++)
       if (n->wks[i]->id == rl->wk_id) td_node_reply(n, n->wks[i], rl->req, n->tmp.p, n->tmp.len);
     free(rl);
-    it = 0;
   }
+  td_map_free(&n->relays);
+  td_map_init(&n->relays);
 }
 
 static void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why) {
@@ -3594,19 +3602,7 @@ int td_node_feed(td_node_t *n, uint8_t type, const uint8_t *p, uint32_t len) {
   td_wk_t *wk = NULL;
   for (int i = 0; i < n->nwks; i++)
     if (n->wks[i]->kind == WK_CLIENT && n->wks[i]->ch.fd < 0) wk = n->wks[i];
-  if (!wk) {
-    wk = td_xcalloc(1, sizeof(*wk));
-    wk->id = td__new_wk_id(n);
-    wk->kind = WK_CLIENT;
-    td_chan_init(&wk->ch, -1);
-    td_map_init(&wk->fns_sent);
-    td_map_init(&wk->allocs);
-    if (n->nwks == n->capwks) {
-      n->capwks = n->capwks ? n->capwks * 2 : 16;
-      n->wks = td_xrealloc(n->wks, (size_t)n->capwks * sizeof(td_wk_t *));
-    }
-    n->wks[n->nwks++] = wk;
-  }
+  if (!wk) wk = td__wk_add(n, td__new_wk_id(n), WK_CLIENT, -1);
   int rc = td__on_msg(n, wk, type, p, len);
   if (rc) td__wk_dead(n, wk, "sent a malformed message");
   else td_buf_reset(&wk->ch.out); /* replies go nowhere */
@@ -3616,18 +3612,7 @@ int td_node_feed(td_node_t *n, uint8_t type, const uint8_t *p, uint32_t len) {
 int td_node_add_client(td_node_t *n, int fd) {
   /* The store fd goes first, beside one byte, as SCM_RIGHTS. */
   if (td_sock_send_fd(fd, td_store_fd(n->store))) { close(fd); return TD_EIO; }
-  td_wk_t *wk = td_xcalloc(1, sizeof(*wk));
-  wk->id = td__new_wk_id(n);
-  wk->pid = 0;
-  wk->kind = WK_CLIENT;
-  td_chan_init(&wk->ch, fd);
-  td_map_init(&wk->fns_sent);
-  td_map_init(&wk->allocs);
-  if (n->nwks == n->capwks) {
-    n->capwks = n->capwks ? n->capwks * 2 : 16;
-    n->wks = td_xrealloc(n->wks, (size_t)n->capwks * sizeof(td_wk_t *));
-  }
-  n->wks[n->nwks++] = wk;
+  td_wk_t *wk = td__wk_add(n, td__new_wk_id(n), WK_CLIENT, fd);
   td_chan_begin(&wk->ch, TD_M_HELLO);
   td_buf_u64(&wk->ch.out, wk->id);
   td_buf_u64(&wk->ch.out, n->inline_max);
@@ -3689,20 +3674,10 @@ int td_link_handshake(int fd, uint32_t want, uint32_t *index, double timeout) {
 
 int td_node_link_head(td_node_t *n, int fd) {
   if (n->head) return TD_EINVAL;
-  td_wk_t *wk = td_xcalloc(1, sizeof(*wk));
-  wk->id = td__new_wk_id(n);
-  wk->kind = WK_HEAD;
+  fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+  td_wk_t *wk = td__wk_add(n, td__new_wk_id(n), WK_HEAD, fd);
   wk->remote = 1;
   wk->last_seen = td_now();
-  td_chan_init(&wk->ch, fd);
-  td_map_init(&wk->fns_sent);
-  td_map_init(&wk->allocs);
-  fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
-  if (n->nwks == n->capwks) {
-    n->capwks = n->capwks ? n->capwks * 2 : 16;
-    n->wks = td_xrealloc(n->wks, (size_t)n->capwks * sizeof(td_wk_t *));
-  }
-  n->wks[n->nwks++] = wk;
   n->head = wk;
   td_chan_begin(&wk->ch, TD_M_NODE_INFO);
   td_buf_str(&wk->ch.out, n->name, strlen(n->name));
@@ -3829,12 +3804,7 @@ void td_node_destroy(td_node_t **np) {
   while (td_map_next(&n->fwd, &it, NULL, &v)) { free(((td_fwd_t *)v)->rets); free(v); }
   td_map_free(&n->fwd);
   td_map_free(&n->pulls);
-  while (n->parked) {
-    td_parked_t *q = n->parked;
-    n->parked = q->next;
-    free(q->msg);
-    free(q);
-  }
+  td__parked_drop(n);
   while (n->wdmap) {
     td_wdmap_t *m = n->wdmap;
     n->wdmap = m->next;

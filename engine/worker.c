@@ -1219,6 +1219,18 @@ static void td__dispatch(uint8_t type, const uint8_t *p, uint32_t len) {
   }
 }
 
+/* The process's channel to its node and its tables, empty. */
+static void td__ctx_init(int fd) {
+  td_chan_init(&td_ctx.ch, fd);
+  td_map_init(&td_ctx.lrefs);
+  td_map_init(&td__actors);
+  td_map_init(&td__waiting);
+  td_map_init(&td__blobs);
+  td_ser_init(&td_ctx.ser);
+  td_buf_init(&td__out);
+}
+
+
 /* -- Clients ---------------------------------------------------------------------
  * A driver or REPL attached to a running node (`tide start --head`) uses
  * the worker side of the bindings: its calls become messages to the node.
@@ -1237,17 +1249,11 @@ static int td__client_attach(int fd, int remote, const char *where, char *err, s
   }
   memset(&td_ctx, 0, sizeof(td_ctx));
   td_ctx.kind = WK_CLIENT;
-  td_chan_init(&td_ctx.ch, fd);
+  td__ctx_init(fd);
   if (storefd >= 0) {
     td_ctx.base = td_store_map(storefd, &td_ctx.cap);
     close(storefd);
   }
-  td_map_init(&td_ctx.lrefs);
-  td_map_init(&td__actors);
-  td_map_init(&td__waiting);
-  td_map_init(&td__blobs);
-  td_ser_init(&td_ctx.ser);
-  td_buf_init(&td__out);
   for (;;) {
     uint8_t type;
     const uint8_t *p;
@@ -1308,14 +1314,8 @@ int td_worker_main(int argc, char **argv) {
   td_ctx.inline_max = im ? strtoull(im, NULL, 10) : 64 * 1024;
   const char *home = getenv("TIDE_HOME");
   snprintf(td__home, sizeof(td__home), "%s", home ? home : ".");
-  td_chan_init(&td_ctx.ch, 3);
+  td__ctx_init(3);
   td_ctx.base = td_store_map(4, &td_ctx.cap);
-  td_map_init(&td_ctx.lrefs);
-  td_map_init(&td__actors);
-  td_map_init(&td__waiting);
-  td_map_init(&td__blobs);
-  td_ser_init(&td_ctx.ser);
-  td_buf_init(&td__out);
   td__task_L = td__newstate(0);
   td_chan_begin(&td_ctx.ch, TD_M_READY);
   td_buf_u32(&td_ctx.ch.out, (uint32_t)getpid());

@@ -1087,9 +1087,9 @@ static int w_rpc(lua_State *L) {
   }
   if (td_ser_value(&td_ctx.ser, L, -1, "argument")) return td_core_ser_error(L, &td_ctx.ser);
   td_core_flush_refs();
-  /* Removing a placement group answers nothing the caller waits for: it
-   * is sent without a request id (the node replies to none), in order. */
-  int cast = ol == 9 && !memcmp(op, "pg_remove", 9);
+  /* An op whose answer nobody waits for (upvalue 2) is sent without a
+   * request id: the node replies to none, and order is kept. */
+  int cast = lua_toboolean(L, lua_upvalueindex(2));
   uint32_t req = 0;
   if (cast) {
     td_chan_begin(&td_ctx.ch, TD_M_RPC);
@@ -1251,6 +1251,8 @@ static int c_decode(lua_State *L) {
 
 /* -- Module --------------------------------------------------------------------------- */
 
+/* The op of those a client or worker sends without waiting for a reply. */
+static const char td__rpc_cast[] = "pg_remove";
 static const char *const td__rpc_ops[] = {"cancel", "kill", "get_actor", "actor_state", "pg_create",
                                           "pg_remove", "pg_lookup", "resources", "stats", "nodes", NULL};
 
@@ -1304,7 +1306,8 @@ int luaopen_tide_core(lua_State *L) {
     lua_setfield(L, -2, "call_node");
     for (int i = 0; td__rpc_ops[i]; i++) {
       lua_pushstring(L, td__rpc_ops[i]);
-      lua_pushcclosure(L, w_rpc, 1);
+      lua_pushboolean(L, !strcmp(td__rpc_ops[i], td__rpc_cast));
+      lua_pushcclosure(L, w_rpc, 2);
       lua_setfield(L, -2, td__rpc_ops[i]);
     }
   }

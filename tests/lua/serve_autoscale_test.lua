@@ -12,14 +12,7 @@ local ffi = require("ffi")
 
 local PORT = 18320
 
-local function client(fn)
-  return tide.remote(function(...)
-    if not package.path:find("tests/lua/", 1, true) then
-      package.path = "tests/lua/?.lua;" .. package.path
-    end
-    return fn(require("httpc"), ...)
-  end)
-end
+local client = dofile("tests/lua/serve_client.lua").client
 
 -- Captures this process's stderr (fd 2) into a file while the tests run,
 -- to check the controller's log lines.

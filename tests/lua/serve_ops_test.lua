@@ -10,34 +10,8 @@ local serve = require("tide.serve")
 
 local PORT = 18310
 
-local function client(fn)
-  return tide.remote(function(...)
-    if not package.path:find("tests/lua/", 1, true) then
-      package.path = "tests/lua/?.lua;" .. package.path
-    end
-    return fn(require("httpc"), ...)
-  end)
-end
-
--- Waits for refs while serving and running the controller (serve.poll).
-local function await(refs, timeout)
-  local single = tide.is_ref(refs)
-  if single then refs = {refs} end
-  local deadline = os.time() + (timeout or 60)
-  while true do
-    serve.poll(0.02)
-    local ready = tide.wait(refs, {num_returns = #refs, timeout = 0})
-    if #ready == #refs then break end
-    if os.time() > deadline then error("client tasks did not finish in time") end
-  end
-  local out = tide.get(refs)
-  if single then return out[1] end
-  return out
-end
-
-local function run(fn, ...)
-  return await(client(fn):remote(PORT, ...))
-end
+local sc = dofile("tests/lua/serve_client.lua")
+local client, await, run = sc.client, sc.await, sc.runner(PORT)
 
 local function poll_until(pred, timeout)
   local deadline = os.time() + (timeout or 10)

@@ -12,35 +12,8 @@ local cjson = require("cjson")
 
 local PORT = 18300
 
--- Runs fn(httpc, port, ...) in a task (the HTTP client) while the driver
--- serves; returns what fn returns.
-local function client(fn)
-  return tide.remote(function(...)
-    if not package.path:find("tests/lua/", 1, true) then
-      package.path = "tests/lua/?.lua;" .. package.path
-    end
-    return fn(require("httpc"), ...)
-  end)
-end
-
-local function await(refs, timeout)
-  local single = tide.is_ref(refs)
-  if single then refs = {refs} end
-  local deadline = os.time() + (timeout or 60)
-  while true do
-    serve.poll(0.02)
-    local ready = tide.wait(refs, {num_returns = #refs, timeout = 0})
-    if #ready == #refs then break end
-    if os.time() > deadline then error("client tasks did not finish in time") end
-  end
-  local out = tide.get(refs)
-  if single then return out[1] end
-  return out
-end
-
-local function run(fn, ...)
-  return await(client(fn):remote(PORT, ...))
-end
+local sc = dofile("tests/lua/serve_client.lua")
+local client, run = sc.client, sc.runner(PORT)
 
 -- -- The app -------------------------------------------------------------------
 
