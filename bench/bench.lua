@@ -144,6 +144,21 @@ if wanted("single_client_put_gigabytes") then
   m("single_client_put_gigabytes", gb, "GB/s", limits.memcpy / 1e9)
 end
 
+-- A 64 MiB tensor as a task's argument: put into the store once (one copy),
+-- mapped by the worker (no copy); the task reads one element.
+if wanted("tensor_task_arg_gigabytes") then
+  local T = require("tide.tensor")
+  local x = T.ones({16 * 1024 * 1024})
+  local first = tide.remote(function(t) return t:get(1) end)
+  tide.get(first:remote(x))
+  collectgarbage()
+  local gb = rate(function()
+    tide.get(first:remote(x))
+    collectgarbage()
+  end, x:nbytes() / 1e9, 2)
+  m("tensor_task_arg_gigabytes", gb, "GB/s", limits.memcpy / 1e9)
+end
+
 if wanted("single_client_tasks_and_get_batch") then
   m("single_client_tasks_and_get_batch", rate(function()
     batch(1000, function() return nop:remote() end)

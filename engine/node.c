@@ -442,6 +442,18 @@ void td_node_decref(td_node_t *n, uint64_t id) {
   if (o) td__unref(n, o, 1);
 }
 
+int td_node_in_store(td_node_t *n, uint64_t id) {
+  td_obj_t *o = td__obj(n, id);
+  return o && o->state == OBJ_READY && o->loc == LOC_SHM;
+}
+
+void td_node_pin(td_node_t *n, uint64_t id, int delta) {
+  td_obj_t *o = td__obj(n, id);
+  if (!o || o->loc != LOC_SHM) return;
+  if (delta > 0) o->pins++;
+  else if (o->pins > 0) o->pins--;
+}
+
 /* Frees spill victims until `size` bytes fit; returns 0 or an error. */
 static int td__alloc(td_node_t *n, size_t size, size_t *off, td_obj_t *keep) {
   if (size > td_store_capacity(n->store)) return TD_ETOOBIG;
@@ -3208,11 +3220,12 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
       }
       return rd.bad ? TD_EPROTO : 0;
     }
+    case TD_M_PIN:
     case TD_M_UNPIN: {
       uint32_t cnt = td_rd_u32(&rd);
       for (uint32_t i = 0; i < cnt && !rd.bad; i++) {
-        td_obj_t *o = td__obj(n, td_rd_u64(&rd));
-        if (o && o->pins > 0) o->pins--;
+        uint64_t id = td_rd_u64(&rd);
+        if (!rd.bad) td_node_pin(n, id, type == TD_M_PIN ? 1 : -1);
       }
       return rd.bad ? TD_EPROTO : 0;
     }

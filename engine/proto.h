@@ -39,6 +39,7 @@ enum {
   TD_M_UNPIN,          /* u32 n, u64 ids[n] */
   TD_M_ACTOR_READY,    /* u64 actor id */
   TD_M_REMOTE,         /* from the TCP bridge: this client cannot map the store */
+  TD_M_PIN,            /* u32 n, u64 ids[n]: keep them in place (zero-copy reads) */
   /* between nodes (a node's link to its head, both ways) */
   TD_M_BEAT = 40,      /* heartbeat, empty */
   TD_M_JOIN,           /* node -> head: u32 index wanted (0: any) */

@@ -570,7 +570,7 @@ static int td__argref(void *ud, lua_State *L, uint64_t id) {
     if (d->ids[i] != id) continue;
     td_rd_t rd;
     td_rd_init(&rd, d->at[i], (size_t)(d->end - d->at[i]));
-    int rc = td_core_push_wire(L, &rd);
+    int rc = td_core_push_wire(L, &rd, id);
     if (rc == 1) { d->failed = (int)i + 1; return 1; }
     return rc ? 1 : 0;
   }
@@ -630,7 +630,7 @@ static int td__push_args(lua_State *L, td_rd_t *rd, int *deperr) {
         td_rd_t r2;
         td_rd_init(&r2, d.at[d.failed - 1], (size_t)(d.end - d.at[d.failed - 1]));
         lua_settop(L, top);
-        td_core_push_wire(L, &r2);
+        td_core_push_wire(L, &r2, 0);
         *deperr = 1;
       } else {
         lua_settop(L, top);

@@ -601,16 +601,20 @@ size_t td_tensor_serialized_size(const td_tensor_t *t) {
   return 8 + 8 * (size_t)t->ndim + td_tensor_nbytes(t);
 }
 
-int td_tensor_serialize(const td_tensor_t *t, void *buf, size_t cap) {
-  size_t need = td_tensor_serialized_size(t);
-  if (cap < need) return -TD_GPU_EINVAL;
+size_t td_tensor_header(const td_tensor_t *t, void *buf) {
   uint8_t *p = buf;
   memcpy(p, TD__SER_MAGIC, 4);
   p[4] = (uint8_t)t->dtype;
   p[5] = (uint8_t)t->ndim;
   p[6] = p[7] = 0;
   memcpy(p + 8, t->shape, 8 * (size_t)t->ndim);
-  uint8_t *data = p + 8 + 8 * (size_t)t->ndim;
+  return 8 + 8 * (size_t)t->ndim;
+}
+
+int td_tensor_serialize(const td_tensor_t *t, void *buf, size_t cap) {
+  size_t need = td_tensor_serialized_size(t);
+  if (cap < need) return -TD_GPU_EINVAL;
+  uint8_t *data = (uint8_t *)buf + td_tensor_header(t, buf);
   if (t->st->device == TD_CPU && td_tensor_is_contiguous(t)) {
     memcpy(data, td_tensor_data(t), td_tensor_nbytes(t));
     return 0;
@@ -623,42 +627,43 @@ int td_tensor_serialize(const td_tensor_t *t, void *buf, size_t cap) {
   return 0;
 }
 
-static int td__parse_header(const void *buf, size_t len, int *dtype, int *ndim,
-                            int64_t *shape, size_t *data_off) {
-  const uint8_t *p = buf;
-  if (len < 8 || memcmp(p, TD__SER_MAGIC, 4) != 0) return -TD_GPU_EFORMAT;
+/* Checks a header of hlen bytes against n data bytes. */
+static int td__parse_header(const void *hdr, size_t hlen, size_t n, int *dtype,
+                            int *ndim, int64_t *shape) {
+  const uint8_t *p = hdr;
+  if (hlen < 8 || memcmp(p, TD__SER_MAGIC, 4) != 0) return -TD_GPU_EFORMAT;
   *dtype = p[4];
   *ndim = p[5];
   if (td_dtype_size(*dtype) == 0 || *ndim > TD_MAX_DIMS) return -TD_GPU_EFORMAT;
-  if (len < 8 + 8 * (size_t)*ndim) return -TD_GPU_EFORMAT;
+  if (hlen < 8 + 8 * (size_t)*ndim) return -TD_GPU_EFORMAT;
   memcpy(shape, p + 8, 8 * (size_t)*ndim);
-  int64_t n;
-  if (td__check_shape(*ndim, shape, &n)) return -TD_GPU_EFORMAT;
-  *data_off = 8 + 8 * (size_t)*ndim;
-  if (len - *data_off != (size_t)n * td_dtype_size(*dtype)) return -TD_GPU_EFORMAT;
+  int64_t numel;
+  if (td__check_shape(*ndim, shape, &numel)) return -TD_GPU_EFORMAT;
+  if (n != (size_t)numel * td_dtype_size(*dtype)) return -TD_GPU_EFORMAT;
   return 0;
 }
 
 int td_tensor_deserialize(td_tensor_t **out, const void *buf, size_t len) {
-  int dtype, ndim;
-  int64_t shape[TD_MAX_DIMS];
-  size_t off;
-  int rc = td__parse_header(buf, len, &dtype, &ndim, shape, &off);
-  if (rc) return rc;
-  rc = td_tensor_empty(out, dtype, TD_CPU, ndim, shape);
-  if (rc) return rc;
-  memcpy(td_tensor_data(*out), (const uint8_t *)buf + off, len - off);
-  return 0;
+  size_t hlen = len >= 8 ? 8 + 8 * (size_t)((const uint8_t *)buf)[5] : len;
+  if (hlen > len) return -TD_GPU_EFORMAT;
+  return td_tensor_from_parts(out, buf, hlen, (const uint8_t *)buf + hlen, len - hlen, NULL, NULL);
 }
 
-int td_tensor_deserialize_wrap(td_tensor_t **out, const void *buf, size_t len,
-                               td_release_cb release, void *ctx) {
+int td_tensor_from_parts(td_tensor_t **out, const void *hdr, size_t hlen,
+                         const void *data, size_t n, td_release_cb release,
+                         void *ctx) {
   int dtype, ndim;
   int64_t shape[TD_MAX_DIMS];
-  size_t off;
-  int rc = td__parse_header(buf, len, &dtype, &ndim, shape, &off);
+  int rc = td__parse_header(hdr, hlen, n, &dtype, &ndim, shape);
   if (rc) return rc;
-  if (((uintptr_t)buf + off) % td_dtype_size(dtype)) return -TD_GPU_EINVAL;
-  return td_tensor_wrap(out, (uint8_t *)buf + off, len - off, dtype, ndim,
-                        shape, release, ctx);
+  if (!release || (uintptr_t)data % td_dtype_size(dtype)) {
+    rc = td_tensor_empty(out, dtype, TD_CPU, ndim, shape);
+    if (!rc) memcpy(td_tensor_data(*out), data, n);
+    return rc;
+  }
+  rc = td_tensor_wrap(out, (void *)data, n, dtype, ndim, shape, release, ctx);
+  if (!rc) (*out)->st->readonly = 1;
+  return rc;
 }
+
+int td_tensor_is_readonly(const td_tensor_t *t) { return t->st->readonly; }

@@ -113,11 +113,19 @@ size_t td_tensor_serialized_size(const td_tensor_t *t);
 int td_tensor_serialize(const td_tensor_t *t, void *buf, size_t cap);
 /* Parses a serialized tensor into a new CPU tensor (copies).  Caller owns. */
 int td_tensor_deserialize(td_tensor_t **out, const void *buf, size_t len);
-/* Parses a serialized tensor and wraps its bytes without copying; the bytes
- * must stay valid until release(ctx, buf) runs.  Data needs 4-byte alignment
- * of buf (the header is 8-byte aligned).  Caller owns *out. */
-int td_tensor_deserialize_wrap(td_tensor_t **out, const void *buf, size_t len,
-                               td_release_cb release, void *ctx);
+/* Writes the header td_tensor_serialize() puts before the data (at most
+ * 8 + 8 * TD_MAX_DIMS bytes); returns its length. */
+size_t td_tensor_header(const td_tensor_t *t, void *buf);
+/* A CPU tensor from a header and its n data bytes.  Without release, the
+ * bytes are copied.  With it, they are mapped in place (zero copy, when
+ * aligned for the dtype) and the tensor is read-only; release(ctx, data)
+ * runs when the last view goes away.  It never runs when this call fails
+ * or copied (td_tensor_is_readonly tells which).  Caller owns *out. */
+int td_tensor_from_parts(td_tensor_t **out, const void *hdr, size_t hlen,
+                         const void *data, size_t n, td_release_cb release,
+                         void *ctx);
+/* Whether t maps memory it must not write (a tensor read from the store). */
+int td_tensor_is_readonly(const td_tensor_t *t);
 
 /* -- Host memory pool ------------------------------------------------------ */
 

@@ -12,6 +12,7 @@ typedef struct td_storage {
   void *data;            /* host or device memory */
   td_release_cb release; /* external memory: called instead of freeing */
   void *release_ctx;     /* argument for release */
+  int readonly;          /* maps an object in the store: never written */
 } td_storage_t;
 
 struct td_tensor {

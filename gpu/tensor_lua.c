@@ -22,6 +22,7 @@
 #include "ops.h"
 #include "tensor.h"
 #include "tensor_lua.h"
+#include "ser.h"
 
 #define TD__MT "tide.tensor"
 
@@ -223,6 +224,16 @@ static const int32_t *td__in_i32(lua_State *L, const char *fn, int idx,
   return td_tensor_data(t);
 }
 
+/* A tensor the call writes: not one that maps an object in the store,
+ * which every reader of that object shares. */
+static td_tensor_t *td__mut(lua_State *L, const char *fn, int idx) {
+  td_tensor_t *t = td__check(L, idx);
+  if (td_tensor_is_readonly(t))
+    luaL_error(L, "tide.tensor.%s: the tensor is read-only (it maps an object in the store; "
+               "write to a :clone() of it)", fn);
+  return t;
+}
+
 /* An output: opts[key] when given (checked: contiguous, dtype, device,
  * element count; pushed again) else a new tensor (zeroed when zero) pushed.
  * *given tells which. */
@@ -233,7 +244,7 @@ static td_tensor_t *td__out(lua_State *L, const char *fn, int opts,
   for (int i = 0; i < ndim; i++) n *= shape[i];
   if (given) *given = 0;
   if (td__opt_field(L, opts, key)) {
-    td_tensor_t *o = td__check(L, lua_gettop(L));
+    td_tensor_t *o = td__mut(L, fn, lua_gettop(L));
     if (!td_tensor_is_contiguous(o) || td_tensor_dtype(o) != dtype ||
         td_tensor_device(o) != device || td_tensor_numel(o) != n)
       luaL_error(L, "tide.tensor.%s: option '%s' must be a contiguous %s tensor "
@@ -471,6 +482,39 @@ static int td_l_deser(lua_State *L) {
   return 1;
 }
 
+/* T.__tide_deser_raw(header, bytes, n [, holder, ctx]): the hook for tensors
+ * sent with raw bytes (ser.h).  Given a holder, the bytes lie in the shared
+ * store and are mapped in place, read-only, held until the last view goes. */
+static int td_l_deser_raw(lua_State *L) {
+  size_t hlen;
+  const char *h = luaL_checklstring(L, 1, &hlen);
+  luaL_checktype(L, 2, LUA_TLIGHTUSERDATA);
+  const void *p = lua_touserdata(L, 2);
+  size_t n = (size_t)luaL_checknumber(L, 3);
+  const td_holder_t *hd = lua_islightuserdata(L, 4) ? lua_touserdata(L, 4) : NULL;
+  void *ctx = lua_touserdata(L, 5);
+  td_tensor_t *t = NULL;
+  if (hd) hd->hold(ctx);
+  int rc = td_tensor_from_parts(&t, h, hlen, p, n, hd ? hd->release : NULL, ctx);
+  if (hd && (rc || !td_tensor_is_readonly(t))) hd->release(ctx, (void *)p);
+  TD__TRY(L, "__tide_deser_raw", rc);
+  td__push(L, t);
+  return 1;
+}
+
+/* __tide_raw(t): header, bytes, length of a contiguous CPU tensor, sent
+ * without a copy into a string; nil for others (they go through
+ * __tide_ser). */
+static int td_m_raw(lua_State *L) {
+  td_tensor_t *t = td__check(L, 1);
+  if (td_tensor_device(t) != TD_CPU || !td_tensor_is_contiguous(t)) return 0;
+  char h[8 + 8 * TD_MAX_DIMS];
+  lua_pushlstring(L, h, td_tensor_header(t, h));
+  lua_pushlightuserdata(L, td_tensor_data(t));
+  lua_pushnumber(L, (lua_Number)td_tensor_nbytes(t));
+  return 3;
+}
+
 /* -- Methods: metadata ----------------------------------------------------- */
 
 static int td_m_shape(lua_State *L) {
@@ -652,7 +696,7 @@ static int td_m_to(lua_State *L) {
 
 /* t:copy(src): copies src's elements into t (any device/dtype); returns t. */
 static int td_m_copy(lua_State *L) {
-  td_tensor_t *t = td__check(L, 1), *s = td__check(L, 2);
+  td_tensor_t *t = td__mut(L, "copy", 1), *s = td__check(L, 2);
   TD__TRY(L, "copy", td_tensor_copy(t, s));
   lua_settop(L, 1);
   return 1;
@@ -660,7 +704,7 @@ static int td_m_copy(lua_State *L) {
 
 /* t:fill(v) in place (contiguous f32/i32); returns t. */
 static int td_m_fill(lua_State *L) {
-  td_tensor_t *t = td__check(L, 1);
+  td_tensor_t *t = td__mut(L, "fill", 1);
   double v = luaL_checknumber(L, 2);
   if (!td_tensor_is_contiguous(t)) luaL_error(L, "tide.tensor.fill: tensor not contiguous");
   TD__TRY(L, "fill", td_tensor_fill(t, v));
@@ -798,7 +842,7 @@ static int td_m_get(lua_State *L) {
 
 /* t:set(i, j, ..., v) (host tensors; 1-based). */
 static int td_m_set(lua_State *L) {
-  td_tensor_t *t = td__check(L, 1);
+  td_tensor_t *t = td__mut(L, "set", 1);
   if (lua_gettop(L) - 2 != td_tensor_ndim(t))
     luaL_error(L, "tide.tensor.set: expected %d indices and a value", td_tensor_ndim(t));
   if (td_tensor_device(t) != TD_CPU)
@@ -1346,7 +1390,7 @@ static int td_l_attention_cached(lua_State *L) {
   const char *fn = "attention_cached";
   td_tensor_t *qkv = td__contig(L, fn, 1);
   td__want_dtype(L, fn, qkv, TD_F32, "qkv");
-  td_tensor_t *kc = td__check(L, 2), *vc = td__check(L, 3);
+  td_tensor_t *kc = td__mut(L, fn, 2), *vc = td__mut(L, fn, 3);
   int pos = (int)luaL_checkinteger(L, 4), nh = (int)luaL_checkinteger(L, 5), B, T, C;
   td__qkv_dims(L, fn, qkv, nh, &B, &T, &C);
   for (int i = 0; i < 2; i++) {
@@ -1454,7 +1498,7 @@ static int td_l_adamw(lua_State *L) {
   const char *fn = "adamw";
   td_tensor_t *p = td__check(L, 1);
   for (int i = 1; i <= 4; i++) {
-    td_tensor_t *t = td__check(L, i);
+    td_tensor_t *t = i == 2 ? td__check(L, i) : td__mut(L, fn, i);
     if (!td_tensor_is_contiguous(t) || td_tensor_dtype(t) != TD_F32)
       luaL_error(L, "tide.tensor.adamw: argument #%d must be a contiguous f32 tensor", i);
     td__same_device(L, fn, p, t);
@@ -1772,6 +1816,7 @@ static const luaL_Reg td__funcs[] = {
     {"from_bytes", td_l_from_bytes},
     {"from_file", td_l_from_file},
     {"__tide_deser", td_l_deser},
+    {"__tide_deser_raw", td_l_deser_raw},
     {"matmul", td_l_matmul},
     {"add", td_l_add},
     {"sub", td_l_sub},
@@ -1857,6 +1902,8 @@ int luaopen_tide_tensor(lua_State *L) {
   lua_setfield(L, -2, "__tide_module");
   lua_pushcfunction(L, td_m_ser);
   lua_setfield(L, -2, "__tide_ser");
+  lua_pushcfunction(L, td_m_raw);
+  lua_setfield(L, -2, "__tide_raw");
   lua_pushcfunction(L, td_m_gc);
   lua_setfield(L, -2, "__gc");
   lua_pushcfunction(L, td_m_tostring);

@@ -3,11 +3,9 @@
  * without the string copy of __tide_ser / __tide_deser.  Uses tensor.h and
  * the Lua C API.
  *
- * Zero-copy get, for example: td_tensor_deserialize_wrap() on the bytes the
- * shared-memory store maps, with a release callback that drops the store
- * reference, then td_tensor_lua_push().  Zero-copy put: size the object with
- * td_tensor_serialized_size(td_tensor_lua_to(L, i)) and
- * td_tensor_serialize() straight into store memory.
+ * The object store itself goes through the metatable hooks (__tide_raw
+ * and T.__tide_deser_raw, see lua/ser.h), which write a tensor's bytes once
+ * and map them in place on reads.
  */
 #ifndef TD_TENSOR_LUA_H
 #define TD_TENSOR_LUA_H

@@ -28,14 +28,17 @@ static td_group_t *td__group(lua_State *L) {
   return g;
 }
 
-/* A CPU f32 contiguous tensor argument: its data and element count. */
-static float *td__f32(lua_State *L, int idx, size_t *count) {
+/* A CPU f32 contiguous tensor argument: its data and element count; one
+ * the call writes must not map an object in the store. */
+static float *td__f32(lua_State *L, int idx, size_t *count, int write) {
   td_tensor_t *t = td_tensor_lua_to(L, idx);
   if (!t) luaL_argerror(L, idx, "tensor expected");
   if (td_tensor_dtype(t) != TD_F32) luaL_argerror(L, idx, "f32 tensor expected");
   if (td_tensor_device(t) != TD_CPU)
     luaL_argerror(L, idx, "CPU tensor expected (CUDA tensors use NCCL: tide.tensor.nccl_comm)");
   if (!td_tensor_is_contiguous(t)) luaL_argerror(L, idx, "contiguous tensor expected");
+  if (write && td_tensor_is_readonly(t))
+    luaL_argerror(L, idx, "the tensor is read-only (it maps an object in the store; use a :clone())");
   *count = (size_t)td_tensor_numel(t);
   return td_tensor_data(t);
 }
@@ -55,7 +58,7 @@ static int td__op(lua_State *L, int idx) {
 static int g_allreduce(lua_State *L) {
   td_group_t *g = td__group(L);
   size_t n;
-  float *p = td__f32(L, 2, &n);
+  float *p = td__f32(L, 2, &n, 1);
   td__check(L, td_ring_allreduce(g->ring, p, p, n, td__op(L, 3)), "allreduce");
   lua_settop(L, 2);
   return 1;
@@ -65,7 +68,7 @@ static int g_allreduce(lua_State *L) {
 static int g_reduce_scatter(lua_State *L) {
   td_group_t *g = td__group(L);
   size_t n, m;
-  float *in = td__f32(L, 2, &n), *out = td__f32(L, 3, &m);
+  float *in = td__f32(L, 2, &n, 0), *out = td__f32(L, 3, &m, 1);
   if (m < td_ring_chunk_count(n, g->world, g->rank))
     return luaL_error(L, "reduce_scatter: out holds %d elements, this rank's chunk has %d", (int)m,
                       (int)td_ring_chunk_count(n, g->world, g->rank));
@@ -78,7 +81,7 @@ static int g_reduce_scatter(lua_State *L) {
 static int g_allgather(lua_State *L) {
   td_group_t *g = td__group(L);
   size_t n, m;
-  float *in = td__f32(L, 2, &n), *out = td__f32(L, 3, &m);
+  float *in = td__f32(L, 2, &n, 0), *out = td__f32(L, 3, &m, 1);
   if (m != n * (size_t)g->world)
     return luaL_error(L, "allgather: out must hold world_size * #in = %d elements, not %d",
                       (int)(n * (size_t)g->world), (int)m);
@@ -91,8 +94,8 @@ static int g_allgather(lua_State *L) {
 static int g_broadcast(lua_State *L) {
   td_group_t *g = td__group(L);
   size_t n;
-  float *p = td__f32(L, 2, &n);
   int root = (int)luaL_optinteger(L, 3, 0);
+  float *p = td__f32(L, 2, &n, root != g->rank);
   if (root < 0 || root >= g->world) return luaL_argerror(L, 3, "root out of range");
   td__check(L, td_ring_broadcast(g->ring, p, n * sizeof(float), root), "broadcast");
   lua_settop(L, 2);
@@ -102,7 +105,7 @@ static int g_broadcast(lua_State *L) {
 static int g_send(lua_State *L) {
   td_group_t *g = td__group(L);
   size_t n;
-  float *p = td__f32(L, 2, &n);
+  float *p = td__f32(L, 2, &n, 0);
   int peer = (int)luaL_checkinteger(L, 3);
   if (peer < 0 || peer >= g->world || peer == g->rank) return luaL_argerror(L, 3, "bad peer rank");
   td__check(L, td_ring_send(g->ring, p, n * sizeof(float), peer), "send");
@@ -112,7 +115,7 @@ static int g_send(lua_State *L) {
 static int g_recv(lua_State *L) {
   td_group_t *g = td__group(L);
   size_t n;
-  float *p = td__f32(L, 2, &n);
+  float *p = td__f32(L, 2, &n, 1);
   int peer = (int)luaL_checkinteger(L, 3);
   if (peer < 0 || peer >= g->world || peer == g->rank) return luaL_argerror(L, 3, "bad peer rank");
   td__check(L, td_ring_recv(g->ring, p, n * sizeof(float), peer), "recv");

@@ -119,6 +119,15 @@ static void td__local_ref(uint64_t id, int delta) {
   else td_map_del(&td_ctx.lrefs, id);
 }
 
+/* Ids for the next safe point (td_core_flush_refs). */
+static void td__queue(uint64_t **v, size_t *n, size_t *cap, uint64_t id) {
+  if (*n == *cap) {
+    *cap = *cap ? *cap * 2 : 64;
+    *v = td_xrealloc(*v, *cap * 8);
+  }
+  (*v)[(*n)++] = id;
+}
+
 /* True in the node's private RPC state. */
 static int G_is_rpc(lua_State *L) {
   lua_getfield(L, LUA_REGISTRYINDEX, "tide.is_rpc");
@@ -152,11 +161,7 @@ static int ref_gc(lua_State *L) {
     r->id = 0;
     return 0;
   }
-  if (td_ctx.ndec == td_ctx.capdec) {
-    td_ctx.capdec = td_ctx.capdec ? td_ctx.capdec * 2 : 64;
-    td_ctx.dec = td_xrealloc(td_ctx.dec, td_ctx.capdec * 8);
-  }
-  td_ctx.dec[td_ctx.ndec++] = r->id;
+  td__queue(&td_ctx.dec, &td_ctx.ndec, &td_ctx.capdec, r->id);
   r->id = 0;
   return 0;
 }
@@ -164,9 +169,17 @@ static int ref_gc(lua_State *L) {
 void td_core_flush_refs(void) {
   if (!td_ctx.ndec) return;
   if (td_ctx.is_driver) {
+    for (size_t i = 0; i < td_ctx.nunpin; i++) td_node_pin(td_ctx.node, td_ctx.unpin[i], -1);
     for (size_t i = 0; i < td_ctx.ndec; i++) td_node_decref(td_ctx.node, td_ctx.dec[i]);
-    td_ctx.ndec = 0;
+    td_ctx.ndec = td_ctx.nunpin = 0;
     return;
+  }
+  if (td_ctx.nunpin) {
+    td_chan_begin(&td_ctx.ch, TD_M_UNPIN);
+    td_buf_u32(&td_ctx.ch.out, (uint32_t)td_ctx.nunpin);
+    td_buf_put(&td_ctx.ch.out, td_ctx.unpin, td_ctx.nunpin * 8);
+    td_chan_end(&td_ctx.ch);
+    td_ctx.nunpin = 0;
   }
   /* Only the last local handle gives the node-side reference back. */
   uint32_t cnt = 0;
@@ -219,15 +232,50 @@ static void td__mkref(void *ud, lua_State *L, uint64_t id) {
   td_core_pushref(L, id, td__mkref_owned_flag);
 }
 
-static int td__decode(lua_State *L, const uint8_t *p, size_t n) {
+/* -- Zero-copy reads ----------------------------------------------------------------
+ * A tensor that maps an object's bytes in the store holds a reference and a
+ * pin (no spilling) on the object until its last view goes. Released holds
+ * are queued like dropped handles: a __gc cannot talk to the node. */
+
+static void td__shm_hold(void *ctx) {
+  uint64_t id = (uint64_t)(uintptr_t)ctx;
+  if (td_ctx.is_driver) {
+    td_node_incref(td_ctx.node, id);
+    td_node_pin(td_ctx.node, id, 1);
+    return;
+  }
+  if (!td_map_get(&td_ctx.lrefs, id)) td__send_ref(id, 1);
+  td__local_ref(id, 1);
+  td_chan_begin(&td_ctx.ch, TD_M_PIN);
+  td_buf_u32(&td_ctx.ch.out, 1);
+  td_buf_u64(&td_ctx.ch.out, id);
+  td_chan_end(&td_ctx.ch);
+}
+
+static void td__shm_release(void *ctx, void *data) {
+  (void)data;
+  uint64_t id = (uint64_t)(uintptr_t)ctx;
+  td__queue(&td_ctx.unpin, &td_ctx.nunpin, &td_ctx.capunpin, id);
+  td__queue(&td_ctx.dec, &td_ctx.ndec, &td_ctx.capdec, id);
+}
+
+static const td_holder_t td__shm_holder = {td__shm_hold, td__shm_release};
+
+/* Decodes a value; `shm_id` names the object whose bytes lie in the store
+ * (0: they do not), so that tensors in it can map them. */
+static int td__decode(lua_State *L, const uint8_t *p, size_t n, uint64_t shm_id) {
   td_deser_t d = {0};
   d.mkref = td__mkref;
+  if (shm_id) {
+    d.holder = &td__shm_holder;
+    d.holder_ctx = (void *)(uintptr_t)shm_id;
+  }
   int rc = td_deser_value(&d, L, p, n);
   if (rc) lua_pushfstring(L, "cannot decode a value: %s", d.err);
   return rc;
 }
 
-int td_core_push_wire(lua_State *L, td_rd_t *rd) {
+int td_core_push_wire(lua_State *L, td_rd_t *rd, uint64_t id) {
   uint8_t kind = td_rd_u8(rd);
   const uint8_t *p;
   size_t n;
@@ -251,7 +299,7 @@ int td_core_push_wire(lua_State *L, td_rd_t *rd) {
     return TD_EPROTO;
   }
   if (rd->bad) return TD_EPROTO;
-  if (td__decode(L, p, n)) return TD_EPROTO;
+  if (td__decode(L, p, n, kind == TD_V_SHM ? id : 0)) return TD_EPROTO;
   return kind == TD_V_ERROR ? 1 : 0;
 }
 
@@ -369,11 +417,38 @@ static void td__spec_opts(lua_State *L, int t, td_spec_t *s) {
 }
 
 static td_buf_t td__argbuf;
+static int d_put(lua_State *L);
+static int w_put(lua_State *L);
+
+#define TD__ARG_PUT_MIN (100 * 1024)
+
+/* Large arguments become objects of their own, as Ray does: the spec stays
+ * small, a node that runs the task fetches each once, and tensors in them
+ * are mapped where it runs. Returns whether any was. */
+static int td__promote_args(lua_State *L, int first, int n) {
+  int any = 0;
+  for (int idx = first; idx < first + n; idx++) {
+    int ty = lua_type(L, idx);
+    if (ty == LUA_TSTRING ? lua_objlen(L, idx) < TD__ARG_PUT_MIN : ty != LUA_TTABLE && ty != LUA_TUSERDATA)
+      continue;
+    if (ty == LUA_TUSERDATA && luaL_testudata(L, idx, TD_REF_MT)) continue;
+    if (td_ser_value(&td_ctx.ser, L, idx, NULL) || td_ctx.ser.size < TD__ARG_PUT_MIN) continue;
+    lua_pushcfunction(L, td_ctx.is_driver ? d_put : w_put);
+    lua_pushvalue(L, idx);
+    lua_call(L, 1, 1);
+    lua_replace(L, idx);
+    any = 1;
+  }
+  return any;
+}
 
 /* Sends or submits a spec and pushes the return refs. */
 static int td__submit(lua_State *L, td_spec_t *s, int first_arg) {
   int nargs = lua_gettop(L) - first_arg + 1;
   if (td_ser_args(&td_ctx.ser, L, first_arg, nargs < 0 ? 0 : nargs)) return td_core_ser_error(L, &td_ctx.ser);
+  if (td_ctx.ser.size >= TD__ARG_PUT_MIN && td__promote_args(L, first_arg, nargs) &&
+      td_ser_args(&td_ctx.ser, L, first_arg, nargs))
+    return td_core_ser_error(L, &td_ctx.ser);
   td_buf_reset(&td__argbuf);
   td_ser_append(&td_ctx.ser, &td__argbuf);
   s->args = td__argbuf.p;
@@ -493,6 +568,13 @@ static double td__deadline(lua_State *L, int idx) {
   return t < 0 ? 1e300 : td_now() + t;
 }
 
+/* Mapped tensors that are garbage still hold store bytes: before a full
+ * store is reported, they are collected and their holds given back. */
+static void td__collect(lua_State *L) {
+  lua_gc(L, LUA_GCCOLLECT, 0);
+  td_core_flush_refs();
+}
+
 /* Pushes the value (or error table) of a finished object; returns status
  * 0 ok, 1 error. */
 static int td__driver_value(lua_State *L, uint64_t id) {
@@ -500,6 +582,10 @@ static int td__driver_value(lua_State *L, uint64_t id) {
   size_t n;
   int is_err;
   int rc = td_node_bytes(td_ctx.node, id, &p, &n, &is_err);
+  if (rc == TD_ESTOREFULL) {
+    td__collect(L);
+    rc = td_node_bytes(td_ctx.node, id, &p, &n, &is_err);
+  }
   if (rc) {
     lua_createtable(L, 0, 2);
     lua_pushstring(L, rc == TD_ENOTFOUND ? "ObjectLostError" : "ObjectStoreError");
@@ -511,7 +597,7 @@ static int td__driver_value(lua_State *L, uint64_t id) {
   /* Hold it while decoding: __gc may run and drop the last handle. */
   td_node_incref(td_ctx.node, id);
   td__mkref_owned_flag = 0;
-  rc = td__decode(L, p, n);
+  rc = td__decode(L, p, n, !is_err && td_node_in_store(td_ctx.node, id) ? id : 0);
   td_node_decref(td_ctx.node, id);
   if (rc) return lua_error(L);
   return is_err;
@@ -616,6 +702,10 @@ static int d_put(lua_State *L) {
   uint64_t id = td_node_new_id(td_ctx.node);
   uint8_t *dst;
   int rc = td_node_store(td_ctx.node, id, td_ctx.ser.size, td_ctx.ser.refs, (uint32_t)td_ctx.ser.nrefs, &dst);
+  if (rc == TD_ESTOREFULL) {
+    td__collect(L);
+    rc = td_node_store(td_ctx.node, id, td_ctx.ser.size, td_ctx.ser.refs, (uint32_t)td_ctx.ser.nrefs, &dst);
+  }
   if (rc) {
     td_node_stats_t st;
     td_node_stats(td_ctx.node, &st);
@@ -842,7 +932,7 @@ static int td__push_get1(lua_State *L, const uint8_t *p, size_t n, void *ud) {
   if (td_rd_u8(&rd)) { lua_pushinteger(L, 2); return 1; }
   td__mkref_owned_flag = 0;
   uint8_t kind = rd.p < rd.end ? *rd.p : 0;
-  int rc = td_core_push_wire(L, &rd);
+  int rc = td_core_push_wire(L, &rd, (uint64_t)(uintptr_t)ud);
   if (rc < 0) return luaL_error(L, "malformed reply from the node");
   if (kind == TD_V_SHM) {
     uint64_t id = (uint64_t)(uintptr_t)ud;
@@ -888,7 +978,7 @@ static int td__push_getn(lua_State *L, const uint8_t *p, size_t n, void *ud) {
   for (uint32_t i = 0; i < g->n; i++) {
     uint8_t kind = rd.p < rd.end ? *rd.p : 0;
     if (kind == TD_V_SHM) shm[nshm++] = g->ids[i];
-    int rc = td_core_push_wire(L, &rd);
+    int rc = td_core_push_wire(L, &rd, g->ids[i]);
     if (rc < 0) { free(shm); free(g->ids); free(g); return luaL_error(L, "malformed reply from the node"); }
     if (rc == 1 && !status) {
       status = 1;
@@ -1001,6 +1091,10 @@ static int w_put(lua_State *L) {
   if (td_ser_value(&td_ctx.ser, L, 1, "tide.put value")) return td_core_ser_error(L, &td_ctx.ser);
   td_buf_reset(&td__valbuf);
   int rc = td_core_put_value(&td_ctx.ser, &td__valbuf);
+  if (rc == TD_ESTOREFULL) {
+    td__collect(L);
+    rc = td_core_put_value(&td_ctx.ser, &td__valbuf);
+  }
   if (rc) return luaL_error(L, "tide.put: %s", td_strerror(rc));
   uint64_t id = td_core_new_id();
   td_chan_begin(&td_ctx.ch, TD_M_PUT);
@@ -1055,7 +1149,7 @@ static int td__push_rpc(lua_State *L, const uint8_t *p, size_t n, void *ud) {
   const uint8_t *b = td_rd_str(&rd, &l);
   if (rd.bad) return luaL_error(L, "malformed reply from the node");
   td__mkref_owned_flag = 1;
-  int rc = td__decode(L, b, l);
+  int rc = td__decode(L, b, l, 0);
   td__mkref_owned_flag = 0;
   if (rc) return lua_error(L);
   if (!ok) {
@@ -1133,7 +1227,7 @@ static void td__rpc_cb(void *ud, td_wk_t *wk, uint32_t req, const char *op, cons
     lua_pushfstring(L, "unknown operation %s", op);
   } else {
     td__mkref_owned_flag = 0;
-    if (td__decode(L, args, len) == 0 && lua_istable(L, -1)) {
+    if (td__decode(L, args, len, 0) == 0 && lua_istable(L, -1)) {
       int n = (int)lua_objlen(L, -1);
       int t = lua_gettop(L);
       for (int i = 1; i <= n; i++) lua_rawgeti(L, t, i);
@@ -1245,7 +1339,7 @@ static int c_decode(lua_State *L) {
   size_t n;
   const char *p = luaL_checklstring(L, 1, &n);
   td__mkref_owned_flag = 0;
-  if (td__decode(L, (const uint8_t *)p, n)) return lua_error(L);
+  if (td__decode(L, (const uint8_t *)p, n, 0)) return lua_error(L);
   return 1;
 }
 

@@ -31,6 +31,8 @@ typedef struct td_ctx {
   td_map_t lrefs;          /* worker: id -> local handle count */
   uint64_t *dec;           /* refs dropped by __gc, applied at safe points */
   size_t ndec, capdec;
+  uint64_t *unpin;         /* pins of zero-copy tensors let go, likewise */
+  size_t nunpin, capunpin;
   td_ser_t ser;            /* reusable encoder */
   /* What is running now, for get_runtime_context and print prefixes. */
   uint64_t cur_task, cur_actor;
@@ -54,9 +56,10 @@ uint64_t td_core_new_id(void);
 /* Encodes a value for a result or put: inline, or into shared memory
  * (worker: asks the node for an extent). Appends to b. Returns 0 or err. */
 int td_core_put_value(const td_ser_t *s, td_buf_t *b);
-/* Pushes the value an encoded wire value refers to (TD_V_*). Returns 0,
- * 1 if it is an error table (pushed), or TD_EPROTO. */
-int td_core_push_wire(lua_State *L, td_rd_t *rd);
+/* Pushes the value an encoded wire value refers to (TD_V_*); `id` is the
+ * object's (0 if unknown), for tensors that map its bytes in the store.
+ * Returns 0, 1 if it is an error table (pushed), or TD_EPROTO. */
+int td_core_push_wire(lua_State *L, td_rd_t *rd, uint64_t id);
 /* Raises a Lua error describing a serialization failure. */
 int td_core_ser_error(lua_State *L, td_ser_t *s);
 

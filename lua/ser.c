@@ -26,7 +26,7 @@ static void td__ser_reset(td_ser_t *s) {
   td_buf_reset(&s->buf);
   td_buf_reset(&s->path);
   s->nsegs = s->nrefs = s->ndeps = 0;
-  s->size = 0;
+  s->size = s->segbytes = 0;
   s->err[0] = 0;
   s->depth = 0;
   s->nseen = 0;
@@ -167,27 +167,78 @@ static int td__ser_table(td_ser_t *s, lua_State *L, int idx, const char *what) {
   return 0;
 }
 
+/* Bytes kept outside the buffer and copied once by td_ser_copy. */
+static void td__seg_add(td_ser_t *s, const void *p, size_t n) {
+  if (s->nsegs == s->capsegs) {
+    s->capsegs = s->capsegs ? s->capsegs * 2 : 4;
+    s->segs = td_xrealloc(s->segs, (size_t)s->capsegs * sizeof(td_seg_t));
+  }
+  s->segs[s->nsegs++] = (td_seg_t){s->buf.len, p, n};
+  s->segbytes += n;
+}
+
+/* An object's raw bytes (the stack holds header, bytes, length): aligned to
+ * 64 bytes from the start of the encoding, so that a store extent holding
+ * it can be mapped in place by the reader. */
+static void td__ser_raw(td_ser_t *s, lua_State *L, const char *mod, size_t mlen) {
+  size_t hlen;
+  const char *h = lua_tolstring(L, -3, &hlen);
+  const void *p = lua_touserdata(L, -2);
+  size_t n = (size_t)lua_tonumber(L, -1);
+  td_buf_u8(&s->buf, TD_T_EXTRAW);
+  td_buf_str(&s->buf, mod, mlen);
+  td_buf_str(&s->buf, h, hlen);
+  td_buf_u64(&s->buf, n);
+  size_t at = s->buf.len + s->segbytes + 1;
+  uint8_t pad = (uint8_t)((64 - at % 64) % 64);
+  td_buf_u8(&s->buf, pad);
+  td_buf_reserve(&s->buf, pad);
+  memset(s->buf.p + s->buf.len, 0, pad);
+  s->buf.len += pad;
+  if (n >= TD_SER_SEG_MIN) td__seg_add(s, p, n);
+  else td_buf_put(&s->buf, p, n);
+}
+
 /* Objects whose metatable carries __tide_ser (tensors, actor handles,
- * remote functions) are sent as module name + blob. */
+ * remote functions) are sent as module name + blob, or + raw bytes when
+ * __tide_raw gives them. */
 static int td__ser_ext(td_ser_t *s, lua_State *L, int idx, const char *what, int *handled) {
   *handled = 0;
   if (!lua_getmetatable(L, idx)) return 0;
-  lua_getfield(L, -1, "__tide_ser");
-  if (!lua_isfunction(L, -1)) { lua_pop(L, 2); return 0; }
+  int top = lua_gettop(L) - 1, mt = top + 1, rc = 0;
+  lua_getfield(L, mt, "__tide_ser");
+  if (!lua_isfunction(L, -1)) { lua_settop(L, top); return 0; }
   *handled = 1;
-  lua_getfield(L, -2, "__tide_module");
+  lua_getfield(L, mt, "__tide_module");
   if (lua_type(L, -1) != LUA_TSTRING) {
-    lua_pop(L, 3);
+    lua_settop(L, top);
     return td__ser_fail(s, what, "cannot send a %s: its metatable has no __tide_module", luaL_typename(L, idx));
   }
   size_t mlen;
   const char *mod = lua_tolstring(L, -1, &mlen);
-  lua_pushvalue(L, -2);
+  lua_getfield(L, mt, "__tide_raw");
+  if (lua_isfunction(L, -1)) {
+    lua_pushvalue(L, idx);
+    if (lua_pcall(L, 1, 3, 0) != 0) {
+      rc = td__ser_fail(s, what, "cannot send an object: %s",
+                        lua_isstring(L, -1) ? lua_tostring(L, -1) : "__tide_raw failed");
+    } else if (lua_type(L, -3) == LUA_TSTRING && lua_islightuserdata(L, -2) && lua_isnumber(L, -1)) {
+      td__ser_raw(s, L, mod, mlen);
+    } else {
+      lua_settop(L, mt + 2);
+      goto blob;  /* no raw bytes for this one (a device tensor, a view) */
+    }
+    lua_settop(L, top);
+    return rc;
+  }
+  lua_pop(L, 1);
+blob:
+  lua_pushvalue(L, mt + 1);
   lua_pushvalue(L, idx);
   if (lua_pcall(L, 1, 1, 0) != 0 || lua_type(L, -1) != LUA_TSTRING) {
     const char *e = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "__tide_ser did not return a string";
-    int rc = td__ser_fail(s, what, "cannot send an object: %s", e);
-    lua_pop(L, 4);
+    rc = td__ser_fail(s, what, "cannot send an object: %s", e);
+    lua_settop(L, top);
     return rc;
   }
   size_t blen;
@@ -195,7 +246,7 @@ static int td__ser_ext(td_ser_t *s, lua_State *L, int idx, const char *what, int
   td_buf_u8(&s->buf, TD_T_EXT);
   td_buf_str(&s->buf, mod, mlen);
   td_buf_str(&s->buf, blob, blen);
-  lua_pop(L, 4);
+  lua_settop(L, top);
   return 0;
 }
 
@@ -214,16 +265,8 @@ static int td__ser(td_ser_t *s, lua_State *L, int idx, const char *what) {
       const char *p = lua_tolstring(L, idx, &n);
       td_buf_u8(&s->buf, TD_T_STR);
       td_buf_u32(&s->buf, (uint32_t)n);
-      if (n >= TD_SER_SEG_MIN) {
-        if (s->nsegs == s->capsegs) {
-          s->capsegs = s->capsegs ? s->capsegs * 2 : 4;
-          s->segs = td_xrealloc(s->segs, (size_t)s->capsegs * sizeof(td_seg_t));
-        }
-        s->segs[s->nsegs++] = (td_seg_t){s->buf.len, p, n};
-      } else {
-        td_buf_put(&s->buf, p, n);
-      }
-      s->size += 0;
+      if (n >= TD_SER_SEG_MIN) td__seg_add(s, p, n);
+      else td_buf_put(&s->buf, p, n);
       return 0;
     }
     case LUA_TTABLE: {
@@ -378,6 +421,32 @@ static int td__de_table_body(td__dctx_t *c, lua_State *L) {
   return 0;
 }
 
+/* Pushes the decoding hook `name` of module m (loaded with require). */
+static int td__de_hook(td__dctx_t *c, lua_State *L, const uint8_t *m, uint32_t mn, const char *name) {
+  lua_getglobal(L, "require");
+  lua_pushlstring(L, (const char *)m, mn);
+  if (lua_pcall(L, 1, 1, 0) != 0 || !lua_istable(L, -1)) {
+    snprintf(c->d->err, sizeof(c->d->err), "cannot load module %.*s for a received object: %s", (int)mn,
+             m, lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "?");
+    return TD_ESER;
+  }
+  lua_getfield(L, -1, name);
+  lua_remove(L, -2);
+  if (!lua_isfunction(L, -1)) {
+    snprintf(c->d->err, sizeof(c->d->err), "module %.*s has no %s", (int)mn, m, name);
+    return TD_ESER;
+  }
+  return 0;
+}
+
+/* Calls the hook under the arguments pushed after it; leaves its value. */
+static int td__de_call(td__dctx_t *c, lua_State *L, const uint8_t *m, uint32_t mn, int nargs) {
+  if (lua_pcall(L, nargs, 1, 0) == 0) return 0;
+  snprintf(c->d->err, sizeof(c->d->err), "cannot decode a %.*s object: %s", (int)mn, m,
+           lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "?");
+  return TD_ESER;
+}
+
 static int td__de(td__dctx_t *c, lua_State *L) {
   if (++c->depth > TD_SER_MAX_DEPTH + 2) return td__de_fail(c, "nesting too deep");
   if (!lua_checkstack(L, 8)) return td__de_fail(c, "Lua stack overflow");
@@ -448,21 +517,30 @@ static int td__de(td__dctx_t *c, lua_State *L) {
       const uint8_t *m = td_rd_str(&c->r, &mn);
       const uint8_t *b = td_rd_str(&c->r, &bn);
       if (c->r.bad) return td__de_fail(c, "truncated extension object");
-      lua_getglobal(L, "require");
-      lua_pushlstring(L, (const char *)m, mn);
-      if (lua_pcall(L, 1, 1, 0) != 0 || !lua_istable(L, -1)) {
-        snprintf(c->d->err, sizeof(c->d->err), "cannot load module %.*s for a received object: %s", (int)mn,
-                 m, lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "?");
-        return TD_ESER;
-      }
-      lua_getfield(L, -1, "__tide_deser");
-      lua_remove(L, -2);
+      if ((rc = td__de_hook(c, L, m, mn, "__tide_deser"))) return rc;
       lua_pushlstring(L, (const char *)b, bn);
-      if (lua_pcall(L, 1, 1, 0) != 0) {
-        snprintf(c->d->err, sizeof(c->d->err), "cannot decode a %.*s object: %s", (int)mn, m,
-                 lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "?");
-        return TD_ESER;
+      rc = td__de_call(c, L, m, mn, 1);
+      break;
+    }
+    case TD_T_EXTRAW: {
+      uint32_t mn, hn;
+      const uint8_t *m = td_rd_str(&c->r, &mn);
+      const uint8_t *h = td_rd_str(&c->r, &hn);
+      uint64_t n = td_rd_u64(&c->r);
+      td_rd_bytes(&c->r, td_rd_u8(&c->r));
+      const uint8_t *b = c->r.bad || n > (uint64_t)(c->r.end - c->r.p) ? NULL : td_rd_bytes(&c->r, (size_t)n);
+      if (!b) return td__de_fail(c, "truncated extension object");
+      if ((rc = td__de_hook(c, L, m, mn, "__tide_deser_raw"))) return rc;
+      lua_pushlstring(L, (const char *)h, hn);
+      lua_pushlightuserdata(L, (void *)b);
+      lua_pushnumber(L, (lua_Number)n);
+      int nargs = 3;
+      if (c->d->holder) {
+        lua_pushlightuserdata(L, (void *)c->d->holder);
+        lua_pushlightuserdata(L, c->d->holder_ctx);
+        nargs = 5;
       }
+      rc = td__de_call(c, L, m, mn, nargs);
       break;
     }
     default: return td__de_fail(c, "unknown value tag");

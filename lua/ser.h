@@ -19,7 +19,10 @@ enum {
   TD_T_ARGREF, /* a top-level argument ref, replaced by its value */
   TD_T_FUNC,   /* a Lua function: descriptor from the dumpfn hook */
   TD_T_NUMARR, /* array of numbers packed as f64 */
-  TD_T_EXT     /* extension object: module name + blob */
+  TD_T_EXT,    /* extension object: module name + blob */
+  TD_T_EXTRAW  /* extension object with raw bytes: module, header, u64 n,
+                  u8 pad, pad zeros, n bytes (64-byte aligned in the
+                  encoding, so a store extent can be mapped in place) */
 };
 
 /* Strings at least this long are not copied into the encoder's buffer. */
@@ -40,6 +43,7 @@ typedef struct td_ser {
   uint64_t *deps;     /* top-level argument refs (td_ser_args only) */
   int ndeps, capdeps;
   size_t size;        /* total encoded size, segments included */
+  size_t segbytes;    /* bytes of the segments so far */
   td_buf_t path;      /* where we are, for error messages */
   char err[512];      /* set when encoding fails */
   int depth;
@@ -64,10 +68,19 @@ void td_ser_append(const td_ser_t *s, td_buf_t *b);
 
 /* Decoder hooks. argref pushes the value of a resolved dependency (or
  * returns nonzero if it failed); mkref pushes an ObjectRef for an id. */
+typedef struct td_holder {
+  void (*hold)(void *ctx);                /* keeps the bytes where they are */
+  void (*release)(void *ctx, void *data); /* lets them go (once per hold) */
+} td_holder_t;
+
 typedef struct td_deser {
   void *ud;
   int (*argref)(void *ud, lua_State *L, uint64_t id);
   void (*mkref)(void *ud, lua_State *L, uint64_t id);
+  /* Set when the bytes lie in shared memory that extension objects may map
+   * in place (zero-copy tensors); NULL: they copy. */
+  const td_holder_t *holder;
+  void *holder_ctx;
   char err[256];
 } td_deser_t;
 
@@ -80,6 +93,14 @@ int td_deser_args(td_deser_t *d, lua_State *L, const uint8_t *p, size_t n, int *
 /* Registry keys of the Lua hooks (set by the stdlib at startup). */
 #define TD_HOOK_DUMPFN "tide.hook.dumpfn"   /* fn -> descriptor table */
 #define TD_HOOK_LOADFN "tide.hook.loadfn"   /* descriptor -> fn */
+
+/* Extension objects with raw bytes (tensors). Their metatable's
+ * __tide_raw(obj) returns header, lightuserdata bytes, length (or nil to be
+ * sent through __tide_ser); the module's __tide_deser_raw(header, bytes,
+ * length [, holder, ctx]) rebuilds one: given a holder (lightuserdata
+ * td_holder_t and its ctx) it may call hold(ctx), map the bytes in place,
+ * read-only, and call release(ctx, bytes) when done with them; without one
+ * it copies them. */
 #define TD_REF_MT "tide.ObjectRef"
 
 typedef struct td_ref_ud {

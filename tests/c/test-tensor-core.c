@@ -9,6 +9,7 @@
 
 #include "device.h"
 #include "tensor.h"
+#include "ser.h"
 #include "tensor_lua.h"
 #include "test.h"
 
@@ -94,6 +95,11 @@ TEST_IMPL(tensor_copy_convert) {
   return 0;
 }
 
+static void td__count_release(void *ctx, void *data) {
+  (void)data;
+  (*(int *)ctx)++;
+}
+
 TEST_IMPL(tensor_serialize) {
   int64_t shape[3] = {2, 1, 5};
   td_tensor_t *t = iota(3, shape), *s = NULL, *u = NULL, *w = NULL;
@@ -107,10 +113,25 @@ TEST_IMPL(tensor_serialize) {
   ASSERT_EQ(td_tensor_ndim(u), 3);
   ASSERT_EQ(td_tensor_shape(u)[2], 3);
   ASSERT_EQ(((float *)td_tensor_data(u))[3], 6.0f);
-  ASSERT_EQ(td_tensor_deserialize_wrap(&w, buf, n, NULL, NULL), 0);
+  /* Header and data apart: mapped in place with a release, read-only;
+   * copied without one. */
+  int released = 0;
+  ASSERT_EQ(td_tensor_from_parts(&w, buf, 32, buf + 32, n - 32, td__count_release, &released), 0);
   ASSERT_EQ(((float *)td_tensor_data(w))[5], 8.0f);
   ASSERT((char *)td_tensor_data(w) == buf + 32); /* zero-copy */
+  ASSERT(td_tensor_is_readonly(w));
+  td_tensor_t *wv = NULL;
+  ASSERT_EQ(td_tensor_slice(&wv, w, 0, 0, 1), 0);
+  ASSERT(td_tensor_is_readonly(wv)); /* views share it */
   td_tensor_free(&w);
+  ASSERT_EQ(released, 0);
+  td_tensor_free(&wv);
+  ASSERT_EQ(released, 1);
+  ASSERT_EQ(td_tensor_from_parts(&w, buf, 32, buf + 32, n - 32, NULL, NULL), 0);
+  ASSERT((char *)td_tensor_data(w) != buf + 32 && !td_tensor_is_readonly(w));
+  td_tensor_free(&w);
+  ASSERT_EQ(td_tensor_from_parts(&w, buf, 32, buf + 32, n - 36, td__count_release, &released), -TD_GPU_EFORMAT);
+  ASSERT_EQ(released, 1);
   /* Malformed input is refused, never read past its end. */
   ASSERT_EQ(td_tensor_deserialize(&w, buf, n - 4), -TD_GPU_EFORMAT);
   ASSERT_EQ(td_tensor_deserialize(&w, buf, 7), -TD_GPU_EFORMAT);
@@ -206,5 +227,81 @@ TEST_IMPL(tensor_lua_push) {
   ASSERT(td_tensor_lua_to(L, -1) == NULL);
   lua_pop(L, 1);
   lua_close(L); /* __gc frees x and y */
+  return 0;
+}
+
+/* Holds counted by the store's stand-in. */
+static int holds;
+static void test_hold(void *ctx) { (void)ctx; holds++; }
+static void test_release(void *ctx, void *data) { (void)ctx; (void)data; holds--; }
+
+TEST_IMPL(tensor_ser_raw) {
+  /* A tensor in a value is encoded with its bytes 64-byte aligned from the
+   * start of the encoding, whatever precedes it, and decoded from aligned
+   * memory by mapping them (held until the last view goes) or, without a
+   * holder or from a misaligned copy, by copying them. */
+  lua_State *L = luaL_newstate();
+  luaL_openlibs(L);
+  luaL_newmetatable(L, TD_REF_MT);
+  lua_pop(L, 1);
+  lua_getglobal(L, "package");
+  lua_getfield(L, -1, "preload");
+  lua_pushcfunction(L, luaopen_tide_tensor);
+  lua_setfield(L, -2, "tide.tensor");
+  lua_pop(L, 2);
+  static const td_holder_t holder = {test_hold, test_release};
+  for (int pad = 0; pad < 70; pad += 23) {
+    lua_pushfstring(L, "local T = require('tide.tensor')\n"
+                       "return {s = string.rep('p', %d), big = T.arange(20000, {dtype = 'f32'}),"
+                       " small = T.ones({3}), view = T.ones({4, 4}):transpose(1, 2)}", pad);
+    ASSERT_EQ(luaL_dostring(L, lua_tostring(L, -1)), 0);
+    td_ser_t s;
+    td_ser_init(&s);
+    ASSERT_EQ(td_ser_value(&s, L, -1, "value"), 0);
+    ASSERT_EQ(s.nsegs, 1); /* the big tensor's bytes are not copied into the buffer */
+    uint8_t *bytes = aligned_alloc(64, (s.size + 64) & ~(size_t)63);
+    td_ser_copy(&s, bytes);
+    lua_pop(L, 2);
+    td_deser_t d = {0};
+    d.holder = &holder;
+    ASSERT_EQ(td_deser_value(&d, L, bytes, s.size), 0);
+    td_tensor_t *big = NULL;
+    lua_getfield(L, -1, "big");
+    big = td_tensor_lua_to(L, -1);
+    ASSERT(big && td_tensor_is_readonly(big));
+    ASSERT(((uintptr_t)td_tensor_data(big) - (uintptr_t)bytes) % 64 == 0);
+    ASSERT((uint8_t *)td_tensor_data(big) > bytes && (uint8_t *)td_tensor_data(big) < bytes + s.size);
+    ASSERT_EQ(((float *)td_tensor_data(big))[19999], 19999.0f);
+    ASSERT_EQ(holds, 2); /* big and small map; the transposed view was copied */
+    lua_pop(L, 2);
+    lua_gc(L, LUA_GCCOLLECT, 0);
+    ASSERT_EQ(holds, 0);
+    /* No holder, or misaligned bytes: copies, writable. */
+    d.holder = NULL;
+    ASSERT_EQ(td_deser_value(&d, L, bytes, s.size), 0);
+    lua_getfield(L, -1, "big");
+    ASSERT(!td_tensor_is_readonly(td_tensor_lua_to(L, -1)));
+    lua_pop(L, 2);
+    uint8_t *odd = malloc(s.size + 1);
+    memcpy(odd + 1, bytes, s.size);
+    d.holder = &holder;
+    ASSERT_EQ(td_deser_value(&d, L, odd + 1, s.size), 0);
+    lua_getfield(L, -1, "big");
+    ASSERT(!td_tensor_is_readonly(td_tensor_lua_to(L, -1)));
+    ASSERT_EQ(holds, 0);
+    lua_pop(L, 2);
+    /* Truncated: a clean error. */
+    for (size_t cut = 0; cut < s.size; cut += 331) {
+      int top = lua_gettop(L);
+      td_deser_value(&d, L, bytes, cut);
+      lua_settop(L, top);
+    }
+    lua_gc(L, LUA_GCCOLLECT, 0);
+    ASSERT_EQ(holds, 0);
+    free(odd);
+    free(bytes);
+    td_ser_free(&s);
+  }
+  lua_close(L);
   return 0;
 }

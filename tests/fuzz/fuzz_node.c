@@ -37,7 +37,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   }
   size_t i = 0;
   while (i + 3 <= size) {
-    uint8_t type = (uint8_t)(TD_M_READY + data[i] % 17);
+    uint8_t type = (uint8_t)(TD_M_READY + data[i] % 19);
     uint16_t len;
     memcpy(&len, data + i + 1, 2);
     i += 3;
