@@ -19,6 +19,12 @@ function M.local_test(name, fn)
   io.write(string.format("ok %d - %s # SKIP needs the node shape tide.init sets\n", n, name))
 end
 
+-- A test this machine cannot run, reported as skipped with the reason.
+function M.skip(name, why)
+  n = n + 1
+  io.write(string.format("ok %d - %s # SKIP %s\n", n, name, why))
+end
+
 local function fmt(v)
   if type(v) == "string" then return string.format("%q", v) end
   return tostring(v)

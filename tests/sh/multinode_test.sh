@@ -95,6 +95,9 @@ check "... and by its tasks on every node (each node fetched the package once)" 
   'echo "$logs" | grep -q "TASK	hello task from node-1" && echo "$logs" | grep -q "TASK	hello task from node-2" &&
    ls $D/pkgs-n1/*.pkg >/dev/null && ls $D/pkgs-n2/*.pkg >/dev/null' "$logs $(ls -R $D/pkgs-n1 $D/pkgs-n2 2>&1)"
 
+echo "# tensors across nodes, 2 GiB and more"
+TIDE_SESSION_DIR=$D/head timeout 400 $T run --address local tests/cluster/big_tensor.lua 2>&1
+
 echo "# node death"
 t0=$(now)
 NODE1_PID_FILE=$D/n1/node.pid TIDE_SESSION_DIR=$D/head timeout 120 $T run --address local tests/cluster/node_death.lua 2>&1
