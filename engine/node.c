@@ -121,6 +121,7 @@ struct td_task {
   uint8_t slow;          /* not known to be short when sent */
   uint8_t node_held;     /* sent to a node link holding: 1 its resources, 2 a bundle's */
   uint8_t pooled;        /* a TD_TASK_TAIL record, reused from n->task_pool */
+  uint8_t restored;      /* a detached actor's creation, restored by a restarted head */
   uint64_t owner;        /* the client (or head link) whose work it is: prints go there */
   uint64_t owner_task;   /* on a node: the head's id of this task */
   int32_t held_bundle;   /* node_held 2: the bundle of its placement group */
@@ -257,6 +258,7 @@ struct td_node {
   uint32_t spread;       /* round robin for SPREAD */
   uint32_t next_index;
   int restoring;         /* re-creating persisted actors: they wait for nodes */
+  double adopt_until;    /* until then restored actors wait to be adopted (td__adopt) */
   td_map_t fwd;          /* head task id -> td_fwd_t */
   td_map_t pulls;        /* request id -> object id, values asked of a link */
   td_map_t relays;       /* request id -> td_relay_t, requests passed to the head */
@@ -1419,6 +1421,7 @@ static void td__sched(td_node_t *n) {
     td_wk_t *to;
     int hold;
     char why[200];
+    if (t->restored && td_now() < n->adopt_until) { misses++; t = next; continue; }
     int where = td__place(n, t, bundle, pool && td__fits(pool, t), &to, &hold, why, sizeof(why));
     if (where == 3 || where == 1) {
       tq_del(&n->queue, t);
@@ -1623,6 +1626,8 @@ static void td__restore_actor(void *ud, const char *key, const void *val, size_t
   const char *msg;
   if (!td_map_get(&n->actors, s.actor_id) && td_node_submit(n, &s, &msg) == 0) {
     td_node_decref(n, s.rets[0]);  /* nobody waits for its readiness */
+    td_actor_t *a = td_map_get(&n->actors, s.actor_id);
+    if (a && a->create) a->create->restored = 1;
     fprintf(stderr, "tide: restoring detached actor %s%s%s\n", key, s.name[0] ? " " : "", s.name);
   }
   free(scratch);
@@ -1648,6 +1653,9 @@ static void td__restore_ids(td_node_t *n) {
 
 void td_node_restore(td_node_t *n) {
   td_persist_each("node", td__restore_node, n);
+  /* Nodes still running restored actors rejoin within a heartbeat or two
+   * and report them; only then are the others placed anew. */
+  n->adopt_until = td_now() + (n->node_timeout > 2 ? n->node_timeout : 2);
   n->restoring = 1;
   td_persist_each("actor", td__restore_actor, n);
   n->restoring = 0;
@@ -2601,6 +2609,39 @@ static int td__on_join(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
 }
 
 /* Head: a joined node says what it has. */
+/* Head: a rejoining node still runs a detached actor an earlier head placed
+ * there. One this head restored and has not placed yet is adopted where it
+ * runs, its state kept and its init not run again; anything else is ended
+ * there (this head does not know it, or runs it elsewhere by now). */
+static void td__adopt(td_node_t *n, td_wk_t *wk, uint64_t aid, uint32_t attempt) {
+  td_actor_t *a = td_map_get(&n->actors, aid);
+  td_task_t *t = a ? a->create : NULL;
+  if (!t || a->state != A_PENDING || t->state != T_QUEUED || !t->restored || t->spec.pg_id ||
+      !td__fits(wk->navail, t)) {
+    td_chan_begin(&wk->ch, TD_M_ACTOR_KILL);
+    td_buf_u64(&wk->ch.out, aid);
+    td_chan_end(&wk->ch);
+    return;
+  }
+  tq_del(&n->queue, t);
+  td__take(wk->navail, t, 1);
+  a->res_node = wk;
+  a->res_held = 1;
+  a->host = wk;
+  wk->nactors++;
+  a->state = A_ALIVE;
+  t->state = T_SENT;
+  t->attempt = attempt;  /* its exits carry the incarnation it was started as */
+  td_obj_t *o = td__obj(n, t->spec.rets[0]);
+  uint8_t tt = TD_T_TRUE;
+  if (o && o->state == OBJ_PENDING) td__obj_set(n, o, OBJ_READY, 0, &tt, 1, 0, NULL, 0);
+  td_log("adopted detached actor %016llx%s%s, still running on node-%u", (unsigned long long)aid,
+         t->spec.name[0] ? " " : "", t->spec.name, wk->node_index);
+  fprintf(stderr, "tide: adopted detached actor %016llx%s%s on node-%u\n", (unsigned long long)aid,
+          t->spec.name[0] ? " " : "", t->spec.name, wk->node_index);
+  td__actor_pump(n, a);
+}
+
 static int td__on_node_info(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   if (wk->kind != WK_NODE || wk->joined) return TD_EPROTO;
   uint32_t l;
@@ -2630,7 +2671,13 @@ static int td__on_node_info(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   td_persist_put("node", key, wk->name, strlen(wk->name));
   td_log("%s", line);
   fprintf(stderr, "tide: %s\n", line);
-  return 0;
+  uint32_t na = rd->p < rd->end ? td_rd_u32(rd) : 0;
+  for (uint32_t i = 0; i < na && !rd->bad; i++) {
+    uint64_t aid = td_rd_u64(rd);
+    uint32_t attempt = td_rd_u32(rd);
+    if (!rd->bad) td__adopt(n, wk, aid, attempt);
+  }
+  return rd->bad ? TD_EPROTO : 0;
 }
 
 /* The package a head path was shipped as, while fresh (a minute). */
@@ -2947,13 +2994,14 @@ static void td__head_lost(td_node_t *n) {
   while (td_map_next(&n->fwd, &it, NULL, &v)) fs[k++] = v;
   for (size_t i = 0; i < k; i++) td__fwd_end(n, fs[i]);
   free(fs);
-  /* Its actors here (each has fwd_attempt set when created for it). */
+  /* Its actors here (each has fwd_attempt set when created for it); the
+   * detached ones live on, for a restarted head to adopt (td__adopt). */
   uint64_t *actors = td_xmalloc((size_t)n->actors.len * 8 + 8);
   uint32_t na = 0;
   td_actor_t *a;
   it = 0;
   while (td_map_next(&n->actors, &it, NULL, (void **)&a))
-    if (a->fwd_attempt && a->state != A_DEAD) actors[na++] = a->id;
+    if (a->fwd_attempt && a->state != A_DEAD && !(a->create && a->create->spec.detached)) actors[na++] = a->id;
   n->head = NULL;
   for (uint32_t i = 0; i < na; i++) td_node_kill_actor(n, actors[i], 1);
   free(actors);
@@ -3699,6 +3747,18 @@ int td_node_link_head(td_node_t *n, int fd) {
     td_buf_str(&wk->ch.out, n->resname[i], strlen(n->resname[i]));
     td_buf_f64(&wk->ch.out, n->total[i]);
   }
+  /* Detached actors an earlier head placed here, still running. */
+  size_t at = wk->ch.out.len, it = 0;
+  uint32_t na = 0;
+  td_actor_t *a;
+  td_buf_u32(&wk->ch.out, 0);
+  while (td_map_next(&n->actors, &it, NULL, (void **)&a)) {
+    if (!a->fwd_attempt || a->state != A_ALIVE) continue;
+    td_buf_u64(&wk->ch.out, a->id);
+    td_buf_u32(&wk->ch.out, a->fwd_attempt);
+    na++;
+  }
+  memcpy(wk->ch.out.p + at, &na, 4);
   td_chan_end(&wk->ch);
   td_chan_flush(&wk->ch);
   return 0;

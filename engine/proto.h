@@ -43,7 +43,8 @@ enum {
   /* between nodes (a node's link to its head, both ways) */
   TD_M_BEAT = 40,      /* heartbeat, empty */
   TD_M_JOIN,           /* node -> head: u32 index wanted (0: any) */
-  TD_M_NODE_INFO,      /* node -> head: str name, u32 n, (str resource, f64 total)[n] */
+  TD_M_NODE_INFO,      /* node -> head: str name, u32 n, (str resource, f64 total)[n],
+                          u32 k, (u64 actor, u32 incarnation)[k]: detached actors it runs */
   TD_M_FN,             /* either way: u64 id, str definition (before work that needs it) */
   TD_M_PKG_GET,        /* node -> head: str hash of a working-directory package */
   TD_M_PKG,            /* head -> node: str hash, u8 ok, str package (or why not) */

@@ -226,11 +226,15 @@ t.test("task results are freed when their refs are dropped", function()
   local refs = {}
   for i = 1, 20 do refs[i] = f:remote(i) end
   tide.get(refs)
-  t.ok(tide.stats().objects >= before + 20, "results not counted as objects")
+  -- Other objects may still be going away (on a cluster, asynchronously):
+  -- the count is compared with itself while the results are held.
+  local during = tide.stats().objects
+  t.ok(during >= 20, "results not counted as objects")
   refs = nil
   flush()
   local after = tide.stats().objects
-  t.ok(after <= before + 2, string.format("results not freed: before %d, after %d", before, after))
+  t.ok(after <= during - 18 and after <= before + 2,
+    string.format("results not freed: before %d, while held %d, after %d", before, during, after))
 end)
 
 t.test("a ref in flight keeps its object alive after the driver drops it", function()

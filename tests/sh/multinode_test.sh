@@ -160,8 +160,8 @@ print("RESUMED", tide.get(k:incr(), {timeout = 30}), tide.get(k:node()),
   require("tide.core").call_node("kv_get", "mn-key"))
 LUA
 out=$(TIDE_SESSION_DIR=$D/head timeout 60 $T run --address local $D/resumed.lua 2>&1)
-check "the restarted head resumes its detached actor (re-created) and its KV from head.db" \
-  'echo "$out" | grep -q "RESUMED	1	node-3	kept"' "$out"
+check "the restarted head adopts its detached actor where it still runs (state kept, init not run again) and resumes its KV from head.db" \
+  'echo "$out" | grep -q "RESUMED	2	node-3	kept" && grep -q "adopted detached actor .* keeper" $D/head/node.log' "$out $(grep -i adopt $D/head/node.log)"
 out=$(TIDE_SESSION_DIR=$D/head $T job list 2>&1)
 check "the restarted head still lists the job it ran" 'echo "$out" | grep -q "SUCCEEDED"' "$out"
 
