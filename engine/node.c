@@ -208,6 +208,8 @@ typedef struct td_pg {
   char name[64];
   uint32_t *where;       /* per bundle, once created: the index of its node */
   uint64_t owner;        /* the client that made it (0: the node's driver) */
+  uint8_t detached;      /* outlives its owner (and the head: persisted) */
+  uint8_t holds_ready;   /* restored: the group itself holds its ready object */
   struct td_pg *next;
 } td_pg_t;
 
@@ -1651,12 +1653,15 @@ static void td__restore_ids(td_node_t *n) {
   td_persist_put("meta", "next_wk", v, (size_t)l);
 }
 
+static void td__restore_pg(void *ud, const char *key, const void *val, size_t len);
+
 void td_node_restore(td_node_t *n) {
   td_persist_each("node", td__restore_node, n);
   /* Nodes still running restored actors rejoin within a heartbeat or two
    * and report them; only then are the others placed anew. */
   n->adopt_until = td_now() + (n->node_timeout > 2 ? n->node_timeout : 2);
   n->restoring = 1;
+  td_persist_each("pg", td__restore_pg, n);
   td_persist_each("actor", td__restore_actor, n);
   n->restoring = 0;
 }
@@ -1875,10 +1880,37 @@ int td_node_actor_state(td_node_t *n, uint64_t actor_id, const char **reason) {
 
 /* -- Placement groups ---------------------------------------------------------------------- */
 
-int td_node_pg_create(td_node_t *n, int nb, const double (*bundles)[TD_NRES_MAX], int strategy,
-                      const char *name, uint64_t *pg_id, uint64_t *ready_id) {
+/* A detached group's row in head.db: strategy, name and bundles by
+ * resource name (indices are given anew at each start). */
+static void td__persist_pg(td_node_t *n, const td_pg_t *pg) {
+  if (!td_persist_on()) return;
+  td_buf_t b;
+  td_buf_init(&b);
+  td_buf_u32(&b, (uint32_t)pg->strategy);
+  td_buf_str(&b, pg->name, strlen(pg->name));
+  td_buf_u32(&b, (uint32_t)pg->nb);
+  for (int i = 0; i < pg->nb; i++) {
+    size_t at = b.len;
+    uint32_t k = 0;
+    td_buf_u32(&b, 0);
+    for (int r = 0; r < n->nres; r++) {
+      if (pg->total[i][r] <= 0) continue;
+      td_buf_str(&b, n->resname[r], strlen(n->resname[r]));
+      td_buf_f64(&b, pg->total[i][r]);
+      k++;
+    }
+    memcpy(b.p + at, &k, 4);
+  }
+  char key[24];
+  snprintf(key, sizeof(key), "%016llx", (unsigned long long)pg->id);
+  td_persist_put("pg", key, b.p, b.len);
+  td_buf_free(&b);
+}
+
+static td_pg_t *td__pg_new(td_node_t *n, uint64_t id, int nb, const double (*bundles)[TD_NRES_MAX],
+                           int strategy, const char *name, int detached) {
   td_pg_t *pg = td_xcalloc(1, sizeof(*pg));
-  pg->id = td_node_new_id(n);
+  pg->id = id;
   pg->nb = nb;
   pg->strategy = strategy;
   pg->total = td_xcalloc((size_t)nb, sizeof(*pg->total));
@@ -1886,16 +1918,70 @@ int td_node_pg_create(td_node_t *n, int nb, const double (*bundles)[TD_NRES_MAX]
   memcpy(pg->total, bundles, (size_t)nb * sizeof(*pg->total));
   memcpy(pg->avail, bundles, (size_t)nb * sizeof(*pg->avail));
   snprintf(pg->name, sizeof(pg->name), "%s", name ? name : "");
-  pg->owner = n->rpc_wk && n->rpc_wk->kind == WK_CLIENT ? n->rpc_wk->id : 0;
+  pg->detached = (uint8_t)(detached != 0);
+  pg->owner = !detached && n->rpc_wk && n->rpc_wk->kind == WK_CLIENT ? n->rpc_wk->id : 0;
   pg->ready_id = td_node_new_id(n);
   td_obj_t *o = td__obj_new(n, pg->ready_id);
   o->refs = 1;
   pg->next = n->pgs;
   n->pgs = pg;
+  return pg;
+}
+
+int td_node_pg_create(td_node_t *n, int nb, const double (*bundles)[TD_NRES_MAX], int strategy,
+                      const char *name, int detached, uint64_t *pg_id, uint64_t *ready_id) {
+  td_pg_t *pg = td__pg_new(n, td_node_new_id(n), nb, bundles, strategy, name, detached);
+  if (detached) td__persist_pg(n, pg);
   *pg_id = pg->id;
   *ready_id = pg->ready_id;
   td__try_pg(n, pg);
   return 0;
+}
+
+/* A restarted head reserves its detached groups again, under their ids
+ * and names; they are ready once their nodes are back. */
+static void td__restore_pg(void *ud, const char *key, const void *val, size_t len) {
+  td_node_t *n = ud;
+  td_rd_t rd;
+  td_rd_init(&rd, val, len);
+  int strategy = (int)td_rd_u32(&rd);
+  uint32_t nl, nb;
+  const uint8_t *name = td_rd_str(&rd, &nl);
+  nb = td_rd_u32(&rd);
+  double (*b)[TD_NRES_MAX] = NULL;
+  int ok = !rd.bad && nb > 0 && nb <= 1024 && nl < 64 && strategy >= 0 && strategy <= TD_PG_STRICT_SPREAD;
+  if (ok) b = td_xcalloc(nb, sizeof(*b));
+  for (uint32_t i = 0; ok && i < nb; i++) {
+    uint32_t k = td_rd_u32(&rd);
+    for (uint32_t j = 0; ok && j < k; j++) {
+      uint32_t rl;
+      const uint8_t *r = td_rd_str(&rd, &rl);
+      double v = td_rd_f64(&rd);
+      char rname[32];
+      ok = !rd.bad && rl > 0 && rl < sizeof(rname);
+      if (!ok) break;
+      memcpy(rname, r, rl);
+      rname[rl] = 0;
+      int idx = td_node_res_index(n, rname);
+      if (idx >= 0) b[i][idx] = v;
+    }
+  }
+  if (!ok) {
+    fprintf(stderr, "tide: dropping persisted placement group %s: unreadable\n", key);
+    td_persist_put("pg", key, NULL, 0);
+    free(b);
+    return;
+  }
+  char nm[64];
+  memcpy(nm, name, nl);
+  nm[nl] = 0;
+  uint64_t id = strtoull(key, NULL, 16);
+  /* The node's own ids go on past it (the worker ids' store does not cover them). */
+  if (td_id_node(id) == td_id_node(n->next_seq) && id > n->next_seq) n->next_seq = id;
+  td_pg_t *pg = td__pg_new(n, id, (int)nb, (const double (*)[TD_NRES_MAX])b, strategy, nm, 1);
+  pg->holds_ready = 1;
+  free(b);
+  fprintf(stderr, "tide: restoring detached placement group %s%s%s\n", key, nm[0] ? " " : "", nm);
 }
 
 int td_node_pg_remove(td_node_t *n, uint64_t pg_id) {
@@ -1914,6 +2000,12 @@ int td_node_pg_remove(td_node_t *n, uint64_t pg_id) {
   if (o && o->state == OBJ_PENDING) {
     td__errblob(&n->tmp, "TaskCancelledError", "the placement group was removed");
     td__obj_fail(n, o, n->tmp.p, n->tmp.len);
+  }
+  if (o && pg->holds_ready) td__unref(n, o, 1);
+  if (pg->detached) {
+    char key[24];
+    snprintf(key, sizeof(key), "%016llx", (unsigned long long)pg->id);
+    td_persist_put("pg", key, NULL, 0);
   }
   *pp = pg->next;
   free(pg->total);
@@ -1939,9 +2031,17 @@ int td_node_pg_remove(td_node_t *n, uint64_t pg_id) {
   return 0;
 }
 
-uint64_t td_node_pg_lookup(td_node_t *n, const char *name) {
-  for (td_pg_t *pg = n->pgs; pg; pg = pg->next)
-    if (!strcmp(pg->name, name)) return pg->id;
+int td_node_pg_find(td_node_t *n, const char *name, uint64_t *pg_id, uint64_t *ready_id,
+                    int *strategy, int *nb, const double (**bundles)[TD_NRES_MAX]) {
+  td_pg_t *pg = n->pgs;
+  while (pg && (!name[0] || strcmp(pg->name, name))) pg = pg->next;
+  if (!pg) return TD_ENOTFOUND;
+  *pg_id = pg->id;
+  *ready_id = pg->ready_id;
+  td_node_incref(n, pg->ready_id);
+  *strategy = pg->strategy;
+  *nb = pg->nb;
+  *bundles = (const double (*)[TD_NRES_MAX])pg->total;
   return 0;
 }
 

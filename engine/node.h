@@ -103,11 +103,19 @@ int td_node_actor_state(td_node_t *n, uint64_t actor_id, const char **reason);
 /* -- Placement groups ------------------------------------------------------ */
 
 enum { TD_PG_PACK, TD_PG_SPREAD, TD_PG_STRICT_PACK, TD_PG_STRICT_SPREAD };
-/* bundles: nb rows of TD_NRES_MAX amounts indexed by resource index. */
+/* bundles: nb rows of TD_NRES_MAX amounts indexed by resource index. A
+ * detached group outlives the client that made it and, on a head with a
+ * store, the head (persisted; reserved again on restart). *ready_id holds
+ * one reference for the caller. */
 int td_node_pg_create(td_node_t *n, int nb, const double (*bundles)[TD_NRES_MAX],
-                      int strategy, const char *name, uint64_t *pg_id, uint64_t *ready_id);
+                      int strategy, const char *name, int detached, uint64_t *pg_id,
+                      uint64_t *ready_id);
 int td_node_pg_remove(td_node_t *n, uint64_t pg_id);
-uint64_t td_node_pg_lookup(td_node_t *n, const char *name);
+/* A live group by name: its id, a new reference to its ready object, its
+ * strategy and bundles (valid until the group changes). Returns 0 or
+ * TD_ENOTFOUND. */
+int td_node_pg_find(td_node_t *n, const char *name, uint64_t *pg_id, uint64_t *ready_id,
+                    int *strategy, int *nb, const double (**bundles)[TD_NRES_MAX]);
 
 /* -- Resources and introspection ------------------------------------------ */
 

@@ -769,11 +769,12 @@ static int c_actor_state(lua_State *L) {
   return 2;
 }
 
-/* core.pg_create({{CPU=1}, ...}, strategy, name) -> pg_id, ready_ref */
+/* core.pg_create({{CPU=1}, ...}, strategy, name, detached) -> pg_id, ready_ref */
 static int c_pg_create(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   int strategy = (int)luaL_checkinteger(L, 2);
   const char *name = luaL_optstring(L, 3, "");
+  int detached = lua_toboolean(L, 4);
   int nb = (int)lua_objlen(L, 1);
   double (*b)[TD_NRES_MAX] = td_xcalloc((size_t)(nb ? nb : 1), sizeof(*b));
   for (int i = 0; i < nb; i++) {
@@ -787,7 +788,7 @@ static int c_pg_create(lua_State *L) {
     lua_pop(L, 1);
   }
   uint64_t pg, ready;
-  td_node_pg_create(td_ctx.node, nb, (const double (*)[TD_NRES_MAX])b, strategy, name, &pg, &ready);
+  td_node_pg_create(td_ctx.node, nb, (const double (*)[TD_NRES_MAX])b, strategy, name, detached, &pg, &ready);
   free(b);
   lua_pushnumber(L, (lua_Number)pg);
   td_core_pushref(L, ready, 1);
@@ -799,11 +800,26 @@ static int c_pg_remove(lua_State *L) {
   return 1;
 }
 
+/* core.pg_lookup(name) -> pg_id, ready_ref, strategy, bundles | nothing */
 static int c_pg_lookup(lua_State *L) {
-  uint64_t id = td_node_pg_lookup(td_ctx.node, luaL_checkstring(L, 1));
-  if (!id) return 0;
+  uint64_t id, ready;
+  int strategy, nb;
+  const double (*b)[TD_NRES_MAX];
+  if (td_node_pg_find(td_ctx.node, luaL_checkstring(L, 1), &id, &ready, &strategy, &nb, &b)) return 0;
   lua_pushnumber(L, (lua_Number)id);
-  return 1;
+  td_core_pushref(L, ready, 1);
+  lua_pushinteger(L, strategy);
+  lua_createtable(L, nb, 0);
+  for (int i = 0; i < nb; i++) {
+    lua_newtable(L);
+    for (int r = 0; r < td_node_res_count(td_ctx.node); r++) {
+      if (b[i][r] <= 0) continue;
+      lua_pushnumber(L, b[i][r]);
+      lua_setfield(L, -2, td_node_res_name(td_ctx.node, r));
+    }
+    lua_rawseti(L, -2, i + 1);
+  }
+  return 4;
 }
 
 /* core.resources(avail) -> {CPU = n, ...} */

@@ -518,9 +518,31 @@ function M.placement_group(bundles, opts)
   if not code then
     error("tide.placement_group: strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD", 2)
   end
+  local name, lifetime = opts and opts.name or "", opts and opts.lifetime
+  if type(name) ~= "string" or #name > 63 then
+    error("tide.placement_group: name must be a string of at most 63 bytes", 2)
+  end
+  if lifetime ~= nil and lifetime ~= "detached" and lifetime ~= "non_detached" then
+    error("tide.placement_group: lifetime must be \"detached\" or \"non_detached\"", 2)
+  end
   ensure()
-  local id, ready = core.pg_create(bundles, code, opts and opts.name or "")
-  return setmetatable({id = id, bundles = bundles, strategy = strategy, _ready = ready}, PlacementGroup)
+  local id, ready = core.pg_create(bundles, code, name, lifetime == "detached")
+  return setmetatable({id = id, bundles = bundles, strategy = strategy, name = name, _ready = ready},
+    PlacementGroup)
+end
+
+local STRATEGY_NAMES = {}
+for k, v in pairs(STRATEGIES) do STRATEGY_NAMES[v] = k end
+
+function M.get_placement_group(name)
+  if type(name) ~= "string" or name == "" then
+    error("tide.get_placement_group: expected the group's name", 2)
+  end
+  ensure()
+  local id, ready, code, bundles = core.pg_lookup(name)
+  if not id then error(format("tide.get_placement_group: no placement group named %q", name), 2) end
+  return setmetatable({id = id, bundles = bundles, strategy = STRATEGY_NAMES[code], name = name, _ready = ready},
+    PlacementGroup)
 end
 
 function PlacementGroup:ready() return self._ready end

@@ -122,6 +122,9 @@ local tide = require("tide")
 local K = tide.actor({init = function(s) s.n = 0 end, incr = function(s) s.n = s.n + 1; return s.n end,
   node = function() return tide.get_runtime_context().node_id end})
 local k = K:options({name = "keeper", lifetime = "detached", resources = {A = 0.5}}):remote()
+local kept = tide.placement_group({{CPU = 1}}, {name = "kept-pg", lifetime = "detached"})
+local gone = tide.placement_group({{CPU = 1}}, {name = "gone-pg"})
+tide.get({kept:ready(), gone:ready()})
 print("BEFORE", tide.get(k:incr()), tide.get(k:node()), require("tide.core").call_node("kv_put", "mn-key", "kept"))
 LUA
 out=$(TIDE_SESSION_DIR=$D/head timeout 60 $T run --address local $D/before.lua 2>&1)
@@ -158,10 +161,17 @@ local tide = require("tide")
 local k = tide.get_actor("keeper")
 print("RESUMED", tide.get(k:incr(), {timeout = 30}), tide.get(k:node()),
   require("tide.core").call_node("kv_get", "mn-key"))
+local pg = tide.get_placement_group("kept-pg")
+local f = tide.remote(function() return "in kept-pg" end)
+print("PG", tide.get(pg:ready(), {timeout = 30}), tide.get(f:options({placement_group = pg}):remote(), {timeout = 30}),
+  pcall(tide.get_placement_group, "gone-pg"))
+tide.remove_placement_group(pg)
 LUA
 out=$(TIDE_SESSION_DIR=$D/head timeout 60 $T run --address local $D/resumed.lua 2>&1)
 check "the restarted head adopts its detached actor where it still runs (state kept, init not run again) and resumes its KV from head.db" \
   'echo "$out" | grep -q "RESUMED	2	node-3	kept" && grep -q "adopted detached actor .* keeper" $D/head/node.log' "$out $(grep -i adopt $D/head/node.log)"
+check "the restarted head reserves its detached placement group again; the driver's other group went with the driver" \
+  'echo "$out" | grep -q "PG	true	in kept-pg	false"' "$out"
 out=$(TIDE_SESSION_DIR=$D/head $T job list 2>&1)
 check "the restarted head still lists the job it ran" 'echo "$out" | grep -q "SUCCEEDED"' "$out"
 
