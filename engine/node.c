@@ -263,6 +263,10 @@ struct td_node {
   double adopt_until;    /* until then restored actors wait to be adopted (td__adopt) */
   td_map_t fwd;          /* head task id -> td_fwd_t */
   td_map_t pulls;        /* request id -> object id, values asked of a link */
+  td_map_t lineage;      /* object id -> td_blob_t: the spec of the task that makes it */
+  uint64_t *lin_out;     /* node: ids whose lineage goes to the head after this message */
+  int from_head;         /* node: submitting work the head sent (not this node's own) */
+  uint32_t nlin_out, caplin_out;
   td_map_t relays;       /* request id -> td_relay_t, requests passed to the head */
   uint32_t next_pull;
   uint64_t *fn_order;    /* function ids in the order registered */
@@ -406,6 +410,7 @@ static void td__obj_release_data(td_node_t *n, td_obj_t *o) {
 static void td__unhold(td_node_t *n, td_obj_t *o);
 static void td__obj_free(td_node_t *n, td_obj_t *o) {
   td_map_del(&n->objs, o->id);
+  if (n->lineage.len) free(td_map_del(&n->lineage, o->id));
   if (o->foreign) td__unhold(n, o);
   td__obj_release_data(n, o);
   for (uint32_t i = 0; i < o->ncontained; i++) td_node_decref(n, o->contained[i]);
@@ -1666,6 +1671,94 @@ void td_node_restore(td_node_t *n) {
   n->restoring = 0;
 }
 
+/* -- Lineage of a node's own tasks ------------------------------------------------
+ * A task that a worker on a node submits runs there first, and its result
+ * stays there until someone asks. The node keeps the spec of such a task
+ * (a plain one: one return, arguments by value, retries allowed) and sends
+ * it to the head with the first ref to its result the head receives; if the
+ * node dies before the head fetched the value, the head runs the task again
+ * elsewhere (td__lineage_rerun) instead of raising ObjectLostError. */
+
+#define TD_LINEAGE_MAX (64 * 1024) /* arguments kept per task, at most */
+
+static void td__lineage_keep(td_node_t *n, const td_spec_t *s) {
+  if (s->kind != TD_K_TASK || s->nret != 1 || s->ndeps || s->nrefs || s->pg_id || s->max_retries == 0 ||
+      s->args_len > TD_LINEAGE_MAX)
+    return;
+  td_buf_t b;
+  td_buf_init(&b);
+  td_spec_encode(s, &b);
+  td_fnblob_t *lb = td_xmalloc(sizeof(*lb) + b.len);
+  lb->len = b.len;
+  memcpy(lb->data, b.p, b.len);
+  td_buf_free(&b);
+  free(td_map_del(&n->lineage, s->rets[0]));
+  td_map_set(&n->lineage, s->rets[0], lb);
+}
+
+/* After the message that exported them: the specs go to the head, with the
+ * definitions it has not had. */
+static void td__lineage_send(td_node_t *n) {
+  if (n->head && !n->head->dead) {
+    td__send_fns(n, n->head);
+    for (uint32_t i = 0; i < n->nlin_out; i++) {
+      td_fnblob_t *lb = td_map_del(&n->lineage, n->lin_out[i]);
+      if (!lb) continue;
+      td_chan_begin(&n->head->ch, TD_M_LINEAGE);
+      td_buf_u64(&n->head->ch.out, n->lin_out[i]);
+      td_buf_str(&n->head->ch.out, lb->data, lb->len);
+      td_chan_end(&n->head->ch);
+      free(lb);
+    }
+  }
+  n->nlin_out = 0;
+}
+
+/* Head: keeps a node's spec for a value still to come from it. */
+static int td__on_lineage(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  uint64_t id = td_rd_u64(rd);
+  uint32_t l;
+  const uint8_t *p = td_rd_str(rd, &l);
+  if (rd->bad || wk->kind != WK_NODE || l > TD_LINEAGE_MAX + 4096) return TD_EPROTO;
+  td_rd_t sr;
+  td_rd_init(&sr, p, l);
+  td_spec_t s;
+  uint64_t *scratch = NULL;
+  int bad = td_spec_decode(&s, &sr, &scratch) || s.kind != TD_K_TASK || s.nret != 1 || s.rets[0] != id ||
+            s.ndeps || s.nrefs;
+  free(scratch);
+  if (bad) return TD_EPROTO;
+  td_obj_t *o = td__obj(n, id);
+  if (!o || o->foreign != 1 || o->state != OBJ_PENDING || td_id_node(id) != wk->node_index) return 0;
+  td_fnblob_t *lb = td_xmalloc(sizeof(*lb) + l);
+  lb->len = l;
+  memcpy(lb->data, p, l);
+  free(td_map_del(&n->lineage, id));
+  td_map_set(&n->lineage, id, lb);
+  return 0;
+}
+
+/* Head: the node that held o died before sending it; its task runs again
+ * here (wherever it fits), filling the same object. Returns 1 if it does. */
+static int td__lineage_rerun(td_node_t *n, td_obj_t *o) {
+  td_fnblob_t *lb = n->lineage.len ? td_map_del(&n->lineage, o->id) : NULL;
+  if (!lb) return 0;
+  td_rd_t rd;
+  td_rd_init(&rd, lb->data, lb->len);
+  td_spec_t s;
+  uint64_t *scratch = NULL;
+  const char *msg;
+  int ok = td_spec_decode(&s, &rd, &scratch) == 0 && td_node_submit(n, &s, &msg) == 0;
+  if (ok) {
+    o->refs--;  /* the submit's, which nobody holds */
+    fprintf(stderr, "tide: making object %016llx again: the node that held it died\n", (unsigned long long)o->id);
+    td_log("making object %016llx again: the node that held it died", (unsigned long long)o->id);
+  }
+  free(scratch);
+  free(lb);
+  return ok;
+}
+
 int td_node_submit(td_node_t *n, const td_spec_t *s, const char **msg) {
   *msg = NULL;
   td_actor_t *a = NULL;
@@ -1695,6 +1788,7 @@ int td_node_submit(td_node_t *n, const td_spec_t *s, const char **msg) {
     o->producer = t;
     if (s->nret < 0) o->is_stream = 1;
   }
+  if (n->head && !n->from_head) td__lineage_keep(n, s);
   for (uint32_t i = 0; i < s->ndeps; i++) td_node_incref(n, s->deps[i]);
   for (uint32_t i = 0; i < s->nrefs; i++) td_node_incref(n, s->refs[i]);
   for (uint32_t i = 0; i < s->ndeps; i++) {
@@ -2631,7 +2725,15 @@ static void td__send_fns(td_node_t *n, td_wk_t *wk) {
  * arguments): the node holds each for the head (an export); the head keeps
  * that hold in a new foreign record, or gives it back if it has one. */
 static void td__export(td_node_t *n, const uint64_t *ids, uint32_t k) {
-  for (uint32_t i = 0; i < k; i++) td_node_incref(n, ids[i]);
+  for (uint32_t i = 0; i < k; i++) {
+    td_node_incref(n, ids[i]);
+    if (!n->lineage.len || !td_map_get(&n->lineage, ids[i])) continue;
+    if (n->nlin_out == n->caplin_out) {
+      n->caplin_out = n->caplin_out ? n->caplin_out * 2 : 16;
+      n->lin_out = td_xrealloc(n->lin_out, n->caplin_out * 8);
+    }
+    n->lin_out[n->nlin_out++] = ids[i];
+  }
 }
 static void td__import(td_node_t *n, td_wk_t *from, const uint64_t *ids, uint32_t k) {
   for (uint32_t i = 0; i < k; i++) {
@@ -2912,10 +3014,12 @@ static int td__on_node_task(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
     const char *msg = NULL;
     n->submitter = wk->id;  /* prints go back to the head, as this task's */
     n->submitter_task = htid;
+    n->from_head = 1;       /* the head keeps its lineage */
     int sub = s.kind == TD_K_ACTOR_CALL && !td_map_get(&n->actors, s.actor_id)
                   ? (msg = "the actor is not on this node", TD_EINVAL)
                   : td_node_submit(n, &s, &msg);
     n->submitter = n->submitter_task = 0;
+    n->from_head = 0;
     if (sub == 0) {
       td_fwd_t *f = td_xcalloc(1, sizeof(*f));
       f->task = htid;
@@ -3249,6 +3353,7 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
     case TD_M_PKG_GET: return td__on_pkg_get(n, wk, &rd);
     case TD_M_CHUNK_GET: return td__on_chunk_get(n, wk, &rd);
     case TD_M_CHUNK: return td__on_chunk(n, wk, &rd);
+    case TD_M_LINEAGE: return td__on_lineage(n, wk, &rd);
     case TD_M_PKG: return td__on_pkg(n, wk, &rd);
     case TD_M_BEAT:
       if (wk->kind == WK_CLIENT) {
@@ -3521,7 +3626,8 @@ static void td__link_lost_objects(td_node_t *n, td_wk_t *wk) {
     o->foreign = 0;  /* nothing is held there any more */
     o->up = 0;
     td_task_t *t = o->producer;
-    if (t && t->state == T_FETCHING && t->retries_left != 0) {
+    int rerun = t && t->state == T_FETCHING && t->retries_left != 0;
+    if (rerun || (n->lineage.len && td_map_get(&n->lineage, o->id))) {
       /* Lineage: the task that made it runs again, elsewhere. */
       if (o->chunked) td_store_free(n->store, o->off, o->len);
       o->chunked = 0;
@@ -3531,7 +3637,7 @@ static void td__link_lost_objects(td_node_t *n, td_wk_t *wk) {
       free(o->contained);
       o->contained = NULL;
       o->ncontained = 0;
-      continue;
+      if (rerun || td__lineage_rerun(n, o)) continue;
     }
     td__chunk_fail(n, o, "ObjectLostError", msg);
   }
@@ -3745,6 +3851,7 @@ void td_node_pump(td_node_t *n, double timeout) {
     td__reqs_check(n, td_now());
   }
   if (n->nfwd_ready) td__fwd_flush(n);
+  if (n->nlin_out) td__lineage_send(n);
   if (n->head || n->nlinks || n->next_index) {
     double now = td_now();
     if (now - n->tick_at >= 0.25) {
@@ -3903,6 +4010,7 @@ td_node_t *td_node_new(const td_node_opts_t *o) {
   if (!n->name[0]) gethostname(n->name, sizeof(n->name) - 1);
   td_map_init(&n->fwd);
   td_map_init(&n->pulls);
+  td_map_init(&n->lineage);
   td_map_init(&n->relays);
   td_map_init(&n->objs);
   td_map_init(&n->tasks);
@@ -3977,6 +4085,10 @@ void td_node_destroy(td_node_t **np) {
   while (td_map_next(&n->fwd, &it, NULL, &v)) { free(((td_fwd_t *)v)->rets); free(v); }
   td_map_free(&n->fwd);
   td_map_free(&n->pulls);
+  it = 0;
+  while (td_map_next(&n->lineage, &it, NULL, &v)) free(v);
+  td_map_free(&n->lineage);
+  free(n->lin_out);
   td__parked_drop(n);
   while (n->wdmap) {
     td_wdmap_t *m = n->wdmap;

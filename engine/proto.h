@@ -50,6 +50,7 @@ enum {
   TD_M_PKG,            /* head -> node: str hash, u8 ok, str package (or why not) */
   TD_M_CHUNK_GET,      /* between nodes: u64 object id, u64 offset, u32 length */
   TD_M_CHUNK,          /* the answer: u64 id, u64 offset, str bytes (empty: it is gone) */
+  TD_M_LINEAGE,        /* node -> head: u64 object id, str spec of the task that makes it */
 };
 
 /* Object, worker and node ids carry the index of the node that made them

@@ -42,4 +42,48 @@ t.test("a result lost with its node is made again by running its task elsewhere"
   os.remove(marker)
 end)
 
+t.test("an object a node's own task made is made again when that node dies first", function()
+  local target
+  for _, n in ipairs(tide.nodes()) do if n.name == "nested-node" then target = n.node_id end end
+  t.ok(target, "no node named nested-node")
+  local runs = os.tmpname()
+  -- The inner task runs on the outer one's node (it fits there: the outer
+  -- one takes no CPU), writes where it ran and is still running when that
+  -- node dies; only the node had its task.
+  local inner = tide.remote(function(log, n)
+    local f = io.open(log, "a")
+    f:write(tide.get_runtime_context().node_id, "\n")
+    f:close()
+    tide.sleep(3)
+    return string.rep("n", n) .. "end"
+  end)
+  local outer = tide.remote(function(log)
+    local r = inner:remote(log, 5000)
+    -- This node dies 1 s from now (its daemon is this worker's parent).
+    local st = io.open("/proc/self/stat"):read("*a")
+    os.execute("(sleep 1; kill -9 " .. st:match("^%d+ %b() %S+ (%d+)") .. ") >/dev/null 2>&1 &")
+    return {r}
+  end)
+  local box = tide.get(outer:options({num_cpus = 0, scheduling_strategy = {node_id = target, soft = false}})
+    :remote(runs), {timeout = 60})
+  -- Wait until the head has seen the node die: only then is the value asked for.
+  local alive = true
+  for _ = 1, 150 do
+    alive = false
+    for _, n in ipairs(tide.nodes()) do alive = alive or n.node_id == target end
+    if not alive then break end
+    tide.sleep(0.1)
+  end
+  t.ok(not alive, "nested-node did not die")
+  local v = tide.get(box[1], {timeout = 60})
+  t.eq(#v, 5003)
+  t.eq(v:sub(-3), "end")
+  local where = {}
+  for line in io.lines(runs) do where[#where + 1] = line end
+  os.remove(runs)
+  t.eq(#where, 2, "the inner task ran twice")
+  t.eq(where[1], target)
+  t.ok(where[2] ~= target, "the second run was on another node")
+end)
+
 t.done()

@@ -1,8 +1,8 @@
 -- Kills node-1 (its daemon, kill -9) in the middle of work: the running
 -- task is retried elsewhere, an actor with restarts left comes back on
 -- another node, one without restarts fails with ActorDiedError, an object
--- only node-1 had is lost, and a placement group bundle it held is placed
--- again on a live node.
+-- only node-1 had, whose task may not run again (max_retries = 0), is lost,
+-- and a placement group bundle it held is placed again on a live node.
 local t = dofile("tests/lua/harness.lua")
 local tide = require("tide")
 local pidfile = assert(os.getenv("NODE1_PID_FILE"))
@@ -13,9 +13,11 @@ t.test("node-1 dies: its work runs again elsewhere, its actors restart or die", 
     hit = function(s) s.n = s.n + 1; return tide.get_runtime_context().node_id end,
   })
   local on1 = {node_id = "node-1", soft = true}
-  -- A ref to an object still being made on node-1, held on the head.
+  -- A ref to an object still being made on node-1, held on the head; its
+  -- task allows no retry, so it is not made again (tests/cluster/lineage.lua
+  -- has the other case).
   local mk = tide.remote(function()
-    local inner = tide.remote({num_cpus = 0}, function() os.execute("sleep 30"); return 1 end)
+    local inner = tide.remote({num_cpus = 0, max_retries = 0}, function() os.execute("sleep 30"); return 1 end)
     return {inner:remote()}
   end)
   local box = tide.get(mk:options({scheduling_strategy = {node_id = "node-1"}}):remote())

@@ -10,7 +10,7 @@ ok() { n=$((n + 1)); echo "ok $n - $1"; }
 no() { n=$((n + 1)); echo "not ok $n - $1"; [ -n "$2" ] && echo "# $2" | head -40; }
 check() { if eval "$2"; then ok "$1"; else no "$1" "$3"; fi; }
 D=$(mktemp -d /tmp/tide-multinode-XXXXXX)
-stop_all() { for s in head n1 n2 n3 n4 bad; do TIDE_SESSION_DIR=$D/$s $T stop >/dev/null 2>&1; done; }
+stop_all() { for s in head n1 n2 n3 n4 n5 bad; do TIDE_SESSION_DIR=$D/$s $T stop >/dev/null 2>&1; done; }
 trap 'stop_all; rm -rf "$D"' EXIT
 PORT=$((18000 + $$ % 1000))
 KEY=$D/head/cluster.key
@@ -107,13 +107,16 @@ check "a replacement node joins as a new node" 'echo "$out" | grep -q "joined th
 
 echo "# lineage: a result lost in transit is made again"
 out=$(node n4 --num-cpus 1 --name lineage-node 2>&1)
-nodes_up 4 10
-TIDE_SESSION_DIR=$D/head timeout 180 $T run --address local tests/cluster/lineage.lua 2>&1
+out=$(node n5 --num-cpus 1 --name nested-node 2>&1)
+nodes_up 5 10
+TIDE_SESSION_DIR=$D/head timeout 240 $T run --address local tests/cluster/lineage.lua 2>&1
 if grep -q "running task .* again" $D/head/node.log; then
   echo "# the head re-ran the task whose result was lost in transit"
 else
   echo "# the node died before its result reached the head (retried as a lost task)"
 fi
+check "the head made a nested task's object again from the lineage its node had sent" \
+  'grep -q "making object .* again: the node that held it died" $D/head/node.log' "$(tail -5 $D/head/node.log)"
 nodes_up 3 10
 
 echo "# head death and restart"
