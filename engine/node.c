@@ -3129,6 +3129,7 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
     case TD_M_REMOTE:
       if (wk->kind != WK_CLIENT) return TD_EPROTO;
       wk->remote = 1;
+      td_sock_bulk(wk->ch.fd);  /* a bridged peer: chunks of values go this way */
       return 0;
     case TD_M_DONE: return td__on_done(n, wk, &rd);
     case TD_M_ITEM: return td__on_item(n, wk, &rd);
