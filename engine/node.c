@@ -2526,7 +2526,10 @@ static int td__sink_read(td_node_t *n, td_wk_t *wk) {
 static void td__chunk_landed(td_node_t *n, td_wk_t *wk, td_obj_t *o, uint32_t l) {
   o->got += l;
   if (o->got < o->len) {
+    /* The next request leaves now, not when the loop has read all the
+     * link holds: the sender never waits on a full pipe for it. */
     td__chunk_more(n, o, wk);
+    td_chan_flush(&wk->ch);
     return;
   }
   o->chunked = 0;
