@@ -40,8 +40,8 @@ static void td__no_hwm(void *sock) {
  * in a slab, and the message sent refers to its bytes until ZeroMQ's I/O
  * thread has encoded them. Reads fill one slab after another, so a slab
  * backs many messages; it returns to its pool, pages still faulted in, when
- * the last of them is done (a fresh page costs a fault per 4 KiB on these
- * VMs, ten times a copy). Small reads are copied instead, so a message
+ * the last of them is done (on these VMs a fresh page is first touched at
+ * ~0.35 GB/s, against 17-40 GB/s for a copy). Small reads are copied instead, so a message
  * queued for a slow peer never pins a whole slab for a few bytes. */
 
 typedef struct td__pool td__pool_t;

@@ -62,7 +62,7 @@ int td_chan_read(td_chan_t *c) {
     if (c->in.len >= 5) {
       uint32_t flen;
       memcpy(&flen, c->in.p, 4);
-      if (flen <= TD_FRAME_MAX && c->in.p[4] != c->split && 4 + (size_t)flen > c->in.len + want)
+      if (flen <= TD_FRAME_MAX && !(c->split && c->in.p[4] == c->split) && 4 + (size_t)flen > c->in.len + want)
         want = most = 4 + (size_t)flen - c->in.len;
     }
     td_buf_reserve(&c->in, want);

@@ -2464,13 +2464,21 @@ static void td__link_chan(td_wk_t *wk) {
   wk->ch.split_head = TD__CHUNK_HEAD;
 }
 
+/* The object the chunk being read is for, if it still wants it: checked
+ * again at every read, as the object may fail meanwhile, or even be
+ * fetched anew (a task run again) into an extent of another size. */
+static td_obj_t *td__sink_obj(td_node_t *n, td_wk_t *wk) {
+  td_obj_t *o = td__obj(n, wk->sink_id);
+  if (!o || !o->chunked || o->state != OBJ_PENDING) return NULL;
+  return wk->sink_off < o->len && wk->sink_len <= o->len - wk->sink_off ? o : NULL;
+}
+
 /* Where the next bytes of the chunk being read go, and how many fit
  * there; bytes of a chunk nobody wants any more go to scratch. */
 static uint8_t *td__sink_dst(td_node_t *n, td_wk_t *wk, size_t *room) {
-  td_obj_t *o = td__obj(n, wk->sink_id);
+  td_obj_t *o = td__sink_obj(n, wk);
   *room = wk->sink_left;
-  if (o && o->chunked && o->state == OBJ_PENDING)
-    return td_store_base(n->store) + o->off + wk->sink_off + (wk->sink_len - wk->sink_left);
+  if (o) return td_store_base(n->store) + o->off + wk->sink_off + (wk->sink_len - wk->sink_left);
   td_buf_reset(&n->tmp);
   td_buf_reserve(&n->tmp, 64 * 1024);
   if (*room > n->tmp.cap) *room = n->tmp.cap;
@@ -2479,8 +2487,8 @@ static uint8_t *td__sink_dst(td_node_t *n, td_wk_t *wk, size_t *room) {
 
 /* The chunk has all come: it counts if its object still wants it. */
 static void td__sink_done(td_node_t *n, td_wk_t *wk) {
-  td_obj_t *o = td__obj(n, wk->sink_id);
-  if (o && o->chunked && o->state == OBJ_PENDING) td__chunk_landed(n, wk, o, wk->sink_len);
+  td_obj_t *o = td__sink_obj(n, wk);
+  if (o) td__chunk_landed(n, wk, o, wk->sink_len);
 }
 
 /* Takes a split chunk frame from wk's channel: its bytes so far are
