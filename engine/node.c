@@ -161,6 +161,10 @@ struct td_wk {
   char name[64];
   double ntotal[TD_NRES_MAX], navail[TD_NRES_MAX]; /* by this node's resource index */
   double last_seen;      /* last message from the other side */
+  uint64_t sink_id;      /* a TD_M_CHUNK read straight into the store: its object */
+  uint64_t sink_off;     /* its offset in the value */
+  uint32_t sink_len;     /* its length */
+  uint32_t sink_left;    /* bytes of it still to read (0: none) */
 };
 
 /* Running time of a function, to decide whether queueing behind it is
@@ -2627,14 +2631,29 @@ static int td__on_chunk_get(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   if (o && o->state == OBJ_READY && td__obj_resident(n, o) == 0 && off < o->len && len <= o->len - off &&
       len <= TD_CHUNK)
     src = (o->loc == LOC_SHM ? td_store_base(n->store) + o->off : o->data) + off;
-  td_chan_begin(&wk->ch, TD_M_CHUNK);
-  td_buf_u64(&wk->ch.out, id);
-  td_buf_u64(&wk->ch.out, off);
-  td_buf_str(&wk->ch.out, src ? src : (const uint8_t *)"", src ? len : 0);
-  td_chan_end(&wk->ch);
-  if (wk->ch.out.len > (32u << 20)) td_chan_flush(&wk->ch);
+  /* The bytes go from the store to the socket, not through c->out. */
+  uint8_t head[20];
+  uint32_t n32 = src ? len : 0;
+  memcpy(head, &id, 8);
+  memcpy(head + 8, &off, 8);
+  memcpy(head + 16, &n32, 4);
+  td_chan_frame_ext(&wk->ch, TD_M_CHUNK, head, sizeof(head), src, n32);
   return 0;
 }
+
+/* The object a chunk of l bytes at off is for, or NULL when it is late
+ * (the object is ready, failed or gone) or says the sender lost it. */
+static td_obj_t *td__chunk_obj(td_node_t *n, uint64_t id, uint64_t off, uint32_t l) {
+  td_obj_t *o = td__obj(n, id);
+  if (!o || !o->chunked || o->state != OBJ_PENDING) return NULL;  /* late */
+  if (l == 0 || off >= o->len || l > o->len - off) {
+    td__chunk_fail(n, o, "ObjectLostError", "the object was freed on the node that held it");
+    return NULL;
+  }
+  return o;
+}
+
+static void td__chunk_landed(td_node_t *n, td_wk_t *wk, td_obj_t *o, uint32_t l);
 
 /* Receiver: one chunk into place; the value is set when all have come. */
 static int td__on_chunk(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
@@ -2642,17 +2661,98 @@ static int td__on_chunk(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   uint32_t l;
   const uint8_t *p = td_rd_str(rd, &l);
   if (rd->bad || wk->kind < WK_NODE) return TD_EPROTO;
-  td_obj_t *o = td__obj(n, id);
-  if (!o || !o->chunked || o->state != OBJ_PENDING) return 0;  /* late */
-  if (l == 0 || off >= o->len || l > o->len - off) {
-    td__chunk_fail(n, o, "ObjectLostError", "the object was freed on the node that held it");
-    return 0;
-  }
+  td_obj_t *o = td__chunk_obj(n, id, off, l);
+  if (!o) return 0;
   memcpy(td_store_base(n->store) + o->off + off, p, l);
+  td__chunk_landed(n, wk, o, l);
+  return 0;
+}
+
+/* A large chunk is read from the link straight into its extent, not
+ * through the channel's buffer (which would cost a copy, and fresh pages
+ * when it grows): the channel stops at its header (td_chan_partial). */
+#define TD__CHUNK_HEAD 20 /* u64 id, u64 offset, u32 length */
+
+static void td__link_chan(td_wk_t *wk) {
+  wk->ch.split = TD_M_CHUNK;
+  wk->ch.split_head = TD__CHUNK_HEAD;
+}
+
+/* The object the chunk being read is for, if it still wants it: checked
+ * again at every read, as the object may fail meanwhile, or even be
+ * fetched anew (a task run again) into an extent of another size. */
+static td_obj_t *td__sink_obj(td_node_t *n, td_wk_t *wk) {
+  td_obj_t *o = td__obj(n, wk->sink_id);
+  if (!o || !o->chunked || o->state != OBJ_PENDING) return NULL;
+  return wk->sink_off < o->len && wk->sink_len <= o->len - wk->sink_off ? o : NULL;
+}
+
+/* Where the next bytes of the chunk being read go, and how many fit
+ * there; bytes of a chunk nobody wants any more go to scratch. */
+static uint8_t *td__sink_dst(td_node_t *n, td_wk_t *wk, size_t *room) {
+  td_obj_t *o = td__sink_obj(n, wk);
+  *room = wk->sink_left;
+  if (o) return td_store_base(n->store) + o->off + wk->sink_off + (wk->sink_len - wk->sink_left);
+  td_buf_reset(&n->tmp);
+  td_buf_reserve(&n->tmp, 64 * 1024);
+  if (*room > n->tmp.cap) *room = n->tmp.cap;
+  return n->tmp.p;
+}
+
+/* The chunk has all come: it counts if its object still wants it. */
+static void td__sink_done(td_node_t *n, td_wk_t *wk) {
+  td_obj_t *o = td__sink_obj(n, wk);
+  if (o) td__chunk_landed(n, wk, o, wk->sink_len);
+}
+
+/* Takes a split chunk frame from wk's channel: its bytes so far are
+ * placed, the rest is left to td__sink_read. Returns 1 if one was taken,
+ * 0 if none waits, TD_EPROTO for a malformed one. */
+static int td__sink_take(td_node_t *n, td_wk_t *wk) {
+  const uint8_t *p;
+  uint32_t have, len;
+  if (!td_chan_partial(&wk->ch, &p, &have, &len)) return 0;
+  td_rd_t rd;
+  td_rd_init(&rd, p, have);
+  uint64_t id = td_rd_u64(&rd), off = td_rd_u64(&rd);
+  uint32_t l = td_rd_u32(&rd);
+  if (rd.bad || wk->kind < WK_NODE || len != TD__CHUNK_HEAD + (uint64_t)l) return TD_EPROTO;
+  td_obj_t *o = td__chunk_obj(n, id, off, l);
+  wk->sink_id = id;
+  wk->sink_off = off;
+  wk->sink_len = wk->sink_left = l;
+  uint32_t k = have - TD__CHUNK_HEAD;
+  if (o) memcpy(td_store_base(n->store) + o->off + off, p + TD__CHUNK_HEAD, k);
+  wk->sink_left -= k;
+  td_chan_take(&wk->ch);
+  return 1;
+}
+
+/* Reads what the link has of the chunk being taken. Returns 0 (done or
+ * waiting for more) or TD_ECLOSED. */
+static int td__sink_read(td_node_t *n, td_wk_t *wk) {
+  while (wk->sink_left) {
+    size_t room;
+    uint8_t *dst = td__sink_dst(n, wk, &room);
+    ssize_t r = read(wk->ch.fd, dst, room);
+    if (r > 0) { wk->sink_left -= (uint32_t)r; continue; }
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return 0;
+    return TD_ECLOSED;
+  }
+  td__sink_done(n, wk);
+  return 0;
+}
+
+/* After l more bytes of o have landed: ask for more, or set the value. */
+static void td__chunk_landed(td_node_t *n, td_wk_t *wk, td_obj_t *o, uint32_t l) {
   o->got += l;
   if (o->got < o->len) {
+    /* The next request leaves now, not when the loop has read all the
+     * link holds: the sender never waits on a full pipe for it. */
     td__chunk_more(n, o, wk);
-    return 0;
+    td_chan_flush(&wk->ch);
+    return;
   }
   o->chunked = 0;
   o->pulling = 0;
@@ -2666,7 +2766,6 @@ static int td__on_chunk(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   o->len = 0;
   td__obj_set(n, o, OBJ_READY, 1, NULL, len, at, NULL, 0);
   if (t && t->state == T_FETCHING && !td__task_fetching(n, t)) td__task_finish(n, t);
-  return 0;
 }
 
 /* A link answers a pull (u32 req, u8 timed out, value) or a relayed
@@ -2802,6 +2901,7 @@ static int td__on_join(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   }
   if (idx > n->next_index) n->next_index = idx;
   wk->kind = WK_NODE;
+  td__link_chan(wk);
   wk->node_index = idx;
   wk->last_seen = td_now();
   td_chan_begin(&wk->ch, TD_M_WELCOME);
@@ -3394,6 +3494,7 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
     case TD_M_REMOTE:
       if (wk->kind != WK_CLIENT) return TD_EPROTO;
       wk->remote = 1;
+      td_sock_bulk(wk->ch.fd);  /* a bridged peer: chunks of values go this way */
       return 0;
     case TD_M_DONE: return td__on_done(n, wk, &rd);
     case TD_M_ITEM: return td__on_item(n, wk, &rd);
@@ -3784,29 +3885,40 @@ void td_node_flush(td_node_t *n) {
     if (td_chan_pending(&n->wks[i]->ch)) td_chan_flush(&n->wks[i]->ch);
 }
 
+static void td__wk_malformed(td_node_t *n, td_wk_t *wk, uint8_t type) {
+  fprintf(stderr, "tide: malformed message (type %u) from worker %d; stopping it\n", (unsigned)type,
+          (int)wk->pid);
+  if (wk->pid > 0) kill(wk->pid, SIGKILL);
+  td__wk_dead(n, wk, "sent a malformed message");
+}
+
 static void td__wk_input(td_node_t *n, td_wk_t *wk) {
-  int rc = td_chan_read(&wk->ch);
-  if (wk->kind >= WK_NODE) wk->last_seen = td_now();
-  uint8_t type;
-  const uint8_t *p;
-  uint32_t len;
-  int got;
-  while ((got = td_chan_next(&wk->ch, &type, &p, &len)) == 1) {
-    if (td__on_msg(n, wk, type, p, len) != 0) {
-      fprintf(stderr, "tide: malformed message (type %u) from worker %d; stopping it\n",
-              (unsigned)type, (int)wk->pid);
-      if (wk->pid > 0) kill(wk->pid, SIGKILL);
-      td__wk_dead(n, wk, "sent a malformed message");
+  for (;;) {
+    if (wk->sink_left && td__sink_read(n, wk)) {
+      td__wk_dead(n, wk, "closed its connection");
       return;
     }
-    if (wk->dead) return;
+    if (wk->sink_left || wk->dead) return;  /* the rest of a chunk comes later */
+    int rc = td_chan_read(&wk->ch);
+    if (wk->kind >= WK_NODE) wk->last_seen = td_now();
+    uint8_t type;
+    const uint8_t *p;
+    uint32_t len;
+    int got;
+    while ((got = td_chan_next(&wk->ch, &type, &p, &len)) == 1) {
+      if (td__on_msg(n, wk, type, p, len) != 0) { td__wk_malformed(n, wk, type); return; }
+      if (wk->dead) return;
+    }
+    if (got < 0) {
+      if (wk->pid > 0) kill(wk->pid, SIGKILL);
+      td__wk_dead(n, wk, "sent a malformed frame");
+      return;
+    }
+    if (rc) { td__wk_dead(n, wk, "closed its connection"); return; }
+    int took = td__sink_take(n, wk);
+    if (took < 0) { td__wk_malformed(n, wk, TD_M_CHUNK); return; }
+    if (!took || wk->dead) return;
   }
-  if (got < 0) {
-    if (wk->pid > 0) kill(wk->pid, SIGKILL);
-    td__wk_dead(n, wk, "sent a malformed frame");
-    return;
-  }
-  if (rc) td__wk_dead(n, wk, "closed its connection");
 }
 
 void td_node_pump(td_node_t *n, double timeout) {
@@ -3944,6 +4056,7 @@ int td_node_link_head(td_node_t *n, int fd) {
   if (n->head) return TD_EINVAL;
   fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
   td_wk_t *wk = td__wk_add(n, td__new_wk_id(n), WK_HEAD, fd);
+  td__link_chan(wk);
   wk->remote = 1;
   wk->last_seen = td_now();
   n->head = wk;
