@@ -160,6 +160,8 @@ struct td_wk {
   uint32_t fns_upto;     /* function definitions sent so far (n->fn_order) */
   char name[64];
   double ntotal[TD_NRES_MAX], navail[TD_NRES_MAX]; /* by this node's resource index */
+  td_node_stats_t nstats; /* a joined node's own figures, from its last heartbeat */
+  int has_nstats;
   double last_seen;      /* last message from the other side */
   uint64_t sink_id;      /* a TD_M_CHUNK read straight into the store: its object */
   uint64_t sink_off;     /* its offset in the value */
@@ -3331,6 +3333,18 @@ static void td__cluster_tick(td_node_t *n, double now) {
     }
     if (beat && (w->joined || w->kind == WK_HEAD)) {
       td_chan_begin(&w->ch, TD_M_BEAT);
+      if (w->kind == WK_HEAD) {  /* a node tells its head how it is doing */
+        td_node_stats_t st;
+        td_node_stats(n, &st);
+        td_buf_u32(&w->ch.out, (uint32_t)st.workers);
+        td_buf_u32(&w->ch.out, (uint32_t)st.actors);
+        td_buf_u32(&w->ch.out, (uint32_t)st.tasks_running);
+        td_buf_u32(&w->ch.out, (uint32_t)st.tasks_queued);
+        td_buf_u64(&w->ch.out, st.objects);
+        td_buf_u64(&w->ch.out, st.store_used);
+        td_buf_u64(&w->ch.out, st.store_capacity);
+        td_buf_u64(&w->ch.out, st.spilled_bytes);
+      }
       td_chan_end(&w->ch);
     }
   }
@@ -3456,6 +3470,18 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
     case TD_M_LINEAGE: return td__on_lineage(n, wk, &rd);
     case TD_M_PKG: return td__on_pkg(n, wk, &rd);
     case TD_M_BEAT:
+      if (wk->kind == WK_NODE && len >= 48) {
+        td_node_stats_t *st = &wk->nstats;
+        st->workers = (int)td_rd_u32(&rd);
+        st->actors = (int)td_rd_u32(&rd);
+        st->tasks_running = (int)td_rd_u32(&rd);
+        st->tasks_queued = (int)td_rd_u32(&rd);
+        st->objects = td_rd_u64(&rd);
+        st->store_used = td_rd_u64(&rd);
+        st->store_capacity = td_rd_u64(&rd);
+        st->spilled_bytes = td_rd_u64(&rd);
+        wk->has_nstats = !rd.bad;
+      }
       if (wk->kind == WK_CLIENT) {
         /* A node of an earlier head: tell it to join again. */
         td_chan_begin(&wk->ch, TD_M_WELCOME);
@@ -4092,11 +4118,12 @@ int td_node_cluster(td_node_t *n, td_node_info_t *out, int max) {
   if (max < 1) return 0;
   td_node_stats_t st;
   td_node_stats(n, &st);
-  out[k++] = (td_node_info_t){n->index, n->name, 1, n->total, n->avail, st.tasks_running, st.actors};
+  out[k++] = (td_node_info_t){n->index, n->name, 1, n->total, n->avail, st.tasks_running, st.actors, st, 1};
   for (int i = 0; i < n->nwks && k < max; i++) {
     td_wk_t *w = n->wks[i];
     if (w->kind != WK_NODE || !w->joined || w->dead) continue;
-    out[k++] = (td_node_info_t){w->node_index, w->name, 1, w->ntotal, w->navail, w->inflight.len, w->nactors};
+    out[k++] = (td_node_info_t){w->node_index, w->name, 1, w->ntotal, w->navail, w->inflight.len, w->nactors,
+                                w->nstats, w->has_nstats};
   }
   return k;
 }

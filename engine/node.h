@@ -148,20 +148,22 @@ uint32_t td_node_index(td_node_t *n);
  * actors it had and reserves the node indices it gave. */
 void td_node_restore(td_node_t *n);
 
+typedef struct td_node_stats {
+  int workers, actors, tasks_running, tasks_queued;
+  size_t objects, store_used, store_capacity, spilled_bytes;
+} td_node_stats_t;
 typedef struct td_node_info {
   uint32_t index;
   const char *name;
   int alive;
   const double *total, *avail; /* by resource index (td_node_res_name) */
-  int tasks, actors;
+  int tasks, actors;           /* as the head sees them: work it sent there */
+  td_node_stats_t st;          /* the node's own figures (its last heartbeat) */
+  int has_st;
 } td_node_info_t;
 /* This node, then every node joined to it. Returns how many. */
 int td_node_cluster(td_node_t *n, td_node_info_t *out, int max);
 
-typedef struct td_node_stats {
-  int workers, actors, tasks_running, tasks_queued;
-  size_t objects, store_used, store_capacity, spilled_bytes;
-} td_node_stats_t;
 void td_node_stats(td_node_t *n, td_node_stats_t *st);
 uint64_t td_wk_id(const td_wk_t *wk);
 

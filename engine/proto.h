@@ -41,7 +41,8 @@ enum {
   TD_M_REMOTE,         /* from the TCP bridge: this client cannot map the store */
   TD_M_PIN,            /* u32 n, u64 ids[n]: keep them in place (zero-copy reads) */
   /* between nodes (a node's link to its head, both ways) */
-  TD_M_BEAT = 40,      /* heartbeat, empty */
+  TD_M_BEAT = 40,      /* heartbeat; node -> head: u32 workers, actors, tasks running,
+                          queued, u64 objects, store used, store capacity, spilled */
   TD_M_JOIN,           /* node -> head: u32 index wanted (0: any) */
   TD_M_NODE_INFO,      /* node -> head: str name, u32 n, (str resource, f64 total)[n],
                           u32 k, (u64 actor, u32 incarnation)[k]: detached actors it runs */

@@ -836,6 +836,12 @@ static int c_resources(lua_State *L) {
 }
 
 /* core.nodes() -> {{node_id, name, alive, resources, available, tasks, actors}, ...} */
+/* Sets the fields of td_node_stats_t st on the table at the top. */
+#define TD__F(k) lua_pushnumber(L, (lua_Number)st.k); lua_setfield(L, -2, #k);
+#define TD__STATS_FIELDS                                                  \
+  TD__F(workers) TD__F(actors) TD__F(tasks_running) TD__F(tasks_queued) \
+  TD__F(objects) TD__F(store_used) TD__F(store_capacity) TD__F(spilled_bytes)
+
 static int c_nodes(lua_State *L) {
   td_node_info_t info[256];
   int k = td_node_cluster(td_ctx.node, info, 256);
@@ -864,6 +870,12 @@ static int c_nodes(lua_State *L) {
     lua_setfield(L, -2, "tasks");
     lua_pushinteger(L, info[i].actors);
     lua_setfield(L, -2, "actors");
+    if (info[i].has_st) {  /* the node's own figures */
+      lua_createtable(L, 0, 8);
+      td_node_stats_t st = info[i].st;
+      TD__STATS_FIELDS
+      lua_setfield(L, -2, "stats");
+    }
     lua_rawseti(L, -2, i + 1);
   }
   return 1;
@@ -873,10 +885,7 @@ static int c_stats(lua_State *L) {
   td_node_stats_t st;
   td_node_stats(td_ctx.node, &st);
   lua_createtable(L, 0, 8);
-#define TD__F(k) lua_pushnumber(L, (lua_Number)st.k); lua_setfield(L, -2, #k);
-  TD__F(workers) TD__F(actors) TD__F(tasks_running) TD__F(tasks_queued)
-  TD__F(objects) TD__F(store_used) TD__F(store_capacity) TD__F(spilled_bytes)
-#undef TD__F
+  TD__STATS_FIELDS
   lua_pushnumber(L, (lua_Number)td_bridge_refused());
   lua_setfield(L, -2, "refused_connections");
   return 1;

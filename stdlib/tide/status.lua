@@ -17,11 +17,29 @@ if #nodes > 1 then
   print("  resources (used / total):")
   used_total(tide.cluster_resources(), tide.available_resources())
 end
+local function gib(b) return string.format("%.2f GiB", b / 2 ^ 30) end
+if #nodes > 1 then
+  local o, u, c, q = 0, 0, 0, 0
+  for _, n in ipairs(nodes) do
+    if n.stats then
+      o, u, c, q = o + n.stats.objects, u + n.stats.store_used, c + n.stats.store_capacity, q + n.stats.tasks_queued
+    end
+  end
+  print(string.format("  objects %d, store %s / %s, tasks queued %d", o, gib(u), gib(c), q))
+end
 for i, n in ipairs(nodes) do
   print(string.format("%s %s(%s, alive)", n.node_id, i == 1 and "this node " or "", n.name or "?"))
   print("  resources (used / total):")
   used_total(n.resources, n.available)
-  if i > 1 then print(string.format("  tasks running %d, actors %d", n.tasks, n.actors)) end
+  local st = n.stats
+  if i > 1 and st then
+    print(string.format("  workers %d, actors %d, tasks running %d, queued %d", st.workers, st.actors,
+      st.tasks_running, st.tasks_queued))
+    print(string.format("  objects %d, store %s / %s, %s spilled", st.objects, gib(st.store_used),
+      gib(st.store_capacity), gib(st.spilled_bytes)))
+  elseif i > 1 then
+    print(string.format("  tasks running %d, actors %d (sent by the head)", n.tasks, n.actors))
+  end
 end
 local s = tide.stats()
 print("this node:")
