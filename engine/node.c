@@ -2397,7 +2397,7 @@ static int td__on_done(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
       uint32_t nrefs = td_rd_u32(rd);
       const uint8_t *rp = td_rd_bytes(rd, (size_t)nrefs * 8);
       if (rd->bad) return TD_EPROTO;
-      uint64_t *refs = td_xmalloc((size_t)nrefs * 8 + 8);
+      uint64_t *refs = nrefs ? td_xmalloc((size_t)nrefs * 8) : NULL;  /* most results hold none */
       if (nrefs) memcpy(refs, rp, (size_t)nrefs * 8);
       uint64_t *made = NULL;
       uint32_t nmade = 0;
@@ -4005,10 +4005,25 @@ void td_node_pump(td_node_t *n, double timeout) {
 /* Feeds one message as if a client sent it (fuzzing and tests): a
  * malformed one is rejected and the client dropped, as on a real socket. */
 int td_node_feed(td_node_t *n, uint8_t type, const uint8_t *p, uint32_t len) {
+  return td_node_feed_as(n, 0, type, p, len);
+}
+
+int td_node_feed_as(td_node_t *n, int from_head, uint8_t type, const uint8_t *p, uint32_t len) {
   td_wk_t *wk = NULL;
-  for (int i = 0; i < n->nwks; i++)
-    if (n->wks[i]->kind == WK_CLIENT && n->wks[i]->ch.fd < 0) wk = n->wks[i];
-  if (!wk) wk = td__wk_add(n, td__new_wk_id(n), WK_CLIENT, -1);
+  if (from_head) {
+    if (!n->head) {
+      wk = td__wk_add(n, td__new_wk_id(n), WK_HEAD, -1);
+      wk->remote = 1;
+      wk->last_seen = td_now();
+      n->head = wk;
+    }
+    wk = n->head;
+  } else {
+    /* The fake client last fed, also once a JOIN made it a node's link. */
+    for (int i = 0; i < n->nwks; i++)
+      if ((n->wks[i]->kind == WK_CLIENT || n->wks[i]->kind == WK_NODE) && n->wks[i]->ch.fd < 0) wk = n->wks[i];
+    if (!wk) wk = td__wk_add(n, td__new_wk_id(n), WK_CLIENT, -1);
+  }
   int rc = td__on_msg(n, wk, type, p, len);
   if (rc) td__wk_dead(n, wk, "sent a malformed message");
   else td_buf_reset(&wk->ch.out); /* replies go nowhere */

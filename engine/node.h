@@ -60,6 +60,9 @@ int td_node_fds(td_node_t *n, int *fds, int max);
 /* Handles one message as if a client had sent it; for fuzzing and tests.
  * Returns 0 or TD_EPROTO (the fake client is then dropped). */
 int td_node_feed(td_node_t *n, uint8_t type, const uint8_t *p, uint32_t len);
+/* The same from a link: from_head 1, this node's head (made on first use);
+ * 0, a client, which a JOIN turns into a node's link (on a head). */
+int td_node_feed_as(td_node_t *n, int from_head, uint8_t type, const uint8_t *p, uint32_t len);
 /* Replies to a worker request (payload is copied). */
 void td_node_reply(td_node_t *n, td_wk_t *wk, uint32_t req, const void *p, size_t len);
 

@@ -1,8 +1,12 @@
-/* libFuzzer target: the node's handling of messages from workers and
- * clients (engine/node.c) and the value decoder (lua/ser.c). Input is a
- * sequence of frames [u8 type][u16 length][payload]; each is fed to a node
- * that never spawns workers, and each payload is also decoded as a value.
- * Malformed input must be rejected, never crash, corrupt or leak.
+/* libFuzzer target: the node's handling of messages from workers, clients
+ * and other daemons (engine/node.c) and the value decoder (lua/ser.c).
+ * Input is a sequence of frames [u8 type][u16 length][payload]. A frame
+ * whose type byte has the top bit set goes to a second node as if from its
+ * head (work, packages, chunks, kills); the others go to a head as if from
+ * a client, which a JOIN turns into a joined node's link (node info,
+ * heartbeats, results, lineage). Neither spawns workers; each payload is
+ * also decoded as a value. Malformed input must be rejected, never crash,
+ * corrupt or leak.
  */
 #include <lauxlib.h>
 #include <lualib.h>
@@ -12,7 +16,7 @@
 #include "node.h"
 #include "ser.h"
 
-static td_node_t *node;
+static td_node_t *node, *node2;
 static lua_State *L;
 
 static void mkref(void *ud, lua_State *L2, uint64_t id) {
@@ -30,6 +34,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     o.store_capacity = 4 << 20;
     o.no_workers = 1;
     node = td_node_new(&o);
+    node2 = td_node_new(&o);
     L = luaL_newstate();
     luaL_openlibs(L);
     luaL_newmetatable(L, TD_REF_MT);
@@ -37,12 +42,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   }
   size_t i = 0;
   while (i + 3 <= size) {
-    uint8_t type = (uint8_t)(TD_M_READY + data[i] % 19);
+    int to_node2 = data[i] & 0x80;
+    uint8_t type = to_node2 ? (uint8_t)((data[i] & 0x7f) % (TD_M_LINEAGE + 1))
+                            : (uint8_t)(TD_M_READY + data[i] % 36);
     uint16_t len;
     memcpy(&len, data + i + 1, 2);
     i += 3;
     if (len > size - i) len = (uint16_t)(size - i);
-    td_node_feed(node, type, data + i, len);
+    if (to_node2) td_node_feed_as(node2, 1, type, data + i, len);
+    else td_node_feed(node, type, data + i, len);
     td_deser_t d = {0};
     d.mkref = mkref;
     int top = lua_gettop(L);
@@ -52,5 +60,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   }
   /* Scheduling and request checks run as a pump would run them. */
   td_node_pump(node, 0);
+  td_node_pump(node2, 0);
   return 0;
 }

@@ -12,7 +12,9 @@ fi
 work=build/fuzz-node-work
 rm -rf $work && mkdir -p $work/corpus
 log=$work/fuzz.log
-ASAN_OPTIONS=detect_leaks=0 timeout -k 5 $((secs + 60)) $bin \
+# Packages a fuzzed head sends land here, not in the user's cache.
+mkdir -p $work/pkgs
+TIDE_PKG_CACHE=$(pwd)/$work/pkgs ASAN_OPTIONS=detect_leaks=0 timeout -k 5 $((secs + 60)) $bin \
   -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -max_len=4096 \
   -artifact_prefix=$work/ $work/corpus >$log 2>&1
 rc=$?
