@@ -149,6 +149,7 @@ struct td_wk {
   int nactors;
   int gpus[16], ngpus;
   td_map_t fns_sent;     /* function ids this worker has */
+  td_map_t held, pinned; /* a worker's or client's refs and pins by object id, given back when it dies */
   int exit_status;
   td_map_t allocs;       /* shm extents lent by TD_M_ALLOC: off+1 -> len */
   int nslow;             /* inflight tasks not known to be short */
@@ -800,13 +801,39 @@ static double td__task_gpus(const td_task_t *t) {
 
 /* -- Sending -------------------------------------------------------------------- */
 
+/* What a worker or client holds, counted so that its death gives it back
+ * (links' refs are the other node's business: exports and imports). */
+static void td__count(td_wk_t *wk, td_map_t *m, uint64_t id, intptr_t d) {
+  if (!wk || wk->kind >= WK_NODE || !d) return;
+  intptr_t c = (intptr_t)td_map_get(m, id) + d;
+  if (c > 0) td_map_set(m, id, (void *)c);
+  else td_map_del(m, id);
+}
+
+static void td__give_back(td_node_t *n, td_wk_t *wk) {
+  size_t it = 0;
+  uint64_t id;
+  void *v;
+  while (td_map_next(&wk->pinned, &it, &id, &v)) {
+    td_obj_t *o = td__obj(n, id);
+    if (o) o->pins = o->pins > (intptr_t)v ? o->pins - (int32_t)(intptr_t)v : 0;
+  }
+  it = 0;
+  while (td_map_next(&wk->held, &it, &id, &v)) {
+    td_obj_t *o = td__obj(n, id);
+    if (o) td__unref(n, o, (intptr_t)v);
+  }
+  td_map_free(&wk->pinned);
+  td_map_free(&wk->held);
+}
+
 /* Appends how a dependency value travels. Shared-memory values are pinned
- * until the task finishes. */
-static void td__put_value(td_node_t *n, td_buf_t *b, uint64_t id, int pin, int remote) {
+ * until the task finishes. Returns whether it pinned one. */
+static int td__put_value(td_node_t *n, td_buf_t *b, uint64_t id, int pin, int remote) {
   td_obj_t *o = td__obj(n, id);
   if (!o || o->state == OBJ_PENDING || td__obj_resident(n, o) != 0) {
     td_buf_u8(b, TD_V_LOST);
-    return;
+    return 0;
   }
   if (o->state == OBJ_ERROR) {
     td_buf_u8(b, TD_V_ERROR);
@@ -824,10 +851,12 @@ static void td__put_value(td_node_t *n, td_buf_t *b, uint64_t id, int pin, int r
     td_buf_u64(b, o->off);
     td_buf_u64(b, o->len);
     if (pin) o->pins++;
+    return pin;
   } else {
     td_buf_u8(b, TD_V_INLINE);
     td_buf_str(b, o->data, o->len);
   }
+  return 0;
 }
 
 static void td__unpin_deps(td_node_t *n, td_task_t *t) {
@@ -2191,7 +2220,8 @@ static int td__req_try(td_node_t *n, td_req_t *r, int expired) {
     td_buf_u8(b, (uint8_t)timed_out);
     if (!timed_out)
       for (uint32_t i = 0; i < r->n; i++)
-        td__put_value(n, b, r->ids[i], !r->wk->remote, r->wk->kind >= WK_NODE ? 2 : r->wk->remote);
+        if (td__put_value(n, b, r->ids[i], !r->wk->remote, r->wk->kind >= WK_NODE ? 2 : r->wk->remote))
+          td__count(r->wk, &r->wk->pinned, r->ids[i], 1);  /* until its UNPIN */
     td_chan_end(&r->wk->ch);
     return 1;
   }
@@ -3528,7 +3558,12 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
       td_spec_t s;
       uint64_t *scratch;
       int rc = td_spec_decode(&s, &rd, &scratch);
-      if (!rc && wk->kind != WK_NODE && td__forward(n, &s)) { free(scratch); return 0; }
+      if (!rc && wk->kind != WK_NODE && td__forward(n, &s)) {
+        uint32_t nh = s.nret < 0 ? 1 : (uint32_t)s.nret;
+        for (uint32_t i = 0; i < nh; i++) td__count(wk, &wk->held, s.rets[i], 1);
+        free(scratch);
+        return 0;
+      }
       if (!rc && wk->kind == WK_NODE) {
         td__import(n, wk, s.deps, s.ndeps);
         td__import(n, wk, s.refs, s.nrefs);
@@ -3544,6 +3579,8 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
           td_actor_t *na = td_map_get(&n->actors, s.actor_id);
           if (na) na->owner = wk->id;
         }
+        uint32_t nh = s.nret < 0 ? 1 : (uint32_t)s.nret;
+        for (uint32_t i = 0; i < nh; i++) td__count(wk, &wk->held, s.rets[i], 1);
         if (sub != 0) {
           /* The submitter already holds handles: fail them clearly. */
           td__errblob(&n->tmp, s.kind == TD_K_ACTOR_CALL ? "ActorDiedError" : "TaskError", msg);
@@ -3577,6 +3614,7 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
       if (nrefs) memcpy(refs, rp, (size_t)nrefs * 8);
       td_obj_t *o = td__obj_new(n, id);
       o->refs = 1;
+      td__count(wk, &wk->held, id, 1);
       td__obj_set(n, o, OBJ_READY, shm, vp, vlen, off, refs, nrefs);
       free(refs);
       return 0;
@@ -3592,9 +3630,13 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
         if (!o || d == 0) continue;
         if (d > 0) {
           /* Saturate: a forged count cannot overflow. */
-          o->refs = o->refs > INT64_MAX / 2 ? o->refs : o->refs + d;
+          if (o->refs > INT64_MAX / 2) continue;
+          o->refs += d;
+          td__count(wk, &wk->held, id, d);
         } else {
           /* One step, whatever the count: a forged delta cannot spin. */
+          td__count(wk, &wk->held, id, (intptr_t)td_map_get(&wk->held, id) < -(intptr_t)d
+                                           ? -(intptr_t)td_map_get(&wk->held, id) : d);
           td__unref(n, o, -(int64_t)d);
         }
       }
@@ -3605,7 +3647,15 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
       uint32_t cnt = td_rd_u32(&rd);
       for (uint32_t i = 0; i < cnt && !rd.bad; i++) {
         uint64_t id = td_rd_u64(&rd);
-        if (!rd.bad) td_node_pin(n, id, type == TD_M_PIN ? 1 : -1);
+        if (rd.bad) break;
+        if (type == TD_M_PIN) {
+          if (td_node_in_store(n, id)) td__count(wk, &wk->pinned, id, 1);
+          td_node_pin(n, id, 1);
+        } else if (wk->kind >= WK_NODE || td_map_get(&wk->pinned, id)) {
+          /* Only a pin this worker holds is let go. */
+          td__count(wk, &wk->pinned, id, -1);
+          td_node_pin(n, id, -1);
+        }
       }
       return rd.bad ? TD_EPROTO : 0;
     }
@@ -3898,6 +3948,7 @@ static void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why) {
     free(r->ids);
     free(r);
   }
+  td__give_back(n, wk);
   td_map_free(&wk->fns_sent);
   td__free_lent(n, wk);
   free(wk);
@@ -4209,6 +4260,8 @@ void td_node_destroy(td_node_t **np) {
     td_chan_close(&wk->ch);
     td_map_free(&wk->fns_sent);
     td_map_free(&wk->allocs);
+    td_map_free(&wk->held);
+    td_map_free(&wk->pinned);
     free(wk);
   }
   free(n->wks);

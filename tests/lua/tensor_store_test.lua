@@ -119,6 +119,33 @@ t.test("a tensor kept by an actor past the call stays valid", function()
   keep = nil -- luacheck: ignore 311
 end)
 
+t.test("a worker that dies holding objects gives its refs and pins back", function()
+  flush()
+  local before = tide.stats().store_used
+  local K = tide.actor({
+    keep = function(self, x)
+      self.x = x
+      self.y = tide.put(x:clone())
+      return io.open("/proc/self/stat"):read("*a"):match("^(%d+)")
+    end,
+  })
+  local k = K:options({max_restarts = 0}):remote()
+  local r = tide.put(T.full({4 * MiB / 4}, 1))
+  local pid = tide.get(k:keep(r))
+  t.ok(tide.stats().store_used >= before + 8 * MiB, "the actor's objects are not in the store")
+  -- Its process dies at once, holding a mapped tensor and a put of its own.
+  os.execute("kill -9 " .. pid)
+  r = nil -- luacheck: ignore 311
+  local used
+  for _ = 1, 100 do
+    flush()
+    used = tide.stats().store_used
+    if used == before then break end
+    tide.sleep(0.05)
+  end
+  t.eq(used, before, "store bytes held by the dead actor")
+end)
+
 t.test("small, non-contiguous and typed tensors travel by copy and stay writable", function()
   local small = tide.get(tide.put(T.ones({4})))
   small:fill(2)
