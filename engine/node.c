@@ -270,7 +270,8 @@ struct td_node {
   double adopt_until;    /* until then restored actors wait to be adopted (td__adopt) */
   td_map_t fwd;          /* head task id -> td_fwd_t */
   td_map_t pulls;        /* request id -> object id, values asked of a link */
-  td_map_t lineage;      /* object id -> td_blob_t: the spec of the task that makes it */
+  td_map_t lineage;      /* node: object id -> td_fnblob_t, the spec of the task that makes it */
+  td_map_t lin_kept;     /* head: the same, sent by nodes; holds the spec's argument refs */
   uint64_t *lin_out;     /* node: ids whose lineage goes to the head after this message */
   int from_head;         /* node: submitting work the head sent (not this node's own) */
   uint32_t nlin_out, caplin_out;
@@ -415,9 +416,11 @@ static void td__obj_release_data(td_node_t *n, td_obj_t *o) {
 }
 
 static void td__unhold(td_node_t *n, td_obj_t *o);
+static void td__lineage_drop(td_node_t *n, uint64_t id);
 static void td__obj_free(td_node_t *n, td_obj_t *o) {
   td_map_del(&n->objs, o->id);
   if (n->lineage.len) free(td_map_del(&n->lineage, o->id));
+  if (n->lin_kept.len) td__lineage_drop(n, o->id);
   if (o->foreign) td__unhold(n, o);
   td__obj_release_data(n, o);
   for (uint32_t i = 0; i < o->ncontained; i++) td_node_decref(n, o->contained[i]);
@@ -1715,10 +1718,37 @@ void td_node_restore(td_node_t *n) {
  * elsewhere (td__lineage_rerun) instead of raising ObjectLostError. */
 
 #define TD_LINEAGE_MAX (64 * 1024) /* arguments kept per task, at most */
+#define TD_LINEAGE_REFS 1024       /* and refs among them */
+
+/* The refs a spec's arguments name: its dependencies, then nested refs.
+ * Returns their count, or -1 if the spec does not decode. */
+static int td__lineage_refs(const td_fnblob_t *lb, uint64_t **ids, uint64_t **scratch) {
+  td_rd_t rd;
+  td_rd_init(&rd, lb->data, lb->len);
+  td_spec_t s;
+  *scratch = NULL;
+  if (td_spec_decode(&s, &rd, scratch)) return -1;
+  *ids = td_xmalloc(((size_t)s.ndeps + s.nrefs) * 8 + 8);
+  if (s.ndeps) memcpy(*ids, s.deps, (size_t)s.ndeps * 8);
+  if (s.nrefs) memcpy(*ids + s.ndeps, s.refs, (size_t)s.nrefs * 8);
+  return (int)(s.ndeps + s.nrefs);
+}
+
+/* Head: a kept spec holds its arguments' objects; dropping it lets go. */
+static void td__lineage_drop(td_node_t *n, uint64_t id) {
+  td_fnblob_t *lb = td_map_del(&n->lin_kept, id);
+  if (!lb) return;
+  uint64_t *ids, *scratch;
+  int k = td__lineage_refs(lb, &ids, &scratch);
+  for (int i = 0; i < k; i++) td_node_decref(n, ids[i]);
+  if (k >= 0) free(ids);
+  free(scratch);
+  free(lb);
+}
 
 static void td__lineage_keep(td_node_t *n, const td_spec_t *s) {
-  if (s->kind != TD_K_TASK || s->nret != 1 || s->ndeps || s->nrefs || s->pg_id || s->max_retries == 0 ||
-      s->args_len > TD_LINEAGE_MAX)
+  if (s->kind != TD_K_TASK || s->nret != 1 || s->pg_id || s->max_retries == 0 || s->args_len > TD_LINEAGE_MAX ||
+      s->ndeps + s->nrefs > TD_LINEAGE_REFS)
     return;
   td_buf_t b;
   td_buf_init(&b);
@@ -1739,6 +1769,13 @@ static void td__lineage_send(td_node_t *n) {
     for (uint32_t i = 0; i < n->nlin_out; i++) {
       td_fnblob_t *lb = td_map_del(&n->lineage, n->lin_out[i]);
       if (!lb) continue;
+      /* Its arguments' refs travel with it (exports; their own lineage
+       * follows, as they are queued in turn). */
+      uint64_t *ids, *scratch;
+      int k = td__lineage_refs(lb, &ids, &scratch);
+      if (k > 0) td__export(n, ids, (uint32_t)k);
+      if (k >= 0) free(ids);
+      free(scratch);
       td_chan_begin(&n->head->ch, TD_M_LINEAGE);
       td_buf_u64(&n->head->ch.out, n->lin_out[i]);
       td_buf_str(&n->head->ch.out, lb->data, lb->len);
@@ -1759,24 +1796,34 @@ static int td__on_lineage(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   td_rd_init(&sr, p, l);
   td_spec_t s;
   uint64_t *scratch = NULL;
-  int bad = td_spec_decode(&s, &sr, &scratch) || s.kind != TD_K_TASK || s.nret != 1 || s.rets[0] != id ||
-            s.ndeps || s.nrefs;
-  free(scratch);
-  if (bad) return TD_EPROTO;
-  td_obj_t *o = td__obj(n, id);
-  if (!o || o->foreign != 1 || o->state != OBJ_PENDING || td_id_node(id) != wk->node_index) return 0;
+  if (td_spec_decode(&s, &sr, &scratch) || s.kind != TD_K_TASK || s.nret != 1 || s.rets[0] != id ||
+      s.ndeps + s.nrefs > TD_LINEAGE_REFS) {
+    free(scratch);
+    return TD_EPROTO;
+  }
+  /* The node exported the arguments' refs with it: take them over, then
+   * hold them here while the spec is kept. */
+  td__import(n, wk, s.deps, s.ndeps);
+  td__import(n, wk, s.refs, s.nrefs);
   td_fnblob_t *lb = td_xmalloc(sizeof(*lb) + l);
   lb->len = l;
   memcpy(lb->data, p, l);
-  free(td_map_del(&n->lineage, id));
-  td_map_set(&n->lineage, id, lb);
+  for (uint32_t i = 0; i < s.ndeps; i++) td_node_incref(n, s.deps[i]);
+  for (uint32_t i = 0; i < s.nrefs; i++) td_node_incref(n, s.refs[i]);
+  free(scratch);
+  td_obj_t *o = td__obj(n, id);
+  td__lineage_drop(n, id);
+  td_map_set(&n->lin_kept, id, lb);
+  /* Kept only for a value still to come from that node. */
+  if (!o || o->foreign != 1 || o->state != OBJ_PENDING || td_id_node(id) != wk->node_index)
+    td__lineage_drop(n, id);
   return 0;
 }
 
 /* Head: the node that held o died before sending it; its task runs again
  * here (wherever it fits), filling the same object. Returns 1 if it does. */
 static int td__lineage_rerun(td_node_t *n, td_obj_t *o) {
-  td_fnblob_t *lb = n->lineage.len ? td_map_del(&n->lineage, o->id) : NULL;
+  td_fnblob_t *lb = n->lin_kept.len ? td_map_get(&n->lin_kept, o->id) : NULL;
   if (!lb) return 0;
   td_rd_t rd;
   td_rd_init(&rd, lb->data, lb->len);
@@ -1790,7 +1837,7 @@ static int td__lineage_rerun(td_node_t *n, td_obj_t *o) {
     td_log("making object %016llx again: the node that held it died", (unsigned long long)o->id);
   }
   free(scratch);
-  free(lb);
+  td__lineage_drop(n, o->id);  /* the task holds its arguments now */
   return ok;
 }
 
@@ -3804,7 +3851,7 @@ static void td__link_lost_objects(td_node_t *n, td_wk_t *wk) {
     o->up = 0;
     td_task_t *t = o->producer;
     int rerun = t && t->state == T_FETCHING && t->retries_left != 0;
-    if (rerun || (n->lineage.len && td_map_get(&n->lineage, o->id))) {
+    if (rerun || (n->lin_kept.len && td_map_get(&n->lin_kept, o->id))) {
       /* Lineage: the task that made it runs again, elsewhere. */
       if (o->chunked) td_store_free(n->store, o->off, o->len);
       o->chunked = 0;
@@ -4217,6 +4264,7 @@ td_node_t *td_node_new(const td_node_opts_t *o) {
   td_map_init(&n->fwd);
   td_map_init(&n->pulls);
   td_map_init(&n->lineage);
+  td_map_init(&n->lin_kept);
   td_map_init(&n->relays);
   td_map_init(&n->objs);
   td_map_init(&n->tasks);
@@ -4296,6 +4344,9 @@ void td_node_destroy(td_node_t **np) {
   it = 0;
   while (td_map_next(&n->lineage, &it, NULL, &v)) free(v);
   td_map_free(&n->lineage);
+  it = 0;
+  while (td_map_next(&n->lin_kept, &it, NULL, &v)) free(v);
+  td_map_free(&n->lin_kept);
   free(n->lin_out);
   td__parked_drop(n);
   while (n->wdmap) {

@@ -42,7 +42,7 @@ t.test("a result lost with its node is made again by running its task elsewhere"
   os.remove(marker)
 end)
 
-t.test("an object a node's own task made is made again when that node dies first", function()
+t.test("an object a node's own task made (from a ref argument) is made again when that node dies first", function()
   local target
   for _, n in ipairs(tide.nodes()) do if n.name == "nested-node" then target = n.node_id end end
   t.ok(target, "no node named nested-node")
@@ -50,22 +50,27 @@ t.test("an object a node's own task made is made again when that node dies first
   -- The inner task runs on the outer one's node (it fits there: the outer
   -- one takes no CPU), writes where it ran and is still running when that
   -- node dies; only the node had its task.
-  local inner = tide.remote(function(log, n)
+  local inner = tide.remote(function(log, data, n)
     local f = io.open(log, "a")
     f:write(tide.get_runtime_context().node_id, "\n")
     f:close()
     tide.sleep(3)
-    return string.rep("n", n) .. "end"
+    return string.rep("n", n) .. data .. "end"
   end)
-  local outer = tide.remote(function(log)
-    local r = inner:remote(log, 5000)
+  -- Its argument is a ref to an object the driver put: the head holds it
+  -- for the spec it keeps, so the second run still has it.
+  local data = tide.put("DATA")
+  local outer = tide.remote(function(log, box)
+    local r = inner:remote(log, box[1], 5000)
     -- This node dies 1 s from now (its daemon is this worker's parent).
     local st = io.open("/proc/self/stat"):read("*a")
     os.execute("(sleep 1; kill -9 " .. st:match("^%d+ %b() %S+ (%d+)") .. ") >/dev/null 2>&1 &")
     return {r}
   end)
   local box = tide.get(outer:options({num_cpus = 0, scheduling_strategy = {node_id = target, soft = false}})
-    :remote(runs), {timeout = 60})
+    :remote(runs, {data}), {timeout = 60})
+  data = nil -- luacheck: ignore 311
+  collectgarbage()
   -- Wait until the head has seen the node die: only then is the value asked for.
   local alive = true
   for _ = 1, 150 do
@@ -76,8 +81,8 @@ t.test("an object a node's own task made is made again when that node dies first
   end
   t.ok(not alive, "nested-node did not die")
   local v = tide.get(box[1], {timeout = 60})
-  t.eq(#v, 5003)
-  t.eq(v:sub(-3), "end")
+  t.eq(#v, 5007)
+  t.eq(v:sub(-7), "DATAend")
   local where = {}
   for line in io.lines(runs) do where[#where + 1] = line end
   os.remove(runs)
