@@ -77,15 +77,7 @@ if wanted("multi_client_tasks_async") then
   end, 2 * N, 3), "tasks/s", limits.pipe_stream)
 end
 
-local Actor = tide.actor({
-  small = function(self) return 0 end,
-  call_n = function(self, other, n)
-    local refs = {}
-    for i = 1, n do refs[i] = other:small() end
-    tide.get(refs)
-    return n
-  end,
-})
+local Actor = common.actor()
 
 if wanted("1_1_actor_calls_sync") then
   local a = Actor:remote()

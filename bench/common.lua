@@ -25,6 +25,20 @@ function M.rate(fn, per, secs)
   return rates[2]
 end
 
+-- The actor the call benchmarks use: a no-op method, and one that makes n
+-- pipelined calls to another actor.
+function M.actor()
+  return require("tide").actor({
+    small = function() return 0 end,
+    call_n = function(_, other, n)
+      local refs = {}
+      for i = 1, n do refs[i] = other:small() end
+      require("tide").get(refs)
+      return n
+    end,
+  })
+end
+
 -- Makes n refs with make(i) and gets them all (one pipelined batch).
 function M.batch(n, make)
   local tide = require("tide")

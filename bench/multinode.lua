@@ -21,15 +21,7 @@ emit({metric = "multinode_tasks_async", value = rate(function()
   batch(N, function() return nop:remote() end)
 end, N, 3), unit = "tasks/s", limit = pipe_stream, nodes = 3})
 
-local Actor = tide.actor({
-  small = function() return 0 end,
-  call_n = function(_, other, n)
-    local refs = {}
-    for i = 1, n do refs[i] = other:small() end
-    tide.get(refs)
-    return n
-  end,
-})
+local Actor = C.actor()
 local on = function(k) return {scheduling_strategy = {node_id = "node-" .. k}} end
 -- Callers on one node call actors on the other: every call crosses nodes.
 local callers = {Actor:options(on(1)):remote(), Actor:options(on(2)):remote()}

@@ -466,11 +466,11 @@ int td_node_in_store(td_node_t *n, uint64_t id) {
   return o && o->state == OBJ_READY && o->loc == LOC_SHM;
 }
 
-void td_node_pin(td_node_t *n, uint64_t id, int delta) {
+int td_node_pin(td_node_t *n, uint64_t id, int delta) {
   td_obj_t *o = td__obj(n, id);
-  if (!o || o->loc != LOC_SHM) return;
-  if (delta > 0) o->pins++;
-  else if (o->pins > 0) o->pins--;
+  if (!o || o->loc != LOC_SHM || (delta < 0 && o->pins == 0)) return 0;
+  o->pins += delta > 0 ? 1 : -1;
+  return 1;
 }
 
 /* Frees spill victims until `size` bytes fit; returns 0 or an error. */
@@ -3682,8 +3682,8 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
           td__count(wk, &wk->held, id, d);
         } else {
           /* One step, whatever the count: a forged delta cannot spin. */
-          td__count(wk, &wk->held, id, (intptr_t)td_map_get(&wk->held, id) < -(intptr_t)d
-                                           ? -(intptr_t)td_map_get(&wk->held, id) : d);
+          intptr_t held = (intptr_t)td_map_get(&wk->held, id);
+          td__count(wk, &wk->held, id, held < -(intptr_t)d ? -held : d);
           td__unref(n, o, -(int64_t)d);
         }
       }
@@ -3696,8 +3696,7 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
         uint64_t id = td_rd_u64(&rd);
         if (rd.bad) break;
         if (type == TD_M_PIN) {
-          if (td_node_in_store(n, id)) td__count(wk, &wk->pinned, id, 1);
-          td_node_pin(n, id, 1);
+          if (td_node_pin(n, id, 1)) td__count(wk, &wk->pinned, id, 1);
         } else if (wk->kind >= WK_NODE || td_map_get(&wk->pinned, id)) {
           /* Only a pin this worker holds is let go. */
           td__count(wk, &wk->pinned, id, -1);

@@ -83,7 +83,7 @@ void td_node_decref(td_node_t *n, uint64_t id);
 /* Whether a ready object's bytes lie in the shared-memory store, and pins
  * that keep them there (not spilled) while something maps them. */
 int td_node_in_store(td_node_t *n, uint64_t id);
-void td_node_pin(td_node_t *n, uint64_t id, int delta);
+int td_node_pin(td_node_t *n, uint64_t id, int delta);  /* 1 if it changed a pin */
 /* Streams: 1 = *item is the idx-th item (0-based), 0 = not yet, -1 = ended. */
 int td_node_stream_item(td_node_t *n, uint64_t stream, uint32_t idx, uint64_t *item);
 

@@ -5,6 +5,18 @@
 local t = dofile("tests/lua/harness.lua")
 local tide = require("tide")
 
+-- Waits until the head no longer lists node `target` (dead); returns
+-- whether it went within `tries` tenths of a second.
+local function gone(target, tries)
+  for _ = 1, tries do
+    local alive = false
+    for _, n in ipairs(tide.nodes()) do alive = alive or n.node_id == target end
+    if not alive then return true end
+    tide.sleep(0.1)
+  end
+  return false
+end
+
 t.test("a result lost with its node is made again by running its task elsewhere", function()
   local target
   for _, n in ipairs(tide.nodes()) do if n.name == "lineage-node" then target = n.node_id end end
@@ -31,14 +43,7 @@ t.test("a result lost with its node is made again by running its task elsewhere"
   t.eq(s:sub(-4), "tail")
   -- The node dies 1.5 s after its first run returned, whether or not the
   -- value was still on its way then (which run delivered it is timing).
-  local alive = true
-  for _ = 1, 100 do
-    alive = false
-    for _, n in ipairs(tide.nodes()) do alive = alive or n.node_id == target end
-    if not alive then break end
-    tide.sleep(0.1)
-  end
-  t.ok(not alive, "the node that made it first died")
+  t.ok(gone(target, 100), "the node that made it first died")
   os.remove(marker)
 end)
 
@@ -72,14 +77,7 @@ t.test("an object a node's own task made (from a ref argument) is made again whe
   data = nil -- luacheck: ignore 311
   collectgarbage()
   -- Wait until the head has seen the node die: only then is the value asked for.
-  local alive = true
-  for _ = 1, 150 do
-    alive = false
-    for _, n in ipairs(tide.nodes()) do alive = alive or n.node_id == target end
-    if not alive then break end
-    tide.sleep(0.1)
-  end
-  t.ok(not alive, "nested-node did not die")
+  t.ok(gone(target, 150), "nested-node did not die")
   local v = tide.get(box[1], {timeout = 60})
   t.eq(#v, 5007)
   t.eq(v:sub(-7), "DATAend")
