@@ -129,6 +129,10 @@ int td_key_create(const char *path, td_cluster_key_t *k) {
   if (zmq_curve_keypair(k->server_public, k->server_secret) ||
       zmq_curve_keypair(k->client_public, k->client_secret))
     return -1;
+  return td_key_save(path, k);
+}
+
+int td_key_save(const char *path, const td_cluster_key_t *k) {
   int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
   if (fd < 0) return -1;
   fchmod(fd, 0600);
@@ -206,8 +210,9 @@ static int td__write_all(int fd, const void *p, size_t n) {
 }
 
 /* A new peer becomes a client of the node: connect, drop the store fd the
- * node offers (a remote peer cannot map it), and say it is remote. */
-static int td__conn_open(td__conn_t *c) {
+ * node offers (a remote peer cannot map it), and say it is remote and from
+ * which address (a node that joins is reached there by other nodes). */
+static int td__conn_open(td__conn_t *c, const char *addr) {
   struct sockaddr_un sa;
   memset(&sa, 0, sizeof(sa));
   sa.sun_family = AF_UNIX;
@@ -220,8 +225,13 @@ static int td__conn_open(td__conn_t *c) {
   int sfd = td_sock_recv_fd(fd);
   if (sfd < 0) { close(fd); return -1; }
   close(sfd);
-  uint8_t frame[5] = {1, 0, 0, 0, TD_M_REMOTE};
-  if (td__write_all(fd, frame, 5)) { close(fd); return -1; }
+  uint8_t frame[5 + 4 + 64];
+  uint32_t al = addr ? (uint32_t)strnlen(addr, 64) : 0, fl = 1 + 4 + al;
+  memcpy(frame, &fl, 4);
+  frame[4] = TD_M_REMOTE;
+  memcpy(frame + 5, &al, 4);
+  if (al) memcpy(frame + 9, addr, al);
+  if (td__write_all(fd, frame, 4 + fl)) { close(fd); return -1; }
   td_sock_bulk(fd);
   fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
   c->fd = fd;
@@ -320,7 +330,8 @@ static void *td__server_main(void *arg) {
           td__conn_t *c = &B.conns[B.nconns];
           memcpy(c->id, zmq_msg_data(&id), idlen);
           c->idlen = idlen;
-          if (td__conn_open(c) == 0) ci = B.nconns++;
+          const char *addr = have ? zmq_msg_gets(&data, "Peer-Address") : NULL;
+          if (td__conn_open(c, addr) == 0) ci = B.nconns++;
         }
         if (ci >= 0) {
           B.conns[ci].seen = now;
@@ -380,6 +391,14 @@ int td_bridge_server_start(const char *endpoint, const char *unix_sock, const td
   return 0;
 }
 
+int td_bridge_server_port(void) {
+  char ep[256];
+  size_t l = sizeof(ep);
+  if (!B.running || zmq_getsockopt(B.router, ZMQ_LAST_ENDPOINT, ep, &l)) return 0;
+  const char *colon = strrchr(ep, ':');
+  return colon ? atoi(colon + 1) : 0;
+}
+
 void td_bridge_server_stop(void) {
   if (!B.running) return;
   atomic_store(&B.stop, 1);
@@ -395,35 +414,34 @@ void td_bridge_server_stop(void) {
 
 /* -- Client side --------------------------------------------------------------- */
 
-static struct {
+struct td_bridge_client {
   void *ctx, *dealer;
   int fd;            /* our end of the socketpair */
   pthread_t th;
-  int running;
   _Atomic int stop;
   td__pool_t pool;   /* read buffers for the socketpair */
-} C;
+};
 
 static void *td__client_main(void *arg) {
-  (void)arg;
+  td_bridge_client_t *C = arg;
   double beat = td_now();
   int open = 1;
-  while (open || !atomic_load(&C.stop)) {
-    zmq_pollitem_t items[2] = {{C.dealer, 0, ZMQ_POLLIN, 0}, {NULL, C.fd, ZMQ_POLLIN, 0}};
+  while (open || !atomic_load(&C->stop)) {
+    zmq_pollitem_t items[2] = {{C->dealer, 0, ZMQ_POLLIN, 0}, {NULL, C->fd, ZMQ_POLLIN, 0}};
     int n = open ? 2 : 1;
     if (zmq_poll(items, n, 250) < 0 && errno != EINTR) break;
     if (items[0].revents) {
       for (;;) {
         zmq_msg_t m;
         zmq_msg_init(&m);
-        if (zmq_msg_recv(&m, C.dealer, ZMQ_DONTWAIT) < 0) { zmq_msg_close(&m); break; }
-        if (open && zmq_msg_size(&m) && td__write_all(C.fd, zmq_msg_data(&m), zmq_msg_size(&m))) open = 0;
+        if (zmq_msg_recv(&m, C->dealer, ZMQ_DONTWAIT) < 0) { zmq_msg_close(&m); break; }
+        if (open && zmq_msg_size(&m) && td__write_all(C->fd, zmq_msg_data(&m), zmq_msg_size(&m))) open = 0;
         zmq_msg_close(&m);
       }
     }
-    if (open && items[1].revents && td__forward(&C.pool, C.dealer, C.fd, NULL, 0) < 0) open = 0;
+    if (open && items[1].revents && td__forward(&C->pool, C->dealer, C->fd, NULL, 0) < 0) open = 0;
     if (td_now() - beat > TD__BEAT_S) {
-      zmq_send(C.dealer, "", 0, ZMQ_DONTWAIT);
+      zmq_send(C->dealer, "", 0, ZMQ_DONTWAIT);
       beat = td_now();
     }
     if (!open) break;
@@ -431,49 +449,68 @@ static void *td__client_main(void *arg) {
   return NULL;
 }
 
-int td_bridge_client_start(const char *endpoint, const td_cluster_key_t *k, int *fd) {
+td_bridge_client_t *td_bridge_open(const char *endpoint, const td_cluster_key_t *k, int *fd) {
   int sv[2];
-  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv)) return -1;
-  C.ctx = zmq_ctx_new();
-  C.dealer = zmq_socket(C.ctx, ZMQ_DEALER);
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv)) return NULL;
+  td_bridge_client_t *C = td_xcalloc(1, sizeof(*C));
+  C->ctx = zmq_ctx_new();
+  C->dealer = zmq_socket(C->ctx, ZMQ_DEALER);
   int linger = 2000, ivl = 1000;
   /* A refused handshake is retried once a second, not flooded. */
-  zmq_setsockopt(C.dealer, ZMQ_RECONNECT_IVL, &ivl, sizeof(ivl));
-  zmq_setsockopt(C.dealer, ZMQ_CURVE_SERVERKEY, k->server_public, 40);
-  zmq_setsockopt(C.dealer, ZMQ_CURVE_PUBLICKEY, k->client_public, 40);
-  zmq_setsockopt(C.dealer, ZMQ_CURVE_SECRETKEY, k->client_secret, 40);
-  zmq_setsockopt(C.dealer, ZMQ_LINGER, &linger, sizeof(linger));
-  td__no_hwm(C.dealer);
-  if (zmq_connect(C.dealer, endpoint)) {
-    zmq_close(C.dealer);
-    zmq_ctx_term(C.ctx);
+  zmq_setsockopt(C->dealer, ZMQ_RECONNECT_IVL, &ivl, sizeof(ivl));
+  zmq_setsockopt(C->dealer, ZMQ_CURVE_SERVERKEY, k->server_public, 40);
+  zmq_setsockopt(C->dealer, ZMQ_CURVE_PUBLICKEY, k->client_public, 40);
+  zmq_setsockopt(C->dealer, ZMQ_CURVE_SECRETKEY, k->client_secret, 40);
+  zmq_setsockopt(C->dealer, ZMQ_LINGER, &linger, sizeof(linger));
+  td__no_hwm(C->dealer);
+  int started = 0;
+  td__pool_init(&C->pool);
+  if (zmq_connect(C->dealer, endpoint) == 0) {
+    /* The first message makes the node's bridge open our connection. */
+    zmq_send(C->dealer, "", 0, 0);
+    C->fd = sv[1];
+    td_sock_bulk(sv[0]);
+    td_sock_bulk(sv[1]);
+    fcntl(C->fd, F_SETFL, fcntl(C->fd, F_GETFL) | O_NONBLOCK);
+    started = pthread_create(&C->th, NULL, td__client_main, C) == 0;
+  }
+  if (!started) {
+    td__pool_free(&C->pool);
+    zmq_close(C->dealer);
+    zmq_ctx_term(C->ctx);
     close(sv[0]);
     close(sv[1]);
-    return -1;
+    free(C);
+    return NULL;
   }
-  /* The first message makes the node's bridge open our connection. */
-  zmq_send(C.dealer, "", 0, 0);
-  C.fd = sv[1];
-  td_sock_bulk(sv[0]);
-  td_sock_bulk(sv[1]);
-  fcntl(C.fd, F_SETFL, fcntl(C.fd, F_GETFL) | O_NONBLOCK);
-  atomic_store(&C.stop, 0);
-  td__pool_init(&C.pool);
-  if (pthread_create(&C.th, NULL, td__client_main, NULL)) return -1;
-  C.running = 1;
   *fd = sv[0];
-  return 0;
+  return C;
+}
+
+void td_bridge_close(td_bridge_client_t *C, int flush) {
+  if (!C) return;
+  int zero = 0;
+  if (!flush) zmq_setsockopt(C->dealer, ZMQ_LINGER, &zero, sizeof(zero));
+  /* The caller closed its end: the thread forwards what is left, sees the
+   * end of the stream and stops; zmq_close then lingers to deliver it. */
+  atomic_store(&C->stop, 1);
+  pthread_join(C->th, NULL);
+  close(C->fd);
+  zmq_close(C->dealer);
+  zmq_ctx_term(C->ctx);
+  td__pool_free(&C->pool);
+  free(C);
+}
+
+/* The link of a node to its head, or of a driver to its node. */
+static td_bridge_client_t *td__client;
+
+int td_bridge_client_start(const char *endpoint, const td_cluster_key_t *k, int *fd) {
+  td__client = td_bridge_open(endpoint, k, fd);
+  return td__client ? 0 : -1;
 }
 
 void td_bridge_client_stop(void) {
-  if (!C.running) return;
-  /* The caller closed its end: the thread forwards what is left, sees the
-   * end of the stream and stops; zmq_close then lingers to deliver it. */
-  atomic_store(&C.stop, 1);
-  pthread_join(C.th, NULL);
-  close(C.fd);
-  zmq_close(C.dealer);
-  zmq_ctx_term(C.ctx);
-  td__pool_free(&C.pool);
-  C.running = 0;
+  td_bridge_close(td__client, 1);
+  td__client = NULL;
 }

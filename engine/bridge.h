@@ -20,15 +20,26 @@ typedef struct td_cluster_key {
 
 /* Creates a fresh key and writes it to path with mode 0600. */
 int td_key_create(const char *path, td_cluster_key_t *k);
+int td_key_save(const char *path, const td_cluster_key_t *k);
 int td_key_load(const char *path, td_cluster_key_t *k);
 
 /* Node side: listens on endpoint ("tcp://0.0.0.0:6380") and forwards every
  * authenticated peer to the node's Unix socket. Returns 0 or -1 (errno). */
 int td_bridge_server_start(const char *endpoint, const char *unix_sock, const td_cluster_key_t *k);
 void td_bridge_server_stop(void);
+int td_bridge_server_port(void);  /* the port listened on (0: none), also for "tcp://H:*" */
 uint64_t td_bridge_refused(void); /* peers refused so far */
 
 /* Client side: connects to endpoint ("tcp://host:port"); *fd receives the
+ * local end to use as the connection. Returns NULL on failure. Closing:
+ * close *fd first, then td_bridge_close (flush: wait up to 2 s for what is
+ * queued to be delivered; else drop it). A process may hold many. */
+typedef struct td_bridge_client td_bridge_client_t;
+td_bridge_client_t *td_bridge_open(const char *endpoint, const td_cluster_key_t *k, int *fd);
+void td_bridge_close(td_bridge_client_t *c, int flush);
+
+/* The one connection of a node to its head or a driver to its node:
+ * connects to endpoint ("tcp://host:port"); *fd receives the
  * local end to use as the node connection. Returns 0 or -1. */
 int td_bridge_client_start(const char *endpoint, const td_cluster_key_t *k, int *fd);
 /* Flushes what is queued for the node and stops (at exit). */

@@ -406,6 +406,13 @@ static int td__join_once(const char *ep, const td_cluster_key_t *key, uint32_t w
   return -1;
 }
 
+/* Links to other nodes, over the bridge (td_node_set_peering). */
+static void *td__peer_open(void *ud, const char *ep, int *fd) { return td_bridge_open(ep, ud, fd); }
+static void td__peer_close(void *ud, void *h) {
+  (void)ud;
+  td_bridge_close(h, 0);
+}
+
 static int td__start(int argc, char **argv) {
   int head = 0, block = 0, port = 6380, port_given = 0;
   const char *join = NULL, *node_name = NULL;
@@ -442,7 +449,7 @@ static int td__start(int argc, char **argv) {
     if (td__resolve_address(join, join_ep, sizeof(join_ep)) != 1)
       return td__usage_error("--address %s: a node joins its head at HOST:PORT", join);
     if (td__load_key(&join_key)) return 1;
-    if (!port_given) port = 0;  /* a node listens on TCP only when asked */
+    if (!port_given) port = -1;  /* a port of its own choosing, for other nodes */
   }
   if (mkdir(dir, 0700) != 0 && errno != EEXIST) {
     fprintf(stderr, "tide: cannot create %s: %s\n", dir, strerror(errno));
@@ -563,20 +570,27 @@ static int td__start(int argc, char **argv) {
     return 1;
   }
   chmod(sock, 0600);
-  /* TCP, secured with CURVE: the cluster key is made once per session. */
-  if (port > 0) {
+  /* TCP, secured with CURVE: the cluster key is made once per session by
+   * a head; a node that joins listens with the key it joined with. */
+  if (port != 0) {
     td_cluster_key_t key;
-    if (td_key_load(keyf, &key) && td_key_create(keyf, &key)) {
+    if (join ? td_key_save(keyf, &join_key) : td_key_load(keyf, &key) && td_key_create(keyf, &key)) {
       fprintf(stderr, "tide: cannot write the cluster key %s\n", keyf);
     } else {
       char ep[300];
-      snprintf(ep, sizeof(ep), "tcp://%s:%d", bind_host, port);
+      if (join) key = join_key;
+      if (port > 0) snprintf(ep, sizeof(ep), "tcp://%s:%d", bind_host, port);
+      else snprintf(ep, sizeof(ep), "tcp://%s:*", bind_host);
       /* A killed predecessor may hold the port for a moment while its
        * last threads exit: try for a while before giving up. */
       int up = -1;
       for (int i = 0; i < 100 && (up = td_bridge_server_start(ep, sock, &key)) != 0 && !td__stop_daemon; i++)
         usleep(100000);
-      if (up == 0)
+      if (up == 0 && join) {
+        /* Other nodes fetch objects from this one there. */
+        td_node_set_peering(td_ctx.node, td_bridge_server_port(), td__peer_open, td__peer_close, &join_key);
+        printf("tide: listening for other nodes on %s port %d (CURVE)\n", bind_host, td_bridge_server_port());
+      } else if (up == 0)
         printf("tide: listening on %s (CURVE; key %s)\n", ep, keyf);
       else
         fprintf(stderr, "tide: TCP disabled: cannot listen on %s: %s\n", ep, zmq_strerror(errno));

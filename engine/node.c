@@ -36,8 +36,9 @@ enum { LOC_NONE, LOC_INLINE, LOC_SHM, LOC_SPILLED };
  * kept so that it can run again if that node dies first (lineage). */
 enum { T_WAITDEPS, T_QUEUED, T_SENT, T_DONE, T_FETCHING };
 /* WK_NODE: on a head, the link to a node that joined it; WK_HEAD: on a
- * node, its link to the head. Links are neither workers nor clients. */
-enum { WK_TASK, WK_HOST, WK_GPUHOST, WK_CLIENT, WK_NODE, WK_HEAD };
+ * node, its link to the head; WK_PEER: between two nodes, for chunks of
+ * objects only. Links are neither workers nor clients. */
+enum { WK_TASK, WK_HOST, WK_GPUHOST, WK_CLIENT, WK_NODE, WK_HEAD, WK_PEER };
 enum { A_PENDING, A_ALIVE, A_RESTARTING, A_DEAD };
 
 typedef struct td_task td_task_t;
@@ -99,9 +100,39 @@ typedef struct td_obj {
   uint8_t foreign;       /* a record of another node's object: holds one ref there */
   uint8_t pulling;       /* its value was asked for */
   uint8_t chunked;       /* being fetched in chunks into its extent (off, len) */
+  uint8_t told;          /* node: a fetch the head directed, to report (TD_M_HAVE) */
   uint32_t up;           /* node index + 1 to fetch it from (0: by its id) */
   uint64_t asked, got;   /* chunks: bytes asked for and received */
+  uint64_t src;          /* chunks: the id of the link they come from */
+  struct td_copies *copies; /* head: the nodes that have or fetch it (large objects) */
 } td_obj_t;
+
+/* Head: a node that has, or fetches, a large object (see Peers). */
+typedef struct td_copy {
+  uint32_t node;         /* the node that has it, or fetches it */
+  uint32_t from;         /* where it fetches from (0: the head) */
+  uint32_t load;         /* fetches from it under way */
+  uint8_t done;          /* it has the whole value */
+} td_copy_t;
+
+typedef struct td_copies {
+  uint32_t load;         /* fetches from the head itself under way */
+  uint32_t n, cap;
+  td_copy_t *c;
+} td_copies_t;
+
+/* A chunk another node asked for before it landed here. */
+typedef struct td_cwait {
+  uint64_t wk, id, off;
+  uint32_t len;
+} td_cwait_t;
+#define TD_CWAIT_MAX 4096
+
+/* An object this node fetches from another node: when a chunk last came. */
+typedef struct td_ppull {
+  uint64_t id, wk;
+  double at;
+} td_ppull_t;
 
 struct td_task {
   uint64_t id;
@@ -168,6 +199,9 @@ struct td_wk {
   uint64_t sink_off;     /* its offset in the value */
   uint32_t sink_len;     /* its length */
   uint32_t sink_left;    /* bytes of it still to read (0: none) */
+  char peer_host[64];    /* WK_NODE: the address its link came from */
+  uint32_t peer_port;    /* WK_NODE: where it listens for other nodes (0: nowhere) */
+  void *bridge;          /* WK_PEER opened here: the connection's handle (peer_close) */
 };
 
 /* Running time of a function, to decide whether queueing behind it is
@@ -283,6 +317,16 @@ struct td_node {
   uint32_t nfwd_ready, capfwd_ready;
   struct td_parked *parked; /* head work waiting for its working-directory package */
   struct td_wdmap *wdmap;   /* head paths of working dirs -> packages, fetched */
+  /* Node-to-node fetches (see Peers): */
+  int peer_port;         /* where this node listens for other nodes (0: nowhere) */
+  td_peer_open_cb peer_open;
+  td_peer_close_cb peer_close;
+  void *peer_ud;
+  struct td_cwait *cwait;   /* chunks other nodes asked for that have not landed here yet */
+  uint32_t ncwait, capcwait;
+  struct td_ppull *ppull;   /* objects being fetched from other nodes: their progress */
+  uint32_t nppull, capppull;
+  uint64_t bytes_sent, bytes_from_peers;
   /* Free task and object records, reused: no malloc per task. */
   void **task_pool, **obj_pool;
   int ntask_pool, nobj_pool;
@@ -298,6 +342,11 @@ static td_obj_t *td__obj_from_bytes(td_node_t *n, uint64_t id, int state, const 
 static void td__obj_fill(td_node_t *n, td_obj_t *o, int state, const uint8_t *p, size_t len,
                          const uint64_t *refs, uint32_t nrefs);
 static void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why);
+static void td__cwait_serve(td_node_t *n, uint64_t id);
+static void td__have(td_node_t *n, td_obj_t *o, int ok);
+static void td__peer_fallback(td_node_t *n, td_obj_t *o, const char *why);
+static void td__ppull_note(td_node_t *n, td_obj_t *o, td_wk_t *peer);
+static void td__put_pull(td_node_t *n, td_buf_t *b, td_obj_t *o, td_wk_t *wk);
 
 /* -- Queues ---------------------------------------------------------------- */
 
@@ -419,6 +468,16 @@ static void td__unhold(td_node_t *n, td_obj_t *o);
 static void td__lineage_drop(td_node_t *n, uint64_t id);
 static void td__obj_free(td_node_t *n, td_obj_t *o) {
   td_map_del(&n->objs, o->id);
+  if (o->chunked) {  /* freed while it was coming in */
+    td__have(n, o, 0);
+    td_store_free(n->store, o->off, o->len);
+    o->chunked = 0;
+  }
+  if (n->ncwait) td__cwait_serve(n, o->id);
+  if (o->copies) {
+    free(o->copies->c);
+    free(o->copies);
+  }
   if (n->lineage.len) free(td_map_del(&n->lineage, o->id));
   if (n->lin_kept.len) td__lineage_drop(n, o->id);
   if (o->foreign) td__unhold(n, o);
@@ -554,6 +613,7 @@ static void td__obj_set(td_node_t *n, td_obj_t *o, int state, int shm, const uin
   }
   o->producer = NULL;
   td__obj_wake(n, o);
+  if (n->ncwait) td__cwait_serve(n, o->id);  /* other nodes asked for its chunks */
 }
 
 static void td__obj_fail(td_node_t *n, td_obj_t *o, const uint8_t *blob, size_t len) {
@@ -2224,7 +2284,7 @@ int td_node_pg_find(td_node_t *n, const char *name, uint64_t *pg_id, uint64_t *r
 void td_node_stats(td_node_t *n, td_node_stats_t *st) {
   memset(st, 0, sizeof(*st));
   for (int i = 0; i < n->nwks; i++) {
-    if (n->wks[i]->dead || n->wks[i]->kind == WK_CLIENT) continue;
+    if (n->wks[i]->dead || n->wks[i]->kind >= WK_CLIENT) continue;  /* clients and links */
     st->workers++;
     st->tasks_running += n->wks[i]->inflight.len;
   }
@@ -2236,6 +2296,8 @@ void td_node_stats(td_node_t *n, td_node_stats_t *st) {
   st->store_used = td_store_used(n->store);
   st->store_capacity = td_store_capacity(n->store);
   st->spilled_bytes = n->spilled;
+  st->bytes_sent = n->bytes_sent;
+  st->bytes_from_peers = n->bytes_from_peers;
 }
 
 /* -- Worker requests -------------------------------------------------------------------- */
@@ -2265,10 +2327,13 @@ static int td__req_try(td_node_t *n, td_req_t *r, int expired) {
       if (o && o->state == OBJ_PENDING) timed_out = 1;
     }
     td_buf_u8(b, (uint8_t)timed_out);
-    if (!timed_out)
-      for (uint32_t i = 0; i < r->n; i++)
-        if (td__put_value(n, b, r->ids[i], !r->wk->remote, r->wk->kind >= WK_NODE ? 2 : r->wk->remote))
-          td__count(r->wk, &r->wk->pinned, r->ids[i], 1);  /* until its UNPIN */
+    for (uint32_t i = 0; i < r->n && !timed_out; i++) {
+      td_obj_t *o = td__obj(n, r->ids[i]);
+      if (r->wk->kind == WK_NODE && o && o->state == OBJ_READY && o->len > TD_CHUNK)
+        td__put_pull(n, b, o, r->wk);  /* a node fetches it: from here, or another node */
+      else if (td__put_value(n, b, r->ids[i], !r->wk->remote, r->wk->kind >= WK_NODE ? 2 : r->wk->remote))
+        td__count(r->wk, &r->wk->pinned, r->ids[i], 1);  /* until its UNPIN */
+    }
     td_chan_end(&r->wk->ch);
     return 1;
   }
@@ -2674,6 +2739,7 @@ static void td__chunk_more(td_node_t *n, td_obj_t *o, td_wk_t *up) {
 }
 
 static void td__chunk_fail(td_node_t *n, td_obj_t *o, const char *kind, const char *why) {
+  td__have(n, o, 0);
   if (o->chunked) td_store_free(n->store, o->off, o->len);
   o->chunked = 0;
   o->pulling = 0;
@@ -2697,36 +2763,18 @@ static void td__chunk_begin(td_node_t *n, td_obj_t *o, uint64_t total, td_wk_t *
   o->off = off;
   o->len = total;
   o->asked = o->got = 0;
+  o->src = up->id;
   td__chunk_more(n, o, up);
-}
-
-/* Sender: the bytes asked for, or none when the object is gone. */
-static int td__on_chunk_get(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
-  uint64_t id = td_rd_u64(rd), off = td_rd_u64(rd);
-  uint32_t len = td_rd_u32(rd);
-  if (rd->bad || wk->kind < WK_NODE) return TD_EPROTO;
-  td_obj_t *o = td__obj(n, id);
-  const uint8_t *src = NULL;
-  if (o && o->state == OBJ_READY && td__obj_resident(n, o) == 0 && off < o->len && len <= o->len - off &&
-      len <= TD_CHUNK)
-    src = (o->loc == LOC_SHM ? td_store_base(n->store) + o->off : o->data) + off;
-  /* The bytes go from the store to the socket, not through c->out. */
-  uint8_t head[20];
-  uint32_t n32 = src ? len : 0;
-  memcpy(head, &id, 8);
-  memcpy(head + 8, &off, 8);
-  memcpy(head + 16, &n32, 4);
-  td_chan_frame_ext(&wk->ch, TD_M_CHUNK, head, sizeof(head), src, n32);
-  return 0;
 }
 
 /* The object a chunk of l bytes at off is for, or NULL when it is late
  * (the object is ready, failed or gone) or says the sender lost it. */
-static td_obj_t *td__chunk_obj(td_node_t *n, uint64_t id, uint64_t off, uint32_t l) {
+static td_obj_t *td__chunk_obj(td_node_t *n, td_wk_t *wk, uint64_t id, uint64_t off, uint32_t l) {
   td_obj_t *o = td__obj(n, id);
-  if (!o || !o->chunked || o->state != OBJ_PENDING) return NULL;  /* late */
+  if (!o || !o->chunked || o->state != OBJ_PENDING || o->src != wk->id) return NULL;  /* late */
   if (l == 0 || off >= o->len || l > o->len - off) {
-    td__chunk_fail(n, o, "ObjectLostError", "the object was freed on the node that held it");
+    if (wk->kind == WK_PEER) td__peer_fallback(n, o, "the node it came from no longer has it");
+    else td__chunk_fail(n, o, "ObjectLostError", "the object was freed on the node that held it");
     return NULL;
   }
   return o;
@@ -2740,7 +2788,7 @@ static int td__on_chunk(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   uint32_t l;
   const uint8_t *p = td_rd_str(rd, &l);
   if (rd->bad || wk->kind < WK_NODE) return TD_EPROTO;
-  td_obj_t *o = td__chunk_obj(n, id, off, l);
+  td_obj_t *o = td__chunk_obj(n, wk, id, off, l);
   if (!o) return 0;
   memcpy(td_store_base(n->store) + o->off + off, p, l);
   td__chunk_landed(n, wk, o, l);
@@ -2762,7 +2810,7 @@ static void td__link_chan(td_wk_t *wk) {
  * fetched anew (a task run again) into an extent of another size. */
 static td_obj_t *td__sink_obj(td_node_t *n, td_wk_t *wk) {
   td_obj_t *o = td__obj(n, wk->sink_id);
-  if (!o || !o->chunked || o->state != OBJ_PENDING) return NULL;
+  if (!o || !o->chunked || o->state != OBJ_PENDING || o->src != wk->id) return NULL;
   return wk->sink_off < o->len && wk->sink_len <= o->len - wk->sink_off ? o : NULL;
 }
 
@@ -2796,7 +2844,7 @@ static int td__sink_take(td_node_t *n, td_wk_t *wk) {
   uint64_t id = td_rd_u64(&rd), off = td_rd_u64(&rd);
   uint32_t l = td_rd_u32(&rd);
   if (rd.bad || wk->kind < WK_NODE || len != TD__CHUNK_HEAD + (uint64_t)l) return TD_EPROTO;
-  td_obj_t *o = td__chunk_obj(n, id, off, l);
+  td_obj_t *o = td__chunk_obj(n, wk, id, off, l);
   wk->sink_id = id;
   wk->sink_off = off;
   wk->sink_len = wk->sink_left = l;
@@ -2826,7 +2874,12 @@ static int td__sink_read(td_node_t *n, td_wk_t *wk) {
 /* After l more bytes of o have landed: ask for more, or set the value. */
 static void td__chunk_landed(td_node_t *n, td_wk_t *wk, td_obj_t *o, uint32_t l) {
   o->got += l;
+  if (wk->kind == WK_PEER) {
+    n->bytes_from_peers += l;
+    td__ppull_note(n, o, wk);
+  }
   if (o->got < o->len) {
+    if (n->ncwait) td__cwait_serve(n, o->id);  /* other nodes waiting for these bytes */
     /* The next request leaves now, not when the loop has read all the
      * link holds: the sender never waits on a full pipe for it. */
     td__chunk_more(n, o, wk);
@@ -2835,6 +2888,7 @@ static void td__chunk_landed(td_node_t *n, td_wk_t *wk, td_obj_t *o, uint32_t l)
   }
   o->chunked = 0;
   o->pulling = 0;
+  td__have(n, o, 1);
   if (o->up) {  /* a result its node kept for us: it can go now */
     td__send_refs1(wk, o->id, -1);
     o->up = 0;
@@ -2845,6 +2899,245 @@ static void td__chunk_landed(td_node_t *n, td_wk_t *wk, td_obj_t *o, uint32_t l)
   o->len = 0;
   td__obj_set(n, o, OBJ_READY, 1, NULL, len, at, NULL, 0);
   if (t && t->state == T_FETCHING && !td__task_fetching(n, t)) td__task_finish(n, t);
+}
+
+/* -- Peers: a large object that many nodes need is not sent by the head to
+ * each of them. The head keeps, per large object it has handed out, the
+ * nodes that have it or are fetching it, and directs each new fetch to the
+ * one of them (or itself) with the fewest fetches from it under way. A node
+ * serves the chunks it has, and holds a request for one still on its way to
+ * it, so that a broadcast runs as a pipeline. A node that cannot get a
+ * chunk from another (that node no longer has the object, or went silent)
+ * fetches the rest from its head. The head's list is a hint, never trusted
+ * for correctness. */
+
+static td_copy_t *td__copy(td_copies_t *cp, uint32_t node) {
+  for (uint32_t i = 0; i < cp->n; i++)
+    if (cp->c[i].node == node) return &cp->c[i];
+  return NULL;
+}
+
+/* A fetch from `from` ended. */
+static void td__copy_unload(td_copies_t *cp, uint32_t from) {
+  td_copy_t *e = from ? td__copy(cp, from) : NULL;
+  uint32_t *load = from ? (e ? &e->load : NULL) : &cp->load;
+  if (load && *load) (*load)--;
+}
+
+static void td__copy_drop(td_copies_t *cp, uint32_t node) {
+  td_copy_t *e = td__copy(cp, node);
+  if (!e) return;
+  td_copy_t gone = *e;
+  *e = cp->c[--cp->n];
+  if (!gone.done) td__copy_unload(cp, gone.from);
+}
+
+/* Head: node `wk` asks for large object o; where it fetches it from. */
+static void td__put_pull(td_node_t *n, td_buf_t *b, td_obj_t *o, td_wk_t *wk) {
+  if (!o->copies) o->copies = td_xcalloc(1, sizeof(td_copies_t));
+  td_copies_t *cp = o->copies;
+  td__copy_drop(cp, wk->node_index);  /* it fetches it again */
+  td_wk_t *src = NULL;
+  uint32_t best = cp->load;
+  for (uint32_t i = 0; wk->peer_port && i < cp->n;) {
+    td_wk_t *l = td__link(n, cp->c[i].node);
+    if (!l || !l->peer_port) { td__copy_drop(cp, cp->c[i].node); continue; }  /* gone */
+    if (cp->c[i].load <= best) best = cp->c[i].load, src = l;
+    i++;
+  }
+  if (cp->n == cp->cap) {
+    cp->cap = cp->cap ? cp->cap * 2 : 4;
+    cp->c = td_xrealloc(cp->c, cp->cap * sizeof(td_copy_t));
+  }
+  cp->c[cp->n++] = (td_copy_t){wk->node_index, src ? src->node_index : 0, 0, 0};
+  if (!src) {
+    cp->load++;
+    td_buf_u8(b, TD_V_PULL);
+    td_buf_u64(b, o->len);
+    return;
+  }
+  td__copy(cp, src->node_index)->load++;
+  char ep[128];
+  const char *h = src->peer_host;
+  int el = snprintf(ep, sizeof(ep), strchr(h, ':') ? "tcp://[%s]:%u" : "tcp://%s:%u", h, src->peer_port);
+  td_buf_u8(b, TD_V_PEER);
+  td_buf_u64(b, o->len);
+  td_buf_u32(b, src->node_index);
+  td_buf_str(b, ep, (size_t)el);
+}
+
+/* Head: a fetch it directed ended (ok: that node has the whole value). */
+static int td__on_have(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  uint64_t id = td_rd_u64(rd);
+  uint8_t ok = td_rd_u8(rd);
+  if (rd->bad || wk->kind != WK_NODE) return TD_EPROTO;
+  td_obj_t *o = td__obj(n, id);
+  td_copy_t *e = o && o->copies ? td__copy(o->copies, wk->node_index) : NULL;
+  if (!e || e->done) return 0;
+  if (!ok) {
+    td__copy_drop(o->copies, wk->node_index);
+    return 0;
+  }
+  e->done = 1;
+  td__copy_unload(o->copies, e->from);
+  return 0;
+}
+
+/* Node: tells the head a fetch it directed ended. */
+static void td__have_id(td_node_t *n, uint64_t id, int ok) {
+  if (!n->head || n->head->dead) return;
+  td_chan_begin(&n->head->ch, TD_M_HAVE);
+  td_buf_u64(&n->head->ch.out, id);
+  td_buf_u8(&n->head->ch.out, (uint8_t)ok);
+  td_chan_end(&n->head->ch);
+}
+
+static void td__have(td_node_t *n, td_obj_t *o, int ok) {
+  if (!o->told) return;
+  o->told = 0;
+  td__have_id(n, o->id, ok);
+}
+
+static td_wk_t *td__wk_by_id(td_node_t *n, uint64_t id) {
+  for (int i = 0; i < n->nwks; i++)
+    if (n->wks[i]->id == id && !n->wks[i]->dead) return n->wks[i];
+  return NULL;
+}
+
+/* Node: the link to node `index` at endpoint ep, opened if need be. */
+static td_wk_t *td__peer(td_node_t *n, uint32_t index, const char *ep) {
+  for (int i = 0; i < n->nwks; i++) {
+    td_wk_t *w = n->wks[i];
+    if (w->kind == WK_PEER && w->bridge && !w->dead && w->node_index == index &&
+        !strncmp(w->name, ep, sizeof(w->name) - 1))
+      return w;
+  }
+  if (!n->peer_open || !n->peer_port) return NULL;
+  int fd = -1;
+  void *h = n->peer_open(n->peer_ud, ep, &fd);
+  if (!h) return NULL;
+  fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+  td_wk_t *w = td__wk_add(n, td__new_wk_id(n), WK_PEER, fd);
+  td__link_chan(w);
+  w->remote = 1;
+  w->node_index = index;
+  w->bridge = h;
+  snprintf(w->name, sizeof(w->name), "%.63s", ep);
+  td_chan_begin(&w->ch, TD_M_PEER);
+  td_buf_u32(&w->ch.out, n->index);
+  td_chan_end(&w->ch);
+  td_log("opened a link to node-%u at %s", index, ep);
+  return w;
+}
+
+/* Node: notes that a chunk of o came from another node just now. */
+static void td__ppull_note(td_node_t *n, td_obj_t *o, td_wk_t *peer) {
+  for (uint32_t i = 0; i < n->nppull; i++)
+    if (n->ppull[i].id == o->id) {
+      n->ppull[i].wk = peer->id;
+      n->ppull[i].at = td_now();
+      return;
+    }
+  if (n->nppull == n->capppull) {
+    n->capppull = n->capppull ? n->capppull * 2 : 8;
+    n->ppull = td_xrealloc(n->ppull, n->capppull * sizeof(td_ppull_t));
+  }
+  n->ppull[n->nppull++] = (td_ppull_t){o->id, peer->id, td_now()};
+}
+
+/* Node: the rest of o comes from the head, not from the node it came from
+ * (which `why` says what happened to). */
+static void td__peer_fallback(td_node_t *n, td_obj_t *o, const char *why) {
+  fprintf(stderr, "tide: object %016llx: %s; fetching the rest from the head\n", (unsigned long long)o->id, why);
+  fflush(stderr);
+  td_wk_t *h = n->head && !n->head->dead ? n->head : NULL;
+  if (!h) {
+    td__chunk_fail(n, o, "ObjectLostError", "the node it was fetched from lost it, and the head is gone");
+    return;
+  }
+  o->src = h->id;
+  o->asked = o->got;  /* chunks come in order: all before got have landed */
+  td__chunk_more(n, o, h);
+}
+
+/* Node: fetches from other nodes that went silent, or whose link closed
+ * (peer: that link; NULL: any silent for the node timeout), go to the head. */
+static void td__ppull_check(td_node_t *n, td_wk_t *peer, double now) {
+  for (uint32_t i = 0; i < n->nppull;) {
+    td_ppull_t p = n->ppull[i];
+    td_obj_t *o = td__obj(n, p.id);
+    int live = o && o->chunked && o->state == OBJ_PENDING && o->src == p.wk;
+    int stuck = live && (peer ? peer->id == p.wk : now - p.at > n->node_timeout);
+    if (live && !stuck) { i++; continue; }
+    n->ppull[i] = n->ppull[--n->nppull];
+    if (!stuck) continue;
+    char why[96];
+    if (peer) snprintf(why, sizeof(why), "the link with node-%u closed", peer->node_index);
+    else snprintf(why, sizeof(why), "the node it came from sent nothing for %.1f s", now - p.at);
+    td__peer_fallback(n, o, why);
+  }
+}
+
+/* Sends the chunk asked for from where the value lies here (all of it, or
+ * the part that has landed), or no bytes when it is not here. */
+static void td__chunk_send(td_node_t *n, td_wk_t *wk, uint64_t id, uint64_t off, uint32_t len) {
+  td_obj_t *o = td__obj(n, id);
+  const uint8_t *src = NULL;
+  if (o && len <= TD_CHUNK && off < o->len && len <= o->len - off) {
+    if (o->state == OBJ_READY && td__obj_resident(n, o) == 0)
+      src = (o->loc == LOC_SHM ? td_store_base(n->store) + o->off : o->data) + off;
+    else if (o->state == OBJ_PENDING && o->chunked && off + len <= o->got)
+      src = td_store_base(n->store) + o->off + off;
+  }
+  /* The bytes go from the store to the socket, not through c->out. */
+  uint8_t head[20];
+  uint32_t n32 = src ? len : 0;
+  memcpy(head, &id, 8);
+  memcpy(head + 8, &off, 8);
+  memcpy(head + 16, &n32, 4);
+  td_chan_frame_ext(&wk->ch, TD_M_CHUNK, head, sizeof(head), src, n32);
+  n->bytes_sent += n32;
+}
+
+/* 1 if another node's request for a chunk of o waits for it to land. */
+static int td__chunk_waits(const td_obj_t *o, uint64_t off, uint32_t len) {
+  if (!o || o->state != OBJ_PENDING || !o->pulling) return 0;
+  return !(o->chunked && off <= o->got && len <= o->got - off);
+}
+
+/* Answers, in the order asked, the waiting requests for chunks of object
+ * id that have landed (or that will not: it failed or went). */
+static void td__cwait_serve(td_node_t *n, uint64_t id) {
+  td_obj_t *o = td__obj(n, id);
+  for (uint32_t i = 0; i < n->ncwait;) {
+    td_cwait_t c = n->cwait[i];
+    if (c.id != id || td__chunk_waits(o, c.off, c.len)) { i++; continue; }
+    memmove(&n->cwait[i], &n->cwait[i + 1], (n->ncwait - i - 1) * sizeof(td_cwait_t));
+    n->ncwait--;
+    td_wk_t *w = td__wk_by_id(n, c.wk);
+    if (w) td__chunk_send(n, w, c.id, c.off, c.len);
+  }
+}
+
+/* Sender: the bytes asked for, now or once they have landed here. */
+static int td__on_chunk_get(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  uint64_t id = td_rd_u64(rd), off = td_rd_u64(rd);
+  uint32_t len = td_rd_u32(rd);
+  if (rd->bad || wk->kind < WK_NODE) return TD_EPROTO;
+  td_obj_t *o = td__obj(n, id);
+  int wait = wk->kind == WK_PEER && len <= TD_CHUNK && td__chunk_waits(o, off, len);
+  for (uint32_t i = 0; i < n->ncwait && !wait; i++)  /* keeps their order */
+    wait = n->cwait[i].id == id && n->cwait[i].wk == wk->id;
+  if (wait && n->ncwait < TD_CWAIT_MAX) {
+    if (n->ncwait == n->capcwait) {
+      n->capcwait = n->capcwait ? n->capcwait * 2 : 16;
+      n->cwait = td_xrealloc(n->cwait, n->capcwait * sizeof(td_cwait_t));
+    }
+    n->cwait[n->ncwait++] = (td_cwait_t){wk->id, id, off, len};
+    return 0;
+  }
+  td__chunk_send(n, wk, id, off, len);
+  return 0;
 }
 
 /* A link answers a pull (u32 req, u8 timed out, value) or a relayed
@@ -2866,13 +3159,32 @@ static int td__on_link_reply(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   td_map_del(&n->pulls, req);
   td_obj_t *o = td__obj(n, (uint64_t)(uintptr_t)v);
   uint8_t kind = timed_out ? TD_V_LOST : td_rd_u8(rd);
-  uint32_t vl = 0;
-  uint64_t total = kind == TD_V_PULL ? td_rd_u64(rd) : 0;
+  uint32_t vl = 0, from = 0, epl = 0;
+  uint64_t total = kind == TD_V_PULL || kind == TD_V_PEER ? td_rd_u64(rd) : 0;
+  const uint8_t *ep = NULL;
+  if (kind == TD_V_PEER) {
+    from = td_rd_u32(rd);
+    ep = td_rd_str(rd, &epl);
+  }
   const uint8_t *vp = kind >= TD_V_LOST ? NULL : td_rd_str(rd, &vl);
-  if (rd->bad || kind == TD_V_SHM || kind > TD_V_PULL) return TD_EPROTO;
-  if (!o || o->state != OBJ_PENDING) return 0;
-  if (kind == TD_V_PULL) {
-    td__chunk_begin(n, o, total, wk);
+  if (rd->bad || kind == TD_V_SHM || kind > TD_V_PEER) return TD_EPROTO;
+  if (kind == TD_V_PEER && (wk != n->head || epl == 0 || epl > 127)) return TD_EPROTO;
+  if (!o || o->state != OBJ_PENDING) {
+    if (kind >= TD_V_PULL && wk == n->head) td__have_id(n, (uint64_t)(uintptr_t)v, 0);  /* not fetched */
+    return 0;
+  }
+  if (kind >= TD_V_PULL) {
+    td_wk_t *up = wk;
+    if (kind == TD_V_PEER) {  /* from another node, as the head says */
+      char e[128];
+      memcpy(e, ep, epl);
+      e[epl] = 0;
+      td_wk_t *peer = td__peer(n, from, e);
+      if (peer) up = peer;
+    }
+    o->told = wk == n->head;
+    td__chunk_begin(n, o, total, up);
+    if (up != wk && o->chunked) td__ppull_note(n, o, up);
     return 0;
   }
   o->pulling = 0;
@@ -3058,6 +3370,9 @@ static int td__on_node_info(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
     uint32_t attempt = td_rd_u32(rd);
     if (!rd->bad) td__adopt(n, wk, aid, attempt);
   }
+  uint32_t port = rd->p < rd->end ? td_rd_u32(rd) : 0;
+  if (port > 65535) return TD_EPROTO;
+  if (wk->peer_host[0]) wk->peer_port = port;  /* other nodes may fetch from it */
   return rd->bad ? TD_EPROTO : 0;
 }
 
@@ -3393,6 +3708,7 @@ static void td__head_lost(td_node_t *n) {
 
 /* Heartbeats both ways; a link silent past the timeout is dead. */
 static void td__cluster_tick(td_node_t *n, double now) {
+  if (n->nppull) td__ppull_check(n, NULL, now);
   int beat = now - n->beat_at >= 1.0;
   if (beat) n->beat_at = now;
   for (int i = 0; i < n->nwks; i++) {
@@ -3421,6 +3737,8 @@ static void td__cluster_tick(td_node_t *n, double now) {
         td_buf_u64(&w->ch.out, st.store_used);
         td_buf_u64(&w->ch.out, st.store_capacity);
         td_buf_u64(&w->ch.out, st.spilled_bytes);
+        td_buf_u64(&w->ch.out, st.bytes_sent);
+        td_buf_u64(&w->ch.out, st.bytes_from_peers);
       }
       td_chan_end(&w->ch);
     }
@@ -3526,6 +3844,9 @@ static void td__print_to_owner(td_node_t *n, uint64_t tid, const uint8_t *s, uin
 static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p, uint32_t len) {
   td_rd_t rd;
   td_rd_init(&rd, p, len);
+  /* Another node's link carries chunks, and nothing else. */
+  if (wk->kind == WK_PEER && type != TD_M_CHUNK_GET && type != TD_M_CHUNK && type != TD_M_HELLO)
+    return TD_EPROTO;
   switch (type) {
     case TD_M_READY: return 0;
     case TD_M_FN: {
@@ -3557,6 +3878,8 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
         st->store_used = td_rd_u64(&rd);
         st->store_capacity = td_rd_u64(&rd);
         st->spilled_bytes = td_rd_u64(&rd);
+        st->bytes_sent = rd.p < rd.end ? td_rd_u64(&rd) : 0;
+        st->bytes_from_peers = rd.p < rd.end ? td_rd_u64(&rd) : 0;
         wk->has_nstats = !rd.bad;
       }
       if (wk->kind == WK_CLIENT) {
@@ -3569,7 +3892,17 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
     case TD_M_JOIN: return td__on_join(n, wk, &rd);
     case TD_M_NODE_INFO: return td__on_node_info(n, wk, &rd);
     case TD_M_NODE_TASK: return td__on_node_task(n, wk, &rd);
-    case TD_M_HELLO: return wk->kind == WK_HEAD ? 0 : TD_EPROTO;
+    case TD_M_HELLO: return wk->kind == WK_HEAD || wk->kind == WK_PEER ? 0 : TD_EPROTO;
+    case TD_M_PEER: {  /* another node, to fetch chunks of objects this one has */
+      uint32_t idx = td_rd_u32(&rd);
+      if (rd.bad || wk->kind != WK_CLIENT) return TD_EPROTO;
+      wk->kind = WK_PEER;
+      wk->node_index = idx;
+      td__link_chan(wk);
+      td_log("node-%u linked to this node", idx);
+      return 0;
+    }
+    case TD_M_HAVE: return td__on_have(n, wk, &rd);
     case TD_M_WELCOME:
       /* Index 0: the head restarted and does not know this node. */
       if (wk->kind != WK_HEAD) return TD_EPROTO;
@@ -3594,11 +3927,22 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
       }
       return 0;
     }
-    case TD_M_REMOTE:
+    case TD_M_REMOTE: {
       if (wk->kind != WK_CLIENT) return TD_EPROTO;
+      uint32_t al = 0;
+      const uint8_t *addr = rd.p < rd.end ? td_rd_str(&rd, &al) : NULL;
+      if (rd.bad) return TD_EPROTO;
+      /* An IP address (v4 or v6), or nothing: other nodes are sent there. */
+      uint32_t ok = 0;
+      while (ok < al && ok < sizeof(wk->peer_host) - 1 && strchr("0123456789abcdefABCDEF.:", addr[ok]) && addr[ok]) ok++;
+      if (ok == al && al) {
+        memcpy(wk->peer_host, addr, al);
+        wk->peer_host[al] = 0;
+      }
       wk->remote = 1;
       td_sock_bulk(wk->ch.fd);  /* a bridged peer: chunks of values go this way */
       return 0;
+    }
     case TD_M_DONE: return td__on_done(n, wk, &rd);
     case TD_M_ITEM: return td__on_item(n, wk, &rd);
     case TD_M_SUBMIT: {
@@ -3684,6 +4028,8 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
           /* One step, whatever the count: a forged delta cannot spin. */
           intptr_t held = (intptr_t)td_map_get(&wk->held, id);
           td__count(wk, &wk->held, id, held < -(intptr_t)d ? -held : d);
+          td_copy_t *e = o->copies && wk->kind == WK_NODE ? td__copy(o->copies, wk->node_index) : NULL;
+          if (e && e->done) td__copy_drop(o->copies, wk->node_index);  /* it let its copy go */
           td__unref(n, o, -(int64_t)d);
         }
       }
@@ -3931,6 +4277,11 @@ static void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why) {
         td_node_kill_actor(n, oa->id, 1);
   }
   if (wk->kind == WK_NODE || wk->kind == WK_HEAD) td__link_lost_objects(n, wk);
+  if (wk->kind == WK_PEER) {
+    td__ppull_check(n, wk, td_now());  /* what came from there comes from the head now */
+    if (wk->bridge && n->peer_close) n->peer_close(n->peer_ud, wk->bridge);
+    wk->bridge = NULL;
+  }
   if (wk->kind == WK_NODE) {
     if (wk->joined) n->nlinks--;
     td__pgs_node_lost(n, wk->node_index);
@@ -3938,6 +4289,8 @@ static void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why) {
   } else if (wk->kind == WK_HEAD) {
     snprintf(reason, sizeof(reason), "lost the head: it %s", why);
     if (n->head == wk) td__head_lost(n);
+  } else if (wk->kind == WK_PEER) {
+    snprintf(reason, sizeof(reason), "the link with node-%u closed: it %s", wk->node_index, why);
   } else if (r == wk->pid && WIFSIGNALED(st))
     snprintf(reason, sizeof(reason), "worker process %d was killed by signal %d", (int)wk->pid, WTERMSIG(st));
   else if (r == wk->pid && WIFEXITED(st))
@@ -3945,7 +4298,7 @@ static void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why) {
   else
     snprintf(reason, sizeof(reason), "worker process %d %s", (int)wk->pid, why);
   td_log("%s", reason);
-  if (wk->kind >= WK_NODE) fprintf(stderr, "tide: %s\n", reason);
+  if (wk->kind == WK_NODE || wk->kind == WK_HEAD) fprintf(stderr, "tide: %s\n", reason);
   int first = 1;
   while (wk->inflight.head) {
     td_task_t *t = wk->inflight.head;
@@ -4118,7 +4471,9 @@ int td_node_feed_as(td_node_t *n, int from_head, uint8_t type, const uint8_t *p,
   } else {
     /* The fake client last fed, also once a JOIN made it a node's link. */
     for (int i = 0; i < n->nwks; i++)
-      if ((n->wks[i]->kind == WK_CLIENT || n->wks[i]->kind == WK_NODE) && n->wks[i]->ch.fd < 0) wk = n->wks[i];
+      if ((n->wks[i]->kind == WK_CLIENT || n->wks[i]->kind == WK_NODE || n->wks[i]->kind == WK_PEER) &&
+          n->wks[i]->ch.fd < 0)
+        wk = n->wks[i];
     if (!wk) wk = td__wk_add(n, td__new_wk_id(n), WK_CLIENT, -1);
   }
   int rc = td__on_msg(n, wk, type, p, len);
@@ -4217,9 +4572,17 @@ int td_node_link_head(td_node_t *n, int fd) {
     na++;
   }
   memcpy(wk->ch.out.p + at, &na, 4);
+  td_buf_u32(&wk->ch.out, (uint32_t)n->peer_port);
   td_chan_end(&wk->ch);
   td_chan_flush(&wk->ch);
   return 0;
+}
+
+void td_node_set_peering(td_node_t *n, int port, td_peer_open_cb open, td_peer_close_cb close, void *ud) {
+  n->peer_port = port;
+  n->peer_open = open;
+  n->peer_close = close;
+  n->peer_ud = ud;
 }
 
 int td_node_linked(td_node_t *n) { return n->head != NULL; }
@@ -4305,6 +4668,7 @@ void td_node_destroy(td_node_t **np) {
     td_wk_t *wk = n->wks[i];
     if (wk->pid > 0) waitpid(wk->pid, NULL, 0);
     td_chan_close(&wk->ch);
+    if (wk->bridge && n->peer_close) n->peer_close(n->peer_ud, wk->bridge);
     td_map_free(&wk->fns_sent);
     td_map_free(&wk->allocs);
     td_map_free(&wk->held);
@@ -4316,7 +4680,8 @@ void td_node_destroy(td_node_t **np) {
   void *v;
   while (td_map_next(&n->objs, &it, NULL, &v)) {
     td_obj_t *o = v;
-    free(o->data); free(o->contained); free(o->items); free(o->waiters); free(o);
+    if (o->copies) free(o->copies->c);
+    free(o->copies); free(o->data); free(o->contained); free(o->items); free(o->waiters); free(o);
   }
   while (n->nobj_pool) free(n->obj_pool[--n->nobj_pool]);
   while (n->ntask_pool) free(n->task_pool[--n->ntask_pool]);
@@ -4358,6 +4723,8 @@ void td_node_destroy(td_node_t **np) {
   td_map_free(&n->relays);
   free(n->fwd_ready);
   free(n->fn_order);
+  free(n->cwait);
+  free(n->ppull);
   td_map_free(&n->objs); td_map_free(&n->tasks); td_map_free(&n->actors); td_map_free(&n->fns);
   td_buf_free(&n->tmp);
   free(n->pfds);

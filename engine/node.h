@@ -45,6 +45,15 @@ td_node_t *td_node_new(const td_node_opts_t *opts);
 void td_node_destroy(td_node_t **n);
 void td_node_set_rpc(td_node_t *n, td_rpc_cb cb, void *ud);
 
+/* Node-to-node links. A node that listens for other nodes on `port` (its
+ * head learns the port, and the address it sees the node at) fetches large
+ * objects from nodes that have them, as the head directs; `open` connects
+ * to another node's endpoint ("tcp://HOST:PORT") and gives a local fd for
+ * it plus a handle that `close` ends (after the fd is closed). */
+typedef void *(*td_peer_open_cb)(void *ud, const char *endpoint, int *fd);
+typedef void (*td_peer_close_cb)(void *ud, void *handle);
+void td_node_set_peering(td_node_t *n, int port, td_peer_open_cb open, td_peer_close_cb close, void *ud);
+
 /* One loop iteration: flush, poll up to `timeout` s, handle, schedule. */
 void td_node_pump(td_node_t *n, double timeout);
 void td_node_flush(td_node_t *n);
@@ -154,6 +163,8 @@ void td_node_restore(td_node_t *n);
 typedef struct td_node_stats {
   int workers, actors, tasks_running, tasks_queued;
   size_t objects, store_used, store_capacity, spilled_bytes;
+  uint64_t bytes_sent;       /* object bytes this node sent other nodes in chunks */
+  uint64_t bytes_from_peers; /* object bytes it fetched from nodes other than its head */
 } td_node_stats_t;
 typedef struct td_node_info {
   uint32_t index;

@@ -38,20 +38,24 @@ enum {
   TD_M_STREAM_NEXT,    /* u32 req, u64 stream id, u32 index, f64 timeout */
   TD_M_UNPIN,          /* u32 n, u64 ids[n] */
   TD_M_ACTOR_READY,    /* u64 actor id */
-  TD_M_REMOTE,         /* from the TCP bridge: this client cannot map the store */
+  TD_M_REMOTE,         /* from the TCP bridge: this client cannot map the store; str its address */
   TD_M_PIN,            /* u32 n, u64 ids[n]: keep them in place (zero-copy reads) */
   /* between nodes (a node's link to its head, both ways) */
   TD_M_BEAT = 40,      /* heartbeat; node -> head: u32 workers, actors, tasks running,
-                          queued, u64 objects, store used, store capacity, spilled */
+                          queued, u64 objects, store used, store capacity, spilled,
+                          bytes sent to nodes, bytes fetched from nodes */
   TD_M_JOIN,           /* node -> head: u32 index wanted (0: any) */
   TD_M_NODE_INFO,      /* node -> head: str name, u32 n, (str resource, f64 total)[n],
-                          u32 k, (u64 actor, u32 incarnation)[k]: detached actors it runs */
+                          u32 k, (u64 actor, u32 incarnation)[k]: detached actors it runs,
+                          u32 the port it listens on for other nodes (0: none) */
   TD_M_FN,             /* either way: u64 id, str definition (before work that needs it) */
   TD_M_PKG_GET,        /* node -> head: str hash of a working-directory package */
   TD_M_PKG,            /* head -> node: str hash, u8 ok, str package (or why not) */
   TD_M_CHUNK_GET,      /* between nodes: u64 object id, u64 offset, u32 length */
   TD_M_CHUNK,          /* the answer: u64 id, u64 offset, str bytes (empty: it is gone) */
   TD_M_LINEAGE,        /* node -> head: u64 object id, str spec of the task that makes it */
+  TD_M_PEER,           /* node -> node, first on a link between them: u32 the sender's index */
+  TD_M_HAVE,           /* node -> head: u64 object id, u8 ok: a fetch the head directed ended */
 };
 
 /* Object, worker and node ids carry the index of the node that made them
@@ -63,8 +67,10 @@ static inline uint32_t td_id_node(uint64_t id) { return (uint32_t)(id >> TD_NODE
 
 /* How a value travels: inline bytes, a shared-memory extent, or an error. */
 enum { TD_V_INLINE, TD_V_SHM, TD_V_ERROR, TD_V_LOST,
-       TD_V_PULL /* between nodes: large, ask the sender for it (once per node); in a reply,
-                    followed by u64 size: fetch it in chunks (TD_M_CHUNK_GET) */ };
+       TD_V_PULL, /* between nodes: large, ask the sender for it (once per node); in a reply,
+                     followed by u64 size: fetch it in chunks (TD_M_CHUNK_GET) */
+       TD_V_PEER  /* head -> node, in a reply: u64 size, u32 node index, str endpoint: fetch
+                     the chunks from that node, which has it or is fetching it */ };
 
 /* -- Task spec ------------------------------------------------------------ */
 

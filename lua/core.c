@@ -840,7 +840,8 @@ static int c_resources(lua_State *L) {
 #define TD__F(k) lua_pushnumber(L, (lua_Number)st.k); lua_setfield(L, -2, #k);
 #define TD__STATS_FIELDS                                                  \
   TD__F(workers) TD__F(actors) TD__F(tasks_running) TD__F(tasks_queued) \
-  TD__F(objects) TD__F(store_used) TD__F(store_capacity) TD__F(spilled_bytes)
+  TD__F(objects) TD__F(store_used) TD__F(store_capacity) TD__F(spilled_bytes) \
+  TD__F(bytes_sent) TD__F(bytes_from_peers)
 
 static int c_nodes(lua_State *L) {
   td_node_info_t info[256];

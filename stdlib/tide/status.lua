@@ -37,6 +37,8 @@ for i, n in ipairs(nodes) do
       st.tasks_running, st.tasks_queued))
     print(string.format("  objects %d, store %s / %s, %s spilled", st.objects, gib(st.store_used),
       gib(st.store_capacity), gib(st.spilled_bytes)))
+    print(string.format("  objects sent to other nodes %s, fetched from other nodes %s", gib(st.bytes_sent or 0),
+      gib(st.bytes_from_peers or 0)))
   elseif i > 1 then
     print(string.format("  tasks running %d, actors %d (sent by the head)", n.tasks, n.actors))
   end
@@ -47,4 +49,6 @@ print(string.format("  workers %d, actors %d, tasks running %d, queued %d", s.wo
   s.tasks_running, s.tasks_queued))
 print(string.format("  objects %d, store %d / %d bytes, %d bytes spilled", s.objects, s.store_used,
   s.store_capacity, s.spilled_bytes))
+print(string.format("  object bytes sent to other nodes %d, fetched from nodes other than the head %d",
+  s.bytes_sent, s.bytes_from_peers))
 print(string.format("  connections refused (no valid cluster key): %d", s.refused_connections or 0))

@@ -4,8 +4,9 @@
  * whose type byte has the top bit set goes to a second node as if from its
  * head (work, packages, chunks, kills); the others go to a head as if from
  * a client, which a JOIN turns into a joined node's link (node info,
- * heartbeats, results, lineage). Neither spawns workers; each payload is
- * also decoded as a value. Malformed input must be rejected, never crash,
+ * heartbeats, results, lineage, the end of fetches the head directed) and
+ * a PEER into another node's link (chunks only). Neither spawns workers;
+ * each payload is also decoded as a value. Malformed input must be rejected, never crash,
  * corrupt or leak.
  */
 #include <lauxlib.h>
@@ -43,7 +44,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   size_t i = 0;
   while (i + 3 <= size) {
     int to_node2 = data[i] & 0x80;
-    uint8_t type = to_node2 ? (uint8_t)((data[i] & 0x7f) % (TD_M_LINEAGE + 1))
+    uint8_t type = to_node2 ? (uint8_t)((data[i] & 0x7f) % (TD_M_HAVE + 1))
                             : (uint8_t)(TD_M_READY + data[i] % 36);
     uint16_t len;
     memcpy(&len, data + i + 1, 2);

@@ -10,7 +10,7 @@ ok() { n=$((n + 1)); echo "ok $n - $1"; }
 no() { n=$((n + 1)); echo "not ok $n - $1"; [ -n "$2" ] && echo "# $2" | head -40; }
 check() { if eval "$2"; then ok "$1"; else no "$1" "$3"; fi; }
 D=$(mktemp -d /tmp/tide-multinode-XXXXXX)
-stop_all() { for s in head n1 n2 n3 n4 n5 bad; do TIDE_SESSION_DIR=$D/$s $T stop >/dev/null 2>&1; done; }
+stop_all() { for s in head n1 n2 n3 n4 n5 n6 bad; do TIDE_SESSION_DIR=$D/$s $T stop >/dev/null 2>&1; done; }
 trap 'stop_all; rm -rf "$D"' EXIT
 PORT=$((18000 + $$ % 1000))
 KEY=$D/head/cluster.key
@@ -101,12 +101,22 @@ check "... and by its tasks on every node (each node fetched the package once)" 
 echo "# tensors across nodes, 2 GiB and more"
 TIDE_SESSION_DIR=$D/head timeout 400 $T run --address local tests/cluster/big_tensor.lua 2>&1
 
+echo "# an object many nodes need: fetched from the nodes that have it"
+out=$(node n6 --num-cpus 1 --name peer-node 2>&1)
+check "every node that joins listens for the other nodes" \
+  'nodes_up 4 10 && grep -q "listening for other nodes" $D/n6/node.log' "$out $(tail -3 $D/n6/node.log)"
+PEER_NODE_PID_FILE=$D/n6/node.pid TIDE_SESSION_DIR=$D/head timeout 180 $T run --address local tests/cluster/broadcast.lua 2>&1
+check "a node whose source node died midway says it fetched the rest from the head" \
+  'grep -q "fetching the rest from the head" $D/n2/node.log' "$(tail -5 $D/n2/node.log)"
+nodes_up 3 10
+
 echo "# node death"
 t0=$(now)
 NODE1_PID_FILE=$D/n1/node.pid TIDE_SESSION_DIR=$D/head timeout 120 $T run --address local tests/cluster/node_death.lua 2>&1
 check "the head logs the dead node" 'grep -q "node-1 .* died" $D/head/node.log' "$(tail -5 $D/head/node.log)"
 out=$(node n3 --num-cpus 2 --resources '{"A":1}' 2>&1)
 check "a replacement node joins as a new node" 'echo "$out" | grep -q "joined the head" && nodes_up 3 10' "$out"
+n3id=$(sed -n 's/.*joined the head at .* as \(node-[0-9]*\).*/\1/p' $D/n3/node.log | head -1)  # holds resource A
 
 echo "# lineage: a result lost in transit is made again"
 out=$(node n4 --num-cpus 1 --name lineage-node 2>&1)
@@ -134,7 +144,7 @@ tide.get({kept:ready(), gone:ready()})
 print("BEFORE", tide.get(k:incr()), tide.get(k:node()), require("tide.core").call_node("kv_put", "mn-key", "kept"))
 LUA
 out=$(TIDE_SESSION_DIR=$D/head timeout 60 $T run --address local $D/before.lua 2>&1)
-check "a detached actor and a KV entry made before the head dies" 'echo "$out" | grep -q "BEFORE	1	node-3	true"' "$out"
+check "a detached actor and a KV entry made before the head dies" 'echo "$out" | grep -q "BEFORE	1	$n3id	true"' "$out"
 echo 'print("JOB RAN")' > $D/job.lua
 TIDE_SESSION_DIR=$D/head $T submit $D/job.lua >/dev/null 2>&1
 sleep 1
@@ -160,7 +170,7 @@ local a, b = f:options({num_returns = 2, resources = {A = 0.5}}):remote(41)
 print("AFTER", tide.get(a), tide.get(b))
 LUA
 out=$(TIDE_SESSION_DIR=$D/head timeout 60 $T run --address local $D/after.lua 2>&1)
-check "work placed on a rejoined node runs" 'echo "$out" | grep -q "AFTER	42	node-3"' "$out"
+check "work placed on a rejoined node runs" 'echo "$out" | grep -q "AFTER	42	$n3id"' "$out"
 check "the nodes log that they rejoined" 'grep -q "rejoined the head" $D/n2/node.log' "$(tail -5 $D/n2/node.log)"
 cat > $D/resumed.lua <<'LUA'
 local tide = require("tide")
@@ -175,7 +185,7 @@ tide.remove_placement_group(pg)
 LUA
 out=$(TIDE_SESSION_DIR=$D/head timeout 60 $T run --address local $D/resumed.lua 2>&1)
 check "the restarted head adopts its detached actor where it still runs (state kept, init not run again) and resumes its KV from head.db" \
-  'echo "$out" | grep -q "RESUMED	2	node-3	kept" && grep -q "adopted detached actor .* keeper" $D/head/node.log' "$out $(grep -i adopt $D/head/node.log)"
+  'echo "$out" | grep -q "RESUMED	2	$n3id	kept" && grep -q "adopted detached actor .* keeper" $D/head/node.log' "$out $(grep -i adopt $D/head/node.log)"
 check "the restarted head reserves its detached placement group again; the driver's other group went with the driver" \
   'echo "$out" | grep -q "PG	true	in kept-pg	false"' "$out"
 out=$(TIDE_SESSION_DIR=$D/head $T job list 2>&1)

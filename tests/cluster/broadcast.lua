@@ -1,0 +1,111 @@
+-- An object that many nodes need does not leave its one source once per
+-- node: the head directs each fetch to a node that has the object, or is
+-- fetching it (which passes on the chunks it has), and a fetch from a node
+-- that dies midway finishes from the head. Needs node-1, node-2 and the
+-- node whose pid file is in PEER_NODE_PID_FILE (named "peer-node"); that
+-- node is killed by the last test.
+local t = dofile("tests/lua/harness.lua")
+local tide = require("tide")
+local T = require("tide.tensor")
+
+local function on(node) return {scheduling_strategy = {node_id = node, soft = false}} end
+local peer_node
+for _, nd in ipairs(tide.nodes()) do
+  if nd.name == "peer-node" then peer_node = nd.node_id end
+end
+
+-- An actor keeps what it was given: its node keeps the object, and so
+-- can serve it to other nodes.
+local Holder = tide.actor({
+  hold = function(self, x) self.x = x; return x:numel() end,
+  probe = function(self, i) return self.x:get(i) end,
+})
+local probe = tide.remote(function(x)
+  local n = x:numel()
+  return {n = n, first = x:get(1), mid = x:get(math.floor(n / 2) + 1), last = x:get(n)}
+end)
+
+-- A tensor of n f32 whose last element is 9 and the others 1.5.
+local function value(n)
+  local x = T.full({n}, 1.5)
+  x:slice(1, n, n):fill(9)
+  return x
+end
+
+-- Object bytes each node sent and fetched from other nodes, as its last
+-- heartbeat told the head (the head's own figures are current).
+local function traffic()
+  tide.sleep(1.3)  -- a heartbeat a second
+  local out = {}
+  for _, nd in ipairs(tide.nodes()) do
+    out[nd.node_id] = {sent = nd.stats.bytes_sent or 0, peers = nd.stats.bytes_from_peers or 0}
+  end
+  return out
+end
+local function delta(a, b, id, k) return (b[id] and b[id][k] or 0) - (a[id] and a[id][k] or 0) end
+
+local MiB = 1024 * 1024
+local n = 6 * MiB  -- 24 MiB: three chunks
+local ref = tide.put(value(n))
+local holders = {}
+
+t.test("an object two nodes need at once leaves the head once: one node fetches it from the other", function()
+  local s0 = traffic()
+  holders[1] = Holder:options(on("node-1")):remote()
+  holders[2] = Holder:options(on("node-2")):remote()
+  local got = tide.get({holders[1]:hold(ref), holders[2]:hold(ref)}, {timeout = 60})
+  t.eq(got[1], n)
+  t.eq(got[2], n)
+  t.eq(tide.get(holders[1]:probe(n)), 9)
+  t.eq(tide.get(holders[2]:probe(n)), 9)
+  local s1 = traffic()
+  local bytes = 4 * n
+  local head_sent = delta(s0, s1, "node-0", "sent")
+  local peers = delta(s0, s1, "node-1", "peers") + delta(s0, s1, "node-2", "peers")
+  t.ok(head_sent >= bytes and head_sent < 2 * bytes,
+    string.format("the head sent %d bytes of a %d-byte object needed by two nodes", head_sent, bytes))
+  t.ok(peers >= bytes, string.format("the nodes fetched %d bytes from each other, not %d", peers, bytes))
+end)
+
+local pidf = os.getenv("PEER_NODE_PID_FILE")
+if not peer_node or not pidf then
+  t.skip("a third node fetches from the nodes that keep copies", "no node named peer-node, or no PEER_NODE_PID_FILE")
+  t.done()
+  return
+end
+
+t.test("a node that keeps a copy serves the next node that needs it; the head sends nothing", function()
+  local s0 = traffic()
+  local r = tide.get(probe:options(on(peer_node)):remote(ref), {timeout = 60})
+  t.eq(r.n, n)
+  t.eq(r.first, 1.5)
+  t.eq(r.last, 9)
+  local s1 = traffic()
+  -- The object's bytes, and the 64 of its encoding's header.
+  t.eq(delta(s0, s1, "node-0", "sent"), 0)
+  t.eq(delta(s0, s1, peer_node, "peers"), 4 * n + 64)
+  t.eq(delta(s0, s1, "node-1", "sent") + delta(s0, s1, "node-2", "sent"), 4 * n + 64)
+end)
+
+t.test("a fetch from a node that is killed midway finishes from the head", function()
+  -- 256 MiB that only peer-node holds, then node-2 needs it: the head
+  -- sends node-2 there, and peer-node dies while the chunks flow.
+  local big = 64 * MiB
+  local bref = tide.put(value(big))
+  local keeper = Holder:options(on(peer_node)):remote()
+  t.eq(tide.get(keeper:hold(bref), {timeout = 60}), big)
+  local f = io.open(pidf)
+  local pid = f and f:read("*n")
+  if f then f:close() end
+  t.ok(pid, "no pid in " .. pidf)
+  local res = probe:options(on("node-2")):remote(bref)
+  tide.sleep(0.15)
+  os.execute("kill -9 " .. pid)
+  local r = tide.get(res, {timeout = 60})
+  t.eq(r.n, big)
+  t.eq(r.first, 1.5)
+  t.eq(r.mid, 1.5)
+  t.eq(r.last, 9)
+end)
+
+t.done()
