@@ -128,6 +128,14 @@ typedef struct td_cwait {
 } td_cwait_t;
 #define TD_CWAIT_MAX 4096
 
+/* A node that went silent on this one, and until when it is not asked. */
+typedef struct td_shun {
+  uint32_t index;
+  double until;
+} td_shun_t;
+#define TD_SHUN_MAX 16
+#define TD_SHUN_S 300.0
+
 /* An object this node fetches from another node: when a chunk last came. */
 typedef struct td_ppull {
   uint64_t id, wk;
@@ -327,6 +335,8 @@ struct td_node {
   struct td_ppull *ppull;   /* objects being fetched from other nodes: their progress */
   uint32_t nppull, capppull;
   uint64_t bytes_sent, bytes_from_peers;
+  td_shun_t shun[TD_SHUN_MAX]; /* nodes not asked for chunks until then (they went silent) */
+  uint32_t nshun;
   /* Free task and object records, reused: no malloc per task. */
   void **task_pool, **obj_pool;
   int ntask_pool, nobj_pool;
@@ -3013,6 +3023,8 @@ static td_wk_t *td__peer(td_node_t *n, uint32_t index, const char *ep) {
       return w;
   }
   if (!n->peer_open || !n->peer_port) return NULL;
+  for (uint32_t k = 0; k < n->nshun && k < TD_SHUN_MAX; k++)
+    if (n->shun[k].index == index && n->shun[k].until > td_now()) return NULL;  /* the head serves it */
   int fd = -1;
   void *h = n->peer_open(n->peer_ud, ep, &fd);
   if (!h) return NULL;
@@ -3063,6 +3075,8 @@ static void td__peer_fallback(td_node_t *n, td_obj_t *o, const char *why) {
 /* Node: fetches from other nodes that went silent, or whose link closed
  * (peer: that link; NULL: any silent for the node timeout), go to the head. */
 static void td__ppull_check(td_node_t *n, td_wk_t *peer, double now) {
+  uint64_t silent[8];
+  int nsilent = 0;
   for (uint32_t i = 0; i < n->nppull;) {
     td_ppull_t p = n->ppull[i];
     td_obj_t *o = td__obj(n, p.id);
@@ -3075,6 +3089,17 @@ static void td__ppull_check(td_node_t *n, td_wk_t *peer, double now) {
     if (peer) snprintf(why, sizeof(why), "the link with node-%u closed", peer->node_index);
     else snprintf(why, sizeof(why), "the node it came from sent nothing for %.1f s", now - p.at);
     td__peer_fallback(n, o, why);
+    int seen = 0;
+    for (int k = 0; k < nsilent; k++) seen |= silent[k] == p.wk;
+    if (!peer && !seen && nsilent < 8) silent[nsilent++] = p.wk;
+  }
+  /* A node that went silent may be dead, or unreachable from here (a
+   * firewall): its link is closed, and it is not asked for a while. */
+  for (int k = 0; k < nsilent; k++) {
+    td_wk_t *w = td__wk_by_id(n, silent[k]);
+    if (!w) continue;
+    n->shun[n->nshun++ % TD_SHUN_MAX] = (td_shun_t){w->node_index, now + TD_SHUN_S};
+    td__wk_dead(n, w, "sent nothing for the node timeout");
   }
 }
 

@@ -22,7 +22,7 @@ PORT=$((21000 + S % 1000))
 cleanup() {
   for s in head n1 n2; do TIDE_SESSION_DIR=$D/$s $T stop >/dev/null 2>&1; done
   ip netns del $NS1 2>/dev/null; ip netns del $NS2 2>/dev/null
-  ip link del tdh1-$S 2>/dev/null; ip link del tdh2-$S 2>/dev/null
+  ip link del tdh1-$S 2>/dev/null; ip link del tdh2-$S 2>/dev/null; ip link del tdp1-$S 2>/dev/null
   rm -rf "$D"
 }
 trap cleanup EXIT
@@ -50,9 +50,9 @@ NET1="10.101.$((S % 250))" NET2="10.102.$((S % 250))"
 
 TIDE_SESSION_DIR=$D/head $T start --head --port $PORT --num-cpus 0 >/dev/null 2>&1
 out1=$(TIDE_SESSION_DIR=$D/n1 ip netns exec $NS1 $T start --address $NET1.1:$PORT --key $D/head/cluster.key \
-  --num-cpus 1 --name ns-one 2>&1)
+  --num-cpus 1 --name ns-one --node-timeout 2 2>&1)
 out2=$(TIDE_SESSION_DIR=$D/n2 ip netns exec $NS2 $T start --address $NET2.1:$PORT --key $D/head/cluster.key \
-  --num-cpus 1 --name ns-two 2>&1)
+  --num-cpus 1 --name ns-two --node-timeout 2 2>&1)
 check "nodes in their own network namespaces join the head at its veth addresses" \
   'echo "$out1" | grep -q "joined the head" && echo "$out2" | grep -q "joined the head"' "$out1 $out2"
 cat > $D/drv.lua <<'LUA'
@@ -75,4 +75,39 @@ out=$(TIDE_SESSION_DIR=$D/head timeout 120 $T run --address local $D/drv.lua 2>&
 check "the head lists both nodes" 'echo "$out" | grep -q "^NODES.*ns-one,ns-two"' "$out"
 check "work and a 12 MiB argument reach each node, which has its own address" \
   'echo "$out" | grep -q "RAN node-1 $NET1.2 12582912" && echo "$out" | grep -q "RAN node-2 $NET2.2 12582912"' "$out"
+
+# Nodes fetch a large object from each other at the addresses the head saw
+# them at. The namespaces have no route to each other until a direct veth
+# pair joins them; cut again, a fetch between them falls back to the head,
+# and the node that went silent is not asked again for a while.
+ip link add tdp1-$S type veth peer name tdp2-$S &&
+  ip link set tdp1-$S netns $NS1 && ip link set tdp2-$S netns $NS2 &&
+  ip netns exec $NS1 ip link set tdp1-$S up && ip netns exec $NS2 ip link set tdp2-$S up &&
+  ip netns exec $NS1 ip route add $NET2.2/32 dev tdp1-$S &&
+  ip netns exec $NS2 ip route add $NET1.2/32 dev tdp2-$S
+cat > $D/bcast.lua <<'LUA'
+local tide = require("tide")
+local T = require("tide.tensor")
+local H = tide.actor({hold = function(self, x) self.x = x; return x:get(x:numel()) end})
+local function on(id) return {scheduling_strategy = {node_id = id}} end
+local r = tide.put(T.full({6 * 1024 * 1024}, 2))
+local hs = {H:options(on("node-1")):remote(), H:options(on("node-2")):remote()}
+local got = tide.get({hs[1]:hold(r), hs[2]:hold(r)}, {timeout = 60})
+tide.sleep(1.3)  -- a heartbeat
+local peers = 0
+for _, nd in ipairs(tide.nodes()) do peers = peers + (nd.stats.bytes_from_peers or 0) end
+print("HELD " .. got[1] .. " " .. got[2] .. " PEERS " .. string.format("%d", peers))
+LUA
+bcast() { TIDE_SESSION_DIR=$D/head timeout 120 $T run --address local $D/bcast.lua 2>&1; }
+fallbacks() { cat $D/n1/node.log $D/n2/node.log | grep -c "fetching the rest from the head"; }
+out=$(bcast)
+check "two nodes in their own namespaces fetch a 24 MiB object from each other, at the addresses the head saw them at" \
+  'echo "$out" | grep -Eq "^HELD 2 2 PEERS (2516[0-9]{4}|[3-9][0-9]{7})"' "$out"
+ip netns exec $NS1 ip link set tdp1-$S down
+out=$(bcast)
+check "with the link between them cut, the fetch stalls and finishes from the head" \
+  'echo "$out" | grep -q "^HELD 2 2" && [ "$(fallbacks)" = 1 ]' "$out $(fallbacks)"
+out=$(bcast)
+check "... and the node that went silent is not asked again: no stall the next time" \
+  'echo "$out" | grep -q "^HELD 2 2" && [ "$(fallbacks)" = 1 ]' "$out $(fallbacks)"
 echo "1..$n"
