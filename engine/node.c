@@ -357,6 +357,7 @@ static void td__have(td_node_t *n, td_obj_t *o, int ok);
 static void td__peer_fallback(td_node_t *n, td_obj_t *o, const char *why);
 static void td__ppull_note(td_node_t *n, td_obj_t *o, td_wk_t *peer);
 static void td__put_pull(td_node_t *n, td_buf_t *b, td_obj_t *o, td_wk_t *wk);
+static void td__obj_unfetch(td_node_t *n, td_obj_t *o);
 
 /* -- Queues ---------------------------------------------------------------- */
 
@@ -1789,6 +1790,7 @@ void td_node_restore(td_node_t *n) {
 
 #define TD_LINEAGE_MAX (64 * 1024) /* arguments kept per task, at most */
 #define TD_LINEAGE_REFS 1024       /* and refs among them */
+#define TD_LINEAGE_RETS 16         /* and returns */
 
 /* The refs a spec's arguments name: its dependencies, then nested refs.
  * Returns their count, or -1 if the spec does not decode. */
@@ -1816,19 +1818,23 @@ static void td__lineage_drop(td_node_t *n, uint64_t id) {
   free(lb);
 }
 
+/* Node: keeps the spec of a task its workers submitted, under each of its
+ * returns (sent to the head with the first ref to that return). */
 static void td__lineage_keep(td_node_t *n, const td_spec_t *s) {
-  if (s->kind != TD_K_TASK || s->nret != 1 || s->pg_id || s->max_retries == 0 || s->args_len > TD_LINEAGE_MAX ||
-      s->ndeps + s->nrefs > TD_LINEAGE_REFS)
+  if (s->kind != TD_K_TASK || s->nret < 1 || s->nret > TD_LINEAGE_RETS || s->pg_id || s->max_retries == 0 ||
+      s->args_len > TD_LINEAGE_MAX || s->ndeps + s->nrefs > TD_LINEAGE_REFS)
     return;
   td_buf_t b;
   td_buf_init(&b);
   td_spec_encode(s, &b);
-  td_fnblob_t *lb = td_xmalloc(sizeof(*lb) + b.len);
-  lb->len = b.len;
-  memcpy(lb->data, b.p, b.len);
+  for (int32_t i = 0; i < s->nret; i++) {
+    td_fnblob_t *lb = td_xmalloc(sizeof(*lb) + b.len);
+    lb->len = b.len;
+    memcpy(lb->data, b.p, b.len);
+    free(td_map_del(&n->lineage, s->rets[i]));
+    td_map_set(&n->lineage, s->rets[i], lb);
+  }
   td_buf_free(&b);
-  free(td_map_del(&n->lineage, s->rets[0]));
-  td_map_set(&n->lineage, s->rets[0], lb);
 }
 
 /* After the message that exported them: the specs go to the head, with the
@@ -1866,8 +1872,11 @@ static int td__on_lineage(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   td_rd_init(&sr, p, l);
   td_spec_t s;
   uint64_t *scratch = NULL;
-  if (td_spec_decode(&s, &sr, &scratch) || s.kind != TD_K_TASK || s.nret != 1 || s.rets[0] != id ||
-      s.ndeps + s.nrefs > TD_LINEAGE_REFS) {
+  int mine = 0;
+  int bad = td_spec_decode(&s, &sr, &scratch) || s.kind != TD_K_TASK || s.nret < 1 || s.nret > TD_LINEAGE_RETS ||
+            s.ndeps + s.nrefs > TD_LINEAGE_REFS;
+  for (int32_t i = 0; !bad && i < s.nret; i++) mine |= s.rets[i] == id;
+  if (bad || !mine) {
     free(scratch);
     return TD_EPROTO;
   }
@@ -1902,9 +1911,18 @@ static int td__lineage_rerun(td_node_t *n, td_obj_t *o) {
   const char *msg;
   int ok = td_spec_decode(&s, &rd, &scratch) == 0 && td_node_submit(n, &s, &msg) == 0;
   if (ok) {
-    o->refs--;  /* the submit's, which nobody holds */
     fprintf(stderr, "tide: making object %016llx again: the node that held it died\n", (unsigned long long)o->id);
     td_log("making object %016llx again: the node that held it died", (unsigned long long)o->id);
+    /* The task's other returns come from this run too: those lost with
+     * the node are no longer fetched from it. */
+    for (int32_t i = 0; i < s.nret; i++) {
+      td_obj_t *r = td__obj(n, s.rets[i]);
+      if (!r) continue;
+      r->refs--;  /* the submit's, which nobody holds */
+      if (r->state != OBJ_PENDING) r->producer = NULL;  /* it has its value */
+      else if (r != o) td__obj_unfetch(n, r);
+      if (r != o) td__lineage_drop(n, s.rets[i]);
+    }
   }
   free(scratch);
   td__lineage_drop(n, o->id);  /* the task holds its arguments now */
@@ -4199,6 +4217,21 @@ static void td__pgs_node_lost(td_node_t *n, uint32_t index) {
 
 /* Objects that only the lost link could give: ObjectLostError (they were
  * made there and never sent; nothing here can make them again). */
+/* A pending object no longer comes from the node it was fetched from (it
+ * will be made again): what it had of that node's value goes. */
+static void td__obj_unfetch(td_node_t *n, td_obj_t *o) {
+  if (o->chunked) td_store_free(n->store, o->off, o->len);
+  o->chunked = 0;
+  o->pulling = 0;
+  o->len = 0;
+  o->foreign = 0;
+  o->up = 0;
+  for (uint32_t k = 0; k < o->ncontained; k++) td_node_decref(n, o->contained[k]);
+  free(o->contained);
+  o->contained = NULL;
+  o->ncontained = 0;
+}
+
 static void td__link_lost_objects(td_node_t *n, td_wk_t *wk) {
   size_t cnt = 0, it = 0;
   td_obj_t *o;
@@ -4216,21 +4249,16 @@ static void td__link_lost_objects(td_node_t *n, td_wk_t *wk) {
   td__errblob(&n->tmp, "ObjectLostError", msg);
   for (size_t i = 0; i < cnt; i++) {
     o = td__obj(n, ids[i]);
-    if (!o || o->state != OBJ_PENDING) continue;
+    /* Not foreign any more: made again already, by a run for another of
+     * its task's returns. */
+    if (!o || o->state != OBJ_PENDING || !o->foreign) continue;
     o->foreign = 0;  /* nothing is held there any more */
     o->up = 0;
     td_task_t *t = o->producer;
     int rerun = t && t->state == T_FETCHING && t->retries_left != 0;
     if (rerun || (n->lin_kept.len && td_map_get(&n->lin_kept, o->id))) {
       /* Lineage: the task that made it runs again, elsewhere. */
-      if (o->chunked) td_store_free(n->store, o->off, o->len);
-      o->chunked = 0;
-      o->pulling = 0;
-      o->len = 0;
-      for (uint32_t k = 0; k < o->ncontained; k++) td_node_decref(n, o->contained[k]);
-      free(o->contained);
-      o->contained = NULL;
-      o->ncontained = 0;
+      td__obj_unfetch(n, o);
       if (rerun || td__lineage_rerun(n, o)) continue;
     }
     td__chunk_fail(n, o, "ObjectLostError", msg);

@@ -47,7 +47,7 @@ t.test("a result lost with its node is made again by running its task elsewhere"
   os.remove(marker)
 end)
 
-t.test("an object a node's own task made (from a ref argument) is made again when that node dies first", function()
+t.test("the objects a node's own task made (two returns, from a ref argument) are made again, by one run, when that node dies first", function()
   local target
   for _, n in ipairs(tide.nodes()) do if n.name == "nested-node" then target = n.node_id end end
   t.ok(target, "no node named nested-node")
@@ -60,17 +60,17 @@ t.test("an object a node's own task made (from a ref argument) is made again whe
     f:write(tide.get_runtime_context().node_id, "\n")
     f:close()
     tide.sleep(3)
-    return string.rep("n", n) .. data .. "end"
+    return string.rep("n", n) .. data .. "end", #data
   end)
   -- Its argument is a ref to an object the driver put: the head holds it
   -- for the spec it keeps, so the second run still has it.
   local data = tide.put("DATA")
   local outer = tide.remote(function(log, box)
-    local r = inner:remote(log, box[1], 5000)
+    local r, len = inner:options({num_returns = 2}):remote(log, box[1], 5000)
     -- This node dies 1 s from now (its daemon is this worker's parent).
     local st = io.open("/proc/self/stat"):read("*a")
     os.execute("(sleep 1; kill -9 " .. st:match("^%d+ %b() %S+ (%d+)") .. ") >/dev/null 2>&1 &")
-    return {r}
+    return {r, len}
   end)
   local box = tide.get(outer:options({num_cpus = 0, scheduling_strategy = {node_id = target, soft = false}})
     :remote(runs, {data}), {timeout = 60})
@@ -81,10 +81,11 @@ t.test("an object a node's own task made (from a ref argument) is made again whe
   local v = tide.get(box[1], {timeout = 60})
   t.eq(#v, 5007)
   t.eq(v:sub(-7), "DATAend")
+  t.eq(tide.get(box[2], {timeout = 60}), 4, "its second return, made by the same run")
   local where = {}
   for line in io.lines(runs) do where[#where + 1] = line end
   os.remove(runs)
-  t.eq(#where, 2, "the inner task ran twice")
+  t.eq(#where, 2, "the inner task ran twice (once again for both returns)")
   t.eq(where[1], target)
   t.ok(where[2] ~= target, "the second run was on another node")
 end)
