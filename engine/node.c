@@ -884,6 +884,13 @@ static void td__count(td_wk_t *wk, td_map_t *m, uint64_t id, intptr_t d) {
   else td_map_del(m, id);
 }
 
+/* A ref handed to wk in a reply (an RPC's results): held for it, and
+ * given back if it dies holding it. */
+void td_node_incref_for(td_node_t *n, td_wk_t *wk, uint64_t id) {
+  td_node_incref(n, id);
+  td__count(wk, &wk->held, id, 1);
+}
+
 static void td__give_back(td_node_t *n, td_wk_t *wk) {
   size_t it = 0;
   uint64_t id;

@@ -1282,15 +1282,24 @@ static void td__rpc_cb(void *ud, td_wk_t *wk, uint32_t req, const char *op, cons
     lua_pushstring(L, s.err);
     td_ser_value(&s, L, -1, "result");
   }
-  /* The worker's handles to returned refs are taken here for it. */
-  for (int i = 0; i < s.nrefs; i++) td_node_incref(td_ctx.node, s.refs[i]);
+  /* The worker's handles to returned refs are taken here for it (and
+   * given back if it dies first). */
+  for (int i = 0; i < s.nrefs && req; i++) {
+    if (wk) td_node_incref_for(td_ctx.node, wk, s.refs[i]);
+    else td_node_incref(td_ctx.node, s.refs[i]);
+  }
   td_buf_u8(&out, (uint8_t)ok);
   td_buf_u32(&out, (uint32_t)s.size);
   td_ser_append(&s, &out);
   if (req) td_node_reply(td_ctx.node, wk, req, out.p, out.len);
+  int had_refs = s.nrefs > 0;
   td_ser_free(&s);
   td_buf_free(&out);
   lua_settop(L, top);
+  /* This state's handles to the refs it handed out go now, not at some
+   * later collection: the requester holds what it was given, and a
+   * requester that dies gives back exactly that. */
+  if (had_refs) lua_gc(L, LUA_GCCOLLECT, 0);
 }
 
 /* -- Context ------------------------------------------------------------------------- */

@@ -250,4 +250,31 @@ t.test("a streaming task that fails mid-stream: earlier items intact, then TaskE
   t.eq(err.kind, "TaskError")
 end)
 
+t.local_test("a worker that dies gives back the refs a request to the node handed it", function()
+  -- A placement group's ready object reaches its maker in an RPC reply.
+  local function objects()
+    collectgarbage()
+    tide.get(tide.remote(function() return 0 end):remote())  -- dropped refs reach the node
+    return tide.stats().objects
+  end
+  local K = tide.actor({
+    make = function(self)
+      self.pg = tide.placement_group({{CPU = 0.01}})
+      tide.get(self.pg:ready())
+      return io.open("/proc/self/stat"):read("*a"):match("^(%d+)")
+    end,
+  })
+  local k = K:options({max_restarts = 0}):remote()
+  local before = objects()
+  local pid = tide.get(k:make())
+  os.execute("kill -9 " .. pid)
+  local n
+  for _ = 1, 100 do
+    n = objects()
+    if n <= before then break end
+    tide.sleep(0.05)
+  end
+  t.eq(n, before, "objects left behind by the dead actor")
+end)
+
 t.done()
