@@ -100,6 +100,8 @@ typedef struct td_obj {
   uint8_t foreign;       /* a record of another node's object: holds one ref there */
   uint8_t pulling;       /* its value was asked for */
   uint8_t chunked;       /* being fetched in chunks into its extent (off, len) */
+  uint8_t away;          /* head: a task's large result, made and kept on node up - 1 (len
+                            bytes), fetched here only when something here needs it */
   uint8_t told;          /* node: a fetch the head directed, to report (TD_M_HAVE) */
   uint32_t up;           /* node index + 1 to fetch it from (0: by its id) */
   uint64_t asked, got;   /* chunks: bytes asked for and received */
@@ -161,6 +163,7 @@ struct td_task {
   uint8_t node_held;     /* sent to a node link holding: 1 its resources, 2 a bundle's */
   uint8_t pooled;        /* a TD_TASK_TAIL record, reused from n->task_pool */
   uint8_t restored;      /* a detached actor's creation, restored by a restarted head */
+  uint8_t has_away;      /* a task with arguments kept on other nodes (td_obj_t away) */
   uint64_t owner;        /* the client (or head link) whose work it is: prints go there */
   uint64_t owner_task;   /* on a node: the head's id of this task */
   int32_t held_bundle;   /* node_held 2: the bundle of its placement group */
@@ -358,6 +361,14 @@ static void td__peer_fallback(td_node_t *n, td_obj_t *o, const char *why);
 static void td__ppull_note(td_node_t *n, td_obj_t *o, td_wk_t *peer);
 static void td__put_pull(td_node_t *n, td_buf_t *b, td_obj_t *o, td_wk_t *wk);
 static void td__obj_unfetch(td_node_t *n, td_obj_t *o);
+static void td__obj_away(td_node_t *n, td_obj_t *o, td_wk_t *wk, uint64_t total);
+static int td__away_source(td_node_t *n, td_obj_t *o, td_wk_t *wk);
+static int td__away_deps(td_node_t *n, td_task_t *t, int pull);
+static td_wk_t *td__away_home(td_node_t *n, td_task_t *t);
+static int td__away_rewait(td_node_t *n, td_task_t *t);
+static void td__copy_drop(td_copies_t *cp, uint32_t node);
+static int td__task_fetching(td_node_t *n, td_task_t *t);
+static void td__task_finish(td_node_t *n, td_task_t *t);
 
 /* -- Queues ---------------------------------------------------------------- */
 
@@ -479,6 +490,9 @@ static void td__unhold(td_node_t *n, td_obj_t *o);
 static void td__lineage_drop(td_node_t *n, uint64_t id);
 static void td__obj_free(td_node_t *n, td_obj_t *o) {
   td_map_del(&n->objs, o->id);
+  /* A task kept for the result it was still to fetch (T_FETCHING) ends
+   * with the last such result. */
+  td_task_t *pt = o->producer && (o->away || o->chunked) ? o->producer : NULL;
   if (o->chunked) {  /* freed while it was coming in */
     td__have(n, o, 0);
     td_store_free(n->store, o->off, o->len);
@@ -498,6 +512,7 @@ static void td__obj_free(td_node_t *n, td_obj_t *o) {
   free(o->contained);
   free(o->items);
   free(o->waiters);
+  if (pt && pt->state == T_FETCHING && !td__task_fetching(n, pt)) td__task_finish(n, pt);
   if (n->nobj_pool < TD_POOL_MAX) {
     if (!n->obj_pool) n->obj_pool = td_xmalloc(TD_POOL_MAX * sizeof(void *));
     n->obj_pool[n->nobj_pool++] = o;
@@ -598,6 +613,16 @@ static int td__obj_resident(td_node_t *n, td_obj_t *o) {
 
 static void td__obj_wake(td_node_t *n, td_obj_t *o);
 
+/* t waits for o (one more dependency pending). */
+static void td__wait_on(td_obj_t *o, td_task_t *t) {
+  if (o->nwaiters == o->capwaiters) {
+    o->capwaiters = o->capwaiters ? o->capwaiters * 2 : 4;
+    o->waiters = td_xrealloc(o->waiters, o->capwaiters * sizeof(td_task_t *));
+  }
+  o->waiters[o->nwaiters++] = t;
+  t->deps_pending++;
+}
+
 /* Gives a pending object its value. `data` is inline bytes (copied) or,
  * with shm, an extent the worker already filled. */
 static void td__obj_set(td_node_t *n, td_obj_t *o, int state, int shm, const uint8_t *data,
@@ -685,6 +710,7 @@ int td_node_store(td_node_t *n, uint64_t id, size_t size, const uint64_t *refs, 
 int td_node_state(td_node_t *n, uint64_t id) {
   td_obj_t *o = td__obj(n, id);
   if (!o) return TD_OBJ_MISSING;
+  if (o->away && o->state == OBJ_PENDING) td__pull(n, o);  /* asked for here: fetched here */
   if (o->is_stream) return TD_OBJ_READY;
   return o->state == OBJ_PENDING ? TD_OBJ_PENDING : o->state == OBJ_READY ? TD_OBJ_READY : TD_OBJ_ERROR;
 }
@@ -1099,15 +1125,21 @@ static int td__deps_failed(td_node_t *n, td_task_t *t) {
   return 0;
 }
 
-static void td__obj_wake(td_node_t *n, td_obj_t *o) {
-  n->dirty = 1;
-  if (o->fwd) td__fwd_note(n, o->id);
+/* The tasks waiting for o go on (away: only tasks, which can fetch it
+ * from the node it is on; actor calls and creations keep waiting). */
+static void td__wake_waiters(td_node_t *n, td_obj_t *o, int away) {
   uint32_t nw = o->nwaiters;
   td_task_t **ws = o->waiters;
   o->waiters = NULL;
   o->nwaiters = o->capwaiters = 0;
   for (uint32_t i = 0; i < nw; i++) {
     td_task_t *t = ws[i];
+    if (away && t->spec.kind != TD_K_TASK) {
+      td__wait_on(o, t);
+      t->deps_pending--;  /* counted already */
+      continue;
+    }
+    if (away) t->has_away = 1;
     if (--t->deps_pending) continue;
     if (t->spec.kind == TD_K_ACTOR_CALL) {
       td__actor_pump(n, t->actor);
@@ -1118,6 +1150,12 @@ static void td__obj_wake(td_node_t *n, td_obj_t *o) {
     }
   }
   free(ws);
+}
+
+static void td__obj_wake(td_node_t *n, td_obj_t *o) {
+  n->dirty = 1;
+  if (o->fwd) td__fwd_note(n, o->id);
+  td__wake_waiters(n, o, 0);
   if (o->refs <= 0 && o->state != OBJ_PENDING) td__obj_free(n, o);
 }
 
@@ -1329,6 +1367,10 @@ static int td__place(td_node_t *n, td_task_t *t, int bundle, int local_fits, td_
     *out = w;
     return 1;
   }
+  if (st == TD_ST_DEFAULT && t->has_away && (w = td__away_home(n, t)) && td__fits(w->navail, t)) {
+    *out = w;  /* where its large arguments are */
+    return 1;
+  }
   if (local_fits || !n->nlinks) return 0;
   /* Spill to the node with the most free CPU where it fits now. */
   for (int i = 0; i < n->nwks; i++) {
@@ -1381,7 +1423,7 @@ static void td__send_node_task(td_node_t *n, td_wk_t *wk, td_task_t *t) {
   td_buf_u32(b, t->spec.ndeps);
   for (uint32_t i = 0; i < t->spec.ndeps; i++) {
     td_obj_t *o = td__obj(n, t->spec.deps[i]);
-    if (o && o->state == OBJ_READY && o->len > n->inline_max)
+    if (o && (o->state == OBJ_READY || (o->away && o->state == OBJ_PENDING)) && o->len > n->inline_max)
       td_buf_u8(b, TD_V_PULL);  /* fetched once by the node, however many tasks use it */
     else
       td__put_value(n, b, t->spec.deps[i], 0, 1);
@@ -1545,6 +1587,7 @@ static void td__sched(td_node_t *n) {
     int hold;
     char why[200];
     if (t->restored && td_now() < n->adopt_until) { misses++; t = next; continue; }
+    if (t->has_away && td__away_rewait(n, t)) { t = next; continue; }
     int where = td__place(n, t, bundle, pool && td__fits(pool, t), &to, &hold, why, sizeof(why));
     if (where == 3 || where == 1) {
       tq_del(&n->queue, t);
@@ -1570,6 +1613,11 @@ static void td__sched(td_node_t *n) {
       continue;
     }
     if (where == 2) { misses++; t = next; continue; }
+    if (t->has_away && td__away_deps(n, t, 1)) {  /* to run here: its arguments come here first */
+      misses++;
+      t = next;
+      continue;
+    }
     if (t->spec.kind == TD_K_ACTOR_NEW) {
       td_actor_t *a = t->actor;
       if (pool && td__fits(pool, t)) {
@@ -1975,13 +2023,12 @@ int td_node_submit(td_node_t *n, const td_spec_t *s, const char **msg) {
       return 0;
     }
     if (o->state != OBJ_PENDING) continue;
-    if (o->foreign) td__pull(n, o);
-    if (o->nwaiters == o->capwaiters) {
-      o->capwaiters = o->capwaiters ? o->capwaiters * 2 : 4;
-      o->waiters = td_xrealloc(o->waiters, o->capwaiters * sizeof(td_task_t *));
+    if (o->away && s->kind == TD_K_TASK) {  /* done, on another node */
+      t->has_away = 1;
+      continue;
     }
-    o->waiters[o->nwaiters++] = t;
-    t->deps_pending++;
+    if (o->foreign) td__pull(n, o);
+    td__wait_on(o, t);
   }
   if (s->kind == TD_K_ACTOR_CALL) {
     t->actor = a;
@@ -2350,21 +2397,25 @@ void td_node_reply(td_node_t *n, td_wk_t *wk, uint32_t req, const void *p, size_
 static int td__req_try(td_node_t *n, td_req_t *r, int expired) {
   td_buf_t *b = &r->wk->ch.out;
   if (r->op == TD_M_GET) {
+    /* A value kept on another node: a node fetches it from there; anyone
+     * else waits for this head to fetch it. */
     for (uint32_t i = 0; i < r->n && !expired; i++) {
       td_obj_t *o = td__obj(n, r->ids[i]);
-      if (o && o->state == OBJ_PENDING) return 0;
+      if (!o || o->state != OBJ_PENDING || td__away_source(n, o, r->wk)) continue;
+      if (o->away) td__pull(n, o);
+      return 0;
     }
     td_chan_begin(&r->wk->ch, TD_M_REPLY);
     td_buf_u32(b, r->req);
     int timed_out = 0;
     for (uint32_t i = 0; i < r->n; i++) {
       td_obj_t *o = td__obj(n, r->ids[i]);
-      if (o && o->state == OBJ_PENDING) timed_out = 1;
+      if (o && o->state == OBJ_PENDING && !td__away_source(n, o, r->wk)) timed_out = 1;
     }
     td_buf_u8(b, (uint8_t)timed_out);
     for (uint32_t i = 0; i < r->n && !timed_out; i++) {
       td_obj_t *o = td__obj(n, r->ids[i]);
-      if (r->wk->kind == WK_NODE && o && o->state == OBJ_READY && o->len > TD_CHUNK)
+      if (r->wk->kind == WK_NODE && o && ((o->state == OBJ_READY && o->len > TD_CHUNK) || o->away))
         td__put_pull(n, b, o, r->wk);  /* a node fetches it: from here, or another node */
       else if (td__put_value(n, b, r->ids[i], !r->wk->remote, r->wk->kind >= WK_NODE ? 2 : r->wk->remote))
         td__count(r->wk, &r->wk->pinned, r->ids[i], 1);  /* until its UNPIN */
@@ -2377,7 +2428,7 @@ static int td__req_try(td_node_t *n, td_req_t *r, int expired) {
     for (uint32_t i = 0; i < r->n; i++) {
       td_obj_t *o = td__obj(n, r->ids[i]);
       /* id 0 never becomes ready: workers sleep on it. */
-      if (r->ids[i] && (!o || o->state != OBJ_PENDING)) ready++;
+      if (r->ids[i] && (!o || o->state != OBJ_PENDING || o->away)) ready++;
     }
     if (ready < r->num && !expired) return 0;
     td_chan_begin(&r->wk->ch, TD_M_REPLY);
@@ -2385,7 +2436,7 @@ static int td__req_try(td_node_t *n, td_req_t *r, int expired) {
     td_buf_u32(b, r->n);
     for (uint32_t i = 0; i < r->n; i++) {
       td_obj_t *o = td__obj(n, r->ids[i]);
-      td_buf_u8(b, !o || o->state != OBJ_PENDING);
+      td_buf_u8(b, !o || o->state != OBJ_PENDING || o->away);
     }
     td_chan_end(&r->wk->ch);
     return 1;
@@ -2442,7 +2493,9 @@ static void td__req_add(td_node_t *n, td_wk_t *wk, int op, td_rd_t *rd) {
   if (rd->bad) { free(r->ids); free(r); return; }
   for (uint32_t i = 0; i < r->n; i++) {
     td_obj_t *o = td__obj(n, r->ids[i]);
-    if (o && o->foreign) td__pull(n, o);
+    /* A value kept on a node is fetched here only for a GET that cannot
+     * fetch it from there itself. */
+    if (o && o->foreign && !(o->away && (op == TD_M_WAIT || td__away_source(n, o, wk)))) td__pull(n, o);
   }
   if (td__req_try(n, r, 0)) { free(r->ids); free(r); return; }
   r->next = n->reqs;
@@ -2516,7 +2569,7 @@ static int td__task_fetching(td_node_t *n, td_task_t *t) {
   uint32_t nr = t->spec.nret < 0 ? 1 : (uint32_t)t->spec.nret;
   for (uint32_t i = 0; i < nr; i++) {
     td_obj_t *o = td__obj(n, t->spec.rets[i]);
-    if (o && o->chunked && o->producer == t) return 1;
+    if (o && (o->chunked || o->away) && o->producer == t) return 1;
   }
   return 0;
 }
@@ -2543,7 +2596,10 @@ static int td__on_done_chunked(td_node_t *n, td_wk_t *wk, td_rd_t *rd, td_obj_t 
       o->ncontained = nrefs;
       for (uint32_t i = 0; i < nrefs; i++) td_node_incref(n, refs[i]);
     }
-    td__chunk_begin(n, o, total, wk);
+    if (o->producer && o->producer->spec.kind == TD_K_TASK && total)
+      td__obj_away(n, o, wk, total);  /* stays there until needed here */
+    else
+      td__chunk_begin(n, o, total, wk);
   } else {
     td__send_refs1(wk, id, -1);  /* not wanted (any more): let it go */
   }
@@ -2775,6 +2831,7 @@ static void td__chunk_more(td_node_t *n, td_obj_t *o, td_wk_t *up) {
 
 static void td__chunk_fail(td_node_t *n, td_obj_t *o, const char *kind, const char *why) {
   td__have(n, o, 0);
+  o->away = 0;
   if (o->chunked) td_store_free(n->store, o->off, o->len);
   o->chunked = 0;
   o->pulling = 0;
@@ -2783,9 +2840,19 @@ static void td__chunk_fail(td_node_t *n, td_obj_t *o, const char *kind, const ch
   td__obj_set(n, o, OBJ_ERROR, 0, n->tmp.p, n->tmp.len, 0, NULL, 0);
 }
 
-/* Starts fetching a value of `total` bytes from `up` into a new extent. */
+/* Starts fetching a value of `total` bytes from `up` into a new extent, or
+ * goes on from where a fetch of it that stopped had got to. */
 static void td__chunk_begin(td_node_t *n, td_obj_t *o, uint64_t total, td_wk_t *up) {
   size_t off;
+  if (o->chunked && o->len == total) {
+    o->pulling = 1;
+    o->src = up->id;
+    o->asked = o->got;
+    td__chunk_more(n, o, up);
+    return;
+  }
+  if (o->chunked) td_store_free(n->store, o->off, o->len);  /* not the same value */
+  o->chunked = 0;
   if (total == 0 || td__alloc(n, total, &off, o) != 0) {
     char why[160];
     snprintf(why, sizeof(why), "no room in this node's object store for a value of %llu bytes",
@@ -2923,8 +2990,10 @@ static void td__chunk_landed(td_node_t *n, td_wk_t *wk, td_obj_t *o, uint32_t l)
   }
   o->chunked = 0;
   o->pulling = 0;
+  o->away = 0;
   td__have(n, o, 1);
   if (o->up) {  /* a result its node kept for us: it can go now */
+    if (o->copies) td__copy_drop(o->copies, o->up - 1);  /* and so it will not have it */
     td__send_refs1(wk, o->id, -1);
     o->up = 0;
     o->foreign = 0;
@@ -2959,6 +3028,15 @@ static void td__copy_unload(td_copies_t *cp, uint32_t from) {
   if (load && *load) (*load)--;
 }
 
+static td_copy_t *td__copy_add(td_copies_t *cp, uint32_t node, uint32_t from) {
+  if (cp->n == cp->cap) {
+    cp->cap = cp->cap ? cp->cap * 2 : 4;
+    cp->c = td_xrealloc(cp->c, cp->cap * sizeof(td_copy_t));
+  }
+  cp->c[cp->n] = (td_copy_t){node, from, 0, 0};
+  return &cp->c[cp->n++];
+}
+
 static void td__copy_drop(td_copies_t *cp, uint32_t node) {
   td_copy_t *e = td__copy(cp, node);
   if (!e) return;
@@ -2967,24 +3045,33 @@ static void td__copy_drop(td_copies_t *cp, uint32_t node) {
   if (!gone.done) td__copy_unload(cp, gone.from);
 }
 
+/* Head: the node that `wk` can fetch o from with the fewest fetches from
+ * it under way (NULL: none does fewer than the head, or none can serve). */
+static td_wk_t *td__copy_source(td_node_t *n, td_obj_t *o, td_wk_t *wk, uint32_t best) {
+  td_copies_t *cp = o->copies;
+  td_wk_t *src = NULL;
+  for (uint32_t i = 0; cp && wk->peer_port && i < cp->n;) {
+    td_wk_t *l = td__link(n, cp->c[i].node);
+    if (!l || !l->peer_port) { td__copy_drop(cp, cp->c[i].node); continue; }  /* gone */
+    if (l != wk && cp->c[i].load <= best) best = cp->c[i].load, src = l;
+    i++;
+  }
+  return src;
+}
+
+/* Head: 1 if node wk can fetch o, kept away on another node, from there. */
+static int td__away_source(td_node_t *n, td_obj_t *o, td_wk_t *wk) {
+  return wk->kind == WK_NODE && o->away && o->state == OBJ_PENDING && td__copy_source(n, o, wk, UINT32_MAX);
+}
+
 /* Head: node `wk` asks for large object o; where it fetches it from. */
 static void td__put_pull(td_node_t *n, td_buf_t *b, td_obj_t *o, td_wk_t *wk) {
   if (!o->copies) o->copies = td_xcalloc(1, sizeof(td_copies_t));
   td_copies_t *cp = o->copies;
   td__copy_drop(cp, wk->node_index);  /* it fetches it again */
-  td_wk_t *src = NULL;
-  uint32_t best = cp->load;
-  for (uint32_t i = 0; wk->peer_port && i < cp->n;) {
-    td_wk_t *l = td__link(n, cp->c[i].node);
-    if (!l || !l->peer_port) { td__copy_drop(cp, cp->c[i].node); continue; }  /* gone */
-    if (cp->c[i].load <= best) best = cp->c[i].load, src = l;
-    i++;
-  }
-  if (cp->n == cp->cap) {
-    cp->cap = cp->cap ? cp->cap * 2 : 4;
-    cp->c = td_xrealloc(cp->c, cp->cap * sizeof(td_copy_t));
-  }
-  cp->c[cp->n++] = (td_copy_t){wk->node_index, src ? src->node_index : 0, 0, 0};
+  /* The head is a source only when it has the value. */
+  td_wk_t *src = td__copy_source(n, o, wk, o->state == OBJ_READY ? cp->load : UINT32_MAX);
+  td__copy_add(cp, wk->node_index, src ? src->node_index : 0);
   if (!src) {
     cp->load++;
     td_buf_u8(b, TD_V_PULL);
@@ -3016,6 +3103,68 @@ static int td__on_have(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   e->done = 1;
   td__copy_unload(o->copies, e->from);
   return 0;
+}
+
+/* Head: a task's large result stays on the node that made it (wk), which
+ * holds it for this head: tasks that need it fetch it from there, and the
+ * head fetches it only when something here needs it (td__pull). Tasks
+ * waiting for it go on; actor calls and creations (their actor may be
+ * here) wait for the head to have it. */
+static void td__obj_away(td_node_t *n, td_obj_t *o, td_wk_t *wk, uint64_t total) {
+  o->away = 1;
+  o->len = total;
+  if (!o->copies) o->copies = td_xcalloc(1, sizeof(td_copies_t));
+  td__copy_drop(o->copies, wk->node_index);
+  td__copy_add(o->copies, wk->node_index, 0)->done = 1;
+  n->dirty = 1;  /* requests from nodes can be answered now */
+  td__wake_waiters(n, o, 1);
+  if (o->nwaiters) td__pull(n, o);
+}
+
+/* Head: the number of t's arguments still away on other nodes; pull: the
+ * head fetches them (t is to run here). */
+static int td__away_deps(td_node_t *n, td_task_t *t, int pull) {
+  int k = 0;
+  for (uint32_t i = 0; i < t->spec.ndeps; i++) {
+    td_obj_t *o = td__obj(n, t->spec.deps[i]);
+    if (!o || !o->away || o->state != OBJ_PENDING) continue;
+    k++;
+    if (pull) td__pull(n, o);
+  }
+  if (!k) t->has_away = 0;
+  return k;
+}
+
+/* Head: a queued task one of whose arguments, away on a node, is being
+ * made again (that node died): it waits for it. Returns 1 if it does. */
+static int td__away_rewait(td_node_t *n, td_task_t *t) {
+  for (uint32_t i = 0; i < t->spec.ndeps; i++) {
+    td_obj_t *o = td__obj(n, t->spec.deps[i]);
+    if (!o || o->state != OBJ_PENDING || o->away) continue;
+    td__wait_on(o, t);
+  }
+  if (!t->deps_pending) return 0;
+  tq_del(&n->queue, t);
+  t->state = T_WAITDEPS;
+  return 1;
+}
+
+/* Head: the node holding the most bytes of t's arguments kept away. */
+static td_wk_t *td__away_home(td_node_t *n, td_task_t *t) {
+  td_wk_t *best = NULL;
+  uint64_t most = 0;
+  for (uint32_t i = 0; i < t->spec.ndeps && t->spec.ndeps <= 64; i++) {
+    td_obj_t *o = td__obj(n, t->spec.deps[i]);
+    if (!o || !o->away || o->state != OBJ_PENDING || !o->up) continue;
+    uint64_t bytes = 0;
+    for (uint32_t k = 0; k < t->spec.ndeps; k++) {
+      td_obj_t *x = td__obj(n, t->spec.deps[k]);
+      if (x && x->away && x->state == OBJ_PENDING && x->up == o->up) bytes += x->len;
+    }
+    td_wk_t *w = td__link(n, o->up - 1);
+    if (w && bytes > most) most = bytes, best = w;
+  }
+  return best;
 }
 
 /* Node: tells the head a fetch it directed ended. */
@@ -3087,14 +3236,16 @@ static void td__ppull_note(td_node_t *n, td_obj_t *o, td_wk_t *peer) {
 static void td__peer_fallback(td_node_t *n, td_obj_t *o, const char *why) {
   fprintf(stderr, "tide: object %016llx: %s; fetching the rest from the head\n", (unsigned long long)o->id, why);
   fflush(stderr);
-  td_wk_t *h = n->head && !n->head->dead ? n->head : NULL;
-  if (!h) {
+  if (!n->head || n->head->dead) {
     td__chunk_fail(n, o, "ObjectLostError", "the node it was fetched from lost it, and the head is gone");
     return;
   }
-  o->src = h->id;
-  o->asked = o->got;  /* chunks come in order: all before got have landed */
-  td__chunk_more(n, o, h);
+  /* Asked again: the head says where from now (itself, another node, or,
+   * if it is making the value again, once it is made). The bytes that
+   * have landed stay (chunks come in order: all before got). */
+  o->src = 0;
+  o->pulling = 0;
+  td__pull(n, o);
 }
 
 /* Node: fetches from other nodes that went silent, or whose link closed
@@ -4229,6 +4380,7 @@ static void td__pgs_node_lost(td_node_t *n, uint32_t index) {
 static void td__obj_unfetch(td_node_t *n, td_obj_t *o) {
   if (o->chunked) td_store_free(n->store, o->off, o->len);
   o->chunked = 0;
+  o->away = 0;
   o->pulling = 0;
   o->len = 0;
   o->foreign = 0;

@@ -1,7 +1,8 @@
 -- An object that many nodes need does not leave its one source once per
 -- node: the head directs each fetch to a node that has the object, or is
 -- fetching it (which passes on the chunks it has), and a fetch from a node
--- that dies midway finishes from the head. Needs node-1, node-2 and the
+-- that dies midway finishes from the head. A task's large result stays
+-- where it was made until needed. Needs node-1, node-2 and the
 -- node whose pid file is in PEER_NODE_PID_FILE (named "peer-node"); that
 -- node is killed by the last test.
 local t = dofile("tests/lua/harness.lua")
@@ -65,6 +66,45 @@ t.test("an object two nodes need at once leaves the head once: one node fetches 
   t.ok(head_sent >= bytes and head_sent < 2 * bytes,
     string.format("the head sent %d bytes of a %d-byte object needed by two nodes", head_sent, bytes))
   t.ok(peers >= bytes, string.format("the nodes fetched %d bytes from each other, not %d", peers, bytes))
+end)
+
+-- A task's large result stays on the node that made it until something
+-- needs it: a task that needs it runs there if it fits, a task elsewhere
+-- fetches it from there, and the head fetches it only for the driver.
+local make = tide.remote(function(k)
+  local x = require("tide.tensor").full({k}, 3)
+  x:slice(1, k, k):fill(7)
+  return x
+end)
+local where = tide.remote(function(x)
+  return {node = tide.get_runtime_context().node_id, n = x:numel(), last = x:get(x:numel())}
+end)
+
+t.test("a task that needs a large result made on another node runs where the result is", function()
+  local s0 = traffic()
+  local r = make:options(on("node-1")):remote(n)
+  local w = tide.get(where:remote(r), {timeout = 60})
+  t.eq(w.node, "node-1")
+  t.eq(w.n, n)
+  t.eq(w.last, 7)
+  local s1 = traffic()
+  t.eq(delta(s0, s1, "node-1", "sent"), 0, "bytes node-1 sent")
+end)
+
+t.test("a task on another node fetches a large result from the node that made it, not through the head", function()
+  local s0 = traffic()
+  local r = make:options(on("node-1")):remote(n)
+  local w = tide.get(where:options(on("node-2")):remote(r), {timeout = 60})
+  t.eq(w.node, "node-2")
+  t.eq(w.last, 7)
+  local s1 = traffic()
+  t.eq(delta(s0, s1, "node-2", "peers"), 4 * n + 64, "bytes node-2 fetched from other nodes")
+  t.eq(delta(s0, s1, "node-1", "sent"), 4 * n + 64, "bytes node-1 sent")
+  t.eq(delta(s0, s1, "node-0", "sent"), 0, "bytes the head sent")
+  -- The driver asks for it: the head fetches it now.
+  local x = tide.get(r, {timeout = 60})
+  t.eq(x:numel(), n)
+  t.eq(x:get(n), 7)
 end)
 
 local pidf = os.getenv("PEER_NODE_PID_FILE")
