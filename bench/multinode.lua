@@ -127,6 +127,29 @@ do
   collectgarbage()
 end
 
+-- A chain across nodes: a 64 MiB result made on node-1, needed by a task on
+-- node-2, goes from node-1 to node-2 directly (it stays where it was made),
+-- not through the head.
+do
+  local make = tide.remote(function(k) return require("tide.tensor").full({k}, 1) end)
+  local count = tide.remote(function(t) return t:numel() end)
+  local n = 16 * 1024 * 1024
+  local best = math.huge
+  for _ = 1, 3 do
+    local t0 = raw.now()
+    local r = make:options(on(1)):remote(n)
+    assert(tide.get(count:options(on(2)):remote(r)) == n)
+    best = math.min(best, raw.now() - t0)
+    r = nil -- luacheck: ignore 311
+    collectgarbage()
+    tide.get(nop:remote())
+    tide.sleep(0.3)
+  end
+  emit({metric = "multinode_result_to_task_64MiB", value = n * 4 / best / 1e9, unit = "GB/s", limit = tcp / 1e9,
+    note = "a task on node-1 makes a 64 MiB tensor, a task on node-2 reads it (node to node); " ..
+      "bytes / time from the first submit to the second result, best of 3"})
+end
+
 -- Node death: an actor on node-2 with a restart left answers again from
 -- another node; the time includes detection (the heartbeat timeout).
 local pidfile = os.getenv("TD_NODE2_PID")
