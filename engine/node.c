@@ -363,9 +363,8 @@ static void td__put_pull(td_node_t *n, td_buf_t *b, td_obj_t *o, td_wk_t *wk);
 static void td__obj_unfetch(td_node_t *n, td_obj_t *o);
 static void td__obj_away(td_node_t *n, td_obj_t *o, td_wk_t *wk, uint64_t total);
 static int td__away_source(td_node_t *n, td_obj_t *o, td_wk_t *wk);
-static int td__away_deps(td_node_t *n, td_task_t *t, int pull);
 static td_wk_t *td__away_home(td_node_t *n, td_task_t *t);
-static int td__away_rewait(td_node_t *n, td_task_t *t);
+static uint32_t td__away_wait(td_node_t *n, td_task_t *t, int here);
 static void td__copy_drop(td_copies_t *cp, uint32_t node);
 static int td__task_fetching(td_node_t *n, td_task_t *t);
 static void td__task_finish(td_node_t *n, td_task_t *t);
@@ -1125,8 +1124,8 @@ static int td__deps_failed(td_node_t *n, td_task_t *t) {
   return 0;
 }
 
-/* The tasks waiting for o go on (away: only tasks, which can fetch it
- * from the node it is on; actor calls and creations keep waiting). */
+/* The tasks waiting for o go on (away: tasks and actor calls, which can
+ * fetch it from the node it is on; actor creations keep waiting). */
 static void td__wake_waiters(td_node_t *n, td_obj_t *o, int away) {
   uint32_t nw = o->nwaiters;
   td_task_t **ws = o->waiters;
@@ -1134,7 +1133,7 @@ static void td__wake_waiters(td_node_t *n, td_obj_t *o, int away) {
   o->nwaiters = o->capwaiters = 0;
   for (uint32_t i = 0; i < nw; i++) {
     td_task_t *t = ws[i];
-    if (away && t->spec.kind != TD_K_TASK) {
+    if (away && t->spec.kind == TD_K_ACTOR_NEW) {  /* its actor may start here */
       td__wait_on(o, t);
       t->deps_pending--;  /* counted already */
       continue;
@@ -1173,6 +1172,8 @@ static void td__actor_pump(td_node_t *n, td_actor_t *a) {
   if (a->state != A_ALIVE || !a->host) return;
   while (a->queue.head && a->queue.head->deps_pending == 0) {
     td_task_t *t = a->queue.head;
+    /* An actor here needs its arguments here; one on a node fetches them. */
+    if (t->has_away && td__away_wait(n, t, a->host->kind != WK_NODE)) break;
     tq_del(&a->queue, t);
     td__send_task(n, a->host, t);
   }
@@ -1587,7 +1588,12 @@ static void td__sched(td_node_t *n) {
     int hold;
     char why[200];
     if (t->restored && td_now() < n->adopt_until) { misses++; t = next; continue; }
-    if (t->has_away && td__away_rewait(n, t)) { t = next; continue; }
+    if (t->has_away && td__away_wait(n, t, 0)) {  /* an argument is being made again */
+      tq_del(&n->queue, t);
+      t->state = T_WAITDEPS;
+      t = next;
+      continue;
+    }
     int where = td__place(n, t, bundle, pool && td__fits(pool, t), &to, &hold, why, sizeof(why));
     if (where == 3 || where == 1) {
       tq_del(&n->queue, t);
@@ -1613,8 +1619,9 @@ static void td__sched(td_node_t *n) {
       continue;
     }
     if (where == 2) { misses++; t = next; continue; }
-    if (t->has_away && td__away_deps(n, t, 1)) {  /* to run here: its arguments come here first */
-      misses++;
+    if (t->has_away && td__away_wait(n, t, 1)) {  /* to run here: its arguments come here first */
+      tq_del(&n->queue, t);
+      t->state = T_WAITDEPS;
       t = next;
       continue;
     }
@@ -2023,7 +2030,7 @@ int td_node_submit(td_node_t *n, const td_spec_t *s, const char **msg) {
       return 0;
     }
     if (o->state != OBJ_PENDING) continue;
-    if (o->away && s->kind == TD_K_TASK) {  /* done, on another node */
+    if (o->away && s->kind != TD_K_ACTOR_NEW) {  /* done, on another node */
       t->has_away = 1;
       continue;
     }
@@ -3106,10 +3113,11 @@ static int td__on_have(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
 }
 
 /* Head: a task's large result stays on the node that made it (wk), which
- * holds it for this head: tasks that need it fetch it from there, and the
- * head fetches it only when something here needs it (td__pull). Tasks
- * waiting for it go on; actor calls and creations (their actor may be
- * here) wait for the head to have it. */
+ * holds it for this head: tasks and calls that run on other nodes fetch it
+ * from there, and the head fetches it only when something here needs it
+ * (td__pull). Tasks and calls waiting for it go on (td__away_wait holds
+ * back those that turn out to run here); actor creations wait for the
+ * head to have it. */
 static void td__obj_away(td_node_t *n, td_obj_t *o, td_wk_t *wk, uint64_t total) {
   o->away = 1;
   o->len = total;
@@ -3121,32 +3129,24 @@ static void td__obj_away(td_node_t *n, td_obj_t *o, td_wk_t *wk, uint64_t total)
   if (o->nwaiters) td__pull(n, o);
 }
 
-/* Head: the number of t's arguments still away on other nodes; pull: the
- * head fetches them (t is to run here). */
-static int td__away_deps(td_node_t *n, td_task_t *t, int pull) {
-  int k = 0;
+/* Head: t waits for those of its arguments it cannot go on without: any
+ * being made again (its node died; pending, not away) and, with here (t
+ * is to run on this node), those away on other nodes too, which the head
+ * fetches. Returns how many it waits for (0: it can go). */
+static uint32_t td__away_wait(td_node_t *n, td_task_t *t, int here) {
+  int away = 0;
   for (uint32_t i = 0; i < t->spec.ndeps; i++) {
     td_obj_t *o = td__obj(n, t->spec.deps[i]);
-    if (!o || !o->away || o->state != OBJ_PENDING) continue;
-    k++;
-    if (pull) td__pull(n, o);
-  }
-  if (!k) t->has_away = 0;
-  return k;
-}
-
-/* Head: a queued task one of whose arguments, away on a node, is being
- * made again (that node died): it waits for it. Returns 1 if it does. */
-static int td__away_rewait(td_node_t *n, td_task_t *t) {
-  for (uint32_t i = 0; i < t->spec.ndeps; i++) {
-    td_obj_t *o = td__obj(n, t->spec.deps[i]);
-    if (!o || o->state != OBJ_PENDING || o->away) continue;
+    if (!o || o->state != OBJ_PENDING) continue;
+    if (o->away && !here) {
+      away = 1;
+      continue;
+    }
     td__wait_on(o, t);
+    if (o->away) td__pull(n, o);
   }
-  if (!t->deps_pending) return 0;
-  tq_del(&n->queue, t);
-  t->state = T_WAITDEPS;
-  return 1;
+  t->has_away = (uint8_t)away;
+  return t->deps_pending;
 }
 
 /* Head: the node holding the most bytes of t's arguments kept away. */

@@ -19,6 +19,7 @@ end
 -- can serve it to other nodes.
 local Holder = tide.actor({
   hold = function(self, x) self.x = x; return x:numel() end,
+  ready = function() return true end,
   probe = function(self, i) return self.x:get(i) end,
 })
 local probe = tide.remote(function(x)
@@ -105,6 +106,31 @@ t.test("a task on another node fetches a large result from the node that made it
   local x = tide.get(r, {timeout = 60})
   t.eq(x:numel(), n)
   t.eq(x:get(n), 7)
+end)
+
+t.test("an actor on another node gets a large result as a call argument from the node that made it", function()
+  local a = Holder:options(on("node-2")):remote()
+  t.eq(tide.get(a:ready(), {timeout = 60}), true)
+  local s0 = traffic()
+  local r = make:options(on("node-1")):remote(n)
+  t.eq(tide.get(a:hold(r), {timeout = 60}), n)
+  t.eq(tide.get(a:probe(n)), 7)
+  local s1 = traffic()
+  t.eq(delta(s0, s1, "node-2", "peers"), 4 * n + 64, "bytes node-2 fetched from other nodes")
+  t.eq(delta(s0, s1, "node-0", "sent"), 0, "bytes the head sent")
+end)
+
+t.test("a task and an actor on the head get a large result made on a node: the head fetches it first", function()
+  local head = {num_cpus = 0, scheduling_strategy = {node_id = "node-0", soft = false}}
+  local a = Holder:options(head):remote()
+  t.eq(tide.get(a:ready(), {timeout = 60}), true)
+  local r = make:options(on("node-1")):remote(n)
+  local w = tide.get(where:options(head):remote(r), {timeout = 60})
+  t.eq(w.node, "node-0")
+  t.eq(w.last, 7)
+  local r2 = make:options(on("node-2")):remote(n)
+  t.eq(tide.get(a:hold(r2), {timeout = 60}), n)
+  t.eq(tide.get(a:probe(n)), 7)
 end)
 
 local pidf = os.getenv("PEER_NODE_PID_FILE")
