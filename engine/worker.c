@@ -1299,6 +1299,20 @@ int td_client_connect_fd(int fd, const char *where, char *err, size_t errlen) {
   return td__client_attach(fd, 1, where, err, errlen);
 }
 
+/* Idle after work that mapped objects in the store: the views it dropped
+ * are collected now, so their objects are let go (and unpinned) now, not
+ * whenever this process next collects, which an idle one never does. */
+static void td__collect(void) {
+  td_ctx.mapped = 0;
+  lua_gc(td__task_L, LUA_GCCOLLECT, 0);
+  size_t it = 0;
+  void *v;
+  while (td_map_next(&td__actors, &it, NULL, &v)) {
+    td_actor_st_t *a = v;
+    if (a->L) lua_gc(a->L, LUA_GCCOLLECT, 0);
+  }
+}
+
 int td_worker_main(int argc, char **argv) {
   if (argc < 4) return 2;
   signal(SIGINT, SIG_IGN);
@@ -1347,6 +1361,7 @@ int td_worker_main(int argc, char **argv) {
       td__dispatch(type, cur.p, len);
     }
     if (td__dq_head) continue;
+    if (td_ctx.mapped) td__collect();
     td__flush();
     td__read(-1);
   }

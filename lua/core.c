@@ -246,6 +246,7 @@ static void td__shm_hold(void *ctx) {
   }
   if (!td_map_get(&td_ctx.lrefs, id)) td__send_ref(id, 1);
   td__local_ref(id, 1);
+  td_ctx.mapped = 1;
   td_chan_begin(&td_ctx.ch, TD_M_PIN);
   td_buf_u32(&td_ctx.ch.out, 1);
   td_buf_u64(&td_ctx.ch.out, id);

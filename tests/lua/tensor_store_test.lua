@@ -119,6 +119,28 @@ t.test("a tensor kept by an actor past the call stays valid", function()
   keep = nil -- luacheck: ignore 311
 end)
 
+-- Store bytes in use once they are back to `before`, or after 5 s.
+local function settle(before)
+  local used
+  for _ = 1, 100 do
+    flush()
+    used = tide.stats().store_used
+    if used == before then break end
+    tide.sleep(0.05)
+  end
+  return used
+end
+
+t.test("an idle worker lets go of the objects its finished tasks mapped", function()
+  flush()
+  local before = tide.stats().store_used
+  local f = tide.remote(function(x) return x:numel() end)
+  local r = tide.put(T.full({MiB}, 2))
+  t.eq(tide.get(f:remote(r)), MiB)
+  r = nil -- luacheck: ignore 311
+  t.eq(settle(before), before, "store bytes still held once the task and the ref are gone")
+end)
+
 t.test("a worker that dies holding objects gives its refs and pins back", function()
   flush()
   local before = tide.stats().store_used
@@ -136,14 +158,7 @@ t.test("a worker that dies holding objects gives its refs and pins back", functi
   -- Its process dies at once, holding a mapped tensor and a put of its own.
   os.execute("kill -9 " .. pid)
   r = nil -- luacheck: ignore 311
-  local used
-  for _ = 1, 100 do
-    flush()
-    used = tide.stats().store_used
-    if used == before then break end
-    tide.sleep(0.05)
-  end
-  t.eq(used, before, "store bytes held by the dead actor")
+  t.eq(settle(before), before, "store bytes held by the dead actor")
 end)
 
 t.test("small, non-contiguous and typed tensors travel by copy and stay writable", function()
