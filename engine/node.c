@@ -231,6 +231,7 @@ struct td_actor {
   uint64_t owner;        /* client that created it (0: the node's driver) */
   int restarts_left;
   int res_held;
+  uint32_t pg_share;     /* 1 + the placement group bundle whose share it holds (0: none) */
   td_tq_t queue;         /* calls not sent yet, in order */
   char *reason;          /* why it died */
   int gpus[16], ngpus;
@@ -1180,8 +1181,15 @@ static void td__actor_pump(td_node_t *n, td_actor_t *a) {
 }
 
 static void td__actor_release(td_node_t *n, td_actor_t *a) {
-  if (!a->res_held) return;
   td_task_t *c = a->create;
+  if (a->pg_share) {  /* its share of a placement group's bundle goes back there */
+    td_pg_t *pg = td__pg(n, c->spec.pg_id);
+    if (pg && !pg->removed && a->pg_share <= (uint32_t)pg->nb) td__take(pg->avail[a->pg_share - 1], c, -1);
+    a->pg_share = 0;
+    td__gpus_give(n, td__task_gpus(c), a->gpus, a->ngpus);
+    a->ngpus = 0;
+  }
+  if (!a->res_held) return;
   if (a->res_node) {
     td__take(a->res_node->navail, c, -1);
     a->res_node = NULL;
@@ -1612,6 +1620,7 @@ static void td__sched(td_node_t *n) {
         if (hold) td__take(hold == 2 ? pool : to->navail, t, 1);
         a->res_node = hold == 1 ? to : NULL;
         a->res_held = hold == 1;
+        a->pg_share = hold == 2 ? (uint32_t)bundle + 1 : 0;
         td__actor_start(n, a, to);
       }
       misses = 0;
@@ -1634,6 +1643,7 @@ static void td__sched(td_node_t *n) {
         if (g > 0 && !k) { misses++; t = next; continue; }
         td__take(pool, t, 1);
         a->res_held = t->spec.pg_id == 0;
+        a->pg_share = t->spec.pg_id ? (uint32_t)bundle + 1 : 0;
         memcpy(a->gpus, gpus, sizeof(int) * (size_t)k);
         a->ngpus = k;
         td_wk_t *host = td__pick_host(n, a);
@@ -1641,6 +1651,7 @@ static void td__sched(td_node_t *n) {
           td__take(pool, t, -1);
           td__gpus_give(n, g, gpus, k);
           a->res_held = 0;
+          a->pg_share = 0;
           misses++;
           t = next;
           continue;

@@ -342,6 +342,21 @@ t.test("an actor in a placement group bundle", function()
   tide.remove_placement_group(pg)
 end)
 
+t.test("an actor in a placement group that dies gives its share of the bundle back", function()
+  local pg = tide.placement_group({{CPU = 1}})
+  tide.get(pg:ready())
+  local A = tide.actor({hi = function() return "hi" end})
+  local first = A:options({placement_group = pg, num_cpus = 1}):remote()
+  t.eq(tide.get(first:hi()), "hi")
+  tide.kill(first)
+  -- The bundle has room for one such actor: the next one starts only if
+  -- the killed one gave its share back.
+  local second = A:options({placement_group = pg, num_cpus = 1}):remote()
+  t.eq(tide.get(second:hi(), {timeout = 30}), "hi")
+  tide.kill(second)
+  tide.remove_placement_group(pg)
+end)
+
 t.test("a named placement group is found again with tide.get_placement_group", function()
   local pg = tide.placement_group({{CPU = 1}}, {strategy = "STRICT_PACK", name = "found-pg", lifetime = "detached"})
   local again = tide.get_placement_group("found-pg")
