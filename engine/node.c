@@ -263,8 +263,19 @@ typedef struct td_pg {
   uint64_t owner;        /* the client that made it (0: the node's driver) */
   uint8_t detached;      /* outlives its owner (and the head: persisted) */
   uint8_t holds_ready;   /* restored: the group itself holds its ready object */
+  uint32_t *hint;        /* restored: per bundle, 1 + the node it should go to (0: any) */
+  struct td_adoptee *adopt; /* restored: its detached actors still running on nodes */
   struct td_pg *next;
 } td_pg_t;
+
+/* A restored group's detached actor that a rejoining node still runs: it
+ * is adopted there if its bundle is placed on that node. */
+typedef struct td_adoptee {
+  uint64_t actor;
+  uint32_t attempt, node;
+  int bundle;
+  struct td_adoptee *next;
+} td_adoptee_t;
 
 typedef struct td_fnblob {
   size_t len;
@@ -1477,8 +1488,13 @@ static int td__bundle_fits(td_node_t *n, const double *pool, const double *bundl
 
 /* Reserves every bundle of a placement group on the nodes its strategy
  * allows, or none: the choice is made on copies of the pools first. */
+static void td__pg_adopt(td_node_t *n, td_pg_t *pg);
+
 static int td__try_pg(td_node_t *n, td_pg_t *pg) {
   if (pg->created || pg->removed) return 0;
+  /* Restored: placed once its nodes had time to rejoin and report the
+   * actors they still run in it (their bundles go to those nodes). */
+  if (pg->holds_ready && td_now() < n->adopt_until) return 0;
   int k = 1 + n->nlinks, c;
   uint32_t *idx = td_xmalloc((size_t)k * sizeof(uint32_t));
   double (*av)[TD_NRES_MAX] = td_xmalloc((size_t)k * sizeof(*av));
@@ -1520,11 +1536,18 @@ static int td__try_pg(td_node_t *n, td_pg_t *pg) {
     goto decided;
   }
   if ((strict_pack || pack) && !repair) {
-    /* All on one node when some node has room for the sum. */
+    /* All on one node when some node has room for the sum (the node a
+     * restored group's bundles were on, first). */
     double need[TD_NRES_MAX] = {0};
     for (int b = 0; b < pg->nb; b++)
       for (int i = 0; i < n->nres; i++) need[i] += pg->total[b][i];
-    for (c = 0; c < k && !td__bundle_fits(n, av[c], need); c++) {}
+    c = k;
+    for (int b = 0; b < pg->nb && pg->hint && c == k; b++) {
+      if (!pg->hint[b]) continue;
+      for (c = 0; c < k && !(idx[c] + 1 == pg->hint[b] && td__bundle_fits(n, av[c], need)); c++) {}
+    }
+    if (c == k)
+      for (c = 0; c < k && !td__bundle_fits(n, av[c], need); c++) {}
     if (c < k) {
       for (int b = 0; b < pg->nb; b++) at[b] = c;
     } else if (strict_pack) {
@@ -1535,8 +1558,11 @@ static int td__try_pg(td_node_t *n, td_pg_t *pg) {
   for (int b = 0; b < pg->nb && ok; b++) {
     int pick = -1;
     if (repair && pg->where[b] != TD__NOWHERE) continue;
+    /* A restored group's bundle: the node it was on, first. */
+    for (c = 0; pg->hint && pg->hint[b] && c < k && pick < 0; c++)
+      if (idx[c] + 1 == pg->hint[b] && td__bundle_fits(n, av[c], pg->total[b])) pick = c;
     /* SPREAD and STRICT_SPREAD: a node no other bundle has, first. */
-    if (!pack)
+    if (!pack && pick < 0)
       for (c = 0; c < k && pick < 0; c++)
         if (!used[c] && td__bundle_fits(n, av[c], pg->total[b])) pick = c;
     if (pick < 0 && pg->strategy != TD_PG_STRICT_SPREAD)
@@ -1557,6 +1583,7 @@ decided:
       for (int i = 0; i < n->nres; i++) pool[i] -= pg->total[b][i];
     }
     pg->created = 1;
+    td__pg_adopt(n, pg);
     td_obj_t *o = td__obj(n, pg->ready_id);
     if (o) {
       uint8_t t = TD_T_TRUE;
@@ -2316,6 +2343,7 @@ static void td__restore_pg(void *ud, const char *key, const void *val, size_t le
   if (td_id_node(id) == td_id_node(n->next_seq) && id > n->next_seq) n->next_seq = id;
   td_pg_t *pg = td__pg_new(n, id, (int)nb, (const double (*)[TD_NRES_MAX])b, strategy, nm, 1);
   pg->holds_ready = 1;
+  pg->hint = td_xcalloc(nb, sizeof(uint32_t));
   free(b);
   fprintf(stderr, "tide: restoring detached placement group %s%s%s\n", key, nm[0] ? " " : "", nm);
 }
@@ -2344,9 +2372,12 @@ int td_node_pg_remove(td_node_t *n, uint64_t pg_id) {
     td_persist_put("pg", key, NULL, 0);
   }
   *pp = pg->next;
+  pg->removed = 1;
+  td__pg_adopt(n, pg);  /* its actors still running, not adopted yet, are ended */
   free(pg->total);
   free(pg->avail);
   free(pg->where);
+  free(pg->hint);
   free(pg);
   /* Work queued for the group can never run now. */
   td_task_t *t = n->queue.head;
@@ -3518,20 +3549,76 @@ static int td__on_join(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
  * there. One this head restored and has not placed yet is adopted where it
  * runs, its state kept and its init not run again; anything else is ended
  * there (this head does not know it, or runs it elsewhere by now). */
-static void td__adopt(td_node_t *n, td_wk_t *wk, uint64_t aid, uint32_t attempt) {
+static void td__adopt_at(td_node_t *n, td_wk_t *wk, td_task_t *t, uint32_t attempt);
+
+static void td__actor_kill_at(td_wk_t *wk, uint64_t aid) {
+  td_chan_begin(&wk->ch, TD_M_ACTOR_KILL);
+  td_buf_u64(&wk->ch.out, aid);
+  td_chan_end(&wk->ch);
+}
+
+/* The restored creation of a detached actor still waiting to be placed. */
+static td_task_t *td__adoptable(td_node_t *n, uint64_t aid) {
   td_actor_t *a = td_map_get(&n->actors, aid);
   td_task_t *t = a ? a->create : NULL;
-  if (!t || a->state != A_PENDING || t->state != T_QUEUED || !t->restored || t->spec.pg_id ||
-      !td__fits(wk->navail, t)) {
-    td_chan_begin(&wk->ch, TD_M_ACTOR_KILL);
-    td_buf_u64(&wk->ch.out, aid);
-    td_chan_end(&wk->ch);
+  return t && a->state == A_PENDING && t->state == T_QUEUED && t->restored ? t : NULL;
+}
+
+/* Head: a rejoining node still runs a detached actor an earlier head placed
+ * there, in a group this head restored: it waits for the group to be
+ * placed, its bundle on that node if it fits (td__pg_adopt). */
+static int td__adopt_later(td_node_t *n, td_wk_t *wk, td_task_t *t, uint32_t attempt) {
+  td_pg_t *pg = td__pg(n, t->spec.pg_id);
+  if (!pg || !pg->holds_ready || pg->created || pg->removed) return 0;
+  int b = t->spec.bundle;
+  for (int k = 0; b < 0 && k < pg->nb; k++)
+    if (!pg->hint[k] || pg->hint[k] == wk->node_index + 1) b = k;
+  if (b < 0 || b >= pg->nb || (pg->hint[b] && pg->hint[b] != wk->node_index + 1)) return 0;
+  pg->hint[b] = wk->node_index + 1;
+  td_adoptee_t *e = td_xcalloc(1, sizeof(*e));
+  *e = (td_adoptee_t){t->actor->id, attempt, wk->node_index, b, pg->adopt};
+  pg->adopt = e;
+  return 1;
+}
+
+static void td__adopt(td_node_t *n, td_wk_t *wk, uint64_t aid, uint32_t attempt) {
+  td_task_t *t = td__adoptable(n, aid);
+  if (t && t->spec.pg_id && td__adopt_later(n, wk, t, attempt)) return;
+  if (!t || t->spec.pg_id || !td__fits(wk->navail, t)) {
+    td__actor_kill_at(wk, aid);
     return;
   }
-  tq_del(&n->queue, t);
   td__take(wk->navail, t, 1);
-  a->res_node = wk;
-  a->res_held = 1;
+  t->actor->res_node = wk;
+  t->actor->res_held = 1;
+  td__adopt_at(n, wk, t, attempt);
+}
+
+/* Head: group pg is placed; its detached actors still running where their
+ * bundles went are adopted, the others ended there. */
+static void td__pg_adopt(td_node_t *n, td_pg_t *pg) {
+  while (pg->adopt) {
+    td_adoptee_t *e = pg->adopt;
+    pg->adopt = e->next;
+    td_task_t *t = td__adoptable(n, e->actor);
+    td_wk_t *wk = td__link(n, e->node);
+    if (wk && t && pg->created && !pg->removed && pg->where[e->bundle] == e->node &&
+        td__fits(pg->avail[e->bundle], t)) {
+      td__take(pg->avail[e->bundle], t, 1);
+      t->actor->pg_share = (uint32_t)e->bundle + 1;
+      td__adopt_at(n, wk, t, e->attempt);
+    } else if (wk) {
+      td__actor_kill_at(wk, e->actor);
+    }
+    free(e);
+  }
+}
+
+/* Takes a running actor as it is, its resources taken already. */
+static void td__adopt_at(td_node_t *n, td_wk_t *wk, td_task_t *t, uint32_t attempt) {
+  td_actor_t *a = t->actor;
+  uint64_t aid = a->id;
+  tq_del(&n->queue, t);
   a->host = wk;
   wk->nactors++;
   a->state = A_ALIVE;
@@ -4923,7 +5010,16 @@ void td_node_destroy(td_node_t **np) {
   while (td_map_next(&n->fnstats, &it, NULL, &v)) free(v);
   td_map_free(&n->fnstats);
   while (n->reqs) { td_req_t *r = n->reqs; n->reqs = r->next; free(r->ids); free(r); }
-  while (n->pgs) { td_pg_t *pg = n->pgs; n->pgs = pg->next; free(pg->total); free(pg->avail); free(pg->where); free(pg); }
+  while (n->pgs) {
+    td_pg_t *pg = n->pgs;
+    n->pgs = pg->next;
+    while (pg->adopt) {
+      td_adoptee_t *e = pg->adopt;
+      pg->adopt = e->next;
+      free(e);
+    }
+    free(pg->total); free(pg->avail); free(pg->where); free(pg->hint); free(pg);
+  }
   it = 0;
   while (td_map_next(&n->fwd, &it, NULL, &v)) { free(((td_fwd_t *)v)->rets); free(v); }
   td_map_free(&n->fwd);

@@ -141,10 +141,13 @@ local k = K:options({name = "keeper", lifetime = "detached", resources = {A = 0.
 local kept = tide.placement_group({{CPU = 1}}, {name = "kept-pg", lifetime = "detached"})
 local gone = tide.placement_group({{CPU = 1}}, {name = "gone-pg"})
 tide.get({kept:ready(), gone:ready()})
+local pk = K:options({name = "pg-keeper", lifetime = "detached", placement_group = kept}):remote()
 print("BEFORE", tide.get(k:incr()), tide.get(k:node()), require("tide.core").call_node("kv_put", "mn-key", "kept"))
+print("PG-BEFORE", tide.get(pk:incr()), tide.get(pk:incr()))
 LUA
 out=$(TIDE_SESSION_DIR=$D/head timeout 60 $T run --address local $D/before.lua 2>&1)
 check "a detached actor and a KV entry made before the head dies" 'echo "$out" | grep -q "BEFORE	1	$n3id	true"' "$out"
+check "... and a detached actor in a detached placement group" 'echo "$out" | grep -q "PG-BEFORE	1	2"' "$out"
 echo 'print("JOB RAN")' > $D/job.lua
 TIDE_SESSION_DIR=$D/head $T submit $D/job.lua >/dev/null 2>&1
 sleep 1
@@ -177,6 +180,7 @@ local tide = require("tide")
 local k = tide.get_actor("keeper")
 print("RESUMED", tide.get(k:incr(), {timeout = 30}), tide.get(k:node()),
   require("tide.core").call_node("kv_get", "mn-key"))
+print("PG-KEEPER", tide.get(tide.get_actor("pg-keeper"):incr(), {timeout = 30}))
 local pg = tide.get_placement_group("kept-pg")
 local f = tide.remote(function() return "in kept-pg" end)
 print("PG", tide.get(pg:ready(), {timeout = 30}), tide.get(f:options({placement_group = pg}):remote(), {timeout = 30}),
@@ -186,6 +190,8 @@ LUA
 out=$(TIDE_SESSION_DIR=$D/head timeout 60 $T run --address local $D/resumed.lua 2>&1)
 check "the restarted head adopts its detached actor where it still runs (state kept, init not run again) and resumes its KV from head.db" \
   'echo "$out" | grep -q "RESUMED	2	$n3id	kept" && grep -q "adopted detached actor .* keeper" $D/head/node.log' "$out $(grep -i adopt $D/head/node.log)"
+check "the restarted head adopts the detached actor of its detached placement group where it still runs (its bundle placed there again)" \
+  'echo "$out" | grep -q "PG-KEEPER	3" && grep -q "adopted detached actor .* pg-keeper" $D/head/node.log' "$out $(grep -i adopt $D/head/node.log)"
 check "the restarted head reserves its detached placement group again; the driver's other group went with the driver" \
   'echo "$out" | grep -q "PG	true	in kept-pg	false"' "$out"
 out=$(TIDE_SESSION_DIR=$D/head $T job list 2>&1)
