@@ -2194,17 +2194,26 @@ int td_node_cancel(td_node_t *n, uint64_t obj_id, int force) {
   return 0;
 }
 
+static int td__kill_actor(td_node_t *n, uint64_t actor_id, int no_restart, const char *why);
+
 int td_node_kill_actor(td_node_t *n, uint64_t actor_id, int no_restart) {
+  return td__kill_actor(n, actor_id, no_restart, "killed by tide.kill");
+}
+
+/* Kills an actor (why: "killed by ..."), restarted unless no_restart. */
+static int td__kill_actor(td_node_t *n, uint64_t actor_id, int no_restart, const char *why) {
   td_actor_t *a = td_map_get(&n->actors, actor_id);
   if (!a) return TD_ENOTFOUND;
   td_wk_t *host = a->host;
-  if (host) td__actor_calls_lost(n, a, host, 0, "the actor was killed by tide.kill");
+  char msg[200];
+  snprintf(msg, sizeof(msg), "the actor was %s", why);
+  if (host) td__actor_calls_lost(n, a, host, 0, msg);
   if (!no_restart && host) {
-    td__actor_restart_or_die(n, a, "killed by tide.kill");
+    td__actor_restart_or_die(n, a, why);
   } else {
     if ((a->state == A_PENDING || a->state == A_RESTARTING) && a->create->state == T_QUEUED)
       tq_del(&n->queue, a->create);
-    td__actor_die(n, a, "the actor was killed by tide.kill");
+    td__actor_die(n, a, msg);
   }
   if (host && !host->dead) {
     if (host->kind == WK_GPUHOST) {
@@ -2394,6 +2403,20 @@ int td_node_pg_remove(td_node_t *n, uint64_t pg_id) {
     }
     t = next;
   }
+  /* What runs in it ends, as in Ray: its actors are killed, its running
+   * tasks cancelled. */
+  size_t it = 0, k = 0, cap = n->actors.len + n->tasks.len;
+  uint64_t *ids = td_xmalloc(cap * 8 + 8);
+  td_actor_t *a;
+  while (td_map_next(&n->actors, &it, NULL, (void **)&a))
+    if (a->state != A_DEAD && a->create && a->create->spec.pg_id == pg_id) ids[k++] = a->id;
+  for (size_t i = 0; i < k; i++) td__kill_actor(n, ids[i], 1, "killed: its placement group was removed");
+  k = 0;
+  it = 0;
+  while (td_map_next(&n->tasks, &it, NULL, (void **)&t))
+    if (t->state == T_SENT && t->spec.kind == TD_K_TASK && t->spec.pg_id == pg_id) ids[k++] = t->spec.rets[0];
+  for (size_t i = 0; i < k; i++) td_node_cancel(n, ids[i], 1);
+  free(ids);
   td__sched(n);
   return 0;
 }

@@ -357,6 +357,22 @@ t.test("an actor in a placement group that dies gives its share of the bundle ba
   tide.remove_placement_group(pg)
 end)
 
+t.test("removing a placement group kills its actors and cancels its running tasks", function()
+  local pg = tide.placement_group({{CPU = 1}, {CPU = 0.5}})
+  tide.get(pg:ready(), {timeout = 30})
+  local A = tide.actor({hi = function() return "hi" end})
+  local a = A:options({placement_group = pg, bundle_index = 1, num_cpus = 1}):remote()
+  t.eq(tide.get(a:hi(), {timeout = 30}), "hi")
+  local long = tide.remote(function() tide.sleep(60) return "done" end)
+  local r = long:options({placement_group = pg, bundle_index = 2, num_cpus = 0.5}):remote()
+  tide.sleep(0.5)  -- running
+  tide.remove_placement_group(pg)
+  local err = t.raises(function() tide.get(a:hi(), {timeout = 30}) end, "placement group was removed")
+  t.eq(err.kind, "ActorDiedError")
+  err = t.raises(function() tide.get(r, {timeout = 30}) end)
+  t.eq(err.kind, "TaskCancelledError")
+end)
+
 t.test("a named placement group is found again with tide.get_placement_group", function()
   local pg = tide.placement_group({{CPU = 1}}, {strategy = "STRICT_PACK", name = "found-pg", lifetime = "detached"})
   local again = tide.get_placement_group("found-pg")
