@@ -4562,9 +4562,12 @@ static void td__link_lost_objects(td_node_t *n, td_wk_t *wk) {
     }
     if (t->retries_left > 0) t->retries_left--;
     t->state = T_QUEUED;
-    tq_push_front(&n->queue, t);
-    fprintf(stderr, "tide: running task %llu again: its result was lost with the node that made it\n",
-            (unsigned long long)t->id);
+    if (t->spec.kind == TD_K_ACTOR_CALL && t->actor)
+      tq_push_front(&t->actor->queue, t);  /* for its actor once restarted (if it dies, the call fails) */
+    else
+      tq_push_front(&n->queue, t);
+    fprintf(stderr, "tide: running %s %llu again: its result was lost with the node that made it\n",
+            t->spec.kind == TD_K_ACTOR_CALL ? "actor call" : "task", (unsigned long long)t->id);
   }
   free(fetching);
   free(ids);
