@@ -2668,7 +2668,7 @@ static int td__on_done_chunked(td_node_t *n, td_wk_t *wk, td_rd_t *rd, td_obj_t 
       o->ncontained = nrefs;
       for (uint32_t i = 0; i < nrefs; i++) td_node_incref(n, refs[i]);
     }
-    if (o->producer && o->producer->spec.kind == TD_K_TASK && total)
+    if (o->producer && o->producer->spec.kind != TD_K_ACTOR_NEW && total)
       td__obj_away(n, o, wk, total);  /* stays there until needed here */
     else
       td__chunk_begin(n, o, total, wk);

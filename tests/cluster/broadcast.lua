@@ -120,6 +120,23 @@ t.test("an actor on another node gets a large result as a call argument from the
   t.eq(delta(s0, s1, "node-0", "sent"), 0, "bytes the head sent")
 end)
 
+t.test("an actor's large result goes from its node to a task on another node directly", function()
+  local M = tide.actor({make = function(_, k)
+    local x = require("tide.tensor").full({k}, 3)
+    x:slice(1, k, k):fill(7)
+    return x
+  end})
+  local m = M:options(on("node-1")):remote()
+  local s0 = traffic()
+  local r = m:make(n)
+  local w = tide.get(where:options(on("node-2")):remote(r), {timeout = 60})
+  t.eq(w.last, 7)
+  local s1 = traffic()
+  t.eq(delta(s0, s1, "node-2", "peers"), 4 * n + 64, "bytes node-2 fetched from other nodes")
+  t.eq(delta(s0, s1, "node-0", "sent"), 0, "bytes the head sent")
+  t.eq(tide.get(r, {timeout = 60}):get(n), 7)  -- and the driver gets it through the head
+end)
+
 t.test("a task and an actor on the head get a large result made on a node: the head fetches it first", function()
   local head = {num_cpus = 0, scheduling_strategy = {node_id = "node-0", soft = false}}
   local a = Holder:options(head):remote()
