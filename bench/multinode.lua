@@ -12,6 +12,13 @@ local C = dofile(os.getenv("TIDE_HOME") .. "/bench/common.lua")
 local emit, rate, batch = C.emit, C.rate, C.batch
 
 local nop = tide.remote(function() return 0 end)
+-- After dropping a large object: the drop reaches the head and the nodes
+-- before the next one, so their stores reuse the extents they touched.
+local function let_go(pause)
+  collectgarbage()
+  tide.get(nop:remote())
+  tide.sleep(pause)
+end
 for _ = 1, 3 do batch(100, function() return nop:remote() end) end
 
 emit({metric = "multinode_tasks_sync", value = rate(function() tide.get(nop:remote()) end, 1),
@@ -83,11 +90,7 @@ do
     assert(tide.get(count:options(on(1)):remote(r)) == n)
     bw = n * 4 / (raw.now() - t0)
     r = nil -- luacheck: ignore 311
-    collectgarbage()
-    -- The drop reaches the head and node-1 before the next put, so both
-    -- stores reuse the extents they have touched.
-    tide.get(nop:remote())
-    tide.sleep(0.5)
+    let_go(0.5)
   end
   emit({metric = "multinode_object_transfer_2GiB", value = bw / 1e9, unit = "GB/s", limit = tcp / 1e9,
     note = "a 2.1 GiB tensor, head store -> node-1 store, mapped by the task; third of three"})
@@ -116,9 +119,7 @@ do
     local bw = 2 * n * 4 / (raw.now() - t0)
     if bw > best then best = bw end
     r = nil -- luacheck: ignore 311
-    collectgarbage()
-    tide.get(nop:remote())
-    tide.sleep(0.3)
+    let_go(0.3)
   end
   emit({metric = "multinode_object_broadcast_64MiB", value = best / 1e9, unit = "GB/s", limit = tcp / 1e9,
     note = string.format("a 64 MiB tensor to a task on each of 2 nodes at once, bytes delivered / time, " ..
@@ -141,9 +142,7 @@ do
     assert(tide.get(count:options(on(2)):remote(r)) == n)
     best = math.min(best, raw.now() - t0)
     r = nil -- luacheck: ignore 311
-    collectgarbage()
-    tide.get(nop:remote())
-    tide.sleep(0.3)
+    let_go(0.3)
   end
   emit({metric = "multinode_result_to_task_64MiB", value = n * 4 / best / 1e9, unit = "GB/s", limit = tcp / 1e9,
     note = "a task on node-1 makes a 64 MiB tensor, a task on node-2 reads it (node to node); " ..
