@@ -98,13 +98,17 @@ static inline const uint8_t *td_rd_str(td_rd_t *r, uint32_t *n) {
 
 /* -- Id map --------------------------------------------------------------- */
 
-/* Open-addressing map from nonzero 64-bit ids to pointers. */
+/* Open-addressing map from 64-bit ids to pointers. The two ids the table
+ * uses as marks (0 and UINT64_MAX, which a malformed message may carry)
+ * live beside it, so every id works. */
 typedef struct td_map {
   uint64_t *keys;  /* 0 = empty, UINT64_MAX = deleted */
   void **vals;
   size_t cap;      /* power of two */
-  size_t len;      /* live entries */
-  size_t used;     /* live + deleted */
+  size_t len;      /* live entries, the two beside the table included */
+  size_t used;     /* live + deleted in the table */
+  void *mark_val[2];  /* the values of ids 0 and UINT64_MAX */
+  uint8_t mark_has[2];
 } td_map_t;
 
 void td_map_init(td_map_t *m);

@@ -57,18 +57,28 @@ static size_t td__hash(uint64_t k) {
 void td_map_init(td_map_t *m) { memset(m, 0, sizeof(*m)); }
 void td_map_free(td_map_t *m) { free(m->keys); free(m->vals); td_map_init(m); }
 
+/* Which of the two marks key is (0 or 1), or -1 for an ordinary id. */
+static int td__mark(uint64_t key) { return key == 0 ? 0 : key == TD__DEL ? 1 : -1; }
+
 static void td__map_grow(td_map_t *m) {
   td_map_t n;
+  memset(&n, 0, sizeof(n));
   n.cap = m->cap ? (m->len * 4 >= m->cap ? m->cap * 2 : m->cap) : 64;
   n.keys = td_xcalloc(n.cap, sizeof(uint64_t));
   n.vals = td_xcalloc(n.cap, sizeof(void *));
-  n.len = n.used = 0;
   for (size_t i = 0; i < m->cap; i++)
     if (m->keys[i] && m->keys[i] != TD__DEL) td_map_set(&n, m->keys[i], m->vals[i]);
+  for (int k = 0; k < 2; k++) {
+    n.mark_val[k] = m->mark_val[k];
+    n.mark_has[k] = m->mark_has[k];
+    n.len += m->mark_has[k];
+  }
   free(m->keys); free(m->vals);
   *m = n;
 }
 void *td_map_get(const td_map_t *m, uint64_t key) {
+  int k = td__mark(key);
+  if (k >= 0) return m->mark_has[k] ? m->mark_val[k] : NULL;
   if (!m->cap) return NULL;
   for (size_t i = td__hash(key) & (m->cap - 1);; i = (i + 1) & (m->cap - 1)) {
     if (m->keys[i] == key) return m->vals[i];
@@ -76,6 +86,13 @@ void *td_map_get(const td_map_t *m, uint64_t key) {
   }
 }
 void td_map_set(td_map_t *m, uint64_t key, void *val) {
+  int k = td__mark(key);
+  if (k >= 0) {
+    m->len += !m->mark_has[k];
+    m->mark_has[k] = 1;
+    m->mark_val[k] = val;
+    return;
+  }
   if ((m->used + 1) * 2 > m->cap) td__map_grow(m);
   size_t del = SIZE_MAX;
   for (size_t i = td__hash(key) & (m->cap - 1);; i = (i + 1) & (m->cap - 1)) {
@@ -89,6 +106,14 @@ void td_map_set(td_map_t *m, uint64_t key, void *val) {
   }
 }
 void *td_map_del(td_map_t *m, uint64_t key) {
+  int k = td__mark(key);
+  if (k >= 0) {
+    void *v = m->mark_has[k] ? m->mark_val[k] : NULL;
+    m->len -= m->mark_has[k];
+    m->mark_has[k] = 0;
+    m->mark_val[k] = NULL;
+    return v;
+  }
   if (!m->cap) return NULL;
   for (size_t i = td__hash(key) & (m->cap - 1);; i = (i + 1) & (m->cap - 1)) {
     if (m->keys[i] == key) {
@@ -108,6 +133,15 @@ int td_map_next(const td_map_t *m, size_t *it, uint64_t *key, void **val) {
       (*it)++;
       return 1;
     }
+  }
+  /* Then the two marks, as positions cap and cap + 1. */
+  for (; *it < m->cap + 2; (*it)++) {
+    int k = (int)(*it - m->cap);
+    if (!m->mark_has[k]) continue;
+    if (key) *key = k ? TD__DEL : 0;
+    if (val) *val = m->mark_val[k];
+    (*it)++;
+    return 1;
   }
   return 0;
 }

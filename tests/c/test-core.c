@@ -53,6 +53,36 @@ TEST_IMPL(map_basic) {
   return 0;
 }
 
+/* Ids 0 and UINT64_MAX (the table's own marks; a malformed message may
+ * name them) are kept like any other, and counted right. */
+TEST_IMPL(map_mark_ids) {
+  td_map_t m;
+  td_map_init(&m);
+  ASSERT(td_map_get(&m, 0) == NULL);
+  ASSERT(td_map_get(&m, UINT64_MAX) == NULL);
+  ASSERT(td_map_del(&m, UINT64_MAX) == NULL);
+  ASSERT_EQ(m.len, 0);
+  td_map_set(&m, 0, (void *)1);
+  td_map_set(&m, UINT64_MAX, (void *)2);
+  for (uint64_t i = 1; i <= 100; i++) td_map_set(&m, i, (void *)(uintptr_t)(i + 10));
+  td_map_del(&m, 50);  /* a deleted slot: UINT64_MAX must not find it */
+  ASSERT_EQ(m.len, 101);
+  ASSERT_EQ((uintptr_t)td_map_get(&m, 0), 1);
+  ASSERT_EQ((uintptr_t)td_map_get(&m, UINT64_MAX), 2);
+  size_t it = 0, n = 0;
+  uint64_t k;
+  int seen0 = 0, seenmax = 0;
+  while (td_map_next(&m, &it, &k, NULL)) { n++; seen0 |= k == 0; seenmax |= k == UINT64_MAX; }
+  ASSERT_EQ(n, 101);
+  ASSERT(seen0 && seenmax);
+  ASSERT_EQ((uintptr_t)td_map_del(&m, UINT64_MAX), 2);
+  ASSERT(td_map_del(&m, UINT64_MAX) == NULL);
+  ASSERT_EQ((uintptr_t)td_map_del(&m, 0), 1);
+  ASSERT_EQ(m.len, 99);
+  td_map_free(&m);
+  return 0;
+}
+
 TEST_IMPL(store_alloc_free) {
   td_store_t *s = td_store_new(1 << 20);
   ASSERT(s);

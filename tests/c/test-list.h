@@ -2,6 +2,7 @@
  * parts of the tree add theirs through the included lists. */
 TEST_DECLARE(buf_grow)
 TEST_DECLARE(map_basic)
+TEST_DECLARE(map_mark_ids)
 TEST_DECLARE(store_alloc_free)
 TEST_DECLARE(chan_frames)
 TEST_DECLARE(chan_split_frames)

@@ -11,6 +11,8 @@ if [ ! -x $bin ]; then
 fi
 work=build/fuzz-node-work
 rm -rf $work && mkdir -p $work/corpus
+# Inputs that once broke it come first (tests/fuzz/corpus-node).
+cp tests/fuzz/corpus-node/* $work/corpus/ 2>/dev/null
 log=$work/fuzz.log
 # Packages a fuzzed head sends land here, not in the user's cache.
 mkdir -p $work/pkgs
