@@ -624,13 +624,17 @@ static int td__obj_resident(td_node_t *n, td_obj_t *o) {
 
 static void td__obj_wake(td_node_t *n, td_obj_t *o);
 
-/* t waits for o (one more dependency pending). */
-static void td__wait_on(td_obj_t *o, td_task_t *t) {
+static void td__add_waiter(td_obj_t *o, td_task_t *t) {
   if (o->nwaiters == o->capwaiters) {
     o->capwaiters = o->capwaiters ? o->capwaiters * 2 : 4;
     o->waiters = td_xrealloc(o->waiters, o->capwaiters * sizeof(td_task_t *));
   }
   o->waiters[o->nwaiters++] = t;
+}
+
+/* t waits for o (one more dependency pending). */
+static void td__wait_on(td_obj_t *o, td_task_t *t) {
+  td__add_waiter(o, t);
   t->deps_pending++;
 }
 
@@ -925,7 +929,7 @@ static void td__count(td_wk_t *wk, td_map_t *m, uint64_t id, intptr_t d) {
  * given back if it dies holding it. */
 void td_node_incref_for(td_node_t *n, td_wk_t *wk, uint64_t id) {
   td_node_incref(n, id);
-  td__count(wk, &wk->held, id, 1);
+  if (wk) td__count(wk, &wk->held, id, 1);
 }
 
 static void td__give_back(td_node_t *n, td_wk_t *wk) {
@@ -1145,9 +1149,8 @@ static void td__wake_waiters(td_node_t *n, td_obj_t *o, int away) {
   o->nwaiters = o->capwaiters = 0;
   for (uint32_t i = 0; i < nw; i++) {
     td_task_t *t = ws[i];
-    if (away && t->spec.kind == TD_K_ACTOR_NEW) {  /* its actor may start here */
-      td__wait_on(o, t);
-      t->deps_pending--;  /* counted already */
+    if (away && t->spec.kind == TD_K_ACTOR_NEW) {  /* its actor may start here: still waits */
+      td__add_waiter(o, t);
       continue;
     }
     if (away) t->has_away = 1;

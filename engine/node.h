@@ -88,7 +88,7 @@ int td_node_state(td_node_t *n, uint64_t id);
  * error table). Restores spilled objects. Valid until the next pump. */
 int td_node_bytes(td_node_t *n, uint64_t id, const uint8_t **p, size_t *len, int *is_err);
 void td_node_incref(td_node_t *n, uint64_t id);
-void td_node_incref_for(td_node_t *n, td_wk_t *wk, uint64_t id); /* held for wk (a reply to it) */
+void td_node_incref_for(td_node_t *n, td_wk_t *wk, uint64_t id); /* held for wk (a reply to it; NULL: none) */
 void td_node_decref(td_node_t *n, uint64_t id);
 /* Whether a ready object's bytes lie in the shared-memory store, and pins
  * that keep them there (not spilled) while something maps them. */

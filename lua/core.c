@@ -1285,10 +1285,7 @@ static void td__rpc_cb(void *ud, td_wk_t *wk, uint32_t req, const char *op, cons
   }
   /* The worker's handles to returned refs are taken here for it (and
    * given back if it dies first). */
-  for (int i = 0; i < s.nrefs && req; i++) {
-    if (wk) td_node_incref_for(td_ctx.node, wk, s.refs[i]);
-    else td_node_incref(td_ctx.node, s.refs[i]);
-  }
+  for (int i = 0; i < s.nrefs && req; i++) td_node_incref_for(td_ctx.node, wk, s.refs[i]);
   td_buf_u8(&out, (uint8_t)ok);
   td_buf_u32(&out, (uint32_t)s.size);
   td_ser_append(&s, &out);
