@@ -24,6 +24,7 @@
 
 #include "bridge.h"
 #include "persist.h"
+#include "proto.h"
 #include "core.h"
 
 extern volatile int td_interrupted;
@@ -417,6 +418,7 @@ static int td__start(int argc, char **argv) {
   int head = 0, block = 0, port = 6380, port_given = 0;
   const char *join = NULL, *node_name = NULL;
   double node_timeout = 0;
+  uint32_t want_index = 0;  /* --node-index: the index this node asks the head for */
   const char *bind_host = "0.0.0.0";
   char dir[PATH_MAX], sock[PATH_MAX + 16], pidf[PATH_MAX + 16], logf[PATH_MAX + 16];
   char keyf[PATH_MAX + 16];
@@ -434,6 +436,12 @@ static int td__start(int argc, char **argv) {
     else if (!strcmp(argv[i], "--address") && i + 1 < argc) join = argv[++i];
     else if (!strcmp(argv[i], "--key") && i + 1 < argc) td__key_arg = argv[++i];
     else if (!strcmp(argv[i], "--name") && i + 1 < argc) node_name = argv[++i];
+    else if (!strcmp(argv[i], "--node-index") && i + 1 < argc) {
+      char *end;
+      unsigned long v = strtoul(argv[++i], &end, 10);
+      if (*end || v < 1 || v > TD_NODE_MAX) return td__usage_error("%s", "--node-index needs an index in 1..4095");
+      want_index = (uint32_t)v;
+    }
     else if (!strcmp(argv[i], "--node-timeout") && i + 1 < argc) {
       char *end;
       node_timeout = strtod(argv[++i], &end);
@@ -517,7 +525,7 @@ static int td__start(int argc, char **argv) {
   uint32_t node_index = 0;
   int link_fd = -1;
   if (join) {
-    while (td__join_once(join_ep, &join_key, 0, &node_index, &link_fd)) {
+    while (td__join_once(join_ep, &join_key, want_index, &node_index, &link_fd)) {
       if (td__stop_daemon) { unlink(pidf); return 0; }
       sleep(1);
     }

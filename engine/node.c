@@ -333,6 +333,8 @@ struct td_node {
   int from_head;         /* node: submitting work the head sent (not this node's own) */
   uint32_t nlin_out, caplin_out;
   td_map_t relays;       /* request id -> td_relay_t, requests passed to the head */
+  td_map_t fwd_actors;   /* node: actor id -> its driver's client id, for the non-detached
+                          * actors forwarded to the head: they end when that driver leaves */
   uint32_t next_pull;
   uint64_t *fn_order;    /* function ids in the order registered */
   uint32_t nfn_order, capfn_order;
@@ -2206,6 +2208,15 @@ int td_node_kill_actor(td_node_t *n, uint64_t actor_id, int no_restart) {
 /* Kills an actor (why: "killed by ..."), restarted unless no_restart. */
 static int td__kill_actor(td_node_t *n, uint64_t actor_id, int no_restart, const char *why) {
   td_actor_t *a = td_map_get(&n->actors, actor_id);
+  if (!a && n->head && !n->head->dead) {
+    /* Not here: the head keeps it (forwarded, or placed on another node). */
+    td_chan_begin(&n->head->ch, TD_M_KILL);
+    td_buf_u64(&n->head->ch.out, actor_id);
+    td_buf_u8(&n->head->ch.out, (uint8_t)(no_restart != 0));
+    td_buf_str(&n->head->ch.out, why, strlen(why));
+    td_chan_end(&n->head->ch);
+    return 0;
+  }
   if (!a) return TD_ENOTFOUND;
   td_wk_t *host = a->host;
   char msg[200];
@@ -3508,11 +3519,16 @@ static void td__import(td_node_t *n, td_wk_t *from, const uint64_t *ids, uint32_
 
 /* Node: work a worker here submitted that this node cannot do (a call to
  * an actor it does not host, a demand it cannot meet) goes to the head.
+ * So does every named or detached actor: the head keeps the cluster's
+ * names (one actor per name) and persists detached actors, which a
+ * restarted head adopts; made here, the head would never know of them.
  * Returns 1 when forwarded. */
 static int td__forward(td_node_t *n, const td_spec_t *s) {
   if (!n->head || s->nret < 0) return 0;  /* streams stay here */
   if (s->kind == TD_K_ACTOR_CALL) {
     if (td_map_get(&n->actors, s->actor_id)) return 0;
+  } else if (s->kind == TD_K_ACTOR_NEW && (s->detached || s->name[0])) {
+    /* the head's */
   } else {
     int short_of = 0;
     for (uint32_t i = 0; i < s->nres && !short_of; i++) {
@@ -4228,6 +4244,17 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
       return 0;
     }
     case TD_M_HAVE: return td__on_have(n, wk, &rd);
+    case TD_M_KILL: {
+      uint64_t aid = td_rd_u64(&rd);
+      int no_restart = td_rd_u8(&rd);
+      uint32_t l;
+      const uint8_t *why = td_rd_str(&rd, &l);
+      if (rd.bad || wk->kind != WK_NODE) return TD_EPROTO;
+      char msg[200];
+      snprintf(msg, sizeof(msg), "%.*s", (int)(l < 150 ? l : 150), why);
+      td__kill_actor(n, aid, no_restart, msg);
+      return 0;
+    }
     case TD_M_WELCOME:
       /* Index 0: the head restarted and does not know this node. */
       if (wk->kind != WK_HEAD) return TD_EPROTO;
@@ -4277,6 +4304,9 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
       if (!rc && wk->kind != WK_NODE && td__forward(n, &s)) {
         uint32_t nh = s.nret < 0 ? 1 : (uint32_t)s.nret;
         for (uint32_t i = 0; i < nh; i++) td__count(wk, &wk->held, s.rets[i], 1);
+        uint64_t owner = wk->kind == WK_CLIENT ? wk->id : wk->inflight.head ? wk->inflight.head->owner : 0;
+        if (s.kind == TD_K_ACTOR_NEW && !s.detached && owner)
+          td_map_set(&n->fwd_actors, s.actor_id, (void *)(uintptr_t)owner);
         free(scratch);
         return 0;
       }
@@ -4614,6 +4644,13 @@ static void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why) {
     while (td_map_next(&n->actors, &it2, NULL, (void **)&oa))
       if (oa->owner == wk->id && oa->state != A_DEAD && oa->create && !oa->create->spec.detached)
         td_node_kill_actor(n, oa->id, 1);
+    /* and those it made here that the head keeps */
+    uint64_t aid;
+    void *owner;
+    for (size_t it3 = 0; td_map_next(&n->fwd_actors, &it3, &aid, &owner);)
+      if ((uint64_t)(uintptr_t)owner == wk->id) td__kill_actor(n, aid, 1, "killed: its driver left");
+    for (size_t it3 = 0; td_map_next(&n->fwd_actors, &it3, &aid, &owner);)
+      if ((uint64_t)(uintptr_t)owner == wk->id) td_map_del(&n->fwd_actors, aid), it3 = 0;
   }
   if (wk->kind == WK_NODE || wk->kind == WK_HEAD) td__link_lost_objects(n, wk);
   if (wk->kind == WK_PEER) {
@@ -4967,6 +5004,7 @@ td_node_t *td_node_new(const td_node_opts_t *o) {
   td_map_init(&n->lineage);
   td_map_init(&n->lin_kept);
   td_map_init(&n->relays);
+  td_map_init(&n->fwd_actors);
   td_map_init(&n->objs);
   td_map_init(&n->tasks);
   td_map_init(&n->actors);
@@ -5069,6 +5107,7 @@ void td_node_destroy(td_node_t **np) {
   it = 0;
   while (td_map_next(&n->relays, &it, NULL, &v)) free(v);
   td_map_free(&n->relays);
+  td_map_free(&n->fwd_actors);
   free(n->fwd_ready);
   free(n->fn_order);
   free(n->cwait);

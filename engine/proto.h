@@ -56,6 +56,7 @@ enum {
   TD_M_LINEAGE,        /* node -> head: u64 object id, str spec of the task that makes it */
   TD_M_PEER,           /* node -> node, first on a link between them: u32 the sender's index */
   TD_M_HAVE,           /* node -> head: u64 object id, u8 ok: a fetch the head directed ended */
+  TD_M_KILL,           /* node -> head: u64 actor id, u8 no_restart, str why: an actor the head keeps */
 };
 
 /* Object, worker and node ids carry the index of the node that made them

@@ -537,7 +537,7 @@ static int td__load_fn(lua_State *L, uint64_t id, const uint8_t *blob, uint32_t 
     lua_pushvalue(L, -1);
     lua_setfield(L, LUA_REGISTRYINDEX, "tide.fns");
   }
-  lua_pushnumber(L, (lua_Number)id);
+  lua_pushlstring(L, (const char *)&id, sizeof(id)); /* exact: never a double */
   lua_rawget(L, -2);
   if (!lua_isnil(L, -1)) { lua_remove(L, -2); return 0; }
   lua_pop(L, 1);
@@ -548,7 +548,7 @@ static int td__load_fn(lua_State *L, uint64_t id, const uint8_t *blob, uint32_t 
     lua_pushfstring(L, "cannot load the remote function: %s", d.err);
     return -1;
   }
-  lua_pushnumber(L, (lua_Number)id);
+  lua_pushlstring(L, (const char *)&id, sizeof(id));
   lua_pushvalue(L, -2);
   lua_rawset(L, -4);
   lua_remove(L, -2);

@@ -104,6 +104,38 @@ uint64_t td_core_new_id(void) {
   return (td_ctx.wk_id << 32) | ++td_ctx.seq;
 }
 
+void td_core_pushid(lua_State *L, uint64_t id) {
+  static const char hex[] = "0123456789abcdef";
+  char b[16];
+  for (int i = 15; i >= 0; i--, id >>= 4) b[i] = hex[id & 15];
+  lua_pushlstring(L, b, 16);
+}
+
+int td_core_toid(lua_State *L, int idx, uint64_t *id) {
+  size_t n;
+  if (lua_type(L, idx) != LUA_TSTRING) return -1;
+  const char *p = lua_tolstring(L, idx, &n);
+  if (n != 16) return -1;
+  uint64_t v = 0;
+  for (size_t i = 0; i < 16; i++) {
+    char c = p[i];
+    int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+    if (d < 0) return -1;
+    v = v << 4 | (uint64_t)d;
+  }
+  *id = v;
+  return 0;
+}
+
+uint64_t td_core_checkid(lua_State *L, int idx, const char *what) {
+  uint64_t id;
+  if (td_core_toid(L, idx, &id))
+    luaL_argerror(L, idx, lua_pushfstring(L, "%s id (16 hex digits) expected, got %s", what,
+                                          lua_type(L, idx) == LUA_TSTRING ? lua_tostring(L, idx)
+                                                                          : luaL_typename(L, idx)));
+  return id;
+}
+
 static void td__send_ref(uint64_t id, int delta) {
   td_chan_begin(&td_ctx.ch, TD_M_REFS);
   td_buf_u32(&td_ctx.ch.out, 1);
@@ -209,7 +241,8 @@ static uint64_t td__checkref(lua_State *L, int idx) {
 
 static int ref_tostring(lua_State *L) {
   td_ref_ud_t *r = lua_touserdata(L, 1);
-  lua_pushfstring(L, "ObjectRef(%s)", lua_tostring(L, (lua_pushnumber(L, (lua_Number)r->id), -1)));
+  td_core_pushid(L, r->id);
+  lua_pushfstring(L, "ObjectRef(%s)", lua_tostring(L, -1));
   return 1;
 }
 
@@ -220,7 +253,7 @@ static int ref_eq(lua_State *L) {
 }
 
 static int ref_id(lua_State *L) {
-  lua_pushnumber(L, (lua_Number)td__checkref(L, 1));
+  td_core_pushid(L, td__checkref(L, 1));
   return 1;
 }
 
@@ -371,7 +404,9 @@ static void td__spec_opts(lua_State *L, int t, td_spec_t *s) {
   s->max_restarts = (int32_t)td__optnum(L, t, "max_restarts", 0);
   s->max_concurrency = (int32_t)td__optnum(L, t, "max_concurrency", 1);
   s->bundle = (int32_t)td__optnum(L, t, "bundle", -1);
-  s->pg_id = (uint64_t)td__optnum(L, t, "pg", 0);
+  lua_getfield(L, t, "pg");
+  if (!lua_isnil(L, -1) && td_core_toid(L, -1, &s->pg_id)) luaL_error(L, "option pg: a placement group id expected");
+  lua_pop(L, 1);
   s->strategy = (uint8_t)td__optnum(L, t, "strategy", 0);
   s->node = (uint32_t)td__optnum(L, t, "node", 0);
   lua_getfield(L, t, "detached");
@@ -482,7 +517,7 @@ static int c_submit(lua_State *L) {
   td_spec_t s;
   td__spec_zero(&s);
   s.kind = TD_K_TASK;
-  s.fn_id = (uint64_t)luaL_checknumber(L, 1);
+  s.fn_id = td_core_checkid(L, 1, "function");
   luaL_checktype(L, 2, LUA_TTABLE);
   s.nret = (int32_t)luaL_checkinteger(L, 3);
   td__spec_opts(L, 2, &s);
@@ -494,13 +529,13 @@ static int c_actor_new(lua_State *L) {
   td_spec_t s;
   td__spec_zero(&s);
   s.kind = TD_K_ACTOR_NEW;
-  s.fn_id = (uint64_t)luaL_checknumber(L, 1);
+  s.fn_id = td_core_checkid(L, 1, "actor class");
   luaL_checktype(L, 2, LUA_TTABLE);
   td__spec_opts(L, 2, &s);
   s.max_retries = (int32_t)td__optnum(L, 2, "max_task_retries", 0);
   s.actor_id = td_core_new_id();
   s.nret = 1;
-  lua_pushnumber(L, (lua_Number)s.actor_id);
+  td_core_pushid(L, s.actor_id);
   lua_insert(L, 3);
   int n = td__submit(L, &s, 4);
   (void)n;
@@ -514,7 +549,7 @@ static int c_actor_call(lua_State *L) {
   td_spec_t s;
   td__spec_zero(&s);
   s.kind = TD_K_ACTOR_CALL;
-  s.actor_id = (uint64_t)luaL_checknumber(L, 1);
+  s.actor_id = td_core_checkid(L, 1, "actor");
   size_t ml;
   const char *m = luaL_checklstring(L, 2, &ml);
   if (ml >= sizeof(s.method)) return luaL_error(L, "method name too long: %s", m);
@@ -542,7 +577,7 @@ static int c_register(lua_State *L) {
     td_buf_put(&td_ctx.ch.out, td__argbuf.p, td__argbuf.len);
     td_chan_end(&td_ctx.ch);
   }
-  lua_pushnumber(L, (lua_Number)id);
+  td_core_pushid(L, id);
   return 1;
 }
 
@@ -747,7 +782,7 @@ static int c_cancel(lua_State *L) {
 }
 
 static int c_kill(lua_State *L) {
-  uint64_t id = (uint64_t)luaL_checknumber(L, 1);
+  uint64_t id = td_core_checkid(L, 1, "actor");
   lua_pushboolean(L, td_node_kill_actor(td_ctx.node, id, lua_toboolean(L, 2)) == 0);
   return 1;
 }
@@ -756,14 +791,14 @@ static int c_get_actor(lua_State *L) {
   const char *name = luaL_checkstring(L, 1), *ns = luaL_optstring(L, 2, "");
   uint64_t aid, cid;
   if (td_node_get_actor(td_ctx.node, name, ns, &aid, &cid)) return 0;
-  lua_pushnumber(L, (lua_Number)aid);
-  lua_pushnumber(L, (lua_Number)cid);
+  td_core_pushid(L, aid);
+  td_core_pushid(L, cid);
   return 2;
 }
 
 static int c_actor_state(lua_State *L) {
   const char *reason = NULL;
-  int st = td_node_actor_state(td_ctx.node, (uint64_t)luaL_checknumber(L, 1), &reason);
+  int st = td_node_actor_state(td_ctx.node, td_core_checkid(L, 1, "actor"), &reason);
   static const char *names[] = {"PENDING", "ALIVE", "RESTARTING", "DEAD"};
   lua_pushstring(L, st < 0 ? "UNKNOWN" : names[st]);
   lua_pushstring(L, reason);
@@ -791,13 +826,13 @@ static int c_pg_create(lua_State *L) {
   uint64_t pg, ready;
   td_node_pg_create(td_ctx.node, nb, (const double (*)[TD_NRES_MAX])b, strategy, name, detached, &pg, &ready);
   free(b);
-  lua_pushnumber(L, (lua_Number)pg);
+  td_core_pushid(L, pg);
   td_core_pushref(L, ready, 1);
   return 2;
 }
 
 static int c_pg_remove(lua_State *L) {
-  lua_pushboolean(L, td_node_pg_remove(td_ctx.node, (uint64_t)luaL_checknumber(L, 1)) == 0);
+  lua_pushboolean(L, td_node_pg_remove(td_ctx.node, td_core_checkid(L, 1, "placement group")) == 0);
   return 1;
 }
 
@@ -807,7 +842,7 @@ static int c_pg_lookup(lua_State *L) {
   int strategy, nb;
   const double (*b)[TD_NRES_MAX];
   if (td_node_pg_find(td_ctx.node, luaL_checkstring(L, 1), &id, &ready, &strategy, &nb, &b)) return 0;
-  lua_pushnumber(L, (lua_Number)id);
+  td_core_pushid(L, id);
   td_core_pushref(L, ready, 1);
   lua_pushinteger(L, strategy);
   lua_createtable(L, nb, 0);
@@ -944,7 +979,7 @@ static int c_pkg_install(lua_State *L) {
 /* core.register_blob(id, blob): a worker's registration, through RPC. */
 static int c_register_blob(lua_State *L) {
   size_t n;
-  uint64_t id = (uint64_t)luaL_checknumber(L, 1);
+  uint64_t id = td_core_checkid(L, 1, "function");
   const char *b = luaL_checklstring(L, 2, &n);
   td_node_register_fn(td_ctx.node, id, (const uint8_t *)b, n);
   return 0;
@@ -1308,12 +1343,15 @@ static int c_context(lua_State *L) {
   lua_setfield(L, -2, "job_id");
   if (td_ctx.node) {
     lua_pushfstring(L, "node-%d", (int)td_node_index(td_ctx.node));
+  } else if (td_ctx.kind == 3) {
+    /* A driver attached to a node: its id carries the node's index. */
+    lua_pushfstring(L, "node-%d", (int)td_id_node(td_ctx.wk_id << 32));
   } else {
     const char *nid = getenv("TIDE_NODE_ID");
     lua_pushstring(L, nid ? nid : "node-0");
   }
   lua_setfield(L, -2, "node_id");
-  if (td_ctx.is_driver) {
+  if (td_ctx.is_driver || td_ctx.kind == 3) {
     lua_pushliteral(L, "driver");
   } else {
     lua_pushfstring(L, "worker-%d", (int)td_ctx.wk_id);
@@ -1322,11 +1360,11 @@ static int c_context(lua_State *L) {
   lua_pushinteger(L, (lua_Integer)getpid());
   lua_setfield(L, -2, "pid");
   if (td_ctx.cur_task) {
-    lua_pushnumber(L, (lua_Number)td_ctx.cur_task);
+    td_core_pushid(L, td_ctx.cur_task);
     lua_setfield(L, -2, "task_id");
   }
   if (td_ctx.cur_actor) {
-    lua_pushnumber(L, (lua_Number)td_ctx.cur_actor);
+    td_core_pushid(L, td_ctx.cur_actor);
     lua_setfield(L, -2, "actor_id");
   }
   if (td_ctx.cur_name[0]) {

@@ -54,6 +54,14 @@ void td_core_flush_refs(void);
  * node-side reference (fresh returns, puts); otherwise one is taken. */
 void td_core_pushref(lua_State *L, uint64_t id, int owned);
 uint64_t td_core_new_id(void);
+/* Ids (functions, classes, actors, placement groups, tasks, objects) cross
+ * into Lua as strings of 16 lowercase hex digits: exact, hashable and
+ * printable (a Lua number rounds above 2^53, and ids made on node 2 and up
+ * are larger).  td_core_toid: 0, or -1 when idx holds no such string. */
+void td_core_pushid(lua_State *L, uint64_t id);
+int td_core_toid(lua_State *L, int idx, uint64_t *id);
+/* Raises "bad argument #idx (<what> id expected, got ...)" on anything else. */
+uint64_t td_core_checkid(lua_State *L, int idx, const char *what);
 /* Encodes a value for a result or put: inline, or into shared memory
  * (worker: asks the node for an extent). Appends to b. Returns 0 or err. */
 int td_core_put_value(const td_ser_t *s, td_buf_t *b);

@@ -470,7 +470,8 @@ static int s_replicas(lua_State *L) {
   int n = (int)lua_objlen(L, 2);
   for (int i = 1; i <= n; i++) {
     lua_rawgeti(L, 2, i);
-    uint64_t id = (uint64_t)lua_tonumber(L, -1);
+    uint64_t id;
+    if (td_core_toid(L, -1, &id)) return luaL_error(L, "serve_replicas: entry %d is not an actor id", i);
     lua_pop(L, 1);
     td_replica_t *r = td__rep(d, id);
     if (r) { r->draining = 0; continue; }
@@ -486,7 +487,7 @@ static int s_replicas(lua_State *L) {
 /* core.serve_remove(name, actor_id): forgets a drained replica. */
 static int s_remove(lua_State *L) {
   td_dep_t *d = td__checkdep(L, 1);
-  uint64_t id = (uint64_t)luaL_checknumber(L, 2);
+  uint64_t id = td_core_checkid(L, 2, "actor");
   for (int i = 0; i < d->nreps; i++) {
     if (d->reps[i].actor_id != id) continue;
     d->reps[i] = d->reps[--d->nreps];
@@ -512,7 +513,7 @@ static int s_stats(lua_State *L) {
     lua_createtable(L, d->nreps, 0);
     for (int k = 0; k < d->nreps; k++) {
       lua_createtable(L, 0, 3);
-      lua_pushnumber(L, (lua_Number)d->reps[k].actor_id);
+      td_core_pushid(L, d->reps[k].actor_id);
       lua_setfield(L, -2, "id");
       lua_pushinteger(L, d->reps[k].ongoing);
       lua_setfield(L, -2, "ongoing");
