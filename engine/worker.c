@@ -934,6 +934,42 @@ static void td__on_task(const uint8_t *p, uint32_t len) {
   if (el) td__set_env(env, el, 0);
 }
 
+/* Edit distance between a and b (Levenshtein), for "did you mean". */
+static size_t td__edits(const char *a, size_t na, const char *b, size_t nb) {
+  size_t row[64];
+  if (na >= 64 || nb >= 64) return (size_t)-1;
+  for (size_t j = 0; j <= nb; j++) row[j] = j;
+  for (size_t i = 1; i <= na; i++) {
+    size_t diag = row[0];
+    row[0] = i;
+    for (size_t j = 1; j <= nb; j++) {
+      size_t up = row[j], best = diag + (a[i - 1] != b[j - 1]);
+      if (up + 1 < best) best = up + 1;
+      if (row[j - 1] + 1 < best) best = row[j - 1] + 1;
+      diag = up;
+      row[j] = best;
+    }
+  }
+  return row[nb];
+}
+
+/* The method of the class at the top of L's stack closest to m, or NULL. */
+static const char *td__closest_method(lua_State *L, const char *m, size_t ml) {
+  const char *best = NULL;
+  size_t bestd = ml / 3 > 1 ? ml / 3 : 1;
+  lua_pushnil(L);
+  while (lua_next(L, -2)) {
+    size_t kl;
+    if (lua_type(L, -2) == LUA_TSTRING && lua_isfunction(L, -1)) {
+      const char *k = lua_tolstring(L, -2, &kl);
+      size_t d = td__edits(m, ml, k, kl);
+      if (d <= bestd) best = k, bestd = d;  /* keys are kept alive by the class */
+    }
+    lua_pop(L, 1);
+  }
+  return best;
+}
+
 static void td__actor_start_call(td_actor_st_t *a, const uint8_t *p, uint32_t len) {
   td_rd_t rd;
   td_rd_init(&rd, p, len);
@@ -954,9 +990,12 @@ static void td__actor_start_call(td_actor_st_t *a, const uint8_t *p, uint32_t le
   lua_pushlstring(L, (const char *)m, ml);
   lua_rawget(L, -2);
   if (!lua_isfunction(L, -1)) {
-    lua_pop(L, 3);
-    char msg[200];
-    snprintf(msg, sizeof(msg), "the actor has no method '%.*s'", (int)ml, m);
+    lua_pop(L, 1);
+    const char *near = td__closest_method(L, (const char *)m, ml);
+    char msg[300];
+    snprintf(msg, sizeof(msg), "the actor has no method '%.*s'%s%.64s%s", (int)ml, m,
+             near ? " (did you mean '" : "", near ? near : "", near ? "'?)" : "");
+    lua_pop(L, 2);
     td__send_error_msg(L, task_id, "TaskError", msg);
     return;
   }

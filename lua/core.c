@@ -1280,8 +1280,10 @@ static void td__rpc_cb(void *ud, td_wk_t *wk, uint32_t req, const char *op, cons
     }
     return;
   }
-  /* The KV is the head's: a node passes it on. */
-  if (!strncmp(op, "kv_", 3) && req && td_node_relay(td_ctx.node, wk, req, op, args, len) == 0) return;
+  /* The KV and the cluster's resources and nodes are the head's: a node passes them on. */
+  if ((!strncmp(op, "kv_", 3) || !strcmp(op, "resources") || !strcmp(op, "nodes")) && req &&
+      td_node_relay(td_ctx.node, wk, req, op, args, len) == 0)
+    return;
   int ok = 0;
   lua_getfield(L, LUA_REGISTRYINDEX, "tide.rpc.ops");
   lua_getfield(L, -1, op);

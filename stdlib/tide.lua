@@ -73,6 +73,37 @@ local ACTOR_OPTS = {
 }
 for k, v in pairs(COMMON) do TASK_OPTS[k] = v; ACTOR_OPTS[k] = v end
 
+-- The closest of names (a set or a list) to word, for "did you mean":
+-- within a third of its length in edits (Levenshtein), or nil.
+local function closest(word, names)
+  local best, bestd = nil, math.max(1, math.floor(#word / 3)) + 1
+  for k, v in pairs(names) do
+    local cand = type(k) == "string" and k or v
+    if type(cand) == "string" then
+      local prev = {}
+      for j = 0, #cand do prev[j] = j end
+      for i = 1, #word do
+        local cur = {[0] = i}
+        for j = 1, #cand do
+          local cost = word:byte(i) == cand:byte(j) and 0 or 1
+          cur[j] = math.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost)
+        end
+        prev = cur
+      end
+      if prev[#cand] < bestd or (prev[#cand] == bestd and best and cand < best) then
+        best, bestd = cand, prev[#cand]
+      end
+    end
+  end
+  if best and bestd <= math.max(1, math.floor(#word / 3)) then return best end
+end
+M._closest = closest
+
+local function did_you_mean(word, names)
+  local c = closest(word, names)
+  return c and format(" (did you mean '%s'?)", c) or ""
+end
+
 local function check_opts(opts, allowed, fname, level)
   if opts == nil then return {} end
   if type(opts) ~= "table" then
@@ -81,7 +112,8 @@ local function check_opts(opts, allowed, fname, level)
   for k, v in pairs(opts) do
     local want = allowed[k]
     if not want then
-      error(format("%s: unknown option '%s'", fname, tostring(k)), level + 1)
+      error(format("%s: unknown option '%s'%s", fname, tostring(k),
+        type(k) == "string" and did_you_mean(k, allowed) or ""), level + 1)
     end
     local t = type(v)
     if not want:find(t, 1, true) then
@@ -224,11 +256,25 @@ end
 
 function M.init(opts)
   if core.is_client then
-    -- Attached to a running node (tide run --address): it is already up.
-    for k in pairs(opts or {}) do
-      if k ~= "address" and k ~= "namespace" then
-        error("tide.init: '" .. tostring(k) .. "' is fixed by the running node this driver is attached to", 2)
+    -- Attached to a running cluster (tide run --address): it is already up,
+    -- and the script runs unchanged when the cluster can give what it asks.
+    check_opts(opts, INIT_OPTS, "tide.init", 2)
+    local have, ignored = core.resources(false), {}
+    local asked = {CPU = opts and opts.num_cpus, GPU = opts and opts.num_gpus}
+    for k, v in pairs(opts and opts.resources or {}) do asked[k] = v end
+    for r, v in pairs(asked) do
+      if (have[r] or 0) + 1e-9 < v then
+        error(format("tide.init: the running cluster this driver is attached to has %s = %g, less than the %g asked",
+          r, have[r] or 0, v), 2)
       end
+    end
+    for k in pairs(opts or {}) do
+      if k ~= "address" and k ~= "namespace" then ignored[#ignored + 1] = k end
+    end
+    if #ignored > 0 then
+      table.sort(ignored)
+      io.stderr:write(format("tide: tide.init: attached to a running cluster, which has what the script asks; "
+        .. "ignoring %s\n", table.concat(ignored, ", ")))
     end
     return
   end
@@ -304,7 +350,16 @@ function M.remote(a, b)
   return make_rf(id, opts)
 end
 
+-- The most common Lua slip, f.remote(x) for f:remote(x), said at the user's line.
+local function colon_slip(what, obj)
+  uerror(format("%s: write %s:remote(...) with a colon, not %s.remote(...)", what, obj, obj))
+end
+RemoteFunction.__call = function()
+  uerror("a remote function is not called directly: write f:remote(...), then tide.get the ref it returns")
+end
+
 function RemoteFunction:remote(...)
+  if getmetatable(self) ~= RemoteFunction then colon_slip("remote function", "f") end
   if self.nret == -1 then
     local ref = core.submit(self.fn_id, self.norm, -1, ...)
     return setmetatable({ref = ref, i = 0}, Generator)
@@ -329,16 +384,30 @@ ActorClass.__index = ActorClass
 ActorClass.__tide_ser = function(c) return core.encode({"class", c.class_id, c.opts}) end
 local ActorHandle = {__tide_module = "tide"}
 
-local function make_handle(id, class_id, ready)
-  return setmetatable({_id = id, _class_id = class_id, _ready = ready, _methods = {}}, ActorHandle)
+-- class: the class table when known here (the handle was made here), so a
+-- misspelled method fails at the call, not at tide.get.
+local function make_handle(id, class_id, ready, class)
+  return setmetatable({_id = id, _class_id = class_id, _ready = ready, _methods = {}, _class = class},
+    ActorHandle)
 end
+
+local HANDLE_FIELDS = {_id = true, _class_id = true, _ready = true, _methods = true, _class = true}
 
 ActorHandle.__index = function(h, k)
   local m = h._methods[k]
   if m then return m end
-  if type(k) ~= "string" or not k:match("^[%a_][%w_]*$") then return nil end
+  if type(k) ~= "string" or HANDLE_FIELDS[k] or not k:match("^[%a_][%w_]*$") then return nil end
+  local class = rawget(h, "_class")
+  if class and type(class[k]) ~= "function" then
+    uerror(format("the actor has no method '%s'%s", k, did_you_mean(k, class)))
+  end
   local id = rawget(h, "_id")
-  m = function(_, ...) return core.actor_call(id, k, 1, ...) end
+  m = function(self, ...)
+    if self ~= h then
+      uerror(format("actor method: write actor:%s(...) with a colon, not actor.%s(...)", k, k))
+    end
+    return core.actor_call(id, k, 1, ...)
+  end
   h._methods[k] = m
   return m
 end
@@ -366,7 +435,12 @@ function ActorClass:options(opts)
     ActorClass)
 end
 
+ActorClass.__call = function()
+  uerror("an actor class is not called directly: write Class:remote(...) to create an actor")
+end
+
 function ActorClass:remote(...)
+  if getmetatable(self) ~= ActorClass then colon_slip("actor class", "Class") end
   local o = self.opts
   if o.name then
     local aid, cid = core.get_actor(o.name, o.namespace or "")
@@ -377,7 +451,7 @@ function ActorClass:remote(...)
   end
   local norm = normalize(o, true)
   local aid, ready = core.actor_new(self.class_id, norm, ...)
-  return make_handle(aid, self.class_id, ready)
+  return make_handle(aid, self.class_id, ready, self.class)
 end
 
 function M.get_actor(name, opts)

@@ -130,6 +130,20 @@ check "a named actor goes with the driver (on another node) that made it, and it
 check "tide.kill from a driver on node-4000 kills an actor the head placed on node-9" \
   'echo "$out" | grep -q "^KILLED	false	.*ActorDiedError"' "$out"
 
+cat > $D/init.lua <<'LUA'
+local tide = require("tide")
+tide.init({num_cpus = 4, resources = {HI = 2, LO = 1}})
+print("INIT-OK", tide.get(tide.remote(function() return 1 end):remote()))
+print("INIT-BIG", pcall(tide.init, {num_cpus = 64}))
+print("INIT-BAD", pcall(tide.init, {num_cpu = 1}))
+LUA
+out=$(TIDE_SESSION_DIR=$D/hi timeout 60 $T run --address local $D/init.lua 2>&1)
+check "attached, tide.init runs unchanged when the cluster has what it asks (one warning)" \
+  'echo "$out" | grep -q "^INIT-OK	1$" && [ "$(echo "$out" | grep -c "ignoring num_cpus, resources")" = 1 ]' "$out"
+check "... and raises when the cluster has less, or for an unknown option" \
+  'echo "$out" | grep -q "^INIT-BIG	false	.*has CPU = 5, less than the 64 asked" &&
+   echo "$out" | grep -q "^INIT-BAD	false	.*did you mean .num_cpus"' "$out"
+
 echo "# the core suites from a driver on node-4000"
 for s in ${SUITES-tasks actors}; do
   out=$(TIDE_SESSION_DIR=$D/hi TIDE_TEST_CLUSTER=1 timeout 300 $T run --address local tests/lua/${s}_test.lua 2>&1)
