@@ -98,7 +98,13 @@ static void td__on_alarm(int sig) {
   _exit(130);
 }
 
+extern volatile sig_atomic_t td_repl_reading, td_repl_sigint;
+
 static void td__on_signal(int sig) {
+  if (td__repl && sig == SIGINT && td_repl_reading) {
+    td_repl_sigint = 1;  /* at the prompt: the line is cleared (repl.c) */
+    return;
+  }
   if (td__repl && sig == SIGINT) {
     /* The REPL catches the error and prompts again. */
     td_interrupted = 1;

@@ -4,6 +4,7 @@
  */
 #include <editline/readline.h>
 #include <lauxlib.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,10 +31,24 @@ static char **td__complete(const char *text, int start, int end) {
   return rl_completion_matches(text, td__complete_gen);
 }
 
-/* readline.readline(prompt) -> line | nil at end of input */
+/* Ctrl-C at the prompt: the signal handler (main.c) sees td_repl_reading
+ * and only sets td_repl_sigint; libedit's read is interrupted (its handler
+ * has no SA_RESTART) and readline returns. */
+volatile sig_atomic_t td_repl_reading, td_repl_sigint;
+
+/* readline.readline(prompt) -> line | nil at end of input | false on Ctrl-C */
 static int r_readline(lua_State *L) {
   const char *prompt = luaL_optstring(L, 1, "> ");
+  td_repl_sigint = 0;
+  td_repl_reading = 1;
   char *line = readline(prompt);
+  td_repl_reading = 0;
+  if (td_repl_sigint) {
+    free(line);
+    td_repl_sigint = 0;
+    lua_pushboolean(L, 0);
+    return 1;
+  }
   if (!line) return 0;
   lua_pushstring(L, line);
   free(line);

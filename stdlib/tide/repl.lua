@@ -1,8 +1,9 @@
 -- tide repl: interactive Lua with `tide` loaded, on the embedded cluster.
 -- Multi-line input continues until the chunk is complete; expressions are
 -- printed (tables pretty-printed, ObjectRefs with their state); Tab
--- completes tide.* and globals; Ctrl-C interrupts a blocking call;
--- :help, :status, :quit. Functions defined here can be sent as tasks.
+-- completes tide.* and globals; Ctrl-C clears the line at the prompt and
+-- interrupts a running chunk (a blocking call or a loop); history is saved
+-- as it grows; :help, :status, :quit. Functions defined here can be sent as tasks.
 local tide = require("tide")
 local core = require("tide.core")
 local rl = require("tide.readline")
@@ -74,7 +75,9 @@ end
 local HELP = [[
   Enter Lua; expressions are printed. Incomplete chunks continue on the next line.
   tide is loaded: tide.remote, tide.get, tide.put, tide.actor, tide.wait, ...
-  Ctrl-C interrupts a blocking call; Ctrl-D or :quit leaves.
+  Ctrl-C clears the line, or interrupts what runs (a blocking call, a loop);
+  Ctrl-D or :quit leaves. Code typed here runs with the JIT off (jit.on()
+  turns it on, but then Ctrl-C cannot stop a compiled loop).
   :help          this text
   :status        cluster resources, workers, actors, tasks and objects
   :quit          leave]]
@@ -123,6 +126,17 @@ local function eval(chunk)
   for i = 2, table.maxn(res) do print(pretty(res[i], "", {}, 0)) end
 end
 
+-- History is written as it grows, so a REPL that is killed keeps it.
+local function remember(line)
+  rl.add_history(line)
+  rl.save_history(HISTORY)
+end
+
+-- Compiled loops run no hooks, so Ctrl-C could not stop them: code typed
+-- here runs in LuaJIT's interpreter (still fast; tasks and actors run in
+-- workers with the compiler on). jit.on() turns it back on.
+if jit then jit.off(); jit.flush() end
+
 rl.load_history(HISTORY)
 rl.set_words(completions())
 print(string.format("tide %s REPL — %g CPUs, %g GPUs. :help for help.", "0.1",
@@ -131,10 +145,14 @@ local buf = ""
 while true do
   local ok, line = pcall(rl.readline, buf == "" and "tide> " or "  ... ")
   if ok and line == nil then break end
-  if ok then
+  if ok and line == false then
+    -- Ctrl-C at the prompt clears the line (and a chunk being continued).
+    io.write("^C\n")
+    buf = ""
+  elseif ok then
     if buf == "" and line:match("^%s*:") then
       local cmd = line:match("^%s*:(%a+)")
-      rl.add_history(line)
+      remember(line)
       if cmd == "quit" or cmd == "q" then break
       elseif cmd == "help" then print(HELP)
       elseif cmd == "status" then pcall(status)
@@ -144,7 +162,7 @@ while true do
       local done, r = pcall(eval, buf)
       if not done then print(r) end
       if not (done and r == "incomplete") then
-        rl.add_history((buf:gsub("\n$", "")))
+        remember((buf:gsub("\n$", "")))
         buf = ""
         rl.set_words(completions())
       end

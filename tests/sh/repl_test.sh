@@ -43,4 +43,33 @@ kill $watchdog 2>/dev/null
 out=$(cat "$W/out")
 check "Ctrl-C interrupts a blocking get and the REPL goes on" \
   'echo "$out" | grep -q "interrupted" && echo "$out" | grep -q "after interrupt"' "$out"
+# In a real terminal (a pty from script(1)): Ctrl-C at the prompt clears the
+# line, Ctrl-C stops a loop the JIT would compile, and the history is on
+# disk as it grows (the REPL is then killed with -9).
+if command -v script >/dev/null 2>&1; then
+  rm -f "$W/.tide_history"
+  trap '' PIPE  # a REPL that died must fail the checks, not end this script
+  mkfifo "$W/tin"
+  script -qfec "$T repl" /dev/null < "$W/tin" > "$W/tout" 2>&1 &
+  sp=$!
+  exec 4> "$W/tin"
+  wait_for() { i=0; while [ $i -lt 100 ] && ! grep -q "$1" "$W/tout"; do sleep 0.1; i=$((i + 1)); done; }
+  wait_for "tide> "
+  printf 'abc' >&4; sleep 0.5; printf '\003' >&4; sleep 0.5
+  printf 'y = 6 * 7\n' >&4; printf 'y + 0\n' >&4
+  wait_for "^42"
+  printf 'for i = 1, 1e12 do end\n' >&4; sleep 2; printf '\003' >&4; sleep 1
+  printf '"still" .. " alive"\n' >&4
+  wait_for "still alive"
+  cp "$W/.tide_history" "$W/hist" 2>/dev/null
+  kill -9 $sp 2>/dev/null; pkill -9 -f "$T repl" 2>/dev/null
+  exec 4>&-
+  out=$(cat "$W/tout")
+  check "Ctrl-C at the prompt clears the line and the REPL goes on (a terminal)" \
+    'echo "$out" | grep -q "abc^C" && echo "$out" | grep -q "^42" && ! echo "$out" | grep -q "abcy"' "$out"
+  check "Ctrl-C stops a loop the JIT would compile, and the REPL goes on" \
+    'echo "$out" | grep -q "interrupted" && echo "$out" | grep -q "still alive"' "$out"
+  check "the history is on disk as it grows (kept when the REPL is killed)" \
+    'grep -qF "y\\040=\\0406\\040*\\0407" "$W/hist" && grep -qF 1e12 "$W/hist"' "$(cat "$W/hist" 2>&1)"
+fi
 echo "1..$n"
