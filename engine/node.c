@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "chan.h"
+#include "spill.h"
 #include "persist.h"
 #include "pkg.h"
 #include "ser.h"
@@ -297,8 +298,7 @@ struct td_node {
   td_req_t *reqs;        /* pending worker requests */
   td_pg_t *pgs;
   uint64_t next_seq, next_task, next_wk;
-  int spill_fd;
-  size_t spill_off, spilled;
+  td_spill_t *spill;     /* where objects the store has no room for go (spill.h) */
   uint64_t clock;
   int dirty;             /* objects changed since requests were checked */
   char exe[PATH_MAX];
@@ -494,6 +494,7 @@ static td_obj_t *td__obj_new(td_node_t *n, uint64_t id) {
 
 static void td__obj_release_data(td_node_t *n, td_obj_t *o) {
   if (o->loc == LOC_SHM) td_store_free(n->store, o->off, o->len);
+  if (o->loc == LOC_SPILLED) td_spill_free(n->spill, o->off, o->len);
   free(o->data);
   o->data = NULL;
   o->loc = LOC_NONE;
@@ -571,7 +572,7 @@ int td_node_pin(td_node_t *n, uint64_t id, int delta) {
   return 1;
 }
 
-/* Frees spill victims until `size` bytes fit; returns 0 or an error. */
+/* Spills victims until `size` bytes fit; returns 0 or an error. */
 static int td__alloc(td_node_t *n, size_t size, size_t *off, td_obj_t *keep) {
   if (size > td_store_capacity(n->store)) return TD_ETOOBIG;
   while (td_store_alloc(n->store, size, off) != 0) {
@@ -582,43 +583,54 @@ static int td__alloc(td_node_t *n, size_t size, size_t *off, td_obj_t *keep) {
       if (!victim || o->last_use < victim->last_use) victim = o;
     }
     if (!victim) return TD_ESTOREFULL;
-    if (n->spill_fd < 0) {
-      const char *dir = getenv("TIDE_SPILL_DIR");
-      /* An unnamed temporary file: nothing is left behind, whatever happens. */
-      n->spill_fd = open(dir ? dir : "/tmp", O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
-      if (n->spill_fd < 0) return TD_EIO;
-    }
-    const uint8_t *src = td_store_base(n->store) + victim->off;
-    size_t done = 0;
-    while (done < victim->len) {
-      ssize_t w = pwrite(n->spill_fd, src + done, victim->len - done, (off_t)(n->spill_off + done));
-      if (w <= 0) { if (errno == EINTR) continue; return TD_EIO; }
-      done += (size_t)w;
+    size_t at;
+    int rc = td_spill_write(n->spill, td_store_base(n->store) + victim->off, victim->len, &at);
+    if (rc) {
+      td_log("cannot spill object %llx (%zu bytes) to %s: %s", (unsigned long long)victim->id, victim->len,
+             td_spill_dir(n->spill), td_strerror(rc));
+      return rc;
     }
     td_store_free(n->store, victim->off, victim->len);
     victim->loc = LOC_SPILLED;
-    victim->off = n->spill_off;
-    n->spill_off += victim->len;
-    n->spilled += victim->len;
+    victim->off = at;
     td_log("spilled object %llx (%zu bytes)", (unsigned long long)victim->id, victim->len);
   }
   return 0;
 }
 
+/* Brings a spilled object back into the store.  With the spill disk full,
+ * the object is first read into memory and its own spill space given back,
+ * so the victim it displaces can go there: what was stored stays readable. */
 static int td__obj_resident(td_node_t *n, td_obj_t *o) {
   o->last_use = ++n->clock;
   if (o->loc != LOC_SPILLED) return 0;
   size_t off;
   int rc = td__alloc(n, o->len, &off, o);
-  if (rc) return rc;
-  uint8_t *dst = td_store_base(n->store) + off;
-  size_t done = 0;
-  while (done < o->len) {
-    ssize_t r = pread(n->spill_fd, dst + done, o->len - done, (off_t)(o->off + done));
-    if (r <= 0) { if (r < 0 && errno == EINTR) continue; td_store_free(n->store, off, o->len); return TD_EIO; }
-    done += (size_t)r;
+  if (rc == TD_ENOSPACE) {
+    uint8_t *tmp = malloc(o->len);
+    if (!tmp) return rc;
+    if (td_spill_read(n->spill, o->off, tmp, o->len)) { free(tmp); return TD_EIO; }
+    td_spill_free(n->spill, o->off, o->len);
+    o->loc = LOC_INLINE;  /* for now: not a spill victim, not in the store */
+    o->data = tmp;
+    rc = td__alloc(n, o->len, &off, o);
+    if (rc == 0) {
+      memcpy(td_store_base(n->store) + off, tmp, o->len);
+      o->data = NULL;
+      free(tmp);
+      o->loc = LOC_SHM;
+      o->off = off;
+      return 0;
+    }
+    /* Kept in memory, whole: readable, if outside the store. */
+    return 0;
   }
-  n->spilled -= o->len;
+  if (rc) return rc;
+  if (td_spill_read(n->spill, o->off, td_store_base(n->store) + off, o->len)) {
+    td_store_free(n->store, off, o->len);
+    return TD_EIO;
+  }
+  td_spill_free(n->spill, o->off, o->len);
   o->loc = LOC_SHM;
   o->off = off;
   return 0;
@@ -2463,7 +2475,7 @@ void td_node_stats(td_node_t *n, td_node_stats_t *st) {
   st->objects = n->objs.len;
   st->store_used = td_store_used(n->store);
   st->store_capacity = td_store_capacity(n->store);
-  st->spilled_bytes = n->spilled;
+  st->spilled_bytes = td_spill_used(n->spill);
   st->bytes_sent = n->bytes_sent;
   st->bytes_from_peers = n->bytes_from_peers;
 }
@@ -4990,7 +5002,7 @@ td_node_t *td_node_new(const td_node_opts_t *o) {
   n->store = td_store_new(cap);
   if (!n->store) { free(n); return NULL; }
   n->inline_max = o->inline_max ? o->inline_max : 64 * 1024;
-  n->spill_fd = -1;
+  n->spill = td_spill_new(NULL);
   n->ext_fd = -1;
   n->no_workers = o->no_workers;
   n->index = o->index <= TD_NODE_MAX ? o->index : 0;
@@ -5115,7 +5127,7 @@ void td_node_destroy(td_node_t **np) {
   td_map_free(&n->objs); td_map_free(&n->tasks); td_map_free(&n->actors); td_map_free(&n->fns);
   td_buf_free(&n->tmp);
   free(n->pfds);
-  if (n->spill_fd >= 0) close(n->spill_fd);
+  td_spill_destroy(&n->spill);
   td_store_destroy(&n->store);
   free(n);
   *np = NULL;

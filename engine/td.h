@@ -24,7 +24,8 @@
   _(TOOBIG, "value too large for the object store even after spilling") \
   _(CLOSED, "peer closed the connection")                          \
   _(INVAL, "invalid argument")                                    \
-  _(TIMEDOUT, "timed out")
+  _(TIMEDOUT, "timed out")                                         \
+  _(NOSPACE, "no space left on the spill disk (TIDE_SPILL_DIR, or /tmp)")
 
 enum {
   TD_OK = 0,

@@ -3,6 +3,8 @@
  * (including malformed input, which must be rejected, never crash). */
 #include <lauxlib.h>
 #include <lualib.h>
+#include <signal.h>
+#include <sys/resource.h>
 #include <stdlib.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -10,6 +12,7 @@
 #include "chan.h"
 #include "proto.h"
 #include "ser.h"
+#include "spill.h"
 #include "store.h"
 #include "test.h"
 
@@ -80,6 +83,54 @@ TEST_IMPL(map_mark_ids) {
   ASSERT_EQ((uintptr_t)td_map_del(&m, 0), 1);
   ASSERT_EQ(m.len, 99);
   td_map_free(&m);
+  return 0;
+}
+
+/* The spill file reuses what was freed, shrinks when its tail is free, and
+ * says "no space" (keeping what it holds readable) when the disk is full:
+ * here a file-size limit stands for the full disk (EFBIG, as ENOSPC). */
+TEST_IMPL(spill_reuse_and_full) {
+  enum { MB = 1 << 20 };
+  char *buf = malloc(3 * MB), *back = malloc(MB);
+  for (int i = 0; i < 3 * MB; i++) buf[i] = (char)(i * 7 + i / MB);
+  td_spill_t *sp = td_spill_new("/tmp");
+  size_t a, b, c, d;
+  ASSERT_EQ(td_spill_write(sp, buf, MB, &a), 0);
+  ASSERT_EQ(td_spill_write(sp, buf + MB, MB, &b), 0);
+  ASSERT_EQ(td_spill_write(sp, buf + 2 * MB, MB, &c), 0);
+  ASSERT(td_spill_used(sp) == 3 * MB && td_spill_end(sp) == 3 * MB);
+  td_spill_free(sp, b, MB);
+  ASSERT(td_spill_used(sp) == 2 * MB && td_spill_end(sp) == 3 * MB);
+  ASSERT_EQ(td_spill_write(sp, buf, MB / 2, &d), 0);
+  ASSERT_EQ(d, b);  /* the hole is reused before the file grows */
+  ASSERT_EQ(td_spill_end(sp), 3 * MB);
+  ASSERT_EQ(td_spill_read(sp, c, back, MB), 0);
+  ASSERT(memcmp(back, buf + 2 * MB, MB) == 0);
+  td_spill_free(sp, c, MB);  /* a free tail: the file is cut back */
+  ASSERT_EQ(td_spill_end(sp), b + MB / 2);
+  /* The disk "fills": a write past the limit fails as no space, and
+   * leaves what was written readable and the file as it was. */
+  struct rlimit old, lim;
+  getrlimit(RLIMIT_FSIZE, &old);
+  lim = old;
+  lim.rlim_cur = 2 * MB;
+  void (*was)(int) = signal(SIGXFSZ, SIG_IGN);
+  ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &lim), 0);
+  ASSERT_EQ(td_spill_write(sp, buf, 2 * MB, &d), TD_ENOSPACE);
+  ASSERT_EQ(td_spill_end(sp), b + MB / 2);
+  ASSERT_EQ(td_spill_write(sp, buf, MB / 2, &d), 0);  /* fits under the limit */
+  setrlimit(RLIMIT_FSIZE, &old);
+  signal(SIGXFSZ, was);
+  ASSERT_EQ(td_spill_read(sp, a, back, MB), 0);
+  ASSERT(memcmp(back, buf, MB) == 0);
+  td_spill_free(sp, a, MB);
+  td_spill_free(sp, b, MB / 2);
+  td_spill_free(sp, d, MB / 2);
+  ASSERT(td_spill_used(sp) == 0 && td_spill_end(sp) == 0);
+  td_spill_destroy(&sp);
+  ASSERT(sp == NULL);
+  free(buf);
+  free(back);
   return 0;
 }
 
