@@ -4,7 +4,7 @@
 .DEFAULT_GOAL := all
 CC      ?= cc
 OPT     ?= -O2
-PKGS    := luajit libuv libzmq libedit sqlite3
+PKGS    := luajit libuv libzmq libsodium libedit sqlite3
 CFLAGS  := $(OPT) -g -std=gnu11 -D_GNU_SOURCE -Wall -Wextra -Werror -fno-strict-aliasing \
            -Iengine -Ilua -Igpu $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 LDLIBS  := $(shell pkg-config --libs $(PKGS) 2>/dev/null) -lm -lpthread -ldl
@@ -57,7 +57,7 @@ build/fuzz-node: $(NODE_FUZZ_SRCS) $(wildcard engine/*.h lua/*.h)
 	@mkdir -p build
 	clang -g -O1 -std=gnu11 -D_GNU_SOURCE -Wall -Wextra -Werror -fsanitize=fuzzer,address,undefined \
 	  -fno-sanitize-recover=undefined -Iengine -Ilua $(shell pkg-config --cflags luajit) \
-	  -o $@ $(NODE_FUZZ_SRCS) $(shell pkg-config --libs luajit sqlite3) -lm
+	  -o $@ $(NODE_FUZZ_SRCS) $(shell pkg-config --libs luajit sqlite3 libsodium) -lm
 
 # The whole engine under ASan+UBSan, for the Lua suites (tests/sh/asan_lua_test.sh).
 TEST_DEPS += build/asan/tide

@@ -63,7 +63,7 @@ typedef struct td_parked {
  * a package; looked up again after a minute (the head may have changed it). */
 typedef struct td_wdmap {
   char path[1024];
-  char hash[17];
+  char hash[TD_PKG_HASH_LEN + 1];
   double at;
   struct td_wdmap *next;
 } td_wdmap_t;
@@ -1779,7 +1779,7 @@ static int td__env_get(const char *env, uint32_t len, const char *key, char *out
 /* Work of a job with a working-directory package runs in the package's
  * directory on whatever node runs it (it is unpacked here by then). */
 static void td__env_pkg(td_spec_t *s) {
-  char hash[32], dir[PATH_MAX], wd[8];
+  char hash[TD_PKG_HASH_LEN + 2], dir[PATH_MAX], wd[8];
   if (!td__env_get(s->env, s->env_len, "TIDE_PKG", hash, sizeof(hash)) ||
       td__env_get(s->env, s->env_len, "TIDE_WORKING_DIR", wd, sizeof(wd)) || !td_pkg_have(hash))
     return;
@@ -3783,11 +3783,11 @@ static int td__on_node_task(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   /* A working directory must be here first: a job's package (TIDE_PKG),
    * or a task's runtime_env working_dir, a path on the head shipped as a
    * package (a snapshot, as Ray uploads it). */
-  char hash[32], wdp[1024], key[1024] = "";
+  char hash[TD_PKG_HASH_LEN + 2], wdp[1024], key[1024] = "";
   if (td__env_get(s.env, s.env_len, "TIDE_PKG", hash, sizeof(hash))) {
-    if (strlen(hash) == 16 && !td_pkg_have(hash)) {
+    if (strlen(hash) == TD_PKG_HASH_LEN && !td_pkg_have(hash)) {
       snprintf(key, sizeof(key), "%s", hash);
-    } else if (strlen(hash) == 16) {  /* here, not where the head has it */
+    } else if (strlen(hash) == TD_PKG_HASH_LEN) {  /* here, not where the head has it */
       char dir[PATH_MAX];
       td_pkg_dir(hash, dir, sizeof(dir));
       td__env_set(&s, "TIDE_WORKING_DIR", dir);
@@ -4112,7 +4112,7 @@ static int td__on_pkg_get(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   if (key[0] == '/') {  /* a working directory by its path here: pack it now */
     blob = td_pkg_pack(key, &len, err, sizeof(err));
     if (blob) {
-      char h[17];
+      char h[TD_PKG_HASH_LEN + 1];
       td_pkg_hash(blob, len, h);
       td_pkg_install(h, blob, len, err, sizeof(err));
     }
@@ -4143,7 +4143,7 @@ static int td__on_pkg(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   if (!ok) {
     snprintf(err, sizeof(err), "%.*s", (int)(bl < 200 ? bl : 200), (const char *)blob);
   } else if (hash[0] == '/') {
-    char h[17];
+    char h[TD_PKG_HASH_LEN + 1];
     td_pkg_hash(blob, bl, h);
     if (td_pkg_install(h, blob, bl, err, sizeof(err)) == 0) td__wd_note(n, hash, h);
   } else {

@@ -951,11 +951,11 @@ static int c_persisted(lua_State *L) {
   return 1;
 }
 
-/* core.pkg_hash(blob) -> the 16-hex-digit name of a package (pkg.h). */
+/* core.pkg_hash(blob) -> the name of a package: its hash in hex (pkg.h). */
 static int c_pkg_hash(lua_State *L) {
   size_t n;
   const char *b = luaL_checklstring(L, 1, &n);
-  char h[17];
+  char h[TD_PKG_HASH_LEN + 1];
   td_pkg_hash(b, n, h);
   lua_pushstring(L, h);
   return 1;
