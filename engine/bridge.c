@@ -133,7 +133,8 @@ int td_key_create(const char *path, td_cluster_key_t *k) {
 }
 
 int td_key_save(const char *path, const td_cluster_key_t *k) {
-  int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  /* Never through a link: a key written into someone else's file. */
+  int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
   if (fd < 0) return -1;
   fchmod(fd, 0600);
   char buf[512];

@@ -19,11 +19,13 @@
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <netdb.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <zmq.h>
 
 #include "bridge.h"
 #include "persist.h"
+#include "pkg.h"
 #include "proto.h"
 #include "core.h"
 
@@ -158,6 +160,7 @@ static void td__open(lua_State *L) {
 
 static int td__resolve_address(const char *a, char *out, size_t n);
 static void td__session_dir(char *out, size_t n);
+static int td__session_foreign(void);
 static int td__load_key(td_cluster_key_t *key);
 
 /* Parses option flags from argv[first]; sets registry tide.cli_opts.
@@ -315,12 +318,88 @@ static int td__run(int argc, char **argv, int first, const char *script_override
  * `tide start --head` runs the node in the background (or in the
  * foreground with --block) with its socket, pid and log in one session
  * directory, mode 0700: only this user can attach. Drivers and REPLs attach
- * with --address (the socket path, or "local" for this user's session). */
+ * with --address (the socket path, or "local" for this user's session).
+ * The default directory has a predictable name in /tmp: it is used only
+ * when it is this user's and private (td_private_dir), and the files in it
+ * are opened relative to it without following links. The daemon holds a
+ * lock on node.lock for its whole life: the kernel says which process
+ * holds it, so `tide stop` never signals a pid that a stale (or forged)
+ * node.pid names. */
 
 static void td__session_dir(char *out, size_t n) {
   const char *d = getenv("TIDE_SESSION_DIR");
   if (d) snprintf(out, n, "%s", d);
-  else snprintf(out, n, "/tmp/tide-%d", (int)getuid());
+  else snprintf(out, n, "/tmp/tide-%d", (int)geteuid());
+}
+
+/* The session directory, checked, made when create; -1 after printing why
+ * not (or, when it does not exist and not create, -2 quietly). */
+static int td__session_open(char *dir, size_t n, int create) {
+  char err[PATH_MAX + 256];
+  struct stat st;
+  td__session_dir(dir, n);
+  if (!create && lstat(dir, &st) != 0 && errno == ENOENT) return -2;
+  int fd = td_private_dir(dir, create, err, sizeof(err));
+  if (fd < 0) fprintf(stderr, "tide: session directory: %s\n", err);
+  return fd;
+}
+
+/* 1 (after printing why) when the session directory exists but is not a
+ * private one of this user's: nothing in it is to be trusted. */
+static int td__session_foreign(void) {
+  char d[PATH_MAX];
+  int fd = td__session_open(d, sizeof(d), 0);
+  if (fd >= 0) close(fd);
+  return fd == -1;
+}
+
+/* The pid of the process that holds the session's lock (a running
+ * daemon), or 0. Never call this in the daemon itself: closing any fd of
+ * node.lock would drop its lock (POSIX record locks). */
+static int td__lock_holder(int dfd) {
+  int fd = openat(dfd, "node.lock", O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) return 0;
+  struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET};
+  int pid = fcntl(fd, F_GETLK, &fl) == 0 && fl.l_type != F_UNLCK ? (int)fl.l_pid : 0;
+  close(fd);
+  return pid > 0 ? pid : 0;
+}
+
+/* 1 while pid still holds the lock of session directory dir. */
+static int td__lock_held_by(const char *dir, int pid) {
+  int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  if (dfd < 0) return 0;
+  int held = td__lock_holder(dfd) == pid;
+  close(dfd);
+  return held;
+}
+
+/* Takes the session's lock for this process's life: the fd (kept open),
+ * or -1 when another process holds it. */
+static int td__lock_take(int dfd) {
+  int fd = openat(dfd, "node.lock", O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
+  if (fd < 0) return -1;
+  struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET};
+  if (fcntl(fd, F_SETLK, &fl) != 0) {
+    close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+/* 1 when pid runs a tide binary (this one, or one rebuilt or moved since
+ * it started): only such a process is signalled by `tide stop`. */
+static int td__is_tide(int pid) {
+  char path[64], exe[PATH_MAX];
+  snprintf(path, sizeof(path), "/proc/%d/exe", pid);
+  ssize_t n = readlink(path, exe, sizeof(exe) - 1);
+  if (n <= 0) return 0;
+  exe[n] = 0;
+  if (!strcmp(exe, td__exe)) return 1;
+  char *del = strstr(exe, " (deleted)");
+  if (del && !del[10]) *del = 0;
+  const char *base = strrchr(exe, '/');
+  return base && !strcmp(base + 1, "tide");
 }
 
 /* Resolves --address: a Unix socket path (returns 0) or, for HOST:PORT, a
@@ -329,6 +408,8 @@ static int td__resolve_address(const char *a, char *out, size_t n) {
   if (!strcmp(a, "local") || !strcmp(a, "auto") || !*a) {
     char dir[PATH_MAX - 16];
     td__session_dir(dir, sizeof(dir));
+    /* Another user's node would get this driver's code and data. */
+    if (td__session_foreign()) return -1;
     snprintf(out, n, "%s/node.sock", dir);
     return 0;
   }
@@ -355,31 +436,17 @@ static void td__on_accept(void *ud) {
   if (fd >= 0) td_node_add_client(td_ctx.node, fd);
 }
 
-/* A process that exists and is not a zombie (a killed daemon whose
- * parent, maybe an init that does not reap, has not collected it). */
-static int td__alive(int pid) {
-  if (kill(pid, 0) != 0) return 0;
-  char path[64], buf[512];
-  snprintf(path, sizeof(path), "/proc/%d/stat", pid);
-  FILE *f = fopen(path, "r");
-  if (!f) return 1;
-  size_t n = fread(buf, 1, sizeof(buf) - 1, f);
-  fclose(f);
-  buf[n] = 0;
-  char *p = strrchr(buf, ')');
-  return !(p && p[1] == ' ' && (p[2] == 'Z' || p[2] == 'X'));
-}
-
-static int td__read_pid(const char *dir) {
-  char path[PATH_MAX + 16];
-  snprintf(path, sizeof(path), "%s/node.pid", dir);
-  FILE *f = fopen(path, "r");
-  int pid = 0;
-  if (f) {
-    if (fscanf(f, "%d", &pid) != 1) pid = 0;
-    fclose(f);
-  }
-  return pid > 0 && td__alive(pid) ? pid : 0;
+/* The pid node.pid names, or 0; read without following a link. */
+static int td__read_pid(int dfd) {
+  char buf[32];
+  int fd = openat(dfd, "node.pid", O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) return 0;
+  ssize_t r = read(fd, buf, sizeof(buf) - 1);
+  close(fd);
+  if (r <= 0) return 0;
+  buf[r] = 0;
+  int pid = atoi(buf);
+  return pid > 0 ? pid : 0;
 }
 
 /* Resolves the cluster key for TCP: --key, TIDE_KEY_FILE, or this user's
@@ -390,6 +457,7 @@ static int td__load_key(td_cluster_key_t *key) {
   if (!kf) {
     char dir[PATH_MAX - 16];
     td__session_dir(dir, sizeof(dir));
+    if (td__session_foreign()) return -1;
     snprintf(keyf, sizeof(keyf), "%s/cluster.key", dir);
     kf = keyf;
   }
@@ -428,7 +496,6 @@ static int td__start(int argc, char **argv) {
   const char *bind_host = "0.0.0.0";
   char dir[PATH_MAX], sock[PATH_MAX + 16], pidf[PATH_MAX + 16], logf[PATH_MAX + 16];
   char keyf[PATH_MAX + 16];
-  td__session_dir(dir, sizeof(dir));
   /* Resource flags are parsed by the same code as tide run. */
   char *rest[64];
   int nrest = 0;
@@ -465,27 +532,44 @@ static int td__start(int argc, char **argv) {
     if (td__load_key(&join_key)) return 1;
     if (!port_given) port = -1;  /* a port of its own choosing, for other nodes */
   }
-  if (mkdir(dir, 0700) != 0 && errno != EEXIST) {
-    fprintf(stderr, "tide: cannot create %s: %s\n", dir, strerror(errno));
-    return 1;
-  }
-  chmod(dir, 0700);
-  int running = td__read_pid(dir);
+  int dfd = td__session_open(dir, sizeof(dir), 1);
+  if (dfd < 0) return 1;
+  int running = td__lock_holder(dfd);
   if (running) {
     fprintf(stderr, "tide: a node is already running here (pid %d); `tide stop` stops it\n", running);
     return 1;
   }
+  /* No daemon holds the lock: a socket or pid file left here is a dead
+   * one's (killed, or the machine crashed), never a sign of a live node. */
+  unlinkat(dfd, "node.sock", 0);
+  unlinkat(dfd, "node.pid", 0);
   snprintf(sock, sizeof(sock), "%s/node.sock", dir);
   snprintf(pidf, sizeof(pidf), "%s/node.pid", dir);
   snprintf(logf, sizeof(logf), "%s/node.log", dir);
   snprintf(keyf, sizeof(keyf), "%s/cluster.key", dir);
+  int ready = -1;  /* the daemon writes a byte here once it listens (and has joined) */
   if (!block) {
+    int rp[2];
+    if (pipe2(rp, O_CLOEXEC) != 0) return 1;
+    fflush(stdout);
+    fflush(stderr);
     pid_t pid = fork();
     if (pid < 0) return 1;
     if (pid > 0) {
-      for (int i = 0; i < (join ? 300 : 100); i++) {
-        struct stat st;
-        if (stat(sock, &st) == 0) {
+      close(rp[1]);
+      /* Success is reported only when the daemon says it is up: a file in
+       * the session directory can be a dead daemon's. */
+      int up = 0;
+      for (int i = 0; i < 150 && !up; i++) {
+        struct pollfd pf = {.fd = rp[0], .events = POLLIN};
+        char c;
+        if (poll(&pf, 1, 100) > 0) {
+          up = read(rp[0], &c, 1) == 1;
+          if (!up) break;  /* it exited before it was up */
+        }
+      }
+      close(rp[0]);
+      if (up) {
           printf("tide: node started (pid %d), session %s\n", (int)pid, dir);
           if (join) printf("tide: joined the head at %s\n", join);
           printf("attach with:\n  bin/tide run --address local SCRIPT.lua\n  bin/tide repl --address local\n"
@@ -495,12 +579,9 @@ static int td__start(int argc, char **argv) {
                    "  bin/tide run --address HOST:%d --key %s SCRIPT.lua\n", port, keyf);
           printf("stop with:\n  bin/tide stop\n");
           return 0;
-        }
-        int st2;
-        if (waitpid(pid, &st2, WNOHANG) == pid) break;
-        usleep(50000);
       }
-      if (join && kill(pid, 0) == 0) {
+      int st2;
+      if (join && waitpid(pid, &st2, WNOHANG) == 0) {
         fprintf(stderr, "tide: no answer from the head at %s yet; the node keeps trying (see %s; "
                         "`tide stop` stops it)\n", join, logf);
         return 1;
@@ -508,14 +589,28 @@ static int td__start(int argc, char **argv) {
       fprintf(stderr, "tide: the node did not start; see %s\n", logf);
       return 1;
     }
+    close(rp[0]);
+    ready = rp[1];
     setsid();
-    int lf = open(logf, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+    int lf = openat(dfd, "node.log", O_WRONLY | O_CREAT | O_APPEND | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (lf >= 0) { dup2(lf, 1); dup2(lf, 2); close(lf); }
     int nf = open("/dev/null", O_RDONLY);
     if (nf >= 0) { dup2(nf, 0); close(nf); }
   }
-  FILE *f = fopen(pidf, "w");
-  if (f) { fprintf(f, "%d\n", (int)getpid()); fclose(f); }
+  /* The lock is this process's (record locks are not inherited): taken
+   * here, in the daemon, and held until it exits. */
+  if (td__lock_take(dfd) < 0) {
+    fprintf(stderr, "tide: a node is already running in %s (pid %d); `tide stop` stops it\n", dir,
+            td__lock_holder(dfd));
+    return 1;
+  }
+  int pf = openat(dfd, "node.pid", O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
+  if (pf >= 0) {
+    char pb[32];
+    int pl = snprintf(pb, sizeof(pb), "%d\n", (int)getpid());
+    if (write(pf, pb, (size_t)pl) != pl) fprintf(stderr, "tide: cannot write %s\n", pidf);
+    close(pf);
+  }
   /* Start the node through the same Lua path as tide run, without a script. */
   lua_State *L = luaL_newstate();
   td_ctx.is_driver = 1;
@@ -621,6 +716,10 @@ static int td__start(int argc, char **argv) {
   if (link_fd >= 0) td_node_link_head(td_ctx.node, link_fd);
   printf("tide: node listening on %s\n", sock);
   fflush(stdout);
+  if (ready >= 0) {
+    if (write(ready, "1", 1) != 1) fprintf(stderr, "tide: the starting command is gone\n");
+    close(ready);
+  }
   double retry_at = 0;
   while (!td__stop_daemon) {
     td_core_flush_refs();
@@ -666,15 +765,33 @@ static int td__start(int argc, char **argv) {
 
 static int td__stop(void) {
   char dir[PATH_MAX];
-  td__session_dir(dir, sizeof(dir));
-  int pid = td__read_pid(dir);
+  int dfd = td__session_open(dir, sizeof(dir), 0);
+  if (dfd == -1) return 1;
+  int pid = dfd >= 0 ? td__lock_holder(dfd) : 0;
   if (!pid) {
-    fprintf(stderr, "tide: no node is running in %s\n", dir);
+    int stale = dfd >= 0 ? td__read_pid(dfd) : 0;
+    if (stale) {
+      /* A daemon that died without cleaning up (or a forged file): the pid
+       * may be anyone's now. */
+      fprintf(stderr, "tide: no node is running in %s (node.pid names pid %d, which does not hold the "
+                      "session lock: not signalled; stale node.pid removed)\n", dir, stale);
+      unlinkat(dfd, "node.pid", 0);
+      unlinkat(dfd, "node.sock", 0);
+    } else {
+      fprintf(stderr, "tide: no node is running in %s\n", dir);
+    }
+    if (dfd >= 0) close(dfd);
+    return 1;
+  }
+  close(dfd);
+  if (!td__is_tide(pid)) {
+    fprintf(stderr, "tide: pid %d holds the lock of %s but is not a tide process: not signalled\n", pid, dir);
     return 1;
   }
   kill(pid, SIGTERM);
-  for (int i = 0; i < 100 && td__alive(pid); i++) usleep(50000);
-  if (td__alive(pid)) kill(pid, SIGKILL);
+  /* Gone when its lock is: a zombie its parent has not reaped holds none. */
+  for (int i = 0; i < 100 && td__lock_held_by(dir, pid); i++) usleep(50000);
+  if (td__lock_held_by(dir, pid)) kill(pid, SIGKILL);
   printf("tide: stopped the node (pid %d)\n", pid);
   return 0;
 }
