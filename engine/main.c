@@ -18,6 +18,7 @@
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <sys/wait.h>
+#include <arpa/inet.h>
 #include <netdb.h>
 #include <poll.h>
 #include <sys/socket.h>
@@ -488,12 +489,37 @@ static void td__peer_close(void *ud, void *h) {
   td_bridge_close(h, 0);
 }
 
+/* The address of this machine's interface toward ep ("tcp://HOST:PORT"),
+ * into out: where a joining node listens, as the head tells the other
+ * nodes the address it sees the node's connection come from. Nothing is
+ * sent (a UDP socket only picks its route). -1 when there is no route. */
+static int td__addr_toward(const char *ep, char *out, size_t n) {
+  char host[256];
+  const char *h = ep + 6, *colon = strrchr(h, ':');
+  if (strncmp(ep, "tcp://", 6) || !colon || (size_t)(colon - h) >= sizeof(host)) return -1;
+  snprintf(host, sizeof(host), "%.*s", (int)(colon - h), h);
+  struct addrinfo hints = {0}, *ai;
+  hints.ai_family = AF_INET;
+  hints.ai_socktype = SOCK_DGRAM;
+  if (getaddrinfo(host, colon + 1, &hints, &ai) != 0) return -1;
+  int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  struct sockaddr_in me;
+  socklen_t ml = sizeof(me);
+  int rc = fd >= 0 && connect(fd, ai->ai_addr, ai->ai_addrlen) == 0 &&
+           getsockname(fd, (struct sockaddr *)&me, &ml) == 0 &&
+           inet_ntop(AF_INET, &me.sin_addr, out, (socklen_t)n) ? 0 : -1;
+  if (fd >= 0) close(fd);
+  freeaddrinfo(ai);
+  return rc;
+}
+
 static int td__start(int argc, char **argv) {
   int head = 0, block = 0, port = 6380, port_given = 0;
   const char *join = NULL, *node_name = NULL;
   double node_timeout = 0;
   uint32_t want_index = 0;  /* --node-index: the index this node asks the head for */
-  const char *bind_host = "0.0.0.0";
+  const char *bind_host = NULL;  /* --host; else loopback, or toward the head */
+  char toward[64];
   char dir[PATH_MAX], sock[PATH_MAX + 16], pidf[PATH_MAX + 16], logf[PATH_MAX + 16];
   char keyf[PATH_MAX + 16];
   /* Resource flags are parsed by the same code as tide run. */
@@ -531,7 +557,12 @@ static int td__start(int argc, char **argv) {
       return td__usage_error("--address %s: a node joins its head at HOST:PORT", join);
     if (td__load_key(&join_key)) return 1;
     if (!port_given) port = -1;  /* a port of its own choosing, for other nodes */
+    if (!bind_host) bind_host = td__addr_toward(join_ep, toward, sizeof(toward)) == 0 ? toward : "127.0.0.1";
   }
+  /* A head listens on loopback unless told otherwise: the cluster key is
+   * all that guards the port, so it is not opened to the network unasked. */
+  int loopback_only = !bind_host || !strncmp(bind_host, "127.", 4) || !strcmp(bind_host, "localhost");
+  if (!bind_host) bind_host = "127.0.0.1";
   int dfd = td__session_open(dir, sizeof(dir), 1);
   if (dfd < 0) return 1;
   int running = td__lock_holder(dfd);
@@ -574,7 +605,10 @@ static int td__start(int argc, char **argv) {
           if (join) printf("tide: joined the head at %s\n", join);
           printf("attach with:\n  bin/tide run --address local SCRIPT.lua\n  bin/tide repl --address local\n"
                  "  bin/tide status\n");
-          if (port > 0)
+          if (port > 0 && head && loopback_only)
+            printf("other machines cannot reach it: it listens on %s only (start it with --host ADDR, or "
+                   "--host 0.0.0.0 for every interface, to let them join)\n", bind_host);
+          else if (port > 0)
             printf("from another machine (copy the key, mode 0600):\n"
                    "  bin/tide run --address HOST:%d --key %s SCRIPT.lua\n", port, keyf);
           printf("stop with:\n  bin/tide stop\n");
@@ -700,7 +734,8 @@ static int td__start(int argc, char **argv) {
         td_node_set_peering(td_ctx.node, td_bridge_server_port(), td__peer_open, td__peer_close, &join_key);
         printf("tide: listening for other nodes on %s port %d (CURVE)\n", bind_host, td_bridge_server_port());
       } else if (up == 0)
-        printf("tide: listening on %s (CURVE; key %s)\n", ep, keyf);
+        printf("tide: listening on %s (CURVE; key %s)%s\n", ep, keyf,
+               loopback_only ? "; loopback only: --host ADDR lets other machines join" : "");
       else
         fprintf(stderr, "tide: TCP disabled: cannot listen on %s: %s\n", ep, zmq_strerror(errno));
     }

@@ -48,7 +48,8 @@ if ! setup 2>/dev/null; then
 fi
 NET1="10.101.$((S % 250))" NET2="10.102.$((S % 250))"
 
-TIDE_SESSION_DIR=$D/head $T start --head --port $PORT --num-cpus 0 >/dev/null 2>&1
+# Other namespaces reach the head: it listens on every interface.
+TIDE_SESSION_DIR=$D/head $T start --head --port $PORT --host 0.0.0.0 --num-cpus 0 >/dev/null 2>&1
 out1=$(TIDE_SESSION_DIR=$D/n1 ip netns exec $NS1 $T start --address $NET1.1:$PORT --key $D/head/cluster.key \
   --num-cpus 1 --name ns-one --node-timeout 2 2>&1)
 out2=$(TIDE_SESSION_DIR=$D/n2 ip netns exec $NS2 $T start --address $NET2.1:$PORT --key $D/head/cluster.key \

@@ -119,6 +119,24 @@ out=$(TIDE_SESSION_DIR=$W/s-a $T start --head --port $PORT --num-cpus 1 2>&1)
 check "a head starts again in the session a killed one left" '[ $? -eq 0 ] && echo "$out" | grep -q "node started"' "$out"
 TIDE_SESSION_DIR=$W/s-a $T stop >/dev/null 2>&1
 
+# -- Listening addresses (issue 12 item 9) -----------------------------------------
+listens() { ss -Hltn "sport = :$2" 2>/dev/null | awk '{print $4}' | grep -qx "$1:$2"; }
+out=$(TIDE_SESSION_DIR=$W/s-a $T start --head --port $PORT --num-cpus 1 2>&1)
+check "a head listens on loopback unless --host says otherwise" \
+  'listens 127.0.0.1 $PORT && ! listens 0.0.0.0 $PORT' "$(ss -ltn 2>&1 | grep ":$PORT")"
+check "the start banner says other machines cannot reach it, and how to change that" \
+  'echo "$out" | grep -q "other machines cannot reach it: it listens on 127.0.0.1 only" &&
+   grep -q "loopback only: --host ADDR" "$W/s-a/node.log"' "$out"
+out=$(TIDE_SESSION_DIR=$W/s-j $T start --address 127.0.0.1:$PORT --key "$W/s-a/cluster.key" --num-cpus 1 2>&1)
+check "a node that joins over loopback listens for the other nodes on loopback" \
+  'echo "$out" | grep -q "joined the head" && grep -q "listening for other nodes on 127.0.0.1 port" "$W/s-j/node.log"' \
+  "$out $(cat "$W/s-j/node.log")"
+TIDE_SESSION_DIR=$W/s-j $T stop >/dev/null 2>&1
+TIDE_SESSION_DIR=$W/s-a $T stop >/dev/null 2>&1
+out=$(TIDE_SESSION_DIR=$W/s-a $T start --head --port $PORT --host 0.0.0.0 --num-cpus 1 2>&1)
+check "--host 0.0.0.0 opens it to every interface" 'listens 0.0.0.0 $PORT' "$out $(ss -ltn 2>&1 | grep ":$PORT")"
+TIDE_SESSION_DIR=$W/s-a $T stop >/dev/null 2>&1
+
 # -- The package cache -----------------------------------------------------------
 mkdir -p "$W/wd"
 cat > "$W/wd/job.lua" <<'LUA'
