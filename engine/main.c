@@ -809,9 +809,7 @@ static int td__stop(void) {
       /* A daemon that died without cleaning up (or a forged file): the pid
        * may be anyone's now. */
       fprintf(stderr, "tide: no node is running in %s (node.pid names pid %d, which does not hold the "
-                      "session lock: not signalled; stale node.pid removed)\n", dir, stale);
-      unlinkat(dfd, "node.pid", 0);
-      unlinkat(dfd, "node.sock", 0);
+                      "session lock: not signalled)\n", dir, stale);
     } else {
       fprintf(stderr, "tide: no node is running in %s\n", dir);
     }

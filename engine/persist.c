@@ -5,6 +5,11 @@
 #include <stdio.h>
 #include <sys/stat.h>
 
+/* head.db lives in the session directory: never opened through a link. */
+#ifndef SQLITE_OPEN_NOFOLLOW
+#define SQLITE_OPEN_NOFOLLOW 0
+#endif
+
 static sqlite3 *td__db;
 static sqlite3_stmt *td__put, *td__del, *td__each;
 
@@ -12,7 +17,8 @@ int td_persist_on(void) { return td__db != NULL; }
 
 int td_persist_open(const char *path) {
   if (td__db) return 0;
-  if (sqlite3_open_v2(path, &td__db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL)) {
+  if (sqlite3_open_v2(path, &td__db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX | SQLITE_OPEN_NOFOLLOW,
+                      NULL)) {
     fprintf(stderr, "tide: cannot open %s: %s\n", path, td__db ? sqlite3_errmsg(td__db) : "out of memory");
     td_persist_close();
     return -1;

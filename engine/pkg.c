@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <dirent.h>
+#include <pthread.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -200,6 +201,8 @@ typedef struct td__verified {
 #define TD__NVERIFIED 32
 static td__verified_t td__verified[TD__NVERIFIED];
 static unsigned td__verified_next;
+/* A driver's thread and its node's may both ask. */
+static pthread_mutex_t td__verified_mu = PTHREAD_MUTEX_INITIALIZER;
 
 static void td__print_stat(crypto_generichash_state *g, const char *name, const struct stat *st) {
   crypto_generichash_update(g, (const unsigned char *)name, strlen(name) + 1);
@@ -338,11 +341,13 @@ static int td__verify(int cfd, const char *hash) {
   /* What was read must be what was fingerprinted. */
   if (rc == 0 && (td__fingerprint(cfd, hash, after, &files2) != 0 || memcmp(print, after, 32))) rc = 1;
   if (rc == 0) {
+    pthread_mutex_lock(&td__verified_mu);
     td__verified_t *v = &td__verified[td__verified_next++ % TD__NVERIFIED];
     for (int i = 0; i < TD__NVERIFIED; i++)
       if (!strcmp(td__verified[i].hash, hash)) v = &td__verified[i];
     snprintf(v->hash, sizeof(v->hash), "%s", hash);
     memcpy(v->print, print, 32);
+    pthread_mutex_unlock(&td__verified_mu);
   }
   return rc;
 }
@@ -361,8 +366,12 @@ static int td__check(int cfd, const char *hash) {
       if (fstatat(cfd, name, &st, AT_SYMLINK_NOFOLLOW) != 0) return -1;
     }
   } else {
-    for (int i = 0; i < TD__NVERIFIED; i++)
-      if (!strcmp(td__verified[i].hash, hash) && !memcmp(td__verified[i].print, print, 32)) return 0;
+    int known = 0;
+    pthread_mutex_lock(&td__verified_mu);
+    for (int i = 0; i < TD__NVERIFIED && !known; i++)
+      known = !strcmp(td__verified[i].hash, hash) && !memcmp(td__verified[i].print, print, 32);
+    pthread_mutex_unlock(&td__verified_mu);
+    if (known) return 0;
   }
   return td__verify(cfd, hash);
 }

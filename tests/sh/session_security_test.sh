@@ -98,7 +98,10 @@ rc=$?
 sleep 0.3
 check "stop with a stale node.pid naming a live unrelated process signals nothing and says so" \
   '[ $rc -ne 0 ] && kill -0 $SLEEP && echo "$out" | grep -q "pid $SLEEP, which does not hold the session lock: not signalled"' "$out"
-check "the stale node.pid is removed" '[ ! -e "$W/s-a/node.pid" ]'
+out=$(TIDE_SESSION_DIR=$W/s-a $T start --head --port $PORT --num-cpus 1 2>&1)
+check "start after it takes no stale node.pid for a live node" \
+  '[ $? -eq 0 ] && [ "$(cat "$W/s-a/node.pid")" != "$SLEEP" ]' "$out"
+TIDE_SESSION_DIR=$W/s-a $T stop >/dev/null 2>&1
 
 # -- A crash leaves node.sock behind (issue 12 item 9) --------------------------
 out=$(TIDE_SESSION_DIR=$W/s-a $T start --head --port $PORT --num-cpus 1 2>&1)
