@@ -23,7 +23,7 @@ cleanup() {
   rm -rf "$W"
 }
 trap cleanup EXIT
-PORT=$((19000 + $$ % 1000))
+PORT=$((23000 + $$ % 1000))
 # Gone, or a zombie its parent (an init that reaps late) has not collected.
 gone() { ! kill -0 "$1" 2>/dev/null || grep -q '^State:.*Z' /proc/"$1"/status 2>/dev/null; }
 
