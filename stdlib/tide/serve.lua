@@ -108,18 +108,17 @@ end
 
 -- -- Jobs -------------------------------------------------------------------
 
-local seeded = false
+-- A job id is all a client needs to read or cancel a job: 64 bits from
+-- the OS's random source, not math.random (predictable from its seed, and
+-- reseeded by any user code in the same Lua state).
 local function job_id()
-  if not seeded then
-    -- Every replica process needs its own sequence.
-    local ctx = core.context()
-    math.randomseed(os.time() * 65537 + (ctx.pid or 0) * 131 + floor(os.clock() * 1e6))
-    seeded = true
-  end
-  local t = {}
-  for i = 1, 16 do t[i] = format("%x", math.random(0, 15)) end
-  return "job-" .. concat(t)
+  local f = io.open("/dev/urandom", "rb")
+  local b = f and f:read(8)
+  if f then f:close() end
+  if not b or #b ~= 8 then error("serve: cannot read /dev/urandom for a job id", 0) end
+  return "job-" .. b:gsub(".", function(c) return format("%02x", c:byte()) end)
 end
+M._job_id = job_id  -- for tests
 
 local function state_actor()
   return tide.get_actor(STATE_ACTOR, {namespace = "serve"})
