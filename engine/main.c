@@ -906,8 +906,9 @@ int main(int argc, char **argv) {
     }
     if (!getenv("TIDE_ADDRESS")) setenv("TIDE_ADDRESS", "local", 1);
     char sock[PATH_MAX];
-    if (td__resolve_address(getenv("TIDE_ADDRESS") ? getenv("TIDE_ADDRESS") : "local", sock, sizeof(sock)) == 0)
-      setenv("TIDE_NODE_SOCKET", sock, 1);
+    int kind = td__resolve_address(getenv("TIDE_ADDRESS") ? getenv("TIDE_ADDRESS") : "local", sock, sizeof(sock));
+    if (kind < 0) return 2;  /* said why */
+    if (kind == 0) setenv("TIDE_NODE_SOCKET", sock, 1);
     setenv("TIDE_EXE", td__exe, 1);
     return td__run(argc, argv, 1, path);
   }
