@@ -91,12 +91,22 @@ static void td__cache(char *out, size_t n) {
   else snprintf(out, n, "/tmp/tide-pkgs-%d", (int)geteuid());
 }
 
-/* The cache, checked (td_private_dir) and made when missing; -1 with err. */
+/* The cache, checked (td_private_dir) and made when missing; -1 with err
+ * (logged once per process while it stays the same: it is asked per task). */
 static int td__cache_open(char *err, size_t errlen) {
+  static char said[PATH_MAX + 256];
+  static pthread_mutex_t said_mu = PTHREAD_MUTEX_INITIALIZER;
   char c[PATH_MAX];
   td__cache(c, sizeof(c));
   int fd = td_private_dir(c, 1, err, errlen);
-  if (fd < 0) fprintf(stderr, "tide: package cache: %s\n", err);
+  if (fd < 0) {
+    pthread_mutex_lock(&said_mu);
+    if (strcmp(said, err)) {
+      fprintf(stderr, "tide: package cache: %s\n", err);
+      snprintf(said, sizeof(said), "%s", err);
+    }
+    pthread_mutex_unlock(&said_mu);
+  }
   return fd;
 }
 
@@ -124,7 +134,8 @@ static int td__path_ok(const char *p, size_t n) {
 /* The whole of regular file name under dir fd at (malloc'd, one spare byte),
  * at most max bytes; NULL when missing, a link, not ours or too large. */
 static void *td__slurp(int at, const char *name, size_t max, size_t *len) {
-  int fd = openat(at, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+  /* O_NONBLOCK: a fifo in its place is refused, not waited on. */
+  int fd = openat(at, name, O_RDONLY | O_NONBLOCK | O_NOFOLLOW | O_CLOEXEC);
   if (fd < 0) return NULL;
   struct stat st;
   unsigned char *b = NULL;
@@ -299,7 +310,7 @@ static int td__each_file(const void *blob, size_t len, td__file_cb fn, void *ud,
 static int td__same_file(void *ud, const char *path, size_t pl, const unsigned char *data, uint64_t size) {
   char rel[1024];
   snprintf(rel, sizeof(rel), "%.*s", (int)pl, path);
-  int fd = td__open_in(*(int *)ud, rel, O_RDONLY);
+  int fd = td__open_in(*(int *)ud, rel, O_RDONLY | O_NONBLOCK);
   if (fd < 0) return -1;
   struct stat st;
   int rc = fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && (uint64_t)st.st_size == size ? 0 : -1;
