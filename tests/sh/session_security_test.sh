@@ -103,6 +103,27 @@ check "start after it takes no stale node.pid for a live node" \
   '[ $? -eq 0 ] && [ "$(cat "$W/s-a/node.pid")" != "$SLEEP" ]' "$out"
 TIDE_SESSION_DIR=$W/s-a $T stop >/dev/null 2>&1
 
+# A process that is not tide holding the lock (POSIX record lock) is not
+# signalled either.
+if command -v python3 >/dev/null; then
+  mkdir -m 700 "$W/s-l"
+  python3 -c 'import fcntl, sys, time
+f = open(sys.argv[1], "w"); fcntl.lockf(f, fcntl.LOCK_EX); time.sleep(60)' "$W/s-l/node.lock" &
+  LOCKER=$!
+  sleep 0.5
+  out=$(TIDE_SESSION_DIR=$W/s-l $T stop 2>&1)
+  rc=$?
+  check "stop does not signal a lock holder that is not a tide process" \
+    '[ $rc -ne 0 ] && kill -0 $LOCKER && echo "$out" | grep -q "pid $LOCKER holds the lock .* not a tide process: not signalled"' "$out"
+  out=$(TIDE_SESSION_DIR=$W/s-l $T start --head --port 0 2>&1)
+  check "start sees the session as taken while its lock is held" \
+    '[ $? -ne 0 ] && echo "$out" | grep -q "already running here (pid $LOCKER)"' "$out"
+  kill $LOCKER
+else
+  skip "stop does not signal a non-tide lock holder (needs python3)"
+  skip "start sees the session as taken while its lock is held (needs python3)"
+fi
+
 # -- A crash leaves node.sock behind (issue 12 item 9) --------------------------
 out=$(TIDE_SESSION_DIR=$W/s-a $T start --head --port $PORT --num-cpus 1 2>&1)
 hpid=$(cat "$W/s-a/node.pid")
