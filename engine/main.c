@@ -601,18 +601,18 @@ static int td__start(int argc, char **argv) {
       }
       close(rp[0]);
       if (up) {
-          printf("tide: node started (pid %d), session %s\n", (int)pid, dir);
-          if (join) printf("tide: joined the head at %s\n", join);
-          printf("attach with:\n  bin/tide run --address local SCRIPT.lua\n  bin/tide repl --address local\n"
-                 "  bin/tide status\n");
-          if (port > 0 && head && loopback_only)
-            printf("other machines cannot reach it: it listens on %s only (start it with --host ADDR, or "
-                   "--host 0.0.0.0 for every interface, to let them join)\n", bind_host);
-          else if (port > 0)
-            printf("from another machine (copy the key, mode 0600):\n"
-                   "  bin/tide run --address HOST:%d --key %s SCRIPT.lua\n", port, keyf);
-          printf("stop with:\n  bin/tide stop\n");
-          return 0;
+        printf("tide: node started (pid %d), session %s\n", (int)pid, dir);
+        if (join) printf("tide: joined the head at %s\n", join);
+        printf("attach with:\n  bin/tide run --address local SCRIPT.lua\n  bin/tide repl --address local\n"
+               "  bin/tide status\n");
+        if (port > 0 && head && loopback_only)
+          printf("other machines cannot reach it: it listens on %s only (start it with --host ADDR, or "
+                 "--host 0.0.0.0 for every interface, to let them join)\n", bind_host);
+        else if (port > 0)
+          printf("from another machine (copy the key, mode 0600):\n"
+                 "  bin/tide run --address HOST:%d --key %s SCRIPT.lua\n", port, keyf);
+        printf("stop with:\n  bin/tide stop\n");
+        return 0;
       }
       int st2;
       if (join && waitpid(pid, &st2, WNOHANG) == 0) {
