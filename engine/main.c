@@ -366,6 +366,32 @@ static int td__lock_holder(int dfd) {
   return pid > 0 ? pid : 0;
 }
 
+/* 1 for a process that is exiting: a zombie main thread whose other
+ * threads may still hold its files (and so its lock) for a moment. */
+static int td__dying(int pid) {
+  char path[64], buf[512];
+  snprintf(path, sizeof(path), "/proc/%d/stat", pid);
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return 1;
+  ssize_t n = read(fd, buf, sizeof(buf) - 1);
+  close(fd);
+  if (n <= 0) return 1;
+  buf[n] = 0;
+  char *p = strrchr(buf, ')');
+  return p && p[1] == ' ' && (p[2] == 'Z' || p[2] == 'X');
+}
+
+/* The lock holder, after waiting (up to 5 s) for one that is exiting
+ * (killed a moment ago) to let go. */
+static int td__lock_holder_live(int dfd) {
+  int pid = td__lock_holder(dfd);
+  for (int i = 0; i < 100 && pid && td__dying(pid); i++) {
+    usleep(50000);
+    pid = td__lock_holder(dfd);
+  }
+  return pid;
+}
+
 /* 1 while pid still holds the lock of session directory dir. */
 static int td__lock_held_by(const char *dir, int pid) {
   int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
@@ -565,7 +591,7 @@ static int td__start(int argc, char **argv) {
   if (!bind_host) bind_host = "127.0.0.1";
   int dfd = td__session_open(dir, sizeof(dir), 1);
   if (dfd < 0) return 1;
-  int running = td__lock_holder(dfd);
+  int running = td__lock_holder_live(dfd);
   if (running) {
     fprintf(stderr, "tide: a node is already running here (pid %d); `tide stop` stops it\n", running);
     return 1;
