@@ -22,7 +22,7 @@ SRCS := $(ENGINE_SRCS) $(GPU_SRCS)
 OBJS := $(patsubst %.c,build/obj/%.o,$(SRCS))
 LIB_OBJS := $(filter-out build/obj/engine/main.o,$(OBJS))
 
-.PHONY: all deps test demo bench clean lint ctest luatest
+.PHONY: all deps test demo bench clean lint ctest luatest chaos
 all: deps bin/tide
 
 deps:
@@ -70,6 +70,10 @@ test: all build/ctest build/ctest-asan $(TEST_DEPS)
 
 demo: all
 	bin/tide run examples/quickstart.lua
+
+# Ten minutes of kill -9 under checked work (a short run is in make test).
+chaos: all
+	sh tests/chaos/chaos.sh $${CHAOS_SECONDS:-600}
 
 bench: all build/bench-http
 	bin/tide bench
