@@ -2,6 +2,10 @@
 #include "node.h"
 
 #include <errno.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
+#include <net/if.h>
+#include <ifaddrs.h>
 #include <stddef.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -4976,17 +4980,40 @@ void td_node_set_peering(td_node_t *n, int port, td_peer_open_cb open, td_peer_c
 int td_node_linked(td_node_t *n) { return n->head != NULL; }
 uint32_t td_node_index(td_node_t *n) { return n->index; }
 
+/* This machine's address as other machines would see it: its first
+ * IPv4 address that is up and not loopback, else loopback. */
+static const char *td__host_address(void) {
+  static char addr[INET_ADDRSTRLEN];
+  if (addr[0]) return addr;
+  snprintf(addr, sizeof(addr), "127.0.0.1");
+  struct ifaddrs *ifs, *i;
+  if (getifaddrs(&ifs) != 0) return addr;
+  for (i = ifs; i; i = i->ifa_next) {
+    if (!i->ifa_addr || i->ifa_addr->sa_family != AF_INET || !(i->ifa_flags & IFF_UP) ||
+        (i->ifa_flags & IFF_LOOPBACK))
+      continue;
+    inet_ntop(AF_INET, &((struct sockaddr_in *)i->ifa_addr)->sin_addr, addr, sizeof(addr));
+    break;
+  }
+  freeifaddrs(ifs);
+  return addr;
+}
+
 int td_node_cluster(td_node_t *n, td_node_info_t *out, int max) {
   int k = 0;
   if (max < 1) return 0;
   td_node_stats_t st;
   td_node_stats(n, &st);
-  out[k++] = (td_node_info_t){n->index, n->name, 1, n->total, n->avail, st.tasks_running, st.actors, st, 1};
+  out[k++] = (td_node_info_t){n->index, n->name, td__host_address(), 1, n->total, n->avail,
+                              st.tasks_running, st.actors, st, 1};
   for (int i = 0; i < n->nwks && k < max; i++) {
     td_wk_t *w = n->wks[i];
     if (w->kind != WK_NODE || !w->joined || w->dead) continue;
-    out[k++] = (td_node_info_t){w->node_index, w->name, 1, w->ntotal, w->navail, w->inflight.len, w->nactors,
-                                w->nstats, w->has_nstats};
+    /* A node on this machine comes from loopback (or a unix socket). */
+    const char *a = w->peer_host[0] && strcmp(w->peer_host, "127.0.0.1") && strcmp(w->peer_host, "::1")
+                      ? w->peer_host : td__host_address();
+    out[k++] = (td_node_info_t){w->node_index, w->name, a, 1, w->ntotal, w->navail, w->inflight.len,
+                                w->nactors, w->nstats, w->has_nstats};
   }
   return k;
 }

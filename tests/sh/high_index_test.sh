@@ -73,6 +73,10 @@ local pg = tide.placement_group({{CPU = 1}})
 tide.get(pg:ready())
 print("PG", tide.get(fns[7]:options({placement_group = pg}):remote(0)))
 tide.remove_placement_group(pg)
+local addrs = {}
+print("FIRST", tide.nodes()[1].node_id == here)
+for _, nd in ipairs(tide.nodes()) do addrs[#addrs + 1] = tostring(nd.address):match("^%d+%.%d+%.%d+%.%d+$") and "ip" or tostring(nd.address) end
+print("ADDRESSES", #addrs, table.concat(addrs, ","))
 local id = tide.get(tide.remote(function() return tide.get_runtime_context().task_id end):remote())
 print("TASKID", type(id), #id)
 LUA
@@ -85,6 +89,8 @@ for s in hi lo; do
   check "... a named actor and a placement group made there are found" \
     'echo "$out" | grep -q "^NAMED	77	77$" && echo "$out" | grep -q "^PG	7000$"' "$out"
   check "... a task id is 16 hex digits" 'echo "$out" | grep -q "^TASKID	string	16$"' "$out"
+  check "... tide.nodes() lists the three nodes with IP addresses, not names, this one first" \
+    'echo "$out" | grep -q "^ADDRESSES	3	ip,ip,ip$" && echo "$out" | grep -q "^FIRST	true$"' "$out"
 done
 
 cat > $D/holder.lua <<'LUA'
