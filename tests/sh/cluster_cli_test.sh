@@ -8,6 +8,8 @@ n=0
 ok() { n=$((n + 1)); echo "ok $n - $1"; }
 no() { n=$((n + 1)); echo "not ok $n - $1"; [ -n "$2" ] && echo "# $2"; }
 check() { if eval "$2"; then ok "$1"; else no "$1" "$3"; fi; }
+# Gone, or a zombie its parent (an init that reaps late) has not collected.
+gone() { ! kill -0 "$1" 2>/dev/null || grep -q '^State:.*Z' /proc/"$1"/status 2>/dev/null; }
 export TIDE_SESSION_DIR=$(mktemp -d /tmp/tide-cluster-test-XXXXXX)
 rmdir "$TIDE_SESSION_DIR"
 W=$(mktemp -d /tmp/tide-cluster-work-XXXXXX)
@@ -20,6 +22,15 @@ check "the session directory is private (0700)" '[ "$(stat -c %a "$TIDE_SESSION_
 check "the node socket is private (0600)" '[ "$(stat -c %a "$TIDE_SESSION_DIR/node.sock")" = 600 ]'
 out=$($T start --head 2>&1)
 check "a second start is refused while one runs" '[ $? -ne 0 ] && echo "$out" | grep -q "already running"' "$out"
+
+# A head whose TCP port is taken fails (the daemon retries for 10 s, for a
+# killed predecessor), naming the port, and leaves nothing running.
+out=$(TIDE_SESSION_DIR="$W/busy" $T start --head --port $PORT 2>&1); st=$?
+check "start --head on a port in use fails, naming the port" \
+  '[ $st -eq 1 ] && echo "$out" | grep -q "port $PORT is in use" && ! echo "$out" | grep -q "node started"' "$out"
+check "a head that could not listen leaves no daemon, socket or pid file" \
+  '[ ! -e "$W/busy/node.pid" ] && [ ! -e "$W/busy/node.sock" ] && ! pgrep -fx "$T start --head --port $PORT" >/dev/null' \
+  "$(ls "$W/busy"; pgrep -fax "$T start --head --port $PORT")"
 
 cat > "$W/drv.lua" <<'LUA'
 local tide = require("tide")
@@ -109,11 +120,32 @@ check "tide job stop stops a running job" 'echo "$out" | grep -q STOPPED' "$out"
 out=$($T job status nope 2>&1)
 check "an unknown job id is an error" '[ $? -ne 0 ] && echo "$out" | grep -q "no job"' "$out"
 
+# tide stop --all stops every daemon of this user, whatever its session
+# directory, and no one else's. Run as a throwaway uid (so that it cannot
+# stop other daemons of the user running the tests): needs root.
+if [ "$(id -u)" = 0 ] && command -v setpriv >/dev/null 2>&1; then
+  U=$((61000 + $$ % 4000))
+  as_u() { setpriv --reuid=$U --regid=$U --clear-groups "$@"; }
+  mkdir -p "$W/u" && chown $U "$W/u" && chmod 711 "$W"
+  TIDE_SESSION_DIR="$W/u/a" as_u $T start --head --port 0 --num-cpus 1 >"$W/ua.out" 2>&1
+  TIDE_SESSION_DIR="$W/u/b" as_u $T start --head --port 0 --num-cpus 1 >"$W/ub.out" 2>&1
+  pa=$(cat "$W/u/a/node.pid" 2>/dev/null); pb=$(cat "$W/u/b/node.pid" 2>/dev/null)
+  check "uid $U runs two heads in two session directories" '[ -n "$pa" ] && [ -n "$pb" ]' "$(cat "$W/ua.out" "$W/ub.out")"
+  out=$(as_u $T stop --all 2>&1); st=$?
+  sleep 0.3
+  check "tide stop --all stops both, naming their sessions" \
+    '[ $st -eq 0 ] && gone $pa && gone $pb && echo "$out" | grep -q "pid $pa, session $W/u/a" && echo "$out" | grep -q "pid $pb, session $W/u/b"' "$out"
+  check "tide stop --all leaves another user's node running" 'kill -0 "$(cat "$TIDE_SESSION_DIR/node.pid")"' "$out"
+  out=$(as_u $T stop --all 2>&1); st=$?
+  check "tide stop --all with nothing running says so, exit 0" '[ $st -eq 0 ] && echo "$out" | grep -q "no node"' "$out"
+  kill -9 $pa $pb 2>/dev/null
+else
+  n=$((n + 1)); echo "ok $n # SKIP tide stop --all: needs root to run as a throwaway uid"
+fi
+
 pid=$(cat "$TIDE_SESSION_DIR/node.pid")
 out=$($T stop 2>&1)
 sleep 0.3
-# Gone, or a zombie its parent (an init that reaps late) has not collected.
-gone() { ! kill -0 "$1" 2>/dev/null || grep -q '^State:.*Z' /proc/"$1"/status 2>/dev/null; }
 check "tide stop stops the node" 'gone $pid' "$out"
 check "no node worker is left after stop" '! pgrep -f "tide-worker" -P $pid >/dev/null 2>&1'
 check "the socket and pid files are removed" '[ ! -e "$TIDE_SESSION_DIR/node.sock" ] && [ ! -e "$TIDE_SESSION_DIR/node.pid" ]'
