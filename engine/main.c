@@ -507,10 +507,26 @@ static int td__load_key(td_cluster_key_t *key) {
     snprintf(keyf, sizeof(keyf), "%s/cluster.key", dir);
     kf = keyf;
   }
-  if (td_key_load(kf, key)) {
-    fprintf(stderr, "tide: no cluster key at %s (pass --key FILE or set TIDE_KEY_FILE)\n", kf);
+  struct stat st;
+  if (stat(kf, &st) != 0) {
+    if (errno == ENOENT) fprintf(stderr, "tide: no cluster key at %s (pass --key FILE or set TIDE_KEY_FILE)\n", kf);
+    else fprintf(stderr, "tide: cannot read the cluster key %s: %s\n", kf, strerror(errno));
     return -1;
   }
+  if (access(kf, R_OK) != 0) {
+    fprintf(stderr, "tide: cannot read the cluster key %s: %s\n", kf, strerror(errno));
+    return -1;
+  }
+  if (td_key_load(kf, key)) {
+    fprintf(stderr, "tide: the cluster key %s is malformed: it needs server_public, client_public and "
+                    "client_secret lines of 40 characters each (copy the head's session cluster.key)\n", kf);
+    return -1;
+  }
+  /* Whoever can read the key can join and run code, so say so, as ssh
+   * does for a private key; unlike ssh, go on (the key still works). */
+  if (st.st_mode & 077)
+    fprintf(stderr, "tide: warning: the cluster key %s is accessible by others (mode %04o): anyone who can "
+                    "read it can join the cluster and run code; chmod 600 %s\n", kf, (unsigned)(st.st_mode & 07777), kf);
   return 0;
 }
 

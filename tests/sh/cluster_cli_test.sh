@@ -57,10 +57,14 @@ check "a non-detached actor ends with its driver" 'echo "$out" | grep -q "TEMP	f
 out=$(printf 'x = tide.get(tide.get_actor("keep"):incr())\nx * 10\n:status\n' | $T repl --address local 2>&1)
 check "a REPL attached to the node drives it" 'echo "$out" | grep -q "^30$"' "$out"
 check "the REPL :status shows the node" 'echo "$out" | grep -q "actors"' "$out"
+check "the REPL :status gives memory and store sizes in human units" \
+  'echo "$out" | grep -Eq "memory +[0-9.]+ (B|[KMGT]iB) / [0-9.]+ [KMGT]iB" && echo "$out" | grep -Eq "store [0-9.]+ (B|[KMGT]iB) / [0-9.]+ [KMGT]iB" && ! echo "$out" | grep -Eq "[0-9]e\+[0-9]|[0-9]{7} bytes"' "$out"
 
 out=$($T status 2>&1)
 check "tide status prints resources and counts" \
   'echo "$out" | grep -q "CPU" && echo "$out" | grep -q "actors 1"' "$out"
+check "tide status gives memory, store, spilled and sent sizes in human units, no 3.5e+10" \
+  'echo "$out" | grep -Eq "memory +[0-9.]+ (B|[KMGT]iB) / [0-9.]+ [KMGT]iB" && echo "$out" | grep -Eq "store [0-9.]+ (B|[KMGT]iB) / [0-9.]+ [KMGT]iB, [0-9.]+ (B|[KMGT]iB) spilled" && echo "$out" | grep -Eq "sent to other nodes [0-9.]+ (B|[KMGT]iB)" && ! echo "$out" | grep -Eq "[0-9]e\+[0-9]|bytes"' "$out"
 
 out=$($T run --address /nonexistent/node.sock "$W/drv2.lua" 2>&1)
 check "attaching to no node fails clearly" '[ $? -ne 0 ] && echo "$out" | grep -q "cannot connect"' "$out"
@@ -75,6 +79,17 @@ LUA
 out=$($T run --address 127.0.0.1:$PORT --key "$TIDE_SESSION_DIR/cluster.key" "$W/tcp.lua" 2>&1)
 check "a driver attached over TCP (CURVE) with the cluster key runs tasks, actors and large objects" \
   'echo "$out" | grep -q "TCP	144	4	300000	500000"' "$out"
+check "a private key file gives no warning" '! echo "$out" | grep -q "warning"' "$out"
+cp "$TIDE_SESSION_DIR/cluster.key" "$W/open.key"; chmod 644 "$W/open.key"
+out=$($T run --address 127.0.0.1:$PORT --key "$W/open.key" "$W/tcp.lua" 2>&1)
+check "a key file others can read works, with a warning naming it and its mode" \
+  'echo "$out" | grep -q "TCP	144" && echo "$out" | grep -q "warning: the cluster key $W/open.key is accessible by others (mode 0644)"' "$out"
+printf 'server_public=short\n' >"$W/bad.key"; chmod 600 "$W/bad.key"
+out=$($T run --address 127.0.0.1:$PORT --key "$W/bad.key" "$W/tcp.lua" 2>&1); st=$?
+check "a malformed key file is called malformed, not missing" \
+  '[ $st -eq 1 ] && echo "$out" | grep -q "cluster key $W/bad.key is malformed" && ! echo "$out" | grep -q "no cluster key"' "$out"
+out=$($T run --address 127.0.0.1:$PORT --key "$W/none.key" "$W/tcp.lua" 2>&1); st=$?
+check "a missing key file is called missing" '[ $st -eq 1 ] && echo "$out" | grep -q "no cluster key at $W/none.key"' "$out"
 (export TIDE_SESSION_DIR="$W/other"; $T start --head --port $((PORT + 1)) >/dev/null 2>&1; $T stop >/dev/null 2>&1)
 out=$(timeout 30 $T run --address 127.0.0.1:$PORT --key "$W/other/cluster.key" "$W/drv2.lua" 2>&1)
 check "a driver with another cluster's key is refused" '[ $? -ne 0 ] && echo "$out" | grep -q "did not answer"' "$out"
@@ -111,14 +126,27 @@ lid=$(echo "$out" | sed -n 's/^submitted //p')
 sleep 1.5
 out=$($T job list 2>&1)
 check "tide job list shows both jobs" 'echo "$out" | grep -q "$id" && echo "$out" | grep "$lid" | grep -q RUNNING' "$out"
-$T job stop "$lid" >/dev/null 2>&1
-for i in 1 2 3 4 5 6 7 8 9 10; do
-  $T job status "$lid" 2>/dev/null | grep -q STOPPED && break; sleep 0.5
-done
+out=$($T job stop "$lid" 2>&1)
+check "tide job stop prints the job's status after the stop (STOPPED, not RUNNING)" \
+  'echo "$out" | grep "$lid" | grep -q STOPPED' "$out"
 out=$($T job status "$lid" 2>&1)
 check "tide job stop stops a running job" 'echo "$out" | grep -q STOPPED' "$out"
-out=$($T job status nope 2>&1)
-check "an unknown job id is an error" '[ $? -ne 0 ] && echo "$out" | grep -q "no job"' "$out"
+out=$($T job status nope 2>&1); st=$?
+check "an unknown job id is an error: one line, no traceback" \
+  '[ $st -eq 1 ] && [ "$out" = "tide: no job nope" ]' "$out"
+out=$($T job logs nope 2>&1); st=$?
+check "logs of an unknown job id: one line, no traceback" '[ $st -eq 1 ] && [ "$out" = "tide: no job nope" ]' "$out"
+out=$(cd / && $T submit --working-dir "$W/wd" job.lua 5 2>&1)
+wid=$(echo "$out" | sed -n 's/^submitted //p')
+for i in 1 2 3 4 5 6 7 8 9 10; do
+  $T job status "$wid" 2>/dev/null | grep -q SUCCEEDED && break; sleep 0.5
+done
+out2=$($T job logs "$wid" 2>&1)
+check "submit --working-dir D SCRIPT finds SCRIPT in D, not in the current directory" \
+  '[ -n "$wid" ] && echo "$out2" | grep -q "JOB	5	25"' "$out $out2"
+out=$(cd / && $T submit --working-dir "$W/wd" nosuch.lua 2>&1); st=$?
+check "submit --working-dir D with no such SCRIPT in D says so" \
+  '[ $st -eq 1 ] && echo "$out" | grep -q "no nosuch.lua in the working directory $W/wd"' "$out"
 
 # tide stop --all stops every daemon of this user, whatever its session
 # directory, and no one else's. Run as a throwaway uid (so that it cannot
