@@ -121,6 +121,8 @@ static const struct td__help {
    "  --host H              interface to listen on (default 0.0.0.0)\n"
    "  --name N              this node's name\n"
    "  --node-timeout S      seconds of silence before a node counts as dead (default 5)\n"
+   "  --join-timeout S      give up joining after S seconds, saying why (default 15;\n"
+   "                        0: keep trying); a node that has joined always rejoins\n"
    "  --block               stay in the foreground, logging to the terminal\n"
    "  --num-cpus N, --num-gpus N, --resources JSON, --object-store-memory BYTES\n"
    "                        this node's resources, as for `tide run`\n"
@@ -268,6 +270,7 @@ static void td__open(lua_State *L) {
 static int td__resolve_address(const char *a, char *out, size_t n);
 static void td__session_dir(char *out, size_t n);
 static int td__load_key(td_cluster_key_t *key);
+static void td__why_no_answer(const char *ep, char *why, size_t n);
 
 /* Parses option flags from argv[first]; sets registry tide.cli_opts.
  * Returns -1 to go on (with *next at the first non-option), or an exit code. */
@@ -340,8 +343,11 @@ static int td__run(int argc, char **argv, int first, const char *script_override
       td_cluster_key_t key;
       int fd;
       if (td__load_key(&key)) return 1;
+      err[0] = 0;
       if (td_bridge_client_start(path, &key, &fd) || td_client_connect_fd(fd, addr, err, sizeof(err))) {
-        fprintf(stderr, "tide: %s\n", err[0] ? err : "cannot reach the node");
+        char why[PATH_MAX + 256];
+        td__why_no_answer(path, why, sizeof(why));
+        fprintf(stderr, "tide: cannot attach to the node at %s: %s\n", addr, why);
         return 1;
       }
       td__remote = 1;
@@ -498,6 +504,8 @@ static int td__read_pid(const char *dir) {
 
 /* Resolves the cluster key for TCP: --key, TIDE_KEY_FILE, or this user's
  * default session (where `tide start --head` wrote it). Prints why not. */
+static char td__key_used[PATH_MAX + 16]; /* the key file td__load_key read, for messages */
+
 static int td__load_key(td_cluster_key_t *key) {
   char keyf[PATH_MAX + 16];
   const char *kf = td__key_arg ? td__key_arg : getenv("TIDE_KEY_FILE");
@@ -507,6 +515,7 @@ static int td__load_key(td_cluster_key_t *key) {
     snprintf(keyf, sizeof(keyf), "%s/cluster.key", dir);
     kf = keyf;
   }
+  snprintf(td__key_used, sizeof(td__key_used), "%s", kf);
   struct stat st;
   if (stat(kf, &st) != 0) {
     if (errno == ENOENT) fprintf(stderr, "tide: no cluster key at %s (pass --key FILE or set TIDE_KEY_FILE)\n", kf);
@@ -528,6 +537,48 @@ static int td__load_key(td_cluster_key_t *key) {
     fprintf(stderr, "tide: warning: the cluster key %s is accessible by others (mode %04o): anyone who can "
                     "read it can join the cluster and run code; chmod 600 %s\n", kf, (unsigned)(st.st_mode & 07777), kf);
   return 0;
+}
+
+/* Why the node at ep ("tcp://HOST:PORT") did not answer over CURVE, for
+ * the message: something listens there (so the handshake failed: most
+ * likely a key of another cluster), nothing does, or nothing answers at
+ * all. One plain TCP connection, made only after a failure; the node
+ * counts it as one more refused connection. */
+static void td__why_no_answer(const char *ep, char *why, size_t n) {
+  const char *hp = strncmp(ep, "tcp://", 6) ? ep : ep + 6;
+  const char *colon = strrchr(hp, ':');
+  char host[256];
+  snprintf(host, sizeof(host), "%.*s", colon ? (int)(colon - hp) : (int)strlen(hp), hp);
+  struct addrinfo hints = {0}, *ai = NULL;
+  hints.ai_socktype = SOCK_STREAM;
+  int gai = colon ? getaddrinfo(host, colon + 1, &hints, &ai) : EAI_NONAME;
+  if (gai != 0) {
+    snprintf(why, n, "cannot resolve %s: %s", host, gai_strerror(gai));
+    return;
+  }
+  int err = ETIMEDOUT;
+  int fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd >= 0) {
+    if (connect(fd, ai->ai_addr, ai->ai_addrlen) == 0) {
+      err = 0;
+    } else if (errno != EINPROGRESS) {
+      err = errno;
+    } else {
+      struct pollfd p = {.fd = fd, .events = POLLOUT};
+      socklen_t len = sizeof(err);
+      if (poll(&p, 1, 3000) == 1) getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
+    }
+    close(fd);
+  }
+  freeaddrinfo(ai);
+  if (err == 0)
+    snprintf(why, n, "%s is listening but did not take the cluster key %s (the key of another cluster?)", hp,
+             td__key_used);
+  else if (err == ECONNREFUSED)
+    snprintf(why, n, "nothing is listening at %s (connection refused): is the head running there, on that port?",
+             hp);
+  else
+    snprintf(why, n, "%s does not answer (%s): a wrong host, or a firewall in the way?", hp, strerror(err));
 }
 
 /* One try at joining the head: connect over CURVE and get an index.
@@ -598,7 +649,7 @@ static void td__peer_close(void *ud, void *h) {
 static int td__start(int argc, char **argv) {
   int head = 0, block = 0, port = 6380, port_given = 0;
   const char *join = NULL, *node_name = NULL;
-  double node_timeout = 0;
+  double node_timeout = 0, join_timeout = 15;
   const char *bind_host = "0.0.0.0";
   char dir[PATH_MAX], sock[PATH_MAX + 16], pidf[PATH_MAX + 16], logf[PATH_MAX + 16];
   char keyf[PATH_MAX + 16];
@@ -614,7 +665,8 @@ static int td__start(int argc, char **argv) {
     if (!strcmp(a, "--head")) { head = 1; continue; }
     if (!strcmp(a, "--block")) { block = 1; continue; }
     int valued = !strcmp(a, "--port") || !strcmp(a, "--host") || !strcmp(a, "--address") ||
-                 !strcmp(a, "--key") || !strcmp(a, "--name") || !strcmp(a, "--node-timeout");
+                 !strcmp(a, "--key") || !strcmp(a, "--name") || !strcmp(a, "--node-timeout") ||
+                 !strcmp(a, "--join-timeout");
     if (valued && i + 1 >= argc) return td__usage_error("option %s needs a value", a);
     if (!strcmp(a, "--port")) {
       char *end;
@@ -631,6 +683,12 @@ static int td__start(int argc, char **argv) {
       char *end;
       node_timeout = strtod(argv[++i], &end);
       if (*end || !(node_timeout > 0)) return td__usage_error("%s", "--node-timeout needs a positive number of seconds");
+    }
+    else if (!strcmp(a, "--join-timeout")) {
+      char *end;
+      join_timeout = strtod(argv[++i], &end);
+      if (*end || end == argv[i] || !(join_timeout >= 0))
+        return td__usage_error("%s", "--join-timeout needs a number of seconds (0: keep trying)");
     }
     else if (nrest < 62) rest[nrest++] = argv[i];
     else return td__usage_error("%s", "too many options");
@@ -680,9 +738,10 @@ static int td__start(int argc, char **argv) {
     if (pid > 0) {
       close(ready[1]);
       char why[600];
-      /* A head may wait 10 s for its port (see below); a joining node up to
-       * 15 s for its head. */
-      int up = td__wait_ready(ready[0], pid, join ? 15 : 30, why, sizeof(why));
+      /* A head may wait 10 s for its port (see below); a joining node
+       * --join-timeout for its head, then reports why it gave up. */
+      int up = td__wait_ready(ready[0], pid, join ? (join_timeout > 0 ? join_timeout + 15 : 15) : 30, why,
+                              sizeof(why));
       close(ready[0]);
       if (up == 1) {
         printf("tide: node started (pid %d), session %s\n", (int)pid, dir);
@@ -696,7 +755,7 @@ static int td__start(int argc, char **argv) {
         return 0;
       }
       if (up < 0 && join && td__alive(pid)) {
-        fprintf(stderr, "tide: no answer from the head at %s yet; the node keeps trying (see %s; "
+        fprintf(stderr, "tide: no answer from the head at %s yet; the node keeps trying (--join-timeout 0; see %s; "
                         "`tide stop` stops it)\n", join, logf);
         return 1;
       }
@@ -733,8 +792,23 @@ static int td__start(int argc, char **argv) {
   uint32_t node_index = 0;
   int link_fd = -1;
   if (join) {
+    /* A first join that does not succeed in --join-timeout seconds (a wrong
+     * key, no head there) ends this daemon with the reason, rather than
+     * leaving it retrying forever; 0 keeps trying. A node that has joined
+     * retries for ever when it loses its head (below). */
+    double give_up = join_timeout > 0 ? td_now() + join_timeout : 0;
     while (td__join_once(join_ep, &join_key, 0, &node_index, &link_fd)) {
       if (td__stop_daemon) { unlink(pidf); return 0; }
+      if (give_up && td_now() >= give_up) {
+        char why[PATH_MAX + 256], msg[PATH_MAX + 512];
+        td__why_no_answer(join_ep, why, sizeof(why));
+        snprintf(msg, sizeof(msg), "cannot join the head at %s: %s (gave up after %g s; --join-timeout 0 keeps trying)",
+                 join, why, join_timeout);
+        fprintf(stderr, "tide: %s\n", msg);
+        td__ready(msg);
+        unlink(pidf);
+        return 1;
+      }
       sleep(1);
     }
     char nid[32];

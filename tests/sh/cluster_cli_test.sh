@@ -92,7 +92,18 @@ out=$($T run --address 127.0.0.1:$PORT --key "$W/none.key" "$W/tcp.lua" 2>&1); s
 check "a missing key file is called missing" '[ $st -eq 1 ] && echo "$out" | grep -q "no cluster key at $W/none.key"' "$out"
 (export TIDE_SESSION_DIR="$W/other"; $T start --head --port $((PORT + 1)) >/dev/null 2>&1; $T stop >/dev/null 2>&1)
 out=$(timeout 30 $T run --address 127.0.0.1:$PORT --key "$W/other/cluster.key" "$W/drv2.lua" 2>&1)
-check "a driver with another cluster's key is refused" '[ $? -ne 0 ] && echo "$out" | grep -q "did not answer"' "$out"
+check "a driver with another cluster's key is refused, and told the key was not taken" \
+  '[ $? -ne 0 ] && echo "$out" | grep -q "127.0.0.1:$PORT is listening but did not take the cluster key $W/other/cluster.key"' "$out"
+out=$(timeout 30 $T run --address 127.0.0.1:$((PORT + 3)) --key "$W/other/cluster.key" "$W/drv2.lua" 2>&1)
+check "a driver pointed where nothing listens is told so, not about keys" \
+  '[ $? -eq 1 ] && echo "$out" | grep -q "nothing is listening at 127.0.0.1:$((PORT + 3))" && ! echo "$out" | grep -q "key"' "$out"
+out=$(TIDE_SESSION_DIR="$W/join" timeout 60 $T start --address 127.0.0.1:$PORT --key "$W/other/cluster.key" --join-timeout 3 2>&1); st=$?
+check "a node joining with another cluster's key gives up after --join-timeout, saying the key was not taken" \
+  '[ $st -eq 1 ] && echo "$out" | grep -q "cannot join the head at 127.0.0.1:$PORT: .*did not take the cluster key"' "$out"
+sleep 0.3
+check "a node that gave up joining leaves no daemon or pid file" \
+  '[ ! -e "$W/join/node.pid" ] && ! pgrep -f "start --address 127.0.0.1:$PORT --key $W/other/cluster.key" >/dev/null' \
+  "$(pgrep -af "start --address 127.0.0.1:$PORT")"
 out=$($T status 2>&1)
 check "refused connections are counted in tide status" \
   'echo "$out" | grep -q "refused (no valid cluster key): [1-9]"' "$out"
