@@ -461,7 +461,7 @@ static int td__resolve_address(const char *a, char *out, size_t n) {
     snprintf(out, n, "tcp://%.*s:%s", (int)(colon - a), a, colon + 1);
     return 1;
   }
-  fprintf(stderr, "tide: address %s: give HOST:PORT, local, or a node.sock path\n", a);
+  td__usage_error("address %s: give HOST:PORT, local, or a node.sock path", a);
   return -1;
 }
 
@@ -708,8 +708,9 @@ static int td__start(int argc, char **argv) {
   char join_ep[PATH_MAX];
   td_cluster_key_t join_key;
   if (join) {
-    if (td__resolve_address(join, join_ep, sizeof(join_ep)) != 1)
-      return td__usage_error("--address %s: a node joins its head at HOST:PORT", join);
+    int kind = td__resolve_address(join, join_ep, sizeof(join_ep));
+    if (kind < 0) return 2;
+    if (kind != 1) return td__usage_error("--address %s: a node joins its head at HOST:PORT", join);
     if (td__load_key(&join_key)) return 1;
     if (!port_given) port = -1;  /* a port of its own choosing, for other nodes */
   }
@@ -1169,8 +1170,9 @@ int main(int argc, char **argv) {
     }
     if (!getenv("TIDE_ADDRESS")) setenv("TIDE_ADDRESS", "local", 1);
     char sock[PATH_MAX];
-    if (td__resolve_address(getenv("TIDE_ADDRESS") ? getenv("TIDE_ADDRESS") : "local", sock, sizeof(sock)) == 0)
-      setenv("TIDE_NODE_SOCKET", sock, 1);
+    int kind = td__resolve_address(getenv("TIDE_ADDRESS"), sock, sizeof(sock));
+    if (kind < 0) return 2;
+    if (kind == 0) setenv("TIDE_NODE_SOCKET", sock, 1);
     setenv("TIDE_EXE", td__exe, 1);
     return td__run(argc, argv, 1, path);
   }
