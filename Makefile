@@ -65,7 +65,7 @@ build/ctest: $(CTEST_SRCS) $(LIB_OBJS) $(EXTRA_OBJS) tests/c/test-list.h
 	$(CC) $(CFLAGS) -Itests/c $(LDFLAGS) -o $@ $(CTEST_SRCS) $(LIB_OBJS) $(EXTRA_OBJS) $(LDLIBS)
 
 ASAN := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
-build/ctest-asan: $(CTEST_SRCS) $(SRCS) tests/c/test-list.h
+build/ctest-asan: $(CTEST_SRCS) $(SRCS) tests/c/test-list.h build/config.mk
 	$(CC) $(CFLAGS) $(ASAN) -O1 -Itests/c $(LDFLAGS) -o $@ $(CTEST_SRCS) \
 	  $(filter-out engine/main.c,$(SRCS)) $(EXTRA_OBJS) $(LDLIBS)
 
@@ -83,7 +83,7 @@ build/fuzz-node: $(NODE_FUZZ_SRCS) $(wildcard engine/*.h lua/*.h)
 
 # The whole engine under ASan+UBSan, for the Lua suites (tests/sh/asan_lua_test.sh).
 TEST_DEPS += build/asan/tide
-build/asan/tide: $(SRCS) $(EXTRA_OBJS) $(wildcard engine/*.h lua/*.h gpu/*.h)
+build/asan/tide: $(SRCS) $(EXTRA_OBJS) $(wildcard engine/*.h lua/*.h gpu/*.h) build/config.mk
 	@mkdir -p build/asan
 	$(CC) $(CFLAGS) $(ASAN) -O1 $(LDFLAGS) -o $@ $(SRCS) $(EXTRA_OBJS) $(LDLIBS)
 
