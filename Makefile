@@ -5,9 +5,21 @@
 CC      ?= cc
 OPT     ?= -O2
 PKGS    := luajit libuv libzmq libsodium libedit sqlite3
+
+# The packages' flags live in build/config.mk, which make remakes before it
+# builds anything: its rule runs scripts/deps.sh first, then pkg-config.  When
+# its text changes (a fresh clone, packages just installed, another LuaJIT
+# flavour), make reads every makefile again, so the flags and the parse-time
+# probes below (clang, libuv in engine/http.mk) see the installed packages and
+# the first `make demo` on a bare machine builds.  The file keeps its date
+# when nothing changed, so a `make` with everything present costs one
+# deps.sh check and no restart.  `make clean` alone needs no packages.
+ifneq ($(if $(MAKECMDGOALS),$(filter-out clean,$(MAKECMDGOALS)),all),)
+include build/config.mk
+endif
 CFLAGS  := $(OPT) -g -std=gnu11 -D_GNU_SOURCE -Wall -Wextra -Werror -fno-strict-aliasing \
-           -Iengine -Ilua -Igpu $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
-LDLIBS  := $(shell pkg-config --libs $(PKGS) 2>/dev/null) -lm -lpthread -ldl
+           -Iengine -Ilua -Igpu $(PKG_CFLAGS)
+LDLIBS  := $(PKG_LIBS) -lm -lpthread -ldl
 LDFLAGS := -Wl,-E
 
 ENGINE_SRCS := $(wildcard engine/*.c) $(wildcard lua/*.c)
@@ -22,17 +34,27 @@ SRCS := $(ENGINE_SRCS) $(GPU_SRCS)
 OBJS := $(patsubst %.c,build/obj/%.o,$(SRCS))
 LIB_OBJS := $(filter-out build/obj/engine/main.o,$(OBJS))
 
-.PHONY: all deps test demo bench clean lint ctest luatest
-all: deps bin/tide
+.PHONY: all deps test demo bench clean lint ctest luatest check-bare chaos FORCE
+all: bin/tide
 
 deps:
 	@sh scripts/deps.sh
+
+# pkg-config's own message names a package still missing; the build stops
+# there rather than at the first #include.
+build/config.mk: FORCE
+	@sh scripts/deps.sh
+	@mkdir -p build
+	@cflags=$$(pkg-config --cflags $(PKGS)) && libs=$$(pkg-config --libs $(PKGS)) && \
+	  { echo "PKG_CFLAGS := $$cflags"; echo "PKG_LIBS := $$libs"; \
+	    echo "# clang: $$(command -v clang)"; } >$@.tmp
+	@if cmp -s $@.tmp $@; then rm -f $@.tmp; else mv $@.tmp $@; fi
 
 bin/tide: $(OBJS) $(EXTRA_OBJS)
 	@mkdir -p bin
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
-build/obj/%.o: %.c $(wildcard engine/*.h lua/*.h gpu/*.h)
+build/obj/%.o: %.c $(wildcard engine/*.h lua/*.h gpu/*.h) build/config.mk
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c -o $@ $<
 
@@ -43,7 +65,7 @@ build/ctest: $(CTEST_SRCS) $(LIB_OBJS) $(EXTRA_OBJS) tests/c/test-list.h
 	$(CC) $(CFLAGS) -Itests/c $(LDFLAGS) -o $@ $(CTEST_SRCS) $(LIB_OBJS) $(EXTRA_OBJS) $(LDLIBS)
 
 ASAN := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
-build/ctest-asan: $(CTEST_SRCS) $(SRCS) tests/c/test-list.h
+build/ctest-asan: $(CTEST_SRCS) $(SRCS) tests/c/test-list.h build/config.mk
 	$(CC) $(CFLAGS) $(ASAN) -O1 -Itests/c $(LDFLAGS) -o $@ $(CTEST_SRCS) \
 	  $(filter-out engine/main.c,$(SRCS)) $(EXTRA_OBJS) $(LDLIBS)
 
@@ -61,7 +83,7 @@ build/fuzz-node: $(NODE_FUZZ_SRCS) $(wildcard engine/*.h lua/*.h)
 
 # The whole engine under ASan+UBSan, for the Lua suites (tests/sh/asan_lua_test.sh).
 TEST_DEPS += build/asan/tide
-build/asan/tide: $(SRCS) $(EXTRA_OBJS) $(wildcard engine/*.h lua/*.h gpu/*.h)
+build/asan/tide: $(SRCS) $(EXTRA_OBJS) $(wildcard engine/*.h lua/*.h gpu/*.h) build/config.mk
 	@mkdir -p build/asan
 	$(CC) $(CFLAGS) $(ASAN) -O1 $(LDFLAGS) -o $@ $(SRCS) $(EXTRA_OBJS) $(LDLIBS)
 
@@ -71,8 +93,17 @@ test: all build/ctest build/ctest-asan $(TEST_DEPS)
 demo: all
 	bin/tide run examples/quickstart.lua
 
+# Ten minutes of kill -9 under checked work (a short run is in make test).
+chaos: all
+	sh tests/chaos/chaos.sh $${CHAOS_SECONDS:-600}
+
 bench: all build/bench-http
 	bin/tide bench
+
+# A fresh clone's first `make demo` with three build packages removed
+# (root only; they are installed again).  Run by .ci/run.
+check-bare:
+	@sh scripts/check-bare.sh
 
 lint:
 	cppcheck -q --error-exitcode=1 --enable=warning,performance engine lua gpu

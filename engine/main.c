@@ -3,6 +3,7 @@
  * runs the benchmark suite; `tide __worker` is how workers start.
  * Uses core (bindings), node, worker.
  */
+#include <dirent.h>
 #include <dlfcn.h>
 #include <luajit.h>
 #include <lauxlib.h>
@@ -56,8 +57,9 @@ static const char td__usage[] =
   "                         run a head node in the background (--block: foreground)\n"
   "  tide start --address HOST:PORT [--key F] [--name N] [--block] [resource flags]\n"
   "                         run a node that joins the head at HOST:PORT\n"
-  "  tide stop | tide status [--address A]\n"
-  "                         stop it; print its nodes, resources, workers, actors, tasks, objects\n"
+  "  tide stop [--all] | tide status [--address A]\n"
+  "                         stop it (--all: every node of this user); print its nodes,\n"
+  "                         resources, workers, actors, tasks, objects\n"
   "  tide submit [--address A --key F] [--working-dir D] SCRIPT [ARGS...]\n"
   "  tide job list | status ID | logs ID [--follow] | stop ID\n"
   "                         run a driver script as a job on the running node\n"
@@ -70,13 +72,129 @@ static const char td__usage[] =
   "  tide --version         print the version\n"
   "  tide --help            print this help\n"
   "\n"
-  "Options come before SCRIPT; everything after SCRIPT is the script's `arg`.\n"
+  "`tide COMMAND --help` describes a command and its options. Options come\n"
+  "before SCRIPT; everything after SCRIPT is the script's `arg`.\n"
   "Exit status: 0 success, 1 script error, 2 usage error.\n";
+
+/* Each command's own help, printed by `tide CMD --help` (or `tide help
+ * CMD`) on stdout. A usage error prints one line and points here, instead
+ * of the whole usage above. */
+static const struct td__help {
+  const char *cmd, *text;
+} td__helps[] = {
+  {"run",
+   "usage: tide run [options] SCRIPT [ARGS...]\n"
+   "\n"
+   "Runs the Lua driver SCRIPT on an embedded local cluster, torn down when it\n"
+   "ends; with --address, on a running node instead. Options come before\n"
+   "SCRIPT (`--` ends them); everything after SCRIPT is the script's `arg`.\n"
+   "\n"
+   "  --num-cpus N                 CPUs the scheduler hands out (default: online CPUs)\n"
+   "  --num-gpus N                 GPUs, ids 0..N-1 (default 0)\n"
+   "  --resources JSON             custom resources, e.g. '{\"ssd\": 2}'\n"
+   "  --object-store-memory BYTES  object store size (default 30% of RAM)\n"
+   "  --address A                  attach to a running node: local, a node.sock path,\n"
+   "                               or HOST:PORT (then --key FILE or TIDE_KEY_FILE)\n"
+   "  --key FILE                   the cluster key for --address HOST:PORT\n"
+   "  -h, --help                   print this help\n"
+   "\n"
+   "Exit status: 0 success, 1 script error, 2 usage error, 130 interrupted,\n"
+   "n from os.exit(n).\n"},
+  {"serve",
+   "usage: tide serve run [--host H] [--port P] [run options] APP.lua [ARGS...]\n"
+   "       tide serve status [--host H] [--port P]\n"
+   "\n"
+   "serve run: runs APP.lua, which declares deployments (serve.run), and serves\n"
+   "them over HTTP on H:P (default 127.0.0.1:8000) until Ctrl-C. It takes the\n"
+   "options of `tide run` too (see `tide run --help`).\n"
+   "serve status: prints the deployments of a running `tide serve run`.\n"},
+  {"start",
+   "usage: tide start --head [options]\n"
+   "       tide start --address HOST:PORT [--key FILE] [options]\n"
+   "\n"
+   "Starts a node daemon (scheduler, object store, workers) in the background\n"
+   "and returns once it listens; its socket, pid, log and cluster key are in the\n"
+   "session directory ($TIDE_SESSION_DIR or /tmp/tide-UID).\n"
+   "\n"
+   "  --head                a head: other nodes, drivers and `tide status` attach to it\n"
+   "  --address HOST:PORT   join the head at HOST:PORT (with its cluster key)\n"
+   "  --key FILE            the cluster key to join with (default: TIDE_KEY_FILE,\n"
+   "                        then the session's cluster.key)\n"
+   "  --port P              TCP port (head default 6380; a joining node picks one)\n"
+   "  --host H              interface to listen on (default 0.0.0.0)\n"
+   "  --name N              this node's name\n"
+   "  --node-timeout S      seconds of silence before a node counts as dead (default 5)\n"
+   "  --join-timeout S      give up joining after S seconds, saying why (default 15;\n"
+   "                        0: keep trying); a node that has joined always rejoins\n"
+   "  --node-index N        ask the head for node index N (1..4095) if it is free\n"
+   "  --block               stay in the foreground, logging to the terminal\n"
+   "  --num-cpus N, --num-gpus N, --resources JSON, --object-store-memory BYTES\n"
+   "                        this node's resources, as for `tide run`\n"
+   "  -h, --help            print this help\n"},
+  {"stop",
+   "usage: tide stop [--all]\n"
+   "\n"
+   "Stops the node daemon of the session directory ($TIDE_SESSION_DIR or\n"
+   "/tmp/tide-UID): SIGTERM, then SIGKILL after 5 s.\n"
+   "\n"
+   "  --all       stop every node daemon (`tide start`) this user runs on this\n"
+   "              machine, whatever its session directory\n"
+   "  -h, --help  print this help\n"},
+  {"status",
+   "usage: tide status [--address A] [--key FILE]\n"
+   "\n"
+   "Prints the running node's resources (used / total), workers, actors, tasks,\n"
+   "objects and store use; on a head, every node of the cluster. A is local\n"
+   "(the default), a node.sock path, or HOST:PORT with the cluster key.\n"},
+  {"submit",
+   "usage: tide submit [--address A] [--key FILE] [--working-dir D] SCRIPT [ARGS...]\n"
+   "\n"
+   "Runs SCRIPT as a job, a driver kept by the running node (default: local),\n"
+   "and prints its id. --working-dir D ships the directory D to the node; the\n"
+   "job runs in it and SCRIPT is found in it. See `tide job --help`.\n"},
+  {"job",
+   "usage: tide job list | status ID | logs ID [--follow] | stop ID\n"
+   "                [--address A] [--key FILE]\n"
+   "\n"
+   "  list          every job of the node, with its status and exit code\n"
+   "  status ID     one job: RUNNING, SUCCEEDED, FAILED or STOPPED\n"
+   "  logs ID       its output so far (--follow: until it ends)\n"
+   "  stop ID       stop it (SIGTERM to its driver), then print its status\n"},
+  {"repl",
+   "usage: tide repl [run options]\n"
+   "\n"
+   "Interactive Lua with tide loaded, on an embedded cluster, or attached to a\n"
+   "node with --address (see `tide run --help` for the options). :help at the\n"
+   "prompt lists its commands.\n"},
+  {"bench",
+   "usage: tide bench [NAME...] [--json]\n"
+   "\n"
+   "Runs the benchmarks (Ray's metric names) as JSON lines, each beside a\n"
+   "machine limit measured in the same run; NAME keeps the metrics that start\n"
+   "with it. TIDE_BENCH_SCALE scales the iteration counts.\n"},
+};
+
+/* The command being run, for the hint of a usage error. */
+static const char *td__cmd;
+
+static int td__is_help(const char *a) { return !strcmp(a, "--help") || !strcmp(a, "-h"); }
+
+/* Prints the help of cmd (the whole usage for NULL or an unknown one). */
+static int td__help(const char *cmd) {
+  for (size_t i = 0; cmd && i < sizeof(td__helps) / sizeof(td__helps[0]); i++)
+    if (!strcmp(td__helps[i].cmd, cmd)) {
+      fputs(td__helps[i].text, stdout);
+      return 0;
+    }
+  fputs(td__usage, stdout);
+  return 0;
+}
 
 static int td__usage_error(const char *fmt, const char *arg) {
   fprintf(stderr, "tide: ");
   fprintf(stderr, fmt, arg);
-  fprintf(stderr, "\n\n%s", td__usage);
+  if (td__cmd) fprintf(stderr, "\nsee 'tide %s --help'\n", td__cmd);
+  else fprintf(stderr, "\nsee 'tide --help'\n");
   return 2;
 }
 
@@ -163,6 +281,7 @@ static int td__resolve_address(const char *a, char *out, size_t n);
 static void td__session_dir(char *out, size_t n);
 static int td__session_foreign(void);
 static int td__load_key(td_cluster_key_t *key);
+static void td__why_no_answer(const char *ep, char *why, size_t n);
 
 /* Parses option flags from argv[first]; sets registry tide.cli_opts.
  * Returns -1 to go on (with *next at the first non-option), or an exit code. */
@@ -173,13 +292,18 @@ static int td__parse_flags(lua_State *L, int argc, char **argv, int first, int *
     const char *a = argv[i];
     if (a[0] != '-' || !strcmp(a, "-")) break;
     if (!strcmp(a, "--")) { i++; break; }
+    if (td__is_help(a)) return td__help(td__cmd);
     const char *key = NULL;
     if (!strcmp(a, "--num-cpus")) key = "num_cpus";
     else if (!strcmp(a, "--num-gpus")) key = "num_gpus";
     else if (!strcmp(a, "--resources")) key = "resources_json";
     else if (!strcmp(a, "--object-store-memory")) key = "object_store_memory";
     else if (!strcmp(a, "--address")) key = "address";
-    else if (!strcmp(a, "--key") && i + 1 < argc) { td__key_arg = argv[++i]; continue; }
+    else if (!strcmp(a, "--key")) {
+      if (i + 1 >= argc) return td__usage_error("option %s needs a value", a);
+      td__key_arg = argv[++i];
+      continue;
+    }
     else if (!strcmp(a, "--host") && td__serving) key = "serve_host";
     else if (!strcmp(a, "--port") && td__serving) key = "serve_port";
     else return td__usage_error("unknown option %s", a);
@@ -230,8 +354,11 @@ static int td__run(int argc, char **argv, int first, const char *script_override
       td_cluster_key_t key;
       int fd;
       if (td__load_key(&key)) return 1;
+      err[0] = 0;
       if (td_bridge_client_start(path, &key, &fd) || td_client_connect_fd(fd, addr, err, sizeof(err))) {
-        fprintf(stderr, "tide: %s\n", err[0] ? err : "cannot reach the node");
+        char why[PATH_MAX + 256];
+        td__why_no_answer(path, why, sizeof(why));
+        fprintf(stderr, "tide: cannot attach to the node at %s: %s\n", addr, why);
         return 1;
       }
       td__remote = 1;
@@ -245,7 +372,7 @@ static int td__run(int argc, char **argv, int first, const char *script_override
   lua_pop(L, 2);
   const char *script = script_override;
   if (!script) {
-    if (i >= argc) return td__usage_error("%s", "run needs a SCRIPT");
+    if (i >= argc) return td__usage_error("%s", td__serving ? "serve run needs an APP.lua" : "run needs a SCRIPT");
     script = argv[i++];
   }
   /* arg: script at 0, its arguments from 1. */
@@ -366,26 +493,27 @@ static int td__lock_holder(int dfd) {
   return pid > 0 ? pid : 0;
 }
 
-/* 1 for a process that is exiting: a zombie main thread whose other
- * threads may still hold its files (and so its lock) for a moment. */
-static int td__dying(int pid) {
+/* A process that exists and is not a zombie (a killed daemon whose
+ * parent, maybe an init that does not reap, has not collected it). */
+static int td__alive(int pid) {
+  if (kill(pid, 0) != 0) return 0;
   char path[64], buf[512];
   snprintf(path, sizeof(path), "/proc/%d/stat", pid);
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return 1;
-  ssize_t n = read(fd, buf, sizeof(buf) - 1);
-  close(fd);
-  if (n <= 0) return 1;
+  FILE *f = fopen(path, "r");
+  if (!f) return 1;
+  size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+  fclose(f);
   buf[n] = 0;
   char *p = strrchr(buf, ')');
-  return p && p[1] == ' ' && (p[2] == 'Z' || p[2] == 'X');
+  return !(p && p[1] == ' ' && (p[2] == 'Z' || p[2] == 'X'));
 }
 
 /* The lock holder, after waiting (up to 5 s) for one that is exiting
- * (killed a moment ago) to let go. */
+ * (killed a moment ago: its main thread a zombie, its other threads may
+ * still hold its files, and so its lock, for a moment) to let go. */
 static int td__lock_holder_live(int dfd) {
   int pid = td__lock_holder(dfd);
-  for (int i = 0; i < 100 && pid && td__dying(pid); i++) {
+  for (int i = 0; i < 100 && pid && !td__alive(pid); i++) {
     usleep(50000);
     pid = td__lock_holder(dfd);
   }
@@ -449,7 +577,7 @@ static int td__resolve_address(const char *a, char *out, size_t n) {
     snprintf(out, n, "tcp://%.*s:%s", (int)(colon - a), a, colon + 1);
     return 1;
   }
-  fprintf(stderr, "tide: address %s: give HOST:PORT, local, or a node.sock path\n", a);
+  td__usage_error("address %s: give HOST:PORT, local, or a node.sock path", a);
   return -1;
 }
 
@@ -478,6 +606,8 @@ static int td__read_pid(int dfd) {
 
 /* Resolves the cluster key for TCP: --key, TIDE_KEY_FILE, or this user's
  * default session (where `tide start --head` wrote it). Prints why not. */
+static char td__key_used[PATH_MAX + 16]; /* the key file td__load_key read, for messages */
+
 static int td__load_key(td_cluster_key_t *key) {
   char keyf[PATH_MAX + 16];
   const char *kf = td__key_arg ? td__key_arg : getenv("TIDE_KEY_FILE");
@@ -488,11 +618,70 @@ static int td__load_key(td_cluster_key_t *key) {
     snprintf(keyf, sizeof(keyf), "%s/cluster.key", dir);
     kf = keyf;
   }
-  if (td_key_load(kf, key)) {
-    fprintf(stderr, "tide: no cluster key at %s (pass --key FILE or set TIDE_KEY_FILE)\n", kf);
+  snprintf(td__key_used, sizeof(td__key_used), "%s", kf);
+  struct stat st;
+  if (stat(kf, &st) != 0) {
+    if (errno == ENOENT) fprintf(stderr, "tide: no cluster key at %s (pass --key FILE or set TIDE_KEY_FILE)\n", kf);
+    else fprintf(stderr, "tide: cannot read the cluster key %s: %s\n", kf, strerror(errno));
     return -1;
   }
+  if (access(kf, R_OK) != 0) {
+    fprintf(stderr, "tide: cannot read the cluster key %s: %s\n", kf, strerror(errno));
+    return -1;
+  }
+  if (td_key_load(kf, key)) {
+    fprintf(stderr, "tide: the cluster key %s is malformed: it needs server_public, client_public and "
+                    "client_secret lines of 40 characters each (copy the head's session cluster.key)\n", kf);
+    return -1;
+  }
+  /* Whoever can read the key can join and run code, so say so, as ssh
+   * does for a private key; unlike ssh, go on (the key still works). */
+  if (st.st_mode & 077)
+    fprintf(stderr, "tide: warning: the cluster key %s is accessible by others (mode %04o): anyone who can "
+                    "read it can join the cluster and run code; chmod 600 %s\n", kf, (unsigned)(st.st_mode & 07777), kf);
   return 0;
+}
+
+/* Why the node at ep ("tcp://HOST:PORT") did not answer over CURVE, for
+ * the message: something listens there (so the handshake failed: most
+ * likely a key of another cluster), nothing does, or nothing answers at
+ * all. One plain TCP connection, made only after a failure; the node
+ * counts it as one more refused connection. */
+static void td__why_no_answer(const char *ep, char *why, size_t n) {
+  const char *hp = strncmp(ep, "tcp://", 6) ? ep : ep + 6;
+  const char *colon = strrchr(hp, ':');
+  char host[256];
+  snprintf(host, sizeof(host), "%.*s", colon ? (int)(colon - hp) : (int)strlen(hp), hp);
+  struct addrinfo hints = {0}, *ai = NULL;
+  hints.ai_socktype = SOCK_STREAM;
+  int gai = colon ? getaddrinfo(host, colon + 1, &hints, &ai) : EAI_NONAME;
+  if (gai != 0) {
+    snprintf(why, n, "cannot resolve %s: %s", host, gai_strerror(gai));
+    return;
+  }
+  int err = ETIMEDOUT;
+  int fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd >= 0) {
+    if (connect(fd, ai->ai_addr, ai->ai_addrlen) == 0) {
+      err = 0;
+    } else if (errno != EINPROGRESS) {
+      err = errno;
+    } else {
+      struct pollfd p = {.fd = fd, .events = POLLOUT};
+      socklen_t len = sizeof(err);
+      if (poll(&p, 1, 3000) == 1) getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
+    }
+    close(fd);
+  }
+  freeaddrinfo(ai);
+  if (err == 0)
+    snprintf(why, n, "%s is listening but did not take the cluster key %s (the key of another cluster?)", hp,
+             td__key_used);
+  else if (err == ECONNREFUSED)
+    snprintf(why, n, "nothing is listening at %s (connection refused): is the head running there, on that port?",
+             hp);
+  else
+    snprintf(why, n, "%s does not answer (%s): a wrong host, or a firewall in the way?", hp, strerror(err));
 }
 
 /* One try at joining the head: connect over CURVE and get an index.
@@ -506,6 +695,51 @@ static int td__join_once(const char *ep, const td_cluster_key_t *key, uint32_t w
   fprintf(stderr, "tide: cannot join the head at %s: %s; retrying\n", ep, td_strerror(rc));
   fflush(stderr);
   return -1;
+}
+
+/* The write end of a pipe to the `tide start` that forked this daemon: it
+ * reports success only once the node listens everywhere it should, and a
+ * failure with its reason ("+" or "-REASON", then the pipe closes; a
+ * daemon that dies first just closes it). */
+static int td__ready_fd = -1;
+static void td__ready(const char *why_not) {
+  if (td__ready_fd < 0) return;
+  char msg[600];
+  int n = snprintf(msg, sizeof(msg), "%s%s", why_not ? "-" : "+", why_not ? why_not : "");
+  ssize_t w = write(td__ready_fd, msg, (size_t)n < sizeof(msg) ? (size_t)n : sizeof(msg) - 1);
+  (void)w;
+  close(td__ready_fd);
+  td__ready_fd = -1;
+}
+
+/* In `tide start`: waits up to timeout_s for the daemon's word on the
+ * pipe. Returns 1 up, 0 failed (why in why), -1 no word yet. */
+static int td__wait_ready(int fd, pid_t pid, double timeout_s, char *why, size_t n) {
+  char buf[600];
+  size_t len = 0;
+  double until = td_now() + timeout_s;
+  why[0] = 0;
+  for (;;) {
+    double left = until - td_now();
+    if (left <= 0) return -1;
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    int r = poll(&p, 1, (int)(left * 1000) + 1);
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) return -1;
+    ssize_t got = read(fd, buf + len, sizeof(buf) - 1 - len);
+    if (got < 0 && errno == EINTR) continue;
+    if (got > 0) {
+      len += (size_t)got;
+      if (len < sizeof(buf) - 1) continue;
+    }
+    /* The pipe closed (or the message filled the buffer). */
+    buf[len] = 0;
+    if (len && buf[0] == '+') return 1;
+    if (len && buf[0] == '-') snprintf(why, n, "%s", buf + 1);
+    int st;
+    waitpid(pid, &st, WNOHANG);
+    return 0;
+  }
 }
 
 /* Links to other nodes, over the bridge (td_node_set_peering). */
@@ -542,7 +776,7 @@ static int td__addr_toward(const char *ep, char *out, size_t n) {
 static int td__start(int argc, char **argv) {
   int head = 0, block = 0, port = 6380, port_given = 0;
   const char *join = NULL, *node_name = NULL;
-  double node_timeout = 0;
+  double node_timeout = 0, join_timeout = 15;
   uint32_t want_index = 0;  /* --node-index: the index this node asks the head for */
   const char *bind_host = NULL;  /* --host; else loopback, or toward the head */
   char toward[64];
@@ -553,34 +787,65 @@ static int td__start(int argc, char **argv) {
   int nrest = 0;
   rest[nrest++] = argv[0];
   rest[nrest++] = "start";
-  for (int i = 2; i < argc && nrest < 62; i++) {
-    if (!strcmp(argv[i], "--head")) head = 1;
-    else if (!strcmp(argv[i], "--block")) block = 1;
-    else if (!strcmp(argv[i], "--port") && i + 1 < argc) port = atoi(argv[++i]), port_given = 1;
-    else if (!strcmp(argv[i], "--host") && i + 1 < argc) bind_host = argv[++i];
-    else if (!strcmp(argv[i], "--address") && i + 1 < argc) join = argv[++i];
-    else if (!strcmp(argv[i], "--key") && i + 1 < argc) td__key_arg = argv[++i];
-    else if (!strcmp(argv[i], "--name") && i + 1 < argc) node_name = argv[++i];
-    else if (!strcmp(argv[i], "--node-index") && i + 1 < argc) {
+  for (int i = 2; i < argc; i++) {
+    const char *a = argv[i];
+    if (td__is_help(a)) return td__help("start");
+    if (!strcmp(a, "--head")) { head = 1; continue; }
+    if (!strcmp(a, "--block")) { block = 1; continue; }
+    int valued = !strcmp(a, "--port") || !strcmp(a, "--host") || !strcmp(a, "--address") ||
+                 !strcmp(a, "--key") || !strcmp(a, "--name") || !strcmp(a, "--node-timeout") ||
+                 !strcmp(a, "--join-timeout") || !strcmp(a, "--node-index");
+    if (valued && i + 1 >= argc) return td__usage_error("option %s needs a value", a);
+    if (!strcmp(a, "--port")) {
+      char *end;
+      long p = strtol(argv[++i], &end, 10);
+      if (*end || end == argv[i] || p < 0 || p > 65535)
+        return td__usage_error("--port needs a port number (0-65535), not %s", argv[i]);
+      port = (int)p, port_given = 1;
+    }
+    else if (!strcmp(a, "--host")) bind_host = argv[++i];
+    else if (!strcmp(a, "--address")) join = argv[++i];
+    else if (!strcmp(a, "--key")) td__key_arg = argv[++i];
+    else if (!strcmp(a, "--name")) node_name = argv[++i];
+    else if (!strcmp(a, "--node-index")) {
       char *end;
       unsigned long v = strtoul(argv[++i], &end, 10);
-      if (*end || v < 1 || v > TD_NODE_MAX) return td__usage_error("%s", "--node-index needs an index in 1..4095");
+      if (*end || end == argv[i] || v < 1 || v > TD_NODE_MAX)
+        return td__usage_error("--node-index needs an index in 1..4095, not %s", argv[i]);
       want_index = (uint32_t)v;
     }
-    else if (!strcmp(argv[i], "--node-timeout") && i + 1 < argc) {
+    else if (!strcmp(a, "--node-timeout")) {
       char *end;
       node_timeout = strtod(argv[++i], &end);
       if (*end || !(node_timeout > 0)) return td__usage_error("%s", "--node-timeout needs a positive number of seconds");
     }
-    else rest[nrest++] = argv[i];
+    else if (!strcmp(a, "--join-timeout")) {
+      char *end;
+      join_timeout = strtod(argv[++i], &end);
+      if (*end || end == argv[i] || !(join_timeout >= 0))
+        return td__usage_error("%s", "--join-timeout needs a number of seconds (0: keep trying)");
+    }
+    else if (nrest < 62) rest[nrest++] = argv[i];
+    else return td__usage_error("%s", "too many options");
+  }
+  /* The resource flags are checked here, before the daemon forks, so a bad
+   * one is a usage error on the terminal rather than a line in node.log. */
+  {
+    lua_State *T = luaL_newstate();
+    int next = nrest;
+    int rc = td__parse_flags(T, nrest, rest, 2, &next);
+    lua_close(T);
+    if (rc >= 0) return rc;
+    if (next < nrest) return td__usage_error("start takes no SCRIPT or other arguments: %s", rest[next]);
   }
   if (!head && !join) return td__usage_error("%s", "start needs --head, or --address HOST:PORT to join a head");
   if (head && join) return td__usage_error("%s", "start takes --head or --address, not both");
   char join_ep[PATH_MAX];
   td_cluster_key_t join_key;
   if (join) {
-    if (td__resolve_address(join, join_ep, sizeof(join_ep)) != 1)
-      return td__usage_error("--address %s: a node joins its head at HOST:PORT", join);
+    int kind = td__resolve_address(join, join_ep, sizeof(join_ep));
+    if (kind < 0) return 2;
+    if (kind != 1) return td__usage_error("--address %s: a node joins its head at HOST:PORT", join);
     if (td__load_key(&join_key)) return 1;
     if (!port_given) port = -1;  /* a port of its own choosing, for other nodes */
     if (!bind_host) bind_host = td__addr_toward(join_ep, toward, sizeof(toward)) == 0 ? toward : "127.0.0.1";
@@ -604,29 +869,23 @@ static int td__start(int argc, char **argv) {
   snprintf(pidf, sizeof(pidf), "%s/node.pid", dir);
   snprintf(logf, sizeof(logf), "%s/node.log", dir);
   snprintf(keyf, sizeof(keyf), "%s/cluster.key", dir);
-  int ready = -1;  /* the daemon writes a byte here once it listens (and has joined) */
   if (!block) {
-    int rp[2];
-    if (pipe2(rp, O_CLOEXEC) != 0) return 1;
-    fflush(stdout);
-    fflush(stderr);
+    int ready[2];
+    if (pipe2(ready, O_CLOEXEC) != 0) {
+      fprintf(stderr, "tide: pipe: %s\n", strerror(errno));
+      return 1;
+    }
     pid_t pid = fork();
     if (pid < 0) return 1;
     if (pid > 0) {
-      close(rp[1]);
-      /* Success is reported only when the daemon says it is up: a file in
-       * the session directory can be a dead daemon's. */
-      int up = 0;
-      for (int i = 0; i < 150 && !up; i++) {
-        struct pollfd pf = {.fd = rp[0], .events = POLLIN};
-        char c;
-        if (poll(&pf, 1, 100) > 0) {
-          up = read(rp[0], &c, 1) == 1;
-          if (!up) break;  /* it exited before it was up */
-        }
-      }
-      close(rp[0]);
-      if (up) {
+      close(ready[1]);
+      char why[600];
+      /* A head may wait 10 s for its port (see below); a joining node
+       * --join-timeout for its head, then reports why it gave up. */
+      int up = td__wait_ready(ready[0], pid, join ? (join_timeout > 0 ? join_timeout + 15 : 15) : 30, why,
+                              sizeof(why));
+      close(ready[0]);
+      if (up == 1) {
         printf("tide: node started (pid %d), session %s\n", (int)pid, dir);
         if (join) printf("tide: joined the head at %s\n", join);
         printf("attach with:\n  bin/tide run --address local SCRIPT.lua\n  bin/tide repl --address local\n"
@@ -640,17 +899,21 @@ static int td__start(int argc, char **argv) {
         printf("stop with:\n  bin/tide stop\n");
         return 0;
       }
-      int st2;
-      if (join && waitpid(pid, &st2, WNOHANG) == 0) {
-        fprintf(stderr, "tide: no answer from the head at %s yet; the node keeps trying (see %s; "
+      if (up < 0 && join && td__alive(pid)) {
+        fprintf(stderr, "tide: no answer from the head at %s yet; the node keeps trying (--join-timeout 0; see %s; "
                         "`tide stop` stops it)\n", join, logf);
         return 1;
       }
-      fprintf(stderr, "tide: the node did not start; see %s\n", logf);
+      /* A daemon that gave up cleans up and exits: nothing is left behind. */
+      int st;
+      for (int i = 0; i < 100 && waitpid(pid, &st, WNOHANG) == 0; i++) usleep(50000);
+      if (td__alive(pid)) kill(pid, SIGKILL), waitpid(pid, &st, 0);
+      if (why[0]) fprintf(stderr, "tide: %s\n", why);
+      else fprintf(stderr, "tide: the node did not start; see %s\n", logf);
       return 1;
     }
-    close(rp[0]);
-    ready = rp[1];
+    close(ready[0]);
+    td__ready_fd = ready[1];
     setsid();
     int lf = openat(dfd, "node.log", O_WRONLY | O_CREAT | O_APPEND | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (lf >= 0) { dup2(lf, 1); dup2(lf, 2); close(lf); }
@@ -660,8 +923,11 @@ static int td__start(int argc, char **argv) {
   /* The lock is this process's (record locks are not inherited): taken
    * here, in the daemon, and held until it exits. */
   if (td__lock_take(dfd) < 0) {
-    fprintf(stderr, "tide: a node is already running in %s (pid %d); `tide stop` stops it\n", dir,
-            td__lock_holder(dfd));
+    char msg[PATH_MAX + 100];
+    snprintf(msg, sizeof(msg), "a node is already running in %s (pid %d); `tide stop` stops it", dir,
+             td__lock_holder(dfd));
+    fprintf(stderr, "tide: %s\n", msg);
+    td__ready(msg);
     return 1;
   }
   int pf = openat(dfd, "node.pid", O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
@@ -686,8 +952,23 @@ static int td__start(int argc, char **argv) {
   uint32_t node_index = 0;
   int link_fd = -1;
   if (join) {
+    /* A first join that does not succeed in --join-timeout seconds (a wrong
+     * key, no head there) ends this daemon with the reason, rather than
+     * leaving it retrying forever; 0 keeps trying. A node that has joined
+     * retries for ever when it loses its head (below). */
+    double give_up = join_timeout > 0 ? td_now() + join_timeout : 0;
     while (td__join_once(join_ep, &join_key, want_index, &node_index, &link_fd)) {
       if (td__stop_daemon) { unlink(pidf); return 0; }
+      if (give_up && td_now() >= give_up) {
+        char why[PATH_MAX + 256], msg[PATH_MAX + 512];
+        td__why_no_answer(join_ep, why, sizeof(why));
+        snprintf(msg, sizeof(msg), "cannot join the head at %s: %s (gave up after %g s; --join-timeout 0 keeps trying)",
+                 join, why, join_timeout);
+        fprintf(stderr, "tide: %s\n", msg);
+        td__ready(msg);
+        unlink(pidf);
+        return 1;
+      }
       sleep(1);
     }
     char nid[32];
@@ -700,6 +981,7 @@ static int td__start(int argc, char **argv) {
    * resumes them. */
   char dbf[PATH_MAX + 16];
   snprintf(dbf, sizeof(dbf), "%s/head.db", dir);
+  int had_db = access(dbf, F_OK) == 0;
   if (head && td_persist_open(dbf) == 0) printf("tide: head state in %s\n", dbf);
   lua_getfield(L, LUA_REGISTRYINDEX, "tide.cli_opts");
   lua_pushinteger(L, (lua_Integer)node_index);
@@ -741,10 +1023,11 @@ static int td__start(int argc, char **argv) {
   chmod(sock, 0600);
   /* TCP, secured with CURVE: the cluster key is made once per session by
    * a head; a node that joins listens with the key it joined with. */
+  char failed[512] = "";
   if (port != 0) {
     td_cluster_key_t key;
     if (join ? td_key_save(keyf, &join_key) : td_key_load(keyf, &key) && td_key_create(keyf, &key)) {
-      fprintf(stderr, "tide: cannot write the cluster key %s\n", keyf);
+      snprintf(failed, sizeof(failed), "cannot write the cluster key %.300s: %s", keyf, strerror(errno));
     } else {
       char ep[300];
       if (join) key = join_key;
@@ -752,9 +1035,11 @@ static int td__start(int argc, char **argv) {
       else snprintf(ep, sizeof(ep), "tcp://%s:*", bind_host);
       /* A killed predecessor may hold the port for a moment while its
        * last threads exit: try for a while before giving up. */
-      int up = -1;
-      for (int i = 0; i < 100 && (up = td_bridge_server_start(ep, sock, &key)) != 0 && !td__stop_daemon; i++)
+      int up = -1, err = 0;
+      for (int i = 0; i < 100 && (up = td_bridge_server_start(ep, sock, &key)) != 0 && !td__stop_daemon; i++) {
+        err = errno;
         usleep(100000);
+      }
       if (up == 0 && join) {
         /* Other nodes fetch objects from this one there. */
         td_node_set_peering(td_ctx.node, td_bridge_server_port(), td__peer_open, td__peer_close, &join_key);
@@ -762,24 +1047,34 @@ static int td__start(int argc, char **argv) {
       } else if (up == 0)
         printf("tide: listening on %s (CURVE; key %s)%s\n", ep, keyf,
                loopback_only ? "; loopback only: --host ADDR lets other machines join" : "");
+      else if (err == EADDRINUSE)
+        snprintf(failed, sizeof(failed), "cannot listen on %.100s:%d: port %d is in use (another head, or another "
+                 "program); pick another with --port", bind_host, port, port);
       else
-        fprintf(stderr, "tide: TCP disabled: cannot listen on %s: %s\n", ep, zmq_strerror(errno));
+        snprintf(failed, sizeof(failed), "cannot listen on %.300s: %s", ep, zmq_strerror(err));
     }
   }
-  setenv("TIDE_SESSION_DIR", dir, 1);
-  td_node_restore(td_ctx.node);
-  td_core_enable_jobs(td__home);
+  /* Without its TCP port a head is no head for other machines: it stops,
+   * and `tide start` says why, rather than running with TCP silently off. */
+  if (failed[0]) {
+    fprintf(stderr, "tide: %s\n", failed);
+    td__ready(failed);
+    td__stop_daemon = 1;
+  } else {
+    setenv("TIDE_SESSION_DIR", dir, 1);
+    td_node_restore(td_ctx.node);
+    td_core_enable_jobs(td__home);
+  }
   signal(SIGTERM, td__on_term);
   signal(SIGINT, td__on_term);
   signal(SIGHUP, SIG_IGN);
   signal(SIGPIPE, SIG_IGN);
   td_node_watch_fd(td_ctx.node, td__listen_fd, td__on_accept, NULL, NULL);
   if (link_fd >= 0) td_node_link_head(td_ctx.node, link_fd);
-  printf("tide: node listening on %s\n", sock);
-  fflush(stdout);
-  if (ready >= 0) {
-    if (write(ready, "1", 1) != 1) fprintf(stderr, "tide: the starting command is gone\n");
-    close(ready);
+  if (!failed[0]) {
+    printf("tide: node listening on %s\n", sock);
+    fflush(stdout);
+    td__ready(NULL);
   }
   double retry_at = 0;
   while (!td__stop_daemon) {
@@ -807,7 +1102,9 @@ static int td__start(int argc, char **argv) {
   td_bridge_server_stop();
   td_node_destroy(&td_ctx.node);
   td_bridge_client_stop();  /* after the link is closed */
-  if (td_persist_on()) {
+  if (td_persist_on() && failed[0] && had_db) {
+    td_persist_close();  /* not started: a dead head's state waits for the next start */
+  } else if (td_persist_on()) {
     /* Stopped on purpose: the cluster ends, and its state with it (only a
      * head that died is resumed). */
     td_persist_close();
@@ -821,7 +1118,7 @@ static int td__start(int argc, char **argv) {
   close(td__listen_fd);
   unlink(sock);
   unlink(pidf);
-  return 0;
+  return failed[0] ? 1 : 0;
 }
 
 static int td__stop(void) {
@@ -855,6 +1152,117 @@ static int td__stop(void) {
   return 0;
 }
 
+/* tide stop --all: every node daemon this user runs on this machine,
+ * whatever its session directory, as `ray stop` does. A daemon is a
+ * process of this user (real uid) whose argv[0] is named tide and whose
+ * first argument is "start": the daemon keeps the argv of the `tide start`
+ * that forked it, and --block runs under that argv too. All get SIGTERM at
+ * once; those still there after 5 s get SIGKILL. */
+static int td__stop_all(void) {
+  DIR *d = opendir("/proc");
+  if (!d) {
+    fprintf(stderr, "tide: cannot list processes in /proc: %s\n", strerror(errno));
+    return 1;
+  }
+  static int pids[256];
+  static char sessions[256][256];
+  int n = 0;
+  struct dirent *e;
+  while ((e = readdir(d)) && n < (int)(sizeof(pids) / sizeof(pids[0]))) {
+    char *end;
+    long pid = strtol(e->d_name, &end, 10);
+    if (*end || pid <= 0 || pid == (long)getpid()) continue;
+    char path[64], buf[4096];
+    snprintf(path, sizeof(path), "/proc/%ld/status", pid);
+    FILE *f = fopen(path, "r");
+    if (!f) continue;
+    unsigned uid = (unsigned)-1;
+    while (fgets(buf, sizeof(buf), f))
+      if (sscanf(buf, "Uid: %u", &uid) == 1) break;
+    fclose(f);
+    if (uid != (unsigned)getuid()) continue;
+    snprintf(path, sizeof(path), "/proc/%ld/cmdline", pid);
+    f = fopen(path, "r");
+    if (!f) continue;
+    size_t len = fread(buf, 1, sizeof(buf) - 1, f);
+    fclose(f);
+    buf[len] = 0;
+    const char *arg0 = buf, *base = strrchr(arg0, '/');
+    base = base ? base + 1 : arg0;
+    size_t l0 = strlen(arg0);
+    if (strcmp(base, "tide") || l0 + 1 >= len || strcmp(buf + l0 + 1, "start")) continue;
+    if (!td__alive((int)pid)) continue;
+    /* Its session directory, for the report: the TIDE_SESSION_DIR it was
+     * started with, else the default. */
+    td__session_dir(sessions[n], sizeof(sessions[n]));
+    snprintf(path, sizeof(path), "/proc/%ld/environ", pid);
+    f = fopen(path, "r");
+    if (f) {
+      static char env[65536];
+      size_t el = fread(env, 1, sizeof(env) - 1, f);
+      fclose(f);
+      env[el] = 0;
+      for (size_t o = 0; o < el; o += strlen(env + o) + 1)
+        if (!strncmp(env + o, "TIDE_SESSION_DIR=", 17)) snprintf(sessions[n], sizeof(sessions[n]), "%s", env + o + 17);
+    }
+    pids[n++] = (int)pid;
+  }
+  closedir(d);
+  if (!n) {
+    printf("tide: no node of this user is running on this machine\n");
+    return 0;
+  }
+  for (int i = 0; i < n; i++) kill(pids[i], SIGTERM);
+  for (int t = 0; t < 100; t++) {
+    int left = 0;
+    for (int i = 0; i < n; i++) left += td__alive(pids[i]);
+    if (!left) break;
+    usleep(50000);
+  }
+  for (int i = 0; i < n; i++) {
+    int killed = td__alive(pids[i]) && kill(pids[i], SIGKILL) == 0;
+    printf("tide: stopped the node (pid %d, session %s%s)\n", pids[i], sessions[i],
+           killed ? "; SIGKILL after 5 s" : "");
+  }
+  return 0;
+}
+
+/* Checks the arguments of `tide submit` and `tide job` (what
+ * stdlib/tide/jobcli.lua takes), so that --help and a mistake need no
+ * running node. Returns -1 to go on, or an exit status. */
+static int td__jobcli_args(int argc, char **argv) {
+  int submit = !strcmp(argv[1], "submit"), follow = 0, npos = 0;
+  const char *pos[2] = {NULL, NULL};
+  for (int k = 2; k < argc; k++) {
+    const char *a = argv[k];
+    if (td__is_help(a)) return td__help(argv[1]);
+    if (!strcmp(a, "--address") || !strcmp(a, "--key") || (submit && !strcmp(a, "--working-dir"))) {
+      if (k + 1 >= argc) return td__usage_error("option %s needs a value", a);
+      k++;
+    } else if (!submit && !strcmp(a, "--follow")) {
+      follow = 1;
+    } else if (a[0] == '-') {
+      return td__usage_error("unknown option %s", a);
+    } else if (submit) {
+      return -1;  /* SCRIPT: what follows is its arguments */
+    } else if (npos < 2) {
+      pos[npos++] = a;
+    } else {
+      return td__usage_error("job: unexpected argument %s", a);
+    }
+  }
+  if (submit) return td__usage_error("%s", "submit needs a SCRIPT");
+  const char *sub = pos[0];
+  if (!sub) return td__usage_error("%s", "job needs list, status ID, logs ID or stop ID");
+  int list = !strcmp(sub, "list");
+  if (!list && strcmp(sub, "status") && strcmp(sub, "logs") && strcmp(sub, "stop"))
+    return td__usage_error("job: unknown command %s (list, status, logs or stop)", sub);
+  if (list && pos[1]) return td__usage_error("job list: unexpected argument %s", pos[1]);
+  if (!list && !pos[1]) return td__usage_error("job %s needs a job ID", sub);
+  if (follow && strcmp(sub, "logs")) return td__usage_error("%s", "--follow goes with job logs");
+  return -1;
+}
+
 /* tide serve status: asks a running ingress for /-/status. */
 static int td__serve_status(int argc, char **argv) {
   const char *host = "127.0.0.1";
@@ -862,6 +1270,7 @@ static int td__serve_status(int argc, char **argv) {
   for (int i = 3; i < argc; i++) {
     if (!strcmp(argv[i], "--port") && i + 1 < argc) port = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--host") && i + 1 < argc) host = argv[++i];
+    else if (td__is_help(argv[i])) return td__help("serve");
     else return td__usage_error("unknown option %s", argv[i]);
   }
   struct addrinfo hints = {0}, *ai;
@@ -916,14 +1325,19 @@ int main(int argc, char **argv) {
     printf("tide %s (%s)\n", TD_VERSION, LUAJIT_VERSION);
     return 0;
   }
-  if (!strcmp(cmd, "--help") || !strcmp(cmd, "-h") || !strcmp(cmd, "help")) {
-    fputs(td__usage, stdout);
-    return 0;
-  }
+  if (td__is_help(cmd) || !strcmp(cmd, "help")) return td__help(argc > 2 ? argv[2] : NULL);
+  td__cmd = cmd;
+  /* A driver's prints and its error's traceback keep their order when both
+   * go to a pipe or a file: stdout would otherwise be block-buffered and
+   * reach the reader after stderr. */
+  setvbuf(stdout, NULL, _IOLBF, 0);
   if (!strcmp(cmd, "run")) return td__run(argc, argv, 2, NULL);
   if (!strcmp(cmd, "start")) return td__start(argc, argv);
   if (!strcmp(cmd, "submit") || !strcmp(cmd, "job")) {
-    /* Clients of the node: stdlib/tide/jobcli.lua does the work. */
+    /* Clients of the node: stdlib/tide/jobcli.lua does the work, once the
+     * arguments are known to be right (a mistake needs no node). */
+    int rc = td__jobcli_args(argc, argv);
+    if (rc >= 0) return rc;
     char path[PATH_MAX + 32];
     snprintf(path, sizeof(path), "%s/stdlib/tide/jobcli.lua", td__home);
     for (int k = 2; k + 1 < argc; k++) {
@@ -932,13 +1346,21 @@ int main(int argc, char **argv) {
     }
     if (!getenv("TIDE_ADDRESS")) setenv("TIDE_ADDRESS", "local", 1);
     char sock[PATH_MAX];
-    int kind = td__resolve_address(getenv("TIDE_ADDRESS") ? getenv("TIDE_ADDRESS") : "local", sock, sizeof(sock));
-    if (kind < 0) return 2;  /* said why */
+    int kind = td__resolve_address(getenv("TIDE_ADDRESS"), sock, sizeof(sock));
+    if (kind < 0) return 2;
     if (kind == 0) setenv("TIDE_NODE_SOCKET", sock, 1);
     setenv("TIDE_EXE", td__exe, 1);
     return td__run(argc, argv, 1, path);
   }
-  if (!strcmp(cmd, "stop")) return td__stop();
+  if (!strcmp(cmd, "stop")) {
+    int all = 0;
+    for (int k = 2; k < argc; k++) {
+      if (td__is_help(argv[k])) return td__help("stop");
+      if (!strcmp(argv[k], "--all")) all = 1;
+      else return td__usage_error(argv[k][0] == '-' ? "unknown option %s" : "stop takes no arguments: %s", argv[k]);
+    }
+    return all ? td__stop_all() : td__stop();
+  }
   if (!strcmp(cmd, "status")) {
     char path[PATH_MAX + 32];
     snprintf(path, sizeof(path), "%s/stdlib/tide/status.lua", td__home);
@@ -954,6 +1376,7 @@ int main(int argc, char **argv) {
       return td__run(argc, argv, 3, NULL);
     }
     if (argc >= 3 && !strcmp(argv[2], "status")) return td__serve_status(argc, argv);
+    if (argc >= 3 && td__is_help(argv[2])) return td__help("serve");
     return td__usage_error("%s", "serve needs 'run' or 'status'");
   }
   if (!strcmp(cmd, "repl")) {
@@ -964,9 +1387,12 @@ int main(int argc, char **argv) {
     return td__run(argc, argv, 2, path);
   }
   if (!strcmp(cmd, "bench")) {
+    for (int k = 2; k < argc; k++)
+      if (td__is_help(argv[k])) return td__help("bench");
     char path[PATH_MAX + 32];
     snprintf(path, sizeof(path), "%s/bench/bench.lua", td__home);
     return td__run(argc, argv, 2, path);
   }
+  td__cmd = NULL;
   return td__usage_error("unknown command %s", cmd);
 }

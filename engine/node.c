@@ -2,6 +2,10 @@
 #include "node.h"
 
 #include <errno.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
+#include <net/if.h>
+#include <ifaddrs.h>
 #include <stddef.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -323,6 +327,7 @@ struct td_node {
   int nlinks;            /* a head's joined nodes */
   uint32_t spread;       /* round robin for SPREAD */
   uint32_t next_index;
+  double *gone_at;       /* head: by node index, when its node left (0: not while this head ran) */
   int restoring;         /* re-creating persisted actors: they wait for nodes */
   double adopt_until;    /* until then restored actors wait to be adopted (td__adopt) */
   td_map_t fwd;          /* head task id -> td_fwd_t */
@@ -3578,14 +3583,52 @@ static td_obj_t *td__obj_from_bytes(td_node_t *n, uint64_t id, int state, const 
   return o;
 }
 
+/* Head: whether index could go to a new node: no node has it now, and no
+ * object, task or actor the head knows carries it (ids hold their node's
+ * index, so a reused one must not meet ids of the node that had it). */
+static int td__index_free(td_node_t *n, uint32_t idx) {
+  if (idx == n->index) return 0;
+  for (int i = 0; i < n->nwks; i++)
+    if (n->wks[i]->kind == WK_NODE && !n->wks[i]->dead && n->wks[i]->node_index == idx) return 0;
+  const td_map_t *maps[] = {&n->objs, &n->tasks, &n->actors};
+  for (int m = 0; m < 3; m++) {
+    uint64_t id;
+    for (size_t it = 0; td_map_next(maps[m], &it, &id, NULL);)
+      if (td_id_node(id) == idx) return 0;
+  }
+  return 1;
+}
+
+/* Head: every index was given (nodes take a new one each time they start):
+ * the free index whose node left longest ago, and at least TD_INDEX_REST
+ * seconds ago; 0 when there is none. */
+#define TD_INDEX_REST 600.0
+static uint32_t td__reuse_index(td_node_t *n) {
+  double now = td_now(), oldest = now - TD_INDEX_REST;
+  uint32_t best = 0;
+  for (uint32_t idx = 1; idx <= TD_NODE_MAX; idx++) {
+    double gone = n->gone_at ? n->gone_at[idx] : 0;
+    if (gone > oldest || !td__index_free(n, idx)) continue;
+    best = idx;
+    oldest = gone;
+    if (gone == 0) break;  /* never seen by this head: free since it started */
+  }
+  return best;
+}
+
 /* Head: a client asks to join as a node. */
 static int td__on_join(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   uint32_t want = td_rd_u32(rd);
   if (rd->bad || wk->kind != WK_CLIENT) return TD_EPROTO;
   uint32_t idx = want;
   if (!idx || idx > TD_NODE_MAX || idx == n->index || td__link(n, idx)) {
-    do idx = ++n->next_index; while (idx == n->index || td__link(n, idx));
-    if (idx > TD_NODE_MAX) { td_log("refusing a node: no node index left"); return TD_EPROTO; }
+    do idx = ++n->next_index; while (idx <= TD_NODE_MAX && (idx == n->index || td__link(n, idx)));
+    if (idx > TD_NODE_MAX) {
+      n->next_index = TD_NODE_MAX;
+      idx = td__reuse_index(n);
+      if (!idx) { td_log("refusing a node: no node index left"); return TD_EPROTO; }
+      td_log("every node index was given: node index %u is given again", idx);
+    }
   }
   if (idx > n->next_index) n->next_index = idx;
   wk->kind = WK_NODE;
@@ -4672,6 +4715,8 @@ static void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why) {
   }
   if (wk->kind == WK_NODE) {
     if (wk->joined) n->nlinks--;
+    if (!n->gone_at) n->gone_at = td_xcalloc(TD_NODE_MAX + 1, sizeof(double));
+    n->gone_at[wk->node_index] = td_now();
     td__pgs_node_lost(n, wk->node_index);
     snprintf(reason, sizeof(reason), "node-%u (%s) died: it %s", wk->node_index, wk->name, why);
   } else if (wk->kind == WK_HEAD) {
@@ -4976,17 +5021,40 @@ void td_node_set_peering(td_node_t *n, int port, td_peer_open_cb open, td_peer_c
 int td_node_linked(td_node_t *n) { return n->head != NULL; }
 uint32_t td_node_index(td_node_t *n) { return n->index; }
 
+/* This machine's address as other machines would see it: its first
+ * IPv4 address that is up and not loopback, else loopback. */
+static const char *td__host_address(void) {
+  static char addr[INET_ADDRSTRLEN];
+  if (addr[0]) return addr;
+  snprintf(addr, sizeof(addr), "127.0.0.1");
+  struct ifaddrs *ifs, *i;
+  if (getifaddrs(&ifs) != 0) return addr;
+  for (i = ifs; i; i = i->ifa_next) {
+    if (!i->ifa_addr || i->ifa_addr->sa_family != AF_INET || !(i->ifa_flags & IFF_UP) ||
+        (i->ifa_flags & IFF_LOOPBACK))
+      continue;
+    inet_ntop(AF_INET, &((struct sockaddr_in *)i->ifa_addr)->sin_addr, addr, sizeof(addr));
+    break;
+  }
+  freeifaddrs(ifs);
+  return addr;
+}
+
 int td_node_cluster(td_node_t *n, td_node_info_t *out, int max) {
   int k = 0;
   if (max < 1) return 0;
   td_node_stats_t st;
   td_node_stats(n, &st);
-  out[k++] = (td_node_info_t){n->index, n->name, 1, n->total, n->avail, st.tasks_running, st.actors, st, 1};
+  out[k++] = (td_node_info_t){n->index, n->name, td__host_address(), 1, n->total, n->avail,
+                              st.tasks_running, st.actors, st, 1};
   for (int i = 0; i < n->nwks && k < max; i++) {
     td_wk_t *w = n->wks[i];
     if (w->kind != WK_NODE || !w->joined || w->dead) continue;
-    out[k++] = (td_node_info_t){w->node_index, w->name, 1, w->ntotal, w->navail, w->inflight.len, w->nactors,
-                                w->nstats, w->has_nstats};
+    /* A node on this machine comes from loopback (or a unix socket). */
+    const char *a = w->peer_host[0] && strcmp(w->peer_host, "127.0.0.1") && strcmp(w->peer_host, "::1")
+                      ? w->peer_host : td__host_address();
+    out[k++] = (td_node_info_t){w->node_index, w->name, a, 1, w->ntotal, w->navail, w->inflight.len,
+                                w->nactors, w->nstats, w->has_nstats};
   }
   return k;
 }
@@ -5120,6 +5188,7 @@ void td_node_destroy(td_node_t **np) {
   while (td_map_next(&n->relays, &it, NULL, &v)) free(v);
   td_map_free(&n->relays);
   td_map_free(&n->fwd_actors);
+  free(n->gone_at);
   free(n->fwd_ready);
   free(n->fn_order);
   free(n->cwait);

@@ -170,6 +170,7 @@ typedef struct td_node_stats {
 typedef struct td_node_info {
   uint32_t index;
   const char *name;
+  const char *address;         /* its IP: where its link to the head comes from; this machine's for the local node */
   int alive;
   const double *total, *avail; /* by resource index (td_node_res_name) */
   int tasks, actors;           /* as the head sees them: work it sent there */

@@ -889,7 +889,7 @@ static int c_nodes(lua_State *L) {
     lua_setfield(L, -2, "node_id");
     lua_pushstring(L, info[i].name);
     lua_setfield(L, -2, "name");
-    lua_pushstring(L, info[i].name);  /* the host it runs on */
+    lua_pushstring(L, info[i].address);
     lua_setfield(L, -2, "address");
     lua_pushboolean(L, info[i].alive);
     lua_setfield(L, -2, "alive");

@@ -19,5 +19,8 @@ done
 echo "deps: installing$missing"
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq || true
-$SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
+# Another apt-get (a second build, a second checkout) may hold dpkg's lock:
+# wait for it rather than fail the build.
+LOCK="-o DPkg::Lock::Timeout=300"
+$SUDO apt-get $LOCK update -qq || true
+$SUDO apt-get $LOCK install -y -qq --no-install-recommends $missing >/dev/null

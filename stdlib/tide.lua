@@ -559,7 +559,15 @@ function M.available_resources() ensure(); return core.resources(true) end
 -- This node first, then every node joined to it (on the head: the cluster).
 function M.nodes()
   ensure()
-  return core.nodes()
+  -- The head's list (a node asks the head); the node this process is on first.
+  local list, here = core.nodes(), core.context().node_id
+  for i = 2, #list do
+    if list[i].node_id == here then
+      table.insert(list, 1, table.remove(list, i))
+      break
+    end
+  end
+  return list
 end
 
 function M.get_runtime_context()

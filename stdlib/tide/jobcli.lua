@@ -46,15 +46,29 @@ local function pack(dir)
   return "TDPKG1" .. le(n, 4) .. table.concat(parts)
 end
 
+-- A call to the node; its error (an unknown job id, ...) ends the command
+-- with that message, not a Lua traceback.
+local function call(...)
+  local res = {pcall(core.call_node, ...)}
+  if not res[1] then
+    local err = res[2]
+    die(type(err) == "table" and tostring(err.message or err) or tostring(err), 1)
+  end
+  return unpack(res, 2)
+end
+
 local function show(j)
   print(string.format("%-22s %-10s pid %-7s exit %-4s %s", j.id, j.status, tostring(j.pid),
     j.exit_code and tostring(j.exit_code) or "-", j.script))
 end
 
-local args = {}
+-- The arguments were checked by engine/main.c (td__jobcli_args) already.
+local args, follow = {}, false
 local i = 1
 while i <= #arg do
-  if arg[i] == "--address" or arg[i] == "--key" then i = i + 2 else args[#args + 1] = arg[i]; i = i + 1 end
+  if arg[i] == "--address" or arg[i] == "--key" then i = i + 2
+  elseif arg[1] == "job" and arg[i] == "--follow" then follow = true; i = i + 1
+  else args[#args + 1] = arg[i]; i = i + 1 end
 end
 
 local cmd = args[1]
@@ -66,9 +80,33 @@ if cmd == "submit" then
   end
   local script = args[k]
   if not script then die("submit needs a SCRIPT") end
-  local f = io.open(script, "r")
-  if not f then die("submit: cannot read " .. script, 1) end
-  f:close()
+  local function readable(path)
+    local f = io.open(path, "r")
+    if f then f:close() end
+    return f ~= nil
+  end
+  -- With --working-dir D, a relative SCRIPT is named inside D (as the job
+  -- sees it); a path to a file under D from here works too.
+  local inside
+  if wd then
+    wd = wd:gsub("/+$", "")
+    if wd == "" then wd = "/" end
+    if os.execute("test -d '" .. wd:gsub("'", "'\\''") .. "'") ~= 0 then
+      die("submit: --working-dir " .. wd .. " is not a directory", 1)
+    end
+    local s = abspath(script)
+    if script:sub(1, 1) ~= "/" and readable(wd .. "/" .. script) then
+      inside = script:gsub("^%./", "")
+    elseif s:sub(1, #wd + 1) == wd .. "/" and readable(s) then
+      inside = s:sub(#wd + 2)
+    elseif readable(script) then
+      inside = abspath(script)
+    else
+      die("submit: no " .. script .. " in the working directory " .. wd, 1)
+    end
+  elseif not readable(script) then
+    die("submit: cannot read " .. script, 1)
+  end
   local rest = {}
   for n = k + 1, #args do rest[#rest + 1] = args[n] end
   local j
@@ -77,12 +115,10 @@ if cmd == "submit" then
     -- the job's work fetches it once. The script is named inside it.
     local blob = pack(wd)
     local hash = core.pkg_hash(blob)
-    core.call_node("pkg_put", hash, blob)
-    local s = abspath(script)
-    if s:sub(1, #wd + 1) == wd .. "/" then s = s:sub(#wd + 2) end
-    j = core.call_node("job_submit", s, rest, false, os.getenv("TIDE_EXE") or false, false, hash)
+    call("pkg_put", hash, blob)
+    j = call("job_submit", inside, rest, false, os.getenv("TIDE_EXE") or false, false, hash)
   else
-    j = core.call_node("job_submit", abspath(script), rest, abspath("."),
+    j = call("job_submit", abspath(script), rest, abspath("."),
       os.getenv("TIDE_EXE"), os.getenv("TIDE_NODE_SOCKET"))
   end
   print("submitted " .. j.id)
@@ -90,17 +126,26 @@ if cmd == "submit" then
 elseif cmd == "job" then
   local sub, id = args[2], args[3]
   if sub == "list" then
-    for _, j in ipairs(core.call_node("job_list")) do show(j) end
+    for _, j in ipairs(call("job_list")) do show(j) end
   elseif sub == "status" and id then
-    show(core.call_node("job_status", id))
+    show(call("job_status", id))
   elseif sub == "stop" and id then
-    show(core.call_node("job_stop", id))
+    -- The node signals the job's driver and answers at once; the status
+    -- shown is the one after the driver has gone (it exits within about a
+    -- second of SIGTERM), not the RUNNING of the moment before.
+    local j = call("job_stop", id)
+    local until_t = os.time() + 10
+    while j.status == "RUNNING" and os.time() <= until_t do
+      require("tide").sleep(0.1)
+      j = call("job_status", id)
+    end
+    show(j)
+    if j.status == "RUNNING" then die("job " .. id .. " is still running 10 s after SIGTERM", 1) end
   elseif sub == "logs" and id then
     -- Through the node, so it works from any machine.
-    local follow = args[4] == "--follow"
     local off = 0
     while true do
-      local chunk, status = core.call_node("job_log", id, off)
+      local chunk, status = call("job_log", id, off)
       if #chunk > 0 then io.write(chunk); io.flush(); off = off + #chunk end
       if #chunk == 0 and (not follow or status ~= "RUNNING") then break end
       if #chunk == 0 then require("tide").sleep(0.2) end

@@ -82,18 +82,12 @@ local HELP = [[
   :status        cluster resources, workers, actors, tasks and objects
   :quit          leave]]
 
+-- The same report as `tide status` (stdlib/tide/status.lua), for the
+-- cluster this REPL drives.
 local function status()
-  local total, avail = tide.cluster_resources(), tide.available_resources()
-  print("resources (available / total):")
-  local names = {}
-  for k in pairs(total) do names[#names + 1] = k end
-  table.sort(names)
-  for _, k in ipairs(names) do print(string.format("  %-10s %g / %g", k, avail[k] or 0, total[k])) end
-  local s = tide.stats()
-  print(string.format("workers %d, actors %d, tasks running %d, queued %d", s.workers, s.actors,
-    s.tasks_running, s.tasks_queued))
-  print(string.format("objects %d, store %d / %d bytes used, %d spilled", s.objects, s.store_used,
-    s.store_capacity, s.spilled_bytes))
+  local path = package.searchpath("tide.status", package.path)
+  local ok, err = pcall(dofile, path)
+  if not ok then print("status: " .. tostring(err)) end
 end
 
 local function eval(chunk)
@@ -155,7 +149,7 @@ while true do
       remember(line)
       if cmd == "quit" or cmd == "q" then break
       elseif cmd == "help" then print(HELP)
-      elseif cmd == "status" then pcall(status)
+      elseif cmd == "status" then status()
       else print("unknown command :" .. tostring(cmd) .. " (try :help)") end
     elseif line:match("%S") or buf ~= "" then
       buf = buf .. line .. "\n"

@@ -1,13 +1,33 @@
 -- tide status: what the node this process is attached to is doing, and on
 -- a head every node joined to it.
+-- Also the REPL's :status. Sizes are in human units (B, KiB, MiB, GiB, TiB)
+-- everywhere, counts as plain numbers (never 3.5e+10).
 local tide = require("tide")
+
+local function human(b)
+  b = tonumber(b) or 0
+  if b < 1024 then return string.format("%d B", b) end
+  local units = {"KiB", "MiB", "GiB", "TiB", "PiB"}
+  local u = 0
+  repeat b = b / 1024; u = u + 1 until b < 1024 or u == #units
+  return string.format(b < 10 and "%.2f %s" or "%.1f %s", b, units[u])
+end
+
+local function num(x)
+  if x == math.floor(x) and math.abs(x) < 2 ^ 53 then return string.format("%d", x) end
+  return string.format("%.4g", x)
+end
+
+-- Resources measured in bytes.
+local BYTES = {memory = true, object_store_memory = true}
 
 local function used_total(total, avail)
   local names = {}
   for k in pairs(total) do names[#names + 1] = k end
   table.sort(names)
   for _, k in ipairs(names) do
-    print(string.format("    %-10s %g / %g", k, total[k] - (avail[k] or 0), total[k]))
+    local f = BYTES[k] and human or num
+    print(string.format("    %-10s %s / %s", k, f(total[k] - (avail[k] or 0)), f(total[k])))
   end
 end
 
@@ -17,7 +37,6 @@ if #nodes > 1 then
   print("  resources (used / total):")
   used_total(tide.cluster_resources(), tide.available_resources())
 end
-local function gib(b) return string.format("%.2f GiB", b / 2 ^ 30) end
 if #nodes > 1 then
   local o, u, c, q = 0, 0, 0, 0
   for _, n in ipairs(nodes) do
@@ -25,7 +44,7 @@ if #nodes > 1 then
       o, u, c, q = o + n.stats.objects, u + n.stats.store_used, c + n.stats.store_capacity, q + n.stats.tasks_queued
     end
   end
-  print(string.format("  objects %d, store %s / %s, tasks queued %d", o, gib(u), gib(c), q))
+  print(string.format("  objects %d, store %s / %s, tasks queued %d", o, human(u), human(c), q))
 end
 for i, n in ipairs(nodes) do
   print(string.format("%s %s(%s, alive)", n.node_id, i == 1 and "this node " or "", n.name or "?"))
@@ -35,10 +54,10 @@ for i, n in ipairs(nodes) do
   if i > 1 and st then
     print(string.format("  workers %d, actors %d, tasks running %d, queued %d", st.workers, st.actors,
       st.tasks_running, st.tasks_queued))
-    print(string.format("  objects %d, store %s / %s, %s spilled", st.objects, gib(st.store_used),
-      gib(st.store_capacity), gib(st.spilled_bytes)))
-    print(string.format("  objects sent to other nodes %s, fetched from other nodes %s", gib(st.bytes_sent or 0),
-      gib(st.bytes_from_peers or 0)))
+    print(string.format("  objects %d, store %s / %s, %s spilled", st.objects, human(st.store_used),
+      human(st.store_capacity), human(st.spilled_bytes)))
+    print(string.format("  objects sent to other nodes %s, fetched from other nodes %s", human(st.bytes_sent or 0),
+      human(st.bytes_from_peers or 0)))
   elseif i > 1 then
     print(string.format("  tasks running %d, actors %d (sent by the head)", n.tasks, n.actors))
   end
@@ -47,8 +66,8 @@ local s = tide.stats()
 print("this node:")
 print(string.format("  workers %d, actors %d, tasks running %d, queued %d", s.workers, s.actors,
   s.tasks_running, s.tasks_queued))
-print(string.format("  objects %d, store %d / %d bytes, %d bytes spilled", s.objects, s.store_used,
-  s.store_capacity, s.spilled_bytes))
-print(string.format("  object bytes sent to other nodes %d, fetched from nodes other than the head %d",
-  s.bytes_sent, s.bytes_from_peers))
+print(string.format("  objects %d, store %s / %s, %s spilled", s.objects, human(s.store_used),
+  human(s.store_capacity), human(s.spilled_bytes)))
+print(string.format("  objects sent to other nodes %s, fetched from nodes other than the head %s",
+  human(s.bytes_sent), human(s.bytes_from_peers)))
 print(string.format("  connections refused (no valid cluster key): %d", s.refused_connections or 0))

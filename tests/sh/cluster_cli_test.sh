@@ -8,6 +8,8 @@ n=0
 ok() { n=$((n + 1)); echo "ok $n - $1"; }
 no() { n=$((n + 1)); echo "not ok $n - $1"; [ -n "$2" ] && echo "# $2"; }
 check() { if eval "$2"; then ok "$1"; else no "$1" "$3"; fi; }
+# Gone, or a zombie its parent (an init that reaps late) has not collected.
+gone() { ! kill -0 "$1" 2>/dev/null || grep -q '^State:.*Z' /proc/"$1"/status 2>/dev/null; }
 export TIDE_SESSION_DIR=$(mktemp -d /tmp/tide-cluster-test-XXXXXX)
 rmdir "$TIDE_SESSION_DIR"
 W=$(mktemp -d /tmp/tide-cluster-work-XXXXXX)
@@ -20,6 +22,15 @@ check "the session directory is private (0700)" '[ "$(stat -c %a "$TIDE_SESSION_
 check "the node socket is private (0600)" '[ "$(stat -c %a "$TIDE_SESSION_DIR/node.sock")" = 600 ]'
 out=$($T start --head 2>&1)
 check "a second start is refused while one runs" '[ $? -ne 0 ] && echo "$out" | grep -q "already running"' "$out"
+
+# A head whose TCP port is taken fails (the daemon retries for 10 s, for a
+# killed predecessor), naming the port, and leaves nothing running.
+out=$(TIDE_SESSION_DIR="$W/busy" $T start --head --port $PORT 2>&1); st=$?
+check "start --head on a port in use fails, naming the port" \
+  '[ $st -eq 1 ] && echo "$out" | grep -q "port $PORT is in use" && ! echo "$out" | grep -q "node started"' "$out"
+check "a head that could not listen leaves no daemon, socket or pid file" \
+  '[ ! -e "$W/busy/node.pid" ] && [ ! -e "$W/busy/node.sock" ] && ! pgrep -fx "$T start --head --port $PORT" >/dev/null' \
+  "$(ls "$W/busy"; pgrep -fax "$T start --head --port $PORT")"
 
 cat > "$W/drv.lua" <<'LUA'
 local tide = require("tide")
@@ -46,10 +57,14 @@ check "a non-detached actor ends with its driver" 'echo "$out" | grep -q "TEMP	f
 out=$(printf 'x = tide.get(tide.get_actor("keep"):incr())\nx * 10\n:status\n' | $T repl --address local 2>&1)
 check "a REPL attached to the node drives it" 'echo "$out" | grep -q "^30$"' "$out"
 check "the REPL :status shows the node" 'echo "$out" | grep -q "actors"' "$out"
+check "the REPL :status gives memory and store sizes in human units" \
+  'echo "$out" | grep -Eq "memory +[0-9.]+ (B|[KMGT]iB) / [0-9.]+ [KMGT]iB" && echo "$out" | grep -Eq "store [0-9.]+ (B|[KMGT]iB) / [0-9.]+ [KMGT]iB" && ! echo "$out" | grep -Eq "[0-9]e\+[0-9]|[0-9]{7} bytes"' "$out"
 
 out=$($T status 2>&1)
 check "tide status prints resources and counts" \
   'echo "$out" | grep -q "CPU" && echo "$out" | grep -q "actors 1"' "$out"
+check "tide status gives memory, store, spilled and sent sizes in human units, no 3.5e+10" \
+  'echo "$out" | grep -Eq "memory +[0-9.]+ (B|[KMGT]iB) / [0-9.]+ [KMGT]iB" && echo "$out" | grep -Eq "store [0-9.]+ (B|[KMGT]iB) / [0-9.]+ [KMGT]iB, [0-9.]+ (B|[KMGT]iB) spilled" && echo "$out" | grep -Eq "sent to other nodes [0-9.]+ (B|[KMGT]iB)" && ! echo "$out" | grep -Eq "[0-9]e\+[0-9]|bytes"' "$out"
 
 out=$($T run --address /nonexistent/node.sock "$W/drv2.lua" 2>&1)
 check "attaching to no node fails clearly" '[ $? -ne 0 ] && echo "$out" | grep -q "cannot connect"' "$out"
@@ -64,9 +79,31 @@ LUA
 out=$($T run --address 127.0.0.1:$PORT --key "$TIDE_SESSION_DIR/cluster.key" "$W/tcp.lua" 2>&1)
 check "a driver attached over TCP (CURVE) with the cluster key runs tasks, actors and large objects" \
   'echo "$out" | grep -q "TCP	144	4	300000	500000"' "$out"
+check "a private key file gives no warning" '! echo "$out" | grep -q "warning"' "$out"
+cp "$TIDE_SESSION_DIR/cluster.key" "$W/open.key"; chmod 644 "$W/open.key"
+out=$($T run --address 127.0.0.1:$PORT --key "$W/open.key" "$W/tcp.lua" 2>&1)
+check "a key file others can read works, with a warning naming it and its mode" \
+  'echo "$out" | grep -q "TCP	144" && echo "$out" | grep -q "warning: the cluster key $W/open.key is accessible by others (mode 0644)"' "$out"
+printf 'server_public=short\n' >"$W/bad.key"; chmod 600 "$W/bad.key"
+out=$($T run --address 127.0.0.1:$PORT --key "$W/bad.key" "$W/tcp.lua" 2>&1); st=$?
+check "a malformed key file is called malformed, not missing" \
+  '[ $st -eq 1 ] && echo "$out" | grep -q "cluster key $W/bad.key is malformed" && ! echo "$out" | grep -q "no cluster key"' "$out"
+out=$($T run --address 127.0.0.1:$PORT --key "$W/none.key" "$W/tcp.lua" 2>&1); st=$?
+check "a missing key file is called missing" '[ $st -eq 1 ] && echo "$out" | grep -q "no cluster key at $W/none.key"' "$out"
 (export TIDE_SESSION_DIR="$W/other"; $T start --head --port $((PORT + 1)) >/dev/null 2>&1; $T stop >/dev/null 2>&1)
 out=$(timeout 30 $T run --address 127.0.0.1:$PORT --key "$W/other/cluster.key" "$W/drv2.lua" 2>&1)
-check "a driver with another cluster's key is refused" '[ $? -ne 0 ] && echo "$out" | grep -q "did not answer"' "$out"
+check "a driver with another cluster's key is refused, and told the key was not taken" \
+  '[ $? -ne 0 ] && echo "$out" | grep -q "127.0.0.1:$PORT is listening but did not take the cluster key $W/other/cluster.key"' "$out"
+out=$(timeout 30 $T run --address 127.0.0.1:$((PORT + 3)) --key "$W/other/cluster.key" "$W/drv2.lua" 2>&1)
+check "a driver pointed where nothing listens is told so, not about keys" \
+  '[ $? -eq 1 ] && echo "$out" | grep -q "nothing is listening at 127.0.0.1:$((PORT + 3))" && ! echo "$out" | grep -q "key"' "$out"
+out=$(TIDE_SESSION_DIR="$W/join" timeout 60 $T start --address 127.0.0.1:$PORT --key "$W/other/cluster.key" --join-timeout 3 2>&1); st=$?
+check "a node joining with another cluster's key gives up after --join-timeout, saying the key was not taken" \
+  '[ $st -eq 1 ] && echo "$out" | grep -q "cannot join the head at 127.0.0.1:$PORT: .*did not take the cluster key"' "$out"
+sleep 0.3
+check "a node that gave up joining leaves no daemon or pid file" \
+  '[ ! -e "$W/join/node.pid" ] && ! pgrep -f "start --address 127.0.0.1:$PORT --key $W/other/cluster.key" >/dev/null' \
+  "$(pgrep -af "start --address 127.0.0.1:$PORT")"
 out=$($T status 2>&1)
 check "refused connections are counted in tide status" \
   'echo "$out" | grep -q "refused (no valid cluster key): [1-9]"' "$out"
@@ -100,20 +137,54 @@ lid=$(echo "$out" | sed -n 's/^submitted //p')
 sleep 1.5
 out=$($T job list 2>&1)
 check "tide job list shows both jobs" 'echo "$out" | grep -q "$id" && echo "$out" | grep "$lid" | grep -q RUNNING' "$out"
-$T job stop "$lid" >/dev/null 2>&1
-for i in 1 2 3 4 5 6 7 8 9 10; do
-  $T job status "$lid" 2>/dev/null | grep -q STOPPED && break; sleep 0.5
-done
+out=$($T job stop "$lid" 2>&1)
+check "tide job stop prints the job's status after the stop (STOPPED, not RUNNING)" \
+  'echo "$out" | grep "$lid" | grep -q STOPPED' "$out"
 out=$($T job status "$lid" 2>&1)
 check "tide job stop stops a running job" 'echo "$out" | grep -q STOPPED' "$out"
-out=$($T job status nope 2>&1)
-check "an unknown job id is an error" '[ $? -ne 0 ] && echo "$out" | grep -q "no job"' "$out"
+out=$($T job status nope 2>&1); st=$?
+check "an unknown job id is an error: one line, no traceback" \
+  '[ $st -eq 1 ] && [ "$out" = "tide: no job nope" ]' "$out"
+out=$($T job logs nope 2>&1); st=$?
+check "logs of an unknown job id: one line, no traceback" '[ $st -eq 1 ] && [ "$out" = "tide: no job nope" ]' "$out"
+out=$(cd / && $T submit --working-dir "$W/wd" job.lua 5 2>&1)
+wid=$(echo "$out" | sed -n 's/^submitted //p')
+for i in 1 2 3 4 5 6 7 8 9 10; do
+  $T job status "$wid" 2>/dev/null | grep -q SUCCEEDED && break; sleep 0.5
+done
+out2=$($T job logs "$wid" 2>&1)
+check "submit --working-dir D SCRIPT finds SCRIPT in D, not in the current directory" \
+  '[ -n "$wid" ] && echo "$out2" | grep -q "JOB	5	25"' "$out $out2"
+out=$(cd / && $T submit --working-dir "$W/wd" nosuch.lua 2>&1); st=$?
+check "submit --working-dir D with no such SCRIPT in D says so" \
+  '[ $st -eq 1 ] && echo "$out" | grep -q "no nosuch.lua in the working directory $W/wd"' "$out"
+
+# tide stop --all stops every daemon of this user, whatever its session
+# directory, and no one else's. Run as a throwaway uid (so that it cannot
+# stop other daemons of the user running the tests): needs root.
+if [ "$(id -u)" = 0 ] && command -v setpriv >/dev/null 2>&1; then
+  U=$((61000 + $$ % 4000))
+  as_u() { setpriv --reuid=$U --regid=$U --clear-groups "$@"; }
+  mkdir -p "$W/u" && chown $U "$W/u" && chmod 711 "$W"
+  TIDE_SESSION_DIR="$W/u/a" as_u $T start --head --port 0 --num-cpus 1 >"$W/ua.out" 2>&1
+  TIDE_SESSION_DIR="$W/u/b" as_u $T start --head --port 0 --num-cpus 1 >"$W/ub.out" 2>&1
+  pa=$(cat "$W/u/a/node.pid" 2>/dev/null); pb=$(cat "$W/u/b/node.pid" 2>/dev/null)
+  check "uid $U runs two heads in two session directories" '[ -n "$pa" ] && [ -n "$pb" ]' "$(cat "$W/ua.out" "$W/ub.out")"
+  out=$(as_u $T stop --all 2>&1); st=$?
+  sleep 0.3
+  check "tide stop --all stops both, naming their sessions" \
+    '[ $st -eq 0 ] && gone $pa && gone $pb && echo "$out" | grep -q "pid $pa, session $W/u/a" && echo "$out" | grep -q "pid $pb, session $W/u/b"' "$out"
+  check "tide stop --all leaves another user's node running" 'kill -0 "$(cat "$TIDE_SESSION_DIR/node.pid")"' "$out"
+  out=$(as_u $T stop --all 2>&1); st=$?
+  check "tide stop --all with nothing running says so, exit 0" '[ $st -eq 0 ] && echo "$out" | grep -q "no node"' "$out"
+  kill -9 $pa $pb 2>/dev/null
+else
+  n=$((n + 1)); echo "ok $n # SKIP tide stop --all: needs root to run as a throwaway uid"
+fi
 
 pid=$(cat "$TIDE_SESSION_DIR/node.pid")
 out=$($T stop 2>&1)
 sleep 0.3
-# Gone, or a zombie its parent (an init that reaps late) has not collected.
-gone() { ! kill -0 "$1" 2>/dev/null || grep -q '^State:.*Z' /proc/"$1"/status 2>/dev/null; }
 check "tide stop stops the node" 'gone $pid' "$out"
 check "no node worker is left after stop" '! pgrep -f "tide-worker" -P $pid >/dev/null 2>&1'
 check "the socket and pid files are removed" '[ ! -e "$TIDE_SESSION_DIR/node.sock" ] && [ ! -e "$TIDE_SESSION_DIR/node.pid" ]'

@@ -76,6 +76,43 @@ $TIDE run --resources '{bad json' "$D/hello.lua" >"$D/o" 2>&1; st=$?
 [ $st -eq 2 ] && grep -q -- "--resources" "$D/o" && ! grep -q "^ran" "$D/o"
 check "--resources with bad JSON: exit 2 before the script runs" $? "status $st" "$(tailof $D/o)"
 
+# 2b. every command has its own --help (exit 0, on stdout, no node needed);
+# a usage error is one line naming the mistake and a hint, not the usage
+for c in run start stop status submit job repl bench serve; do
+  TIDE_SESSION_DIR="$D/nosession" $TIDE $c --help >"$D/o" 2>"$D/e"; st=$?
+  [ $st -eq 0 ] && head -1 "$D/o" | grep -q "^usage: tide $c" && [ ! -s "$D/e" ]
+  check "tide $c --help prints its own usage and exits 0" $? "status $st" "$(tailof $D/o)" "$(tailof $D/e)"
+done
+$TIDE run --help >"$D/o" 2>&1
+grep -q -- "--num-cpus" "$D/o" && grep -q -- "--address" "$D/o" && ! grep -q "unknown option" "$D/o" &&
+  ! grep -q "tide start" "$D/o"
+check "tide run --help lists run's options only" $? "$(tailof $D/o)"
+$TIDE help start >"$D/o" 2>&1; st=$?
+[ $st -eq 0 ] && head -1 "$D/o" | grep -q "^usage: tide start"; check "tide help start = tide start --help" $? "$(tailof $D/o)"
+printf 'print(arg[1])\n' >"$D/echo1.lua"
+out=$($TIDE run "$D/echo1.lua" --help 2>&1); st=$?
+[ $st -eq 0 ] && [ "$out" = "--help" ]; check "--help after SCRIPT is the script's argument" $? "status $st: $out"
+for cmdline in "run --no-such-flag $D/hello.lua|run|--no-such-flag" "start --head --no-such-flag|start|--no-such-flag" \
+    "start --head --port abc|start|abc" "stop --bogus|stop|--bogus" "job|job|job needs" "job frob|job|frob" \
+    "job status|job|needs a job ID" "submit|submit|SCRIPT" "serve|serve|serve needs" "run --num-cpus|run|needs a value" \
+    "no-such-command||no-such-command"; do
+  args=${cmdline%%|*}; rest=${cmdline#*|}; c=${rest%%|*}; what=${rest#*|}
+  TIDE_SESSION_DIR="$D/nosession" $TIDE $args >"$D/o" 2>"$D/e"; st=$?
+  hint="see 'tide --help'"; [ -n "$c" ] && hint="see 'tide $c --help'"
+  [ $st -eq 2 ] && [ "$(wc -l <"$D/e")" -eq 2 ] && head -1 "$D/e" | grep -q -- "^tide: .*$what" &&
+    [ "$(sed -n 2p "$D/e")" = "$hint" ] && [ ! -s "$D/o" ]
+  check "usage error 'tide $args': exit 2, one line and the hint" $? "status $st" "$(tailof $D/e)"
+done
+[ ! -e "$D/nosession/node.pid" ]; check "a start with a bad option leaves no daemon" $?
+
+# 2c. piped output keeps its order: the prints before an error come first
+printf 'print("first-line")\nio.write("second-line\\n")\nerror("third-marker")\n' >"$D/order.lua"
+$TIDE run "$D/order.lua" >"$D/o" 2>&1; st=$?
+a=$(grep -n "first-line" "$D/o" | cut -d: -f1); b=$(grep -n "second-line" "$D/o" | cut -d: -f1)
+c=$(grep -n "third-marker" "$D/o" | head -1 | cut -d: -f1)
+[ $st -eq 1 ] && [ -n "$a" ] && [ -n "$b" ] && [ -n "$c" ] && [ "$a" -lt "$b" ] && [ "$b" -lt "$c" ]
+check "stdout and stderr to one pipe: prints appear before the error's traceback" $? "status $st" "$(tailof $D/o)"
+
 # 3. missing script
 $TIDE run "$D/nope.lua" >"$D/o" 2>&1; st=$?
 [ $st -ne 0 ] && grep -q "nope.lua" "$D/o"; check "missing script: non-zero exit naming the file" $? "status $st"

@@ -13,7 +13,7 @@ ok() { n=$((n + 1)); echo "ok $n - $1"; }
 no() { n=$((n + 1)); echo "not ok $n - $1"; [ -n "$2" ] && echo "# $2" | head -40; }
 check() { if eval "$2"; then ok "$1"; else no "$1" "$3"; fi; }
 D=$(mktemp -d /tmp/tide-highidx-XXXXXX)
-stop_all() { for s in head hi lo; do TIDE_SESSION_DIR=$D/$s $T stop >/dev/null 2>&1; done; }
+stop_all() { for s in head hi lo top wrap; do TIDE_SESSION_DIR=$D/$s $T stop >/dev/null 2>&1; done; }
 trap 'stop_all; [ -n "$KEEP" ] || rm -rf "$D"' EXIT
 PORT=$((19000 + $$ % 1000))
 KEY=$D/head/cluster.key
@@ -73,6 +73,10 @@ local pg = tide.placement_group({{CPU = 1}})
 tide.get(pg:ready())
 print("PG", tide.get(fns[7]:options({placement_group = pg}):remote(0)))
 tide.remove_placement_group(pg)
+local addrs = {}
+print("FIRST", tide.nodes()[1].node_id == here)
+for _, nd in ipairs(tide.nodes()) do addrs[#addrs + 1] = tostring(nd.address):match("^%d+%.%d+%.%d+%.%d+$") and "ip" or tostring(nd.address) end
+print("ADDRESSES", #addrs, table.concat(addrs, ","))
 local id = tide.get(tide.remote(function() return tide.get_runtime_context().task_id end):remote())
 print("TASKID", type(id), #id)
 LUA
@@ -85,6 +89,8 @@ for s in hi lo; do
   check "... a named actor and a placement group made there are found" \
     'echo "$out" | grep -q "^NAMED	77	77$" && echo "$out" | grep -q "^PG	7000$"' "$out"
   check "... a task id is 16 hex digits" 'echo "$out" | grep -q "^TASKID	string	16$"' "$out"
+  check "... tide.nodes() lists the three nodes with IP addresses, not names, this one first" \
+    'echo "$out" | grep -q "^ADDRESSES	3	ip,ip,ip$" && echo "$out" | grep -q "^FIRST	true$"' "$out"
 done
 
 cat > $D/holder.lua <<'LUA'
@@ -143,6 +149,18 @@ check "attached, tide.init runs unchanged when the cluster has what it asks (one
 check "... and raises when the cluster has less, or for an unknown option" \
   'echo "$out" | grep -q "^INIT-BIG	false	.*has CPU = 5, less than the 64 asked" &&
    echo "$out" | grep -q "^INIT-BAD	false	.*did you mean .num_cpus"' "$out"
+
+# Indices only grow; once 4095 was given, a new node takes a free one again.
+node top --num-cpus 1 --node-index 4095 >/dev/null 2>&1
+node wrap --num-cpus 1 >/dev/null 2>&1
+check "after index 4095 was given, a new node joins under a free index (not refused)" \
+  'grep -q "as node-4095" $D/top/node.log && grep -q "joined the head at .* as node-[0-9]" $D/wrap/node.log &&
+   ! grep -q "as node-\(4095\|4000\|9\)$" $D/wrap/node.log' "$(cat $D/wrap/node.log; tail -3 $D/head/node.log)"
+out=$(TIDE_SESSION_DIR=$D/wrap timeout 60 $T run --address local $D/ids.lua 2>&1)
+check "... and work made there runs right" 'echo "$out" | grep -q "^FUNCTIONS	.*	0$" && echo "$out" | grep -q "^ACTORS	0$"' "$out"
+TIDE_SESSION_DIR=$D/top $T stop >/dev/null 2>&1
+TIDE_SESSION_DIR=$D/wrap $T stop >/dev/null 2>&1
+nodes_up 3 10
 
 echo "# the core suites from a driver on node-4000"
 for s in ${SUITES-tasks actors}; do

@@ -51,7 +51,7 @@ echo "# placement across nodes"
 TIDE_SESSION_DIR=$D/head timeout 240 $T run --address local tests/cluster/placement.lua 2>&1
 st=$(TIDE_SESSION_DIR=$D/head $T status 2>&1)
 check "tide status on the head shows each node's workers, queued tasks, objects and store use (from its heartbeats)" \
-  'echo "$st" | grep -A6 "^node-1" | grep -Eq "queued [0-9]+" && echo "$st" | grep -A6 "^node-2" | grep -Eq "objects [0-9]+, store [0-9.]+ GiB / [0-9.]+ GiB"' "$st"
+  'echo "$st" | grep -A6 "^node-1" | grep -Eq "queued [0-9]+" && echo "$st" | grep -A6 "^node-2" | grep -Eq "objects [0-9]+, store [0-9.]+ (B|[KMGT]iB) / [0-9.]+ (B|[KMGT]iB)"' "$st"
 cat > $D/prints.lua <<'LUA'
 local tide = require("tide")
 local f = tide.remote(function() print("PRINTED on " .. tide.get_runtime_context().node_id) return 1 end)
