@@ -1282,7 +1282,9 @@ static void td__actor_restart_or_die(td_node_t *n, td_actor_t *a, const char *wh
     return;
   }
   char msg[512];
-  snprintf(msg, sizeof(msg), "the actor died: %s", why);
+  /* A node's report already says so: the head passes it on as it is. */
+  static const char died[] = "the actor died: ";
+  snprintf(msg, sizeof(msg), "%s%s", strncmp(why, died, sizeof(died) - 1) ? died : "", why);
   a->crashed = 1;
   td__actor_die(n, a, msg);
 }

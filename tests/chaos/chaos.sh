@@ -46,18 +46,18 @@ TIDE_SESSION_DIR=$D/n1 timeout $((DURATION + 180)) $T run --address local tests/
   >$D/driver.out 2>$D/driver.err &
 driver=$!
 
-# The killer: every 4-12 s (every 10-20 s in runs of 10 minutes and more).
-lo=4; span=8
+# The killer: every 3-9 s (every 10-20 s in runs of 10 minutes and more).
+lo=3; span=6
 [ "$DURATION" -ge 600 ] && lo=10 && span=10
 t_end=$(($(date +%s) + DURATION - 5))
 kills_worker=0; kills_node=0; kills_head=0
 while [ "$(date +%s)" -lt $t_end ] && kill -0 $driver 2>/dev/null; do
   sleep $((lo + $(rnd $span)))
   [ "$(date +%s)" -lt $t_end ] || break
-  # What to kill cycles worker, node, worker, head (the head at most once
+  # What to kill cycles worker, node, head, worker (the head at most once
   # every two minutes of run); which worker or node is random.
   k=$((kills_worker + kills_node + kills_head))
-  case $((k % 4)) in 0|2) pick=0 ;; 1) pick=5 ;; 3) pick=9 ;; esac
+  case $((k % 4)) in 0|3) pick=0 ;; 1) pick=5 ;; 2) pick=9 ;; esac
   if [ $pick -lt 5 ]; then        # a worker on any node
     s=$(echo "n1 n2 n3" | cut -d' ' -f$(($(rnd 3) + 1)))
     w=$(pgrep -P "$(cat $D/$s/node.pid 2>/dev/null)" 2>/dev/null | head -$(($(rnd 3) + 1)) | tail -1)

@@ -563,7 +563,7 @@ t.test("serve.status(): deployments with routes, replicas and counters", functio
   t.eq(#s.echo.replicas, 2)
   t.eq(#s.info.replicas, 1)
   for _, rep in ipairs(s.echo.replicas) do
-    t.eq(type(rep.id), "number")
+    t.eq(type(rep.id), "string"); t.eq(#rep.id, 16)  -- the actor id: 16 hex digits
     t.eq(rep.ongoing, 0)
     t.eq(rep.draining, false)
   end
