@@ -1298,7 +1298,10 @@ static void td__actor_calls_lost(td_node_t *n, td_actor_t *a, td_wk_t *wk, int m
 }
 
 static td_wk_t *td__pick_host(td_node_t *n, td_actor_t *a) {
-  if (a->ngpus) return td__spawn(n, WK_GPUHOST, a->gpus, a->ngpus);
+  /* A GPU actor, or one that asked for it (own_process), gets a process
+   * that hosts nothing else: its crash takes no other actor with it. */
+  if (a->ngpus || (a->create && a->create->spec.own_process))
+    return td__spawn(n, WK_GPUHOST, a->gpus, a->ngpus);
   td_wk_t *best = NULL;
   int hosts = 0;
   for (int i = 0; i < n->nwks; i++) {

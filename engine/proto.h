@@ -103,6 +103,7 @@ typedef struct td_spec {
   int32_t max_restarts;   /* actors */
   int32_t max_concurrency;
   uint8_t detached;
+  uint8_t own_process;    /* actors: a process of its own, shared with no other actor */
   uint8_t retry_exceptions; /* tasks: retry when the function raises */
   uint64_t pg_id;         /* 0 = none */
   int32_t bundle;         /* 0-based; -1 = any */

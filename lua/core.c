@@ -377,6 +377,9 @@ static void td__spec_opts(lua_State *L, int t, td_spec_t *s) {
   lua_getfield(L, t, "detached");
   s->detached = (uint8_t)lua_toboolean(L, -1);
   lua_pop(L, 1);
+  lua_getfield(L, t, "own_process");
+  s->own_process = (uint8_t)lua_toboolean(L, -1);
+  lua_pop(L, 1);
   lua_getfield(L, t, "retry_exceptions");
   s->retry_exceptions = (uint8_t)lua_toboolean(L, -1);
   lua_pop(L, 1);

@@ -18,6 +18,7 @@ typedef struct td_replica {
   uint64_t actor_id;
   int ongoing;           /* requests sent to it and not finished */
   int draining;          /* replaced: gets no new requests */
+  int dead;              /* a call saw it die: gets no new requests */
 } td_replica_t;
 
 typedef struct td_dep {
@@ -39,6 +40,7 @@ typedef struct td_pend {
   int started;           /* a chunked response has begun */
   int retried;
   int idempotent;
+  uint64_t parked_ns;    /* waiting for a live replica since (uv_hrtime), or 0 */
   uint8_t *args;         /* kept to retry on another replica */
   size_t args_len;
   struct td_pend *prev, *nxt;
@@ -70,7 +72,7 @@ static td_replica_t *td__pick(td_dep_t *d, uint64_t avoid) {
   int live = 0;
   for (int i = 0; i < d->nreps; i++) {
     td_replica_t *r = &d->reps[i];
-    if (r->draining || r->ongoing >= d->max_ongoing || r->actor_id == avoid) continue;
+    if (r->draining || r->dead || r->ongoing >= d->max_ongoing || r->actor_id == avoid) continue;
     live++;
     /* Reservoir-sample two distinct candidates. */
     S.rng = S.rng * 1103515245u + 12345u;
@@ -83,6 +85,18 @@ static td_replica_t *td__pick(td_dep_t *d, uint64_t avoid) {
   S.rng = S.rng * 1103515245u + 12345u;
   return c[(S.rng >> 16) & 1];  /* ties broken at random, so idle replicas share */
 }
+
+/* Replicas that take new requests; 0 while dead ones are being replaced. */
+static int td__live(const td_dep_t *d) {
+  int live = 0;
+  for (int i = 0; i < d->nreps; i++) live += !d->reps[i].draining && !d->reps[i].dead;
+  return live;
+}
+
+/* How long a request waits for a replacement when a deployment has no live
+ * replica (its replicas died with their process): the controller starts
+ * new ones within a second or two. */
+#define TD_SERVE_PARK_NS (10ull * 1000000000ull)
 
 static td_dep_t *td__route(const char *path, size_t len) {
   td_dep_t *best = NULL;
@@ -265,11 +279,15 @@ static void td__on_request(const td_http_request_t *q) {
   memcpy(p->args, S.buf.p, S.buf.len);
   p->args_len = S.buf.len;
   if (td__dispatch(p, 0)) {
-    d->rejected++;
-    td__respond_json(q->id, 503, "{\"error\":\"every replica is at max_ongoing_requests; retry later\"}");
-    free(p->args);
-    free(p);
-    return;
+    if (td__live(d) == 0) {
+      p->parked_ns = uv_hrtime();  /* td__on_tick dispatches it once a replica is back */
+    } else {
+      d->rejected++;
+      td__respond_json(q->id, 503, "{\"error\":\"every replica is at max_ongoing_requests; retry later\"}");
+      free(p->args);
+      free(p);
+      return;
+    }
   }
   p->nxt = S.pend;
   if (S.pend) S.pend->prev = p;
@@ -287,7 +305,7 @@ static void td__on_readable(void *ud) {
       /* The client went away: stop the generation. */
       td_pend_t *p = td_map_get(&S.by_rid, ev->id);
       if (p) {
-        td_node_cancel(td_ctx.node, p->stream, 0);
+        if (p->stream) td_node_cancel(td_ctx.node, p->stream, 0);
         td__pend_free(p);
       }
     }
@@ -333,6 +351,20 @@ static void td__on_tick(void *ud) {
   td_pend_t *p = S.pend;
   while (p) {
     td_pend_t *nxt = p->nxt;
+    if (p->parked_ns) {
+      if (td__dispatch(p, 0) == 0) {
+        p->parked_ns = 0;
+      } else if (uv_hrtime() - p->parked_ns > TD_SERVE_PARK_NS) {
+        p->dep->errors++;
+        td__respond_json(p->rid, 503, "{\"error\":\"the deployment has no live replica (they are being replaced); retry later\"}");
+        td__pend_free(p);
+        p = nxt;
+        continue;
+      } else {
+        p = nxt;
+        continue;
+      }
+    }
     for (;;) {
       uint64_t item;
       int st = td_node_stream_item(td_ctx.node, p->stream, p->next, &item);
@@ -354,15 +386,26 @@ static void td__on_tick(void *ud) {
         td__blob_field(b, len, "kind", &kind, &kl);
         td__blob_field(b, len, "message", &msg, &ml);
         int died = kl == 14 && !memcmp(kind, "ActorDiedError", 14);
+        if (died) {
+          /* No new requests for it: the controller replaces it. */
+          td_replica_t *r = td__rep(p->dep, p->actor_id);
+          if (r) r->dead = 1;
+        }
         if (!p->started && died && p->idempotent && !p->retried) {
-          /* The replica died: an idempotent request tries another one. */
+          /* The replica died: an idempotent request tries another one, or
+           * waits for a replacement when none is left. */
           uint64_t dead = p->actor_id;
           td_replica_t *r = td__rep(p->dep, dead);
           if (r && r->ongoing > 0) r->ongoing--;
+          p->actor_id = 0;
           td_node_decref(td_ctx.node, p->stream);
           p->stream = 0;
           p->retried = 1;
           if (td__dispatch(p, dead) == 0) break;
+          if (td__live(p->dep) == 0) {
+            p->parked_ns = uv_hrtime();
+            break;
+          }
         }
         p->dep->errors++;
         if (p->started) {
@@ -478,7 +521,7 @@ static int s_replicas(lua_State *L) {
       d->capreps = d->capreps ? d->capreps * 2 : 8;
       d->reps = td_xrealloc(d->reps, (size_t)d->capreps * sizeof(td_replica_t));
     }
-    d->reps[d->nreps++] = (td_replica_t){id, 0, 0};
+    d->reps[d->nreps++] = (td_replica_t){id, 0, 0, 0};
   }
   return 0;
 }

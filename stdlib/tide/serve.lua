@@ -463,7 +463,11 @@ local function publish(st, name)
   local ids = {}
   for i, r in ipairs(st.replicas) do ids[i] = r._id end
   core.serve_replicas(name, ids)
-  tide.get(running.state:set_replicas(name, st.replicas))
+  -- The state actor has a process of its own, so a replica's crash cannot
+  -- take it down; should it die anyway, the ingress keeps serving (only
+  -- jobs and handles need it), so its failure is logged, never raised.
+  local ok, err = pcall(function() return tide.get(running.state:set_replicas(name, st.replicas)) end)
+  if not ok then log("cannot publish the replicas of %s to the serve state: %s", name, tostring(err)) end
 end
 
 -- serve.deploy(app): creates or replaces deployments; returns at once.
@@ -502,8 +506,10 @@ function M.start(opts)
   local host = opts.host or cli.serve_host or "127.0.0.1"
   local port = opts.port or tonumber(cli.serve_port) or 8000
   local St = tide.actor(State)
+  -- own_process: the state never shares a process with user handlers, so
+  -- a replica that crashes its process (a segfault in C code) leaves it be.
   running.state = St:options({name = STATE_ACTOR, namespace = "serve", max_concurrency = 10000,
-    get_if_exists = true}):remote()
+    get_if_exists = true, own_process = true}):remote()
   running.port = core.serve_start(host, port, opts.max_body_bytes, opts.request_timeout_ms)
   running.host = host
   running.started = true
@@ -511,7 +517,15 @@ function M.start(opts)
   return running.port
 end
 
+local tick_once
+-- The controller must outlive any one failure (a replica's creation that
+-- raises, a state call that fails): it logs and goes on.
 local function tick(now)
+  local ok, err = xpcall(tick_once, debug.traceback, now)
+  if not ok then log("controller: %s", tostring(err)) end
+end
+
+tick_once = function(now)
   local stats = core.serve_stats()
   for name, st in pairs(running.deps) do
     local s = stats[name]

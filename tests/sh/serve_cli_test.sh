@@ -179,4 +179,55 @@ if [ $rc -eq 1 ] && grep -qi "cannot listen" "$tmp/out"; then ok "a port in use 
 else notok "a port in use is an error naming the port" "rc=$rc" "$(head -5 "$tmp/out")"; fi
 kill -TERM $spid3 2>/dev/null
 
+# -- A replica that crashes its process -----------------------------------------------
+# With --num-cpus 1 every lightweight actor shares one worker process, so
+# the segfault takes every replica there with it; before, it took the serve
+# state actor too and `tide serve run` died of an uncaught ActorDiedError.
+while kill -0 $spid3 2>/dev/null; do sleep 0.1; done
+cat >"$tmp/crash.lua" <<'EOF'
+local serve = require("tide.serve")
+local Crash = serve.deployment{name = "crash", route = "/crash", num_replicas = 2,
+  call = function(self, req)
+    if req.query.boom then local ffi = require("ffi"); return ffi.cast("int*", 0)[0] end
+    return "fine"
+  end}
+local Ok = serve.deployment{name = "ok", route = "/ok", call = function() return "ok" end}
+local Jobs = serve.deployment{name = "jobs", route = "/jobs",
+  jobs = {work = function(self, req, job) return {answer = req.json.x * 2} end}}
+serve.run({Crash, Ok, Jobs})
+EOF
+$TIDE serve run --num-cpus 1 --port $P2 "$tmp/crash.lua" >"$tmp/crash.log" 2>&1 &
+cpid=$!
+pids="$pids $cpid"
+wait_healthz $P2
+code=$(curl -s -m 10 -o "$tmp/body" -w '%{http_code}' "http://127.0.0.1:$P2/crash?boom=1")
+if [ "$code" = 503 ] && grep -q 'signal 11' "$tmp/body"; then ok "a request whose handler segfaults gets a 503"
+else notok "a request whose handler segfaults gets a 503" "$code" "$(cat "$tmp/body")"; fi
+good=0; i=0
+while [ $i -lt 20 ]; do
+  [ "$(curl -s -m 15 "http://127.0.0.1:$P2/ok")" = ok ] && good=$((good + 1))
+  i=$((i + 1)); sleep 0.1
+done
+if [ $good -eq 20 ]; then ok "after the crash, another route answers every request (20 of 20)"
+else notok "after the crash, another route answers every request (20 of 20)" "$good of 20" "$(tail -5 "$tmp/crash.log")"; fi
+out=$(curl -s -m 15 "http://127.0.0.1:$P2/crash")
+if [ "$out" = fine ]; then ok "the crashed route answers again from a replacement replica"
+else notok "the crashed route answers again from a replacement replica" "$out" "$(tail -5 "$tmp/crash.log")"; fi
+jid=$(curl -s -m 10 -d '{"x": 4}' "http://127.0.0.1:$P2/jobs/work" | sed -n 's/.*"id":"\([^"]*\)".*/\1/p')
+i=0; j=""
+while [ $i -lt 50 ] && [ -n "$jid" ]; do
+  j=$(curl -s -m 10 "http://127.0.0.1:$P2/jobs/$jid")
+  echo "$j" | grep -q '"status":"succeeded"' && break
+  i=$((i + 1)); sleep 0.2
+done
+if echo "$j" | grep -q '"answer":8'; then ok "jobs still work: the serve state lives in a process of its own"
+else notok "jobs still work: the serve state lives in a process of its own" "id=$jid" "$j" "$(tail -5 "$tmp/crash.log")"; fi
+curl -s -m 10 -o /dev/null "http://127.0.0.1:$P2/crash?boom=1"
+sleep 1
+if kill -0 $cpid 2>/dev/null && grep -q 'died; starting a replacement' "$tmp/crash.log" &&
+   ! grep -q 'ActorDiedError' "$tmp/crash.log"; then
+  ok "tide serve run stays up through two crashes and logs the replacements"
+else notok "tide serve run stays up through two crashes and logs the replacements" "$(tail -8 "$tmp/crash.log")"; fi
+kill -TERM $cpid 2>/dev/null
+
 echo "1..$n"
