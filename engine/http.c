@@ -83,6 +83,8 @@ struct td__http_req {
   uint8_t head_only;      /* HEAD request: headers only */
   uint8_t close_after;    /* the connection ends after this response */
   uint8_t healthz;        /* answered by the server */
+  uint8_t drain_armed;    /* td_http_stream_notify asked for an on_drain call */
+  size_t drain_low;       /* ... when its unsent output is at most this */
   uint64_t t_start;       /* loop time of its first byte */
   uint64_t t_dispatch;    /* loop time it was handed to on_request */
   size_t url_len;         /* request target length (arena offset 0) */
@@ -144,14 +146,14 @@ struct td__http_cmd {
   td__http_cmd_t *next; /* queue */
   int op;               /* TD__OP_* */
   td_http_req_id id;    /* request */
-  int status;           /* respond, stream_start */
+  int status;           /* respond, stream_start; notify: its level */
   size_t nh;            /* headers (copied after this struct) */
   td_http_header_t *h;  /* copied headers */
   const char *data;     /* copied body or chunk */
   size_t len;           /* its length */
 };
 
-enum { TD__OP_RESPOND = 1, TD__OP_START, TD__OP_WRITE, TD__OP_END, TD__OP_ABORT };
+enum { TD__OP_RESPOND = 1, TD__OP_START, TD__OP_WRITE, TD__OP_END, TD__OP_ABORT, TD__OP_NOTIFY };
 
 struct td_http_server {
   uv_loop_t *loop;            /* the loop it runs on */
@@ -365,7 +367,7 @@ static td__http_req_t *req_new(td__http_conn_t *c) {
   r->has_id = 0;
   r->state = TD__RQ_PARSING;
   r->framing = TD__FR_LENGTH;
-  r->head_only = r->close_after = r->healthz = 0;
+  r->head_only = r->close_after = r->healthz = r->drain_armed = 0;
   r->t_start = r->t_dispatch = 0;
   r->url_len = r->body_off = 0;
   r->nhoff = 0;
@@ -468,6 +470,7 @@ static int req_live(const td__http_req_t *r) {
 static void conn_service(td__http_conn_t *c);
 static void conn_flush(td__http_conn_t *c);
 static void conn_timer_update(td__http_conn_t *c);
+static void conn_check_drain(td__http_conn_t *c);
 static void conn_parse(td__http_conn_t *c, const char *p, size_t n);
 
 static void on_prepare(uv_prepare_t *h);
@@ -1358,6 +1361,17 @@ static void on_shutdown(uv_shutdown_t *req, int status) {
   conn_timer_update(c);
 }
 
+/* A streaming request at the head of its queue whose unsent output fell to
+ * the level td_http_stream_notify asked for gets its on_drain call. Only
+ * the head's output is in the socket buffers; a request behind it waits. */
+static void conn_check_drain(td__http_conn_t *c) {
+  td__http_req_t *r = c->qhead;
+  if (!r || !r->drain_armed || r->state != TD__RQ_STREAMING || !r->has_id) return;
+  if (c->wbuf.len + c->wflight.len > r->drain_low) return;
+  r->drain_armed = 0;
+  if (c->srv->o.on_drain) c->srv->o.on_drain(c->srv, r->pub.id, c->srv->o.data);
+}
+
 /* Resumes paused parsing, flushes output, re-arms the timer. */
 static void conn_service(td__http_conn_t *c) {
   if (c->dead) return;
@@ -1377,6 +1391,8 @@ static void conn_service(td__http_conn_t *c) {
     }
   }
   conn_flush(c);
+  if (c->dead) return;
+  conn_check_drain(c);
   conn_timer_update(c);
 }
 
@@ -1648,6 +1664,16 @@ static int stream_write_now(td_http_server_t *srv, td_http_req_id id, const void
   return 0;
 }
 
+static int stream_notify_now(td_http_server_t *srv, td_http_req_id id, size_t low) {
+  td__http_req_t *r = req_lookup(srv, id);
+  if (!r) return UV_ENOENT;
+  if (r->state != TD__RQ_STREAMING) return UV_EINVAL;
+  r->drain_armed = 1;
+  r->drain_low = low;
+  conn_mark_dirty(r->conn);  /* checked when the loop next services it */
+  return 0;
+}
+
 static int stream_end_now(td_http_server_t *srv, td_http_req_id id) {
   td__http_req_t *r = req_lookup(srv, id);
   if (!r) return UV_ENOENT;
@@ -1691,6 +1717,7 @@ static int cmd_run(td_http_server_t *srv, const td__http_cmd_t *m) {
     case TD__OP_WRITE: return stream_write_now(srv, m->id, m->data, m->len);
     case TD__OP_END: return stream_end_now(srv, m->id);
     case TD__OP_ABORT: return abort_now(srv, m->id);
+    case TD__OP_NOTIFY: return stream_notify_now(srv, m->id, (size_t)m->status);
     default: return UV_EINVAL;
   }
 }
@@ -1788,6 +1815,13 @@ int td_http_stream_write(td_http_server_t *srv, td_http_req_id id, const void *d
     return cmd_post(srv, TD__OP_WRITE, id, 0, NULL, 0, data, len);
   }
   return stream_write_now(srv, id, data, len);
+}
+
+int td_http_stream_notify(td_http_server_t *srv, td_http_req_id id, size_t low) {
+  if (low > INT32_MAX) low = INT32_MAX;
+  /* The level travels in the command's status field; it carries no data. */
+  if (!on_loop_thread(srv)) return cmd_post(srv, TD__OP_NOTIFY, id, (int)low, NULL, 0, NULL, 0);
+  return stream_notify_now(srv, id, low);
 }
 
 int td_http_stream_end(td_http_server_t *srv, td_http_req_id id) {
@@ -1933,6 +1967,15 @@ void td_http_inbox_on_abort(td_http_server_t *srv, td_http_req_id id,
   e->ev.kind = TD_HTTP_EV_ABORT;
   e->ev.id = id;
   e->ev.reason = reason;
+  inbox_push(inbox, e);
+}
+
+void td_http_inbox_on_drain(td_http_server_t *srv, td_http_req_id id, void *inbox) {
+  (void)srv;
+  td__http_evnode_t *e = calloc(1, sizeof(*e));
+  if (!e) return; /* the stream stalls until the slow-client limits end it */
+  e->ev.kind = TD_HTTP_EV_DRAIN;
+  e->ev.id = id;
   inbox_push(inbox, e);
 }
 

@@ -41,10 +41,25 @@ typedef struct td_pend {
   int retried;
   int idempotent;
   uint64_t parked_ns;    /* waiting for a live replica since (uv_hrtime), or 0 */
+  size_t unacked;        /* stream bytes written that the client may not have taken */
+  size_t notify_mark;    /* unacked when the pending drain notice was asked for */
+  int notified;          /* a drain notice is pending */
   uint8_t *args;         /* kept to retry on another replica */
   size_t args_len;
   struct td_pend *prev, *nxt;
 } td_pend_t;
+
+/* Stream pacing: the ingress reads a stream's next item only while fewer
+ * than TD_SERVE_STREAM_HIGH bytes it wrote may still wait for the client,
+ * asking the HTTP thread (td_http_stream_notify) to say when all but
+ * TD_SERVE_STREAM_LOW of them are gone. A slow reader so holds back the
+ * ingress instead of filling its memory or being dropped as too slow. */
+#define TD_SERVE_STREAM_HIGH (4u << 20)
+#define TD_SERVE_STREAM_LOW (256u << 10)
+/* Items a replica's stream may run ahead of the ingress (see
+ * td_node_stream_window): with the byte window above, a slow reader holds
+ * the replica back too, so the object store does not fill either. */
+#define TD_SERVE_STREAM_ITEMS 8
 
 static struct {
   td_http_thread_t *th;
@@ -190,6 +205,7 @@ static int td__dispatch(td_pend_t *p, uint64_t avoid) {
   r->ongoing++;
   p->actor_id = r->actor_id;
   p->stream = ret;
+  td_node_stream_window(td_ctx.node, ret, TD_SERVE_STREAM_ITEMS);
   p->next = 0;
   return 0;
 }
@@ -295,12 +311,31 @@ static void td__on_request(const td_http_request_t *q) {
   td_map_set(&S.by_rid, p->rid, p);
 }
 
+/* Asks for a drain notice once half the window is out. */
+static void td__stream_pace(td_pend_t *p) {
+  if (p->notified || p->unacked < TD_SERVE_STREAM_HIGH / 2) return;
+  if (td_http_stream_notify(S.srv, p->rid, TD_SERVE_STREAM_LOW)) {
+    p->unacked = 0;  /* no notice will come (the request is gone): do not wait for one */
+    return;
+  }
+  p->notified = 1;
+  p->notify_mark = p->unacked;
+}
+
 static void td__on_readable(void *ud) {
   (void)ud;
   td_http_event_t *ev;
   while ((ev = td_http_inbox_pop(S.ib))) {
     if (ev->kind == TD_HTTP_EV_REQUEST) {
       td__on_request(&ev->req);
+    } else if (ev->kind == TD_HTTP_EV_DRAIN) {
+      /* All but TD_SERVE_STREAM_LOW of what was out at the notice is gone. */
+      td_pend_t *p = td_map_get(&S.by_rid, ev->id);
+      if (p && p->notified) {
+        p->notified = 0;
+        p->unacked = p->unacked - p->notify_mark + TD_SERVE_STREAM_LOW;
+        td__stream_pace(p);
+      }
     } else {
       /* The client went away: stop the generation. */
       td_pend_t *p = td_map_get(&S.by_rid, ev->id);
@@ -367,6 +402,7 @@ static void td__on_tick(void *ud) {
     }
     for (;;) {
       uint64_t item;
+      if (p->unacked >= TD_SERVE_STREAM_HIGH) break;  /* the client is behind: wait for a drain */
       int st = td_node_stream_item(td_ctx.node, p->stream, p->next, &item);
       if (st == 0) break;
       if (st < 0) {
@@ -435,8 +471,12 @@ static void td__on_tick(void *ud) {
           td__pend_free(p);
           break;
         }
+        td_node_stream_release(td_ctx.node, p->stream, p->next - 1);
       } else {
-        td_http_stream_write(S.srv, p->rid, sp, sl);
+        td_http_stream_write(S.srv, p->rid, sp, sl);  /* copies the bytes */
+        td_node_stream_release(td_ctx.node, p->stream, p->next - 1);
+        p->unacked += sl;
+        td__stream_pace(p);
       }
     }
     p = nxt;
@@ -459,6 +499,7 @@ static int s_start(lua_State *L) {
   memset(&o, 0, sizeof(o));
   o.on_request = td_http_inbox_on_request;
   o.on_abort = td_http_inbox_on_abort;
+  o.on_drain = td_http_inbox_on_drain;
   o.data = S.ib;
   o.max_body_bytes = (size_t)luaL_optnumber(L, 3, 0);
   o.response_timeout_ms = (uint64_t)luaL_optnumber(L, 4, 0);

@@ -76,10 +76,14 @@ local function send_result(res)
     local sse = res.opts.sse
     local ct = res.opts.content_type or (sse and "text/event-stream" or "text/plain; charset=utf-8")
     tide.yield(header_item("C", res.opts.status or 200, {["Content-Type"] = ct, ["Cache-Control"] = "no-cache"}))
+    local room = core.stream_room
     local function send(chunk)
       if type(chunk) == "table" then chunk = cjson.encode(chunk) end
       chunk = tostring(chunk)
       if sse then chunk = "data: " .. chunk:gsub("\n", "\ndata: ") .. "\n\n" end
+      -- Back-pressure: waits while the ingress holds the stream's window
+      -- of items (its client reads slowly), so memory stays bounded.
+      if room then room() end
       tide.yield(chunk)
     end
     res.fn(send)

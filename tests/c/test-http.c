@@ -1238,3 +1238,55 @@ TEST_IMPL(http_inbox_thread) {
   free(r);
   return 0;
 }
+
+/* td_http_stream_notify: a drain event comes only once the client has
+ * taken the stream's output down to the asked level, so a producer can
+ * pace itself to a slow reader instead of buffering for it. */
+TEST_IMPL(http_stream_notify) {
+  td_http_inbox_t *ib = td_http_inbox_new();
+  ASSERT(ib);
+  td_http_opts_t o = {.on_request = td_http_inbox_on_request, .on_abort = td_http_inbox_on_abort,
+                      .on_drain = td_http_inbox_on_drain, .data = ib};
+  td_http_thread_t *th = NULL;
+  ASSERT_EQ(td_http_thread_start(&o, NULL, 0, &th), 0);
+  td_http_server_t *srv = td_http_thread_server(th);
+  /* (No small SO_RCVBUF here: set after connect, it shrinks an advertised
+   * window and the sender stalls in retransmission back-off.) */
+  client_t *c = cl_open(td_http_thread_port(th));
+  cl_sends(c, "GET /gen HTTP/1.1\r\n\r\n");
+  td_http_event_t *g = inbox_wait(ib);
+  ASSERT(g && g->kind == TD_HTTP_EV_REQUEST);
+  ASSERT_EQ(td_http_stream_start(srv, g->id, 200, NULL, 0), 0);
+  /* More than the kernel's socket buffers hold while the client sleeps. */
+  size_t n = 16u << 20;
+  char *chunk = malloc(n);
+  memset(chunk, 'x', n);
+  ASSERT_EQ(td_http_stream_write(srv, g->id, chunk, n), 0);
+  ASSERT_EQ(td_http_stream_notify(srv, g->id, 64 * 1024), 0);
+  struct pollfd pfd = {.fd = td_http_inbox_fd(ib), .events = POLLIN};
+  ASSERT_EQ(poll(&pfd, 1, 300), 0); /* no drain: the client took nothing */
+  /* The client reads it all; then (not before) the drain event comes. */
+  size_t got = 0;
+  td_http_event_t *d = NULL;
+  while (got < n) {
+    ssize_t k = recv(c->fd, chunk, 1 << 20, 0);
+    ASSERT(k > 0);
+    got += (size_t)k;
+  }
+  if (!d) d = inbox_wait(ib);
+  ASSERT(d && d->kind == TD_HTTP_EV_DRAIN);
+  ASSERT_EQ(d->id, g->id);
+  td_http_event_free(d);
+  /* Once drained, a notify answers at once. */
+  ASSERT_EQ(td_http_stream_notify(srv, g->id, 1u << 30), 0);
+  d = inbox_wait(ib);
+  ASSERT(d && d->kind == TD_HTTP_EV_DRAIN && d->id == g->id);
+  td_http_event_free(d);
+  ASSERT_EQ(td_http_stream_end(srv, g->id), 0);
+  td_http_event_free(g);
+  free(chunk);
+  cl_close(c);
+  td_http_thread_stop(&th);
+  td_http_inbox_destroy(&ib);
+  return 0;
+}
