@@ -80,7 +80,10 @@ local function send_result(res)
     local function send(chunk)
       if type(chunk) == "table" then chunk = cjson.encode(chunk) end
       chunk = tostring(chunk)
-      if sse then chunk = "data: " .. chunk:gsub("\n", "\ndata: ") .. "\n\n" end
+      if sse then
+        -- One data: line per line of the value (SSE ends lines at \r\n, \r or \n).
+        chunk = "data: " .. chunk:gsub("\r\n?", "\n"):gsub("\n", "\ndata: ") .. "\n\n"
+      end
       -- Back-pressure: waits while the ingress holds the stream's window
       -- of items (its client reads slowly), so memory stays bounded.
       if room then room() end

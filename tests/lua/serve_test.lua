@@ -155,6 +155,8 @@ local Events = serve.deployment{
       send("hello")
       send({n = 2})
       send("two\nlines")
+      send("\n")
+      send("cr\r\nlf\rend")
     end, {sse = true})
   end,
 }
@@ -716,8 +718,12 @@ t.test("streaming: Server-Sent Events with serve.stream(fn, {sse = true})", func
   t.eq(r.status, 200)
   t.ok(r.headers["content-type"]:find("text/event-stream", 1, true), r.headers["content-type"])
   t.eq(r.headers["cache-control"], "no-cache")
-  t.eq(r.body, 'data: hello\n\ndata: {"n":2}\n\ndata: two\ndata: lines\n\n')
-  t.eq(#r.chunks, 3, "one chunk per event")
+  -- Per the SSE spec a value with line breaks (\n, \r\n or \r) is one
+  -- data: line per line: "\n" alone is two empty ones (data "\n"), and no
+  -- bare \r can end a line early in a client's parser.
+  t.eq(r.body, 'data: hello\n\ndata: {"n":2}\n\ndata: two\ndata: lines\n\n' ..
+    'data: \ndata: \n\ndata: cr\ndata: lf\ndata: end\n\n')
+  t.eq(#r.chunks, 5, "one chunk per event")
 end)
 
 t.test("load balancing: sequential requests spread over both replicas", function()
