@@ -84,6 +84,9 @@ struct td__http_req {
   uint8_t close_after;    /* the connection ends after this response */
   uint8_t healthz;        /* answered by the server */
   uint8_t drain_armed;    /* td_http_stream_notify asked for an on_drain call */
+  uint8_t log_cut;        /* its streamed response was aborted (access log) */
+  int log_status;         /* status of the response made, 0 before (access log) */
+  uint64_t log_bytes;     /* body bytes of it (access log) */
   size_t drain_low;       /* ... when its unsent output is at most this */
   uint64_t t_start;       /* loop time of its first byte */
   uint64_t t_dispatch;    /* loop time it was handed to on_request */
@@ -119,6 +122,7 @@ struct td__http_conn {
   size_t stash_off;         /* first unparsed byte in stash */
   size_t hbytes;            /* request line + header bytes of the current request */
   uint64_t id;              /* connection number, for logs */
+  char peer[48];            /* client address, for the access log */
   uint64_t t_activity;      /* loop time of the last read or response */
   uint64_t t_write;         /* loop time the write in flight last made progress */
   size_t wq_mark;           /* libuv's write queue size then */
@@ -367,7 +371,9 @@ static td__http_req_t *req_new(td__http_conn_t *c) {
   r->has_id = 0;
   r->state = TD__RQ_PARSING;
   r->framing = TD__FR_LENGTH;
-  r->head_only = r->close_after = r->healthz = r->drain_armed = 0;
+  r->head_only = r->close_after = r->healthz = r->drain_armed = r->log_cut = 0;
+  r->log_status = 0;
+  r->log_bytes = 0;
   r->t_start = r->t_dispatch = 0;
   r->url_len = r->body_off = 0;
   r->nhoff = 0;
@@ -441,7 +447,30 @@ static td__http_req_t *req_lookup(td_http_server_t *srv, td_http_req_id id) {
   return k == SIZE_MAX ? NULL : srv->ids[k];
 }
 
+/* The access log's entry for a request the server lets go of: one read
+ * whole (or answered with an error while read), never an idle one. */
+static void req_log(td_http_server_t *srv, td__http_req_t *r) {
+  if (!srv->o.on_log || !r->conn || (r->state == TD__RQ_PARSING && !r->log_status)) return;
+  td_http_log_entry_t e;
+  memset(&e, 0, sizeof(e));
+  e.peer = r->conn->peer[0] ? r->conn->peer : "-";
+  e.method = r->pub.method;
+  if (r->pub.path) {
+    e.path = r->pub.path;
+    e.path_len = r->pub.path_len;
+    e.query = r->pub.query;
+    e.query_len = r->pub.query ? r->pub.query_len : 0;
+  }
+  e.http_minor = r->pub.http_minor;
+  e.status = r->log_status;
+  e.bytes = r->log_bytes;
+  e.complete = r->state == TD__RQ_DONE && !r->log_cut;
+  e.duration_ms = r->t_start ? uv_now(srv->loop) - r->t_start : 0;
+  srv->o.on_log(srv, &e, srv->o.data);
+}
+
 static void req_release(td_http_server_t *srv, td__http_req_t *r) {
+  req_log(srv, r);
   req_drop_id(srv, r);
   if (srv->npool >= TD__HTTP_POOL_MAX) {
     hbuf_free(&r->in);
@@ -671,6 +700,7 @@ static int fmt_head(td__hbuf_t *b, td__http_req_t *r, int status,
     need += (h[i].name_len ? h[i].name_len : strlen(h[i].name)) +
             (h[i].value_len ? h[i].value_len : strlen(h[i].value)) + 4;
   if (hbuf_reserve(b, need)) return UV_ENOMEM;
+  r->log_status = status;
   char st[4] = {(char)('0' + status / 100), (char)('0' + status / 10 % 10),
                 (char)('0' + status % 10), ' '};
   hbuf_raw(b, "HTTP/1.1 ", 9);
@@ -719,6 +749,7 @@ static int req_write_whole(td__http_req_t *r, int status, const td_http_header_t
     return rc;
   }
   r->state = TD__RQ_DONE;
+  r->log_bytes = has_body && !r->head_only ? len : 0;
   r->conn->srv->st.responses++;
   return 0;
 }
@@ -1467,6 +1498,11 @@ static void on_connection(uv_stream_t *ls, int status) {
     return;
   }
   uv_tcp_nodelay(&c->tcp, 1);
+  struct sockaddr_storage ss;
+  int sl = (int)sizeof(ss);
+  if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&ss, &sl) ||
+      uv_ip_name((struct sockaddr *)&ss, c->peer, sizeof(c->peer)))
+    c->peer[0] = 0;
   conn_timer_update(c);
 }
 
@@ -1648,6 +1684,7 @@ static int stream_write_now(td_http_server_t *srv, td_http_req_id id, const void
     return UV_ENOBUFS;
   }
   if (hbuf_reserve(b, len + 24)) return UV_ENOMEM;
+  r->log_bytes += len;
   if (r->framing == TD__FR_CHUNKED) {
     char hx[24];
     size_t n = fmt_hex(hx, len);
@@ -1702,6 +1739,7 @@ static int abort_now(td_http_server_t *srv, td_http_req_id id) {
   /* Truncate: what was sent stays, no terminating chunk, then close. */
   req_drop_id(srv, r);
   r->state = TD__RQ_DONE;
+  r->log_cut = 1;
   r->close_after = 1;
   srv->st.responses++;
   conn_drop_after(c, r);

@@ -113,6 +113,26 @@ typedef void (*td_http_abort_cb)(td_http_server_t *srv, td_http_req_id id,
  * level: the application may write more. */
 typedef void (*td_http_drain_cb)(td_http_server_t *srv, td_http_req_id id, void *data);
 
+/* One finished request, for an access log (on_log). Strings are valid
+ * during the call only and not NUL-terminated unless said. */
+typedef struct td_http_log_entry {
+  const char *peer;      /* client address, NUL-terminated ("-" unknown) */
+  const char *method;    /* NUL-terminated; NULL when no request line was read */
+  const char *path;      /* request target up to '?' */
+  size_t path_len;       /* its length */
+  const char *query;     /* after '?' */
+  size_t query_len;      /* its length (0: none) */
+  int http_minor;        /* 0 or 1 */
+  int status;            /* status sent; 0 when none was (client gone first) */
+  uint64_t bytes;        /* body bytes of the response */
+  int complete;          /* 0: cut short (stream aborted, connection dropped) */
+  uint64_t duration_ms;  /* first request byte to the end of the response */
+} td_http_log_entry_t;
+
+/* Called on the loop thread once per request that was read (whole or
+ * not) when the server lets go of it: for access logs. */
+typedef void (*td_http_log_cb)(td_http_server_t *srv, const td_http_log_entry_t *e, void *data);
+
 /* Called on the loop thread once the server and all its handles are
  * closed; the server's memory is freed right after it returns. */
 typedef void (*td_http_close_cb)(td_http_server_t *srv, void *data);
@@ -122,6 +142,7 @@ typedef struct td_http_opts {
   td_http_request_cb on_request; /* required */
   td_http_abort_cb on_abort;     /* optional */
   td_http_drain_cb on_drain;     /* optional: answers td_http_stream_notify */
+  td_http_log_cb on_log;         /* optional: every request, when done (access log) */
   void *data;                    /* passed to every callback */
   size_t max_header_bytes;       /* request line + headers [16 KiB]; 431 (414: URL) */
   size_t max_headers;            /* header fields per request [100]; 431 */

@@ -6,8 +6,13 @@
  * Uses http, node, ser; exposed to Lua as tide.core serve_* functions.
  */
 #include <lauxlib.h>
+#include <errno.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "core.h"
 #include "http.h"
@@ -46,6 +51,7 @@ typedef struct td_pend {
   int notified;          /* a drain notice is pending */
   uint8_t *args;         /* kept to retry on another replica */
   size_t args_len;
+  char what[160];        /* "METHOD /path", for the error log */
   struct td_pend *prev, *nxt;
 } td_pend_t;
 
@@ -71,7 +77,71 @@ static struct {
   td_map_t by_rid;       /* rid -> td_pend_t */
   uint32_t rng;
   td_buf_t buf;
+  FILE *access;          /* access log (stderr, a file), or NULL: off */
+  int access_owned;      /* fclose it at stop */
+  pthread_mutex_t log_mu; /* one line at a time from the HTTP thread and this one */
 } S;
+
+/* -- Logs ------------------------------------------------------------------ */
+
+/* The access log, in common log format, written on the HTTP thread as each
+ * request finishes: host ident user [date] "request line" status bytes. */
+static void td__on_log(td_http_server_t *srv, const td_http_log_entry_t *e, void *data) {
+  (void)srv, (void)data;
+  if (!S.access) return;
+  char date[64];
+  time_t now = time(NULL);
+  struct tm tm;
+  localtime_r(&now, &tm);
+  strftime(date, sizeof(date), "%d/%b/%Y:%H:%M:%S %z", &tm);
+  /* The target as received, with quotes, backslashes and bytes outside
+   * printable ASCII escaped, so a line is always one parseable line. */
+  char target[1024];
+  size_t o = 0;
+  for (int part = 0; part < 2; part++) {
+    const char *s = part ? e->query : e->path;
+    size_t n = part ? e->query_len : e->path_len;
+    if (part && n && o < sizeof(target) - 1) target[o++] = '?';
+    for (size_t i = 0; s && i < n && o < sizeof(target) - 5; i++) {
+      unsigned char c = (unsigned char)s[i];
+      if (c < 0x20 || c >= 0x7f || c == '"' || c == '\\')
+        o += (size_t)snprintf(target + o, sizeof(target) - o, "\\x%02x", c);
+      else target[o++] = (char)c;
+    }
+  }
+  target[o] = 0;
+  char bytes[24];
+  if (e->bytes) snprintf(bytes, sizeof(bytes), "%llu", (unsigned long long)e->bytes);
+  else snprintf(bytes, sizeof(bytes), "-");
+  /* No response at all (the client left first) is logged as 499, as nginx does. */
+  pthread_mutex_lock(&S.log_mu);
+  if (e->method)
+    fprintf(S.access, "%s - - [%s] \"%s %s HTTP/1.%d\" %d %s\n", e->peer, date, e->method,
+            o ? target : "-", e->http_minor, e->status ? e->status : 499, bytes);
+  else
+    fprintf(S.access, "%s - - [%s] \"-\" %d %s\n", e->peer, date, e->status ? e->status : 499, bytes);
+  fflush(S.access);
+  pthread_mutex_unlock(&S.log_mu);
+}
+
+/* A short id for one failure: the client gets it, the log has the details. */
+static void td__error_id(char out[17]) {
+  S.rng = S.rng * 1103515245u + 12345u;
+  uint64_t x = uv_hrtime() ^ ((uint64_t)S.rng << 32) ^ (uint64_t)getpid();
+  x ^= x >> 33; x *= 0xff51afd7ed558ccdull; x ^= x >> 33;
+  snprintf(out, 17, "%016llx", (unsigned long long)x);
+}
+
+/* Logs a failed request with its id on stderr: what the client does not
+ * get to see (messages, tracebacks, server paths). */
+static void td__log_error(const td_pend_t *p, const char *id, const char *kind, uint32_t kl,
+                          const char *msg, uint32_t ml) {
+  pthread_mutex_lock(&S.log_mu);
+  fprintf(stderr, "[serve] error %s: %s (deployment %s): %.*s: %.*s\n", id, p->what, p->dep->name,
+          (int)kl, kind, (int)ml, msg);
+  fflush(stderr);
+  pthread_mutex_unlock(&S.log_mu);
+}
 
 /* -- Replicas -------------------------------------------------------------- */
 
@@ -288,6 +358,7 @@ static void td__on_request(const td_http_request_t *q) {
   td_pend_t *p = td_xcalloc(1, sizeof(*p));
   p->rid = q->id;
   p->dep = d;
+  snprintf(p->what, sizeof(p->what), "%s %.*s", q->method, (int)(q->path_len < 140 ? q->path_len : 140), q->path);
   p->idempotent = !strcmp(q->method, "GET") || !strcmp(q->method, "HEAD") ||
                   !strcmp(q->method, "PUT") || !strcmp(q->method, "DELETE");
   td__encode_req(&S.buf, q, d);
@@ -444,14 +515,22 @@ static void td__on_tick(void *ud) {
           }
         }
         p->dep->errors++;
+        /* The message (a traceback, server paths) goes to the log under an
+         * id; the client gets the id and the kind of failure only. */
+        char eid[17];
+        td__error_id(eid);
+        td__log_error(p, eid, kind, kl, msg, ml);
         if (p->started) {
-          td_http_abort(S.srv, p->rid);
+          td_http_abort(S.srv, p->rid);  /* no final chunk: the client sees it cut */
         } else {
           td_buf_reset(&S.buf);
           td_buf_put(&S.buf, "{\"error\":", 9);
-          td__json_str(&S.buf, msg, ml);
+          const char *say = died ? "the replica died while handling the request; retry" : "internal server error";
+          td__json_str(&S.buf, say, strlen(say));
           td_buf_put(&S.buf, ",\"kind\":", 8);
           td__json_str(&S.buf, kind, kl);
+          td_buf_put(&S.buf, ",\"id\":", 6);
+          td__json_str(&S.buf, eid, 16);
           td_buf_put(&S.buf, "}", 2);
           td__respond_json(p->rid, died ? 503 : 500, (const char *)S.buf.p);
         }
@@ -485,12 +564,24 @@ static void td__on_tick(void *ud) {
 
 /* -- Lua ------------------------------------------------------------------------ */
 
-/* core.serve_start(host, port) -> port */
+/* core.serve_start(host, port, max_body, timeout_ms, access_log) -> port;
+ * access_log: "off" (or nil), "-" (stderr), or a file to append to. */
 static int s_start(lua_State *L) {
   const char *host = luaL_optstring(L, 1, "127.0.0.1");
   int port = (int)luaL_optinteger(L, 2, 8000);
+  const char *alog = luaL_optstring(L, 5, "off");
   if (!td_ctx.node) return luaL_error(L, "the cluster is not running");
   if (S.th) return luaL_error(L, "the HTTP ingress is already running");
+  pthread_mutex_init(&S.log_mu, NULL);
+  S.access = NULL;
+  S.access_owned = 0;
+  if (!strcmp(alog, "-") || !strcmp(alog, "stderr")) {
+    S.access = stderr;
+  } else if (strcmp(alog, "off")) {
+    S.access = fopen(alog, "a");
+    if (!S.access) return luaL_error(L, "cannot open the access log %s: %s", alog, strerror(errno));
+    S.access_owned = 1;
+  }
   S.ib = td_http_inbox_new();
   td_map_init(&S.by_rid);
   td_buf_init(&S.buf);
@@ -500,11 +591,14 @@ static int s_start(lua_State *L) {
   o.on_request = td_http_inbox_on_request;
   o.on_abort = td_http_inbox_on_abort;
   o.on_drain = td_http_inbox_on_drain;
+  o.on_log = td__on_log;
   o.data = S.ib;
   o.max_body_bytes = (size_t)luaL_optnumber(L, 3, 0);
   o.response_timeout_ms = (uint64_t)luaL_optnumber(L, 4, 0);
   int rc = td_http_thread_start(&o, host, port, &S.th);
   if (rc) {
+    if (S.access_owned) fclose(S.access);
+    S.access = NULL;
     td_http_inbox_destroy(&S.ib);
     return luaL_error(L, "cannot listen on %s:%d: %s", host, port, uv_strerror(rc));
   }
@@ -615,6 +709,8 @@ static int s_stop(lua_State *L) {
   if (!S.th) return 0;
   td_node_watch_fd(td_ctx.node, -1, NULL, NULL, NULL);
   td_http_thread_stop(&S.th);
+  if (S.access_owned) fclose(S.access);
+  S.access = NULL;
   while (S.pend) td__pend_free(S.pend);
   td_http_inbox_destroy(&S.ib);
   for (int i = 0; i < S.ndeps; i++) free(S.deps[i].reps);

@@ -228,7 +228,9 @@ function M._handle(self, req, call, methods, jobs)
       local okj, enc = pcall(cjson.encode, res)
       res = okj and enc or tostring(res)
     end
-    return send_error(500, tostring(res))
+    -- The call fails: the ingress logs the message and traceback under an
+    -- error id and answers 500 with the id only (no server paths leak).
+    error(tostring(res), 0)
   end
   return send_result(res)
 end
@@ -512,12 +514,18 @@ function M.start(opts)
   local cli = debug.getregistry()["tide.cli_opts"] or {}
   local host = opts.host or cli.serve_host or "127.0.0.1"
   local port = opts.port or tonumber(cli.serve_port) or 8000
+  -- The access log: on (stderr) under `tide serve run`, off in other
+  -- drivers unless asked; "off", "-" (stderr) or a file name.
+  local alog = opts.access_log or cli.serve_access_log or (cli.serving and "-" or "off")
+  if type(alog) ~= "string" or alog == "" then
+    error("serve.start: access_log must be \"off\", \"-\" (stderr) or a file name", 2)
+  end
   local St = tide.actor(State)
   -- own_process: the state never shares a process with user handlers, so
   -- a replica that crashes its process (a segfault in C code) leaves it be.
   running.state = St:options({name = STATE_ACTOR, namespace = "serve", max_concurrency = 10000,
     get_if_exists = true, own_process = true}):remote()
-  running.port = core.serve_start(host, port, opts.max_body_bytes, opts.request_timeout_ms)
+  running.port = core.serve_start(host, port, opts.max_body_bytes, opts.request_timeout_ms, alog)
   running.host = host
   running.started = true
   log("listening on http://%s:%d", host, running.port)
