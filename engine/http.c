@@ -4,6 +4,7 @@
 #include "http.h"
 
 #include <llhttp.h>
+#include <malloc.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stddef.h>
@@ -18,6 +19,7 @@
 
 #define TD__HTTP_READ_BUF (64 * 1024)                /* one shared read buffer */
 #define TD__HTTP_HIGH_WATER (1024 * 1024)            /* unsent bytes that pause parsing */
+#define TD__HTTP_CONN_BUDGET (4 * 1024 * 1024)       /* queued requests' bytes that pause parsing */
 #define TD__HTTP_EAGER_FLUSH (256 * 1024)            /* stream bytes that are written at once */
 #define TD__HTTP_KEEP_BUF (64 * 1024)                /* pooled buffers above this are freed */
 #define TD__HTTP_POOL_MAX 256                        /* idle request structs kept */
@@ -186,6 +188,7 @@ struct td_http_server {
   td_http_close_cb close_cb;  /* called when nhandles reaches 0 */
   uint64_t next_conn_id;      /* connection numbering */
   uint64_t date_tick;         /* second of the cached Date header */
+  uint64_t trim_at;           /* loop time memory was last given back (malloc_trim) */
   size_t date_len;            /* its length */
   char date[48];              /* "Date: ...\r\n" */
   char rbuf[TD__HTTP_READ_BUF]; /* read buffer shared by all connections */
@@ -634,6 +637,15 @@ static void on_conn_closed(uv_handle_t *h) {
   td_http_server_t *srv = c->srv;
   conn_free(c);
   srv->nhandles--;
+  /* What closed connections held (request bodies, response buffers) goes
+   * back to the system, not only to malloc's free lists: after a burst of
+   * large pipelined requests the process shrinks again. At most once a
+   * second, as a trim walks the heap. */
+  uint64_t now = uv_now(srv->loop);
+  if (now - srv->trim_at >= 1000) {
+    srv->trim_at = now;
+    malloc_trim(0);
+  }
   server_maybe_closed(srv);
 }
 
@@ -1039,9 +1051,21 @@ static const llhttp_settings_t td__http_settings = {
 
 /* -- Parsing and dispatch ------------------------------------------------ */
 
+/* Bytes held for the requests queued on a connection: their bodies and
+ * the responses made for them that wait for their turn. */
+static size_t conn_held(const td__http_conn_t *c) {
+  size_t n = 0;
+  for (const td__http_req_t *r = c->qhead; r; r = r->next) n += r->in.len + r->out.len;
+  return n;
+}
+
+/* A new request is read only while the connection holds little: a client
+ * that pipelines large requests and reads slowly gets no more memory than
+ * this budget (and its own socket buffers) before it must catch up. */
 static int conn_can_parse(const td__http_conn_t *c) {
   return c->nq < c->srv->o.max_pipeline &&
-         c->wbuf.len + c->wflight.len < TD__HTTP_HIGH_WATER;
+         c->wbuf.len + c->wflight.len < TD__HTTP_HIGH_WATER &&
+         (c->nq == 0 || conn_held(c) < TD__HTTP_CONN_BUDGET);
 }
 
 /* Keeps unparsed input for later (parsing paused). */
@@ -1473,6 +1497,7 @@ static void on_connection(uv_stream_t *ls, int status) {
   td_http_server_t *srv = ls->data;
   if (status < 0 || srv->closing) return;
   if (srv->st.connections_open >= srv->o.max_connections) {
+    srv->st.refused++;
     /* Accept and close at once: the kernel queue must not fill with them. */
     uv_tcp_t *t = malloc(sizeof(*t));
     if (!t || uv_tcp_init(srv->loop, t)) {
@@ -1503,6 +1528,18 @@ static void on_connection(uv_stream_t *ls, int status) {
   if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&ss, &sl) ||
       uv_ip_name((struct sockaddr *)&ss, c->peer, sizeof(c->peer)))
     c->peer[0] = 0;
+  /* One address may not hold more than its share of the connections: a
+   * client that opens thousands and idles would lock everyone else out. */
+  if (c->peer[0]) {
+    unsigned same = 0;
+    for (td__http_conn_t *o = srv->conns; o; o = o->next)
+      if (o != c && !o->dead && !strcmp(o->peer, c->peer)) same++;
+    if (same >= srv->o.max_connections_per_client) {
+      srv->st.refused++;
+      conn_kill(c, TD_HTTP_ABORT_DISCONNECT);
+      return;
+    }
+  }
   conn_timer_update(c);
 }
 
@@ -1532,6 +1569,7 @@ td_http_server_t *td_http_server_new(uv_loop_t *loop, const td_http_opts_t *opts
   if (!o->max_pipeline) o->max_pipeline = 64;
   if (!o->max_output_bytes) o->max_output_bytes = 64u * 1024 * 1024;
   if (!o->max_connections) o->max_connections = 10000;
+  if (!o->max_connections_per_client) o->max_connections_per_client = 256;
   srv->thread = pthread_self();
   /* A write to a connection the peer reset must be an error, not a
    * SIGPIPE that kills the process; libuv writes with plain write(). */

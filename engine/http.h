@@ -154,6 +154,9 @@ typedef struct td_http_opts {
   unsigned max_pipeline;         /* requests in flight per connection [64] */
   size_t max_output_bytes;       /* unsent output per connection [64 MiB] */
   unsigned max_connections;      /* open connections [10000]; more are closed */
+  unsigned max_connections_per_client; /* open connections from one address [256];
+                                          more are closed, so one client cannot
+                                          take every slot */
 } td_http_opts_t;
 
 /* Counters, read with td_http_server_stats(). */
@@ -167,6 +170,7 @@ typedef struct td_http_stats {
   uint64_t timeouts;         /* 408 sent, or a write stalled past send_timeout_ms */
   uint64_t too_large;        /* 413, 414, 431 */
   uint64_t healthz;          /* /-/healthz answered */
+  uint64_t refused;          /* connections closed at once: a connection limit */
 } td_http_stats_t;
 
 /* -- Server ------------------------------------------------------------- */

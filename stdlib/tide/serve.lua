@@ -116,9 +116,16 @@ end
 -- -- Jobs -------------------------------------------------------------------
 
 local seeded = false
+-- Job ids are capabilities (whoever has one can read or cancel the job), so
+-- they come from the kernel's random source, not math.random's sequence.
 local function job_id()
+  local f = io.open("/dev/urandom", "rb")
+  local b = f and f:read(8)
+  if f then f:close() end
+  if b and #b == 8 then
+    return "job-" .. b:gsub(".", function(c) return format("%02x", c:byte()) end)
+  end
   if not seeded then
-    -- Every replica process needs its own sequence.
     local ctx = core.context()
     math.randomseed(os.time() * 65537 + (ctx.pid or 0) * 131 + floor(os.clock() * 1e6))
     seeded = true
@@ -144,14 +151,14 @@ end
 
 -- Builds the actor class of a deployment's replicas.
 local function replica_class(d)
-  local user_init, call, methods, jobs = d.init, d.call, d.methods, d.jobs
+  local user_init, call, methods, jobs, token = d.init, d.call, d.methods, d.jobs, d.job_token
   local class = {}
   class.init = function(self, ...)
     if user_init then user_init(self, ...) end
   end
   class.__serve = function(self, req)
     local serve = require("tide.serve")
-    return serve._handle(self, req, call, methods, jobs)
+    return serve._handle(self, req, call, methods, jobs, token)
   end
   class.__job = function(self, id, name, req)
     local serve = require("tide.serve")
@@ -163,7 +170,7 @@ local function replica_class(d)
   return class
 end
 
-function M._handle(self, req, call, methods, jobs)
+function M._handle(self, req, call, methods, jobs, token)
   req.query = parse_query(req.query_string or "")
   local sub = req.path:sub(#req.route + 1)
   req.subpath = sub
@@ -181,10 +188,19 @@ function M._handle(self, req, call, methods, jobs)
   end
   if jobs then
     local name = sub:match("^/([%w_%-]+)$")
+    local jobish = (req.method == "POST" and name and jobs[name]) or sub:match("^/job%-%x+")
+    if jobish and token and req.headers["authorization"] ~= "Bearer " .. token then
+      return send_full(401, {["Content-Type"] = "application/json", ["WWW-Authenticate"] = 'Bearer realm="tide"'},
+        cjson.encode({error = "this deployment's job routes need Authorization: Bearer <token>"}))
+    end
     if req.method == "POST" and name and jobs[name] then
       local id = job_id()
       local st = state_actor()
-      tide.get(st:submit(id, req.deployment, name, req))
+      local accepted, why = tide.get(st:submit(id, req.deployment, name, req))
+      if not accepted then
+        return send_full(503, {["Content-Type"] = "application/json", ["Retry-After"] = "5"},
+          cjson.encode({error = why or "too many jobs"}))
+      end
       return send_full(202, {["Content-Type"] = "application/json", Location = req.route .. "/" .. id},
         cjson.encode({id = id, status = "pending"}))
     end
@@ -247,6 +263,7 @@ end
 -- if the replica running them dies.
 local State = {
   set_replicas = function(self, dep, handles) self.replicas[dep] = handles end,
+  set_limits = function(self, max_jobs, ttl) self.max_jobs, self.ttl = max_jobs, ttl end,
   replicas = function(self, dep) return self.replicas[dep] end,
   progress = function(self, id, p, note, status)
     local rec = self.jobs[id]
@@ -263,8 +280,35 @@ local State = {
       rec.status = "cancelled"
       local ref = self.refs[id]
       if ref then require("tide").cancel(ref) end
+      self:_finished(id)
     end
     return rec
+  end,
+  -- Finished records wait in `done`, oldest first, to expire after `ttl`
+  -- seconds or to make room when the table holds `max_jobs` records.
+  _finished = function(self, id)
+    if self.done_at[id] then return end
+    self.done_at[id] = os.time()
+    self.done[#self.done + 1] = id
+    self.reqs[id] = nil
+  end,
+  _evict = function(self, need_room)
+    local now, done = os.time(), self.done
+    local i = self.done_head
+    while i <= #done do
+      local id = done[i]
+      local at = self.done_at[id]
+      if not (need_room and self.count >= self.max_jobs) and now - at < self.ttl then break end
+      self.jobs[id], self.done_at[id], done[i] = nil, nil, false
+      self.count = self.count - 1
+      i = i + 1
+    end
+    self.done_head = i
+    if i > 1024 and i > #done / 2 then  -- compact the queue now and then
+      local rest = {}
+      for k = i, #done do rest[#rest + 1] = done[k] end
+      self.done, self.done_head = rest, 1
+    end
   end,
   list = function(self)
     local out = {}
@@ -281,7 +325,7 @@ State.start = function(self, id)
   local tries = 0
   while rec and rec.status ~= "cancelled" do
     local reps = self.replicas[rec.deployment] or {}
-    if #reps == 0 then rec.status = "failed"; rec.error = "no replicas"; return end
+    if #reps == 0 then rec.status = "failed"; rec.error = "no replicas"; self:_finished(id); return end
     local h = reps[math.random(1, #reps)]
     local ref = h:__job(id, rec.job, self.reqs[id])
     self.refs[id] = ref
@@ -290,7 +334,7 @@ State.start = function(self, id)
     if rec.status == "cancelled" then return end
     if ok then
       rec.status, rec.result, rec.progress = "succeeded", res, 1
-      self.reqs[id] = nil
+      self:_finished(id)
       return
     end
     tries = tries + 1
@@ -300,7 +344,7 @@ State.start = function(self, id)
       rec.status = "failed"
       rec.error = type(res) == "table" and tostring(res.message) or tostring(res)
       if type(res) == "table" and res.kind == "TaskCancelledError" then rec.status = "cancelled" end
-      self.reqs[id] = nil
+      self:_finished(id)
       return
     end
   end
@@ -308,13 +352,23 @@ end
 
 State.init = function(self)
   self.jobs, self.refs, self.replicas, self.reqs = {}, {}, {}, {}
+  self.done, self.done_at, self.done_head, self.count = {}, {}, 1, 0
+  self.max_jobs, self.ttl = 10000, 3600
 end
+-- -> true, or false and why: at max_jobs records, with none finished to
+-- let go, a new job is refused (the client gets 503) instead of growing
+-- the table without bound.
 State.submit = function(self, id, dep, name, req)
+  self:_evict(self.count >= self.max_jobs)
+  if self.count >= self.max_jobs then
+    return false, format("too many jobs: %d are pending or running (max_jobs); retry later", self.count)
+  end
+  self.count = self.count + 1
   self.jobs[id] = {id = id, status = "pending", progress = 0, job = name, deployment = dep}
   self.reqs[id] = req
   self.me = self.me or require("tide").get_actor("tide.serve.state", {namespace = "serve"})
   self.me:start(id) -- fire and forget: runs concurrently in this actor
-  return id
+  return true
 end
 
 -- -- Deployments --------------------------------------------------------------
@@ -323,7 +377,7 @@ local DEPLOY_KEYS = {
   name = "string", route = "string", init = "function", call = "function", methods = "table",
   num_replicas = "number", autoscaling = "table", resources = "table", max_ongoing_requests = "number",
   jobs = "table", num_cpus = "number", num_gpus = "number", max_restarts = "number",
-  user_config = "table", extra_methods = "table",
+  user_config = "table", extra_methods = "table", job_token = "string",
 }
 
 local Deployment = {}
@@ -525,7 +579,11 @@ function M.start(opts)
   -- a replica that crashes its process (a segfault in C code) leaves it be.
   running.state = St:options({name = STATE_ACTOR, namespace = "serve", max_concurrency = 10000,
     get_if_exists = true, own_process = true}):remote()
+  local max_jobs, ttl = opts.max_jobs or 10000, opts.job_ttl_s or 3600
+  if type(max_jobs) ~= "number" or max_jobs < 1 then error("serve.start: max_jobs must be a number >= 1", 2) end
+  if type(ttl) ~= "number" or ttl < 0 then error("serve.start: job_ttl_s must be a number >= 0", 2) end
   running.port = core.serve_start(host, port, opts.max_body_bytes, opts.request_timeout_ms, alog)
+  tide.get(running.state:set_limits(max_jobs, ttl))
   running.host = host
   running.started = true
   log("listening on http://%s:%d", host, running.port)

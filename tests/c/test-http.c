@@ -251,7 +251,8 @@ static int rc_message_complete(llhttp_t *p) {
   return HPE_PAUSED;
 }
 
-static client_t *cl_open(int port) {
+/* A client connecting from source address `from` (NULL: any). */
+static client_t *cl_open_from(int port, const char *from) {
   client_t *c = calloc(1, sizeof(*c));
   ASSERT(c);
   c->fd = socket(AF_INET, SOCK_STREAM, 0);
@@ -262,6 +263,11 @@ static client_t *cl_open(int port) {
   setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
   struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
   sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (from) {
+    struct sockaddr_in src = {.sin_family = AF_INET};
+    ASSERT_EQ(inet_pton(AF_INET, from, &src.sin_addr), 1);
+    ASSERT_EQ(bind(c->fd, (struct sockaddr *)&src, sizeof(src)), 0);
+  }
   ASSERT_EQ(connect(c->fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
   llhttp_settings_init(&c->s);
   c->s.on_header_field = rc_header_field;
@@ -274,6 +280,8 @@ static client_t *cl_open(int port) {
   c->p.data = c;
   return c;
 }
+
+static client_t *cl_open(int port) { return cl_open_from(port, NULL); }
 
 static void cl_close(client_t *c) {
   close(c->fd);
@@ -507,6 +515,54 @@ TEST_IMPL(http_pipeline_order) {
   }
   cl_close(c);
   free(r);
+  fx_stop(fx);
+  return 0;
+}
+
+/* Pipelined requests with large bodies are read only while the connection
+ * holds less than its byte budget (4 MiB), however many fit the pipeline. */
+typedef struct sender {
+  int fd;          /* where to send */
+  const char *p;   /* one request */
+  size_t n;        /* its length */
+  int times;       /* how many times */
+} sender_t;
+
+static void *sender_main(void *arg) {
+  sender_t *s = arg;
+  for (int i = 0; i < s->times; i++) {
+    size_t off = 0;
+    while (off < s->n) {
+      ssize_t k = send(s->fd, s->p + off, s->n - off, MSG_NOSIGNAL);
+      if (k <= 0) return NULL; /* the test closed the socket */
+      off += (size_t)k;
+    }
+  }
+  return NULL;
+}
+
+TEST_IMPL(http_pipeline_bytes) {
+  fx_t *fx = fx_start(app_basic, NULL);
+  client_t *c = cl_open(fx->port);
+  size_t body = 1u << 20;
+  char head[128];
+  int hl = snprintf(head, sizeof(head), "POST /hold/x HTTP/1.1\r\nContent-Length: %zu\r\n\r\n", body);
+  char *one = malloc((size_t)hl + body);
+  memcpy(one, head, (size_t)hl);
+  memset(one + hl, 'b', body);
+  /* 20 requests of 1 MiB from a thread (the server stops reading them, so
+   * a blocking send from here would not return). */
+  sender_t s = {c->fd, one, (size_t)hl + body, 20};
+  pthread_t th;
+  ASSERT_EQ(pthread_create(&th, NULL, sender_main, &s), 0);
+  ASSERT(fx_wait(fx, &fx->nreq, 1));
+  usleep(300000);
+  int n = fx_get(fx, &fx->nreq);
+  ASSERT(n >= 1 && n <= 5); /* not 20: reading paused at the budget */
+  shutdown(c->fd, SHUT_RDWR);
+  pthread_join(th, NULL);
+  free(one);
+  cl_close(c);
   fx_stop(fx);
   return 0;
 }
@@ -1046,6 +1102,39 @@ TEST_IMPL(http_max_connections) {
   ASSERT_EQ(r->status, 200);
   cl_close(a);
   cl_close(b);
+  free(r);
+  fx_stop(fx);
+  return 0;
+}
+
+/* One address cannot take every slot: its connections past
+ * max_connections_per_client are closed at once, while another address
+ * (127.0.0.2, also loopback) still gets in. */
+TEST_IMPL(http_max_connections_per_client) {
+  td_http_opts_t o = {.max_connections_per_client = 2};
+  fx_t *fx = fx_start(app_basic, &o);
+  resp_t *r = malloc(sizeof(*r));
+  client_t *a = cl_open(fx->port), *b = cl_open(fx->port);
+  cl_sends(a, "GET /hello HTTP/1.1\r\n\r\n");
+  ASSERT_EQ(cl_read(a, r), 0);
+  cl_sends(b, "GET /hello HTTP/1.1\r\n\r\n");
+  ASSERT_EQ(cl_read(b, r), 0);
+  client_t *c = cl_open(fx->port);
+  ASSERT(cl_eof(c)); /* a third from 127.0.0.1: closed at once */
+  cl_close(c);
+  client_t *d = cl_open_from(fx->port, "127.0.0.2");
+  cl_sends(d, "GET /hello HTTP/1.1\r\n\r\n");
+  ASSERT_EQ(cl_read(d, r), 0);
+  ASSERT_EQ(r->status, 200);
+  cl_close(b); /* a slot of 127.0.0.1 is free again */
+  usleep(100000);
+  client_t *e = cl_open(fx->port);
+  cl_sends(e, "GET /hello HTTP/1.1\r\n\r\n");
+  ASSERT_EQ(cl_read(e, r), 0);
+  ASSERT_EQ(r->status, 200);
+  cl_close(a);
+  cl_close(d);
+  cl_close(e);
   free(r);
   fx_stop(fx);
   return 0;
