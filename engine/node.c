@@ -4780,7 +4780,9 @@ void td_node_pump(td_node_t *n, double timeout) {
   double now = td_now();
   for (td_req_t *r = n->reqs; r; r = r->next)
     if (r->deadline > 0 && r->deadline - now < timeout) timeout = r->deadline - now;
-  if (timeout < 0) timeout = 0;
+  /* Something changed after this round's checks (a stream's consumer let
+   * items go in the tick): check again at once instead of sleeping. */
+  if (timeout < 0 || n->dirty) timeout = 0;
   if (n->cappfds < n->nwks + 1) {
     n->cappfds = n->nwks + 16;
     n->pfds = td_xrealloc(n->pfds, (size_t)n->cappfds * sizeof(struct pollfd));

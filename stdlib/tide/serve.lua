@@ -76,7 +76,7 @@ local function send_result(res)
     local sse = res.opts.sse
     local ct = res.opts.content_type or (sse and "text/event-stream" or "text/plain; charset=utf-8")
     tide.yield(header_item("C", res.opts.status or 200, {["Content-Type"] = ct, ["Cache-Control"] = "no-cache"}))
-    local room = core.stream_room
+    local room, n_since, bytes_since = core.stream_room, 0, 0
     local function send(chunk)
       if type(chunk) == "table" then chunk = cjson.encode(chunk) end
       chunk = tostring(chunk)
@@ -85,8 +85,14 @@ local function send_result(res)
         chunk = "data: " .. chunk:gsub("\r\n?", "\n"):gsub("\n", "\ndata: ") .. "\n\n"
       end
       -- Back-pressure: waits while the ingress holds the stream's window
-      -- of items (its client reads slowly), so memory stays bounded.
-      if room then room() end
+      -- of items (its client reads slowly), so memory stays bounded. Asked
+      -- after 256 KiB or 64 chunks: a round trip per token would make
+      -- small chunks several times slower.
+      n_since, bytes_since = n_since + 1, bytes_since + #chunk
+      if room and (bytes_since >= 262144 or n_since >= 64) then
+        room()
+        n_since, bytes_since = 0, 0
+      end
       tide.yield(chunk)
     end
     res.fn(send)
