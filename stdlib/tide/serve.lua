@@ -348,7 +348,19 @@ State.start = function(self, id)
       rec.status = "pending"
     else
       rec.status = "failed"
-      rec.error = type(res) == "table" and tostring(res.message) or tostring(res)
+      -- The record shows the job's own message, without the file:line
+      -- prefixes (server paths) or traceback; the log has all of it under
+      -- the record's error_id.
+      local full = type(res) == "table" and tostring(res.message) or tostring(res)
+      local short = full:match("^[^\n]*")
+      repeat local before = short; short = short:gsub("^[^:%s]+:%d+: ", "") until short == before
+      local f = io.open("/dev/urandom", "rb")
+      local b = f and f:read(8) or tostring(os.time())
+      if f then f:close() end
+      rec.error = short
+      rec.error_id = b:gsub(".", function(c) return format("%02x", c:byte()) end)
+      io.stderr:write(format("[serve] error %s: job %s (%s of deployment %s) failed: %s\n",
+        rec.error_id, id, rec.job, rec.deployment, full))
       if type(res) == "table" and res.kind == "TaskCancelledError" then rec.status = "cancelled" end
       self:_finished(id)
       return

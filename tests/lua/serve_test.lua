@@ -293,7 +293,8 @@ t.test("jobs: a job that raises ends failed with an error and no result", functi
     end, 20)
   end)
   t.eq(r.json.status, "failed")
-  t.ok(type(r.json.error) == "string" and r.json.error:find("the job broke", 1, true), tostring(r.json.error))
+  t.eq(r.json.error, "the job broke", "the job's message, without file:line or traceback")
+  t.ok(type(r.json.error_id) == "string" and #r.json.error_id == 16, "an error id for the log")
   t.eq(r.json.result, nil)
 end)
 
