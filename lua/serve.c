@@ -280,6 +280,15 @@ static int td__dispatch(td_pend_t *p, uint64_t avoid) {
   return 0;
 }
 
+/* A request that will not be retried (not idempotent) needs its encoded
+ * copy no more once sent: a large body is not held twice meanwhile. */
+static void td__drop_args(td_pend_t *p) {
+  if (p->idempotent) return;
+  free(p->args);
+  p->args = NULL;
+  p->args_len = 0;
+}
+
 /* Encodes the request as the single argument of __serve: a table. */
 static void td__encode_req(td_buf_t *b, const td_http_request_t *q, const td_dep_t *d) {
   td_buf_reset(b);
@@ -365,7 +374,9 @@ static void td__on_request(const td_http_request_t *q) {
   p->args = td_xmalloc(S.buf.len);
   memcpy(p->args, S.buf.p, S.buf.len);
   p->args_len = S.buf.len;
-  if (td__dispatch(p, 0)) {
+  if (td__dispatch(p, 0) == 0) {
+    td__drop_args(p);
+  } else {
     if (td__live(d) == 0) {
       p->parked_ns = uv_hrtime();  /* td__on_tick dispatches it once a replica is back */
     } else {
@@ -460,6 +471,7 @@ static void td__on_tick(void *ud) {
     if (p->parked_ns) {
       if (td__dispatch(p, 0) == 0) {
         p->parked_ns = 0;
+        td__drop_args(p);
       } else if (uv_hrtime() - p->parked_ns > TD_SERVE_PARK_NS) {
         p->dep->errors++;
         td__respond_json(p->rid, 503, "{\"error\":\"the deployment has no live replica (they are being replaced); retry later\"}");
