@@ -1493,9 +1493,29 @@ static void on_reject_closed(uv_handle_t *h) {
   server_maybe_closed(srv);
 }
 
+/* The connection idle longest (no request queued, nothing to write) among
+ * those from `peer` (NULL: any), or NULL. At a connection limit it makes
+ * room for a new one: idle connections held open cannot lock clients out. */
+static td__http_conn_t *conn_oldest_idle(td_http_server_t *srv, const char *peer,
+                                         const td__http_conn_t *skip) {
+  td__http_conn_t *best = NULL;
+  for (td__http_conn_t *o = srv->conns; o; o = o->next) {
+    if (o == skip || o->dead || o->nq || o->wbuf.len || o->writing) continue;
+    if (peer && strcmp(o->peer, peer)) continue;
+    if (!best || o->t_activity < best->t_activity) best = o;
+  }
+  return best;
+}
+
 static void on_connection(uv_stream_t *ls, int status) {
   td_http_server_t *srv = ls->data;
   if (status < 0 || srv->closing) return;
+  td__http_conn_t *idle = srv->st.connections_open >= srv->o.max_connections
+                            ? conn_oldest_idle(srv, NULL, NULL) : NULL;
+  if (idle) {
+    srv->st.refused++;
+    conn_kill(idle, TD_HTTP_ABORT_DISCONNECT);
+  }
   if (srv->st.connections_open >= srv->o.max_connections) {
     srv->st.refused++;
     /* Accept and close at once: the kernel queue must not fill with them. */
@@ -1536,8 +1556,12 @@ static void on_connection(uv_stream_t *ls, int status) {
       if (o != c && !o->dead && !strcmp(o->peer, c->peer)) same++;
     if (same >= srv->o.max_connections_per_client) {
       srv->st.refused++;
-      conn_kill(c, TD_HTTP_ABORT_DISCONNECT);
-      return;
+      td__http_conn_t *old = conn_oldest_idle(srv, c->peer, c);
+      if (!old) {
+        conn_kill(c, TD_HTTP_ABORT_DISCONNECT);
+        return;
+      }
+      conn_kill(old, TD_HTTP_ABORT_DISCONNECT);  /* the new one takes its place */
     }
   }
   conn_timer_update(c);

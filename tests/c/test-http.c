@@ -1085,54 +1085,70 @@ TEST_IMPL(http_slow_client) {
   return 0;
 }
 
+/* At the limit a new connection takes the place of the one idle longest;
+ * when every connection is busy it is closed at once instead. */
 TEST_IMPL(http_max_connections) {
   td_http_opts_t o = {.max_connections = 2};
   fx_t *fx = fx_start(app_basic, &o);
   resp_t *r = malloc(sizeof(*r));
   client_t *a = cl_open(fx->port), *b = cl_open(fx->port);
-  cl_sends(a, "GET /hello HTTP/1.1\r\n\r\n");
-  ASSERT_EQ(cl_read(a, r), 0); /* both are accepted by now */
-  cl_sends(b, "GET /hello HTTP/1.1\r\n\r\n");
+  cl_sends(a, "GET /hold/a HTTP/1.1\r\n\r\n"); /* busy: its answer is owed */
+  ASSERT(fx_wait(fx, &fx->nheld, 1));
+  cl_sends(b, "GET /hello HTTP/1.1\r\n\r\n");  /* answered: idle after */
   ASSERT_EQ(cl_read(b, r), 0);
   client_t *c = cl_open(fx->port);
-  ASSERT(cl_eof(c)); /* one too many: closed at once */
-  cl_close(c);
-  cl_sends(a, "GET /hello HTTP/1.1\r\n\r\n");
+  cl_sends(c, "GET /hello HTTP/1.1\r\n\r\n");
+  ASSERT_EQ(cl_read(c, r), 0); /* let in: b made room */
+  ASSERT_EQ(r->status, 200);
+  ASSERT(cl_eof(b));
+  cl_sends(c, "GET /hold/c HTTP/1.1\r\n\r\n");
+  ASSERT(fx_wait(fx, &fx->nheld, 2));
+  client_t *d = cl_open(fx->port);
+  ASSERT(cl_eof(d)); /* a and c are busy: one too many, closed at once */
+  cl_close(d);
+  ASSERT_EQ(td_http_respond(fx->srv, fx_held_by_path(fx, "/hold/a"), 200, NULL, 0, "a", 1), 0);
   ASSERT_EQ(cl_read(a, r), 0);
   ASSERT_EQ(r->status, 200);
+  ASSERT_EQ(td_http_respond(fx->srv, fx_held_by_path(fx, "/hold/c"), 200, NULL, 0, "c", 1), 0);
+  ASSERT_EQ(cl_read(c, r), 0);
   cl_close(a);
   cl_close(b);
+  cl_close(c);
   free(r);
   fx_stop(fx);
   return 0;
 }
 
-/* One address cannot take every slot: its connections past
- * max_connections_per_client are closed at once, while another address
- * (127.0.0.2, also loopback) still gets in. */
+/* One address cannot take every slot: past max_connections_per_client its
+ * idle connections make room for its new ones (or, all busy, the new one
+ * is closed), while another address (127.0.0.2, also loopback) gets in. */
 TEST_IMPL(http_max_connections_per_client) {
   td_http_opts_t o = {.max_connections_per_client = 2};
   fx_t *fx = fx_start(app_basic, &o);
   resp_t *r = malloc(sizeof(*r));
   client_t *a = cl_open(fx->port), *b = cl_open(fx->port);
-  cl_sends(a, "GET /hello HTTP/1.1\r\n\r\n");
-  ASSERT_EQ(cl_read(a, r), 0);
-  cl_sends(b, "GET /hello HTTP/1.1\r\n\r\n");
-  ASSERT_EQ(cl_read(b, r), 0);
+  cl_sends(a, "GET /hold/a HTTP/1.1\r\n\r\n");
+  ASSERT(fx_wait(fx, &fx->nheld, 1));
+  cl_sends(b, "GET /hold/b HTTP/1.1\r\n\r\n");
+  ASSERT(fx_wait(fx, &fx->nheld, 2));
   client_t *c = cl_open(fx->port);
-  ASSERT(cl_eof(c)); /* a third from 127.0.0.1: closed at once */
+  ASSERT(cl_eof(c)); /* a third from 127.0.0.1 while both are busy: closed */
   cl_close(c);
   client_t *d = cl_open_from(fx->port, "127.0.0.2");
   cl_sends(d, "GET /hello HTTP/1.1\r\n\r\n");
   ASSERT_EQ(cl_read(d, r), 0);
   ASSERT_EQ(r->status, 200);
-  cl_close(b); /* a slot of 127.0.0.1 is free again */
-  usleep(100000);
+  ASSERT_EQ(td_http_respond(fx->srv, fx_held_by_path(fx, "/hold/b"), 200, NULL, 0, "b", 1), 0);
+  ASSERT_EQ(cl_read(b, r), 0); /* b is idle now */
   client_t *e = cl_open(fx->port);
   cl_sends(e, "GET /hello HTTP/1.1\r\n\r\n");
-  ASSERT_EQ(cl_read(e, r), 0);
+  ASSERT_EQ(cl_read(e, r), 0); /* it takes b's place */
   ASSERT_EQ(r->status, 200);
+  ASSERT(cl_eof(b));
+  ASSERT_EQ(td_http_respond(fx->srv, fx_held_by_path(fx, "/hold/a"), 200, NULL, 0, "a", 1), 0);
+  ASSERT_EQ(cl_read(a, r), 0);
   cl_close(a);
+  cl_close(b);
   cl_close(d);
   cl_close(e);
   free(r);
