@@ -4,6 +4,7 @@
 #include "http.h"
 
 #include <llhttp.h>
+#include <malloc.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stddef.h>
@@ -18,6 +19,7 @@
 
 #define TD__HTTP_READ_BUF (64 * 1024)                /* one shared read buffer */
 #define TD__HTTP_HIGH_WATER (1024 * 1024)            /* unsent bytes that pause parsing */
+#define TD__HTTP_CONN_BUDGET (4 * 1024 * 1024)       /* queued requests' bytes that pause parsing */
 #define TD__HTTP_EAGER_FLUSH (256 * 1024)            /* stream bytes that are written at once */
 #define TD__HTTP_KEEP_BUF (64 * 1024)                /* pooled buffers above this are freed */
 #define TD__HTTP_POOL_MAX 256                        /* idle request structs kept */
@@ -83,6 +85,11 @@ struct td__http_req {
   uint8_t head_only;      /* HEAD request: headers only */
   uint8_t close_after;    /* the connection ends after this response */
   uint8_t healthz;        /* answered by the server */
+  uint8_t drain_armed;    /* td_http_stream_notify asked for an on_drain call */
+  uint8_t log_cut;        /* its streamed response was aborted (access log) */
+  int log_status;         /* status of the response made, 0 before (access log) */
+  uint64_t log_bytes;     /* body bytes of it (access log) */
+  size_t drain_low;       /* ... when its unsent output is at most this */
   uint64_t t_start;       /* loop time of its first byte */
   uint64_t t_dispatch;    /* loop time it was handed to on_request */
   size_t url_len;         /* request target length (arena offset 0) */
@@ -117,6 +124,7 @@ struct td__http_conn {
   size_t stash_off;         /* first unparsed byte in stash */
   size_t hbytes;            /* request line + header bytes of the current request */
   uint64_t id;              /* connection number, for logs */
+  char peer[48];            /* client address, for the access log */
   uint64_t t_activity;      /* loop time of the last read or response */
   uint64_t t_write;         /* loop time the write in flight last made progress */
   size_t wq_mark;           /* libuv's write queue size then */
@@ -144,14 +152,14 @@ struct td__http_cmd {
   td__http_cmd_t *next; /* queue */
   int op;               /* TD__OP_* */
   td_http_req_id id;    /* request */
-  int status;           /* respond, stream_start */
+  int status;           /* respond, stream_start; notify: its level */
   size_t nh;            /* headers (copied after this struct) */
   td_http_header_t *h;  /* copied headers */
   const char *data;     /* copied body or chunk */
   size_t len;           /* its length */
 };
 
-enum { TD__OP_RESPOND = 1, TD__OP_START, TD__OP_WRITE, TD__OP_END, TD__OP_ABORT };
+enum { TD__OP_RESPOND = 1, TD__OP_START, TD__OP_WRITE, TD__OP_END, TD__OP_ABORT, TD__OP_NOTIFY };
 
 struct td_http_server {
   uv_loop_t *loop;            /* the loop it runs on */
@@ -180,6 +188,7 @@ struct td_http_server {
   td_http_close_cb close_cb;  /* called when nhandles reaches 0 */
   uint64_t next_conn_id;      /* connection numbering */
   uint64_t date_tick;         /* second of the cached Date header */
+  uint64_t trim_at;           /* loop time memory was last given back (malloc_trim) */
   size_t date_len;            /* its length */
   char date[48];              /* "Date: ...\r\n" */
   char rbuf[TD__HTTP_READ_BUF]; /* read buffer shared by all connections */
@@ -365,7 +374,9 @@ static td__http_req_t *req_new(td__http_conn_t *c) {
   r->has_id = 0;
   r->state = TD__RQ_PARSING;
   r->framing = TD__FR_LENGTH;
-  r->head_only = r->close_after = r->healthz = 0;
+  r->head_only = r->close_after = r->healthz = r->drain_armed = r->log_cut = 0;
+  r->log_status = 0;
+  r->log_bytes = 0;
   r->t_start = r->t_dispatch = 0;
   r->url_len = r->body_off = 0;
   r->nhoff = 0;
@@ -439,7 +450,30 @@ static td__http_req_t *req_lookup(td_http_server_t *srv, td_http_req_id id) {
   return k == SIZE_MAX ? NULL : srv->ids[k];
 }
 
+/* The access log's entry for a request the server lets go of: one read
+ * whole (or answered with an error while read), never an idle one. */
+static void req_log(td_http_server_t *srv, td__http_req_t *r) {
+  if (!srv->o.on_log || !r->conn || (r->state == TD__RQ_PARSING && !r->log_status)) return;
+  td_http_log_entry_t e;
+  memset(&e, 0, sizeof(e));
+  e.peer = r->conn->peer[0] ? r->conn->peer : "-";
+  e.method = r->pub.method;
+  if (r->pub.path) {
+    e.path = r->pub.path;
+    e.path_len = r->pub.path_len;
+    e.query = r->pub.query;
+    e.query_len = r->pub.query ? r->pub.query_len : 0;
+  }
+  e.http_minor = r->pub.http_minor;
+  e.status = r->log_status;
+  e.bytes = r->log_bytes;
+  e.complete = r->state == TD__RQ_DONE && !r->log_cut;
+  e.duration_ms = r->t_start ? uv_now(srv->loop) - r->t_start : 0;
+  srv->o.on_log(srv, &e, srv->o.data);
+}
+
 static void req_release(td_http_server_t *srv, td__http_req_t *r) {
+  req_log(srv, r);
   req_drop_id(srv, r);
   if (srv->npool >= TD__HTTP_POOL_MAX) {
     hbuf_free(&r->in);
@@ -468,6 +502,7 @@ static int req_live(const td__http_req_t *r) {
 static void conn_service(td__http_conn_t *c);
 static void conn_flush(td__http_conn_t *c);
 static void conn_timer_update(td__http_conn_t *c);
+static void conn_check_drain(td__http_conn_t *c);
 static void conn_parse(td__http_conn_t *c, const char *p, size_t n);
 
 static void on_prepare(uv_prepare_t *h);
@@ -602,6 +637,15 @@ static void on_conn_closed(uv_handle_t *h) {
   td_http_server_t *srv = c->srv;
   conn_free(c);
   srv->nhandles--;
+  /* What closed connections held (request bodies, response buffers) goes
+   * back to the system, not only to malloc's free lists: after a burst of
+   * large pipelined requests the process shrinks again. At most once a
+   * second, as a trim walks the heap. */
+  uint64_t now = uv_now(srv->loop);
+  if (now - srv->trim_at >= 1000) {
+    srv->trim_at = now;
+    malloc_trim(0);
+  }
   server_maybe_closed(srv);
 }
 
@@ -668,6 +712,7 @@ static int fmt_head(td__hbuf_t *b, td__http_req_t *r, int status,
     need += (h[i].name_len ? h[i].name_len : strlen(h[i].name)) +
             (h[i].value_len ? h[i].value_len : strlen(h[i].value)) + 4;
   if (hbuf_reserve(b, need)) return UV_ENOMEM;
+  r->log_status = status;
   char st[4] = {(char)('0' + status / 100), (char)('0' + status / 10 % 10),
                 (char)('0' + status % 10), ' '};
   hbuf_raw(b, "HTTP/1.1 ", 9);
@@ -716,6 +761,7 @@ static int req_write_whole(td__http_req_t *r, int status, const td_http_header_t
     return rc;
   }
   r->state = TD__RQ_DONE;
+  r->log_bytes = has_body && !r->head_only ? len : 0;
   r->conn->srv->st.responses++;
   return 0;
 }
@@ -1005,9 +1051,21 @@ static const llhttp_settings_t td__http_settings = {
 
 /* -- Parsing and dispatch ------------------------------------------------ */
 
+/* Bytes held for the requests queued on a connection: their bodies and
+ * the responses made for them that wait for their turn. */
+static size_t conn_held(const td__http_conn_t *c) {
+  size_t n = 0;
+  for (const td__http_req_t *r = c->qhead; r; r = r->next) n += r->in.len + r->out.len;
+  return n;
+}
+
+/* A new request is read only while the connection holds little: a client
+ * that pipelines large requests and reads slowly gets no more memory than
+ * this budget (and its own socket buffers) before it must catch up. */
 static int conn_can_parse(const td__http_conn_t *c) {
   return c->nq < c->srv->o.max_pipeline &&
-         c->wbuf.len + c->wflight.len < TD__HTTP_HIGH_WATER;
+         c->wbuf.len + c->wflight.len < TD__HTTP_HIGH_WATER &&
+         (c->nq == 0 || conn_held(c) < TD__HTTP_CONN_BUDGET);
 }
 
 /* Keeps unparsed input for later (parsing paused). */
@@ -1358,6 +1416,17 @@ static void on_shutdown(uv_shutdown_t *req, int status) {
   conn_timer_update(c);
 }
 
+/* A streaming request at the head of its queue whose unsent output fell to
+ * the level td_http_stream_notify asked for gets its on_drain call. Only
+ * the head's output is in the socket buffers; a request behind it waits. */
+static void conn_check_drain(td__http_conn_t *c) {
+  td__http_req_t *r = c->qhead;
+  if (!r || !r->drain_armed || r->state != TD__RQ_STREAMING || !r->has_id) return;
+  if (c->wbuf.len + c->wflight.len > r->drain_low) return;
+  r->drain_armed = 0;
+  if (c->srv->o.on_drain) c->srv->o.on_drain(c->srv, r->pub.id, c->srv->o.data);
+}
+
 /* Resumes paused parsing, flushes output, re-arms the timer. */
 static void conn_service(td__http_conn_t *c) {
   if (c->dead) return;
@@ -1377,6 +1446,8 @@ static void conn_service(td__http_conn_t *c) {
     }
   }
   conn_flush(c);
+  if (c->dead) return;
+  conn_check_drain(c);
   conn_timer_update(c);
 }
 
@@ -1422,10 +1493,31 @@ static void on_reject_closed(uv_handle_t *h) {
   server_maybe_closed(srv);
 }
 
+/* The connection idle longest (no request queued, nothing to write) among
+ * those from `peer` (NULL: any), or NULL. At a connection limit it makes
+ * room for a new one: idle connections held open cannot lock clients out. */
+static td__http_conn_t *conn_oldest_idle(td_http_server_t *srv, const char *peer,
+                                         const td__http_conn_t *skip) {
+  td__http_conn_t *best = NULL;
+  for (td__http_conn_t *o = srv->conns; o; o = o->next) {
+    if (o == skip || o->dead || o->nq || o->wbuf.len || o->writing) continue;
+    if (peer && strcmp(o->peer, peer)) continue;
+    if (!best || o->t_activity < best->t_activity) best = o;
+  }
+  return best;
+}
+
 static void on_connection(uv_stream_t *ls, int status) {
   td_http_server_t *srv = ls->data;
   if (status < 0 || srv->closing) return;
+  td__http_conn_t *idle = srv->st.connections_open >= srv->o.max_connections
+                            ? conn_oldest_idle(srv, NULL, NULL) : NULL;
+  if (idle) {
+    srv->st.refused++;
+    conn_kill(idle, TD_HTTP_ABORT_DISCONNECT);
+  }
   if (srv->st.connections_open >= srv->o.max_connections) {
+    srv->st.refused++;
     /* Accept and close at once: the kernel queue must not fill with them. */
     uv_tcp_t *t = malloc(sizeof(*t));
     if (!t || uv_tcp_init(srv->loop, t)) {
@@ -1451,6 +1543,27 @@ static void on_connection(uv_stream_t *ls, int status) {
     return;
   }
   uv_tcp_nodelay(&c->tcp, 1);
+  struct sockaddr_storage ss;
+  int sl = (int)sizeof(ss);
+  if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&ss, &sl) ||
+      uv_ip_name((struct sockaddr *)&ss, c->peer, sizeof(c->peer)))
+    c->peer[0] = 0;
+  /* One address may not hold more than its share of the connections: a
+   * client that opens thousands and idles would lock everyone else out. */
+  if (c->peer[0]) {
+    unsigned same = 0;
+    for (td__http_conn_t *o = srv->conns; o; o = o->next)
+      if (o != c && !o->dead && !strcmp(o->peer, c->peer)) same++;
+    if (same >= srv->o.max_connections_per_client) {
+      srv->st.refused++;
+      td__http_conn_t *old = conn_oldest_idle(srv, c->peer, c);
+      if (!old) {
+        conn_kill(c, TD_HTTP_ABORT_DISCONNECT);
+        return;
+      }
+      conn_kill(old, TD_HTTP_ABORT_DISCONNECT);  /* the new one takes its place */
+    }
+  }
   conn_timer_update(c);
 }
 
@@ -1480,6 +1593,7 @@ td_http_server_t *td_http_server_new(uv_loop_t *loop, const td_http_opts_t *opts
   if (!o->max_pipeline) o->max_pipeline = 64;
   if (!o->max_output_bytes) o->max_output_bytes = 64u * 1024 * 1024;
   if (!o->max_connections) o->max_connections = 10000;
+  if (!o->max_connections_per_client) o->max_connections_per_client = 256;
   srv->thread = pthread_self();
   /* A write to a connection the peer reset must be an error, not a
    * SIGPIPE that kills the process; libuv writes with plain write(). */
@@ -1632,6 +1746,7 @@ static int stream_write_now(td_http_server_t *srv, td_http_req_id id, const void
     return UV_ENOBUFS;
   }
   if (hbuf_reserve(b, len + 24)) return UV_ENOMEM;
+  r->log_bytes += len;
   if (r->framing == TD__FR_CHUNKED) {
     char hx[24];
     size_t n = fmt_hex(hx, len);
@@ -1645,6 +1760,16 @@ static int stream_write_now(td_http_server_t *srv, td_http_req_id id, const void
   }
   if (b == &c->wbuf && b->len >= TD__HTTP_EAGER_FLUSH) conn_flush(c);
   conn_mark_dirty(c);
+  return 0;
+}
+
+static int stream_notify_now(td_http_server_t *srv, td_http_req_id id, size_t low) {
+  td__http_req_t *r = req_lookup(srv, id);
+  if (!r) return UV_ENOENT;
+  if (r->state != TD__RQ_STREAMING) return UV_EINVAL;
+  r->drain_armed = 1;
+  r->drain_low = low;
+  conn_mark_dirty(r->conn);  /* checked when the loop next services it */
   return 0;
 }
 
@@ -1676,6 +1801,7 @@ static int abort_now(td_http_server_t *srv, td_http_req_id id) {
   /* Truncate: what was sent stays, no terminating chunk, then close. */
   req_drop_id(srv, r);
   r->state = TD__RQ_DONE;
+  r->log_cut = 1;
   r->close_after = 1;
   srv->st.responses++;
   conn_drop_after(c, r);
@@ -1691,6 +1817,7 @@ static int cmd_run(td_http_server_t *srv, const td__http_cmd_t *m) {
     case TD__OP_WRITE: return stream_write_now(srv, m->id, m->data, m->len);
     case TD__OP_END: return stream_end_now(srv, m->id);
     case TD__OP_ABORT: return abort_now(srv, m->id);
+    case TD__OP_NOTIFY: return stream_notify_now(srv, m->id, (size_t)m->status);
     default: return UV_EINVAL;
   }
 }
@@ -1788,6 +1915,13 @@ int td_http_stream_write(td_http_server_t *srv, td_http_req_id id, const void *d
     return cmd_post(srv, TD__OP_WRITE, id, 0, NULL, 0, data, len);
   }
   return stream_write_now(srv, id, data, len);
+}
+
+int td_http_stream_notify(td_http_server_t *srv, td_http_req_id id, size_t low) {
+  if (low > INT32_MAX) low = INT32_MAX;
+  /* The level travels in the command's status field; it carries no data. */
+  if (!on_loop_thread(srv)) return cmd_post(srv, TD__OP_NOTIFY, id, (int)low, NULL, 0, NULL, 0);
+  return stream_notify_now(srv, id, low);
 }
 
 int td_http_stream_end(td_http_server_t *srv, td_http_req_id id) {
@@ -1933,6 +2067,15 @@ void td_http_inbox_on_abort(td_http_server_t *srv, td_http_req_id id,
   e->ev.kind = TD_HTTP_EV_ABORT;
   e->ev.id = id;
   e->ev.reason = reason;
+  inbox_push(inbox, e);
+}
+
+void td_http_inbox_on_drain(td_http_server_t *srv, td_http_req_id id, void *inbox) {
+  (void)srv;
+  td__http_evnode_t *e = calloc(1, sizeof(*e));
+  if (!e) return; /* the stream stalls until the slow-client limits end it */
+  e->ev.kind = TD_HTTP_EV_DRAIN;
+  e->ev.id = id;
   inbox_push(inbox, e);
 }
 

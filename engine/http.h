@@ -108,6 +108,31 @@ typedef void (*td_http_request_cb)(td_http_server_t *srv,
 typedef void (*td_http_abort_cb)(td_http_server_t *srv, td_http_req_id id,
                                  td_http_abort_reason_t reason, void *data);
 
+/* Called on the loop thread, once per td_http_stream_notify(), when the
+ * request's output not yet taken by the client has fallen to the asked
+ * level: the application may write more. */
+typedef void (*td_http_drain_cb)(td_http_server_t *srv, td_http_req_id id, void *data);
+
+/* One finished request, for an access log (on_log). Strings are valid
+ * during the call only and not NUL-terminated unless said. */
+typedef struct td_http_log_entry {
+  const char *peer;      /* client address, NUL-terminated ("-" unknown) */
+  const char *method;    /* NUL-terminated; NULL when no request line was read */
+  const char *path;      /* request target up to '?' */
+  size_t path_len;       /* its length */
+  const char *query;     /* after '?' */
+  size_t query_len;      /* its length (0: none) */
+  int http_minor;        /* 0 or 1 */
+  int status;            /* status sent; 0 when none was (client gone first) */
+  uint64_t bytes;        /* body bytes of the response */
+  int complete;          /* 0: cut short (stream aborted, connection dropped) */
+  uint64_t duration_ms;  /* first request byte to the end of the response */
+} td_http_log_entry_t;
+
+/* Called on the loop thread once per request that was read (whole or
+ * not) when the server lets go of it: for access logs. */
+typedef void (*td_http_log_cb)(td_http_server_t *srv, const td_http_log_entry_t *e, void *data);
+
 /* Called on the loop thread once the server and all its handles are
  * closed; the server's memory is freed right after it returns. */
 typedef void (*td_http_close_cb)(td_http_server_t *srv, void *data);
@@ -116,6 +141,8 @@ typedef void (*td_http_close_cb)(td_http_server_t *srv, void *data);
 typedef struct td_http_opts {
   td_http_request_cb on_request; /* required */
   td_http_abort_cb on_abort;     /* optional */
+  td_http_drain_cb on_drain;     /* optional: answers td_http_stream_notify */
+  td_http_log_cb on_log;         /* optional: every request, when done (access log) */
   void *data;                    /* passed to every callback */
   size_t max_header_bytes;       /* request line + headers [16 KiB]; 431 (414: URL) */
   size_t max_headers;            /* header fields per request [100]; 431 */
@@ -127,6 +154,9 @@ typedef struct td_http_opts {
   unsigned max_pipeline;         /* requests in flight per connection [64] */
   size_t max_output_bytes;       /* unsent output per connection [64 MiB] */
   unsigned max_connections;      /* open connections [10000]; more are closed */
+  unsigned max_connections_per_client; /* open connections from one address [256];
+                                          more are closed, so one client cannot
+                                          take every slot */
 } td_http_opts_t;
 
 /* Counters, read with td_http_server_stats(). */
@@ -140,6 +170,7 @@ typedef struct td_http_stats {
   uint64_t timeouts;         /* 408 sent, or a write stalled past send_timeout_ms */
   uint64_t too_large;        /* 413, 414, 431 */
   uint64_t healthz;          /* /-/healthz answered */
+  uint64_t refused;          /* connections closed at once: a connection limit */
 } td_http_stats_t;
 
 /* -- Server ------------------------------------------------------------- */
@@ -190,6 +221,14 @@ int td_http_stream_start(td_http_server_t *srv, td_http_req_id id, int status,
 int td_http_stream_write(td_http_server_t *srv, td_http_req_id id,
                          const void *data, size_t len);
 
+/* Asks for one on_drain call for this streamed request once its output
+ * that the client has not taken yet (everything written before this call
+ * included) is at most `low` bytes. A producer that writes, notifies, and
+ * waits for on_drain before writing much more paces its stream to the
+ * client: memory stays bounded without dropping a slow reader. A request
+ * that ends first gets no call; a second notify replaces the first. */
+int td_http_stream_notify(td_http_server_t *srv, td_http_req_id id, size_t low);
+
 /* Ends a streamed response and finishes the request. */
 int td_http_stream_end(td_http_server_t *srv, td_http_req_id id);
 
@@ -228,7 +267,8 @@ typedef struct td_http_inbox td_http_inbox_t;
 
 typedef enum td_http_event_kind {
   TD_HTTP_EV_REQUEST = 1, /* a new request: ev->req */
-  TD_HTTP_EV_ABORT        /* request ev->id will never be answered: ev->reason */
+  TD_HTTP_EV_ABORT,       /* request ev->id will never be answered: ev->reason */
+  TD_HTTP_EV_DRAIN        /* request ev->id drained as td_http_stream_notify asked */
 } td_http_event_kind_t;
 
 /* One event, in a single allocation owned by whoever popped it. */
@@ -256,6 +296,7 @@ void td_http_inbox_on_request(td_http_server_t *srv, const td_http_request_t *re
                               void *inbox);
 void td_http_inbox_on_abort(td_http_server_t *srv, td_http_req_id id,
                             td_http_abort_reason_t reason, void *inbox);
+void td_http_inbox_on_drain(td_http_server_t *srv, td_http_req_id id, void *inbox);
 
 /* -- A server on a thread of its own ------------------------------------ */
 

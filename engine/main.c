@@ -49,7 +49,7 @@ static const char td__usage[] =
   "  tide run [--num-cpus N] [--num-gpus N] [--resources JSON]\n"
   "           [--object-store-memory BYTES] SCRIPT [ARGS...]\n"
   "                         run a Lua driver script on an embedded local cluster\n"
-  "  tide serve run [--host H] [--port P] [resource flags] APP.lua [ARGS...]\n"
+  "  tide serve run [--host H] [--port P] [--access-log off|FILE] [resource flags] APP.lua [ARGS...]\n"
   "                         serve the deployments APP.lua declares (serve.run)\n"
   "  tide serve status [--port P] [--host H]\n"
   "                         print the deployments of a running `tide serve run`\n"
@@ -306,10 +306,12 @@ static int td__parse_flags(lua_State *L, int argc, char **argv, int first, int *
     }
     else if (!strcmp(a, "--host") && td__serving) key = "serve_host";
     else if (!strcmp(a, "--port") && td__serving) key = "serve_port";
+    else if (!strcmp(a, "--access-log") && td__serving) key = "serve_access_log";
     else return td__usage_error("unknown option %s", a);
     if (i + 1 >= argc) return td__usage_error("option %s needs a value", a);
     const char *v = argv[++i];
-    if (strcmp(key, "resources_json") && strcmp(key, "address") && strcmp(key, "serve_host")) {
+    if (strcmp(key, "resources_json") && strcmp(key, "address") && strcmp(key, "serve_host") &&
+        strcmp(key, "serve_access_log")) {
       char *end;
       double d = strtod(v, &end);
       if (*end || end == v || d < 0) return td__usage_error("option needs a non-negative number: %s", a);
@@ -321,6 +323,8 @@ static int td__parse_flags(lua_State *L, int argc, char **argv, int first, int *
   }
   lua_pushstring(L, td__exe);
   lua_setfield(L, -2, "exe");
+  lua_pushboolean(L, td__serving);
+  lua_setfield(L, -2, "serving");  /* tide serve run: the access log is on by default */
   lua_setfield(L, LUA_REGISTRYINDEX, "tide.cli_opts");
   if (next) *next = i;
   return -1;

@@ -98,8 +98,10 @@ typedef struct td_obj {
   td_task_t *producer;   /* running producer, for cancel */
   td_task_t **waiters;   /* tasks waiting for it as a dependency */
   uint32_t nwaiters, capwaiters;
-  uint64_t *items;       /* stream items, held */
+  uint64_t *items;       /* stream items, held (0: released by the consumer) */
   uint32_t nitems, capitems;
+  uint32_t window;       /* stream: unreleased items its producer may run ahead (0: any) */
+  uint32_t released;     /* stream: items released by the consumer */
   uint64_t last_use;     /* LRU clock for spilling */
   td_fwd_t *fwd;         /* a return of work the head sent this node */
   uint8_t foreign;       /* a record of another node's object: holds one ref there */
@@ -767,6 +769,23 @@ int td_node_stream_item(td_node_t *n, uint64_t stream, uint32_t idx, uint64_t *i
   return o->stream_done ? -1 : 0;
 }
 
+void td_node_stream_window(td_node_t *n, uint64_t stream, uint32_t window) {
+  td_obj_t *o = td__obj(n, stream);
+  if (o) o->window = window;
+}
+
+void td_node_stream_release(td_node_t *n, uint64_t stream, uint32_t idx) {
+  td_obj_t *o = td__obj(n, stream);
+  if (!o) return;
+  for (uint32_t i = o->released; i <= idx && i < o->nitems; i++) {
+    uint64_t item = o->items[i];
+    o->items[i] = 0;
+    td_node_decref(n, item);
+  }
+  if (idx + 1 > o->released && idx < o->nitems) o->released = idx + 1;
+  n->dirty = 1;  /* a producer waiting for room may go on */
+}
+
 /* -- Workers ---------------------------------------------------------------- */
 
 uint64_t td_wk_id(const td_wk_t *wk) { return wk->id; }
@@ -1319,7 +1338,10 @@ static void td__actor_calls_lost(td_node_t *n, td_actor_t *a, td_wk_t *wk, int m
 }
 
 static td_wk_t *td__pick_host(td_node_t *n, td_actor_t *a) {
-  if (a->ngpus) return td__spawn(n, WK_GPUHOST, a->gpus, a->ngpus);
+  /* A GPU actor, or one that asked for it (own_process), gets a process
+   * that hosts nothing else: its crash takes no other actor with it. */
+  if (a->ngpus || (a->create && a->create->spec.own_process))
+    return td__spawn(n, WK_GPUHOST, a->gpus, a->ngpus);
   td_wk_t *best = NULL;
   int hosts = 0;
   for (int i = 0; i < n->nwks; i++) {
@@ -2546,6 +2568,15 @@ static int td__req_try(td_node_t *n, td_req_t *r, int expired) {
     td_chan_end(&r->wk->ch);
     return 1;
   }
+  if (r->op == TD_M_STREAM_ROOM) {
+    /* ids[0] = the stream; gone, ended or unwindowed streams have room. */
+    td_obj_t *o = td__obj(n, r->ids[0]);
+    if (o && o->window && !o->stream_done && o->nitems - o->released >= o->window) return 0;
+    td_chan_begin(&r->wk->ch, TD_M_REPLY);
+    td_buf_u32(b, r->req);
+    td_chan_end(&r->wk->ch);
+    return 1;
+  }
   /* TD_M_STREAM_NEXT: ids[0] = stream, num = index */
   uint64_t item = 0;
   int st = td_node_stream_item(n, r->ids[0], r->num, &item);
@@ -2585,6 +2616,12 @@ static void td__req_add(td_node_t *n, td_wk_t *wk, int op, td_rd_t *rd) {
     r->num = td_rd_u32(rd);
     double timeout = td_rd_f64(rd);
     r->deadline = timeout >= 0 ? td_now() + timeout : 0;
+  } else if (op == TD_M_STREAM_ROOM) {
+    /* Named by the producing task: the worker does not know the stream. */
+    td_task_t *t = td_map_get(&n->tasks, td_rd_u64(rd));
+    r->n = 1;
+    r->ids = td_xmalloc(8);
+    r->ids[0] = t && t->wk == wk && t->spec.nret < 0 ? t->spec.rets[0] : 0;
   } else {
     double timeout = td_rd_f64(rd);
     r->deadline = timeout >= 0 ? td_now() + timeout : 0;
@@ -4401,6 +4438,7 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
     case TD_M_GET:
     case TD_M_WAIT:
     case TD_M_STREAM_NEXT:
+    case TD_M_STREAM_ROOM:
       td__req_add(n, wk, type, &rd);
       return rd.bad ? TD_EPROTO : 0;
     case TD_M_PUT: {
@@ -4838,7 +4876,9 @@ void td_node_pump(td_node_t *n, double timeout) {
   double now = td_now();
   for (td_req_t *r = n->reqs; r; r = r->next)
     if (r->deadline > 0 && r->deadline - now < timeout) timeout = r->deadline - now;
-  if (timeout < 0) timeout = 0;
+  /* Something changed after this round's checks (a stream's consumer let
+   * items go in the tick): check again at once instead of sleeping. */
+  if (timeout < 0 || n->dirty) timeout = 0;
   if (n->cappfds < n->nwks + 1) {
     n->cappfds = n->nwks + 16;
     n->pfds = td_xrealloc(n->pfds, (size_t)n->cappfds * sizeof(struct pollfd));

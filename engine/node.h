@@ -96,6 +96,13 @@ int td_node_in_store(td_node_t *n, uint64_t id);
 int td_node_pin(td_node_t *n, uint64_t id, int delta);  /* 1 if it changed a pin */
 /* Streams: 1 = *item is the idx-th item (0-based), 0 = not yet, -1 = ended. */
 int td_node_stream_item(td_node_t *n, uint64_t stream, uint32_t idx, uint64_t *item);
+/* Back-pressure for a stream whose consumer is on this node: its producer,
+ * asking for room (TD_M_STREAM_ROOM), waits while `window` items or more
+ * are not released yet (0: no limit, the default). */
+void td_node_stream_window(td_node_t *n, uint64_t stream, uint32_t window);
+/* The consumer is done with item idx (and every one before it): the
+ * stream lets it go, and its producer may run ahead again. */
+void td_node_stream_release(td_node_t *n, uint64_t stream, uint32_t idx);
 
 /* -- Tasks and actors ------------------------------------------------------ */
 

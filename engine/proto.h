@@ -40,6 +40,8 @@ enum {
   TD_M_ACTOR_READY,    /* u64 actor id */
   TD_M_REMOTE,         /* from the TCP bridge: this client cannot map the store; str its address */
   TD_M_PIN,            /* u32 n, u64 ids[n]: keep them in place (zero-copy reads) */
+  TD_M_STREAM_ROOM,    /* u32 req, u64 task id: answered once its stream is within
+                          the window its consumer set (td_node_stream_window) */
   /* between nodes (a node's link to its head, both ways) */
   TD_M_BEAT = 40,      /* heartbeat; node -> head: u32 workers, actors, tasks running,
                           queued, u64 objects, store used, store capacity, spilled,
@@ -104,6 +106,7 @@ typedef struct td_spec {
   int32_t max_restarts;   /* actors */
   int32_t max_concurrency;
   uint8_t detached;
+  uint8_t own_process;    /* actors: a process of its own, shared with no other actor */
   uint8_t retry_exceptions; /* tasks: retry when the function raises */
   uint64_t pg_id;         /* 0 = none */
   int32_t bundle;         /* 0-based; -1 = any */

@@ -208,7 +208,9 @@ static int td__block(lua_State *L, uint32_t req, td_push_fn push, void *ud, int 
         td_chan_end(&td_ctx.ch);
         continue;
       }
-      if (type == TD_M_CANCEL && len >= 8 && td__cur) {
+      /* A wait with no Lua state (a store allocation for the running
+       * call's value) cannot be interrupted: the cancel is handled after. */
+      if (type == TD_M_CANCEL && len >= 8 && td__cur && L) {
         uint64_t tid;
         memcpy(&tid, p, 8);
         if (tid == td__cur->task_id) {

@@ -5,9 +5,55 @@
 --   curl -N -d '{"prompt": "And God said, ", "max_tokens": 120}' localhost:8000/generate
 --   curl -N -d '{"prompt": "In the beginning", "sse": true}' localhost:8000/generate
 --
+-- Plain responses stream the text (every chunk valid UTF-8: a character
+-- made of several byte tokens goes out whole); SSE sends one event per
+-- piece, data: {"token": "..."}, then data: [DONE].
+--
 -- Without a checkpoint it serves an untrained model (random bytes), so the
 -- plumbing can be tried before training.
 local serve = require("tide.serve")
+local concat = table.concat
+
+-- The tokenizer is byte-level: a character outside ASCII takes several
+-- tokens, and an untrained model makes byte sequences that are not UTF-8
+-- at all. utf8_split(bytes, final) -> text to send now, bytes to keep:
+-- whole characters only, an incomplete one kept for the next token (or,
+-- when final, replaced), and bytes that cannot be UTF-8 replaced by U+FFFD,
+-- so every chunk a client gets is valid UTF-8 on its own.
+local REPLACEMENT = "\239\191\189"
+local function utf8_split(s, final)
+  local out, i, n = {}, 1, #s
+  while i <= n do
+    local c = s:byte(i)
+    local len, lo, hi = 0, 0x80, 0xBF
+    if c < 0x80 then len = 1
+    elseif c >= 0xC2 and c <= 0xDF then len = 2
+    elseif c >= 0xE0 and c <= 0xEF then
+      len = 3
+      if c == 0xE0 then lo = 0xA0 elseif c == 0xED then hi = 0x9F end  -- no overlongs, no surrogates
+    elseif c >= 0xF0 and c <= 0xF4 then
+      len = 4
+      if c == 0xF0 then lo = 0x90 elseif c == 0xF4 then hi = 0x8F end  -- up to U+10FFFF
+    end
+    local j, bad = 1, len == 0
+    while not bad and j < len and i + j <= n do
+      local b = s:byte(i + j)
+      if b < (j == 1 and lo or 0x80) or b > (j == 1 and hi or 0xBF) then bad = true else j = j + 1 end
+    end
+    if bad then
+      out[#out + 1] = REPLACEMENT
+      i = i + 1
+    elseif j < len then           -- the character's last bytes are still to come
+      if not final then return concat(out), s:sub(i) end
+      out[#out + 1] = REPLACEMENT
+      i = n + 1
+    else
+      out[#out + 1] = s:sub(i, i + len - 1)
+      i = i + len
+    end
+  end
+  return concat(out), ""
+end
 
 local ckpt = (arg and arg[1]) or ((os.getenv("TMPDIR") or "/tmp") .. "/tide_tiny_gpt.safetensors")
 
@@ -31,12 +77,25 @@ local Generate = serve.deployment{
     if #prompt == 0 then return serve.response{status = 400, body = {error = "empty prompt"}} end
     local n = math.max(1, math.min(tonumber(body.max_tokens) or 100, 1000))
     local tok, model = self.tok, self.model
+    local sse = body.sse == true
     return serve.stream(function(send)
+      -- Plain: the text itself. SSE: one JSON event per piece of text,
+      -- {"token": "..."}, so a newline is escaped inside the event.
+      local function emit(text)
+        if text ~= "" then send(sse and {token = text} or text) end
+      end
+      local pending = ""
       model:generate(prompt, n, {
         temperature = tonumber(body.temperature) or 0.8, top_k = 40, seed = tonumber(body.seed) or 1,
-        on_token = function(id) send(tok:decode({id})) end,
+        on_token = function(id)
+          local text
+          text, pending = utf8_split(pending .. tok:decode({id}), false)
+          emit(text)
+        end,
       })
-    end, {sse = body.sse == true})
+      emit((utf8_split(pending, true)))
+      if sse then send("[DONE]") end
+    end, {sse = sse})
   end,
 }
 

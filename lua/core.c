@@ -412,6 +412,9 @@ static void td__spec_opts(lua_State *L, int t, td_spec_t *s) {
   lua_getfield(L, t, "detached");
   s->detached = (uint8_t)lua_toboolean(L, -1);
   lua_pop(L, 1);
+  lua_getfield(L, t, "own_process");
+  s->own_process = (uint8_t)lua_toboolean(L, -1);
+  lua_pop(L, 1);
   lua_getfield(L, t, "retry_exceptions");
   s->retry_exceptions = (uint8_t)lua_toboolean(L, -1);
   lua_pop(L, 1);
@@ -1169,6 +1172,22 @@ static int w_put(lua_State *L) {
   return 1;
 }
 
+static int td__push_room(lua_State *L, const uint8_t *p, size_t n, void *ud) {
+  (void)L, (void)p, (void)n, (void)ud;
+  return 0;
+}
+
+/* core.stream_room(): in a streaming call, waits until its consumer has
+ * taken enough items to be within the window it set (see
+ * td_node_stream_window); returns at once when it set none. */
+static int w_stream_room(lua_State *L) {
+  if (!td_ctx.cur_task || !td_ctx.cur_streaming) return 0;
+  uint32_t req = td_w_begin_req(TD_M_STREAM_ROOM);
+  td_buf_u64(&td_ctx.ch.out, td_ctx.cur_task);
+  td_chan_end(&td_ctx.ch);
+  return td_w_await(L, req, td__push_room, NULL);
+}
+
 /* core.yield_item(value): one item of a streaming task. */
 static int w_yield_item(lua_State *L) {
   luaL_checkany(L, 1);
@@ -1452,7 +1471,7 @@ int luaopen_tide_core(lua_State *L) {
     {"persist", c_persist}, {"persisted", c_persisted}, {"pkg_install", c_pkg_install}, {NULL, NULL}};
   static const luaL_Reg worker[] = {
     {"get1", w_get1}, {"getn", w_getn}, {"wait", w_wait}, {"stream_next", w_stream_next},
-    {"put", w_put}, {"sleep", w_sleep}, {"yield_item", w_yield_item}, {"print", w_print},
+    {"put", w_put}, {"sleep", w_sleep}, {"yield_item", w_yield_item}, {"stream_room", w_stream_room}, {"print", w_print},
     {NULL, NULL}};
   lua_newtable(L);
   if (td_ctx.is_driver && !td__opening_rpc) {

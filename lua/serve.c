@@ -6,8 +6,13 @@
  * Uses http, node, ser; exposed to Lua as tide.core serve_* functions.
  */
 #include <lauxlib.h>
+#include <errno.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "core.h"
 #include "http.h"
@@ -18,6 +23,7 @@ typedef struct td_replica {
   uint64_t actor_id;
   int ongoing;           /* requests sent to it and not finished */
   int draining;          /* replaced: gets no new requests */
+  int dead;              /* a call saw it die: gets no new requests */
 } td_replica_t;
 
 typedef struct td_dep {
@@ -39,10 +45,27 @@ typedef struct td_pend {
   int started;           /* a chunked response has begun */
   int retried;
   int idempotent;
+  uint64_t parked_ns;    /* waiting for a live replica since (uv_hrtime), or 0 */
+  size_t unacked;        /* stream bytes written that the client may not have taken */
+  size_t notify_mark;    /* unacked when the pending drain notice was asked for */
+  int notified;          /* a drain notice is pending */
   uint8_t *args;         /* kept to retry on another replica */
   size_t args_len;
+  char what[160];        /* "METHOD /path", for the error log */
   struct td_pend *prev, *nxt;
 } td_pend_t;
+
+/* Stream pacing: the ingress reads a stream's next item only while fewer
+ * than TD_SERVE_STREAM_HIGH bytes it wrote may still wait for the client,
+ * asking the HTTP thread (td_http_stream_notify) to say when all but
+ * TD_SERVE_STREAM_LOW of them are gone. A slow reader so holds back the
+ * ingress instead of filling its memory or being dropped as too slow. */
+#define TD_SERVE_STREAM_HIGH (4u << 20)
+#define TD_SERVE_STREAM_LOW (256u << 10)
+/* Items a replica's stream may run ahead of the ingress (see
+ * td_node_stream_window): with the byte window above, a slow reader holds
+ * the replica back too, so the object store does not fill either. */
+#define TD_SERVE_STREAM_ITEMS 8
 
 static struct {
   td_http_thread_t *th;
@@ -54,7 +77,71 @@ static struct {
   td_map_t by_rid;       /* rid -> td_pend_t */
   uint32_t rng;
   td_buf_t buf;
+  FILE *access;          /* access log (stderr, a file), or NULL: off */
+  int access_owned;      /* fclose it at stop */
+  pthread_mutex_t log_mu; /* one line at a time from the HTTP thread and this one */
 } S;
+
+/* -- Logs ------------------------------------------------------------------ */
+
+/* The access log, in common log format, written on the HTTP thread as each
+ * request finishes: host ident user [date] "request line" status bytes. */
+static void td__on_log(td_http_server_t *srv, const td_http_log_entry_t *e, void *data) {
+  (void)srv, (void)data;
+  if (!S.access) return;
+  char date[64];
+  time_t now = time(NULL);
+  struct tm tm;
+  localtime_r(&now, &tm);
+  strftime(date, sizeof(date), "%d/%b/%Y:%H:%M:%S %z", &tm);
+  /* The target as received, with quotes, backslashes and bytes outside
+   * printable ASCII escaped, so a line is always one parseable line. */
+  char target[1024];
+  size_t o = 0;
+  for (int part = 0; part < 2; part++) {
+    const char *s = part ? e->query : e->path;
+    size_t n = part ? e->query_len : e->path_len;
+    if (part && n && o < sizeof(target) - 1) target[o++] = '?';
+    for (size_t i = 0; s && i < n && o < sizeof(target) - 5; i++) {
+      unsigned char c = (unsigned char)s[i];
+      if (c < 0x20 || c >= 0x7f || c == '"' || c == '\\')
+        o += (size_t)snprintf(target + o, sizeof(target) - o, "\\x%02x", c);
+      else target[o++] = (char)c;
+    }
+  }
+  target[o] = 0;
+  char bytes[24];
+  if (e->bytes) snprintf(bytes, sizeof(bytes), "%llu", (unsigned long long)e->bytes);
+  else snprintf(bytes, sizeof(bytes), "-");
+  /* No response at all (the client left first) is logged as 499, as nginx does. */
+  pthread_mutex_lock(&S.log_mu);
+  if (e->method)
+    fprintf(S.access, "%s - - [%s] \"%s %s HTTP/1.%d\" %d %s\n", e->peer, date, e->method,
+            o ? target : "-", e->http_minor, e->status ? e->status : 499, bytes);
+  else
+    fprintf(S.access, "%s - - [%s] \"-\" %d %s\n", e->peer, date, e->status ? e->status : 499, bytes);
+  fflush(S.access);
+  pthread_mutex_unlock(&S.log_mu);
+}
+
+/* A short id for one failure: the client gets it, the log has the details. */
+static void td__error_id(char out[17]) {
+  S.rng = S.rng * 1103515245u + 12345u;
+  uint64_t x = uv_hrtime() ^ ((uint64_t)S.rng << 32) ^ (uint64_t)getpid();
+  x ^= x >> 33; x *= 0xff51afd7ed558ccdull; x ^= x >> 33;
+  snprintf(out, 17, "%016llx", (unsigned long long)x);
+}
+
+/* Logs a failed request with its id on stderr: what the client does not
+ * get to see (messages, tracebacks, server paths). */
+static void td__log_error(const td_pend_t *p, const char *id, const char *kind, uint32_t kl,
+                          const char *msg, uint32_t ml) {
+  pthread_mutex_lock(&S.log_mu);
+  fprintf(stderr, "[serve] error %s: %s (deployment %s): %.*s: %.*s\n", id, p->what, p->dep->name,
+          (int)kl, kind, (int)ml, msg);
+  fflush(stderr);
+  pthread_mutex_unlock(&S.log_mu);
+}
 
 /* -- Replicas -------------------------------------------------------------- */
 
@@ -70,7 +157,7 @@ static td_replica_t *td__pick(td_dep_t *d, uint64_t avoid) {
   int live = 0;
   for (int i = 0; i < d->nreps; i++) {
     td_replica_t *r = &d->reps[i];
-    if (r->draining || r->ongoing >= d->max_ongoing || r->actor_id == avoid) continue;
+    if (r->draining || r->dead || r->ongoing >= d->max_ongoing || r->actor_id == avoid) continue;
     live++;
     /* Reservoir-sample two distinct candidates. */
     S.rng = S.rng * 1103515245u + 12345u;
@@ -83,6 +170,18 @@ static td_replica_t *td__pick(td_dep_t *d, uint64_t avoid) {
   S.rng = S.rng * 1103515245u + 12345u;
   return c[(S.rng >> 16) & 1];  /* ties broken at random, so idle replicas share */
 }
+
+/* Replicas that take new requests; 0 while dead ones are being replaced. */
+static int td__live(const td_dep_t *d) {
+  int live = 0;
+  for (int i = 0; i < d->nreps; i++) live += !d->reps[i].draining && !d->reps[i].dead;
+  return live;
+}
+
+/* How long a request waits for a replacement when a deployment has no live
+ * replica (its replicas died with their process): the controller starts
+ * new ones within a second or two. */
+#define TD_SERVE_PARK_NS (10ull * 1000000000ull)
 
 static td_dep_t *td__route(const char *path, size_t len) {
   td_dep_t *best = NULL;
@@ -176,8 +275,18 @@ static int td__dispatch(td_pend_t *p, uint64_t avoid) {
   r->ongoing++;
   p->actor_id = r->actor_id;
   p->stream = ret;
+  td_node_stream_window(td_ctx.node, ret, TD_SERVE_STREAM_ITEMS);
   p->next = 0;
   return 0;
+}
+
+/* A request that will not be retried (not idempotent) needs its encoded
+ * copy no more once sent: a large body is not held twice meanwhile. */
+static void td__drop_args(td_pend_t *p) {
+  if (p->idempotent) return;
+  free(p->args);
+  p->args = NULL;
+  p->args_len = 0;
 }
 
 /* Encodes the request as the single argument of __serve: a table. */
@@ -258,23 +367,41 @@ static void td__on_request(const td_http_request_t *q) {
   td_pend_t *p = td_xcalloc(1, sizeof(*p));
   p->rid = q->id;
   p->dep = d;
+  snprintf(p->what, sizeof(p->what), "%s %.*s", q->method, (int)(q->path_len < 140 ? q->path_len : 140), q->path);
   p->idempotent = !strcmp(q->method, "GET") || !strcmp(q->method, "HEAD") ||
                   !strcmp(q->method, "PUT") || !strcmp(q->method, "DELETE");
   td__encode_req(&S.buf, q, d);
   p->args = td_xmalloc(S.buf.len);
   memcpy(p->args, S.buf.p, S.buf.len);
   p->args_len = S.buf.len;
-  if (td__dispatch(p, 0)) {
-    d->rejected++;
-    td__respond_json(q->id, 503, "{\"error\":\"every replica is at max_ongoing_requests; retry later\"}");
-    free(p->args);
-    free(p);
-    return;
+  if (td__dispatch(p, 0) == 0) {
+    td__drop_args(p);
+  } else {
+    if (td__live(d) == 0) {
+      p->parked_ns = uv_hrtime();  /* td__on_tick dispatches it once a replica is back */
+    } else {
+      d->rejected++;
+      td__respond_json(q->id, 503, "{\"error\":\"every replica is at max_ongoing_requests; retry later\"}");
+      free(p->args);
+      free(p);
+      return;
+    }
   }
   p->nxt = S.pend;
   if (S.pend) S.pend->prev = p;
   S.pend = p;
   td_map_set(&S.by_rid, p->rid, p);
+}
+
+/* Asks for a drain notice once half the window is out. */
+static void td__stream_pace(td_pend_t *p) {
+  if (p->notified || p->unacked < TD_SERVE_STREAM_HIGH / 2) return;
+  if (td_http_stream_notify(S.srv, p->rid, TD_SERVE_STREAM_LOW)) {
+    p->unacked = 0;  /* no notice will come (the request is gone): do not wait for one */
+    return;
+  }
+  p->notified = 1;
+  p->notify_mark = p->unacked;
 }
 
 static void td__on_readable(void *ud) {
@@ -283,11 +410,19 @@ static void td__on_readable(void *ud) {
   while ((ev = td_http_inbox_pop(S.ib))) {
     if (ev->kind == TD_HTTP_EV_REQUEST) {
       td__on_request(&ev->req);
+    } else if (ev->kind == TD_HTTP_EV_DRAIN) {
+      /* All but TD_SERVE_STREAM_LOW of what was out at the notice is gone. */
+      td_pend_t *p = td_map_get(&S.by_rid, ev->id);
+      if (p && p->notified) {
+        p->notified = 0;
+        p->unacked = p->unacked - p->notify_mark + TD_SERVE_STREAM_LOW;
+        td__stream_pace(p);
+      }
     } else {
       /* The client went away: stop the generation. */
       td_pend_t *p = td_map_get(&S.by_rid, ev->id);
       if (p) {
-        td_node_cancel(td_ctx.node, p->stream, 0);
+        if (p->stream) td_node_cancel(td_ctx.node, p->stream, 0);
         td__pend_free(p);
       }
     }
@@ -333,8 +468,24 @@ static void td__on_tick(void *ud) {
   td_pend_t *p = S.pend;
   while (p) {
     td_pend_t *nxt = p->nxt;
+    if (p->parked_ns) {
+      if (td__dispatch(p, 0) == 0) {
+        p->parked_ns = 0;
+        td__drop_args(p);
+      } else if (uv_hrtime() - p->parked_ns > TD_SERVE_PARK_NS) {
+        p->dep->errors++;
+        td__respond_json(p->rid, 503, "{\"error\":\"the deployment has no live replica (they are being replaced); retry later\"}");
+        td__pend_free(p);
+        p = nxt;
+        continue;
+      } else {
+        p = nxt;
+        continue;
+      }
+    }
     for (;;) {
       uint64_t item;
+      if (p->unacked >= TD_SERVE_STREAM_HIGH) break;  /* the client is behind: wait for a drain */
       int st = td_node_stream_item(td_ctx.node, p->stream, p->next, &item);
       if (st == 0) break;
       if (st < 0) {
@@ -354,25 +505,44 @@ static void td__on_tick(void *ud) {
         td__blob_field(b, len, "kind", &kind, &kl);
         td__blob_field(b, len, "message", &msg, &ml);
         int died = kl == 14 && !memcmp(kind, "ActorDiedError", 14);
+        if (died) {
+          /* No new requests for it: the controller replaces it. */
+          td_replica_t *r = td__rep(p->dep, p->actor_id);
+          if (r) r->dead = 1;
+        }
         if (!p->started && died && p->idempotent && !p->retried) {
-          /* The replica died: an idempotent request tries another one. */
+          /* The replica died: an idempotent request tries another one, or
+           * waits for a replacement when none is left. */
           uint64_t dead = p->actor_id;
           td_replica_t *r = td__rep(p->dep, dead);
           if (r && r->ongoing > 0) r->ongoing--;
+          p->actor_id = 0;
           td_node_decref(td_ctx.node, p->stream);
           p->stream = 0;
           p->retried = 1;
           if (td__dispatch(p, dead) == 0) break;
+          if (td__live(p->dep) == 0) {
+            p->parked_ns = uv_hrtime();
+            break;
+          }
         }
         p->dep->errors++;
+        /* The message (a traceback, server paths) goes to the log under an
+         * id; the client gets the id and the kind of failure only. */
+        char eid[17];
+        td__error_id(eid);
+        td__log_error(p, eid, kind, kl, msg, ml);
         if (p->started) {
-          td_http_abort(S.srv, p->rid);
+          td_http_abort(S.srv, p->rid);  /* no final chunk: the client sees it cut */
         } else {
           td_buf_reset(&S.buf);
           td_buf_put(&S.buf, "{\"error\":", 9);
-          td__json_str(&S.buf, msg, ml);
+          const char *say = died ? "the replica died while handling the request; retry" : "internal server error";
+          td__json_str(&S.buf, say, strlen(say));
           td_buf_put(&S.buf, ",\"kind\":", 8);
           td__json_str(&S.buf, kind, kl);
+          td_buf_put(&S.buf, ",\"id\":", 6);
+          td__json_str(&S.buf, eid, 16);
           td_buf_put(&S.buf, "}", 2);
           td__respond_json(p->rid, died ? 503 : 500, (const char *)S.buf.p);
         }
@@ -392,8 +562,12 @@ static void td__on_tick(void *ud) {
           td__pend_free(p);
           break;
         }
+        td_node_stream_release(td_ctx.node, p->stream, p->next - 1);
       } else {
-        td_http_stream_write(S.srv, p->rid, sp, sl);
+        td_http_stream_write(S.srv, p->rid, sp, sl);  /* copies the bytes */
+        td_node_stream_release(td_ctx.node, p->stream, p->next - 1);
+        p->unacked += sl;
+        td__stream_pace(p);
       }
     }
     p = nxt;
@@ -402,12 +576,24 @@ static void td__on_tick(void *ud) {
 
 /* -- Lua ------------------------------------------------------------------------ */
 
-/* core.serve_start(host, port) -> port */
+/* core.serve_start(host, port, max_body, timeout_ms, access_log) -> port;
+ * access_log: "off" (or nil), "-" (stderr), or a file to append to. */
 static int s_start(lua_State *L) {
   const char *host = luaL_optstring(L, 1, "127.0.0.1");
   int port = (int)luaL_optinteger(L, 2, 8000);
+  const char *alog = luaL_optstring(L, 5, "off");
   if (!td_ctx.node) return luaL_error(L, "the cluster is not running");
   if (S.th) return luaL_error(L, "the HTTP ingress is already running");
+  pthread_mutex_init(&S.log_mu, NULL);
+  S.access = NULL;
+  S.access_owned = 0;
+  if (!strcmp(alog, "-") || !strcmp(alog, "stderr")) {
+    S.access = stderr;
+  } else if (strcmp(alog, "off")) {
+    S.access = fopen(alog, "a");
+    if (!S.access) return luaL_error(L, "cannot open the access log %s: %s", alog, strerror(errno));
+    S.access_owned = 1;
+  }
   S.ib = td_http_inbox_new();
   td_map_init(&S.by_rid);
   td_buf_init(&S.buf);
@@ -416,11 +602,15 @@ static int s_start(lua_State *L) {
   memset(&o, 0, sizeof(o));
   o.on_request = td_http_inbox_on_request;
   o.on_abort = td_http_inbox_on_abort;
+  o.on_drain = td_http_inbox_on_drain;
+  o.on_log = td__on_log;
   o.data = S.ib;
   o.max_body_bytes = (size_t)luaL_optnumber(L, 3, 0);
   o.response_timeout_ms = (uint64_t)luaL_optnumber(L, 4, 0);
   int rc = td_http_thread_start(&o, host, port, &S.th);
   if (rc) {
+    if (S.access_owned) fclose(S.access);
+    S.access = NULL;
     td_http_inbox_destroy(&S.ib);
     return luaL_error(L, "cannot listen on %s:%d: %s", host, port, uv_strerror(rc));
   }
@@ -479,7 +669,7 @@ static int s_replicas(lua_State *L) {
       d->capreps = d->capreps ? d->capreps * 2 : 8;
       d->reps = td_xrealloc(d->reps, (size_t)d->capreps * sizeof(td_replica_t));
     }
-    d->reps[d->nreps++] = (td_replica_t){id, 0, 0};
+    d->reps[d->nreps++] = (td_replica_t){id, 0, 0, 0};
   }
   return 0;
 }
@@ -532,6 +722,8 @@ static int s_stop(lua_State *L) {
   if (!S.th) return 0;
   td_node_watch_fd(td_ctx.node, -1, NULL, NULL, NULL);
   td_http_thread_stop(&S.th);
+  if (S.access_owned) fclose(S.access);
+  S.access = NULL;
   while (S.pend) td__pend_free(S.pend);
   td_http_inbox_destroy(&S.ib);
   for (int i = 0; i < S.ndeps; i++) free(S.deps[i].reps);

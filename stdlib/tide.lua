@@ -70,6 +70,7 @@ local TASK_OPTS = {max_retries = "number", num_returns = "number|string", retry_
 local ACTOR_OPTS = {
   max_restarts = "number", max_task_retries = "number", namespace = "string",
   lifetime = "string", max_concurrency = "number", get_if_exists = "boolean",
+  own_process = "boolean",
 }
 for k, v in pairs(COMMON) do TASK_OPTS[k] = v; ACTOR_OPTS[k] = v end
 
@@ -175,6 +176,7 @@ local function normalize(o, is_actor)
     max_retries = o.max_retries, max_restarts = o.max_restarts,
     max_task_retries = o.max_task_retries, max_concurrency = o.max_concurrency,
     detached = o.lifetime == "detached", retry_exceptions = o.retry_exceptions,
+    own_process = o.own_process,
   }
   if o.placement_group then
     n.pg = o.placement_group.id

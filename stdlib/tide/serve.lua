@@ -76,10 +76,23 @@ local function send_result(res)
     local sse = res.opts.sse
     local ct = res.opts.content_type or (sse and "text/event-stream" or "text/plain; charset=utf-8")
     tide.yield(header_item("C", res.opts.status or 200, {["Content-Type"] = ct, ["Cache-Control"] = "no-cache"}))
+    local room, n_since, bytes_since = core.stream_room, 0, 0
     local function send(chunk)
       if type(chunk) == "table" then chunk = cjson.encode(chunk) end
       chunk = tostring(chunk)
-      if sse then chunk = "data: " .. chunk:gsub("\n", "\ndata: ") .. "\n\n" end
+      if sse then
+        -- One data: line per line of the value (SSE ends lines at \r\n, \r or \n).
+        chunk = "data: " .. chunk:gsub("\r\n?", "\n"):gsub("\n", "\ndata: ") .. "\n\n"
+      end
+      -- Back-pressure: waits while the ingress holds the stream's window
+      -- of items (its client reads slowly), so memory stays bounded. Asked
+      -- after 256 KiB or 64 chunks: a round trip per token would make
+      -- small chunks several times slower.
+      n_since, bytes_since = n_since + 1, bytes_since + #chunk
+      if room and (bytes_since >= 262144 or n_since >= 64) then
+        room()
+        n_since, bytes_since = 0, 0
+      end
       tide.yield(chunk)
     end
     res.fn(send)
@@ -136,14 +149,14 @@ end
 
 -- Builds the actor class of a deployment's replicas.
 local function replica_class(d)
-  local user_init, call, methods, jobs = d.init, d.call, d.methods, d.jobs
+  local user_init, call, methods, jobs, token = d.init, d.call, d.methods, d.jobs, d.job_token
   local class = {}
   class.init = function(self, ...)
     if user_init then user_init(self, ...) end
   end
   class.__serve = function(self, req)
     local serve = require("tide.serve")
-    return serve._handle(self, req, call, methods, jobs)
+    return serve._handle(self, req, call, methods, jobs, token)
   end
   class.__job = function(self, id, name, req)
     local serve = require("tide.serve")
@@ -155,7 +168,7 @@ local function replica_class(d)
   return class
 end
 
-function M._handle(self, req, call, methods, jobs)
+function M._handle(self, req, call, methods, jobs, token)
   req.query = parse_query(req.query_string or "")
   local sub = req.path:sub(#req.route + 1)
   req.subpath = sub
@@ -173,10 +186,19 @@ function M._handle(self, req, call, methods, jobs)
   end
   if jobs then
     local name = sub:match("^/([%w_%-]+)$")
+    local jobish = (req.method == "POST" and name and jobs[name]) or sub:match("^/job%-%x+")
+    if jobish and token and req.headers["authorization"] ~= "Bearer " .. token then
+      return send_full(401, {["Content-Type"] = "application/json", ["WWW-Authenticate"] = 'Bearer realm="tide"'},
+        cjson.encode({error = "this deployment's job routes need Authorization: Bearer <token>"}))
+    end
     if req.method == "POST" and name and jobs[name] then
       local id = job_id()
       local st = state_actor()
-      tide.get(st:submit(id, req.deployment, name, req))
+      local accepted, why = tide.get(st:submit(id, req.deployment, name, req))
+      if not accepted then
+        return send_full(503, {["Content-Type"] = "application/json", ["Retry-After"] = "5"},
+          cjson.encode({error = why or "too many jobs"}))
+      end
       return send_full(202, {["Content-Type"] = "application/json", Location = req.route .. "/" .. id},
         cjson.encode({id = id, status = "pending"}))
     end
@@ -220,7 +242,9 @@ function M._handle(self, req, call, methods, jobs)
       local okj, enc = pcall(cjson.encode, res)
       res = okj and enc or tostring(res)
     end
-    return send_error(500, tostring(res))
+    -- The call fails: the ingress logs the message and traceback under an
+    -- error id and answers 500 with the id only (no server paths leak).
+    error(tostring(res), 0)
   end
   return send_result(res)
 end
@@ -237,6 +261,7 @@ end
 -- if the replica running them dies.
 local State = {
   set_replicas = function(self, dep, handles) self.replicas[dep] = handles end,
+  set_limits = function(self, max_jobs, ttl) self.max_jobs, self.ttl = max_jobs, ttl end,
   replicas = function(self, dep) return self.replicas[dep] end,
   progress = function(self, id, p, note, status)
     local rec = self.jobs[id]
@@ -253,8 +278,35 @@ local State = {
       rec.status = "cancelled"
       local ref = self.refs[id]
       if ref then require("tide").cancel(ref) end
+      self:_finished(id)
     end
     return rec
+  end,
+  -- Finished records wait in `done`, oldest first, to expire after `ttl`
+  -- seconds or to make room when the table holds `max_jobs` records.
+  _finished = function(self, id)
+    if self.done_at[id] then return end
+    self.done_at[id] = os.time()
+    self.done[#self.done + 1] = id
+    self.reqs[id] = nil
+  end,
+  _evict = function(self, need_room)
+    local now, done = os.time(), self.done
+    local i = self.done_head
+    while i <= #done do
+      local id = done[i]
+      local at = self.done_at[id]
+      if not (need_room and self.count >= self.max_jobs) and now - at < self.ttl then break end
+      self.jobs[id], self.done_at[id], done[i] = nil, nil, false
+      self.count = self.count - 1
+      i = i + 1
+    end
+    self.done_head = i
+    if i > 1024 and i > #done / 2 then  -- compact the queue now and then
+      local rest = {}
+      for k = i, #done do rest[#rest + 1] = done[k] end
+      self.done, self.done_head = rest, 1
+    end
   end,
   list = function(self)
     local out = {}
@@ -271,7 +323,7 @@ State.start = function(self, id)
   local tries = 0
   while rec and rec.status ~= "cancelled" do
     local reps = self.replicas[rec.deployment] or {}
-    if #reps == 0 then rec.status = "failed"; rec.error = "no replicas"; return end
+    if #reps == 0 then rec.status = "failed"; rec.error = "no replicas"; self:_finished(id); return end
     local h = reps[math.random(1, #reps)]
     local ref = h:__job(id, rec.job, self.reqs[id])
     self.refs[id] = ref
@@ -280,7 +332,7 @@ State.start = function(self, id)
     if rec.status == "cancelled" then return end
     if ok then
       rec.status, rec.result, rec.progress = "succeeded", res, 1
-      self.reqs[id] = nil
+      self:_finished(id)
       return
     end
     tries = tries + 1
@@ -288,9 +340,21 @@ State.start = function(self, id)
       rec.status = "pending"
     else
       rec.status = "failed"
-      rec.error = type(res) == "table" and tostring(res.message) or tostring(res)
+      -- The record shows the job's own message, without the file:line
+      -- prefixes (server paths) or traceback; the log has all of it under
+      -- the record's error_id.
+      local full = type(res) == "table" and tostring(res.message) or tostring(res)
+      local short = full:match("^[^\n]*")
+      repeat local before = short; short = short:gsub("^[^:%s]+:%d+: ", "") until short == before
+      local f = io.open("/dev/urandom", "rb")
+      local b = f and f:read(8) or tostring(os.time())
+      if f then f:close() end
+      rec.error = short
+      rec.error_id = b:gsub(".", function(c) return format("%02x", c:byte()) end)
+      io.stderr:write(format("[serve] error %s: job %s (%s of deployment %s) failed: %s\n",
+        rec.error_id, id, rec.job, rec.deployment, full))
       if type(res) == "table" and res.kind == "TaskCancelledError" then rec.status = "cancelled" end
-      self.reqs[id] = nil
+      self:_finished(id)
       return
     end
   end
@@ -298,13 +362,23 @@ end
 
 State.init = function(self)
   self.jobs, self.refs, self.replicas, self.reqs = {}, {}, {}, {}
+  self.done, self.done_at, self.done_head, self.count = {}, {}, 1, 0
+  self.max_jobs, self.ttl = 10000, 3600
 end
+-- -> true, or false and why: at max_jobs records, with none finished to
+-- let go, a new job is refused (the client gets 503) instead of growing
+-- the table without bound.
 State.submit = function(self, id, dep, name, req)
+  self:_evict(self.count >= self.max_jobs)
+  if self.count >= self.max_jobs then
+    return false, format("too many jobs: %d are pending or running (max_jobs); retry later", self.count)
+  end
+  self.count = self.count + 1
   self.jobs[id] = {id = id, status = "pending", progress = 0, job = name, deployment = dep}
   self.reqs[id] = req
   self.me = self.me or require("tide").get_actor("tide.serve.state", {namespace = "serve"})
   self.me:start(id) -- fire and forget: runs concurrently in this actor
-  return id
+  return true
 end
 
 -- -- Deployments --------------------------------------------------------------
@@ -313,7 +387,7 @@ local DEPLOY_KEYS = {
   name = "string", route = "string", init = "function", call = "function", methods = "table",
   num_replicas = "number", autoscaling = "table", resources = "table", max_ongoing_requests = "number",
   jobs = "table", num_cpus = "number", num_gpus = "number", max_restarts = "number",
-  user_config = "table", extra_methods = "table",
+  user_config = "table", extra_methods = "table", job_token = "string",
 }
 
 local Deployment = {}
@@ -462,7 +536,11 @@ local function publish(st, name)
   local ids = {}
   for i, r in ipairs(st.replicas) do ids[i] = r._id end
   core.serve_replicas(name, ids)
-  tide.get(running.state:set_replicas(name, st.replicas))
+  -- The state actor has a process of its own, so a replica's crash cannot
+  -- take it down; should it die anyway, the ingress keeps serving (only
+  -- jobs and handles need it), so its failure is logged, never raised.
+  local ok, err = pcall(function() return tide.get(running.state:set_replicas(name, st.replicas)) end)
+  if not ok then log("cannot publish the replicas of %s to the serve state: %s", name, tostring(err)) end
 end
 
 -- serve.deploy(app): creates or replaces deployments; returns at once.
@@ -500,17 +578,37 @@ function M.start(opts)
   local cli = debug.getregistry()["tide.cli_opts"] or {}
   local host = opts.host or cli.serve_host or "127.0.0.1"
   local port = opts.port or tonumber(cli.serve_port) or 8000
+  -- The access log: on (stderr) under `tide serve run`, off in other
+  -- drivers unless asked; "off", "-" (stderr) or a file name.
+  local alog = opts.access_log or cli.serve_access_log or (cli.serving and "-" or "off")
+  if type(alog) ~= "string" or alog == "" then
+    error("serve.start: access_log must be \"off\", \"-\" (stderr) or a file name", 2)
+  end
   local St = tide.actor(State)
+  -- own_process: the state never shares a process with user handlers, so
+  -- a replica that crashes its process (a segfault in C code) leaves it be.
   running.state = St:options({name = STATE_ACTOR, namespace = "serve", max_concurrency = 10000,
-    get_if_exists = true}):remote()
-  running.port = core.serve_start(host, port, opts.max_body_bytes, opts.request_timeout_ms)
+    get_if_exists = true, own_process = true}):remote()
+  local max_jobs, ttl = opts.max_jobs or 10000, opts.job_ttl_s or 3600
+  if type(max_jobs) ~= "number" or max_jobs < 1 then error("serve.start: max_jobs must be a number >= 1", 2) end
+  if type(ttl) ~= "number" or ttl < 0 then error("serve.start: job_ttl_s must be a number >= 0", 2) end
+  running.port = core.serve_start(host, port, opts.max_body_bytes, opts.request_timeout_ms, alog)
+  tide.get(running.state:set_limits(max_jobs, ttl))
   running.host = host
   running.started = true
   log("listening on http://%s:%d", host, running.port)
   return running.port
 end
 
+local tick_once
+-- The controller must outlive any one failure (a replica's creation that
+-- raises, a state call that fails): it logs and goes on.
 local function tick(now)
+  local ok, err = xpcall(tick_once, debug.traceback, now)
+  if not ok then log("controller: %s", tostring(err)) end
+end
+
+tick_once = function(now)
   local stats = core.serve_stats()
   for name, st in pairs(running.deps) do
     local s = stats[name]

@@ -251,7 +251,8 @@ static int rc_message_complete(llhttp_t *p) {
   return HPE_PAUSED;
 }
 
-static client_t *cl_open(int port) {
+/* A client connecting from source address `from` (NULL: any). */
+static client_t *cl_open_from(int port, const char *from) {
   client_t *c = calloc(1, sizeof(*c));
   ASSERT(c);
   c->fd = socket(AF_INET, SOCK_STREAM, 0);
@@ -262,6 +263,11 @@ static client_t *cl_open(int port) {
   setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
   struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
   sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (from) {
+    struct sockaddr_in src = {.sin_family = AF_INET};
+    ASSERT_EQ(inet_pton(AF_INET, from, &src.sin_addr), 1);
+    ASSERT_EQ(bind(c->fd, (struct sockaddr *)&src, sizeof(src)), 0);
+  }
   ASSERT_EQ(connect(c->fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
   llhttp_settings_init(&c->s);
   c->s.on_header_field = rc_header_field;
@@ -274,6 +280,8 @@ static client_t *cl_open(int port) {
   c->p.data = c;
   return c;
 }
+
+static client_t *cl_open(int port) { return cl_open_from(port, NULL); }
 
 static void cl_close(client_t *c) {
   close(c->fd);
@@ -507,6 +515,54 @@ TEST_IMPL(http_pipeline_order) {
   }
   cl_close(c);
   free(r);
+  fx_stop(fx);
+  return 0;
+}
+
+/* Pipelined requests with large bodies are read only while the connection
+ * holds less than its byte budget (4 MiB), however many fit the pipeline. */
+typedef struct sender {
+  int fd;          /* where to send */
+  const char *p;   /* one request */
+  size_t n;        /* its length */
+  int times;       /* how many times */
+} sender_t;
+
+static void *sender_main(void *arg) {
+  sender_t *s = arg;
+  for (int i = 0; i < s->times; i++) {
+    size_t off = 0;
+    while (off < s->n) {
+      ssize_t k = send(s->fd, s->p + off, s->n - off, MSG_NOSIGNAL);
+      if (k <= 0) return NULL; /* the test closed the socket */
+      off += (size_t)k;
+    }
+  }
+  return NULL;
+}
+
+TEST_IMPL(http_pipeline_bytes) {
+  fx_t *fx = fx_start(app_basic, NULL);
+  client_t *c = cl_open(fx->port);
+  size_t body = 1u << 20;
+  char head[128];
+  int hl = snprintf(head, sizeof(head), "POST /hold/x HTTP/1.1\r\nContent-Length: %zu\r\n\r\n", body);
+  char *one = malloc((size_t)hl + body);
+  memcpy(one, head, (size_t)hl);
+  memset(one + hl, 'b', body);
+  /* 20 requests of 1 MiB from a thread (the server stops reading them, so
+   * a blocking send from here would not return). */
+  sender_t s = {c->fd, one, (size_t)hl + body, 20};
+  pthread_t th;
+  ASSERT_EQ(pthread_create(&th, NULL, sender_main, &s), 0);
+  ASSERT(fx_wait(fx, &fx->nreq, 1));
+  usleep(300000);
+  int n = fx_get(fx, &fx->nreq);
+  ASSERT(n >= 1 && n <= 5); /* not 20: reading paused at the budget */
+  shutdown(c->fd, SHUT_RDWR);
+  pthread_join(th, NULL);
+  free(one);
+  cl_close(c);
   fx_stop(fx);
   return 0;
 }
@@ -1029,23 +1085,72 @@ TEST_IMPL(http_slow_client) {
   return 0;
 }
 
+/* At the limit a new connection takes the place of the one idle longest;
+ * when every connection is busy it is closed at once instead. */
 TEST_IMPL(http_max_connections) {
   td_http_opts_t o = {.max_connections = 2};
   fx_t *fx = fx_start(app_basic, &o);
   resp_t *r = malloc(sizeof(*r));
   client_t *a = cl_open(fx->port), *b = cl_open(fx->port);
-  cl_sends(a, "GET /hello HTTP/1.1\r\n\r\n");
-  ASSERT_EQ(cl_read(a, r), 0); /* both are accepted by now */
-  cl_sends(b, "GET /hello HTTP/1.1\r\n\r\n");
+  cl_sends(a, "GET /hold/a HTTP/1.1\r\n\r\n"); /* busy: its answer is owed */
+  ASSERT(fx_wait(fx, &fx->nheld, 1));
+  cl_sends(b, "GET /hello HTTP/1.1\r\n\r\n");  /* answered: idle after */
   ASSERT_EQ(cl_read(b, r), 0);
   client_t *c = cl_open(fx->port);
-  ASSERT(cl_eof(c)); /* one too many: closed at once */
-  cl_close(c);
-  cl_sends(a, "GET /hello HTTP/1.1\r\n\r\n");
+  cl_sends(c, "GET /hello HTTP/1.1\r\n\r\n");
+  ASSERT_EQ(cl_read(c, r), 0); /* let in: b made room */
+  ASSERT_EQ(r->status, 200);
+  ASSERT(cl_eof(b));
+  cl_sends(c, "GET /hold/c HTTP/1.1\r\n\r\n");
+  ASSERT(fx_wait(fx, &fx->nheld, 2));
+  client_t *d = cl_open(fx->port);
+  ASSERT(cl_eof(d)); /* a and c are busy: one too many, closed at once */
+  cl_close(d);
+  ASSERT_EQ(td_http_respond(fx->srv, fx_held_by_path(fx, "/hold/a"), 200, NULL, 0, "a", 1), 0);
   ASSERT_EQ(cl_read(a, r), 0);
   ASSERT_EQ(r->status, 200);
+  ASSERT_EQ(td_http_respond(fx->srv, fx_held_by_path(fx, "/hold/c"), 200, NULL, 0, "c", 1), 0);
+  ASSERT_EQ(cl_read(c, r), 0);
   cl_close(a);
   cl_close(b);
+  cl_close(c);
+  free(r);
+  fx_stop(fx);
+  return 0;
+}
+
+/* One address cannot take every slot: past max_connections_per_client its
+ * idle connections make room for its new ones (or, all busy, the new one
+ * is closed), while another address (127.0.0.2, also loopback) gets in. */
+TEST_IMPL(http_max_connections_per_client) {
+  td_http_opts_t o = {.max_connections_per_client = 2};
+  fx_t *fx = fx_start(app_basic, &o);
+  resp_t *r = malloc(sizeof(*r));
+  client_t *a = cl_open(fx->port), *b = cl_open(fx->port);
+  cl_sends(a, "GET /hold/a HTTP/1.1\r\n\r\n");
+  ASSERT(fx_wait(fx, &fx->nheld, 1));
+  cl_sends(b, "GET /hold/b HTTP/1.1\r\n\r\n");
+  ASSERT(fx_wait(fx, &fx->nheld, 2));
+  client_t *c = cl_open(fx->port);
+  ASSERT(cl_eof(c)); /* a third from 127.0.0.1 while both are busy: closed */
+  cl_close(c);
+  client_t *d = cl_open_from(fx->port, "127.0.0.2");
+  cl_sends(d, "GET /hello HTTP/1.1\r\n\r\n");
+  ASSERT_EQ(cl_read(d, r), 0);
+  ASSERT_EQ(r->status, 200);
+  ASSERT_EQ(td_http_respond(fx->srv, fx_held_by_path(fx, "/hold/b"), 200, NULL, 0, "b", 1), 0);
+  ASSERT_EQ(cl_read(b, r), 0); /* b is idle now */
+  client_t *e = cl_open(fx->port);
+  cl_sends(e, "GET /hello HTTP/1.1\r\n\r\n");
+  ASSERT_EQ(cl_read(e, r), 0); /* it takes b's place */
+  ASSERT_EQ(r->status, 200);
+  ASSERT(cl_eof(b));
+  ASSERT_EQ(td_http_respond(fx->srv, fx_held_by_path(fx, "/hold/a"), 200, NULL, 0, "a", 1), 0);
+  ASSERT_EQ(cl_read(a, r), 0);
+  cl_close(a);
+  cl_close(b);
+  cl_close(d);
+  cl_close(e);
   free(r);
   fx_stop(fx);
   return 0;
@@ -1236,5 +1341,57 @@ TEST_IMPL(http_inbox_thread) {
   ASSERT(ib == NULL);
   td_http_inbox_destroy(&ib);
   free(r);
+  return 0;
+}
+
+/* td_http_stream_notify: a drain event comes only once the client has
+ * taken the stream's output down to the asked level, so a producer can
+ * pace itself to a slow reader instead of buffering for it. */
+TEST_IMPL(http_stream_notify) {
+  td_http_inbox_t *ib = td_http_inbox_new();
+  ASSERT(ib);
+  td_http_opts_t o = {.on_request = td_http_inbox_on_request, .on_abort = td_http_inbox_on_abort,
+                      .on_drain = td_http_inbox_on_drain, .data = ib};
+  td_http_thread_t *th = NULL;
+  ASSERT_EQ(td_http_thread_start(&o, NULL, 0, &th), 0);
+  td_http_server_t *srv = td_http_thread_server(th);
+  /* (No small SO_RCVBUF here: set after connect, it shrinks an advertised
+   * window and the sender stalls in retransmission back-off.) */
+  client_t *c = cl_open(td_http_thread_port(th));
+  cl_sends(c, "GET /gen HTTP/1.1\r\n\r\n");
+  td_http_event_t *g = inbox_wait(ib);
+  ASSERT(g && g->kind == TD_HTTP_EV_REQUEST);
+  ASSERT_EQ(td_http_stream_start(srv, g->id, 200, NULL, 0), 0);
+  /* More than the kernel's socket buffers hold while the client sleeps. */
+  size_t n = 16u << 20;
+  char *chunk = malloc(n);
+  memset(chunk, 'x', n);
+  ASSERT_EQ(td_http_stream_write(srv, g->id, chunk, n), 0);
+  ASSERT_EQ(td_http_stream_notify(srv, g->id, 64 * 1024), 0);
+  struct pollfd pfd = {.fd = td_http_inbox_fd(ib), .events = POLLIN};
+  ASSERT_EQ(poll(&pfd, 1, 300), 0); /* no drain: the client took nothing */
+  /* The client reads it all; then (not before) the drain event comes. */
+  size_t got = 0;
+  td_http_event_t *d = NULL;
+  while (got < n) {
+    ssize_t k = recv(c->fd, chunk, 1 << 20, 0);
+    ASSERT(k > 0);
+    got += (size_t)k;
+  }
+  if (!d) d = inbox_wait(ib);
+  ASSERT(d && d->kind == TD_HTTP_EV_DRAIN);
+  ASSERT_EQ(d->id, g->id);
+  td_http_event_free(d);
+  /* Once drained, a notify answers at once. */
+  ASSERT_EQ(td_http_stream_notify(srv, g->id, 1u << 30), 0);
+  d = inbox_wait(ib);
+  ASSERT(d && d->kind == TD_HTTP_EV_DRAIN && d->id == g->id);
+  td_http_event_free(d);
+  ASSERT_EQ(td_http_stream_end(srv, g->id), 0);
+  td_http_event_free(g);
+  free(chunk);
+  cl_close(c);
+  td_http_thread_stop(&th);
+  td_http_inbox_destroy(&ib);
   return 0;
 }

@@ -155,6 +155,8 @@ local Events = serve.deployment{
       send("hello")
       send({n = 2})
       send("two\nlines")
+      send("\n")
+      send("cr\r\nlf\rend")
     end, {sse = true})
   end,
 }
@@ -196,13 +198,17 @@ local Res = serve.deployment{
   name = "res", route = "/res", num_replicas = 2, resources = {accel = 1},
   call = function(self, req) return "ok" end,
 }
+local Secure = serve.deployment{
+  name = "secure", route = "/secure", job_token = "s3cret",
+  jobs = {work = function(self, req, job) return {ok = true} end},
+}
 local Nested = serve.deployment{
   name = "nested", route = "/echo/deeper",
   call = function(self, req) return {nested = true, path = req.path} end,
 }
 
 local port = serve.run({Echo, Count, Jobs, Info, Resp, Methods, Sleepy, Ticker, Events, Who,
-  Double, Front, Res, Nested}, {port = PORT, blocking = false})
+  Double, Front, Res, Nested, Secure}, {port = PORT, blocking = false})
 
 -- -- Tests -------------------------------------------------------------------------
 
@@ -287,7 +293,8 @@ t.test("jobs: a job that raises ends failed with an error and no result", functi
     end, 20)
   end)
   t.eq(r.json.status, "failed")
-  t.ok(type(r.json.error) == "string" and r.json.error:find("the job broke", 1, true), tostring(r.json.error))
+  t.eq(r.json.error, "the job broke", "the job's message, without file:line or traceback")
+  t.ok(type(r.json.error_id) == "string" and #r.json.error_id == 16, "an error id for the log")
   t.eq(r.json.result, nil)
 end)
 
@@ -309,6 +316,73 @@ t.test("jobs: DELETE cancels a running job, and it stops running", function()
   serve.poll(0.5)
   local n2 = tide.get(marks:get("forever"))
   t.eq(n2, n1, "the cancelled job stopped advancing")
+end)
+
+t.test("jobs: with job_token, job routes need Authorization: Bearer <token>", function()
+  local r = run(function(httpc, p)
+    local auth = {Authorization = "Bearer s3cret"}
+    local out = {none = httpc.post(p, "/secure/work", {json = {}}),
+      wrong = httpc.post(p, "/secure/work", {json = {}, headers = {Authorization = "Bearer nope"}}),
+      good = httpc.post(p, "/secure/work", {json = {}, headers = auth})}
+    local id = out.good.json.id
+    out.get_none = httpc.get(p, "/secure/" .. id)
+    out.del_none = httpc.delete(p, "/secure/" .. id)
+    for _ = 1, 200 do
+      out.done = httpc.get(p, "/secure/" .. id, {headers = auth})
+      if out.done.json and out.done.json.status == "succeeded" then break end
+      tide.sleep(0.05)
+    end
+    return out
+  end)
+  t.eq(r.none.status, 401)
+  t.ok(r.none.headers["www-authenticate"] and r.none.headers["www-authenticate"]:find("Bearer", 1, true),
+    "a WWW-Authenticate: Bearer challenge")
+  t.eq(r.wrong.status, 401)
+  t.eq(r.good.status, 202)
+  t.ok(r.good.json.id:match("^job%-%x+$") and #r.good.json.id == 20, r.good.body)
+  t.eq(r.get_none.status, 401)
+  t.eq(r.del_none.status, 401)
+  t.eq(r.done.json.status, "succeeded")
+end)
+
+t.test("jobs: records are capped at max_jobs (finished ones make room) and expire after job_ttl_s", function()
+  local st = tide.get_actor("tide.serve.state", {namespace = "serve"})
+  tide.get(st:set_limits(2, 3600))
+  local ok, r = pcall(run, function(httpc, p)
+    local function done(id)
+      return httpc.wait_for(p, "/jobs/" .. id, function(g)
+        return g.json and g.json.status ~= "pending" and g.json.status ~= "running" end, 20)
+    end
+    local out = {}
+    local a = httpc.post(p, "/jobs/work", {json = {x = 1}}).json.id; done(a)
+    local b = httpc.post(p, "/jobs/work", {json = {x = 2}}).json.id; done(b)
+    out.third = httpc.post(p, "/jobs/work", {json = {x = 3}})      -- a makes room
+    done(out.third.json.id)
+    out.a_gone = httpc.get(p, "/jobs/" .. a).status
+    out.b_kept = httpc.get(p, "/jobs/" .. b).status
+    local f1 = httpc.post(p, "/jobs/forever", {json = {}}).json.id
+    local f2 = httpc.post(p, "/jobs/forever", {json = {}}).json.id
+    out.full = httpc.post(p, "/jobs/work", {json = {x = 4}})       -- two running: no room
+    httpc.delete(p, "/jobs/" .. f1); httpc.delete(p, "/jobs/" .. f2)
+    return out
+  end)
+  tide.get(st:set_limits(10000, 0))
+  local ok2, r2 = pcall(run, function(httpc, p)
+    local id = httpc.post(p, "/jobs/work", {json = {x = 5}}).json.id
+    httpc.wait_for(p, "/jobs/" .. id, function(g) return g.json and g.json.status == "succeeded" end, 20)
+    tide.sleep(1.1)
+    httpc.post(p, "/jobs/work", {json = {x = 6}})                  -- the next submit sweeps
+    return {expired = httpc.get(p, "/jobs/" .. id).status}
+  end)
+  tide.get(st:set_limits(10000, 3600))
+  t.ok(ok, tostring(r))
+  t.ok(ok2, tostring(r2))
+  t.eq(r.third.status, 202, "a finished record makes room")
+  t.eq(r.a_gone, 404, "the oldest finished record was let go")
+  t.eq(r.b_kept, 200)
+  t.eq(r.full.status, 503, "at max_jobs with every job running, a new one is refused: " .. r.full.body)
+  t.ok(r.full.body:find("too many jobs", 1, true), r.full.body)
+  t.eq(r2.expired, 404, "a finished record expires after job_ttl_s")
 end)
 
 t.test("jobs: unknown job ids give 404 JSON; unknown job names are not jobs", function()
@@ -422,12 +496,24 @@ t.test("return values: table -> JSON 200, string -> text/plain 200, nil -> empty
   t.eq(r.none.body, "")
 end)
 
-t.test("handler errors: 500 JSON with the message; error(serve.response{...}) as given", function()
+-- A 500 tells the client an error id, never the message or traceback (they
+-- carry server paths); the server logs them under that id (serve_cli_test).
+local function opaque_500(r, secret)
+  t.eq(r.status, 500)
+  t.ok(r.json and type(r.json.id) == "string" and r.json.id:match("^%x+$") and #r.json.id == 16,
+    "a 16-hex-digit error id: " .. r.body)
+  t.eq(r.json and r.json.error, "internal server error")
+  t.ok(not r.body:find(secret, 1, true) and not r.body:find("traceback", 1, true)
+    and not r.body:find(".lua", 1, true), "no message, traceback or path: " .. r.body)
+end
+
+t.test("handler errors: 500 JSON with an error id only; error(serve.response{...}) as given", function()
   local r = run(function(httpc, p)
-    return {boom = httpc.get(p, "/resp/raise"), resp = httpc.get(p, "/resp/raise-response")}
+    return {boom = httpc.get(p, "/resp/raise"), boom2 = httpc.get(p, "/resp/raise"),
+      resp = httpc.get(p, "/resp/raise-response")}
   end)
-  t.eq(r.boom.status, 500)
-  t.ok(r.boom.json and r.boom.json.error:find("handler exploded", 1, true), r.boom.body)
+  opaque_500(r.boom, "handler exploded")
+  t.ok(r.boom.json.id ~= r.boom2.json.id, "each failure has its own id")
   t.eq(r.resp.status, 403)
   t.deep_eq(r.resp.json, {error = "forbidden"})
 end)
@@ -453,10 +539,9 @@ t.test("responses: 204 without a body, a 5 MiB body, UTF-8 JSON, HEAD", function
   t.eq(r.after_head.body, "plain text", "the connection is still in sync after HEAD")
 end)
 
-t.test("handler errors: a failed task inside a handler gives a readable 500", function()
+t.test("handler errors: a failed task inside a handler gives an opaque 500 too", function()
   local r = run(function(httpc, p) return httpc.get(p, "/resp/taskfail") end)
-  t.eq(r.status, 500)
-  t.ok(r.json and r.json.error:find("inner task failure", 1, true), r.body)
+  opaque_500(r, "inner task failure")
 end)
 
 -- Reads a streamed response until the server ends or cuts it.
@@ -716,8 +801,12 @@ t.test("streaming: Server-Sent Events with serve.stream(fn, {sse = true})", func
   t.eq(r.status, 200)
   t.ok(r.headers["content-type"]:find("text/event-stream", 1, true), r.headers["content-type"])
   t.eq(r.headers["cache-control"], "no-cache")
-  t.eq(r.body, 'data: hello\n\ndata: {"n":2}\n\ndata: two\ndata: lines\n\n')
-  t.eq(#r.chunks, 3, "one chunk per event")
+  -- Per the SSE spec a value with line breaks (\n, \r\n or \r) is one
+  -- data: line per line: "\n" alone is two empty ones (data "\n"), and no
+  -- bare \r can end a line early in a client's parser.
+  t.eq(r.body, 'data: hello\n\ndata: {"n":2}\n\ndata: two\ndata: lines\n\n' ..
+    'data: \ndata: \n\ndata: cr\ndata: lf\ndata: end\n\n')
+  t.eq(#r.chunks, 5, "one chunk per event")
 end)
 
 t.test("load balancing: sequential requests spread over both replicas", function()
