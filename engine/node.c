@@ -1376,22 +1376,36 @@ static int td__place(td_node_t *n, td_task_t *t, int bundle, int local_fits, td_
       return 3;
     }
   } else if (st == TD_ST_SPREAD && n->nlinks) {
-    /* Round robin over every node, this one as number 0. */
-    int k = n->nlinks + 1, c = (int)(n->spread++ % (uint32_t)k);
-    if (c == 0) return 0;
-    for (int i = 0, seen = 0; i < n->nwks && !w; i++) {
+    /* Round robin over the nodes with room for it now, this one as number
+     * 0, from the one after the node chosen last. The turn passes only
+     * when a task is placed: a task whose turn fell on a busy node used to
+     * wait for it and roll again on every pass, while those that drew a
+     * node were queued there at once, so nearly all went to the nodes.
+     * When no node has room, it waits here for one (returns 2). */
+    int k = n->nlinks + 1;
+    td_wk_t *links[k];
+    memset(links, 0, sizeof(links));
+    for (int i = 0, seen = 1; i < n->nwks && seen < k; i++) {
       td_wk_t *x = n->wks[i];
-      if (x->kind == WK_NODE && x->joined && !x->dead && ++seen == c) w = x;
+      if (x->kind == WK_NODE && x->joined && !x->dead) links[seen++] = x;
     }
-    if (w && !td__fits(w->ntotal, t)) w = NULL;
+    for (int j = 0; j < k; j++) {
+      int c = (int)((n->spread + (uint32_t)j) % (uint32_t)k);
+      if (c == 0 ? !local_fits : !links[c] || !td__fits(links[c]->navail, t)) continue;
+      n->spread = (uint32_t)c + 1;
+      if (c == 0) return 0;
+      *out = links[c];
+      return 1;
+    }
+    return 2;
   }
   if (w) {
     *hold = td__fits(w->navail, t);
     *out = w;
     return 1;
   }
-  if (st == TD_ST_DEFAULT && t->has_away && (w = td__away_home(n, t)) && td__fits(w->navail, t)) {
-    *out = w;  /* where its large arguments are */
+  if (st == TD_ST_DEFAULT && t->has_away && (w = td__away_home(n, t)) != NULL) {
+    *out = w;  /* where its large arguments are, and it fits now */
     return 1;
   }
   if (local_fits || !n->nlinks) return 0;
@@ -3217,7 +3231,10 @@ static uint32_t td__away_wait(td_node_t *n, td_task_t *t, int here) {
   return t->deps_pending;
 }
 
-/* Head: the node holding the most bytes of t's arguments kept away. */
+/* Head: of the nodes where t fits now, the one holding the most bytes of
+ * its arguments kept away (NULL: none). Locality only chooses between
+ * nodes that can run t: a node that lacks one of its resources would
+ * refuse it as infeasible, and one that is full would only queue it. */
 static td_wk_t *td__away_home(td_node_t *n, td_task_t *t) {
   td_wk_t *best = NULL;
   uint64_t most = 0;
@@ -3230,7 +3247,7 @@ static td_wk_t *td__away_home(td_node_t *n, td_task_t *t) {
       if (x && x->away && x->state == OBJ_PENDING && x->up == o->up) bytes += x->len;
     }
     td_wk_t *w = td__link(n, o->up - 1);
-    if (w && bytes > most) most = bytes, best = w;
+    if (w && bytes > most && td__fits(w->navail, t)) most = bytes, best = w;
   }
   return best;
 }

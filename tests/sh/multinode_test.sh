@@ -10,7 +10,7 @@ ok() { n=$((n + 1)); echo "ok $n - $1"; }
 no() { n=$((n + 1)); echo "not ok $n - $1"; [ -n "$2" ] && echo "# $2" | head -40; }
 check() { if eval "$2"; then ok "$1"; else no "$1" "$3"; fi; }
 D=$(mktemp -d /tmp/tide-multinode-XXXXXX)
-stop_all() { for s in head n1 n2 n3 n4 n5 n6 bad; do TIDE_SESSION_DIR=$D/$s $T stop >/dev/null 2>&1; done; }
+stop_all() { for s in head n1 n2 n3 n4 n5 n6 bad sh sa sb; do TIDE_SESSION_DIR=$D/$s $T stop >/dev/null 2>&1; done; }
 trap 'stop_all; rm -rf "$D"' EXIT
 PORT=$((18000 + $$ % 1000))
 KEY=$D/head/cluster.key
@@ -26,6 +26,17 @@ nodes_up() {  # nodes_up N SECONDS: wait until the head lists N nodes
   return 1
 }
 now() { date +%s.%N; }
+
+echo "# scheduling on a small cluster where the head runs work too"
+SPORT=$((PORT + 2))
+TIDE_SESSION_DIR=$D/sh $T start --head --port $SPORT --num-cpus 1 --node-timeout 2 >/dev/null 2>&1
+for s in sa sb; do
+  r='{"A":1}'; [ $s = sb ] && r='{"B":1}'
+  TIDE_PKG_CACHE=$D/pkgs-$s TIDE_SESSION_DIR=$D/$s $T start --address 127.0.0.1:$SPORT --key $D/sh/cluster.key \
+    --node-timeout 2 --num-cpus 1 --resources "$r" >/dev/null 2>&1
+done
+TIDE_SESSION_DIR=$D/sh timeout 180 $T run --address local tests/cluster/sched.lua 2>&1
+for s in sh sa sb; do TIDE_SESSION_DIR=$D/$s $T stop >/dev/null 2>&1; done
 
 out=$(start_head 2>&1)
 check "the head starts and prints how to join" 'echo "$out" | grep -q "node started"' "$out"
