@@ -23,6 +23,7 @@
 
 #define TD__IDLE_S 15.0    /* a client silent this long is gone */
 #define TD__BEAT_S 2.0     /* clients send an empty message this often */
+#define TD__SILENT_S 10.0  /* a link whose peer answers nothing this long is lost */
 
 /* Chunks of a byte stream must never be dropped, as a ROUTER does at its
  * high-water mark: no limit (the peer's reading paces the sender). */
@@ -593,22 +594,53 @@ void td_bridge_server_stop(void) {
 /* -- Client side --------------------------------------------------------------- */
 
 struct td_bridge_client {
-  void *ctx, *dealer;
+  void *ctx, *dealer, *mon;
   int fd;            /* our end of the socketpair */
   pthread_t th;
   _Atomic int stop;
   td__pool_t pool;   /* read buffers for the socketpair */
 };
 
+/* The link is a byte stream: once its connection is lost, what follows
+ * on a new one (ZeroMQ reconnects by itself) would not continue it, and
+ * a restarted head would not know it. So after a handshake succeeded, the
+ * connection ending (the peer's process died: at once; its machine or the
+ * network went silent: after TD__SILENT_S without an answer to ZeroMQ's
+ * heartbeats) ends the link: the local end sees the stream end, and the
+ * driver says it lost its node, a node rejoins its head (before, a driver
+ * waited for ever, even in a get with a timeout). Returns 1 when the link
+ * is lost. */
+static int td__client_lost(td_bridge_client_t *C, int *up) {
+  int lost = 0;
+  for (;;) {
+    zmq_msg_t e, a;
+    zmq_msg_init(&e);
+    if (zmq_msg_recv(&e, C->mon, ZMQ_DONTWAIT) < 0) {
+      zmq_msg_close(&e);
+      break;
+    }
+    zmq_msg_init(&a);
+    if (zmq_msg_more(&e)) zmq_msg_recv(&a, C->mon, 0);
+    uint16_t ev = 0;
+    if (zmq_msg_size(&e) >= 2) memcpy(&ev, zmq_msg_data(&e), 2);
+    if (ev == ZMQ_EVENT_HANDSHAKE_SUCCEEDED) *up = 1;
+    if (ev == ZMQ_EVENT_DISCONNECTED && *up) lost = 1;
+    zmq_msg_close(&e);
+    zmq_msg_close(&a);
+  }
+  return lost;
+}
+
 static void *td__client_main(void *arg) {
   td_bridge_client_t *C = arg;
   double beat = td_now();
-  int open = 1;
+  int open = 1, up = 0;
   while (open || !atomic_load(&C->stop)) {
-    zmq_pollitem_t items[2] = {{C->dealer, 0, ZMQ_POLLIN, 0}, {NULL, C->fd, ZMQ_POLLIN, 0}};
-    int n = open ? 2 : 1;
+    zmq_pollitem_t items[3] = {{C->dealer, 0, ZMQ_POLLIN, 0}, {C->mon, 0, ZMQ_POLLIN, 0}, {NULL, C->fd, ZMQ_POLLIN, 0}};
+    int n = open ? 3 : 2;
     if (zmq_poll(items, n, 250) < 0 && errno != EINTR) break;
-    if (items[0].revents) {
+    int lost = items[1].revents && td__client_lost(C, &up);
+    if (items[0].revents || lost) {  /* what came before the loss is delivered first */
       for (;;) {
         zmq_msg_t m;
         zmq_msg_init(&m);
@@ -617,7 +649,11 @@ static void *td__client_main(void *arg) {
         zmq_msg_close(&m);
       }
     }
-    if (open && items[1].revents && td__forward(&C->pool, C->dealer, C->fd, NULL, 0) < 0) open = 0;
+    if (open && items[2].revents && td__forward(&C->pool, C->dealer, C->fd, NULL, 0) < 0) open = 0;
+    if (lost && open) {
+      shutdown(C->fd, SHUT_RDWR);  /* the local end reads the end of the stream */
+      open = 0;
+    }
     if (td_now() - beat > TD__BEAT_S) {
       zmq_send(C->dealer, "", 0, ZMQ_DONTWAIT);
       beat = td_now();
@@ -642,9 +678,18 @@ td_bridge_client_t *td_bridge_open(const char *endpoint, const td_cluster_key_t 
   zmq_setsockopt(C->dealer, ZMQ_LINGER, &linger, sizeof(linger));
   td__no_hwm(C->dealer);
   td__limit_size(C->dealer);  /* nor does a node or head we join send more */
+  /* ZeroMQ's own heartbeats (answered by the peer's I/O thread, however
+   * busy the peer is) find a peer gone silent; see td__client_lost. */
+  int hb_ivl = (int)(TD__BEAT_S * 1000), hb_timeout = (int)(TD__SILENT_S * 1000);
+  zmq_setsockopt(C->dealer, ZMQ_HEARTBEAT_IVL, &hb_ivl, sizeof(hb_ivl));
+  zmq_setsockopt(C->dealer, ZMQ_HEARTBEAT_TIMEOUT, &hb_timeout, sizeof(hb_timeout));
   int started = 0;
   td__pool_init(&C->pool);
-  if (zmq_connect(C->dealer, endpoint) == 0) {
+  C->mon = zmq_socket(C->ctx, ZMQ_PAIR);
+  td__no_hwm(C->mon);
+  if (zmq_socket_monitor(C->dealer, "inproc://tide-client-monitor",
+                         ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_DISCONNECTED) == 0 &&
+      zmq_connect(C->mon, "inproc://tide-client-monitor") == 0 && zmq_connect(C->dealer, endpoint) == 0) {
     /* The first message makes the node's bridge open our connection. */
     zmq_send(C->dealer, "", 0, 0);
     C->fd = sv[1];
@@ -655,6 +700,7 @@ td_bridge_client_t *td_bridge_open(const char *endpoint, const td_cluster_key_t 
   }
   if (!started) {
     td__pool_free(&C->pool);
+    zmq_close(C->mon);
     zmq_close(C->dealer);
     zmq_ctx_term(C->ctx);
     close(sv[0]);
@@ -675,6 +721,7 @@ void td_bridge_close(td_bridge_client_t *C, int flush) {
   atomic_store(&C->stop, 1);
   pthread_join(C->th, NULL);
   close(C->fd);
+  zmq_close(C->mon);
   zmq_close(C->dealer);
   zmq_ctx_term(C->ctx);
   td__pool_free(&C->pool);

@@ -4,7 +4,8 @@
 # a frame of the largest size allowed, garbage, half-open and a thousand
 # connections. The head must close them, stay within a memory bound
 # (VmRSS from /proc, sampled every 20 ms while the peers send) and keep
-# serving a real driver attached over TCP.
+# serving a real driver attached over TCP. Last, the head goes silent
+# under a waiting driver, which must not wait for ever.
 cd "$(dirname "$0")/../.."
 T=$(pwd)/bin/tide
 n=0
@@ -153,4 +154,26 @@ check "after all that the head still runs a driver's tasks" 'echo "$out" | grep 
 rss=$(sed -n 's/^VmRSS:[^0-9]*\([0-9]*\).*/\1/p' /proc/$PID/status)
 echo "# head VmRSS at the end: $rss KiB"
 check "the head is still alive" 'kill -0 $PID'
+
+# A head that goes silent without closing its connections (its machine
+# hangs or the network drops them; here SIGSTOP): a driver attached over
+# TCP, waiting in a get, stops with a clear error when ZeroMQ's heartbeats
+# go unanswered for 10 s (before, it waited for ever).
+cat > $D/wait.lua <<'LUA'
+local tide = require("tide")
+local r = tide.remote(function() tide.sleep(120) return 1 end):remote()
+io.stdout:write("WAITING\n"); io.stdout:flush()
+print("GOT", pcall(tide.get, r, {timeout = 60}))
+LUA
+(timeout 100 $T run --address 127.0.0.1:$PORT --key $KEY $D/wait.lua > $D/wait.out 2>&1; echo "rc=$?" >> $D/wait.out) &
+dpid=$!
+for i in $(seq 100); do grep -q WAITING $D/wait.out 2>/dev/null && break; sleep 0.1; done
+kill -STOP $PID
+t0=$(date +%s.%N)
+wait $dpid
+took=$(echo "$(date +%s.%N) - $t0" | bc)
+kill -CONT $PID
+out=$(cat $D/wait.out)
+check "a driver over TCP whose head stops answering stops with a clear error within 15 s ($took s)" \
+  'echo "$out" | grep -q "lost the connection to the node" && echo "$out" | grep -q "rc=1" && [ "$(echo "$took < 15" | bc)" = 1 ]' "$out"
 echo "1..$n"

@@ -161,9 +161,26 @@ check "a detached actor and a KV entry made before the head dies" 'echo "$out" |
 check "... and a detached actor in a detached placement group" 'echo "$out" | grep -q "PG-BEFORE	1	2"' "$out"
 echo 'print("JOB RAN")' > $D/job.lua
 TIDE_SESSION_DIR=$D/head $T submit $D/job.lua >/dev/null 2>&1
+cat > $D/tcp_wait.lua <<'LUA'
+local tide = require("tide")
+local r = tide.remote(function() tide.sleep(120) return 1 end):options({num_cpus = 0}):remote()
+io.stdout:write("WAITING\n"); io.stdout:flush()
+print("GOT", pcall(tide.get, r, {timeout = 60}))
+LUA
+# A driver attached over TCP, blocked in a get when the head dies: it must
+# learn at once that its link is gone (before, it waited for ever).
+(cd / && timeout 100 $T run --address 127.0.0.1:$PORT --key $KEY $D/tcp_wait.lua > $D/tcp_wait.out 2>&1; echo "rc=$?" >> $D/tcp_wait.out) &
+tcp_driver=$!
+for i in $(seq 100); do grep -q WAITING $D/tcp_wait.out 2>/dev/null && break; sleep 0.1; done
 sleep 1
 hpid=$(cat $D/head/node.pid)
 kill -9 $hpid
+t0=$(now)
+wait $tcp_driver
+took=$(echo "$(now) - $t0" | bc)
+out=$(cat $D/tcp_wait.out)
+check "a driver attached over TCP, waiting in a get when the head dies, stops with a clear error within 5 s ($took s)" \
+  'echo "$out" | grep -q "lost the connection to the node" && echo "$out" | grep -q "rc=1" && [ "$(echo "$took < 5" | bc)" = 1 ]' "$out"
 for i in $(seq 100); do   # until it is gone, or a zombie nobody reaped yet
   kill -0 $hpid 2>/dev/null || break
   grep -q '^State:.*Z' /proc/$hpid/status 2>/dev/null && break
