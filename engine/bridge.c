@@ -225,11 +225,12 @@ static struct {
   td__pool_t pool;   /* read buffers for the peers' connections */
   /* Connections in their handshake (see Limits): the socket and its
    * peer's address, from the monitor's ACCEPTED to its DISCONNECTED or
-   * to the first message from the socket (ZMQ_SRCFD). */
+   * to the first message from the socket (ZMQ_SRCFD). ACCEPTED is read
+   * before that message: the handshake needs our answer to its ZAP
+   * request, sent after ACCEPTED, and the monitor is read right after
+   * the ZAP socket, before the router. */
   struct { int fd; uint64_t addr; double since; } hs[TD__HS_MAX];
   int nhs;
-  uint8_t *authed;   /* by socket: a message came from it (it may come before ACCEPTED is read) */
-  int capauthed;
   uint64_t capped, capped_logged;  /* connections closed at the cap, and when last logged */
   double capped_at;
   uint64_t failed_logged;          /* refusals when the last one was logged */
@@ -347,24 +348,11 @@ static void td__hs_del(int fd) {
     }
 }
 
-static void td__authed_set(int fd, uint8_t v) {
-  if (fd < 0 || fd >= (1 << 20)) return;
-  if (fd >= B.capauthed) {
-    int cap = B.capauthed ? B.capauthed : 64;
-    while (cap <= fd) cap *= 2;
-    B.authed = td_xrealloc(B.authed, (size_t)cap);
-    memset(B.authed + B.capauthed, 0, (size_t)(cap - B.capauthed));
-    B.capauthed = cap;
-  }
-  B.authed[fd] = v;
-}
-
 /* A connection was accepted: it joins those in their handshake, or is
  * closed at once when there are too many already (in all, or from its
  * address). shutdown() and not close(): the socket stays ZeroMQ's, whose
  * I/O thread sees it end and cleans up. */
 static void td__hs_accepted(int fd) {
-  if (fd >= 0 && fd < B.capauthed && B.authed[fd]) return;  /* it has sent already */
   double now = td_now();
   /* ZeroMQ ends every handshake within TD__HANDSHAKE_MS: an entry older
    * than twice that lost its DISCONNECTED somehow, and must not hold a
@@ -402,11 +390,12 @@ static void td__hs_accepted(int fd) {
   }
 }
 
-/* Monitor events, all that are ready. A failed handshake (no key, wrong
- * key, not ZeroMQ at all): counted and logged (at most once a second,
- * with the count since), the peer never reaches the node. ACCEPTED and
- * DISCONNECTED carry the socket, and track handshakes (see Limits). */
-static void td__monitor_drain(void) {
+/* Monitor events, up to 256 of those ready (returns how many). A failed
+ * handshake (no key, wrong key, not ZeroMQ at all): counted and logged
+ * (at most once a second, with the count since), the peer never reaches
+ * the node. ACCEPTED and DISCONNECTED carry the socket, and track
+ * handshakes (see Limits). */
+static int td__monitor_drain(void) {
   enum { N = 256 };
   struct { uint16_t event; int32_t value; char addr[80]; } ev[N];
   int k = 0;
@@ -439,26 +428,27 @@ static void td__monitor_drain(void) {
       if (!gone) td__hs_accepted(ev[i].value);
     } else if (ev[i].event == ZMQ_EVENT_DISCONNECTED) {
       td__hs_del(ev[i].value);
-      td__authed_set(ev[i].value, 0);
     } else if (ev[i].event & (ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL |
                               ZMQ_EVENT_HANDSHAKE_FAILED_AUTH)) {
       failed++;
       failed_addr = ev[i].addr;
     }
   }
-  if (!failed) return;
+  if (!failed) return k;
   uint64_t total = atomic_fetch_add(&B.refused, failed) + failed;
   double now = td_now();
-  if (now - B.failed_at < 1) return;
+  if (now - B.failed_at < 1) return k;
   uint64_t more = total - B.failed_logged - 1;
   if (more)
-    fprintf(stderr, "tide: refused a connection from %s: no valid cluster key (%llu more since the last line)\n",
+    fprintf(stderr,
+            "tide: refused a connection from %s: no valid cluster key (%llu more since the last line)\n",
             failed_addr, (unsigned long long)more);
   else
     fprintf(stderr, "tide: refused a connection from %s: no valid cluster key\n", failed_addr);
   fflush(stderr);
   B.failed_logged = total;
   B.failed_at = now;
+  return k;
 }
 
 static void *td__server_main(void *arg) {
@@ -472,8 +462,8 @@ static void *td__server_main(void *arg) {
     for (int i = 0; i < B.nconns; i++) items[3 + i] = (zmq_pollitem_t){NULL, B.conns[i].fd, ZMQ_POLLIN, 0};
     if (zmq_poll(items, n, 500) < 0 && errno != EINTR) break;
     if (items[1].revents) td__zap_one();
-    /* Before the router: a message's ACCEPTED is then usually read first. */
-    td__monitor_drain();
+    /* Before the router, so a message's ACCEPTED is read first. */
+    while (td__monitor_drain() == 256) {}
     double now = td_now();
     if (items[0].revents) {
       for (;;) {
@@ -482,12 +472,9 @@ static void *td__server_main(void *arg) {
         if (zmq_msg_recv(&id, B.router, ZMQ_DONTWAIT) < 0) { zmq_msg_close(&id); break; }
         zmq_msg_init(&data);
         int have = zmq_msg_more(&id) && zmq_msg_recv(&data, B.router, 0) >= 0;
-        if (have) {  /* its socket is past the handshake */
+        if (have && B.nhs) {  /* its socket is past the handshake */
           int sfd = zmq_msg_get(&data, ZMQ_SRCFD);
-          if (sfd >= 0 && (sfd >= B.capauthed || !B.authed[sfd])) {
-            td__hs_del(sfd);
-            td__authed_set(sfd, 1);
-          }
+          if (sfd >= 0) td__hs_del(sfd);
         }
         size_t idlen = zmq_msg_size(&id);
         int ci = -1;
@@ -585,9 +572,7 @@ void td_bridge_server_stop(void) {
   zmq_close(B.zap);
   zmq_ctx_term(B.ctx);
   td__pool_free(&B.pool);
-  free(B.authed);
-  B.authed = NULL;
-  B.capauthed = B.nhs = 0;
+  B.nhs = 0;
   B.running = 0;
 }
 
@@ -636,7 +621,8 @@ static void *td__client_main(void *arg) {
   double beat = td_now();
   int open = 1, up = 0;
   while (open || !atomic_load(&C->stop)) {
-    zmq_pollitem_t items[3] = {{C->dealer, 0, ZMQ_POLLIN, 0}, {C->mon, 0, ZMQ_POLLIN, 0}, {NULL, C->fd, ZMQ_POLLIN, 0}};
+    zmq_pollitem_t items[3] = {
+        {C->dealer, 0, ZMQ_POLLIN, 0}, {C->mon, 0, ZMQ_POLLIN, 0}, {NULL, C->fd, ZMQ_POLLIN, 0}};
     int n = open ? 3 : 2;
     if (zmq_poll(items, n, 250) < 0 && errno != EINTR) break;
     int lost = items[1].revents && td__client_lost(C, &up);
