@@ -167,6 +167,7 @@ struct td_task {
   uint64_t owner;        /* the client (or head link) whose work it is: prints go there */
   uint64_t owner_task;   /* on a node: the head's id of this task */
   int32_t held_bundle;   /* node_held 2: the bundle of its placement group */
+  uint32_t spread_to;    /* SPREAD: 1 + the index of the busy node whose turn it took, to wait there */
   td_task_t *prev, *next;/* links in the queue it is on */
   void *on;              /* the queue it is on, NULL if none */
 };
@@ -1376,12 +1377,23 @@ static int td__place(td_node_t *n, td_task_t *t, int bundle, int local_fits, td_
       return 3;
     }
   } else if (st == TD_ST_SPREAD && n->nlinks) {
-    /* Round robin over the nodes with room for it now, this one as number
-     * 0, from the one after the node chosen last. The turn passes only
-     * when a task is placed: a task whose turn fell on a busy node used to
-     * wait for it and roll again on every pass, while those that drew a
-     * node were queued there at once, so nearly all went to the nodes.
-     * When no node has room, it waits here for one (returns 2). */
+    /* Round robin over the nodes, this one as number 0, from the one after
+     * the node chosen last: the first with room for it now; when none has
+     * room, the next that can ever run it takes its turn, and the task
+     * waits there (in that node's queue, or here in this one's) for it.
+     * The choice sticks: a task that waits here is not placed again on
+     * the next pass (before, a task whose turn fell on the busy head drew
+     * again on every pass while those that drew a node were queued there
+     * at once, so 8 tasks on two nodes went 1 and 7). */
+    if (t->spread_to) {
+      if (t->spread_to - 1 == n->index) return 0;
+      if ((w = td__link(n, t->spread_to - 1)) != NULL && td__fits(w->ntotal, t)) {
+        *hold = td__fits(w->navail, t);
+        *out = w;
+        return 1;
+      }
+      t->spread_to = 0;  /* its node died: choose again */
+    }
     int k = n->nlinks + 1;
     td_wk_t *links[k];
     memset(links, 0, sizeof(links));
@@ -1389,15 +1401,21 @@ static int td__place(td_node_t *n, td_task_t *t, int bundle, int local_fits, td_
       td_wk_t *x = n->wks[i];
       if (x->kind == WK_NODE && x->joined && !x->dead) links[seen++] = x;
     }
-    for (int j = 0; j < k; j++) {
-      int c = (int)((n->spread + (uint32_t)j) % (uint32_t)k);
-      if (c == 0 ? !local_fits : !links[c] || !td__fits(links[c]->navail, t)) continue;
-      n->spread = (uint32_t)c + 1;
-      if (c == 0) return 0;
-      *out = links[c];
-      return 1;
+    for (int pass = 0; pass < 2; pass++) {  /* room now; then room ever */
+      for (int j = 0; j < k; j++) {
+        int c = (int)((n->spread + (uint32_t)j) % (uint32_t)k);
+        int fits = c == 0 ? (pass ? td__fits(n->total, t) : local_fits)
+                          : links[c] && td__fits(pass ? links[c]->ntotal : links[c]->navail, t);
+        if (!fits) continue;
+        n->spread = (uint32_t)c + 1;
+        if (pass) t->spread_to = 1 + (c == 0 ? n->index : links[c]->node_index);
+        if (c == 0) return 0;
+        *hold = !pass;
+        *out = links[c];
+        return 1;
+      }
     }
-    return 2;
+    return 2;  /* nowhere, for now */
   }
   if (w) {
     *hold = td__fits(w->navail, t);
