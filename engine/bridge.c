@@ -229,12 +229,14 @@ static struct {
    * before that message: the handshake needs our answer to its ZAP
    * request, sent after ACCEPTED, and the monitor is read right after
    * the ZAP socket, before the router. */
-  struct { int fd; uint64_t addr; double since; } hs[TD__HS_MAX];
+  struct { int fd; uint64_t addr; double since; char host[48]; } hs[TD__HS_MAX];
   int nhs;
   uint64_t capped, capped_logged;  /* connections closed at the cap, and when last logged */
   double capped_at;
   uint64_t failed_logged;          /* refusals when the last one was logged */
   double failed_at;
+  int failed_unnamed;              /* a refusal whose socket's DISCONNECTED names its peer */
+  char failed_host[48];            /* the last refused peer named */
 } B;
 
 uint64_t td_bridge_refused(void) { return atomic_load(&B.refused); }
@@ -321,10 +323,12 @@ static void td__zap_one(void) {
   for (int i = 0; i < n; i++) zmq_msg_close(&parts[i]);
 }
 
-/* The address a connected socket's peer has, as a number to compare. */
-static uint64_t td__peer_addr(int fd) {
+/* The address a connected socket's peer has, as a number to compare, and
+ * as text in host ("?" when unknown). */
+static uint64_t td__peer_addr(int fd, char *host, size_t hostlen) {
   struct sockaddr_storage ss;
   socklen_t sl = sizeof(ss);
+  snprintf(host, hostlen, "?");
   if (getpeername(fd, (struct sockaddr *)&ss, &sl)) return 0;
   const uint8_t *a = NULL;
   size_t al = 0;
@@ -335,6 +339,7 @@ static uint64_t td__peer_addr(int fd) {
     a = (const uint8_t *)&((struct sockaddr_in6 *)&ss)->sin6_addr;
     al = 16;
   }
+  if (a) inet_ntop(ss.ss_family, a, host, (socklen_t)hostlen);
   uint64_t h = 1469598103934665603ull;  /* FNV-1a */
   for (size_t i = 0; i < al; i++) h = (h ^ a[i]) * 1099511628211ull;
   return h;
@@ -351,35 +356,30 @@ static void td__hs_del(int fd) {
 /* A connection was accepted: it joins those in their handshake, or is
  * closed at once when there are too many already (in all, or from its
  * address). shutdown() and not close(): the socket stays ZeroMQ's, whose
- * I/O thread sees it end and cleans up. */
-static void td__hs_accepted(int fd) {
+ * I/O thread sees it end and cleans up. gone: it has ended already (its
+ * socket may be another's by now): only noted, to name its peer. */
+static void td__hs_accepted(int fd, int gone) {
   double now = td_now();
   /* ZeroMQ ends every handshake within TD__HANDSHAKE_MS: an entry older
    * than twice that lost its DISCONNECTED somehow, and must not hold a
    * place for ever. */
   for (int i = B.nhs - 1; i >= 0; i--)
     if (now - B.hs[i].since > 2 * TD__HANDSHAKE_MS / 1000.0) B.hs[i] = B.hs[--B.nhs];
-  uint64_t addr = td__peer_addr(fd);
+  char host[48];
+  uint64_t addr = td__peer_addr(fd, host, sizeof(host));
   int same = 0;
   for (int i = 0; i < B.nhs; i++) same += B.hs[i].addr == addr;
-  if (B.nhs < TD__HS_MAX && same < TD__HS_MAX_IP) {
+  if (B.nhs < TD__HS_MAX && (same < TD__HS_MAX_IP || gone)) {
     B.hs[B.nhs].fd = fd;
     B.hs[B.nhs].since = now;
+    memcpy(B.hs[B.nhs].host, host, sizeof(host));
     B.hs[B.nhs++].addr = addr;
     return;
   }
-  char host[64] = "?";
-  if (now - B.capped_at >= 10) {  /* logged at most every 10 s, with the count since */
-    struct sockaddr_storage ss;
-    socklen_t sl = sizeof(ss);
-    if (!getpeername(fd, (struct sockaddr *)&ss, &sl))
-      inet_ntop(ss.ss_family, ss.ss_family == AF_INET6 ? (void *)&((struct sockaddr_in6 *)&ss)->sin6_addr
-                                                       : (void *)&((struct sockaddr_in *)&ss)->sin_addr,
-                host, sizeof(host));
-  }
+  if (gone) return;
   shutdown(fd, SHUT_RDWR);
   B.capped++;
-  if (now - B.capped_at >= 10) {
+  if (now - B.capped_at >= 10) {  /* logged at most every 10 s, with the count since */
     fprintf(stderr,
             "tide: closed %llu connection(s) (the last from %s) without a handshake: %d connections are "
             "in their handshake (at most %d, %d from one address)\n",
@@ -394,10 +394,12 @@ static void td__hs_accepted(int fd) {
  * handshake (no key, wrong key, not ZeroMQ at all): counted and logged
  * (at most once a second, with the count since), the peer never reaches
  * the node. ACCEPTED and DISCONNECTED carry the socket, and track
- * handshakes (see Limits). */
+ * handshakes (see Limits). A failure's event names no peer (its address
+ * is this end's endpoint): the DISCONNECTED that follows it names the
+ * socket, whose peer was noted at ACCEPTED. */
 static int td__monitor_drain(void) {
   enum { N = 256 };
-  struct { uint16_t event; int32_t value; char addr[80]; } ev[N];
+  struct { uint16_t event; int32_t value; } ev[N];
   int k = 0;
   while (k < N) {
     zmq_msg_t e, a;
@@ -412,42 +414,46 @@ static int td__monitor_drain(void) {
     if (zmq_msg_size(&e) >= 6) {
       memcpy(&ev[k].event, zmq_msg_data(&e), 2);
       memcpy(&ev[k].value, (uint8_t *)zmq_msg_data(&e) + 2, 4);
-      snprintf(ev[k].addr, sizeof(ev[k].addr), "%.*s", (int)zmq_msg_size(&a), (const char *)zmq_msg_data(&a));
       k++;
     }
     zmq_msg_close(&e);
     zmq_msg_close(&a);
   }
   uint64_t failed = 0;
-  const char *failed_addr = "";
   for (int i = 0; i < k; i++) {
     if (ev[i].event == ZMQ_EVENT_ACCEPTED) {
-      int gone = 0;  /* already ended (its socket may be another's by now) */
+      int gone = 0;
       for (int j = i + 1; j < k && !gone; j++)
         gone = ev[j].event == ZMQ_EVENT_DISCONNECTED && ev[j].value == ev[i].value;
-      if (!gone) td__hs_accepted(ev[i].value);
+      td__hs_accepted(ev[i].value, gone);
     } else if (ev[i].event == ZMQ_EVENT_DISCONNECTED) {
+      if (B.failed_unnamed) {  /* the one that failed (one I/O thread: no other comes between) */
+        snprintf(B.failed_host, sizeof(B.failed_host), "?");
+        for (int h = 0; h < B.nhs; h++)
+          if (B.hs[h].fd == ev[i].value) memcpy(B.failed_host, B.hs[h].host, sizeof(B.failed_host));
+        B.failed_unnamed = 0;
+      }
       td__hs_del(ev[i].value);
     } else if (ev[i].event & (ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL |
                               ZMQ_EVENT_HANDSHAKE_FAILED_AUTH)) {
       failed++;
-      failed_addr = ev[i].addr;
+      B.failed_unnamed = 1;
     }
   }
-  if (!failed) return k;
   uint64_t total = atomic_fetch_add(&B.refused, failed) + failed;
-  double now = td_now();
-  if (now - B.failed_at < 1) return k;
+  /* Logged once its peer is named, at most once a second. */
+  if (total == B.failed_logged || B.failed_unnamed || td_now() - B.failed_at < 1) return k;
   uint64_t more = total - B.failed_logged - 1;
+  const char *who = B.failed_host[0] ? B.failed_host : "?";
   if (more)
     fprintf(stderr,
-            "tide: refused a connection from %s: no valid cluster key (%llu more since the last line)\n",
-            failed_addr, (unsigned long long)more);
+            "tide: refused a connection from %s: no valid cluster key (%llu more since the last line)\n", who,
+            (unsigned long long)more);
   else
-    fprintf(stderr, "tide: refused a connection from %s: no valid cluster key\n", failed_addr);
+    fprintf(stderr, "tide: refused a connection from %s: no valid cluster key\n", who);
   fflush(stderr);
   B.failed_logged = total;
-  B.failed_at = now;
+  B.failed_at = td_now();
   return k;
 }
 

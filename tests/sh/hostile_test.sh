@@ -149,8 +149,10 @@ check "1000 half-open connections from 10 addresses: about 64 held, the head sta
 
 lines=$(grep -c "refused a connection\|without a handshake" $D/head/node.log)
 st=$(TIDE_SESSION_DIR=$D/head $T status 2>&1)
-check "refusals are counted in tide status but the log is not flooded ($lines lines)" \
-  '[ "$lines" -lt 40 ] && echo "$st" | grep -Eq "refused \(no valid cluster key\): [0-9]{3,}"' "$st"
+check "refusals are counted in tide status but the log is not flooded ($lines lines), and names the peers" \
+  '[ "$lines" -lt 40 ] && echo "$st" | grep -Eq "refused \(no valid cluster key\): [0-9]{3,}" &&
+   grep -Eq "refused a connection from 127\.0\.0\.[0-9]+: no valid cluster key" $D/head/node.log &&
+   ! grep -q "from tcp://" $D/head/node.log' "$st $(grep refused $D/head/node.log | head -5)"
 
 out=$(driver)
 check "after all that the head still runs a driver's tasks" 'echo "$out" | grep -q "DRIVER	4	41943041"' "$out"
