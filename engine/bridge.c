@@ -12,6 +12,8 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <unistd.h>
 #include <zmq.h>
 
@@ -21,6 +23,7 @@
 
 #define TD__IDLE_S 15.0    /* a client silent this long is gone */
 #define TD__BEAT_S 2.0     /* clients send an empty message this often */
+#define TD__SILENT_S 10.0  /* a link whose peer answers nothing this long is lost */
 
 /* Chunks of a byte stream must never be dropped, as a ROUTER does at its
  * high-water mark: no limit (the peer's reading paces the sender). */
@@ -33,6 +36,32 @@ static void td__no_hwm(void *sock) {
 #define TD__SLAB (4u << 20)   /* bytes of a read buffer (see Slabs) */
 #define TD__SMALL (64u << 10) /* reads shorter than this are copied, not pinned */
 #define TD__KEEP 16           /* idle slabs a bridge keeps warm */
+
+/* Limits on what a peer can make this process hold (see Limits). */
+#define TD__MSG_MAX (1u << 20)  /* bytes of one ZeroMQ message, either way */
+#define TD__RCVHWM 32           /* messages queued from one peer before its reads pause */
+#define TD__HANDSHAKE_MS 10000  /* a peer gets this long to prove it has the key */
+#define TD__HS_MAX 64           /* connections still handshaking, in all */
+#define TD__HS_MAX_IP 16        /* ... from one address */
+
+/* -- Limits -------------------------------------------------------------------
+ * A peer could make the listening side allocate whatever a frame header
+ * claims, before the CURVE handshake has shown it holds the key (libzmq
+ * buffers whole frames; 4 connections claiming 256 MiB frames took a head
+ * from 58 MB to 1 GB). Every message either side of a bridge sends is a
+ * piece of a byte stream cut at TD__MSG_MAX (td__forward), so a frame
+ * claiming more is refused at its header (ZMQ_MAXMSGSIZE); a peer's
+ * messages queue up to TD__RCVHWM before ZeroMQ stops reading its
+ * socket (back-pressure, nothing dropped); and the server lets at most
+ * TD__HS_MAX connections (TD__HS_MAX_IP from one address) be in their
+ * handshake at once, each for at most TD__HANDSHAKE_MS, closing the
+ * newest beyond that. So peers without the key hold at most about
+ * TD__HS_MAX * TD__MSG_MAX (64 MiB), and one address a quarter of it. */
+
+static void td__limit_size(void *sock) {
+  int64_t max = TD__MSG_MAX + 1024;  /* the limit is on frames, which CURVE makes longer */
+  zmq_setsockopt(sock, ZMQ_MAXMSGSIZE, &max, sizeof(max));
+}
 
 /* -- Slabs --------------------------------------------------------------------- */
 
@@ -102,24 +131,30 @@ static void td__pool_free(td__pool_t *p) {
   pthread_mutex_destroy(&p->mu);
 }
 
-/* Reads what fd has and sends it on sock as one message, after the routing
- * id when there is one. Returns 1 if bytes were sent, 0 if none were
- * ready, -1 when fd reached its end or failed. */
+/* Reads what fd has and sends it on sock as messages of at most
+ * TD__MSG_MAX bytes, each after the routing id when there is one.
+ * Returns 1 if bytes were sent, 0 if none were ready, -1 when fd reached
+ * its end or failed. */
 static int td__forward(td__pool_t *p, void *sock, int fd, const void *id, size_t idlen) {
   td__slab_t *sl = td__slab_cur(p);
   ssize_t r = read(fd, sl->data + sl->used, TD__SLAB - sl->used);
   if (r < 0 && (errno == EAGAIN || errno == EINTR)) return 0;
   if (r <= 0) return -1;
-  if (id) zmq_send(sock, id, idlen, ZMQ_SNDMORE);
   if ((size_t)r < TD__SMALL) {
+    if (id) zmq_send(sock, id, idlen, ZMQ_SNDMORE);
     zmq_send(sock, sl->data + sl->used, (size_t)r, 0);
     return 1;
   }
-  zmq_msg_t m;
-  atomic_fetch_add(&sl->refs, 1);
-  zmq_msg_init_data(&m, sl->data + sl->used, (size_t)r, td__slab_unref, sl);
+  for (size_t off = 0; off < (size_t)r;) {
+    size_t l = (size_t)r - off < TD__MSG_MAX ? (size_t)r - off : TD__MSG_MAX;
+    zmq_msg_t m;
+    atomic_fetch_add(&sl->refs, 1);
+    zmq_msg_init_data(&m, sl->data + sl->used + off, l, td__slab_unref, sl);
+    if (id) zmq_send(sock, id, idlen, ZMQ_SNDMORE);
+    if (zmq_msg_send(&m, sock, 0) < 0) zmq_msg_close(&m);
+    off += l;
+  }
   sl->used += (size_t)r;
-  if (zmq_msg_send(&m, sock, 0) < 0) zmq_msg_close(&m);
   return 1;
 }
 
@@ -189,6 +224,20 @@ static struct {
   td__conn_t *conns;
   int nconns, capconns;
   td__pool_t pool;   /* read buffers for the peers' connections */
+  /* Connections in their handshake (see Limits): the socket and its
+   * peer's address, from the monitor's ACCEPTED to its DISCONNECTED or
+   * to the first message from the socket (ZMQ_SRCFD). ACCEPTED is read
+   * before that message: the handshake needs our answer to its ZAP
+   * request, sent after ACCEPTED, and the monitor is read right after
+   * the ZAP socket, before the router. */
+  struct { int fd; uint64_t addr; double since; char host[48]; } hs[TD__HS_MAX];
+  int nhs;
+  uint64_t capped, capped_logged;  /* connections closed at the cap, and when last logged */
+  double capped_at;
+  uint64_t failed_logged;          /* refusals when the last one was logged */
+  double failed_at;
+  int failed_unnamed;              /* a refusal whose socket's DISCONNECTED names its peer */
+  char failed_host[48];            /* the last refused peer named */
 } B;
 
 uint64_t td_bridge_refused(void) { return atomic_load(&B.refused); }
@@ -275,28 +324,138 @@ static void td__zap_one(void) {
   for (int i = 0; i < n; i++) zmq_msg_close(&parts[i]);
 }
 
-/* A failed handshake (no key, wrong key, not ZeroMQ at all): counted and
- * logged, the peer never reaches the node. */
-static void td__monitor_one(void) {
-  zmq_msg_t ev, addr;
-  zmq_msg_init(&ev);
-  zmq_msg_init(&addr);
-  if (zmq_msg_recv(&ev, B.mon, 0) < 0) goto out;
-  if (zmq_msg_more(&ev)) zmq_msg_recv(&addr, B.mon, 0);
-  if (zmq_msg_size(&ev) >= 6) {
-    uint16_t event;
-    memcpy(&event, zmq_msg_data(&ev), 2);
-    if (event & (ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL |
-                 ZMQ_EVENT_HANDSHAKE_FAILED_AUTH)) {
-      atomic_fetch_add(&B.refused, 1);
-      fprintf(stderr, "tide: refused a connection from %.*s: no valid cluster key\n",
-              (int)zmq_msg_size(&addr), (const char *)zmq_msg_data(&addr));
-      fflush(stderr);
+/* The address a connected socket's peer has, as a number to compare, and
+ * as text in host ("?" when unknown). */
+static uint64_t td__peer_addr(int fd, char *host, size_t hostlen) {
+  struct sockaddr_storage ss;
+  socklen_t sl = sizeof(ss);
+  snprintf(host, hostlen, "?");
+  if (getpeername(fd, (struct sockaddr *)&ss, &sl)) return 0;
+  const uint8_t *a = NULL;
+  size_t al = 0;
+  if (ss.ss_family == AF_INET) {
+    a = (const uint8_t *)&((struct sockaddr_in *)&ss)->sin_addr;
+    al = 4;
+  } else if (ss.ss_family == AF_INET6) {
+    a = (const uint8_t *)&((struct sockaddr_in6 *)&ss)->sin6_addr;
+    al = 16;
+  }
+  if (a) inet_ntop(ss.ss_family, a, host, (socklen_t)hostlen);
+  uint64_t h = 1469598103934665603ull;  /* FNV-1a */
+  for (size_t i = 0; i < al; i++) h = (h ^ a[i]) * 1099511628211ull;
+  return h;
+}
+
+static void td__hs_del(int fd) {
+  for (int i = 0; i < B.nhs; i++)
+    if (B.hs[i].fd == fd) {
+      B.hs[i] = B.hs[--B.nhs];
+      return;
+    }
+}
+
+/* A connection was accepted: it joins those in their handshake, or is
+ * closed at once when there are too many already (in all, or from its
+ * address). shutdown() and not close(): the socket stays ZeroMQ's, whose
+ * I/O thread sees it end and cleans up. gone: it has ended already (its
+ * socket may be another's by now): only noted, to name its peer. */
+static void td__hs_accepted(int fd, int gone) {
+  double now = td_now();
+  /* ZeroMQ ends every handshake within TD__HANDSHAKE_MS: an entry older
+   * than twice that lost its DISCONNECTED somehow, and must not hold a
+   * place for ever. */
+  for (int i = B.nhs - 1; i >= 0; i--)
+    if (now - B.hs[i].since > 2 * TD__HANDSHAKE_MS / 1000.0) B.hs[i] = B.hs[--B.nhs];
+  char host[48];
+  uint64_t addr = td__peer_addr(fd, host, sizeof(host));
+  int same = 0;
+  for (int i = 0; i < B.nhs; i++) same += B.hs[i].addr == addr;
+  if (B.nhs < TD__HS_MAX && (same < TD__HS_MAX_IP || gone)) {
+    B.hs[B.nhs].fd = fd;
+    B.hs[B.nhs].since = now;
+    memcpy(B.hs[B.nhs].host, host, sizeof(host));
+    B.hs[B.nhs++].addr = addr;
+    return;
+  }
+  if (gone) return;
+  shutdown(fd, SHUT_RDWR);
+  B.capped++;
+  if (now - B.capped_at >= 10) {  /* logged at most every 10 s, with the count since */
+    fprintf(stderr,
+            "tide: closed %llu connection(s) (the last from %s) without a handshake: %d connections are "
+            "in their handshake (at most %d, %d from one address)\n",
+            (unsigned long long)(B.capped - B.capped_logged), host, B.nhs, TD__HS_MAX, TD__HS_MAX_IP);
+    fflush(stderr);
+    B.capped_logged = B.capped;
+    B.capped_at = now;
+  }
+}
+
+/* Monitor events, up to 256 of those ready (returns how many). A failed
+ * handshake (no key, wrong key, not ZeroMQ at all): counted and logged
+ * (at most once a second, with the count since), the peer never reaches
+ * the node. ACCEPTED and DISCONNECTED carry the socket, and track
+ * handshakes (see Limits). A failure's event names no peer (its address
+ * is this end's endpoint): the DISCONNECTED that follows it names the
+ * socket, whose peer was noted at ACCEPTED. */
+static int td__monitor_drain(void) {
+  enum { N = 256 };
+  struct { uint16_t event; int32_t value; } ev[N];
+  int k = 0;
+  while (k < N) {
+    zmq_msg_t e, a;
+    zmq_msg_init(&e);
+    zmq_msg_init(&a);
+    if (zmq_msg_recv(&e, B.mon, ZMQ_DONTWAIT) < 0) {
+      zmq_msg_close(&e);
+      zmq_msg_close(&a);
+      break;
+    }
+    if (zmq_msg_more(&e)) zmq_msg_recv(&a, B.mon, 0);
+    if (zmq_msg_size(&e) >= 6) {
+      memcpy(&ev[k].event, zmq_msg_data(&e), 2);
+      memcpy(&ev[k].value, (uint8_t *)zmq_msg_data(&e) + 2, 4);
+      k++;
+    }
+    zmq_msg_close(&e);
+    zmq_msg_close(&a);
+  }
+  uint64_t failed = 0;
+  for (int i = 0; i < k; i++) {
+    if (ev[i].event == ZMQ_EVENT_ACCEPTED) {
+      int gone = 0;
+      for (int j = i + 1; j < k && !gone; j++)
+        gone = ev[j].event == ZMQ_EVENT_DISCONNECTED && ev[j].value == ev[i].value;
+      td__hs_accepted(ev[i].value, gone);
+    } else if (ev[i].event == ZMQ_EVENT_DISCONNECTED) {
+      if (B.failed_unnamed) {  /* the one that failed (one I/O thread: no other comes between) */
+        snprintf(B.failed_host, sizeof(B.failed_host), "?");
+        for (int h = 0; h < B.nhs; h++)
+          if (B.hs[h].fd == ev[i].value) memcpy(B.failed_host, B.hs[h].host, sizeof(B.failed_host));
+        B.failed_unnamed = 0;
+      }
+      td__hs_del(ev[i].value);
+    } else if (ev[i].event & (ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL |
+                              ZMQ_EVENT_HANDSHAKE_FAILED_AUTH)) {
+      failed++;
+      B.failed_unnamed = 1;
     }
   }
-out:
-  zmq_msg_close(&ev);
-  zmq_msg_close(&addr);
+  uint64_t total = atomic_fetch_add(&B.refused, failed) + failed;
+  /* Logged once its peer is named, at most once a second. */
+  if (total == B.failed_logged || B.failed_unnamed || td_now() - B.failed_at < 1) return k;
+  uint64_t more = total - B.failed_logged - 1;
+  const char *who = B.failed_host[0] ? B.failed_host : "?";
+  if (more)
+    fprintf(stderr,
+            "tide: refused a connection from %s: no valid cluster key (%llu more since the last line)\n", who,
+            (unsigned long long)more);
+  else
+    fprintf(stderr, "tide: refused a connection from %s: no valid cluster key\n", who);
+  fflush(stderr);
+  B.failed_logged = total;
+  B.failed_at = td_now();
+  return k;
 }
 
 static void *td__server_main(void *arg) {
@@ -310,7 +469,8 @@ static void *td__server_main(void *arg) {
     for (int i = 0; i < B.nconns; i++) items[3 + i] = (zmq_pollitem_t){NULL, B.conns[i].fd, ZMQ_POLLIN, 0};
     if (zmq_poll(items, n, 500) < 0 && errno != EINTR) break;
     if (items[1].revents) td__zap_one();
-    if (items[2].revents) td__monitor_one();
+    /* Before the router, so a message's ACCEPTED is read first. */
+    while (td__monitor_drain() == 256) {}
     double now = td_now();
     if (items[0].revents) {
       for (;;) {
@@ -319,6 +479,10 @@ static void *td__server_main(void *arg) {
         if (zmq_msg_recv(&id, B.router, ZMQ_DONTWAIT) < 0) { zmq_msg_close(&id); break; }
         zmq_msg_init(&data);
         int have = zmq_msg_more(&id) && zmq_msg_recv(&data, B.router, 0) >= 0;
+        if (have && B.nhs) {  /* its socket is past the handshake */
+          int sfd = zmq_msg_get(&data, ZMQ_SRCFD);
+          if (sfd >= 0) td__hs_del(sfd);
+        }
         size_t idlen = zmq_msg_size(&id);
         int ci = -1;
         for (int i = 0; i < B.nconns; i++)
@@ -370,11 +534,16 @@ int td_bridge_server_start(const char *endpoint, const char *unix_sock, const td
   zmq_setsockopt(B.router, ZMQ_CURVE_SECRETKEY, k->server_secret, 40);
   zmq_setsockopt(B.router, ZMQ_LINGER, &linger, sizeof(linger));
   td__no_hwm(B.router);
+  int hwm = TD__RCVHWM, hs_ms = TD__HANDSHAKE_MS;
+  zmq_setsockopt(B.router, ZMQ_RCVHWM, &hwm, sizeof(hwm));  /* inbound: pauses the peer, drops nothing */
+  zmq_setsockopt(B.router, ZMQ_HANDSHAKE_IVL, &hs_ms, sizeof(hs_ms));
+  td__limit_size(B.router);
   zmq_setsockopt(B.router, ZMQ_ZAP_DOMAIN, "tide", 4);
   zmq_socket_monitor(B.router, "inproc://tide-bridge-monitor",
                      ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL |
-                         ZMQ_EVENT_HANDSHAKE_FAILED_AUTH);
+                         ZMQ_EVENT_HANDSHAKE_FAILED_AUTH | ZMQ_EVENT_ACCEPTED | ZMQ_EVENT_DISCONNECTED);
   B.mon = zmq_socket(B.ctx, ZMQ_PAIR);
+  td__no_hwm(B.mon);  /* a flood of connections must not drop the events that end them */
   zmq_connect(B.mon, "inproc://tide-bridge-monitor");
   if (zmq_bind(B.router, endpoint)) {
     int err = errno;
@@ -410,28 +579,61 @@ void td_bridge_server_stop(void) {
   zmq_close(B.zap);
   zmq_ctx_term(B.ctx);
   td__pool_free(&B.pool);
+  B.nhs = 0;
   B.running = 0;
 }
 
 /* -- Client side --------------------------------------------------------------- */
 
 struct td_bridge_client {
-  void *ctx, *dealer;
+  void *ctx, *dealer, *mon;
   int fd;            /* our end of the socketpair */
   pthread_t th;
   _Atomic int stop;
   td__pool_t pool;   /* read buffers for the socketpair */
 };
 
+/* The link is a byte stream: once its connection is lost, what follows
+ * on a new one (ZeroMQ reconnects by itself) would not continue it, and
+ * a restarted head would not know it. So after a handshake succeeded, the
+ * connection ending (the peer's process died: at once; its machine or the
+ * network went silent: after TD__SILENT_S without an answer to ZeroMQ's
+ * heartbeats) ends the link: the local end sees the stream end, and the
+ * driver says it lost its node, a node rejoins its head (before, a driver
+ * waited for ever, even in a get with a timeout). Returns 1 when the link
+ * is lost. */
+static int td__client_lost(td_bridge_client_t *C, int *up) {
+  int lost = 0;
+  for (;;) {
+    zmq_msg_t e, a;
+    zmq_msg_init(&e);
+    if (zmq_msg_recv(&e, C->mon, ZMQ_DONTWAIT) < 0) {
+      zmq_msg_close(&e);
+      break;
+    }
+    zmq_msg_init(&a);
+    if (zmq_msg_more(&e)) zmq_msg_recv(&a, C->mon, 0);
+    uint16_t ev = 0;
+    if (zmq_msg_size(&e) >= 2) memcpy(&ev, zmq_msg_data(&e), 2);
+    if (ev == ZMQ_EVENT_HANDSHAKE_SUCCEEDED) *up = 1;
+    if (ev == ZMQ_EVENT_DISCONNECTED && *up) lost = 1;
+    zmq_msg_close(&e);
+    zmq_msg_close(&a);
+  }
+  return lost;
+}
+
 static void *td__client_main(void *arg) {
   td_bridge_client_t *C = arg;
   double beat = td_now();
-  int open = 1;
+  int open = 1, up = 0;
   while (open || !atomic_load(&C->stop)) {
-    zmq_pollitem_t items[2] = {{C->dealer, 0, ZMQ_POLLIN, 0}, {NULL, C->fd, ZMQ_POLLIN, 0}};
-    int n = open ? 2 : 1;
+    zmq_pollitem_t items[3] = {
+        {C->dealer, 0, ZMQ_POLLIN, 0}, {C->mon, 0, ZMQ_POLLIN, 0}, {NULL, C->fd, ZMQ_POLLIN, 0}};
+    int n = open ? 3 : 2;
     if (zmq_poll(items, n, 250) < 0 && errno != EINTR) break;
-    if (items[0].revents) {
+    int lost = items[1].revents && td__client_lost(C, &up);
+    if (items[0].revents || lost) {  /* what came before the loss is delivered first */
       for (;;) {
         zmq_msg_t m;
         zmq_msg_init(&m);
@@ -440,7 +642,11 @@ static void *td__client_main(void *arg) {
         zmq_msg_close(&m);
       }
     }
-    if (open && items[1].revents && td__forward(&C->pool, C->dealer, C->fd, NULL, 0) < 0) open = 0;
+    if (open && items[2].revents && td__forward(&C->pool, C->dealer, C->fd, NULL, 0) < 0) open = 0;
+    if (lost && open) {
+      shutdown(C->fd, SHUT_RDWR);  /* the local end reads the end of the stream */
+      open = 0;
+    }
     if (td_now() - beat > TD__BEAT_S) {
       zmq_send(C->dealer, "", 0, ZMQ_DONTWAIT);
       beat = td_now();
@@ -464,9 +670,19 @@ td_bridge_client_t *td_bridge_open(const char *endpoint, const td_cluster_key_t 
   zmq_setsockopt(C->dealer, ZMQ_CURVE_SECRETKEY, k->client_secret, 40);
   zmq_setsockopt(C->dealer, ZMQ_LINGER, &linger, sizeof(linger));
   td__no_hwm(C->dealer);
+  td__limit_size(C->dealer);  /* nor does a node or head we join send more */
+  /* ZeroMQ's own heartbeats (answered by the peer's I/O thread, however
+   * busy the peer is) find a peer gone silent; see td__client_lost. */
+  int hb_ivl = (int)(TD__BEAT_S * 1000), hb_timeout = (int)(TD__SILENT_S * 1000);
+  zmq_setsockopt(C->dealer, ZMQ_HEARTBEAT_IVL, &hb_ivl, sizeof(hb_ivl));
+  zmq_setsockopt(C->dealer, ZMQ_HEARTBEAT_TIMEOUT, &hb_timeout, sizeof(hb_timeout));
   int started = 0;
   td__pool_init(&C->pool);
-  if (zmq_connect(C->dealer, endpoint) == 0) {
+  C->mon = zmq_socket(C->ctx, ZMQ_PAIR);
+  td__no_hwm(C->mon);
+  if (zmq_socket_monitor(C->dealer, "inproc://tide-client-monitor",
+                         ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_DISCONNECTED) == 0 &&
+      zmq_connect(C->mon, "inproc://tide-client-monitor") == 0 && zmq_connect(C->dealer, endpoint) == 0) {
     /* The first message makes the node's bridge open our connection. */
     zmq_send(C->dealer, "", 0, 0);
     C->fd = sv[1];
@@ -477,6 +693,7 @@ td_bridge_client_t *td_bridge_open(const char *endpoint, const td_cluster_key_t 
   }
   if (!started) {
     td__pool_free(&C->pool);
+    zmq_close(C->mon);
     zmq_close(C->dealer);
     zmq_ctx_term(C->ctx);
     close(sv[0]);
@@ -497,6 +714,7 @@ void td_bridge_close(td_bridge_client_t *C, int flush) {
   atomic_store(&C->stop, 1);
   pthread_join(C->th, NULL);
   close(C->fd);
+  zmq_close(C->mon);
   zmq_close(C->dealer);
   zmq_ctx_term(C->ctx);
   td__pool_free(&C->pool);

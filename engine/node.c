@@ -174,6 +174,7 @@ struct td_task {
   uint64_t owner;        /* the client (or head link) whose work it is: prints go there */
   uint64_t owner_task;   /* on a node: the head's id of this task */
   int32_t held_bundle;   /* node_held 2: the bundle of its placement group */
+  uint32_t spread_to;    /* SPREAD: 1 + the index of the busy node whose turn it took, to wait there */
   td_task_t *prev, *next;/* links in the queue it is on */
   void *on;              /* the queue it is on, NULL if none */
 };
@@ -1419,22 +1420,53 @@ static int td__place(td_node_t *n, td_task_t *t, int bundle, int local_fits, td_
       return 3;
     }
   } else if (st == TD_ST_SPREAD && n->nlinks) {
-    /* Round robin over every node, this one as number 0. */
-    int k = n->nlinks + 1, c = (int)(n->spread++ % (uint32_t)k);
-    if (c == 0) return 0;
-    for (int i = 0, seen = 0; i < n->nwks && !w; i++) {
-      td_wk_t *x = n->wks[i];
-      if (x->kind == WK_NODE && x->joined && !x->dead && ++seen == c) w = x;
+    /* Round robin over the nodes, this one as number 0, from the one after
+     * the node chosen last: the first with room for it now; when none has
+     * room, the next that can ever run it takes its turn, and the task
+     * waits there (in that node's queue, or here in this one's) for it.
+     * The choice sticks: a task that waits here is not placed again on
+     * the next pass (before, a task whose turn fell on the busy head drew
+     * again on every pass while those that drew a node were queued there
+     * at once, so 8 tasks on two nodes went 1 and 7). */
+    if (t->spread_to) {
+      if (t->spread_to - 1 == n->index) return 0;
+      if ((w = td__link(n, t->spread_to - 1)) != NULL && td__fits(w->ntotal, t)) {
+        *hold = td__fits(w->navail, t);
+        *out = w;
+        return 1;
+      }
+      t->spread_to = 0;  /* its node died: choose again */
     }
-    if (w && !td__fits(w->ntotal, t)) w = NULL;
+    int k = n->nlinks + 1;
+    td_wk_t *links[k];
+    memset(links, 0, sizeof(links));
+    for (int i = 0, seen = 1; i < n->nwks && seen < k; i++) {
+      td_wk_t *x = n->wks[i];
+      if (x->kind == WK_NODE && x->joined && !x->dead) links[seen++] = x;
+    }
+    for (int pass = 0; pass < 2; pass++) {  /* room now; then room ever */
+      for (int j = 0; j < k; j++) {
+        int c = (int)((n->spread + (uint32_t)j) % (uint32_t)k);
+        int fits = c == 0 ? (pass ? td__fits(n->total, t) : local_fits)
+                          : links[c] && td__fits(pass ? links[c]->ntotal : links[c]->navail, t);
+        if (!fits) continue;
+        n->spread = (uint32_t)c + 1;
+        if (pass) t->spread_to = 1 + (c == 0 ? n->index : links[c]->node_index);
+        if (c == 0) return 0;
+        *hold = !pass;
+        *out = links[c];
+        return 1;
+      }
+    }
+    return 2;  /* nowhere, for now */
   }
   if (w) {
     *hold = td__fits(w->navail, t);
     *out = w;
     return 1;
   }
-  if (st == TD_ST_DEFAULT && t->has_away && (w = td__away_home(n, t)) && td__fits(w->navail, t)) {
-    *out = w;  /* where its large arguments are */
+  if (st == TD_ST_DEFAULT && t->has_away && (w = td__away_home(n, t)) != NULL) {
+    *out = w;  /* where its large arguments are, and it fits now */
     return 1;
   }
   if (local_fits || !n->nlinks) return 0;
@@ -3284,7 +3316,10 @@ static uint32_t td__away_wait(td_node_t *n, td_task_t *t, int here) {
   return t->deps_pending;
 }
 
-/* Head: the node holding the most bytes of t's arguments kept away. */
+/* Head: of the nodes where t fits now, the one holding the most bytes of
+ * its arguments kept away (NULL: none). Locality only chooses between
+ * nodes that can run t: a node that lacks one of its resources would
+ * refuse it as infeasible, and one that is full would only queue it. */
 static td_wk_t *td__away_home(td_node_t *n, td_task_t *t) {
   td_wk_t *best = NULL;
   uint64_t most = 0;
@@ -3297,7 +3332,7 @@ static td_wk_t *td__away_home(td_node_t *n, td_task_t *t) {
       if (x && x->away && x->state == OBJ_PENDING && x->up == o->up) bytes += x->len;
     }
     td_wk_t *w = td__link(n, o->up - 1);
-    if (w && bytes > most) most = bytes, best = w;
+    if (w && bytes > most && td__fits(w->navail, t)) most = bytes, best = w;
   }
   return best;
 }
