@@ -464,7 +464,10 @@ local function compile(ds, run, sink)
     cur = {kind = "tasks", name = "write", ops = {}, on_error = run.on_error, max_retries = run.max_retries,
       task_opts = {}}
   end
-  if sink then cur.sink = sink; cur.name = cur.name .. "->write_" .. sink.format end
+  if sink then
+    cur.sink = sink
+    cur.name = cur.name == "write" and "write_" .. sink.format or cur.name .. "->write_" .. sink.format
+  end
   push()
 
   local store = tide.stats().store_capacity or 0

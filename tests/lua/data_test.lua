@@ -326,6 +326,7 @@ t.test("write_jsonl writes ordered part files, never partial ones, and returns s
   t.eq(#files, 10)
   for i, f in ipairs(files) do t.eq(f, string.format("part-%06d.jsonl", i)) end
   t.eq(#st.files, 10)
+  t.eq(st.files[1], out .. "/part-000001.jsonl")
   t.ok(st.bytes_written > 0)
   local back = data.read_jsonl(out):take_all()
   t.eq(#back, 95)

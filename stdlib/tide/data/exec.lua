@@ -570,10 +570,13 @@ function Exec:stats()
     end
     stages[i] = s
   end
+  local files = {}
+  for i, f in ipairs(self.files) do files[i] = f end
+  table.sort(files) -- part names sort in output order
   return {rows = self.final_rows, wall_s = t_end - self.t0, stages = stages,
     peak_store_bytes = self.peak_store, peak_spilled_bytes = self.peak_spilled,
     store_capacity = self.store_capacity, bytes_written = self.bytes_written,
-    files = self.files}
+    files = files}
 end
 
 return E
