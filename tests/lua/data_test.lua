@@ -220,6 +220,25 @@ t.test("actor pool with num_gpus: each actor gets its own GPU", function()
   for k in pairs(seen) do t.ok(k == "0" or k == "1", "unexpected gpu ids " .. k) end
 end)
 
+t.test("init_args reach init; an init that raises fails the run at once", function()
+  local ds = data.range(6, {block_rows = 3}):map_batches({
+    init = function(self, k, tag) self.k, self.tag = k, tag end,
+    call = function(self, batch)
+      for _, r in ipairs(batch) do r.id = r.id * self.k; r.tag = self.tag end
+      return batch
+    end,
+  }, {init_args = {10, "x"}})
+  local rows = ds:take_all()
+  t.eq(rows[6].id, 60); t.eq(rows[6].tag, "x")
+  local bad = data.range(6, {block_rows = 3}):map_batches({
+    init = function() error("no model here") end,
+    call = function(_, batch) return batch end,
+  }, {concurrency = 2})
+  local err = t.raises(function() bad:count() end, "no model here")
+  t.eq(err.cause, "ActorDiedError")
+  t.eq(err.attempts, 1)
+end)
+
 t.test("concurrency = {min, max} grows the pool while batches queue", function()
   local inits = Counter:remote()
   local ds = data.range(40, {block_rows = 2}):map_batches({
