@@ -329,7 +329,7 @@ function Dataset:map(fn, opts) return row_op(self, "map", fn, opts, 2) end
 -- ds:filter(fn(row) -> keep): keeps the rows for which fn is true.
 function Dataset:filter(fn, opts) return row_op(self, "filter", fn, opts, 2) end
 
-local MB_OPTS = set_of("batch_size", "concurrency", "num_gpus", "num_cpus", "memory", "resources",
+local MB_OPTS = set_of("batch_size", "fuse", "concurrency", "num_gpus", "num_cpus", "memory", "resources",
   "max_retries", "on_error", "max_in_flight", "init_args", "name", "max_tasks_in_flight_per_actor")
 
 -- ds:map_batches(fn(batch) -> batch, opts) with tasks, or
@@ -375,6 +375,9 @@ function Dataset:map_batches(fn, opts)
     else
       error("ds:map_batches: concurrency must be n or {min, max}, got " .. type(conc), 2)
     end
+  end
+  if opts.fuse ~= nil and type(opts.fuse) ~= "boolean" then
+    error("ds:map_batches: fuse must be a boolean, got " .. type(opts.fuse), 2)
   end
   if not stateful and (opts.init_args or opts.max_tasks_in_flight_per_actor) then
     error("ds:map_batches: init_args and max_tasks_in_flight_per_actor need {init, call} (an actor pool)", 2)
@@ -439,13 +442,21 @@ local function compile(ds, run, sink)
     defs[#defs + 1] = cur
   end
   for _, op in ipairs(ds._ops) do
+    local o = op.opts or {}
     if op.kind == "map" or op.kind == "filter" then
-      cur.ops[#cur.ops + 1] = {kind = op.kind, fn = op.fn}
-      if op.on_error == "skip" then cur.skip_rows = true end
+      cur.ops[#cur.ops + 1] = {kind = op.kind, fn = op.fn, skip = (op.on_error or run.on_error) == "skip"}
       cur.name = cur.name .. "->" .. (op.name or op.kind)
+    elseif op.kind == "map_batches" and not op.stateful and cur.kind == "tasks" and not cur.sink
+      and o.num_gpus == nil and o.num_cpus == nil and o.memory == nil and o.resources == nil
+      and op.concurrency == nil and o.max_in_flight == nil and o.fuse ~= false then
+      -- Fused into the tasks before it: no trip through the store. Batches
+      -- are cut within each block.
+      cur.ops[#cur.ops + 1] = {kind = "batch", fn = op.fn, batch_size = o.batch_size,
+        skip = (o.on_error or run.on_error) == "skip"}
+      cur.name = cur.name .. "->" .. (o.name or "map_batches")
+      if o.max_retries then cur.max_retries = o.max_retries end
     elseif op.kind == "map_batches" then
       push()
-      local o = op.opts
       cur = {kind = op.stateful and "actors" or "tasks",
         name = o.name or (op.stateful and "map_batches(actors)" or "map_batches"),
         ops = {}, batch_size = o.batch_size, on_error = o.on_error or run.on_error,
@@ -479,7 +490,7 @@ local function compile(ds, run, sink)
   defs[1].descs = plan_source(ds._src, ds._src.shard, bb)
 
   for _, def in ipairs(defs) do
-    local plan = {ops = def.ops, skip = def.skip_rows or def.on_error == "skip", sink = def.sink, label = def.name}
+    local plan = {ops = def.ops, sink = def.sink, label = def.name}
     if def.kind == "actors" then
       plan.call = def.fn.call
       local user = {init = def.fn.init}
@@ -644,8 +655,8 @@ Stats.__tostring = function(s)
       i, st.name, st.kind, st.rows_in, st.rows_out, st.blocks, st.time_s, st.busy_s,
       st.peak_in_flight, st.max_in_flight)
     if st.retries > 0 then l = l .. format(", %d retries", st.retries) end
-    if st.skipped_rows > 0 or st.skipped_units > 0 then
-      l = l .. format(", %d rows skipped", st.skipped_rows)
+    if st.skipped_rows > 0 or st.skipped_batches > 0 then
+      l = l .. format(", %d rows skipped (%d batches)", st.skipped_rows, st.skipped_batches)
     end
     if st.actors then
       l = l .. format(", %d actors (%d started, %d replaced), %.0f%% busy",

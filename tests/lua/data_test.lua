@@ -161,16 +161,23 @@ t.test("filter and map are fused into the source's tasks (one stage)", function(
   t.eq(st.stages[1].rows_out, 66)
 end)
 
-t.test("stateless map_batches gets batches of exactly batch_size across blocks (the last shorter)", function()
-  local ds = data.range(103, {block_rows = 10}):map_batches(function(batch)
-    return {{id = #batch, first = batch[1].id}}
-  end, {batch_size = 25})
-  local rows = ds:take_all()
+t.test("stateless map_batches: fused, batches cut within blocks; fuse = false, exactly batch_size across blocks", function()
+  local function sizes(batch) return {{id = #batch, first = batch[1].id}} end
+  local fused = data.range(103, {block_rows = 30}):map(function(r) return r end):map_batches(sizes, {batch_size = 25})
+  local rows = fused:take_all()
+  t.deep_eq(ids(rows), {25, 5, 25, 5, 25, 5, 13})
+  t.eq(#fused:stats().stages, 1)
+  t.eq(fused:stats().stages[1].name, "range->map->map_batches")
+  local ds = data.range(103, {block_rows = 10}):map_batches(sizes, {batch_size = 25, fuse = false})
+  rows = ds:take_all()
   t.deep_eq(ids(rows), {25, 25, 25, 25, 3})
   t.deep_eq({rows[1].first, rows[2].first, rows[5].first}, {1, 26, 101})
   t.eq(#ds:stats().stages, 2)
+  -- asking for resources also gives the batches a stage of their own
+  t.eq(#data.range(10):map_batches(function(b) return b end, {num_cpus = 0.5}):take_all(), 10)
   -- without batch_size, one batch per block
   t.eq(data.range(30, {block_rows = 10}):map_batches(function(b) return {{id = #b}} end):count(), 3)
+  t.raises(function() data.range(3):map_batches(sizes, {fuse = 1}) end, "fuse must be a boolean")
 end)
 
 t.test("order is kept when blocks finish out of order; preserve_order = false gives every row", function()
@@ -282,8 +289,8 @@ t.test("a batch that always raises is retried max_retries times, then the pipeli
       error("bad batch")
     end
     return batch
-  end, {batch_size = 10})
-  local err = t.raises(function() ds:count() end, "rows 11%-20")
+  end, {batch_size = 10, fuse = false})
+  local err = t.raises(function() ds:count() end, "rows 11%-20 of its input")
   t.eq(type(err), "table")
   t.eq(err.kind, "DataError")
   t.eq(err.attempts, 4)
@@ -292,6 +299,13 @@ t.test("a batch that always raises is retried max_retries times, then the pipeli
   t.ok(err.traceback:find("data_test.lua", 1, true), "remote traceback lost: " .. tostring(err.traceback))
   t.eq(tide.get(calls:get()), 4)
   t.raises(function() ds:count({max_retries = 0}) end, "after 1 attempt")
+  -- fused into the source's tasks, the error names the source block
+  local fused = data.range(30, {block_rows = 10}):map_batches(function(batch)
+    if batch[1].id == 11 then error("bad batch") end
+    return batch
+  end)
+  err = t.raises(function() fused:count({max_retries = 1}) end, "rows 11%-20 of the range after 2 attempts")
+  t.eq(err.first, 11); t.eq(err.last, 20)
 end)
 
 t.test("a batch that fails once is retried and the run succeeds", function()
@@ -304,7 +318,7 @@ t.test("a batch that fails once is retried and the run succeeds", function()
     return batch
   end)
   t.eq(ds:count(), 30)
-  t.eq(ds:stats().stages[2].retries, 1)
+  t.eq(ds:stats().stages[1].retries, 1)
 end)
 
 t.test("a failing row in map names the file and line", function()
@@ -328,10 +342,18 @@ t.test("on_error = skip drops the bad rows or batches and counts them", function
   local ds2 = data.range(100, {block_rows = 10}):map_batches(function(b)
     if b[1].id == 41 then error("bad batch") end
     return b
-  end, {batch_size = 20, on_error = "skip", max_retries = 1})
+  end, {batch_size = 20, on_error = "skip", max_retries = 1, fuse = false})
   t.eq(ds2:count(), 80)
   local st = ds2:stats().stages[2]
-  t.eq(st.skipped_rows, 20); t.eq(st.skipped_units, 1); t.eq(st.retries, 1)
+  t.eq(st.skipped_rows, 20); t.eq(st.skipped_batches, 1); t.eq(st.retries, 1)
+  -- fused: the failing batch (cut within its block of 10) is dropped at once
+  local ds3 = data.range(100, {block_rows = 10}):map_batches(function(b)
+    if b[1].id == 41 then error("bad batch") end
+    return b
+  end, {batch_size = 20, on_error = "skip"})
+  t.eq(ds3:count(), 90)
+  st = ds3:stats().stages[1]
+  t.eq(st.skipped_rows, 10); t.eq(st.skipped_batches, 1); t.eq(st.retries, 0)
 end)
 
 -- -- Sinks ------------------------------------------------------------------------
@@ -423,7 +445,7 @@ end)
 
 t.test("back-pressure: a slow sink keeps the blocks in flight under the bound and the source from running ahead", function()
   local ds = data.range(400, {block_rows = 10}):map(function(r) return r end)
-    :map_batches(function(b) return b end)
+    :map_batches(function(b) return b end, {fuse = false})
   local consumed, bound_ok, max_lead = 0, true, 0
   local it = ds:iter_batches({max_in_flight = 3})
   for b in it do
@@ -452,7 +474,7 @@ t.test("a dataset five times the store streams through without spilling", functi
       local n = 0
       for _, r in ipairs(b) do n = n + #r.s end
       return {{id = b[1].id, bytes = n}}
-    end)
+    end, {fuse = false}) -- its own stage: the 1 MiB blocks go through the store
   local bytes = 0
   for row in ds:iter_rows() do bytes = bytes + row.bytes end
   t.eq(bytes, payload_rows * 1000)
@@ -460,6 +482,7 @@ t.test("a dataset five times the store streams through without spilling", functi
   t.ok(st.peak_store_bytes <= STORE, "peak store " .. st.peak_store_bytes)
   t.ok(st.peak_spilled_bytes <= STORE / 4, "spilled " .. st.peak_spilled_bytes .. " bytes")
   t.ok(tide.stats().spilled_bytes <= STORE / 4, "spilled at the end " .. tide.stats().spilled_bytes)
+  t.eq(st.stages[2].rows_in, payload_rows)
 end)
 
 -- -- Progress and stats ------------------------------------------------------------------
@@ -489,7 +512,8 @@ assert(ds:count() == 400)
 end)
 
 t.test("stats: rows and time per stage, store peak; tostring reads", function()
-  local ds = data.range(50):map(function(r) return r end):map_batches(function(b) return b end, {batch_size = 10})
+  local ds = data.range(50):map(function(r) return r end)
+    :map_batches(function(b) return b end, {batch_size = 10, fuse = false})
   t.eq(ds:stats(), nil)
   ds:count()
   local st = ds:stats()

@@ -39,10 +39,10 @@ local function fail(ex, st, unit, err, attempts)
     kind, msg, tb = err.kind or "Error", err.message or tostring(err), err.traceback or ""
   end
   local where
-  if unit.first then
-    where = format("rows %d-%d of its input", unit.first, unit.last)
-  elseif unit.spec.desc then
+  if unit.spec.desc then
     where = E.describe_desc(unit.spec.desc)
+  elseif unit.first then
+    where = format("rows %d-%d of its input", unit.first, unit.last)
   else
     where = format("block %d", unit.idx)
   end
@@ -78,7 +78,7 @@ local function new_stage(ex, def, index)
     sizes = nil,
     st = {name = def.name, kind = def.kind == "actors" and "actor pool" or "tasks",
       rows_in = 0, rows_out = 0, blocks = 0, units = 0, retries = 0, skipped_rows = 0,
-      skipped_units = 0, busy_s = 0, peak_in_flight = 0, max_in_flight = def.max_in_flight,
+      skipped_batches = 0, busy_s = 0, peak_in_flight = 0, max_in_flight = def.max_in_flight,
       first_start = nil, last_end = nil}}, Stage)
   return st
 end
@@ -154,6 +154,7 @@ local function complete(ex, unit)
     s.rows_in = s.rows_in + (meta.n_in or 0)
     s.rows_out = s.rows_out + meta.n
     s.skipped_rows = s.skipped_rows + (meta.skipped or 0)
+    s.skipped_batches = s.skipped_batches + (meta.skipped_batches or 0)
     s.busy_s = s.busy_s + (meta.t or 0)
     s.blocks = s.blocks + 1
     if meta.bytes then
@@ -161,7 +162,7 @@ local function complete(ex, unit)
       ex.files[#ex.files + 1] = meta.path
     end
     if unit.actor then unit.actor.busy = unit.actor.busy + (meta.t or 0) end
-    meta.t, meta.n_in = nil, nil
+    meta.t, meta.n_in, meta.skipped, meta.skipped_batches = nil, nil, nil, nil
     store_output(st, unit, meta)
     return
   end
@@ -182,7 +183,7 @@ local function complete(ex, unit)
     return
   end
   if st.def.on_error == "skip" then
-    st.st.skipped_units = st.st.skipped_units + 1
+    st.st.skipped_batches = st.st.skipped_batches + 1
     st.st.skipped_rows = st.st.skipped_rows + (unit.rows or 0)
     st.st.rows_in = st.st.rows_in + (unit.rows or 0)
     store_output(st, unit, {n = 0})
@@ -307,8 +308,8 @@ local function schedule_stage(ex, st)
         local idx = st.next_idx
         st.next_idx = idx + 1
         local unit = {stage = st, seq = idx, idx = idx, spec = {desc = d, idx = idx}, args = args, attempts = 1}
-        if d.kind == "range" then unit.rows = d.hi - d.lo + 1
-        elseif d.kind == "items" then unit.rows = #d.items end
+        if d.kind == "range" then unit.rows, unit.first, unit.last = d.hi - d.lo + 1, d.lo, d.hi
+        elseif d.kind == "items" then unit.rows, unit.first, unit.last = #d.items, d.first, d.first + #d.items - 1 end
         submit(ex, st, unit)
       elseif d.chain then
         ex:line_base(st, i) -- keep the line-number chain going past other shards' blocks

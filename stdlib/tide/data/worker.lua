@@ -248,16 +248,17 @@ end
 
 -- -- Running a unit ---------------------------------------------------------
 
--- Applies the fused row operations (map, filter) to rows. With skip, a row
--- whose function raises is dropped and counted; otherwise the error names
--- the row and carries the traceback.
-local function apply_ops(ops, rows, skip, label)
-  local nops = #ops
-  if nops == 0 then return rows, 0 end
+-- Applies a run of row operations (map, filter) to rows. A row whose
+-- function raises is dropped and counted when that operation skips errors;
+-- otherwise the error names the row (and its path:line) and carries the
+-- traceback.
+local function apply_rows(ops, first, last, rows, label)
   local out, n, skipped = {}, 0, 0
+  local k = first -- the operation running, for the error
   local function one(r)
-    for k = 1, nops do
-      local op = ops[k]
+    for j = first, last do
+      k = j
+      local op = ops[j]
       if op.kind == "filter" then
         if not op.fn(r) then return nil end
       else
@@ -268,28 +269,92 @@ local function apply_ops(ops, rows, skip, label)
     end
     return r
   end
-  if skip then
-    for i = 1, #rows do
-      local ok, r = pcall(one, rows[i])
-      if not ok then skipped = skipped + 1
+  local any_skip = false
+  for j = first, last do if ops[j].skip then any_skip = true end end
+  local i = 0
+  local function fail(err)
+    local r, where = rows[i], ""
+    if type(r) == "table" and r.path and r.line then where = format(" (%s:%d)", tostring(r.path), r.line) end
+    error(format("%s: %s failed on row %d of the block%s: %s", label, ops[k].kind, i, where, err), 0)
+  end
+  local tb = function(e) return debug.traceback(tostring(e), 2) end
+  if any_skip then
+    for j = 1, #rows do
+      i = j
+      local ok, r = xpcall(one, tb, rows[j])
+      if not ok then
+        if ops[k].skip then skipped = skipped + 1 else fail(r) end
       elseif r ~= nil then n = n + 1; out[n] = r end
     end
     return out, skipped
   end
-  local i = 0
   local ok, err = xpcall(function()
     for j = 1, #rows do
       i = j
       local r = one(rows[j])
       if r ~= nil then n = n + 1; out[n] = r end
     end
-  end, function(e) return debug.traceback(tostring(e), 2) end)
-  if not ok then
-    local r, where = rows[i], ""
-    if type(r) == "table" and r.path and r.line then where = format(" (%s:%d)", tostring(r.path), r.line) end
-    error(format("%s: row %d of the block%s: %s", label, i, where, err), 0)
-  end
+  end, tb)
+  if not ok then fail(err) end
   return out, 0
+end
+
+local function check_batch_out(out, label)
+  if type(out) ~= "table" then
+    error(format("%s: the batch function must return an array of rows, got %s", label, type(out)), 0)
+  end
+  return out
+end
+
+-- A map_batches fused into this stage: batches of batch_size cut from the
+-- block (the block's last batch shorter). With skip, a batch whose function
+-- raises is dropped and counted.
+local function apply_batches(op, rows, label, acc)
+  local bs = op.batch_size or #rows
+  if bs >= #rows then
+    if op.skip then
+      local ok, out = pcall(op.fn, rows)
+      if ok then return check_batch_out(out, label) end
+      acc.skipped, acc.batches = acc.skipped + #rows, acc.batches + 1
+      return {}
+    end
+    return check_batch_out(op.fn(rows), label)
+  end
+  local out, n = {}, 0
+  for lo = 1, #rows, bs do
+    local batch = {}
+    for j = lo, math.min(#rows, lo + bs - 1) do batch[j - lo + 1] = rows[j] end
+    local ok, res = true
+    if op.skip then ok, res = pcall(op.fn, batch) else res = op.fn(batch) end
+    if ok then
+      check_batch_out(res, label)
+      for j = 1, #res do n = n + 1; out[n] = res[j] end
+    else
+      acc.skipped, acc.batches = acc.skipped + #batch, acc.batches + 1
+    end
+  end
+  return out
+end
+
+-- Applies the stage's fused operations in order: runs of row operations,
+-- and map_batches fused in. Returns rows, {skipped rows, skipped batches}.
+local function apply_ops(ops, rows, label)
+  local acc = {skipped = 0, batches = 0}
+  local i, nops = 1, #ops
+  while i <= nops do
+    if ops[i].kind == "batch" then
+      rows = apply_batches(ops[i], rows, label, acc)
+      i = i + 1
+    else
+      local j = i
+      while j < nops and ops[j + 1].kind ~= "batch" do j = j + 1 end
+      local sk
+      rows, sk = apply_rows(ops, i, j, rows, label)
+      acc.skipped = acc.skipped + sk
+      i = j + 1
+    end
+  end
+  return rows, acc
 end
 
 -- Gathers one batch: spec.slices holds {arg index, first, last} over the
@@ -309,8 +374,8 @@ local function gather(slices, ...)
   return rows
 end
 
--- Runs one unit of a stage. plan: {source?, batch_fn?, call?, ops, skip,
--- sink?, label}; self is the pool actor's state (nil in a task).
+-- Runs one unit of a stage. plan: {batch_fn?, call?, ops, sink?, label};
+-- self is the pool actor's state (nil in a task).
 function W.run(plan, self, spec, ...)
   -- Refs from earlier units of this worker keep their objects alive until
   -- collected; collect now so the store holds only live blocks.
@@ -323,14 +388,11 @@ function W.run(plan, self, spec, ...)
   if plan.batch_fn or plan.call then
     local out
     if plan.call then out = plan.call(self, rows) else out = plan.batch_fn(rows) end
-    if type(out) ~= "table" then
-      error(format("%s: the batch function must return an array of rows, got %s", plan.label, type(out)), 0)
-    end
-    rows = out
+    rows = check_batch_out(out, plan.label)
   end
-  local skipped
-  rows, skipped = apply_ops(plan.ops, rows, plan.skip, plan.label)
-  local meta = {n = #rows, n_in = n_in, skipped = skipped}
+  local acc
+  rows, acc = apply_ops(plan.ops, rows, plan.label)
+  local meta = {n = #rows, n_in = n_in, skipped = acc.skipped, skipped_batches = acc.batches}
   if plan.sink then
     if #rows > 0 then meta.path, meta.bytes = write_block(plan.sink, spec.idx, rows) end
   else
