@@ -10,8 +10,8 @@ local core = require("tide.core")
 local W = require("tide.data.worker")
 local E = require("tide.data.exec")
 
-local type, pairs, ipairs, tostring, setmetatable, getmetatable, error, select =
-  type, pairs, ipairs, tostring, setmetatable, getmetatable, error, select
+local type, pairs, ipairs, tostring, setmetatable, getmetatable, error, select, newproxy =
+  type, pairs, ipairs, tostring, setmetatable, getmetatable, error, select, newproxy
 local format, concat, floor, ceil, max, min = string.format, table.concat, math.floor, math.ceil, math.max, math.min
 local open, popen = io.open, io.popen
 
@@ -514,8 +514,30 @@ local function compile(ds, run, sink)
   return defs
 end
 
+-- Runs whose iterator was dropped before the end (a loop left with break):
+-- the iterator's guard marks them when collected, and the next run ends
+-- them (cancels their work, kills their pools). A finalizer only marks:
+-- it may run in the middle of any Tide call.
+local abandoned = {}
+local function guard(ex)
+  local p = newproxy(true)
+  getmetatable(p).__gc = function()
+    if not ex.finished then abandoned[#abandoned + 1] = ex end
+  end
+  return p
+end
+
+-- M.reap(): ends the runs of abandoned iterators now (done by every run).
+function M.reap()
+  while #abandoned > 0 do
+    local ex = table.remove(abandoned)
+    pcall(ex.shutdown, ex)
+  end
+end
+
 local count_rf
 local function start(ds, run, sink)
+  M.reap()
   local defs = compile(ds, run, sink)
   count_rf = count_rf or tide.remote({num_cpus = 0, name = "tide.data:count_lines"}, W.count_lines)
   local ex = E.new(defs, {preserve_order = run.preserve_order, progress = run.progress,
@@ -530,7 +552,9 @@ end
 function Dataset:iter_rows(opts)
   local ex = start(self, run_options("ds:iter_rows", opts, 2))
   local block, i = nil, 0
+  local keep = guard(ex)
   return function()
+    if not keep then return nil end
     while true do
       if block and i < #block then
         i = i + 1
@@ -553,7 +577,9 @@ function Dataset:iter_batches(opts)
   for k, v in pairs(opts) do if k ~= "batch_size" then ro[k] = v end end
   local ex = start(self, run_options("ds:iter_batches", ro, 2))
   local block, off = nil, 0
+  local keep = guard(ex)
   return function()
+    if not keep then return nil end
     local out, n = {}, 0
     while true do
       if block and off < #block then

@@ -279,6 +279,23 @@ t.test("a dead actor is replaced and its batch retried", function()
   t.ok(st.retries >= 1, "the batch was not retried") -- with every call in flight on the dead actor
 end)
 
+t.test("leaving an iter_rows loop early: the next run ends the abandoned run's pool", function()
+  local ds = data.range(200, {block_rows = 5}):map_batches({
+    call = function(_, batch) return batch end,
+  }, {batch_size = 5, concurrency = 2})
+  for row in ds:iter_rows() do
+    if row.id == 3 then break end
+  end
+  local ex = ds._last
+  local h = ex.stages[2].pool.actors[1].h
+  t.ok(not ex.finished, "the run ended by itself")
+  collectgarbage(); collectgarbage()
+  t.eq(data.range(3):count(), 3) -- any run reaps
+  t.ok(ex.finished, "the abandoned run was not ended")
+  local err = t.raises(function() tide.get(h:run({slices = {}, idx = 1})) end)
+  t.eq(err.kind, "ActorDiedError")
+end)
+
 -- -- Failures -----------------------------------------------------------------
 
 t.test("a batch that always raises is retried max_retries times, then the pipeline fails naming the rows", function()
@@ -509,6 +526,26 @@ assert(ds:count() == 400)
   t.ok(n >= 1, "no progress line: " .. out)
   t.ok(n <= 12, n .. " progress lines for 100 blocks")
   t.ok(not out:find("\27", 1, true), "terminal escapes in a non-terminal")
+end)
+
+t.test("progress on a terminal: lines per stage redrawn in place", function()
+  local script = DIR .. "/progress_tty.lua"
+  write_file(script, [[
+local tide = require("tide")
+tide.init({num_cpus = 2})
+local data = require("tide.data")
+local ds = data.range(200, {block_rows = 4}):map(function(r) tide.sleep(0.01); return r end)
+  :map_batches({call = function(_, b) return b end}, {batch_size = 8})
+assert(ds:count() == 200)
+]])
+  local p = io.popen("script -qfec \"bin/tide run '" .. script .. "'\" /dev/null 2>&1 < /dev/null")
+  local out = p:read("*a")
+  p:close()
+  t.ok(out:find("\27[2K", 1, true), "no line redraw in: " .. out:sub(1, 300))
+  t.ok(out:find("\27%[%d+A"), "lines are not redrawn in place")
+  t.ok(out:find("tide.data stage 1 range->map", 1, true), "no stage 1 line")
+  t.ok(out:find("tide.data stage 2 map_batches%(actors%): 200 rows"), "no final stage 2 line")
+  t.ok(out:find("tide.data store:", 1, true), "no store line")
 end)
 
 t.test("stats: rows and time per stage, store peak; tostring reads", function()
