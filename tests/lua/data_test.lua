@@ -216,7 +216,7 @@ t.test("actor pool: init runs exactly concurrency times; batches go to every act
   t.ok(st.utilization > 0 and st.utilization <= 1, "utilization " .. tostring(st.utilization))
 end)
 
-t.test("actor pool with num_gpus: each actor gets its own GPU", function()
+t.local_test("actor pool with num_gpus: each actor gets its own GPU", function()
   local ds = data.range(8, {block_rows = 2}):map_batches({
     init = function(self) self.gpus = table.concat(tide.get_runtime_context().gpu_ids, ",") end,
     call = function(self, batch) for _, r in ipairs(batch) do r.gpu = self.gpus end; return batch end,
@@ -483,7 +483,7 @@ t.test("back-pressure: a slow sink keeps the blocks in flight under the bound an
   for _, s in ipairs(ds:stats().stages) do t.eq(s.max_in_flight, 3) end
 end)
 
-t.test("a dataset five times the store streams through without spilling", function()
+t.local_test("a dataset five times the store streams through without spilling", function()
   local payload_rows = 160 * 1024 -- 160 MiB of 1 KiB rows through a 32 MiB store
   local ds = data.range(payload_rows, {block_rows = 1024})
     :map(function(r) return {id = r.id, s = string.rep("x", 1000)} end)
@@ -548,7 +548,7 @@ assert(ds:count() == 200)
   t.ok(out:find("tide.data store:", 1, true), "no store line")
 end)
 
-t.test("stats: rows and time per stage, store peak; tostring reads", function()
+t.local_test("stats: rows and time per stage, store peak; tostring reads", function()
   local ds = data.range(50):map(function(r) return r end)
     :map_batches(function(b) return b end, {batch_size = 10, fuse = false})
   t.eq(ds:stats(), nil)

@@ -388,6 +388,27 @@ end
 local Exec = {}
 Exec.__index = Exec
 
+-- The store figures of the whole cluster: this node's own now, plus every
+-- other node's as of its last heartbeat (tide.nodes lists them on a head).
+local function store_stats(cluster)
+  local s = tide.stats()
+  local used, cap, spilled = s.store_used or 0, s.store_capacity or 0, s.spilled_bytes or 0
+  if cluster then
+    local ok, nodes = pcall(tide.nodes)
+    if ok then
+      for i = 2, #nodes do
+        local ns = nodes[i].stats
+        if ns then
+          used = used + (ns.store_used or 0)
+          cap = cap + (ns.store_capacity or 0)
+          spilled = spilled + (ns.spilled_bytes or 0)
+        end
+      end
+    end
+  end
+  return used, cap, spilled
+end
+
 -- E.new(defs, opts): defs are the compiled stages (see tide.data's
 -- compile); opts: preserve_order, progress.
 function E.new(defs, opts)
@@ -397,9 +418,11 @@ function E.new(defs, opts)
     peak_spilled = 0, store_full = false, last_sample = 0, last_progress = now(),
     tty = W.isatty(2), lines_drawn = 0, completions = 0, final_rows = 0, chains = {},
     count_rf = opts.count_rf}, Exec)
-  local s0 = tide.stats()
-  ex.store_capacity = s0.store_capacity
-  ex.spilled0 = s0.spilled_bytes or 0
+  local okn, nodes = pcall(tide.nodes)
+  ex.cluster = okn and #nodes > 1
+  local _, cap, spilled = store_stats(ex.cluster)
+  ex.store_capacity = cap
+  ex.spilled0 = spilled
   for i, def in ipairs(defs) do
     local st = new_stage(ex, def, i)
     st.rows_batched = 0
@@ -432,12 +455,11 @@ end
 
 function Exec:sample(force)
   local t = now()
-  if not force and t - self.last_sample < 0.05 then return end
+  if not force and t - self.last_sample < (self.cluster and 0.25 or 0.05) then return end
   self.last_sample = t
-  local s = tide.stats()
-  local used = s.store_used or 0
+  local used, _, spilled = store_stats(self.cluster)
   if used > self.peak_store then self.peak_store = used end
-  local sp = (s.spilled_bytes or 0) - self.spilled0
+  local sp = spilled - self.spilled0
   if sp > self.peak_spilled then self.peak_spilled = sp end
   self.store_used = used
   self.store_full = self.store_capacity > 0 and used > 0.7 * self.store_capacity
