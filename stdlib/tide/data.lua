@@ -27,7 +27,7 @@ local defaults = {
   max_retries = 3,
   on_error = "raise",
   max_in_flight = nil, -- per stage; nil: 2 per CPU (tasks), 2 per actor + 2 (pools)
-  block_bytes = nil,   -- source block size; nil: 8 MiB, less with a small store
+  block_bytes = nil,   -- source block size; nil: 2 MiB, less with a small store
 }
 local function valid_option(k) return defaults[k] ~= nil or k == "max_in_flight" or k == "block_bytes" end
 
@@ -432,7 +432,8 @@ end
 
 -- Stages: the source with the row operations after it; then one stage per
 -- map_batches or repartition, each with the row operations after it; the
--- sink fused into the last stage when that runs tasks.
+-- sink fused into the last stage (a pool's actors write their own output:
+-- a separate write stage would cost one more trip through the store).
 local function compile(ds, run, sink)
   local ncpu = cpus()
   local defs = {}
@@ -470,11 +471,6 @@ local function compile(ds, run, sink)
         on_error = run.on_error, max_retries = run.max_retries, task_opts = {}}
     end
   end
-  if sink and cur.kind ~= "tasks" then
-    push()
-    cur = {kind = "tasks", name = "write", ops = {}, on_error = run.on_error, max_retries = run.max_retries,
-      task_opts = {}}
-  end
   if sink then
     cur.sink = sink
     cur.name = cur.name == "write" and "write_" .. sink.format or cur.name .. "->write_" .. sink.format
@@ -484,13 +480,15 @@ local function compile(ds, run, sink)
   local store = tide.stats().store_capacity or 0
   local bb = run.block_bytes or ds._src.block_bytes
   if not bb then
-    bb = 8 * 2^20
+    bb = 2 * 2^20 -- Lua rows cost far more than their bytes: keep blocks modest
     if store > 0 then bb = max(64 * 1024, min(bb, floor(store / 64))) end
   end
   defs[1].descs = plan_source(ds._src, ds._src.shard, bb)
 
-  for _, def in ipairs(defs) do
-    local plan = {ops = def.ops, sink = def.sink, label = def.name}
+  for i, def in ipairs(defs) do
+    local nxt = defs[i + 1]
+    local plan = {ops = def.ops, sink = def.sink, label = def.name,
+      split_rows = nxt and not nxt.repartition and nxt.batch_size or nil}
     if def.kind == "actors" then
       plan.call = def.fn.call
       local user = {init = def.fn.init}
@@ -654,7 +652,7 @@ local function write(ds, fmt, dir, opts, level)
   dir = dir:gsub("/+$", "")
   if dir == "" then dir = "/" end
   if not is_dir(dir) then
-    local ok = os.execute("mkdir -p " .. shell_quote(dir))
+    local ok = os.execute("mkdir -p " .. shell_quote(dir) .. " 2>/dev/null")
     if (ok ~= 0 and ok ~= true) or not is_dir(dir) then
       error(format("ds:write_%s: cannot create directory %s", fmt, dir), level + 1)
     end

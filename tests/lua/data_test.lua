@@ -413,7 +413,8 @@ t.test("write_csv after an actor pool; read back with read_csv", function()
     end,
   }, {batch_size = 15}):write_csv(out)
   t.eq(st.rows, 30)
-  t.eq(#st.stages, 3) -- source, pool, write
+  t.eq(#st.stages, 2) -- source, pool (which writes)
+  t.eq(st.stages[2].name, "map_batches(actors)->write_csv")
   local back = data.read_csv(out):take_all()
   t.eq(#back, 30)
   t.eq(back[30].id, "30"); t.eq(back[30].name, "n,30")

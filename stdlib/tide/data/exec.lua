@@ -283,6 +283,18 @@ local function take_batch(st, k)
     attempts = 1, rows = k, first = first, last = first + k - 1}
 end
 
+-- Takes an output block of the stage before into this stage's pending
+-- input: a block, or the parts it was cut into for this stage's batches.
+local function absorb(st, m)
+  if m.n == 0 then return end
+  if m.parts then
+    for _, p in ipairs(m.parts) do st.pending[#st.pending + 1] = {ref = p.ref, n = p.n, off = 0} end
+  else
+    st.pending[#st.pending + 1] = {ref = m.ref, n = m.n, off = 0}
+  end
+  st.pending_rows = st.pending_rows + m.n
+end
+
 -- Whether the stage can start one more unit now.
 local function has_room(st)
   if st:in_flight() >= st.cap then return false end
@@ -325,18 +337,12 @@ local function schedule_stage(ex, st)
     if st.barrier then
       local m = input:take()
       if not m then break end
-      if m.n > 0 then
-        st.pending[#st.pending + 1] = {ref = m.ref, n = m.n, off = 0}
-        st.pending_rows = st.pending_rows + m.n
-      end
+      absorb(st, m)
     else
       if st.pending_rows >= want or not has_room(st) then break end
       local m = input:take()
       if not m then break end
-      if m.n > 0 then
-        st.pending[#st.pending + 1] = {ref = m.ref, n = m.n, off = 0}
-        st.pending_rows = st.pending_rows + m.n
-      end
+      absorb(st, m)
     end
   end
   local ended = input:drained()
@@ -370,10 +376,7 @@ local function schedule_stage(ex, st)
     while st.pending_rows < (bs or 1) and has_room(st) do
       local m = input:take()
       if not m then break end
-      if m.n > 0 then
-        st.pending[#st.pending + 1] = {ref = m.ref, n = m.n, off = 0}
-        st.pending_rows = st.pending_rows + m.n
-      end
+      absorb(st, m)
     end
   end
   if st.pool then

@@ -396,7 +396,20 @@ function W.run(plan, self, spec, ...)
   if plan.sink then
     if #rows > 0 then meta.path, meta.bytes = write_block(plan.sink, spec.idx, rows) end
   else
-    meta.ref = tide.put(rows)
+    local k = plan.split_rows
+    if k and #rows > k then
+      -- Cut for the next stage's batches, so that each of its calls decodes
+      -- only the rows of its batch, not whole blocks.
+      local parts = {}
+      for lo = 1, #rows, k do
+        local part = {}
+        for j = lo, math.min(#rows, lo + k - 1) do part[j - lo + 1] = rows[j] end
+        parts[#parts + 1] = {ref = tide.put(part), n = #part}
+      end
+      meta.parts = parts
+    else
+      meta.ref = tide.put(rows)
+    end
   end
   meta.t = now() - t0
   return meta
