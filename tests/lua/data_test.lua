@@ -225,6 +225,16 @@ t.local_test("actor pool with num_gpus: each actor gets its own GPU", function()
   for row in ds:iter_rows() do seen[row.gpu] = true end
   t.ok(seen["0"] or seen["1"], "no GPU id seen")
   for k in pairs(seen) do t.ok(k == "0" or k == "1", "unexpected gpu ids " .. k) end
+  -- fractions: four actors with half a GPU each share the two GPUs
+  local inits = Counter:remote()
+  local half = data.range(16, {block_rows = 2}):map_batches({
+    init = function(self) tide.get(inits:incr()); self.gpus = table.concat(tide.get_runtime_context().gpu_ids, ",") end,
+    call = function(self, batch) for _, r in ipairs(batch) do r.gpu = self.gpus end; return batch end,
+  }, {batch_size = 2, concurrency = 4, num_gpus = 0.5})
+  local per = {}
+  for row in half:iter_rows() do per[row.gpu] = true end
+  t.eq(tide.get(inits:get()), 4)
+  for k in pairs(per) do t.ok(k == "0" or k == "1", "unexpected gpu ids " .. k) end
 end)
 
 t.test("init_args reach init; an init that raises fails the run at once", function()
