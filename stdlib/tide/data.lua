@@ -658,7 +658,12 @@ local function write(ds, fmt, dir, opts, level)
     end
   end
   local ex = start(ds, run, {dir = dir, format = fmt, columns = columns})
-  while ex:next_output() do end
+  -- Temporary files of attempts that died mid-write (a crashed worker)
+  -- are removed at the end, whether the run succeeds or fails.
+  local clean = "find " .. shell_quote(dir) .. " -maxdepth 1 -name '.part-*.tmp-*' -delete 2>/dev/null"
+  local ok, err = pcall(function() while ex:next_output() do end end)
+  os.execute(clean)
+  if not ok then error(err, 0) end
   return ds:stats()
 end
 

@@ -414,6 +414,24 @@ t.test("a failed write leaves no partial file behind", function()
   end
 end)
 
+t.test("a worker that dies mid-write leaves no temporary file; the retry writes the part", function()
+  local out = DIR .. "/out-crash"
+  local marker = DIR .. "/crashed-once"
+  local st = data.range(20, {block_rows = 5}):map(function(r)
+    if r.id == 8 and not io.open(marker, "rb") then
+      io.open(marker, "wb"):close()
+      -- what a write cut short by a crash leaves behind
+      os.execute("mkdir -p '" .. out .. "' && echo '{\"id\":6' > '" .. out .. "/.part-000002.jsonl.tmp-1'")
+      os.exit(1)
+    end
+    return r
+  end):write_jsonl(out)
+  t.eq(st.rows, 20)
+  t.eq(st.stages[1].retries, 1)
+  t.deep_eq(ls(out), {"part-000001.jsonl", "part-000002.jsonl", "part-000003.jsonl", "part-000004.jsonl"})
+  t.eq(#data.read_jsonl(out):take_all(), 20)
+end)
+
 t.test("write_csv after an actor pool; read back with read_csv", function()
   local out = DIR .. "/out-csv"
   local st = data.range(30, {block_rows = 10}):map_batches({
