@@ -512,6 +512,20 @@ t.test("back-pressure: a slow sink keeps the blocks in flight under the bound an
   for _, s in ipairs(ds:stats().stages) do t.eq(s.max_in_flight, 3) end
 end)
 
+t.test("back-pressure: a slow sink (a pool of one actor writing) holds the source under its bound", function()
+  local out = DIR .. "/out-slow"
+  local st = data.range(60, {block_rows = 2}):map(function(r) return {id = r.id, pad = string.rep("p", 100)} end)
+    :map_batches({call = function(_, b) tide.sleep(0.01); return b end}, {batch_size = 2, concurrency = 1})
+    :write_jsonl(out, {max_in_flight = 2})
+  t.eq(st.rows, 60)
+  t.eq(#st.files, 30)
+  for i, s in ipairs(st.stages) do
+    t.ok(s.peak_in_flight <= 2, "stage " .. i .. " held " .. s.peak_in_flight .. " units, bound 2")
+  end
+  -- the pool of one never held more than its bound either
+  t.eq(st.stages[2].actors, 1)
+end)
+
 t.local_test("a dataset five times the store streams through without spilling", function()
   local payload_rows = 160 * 1024 -- 160 MiB of 1 KiB rows through a 32 MiB store
   local ds = data.range(payload_rows, {block_rows = 1024})
