@@ -259,8 +259,8 @@ end)
 t.test("concurrency = {min, max} grows the pool while batches queue", function()
   local inits = Counter:remote()
   local ds = data.range(40, {block_rows = 2}):map_batches({
-    init = function(self) tide.get(inits:incr()) end,
-    call = function(self, batch) tide.sleep(0.05); return batch end,
+    init = function(_) tide.get(inits:incr()) end,
+    call = function(_, batch) tide.sleep(0.05); return batch end,
   }, {batch_size = 2, concurrency = {1, 3}})
   t.eq(ds:count(), 40)
   local st = ds:stats().stages[2]
@@ -271,7 +271,7 @@ end)
 t.test("a dead actor is replaced and its batch retried", function()
   local marker = DIR .. "/died-once"
   local ds = data.range(20, {block_rows = 5}):map_batches({
-    call = function(self, batch)
+    call = function(_, batch)
       if batch[1].id == 6 then
         local f = io.open(marker, "rb")
         if not f then
@@ -435,7 +435,7 @@ end)
 t.test("write_csv after an actor pool; read back with read_csv", function()
   local out = DIR .. "/out-csv"
   local st = data.range(30, {block_rows = 10}):map_batches({
-    call = function(self, batch)
+    call = function(_, batch)
       for _, r in ipairs(batch) do r.name = "n," .. r.id end
       return batch
     end,
@@ -494,7 +494,7 @@ t.test("back-pressure: a slow sink keeps the blocks in flight under the bound an
     :map_batches(function(b) return b end, {fuse = false})
   local consumed, bound_ok, max_lead = 0, true, 0
   local it = ds:iter_batches({max_in_flight = 3})
-  for b in it do
+  for _ in it do
     consumed = consumed + 1
     tide.sleep(0.005) -- the slow consumer
     local st = ds:stats()
