@@ -529,7 +529,7 @@ function Exec:step()
     -- Dropped refs free their objects only once collected.
     if self.completions >= 8 or self.store_full then
       self.completions = 0
-      collectgarbage()
+      W.collect(self.store_full)
     end
   end
   self:sample()

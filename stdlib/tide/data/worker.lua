@@ -33,6 +33,19 @@ end
 function W.isatty(fd) return ffi.C.isatty(fd) == 1 end
 local now = W.now
 
+-- A full garbage collection, so that refs this process dropped release
+-- their objects in the store; but at most 5% of the time: with a large
+-- heap (a model, a vocabulary) one collection costs more, and runs less
+-- often (unless forced: the store is filling up).
+local gc_cost, gc_last = 0, -1e9
+function W.collect(force)
+  local t = now()
+  if not force and t - gc_last < 20 * gc_cost then return end
+  collectgarbage()
+  gc_last = now()
+  gc_cost = gc_last - t
+end
+
 -- -- Sources -------------------------------------------------------------
 
 local function open_file(path)
@@ -379,7 +392,7 @@ end
 function W.run(plan, self, spec, ...)
   -- Refs from earlier units of this worker keep their objects alive until
   -- collected; collect now so the store holds only live blocks.
-  collectgarbage()
+  W.collect()
   local t0 = now()
   local rows
   if spec.desc then rows = W.read_source(spec.desc, (...))
