@@ -4,7 +4,7 @@
 --
 --   tide run examples/train_tiny_gpt.lua [steps=1200] [checkpoint path]
 local GPT = require("tide.nn.gpt")
-local D = require("tide.nn.data")
+local D = require("tide.nn.corpus")
 local tok = require("tide.nn.tokenizer").byte_level()
 
 local steps = tonumber(arg and arg[1]) or 1200

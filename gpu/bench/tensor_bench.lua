@@ -11,7 +11,7 @@
 -- Env: TIDE_PEAK_TFLOPS_F32 / TIDE_PEAK_TFLOPS_BF16 override the peak table.
 local T = require("tide.tensor")
 local GPT = require("tide.nn.gpt")
-local D = require("tide.nn.data")
+local D = require("tide.nn.corpus")
 local cjson = require("cjson")
 local ffi = require("ffi")
 

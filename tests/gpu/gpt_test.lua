@@ -7,7 +7,7 @@ local T = require("tide.tensor")
 local GPT = require("tide.nn.gpt")
 local st = require("tide.nn.safetensors")
 local tok = require("tide.nn.tokenizer").byte_level()
-local D = require("tide.nn.data")
+local D = require("tide.nn.corpus")
 
 local TMP = os.getenv("TMPDIR") or "/tmp"
 local function tmpfile(name) return TMP .. "/tide-gpt-test-" .. name end

@@ -1,4 +1,4 @@
--- tide.nn.data: training text shipped by Debian packages, and random
+-- tide.nn.corpus: training text shipped by Debian packages, and random
 -- (inputs, targets) batches drawn from it.
 --
 -- bible-kjv-text installs /usr/lib/bible.data: a header, a table of segment
@@ -56,7 +56,7 @@ local function lzw_decode(s, first, last)
     local code = band(rshift(w, band(pos, 7)), lshift(1, n_bits) - 1)
     pos = pos + n_bits
     if oldcode == -1 then
-      if code >= 256 then error("data: corrupt LZW stream") end
+      if code >= 256 then error("corpus: corrupt LZW stream") end
       oldcode, finchar = code, code
       out[#out + 1] = code
     elseif code == CLEAR then
@@ -67,7 +67,7 @@ local function lzw_decode(s, first, last)
     else
       local incode, sp = code, 0
       if code >= free_ent then
-        if code > free_ent then error("data: corrupt LZW stream") end
+        if code > free_ent then error("corpus: corrupt LZW stream") end
         sp = sp + 1; stack[sp] = finchar
         code = oldcode
       end
@@ -133,7 +133,7 @@ end
 -- (B,T) i32 tensors of byte ids, targets shifted by one.  Offsets are
 -- drawn deterministically from (seed, step).
 function M.batcher(text, B, Tn, seed)
-  if #text < Tn + 2 then error("data.batcher: text shorter than the context", 2) end
+  if #text < Tn + 2 then error("corpus.batcher: text shorter than the context", 2) end
   return function(step)
     local offs = T.rand({B}, {seed = (seed or 0) * 1000003 + step}):to_table()
     local rows = {}

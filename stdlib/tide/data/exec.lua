@@ -1,0 +1,608 @@
+-- tide.data.exec: the streaming executor. The driver (or whatever task
+-- consumes the dataset) runs a loop that submits units of work (tasks, or
+-- calls on a pool of actors), waits for any of them with tide.wait, and
+-- hands each finished block to the next stage. Blocks stay in the object
+-- store; only their small metadata ({ref, n, ...}) comes back here.
+--
+-- Memory is bounded by construction: a stage may hold at most
+-- `max_in_flight` units (running, or finished and not yet taken by the next
+-- stage), so a slow stage fills its predecessor's buffer and the
+-- predecessor stops submitting — back-pressure up to the source. Sources
+-- also pause while the store is more than 70% full.
+local tide = require("tide")
+local W = require("tide.data.worker")
+
+local type, pairs, ipairs, pcall, error, tostring, setmetatable =
+  type, pairs, ipairs, pcall, error, tostring, setmetatable
+local format, concat, floor, min = string.format, table.concat, math.floor, math.min
+local unpack = unpack
+local now = W.now
+
+local E = {}
+
+-- -- Errors ----------------------------------------------------------------
+
+-- The error a failed pipeline raises: a table (kind, stage, rows, message,
+-- traceback, attempts) that reads well through tostring.
+local DataError = {}
+DataError.__index = DataError
+DataError.__tostring = function(e)
+  local s = format("DataError: %s", e.message)
+  if e.traceback and e.traceback ~= "" then s = s .. "\n(remote) " .. e.traceback end
+  return s
+end
+E.DataError = DataError
+
+local function fail(ex, st, unit, err, attempts)
+  local kind, msg, tb = "Error", tostring(err), ""
+  if type(err) == "table" then
+    kind, msg, tb = err.kind or "Error", err.message or tostring(err), err.traceback or ""
+  end
+  local where
+  if unit.spec.desc then
+    where = E.describe_desc(unit.spec.desc)
+  elseif unit.first then
+    where = format("rows %d-%d of its input", unit.first, unit.last)
+  else
+    where = format("block %d", unit.idx)
+  end
+  ex:shutdown()
+  error(setmetatable({kind = "DataError", stage = st.index, stage_name = st.name, where = where,
+    first = unit.first, last = unit.last, attempts = attempts, cause = kind, remote_message = msg,
+    message = format("stage %d (%s) failed on %s after %d attempt%s: %s: %s", st.index, st.name,
+      where, attempts, attempts == 1 and "" or "s", kind, msg),
+    traceback = tb}, DataError), 0)
+end
+
+function E.describe_desc(d)
+  if d.kind == "range" then return format("rows %d-%d of the range", d.lo, d.hi) end
+  if d.kind == "items" then return format("items %d-%d", d.first, d.first + #d.items - 1) end
+  if d.kind == "binary" then return format("files %s...", tostring(d.paths[1])) end
+  return format("%s bytes %d-%d", d.path, d.start, d.stop)
+end
+
+-- -- Stages ----------------------------------------------------------------
+
+-- A stage: what runs (rf for tasks, pool for actors), its input (the stage
+-- before it, or source descriptors), and its bookkeeping:
+--   running   units submitted and not finished
+--   done      seq -> metadata of finished output blocks not yet consumed
+--   pending   input blocks taken from the stage before, not yet batched
+local Stage = {}
+Stage.__index = Stage
+
+local function new_stage(ex, def, index)
+  local st = setmetatable({ex = ex, def = def, index = index, name = def.name,
+    kind = def.kind, running = 0, n_done = 0, done = {}, next_read = 1, next_seq = 1,
+    next_idx = 1, pending = {}, pending_rows = 0, retry = {}, cap = def.max_in_flight,
+    sizes = nil,
+    st = {name = def.name, kind = def.kind == "actors" and "actor pool" or "tasks",
+      rows_in = 0, rows_out = 0, blocks = 0, units = 0, retries = 0, skipped_rows = 0,
+      skipped_batches = 0, busy_s = 0, peak_in_flight = 0, max_in_flight = def.max_in_flight,
+      first_start = nil, last_end = nil}}, Stage)
+  return st
+end
+
+function Stage:in_flight() return self.running + self.n_done end
+
+-- True when no more output will ever come from this stage's input.
+function Stage:input_ended()
+  if not self.input then return self.src_next > #self.descs end
+  return self.input:drained()
+end
+
+-- True when the stage has finished everything and its output was taken.
+function Stage:drained()
+  return self:input_ended() and self.running == 0 and self.pending_rows == 0
+    and #self.pending == 0 and #self.retry == 0 and self.n_done == 0
+    and (not self.barrier or self.barrier_done)
+end
+
+-- Takes the next finished output block (in order unless preserve_order is
+-- off, when seqs are given in completion order anyway).
+function Stage:take()
+  local m = self.done[self.next_read]
+  if m == nil then return nil end
+  self.done[self.next_read] = nil
+  self.next_read = self.next_read + 1
+  self.n_done = self.n_done - 1
+  return m
+end
+
+-- -- Units -----------------------------------------------------------------
+
+local function submit(ex, st, unit)
+  local t = now()
+  st.st.first_start = st.st.first_start or t
+  unit.t_submit = t
+  if st.kind == "actors" then
+    local a = st.pool:pick()
+    unit.actor = a
+    a.inflight = a.inflight + 1
+    unit.ref = a.h:run(unit.spec, unpack(unit.args, 1, unit.args.n or #unit.args))
+  else
+    unit.ref = st.rf:remote(unit.spec, unpack(unit.args, 1, unit.args.n or #unit.args))
+  end
+  ex.inflight[unit.ref:id()] = unit
+  ex.n_inflight = ex.n_inflight + 1
+  st.running = st.running + 1
+  st.st.units = st.st.units + 1
+  local f = st:in_flight()
+  if f > st.st.peak_in_flight then st.st.peak_in_flight = f end
+end
+
+local function store_output(st, unit, meta)
+  local seq = unit.seq
+  if not st.ex.preserve_order or not seq then seq = st.next_seq; st.next_seq = st.next_seq + 1 end
+  st.done[seq] = meta
+  st.n_done = st.n_done + 1
+end
+
+-- A finished unit: its metadata, or its failure.
+local function complete(ex, unit)
+  local st = unit.stage
+  ex.inflight[unit.ref:id()] = nil
+  ex.n_inflight = ex.n_inflight - 1
+  st.running = st.running - 1
+  if unit.actor then unit.actor.inflight = unit.actor.inflight - 1 end
+  local ok, meta = pcall(tide.get, unit.ref)
+  unit.ref = nil
+  local t = now()
+  st.st.last_end = t
+  if ok then
+    local s = st.st
+    s.rows_in = s.rows_in + (meta.n_in or 0)
+    s.rows_out = s.rows_out + meta.n
+    s.skipped_rows = s.skipped_rows + (meta.skipped or 0)
+    s.skipped_batches = s.skipped_batches + (meta.skipped_batches or 0)
+    s.busy_s = s.busy_s + (meta.t or 0)
+    s.blocks = s.blocks + 1
+    if meta.bytes then
+      ex.bytes_written = ex.bytes_written + meta.bytes
+      ex.files[#ex.files + 1] = meta.path
+    end
+    if unit.actor then unit.actor.busy = unit.actor.busy + (meta.t or 0) end
+    meta.t, meta.n_in, meta.skipped, meta.skipped_batches = nil, nil, nil, nil
+    store_output(st, unit, meta)
+    return
+  end
+  local err = meta
+  local kind = type(err) == "table" and err.kind or "Error"
+  if unit.actor and kind == "ActorDiedError" then
+    local msg = type(err) == "table" and tostring(err.message) or tostring(err)
+    if msg:find("init failed", 1, true) or msg:find("infeasible", 1, true) then
+      fail(ex, st, unit, err, unit.attempts)
+    end
+    st.pool:replace(unit.actor)
+  end
+  if kind == "TaskCancelledError" and ex.stopping then return end
+  if unit.attempts <= st.def.max_retries then
+    unit.attempts = unit.attempts + 1
+    st.st.retries = st.st.retries + 1
+    st.retry[#st.retry + 1] = unit
+    return
+  end
+  if st.def.on_error == "skip" then
+    st.st.skipped_batches = st.st.skipped_batches + 1
+    st.st.skipped_rows = st.st.skipped_rows + (unit.rows or 0)
+    st.st.rows_in = st.st.rows_in + (unit.rows or 0)
+    store_output(st, unit, {n = 0})
+    return
+  end
+  fail(ex, st, unit, err, unit.attempts)
+end
+
+-- -- Actor pools -------------------------------------------------------------
+
+local Pool = {}
+Pool.__index = Pool
+
+local function new_pool(ex, st)
+  local def = st.def
+  local cmin, cmax = def.concurrency[1], def.concurrency[2]
+  local p = setmetatable({ex = ex, st = st, actors = {}, min = cmin, max = cmax,
+    per_actor = def.per_actor or 2, class = def.class, started = 0, replaced = 0,
+    dead_time = 0, dead_busy = 0, peak = 0}, Pool)
+  for _ = 1, cmin do p:add() end
+  return p
+end
+
+function Pool:add()
+  local h = self.class:remote(self.st.def.init_args)
+  local a = {h = h, inflight = 0, busy = 0, t0 = now()}
+  self.actors[#self.actors + 1] = a
+  self.started = self.started + 1
+  if #self.actors > self.peak then self.peak = #self.actors end
+  return a
+end
+
+-- An idle actor first, else the least loaded one with room, else nil.
+function Pool:pick()
+  local best
+  for _, a in ipairs(self.actors) do
+    if a.inflight == 0 then return a end
+    if a.inflight < self.per_actor and (not best or a.inflight < best.inflight) then best = a end
+  end
+  return best
+end
+
+-- A dead actor leaves the pool and a fresh one (init again) takes its place.
+function Pool:replace(a)
+  for i, b in ipairs(self.actors) do
+    if b == a then
+      table.remove(self.actors, i)
+      self.dead_time = self.dead_time + (now() - a.t0)
+      self.dead_busy = self.dead_busy + a.busy
+      pcall(tide.kill, a.h)
+      self.replaced = self.replaced + 1
+      self:add()
+      return
+    end
+  end
+end
+
+-- Grows the pool by one while batches wait and every actor is busy.
+function Pool:autoscale(queued)
+  if queued > 0 and #self.actors < self.max then
+    for _, a in ipairs(self.actors) do if a.inflight == 0 then return end end
+    self:add()
+  end
+end
+
+function Pool:utilization(t_end)
+  local alive, busy = self.dead_time, self.dead_busy
+  for _, a in ipairs(self.actors) do alive = alive + (t_end - a.t0); busy = busy + a.busy end
+  return alive > 0 and min(1, busy / alive) or 0
+end
+
+function Pool:shutdown()
+  for _, a in ipairs(self.actors) do pcall(tide.kill, a.h) end
+end
+
+-- -- Scheduling ----------------------------------------------------------------
+
+-- Makes one batch unit out of the first `k` pending rows.
+local function take_batch(st, k)
+  local slices, args, first = {}, {n = 0}, st.rows_batched + 1
+  local got = 0
+  while got < k do
+    local b = st.pending[1]
+    local take = min(k - got, b.n - b.off)
+    args.n = args.n + 1
+    args[args.n] = b.ref
+    slices[#slices + 1] = {args.n, b.off + 1, b.off + take}
+    b.off = b.off + take
+    got = got + take
+    if b.off >= b.n then table.remove(st.pending, 1) end
+  end
+  st.pending_rows = st.pending_rows - k
+  st.rows_batched = st.rows_batched + k
+  local idx = st.next_idx
+  st.next_idx = idx + 1
+  return {stage = st, seq = idx, idx = idx, spec = {slices = slices, idx = idx}, args = args,
+    attempts = 1, rows = k, first = first, last = first + k - 1}
+end
+
+-- Takes an output block of the stage before into this stage's pending
+-- input: a block, or the parts it was cut into for this stage's batches.
+local function absorb(st, m)
+  if m.n == 0 then return end
+  if m.parts then
+    for _, p in ipairs(m.parts) do st.pending[#st.pending + 1] = {ref = p.ref, n = p.n, off = 0} end
+  else
+    st.pending[#st.pending + 1] = {ref = m.ref, n = m.n, off = 0}
+  end
+  st.pending_rows = st.pending_rows + m.n
+end
+
+-- Whether the stage can start one more unit now.
+local function has_room(st)
+  if st:in_flight() >= st.cap then return false end
+  if st.kind == "actors" then return st.pool:pick() ~= nil end
+  return true
+end
+
+local function schedule_stage(ex, st)
+  -- Retries first: they are the oldest work.
+  while #st.retry > 0 and has_room(st) do
+    submit(ex, st, table.remove(st.retry, 1))
+  end
+  if not st.input then
+    -- A source: one unit per descriptor, paused while the store is full.
+    while st.src_next <= #st.descs and has_room(st) do
+      if ex.store_full and ex.n_inflight > 0 then break end
+      local i = st.src_next
+      st.src_next = i + 1
+      local d = st.descs[i]
+      if not d.skip then
+        local args = {n = 0}
+        if d.chain then args = {n = 1, ex:line_base(st, i)} end
+        local idx = st.next_idx
+        st.next_idx = idx + 1
+        local unit = {stage = st, seq = idx, idx = idx, spec = {desc = d, idx = idx}, args = args, attempts = 1}
+        if d.kind == "range" then unit.rows, unit.first, unit.last = d.hi - d.lo + 1, d.lo, d.hi
+        elseif d.kind == "items" then unit.rows, unit.first, unit.last = #d.items, d.first, d.first + #d.items - 1 end
+        submit(ex, st, unit)
+      elseif d.chain then
+        ex:line_base(st, i) -- keep the line-number chain going past other shards' blocks
+      end
+    end
+    return
+  end
+  -- Take input blocks while a batch is not complete (so a batch wider than
+  -- the stage before's buffer never deadlocks).
+  local input = st.input
+  local want = st.def.batch_size or 1
+  while true do
+    if st.barrier then
+      local m = input:take()
+      if not m then break end
+      absorb(st, m)
+    else
+      if st.pending_rows >= want or not has_room(st) then break end
+      local m = input:take()
+      if not m then break end
+      absorb(st, m)
+    end
+  end
+  local ended = input:drained()
+  if st.barrier then
+    -- repartition: once every input block is in, n units of equal rows.
+    if not ended then return end
+    if not st.sizes then
+      local n, total = st.def.repartition, st.pending_rows
+      st.sizes, st.size_next = {}, 1
+      for i = 1, n do st.sizes[i] = floor(i * total / n) - floor((i - 1) * total / n) end
+    end
+    while st.size_next <= #st.sizes and has_room(st) do
+      local k = st.sizes[st.size_next]
+      st.size_next = st.size_next + 1
+      submit(ex, st, take_batch(st, k))
+    end
+    if st.size_next > #st.sizes then st.barrier_done = true end
+    return
+  end
+  local bs = st.def.batch_size
+  while st.pending_rows > 0 and has_room(st) do
+    local k
+    if bs then
+      if st.pending_rows < bs and not ended then break end
+      k = min(bs, st.pending_rows)
+    else
+      k = st.pending[1].n - st.pending[1].off -- one batch per input block
+    end
+    submit(ex, st, take_batch(st, k))
+    -- Blocks keep arriving while we batch; take more if a batch is short.
+    while st.pending_rows < (bs or 1) and has_room(st) do
+      local m = input:take()
+      if not m then break end
+      absorb(st, m)
+    end
+  end
+  if st.pool then
+    -- Queue depth: batches waiting here plus blocks waiting in the stage before.
+    local queued = (bs and floor(st.pending_rows / bs) or #st.pending) + input.n_done
+    st.pool:autoscale(queued + #st.retry)
+  end
+end
+
+-- -- The executor ----------------------------------------------------------------
+
+local Exec = {}
+Exec.__index = Exec
+
+-- The store figures of the whole cluster: this node's own now, plus every
+-- other node's as of its last heartbeat (tide.nodes lists them on a head).
+local function store_stats(cluster)
+  local s = tide.stats()
+  local used, cap, spilled = s.store_used or 0, s.store_capacity or 0, s.spilled_bytes or 0
+  if cluster then
+    local ok, nodes = pcall(tide.nodes)
+    if ok then
+      for i = 2, #nodes do
+        local ns = nodes[i].stats
+        if ns then
+          used = used + (ns.store_used or 0)
+          cap = cap + (ns.store_capacity or 0)
+          spilled = spilled + (ns.spilled_bytes or 0)
+        end
+      end
+    end
+  end
+  return used, cap, spilled
+end
+
+-- E.new(defs, opts): defs are the compiled stages (see tide.data's
+-- compile); opts: preserve_order, progress.
+function E.new(defs, opts)
+  local ex = setmetatable({stages = {}, inflight = {}, n_inflight = 0, preserve_order = opts.preserve_order,
+    progress = opts.progress, progress_interval = opts.progress_interval or 5, t0 = now(), bytes_written = 0,
+    files = {}, peak_store = 0,
+    peak_spilled = 0, store_full = false, last_sample = 0, last_progress = now(),
+    tty = W.isatty(2), lines_drawn = 0, completions = 0, final_rows = 0, chains = {},
+    count_rf = opts.count_rf}, Exec)
+  local okn, nodes = pcall(tide.nodes)
+  ex.cluster = okn and #nodes > 1
+  local _, cap, spilled = store_stats(ex.cluster)
+  ex.store_capacity = cap
+  ex.spilled0 = spilled
+  for i, def in ipairs(defs) do
+    local st = new_stage(ex, def, i)
+    st.rows_batched = 0
+    if i == 1 then st.descs, st.src_next = def.descs, 1
+    else st.input = ex.stages[i - 1] end
+    if def.repartition then st.barrier = true end
+    if def.kind == "actors" then st.pool = new_pool(ex, st) else st.rf = def.rf end
+    ex.stages[i] = st
+  end
+  ex.final = ex.stages[#ex.stages]
+  return ex
+end
+
+-- The ref (or number) of the count of lines before source block i, made
+-- by a chain of small counting tasks (each adds its block's lines to the
+-- count before it), so read tasks run in parallel and still number lines
+-- exactly.
+function Exec:line_base(st, i)
+  local d = st.descs[i]
+  if d.first_in_file then
+    self.chains[d.path] = {i = i, base = 0}
+    return 0
+  end
+  local c = self.chains[d.path]
+  local p = st.descs[c.i]
+  c.base = self.count_rf:remote(c.base, p.path, p.start, p.stop, p.size)
+  c.i = i
+  return c.base
+end
+
+function Exec:sample(force)
+  local t = now()
+  if not force and t - self.last_sample < (self.cluster and 0.25 or 0.05) then return end
+  self.last_sample = t
+  local used, _, spilled = store_stats(self.cluster)
+  if used > self.peak_store then self.peak_store = used end
+  local sp = spilled - self.spilled0
+  if sp > self.peak_spilled then self.peak_spilled = sp end
+  self.store_used = used
+  self.store_full = self.store_capacity > 0 and used > 0.7 * self.store_capacity
+end
+
+local function fmt_bytes(b)
+  if b >= 2^30 then return format("%.1f GiB", b / 2^30) end
+  if b >= 2^20 then return format("%.1f MiB", b / 2^20) end
+  if b >= 2^10 then return format("%.1f KiB", b / 2^10) end
+  return format("%d B", b)
+end
+E.fmt_bytes = fmt_bytes
+
+function Exec:progress_lines()
+  local t = now() - self.t0
+  local lines = {}
+  for _, st in ipairs(self.stages) do
+    local s = st.st
+    local extra = ""
+    if st.pool then extra = format(", %d actors", #st.pool.actors) end
+    lines[#lines + 1] = format("tide.data stage %d %s: %d rows (%.0f rows/s), %d in flight%s",
+      st.index, st.name, s.rows_out, t > 0 and s.rows_out / t or 0, st:in_flight(), extra)
+  end
+  lines[#lines + 1] = format("tide.data store: %s used, %.1f s", fmt_bytes(self.store_used or 0), t)
+  return lines
+end
+
+-- A live block of lines on a terminal (redrawn in place), a plain line every
+-- few seconds otherwise; never a line per block.
+function Exec:show_progress(final)
+  if not self.progress then return end
+  local t = now()
+  local every = self.tty and 0.2 or self.progress_interval
+  if not final and t - self.last_progress < every then return end
+  self.last_progress = t
+  local lines = self:progress_lines()
+  if self.tty then
+    local out = {}
+    if self.lines_drawn > 0 then out[1] = format("\27[%dA", self.lines_drawn) end
+    for _, l in ipairs(lines) do out[#out + 1] = "\r\27[2K" .. l .. "\n" end
+    io.stderr:write(concat(out))
+    self.lines_drawn = #lines
+  elseif not final then
+    io.stderr:write(concat(lines, "; "), "\n")
+  end
+  io.stderr:flush()
+end
+
+-- One round: submit what the bounds allow (downstream first, so blocks
+-- move on before new ones are made), then wait for some unit to finish.
+function Exec:step()
+  for i = #self.stages, 1, -1 do schedule_stage(self, self.stages[i]) end
+  if self.n_inflight == 0 then return false end
+  local refs, n = {}, 0
+  for _, u in pairs(self.inflight) do n = n + 1; refs[n] = u.ref end
+  local ready = tide.wait(refs, {num_returns = 1, timeout = 0.2})
+  if #ready > 0 then
+    ready = tide.wait(refs, {num_returns = n, timeout = 0})
+    for _, r in ipairs(ready) do
+      local u = self.inflight[r:id()]
+      if u then complete(self, u) end
+      self.completions = self.completions + 1
+    end
+    -- Dropped refs free their objects only once collected.
+    if self.completions >= 8 or self.store_full then
+      self.completions = 0
+      W.collect(self.store_full)
+    end
+  end
+  self:sample()
+  self:show_progress(false)
+  return true
+end
+
+-- The next output block's metadata of the last stage, or nil at the end.
+function Exec:next_output()
+  local fs = self.final
+  while true do
+    local m = fs:take()
+    if m then
+      self.final_rows = self.final_rows + m.n
+      return m
+    end
+    if fs:drained() then
+      self:finish()
+      return nil
+    end
+    if not self:step() then
+      -- Nothing runs: schedule once more (input may have just ended).
+      for i = #self.stages, 1, -1 do schedule_stage(self, self.stages[i]) end
+      if self.n_inflight == 0 and not fs.done[fs.next_read] and not fs:drained() then
+        self:shutdown()
+        error("tide.data: the pipeline stalled (no work can be started); this is a bug", 0)
+      end
+    end
+  end
+end
+
+function Exec:finish()
+  if self.finished then return end
+  self.finished = true
+  self:sample(true)
+  self.t_end = now()
+  self:show_progress(true)
+  for _, st in ipairs(self.stages) do if st.pool then st.pool:shutdown() end end
+end
+
+-- Stops early (take(n), an error): cancels running units, ends the pools.
+function Exec:shutdown()
+  if self.finished then return end
+  self.stopping = true
+  for _, u in pairs(self.inflight) do pcall(tide.cancel, u.ref) end
+  self.inflight, self.n_inflight = {}, 0
+  self:finish()
+end
+
+-- The run's statistics (see docs/data.md).
+function Exec:stats()
+  local t_end = self.t_end or now()
+  local stages = {}
+  for i, st in ipairs(self.stages) do
+    local s = {}
+    for k, v in pairs(st.st) do s[k] = v end
+    s.time_s = (s.first_start and s.last_end) and (s.last_end - s.first_start) or 0
+    s.first_start, s.last_end = nil, nil
+    if st.pool then
+      s.actors = st.pool.peak
+      s.actors_started = st.pool.started
+      s.actors_replaced = st.pool.replaced
+      s.utilization = st.pool:utilization(t_end)
+    end
+    stages[i] = s
+  end
+  local files = {}
+  for i, f in ipairs(self.files) do files[i] = f end
+  table.sort(files) -- part names sort in output order
+  return {rows = self.final_rows, wall_s = t_end - self.t0, stages = stages,
+    peak_store_bytes = self.peak_store, peak_spilled_bytes = self.peak_spilled,
+    store_capacity = self.store_capacity, bytes_written = self.bytes_written,
+    files = files}
+end
+
+return E

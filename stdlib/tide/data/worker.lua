@@ -1,0 +1,436 @@
+-- tide.data.worker: the code tide.data's tasks and pool actors run. It is
+-- captured by name (required again on the worker), so the remote functions
+-- the executor makes carry only their plan: the user's functions and a few
+-- options. A unit of work reads one source block (or gathers one batch from
+-- the blocks given as arguments), applies the stage's batch function and
+-- its fused row operations, and either puts the result into the object
+-- store or, for a fused sink, writes it to one file.
+local tide = require("tide")
+local ffi = require("ffi")
+
+local type, select, error, pcall, xpcall, tostring, tonumber =
+  type, select, error, pcall, xpcall, tostring, tonumber
+local format, concat = string.format, table.concat
+local open, rename, remove = io.open, os.rename, os.remove
+
+local W = {}
+
+-- -- Clock ---------------------------------------------------------------
+
+-- A monotonic clock with sub-second resolution (os.time has seconds,
+-- os.clock counts CPU time only, which would hide time spent waiting).
+pcall(ffi.cdef, [[
+typedef struct { long tv_sec; long tv_nsec; } td_data_timespec;
+int clock_gettime(int clk, td_data_timespec *ts);
+int isatty(int fd);
+int getpid(void);
+]])
+local ts = ffi.new("td_data_timespec")
+function W.now()
+  ffi.C.clock_gettime(1, ts) -- CLOCK_MONOTONIC
+  return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
+end
+function W.isatty(fd) return ffi.C.isatty(fd) == 1 end
+local now = W.now
+
+-- A full garbage collection, so that refs this process dropped release
+-- their objects in the store; but at most 5% of the time: with a large
+-- heap (a model, a vocabulary) one collection costs more, and runs less
+-- often (unless forced: the store is filling up).
+local gc_cost, gc_last = 0, -1e9
+function W.collect(force)
+  local t = now()
+  if not force and t - gc_last < 20 * gc_cost then return end
+  collectgarbage()
+  gc_last = now()
+  gc_cost = gc_last - t
+end
+
+-- -- Sources -------------------------------------------------------------
+
+local function open_file(path)
+  local f, err = open(path, "rb")
+  if not f then error("tide.data: cannot open " .. tostring(err), 0) end
+  return f
+end
+
+-- Reads the text of the lines that START in bytes [start, stop) of path:
+-- a block owns a line when the line begins inside it, so lines are never
+-- split between blocks and none is read twice. Returns the text (ending
+-- at a line end, or at the end of the file) or "".
+local function read_range_text(path, start, stop)
+  local f = open_file(path)
+  local pos = start
+  if start > 0 then
+    f:seek("set", start - 1)
+    local c = f:read(1)
+    if c ~= "\n" then
+      local rest = f:read("*l") -- the end of a line owned by the block before
+      pos = start + (rest and #rest + 1 or 0)
+    end
+  end
+  if pos >= stop then f:close(); return "" end
+  local chunk = f:read(stop - pos) or ""
+  if #chunk > 0 and chunk:sub(-1) ~= "\n" then
+    local rest = f:read("*l") -- finish the last line, owned by this block
+    if rest then chunk = chunk .. rest .. "\n" end
+  end
+  f:close()
+  return chunk
+end
+
+-- Calls fn(line) for each line of text, without the "\n" (and "\r").
+local function each_line(text, fn)
+  local i, n = 1, #text
+  while i <= n do
+    local j = text:find("\n", i, true)
+    local line = text:sub(i, (j or n + 1) - 1)
+    if line:byte(-1) == 13 then line = line:sub(1, -2) end
+    fn(line)
+    if not j then break end
+    i = j + 1
+  end
+end
+
+-- The number of lines that start in bytes [start, stop) of a file of
+-- `size` bytes: the line at 0, plus one per "\n" at q with q + 1 in range.
+function W.count_lines(base, path, start, stop, size)
+  local n = (start == 0 and size > 0) and 1 or 0
+  local a = (start > 0 and start or 1) - 1
+  if stop - 1 > a then
+    local f = open_file(path)
+    f:seek("set", a)
+    local s = f:read(stop - 1 - a) or ""
+    f:close()
+    local _, k = s:gsub("\n", "")
+    n = n + k
+  end
+  return base + n
+end
+
+-- Splits one CSV record (RFC 4180 quoting, no newlines inside fields).
+local function csv_fields(line, sep, where)
+  local out, i, n = {}, 1, #line
+  while true do
+    if line:sub(i, i) == '"' then
+      local buf, j = {}, i + 1
+      while true do
+        local q = line:find('"', j, true)
+        if not q then error(format("tide.data: %s: unterminated quoted field", where), 0) end
+        buf[#buf + 1] = line:sub(j, q - 1)
+        if line:sub(q + 1, q + 1) == '"' then buf[#buf + 1] = '"'; j = q + 2
+        else j = q + 1; break end
+      end
+      out[#out + 1] = concat(buf)
+      if j > n then break end
+      if line:sub(j, j) ~= sep then
+        error(format("tide.data: %s: text after a closing quote", where), 0)
+      end
+      i = j + 1
+    else
+      local s = line:find(sep, i, true)
+      if not s then out[#out + 1] = line:sub(i); break end
+      out[#out + 1] = line:sub(i, s - 1)
+      i = s + 1
+    end
+  end
+  return out
+end
+W.csv_fields = csv_fields
+
+-- Reads one source block into an array of rows. `base` is the number of
+-- lines of the file before the block (read_lines only).
+function W.read_source(d, base)
+  local rows, n = {}, 0
+  local k = d.kind
+  if k == "range" then
+    for i = d.lo, d.hi do n = n + 1; rows[n] = {id = i} end
+  elseif k == "items" then
+    rows = d.items
+  elseif k == "lines" then
+    local line_no, path = base or 0, d.path
+    each_line(read_range_text(path, d.start, d.stop), function(s)
+      line_no = line_no + 1
+      n = n + 1; rows[n] = {text = s, path = path, line = line_no}
+    end)
+  elseif k == "jsonl" then
+    local cjson = require("cjson")
+    local decode = cjson.decode
+    each_line(read_range_text(d.path, d.start, d.stop), function(s)
+      if s:find("%S") then
+        local ok, v = pcall(decode, s)
+        if not ok then
+          error(format("tide.data: %s (bytes %d-%d): bad JSON line %q: %s",
+            d.path, d.start, d.stop, s:sub(1, 80), tostring(v)), 0)
+        end
+        n = n + 1; rows[n] = v
+      end
+    end)
+  elseif k == "csv" then
+    local f = open_file(d.path)
+    local header = f:read("*l") or ""
+    f:close()
+    if header:byte(-1) == 13 then header = header:sub(1, -2) end
+    local cols = csv_fields(header, d.sep, d.path .. ": header")
+    local start = d.start
+    if start == 0 then start = #header + 1 end -- the header is not a row
+    if start < d.stop then
+      each_line(read_range_text(d.path, start, d.stop), function(s)
+        if s ~= "" then
+          local v = csv_fields(s, d.sep, d.path)
+          if #v ~= #cols then
+            error(format("tide.data: %s: a record has %d fields, the header %d: %q",
+              d.path, #v, #cols, s:sub(1, 80)), 0)
+          end
+          local row = {}
+          for c = 1, #cols do row[cols[c]] = v[c] end
+          n = n + 1; rows[n] = row
+        end
+      end)
+    end
+  elseif k == "binary" then
+    for i = 1, #d.paths do
+      local f = open_file(d.paths[i])
+      local s = f:read("*a") or ""
+      f:close()
+      rows[i] = {path = d.paths[i], bytes = s}
+    end
+  else
+    error("tide.data: unknown source kind " .. tostring(k), 0)
+  end
+  return rows
+end
+
+-- -- Sinks ---------------------------------------------------------------
+
+local function csv_quote(v, sep)
+  local s = v == nil and "" or tostring(v)
+  if s:find('[' .. sep .. '"\r\n]') then s = '"' .. s:gsub('"', '""') .. '"' end
+  return s
+end
+
+-- Writes rows to dir/part-NNNNNN.<ext> through a temporary name and a
+-- rename, so a reader never sees a partial file. Returns the path and the
+-- bytes written.
+local function write_block(sink, idx, rows)
+  local name = format("part-%06d.%s", idx, sink.format)
+  local path = sink.dir .. "/" .. name
+  local tmp = format("%s/.%s.tmp-%d", sink.dir, name, ffi.C.getpid())
+  local parts = {}
+  if sink.format == "jsonl" then
+    local encode = require("cjson").encode
+    for i = 1, #rows do parts[i] = encode(rows[i]) end
+  else
+    local cols = sink.columns
+    if not cols then
+      local seen = {}
+      cols = {}
+      for i = 1, #rows do
+        for key in pairs(rows[i]) do
+          if not seen[key] then seen[key] = true; cols[#cols + 1] = key end
+        end
+      end
+      table.sort(cols, function(a, b) return tostring(a) < tostring(b) end)
+    end
+    local line = {}
+    for c = 1, #cols do line[c] = csv_quote(cols[c], ",") end
+    parts[1] = concat(line, ",")
+    for i = 1, #rows do
+      local r = rows[i]
+      for c = 1, #cols do line[c] = csv_quote(r[cols[c]], ",") end
+      parts[i + 1] = concat(line, ",")
+    end
+  end
+  parts[#parts + 1] = ""
+  local body = concat(parts, "\n")
+  local f, err = open(tmp, "wb")
+  if not f then error("tide.data: cannot write " .. tostring(err), 0) end
+  local ok, werr = f:write(body)
+  local cok, cerr = f:close()
+  if not ok or not cok then
+    remove(tmp)
+    error(format("tide.data: writing %s failed: %s", tmp, tostring(werr or cerr)), 0)
+  end
+  local rok, rerr = rename(tmp, path)
+  if not rok then
+    remove(tmp)
+    error(format("tide.data: renaming %s to %s failed: %s", tmp, path, tostring(rerr)), 0)
+  end
+  return path, #body
+end
+
+-- -- Running a unit ---------------------------------------------------------
+
+-- Applies a run of row operations (map, filter) to rows. A row whose
+-- function raises is dropped and counted when that operation skips errors;
+-- otherwise the error names the row (and its path:line) and carries the
+-- traceback.
+local function apply_rows(ops, first, last, rows, label)
+  local out, n, skipped = {}, 0, 0
+  local k = first -- the operation running, for the error
+  local function one(r)
+    for j = first, last do
+      k = j
+      local op = ops[j]
+      if op.kind == "filter" then
+        if not op.fn(r) then return nil end
+      else
+        local v = op.fn(r)
+        if v == nil then error("map returned nil (use filter to drop rows)", 2) end
+        r = v
+      end
+    end
+    return r
+  end
+  local any_skip = false
+  for j = first, last do if ops[j].skip then any_skip = true end end
+  local i = 0
+  local function fail(err)
+    local r, where = rows[i], ""
+    if type(r) == "table" and r.path and r.line then where = format(" (%s:%d)", tostring(r.path), r.line) end
+    error(format("%s: %s failed on row %d of the block%s: %s", label, ops[k].kind, i, where, err), 0)
+  end
+  local tb = function(e) return debug.traceback(tostring(e), 2) end
+  if any_skip then
+    for j = 1, #rows do
+      i = j
+      local ok, r = xpcall(one, tb, rows[j])
+      if not ok then
+        if ops[k].skip then skipped = skipped + 1 else fail(r) end
+      elseif r ~= nil then n = n + 1; out[n] = r end
+    end
+    return out, skipped
+  end
+  local ok, err = xpcall(function()
+    for j = 1, #rows do
+      i = j
+      local r = one(rows[j])
+      if r ~= nil then n = n + 1; out[n] = r end
+    end
+  end, tb)
+  if not ok then fail(err) end
+  return out, 0
+end
+
+local function check_batch_out(out, label)
+  if type(out) ~= "table" then
+    error(format("%s: the batch function must return an array of rows, got %s", label, type(out)), 0)
+  end
+  return out
+end
+
+-- A map_batches fused into this stage: batches of batch_size cut from the
+-- block (the block's last batch shorter). With skip, a batch whose function
+-- raises is dropped and counted.
+local function apply_batches(op, rows, label, acc)
+  local bs = op.batch_size or #rows
+  if bs >= #rows then
+    if op.skip then
+      local ok, out = pcall(op.fn, rows)
+      if ok then return check_batch_out(out, label) end
+      acc.skipped, acc.batches = acc.skipped + #rows, acc.batches + 1
+      return {}
+    end
+    return check_batch_out(op.fn(rows), label)
+  end
+  local out, n = {}, 0
+  for lo = 1, #rows, bs do
+    local batch = {}
+    for j = lo, math.min(#rows, lo + bs - 1) do batch[j - lo + 1] = rows[j] end
+    local ok, res = true
+    if op.skip then ok, res = pcall(op.fn, batch) else res = op.fn(batch) end
+    if ok then
+      check_batch_out(res, label)
+      for j = 1, #res do n = n + 1; out[n] = res[j] end
+    else
+      acc.skipped, acc.batches = acc.skipped + #batch, acc.batches + 1
+    end
+  end
+  return out
+end
+
+-- Applies the stage's fused operations in order: runs of row operations,
+-- and map_batches fused in. Returns rows, {skipped rows, skipped batches}.
+local function apply_ops(ops, rows, label)
+  local acc = {skipped = 0, batches = 0}
+  local i, nops = 1, #ops
+  while i <= nops do
+    if ops[i].kind == "batch" then
+      rows = apply_batches(ops[i], rows, label, acc)
+      i = i + 1
+    else
+      local j = i
+      while j < nops and ops[j + 1].kind ~= "batch" do j = j + 1 end
+      local sk
+      rows, sk = apply_rows(ops, i, j, rows, label)
+      acc.skipped = acc.skipped + sk
+      i = j + 1
+    end
+  end
+  return rows, acc
+end
+
+-- Gathers one batch: spec.slices holds {arg index, first, last} over the
+-- blocks passed as the extra arguments (resolved by Tide before the call).
+local function gather(slices, ...)
+  if #slices == 1 then
+    local s = slices[1]
+    local b = select(s[1], ...)
+    if s[2] == 1 and s[3] == #b then return b end
+  end
+  local rows, n = {}, 0
+  for i = 1, #slices do
+    local s = slices[i]
+    local b = select(s[1], ...)
+    for j = s[2], s[3] do n = n + 1; rows[n] = b[j] end
+  end
+  return rows
+end
+
+-- Runs one unit of a stage. plan: {batch_fn?, call?, ops, sink?, label};
+-- self is the pool actor's state (nil in a task).
+function W.run(plan, self, spec, ...)
+  -- Refs from earlier units of this worker keep their objects alive until
+  -- collected; collect now so the store holds only live blocks.
+  W.collect()
+  local t0 = now()
+  local rows
+  if spec.desc then rows = W.read_source(spec.desc, (...))
+  else rows = gather(spec.slices, ...) end
+  local n_in = #rows
+  if plan.batch_fn or plan.call then
+    local out
+    if plan.call then out = plan.call(self, rows) else out = plan.batch_fn(rows) end
+    rows = check_batch_out(out, plan.label)
+  end
+  local acc
+  rows, acc = apply_ops(plan.ops, rows, plan.label)
+  local meta = {n = #rows, n_in = n_in, skipped = acc.skipped, skipped_batches = acc.batches}
+  if plan.sink then
+    if #rows > 0 then meta.path, meta.bytes = write_block(plan.sink, spec.idx, rows) end
+  else
+    local k = plan.split_rows
+    if k and #rows > k then
+      -- Cut for the next stage's batches, so that each of its calls decodes
+      -- only the rows of its batch, not whole blocks.
+      local parts = {}
+      for lo = 1, #rows, k do
+        local part = {}
+        for j = lo, math.min(#rows, lo + k - 1) do part[j - lo + 1] = rows[j] end
+        parts[#parts + 1] = {ref = tide.put(part), n = #part}
+      end
+      meta.parts = parts
+    else
+      meta.ref = tide.put(rows)
+    end
+  end
+  meta.t = now() - t0
+  return meta
+end
+
+-- A pool actor's constructor: runs the user's init once.
+function W.actor_init(self, user, args)
+  if user.init then user.init(self, unpack(args or {})) end
+end
+
+return W
