@@ -992,7 +992,22 @@ static void td__give_back(td_node_t *n, td_wk_t *wk) {
  * until the task finishes. Returns whether it pinned one. */
 static int td__put_value(td_node_t *n, td_buf_t *b, uint64_t id, int pin, int remote) {
   td_obj_t *o = td__obj(n, id);
-  if (!o || o->state == OBJ_PENDING || td__obj_resident(n, o) != 0) {
+  int rc = !o || o->state == OBJ_PENDING ? TD_ENOTFOUND : td__obj_resident(n, o);
+  if (rc && o && o->loc == LOC_SPILLED && rc != TD_EIO && rc != TD_ENOTFOUND &&
+      (remote != 2 || o->len <= TD_CHUNK) && o->len <= UINT32_MAX) {
+    /* The store is full of values in use and cannot take it back: it
+     * travels from the spill file, inline (it was not lost). */
+    size_t at = b->len;
+    td_buf_u8(b, TD_V_INLINE);
+    td_buf_u32(b, (uint32_t)o->len);
+    td_buf_reserve(b, o->len);
+    if (td_spill_read(n->spill, o->off, b->p + b->len, o->len) == 0) {
+      b->len += o->len;
+      return 0;
+    }
+    b->len = at;
+  }
+  if (rc) {
     td_buf_u8(b, TD_V_LOST);
     return 0;
   }

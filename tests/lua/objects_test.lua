@@ -178,6 +178,38 @@ t.local_test("objects whose total exceeds the store spill to disk and come back 
   t.eq(tide.get(len:remote(refs[1])), 3 * MiB)
 end)
 
+t.local_test("a spilled argument the full store cannot take back reaches its task (not ObjectLostError)", function()
+  -- Results stream in while tasks that read them run: the store fills with
+  -- values in use, so a spilled argument cannot come back into it.
+  local make = tide.remote(function(i) return string.rep(string.char(65 + i % 26), MiB) end)
+  local len = tide.remote({num_returns = 2}, function(s) return #s, s:byte(1) end)
+  local pending, index, outs = {}, {}, {}
+  for i = 1, 80 do
+    pending[i] = make:remote(i)
+    index[pending[i]] = i
+  end
+  while #pending > 0 do
+    local ready
+    ready, pending = tide.wait(pending, {num_returns = 1})
+    for _, r in ipairs(ready) do
+      local n, c = len:remote(r)
+      outs[#outs + 1] = {n, c, index[r]}
+    end
+    collectgarbage()
+  end
+  local bad, first = 0, nil
+  for _, o in ipairs(outs) do
+    local ok, n = pcall(tide.get, o[1])
+    local ok2, c = pcall(tide.get, o[2])
+    if not (ok and ok2 and n == MiB and c == 65 + o[3] % 26) then
+      bad = bad + 1
+      first = first or tostring(ok and c or n)
+    end
+  end
+  t.eq(#outs, 80)
+  t.ok(bad == 0, bad .. " of 80 tasks did not get their spilled argument: " .. tostring(first))
+end)
+
 t.local_test("a value larger than the whole store gives a clear error naming the capacity", function()
   local err = t.raises(function() tide.put(string.rep("x", STORE + MiB)) end, "too large")
   t.ok(tostring(err):find(tostring(STORE), 1, true),
