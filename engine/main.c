@@ -894,12 +894,18 @@ static int td__start(int argc, char **argv) {
         if (join) printf("tide: joined the head at %s\n", join);
         printf("attach with:\n  bin/tide run --address local SCRIPT.lua\n  bin/tide repl --address local\n"
                "  bin/tide status\n");
-        if (port > 0 && head && loopback_only)
+        if (port > 0 && head && loopback_only) {
+          printf("join a node on this machine (a session directory of its own):\n"
+                 "  TIDE_SESSION_DIR=/tmp/tide-node1 bin/tide start --address %s:%d --key %s\n",
+                 bind_host, port, keyf);
           printf("other machines cannot reach it: it listens on %s only (start it with --host ADDR, or "
                  "--host 0.0.0.0 for every interface, to let them join)\n", bind_host);
-        else if (port > 0)
+        } else if (port > 0) {
+          const char *h = head && strcmp(bind_host, "0.0.0.0") && strcmp(bind_host, "::") ? bind_host : "HOST";
           printf("from another machine (copy the key, mode 0600):\n"
-                 "  bin/tide run --address HOST:%d --key %s SCRIPT.lua\n", port, keyf);
+                 "  bin/tide start --address %s:%d --key cluster.key     # join as a node\n"
+                 "  bin/tide run --address %s:%d --key cluster.key SCRIPT.lua\n", h, port, h, port);
+        }
         printf("stop with:\n  bin/tide stop\n");
         return 0;
       }

@@ -20,6 +20,13 @@ out=$($T start --head --num-cpus 2 --port $PORT 2>&1)
 check "start --head starts a node in the background" '[ $? -eq 0 ] && echo "$out" | grep -q "node started"' "$out"
 check "the session directory is private (0700)" '[ "$(stat -c %a "$TIDE_SESSION_DIR")" = 700 ]'
 check "the node socket is private (0600)" '[ "$(stat -c %a "$TIDE_SESSION_DIR/node.sock")" = 600 ]'
+# The banner's join command, run as printed (its own session directory),
+# joins a node.
+join=$(echo "$out" | sed -n 's|^  TIDE_SESSION_DIR=[^ ]* bin/tide start |start |p')
+jout=$(TIDE_SESSION_DIR="$W/joined" $T $join 2>&1); jst=$?
+check "the head's banner prints a join command, and it joins a node" \
+  '[ -n "$join" ] && [ $jst -eq 0 ] && grep -q "joined the head" "$W/joined/node.log"' "$out $jout"
+TIDE_SESSION_DIR="$W/joined" $T stop >/dev/null 2>&1
 out=$($T start --head 2>&1)
 check "a second start is refused while one runs" '[ $? -ne 0 ] && echo "$out" | grep -q "already running"' "$out"
 
