@@ -16,6 +16,9 @@ void td_ser_init(td_ser_t *s) {
 void td_ser_free(td_ser_t *s) {
   td_buf_free(&s->buf);
   td_buf_free(&s->path);
+  free(s->seen.keys);
+  free(s->seen.gens);
+  free(s->seen.vals);
   free(s->segs);
   free(s->refs);
   free(s->deps);
@@ -27,9 +30,49 @@ static void td__ser_reset(td_ser_t *s) {
   td_buf_reset(&s->path);
   s->nsegs = s->nrefs = s->ndeps = 0;
   s->size = s->segbytes = 0;
-  s->err[0] = 0;
+  s->err[0] = s->why[0] = 0;
   s->depth = 0;
   s->nseen = 0;
+  s->seen.len = 0;
+  if (++s->seen.gen == 0) {  /* wrapped: stale slots could look current */
+    if (s->seen.cap) memset(s->seen.gens, 0, s->seen.cap * sizeof(uint32_t));
+    s->seen.gen = 1;
+  }
+}
+
+/* -- The seen-tables set ------------------------------------------------------- */
+
+static size_t td__ptr_hash(const void *p, size_t cap) {
+  uint64_t h = (uint64_t)(uintptr_t)p * 0x9E3779B97F4A7C15ull;
+  return (size_t)(h >> 17) & (cap - 1);
+}
+
+/* The index t was given when first encoded, or -1 (then it gets `next`). */
+static long td__seen_get_or_add(td_ser_t *s, const void *t, uint32_t next) {
+  if ((s->seen.len + 1) * 2 > s->seen.cap) {
+    size_t oc = s->seen.cap, nc = oc ? oc * 2 : 64;
+    const void **ok = s->seen.keys;
+    uint32_t *og = s->seen.gens, *ov = s->seen.vals;
+    s->seen.keys = td_xcalloc(nc, sizeof(void *));
+    s->seen.gens = td_xcalloc(nc, sizeof(uint32_t));
+    s->seen.vals = td_xcalloc(nc, sizeof(uint32_t));
+    s->seen.cap = nc;
+    for (size_t i = 0; i < oc; i++) {
+      if (og[i] != s->seen.gen) continue;
+      size_t j = td__ptr_hash(ok[i], nc);
+      while (s->seen.gens[j] == s->seen.gen) j = (j + 1) & (nc - 1);
+      s->seen.keys[j] = ok[i], s->seen.gens[j] = s->seen.gen, s->seen.vals[j] = ov[i];
+    }
+    free(ok), free(og), free(ov);
+  }
+  size_t j = td__ptr_hash(t, s->seen.cap);
+  while (s->seen.gens[j] == s->seen.gen) {
+    if (s->seen.keys[j] == t) return (long)s->seen.vals[j];
+    j = (j + 1) & (s->seen.cap - 1);
+  }
+  s->seen.keys[j] = t, s->seen.gens[j] = s->seen.gen, s->seen.vals[j] = next;
+  s->seen.len++;
+  return -1;
 }
 
 static void td__push_id(uint64_t **v, int *n, int *cap, uint64_t id) {
@@ -40,21 +83,29 @@ static void td__push_id(uint64_t **v, int *n, int *cap, uint64_t id) {
   (*v)[(*n)++] = id;
 }
 
-/* Records an error naming the value's place: `what, field "a.b"`. */
+/* Records why encoding failed; the place ("field a.b") is added while the
+ * failure unwinds (td__path_prepend) and the message composed at the top
+ * (td__ser_compose), so the way down costs nothing. */
 static int td__ser_fail(td_ser_t *s, const char *what, const char *fmt, const char *arg) {
-  char msg[256], whatbuf[48];
-  snprintf(msg, sizeof(msg), fmt, arg);
+  snprintf(s->why, sizeof(s->why), fmt, arg);
+  s->what = what;
+  td_buf_reset(&s->path);
+  return TD_ESER;
+}
+
+static void td__ser_compose(td_ser_t *s) {
+  char whatbuf[48];
+  const char *what = s->what;
   /* Argument names are formatted only when something fails. */
   if (!what) {
     snprintf(whatbuf, sizeof(whatbuf), "argument %d", s->argi);
     what = whatbuf;
   }
   if (s->path.len)
-    snprintf(s->err, sizeof(s->err), "%s (%s, field \"%.*s\")", msg, what,
+    snprintf(s->err, sizeof(s->err), "%s (%s, field \"%.*s\")", s->why, what,
              (int)s->path.len, (const char *)s->path.p);
   else
-    snprintf(s->err, sizeof(s->err), "%s (%s)", msg, what);
-  return TD_ESER;
+    snprintf(s->err, sizeof(s->err), "%s (%s)", s->why, what);
 }
 
 static int td__is_ref(lua_State *L, int idx) {
@@ -65,46 +116,41 @@ static int td__is_ref(lua_State *L, int idx) {
   return eq;
 }
 
-/* Appends a key to the error path; returns the old length to restore. */
-static size_t td__path_push(td_ser_t *s, lua_State *L, int kidx) {
-  size_t old = s->path.len;
+/* A failure under key kidx unwinds through this table: the key goes in
+ * front of the place found so far. */
+static void td__path_prepend(td_ser_t *s, lua_State *L, int kidx) {
+  char tmp[64];
+  const char *k = tmp;
+  size_t n;
   if (lua_type(L, kidx) == LUA_TSTRING) {
-    size_t n;
-    const char *k = lua_tolstring(L, kidx, &n);
-    if (old) td_buf_u8(&s->path, '.');
-    td_buf_put(&s->path, k, n);
+    k = lua_tolstring(L, kidx, &n);
   } else if (lua_type(L, kidx) == LUA_TNUMBER) {
-    char tmp[48];
-    int n = snprintf(tmp, sizeof(tmp), "[%.14g]", lua_tonumber(L, kidx));
-    td_buf_put(&s->path, tmp, (size_t)n);
+    n = (size_t)snprintf(tmp, sizeof(tmp), "[%.14g]", lua_tonumber(L, kidx));
   } else {
-    char tmp[48];
-    int n = snprintf(tmp, sizeof(tmp), "[<%s>]", luaL_typename(L, kidx));
-    td_buf_put(&s->path, tmp, (size_t)n);
+    n = (size_t)snprintf(tmp, sizeof(tmp), "[<%s>]", luaL_typename(L, kidx));
   }
-  return old;
+  int dot = s->path.len && s->path.p[0] != '[';
+  size_t old = s->path.len, add = n + (size_t)dot;
+  td_buf_reserve(&s->path, add);
+  memmove(s->path.p + add, s->path.p, old);
+  memcpy(s->path.p, k, n);
+  if (dot) s->path.p[n] = '.';
+  s->path.len = old + add;
 }
 
 static int td__ser(td_ser_t *s, lua_State *L, int idx, const char *what);
 
 static int td__ser_table(td_ser_t *s, lua_State *L, int idx, const char *what) {
   /* Shared and cyclic tables are sent once and referred back to. */
-  lua_pushvalue(L, idx);
-  lua_rawget(L, s->seen);
-  if (!lua_isnil(L, -1)) {
-    uint32_t at = (uint32_t)lua_tointeger(L, -1);
-    lua_pop(L, 1);
+  long at = td__seen_get_or_add(s, lua_topointer(L, idx), (uint32_t)s->nseen);
+  if (at >= 0) {
     td_buf_u8(&s->buf, TD_T_BACK);
-    td_buf_u32(&s->buf, at);
+    td_buf_u32(&s->buf, (uint32_t)at);
     return 0;
   }
-  lua_pop(L, 1);
-  lua_pushvalue(L, idx);
-  lua_pushinteger(L, s->nseen++);
-  lua_rawset(L, s->seen);
+  s->nseen++;
 
   size_t narr = lua_objlen(L, idx);
-  size_t nhash = 0;
   int allnum = 1;
   for (size_t i = 1; i <= narr; i++) {
     lua_rawgeti(L, idx, (int)i);
@@ -112,41 +158,46 @@ static int td__ser_table(td_ser_t *s, lua_State *L, int idx, const char *what) {
     if (lua_type(L, -1) != LUA_TNUMBER) allnum = 0;
     lua_pop(L, 1);
   }
-  lua_pushnil(L);
-  while (lua_next(L, idx)) {
-    lua_pop(L, 1);
-    if (lua_type(L, -1) == LUA_TNUMBER) {
-      lua_Number k = lua_tonumber(L, -1);
-      if (k >= 1 && k <= (lua_Number)narr && k == (lua_Number)(size_t)k) continue;
-    }
-    nhash++;
-  }
-  if (allnum && nhash == 0 && narr >= 16) {
-    td_buf_u8(&s->buf, TD_T_NUMARR);
-    td_buf_u32(&s->buf, (uint32_t)narr);
-    td_buf_reserve(&s->buf, narr * 8);
-    for (size_t i = 1; i <= narr; i++) {
-      lua_rawgeti(L, idx, (int)i);
-      double v = lua_tonumber(L, -1);
+  if (allnum && narr >= 16) {
+    /* A plain array of numbers, if nothing else is in the table. */
+    lua_pushnil(L);
+    int other = 0;
+    while (!other && lua_next(L, idx)) {
       lua_pop(L, 1);
-      memcpy(s->buf.p + s->buf.len, &v, 8);
-      s->buf.len += 8;
+      lua_Number k = lua_type(L, -1) == LUA_TNUMBER ? lua_tonumber(L, -1) : 0;
+      other = !(k >= 1 && k <= (lua_Number)narr && k == (lua_Number)(size_t)k);
+      if (other) lua_pop(L, 1);
     }
-    return 0;
+    if (!other) {
+      td_buf_u8(&s->buf, TD_T_NUMARR);
+      td_buf_u32(&s->buf, (uint32_t)narr);
+      td_buf_reserve(&s->buf, narr * 8);
+      for (size_t i = 1; i <= narr; i++) {
+        lua_rawgeti(L, idx, (int)i);
+        double v = lua_tonumber(L, -1);
+        lua_pop(L, 1);
+        memcpy(s->buf.p + s->buf.len, &v, 8);
+        s->buf.len += 8;
+      }
+      return 0;
+    }
   }
   td_buf_u8(&s->buf, TD_T_TABLE);
   td_buf_u32(&s->buf, (uint32_t)narr);
-  td_buf_u32(&s->buf, (uint32_t)nhash);
+  size_t nhash_at = s->buf.len;  /* counted while writing, patched after */
+  td_buf_u32(&s->buf, 0);
   for (size_t i = 1; i <= narr; i++) {
     lua_rawgeti(L, idx, (int)i);
-    lua_pushinteger(L, (lua_Integer)i);
-    size_t old = td__path_push(s, L, lua_gettop(L));
-    lua_pop(L, 1);
     int rc = td__ser(s, L, lua_gettop(L), what);
+    if (rc) {
+      lua_pushinteger(L, (lua_Integer)i);
+      td__path_prepend(s, L, lua_gettop(L));
+      lua_pop(L, 2);
+      return rc;
+    }
     lua_pop(L, 1);
-    if (rc) return rc;
-    s->path.len = old;
   }
+  uint32_t nhash = 0;
   lua_pushnil(L);
   while (lua_next(L, idx)) {
     int k = lua_gettop(L) - 1, v = lua_gettop(L);
@@ -157,13 +208,17 @@ static int td__ser_table(td_ser_t *s, lua_State *L, int idx, const char *what) {
         continue;
       }
     }
-    size_t old = td__path_push(s, L, k);
     int rc = td__ser(s, L, k, what);
     if (!rc) rc = td__ser(s, L, v, what);
-    if (rc) { lua_pop(L, 2); return rc; }
-    s->path.len = old;
+    if (rc) {
+      td__path_prepend(s, L, k);
+      lua_pop(L, 2);
+      return rc;
+    }
+    nhash++;
     lua_pop(L, 1);
   }
+  memcpy(s->buf.p + nhash_at, &nhash, 4);
   return 0;
 }
 
@@ -330,18 +385,17 @@ static void td__ser_finish(td_ser_t *s) {
 int td_ser_value(td_ser_t *s, lua_State *L, int idx, const char *what) {
   if (idx < 0) idx = lua_gettop(L) + idx + 1;
   td__ser_reset(s);
-  lua_newtable(L);
-  s->seen = lua_gettop(L);
+  int top = lua_gettop(L);
   int rc = td__ser(s, L, idx, what);
-  lua_settop(L, s->seen - 1);
+  lua_settop(L, top);
+  if (rc == TD_ESER) td__ser_compose(s);
   td__ser_finish(s);
   return rc;
 }
 
 int td_ser_args(td_ser_t *s, lua_State *L, int first, int n) {
   td__ser_reset(s);
-  lua_newtable(L);
-  s->seen = lua_gettop(L);
+  int top = lua_gettop(L);
   td_buf_u32(&s->buf, (uint32_t)n);
   int rc = 0;
   for (int i = 0; i < n && !rc; i++) {
@@ -356,7 +410,8 @@ int td_ser_args(td_ser_t *s, lua_State *L, int first, int n) {
     s->argi = i + 1;
     rc = td__ser(s, L, idx, NULL);
   }
-  lua_settop(L, s->seen - 1);
+  lua_settop(L, top);
+  if (rc == TD_ESER) td__ser_compose(s);
   td__ser_finish(s);
   return rc;
 }

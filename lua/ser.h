@@ -44,11 +44,21 @@ typedef struct td_ser {
   int ndeps, capdeps;
   size_t size;        /* total encoded size, segments included */
   size_t segbytes;    /* bytes of the segments so far */
-  td_buf_t path;      /* where we are, for error messages */
+  td_buf_t path;      /* on failure: where it failed ("a.b[2]"), built while unwinding */
   char err[512];      /* set when encoding fails */
+  char why[256];      /* on failure: what went wrong, before the place is added */
+  const char *what;   /* on failure: what the value is ("return value"), or NULL */
   int depth;
   int argi;           /* with what == NULL: "argument <argi>" in errors */
-  int seen;           /* stack index of the seen-tables table */
+  /* Tables already encoded (shared and cyclic ones are sent once): an
+   * open-addressing set of table pointers; a slot counts only when its
+   * generation is the current one, so a new encoding clears it in O(1). */
+  struct {
+    const void **keys;
+    uint32_t *gens, *vals;
+    size_t cap, len;
+    uint32_t gen;
+  } seen;
   int nseen;
 } td_ser_t;
 
