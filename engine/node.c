@@ -25,352 +25,9 @@
 #include "pkg.h"
 #include "ser.h"
 
-#define TD_PIPELINE 32          /* tasks queued at one leased worker */
-#define TD_CHUNK (8u << 20)     /* values above this cross nodes in chunks */
-#define TD_CHUNKS_OUT 4         /* chunks asked for at once, per object */
-#define TD__NOWHERE UINT32_MAX  /* a placement group bundle whose node died */
-#define TD_TASK_TAIL 256        /* pooled task records hold ids and args up to this */
-#define TD_POOL_MAX 4096        /* free records kept for reuse, of each kind */
-#define TD_ACTORS_PER_HOST 4096 /* lightweight actors per shared process */
+#include "node_int.h"
 
-/* -- Records --------------------------------------------------------------- */
-
-enum { OBJ_PENDING, OBJ_READY, OBJ_ERROR };
-enum { LOC_NONE, LOC_INLINE, LOC_SHM, LOC_SPILLED };
-/* T_FETCHING: done on a node, its large result still coming in chunks;
- * kept so that it can run again if that node dies first (lineage). */
-enum { T_WAITDEPS, T_QUEUED, T_SENT, T_DONE, T_FETCHING };
-/* WK_NODE: on a head, the link to a node that joined it; WK_HEAD: on a
- * node, its link to the head; WK_PEER: between two nodes, for chunks of
- * objects only. Links are neither workers nor clients. */
-enum { WK_TASK, WK_HOST, WK_GPUHOST, WK_CLIENT, WK_NODE, WK_HEAD, WK_PEER };
-enum { A_PENDING, A_ALIVE, A_RESTARTING, A_DEAD };
-
-typedef struct td_task td_task_t;
-typedef struct td_actor td_actor_t;
-
-/* On a node: a worker's request passed on to the head, until it answers. */
-typedef struct td_relay {
-  uint64_t wk_id;
-  uint32_t req;
-} td_relay_t;
-
-/* On a node: a NODE_TASK held until its package arrives from the head. */
-typedef struct td_parked {
-  char key[1024];        /* a package hash, or the head's path of a working dir */
-  uint8_t *msg;
-  uint32_t len;
-  struct td_parked *next;
-} td_parked_t;
-
-/* On a node: a working directory the head named by its path, shipped as
- * a package; looked up again after a minute (the head may have changed it). */
-typedef struct td_wdmap {
-  char path[1024];
-  char hash[TD_PKG_HASH_LEN + 1];
-  double at;
-  struct td_wdmap *next;
-} td_wdmap_t;
-
-/* On a node: work its head sent it, until the results go back. */
-typedef struct td_fwd {
-  uint64_t task;         /* the head's task id */
-  uint8_t kind;          /* TD_K_* */
-  int32_t nret;
-  uint64_t *rets;
-  uint64_t actor;
-  uint32_t items_sent;   /* streams: items sent to the head so far */
-} td_fwd_t;
-
-typedef struct td_obj {
-  uint64_t id;
-  uint8_t state;         /* OBJ_* */
-  uint8_t loc;           /* LOC_* */
-  uint8_t is_stream;     /* a streaming generator's handle object */
-  uint8_t stream_done;
-  uint8_t *data;         /* inline bytes or error blob, owned */
-  size_t len;            /* value size */
-  size_t off;            /* shm or spill offset */
-  int64_t refs;          /* handles, in-flight holds, containment */
-  int32_t pins;          /* readers that must not see it move */
-  uint64_t *contained;   /* refs this value holds, owned */
-  uint32_t ncontained;
-  td_task_t *producer;   /* running producer, for cancel */
-  td_task_t **waiters;   /* tasks waiting for it as a dependency */
-  uint32_t nwaiters, capwaiters;
-  uint64_t *items;       /* stream items, held (0: released by the consumer) */
-  uint32_t nitems, capitems;
-  uint32_t window;       /* stream: unreleased items its producer may run ahead (0: any) */
-  uint32_t released;     /* stream: items released by the consumer */
-  uint64_t last_use;     /* LRU clock for spilling */
-  td_fwd_t *fwd;         /* a return of work the head sent this node */
-  uint8_t foreign;       /* a record of another node's object: holds one ref there */
-  uint8_t pulling;       /* its value was asked for */
-  uint8_t chunked;       /* being fetched in chunks into its extent (off, len) */
-  uint8_t away;          /* head: a task's large result, made and kept on node up - 1 (len
-                            bytes), fetched here only when something here needs it */
-  uint8_t told;          /* node: a fetch the head directed, to report (TD_M_HAVE) */
-  uint32_t up;           /* node index + 1 to fetch it from (0: by its id) */
-  uint64_t asked, got;   /* chunks: bytes asked for and received */
-  uint64_t src;          /* chunks: the id of the link they come from */
-  struct td_copies *copies; /* head: the nodes that have or fetch it (large objects) */
-} td_obj_t;
-
-/* Head: a node that has, or fetches, a large object (see Peers). */
-typedef struct td_copy {
-  uint32_t node;         /* the node that has it, or fetches it */
-  uint32_t from;         /* where it fetches from (0: the head) */
-  uint32_t load;         /* fetches from it under way */
-  uint8_t done;          /* it has the whole value */
-} td_copy_t;
-
-typedef struct td_copies {
-  uint32_t load;         /* fetches from the head itself under way */
-  uint32_t n, cap;
-  td_copy_t *c;
-} td_copies_t;
-
-/* A chunk another node asked for before it landed here. */
-typedef struct td_cwait {
-  uint64_t wk, id, off;
-  uint32_t len;
-} td_cwait_t;
-#define TD_CWAIT_MAX 4096
-
-/* A node that went silent on this one, and until when it is not asked. */
-typedef struct td_shun {
-  uint32_t index;
-  double until;
-} td_shun_t;
-#define TD_SHUN_MAX 16
-#define TD_SHUN_S 300.0
-
-/* An object this node fetches from another node: when a chunk last came. */
-typedef struct td_ppull {
-  uint64_t id, wk;
-  double at;
-} td_ppull_t;
-
-struct td_task {
-  uint64_t id;
-  td_spec_t spec;        /* arrays and args owned by the task */
-  uint8_t state;         /* T_* */
-  uint8_t cancelled;
-  uint8_t force_cancel;
-  uint32_t deps_pending;
-  int32_t retries_left;
-  uint32_t attempt;
-  int res_idx[TD_NRES_MAX];  /* resolved demand: index, amount */
-  double res_amt[TD_NRES_MAX];
-  int nres;
-  td_wk_t *wk;           /* where it was sent */
-  td_actor_t *actor;     /* for actor calls and creations */
-  double sent_at;        /* when it was sent to its worker */
-  uint8_t slow;          /* not known to be short when sent */
-  uint8_t node_held;     /* sent to a node link holding: 1 its resources, 2 a bundle's */
-  uint8_t pooled;        /* a TD_TASK_TAIL record, reused from n->task_pool */
-  uint8_t restored;      /* a detached actor's creation, restored by a restarted head */
-  uint8_t has_away;      /* a task with arguments kept on other nodes (td_obj_t away) */
-  uint64_t owner;        /* the client (or head link) whose work it is: prints go there */
-  uint64_t owner_task;   /* on a node: the head's id of this task */
-  int32_t held_bundle;   /* node_held 2: the bundle of its placement group */
-  uint32_t spread_to;    /* SPREAD: 1 + the index of the busy node whose turn it took, to wait there */
-  td_task_t *prev, *next;/* links in the queue it is on */
-  void *on;              /* the queue it is on, NULL if none */
-};
-
-typedef struct td_tq {
-  td_task_t *head, *tail;
-  int len;
-} td_tq_t;
-
-struct td_wk {
-  uint64_t id;
-  pid_t pid;
-  int kind;              /* WK_* */
-  int dead;
-  td_chan_t ch;
-  td_tq_t inflight;      /* tasks and calls sent, in order */
-  int leased;            /* holds lease resources for its task shape */
-  double lease[TD_NRES_MAX];
-  uint64_t lease_pg;
-  int lease_bundle;
-  int blocked;
-  int nactors;
-  int gpus[16], ngpus;
-  td_map_t fns_sent;     /* function ids this worker has */
-  td_map_t held, pinned; /* a worker's or client's refs and pins by object id, given back when it dies */
-  int exit_status;
-  td_map_t allocs;       /* shm extents lent by TD_M_ALLOC: off+1 -> len */
-  int nslow;             /* inflight tasks not known to be short */
-  int remote;            /* a client over TCP: no shared memory */
-  double last_done;      /* when its last task finished */
-  /* Node links (WK_NODE, WK_HEAD): */
-  uint32_t node_index;
-  int joined;            /* WK_NODE: its resources are known */
-  uint32_t fns_upto;     /* function definitions sent so far (n->fn_order) */
-  char name[64];
-  double ntotal[TD_NRES_MAX], navail[TD_NRES_MAX]; /* by this node's resource index */
-  td_node_stats_t nstats; /* a joined node's own figures, from its last heartbeat */
-  int has_nstats;
-  double last_seen;      /* last message from the other side */
-  uint64_t sink_id;      /* a TD_M_CHUNK read straight into the store: its object */
-  uint64_t sink_off;     /* its offset in the value */
-  uint32_t sink_len;     /* its length */
-  uint32_t sink_left;    /* bytes of it still to read (0: none) */
-  char peer_host[64];    /* WK_NODE: the address its link came from */
-  uint32_t peer_port;    /* WK_NODE: where it listens for other nodes (0: nowhere) */
-  void *bridge;          /* WK_PEER opened here: the connection's handle (peer_close) */
-};
-
-/* Running time of a function, to decide whether queueing behind it is
- * safe: short tasks pipeline, long or unknown ones do not. */
-typedef struct td_fnstat {
-  double avg;            /* seconds, moving average */
-  uint32_t n;
-} td_fnstat_t;
-#define TD_SHORT_TASK 0.002
-
-struct td_actor {
-  uint64_t id;
-  td_task_t *create;     /* the creation task, kept for restarts */
-  int state;             /* A_* */
-  td_wk_t *host;
-  uint64_t owner;        /* client that created it (0: the node's driver) */
-  int restarts_left;
-  int res_held;
-  uint32_t pg_share;     /* 1 + the placement group bundle whose share it holds (0: none) */
-  td_tq_t queue;         /* calls not sent yet, in order */
-  char *reason;          /* why it died */
-  int gpus[16], ngpus;
-  td_wk_t *res_node;     /* the node link whose resources it holds */
-  uint32_t fwd_attempt;  /* on a node: the head's incarnation (0: not the head's) */
-  uint8_t crashed;       /* it died by a crash, not by a kill or its own exit */
-};
-
-typedef struct td_req {
-  td_wk_t *wk;
-  uint32_t req;
-  int op;                /* TD_M_GET / WAIT / STREAM_NEXT */
-  uint64_t *ids;
-  uint32_t n, num;
-  double deadline;       /* 0 = none */
-  struct td_req *next;
-} td_req_t;
-
-typedef struct td_pg {
-  uint64_t id;
-  int strategy;
-  int nb;
-  double (*total)[TD_NRES_MAX];
-  double (*avail)[TD_NRES_MAX];
-  int created, removed;
-  uint64_t ready_id;
-  char name[64];
-  uint32_t *where;       /* per bundle, once created: the index of its node */
-  uint64_t owner;        /* the client that made it (0: the node's driver) */
-  uint8_t detached;      /* outlives its owner (and the head: persisted) */
-  uint8_t holds_ready;   /* restored: the group itself holds its ready object */
-  uint32_t *hint;        /* restored: per bundle, 1 + the node it should go to (0: any) */
-  struct td_adoptee *adopt; /* restored: its detached actors still running on nodes */
-  struct td_pg *next;
-} td_pg_t;
-
-/* A restored group's detached actor that a rejoining node still runs: it
- * is adopted there if its bundle is placed on that node. */
-typedef struct td_adoptee {
-  uint64_t actor;
-  uint32_t attempt, node;
-  int bundle;
-  struct td_adoptee *next;
-} td_adoptee_t;
-
-typedef struct td_fnblob {
-  size_t len;
-  uint8_t data[];
-} td_fnblob_t;
-
-struct td_node {
-  td_store_t *store;
-  size_t inline_max;
-  int nres;
-  char resname[TD_NRES_MAX][32];
-  double total[TD_NRES_MAX], avail[TD_NRES_MAX];
-  double gpu_free[64];   /* free fraction of each GPU id */
-  int ngpus;
-  td_map_t objs, tasks, actors, fns, fnstats;
-  td_wk_t **wks;
-  int nwks, capwks;
-  td_tq_t queue;         /* runnable tasks and actor creations */
-  td_req_t *reqs;        /* pending worker requests */
-  td_pg_t *pgs;
-  uint64_t next_seq, next_task, next_wk;
-  td_spill_t *spill;     /* where objects the store has no room for go (spill.h) */
-  uint64_t clock;
-  int dirty;             /* objects changed since requests were checked */
-  char exe[PATH_MAX];
-  td_rpc_cb rpc;
-  void *rpc_ud;
-  td_wk_t *rpc_wk;       /* whose request the RPC handler is running */
-  uint64_t submitter, submitter_task; /* owner of the tasks being submitted now */
-  td_buf_t tmp;
-  struct pollfd *pfds;
-  int cappfds;
-  int no_workers;        /* opts.no_workers */
-  int ext_fd;            /* extension fd (-1: none) */
-  td_node_cb ext_read, ext_tick;
-  void *ext_ud;
-  /* Cluster: */
-  uint32_t index;        /* this node's index; 0 = the head */
-  char name[64];
-  double node_timeout;   /* silence after which a link is dead */
-  double beat_at;        /* when heartbeats were last sent */
-  double tick_at;        /* when links were last checked */
-  td_wk_t *head;         /* a node's link to its head */
-  int nlinks;            /* a head's joined nodes */
-  uint32_t spread;       /* round robin for SPREAD */
-  uint32_t next_index;
-  double *gone_at;       /* head: by node index, when its node left (0: not while this head ran) */
-  int restoring;         /* re-creating persisted actors: they wait for nodes */
-  double adopt_until;    /* until then restored actors wait to be adopted (td__adopt) */
-  td_map_t fwd;          /* head task id -> td_fwd_t */
-  td_map_t pulls;        /* request id -> object id, values asked of a link */
-  td_map_t lineage;      /* node: object id -> td_fnblob_t, the spec of the task that makes it */
-  td_map_t lin_kept;     /* head: the same, sent by nodes; holds the spec's argument refs */
-  uint64_t *lin_out;     /* node: ids whose lineage goes to the head after this message */
-  int from_head;         /* node: submitting work the head sent (not this node's own) */
-  uint32_t nlin_out, caplin_out;
-  td_map_t relays;       /* request id -> td_relay_t, requests passed to the head */
-  td_map_t fwd_actors;   /* node: actor id -> its driver's client id, for the non-detached
-                          * actors forwarded to the head: they end when that driver leaves */
-  uint32_t next_pull;
-  uint64_t *fn_order;    /* function ids in the order registered */
-  uint32_t nfn_order, capfn_order;
-  uint64_t *fwd_ready;   /* returns of head work that changed */
-  uint32_t nfwd_ready, capfwd_ready;
-  struct td_parked *parked; /* head work waiting for its working-directory package */
-  struct td_wdmap *wdmap;   /* head paths of working dirs -> packages, fetched */
-  /* Node-to-node fetches (see Peers): */
-  int peer_port;         /* where this node listens for other nodes (0: nowhere) */
-  td_peer_open_cb peer_open;
-  td_peer_close_cb peer_close;
-  void *peer_ud;
-  struct td_cwait *cwait;   /* chunks other nodes asked for that have not landed here yet */
-  uint32_t ncwait, capcwait;
-  struct td_ppull *ppull;   /* objects being fetched from other nodes: their progress */
-  uint32_t nppull, capppull;
-  uint64_t bytes_sent, bytes_from_peers;
-  td_shun_t shun[TD_SHUN_MAX]; /* nodes not asked for chunks until then (they went silent) */
-  uint32_t nshun;
-  /* Free task and object records, reused: no malloc per task. */
-  void **task_pool, **obj_pool;
-  int ntask_pool, nobj_pool;
-};
-
-static void td__sched(td_node_t *n);
-static void td__task_fail(td_node_t *n, td_task_t *t, const char *kind, const char *msg);
 static void td__actor_restart_or_die(td_node_t *n, td_actor_t *a, const char *why);
-static void td__actor_pump(td_node_t *n, td_actor_t *a);
 static void td__send_node_task(td_node_t *n, td_wk_t *wk, td_task_t *t);
 static void td__fwd_note(td_node_t *n, uint64_t id);
 static td_obj_t *td__obj_from_bytes(td_node_t *n, uint64_t id, int state, const uint8_t *p, size_t len);
@@ -393,32 +50,7 @@ static void td__task_finish(td_node_t *n, td_task_t *t);
 
 /* -- Queues ---------------------------------------------------------------- */
 
-static void tq_push(td_tq_t *q, td_task_t *t) {
-  if (t->on) { fprintf(stderr, "tide: BUG: task %llu queued twice\n", (unsigned long long)t->id); abort(); }
-  t->on = q;
-  t->next = NULL;
-  t->prev = q->tail;
-  if (q->tail) q->tail->next = t; else q->head = t;
-  q->tail = t;
-  q->len++;
-}
-static void tq_push_front(td_tq_t *q, td_task_t *t) {
-  if (t->on) { fprintf(stderr, "tide: BUG: task %llu queued twice\n", (unsigned long long)t->id); abort(); }
-  t->on = q;
-  t->prev = NULL;
-  t->next = q->head;
-  if (q->head) q->head->prev = t; else q->tail = t;
-  q->head = t;
-  q->len++;
-}
-static void tq_del(td_tq_t *q, td_task_t *t) {
-  if (t->on != q) { fprintf(stderr, "tide: BUG: task %llu not on that queue\n", (unsigned long long)t->id); abort(); }
-  t->on = NULL;
-  if (t->prev) t->prev->next = t->next; else q->head = t->next;
-  if (t->next) t->next->prev = t->prev; else q->tail = t->prev;
-  t->prev = t->next = NULL;
-  q->len--;
-}
+
 
 static void td__inflight_add(td_node_t *n, td_wk_t *wk, td_task_t *t) {
   tq_push(&wk->inflight, t);
@@ -430,7 +62,7 @@ static void td__inflight_add(td_node_t *n, td_wk_t *wk, td_task_t *t) {
   wk->nslow += t->slow;
 }
 
-static void td__take(double *pool, const td_task_t *t, double sign);
+void td__take(double *pool, const td_task_t *t, double sign);
 static td_pg_t *td__pg(td_node_t *n, uint64_t id);
 static void td__inflight_del(td_node_t *n, td_wk_t *wk, td_task_t *t) {
   tq_del(&wk->inflight, t);
@@ -470,7 +102,7 @@ static void td__put_lstr(td_buf_t *b, const char *s) {
   td_buf_u8(b, TD_T_STR);
   td_buf_str(b, s, strlen(s));
 }
-static void td__errblob(td_buf_t *b, const char *kind, const char *msg) {
+void td__errblob(td_buf_t *b, const char *kind, const char *msg) {
   td_buf_reset(b);
   td_buf_u8(b, TD_T_TABLE);
   td_buf_u32(b, 0);
@@ -484,9 +116,7 @@ static void td__errblob(td_buf_t *b, const char *kind, const char *msg) {
 
 uint64_t td_node_new_id(td_node_t *n) { return ++n->next_seq; }
 
-static td_obj_t *td__obj(td_node_t *n, uint64_t id) { return td_map_get(&n->objs, id); }
-
-static td_obj_t *td__obj_new(td_node_t *n, uint64_t id) {
+td_obj_t *td__obj_new(td_node_t *n, uint64_t id) {
   td_obj_t *o = td_map_get(&n->objs, id);
   if (o) return o;
   if (n->nobj_pool) {
@@ -557,7 +187,7 @@ void td_node_incref(td_node_t *n, uint64_t id) {
 }
 
 /* Drops k references; frees the object when none is left. */
-static void td__unref(td_node_t *n, td_obj_t *o, int64_t k) {
+void td__unref(td_node_t *n, td_obj_t *o, int64_t k) {
   o->refs = k > o->refs ? 0 : o->refs - k;
   if (o->refs > 0 || o->nwaiters) return;
   if (o->state != OBJ_PENDING || (o->foreign && !o->pulling)) td__obj_free(n, o);
@@ -662,7 +292,7 @@ static void td__wait_on(td_obj_t *o, td_task_t *t) {
 
 /* Gives a pending object its value. `data` is inline bytes (copied) or,
  * with shm, an extent the worker already filled. */
-static void td__obj_set(td_node_t *n, td_obj_t *o, int state, int shm, const uint8_t *data,
+void td__obj_set(td_node_t *n, td_obj_t *o, int state, int shm, const uint8_t *data,
                         size_t len, size_t off, const uint64_t *refs, uint32_t nrefs) {
   if (o->state != OBJ_PENDING) {  /* a duplicate result, e.g. after a retry */
     if (shm) td_store_free(n->store, off, len);
@@ -689,7 +319,7 @@ static void td__obj_set(td_node_t *n, td_obj_t *o, int state, int shm, const uin
   if (n->ncwait) td__cwait_serve(n, o->id);  /* other nodes asked for its chunks */
 }
 
-static void td__obj_fail(td_node_t *n, td_obj_t *o, const uint8_t *blob, size_t len) {
+void td__obj_fail(td_node_t *n, td_obj_t *o, const uint8_t *blob, size_t len) {
   if (o->is_stream) {
     /* A failed stream ends with one item that raises. */
     uint64_t item = td_node_new_id(n);
@@ -893,40 +523,15 @@ static double td__res_sum(td_node_t *n, int i, int avail) {
 double td_node_res_total(td_node_t *n, int i) { return td__res_sum(n, i, 0); }
 double td_node_res_avail(td_node_t *n, int i) { return td__res_sum(n, i, 1); }
 
-static td_pg_t *td__pg(td_node_t *n, uint64_t id) {
-  for (td_pg_t *pg = n->pgs; pg; pg = pg->next)
-    if (pg->id == id) return pg;
-  return NULL;
-}
 
-/* The pool a task draws from: the node's, or a placement group bundle's. */
-static double *td__pool(td_node_t *n, td_task_t *t, int *bundle) {
-  *bundle = -1;
-  if (!t->spec.pg_id) return n->avail;
-  td_pg_t *pg = td__pg(n, t->spec.pg_id);
-  if (!pg || !pg->created || pg->removed) return NULL;
-  if (t->spec.bundle >= 0) {
-    if (t->spec.bundle >= pg->nb) return NULL;
-    *bundle = t->spec.bundle;
-    return pg->avail[t->spec.bundle];
-  }
-  for (int b = 0; b < pg->nb; b++) {
-    int fits = 1;
-    for (int i = 0; i < t->nres; i++)
-      if (pg->avail[b][t->res_idx[i]] + 1e-9 < t->res_amt[i]) fits = 0;
-    if (fits) { *bundle = b; return pg->avail[b]; }
-  }
-  *bundle = 0;
-  return pg->avail[0];
-}
 
-static int td__fits(const double *pool, const td_task_t *t) {
+int td__fits(const double *pool, const td_task_t *t) {
   for (int i = 0; i < t->nres; i++)
     if (pool[t->res_idx[i]] + 1e-9 < t->res_amt[i]) return 0;
   return 1;
 }
 
-static void td__take(double *pool, const td_task_t *t, double sign) {
+void td__take(double *pool, const td_task_t *t, double sign) {
   for (int i = 0; i < t->nres; i++) pool[t->res_idx[i]] -= sign * t->res_amt[i];
 }
 
@@ -1159,7 +764,7 @@ static void td__task_finish(td_node_t *n, td_task_t *t) {
   td__task_free(n, t);
 }
 
-static void td__task_fail(td_node_t *n, td_task_t *t, const char *kind, const char *msg) {
+void td__task_fail(td_node_t *n, td_task_t *t, const char *kind, const char *msg) {
   char full[600];
   if (t->spec.name[0])
     snprintf(full, sizeof(full), "%s (task %s)", msg, t->spec.name);
@@ -1229,7 +834,7 @@ static void td__obj_wake(td_node_t *n, td_obj_t *o) {
 
 /* -- Actors ------------------------------------------------------------------------ */
 
-static void td__actor_pump(td_node_t *n, td_actor_t *a) {
+void td__actor_pump(td_node_t *n, td_actor_t *a) {
   if (a->state == A_DEAD) {
     while (a->queue.head) {
       td_task_t *t = a->queue.head;
@@ -1270,7 +875,7 @@ static void td__actor_release(td_node_t *n, td_actor_t *a) {
   a->res_held = 0;
 }
 
-static void td__actor_die(td_node_t *n, td_actor_t *a, const char *why) {
+void td__actor_die(td_node_t *n, td_actor_t *a, const char *why) {
   if (a->state == A_DEAD) return;
   a->state = A_DEAD;
   free(a->reason);
@@ -1380,7 +985,7 @@ static td_wk_t *td__pick_host(td_node_t *n, td_actor_t *a) {
  * spread, or ask for that node. A node runs what its head sends it as if
  * a local driver had submitted it, and sends the results back inline. */
 
-static td_wk_t *td__link(td_node_t *n, uint32_t index) {
+td_wk_t *td__link(td_node_t *n, uint32_t index) {
   for (int i = 0; i < n->nwks; i++) {
     td_wk_t *w = n->wks[i];
     if (w->kind == WK_NODE && w->joined && !w->dead && w->node_index == index) return w;
@@ -1566,129 +1171,11 @@ static int td__same_shape(td_wk_t *w, td_task_t *t, int bundle) {
   return !memcmp(shape, w->lease, sizeof(shape));
 }
 
-/* The pool of resources of the node with index idx (this one or a link). */
-static double *td__node_pool(td_node_t *n, uint32_t idx) {
-  if (idx == n->index) return n->avail;
-  td_wk_t *w = td__link(n, idx);
-  return w ? w->navail : NULL;
-}
 
-static int td__bundle_fits(td_node_t *n, const double *pool, const double *bundle) {
-  for (int i = 0; i < n->nres; i++)
-    if (pool[i] + 1e-9 < bundle[i]) return 0;
-  return 1;
-}
 
 /* Reserves every bundle of a placement group on the nodes its strategy
  * allows, or none: the choice is made on copies of the pools first. */
-static void td__pg_adopt(td_node_t *n, td_pg_t *pg);
 
-static int td__try_pg(td_node_t *n, td_pg_t *pg) {
-  if (pg->created || pg->removed) return 0;
-  /* Restored: placed once its nodes had time to rejoin and report the
-   * actors they still run in it (their bundles go to those nodes). */
-  if (pg->holds_ready && td_now() < n->adopt_until) return 0;
-  int k = 1 + n->nlinks, c;
-  uint32_t *idx = td_xmalloc((size_t)k * sizeof(uint32_t));
-  double (*av)[TD_NRES_MAX] = td_xmalloc((size_t)k * sizeof(*av));
-  int *used = td_xcalloc((size_t)k, sizeof(int)), *at = td_xmalloc((size_t)pg->nb * sizeof(int) + 1);
-  idx[0] = n->index;
-  memcpy(av[0], n->avail, sizeof(av[0]));
-  k = 1;
-  for (int i = 0; i < n->nwks; i++) {
-    td_wk_t *w = n->wks[i];
-    if (w->kind != WK_NODE || !w->joined || w->dead) continue;
-    idx[k] = w->node_index;
-    memcpy(av[k++], w->navail, sizeof(av[0]));
-  }
-  int ok = 1;
-  int strict_pack = pg->strategy == TD_PG_STRICT_PACK, pack = pg->strategy == TD_PG_PACK;
-  /* After a node died, only its bundles are placed again, around the rest
-   * (where[b] == TD__NOWHERE marks them). */
-  int repair = pg->where != NULL, home = -1, left = 0;
-  for (int b = 0; repair && b < pg->nb; b++) left += pg->where[b] != TD__NOWHERE;
-  if (repair && !left) {  /* every bundle was lost: place it afresh */
-    free(pg->where);
-    pg->where = NULL;
-    repair = 0;
-  }
-  for (int b = 0; repair && b < pg->nb; b++) {
-    at[b] = -1;
-    if (pg->where[b] == TD__NOWHERE) continue;
-    for (c = 0; c < k && idx[c] != pg->where[b]; c++) {}
-    at[b] = c < k ? c : -1;
-    if (c < k) used[c] = 1, home = c;
-  }
-  if (repair && strict_pack && home >= 0) {
-    for (int b = 0; b < pg->nb && ok; b++) {
-      if (pg->where[b] != TD__NOWHERE) continue;
-      if (!td__bundle_fits(n, av[home], pg->total[b])) ok = 0;
-      for (int i = 0; ok && i < n->nres; i++) av[home][i] -= pg->total[b][i];
-      at[b] = home;
-    }
-    goto decided;
-  }
-  if ((strict_pack || pack) && !repair) {
-    /* All on one node when some node has room for the sum (the node a
-     * restored group's bundles were on, first). */
-    double need[TD_NRES_MAX] = {0};
-    for (int b = 0; b < pg->nb; b++)
-      for (int i = 0; i < n->nres; i++) need[i] += pg->total[b][i];
-    c = k;
-    for (int b = 0; b < pg->nb && pg->hint && c == k; b++) {
-      if (!pg->hint[b]) continue;
-      for (c = 0; c < k && !(idx[c] + 1 == pg->hint[b] && td__bundle_fits(n, av[c], need)); c++) {}
-    }
-    if (c == k)
-      for (c = 0; c < k && !td__bundle_fits(n, av[c], need); c++) {}
-    if (c < k) {
-      for (int b = 0; b < pg->nb; b++) at[b] = c;
-    } else if (strict_pack) {
-      ok = 0;
-    }
-    if (c < k || strict_pack) goto decided;
-  }
-  for (int b = 0; b < pg->nb && ok; b++) {
-    int pick = -1;
-    if (repair && pg->where[b] != TD__NOWHERE) continue;
-    /* A restored group's bundle: the node it was on, first. */
-    for (c = 0; pg->hint && pg->hint[b] && c < k && pick < 0; c++)
-      if (idx[c] + 1 == pg->hint[b] && td__bundle_fits(n, av[c], pg->total[b])) pick = c;
-    /* SPREAD and STRICT_SPREAD: a node no other bundle has, first. */
-    if (!pack && pick < 0)
-      for (c = 0; c < k && pick < 0; c++)
-        if (!used[c] && td__bundle_fits(n, av[c], pg->total[b])) pick = c;
-    if (pick < 0 && pg->strategy != TD_PG_STRICT_SPREAD)
-      for (c = 0; c < k && pick < 0; c++)
-        if (td__bundle_fits(n, av[c], pg->total[b])) pick = c;
-    if (pick < 0) { ok = 0; break; }
-    at[b] = pick;
-    used[pick] = 1;
-    for (int i = 0; i < n->nres; i++) av[pick][i] -= pg->total[b][i];
-  }
-decided:
-  if (ok) {
-    if (!repair) pg->where = td_xmalloc((size_t)pg->nb * sizeof(uint32_t));
-    for (int b = 0; b < pg->nb; b++) {
-      if (repair && pg->where[b] != TD__NOWHERE) continue;
-      pg->where[b] = idx[at[b]];
-      double *pool = td__node_pool(n, pg->where[b]);
-      for (int i = 0; i < n->nres; i++) pool[i] -= pg->total[b][i];
-    }
-    pg->created = 1;
-    td__pg_adopt(n, pg);
-    td_obj_t *o = td__obj(n, pg->ready_id);
-    if (o) {
-      uint8_t t = TD_T_TRUE;
-      td__obj_set(n, o, OBJ_READY, 0, &t, 1, 0, NULL, 0);
-    }
-  }
-  free(idx);
-  free(av);
-  free(used);
-  free(at);
-  return ok;
-}
 
 /* Sends an actor's creation to its host (a process here, or a node link)
  * and then the calls waiting for it. */
@@ -1704,7 +1191,7 @@ static void td__actor_start(td_node_t *n, td_actor_t *a, td_wk_t *host) {
   td__actor_pump(n, a);
 }
 
-static void td__sched(td_node_t *n) {
+void td__sched(td_node_t *n) {
   for (td_pg_t *pg = n->pgs; pg; pg = pg->next) td__try_pg(n, pg);
   int misses = 0;
   td_task_t *t = n->queue.head;
@@ -1960,7 +1447,6 @@ static void td__restore_ids(td_node_t *n) {
   td_persist_put("meta", "next_wk", v, (size_t)l);
 }
 
-static void td__restore_pg(void *ud, const char *key, const void *val, size_t len);
 
 void td_node_restore(td_node_t *n) {
   td_persist_each("node", td__restore_node, n);
@@ -2287,14 +1773,14 @@ int td_node_cancel(td_node_t *n, uint64_t obj_id, int force) {
   return 0;
 }
 
-static int td__kill_actor(td_node_t *n, uint64_t actor_id, int no_restart, const char *why);
+int td__kill_actor(td_node_t *n, uint64_t actor_id, int no_restart, const char *why);
 
 int td_node_kill_actor(td_node_t *n, uint64_t actor_id, int no_restart) {
   return td__kill_actor(n, actor_id, no_restart, "killed by tide.kill");
 }
 
 /* Kills an actor (why: "killed by ..."), restarted unless no_restart. */
-static int td__kill_actor(td_node_t *n, uint64_t actor_id, int no_restart, const char *why) {
+int td__kill_actor(td_node_t *n, uint64_t actor_id, int no_restart, const char *why) {
   td_actor_t *a = td_map_get(&n->actors, actor_id);
   if (!a && n->head && !n->head->dead) {
     /* Not here: the head keeps it (forwarded, or placed on another node). */
@@ -2354,188 +1840,11 @@ int td_node_actor_state(td_node_t *n, uint64_t actor_id, const char **reason) {
 
 /* -- Placement groups ---------------------------------------------------------------------- */
 
-/* A detached group's row in head.db: strategy, name and bundles by
- * resource name (indices are given anew at each start). */
-static void td__persist_pg(td_node_t *n, const td_pg_t *pg) {
-  if (!td_persist_on()) return;
-  td_buf_t b;
-  td_buf_init(&b);
-  td_buf_u32(&b, (uint32_t)pg->strategy);
-  td_buf_str(&b, pg->name, strlen(pg->name));
-  td_buf_u32(&b, (uint32_t)pg->nb);
-  for (int i = 0; i < pg->nb; i++) {
-    size_t at = b.len;
-    uint32_t k = 0;
-    td_buf_u32(&b, 0);
-    for (int r = 0; r < n->nres; r++) {
-      if (pg->total[i][r] <= 0) continue;
-      td_buf_str(&b, n->resname[r], strlen(n->resname[r]));
-      td_buf_f64(&b, pg->total[i][r]);
-      k++;
-    }
-    memcpy(b.p + at, &k, 4);
-  }
-  char key[24];
-  snprintf(key, sizeof(key), "%016llx", (unsigned long long)pg->id);
-  td_persist_put("pg", key, b.p, b.len);
-  td_buf_free(&b);
-}
 
-static td_pg_t *td__pg_new(td_node_t *n, uint64_t id, int nb, const double (*bundles)[TD_NRES_MAX],
-                           int strategy, const char *name, int detached) {
-  td_pg_t *pg = td_xcalloc(1, sizeof(*pg));
-  pg->id = id;
-  pg->nb = nb;
-  pg->strategy = strategy;
-  pg->total = td_xcalloc((size_t)nb, sizeof(*pg->total));
-  pg->avail = td_xcalloc((size_t)nb, sizeof(*pg->avail));
-  memcpy(pg->total, bundles, (size_t)nb * sizeof(*pg->total));
-  memcpy(pg->avail, bundles, (size_t)nb * sizeof(*pg->avail));
-  snprintf(pg->name, sizeof(pg->name), "%s", name ? name : "");
-  pg->detached = (uint8_t)(detached != 0);
-  pg->owner = !detached && n->rpc_wk && n->rpc_wk->kind == WK_CLIENT ? n->rpc_wk->id : 0;
-  pg->ready_id = td_node_new_id(n);
-  td_obj_t *o = td__obj_new(n, pg->ready_id);
-  o->refs = 1;
-  pg->next = n->pgs;
-  n->pgs = pg;
-  return pg;
-}
 
-int td_node_pg_create(td_node_t *n, int nb, const double (*bundles)[TD_NRES_MAX], int strategy,
-                      const char *name, int detached, uint64_t *pg_id, uint64_t *ready_id) {
-  td_pg_t *pg = td__pg_new(n, td_node_new_id(n), nb, bundles, strategy, name, detached);
-  if (detached) td__persist_pg(n, pg);
-  *pg_id = pg->id;
-  *ready_id = pg->ready_id;
-  td__try_pg(n, pg);
-  return 0;
-}
 
-/* A restarted head reserves its detached groups again, under their ids
- * and names; they are ready once their nodes are back. */
-static void td__restore_pg(void *ud, const char *key, const void *val, size_t len) {
-  td_node_t *n = ud;
-  td_rd_t rd;
-  td_rd_init(&rd, val, len);
-  int strategy = (int)td_rd_u32(&rd);
-  uint32_t nl, nb;
-  const uint8_t *name = td_rd_str(&rd, &nl);
-  nb = td_rd_u32(&rd);
-  double (*b)[TD_NRES_MAX] = NULL;
-  int ok = !rd.bad && nb > 0 && nb <= 1024 && nl < 64 && strategy >= 0 && strategy <= TD_PG_STRICT_SPREAD;
-  if (ok) b = td_xcalloc(nb, sizeof(*b));
-  for (uint32_t i = 0; ok && i < nb; i++) {
-    uint32_t k = td_rd_u32(&rd);
-    for (uint32_t j = 0; ok && j < k; j++) {
-      uint32_t rl;
-      const uint8_t *r = td_rd_str(&rd, &rl);
-      double v = td_rd_f64(&rd);
-      char rname[32];
-      ok = !rd.bad && rl > 0 && rl < sizeof(rname);
-      if (!ok) break;
-      memcpy(rname, r, rl);
-      rname[rl] = 0;
-      int idx = td_node_res_index(n, rname);
-      if (idx >= 0) b[i][idx] = v;
-    }
-  }
-  if (!ok) {
-    fprintf(stderr, "tide: dropping persisted placement group %s: unreadable\n", key);
-    td_persist_put("pg", key, NULL, 0);
-    free(b);
-    return;
-  }
-  char nm[64];
-  memcpy(nm, name, nl);
-  nm[nl] = 0;
-  uint64_t id = strtoull(key, NULL, 16);
-  /* The node's own ids go on past it (the worker ids' store does not cover them). */
-  if (td_id_node(id) == td_id_node(n->next_seq) && id > n->next_seq) n->next_seq = id;
-  td_pg_t *pg = td__pg_new(n, id, (int)nb, (const double (*)[TD_NRES_MAX])b, strategy, nm, 1);
-  pg->holds_ready = 1;
-  pg->hint = td_xcalloc(nb, sizeof(uint32_t));
-  free(b);
-  fprintf(stderr, "tide: restoring detached placement group %s%s%s\n", key, nm[0] ? " " : "", nm);
-}
 
-int td_node_pg_remove(td_node_t *n, uint64_t pg_id) {
-  td_pg_t **pp = &n->pgs, *pg;
-  while ((pg = *pp) && pg->id != pg_id) pp = &pg->next;
-  if (!pg) return TD_ENOTFOUND;
-  if (pg->created)
-    for (int b = 0; b < pg->nb; b++) {
-      double *pool = td__node_pool(n, pg->where[b]);  /* NULL: that node died */
-      for (int i = 0; pool && i < n->nres; i++) pool[i] += pg->total[b][i];
-    }
-  /* Work still running in it keeps its worker; its lease returns nowhere. */
-  for (int i = 0; i < n->nwks; i++)
-    if (n->wks[i]->lease_pg == pg_id) n->wks[i]->lease_pg = UINT64_MAX;
-  td_obj_t *o = td__obj(n, pg->ready_id);
-  if (o && o->state == OBJ_PENDING) {
-    td__errblob(&n->tmp, "TaskCancelledError", "the placement group was removed");
-    td__obj_fail(n, o, n->tmp.p, n->tmp.len);
-  }
-  if (o && pg->holds_ready) td__unref(n, o, 1);
-  if (pg->detached) {
-    char key[24];
-    snprintf(key, sizeof(key), "%016llx", (unsigned long long)pg->id);
-    td_persist_put("pg", key, NULL, 0);
-  }
-  *pp = pg->next;
-  pg->removed = 1;
-  td__pg_adopt(n, pg);  /* its actors still running, not adopted yet, are ended */
-  free(pg->total);
-  free(pg->avail);
-  free(pg->where);
-  free(pg->hint);
-  free(pg);
-  /* Work queued for the group can never run now. */
-  td_task_t *t = n->queue.head;
-  while (t) {
-    td_task_t *next = t->next;
-    if (t->spec.pg_id == pg_id) {
-      tq_del(&n->queue, t);
-      if (t->spec.kind == TD_K_ACTOR_NEW) {
-        t->state = T_DONE;
-        td__actor_die(n, t->actor, "its placement group was removed");
-      } else {
-        td__task_fail(n, t, "TaskError", "its placement group was removed");
-      }
-    }
-    t = next;
-  }
-  /* What runs in it ends, as in Ray: its actors are killed, its running
-   * tasks cancelled. */
-  size_t it = 0, k = 0, cap = n->actors.len + n->tasks.len;
-  uint64_t *ids = td_xmalloc(cap * 8 + 8);
-  td_actor_t *a;
-  while (td_map_next(&n->actors, &it, NULL, (void **)&a))
-    if (a->state != A_DEAD && a->create && a->create->spec.pg_id == pg_id) ids[k++] = a->id;
-  for (size_t i = 0; i < k; i++) td__kill_actor(n, ids[i], 1, "killed: its placement group was removed");
-  k = 0;
-  it = 0;
-  while (td_map_next(&n->tasks, &it, NULL, (void **)&t))
-    if (t->state == T_SENT && t->spec.kind == TD_K_TASK && t->spec.pg_id == pg_id) ids[k++] = t->spec.rets[0];
-  for (size_t i = 0; i < k; i++) td_node_cancel(n, ids[i], 1);
-  free(ids);
-  td__sched(n);
-  return 0;
-}
 
-int td_node_pg_find(td_node_t *n, const char *name, uint64_t *pg_id, uint64_t *ready_id,
-                    int *strategy, int *nb, const double (**bundles)[TD_NRES_MAX]) {
-  td_pg_t *pg = n->pgs;
-  while (pg && (!name[0] || strcmp(pg->name, name))) pg = pg->next;
-  if (!pg) return TD_ENOTFOUND;
-  *pg_id = pg->id;
-  *ready_id = pg->ready_id;
-  td_node_incref(n, pg->ready_id);
-  *strategy = pg->strategy;
-  *nb = pg->nb;
-  *bundles = (const double (*)[TD_NRES_MAX])pg->total;
-  return 0;
-}
 
 void td_node_stats(td_node_t *n, td_node_stats_t *st) {
   memset(st, 0, sizeof(*st));
@@ -3735,90 +3044,17 @@ static int td__on_join(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
  * there. One this head restored and has not placed yet is adopted where it
  * runs, its state kept and its init not run again; anything else is ended
  * there (this head does not know it, or runs it elsewhere by now). */
-static void td__adopt_at(td_node_t *n, td_wk_t *wk, td_task_t *t, uint32_t attempt);
 
-static void td__actor_kill_at(td_wk_t *wk, uint64_t aid) {
+void td__actor_kill_at(td_wk_t *wk, uint64_t aid) {
   td_chan_begin(&wk->ch, TD_M_ACTOR_KILL);
   td_buf_u64(&wk->ch.out, aid);
   td_chan_end(&wk->ch);
 }
 
-/* The restored creation of a detached actor still waiting to be placed. */
-static td_task_t *td__adoptable(td_node_t *n, uint64_t aid) {
-  td_actor_t *a = td_map_get(&n->actors, aid);
-  td_task_t *t = a ? a->create : NULL;
-  return t && a->state == A_PENDING && t->state == T_QUEUED && t->restored ? t : NULL;
-}
 
-/* Head: a rejoining node still runs a detached actor an earlier head placed
- * there, in a group this head restored: it waits for the group to be
- * placed, its bundle on that node if it fits (td__pg_adopt). */
-static int td__adopt_later(td_node_t *n, td_wk_t *wk, td_task_t *t, uint32_t attempt) {
-  td_pg_t *pg = td__pg(n, t->spec.pg_id);
-  if (!pg || !pg->holds_ready || pg->created || pg->removed) return 0;
-  int b = t->spec.bundle;
-  for (int k = 0; b < 0 && k < pg->nb; k++)
-    if (!pg->hint[k] || pg->hint[k] == wk->node_index + 1) b = k;
-  if (b < 0 || b >= pg->nb || (pg->hint[b] && pg->hint[b] != wk->node_index + 1)) return 0;
-  pg->hint[b] = wk->node_index + 1;
-  td_adoptee_t *e = td_xcalloc(1, sizeof(*e));
-  *e = (td_adoptee_t){t->actor->id, attempt, wk->node_index, b, pg->adopt};
-  pg->adopt = e;
-  return 1;
-}
 
-static void td__adopt(td_node_t *n, td_wk_t *wk, uint64_t aid, uint32_t attempt) {
-  td_task_t *t = td__adoptable(n, aid);
-  if (t && t->spec.pg_id && td__adopt_later(n, wk, t, attempt)) return;
-  if (!t || t->spec.pg_id || !td__fits(wk->navail, t)) {
-    td__actor_kill_at(wk, aid);
-    return;
-  }
-  td__take(wk->navail, t, 1);
-  t->actor->res_node = wk;
-  t->actor->res_held = 1;
-  td__adopt_at(n, wk, t, attempt);
-}
 
-/* Head: group pg is placed; its detached actors still running where their
- * bundles went are adopted, the others ended there. */
-static void td__pg_adopt(td_node_t *n, td_pg_t *pg) {
-  while (pg->adopt) {
-    td_adoptee_t *e = pg->adopt;
-    pg->adopt = e->next;
-    td_task_t *t = td__adoptable(n, e->actor);
-    td_wk_t *wk = td__link(n, e->node);
-    if (wk && t && pg->created && !pg->removed && pg->where[e->bundle] == e->node &&
-        td__fits(pg->avail[e->bundle], t)) {
-      td__take(pg->avail[e->bundle], t, 1);
-      t->actor->pg_share = (uint32_t)e->bundle + 1;
-      td__adopt_at(n, wk, t, e->attempt);
-    } else if (wk) {
-      td__actor_kill_at(wk, e->actor);
-    }
-    free(e);
-  }
-}
 
-/* Takes a running actor as it is, its resources taken already. */
-static void td__adopt_at(td_node_t *n, td_wk_t *wk, td_task_t *t, uint32_t attempt) {
-  td_actor_t *a = t->actor;
-  uint64_t aid = a->id;
-  tq_del(&n->queue, t);
-  a->host = wk;
-  wk->nactors++;
-  a->state = A_ALIVE;
-  t->state = T_SENT;
-  t->attempt = attempt;  /* its exits carry the incarnation it was started as */
-  td_obj_t *o = td__obj(n, t->spec.rets[0]);
-  uint8_t tt = TD_T_TRUE;
-  if (o && o->state == OBJ_PENDING) td__obj_set(n, o, OBJ_READY, 0, &tt, 1, 0, NULL, 0);
-  td_log("adopted detached actor %016llx%s%s, still running on node-%u", (unsigned long long)aid,
-         t->spec.name[0] ? " " : "", t->spec.name, wk->node_index);
-  fprintf(stderr, "tide: adopted detached actor %016llx%s%s on node-%u\n", (unsigned long long)aid,
-          t->spec.name[0] ? " " : "", t->spec.name, wk->node_index);
-  td__actor_pump(n, a);
-}
 
 static int td__on_node_info(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   if (wk->kind != WK_NODE || wk->joined) return TD_EPROTO;
@@ -4652,25 +3888,6 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
 
 /* -- Worker death ---------------------------------------------------------------------- */
 
-/* Placement groups with a bundle on a dead node are placed again, whole
- * (as Ray reschedules them): the other bundles give their share back and
- * the next pass reserves all of them anew. Work in them waits meanwhile. */
-static void td__pgs_node_lost(td_node_t *n, uint32_t index) {
-  for (td_pg_t *pg = n->pgs; pg; pg = pg->next) {
-    if (!pg->created || pg->removed || !pg->where) continue;
-    int lost = 0;
-    for (int b = 0; b < pg->nb; b++) {
-      if (pg->where[b] != index) continue;
-      pg->where[b] = TD__NOWHERE;
-      memcpy(pg->avail[b], pg->total[b], sizeof(pg->avail[b]));
-      lost++;
-    }
-    if (!lost) continue;
-    pg->created = 0;
-    fprintf(stderr, "tide: placement group %llx lost %d bundle(s) on node-%u; placing them again\n",
-            (unsigned long long)pg->id, lost, index);
-  }
-}
 
 /* Objects that only the lost link could give: ObjectLostError (they were
  * made there and never sent; nothing here can make them again). */

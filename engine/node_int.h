@@ -1,0 +1,450 @@
+/* Private to the node: the records of engine/node.c and of the files split
+ * from it (pg.c: placement groups), and the functions they share.  Other
+ * layers use node.h.
+ */
+#ifndef TD_NODE_INT_H
+#define TD_NODE_INT_H
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "node.h"
+#include "chan.h"
+#include "persist.h"
+#include "pkg.h"
+#include "proto.h"
+#include "ser.h"
+#include "spill.h"
+
+#define TD_PIPELINE 32          /* tasks queued at one leased worker */
+#define TD_CHUNK (8u << 20)     /* values above this cross nodes in chunks */
+#define TD_CHUNKS_OUT 4         /* chunks asked for at once, per object */
+#define TD__NOWHERE UINT32_MAX  /* a placement group bundle whose node died */
+#define TD_TASK_TAIL 256        /* pooled task records hold ids and args up to this */
+#define TD_POOL_MAX 4096        /* free records kept for reuse, of each kind */
+#define TD_ACTORS_PER_HOST 4096 /* lightweight actors per shared process */
+
+/* -- Records --------------------------------------------------------------- */
+
+enum { OBJ_PENDING, OBJ_READY, OBJ_ERROR };
+enum { LOC_NONE, LOC_INLINE, LOC_SHM, LOC_SPILLED };
+/* T_FETCHING: done on a node, its large result still coming in chunks;
+ * kept so that it can run again if that node dies first (lineage). */
+enum { T_WAITDEPS, T_QUEUED, T_SENT, T_DONE, T_FETCHING };
+/* WK_NODE: on a head, the link to a node that joined it; WK_HEAD: on a
+ * node, its link to the head; WK_PEER: between two nodes, for chunks of
+ * objects only. Links are neither workers nor clients. */
+enum { WK_TASK, WK_HOST, WK_GPUHOST, WK_CLIENT, WK_NODE, WK_HEAD, WK_PEER };
+enum { A_PENDING, A_ALIVE, A_RESTARTING, A_DEAD };
+
+typedef struct td_task td_task_t;
+typedef struct td_actor td_actor_t;
+
+/* On a node: a worker's request passed on to the head, until it answers. */
+typedef struct td_relay {
+  uint64_t wk_id;
+  uint32_t req;
+} td_relay_t;
+
+/* On a node: a NODE_TASK held until its package arrives from the head. */
+typedef struct td_parked {
+  char key[1024];        /* a package hash, or the head's path of a working dir */
+  uint8_t *msg;
+  uint32_t len;
+  struct td_parked *next;
+} td_parked_t;
+
+/* On a node: a working directory the head named by its path, shipped as
+ * a package; looked up again after a minute (the head may have changed it). */
+typedef struct td_wdmap {
+  char path[1024];
+  char hash[TD_PKG_HASH_LEN + 1];
+  double at;
+  struct td_wdmap *next;
+} td_wdmap_t;
+
+/* On a node: work its head sent it, until the results go back. */
+typedef struct td_fwd {
+  uint64_t task;         /* the head's task id */
+  uint8_t kind;          /* TD_K_* */
+  int32_t nret;
+  uint64_t *rets;
+  uint64_t actor;
+  uint32_t items_sent;   /* streams: items sent to the head so far */
+} td_fwd_t;
+
+typedef struct td_obj {
+  uint64_t id;
+  uint8_t state;         /* OBJ_* */
+  uint8_t loc;           /* LOC_* */
+  uint8_t is_stream;     /* a streaming generator's handle object */
+  uint8_t stream_done;
+  uint8_t *data;         /* inline bytes or error blob, owned */
+  size_t len;            /* value size */
+  size_t off;            /* shm or spill offset */
+  int64_t refs;          /* handles, in-flight holds, containment */
+  int32_t pins;          /* readers that must not see it move */
+  uint64_t *contained;   /* refs this value holds, owned */
+  uint32_t ncontained;
+  td_task_t *producer;   /* running producer, for cancel */
+  td_task_t **waiters;   /* tasks waiting for it as a dependency */
+  uint32_t nwaiters, capwaiters;
+  uint64_t *items;       /* stream items, held (0: released by the consumer) */
+  uint32_t nitems, capitems;
+  uint32_t window;       /* stream: unreleased items its producer may run ahead (0: any) */
+  uint32_t released;     /* stream: items released by the consumer */
+  uint64_t last_use;     /* LRU clock for spilling */
+  td_fwd_t *fwd;         /* a return of work the head sent this node */
+  uint8_t foreign;       /* a record of another node's object: holds one ref there */
+  uint8_t pulling;       /* its value was asked for */
+  uint8_t chunked;       /* being fetched in chunks into its extent (off, len) */
+  uint8_t away;          /* head: a task's large result, made and kept on node up - 1 (len
+                            bytes), fetched here only when something here needs it */
+  uint8_t told;          /* node: a fetch the head directed, to report (TD_M_HAVE) */
+  uint32_t up;           /* node index + 1 to fetch it from (0: by its id) */
+  uint64_t asked, got;   /* chunks: bytes asked for and received */
+  uint64_t src;          /* chunks: the id of the link they come from */
+  struct td_copies *copies; /* head: the nodes that have or fetch it (large objects) */
+} td_obj_t;
+
+/* Head: a node that has, or fetches, a large object (see Peers). */
+typedef struct td_copy {
+  uint32_t node;         /* the node that has it, or fetches it */
+  uint32_t from;         /* where it fetches from (0: the head) */
+  uint32_t load;         /* fetches from it under way */
+  uint8_t done;          /* it has the whole value */
+} td_copy_t;
+
+typedef struct td_copies {
+  uint32_t load;         /* fetches from the head itself under way */
+  uint32_t n, cap;
+  td_copy_t *c;
+} td_copies_t;
+
+/* A chunk another node asked for before it landed here. */
+typedef struct td_cwait {
+  uint64_t wk, id, off;
+  uint32_t len;
+} td_cwait_t;
+#define TD_CWAIT_MAX 4096
+
+/* A node that went silent on this one, and until when it is not asked. */
+typedef struct td_shun {
+  uint32_t index;
+  double until;
+} td_shun_t;
+#define TD_SHUN_MAX 16
+#define TD_SHUN_S 300.0
+
+/* An object this node fetches from another node: when a chunk last came. */
+typedef struct td_ppull {
+  uint64_t id, wk;
+  double at;
+} td_ppull_t;
+
+struct td_task {
+  uint64_t id;
+  td_spec_t spec;        /* arrays and args owned by the task */
+  uint8_t state;         /* T_* */
+  uint8_t cancelled;
+  uint8_t force_cancel;
+  uint32_t deps_pending;
+  int32_t retries_left;
+  uint32_t attempt;
+  int res_idx[TD_NRES_MAX];  /* resolved demand: index, amount */
+  double res_amt[TD_NRES_MAX];
+  int nres;
+  td_wk_t *wk;           /* where it was sent */
+  td_actor_t *actor;     /* for actor calls and creations */
+  double sent_at;        /* when it was sent to its worker */
+  uint8_t slow;          /* not known to be short when sent */
+  uint8_t node_held;     /* sent to a node link holding: 1 its resources, 2 a bundle's */
+  uint8_t pooled;        /* a TD_TASK_TAIL record, reused from n->task_pool */
+  uint8_t restored;      /* a detached actor's creation, restored by a restarted head */
+  uint8_t has_away;      /* a task with arguments kept on other nodes (td_obj_t away) */
+  uint64_t owner;        /* the client (or head link) whose work it is: prints go there */
+  uint64_t owner_task;   /* on a node: the head's id of this task */
+  int32_t held_bundle;   /* node_held 2: the bundle of its placement group */
+  uint32_t spread_to;    /* SPREAD: 1 + the index of the busy node whose turn it took, to wait there */
+  td_task_t *prev, *next;/* links in the queue it is on */
+  void *on;              /* the queue it is on, NULL if none */
+};
+
+typedef struct td_tq {
+  td_task_t *head, *tail;
+  int len;
+} td_tq_t;
+
+struct td_wk {
+  uint64_t id;
+  pid_t pid;
+  int kind;              /* WK_* */
+  int dead;
+  td_chan_t ch;
+  td_tq_t inflight;      /* tasks and calls sent, in order */
+  int leased;            /* holds lease resources for its task shape */
+  double lease[TD_NRES_MAX];
+  uint64_t lease_pg;
+  int lease_bundle;
+  int blocked;
+  int nactors;
+  int gpus[16], ngpus;
+  td_map_t fns_sent;     /* function ids this worker has */
+  td_map_t held, pinned; /* a worker's or client's refs and pins by object id, given back when it dies */
+  int exit_status;
+  td_map_t allocs;       /* shm extents lent by TD_M_ALLOC: off+1 -> len */
+  int nslow;             /* inflight tasks not known to be short */
+  int remote;            /* a client over TCP: no shared memory */
+  double last_done;      /* when its last task finished */
+  /* Node links (WK_NODE, WK_HEAD): */
+  uint32_t node_index;
+  int joined;            /* WK_NODE: its resources are known */
+  uint32_t fns_upto;     /* function definitions sent so far (n->fn_order) */
+  char name[64];
+  double ntotal[TD_NRES_MAX], navail[TD_NRES_MAX]; /* by this node's resource index */
+  td_node_stats_t nstats; /* a joined node's own figures, from its last heartbeat */
+  int has_nstats;
+  double last_seen;      /* last message from the other side */
+  uint64_t sink_id;      /* a TD_M_CHUNK read straight into the store: its object */
+  uint64_t sink_off;     /* its offset in the value */
+  uint32_t sink_len;     /* its length */
+  uint32_t sink_left;    /* bytes of it still to read (0: none) */
+  char peer_host[64];    /* WK_NODE: the address its link came from */
+  uint32_t peer_port;    /* WK_NODE: where it listens for other nodes (0: nowhere) */
+  void *bridge;          /* WK_PEER opened here: the connection's handle (peer_close) */
+};
+
+/* Running time of a function, to decide whether queueing behind it is
+ * safe: short tasks pipeline, long or unknown ones do not. */
+typedef struct td_fnstat {
+  double avg;            /* seconds, moving average */
+  uint32_t n;
+} td_fnstat_t;
+#define TD_SHORT_TASK 0.002
+
+struct td_actor {
+  uint64_t id;
+  td_task_t *create;     /* the creation task, kept for restarts */
+  int state;             /* A_* */
+  td_wk_t *host;
+  uint64_t owner;        /* client that created it (0: the node's driver) */
+  int restarts_left;
+  int res_held;
+  uint32_t pg_share;     /* 1 + the placement group bundle whose share it holds (0: none) */
+  td_tq_t queue;         /* calls not sent yet, in order */
+  char *reason;          /* why it died */
+  int gpus[16], ngpus;
+  td_wk_t *res_node;     /* the node link whose resources it holds */
+  uint32_t fwd_attempt;  /* on a node: the head's incarnation (0: not the head's) */
+  uint8_t crashed;       /* it died by a crash, not by a kill or its own exit */
+};
+
+typedef struct td_req {
+  td_wk_t *wk;
+  uint32_t req;
+  int op;                /* TD_M_GET / WAIT / STREAM_NEXT */
+  uint64_t *ids;
+  uint32_t n, num;
+  double deadline;       /* 0 = none */
+  struct td_req *next;
+} td_req_t;
+
+typedef struct td_pg {
+  uint64_t id;
+  int strategy;
+  int nb;
+  double (*total)[TD_NRES_MAX];
+  double (*avail)[TD_NRES_MAX];
+  int created, removed;
+  uint64_t ready_id;
+  char name[64];
+  uint32_t *where;       /* per bundle, once created: the index of its node */
+  uint64_t owner;        /* the client that made it (0: the node's driver) */
+  uint8_t detached;      /* outlives its owner (and the head: persisted) */
+  uint8_t holds_ready;   /* restored: the group itself holds its ready object */
+  uint32_t *hint;        /* restored: per bundle, 1 + the node it should go to (0: any) */
+  struct td_adoptee *adopt; /* restored: its detached actors still running on nodes */
+  struct td_pg *next;
+} td_pg_t;
+
+/* A restored group's detached actor that a rejoining node still runs: it
+ * is adopted there if its bundle is placed on that node. */
+typedef struct td_adoptee {
+  uint64_t actor;
+  uint32_t attempt, node;
+  int bundle;
+  struct td_adoptee *next;
+} td_adoptee_t;
+
+typedef struct td_fnblob {
+  size_t len;
+  uint8_t data[];
+} td_fnblob_t;
+
+struct td_node {
+  td_store_t *store;
+  size_t inline_max;
+  int nres;
+  char resname[TD_NRES_MAX][32];
+  double total[TD_NRES_MAX], avail[TD_NRES_MAX];
+  double gpu_free[64];   /* free fraction of each GPU id */
+  int ngpus;
+  td_map_t objs, tasks, actors, fns, fnstats;
+  td_wk_t **wks;
+  int nwks, capwks;
+  td_tq_t queue;         /* runnable tasks and actor creations */
+  td_req_t *reqs;        /* pending worker requests */
+  td_pg_t *pgs;
+  uint64_t next_seq, next_task, next_wk;
+  td_spill_t *spill;     /* where objects the store has no room for go (spill.h) */
+  uint64_t clock;
+  int dirty;             /* objects changed since requests were checked */
+  char exe[PATH_MAX];
+  td_rpc_cb rpc;
+  void *rpc_ud;
+  td_wk_t *rpc_wk;       /* whose request the RPC handler is running */
+  uint64_t submitter, submitter_task; /* owner of the tasks being submitted now */
+  td_buf_t tmp;
+  struct pollfd *pfds;
+  int cappfds;
+  int no_workers;        /* opts.no_workers */
+  int ext_fd;            /* extension fd (-1: none) */
+  td_node_cb ext_read, ext_tick;
+  void *ext_ud;
+  /* Cluster: */
+  uint32_t index;        /* this node's index; 0 = the head */
+  char name[64];
+  double node_timeout;   /* silence after which a link is dead */
+  double beat_at;        /* when heartbeats were last sent */
+  double tick_at;        /* when links were last checked */
+  td_wk_t *head;         /* a node's link to its head */
+  int nlinks;            /* a head's joined nodes */
+  uint32_t spread;       /* round robin for SPREAD */
+  uint32_t next_index;
+  double *gone_at;       /* head: by node index, when its node left (0: not while this head ran) */
+  int restoring;         /* re-creating persisted actors: they wait for nodes */
+  double adopt_until;    /* until then restored actors wait to be adopted (td__adopt) */
+  td_map_t fwd;          /* head task id -> td_fwd_t */
+  td_map_t pulls;        /* request id -> object id, values asked of a link */
+  td_map_t lineage;      /* node: object id -> td_fnblob_t, the spec of the task that makes it */
+  td_map_t lin_kept;     /* head: the same, sent by nodes; holds the spec's argument refs */
+  uint64_t *lin_out;     /* node: ids whose lineage goes to the head after this message */
+  int from_head;         /* node: submitting work the head sent (not this node's own) */
+  uint32_t nlin_out, caplin_out;
+  td_map_t relays;       /* request id -> td_relay_t, requests passed to the head */
+  td_map_t fwd_actors;   /* node: actor id -> its driver's client id, for the non-detached
+                          * actors forwarded to the head: they end when that driver leaves */
+  uint32_t next_pull;
+  uint64_t *fn_order;    /* function ids in the order registered */
+  uint32_t nfn_order, capfn_order;
+  uint64_t *fwd_ready;   /* returns of head work that changed */
+  uint32_t nfwd_ready, capfwd_ready;
+  struct td_parked *parked; /* head work waiting for its working-directory package */
+  struct td_wdmap *wdmap;   /* head paths of working dirs -> packages, fetched */
+  /* Node-to-node fetches (see Peers): */
+  int peer_port;         /* where this node listens for other nodes (0: nowhere) */
+  td_peer_open_cb peer_open;
+  td_peer_close_cb peer_close;
+  void *peer_ud;
+  struct td_cwait *cwait;   /* chunks other nodes asked for that have not landed here yet */
+  uint32_t ncwait, capcwait;
+  struct td_ppull *ppull;   /* objects being fetched from other nodes: their progress */
+  uint32_t nppull, capppull;
+  uint64_t bytes_sent, bytes_from_peers;
+  td_shun_t shun[TD_SHUN_MAX]; /* nodes not asked for chunks until then (they went silent) */
+  uint32_t nshun;
+  /* Free task and object records, reused: no malloc per task. */
+  void **task_pool, **obj_pool;
+  int ntask_pool, nobj_pool;
+};
+
+/* -- Queues ---------------------------------------------------------------- */
+
+static inline void tq_push(td_tq_t *q, td_task_t *t) {
+  if (t->on) { fprintf(stderr, "tide: BUG: task %llu queued twice\n", (unsigned long long)t->id); abort(); }
+  t->on = q;
+  t->next = NULL;
+  t->prev = q->tail;
+  if (q->tail) q->tail->next = t; else q->head = t;
+  q->tail = t;
+  q->len++;
+}
+
+static inline void tq_push_front(td_tq_t *q, td_task_t *t) {
+  if (t->on) { fprintf(stderr, "tide: BUG: task %llu queued twice\n", (unsigned long long)t->id); abort(); }
+  t->on = q;
+  t->prev = NULL;
+  t->next = q->head;
+  if (q->head) q->head->prev = t; else q->tail = t;
+  q->head = t;
+  q->len++;
+}
+
+static inline void tq_del(td_tq_t *q, td_task_t *t) {
+  if (t->on != q) { fprintf(stderr, "tide: BUG: task %llu not on that queue\n", (unsigned long long)t->id); abort(); }
+  t->on = NULL;
+  if (t->prev) t->prev->next = t->next; else q->head = t->next;
+  if (t->next) t->next->prev = t->prev; else q->tail = t->prev;
+  t->prev = t->next = NULL;
+  q->len--;
+}
+/* -- Placement groups: lookups on hot paths (pg.c has the rest) ------------- */
+
+static inline td_pg_t *td__pg(td_node_t *n, uint64_t id) {
+  for (td_pg_t *pg = n->pgs; pg; pg = pg->next)
+    if (pg->id == id) return pg;
+  return NULL;
+}
+
+/* The pool a task draws from: the node's, or a placement group bundle's. */
+static inline double *td__pool(td_node_t *n, td_task_t *t, int *bundle) {
+  *bundle = -1;
+  if (!t->spec.pg_id) return n->avail;
+  td_pg_t *pg = td__pg(n, t->spec.pg_id);
+  if (!pg || !pg->created || pg->removed) return NULL;
+  if (t->spec.bundle >= 0) {
+    if (t->spec.bundle >= pg->nb) return NULL;
+    *bundle = t->spec.bundle;
+    return pg->avail[t->spec.bundle];
+  }
+  for (int b = 0; b < pg->nb; b++) {
+    int fits = 1;
+    for (int i = 0; i < t->nres; i++)
+      if (pg->avail[b][t->res_idx[i]] + 1e-9 < t->res_amt[i]) fits = 0;
+    if (fits) { *bundle = b; return pg->avail[b]; }
+  }
+  *bundle = 0;
+  return pg->avail[0];
+}
+
+/* -- Shared between node.c and pg.c ------------------------------------------ */
+
+/* node.c: objects, resources, scheduling, tasks, actors, links. */
+void td__actor_die(td_node_t *n, td_actor_t *a, const char *why);
+void td__actor_kill_at(td_wk_t *wk, uint64_t aid);
+void td__actor_pump(td_node_t *n, td_actor_t *a);
+void td__errblob(td_buf_t *b, const char *kind, const char *msg);
+int td__fits(const double *pool, const td_task_t *t);
+int td__kill_actor(td_node_t *n, uint64_t actor_id, int no_restart, const char *why);
+td_wk_t *td__link(td_node_t *n, uint32_t index);
+/* The object record of id here, or NULL. */
+static inline td_obj_t *td__obj(td_node_t *n, uint64_t id) { return td_map_get(&n->objs, id); }
+void td__obj_fail(td_node_t *n, td_obj_t *o, const uint8_t *blob, size_t len);
+td_obj_t *td__obj_new(td_node_t *n, uint64_t id);
+void td__obj_set(td_node_t *n, td_obj_t *o, int state, int shm, const uint8_t *data,
+                        size_t len, size_t off, const uint64_t *refs, uint32_t nrefs);
+void td__sched(td_node_t *n);
+void td__take(double *pool, const td_task_t *t, double sign);
+void td__task_fail(td_node_t *n, td_task_t *t, const char *kind, const char *msg);
+void td__unref(td_node_t *n, td_obj_t *o, int64_t k);
+
+/* pg.c: placement groups, and adopting their detached actors. */
+void td__adopt(td_node_t *n, td_wk_t *wk, uint64_t aid, uint32_t attempt);
+void td__adopt_at(td_node_t *n, td_wk_t *wk, td_task_t *t, uint32_t attempt);
+void td__pg_adopt(td_node_t *n, td_pg_t *pg);
+void td__pgs_node_lost(td_node_t *n, uint32_t index);
+void td__restore_pg(void *ud, const char *key, const void *val, size_t len);
+int td__try_pg(td_node_t *n, td_pg_t *pg);
+
+#endif
