@@ -24,6 +24,10 @@
 #define TD_TASK_TAIL 256        /* pooled task records hold ids and args up to this */
 #define TD_POOL_MAX 4096        /* free records kept for reuse, of each kind */
 #define TD_ACTORS_PER_HOST 4096 /* lightweight actors per shared process */
+/* A large chunk is read from the link straight into its extent, not
+ * through the channel's buffer (which would cost a copy, and fresh pages
+ * when it grows): the channel stops at its header (td_chan_partial). */
+#define TD__CHUNK_HEAD 20 /* u64 id, u64 offset, u32 length */
 
 /* -- Records --------------------------------------------------------------- */
 
@@ -446,5 +450,45 @@ void td__pg_adopt(td_node_t *n, td_pg_t *pg);
 void td__pgs_node_lost(td_node_t *n, uint32_t index);
 void td__restore_pg(void *ud, const char *key, const void *val, size_t len);
 int td__try_pg(td_node_t *n, td_pg_t *pg);
+
+/* transfer.c and node.c share these too. */
+/* node.c */
+int td__alloc(td_node_t *n, size_t size, size_t *off, td_obj_t *keep);
+void td__link_chan(td_wk_t *wk);
+uint64_t td__new_wk_id(td_node_t *n);
+td_obj_t *td__obj_from_bytes(td_node_t *n, uint64_t id, int state, const uint8_t *p, size_t len);
+int td__obj_resident(td_node_t *n, td_obj_t *o);
+void td__pull(td_node_t *n, td_obj_t *o);
+void td__send_refs1(td_wk_t *up, uint64_t id, int32_t delta);
+int td__task_fetching(td_node_t *n, td_task_t *t);
+void td__task_finish(td_node_t *n, td_task_t *t);
+void td__wait_on(td_obj_t *o, td_task_t *t);
+void td__wake_waiters(td_node_t *n, td_obj_t *o, int away);
+td_wk_t *td__wk_add(td_node_t *n, uint64_t id, int kind, int fd);
+void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why);
+/* transfer.c */
+td_wk_t *td__away_home(td_node_t *n, td_task_t *t);
+int td__away_source(td_node_t *n, td_obj_t *o, td_wk_t *wk);
+uint32_t td__away_wait(td_node_t *n, td_task_t *t, int here);
+void td__chunk_begin(td_node_t *n, td_obj_t *o, uint64_t total, td_wk_t *up);
+void td__chunk_fail(td_node_t *n, td_obj_t *o, const char *kind, const char *why);
+void td__chunk_landed(td_node_t *n, td_wk_t *wk, td_obj_t *o, uint32_t l);
+td_copy_t *td__copy(td_copies_t *cp, uint32_t node);
+void td__copy_drop(td_copies_t *cp, uint32_t node);
+void td__cwait_serve(td_node_t *n, uint64_t id);
+void td__have(td_node_t *n, td_obj_t *o, int ok);
+void td__have_id(td_node_t *n, uint64_t id, int ok);
+int td__link_pushed(td_node_t *n, td_rd_t *rd, uint64_t **made, uint32_t *nmade);
+void td__obj_away(td_node_t *n, td_obj_t *o, td_wk_t *wk, uint64_t total);
+int td__on_chunk(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
+int td__on_chunk_get(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
+int td__on_have(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
+td_wk_t *td__peer(td_node_t *n, uint32_t index, const char *ep);
+void td__peer_fallback(td_node_t *n, td_obj_t *o, const char *why);
+void td__ppull_check(td_node_t *n, td_wk_t *peer, double now);
+void td__ppull_note(td_node_t *n, td_obj_t *o, td_wk_t *peer);
+void td__put_pull(td_node_t *n, td_buf_t *b, td_obj_t *o, td_wk_t *wk);
+int td__sink_read(td_node_t *n, td_wk_t *wk);
+int td__sink_take(td_node_t *n, td_wk_t *wk);
 
 #endif
