@@ -491,4 +491,18 @@ void td__put_pull(td_node_t *n, td_buf_t *b, td_obj_t *o, td_wk_t *wk);
 int td__sink_read(td_node_t *n, td_wk_t *wk);
 int td__sink_take(td_node_t *n, td_wk_t *wk);
 
+/* lineage.c and node.c share these too. */
+/* node.c */
+void td__export(td_node_t *n, const uint64_t *ids, uint32_t k);
+void td__import(td_node_t *n, td_wk_t *from, const uint64_t *ids, uint32_t k);
+void td__put_lstr(td_buf_t *b, const char *s);
+void td__send_fns(td_node_t *n, td_wk_t *wk);
+/* lineage.c */
+void td__lineage_drop(td_node_t *n, uint64_t id);
+void td__lineage_keep(td_node_t *n, const td_spec_t *s);
+void td__lineage_send(td_node_t *n);
+void td__link_lost_objects(td_node_t *n, td_wk_t *wk);
+void td__obj_unfetch(td_node_t *n, td_obj_t *o);
+int td__on_lineage(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
+
 #endif
