@@ -505,4 +505,19 @@ void td__link_lost_objects(td_node_t *n, td_wk_t *wk);
 void td__obj_unfetch(td_node_t *n, td_obj_t *o);
 int td__on_lineage(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
 
+/* actor.c and node.c share these too. */
+/* node.c */
+void td__gpus_give(td_node_t *n, double amount, const int *ids, int k);
+void td__send_task(td_node_t *n, td_wk_t *wk, td_task_t *t);
+td_wk_t *td__spawn(td_node_t *n, int kind, const int *gpus, int ngpus);
+double td__task_gpus(const td_task_t *t);
+void td__unpin_deps(td_node_t *n, td_task_t *t);
+/* actor.c */
+void td__actor_calls_lost(td_node_t *n, td_actor_t *a, td_wk_t *wk, int may_retry,
+                                 const char *why);
+void td__actor_restart_or_die(td_node_t *n, td_actor_t *a, const char *why);
+void td__persist_actor(td_node_t *n, const td_spec_t *s);
+td_wk_t *td__pick_host(td_node_t *n, td_actor_t *a);
+void td__restore_actor(void *ud, const char *key, const void *val, size_t len);
+
 #endif

@@ -1,0 +1,264 @@
+/* Actors (node_int.h): the directory of actors this node knows — their
+ * state (pending, alive, restarting, dead), the process that hosts each
+ * (shared by lightweight actors, its own for GPU and own_process ones),
+ * calls queued on them, restarts under max_restarts, kills, names, and the
+ * detached ones a head keeps in head.db and re-creates after a restart. */
+#include <signal.h>
+
+#include "node_int.h"
+
+void td__actor_pump(td_node_t *n, td_actor_t *a) {
+  if (a->state == A_DEAD) {
+    while (a->queue.head) {
+      td_task_t *t = a->queue.head;
+      tq_del(&a->queue, t);
+      td__task_fail(n, t, "ActorDiedError", a->reason ? a->reason : "the actor is dead");
+    }
+    return;
+  }
+  if (a->state != A_ALIVE || !a->host) return;
+  while (a->queue.head && a->queue.head->deps_pending == 0) {
+    td_task_t *t = a->queue.head;
+    /* An actor here needs its arguments here; one on a node fetches them. */
+    if (t->has_away && td__away_wait(n, t, a->host->kind != WK_NODE)) break;
+    tq_del(&a->queue, t);
+    td__send_task(n, a->host, t);
+  }
+}
+
+static void td__actor_release(td_node_t *n, td_actor_t *a) {
+  td_task_t *c = a->create;
+  if (a->pg_share) {  /* its share of a placement group's bundle goes back there */
+    td_pg_t *pg = td__pg(n, c->spec.pg_id);
+    if (pg && !pg->removed && a->pg_share <= (uint32_t)pg->nb) td__take(pg->avail[a->pg_share - 1], c, -1);
+    a->pg_share = 0;
+    td__gpus_give(n, td__task_gpus(c), a->gpus, a->ngpus);
+    a->ngpus = 0;
+  }
+  if (!a->res_held) return;
+  if (a->res_node) {
+    td__take(a->res_node->navail, c, -1);
+    a->res_node = NULL;
+    a->res_held = 0;
+    return;
+  }
+  td__take(n->avail, c, -1);
+  td__gpus_give(n, td__task_gpus(c), a->gpus, a->ngpus);
+  a->ngpus = 0;
+  a->res_held = 0;
+}
+
+void td__actor_die(td_node_t *n, td_actor_t *a, const char *why) {
+  if (a->state == A_DEAD) return;
+  a->state = A_DEAD;
+  free(a->reason);
+  a->reason = td_xstrdup(why);
+  if (a->create && a->create->spec.detached && td_persist_on()) {
+    char key[24];
+    snprintf(key, sizeof(key), "%016llx", (unsigned long long)a->id);
+    td_persist_put("actor", key, NULL, 0);
+  }
+  if (a->fwd_attempt && n->head) {
+    /* The head decides whether it restarts, and where. */
+    td_chan_begin(&n->head->ch, TD_M_ACTOR_EXIT);
+    td_buf_u64(&n->head->ch.out, a->id);
+    td_buf_u8(&n->head->ch.out, a->crashed);
+    td_buf_str(&n->head->ch.out, why, strlen(why));
+    td_buf_u32(&n->head->ch.out, a->fwd_attempt);
+    td_chan_end(&n->head->ch);
+  }
+  if (a->host) a->host->nactors--;
+  a->host = NULL;
+  td__actor_release(n, a);
+  /* The creation task is kept until now for restarts. */
+  if (a->create && a->create->state != T_QUEUED) {
+    td_obj_t *o = td__obj(n, a->create->spec.rets[0]);
+    if (o && o->state == OBJ_PENDING) {
+      td__errblob(&n->tmp, "ActorDiedError", why);
+      td__obj_fail(n, o, n->tmp.p, n->tmp.len);
+    }
+  }
+  td__actor_pump(n, a);
+}
+
+void td__actor_restart_or_die(td_node_t *n, td_actor_t *a, const char *why) {
+  if (a->state == A_DEAD) return;
+  if (a->host) a->host->nactors--;
+  a->host = NULL;
+  if (a->restarts_left != 0) {
+    if (a->restarts_left > 0) a->restarts_left--;
+    td_log("restarting actor %llx: %s", (unsigned long long)a->id, why);
+    a->state = A_RESTARTING;
+    td__actor_release(n, a);
+    a->create->state = T_QUEUED;
+    tq_push(&n->queue, a->create);
+    return;
+  }
+  char msg[512];
+  /* A node's report already says so: the head passes it on as it is. */
+  static const char died[] = "the actor died: ";
+  snprintf(msg, sizeof(msg), "%s%s", strncmp(why, died, sizeof(died) - 1) ? died : "", why);
+  a->crashed = 1;
+  td__actor_die(n, a, msg);
+}
+
+/* Calls of actor a that were sent to wk: retried on the restarted actor
+ * when allowed (max_task_retries), failed with ActorDiedError otherwise. */
+void td__actor_calls_lost(td_node_t *n, td_actor_t *a, td_wk_t *wk, int may_retry,
+                                 const char *why) {
+  td_tq_t keep = {0};
+  td_task_t *t = wk->inflight.head;
+  while (t) {
+    td_task_t *next = t->next;
+    if (t->actor == a && t->spec.kind == TD_K_ACTOR_CALL) {
+      tq_del(&wk->inflight, t);
+      td__unpin_deps(n, t);
+      t->wk = NULL;
+      if (may_retry && t->retries_left != 0) {
+        if (t->retries_left > 0) t->retries_left--;
+        t->state = T_QUEUED;
+        tq_push(&keep, t);
+      } else {
+        td__task_fail(n, t, "ActorDiedError", why);
+      }
+    }
+    t = next;
+  }
+  while (keep.tail) {
+    td_task_t *x = keep.tail;
+    tq_del(&keep, x);
+    tq_push_front(&a->queue, x);
+  }
+}
+
+td_wk_t *td__pick_host(td_node_t *n, td_actor_t *a) {
+  /* A GPU actor, or one that asked for it (own_process), gets a process
+   * that hosts nothing else: its crash takes no other actor with it. */
+  if (a->ngpus || (a->create && a->create->spec.own_process))
+    return td__spawn(n, WK_GPUHOST, a->gpus, a->ngpus);
+  td_wk_t *best = NULL;
+  int hosts = 0;
+  for (int i = 0; i < n->nwks; i++) {
+    td_wk_t *w = n->wks[i];
+    if (w->dead || w->kind != WK_HOST) continue;
+    hosts++;
+    if (w->nactors < TD_ACTORS_PER_HOST && (!best || w->nactors < best->nactors)) best = w;
+  }
+  int want = (int)(n->total[TD_RES_CPU] > 1 ? n->total[TD_RES_CPU] : 1);
+  if (!best || (hosts < want && best->nactors > 0)) {
+    td_wk_t *w = td__spawn(n, WK_HOST, NULL, 0);
+    if (w) best = w;
+  }
+  return best;
+}
+
+/* A detached actor outlives its driver, and on a head with a store also
+ * the head: its definition and creation spec are kept until it dies.
+ * Arguments that are refs cannot be kept (their objects die with the head). */
+void td__persist_actor(td_node_t *n, const td_spec_t *s) {
+  if (!td_persist_on() || s->ndeps || s->nrefs) return;
+  td_fnblob_t *fb = td_map_get(&n->fns, s->fn_id);
+  if (!fb) return;
+  td_buf_t b;
+  td_buf_init(&b);
+  td_buf_str(&b, fb->data, fb->len);
+  td_spec_encode(s, &b);
+  char key[24];
+  snprintf(key, sizeof(key), "%016llx", (unsigned long long)s->actor_id);
+  td_persist_put("actor", key, b.p, b.len);
+  td_buf_free(&b);
+}
+
+void td__restore_actor(void *ud, const char *key, const void *val, size_t len) {
+  td_node_t *n = ud;
+  td_rd_t rd;
+  td_rd_init(&rd, val, len);
+  uint32_t bl;
+  const uint8_t *blob = td_rd_str(&rd, &bl);
+  td_spec_t s;
+  uint64_t *scratch = NULL;
+  if (rd.bad || td_spec_decode(&s, &rd, &scratch) || s.kind != TD_K_ACTOR_NEW) {
+    fprintf(stderr, "tide: dropping persisted actor %s: unreadable\n", key);
+    td_persist_put("actor", key, NULL, 0);
+    free(scratch);
+    return;
+  }
+  td_node_register_fn(n, s.fn_id, blob, bl);
+  const char *msg;
+  if (!td_map_get(&n->actors, s.actor_id) && td_node_submit(n, &s, &msg) == 0) {
+    td_node_decref(n, s.rets[0]);  /* nobody waits for its readiness */
+    td_actor_t *a = td_map_get(&n->actors, s.actor_id);
+    if (a && a->create) a->create->restored = 1;
+    fprintf(stderr, "tide: restoring detached actor %s%s%s\n", key, s.name[0] ? " " : "", s.name);
+  }
+  free(scratch);
+}
+
+int td_node_kill_actor(td_node_t *n, uint64_t actor_id, int no_restart) {
+  return td__kill_actor(n, actor_id, no_restart, "killed by tide.kill");
+}
+
+/* Kills an actor (why: "killed by ..."), restarted unless no_restart. */
+int td__kill_actor(td_node_t *n, uint64_t actor_id, int no_restart, const char *why) {
+  td_actor_t *a = td_map_get(&n->actors, actor_id);
+  if (!a && n->head && !n->head->dead) {
+    /* Not here: the head keeps it (forwarded, or placed on another node). */
+    td_chan_begin(&n->head->ch, TD_M_KILL);
+    td_buf_u64(&n->head->ch.out, actor_id);
+    td_buf_u8(&n->head->ch.out, (uint8_t)(no_restart != 0));
+    td_buf_str(&n->head->ch.out, why, strlen(why));
+    td_chan_end(&n->head->ch);
+    return 0;
+  }
+  if (!a) return TD_ENOTFOUND;
+  td_wk_t *host = a->host;
+  char msg[200];
+  snprintf(msg, sizeof(msg), "the actor was %s", why);
+  if (host) td__actor_calls_lost(n, a, host, 0, msg);
+  if (!no_restart && host) {
+    td__actor_restart_or_die(n, a, why);
+  } else {
+    if ((a->state == A_PENDING || a->state == A_RESTARTING) && a->create->state == T_QUEUED)
+      tq_del(&n->queue, a->create);
+    td__actor_die(n, a, msg);
+  }
+  if (host && !host->dead) {
+    if (host->kind == WK_GPUHOST) {
+      kill(host->pid, SIGKILL);
+    } else {
+      td_chan_begin(&host->ch, TD_M_ACTOR_KILL);
+      td_buf_u64(&host->ch.out, actor_id);
+      td_chan_end(&host->ch);
+    }
+  }
+  /* Calls already on the host fail there; queued calls failed above. */
+  return 0;
+}
+
+int td_node_get_actor(td_node_t *n, const char *name, const char *ns, uint64_t *actor_id,
+                      uint64_t *class_id) {
+  size_t it = 0;
+  td_actor_t *a;
+  while (td_map_next(&n->actors, &it, NULL, (void **)&a)) {
+    if (a->state == A_DEAD || !a->create) continue;
+    if (!strcmp(a->create->spec.name, name) && !strcmp(a->create->spec.ns, ns)) {
+      *actor_id = a->id;
+      *class_id = a->create->spec.fn_id;
+      return 0;
+    }
+  }
+  return TD_ENOTFOUND;
+}
+
+int td_node_actor_state(td_node_t *n, uint64_t actor_id, const char **reason) {
+  td_actor_t *a = td_map_get(&n->actors, actor_id);
+  if (!a) return -1;
+  *reason = a->reason;
+  return a->state;
+}
+
+void td__actor_kill_at(td_wk_t *wk, uint64_t aid) {
+  td_chan_begin(&wk->ch, TD_M_ACTOR_KILL);
+  td_buf_u64(&wk->ch.out, aid);
+  td_chan_end(&wk->ch);
+}
