@@ -520,4 +520,13 @@ void td__persist_actor(td_node_t *n, const td_spec_t *s);
 td_wk_t *td__pick_host(td_node_t *n, td_actor_t *a);
 void td__restore_actor(void *ud, const char *key, const void *val, size_t len);
 
+/* workers.c and node.c share these too. */
+/* node.c */
+void td__count(td_wk_t *wk, td_map_t *m, uint64_t id, intptr_t d);
+int td__put_value(td_node_t *n, td_buf_t *b, uint64_t id, int pin, int remote);
+/* workers.c */
+void td__req_add(td_node_t *n, td_wk_t *wk, int op, td_rd_t *rd);
+void td__reqs_check(td_node_t *n, double now);
+void td__restore_meta(void *ud, const char *key, const void *val, size_t len);
+
 #endif

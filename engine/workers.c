@@ -1,0 +1,224 @@
+/* Worker processes (node_int.h): ids, spawning (task workers, actor hosts,
+ * GPU and own-process actors), and the requests a worker makes of the node
+ * and waits on — get, wait, next streamed item — answered when their
+ * objects are ready or their timeout passes. */
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "node_int.h"
+
+uint64_t td_wk_id(const td_wk_t *wk) { return wk->id; }
+
+/* Worker and client ids. A head with a store keeps the next one ahead of
+ * use, so ids a restarted head gives never repeat those of objects and
+ * actors it restores. */
+uint64_t td__new_wk_id(td_node_t *n) {
+  uint64_t id = ++n->next_wk;
+  if ((id & 255) == 0 && td_persist_on()) {
+    char v[24];
+    int l = snprintf(v, sizeof(v), "%llu", (unsigned long long)(id + 256));
+    td_persist_put("meta", "next_wk", v, (size_t)l);
+  }
+  return id;
+}
+
+void td__restore_meta(void *ud, const char *key, const void *val, size_t len) {
+  td_node_t *n = ud;
+  char v[24];
+  if (strcmp(key, "next_wk") || len >= sizeof(v)) return;
+  memcpy(v, val, len);
+  v[len] = 0;
+  uint64_t w = strtoull(v, NULL, 10);
+  if (w > n->next_wk) n->next_wk = w;
+}
+
+/* A new entry in the node's table of workers, clients and links. */
+td_wk_t *td__wk_add(td_node_t *n, uint64_t id, int kind, int fd) {
+  td_wk_t *wk = td_xcalloc(1, sizeof(*wk));
+  wk->id = id;
+  wk->kind = kind;
+  td_chan_init(&wk->ch, fd);
+  td_map_init(&wk->fns_sent);
+  td_map_init(&wk->allocs);
+  if (n->nwks == n->capwks) {
+    n->capwks = n->capwks ? n->capwks * 2 : 16;
+    n->wks = td_xrealloc(n->wks, (size_t)n->capwks * sizeof(td_wk_t *));
+  }
+  n->wks[n->nwks++] = wk;
+  return wk;
+}
+
+td_wk_t *td__spawn(td_node_t *n, int kind, const int *gpus, int ngpus) {
+  if (n->no_workers) return NULL;
+  int sv[2];
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) return NULL;
+  uint64_t id = td__new_wk_id(n);
+  char idbuf[32], kindbuf[8], gpubuf[128] = "";
+  snprintf(idbuf, sizeof(idbuf), "%llu", (unsigned long long)id);
+  snprintf(kindbuf, sizeof(kindbuf), "%d", kind);
+  for (int i = 0, o = 0; i < ngpus && o < 120; i++)
+    o += snprintf(gpubuf + o, sizeof(gpubuf) - (size_t)o, i ? ",%d" : "%d", gpus[i]);
+  pid_t pid = fork();
+  if (pid < 0) { close(sv[0]); close(sv[1]); return NULL; }
+  if (pid == 0) {
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() == 1) _exit(1);
+    /* Move the socket and the store to fds 3 and 4 without clobbering
+     * either, and keep them across exec. */
+    int sock = sv[1] == 4 ? dup(sv[1]) : sv[1];
+    if (td_store_fd(n->store) != 4) dup2(td_store_fd(n->store), 4);
+    if (sock != 3) dup2(sock, 3);
+    fcntl(3, F_SETFD, 0);
+    fcntl(4, F_SETFD, 0);
+    close_range(5, ~0U, 0);
+    signal(SIGINT, SIG_IGN);
+    /* No setenv here (not safe after fork in a threaded process): the
+     * worker sets CUDA_VISIBLE_DEVICES from argv. */
+    char *argv[] = {"tide-worker", "__worker", idbuf, kindbuf, gpubuf, NULL};
+    execv(n->exe, argv);
+    _exit(127);
+  }
+  close(sv[1]);
+  td_wk_t *wk = td__wk_add(n, id, kind, sv[0]);
+  wk->pid = pid;
+  wk->ngpus = ngpus;
+  if (ngpus) memcpy(wk->gpus, gpus, (size_t)ngpus * sizeof(int));
+  td_log("spawned worker %llu pid %d kind %d", (unsigned long long)id, (int)pid, kind);
+  return wk;
+}
+
+void td_node_reply(td_node_t *n, td_wk_t *wk, uint32_t req, const void *p, size_t len) {
+  (void)n;
+  if (wk->dead) return;
+  td_chan_begin(&wk->ch, TD_M_REPLY);
+  td_buf_u32(&wk->ch.out, req);
+  td_buf_put(&wk->ch.out, p, len);
+  td_chan_end(&wk->ch);
+}
+
+/* Answers a request if it can be answered now (or `expired`). */
+static int td__req_try(td_node_t *n, td_req_t *r, int expired) {
+  td_buf_t *b = &r->wk->ch.out;
+  if (r->op == TD_M_GET) {
+    /* A value kept on another node: a node fetches it from there; anyone
+     * else waits for this head to fetch it. */
+    for (uint32_t i = 0; i < r->n && !expired; i++) {
+      td_obj_t *o = td__obj(n, r->ids[i]);
+      if (!o || o->state != OBJ_PENDING || td__away_source(n, o, r->wk)) continue;
+      if (o->away) td__pull(n, o);
+      return 0;
+    }
+    td_chan_begin(&r->wk->ch, TD_M_REPLY);
+    td_buf_u32(b, r->req);
+    int timed_out = 0;
+    for (uint32_t i = 0; i < r->n; i++) {
+      td_obj_t *o = td__obj(n, r->ids[i]);
+      if (o && o->state == OBJ_PENDING && !td__away_source(n, o, r->wk)) timed_out = 1;
+    }
+    td_buf_u8(b, (uint8_t)timed_out);
+    for (uint32_t i = 0; i < r->n && !timed_out; i++) {
+      td_obj_t *o = td__obj(n, r->ids[i]);
+      if (r->wk->kind == WK_NODE && o && ((o->state == OBJ_READY && o->len > TD_CHUNK) || o->away))
+        td__put_pull(n, b, o, r->wk);  /* a node fetches it: from here, or another node */
+      else if (td__put_value(n, b, r->ids[i], !r->wk->remote, r->wk->kind >= WK_NODE ? 2 : r->wk->remote))
+        td__count(r->wk, &r->wk->pinned, r->ids[i], 1);  /* until its UNPIN */
+    }
+    td_chan_end(&r->wk->ch);
+    return 1;
+  }
+  if (r->op == TD_M_WAIT) {
+    uint32_t ready = 0;
+    for (uint32_t i = 0; i < r->n; i++) {
+      td_obj_t *o = td__obj(n, r->ids[i]);
+      /* id 0 never becomes ready: workers sleep on it. */
+      if (r->ids[i] && (!o || o->state != OBJ_PENDING || o->away)) ready++;
+    }
+    if (ready < r->num && !expired) return 0;
+    td_chan_begin(&r->wk->ch, TD_M_REPLY);
+    td_buf_u32(b, r->req);
+    td_buf_u32(b, r->n);
+    for (uint32_t i = 0; i < r->n; i++) {
+      td_obj_t *o = td__obj(n, r->ids[i]);
+      td_buf_u8(b, !o || o->state != OBJ_PENDING || o->away);
+    }
+    td_chan_end(&r->wk->ch);
+    return 1;
+  }
+  if (r->op == TD_M_STREAM_ROOM) {
+    /* ids[0] = the stream; gone, ended or unwindowed streams have room. */
+    td_obj_t *o = td__obj(n, r->ids[0]);
+    if (o && o->window && !o->stream_done && o->nitems - o->released >= o->window) return 0;
+    td_chan_begin(&r->wk->ch, TD_M_REPLY);
+    td_buf_u32(b, r->req);
+    td_chan_end(&r->wk->ch);
+    return 1;
+  }
+  /* TD_M_STREAM_NEXT: ids[0] = stream, num = index */
+  uint64_t item = 0;
+  int st = td_node_stream_item(n, r->ids[0], r->num, &item);
+  if (st == 0 && !expired) return 0;
+  td_chan_begin(&r->wk->ch, TD_M_REPLY);
+  td_buf_u32(b, r->req);
+  td_buf_u8(b, st == 1 ? 0 : st == -1 ? 1 : 2);
+  td_buf_u64(b, item);
+  if (st == 1) td_node_incref(n, item); /* the worker's new handle */
+  td_chan_end(&r->wk->ch);
+  return 1;
+}
+
+void td__reqs_check(td_node_t *n, double now) {
+  td_req_t **pp = &n->reqs, *r;
+  while ((r = *pp)) {
+    int expired = r->deadline > 0 && now >= r->deadline;
+    if (r->wk->dead || td__req_try(n, r, expired)) {
+      *pp = r->next;
+      free(r->ids);
+      free(r);
+    } else {
+      pp = &r->next;
+    }
+  }
+}
+
+void td__req_add(td_node_t *n, td_wk_t *wk, int op, td_rd_t *rd) {
+  td_req_t *r = td_xcalloc(1, sizeof(*r));
+  r->wk = wk;
+  r->op = op;
+  r->req = td_rd_u32(rd);
+  if (op == TD_M_STREAM_NEXT) {
+    r->n = 1;
+    r->ids = td_xmalloc(8);
+    r->ids[0] = td_rd_u64(rd);
+    r->num = td_rd_u32(rd);
+    double timeout = td_rd_f64(rd);
+    r->deadline = timeout >= 0 ? td_now() + timeout : 0;
+  } else if (op == TD_M_STREAM_ROOM) {
+    /* Named by the producing task: the worker does not know the stream. */
+    td_task_t *t = td_map_get(&n->tasks, td_rd_u64(rd));
+    r->n = 1;
+    r->ids = td_xmalloc(8);
+    r->ids[0] = t && t->wk == wk && t->spec.nret < 0 ? t->spec.rets[0] : 0;
+  } else {
+    double timeout = td_rd_f64(rd);
+    r->deadline = timeout >= 0 ? td_now() + timeout : 0;
+    if (op == TD_M_WAIT) r->num = td_rd_u32(rd);
+    r->n = td_rd_u32(rd);
+    const uint8_t *p = td_rd_bytes(rd, (size_t)r->n * 8);
+    if (!p) { free(r); return; }  /* a count beyond the message */
+    r->ids = td_xmalloc((size_t)r->n * 8 + 8);
+    memcpy(r->ids, p, (size_t)r->n * 8);
+  }
+  if (rd->bad) { free(r->ids); free(r); return; }
+  for (uint32_t i = 0; i < r->n; i++) {
+    td_obj_t *o = td__obj(n, r->ids[i]);
+    /* A value kept on a node is fetched here only for a GET that cannot
+     * fetch it from there itself. */
+    if (o && o->foreign && !(o->away && (op == TD_M_WAIT || td__away_source(n, o, wk)))) td__pull(n, o);
+  }
+  if (td__req_try(n, r, 0)) { free(r->ids); free(r); return; }
+  r->next = n->reqs;
+  n->reqs = r;
+}
