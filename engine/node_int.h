@@ -529,4 +529,29 @@ void td__req_add(td_node_t *n, td_wk_t *wk, int op, td_rd_t *rd);
 void td__reqs_check(td_node_t *n, double now);
 void td__restore_meta(void *ud, const char *key, const void *val, size_t len);
 
+/* cluster.c and node.c share these too. */
+/* node.c */
+int td__env_get(const char *env, uint32_t len, const char *key, char *out, size_t n);
+void td__obj_wake(td_node_t *n, td_obj_t *o);
+void td__send_fn(td_node_t *n, td_wk_t *wk, uint64_t fn_id);
+/* cluster.c */
+double td__cluster_max(td_node_t *n, int r);
+void td__cluster_tick(td_node_t *n, double now);
+td_obj_t *td__foreign(td_node_t *n, uint64_t id, int held);
+int td__forward(td_node_t *n, const td_spec_t *s);
+void td__fwd_flush(td_node_t *n);
+void td__fwd_note(td_node_t *n, uint64_t id);
+void td__head_lost(td_node_t *n);
+void td__obj_fill(td_node_t *n, td_obj_t *o, int state, const uint8_t *p, size_t len,
+                         const uint64_t *refs, uint32_t nrefs);
+int td__on_join(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
+int td__on_link_reply(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
+int td__on_node_info(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
+int td__on_node_task(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
+int td__on_pkg(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
+int td__on_pkg_get(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
+void td__parked_drop(td_node_t *n);
+void td__send_node_task(td_node_t *n, td_wk_t *wk, td_task_t *t);
+void td__unhold(td_node_t *n, td_obj_t *o);
+
 #endif

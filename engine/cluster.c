@@ -1,0 +1,970 @@
+/* The cluster (node_int.h): the links between a head and its nodes.
+ *
+ * Head: nodes join (an index each, reused only when long free), report
+ * their resources and heartbeats, get tasks and actors it places there
+ * (td__send_node_task), their functions and working-directory packages,
+ * and the objects those need; it relays a node's requests for the KV,
+ * names and resources.  Node: work it cannot do goes to the head
+ * (td__forward); values it holds for the head are fetched from it
+ * (td__pull); when the head goes silent it drops the head's work but keeps
+ * its own drivers' and its detached actors, and rejoins. */
+#define TD_INDEX_REST 600.0 /* seconds a node index rests before it is given again */
+
+/* -- Objects and definitions between nodes ------------------------------------------
+ * An object belongs to the node whose index its id carries, or to the head
+ * when it was sent there. A node that meets a ref to an object it does not
+ * have keeps a foreign record: it holds one ref upstream (the head, or on
+ * the head the node that made it) until the record is freed, and asks for
+ * the value when something needs it. */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <ifaddrs.h>
+#include <net/if.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "node_int.h"
+
+td_wk_t *td__link(td_node_t *n, uint32_t index) {
+  for (int i = 0; i < n->nwks; i++) {
+    td_wk_t *w = n->wks[i];
+    if (w->kind == WK_NODE && w->joined && !w->dead && w->node_index == index) return w;
+  }
+  return NULL;
+}
+
+/* The most of resource r any live node has (this one included). */
+double td__cluster_max(td_node_t *n, int r) {
+  double most = n->total[r];
+  if (!n->nlinks) return most;  /* one node: no scan on the submit path */
+  for (int i = 0; i < n->nwks; i++) {
+    td_wk_t *w = n->wks[i];
+    if (w->kind == WK_NODE && w->joined && !w->dead && w->ntotal[r] > most) most = w->ntotal[r];
+  }
+  return most;
+}
+
+/* Head -> node: the whole spec (demands by name), the function the first
+ * time, and the argument values inline. */
+void td__send_node_task(td_node_t *n, td_wk_t *wk, td_task_t *t) {
+  td_buf_t *b = &wk->ch.out;
+  td__send_fns(n, wk);
+  td_chan_begin(&wk->ch, TD_M_NODE_TASK);
+  td_buf_u64(b, t->id);
+  td_buf_u32(b, t->attempt);
+  td_spec_t s;
+  memcpy(&s, &t->spec, sizeof(s));
+  s.nres = 0;
+  for (int i = 0; i < t->nres; i++) {
+    snprintf(s.res_name[s.nres], sizeof(s.res_name[0]), "%s", n->resname[t->res_idx[i]]);
+    s.res_amt[s.nres++] = t->res_amt[i];
+  }
+  int has_cpu = 0;
+  for (int i = 0; i < t->nres; i++) has_cpu |= t->res_idx[i] == TD_RES_CPU;
+  if (s.kind == TD_K_TASK && !has_cpu && s.nres < TD_NRES_MAX) {  /* asked for no CPU: say so */
+    snprintf(s.res_name[s.nres], sizeof(s.res_name[0]), "CPU");
+    s.res_amt[s.nres++] = 0;
+  }
+  s.strategy = TD_ST_DEFAULT;
+  s.pg_id = 0;
+  td_spec_encode(&s, b);
+  td__send_fn(n, wk, t->spec.fn_id);
+  td_buf_u32(b, t->spec.ndeps);
+  for (uint32_t i = 0; i < t->spec.ndeps; i++) {
+    td_obj_t *o = td__obj(n, t->spec.deps[i]);
+    if (o && (o->state == OBJ_READY || (o->away && o->state == OBJ_PENDING)) && o->len > n->inline_max)
+      td_buf_u8(b, TD_V_PULL);  /* fetched once by the node, however many tasks use it */
+    else
+      td__put_value(n, b, t->spec.deps[i], 0, 1);
+  }
+}
+
+static td_wk_t *td__upstream(td_node_t *n, uint64_t id) {
+  if (!id || td_id_node(id) == n->index) return NULL;
+  if (n->head) return n->head->dead ? NULL : n->head;
+  return td__link(n, td_id_node(id));
+}
+
+void td__send_refs1(td_wk_t *up, uint64_t id, int32_t delta) {
+  td_chan_begin(&up->ch, TD_M_REFS);
+  td_buf_u32(&up->ch.out, 1);
+  td_buf_u64(&up->ch.out, id);
+  td_buf_u32(&up->ch.out, (uint32_t)delta);
+  td_chan_end(&up->ch);
+}
+
+/* held: the ref upstream is already taken (an export); else one is asked. */
+td_obj_t *td__foreign(td_node_t *n, uint64_t id, int held) {
+  td_wk_t *up = td__upstream(n, id);
+  if (!up) return NULL;
+  td_obj_t *o = td__obj_new(n, id);
+  o->foreign = 1;
+  if (!held) td__send_refs1(up, id, 1);
+  return o;
+}
+
+/* foreign == 2: a return of work forwarded to the head, kept there. */
+static td_wk_t *td__upstream_of(td_node_t *n, td_obj_t *o) {
+  if (o->foreign == 2) return n->head && !n->head->dead ? n->head : NULL;
+  if (o->up) return n->head ? (n->head->dead ? NULL : n->head) : td__link(n, o->up - 1);
+  return td__upstream(n, o->id);
+}
+
+void td__unhold(td_node_t *n, td_obj_t *o) {
+  td_wk_t *up = td__upstream_of(n, o);
+  if (up) td__send_refs1(up, o->id, -1);
+}
+
+void td__pull(td_node_t *n, td_obj_t *o) {
+  if (o->pulling || !o->foreign || o->state != OBJ_PENDING) return;
+  td_wk_t *up = td__upstream_of(n, o);
+  if (!up) return;
+  o->pulling = 1;
+  uint32_t req = (++n->next_pull) | 0x80000000u;
+  td_map_set(&n->pulls, req, (void *)(uintptr_t)o->id);
+  td_chan_begin(&up->ch, TD_M_GET);
+  td_buf_u32(&up->ch.out, req);
+  td_buf_f64(&up->ch.out, -1);
+  td_buf_u32(&up->ch.out, 1);
+  td_buf_u64(&up->ch.out, o->id);
+  td_chan_end(&up->ch);
+}
+
+/* Fills a pending object from inline bytes another node sent (into the
+ * store when large, so workers here map it). */
+void td__obj_fill(td_node_t *n, td_obj_t *o, int state, const uint8_t *p, size_t len,
+                         const uint64_t *refs, uint32_t nrefs) {
+  size_t off;
+  if (state == OBJ_READY && len > n->inline_max && td__alloc(n, len, &off, o) == 0) {
+    memcpy(td_store_base(n->store) + off, p, len);
+    td__obj_set(n, o, OBJ_READY, 1, NULL, len, off, refs, nrefs);
+  } else {
+    td__obj_set(n, o, state, 0, p, len, 0, refs, nrefs);
+  }
+}
+
+int td_node_relay(td_node_t *n, td_wk_t *wk, uint32_t req, const char *op, const uint8_t *args, size_t len) {
+  if (!n->head || n->head->dead) return TD_ENOTFOUND;
+  td_relay_t *r = td_xmalloc(sizeof(*r));
+  r->wk_id = wk->id;
+  r->req = req;
+  uint32_t fr = (++n->next_pull & 0x3fffffffu) | 0x40000000u;
+  td_map_set(&n->relays, fr, r);
+  td_chan_begin(&n->head->ch, TD_M_RPC);
+  td_buf_u32(&n->head->ch.out, fr);
+  td_buf_str(&n->head->ch.out, op, strlen(op));
+  td_buf_str(&n->head->ch.out, args, len);
+  td_chan_end(&n->head->ch);
+  return 0;
+}
+
+/* A link answers a pull (u32 req, u8 timed out, value) or a relayed
+ * request (its reply goes back to the worker that asked). */
+int td__on_link_reply(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  uint32_t req = td_rd_u32(rd);
+  td_relay_t *rl = rd->bad ? NULL : td_map_get(&n->relays, req);
+  if (rl) {
+    td_map_del(&n->relays, req);
+    for (int i = 0; i < n->nwks; i++)
+      if (n->wks[i]->id == rl->wk_id) td_node_reply(n, n->wks[i], rl->req, rd->p, (size_t)(rd->end - rd->p));
+    free(rl);
+    return 0;
+  }
+  uint8_t timed_out = td_rd_u8(rd);
+  if (rd->bad) return TD_EPROTO;
+  void *v = td_map_get(&n->pulls, req);
+  if (!v) return 0;
+  td_map_del(&n->pulls, req);
+  td_obj_t *o = td__obj(n, (uint64_t)(uintptr_t)v);
+  uint8_t kind = timed_out ? TD_V_LOST : td_rd_u8(rd);
+  uint32_t vl = 0, from = 0, epl = 0;
+  uint64_t total = kind == TD_V_PULL || kind == TD_V_PEER ? td_rd_u64(rd) : 0;
+  const uint8_t *ep = NULL;
+  if (kind == TD_V_PEER) {
+    from = td_rd_u32(rd);
+    ep = td_rd_str(rd, &epl);
+  }
+  const uint8_t *vp = kind >= TD_V_LOST ? NULL : td_rd_str(rd, &vl);
+  if (rd->bad || kind == TD_V_SHM || kind > TD_V_PEER) return TD_EPROTO;
+  if (kind == TD_V_PEER && (wk != n->head || epl == 0 || epl > 127)) return TD_EPROTO;
+  if (!o || o->state != OBJ_PENDING) {
+    if (kind >= TD_V_PULL && wk == n->head) td__have_id(n, (uint64_t)(uintptr_t)v, 0);  /* not fetched */
+    return 0;
+  }
+  if (kind >= TD_V_PULL) {
+    td_wk_t *up = wk;
+    if (kind == TD_V_PEER) {  /* from another node, as the head says */
+      char e[128];
+      memcpy(e, ep, epl);
+      e[epl] = 0;
+      td_wk_t *peer = td__peer(n, from, e);
+      if (peer) up = peer;
+    }
+    o->told = wk == n->head;
+    td__chunk_begin(n, o, total, up);
+    if (up != wk && o->chunked) td__ppull_note(n, o, up);
+    return 0;
+  }
+  o->pulling = 0;
+  if (kind == TD_V_LOST) {
+    td__errblob(&n->tmp, "ObjectLostError", "the object was lost on the node that held it");
+    td__obj_set(n, o, OBJ_ERROR, 0, n->tmp.p, n->tmp.len, 0, NULL, 0);
+  } else {
+    td__obj_fill(n, o, kind == TD_V_ERROR ? OBJ_ERROR : OBJ_READY, vp, vl, NULL, 0);
+  }
+  return 0;
+}
+
+/* Function definitions the other side has not had yet. */
+void td__send_fns(td_node_t *n, td_wk_t *wk) {
+  for (; wk->fns_upto < n->nfn_order; wk->fns_upto++) {
+    uint64_t id = n->fn_order[wk->fns_upto];
+    td_fnblob_t *fb = td_map_get(&n->fns, id);
+    if (!fb || td_map_get(&wk->fns_sent, id)) continue;
+    td_map_set(&wk->fns_sent, id, (void *)1);
+    td_chan_begin(&wk->ch, TD_M_FN);
+    td_buf_u64(&wk->ch.out, id);
+    td_buf_str(&wk->ch.out, fb->data, fb->len);
+    td_chan_end(&wk->ch);
+  }
+}
+
+/* Ids a node hands the head inside a message (refs in a value, a spec's
+ * arguments): the node holds each for the head (an export); the head keeps
+ * that hold in a new foreign record, or gives it back if it has one. */
+void td__export(td_node_t *n, const uint64_t *ids, uint32_t k) {
+  for (uint32_t i = 0; i < k; i++) {
+    td_node_incref(n, ids[i]);
+    if (!n->lineage.len || !td_map_get(&n->lineage, ids[i])) continue;
+    if (n->nlin_out == n->caplin_out) {
+      n->caplin_out = n->caplin_out ? n->caplin_out * 2 : 16;
+      n->lin_out = td_xrealloc(n->lin_out, n->caplin_out * 8);
+    }
+    n->lin_out[n->nlin_out++] = ids[i];
+  }
+}
+
+void td__import(td_node_t *n, td_wk_t *from, const uint64_t *ids, uint32_t k) {
+  for (uint32_t i = 0; i < k; i++) {
+    if (!td__obj(n, ids[i])) {
+      if (td__upstream(n, ids[i]) == from) {
+        td__obj_new(n, ids[i])->foreign = 1;
+        continue;
+      }
+    }
+    td__send_refs1(from, ids[i], -1);
+  }
+}
+
+/* Node: work a worker here submitted that this node cannot do (a call to
+ * an actor it does not host, a demand it cannot meet) goes to the head.
+ * So does every named or detached actor: the head keeps the cluster's
+ * names (one actor per name) and persists detached actors, which a
+ * restarted head adopts; made here, the head would never know of them.
+ * Returns 1 when forwarded. */
+int td__forward(td_node_t *n, const td_spec_t *s) {
+  if (!n->head || s->nret < 0) return 0;  /* streams stay here */
+  if (s->kind == TD_K_ACTOR_CALL) {
+    if (td_map_get(&n->actors, s->actor_id)) return 0;
+  } else if (s->kind == TD_K_ACTOR_NEW && (s->detached || s->name[0])) {
+    /* the head's */
+  } else {
+    int short_of = 0;
+    for (uint32_t i = 0; i < s->nres && !short_of; i++) {
+      int idx = td_node_res_index(n, s->res_name[i]);
+      short_of = idx >= 0 && s->res_amt[i] > n->total[idx] + 1e-9;
+    }
+    if (!short_of) return 0;
+  }
+  td_wk_t *h = n->head;
+  td__send_fns(n, h);
+  td__export(n, s->deps, s->ndeps);
+  td__export(n, s->refs, s->nrefs);
+  td_chan_begin(&h->ch, TD_M_SUBMIT);
+  td_spec_encode(s, &h->ch.out);
+  td_chan_end(&h->ch);
+  /* The returns live on the head; here they are foreign records that
+   * hold the submitter's ref there. */
+  uint32_t nr = s->nret < 0 ? 1 : (uint32_t)s->nret;
+  for (uint32_t i = 0; i < nr; i++) {
+    td_obj_t *o = td__obj_new(n, s->rets[i]);
+    o->foreign = 2;
+    o->refs++;
+  }
+  return 1;
+}
+
+/* A value from another node, inline: it goes to the store when large, so
+ * workers here map it. Returns the object (state set, one ref held). */
+td_obj_t *td__obj_from_bytes(td_node_t *n, uint64_t id, int state, const uint8_t *p, size_t len) {
+  td_obj_t *o = td__obj_new(n, id);
+  o->refs++;
+  td__obj_fill(n, o, state, p, len, NULL, 0);
+  return o;
+}
+
+/* Head: whether index could go to a new node: no node has it now, and no
+ * object, task or actor the head knows carries it (ids hold their node's
+ * index, so a reused one must not meet ids of the node that had it). */
+static int td__index_free(td_node_t *n, uint32_t idx) {
+  if (idx == n->index) return 0;
+  for (int i = 0; i < n->nwks; i++)
+    if (n->wks[i]->kind == WK_NODE && !n->wks[i]->dead && n->wks[i]->node_index == idx) return 0;
+  const td_map_t *maps[] = {&n->objs, &n->tasks, &n->actors};
+  for (int m = 0; m < 3; m++) {
+    uint64_t id;
+    for (size_t it = 0; td_map_next(maps[m], &it, &id, NULL);)
+      if (td_id_node(id) == idx) return 0;
+  }
+  return 1;
+}
+
+/* Head: every index was given (nodes take a new one each time they start):
+ * the free index whose node left longest ago, and at least TD_INDEX_REST
+ * seconds ago; 0 when there is none. */
+static uint32_t td__reuse_index(td_node_t *n) {
+  double now = td_now(), oldest = now - TD_INDEX_REST;
+  uint32_t best = 0;
+  for (uint32_t idx = 1; idx <= TD_NODE_MAX; idx++) {
+    double gone = n->gone_at ? n->gone_at[idx] : 0;
+    if (gone > oldest || !td__index_free(n, idx)) continue;
+    best = idx;
+    oldest = gone;
+    if (gone == 0) break;  /* never seen by this head: free since it started */
+  }
+  return best;
+}
+
+/* Head: a client asks to join as a node. */
+int td__on_join(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  uint32_t want = td_rd_u32(rd);
+  if (rd->bad || wk->kind != WK_CLIENT) return TD_EPROTO;
+  uint32_t idx = want;
+  if (!idx || idx > TD_NODE_MAX || idx == n->index || td__link(n, idx)) {
+    do idx = ++n->next_index; while (idx <= TD_NODE_MAX && (idx == n->index || td__link(n, idx)));
+    if (idx > TD_NODE_MAX) {
+      n->next_index = TD_NODE_MAX;
+      idx = td__reuse_index(n);
+      if (!idx) { td_log("refusing a node: no node index left"); return TD_EPROTO; }
+      td_log("every node index was given: node index %u is given again", idx);
+    }
+  }
+  if (idx > n->next_index) n->next_index = idx;
+  wk->kind = WK_NODE;
+  td__link_chan(wk);
+  wk->node_index = idx;
+  wk->last_seen = td_now();
+  td_chan_begin(&wk->ch, TD_M_WELCOME);
+  td_buf_u32(&wk->ch.out, idx);
+  td_chan_end(&wk->ch);
+  return 0;
+}
+
+/* Head: a joined node says what it has. */
+int td__on_node_info(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  if (wk->kind != WK_NODE || wk->joined) return TD_EPROTO;
+  uint32_t l;
+  const uint8_t *name = td_rd_str(rd, &l);
+  uint32_t nr = td_rd_u32(rd);
+  if (rd->bad || nr > TD_NRES_MAX) return TD_EPROTO;
+  snprintf(wk->name, sizeof(wk->name), "%.*s", (int)(l < 63 ? l : 63), (const char *)name);
+  char line[512];
+  int o = snprintf(line, sizeof(line), "node-%u (%s) joined:", wk->node_index, wk->name);
+  for (uint32_t i = 0; i < nr; i++) {
+    uint32_t rl;
+    const uint8_t *rn = td_rd_str(rd, &rl);
+    double v = td_rd_f64(rd);
+    if (rd->bad || rl == 0 || rl >= 32 || !(v >= 0)) return TD_EPROTO;
+    char rname[32];
+    memcpy(rname, rn, rl);
+    rname[rl] = 0;
+    int idx = td_node_res_index(n, rname);
+    if (idx < 0) continue;
+    wk->ntotal[idx] = wk->navail[idx] = v;
+    if (o < (int)sizeof(line) - 48) o += snprintf(line + o, sizeof(line) - (size_t)o, " %s=%g", rname, v);
+  }
+  wk->joined = 1;
+  n->nlinks++;
+  char key[16];
+  snprintf(key, sizeof(key), "%u", wk->node_index);
+  td_persist_put("node", key, wk->name, strlen(wk->name));
+  td_log("%s", line);
+  fprintf(stderr, "tide: %s\n", line);
+  uint32_t na = rd->p < rd->end ? td_rd_u32(rd) : 0;
+  for (uint32_t i = 0; i < na && !rd->bad; i++) {
+    uint64_t aid = td_rd_u64(rd);
+    uint32_t attempt = td_rd_u32(rd);
+    if (!rd->bad) td__adopt(n, wk, aid, attempt);
+  }
+  uint32_t port = rd->p < rd->end ? td_rd_u32(rd) : 0;
+  if (port > 65535) return TD_EPROTO;
+  if (wk->peer_host[0]) wk->peer_port = port;  /* other nodes may fetch from it */
+  return rd->bad ? TD_EPROTO : 0;
+}
+
+/* The package a head path was shipped as, while fresh (a minute). */
+static const char *td__wd_hash(td_node_t *n, const char *path) {
+  double now = td_now();
+  for (td_wdmap_t *m = n->wdmap; m; m = m->next)
+    if (!strcmp(m->path, path)) return now - m->at < 60 ? m->hash : NULL;
+  return NULL;
+}
+
+static void td__wd_note(td_node_t *n, const char *path, const char *hash) {
+  td_wdmap_t *m = n->wdmap;
+  while (m && strcmp(m->path, path)) m = m->next;
+  if (!m) {
+    m = td_xcalloc(1, sizeof(*m));
+    snprintf(m->path, sizeof(m->path), "%s", path);
+    m->next = n->wdmap;
+    n->wdmap = m;
+  }
+  snprintf(m->hash, sizeof(m->hash), "%s", hash);
+  m->at = td_now();
+}
+
+/* Sets KEY=val in a spec's env, replacing what was there. */
+static void td__env_set(td_spec_t *s, const char *key, const char *val) {
+  char out[sizeof(s->env)];
+  uint32_t ol = 0;
+  size_t kl = strlen(key);
+  for (uint32_t i = 0; i < s->env_len;) {
+    const char *kv = s->env + i;
+    size_t l = strnlen(kv, s->env_len - i);
+    if (!(l > kl && kv[kl] == '=' && !memcmp(kv, key, kl))) {
+      memcpy(out + ol, kv, l + 1 <= s->env_len - i ? l + 1 : l);
+      ol += (uint32_t)(l + 1 <= s->env_len - i ? l + 1 : l);
+    }
+    i += (uint32_t)l + 1;
+  }
+  int w = snprintf(out + ol, sizeof(out) - ol, "%s=%s", key, val);
+  if (w > 0 && ol + (uint32_t)w + 1 <= sizeof(out)) ol += (uint32_t)w + 1;
+  memcpy(s->env, out, ol);
+  s->env_len = ol;
+}
+
+/* Node: the work its head sends. */
+int td__on_node_task(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  if (wk != n->head) return TD_EPROTO;
+  uint64_t htid = td_rd_u64(rd);
+  uint32_t attempt = td_rd_u32(rd);
+  td_spec_t s;
+  uint64_t *scratch;
+  const uint8_t *msg = rd->p - 12;  /* the whole message, to park it */
+  uint32_t msglen = (uint32_t)(rd->end - msg);
+  if (td_spec_decode(&s, rd, &scratch)) { free(scratch); return TD_EPROTO; }
+  /* A working directory must be here first: a job's package (TIDE_PKG),
+   * or a task's runtime_env working_dir, a path on the head shipped as a
+   * package (a snapshot, as Ray uploads it). */
+  char hash[TD_PKG_HASH_LEN + 2], wdp[1024], key[1024] = "";
+  if (td__env_get(s.env, s.env_len, "TIDE_PKG", hash, sizeof(hash))) {
+    if (strlen(hash) == TD_PKG_HASH_LEN && !td_pkg_have(hash)) {
+      snprintf(key, sizeof(key), "%s", hash);
+    } else if (strlen(hash) == TD_PKG_HASH_LEN) {  /* here, not where the head has it */
+      char dir[PATH_MAX];
+      td_pkg_dir(hash, dir, sizeof(dir));
+      td__env_set(&s, "TIDE_WORKING_DIR", dir);
+    }
+  } else if (td__env_get(s.env, s.env_len, "TIDE_WORKING_DIR", wdp, sizeof(wdp)) && wdp[0] == '/') {
+    const char *h = td__wd_hash(n, wdp);
+    if (h && td_pkg_have(h)) {
+      char dir[PATH_MAX];
+      td_pkg_dir(h, dir, sizeof(dir));
+      td__env_set(&s, "TIDE_WORKING_DIR", dir);
+    } else {
+      snprintf(key, sizeof(key), "%s", wdp);
+    }
+  }
+  if (key[0]) {
+    free(scratch);
+    int asked = 0;
+    for (td_parked_t *q = n->parked; q; q = q->next) asked |= !strcmp(q->key, key);
+    td_parked_t *pk = td_xcalloc(1, sizeof(*pk));
+    snprintf(pk->key, sizeof(pk->key), "%s", key);
+    pk->msg = td_xmalloc(msglen);
+    memcpy(pk->msg, msg, msglen);
+    pk->len = msglen;
+    pk->next = n->parked;
+    n->parked = pk;
+    if (!asked) {
+      td_chan_begin(&wk->ch, TD_M_PKG_GET);
+      td_buf_str(&wk->ch.out, key, strlen(key));
+      td_chan_end(&wk->ch);
+    }
+    (void)htid, (void)attempt;
+    return 0;
+  }
+  int rc = TD_EPROTO;
+  if (td_rd_u8(rd)) {
+    uint32_t bl;
+    const uint8_t *blob = td_rd_str(rd, &bl);
+    if (rd->bad) goto out;
+    td_node_register_fn(n, s.fn_id, blob, bl);
+  }
+  uint32_t nd = td_rd_u32(rd);
+  if (rd->bad || nd != s.ndeps || td_map_get(&n->fwd, htid)) goto out;
+  /* Argument values: the objects here hold one ref until submitted. */
+  uint64_t *made = td_xmalloc((size_t)nd * 8 + 8);
+  uint32_t nmade = 0;
+  for (uint32_t i = 0; i < nd; i++) {
+    uint8_t kind = td_rd_u8(rd);
+    uint32_t vl = 0;
+    const uint8_t *vp = kind >= TD_V_LOST ? NULL : td_rd_str(rd, &vl);
+    if (rd->bad || kind == TD_V_SHM || kind > TD_V_PULL) { rd->bad = 1; break; }
+    if (td__obj(n, s.deps[i])) continue;
+    if (kind == TD_V_PULL) {
+      td_obj_t *o = td__foreign(n, s.deps[i], 0);
+      if (!o) { rd->bad = 1; break; }
+      o->refs++;
+    } else if (kind == TD_V_LOST) {
+      td__errblob(&n->tmp, "ObjectLostError", "an argument's object was lost before it reached this node");
+      td__obj_from_bytes(n, s.deps[i], OBJ_ERROR, n->tmp.p, n->tmp.len);
+    } else {
+      td__obj_from_bytes(n, s.deps[i], kind == TD_V_ERROR ? OBJ_ERROR : OBJ_READY, vp, vl);
+    }
+    made[nmade++] = s.deps[i];
+  }
+  if (!rd->bad) {
+    rc = 0;
+    /* The head places, retries and restarts; here it just runs. */
+    s.strategy = TD_ST_DEFAULT;
+    s.pg_id = 0;
+    s.max_restarts = 0;
+    s.retry_exceptions = 0;  /* the head sees the error and retries */
+    const char *msg = NULL;
+    n->submitter = wk->id;  /* prints go back to the head, as this task's */
+    n->submitter_task = htid;
+    n->from_head = 1;       /* the head keeps its lineage */
+    int sub = s.kind == TD_K_ACTOR_CALL && !td_map_get(&n->actors, s.actor_id)
+                  ? (msg = "the actor is not on this node", TD_EINVAL)
+                  : td_node_submit(n, &s, &msg);
+    n->submitter = n->submitter_task = 0;
+    n->from_head = 0;
+    if (sub == 0) {
+      td_fwd_t *f = td_xcalloc(1, sizeof(*f));
+      f->task = htid;
+      f->kind = s.kind;
+      f->nret = s.nret;
+      f->actor = s.actor_id;
+      uint32_t nr = s.nret < 0 ? 1 : (uint32_t)s.nret;
+      f->rets = td_xmalloc(nr * 8 + 8);
+      memcpy(f->rets, s.rets, nr * 8);
+      td_map_set(&n->fwd, htid, f);
+      for (uint32_t i = 0; i < nr; i++) {
+        td_obj_t *o = td__obj(n, s.rets[i]);
+        if (!o) continue;
+        o->fwd = f;
+        if (o->state != OBJ_PENDING) td__obj_wake(n, o);
+      }
+      if (s.kind == TD_K_ACTOR_NEW) {
+        td_actor_t *a = td_map_get(&n->actors, s.actor_id);
+        if (a) a->fwd_attempt = attempt;
+      }
+    } else {
+      td__errblob(&n->tmp, s.kind == TD_K_ACTOR_CALL ? "ActorDiedError" : "TaskError", msg);
+      td_chan_begin(&wk->ch, TD_M_DONE);
+      td_buf_u64(&wk->ch.out, htid);
+      td_buf_u8(&wk->ch.out, 0);
+      td_buf_str(&wk->ch.out, n->tmp.p, n->tmp.len);
+      td_chan_end(&wk->ch);
+    }
+  }
+  for (uint32_t i = 0; i < nmade; i++) td_node_decref(n, made[i]);
+  free(made);
+out:
+  free(scratch);
+  return rc;
+}
+
+/* Node: one return value for the head, with the contained objects made
+ * here (the head has no other way to reach them). */
+static void td__put_link_value(td_node_t *n, td_buf_t *b, td_obj_t *o) {
+  td__put_value(n, b, o->id, 0, 2);
+  if (o->state == OBJ_READY && o->len > TD_CHUNK) {  /* kept until the head has fetched it */
+    td_buf_u64(b, o->id);
+    td_node_incref(n, o->id);
+  }
+  td_buf_u32(b, o->ncontained);
+  td_buf_put(b, o->contained, (size_t)o->ncontained * 8);
+  uint32_t at = (uint32_t)b->len, cnt = 0;
+  td_buf_u32(b, 0);
+  for (uint32_t i = 0; i < o->ncontained; i++) {
+    td_obj_t *c = td__obj(n, o->contained[i]);
+    if (!c || c->state != OBJ_READY || td__obj_resident(n, c) != 0) continue;
+    td_buf_u64(b, c->id);
+    td__put_value(n, b, c->id, 0, 1);
+    cnt++;
+  }
+  memcpy(b->p + at, &cnt, 4);
+  td__export(n, o->contained, o->ncontained);
+}
+
+static void td__fwd_end(td_node_t *n, td_fwd_t *f) {
+  uint32_t nr = f->nret < 0 ? 1 : (uint32_t)f->nret;
+  td_map_del(&n->fwd, f->task);
+  for (uint32_t i = 0; i < nr; i++) {
+    td_obj_t *o = td__obj(n, f->rets[i]);
+    if (o && o->fwd == f) o->fwd = NULL;
+    if (o) td_node_decref(n, f->rets[i]);
+  }
+  free(f->rets);
+  free(f);
+}
+
+static void td__link_fail(td_node_t *n, uint64_t task, const uint8_t *blob, size_t len) {
+  td_chan_begin(&n->head->ch, TD_M_DONE);
+  td_buf_u64(&n->head->ch.out, task);
+  td_buf_u8(&n->head->ch.out, 0);
+  td_buf_str(&n->head->ch.out, blob, len);
+  td_chan_end(&n->head->ch);
+}
+
+/* Node: sends the head what finished of its work. */
+void td__fwd_flush(td_node_t *n) {
+  uint32_t cnt = n->nfwd_ready;
+  uint64_t *ids = n->fwd_ready;
+  n->fwd_ready = NULL;
+  n->nfwd_ready = n->capfwd_ready = 0;
+  for (uint32_t k = 0; k < cnt; k++) {
+    td_obj_t *o = td__obj(n, ids[k]);
+    td_fwd_t *f = o ? o->fwd : NULL;
+    if (!f || !n->head) continue;
+    td_buf_t *b = &n->head->ch.out;
+    if (f->nret < 0) {
+      /* A stream: its new items, then its end (or the error that ended it). */
+      int failed = 0;
+      for (; f->items_sent < o->nitems && !failed; f->items_sent++) {
+        td_obj_t *it = td__obj(n, o->items[f->items_sent]);
+        if (it && it->state == OBJ_ERROR) {
+          td__link_fail(n, f->task, it->data, it->len);
+          failed = 1;
+          break;
+        }
+        if (!it) continue;
+        td_chan_begin(&n->head->ch, TD_M_ITEM);
+        td_buf_u64(b, f->task);
+        td_buf_u64(b, it->id);
+        td__put_value(n, b, it->id, 0, 1);
+        td_buf_u32(b, 0);
+        td_chan_end(&n->head->ch);
+      }
+      if (failed || o->stream_done) {
+        if (!failed) {
+          td_chan_begin(&n->head->ch, TD_M_DONE);
+          td_buf_u64(b, f->task);
+          td_buf_u8(b, 1);
+          td_buf_u32(b, 0);
+          td_chan_end(&n->head->ch);
+        }
+        td__fwd_end(n, f);
+      }
+      continue;
+    }
+    uint32_t nr = (uint32_t)f->nret;
+    td_obj_t *err = NULL;
+    int pending = 0;
+    for (uint32_t i = 0; i < nr; i++) {
+      td_obj_t *r = td__obj(n, f->rets[i]);
+      if (!r || r->state == OBJ_PENDING) pending = 1;
+      else if (r->state == OBJ_ERROR && !err) err = r;
+    }
+    if (pending) continue;
+    if (f->kind == TD_K_ACTOR_NEW) {
+      /* Ready; a failed init reaches the head as the actor's exit. */
+      if (!err) {
+        td_chan_begin(&n->head->ch, TD_M_ACTOR_READY);
+        td_buf_u64(b, f->actor);
+        td_chan_end(&n->head->ch);
+      }
+    } else if (err) {
+      td__link_fail(n, f->task, err->data, err->len);
+    } else {
+      td_chan_begin(&n->head->ch, TD_M_DONE);
+      td_buf_u64(b, f->task);
+      td_buf_u8(b, 1);
+      td_buf_u32(b, nr);
+      for (uint32_t i = 0; i < nr; i++) td__put_link_value(n, b, td__obj(n, f->rets[i]));
+      td_chan_end(&n->head->ch);
+    }
+    td__fwd_end(n, f);
+  }
+  free(ids);
+  if (n->head && n->head->ch.out.len > (256u << 10)) td_chan_flush(&n->head->ch);
+}
+
+void td__fwd_note(td_node_t *n, uint64_t id) {
+  if (n->nfwd_ready == n->capfwd_ready) {
+    n->capfwd_ready = n->capfwd_ready ? n->capfwd_ready * 2 : 64;
+    n->fwd_ready = td_xrealloc(n->fwd_ready, n->capfwd_ready * 8);
+  }
+  n->fwd_ready[n->nfwd_ready++] = id;
+}
+
+/* Node: the head is gone. Its work here is dropped: a head that comes
+ * back does not know it. */
+void td__parked_drop(td_node_t *n) {
+  while (n->parked) {
+    td_parked_t *q = n->parked;
+    n->parked = q->next;
+    free(q->msg);
+    free(q);
+  }
+}
+
+void td__head_lost(td_node_t *n) {
+  size_t it = 0, k = 0;
+  void *v;
+  td_fwd_t **fs = td_xmalloc((size_t)n->fwd.len * sizeof(*fs) + 8);
+  while (td_map_next(&n->fwd, &it, NULL, &v)) fs[k++] = v;
+  for (size_t i = 0; i < k; i++) td__fwd_end(n, fs[i]);
+  free(fs);
+  /* Its actors here (each has fwd_attempt set when created for it); the
+   * detached ones live on, for a restarted head to adopt (td__adopt). */
+  uint64_t *actors = td_xmalloc((size_t)n->actors.len * 8 + 8);
+  uint32_t na = 0;
+  td_actor_t *a;
+  it = 0;
+  while (td_map_next(&n->actors, &it, NULL, (void **)&a))
+    if (a->fwd_attempt && a->state != A_DEAD && !(a->create && a->create->spec.detached)) actors[na++] = a->id;
+  n->head = NULL;
+  for (uint32_t i = 0; i < na; i++) td_node_kill_actor(n, actors[i], 1);
+  free(actors);
+  td__parked_drop(n);  /* its work waiting for packages goes too */
+}
+
+/* Heartbeats both ways; a link silent past the timeout is dead. */
+void td__cluster_tick(td_node_t *n, double now) {
+  if (n->nppull) td__ppull_check(n, NULL, now);
+  int beat = now - n->beat_at >= 1.0;
+  if (beat) n->beat_at = now;
+  for (int i = 0; i < n->nwks; i++) {
+    td_wk_t *w = n->wks[i];
+    if ((w->kind != WK_NODE && w->kind != WK_HEAD) || w->dead) continue;
+    if (now - w->last_seen > n->node_timeout) {
+      char why[160];
+      if (w->last_seen == 0)
+        snprintf(why, sizeof(why), "restarted and no longer knows this node");
+      else
+        snprintf(why, sizeof(why), "sent no heartbeat for %.1f s", now - w->last_seen);
+      td__wk_dead(n, w, why);
+      i = -1;  /* the list changed */
+      continue;
+    }
+    if (beat && (w->joined || w->kind == WK_HEAD)) {
+      td_chan_begin(&w->ch, TD_M_BEAT);
+      if (w->kind == WK_HEAD) {  /* a node tells its head how it is doing */
+        td_node_stats_t st;
+        td_node_stats(n, &st);
+        td_buf_u32(&w->ch.out, (uint32_t)st.workers);
+        td_buf_u32(&w->ch.out, (uint32_t)st.actors);
+        td_buf_u32(&w->ch.out, (uint32_t)st.tasks_running);
+        td_buf_u32(&w->ch.out, (uint32_t)st.tasks_queued);
+        td_buf_u64(&w->ch.out, st.objects);
+        td_buf_u64(&w->ch.out, st.store_used);
+        td_buf_u64(&w->ch.out, st.store_capacity);
+        td_buf_u64(&w->ch.out, st.spilled_bytes);
+        td_buf_u64(&w->ch.out, st.bytes_sent);
+        td_buf_u64(&w->ch.out, st.bytes_from_peers);
+      }
+      td_chan_end(&w->ch);
+    }
+  }
+}
+
+/* Head: a node asks for a working-directory package. */
+int td__on_pkg_get(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  (void)n;
+  uint32_t kl;
+  const uint8_t *k = td_rd_str(rd, &kl);
+  if (rd->bad || wk->kind != WK_NODE || kl == 0 || kl >= 1024) return TD_EPROTO;
+  char key[1024], err[300] = "the head does not have it";
+  memcpy(key, k, kl);
+  key[kl] = 0;
+  size_t len = 0;
+  void *blob;
+  if (key[0] == '/') {  /* a working directory by its path here: pack it now */
+    blob = td_pkg_pack(key, &len, err, sizeof(err));
+    if (blob) {
+      char h[TD_PKG_HASH_LEN + 1];
+      td_pkg_hash(blob, len, h);
+      td_pkg_install(h, blob, len, err, sizeof(err));
+    }
+  } else {
+    blob = td_pkg_read(key, &len);
+  }
+  td_chan_begin(&wk->ch, TD_M_PKG);
+  td_buf_str(&wk->ch.out, key, kl);
+  td_buf_u8(&wk->ch.out, blob != NULL);
+  if (blob) td_buf_str(&wk->ch.out, blob, len);
+  else td_buf_str(&wk->ch.out, err, strlen(err));
+  td_chan_end(&wk->ch);
+  free(blob);
+  return 0;
+}
+
+/* Node: the package arrived (or cannot): the work parked for it goes on
+ * (or fails, naming why). */
+int td__on_pkg(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  uint32_t kl, bl;
+  const uint8_t *k = td_rd_str(rd, &kl);
+  uint8_t ok = td_rd_u8(rd);
+  const uint8_t *blob = td_rd_str(rd, &bl);
+  if (rd->bad || wk != n->head || kl == 0 || kl >= 1024) return TD_EPROTO;
+  char hash[1024], err[300] = "";  /* the key: a hash, or a working dir's path */
+  memcpy(hash, k, kl);
+  hash[kl] = 0;
+  if (!ok) {
+    snprintf(err, sizeof(err), "%.*s", (int)(bl < 200 ? bl : 200), (const char *)blob);
+  } else if (hash[0] == '/') {
+    char h[TD_PKG_HASH_LEN + 1];
+    td_pkg_hash(blob, bl, h);
+    if (td_pkg_install(h, blob, bl, err, sizeof(err)) == 0) td__wd_note(n, hash, h);
+  } else {
+    td_pkg_install(hash, blob, bl, err, sizeof(err));
+  }
+  td_parked_t **pp = &n->parked, *q, *mine = NULL;
+  while ((q = *pp)) {  /* take this package's work, oldest first */
+    if (strcmp(q->key, hash)) { pp = &q->next; continue; }
+    *pp = q->next;
+    q->next = mine;
+    mine = q;
+  }
+  int rc = 0;
+  while (mine) {
+    q = mine;
+    mine = q->next;
+    if (!err[0] && n->head) {
+      td_rd_t r2;
+      td_rd_init(&r2, q->msg, q->len);
+      rc |= td__on_node_task(n, wk, &r2);
+    } else if (n->head && q->len >= 8) {
+      uint64_t htid;
+      memcpy(&htid, q->msg, 8);
+      char why[600];
+      snprintf(why, sizeof(why), "working directory %.200s unavailable on this node: %.300s", hash, err);
+      td__errblob(&n->tmp, "TaskError", why);
+      td__link_fail(n, htid, n->tmp.p, n->tmp.len);
+    }
+    free(q->msg);
+    free(q);
+  }
+  return rc;
+}
+
+int td_link_handshake(int fd, uint32_t want, uint32_t *index, double timeout) {
+  td_chan_t c;
+  td_chan_init(&c, fd);
+  td_chan_begin(&c, TD_M_JOIN);
+  td_buf_u32(&c.out, want);
+  td_chan_end(&c);
+  int rc = td_chan_flush_all(&c) ? TD_EIO : TD_ETIMEDOUT;
+  double deadline = td_now() + timeout;
+  while (rc == TD_ETIMEDOUT) {
+    double left = deadline - td_now();
+    if (left <= 0) break;
+    struct pollfd pfd = {fd, POLLIN, 0};
+    if (poll(&pfd, 1, (int)(left * 1000) + 1) <= 0) continue;
+    if (td_chan_read(&c)) { rc = TD_EIO; break; }
+    uint8_t type;
+    const uint8_t *p;
+    uint32_t len;
+    int got;
+    while ((got = td_chan_next(&c, &type, &p, &len)) == 1) {
+      if (type != TD_M_WELCOME) continue;  /* the node's HELLO to a client */
+      td_rd_t rd;
+      td_rd_init(&rd, p, len);
+      *index = td_rd_u32(&rd);
+      rc = rd.bad || !*index ? TD_EPROTO : 0;
+      break;
+    }
+    if (got < 0) rc = TD_EPROTO;
+  }
+  c.fd = -1;
+  td_chan_close(&c);
+  return rc;
+}
+
+int td_node_link_head(td_node_t *n, int fd) {
+  if (n->head) return TD_EINVAL;
+  fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+  td_wk_t *wk = td__wk_add(n, td__new_wk_id(n), WK_HEAD, fd);
+  td__link_chan(wk);
+  wk->remote = 1;
+  wk->last_seen = td_now();
+  n->head = wk;
+  td_chan_begin(&wk->ch, TD_M_NODE_INFO);
+  td_buf_str(&wk->ch.out, n->name, strlen(n->name));
+  td_buf_u32(&wk->ch.out, (uint32_t)n->nres);
+  for (int i = 0; i < n->nres; i++) {
+    td_buf_str(&wk->ch.out, n->resname[i], strlen(n->resname[i]));
+    td_buf_f64(&wk->ch.out, n->total[i]);
+  }
+  /* Detached actors an earlier head placed here, still running. */
+  size_t at = wk->ch.out.len, it = 0;
+  uint32_t na = 0;
+  td_actor_t *a;
+  td_buf_u32(&wk->ch.out, 0);
+  while (td_map_next(&n->actors, &it, NULL, (void **)&a)) {
+    if (!a->fwd_attempt || a->state != A_ALIVE) continue;
+    td_buf_u64(&wk->ch.out, a->id);
+    td_buf_u32(&wk->ch.out, a->fwd_attempt);
+    na++;
+  }
+  memcpy(wk->ch.out.p + at, &na, 4);
+  td_buf_u32(&wk->ch.out, (uint32_t)n->peer_port);
+  td_chan_end(&wk->ch);
+  td_chan_flush(&wk->ch);
+  return 0;
+}
+
+void td_node_set_peering(td_node_t *n, int port, td_peer_open_cb open, td_peer_close_cb close, void *ud) {
+  n->peer_port = port;
+  n->peer_open = open;
+  n->peer_close = close;
+  n->peer_ud = ud;
+}
+
+int td_node_linked(td_node_t *n) { return n->head != NULL; }
+
+uint32_t td_node_index(td_node_t *n) { return n->index; }
+
+/* This machine's address as other machines would see it: its first
+ * IPv4 address that is up and not loopback, else loopback. */
+static const char *td__host_address(void) {
+  static char addr[INET_ADDRSTRLEN];
+  if (addr[0]) return addr;
+  snprintf(addr, sizeof(addr), "127.0.0.1");
+  struct ifaddrs *ifs, *i;
+  if (getifaddrs(&ifs) != 0) return addr;
+  for (i = ifs; i; i = i->ifa_next) {
+    if (!i->ifa_addr || i->ifa_addr->sa_family != AF_INET || !(i->ifa_flags & IFF_UP) ||
+        (i->ifa_flags & IFF_LOOPBACK))
+      continue;
+    inet_ntop(AF_INET, &((struct sockaddr_in *)i->ifa_addr)->sin_addr, addr, sizeof(addr));
+    break;
+  }
+  freeifaddrs(ifs);
+  return addr;
+}
+
+int td_node_cluster(td_node_t *n, td_node_info_t *out, int max) {
+  int k = 0;
+  if (max < 1) return 0;
+  td_node_stats_t st;
+  td_node_stats(n, &st);
+  out[k++] = (td_node_info_t){n->index, n->name, td__host_address(), 1, n->total, n->avail,
+                              st.tasks_running, st.actors, st, 1};
+  for (int i = 0; i < n->nwks && k < max; i++) {
+    td_wk_t *w = n->wks[i];
+    if (w->kind != WK_NODE || !w->joined || w->dead) continue;
+    /* A node on this machine comes from loopback (or a unix socket). */
+    const char *a = w->peer_host[0] && strcmp(w->peer_host, "127.0.0.1") && strcmp(w->peer_host, "::1")
+                      ? w->peer_host : td__host_address();
+    out[k++] = (td_node_info_t){w->node_index, w->name, a, 1, w->ntotal, w->navail, w->inflight.len,
+                                w->nactors, w->nstats, w->has_nstats};
+  }
+  return k;
+}
