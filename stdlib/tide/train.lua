@@ -25,6 +25,7 @@ local T = require("tide.tensor")
 local type, pairs, ipairs, tostring, tonumber, error, pcall, xpcall =
   type, pairs, ipairs, tostring, tonumber, error, pcall, xpcall
 local format, concat = string.format, table.concat
+local floor = math.floor
 local now = W.now
 local ffi = require("ffi")
 local function getpid() return ffi.C.getpid() end -- declared by tide.data.worker
@@ -252,13 +253,33 @@ local function new_ctx(spec)
   return ctx
 end
 
+-- The ring of tide.collective gives wrong sums when a rank's chunk of one
+-- collective reaches its 1 MiB channel (262144 floats; gpu/ring.c, reported):
+-- large tensors are reduced in pieces whose chunks stay at half of that.
+local PIECE_PER_RANK = 131072
+
+local function reduce_flat(C, g, flat, op, world)
+  local n = flat:numel()
+  local piece = PIECE_PER_RANK * world
+  if n <= piece then return C.allreduce(flat, op, g) end
+  for lo = 1, n, piece do
+    local hi = lo + piece - 1
+    if hi > n then hi = n end
+    C.allreduce(flat:slice(1, lo, hi), op, g)
+  end
+end
+
 -- ctx:allreduce(x [, op = "sum"]): x a tensor, or an array of tensors (or of
 -- {name, tensor} pairs, as model.grads), reduced in place across the ranks.
 -- An array goes through one flat buffer (one collective instead of one per tensor).
 function Ctx:allreduce(x, op)
   op = op or "sum"
   local C, g = self._C, self._group
-  if T.is_tensor(x) then return C.allreduce(x, op, g) end
+  if T.is_tensor(x) then
+    if x:device() ~= "cpu" or not x:is_contiguous() then return C.allreduce(x, op, g) end
+    reduce_flat(C, g, x:view({x:numel()}), op, self.world_size)
+    return x
+  end
   if type(x) ~= "table" or #x == 0 then
     error("ctx:allreduce: expected a tensor or an array of tensors", 2)
   end
@@ -281,7 +302,8 @@ function Ctx:allreduce(x, op)
     flat:slice(1, off + 1, off + n):view(t:shape()):copy(t)
     off = off + n
   end
-  C.allreduce(flat, op, g)
+  if flat:device() == "cpu" then reduce_flat(C, g, flat, op, self.world_size)
+  else C.allreduce(flat, op, g) end
   off = 0
   for _, t in ipairs(list) do
     local n = t:numel()
@@ -303,7 +325,12 @@ function Ctx:report(m)
   local r = {}
   for k, v in pairs(m) do r[k] = v end
   -- Stamped with this rank's clock: the driver computes tokens/s from it.
-  self._last_push = self._spec.reporter:push({{r = r, t = now()}})
+  local ref = self._spec.reporter:push({{r = r, t = now()}})
+  self._last_push = ref
+  -- A worker sends what it submitted when it next talks to its node: a
+  -- loop that computes without waiting would hold its reports until the
+  -- end. A zero-timeout wait is that talk.
+  tide.wait({ref}, {timeout = 0})
 end
 
 -- ctx:checkpoint(state) -> path: every rank calls it; rank 0 writes.
@@ -460,6 +487,12 @@ end
 -- Runs on each rank's actor: joins the group, runs the loop.
 function M._run_rank(spec, loop, config)
   local C = require("tide.collective")
+  -- A rank computes on the CPUs it reserved: OpenBLAS would otherwise start
+  -- a thread per core in every rank, and the ranks would fight over them.
+  if spec.blas_threads then
+    pcall(ffi.cdef, "void openblas_set_num_threads(int);")
+    pcall(function() ffi.C.openblas_set_num_threads(spec.blas_threads) end)
+  end
   local gopts = {timeout = 120}
   if spec.device ~= "cpu" then gopts.backend, gopts.device = "nccl", spec.device end
   C.init_group(spec.world_size, spec.rank, spec.group, gopts)
@@ -641,7 +674,8 @@ function M.fit(opts)
           reporter = reporter, checkpoint_dir = o.checkpoint_dir, keep = o.keep_checkpoints,
           restore_path = last and last.path, last_index = last and last.index or 0,
           shard = shards and shards[r + 1], batch_size = o.batch_size,
-          fault_at = fault_at}
+          fault_at = fault_at,
+          blas_threads = device == "cpu" and (rpw.num_cpus or 0) >= 1 and floor(rpw.num_cpus) or nil}
         refs[r + 1] = actors[r + 1]:run(spec, o.loop, o.config)
       end
       local rank_of = {}

@@ -194,37 +194,55 @@ t.test("max_failures used up: fit raises naming the rank and the cause", functio
   t.ok(tostring(err2):find("rank 0's loop raised in attempt 1") and tostring(err2):find("bad loop"), tostring(err2))
 end)
 
-t.test("reports stream to the driver while the loop runs", function()
+t.test("reports stream to the driver while the loop runs (and computes without waiting)", function()
   local marker = dir("seen")
-  local seen_at
+  local seen
   local r = train.fit({num_workers = 2, progress = false, config = {marker = marker},
     on_report = function(rep)
-      if rep.step == 3 and not seen_at then
-        seen_at = #rep
+      if rep.step == 3 and not seen then
+        seen = true
         io.open(marker, "w"):close()
       end
     end,
     loop = function(ctx, cfg)
+      local now = require("tide.data.worker").now
       for step = 1, 6 do
         ctx:report({step = step})
         if step == 3 and ctx.rank == 0 then
-          tide.sleep(0.15)
-          -- wait (at most 10 s) for the driver to have seen step 3
-          local waited = 0
+          -- spin, making no Tide call, until the driver has seen step 3 (at most 10 s)
+          local t0 = now()
           while not io.open(cfg.marker) do
-            if waited > 10 then error("the driver never saw step 3 while the loop ran") end
-            tide.sleep(0.05)
-            waited = waited + 0.05
+            if now() - t0 > 10 then error("the driver never saw step 3 while the loop ran") end
           end
         end
         ctx:barrier()
       end
       return "done"
     end})
-  t.ok(seen_at, "on_report saw step 3")
+  t.ok(seen, "on_report saw step 3")
   t.eq(#r.history, 6)
   t.eq(r.value, "done")
   t.eq(r.metrics.step, 6)
+  t.eq(r.history[6]._attempt, 1)
+end)
+
+t.test("ctx:allreduce of large tensors and of arrays of tensors is exact", function()
+  local r = train.fit({num_workers = 2, progress = false, loop = function(ctx)
+    local Tn = require("tide.tensor")
+    local n = 800000   -- each rank's ring chunk exceeds the collective's 1 MiB channel
+    local x = Tn.randn({n}, {seed = 5 + ctx.rank})
+    local want = Tn.scale(Tn.add(Tn.randn({n}, {seed = 5}), Tn.randn({n}, {seed = 6})), 0.5)
+    ctx:allreduce(x, "avg")
+    local d = Tn.sub(x, want)
+    local list = {Tn.full({3, 4}, ctx.rank + 1), {"b", Tn.full({700000}, 2 * (ctx.rank + 1))}}
+    ctx:allreduce(list, "sum")
+    return {err = math.sqrt(Tn.dot(d, d)), a = list[1]:get(3, 4), b = list[2][2]:get(700000),
+      b1 = list[2][2]:get(1)}
+  end})
+  t.eq(r.value.err, 0, "avg of 800000 elements")
+  t.eq(r.value.a, 3, "array element 1 summed")
+  t.eq(r.value.b, 6, "{name, tensor} pair summed, last element")
+  t.eq(r.value.b1, 6)
 end)
 
 t.test("ctx.shard iterates the rank's shard of the dataset in batches", function()
