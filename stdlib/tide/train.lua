@@ -253,33 +253,13 @@ local function new_ctx(spec)
   return ctx
 end
 
--- The ring of tide.collective gives wrong sums when a rank's chunk of one
--- collective reaches its 1 MiB channel (262144 floats; gpu/ring.c, reported):
--- large tensors are reduced in pieces whose chunks stay at half of that.
-local PIECE_PER_RANK = 131072
-
-local function reduce_flat(C, g, flat, op, world)
-  local n = flat:numel()
-  local piece = PIECE_PER_RANK * world
-  if n <= piece then return C.allreduce(flat, op, g) end
-  for lo = 1, n, piece do
-    local hi = lo + piece - 1
-    if hi > n then hi = n end
-    C.allreduce(flat:slice(1, lo, hi), op, g)
-  end
-end
-
 -- ctx:allreduce(x [, op = "sum"]): x a tensor, or an array of tensors (or of
 -- {name, tensor} pairs, as model.grads), reduced in place across the ranks.
 -- An array goes through one flat buffer (one collective instead of one per tensor).
 function Ctx:allreduce(x, op)
   op = op or "sum"
   local C, g = self._C, self._group
-  if T.is_tensor(x) then
-    if x:device() ~= "cpu" or not x:is_contiguous() then return C.allreduce(x, op, g) end
-    reduce_flat(C, g, x:view({x:numel()}), op, self.world_size)
-    return x
-  end
+  if T.is_tensor(x) then return C.allreduce(x, op, g) end
   if type(x) ~= "table" or #x == 0 then
     error("ctx:allreduce: expected a tensor or an array of tensors", 2)
   end
@@ -302,8 +282,7 @@ function Ctx:allreduce(x, op)
     flat:slice(1, off + 1, off + n):view(t:shape()):copy(t)
     off = off + n
   end
-  if flat:device() == "cpu" then reduce_flat(C, g, flat, op, self.world_size)
-  else C.allreduce(flat, op, g) end
+  C.allreduce(flat, op, g)
   off = 0
   for _, t in ipairs(list) do
     local n = t:numel()
@@ -313,7 +292,19 @@ function Ctx:allreduce(x, op)
   return x
 end
 
-function Ctx:barrier() return self._C.barrier(self._group) end
+-- The barrier is a small allreduce, not tide.collective's barrier: that one
+-- sends one byte, after which the shared-memory ring's byte stream is no
+-- longer float-aligned, and a float split across the end of its buffer is
+-- then reduced wrongly (gpu/ring.c; reported). Allreduces move whole floats.
+function Ctx:barrier()
+  if self.device ~= "cpu" then return self._C.barrier(self._group) end
+  local b = self._bar
+  if not b then
+    b = T.zeros({self.world_size})
+    self._bar = b
+  end
+  self._C.allreduce(b, "sum", self._group)
+end
 
 function Ctx:broadcast(t, root) return self._C.broadcast(t, root or 0, self._group) end
 
