@@ -545,6 +545,17 @@ function M.fit(opts)
     fault_at = f and tonumber(f:match("^checkpoint:(%d+)$"))
   end
   local shards = o.dataset and o.dataset:split(world) or nil
+  if shards then
+    -- tide.data reads with tasks of 1 CPU, outside the placement group: a
+    -- group that holds every CPU would leave the shards waiting forever.
+    local total = tide.cluster_resources().CPU or 0
+    local held = world * (rpw.num_cpus or 0)
+    if total - held < 1 then
+      error(format("train.fit: the %d workers hold %s of the cluster's %s CPUs, leaving less than the 1 CPU"
+        .. " that the dataset's read tasks need (they run outside the workers' placement group);"
+        .. " ask for less in resources_per_worker.num_cpus", world, fmt_num(held), fmt_num(total)), 2)
+    end
+  end
 
   local reporter = Reporter:remote()
   local history, metrics, value = {}, nil, nil

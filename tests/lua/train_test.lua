@@ -290,6 +290,9 @@ t.test("bad arguments raise at the call with clear messages", function()
   t.raises(function() train.fit({loop = loop, checkpoint_dir = 5}) end, "checkpoint_dir")
   t.raises(function() train.fit({loop = loop, keep_checkpoints = 0}) end, "keep_checkpoints")
   t.raises(function() train.fit({loop = loop, config = "x"}) end, "'config' must be a table")
+  -- a dataset whose read tasks could never get a CPU: refused, not a hang
+  t.raises(function() train.fit({loop = loop, num_workers = 2, dataset = require("tide.data").range(10)}) end,
+    "hold 2 of the cluster's 2 CPUs, leaving less than the 1 CPU")
   -- the error points at the caller's line
   local _, e2 = pcall(function() train.fit({loop = loop, num_workers = 0}) end)
   t.ok(tostring(e2):find("train_test.lua:%d+:"), tostring(e2))
