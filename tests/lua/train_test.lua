@@ -311,5 +311,52 @@ t.test("bad arguments raise at the call with clear messages", function()
   t.ok(tostring(e5):find("cannot save a function at 'f'"), tostring(e5))
 end)
 
+local function write_file(path, s)
+  local f = assert(io.open(path, "w"))
+  f:write(s)
+  f:close()
+end
+
+-- 100 fast steps (about 3 s), reports with loss and tokens.
+local PROGRESS_SCRIPT = [[
+local tide = require("tide")
+tide.init({num_cpus = 2})
+local train = require("tide.train")
+train.fit({num_workers = 2, progress_interval = 0.5, config = {steps = 100}, loop = function(ctx, cfg)
+  for step = 1, cfg.steps do
+    tide.sleep(0.03)
+    ctx:report({step = step, loss = 1 / step, tokens = step * 1000})
+    ctx:barrier()
+  end
+end})
+]]
+
+t.test("progress: plain periodic lines with step, loss and tokens/s when stderr is not a terminal", function()
+  local script = dir("progress.lua")
+  write_file(script, PROGRESS_SCRIPT)
+  local out = io.popen("bin/tide run '" .. script .. "' 2>&1 >/dev/null"):read("*a")
+  local n, last = 0, nil
+  for line in out:gmatch("[^\n]+") do
+    if line:find("^tide.train, step %d+/100, loss") then n = n + 1; last = line end
+  end
+  t.ok(n >= 2, "progress lines: " .. out)
+  t.ok(n < 25, n .. " progress lines for 100 steps (one per step?)")
+  t.ok(last:find("%d+ tokens/s, 2 workers"), last)
+  t.ok(out:find("tide.train: done in [%d.]+ s: 1 attempt, last step 100"), out)
+  t.ok(not out:find("\27", 1, true), "terminal escapes in a non-terminal")
+end)
+
+t.test("progress on a terminal: one line redrawn in place", function()
+  local script = dir("progress_tty.lua")
+  write_file(script, PROGRESS_SCRIPT)
+  local out = io.popen("script -qfec \"bin/tide run '" .. script .. "'\" /dev/null 2>&1 < /dev/null"):read("*a")
+  t.ok(out:find("\r\27[2Ktide.train, step ", 1, true), "no line redraw in: " .. out:sub(1, 300))
+  local redraws = select(2, out:gsub("\27%[2K", ""))
+  t.ok(redraws >= 5, redraws .. " redraws")
+  local lines = select(2, out:gsub("\n", ""))
+  t.ok(lines <= 3, lines .. " lines (the progress line should be redrawn, not repeated): " .. out:sub(1, 300))
+  t.ok(out:find("tide.train, step 100/100", 1, true), "the final line shows step 100")
+end)
+
 os.execute("rm -rf " .. base)
 t.done()
