@@ -43,7 +43,10 @@ local function loop(ctx, cfg)
     local p = (step - cfg.warmup) / math.max(1, cfg.steps - cfg.warmup)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * p))
   end
+  local now = require("tide.data.worker").now    -- a monotonic clock
+  local t1
   for step = start, cfg.steps do
+    if step == start + 1 then t1 = now() end       -- time steps after the first (warm buffers)
     local x, y = batches(step)
     local _, loss = m:forward(x, y)
     m:zero_grad()
@@ -57,6 +60,8 @@ local function loop(ctx, cfg)
       ctx:checkpoint({model = m.p, opt_m = m.opt_m, opt_v = m.opt_v, adam_step = m.step_count, step = step})
     end
   end
+  local n = cfg.steps - start
+  return {tokens_per_s = t1 and n > 0 and n * cfg.batch * CTX / (now() - t1) or nil}
 end
 
 local result = train.fit({
@@ -73,6 +78,10 @@ local result = train.fit({
 local first, last = result.history[1], result.metrics
 print(string.format("loss %.3f at step %d -> %.3f at step %d; %.1f s, %d attempt(s)", first.loss, first.step,
   last.loss, last.step, result.wall_s, result.attempts))
+if result.value and result.value.tokens_per_s then
+  print(string.format("%d workers: %.0f tokens/s (steps 2-%d, checkpoints included)", workers,
+    result.value.tokens_per_s, steps))
+end
 print("last checkpoint: " .. result.checkpoint)
 
 -- The checkpoint's tensors go straight into a model in the driver.
