@@ -375,12 +375,17 @@ local function check(opts)
   end
   local nw = o.num_workers or 1
   if type(nw) == "table" then
-    error("train.fit: num_workers = {min, max} (elastic training) is not supported yet; give a number", 3)
+    -- elastic: as many workers as fit, from max down to min, at each start
+    local lo, hi = nw[1], nw[2]
+    if not (is_int(lo, 1) and is_int(hi, 1) and lo <= hi) or nw[3] ~= nil then
+      error("train.fit: num_workers = {min, max} needs integers 1 <= min <= max", 3)
+    end
+    o.min_workers, o.max_workers = lo, hi
+  elseif not is_int(nw, 1) then
+    error("train.fit: option 'num_workers' must be a positive integer or {min, max}, got " .. tostring(nw), 3)
+  else
+    o.min_workers, o.max_workers = nw, nw
   end
-  if not is_int(nw, 1) then
-    error("train.fit: option 'num_workers' must be a positive integer, got " .. tostring(nw), 3)
-  end
-  o.num_workers = nw
   local rpw = o.resources_per_worker or {num_cpus = 1}
   if type(rpw) ~= "table" then error("train.fit: option 'resources_per_worker' must be a table", 3) end
   for k, v in pairs(rpw) do
@@ -525,7 +530,7 @@ function M.fit(opts)
   local tty = W.isatty(2)
   run_counter = run_counter + 1
   local run_name = o.name or format("train-%d-%d-%d", getpid(), os.time(), run_counter)
-  local world = o.num_workers
+  local world = o.max_workers
   local rpw = o.resources_per_worker
   local device = (rpw.num_gpus or 0) > 0 and "cuda:0" or "cpu"
   local bundle = {}
@@ -533,28 +538,61 @@ function M.fit(opts)
   if (rpw.num_gpus or 0) > 0 then bundle.GPU = rpw.num_gpus end
   if (rpw.memory or 0) > 0 then bundle.memory = rpw.memory end
   for k, v in pairs(rpw.resources or {}) do bundle[k] = v end
-  local bundles = {}
-  for i = 1, world do
-    local b = {}
-    for k, v in pairs(bundle) do b[k] = v end
-    bundles[i] = b
+  local function bundles_of(k)
+    local list = {}
+    for i = 1, k do
+      local b = {}
+      for key, v in pairs(bundle) do b[key] = v end
+      list[i] = b
+    end
+    return list
   end
   local fault_at
   if o.runtime_env and o.runtime_env.env_vars then
     local f = o.runtime_env.env_vars.TIDE_TRAIN_FAULT
     fault_at = f and tonumber(f:match("^checkpoint:(%d+)$"))
   end
-  local shards = o.dataset and o.dataset:split(world) or nil
-  if shards then
+  local max_world = o.max_workers
+  if o.dataset then
     -- tide.data reads with tasks of 1 CPU, outside the placement group: a
     -- group that holds every CPU would leave the shards waiting forever.
     local total = tide.cluster_resources().CPU or 0
-    local held = world * (rpw.num_cpus or 0)
-    if total - held < 1 then
+    local per = rpw.num_cpus or 0
+    while max_world >= o.min_workers and total - max_world * per < 1 do max_world = max_world - 1 end
+    if max_world < o.min_workers then
+      local held = o.min_workers * per
       error(format("train.fit: the %d workers hold %s of the cluster's %s CPUs, leaving less than the 1 CPU"
         .. " that the dataset's read tasks need (they run outside the workers' placement group);"
-        .. " ask for less in resources_per_worker.num_cpus", world, fmt_num(held), fmt_num(total)), 2)
+        .. " ask for less in resources_per_worker.num_cpus", o.min_workers, fmt_num(held), fmt_num(total)), 2)
     end
+  end
+  local shard_cache = {}
+  local function shards_for(k)
+    if not o.dataset then return nil end
+    shard_cache[k] = shard_cache[k] or o.dataset:split(k)
+    return shard_cache[k]
+  end
+
+  -- The placement group of the most workers that fit now (elastic), or of
+  -- exactly num_workers. Sizes the free resources cannot hold are skipped
+  -- without waiting; a size that might fit gets 2 s before the next smaller.
+  local function reserve()
+    local free = tide.available_resources()
+    for k = max_world, o.min_workers, -1 do
+      local fits = true
+      if k > o.min_workers then
+        for key, v in pairs(bundle) do
+          if (free[key] or 0) < k * v then fits = false end
+        end
+      end
+      if fits then
+        local g = tide.placement_group(bundles_of(k), {strategy = o.placement_strategy})
+        local wait = k > o.min_workers and math.min(2, o.placement_timeout) or o.placement_timeout
+        if g:wait(wait) then return g, k end
+        tide.remove_placement_group(g)
+      end
+    end
+    return nil
   end
 
   local reporter = Reporter:remote()
@@ -620,7 +658,7 @@ function M.fit(opts)
             rate.t, rate.tokens = rt, r.tokens
           end
         end
-        r._attempt, r._t = attempt, now() - t0
+        r._attempt, r._t, r._world_size = attempt, now() - t0, world
         history[#history + 1] = r
         metrics = r
         if o.on_report then o.on_report(r) end
@@ -647,12 +685,13 @@ function M.fit(opts)
       local last = o.checkpoint_dir and checkpoints(o.checkpoint_dir) or {}
       last = last[#last]
       if attempt > 1 then
-        say(format("restarting %d workers from %s (failure %d of at most %s)", world,
+        say(format("restarting from %s (failure %d of at most %s)",
           last and last.path or "the start (no checkpoint yet)", #failures,
           o.max_failures == -1 and "unlimited" or tostring(o.max_failures)))
       end
-      pg = tide.placement_group(bundles, {strategy = o.placement_strategy})
-      if not pg:wait(o.placement_timeout) then
+      pg, world = reserve()
+      if not pg then
+        world = o.min_workers
         local have = tide.cluster_resources()
         local b = {}
         for k, v in pairs(bundle) do b[#b + 1] = k .. " = " .. fmt_num(v) end
@@ -663,6 +702,11 @@ function M.fit(opts)
           "the %d workers ({%s} each, %s) could not be reserved within %g s (the cluster has %s in all)",
           world, concat(b, ", "), o.placement_strategy, o.placement_timeout, concat(h, ", "))}), 0)
       end
+      if o.min_workers < o.max_workers then
+        say(format("attempt %d runs on %d workers (num_workers = {%d, %d})", attempt, world,
+          o.min_workers, o.max_workers))
+      end
+      local shards = shards_for(world)
       actors = {}
       local refs = {}
       local group = format("%s.a%d", run_name, attempt)
@@ -714,7 +758,7 @@ function M.fit(opts)
       local kind = type(e) == "table" and e.kind or "error"
       local msg = type(e) == "table" and (e.message or tostring(e)) or tostring(e)
       failures[#failures + 1] = {rank = failure.rank, kind = kind, message = msg, attempt = attempt,
-        time = death_t - t0}
+        time = death_t - t0, world_size = world}
       local retry = RETRYABLE[kind] or (o.retry_exceptions and true or false)
       say(format("rank %d failed in attempt %d: %s: %s", failure.rank, attempt, kind, msg))
       if not retry then
@@ -743,7 +787,8 @@ function M.fit(opts)
   end
   local latest = o.checkpoint_dir and M.latest_checkpoint(o.checkpoint_dir) or nil
   return {metrics = metrics, history = history, checkpoint = latest, value = value,
-    attempts = attempt, failures = failures, recoveries = recoveries, wall_s = now() - t0}
+    attempts = attempt, failures = failures, recoveries = recoveries, wall_s = now() - t0,
+    num_workers = world}
 end
 
 return M

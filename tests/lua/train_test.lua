@@ -130,6 +130,8 @@ t.test("a worker killed mid-run (kill -9): the group restarts from the last chec
   t.eq(r.failures[1].rank, 1, "the failure names rank 1")
   t.eq(r.failures[1].kind, "ActorDiedError")
   t.ok(r.recoveries[1] and r.recoveries[1] > 0, "recovery time reported")
+  io.write(string.format("# recovery after kill -9 of rank 1: %.3f s (death seen -> new group running)\n",
+    r.recoveries[1]))
   t.eq(r.metrics.step, 20, "finished all 20 steps")
   -- the second attempt resumed after the checkpoint of step 10
   local first2
@@ -174,6 +176,43 @@ t.test("a crash inside ctx:checkpoint leaves the previous checkpoint intact and 
   local after = ls(d)
   t.eq(#after, 2)
   t.eq(after[2], "checkpoint-000004")
+end)
+
+t.test("elastic num_workers = {min, max}: as many workers as fit, fewer after a node's CPUs are lost", function()
+  local pidfile = dir("pid_elastic")
+  local blocker
+  local cfg = linear_cfg({pidfile = pidfile, hook = function(ctx, step, c)
+    if ctx.rank == 1 and step == 1 and ctx.attempt == 1 then
+      local f = io.open(c.pidfile, "w")
+      f:write(tostring(tide.get_runtime_context().pid))
+      f:close()
+    end
+    if ctx.attempt == 1 then tide.sleep(0.05) end
+  end})
+  local Blocker = tide.actor({init = function() end, ping = function() return true end})
+  local r = train.fit({num_workers = {1, 3}, loop = linear_loop, config = cfg, checkpoint_dir = dir("elastic"),
+    max_failures = 1, progress = false, placement_timeout = 10, on_report = function(rep)
+      if rep.step == 8 and not blocker then
+        -- a CPU goes away (another job takes it as soon as it is free), and rank 1 dies
+        blocker = Blocker:options({num_cpus = 1}):remote()
+        os.execute("kill -9 " .. io.open(pidfile):read("*l"))
+      end
+    end})
+  t.ok(blocker, "rank 1 was killed")
+  t.eq(r.attempts, 2)
+  t.eq(r.failures[1].world_size, 2, "attempt 1: 2 workers (3 do not fit on 2 CPUs)")
+  t.eq(r.num_workers, 1, "attempt 2: the 1 worker that fits")
+  t.eq(r.metrics._world_size, 1)
+  t.eq(r.metrics.step, 20, "finished every step")
+  t.eq(tide.get(blocker:ping(), {timeout = 10}), true, "the other job got its CPU")
+  tide.kill(blocker)
+  -- same result as the fixed-size run: the global batch does not depend on the workers
+  local clean = train.fit({num_workers = 2, loop = linear_loop, config = linear_cfg(),
+    checkpoint_dir = dir("elastic_clean"), progress = false})
+  local a, b = train.load_checkpoint(r.checkpoint), train.load_checkpoint(clean.checkpoint)
+  t.ok(max_diff(a.w, b.w) < 1e-5, "weights as an uninterrupted 2-worker run: " .. max_diff(a.w, b.w))
+  t.raises(function() train.fit({loop = linear_loop, num_workers = {2, 1}}) end, "1 <= min <= max")
+  t.raises(function() train.fit({loop = linear_loop, num_workers = {0, 1}}) end, "1 <= min <= max")
 end)
 
 t.test("max_failures used up: fit raises naming the rank and the cause", function()
