@@ -471,7 +471,7 @@ local function classes()
       self.q = {}
       return q
     end,
-  }, {num_cpus = 0, name = nil})
+  }, {num_cpus = 0, max_restarts = -1})
   Worker = tide.actor({
     run = function(_, spec, loop, config)
       local Tr = require("tide.train")
