@@ -178,7 +178,7 @@ t.test("a crash inside ctx:checkpoint leaves the previous checkpoint intact and 
   t.eq(after[2], "checkpoint-000004")
 end)
 
-t.test("elastic num_workers = {min, max}: as many workers as fit, fewer after a node's CPUs are lost", function()
+t.local_test("elastic num_workers = {min, max}: as many workers as fit, fewer after a node's CPUs are lost", function()
   local pidfile = dir("pid_elastic")
   local blocker
   local cfg = linear_cfg({pidfile = pidfile, hook = function(ctx, step, c)
@@ -314,7 +314,7 @@ t.test("ctx.shard iterates the rank's shard of the dataset in batches", function
   t.eq(r.metrics.batches, 4, "batches of 5")
 end)
 
-t.test("bad arguments raise at the call with clear messages", function()
+t.local_test("bad arguments raise at the call with clear messages", function()
   local loop = function() end
   t.raises(function() train.fit() end, "train.fit: expected a table of options")
   t.raises(function() train.fit({num_workers = 2}) end, "option 'loop' must be a function")
