@@ -120,6 +120,20 @@ static void td__apply(const td__sink_t *k, size_t off, const void *in, size_t n)
   }
   float *d = (float *)(void *)(k->dst + off);
   const float *a = (const float *)(const void *)(k->a + off);
+  if ((uintptr_t)in % sizeof(float)) {
+    /* Bytes read in place from a ring whose stream is not float-aligned
+     * (after a barrier's byte): reduced through an aligned copy. */
+    float tmp[1024];
+    for (size_t done = 0; done < n; done += sizeof(tmp)) {
+      size_t m = n - done < sizeof(tmp) ? n - done : sizeof(tmp);
+      memcpy(tmp, (const char *)in + done, m);
+      td__sink_t part = *k;
+      part.dst += done;
+      part.a += done;
+      td__apply(&part, off, tmp, m);
+    }
+    return;
+  }
   if (a == d)
     td__reduce_inplace(d, in, n / sizeof(float), k->op);
   else
@@ -133,6 +147,7 @@ static int td__xfer(td_ring_t *r, int to, const char *sbuf, size_t slen,
   const td_ring_transport_t *tr = &r->tr;
   size_t so = 0, ro = 0;
   char *tmp = NULL;
+  char carry[sizeof(float)];  /* a float split by the ring's end, put together */
   if (!tr->recv_peek && (sink->reduce || tr->sendrecv)) {
     tmp = td__scratch(r, r->piece);
     if (!tmp) return -TD_GPU_ENOMEM;
@@ -147,9 +162,27 @@ static int td__xfer(td_ring_t *r, int to, const char *sbuf, size_t slen,
         const void *p;
         int64_t n = tr->recv_peek(tr->ctx, from, &p, pr - got);
         if (n <= 0) return n < 0 ? (int)n : -TD_GPU_EIO;
-        td__apply(sink, ro + got, p, (size_t)n);
-        rc = tr->recv_release(tr->ctx, from, (size_t)n);
-        got += (size_t)n;
+        size_t take = (size_t)n, at = ro + got;
+        if (sink->reduce) {
+          /* The stream need not be float-aligned in the ring (a barrier
+           * sends one byte): a float split at the ring's end is put
+           * together here and reduced whole, never by halves. */
+          size_t in_float = at % sizeof(float);
+          if (in_float || take < sizeof(float)) {
+            size_t k = sizeof(float) - in_float;
+            if (k > take) k = take;
+            memcpy(carry + in_float, p, k);
+            if (in_float + k == sizeof(float)) td__apply(sink, at - in_float, carry, sizeof(float));
+            take = k;
+          } else {
+            take -= take % sizeof(float);
+            td__apply(sink, at, p, take);
+          }
+        } else {
+          td__apply(sink, at, p, take);
+        }
+        rc = tr->recv_release(tr->ctx, from, take);
+        got += take;
       }
     } else {
       /* Copies land in place; reductions go through tmp. */

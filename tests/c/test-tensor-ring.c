@@ -119,6 +119,31 @@ TEST_IMPL(ring_allreduce) {
   return 0;
 }
 
+/* A barrier sends one byte, so the stream in a shared-memory ring is no
+ * longer float-aligned: allreduces after it meet floats split by the
+ * ring's end, which must be reduced whole (they were reduced by halves, or
+ * skipped: NaN and wrong sums in data-parallel training). */
+static int barrier_then_allreduce(td_ring_t *r, int rank, int n, void *varg) {
+  (void)varg;
+  for (int round = 0; round < 3; round++) {
+    if (td_ring_barrier(r)) return 1;
+    for (int k = 0; k < 8; k++) {
+      ar_arg a = {4099 + (size_t)k * 7, TD_RING_SUM, k % 2};
+      if (check_allreduce(r, rank, n, &a)) {
+        fprintf(stderr, "round %d allreduce %d after a barrier is wrong\n", round, k);
+        return 1;
+      }
+    }
+  }
+  return 0;
+}
+
+TEST_IMPL(ring_allreduce_after_barrier) {
+  for (int n = 2; n <= 3; n++)
+    for (int kind = 0; kind < NKINDS; kind++) ASSERT_EQ(run_ranks(n, kind, 4096, barrier_then_allreduce, NULL), 0);
+  return 0;
+}
+
 TEST_IMPL(ring_allreduce_small_pieces) {
   /* 64-byte pieces through a 4 KiB channel: many pieces, constant wrap. */
   ar_arg a = {12345, TD_RING_SUM, 0};
