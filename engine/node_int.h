@@ -554,4 +554,9 @@ void td__parked_drop(td_node_t *n);
 void td__send_node_task(td_node_t *n, td_wk_t *wk, td_task_t *t);
 void td__unhold(td_node_t *n, td_obj_t *o);
 
+/* obj.c and node.c share these too. */
+/* obj.c */
+void td__add_waiter(td_obj_t *o, td_task_t *t);
+void td__obj_free(td_node_t *n, td_obj_t *o);
+
 #endif

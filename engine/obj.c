@@ -1,0 +1,297 @@
+/* The object table (node_int.h): every object this node knows — where its
+ * value lies (inline, in the store, spilled, on another node), its
+ * references and pins, the tasks waiting on it — and putting values into
+ * the store, spilling to make room and bringing spilled values back. */
+#include "node_int.h"
+
+uint64_t td_node_new_id(td_node_t *n) { return ++n->next_seq; }
+
+td_obj_t *td__obj_new(td_node_t *n, uint64_t id) {
+  td_obj_t *o = td_map_get(&n->objs, id);
+  if (o) return o;
+  if (n->nobj_pool) {
+    o = n->obj_pool[--n->nobj_pool];
+    memset(o, 0, sizeof(*o));
+  } else {
+    o = td_xcalloc(1, sizeof(*o));
+  }
+  o->id = id;
+  td_map_set(&n->objs, id, o);
+  return o;
+}
+
+static void td__obj_release_data(td_node_t *n, td_obj_t *o) {
+  if (o->loc == LOC_SHM) td_store_free(n->store, o->off, o->len);
+  if (o->loc == LOC_SPILLED) td_spill_free(n->spill, o->off, o->len);
+  free(o->data);
+  o->data = NULL;
+  o->loc = LOC_NONE;
+}
+
+void td__obj_free(td_node_t *n, td_obj_t *o) {
+  td_map_del(&n->objs, o->id);
+  /* A task kept for the result it was still to fetch (T_FETCHING) ends
+   * with the last such result. */
+  td_task_t *pt = o->producer && (o->away || o->chunked) ? o->producer : NULL;
+  if (o->chunked) {  /* freed while it was coming in */
+    td__have(n, o, 0);
+    td_store_free(n->store, o->off, o->len);
+    o->chunked = 0;
+  }
+  if (n->ncwait) td__cwait_serve(n, o->id);
+  if (o->copies) {
+    free(o->copies->c);
+    free(o->copies);
+  }
+  if (n->lineage.len) free(td_map_del(&n->lineage, o->id));
+  if (n->lin_kept.len) td__lineage_drop(n, o->id);
+  if (o->foreign) td__unhold(n, o);
+  td__obj_release_data(n, o);
+  for (uint32_t i = 0; i < o->ncontained; i++) td_node_decref(n, o->contained[i]);
+  for (uint32_t i = 0; i < o->nitems; i++) td_node_decref(n, o->items[i]);
+  free(o->contained);
+  free(o->items);
+  free(o->waiters);
+  if (pt && pt->state == T_FETCHING && !td__task_fetching(n, pt)) td__task_finish(n, pt);
+  if (n->nobj_pool < TD_POOL_MAX) {
+    if (!n->obj_pool) n->obj_pool = td_xmalloc(TD_POOL_MAX * sizeof(void *));
+    n->obj_pool[n->nobj_pool++] = o;
+  } else {
+    free(o);
+  }
+}
+
+void td_node_incref(td_node_t *n, uint64_t id) {
+  td_obj_t *o = td__obj(n, id);
+  if (o) o->refs++;
+  else if ((o = td__foreign(n, id, 0)) != NULL) o->refs++;
+}
+
+/* Drops k references; frees the object when none is left. */
+void td__unref(td_node_t *n, td_obj_t *o, int64_t k) {
+  o->refs = k > o->refs ? 0 : o->refs - k;
+  if (o->refs > 0 || o->nwaiters) return;
+  if (o->state != OBJ_PENDING || (o->foreign && !o->pulling)) td__obj_free(n, o);
+}
+
+void td_node_decref(td_node_t *n, uint64_t id) {
+  td_obj_t *o = td__obj(n, id);
+  if (o) td__unref(n, o, 1);
+}
+
+int td_node_in_store(td_node_t *n, uint64_t id) {
+  td_obj_t *o = td__obj(n, id);
+  return o && o->state == OBJ_READY && o->loc == LOC_SHM;
+}
+
+int td_node_pin(td_node_t *n, uint64_t id, int delta) {
+  td_obj_t *o = td__obj(n, id);
+  if (!o || o->loc != LOC_SHM || (delta < 0 && o->pins == 0)) return 0;
+  o->pins += delta > 0 ? 1 : -1;
+  return 1;
+}
+
+/* Spills victims until `size` bytes fit; returns 0 or an error. */
+int td__alloc(td_node_t *n, size_t size, size_t *off, td_obj_t *keep) {
+  if (size > td_store_capacity(n->store)) return TD_ETOOBIG;
+  while (td_store_alloc(n->store, size, off) != 0) {
+    td_obj_t *victim = NULL, *o;
+    size_t it = 0;
+    while (td_map_next(&n->objs, &it, NULL, (void **)&o)) {
+      if (o->loc != LOC_SHM || o->pins || o == keep) continue;
+      if (!victim || o->last_use < victim->last_use) victim = o;
+    }
+    if (!victim) return TD_ESTOREFULL;
+    size_t at;
+    int rc = td_spill_write(n->spill, td_store_base(n->store) + victim->off, victim->len, &at);
+    if (rc) {
+      td_log("cannot spill object %llx (%zu bytes) to %s: %s", (unsigned long long)victim->id, victim->len,
+             td_spill_dir(n->spill), td_strerror(rc));
+      return rc;
+    }
+    td_store_free(n->store, victim->off, victim->len);
+    victim->loc = LOC_SPILLED;
+    victim->off = at;
+    td_log("spilled object %llx (%zu bytes)", (unsigned long long)victim->id, victim->len);
+  }
+  return 0;
+}
+
+/* Brings a spilled object back into the store.  With the spill disk full,
+ * the object is first read into memory and its own spill space given back,
+ * so the victim it displaces can go there: what was stored stays readable. */
+int td__obj_resident(td_node_t *n, td_obj_t *o) {
+  o->last_use = ++n->clock;
+  if (o->loc != LOC_SPILLED) return 0;
+  size_t off;
+  int rc = td__alloc(n, o->len, &off, o);
+  if (rc == TD_ENOSPACE) {
+    uint8_t *tmp = malloc(o->len);
+    if (!tmp) return rc;
+    if (td_spill_read(n->spill, o->off, tmp, o->len)) { free(tmp); return TD_EIO; }
+    td_spill_free(n->spill, o->off, o->len);
+    o->loc = LOC_INLINE;  /* for now: not a spill victim, not in the store */
+    o->data = tmp;
+    rc = td__alloc(n, o->len, &off, o);
+    if (rc == 0) {
+      memcpy(td_store_base(n->store) + off, tmp, o->len);
+      o->data = NULL;
+      free(tmp);
+      o->loc = LOC_SHM;
+      o->off = off;
+      return 0;
+    }
+    /* Kept in memory, whole: readable, if outside the store. */
+    return 0;
+  }
+  if (rc) return rc;
+  if (td_spill_read(n->spill, o->off, td_store_base(n->store) + off, o->len)) {
+    td_store_free(n->store, off, o->len);
+    return TD_EIO;
+  }
+  td_spill_free(n->spill, o->off, o->len);
+  o->loc = LOC_SHM;
+  o->off = off;
+  return 0;
+}
+
+void td__add_waiter(td_obj_t *o, td_task_t *t) {
+  if (o->nwaiters == o->capwaiters) {
+    o->capwaiters = o->capwaiters ? o->capwaiters * 2 : 4;
+    o->waiters = td_xrealloc(o->waiters, o->capwaiters * sizeof(td_task_t *));
+  }
+  o->waiters[o->nwaiters++] = t;
+}
+
+/* t waits for o (one more dependency pending). */
+void td__wait_on(td_obj_t *o, td_task_t *t) {
+  td__add_waiter(o, t);
+  t->deps_pending++;
+}
+
+/* Gives a pending object its value. `data` is inline bytes (copied) or,
+ * with shm, an extent the worker already filled. */
+void td__obj_set(td_node_t *n, td_obj_t *o, int state, int shm, const uint8_t *data,
+                        size_t len, size_t off, const uint64_t *refs, uint32_t nrefs) {
+  if (o->state != OBJ_PENDING) {  /* a duplicate result, e.g. after a retry */
+    if (shm) td_store_free(n->store, off, len);
+    return;
+  }
+  o->state = (uint8_t)state;
+  o->len = len;
+  if (shm) {
+    o->loc = LOC_SHM;
+    o->off = off;
+  } else {
+    o->loc = LOC_INLINE;
+    o->data = td_xmalloc(len);
+    memcpy(o->data, data, len);
+  }
+  if (nrefs) {
+    o->contained = td_xmalloc(nrefs * 8);
+    memcpy(o->contained, refs, nrefs * 8);
+    o->ncontained = nrefs;
+    for (uint32_t i = 0; i < nrefs; i++) td_node_incref(n, refs[i]);
+  }
+  o->producer = NULL;
+  td__obj_wake(n, o);
+  if (n->ncwait) td__cwait_serve(n, o->id);  /* other nodes asked for its chunks */
+}
+
+void td__obj_fail(td_node_t *n, td_obj_t *o, const uint8_t *blob, size_t len) {
+  if (o->is_stream) {
+    /* A failed stream ends with one item that raises. */
+    uint64_t item = td_node_new_id(n);
+    td_obj_t *io = td__obj_new(n, item);
+    io->refs = 1;
+    td__obj_set(n, io, OBJ_ERROR, 0, blob, len, 0, NULL, 0);
+    if (o->nitems == o->capitems) {
+      o->capitems = o->capitems ? o->capitems * 2 : 8;
+      o->items = td_xrealloc(o->items, o->capitems * 8);
+    }
+    o->items[o->nitems++] = item;
+    o->stream_done = 1;
+    o->state = OBJ_READY;
+    o->loc = LOC_INLINE;
+    o->producer = NULL;
+    td__obj_wake(n, o);
+    return;
+  }
+  td__obj_set(n, o, OBJ_ERROR, 0, blob, len, 0, NULL, 0);
+}
+
+int td_node_store(td_node_t *n, uint64_t id, size_t size, const uint64_t *refs, uint32_t nrefs,
+                  uint8_t **dst) {
+  td_obj_t *o = td__obj_new(n, id);
+  if (size > n->inline_max) {
+    size_t off;
+    int rc = td__alloc(n, size, &off, NULL);
+    if (rc) {
+      td_map_del(&n->objs, id);
+      free(o);
+      return rc;
+    }
+    o->refs = 1;
+    td__obj_set(n, o, OBJ_READY, 1, NULL, size, off, refs, nrefs);
+    *dst = td_store_base(n->store) + off;
+  } else {
+    o->data = td_xmalloc(size);
+    o->state = OBJ_READY;
+    o->loc = LOC_INLINE;
+    o->len = size;
+    if (nrefs) {
+      o->contained = td_xmalloc(nrefs * 8);
+      memcpy(o->contained, refs, nrefs * 8);
+      o->ncontained = nrefs;
+      for (uint32_t i = 0; i < nrefs; i++) td_node_incref(n, refs[i]);
+    }
+    *dst = o->data;
+    n->dirty = 1;
+  }
+  o->refs = 1;
+  o->last_use = ++n->clock;
+  return 0;
+}
+
+int td_node_state(td_node_t *n, uint64_t id) {
+  td_obj_t *o = td__obj(n, id);
+  if (!o) return TD_OBJ_MISSING;
+  if (o->away && o->state == OBJ_PENDING) td__pull(n, o);  /* asked for here: fetched here */
+  if (o->is_stream) return TD_OBJ_READY;
+  return o->state == OBJ_PENDING ? TD_OBJ_PENDING : o->state == OBJ_READY ? TD_OBJ_READY : TD_OBJ_ERROR;
+}
+
+int td_node_bytes(td_node_t *n, uint64_t id, const uint8_t **p, size_t *len, int *is_err) {
+  td_obj_t *o = td__obj(n, id);
+  if (!o || o->state == OBJ_PENDING) return TD_ENOTFOUND;
+  int rc = td__obj_resident(n, o);
+  if (rc) return rc;
+  *is_err = o->state == OBJ_ERROR;
+  *p = o->loc == LOC_SHM ? td_store_base(n->store) + o->off : o->data;
+  *len = o->len;
+  return 0;
+}
+
+int td_node_stream_item(td_node_t *n, uint64_t stream, uint32_t idx, uint64_t *item) {
+  td_obj_t *o = td__obj(n, stream);
+  if (!o) return -1;
+  if (idx < o->nitems) { *item = o->items[idx]; return 1; }
+  return o->stream_done ? -1 : 0;
+}
+
+void td_node_stream_window(td_node_t *n, uint64_t stream, uint32_t window) {
+  td_obj_t *o = td__obj(n, stream);
+  if (o) o->window = window;
+}
+
+void td_node_stream_release(td_node_t *n, uint64_t stream, uint32_t idx) {
+  td_obj_t *o = td__obj(n, stream);
+  if (!o) return;
+  for (uint32_t i = o->released; i <= idx && i < o->nitems; i++) {
+    uint64_t item = o->items[i];
+    o->items[i] = 0;
+    td_node_decref(n, item);
+  }
+  if (idx + 1 > o->released && idx < o->nitems) o->released = idx + 1;
+  n->dirty = 1;  /* a producer waiting for room may go on */
+}
