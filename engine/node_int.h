@@ -393,6 +393,20 @@ static inline void tq_del(td_tq_t *q, td_task_t *t) {
   t->prev = t->next = NULL;
   q->len--;
 }
+/* -- Resources: a task's demand against a pool (hot paths) ----------------- */
+
+/* Whether pool (by resource index) has what t asks for. */
+static inline int td__fits(const double *pool, const td_task_t *t) {
+  for (int i = 0; i < t->nres; i++)
+    if (pool[t->res_idx[i]] + 1e-9 < t->res_amt[i]) return 0;
+  return 1;
+}
+
+/* Takes t's demand from pool (sign 1), or gives it back (sign -1). */
+static inline void td__take(double *pool, const td_task_t *t, double sign) {
+  for (int i = 0; i < t->nres; i++) pool[t->res_idx[i]] -= sign * t->res_amt[i];
+}
+
 /* -- Placement groups: lookups on hot paths (pg.c has the rest) ------------- */
 
 static inline td_pg_t *td__pg(td_node_t *n, uint64_t id) {
@@ -429,7 +443,6 @@ void td__actor_die(td_node_t *n, td_actor_t *a, const char *why);
 void td__actor_kill_at(td_wk_t *wk, uint64_t aid);
 void td__actor_pump(td_node_t *n, td_actor_t *a);
 void td__errblob(td_buf_t *b, const char *kind, const char *msg);
-int td__fits(const double *pool, const td_task_t *t);
 int td__kill_actor(td_node_t *n, uint64_t actor_id, int no_restart, const char *why);
 td_wk_t *td__link(td_node_t *n, uint32_t index);
 /* The object record of id here, or NULL. */
@@ -439,7 +452,6 @@ td_obj_t *td__obj_new(td_node_t *n, uint64_t id);
 void td__obj_set(td_node_t *n, td_obj_t *o, int state, int shm, const uint8_t *data,
                         size_t len, size_t off, const uint64_t *refs, uint32_t nrefs);
 void td__sched(td_node_t *n);
-void td__take(double *pool, const td_task_t *t, double sign);
 void td__task_fail(td_node_t *n, td_task_t *t, const char *kind, const char *msg);
 void td__unref(td_node_t *n, td_obj_t *o, int64_t k);
 
@@ -558,5 +570,9 @@ void td__unhold(td_node_t *n, td_obj_t *o);
 /* obj.c */
 void td__add_waiter(td_obj_t *o, td_task_t *t);
 void td__obj_free(td_node_t *n, td_obj_t *o);
+
+/* sched.c and node.c share these too. */
+/* node.c */
+void td__inflight_del(td_node_t *n, td_wk_t *wk, td_task_t *t);
 
 #endif

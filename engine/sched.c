@@ -1,0 +1,335 @@
+/* Scheduling (node_int.h): resources and GPUs, where each task or actor
+ * creation goes — here, a joined node (placement: locality to its large
+ * arguments, DEFAULT, SPREAD, node affinity, placement groups) or wait —
+ * and leasing workers to the queue in order (td__sched).
+ *
+ * A head sees each node that joined it as one WK_NODE link with the node's
+ * resources (cluster.c); it places tasks and actors there when they do not
+ * fit here, spread, or ask for that node. */
+#include "node_int.h"
+
+int td_node_res_index(td_node_t *n, const char *name) {
+  for (int i = 0; i < n->nres; i++)
+    if (!strcmp(n->resname[i], name)) return i;
+  if (n->nres == TD_NRES_MAX || strlen(name) >= 32) return -1;
+  snprintf(n->resname[n->nres], 32, "%s", name);
+  n->total[n->nres] = n->avail[n->nres] = 0;
+  return n->nres++;
+}
+
+int td_node_res_count(td_node_t *n) { return n->nres; }
+
+const char *td_node_res_name(td_node_t *n, int i) { return n->resname[i]; }
+
+/* Cluster-wide: this node and every node joined to it. */
+static double td__res_sum(td_node_t *n, int i, int avail) {
+  double v = avail ? n->avail[i] : n->total[i];
+  for (int k = 0; k < n->nwks; k++) {
+    td_wk_t *w = n->wks[k];
+    if (w->kind == WK_NODE && w->joined && !w->dead) v += avail ? w->navail[i] : w->ntotal[i];
+  }
+  return v;
+}
+
+double td_node_res_total(td_node_t *n, int i) { return td__res_sum(n, i, 0); }
+
+double td_node_res_avail(td_node_t *n, int i) { return td__res_sum(n, i, 1); }
+
+/* Picks GPU ids for `amount` GPUs (whole GPUs, or a share of one). */
+static int td__gpus_take(td_node_t *n, double amount, int *ids) {
+  if (amount <= 0) return 0;
+  int k = 0;
+  if (amount < 1) {
+    for (int g = 0; g < n->ngpus; g++)
+      if (n->gpu_free[g] + 1e-9 >= amount) { n->gpu_free[g] -= amount; ids[0] = g; return 1; }
+    return 0;
+  }
+  for (int g = 0; g < n->ngpus && k < (int)amount && k < 16; g++)
+    if (n->gpu_free[g] >= 1 - 1e-9) { n->gpu_free[g] = 0; ids[k++] = g; }
+  return k;
+}
+
+void td__gpus_give(td_node_t *n, double amount, const int *ids, int k) {
+  for (int i = 0; i < k; i++) n->gpu_free[ids[i]] += amount < 1 ? amount : 1;
+}
+
+double td__task_gpus(const td_task_t *t) {
+  for (int i = 0; i < t->nres; i++)
+    if (t->res_idx[i] == TD_RES_GPU) return t->res_amt[i];
+  return 0;
+}
+
+/* Where a task or actor creation goes: 0 here, 1 to *out, 2 wait, 3 fail
+ * (hard affinity to a node that is not there). *hold: the node has room
+ * now, so the head holds the resources there; otherwise the task was
+ * asked to go there and waits in that node's queue. */
+static int td__place(td_node_t *n, td_task_t *t, int bundle, int local_fits, td_wk_t **out, int *hold,
+                     char *why, size_t whylen) {
+  *out = NULL;
+  *hold = 1;
+  uint8_t st = t->spec.strategy;
+  if (t->spec.pg_id) {
+    /* Where its bundle is; local_fits says whether the bundle has room. */
+    td_pg_t *pg = td__pg(n, t->spec.pg_id);
+    if (!pg || !pg->where || bundle < 0 || bundle >= pg->nb || pg->where[bundle] == n->index) return 0;
+    if (pg->where[bundle] == TD__NOWHERE) return 2;  /* being placed again */
+    td_wk_t *w = td__link(n, pg->where[bundle]);
+    if (!w) {
+      snprintf(why, whylen, "node-%u, which held bundle %d of its placement group, died", pg->where[bundle],
+               bundle + 1);
+      return 3;
+    }
+    if (!local_fits) return 2;
+    *out = w;
+    *hold = 2;
+    return 1;
+  }
+  td_wk_t *w = NULL;
+  if (st == TD_ST_NODE || st == TD_ST_NODE_SOFT) {
+    if (t->spec.node == n->index) {
+      if (local_fits || st == TD_ST_NODE) return 0;
+    } else if ((w = td__link(n, t->spec.node)) != NULL) {
+      if (!td__fits(w->ntotal, t) && st == TD_ST_NODE_SOFT) w = NULL;  /* never fits there */
+    } else if (st == TD_ST_NODE) {
+      snprintf(why, whylen, "no alive node node-%u for a hard node affinity", t->spec.node);
+      return 3;
+    }
+  } else if (st == TD_ST_SPREAD && n->nlinks) {
+    /* Round robin over the nodes, this one as number 0, from the one after
+     * the node chosen last: the first with room for it now; when none has
+     * room, the next that can ever run it takes its turn, and the task
+     * waits there (in that node's queue, or here in this one's) for it.
+     * The choice sticks: a task that waits here is not placed again on
+     * the next pass (before, a task whose turn fell on the busy head drew
+     * again on every pass while those that drew a node were queued there
+     * at once, so 8 tasks on two nodes went 1 and 7). */
+    if (t->spread_to) {
+      if (t->spread_to - 1 == n->index) return 0;
+      if ((w = td__link(n, t->spread_to - 1)) != NULL && td__fits(w->ntotal, t)) {
+        *hold = td__fits(w->navail, t);
+        *out = w;
+        return 1;
+      }
+      t->spread_to = 0;  /* its node died: choose again */
+    }
+    int k = n->nlinks + 1;
+    td_wk_t *links[k];
+    memset(links, 0, sizeof(links));
+    for (int i = 0, seen = 1; i < n->nwks && seen < k; i++) {
+      td_wk_t *x = n->wks[i];
+      if (x->kind == WK_NODE && x->joined && !x->dead) links[seen++] = x;
+    }
+    for (int pass = 0; pass < 2; pass++) {  /* room now; then room ever */
+      for (int j = 0; j < k; j++) {
+        int c = (int)((n->spread + (uint32_t)j) % (uint32_t)k);
+        int fits = c == 0 ? (pass ? td__fits(n->total, t) : local_fits)
+                          : links[c] && td__fits(pass ? links[c]->ntotal : links[c]->navail, t);
+        if (!fits) continue;
+        n->spread = (uint32_t)c + 1;
+        if (pass) t->spread_to = 1 + (c == 0 ? n->index : links[c]->node_index);
+        if (c == 0) return 0;
+        *hold = !pass;
+        *out = links[c];
+        return 1;
+      }
+    }
+    return 2;  /* nowhere, for now */
+  }
+  if (w) {
+    *hold = td__fits(w->navail, t);
+    *out = w;
+    return 1;
+  }
+  if (st == TD_ST_DEFAULT && t->has_away && (w = td__away_home(n, t)) != NULL) {
+    *out = w;  /* where its large arguments are, and it fits now */
+    return 1;
+  }
+  if (local_fits || !n->nlinks) return 0;
+  /* Spill to the node with the most free CPU where it fits now. */
+  for (int i = 0; i < n->nwks; i++) {
+    td_wk_t *x = n->wks[i];
+    if (x->kind != WK_NODE || !x->joined || x->dead || !td__fits(x->navail, t)) continue;
+    if (!w || x->navail[TD_RES_CPU] > w->navail[TD_RES_CPU]) w = x;
+  }
+  if (!w && t->spec.kind == TD_K_TASK && !td__fits(n->total, t)) {
+    /* Nowhere free, and this node can never run it: a task known to be
+     * short queues at the least busy node that can, as local tasks
+     * pipeline behind a leased worker. */
+    td_fnstat_t *fs = td_map_get(&n->fnstats, t->spec.fn_id);
+    for (int i = 0; fs && fs->avg < TD_SHORT_TASK && i < n->nwks; i++) {
+      td_wk_t *x = n->wks[i];
+      if (x->kind != WK_NODE || !x->joined || x->dead || !td__fits(x->ntotal, t)) continue;
+      double cap = TD_PIPELINE * (x->ntotal[TD_RES_CPU] > 1 ? x->ntotal[TD_RES_CPU] : 1);
+      if (x->inflight.len < cap && (!w || x->inflight.len < w->inflight.len)) w = x;
+    }
+    *hold = 0;
+  }
+  *out = w;
+  return w ? 1 : 0;
+}
+
+static int td__task_workers(td_node_t *n, int *idle_out, td_wk_t **idle) {
+  int count = 0, blocked = 0;
+  *idle = NULL;
+  *idle_out = 0;
+  for (int i = 0; i < n->nwks; i++) {
+    td_wk_t *w = n->wks[i];
+    if (w->dead || w->kind != WK_TASK) continue;
+    count++;
+    if (w->blocked) blocked++;
+    if (!w->leased && !w->inflight.len) { (*idle_out)++; if (!*idle) *idle = w; }
+  }
+  return count - blocked;
+}
+
+static int td__same_shape(td_wk_t *w, td_task_t *t, int bundle) {
+  if (w->lease_pg != t->spec.pg_id || w->lease_bundle != bundle) return 0;
+  double shape[TD_NRES_MAX] = {0};
+  for (int i = 0; i < t->nres; i++) shape[t->res_idx[i]] += t->res_amt[i];
+  return !memcmp(shape, w->lease, sizeof(shape));
+}
+
+/* Sends an actor's creation to its host (a process here, or a node link)
+ * and then the calls waiting for it. */
+static void td__actor_start(td_node_t *n, td_actor_t *a, td_wk_t *host) {
+  td_task_t *t = a->create;
+  a->host = host;
+  host->nactors++;
+  a->state = A_ALIVE;
+  td__send_task(n, host, t);
+  /* The creation is not in flight as a call: it stays with the actor. */
+  td__inflight_del(n, host, t);
+  t->state = T_SENT;
+  td__actor_pump(n, a);
+}
+
+void td__sched(td_node_t *n) {
+  for (td_pg_t *pg = n->pgs; pg; pg = pg->next) td__try_pg(n, pg);
+  int misses = 0;
+  td_task_t *t = n->queue.head;
+  while (t && misses < 256) {
+    td_task_t *next = t->next;
+    int bundle;
+    double *pool = td__pool(n, t, &bundle);
+    td_wk_t *to;
+    int hold;
+    char why[200];
+    if (t->restored && td_now() < n->adopt_until) { misses++; t = next; continue; }
+    if (t->has_away && td__away_wait(n, t, 0)) {  /* an argument is being made again */
+      tq_del(&n->queue, t);
+      t->state = T_WAITDEPS;
+      t = next;
+      continue;
+    }
+    int where = td__place(n, t, bundle, pool && td__fits(pool, t), &to, &hold, why, sizeof(why));
+    if (where == 3 || where == 1) {
+      tq_del(&n->queue, t);
+      if (where == 3 && t->spec.kind == TD_K_TASK) {
+        td__task_fail(n, t, "TaskError", why);
+      } else if (where == 3) {
+        t->state = T_SENT;
+        td__actor_die(n, t->actor, why);
+      } else if (t->spec.kind == TD_K_TASK) {
+        if (hold) td__take(hold == 2 ? pool : to->navail, t, 1);
+        t->node_held = (uint8_t)hold;
+        t->held_bundle = bundle;
+        td__send_task(n, to, t);
+      } else {
+        td_actor_t *a = t->actor;
+        if (hold) td__take(hold == 2 ? pool : to->navail, t, 1);
+        a->res_node = hold == 1 ? to : NULL;
+        a->res_held = hold == 1;
+        a->pg_share = hold == 2 ? (uint32_t)bundle + 1 : 0;
+        td__actor_start(n, a, to);
+      }
+      misses = 0;
+      t = next;
+      continue;
+    }
+    if (where == 2) { misses++; t = next; continue; }
+    if (t->has_away && td__away_wait(n, t, 1)) {  /* to run here: its arguments come here first */
+      tq_del(&n->queue, t);
+      t->state = T_WAITDEPS;
+      t = next;
+      continue;
+    }
+    if (t->spec.kind == TD_K_ACTOR_NEW) {
+      td_actor_t *a = t->actor;
+      if (pool && td__fits(pool, t)) {
+        int gpus[16];
+        double g = td__task_gpus(t);
+        int k = td__gpus_take(n, g, gpus);
+        if (g > 0 && !k) { misses++; t = next; continue; }
+        td__take(pool, t, 1);
+        a->res_held = t->spec.pg_id == 0;
+        a->pg_share = t->spec.pg_id ? (uint32_t)bundle + 1 : 0;
+        memcpy(a->gpus, gpus, sizeof(int) * (size_t)k);
+        a->ngpus = k;
+        td_wk_t *host = td__pick_host(n, a);
+        if (!host) {
+          td__take(pool, t, -1);
+          td__gpus_give(n, g, gpus, k);
+          a->res_held = 0;
+          a->pg_share = 0;
+          misses++;
+          t = next;
+          continue;
+        }
+        tq_del(&n->queue, t);
+        td__actor_start(n, a, host);
+      } else {
+        misses++;
+      }
+      t = next;
+      continue;
+    }
+    int nidle;
+    td_wk_t *idle;
+    int active = td__task_workers(n, &nidle, &idle);
+    if (pool && td__fits(pool, t)) {
+      int cap = (int)(n->total[TD_RES_CPU] > 1 ? n->total[TD_RES_CPU] : 1);
+      int cpu_free_task = 1;
+      for (int i = 0; i < t->nres; i++)
+        if (t->res_idx[i] == TD_RES_CPU && t->res_amt[i] > 0) cpu_free_task = 0;
+      /* It fits, so it may run now: a worker is started if none is idle. */
+      (void)cpu_free_task;
+      if (!idle && active < 4 * cap + 8) idle = td__spawn(n, WK_TASK, NULL, 0);
+      if (idle) {
+        int gpus[16];
+        double g = td__task_gpus(t);
+        int k = td__gpus_take(n, g, gpus);
+        if (!(g > 0 && !k)) {
+          tq_del(&n->queue, t);
+          td__take(pool, t, 1);
+          idle->leased = 1;
+          memset(idle->lease, 0, sizeof(idle->lease));
+          for (int i = 0; i < t->nres; i++) idle->lease[t->res_idx[i]] += t->res_amt[i];
+          idle->lease_pg = t->spec.pg_id;
+          idle->lease_bundle = bundle;
+          memcpy(idle->gpus, gpus, sizeof(int) * (size_t)k);
+          idle->ngpus = k;
+          td__send_task(n, idle, t);
+          t = next;
+          misses = 0;
+          continue;
+        }
+      }
+    }
+    /* Pipeline behind a leased worker of the same shape. */
+    td_wk_t *best = NULL;
+    for (int i = 0; i < n->nwks; i++) {
+      td_wk_t *w = n->wks[i];
+      if (w->dead || w->kind != WK_TASK || !w->leased || w->blocked) continue;
+      if (w->inflight.len >= TD_PIPELINE || w->nslow || !td__same_shape(w, t, bundle)) continue;
+      if (!best || w->inflight.len < best->inflight.len) best = w;
+    }
+    if (best) {
+      tq_del(&n->queue, t);
+      td__send_task(n, best, t);
+      misses = 0;
+    } else {
+      misses++;
+    }
+    t = next;
+  }
+}
