@@ -575,4 +575,11 @@ void td__obj_free(td_node_t *n, td_obj_t *o);
 /* node.c */
 void td__inflight_del(td_node_t *n, td_wk_t *wk, td_task_t *t);
 
+/* task.c and node.c share these too. */
+/* node.c */
+void td__inflight_add(td_node_t *n, td_wk_t *wk, td_task_t *t);
+/* task.c */
+void td__give_back(td_node_t *n, td_wk_t *wk);
+void td__lease_done(td_node_t *n, td_wk_t *wk);
+
 #endif

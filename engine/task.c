@@ -1,0 +1,506 @@
+/* Tasks (node_int.h): submission (td_node_submit: tasks, actor creations
+ * and calls, from drivers, workers and the head), the records of work in
+ * flight, sending a task and its arguments to a worker, counting the refs a
+ * worker holds, finishing and failing, waking what waited on an object, and
+ * cancelling. */
+#include <signal.h>
+
+#include "node_int.h"
+
+/* What a worker or client holds, counted so that its death gives it back
+ * (links' refs are the other node's business: exports and imports). */
+void td__count(td_wk_t *wk, td_map_t *m, uint64_t id, intptr_t d) {
+  if (!wk || wk->kind >= WK_NODE || !d) return;
+  intptr_t c = (intptr_t)td_map_get(m, id) + d;
+  if (c > 0) td_map_set(m, id, (void *)c);
+  else td_map_del(m, id);
+}
+
+/* A ref handed to wk in a reply (an RPC's results): held for it, and
+ * given back if it dies holding it. */
+void td_node_incref_for(td_node_t *n, td_wk_t *wk, uint64_t id) {
+  td_node_incref(n, id);
+  if (wk) td__count(wk, &wk->held, id, 1);
+}
+
+void td__give_back(td_node_t *n, td_wk_t *wk) {
+  size_t it = 0;
+  uint64_t id;
+  void *v;
+  while (td_map_next(&wk->pinned, &it, &id, &v)) {
+    td_obj_t *o = td__obj(n, id);
+    if (o) o->pins = o->pins > (intptr_t)v ? o->pins - (int32_t)(intptr_t)v : 0;
+  }
+  it = 0;
+  while (td_map_next(&wk->held, &it, &id, &v)) {
+    td_obj_t *o = td__obj(n, id);
+    if (o) td__unref(n, o, (intptr_t)v);
+  }
+  td_map_free(&wk->pinned);
+  td_map_free(&wk->held);
+}
+
+/* Appends how a dependency value travels. Shared-memory values are pinned
+ * until the task finishes. Returns whether it pinned one. */
+int td__put_value(td_node_t *n, td_buf_t *b, uint64_t id, int pin, int remote) {
+  td_obj_t *o = td__obj(n, id);
+  int rc = !o || o->state == OBJ_PENDING ? TD_ENOTFOUND : td__obj_resident(n, o);
+  if (rc && o && o->loc == LOC_SPILLED && rc != TD_EIO && rc != TD_ENOTFOUND &&
+      (remote != 2 || o->len <= TD_CHUNK) && o->len <= UINT32_MAX) {
+    /* The store is full of values in use and cannot take it back: it
+     * travels from the spill file, inline (it was not lost). */
+    size_t at = b->len;
+    td_buf_u8(b, TD_V_INLINE);
+    td_buf_u32(b, (uint32_t)o->len);
+    td_buf_reserve(b, o->len);
+    if (td_spill_read(n->spill, o->off, b->p + b->len, o->len) == 0) {
+      b->len += o->len;
+      return 0;
+    }
+    b->len = at;
+  }
+  if (rc) {
+    td_buf_u8(b, TD_V_LOST);
+    return 0;
+  }
+  if (o->state == OBJ_ERROR) {
+    td_buf_u8(b, TD_V_ERROR);
+    td_buf_str(b, o->data, o->len);
+  } else if (remote == 2 && o->len > TD_CHUNK) {
+    /* To another node: it fetches the bytes in chunks. */
+    td_buf_u8(b, TD_V_PULL);
+    td_buf_u64(b, o->len);
+  } else if (o->loc == LOC_SHM && remote) {
+    /* A remote client cannot map the store: the bytes travel inline. */
+    td_buf_u8(b, TD_V_INLINE);
+    td_buf_str(b, td_store_base(n->store) + o->off, o->len);
+  } else if (o->loc == LOC_SHM) {
+    td_buf_u8(b, TD_V_SHM);
+    td_buf_u64(b, o->off);
+    td_buf_u64(b, o->len);
+    if (pin) o->pins++;
+    return pin;
+  } else {
+    td_buf_u8(b, TD_V_INLINE);
+    td_buf_str(b, o->data, o->len);
+  }
+  return 0;
+}
+
+void td__unpin_deps(td_node_t *n, td_task_t *t) {
+  for (uint32_t i = 0; i < t->spec.ndeps; i++) {
+    td_obj_t *o = td__obj(n, t->spec.deps[i]);
+    if (o && o->loc == LOC_SHM && o->pins > 0) o->pins--;
+  }
+}
+
+void td__send_fn(td_node_t *n, td_wk_t *wk, uint64_t fn_id) {
+  if (td_map_get(&wk->fns_sent, fn_id)) {
+    td_buf_u8(&wk->ch.out, 0);
+    return;
+  }
+  td_fnblob_t *fb = td_map_get(&n->fns, fn_id);
+  if (!fb) { td_buf_u8(&wk->ch.out, 0); return; }
+  td_map_set(&wk->fns_sent, fn_id, (void *)1);
+  td_buf_u8(&wk->ch.out, 1);
+  td_buf_str(&wk->ch.out, fb->data, fb->len);
+}
+
+static void td__send_args(td_node_t *n, td_wk_t *wk, td_task_t *t) {
+  td_buf_t *b = &wk->ch.out;
+  td_buf_str(b, t->spec.args, t->spec.args_len);
+  td_buf_u32(b, t->spec.ndeps);
+  for (uint32_t i = 0; i < t->spec.ndeps; i++) {
+    td_buf_u64(b, t->spec.deps[i]);
+    td__put_value(n, b, t->spec.deps[i], 1, 0);
+  }
+}
+
+void td__send_task(td_node_t *n, td_wk_t *wk, td_task_t *t) {
+  td_buf_t *b = &wk->ch.out;
+  t->wk = wk;
+  t->state = T_SENT;
+  t->attempt++;
+  td__inflight_add(n, wk, t);
+  if (wk->kind == WK_NODE) {
+    td__send_node_task(n, wk, t);
+  } else if (t->spec.kind == TD_K_TASK) {
+    td_chan_begin(&wk->ch, TD_M_TASK);
+    td_buf_u64(b, t->id);
+    td_buf_u64(b, t->spec.fn_id);
+    td_buf_u32(b, (uint32_t)t->spec.nret);
+    uint32_t nr = t->spec.nret < 0 ? 1 : (uint32_t)t->spec.nret;
+    td_buf_put(b, t->spec.rets, nr * 8);
+    td_buf_u32(b, t->attempt);
+    td_buf_str(b, t->spec.name, strlen(t->spec.name));
+    td_buf_str(b, t->spec.env, t->spec.env_len);
+    td_buf_u32(b, (uint32_t)wk->ngpus);
+    for (int i = 0; i < wk->ngpus; i++) td_buf_u32(b, (uint32_t)wk->gpus[i]);
+    td__send_fn(n, wk, t->spec.fn_id);
+    td__send_args(n, wk, t);
+  } else if (t->spec.kind == TD_K_ACTOR_NEW) {
+    td_actor_t *a = t->actor;
+    td_chan_begin(&wk->ch, TD_M_ACTOR_NEW);
+    td_buf_u64(b, t->id);
+    td_buf_u64(b, a->id);
+    td_buf_u64(b, t->spec.fn_id);
+    td_buf_str(b, t->spec.name, strlen(t->spec.name));
+    td_buf_u32(b, (uint32_t)(t->spec.max_concurrency > 0 ? t->spec.max_concurrency : 1));
+    td_buf_u32(b, t->attempt);
+    td_buf_str(b, t->spec.env, t->spec.env_len);
+    td_buf_u32(b, (uint32_t)a->ngpus);
+    for (int i = 0; i < a->ngpus; i++) td_buf_u32(b, (uint32_t)a->gpus[i]);
+    td__send_fn(n, wk, t->spec.fn_id);
+    td__send_args(n, wk, t);
+  } else {
+    td_chan_begin(&wk->ch, TD_M_ACTOR_CALL);
+    td_buf_u64(b, t->id);
+    td_buf_u64(b, t->spec.actor_id);
+    td_buf_str(b, t->spec.method, strlen(t->spec.method));
+    td_buf_u32(b, (uint32_t)t->spec.nret);
+    uint32_t nr = t->spec.nret < 0 ? 1 : (uint32_t)t->spec.nret;
+    td_buf_put(b, t->spec.rets, nr * 8);
+    td__send_args(n, wk, t);
+  }
+  td_chan_end(&wk->ch);
+  if (wk->ch.out.len > (256u << 10)) td_chan_flush(&wk->ch);
+}
+
+static void td__task_free(td_node_t *n, td_task_t *t) {
+  td_map_del(&n->tasks, t->id);
+  for (uint32_t i = 0; i < t->spec.ndeps; i++) td_node_decref(n, t->spec.deps[i]);
+  for (uint32_t i = 0; i < t->spec.nrefs; i++) td_node_decref(n, t->spec.refs[i]);
+  if (t->pooled && n->ntask_pool < TD_POOL_MAX) {
+    if (!n->task_pool) n->task_pool = td_xmalloc(TD_POOL_MAX * sizeof(void *));
+    n->task_pool[n->ntask_pool++] = t;
+  } else {
+    free(t);  /* with its arrays and arguments */
+  }
+}
+
+/* Gives a task's lease back when its worker has nothing left to run. */
+void td__lease_done(td_node_t *n, td_wk_t *wk) {
+  if (wk->kind != WK_TASK || wk->inflight.len || !wk->leased) return;
+  if (!wk->blocked) {
+    double *pool = n->avail;
+    if (wk->lease_pg) {
+      td_pg_t *pg = td__pg(n, wk->lease_pg);
+      pool = pg && !pg->removed && wk->lease_bundle >= 0 ? pg->avail[wk->lease_bundle] : NULL;
+    }
+    if (pool)
+      for (int i = 0; i < n->nres; i++) pool[i] += wk->lease[i];
+    td__gpus_give(n, wk->lease[TD_RES_GPU], wk->gpus, wk->ngpus);
+  }
+  wk->ngpus = 0;
+  wk->leased = 0;
+  wk->blocked = 0;
+  memset(wk->lease, 0, sizeof(wk->lease));
+}
+
+/* Ends a task: every return gets `blob` as an error (when given). */
+void td__task_finish(td_node_t *n, td_task_t *t) {
+  t->state = T_DONE;
+  td__unpin_deps(n, t);
+  uint32_t nr = t->spec.nret < 0 ? 1 : (uint32_t)t->spec.nret;
+  for (uint32_t i = 0; i < nr; i++) {
+    td_obj_t *o = td__obj(n, t->spec.rets[i]);
+    if (o && o->producer == t) o->producer = NULL;
+  }
+  td__task_free(n, t);
+}
+
+void td__task_fail(td_node_t *n, td_task_t *t, const char *kind, const char *msg) {
+  char full[600];
+  if (t->spec.name[0])
+    snprintf(full, sizeof(full), "%s (task %s)", msg, t->spec.name);
+  else
+    snprintf(full, sizeof(full), "%s", msg);
+  td__errblob(&n->tmp, kind, full);
+  uint32_t nr = t->spec.nret < 0 ? 1 : (uint32_t)t->spec.nret;
+  for (uint32_t i = 0; i < nr; i++) {
+    td_obj_t *o = td__obj(n, t->spec.rets[i]);
+    if (o) td__obj_fail(n, o, n->tmp.p, n->tmp.len);
+  }
+  td__task_finish(n, t);
+}
+
+/* Fails a task whose dependency failed, with that dependency's error. */
+static int td__deps_failed(td_node_t *n, td_task_t *t) {
+  for (uint32_t i = 0; i < t->spec.ndeps; i++) {
+    td_obj_t *o = td__obj(n, t->spec.deps[i]);
+    if (o && o->state == OBJ_ERROR) {
+      uint8_t *copy = td_xmalloc(o->len);
+      size_t len = o->len;
+      memcpy(copy, o->data, len);
+      uint32_t nr = t->spec.nret < 0 ? 1 : (uint32_t)t->spec.nret;
+      for (uint32_t k = 0; k < nr; k++) {
+        td_obj_t *r = td__obj(n, t->spec.rets[k]);
+        if (r) td__obj_fail(n, r, copy, len);
+      }
+      free(copy);
+      return 1;
+    }
+  }
+  return 0;
+}
+
+/* The tasks waiting for o go on (away: tasks and actor calls, which can
+ * fetch it from the node it is on; actor creations keep waiting). */
+void td__wake_waiters(td_node_t *n, td_obj_t *o, int away) {
+  uint32_t nw = o->nwaiters;
+  td_task_t **ws = o->waiters;
+  o->waiters = NULL;
+  o->nwaiters = o->capwaiters = 0;
+  for (uint32_t i = 0; i < nw; i++) {
+    td_task_t *t = ws[i];
+    if (away && t->spec.kind == TD_K_ACTOR_NEW) {  /* its actor may start here: still waits */
+      td__add_waiter(o, t);
+      continue;
+    }
+    if (away) t->has_away = 1;
+    if (--t->deps_pending) continue;
+    if (t->spec.kind == TD_K_ACTOR_CALL) {
+      td__actor_pump(n, t->actor);
+    } else if (t->state == T_WAITDEPS) {
+      if (t->spec.kind == TD_K_TASK && td__deps_failed(n, t)) { td__task_finish(n, t); continue; }
+      t->state = T_QUEUED;
+      tq_push(&n->queue, t);
+    }
+  }
+  free(ws);
+}
+
+void td__obj_wake(td_node_t *n, td_obj_t *o) {
+  n->dirty = 1;
+  if (o->fwd) td__fwd_note(n, o->id);
+  td__wake_waiters(n, o, 0);
+  if (o->refs <= 0 && o->state != OBJ_PENDING) td__obj_free(n, o);
+}
+
+/* The value of KEY in a spec's env ("K=V\0..."), copied into out. */
+int td__env_get(const char *env, uint32_t len, const char *key, char *out, size_t n) {
+  size_t kl = strlen(key);
+  for (uint32_t i = 0; i < len;) {
+    const char *kv = env + i;
+    size_t l = strnlen(kv, len - i);
+    if (l > kl && kv[kl] == '=' && !memcmp(kv, key, kl)) {
+      snprintf(out, n, "%.*s", (int)(l - kl - 1), kv + kl + 1);
+      return 1;
+    }
+    i += (uint32_t)l + 1;
+  }
+  return 0;
+}
+
+/* Work of a job with a working-directory package runs in the package's
+ * directory on whatever node runs it (it is unpacked here by then). */
+static void td__env_pkg(td_spec_t *s) {
+  char hash[TD_PKG_HASH_LEN + 2], dir[PATH_MAX], wd[8];
+  if (!td__env_get(s->env, s->env_len, "TIDE_PKG", hash, sizeof(hash)) ||
+      td__env_get(s->env, s->env_len, "TIDE_WORKING_DIR", wd, sizeof(wd)) || !td_pkg_have(hash))
+    return;
+  td_pkg_dir(hash, dir, sizeof(dir));
+  int l = snprintf(s->env + s->env_len, sizeof(s->env) - s->env_len, "TIDE_WORKING_DIR=%s", dir);
+  if (l > 0 && s->env_len + (uint32_t)l + 1 <= sizeof(s->env)) s->env_len += (uint32_t)l + 1;
+}
+
+static td_task_t *td__task_new(td_node_t *n, const td_spec_t *s) {
+  /* The spec is large (names, env): only what a task needs is copied.
+   * Its id arrays and arguments live in the same allocation, after it. */
+  uint32_t nr = s->nret < 0 ? 1 : (uint32_t)s->nret;
+  size_t ids = ((size_t)nr + s->ndeps + s->nrefs) * 8;
+  size_t tail_len = ids + s->args_len + 1;
+  int pooled = tail_len <= TD_TASK_TAIL;
+  td_task_t *t = pooled && n->ntask_pool ? n->task_pool[--n->ntask_pool]
+                                          : td_xmalloc(sizeof(*t) + (pooled ? TD_TASK_TAIL : tail_len));
+  uint64_t *tail = (uint64_t *)(t + 1);
+  size_t spec_at = offsetof(td_task_t, spec), spec_end = spec_at + sizeof(td_spec_t);
+  memset(t, 0, spec_at);
+  memset((char *)t + spec_end, 0, sizeof(*t) - spec_end);
+  memcpy(&t->spec, s, offsetof(td_spec_t, env));
+  if (s->env_len) memcpy(t->spec.env, s->env, s->env_len);
+  t->spec.env_len = s->env_len;
+  td__env_pkg(&t->spec);
+  t->spec.nres = 0;
+  t->id = ++n->next_task;
+  t->pooled = (uint8_t)pooled;
+  t->owner = n->submitter;
+  t->owner_task = n->submitter_task;
+  t->spec.rets = tail;
+  memcpy(t->spec.rets, s->rets, nr * 8);
+  t->spec.deps = tail + nr;
+  if (s->ndeps) memcpy(t->spec.deps, s->deps, s->ndeps * 8);
+  t->spec.refs = tail + nr + s->ndeps;
+  if (s->nrefs) memcpy(t->spec.refs, s->refs, s->nrefs * 8);
+  uint8_t *args = (uint8_t *)tail + ids;
+  if (s->args_len) memcpy(args, s->args, s->args_len);
+  t->spec.args = args;
+  t->retries_left = s->max_retries;
+  td_map_set(&n->tasks, t->id, t);
+  return t;
+}
+
+int td_node_submit(td_node_t *n, const td_spec_t *s, const char **msg) {
+  *msg = NULL;
+  td_actor_t *a = NULL;
+  if (s->kind == TD_K_ACTOR_CALL) {
+    a = td_map_get(&n->actors, s->actor_id);
+    if (!a) { *msg = "unknown actor"; return TD_EINVAL; }
+  }
+  td_task_t *t = td__task_new(n, s);
+  /* Resource demands: a task asks for 1 CPU unless told otherwise. */
+  int has_cpu = 0;
+  for (uint32_t i = 0; i < s->nres; i++) {
+    int idx = td_node_res_index(n, s->res_name[i]);
+    if (idx < 0) { td__task_free(n, t); *msg = "too many resource kinds"; return TD_EINVAL; }
+    if (idx == TD_RES_CPU) has_cpu = 1;
+    if (s->res_amt[i] <= 0) continue;
+    t->res_idx[t->nres] = idx;
+    t->res_amt[t->nres++] = s->res_amt[i];
+  }
+  if (!has_cpu && s->kind == TD_K_TASK) {
+    t->res_idx[t->nres] = TD_RES_CPU;
+    t->res_amt[t->nres++] = 1;
+  }
+  uint32_t nr = s->nret < 0 ? 1 : (uint32_t)s->nret;
+  for (uint32_t i = 0; i < nr; i++) {
+    td_obj_t *o = td__obj_new(n, s->rets[i]);
+    o->refs++;
+    o->producer = t;
+    if (s->nret < 0) o->is_stream = 1;
+  }
+  if (n->head && !n->from_head) td__lineage_keep(n, s);
+  for (uint32_t i = 0; i < s->ndeps; i++) td_node_incref(n, s->deps[i]);
+  for (uint32_t i = 0; i < s->nrefs; i++) td_node_incref(n, s->refs[i]);
+  for (uint32_t i = 0; i < s->ndeps; i++) {
+    td_obj_t *o = td__obj(n, s->deps[i]);
+    if (!o) {
+      td__task_fail(n, t, "ObjectLostError", "an argument's object was freed or never existed");
+      return 0;
+    }
+    if (o->state != OBJ_PENDING) continue;
+    if (o->away && s->kind != TD_K_ACTOR_NEW) {  /* done, on another node */
+      t->has_away = 1;
+      continue;
+    }
+    if (o->foreign) td__pull(n, o);
+    td__wait_on(o, t);
+  }
+  if (s->kind == TD_K_ACTOR_CALL) {
+    t->actor = a;
+    /* Calls inherit the actor's max_task_retries. */
+    t->retries_left = a->create ? a->create->spec.max_retries : 0;
+    tq_push(&a->queue, t);
+    td__actor_pump(n, a);
+    return 0;
+  }
+  /* A demand beyond what the node has can never be met: say so now
+   * rather than wait forever. */
+  char why[400] = "";
+  if (s->pg_id && s->kind != TD_K_ACTOR_CALL) {
+    td_pg_t *pg = td__pg(n, s->pg_id);
+    if (!pg || pg->removed) {
+      snprintf(why, sizeof(why), "its placement group does not exist or was removed");
+    } else if (s->bundle >= pg->nb) {
+      snprintf(why, sizeof(why), "bundle_index %d is out of range: the placement group has %d bundles",
+               s->bundle + 1, pg->nb);
+    } else {
+      for (int i = 0; i < t->nres && !why[0]; i++) {
+        int r = t->res_idx[i];
+        double most = 0;
+        for (int b = 0; b < pg->nb; b++)
+          if ((s->bundle < 0 || b == s->bundle) && pg->total[b][r] > most) most = pg->total[b][r];
+        if (t->res_amt[i] > most + 1e-9)
+          snprintf(why, sizeof(why), "infeasible: it requires %s = %g but its placement group bundle has %g",
+                   n->resname[r], t->res_amt[i], most);
+      }
+    }
+  } else if (!s->pg_id) {
+    for (int i = 0; i < t->nres && !why[0]; i++) {
+      int r = t->res_idx[i];
+      double most = td__cluster_max(n, r);
+      if (t->res_amt[i] > most + 1e-9)
+        snprintf(why, sizeof(why), "infeasible: it requires %s = %g but %s %s = %g",
+                 n->resname[r], t->res_amt[i], n->nlinks ? "the most any node has is" : "this node has",
+                 n->resname[r], most);
+    }
+  }
+  if (why[0] && n->restoring) why[0] = 0;  /* its nodes have not rejoined yet */
+  if (why[0] && s->kind == TD_K_TASK) {
+    td__task_fail(n, t, "TaskError", why);
+    return 0;
+  }
+  if (s->kind == TD_K_ACTOR_NEW && s->detached && !why[0]) td__persist_actor(n, s);
+  if (s->kind == TD_K_ACTOR_NEW) {
+    a = td_xcalloc(1, sizeof(*a));
+    a->id = s->actor_id;
+    a->create = t;
+    a->state = A_PENDING;
+    a->restarts_left = s->max_restarts;
+    t->actor = a;
+    td_map_set(&n->actors, a->id, a);
+    if (why[0]) {
+      td__actor_die(n, a, why);
+      return 0;
+    }
+  }
+  if (t->deps_pending) {
+    t->state = T_WAITDEPS;
+    return 0;
+  }
+  if (s->kind == TD_K_TASK && td__deps_failed(n, t)) {
+    td__task_finish(n, t);
+    return 0;
+  }
+  t->state = T_QUEUED;
+  tq_push(&n->queue, t);
+  /* Only a task at the head can start now; others wait their turn (the
+   * next pump schedules the rest), so submitting stays O(1). */
+  if (n->queue.len == 1) td__sched(n);
+  return 0;
+}
+
+void td_node_register_fn(td_node_t *n, uint64_t id, const uint8_t *blob, size_t len) {
+  if (td_map_get(&n->fns, id)) return;
+  td_fnblob_t *fb = td_xmalloc(sizeof(*fb) + len);
+  fb->len = len;
+  memcpy(fb->data, blob, len);
+  td_map_set(&n->fns, id, fb);
+  if (n->nfn_order == n->capfn_order) {
+    n->capfn_order = n->capfn_order ? n->capfn_order * 2 : 64;
+    n->fn_order = td_xrealloc(n->fn_order, n->capfn_order * 8);
+  }
+  n->fn_order[n->nfn_order++] = id;
+}
+
+int td_node_cancel(td_node_t *n, uint64_t obj_id, int force) {
+  td_obj_t *o = td__obj(n, obj_id);
+  if (!o || !o->producer) return TD_ENOTFOUND;
+  td_task_t *t = o->producer;
+  if (t->state == T_QUEUED || t->state == T_WAITDEPS) {
+    if (t->state == T_QUEUED) tq_del(&n->queue, t);
+    else if (t->actor && t->spec.kind == TD_K_ACTOR_CALL) tq_del(&t->actor->queue, t);
+    /* Drop it from the waiter lists of its dependencies. */
+    for (uint32_t i = 0; i < t->spec.ndeps; i++) {
+      td_obj_t *d = td__obj(n, t->spec.deps[i]);
+      if (!d) continue;
+      for (uint32_t k = 0; k < d->nwaiters; k++)
+        if (d->waiters[k] == t) d->waiters[k--] = d->waiters[--d->nwaiters];
+    }
+    td__task_fail(n, t, "TaskCancelledError", "the task was cancelled before it ran");
+    return 0;
+  }
+  if (t->state == T_SENT && t->wk) {
+    t->cancelled = 1;
+    if (force && t->wk->kind == WK_TASK) {
+      t->force_cancel = 1;
+      kill(t->wk->pid, SIGKILL);
+    } else {
+      td_chan_begin(&t->wk->ch, TD_M_CANCEL);
+      td_buf_u64(&t->wk->ch.out, t->id);
+      if (t->wk->kind == WK_NODE) td_buf_u8(&t->wk->ch.out, (uint8_t)force);
+      td_chan_end(&t->wk->ch);
+    }
+  }
+  return 0;
+}
