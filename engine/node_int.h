@@ -436,26 +436,63 @@ static inline double *td__pool(td_node_t *n, td_task_t *t, int *bundle) {
   return pg->avail[0];
 }
 
-/* -- Shared between node.c and pg.c ------------------------------------------ */
+/* The object record of id here, or NULL. */
+static inline td_obj_t *td__obj(td_node_t *n, uint64_t id) { return td_map_get(&n->objs, id); }
 
-/* node.c: objects, resources, scheduling, tasks, actors, links. */
+/* -- Functions the node's files share, by the file that defines them ---------- */
+
+/* node.c: the loop, messages, worker death. */
+void td__errblob(td_buf_t *b, const char *kind, const char *msg);
+void td__inflight_add(td_node_t *n, td_wk_t *wk, td_task_t *t);
+void td__inflight_del(td_node_t *n, td_wk_t *wk, td_task_t *t);
+void td__link_chan(td_wk_t *wk);
+void td__put_lstr(td_buf_t *b, const char *s);
+int td__task_fetching(td_node_t *n, td_task_t *t);
+void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why);
+
+/* obj.c: the object table. */
+void td__add_waiter(td_obj_t *o, td_task_t *t);
+int td__alloc(td_node_t *n, size_t size, size_t *off, td_obj_t *keep);
+void td__obj_fail(td_node_t *n, td_obj_t *o, const uint8_t *blob, size_t len);
+void td__obj_free(td_node_t *n, td_obj_t *o);
+td_obj_t *td__obj_new(td_node_t *n, uint64_t id);
+int td__obj_resident(td_node_t *n, td_obj_t *o);
+void td__obj_set(td_node_t *n, td_obj_t *o, int state, int shm, const uint8_t *data, size_t len,
+    size_t off, const uint64_t *refs, uint32_t nrefs);
+void td__unref(td_node_t *n, td_obj_t *o, int64_t k);
+void td__wait_on(td_obj_t *o, td_task_t *t);
+
+/* sched.c: resources, placement, leasing workers. */
+void td__gpus_give(td_node_t *n, double amount, const int *ids, int k);
+void td__sched(td_node_t *n);
+double td__task_gpus(const td_task_t *t);
+
+/* task.c: submission and tasks in flight. */
+void td__count(td_wk_t *wk, td_map_t *m, uint64_t id, intptr_t d);
+int td__env_get(const char *env, uint32_t len, const char *key, char *out, size_t n);
+void td__give_back(td_node_t *n, td_wk_t *wk);
+void td__lease_done(td_node_t *n, td_wk_t *wk);
+void td__obj_wake(td_node_t *n, td_obj_t *o);
+int td__put_value(td_node_t *n, td_buf_t *b, uint64_t id, int pin, int remote);
+void td__send_fn(td_node_t *n, td_wk_t *wk, uint64_t fn_id);
+void td__send_task(td_node_t *n, td_wk_t *wk, td_task_t *t);
+void td__task_fail(td_node_t *n, td_task_t *t, const char *kind, const char *msg);
+void td__task_finish(td_node_t *n, td_task_t *t);
+void td__unpin_deps(td_node_t *n, td_task_t *t);
+void td__wake_waiters(td_node_t *n, td_obj_t *o, int away);
+
+/* actor.c: the actor directory. */
+void td__actor_calls_lost(td_node_t *n, td_actor_t *a, td_wk_t *wk, int may_retry, const char *why);
 void td__actor_die(td_node_t *n, td_actor_t *a, const char *why);
 void td__actor_kill_at(td_wk_t *wk, uint64_t aid);
 void td__actor_pump(td_node_t *n, td_actor_t *a);
-void td__errblob(td_buf_t *b, const char *kind, const char *msg);
+void td__actor_restart_or_die(td_node_t *n, td_actor_t *a, const char *why);
 int td__kill_actor(td_node_t *n, uint64_t actor_id, int no_restart, const char *why);
-td_wk_t *td__link(td_node_t *n, uint32_t index);
-/* The object record of id here, or NULL. */
-static inline td_obj_t *td__obj(td_node_t *n, uint64_t id) { return td_map_get(&n->objs, id); }
-void td__obj_fail(td_node_t *n, td_obj_t *o, const uint8_t *blob, size_t len);
-td_obj_t *td__obj_new(td_node_t *n, uint64_t id);
-void td__obj_set(td_node_t *n, td_obj_t *o, int state, int shm, const uint8_t *data,
-                        size_t len, size_t off, const uint64_t *refs, uint32_t nrefs);
-void td__sched(td_node_t *n);
-void td__task_fail(td_node_t *n, td_task_t *t, const char *kind, const char *msg);
-void td__unref(td_node_t *n, td_obj_t *o, int64_t k);
+void td__persist_actor(td_node_t *n, const td_spec_t *s);
+td_wk_t *td__pick_host(td_node_t *n, td_actor_t *a);
+void td__restore_actor(void *ud, const char *key, const void *val, size_t len);
 
-/* pg.c: placement groups, and adopting their detached actors. */
+/* pg.c: placement groups and adoption. */
 void td__adopt(td_node_t *n, td_wk_t *wk, uint64_t aid, uint32_t attempt);
 void td__adopt_at(td_node_t *n, td_wk_t *wk, td_task_t *t, uint32_t attempt);
 void td__pg_adopt(td_node_t *n, td_pg_t *pg);
@@ -463,22 +500,15 @@ void td__pgs_node_lost(td_node_t *n, uint32_t index);
 void td__restore_pg(void *ud, const char *key, const void *val, size_t len);
 int td__try_pg(td_node_t *n, td_pg_t *pg);
 
-/* transfer.c and node.c share these too. */
-/* node.c */
-int td__alloc(td_node_t *n, size_t size, size_t *off, td_obj_t *keep);
-void td__link_chan(td_wk_t *wk);
-uint64_t td__new_wk_id(td_node_t *n);
-td_obj_t *td__obj_from_bytes(td_node_t *n, uint64_t id, int state, const uint8_t *p, size_t len);
-int td__obj_resident(td_node_t *n, td_obj_t *o);
-void td__pull(td_node_t *n, td_obj_t *o);
-void td__send_refs1(td_wk_t *up, uint64_t id, int32_t delta);
-int td__task_fetching(td_node_t *n, td_task_t *t);
-void td__task_finish(td_node_t *n, td_task_t *t);
-void td__wait_on(td_obj_t *o, td_task_t *t);
-void td__wake_waiters(td_node_t *n, td_obj_t *o, int away);
-td_wk_t *td__wk_add(td_node_t *n, uint64_t id, int kind, int fd);
-void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why);
-/* transfer.c */
+/* lineage.c: results made again when lost. */
+void td__lineage_drop(td_node_t *n, uint64_t id);
+void td__lineage_keep(td_node_t *n, const td_spec_t *s);
+void td__lineage_send(td_node_t *n);
+void td__link_lost_objects(td_node_t *n, td_wk_t *wk);
+void td__obj_unfetch(td_node_t *n, td_obj_t *o);
+int td__on_lineage(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
+
+/* transfer.c: large objects between nodes. */
 td_wk_t *td__away_home(td_node_t *n, td_task_t *t);
 int td__away_source(td_node_t *n, td_obj_t *o, td_wk_t *wk);
 uint32_t td__away_wait(td_node_t *n, td_task_t *t, int here);
@@ -503,59 +533,28 @@ void td__put_pull(td_node_t *n, td_buf_t *b, td_obj_t *o, td_wk_t *wk);
 int td__sink_read(td_node_t *n, td_wk_t *wk);
 int td__sink_take(td_node_t *n, td_wk_t *wk);
 
-/* lineage.c and node.c share these too. */
-/* node.c */
-void td__export(td_node_t *n, const uint64_t *ids, uint32_t k);
-void td__import(td_node_t *n, td_wk_t *from, const uint64_t *ids, uint32_t k);
-void td__put_lstr(td_buf_t *b, const char *s);
-void td__send_fns(td_node_t *n, td_wk_t *wk);
-/* lineage.c */
-void td__lineage_drop(td_node_t *n, uint64_t id);
-void td__lineage_keep(td_node_t *n, const td_spec_t *s);
-void td__lineage_send(td_node_t *n);
-void td__link_lost_objects(td_node_t *n, td_wk_t *wk);
-void td__obj_unfetch(td_node_t *n, td_obj_t *o);
-int td__on_lineage(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
-
-/* actor.c and node.c share these too. */
-/* node.c */
-void td__gpus_give(td_node_t *n, double amount, const int *ids, int k);
-void td__send_task(td_node_t *n, td_wk_t *wk, td_task_t *t);
-td_wk_t *td__spawn(td_node_t *n, int kind, const int *gpus, int ngpus);
-double td__task_gpus(const td_task_t *t);
-void td__unpin_deps(td_node_t *n, td_task_t *t);
-/* actor.c */
-void td__actor_calls_lost(td_node_t *n, td_actor_t *a, td_wk_t *wk, int may_retry,
-                                 const char *why);
-void td__actor_restart_or_die(td_node_t *n, td_actor_t *a, const char *why);
-void td__persist_actor(td_node_t *n, const td_spec_t *s);
-td_wk_t *td__pick_host(td_node_t *n, td_actor_t *a);
-void td__restore_actor(void *ud, const char *key, const void *val, size_t len);
-
-/* workers.c and node.c share these too. */
-/* node.c */
-void td__count(td_wk_t *wk, td_map_t *m, uint64_t id, intptr_t d);
-int td__put_value(td_node_t *n, td_buf_t *b, uint64_t id, int pin, int remote);
-/* workers.c */
+/* workers.c: worker processes and their requests. */
+uint64_t td__new_wk_id(td_node_t *n);
 void td__req_add(td_node_t *n, td_wk_t *wk, int op, td_rd_t *rd);
 void td__reqs_check(td_node_t *n, double now);
 void td__restore_meta(void *ud, const char *key, const void *val, size_t len);
+td_wk_t *td__spawn(td_node_t *n, int kind, const int *gpus, int ngpus);
+td_wk_t *td__wk_add(td_node_t *n, uint64_t id, int kind, int fd);
 
-/* cluster.c and node.c share these too. */
-/* node.c */
-int td__env_get(const char *env, uint32_t len, const char *key, char *out, size_t n);
-void td__obj_wake(td_node_t *n, td_obj_t *o);
-void td__send_fn(td_node_t *n, td_wk_t *wk, uint64_t fn_id);
-/* cluster.c */
+/* cluster.c: links between a head and its nodes. */
 double td__cluster_max(td_node_t *n, int r);
 void td__cluster_tick(td_node_t *n, double now);
+void td__export(td_node_t *n, const uint64_t *ids, uint32_t k);
 td_obj_t *td__foreign(td_node_t *n, uint64_t id, int held);
 int td__forward(td_node_t *n, const td_spec_t *s);
 void td__fwd_flush(td_node_t *n);
 void td__fwd_note(td_node_t *n, uint64_t id);
 void td__head_lost(td_node_t *n);
+void td__import(td_node_t *n, td_wk_t *from, const uint64_t *ids, uint32_t k);
+td_wk_t *td__link(td_node_t *n, uint32_t index);
 void td__obj_fill(td_node_t *n, td_obj_t *o, int state, const uint8_t *p, size_t len,
-                         const uint64_t *refs, uint32_t nrefs);
+    const uint64_t *refs, uint32_t nrefs);
+td_obj_t *td__obj_from_bytes(td_node_t *n, uint64_t id, int state, const uint8_t *p, size_t len);
 int td__on_join(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
 int td__on_link_reply(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
 int td__on_node_info(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
@@ -563,23 +562,10 @@ int td__on_node_task(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
 int td__on_pkg(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
 int td__on_pkg_get(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
 void td__parked_drop(td_node_t *n);
+void td__pull(td_node_t *n, td_obj_t *o);
+void td__send_fns(td_node_t *n, td_wk_t *wk);
 void td__send_node_task(td_node_t *n, td_wk_t *wk, td_task_t *t);
+void td__send_refs1(td_wk_t *up, uint64_t id, int32_t delta);
 void td__unhold(td_node_t *n, td_obj_t *o);
-
-/* obj.c and node.c share these too. */
-/* obj.c */
-void td__add_waiter(td_obj_t *o, td_task_t *t);
-void td__obj_free(td_node_t *n, td_obj_t *o);
-
-/* sched.c and node.c share these too. */
-/* node.c */
-void td__inflight_del(td_node_t *n, td_wk_t *wk, td_task_t *t);
-
-/* task.c and node.c share these too. */
-/* node.c */
-void td__inflight_add(td_node_t *n, td_wk_t *wk, td_task_t *t);
-/* task.c */
-void td__give_back(td_node_t *n, td_wk_t *wk);
-void td__lease_done(td_node_t *n, td_wk_t *wk);
 
 #endif
