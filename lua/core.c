@@ -235,7 +235,7 @@ void td_core_flush_refs(void) {
 
 static uint64_t td__checkref(lua_State *L, int idx) {
   td_ref_ud_t *r = luaL_testudata(L, idx, TD_REF_MT);
-  if (!r) luaL_argerror(L, idx, lua_pushfstring(L, "ObjectRef expected, got %s", luaL_typename(L, idx)));
+  if (!r) return (uint64_t)luaL_argerror(L, idx, lua_pushfstring(L, "ObjectRef expected, got %s", luaL_typename(L, idx)));
   return r->id;
 }
 
