@@ -20,6 +20,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <ifaddrs.h>
+#include <math.h>
 #include <net/if.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -45,6 +46,19 @@ double td__cluster_max(td_node_t *n, int r) {
     if (w->kind == WK_NODE && w->joined && !w->dead && w->ntotal[r] > most) most = w->ntotal[r];
   }
   return most;
+}
+
+/* Head: nodes may come back (this head restarted, or a node that had
+ * `had` of each resource left; NULL: any amount): for a while, work that
+ * only they could run waits for them instead of failing as infeasible
+ * (td__unplaced_check). */
+void td__settle(td_node_t *n, const double *had) {
+  double now = td_now(), grace = 3 * n->node_timeout;
+  if (grace < 10) grace = 10;
+  if (n->settle_until < now) memset(n->settle_max, 0, sizeof(n->settle_max));
+  for (int r = 0; r < TD_NRES_MAX; r++)
+    if (!had || had[r] > n->settle_max[r]) n->settle_max[r] = had ? had[r] : HUGE_VAL;
+  n->settle_until = now + grace;
 }
 
 /* Head -> node: the whole spec (demands by name), the function the first

@@ -123,6 +123,7 @@ static void td__restore_ids(td_node_t *n) {
 
 void td_node_restore(td_node_t *n) {
   td_persist_each("node", td__restore_node, n);
+  if (n->next_index) td__settle(n, NULL);  /* its nodes rejoin: work that needs them waits */
   /* Nodes still running restored actors rejoin within a heartbeat or two
    * and report them; only then are the others placed anew. */
   n->adopt_until = td_now() + (n->node_timeout > 2 ? n->node_timeout : 2);
@@ -752,6 +753,7 @@ void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why) {
     if (wk->joined) n->nlinks--;
     if (!n->gone_at) n->gone_at = td_xcalloc(TD_NODE_MAX + 1, sizeof(double));
     n->gone_at[wk->node_index] = td_now();
+    td__settle(n, wk->ntotal);  /* it may be restarted: work only it could run waits a while */
     td__pgs_node_lost(n, wk->node_index);
     snprintf(reason, sizeof(reason), "node-%u (%s) died: it %s", wk->node_index, wk->name, why);
   } else if (wk->kind == WK_HEAD) {
@@ -871,6 +873,7 @@ void td_node_pump(td_node_t *n, double timeout) {
   double now = td_now();
   for (td_req_t *r = n->reqs; r; r = r->next)
     if (r->deadline > 0 && r->deadline - now < timeout) timeout = r->deadline - now;
+  if (n->nunplaced && n->settle_until - now < timeout) timeout = n->settle_until - now + 0.001;
   /* Something changed after this round's checks (a stream's consumer let
    * items go in the tick): check again at once instead of sleeping. */
   if (timeout < 0 || n->dirty) timeout = 0;
@@ -917,6 +920,7 @@ void td_node_pump(td_node_t *n, double timeout) {
       td__cluster_tick(n, now);
     }
   }
+  if (n->nunplaced) td__unplaced_check(n, td_now());
   td__sched(n);
   if (n->ext_tick) n->ext_tick(n->ext_ud);
   td_node_flush(n);

@@ -167,6 +167,7 @@ struct td_task {
   uint8_t pooled;        /* a TD_TASK_TAIL record, reused from n->task_pool */
   uint8_t restored;      /* a detached actor's creation, restored by a restarted head */
   uint8_t has_away;      /* a task with arguments kept on other nodes (td_obj_t away) */
+  uint8_t unplaced;      /* queued although no node has what it asks for: nodes may rejoin (settle_until) */
   uint64_t owner;        /* the client (or head link) whose work it is: prints go there */
   uint64_t owner_task;   /* on a node: the head's id of this task */
   int32_t held_bundle;   /* node_held 2: the bundle of its placement group */
@@ -329,6 +330,9 @@ struct td_node {
   double *gone_at;       /* head: by node index, when its node left (0: not while this head ran) */
   int restoring;         /* re-creating persisted actors: they wait for nodes */
   double adopt_until;    /* until then restored actors wait to be adopted (td__adopt) */
+  double settle_until;   /* head: nodes may still rejoin (it restarted, or one left) until then */
+  double settle_max[TD_NRES_MAX]; /* the most of each resource a node that may rejoin had */
+  int nunplaced;         /* tasks queued with unplaced set, judged again when settled */
   td_map_t fwd;          /* head task id -> td_fwd_t */
   td_map_t pulls;        /* request id -> object id, values asked of a link */
   td_map_t lineage;      /* node: object id -> td_fnblob_t, the spec of the task that makes it */
@@ -479,6 +483,7 @@ void td__send_task(td_node_t *n, td_wk_t *wk, td_task_t *t);
 void td__task_fail(td_node_t *n, td_task_t *t, const char *kind, const char *msg);
 void td__task_finish(td_node_t *n, td_task_t *t);
 void td__unpin_deps(td_node_t *n, td_task_t *t);
+void td__unplaced_check(td_node_t *n, double now);
 void td__wake_waiters(td_node_t *n, td_obj_t *o, int away);
 
 /* actor.c: the actor directory. */
@@ -543,6 +548,7 @@ td_wk_t *td__wk_add(td_node_t *n, uint64_t id, int kind, int fd);
 
 /* cluster.c: links between a head and its nodes. */
 double td__cluster_max(td_node_t *n, int r);
+void td__settle(td_node_t *n, const double *had);
 void td__cluster_tick(td_node_t *n, double now);
 void td__export(td_node_t *n, const uint64_t *ids, uint32_t k);
 td_obj_t *td__foreign(td_node_t *n, uint64_t id, int held);

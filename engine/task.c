@@ -265,6 +265,7 @@ void td__wake_waiters(td_node_t *n, td_obj_t *o, int away) {
       if (t->spec.kind == TD_K_TASK && td__deps_failed(n, t)) { td__task_finish(n, t); continue; }
       t->state = T_QUEUED;
       tq_push(&n->queue, t);
+      if (t->unplaced) n->nunplaced++;
     }
   }
   free(ws);
@@ -340,6 +341,65 @@ static td_task_t *td__task_new(td_node_t *n, const td_spec_t *s) {
   return t;
 }
 
+/* Why t can never run, in why ("" if it can): its placement group or
+ * bundle is gone, or it asks for more than any node has. */
+static void td__infeasible(td_node_t *n, td_task_t *t, char *why, size_t len) {
+  const td_spec_t *s = &t->spec;
+  why[0] = 0;
+  if (s->pg_id) {
+    td_pg_t *pg = td__pg(n, s->pg_id);
+    if (!pg || pg->removed) {
+      snprintf(why, len, "its placement group does not exist or was removed");
+    } else if (s->bundle >= pg->nb) {
+      snprintf(why, len, "bundle_index %d is out of range: the placement group has %d bundles",
+               s->bundle + 1, pg->nb);
+    } else {
+      for (int i = 0; i < t->nres && !why[0]; i++) {
+        int r = t->res_idx[i];
+        double most = 0;
+        for (int b = 0; b < pg->nb; b++)
+          if ((s->bundle < 0 || b == s->bundle) && pg->total[b][r] > most) most = pg->total[b][r];
+        if (t->res_amt[i] > most + 1e-9)
+          snprintf(why, len, "infeasible: it requires %s = %g but its placement group bundle has %g",
+                   n->resname[r], t->res_amt[i], most);
+      }
+    }
+    return;
+  }
+  for (int i = 0; i < t->nres && !why[0]; i++) {
+    int r = t->res_idx[i];
+    double most = td__cluster_max(n, r);
+    if (t->res_amt[i] > most + 1e-9)
+      snprintf(why, len, "infeasible: it requires %s = %g but %s %s = %g", n->resname[r], t->res_amt[i],
+               n->nlinks ? "the most any node has is" : "this node has", n->resname[r], most);
+  }
+}
+
+/* Settled (no node left or rejoined of late): tasks queued while their
+ * demand exceeded every node now run, or fail as infeasible. */
+void td__unplaced_check(td_node_t *n, double now) {
+  if (!n->nunplaced || now < n->settle_until) return;
+  n->nunplaced = 0;
+  char why[400];
+  for (td_task_t *t = n->queue.head, *next; t; t = next) {
+    next = t->next;
+    if (!t->unplaced) continue;
+    t->unplaced = 0;
+    td__infeasible(n, t, why, sizeof(why));
+    if (!why[0]) continue;
+    size_t l = strlen(why);
+    snprintf(why + l, sizeof(why) - l, " (no node that has it came back in time)");
+    tq_del(&n->queue, t);
+    if (t->spec.kind == TD_K_TASK) {
+      td__task_fail(n, t, "TaskError", why);
+    } else {
+      t->state = T_SENT;
+      td__actor_die(n, t->actor, why);
+    }
+  }
+  td__sched(n);
+}
+
 int td_node_submit(td_node_t *n, const td_spec_t *s, const char **msg) {
   *msg = NULL;
   td_actor_t *a = NULL;
@@ -394,37 +454,13 @@ int td_node_submit(td_node_t *n, const td_spec_t *s, const char **msg) {
     td__actor_pump(n, a);
     return 0;
   }
-  /* A demand beyond what the node has can never be met: say so now
-   * rather than wait forever. */
+  /* A demand beyond what the cluster has can never be met: say so now
+   * rather than wait forever -- unless nodes may still rejoin (a head
+   * that restarted, a node that just left): then it waits for them. */
   char why[400] = "";
-  if (s->pg_id && s->kind != TD_K_ACTOR_CALL) {
-    td_pg_t *pg = td__pg(n, s->pg_id);
-    if (!pg || pg->removed) {
-      snprintf(why, sizeof(why), "its placement group does not exist or was removed");
-    } else if (s->bundle >= pg->nb) {
-      snprintf(why, sizeof(why), "bundle_index %d is out of range: the placement group has %d bundles",
-               s->bundle + 1, pg->nb);
-    } else {
-      for (int i = 0; i < t->nres && !why[0]; i++) {
-        int r = t->res_idx[i];
-        double most = 0;
-        for (int b = 0; b < pg->nb; b++)
-          if ((s->bundle < 0 || b == s->bundle) && pg->total[b][r] > most) most = pg->total[b][r];
-        if (t->res_amt[i] > most + 1e-9)
-          snprintf(why, sizeof(why), "infeasible: it requires %s = %g but its placement group bundle has %g",
-                   n->resname[r], t->res_amt[i], most);
-      }
-    }
-  } else if (!s->pg_id) {
-    for (int i = 0; i < t->nres && !why[0]; i++) {
-      int r = t->res_idx[i];
-      double most = td__cluster_max(n, r);
-      if (t->res_amt[i] > most + 1e-9)
-        snprintf(why, sizeof(why), "infeasible: it requires %s = %g but %s %s = %g",
-                 n->resname[r], t->res_amt[i], n->nlinks ? "the most any node has is" : "this node has",
-                 n->resname[r], most);
-    }
-  }
+  if (s->kind != TD_K_ACTOR_CALL) td__infeasible(n, t, why, sizeof(why));
+  int wait = why[0] && !s->pg_id && n->settle_until > td_now() && td__fits(n->settle_max, t);
+  if (wait) why[0] = 0, t->unplaced = 1;
   if (why[0] && n->restoring) why[0] = 0;  /* its nodes have not rejoined yet */
   if (why[0] && s->kind == TD_K_TASK) {
     td__task_fail(n, t, "TaskError", why);
@@ -454,6 +490,7 @@ int td_node_submit(td_node_t *n, const td_spec_t *s, const char **msg) {
   }
   t->state = T_QUEUED;
   tq_push(&n->queue, t);
+  if (t->unplaced) n->nunplaced++;
   /* Only a task at the head can start now; others wait their turn (the
    * next pump schedules the rest), so submitting stays O(1). */
   if (n->queue.len == 1) td__sched(n);

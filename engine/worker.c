@@ -1340,7 +1340,8 @@ int td_client_connect_fd(int fd, const char *where, char *err, size_t errlen) {
   return td__client_attach(fd, 1, where, err, errlen);
 }
 
-/* Idle after work that mapped objects in the store: the views it dropped
+/* Idle after work that mapped objects in the store or made refs (results
+ * of the tasks it submitted, refs it got): the views and handles it dropped
  * are collected now, so their objects are let go (and unpinned) now, not
  * whenever this process next collects, which an idle one never does. */
 static void td__collect(void) {

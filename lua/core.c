@@ -181,6 +181,7 @@ void td_core_pushref(lua_State *L, uint64_t id, int owned) {
     if (c == 0 && !owned) td__send_ref(id, 1);
     if (c > 0 && owned) td__send_ref(id, -1);
     td__local_ref(id, 1);
+    td_ctx.mapped = 1;  /* a handle its work may drop: collected when it goes idle */
   }
 }
 

@@ -33,7 +33,7 @@ typedef struct td_ctx {
   size_t ndec, capdec;
   uint64_t *unpin;         /* pins of zero-copy tensors let go, likewise */
   size_t nunpin, capunpin;
-  int mapped;              /* views of store objects made since the worker last collected */
+  int mapped;              /* views of store objects or refs made since the worker last collected */
   td_ser_t ser;            /* reusable encoder */
   /* What is running now, for get_runtime_context and print prefixes. */
   uint64_t cur_task, cur_actor;

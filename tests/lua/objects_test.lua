@@ -269,6 +269,30 @@ t.test("task results are freed when their refs are dropped", function()
     string.format("results not freed: before %d, while held %d, after %d", before, during, after))
 end)
 
+-- A task that submits tasks holds their results' refs; when it returns
+-- and its worker goes idle, those refs are let go at once (before, an idle
+-- worker never collected, and the results stayed until it ran again).
+t.test("results of tasks a task submitted are freed when its worker goes idle", function()
+  flush()
+  local before = tide.stats().objects
+  local inner = tide.remote(function(i) return i * 2 end)
+  local outer = tide.remote(function(k)
+    local refs = {}
+    for i = 1, k do refs[i] = inner:remote(i) end
+    local s = 0
+    for _, v in ipairs(tide.get(refs)) do s = s + v end
+    return s
+  end)
+  t.eq(tide.get(outer:remote(30)), 930)
+  local after
+  for _ = 1, 50 do  -- the release is asynchronous: give it a moment
+    after = tide.stats().objects
+    if after <= before + 2 then break end
+    tide.sleep(0.05)
+  end
+  t.ok(after <= before + 2, string.format("nested results not freed: before %d, after %d", before, after))
+end)
+
 t.test("a ref in flight keeps its object alive after the driver drops it", function()
   local reader = tide.remote(function(box)
     tide.sleep(0.3)

@@ -36,6 +36,11 @@ for s in sa sb; do
     --node-timeout 2 --num-cpus 1 --resources "$r" >/dev/null 2>&1
 done
 TIDE_SESSION_DIR=$D/sh timeout 180 $T run --address local tests/cluster/sched.lua 2>&1
+# The node with B dies and is started again (a supervisor would): work that
+# needs B waits for it, for a while.
+NODE_B_PID_FILE=$D/sb/node.pid NODE_B_START="TIDE_PKG_CACHE=$D/pkgs-sb TIDE_SESSION_DIR=$D/sb $T start \
+  --address 127.0.0.1:$SPORT --key $D/sh/cluster.key --node-timeout 2 --num-cpus 1 --resources '{\"B\":1}'" \
+  TIDE_SESSION_DIR=$D/sh timeout 180 $T run --address local tests/cluster/rejoin.lua 2>&1
 for s in sh sa sb; do TIDE_SESSION_DIR=$D/$s $T stop >/dev/null 2>&1; done
 
 out=$(start_head 2>&1)
