@@ -1,0 +1,146 @@
+-- tide bench data*: issue 14's tide.data targets, each against its own
+-- baseline measured in the same run (bench.lua loads this file).
+--
+--   data_map_batches_efficiency_<C>us_<variant>
+--       rows/s of data.range(N):map_batches(f) where f costs about C µs of
+--       CPU per row, against the same f called in a plain loop over the
+--       same rows by two processes at once (bench/data_loop.lua, no Tide),
+--       one per core. Variants: fused (f runs in the range source's tasks),
+--       stage (fuse = false: f in tasks of a stage of its own, blocks through
+--       the store), pool (a pool of two actors). Runs alternate
+--       loop/fused/stage/pool; values are medians of the rounds, the limit
+--       the loop's median, fraction_of_limit their ratio.
+--   data_stream_lines_<size>
+--       read_lines -> map -> write_jsonl of a generated file of <size>,
+--       in a separate driver process (bench/data_stream.lua), so its peak
+--       RSS is the run's own: rows/s, MB/s, driver peak RSS, peak store.
+--   data_read_map_pool_write
+--       Tide's side of the Ray Data / Dask comparison (bench/data_compare.sh
+--       runs all three side by side on the same files).
+-- TIDE_BENCH_SCALE scales the row counts; TIDE_BENCH_DATA_STREAM_MB sets the
+-- streamed sizes (comma-separated MB, default 256,1024).
+local tide = require("tide")
+local data = require("tide.data")
+local raw = require("tide.rawbench")
+local cjson = require("cjson")
+
+return function(ctx)
+  local m, wanted, SCALE = ctx.m, ctx.wanted, ctx.SCALE
+  local home = os.getenv("TIDE_HOME")
+  local exe = home .. "/bin/tide"
+  local work = dofile(home .. "/bench/data_work.lua")
+  data.set_progress(false)
+
+  local function median(t)
+    local s = {}
+    for i, v in ipairs(t) do s[i] = v end
+    table.sort(s)
+    local n = #s
+    if n % 2 == 1 then return s[(n + 1) / 2] end
+    return (s[n / 2] + s[n / 2 + 1]) / 2
+  end
+
+  -- -- Pipeline efficiency ------------------------------------------------
+  if wanted("data_map_batches_efficiency") then
+    -- Iterations of the row function per µs on this machine (a rough
+    -- calibration: the loop's own rate, measured each round, is what the
+    -- figures are compared with).
+    local function iters_per_us()
+      local probe = work.make(100000)
+      local t0 = raw.now()
+      for i = 1, 20 do probe({{id = i}}) end
+      return 20 * 100000 / ((raw.now() - t0) * 1e6)
+    end
+    local ipu = median({iters_per_us(), iters_per_us(), iters_per_us()})
+    local BS = 256
+    local ncpu = 2
+    local ok, r = pcall(tide.cluster_resources)
+    if ok and r.CPU then ncpu = math.max(1, math.floor(r.CPU)) end
+    local rounds = tonumber(os.getenv("TIDE_BENCH_DATA_ROUNDS") or "3")
+    for _, cost in ipairs({1, 10, 100}) do
+      local iters = math.max(1, math.floor(cost * ipu + 0.5))
+      -- About 1 s of CPU per core per run, in 32 blocks (so the last block
+      -- on a core is a small share of the run).
+      local N = math.max(ncpu * BS, math.floor(ncpu * 1e6 / cost * SCALE))
+      local BR = math.max(BS, math.ceil(N / 32 / BS) * BS)
+      local fn = work.make(iters)
+      -- The plain loop: ncpu processes over equal shares of the rows, all
+      -- started at once; the slowest one's loop time.
+      local function loop()
+        local hs, per = {}, math.ceil(N / ncpu)
+        for p = 1, ncpu do
+          local lo, hi = (p - 1) * per + 1, math.min(N, p * per)
+          hs[p] = io.popen(string.format("%s run %s/bench/data_loop.lua %d %d %d %d", exe, home, lo, hi, iters, BS))
+        end
+        local worst = 0
+        for p = 1, ncpu do
+          local s = hs[p]:read("*a")
+          hs[p]:close()
+          worst = math.max(worst, tonumber(s:match("^(%S+)")) or 1e9)
+        end
+        return N / worst
+      end
+      local variants = {
+        {"fused", function()
+          return data.range(N, {block_rows = BR}):map_batches(fn, {batch_size = BS}) end},
+        {"stage", function()
+          return data.range(N, {block_rows = BR}):map_batches(fn, {batch_size = BS, fuse = false}) end},
+        {"pool", function()
+          return data.range(N, {block_rows = BR}):map_batches({call = function(_, b) return fn(b) end},
+            {batch_size = BS, concurrency = ncpu}) end},
+      }
+      local loops, rates, ratios = {}, {}, {}
+      for _, v in ipairs(variants) do rates[v[1]], ratios[v[1]] = {}, {} end
+      data.range(1000):map_batches(fn):count() -- warm the workers
+      for round = 1, rounds do
+        loops[round] = loop()
+        for _, v in ipairs(variants) do
+          local t0 = raw.now()
+          local n = v[2]():count()
+          local rate = n / (raw.now() - t0)
+          assert(n == N, "tide.data lost rows")
+          rates[v[1]][round] = rate
+          ratios[v[1]][round] = rate / loops[round]
+        end
+      end
+      local base = median(loops)
+      m(string.format("data_map_batches_loop_%dus", cost), base, "rows/s", nil,
+        {rows = N, processes = ncpu, iters = iters, us_per_row = ncpu * 1e6 / base, runs = rounds})
+      for _, v in ipairs(variants) do
+        local name = v[1]
+        m(string.format("data_map_batches_efficiency_%dus_%s", cost, name), median(rates[name]), "rows/s", base,
+          {rows = N, batch_size = BS, runs = rounds, ratio_per_round = ratios[name],
+           median_ratio = median(ratios[name])})
+      end
+    end
+  end
+
+  -- -- Streaming a large file, memory bounded --------------------------------
+  if wanted("data_stream_lines") then
+    local sizes = {}
+    for s in (os.getenv("TIDE_BENCH_DATA_STREAM_MB") or "256,1024"):gmatch("[^,]+") do
+      sizes[#sizes + 1] = math.floor(tonumber(s) * SCALE)
+    end
+    for _, mb in ipairs(sizes) do
+      local h = io.popen(string.format("%s run %s/bench/data_stream.lua %d 2>&1", exe, home, mb))
+      local rec
+      for line in h:lines() do
+        local okd, v = pcall(cjson.decode, line)
+        if okd and type(v) == "table" and v.metric then rec = v else io.stderr:write(line, "\n") end
+      end
+      h:close()
+      if rec then ctx.emit(rec) end
+    end
+  end
+
+  -- -- Tide's side of the Ray Data / Dask comparison ---------------------------
+  if wanted("data_read_map_pool_write") then
+    local rows = math.floor(400000 * SCALE)
+    local h = io.popen(string.format("%s/bench/data_compare.sh --tide-only %d 2>&1", home, rows))
+    for line in h:lines() do
+      local okd, v = pcall(cjson.decode, line)
+      if okd and type(v) == "table" and v.metric then ctx.emit(v) end
+    end
+    h:close()
+  end
+end
