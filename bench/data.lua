@@ -14,11 +14,14 @@
 --       read_lines -> map -> write_jsonl of a generated file of <size>,
 --       in a separate driver process (bench/data_stream.lua), so its peak
 --       RSS is the run's own: rows/s, MB/s, driver peak RSS, peak store.
---   data_read_map_pool_write
---       Tide's side of the Ray Data / Dask comparison (bench/data_compare.sh
---       runs all three side by side on the same files).
+--   data_read_map_pool_write[_ray_data|_dask]
+--       read_lines -> filter -> map -> map_batches (pool of 2 actors) ->
+--       write_jsonl against Ray Data 2.60 and Dask on the same files, side
+--       by side in rounds (bench/data_compare.py): rows/s and each process
+--       tree's peak memory.
 -- TIDE_BENCH_SCALE scales the row counts; TIDE_BENCH_DATA_STREAM_MB sets the
--- streamed sizes (comma-separated MB, default 256,1024).
+-- streamed sizes (comma-separated MB, default 256,1024);
+-- TIDE_BENCH_DATA_ROUNDS / TIDE_BENCH_DATA_TRIALS the rounds (default 3).
 local tide = require("tide")
 local data = require("tide.data")
 local raw = require("tide.rawbench")
@@ -133,14 +136,39 @@ return function(ctx)
     end
   end
 
-  -- -- Tide's side of the Ray Data / Dask comparison ---------------------------
+  -- -- Side by side with Ray Data and Dask ---------------------------------------
+  -- bench/data_compare.py runs the three systems in turn on the same files
+  -- (the peers only where installed); the Tide row's limit is Ray Data's
+  -- rows/s from the same rounds, so fraction_of_limit is Tide / Ray Data.
   if wanted("data_read_map_pool_write") then
     local rows = math.floor(400000 * SCALE)
-    local h = io.popen(string.format("%s/bench/data_compare.sh --tide-only %d 2>&1", home, rows))
+    local trials = tonumber(os.getenv("TIDE_BENCH_DATA_TRIALS") or "3")
+    local h = io.popen(string.format("/usr/bin/python3 %s/bench/data_compare.py --rows %d --trials %d 2>&1",
+      home, rows, trials))
+    local summary
     for line in h:lines() do
       local okd, v = pcall(cjson.decode, line)
-      if okd and type(v) == "table" and v.metric then ctx.emit(v) end
+      if okd and type(v) == "table" and v.metric == "data_read_map_pool_write_summary" then summary = v
+      elseif okd and type(v) == "table" and (v.skipped or v.error) then io.stderr:write(line, "\n") end
     end
     h:close()
+    if summary then
+      local ray, dask, td = summary.ray_data, summary.dask, summary.tide
+      for name, peer in pairs({ray_data = ray, dask = dask}) do
+        if peer ~= cjson.null then
+          m("data_read_map_pool_write_" .. name, peer.rows_per_s, "rows/s", nil,
+            {peak_tree_rss_mib = peer.peak_tree_rss_mib, peak_tree_pss_mib = peer.peak_tree_pss_mib,
+             runs = peer.runs, rows = summary.rows})
+        end
+      end
+      if td then
+        m("data_read_map_pool_write", td.rows_per_s, "rows/s", ray and ray.rows_per_s or nil,
+          {peak_tree_rss_mib = td.peak_tree_rss_mib, peak_tree_pss_mib = td.peak_tree_pss_mib, runs = td.runs,
+           rows = summary.rows, tide_over_ray_data_rows_per_s = summary.tide_over_ray_data_rows_per_s,
+           tide_over_ray_data_peak_pss = summary.tide_over_ray_data_peak_pss,
+           tide_over_dask_rows_per_s = summary.tide_over_dask_rows_per_s,
+           tide_over_dask_peak_pss = summary.tide_over_dask_peak_pss, loadavg = summary.loadavg_before})
+      end
+    end
   end
 end
