@@ -379,6 +379,13 @@ if wanted("allreduce") then
   end
 end
 
+-- tide.data (issue 14): pipeline efficiency against a plain loop, a large
+-- file streamed with memory bounded, and Tide's side of the Ray Data / Dask
+-- comparison (bench/data.lua; `tide bench data` runs just these).
+if wanted("data_map_batches") or wanted("data_stream_lines") or wanted("data_read_map_pool_write") then
+  dofile(os.getenv("TIDE_HOME") .. "/bench/data.lua")({m = m, wanted = wanted, SCALE = SCALE, emit = emit})
+end
+
 -- Multi-node (`tide bench multinode`): a head and two nodes started here as
 -- daemons on loopback, each in its own session directory; bench/multinode.lua
 -- runs attached to the head. Then the head is killed and restarted, and the

@@ -560,7 +560,7 @@ function Dataset:iter_rows(opts)
       end
       local m = ex:next_output()
       if not m then return nil end
-      block, i = m.n > 0 and tide.get(m.ref) or nil, 0
+      block, i = m.n > 0 and W.unpack(tide.get(m.ref)) or nil, 0
     end
   end
 end
@@ -590,7 +590,7 @@ function Dataset:iter_batches(opts)
       end
       local m = ex:next_output()
       if not m then return n > 0 and out or nil end
-      block, off = m.n > 0 and tide.get(m.ref) or nil, 0
+      block, off = m.n > 0 and W.unpack(tide.get(m.ref)) or nil, 0
     end
   end
 end
@@ -606,7 +606,7 @@ function Dataset:take(n, opts)
     local m = ex:next_output()
     if not m then break end
     if m.n > 0 then
-      local b = tide.get(m.ref)
+      local b = W.unpack(tide.get(m.ref))
       for i = 1, min(#b, n - #out) do out[#out + 1] = b[i] end
     end
   end

@@ -46,6 +46,92 @@ function W.collect(force)
   gc_cost = gc_last - t
 end
 
+-- -- Blocks in the store ---------------------------------------------------
+
+-- A block travels through the store as {n = rows, rows = array} or, when
+-- every row is a plain table with the same string keys and scalar values
+-- (the usual case: {text, path, line}, {id, h}), packed by column:
+-- {n, keys, kinds, cols}, numbers and booleans as arrays of numbers and
+-- strings as one string plus an array of lengths. The engine's serializer
+-- costs about 1 µs to encode and 0.4-0.6 µs to decode each small row table
+-- (a table per row, its keys again for every row, an error-path entry per
+-- element); an array of numbers it copies whole (0.16 µs a row for two
+-- columns), and one long string costs next to nothing. A packed block
+-- arrives as new, separate row tables: rows that were the same table in
+-- the sender are separate rows in the receiver.
+local PACK_MIN = 16 -- below this the engine's own path is as cheap
+local ok_tnew, tnew = pcall(require, "table.new")
+if not ok_tnew then tnew = function() return {} end end
+local getmetatable, next, sub = getmetatable, next, string.sub
+local SCALAR = {number = true, string = true, boolean = true}
+
+function W.pack(rows)
+  local n = #rows
+  local plain = {n = n, rows = rows}
+  if n < PACK_MIN then return plain end
+  local r1 = rows[1]
+  if type(r1) ~= "table" or getmetatable(r1) ~= nil then return plain end
+  local keys, kinds, nk = {}, {}, 0
+  for k, v in pairs(r1) do
+    local tv = type(v)
+    if type(k) ~= "string" or not SCALAR[tv] then return plain end
+    nk = nk + 1
+    keys[nk], kinds[nk] = k, tv
+  end
+  if nk == 0 then return plain end
+  local cols = {}
+  for c = 1, nk do cols[c] = tnew(n, 0) end
+  for i = 1, n do
+    local r = rows[i]
+    if type(r) ~= "table" or getmetatable(r) ~= nil then return plain end
+    for c = 1, nk do
+      local v = r[keys[c]]
+      if type(v) ~= kinds[c] then return plain end
+      cols[c][i] = v
+    end
+    -- No keys beyond the first row's (an array part counts too).
+    local cnt, k = 0, next(r)
+    while k ~= nil do cnt = cnt + 1; k = next(r, k) end
+    if cnt ~= nk then return plain end
+  end
+  for c = 1, nk do
+    local kind, col = kinds[c], cols[c]
+    if kind == "string" then
+      local lens = tnew(n, 0)
+      for i = 1, n do lens[i] = #col[i] end
+      cols[c] = {s = concat(col), lens = lens}
+    elseif kind == "boolean" then
+      for i = 1, n do col[i] = col[i] and 1 or 0 end
+    end
+  end
+  return {n = n, keys = keys, kinds = kinds, cols = cols}
+end
+
+-- The rows of a block made by W.pack.
+function W.unpack(b)
+  if b.rows then return b.rows end
+  local n, keys, kinds, cols = b.n, b.keys, b.kinds, b.cols
+  local nk = #keys
+  local rows = tnew(n, 0)
+  for i = 1, n do rows[i] = tnew(0, nk) end
+  for c = 1, nk do
+    local k, kind, col = keys[c], kinds[c], cols[c]
+    if kind == "string" then
+      local s, lens, pos = col.s, col.lens, 1
+      for i = 1, n do
+        local e = pos + lens[i]
+        rows[i][k] = sub(s, pos, e - 1)
+        pos = e
+      end
+    elseif kind == "boolean" then
+      for i = 1, n do rows[i][k] = col[i] == 1 end
+    else
+      for i = 1, n do rows[i][k] = col[i] end
+    end
+  end
+  return rows
+end
+
 -- -- Sources -------------------------------------------------------------
 
 local function open_file(path)
@@ -375,13 +461,13 @@ end
 local function gather(slices, ...)
   if #slices == 1 then
     local s = slices[1]
-    local b = select(s[1], ...)
+    local b = W.unpack((select(s[1], ...)))
     if s[2] == 1 and s[3] == #b then return b end
   end
   local rows, n = {}, 0
   for i = 1, #slices do
     local s = slices[i]
-    local b = select(s[1], ...)
+    local b = W.unpack((select(s[1], ...)))
     for j = s[2], s[3] do n = n + 1; rows[n] = b[j] end
   end
   return rows
@@ -417,11 +503,11 @@ function W.run(plan, self, spec, ...)
       for lo = 1, #rows, k do
         local part = {}
         for j = lo, math.min(#rows, lo + k - 1) do part[j - lo + 1] = rows[j] end
-        parts[#parts + 1] = {ref = tide.put(part), n = #part}
+        parts[#parts + 1] = {ref = tide.put(W.pack(part)), n = #part}
       end
       meta.parts = parts
     else
-      meta.ref = tide.put(rows)
+      meta.ref = tide.put(W.pack(rows))
     end
   end
   meta.t = now() - t0
