@@ -154,6 +154,12 @@ uint32_t td_w_begin_req(uint8_t type) {
  * task worker hands new tasks straight back, and reports itself blocked so
  * the node can lend its CPU to others. */
 static int td__block(lua_State *L, uint32_t req, td_push_fn push, void *ud, int report) {
+  /* A client over TCP gives up on its own a little after the timeout it
+   * sent: a head whose main loop hangs while ZeroMQ still answers its
+   * heartbeats would otherwise never answer, nor let the link fail. Not
+   * while a reply is still arriving (a large value crossing the link). */
+  double give_up = L && td__tmo >= 0 ? td_now() + td__tmo * 1.05 + 1 : -1, last_bytes = 0;
+  td__tmo = -1;
   if (report) {
     td_chan_begin(&td_ctx.ch, TD_M_BLOCKED);
     td_buf_u32(&td_ctx.ch.out, 0);
@@ -176,12 +182,6 @@ static int td__block(lua_State *L, uint32_t req, td_push_fn push, void *ud, int 
     }
     pp = &f->next;
   }
-  /* A client over TCP gives up on its own a little after the timeout it
-   * sent: a head whose main loop hangs while ZeroMQ still answers its
-   * heartbeats would otherwise never answer, nor let the link fail. Not
-   * while a reply is still arriving (a large value crossing the link). */
-  double give_up = L && td__tmo >= 0 ? td_now() + td__tmo * 1.05 + 1 : -1, last_bytes = 0;
-  td__tmo = -1;
   for (;;) {
     td__flush();
     int ms = -1;
@@ -191,7 +191,7 @@ static int td__block(lua_State *L, uint32_t req, td_push_fn push, void *ud, int 
         td_map_set(&td__abandoned, req, (void *)1);
         return push(L, td__tmo_reply, td__tmo_len, ud);
       }
-      ms = (int)((t - now) * 1000) + 1;
+      ms = t - now < 3600 ? (int)((t - now) * 1000) + 1 : 3600000;
     }
     if (td__read(ms) > 0) last_bytes = td_now();
     uint8_t type;
