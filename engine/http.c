@@ -20,6 +20,7 @@
 #define TD__HTTP_READ_BUF (64 * 1024)                /* one shared read buffer */
 #define TD__HTTP_HIGH_WATER (1024 * 1024)            /* unsent bytes that pause parsing */
 #define TD__HTTP_CONN_BUDGET (4 * 1024 * 1024)       /* queued requests' bytes that pause parsing */
+#define TD__HTTP_SERVER_BUDGET (64 * 1024 * 1024)    /* the same, all connections together */
 #define TD__HTTP_EAGER_FLUSH (256 * 1024)            /* stream bytes that are written at once */
 #define TD__HTTP_KEEP_BUF (64 * 1024)                /* pooled buffers above this are freed */
 #define TD__HTTP_POOL_MAX 256                        /* idle request structs kept */
@@ -122,6 +123,7 @@ struct td__http_conn {
   td__hbuf_t wflight;       /* bytes handed to uv_write */
   td__hbuf_t stash;         /* received bytes not parsed while parsing is paused */
   size_t stash_off;         /* first unparsed byte in stash */
+  size_t held;              /* conn_held and unsent output, as counted in srv->held */
   size_t hbytes;            /* request line + header bytes of the current request */
   uint64_t id;              /* connection number, for logs */
   char peer[48];            /* client address, for the access log */
@@ -189,6 +191,8 @@ struct td_http_server {
   uint64_t next_conn_id;      /* connection numbering */
   uint64_t date_tick;         /* second of the cached Date header */
   uint64_t trim_at;           /* loop time memory was last given back (malloc_trim) */
+  size_t held;                /* what the connections hold (their c->held) */
+  uv_timer_t trim_timer;      /* the next trim, at most one a second */
   size_t date_len;            /* its length */
   char date[48];              /* "Date: ...\r\n" */
   char rbuf[TD__HTTP_READ_BUF]; /* read buffer shared by all connections */
@@ -472,9 +476,12 @@ static void req_log(td_http_server_t *srv, td__http_req_t *r) {
   srv->o.on_log(srv, &e, srv->o.data);
 }
 
+static void server_trim_soon(td_http_server_t *srv);
+
 static void req_release(td_http_server_t *srv, td__http_req_t *r) {
   req_log(srv, r);
   req_drop_id(srv, r);
+  if (r->in.cap + r->out.cap > TD__HTTP_KEEP_BUF) server_trim_soon(srv);
   if (srv->npool >= TD__HTTP_POOL_MAX) {
     hbuf_free(&r->in);
     hbuf_free(&r->out);
@@ -623,6 +630,7 @@ static void conn_kill(td__http_conn_t *c, td_http_abort_reason_t reason) {
 }
 
 static void conn_free(td__http_conn_t *c) {
+  c->srv->held -= c->held;
   hbuf_free(&c->wbuf);
   hbuf_free(&c->wflight);
   hbuf_free(&c->stash);
@@ -631,21 +639,30 @@ static void conn_free(td__http_conn_t *c) {
 
 static void server_maybe_closed(td_http_server_t *srv);
 
+static void on_trim(uv_timer_t *h) {
+  td_http_server_t *srv = h->data;
+  srv->trim_at = uv_now(srv->loop);
+  malloc_trim(0);
+}
+
+/* What closed connections and large requests held (bodies, response
+ * buffers) goes back to the system, not only to malloc's free lists: after
+ * a burst of large pipelined requests the process shrinks again. At most
+ * once a second, as a trim walks the heap; but always after the last of a
+ * burst (a trim skipped as too soon is run later, not dropped). */
+static void server_trim_soon(td_http_server_t *srv) {
+  if (srv->closing || uv_is_active((uv_handle_t *)&srv->trim_timer)) return;
+  uint64_t now = uv_now(srv->loop), due = srv->trim_at + 1000;
+  uv_timer_start(&srv->trim_timer, on_trim, due > now ? due - now : 0, 0);
+}
+
 static void on_conn_closed(uv_handle_t *h) {
   td__http_conn_t *c = h->data;
   if (--c->nclosing > 0) return;
   td_http_server_t *srv = c->srv;
   conn_free(c);
   srv->nhandles--;
-  /* What closed connections held (request bodies, response buffers) goes
-   * back to the system, not only to malloc's free lists: after a burst of
-   * large pipelined requests the process shrinks again. At most once a
-   * second, as a trim walks the heap. */
-  uint64_t now = uv_now(srv->loop);
-  if (now - srv->trim_at >= 1000) {
-    srv->trim_at = now;
-    malloc_trim(0);
-  }
+  server_trim_soon(srv);
   server_maybe_closed(srv);
 }
 
@@ -1059,13 +1076,25 @@ static size_t conn_held(const td__http_conn_t *c) {
   return n;
 }
 
+/* Counts what the connection holds now in the server's total. */
+static void conn_account(td__http_conn_t *c) {
+  size_t h = conn_held(c) + c->wbuf.len + c->wflight.len;
+  c->srv->held = c->srv->held - c->held + h;
+  c->held = h;
+}
+
 /* A new request is read only while the connection holds little: a client
  * that pipelines large requests and reads slowly gets no more memory than
- * this budget (and its own socket buffers) before it must catch up. */
-static int conn_can_parse(const td__http_conn_t *c) {
+ * this budget (and its own socket buffers) before it must catch up. And
+ * while the connections together hold more than theirs, a connection
+ * reads a request only when it has none queued: many pipelining
+ * connections cannot take the process's memory, nor lock out a client
+ * that sends one request at a time. */
+static int conn_can_parse(td__http_conn_t *c) {
+  conn_account(c);
   return c->nq < c->srv->o.max_pipeline &&
          c->wbuf.len + c->wflight.len < TD__HTTP_HIGH_WATER &&
-         (c->nq == 0 || conn_held(c) < TD__HTTP_CONN_BUDGET);
+         (c->nq == 0 || (conn_held(c) < TD__HTTP_CONN_BUDGET && c->srv->held < TD__HTTP_SERVER_BUDGET));
 }
 
 /* Keeps unparsed input for later (parsing paused). */
@@ -1448,6 +1477,7 @@ static void conn_service(td__http_conn_t *c) {
   conn_flush(c);
   if (c->dead) return;
   conn_check_drain(c);
+  conn_account(c);
   conn_timer_update(c);
 }
 
@@ -1606,10 +1636,12 @@ td_http_server_t *td_http_server_new(uv_loop_t *loop, const td_http_opts_t *opts
   uv_tcp_init(loop, &srv->listener);
   uv_prepare_init(loop, &srv->prepare);
   uv_async_init(loop, &srv->async, on_async);
-  srv->listener.data = srv->prepare.data = srv->async.data = srv;
+  uv_timer_init(loop, &srv->trim_timer);
+  srv->listener.data = srv->prepare.data = srv->async.data = srv->trim_timer.data = srv;
   uv_unref((uv_handle_t *)&srv->async);
   uv_unref((uv_handle_t *)&srv->prepare);
-  srv->nhandles = 3;
+  uv_unref((uv_handle_t *)&srv->trim_timer);
+  srv->nhandles = 4;
   date_refresh(srv);
   return srv;
 }
@@ -1680,6 +1712,7 @@ void td_http_server_close(td_http_server_t *srv, td_http_close_cb cb) {
   uv_close((uv_handle_t *)&srv->listener, on_server_handle_closed);
   uv_close((uv_handle_t *)&srv->prepare, on_server_handle_closed);
   uv_close((uv_handle_t *)&srv->async, on_server_handle_closed);
+  uv_close((uv_handle_t *)&srv->trim_timer, on_server_handle_closed);
 }
 
 /* -- Response calls ------------------------------------------------------ */

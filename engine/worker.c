@@ -70,6 +70,11 @@ static td_buf_t td__out;
 static char td__home[4096];
 static int td__gpu_env_set;       /* a task here set CUDA_VISIBLE_DEVICES */
 static double td__last_read;      /* when the socket was last drained */
+static int td__remote;            /* a client over the TCP bridge */
+static td_map_t td__abandoned;    /* req -> 1: waits given up locally */
+static double td__tmo = -1;       /* td_w_timeout's, for the next wait */
+static const uint8_t *td__tmo_reply;
+static uint32_t td__tmo_len;
 
 static void td__dispatch(uint8_t type, const uint8_t *p, uint32_t len);
 
@@ -95,8 +100,8 @@ static void td__flush(void) {
   if (td_chan_flush_all(&td_ctx.ch)) _exit(0);
 }
 
-/* Reads whatever is there; exits when the node is gone. */
-static void td__read(int timeout_ms) {
+/* Reads whatever is there; exits when the node is gone. Returns poll's. */
+static int td__read(int timeout_ms) {
   struct pollfd pfd = {td_ctx.ch.fd, POLLIN, 0};
   int r = poll(&pfd, 1, timeout_ms);
   if (r < 0 && errno != EINTR) _exit(0);
@@ -108,6 +113,7 @@ static void td__read(int timeout_ms) {
     _exit(0);
   }
   td__last_read = td_now();
+  return r;
 }
 
 /* True if a cancel for task_id is already here. A task pipelined behind a
@@ -148,6 +154,12 @@ uint32_t td_w_begin_req(uint8_t type) {
  * task worker hands new tasks straight back, and reports itself blocked so
  * the node can lend its CPU to others. */
 static int td__block(lua_State *L, uint32_t req, td_push_fn push, void *ud, int report) {
+  /* A client over TCP gives up on its own a little after the timeout it
+   * sent: a head whose main loop hangs while ZeroMQ still answers its
+   * heartbeats would otherwise never answer, nor let the link fail. Not
+   * while a reply is still arriving (a large value crossing the link). */
+  double give_up = L && td__tmo >= 0 ? td_now() + td__tmo * 1.05 + 1 : -1, last_bytes = 0;
+  td__tmo = -1;
   if (report) {
     td_chan_begin(&td_ctx.ch, TD_M_BLOCKED);
     td_buf_u32(&td_ctx.ch.out, 0);
@@ -172,7 +184,16 @@ static int td__block(lua_State *L, uint32_t req, td_push_fn push, void *ud, int 
   }
   for (;;) {
     td__flush();
-    td__read(-1);
+    int ms = -1;
+    if (give_up >= 0) {
+      double now = td_now(), t = give_up > last_bytes + 1 ? give_up : last_bytes + 1;
+      if (now >= t) {
+        td_map_set(&td__abandoned, req, (void *)1);
+        return push(L, td__tmo_reply, td__tmo_len, ud);
+      }
+      ms = t - now < 3600 ? (int)((t - now) * 1000) + 1 : 3600000;
+    }
+    if (td__read(ms) > 0) last_bytes = td_now();
     uint8_t type;
     const uint8_t *p;
     uint32_t len;
@@ -185,6 +206,7 @@ static int td__block(lua_State *L, uint32_t req, td_push_fn push, void *ud, int 
           if (report) { td_chan_begin(&td_ctx.ch, TD_M_UNBLOCKED); td_chan_end(&td_ctx.ch); }
           return push(L, p + 4, len - 4, ud);
         }
+        if (td_map_del(&td__abandoned, r)) continue;  /* came after its wait gave up */
       }
       if (type == TD_M_PRINT && td_ctx.kind == WK_CLIENT) {
         /* A task of this driver printed (it runs elsewhere). */
@@ -226,8 +248,16 @@ static int td__block(lua_State *L, uint32_t req, td_push_fn push, void *ud, int 
   }
 }
 
+void td_w_timeout(double timeout, const uint8_t *reply, uint32_t len) {
+  if (!td__remote || timeout < 0) return;
+  td__tmo = timeout;
+  td__tmo_reply = reply;
+  td__tmo_len = len;
+}
+
 int td_w_await(lua_State *L, uint32_t req, td_push_fn push, void *ud) {
   if (td_ctx.kind != WK_TASK && td__cur && td__cur->co == L) {
+    td__tmo = -1;
     td__cur->req = req;
     td__cur->push = push;
     td__cur->ud = ud;
@@ -1267,6 +1297,7 @@ static void td__ctx_init(int fd) {
   td_map_init(&td__actors);
   td_map_init(&td__waiting);
   td_map_init(&td__blobs);
+  td_map_init(&td__abandoned);
   td_ser_init(&td_ctx.ser);
   td_buf_init(&td__out);
 }
@@ -1291,6 +1322,7 @@ static int td__client_attach(int fd, int remote, const char *where, char *err, s
   memset(&td_ctx, 0, sizeof(td_ctx));
   td_ctx.kind = WK_CLIENT;
   td__ctx_init(fd);
+  td__remote = remote;
   if (storefd >= 0) {
     td_ctx.base = td_store_map(storefd, &td_ctx.cap);
     close(storefd);

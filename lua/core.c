@@ -1012,6 +1012,9 @@ static int td__push_get1(lua_State *L, const uint8_t *p, size_t n, void *ud) {
   return 2;
 }
 
+/* What the node answers when a wait times out, for td_w_timeout. */
+static const uint8_t td__tmo_get[1] = {1}, td__tmo_wait[4] = {0}, td__tmo_stream[9] = {2};
+
 static double td__timeout_arg(lua_State *L, int idx) {
   if (lua_isnoneornil(L, idx)) return -1;
   return luaL_checknumber(L, idx);
@@ -1026,6 +1029,7 @@ static int w_get1(lua_State *L) {
   td_buf_u32(&td_ctx.ch.out, 1);
   td_buf_u64(&td_ctx.ch.out, id);
   td_chan_end(&td_ctx.ch);
+  td_w_timeout(timeout, td__tmo_get, 1);
   return td_w_await(L, req, td__push_get1, (void *)(uintptr_t)id);
 }
 
@@ -1087,6 +1091,7 @@ static int w_getn(lua_State *L) {
   td_buf_u32(&td_ctx.ch.out, g->n);
   td_buf_put(&td_ctx.ch.out, g->ids, (size_t)g->n * 8);
   td_chan_end(&td_ctx.ch);
+  td_w_timeout(timeout, td__tmo_get, 1);
   return td_w_await(L, req, td__push_getn, g);
 }
 
@@ -1122,6 +1127,7 @@ static int w_wait(lua_State *L) {
   td_buf_put(&td_ctx.ch.out, ids, (size_t)n * 8);
   td_chan_end(&td_ctx.ch);
   free(ids);
+  td_w_timeout(timeout, td__tmo_wait, 4);
   return td_w_await(L, req, td__push_wait, NULL);
 }
 
@@ -1147,6 +1153,7 @@ static int w_stream_next(lua_State *L) {
   td_buf_u32(&td_ctx.ch.out, idx);
   td_buf_f64(&td_ctx.ch.out, timeout);
   td_chan_end(&td_ctx.ch);
+  td_w_timeout(timeout, td__tmo_stream, 9);
   return td_w_await(L, req, td__push_stream, NULL);
 }
 

@@ -79,6 +79,10 @@ uint32_t td_w_begin_req(uint8_t type);
 /* Waits for the reply to req: yields when L is a coroutine the worker
  * resumes, blocks otherwise; `push` turns the reply into Lua values. */
 int td_w_await(lua_State *L, uint32_t req, td_push_fn push, void *ud);
+/* A client over TCP: the next td_w_await gives up by itself a little after
+ * `timeout` s (none if < 0) when no reply comes, pushing `reply` (what the
+ * node answers on a timeout; static); a reply arriving later is dropped. */
+void td_w_timeout(double timeout, const uint8_t *reply, uint32_t len);
 /* Allocates a shared-memory extent (blocking round trip). */
 int td_w_alloc(size_t size, size_t *off);
 int td_worker_main(int argc, char **argv);

@@ -24,7 +24,7 @@
 
 /* -- Fixture: server thread ---------------------------------------------- */
 
-#define FX_MAX_HELD 64
+#define FX_MAX_HELD 256
 
 typedef struct fx fx_t;
 typedef void (*fx_handler)(fx_t *fx, td_http_server_t *srv, const td_http_request_t *req);
@@ -563,6 +563,50 @@ TEST_IMPL(http_pipeline_bytes) {
   pthread_join(th, NULL);
   free(one);
   cl_close(c);
+  fx_stop(fx);
+  return 0;
+}
+
+/* Connections together hold at most 64 MiB of pipelined requests: past
+ * it, a connection with a request queued reads no more, while one with
+ * none still gets its request read and answered. Here 40 connections each
+ * pipeline 20 requests of 1 MiB that are never answered (alone, each
+ * would have 4 or 5 read). */
+TEST_IMPL(http_pipeline_bytes_server) {
+  enum { NC = 40 };
+  fx_t *fx = fx_start(app_basic, NULL);
+  size_t body = 1u << 20;
+  char head[128];
+  int hl = snprintf(head, sizeof(head), "POST /hold/x HTTP/1.1\r\nContent-Length: %zu\r\n\r\n", body);
+  char *one = malloc((size_t)hl + body);
+  memcpy(one, head, (size_t)hl);
+  memset(one + hl, 'b', body);
+  client_t *c[NC];
+  sender_t s[NC];
+  pthread_t th[NC];
+  for (int i = 0; i < NC; i++) {
+    c[i] = cl_open(fx->port);
+    s[i] = (sender_t){c[i]->fd, one, (size_t)hl + body, 20};
+    ASSERT_EQ(pthread_create(&th[i], NULL, sender_main, &s[i]), 0);
+  }
+  ASSERT(fx_wait(fx, &fx->nreq, NC)); /* every connection got one in */
+  usleep(500000);
+  int n = fx_get(fx, &fx->nreq);
+  ASSERT(n >= NC && n <= 64 + NC); /* not 160 and more */
+  client_t *g = cl_open(fx->port);
+  resp_t *r = malloc(sizeof(*r));
+  cl_sends(g, "GET /hello HTTP/1.1\r\n\r\n");
+  ASSERT_EQ(cl_read(g, r), 0);
+  ASSERT_EQ(r->status, 200);
+  ASSERT(strcmp(r->body, "hello") == 0);
+  for (int i = 0; i < NC; i++) shutdown(c[i]->fd, SHUT_RDWR);
+  for (int i = 0; i < NC; i++) {
+    pthread_join(th[i], NULL);
+    cl_close(c[i]);
+  }
+  cl_close(g);
+  free(r);
+  free(one);
   fx_stop(fx);
   return 0;
 }

@@ -163,12 +163,13 @@ check "the head is still alive" 'kill -0 $PID'
 # A head that goes silent without closing its connections (its machine
 # hangs or the network drops them; here SIGSTOP): a driver attached over
 # TCP, waiting in a get, stops with a clear error when ZeroMQ's heartbeats
-# go unanswered for 10 s (before, it waited for ever).
+# go unanswered for 10 s (before, it waited for ever). This get has no
+# timeout: the link's failure alone ends it.
 cat > $D/wait.lua <<'LUA'
 local tide = require("tide")
 local r = tide.remote(function() tide.sleep(120) return 1 end):remote()
 io.stdout:write("WAITING\n"); io.stdout:flush()
-print("GOT", pcall(tide.get, r, {timeout = 60}))
+print("GOT", pcall(tide.get, r))
 LUA
 (timeout 100 $T run --address 127.0.0.1:$PORT --key $KEY $D/wait.lua > $D/wait.out 2>&1; echo "rc=$?" >> $D/wait.out) &
 dpid=$!
@@ -181,4 +182,53 @@ kill -CONT $PID
 out=$(cat $D/wait.out)
 check "a driver over TCP whose head stops answering stops with a clear error within 15 s ($took s)" \
   'echo "$out" | grep -q "lost the connection to the node" && echo "$out" | grep -q "rc=1" && [ "$(echo "$took < 15" | bc)" = 1 ]' "$out"
+
+# A get with a timeout returns in time whatever the link does: the driver
+# gives up on its own (timeout * 1.05 + 1 s) when no answer comes, and drops
+# the answer that comes late. First the head stopped whole (its ZeroMQ
+# heartbeats too, but the 3 s are up before the link's 10 s); then only its
+# main loop (gdb runs sleep() on thread 1 while ZeroMQ's threads answer the
+# heartbeats, so the link never fails): before, the get waited as long as
+# the head did.
+cat > $D/tmo.lua <<'LUA'
+local tide = require("tide")
+-- (No CPU: the stopped driver above may have left a task holding one.)
+local slow = tide.remote({num_cpus = 0}, function(x, s) tide.sleep(s) return x + 1 end)
+local r = slow:remote(0, 120)
+io.stdout:write("WAITING\n"); io.stdout:flush()
+local ok, err = pcall(tide.get, r, {timeout = 3})
+io.stdout:write("GOT ", tostring(ok), " ", tostring(err), "\n"); io.stdout:flush()
+-- The head comes back meanwhile; its late answers to the get above must
+-- not be taken for the answers to these.
+tide.cancel(r)
+print("AFTER", tide.get(slow:remote(41, 5), {timeout = 60}), tide.get(slow:remote(1, 0), {timeout = 60}))
+LUA
+# freeze CMD THAW: runs the driver, freezes the head with CMD once it
+# waits, THAW once the get returned; sets took (seconds to the GOT line).
+freeze() {
+  rm -f $D/tmo.out
+  (timeout 100 $T run --address 127.0.0.1:$PORT --key $KEY $D/tmo.lua > $D/tmo.out 2>&1; echo "rc=$?" >> $D/tmo.out) &
+  dpid=$!
+  for i in $(seq 200); do grep -q WAITING $D/tmo.out 2>/dev/null && break; sleep 0.1; done
+  eval "$1"
+  t0=$(date +%s.%N)
+  for i in $(seq 300); do grep -q "^GOT\|^rc=" $D/tmo.out && break; sleep 0.05; done
+  took=$(echo "$(date +%s.%N) - $t0" | bc)
+  eval "$2"
+  wait $dpid
+  out=$(cat $D/tmo.out)
+}
+freeze 'kill -STOP $PID' 'kill -CONT $PID'
+check "a driver over TCP whose head is stopped gets GetTimeoutError from get(timeout = 3) in time ($took s), then runs tasks again" \
+  'echo "$out" | grep -q "^GOT false GetTimeoutError" && [ "$(echo "$took < 6.5" | bc)" = 1 ] &&
+   echo "$out" | grep -q "AFTER	42	2" && echo "$out" | grep -q "rc=0"' "$out"
+if command -v gdb >/dev/null && gdb -p $PID -batch -ex 'thread 1' >/dev/null 2>&1; then
+  freeze 'gdb -p $PID -batch -ex "thread 1" -ex "call (unsigned int)sleep(12)" >$D/gdb.out 2>&1 & gpid=$!' 'wait $gpid'
+  check "... and when only its main loop hangs while ZeroMQ answers heartbeats ($took s)" \
+    'echo "$out" | grep -q "^GOT false GetTimeoutError" && [ "$(echo "$took < 6.5" | bc)" = 1 ] &&
+     echo "$out" | grep -q "AFTER	42	2" && echo "$out" | grep -q "rc=0"' "$out $(tail -3 $D/gdb.out)"
+else
+  ok "... and when only its main loop hangs # SKIP gdb cannot attach here"
+fi
+check "the head is alive after being frozen" 'kill -0 $PID'
 echo "1..$n"
