@@ -970,7 +970,8 @@ int td_node_cluster(td_node_t *n, td_node_info_t *out, int max) {
   td_node_stats_t st;
   td_node_stats(n, &st);
   out[k++] = (td_node_info_t){n->index, n->name, td__host_address(), 1, n->total, n->avail,
-                              st.tasks_running, st.actors, st, 1};
+                              st.tasks_running, st.actors, st, 1, 0};
+  double now = td_now();
   for (int i = 0; i < n->nwks && k < max; i++) {
     td_wk_t *w = n->wks[i];
     if (w->kind != WK_NODE || !w->joined || w->dead) continue;
@@ -978,7 +979,7 @@ int td_node_cluster(td_node_t *n, td_node_info_t *out, int max) {
     const char *a = w->peer_host[0] && strcmp(w->peer_host, "127.0.0.1") && strcmp(w->peer_host, "::1")
                       ? w->peer_host : td__host_address();
     out[k++] = (td_node_info_t){w->node_index, w->name, a, 1, w->ntotal, w->navail, w->inflight.len,
-                                w->nactors, w->nstats, w->has_nstats};
+                                w->nactors, w->nstats, w->has_nstats, now - w->last_seen};
   }
   return k;
 }

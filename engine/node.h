@@ -183,6 +183,7 @@ typedef struct td_node_info {
   int tasks, actors;           /* as the head sees them: work it sent there */
   td_node_stats_t st;          /* the node's own figures (its last heartbeat) */
   int has_st;
+  double heard_ago;            /* seconds since the head last heard from it (0: this node) */
 } td_node_info_t;
 /* This node, then every node joined to it. Returns how many. */
 int td_node_cluster(td_node_t *n, td_node_info_t *out, int max);

@@ -875,7 +875,8 @@ static int c_resources(lua_State *L) {
   return 1;
 }
 
-/* core.nodes() -> {{node_id, name, alive, resources, available, tasks, actors}, ...} */
+/* core.nodes() -> {{node_id, name, alive, resources, available, tasks, actors,
+ *                   last_heartbeat_s, stats}, ...} */
 /* Sets the fields of td_node_stats_t st on the table at the top. */
 #define TD__F(k) lua_pushnumber(L, (lua_Number)st.k); lua_setfield(L, -2, #k);
 #define TD__STATS_FIELDS                                                  \
@@ -911,6 +912,8 @@ static int c_nodes(lua_State *L) {
     lua_setfield(L, -2, "tasks");
     lua_pushinteger(L, info[i].actors);
     lua_setfield(L, -2, "actors");
+    lua_pushnumber(L, info[i].heard_ago);
+    lua_setfield(L, -2, "last_heartbeat_s");
     if (info[i].has_st) {  /* the node's own figures */
       lua_createtable(L, 0, 8);
       td_node_stats_t st = info[i].st;

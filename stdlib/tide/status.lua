@@ -37,17 +37,25 @@ if #nodes > 1 then
   print("  resources (used / total):")
   used_total(tide.cluster_resources(), tide.available_resources())
 end
+-- Nodes beat every second: one not heard from for longer may be dead, and
+-- its figures are those of its last heartbeat.
+local STALE_S = 2.5
+local function stale(n) return (n.last_heartbeat_s or 0) > STALE_S end
 if #nodes > 1 then
-  local o, u, c, q = 0, 0, 0, 0
+  local o, u, c, q, left = 0, 0, 0, 0, {}
   for _, n in ipairs(nodes) do
-    if n.stats then
+    if stale(n) then
+      left[#left + 1] = n.node_id
+    elseif n.stats then
       o, u, c, q = o + n.stats.objects, u + n.stats.store_used, c + n.stats.store_capacity, q + n.stats.tasks_queued
     end
   end
-  print(string.format("  objects %d, store %s / %s, tasks queued %d", o, human(u), human(c), q))
+  print(string.format("  objects %d, store %s / %s, tasks queued %d%s", o, human(u), human(c), q,
+    #left > 0 and " (without " .. table.concat(left, ", ") .. ": no recent heartbeat)" or ""))
 end
 for i, n in ipairs(nodes) do
-  print(string.format("%s %s(%s, alive)", n.node_id, i == 1 and "this node " or "", n.name or "?"))
+  local state = stale(n) and string.format("no heartbeat for %.1f s", n.last_heartbeat_s) or "alive"
+  print(string.format("%s %s(%s, %s)", n.node_id, i == 1 and "this node " or "", n.name or "?", state))
   print("  resources (used / total):")
   used_total(n.resources, n.available)
   local st = n.stats

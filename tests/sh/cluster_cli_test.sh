@@ -26,6 +26,18 @@ join=$(echo "$out" | sed -n 's|^  TIDE_SESSION_DIR=[^ ]* bin/tide start |start |
 jout=$(TIDE_SESSION_DIR="$W/joined" $T $join 2>&1); jst=$?
 check "the head's banner prints a join command, and it joins a node" \
   '[ -n "$join" ] && [ $jst -eq 0 ] && grep -q "joined the head" "$W/joined/node.log"' "$out $jout"
+# A node that stops beating (SIGSTOP) is shown as such, its figures kept
+# out of the cluster's totals, until the node timeout drops it.
+jpid=$(cat "$W/joined/node.pid" 2>/dev/null)
+if [ -n "$jpid" ] && kill -STOP "$jpid" 2>/dev/null; then
+  sleep 3.5
+  out=$($T status 2>&1)
+  kill -CONT "$jpid"
+  check "tide status marks a node that stopped beating and leaves it out of the totals" \
+    'echo "$out" | grep -Eq "no heartbeat for [0-9.]+ s\)" && echo "$out" | grep -q "(without node-[0-9]*: no recent heartbeat)"' "$out"
+else
+  no "tide status marks a node that stopped beating" "no pid file for the joined node"
+fi
 TIDE_SESSION_DIR="$W/joined" $T stop >/dev/null 2>&1
 out=$($T start --head 2>&1)
 check "a second start is refused while one runs" '[ $? -ne 0 ] && echo "$out" | grep -q "already running"' "$out"
