@@ -541,18 +541,26 @@ static void *sender_main(void *arg) {
   return NULL;
 }
 
-TEST_IMPL(http_pipeline_bytes) {
-  fx_t *fx = fx_start(app_basic, NULL);
-  client_t *c = cl_open(fx->port);
+/* One POST /hold/x request with a 1 MiB body, never answered by app_basic. */
+static char *hold_request(size_t *len) {
   size_t body = 1u << 20;
   char head[128];
   int hl = snprintf(head, sizeof(head), "POST /hold/x HTTP/1.1\r\nContent-Length: %zu\r\n\r\n", body);
   char *one = malloc((size_t)hl + body);
   memcpy(one, head, (size_t)hl);
   memset(one + hl, 'b', body);
+  *len = (size_t)hl + body;
+  return one;
+}
+
+TEST_IMPL(http_pipeline_bytes) {
+  fx_t *fx = fx_start(app_basic, NULL);
+  client_t *c = cl_open(fx->port);
+  size_t len;
+  char *one = hold_request(&len);
   /* 20 requests of 1 MiB from a thread (the server stops reading them, so
    * a blocking send from here would not return). */
-  sender_t s = {c->fd, one, (size_t)hl + body, 20};
+  sender_t s = {c->fd, one, len, 20};
   pthread_t th;
   ASSERT_EQ(pthread_create(&th, NULL, sender_main, &s), 0);
   ASSERT(fx_wait(fx, &fx->nreq, 1));
@@ -575,18 +583,14 @@ TEST_IMPL(http_pipeline_bytes) {
 TEST_IMPL(http_pipeline_bytes_server) {
   enum { NC = 40 };
   fx_t *fx = fx_start(app_basic, NULL);
-  size_t body = 1u << 20;
-  char head[128];
-  int hl = snprintf(head, sizeof(head), "POST /hold/x HTTP/1.1\r\nContent-Length: %zu\r\n\r\n", body);
-  char *one = malloc((size_t)hl + body);
-  memcpy(one, head, (size_t)hl);
-  memset(one + hl, 'b', body);
+  size_t len;
+  char *one = hold_request(&len);
   client_t *c[NC];
   sender_t s[NC];
   pthread_t th[NC];
   for (int i = 0; i < NC; i++) {
     c[i] = cl_open(fx->port);
-    s[i] = (sender_t){c[i]->fd, one, (size_t)hl + body, 20};
+    s[i] = (sender_t){c[i]->fd, one, len, 20};
     ASSERT_EQ(pthread_create(&th[i], NULL, sender_main, &s[i]), 0);
   }
   ASSERT(fx_wait(fx, &fx->nreq, NC)); /* every connection got one in */

@@ -4,10 +4,7 @@
 # to it, detached actors outliving their driver, non-detached ones not.
 cd "$(dirname "$0")/../.."
 T=$(pwd)/bin/tide
-n=0
-ok() { n=$((n + 1)); echo "ok $n - $1"; }
-no() { n=$((n + 1)); echo "not ok $n - $1"; [ -n "$2" ] && echo "# $2"; }
-check() { if eval "$2"; then ok "$1"; else no "$1" "$3"; fi; }
+. tests/sh/lib.sh
 # Gone, or a zombie its parent (an init that reaps late) has not collected.
 gone() { ! kill -0 "$1" 2>/dev/null || grep -q '^State:.*Z' /proc/"$1"/status 2>/dev/null; }
 export TIDE_SESSION_DIR=$(mktemp -d /tmp/tide-cluster-test-XXXXXX)

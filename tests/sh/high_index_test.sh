@@ -8,10 +8,7 @@
 # their state across a kill -9 of the head.
 cd "$(dirname "$0")/../.."
 T=$(pwd)/bin/tide
-n=0
-ok() { n=$((n + 1)); echo "ok $n - $1"; }
-no() { n=$((n + 1)); echo "not ok $n - $1"; [ -n "$2" ] && echo "# $2" | head -40; }
-check() { if eval "$2"; then ok "$1"; else no "$1" "$3"; fi; }
+. tests/sh/lib.sh
 D=$(mktemp -d /tmp/tide-highidx-XXXXXX)
 stop_all() { for s in head hi lo top wrap; do TIDE_SESSION_DIR=$D/$s $T stop >/dev/null 2>&1; done; }
 trap 'stop_all; [ -n "$KEEP" ] || rm -rf "$D"' EXIT

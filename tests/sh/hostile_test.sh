@@ -8,10 +8,7 @@
 # under a waiting driver, which must not wait for ever.
 cd "$(dirname "$0")/../.."
 T=$(pwd)/bin/tide
-n=0
-ok() { n=$((n + 1)); echo "ok $n - $1"; }
-no() { n=$((n + 1)); echo "not ok $n - $1"; [ -n "$2" ] && echo "# $2" | head -40; }
-check() { if eval "$2"; then ok "$1"; else no "$1" "$3"; fi; }
+. tests/sh/lib.sh
 if ! command -v python3 >/dev/null; then echo "ok 1 - hostile peers # SKIP python3 not found"; echo "1..1"; exit 0; fi
 D=$(mktemp -d /tmp/tide-hostile-XXXXXX)
 trap 'TIDE_SESSION_DIR=$D/head $T stop >/dev/null 2>&1; rm -rf "$D"' EXIT

@@ -5,10 +5,7 @@
 # kills a worker, a node and the head with kill -9 in the middle of work.
 cd "$(dirname "$0")/../.."
 T=$(pwd)/bin/tide
-n=0
-ok() { n=$((n + 1)); echo "ok $n - $1"; }
-no() { n=$((n + 1)); echo "not ok $n - $1"; [ -n "$2" ] && echo "# $2" | head -40; }
-check() { if eval "$2"; then ok "$1"; else no "$1" "$3"; fi; }
+. tests/sh/lib.sh
 D=$(mktemp -d /tmp/tide-multinode-XXXXXX)
 stop_all() { for s in head n1 n2 n3 n4 n5 n6 bad sh sa sb; do TIDE_SESSION_DIR=$D/$s $T stop >/dev/null 2>&1; done; }
 trap 'stop_all; rm -rf "$D"' EXIT

@@ -11,10 +11,7 @@
 # cleanly (exit status 130 on SIGTERM).
 cd "$(dirname "$0")/../.."
 T=$(pwd)/bin/tide
-n=0
-ok() { n=$((n + 1)); echo "ok $n - $1"; }
-no() { n=$((n + 1)); echo "not ok $n - $1"; [ -n "$2" ] && echo "# $2" | head -40; }
-check() { if eval "$2"; then ok "$1"; else no "$1" "$3"; fi; }
+. tests/sh/lib.sh
 for c in python3 curl; do
   if ! command -v $c >/dev/null; then echo "ok 1 - hostile HTTP clients # SKIP $c not found"; echo "1..1"; exit 0; fi
 done
