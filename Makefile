@@ -17,12 +17,20 @@ PKGS    := luajit libuv libzmq libsodium libedit sqlite3
 ifneq ($(if $(MAKECMDGOALS),$(filter-out clean,$(MAKECMDGOALS)),all),)
 include build/config.mk
 endif
-CFLAGS  := $(OPT) -g -std=gnu11 -D_GNU_SOURCE -Wall -Wextra -Werror -fno-strict-aliasing \
-           -Iengine -Ilua -Igpu $(PKG_CFLAGS)
+# The layers (DESIGN §8): engine/ knows nothing of Lua or tensors, gpu/
+# nothing of Lua; lua/ binds both to LuaJIT; cmd/ is the `tide` command.
+# Each layer compiles with only the include paths it may use (CORE_CFLAGS
+# plus its own -I), so an include across the line fails the build; CFLAGS
+# (every path) is for the test and tool binaries that span layers.
+CORE_CFLAGS := $(OPT) -g -std=gnu11 -D_GNU_SOURCE -Wall -Wextra -Werror -fno-strict-aliasing \
+               $(PKG_CFLAGS)
+CFLAGS  := $(CORE_CFLAGS) -Iengine -Ilua -Igpu
 LDLIBS  := $(PKG_LIBS) -lm -lpthread -ldl
 LDFLAGS := -Wl,-E
 
-ENGINE_SRCS := $(wildcard engine/*.c) $(wildcard lua/*.c)
+ENGINE_SRCS := $(wildcard engine/*.c)
+LUA_SRCS    := $(wildcard lua/*.c)
+CMD_SRCS    := $(wildcard cmd/*.c)
 GPU_SRCS    :=
 EXTRA_OBJS  :=
 TEST_DEPS   :=
@@ -30,9 +38,10 @@ TEST_DEPS   :=
 -include gpu/gpu.mk
 -include engine/http.mk
 
-SRCS := $(ENGINE_SRCS) $(GPU_SRCS)
+SRCS := $(ENGINE_SRCS) $(LUA_SRCS) $(GPU_SRCS) $(CMD_SRCS)
 OBJS := $(patsubst %.c,build/obj/%.o,$(SRCS))
-LIB_OBJS := $(filter-out build/obj/engine/main.o,$(OBJS))
+ENGINE_OBJS := $(patsubst %.c,build/obj/%.o,$(ENGINE_SRCS))
+LIB_OBJS := $(filter-out $(patsubst %.c,build/obj/%.o,$(CMD_SRCS)),$(OBJS))
 
 .PHONY: all deps test demo bench clean lint ctest luatest check-bare chaos FORCE
 all: bin/tide
@@ -50,24 +59,49 @@ build/config.mk: FORCE
 	    echo "# clang: $$(command -v clang)"; } >$@.tmp
 	@if cmp -s $@.tmp $@; then rm -f $@.tmp; else mv $@.tmp $@; fi
 
+# Every layer's header, for the dependency lists below.
+HDRS := $(wildcard engine/*.h lua/*.h gpu/*.h)
+
 bin/tide: $(OBJS) $(EXTRA_OBJS)
+	@sh scripts/check-layers.sh
 	@mkdir -p bin
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
-build/obj/%.o: %.c $(wildcard engine/*.h lua/*.h gpu/*.h) build/config.mk
+build/obj/engine/%.o: engine/%.c $(HDRS) build/config.mk
+	@mkdir -p $(dir $@)
+	$(CC) $(CORE_CFLAGS) -Iengine $(ENGINE_CFLAGS) -c -o $@ $<
+
+build/obj/gpu/%.o: gpu/%.c $(HDRS) build/config.mk
+	@mkdir -p $(dir $@)
+	$(CC) $(CORE_CFLAGS) -Iengine -Igpu -c -o $@ $<
+
+build/obj/%.o: %.c $(HDRS) build/config.mk
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c -o $@ $<
+
+# The engine alone, as a library: its C tests (build/ctest-engine) link
+# with it and the system libraries it needs, without LuaJIT or the tensors.
+build/libtide_engine.a: $(ENGINE_OBJS)
+	@rm -f $@
+	ar rcs $@ $^
+ENGINE_LIBS = $(shell pkg-config --libs libuv libzmq libsodium sqlite3) -lm -lpthread -ldl
 
 # C unit tests: one binary per build flavour (plain, asan+ubsan), each test
 # run in its own process with a timeout by tests/c/runner.c.
 CTEST_SRCS := $(wildcard tests/c/test-*.c) tests/c/runner.c
-build/ctest: $(CTEST_SRCS) $(LIB_OBJS) $(EXTRA_OBJS) tests/c/test-list.h
+build/ctest: $(CTEST_SRCS) $(LIB_OBJS) $(EXTRA_OBJS) $(wildcard tests/c/*.h)
 	$(CC) $(CFLAGS) -Itests/c $(LDFLAGS) -o $@ $(CTEST_SRCS) $(LIB_OBJS) $(EXTRA_OBJS) $(LDLIBS)
 
+# The engine's own tests, compiled and linked with the engine layer only.
+CTEST_ENGINE_SRCS := tests/c/test-core.c tests/c/test-http.c tests/c/runner.c
+build/ctest-engine: $(CTEST_ENGINE_SRCS) build/libtide_engine.a $(EXTRA_OBJS) $(wildcard tests/c/*.h)
+	$(CC) $(CORE_CFLAGS) $(ENGINE_CFLAGS) -DTD_TEST_ENGINE_ONLY -Iengine -Itests/c -o $@ \
+	  $(CTEST_ENGINE_SRCS) build/libtide_engine.a $(EXTRA_OBJS) $(ENGINE_LIBS)
+
 ASAN := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
-build/ctest-asan: $(CTEST_SRCS) $(SRCS) tests/c/test-list.h build/config.mk
+build/ctest-asan: $(CTEST_SRCS) $(SRCS) $(wildcard tests/c/*.h) build/config.mk
 	$(CC) $(CFLAGS) $(ASAN) -O1 -Itests/c $(LDFLAGS) -o $@ $(CTEST_SRCS) \
-	  $(filter-out engine/main.c,$(SRCS)) $(EXTRA_OBJS) $(LDLIBS)
+	  $(filter-out $(CMD_SRCS),$(SRCS)) $(EXTRA_OBJS) $(LDLIBS)
 
 # libFuzzer target over the node's message handling and the value decoder.
 ifneq ($(shell command -v clang 2>/dev/null),)
@@ -87,7 +121,7 @@ build/asan/tide: $(SRCS) $(EXTRA_OBJS) $(wildcard engine/*.h lua/*.h gpu/*.h) bu
 	@mkdir -p build/asan
 	$(CC) $(CFLAGS) $(ASAN) -O1 $(LDFLAGS) -o $@ $(SRCS) $(EXTRA_OBJS) $(LDLIBS)
 
-test: all build/ctest build/ctest-asan $(TEST_DEPS)
+test: all build/ctest build/ctest-engine build/ctest-asan $(TEST_DEPS)
 	@sh tests/run.sh
 
 demo: all
@@ -106,6 +140,7 @@ check-bare:
 	@sh scripts/check-bare.sh
 
 lint:
+	sh scripts/check-layers.sh
 	cppcheck -q --error-exitcode=1 --enable=warning,performance engine lua gpu
 	luacheck -q stdlib examples tests/lua
 

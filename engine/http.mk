@@ -9,7 +9,8 @@ LLHTTP_INC  ?= /usr/share/include/llhttp
 LLHTTP_SRCS := $(LLHTTP_DIR)/api.c $(LLHTTP_DIR)/http.c $(LLHTTP_DIR)/llhttp.c
 LLHTTP_OBJS := build/llhttp/api.o build/llhttp/http.o build/llhttp/llhttp.o
 
-CFLAGS     += -isystem $(LLHTTP_INC)
+CFLAGS        += -isystem $(LLHTTP_INC)
+ENGINE_CFLAGS += -isystem $(LLHTTP_INC)
 EXTRA_OBJS += $(LLHTTP_OBJS)
 
 # Third-party code: no -Werror, no warnings of ours.

@@ -23,7 +23,7 @@
 #include "spill.h"
 #include "persist.h"
 #include "pkg.h"
-#include "ser.h"
+#include "value.h"
 
 #include "node_int.h"
 

@@ -14,7 +14,7 @@
 #include "persist.h"
 #include "pkg.h"
 #include "proto.h"
-#include "ser.h"
+#include "value.h"
 #include "spill.h"
 
 #define TD_PIPELINE 32          /* tasks queued at one leased worker */

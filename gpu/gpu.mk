@@ -1,6 +1,6 @@
 # Tide GPU layer build fragment, included by the top Makefile.
 #
-# Adds the tensor core, CPU reference ops, Lua binding and CPU collectives to
+# Adds the tensor core, CPU reference ops and CPU collectives to
 # GPU_SRCS (linked into bin/tide and the C test binaries), OpenBLAS to LDLIBS,
 # and extra targets to TEST_DEPS:
 #   build/bench-allreduce      CPU ring allreduce benchmark (JSON lines)
@@ -10,16 +10,16 @@
 #                              time when a GPU is present.
 
 GPU_CORE_SRCS := gpu/gpu_err.c gpu/tensor.c gpu/ops_cpu.c gpu/device.c \
-                 gpu/tensor_lua.c gpu/ring.c gpu/ring_local.c gpu/nccl_comm.c
+                 gpu/ring.c gpu/ring_local.c gpu/nccl_comm.c
 GPU_HDRS      := $(wildcard gpu/*.h)
 GPU_SRCS      += $(GPU_CORE_SRCS)
 LDLIBS        += -lopenblas
 
 # The module alone, for plain `luajit` (tests/gpu/dev_prelude.lua); not
 # needed by bin/tide, so not built by default.
-build/tide_tensor_dev.so: $(GPU_CORE_SRCS) $(GPU_HDRS)
+build/tide_tensor_dev.so: $(GPU_CORE_SRCS) lua/tensor_lua.c $(GPU_HDRS)
 	@mkdir -p build
-	$(CC) $(CFLAGS) -fPIC -shared -o $@ $(GPU_CORE_SRCS) -lopenblas -lm -lpthread -ldl
+	$(CC) $(CFLAGS) -fPIC -shared -o $@ $(GPU_CORE_SRCS) lua/tensor_lua.c -lopenblas -lm -lpthread -ldl
 
 TEST_DEPS += build/bench-allreduce
 build/bench-allreduce: gpu/bench/bench_allreduce.c gpu/ring.c gpu/ring_local.c gpu/gpu_err.c $(GPU_HDRS)

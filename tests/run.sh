@@ -15,7 +15,7 @@ count() {  # count FILE LABEL: tally TAP results of one run
     fail=$((fail + 1)); failed="$failed $2"
   fi
 }
-for b in ctest ctest-asan; do
+for b in ctest-engine ctest ctest-asan; do
   echo "== $b"
   ASAN_OPTIONS=detect_leaks=1 timeout 600 build/$b >$LOG/$b.log 2>&1
   count $LOG/$b.log $b

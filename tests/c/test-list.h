@@ -1,5 +1,7 @@
 /* Every C unit test, one TEST_DECLARE per line; areas owned by other
- * parts of the tree add theirs through the included lists. */
+ * parts of the tree add theirs through the included lists.  The engine's
+ * own tests come first; build/ctest-engine (TD_TEST_ENGINE_ONLY) runs
+ * them linked with the engine library alone. */
 TEST_DECLARE(buf_grow)
 TEST_DECLARE(map_basic)
 TEST_DECLARE(map_mark_ids)
@@ -8,10 +10,12 @@ TEST_DECLARE(spill_reuse_and_full)
 TEST_DECLARE(chan_frames)
 TEST_DECLARE(chan_split_frames)
 TEST_DECLARE(spec_roundtrip_and_garbage)
-TEST_DECLARE(ser_roundtrip)
+#if __has_include("test-list-http.h")
+#include "test-list-http.h"
+#endif
+#ifndef TD_TEST_ENGINE_ONLY
+#include "test-list-lua.h"
 #if __has_include("test-list-gpu.h")
 #include "test-list-gpu.h"
 #endif
-#if __has_include("test-list-http.h")
-#include "test-list-http.h"
 #endif

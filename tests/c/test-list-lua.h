@@ -1,0 +1,2 @@
+/* Lua binding tests (tests/c/test-lua.c). */
+TEST_DECLARE(ser_roundtrip)
