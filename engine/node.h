@@ -14,6 +14,14 @@
 typedef struct td_node td_node_t;
 typedef struct td_wk td_wk_t;
 
+/* What is at the other end of a node's socket; a worker process says its
+ * kind in HELLO (lua/worker.c).  WK_TASK runs tasks; WK_HOST hosts actors;
+ * WK_GPUHOST hosts actors on a GPU; WK_CLIENT is a driver attached to a
+ * running node.  WK_NODE: on a head, the link to a node that joined it;
+ * WK_HEAD: on a node, its link to the head; WK_PEER: between two nodes,
+ * for chunks of objects only.  Links are neither workers nor clients. */
+enum { WK_TASK, WK_HOST, WK_GPUHOST, WK_CLIENT, WK_NODE, WK_HEAD, WK_PEER };
+
 /* Object states, as the bindings see them. */
 enum { TD_OBJ_PENDING, TD_OBJ_READY, TD_OBJ_ERROR, TD_OBJ_MISSING };
 

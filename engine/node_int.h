@@ -36,10 +36,6 @@ enum { LOC_NONE, LOC_INLINE, LOC_SHM, LOC_SPILLED };
 /* T_FETCHING: done on a node, its large result still coming in chunks;
  * kept so that it can run again if that node dies first (lineage). */
 enum { T_WAITDEPS, T_QUEUED, T_SENT, T_DONE, T_FETCHING };
-/* WK_NODE: on a head, the link to a node that joined it; WK_HEAD: on a
- * node, its link to the head; WK_PEER: between two nodes, for chunks of
- * objects only. Links are neither workers nor clients. */
-enum { WK_TASK, WK_HOST, WK_GPUHOST, WK_CLIENT, WK_NODE, WK_HEAD, WK_PEER };
 enum { A_PENDING, A_ALIVE, A_RESTARTING, A_DEAD };
 
 typedef struct td_task td_task_t;

@@ -1375,7 +1375,7 @@ static int c_context(lua_State *L) {
   lua_setfield(L, -2, "job_id");
   if (td_ctx.node) {
     lua_pushfstring(L, "node-%d", (int)td_node_index(td_ctx.node));
-  } else if (td_ctx.kind == 3) {
+  } else if (td_ctx.kind == WK_CLIENT) {
     /* A driver attached to a node: its id carries the node's index. */
     lua_pushfstring(L, "node-%d", (int)td_id_node(td_ctx.wk_id << 32));
   } else {
@@ -1383,7 +1383,7 @@ static int c_context(lua_State *L) {
     lua_pushstring(L, nid ? nid : "node-0");
   }
   lua_setfield(L, -2, "node_id");
-  if (td_ctx.is_driver || td_ctx.kind == 3) {
+  if (td_ctx.is_driver || td_ctx.kind == WK_CLIENT) {
     lua_pushliteral(L, "driver");
   } else {
     lua_pushfstring(L, "worker-%d", (int)td_ctx.wk_id);
@@ -1524,7 +1524,7 @@ int luaopen_tide_core(lua_State *L) {
   }
   lua_pushboolean(L, td_ctx.is_driver);
   lua_setfield(L, -2, "is_driver");
-  lua_pushboolean(L, !td_ctx.is_driver && td_ctx.kind == 3);
+  lua_pushboolean(L, !td_ctx.is_driver && td_ctx.kind == WK_CLIENT);
   lua_setfield(L, -2, "is_client");
   lua_pushnumber(L, (lua_Number)td_ctx.wk_id);
   lua_setfield(L, -2, "worker_id");

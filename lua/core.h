@@ -26,7 +26,7 @@ typedef struct td_ctx {
   uint64_t wk_id;          /* 0 in the driver */
   uint32_t seq;            /* worker: id counter */
   uint32_t next_req;
-  int kind;                /* worker kind: 0 task, 1 host, 2 gpu host */
+  int kind;                /* worker kind: WK_TASK, WK_HOST, WK_GPUHOST, WK_CLIENT (node.h) */
   size_t inline_max;
   td_map_t lrefs;          /* worker: id -> local handle count */
   uint64_t *dec;           /* refs dropped by __gc, applied at safe points */

@@ -18,7 +18,6 @@
 
 #include "core.h"
 
-enum { WK_TASK, WK_HOST, WK_GPUHOST, WK_CLIENT };
 
 typedef struct td_frame {
   uint8_t type;
