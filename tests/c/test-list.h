@@ -10,6 +10,9 @@ TEST_DECLARE(spill_reuse_and_full)
 TEST_DECLARE(chan_frames)
 TEST_DECLARE(chan_split_frames)
 TEST_DECLARE(spec_roundtrip_and_garbage)
+TEST_DECLARE(node_objects_refs)
+TEST_DECLARE(node_sched_infeasible_and_queue)
+TEST_DECLARE(node_pg_reserve_release)
 #if __has_include("test-list-http.h")
 #include "test-list-http.h"
 #endif
