@@ -141,6 +141,7 @@ check-bare:
 
 lint:
 	sh scripts/check-layers.sh
+	sh scripts/check-format.sh $${BASE:-HEAD~1}
 	cppcheck -q --error-exitcode=1 --enable=warning,performance engine lua gpu
 	luacheck -q stdlib examples tests/lua
 

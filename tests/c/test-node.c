@@ -120,25 +120,25 @@ TEST_IMPL(node_pg_reserve_release) {
   for (int i = 0; i < 3; i++) bundles_cpu[i][TD_RES_CPU] = 1;
   uint64_t pg1, r1, pg2, r2, pg3, r3;
   /* Two bundles of one CPU: both reserved at once. */
-  ASSERT_EQ(td_node_pg_create(n, 2, (const double (*)[TD_NRES_MAX])bundles_cpu, TD_PG_PACK, "g1", 0,
-                              &pg1, &r1), 0);
+  ASSERT_EQ(
+      td_node_pg_create(n, 2, (const double(*)[TD_NRES_MAX])bundles_cpu, TD_PG_PACK, "g1", 0, &pg1, &r1), 0);
   td_node_pump(n, 0);
   ASSERT_EQ(td_node_state(n, r1), TD_OBJ_READY);
   ASSERT_EQ(td_node_res_avail(n, TD_RES_CPU), 0);
   /* Another group of one CPU waits, with nothing reserved for it. */
-  ASSERT_EQ(td_node_pg_create(n, 1, (const double (*)[TD_NRES_MAX])bundles_cpu, TD_PG_PACK, NULL, 0,
-                              &pg2, &r2), 0);
+  ASSERT_EQ(
+      td_node_pg_create(n, 1, (const double(*)[TD_NRES_MAX])bundles_cpu, TD_PG_PACK, NULL, 0, &pg2, &r2), 0);
   td_node_pump(n, 0);
   ASSERT_EQ(td_node_state(n, r2), TD_OBJ_PENDING);
   /* A group of three CPUs never fits: it is not reserved in part. */
-  ASSERT_EQ(td_node_pg_create(n, 3, (const double (*)[TD_NRES_MAX])bundles_cpu, TD_PG_PACK, NULL, 0,
-                              &pg3, &r3), 0);
+  ASSERT_EQ(
+      td_node_pg_create(n, 3, (const double(*)[TD_NRES_MAX])bundles_cpu, TD_PG_PACK, NULL, 0, &pg3, &r3), 0);
   td_node_pump(n, 0);
   ASSERT(td_node_state(n, r3) != TD_OBJ_READY);
   /* Found by name while it lives. */
   uint64_t fid, fready;
   int strat, nb;
-  const double (*b)[TD_NRES_MAX];
+  const double(*b)[TD_NRES_MAX];
   ASSERT_EQ(td_node_pg_find(n, "g1", &fid, &fready, &strat, &nb, &b), 0);
   ASSERT(fid == pg1 && nb == 2 && strat == TD_PG_PACK && b[1][TD_RES_CPU] == 1);
   td_node_decref(n, fready);
