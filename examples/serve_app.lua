@@ -5,7 +5,7 @@
 --   curl -s -d '{"x": 1}' http://127.0.0.1:8000/echo     # {"got":{"x":1},"path":"/echo","method":"POST"}
 --   curl -sN http://127.0.0.1:8000/count                 # 1 2 3 4 5, one chunk each
 --   curl -s -d '{"x": 21}' http://127.0.0.1:8000/jobs/work   # 202 {"id":"job-...","status":"pending"}
---   curl -s http://127.0.0.1:8000/jobs/job-...           # {"status":"succeeded","progress":1,"result":{"answer":42},...}
+--   curl -s http://127.0.0.1:8000/jobs/job-...  # {"status":"succeeded","progress":1,"result":{"answer":42},...}
 --   curl -s -X DELETE http://127.0.0.1:8000/jobs/job-... # cancels a job still pending or running
 --   bin/tide serve status                                # deployments, replicas, counters
 local serve = require("tide.serve")
