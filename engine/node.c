@@ -1041,9 +1041,37 @@ void td_node_set_rpc(td_node_t *n, td_rpc_cb cb, void *ud) {
   n->rpc_ud = ud;
 }
 
+/* TIDE_DEBUG_LEFTOVERS=1: what is still in the object table when the node
+ * stops, and who holds it, in the log (a leak hunt under chaos). */
+static void td__log_leftovers(td_node_t *n) {
+  const char *e = getenv("TIDE_DEBUG_LEFTOVERS");
+  if (!e || !*e || *e == '0') return;
+  size_t it = 0;
+  uint64_t id;
+  void *v;
+  while (td_map_next(&n->objs, &it, &id, &v)) {
+    td_obj_t *o = v;
+    char who[256] = "";
+    size_t wl = 0;
+    for (int i = 0; i < n->nwks && wl < sizeof(who) - 40; i++) {
+      intptr_t c = (intptr_t)td_map_get(&n->wks[i]->held, id);
+      if (c)
+        wl += (size_t)snprintf(who + wl, sizeof(who) - wl, " wk%d(kind %d)x%ld", i, n->wks[i]->kind, (long)c);
+    }
+    fprintf(stderr,
+            "tide: leftover object %016llx (node-%u): state %d loc %d len %zu refs %lld pins %d "
+            "foreign %d away %d fwd %d stream %d producer %d waiters %u contained %u copies %u "
+            "held by:%s\n",
+            (unsigned long long)id, td_id_node(id), o->state, o->loc, o->len, (long long)o->refs, o->pins,
+            o->foreign, o->away, o->fwd != NULL, o->is_stream, o->producer != NULL, o->nwaiters,
+            o->ncontained, o->copies ? o->copies->n : 0, wl ? who : " nobody");
+  }
+}
+
 void td_node_destroy(td_node_t **np) {
   td_node_t *n = *np;
   if (!n) return;
+  td__log_leftovers(n);
   for (int i = 0; i < n->nwks; i++)
     if (n->wks[i]->pid > 0) kill(n->wks[i]->pid, SIGKILL);
   for (int i = 0; i < n->nwks; i++) {

@@ -14,6 +14,8 @@ ok() { n=$((n + 1)); echo "ok $n - $1"; }
 no() { n=$((n + 1)); echo "not ok $n - $1"; [ -n "$2" ] && echo "$2" | head -30 | sed 's/^/# /'; }
 check() { if eval "$2"; then ok "$1"; else no "$1" "$3"; fi; }
 D=$(mktemp -d /tmp/tide-chaos-XXXXXX)
+# Daemons log what is left in their object table when they stop.
+export TIDE_DEBUG_LEFTOVERS=1
 stop_all() { for s in head n1 n2 n3; do TIDE_SESSION_DIR=$D/$s $T stop >/dev/null 2>&1; done; }
 trap 'stop_all; [ -n "$KEEP" ] || rm -rf "$D"' EXIT
 PORT=$((22000 + $$ % 1000))
@@ -107,6 +109,7 @@ head_rss_end=$(awk '/VmRSS/ { print $2 }' /proc/$(cat $D/head/node.pid)/status)
 echo "# head RSS: $head_rss_start kB at start, $head_rss_end kB at the end (restarted $kills_head times)"
 stop_all
 sleep 1
+grep -h "leftover object" $D/head/node.log $D/n*/node.log 2>/dev/null | head -20 | sed 's/^/# /'
 left=$(pgrep -f "$D" 2>/dev/null | tr '\n' ' ')
 check "no process is left behind after tide stop" '[ -z "$left" ]' "$(ps -o pid,args -p $left 2>/dev/null)"
 echo "1..$n"
