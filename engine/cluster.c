@@ -247,11 +247,12 @@ void td__send_fns(td_node_t *n, td_wk_t *wk) {
 }
 
 /* Ids a node hands the head inside a message (refs in a value, a spec's
- * arguments): the node holds each for the head (an export); the head keeps
+ * arguments): the node holds each for the head (an export, counted on the
+ * head's link so that a head that dies gives them back); the head keeps
  * that hold in a new foreign record, or gives it back if it has one. */
 void td__export(td_node_t *n, const uint64_t *ids, uint32_t k) {
   for (uint32_t i = 0; i < k; i++) {
-    td_node_incref(n, ids[i]);
+    td_node_incref_for(n, n->head, ids[i]);
     if (!n->lineage.len || !td_map_get(&n->lineage, ids[i])) continue;
     if (n->nlin_out == n->caplin_out) {
       n->caplin_out = n->caplin_out ? n->caplin_out * 2 : 16;
@@ -599,7 +600,7 @@ static void td__put_link_value(td_node_t *n, td_buf_t *b, td_obj_t *o) {
   td__put_value(n, b, o->id, 0, 2);
   if (o->state == OBJ_READY && o->len > TD_CHUNK) {  /* kept until the head has fetched it */
     td_buf_u64(b, o->id);
-    td_node_incref(n, o->id);
+    td_node_incref_for(n, n->head, o->id);  /* given back if the head dies first */
   }
   td_buf_u32(b, o->ncontained);
   td_buf_put(b, o->contained, (size_t)o->ncontained * 8);

@@ -1060,11 +1060,18 @@ static void td__log_leftovers(td_node_t *n) {
     }
     fprintf(stderr,
             "tide: leftover object %016llx (node-%u): state %d loc %d len %zu refs %lld pins %d "
-            "foreign %d away %d fwd %d stream %d producer %d waiters %u contained %u copies %u "
-            "held by:%s\n",
+            "foreign %d pulling %d chunked %d told %d up %u away %d fwd %d stream %d producer %d "
+            "waiters %u contained %u copies %u held by:%s\n",
             (unsigned long long)id, td_id_node(id), o->state, o->loc, o->len, (long long)o->refs, o->pins,
-            o->foreign, o->away, o->fwd != NULL, o->is_stream, o->producer != NULL, o->nwaiters,
+            o->foreign, o->pulling, o->chunked, o->told, o->up, o->away, o->fwd != NULL, o->is_stream, o->producer != NULL, o->nwaiters,
             o->ncontained, o->copies ? o->copies->n : 0, wl ? who : " nobody");
+    td_task_t *t = o->producer;
+    if (t)
+      fprintf(stderr, "tide:   its producer %s: state %d attempt %u cancelled %d sent to %s%u (dead %d)\n",
+              t->spec.name[0] ? t->spec.name : "(unnamed)", t->state, t->attempt, t->cancelled,
+              !t->wk ? "nothing " : t->wk->kind == WK_NODE ? "node-" : "worker kind ",
+              !t->wk ? 0 : t->wk->kind == WK_NODE ? t->wk->node_index : (uint32_t)t->wk->kind,
+              t->wk ? t->wk->dead : 0);
   }
 }
 

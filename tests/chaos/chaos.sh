@@ -109,7 +109,7 @@ head_rss_end=$(awk '/VmRSS/ { print $2 }' /proc/$(cat $D/head/node.pid)/status)
 echo "# head RSS: $head_rss_start kB at start, $head_rss_end kB at the end (restarted $kills_head times)"
 stop_all
 sleep 1
-grep -h "leftover object" $D/head/node.log $D/n*/node.log 2>/dev/null | head -20 | sed 's/^/# /'
+(cd $D && grep -A1 "leftover object" head/node.log n*/node.log 2>/dev/null | head -20 | sed 's/^/# /')
 left=$(pgrep -f "$D" 2>/dev/null | tr '\n' ' ')
 check "no process is left behind after tide stop" '[ -z "$left" ]' "$(ps -o pid,args -p $left 2>/dev/null)"
 echo "1..$n"
