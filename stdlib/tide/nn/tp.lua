@@ -541,6 +541,7 @@ local function actor_class()
       if self.spec.rank ~= 0 then return true end
       return T2.sample(logits, sopts):to_table()
     end,
+    ping = function() return true end,
     release = function(self, sid)
       self.sessions[sid] = nil
       return true
@@ -701,6 +702,17 @@ local function check_alive(self)
       GroupError), 3)
   end
   if not self.actors then error("tide.nn.tp: the group is closed", 3) end
+end
+
+-- g:ping(): every rank answers a call (not a collective), or the group is
+-- torn down and ShardGroupError raised: how a server finds a rank that died
+-- between requests before it starts a stream.
+function Group:ping(timeout)
+  check_alive(self)
+  local refs = {}
+  for r = 1, self.world_size do refs[r] = self.actors[r]:ping() end
+  self:_collect(refs, "ping", timeout)
+  return true
 end
 
 -- g:logits(rows) -> the full logits (B,T,V) of a batch of id rows.
