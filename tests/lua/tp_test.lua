@@ -136,6 +136,41 @@ t.test("three AdamW steps with grad_clip: the shards' weights stay the full mode
   t.ok(worst < 1e-3, "weights differ by " .. worst)
 end)
 
+t.test("tensor-parallel training under train.fit (2 ranks, ctx's group) steps as the full model", function()
+  local train = require("tide.train")
+  local m = GPT.new(CFG, {seed = 3})
+  local xt, yt = T.from_table(X, {dtype = "i32"}), T.from_table(Y, {dtype = "i32"})
+  local losses = {}
+  for s = 1, 3 do
+    local _, loss = m:forward(xt, yt)
+    losses[s] = loss
+    m:zero_grad(); m:backward(); m:step({lr = 1e-2})
+  end
+  local r = train.fit({num_workers = 2, resources_per_worker = {num_cpus = 1}, progress = false,
+    config = {cfg = CFG, x = X, y = Y},
+    loop = function(ctx, config)
+      local TPm = require("tide.nn.tp")
+      local Tt = require("tide.tensor")
+      local sm = TPm.shard({config = config.cfg, seed = 3}, {ctx = ctx})
+      local xs, ys = Tt.from_table(config.x, {dtype = "i32"}), Tt.from_table(config.y, {dtype = "i32"})
+      for s = 1, 3 do
+        local _, loss = sm:forward(xs, ys)
+        ctx:report({step = s, loss = loss})
+        sm:zero_grad(); sm:backward(); sm:step({lr = 1e-2})
+      end
+      local out = {}
+      for name, p in pairs(sm.p) do out[name] = p:clone() end
+      return out
+    end})
+  for s = 1, 3 do
+    t.ok(math.abs(r.history[s].loss - losses[s]) < 1e-5,
+      string.format("step %d loss %g vs %g", s, r.history[s].loss, losses[s]))
+  end
+  local worst = 0
+  for name, w in pairs(TP.shard_params(m.p, m.config, 0, 2)) do worst = math.max(worst, max_diff(w, r.value[name])) end
+  t.ok(worst < 1e-3, "rank 0's weights differ by " .. worst)
+end)
+
 t.test("a GPT checkpoint and a tide.train checkpoint load split", function()
   local path = dir .. "/full.safetensors"
   full:save(path)
@@ -305,6 +340,15 @@ t.test("a shard killed mid-stream: the stream ends with a clear error; the next 
   t.eq(s2.generation, 2, "the group was rebuilt once")
   t.ok(s2.pids[1] ~= s1.pids[1] and s2.pids[2] ~= s1.pids[2], "new shard processes")
   t.ok(s2.last_error:find("shard rank 1", 1, true), s2.last_error)
+  -- Rank 0 was waiting in the allreduce for the dead rank 1: the teardown
+  -- ended its process too.
+  local gone = false
+  for _ = 1, 250 do
+    local rc = os.execute("kill -0 " .. s1.pids[1] .. " 2>/dev/null")
+    if not (rc == 0 or rc == true) then gone = true break end
+    tide.sleep(0.02)
+  end
+  t.ok(gone, "the old rank 0's process " .. s1.pids[1] .. " is gone")
 end)
 
 t.test("a shard killed between requests: the next request is answered by a rebuilt group", function()
