@@ -136,7 +136,7 @@ t.test("three AdamW steps with grad_clip: the shards' weights stay the full mode
   t.ok(worst < 1e-3, "weights differ by " .. worst)
 end)
 
-t.test("tensor-parallel training under train.fit (2 ranks, ctx's group) steps as the full model", function()
+t.test("tensor-parallel training under train.fit (2 ranks, ctx's group) steps as the full model; its checkpoint is a whole model's", function()
   local train = require("tide.train")
   local m = GPT.new(CFG, {seed = 3})
   local xt, yt = T.from_table(X, {dtype = "i32"}), T.from_table(Y, {dtype = "i32"})
@@ -158,17 +158,31 @@ t.test("tensor-parallel training under train.fit (2 ranks, ctx's group) steps as
         ctx:report({step = s, loss = loss})
         sm:zero_grad(); sm:backward(); sm:step({lr = 1e-2})
       end
-      local out = {}
-      for name, p in pairs(sm.p) do out[name] = p:clone() end
-      return out
-    end})
+      -- Every rank gathers the whole model; rank 0's goes in a checkpoint.
+      local whole = sm:gather_params()
+      ctx:checkpoint({model = whole, config = config.cfg})
+      return whole
+    end, checkpoint_dir = dir .. "/tp_ckpt"})
   for s = 1, 3 do
     t.ok(math.abs(r.history[s].loss - losses[s]) < 1e-5,
       string.format("step %d loss %g vs %g", s, r.history[s].loss, losses[s]))
   end
-  local worst = 0
-  for name, w in pairs(TP.shard_params(m.p, m.config, 0, 2)) do worst = math.max(worst, max_diff(w, r.value[name])) end
-  t.ok(worst < 1e-3, "rank 0's weights differ by " .. worst)
+  local worst, count = 0, 0
+  for name, w in pairs(m.p) do
+    worst = math.max(worst, max_diff(w, r.value[name]))
+    count = count + 1
+  end
+  t.eq(count, #m.params)
+  t.ok(worst < 1e-3, "the gathered weights differ by " .. worst)
+  -- The checkpoint of the split run is a whole model's: it loads into one
+  -- model, and split again.
+  local state = train.load_checkpoint(r.checkpoint)
+  local whole = GPT.new(CFG)
+  for name, p in pairs(state.model) do whole.p[name]:copy(p) end
+  local h = TP.group({world_size = 2, checkpoint = r.checkpoint})
+  local d = max_diff(whole:forward(T.from_table(ROWS, {dtype = "i32"})):clone(), h:logits(ROWS))
+  h:close()
+  t.ok(d < 1e-4, "logits of the reloaded split checkpoint differ by " .. d)
 end)
 
 t.test("a GPT checkpoint and a tide.train checkpoint load split", function()

@@ -102,10 +102,17 @@ end
 --   {checkpoint = "ckpt/checkpoint-000003", config = {...} [, key = "model"]}
 --       a tide.train checkpoint directory; state[key] is the model's map
 --   {model = m}                                            a tide.nn.gpt model
+--   {params = map, config = {...}}                         a full model's tensors (gather_params)
 --   {config = {...}, seed = 1}                             GPT.new's initialisation
 function M.load_full(src)
   if type(src) ~= "table" then error("tide.nn.tp: expected a weights source table", 3) end
   if src.model then return src.model.config, src.model.p end
+  if src.params then
+    if type(src.params) ~= "table" or type(src.config) ~= "table" then
+      error("tide.nn.tp: params needs a map name -> tensor and config = {...}", 3)
+    end
+    return GPT.check_config(src.config), src.params
+  end
   if src.checkpoint ~= nil then
     local path = src.checkpoint
     if type(path) ~= "string" then error("tide.nn.tp: checkpoint must be a path", 3) end
@@ -434,6 +441,59 @@ function Shard:step(opts)
     T.adamw(e[2], self.grads[i][2], self.opt_m[i], self.opt_v[i], o)
   end
   return norm
+end
+
+-- m:gather_params() -> map name -> the full model's tensor (CPU), on every
+-- rank: the split parameters' slices allgathered and put back in place.
+-- A collective. For checkpoints: rank 0 saves what a whole tide.nn.gpt
+-- model would (ctx:checkpoint({model = m:gather_params(), ...})), and any
+-- number of ranks, or a whole model, loads it.
+function Shard:gather_params()
+  local C = require("tide.collective")
+  local W, out = self.world_size, {}
+  for _, e in ipairs(self.params) do
+    local name, t = e[1], e[2]
+    local how = self.sharded[name] and split_of(name)
+    t = t:to("cpu"):contiguous()
+    if not how or W == 1 then
+      out[name] = t:clone()
+    else
+      local n = t:numel()
+      local all = T.empty({W * n})
+      if self.device ~= "cpu" then
+        -- NCCL gathers device tensors.
+        all = C.allgather(e[2]:contiguous(), nil, self.group):to("cpu")
+      else
+        C.allgather(t:view({n}), all, self.group)
+      end
+      local shape, d = t:shape(), t:dim()
+      if how == "row" then
+        shape[1] = shape[1] * W
+        out[name] = all:view(shape)
+      else
+        -- Rank r's (..., k) block goes to columns r*k.. (col), or to
+        -- r*k/3.. of each of q, k and v (qkv).
+        local k = shape[d]
+        local full = shape
+        full[d] = k * W
+        local res = T.empty(full)
+        for r = 0, W - 1 do
+          local part = all:slice(1, r * n + 1, (r + 1) * n):view(t:shape())
+          if how == "col" then
+            res:slice(d, r * k + 1, (r + 1) * k):copy(part)
+          else
+            local kw = k / 3
+            for j = 0, 2 do
+              local to = j * kw * W + r * kw
+              res:slice(d, to + 1, to + kw):copy(part:slice(d, j * kw + 1, (j + 1) * kw))
+            end
+          end
+        end
+        out[name] = res
+      end
+    end
+  end
+  return out
 end
 
 -- m:new_cache(B): this rank's keys and values (its heads only: 1/W of the
