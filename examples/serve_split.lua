@@ -14,6 +14,8 @@
 -- model. WORLD (2) must divide the model's n_head; each shard reserves one
 -- CPU (tide serve run needs WORLD CPUs free).
 --
+-- Body: prompt, max_tokens (100, at most 4096), temperature (0.8; 0 is
+-- greedy), top_k (40), seed (1), sse; a bad one is a 400 naming the field.
 -- SSE events are {"token": text, "ids": [token ids]} then [DONE]; plain
 -- responses stream the text (every chunk valid UTF-8). When a shard dies
 -- mid-stream the stream ends with an event {"error": ..., "kind":
@@ -78,9 +80,19 @@ local Split = serve.deployment{
         params_per_rank = g and g.params_per_rank or {}, last_error = self.last_error}
     end
     local body = req.json or {}
-    local prompt = self.tok:encode(type(body.prompt) == "string" and body.prompt or "And God said, ")
-    if #prompt == 0 then return serve.response{status = 400, body = {error = "empty prompt"}} end
-    local n = math.max(1, math.min(tonumber(body.max_tokens) or 100, 4096))
+    local function bad(msg) return serve.response{status = 400, body = {error = msg}} end
+    if body.prompt ~= nil and type(body.prompt) ~= "string" then return bad("prompt must be a string") end
+    local prompt = self.tok:encode(body.prompt or "And God said, ")
+    if #prompt == 0 then return bad("empty prompt") end
+    local n = body.max_tokens == nil and 100 or tonumber(body.max_tokens)
+    if not n or n < 1 or n % 1 ~= 0 or n > 4096 then
+      return bad("max_tokens must be an integer in 1..4096")
+    end
+    for _, k in ipairs({"temperature", "top_k", "seed"}) do
+      if body[k] ~= nil and (type(body[k]) ~= "number" or body[k] < 0) then
+        return bad(k .. " must be a number >= 0")
+      end
+    end
     -- A group that lost a rank since the last request is rebuilt now.
     local ok, g = pcall(function()
       local grp = ensure(self)

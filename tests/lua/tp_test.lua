@@ -254,20 +254,22 @@ local client = tide.remote({num_cpus = 0}, function(port, method, body, kill_pid
   c:send_raw(httpc.format_request(method, "/generate", {body = body,
     headers = {["Content-Type"] = "application/json"}}))
   local r = c:read_head({timeout = 60})
-  local chunks, cut = {}, nil
+  local chunks, cut, first, last = {}, nil, nil, nil
   if r.chunked then
     while true do
-      local ok, data = pcall(c.read_chunk, c, {timeout = 60})
+      local ok, data, at = pcall(c.read_chunk, c, {timeout = 60})
       if not ok then cut = tostring(data) break end
       if not data then break end
       chunks[#chunks + 1] = data
+      first, last = first or at, at
       if kill_pid and #chunks == 1 then os.execute("kill -9 " .. kill_pid) end
     end
   else
     r.body = c:read_body({timeout = 60})
   end
   c:close()
-  return {status = r.status, ctype = r.headers["content-type"], chunks = chunks, cut = cut, body = r.body}
+  return {status = r.status, ctype = r.headers["content-type"], chunks = chunks, cut = cut, body = r.body,
+    first = first, last = last}
 end)
 
 local function await(cref)
@@ -327,6 +329,35 @@ t.test("the streamed endpoint (SSE) sends the full model's greedy tokens as they
   local split = require("tide.nn.tokenizer").utf8_split
   local text = split(tok:decode({unpack(want, #prompt + 1)}), true)
   t.eq(table.concat(p.chunks), text)
+end)
+
+t.test("concurrent streams share the group, each with the full model's tokens", function()
+  local prompts = {"In the beginning", "And God said, ", "Let there be"}
+  local refs = {}
+  for i, p in ipairs(prompts) do
+    refs[i] = client:remote(PORT, "POST", cjson.encode({prompt = p, max_tokens = 60, temperature = 0, sse = true}))
+  end
+  local spans = {}
+  for i, p in ipairs(prompts) do
+    local r = await(refs[i])
+    spans[#spans + 1] = string.format("%.3f..%.3f", r.first, r.last)
+    local ids, err, done = events(r)
+    t.ok(not err and done, "request " .. i .. " answered in full")
+    local prompt = tok:encode(p)
+    t.eq(table.concat(ids, ","), tail(served:generate(prompt, 60, {temperature = 0}), #prompt + 1), p)
+  end
+  io.write("# streams' first..last chunk times: " .. table.concat(spans, ", ") .. "\n")
+end)
+
+t.test("bad bodies are a 400 naming the field", function()
+  for _, c in ipairs({{'{"prompt": 5}', "prompt must be a string"}, {'{"prompt": ""}', "empty prompt"},
+      {'{"max_tokens": 0}', "max_tokens must be an integer in 1..4096"},
+      {'{"max_tokens": "x"}', "max_tokens must be an integer"}, {'{"max_tokens": 5000}', "1..4096"},
+      {'{"temperature": -1}', "temperature must be a number >= 0"}}) do
+    local r = await(client:remote(PORT, "POST", c[1]))
+    t.eq(r.status, 400, c[1])
+    t.ok(r.body:find(c[2], 1, true), c[1] .. " -> " .. tostring(r.body))
+  end
 end)
 
 t.test("a shard killed mid-stream: the stream ends with a clear error; the next request gets a new group", function()
