@@ -129,6 +129,9 @@ local Split = serve.deployment{
         end,
       })
       if not gok then
+        -- Anything but a shard failure (the client went away and the
+        -- stream was cancelled) goes on as it was.
+        if type(err) ~= "table" or err.kind ~= "ShardGroupError" then error(err, 0) end
         -- The group tore itself down; the next request builds a new one.
         local msg, kind = message(err)
         self.failures = self.failures + 1

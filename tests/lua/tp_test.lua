@@ -247,7 +247,7 @@ local served = GPT.new({vocab_size = 256, n_layer = 2, n_head = 4, n_embd = 64, 
 
 -- A real HTTP client in a task (no CPU: the shards hold them). With
 -- kill_pid, it kills that process after the first streamed chunk.
-local client = tide.remote({num_cpus = 0}, function(port, method, body, kill_pid)
+local client = tide.remote({num_cpus = 0}, function(port, method, body, kill_pid, hang_up)
   if not package.path:find("tests/lua/", 1, true) then package.path = "tests/lua/?.lua;" .. package.path end
   local httpc = require("httpc")
   local c = httpc.connect(port, {timeout = 60})
@@ -263,6 +263,7 @@ local client = tide.remote({num_cpus = 0}, function(port, method, body, kill_pid
       chunks[#chunks + 1] = data
       first, last = first or at, at
       if kill_pid and #chunks == 1 then os.execute("kill -9 " .. kill_pid) end
+      if hang_up and #chunks == hang_up then cut = "hung up" break end
     end
   else
     r.body = c:read_body({timeout = 60})
@@ -347,6 +348,20 @@ t.test("concurrent streams share the group, each with the full model's tokens", 
     t.eq(table.concat(ids, ","), tail(served:generate(prompt, 60, {temperature = 0}), #prompt + 1), p)
   end
   io.write("# streams' first..last chunk times: " .. table.concat(spans, ", ") .. "\n")
+end)
+
+t.test("a client that hangs up mid-stream is no shard failure: the group serves on", function()
+  local s1 = status()
+  local r = await(client:remote(PORT, "POST", cjson.encode({prompt = P2, max_tokens = 3000, temperature = 0,
+    sse = true}), nil, 2))
+  t.eq(r.cut, "hung up")
+  local ids, err, done = events(await(client:remote(PORT, "POST", cjson.encode({prompt = P2, max_tokens = 30,
+    temperature = 0, sse = true}))))
+  t.ok(not err and done and #ids == 30, "the next request is answered in full")
+  local s2 = status()
+  t.eq(s2.generation, s1.generation, "the same group")
+  t.eq(s2.failures, s1.failures, "no failure counted")
+  t.eq(s2.pids[1], s1.pids[1])
 end)
 
 t.test("bad bodies are a 400 naming the field", function()

@@ -722,7 +722,10 @@ function Group:_collect(refs, what, timeout)
     local ready
     ready, pending = tide.wait(pending, {num_returns = 1, timeout = max(0.001, deadline - now())})
     if #ready == 0 then
-      self:_fail(format("%s timed out after %g s on rank(s) waiting", what, timeout or self.timeout), "GetTimeoutError")
+      local late = {}
+      for _, ref in ipairs(pending) do late[#late + 1] = tostring(rank_of[ref:id()]) end
+      self:_fail(format("%s timed out after %g s waiting for rank(s) %s", what, timeout or self.timeout,
+        table.concat(late, ", ")), "GetTimeoutError")
     end
     for _, ref in ipairs(ready) do
       local ok, v = pcall(tide.get, ref)
@@ -850,8 +853,10 @@ function Group:generate(prompt, n, opts)
       end
     end
   end)
+  -- Also after an error that left the group up (the caller was
+  -- cancelled): the ranks drop this generation's cache.
   if self.actors and not self.dead then
-    for r = 1, self.world_size do self.actors[r]:release(sid) end
+    for r = 1, self.world_size do pcall(self.actors[r].release, self.actors[r], sid) end
   end
   if not ok then error(err, 0) end
   return batched and out or out[1]
