@@ -505,6 +505,11 @@ function Model:to(device)
   return wrap(self.config, params, device)
 end
 
+-- M.Model: the model's methods, so tide.nn.tp's shards reuse generate();
+-- M.check_config: the config check (defaults filled in).
+M.Model = Model
+M.check_config = check_config
+
 -- m:clone_params() -> map name -> copy (tests, checkpoints in memory).
 function Model:clone_params()
   local out = {}

@@ -47,4 +47,45 @@ function Byte.decode(_, ids)
   return concat(parts)
 end
 
+-- M.utf8_split(bytes, final) -> text to send now, bytes to keep. A
+-- byte-level model makes a character outside ASCII in several tokens, and
+-- an untrained one makes bytes that are not UTF-8 at all: streaming keeps
+-- an incomplete character for the next token (or, when final, replaces
+-- it), and replaces bytes that cannot be UTF-8 by U+FFFD, so every chunk a
+-- client gets is valid UTF-8 on its own (examples/serve_split.lua).
+local REPLACEMENT = "\239\191\189"
+function M.utf8_split(s, final)
+  local out, i, n = {}, 1, #s
+  while i <= n do
+    local c = byte(s, i)
+    local len, lo, hi = 0, 0x80, 0xBF
+    if c < 0x80 then len = 1
+    elseif c >= 0xC2 and c <= 0xDF then len = 2
+    elseif c >= 0xE0 and c <= 0xEF then
+      len = 3
+      if c == 0xE0 then lo = 0xA0 elseif c == 0xED then hi = 0x9F end  -- no overlongs, no surrogates
+    elseif c >= 0xF0 and c <= 0xF4 then
+      len = 4
+      if c == 0xF0 then lo = 0x90 elseif c == 0xF4 then hi = 0x8F end  -- up to U+10FFFF
+    end
+    local j, bad = 1, len == 0
+    while not bad and j < len and i + j <= n do
+      local b = byte(s, i + j)
+      if b < (j == 1 and lo or 0x80) or b > (j == 1 and hi or 0xBF) then bad = true else j = j + 1 end
+    end
+    if bad then
+      out[#out + 1] = REPLACEMENT
+      i = i + 1
+    elseif j < len then           -- the character's last bytes are still to come
+      if not final then return concat(out), s:sub(i) end
+      out[#out + 1] = REPLACEMENT
+      i = n + 1
+    else
+      out[#out + 1] = s:sub(i, i + len - 1)
+      i = i + len
+    end
+  end
+  return concat(out), ""
+end
+
 return M
