@@ -63,6 +63,8 @@ static const char td__usage[] =
   "  tide submit [--address A --key F] [--working-dir D] SCRIPT [ARGS...]\n"
   "  tide job list | status ID | logs ID [--follow] | stop ID\n"
   "                         run a driver script as a job on the running node\n"
+  "  tide timeline [--job ID] [-o FILE]\n"
+  "                         the node's tasks and actor calls as a Chrome trace (Perfetto)\n"
   "  tide run --address local SCRIPT / tide repl --address local\n"
   "                         attach a driver or a REPL to the running node\n"
   "  tide repl [resource flags]\n"
@@ -146,6 +148,13 @@ static const struct td__help {
    "Prints the running node's resources (used / total), workers, actors, tasks,\n"
    "objects and store use; on a head, every node of the cluster. A is local\n"
    "(the default), a node.sock path, or HOST:PORT with the cluster key.\n"},
+  {"timeline",
+   "usage: tide timeline [--job ID] [-o FILE] [--address A] [--key FILE]\n"
+   "\n"
+   "Writes the tasks and actor calls the running node kept (submitted, began,\n"
+   "ended, node, worker, argument bytes, name) as Chrome trace events: load\n"
+   "the file in Perfetto (ui.perfetto.dev) or chrome://tracing. On stdout\n"
+   "unless -o FILE. --job ID: only that job's work (tide submit).\n"},
   {"submit",
    "usage: tide submit [--address A] [--key FILE] [--working-dir D] SCRIPT [ARGS...]\n"
    "\n"
@@ -1361,6 +1370,24 @@ int main(int argc, char **argv) {
     if (kind == 0) setenv("TIDE_NODE_SOCKET", sock, 1);
     setenv("TIDE_EXE", td__exe, 1);
     return td__run(argc, argv, 1, path);
+  }
+  if (!strcmp(cmd, "timeline")) {
+    /* A client of the node: stdlib/tide/timelinecli.lua writes the trace. */
+    for (int k = 2; k < argc; k++) {
+      const char *a = argv[k];
+      if (td__is_help(a)) return td__help("timeline");
+      if (strcmp(a, "--job") && strcmp(a, "-o") && strcmp(a, "--output") && strcmp(a, "--address") &&
+          strcmp(a, "--key"))
+        return td__usage_error(a[0] == '-' ? "unknown option %s" : "timeline: unexpected argument %s", a);
+      if (k + 1 >= argc) return td__usage_error("option %s needs a value", a);
+      if (!strcmp(a, "--address")) setenv("TIDE_ADDRESS", argv[k + 1], 1);
+      if (!strcmp(a, "--key")) td__key_arg = argv[k + 1];
+      k++;
+    }
+    if (!getenv("TIDE_ADDRESS")) setenv("TIDE_ADDRESS", "local", 1);
+    char path[PATH_MAX + 32];
+    snprintf(path, sizeof(path), "%s/stdlib/tide/timelinecli.lua", td__home);
+    return td__run(argc, argv, 2, path);
   }
   if (!strcmp(cmd, "stop")) {
     int all = 0;

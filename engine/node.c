@@ -37,10 +37,13 @@ void td__task_finish(td_node_t *n, td_task_t *t);
 void td__inflight_add(td_node_t *n, td_wk_t *wk, td_task_t *t) {
   tq_push(&wk->inflight, t);
   t->slow = 0;
-  if (t->spec.kind != TD_K_TASK) return;
+  if (t->spec.kind != TD_K_TASK) {
+    if (n->tl) t->sent_at = td_now();  /* the timeline's start of a call */
+    return;
+  }
+  t->sent_at = td_now();
   td_fnstat_t *st = td_map_get(&n->fnstats, t->spec.fn_id);
   t->slow = !(st && st->avg < TD_SHORT_TASK);
-  t->sent_at = td_now();
   wk->nslow += t->slow;
 }
 
@@ -58,9 +61,15 @@ void td__inflight_del(td_node_t *n, td_wk_t *wk, td_task_t *t) {
   t->slow = 0;
 }
 
-static void td__task_timed(td_node_t *n, td_wk_t *wk, td_task_t *t) {
-  if (t->spec.kind != TD_K_TASK) return;
+/* A worker runs what it was sent in order: a task began when it was sent
+ * or when the one before it ended, whichever is later (a node link runs
+ * many at once: its tasks began when sent). */
+static void td__task_timed(td_node_t *n, td_wk_t *wk, td_task_t *t, int ok) {
+  if (t->spec.kind != TD_K_TASK && !n->tl) return;
   double now = td_now();
+  double begun = wk->kind == WK_NODE || t->sent_at > wk->last_done ? t->sent_at : wk->last_done;
+  if (n->tl) td__tl_record(n, t, wk, begun, now, ok, 1);
+  if (t->spec.kind != TD_K_TASK) { wk->last_done = now; return; }
   double dur = now - (t->sent_at > wk->last_done ? t->sent_at : wk->last_done);
   wk->last_done = now;
   td_fnstat_t *st = td_map_get(&n->fnstats, t->spec.fn_id);
@@ -317,7 +326,7 @@ static int td__on_done(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   }
   if (t) {
     td__inflight_del(n, wk, t);
-    td__task_timed(n, wk, t);
+    td__task_timed(n, wk, t, ok);
     if (td__task_fetching(n, t)) {
       td__unpin_deps(n, t);
       t->state = T_FETCHING;
@@ -960,6 +969,9 @@ int td_node_add_client(td_node_t *n, int fd) {
   /* The store fd goes first, beside one byte, as SCM_RIGHTS. */
   if (td_sock_send_fd(fd, td_store_fd(n->store))) { close(fd); return TD_EIO; }
   td_wk_t *wk = td__wk_add(n, td__new_wk_id(n), WK_CLIENT, fd);
+  struct ucred cred;
+  socklen_t cl = sizeof(cred);
+  if (n->tl && !getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &cl)) td__tl_client(n, wk->id, cred.pid);
   td_chan_begin(&wk->ch, TD_M_HELLO);
   td_buf_u64(&wk->ch.out, wk->id);
   td_buf_u64(&wk->ch.out, n->inline_max);
@@ -1016,6 +1028,7 @@ td_node_t *td_node_new(const td_node_opts_t *o) {
   td_map_init(&n->fns);
   td_map_init(&n->fnstats);
   td_buf_init(&n->tmp);
+  td__tl_init(n);
   td_node_res_index(n, "CPU");
   td_node_res_index(n, "GPU");
   td_node_res_index(n, "memory");
@@ -1058,6 +1071,7 @@ void td_node_destroy(td_node_t **np) {
     free(wk);
   }
   free(n->wks);
+  td__tl_free(n);
   size_t it = 0;
   void *v;
   while (td_map_next(&n->objs, &it, NULL, &v)) {

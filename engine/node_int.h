@@ -44,6 +44,7 @@ enum { A_PENDING, A_ALIVE, A_RESTARTING, A_DEAD };
 
 typedef struct td_task td_task_t;
 typedef struct td_actor td_actor_t;
+typedef struct td_tl td_tl_t;
 
 /* On a node: a worker's request passed on to the head, until it answers. */
 typedef struct td_relay {
@@ -162,6 +163,7 @@ struct td_task {
   td_wk_t *wk;           /* where it was sent */
   td_actor_t *actor;     /* for actor calls and creations */
   double sent_at;        /* when it was sent to its worker */
+  double submit_at;      /* when it was submitted (timeline only: 0 when it is off) */
   uint8_t slow;          /* not known to be short when sent */
   uint8_t node_held;     /* sent to a node link holding: 1 its resources, 2 a bundle's */
   uint8_t pooled;        /* a TD_TASK_TAIL record, reused from n->task_pool */
@@ -365,6 +367,7 @@ struct td_node {
   /* Free task and object records, reused: no malloc per task. */
   void **task_pool, **obj_pool;
   int ntask_pool, nobj_pool;
+  struct td_tl *tl;      /* the timeline's ring (timeline.c); NULL: not recording */
 };
 
 /* -- Queues ---------------------------------------------------------------- */
@@ -545,6 +548,14 @@ void td__reqs_check(td_node_t *n, double now);
 void td__restore_meta(void *ud, const char *key, const void *val, size_t len);
 td_wk_t *td__spawn(td_node_t *n, int kind, const int *gpus, int ngpus);
 td_wk_t *td__wk_add(td_node_t *n, uint64_t id, int kind, int fd);
+
+/* timeline.c: the ring of tasks and calls that ended. */
+void td__tl_init(td_node_t *n);
+void td__tl_free(td_node_t *n);
+void td__tl_client(td_node_t *n, uint64_t id, int32_t pid);
+void td__tl_record(td_node_t *n, const td_task_t *t, const td_wk_t *wk, double begun, double ended,
+                   int ok, int ran);
+void td__tl_failed(td_node_t *n, const td_task_t *t);
 
 /* cluster.c: links between a head and its nodes. */
 double td__cluster_max(td_node_t *n, int r);

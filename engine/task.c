@@ -216,6 +216,7 @@ void td__task_fail(td_node_t *n, td_task_t *t, const char *kind, const char *msg
   else
     snprintf(full, sizeof(full), "%s", msg);
   td__errblob(&n->tmp, kind, full);
+  if (n->tl) td__tl_failed(n, t);
   uint32_t nr = t->spec.nret < 0 ? 1 : (uint32_t)t->spec.nret;
   for (uint32_t i = 0; i < nr; i++) {
     td_obj_t *o = td__obj(n, t->spec.rets[i]);
@@ -337,6 +338,7 @@ static td_task_t *td__task_new(td_node_t *n, const td_spec_t *s) {
   if (s->args_len) memcpy(args, s->args, s->args_len);
   t->spec.args = args;
   t->retries_left = s->max_retries;
+  if (n->tl) t->submit_at = td_now();
   td_map_set(&n->tasks, t->id, t);
   return t;
 }

@@ -932,6 +932,75 @@ static int c_stats(lua_State *L) {
   return 1;
 }
 
+/* core.timeline() -> {dropped = n, events = {{name, kind, submit, start, end, ...}, ...}}
+ * | nil, why: the node's ring of tasks and calls that ended (timeline.c),
+ * times in unix seconds; stdlib/tide/timeline.lua makes Chrome trace events. */
+static void td__tl_push(void *ud, const td_tl_event_t *e) {
+  static const char *kinds[] = {"task", "actor_new", "actor_call"};
+  lua_State *L = ud;
+  double w = lua_tonumber(L, -2);  /* wall0, below the events table */
+  lua_createtable(L, 0, 18);
+  lua_pushstring(L, e->name);
+  lua_setfield(L, -2, "name");
+  lua_pushstring(L, e->kind <= TD_K_ACTOR_CALL ? kinds[e->kind] : "task");
+  lua_setfield(L, -2, "kind");
+  lua_pushnumber(L, e->submit > 0 ? e->submit + w : e->start + w);
+  lua_setfield(L, -2, "submit");
+  lua_pushnumber(L, e->start + w);
+  lua_setfield(L, -2, "start");
+  lua_pushnumber(L, e->end + w);
+  lua_setfield(L, -2, "end");
+  td_core_pushid(L, e->task);
+  lua_setfield(L, -2, "task_id");
+  if (e->ref) { td_core_pushid(L, e->ref); lua_setfield(L, -2, "ref"); }
+  td_core_pushid(L, e->owner);
+  lua_setfield(L, -2, "owner");
+  int32_t pid, ppid;
+  if (e->owner && !td_node_client_pid(td_ctx.node, e->owner, &pid, &ppid)) {
+    lua_pushinteger(L, pid);
+    lua_setfield(L, -2, "owner_pid");
+    lua_pushinteger(L, ppid);
+    lua_setfield(L, -2, "owner_ppid");
+  }
+  if (e->actor) { td_core_pushid(L, e->actor); lua_setfield(L, -2, "actor_id"); }
+  if (e->wk) { td_core_pushid(L, e->wk); lua_setfield(L, -2, "worker_id"); }
+  lua_pushinteger(L, e->node);
+  lua_setfield(L, -2, "node");
+  lua_pushinteger(L, e->pid);
+  lua_setfield(L, -2, "pid");
+  lua_pushnumber(L, e->args);
+  lua_setfield(L, -2, "args_bytes");
+  lua_pushboolean(L, e->ok);
+  lua_setfield(L, -2, "ok");
+  lua_pushboolean(L, e->ran);
+  lua_setfield(L, -2, "ran");
+  lua_rawseti(L, -2, (int)lua_objlen(L, -2) + 1);
+}
+
+static int c_timeline(lua_State *L) {
+  uint64_t dropped;
+  double wall0;
+  lua_settop(L, 0);
+  lua_pushnil(L);  /* wall0's slot, read by td__tl_push */
+  lua_newtable(L);
+  if (td_node_timeline(td_ctx.node, NULL, NULL, &dropped, &wall0)) {
+    lua_pushnil(L);
+    lua_pushliteral(L, "timeline recording is off on this node (TIDE_TIMELINE=0)");
+    return 2;
+  }
+  lua_pushnumber(L, wall0);
+  lua_replace(L, 1);
+  td_node_timeline(td_ctx.node, td__tl_push, L, &dropped, &wall0);
+  lua_createtable(L, 0, 3);
+  lua_insert(L, -2);
+  lua_setfield(L, -2, "events");
+  lua_pushnumber(L, (lua_Number)dropped);
+  lua_setfield(L, -2, "dropped");
+  lua_pushfstring(L, "node-%d", (int)td_node_index(td_ctx.node));
+  lua_setfield(L, -2, "node_id");
+  return 1;
+}
+
 /* core.persist(kind, key, bytes|nil): the head's store (persist.h). */
 static int c_persist(lua_State *L) {
   size_t n = 0;
@@ -1448,7 +1517,8 @@ static int c_decode(lua_State *L) {
 /* The op of those a client or worker sends without waiting for a reply. */
 static const char td__rpc_cast[] = "pg_remove";
 static const char *const td__rpc_ops[] = {"cancel", "kill", "get_actor", "actor_state", "pg_create",
-                                          "pg_remove", "pg_lookup", "resources", "stats", "nodes", NULL};
+                                          "pg_remove", "pg_lookup", "resources", "stats", "nodes",
+                                          "timeline", NULL};
 
 int luaopen_tide_core(lua_State *L) {
   if (luaL_newmetatable(L, TD_REF_MT)) {
@@ -1475,7 +1545,7 @@ int luaopen_tide_core(lua_State *L) {
     {"put", d_put}, {"sleep", d_sleep}, {"pump", d_pump}, {"state", d_state}, {"cancel", c_cancel}, {"kill", c_kill},
     {"get_actor", c_get_actor}, {"actor_state", c_actor_state}, {"pg_create", c_pg_create},
     {"pg_remove", c_pg_remove}, {"pg_lookup", c_pg_lookup}, {"resources", c_resources},
-    {"stats", c_stats}, {"nodes", c_nodes}, {"register_blob", c_register_blob},
+    {"stats", c_stats}, {"nodes", c_nodes}, {"timeline", c_timeline}, {"register_blob", c_register_blob},
     {"persist", c_persist}, {"persisted", c_persisted}, {"pkg_install", c_pkg_install}, {NULL, NULL}};
   static const luaL_Reg worker[] = {
     {"get1", w_get1}, {"getn", w_getn}, {"wait", w_wait}, {"stream_next", w_stream_next},
