@@ -24,6 +24,7 @@
 #include "persist.h"
 #include "pkg.h"
 #include "ser.h"
+#include "term.h"
 
 #include "node_int.h"
 
@@ -625,8 +626,7 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
       const uint8_t *s = td_rd_str(&rd, &l);
       if (rd.bad) return TD_EPROTO;
       uint64_t tid = rd.end - rd.p >= 8 ? td_rd_u64(&rd) : 0;
-      fwrite(s, 1, l, stdout);
-      fflush(stdout);
+      td_term_print(s, l);  /* above any progress bars */
       td__print_to_owner(n, tid, s, l);
       return 0;
     }

@@ -17,6 +17,7 @@
 #include <sys/un.h>
 
 #include "core.h"
+#include "term.h"
 
 enum { WK_TASK, WK_HOST, WK_GPUHOST, WK_CLIENT };
 
@@ -214,10 +215,7 @@ static int td__block(lua_State *L, uint32_t req, td_push_fn push, void *ud, int 
         td_rd_init(&rd, p, len);
         uint32_t l;
         const uint8_t *s = td_rd_str(&rd, &l);
-        if (!rd.bad) {
-          fwrite(s, 1, l, stdout);
-          fflush(stdout);
-        }
+        if (!rd.bad) td_term_print(s, l);  /* above any progress bars */
         continue;
       }
       if (type == TD_M_TASK && report && len >= 8) {

@@ -3,6 +3,7 @@
 #include "persist.h"
 #include "pkg.h"
 #include "bridge.h"
+#include "term.h"
 
 #include <lauxlib.h>
 #include <lualib.h>
@@ -1485,6 +1486,35 @@ int td_core_register_start(lua_State *L);
 void td_serve_register(lua_State *L);
 void td_core_driver_rpc(void);
 
+/* core.term_area(text), core.term_commit(text), core.term_print(text): the
+ * terminal's status area (term.h), for stdlib/tide/progress.lua. */
+static int c_term_area(lua_State *L) {
+  size_t l;
+  const char *s = luaL_optlstring(L, 1, "", &l);
+  td_term_area(s, l);
+  return 0;
+}
+
+static int c_term_commit(lua_State *L) {
+  size_t l;
+  const char *s = luaL_checklstring(L, 1, &l);
+  td_term_commit(s, l);
+  return 0;
+}
+
+static int c_term_print(lua_State *L) {
+  size_t l;
+  const char *s = luaL_checklstring(L, 1, &l);
+  td_term_print(s, l);
+  return 0;
+}
+
+/* core.now() -> monotonic seconds. */
+static int c_now(lua_State *L) {
+  lua_pushnumber(L, td_now());
+  return 1;
+}
+
 /* core.encode(v) -> string; core.decode(s) -> v: for __tide_ser hooks. */
 static int c_encode(lua_State *L) {
   luaL_checkany(L, 1);
@@ -1539,7 +1569,8 @@ int luaopen_tide_core(lua_State *L) {
   static const luaL_Reg common[] = {
     {"submit", c_submit}, {"actor_new", c_actor_new}, {"actor_call", c_actor_call},
     {"register", c_register}, {"context", c_context}, {"pkg_hash", c_pkg_hash},
-    {"encode", c_encode}, {"decode", c_decode}, {NULL, NULL}};
+    {"encode", c_encode}, {"decode", c_decode}, {"term_area", c_term_area}, {"term_commit", c_term_commit},
+    {"term_print", c_term_print}, {"now", c_now}, {NULL, NULL}};
   static const luaL_Reg driver[] = {
     {"get1", d_get1}, {"getn", d_getn}, {"wait", d_wait}, {"stream_next", d_stream_next},
     {"put", d_put}, {"sleep", d_sleep}, {"pump", d_pump}, {"state", d_state}, {"cancel", c_cancel}, {"kill", c_kill},

@@ -686,4 +686,7 @@ ActorHandle.__index = function(h, k)
   return handle_index(h, k)
 end
 
+-- tide.progress(total, {desc = ...}): a progress bar (stdlib/tide/progress.lua).
+M.progress = require("tide.progress").new
+
 return M
