@@ -143,11 +143,13 @@ static const struct td__help {
    "              machine, whatever its session directory\n"
    "  -h, --help  print this help\n"},
   {"status",
-   "usage: tide status [--address A] [--key FILE]\n"
+   "usage: tide status [--address A] [--key FILE] [--why REF_OR_TASK]\n"
    "\n"
    "Prints the running node's resources (used / total), workers, actors, tasks,\n"
    "objects and store use; on a head, every node of the cluster. A is local\n"
-   "(the default), a node.sock path, or HOST:PORT with the cluster key.\n"},
+   "(the default), a node.sock path, or HOST:PORT with the cluster key.\n"
+   "--why ID: why an object (the 16 hex digits of an ObjectRef) or a task (its\n"
+   "task_id) is not ready: what makes it, and where that task is.\n"},
   {"timeline",
    "usage: tide timeline [--job ID] [-o FILE] [--address A] [--key FILE]\n"
    "\n"
@@ -1403,6 +1405,15 @@ int main(int argc, char **argv) {
     snprintf(path, sizeof(path), "%s/stdlib/tide/status.lua", td__home);
     td__statuscmd = 1;
     int has_addr = 0;
+    /* --why REF_OR_TASK: status.lua explains that one thing instead. */
+    for (int k = 2; k < argc; k++) {
+      if (strcmp(argv[k], "--why")) continue;
+      if (k + 1 >= argc) return td__usage_error("option %s needs a value", argv[k]);
+      setenv("TIDE_STATUS_WHY", argv[k + 1], 1);
+      for (int j = k; j + 2 <= argc; j++) argv[j] = argv[j + 2];
+      argc -= 2;
+      k--;
+    }
     for (int k = 2; k < argc; k++) has_addr |= !strcmp(argv[k], "--address");
     if (!has_addr && !getenv("TIDE_ADDRESS")) setenv("TIDE_ADDRESS", "local", 1);
     return td__run(argc, argv, 2, path);

@@ -883,6 +883,8 @@ void td_node_pump(td_node_t *n, double timeout) {
   for (td_req_t *r = n->reqs; r; r = r->next)
     if (r->deadline > 0 && r->deadline - now < timeout) timeout = r->deadline - now;
   if (n->nunplaced && n->settle_until - now < timeout) timeout = n->settle_until - now + 0.001;
+  double scan = td__why_next(n, now);
+  if (scan < timeout) timeout = scan;
   /* Something changed after this round's checks (a stream's consumer let
    * items go in the tick): check again at once instead of sleeping. */
   if (timeout < 0 || n->dirty) timeout = 0;
@@ -930,6 +932,7 @@ void td_node_pump(td_node_t *n, double timeout) {
     }
   }
   if (n->nunplaced) td__unplaced_check(n, td_now());
+  if (n->hang_warn_s > 0 && n->tasks.len) td__why_tick(n, td_now());
   td__sched(n);
   if (n->ext_tick) n->ext_tick(n->ext_ud);
   td_node_flush(n);
@@ -1029,6 +1032,7 @@ td_node_t *td_node_new(const td_node_opts_t *o) {
   td_map_init(&n->fnstats);
   td_buf_init(&n->tmp);
   td__tl_init(n);
+  td__why_init(n);
   td_node_res_index(n, "CPU");
   td_node_res_index(n, "GPU");
   td_node_res_index(n, "memory");

@@ -219,4 +219,13 @@ int td_node_timeline(td_node_t *n, td_tl_cb cb, void *ud, uint64_t *dropped, dou
  * Returns 0 or TD_ENOTFOUND (not among the last 256 clients). */
 int td_node_client_pid(td_node_t *n, uint64_t id, int32_t *pid, int32_t *ppid);
 
+/* -- Why is it stuck (why.c) ------------------------------------------------- */
+
+enum { TD_WHY_STACK = 1,   /* ask a running task's worker for its Lua stack (on its stderr) */
+       TD_WHY_WARNED = 2 }; /* a waiter warned: the node does not name the task again */
+/* Writes into out (len bytes) why object or task id is not done: the task
+ * that makes it and where that task is. Returns 0, or TD_ENOTFOUND (out
+ * says so). */
+int td_node_why(td_node_t *n, uint64_t id, int flags, char *out, size_t len);
+
 #endif

@@ -164,6 +164,9 @@ struct td_task {
   td_actor_t *actor;     /* for actor calls and creations */
   double sent_at;        /* when it was sent to its worker */
   double submit_at;      /* when it was submitted (timeline only: 0 when it is off) */
+  double hang_seen;      /* why.c: when a scan saw it waiting (0: not yet) */
+  uint64_t hang_done;    /* why.c: n->ndone then; work that ended since re-arms the wait */
+  uint8_t hang_warned;   /* why.c: named once already */
   uint8_t slow;          /* not known to be short when sent */
   uint8_t node_held;     /* sent to a node link holding: 1 its resources, 2 a bundle's */
   uint8_t pooled;        /* a TD_TASK_TAIL record, reused from n->task_pool */
@@ -368,6 +371,9 @@ struct td_node {
   void **task_pool, **obj_pool;
   int ntask_pool, nobj_pool;
   struct td_tl *tl;      /* the timeline's ring (timeline.c); NULL: not recording */
+  uint64_t ndone;        /* tasks and calls ended here: progress, for why.c */
+  double hang_warn_s;    /* TIDE_HANG_WARN_S: a queued task this long without progress is named (0: off) */
+  double hang_scan_at;   /* why.c: when to look for such tasks next */
 };
 
 /* -- Queues ---------------------------------------------------------------- */
@@ -475,6 +481,7 @@ void td__sched(td_node_t *n);
 double td__task_gpus(const td_task_t *t);
 
 /* task.c: submission and tasks in flight. */
+void td__task_infeasible(td_node_t *n, td_task_t *t, char *why, size_t len);
 void td__count(td_wk_t *wk, td_map_t *m, uint64_t id, intptr_t d);
 int td__env_get(const char *env, uint32_t len, const char *key, char *out, size_t n);
 void td__give_back(td_node_t *n, td_wk_t *wk);
@@ -556,6 +563,11 @@ void td__tl_client(td_node_t *n, uint64_t id, int32_t pid);
 void td__tl_record(td_node_t *n, const td_task_t *t, const td_wk_t *wk, double begun, double ended,
                    int ok, int ran);
 void td__tl_failed(td_node_t *n, const td_task_t *t);
+
+/* why.c: why an object or task is not done; warnings about stuck tasks. */
+void td__why_init(td_node_t *n);
+double td__why_next(td_node_t *n, double now);
+void td__why_tick(td_node_t *n, double now);
 
 /* cluster.c: links between a head and its nodes. */
 double td__cluster_max(td_node_t *n, int r);

@@ -1002,6 +1002,21 @@ static int c_timeline(lua_State *L) {
   return 1;
 }
 
+/* core.why(ref | id, flags) -> text, found: why an object or task is not
+ * done (why.c); flags: 1 ask for the running task's Lua stack, 2 a waiter
+ * warned (the node does not name that task again). */
+static int c_why(lua_State *L) {
+  uint64_t id;
+  if (luaL_testudata(L, 1, TD_REF_MT)) id = td__checkref(L, 1);
+  else if (td_core_toid(L, 1, &id)) return luaL_argerror(L, 1, "expected an ObjectRef or a 16-hex-digit id");
+  int flags = (int)luaL_optinteger(L, 2, 0);
+  char buf[4096];
+  int rc = td_node_why(td_ctx.node, id, flags, buf, sizeof(buf));
+  lua_pushstring(L, buf);
+  lua_pushboolean(L, rc == 0);
+  return 2;
+}
+
 /* core.persist(kind, key, bytes|nil): the head's store (persist.h). */
 static int c_persist(lua_State *L) {
   size_t n = 0;
@@ -1548,7 +1563,7 @@ static int c_decode(lua_State *L) {
 static const char td__rpc_cast[] = "pg_remove";
 static const char *const td__rpc_ops[] = {"cancel", "kill", "get_actor", "actor_state", "pg_create",
                                           "pg_remove", "pg_lookup", "resources", "stats", "nodes",
-                                          "timeline", NULL};
+                                          "timeline", "why", NULL};
 
 int luaopen_tide_core(lua_State *L) {
   if (luaL_newmetatable(L, TD_REF_MT)) {
@@ -1576,7 +1591,8 @@ int luaopen_tide_core(lua_State *L) {
     {"put", d_put}, {"sleep", d_sleep}, {"pump", d_pump}, {"state", d_state}, {"cancel", c_cancel}, {"kill", c_kill},
     {"get_actor", c_get_actor}, {"actor_state", c_actor_state}, {"pg_create", c_pg_create},
     {"pg_remove", c_pg_remove}, {"pg_lookup", c_pg_lookup}, {"resources", c_resources},
-    {"stats", c_stats}, {"nodes", c_nodes}, {"timeline", c_timeline}, {"register_blob", c_register_blob},
+    {"stats", c_stats}, {"nodes", c_nodes}, {"timeline", c_timeline}, {"why", c_why},
+    {"register_blob", c_register_blob},
     {"persist", c_persist}, {"persisted", c_persisted}, {"pkg_install", c_pkg_install}, {NULL, NULL}};
   static const luaL_Reg worker[] = {
     {"get1", w_get1}, {"getn", w_getn}, {"wait", w_wait}, {"stream_next", w_stream_next},
