@@ -12,7 +12,7 @@ check() { if eval "$2"; then ok "$1"; else no "$1" "$3"; fi; }
 export TIDE_SESSION_DIR=$(mktemp -d /tmp/tide-timeline-test-XXXXXX)
 rmdir "$TIDE_SESSION_DIR"
 W=$(mktemp -d /tmp/tide-timeline-work-XXXXXX)
-trap '$T stop >/dev/null 2>&1; rm -rf "$W" "$TIDE_SESSION_DIR"' EXIT
+trap 'TIDE_SESSION_DIR="$W/n1" $T stop >/dev/null 2>&1; $T stop >/dev/null 2>&1; rm -rf "$W" "$TIDE_SESSION_DIR"' EXIT
 PORT=$((23000 + $$ % 1000))
 
 cat > "$W/known.lua" <<'LUA'
@@ -106,6 +106,25 @@ out=$($T timeline --job job-nope 2>&1); st=$?
 check "timeline --job with an unknown job fails naming it" '[ $st -eq 1 ] && echo "$out" | grep -q "no job job-nope"' "$out"
 out=$($T timeline --jobs x 2>&1); st=$?
 check "a bad flag is a usage error" '[ $st -eq 2 ] && echo "$out" | grep -q "unknown option --jobs"' "$out"
+# A node joins: the head records the work it sends there on that node's track.
+TIDE_SESSION_DIR="$W/n1" $T start --address 127.0.0.1:$PORT --key "$TIDE_SESSION_DIR/cluster.key" --num-cpus 1 \
+  > "$W/n1.out" 2>&1
+cat > "$W/remote.lua" <<'LUA'
+local tide = require("tide")
+local f = tide.remote(function(x) return x end):options({name = "remote", scheduling_strategy = {node_id = "node-1"}})
+local r = {}
+for i = 1, 3 do r[i] = f:remote(i) end
+print("REMOTE", #tide.get(r))
+LUA
+out=$($T run --address local "$W/remote.lua" 2>&1)
+$T timeline -o "$W/multi.json" 2>"$W/err"
+res=$(python3 -c "
+import json
+X = [e for e in json.load(open('$W/multi.json'))['traceEvents'] if e['ph'] == 'X' and e['name'] == 'remote']
+print(len(X), sorted(set((e['pid'], e['tid']) for e in X)))" 2>&1)
+check "work sent to node-1 is on node-1's track (pid 1)" 'echo "$out" | grep -q "REMOTE	3" && [ "$res" = "3 [(1, 0)]" ]' \
+  "$out $res $(cat "$W/n1.out" "$W/err")"
+TIDE_SESSION_DIR="$W/n1" $T stop >/dev/null 2>&1
 $T stop >/dev/null 2>&1
 
 # The ring is bounded: the oldest records go and are counted.
