@@ -675,7 +675,13 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
       if (a && a->host == wk && a->create) {
         td_obj_t *o = td__obj(n, a->create->spec.rets[0]);
         uint8_t tt = TD_T_TRUE;
-        if (o && o->state == OBJ_PENDING) td__obj_set(n, o, OBJ_READY, 0, &tt, 1, 0, NULL, 0);
+        if (o && o->state == OBJ_PENDING) {
+          td__obj_set(n, o, OBJ_READY, 0, &tt, 1, 0, NULL, 0);
+          if (n->tl) {  /* its calls sent meanwhile begin after init */
+            wk->last_done = td_now();
+            td__tl_record(n, a->create, wk, a->create->sent_at, wk->last_done, 1, 1);
+          }
+        }
       }
       return rd.bad ? TD_EPROTO : 0;
     }

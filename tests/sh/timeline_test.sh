@@ -53,6 +53,9 @@ def want(cond, msg):
 want(len(names("square")) == 6, "6 square runs, got %d" % len(names("square")))
 want(len(names("outer")) == 1 and len(names("inner")) == 1, "one outer and one inner")
 want(len(names("ctr.add")) == 3, "3 ctr.add calls, got %d" % len(names("ctr.add")))
+want(len(names("ctr.new")) == 1, "the actor's creation, ctr.new")
+want(names("ctr.new")[0]["ts"] + names("ctr.new")[0]["dur"] <= min(e["ts"] for e in names("ctr.add")) + 1,
+     "the actor is created before its calls run")
 want(len(names("bigarg")) == 1 and names("bigarg")[0]["args"]["args_bytes"] >= 20000, "bigarg's args_bytes")
 for e in X:
     for k in ("ts", "dur", "pid", "tid", "args"):
