@@ -84,8 +84,20 @@ static void td__tl_name(const td_task_t *t, char *out, size_t len) {
   const td_spec_t *s = &t->spec;
   const char *src = s->kind == TD_K_ACTOR_CALL ? s->method : s->name;
   size_t k = strnlen(src, len - 1);
+  /* Cut at a character, not inside one: the trace must stay UTF-8. */
+  if (src[k]) while (k > 0 && ((unsigned char)src[k] & 0xC0) == 0x80) k--;
   memcpy(out, src, k);
   out[k] = 0;
+}
+
+/* Drops a UTF-8 sequence that formatting cut short at the end of s. */
+static void td__utf8_trim(char *s) {
+  size_t l = strlen(s), i = l;
+  while (i > 0 && ((unsigned char)s[i - 1] & 0xC0) == 0x80) i--;
+  if (i == 0) return;
+  unsigned char lead = (unsigned char)s[i - 1];
+  size_t want = lead >= 0xF0 ? 4 : lead >= 0xE0 ? 3 : lead >= 0xC0 ? 2 : 1;
+  if (l - (i - 1) < want) s[i - 1] = 0;
 }
 
 /* The name as the user knows it: Actor.method for calls (the actor's
@@ -100,6 +112,7 @@ static void td__tl_fullname(td_node_t *n, const td_tl_event_t *e, char *out, siz
   } else {
     snprintf(out, len, "%.44s", e->name[0] ? e->name : "task");
   }
+  td__utf8_trim(out);
 }
 
 /* Records t's run: begun..ended on wk (ran 1), or its failure before it

@@ -29,6 +29,8 @@ local c = C:options({name = "ctr"}):remote()
 local calls = {}
 for i = 1, 3 do calls[i] = c:add(string.rep("x", i * 1000) and i) end
 assert(tide.get(calls[3]) == 6)
+-- A long name of 2-byte characters is cut at a character (the trace stays UTF-8).
+tide.get(tide.remote(function() return 1 end):options({name = "x" .. string.rep("é", 40)}):remote())
 local big = tide.remote(function(s) return #s end):options({name = "bigarg"})
 assert(tide.get(big:remote(string.rep("y", 20000))) == 20000)
 print("KNOWN OK")
@@ -54,6 +56,7 @@ want(len(names("square")) == 6, "6 square runs, got %d" % len(names("square")))
 want(len(names("outer")) == 1 and len(names("inner")) == 1, "one outer and one inner")
 want(len(names("ctr.add")) == 3, "3 ctr.add calls, got %d" % len(names("ctr.add")))
 want(len(names("ctr.new")) == 1, "the actor's creation, ctr.new")
+want(len(names("x" + "\u00e9" * 21)) == 1, "the long name, cut after its 21st é (43 bytes), not inside the 22nd")
 want(names("ctr.new")[0]["ts"] + names("ctr.new")[0]["dur"] <= min(e["ts"] for e in names("ctr.add")) + 1,
      "the actor is created before its calls run")
 want(len(names("bigarg")) == 1 and names("bigarg")[0]["args"]["args_bytes"] >= 20000, "bigarg's args_bytes")
