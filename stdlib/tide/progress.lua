@@ -72,6 +72,20 @@ local function width()
   return c and c >= 20 and c or 80
 end
 
+-- The first n bytes of s, never ending inside a UTF-8 character.
+local function cut(s, n)
+  if #s <= n then return s end
+  s = s:sub(1, n)
+  local i = #s
+  while i > 0 and s:byte(i) >= 0x80 and s:byte(i) < 0xC0 do i = i - 1 end
+  if i > 0 then
+    local b = s:byte(i)
+    local want = b >= 0xF0 and 4 or b >= 0xE0 and 3 or b >= 0xC0 and 2 or 1
+    if #s - i + 1 < want then s = s:sub(1, i - 1) end
+  end
+  return s
+end
+
 local function hms(s)
   if s ~= s or s == math.huge or s < 0 then return "?" end
   s = floor(s + 0.5)
@@ -94,7 +108,7 @@ end
 function Bar:line(w, t)
   if self.text then
     local s = (self.desc ~= "" and (self.desc .. ": ") or "") .. self.text
-    return w and #s > w - 1 and s:sub(1, w - 1) or s
+    return w and cut(s, w - 1) or s
   end
   t = t or now()
   local el = t - self.t0
@@ -120,7 +134,7 @@ function Bar:line(w, t)
     tail = format("%s %s [%s, %s]", num(self.count), self.unit, rate_str(r, self.unit), hms(el))
   end
   local s = head .. tail .. (self.postfix and (" " .. self.postfix) or "")
-  if w and #s > w - 1 then s = s:sub(1, w - 1) end
+  if w then s = cut(s, w - 1) end
   return s
 end
 

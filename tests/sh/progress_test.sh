@@ -92,6 +92,16 @@ PY
      [ "$(tail -4 "$W/screen" | cut -c1-5 | tr "\n" " ")" = "read: map:  write UPDAT " ]' "$(cat "$W/screen")"
   check "no print is torn by a bar (each print line is whole on the screen)" \
     '[ "$(grep -c "says" "$W/screen")" -eq "$(grep -c "says [0-9]*$" "$W/screen")" ]' "$(cat "$W/screen")"
+  # A line cut to the terminal's width is cut at a character (é is 2 bytes).
+  cat > "$W/utf8.lua" <<'LUA'
+local tide = require("tide")
+local b = tide.progress(10, {desc = "xy" .. string.rep("\195\169", 60)})
+b:update(); b:close()
+LUA
+  COLUMNS=40 script -q -c "$T run --num-cpus 1 $W/utf8.lua" /dev/null > "$W/utf8" 2>&1 </dev/null
+  check "a bar cut to the terminal's width stays UTF-8" \
+    'python3 -c "import sys; sys.stdin.buffer.read().decode(\"utf-8\")" < "$W/utf8" && grep -q "x" "$W/utf8"' \
+    "$(od -c "$W/utf8" | head -5)"
 else
   no "script(1) is needed for the terminal tests" "install bsdutils"
 fi
