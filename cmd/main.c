@@ -63,6 +63,8 @@ static const char td__usage[] =
   "  tide submit [--address A --key F] [--working-dir D] SCRIPT [ARGS...]\n"
   "  tide job list | status ID | logs ID [--follow] | stop ID\n"
   "                         run a driver script as a job on the running node\n"
+  "  tide timeline [--job ID] [-o FILE]\n"
+  "                         the node's tasks and actor calls as a Chrome trace (Perfetto)\n"
   "  tide run --address local SCRIPT / tide repl --address local\n"
   "                         attach a driver or a REPL to the running node\n"
   "  tide repl [resource flags]\n"
@@ -141,11 +143,20 @@ static const struct td__help {
    "              machine, whatever its session directory\n"
    "  -h, --help  print this help\n"},
   {"status",
-   "usage: tide status [--address A] [--key FILE]\n"
+   "usage: tide status [--address A] [--key FILE] [--why REF_OR_TASK]\n"
    "\n"
    "Prints the running node's resources (used / total), workers, actors, tasks,\n"
    "objects and store use; on a head, every node of the cluster. A is local\n"
-   "(the default), a node.sock path, or HOST:PORT with the cluster key.\n"},
+   "(the default), a node.sock path, or HOST:PORT with the cluster key.\n"
+   "--why ID: why an object (the 16 hex digits of an ObjectRef) or a task (its\n"
+   "task_id) is not ready: what makes it, and where that task is.\n"},
+  {"timeline",
+   "usage: tide timeline [--job ID] [-o FILE] [--address A] [--key FILE]\n"
+   "\n"
+   "Writes the tasks and actor calls the running node kept (submitted, began,\n"
+   "ended, node, worker, argument bytes, name) as Chrome trace events: load\n"
+   "the file in Perfetto (ui.perfetto.dev) or chrome://tracing. On stdout\n"
+   "unless -o FILE. --job ID: only that job's work (tide submit).\n"},
   {"submit",
    "usage: tide submit [--address A] [--key FILE] [--working-dir D] SCRIPT [ARGS...]\n"
    "\n"
@@ -1362,6 +1373,24 @@ int main(int argc, char **argv) {
     setenv("TIDE_EXE", td__exe, 1);
     return td__run(argc, argv, 1, path);
   }
+  if (!strcmp(cmd, "timeline")) {
+    /* A client of the node: stdlib/tide/timelinecli.lua writes the trace. */
+    for (int k = 2; k < argc; k++) {
+      const char *a = argv[k];
+      if (td__is_help(a)) return td__help("timeline");
+      if (strcmp(a, "--job") && strcmp(a, "-o") && strcmp(a, "--output") && strcmp(a, "--address") &&
+          strcmp(a, "--key"))
+        return td__usage_error(a[0] == '-' ? "unknown option %s" : "timeline: unexpected argument %s", a);
+      if (k + 1 >= argc) return td__usage_error("option %s needs a value", a);
+      if (!strcmp(a, "--address")) setenv("TIDE_ADDRESS", argv[k + 1], 1);
+      if (!strcmp(a, "--key")) td__key_arg = argv[k + 1];
+      k++;
+    }
+    if (!getenv("TIDE_ADDRESS")) setenv("TIDE_ADDRESS", "local", 1);
+    char path[PATH_MAX + 32];
+    snprintf(path, sizeof(path), "%s/stdlib/tide/timelinecli.lua", td__home);
+    return td__run(argc, argv, 2, path);
+  }
   if (!strcmp(cmd, "stop")) {
     int all = 0;
     for (int k = 2; k < argc; k++) {
@@ -1376,6 +1405,15 @@ int main(int argc, char **argv) {
     snprintf(path, sizeof(path), "%s/stdlib/tide/status.lua", td__home);
     td__statuscmd = 1;
     int has_addr = 0;
+    /* --why REF_OR_TASK: status.lua explains that one thing instead. */
+    for (int k = 2; k < argc; k++) {
+      if (strcmp(argv[k], "--why")) continue;
+      if (k + 1 >= argc) return td__usage_error("option %s needs a value", argv[k]);
+      setenv("TIDE_STATUS_WHY", argv[k + 1], 1);
+      for (int j = k; j + 2 <= argc; j++) argv[j] = argv[j + 2];
+      argc -= 2;
+      k--;
+    }
     for (int k = 2; k < argc; k++) has_addr |= !strcmp(argv[k], "--address");
     if (!has_addr && !getenv("TIDE_ADDRESS")) setenv("TIDE_ADDRESS", "local", 1);
     return td__run(argc, argv, 2, path);

@@ -24,6 +24,7 @@
 #include "persist.h"
 #include "pkg.h"
 #include "value.h"
+#include "term.h"
 
 #include "node_int.h"
 
@@ -37,10 +38,13 @@ void td__task_finish(td_node_t *n, td_task_t *t);
 void td__inflight_add(td_node_t *n, td_wk_t *wk, td_task_t *t) {
   tq_push(&wk->inflight, t);
   t->slow = 0;
-  if (t->spec.kind != TD_K_TASK) return;
+  if (t->spec.kind != TD_K_TASK) {
+    if (n->tl) t->sent_at = td_now();  /* the timeline's start of a call */
+    return;
+  }
+  t->sent_at = td_now();
   td_fnstat_t *st = td_map_get(&n->fnstats, t->spec.fn_id);
   t->slow = !(st && st->avg < TD_SHORT_TASK);
-  t->sent_at = td_now();
   wk->nslow += t->slow;
 }
 
@@ -58,9 +62,15 @@ void td__inflight_del(td_node_t *n, td_wk_t *wk, td_task_t *t) {
   t->slow = 0;
 }
 
-static void td__task_timed(td_node_t *n, td_wk_t *wk, td_task_t *t) {
-  if (t->spec.kind != TD_K_TASK) return;
+/* A worker runs what it was sent in order: a task began when it was sent
+ * or when the one before it ended, whichever is later (a node link runs
+ * many at once: its tasks began when sent). */
+static void td__task_timed(td_node_t *n, td_wk_t *wk, td_task_t *t, int ok) {
+  if (t->spec.kind != TD_K_TASK && !n->tl) return;
   double now = td_now();
+  double begun = wk->kind == WK_NODE || t->sent_at > wk->last_done ? t->sent_at : wk->last_done;
+  if (n->tl) td__tl_record(n, t, wk, begun, now, ok, 1);
+  if (t->spec.kind != TD_K_TASK) { wk->last_done = now; return; }
   double dur = now - (t->sent_at > wk->last_done ? t->sent_at : wk->last_done);
   wk->last_done = now;
   td_fnstat_t *st = td_map_get(&n->fnstats, t->spec.fn_id);
@@ -317,7 +327,7 @@ static int td__on_done(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   }
   if (t) {
     td__inflight_del(n, wk, t);
-    td__task_timed(n, wk, t);
+    td__task_timed(n, wk, t, ok);
     if (td__task_fetching(n, t)) {
       td__unpin_deps(n, t);
       t->state = T_FETCHING;
@@ -616,8 +626,7 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
       const uint8_t *s = td_rd_str(&rd, &l);
       if (rd.bad) return TD_EPROTO;
       uint64_t tid = rd.end - rd.p >= 8 ? td_rd_u64(&rd) : 0;
-      fwrite(s, 1, l, stdout);
-      fflush(stdout);
+      td_term_print(s, l);  /* above any progress bars */
       td__print_to_owner(n, tid, s, l);
       return 0;
     }
@@ -666,7 +675,13 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
       if (a && a->host == wk && a->create) {
         td_obj_t *o = td__obj(n, a->create->spec.rets[0]);
         uint8_t tt = TD_T_TRUE;
-        if (o && o->state == OBJ_PENDING) td__obj_set(n, o, OBJ_READY, 0, &tt, 1, 0, NULL, 0);
+        if (o && o->state == OBJ_PENDING) {
+          td__obj_set(n, o, OBJ_READY, 0, &tt, 1, 0, NULL, 0);
+          if (n->tl) {  /* its calls sent meanwhile begin after init */
+            wk->last_done = td_now();
+            td__tl_record(n, a->create, wk, a->create->sent_at, wk->last_done, 1, 1);
+          }
+        }
       }
       return rd.bad ? TD_EPROTO : 0;
     }
@@ -874,6 +889,8 @@ void td_node_pump(td_node_t *n, double timeout) {
   for (td_req_t *r = n->reqs; r; r = r->next)
     if (r->deadline > 0 && r->deadline - now < timeout) timeout = r->deadline - now;
   if (n->nunplaced && n->settle_until - now < timeout) timeout = n->settle_until - now + 0.001;
+  double scan = td__why_next(n, now);
+  if (scan < timeout) timeout = scan;
   /* Something changed after this round's checks (a stream's consumer let
    * items go in the tick): check again at once instead of sleeping. */
   if (timeout < 0 || n->dirty) timeout = 0;
@@ -921,6 +938,7 @@ void td_node_pump(td_node_t *n, double timeout) {
     }
   }
   if (n->nunplaced) td__unplaced_check(n, td_now());
+  if (n->hang_warn_s > 0 && n->tasks.len) td__why_tick(n, td_now());
   td__sched(n);
   if (n->ext_tick) n->ext_tick(n->ext_ud);
   td_node_flush(n);
@@ -960,6 +978,9 @@ int td_node_add_client(td_node_t *n, int fd) {
   /* The store fd goes first, beside one byte, as SCM_RIGHTS. */
   if (td_sock_send_fd(fd, td_store_fd(n->store))) { close(fd); return TD_EIO; }
   td_wk_t *wk = td__wk_add(n, td__new_wk_id(n), WK_CLIENT, fd);
+  struct ucred cred;
+  socklen_t cl = sizeof(cred);
+  if (n->tl && !getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &cl)) td__tl_client(n, wk->id, cred.pid);
   td_chan_begin(&wk->ch, TD_M_HELLO);
   td_buf_u64(&wk->ch.out, wk->id);
   td_buf_u64(&wk->ch.out, n->inline_max);
@@ -1016,6 +1037,8 @@ td_node_t *td_node_new(const td_node_opts_t *o) {
   td_map_init(&n->fns);
   td_map_init(&n->fnstats);
   td_buf_init(&n->tmp);
+  td__tl_init(n);
+  td__why_init(n);
   td_node_res_index(n, "CPU");
   td_node_res_index(n, "GPU");
   td_node_res_index(n, "memory");
@@ -1093,6 +1116,7 @@ void td_node_destroy(td_node_t **np) {
     free(wk);
   }
   free(n->wks);
+  td__tl_free(n);
   size_t it = 0;
   void *v;
   while (td_map_next(&n->objs, &it, NULL, &v)) {

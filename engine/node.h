@@ -199,4 +199,42 @@ int td_node_cluster(td_node_t *n, td_node_info_t *out, int max);
 void td_node_stats(td_node_t *n, td_node_stats_t *st);
 uint64_t td_wk_id(const td_wk_t *wk);
 
+/* -- Timeline (timeline.c) --------------------------------------------------- */
+
+/* One task or actor call that ended on this node (or that it sent to another
+ * node, as the head sees it). Times are td_now() seconds; add the wall0 of
+ * td_node_timeline for unix time. */
+typedef struct td_tl_event {
+  double submit, start, end; /* submitted; began on its worker (or was sent to a node); ended */
+  uint64_t task;             /* this node's task id */
+  uint64_t ref;              /* its first return's object id (0: none) */
+  uint64_t owner;            /* the client whose work it is (0: the node's driver) */
+  uint64_t actor;            /* calls and creations: the actor */
+  uint64_t wk;               /* the worker that ran it (0: another node's) */
+  uint32_t node;             /* index of the node that ran it */
+  int32_t pid;               /* the worker's process (0: another node's) */
+  uint32_t args;             /* bytes of its encoded arguments */
+  uint8_t kind;              /* TD_K_* */
+  uint8_t ok;                /* 1: it returned; 0: it raised or failed */
+  uint8_t ran;               /* 0: it failed before any worker ran it */
+  char name[45];             /* task name, or actor.method */
+} td_tl_event_t;
+typedef void (*td_tl_cb)(void *ud, const td_tl_event_t *e);
+/* Calls cb on every kept record, oldest first; *dropped is how many were
+ * overwritten before. Returns 0, or TD_ENOTFOUND when recording is off
+ * (TIDE_TIMELINE=0). */
+int td_node_timeline(td_node_t *n, td_tl_cb cb, void *ud, uint64_t *dropped, double *wall0);
+/* The process of a client that attached (a task's owner) and its parent.
+ * Returns 0 or TD_ENOTFOUND (not among the last 256 clients). */
+int td_node_client_pid(td_node_t *n, uint64_t id, int32_t *pid, int32_t *ppid);
+
+/* -- Why is it stuck (why.c) ------------------------------------------------- */
+
+enum { TD_WHY_STACK = 1,   /* ask a running task's worker for its Lua stack (on its stderr) */
+       TD_WHY_WARNED = 2 }; /* a waiter warned: the node does not name the task again */
+/* Writes into out (len bytes) why object or task id is not done: the task
+ * that makes it and where that task is. Returns 0, or TD_ENOTFOUND (out
+ * says so). */
+int td_node_why(td_node_t *n, uint64_t id, int flags, char *out, size_t len);
+
 #endif

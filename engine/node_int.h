@@ -40,6 +40,7 @@ enum { A_PENDING, A_ALIVE, A_RESTARTING, A_DEAD };
 
 typedef struct td_task td_task_t;
 typedef struct td_actor td_actor_t;
+typedef struct td_tl td_tl_t;
 
 /* On a node: a worker's request passed on to the head, until it answers. */
 typedef struct td_relay {
@@ -158,6 +159,10 @@ struct td_task {
   td_wk_t *wk;           /* where it was sent */
   td_actor_t *actor;     /* for actor calls and creations */
   double sent_at;        /* when it was sent to its worker */
+  double submit_at;      /* when it was submitted (timeline only: 0 when it is off) */
+  double hang_seen;      /* why.c: when a scan saw it waiting (0: not yet) */
+  uint64_t hang_done;    /* why.c: n->ndone then; work that ended since re-arms the wait */
+  uint8_t hang_warned;   /* why.c: named once already */
   uint8_t slow;          /* not known to be short when sent */
   uint8_t node_held;     /* sent to a node link holding: 1 its resources, 2 a bundle's */
   uint8_t pooled;        /* a TD_TASK_TAIL record, reused from n->task_pool */
@@ -361,6 +366,10 @@ struct td_node {
   /* Free task and object records, reused: no malloc per task. */
   void **task_pool, **obj_pool;
   int ntask_pool, nobj_pool;
+  struct td_tl *tl;      /* the timeline's ring (timeline.c); NULL: not recording */
+  uint64_t ndone;        /* tasks and calls ended here: progress, for why.c */
+  double hang_warn_s;    /* TIDE_HANG_WARN_S: a queued task this long without progress is named (0: off) */
+  double hang_scan_at;   /* why.c: when to look for such tasks next */
 };
 
 /* -- Queues ---------------------------------------------------------------- */
@@ -468,6 +477,7 @@ void td__sched(td_node_t *n);
 double td__task_gpus(const td_task_t *t);
 
 /* task.c: submission and tasks in flight. */
+void td__task_infeasible(td_node_t *n, td_task_t *t, char *why, size_t len);
 void td__count(td_wk_t *wk, td_map_t *m, uint64_t id, intptr_t d);
 int td__env_get(const char *env, uint32_t len, const char *key, char *out, size_t n);
 void td__give_back(td_node_t *n, td_wk_t *wk);
@@ -541,6 +551,19 @@ void td__reqs_check(td_node_t *n, double now);
 void td__restore_meta(void *ud, const char *key, const void *val, size_t len);
 td_wk_t *td__spawn(td_node_t *n, int kind, const int *gpus, int ngpus);
 td_wk_t *td__wk_add(td_node_t *n, uint64_t id, int kind, int fd);
+
+/* timeline.c: the ring of tasks and calls that ended. */
+void td__tl_init(td_node_t *n);
+void td__tl_free(td_node_t *n);
+void td__tl_client(td_node_t *n, uint64_t id, int32_t pid);
+void td__tl_record(td_node_t *n, const td_task_t *t, const td_wk_t *wk, double begun, double ended,
+                   int ok, int ran);
+void td__tl_failed(td_node_t *n, const td_task_t *t);
+
+/* why.c: why an object or task is not done; warnings about stuck tasks. */
+void td__why_init(td_node_t *n);
+double td__why_next(td_node_t *n, double now);
+void td__why_tick(td_node_t *n, double now);
 
 /* cluster.c: links between a head and its nodes. */
 double td__cluster_max(td_node_t *n, int r);

@@ -200,6 +200,7 @@ void td__lease_done(td_node_t *n, td_wk_t *wk) {
 /* Ends a task: every return gets `blob` as an error (when given). */
 void td__task_finish(td_node_t *n, td_task_t *t) {
   t->state = T_DONE;
+  n->ndone++;
   td__unpin_deps(n, t);
   uint32_t nr = t->spec.nret < 0 ? 1 : (uint32_t)t->spec.nret;
   for (uint32_t i = 0; i < nr; i++) {
@@ -216,6 +217,7 @@ void td__task_fail(td_node_t *n, td_task_t *t, const char *kind, const char *msg
   else
     snprintf(full, sizeof(full), "%s", msg);
   td__errblob(&n->tmp, kind, full);
+  if (n->tl) td__tl_failed(n, t);
   uint32_t nr = t->spec.nret < 0 ? 1 : (uint32_t)t->spec.nret;
   for (uint32_t i = 0; i < nr; i++) {
     td_obj_t *o = td__obj(n, t->spec.rets[i]);
@@ -337,13 +339,14 @@ static td_task_t *td__task_new(td_node_t *n, const td_spec_t *s) {
   if (s->args_len) memcpy(args, s->args, s->args_len);
   t->spec.args = args;
   t->retries_left = s->max_retries;
+  if (n->tl) t->submit_at = td_now();
   td_map_set(&n->tasks, t->id, t);
   return t;
 }
 
 /* Why t can never run, in why ("" if it can): its placement group or
  * bundle is gone, or it asks for more than any node has. */
-static void td__infeasible(td_node_t *n, td_task_t *t, char *why, size_t len) {
+void td__task_infeasible(td_node_t *n, td_task_t *t, char *why, size_t len) {
   const td_spec_t *s = &t->spec;
   why[0] = 0;
   if (s->pg_id) {
@@ -385,7 +388,7 @@ void td__unplaced_check(td_node_t *n, double now) {
     next = t->next;
     if (!t->unplaced) continue;
     t->unplaced = 0;
-    td__infeasible(n, t, why, sizeof(why));
+    td__task_infeasible(n, t, why, sizeof(why));
     if (!why[0]) continue;
     size_t l = strlen(why);
     snprintf(why + l, sizeof(why) - l, " (no node that has it came back in time)");
@@ -458,7 +461,7 @@ int td_node_submit(td_node_t *n, const td_spec_t *s, const char **msg) {
    * rather than wait forever -- unless nodes may still rejoin (a head
    * that restarted, a node that just left): then it waits for them. */
   char why[400] = "";
-  if (s->kind != TD_K_ACTOR_CALL) td__infeasible(n, t, why, sizeof(why));
+  if (s->kind != TD_K_ACTOR_CALL) td__task_infeasible(n, t, why, sizeof(why));
   int wait = why[0] && !s->pg_id && n->settle_until > td_now() && td__fits(n->settle_max, t);
   if (wait) why[0] = 0, t->unplaced = 1;
   if (why[0] && n->restoring) why[0] = 0;  /* its nodes have not rejoined yet */

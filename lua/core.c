@@ -3,6 +3,7 @@
 #include "persist.h"
 #include "pkg.h"
 #include "bridge.h"
+#include "term.h"
 
 #include <lauxlib.h>
 #include <lualib.h>
@@ -935,6 +936,90 @@ static int c_stats(lua_State *L) {
   return 1;
 }
 
+/* core.timeline() -> {dropped = n, events = {{name, kind, submit, start, end, ...}, ...}}
+ * | nil, why: the node's ring of tasks and calls that ended (timeline.c),
+ * times in unix seconds; stdlib/tide/timeline.lua makes Chrome trace events. */
+static void td__tl_push(void *ud, const td_tl_event_t *e) {
+  static const char *kinds[] = {"task", "actor_new", "actor_call"};
+  lua_State *L = ud;
+  double w = lua_tonumber(L, -2);  /* wall0, below the events table */
+  lua_createtable(L, 0, 18);
+  lua_pushstring(L, e->name);
+  lua_setfield(L, -2, "name");
+  lua_pushstring(L, e->kind <= TD_K_ACTOR_CALL ? kinds[e->kind] : "task");
+  lua_setfield(L, -2, "kind");
+  lua_pushnumber(L, e->submit > 0 ? e->submit + w : e->start + w);
+  lua_setfield(L, -2, "submit");
+  lua_pushnumber(L, e->start + w);
+  lua_setfield(L, -2, "start");
+  lua_pushnumber(L, e->end + w);
+  lua_setfield(L, -2, "end");
+  td_core_pushid(L, e->task);
+  lua_setfield(L, -2, "task_id");
+  if (e->ref) { td_core_pushid(L, e->ref); lua_setfield(L, -2, "ref"); }
+  td_core_pushid(L, e->owner);
+  lua_setfield(L, -2, "owner");
+  int32_t pid, ppid;
+  if (e->owner && !td_node_client_pid(td_ctx.node, e->owner, &pid, &ppid)) {
+    lua_pushinteger(L, pid);
+    lua_setfield(L, -2, "owner_pid");
+    lua_pushinteger(L, ppid);
+    lua_setfield(L, -2, "owner_ppid");
+  }
+  if (e->actor) { td_core_pushid(L, e->actor); lua_setfield(L, -2, "actor_id"); }
+  if (e->wk) { td_core_pushid(L, e->wk); lua_setfield(L, -2, "worker_id"); }
+  lua_pushinteger(L, e->node);
+  lua_setfield(L, -2, "node");
+  lua_pushinteger(L, e->pid);
+  lua_setfield(L, -2, "pid");
+  lua_pushnumber(L, e->args);
+  lua_setfield(L, -2, "args_bytes");
+  lua_pushboolean(L, e->ok);
+  lua_setfield(L, -2, "ok");
+  lua_pushboolean(L, e->ran);
+  lua_setfield(L, -2, "ran");
+  lua_rawseti(L, -2, (int)lua_objlen(L, -2) + 1);
+}
+
+static int c_timeline(lua_State *L) {
+  uint64_t dropped;
+  double wall0;
+  lua_settop(L, 0);
+  lua_pushnil(L);  /* wall0's slot, read by td__tl_push */
+  lua_newtable(L);
+  if (td_node_timeline(td_ctx.node, NULL, NULL, &dropped, &wall0)) {
+    lua_pushnil(L);
+    lua_pushliteral(L, "timeline recording is off on this node (TIDE_TIMELINE=0)");
+    return 2;
+  }
+  lua_pushnumber(L, wall0);
+  lua_replace(L, 1);
+  td_node_timeline(td_ctx.node, td__tl_push, L, &dropped, &wall0);
+  lua_createtable(L, 0, 3);
+  lua_insert(L, -2);
+  lua_setfield(L, -2, "events");
+  lua_pushnumber(L, (lua_Number)dropped);
+  lua_setfield(L, -2, "dropped");
+  lua_pushfstring(L, "node-%d", (int)td_node_index(td_ctx.node));
+  lua_setfield(L, -2, "node_id");
+  return 1;
+}
+
+/* core.why(ref | id, flags) -> text, found: why an object or task is not
+ * done (why.c); flags: 1 ask for the running task's Lua stack, 2 a waiter
+ * warned (the node does not name that task again). */
+static int c_why(lua_State *L) {
+  uint64_t id;
+  if (luaL_testudata(L, 1, TD_REF_MT)) id = td__checkref(L, 1);
+  else if (td_core_toid(L, 1, &id)) return luaL_argerror(L, 1, "expected an ObjectRef or a 16-hex-digit id");
+  int flags = (int)luaL_optinteger(L, 2, 0);
+  char buf[4096];
+  int rc = td_node_why(td_ctx.node, id, flags, buf, sizeof(buf));
+  lua_pushstring(L, buf);
+  lua_pushboolean(L, rc == 0);
+  return 2;
+}
+
 /* core.persist(kind, key, bytes|nil): the head's store (persist.h). */
 static int c_persist(lua_State *L) {
   size_t n = 0;
@@ -1419,6 +1504,35 @@ int td_core_register_start(lua_State *L);
 void td_serve_register(lua_State *L);
 void td_core_driver_rpc(void);
 
+/* core.term_area(text), core.term_commit(text), core.term_print(text): the
+ * terminal's status area (term.h), for stdlib/tide/progress.lua. */
+static int c_term_area(lua_State *L) {
+  size_t l;
+  const char *s = luaL_optlstring(L, 1, "", &l);
+  td_term_area(s, l);
+  return 0;
+}
+
+static int c_term_commit(lua_State *L) {
+  size_t l;
+  const char *s = luaL_checklstring(L, 1, &l);
+  td_term_commit(s, l);
+  return 0;
+}
+
+static int c_term_print(lua_State *L) {
+  size_t l;
+  const char *s = luaL_checklstring(L, 1, &l);
+  td_term_print(s, l);
+  return 0;
+}
+
+/* core.now() -> monotonic seconds. */
+static int c_now(lua_State *L) {
+  lua_pushnumber(L, td_now());
+  return 1;
+}
+
 /* core.encode(v) -> string; core.decode(s) -> v: for __tide_ser hooks. */
 static int c_encode(lua_State *L) {
   luaL_checkany(L, 1);
@@ -1451,7 +1565,8 @@ static int c_decode(lua_State *L) {
 /* The op of those a client or worker sends without waiting for a reply. */
 static const char td__rpc_cast[] = "pg_remove";
 static const char *const td__rpc_ops[] = {"cancel", "kill", "get_actor", "actor_state", "pg_create",
-                                          "pg_remove", "pg_lookup", "resources", "stats", "nodes", NULL};
+                                          "pg_remove", "pg_lookup", "resources", "stats", "nodes",
+                                          "timeline", "why", NULL};
 
 int luaopen_tide_core(lua_State *L) {
   if (luaL_newmetatable(L, TD_REF_MT)) {
@@ -1472,13 +1587,15 @@ int luaopen_tide_core(lua_State *L) {
   static const luaL_Reg common[] = {
     {"submit", c_submit}, {"actor_new", c_actor_new}, {"actor_call", c_actor_call},
     {"register", c_register}, {"context", c_context}, {"pkg_hash", c_pkg_hash},
-    {"encode", c_encode}, {"decode", c_decode}, {NULL, NULL}};
+    {"encode", c_encode}, {"decode", c_decode}, {"term_area", c_term_area}, {"term_commit", c_term_commit},
+    {"term_print", c_term_print}, {"now", c_now}, {NULL, NULL}};
   static const luaL_Reg driver[] = {
     {"get1", d_get1}, {"getn", d_getn}, {"wait", d_wait}, {"stream_next", d_stream_next},
     {"put", d_put}, {"sleep", d_sleep}, {"pump", d_pump}, {"state", d_state}, {"cancel", c_cancel}, {"kill", c_kill},
     {"get_actor", c_get_actor}, {"actor_state", c_actor_state}, {"pg_create", c_pg_create},
     {"pg_remove", c_pg_remove}, {"pg_lookup", c_pg_lookup}, {"resources", c_resources},
-    {"stats", c_stats}, {"nodes", c_nodes}, {"register_blob", c_register_blob},
+    {"stats", c_stats}, {"nodes", c_nodes}, {"timeline", c_timeline}, {"why", c_why},
+    {"register_blob", c_register_blob},
     {"persist", c_persist}, {"persisted", c_persisted}, {"pkg_install", c_pkg_install}, {NULL, NULL}};
   static const luaL_Reg worker[] = {
     {"get1", w_get1}, {"getn", w_getn}, {"wait", w_wait}, {"stream_next", w_stream_next},

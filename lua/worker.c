@@ -17,6 +17,7 @@
 #include <sys/un.h>
 
 #include "core.h"
+#include "term.h"
 
 
 typedef struct td_frame {
@@ -147,6 +148,37 @@ uint32_t td_w_begin_req(uint8_t type) {
   return req;
 }
 
+/* -- Stacks on demand ------------------------------------------------------------------
+ * `tide status --why` and a get's hang warning ask a running task's worker for
+ * its Lua stack with SIGUSR2 (why.c). The handler only sets a count hook
+ * (lua_sethook is safe in a signal handler, as lua.c's SIGINT shows); the
+ * hook prints at the next Lua instruction. A worker blocked in C (a get)
+ * prints from its wait loop, which the signal wakes. */
+
+static volatile sig_atomic_t td__stack_wanted;
+
+static void td__stack_print(lua_State *L) {
+  td__stack_wanted = 0;
+  luaL_traceback(L, L, NULL, 0);
+  fprintf(stderr, "(worker pid %d stack) %s\n", (int)getpid(), lua_tostring(L, -1));
+  fflush(stderr);
+  lua_pop(L, 1);
+}
+
+static void td__stack_hook(lua_State *L, lua_Debug *ar) {
+  (void)ar;
+  lua_sethook(L, NULL, 0, 0);
+  if (td__stack_wanted) td__stack_print(L);
+}
+
+static void td__on_stack_signal(int sig) {
+  (void)sig;
+  td__stack_wanted = 1;
+  td_co_t *c = td__cur;
+  /* Not over another hook (a cancel's): the wait loop prints instead. */
+  if (c && c->co && !lua_gethook(c->co)) lua_sethook(c->co, td__stack_hook, LUA_MASKCOUNT, 1);
+}
+
 /* -- Waiting ----------------------------------------------------------------------- */
 
 /* Blocks until the reply to `req` arrives, deferring everything else. A
@@ -193,6 +225,7 @@ static int td__block(lua_State *L, uint32_t req, td_push_fn push, void *ud, int 
       ms = t - now < 3600 ? (int)((t - now) * 1000) + 1 : 3600000;
     }
     if (td__read(ms) > 0) last_bytes = td_now();
+    if (td__stack_wanted && L) td__stack_print(L);
     uint8_t type;
     const uint8_t *p;
     uint32_t len;
@@ -213,10 +246,7 @@ static int td__block(lua_State *L, uint32_t req, td_push_fn push, void *ud, int 
         td_rd_init(&rd, p, len);
         uint32_t l;
         const uint8_t *s = td_rd_str(&rd, &l);
-        if (!rd.bad) {
-          fwrite(s, 1, l, stdout);
-          fflush(stdout);
-        }
+        if (!rd.bad) td_term_print(s, l);  /* above any progress bars */
         continue;
       }
       if (type == TD_M_TASK && report && len >= 8) {
@@ -1390,6 +1420,10 @@ int td_worker_main(int argc, char **argv) {
   if (argc < 4) return 2;
   signal(SIGINT, SIG_IGN);
   signal(SIGPIPE, SIG_IGN);
+  struct sigaction sa;
+  memset(&sa, 0, sizeof(sa));
+  sa.sa_handler = td__on_stack_signal;  /* no SA_RESTART: a wait wakes to print */
+  sigaction(SIGUSR2, &sa, NULL);
   setvbuf(stdout, NULL, _IOLBF, 0);
   memset(&td_ctx, 0, sizeof(td_ctx));
   td_ctx.wk_id = strtoull(argv[2], NULL, 10);
@@ -1437,5 +1471,10 @@ int td_worker_main(int argc, char **argv) {
     if (td_ctx.mapped) td__collect();
     td__flush();
     td__read(-1);
+    if (td__stack_wanted && !td__cur) {
+      td__stack_wanted = 0;
+      fprintf(stderr, "(worker pid %d stack) no Lua code runs now: its calls wait for replies\n", (int)getpid());
+      fflush(stderr);
+    }
   }
 }

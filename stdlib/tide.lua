@@ -484,12 +484,55 @@ end
 
 -- -- Objects -------------------------------------------------------------------
 
+-- Hang warnings: a get or wait still waiting after TIDE_HANG_WARN_S
+-- seconds (30; 0: never) says once, on stderr, why (core.why: the task that
+-- makes the object and where it is), then goes on waiting.
+local hang_s
+local function hang_warn_s()
+  if hang_s == nil then
+    local v = tonumber(os.getenv("TIDE_HANG_WARN_S") or "")
+    hang_s = v and v >= 0 and v or 30
+  end
+  return hang_s
+end
+
+-- The first wait of a get or wait that may hang: up to the warning, or
+-- the whole timeout when that comes first (nil: no warning to give).
+local function hang_first(timeout)
+  local h = hang_warn_s()
+  if h > 0 and (timeout == nil or timeout < 0 or timeout > h) then return h end
+end
+
+local function rest(timeout, h)
+  if timeout == nil or timeout < 0 then return timeout end
+  return timeout - h
+end
+
+local function warn_hang(what, ref, waited)
+  -- 1: the running task's Lua stack too; 2: the node names it no more.
+  local ok, text = pcall(core.why, ref, 3)
+  io.stderr:write(format("tide: %s has waited %g s for %s: %s\n", what, waited, tostring(ref),
+    ok and text or ("(no reason known: " .. tostring(type(text) == "table" and text.message or text) .. ")")))
+  io.stderr:flush()
+end
+M._hang_warn_s = hang_warn_s
+
 function M.get(x, opts)
   local timeout = opts and opts.timeout
   if timeout ~= nil and type(timeout) ~= "number" then error("tide.get: timeout must be a number", 2) end
   ensure()
+  local h = hang_first(timeout)
   if is_ref(x) then
-    local st, v = core.get1(x, timeout)
+    local st, v
+    if h then
+      st, v = core.get1(x, h)
+      if st == 2 then
+        warn_hang("tide.get", x, h)
+        st, v = core.get1(x, rest(timeout, h))
+      end
+    else
+      st, v = core.get1(x, timeout)
+    end
     if st == 0 then return v end
     raise_status(st, v, "tide.get")
   end
@@ -504,7 +547,19 @@ function M.get(x, opts)
       error(format("tide.get: element %d is a %s, expected an ObjectRef", i, type(x[i])), 2)
     end
   end
-  local st, v = core.getn(x, timeout)
+  local st, v
+  if h and #x > 0 then
+    st, v = core.getn(x, h)
+    if st == 2 then
+      local flags = core.wait(x, #x, 0)
+      for i = 1, #x do
+        if type(flags) == "table" and not flags[i] then warn_hang("tide.get", x[i], h) break end
+      end
+      st, v = core.getn(x, rest(timeout, h))
+    end
+  else
+    st, v = core.getn(x, timeout)
+  end
   if st == 0 then return v end
   raise_status(st, v, "tide.get")
 end
@@ -526,7 +581,22 @@ function M.wait(refs, opts)
   if type(num) ~= "number" or num < 0 then error("tide.wait: num_returns must be a number", 2) end
   if num > #refs then error(format("tide.wait: num_returns %d exceeds the %d refs given", num, #refs), 2) end
   ensure()
-  local flags = core.wait(refs, num, opts and opts.timeout)
+  local timeout = opts and opts.timeout
+  local h = num > 0 and hang_first(timeout)
+  local flags
+  if h then
+    flags = core.wait(refs, num, h)
+    local got = 0
+    if type(flags) == "table" then for i = 1, #refs do if flags[i] then got = got + 1 end end end
+    if type(flags) == "table" and got < num then
+      for i = 1, #refs do
+        if not flags[i] then warn_hang("tide.wait", refs[i], h) break end
+      end
+      flags = core.wait(refs, num, rest(timeout, h))
+    end
+  else
+    flags = core.wait(refs, num, timeout)
+  end
   if type(flags) == "number" then raise_status(flags, nil, "tide.wait") end
   local ready, pending = {}, {}
   for i = 1, #refs do
@@ -685,5 +755,8 @@ ActorHandle.__index = function(h, k)
   if k == "bind" then return ActorHandle.__index_bind end
   return handle_index(h, k)
 end
+
+-- tide.progress(total, {desc = ...}): a progress bar (stdlib/tide/progress.lua).
+M.progress = require("tide.progress").new
 
 return M

@@ -31,6 +31,22 @@ local function used_total(total, avail)
   end
 end
 
+-- tide status --why REF_OR_TASK (main.c passes it in TIDE_STATUS_WHY): why
+-- that object or task is not done, then nothing else.
+local why = os.getenv("TIDE_STATUS_WHY")
+if why then
+  local core = require("tide.core")
+  local id = why:match("^ObjectRef%((%x+)%)$") or why
+  if not id:match("^%x+$") or #id > 16 then
+    io.stderr:write("tide: status --why needs an ObjectRef's or a task's id (up to 16 hex digits), got ", why, "\n")
+    os.exit(2)
+  end
+  id = string.rep("0", 16 - #id) .. id:lower()
+  local text, found = core.why(id, 1)
+  print(text)
+  os.exit(found and 0 or 1)
+end
+
 local nodes = tide.nodes()
 if #nodes > 1 then
   print(string.format("cluster: %d nodes", #nodes))

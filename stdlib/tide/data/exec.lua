@@ -14,7 +14,7 @@ local W = require("tide.data.worker")
 
 local type, pairs, ipairs, pcall, error, tostring, setmetatable =
   type, pairs, ipairs, pcall, error, tostring, setmetatable
-local format, concat, floor, min = string.format, table.concat, math.floor, math.min
+local format, floor, min = string.format, math.floor, math.min
 local unpack = unpack
 local now = W.now
 
@@ -418,8 +418,8 @@ function E.new(defs, opts)
   local ex = setmetatable({stages = {}, inflight = {}, n_inflight = 0, preserve_order = opts.preserve_order,
     progress = opts.progress, progress_interval = opts.progress_interval or 5, t0 = now(), bytes_written = 0,
     files = {}, peak_store = 0,
-    peak_spilled = 0, store_full = false, last_sample = 0, last_progress = now(),
-    tty = W.isatty(2), lines_drawn = 0, completions = 0, final_rows = 0, chains = {},
+    peak_spilled = 0, store_full = false, last_sample = 0,
+    completions = 0, final_rows = 0, chains = {},
     count_rf = opts.count_rf}, Exec)
   local okn, nodes = pcall(tide.nodes)
   ex.cluster = okn and #nodes > 1
@@ -476,39 +476,32 @@ local function fmt_bytes(b)
 end
 E.fmt_bytes = fmt_bytes
 
-function Exec:progress_lines()
-  local t = now() - self.t0
-  local lines = {}
-  for _, st in ipairs(self.stages) do
-    local s = st.st
-    local extra = ""
-    if st.pool then extra = format(", %d actors", #st.pool.actors) end
-    lines[#lines + 1] = format("tide.data stage %d %s: %d rows (%.0f rows/s), %d in flight%s",
-      st.index, st.name, s.rows_out, t > 0 and s.rows_out / t or 0, st:in_flight(), extra)
-  end
-  lines[#lines + 1] = format("tide.data store: %s used, %.1f s", fmt_bytes(self.store_used or 0), t)
-  return lines
-end
-
--- A live block of lines on a terminal (redrawn in place), a plain line every
--- few seconds otherwise; never a line per block.
+-- One bar per stage (tide.progress): its rows out, rows/s, units in
+-- flight and actors; and a line for the store's use. On a terminal
+-- the bars are redrawn in place, with prints above them; otherwise one
+-- plain line every progress_interval seconds for all of them, never one
+-- per block.
 function Exec:show_progress(final)
   if not self.progress then return end
-  local t = now()
-  local every = self.tty and 0.2 or self.progress_interval
-  if not final and t - self.last_progress < every then return end
-  self.last_progress = t
-  local lines = self:progress_lines()
-  if self.tty then
-    local out = {}
-    if self.lines_drawn > 0 then out[1] = format("\27[%dA", self.lines_drawn) end
-    for _, l in ipairs(lines) do out[#out + 1] = "\r\27[2K" .. l .. "\n" end
-    io.stderr:write(concat(out))
-    self.lines_drawn = #lines
-  elseif not final then
-    io.stderr:write(concat(lines, "; "), "\n")
+  if not self.bars then
+    self.bars = {}
+    for i, st in ipairs(self.stages) do
+      self.bars[i] = tide.progress(nil, {desc = format("tide.data stage %d %s", st.index, st.name), unit = "rows",
+        interval = self.progress_interval})
+    end
+    self.bars[#self.stages + 1] = tide.progress(nil, {desc = "tide.data store", interval = self.progress_interval})
   end
-  io.stderr:flush()
+  self.bars[#self.stages + 1]:set_text(format("%s used, %.1f s", fmt_bytes(self.store_used or 0), now() - self.t0))
+  for i, st in ipairs(self.stages) do
+    local bar = self.bars[i]
+    local extra = format("%d in flight", st:in_flight())
+    if st.pool then extra = extra .. format(", %d actors", #st.pool.actors) end
+    bar:set_postfix(extra)
+    bar:set(st.st.rows_out)
+  end
+  if final then
+    for _, bar in ipairs(self.bars) do bar:close() end
+  end
 end
 
 -- One round: submit what the bounds allow (downstream first, so blocks
