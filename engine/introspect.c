@@ -319,6 +319,12 @@ void td__obs_failed(td_node_t *n, struct td_task *t, const uint8_t *blob, size_t
   if (msg && !f->message) f->message = strdup(msg);
 }
 
+/* A live actor keeps its creation task (for restarts): the actor is listed
+ * under actors, not as a task running for ever. */
+static int td__live_creation(const td_task_t *t) {
+  return t->spec.kind == TD_K_ACTOR_NEW && t->actor && t->actor->create == t && t->actor->state != A_PENDING;
+}
+
 static const char *const td__types[] = {"TASK", "ACTOR_CREATION", "ACTOR_CALL"};
 
 /* Why a queued task waits, as far as this node can tell. */
@@ -380,9 +386,7 @@ static void td__list_tasks(td_node_t *n, td_lister_t *ls) {
   char why[400];
   while (td_map_next(&n->tasks, &it, NULL, (void **)&t)) {
     if (t->state == T_DONE) continue;
-    /* A live actor keeps its creation task (for restarts): the actor is
-     * listed under actors, not as a task running for ever. */
-    if (t->spec.kind == TD_K_ACTOR_NEW && t->actor && t->actor->create == t && t->actor->state != A_PENDING) continue;
+    if (td__live_creation(t)) continue;
     td_row_t *r = &ls->row;
     rid(r, "task_id", t->id);
     if (t->spec.nret != 0) rid(r, "ref", t->spec.rets[0]);
@@ -584,7 +588,7 @@ void td_introspect_metrics(td_node_t *n, td_buf_t *b) {
   size_t it = 0;
   td_task_t *t;
   while (td_map_next(&n->tasks, &it, NULL, (void **)&t))
-    if (t->state <= T_FETCHING) st[t->state]++;
+    if (t->state <= T_FETCHING && !td__live_creation(t)) st[t->state]++;
   td__help(b, "tide_tasks", "gauge", "Tasks and actor calls the head knows, by state.");
   td__printf(b, "tide_tasks{state=\"waiting_deps\"} %ld\ntide_tasks{state=\"queued\"} %ld\n"
              "tide_tasks{state=\"running\"} %ld\ntide_tasks{state=\"fetching\"} %ld\n",

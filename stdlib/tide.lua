@@ -686,4 +686,7 @@ ActorHandle.__index = function(h, k)
   return handle_index(h, k)
 end
 
+-- User metrics, exported by the head's /metrics (stdlib/tide/metrics.lua).
+M.metrics = require("tide.metrics")
+
 return M

@@ -124,83 +124,8 @@ ops.obs_log = M.worker_log
 
 -- -- User metrics (tide.metrics) ---------------------------------------------------
 
-local user = {}    -- name -> {kind, help, series = {labelkey -> {labels, value | buckets...}}}
-local order = {}
-
-local function labelkey(labels)
-  local ks = {}
-  for k in pairs(labels) do ks[#ks + 1] = k end
-  table.sort(ks)
-  local parts = {}
-  for i, k in ipairs(ks) do
-    local v = tostring(labels[k]):gsub("\\", "\\\\"):gsub('"', '\\"'):gsub("\n", "\\n")
-    parts[i] = format('%s="%s"', k, v)
-  end
-  return concat(parts, ",")
-end
-
--- metrics_put(kind, name, help, labels, op, value, buckets): op "inc" adds,
--- "set" sets, "observe" records one value in a histogram.
-function M.metrics_put(kind, name, help, labels, op, value, buckets)
-  local m = user[name]
-  if not m then
-    m = {kind = kind, help = help or "", series = {}, buckets = buckets}
-    user[name] = m
-    order[#order + 1] = name
-  elseif m.kind ~= kind then
-    error(format("metric %s is a %s, not a %s", name, m.kind, kind), 0)
-  end
-  local key = labelkey(labels or {})
-  local s = m.series[key]
-  if not s then
-    s = {value = 0, count = 0, sum = 0, b = {}}
-    m.series[key] = s
-  end
-  value = tonumber(value) or 0
-  if op == "inc" then s.value = s.value + value
-  elseif op == "set" then s.value = value
-  elseif op == "observe" then
-    s.count, s.sum = s.count + 1, s.sum + value
-    for i, le in ipairs(m.buckets) do
-      if value <= le then s.b[i] = (s.b[i] or 0) + 1 end
-    end
-  end
-  return true
-end
-ops.metrics_put = M.metrics_put
-
-local function num(v)
-  if v == math.huge then return "+Inf" end
-  if v == math.floor(v) and math.abs(v) < 1e15 then return format("%d", v) end
-  return format("%.17g", v)
-end
-
-local function user_text()
-  local out = {}
-  for _, name in ipairs(order) do
-    local m = user[name]
-    out[#out + 1] = format("# HELP %s %s\n# TYPE %s %s\n", name, (m.help ~= "" and m.help or name):gsub("\n", " "),
-      name, m.kind)
-    local keys = {}
-    for k in pairs(m.series) do keys[#keys + 1] = k end
-    table.sort(keys)
-    for _, k in ipairs(keys) do
-      local s = m.series[k]
-      local lb = k ~= "" and ("{" .. k .. "}") or ""
-      if m.kind == "histogram" then
-        local pre = k ~= "" and (k .. ",") or ""
-        for i, le in ipairs(m.buckets) do
-          out[#out + 1] = format('%s_bucket{%sle="%s"} %d\n', name, pre, num(le), s.b[i] or 0)
-        end
-        out[#out + 1] = format('%s_bucket{%sle="+Inf"} %d\n', name, pre, s.count)
-        out[#out + 1] = format("%s_sum%s %s\n%s_count%s %d\n", name, lb, num(s.sum), name, lb, s.count)
-      else
-        out[#out + 1] = format("%s%s %s\n", name, lb, num(s.value))
-      end
-    end
-  end
-  return concat(out)
-end
+local user = require("tide.metrics")._store()
+ops.metrics_put = user.put
 
 local function jobs_text()
   local counts = {RUNNING = 0, SUCCEEDED = 0, FAILED = 0, STOPPED = 0}
@@ -216,7 +141,7 @@ local function jobs_text()
 end
 
 function M.metrics_text()
-  return obs_c.metrics() .. jobs_text() .. user_text()
+  return obs_c.metrics() .. jobs_text() .. user.text()
 end
 ops.obs_metrics = M.metrics_text
 

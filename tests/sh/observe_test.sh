@@ -151,6 +151,47 @@ else
   skip "requests from another address" "no non-loopback address on this machine"
 fi
 
+# tide.metrics: user code's own, exported by the same /metrics.
+cat > "$W/um.lua" <<'LUA'
+local tide = require("tide")
+local work = tide.remote(function(i)
+  local m = tide.metrics
+  m.counter("app_items_total", {help = "Items done."}):inc(2, {stage = "parse"})
+  m.gauge("app_depth"):set(7)
+  m.histogram("app_latency_seconds", {buckets = {0.1, 1}}):observe(i == 1 and 0.05 or 0.5, {route = "/q"})
+  return true
+end)
+tide.get({work:remote(1), work:remote(2), work:remote(3)})
+tide.metrics.counter("app_items_total"):inc(1, {stage = "driver"})
+print("BAD", pcall(tide.metrics.counter, "bad name"))
+print("NEG", pcall(function() tide.metrics.counter("app_c"):inc(-1) end))
+print("LE", pcall(tide.metrics.histogram, "app_h", {labels = {le = "1"}}))
+LUA
+out=$($T run --address local "$W/um.lua" 2>&1)
+m=$(curl -s $D/metrics)
+check "tide.metrics from tasks and an attached driver: counters add up, gauges set, histograms bucket" \
+  'echo "$m" | grep -q "^app_items_total{stage=\"parse\"} 6$" && echo "$m" | grep -q "^app_items_total{stage=\"driver\"} 1$" &&
+   echo "$m" | grep -q "^app_depth 7$" && echo "$m" | grep -q "^app_latency_seconds_bucket{route=\"/q\",le=\"0.1\"} 1$" &&
+   echo "$m" | grep -q "^app_latency_seconds_bucket{route=\"/q\",le=\"+Inf\"} 3$" &&
+   echo "$m" | grep -q "^app_latency_seconds_count{route=\"/q\"} 3$" && echo "$m" | grep -q "^# TYPE app_latency_seconds histogram"' "$out $m"
+check "tide.metrics refuses a bad name, a counter going down, a histogram label le" \
+  'echo "$out" | grep -q "BAD	false	.*not a valid metric name" && echo "$out" | grep -q "NEG	false	.*only goes up" &&
+   echo "$out" | grep -q "LE	false	.*label named le"' "$out"
+if command -v promtool >/dev/null 2>&1; then
+  pout=$(echo "$m" | promtool check metrics 2>&1); pst=$?
+  check "promtool accepts /metrics with user metrics" '[ $pst = 0 ]' "$pout"
+else
+  skip "promtool accepts /metrics with user metrics" "promtool not installed"
+fi
+cat > "$W/emb.lua" <<'LUA'
+local tide = require("tide")
+tide.metrics.gauge("app_local", {help = "kept here"}):set(3, {k = "v"})
+io.write(tide.metrics.text())
+LUA
+out=$(env -u TIDE_ADDRESS $T run "$W/emb.lua" 2>&1)
+check "an embedded driver keeps its metrics and renders them (tide.metrics.text)" \
+  'echo "$out" | grep -q "^app_local{k=\"v\"} 3$"' "$out"
+
 touch "$W/done"
 wait $DRV
 
