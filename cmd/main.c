@@ -24,12 +24,15 @@
 #include <poll.h>
 #include <sys/socket.h>
 #include <zmq.h>
+#include <uv.h>
 
 #include "bridge.h"
 #include "persist.h"
 #include "pkg.h"
 #include "proto.h"
 #include "core.h"
+#include "introspect.h"
+#include "obs.h"
 
 extern volatile int td_interrupted;
 int luaopen_tide_rawbench(lua_State *L);
@@ -65,6 +68,9 @@ static const char td__usage[] =
   "                         run a driver script as a job on the running node\n"
   "  tide timeline [--job ID] [-o FILE]\n"
   "                         the node's tasks and actor calls as a Chrome trace (Perfetto)\n"
+  "  tide list nodes|actors|tasks|objects|placement-groups|jobs [--filter K=V] [--limit N] [--json]\n"
+  "  tide logs worker|actor|task|job ID [--follow]\n"
+  "                         what the head runs, and what its workers printed\n"
   "  tide run --address local SCRIPT / tide repl --address local\n"
   "                         attach a driver or a REPL to the running node\n"
   "  tide repl [resource flags]\n"
@@ -129,10 +135,32 @@ static const struct td__help {
    "  --join-timeout S      give up joining after S seconds, saying why (default 15;\n"
    "                        0: keep trying); a node that has joined always rejoins\n"
    "  --node-index N        ask the head for node index N (1..4095) if it is free\n"
+   "  --dashboard-port P    a head's dashboard and Prometheus /metrics (default 8265,\n"
+   "                        or any free port if that is taken; off: none)\n"
+   "  --dashboard-host H    the dashboard's interface (default 127.0.0.1); other\n"
+   "                        addresses need the token in the session's dashboard.token\n"
    "  --block               stay in the foreground, logging to the terminal\n"
    "  --num-cpus N, --num-gpus N, --resources JSON, --object-store-memory BYTES\n"
    "                        this node's resources, as for `tide run`\n"
    "  -h, --help            print this help\n"},
+  {"list",
+   "usage: tide list nodes|actors|tasks|objects|placement-groups|jobs\n"
+   "                 [--filter KEY=VALUE]... [--limit N] [--offset N] [--json]\n"
+   "                 [--address A] [--key FILE]\n"
+   "\n"
+   "Lists what the head knows, filtered and cut on the head (one request):\n"
+   "a table on a terminal, JSON with --json. --filter keeps the rows whose\n"
+   "field KEY is VALUE (repeatable: all must match); --limit N rows (default\n"
+   "100; it says when more matched), from --offset N. Tasks are running,\n"
+   "queued (with the reason they wait) and the last 1,000 failed (with the\n"
+   "error and its traceback). See docs/observability.md for the fields.\n"},
+  {"logs",
+   "usage: tide logs worker|actor|task|job ID [--follow] [--tail N] [--address A] [--key FILE]\n"
+   "\n"
+   "Prints the output kept for a worker process (its stdout, stderr and its\n"
+   "tasks' prints, in the session's logs/, rotated by size), for the worker an\n"
+   "actor or task runs (ran) in, or for a job. --follow keeps printing as it\n"
+   "grows; --tail N starts at the last N lines.\n"},
   {"stop",
    "usage: tide stop [--all]\n"
    "\n"
@@ -790,6 +818,9 @@ static int td__addr_toward(const char *ep, char *out, size_t n) {
 
 static int td__start(int argc, char **argv) {
   int head = 0, block = 0, port = 6380, port_given = 0;
+  int dash_port = 8265, dash_given = 0;  /* --dashboard-port: -1 off */
+  const char *dash_host = "127.0.0.1";
+  char dash_secret[41] = "";
   const char *join = NULL, *node_name = NULL;
   double node_timeout = 0, join_timeout = 15;
   uint32_t want_index = 0;  /* --node-index: the index this node asks the head for */
@@ -809,7 +840,8 @@ static int td__start(int argc, char **argv) {
     if (!strcmp(a, "--block")) { block = 1; continue; }
     int valued = !strcmp(a, "--port") || !strcmp(a, "--host") || !strcmp(a, "--address") ||
                  !strcmp(a, "--key") || !strcmp(a, "--name") || !strcmp(a, "--node-timeout") ||
-                 !strcmp(a, "--join-timeout") || !strcmp(a, "--node-index");
+                 !strcmp(a, "--join-timeout") || !strcmp(a, "--node-index") || !strcmp(a, "--dashboard-port") ||
+                 !strcmp(a, "--dashboard-host");
     if (valued && i + 1 >= argc) return td__usage_error("option %s needs a value", a);
     if (!strcmp(a, "--port")) {
       char *end;
@@ -818,6 +850,17 @@ static int td__start(int argc, char **argv) {
         return td__usage_error("--port needs a port number (0-65535), not %s", argv[i]);
       port = (int)p, port_given = 1;
     }
+    else if (!strcmp(a, "--dashboard-port")) {
+      char *end;
+      const char *v = argv[++i];
+      long p = strtol(v, &end, 10);
+      if (!strcmp(v, "off")) dash_port = -1;
+      else if (*end || end == v || p < 0 || p > 65535)
+        return td__usage_error("--dashboard-port needs a port number (0-65535) or off, not %s", v);
+      else dash_port = (int)p;
+      dash_given = 1;
+    }
+    else if (!strcmp(a, "--dashboard-host")) dash_host = argv[++i];
     else if (!strcmp(a, "--host")) bind_host = argv[++i];
     else if (!strcmp(a, "--address")) join = argv[++i];
     else if (!strcmp(a, "--key")) td__key_arg = argv[++i];
@@ -958,6 +1001,8 @@ static int td__start(int argc, char **argv) {
     if (write(pf, pb, (size_t)pl) != pl) fprintf(stderr, "tide: cannot write %s\n", pidf);
     close(pf);
   }
+  /* Each worker's output is kept in the session's logs/ (tide logs). */
+  if (td_obs_set_logdir(dir)) fprintf(stderr, "tide: cannot make %s/logs; worker output goes to node.log\n", dir);
   /* Start the node through the same Lua path as tide run, without a script. */
   lua_State *L = luaL_newstate();
   td_ctx.is_driver = 1;
@@ -1052,6 +1097,7 @@ static int td__start(int argc, char **argv) {
     } else {
       char ep[300];
       if (join) key = join_key;
+      memcpy(dash_secret, key.server_secret, sizeof(dash_secret));
       if (port > 0) snprintf(ep, sizeof(ep), "tcp://%s:%d", bind_host, port);
       else snprintf(ep, sizeof(ep), "tcp://%s:*", bind_host);
       /* A killed predecessor may hold the port for a moment while its
@@ -1085,22 +1131,58 @@ static int td__start(int argc, char **argv) {
     setenv("TIDE_SESSION_DIR", dir, 1);
     td_node_restore(td_ctx.node);
     td_core_enable_jobs(td__home);
+    td_obs_enable(td__home);
   }
   signal(SIGTERM, td__on_term);
   signal(SIGINT, td__on_term);
   signal(SIGHUP, SIG_IGN);
   signal(SIGPIPE, SIG_IGN);
   td_node_watch_fd(td_ctx.node, td__listen_fd, td__on_accept, NULL, NULL);
+  if (head && !failed[0] && dash_port >= 0) {
+    /* The dashboard and /metrics: on loopback unless told otherwise, and
+     * from other addresses only with the token derived from the cluster
+     * key. A default port already taken gives way to any free one. */
+    int bound = 0, rc = td_obs_dashboard_start(dash_host, dash_port, dash_secret, td__listen_fd, td__on_accept, &bound);
+    if (rc == UV_EADDRINUSE && !dash_given)
+      rc = td_obs_dashboard_start(dash_host, 0, dash_secret, td__listen_fd, td__on_accept, &bound);
+    if (rc) {
+      fprintf(stderr, "tide: no dashboard: cannot listen on %s:%d: %s\n", dash_host, dash_port, uv_strerror(rc));
+    } else {
+      printf("tide: dashboard and /metrics on http://%s:%d/\n", dash_host, bound);
+      int df = openat(dfd, "dashboard.port", O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
+      if (df >= 0) {
+        char pb[32];
+        int pl = snprintf(pb, sizeof(pb), "%d\n", bound);
+        if (write(df, pb, (size_t)pl) != pl) fprintf(stderr, "tide: cannot write dashboard.port\n");
+        close(df);
+      }
+      if (dash_secret[0]) {
+        char tok[65];
+        td_obs_token(dash_secret, tok);
+        df = openat(dfd, "dashboard.token", O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
+        if (df >= 0) {
+          if (write(df, tok, 64) != 64 || write(df, "\n", 1) != 1) fprintf(stderr, "tide: cannot write dashboard.token\n");
+          close(df);
+        }
+      }
+    }
+  }
   if (link_fd >= 0) td_node_link_head(td_ctx.node, link_fd);
   if (!failed[0]) {
     printf("tide: node listening on %s\n", sock);
     fflush(stdout);
     td__ready(NULL);
   }
-  double retry_at = 0;
+  double retry_at = 0, rotate_at = 0;
+  const char *lm = getenv("TIDE_LOG_MAX_BYTES");
+  size_t log_max = lm && atoll(lm) > 0 ? (size_t)atoll(lm) : (size_t)64 << 20;
   while (!td__stop_daemon) {
     td_core_flush_refs();
     td_node_pump(td_ctx.node, 0.5);
+    if (td_now() >= rotate_at) {
+      td_obs_rotate(log_max);
+      rotate_at = td_now() + 2;
+    }
     if (join && !td_node_linked(td_ctx.node) && td_now() >= retry_at) {
       /* The head is gone: keep trying, under the same index. */
       td_bridge_client_stop();
@@ -1120,6 +1202,8 @@ static int td__start(int argc, char **argv) {
     }
   }
   printf("tide: node stopping\n");
+  td_obs_dashboard_stop();
+  unlinkat(dfd, "dashboard.port", 0);
   td_bridge_server_stop();
   td_node_destroy(&td_ctx.node);
   td_bridge_client_stop();  /* after the link is closed */
@@ -1284,6 +1368,54 @@ static int td__jobcli_args(int argc, char **argv) {
   return -1;
 }
 
+/* tide list / tide logs: the arguments, checked before any node is asked. */
+static int td__listcli_args(int argc, char **argv) {
+  int list = !strcmp(argv[1], "list"), npos = 0;
+  const char *pos[2] = {NULL, NULL};
+  for (int k = 2; k < argc; k++) {
+    const char *a = argv[k];
+    if (td__is_help(a)) return td__help(argv[1]);
+    int valued = !strcmp(a, "--address") || !strcmp(a, "--key") ||
+                 (list && (!strcmp(a, "--filter") || !strcmp(a, "--limit") || !strcmp(a, "--offset"))) ||
+                 (!list && !strcmp(a, "--tail"));
+    if (valued) {
+      if (k + 1 >= argc) return td__usage_error("option %s needs a value", a);
+      const char *v = argv[++k];
+      if (!strcmp(a, "--filter") && (!strchr(v, '=') || v[0] == '='))
+        return td__usage_error("--filter needs key=value, not %s", v);
+      if (!strcmp(a, "--limit") || !strcmp(a, "--offset") || !strcmp(a, "--tail")) {
+        char *end;
+        long n = strtol(v, &end, 10);
+        if (*end || end == v || n < 0 || (n == 0 && !strcmp(a, "--limit")))
+          return td__usage_error(!strcmp(a, "--limit") ? "--limit needs a positive number, not %s"
+                                                       : "this option needs a number (0 or more), not %s", v);
+      }
+    } else if ((list && !strcmp(a, "--json")) || (!list && !strcmp(a, "--follow"))) {
+      continue;
+    } else if (a[0] == '-') {
+      return td__usage_error("unknown option %s", a);
+    } else if (npos < 2) {
+      pos[npos++] = a;
+    } else {
+      return td__usage_error("unexpected argument %s", a);
+    }
+  }
+  static const char *const kinds[] = {"nodes", "actors", "tasks", "objects", "placement-groups", "jobs", NULL};
+  static const char *const targets[] = {"worker", "actor", "task", "job", NULL};
+  const char *const *ok = list ? kinds : targets;
+  if (!pos[0])
+    return td__usage_error("%s", list ? "list needs a kind: nodes, actors, tasks, objects, placement-groups or jobs"
+                                      : "logs needs worker ID, actor ID, task ID or job ID");
+  int found = 0;
+  for (int i = 0; ok[i]; i++) found |= !strcmp(ok[i], pos[0]);
+  if (!found)
+    return td__usage_error(list ? "list: unknown kind %s (nodes, actors, tasks, objects, placement-groups or jobs)"
+                                : "logs: unknown target %s (worker, actor, task or job)", pos[0]);
+  if (list && pos[1]) return td__usage_error("list: unexpected argument %s", pos[1]);
+  if (!list && !pos[1]) return td__usage_error("logs %s needs an ID", pos[0]);
+  return -1;
+}
+
 /* tide serve status: asks a running ingress for /-/status. */
 static int td__serve_status(int argc, char **argv) {
   const char *host = "127.0.0.1";
@@ -1390,6 +1522,23 @@ int main(int argc, char **argv) {
     char path[PATH_MAX + 32];
     snprintf(path, sizeof(path), "%s/stdlib/tide/timelinecli.lua", td__home);
     return td__run(argc, argv, 2, path);
+  }
+  if (!strcmp(cmd, "list") || !strcmp(cmd, "logs")) {
+    /* Clients of the head, like job: stdlib/tide/listcli.lua. */
+    int rc = td__listcli_args(argc, argv);
+    if (rc >= 0) return rc;
+    char path[PATH_MAX + 32];
+    snprintf(path, sizeof(path), "%s/stdlib/tide/listcli.lua", td__home);
+    for (int k = 2; k + 1 < argc; k++) {
+      if (!strcmp(argv[k], "--address")) setenv("TIDE_ADDRESS", argv[k + 1], 1);
+      if (!strcmp(argv[k], "--key")) td__key_arg = argv[k + 1];
+    }
+    if (!getenv("TIDE_ADDRESS")) setenv("TIDE_ADDRESS", "local", 1);
+    char sock[PATH_MAX];
+    int kind = td__resolve_address(getenv("TIDE_ADDRESS"), sock, sizeof(sock));
+    if (kind < 0) return 2;
+    if (kind == 0) setenv("TIDE_NODE_SOCKET", sock, 1);
+    return td__run(argc, argv, 1, path);
   }
   if (!strcmp(cmd, "stop")) {
     int all = 0;

@@ -386,6 +386,7 @@ static td__http_req_t *req_new(td__http_conn_t *c) {
   r->nhoff = 0;
   memset(&r->pub, 0, sizeof(r->pub));
   r->pub.conn_id = c->id;
+  memcpy(r->pub.peer, c->peer, sizeof(r->pub.peer));
   return r;
 }
 

@@ -84,6 +84,7 @@ typedef struct td_http_request {
   int http_minor;                   /* 0 for HTTP/1.0, 1 for HTTP/1.1 */
   int keep_alive;                   /* 1 if the connection stays open after */
   uint64_t conn_id;                 /* the connection it came on (for logs) */
+  char peer[48];                    /* the client's address ("" unknown): who may see what */
 } td_http_request_t;
 
 /* Why a request was aborted (on_abort's reason). */

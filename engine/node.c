@@ -27,6 +27,7 @@
 #include "term.h"
 
 #include "node_int.h"
+#include "introspect.h"
 
 td_obj_t *td__obj_from_bytes(td_node_t *n, uint64_t id, int state, const uint8_t *p, size_t len);
 void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why);
@@ -318,6 +319,7 @@ static int td__on_done(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
       return 0;
     }
     if (t) {
+      td__obs_failed(n, t, blob, len, NULL, NULL);  /* tide list tasks shows it */
       uint32_t nr = t->spec.nret < 0 ? 1 : (uint32_t)t->spec.nret;
       for (uint32_t i = 0; i < nr; i++) {
         td_obj_t *o = td__obj(n, t->spec.rets[i]);
@@ -627,6 +629,7 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
       if (rd.bad) return TD_EPROTO;
       uint64_t tid = rd.end - rd.p >= 8 ? td_rd_u64(&rd) : 0;
       td_term_print(s, l);  /* above any progress bars */
+      td__obs_print(wk->kind == WK_NODE ? 0 : wk->id, s, l);  /* its worker's log (tide logs) */
       td__print_to_owner(n, tid, s, l);
       return 0;
     }

@@ -6,6 +6,7 @@
 #include <signal.h>
 
 #include "node_int.h"
+#include "introspect.h"
 
 /* What a worker or client holds, counted so that its death gives it back
  * (links' refs are the other node's business: exports and imports). */
@@ -201,6 +202,7 @@ void td__lease_done(td_node_t *n, td_wk_t *wk) {
 void td__task_finish(td_node_t *n, td_task_t *t) {
   t->state = T_DONE;
   n->ndone++;
+  td__obs_finished++;
   td__unpin_deps(n, t);
   uint32_t nr = t->spec.nret < 0 ? 1 : (uint32_t)t->spec.nret;
   for (uint32_t i = 0; i < nr; i++) {
@@ -216,6 +218,7 @@ void td__task_fail(td_node_t *n, td_task_t *t, const char *kind, const char *msg
     snprintf(full, sizeof(full), "%s (task %s)", msg, t->spec.name);
   else
     snprintf(full, sizeof(full), "%s", msg);
+  td__obs_failed(n, t, NULL, 0, kind, full);
   td__errblob(&n->tmp, kind, full);
   if (n->tl) td__tl_failed(n, t);
   uint32_t nr = t->spec.nret < 0 ? 1 : (uint32_t)t->spec.nret;

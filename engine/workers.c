@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "node_int.h"
+#include "introspect.h"
 
 uint64_t td_wk_id(const td_wk_t *wk) { return wk->id; }
 
@@ -61,11 +62,13 @@ td_wk_t *td__spawn(td_node_t *n, int kind, const int *gpus, int ngpus) {
   snprintf(kindbuf, sizeof(kindbuf), "%d", kind);
   for (int i = 0, o = 0; i < ngpus && o < 120; i++)
     o += snprintf(gpubuf + o, sizeof(gpubuf) - (size_t)o, i ? ",%d" : "%d", gpus[i]);
+  int lfd = td__obs_worker_log(id);  /* a daemon keeps each worker's output (tide logs) */
   pid_t pid = fork();
-  if (pid < 0) { close(sv[0]); close(sv[1]); return NULL; }
+  if (pid < 0) { close(sv[0]); close(sv[1]); if (lfd >= 0) close(lfd); return NULL; }
   if (pid == 0) {
     prctl(PR_SET_PDEATHSIG, SIGKILL);
     if (getppid() == 1) _exit(1);
+    if (lfd >= 0) dup2(lfd, 1), dup2(lfd, 2);
     /* Move the socket and the store to fds 3 and 4 without clobbering
      * either, and keep them across exec. */
     int sock = sv[1] == 4 ? dup(sv[1]) : sv[1];
@@ -82,6 +85,7 @@ td_wk_t *td__spawn(td_node_t *n, int kind, const int *gpus, int ngpus) {
     _exit(127);
   }
   close(sv[1]);
+  if (lfd >= 0) close(lfd);
   td_wk_t *wk = td__wk_add(n, id, kind, sv[0]);
   wk->pid = pid;
   wk->ngpus = ngpus;

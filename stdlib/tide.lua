@@ -758,5 +758,7 @@ end
 
 -- tide.progress(total, {desc = ...}): a progress bar (stdlib/tide/progress.lua).
 M.progress = require("tide.progress").new
+-- User metrics, exported by the head's /metrics (stdlib/tide/metrics.lua).
+M.metrics = require("tide.metrics")
 
 return M

@@ -1,0 +1,224 @@
+-- tide.obs: observability in the node daemon's private state. RPC ops for
+-- `tide list` / `tide logs` (list, worker_log), the metrics user code adds
+-- (metrics_put, from tide.metrics), and the dashboard's router (M.http,
+-- called by lua/obs.c for every authorised request). The engine's rows and
+-- metrics come from engine/introspect.c through tide.obs_c.
+local obs_c = require("tide.obs_c")
+local cjson = require("cjson")
+local format, concat = string.format, table.concat
+
+local M = {}
+local ops = debug.getregistry()["tide.rpc.ops"]
+local home = os.getenv("TIDE_HOME") or "."
+
+local function session()
+  return os.getenv("TIDE_SESSION_DIR") or ("/tmp/tide-" .. (os.getenv("TIDE_UID") or "0"))
+end
+
+-- -- Lists ----------------------------------------------------------------------
+
+local JOB_KEYS = {id = true, status = true, script = true, pid = true, exit_code = true}
+
+local function list_jobs(filters, limit, offset)
+  for _, f in ipairs(filters) do
+    if not JOB_KEYS[f[1]] then
+      error(format("unknown filter key '%s' for jobs; known keys: id status script pid exit_code", f[1]), 0)
+    end
+  end
+  local all = ops.job_list and ops.job_list() or {}
+  local rows, matched = {}, 0
+  for _, j in ipairs(all) do
+    local ok = true
+    for _, f in ipairs(filters) do
+      if tostring(j[f[1]] == nil and "" or j[f[1]]) ~= f[2] then ok = false end
+    end
+    if ok then
+      matched = matched + 1
+      if matched > offset and #rows < limit then
+        rows[#rows + 1] = {id = j.id, status = j.status, script = j.script, pid = j.pid,
+          exit_code = j.exit_code, started = j.started, ended = j.ended}
+      end
+    end
+  end
+  return cjson.encode({kind = "jobs", rows = setmetatable(rows, cjson.empty_array_mt), total = #all,
+    matched = matched, offset = offset, limit = limit, truncated = matched > offset + #rows})
+end
+
+-- list(kind, {{key, value}, ...}, limit, offset) -> JSON text
+function M.list(kind, filters, limit, offset)
+  filters = filters or {}
+  limit = tonumber(limit) or 100
+  offset = tonumber(offset) or 0
+  if limit <= 0 then limit = 100 end
+  if kind == "jobs" then return list_jobs(filters, limit, offset) end
+  local j, err = obs_c.list(kind, filters, limit, offset)
+  if not j then error(err, 0) end
+  return j
+end
+ops.obs_list = M.list
+
+-- -- Logs -----------------------------------------------------------------------
+
+local function logdir() return session() .. "/logs" end
+
+local function one_row(kind, key, id)
+  local t = cjson.decode(obs_c.list(kind, {{key, id}}, 1, 0))
+  return t.rows[1]
+end
+
+-- The worker a log target names: a worker id, or the worker an actor or
+-- task runs in (a failed task: the one it ran in).
+local function worker_of(target, id)
+  if type(id) ~= "string" or not id:match("^%x+$") or #id ~= 16 then
+    error(format("logs %s: the ID is 16 hex digits (as tide list shows), not %s", target, tostring(id)), 0)
+  end
+  if target == "worker" then return id end
+  local r
+  if target == "actor" then
+    r = one_row("actors", "actor_id", id)
+    if not r then error("no actor " .. id .. " (tide list actors)", 0) end
+  else
+    r = one_row("tasks", "task_id", id) or one_row("tasks", "ref", id)
+    if not r then error("no task " .. id .. " running, queued or among the failed ones kept (tide list tasks)", 0) end
+  end
+  if not r.worker_id then
+    error(format("%s %s has no worker on this node%s", target, id,
+      r.node and r.node ~= "node-0" and (" (it is on " .. r.node .. ": run tide logs on that node)") or
+      " (it has not started)"), 0)
+  end
+  return r.worker_id
+end
+
+-- worker_log(target, id, offset, tail) -> bytes from offset, the next offset,
+-- whether more may come. A file shorter than offset was rotated: read from 0.
+function M.worker_log(target, id, offset, tail)
+  if target == "job" then
+    local chunk, status = ops.job_log(id, offset)
+    return chunk, (tonumber(offset) or 0) + #chunk, status == "RUNNING"
+  end
+  local wid = worker_of(target, id)
+  local path = logdir() .. "/worker-" .. wid .. ".out"
+  local f = io.open(path, "rb")
+  if not f then error("no output kept for worker " .. wid .. " (" .. path .. ")", 0) end
+  local size = f:seek("end")
+  offset = tonumber(offset) or 0
+  if offset > size then offset = 0 end
+  if tail and offset == 0 then
+    -- The last `tail` lines: read back from the end far enough.
+    local want = tonumber(tail)
+    local from = math.max(0, size - 65536 * math.max(1, math.ceil(want / 256)))
+    f:seek("set", from)
+    local s = f:read("*a") or ""
+    local lines = {}
+    for line in s:gmatch("[^\n]*\n?") do if line ~= "" then lines[#lines + 1] = line end end
+    local first = math.max(1, #lines - want + 1)
+    f:close()
+    return concat(lines, "", first), size, true
+  end
+  f:seek("set", offset)
+  local chunk = f:read(1048576) or ""
+  f:close()
+  return chunk, offset + #chunk, true
+end
+ops.obs_log = M.worker_log
+
+-- -- User metrics (tide.metrics) ---------------------------------------------------
+
+local user = require("tide.metrics")._store()
+ops.metrics_put = user.put
+
+local function jobs_text()
+  local counts = {RUNNING = 0, SUCCEEDED = 0, FAILED = 0, STOPPED = 0}
+  for _, j in ipairs(ops.job_list and ops.job_list() or {}) do
+    counts[j.status] = (counts[j.status] or 0) + 1
+  end
+  local out = {"# HELP tide_jobs Jobs (tide submit) by status.\n# TYPE tide_jobs gauge\n"}
+  local ks = {}
+  for k in pairs(counts) do ks[#ks + 1] = k end
+  table.sort(ks)
+  for _, k in ipairs(ks) do out[#out + 1] = format('tide_jobs{status="%s"} %d\n', k:lower(), counts[k]) end
+  return concat(out)
+end
+
+function M.metrics_text()
+  return obs_c.metrics() .. jobs_text() .. user.text()
+end
+ops.obs_metrics = M.metrics_text
+
+-- -- The dashboard's router -----------------------------------------------------------
+
+local function unescape(s)
+  return (s:gsub("+", " "):gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+end
+
+local function parse_query(q)
+  local t, filters = {}, {}
+  for part in q:gmatch("[^&]+") do
+    local k, v = part:match("^([^=]*)=(.*)$")
+    if k then
+      k, v = unescape(k), unescape(v)
+      if k == "filter" then
+        local fk, fv = v:match("^([^=]+)=(.*)$")
+        if not fk then error("filter needs key=value, not " .. v, 0) end
+        filters[#filters + 1] = {fk, fv}
+      else
+        t[k] = v
+      end
+    end
+  end
+  return t, filters
+end
+
+local TYPES = {html = "text/html; charset=utf-8", js = "application/javascript; charset=utf-8",
+  css = "text/css; charset=utf-8", svg = "image/svg+xml"}
+local PAGES = {["/"] = true, ["/nodes"] = true, ["/actors"] = true, ["/tasks"] = true, ["/objects"] = true,
+  ["/placement-groups"] = true, ["/jobs"] = true}
+
+local function file(name)
+  local f = io.open(home .. "/stdlib/tide/dashboard/" .. name, "rb")
+  if not f then return nil end
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
+local function json_error(status, msg)
+  return status, "application/json", cjson.encode({error = msg})
+end
+
+-- http(method, path, query) -> status, content type, body
+function M.http(method, path, query)
+  if method ~= "GET" and method ~= "HEAD" then return 405, "text/plain", "only GET\n" end
+  if path == "/metrics" then
+    return 200, "text/plain; version=0.0.4; charset=utf-8", M.metrics_text()
+  end
+  if PAGES[path] then
+    local s = file("index.html")
+    if not s then return 500, "text/plain", "the dashboard's files are missing from " .. home .. "\n" end
+    return 200, TYPES.html, s
+  end
+  local kind = path:match("^/api/list/([%w%-]+)$")
+  if kind then
+    local okq, q, filters = pcall(parse_query, query)
+    if not okq then return json_error(400, q) end
+    local ok, res = pcall(M.list, kind, filters, q.limit, q.offset)
+    if not ok then return json_error(400, tostring(res)) end
+    return 200, "application/json", res
+  end
+  if path == "/api/logs" then
+    local okq, q = pcall(parse_query, query)
+    if not okq then return json_error(400, q) end
+    local ok, chunk, nxt, more = pcall(M.worker_log, q.kind or "job", q.id, q.offset, q.tail)
+    if not ok then return json_error(404, tostring(chunk)) end
+    return 200, "application/json", cjson.encode({data = chunk, offset = nxt, more = more})
+  end
+  local name = path:match("^/static/([%w_%-]+%.%a+)$")
+  local ext = name and name:match("%.(%a+)$")
+  if name and TYPES[ext] then
+    local s = file(name)
+    if s then return 200, TYPES[ext], s end
+  end
+  return 404, "text/plain", "not found: " .. path .. "\n"
+end
+
+return M
