@@ -6,7 +6,7 @@
 
 #include "td.h"
 
-/* --data-plane: AES-256-GCM (the default), authenticated only (GMAC tags,
+/* --data-plane: AES-128-GCM (the default), authenticated only (GMAC tags,
  * bytes in the clear: trusted fabrics), or none (chunks over ZeroMQ). */
 enum { TD_DP_OFF, TD_DP_ON, TD_DP_PLAIN };
 

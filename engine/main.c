@@ -126,7 +126,7 @@ static const struct td__help {
    "  --name N              this node's name\n"
    "  --node-timeout S      seconds of silence before a node counts as dead (default 5)\n"
    "  --data-plane MODE     how object bytes cross between nodes: on (direct TCP streams,\n"
-   "                        AES-256-GCM; the default), plain (authenticated, not encrypted:\n"
+   "                        AES-128-GCM; the default), plain (authenticated, not encrypted:\n"
    "                        trusted networks only) or off (over the ZeroMQ links)\n"
    "  --join-timeout S      give up joining after S seconds, saying why (default 15;\n"
    "                        0: keep trying); a node that has joined always rejoins\n"
@@ -1076,7 +1076,7 @@ static int td__start(int argc, char **argv) {
                   strerror(errno));
         else
           printf("tide: data plane on %s port %d (%s)\n", bind_host, td_node_dplane_port(td_ctx.node),
-                 dp_mode == TD_DP_PLAIN ? "plain: authenticated, not encrypted" : "AES-256-GCM");
+                 dp_mode == TD_DP_PLAIN ? "plain: authenticated, not encrypted" : "AES-128-GCM");
         memset(kt, 0, sizeof(kt));
       }
       if (up == 0 && join) {
