@@ -398,8 +398,11 @@ if wanted("multinode") then
   local port = 19000 + math.random(0, 900)
   local key = dir .. "/head/cluster.key"
   local function sh(cmd) return os.execute(cmd .. " >/dev/null 2>&1") end
+  -- TD_BENCH_DATA_PLANE=off|plain|on: how objects cross (--data-plane), for A/B runs.
+  local dpm = os.getenv("TD_BENCH_DATA_PLANE") or "on"
+  local dpf = " --data-plane " .. dpm
   local function start_head()
-    return sh(string.format("TIDE_SESSION_DIR=%s/head %s start --head --port %d --num-cpus 0", dir, exe, port))
+    return sh(string.format("TIDE_SESSION_DIR=%s/head %s start --head --port %d --num-cpus 0%s", dir, exe, port, dpf))
   end
   local function nodes_up()
     local f = io.popen(string.format("TIDE_SESSION_DIR=%s/head %s status 2>/dev/null", dir, exe))
@@ -411,8 +414,8 @@ if wanted("multinode") then
   os.execute("mkdir -p " .. dir)
   start_head()
   for k = 1, 2 do
-    sh(string.format("TIDE_SESSION_DIR=%s/n%d %s start --address 127.0.0.1:%d --key %s --num-cpus 2",
-      dir, k, exe, port, key))
+    sh(string.format("TIDE_SESSION_DIR=%s/n%d %s start --address 127.0.0.1:%d --key %s --num-cpus 2%s",
+      dir, k, exe, port, key, dpf))
   end
   local t0 = raw.now()
   while nodes_up() < 3 and raw.now() - t0 < 20 do tide.sleep(0.05) end
@@ -420,8 +423,9 @@ if wanted("multinode") then
   emit({metric = "limit_tcp_loopback", value = tcp / 1e9, unit = "GB/s"})
   local f = io.popen(string.format(
     "TD_LIMIT_PINGPONG=%f TD_LIMIT_STREAM=%f TD_LIMIT_TCP=%f TD_NODE2_PID=%s/n2/node.pid " ..
+    "TD_HEAD_PID=%s/head/node.pid TD_NODE1_PID=%s/n1/node.pid TD_DATA_PLANE=%s " ..
     "TIDE_SESSION_DIR=%s/head %s run --address local %s/bench/multinode.lua 2>&1",
-    limits.pipe_pingpong, limits.pipe_stream, tcp, dir, dir, exe, os.getenv("TIDE_HOME")))
+    limits.pipe_pingpong, limits.pipe_stream, tcp, dir, dir, dir, dpm, dir, exe, os.getenv("TIDE_HOME")))
   for line in f:lines() do io.write(line, "\n") end
   io.flush()
   f:close()

@@ -9,6 +9,37 @@ local pipe_stream = tonumber(os.getenv("TD_LIMIT_STREAM"))
 local tcp = tonumber(os.getenv("TD_LIMIT_TCP"))
 
 local C = dofile(os.getenv("TIDE_HOME") .. "/bench/common.lua")
+local dp = os.getenv("TD_DATA_PLANE") or "on"
+
+-- CPU seconds (user + system) the head's and node-1's daemons have used:
+-- both ends of a transfer from the head to node-1 (the node loops that
+-- send, encrypt, receive and decrypt; the task's own process not counted).
+local function pid_of(env)
+  local f = os.getenv(env) and io.open(os.getenv(env))
+  local p = f and f:read("*n")
+  if f then f:close() end
+  return p
+end
+local pids = {pid_of("TD_HEAD_PID"), pid_of("TD_NODE1_PID")}
+local function cpu_s()
+  local t = 0
+  for _, p in ipairs(pids) do
+    local f = io.open("/proc/" .. p .. "/stat")
+    if f then
+      local st = f:read("*a")
+      f:close()
+      local rest = st:match("%) (.*)$") or ""
+      local k, ut, stt = 0, 0, 0
+      for w in rest:gmatch("%S+") do
+        k = k + 1
+        if k == 12 then ut = tonumber(w) end
+        if k == 13 then stt = tonumber(w) break end
+      end
+      t = t + (ut + stt) / 100  -- clock ticks (USER_HZ 100)
+    end
+  end
+  return t
+end
 local emit, rate, batch = C.emit, C.rate, C.batch
 
 local nop = tide.remote(function() return 0 end)
@@ -54,23 +85,26 @@ for _, mib in ipairs({1, 16, 256}) do
   local reps = mib >= 256 and 2 or (mib >= 16 and 6 or 30)
   local s = string.rep("t", size)
   tide.get(len:options(on(1)):remote(tide.put(s)))  -- warm: the node's store pages
-  local best = 0
+  local best, cpu, moved = 0, 0, 0
   for _ = 1, 3 do
     -- Distinct objects: each is its own transfer (a node fetches an
     -- object once, however many of its tasks use it).
     local objs = {}
     for i = 1, reps do objs[i] = tide.put(s) end
-    local t0 = raw.now()
+    local c0, t0 = cpu_s(), raw.now()
     local refs = {}
     for i = 1, reps do refs[i] = len:options(on(1)):remote(objs[i]) end
     tide.get(refs)
     local bw = reps * size / (raw.now() - t0)
+    cpu, moved = cpu + cpu_s() - c0, moved + reps * size
     if bw > best then best = bw end
     objs, refs = nil, nil -- luacheck: ignore 311
     collectgarbage()
   end
   emit({metric = "multinode_object_transfer_" .. mib .. "MiB", value = best / 1e9, unit = "GB/s",
-    limit = tcp / 1e9, note = "head store -> node-1 store -> worker, distinct objects, best of 3"})
+    limit = tcp / 1e9, ratio = best / tcp, data_plane = dp, cpu_core_s_per_GB = cpu / (moved / 1e9),
+    note = "head store -> node-1 store -> worker, distinct objects, best of 3; ratio: of raw TCP loopback " ..
+      "this run; cpu: head + node-1 daemons, all 3 rounds"})
   s = nil -- luacheck: ignore 311
   collectgarbage()
 end
@@ -83,16 +117,18 @@ do
   local n = math.floor(2.1 * 1024 ^ 3 / 4)
   local x = T.full({n}, 1)
   local count = tide.remote(function(t) return t:numel() end)
-  local bw
+  local bw, cpu
   for _ = 1, 3 do
     local r = tide.put(x)
-    local t0 = raw.now()
+    local c0, t0 = cpu_s(), raw.now()
     assert(tide.get(count:options(on(1)):remote(r)) == n)
     bw = n * 4 / (raw.now() - t0)
+    cpu = cpu_s() - c0
     r = nil -- luacheck: ignore 311
     let_go(0.5)
   end
   emit({metric = "multinode_object_transfer_2GiB", value = bw / 1e9, unit = "GB/s", limit = tcp / 1e9,
+    ratio = bw / tcp, data_plane = dp, cpu_core_s_per_GB = cpu / (n * 4 / 1e9),
     note = "a 2.1 GiB tensor, head store -> node-1 store, mapped by the task; third of three"})
   x = nil -- luacheck: ignore 311
   collectgarbage()
@@ -122,6 +158,7 @@ do
     let_go(0.3)
   end
   emit({metric = "multinode_object_broadcast_64MiB", value = best / 1e9, unit = "GB/s", limit = tcp / 1e9,
+    ratio = best / tcp, data_plane = dp,
     note = string.format("a 64 MiB tensor to a task on each of 2 nodes at once, bytes delivered / time, " ..
       "best of %d; the head sent %.2f copies per broadcast", reps, (head_sent() - sent0) / (reps * n * 4))})
   x = nil -- luacheck: ignore 311

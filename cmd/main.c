@@ -27,6 +27,7 @@
 #include <uv.h>
 
 #include "bridge.h"
+#include "dplane.h"
 #include "persist.h"
 #include "pkg.h"
 #include "proto.h"
@@ -132,6 +133,9 @@ static const struct td__help {
    "  --host H              interface to listen on (default 0.0.0.0)\n"
    "  --name N              this node's name\n"
    "  --node-timeout S      seconds of silence before a node counts as dead (default 5)\n"
+   "  --data-plane MODE     how object bytes cross between nodes: on (direct TCP streams,\n"
+   "                        AES-128-GCM; the default), plain (authenticated, not encrypted:\n"
+   "                        trusted networks only) or off (over the ZeroMQ links)\n"
    "  --join-timeout S      give up joining after S seconds, saying why (default 15;\n"
    "                        0: keep trying); a node that has joined always rejoins\n"
    "  --node-index N        ask the head for node index N (1..4095) if it is free\n"
@@ -824,6 +828,7 @@ static int td__start(int argc, char **argv) {
   const char *join = NULL, *node_name = NULL;
   double node_timeout = 0, join_timeout = 15;
   uint32_t want_index = 0;  /* --node-index: the index this node asks the head for */
+  int dp_mode = TD_DP_ON;   /* --data-plane (dplane.h) */
   const char *bind_host = NULL;  /* --host; else loopback, or toward the head */
   char toward[64];
   char dir[PATH_MAX], sock[PATH_MAX + 16], pidf[PATH_MAX + 16], logf[PATH_MAX + 16];
@@ -841,7 +846,8 @@ static int td__start(int argc, char **argv) {
     int valued = !strcmp(a, "--port") || !strcmp(a, "--host") || !strcmp(a, "--address") ||
                  !strcmp(a, "--key") || !strcmp(a, "--name") || !strcmp(a, "--node-timeout") ||
                  !strcmp(a, "--join-timeout") || !strcmp(a, "--node-index") || !strcmp(a, "--dashboard-port") ||
-                 !strcmp(a, "--dashboard-host");
+                 !strcmp(a, "--dashboard-host") ||
+                 !strcmp(a, "--data-plane");
     if (valued && i + 1 >= argc) return td__usage_error("option %s needs a value", a);
     if (!strcmp(a, "--port")) {
       char *end;
@@ -876,6 +882,10 @@ static int td__start(int argc, char **argv) {
       char *end;
       node_timeout = strtod(argv[++i], &end);
       if (*end || !(node_timeout > 0)) return td__usage_error("%s", "--node-timeout needs a positive number of seconds");
+    }
+    else if (!strcmp(a, "--data-plane")) {
+      dp_mode = td_dp_mode_parse(argv[++i]);
+      if (dp_mode < 0) return td__usage_error("--data-plane takes on, plain or off, not %s", argv[i]);
     }
     else if (!strcmp(a, "--join-timeout")) {
       char *end;
@@ -1106,6 +1116,26 @@ static int td__start(int argc, char **argv) {
       for (int i = 0; i < 100 && (up = td_bridge_server_start(ep, sock, &key)) != 0 && !td__stop_daemon; i++) {
         err = errno;
         usleep(100000);
+      }
+      if (up == 0 && dp_mode != TD_DP_OFF) {
+        /* Bulk bytes between nodes go over direct streams (dplane.c),
+         * keyed from the cluster key. */
+        char kt[128], hh[256] = "";
+        snprintf(kt, sizeof(kt), "%s%s", key.client_secret, key.server_public);
+        if (join) {
+          const char *h = join_ep + 6, *c = strrchr(h, ':');
+          if (*h == '[') h++;
+          size_t hl = c && c > h ? (size_t)(c - h) : 0;
+          if (hl && h[hl - 1] == ']') hl--;
+          snprintf(hh, sizeof(hh), "%.*s", (int)hl, h);
+        }
+        if (td_node_set_dplane(td_ctx.node, dp_mode, bind_host, join ? hh : NULL, kt))
+          fprintf(stderr, "tide: data plane: cannot listen on %s (%s): chunks go over ZeroMQ\n", bind_host,
+                  strerror(errno));
+        else
+          printf("tide: data plane on %s port %d (%s)\n", bind_host, td_node_dplane_port(td_ctx.node),
+                 dp_mode == TD_DP_PLAIN ? "plain: authenticated, not encrypted" : "AES-128-GCM");
+        memset(kt, 0, sizeof(kt));
       }
       if (up == 0 && join) {
         /* Other nodes fetch objects from this one there. */

@@ -417,7 +417,9 @@ int td__on_node_info(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   uint32_t port = rd->p < rd->end ? td_rd_u32(rd) : 0;
   if (port > 65535) return TD_EPROTO;
   if (wk->peer_host[0]) wk->peer_port = port;  /* other nodes may fetch from it */
-  return rd->bad ? TD_EPROTO : 0;
+  if (rd->bad) return TD_EPROTO;
+  td__dp_advertise(n, wk);  /* the node fetches from the head's data plane */
+  return 0;
 }
 
 /* The package a head path was shipped as, while fresh (a minute). */
@@ -752,6 +754,7 @@ void td__head_lost(td_node_t *n) {
 
 /* Heartbeats both ways; a link silent past the timeout is dead. */
 void td__cluster_tick(td_node_t *n, double now) {
+  td__dp_tick(n, now);
   if (n->nppull) td__ppull_check(n, NULL, now);
   int beat = now - n->beat_at >= 1.0;
   if (beat) n->beat_at = now;
@@ -931,6 +934,7 @@ int td_node_link_head(td_node_t *n, int fd) {
   memcpy(wk->ch.out.p + at, &na, 4);
   td_buf_u32(&wk->ch.out, (uint32_t)n->peer_port);
   td_chan_end(&wk->ch);
+  td__dp_advertise(n, wk);
   td_chan_flush(&wk->ch);
   return 0;
 }

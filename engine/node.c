@@ -402,7 +402,7 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
   td_rd_t rd;
   td_rd_init(&rd, p, len);
   /* Another node's link carries chunks, and nothing else. */
-  if (wk->kind == WK_PEER && type != TD_M_CHUNK_GET && type != TD_M_CHUNK && type != TD_M_HELLO)
+  if (wk->kind == WK_PEER && type != TD_M_CHUNK_GET && type != TD_M_CHUNK && type != TD_M_HELLO && type != TD_M_DP)
     return TD_EPROTO;
   switch (type) {
     case TD_M_READY: return 0;
@@ -456,10 +456,12 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
       wk->kind = WK_PEER;
       wk->node_index = idx;
       td__link_chan(wk);
+      td__dp_advertise(n, wk);
       td_log("node-%u linked to this node", idx);
       return 0;
     }
     case TD_M_HAVE: return td__on_have(n, wk, &rd);
+    case TD_M_DP: return td__on_dp(n, wk, &rd);
     case TD_M_KILL: {
       uint64_t aid = td_rd_u64(&rd);
       int no_restart = td_rd_u8(&rd);
@@ -897,7 +899,7 @@ void td_node_pump(td_node_t *n, double timeout) {
   /* Something changed after this round's checks (a stream's consumer let
    * items go in the tick): check again at once instead of sleeping. */
   if (timeout < 0 || n->dirty) timeout = 0;
-  if (n->cappfds < n->nwks + 1) {
+  if (n->cappfds < n->nwks + 2) {
     n->cappfds = n->nwks + 16;
     n->pfds = td_xrealloc(n->pfds, (size_t)n->cappfds * sizeof(struct pollfd));
   }
@@ -910,8 +912,11 @@ void td_node_pump(td_node_t *n, double timeout) {
   int ms = timeout > 1e6 ? -1 : (int)(timeout * 1000 + 0.999);
   int ext = n->ext_fd >= 0;
   if (ext) n->pfds[np] = (struct pollfd){n->ext_fd, POLLIN, 0};
-  int r = poll(n->pfds, (nfds_t)(np + ext), ms);
+  int dp = td__dp_fd(n) >= 0;  /* the data plane's streams, behind one epoll fd */
+  if (dp) n->pfds[np + ext] = (struct pollfd){td__dp_fd(n), POLLIN, 0};
+  int r = poll(n->pfds, (nfds_t)(np + ext + dp), ms);
   if (r > 0 && ext && n->pfds[np].revents) n->ext_read(n->ext_ud);
+  if (r > 0 && dp && n->pfds[np + ext].revents) td__dp_io(n);
   if (r > 0) {
     /* Workers may die while handling; copy the list first. */
     td_wk_t **ready = td_xmalloc((size_t)np * sizeof(td_wk_t *) + 1);
@@ -1105,6 +1110,7 @@ void td_node_destroy(td_node_t **np) {
   td_node_t *n = *np;
   if (!n) return;
   td__log_leftovers(n);
+  td__dp_free(n);
   for (int i = 0; i < n->nwks; i++)
     if (n->wks[i]->pid > 0) kill(n->wks[i]->pid, SIGKILL);
   for (int i = 0; i < n->nwks; i++) {

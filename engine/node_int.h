@@ -106,6 +106,7 @@ typedef struct td_obj {
   uint32_t up;           /* node index + 1 to fetch it from (0: by its id) */
   uint64_t asked, got;   /* chunks: bytes asked for and received */
   uint64_t src;          /* chunks: the id of the link they come from */
+  uint8_t dp;            /* chunks: asked for on link src's data-plane stream (dplane.c) */
   struct td_copies *copies; /* head: the nodes that have or fetch it (large objects) */
 } td_obj_t;
 
@@ -127,6 +128,7 @@ typedef struct td_copies {
 typedef struct td_cwait {
   uint64_t wk, id, off;
   uint32_t len;
+  uint8_t via;           /* answered on the link's data-plane stream */
 } td_cwait_t;
 #define TD_CWAIT_MAX 4096
 
@@ -363,6 +365,7 @@ struct td_node {
   uint64_t bytes_sent, bytes_from_peers;
   td_shun_t shun[TD_SHUN_MAX]; /* nodes not asked for chunks until then (they went silent) */
   uint32_t nshun;
+  struct td_dp *dp;      /* the data plane: direct streams for chunks (dplane.c; NULL: off) */
   /* Free task and object records, reused: no malloc per task. */
   void **task_pool, **obj_pool;
   int ntask_pool, nobj_pool;
@@ -526,6 +529,9 @@ uint32_t td__away_wait(td_node_t *n, td_task_t *t, int here);
 void td__chunk_begin(td_node_t *n, td_obj_t *o, uint64_t total, td_wk_t *up);
 void td__chunk_fail(td_node_t *n, td_obj_t *o, const char *kind, const char *why);
 void td__chunk_landed(td_node_t *n, td_wk_t *wk, td_obj_t *o, uint32_t l);
+void td__chunk_more(td_node_t *n, td_obj_t *o, td_wk_t *up);
+td_obj_t *td__chunk_obj(td_node_t *n, td_wk_t *wk, uint64_t id, uint64_t off, uint32_t l);
+const uint8_t *td__chunk_src(td_node_t *n, uint64_t id, uint64_t off, uint32_t len);
 td_copy_t *td__copy(td_copies_t *cp, uint32_t node);
 void td__copy_drop(td_copies_t *cp, uint32_t node);
 void td__cwait_serve(td_node_t *n, uint64_t id);
@@ -543,6 +549,16 @@ void td__ppull_note(td_node_t *n, td_obj_t *o, td_wk_t *peer);
 void td__put_pull(td_node_t *n, td_buf_t *b, td_obj_t *o, td_wk_t *wk);
 int td__sink_read(td_node_t *n, td_wk_t *wk);
 int td__sink_take(td_node_t *n, td_wk_t *wk);
+
+/* dplane.c: chunks over direct, encrypted TCP streams between nodes. */
+void td__dp_advertise(td_node_t *n, td_wk_t *wk);
+int td__dp_fd(td_node_t *n);
+void td__dp_free(td_node_t *n);
+void td__dp_io(td_node_t *n);
+int td__dp_ready(td_node_t *n, td_wk_t *wk);
+void td__dp_send(td_node_t *n, td_wk_t *wk, uint64_t id, uint64_t off, uint32_t len);
+void td__dp_tick(td_node_t *n, double now);
+int td__on_dp(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
 
 /* workers.c: worker processes and their requests. */
 uint64_t td__new_wk_id(td_node_t *n);

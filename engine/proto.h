@@ -53,12 +53,16 @@ enum {
   TD_M_FN,             /* either way: u64 id, str definition (before work that needs it) */
   TD_M_PKG_GET,        /* node -> head: str hash of a working-directory package */
   TD_M_PKG,            /* head -> node: str hash, u8 ok, str package (or why not) */
-  TD_M_CHUNK_GET,      /* between nodes: u64 object id, u64 offset, u32 length */
+  TD_M_CHUNK_GET,      /* between nodes: u64 object id, u64 offset, u32 length[, u8 1: answer on
+                          the link's data-plane stream (TD_M_DP)] */
   TD_M_CHUNK,          /* the answer: u64 id, u64 offset, str bytes (empty: it is gone) */
   TD_M_LINEAGE,        /* node -> head: u64 object id, str spec of the task that makes it */
   TD_M_PEER,           /* node -> node, first on a link between them: u32 the sender's index */
   TD_M_HAVE,           /* node -> head: u64 object id, u8 ok: a fetch the head directed ended */
   TD_M_KILL,           /* node -> head: u64 actor id, u8 no_restart, str why: an actor the head keeps */
+  TD_M_DP,             /* either way on a link between nodes: u32 port, str token[16], u8 mode: the
+                          sender's data-plane listener; a stream presenting the token carries the
+                          chunks asked for on this link with the CHUNK_GET flag set (dplane.c) */
 };
 
 /* Object, worker and node ids carry the index of the node that made them

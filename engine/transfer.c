@@ -38,7 +38,7 @@ int td__link_pushed(td_node_t *n, td_rd_t *rd, uint64_t **made, uint32_t *nmade)
   return 0;
 }
 
-static void td__chunk_more(td_node_t *n, td_obj_t *o, td_wk_t *up) {
+void td__chunk_more(td_node_t *n, td_obj_t *o, td_wk_t *up) {
   (void)n;
   while (o->asked < o->len && o->asked - o->got < (uint64_t)TD_CHUNKS_OUT * TD_CHUNK) {
     uint32_t l = o->len - o->asked < TD_CHUNK ? (uint32_t)(o->len - o->asked) : TD_CHUNK;
@@ -46,6 +46,8 @@ static void td__chunk_more(td_node_t *n, td_obj_t *o, td_wk_t *up) {
     td_buf_u64(&up->ch.out, o->id);
     td_buf_u64(&up->ch.out, o->asked);
     td_buf_u32(&up->ch.out, l);
+    /* Answered on the data-plane stream (a peer without one ignores it). */
+    td_buf_u8(&up->ch.out, o->dp);
     td_chan_end(&up->ch);
     o->asked += l;
   }
@@ -66,6 +68,8 @@ void td__chunk_fail(td_node_t *n, td_obj_t *o, const char *kind, const char *why
  * goes on from where a fetch of it that stopped had got to. */
 void td__chunk_begin(td_node_t *n, td_obj_t *o, uint64_t total, td_wk_t *up) {
   size_t off;
+  /* All of one fetch's chunks come one way, so they land in order. */
+  o->dp = (uint8_t)td__dp_ready(n, up);
   if (o->chunked && o->len == total) {
     o->pulling = 1;
     o->src = up->id;
@@ -93,7 +97,7 @@ void td__chunk_begin(td_node_t *n, td_obj_t *o, uint64_t total, td_wk_t *up) {
 
 /* The object a chunk of l bytes at off is for, or NULL when it is late
  * (the object is ready, failed or gone) or says the sender lost it. */
-static td_obj_t *td__chunk_obj(td_node_t *n, td_wk_t *wk, uint64_t id, uint64_t off, uint32_t l) {
+td_obj_t *td__chunk_obj(td_node_t *n, td_wk_t *wk, uint64_t id, uint64_t off, uint32_t l) {
   td_obj_t *o = td__obj(n, id);
   if (!o || !o->chunked || o->state != OBJ_PENDING || o->src != wk->id) return NULL;  /* late */
   if (l == 0 || off >= o->len || l > o->len - off) {
@@ -475,17 +479,26 @@ void td__ppull_check(td_node_t *n, td_wk_t *peer, double now) {
   }
 }
 
-/* Sends the chunk asked for from where the value lies here (all of it, or
- * the part that has landed), or no bytes when it is not here. */
-static void td__chunk_send(td_node_t *n, td_wk_t *wk, uint64_t id, uint64_t off, uint32_t len) {
+/* Where the len bytes of object id at off lie here, or NULL when they do
+ * not (it is gone, or they have not landed yet). */
+const uint8_t *td__chunk_src(td_node_t *n, uint64_t id, uint64_t off, uint32_t len) {
   td_obj_t *o = td__obj(n, id);
-  const uint8_t *src = NULL;
-  if (o && len <= TD_CHUNK && off < o->len && len <= o->len - off) {
-    if (o->state == OBJ_READY && td__obj_resident(n, o) == 0)
-      src = (o->loc == LOC_SHM ? td_store_base(n->store) + o->off : o->data) + off;
-    else if (o->state == OBJ_PENDING && o->chunked && off + len <= o->got)
-      src = td_store_base(n->store) + o->off + off;
+  if (!o || len > TD_CHUNK || off >= o->len || len > o->len - off) return NULL;
+  if (o->state == OBJ_READY && td__obj_resident(n, o) == 0)
+    return (o->loc == LOC_SHM ? td_store_base(n->store) + o->off : o->data) + off;
+  if (o->state == OBJ_PENDING && o->chunked && off + len <= o->got) return td_store_base(n->store) + o->off + off;
+  return NULL;
+}
+
+/* Sends the chunk asked for from where the value lies here (all of it, or
+ * the part that has landed), or no bytes when it is not here; via: on the
+ * link's data-plane stream. */
+static void td__chunk_send(td_node_t *n, td_wk_t *wk, uint64_t id, uint64_t off, uint32_t len, int via) {
+  if (via) {
+    td__dp_send(n, wk, id, off, len);
+    return;
   }
+  const uint8_t *src = td__chunk_src(n, id, off, len);
   /* The bytes go from the store to the socket, not through c->out. */
   uint8_t head[20];
   uint32_t n32 = src ? len : 0;
@@ -512,7 +525,7 @@ void td__cwait_serve(td_node_t *n, uint64_t id) {
     memmove(&n->cwait[i], &n->cwait[i + 1], (n->ncwait - i - 1) * sizeof(td_cwait_t));
     n->ncwait--;
     td_wk_t *w = td__wk_by_id(n, c.wk);
-    if (w) td__chunk_send(n, w, c.id, c.off, c.len);
+    if (w) td__chunk_send(n, w, c.id, c.off, c.len, c.via);
   }
 }
 
@@ -520,7 +533,8 @@ void td__cwait_serve(td_node_t *n, uint64_t id) {
 int td__on_chunk_get(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   uint64_t id = td_rd_u64(rd), off = td_rd_u64(rd);
   uint32_t len = td_rd_u32(rd);
-  if (rd->bad || wk->kind < WK_NODE) return TD_EPROTO;
+  uint8_t via = rd->p < rd->end ? td_rd_u8(rd) : 0;
+  if (rd->bad || wk->kind < WK_NODE || via > 1) return TD_EPROTO;
   td_obj_t *o = td__obj(n, id);
   int wait = wk->kind == WK_PEER && len <= TD_CHUNK && td__chunk_waits(o, off, len);
   for (uint32_t i = 0; i < n->ncwait && !wait; i++)  /* keeps their order */
@@ -530,9 +544,9 @@ int td__on_chunk_get(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
       n->capcwait = n->capcwait ? n->capcwait * 2 : 16;
       n->cwait = td_xrealloc(n->cwait, n->capcwait * sizeof(td_cwait_t));
     }
-    n->cwait[n->ncwait++] = (td_cwait_t){wk->id, id, off, len};
+    n->cwait[n->ncwait++] = (td_cwait_t){wk->id, id, off, len, via};
     return 0;
   }
-  td__chunk_send(n, wk, id, off, len);
+  td__chunk_send(n, wk, id, off, len, via);
   return 0;
 }
