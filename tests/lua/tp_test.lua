@@ -185,13 +185,18 @@ t.test("tensor-parallel training under train.fit (2 ranks, ctx's group) steps as
   t.ok(d < 1e-4, "logits of the reloaded split checkpoint differ by " .. d)
 end)
 
-t.test("a GPT checkpoint and a tide.train checkpoint load split", function()
+t.test("a GPT checkpoint, a model in the caller and a tide.train checkpoint load split", function()
   local path = dir .. "/full.safetensors"
   full:save(path)
   local h = TP.group({world_size = 2, checkpoint = path})
   local d = max_diff(full:forward(T.from_table(ROWS, {dtype = "i32"})):clone(), h:logits(ROWS))
   h:close()
   t.ok(d < 1e-4, "safetensors checkpoint: logits differ by " .. d)
+  -- A model in the caller, sliced there.
+  local hm = TP.group({world_size = 2, model = full})
+  local dm = max_diff(full:forward(T.from_table(ROWS, {dtype = "i32"})):clone(), hm:logits(ROWS))
+  hm:close()
+  t.ok(dm < 1e-4, "model = m: logits differ by " .. dm)
   -- A model trained by tide.train, served split: its checkpoint's "model" table.
   local train = require("tide.train")
   local r = train.fit({num_workers = 1, resources_per_worker = {num_cpus = 1}, progress = false,
