@@ -83,7 +83,8 @@ function M.trace(opts)
       local cat = e.kind
       ev[#ev + 1] = {ph = "i", s = "t", name = "submit " .. e.name, cat = cat, ts = us(e.submit),
         pid = e.node, tid = sub_tid, args = {task_id = e.task_id}}
-      ev[#ev + 1] = {ph = "s", id = idbase + i, name = "submit", cat = cat, ts = us(e.submit), pid = e.node, tid = sub_tid}
+      ev[#ev + 1] = {ph = "s", id = idbase + i, name = "submit", cat = cat, ts = us(e.submit), pid = e.node,
+        tid = sub_tid}
       ev[#ev + 1] = {ph = "X", name = e.name, cat = cat, ts = us(e.start), dur = us(e["end"]) - us(e.start),
         pid = e.node, tid = tid, args = args}
       ev[#ev + 1] = {ph = "f", bp = "e", id = idbase + i, name = "submit", cat = cat, ts = us(e.start), pid = e.node,
