@@ -184,11 +184,14 @@ static const struct td__help {
    "task_id) is not ready: what makes it, and where that task is.\n"},
   {"timeline",
    "usage: tide timeline [--job ID] [-o FILE] [--address A] [--key FILE]\n"
+   "       tide timeline --merge FILE... [-o FILE]\n"
    "\n"
    "Writes the tasks and actor calls the running node kept (submitted, began,\n"
    "ended, node, worker, argument bytes, name) as Chrome trace events: load\n"
    "the file in Perfetto (ui.perfetto.dev) or chrome://tracing. On stdout\n"
-   "unless -o FILE. --job ID: only that job's work (tide submit).\n"},
+   "unless -o FILE. --job ID: only that job's work (tide submit). Each node\n"
+   "keeps the work it ran: --merge puts the traces of several nodes (each\n"
+   "taken with its own --address or TIDE_SESSION_DIR) on one clock.\n"},
   {"submit",
    "usage: tide submit [--address A] [--key FILE] [--working-dir D] SCRIPT [ARGS...]\n"
    "\n"
@@ -1536,10 +1539,20 @@ int main(int argc, char **argv) {
     return td__run(argc, argv, 1, path);
   }
   if (!strcmp(cmd, "timeline")) {
-    /* A client of the node: stdlib/tide/timelinecli.lua writes the trace. */
+    /* A client of the node: stdlib/tide/timelinecli.lua writes the trace.
+     * --merge FILE... needs no node: an embedded one is started, unused. */
+    int merge = 0, files = 0;
     for (int k = 2; k < argc; k++) {
       const char *a = argv[k];
       if (td__is_help(a)) return td__help("timeline");
+      if (!strcmp(a, "--merge")) {
+        merge = 1;
+        continue;
+      }
+      if (merge && a[0] != '-') {
+        files++;
+        continue;
+      }
       if (strcmp(a, "--job") && strcmp(a, "-o") && strcmp(a, "--output") && strcmp(a, "--address") &&
           strcmp(a, "--key"))
         return td__usage_error(a[0] == '-' ? "unknown option %s" : "timeline: unexpected argument %s", a);
@@ -1548,7 +1561,12 @@ int main(int argc, char **argv) {
       if (!strcmp(a, "--key")) td__key_arg = argv[k + 1];
       k++;
     }
-    if (!getenv("TIDE_ADDRESS")) setenv("TIDE_ADDRESS", "local", 1);
+    if (merge) {
+      if (!files) return td__usage_error("%s", "timeline --merge needs trace files");
+      unsetenv("TIDE_ADDRESS");
+    } else if (!getenv("TIDE_ADDRESS")) {
+      setenv("TIDE_ADDRESS", "local", 1);
+    }
     char path[PATH_MAX + 32];
     snprintf(path, sizeof(path), "%s/stdlib/tide/timelinecli.lua", td__home);
     return td__run(argc, argv, 2, path);

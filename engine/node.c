@@ -40,7 +40,7 @@ void td__inflight_add(td_node_t *n, td_wk_t *wk, td_task_t *t) {
   tq_push(&wk->inflight, t);
   t->slow = 0;
   if (t->spec.kind != TD_K_TASK) {
-    if (n->tl) t->sent_at = td_now();  /* the timeline's start of a call */
+    if (n->tl) t->sent_at = td_now(); /* the timeline's start of a call */
     return;
   }
   t->sent_at = td_now();
@@ -71,7 +71,10 @@ static void td__task_timed(td_node_t *n, td_wk_t *wk, td_task_t *t, int ok) {
   double now = td_now();
   double begun = wk->kind == WK_NODE || t->sent_at > wk->last_done ? t->sent_at : wk->last_done;
   if (n->tl) td__tl_record(n, t, wk, begun, now, ok, 1);
-  if (t->spec.kind != TD_K_TASK) { wk->last_done = now; return; }
+  if (t->spec.kind != TD_K_TASK) {
+    wk->last_done = now;
+    return;
+  }
   double dur = now - (t->sent_at > wk->last_done ? t->sent_at : wk->last_done);
   wk->last_done = now;
   td_fnstat_t *st = td_map_get(&n->fnstats, t->spec.fn_id);
@@ -682,7 +685,7 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
         uint8_t tt = TD_T_TRUE;
         if (o && o->state == OBJ_PENDING) {
           td__obj_set(n, o, OBJ_READY, 0, &tt, 1, 0, NULL, 0);
-          if (n->tl) {  /* its calls sent meanwhile begin after init */
+          if (n->tl) { /* its calls sent meanwhile begin after init */
             wk->last_done = td_now();
             td__tl_record(n, a->create, wk, a->create->sent_at, wk->last_done, 1, 1);
           }

@@ -230,8 +230,10 @@ int td_node_client_pid(td_node_t *n, uint64_t id, int32_t *pid, int32_t *ppid);
 
 /* -- Why is it stuck (why.c) ------------------------------------------------- */
 
-enum { TD_WHY_STACK = 1,   /* ask a running task's worker for its Lua stack (on its stderr) */
-       TD_WHY_WARNED = 2 }; /* a waiter warned: the node does not name the task again */
+/* Flags of td_node_why: TD_WHY_STACK asks a running task's worker for its
+ * Lua stack (on its stderr); TD_WHY_WARNED says a waiter warned, so the
+ * node does not name that task again. */
+enum { TD_WHY_STACK = 1, TD_WHY_WARNED = 2 };
 /* Writes into out (len bytes) why object or task id is not done: the task
  * that makes it and where that task is. Returns 0, or TD_ENOTFOUND (out
  * says so). */

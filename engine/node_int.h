@@ -369,10 +369,10 @@ struct td_node {
   /* Free task and object records, reused: no malloc per task. */
   void **task_pool, **obj_pool;
   int ntask_pool, nobj_pool;
-  struct td_tl *tl;      /* the timeline's ring (timeline.c); NULL: not recording */
-  uint64_t ndone;        /* tasks and calls ended here: progress, for why.c */
-  double hang_warn_s;    /* TIDE_HANG_WARN_S: a queued task this long without progress is named (0: off) */
-  double hang_scan_at;   /* why.c: when to look for such tasks next */
+  struct td_tl *tl;    /* the timeline's ring (timeline.c); NULL: not recording */
+  uint64_t ndone;      /* tasks and calls ended here: progress, for why.c */
+  double hang_warn_s;  /* TIDE_HANG_WARN_S: a queued task this long without progress is named (0: off) */
+  double hang_scan_at; /* why.c: when to look for such tasks next */
 };
 
 /* -- Queues ---------------------------------------------------------------- */
@@ -572,8 +572,8 @@ td_wk_t *td__wk_add(td_node_t *n, uint64_t id, int kind, int fd);
 void td__tl_init(td_node_t *n);
 void td__tl_free(td_node_t *n);
 void td__tl_client(td_node_t *n, uint64_t id, int32_t pid);
-void td__tl_record(td_node_t *n, const td_task_t *t, const td_wk_t *wk, double begun, double ended,
-                   int ok, int ran);
+void td__tl_record(td_node_t *n, const td_task_t *t, const td_wk_t *wk, double begun, double ended, int ok,
+                   int ran);
 void td__tl_failed(td_node_t *n, const td_task_t *t);
 
 /* why.c: why an object or task is not done; warnings about stuck tasks. */

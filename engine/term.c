@@ -8,9 +8,9 @@
 #include <string.h>
 
 static pthread_mutex_t td__term_mu = PTHREAD_MUTEX_INITIALIZER;
-static char *td__area;        /* the area's text, owned */
+static char *td__area; /* the area's text, owned */
 static size_t td__area_len;
-static int td__area_lines;    /* lines the drawn area takes (0: none drawn) */
+static int td__area_lines; /* lines the drawn area takes (0: none drawn) */
 
 /* Clears the drawn area: the cursor is at the end of its last line. */
 static void td__erase(void) {
@@ -21,7 +21,10 @@ static void td__erase(void) {
 }
 
 static void td__draw(void) {
-  if (!td__area_len) { fflush(stderr); return; }
+  if (!td__area_len) {
+    fflush(stderr);
+    return;
+  }
   fwrite(td__area, 1, td__area_len, stderr);
   fflush(stderr);
   td__area_lines = 1;

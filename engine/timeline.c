@@ -11,18 +11,18 @@
 
 #define TD__TL_DEFAULT 65536 /* records kept: about 7 MiB */
 #define TD__TL_MAX (1u << 24)
-#define TD__TL_CLIENTS 256   /* clients remembered (id -> pid) for --job */
+#define TD__TL_CLIENTS 256 /* clients remembered (id -> pid) for --job */
 
 typedef struct td_tl_client {
-  uint64_t id;           /* the client's worker-table id (a task's owner) */
-  int32_t pid, ppid;     /* its process, and that process's parent (a job's shell) */
+  uint64_t id;       /* the client's worker-table id (a task's owner) */
+  int32_t pid, ppid; /* its process, and that process's parent (a job's shell) */
 } td_tl_client_t;
 
 struct td_tl {
-  td_tl_event_t *ev;     /* the ring, cap records */
+  td_tl_event_t *ev; /* the ring, cap records */
   uint32_t cap;
-  uint64_t n;            /* records ever written: the next goes at n % cap */
-  double wall0;          /* unix time minus td_now(), to report wall-clock times */
+  uint64_t n;                             /* records ever written: the next goes at n % cap */
+  double wall0;                           /* unix time minus td_now(), to report wall-clock times */
   td_tl_client_t clients[TD__TL_CLIENTS]; /* a ring of the clients that attached */
   uint32_t nclients;
 };
@@ -39,8 +39,7 @@ void td__tl_init(td_node_t *n) {
     if (*end || v == 0 || v > TD__TL_MAX)
       fprintf(stderr, "tide: TIDE_TIMELINE_EVENTS=%s is not a count from 1 to %u; keeping %u\n", e,
               TD__TL_MAX, cap);
-    else
-      cap = (uint32_t)v;
+    else cap = (uint32_t)v;
   }
   td_tl_t *tl = td_xcalloc(1, sizeof(*tl));
   tl->ev = td_xcalloc(cap, sizeof(td_tl_event_t));
@@ -71,8 +70,8 @@ void td__tl_client(td_node_t *n, uint64_t id, int32_t pid) {
     size_t k = fread(buf, 1, sizeof(buf) - 1, f);
     buf[k] = 0;
     fclose(f);
-    const char *p = strrchr(buf, ')');  /* the name may hold spaces */
-    if (p) ppid = (int32_t)strtol(p + 3, NULL, 10);  /* ") S ppid" */
+    const char *p = strrchr(buf, ')');              /* the name may hold spaces */
+    if (p) ppid = (int32_t)strtol(p + 3, NULL, 10); /* ") S ppid" */
   }
   tl->clients[tl->nclients++ % TD__TL_CLIENTS] = (td_tl_client_t){id, pid, ppid};
 }
@@ -85,7 +84,8 @@ static void td__tl_name(const td_task_t *t, char *out, size_t len) {
   const char *src = s->kind == TD_K_ACTOR_CALL ? s->method : s->name;
   size_t k = strnlen(src, len - 1);
   /* Cut at a character, not inside one: the trace must stay UTF-8. */
-  if (src[k]) while (k > 0 && ((unsigned char)src[k] & 0xC0) == 0x80) k--;
+  if (src[k])
+    while (k > 0 && ((unsigned char)src[k] & 0xC0) == 0x80) k--;
   memcpy(out, src, k);
   out[k] = 0;
 }
@@ -117,8 +117,8 @@ static void td__tl_fullname(td_node_t *n, const td_tl_event_t *e, char *out, siz
 
 /* Records t's run: begun..ended on wk (ran 1), or its failure before it
  * ran (ran 0). */
-void td__tl_record(td_node_t *n, const td_task_t *t, const td_wk_t *wk, double begun, double ended,
-                   int ok, int ran) {
+void td__tl_record(td_node_t *n, const td_task_t *t, const td_wk_t *wk, double begun, double ended, int ok,
+                   int ran) {
   td_tl_t *tl = n->tl;
   td_tl_event_t *e = &tl->ev[tl->n++ % tl->cap];
   e->submit = t->submit_at;

@@ -11,8 +11,8 @@
 #include <signal.h>
 #include <stdarg.h>
 
-#define TD__WHY_SCAN 1.0       /* seconds between the node's scans for stuck tasks */
-#define TD__WHY_WARN_MAX 5     /* tasks named per scan; the rest are counted */
+#define TD__WHY_SCAN 1.0   /* seconds between the node's scans for stuck tasks */
+#define TD__WHY_WARN_MAX 5 /* tasks named per scan; the rest are counted */
 
 /* A bounded text being written. */
 typedef struct td_wb {
@@ -30,7 +30,9 @@ static void __attribute__((format(printf, 2, 3))) td__wf(td_wb_t *b, const char 
 }
 
 static const char *td__kind_word(const td_task_t *t) {
-  return t->spec.kind == TD_K_ACTOR_CALL ? "actor call" : t->spec.kind == TD_K_ACTOR_NEW ? "actor creation" : "task";
+  return t->spec.kind == TD_K_ACTOR_CALL  ? "actor call"
+         : t->spec.kind == TD_K_ACTOR_NEW ? "actor creation"
+                                          : "task";
 }
 
 static void td__name(const td_task_t *t, td_wb_t *b) {
@@ -47,7 +49,10 @@ static void td__name(const td_task_t *t, td_wb_t *b) {
 
 /* "CPU=1, GPU=0.5" */
 static void td__demand(td_node_t *n, const td_task_t *t, td_wb_t *b) {
-  if (!t->nres) { td__wf(b, "nothing"); return; }
+  if (!t->nres) {
+    td__wf(b, "nothing");
+    return;
+  }
   for (int i = 0; i < t->nres; i++)
     td__wf(b, "%s%s=%g", i ? ", " : "", n->resname[t->res_idx[i]], t->res_amt[i]);
 }
@@ -89,10 +94,11 @@ static void td__obj_line(td_node_t *n, uint64_t id, td_wb_t *b, int depth, int s
     td__wf(b, "; the %s that makes it, ", td__kind_word(o->producer));
     td__task(n, o->producer, b, depth, stack, now);
   } else if (o->chunked || o->pulling) {
-    td__wf(b, ": it is made and being fetched from node-%u (%llu of %zu bytes here)", o->up ? o->up - 1 : td_id_node(id),
-           (unsigned long long)o->got, o->len);
+    td__wf(b, ": it is made and being fetched from node-%u (%llu of %zu bytes here)",
+           o->up ? o->up - 1 : td_id_node(id), (unsigned long long)o->got, o->len);
   } else if (o->foreign) {
-    td__wf(b, ": it belongs to node-%u, which makes it; ask there (tide status --why on that node)", td_id_node(id));
+    td__wf(b, ": it belongs to node-%u, which makes it; ask there (tide status --why on that node)",
+           td_id_node(id));
   } else {
     td__wf(b, ": no task on node-%u makes it (its maker runs elsewhere, or was lost)", n->index);
   }
@@ -129,7 +135,8 @@ static void td__task(td_node_t *n, td_task_t *t, td_wb_t *b, int depth, int stac
         int ahead = 0;
         for (td_task_t *q = t->actor->queue.head; q && q != t; q = q->next) ahead++;
         td__wf(b, " is queued at its actor %016llx (state %s), %d call%s before it",
-               (unsigned long long)t->actor->id, td__actor_word(t->actor->state), ahead, ahead == 1 ? "" : "s");
+               (unsigned long long)t->actor->id, td__actor_word(t->actor->state), ahead,
+               ahead == 1 ? "" : "s");
         if (t->actor->state == A_PENDING && t->actor->create && t->actor->create != t && depth == 0) {
           td__wf(b, "\n  the actor: ");
           td__task(n, t->actor->create, b, depth + 1, 0, now);
@@ -145,26 +152,31 @@ static void td__task(td_node_t *n, td_task_t *t, td_wb_t *b, int depth, int stac
       td__task_infeasible(n, t, why, sizeof(why));
       if (why[0]) {
         td__wf(b, "; %s", why);
-        if (t->unplaced) td__wf(b, " (it waits %.0f s more for a node that had it to rejoin)", n->settle_until - now);
+        if (t->unplaced)
+          td__wf(b, " (it waits %.0f s more for a node that had it to rejoin)", n->settle_until - now);
         return;
       }
       int bundle;
       double *pool = td__pool(n, t, &bundle);
       if (t->spec.pg_id) {
         if (!pool) {
-          td__wf(b, "; its placement group %016llx is not created yet (its bundles wait for resources) or was removed",
+          td__wf(b,
+                 "; its placement group %016llx is not created yet (its bundles wait for resources) or was "
+                 "removed",
                  (unsigned long long)t->spec.pg_id);
           return;
         }
         td_pg_t *pg = td__pg(n, t->spec.pg_id);
-        td__wf(b, " from bundle %d of placement group %016llx: ", bundle + 1, (unsigned long long)t->spec.pg_id);
+        td__wf(b, " from bundle %d of placement group %016llx: ", bundle + 1,
+               (unsigned long long)t->spec.pg_id);
         td__free(n, t, pool, pg->total[bundle], b);
         return;
       }
       int fits_here = td__fits(n->avail, t), fits_node = -1;
       for (int i = 0; i < n->nwks && fits_node < 0; i++) {
         td_wk_t *w = n->wks[i];
-        if (w->kind == WK_NODE && w->joined && !w->dead && td__fits(w->navail, t)) fits_node = (int)w->node_index;
+        if (w->kind == WK_NODE && w->joined && !w->dead && td__fits(w->navail, t))
+          fits_node = (int)w->node_index;
       }
       int ahead = 0;
       for (td_task_t *q = n->queue.head; q && q != t; q = q->next) ahead++;
@@ -182,7 +194,10 @@ static void td__task(td_node_t *n, td_task_t *t, td_wb_t *b, int depth, int stac
     case T_SENT: {
       td_wk_t *wk = t->wk;
       double since = t->sent_at > 0 ? now - t->sent_at : -1;
-      if (!wk) { td__wf(b, " was sent"); return; }
+      if (!wk) {
+        td__wf(b, " was sent");
+        return;
+      }
       if (wk->kind == WK_NODE) {
         td__wf(b, " was sent to node-%u (%s)", wk->node_index, wk->name);
         if (since >= 0) td__wf(b, " %.1f s ago", since);
@@ -210,17 +225,16 @@ static void td__task(td_node_t *n, td_task_t *t, td_wb_t *b, int depth, int stac
                n->index);
         if (since >= 0) td__wf(b, " %.1f s ago", since);
         td__wf(b, " and runs after the %d %s before it there", ahead,
-               t->spec.kind == TD_K_ACTOR_CALL ? (ahead == 1 ? "call" : "calls") : (ahead == 1 ? "task" : "tasks"));
+               t->spec.kind == TD_K_ACTOR_CALL ? (ahead == 1 ? "call" : "calls")
+                                               : (ahead == 1 ? "task" : "tasks"));
       }
       if (stack && running && td__ask_stack(wk))
-        td__wf(b, "; its Lua stack follows on the worker's stderr, marked \"(worker pid %d stack)\"", (int)wk->pid);
+        td__wf(b, "; its Lua stack follows on the worker's stderr, marked \"(worker pid %d stack)\"",
+               (int)wk->pid);
       return;
     }
-    case T_FETCHING:
-      td__wf(b, " has finished on another node; its result is being fetched here");
-      return;
-    default:
-      td__wf(b, " is done");
+    case T_FETCHING: td__wf(b, " has finished on another node; its result is being fetched here"); return;
+    default: td__wf(b, " is done");
   }
 }
 
@@ -241,8 +255,10 @@ int td_node_why(td_node_t *n, uint64_t id, int flags, char *out, size_t len) {
     td__task(n, t, &b, 0, stack, now);
     return 0;
   }
-  td__wf(&b, "node-%u knows no object or unfinished task %016llx (finished and freed, never made, or another "
-         "node's)", n->index, (unsigned long long)id);
+  td__wf(&b,
+         "node-%u knows no object or unfinished task %016llx (finished and freed, never made, or another "
+         "node's)",
+         n->index, (unsigned long long)id);
   return TD_ENOTFOUND;
 }
 
@@ -256,8 +272,7 @@ void td__why_init(td_node_t *n) {
     double v = strtod(e, &end);
     if (*end || v < 0 || v != v)
       fprintf(stderr, "tide: TIDE_HANG_WARN_S=%s is not a number of seconds >= 0; keeping 30\n", e);
-    else
-      n->hang_warn_s = v;
+    else n->hang_warn_s = v;
   }
 }
 
@@ -285,7 +300,10 @@ void td__why_tick(td_node_t *n, double now) {
     }
     if (now - t->hang_seen < n->hang_warn_s) continue;
     t->hang_warned = 1;
-    if (named >= TD__WHY_WARN_MAX) { more++; continue; }
+    if (named >= TD__WHY_WARN_MAX) {
+      more++;
+      continue;
+    }
     named++;
     td_wb_t b = {buf, 0, sizeof(buf)};
     buf[0] = 0;
@@ -293,8 +311,8 @@ void td__why_tick(td_node_t *n, double now) {
     fprintf(stderr, "tide: no progress for %.0f s: %s\n", n->hang_warn_s, buf);
   }
   if (more)
-    fprintf(stderr, "tide: and %d more tasks not started for %.0f s (tide status --why TASK_ID for one)\n", more,
-            n->hang_warn_s);
+    fprintf(stderr, "tide: and %d more tasks not started for %.0f s (tide status --why TASK_ID for one)\n",
+            more, n->hang_warn_s);
 }
 
 double td__why_next(td_node_t *n, double now) {

@@ -942,7 +942,7 @@ static int c_stats(lua_State *L) {
 static void td__tl_push(void *ud, const td_tl_event_t *e) {
   static const char *kinds[] = {"task", "actor_new", "actor_call"};
   lua_State *L = ud;
-  double w = lua_tonumber(L, -2);  /* wall0, below the events table */
+  double w = lua_tonumber(L, -2); /* wall0, below the events table */
   lua_createtable(L, 0, 18);
   lua_pushstring(L, e->name);
   lua_setfield(L, -2, "name");
@@ -956,7 +956,10 @@ static void td__tl_push(void *ud, const td_tl_event_t *e) {
   lua_setfield(L, -2, "end");
   td_core_pushid(L, e->task);
   lua_setfield(L, -2, "task_id");
-  if (e->ref) { td_core_pushid(L, e->ref); lua_setfield(L, -2, "ref"); }
+  if (e->ref) {
+    td_core_pushid(L, e->ref);
+    lua_setfield(L, -2, "ref");
+  }
   td_core_pushid(L, e->owner);
   lua_setfield(L, -2, "owner");
   int32_t pid, ppid;
@@ -966,8 +969,14 @@ static void td__tl_push(void *ud, const td_tl_event_t *e) {
     lua_pushinteger(L, ppid);
     lua_setfield(L, -2, "owner_ppid");
   }
-  if (e->actor) { td_core_pushid(L, e->actor); lua_setfield(L, -2, "actor_id"); }
-  if (e->wk) { td_core_pushid(L, e->wk); lua_setfield(L, -2, "worker_id"); }
+  if (e->actor) {
+    td_core_pushid(L, e->actor);
+    lua_setfield(L, -2, "actor_id");
+  }
+  if (e->wk) {
+    td_core_pushid(L, e->wk);
+    lua_setfield(L, -2, "worker_id");
+  }
   lua_pushinteger(L, e->node);
   lua_setfield(L, -2, "node");
   lua_pushinteger(L, e->pid);
@@ -985,7 +994,7 @@ static int c_timeline(lua_State *L) {
   uint64_t dropped;
   double wall0;
   lua_settop(L, 0);
-  lua_pushnil(L);  /* wall0's slot, read by td__tl_push */
+  lua_pushnil(L); /* wall0's slot, read by td__tl_push */
   lua_newtable(L);
   if (td_node_timeline(td_ctx.node, NULL, NULL, &dropped, &wall0)) {
     lua_pushnil(L);

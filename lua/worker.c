@@ -246,7 +246,7 @@ static int td__block(lua_State *L, uint32_t req, td_push_fn push, void *ud, int 
         td_rd_init(&rd, p, len);
         uint32_t l;
         const uint8_t *s = td_rd_str(&rd, &l);
-        if (!rd.bad) td_term_print(s, l);  /* above any progress bars */
+        if (!rd.bad) td_term_print(s, l); /* above any progress bars */
         continue;
       }
       if (type == TD_M_TASK && report && len >= 8) {
@@ -1422,7 +1422,7 @@ int td_worker_main(int argc, char **argv) {
   signal(SIGPIPE, SIG_IGN);
   struct sigaction sa;
   memset(&sa, 0, sizeof(sa));
-  sa.sa_handler = td__on_stack_signal;  /* no SA_RESTART: a wait wakes to print */
+  sa.sa_handler = td__on_stack_signal; /* no SA_RESTART: a wait wakes to print */
   sigaction(SIGUSR2, &sa, NULL);
   setvbuf(stdout, NULL, _IOLBF, 0);
   memset(&td_ctx, 0, sizeof(td_ctx));
@@ -1473,7 +1473,8 @@ int td_worker_main(int argc, char **argv) {
     td__read(-1);
     if (td__stack_wanted && !td__cur) {
       td__stack_wanted = 0;
-      fprintf(stderr, "(worker pid %d stack) no Lua code runs now: its calls wait for replies\n", (int)getpid());
+      fprintf(stderr, "(worker pid %d stack) no Lua code runs now: its calls wait for replies\n",
+              (int)getpid());
       fflush(stderr);
     }
   }

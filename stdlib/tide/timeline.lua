@@ -3,6 +3,7 @@
 --   local tl = require("tide.timeline")
 --   tl.write("trace.json")            -- every task and call the node keeps
 --   tl.trace({job = "job-..."})       -- the trace as a Lua table, one job's work
+--   tl.merge({"head.json", "node1.json"}) -- traces of several nodes as one
 -- The node keeps a fixed ring (TIDE_TIMELINE_EVENTS, 65536 by default) of
 -- work that ended; `dropped` counts what the ring let go.
 local core = require("tide.core")
@@ -61,6 +62,8 @@ function M.trace(opts)
   end
   local function us(t) return floor((t - t0) * 1e6 + 0.5) end
   local kept = 0
+  -- Flow ids unique across nodes, so that merged traces keep their arrows.
+  local idbase = (tonumber(r.node_id:match("%d+")) or 0) * 2 ^ 32
   for i, e in ipairs(r.events) do
     if not pid or e.owner_pid == pid or e.owner_ppid == pid then
       kept = kept + 1
@@ -80,10 +83,11 @@ function M.trace(opts)
       local cat = e.kind
       ev[#ev + 1] = {ph = "i", s = "t", name = "submit " .. e.name, cat = cat, ts = us(e.submit),
         pid = e.node, tid = sub_tid, args = {task_id = e.task_id}}
-      ev[#ev + 1] = {ph = "s", id = i, name = "submit", cat = cat, ts = us(e.submit), pid = e.node, tid = sub_tid}
+      ev[#ev + 1] = {ph = "s", id = idbase + i, name = "submit", cat = cat, ts = us(e.submit), pid = e.node,
+        tid = sub_tid}
       ev[#ev + 1] = {ph = "X", name = e.name, cat = cat, ts = us(e.start), dur = us(e["end"]) - us(e.start),
         pid = e.node, tid = tid, args = args}
-      ev[#ev + 1] = {ph = "f", bp = "e", id = i, name = "submit", cat = cat, ts = us(e.start), pid = e.node,
+      ev[#ev + 1] = {ph = "f", bp = "e", id = idbase + i, name = "submit", cat = cat, ts = us(e.start), pid = e.node,
         tid = tid}
     end
   end
@@ -101,6 +105,40 @@ function M.encode(opts)
 end
 
 -- Writes the trace to path ("-" or nil: stdout).
+-- Merges traces written by `tide timeline` on several nodes (each node's
+-- ring holds the work it ran itself) into one, on one clock: each file's
+-- times move by the difference of its start_unix_s.
+function M.merge(paths)
+  if type(paths) ~= "table" or #paths == 0 then error("tide.timeline.merge: expected a list of trace files", 2) end
+  local traces, t0 = {}, math.huge
+  for i, path in ipairs(paths) do
+    local f, err = io.open(path, "r")
+    if not f then error("tide.timeline.merge: " .. tostring(err), 2) end
+    local text = f:read("*a")
+    f:close()
+    local ok, t = pcall(cjson.decode, text)
+    if not ok or type(t) ~= "table" or type(t.traceEvents) ~= "table" then
+      error(format("tide.timeline.merge: %s is not a trace of tide timeline", path), 2)
+    end
+    traces[i] = t
+    local st = t.otherData and tonumber(t.otherData.start_unix_s)
+    if st and st < t0 then t0 = st end
+  end
+  local ev, dropped, nodes = {}, 0, {}
+  for _, t in ipairs(traces) do
+    local od = t.otherData or {}
+    local shift = od.start_unix_s and floor((od.start_unix_s - t0) * 1e6 + 0.5) or 0
+    dropped = dropped + (tonumber(od.dropped) or 0)
+    nodes[#nodes + 1] = od.node
+    for _, e in ipairs(t.traceEvents) do
+      if e.ts then e.ts = e.ts + shift end
+      ev[#ev + 1] = e
+    end
+  end
+  return {traceEvents = ev, displayTimeUnit = "ms",
+    otherData = {nodes = nodes, dropped = dropped, start_unix_s = t0 < math.huge and t0 or nil}}
+end
+
 -- Returns the trace's summary: {recorded, kept, dropped, node}.
 function M.write(path, opts)
   local s, info = M.encode(opts)

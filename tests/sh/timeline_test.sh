@@ -130,6 +130,27 @@ X = [e for e in json.load(open('$W/multi.json'))['traceEvents'] if e['ph'] == 'X
 print(len(X), sorted(set((e['pid'], e['tid']) for e in X)))" 2>&1)
 check "work sent to node-1 is on node-1's track (pid 1)" 'echo "$out" | grep -q "REMOTE	3" && [ "$res" = "3 [(1, 0)]" ]' \
   "$out $res $(cat "$W/n1.out" "$W/err")"
+# Each node keeps what it ran: node-1's own trace has the runs on its
+# worker, and --merge puts both on one clock.
+TIDE_SESSION_DIR="$W/n1" $T timeline -o "$W/n1.json" 2>"$W/err"
+$T timeline --merge "$W/multi.json" "$W/n1.json" -o "$W/merged.json" 2>>"$W/err"; st=$?
+res=$(python3 -c "
+import json
+d = json.load(open('$W/merged.json'))
+X = [e for e in d['traceEvents'] if e['ph'] == 'X' and e['name'] == 'remote']
+own = [e for e in X if e['pid'] == 1 and e['tid'] != 0]
+seen = [e for e in X if e['pid'] == 1 and e['tid'] == 0]
+flows = [e['id'] for e in d['traceEvents'] if e['ph'] == 's']
+ok = len(own) == 3 and len(seen) == 3 and len(flows) == len(set(flows)) and min(e['ts'] for e in X) >= 0
+# node-1 ran each after the head sent it: its runs lie within the head's view of them
+ok = ok and min(e['ts'] for e in own) + 2000 >= min(e['ts'] for e in seen)
+print('ok' if ok else (len(own), len(seen), len(flows), len(set(flows))))" 2>&1)
+check "timeline --merge joins the head's and node-1's traces on one clock (3 runs seen by each, flow ids unique)" \
+  '[ $st -eq 0 ] && [ "$res" = ok ]' "$res $(cat "$W/err")"
+out=$($T timeline --merge 2>&1); st=$?
+check "timeline --merge without files is a usage error" '[ $st -eq 2 ] && echo "$out" | grep -q "needs trace files"' "$out"
+out=$($T timeline --merge "$W/n1.out" 2>&1); st=$?
+check "timeline --merge of a file that is no trace says so" '[ $st -eq 1 ] && echo "$out" | grep -q "is not a trace of tide timeline"' "$out"
 TIDE_SESSION_DIR="$W/n1" $T stop >/dev/null 2>&1
 $T stop >/dev/null 2>&1
 
