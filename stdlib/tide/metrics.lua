@@ -151,7 +151,9 @@ local function new(kind, name, opts, level)
   if name:match("^tide_") or name:match("^process_") then
     error(format("tide.metrics.%s: the names tide_* and process_* are the engine's", kind), level)
   end
-  if opts ~= nil and type(opts) ~= "table" then error(format("tide.metrics.%s: options must be a table", kind), level) end
+  if opts ~= nil and type(opts) ~= "table" then
+    error(format("tide.metrics.%s: options must be a table", kind), level)
+  end
   opts = opts or {}
   if names[name] and names[name] ~= kind then
     error(format("tide.metrics.%s: %s is a %s already", kind, name, names[name]), level)
