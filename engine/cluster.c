@@ -752,12 +752,32 @@ void td__head_lost(td_node_t *n) {
   td__parked_drop(n);  /* its work waiting for packages goes too */
 }
 
+/* Records of other nodes' objects that nobody here wants any more and no
+ * fetch is bringing: td__unref frees them when their last reference
+ * goes, but a fetch that ended without its value (its source died, the
+ * head directed it elsewhere) could leave one behind for ever, holding a
+ * ref on the node that has the value (seen under kill -9 chaos).  Freed
+ * here, as td__unref would have, at most 64 a pass. */
+static void td__sweep_foreign(td_node_t *n) {
+  size_t it = 0, k = 0;
+  td_obj_t *o;
+  uint64_t ids[64];
+  while (k < 64 && td_map_next(&n->objs, &it, NULL, (void **)&o))
+    if (o->refs <= 0 && !o->nwaiters && o->state == OBJ_PENDING && o->foreign && !o->pulling && !o->chunked)
+      ids[k++] = o->id;
+  for (size_t i = 0; i < k; i++) {
+    o = td__obj(n, ids[i]);
+    if (o) td__obj_free(n, o);
+  }
+}
+
 /* Heartbeats both ways; a link silent past the timeout is dead. */
 void td__cluster_tick(td_node_t *n, double now) {
   td__dp_tick(n, now);
   if (n->nppull) td__ppull_check(n, NULL, now);
   int beat = now - n->beat_at >= 1.0;
   if (beat) n->beat_at = now;
+  if (beat && n->objs.len && (uint64_t)now % 5 == 0) td__sweep_foreign(n);
   for (int i = 0; i < n->nwks; i++) {
     td_wk_t *w = n->wks[i];
     if ((w->kind != WK_NODE && w->kind != WK_HEAD) || w->dead) continue;
