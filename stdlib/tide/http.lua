@@ -1,8 +1,10 @@
--- httpc: a small HTTP/1.1 client over TCP for the serving tests, written
--- with LuaJIT's ffi (socket/connect/send/recv/poll/close from libc), so the
--- tests need nothing installed.  Works in the driver and inside tasks.
+-- tide.http: a small HTTP/1.1 client over TCP, written with LuaJIT's ffi
+-- (socket/connect/send/recv/poll/close from libc), so scripts, examples
+-- and the serving tests need nothing installed (tests/lua/httpc.lua is this
+-- module under its old name).  Works in the driver and inside tasks, but it
+-- blocks: a driver that serves (tide.serve) must call it from a task.
 --
---   local httpc = require("httpc")          -- with tests/lua on package.path
+--   local httpc = require("tide.http")
 --   local r = httpc.request(port, "POST", "/echo", {json = {x = 1}})
 --   r.status, r.headers["content-type"], r.body, r.json, r.chunks
 --
@@ -408,10 +410,11 @@ function M.wait_for(port, path, fn, timeout, sleep)
   return last
 end
 
--- Script mode: bin/tide run tests/lua/httpc.lua METHOD PORT PATH [BODY]
-local modname = ...
-if modname ~= "httpc" and type(arg) == "table" and tostring(arg[0] or ""):find("httpc%.lua$") then
-  local method, port, path, body = arg[1], tonumber(arg[2]), arg[3], arg[4]
+-- M.main(args): the tiny curl of tests/lua/httpc.lua's script mode,
+--   bin/tide run tests/lua/httpc.lua METHOD PORT PATH [BODY]
+-- prints "STATUS\n" then the body; exits 0 when it got a response.
+function M.main(args)
+  local method, port, path, body = args[1], tonumber(args[2]), args[3], args[4]
   if not (method and port and path) then
     io.stderr:write("usage: tide run tests/lua/httpc.lua METHOD PORT PATH [BODY]\n")
     os.exit(2)
