@@ -61,8 +61,11 @@ local M = {}
 M.default_timeout = 10
 
 local ts = ffi.new("httpc_timespec")
+-- Other modules declare clock_gettime with their own struct type (the
+-- first declaration wins): a void * converts to whichever it is.
+local ts_ptr = ffi.cast("void *", ts)
 function M.now()
-  C.clock_gettime(1, ts) -- CLOCK_MONOTONIC
+  C.clock_gettime(1, ts_ptr) -- CLOCK_MONOTONIC
   return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
 end
 local now = M.now
