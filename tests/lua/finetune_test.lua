@@ -147,7 +147,15 @@ t.test("a stream in flight while the weights are swapped finishes", function()
       body = '{"prompt": "zip ", "max_tokens": 1000, "temperature": 0}'})
     return {status = r.status, len = #r.body, chunks = #(r.chunks or {}), t0 = t0, t1 = h.now()}
   end):remote(PORT)
-  serve.poll(0.3)
+  -- Swap once the stream is running on the replica.
+  local function ongoing()
+    local n = 0
+    for _, rep in ipairs((serve.status().gpt or {}).replicas or {}) do n = n + rep.ongoing end
+    return n
+  end
+  local deadline = os.time() + 30
+  while ongoing() == 0 and os.time() < deadline do serve.poll(0.005) end
+  t.eq(ongoing(), 1, "the stream is in flight")
   local refs = serve.get_handle("gpt"):broadcast("load", base)
   t.eq(#refs, 1)
   while #tide.wait(refs, {num_returns = #refs, timeout = 0}) < #refs do serve.poll(0.01) end
@@ -158,6 +166,34 @@ t.test("a stream in flight while the weights are swapped finishes", function()
     string.format("the swap (%.3f) happened while the stream ran (%.3f..%.3f)", swapped_at, res.t0, res.t1))
   t.ok(res.len >= 900, "the whole stream arrived (" .. res.len .. " bytes)")
   t.eq(call("GET", "/generate").json.checkpoint, base)
+end)
+
+t.test("serve jobs given as {run, validate}: a string is a 400, a raise a 500, changes reach the job", function()
+  serve.deploy(serve.deployment{name = "v", route = "/v", jobs = {j = {
+    validate = function(_, rq)
+      local x = type(rq.json) == "table" and rq.json.x
+      if x == 1 then return "x: must not be 1" elseif x == 2 then error("validator exploded") end
+      rq.json.y = 5
+    end,
+    run = function(_, rq) return {y = rq.json.y} end,
+  }}})
+  local r = call("POST", "/v/j", '{"x": 1}')
+  t.eq(r.status, 400, r.body)
+  t.eq(r.json.error, "x: must not be 1")
+  r = call("POST", "/v/j", '{"x": 2}')
+  t.eq(r.status, 500, r.body)
+  t.ok(not r.body:find("exploded", 1, true), "the validator's message stays in the log: " .. r.body)
+  r = call("POST", "/v/j", '{"x": 3}')
+  t.eq(r.status, 202, r.body)
+  local rec = wait_job(r.json.id)
+  t.eq(rec.status, "succeeded", cjson.encode(rec))
+  t.eq(rec.result.y, 5, "the job got the request as validate changed it")
+  t.raises(function() serve.deployment{name = "w", jobs = {j = {validate = function() end}}} end,
+    "jobs.j.run must be a function")
+  t.raises(function() serve.deployment{name = "w", jobs = {j = 5}} end,
+    "jobs.j must be a function or {run = fn, validate = fn}")
+  t.raises(function() serve.deployment{name = "w", jobs = {["a/b"] = function() end}} end,
+    "job name 'a/b' must be letters, digits, _ or %-")
 end)
 
 serve.shutdown()
