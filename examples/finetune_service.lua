@@ -114,7 +114,8 @@ local function bad(serve, field, msg)
 end
 
 -- M.app{checkpoint = path?, state_dir = dir, replicas = 1, max_workers = 2,
---       max_steps = 10000, batch = 8, route = "/generate", jobs_route = "/jobs"}
+--       max_steps = 10000, batch = 8, placement_timeout = 600,
+--       route = "/generate", jobs_route = "/jobs"}
 -- -> an array of deployments for serve.run / serve.deploy.
 function M.app(opts)
   local serve = require("tide.serve")
@@ -124,6 +125,7 @@ function M.app(opts)
   if opts.checkpoint and not read_current(state_dir) then write_current(state_dir, opts.checkpoint) end
   local max_workers, max_steps, batch = opts.max_workers or 2, opts.max_steps or 10000, opts.batch or 8
   local gen_name = opts.name or "gpt"
+  local placement_timeout = opts.placement_timeout or 600
 
   local Generate = serve.deployment{
     name = gen_name, route = opts.route or "/generate", num_replicas = opts.replicas or 1,
@@ -237,6 +239,7 @@ function M.app(opts)
           local result = train.fit{
             num_workers = max_workers > 1 and {1, max_workers} or 1,   -- 2 when the cluster has room, else 1
             resources_per_worker = {num_cpus = 1},
+            placement_timeout = placement_timeout,   -- jobs queue for workers while others train
             config = {base = base, dataset = b.dataset, steps = b.steps, lr = b.lr or 1e-3, batch = batch},
             max_failures = 1,
             checkpoint_dir = out,

@@ -134,6 +134,21 @@ t.test("a fine-tune job reports progress, succeeds, and /generate serves the new
   t.eq(rec.result.base, g.json.checkpoint)
 end)
 
+t.test("a job that finds the CPUs taken waits, then trains on the 1 worker there is room for", function()
+  local a = call("POST", "/jobs/finetune", cjson.encode({base = base, dataset = ds, steps = 600})).json.id
+  local deadline = os.time() + 60
+  repeat   -- until job a's 2 workers are training
+    serve.poll(0.05)
+    local rec = call("GET", "/jobs/" .. a).json
+  until type(rec.note) == "table" or rec.status ~= "pending" and rec.status ~= "running" or os.time() > deadline
+  local b = call("POST", "/jobs/finetune", cjson.encode({base = base, dataset = ds, steps = 2})).json.id
+  local ra, rb = wait_job(a), wait_job(b)
+  t.eq(ra.status, "succeeded", cjson.encode(ra))
+  t.eq(rb.status, "succeeded", cjson.encode(rb))
+  t.eq(ra.result.workers, 2)
+  t.eq(rb.result.workers, 1, "the second job ran on 1 worker")
+end)
+
 t.test("a stream in flight while the weights are swapped finishes", function()
   -- A model slow enough that 1000 tokens take a while, then the swap back
   -- to the base while it streams.
