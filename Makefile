@@ -124,8 +124,10 @@ build/asan/tide: $(SRCS) $(EXTRA_OBJS) $(wildcard engine/*.h lua/*.h gpu/*.h) bu
 test: all build/ctest build/ctest-engine build/ctest-asan $(TEST_DEPS)
 	@sh tests/run.sh
 
+# The flagship: train, batch-generate, serve, fine-tune (about a minute on
+# 2 cores; tests/sh/genai_test.sh runs its short mode under make test).
 demo: all
-	bin/tide run examples/quickstart.lua
+	bin/tide run examples/genai.lua
 
 # Ten minutes of kill -9 under checked work (a short run is in make test).
 chaos: all

@@ -386,6 +386,12 @@ if wanted("data_map_batches") or wanted("data_stream_lines") or wanted("data_rea
   dofile(os.getenv("TIDE_HOME") .. "/bench/data.lua")({m = m, wanted = wanted, SCALE = SCALE, emit = emit})
 end
 
+-- tide.train (issue 15): data-parallel scaling of the tiny GPT, 1 vs 2
+-- workers in the same run (bench/train.lua; `tide bench train_dp`).
+if wanted("train_dp") then
+  dofile(os.getenv("TIDE_HOME") .. "/bench/train.lua")({m = m, emit = emit, SCALE = SCALE})
+end
+
 -- Multi-node (`tide bench multinode`): a head and two nodes started here as
 -- daemons on loopback, each in its own session directory; bench/multinode.lua
 -- runs attached to the head. Then the head is killed and restarted, and the

@@ -12,48 +12,11 @@
 -- Without a checkpoint it serves an untrained model (random bytes), so the
 -- plumbing can be tried before training.
 local serve = require("tide.serve")
-local concat = table.concat
 
 -- The tokenizer is byte-level: a character outside ASCII takes several
 -- tokens, and an untrained model makes byte sequences that are not UTF-8
--- at all. utf8_split(bytes, final) -> text to send now, bytes to keep:
--- whole characters only, an incomplete one kept for the next token (or,
--- when final, replaced), and bytes that cannot be UTF-8 replaced by U+FFFD,
--- so every chunk a client gets is valid UTF-8 on its own.
-local REPLACEMENT = "\239\191\189"
-local function utf8_split(s, final)
-  local out, i, n = {}, 1, #s
-  while i <= n do
-    local c = s:byte(i)
-    local len, lo, hi = 0, 0x80, 0xBF
-    if c < 0x80 then len = 1
-    elseif c >= 0xC2 and c <= 0xDF then len = 2
-    elseif c >= 0xE0 and c <= 0xEF then
-      len = 3
-      if c == 0xE0 then lo = 0xA0 elseif c == 0xED then hi = 0x9F end  -- no overlongs, no surrogates
-    elseif c >= 0xF0 and c <= 0xF4 then
-      len = 4
-      if c == 0xF0 then lo = 0x90 elseif c == 0xF4 then hi = 0x8F end  -- up to U+10FFFF
-    end
-    local j, bad = 1, len == 0
-    while not bad and j < len and i + j <= n do
-      local b = s:byte(i + j)
-      if b < (j == 1 and lo or 0x80) or b > (j == 1 and hi or 0xBF) then bad = true else j = j + 1 end
-    end
-    if bad then
-      out[#out + 1] = REPLACEMENT
-      i = i + 1
-    elseif j < len then           -- the character's last bytes are still to come
-      if not final then return concat(out), s:sub(i) end
-      out[#out + 1] = REPLACEMENT
-      i = n + 1
-    else
-      out[#out + 1] = s:sub(i, i + len - 1)
-      i = i + len
-    end
-  end
-  return concat(out), ""
-end
+-- at all; tokenizer.utf8_split keeps every chunk sent valid UTF-8.
+local utf8_split = require("tide.nn.tokenizer").utf8_split
 
 local ckpt = (arg and arg[1]) or ((os.getenv("TMPDIR") or "/tmp") .. "/tide_tiny_gpt.safetensors")
 

@@ -2,7 +2,8 @@
 # The README's first command on a machine that never built Tide: removes
 # three -dev packages the build needs, clones the committed HEAD into a
 # temporary directory and runs `make demo` there ONCE; it must install the
-# packages itself and build and run the quickstart on that first run.  CI
+# packages itself and build and run the flagship (examples/genai.lua) on
+# that first run.  CI
 # machines keep the packages between runs, so without the removal a
 # Makefile that reads pkg-config before scripts/deps.sh has run (issue 11,
 # item 1) would pass there and fail for a new user.
@@ -41,10 +42,10 @@ if ! (cd "$tmp/tide" && make demo) >"$tmp/demo.log" 2>&1; then
   tail -20 "$tmp/demo.log" >&2
   exit 1
 fi
-# The quickstart's last line; a demo that built but ran nothing lacks it.
-if ! grep -q '^resources:' "$tmp/demo.log"; then
-  echo "check-bare: FAILED: 'make demo' exited 0 but the quickstart did not finish; last lines:" >&2
+# The flagship's last line; a demo that built but ran nothing lacks it.
+if ! grep -q '^done in ' "$tmp/demo.log"; then
+  echo "check-bare: FAILED: 'make demo' exited 0 but examples/genai.lua did not finish; last lines:" >&2
   tail -20 "$tmp/demo.log" >&2
   exit 1
 fi
-echo "check-bare: ok: the first 'make demo' installed the packages, built and ran the quickstart in $(( $(date +%s) - start )) s"
+echo "check-bare: ok: the first 'make demo' installed the packages, built and ran examples/genai.lua in $(( $(date +%s) - start )) s"

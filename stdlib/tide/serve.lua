@@ -192,6 +192,20 @@ function M._handle(self, req, call, methods, jobs, token)
         cjson.encode({error = "this deployment's job routes need Authorization: Bearer <token>"}))
     end
     if req.method == "POST" and name and jobs[name] then
+      -- A job given as {run = fn, validate = fn}: the request is checked
+      -- here, so a bad one gets its answer at once instead of a job that
+      -- can only fail.  nil/true accepts (req may have been changed: the
+      -- job gets it as changed); a string is a 400; a serve.response is sent.
+      local j = jobs[name]
+      if type(j) == "table" and j.validate then
+        local okv, why = xpcall(j.validate, debug.traceback, self, req)
+        if not okv then
+          if type(why) == "table" and getmetatable(why) == Response then return send_result(why) end
+          error(tostring(why), 0)
+        end
+        if type(why) == "table" and getmetatable(why) == Response then return send_result(why) end
+        if why ~= nil and why ~= true then return send_error(400, tostring(why)) end
+      end
       local id = job_id()
       local st = state_actor()
       local accepted, why = tide.get(st:submit(id, req.deployment, name, req))
@@ -253,7 +267,8 @@ function M._run_job(self, id, name, req, jobs)
   local st = state_actor()
   local job = setmetatable({id = id, _state = st}, Job)
   st:progress(id, 0, nil, "running")
-  return jobs[name](self, req, job)
+  local j = jobs[name]
+  return (type(j) == "table" and j.run or j)(self, req, job)
 end
 
 -- Cluster-side job state, kept in a named actor (not in any replica): jobs
@@ -423,6 +438,19 @@ function M.deployment(spec)
       error("serve.deployment: autoscaling min_replicas exceeds max_replicas", 2)
     end
   end
+  for jn, j in pairs(spec.jobs or {}) do
+    if type(jn) ~= "string" or not jn:match("^[%w_%-]+$") then
+      error(format("serve.deployment: job name '%s' must be letters, digits, _ or -", tostring(jn)), 2)
+    end
+    if type(j) == "table" then
+      if type(j.run) ~= "function" then error(format("serve.deployment: jobs.%s.run must be a function", jn), 2) end
+      if j.validate ~= nil and type(j.validate) ~= "function" then
+        error(format("serve.deployment: jobs.%s.validate must be a function", jn), 2)
+      end
+    elseif type(j) ~= "function" then
+      error(format("serve.deployment: jobs.%s must be a function or {run = fn, validate = fn}", jn), 2)
+    end
+  end
   if spec.methods then
     for m, f in pairs(spec.methods) do
       if type(f) ~= "function" then error(format("serve.deployment: methods.%s must be a function", m), 2) end
@@ -514,6 +542,17 @@ end
 function Handle:method(name, ...)
   local r = pick(self)
   return r[name](r, ...)
+end
+
+-- handle:broadcast("name", ...) calls a method on every replica the
+-- deployment has now (asked afresh, not from the pick cache) -> an array of
+-- ObjectRefs, one per replica: for changes every replica must make, such
+-- as loading new weights.  Replicas started later do not get the call.
+function Handle:broadcast(name, ...)
+  local reps = tide.get(state_actor():replicas(self.name)) or {}
+  local refs = {}
+  for i, r in ipairs(reps) do refs[i] = r[name](r, ...) end
+  return refs
 end
 
 -- -- Running ------------------------------------------------------------------------
