@@ -386,6 +386,10 @@ if wanted("data_map_batches") or wanted("data_stream_lines") or wanted("data_rea
   dofile(os.getenv("TIDE_HOME") .. "/bench/data.lua")({m = m, wanted = wanted, SCALE = SCALE, emit = emit})
 end
 
+if wanted("dashboard") then
+  dofile(os.getenv("TIDE_HOME") .. "/bench/dashboard.lua")({m = m, SCALE = SCALE, now = raw.now})
+end
+
 -- Multi-node (`tide bench multinode`): a head and two nodes started here as
 -- daemons on loopback, each in its own session directory; bench/multinode.lua
 -- runs attached to the head. Then the head is killed and restarted, and the
