@@ -4,7 +4,7 @@
 # screenshot of each page is kept in build/dashboard-PAGE.png. Without
 # Chromium (Debian chromium) every check is a SKIP.
 cd "$(dirname "$0")/../.."
-T=$(pwd)/bin/tide
+T=${TIDE_BIN:-$(pwd)/bin/tide}  # TIDE_BIN: another build (build/asan/tide)
 n=0
 ok() { n=$((n + 1)); echo "ok $n - $1"; }
 no() { n=$((n + 1)); echo "not ok $n - $1"; [ -n "$2" ] && echo "# $(echo "$2" | head -c 600 | tr '\n' '|')"; }

@@ -5,7 +5,7 @@
 # dashboard's JSON API, and who may ask (loopback, or the token from the
 # cluster key; a keyless request from another address is refused).
 cd "$(dirname "$0")/../.."
-T=$(pwd)/bin/tide
+T=${TIDE_BIN:-$(pwd)/bin/tide}  # TIDE_BIN: another build (build/asan/tide)
 n=0
 ok() { n=$((n + 1)); echo "ok $n - $1"; }
 no() { n=$((n + 1)); echo "not ok $n - $1"; [ -n "$2" ] && echo "# $(echo "$2" | head -20 | tr '\n' '|')"; }
