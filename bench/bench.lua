@@ -392,6 +392,10 @@ if wanted("train_dp") then
   dofile(os.getenv("TIDE_HOME") .. "/bench/train.lua")({m = m, emit = emit, SCALE = SCALE})
 end
 
+if wanted("dashboard") then
+  dofile(os.getenv("TIDE_HOME") .. "/bench/dashboard.lua")({m = m, SCALE = SCALE, now = raw.now})
+end
+
 -- Multi-node (`tide bench multinode`): a head and two nodes started here as
 -- daemons on loopback, each in its own session directory; bench/multinode.lua
 -- runs attached to the head. Then the head is killed and restarted, and the

@@ -68,10 +68,21 @@ typedef struct td_row {
   uint8_t type[TD_ROW_MAX];
   size_t off[TD_ROW_MAX]; /* each value's offset in b, NUL-terminated */
   td_buf_t b;
+  const td_list_req_t *q; /* its filters: a field that fails one ends the row's building */
+  int reject;             /* 1: a filter failed; 2: all passed and it is not written (only
+                             counted): either way the rest is not formatted */
+  int show;               /* it would be written if it matches */
+  uint32_t passed;        /* bit f: filter f passed */
 } td_row_t;
 
 static void td__field(td_row_t *r, const char *key, int type, const char *v, size_t len) {
-  if (r->n == TD_ROW_MAX) return;
+  if (r->n == TD_ROW_MAX || r->reject) return;
+  for (int f = 0; r->q && f < r->q->nfilter; f++) {
+    if (strcmp(r->q->key[f], key)) continue;
+    if (strlen(r->q->val[f]) != len || memcmp(r->q->val[f], v, len)) r->reject = 1;
+    else r->passed |= 1u << f;
+  }
+  if (!r->reject && r->q && r->q->nfilter && !r->show && r->passed == (1u << r->q->nfilter) - 1) r->reject = 2;
   r->key[r->n] = key;
   r->type[r->n] = (uint8_t)type;
   r->off[r->n] = r->b.len;
@@ -81,6 +92,7 @@ static void td__field(td_row_t *r, const char *key, int type, const char *v, siz
 }
 static void rs(td_row_t *r, const char *key, const char *v) { td__field(r, key, F_STR, v ? v : "", v ? strlen(v) : 0); }
 static void rn(td_row_t *r, const char *key, double v) {
+  if (r->reject) return;
   char t[40];
   int k = isfinite(v) ? (v == floor(v) && fabs(v) < 9e15 ? snprintf(t, sizeof(t), "%.0f", v)
                                                           : snprintf(t, sizeof(t), "%.6g", v))
@@ -88,6 +100,7 @@ static void rn(td_row_t *r, const char *key, double v) {
   td__field(r, key, F_NUM, t, (size_t)k);
 }
 static void rid(td_row_t *r, const char *key, uint64_t id) {
+  if (r->reject) return;
   char h[17];
   td__hexid(h, id);
   td__field(r, key, F_STR, h, 16);
@@ -114,6 +127,16 @@ typedef struct td_lister {
   long total, matched, written;
 } td_lister_t;
 
+/* Whether the next row must be built: to test it against filters, or to
+ * write it. Otherwise it is only counted (a page of 50 of 100,000 actors
+ * builds 50 rows). */
+static int td__need(td_lister_t *ls) {
+  if (ls->q->nfilter || (ls->matched >= ls->q->offset && ls->written < ls->q->limit)) return 1;
+  ls->total++;
+  ls->matched++;
+  return 0;
+}
+
 static int td__known(const char *const *keys, const char *k) {
   for (int i = 0; keys[i]; i++)
     if (!strcmp(keys[i], k)) return 1;
@@ -125,6 +148,8 @@ static int td__known(const char *const *keys, const char *k) {
 static void td__emit(td_lister_t *ls) {
   td_row_t *r = &ls->row;
   ls->total++;
+  if (r->reject == 2) ls->matched++;
+  if (r->reject) goto done;
   for (int f = 0; f < ls->q->nfilter; f++) {
     int ok = 0;
     for (int i = 0; i < r->n && !ok; i++)
@@ -148,6 +173,9 @@ static void td__emit(td_lister_t *ls) {
   }
 done:
   r->n = 0;
+  r->reject = 0;
+  r->passed = 0;
+  r->show = ls->matched >= ls->q->offset && ls->written < ls->q->limit;
   td_buf_reset(&r->b);
 }
 
@@ -215,6 +243,7 @@ static void td__list_actors(td_node_t *n, td_lister_t *ls) {
   size_t it = 0;
   td_actor_t *a;
   while (td_map_next(&n->actors, &it, NULL, (void **)&a)) {
+    if (!td__need(ls)) continue;
     td_row_t *r = &ls->row;
     rid(r, "actor_id", a->id);
     rs(r, "state", a->state >= 0 && a->state <= A_DEAD ? td__actor_states[a->state] : "?");
@@ -386,7 +415,7 @@ static void td__list_tasks(td_node_t *n, td_lister_t *ls) {
   char why[400];
   while (td_map_next(&n->tasks, &it, NULL, (void **)&t)) {
     if (t->state == T_DONE) continue;
-    if (td__live_creation(t)) continue;
+    if (td__live_creation(t) || !td__need(ls)) continue;
     td_row_t *r = &ls->row;
     rid(r, "task_id", t->id);
     if (t->spec.nret != 0) rid(r, "ref", t->spec.rets[0]);
@@ -447,6 +476,7 @@ static void td__list_objects(td_node_t *n, td_lister_t *ls) {
   static const char *const states[] = {"PENDING", "READY", "ERROR"};
   static const char *const locs[] = {"none", "inline", "shm", "spilled"};
   while (td_map_next(&n->objs, &it, NULL, (void **)&o)) {
+    if (!td__need(ls)) continue;
     td_row_t *r = &ls->row;
     rid(r, "object_id", o->id);
     rs(r, "state", o->state <= OBJ_ERROR ? states[o->state] : "?");
@@ -536,6 +566,8 @@ int td_introspect_list(td_node_t *n, const td_list_req_t *q, td_buf_t *out, char
   if (page.offset < 0) page.offset = 0;
   td_lister_t ls = {.q = &page, .out = out};
   td_buf_init(&ls.row.b);
+  ls.row.q = &page;
+  ls.row.show = page.offset == 0;
   td__puts(out, "{\"kind\":");
   td_json_str(out, k->name, strlen(k->name));
   td__puts(out, ",\"rows\":[");

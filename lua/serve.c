@@ -18,6 +18,9 @@
 #include "http.h"
 
 #define TD_SERVE_MAX_DEPS 64
+/* Latency buckets of /-/metrics (seconds, Prometheus' defaults). */
+#define TD_SERVE_NBUCKETS 11
+static const double td__serve_buckets[TD_SERVE_NBUCKETS] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10};
 
 typedef struct td_replica {
   uint64_t actor_id;
@@ -34,6 +37,8 @@ typedef struct td_dep {
   int nreps, capreps;
   int max_ongoing;       /* per replica; beyond it requests get 503 */
   uint64_t requests, errors, rejected;
+  uint64_t lat[TD_SERVE_NBUCKETS + 1]; /* finished requests by latency bucket (+Inf last), for /-/metrics */
+  double lat_sum;        /* seconds, of those */
 } td_dep_t;
 
 typedef struct td_pend {
@@ -52,6 +57,7 @@ typedef struct td_pend {
   uint8_t *args;         /* kept to retry on another replica */
   size_t args_len;
   char what[160];        /* "METHOD /path", for the error log */
+  uint64_t start_ns;     /* when it arrived (uv_hrtime), for the latency histogram */
   struct td_pend *prev, *nxt;
 } td_pend_t;
 
@@ -246,6 +252,13 @@ static int td__blob_field(const uint8_t *p, size_t n, const char *key, const cha
 }
 
 static void td__pend_free(td_pend_t *p) {
+  if (p->start_ns) {
+    double s = (double)(uv_hrtime() - p->start_ns) / 1e9;
+    int b = 0;
+    while (b < TD_SERVE_NBUCKETS && s > td__serve_buckets[b]) b++;
+    p->dep->lat[b]++;
+    p->dep->lat_sum += s;
+  }
   td_replica_t *r = td__rep(p->dep, p->actor_id);
   if (r && r->ongoing > 0) r->ongoing--;
   if (p->prev) p->prev->nxt = p->nxt; else S.pend = p->nxt;
@@ -318,6 +331,69 @@ static void td__encode_req(td_buf_t *b, const td_http_request_t *q, const td_dep
   }
 }
 
+/* /-/metrics: the ingress's counters per deployment in Prometheus text
+ * format (scrape it beside the head's /metrics; docs/observability.md). */
+static void td__prom_esc(char *out, size_t n, const char *s, size_t len) {
+  size_t o = 0;
+  for (size_t i = 0; i < len && o + 3 < n; i++) {
+    if (s[i] == '"' || s[i] == '\\') out[o++] = '\\';
+    out[o++] = s[i] == '\n' ? ' ' : s[i];
+  }
+  out[o] = 0;
+}
+
+static void td__metrics(td_http_req_id rid) {
+  td_buf_t *b = &S.buf;
+  td_buf_reset(b);
+  char t[512];
+  static const struct { const char *name, *type, *help; } fams[] = {
+    {"tide_serve_requests_total", "counter", "Requests routed to the deployment."},
+    {"tide_serve_errors_total", "counter", "Requests that failed (500, or 503 with no live replica)."},
+    {"tide_serve_rejected_total", "counter", "Requests refused with 503: every replica at max_ongoing_requests."},
+    {"tide_serve_replicas", "gauge", "Replicas taking requests."},
+    {"tide_serve_ongoing_requests", "gauge", "Requests being handled now."},
+  };
+  for (size_t f = 0; f < sizeof(fams) / sizeof(fams[0]); f++) {
+    td_buf_put(b, t, (size_t)snprintf(t, sizeof(t), "# HELP %s %s\n# TYPE %s %s\n", fams[f].name, fams[f].help,
+                                      fams[f].name, fams[f].type));
+    for (int i = 0; i < S.ndeps; i++) {
+      td_dep_t *d = &S.deps[i];
+      int live = 0, ongoing = 0;
+      for (int k = 0; k < d->nreps; k++) live += !d->reps[k].draining, ongoing += d->reps[k].ongoing;
+      uint64_t v = f == 0 ? d->requests : f == 1 ? d->errors : f == 2 ? d->rejected : f == 3 ? (uint64_t)live
+                                                                                              : (uint64_t)ongoing;
+      char en[140], ep[300];
+      td__prom_esc(en, sizeof(en), d->name, strlen(d->name));
+      td__prom_esc(ep, sizeof(ep), d->prefix, d->plen ? d->plen : 1);
+      td_buf_put(b, t, (size_t)snprintf(t, sizeof(t), "%s{deployment=\"%s\",route=\"%s\"} %llu\n", fams[f].name,
+                                        en, ep, (unsigned long long)v));
+    }
+  }
+  td_buf_put(b, t, (size_t)snprintf(t, sizeof(t), "# HELP tide_serve_request_duration_seconds Time from a request's "
+                                    "arrival to the end of its response.\n# TYPE tide_serve_request_duration_seconds histogram\n"));
+  for (int i = 0; i < S.ndeps; i++) {
+    td_dep_t *d = &S.deps[i];
+    uint64_t cum = 0;
+    char lb[480], en[140], ep[300];
+    td__prom_esc(en, sizeof(en), d->name, strlen(d->name));
+    td__prom_esc(ep, sizeof(ep), d->prefix, d->plen ? d->plen : 1);
+    snprintf(lb, sizeof(lb), "deployment=\"%s\",route=\"%s\"", en, ep);
+    for (int k = 0; k <= TD_SERVE_NBUCKETS; k++) {
+      cum += d->lat[k];
+      if (k < TD_SERVE_NBUCKETS)
+        td_buf_put(b, t, (size_t)snprintf(t, sizeof(t), "tide_serve_request_duration_seconds_bucket{%s,le=\"%g\"} %llu\n",
+                                          lb, td__serve_buckets[k], (unsigned long long)cum));
+      else
+        td_buf_put(b, t, (size_t)snprintf(t, sizeof(t), "tide_serve_request_duration_seconds_bucket{%s,le=\"+Inf\"} %llu\n"
+                                          "tide_serve_request_duration_seconds_sum{%s} %.9g\n"
+                                          "tide_serve_request_duration_seconds_count{%s} %llu\n",
+                                          lb, (unsigned long long)cum, lb, d->lat_sum, lb, (unsigned long long)cum));
+    }
+  }
+  td_http_header_t h[1] = {TD_HTTP_HDR("Content-Type", "text/plain; version=0.0.4; charset=utf-8")};
+  td_http_respond(S.srv, rid, 200, h, 1, b->p, b->len);
+}
+
 static void td__on_request(const td_http_request_t *q) {
   if (q->path_len == 9 && !memcmp(q->path, "/-/status", 9)) {
     td_buf_reset(&S.buf);
@@ -345,6 +421,10 @@ static void td__on_request(const td_http_request_t *q) {
     td__respond_json(q->id, 200, (const char *)S.buf.p);
     return;
   }
+  if (q->path_len == 10 && !memcmp(q->path, "/-/metrics", 10)) {
+    td__metrics(q->id);
+    return;
+  }
   if (q->path_len == 9 && !memcmp(q->path, "/-/routes", 9)) {
     td_buf_reset(&S.buf);
     td_buf_u8(&S.buf, '{');
@@ -367,6 +447,7 @@ static void td__on_request(const td_http_request_t *q) {
   td_pend_t *p = td_xcalloc(1, sizeof(*p));
   p->rid = q->id;
   p->dep = d;
+  p->start_ns = uv_hrtime();
   snprintf(p->what, sizeof(p->what), "%s %.*s", q->method, (int)(q->path_len < 140 ? q->path_len : 140), q->path);
   p->idempotent = !strcmp(q->method, "GET") || !strcmp(q->method, "HEAD") ||
                   !strcmp(q->method, "PUT") || !strcmp(q->method, "DELETE");

@@ -5,7 +5,7 @@
 # dashboard's JSON API, and who may ask (loopback, or the token from the
 # cluster key; a keyless request from another address is refused).
 cd "$(dirname "$0")/../.."
-T=$(pwd)/bin/tide
+T=${TIDE_BIN:-$(pwd)/bin/tide}  # TIDE_BIN: another build (build/asan/tide)
 n=0
 ok() { n=$((n + 1)); echo "ok $n - $1"; }
 no() { n=$((n + 1)); echo "not ok $n - $1"; [ -n "$2" ] && echo "# $(echo "$2" | head -20 | tr '\n' '|')"; }
@@ -191,6 +191,33 @@ LUA
 out=$(env -u TIDE_ADDRESS $T run "$W/emb.lua" 2>&1)
 check "an embedded driver keeps its metrics and renders them (tide.metrics.text)" \
   'echo "$out" | grep -q "^app_local{k=\"v\"} 3$"' "$out"
+
+# A real Prometheus server scrapes the head and answers a query about it.
+if command -v prometheus >/dev/null 2>&1; then
+  PPORT=$((24000 + $$ % 1000))
+  cat > "$W/prom.yml" <<YML
+global: {scrape_interval: 1s}
+scrape_configs:
+  - job_name: tide
+    static_configs: [{targets: ["127.0.0.1:$DPORT"]}]
+YML
+  prometheus --config.file="$W/prom.yml" --storage.tsdb.path="$W/tsdb" --web.listen-address=127.0.0.1:$PPORT \
+    >"$W/prom.log" 2>&1 &
+  PROM=$!
+  q=""
+  for i in $(seq 1 60); do
+    q=$(curl -s "http://127.0.0.1:$PPORT/api/v1/query?query=tide_actors%7Bstate%3D%22alive%22%7D" 2>/dev/null)
+    echo "$q" | grep -q '"value":\[[0-9.]*,"5"\]' && break
+    sleep 0.5
+  done
+  up=$(curl -s "http://127.0.0.1:$PPORT/api/v1/query?query=up%7Bjob%3D%22tide%22%7D")
+  kill $PROM 2>/dev/null; wait $PROM 2>/dev/null
+  check "Prometheus scrapes the head: up is 1 and tide_actors{state=alive} is 5" \
+    'echo "$q" | grep -q "\"value\":\[[0-9.]*,\"5\"\]" && echo "$up" | grep -q "\"value\":\[[0-9.]*,\"1\"\]"' \
+    "$q $up $(tail -5 $W/prom.log)"
+else
+  skip "Prometheus scrapes the head" "prometheus not installed (Debian prometheus)"
+fi
 
 touch "$W/done"
 wait $DRV

@@ -92,6 +92,19 @@ out=$(http GET $P /-/routes)
 if echo "$out" | grep -q '"\\*/echo":"echo"' && echo "$out" | grep -q 'jobs'; then ok "/-/routes lists the routes"
 else notok "/-/routes lists the routes" "$out"; fi
 
+out=$(http GET $P /-/metrics)
+if echo "$out" | grep -q '^tide_serve_requests_total{deployment="echo",route="/echo"} [1-9]' &&
+   echo "$out" | grep -q '^tide_serve_request_duration_seconds_count{deployment="echo",route="/echo"} [1-9]' &&
+   echo "$out" | grep -q '^tide_serve_replicas{deployment="echo",route="/echo"} 2$'; then
+  ok "/-/metrics counts requests per deployment and route, with a latency histogram"
+else notok "/-/metrics counts requests per deployment and route, with a latency histogram" "$out"; fi
+if command -v promtool >/dev/null 2>&1; then
+  pout=$(curl -s http://127.0.0.1:$P/-/metrics | promtool check metrics 2>&1)
+  if [ $? -eq 0 ]; then ok "promtool accepts /-/metrics"; else notok "promtool accepts /-/metrics" "$pout"; fi
+else
+  ok "promtool accepts /-/metrics # SKIP promtool not installed"
+fi
+
 # -- tide serve status ---------------------------------------------------------------------
 out=$($TIDE serve status --port $P 2>&1); rc=$?
 if [ $rc -eq 0 ] && echo "$out" | grep -q '"echo":{"route":"\\*/echo","replicas":2' &&
