@@ -14,8 +14,8 @@
  * Streams: every node with a listener tells the other end of each of its
  * links (head <-> node, and a node another node linked to for chunks)
  * its port and a random token for that link (TD_M_DP). The end that
- * fetches over the link opens a stream there when it first needs one,
- * presenting the token: the sender then knows which link the stream
+ * fetches over the link opens a stream there as soon as it learns of it
+ * (again on the next fetch after one failed), presenting the token: the sender then knows which link the stream
  * serves. Requests (TD_M_CHUNK_GET) stay on the link, marked to be
  * answered on the stream; one fetch's chunks all come one way, so they
  * land in order.
@@ -710,6 +710,9 @@ int td__on_dp(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   l->port = (uint16_t)port;
   memcpy(l->theirs, tok, 16);
   l->mode = mode;
+  /* Opened now, with the link, so that the link's first fetch can use it
+   * too (a stream is an idle socket until then). */
+  td__dp_ready(n, wk);
   return 0;
 }
 
