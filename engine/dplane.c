@@ -14,8 +14,8 @@
  * Streams: every node with a listener tells the other end of each of its
  * links (head <-> node, and a node another node linked to for chunks)
  * its port and a random token for that link (TD_M_DP). The end that
- * fetches over the link opens a stream there when it first needs one,
- * presenting the token: the sender then knows which link the stream
+ * fetches over the link opens a stream there as soon as it learns of it
+ * (again on the next fetch after one failed), presenting the token: the sender then knows which link the stream
  * serves. Requests (TD_M_CHUNK_GET) stay on the link, marked to be
  * answered on the stream; one fetch's chunks all come one way, so they
  * land in order.
@@ -612,7 +612,15 @@ int td_node_set_dplane(td_node_t *n, int mode, const char *bind_host, const char
   struct td_dp *d = td_xcalloc(1, sizeof(*d));
   d->mode = mode;
   d->lfd = d->efd = -1;
+  /* The head's address as a number, found once here: streams are opened
+   * from the node's loop, which must not wait on a name lookup. */
   snprintf(d->head_host, sizeof(d->head_host), "%s", head_host ? head_host : "");
+  struct addrinfo hh = {0}, *hai = NULL;
+  hh.ai_socktype = SOCK_STREAM;
+  if (head_host && head_host[0] && getaddrinfo(head_host, NULL, &hh, &hai) == 0) {
+    getnameinfo(hai->ai_addr, hai->ai_addrlen, d->head_host, sizeof(d->head_host), NULL, 0, NI_NUMERICHOST);
+    freeaddrinfo(hai);
+  }
   SHA256((const uint8_t *)key_text, strlen(key_text), d->secret);
   td__hmac(d->secret, "tide data plane v1", (const uint8_t *)"", 0, d->secret);
   /* Tests: a node that derives another secret (as one with another key would). */
@@ -622,7 +630,7 @@ int td_node_set_dplane(td_node_t *n, int mode, const char *bind_host, const char
   d->tamper = t ? atoi(t) : 0;
   struct addrinfo hints = {0}, *ai = NULL;
   hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = AI_PASSIVE | AI_NUMERICHOST;
+  hints.ai_flags = AI_PASSIVE;
   int err = 0;
   if (getaddrinfo(bind_host, "0", &hints, &ai) != 0) {
     free(d);
@@ -702,6 +710,9 @@ int td__on_dp(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   l->port = (uint16_t)port;
   memcpy(l->theirs, tok, 16);
   l->mode = mode;
+  /* Opened now, with the link, so that the link's first fetch can use it
+   * too (a stream is an idle socket until then). */
+  td__dp_ready(n, wk);
   return 0;
 }
 

@@ -212,6 +212,12 @@ local make = tide.remote(function(k)
   if f then f:write("x") f:close() end
   return require("tide.tensor").rand({k}, {seed = 11})
 end)
+-- First the head fetches a result from each node, so that its streams to
+-- them are up and the big one crosses over the data plane.
+local small = tide.remote(function() return require("tide.tensor").full({4 * 1024 * 1024}, 1) end)
+for k = 1, 2 do
+  for _ = 1, 2 do tide.get(small:options({scheduling_strategy = {node_id = "node-" .. k}}):remote()) end
+end
 local n = 128 * 1024 * 1024
 local want = T.rand({n}, {seed = 11}):sum()
 local r = make:options({resources = {A = 1}, max_retries = 3}):remote(n)
@@ -234,8 +240,12 @@ rc=$?
 t1=$(date +%s)
 out=$(cat $D/kill.out)
 cat $D/kill.out | sed 's/^/# /'
+grep -E "closed the stream|again|died" $D/head/node.log | tail -4 | sed 's/^/# head: /'
 check "a get whose source node is killed mid-transfer ends (rc $rc, $((t1 - t0)) s): right bytes or an error" \
   '[ $rc -ne 124 ] && echo "$out" | grep -Eq "^(RIGHT|FAILED)" && ! echo "$out" | grep -q WRONG' "$out"
+check "the head had streams to both nodes, and the victim's closed under it" \
+  '[ "$(ups head)" -ge 2 ] && grep -q "closed the stream to 127.0.0.1:[0-9]*: " $D/head/node.log' \
+  "$(grep 'data plane' $D/head/node.log)"
 check "the head survives it and still runs work" \
   'echo "print(require(\"tide\").get(require(\"tide\").put(7)))" > $D/seven.lua &&
    TIDE_SESSION_DIR=$D/head timeout 60 $T run --address local $D/seven.lua 2>&1 | grep -q "^7"'
