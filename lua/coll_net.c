@@ -58,7 +58,7 @@ typedef struct td__cpeer {
   td__cdir_t tx, rx;
   uint8_t *obuf; /* the record being written */
   size_t olen, opos;
-  uint8_t *ibuf; /* the record being read, then its plaintext */
+  uint8_t *ibuf;      /* the record being read, then its plaintext */
   size_t iwant, ipos; /* bytes of the record wanted so far, and read */
   size_t pbeg, pend;  /* plaintext ready in ibuf + TD__CN_HDR */
   char name[64];
@@ -66,6 +66,7 @@ typedef struct td__cpeer {
 
 struct td_cnet {
   int lfd, rank, world, plain, gone;
+  long tamper; /* tests: the record of this number on each stream is changed in flight */
   double timeout;
   td__cpeer_t *p;
   void *subs[4]; /* sub-transport contexts, freed with the cnet */
@@ -95,7 +96,8 @@ static void td__hmac(const uint8_t *key, const char *label, const uint8_t *p, si
   HMAC(EVP_sha256(), key, 32, buf, ll + len, out, &ol);
 }
 
-static int td__dir_init(td__cdir_t *d, const uint8_t *secret, const char *label, const uint8_t *hs, size_t hl) {
+static int td__dir_init(td__cdir_t *d, const uint8_t *secret, const char *label, const uint8_t *hs,
+                        size_t hl) {
   uint8_t k[32];
   td__hmac(secret, label, hs, hl, k);
   d->cx = EVP_CIPHER_CTX_new();
@@ -128,13 +130,21 @@ static void td__rec_update(td__cdir_t *d, int plain, uint8_t *out, const uint8_t
   }
 }
 
+/* A group that failed in an operation shuts every stream: the other ranks
+ * fail at once too (they see it closed), rather than wait on this one. */
+static void td__break(td_cnet_t *c) {
+  for (int i = 0; c->p && i < c->world; i++)
+    if (c->p[i].fd >= 0) shutdown(c->p[i].fd, SHUT_RDWR);
+}
+
 static int td__fail(td_cnet_t *c, int peer, int gone, const char *fmt, const char *why) {
   char what[160];
+  td__break(c);
   snprintf(what, sizeof(what), fmt, why);
   if (peer >= 0)
-    snprintf(c->err, sizeof(c->err), "rank %d on %s: %s", peer, c->p[peer].name[0] ? c->p[peer].name : "?", what);
-  else
-    snprintf(c->err, sizeof(c->err), "%s", what);
+    snprintf(c->err, sizeof(c->err), "rank %d on %s: %s", peer, c->p[peer].name[0] ? c->p[peer].name : "?",
+             what);
+  else snprintf(c->err, sizeof(c->err), "%s", what);
   c->gone |= gone;
   return -TD_GPU_EIO;
 }
@@ -216,7 +226,8 @@ static void td__tune(int fd) {
   fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
 }
 
-static int td__peer_keys(td_cnet_t *c, td__cpeer_t *p, const uint8_t *secret, const uint8_t *hs, size_t hl, int server) {
+static int td__peer_keys(td_cnet_t *c, td__cpeer_t *p, const uint8_t *secret, const uint8_t *hs, size_t hl,
+                         int server) {
   if (td__dir_init(&p->tx, secret, server ? "s2c" : "c2s", hs, hl) ||
       td__dir_init(&p->rx, secret, server ? "c2s" : "s2c", hs, hl))
     return -1;
@@ -227,12 +238,14 @@ static int td__peer_keys(td_cnet_t *c, td__cpeer_t *p, const uint8_t *secret, co
 }
 
 /* The connecting (higher) rank's side with peer (lower). */
-static int td__join_client(td_cnet_t *c, int peer, const char *host, int port, const uint8_t *secret, double deadline) {
+static int td__join_client(td_cnet_t *c, int peer, const char *host, int port, const uint8_t *secret,
+                           double deadline) {
   struct addrinfo hints = {0}, *ai = NULL;
   hints.ai_socktype = SOCK_STREAM;
   char ps[16];
   snprintf(ps, sizeof(ps), "%d", port);
-  if (getaddrinfo(host, ps, &hints, &ai) != 0) return td__fail(c, peer, 0, "cannot resolve its address %s", host);
+  if (getaddrinfo(host, ps, &hints, &ai) != 0)
+    return td__fail(c, peer, 0, "cannot resolve its address %s", host);
   int fd = -1;
   /* The peer listens before it publishes its address, but a refused
    * connection is retried until the deadline all the same. */
@@ -265,11 +278,12 @@ static int td__join_client(td_cnet_t *c, int peer, const char *host, int port, c
   td__hmac(secret, "server", hs, 2 * TD__CN_HELLO, mac);
   uint32_t pr;
   memcpy(&pr, hs + TD__CN_HELLO + 5, 4);
-  if (memcmp(hs + TD__CN_HELLO, TD__CN_MAGIC, 4) || hs[TD__CN_HELLO + 4] != c->plain || pr != (uint32_t)peer ||
-      CRYPTO_memcmp(mac, hs + 2 * TD__CN_HELLO, 32)) {
+  if (memcmp(hs + TD__CN_HELLO, TD__CN_MAGIC, 4) || hs[TD__CN_HELLO + 4] != c->plain ||
+      pr != (uint32_t)peer || CRYPTO_memcmp(mac, hs + 2 * TD__CN_HELLO, 32)) {
     close(fd);
-    return td__fail(c, peer, 0, "%s", "its stream does not prove the group's secret (a stale address, or another "
-                                      "--data-plane mode?)");
+    return td__fail(c, peer, 0, "%s",
+                    "its stream does not prove the group's secret (a stale address, or another "
+                    "--data-plane mode?)");
   }
   td__hmac(secret, "client", hs, 2 * TD__CN_HELLO + 32, hs + 2 * TD__CN_HELLO + 32);
   if (td__io_full(fd, hs + 2 * TD__CN_HELLO + 32, 32, 1, deadline)) {
@@ -338,6 +352,8 @@ int td_cnet_join(td_cnet_t *c, int rank, int world, const char *const *hosts, co
   c->rank = rank;
   c->world = world;
   c->plain = plain ? 1 : 0;
+  const char *t = getenv("TIDE_COLL_TAMPER");
+  c->tamper = t ? atol(t) : 0;
   for (int i = 0; i < world; i++) {
     c->p[i].fd = -1;
     snprintf(c->p[i].name, sizeof(c->p[i].name), "%s", names[i] ? names[i] : "?");
@@ -387,6 +403,7 @@ static size_t td__seal(td_cnet_t *c, td__cpeer_t *p, const uint8_t *src, size_t 
   EVP_CIPHER_CTX_ctrl(p->tx.cx, EVP_CTRL_GCM_GET_TAG, TD__CN_TAG, h + TD__CN_HDR + k);
   p->olen = TD__CN_HDR + k + TD__CN_TAG;
   p->opos = 0;
+  if (c->tamper && p->tx.seq == (uint64_t)c->tamper) h[TD__CN_HDR + k / 2] ^= 0x40;
   return k;
 }
 
@@ -411,10 +428,12 @@ static int td__pull(td_cnet_t *c, int peer) {
       }
       continue;
     }
-    if (k == 0) return td__fail(c, peer, 1, "%s", "it closed its stream (its process or node died?) [NodeDiedError]");
+    if (k == 0)
+      return td__fail(c, peer, 1, "%s",
+                      "it closed its stream: its process or node died, or the group failed there");
     if (errno == EINTR) continue;
     if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
-    return td__fail(c, peer, 1, "its stream failed: %s (its process or node died?) [NodeDiedError]", strerror(errno));
+    return td__fail(c, peer, 1, "its stream failed: %s (its process or node died?)", strerror(errno));
   }
   size_t len = p->iwant - TD__CN_HDR - TD__CN_TAG;
   uint8_t *body = p->ibuf + TD__CN_HDR;
@@ -432,7 +451,8 @@ static int td__pull(td_cnet_t *c, int peer) {
 
 /* Sends slen bytes to peer `to` while receiving rlen from `from` (either
  * length may be 0). */
-static int td__xfer(td_cnet_t *c, int to, const uint8_t *sbuf, size_t slen, int from, uint8_t *rbuf, size_t rlen) {
+static int td__xfer(td_cnet_t *c, int to, const uint8_t *sbuf, size_t slen, int from, uint8_t *rbuf,
+                    size_t rlen) {
   if (c->err[0]) return -TD_GPU_EIO; /* a failed group stays failed */
   td__cpeer_t *ps = slen ? &c->p[to] : NULL, *pr = rlen ? &c->p[from] : NULL;
   if ((ps && ps->fd < 0) || (pr && pr->fd < 0)) return -TD_GPU_EINVAL;
@@ -468,7 +488,7 @@ static int td__xfer(td_cnet_t *c, int to, const uint8_t *sbuf, size_t slen, int 
       }
       if (k < 0 && errno == EINTR) continue;
       if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
-      return td__fail(c, to, 1, "its stream failed: %s (its process or node died?) [NodeDiedError]",
+      return td__fail(c, to, 1, "its stream failed: %s (its process or node died?)",
                       k < 0 ? strerror(errno) : "closed");
     }
     int sending = ps && (sdone < slen || ps->opos < ps->olen), receiving = pr && rdone < rlen;
@@ -479,7 +499,7 @@ static int td__xfer(td_cnet_t *c, int to, const uint8_t *sbuf, size_t slen, int 
       int who = receiving ? from : to;
       char w[64];
       snprintf(w, sizeof(w), "%.0f", c->timeout);
-      return td__fail(c, who, 1, "it sent nothing for %s s (its node stopped answering?) [NodeDiedError]", w);
+      return td__fail(c, who, 1, "it sent nothing for %s s (its node stopped answering?)", w);
     }
     struct pollfd pf[2];
     int np = 0;

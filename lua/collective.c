@@ -68,7 +68,8 @@ static int td__check(lua_State *L, int rc, const char *what) {
  * node, and whether the rank is gone (NodeDiedError). */
 static int td__gcheck(lua_State *L, td_group_t *g, int rc, const char *what) {
   if (rc < 0 && g->net && td_cnet_error(g->net)[0])
-    return luaL_error(L, "%s failed: %s", what, td_cnet_error(g->net));
+    return luaL_error(L, "%s%s failed: %s", td_cnet_peer_gone(g->net) ? "NodeDiedError: " : "", what,
+                      td_cnet_error(g->net));
   return td__check(L, rc, what);
 }
 
@@ -236,7 +237,8 @@ static int c_net_listen(lua_State *L) {
   luaL_getmetatable(L, TD_NET_MT);
   lua_setmetatable(L, -2);
   if (td_cnet_listen(&u->c, host, &u->port))
-    return luaL_error(L, "init_group: cannot listen on %s for the group's other nodes: %s", host, strerror(errno));
+    return luaL_error(L, "init_group: cannot listen on %s for the group's other nodes: %s", host,
+                      strerror(errno));
   return 1;
 }
 
@@ -278,7 +280,8 @@ static int n_join(lua_State *L) {
   int plain = lua_toboolean(L, 7);
   double timeout = luaL_optnumber(L, 8, 60), op_timeout = luaL_optnumber(L, 9, 0);
   int world = (int)lua_objlen(L, 3);
-  if (world < 1 || (int)lua_objlen(L, 4) != world || (int)lua_objlen(L, 5) != world || rank < 0 || rank >= world)
+  if (world < 1 || (int)lua_objlen(L, 4) != world || (int)lua_objlen(L, 5) != world || rank < 0 ||
+      rank >= world)
     return luaL_error(L, "init_group: the group's table of ranks is inconsistent");
   uint8_t secret[32];
   if (sl != 64) return luaL_error(L, "init_group: the group's secret is malformed");
@@ -341,7 +344,8 @@ static int c_attach_net(lua_State *L) {
     }
     if (me < 0) return luaL_error(L, "group setup failed: this rank is not among the nodes' first ranks");
     if (nl > 1) {
-      if (td_cnet_sub_transport(g->net, map, nl, &tr)) return luaL_error(L, "group setup failed: out of memory");
+      if (td_cnet_sub_transport(g->net, map, nl, &tr))
+        return luaL_error(L, "group setup failed: out of memory");
       td__check(L, td_ring_new(&g->xring, &tr, me, nl, 512 * 1024), "ring setup");
     }
   }
@@ -351,7 +355,8 @@ static int c_attach_net(lua_State *L) {
     size_t cap = (size_t)luaL_checknumber(L, 9);
     if (!td_ctx.base || off > td_ctx.cap || bytes > td_ctx.cap - off)
       return luaL_error(L, "the group's region is not in this process's object store");
-    td__check(L, td_ring_shm_wrap(&g->shm, td_ctx.base + off, lworld, cap, lua_toboolean(L, 10)), "group setup");
+    td__check(L, td_ring_shm_wrap(&g->shm, td_ctx.base + off, lworld, cap, lua_toboolean(L, 10)),
+              "group setup");
     td_ring_shm_transport(g->shm, lrank, &tr);
     td__check(L, td_ring_new(&g->local, &tr, lrank, lworld, 256 * 1024), "ring setup");
   }
@@ -391,10 +396,14 @@ int luaopen_tide_collective_c(lua_State *L) {
     lua_setfield(L, -2, "__gc");
   }
   lua_pop(L, 1);
-  static const luaL_Reg fns[] = {{"region_bytes", c_region_bytes}, {"alloc", c_alloc},
-                                 {"attach", c_attach}, {"chunk_count", c_chunk_count},
-                                 {"net_listen", c_net_listen}, {"attach_net", c_attach_net},
-                                 {"random_hex", c_random_hex}, {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"region_bytes", c_region_bytes},
+                                 {"alloc", c_alloc},
+                                 {"attach", c_attach},
+                                 {"chunk_count", c_chunk_count},
+                                 {"net_listen", c_net_listen},
+                                 {"attach_net", c_attach_net},
+                                 {"random_hex", c_random_hex},
+                                 {NULL, NULL}};
   lua_newtable(L);
   luaL_register(L, NULL, fns);
   return 1;

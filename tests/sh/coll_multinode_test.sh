@@ -129,3 +129,66 @@ check "4 ranks on 3 nodes (2 on node-1): the same bytes as 4 ranks on one node" 
 check "the 4 ranks were on node-1, node-2, node-1, node-3" \
   '[ "$(echo "$three" | grep "^where" | sed "s/.* on \(node-[0-9]\),.*/\1/" | tr "\n" " ")" = "node-1 node-2 node-1 node-3 " ] &&
    [ "$(echo "$three" | grep -c "group over 3 nodes")" = 4 ]' "$(echo "$three" | grep where)"
+
+cat > $D/loop.lua <<'LUA'
+-- Rank 0 on node-1 and rank 1 on node-2 allreduce 4 MiB over and over;
+-- rank 0 writes arg[2] after a few rounds. Prints how rank 0 ended.
+local tide = require("tide")
+local body = tide.remote({num_cpus = 0}, function(rank, name, marker)
+  local T = require("tide.tensor")
+  local C = require("tide.collective")
+  C.init_group(2, rank, name, {timeout = 30})
+  local x = T.ones({1024 * 1024})
+  for i = 1, 1e9 do
+    C.allreduce(x, "max")
+    if i == 3 and rank == 0 then io.open(marker, "w"):close() end
+  end
+end)
+local r0 = body:options({scheduling_strategy = {node_id = "node-1"}}):remote(0, arg[1], arg[2])
+local r1 = body:options({scheduling_strategy = {node_id = "node-2"}}):remote(1, arg[1], arg[2])
+local ok, e = pcall(tide.get, r0, {timeout = 60})
+print("RANK0", ok, tostring(e))
+local ok1, e1 = pcall(tide.get, r1, {timeout = 60})
+print("RANK1", ok1, tostring(e1))
+LUA
+
+echo "# a rank's node killed in the middle of allreduces"
+rm -f $D/marker
+TIDE_SESSION_DIR=$D/head timeout 120 $T run --address local $D/loop.lua kill1 $D/marker > $D/kill.out 2>&1 &
+rp=$!
+i=0
+while [ $i -lt 300 ] && [ ! -e $D/marker ]; do sleep 0.1; i=$((i + 1)); done
+t0=$(date +%s)
+kill -9 "$(cat $D/n2/node.pid)" 2>/dev/null
+wait $rp
+t1=$(date +%s)
+out=$(cat $D/kill.out)
+check "the allreduces were running when node-2 was killed" '[ -e $D/marker ]' "$out"
+check "rank 0 fails with NodeDiedError naming rank 1 on node-2, $((t1 - t0)) s after the kill (no hang)" \
+  'echo "$out" | grep "^RANK0.false" | grep -q "NodeDiedError: allreduce failed: rank 1 on node-2" && [ $((t1 - t0)) -le 8 ]' "$out"
+
+echo "# a record changed in flight"
+stop_all
+rm -rf "$D/head" "$D/n1" "$D/n2" "$D/n3"
+TIDE_SESSION_DIR=$D/head $T start --head --port $PORT --num-cpus 0 --node-timeout 2 >/dev/null 2>&1
+TIDE_SESSION_DIR=$D/n1 $T start --address 127.0.0.1:$PORT --key $KEY --num-cpus 2 --node-timeout 2 >/dev/null 2>&1
+sleep 0.5
+TIDE_COLL_TAMPER=40 TIDE_SESSION_DIR=$D/n2 $T start --address 127.0.0.1:$PORT --key $KEY --num-cpus 2 \
+  --node-timeout 2 >/dev/null 2>&1
+i=0
+while [ $i -lt 100 ] && [ "$(TIDE_SESSION_DIR=$D/head $T status 2>/dev/null | grep -c '^node-')" != 3 ]; do
+  sleep 0.1; i=$((i + 1))
+done
+out=$(TIDE_SESSION_DIR=$D/head timeout 120 $T run --address local $D/loop.lua tamper1 $D/marker2 2>&1)
+check "rank 0 refuses the changed record: the allreduce fails naming rank 1 on node-2" \
+  'echo "$out" | grep "^RANK0.false" | grep -q "allreduce failed: rank 1 on node-2: a record failed authentication"' "$out"
+check "rank 1 fails too (its streams were closed), not hanging" 'echo "$out" | grep -q "^RANK1.false"' "$out"
+
+echo "# --data-plane plain"
+cluster 2 "--data-plane plain"
+one=$(coll plain1 node-1,node-1)
+two=$(coll plain2 node-1,node-2)
+check "plain (authenticated, not encrypted): 2 ranks on 2 nodes give the same bytes as one node" \
+  'same "$(echo "$one" | grep "^rank")" "$(echo "$two" | grep "^rank")" && echo "$two" | grep -q "group over 2 nodes"' \
+  "$(echo "$one" > $D/a; echo "$two" > $D/b; diff $D/a $D/b | head -20)"
+plan
