@@ -191,4 +191,68 @@ two=$(coll plain2 node-1,node-2)
 check "plain (authenticated, not encrypted): 2 ranks on 2 nodes give the same bytes as one node" \
   'same "$(echo "$one" | grep "^rank")" "$(echo "$two" | grep "^rank")" && echo "$two" | grep -q "group over 2 nodes"' \
   "$(echo "$one" > $D/a; echo "$two" > $D/b; diff $D/a $D/b | head -20)"
+
+echo "# tide.train, 2 workers spread over 2 nodes"
+cluster 2 ""
+cat > $D/train.lua <<'LUA'
+-- Linear regression by data-parallel SGD (gradients averaged with
+-- ctx:allreduce), 2 workers of 1 CPU: PACK puts both on one node, SPREAD
+-- one on each. Prints each run's final loss, where the ranks ran, and the
+-- largest weight difference between the two runs.
+local tide = require("tide")
+local train = require("tide.train")
+local dir = arg[1]
+local loop = function(ctx, cfg)
+  local Tn = require("tide.tensor")
+  local C = require("tide.collective")
+  local f = io.open(string.format("%s/%s-rank%d", cfg.dir, cfg.tag, ctx.rank), "w")
+  f:write(require("tide.core").context().node_id, " ", C.num_nodes(ctx._group), "\n")
+  f:close()
+  local D, B = 64, 16
+  local w_true = Tn.randn({D, 1}, {seed = 99})
+  local w = Tn.zeros({D, 1})
+  local per = B / ctx.world_size
+  for step = 1, 30 do
+    local X = Tn.randn({B, D}, {seed = 1000 + step})
+    local lo = ctx.rank * per + 1
+    local x = X:slice(1, lo, lo + per - 1):contiguous()
+    local diff = Tn.sub(Tn.matmul(x, w), Tn.matmul(x, w_true))
+    local loss = Tn.dot(diff, diff) / per
+    local grad = Tn.scale(Tn.matmul(x, diff, {trans_a = true}), 2 / per)
+    ctx:allreduce(grad, "avg")
+    local l = Tn.from_table({loss})
+    ctx:allreduce(l, "avg")
+    Tn.add(w, grad, {alpha = 1, beta = -0.05, out = w})
+    ctx:report({step = step, loss = l:to_table()[1]})
+  end
+  ctx:checkpoint({w = w})
+end
+local res = {}
+for _, how in ipairs({"PACK", "SPREAD"}) do
+  local r = train.fit({num_workers = 2, resources_per_worker = {num_cpus = 1}, placement_strategy = how,
+    loop = loop, config = {dir = dir, tag = how}, checkpoint_dir = dir .. "/ck-" .. how, progress = false})
+  res[how] = r
+  local ranks = {}
+  for k = 0, 1 do ranks[k + 1] = io.open(string.format("%s/%s-rank%d", dir, how, k)):read("*l") end
+  print(string.format("%s loss %.9g first %.9g ranks on %s | %s", how, r.history[#r.history].loss,
+    r.history[1].loss, ranks[1], ranks[2]))
+end
+local a = train.load_checkpoint(res.PACK.checkpoint).w:to_table()
+local b = train.load_checkpoint(res.SPREAD.checkpoint).w:to_table()
+local worst = 0
+for i = 1, #a do worst = math.max(worst, math.abs(a[i][1] - b[i][1])) end
+print(string.format("WEIGHTS %.3g", worst))
+LUA
+out=$(TIDE_SESSION_DIR=$D/head timeout 200 $T run --address local $D/train.lua $D 2>&1)
+pl=$(echo "$out" | sed -n 's/^PACK loss \([^ ]*\) .*/\1/p')
+sl=$(echo "$out" | sed -n 's/^SPREAD loss \([^ ]*\) .*/\1/p')
+fl=$(echo "$out" | sed -n 's/^SPREAD loss [^ ]* first \([^ ]*\) .*/\1/p')
+check "PACK ran both workers on one node, SPREAD one on each of 2 nodes (a group over 2 nodes)" \
+  'echo "$out" | grep -Eq "^PACK .* ranks on (node-[12]) 1 \| \1 1$" &&
+   echo "$out" | grep -Eq "^SPREAD .* ranks on node-[12] 2 \| node-[12] 2$" &&
+   ! echo "$out" | grep -Eq "^SPREAD .* ranks on (node-[12]) 2 \| \1 2$"' "$out"
+check "tide.train over 2 nodes trains (loss $fl -> $sl) to the loss of the one-node run ($pl), within 1e-5" \
+  'awk -v a="$pl" -v b="$sl" -v f="$fl" "BEGIN { d = a - b; if (d < 0) d = -d; exit !(a != \"\" && b < f / 10 && d <= 1e-5 * (a > 1 ? a : 1)) }"' "$out"
+check "and to the same weights (largest difference under 1e-5)" \
+  'echo "$out" | awk "/^WEIGHTS/ { found = 1; ok = (\$2 + 0 < 1e-5) } END { exit !(found && ok) }"' "$out"
 plan
