@@ -429,6 +429,13 @@ if wanted("multinode") then
   for line in f:lines() do io.write(line, "\n") end
   io.flush()
   f:close()
+  -- Collectives across the two nodes, beside Open MPI over TCP (bench/multinode_coll.lua).
+  f = io.popen(string.format(
+    "TD_DATA_PLANE=%s TIDE_SESSION_DIR=%s/head %s run --address local %s/bench/multinode_coll.lua 2>&1",
+    dpm, dir, exe, os.getenv("TIDE_HOME")))
+  for line in f:lines() do io.write(line, "\n") end
+  io.flush()
+  f:close()
   -- Head restart: kill -9, start again; the node left rejoins by itself.
   local want = nodes_up()
   local hf = io.open(dir .. "/head/node.pid")
