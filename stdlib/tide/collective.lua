@@ -72,6 +72,12 @@ function M.init_group(world, rank, name, opts)
   if opts.backend ~= nil and opts.backend ~= "ring" then
     error("init_group: backend must be \"ring\" (CPU tensors) or \"nccl\" (CUDA tensors)", 2)
   end
+  for _, k in ipairs({"timeout", "op_timeout"}) do
+    local v = opts[k]
+    if v ~= nil and (type(v) ~= "number" or v < 0 or v ~= v) then
+      error("init_group: " .. k .. " must be a number of seconds >= 0, got " .. tostring(v), 2)
+    end
+  end
   local timeout = opts.timeout or 60
   local base = "tide.collective:" .. name .. ":" .. world
   local bytes = cc.region_bytes(world, CAP)

@@ -151,3 +151,27 @@ TEST_IMPL(coll_net_peer_death) {
   ASSERT(strstr(msgs[0], " 1 rank 1 on node-b: "));
   return 0;
 }
+
+/* Rank 1 stays silent; rank 0, with an operation timeout of 1 s, fails
+ * naming it instead of waiting. */
+static int cn_silent(td_cnet_t *c, td_ring_t *r, int rank, int n, char *msg) {
+  (void)n;
+  if (rank == 1) {
+    sleep(4);
+    return 0;
+  }
+  td_cnet_set_timeout(c, 1);
+  float x[16] = {0};
+  int rc = td_ring_allreduce(r, x, x, 16, TD_RING_SUM);
+  snprintf(msg, 200, "%d %d %s", rc, td_cnet_peer_gone(c), td_cnet_error(c));
+  return rc ? 0 : 1;
+}
+
+TEST_IMPL(coll_net_silent_peer_times_out) {
+  int codes[N_MAX];
+  char msgs[N_MAX][200];
+  cn_run(2, 0, -1, NULL, cn_silent, codes, msgs);
+  ASSERT_EQ(codes[0], 0);
+  ASSERT(strstr(msgs[0], " 1 rank 1 on node-b: it sent nothing for 1 s"));
+  return 0;
+}
