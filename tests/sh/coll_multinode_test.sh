@@ -10,7 +10,9 @@
 # --data-plane plain, and two such groups agree); a rank's node killed in
 # the middle of allreduces fails the others at once with NodeDiedError
 # naming the rank and node; tide.train with 2 workers spread over 2 nodes
-# trains to the loss of the same run on one node.
+# trains to the loss of the same run on one node, and when node-2 is
+# killed mid-run, fit takes the survivor's NodeDiedError as a death and
+# restarts from the checkpoint.
 cd "$(dirname "$0")/../.."
 . tests/sh/lib.sh
 T=$(pwd)/bin/tide
@@ -255,4 +257,66 @@ check "tide.train over 2 nodes trains (loss $fl -> $sl) to the loss of the one-n
   'awk -v a="$pl" -v b="$sl" -v f="$fl" "BEGIN { d = a - b; if (d < 0) d = -d; exit !(a != \"\" && b < f / 10 && d <= 1e-5 * (a > 1 ? a : 1)) }"' "$out"
 check "and to the same weights (largest difference under 1e-5)" \
   'echo "$out" | awk "/^WEIGHTS/ { found = 1; ok = (\$2 + 0 < 1e-5) } END { exit !(found && ok) }"' "$out"
+
+echo "# tide.train: a rank's node killed mid-run"
+cluster 2 ""
+cat > $D/trainkill.lua <<'LUA'
+-- 2 workers SPREAD over node-1 and node-2, a checkpoint every 5 steps;
+-- the rank on node-2 writes arg[2] at step 10 of the first attempt and the
+-- test kills node-2 then. fit must restart (both ranks then on node-1)
+-- from the last checkpoint and finish.
+local tide = require("tide")
+local train = require("tide.train")
+local loop = function(ctx, cfg)
+  local Tn = require("tide.tensor")
+  local D, B = 32, 8
+  local w_true = Tn.randn({D, 1}, {seed = 99})
+  local w, start = Tn.zeros({D, 1}), 1
+  local st = ctx:restore()
+  if st then w, start = st.w, st.step + 1 end
+  local node = require("tide.core").context().node_id
+  local per = B / ctx.world_size
+  for step = start, 40 do
+    local X = Tn.randn({B, D}, {seed = 1000 + step})
+    local lo = ctx.rank * per + 1
+    local x = X:slice(1, lo, lo + per - 1):contiguous()
+    local diff = Tn.sub(Tn.matmul(x, w), Tn.matmul(x, w_true))
+    local grad = Tn.scale(Tn.matmul(x, diff, {trans_a = true}), 2 / per)
+    ctx:allreduce(grad, "avg")
+    Tn.add(w, grad, {alpha = 1, beta = -0.05, out = w})
+    local l = Tn.from_table({Tn.dot(diff, diff) / per})
+    ctx:allreduce(l, "avg")
+    ctx:report({step = step, loss = l:to_table()[1]})
+    if step % 5 == 0 then ctx:checkpoint({w = w, step = step}) end
+    if step == 10 and node == "node-2" and not st then io.open(cfg.marker, "w"):close() end
+    if not st then require("tide").sleep(0.1) end
+  end
+end
+local ok, r = pcall(train.fit, {num_workers = 2, resources_per_worker = {num_cpus = 1},
+  placement_strategy = "SPREAD", loop = loop, config = {marker = arg[2]}, checkpoint_dir = arg[1],
+  max_failures = 2, progress = false})
+if not ok then print("FAILED " .. tostring(r)) return end
+local f = r.failures[1] or {}
+-- A second failure can come from node-2 too: the next attempt may be
+-- placed before the head has seen it die (the node timeout).
+local kinds = {}
+for _, x in ipairs(r.failures) do kinds[#kinds + 1] = tostring(x.kind) end
+print(string.format("DONE attempts %d failures %d kind %s loss %.6g first %.6g steps %d kinds %s",
+  r.attempts, #r.failures, tostring(f.kind), r.history[#r.history].loss, r.history[1].loss,
+  r.history[#r.history].step, table.concat(kinds, ",")))
+print("MESSAGE " .. tostring(f.message))
+LUA
+rm -f $D/tmarker
+TIDE_SESSION_DIR=$D/head timeout 200 $T run --address local $D/trainkill.lua $D/ck-kill $D/tmarker > $D/tk.out 2>&1 &
+rp=$!
+i=0
+while [ $i -lt 600 ] && [ ! -e $D/tmarker ]; do sleep 0.1; i=$((i + 1)); done
+kill -9 "$(cat $D/n2/node.pid)" 2>/dev/null
+wait $rp
+out=$(cat $D/tk.out)
+check "node-2 was killed while the 2 ranks trained across 2 nodes" '[ -e $D/tmarker ]' "$out"
+check "fit counts the collective's NodeDiedError as a death, restarts from the checkpoint and finishes all 40 steps" \
+  'echo "$out" | grep -Eq "^DONE attempts [23] failures [12] kind NodeDiedError .* steps 40 kinds (NodeDiedError|ActorDiedError|WorkerCrashedError)(,(NodeDiedError|ActorDiedError|WorkerCrashedError))?$"' "$out"
+check "the failure names the collective's dead peer (rank and node) or the dead node" \
+  'echo "$out" | grep "^MESSAGE" | grep -Eq "rank [01] on node-2|node-2"' "$out"
 plan
