@@ -431,7 +431,15 @@ if wanted("multinode") then
   while nodes_up() < 3 and raw.now() - t0 < 20 do tide.sleep(0.05) end
   local tcp = raw.tcp_stream(512 * 1024 * 1024)
   emit({metric = "limit_tcp_loopback", value = tcp / 1e9, unit = "GB/s"})
+  -- Collectives across the two nodes, beside Open MPI over TCP (bench/multinode_coll.lua);
+  -- first, as multinode.lua kills node-2 at its end.
   local f = io.popen(string.format(
+    "TD_DATA_PLANE=%s TIDE_SESSION_DIR=%s/head %s run --address local %s/bench/multinode_coll.lua 2>&1",
+    dpm, dir, exe, os.getenv("TIDE_HOME")))
+  for line in f:lines() do io.write(line, "\n") end
+  io.flush()
+  f:close()
+  f = io.popen(string.format(
     "TD_LIMIT_PINGPONG=%f TD_LIMIT_STREAM=%f TD_LIMIT_TCP=%f TD_NODE2_PID=%s/n2/node.pid " ..
     "TD_HEAD_PID=%s/head/node.pid TD_NODE1_PID=%s/n1/node.pid TD_DATA_PLANE=%s " ..
     "TIDE_SESSION_DIR=%s/head %s run --address local %s/bench/multinode.lua 2>&1",

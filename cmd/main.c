@@ -833,7 +833,7 @@ static int td__start(int argc, char **argv) {
   uint32_t want_index = 0;  /* --node-index: the index this node asks the head for */
   int dp_mode = TD_DP_ON;   /* --data-plane (dplane.h) */
   const char *bind_host = NULL;  /* --host; else loopback, or toward the head */
-  char toward[64];
+  char toward[64] = "";
   char dir[PATH_MAX], sock[PATH_MAX + 16], pidf[PATH_MAX + 16], logf[PATH_MAX + 16];
   char keyf[PATH_MAX + 16];
   /* Resource flags are parsed by the same code as tide run. */
@@ -925,6 +925,11 @@ static int td__start(int argc, char **argv) {
    * all that guards the port, so it is not opened to the network unasked. */
   int loopback_only = !bind_host || !strncmp(bind_host, "127.", 4) || !strcmp(bind_host, "localhost");
   if (!bind_host) bind_host = "127.0.0.1";
+  /* Collective groups across nodes (lua/coll_net.c): the node's workers
+   * inherit where their streams listen and how they protect them. */
+  setenv("TIDE_COLL_HOST",
+         strcmp(bind_host, "0.0.0.0") && strcmp(bind_host, "::") ? bind_host : toward[0] ? toward : "127.0.0.1", 1);
+  setenv("TIDE_COLL_PLAIN", dp_mode == TD_DP_PLAIN ? "1" : "0", 1);
   int dfd = td__session_open(dir, sizeof(dir), 1);
   if (dfd < 0) return 1;
   int running = td__lock_holder_live(dfd);

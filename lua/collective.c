@@ -5,10 +5,13 @@
  * (stdlib/tide/collective.lua does the rendezvous). Exposed to Lua as the
  * `tide.collective_c` module. Uses core, ring, tensor_lua.
  */
+#include <errno.h>
 #include <lauxlib.h>
+#include <openssl/crypto.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "coll_net.h"
 #include "core.h"
 #include "ring.h"
 #include "tensor.h"
@@ -18,9 +21,22 @@
 
 typedef struct td_group {
   td_ring_shm_t *shm;    /* transport state over the store region */
-  td_ring_t *ring;       /* the ring over it */
+  td_ring_t *ring;       /* the ring every operation uses (over shm, or net) */
   int rank, world;
+  /* A group that spans nodes: streams to every rank (net); ring is the
+   * flat ring over them, and allreduce is hierarchical: local (the ring
+   * over this node's shared memory, NULL alone on the node), then xring
+   * among the nodes' first ranks (NULL on the others), then a broadcast
+   * back over local. */
+  td_cnet_t *net;
+  td_ring_t *local, *xring;
 } td_group_t;
+
+#define TD_NET_MT "tide.CollectiveNet"
+typedef struct td_netud {
+  td_cnet_t *c; /* moves into the group made from it */
+  int port;
+} td_netud_t;
 
 static td_group_t *td__group(lua_State *L) {
   td_group_t *g = luaL_checkudata(L, 1, TD_GROUP_MT);
@@ -48,6 +64,15 @@ static int td__check(lua_State *L, int rc, const char *what) {
   return 0;
 }
 
+/* A group's operation failed: a group across nodes says which rank and
+ * node, and whether the rank is gone (NodeDiedError). */
+static int td__gcheck(lua_State *L, td_group_t *g, int rc, const char *what) {
+  if (rc < 0 && g->net && td_cnet_error(g->net)[0])
+    return luaL_error(L, "%s%s failed: %s", td_cnet_peer_gone(g->net) ? "NodeDiedError: " : "", what,
+                      td_cnet_error(g->net));
+  return td__check(L, rc, what);
+}
+
 static int td__op(lua_State *L, int idx) {
   static const char *const ops[] = {"sum", "avg", "max", "min", NULL};
   static const int codes[] = {TD_RING_SUM, TD_RING_AVG, TD_RING_MAX, TD_RING_MIN};
@@ -59,7 +84,21 @@ static int g_allreduce(lua_State *L) {
   td_group_t *g = td__group(L);
   size_t n;
   float *p = td__f32(L, 2, &n, 1);
-  td__check(L, td_ring_allreduce(g->ring, p, p, n, td__op(L, 3)), "allreduce");
+  int op = td__op(L, 3);
+  if (!g->net) {
+    td__check(L, td_ring_allreduce(g->ring, p, p, n, op), "allreduce");
+  } else {
+    /* Sums for avg, divided once at the end (as the flat ring does). */
+    int hop = op == TD_RING_AVG ? TD_RING_SUM : op, rc = 0;
+    if (g->local) rc = td_ring_allreduce(g->local, p, p, n, hop);
+    if (!rc && g->xring) rc = td_ring_allreduce(g->xring, p, p, n, hop);
+    if (!rc && g->local) rc = td_ring_broadcast(g->local, p, n * sizeof(float), 0);
+    td__gcheck(L, g, rc, "allreduce");
+    if (op == TD_RING_AVG) {
+      float inv = g->world == 2 ? 0.5f : 1.0f / (float)g->world;
+      for (size_t i = 0; i < n; i++) p[i] *= inv;
+    }
+  }
   lua_settop(L, 2);
   return 1;
 }
@@ -72,7 +111,7 @@ static int g_reduce_scatter(lua_State *L) {
   if (m < td_ring_chunk_count(n, g->world, g->rank))
     return luaL_error(L, "reduce_scatter: out holds %d elements, this rank's chunk has %d", (int)m,
                       (int)td_ring_chunk_count(n, g->world, g->rank));
-  td__check(L, td_ring_reduce_scatter(g->ring, in, out, n, td__op(L, 4)), "reduce_scatter");
+  td__gcheck(L, g, td_ring_reduce_scatter(g->ring, in, out, n, td__op(L, 4)), "reduce_scatter");
   lua_settop(L, 3);
   return 1;
 }
@@ -85,7 +124,7 @@ static int g_allgather(lua_State *L) {
   if (m != n * (size_t)g->world)
     return luaL_error(L, "allgather: out must hold world_size * #in = %d elements, not %d",
                       (int)(n * (size_t)g->world), (int)m);
-  td__check(L, td_ring_allgather(g->ring, in, out, n * sizeof(float)), "allgather");
+  td__gcheck(L, g, td_ring_allgather(g->ring, in, out, n * sizeof(float)), "allgather");
   lua_settop(L, 3);
   return 1;
 }
@@ -97,7 +136,7 @@ static int g_broadcast(lua_State *L) {
   int root = (int)luaL_optinteger(L, 3, 0);
   float *p = td__f32(L, 2, &n, root != g->rank);
   if (root < 0 || root >= g->world) return luaL_argerror(L, 3, "root out of range");
-  td__check(L, td_ring_broadcast(g->ring, p, n * sizeof(float), root), "broadcast");
+  td__gcheck(L, g, td_ring_broadcast(g->ring, p, n * sizeof(float), root), "broadcast");
   lua_settop(L, 2);
   return 1;
 }
@@ -108,7 +147,7 @@ static int g_send(lua_State *L) {
   float *p = td__f32(L, 2, &n, 0);
   int peer = (int)luaL_checkinteger(L, 3);
   if (peer < 0 || peer >= g->world || peer == g->rank) return luaL_argerror(L, 3, "bad peer rank");
-  td__check(L, td_ring_send(g->ring, p, n * sizeof(float), peer), "send");
+  td__gcheck(L, g, td_ring_send(g->ring, p, n * sizeof(float), peer), "send");
   return 0;
 }
 
@@ -118,21 +157,24 @@ static int g_recv(lua_State *L) {
   float *p = td__f32(L, 2, &n, 1);
   int peer = (int)luaL_checkinteger(L, 3);
   if (peer < 0 || peer >= g->world || peer == g->rank) return luaL_argerror(L, 3, "bad peer rank");
-  td__check(L, td_ring_recv(g->ring, p, n * sizeof(float), peer), "recv");
+  td__gcheck(L, g, td_ring_recv(g->ring, p, n * sizeof(float), peer), "recv");
   lua_settop(L, 2);
   return 1;
 }
 
 static int g_barrier(lua_State *L) {
   td_group_t *g = td__group(L);
-  td__check(L, td_ring_barrier(g->ring), "barrier");
+  td__gcheck(L, g, td_ring_barrier(g->ring), "barrier");
   return 0;
 }
 
 static int g_gc(lua_State *L) {
   td_group_t *g = luaL_checkudata(L, 1, TD_GROUP_MT);
   td_ring_free(&g->ring);
+  td_ring_free(&g->local);
+  td_ring_free(&g->xring);
   td_ring_shm_free(&g->shm);
+  td_cnet_free(&g->net);
   return 0;
 }
 
@@ -185,6 +227,153 @@ static int c_attach(lua_State *L) {
   return 1;
 }
 
+/* -- Groups across nodes --------------------------------------------------- */
+
+/* net_listen(host) -> net: listens for the group's other ranks. */
+static int c_net_listen(lua_State *L) {
+  const char *host = luaL_checkstring(L, 1);
+  td_netud_t *u = lua_newuserdata(L, sizeof(*u));
+  memset(u, 0, sizeof(*u));
+  luaL_getmetatable(L, TD_NET_MT);
+  lua_setmetatable(L, -2);
+  if (td_cnet_listen(&u->c, host, &u->port))
+    return luaL_error(L, "init_group: cannot listen on %s for the group's other nodes: %s", host,
+                      strerror(errno));
+  return 1;
+}
+
+static td_netud_t *td__net(lua_State *L, int idx) {
+  td_netud_t *u = luaL_checkudata(L, idx, TD_NET_MT);
+  if (!u->c) luaL_error(L, "the group's streams were handed on or closed");
+  return u;
+}
+
+static int n_port(lua_State *L) {
+  lua_pushinteger(L, td__net(L, 1)->port);
+  return 1;
+}
+
+static int n_gc(lua_State *L) {
+  td_netud_t *u = luaL_checkudata(L, 1, TD_NET_MT);
+  td_cnet_free(&u->c);
+  return 0;
+}
+
+static int td__hexval(int ch) {
+  if (ch >= '0' && ch <= '9') return ch - '0';
+  if (ch >= 'a' && ch <= 'f') return ch - 'a' + 10;
+  return -1;
+}
+
+/* net:join(rank, {host...}, {port...}, {node...}, secret_hex, plain, timeout
+ * [, op_timeout]): streams to every other rank (tables indexed by rank + 1);
+ * op_timeout: seconds an operation waits on a silent peer (0: no limit;
+ * TCP keepalive still finds a vanished host). */
+static int n_join(lua_State *L) {
+  td_netud_t *u = td__net(L, 1);
+  int rank = (int)luaL_checkinteger(L, 2);
+  luaL_checktype(L, 3, LUA_TTABLE);
+  luaL_checktype(L, 4, LUA_TTABLE);
+  luaL_checktype(L, 5, LUA_TTABLE);
+  size_t sl;
+  const char *hex = luaL_checklstring(L, 6, &sl);
+  int plain = lua_toboolean(L, 7);
+  double timeout = luaL_optnumber(L, 8, 60), op_timeout = luaL_optnumber(L, 9, 0);
+  int world = (int)lua_objlen(L, 3);
+  if (world < 1 || (int)lua_objlen(L, 4) != world || (int)lua_objlen(L, 5) != world || rank < 0 ||
+      rank >= world)
+    return luaL_error(L, "init_group: the group's table of ranks is inconsistent");
+  uint8_t secret[32];
+  if (sl != 64) return luaL_error(L, "init_group: the group's secret is malformed");
+  for (int i = 0; i < 32; i++) {
+    int hi = td__hexval(hex[2 * i]), lo = td__hexval(hex[2 * i + 1]);
+    if (hi < 0 || lo < 0) return luaL_error(L, "init_group: the group's secret is malformed");
+    secret[i] = (uint8_t)(hi << 4 | lo);
+  }
+  const char **hosts = lua_newuserdata(L, 2 * (size_t)world * sizeof(char *));
+  const char **names = hosts + world;
+  int *ports = lua_newuserdata(L, (size_t)world * sizeof(int));
+  for (int i = 0; i < world; i++) {
+    lua_rawgeti(L, 3, i + 1);
+    hosts[i] = lua_tostring(L, -1);
+    lua_pop(L, 1); /* the table keeps the string */
+    lua_rawgeti(L, 4, i + 1);
+    ports[i] = (int)lua_tointeger(L, -1);
+    lua_pop(L, 1);
+    lua_rawgeti(L, 5, i + 1);
+    names[i] = lua_tostring(L, -1);
+    lua_pop(L, 1);
+    if (!hosts[i] || !names[i] || ports[i] <= 0 || ports[i] > 65535)
+      return luaL_error(L, "init_group: rank %d's address in the group's table is malformed", i);
+  }
+  int rc = td_cnet_join(u->c, rank, world, hosts, ports, names, secret, plain, timeout);
+  OPENSSL_cleanse(secret, sizeof(secret));
+  if (rc) return luaL_error(L, "init_group: cannot reach the group's other ranks: %s", td_cnet_error(u->c));
+  td_cnet_set_timeout(u->c, op_timeout);
+  return 0;
+}
+
+/* attach_net(net, world, rank, leaders, offset|nil, bytes, lworld, lrank, cap, init)
+ * -> group: the flat ring over net, the local ring over the store region
+ * at offset (nil when rank is alone on its node), and, on a node's first
+ * rank, the ring among the nodes' first ranks (leaders: their group ranks,
+ * in ring order; nil elsewhere). net moves into the group. */
+static int c_attach_net(lua_State *L) {
+  td_netud_t *u = td__net(L, 1);
+  int world = (int)luaL_checkinteger(L, 2), rank = (int)luaL_checkinteger(L, 3);
+  td_group_t *g = lua_newuserdata(L, sizeof(*g));
+  memset(g, 0, sizeof(*g));
+  luaL_getmetatable(L, TD_GROUP_MT);
+  lua_setmetatable(L, -2);
+  g->rank = rank;
+  g->world = world;
+  g->net = u->c;
+  u->c = NULL;
+  td_ring_transport_t tr;
+  td_cnet_transport(g->net, &tr);
+  if (!tr.send) return luaL_error(L, "group setup failed: out of memory");
+  td__check(L, td_ring_new(&g->ring, &tr, rank, world, 512 * 1024), "ring setup");
+  if (lua_istable(L, 4)) {
+    int nl = (int)lua_objlen(L, 4), me = -1, map[256];
+    if (nl < 1 || nl > 256) return luaL_error(L, "group setup failed: %d nodes", nl);
+    for (int i = 0; i < nl; i++) {
+      lua_rawgeti(L, 4, i + 1);
+      map[i] = (int)lua_tointeger(L, -1);
+      lua_pop(L, 1);
+      if (map[i] == rank) me = i;
+    }
+    if (me < 0) return luaL_error(L, "group setup failed: this rank is not among the nodes' first ranks");
+    if (nl > 1) {
+      if (td_cnet_sub_transport(g->net, map, nl, &tr))
+        return luaL_error(L, "group setup failed: out of memory");
+      td__check(L, td_ring_new(&g->xring, &tr, me, nl, 512 * 1024), "ring setup");
+    }
+  }
+  if (!lua_isnoneornil(L, 5)) {
+    size_t off = (size_t)luaL_checknumber(L, 5), bytes = (size_t)luaL_checknumber(L, 6);
+    int lworld = (int)luaL_checkinteger(L, 7), lrank = (int)luaL_checkinteger(L, 8);
+    size_t cap = (size_t)luaL_checknumber(L, 9);
+    if (!td_ctx.base || off > td_ctx.cap || bytes > td_ctx.cap - off)
+      return luaL_error(L, "the group's region is not in this process's object store");
+    td__check(L, td_ring_shm_wrap(&g->shm, td_ctx.base + off, lworld, cap, lua_toboolean(L, 10)),
+              "group setup");
+    td_ring_shm_transport(g->shm, lrank, &tr);
+    td__check(L, td_ring_new(&g->local, &tr, lrank, lworld, 256 * 1024), "ring setup");
+  }
+  return 1;
+}
+
+/* random_hex() -> 64 hex digits (a group's secret). */
+static int c_random_hex(lua_State *L) {
+  uint8_t r[32];
+  char hex[65];
+  if (td_cnet_random(r)) return luaL_error(L, "init_group: no random bytes");
+  for (int i = 0; i < 32; i++) snprintf(hex + 2 * i, 3, "%02x", r[i]);
+  OPENSSL_cleanse(r, sizeof(r));
+  lua_pushlstring(L, hex, 64);
+  return 1;
+}
+
 int luaopen_tide_collective_c(lua_State *L) {
   static const luaL_Reg methods[] = {
     {"allreduce", g_allreduce}, {"reduce_scatter", g_reduce_scatter}, {"allgather", g_allgather},
@@ -198,8 +387,23 @@ int luaopen_tide_collective_c(lua_State *L) {
     lua_setfield(L, -2, "__gc");
   }
   lua_pop(L, 1);
-  static const luaL_Reg fns[] = {{"region_bytes", c_region_bytes}, {"alloc", c_alloc},
-                                 {"attach", c_attach}, {"chunk_count", c_chunk_count}, {NULL, NULL}};
+  static const luaL_Reg nmethods[] = {{"port", n_port}, {"join", n_join}, {"close", n_gc}, {NULL, NULL}};
+  if (luaL_newmetatable(L, TD_NET_MT)) {
+    lua_newtable(L);
+    luaL_register(L, NULL, nmethods);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, n_gc);
+    lua_setfield(L, -2, "__gc");
+  }
+  lua_pop(L, 1);
+  static const luaL_Reg fns[] = {{"region_bytes", c_region_bytes},
+                                 {"alloc", c_alloc},
+                                 {"attach", c_attach},
+                                 {"chunk_count", c_chunk_count},
+                                 {"net_listen", c_net_listen},
+                                 {"attach_net", c_attach_net},
+                                 {"random_hex", c_random_hex},
+                                 {NULL, NULL}};
   lua_newtable(L);
   luaL_register(L, NULL, fns);
   return 1;

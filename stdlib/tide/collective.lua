@@ -12,6 +12,7 @@ local M = {}
 local CAP = 1024 * 1024      -- bytes per rank-to-rank channel
 local groups, default = {}, nil
 local owners = {}            -- group -> the task or actor that made it
+local spans = setmetatable({}, {__mode = "k"})  -- group -> nodes it spans
 
 -- Groups last for the task or actor that made them: a worker process
 -- reused by a later task does not hand it someone else's group.
@@ -25,13 +26,13 @@ local function sleep(s)
   tide.sleep(s)
 end
 
--- Waits for rank 0 to publish key in the node's KV.
-local function await_key(key, name, timeout)
+-- Waits for who (rank 0 unless told) to publish key in the head's KV.
+local function await_key(key, name, timeout, who)
   local waited = 0
   while true do
     local v = core.call_node("kv_get", key)
     if v then return v end
-    if waited > timeout then error("init_group: rank 0 of " .. name .. " did not appear", 4) end
+    if waited > timeout then error("init_group: " .. (who or "rank 0") .. " of " .. name .. " did not appear", 4) end
     sleep(0.002)
     waited = waited + 0.002
   end
@@ -71,19 +72,87 @@ function M.init_group(world, rank, name, opts)
   if opts.backend ~= nil and opts.backend ~= "ring" then
     error("init_group: backend must be \"ring\" (CPU tensors) or \"nccl\" (CUDA tensors)", 2)
   end
+  for _, k in ipairs({"timeout", "op_timeout"}) do
+    local v = opts[k]
+    if v ~= nil and (type(v) ~= "number" or v < 0 or v ~= v) then
+      error("init_group: " .. k .. " must be a number of seconds >= 0, got " .. tostring(v), 2)
+    end
+  end
   local timeout = opts.timeout or 60
-  local key = "tide.collective:" .. name .. ":" .. world
+  local base = "tide.collective:" .. name .. ":" .. world
   local bytes = cc.region_bytes(world, CAP)
-  local off
-  if rank == 0 then
-    off = cc.alloc(bytes)
-    local g = cc.attach(off, bytes, world, rank, CAP, true)
-    core.call_node("kv_put", key, off)
+  if world == 1 then
+    local g = cc.attach(cc.alloc(bytes), bytes, 1, 0, CAP, true)
     groups[name], default, owners[g] = g, g, owner()
     return g
   end
-  off = await_key(key, name, timeout)
-  local g = cc.attach(off, bytes, world, rank, CAP, false)
+  -- Rendezvous through the head's KV: every rank says where it is (its
+  -- node, and a port for streams from the other nodes' ranks); rank 0
+  -- gathers them into the group's table with a fresh secret for the
+  -- streams. A nonce per rank tells this incarnation's table from a stale
+  -- one left by an earlier group of the same name.
+  local node = core.context().node_id
+  local host = os.getenv("TIDE_COLL_HOST") or "127.0.0.1"
+  local net = cc.net_listen(host)
+  local me = {node = node, host = host, port = net:port(), nonce = cc.random_hex():sub(1, 16)}
+  core.call_node("kv_put", base .. ":rank:" .. rank, me)
+  local tbl
+  if rank == 0 then
+    local ranks = {me}
+    for r = 1, world - 1 do ranks[r + 1] = await_key(base .. ":rank:" .. r, name, timeout, "rank " .. r) end
+    tbl = {ranks = ranks, secret = cc.random_hex(), id = cc.random_hex():sub(1, 16),
+           plain = os.getenv("TIDE_COLL_PLAIN") == "1"}
+    core.call_node("kv_put", base .. ":table", tbl)
+  else
+    local waited = 0
+    while true do
+      tbl = core.call_node("kv_get", base .. ":table")
+      if type(tbl) == "table" and tbl.ranks[rank + 1] and tbl.ranks[rank + 1].nonce == me.nonce then break end
+      if waited > timeout then error("init_group: rank 0 of " .. name .. " did not appear", 2) end
+      sleep(0.002)
+      waited = waited + 0.002
+    end
+  end
+  -- Nodes in the order of their first rank; this node's ranks in order.
+  local leaders, mine, hosts, ports, names, seen = {}, {}, {}, {}, {}, {}
+  for r = 0, world - 1 do
+    local e = tbl.ranks[r + 1]
+    hosts[r + 1], ports[r + 1], names[r + 1] = e.host, e.port, e.node
+    if not seen[e.node] then seen[e.node] = true; leaders[#leaders + 1] = r end
+    if e.node == node then mine[#mine + 1] = r end
+  end
+  local lrank
+  for i, r in ipairs(mine) do if r == rank then lrank = i - 1 end end
+  -- This node's ranks share a ring in its store; the first makes it (its
+  -- headers zeroed) before the others are told where it is.
+  local off, lbytes, g
+  local lkey = base .. ":local:" .. node .. ":" .. tbl.id
+  if #mine > 1 then
+    lbytes = cc.region_bytes(#mine, CAP)
+    if lrank == 0 then
+      off = cc.alloc(lbytes)
+      local lg = cc.attach(off, lbytes, #mine, 0, CAP, true)
+      if #leaders == 1 then g = lg else lg:destroy() end
+      core.call_node("kv_put", lkey, off)
+    else
+      off = await_key(lkey, name, timeout, "rank " .. mine[1])
+    end
+  end
+  if #leaders == 1 then
+    -- One node: the shared-memory ring alone, as before.
+    net:close()
+    g = g or cc.attach(off, lbytes, world, rank, CAP, false)
+  else
+    net:join(rank, hosts, ports, names, tbl.secret, tbl.plain, timeout, opts.op_timeout or 0)
+    g = cc.attach_net(net, world, rank, lrank == 0 and leaders or nil, off, lbytes, #mine, lrank, CAP, false)
+  end
+  -- Everyone is in: the rendezvous keys go (a later group of the same
+  -- name starts clean).
+  g:barrier()
+  core.call_node("kv_del", base .. ":rank:" .. rank)
+  if rank == 0 then core.call_node("kv_del", base .. ":table") end
+  if off and lrank == 0 then core.call_node("kv_del", lkey) end
+  spans[g] = #leaders
   groups[name], default, owners[g] = g, g, owner()
   return g
 end
@@ -142,6 +211,9 @@ function M.barrier(name)
   end
   return g:barrier()
 end
+
+-- Nodes the group's ranks are on (1: shared memory only).
+function M.num_nodes(name) return spans[group(name)] or 1 end
 
 -- Elements of rank's chunk in reduce_scatter of count elements.
 function M.chunk_count(count, world, rank) return cc.chunk_count(count, world, rank) end

@@ -757,6 +757,9 @@ function M.fit(opts)
       local e = failure.err
       local kind = type(e) == "table" and e.kind or "error"
       local msg = type(e) == "table" and (e.message or tostring(e)) or tostring(e)
+      -- A rank whose collective peer's node died (a group over several
+      -- nodes) fails before that node's death reaches here: a death too.
+      if not RETRYABLE[kind] and msg:find("NodeDiedError: ", 1, true) then kind = "NodeDiedError" end
       failures[#failures + 1] = {rank = failure.rank, kind = kind, message = msg, attempt = attempt,
         time = death_t - t0, world_size = world}
       local retry = RETRYABLE[kind] or (o.retry_exceptions and true or false)

@@ -110,6 +110,40 @@ check "the nodes open data-plane streams to the head at its veth addresses (AES-
   'grep -q "data plane: stream to $NET1.1:[0-9]* up (AES-128-GCM)" $D/n1/node.log &&
    grep -q "data plane: stream to $NET2.1:[0-9]* up (AES-128-GCM)" $D/n2/node.log' \
   "$(grep -h 'data plane' $D/n1/node.log $D/n2/node.log)"
+# A tide.collective group over the two namespaces: rank 0 on node-1, rank
+# 1 on node-2, streams between the nodes' own addresses (AES-128-GCM).
+cat > $D/coll.lua <<'LUA'
+local tide = require("tide")
+local body = tide.remote({num_cpus = 0}, function(rank)
+  local T = require("tide.tensor")
+  local C = require("tide.collective")
+  C.init_group(2, rank, "netns", {timeout = 30})
+  local res = {}
+  for _, n in ipairs({7, 262144}) do
+    local v = {}
+    for i = 1, n do v[i] = (i * 7 + rank * 13) % 101 - 50 end
+    local x = T.from_table(v)
+    C.allreduce(x, "sum")
+    res[#res + 1] = string.format("%d:%.17g", n, T.dot(x, T.arange(n, {dtype = "f32"})))
+  end
+  return C.num_nodes() .. " " .. table.concat(res, " ")
+end)
+local function on(id) return {scheduling_strategy = {node_id = id}} end
+local got = tide.get({body:options(on("node-1")):remote(0), body:options(on("node-2")):remote(1)}, {timeout = 90})
+-- The same sums made here, in f64 (integers: exact either way).
+local want = {}
+for _, n in ipairs({7, 262144}) do
+  local d = 0
+  for i = 1, n do d = d + ((i * 7) % 101 - 50 + (i * 7 + 13) % 101 - 50) * (i - 1) end
+  want[#want + 1] = string.format("%d:%.17g", n, d)
+end
+print("GOT " .. got[1] .. " | " .. got[2])
+print("WANT 2 " .. table.concat(want, " "))
+LUA
+out=$(TIDE_SESSION_DIR=$D/head timeout 150 $T run --address local $D/coll.lua 2>&1)
+want=$(echo "$out" | sed -n 's/^WANT //p')
+check "a collective group over the two namespaces: the allreduce gives the sums made on one machine" \
+  '[ -n "$want" ] && echo "$out" | grep -qxF "GOT $want | $want"' "$out"
 ip netns exec $NS1 ip link set tdp1-$S down
 out=$(bcast)
 check "with the link between them cut, the fetch stalls and finishes from the head" \
