@@ -709,6 +709,7 @@ Stats.__tostring = function(s)
       l = l .. format(", %d rows skipped (%d batches)", st.skipped_rows, st.skipped_batches)
     end
     if st.actors then
+      l = l .. format(", %d calls", st.calls)
       l = l .. format(", %d actors (%d started, %d replaced), %.0f%% busy",
         st.actors, st.actors_started, st.actors_replaced, st.utilization * 100)
     end
