@@ -330,7 +330,14 @@ function Dataset:map(fn, opts) return row_op(self, "map", fn, opts, 2) end
 function Dataset:filter(fn, opts) return row_op(self, "filter", fn, opts, 2) end
 
 local MB_OPTS = set_of("batch_size", "fuse", "concurrency", "num_gpus", "num_cpus", "memory", "resources",
-  "max_retries", "on_error", "max_in_flight", "init_args", "name", "max_tasks_in_flight_per_actor")
+  "max_retries", "on_error", "max_in_flight", "init_args", "name", "max_tasks_in_flight_per_actor",
+  "batches_per_unit")
+
+-- A pool unit (one actor call, one part file when the pool writes) carries
+-- at most this many rows when batches_per_unit is not given (but always at
+-- least one batch): the stage before cuts its blocks to this size, so a
+-- unit decodes about the rows it uses.
+M.UNIT_MAX_ROWS = 8192
 
 -- ds:map_batches(fn(batch) -> batch, opts) with tasks, or
 -- ds:map_batches({init = fn(self, ...), call = fn(self, batch)}, opts) with a
@@ -354,6 +361,7 @@ function Dataset:map_batches(fn, opts)
   check_count("ds:map_batches", "max_retries", opts.max_retries, 2, true)
   check_count("ds:map_batches", "max_in_flight", opts.max_in_flight, 2)
   check_count("ds:map_batches", "max_tasks_in_flight_per_actor", opts.max_tasks_in_flight_per_actor, 2)
+  check_count("ds:map_batches", "batches_per_unit", opts.batches_per_unit, 2)
   check_on_error("ds:map_batches", opts.on_error, 2)
   for _, key in ipairs({"num_gpus", "num_cpus", "memory"}) do
     local v = opts[key]
@@ -379,8 +387,12 @@ function Dataset:map_batches(fn, opts)
   if opts.fuse ~= nil and type(opts.fuse) ~= "boolean" then
     error("ds:map_batches: fuse must be a boolean, got " .. type(opts.fuse), 2)
   end
-  if not stateful and (opts.init_args or opts.max_tasks_in_flight_per_actor) then
-    error("ds:map_batches: init_args and max_tasks_in_flight_per_actor need {init, call} (an actor pool)", 2)
+  if not stateful and (opts.init_args or opts.max_tasks_in_flight_per_actor or opts.batches_per_unit) then
+    error("ds:map_batches: init_args, max_tasks_in_flight_per_actor and batches_per_unit need {init, call}"
+      .. " (an actor pool)", 2)
+  end
+  if opts.batches_per_unit and not opts.batch_size then
+    error("ds:map_batches: batches_per_unit needs batch_size", 2)
   end
   return with_op(self, {kind = "map_batches", fn = fn, stateful = stateful, opts = opts, concurrency = conc})
 end
@@ -464,7 +476,13 @@ local function compile(ds, run, sink)
         max_retries = o.max_retries or run.max_retries, fn = op.fn, max_in_flight = o.max_in_flight,
         task_opts = {num_gpus = o.num_gpus, num_cpus = o.num_cpus, memory = o.memory, resources = o.resources},
         concurrency = op.concurrency, init_args = o.init_args, per_actor = o.max_tasks_in_flight_per_actor}
-      if op.stateful then cur.concurrency = cur.concurrency or {1, 1} end
+      if op.stateful then
+        cur.concurrency = cur.concurrency or {1, 1}
+        if o.batch_size then
+          cur.batches_per_unit = o.batches_per_unit
+          cur.max_batches_per_unit = o.batches_per_unit or max(1, floor(M.UNIT_MAX_ROWS / o.batch_size))
+        end
+      end
     elseif op.kind == "repartition" then
       push()
       cur = {kind = "tasks", name = "repartition(" .. op.n .. ")", ops = {}, repartition = op.n,
@@ -487,10 +505,13 @@ local function compile(ds, run, sink)
 
   for i, def in ipairs(defs) do
     local nxt = defs[i + 1]
-    local plan = {ops = def.ops, sink = def.sink, label = def.name,
-      split_rows = nxt and not nxt.repartition and nxt.batch_size or nil}
+    local split = nxt and not nxt.repartition and nxt.batch_size or nil
+    -- Before a pool: blocks cut to its largest unit, not to one batch.
+    if split and nxt.max_batches_per_unit then split = split * nxt.max_batches_per_unit end
+    local plan = {ops = def.ops, sink = def.sink, label = def.name, split_rows = split}
     if def.kind == "actors" then
       plan.call = def.fn.call
+      plan.skip, plan.max_retries = def.on_error == "skip", def.max_retries
       local user = {init = def.fn.init}
       local topts = {max_concurrency = 1}
       for k, v in pairs(def.task_opts) do topts[k] = v end
@@ -688,6 +709,7 @@ Stats.__tostring = function(s)
       l = l .. format(", %d rows skipped (%d batches)", st.skipped_rows, st.skipped_batches)
     end
     if st.actors then
+      l = l .. format(", %d calls", st.calls)
       l = l .. format(", %d actors (%d started, %d replaced), %.0f%% busy",
         st.actors, st.actors_started, st.actors_replaced, st.utilization * 100)
     end

@@ -289,6 +289,98 @@ t.test("a dead actor is replaced and its batch retried", function()
   t.ok(st.retries >= 1, "the batch was not retried") -- with every call in flight on the dead actor
 end)
 
+t.test("a pool unit carries batches_per_unit batches: call once per batch_size slice, one part file per unit",
+  function()
+  local out = DIR .. "/out-units"
+  local ds = data.range(105, {block_rows = 50}):map_batches({
+    init = function(self) self.calls = 0 end,
+    call = function(self, batch)
+      self.calls = self.calls + 1
+      for _, r in ipairs(batch) do r.bsz = #batch; r.call = self.calls end
+      return batch
+    end,
+  }, {batch_size = 10, batches_per_unit = 5, concurrency = 1})
+  local st = ds:write_jsonl(out)
+  t.eq(st.rows, 105)
+  local s2 = st.stages[2]
+  t.eq(s2.units, 3) -- 50 + 50 + 5 rows
+  t.eq(s2.calls, 11)
+  t.deep_eq(ls(out), {"part-000001.jsonl", "part-000002.jsonl", "part-000003.jsonl"})
+  local back = data.read_jsonl(out):take_all()
+  t.eq(#back, 105)
+  for i, r in ipairs(back) do
+    t.eq(r.id, i)
+    t.eq(r.bsz, i <= 100 and 10 or 5)
+  end
+  t.eq(back[1].call, 1); t.eq(back[50].call, 5); t.eq(back[51].call, 6); t.eq(back[105].call, 11)
+  t.raises(function() data.range(3):map_batches({call = function(_, b) return b end}, {batches_per_unit = 2}) end,
+    "batches_per_unit needs batch_size")
+  t.raises(function() data.range(3):map_batches(function(b) return b end, {batch_size = 1, batches_per_unit = 2}) end,
+    "need {init, call}")
+  t.raises(function()
+    data.range(3):map_batches({call = function(_, b) return b end}, {batch_size = 1, batches_per_unit = 0})
+  end, "batches_per_unit must be a positive integer")
+end)
+
+t.test("pool units are sized by the measured time per batch: cheap batches many to a unit, slow ones few", function()
+  local cheap = data.range(2000, {block_rows = 500}):map_batches({
+    call = function(_, batch) return batch end,
+  }, {batch_size = 10, concurrency = 1})
+  t.eq(cheap:count(), 2000)
+  local st = cheap:stats().stages[2]
+  t.eq(st.calls, 200)
+  t.ok(st.units <= 20, "200 cheap batches took " .. st.units .. " units")
+  local slow = data.range(20, {block_rows = 20}):map_batches({
+    call = function(_, batch) tide.sleep(0.06); return batch end,
+  }, {batch_size = 2, concurrency = 1})
+  t.eq(slow:count(), 20)
+  st = slow:stats().stages[2]
+  t.eq(st.calls, 10)
+  t.ok(st.units >= 8, "10 slow batches went in " .. st.units .. " units")
+end)
+
+t.test("a pool batch that raises: with skip only that batch is dropped (retried in place first); "
+  .. "with raise the whole unit is retried and the error names the batch's rows", function()
+  local function ds_for(fails)
+    return data.range(60, {block_rows = 30}):map_batches({
+      call = function(_, batch)
+        if batch[1].id == 21 and fails() then error("bad pool batch") end
+        return batch
+      end,
+    }, {batch_size = 10, batches_per_unit = 3, concurrency = 1, on_error = "skip", max_retries = 1})
+  end
+  local always = ds_for(function() return true end)
+  t.deep_eq(ids(always:take_all()), (function()
+    local want = {}
+    for i = 1, 60 do if i < 21 or i > 30 then want[#want + 1] = i end end
+    return want
+  end)())
+  local st = always:stats().stages[2]
+  t.eq(st.skipped_rows, 10); t.eq(st.skipped_batches, 1); t.eq(st.retries, 1)
+  local marker = DIR .. "/pool-flaky"
+  local once = ds_for(function()
+    if io.open(marker, "rb") then return false end
+    io.open(marker, "wb"):close()
+    return true
+  end)
+  t.eq(once:count(), 60)
+  st = once:stats().stages[2]
+  t.eq(st.skipped_rows, 0); t.eq(st.retries, 1)
+  local calls = Counter:remote()
+  local raising = data.range(60, {block_rows = 30}):map_batches({
+    call = function(_, batch)
+      tide.get(calls:incr())
+      if batch[1].id == 21 then error("bad pool batch") end
+      return batch
+    end,
+  }, {batch_size = 10, batches_per_unit = 3, concurrency = 1, max_retries = 1})
+  local err = t.raises(function() raising:count() end, "rows 1%-30 of its input after 2 attempts")
+  t.eq(err.first, 1); t.eq(err.last, 30)
+  t.ok(tostring(err):find("batch of rows 21-30", 1, true), "batch rows not named: " .. tostring(err))
+  t.ok(tostring(err):find("data_test.lua", 1, true), "remote traceback lost: " .. tostring(err))
+  t.ok(tide.get(calls:get()) >= 6, "the unit was not retried whole") -- 3 batches, twice (the other unit may run)
+end)
+
 t.test("leaving an iter_rows loop early: the next run ends the abandoned run's pool", function()
   local ds = data.range(200, {block_rows = 5}):map_batches({
     call = function(_, batch) return batch end,
@@ -518,7 +610,7 @@ t.test("back-pressure: a slow sink (a pool of one actor writing) holds the sourc
     :map_batches({call = function(_, b) tide.sleep(0.01); return b end}, {batch_size = 2, concurrency = 1})
     :write_jsonl(out, {max_in_flight = 2})
   t.eq(st.rows, 60)
-  t.eq(#st.files, 30)
+  t.eq(#st.files, st.stages[2].units) -- one part file per pool unit
   for i, s in ipairs(st.stages) do
     t.ok(s.peak_in_flight <= 2, "stage " .. i .. " held " .. s.peak_in_flight .. " units, bound 2")
   end

@@ -20,6 +20,13 @@ local now = W.now
 
 local E = {}
 
+-- A pool unit's target length when batches_per_unit is not given: the
+-- executor measures the time per batch and sizes each unit to about this
+-- many seconds of the actor's work (at least one batch, at most the
+-- stage's max_batches_per_unit), so cheap batches travel many to a unit
+-- and a slow model's batches one at a time.
+E.UNIT_TARGET_S = 0.1
+
 -- -- Errors ----------------------------------------------------------------
 
 -- The error a failed pipeline raises: a table (kind, stage, rows, message,
@@ -77,7 +84,7 @@ local function new_stage(ex, def, index)
     next_idx = 1, pending = {}, pending_rows = 0, retry = {}, cap = def.max_in_flight,
     sizes = nil,
     st = {name = def.name, kind = def.kind == "actors" and "actor pool" or "tasks",
-      rows_in = 0, rows_out = 0, blocks = 0, units = 0, retries = 0, skipped_rows = 0,
+      rows_in = 0, rows_out = 0, blocks = 0, units = 0, calls = 0, retries = 0, skipped_rows = 0,
       skipped_batches = 0, busy_s = 0, peak_in_flight = 0, max_in_flight = def.max_in_flight,
       first_start = nil, last_end = nil}}, Stage)
   return st
@@ -161,8 +168,17 @@ local function complete(ex, unit)
       ex.bytes_written = ex.bytes_written + meta.bytes
       ex.files[#ex.files + 1] = meta.path
     end
+    s.calls = s.calls + (meta.calls or 0)
+    s.retries = s.retries + (meta.retries or 0)
     if unit.actor then unit.actor.busy = unit.actor.busy + (meta.t or 0) end
-    meta.t, meta.n_in, meta.skipped, meta.skipped_batches = nil, nil, nil, nil
+    if st.bpu_auto and (meta.calls or 0) > 0 and meta.t then
+      -- Smoothed time per batch; the next units carry what fits the target.
+      local per = meta.t / meta.calls
+      st.per_batch = st.per_batch and (0.7 * st.per_batch + 0.3 * per) or per
+      local b = st.per_batch > 0 and floor(E.UNIT_TARGET_S / st.per_batch) or st.bpu_max
+      st.bpu = b < 1 and 1 or (b > st.bpu_max and st.bpu_max or b)
+    end
+    meta.t, meta.n_in, meta.skipped, meta.skipped_batches, meta.calls, meta.retries = nil, nil, nil, nil, nil, nil
     store_output(st, unit, meta)
     return
   end
@@ -183,7 +199,9 @@ local function complete(ex, unit)
     return
   end
   if st.def.on_error == "skip" then
-    st.st.skipped_batches = st.st.skipped_batches + 1
+    -- The whole unit: each of its batches counts.
+    local bs = st.kind == "actors" and st.def.batch_size
+    st.st.skipped_batches = st.st.skipped_batches + (bs and math.ceil((unit.rows or 0) / bs) or 1)
     st.st.skipped_rows = st.st.skipped_rows + (unit.rows or 0)
     st.st.rows_in = st.st.rows_in + (unit.rows or 0)
     store_output(st, unit, {n = 0})
@@ -279,7 +297,9 @@ local function take_batch(st, k)
   st.rows_batched = st.rows_batched + k
   local idx = st.next_idx
   st.next_idx = idx + 1
-  return {stage = st, seq = idx, idx = idx, spec = {slices = slices, idx = idx}, args = args,
+  local spec = {slices = slices, idx = idx, first = first}
+  if st.kind == "actors" then spec.bs = st.def.batch_size end
+  return {stage = st, seq = idx, idx = idx, spec = spec, args = args,
     attempts = 1, rows = k, first = first, last = first + k - 1}
 end
 
@@ -332,7 +352,10 @@ local function schedule_stage(ex, st)
   -- Take input blocks while a batch is not complete (so a batch wider than
   -- the stage before's buffer never deadlocks).
   local input = st.input
-  local want = st.def.batch_size or 1
+  -- A unit's rows: batch_size, times the batches a pool unit carries.
+  local bs = st.def.batch_size
+  local unit_rows = bs and bs * (st.bpu or 1)
+  local want = unit_rows or 1
   while true do
     if st.barrier then
       local m = input:take()
@@ -362,18 +385,17 @@ local function schedule_stage(ex, st)
     if st.size_next > #st.sizes then st.barrier_done = true end
     return
   end
-  local bs = st.def.batch_size
   while st.pending_rows > 0 and has_room(st) do
     local k
     if bs then
-      if st.pending_rows < bs and not ended then break end
-      k = min(bs, st.pending_rows)
+      if st.pending_rows < unit_rows and not ended then break end
+      k = min(unit_rows, st.pending_rows)
     else
       k = st.pending[1].n - st.pending[1].off -- one batch per input block
     end
     submit(ex, st, take_batch(st, k))
     -- Blocks keep arriving while we batch; take more if a batch is short.
-    while st.pending_rows < (bs or 1) and has_room(st) do
+    while st.pending_rows < want and has_room(st) do
       local m = input:take()
       if not m then break end
       absorb(st, m)
@@ -381,7 +403,7 @@ local function schedule_stage(ex, st)
   end
   if st.pool then
     -- Queue depth: batches waiting here plus blocks waiting in the stage before.
-    local queued = (bs and floor(st.pending_rows / bs) or #st.pending) + input.n_done
+    local queued = (bs and floor(st.pending_rows / unit_rows) or #st.pending) + input.n_done
     st.pool:autoscale(queued + #st.retry)
   end
 end
@@ -432,7 +454,12 @@ function E.new(defs, opts)
     if i == 1 then st.descs, st.src_next = def.descs, 1
     else st.input = ex.stages[i - 1] end
     if def.repartition then st.barrier = true end
-    if def.kind == "actors" then st.pool = new_pool(ex, st) else st.rf = def.rf end
+    if def.kind == "actors" then
+      st.pool = new_pool(ex, st)
+      -- Batches per unit: fixed, or measured (starting at one).
+      st.bpu, st.bpu_max = def.batches_per_unit or 1, def.max_batches_per_unit or 1
+      st.bpu_auto = def.batches_per_unit == nil and def.batch_size ~= nil
+    else st.rf = def.rf end
     ex.stages[i] = st
   end
   ex.final = ex.stages[#ex.stages]

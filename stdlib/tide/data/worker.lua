@@ -132,6 +132,37 @@ function W.unpack(b)
   return rows
 end
 
+-- Appends rows lo..hi of a block made by W.pack to out (after out[n]),
+-- decoding only those rows: a unit that needs a slice of a larger block
+-- does not pay for the rest of it. Returns the new count.
+function W.unpack_into(b, lo, hi, out, n)
+  if b.rows then
+    local rows = b.rows
+    for j = lo, hi do n = n + 1; out[n] = rows[j] end
+    return n
+  end
+  local keys, kinds, cols = b.keys, b.kinds, b.cols
+  local nk = #keys
+  for j = 1, hi - lo + 1 do out[n + j] = tnew(0, nk) end
+  for c = 1, nk do
+    local k, kind, col = keys[c], kinds[c], cols[c]
+    if kind == "string" then
+      local s, lens, pos = col.s, col.lens, 1
+      for j = 1, lo - 1 do pos = pos + lens[j] end
+      for j = lo, hi do
+        local e = pos + lens[j]
+        out[n + j - lo + 1][k] = sub(s, pos, e - 1)
+        pos = e
+      end
+    elseif kind == "boolean" then
+      for j = lo, hi do out[n + j - lo + 1][k] = col[j] == 1 end
+    else
+      for j = lo, hi do out[n + j - lo + 1][k] = col[j] end
+    end
+  end
+  return n + hi - lo + 1
+end
+
 -- -- Sources -------------------------------------------------------------
 
 local function open_file(path)
@@ -437,8 +468,7 @@ end
 
 -- Applies the stage's fused operations in order: runs of row operations,
 -- and map_batches fused in. Returns rows, {skipped rows, skipped batches}.
-local function apply_ops(ops, rows, label)
-  local acc = {skipped = 0, batches = 0}
+local function apply_ops(ops, rows, label, acc)
   local i, nops = 1, #ops
   while i <= nops do
     if ops[i].kind == "batch" then
@@ -467,10 +497,71 @@ local function gather(slices, ...)
   local rows, n = {}, 0
   for i = 1, #slices do
     local s = slices[i]
-    local b = W.unpack((select(s[1], ...)))
-    for j = s[2], s[3] do n = n + 1; rows[n] = b[j] end
+    n = W.unpack_into((select(s[1], ...)), s[2], s[3], rows, n)
   end
   return rows
+end
+
+-- os.exit in a lightweight actor raises a marker table that must reach
+-- the engine (it ends the actor); other errors get their traceback.
+local function is_exit(e) return type(e) == "table" and e.__tide_exit end
+local tb_handler = function(e)
+  if is_exit(e) then return e end
+  return debug.traceback(tostring(e), 2)
+end
+
+-- A pool unit: calls the user's call once per spec.bs rows of the unit (a
+-- unit carries a block of several batches, so the driver's round trip and
+-- the part file are paid per block, not per batch). A call that raises:
+--   on_error = "raise": the unit fails naming the batch's rows (the
+--     driver retries the whole unit, then fails the pipeline);
+--   on_error = "skip": the batch is called again here, up to max_retries
+--     times, then dropped and counted; the unit's other batches are kept.
+local function call_batches(plan, self, rows, spec, acc)
+  local n = #rows
+  local bs = spec.bs or n
+  if bs < 1 then bs = 1 end
+  local first = spec.first or 1
+  local out, m = nil, 0
+  local lo = 1
+  repeat
+    local hi = math.min(n, lo + bs - 1)
+    local batch = rows
+    if lo ~= 1 or hi ~= n then
+      batch = tnew(hi - lo + 1, 0)
+      for j = lo, hi do batch[j - lo + 1] = rows[j] end
+    end
+    acc.calls = acc.calls + 1
+    local ok, res
+    if plan.skip then
+      for attempt = 1, (plan.max_retries or 0) + 1 do
+        ok, res = pcall(plan.call, self, batch)
+        if not ok and is_exit(res) then error(res, 0) end
+        if ok and type(res) ~= "table" then ok = false end
+        if ok then break end
+        if attempt <= (plan.max_retries or 0) then acc.retries = acc.retries + 1 end
+      end
+      if not ok then
+        acc.skipped, acc.batches = acc.skipped + #batch, acc.batches + 1
+        res = nil
+      end
+    else
+      ok, res = xpcall(plan.call, tb_handler, self, batch)
+      if not ok then
+        if is_exit(res) then error(res, 0) end
+        error(format("%s: call failed on the batch of rows %d-%d: %s", plan.label,
+          first + lo - 1, first + hi - 1, tostring(res)), 0)
+      end
+      check_batch_out(res, plan.label)
+    end
+    if res then
+      if lo == 1 and hi >= n then return res end -- one batch: its result as is
+      out = out or {}
+      for j = 1, #res do m = m + 1; out[m] = res[j] end
+    end
+    lo = hi + 1
+  until lo > n
+  return out or {}
 end
 
 -- Runs one unit of a stage. plan: {batch_fn?, call?, ops, sink?, label};
@@ -484,14 +575,16 @@ function W.run(plan, self, spec, ...)
   if spec.desc then rows = W.read_source(spec.desc, (...))
   else rows = gather(spec.slices, ...) end
   local n_in = #rows
-  if plan.batch_fn or plan.call then
-    local out
-    if plan.call then out = plan.call(self, rows) else out = plan.batch_fn(rows) end
-    rows = check_batch_out(out, plan.label)
+  local acc = {skipped = 0, batches = 0, calls = 0, retries = 0}
+  if plan.call then
+    rows = call_batches(plan, self, rows, spec, acc)
+  elseif plan.batch_fn then
+    acc.calls = 1
+    rows = check_batch_out(plan.batch_fn(rows), plan.label)
   end
-  local acc
-  rows, acc = apply_ops(plan.ops, rows, plan.label)
-  local meta = {n = #rows, n_in = n_in, skipped = acc.skipped, skipped_batches = acc.batches}
+  rows = apply_ops(plan.ops, rows, plan.label, acc)
+  local meta = {n = #rows, n_in = n_in, skipped = acc.skipped, skipped_batches = acc.batches,
+    calls = acc.calls, retries = acc.retries}
   if plan.sink then
     if #rows > 0 then meta.path, meta.bytes = write_block(plan.sink, spec.idx, rows) end
   else
