@@ -280,20 +280,19 @@ void td__import(td_node_t *n, td_wk_t *from, const uint64_t *ids, uint32_t k) {
  * names (one actor per name) and persists detached actors, which a
  * restarted head adopts; made here, the head would never know of them.
  * Returns 1 when forwarded. */
-int td__forward(td_node_t *n, const td_spec_t *s) {
-  if (!n->head || s->nret < 0) return 0;  /* streams stay here */
-  if (s->kind == TD_K_ACTOR_CALL) {
-    if (td_map_get(&n->actors, s->actor_id)) return 0;
-  } else if (s->kind == TD_K_ACTOR_NEW && (s->detached || s->name[0])) {
-    /* the head's */
-  } else {
-    int short_of = 0;
-    for (uint32_t i = 0; i < s->nres && !short_of; i++) {
-      int idx = td_node_res_index(n, s->res_name[i]);
-      short_of = idx >= 0 && s->res_amt[i] > n->total[idx] + 1e-9;
-    }
-    if (!short_of) return 0;
+static int td__for_head(td_node_t *n, const td_spec_t *s) {
+  if (s->nret < 0) return 0;  /* streams stay here */
+  if (s->kind == TD_K_ACTOR_CALL) return td_map_get(&n->actors, s->actor_id) == NULL;
+  if (s->kind == TD_K_ACTOR_NEW && (s->detached || s->name[0])) return 1;
+  for (uint32_t i = 0; i < s->nres; i++) {
+    int idx = td_node_res_index(n, s->res_name[i]);
+    if (idx >= 0 && s->res_amt[i] > n->total[idx] + 1e-9) return 1;
   }
+  return 0;
+}
+
+int td__forward(td_node_t *n, const td_spec_t *s) {
+  if (!n->head || !td__for_head(n, s)) return 0;
   td_wk_t *h = n->head;
   td__send_fns(n, h);
   td__export(n, s->deps, s->ndeps);
@@ -310,6 +309,90 @@ int td__forward(td_node_t *n, const td_spec_t *s) {
     o->refs++;
   }
   return 1;
+}
+
+/* Node: the head is gone and this node rejoins it. Work that would go to
+ * the head waits here for it (at most TD_HEAD_WAIT s) instead of failing
+ * at once: its returns are pending records, its arguments held. Returns 1
+ * when held. */
+int td__hold_for_head(td_node_t *n, td_wk_t *wk, const td_spec_t *s, const uint8_t *msg, uint32_t len) {
+  if (n->head || n->rejoin_until <= td_now() || !td__for_head(n, s)) return 0;
+  td_waitsub_t *w = td_xcalloc(1, sizeof(*w));
+  w->wk_id = wk->id;
+  w->owner = wk->kind == WK_CLIENT ? wk->id : wk->inflight.head ? wk->inflight.head->owner : 0;
+  w->msg = td_xmalloc(len + 1);
+  memcpy(w->msg, msg, len);
+  w->len = len;
+  td_waitsub_t **tail = &n->waitsubs;
+  while (*tail) tail = &(*tail)->next;
+  *tail = w;  /* in submission order */
+  for (uint32_t i = 0; i < (uint32_t)s->nret; i++) {
+    td__obj_new(n, s->rets[i])->refs++;
+    td__count(wk, &wk->held, s->rets[i], 1);
+  }
+  for (uint32_t i = 0; i < s->ndeps; i++) td_node_incref(n, s->deps[i]);
+  for (uint32_t i = 0; i < s->nrefs; i++) td_node_incref(n, s->refs[i]);
+  return 1;
+}
+
+/* Whether something here waits for id: a task's argument, or a get. */
+static int td__waited_for(td_node_t *n, td_obj_t *o) {
+  if (o->nwaiters) return 1;
+  for (td_req_t *r = n->reqs; r; r = r->next)
+    for (uint32_t i = 0; r->op == TD_M_GET && i < r->n; i++)
+      if (r->ids[i] == o->id) return 1;
+  return 0;
+}
+
+/* The held work goes on (the head is back: forwarded, or run here when
+ * this node can now) or fails (why != NULL: the head did not come back). */
+static void td__waitsubs_end(td_node_t *n, const char *why) {
+  td_waitsub_t *w = n->waitsubs;
+  n->waitsubs = NULL;
+  while (w) {
+    td_waitsub_t *next = w->next;
+    td_spec_t s;
+    uint64_t *scratch = NULL;
+    td_rd_t rd;
+    td_rd_init(&rd, w->msg, w->len);
+    if (td_spec_decode(&s, &rd, &scratch) == 0) {
+      const char *msg = why;
+      if (!why && td__forward(n, &s)) {
+        if (s.kind == TD_K_ACTOR_NEW && !s.detached && w->owner)
+          td_map_set(&n->fwd_actors, s.actor_id, (void *)(uintptr_t)w->owner);
+      } else if (!why) {
+        n->submitter = w->wk_id;
+        if (td_node_submit(n, &s, &msg) == 0) msg = NULL;
+        n->submitter = 0;
+      }
+      if (msg) td__errblob(&n->tmp, s.kind == TD_K_ACTOR_CALL ? "ActorDiedError" : "TaskError", msg);
+      for (uint32_t i = 0; i < (uint32_t)s.nret; i++) {
+        td_obj_t *o = td__obj(n, s.rets[i]);
+        if (!o) continue;
+        if (msg && o->state == OBJ_PENDING && !o->producer) td__obj_fail(n, o, n->tmp.p, n->tmp.len);
+        if (!msg && o->foreign && td__waited_for(n, o)) td__pull(n, o);  /* a get asked before it was sent */
+        td__unref(n, o, 1);  /* the hold's */
+      }
+      for (uint32_t i = 0; i < s.ndeps; i++) td_node_decref(n, s.deps[i]);
+      for (uint32_t i = 0; i < s.nrefs; i++) td_node_decref(n, s.refs[i]);
+    }
+    free(scratch);
+    free(w->msg);
+    free(w);
+    w = next;
+  }
+}
+
+void td__waitsubs_check(td_node_t *n, double now) {
+  if (!n->waitsubs) return;
+  if (n->head) {
+    td__waitsubs_end(n, NULL);
+  } else if (now >= n->rejoin_until) {
+    char why[160];
+    snprintf(why, sizeof(why), "the head is gone and did not come back within %d s (this node keeps rejoining it)",
+             TD_HEAD_WAIT);
+    td__waitsubs_end(n, why);
+  }
 }
 
 /* A value from another node, inline: it goes to the store when large, so
@@ -732,6 +815,7 @@ void td__parked_drop(td_node_t *n) {
 }
 
 void td__head_lost(td_node_t *n) {
+  n->rejoin_until = td_now() + TD_HEAD_WAIT;
   size_t it = 0, k = 0;
   void *v;
   td_fwd_t **fs = td_xmalloc((size_t)n->fwd.len * sizeof(*fs) + 8);
@@ -774,6 +858,7 @@ static void td__sweep_foreign(td_node_t *n) {
 /* Heartbeats both ways; a link silent past the timeout is dead. */
 void td__cluster_tick(td_node_t *n, double now) {
   td__dp_tick(n, now);
+  if (n->waitsubs) td__waitsubs_check(n, now);
   if (n->nppull) td__ppull_check(n, NULL, now);
   int beat = now - n->beat_at >= 1.0;
   if (beat) n->beat_at = now;

@@ -138,9 +138,12 @@ static void td__restore_ids(td_node_t *n) {
 void td_node_restore(td_node_t *n) {
   td_persist_each("node", td__restore_node, n);
   if (n->next_index) td__settle(n, NULL);  /* its nodes rejoin: work that needs them waits */
-  /* Nodes still running restored actors rejoin within a heartbeat or two
-   * and report them; only then are the others placed anew. */
-  n->adopt_until = td_now() + (n->node_timeout > 2 ? n->node_timeout : 2);
+  /* Nodes still running restored actors rejoin and report them; only then
+   * are the others placed anew. A node tries to rejoin every 4 s at most
+   * (a 3 s handshake, a 1 s pause), and one try may start just before
+   * this head listens: the wait covers two tries. */
+  double adopt = 2 * n->node_timeout;
+  n->adopt_until = td_now() + (adopt > 6 ? adopt : 6);
   n->restoring = 1;
   td_persist_each("pg", td__restore_pg, n);
   td_persist_each("actor", td__restore_actor, n);
@@ -522,6 +525,10 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
       td_spec_t s;
       uint64_t *scratch;
       int rc = td_spec_decode(&s, &rd, &scratch);
+      if (!rc && wk->kind != WK_NODE && td__hold_for_head(n, wk, &s, p, len)) {
+        free(scratch);
+        return 0;
+      }
       if (!rc && wk->kind != WK_NODE && td__forward(n, &s)) {
         uint32_t nh = s.nret < 0 ? 1 : (uint32_t)s.nret;
         for (uint32_t i = 0; i < nh; i++) td__count(wk, &wk->held, s.rets[i], 1);
@@ -604,10 +611,13 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
         } else {
           /* One step, whatever the count: a forged delta cannot spin. */
           intptr_t held = (intptr_t)td_map_get(&wk->held, id);
-          td__count(wk, &wk->held, id, held < -(intptr_t)d ? -held : d);
+          intptr_t give = held < -(intptr_t)d ? held : -(intptr_t)d;
+          td__count(wk, &wk->held, id, -give);
           td_copy_t *e = o->copies && wk->kind == WK_NODE ? td__copy(o->copies, wk->node_index) : NULL;
           if (e && e->done) td__copy_drop(o->copies, wk->node_index);  /* it let its copy go */
-          td__unref(n, o, -(int64_t)d);
+          /* A link gives back only what it holds: refs a link that was
+           * thought dead held were given back with it. */
+          td__unref(n, o, wk->kind == WK_NODE || wk->kind == WK_HEAD ? give : -(int64_t)d);
         }
       }
       return rd.bad ? TD_EPROTO : 0;
@@ -766,14 +776,19 @@ void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why) {
     for (size_t it3 = 0; td_map_next(&n->fwd_actors, &it3, &aid, &owner);)
       if ((uint64_t)(uintptr_t)owner == wk->id) td_map_del(&n->fwd_actors, aid), it3 = 0;
   }
-  if (wk->kind == WK_NODE || wk->kind == WK_HEAD) td__link_lost_objects(n, wk);
+  /* A link that never joined (a join whose answer came too late: the node
+   * joined again, under the same index) had nothing: the node lives on. */
+  int ghost = wk->kind == WK_NODE && !wk->joined;
+  if ((wk->kind == WK_NODE && !ghost) || wk->kind == WK_HEAD) td__link_lost_objects(n, wk);
   if (wk->kind == WK_PEER) {
     td__ppull_check(n, wk, td_now());  /* what came from there comes from the head now */
     if (wk->bridge && n->peer_close) n->peer_close(n->peer_ud, wk->bridge);
     wk->bridge = NULL;
   }
-  if (wk->kind == WK_NODE) {
-    if (wk->joined) n->nlinks--;
+  if (ghost) {
+    snprintf(reason, sizeof(reason), "a connection given index %u closed before it joined: it %s", wk->node_index, why);
+  } else if (wk->kind == WK_NODE) {
+    n->nlinks--;
     if (!n->gone_at) n->gone_at = td_xcalloc(TD_NODE_MAX + 1, sizeof(double));
     n->gone_at[wk->node_index] = td_now();
     td__settle(n, wk->ntotal);  /* it may be restarted: work only it could run waits a while */
@@ -941,7 +956,7 @@ void td_node_pump(td_node_t *n, double timeout) {
   }
   if (n->nfwd_ready) td__fwd_flush(n);
   if (n->nlin_out) td__lineage_send(n);
-  if (n->head || n->nlinks || n->next_index) {
+  if (n->head || n->nlinks || n->next_index || n->waitsubs) {
     double now = td_now();
     if (now - n->tick_at >= 0.25) {
       n->tick_at = now;
@@ -1175,6 +1190,11 @@ void td_node_destroy(td_node_t **np) {
   td_map_free(&n->lin_kept);
   free(n->lin_out);
   td__parked_drop(n);
+  for (td_waitsub_t *w = n->waitsubs, *next; w; w = next) {
+    next = w->next;
+    free(w->msg);
+    free(w);
+  }
   while (n->wdmap) {
     td_wdmap_t *m = n->wdmap;
     n->wdmap = m->next;

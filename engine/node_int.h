@@ -56,6 +56,16 @@ typedef struct td_parked {
   struct td_parked *next;
 } td_parked_t;
 
+/* On a node whose head is gone: work for the head, waiting for it to come
+ * back (a TD_M_SUBMIT as its submitter sent it). */
+typedef struct td_waitsub {
+  uint64_t wk_id, owner;  /* its submitter; whose work (a driver's) */
+  uint8_t *msg;
+  uint32_t len;
+  struct td_waitsub *next;
+} td_waitsub_t;
+#define TD_HEAD_WAIT 60 /* s a node holds such work for a head that is gone */
+
 /* On a node: a working directory the head named by its path, shipped as
  * a package; looked up again after a minute (the head may have changed it). */
 typedef struct td_wdmap {
@@ -352,6 +362,8 @@ struct td_node {
   uint64_t *fwd_ready;   /* returns of head work that changed */
   uint32_t nfwd_ready, capfwd_ready;
   struct td_parked *parked; /* head work waiting for its working-directory package */
+  td_waitsub_t *waitsubs;   /* work for a head that is gone (td__hold_for_head) */
+  double rejoin_until;      /* until when such work waits for it */
   struct td_wdmap *wdmap;   /* head paths of working dirs -> packages, fetched */
   /* Node-to-node fetches (see Peers): */
   int peer_port;         /* where this node listens for other nodes (0: nowhere) */
@@ -603,6 +615,8 @@ int td__on_node_task(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
 int td__on_pkg(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
 int td__on_pkg_get(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
 void td__parked_drop(td_node_t *n);
+int td__hold_for_head(td_node_t *n, td_wk_t *wk, const td_spec_t *s, const uint8_t *msg, uint32_t len);
+void td__waitsubs_check(td_node_t *n, double now);
 void td__pull(td_node_t *n, td_obj_t *o);
 void td__send_fns(td_node_t *n, td_wk_t *wk);
 void td__send_node_task(td_node_t *n, td_wk_t *wk, td_task_t *t);

@@ -8,10 +8,13 @@
 #include "node_int.h"
 #include "introspect.h"
 
-/* What a worker or client holds, counted so that its death gives it back
- * (links' refs are the other node's business: exports and imports). */
+/* What a worker, client or node link holds, counted so that its death
+ * gives it back: a head that dies takes with it the refs it held on a
+ * node's objects (exports, results kept for it; a restarted head knows
+ * none of them), a node that dies those it held on the head's. Peer links
+ * hold nothing. */
 void td__count(td_wk_t *wk, td_map_t *m, uint64_t id, intptr_t d) {
-  if (!wk || wk->kind >= WK_NODE || !d) return;
+  if (!wk || wk->kind == WK_PEER || !d) return;
   intptr_t c = (intptr_t)td_map_get(m, id) + d;
   if (c > 0) td_map_set(m, id, (void *)c);
   else td_map_del(m, id);

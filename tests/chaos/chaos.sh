@@ -20,11 +20,11 @@ stop_all() { for s in head n1 n2 n3; do TIDE_SESSION_DIR=$D/$s $T stop >/dev/nul
 trap 'stop_all; [ -n "$KEEP" ] || rm -rf "$D"' EXIT
 PORT=$((22000 + $$ % 1000))
 KEY=$D/head/cluster.key
-start_head() { TIDE_SESSION_DIR=$D/head $T start --head --port $PORT --num-cpus 1 --node-timeout 2 >>$D/starts.log 2>&1; }
+start_head() { TIDE_SESSION_DIR=$D/head $T start ${CHAOS_DP:+--data-plane $CHAOS_DP} --head --port $PORT --num-cpus 1 --node-timeout 2 >>$D/starts.log 2>&1; }
 start_node() {  # start_node NAME: n1 is the driver's (never killed), n2 and n3 are killed
   res='{"W": 100}'
   [ "$1" = n1 ] && res='{}'
-  TIDE_SESSION_DIR=$D/$1 $T start --address 127.0.0.1:$PORT --key $KEY --node-timeout 2 --num-cpus 2 \
+  TIDE_SESSION_DIR=$D/$1 $T start ${CHAOS_DP:+--data-plane $CHAOS_DP} --address 127.0.0.1:$PORT --key $KEY --node-timeout 2 --num-cpus 2 \
     --resources "$res" --name "chaos-$1" >>$D/starts.log 2>&1
 }
 nodes_up() {

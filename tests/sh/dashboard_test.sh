@@ -46,7 +46,7 @@ $T submit "$W/job.lua" >/dev/null
 sleep 1
 
 # The number `tide list --json` says matched (with optional filters).
-matched() { $T list "$@" --json 2>/dev/null | sed -n 's/.*"matched":\([0-9]*\),.*/\1/p'; }
+matched() { $T list "$@" --json 2>/dev/null | sed -n 's/.*"matched":\([0-9]*\).*/\1/p'; }
 # The page's DOM after its scripts ran, and a screenshot of it.
 dom() {
   url="$D/$1"; [ "$1" = overview ] && url="$D/"

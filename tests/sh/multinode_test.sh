@@ -176,9 +176,31 @@ LUA
 (cd / && timeout 100 $T run --address 127.0.0.1:$PORT --key $KEY $D/tcp_wait.lua > $D/tcp_wait.out 2>&1; echo "rc=$?" >> $D/tcp_wait.out) &
 tcp_driver=$!
 for i in $(seq 100); do grep -q WAITING $D/tcp_wait.out 2>/dev/null && break; sleep 0.1; done
+# A driver on node n2, which has no A: what it submits while the head is
+# gone waits on the node for the head to come back (before, it failed at
+# once as infeasible), and runs where A is once the head is back.
+cat > $D/held.lua <<'LUA'
+local tide = require("tide")
+local f = tide.remote(function(x) return x * 2, tide.get_runtime_context().node_id end)
+tide.get(f:options({num_returns = 2, resources = {A = 0.5}}):remote(1))  -- known to the head
+io.stdout:write("READY\n"); io.stdout:flush()
+while not io.open(arg[1] .. "/headgone") do tide.sleep(0.05) end
+local a, b = f:options({num_returns = 2, resources = {A = 0.5}}):remote(21)
+io.stdout:write("SUBMITTED\n"); io.stdout:flush()
+print("HELD", tide.get(a, {timeout = 60}), tide.get(b, {timeout = 60}))
+LUA
+lost_before=$(grep -c "lost the head" $D/n2/node.log)
+(TIDE_SESSION_DIR=$D/n2 timeout 100 $T run --address local $D/held.lua $D > $D/held.out 2>&1) &
+held_driver=$!
+for i in $(seq 100); do grep -q READY $D/held.out 2>/dev/null && break; sleep 0.1; done
 sleep 1
 hpid=$(cat $D/head/node.pid)
 kill -9 $hpid
+for i in $(seq 50); do [ "$(grep -c "lost the head" $D/n2/node.log)" -gt "$lost_before" ] && break; sleep 0.1; done
+touch $D/headgone
+# The node takes it between its tries to rejoin (each blocks up to 3 s).
+for i in $(seq 100); do grep -q SUBMITTED $D/held.out 2>/dev/null && break; sleep 0.1; done
+sleep 4
 t0=$(now)
 wait $tcp_driver
 took=$(echo "$(now) - $t0" | bc)
@@ -205,6 +227,10 @@ local a, b = f:options({num_returns = 2, resources = {A = 0.5}}):remote(41)
 print("AFTER", tide.get(a), tide.get(b))
 LUA
 out=$(TIDE_SESSION_DIR=$D/head timeout 60 $T run --address local $D/after.lua 2>&1)
+wait $held_driver
+held=$(cat $D/held.out)
+check "work a node's driver submitted while the head was gone waited for it and ran where it could (A, on node $n3id)" \
+  'echo "$held" | grep -q "HELD	42	$n3id"' "$held"
 check "work placed on a rejoined node runs" 'echo "$out" | grep -q "AFTER	42	$n3id"' "$out"
 check "the nodes log that they rejoined" 'grep -q "rejoined the head" $D/n2/node.log' "$(tail -5 $D/n2/node.log)"
 cat > $D/resumed.lua <<'LUA'
