@@ -45,6 +45,8 @@ pids="$pids $spid"
 if wait_healthz $P; then ok "tide serve run examples/serve_app.lua answers /-/healthz"
 else notok "tide serve run examples/serve_app.lua answers /-/healthz" "$(cat "$tmp/serve.log")"; fi
 
+# The port answers from the moment it is bound; the line follows soon after.
+for i in $(seq 50); do grep -q "listening on http://127.0.0.1:$P" "$tmp/serve.log" && break; sleep 0.1; done
 if grep -q "listening on http://127.0.0.1:$P" "$tmp/serve.log"; then ok "it logs the address it listens on"
 else notok "it logs the address it listens on" "$(cat "$tmp/serve.log")"; fi
 # Malformed HTTP is logged too, with no request line.
