@@ -391,6 +391,9 @@ end
 if wanted("train_dp") then
   dofile(os.getenv("TIDE_HOME") .. "/bench/train.lua")({m = m, emit = emit, SCALE = SCALE})
 end
+if wanted("train_recovery") then
+  dofile(os.getenv("TIDE_HOME") .. "/bench/train.lua")({m = m, emit = emit, SCALE = SCALE, part = "recovery"})
+end
 
 if wanted("dashboard") then
   dofile(os.getenv("TIDE_HOME") .. "/bench/dashboard.lua")({m = m, SCALE = SCALE, now = raw.now})

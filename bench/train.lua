@@ -8,13 +8,69 @@
 --                                over n workers of 1 CPU each
 --   train_dp_scaling_2w          2 workers' tokens/s over 1 worker's;
 --                                limit 2 (perfect scaling on 2 cores)
+--   train_recovery_s             (b.part == "recovery") the same model on 2
+--                                workers, checkpointed every 4 steps; rank 1
+--                                kill -9s its own process at step 6: seconds
+--                                from its death being seen to the new group
+--                                running (result.failures[1].recovery_s),
+--                                median of TIDE_BENCH_TRAIN_ROUNDS runs
 --
 -- Runs alternate 1 and 2 workers, TIDE_BENCH_TRAIN_ROUNDS rounds (default
 -- 2), medians reported; TIDE_BENCH_SCALE scales the steps (40).
 local tide = require("tide")
 local train = require("tide.train")
 
+local function recovery(b)
+  local function loop(ctx, cfg)
+    local G = require("tide.nn.gpt")
+    local D = require("tide.nn.corpus")
+    local text = assert(D.bible_kjv({max_bytes = 2e6}))
+    local batches = D.batcher(text, cfg.batch / ctx.world_size, cfg.model.block_size, 1000 + ctx.rank)
+    local m = G.new(cfg.model, {seed = 1337})
+    local start, st = 1, ctx:restore()
+    if st then
+      for name, t in pairs(st.model) do m.p[name]:copy(t) end
+      m.opt_m, m.opt_v, m.step_count = st.opt_m, st.opt_v, st.adam_step
+      start = st.step + 1
+    end
+    for step = start, cfg.steps do
+      if ctx.rank == 1 and step == 6 and ctx.attempt == 1 then
+        os.execute("kill -9 " .. tide.get_runtime_context().pid)
+        tide.sleep(10)
+      end
+      local x, y = batches(step)
+      m:forward(x, y)
+      m:zero_grad()
+      m:backward()
+      ctx:allreduce(m.grads, "avg")
+      m:step({lr = 1e-3, grad_clip = 1.0})
+      if step % 4 == 0 then
+        ctx:checkpoint({model = m.p, opt_m = m.opt_m, opt_v = m.opt_v, adam_step = m.step_count, step = step})
+      end
+    end
+  end
+  local cfg = {steps = 10, batch = 16,
+    model = {vocab_size = 256, n_layer = 4, n_head = 4, n_embd = 128, block_size = 64}}
+  local rounds = tonumber(os.getenv("TIDE_BENCH_TRAIN_ROUNDS") or "") or 2
+  local got = {}
+  for k = 1, rounds do
+    local dir = os.tmpname()
+    os.remove(dir)
+    local r = train.fit({num_workers = 2, resources_per_worker = {num_cpus = 1}, config = cfg, progress = false,
+      max_failures = 1, checkpoint_dir = dir, loop = loop})
+    os.execute("rm -rf '" .. dir .. "'")
+    local f = r.failures and r.failures[1]
+    if not (f and f.recovery_s) then error("train_recovery_s: run " .. k .. " saw no recovery") end
+    got[#got + 1] = f.recovery_s
+  end
+  table.sort(got)
+  local med = #got % 2 == 1 and got[(#got + 1) / 2] or (got[#got / 2] + got[#got / 2 + 1]) / 2
+  b.m("train_recovery_s", med, "s", nil, {rounds = rounds,
+    note = "kill -9 of rank 1 at step 6 -> new group of 2 running (death seen to running), tiny GPT"})
+end
+
 return function(b)
+  if b.part == "recovery" then return recovery(b) end
   local cpus = tide.cluster_resources().CPU or 0
   if cpus < 2 then
     b.emit({metric = "train_dp_scaling_2w", skipped = "needs 2 CPUs, the cluster has " .. cpus})
