@@ -553,13 +553,13 @@ int td_introspect_list(td_node_t *n, const td_list_req_t *q, td_buf_t *out, char
   if (!k) {
     snprintf(err, errn, "unknown kind '%s': expected nodes, actors, tasks, objects, placement-groups or jobs",
              q->kind ? q->kind : "");
-    return -TD_EINVAL;
+    return TD_EINVAL;
   }
   for (int f = 0; f < q->nfilter; f++) {
     if (td__known(k->keys, q->key[f])) continue;
     size_t w = (size_t)snprintf(err, errn, "unknown filter key '%s' for %s; known keys:", q->key[f], k->name);
     for (int i = 0; k->keys[i] && w < errn; i++) w += (size_t)snprintf(err + w, errn - w, " %s", k->keys[i]);
-    return -TD_EINVAL;
+    return TD_EINVAL;
   }
   td_list_req_t page = *q;
   if (page.limit <= 0) page.limit = 100;
@@ -734,8 +734,8 @@ static unsigned td__logfd_next;
 
 int td_obs_set_logdir(const char *session) {
   char d[PATH_MAX];
-  if (snprintf(d, sizeof(d), "%s/logs", session) >= (int)sizeof(d)) return -TD_EINVAL;
-  if (mkdir(d, 0700) != 0 && errno != EEXIST) return -TD_EIO;
+  if (snprintf(d, sizeof(d), "%s/logs", session) >= (int)sizeof(d)) return TD_EINVAL;
+  if (mkdir(d, 0700) != 0 && errno != EEXIST) return TD_EIO;
   snprintf(td__logdir, sizeof(td__logdir), "%s", d);
   return 0;
 }

@@ -12,8 +12,10 @@
 
 /* -- Error codes ---------------------------------------------------------- */
 
-/* Every function that can fail returns 0 or one of these (negated). The
- * messages live in one table, td_strerror(). */
+/* Every function that can fail returns 0 or one of these (positive, from
+ * TD__EFIRST up, so they never meet errno or libuv codes). The messages
+ * live in one table, td_strerror(). The few functions around libuv return
+ * libuv's negative codes instead, and say so where declared. */
 #define TD_ERRDEF(_)                                               \
   _(NOMEM, "out of memory")                                        \
   _(IO, "i/o error")                                               \

@@ -102,7 +102,7 @@ int luaopen_tide_obs_c(lua_State *L) {
 
 int td_obs_enable(const char *home) {
   lua_State *L = td_ctx.rpcL;
-  if (!L) return -TD_EINVAL;
+  if (!L) return TD_EINVAL;
   td_core_setup_paths(L, home);
   lua_pushcfunction(L, luaopen_tide_obs_c);
   lua_setfield(L, -2, "tide.obs_c");
@@ -112,7 +112,7 @@ int td_obs_enable(const char *home) {
   if (lua_pcall(L, 1, 1, 0) != 0) {
     fprintf(stderr, "tide: cannot load tide.obs: %s\n", lua_tostring(L, -1));
     lua_pop(L, 1);
-    return -TD_EINVAL;
+    return TD_EINVAL;
   }
   lua_setfield(L, LUA_REGISTRYINDEX, "tide.obs");
   return 0;
@@ -213,11 +213,11 @@ static void td__on_readable(void *ud) {
 
 int td_obs_dashboard_start(const char *host, int port, const char *secret, int listen_fd, td_node_cb on_accept,
                            int *bound) {
-  if (!td_ctx.node || !td_ctx.rpcL) return -TD_EINVAL;
+  if (!td_ctx.node || !td_ctx.rpcL) return UV_EINVAL;
   D.token[0] = 0;
   if (secret && secret[0]) td_obs_token(secret, D.token);
   D.ib = td_http_inbox_new();
-  if (!D.ib) return -TD_ENOMEM;
+  if (!D.ib) return UV_ENOMEM;
   td_http_opts_t o;
   memset(&o, 0, sizeof(o));
   o.on_request = td_http_inbox_on_request;
