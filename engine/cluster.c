@@ -318,8 +318,10 @@ int td__forward(td_node_t *n, const td_spec_t *s) {
 int td__hold_for_head(td_node_t *n, td_wk_t *wk, const td_spec_t *s, const uint8_t *msg, uint32_t len) {
   if (n->head || n->rejoin_until <= td_now() || !td__for_head(n, s)) return 0;
   td_waitsub_t *w = td_xcalloc(1, sizeof(*w));
-  w->wk_id = wk->id;
+  /* Whose work, as td_node_submit is told it (a client's, or that of the
+   * task this worker runs). */
   w->owner = wk->kind == WK_CLIENT ? wk->id : wk->inflight.head ? wk->inflight.head->owner : 0;
+  w->owner_task = wk->kind == WK_CLIENT || !wk->inflight.head ? 0 : wk->inflight.head->owner_task;
   w->msg = td_xmalloc(len + 1);
   memcpy(w->msg, msg, len);
   w->len = len;
@@ -330,8 +332,16 @@ int td__hold_for_head(td_node_t *n, td_wk_t *wk, const td_spec_t *s, const uint8
     td__obj_new(n, s->rets[i])->refs++;
     td__count(wk, &wk->held, s->rets[i], 1);
   }
-  for (uint32_t i = 0; i < s->ndeps; i++) td_node_incref(n, s->deps[i]);
-  for (uint32_t i = 0; i < s->nrefs; i++) td_node_incref(n, s->refs[i]);
+  /* The arguments this node has stay while it waits (others' records
+   * cannot be made without a head). */
+  w->held = td_xmalloc(((size_t)s->ndeps + s->nrefs) * 8 + 8);
+  for (uint32_t i = 0; i < s->ndeps + s->nrefs; i++) {
+    uint64_t id = i < s->ndeps ? s->deps[i] : s->refs[i - s->ndeps];
+    td_obj_t *o = td__obj(n, id);
+    if (!o) continue;
+    o->refs++;
+    w->held[w->nheld++] = id;
+  }
   return 1;
 }
 
@@ -361,9 +371,10 @@ static void td__waitsubs_end(td_node_t *n, const char *why) {
         if (s.kind == TD_K_ACTOR_NEW && !s.detached && w->owner)
           td_map_set(&n->fwd_actors, s.actor_id, (void *)(uintptr_t)w->owner);
       } else if (!why) {
-        n->submitter = w->wk_id;
+        n->submitter = w->owner;
+        n->submitter_task = w->owner_task;
         if (td_node_submit(n, &s, &msg) == 0) msg = NULL;
-        n->submitter = 0;
+        n->submitter = n->submitter_task = 0;
       }
       if (msg) td__errblob(&n->tmp, s.kind == TD_K_ACTOR_CALL ? "ActorDiedError" : "TaskError", msg);
       for (uint32_t i = 0; i < (uint32_t)s.nret; i++) {
@@ -373,10 +384,10 @@ static void td__waitsubs_end(td_node_t *n, const char *why) {
         if (!msg && o->foreign && td__waited_for(n, o)) td__pull(n, o);  /* a get asked before it was sent */
         td__unref(n, o, 1);  /* the hold's */
       }
-      for (uint32_t i = 0; i < s.ndeps; i++) td_node_decref(n, s.deps[i]);
-      for (uint32_t i = 0; i < s.nrefs; i++) td_node_decref(n, s.refs[i]);
     }
+    for (uint32_t i = 0; i < w->nheld; i++) td_node_decref(n, w->held[i]);
     free(scratch);
+    free(w->held);
     free(w->msg);
     free(w);
     w = next;

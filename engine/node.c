@@ -1192,6 +1192,7 @@ void td_node_destroy(td_node_t **np) {
   td__parked_drop(n);
   for (td_waitsub_t *w = n->waitsubs, *next; w; w = next) {
     next = w->next;
+    free(w->held);
     free(w->msg);
     free(w);
   }

@@ -59,7 +59,9 @@ typedef struct td_parked {
 /* On a node whose head is gone: work for the head, waiting for it to come
  * back (a TD_M_SUBMIT as its submitter sent it). */
 typedef struct td_waitsub {
-  uint64_t wk_id, owner;  /* its submitter; whose work (a driver's) */
+  uint64_t owner, owner_task; /* whose work (td_node_submit's submitter) */
+  uint64_t *held;             /* the arguments held here meanwhile */
+  uint32_t nheld;
   uint8_t *msg;
   uint32_t len;
   struct td_waitsub *next;
