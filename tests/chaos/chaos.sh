@@ -6,7 +6,7 @@
 # typed errors the docs promise, every kill survived, nothing left behind.
 #   sh tests/chaos/chaos.sh [SECONDS] [SEED]     (make chaos: 600 s)
 cd "$(dirname "$0")/../.."
-T=$(pwd)/bin/tide
+T=${TIDE_BIN:-$(pwd)/bin/tide}  # TIDE_BIN: another build (build/asan/tide)
 DURATION=${1:-40}
 SEED=${2:-$$}
 n=0
