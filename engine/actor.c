@@ -57,6 +57,7 @@ void td__actor_die(td_node_t *n, td_actor_t *a, const char *why) {
     char key[24];
     snprintf(key, sizeof(key), "%016llx", (unsigned long long)a->id);
     td_persist_put("actor", key, NULL, 0);
+    td_persist_put("actor_up", key, NULL, 0);
   }
   if (a->fwd_attempt && n->head) {
     /* The head decides whether it restarts, and where. */
@@ -192,6 +193,54 @@ void td__restore_actor(void *ud, const char *key, const void *val, size_t len) {
     fprintf(stderr, "tide: restoring detached actor %s%s%s\n", key, s.name[0] ? " " : "", s.name);
   }
   free(scratch);
+}
+
+/* A detached actor started (or adopted): its state now lives where it
+ * runs. A restarted head that finds no node still running it may not make
+ * it anew unless it may restart (td__restored_gone): the head keeps the
+ * restarts it has left. */
+void td__persist_actor_up(td_actor_t *a) {
+  if (!a->create || !a->create->spec.detached || !td_persist_on()) return;
+  char key[24], v[16];
+  snprintf(key, sizeof(key), "%016llx", (unsigned long long)a->id);
+  int l = snprintf(v, sizeof(v), "%d", a->restarts_left);
+  td_persist_put("actor_up", key, v, (size_t)l);
+}
+
+void td__restore_actor_up(void *ud, const char *key, const void *val, size_t len) {
+  td_node_t *n = ud;
+  char v[16];
+  snprintf(v, sizeof(v), "%.*s", (int)(len < 15 ? len : 15), (const char *)val);
+  td_actor_t *a = td_map_get(&n->actors, strtoull(key, NULL, 16));
+  if (!a || !a->create || !a->create->restored) {
+    td_persist_put("actor_up", key, NULL, 0);  /* its actor was not kept */
+    return;
+  }
+  a->was_up = 1;
+  a->restarts_left = atoi(v);
+}
+
+/* Head: a restored detached actor that no rejoining node reported running
+ * (td__adopt) once the wait for them is over. One that an earlier head had
+ * started ran on a node that died or left meanwhile, and its state with
+ * it: made anew only as a restart it has left, else it dies, saying so.
+ * Returns 1 when it died. */
+int td__restored_gone(td_node_t *n, td_task_t *t) {
+  td_actor_t *a = t->actor;
+  t->restored = 0;
+  if (!a || !a->was_up) return 0;
+  a->was_up = 0;
+  if (a->restarts_left != 0) {
+    if (a->restarts_left > 0) a->restarts_left--;
+    td_log("restarting detached actor %016llx: no node reported it after the head restarted",
+           (unsigned long long)a->id);
+    return 0;
+  }
+  tq_del(&n->queue, t);
+  t->state = T_SENT;
+  td__actor_die(n, a, "the actor died: no node still ran it when the head restarted "
+                      "(its node died or left while the head was down), and it has no restarts left");
+  return 1;
 }
 
 int td_node_kill_actor(td_node_t *n, uint64_t actor_id, int no_restart) {

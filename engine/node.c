@@ -147,6 +147,7 @@ void td_node_restore(td_node_t *n) {
   n->restoring = 1;
   td_persist_each("pg", td__restore_pg, n);
   td_persist_each("actor", td__restore_actor, n);
+  td_persist_each("actor_up", td__restore_actor_up, n);
   n->restoring = 0;
 }
 

@@ -22,7 +22,14 @@
 #define TD_CHUNKS_OUT 4         /* chunks asked for at once, per object */
 #define TD__NOWHERE UINT32_MAX  /* a placement group bundle whose node died */
 #define TD_TASK_TAIL 256        /* pooled task records hold ids and args up to this */
-#define TD_POOL_MAX 4096        /* free records kept for reuse, of each kind */
+/* Free records kept for reuse, of each kind. None under ASan, so that a
+ * record freed twice, or used after its free, is caught where it happens
+ * rather than handed out again to a second owner. */
+#if defined(__SANITIZE_ADDRESS__)
+#define TD_POOL_MAX 0
+#else
+#define TD_POOL_MAX 4096
+#endif
 #define TD_ACTORS_PER_HOST 4096 /* lightweight actors per shared process */
 /* A large chunk is read from the link straight into its extent, not
  * through the channel's buffer (which would cost a copy, and fresh pages
@@ -258,6 +265,7 @@ struct td_actor {
   td_wk_t *res_node;     /* the node link whose resources it holds */
   uint32_t fwd_attempt;  /* on a node: the head's incarnation (0: not the head's) */
   uint8_t crashed;       /* it died by a crash, not by a kill or its own exit */
+  uint8_t was_up;        /* restored by a restarted head: an earlier head had started it */
 };
 
 typedef struct td_req {
@@ -519,6 +527,9 @@ int td__kill_actor(td_node_t *n, uint64_t actor_id, int no_restart, const char *
 void td__persist_actor(td_node_t *n, const td_spec_t *s);
 td_wk_t *td__pick_host(td_node_t *n, td_actor_t *a);
 void td__restore_actor(void *ud, const char *key, const void *val, size_t len);
+void td__restore_actor_up(void *ud, const char *key, const void *val, size_t len);
+void td__persist_actor_up(td_actor_t *a);
+int td__restored_gone(td_node_t *n, td_task_t *t);
 
 /* pg.c: placement groups and adoption. */
 void td__adopt(td_node_t *n, td_wk_t *wk, uint64_t aid, uint32_t attempt);

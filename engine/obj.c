@@ -194,8 +194,8 @@ void td__obj_set(td_node_t *n, td_obj_t *o, int state, int shm, const uint8_t *d
     for (uint32_t i = 0; i < nrefs; i++) td_node_incref(n, refs[i]);
   }
   o->producer = NULL;
-  td__obj_wake(n, o);
   if (n->ncwait) td__cwait_serve(n, o->id);  /* other nodes asked for its chunks */
+  td__obj_wake(n, o);  /* last: it may free o */
 }
 
 void td__obj_fail(td_node_t *n, td_obj_t *o, const uint8_t *blob, size_t len) {

@@ -392,6 +392,7 @@ void td__adopt_at(td_node_t *n, td_wk_t *wk, td_task_t *t, uint32_t attempt) {
   a->host = wk;
   wk->nactors++;
   a->state = A_ALIVE;
+  td__persist_actor_up(a);
   t->state = T_SENT;
   t->attempt = attempt;  /* its exits carry the incarnation it was started as */
   td_obj_t *o = td__obj(n, t->spec.rets[0]);

@@ -196,6 +196,7 @@ static void td__actor_start(td_node_t *n, td_actor_t *a, td_wk_t *host) {
   a->host = host;
   host->nactors++;
   a->state = A_ALIVE;
+  if (t->spec.detached) td__persist_actor_up(a);
   td__send_task(n, host, t);
   /* The creation is not in flight as a call: it stays with the actor. */
   td__inflight_del(n, host, t);
@@ -215,6 +216,7 @@ void td__sched(td_node_t *n) {
     int hold;
     char why[200];
     if (t->restored && td_now() < n->adopt_until) { misses++; t = next; continue; }
+    if (t->restored && td__restored_gone(n, t)) { t = next; continue; }
     if (t->has_away && td__away_wait(n, t, 0)) {  /* an argument is being made again */
       tq_del(&n->queue, t);
       t->state = T_WAITDEPS;

@@ -279,11 +279,16 @@ void td__wake_waiters(td_node_t *n, td_obj_t *o, int away) {
   free(ws);
 }
 
+/* Frees o when nothing holds it any more: the caller must not touch o
+ * after this unless it holds a ref of its own. */
 void td__obj_wake(td_node_t *n, td_obj_t *o) {
   n->dirty = 1;
   if (o->fwd) td__fwd_note(n, o->id);
+  /* A waiter woken here may end at once (an argument failed) and drop its
+   * ref to o: o stays until the wake is over. */
+  o->refs++;
   td__wake_waiters(n, o, 0);
-  if (o->refs <= 0 && o->state != OBJ_PENDING) td__obj_free(n, o);
+  if (--o->refs <= 0 && !o->nwaiters && o->state != OBJ_PENDING) td__obj_free(n, o);
 }
 
 /* The value of KEY in a spec's env ("K=V\0..."), copied into out. */
@@ -502,7 +507,7 @@ int td_node_submit(td_node_t *n, const td_spec_t *s, const char **msg) {
   if (t->unplaced) n->nunplaced++;
   /* Only a task at the head can start now; others wait their turn (the
    * next pump schedules the rest), so submitting stays O(1). */
-  if (n->queue.len == 1) td__sched(n);
+  if (n->queue.len == 1 && !n->restoring) td__sched(n);  /* restored: marked first (td__restore_actor) */
   return 0;
 }
 

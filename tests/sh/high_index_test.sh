@@ -10,7 +10,7 @@ cd "$(dirname "$0")/../.."
 T=$(pwd)/bin/tide
 . tests/sh/lib.sh
 D=$(mktemp -d /tmp/tide-highidx-XXXXXX)
-stop_all() { for s in head hi lo top wrap; do TIDE_SESSION_DIR=$D/$s $T stop >/dev/null 2>&1; done; }
+stop_all() { for s in head hi lo top wrap doom; do TIDE_SESSION_DIR=$D/$s $T stop >/dev/null 2>&1; done; }
 trap 'stop_all; [ -n "$KEEP" ] || rm -rf "$D"' EXIT
 PORT=$((19000 + $$ % 1000))
 KEY=$D/head/cluster.key
@@ -181,9 +181,41 @@ print("MADE")
 LUA
 out=$(TIDE_SESSION_DIR=$D/hi timeout 60 $T run --address local $D/before.lua 2>&1)
 check "detached actors made from node-4000 on nodes 9 and 4000" 'echo "$out" | grep -q MADE' "$out"
+# A node that dies while the head is down takes its detached actors' state
+# with it: the restarted head must not make them anew as if nothing had
+# happened (a counter back at 0), unless they may restart.
+node doom --num-cpus 2 >/dev/null 2>&1
+nodes_up 4 10
+doom_id=$(sed -n 's/.* as \(node-[0-9]*\).*/\1/p' $D/doom/node.log | head -1)
+cat > $D/doom.lua <<'LUA'
+local tide = require("tide")
+local K = tide.actor({init = function(s) s.n = 0 end, incr = function(s) s.n = s.n + 1; return s.n end,
+  node = function() return tide.get_runtime_context().node_id end})
+-- Soft affinity: made anew, either would fit on another node.
+local there = {node_id = arg[1], soft = true}
+local d = K:options({name = "doomed", lifetime = "detached", scheduling_strategy = there}):remote()
+local r = K:options({name = "restartable", lifetime = "detached", max_restarts = 1,
+  scheduling_strategy = there}):remote()
+for _ = 1, 4 do tide.get({d:incr(), r:incr()}) end
+print("DOOMED", tide.get(d:incr()), tide.get(r:incr()), tide.get(d:node()) == arg[1], tide.get(r:node()) == arg[1])
+io.stdout:flush()
+-- Its node keeps this driver through the head's restart: it calls them again.
+while not io.open(arg[2] .. "/headback") do tide.sleep(0.05) end
+local ok, e = pcall(tide.get, d:incr(), {timeout = 30})
+print("DOOMED-AFTER", ok, type(e) == "table" and e.kind or tostring(e), type(e) == "table" and e.message or "")
+print("RESTARTED", pcall(tide.get, r:incr(), {timeout = 30}))
+print("NAMED", pcall(tide.get_actor, "doomed"))
+LUA
+(TIDE_SESSION_DIR=$D/lo timeout 120 $T run --address local $D/doom.lua $doom_id $D > $D/doom.out 2>&1) &
+doom_driver=$!
+for i in $(seq 300); do grep -q DOOMED $D/doom.out 2>/dev/null && break; sleep 0.1; done
+out=$(cat $D/doom.out)
+check "detached actors on a third node ($doom_id), one without restarts and one with one" \
+  'echo "$out" | grep -q "^DOOMED	5	5	true	true$"' "$out"
 hpid=$(cat $D/head/node.pid)
 kill -9 $hpid
 for i in $(seq 100); do kill -0 $hpid 2>/dev/null || break; sleep 0.05; done
+kill -9 $(cat $D/doom/node.pid)
 start_head >/dev/null 2>&1
 nodes_up 3 15
 cat > $D/after.lua <<'LUA'
@@ -197,5 +229,13 @@ out=$(TIDE_SESSION_DIR=$D/head timeout 60 $T run --address local $D/after.lua 2>
 check "after kill -9 of the head, detached actors on node-4000 are adopted with their state" \
   'echo "$out" | grep -q "^KEPT-HI	6	2$"' "$out $(grep -i 'adopt\|restor' $D/head/node.log | tail -8)"
 check "... and on node-9" 'echo "$out" | grep -q "^KEPT-LO	6	2$"' "$out"
+touch $D/headback
+wait $doom_driver
+out=$(cat $D/doom.out)
+check "a detached actor whose node died while the head was down fails loudly (ActorDiedError), never back at 0" \
+  'echo "$out" | grep -q "^DOOMED-AFTER	false	ActorDiedError	.*no node still ran it"' "$out $(grep -i 'adopt\|restor\|detached' $D/head/node.log | tail -8)"
+check "... and one with a restart left is restarted (fresh state, as a restart)" \
+  'echo "$out" | grep -q "^RESTARTED	true	1$"' "$out"
+check "... and its name is free again" 'echo "$out" | grep -q "^NAMED	false"' "$out"
 stop_all
 echo "1..$n"
