@@ -164,7 +164,8 @@ static const struct td__help {
    "Prints the output kept for a worker process (its stdout, stderr and its\n"
    "tasks' prints, in the session's logs/, rotated by size), for the worker an\n"
    "actor or task runs (ran) in, or for a job. --follow keeps printing as it\n"
-   "grows; --tail N starts at the last N lines.\n"},
+   "grows; --tail N starts at the last N lines. On a head, a worker on another\n"
+   "node is read there (through a task placed on that node).\n"},
   {"stop",
    "usage: tide stop [--all]\n"
    "\n"

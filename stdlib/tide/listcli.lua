@@ -113,11 +113,28 @@ end
 
 -- -- tide logs ------------------------------------------------------------------
 
-local target, id = pos[1], pos[2]
+-- A worker on another node: a task placed there (no CPU, no retry) asks
+-- that node for the bytes, which come back through the head.
+local fetch
+local function log_chunk(off, tail)
+  local chunk, nxt, more, node, target, id = call("obs_log", pos[1], pos[2], off, tail)
+  if not node then return chunk, nxt, more end
+  local tide = require("tide")
+  fetch = fetch or tide.remote(function(...) return {pcall(require("tide.core").call_node, "obs_log", ...)} end)
+  local on = {num_cpus = 0, max_retries = 0, scheduling_strategy = {node_id = node, soft = false}}
+  local ok, r = pcall(tide.get, fetch:options(on):remote(target, id, off, tail), {timeout = 60})
+  if not ok then
+    die(format("cannot read the log on %s: %s", node, type(r) == "table" and tostring(r.message) or tostring(r)), 1)
+  end
+  if not r[1] then die(format("%s (on %s)", tostring(r[2]), node), 1) end
+  if r[5] then die(format("%s %s: %s says it is on %s", pos[1], pos[2], node, r[5]), 1) end
+  return r[2], r[3], r[4]
+end
+
 local off = 0
 local tail = opts.tail
 while true do
-  local chunk, nxt, more = call("obs_log", target, id, off, tail)
+  local chunk, nxt, more = log_chunk(off, tail)
   tail = nil
   if #chunk > 0 then io.write(chunk); io.flush() end
   if nxt < off then io.stderr:write("tide: (the log was rotated)\n") end

@@ -66,37 +66,59 @@ local function one_row(kind, key, id)
   return t.rows[1]
 end
 
+-- This node's id ("node-N"): the nodes list starts with this node.
+local function here()
+  local t = cjson.decode(obs_c.list("nodes", {}, 1, 0))
+  return t.rows[1] and t.rows[1].node_id or "node-0"
+end
+
 -- The worker a log target names: a worker id, or the worker an actor or
--- task runs in (a failed task: the one it ran in).
+-- task runs in (a failed task: the one it ran in). Or nil, the node
+-- ("node-N") it is on, when that is another node, and the target and id to
+-- ask there: a task by its first return ("task-ref"), as task ids are each
+-- node's own.
 local function worker_of(target, id)
   if type(id) ~= "string" or not id:match("^%x+$") or #id ~= 16 then
     error(format("logs %s: the ID is 16 hex digits (as tide list shows), not %s", target, tostring(id)), 0)
   end
-  if target == "worker" then return id end
+  if target == "worker" then
+    -- A worker id is its node's index << 20 | its number there.
+    local node = "node-" .. math.floor(tonumber(id:sub(-8), 16) / 2 ^ 20)
+    if node ~= here() then return nil, node, target, id end
+    return id
+  end
   local r
   if target == "actor" then
     r = one_row("actors", "actor_id", id)
     if not r then error("no actor " .. id .. " (tide list actors)", 0) end
+  elseif target == "task-ref" then
+    r = one_row("tasks", "ref", id)
+    if not r then error("no task with return " .. id .. " running, queued or among the failed ones kept", 0) end
   else
     r = one_row("tasks", "task_id", id) or one_row("tasks", "ref", id)
     if not r then error("no task " .. id .. " running, queued or among the failed ones kept (tide list tasks)", 0) end
   end
-  if not r.worker_id then
-    error(format("%s %s has no worker on this node%s", target, id,
-      r.node and r.node ~= "node-0" and (" (it is on " .. r.node .. ": run tide logs on that node)") or
-      " (it has not started)"), 0)
+  if r.worker_id then return r.worker_id end
+  if r.node and r.node ~= "" and r.node ~= here() then
+    if target == "actor" then return nil, r.node, target, id end
+    if r.ref then return nil, r.node, "task-ref", r.ref end
+    error(format("task %s ran on %s and has no return to find it by there: run tide logs on that node", id, r.node), 0)
   end
-  return r.worker_id
+  error(format("%s %s has no worker yet (it has not started)", target, id), 0)
 end
 
 -- worker_log(target, id, offset, tail) -> bytes from offset, the next offset,
--- whether more may come. A file shorter than offset was rotated: read from 0.
+-- whether more may come; and, when the worker is on another node, nothing
+-- but that node's id and the target and id to ask it for (the client asks
+-- that node: stdlib/tide/listcli.lua).
+-- A file shorter than offset was rotated: read from 0.
 function M.worker_log(target, id, offset, tail)
   if target == "job" then
     local chunk, status = ops.job_log(id, offset)
     return chunk, (tonumber(offset) or 0) + #chunk, status == "RUNNING"
   end
-  local wid = worker_of(target, id)
+  local wid, elsewhere, t2, id2 = worker_of(target, id)
+  if not wid then return "", tonumber(offset) or 0, true, elsewhere, t2, id2 end
   local path = logdir() .. "/worker-" .. wid .. ".out"
   local f = io.open(path, "rb")
   if not f then error("no output kept for worker " .. wid .. " (" .. path .. ")", 0) end

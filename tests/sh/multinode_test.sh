@@ -78,6 +78,33 @@ LUA
 out=$(TIDE_SESSION_DIR=$D/head timeout 60 $T run --address local $D/prints.lua 2>&1)
 check "prints of tasks and actors on other nodes reach the driver" \
   'echo "$out" | grep -q "PRINTED on node-2" && echo "$out" | grep -q "INIT PRINTED" && echo "$out" | grep -q "CALL PRINTED"' "$out"
+# tide logs on the head: output kept on the node a worker ran on comes
+# through the head (a task placed there reads it).
+cat > $D/logged.lua <<'LUA'
+local tide = require("tide")
+local A = tide.actor({hi = function() print("LOGGED on " .. tide.get_runtime_context().node_id) return 1 end})
+local a = A:options({name = "logged", lifetime = "detached", scheduling_strategy = {node_id = "node-1"}}):remote()
+tide.get(a:hi())
+local bad = tide.remote(function() print("BEFORE FAILING on " .. tide.get_runtime_context().node_id); error("failed") end)
+pcall(tide.get, bad:options({scheduling_strategy = {node_id = "node-2"}, max_retries = 0}):remote())
+LUA
+TIDE_SESSION_DIR=$D/head timeout 60 $T run --address local $D/logged.lua >/dev/null 2>&1
+aid=$(TIDE_SESSION_DIR=$D/head $T list actors --filter name=logged --json | sed -n 's/.*"actor_id":"\([0-9a-f]*\)".*/\1/p')
+out=$(TIDE_SESSION_DIR=$D/head timeout 60 $T logs actor "$aid" 2>&1)
+check "tide logs actor ID on the head: the output of its worker on node-1" 'echo "$out" | grep -q "LOGGED on node-1"' "$aid: $out"
+tid=$(TIDE_SESSION_DIR=$D/head $T list tasks --filter state=FAILED --filter node=node-2 --json | sed -n 's/.*"task_id":"\([0-9a-f]*\)".*/\1/p' | head -1)
+out=$(TIDE_SESSION_DIR=$D/head timeout 60 $T logs task "$tid" --tail 1 2>&1)
+check "tide logs task ID --tail 1 on the head: the last line of the worker a failed task ran in on node-2" \
+  '[ "$(echo "$out" | wc -l)" = 1 ] && echo "$out" | grep -q "BEFORE FAILING on node-2"' "$tid: $out"
+wid=$(grep -l "LOGGED on" $D/n1/logs/worker-*.out | sed -n 's/.*worker-\([0-9a-f]*\)\.out$/\1/p' | head -1)
+out=$(TIDE_SESSION_DIR=$D/head timeout 60 $T logs worker "$wid" 2>&1)
+check "tide logs worker ID on the head: a worker of node-1, by its id" \
+  '[ -n "$wid" ] && [ "$out" = "$(cat $D/n1/logs/worker-$wid.out)" ]' "$wid: $out"
+out=$(TIDE_SESSION_DIR=$D/head timeout 60 $T logs worker 00000000fff00001 2>&1); st=$?
+check "... a worker of a node that is not there: a clear error" \
+  '[ $st = 1 ] && echo "$out" | grep -q "cannot read the log on node-4095"' "$out"
+echo 'require("tide").kill(require("tide").get_actor("logged"))' > $D/unlog.lua
+TIDE_SESSION_DIR=$D/head timeout 60 $T run --address local $D/unlog.lua >/dev/null 2>&1
 
 echo "# the core suites against the cluster"
 for s in tasks actors objects failures; do
