@@ -184,15 +184,17 @@ static const struct td__help {
    "--why ID: why an object (the 16 hex digits of an ObjectRef) or a task (its\n"
    "task_id) is not ready: what makes it, and where that task is.\n"},
   {"timeline",
-   "usage: tide timeline [--job ID] [-o FILE] [--address A] [--key FILE]\n"
+   "usage: tide timeline [--job ID] [--local] [-o FILE] [--address A] [--key FILE]\n"
    "       tide timeline --merge FILE... [-o FILE]\n"
    "\n"
    "Writes the tasks and actor calls the running node kept (submitted, began,\n"
    "ended, node, worker, argument bytes, name) as Chrome trace events: load\n"
    "the file in Perfetto (ui.perfetto.dev) or chrome://tracing. On stdout\n"
-   "unless -o FILE. --job ID: only that job's work (tide submit). Each node\n"
-   "keeps the work it ran: --merge puts the traces of several nodes (each\n"
-   "taken with its own --address or TIDE_SESSION_DIR) on one clock.\n"},
+   "unless -o FILE. --job ID: only that job's work (tide submit), on this node.\n"
+   "Each node keeps the work it ran; on a head the trace has every node's,\n"
+   "read on each node and put on one clock (--local: this node's only).\n"
+   "--merge puts traces written apart (each with its own --address or\n"
+   "TIDE_SESSION_DIR, and --local) on one clock.\n"},
   {"submit",
    "usage: tide submit [--address A] [--key FILE] [--working-dir D] SCRIPT [ARGS...]\n"
    "\n"
@@ -1559,6 +1561,7 @@ int main(int argc, char **argv) {
         files++;
         continue;
       }
+      if (!strcmp(a, "--local")) continue;
       if (strcmp(a, "--job") && strcmp(a, "-o") && strcmp(a, "--output") && strcmp(a, "--address") &&
           strcmp(a, "--key"))
         return td__usage_error(a[0] == '-' ? "unknown option %s" : "timeline: unexpected argument %s", a);

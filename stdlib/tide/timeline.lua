@@ -110,7 +110,7 @@ end
 -- times move by the difference of its start_unix_s.
 function M.merge(paths)
   if type(paths) ~= "table" or #paths == 0 then error("tide.timeline.merge: expected a list of trace files", 2) end
-  local traces, t0 = {}, math.huge
+  local traces = {}
   for i, path in ipairs(paths) do
     local f, err = io.open(path, "r")
     if not f then error("tide.timeline.merge: " .. tostring(err), 2) end
@@ -121,6 +121,14 @@ function M.merge(paths)
       error(format("tide.timeline.merge: %s is not a trace of tide timeline", path), 2)
     end
     traces[i] = t
+  end
+  return M.merge_traces(traces)
+end
+
+-- The same, of traces as M.trace returns them.
+function M.merge_traces(traces)
+  local t0 = math.huge
+  for _, t in ipairs(traces) do
     local st = t.otherData and tonumber(t.otherData.start_unix_s)
     if st and st < t0 then t0 = st end
   end

@@ -123,16 +123,31 @@ for i = 1, 3 do r[i] = f:remote(i) end
 print("REMOTE", #tide.get(r))
 LUA
 out=$($T run --address local "$W/remote.lua" 2>&1)
-$T timeline -o "$W/multi.json" 2>"$W/err"
+$T timeline --local -o "$W/multi.json" 2>"$W/err"
 res=$(python3 -c "
 import json
 X = [e for e in json.load(open('$W/multi.json'))['traceEvents'] if e['ph'] == 'X' and e['name'] == 'remote']
 print(len(X), sorted(set((e['pid'], e['tid']) for e in X)))" 2>&1)
 check "work sent to node-1 is on node-1's track (pid 1)" 'echo "$out" | grep -q "REMOTE	3" && [ "$res" = "3 [(1, 0)]" ]' \
   "$out $res $(cat "$W/n1.out" "$W/err")"
+# On the head, without --local: node-1's own ring too, read there, on one
+# clock (the runs on node-1's worker, within the head's view of them).
+$T timeline -o "$W/cluster.json" 2>"$W/err"; st=$?
+res=$(python3 -c "
+import json
+d = json.load(open('$W/cluster.json'))
+X = [e for e in d['traceEvents'] if e['ph'] == 'X' and e['name'] == 'remote']
+own = [e for e in X if e['pid'] == 1 and e['tid'] != 0]
+seen = [e for e in X if e['pid'] == 1 and e['tid'] == 0]
+flows = [e['id'] for e in d['traceEvents'] if e['ph'] == 's']
+ok = len(own) == 3 and len(seen) == 3 and len(flows) == len(set(flows)) and sorted(d['otherData']['nodes']) == ['node-0', 'node-1']
+ok = ok and min(e['ts'] for e in own) + 2000 >= min(e['ts'] for e in seen)
+print('ok' if ok else (len(own), len(seen), len(flows), len(set(flows)), d['otherData'].get('nodes')))" 2>&1)
+check "timeline on a head has every node's work: node-1's runs on its worker, read there, on the head's clock" \
+  '[ $st -eq 0 ] && [ "$res" = ok ]' "$res $(cat "$W/err")"
 # Each node keeps what it ran: node-1's own trace has the runs on its
 # worker, and --merge puts both on one clock.
-TIDE_SESSION_DIR="$W/n1" $T timeline -o "$W/n1.json" 2>"$W/err"
+TIDE_SESSION_DIR="$W/n1" $T timeline --local -o "$W/n1.json" 2>"$W/err"
 $T timeline --merge "$W/multi.json" "$W/n1.json" -o "$W/merged.json" 2>>"$W/err"; st=$?
 res=$(python3 -c "
 import json
