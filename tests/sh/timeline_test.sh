@@ -130,36 +130,32 @@ X = [e for e in json.load(open('$W/multi.json'))['traceEvents'] if e['ph'] == 'X
 print(len(X), sorted(set((e['pid'], e['tid']) for e in X)))" 2>&1)
 check "work sent to node-1 is on node-1's track (pid 1)" 'echo "$out" | grep -q "REMOTE	3" && [ "$res" = "3 [(1, 0)]" ]' \
   "$out $res $(cat "$W/n1.out" "$W/err")"
-# On the head, without --local: node-1's own ring too, read there, on one
-# clock (the runs on node-1's worker, within the head's view of them).
-$T timeline -o "$W/cluster.json" 2>"$W/err"; st=$?
-res=$(python3 -c "
+# Both nodes' runs on one clock: node-1's own 3 on its worker, the head's
+# 3 on node-1's "sent" track, flow ids unique, node-1 running each after
+# the head sent it (its runs lie within the head's view of them).
+two_nodes() {
+  python3 -c "
 import json
-d = json.load(open('$W/cluster.json'))
+d = json.load(open('$1'))
 X = [e for e in d['traceEvents'] if e['ph'] == 'X' and e['name'] == 'remote']
 own = [e for e in X if e['pid'] == 1 and e['tid'] != 0]
 seen = [e for e in X if e['pid'] == 1 and e['tid'] == 0]
 flows = [e['id'] for e in d['traceEvents'] if e['ph'] == 's']
-ok = len(own) == 3 and len(seen) == 3 and len(flows) == len(set(flows)) and sorted(d['otherData']['nodes']) == ['node-0', 'node-1']
+ok = len(own) == 3 and len(seen) == 3 and len(flows) == len(set(flows)) and min(e['ts'] for e in X) >= 0
 ok = ok and min(e['ts'] for e in own) + 2000 >= min(e['ts'] for e in seen)
-print('ok' if ok else (len(own), len(seen), len(flows), len(set(flows)), d['otherData'].get('nodes')))" 2>&1)
+ok = ok and sorted(d['otherData']['nodes']) == ['node-0', 'node-1']
+print('ok' if ok else (len(own), len(seen), len(flows), len(set(flows)), d['otherData'].get('nodes')))" 2>&1
+}
+# On the head, without --local: node-1's own ring too, read there.
+$T timeline -o "$W/cluster.json" 2>"$W/err"; st=$?
+res=$(two_nodes "$W/cluster.json")
 check "timeline on a head has every node's work: node-1's runs on its worker, read there, on the head's clock" \
   '[ $st -eq 0 ] && [ "$res" = ok ]' "$res $(cat "$W/err")"
 # Each node keeps what it ran: node-1's own trace has the runs on its
 # worker, and --merge puts both on one clock.
 TIDE_SESSION_DIR="$W/n1" $T timeline --local -o "$W/n1.json" 2>"$W/err"
 $T timeline --merge "$W/multi.json" "$W/n1.json" -o "$W/merged.json" 2>>"$W/err"; st=$?
-res=$(python3 -c "
-import json
-d = json.load(open('$W/merged.json'))
-X = [e for e in d['traceEvents'] if e['ph'] == 'X' and e['name'] == 'remote']
-own = [e for e in X if e['pid'] == 1 and e['tid'] != 0]
-seen = [e for e in X if e['pid'] == 1 and e['tid'] == 0]
-flows = [e['id'] for e in d['traceEvents'] if e['ph'] == 's']
-ok = len(own) == 3 and len(seen) == 3 and len(flows) == len(set(flows)) and min(e['ts'] for e in X) >= 0
-# node-1 ran each after the head sent it: its runs lie within the head's view of them
-ok = ok and min(e['ts'] for e in own) + 2000 >= min(e['ts'] for e in seen)
-print('ok' if ok else (len(own), len(seen), len(flows), len(set(flows))))" 2>&1)
+res=$(two_nodes "$W/merged.json")
 check "timeline --merge joins the head's and node-1's traces on one clock (3 runs seen by each, flow ids unique)" \
   '[ $st -eq 0 ] && [ "$res" = ok ]' "$res $(cat "$W/err")"
 out=$($T timeline --merge 2>&1); st=$?
