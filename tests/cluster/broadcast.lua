@@ -36,13 +36,31 @@ end
 
 -- Object bytes each node sent and fetched from other nodes, as its last
 -- heartbeat told the head (the head's own figures are current).
-local function traffic()
-  tide.sleep(1.3)  -- a heartbeat a second
+local function snapshot()
   local out = {}
   for _, nd in ipairs(tide.nodes()) do
     out[nd.node_id] = {sent = nd.stats.bytes_sent or 0, peers = nd.stats.bytes_from_peers or 0}
   end
   return out
+end
+local function same(a, b)
+  for id, x in pairs(a) do
+    if not b[id] or b[id].sent ~= x.sent or b[id].peers ~= x.peers then return false end
+  end
+  return true
+end
+-- Settled figures: two readings a heartbeat apart (one a second) agree, so
+-- no earlier transfer is still on its way into them (on a loaded machine a
+-- heartbeat can come late, and a test would count the one before's bytes).
+local function traffic()
+  local prev = snapshot()
+  for _ = 1, 15 do
+    tide.sleep(1.1)
+    local cur = snapshot()
+    if same(prev, cur) then return cur end
+    prev = cur
+  end
+  return prev
 end
 local function delta(a, b, id, k) return (b[id] and b[id][k] or 0) - (a[id] and a[id][k] or 0) end
 
