@@ -196,7 +196,7 @@ static void td__actor_start(td_node_t *n, td_actor_t *a, td_wk_t *host) {
   a->host = host;
   host->nactors++;
   a->state = A_ALIVE;
-  if (t->spec.detached) td__persist_actor_up(a);
+  td__persist_actor_up(a);  /* detached ones only */
   td__send_task(n, host, t);
   /* The creation is not in flight as a call: it stays with the actor. */
   td__inflight_del(n, host, t);

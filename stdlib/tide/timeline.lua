@@ -96,15 +96,31 @@ function M.trace(opts)
       start_unix_s = t0 < math.huge and t0 or nil}}
 end
 
-function M.encode(opts)
-  local t = M.trace(opts)
+-- The JSON text of a trace table (M.trace, M.merge).
+local function text(t)
   local s = cjson.encode(t)
   -- cjson writes an empty table as an object; the format wants an array.
   if #t.traceEvents == 0 then s = s:gsub('"traceEvents":{}', '"traceEvents":[]') end
-  return s, t.otherData
+  return s
 end
 
--- Writes the trace to path ("-" or nil: stdout).
+function M.encode(opts)
+  local t = M.trace(opts)
+  return text(t), t.otherData
+end
+
+-- Writes a trace table to path ("-" or nil: stdout).
+function M.save(path, t)
+  if path == nil or path == "-" then
+    io.stdout:write(text(t), "\n")
+    return
+  end
+  local f, err = io.open(path, "w")
+  if not f then error("tide.timeline: " .. tostring(err), 2) end
+  f:write(text(t), "\n")
+  f:close()
+end
+
 -- Merges traces written by `tide timeline` on several nodes (each node's
 -- ring holds the work it ran itself) into one, on one clock: each file's
 -- times move by the difference of its start_unix_s.
@@ -147,18 +163,12 @@ function M.merge_traces(traces)
     otherData = {nodes = nodes, dropped = dropped, start_unix_s = t0 < math.huge and t0 or nil}}
 end
 
--- Returns the trace's summary: {recorded, kept, dropped, node}.
+-- Writes the trace to path ("-" or nil: stdout). Returns the trace's
+-- summary: {recorded, kept, dropped, node}.
 function M.write(path, opts)
-  local s, info = M.encode(opts)
-  if path == nil or path == "-" then
-    io.stdout:write(s, "\n")
-    return info
-  end
-  local f, err = io.open(path, "w")
-  if not f then error("tide.timeline: " .. tostring(err), 2) end
-  f:write(s, "\n")
-  f:close()
-  return info
+  local t = M.trace(opts)
+  M.save(path, t)
+  return t.otherData
 end
 
 return M

@@ -25,15 +25,9 @@ end
 
 -- --merge FILE...: one trace of several nodes' (no node needed).
 if merge then
-  local cjson = require("cjson")
   local ok, t = pcall(timeline.merge, merge)
+  if ok then ok, t = pcall(timeline.save, out, t) end
   if not ok then die(tostring(t)) end
-  local s = cjson.encode(t)
-  if #t.traceEvents == 0 then s = s:gsub('"traceEvents":{}', '"traceEvents":[]') end
-  local f = out and io.open(out, "w") or io.stdout
-  if not f then die("cannot write " .. out) end
-  f:write(s, "\n")
-  if out then f:close() end
   os.exit(0)
 end
 
@@ -68,14 +62,8 @@ elseif #nodes > 1 then
     end
   end
 end
-local t = #traces > 1 and timeline.merge_traces(traces) or mine
-local cjson = require("cjson")
-local text = cjson.encode(t)
-if #t.traceEvents == 0 then text = text:gsub('"traceEvents":{}', '"traceEvents":[]') end
-local f = (out and out ~= "-") and io.open(out, "w") or io.stdout
-if not f then die("cannot write " .. out) end
-f:write(text, "\n")
-if f ~= io.stdout then f:close() end
+local saved, err = pcall(timeline.save, out, #traces > 1 and timeline.merge_traces(traces) or mine)
+if not saved then die(tostring(err)) end
 for _, d in ipairs(dropped) do
   io.stderr:write(string.format("tide: %s's timeline ring was full: the %d oldest records were dropped "
     .. "(TIDE_TIMELINE_EVENTS sizes it)\n", d[1], d[2]))
