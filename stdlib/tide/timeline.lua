@@ -130,9 +130,9 @@ function M.merge(paths)
   for i, path in ipairs(paths) do
     local f, err = io.open(path, "r")
     if not f then error("tide.timeline.merge: " .. tostring(err), 2) end
-    local text = f:read("*a")
+    local body = f:read("*a")
     f:close()
-    local ok, t = pcall(cjson.decode, text)
+    local ok, t = pcall(cjson.decode, body)
     if not ok or type(t) ~= "table" or type(t.traceEvents) ~= "table" then
       error(format("tide.timeline.merge: %s is not a trace of tide timeline", path), 2)
     end
