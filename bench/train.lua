@@ -20,6 +20,16 @@
 local tide = require("tide")
 local train = require("tide.train")
 
+-- One data-parallel step of the model on a batch (both loops ship it to
+-- their workers as an upvalue).
+local function dp_step(ctx, m, x, y)
+  m:forward(x, y)
+  m:zero_grad()
+  m:backward()
+  ctx:allreduce(m.grads, "avg")
+  m:step({lr = 1e-3, grad_clip = 1.0})
+end
+
 local function recovery(b)
   local function loop(ctx, cfg)
     local G = require("tide.nn.gpt")
@@ -38,12 +48,7 @@ local function recovery(b)
         os.execute("kill -9 " .. tide.get_runtime_context().pid)
         tide.sleep(10)
       end
-      local x, y = batches(step)
-      m:forward(x, y)
-      m:zero_grad()
-      m:backward()
-      ctx:allreduce(m.grads, "avg")
-      m:step({lr = 1e-3, grad_clip = 1.0})
+      dp_step(ctx, m, batches(step))
       if step % 4 == 0 then
         ctx:checkpoint({model = m.p, opt_m = m.opt_m, opt_v = m.opt_v, adam_step = m.step_count, step = step})
       end
@@ -88,12 +93,7 @@ return function(b)
     local t1
     for s = 1, cfg.steps do
       if s == 2 then t1 = now() end
-      local x, y = batches(s)
-      m:forward(x, y)
-      m:zero_grad()
-      m:backward()
-      ctx:allreduce(m.grads, "avg")
-      m:step({lr = 1e-3, grad_clip = 1.0})
+      dp_step(ctx, m, batches(s))
     end
     return (cfg.steps - 1) * cfg.batch * CTX / (now() - t1)
   end
