@@ -311,3 +311,74 @@ void td__actor_kill_at(td_wk_t *wk, uint64_t aid) {
   td_buf_u64(&wk->ch.out, aid);
   td_chan_end(&wk->ch);
 }
+
+/* -- Messages (node.c's table dispatches them) ------------------------------ */
+
+/* An actor's init ran: its creation's ref becomes true. */
+int td__on_actor_ready(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  uint64_t aid = td_rd_u64(rd);
+  td_actor_t *a = td_map_get(&n->actors, aid);
+  if (a && a->host == wk && a->create) {
+    td_obj_t *o = td__obj(n, a->create->spec.rets[0]);
+    uint8_t tt = TD_T_TRUE;
+    if (o && o->state == OBJ_PENDING) {
+      td__obj_set(n, o, OBJ_READY, 0, &tt, 1, 0, NULL, 0);
+      if (n->tl) { /* its calls sent meanwhile begin after init */
+        wk->last_done = td_now();
+        td__tl_record(n, a->create, wk, a->create->sent_at, wk->last_done, 1, 1);
+      }
+    }
+  }
+  return rd->bad ? TD_EPROTO : 0;
+}
+
+/* An actor ended in its process (exit, or its init or a method crashed). */
+int td__on_actor_exit(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  uint64_t aid = td_rd_u64(rd);
+  uint8_t crashed = td_rd_u8(rd);
+  uint32_t l;
+  const uint8_t *why = td_rd_str(rd, &l);
+  if (rd->bad) return TD_EPROTO;
+  uint32_t incarnation = td_rd_u32(rd);
+  td_actor_t *a = td_map_get(&n->actors, aid);
+  /* An earlier incarnation's exit (after a kill and restart) is old news. */
+  if (!a || a->host != wk || rd->bad || incarnation != a->create->attempt) return 0;
+  char msg[512];
+  snprintf(msg, sizeof(msg), "%.*s", (int)l, why);
+  char died[600];
+  snprintf(died, sizeof(died), "the actor died: %s", msg);
+  td__actor_calls_lost(n, a, wk, crashed && a->restarts_left != 0, died);
+  if (crashed) {
+    td__actor_restart_or_die(n, a, msg);
+  } else {
+    td__actor_die(n, a, msg);
+  }
+  return 0;
+}
+
+/* Head: a node asks it to kill an actor the head keeps. */
+int td__on_kill(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  (void)wk;
+  uint64_t aid = td_rd_u64(rd);
+  int no_restart = td_rd_u8(rd);
+  uint32_t l;
+  const uint8_t *why = td_rd_str(rd, &l);
+  if (rd->bad) return TD_EPROTO;
+  char msg[200];
+  snprintf(msg, sizeof(msg), "%.*s", (int)(l < 150 ? l : 150), why);
+  td__kill_actor(n, aid, no_restart, msg);
+  return 0;
+}
+
+/* Node: the head killed an actor this node forwarded to it. */
+int td__on_actor_kill(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  (void)wk;
+  uint64_t aid = td_rd_u64(rd);
+  if (rd->bad) return TD_EPROTO;
+  td_actor_t *a = td_map_get(&n->actors, aid);
+  if (a && a->fwd_attempt) {
+    a->fwd_attempt = 0; /* the head knows */
+    td_node_kill_actor(n, aid, 1);
+  }
+  return 0;
+}

@@ -450,7 +450,7 @@ static uint32_t td__reuse_index(td_node_t *n) {
 /* Head: a client asks to join as a node. */
 int td__on_join(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   uint32_t want = td_rd_u32(rd);
-  if (rd->bad || wk->kind != WK_CLIENT) return TD_EPROTO;
+  if (rd->bad) return TD_EPROTO;
   uint32_t idx = want;
   if (!idx || idx > TD_NODE_MAX || idx == n->index || td__link(n, idx)) {
     do idx = ++n->next_index; while (idx <= TD_NODE_MAX && (idx == n->index || td__link(n, idx)));
@@ -474,7 +474,7 @@ int td__on_join(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
 
 /* Head: a joined node says what it has. */
 int td__on_node_info(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
-  if (wk->kind != WK_NODE || wk->joined) return TD_EPROTO;
+  if (wk->joined) return TD_EPROTO;
   uint32_t l;
   const uint8_t *name = td_rd_str(rd, &l);
   uint32_t nr = td_rd_u32(rd);
@@ -913,7 +913,7 @@ int td__on_pkg_get(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   (void)n;
   uint32_t kl;
   const uint8_t *k = td_rd_str(rd, &kl);
-  if (rd->bad || wk->kind != WK_NODE || kl == 0 || kl >= 1024) return TD_EPROTO;
+  if (rd->bad || kl == 0 || kl >= 1024) return TD_EPROTO;
   char key[1024], err[300] = "the head does not have it";
   memcpy(key, k, kl);
   key[kl] = 0;
@@ -1103,4 +1103,49 @@ int td_node_cluster(td_node_t *n, td_node_info_t *out, int max) {
                                 w->nactors, w->nstats, w->has_nstats, now - w->last_seen};
   }
   return k;
+}
+
+/* -- Messages (node.c's table dispatches them) ------------------------------ */
+
+/* Head: a node's heartbeat and figures; a client that beats is a node of an
+ * earlier head, told to join again. */
+int td__on_beat(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  (void)n;
+  if (wk->kind == WK_NODE && rd->end - rd->p >= 48) {
+    td_node_stats_t *st = &wk->nstats;
+    st->workers = (int)td_rd_u32(rd);
+    st->actors = (int)td_rd_u32(rd);
+    st->tasks_running = (int)td_rd_u32(rd);
+    st->tasks_queued = (int)td_rd_u32(rd);
+    st->objects = td_rd_u64(rd);
+    st->store_used = td_rd_u64(rd);
+    st->store_capacity = td_rd_u64(rd);
+    st->spilled_bytes = td_rd_u64(rd);
+    st->bytes_sent = rd->p < rd->end ? td_rd_u64(rd) : 0;
+    st->bytes_from_peers = rd->p < rd->end ? td_rd_u64(rd) : 0;
+    wk->has_nstats = !rd->bad;
+  }
+  if (wk->kind == WK_CLIENT) {
+    td_chan_begin(&wk->ch, TD_M_WELCOME);
+    td_buf_u32(&wk->ch.out, 0);
+    td_chan_end(&wk->ch);
+  }
+  return 0;
+}
+
+/* Node: index 0 means the head restarted and does not know this node. */
+int td__on_welcome(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  (void)n;
+  if (td_rd_u32(rd) == 0) wk->last_seen = 0;
+  return 0;
+}
+
+/* Node: the head cancels a task it sent here. */
+int td__on_cancel(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  (void)wk;
+  uint64_t htid = td_rd_u64(rd);
+  uint8_t force = td_rd_u8(rd);
+  td_fwd_t *f = rd->bad ? NULL : td_map_get(&n->fwd, htid);
+  if (f) td_node_cancel(n, f->rets[0], force);
+  return rd->bad ? TD_EPROTO : 0;
 }

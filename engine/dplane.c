@@ -684,8 +684,7 @@ int td__on_dp(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   uint32_t port = td_rd_u32(rd), tl;
   const uint8_t *tok = td_rd_str(rd, &tl);
   uint8_t mode = td_rd_u8(rd);
-  if (rd->bad || wk->kind < WK_NODE || port == 0 || port > 65535 || tl != 16 ||
-      (mode != TD_DP_ON && mode != TD_DP_PLAIN))
+  if (rd->bad || port == 0 || port > 65535 || tl != 16 || (mode != TD_DP_ON && mode != TD_DP_PLAIN))
     return TD_EPROTO;
   if (!n->dp) return 0;  /* this node fetches over the link */
   if (mode != n->dp->mode) {

@@ -87,7 +87,7 @@ int td__on_lineage(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   uint64_t id = td_rd_u64(rd);
   uint32_t l;
   const uint8_t *p = td_rd_str(rd, &l);
-  if (rd->bad || wk->kind != WK_NODE || l > TD_LINEAGE_MAX + 4096) return TD_EPROTO;
+  if (rd->bad || l > TD_LINEAGE_MAX + 4096) return TD_EPROTO;
   td_rd_t sr;
   td_rd_init(&sr, p, l);
   td_spec_t s;

@@ -475,14 +475,18 @@ static inline td_obj_t *td__obj(td_node_t *n, uint64_t id) { return td_map_get(&
 
 /* -- Functions the node's files share, by the file that defines them ---------- */
 
-/* node.c: the loop, messages, worker death. */
+/* A message's handler (node.c's table td__msgs[] calls it once the sender
+ * may send it): reads the body from rd and acts; TD_EPROTO when the body is
+ * malformed, and the sender is dropped. Each module below has its own. */
+typedef int td_msg_fn(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
+
+/* node.c: the loop and the message table. */
 void td__errblob(td_buf_t *b, const char *kind, const char *msg);
 void td__inflight_add(td_node_t *n, td_wk_t *wk, td_task_t *t);
 void td__inflight_del(td_node_t *n, td_wk_t *wk, td_task_t *t);
 void td__link_chan(td_wk_t *wk);
+const char *td__msg_name(uint8_t type);
 void td__put_lstr(td_buf_t *b, const char *s);
-int td__task_fetching(td_node_t *n, td_task_t *t);
-void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why);
 
 /* obj.c: the object table. */
 void td__add_waiter(td_obj_t *o, td_task_t *t);
@@ -495,6 +499,9 @@ void td__obj_set(td_node_t *n, td_obj_t *o, int state, int shm, const uint8_t *d
     size_t off, const uint64_t *refs, uint32_t nrefs);
 void td__unref(td_node_t *n, td_obj_t *o, int64_t k);
 void td__wait_on(td_obj_t *o, td_task_t *t);
+int td__read_value(td_rd_t *rd, int *shm, const uint8_t **p, size_t *len, size_t *off);
+int td__take_extent(td_wk_t *wk, size_t off, size_t len);
+td_msg_fn td__on_put, td__on_refs, td__on_pin, td__on_unpin, td__on_alloc;
 
 /* sched.c: resources, placement, leasing workers. */
 void td__gpus_give(td_node_t *n, double amount, const int *ids, int k);
@@ -516,6 +523,8 @@ void td__task_finish(td_node_t *n, td_task_t *t);
 void td__unpin_deps(td_node_t *n, td_task_t *t);
 void td__unplaced_check(td_node_t *n, double now);
 void td__wake_waiters(td_node_t *n, td_obj_t *o, int away);
+int td__task_fetching(td_node_t *n, td_task_t *t);
+td_msg_fn td__on_fn, td__on_submit, td__on_done, td__on_item;
 
 /* actor.c: the actor directory. */
 void td__actor_calls_lost(td_node_t *n, td_actor_t *a, td_wk_t *wk, int may_retry, const char *why);
@@ -530,6 +539,7 @@ void td__restore_actor(void *ud, const char *key, const void *val, size_t len);
 void td__restore_actor_up(void *ud, const char *key, const void *val, size_t len);
 void td__persist_actor_up(td_actor_t *a);
 int td__restored_gone(td_node_t *n, td_task_t *t);
+td_msg_fn td__on_actor_ready, td__on_actor_exit, td__on_kill, td__on_actor_kill;
 
 /* pg.c: placement groups and adoption. */
 void td__adopt(td_node_t *n, td_wk_t *wk, uint64_t aid, uint32_t attempt);
@@ -567,6 +577,7 @@ void td__obj_away(td_node_t *n, td_obj_t *o, td_wk_t *wk, uint64_t total);
 int td__on_chunk(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
 int td__on_chunk_get(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
 int td__on_have(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
+td_msg_fn td__on_peer, td__on_remote;
 td_wk_t *td__peer(td_node_t *n, uint32_t index, const char *ep);
 void td__peer_fallback(td_node_t *n, td_obj_t *o, const char *why);
 void td__ppull_check(td_node_t *n, td_wk_t *peer, double now);
@@ -587,11 +598,14 @@ int td__on_dp(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
 
 /* workers.c: worker processes and their requests. */
 uint64_t td__new_wk_id(td_node_t *n);
-void td__req_add(td_node_t *n, td_wk_t *wk, int op, td_rd_t *rd);
+int td__req_add(td_node_t *n, td_wk_t *wk, int op, td_rd_t *rd);
 void td__reqs_check(td_node_t *n, double now);
 void td__restore_meta(void *ud, const char *key, const void *val, size_t len);
 td_wk_t *td__spawn(td_node_t *n, int kind, const int *gpus, int ngpus);
 td_wk_t *td__wk_add(td_node_t *n, uint64_t id, int kind, int fd);
+void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why);
+td_msg_fn td__on_get, td__on_wait, td__on_stream_next, td__on_stream_room, td__on_print, td__on_rpc,
+    td__on_blocked, td__on_unblocked;
 
 /* timeline.c: the ring of tasks and calls that ended. */
 void td__tl_init(td_node_t *n);
@@ -627,6 +641,7 @@ int td__on_node_info(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
 int td__on_node_task(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
 int td__on_pkg(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
 int td__on_pkg_get(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
+td_msg_fn td__on_beat, td__on_welcome, td__on_cancel;
 void td__parked_drop(td_node_t *n);
 int td__hold_for_head(td_node_t *n, td_wk_t *wk, const td_spec_t *s, const uint8_t *msg, uint32_t len);
 void td__waitsubs_check(td_node_t *n, double now);

@@ -295,3 +295,121 @@ void td_node_stream_release(td_node_t *n, uint64_t stream, uint32_t idx) {
   if (idx + 1 > o->released && idx < o->nitems) o->released = idx + 1;
   n->dirty = 1;  /* a producer waiting for room may go on */
 }
+
+/* Reads one value as sent by a worker: inline or an extent it filled. */
+int td__read_value(td_rd_t *rd, int *shm, const uint8_t **p, size_t *len, size_t *off) {
+  uint8_t kind = td_rd_u8(rd);
+  if (kind == TD_V_INLINE) {
+    uint32_t l;
+    *p = td_rd_str(rd, &l);
+    *len = l;
+    *shm = 0;
+  } else if (kind == TD_V_SHM) {
+    *off = td_rd_u64(rd);
+    *len = td_rd_u64(rd);
+    *shm = 1;
+  } else {
+    return TD_EPROTO;
+  }
+  return rd->bad ? TD_EPROTO : 0;
+}
+
+/* A worker may only hand back an extent it was lent, whole: anything else
+ * would let a bad message free or alias memory it does not own. */
+int td__take_extent(td_wk_t *wk, size_t off, size_t len) {
+  void *v = td_map_get(&wk->allocs, (uint64_t)off + 1);
+  if (!v || (size_t)(uintptr_t)v != len) return 0;
+  td_map_del(&wk->allocs, (uint64_t)off + 1);
+  return 1;
+}
+
+/* -- Messages (node.c's table dispatches them) ------------------------------ */
+
+/* A value a worker or client made: kept under its id, held by the sender. */
+int td__on_put(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  uint64_t id = td_rd_u64(rd);
+  int shm;
+  const uint8_t *vp = NULL;
+  size_t vlen, off = 0;
+  if (td__read_value(rd, &shm, &vp, &vlen, &off)) return TD_EPROTO;
+  if (shm && !td__take_extent(wk, off, vlen)) return TD_EPROTO;
+  uint32_t nrefs = td_rd_u32(rd);
+  const uint8_t *rp = td_rd_bytes(rd, (size_t)nrefs * 8);
+  if (rd->bad || !id || td__obj(n, id)) return TD_EPROTO;
+  uint64_t *refs = td_xmalloc((size_t)nrefs * 8 + 8);
+  if (nrefs) memcpy(refs, rp, (size_t)nrefs * 8);
+  td_obj_t *o = td__obj_new(n, id);
+  o->refs = 1;
+  td__count(wk, &wk->held, id, 1);
+  td__obj_set(n, o, OBJ_READY, shm, vp, vlen, off, refs, nrefs);
+  free(refs);
+  return 0;
+}
+
+/* References taken and given back, counted per sender so that its death
+ * gives back what it held (and no more than it held). */
+int td__on_refs(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  uint32_t cnt = td_rd_u32(rd);
+  for (uint32_t i = 0; i < cnt && !rd->bad; i++) {
+    uint64_t id = td_rd_u64(rd);
+    int32_t d = (int32_t)td_rd_u32(rd);
+    if (rd->bad) break;
+    td_obj_t *o = td__obj(n, id);
+    if (!o && d > 0) o = td__foreign(n, id, 0); /* a ref to another node's object */
+    if (!o || d == 0) continue;
+    if (d > 0) {
+      /* Saturate: a forged count cannot overflow. */
+      if (o->refs > INT64_MAX / 2) continue;
+      o->refs += d;
+      td__count(wk, &wk->held, id, d);
+    } else {
+      /* One step, whatever the count: a forged delta cannot spin. */
+      intptr_t held = (intptr_t)td_map_get(&wk->held, id);
+      intptr_t give = held < -(intptr_t)d ? held : -(intptr_t)d;
+      td__count(wk, &wk->held, id, -give);
+      td_copy_t *e = o->copies && wk->kind == WK_NODE ? td__copy(o->copies, wk->node_index) : NULL;
+      if (e && e->done) td__copy_drop(o->copies, wk->node_index); /* it let its copy go */
+      /* A link gives back only what it holds: refs a link that was
+       * thought dead held were given back with it. */
+      td__unref(n, o, wk->kind == WK_NODE || wk->kind == WK_HEAD ? give : -(int64_t)d);
+    }
+  }
+  return rd->bad ? TD_EPROTO : 0;
+}
+
+/* Pins (zero-copy reads keep a value in place) and unpins; only a pin this
+ * sender holds is let go, except by a link. */
+static int td__on_pins(td_node_t *n, td_wk_t *wk, td_rd_t *rd, int pin) {
+  uint32_t cnt = td_rd_u32(rd);
+  for (uint32_t i = 0; i < cnt && !rd->bad; i++) {
+    uint64_t id = td_rd_u64(rd);
+    if (rd->bad) break;
+    if (pin) {
+      if (td_node_pin(n, id, 1)) td__count(wk, &wk->pinned, id, 1);
+    } else if (wk->kind >= WK_NODE || td_map_get(&wk->pinned, id)) {
+      td__count(wk, &wk->pinned, id, -1);
+      td_node_pin(n, id, -1);
+    }
+  }
+  return rd->bad ? TD_EPROTO : 0;
+}
+int td__on_pin(td_node_t *n, td_wk_t *wk, td_rd_t *rd) { return td__on_pins(n, wk, rd, 1); }
+int td__on_unpin(td_node_t *n, td_wk_t *wk, td_rd_t *rd) { return td__on_pins(n, wk, rd, 0); }
+
+/* An extent of the store lent to a local worker to write a value into; it
+ * comes back whole in a PUT or DONE, or is freed with the worker. */
+int td__on_alloc(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  uint32_t req = td_rd_u32(rd);
+  uint64_t size = td_rd_u64(rd);
+  if (rd->bad) return TD_EPROTO;
+  size_t off = 0;
+  int rc = wk->remote ? TD_EINVAL : td__alloc(n, size, &off, NULL);
+  if (rc == 0) td_map_set(&wk->allocs, (uint64_t)off + 1, (void *)(uintptr_t)size);
+  td_buf_t b;
+  td_buf_init(&b);
+  td_buf_u8(&b, rc == 0);
+  td_buf_u64(&b, rc == 0 ? off : (uint64_t)rc);
+  td_node_reply(n, wk, req, b.p, b.len);
+  td_buf_free(&b);
+  return 0;
+}

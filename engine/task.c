@@ -555,3 +555,264 @@ int td_node_cancel(td_node_t *n, uint64_t obj_id, int force) {
   }
   return 0;
 }
+
+/* -- Messages (node.c's table dispatches them) ------------------------------ */
+
+/* A function's definition, from a link, before the work that needs it. */
+int td__on_fn(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  uint64_t id = td_rd_u64(rd);
+  uint32_t bl;
+  const uint8_t *blob = td_rd_str(rd, &bl);
+  if (rd->bad) return TD_EPROTO;
+  td_node_register_fn(n, id, blob, bl);
+  td_map_set(&wk->fns_sent, id, (void *)1); /* it has this one */
+  return 0;
+}
+
+/* Work a worker's task submits, a client's work, or a node's work for its
+ * head: held while the head is away, forwarded to the head when it does not
+ * fit here, else submitted here. A submission that fails fails the handles
+ * the submitter already holds, clearly. */
+int td__on_submit(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  const uint8_t *p = rd->p; /* the whole message, to hold it */
+  uint32_t len = (uint32_t)(rd->end - rd->p);
+  td_spec_t s;
+  uint64_t *scratch;
+  int rc = td_spec_decode(&s, rd, &scratch);
+  if (!rc && wk->kind != WK_NODE && td__hold_for_head(n, wk, &s, p, len)) {
+    free(scratch);
+    return 0;
+  }
+  if (!rc && wk->kind != WK_NODE && td__forward(n, &s)) {
+    uint32_t nh = s.nret < 0 ? 1 : (uint32_t)s.nret;
+    for (uint32_t i = 0; i < nh; i++) td__count(wk, &wk->held, s.rets[i], 1);
+    uint64_t owner = wk->kind == WK_CLIENT ? wk->id : wk->inflight.head ? wk->inflight.head->owner : 0;
+    if (s.kind == TD_K_ACTOR_NEW && !s.detached && owner)
+      td_map_set(&n->fwd_actors, s.actor_id, (void *)(uintptr_t)owner);
+    free(scratch);
+    return 0;
+  }
+  if (!rc && wk->kind == WK_NODE) {
+    td__import(n, wk, s.deps, s.ndeps);
+    td__import(n, wk, s.refs, s.nrefs);
+  }
+  if (!rc) {
+    const char *msg;
+    /* Whose work: a client's, or the work of the task this worker runs. */
+    n->submitter = wk->kind == WK_CLIENT ? wk->id : wk->inflight.head ? wk->inflight.head->owner : 0;
+    n->submitter_task = wk->kind == WK_CLIENT || !wk->inflight.head ? 0 : wk->inflight.head->owner_task;
+    int sub = td_node_submit(n, &s, &msg);
+    n->submitter = n->submitter_task = 0;
+    if (sub == 0 && s.kind == TD_K_ACTOR_NEW) {
+      td_actor_t *na = td_map_get(&n->actors, s.actor_id);
+      if (na) na->owner = wk->id;
+    }
+    uint32_t nh = s.nret < 0 ? 1 : (uint32_t)s.nret;
+    for (uint32_t i = 0; i < nh; i++) td__count(wk, &wk->held, s.rets[i], 1);
+    if (sub != 0) {
+      td__errblob(&n->tmp, s.kind == TD_K_ACTOR_CALL ? "ActorDiedError" : "TaskError", msg);
+      for (uint32_t i = 0; i < nh; i++) {
+        td_obj_t *o = td__obj_new(n, s.rets[i]);
+        o->refs++;
+        td__obj_fail(n, o, n->tmp.p, n->tmp.len);
+      }
+    }
+  }
+  free(scratch);
+  return rc;
+}
+
+/* 1 while a result of t is still being fetched from the node that ran it. */
+int td__task_fetching(td_node_t *n, td_task_t *t) {
+  uint32_t nr = t->spec.nret < 0 ? 1 : (uint32_t)t->spec.nret;
+  for (uint32_t i = 0; i < nr; i++) {
+    td_obj_t *o = td__obj(n, t->spec.rets[i]);
+    if (o && (o->chunked || o->away) && o->producer == t) return 1;
+  }
+  return 0;
+}
+
+/* A worker runs what it was sent in order: a task began when it was sent
+ * or when the one before it ended, whichever is later (a node link runs
+ * many at once: its tasks began when sent). */
+static void td__task_timed(td_node_t *n, td_wk_t *wk, td_task_t *t, int ok) {
+  if (t->spec.kind != TD_K_TASK && !n->tl) return;
+  double now = td_now();
+  double begun = wk->kind == WK_NODE || t->sent_at > wk->last_done ? t->sent_at : wk->last_done;
+  if (n->tl) td__tl_record(n, t, wk, begun, now, ok, 1);
+  if (t->spec.kind != TD_K_TASK) {
+    wk->last_done = now;
+    return;
+  }
+  double dur = now - (t->sent_at > wk->last_done ? t->sent_at : wk->last_done);
+  wk->last_done = now;
+  td_fnstat_t *st = td_map_get(&n->fnstats, t->spec.fn_id);
+  if (!st) {
+    st = td_xcalloc(1, sizeof(*st));
+    td_map_set(&n->fnstats, t->spec.fn_id, st);
+    st->avg = dur;
+  } else {
+    st->avg = 0.8 * st->avg + 0.2 * dur;
+  }
+  st->n++;
+}
+
+/* Head: a large return a node keeps for us until we have fetched it in
+ * chunks (TD_V_PULL, u64 size, then refs and pushed objects as usual). */
+static int td__on_done_chunked(td_node_t *n, td_wk_t *wk, td_rd_t *rd, td_obj_t *o) {
+  td_rd_u8(rd);
+  uint64_t total = td_rd_u64(rd), id = td_rd_u64(rd);
+  uint32_t nrefs = td_rd_u32(rd);
+  const uint8_t *rp = td_rd_bytes(rd, (size_t)nrefs * 8);
+  if (rd->bad) return TD_EPROTO;
+  uint64_t *refs = td_xmalloc((size_t)nrefs * 8 + 8), *made = NULL;
+  uint32_t nmade = 0;
+  if (nrefs) memcpy(refs, rp, (size_t)nrefs * 8);
+  if (td__link_pushed(n, rd, &made, &nmade)) {
+    free(refs);
+    free(made);
+    return TD_EPROTO;
+  }
+  td__import(n, wk, refs, nrefs);
+  if (o && o->id == id && o->state == OBJ_PENDING && !o->chunked) {
+    o->foreign = 1; /* holds the node's ref until fetched (or freed) */
+    o->up = wk->node_index + 1;
+    if (nrefs) {
+      o->contained = td_xmalloc((size_t)nrefs * 8);
+      memcpy(o->contained, refs, (size_t)nrefs * 8);
+      o->ncontained = nrefs;
+      for (uint32_t i = 0; i < nrefs; i++) td_node_incref(n, refs[i]);
+    }
+    if (o->producer && o->producer->spec.kind != TD_K_ACTOR_NEW && total)
+      td__obj_away(n, o, wk, total); /* stays there until needed here */
+    else td__chunk_begin(n, o, total, wk);
+  } else {
+    td__send_refs1(wk, id, -1); /* not wanted (any more): let it go */
+  }
+  for (uint32_t k = 0; k < nmade; k++) td_node_decref(n, made[k]);
+  free(made);
+  free(refs);
+  return 0;
+}
+
+int td__on_done(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  uint64_t tid = td_rd_u64(rd);
+  uint8_t ok = td_rd_u8(rd);
+  td_task_t *t = td_map_get(&n->tasks, tid);
+  if (t && t->wk != wk) t = NULL;
+  if (ok) {
+    uint32_t nv = td_rd_u32(rd);
+    if (rd->bad || (t && t->spec.nret >= 0 && nv != (uint32_t)t->spec.nret)) return TD_EPROTO;
+    for (uint32_t i = 0; i < nv; i++) {
+      int shm;
+      const uint8_t *p = NULL;
+      size_t len, off = 0;
+      if (wk->kind == WK_NODE && rd->p < rd->end && *rd->p == TD_V_PULL) {
+        if (td__on_done_chunked(n, wk, rd, t ? td__obj(n, t->spec.rets[i]) : NULL)) return TD_EPROTO;
+        continue;
+      }
+      if (td__read_value(rd, &shm, &p, &len, &off)) return TD_EPROTO;
+      if (shm && !td__take_extent(wk, off, len)) return TD_EPROTO;
+      uint32_t nrefs = td_rd_u32(rd);
+      const uint8_t *rp = td_rd_bytes(rd, (size_t)nrefs * 8);
+      if (rd->bad) return TD_EPROTO;
+      uint64_t *refs = nrefs ? td_xmalloc((size_t)nrefs * 8) : NULL; /* most results hold none */
+      if (nrefs) memcpy(refs, rp, (size_t)nrefs * 8);
+      uint64_t *made = NULL;
+      uint32_t nmade = 0;
+      if (wk->kind == WK_NODE) {
+        if (td__link_pushed(n, rd, &made, &nmade)) {
+          free(refs);
+          free(made);
+          return TD_EPROTO;
+        }
+        td__import(n, wk, refs, nrefs);
+      }
+      td_obj_t *o = t ? td__obj(n, t->spec.rets[i]) : NULL;
+      if (o && !shm && wk->kind == WK_NODE) td__obj_fill(n, o, OBJ_READY, p, len, refs, nrefs);
+      else if (o) td__obj_set(n, o, OBJ_READY, shm, p, len, off, refs, nrefs);
+      else if (shm) td_store_free(n->store, off, len);
+      for (uint32_t k = 0; k < nmade; k++) td_node_decref(n, made[k]);
+      free(made);
+      free(refs);
+    }
+    if (t && t->spec.nret < 0) {
+      td_obj_t *o = td__obj(n, t->spec.rets[0]);
+      if (o) {
+        o->stream_done = 1;
+        o->state = OBJ_READY;
+        o->loc = LOC_INLINE;
+        o->producer = NULL;
+        td__obj_wake(n, o);
+      }
+    }
+  } else {
+    uint32_t len;
+    const uint8_t *blob = td_rd_str(rd, &len);
+    if (rd->bad) return TD_EPROTO;
+    if (t && t->spec.kind == TD_K_TASK && t->spec.retry_exceptions && t->retries_left != 0 && !t->cancelled) {
+      /* retry_exceptions: the task runs again, like after a crash. */
+      if (t->retries_left > 0) t->retries_left--;
+      td__inflight_del(n, wk, t);
+      td__unpin_deps(n, t);
+      t->state = T_QUEUED;
+      t->wk = NULL;
+      tq_push_front(&n->queue, t);
+      td__lease_done(n, wk);
+      return 0;
+    }
+    if (t) {
+      td__obs_failed(n, t, blob, len, NULL, NULL); /* tide list tasks shows it */
+      uint32_t nr = t->spec.nret < 0 ? 1 : (uint32_t)t->spec.nret;
+      for (uint32_t i = 0; i < nr; i++) {
+        td_obj_t *o = td__obj(n, t->spec.rets[i]);
+        if (o) td__obj_fail(n, o, blob, len);
+      }
+    }
+  }
+  if (t) {
+    td__inflight_del(n, wk, t);
+    td__task_timed(n, wk, t, ok);
+    if (td__task_fetching(n, t)) {
+      td__unpin_deps(n, t);
+      t->state = T_FETCHING;
+      t->wk = NULL;
+    } else {
+      td__task_finish(n, t);
+    }
+    td__lease_done(n, wk);
+  }
+  return 0;
+}
+
+int td__on_item(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  uint64_t tid = td_rd_u64(rd), item = td_rd_u64(rd);
+  int shm;
+  const uint8_t *p = NULL;
+  size_t len, off = 0;
+  if (td__read_value(rd, &shm, &p, &len, &off)) return TD_EPROTO;
+  if (shm && !td__take_extent(wk, off, len)) return TD_EPROTO;
+  uint32_t nrefs = td_rd_u32(rd);
+  const uint8_t *rp = td_rd_bytes(rd, (size_t)nrefs * 8);
+  if (rd->bad || !item) return TD_EPROTO;
+  td_task_t *t = td_map_get(&n->tasks, tid);
+  td_obj_t *s = t && t->wk == wk && t->spec.nret < 0 ? td__obj(n, t->spec.rets[0]) : NULL;
+  if (!s || td__obj(n, item)) {
+    if (shm) td_store_free(n->store, off, len);
+    return 0;
+  }
+  uint64_t *refs = td_xmalloc((size_t)nrefs * 8 + 8);
+  if (nrefs) memcpy(refs, rp, (size_t)nrefs * 8);
+  td_obj_t *io = td__obj_new(n, item);
+  io->refs = 1; /* held by the stream */
+  td__obj_set(n, io, OBJ_READY, shm, p, len, off, refs, nrefs);
+  free(refs);
+  if (s->nitems == s->capitems) {
+    s->capitems = s->capitems ? s->capitems * 2 : 8;
+    s->items = td_xrealloc(s->items, s->capitems * 8);
+  }
+  s->items[s->nitems++] = item;
+  n->dirty = 1;
+  if (s->fwd) td__fwd_note(n, s->id);
+  return 0;
+}

@@ -113,7 +113,7 @@ int td__on_chunk(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   uint64_t id = td_rd_u64(rd), off = td_rd_u64(rd);
   uint32_t l;
   const uint8_t *p = td_rd_str(rd, &l);
-  if (rd->bad || wk->kind < WK_NODE) return TD_EPROTO;
+  if (rd->bad) return TD_EPROTO;
   td_obj_t *o = td__chunk_obj(n, wk, id, off, l);
   if (!o) return 0;
   memcpy(td_store_base(n->store) + o->off + off, p, l);
@@ -296,7 +296,7 @@ void td__put_pull(td_node_t *n, td_buf_t *b, td_obj_t *o, td_wk_t *wk) {
 int td__on_have(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   uint64_t id = td_rd_u64(rd);
   uint8_t ok = td_rd_u8(rd);
-  if (rd->bad || wk->kind != WK_NODE) return TD_EPROTO;
+  if (rd->bad) return TD_EPROTO;
   td_obj_t *o = td__obj(n, id);
   td_copy_t *e = o && o->copies ? td__copy(o->copies, wk->node_index) : NULL;
   if (!e || e->done) return 0;
@@ -534,7 +534,7 @@ int td__on_chunk_get(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   uint64_t id = td_rd_u64(rd), off = td_rd_u64(rd);
   uint32_t len = td_rd_u32(rd);
   uint8_t via = rd->p < rd->end ? td_rd_u8(rd) : 0;
-  if (rd->bad || wk->kind < WK_NODE || via > 1) return TD_EPROTO;
+  if (rd->bad || via > 1) return TD_EPROTO;
   td_obj_t *o = td__obj(n, id);
   int wait = wk->kind == WK_PEER && len <= TD_CHUNK && td__chunk_waits(o, off, len);
   for (uint32_t i = 0; i < n->ncwait && !wait; i++)  /* keeps their order */
@@ -548,5 +548,40 @@ int td__on_chunk_get(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
     return 0;
   }
   td__chunk_send(n, wk, id, off, len, via);
+  return 0;
+}
+
+/* -- Messages (node.c's table dispatches them) ------------------------------ */
+
+/* Another node opens a link to fetch chunks of objects this one has. */
+int td__on_peer(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  uint32_t idx = td_rd_u32(rd);
+  if (rd->bad) return TD_EPROTO;
+  wk->kind = WK_PEER;
+  wk->node_index = idx;
+  td__link_chan(wk);
+  td__dp_advertise(n, wk);
+  td_log("node-%u linked to this node", idx);
+  return 0;
+}
+
+/* From the TCP bridge: this client is remote (it cannot map the store);
+ * the address the bridge saw it at, where other nodes are sent. */
+int td__on_remote(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  (void)n;
+  uint32_t al = 0;
+  const uint8_t *addr = rd->p < rd->end ? td_rd_str(rd, &al) : NULL;
+  if (rd->bad) return TD_EPROTO;
+  /* An IP address (v4 or v6), or nothing. */
+  uint32_t ok = 0;
+  while (ok < al && ok < sizeof(wk->peer_host) - 1 && strchr("0123456789abcdefABCDEF.:", addr[ok]) &&
+         addr[ok])
+    ok++;
+  if (ok == al && al) {
+    memcpy(wk->peer_host, addr, al);
+    wk->peer_host[al] = 0;
+  }
+  wk->remote = 1;
+  td_sock_bulk(wk->ch.fd); /* a bridged peer: chunks of values go this way */
   return 0;
 }

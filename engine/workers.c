@@ -6,10 +6,12 @@
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "node_int.h"
 #include "introspect.h"
+#include "term.h"
 
 uint64_t td_wk_id(const td_wk_t *wk) { return wk->id; }
 
@@ -187,7 +189,10 @@ void td__reqs_check(td_node_t *n, double now) {
   }
 }
 
-void td__req_add(td_node_t *n, td_wk_t *wk, int op, td_rd_t *rd) {
+/* A worker's GET, WAIT, STREAM_NEXT or STREAM_ROOM (op), answered now if it
+ * can be, else kept until it can or its deadline passes; TD_EPROTO when the
+ * body is malformed. */
+int td__req_add(td_node_t *n, td_wk_t *wk, int op, td_rd_t *rd) {
   td_req_t *r = td_xcalloc(1, sizeof(*r));
   r->wk = wk;
   r->op = op;
@@ -211,18 +216,248 @@ void td__req_add(td_node_t *n, td_wk_t *wk, int op, td_rd_t *rd) {
     if (op == TD_M_WAIT) r->num = td_rd_u32(rd);
     r->n = td_rd_u32(rd);
     const uint8_t *p = td_rd_bytes(rd, (size_t)r->n * 8);
-    if (!p) { free(r); return; }  /* a count beyond the message */
+    if (!p) { /* a count beyond the message */
+      free(r);
+      return TD_EPROTO;
+    }
     r->ids = td_xmalloc((size_t)r->n * 8 + 8);
     memcpy(r->ids, p, (size_t)r->n * 8);
   }
-  if (rd->bad) { free(r->ids); free(r); return; }
+  if (rd->bad) {
+    free(r->ids);
+    free(r);
+    return TD_EPROTO;
+  }
   for (uint32_t i = 0; i < r->n; i++) {
     td_obj_t *o = td__obj(n, r->ids[i]);
     /* A value kept on a node is fetched here only for a GET that cannot
      * fetch it from there itself. */
     if (o && o->foreign && !(o->away && (op == TD_M_WAIT || td__away_source(n, o, wk)))) td__pull(n, o);
   }
-  if (td__req_try(n, r, 0)) { free(r->ids); free(r); return; }
+  if (td__req_try(n, r, 0)) {
+    free(r->ids);
+    free(r);
+    return 0;
+  }
   r->next = n->reqs;
   n->reqs = r;
+  return 0;
+}
+
+/* -- Messages (node.c's table dispatches them) ------------------------------ */
+
+/* Requests answered once their objects are ready or their timeout passes. */
+int td__on_get(td_node_t *n, td_wk_t *wk, td_rd_t *rd) { return td__req_add(n, wk, TD_M_GET, rd); }
+int td__on_wait(td_node_t *n, td_wk_t *wk, td_rd_t *rd) { return td__req_add(n, wk, TD_M_WAIT, rd); }
+int td__on_stream_next(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  return td__req_add(n, wk, TD_M_STREAM_NEXT, rd);
+}
+int td__on_stream_room(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  return td__req_add(n, wk, TD_M_STREAM_ROOM, rd);
+}
+
+/* A print from task tid goes to the client whose work it is (a driver
+ * attached to this node), or to the head when the head sent the task. */
+static void td__print_to_owner(td_node_t *n, uint64_t tid, const uint8_t *s, uint32_t l) {
+  td_task_t *t = tid ? td_map_get(&n->tasks, tid) : NULL;
+  if (!t || !t->owner) return;
+  for (int i = 0; i < n->nwks; i++) {
+    td_wk_t *w = n->wks[i];
+    if (w->id != t->owner || w->dead || (w->kind != WK_CLIENT && w->kind != WK_HEAD)) continue;
+    td_chan_begin(&w->ch, TD_M_PRINT);
+    td_buf_str(&w->ch.out, s, l);
+    if (w->kind == WK_HEAD) td_buf_u64(&w->ch.out, t->owner_task);
+    td_chan_end(&w->ch);
+    return;
+  }
+}
+
+/* A worker's output: on this terminal, in its log (tide logs), and to the
+ * driver or head whose work printed it. */
+int td__on_print(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  uint32_t l;
+  const uint8_t *s = td_rd_str(rd, &l);
+  if (rd->bad) return TD_EPROTO;
+  uint64_t tid = rd->end - rd->p >= 8 ? td_rd_u64(rd) : 0;
+  td_term_print(s, l); /* above any progress bars */
+  td__obs_print(wk->kind == WK_NODE ? 0 : wk->id, s, l);
+  td__print_to_owner(n, tid, s, l);
+  return 0;
+}
+
+/* A control call (cancel, kill, placement groups, the KV ...), answered by
+ * the host's handler (the driver's, in lua/core.c). */
+int td__on_rpc(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  uint32_t req = td_rd_u32(rd);
+  uint32_t ol, al;
+  const uint8_t *op = td_rd_str(rd, &ol);
+  const uint8_t *args = td_rd_str(rd, &al);
+  if (rd->bad || ol >= 64) return TD_EPROTO;
+  char opname[64];
+  memcpy(opname, op, ol);
+  opname[ol] = 0;
+  n->rpc_wk = wk;
+  if (n->rpc) n->rpc(n->rpc_ud, wk, req, opname, args, al);
+  n->rpc_wk = NULL;
+  return 0;
+}
+
+/* A worker blocks in get or wait: the tasks it had not begun go back to the
+ * queue, and its CPU is free for others until it runs again. */
+int td__on_blocked(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  uint32_t cnt = td_rd_u32(rd);
+  for (uint32_t i = 0; i < cnt && !rd->bad; i++) {
+    td_task_t *t = td_map_get(&n->tasks, td_rd_u64(rd));
+    if (!t || t->wk != wk || t->state != T_SENT) continue;
+    td__inflight_del(n, wk, t);
+    td__unpin_deps(n, t);
+    t->attempt--;
+    t->state = T_QUEUED;
+    t->wk = NULL;
+    tq_push_front(&n->queue, t);
+  }
+  if (wk->kind == WK_TASK && wk->leased && !wk->blocked) {
+    n->avail[TD_RES_CPU] += wk->lease[TD_RES_CPU];
+    wk->blocked = 1;
+  }
+  return rd->bad ? TD_EPROTO : 0;
+}
+
+int td__on_unblocked(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  (void)rd;
+  if (wk->blocked) {
+    n->avail[TD_RES_CPU] -= wk->lease[TD_RES_CPU];
+    wk->blocked = 0;
+  }
+  return 0;
+}
+
+/* -- Worker death ---------------------------------------------------------- */
+
+/* Gives back what a dead worker was lent and never used. */
+static void td__free_lent(td_node_t *n, td_wk_t *wk) {
+  size_t it = 0;
+  uint64_t k;
+  void *v;
+  while (td_map_next(&wk->allocs, &it, &k, &v))
+    td_store_free(n->store, (size_t)(k - 1), (size_t)(uintptr_t)v);
+  td_map_free(&wk->allocs);
+}
+
+void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why) {
+  if (wk->dead) return;
+  wk->dead = 1;
+  td_chan_close(&wk->ch);
+  int st = 0;
+  char reason[256];
+  pid_t r = 0;
+  for (int i = 0; wk->pid > 0 && i < 200 && (r = waitpid(wk->pid, &st, WNOHANG)) == 0; i++) usleep(1000);
+  if (wk->kind == WK_CLIENT) {
+    /* A driver that leaves takes its placement groups and non-detached
+     * actors with it. */
+    for (td_pg_t *pg = n->pgs, *next; pg; pg = next) {
+      next = pg->next;
+      if (pg->owner == wk->id) td_node_pg_remove(n, pg->id);
+    }
+    size_t it2 = 0;
+    td_actor_t *oa;
+    while (td_map_next(&n->actors, &it2, NULL, (void **)&oa))
+      if (oa->owner == wk->id && oa->state != A_DEAD && oa->create && !oa->create->spec.detached)
+        td_node_kill_actor(n, oa->id, 1);
+    /* and those it made here that the head keeps */
+    uint64_t aid;
+    void *owner;
+    for (size_t it3 = 0; td_map_next(&n->fwd_actors, &it3, &aid, &owner);)
+      if ((uint64_t)(uintptr_t)owner == wk->id) td__kill_actor(n, aid, 1, "killed: its driver left");
+    for (size_t it3 = 0; td_map_next(&n->fwd_actors, &it3, &aid, &owner);)
+      if ((uint64_t)(uintptr_t)owner == wk->id) td_map_del(&n->fwd_actors, aid), it3 = 0;
+  }
+  /* A link that never joined (a join whose answer came too late: the node
+   * joined again, under the same index) had nothing: the node lives on. */
+  int ghost = wk->kind == WK_NODE && !wk->joined;
+  if ((wk->kind == WK_NODE && !ghost) || wk->kind == WK_HEAD) td__link_lost_objects(n, wk);
+  if (wk->kind == WK_PEER) {
+    td__ppull_check(n, wk, td_now()); /* what came from there comes from the head now */
+    if (wk->bridge && n->peer_close) n->peer_close(n->peer_ud, wk->bridge);
+    wk->bridge = NULL;
+  }
+  if (ghost) {
+    snprintf(reason, sizeof(reason), "a connection given index %u closed before it joined: it %s",
+             wk->node_index, why);
+  } else if (wk->kind == WK_NODE) {
+    n->nlinks--;
+    if (!n->gone_at) n->gone_at = td_xcalloc(TD_NODE_MAX + 1, sizeof(double));
+    n->gone_at[wk->node_index] = td_now();
+    td__settle(n, wk->ntotal); /* it may be restarted: work only it could run waits a while */
+    td__pgs_node_lost(n, wk->node_index);
+    snprintf(reason, sizeof(reason), "node-%u (%s) died: it %s", wk->node_index, wk->name, why);
+  } else if (wk->kind == WK_HEAD) {
+    snprintf(reason, sizeof(reason), "lost the head: it %s", why);
+    if (n->head == wk) td__head_lost(n);
+  } else if (wk->kind == WK_PEER) {
+    snprintf(reason, sizeof(reason), "the link with node-%u closed: it %s", wk->node_index, why);
+  } else if (r == wk->pid && WIFSIGNALED(st))
+    snprintf(reason, sizeof(reason), "worker process %d was killed by signal %d", (int)wk->pid, WTERMSIG(st));
+  else if (r == wk->pid && WIFEXITED(st))
+    snprintf(reason, sizeof(reason), "worker process %d exited with status %d", (int)wk->pid,
+             WEXITSTATUS(st));
+  else snprintf(reason, sizeof(reason), "worker process %d %s", (int)wk->pid, why);
+  td_log("%s", reason);
+  if (wk->kind == WK_NODE || wk->kind == WK_HEAD) fprintf(stderr, "tide: %s\n", reason);
+  int first = 1;
+  while (wk->inflight.head) {
+    td_task_t *t = wk->inflight.head;
+    td__inflight_del(n, wk, t);
+    td__unpin_deps(n, t);
+    t->wk = NULL;
+    if (t->spec.kind == TD_K_TASK) {
+      if (t->cancelled) {
+        td__task_fail(n, t, "TaskCancelledError", "the task was cancelled");
+      } else if (!first || t->retries_left != 0) {
+        if (first && t->retries_left > 0) t->retries_left--;
+        t->state = T_QUEUED;
+        tq_push_front(&n->queue, t);
+      } else {
+        td__task_fail(n, t, "WorkerCrashedError", reason);
+      }
+    } else if (t->spec.kind == TD_K_ACTOR_CALL) {
+      td_actor_t *a = t->actor;
+      if (t->retries_left != 0 && a->restarts_left != 0) {
+        if (t->retries_left > 0) t->retries_left--;
+        t->state = T_QUEUED;
+        tq_push_front(&a->queue, t);
+      } else {
+        char msg[400];
+        snprintf(msg, sizeof(msg), "the actor's process died: %s", reason);
+        td__task_fail(n, t, "ActorDiedError", msg);
+      }
+    }
+    first = wk->kind == WK_NODE; /* every task on a node was running */
+  }
+  size_t it = 0;
+  td_actor_t *a;
+  while (td_map_next(&n->actors, &it, NULL, (void **)&a))
+    if (a->host == wk) td__actor_restart_or_die(n, a, reason);
+  wk->ngpus = wk->kind == WK_TASK ? wk->ngpus : 0;
+  td__lease_done(n, wk);
+  for (int i = 0; i < n->nwks; i++) {
+    if (n->wks[i] != wk) continue;
+    n->wks[i] = n->wks[--n->nwks];
+    break;
+  }
+  /* Its pending requests die with it. */
+  for (td_req_t **pp = &n->reqs, *r; (r = *pp);) {
+    if (r->wk != wk) {
+      pp = &r->next;
+      continue;
+    }
+    *pp = r->next;
+    free(r->ids);
+    free(r);
+  }
+  td__give_back(n, wk);
+  td_map_free(&wk->fns_sent);
+  td__free_lent(n, wk);
+  free(wk);
+  n->dirty = 1;
 }

@@ -1511,7 +1511,7 @@ static int c_context(lua_State *L) {
 
 int td_core_register_start(lua_State *L);
 void td_serve_register(lua_State *L);
-void td_core_driver_rpc(void);
+void td_core_driver_rpc(lua_State *from);
 
 /* core.term_area(text), core.term_commit(text), core.term_print(text): the
  * terminal's status area (term.h), for stdlib/tide/progress.lua. */
@@ -1691,8 +1691,9 @@ void td_core_setup_paths(lua_State *L, const char *home) {
   }
 }
 
-/* Sets up the driver's private RPC state once the node exists. */
-void td_core_driver_rpc(void) {
+/* Sets up the driver's private RPC state once the node exists; `from` is
+ * the driver's state, whose package.path finds the stdlib. */
+void td_core_driver_rpc(lua_State *from) {
   lua_State *L = luaL_newstate();
   luaL_openlibs(L);
   lua_pushboolean(L, 1);
@@ -1707,23 +1708,25 @@ void td_core_driver_rpc(void) {
   }
   lua_setfield(L, LUA_REGISTRYINDEX, "tide.rpc.ops");
   lua_setfield(L, LUA_REGISTRYINDEX, "tide.rpc.core");
-  /* A key-value store on the node: rendezvous for collective groups (and
-   * NCCL ids), reached from workers with core.call_node("kv_*", ...). On a
-   * head with a store it is kept there too, and comes back. */
-  if (luaL_dostring(L, "local ops = debug.getregistry()['tide.rpc.ops']\n"
-                   "local core = debug.getregistry()['tide.rpc.core']\n"
-                   "local kv = {}\n"
-                   "for k, v in pairs(core.persisted('kv')) do\n"
-                   "  local ok, val = pcall(core.decode, v)\n"
-                   "  if ok then kv[k] = val end\n"
-                   "end\n"
-                   "local function keep(k, v)\n"
-                   "  if type(k) == 'string' then core.persist('kv', k, v ~= nil and core.encode(v) or nil) end\n"
-                   "end\n"
-                   "ops.kv_put = function(k, v) kv[k] = v; pcall(keep, k, v); return true end\n"
-                   "ops.kv_get = function(k) return kv[k] end\n"
-                   "ops.kv_del = function(k) kv[k] = nil; pcall(keep, k, nil); return true end\n"))
-    fprintf(stderr, "tide: BUG: the node's KV: %s\n", lua_tostring(L, -1));
+  /* The head's key-value store (stdlib/tide/kv.lua) adds its ops. */
+  lua_getglobal(from, "package");
+  lua_getfield(from, -1, "path");
+  lua_getglobal(L, "package");
+  lua_pushstring(L, lua_tostring(from, -1));
+  lua_setfield(L, -2, "path");
+  lua_pop(from, 2);
+  lua_pop(L, 1);
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "tide.kv");
+  int bad = lua_pcall(L, 1, 1, 0);
+  if (!bad) {
+    lua_getfield(L, -1, "install");
+    lua_getfield(L, LUA_REGISTRYINDEX, "tide.rpc.ops");
+    lua_getfield(L, LUA_REGISTRYINDEX, "tide.rpc.core");
+    bad = lua_pcall(L, 2, 0, 0);
+  }
+  if (bad) fprintf(stderr, "tide: BUG: the node's KV: %s\n", lua_tostring(L, -1));
+  lua_settop(L, 0);
   td_ctx.rpcL = L;
   td_node_set_rpc(td_ctx.node, td__rpc_cb, L);
 }
@@ -1790,7 +1793,7 @@ static int d_start(lua_State *L) {
   setenv("TIDE_INLINE_MAX", im, 1);
   td_ctx.node = td_node_new(&o);
   if (!td_ctx.node) return luaL_error(L, "cannot start the node: object store of %f bytes", (double)o.store_capacity);
-  td_core_driver_rpc();
+  td_core_driver_rpc(L);
   td__bg_start();
   return 0;
 }

@@ -13,6 +13,8 @@ TEST_DECLARE(spec_roundtrip_and_garbage)
 TEST_DECLARE(node_objects_refs)
 TEST_DECLARE(node_sched_infeasible_and_queue)
 TEST_DECLARE(node_pg_reserve_release)
+TEST_DECLARE(msgs_senders_checked)
+TEST_DECLARE(msgs_wrong_sender_dropped)
 #if __has_include("test-list-http.h")
 #include "test-list-http.h"
 #endif

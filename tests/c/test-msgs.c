@@ -1,0 +1,90 @@
+/* The node's message table (engine/node.c td__msgs[]): each message is
+ * taken only from the kinds of sender that may send it, and anything else
+ * (a wrong sender, a type no one sends) drops the sender as malformed,
+ * giving back what it held. Driven through td_node_feed (a client) and
+ * td_node_feed_as (the head's link), with no worker processes. */
+#include <string.h>
+
+#include "node.h"
+#include "proto.h"
+#include "test.h"
+
+static td_node_t *msgs_node(void) {
+  td_node_opts_t o;
+  memset(&o, 0, sizeof(o));
+  o.num_cpus = 1;
+  o.memory = 1 << 30;
+  o.store_capacity = 4 << 20;
+  o.no_workers = 1;
+  return td_node_new(&o);
+}
+
+/* PUT id = "hi" inline, holding nothing. */
+static int put(td_node_t *n, int from_head, uint64_t id) {
+  td_buf_t b;
+  td_buf_init(&b);
+  td_buf_u64(&b, id);
+  td_buf_u8(&b, TD_V_INLINE);
+  td_buf_str(&b, "hi", 2);
+  td_buf_u32(&b, 0);
+  int rc = td_node_feed_as(n, from_head, TD_M_PUT, b.p, (uint32_t)b.len);
+  td_buf_free(&b);
+  return rc;
+}
+
+/* FN id with a definition: only the head's link (or a node's) sends these. */
+static int fn(td_node_t *n, int from_head, uint64_t id) {
+  td_buf_t b;
+  td_buf_init(&b);
+  td_buf_u64(&b, id);
+  td_buf_str(&b, "return 1", 8);
+  int rc = td_node_feed_as(n, from_head, TD_M_FN, b.p, (uint32_t)b.len);
+  td_buf_free(&b);
+  return rc;
+}
+
+TEST_IMPL(msgs_senders_checked) {
+  td_node_t *n = msgs_node();
+  ASSERT(n);
+  uint8_t cancel[9] = {0};
+  /* A client may not send what only the head sends, nor a function. */
+  ASSERT_EQ(td_node_feed(n, TD_M_CANCEL, cancel, sizeof(cancel)), TD_EPROTO);
+  ASSERT_EQ(td_node_feed(n, TD_M_WELCOME, cancel, 4), TD_EPROTO);
+  ASSERT_EQ(fn(n, 0, 7), TD_EPROTO);
+  /* The head's link may. */
+  ASSERT_EQ(td_node_feed_as(n, 1, TD_M_CANCEL, cancel, sizeof(cancel)), 0);
+  ASSERT_EQ(fn(n, 1, 7), 0);
+  /* Types no one sends, and a client's READY. */
+  ASSERT_EQ(td_node_feed(n, 0, NULL, 0), TD_EPROTO);
+  ASSERT_EQ(td_node_feed(n, 255, NULL, 0), TD_EPROTO);
+  ASSERT_EQ(td_node_feed(n, TD_M_TASK, NULL, 0), TD_EPROTO);
+  ASSERT_EQ(td_node_feed(n, TD_M_READY, NULL, 0), 0);
+  td_node_destroy(&n);
+  return 0;
+}
+
+TEST_IMPL(msgs_wrong_sender_dropped) {
+  td_node_t *n = msgs_node();
+  ASSERT(n);
+  uint64_t a = td_node_new_id(n), b = td_node_new_id(n);
+  ASSERT_EQ(put(n, 0, a), 0);
+  ASSERT_EQ(td_node_state(n, a), TD_OBJ_READY); /* held by the client */
+  /* A message it may not send: dropped, and its value with it. */
+  ASSERT_EQ(fn(n, 0, 9), TD_EPROTO);
+  td_node_pump(n, 0);
+  ASSERT_EQ(td_node_state(n, a), TD_OBJ_MISSING);
+  /* Another node's link (PEER) carries chunks and nothing else. */
+  uint8_t idx[4] = {3, 0, 0, 0};
+  ASSERT_EQ(td_node_feed(n, TD_M_PEER, idx, sizeof(idx)), 0);
+  ASSERT_EQ(put(n, 0, b), TD_EPROTO);
+  ASSERT_EQ(td_node_state(n, b), TD_OBJ_MISSING);
+  /* A new client, and a second PEER is not for it either once it is one. */
+  ASSERT_EQ(td_node_feed(n, TD_M_PEER, idx, sizeof(idx)), 0);
+  ASSERT_EQ(td_node_feed(n, TD_M_PEER, idx, sizeof(idx)), TD_EPROTO);
+  td_node_stats_t st;
+  td_node_stats(n, &st);
+  ASSERT_EQ(st.objects, 0);
+  ASSERT_EQ(st.store_used, 0);
+  td_node_destroy(&n);
+  return 0;
+}
