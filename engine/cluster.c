@@ -558,54 +558,146 @@ static void td__env_set(td_spec_t *s, const char *key, const char *val) {
 }
 
 /* Node: the work its head sends. */
+/* A working directory must be here before the work runs: a job's package
+ * (TIDE_PKG), or a task's runtime_env working_dir, a path on the head
+ * shipped as a package (a snapshot, as Ray uploads it). Points the spec at
+ * the copy here, or writes the key to fetch into key. */
+static void td__node_task_wd(td_node_t *n, td_spec_t *s, char *key, size_t keylen) {
+  char hash[TD_PKG_HASH_LEN + 2], wdp[1024];
+  if (td__env_get(s->env, s->env_len, "TIDE_PKG", hash, sizeof(hash))) {
+    if (strlen(hash) == TD_PKG_HASH_LEN && !td_pkg_have(hash)) {
+      snprintf(key, keylen, "%s", hash);
+    } else if (strlen(hash) == TD_PKG_HASH_LEN) {  /* here, not where the head has it */
+      char dir[PATH_MAX];
+      td_pkg_dir(hash, dir, sizeof(dir));
+      td__env_set(s, "TIDE_WORKING_DIR", dir);
+    }
+  } else if (td__env_get(s->env, s->env_len, "TIDE_WORKING_DIR", wdp, sizeof(wdp)) && wdp[0] == '/') {
+    const char *h = td__wd_hash(n, wdp);
+    if (h && td_pkg_have(h)) {
+      char dir[PATH_MAX];
+      td_pkg_dir(h, dir, sizeof(dir));
+      td__env_set(s, "TIDE_WORKING_DIR", dir);
+    } else {
+      snprintf(key, keylen, "%s", wdp);
+    }
+  }
+}
+
+/* The message waits for its package (td__on_pkg takes it up again); the
+ * head is asked once per package. */
+static void td__node_task_park(td_node_t *n, td_wk_t *wk, const char *key, const uint8_t *msg,
+                               uint32_t msglen) {
+  int asked = 0;
+  for (td_parked_t *q = n->parked; q; q = q->next) asked |= !strcmp(q->key, key);
+  td_parked_t *pk = td_xcalloc(1, sizeof(*pk));
+  snprintf(pk->key, sizeof(pk->key), "%s", key);
+  pk->msg = td_xmalloc(msglen);
+  memcpy(pk->msg, msg, msglen);
+  pk->len = msglen;
+  pk->next = n->parked;
+  n->parked = pk;
+  if (!asked) {
+    td_chan_begin(&wk->ch, TD_M_PKG_GET);
+    td_buf_str(&wk->ch.out, key, strlen(key));
+    td_chan_end(&wk->ch);
+  }
+}
+
+/* Argument values the head sent with the work: each object made here holds
+ * one ref (listed in made) until the work is submitted. */
+static void td__node_task_args(td_node_t *n, td_rd_t *rd, const td_spec_t *s, uint32_t nd, uint64_t *made,
+                               uint32_t *nmade) {
+  for (uint32_t i = 0; i < nd; i++) {
+    uint8_t kind = td_rd_u8(rd);
+    uint32_t vl = 0;
+    const uint8_t *vp = kind >= TD_V_LOST ? NULL : td_rd_str(rd, &vl);
+    if (rd->bad || kind == TD_V_SHM || kind > TD_V_PULL) {
+      rd->bad = 1;
+      break;
+    }
+    if (td__obj(n, s->deps[i])) continue;
+    if (kind == TD_V_PULL) {
+      td_obj_t *o = td__foreign(n, s->deps[i], 0);
+      if (!o) {
+        rd->bad = 1;
+        break;
+      }
+      o->refs++;
+    } else if (kind == TD_V_LOST) {
+      td__errblob(&n->tmp, "ObjectLostError", "an argument's object was lost before it reached this node");
+      td__obj_from_bytes(n, s->deps[i], OBJ_ERROR, n->tmp.p, n->tmp.len);
+    } else {
+      td__obj_from_bytes(n, s->deps[i], kind == TD_V_ERROR ? OBJ_ERROR : OBJ_READY, vp, vl);
+    }
+    made[(*nmade)++] = s->deps[i];
+  }
+}
+
+/* Runs the head's work here. The head places, retries and restarts; here
+ * it just runs, and its results are kept for the head (td_fwd_t). A
+ * submission that fails is answered with a failed DONE at once. */
+static void td__node_task_run(td_node_t *n, td_wk_t *wk, td_spec_t *s, uint64_t htid, uint32_t attempt) {
+  s->strategy = TD_ST_DEFAULT;
+  s->pg_id = 0;
+  s->max_restarts = 0;
+  s->retry_exceptions = 0; /* the head sees the error and retries */
+  const char *msg = NULL;
+  n->submitter = wk->id; /* prints go back to the head, as this task's */
+  n->submitter_task = htid;
+  n->from_head = 1; /* the head keeps its lineage */
+  int sub = s->kind == TD_K_ACTOR_CALL && !td_map_get(&n->actors, s->actor_id)
+                ? (msg = "the actor is not on this node", TD_EINVAL)
+                : td_node_submit(n, s, &msg);
+  n->submitter = n->submitter_task = 0;
+  n->from_head = 0;
+  if (sub != 0) {
+    td__errblob(&n->tmp, s->kind == TD_K_ACTOR_CALL ? "ActorDiedError" : "TaskError", msg);
+    td_chan_begin(&wk->ch, TD_M_DONE);
+    td_buf_u64(&wk->ch.out, htid);
+    td_buf_u8(&wk->ch.out, 0);
+    td_buf_str(&wk->ch.out, n->tmp.p, n->tmp.len);
+    td_chan_end(&wk->ch);
+    return;
+  }
+  td_fwd_t *f = td_xcalloc(1, sizeof(*f));
+  f->task = htid;
+  f->kind = s->kind;
+  f->nret = s->nret;
+  f->actor = s->actor_id;
+  uint32_t nr = s->nret < 0 ? 1 : (uint32_t)s->nret;
+  f->rets = td_xmalloc(nr * 8 + 8);
+  memcpy(f->rets, s->rets, nr * 8);
+  td_map_set(&n->fwd, htid, f);
+  for (uint32_t i = 0; i < nr; i++) {
+    td_obj_t *o = td__obj(n, s->rets[i]);
+    if (!o) continue;
+    o->fwd = f;
+    if (o->state != OBJ_PENDING) td__obj_wake(n, o);
+  }
+  if (s->kind == TD_K_ACTOR_NEW) {
+    td_actor_t *a = td_map_get(&n->actors, s->actor_id);
+    if (a) a->fwd_attempt = attempt;
+  }
+}
+
 int td__on_node_task(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   if (wk != n->head) return TD_EPROTO;
   uint64_t htid = td_rd_u64(rd);
   uint32_t attempt = td_rd_u32(rd);
   td_spec_t s;
   uint64_t *scratch;
-  const uint8_t *msg = rd->p - 12;  /* the whole message, to park it */
+  const uint8_t *msg = rd->p - 12; /* the whole message, to park it */
   uint32_t msglen = (uint32_t)(rd->end - msg);
-  if (td_spec_decode(&s, rd, &scratch)) { free(scratch); return TD_EPROTO; }
-  /* A working directory must be here first: a job's package (TIDE_PKG),
-   * or a task's runtime_env working_dir, a path on the head shipped as a
-   * package (a snapshot, as Ray uploads it). */
-  char hash[TD_PKG_HASH_LEN + 2], wdp[1024], key[1024] = "";
-  if (td__env_get(s.env, s.env_len, "TIDE_PKG", hash, sizeof(hash))) {
-    if (strlen(hash) == TD_PKG_HASH_LEN && !td_pkg_have(hash)) {
-      snprintf(key, sizeof(key), "%s", hash);
-    } else if (strlen(hash) == TD_PKG_HASH_LEN) {  /* here, not where the head has it */
-      char dir[PATH_MAX];
-      td_pkg_dir(hash, dir, sizeof(dir));
-      td__env_set(&s, "TIDE_WORKING_DIR", dir);
-    }
-  } else if (td__env_get(s.env, s.env_len, "TIDE_WORKING_DIR", wdp, sizeof(wdp)) && wdp[0] == '/') {
-    const char *h = td__wd_hash(n, wdp);
-    if (h && td_pkg_have(h)) {
-      char dir[PATH_MAX];
-      td_pkg_dir(h, dir, sizeof(dir));
-      td__env_set(&s, "TIDE_WORKING_DIR", dir);
-    } else {
-      snprintf(key, sizeof(key), "%s", wdp);
-    }
+  if (td_spec_decode(&s, rd, &scratch)) {
+    free(scratch);
+    return TD_EPROTO;
   }
+  char key[1024] = "";
+  td__node_task_wd(n, &s, key, sizeof(key));
   if (key[0]) {
     free(scratch);
-    int asked = 0;
-    for (td_parked_t *q = n->parked; q; q = q->next) asked |= !strcmp(q->key, key);
-    td_parked_t *pk = td_xcalloc(1, sizeof(*pk));
-    snprintf(pk->key, sizeof(pk->key), "%s", key);
-    pk->msg = td_xmalloc(msglen);
-    memcpy(pk->msg, msg, msglen);
-    pk->len = msglen;
-    pk->next = n->parked;
-    n->parked = pk;
-    if (!asked) {
-      td_chan_begin(&wk->ch, TD_M_PKG_GET);
-      td_buf_str(&wk->ch.out, key, strlen(key));
-      td_chan_end(&wk->ch);
-    }
-    (void)htid, (void)attempt;
+    td__node_task_park(n, wk, key, msg, msglen);
     return 0;
   }
   int rc = TD_EPROTO;
@@ -617,71 +709,12 @@ int td__on_node_task(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   }
   uint32_t nd = td_rd_u32(rd);
   if (rd->bad || nd != s.ndeps || td_map_get(&n->fwd, htid)) goto out;
-  /* Argument values: the objects here hold one ref until submitted. */
   uint64_t *made = td_xmalloc((size_t)nd * 8 + 8);
   uint32_t nmade = 0;
-  for (uint32_t i = 0; i < nd; i++) {
-    uint8_t kind = td_rd_u8(rd);
-    uint32_t vl = 0;
-    const uint8_t *vp = kind >= TD_V_LOST ? NULL : td_rd_str(rd, &vl);
-    if (rd->bad || kind == TD_V_SHM || kind > TD_V_PULL) { rd->bad = 1; break; }
-    if (td__obj(n, s.deps[i])) continue;
-    if (kind == TD_V_PULL) {
-      td_obj_t *o = td__foreign(n, s.deps[i], 0);
-      if (!o) { rd->bad = 1; break; }
-      o->refs++;
-    } else if (kind == TD_V_LOST) {
-      td__errblob(&n->tmp, "ObjectLostError", "an argument's object was lost before it reached this node");
-      td__obj_from_bytes(n, s.deps[i], OBJ_ERROR, n->tmp.p, n->tmp.len);
-    } else {
-      td__obj_from_bytes(n, s.deps[i], kind == TD_V_ERROR ? OBJ_ERROR : OBJ_READY, vp, vl);
-    }
-    made[nmade++] = s.deps[i];
-  }
+  td__node_task_args(n, rd, &s, nd, made, &nmade);
   if (!rd->bad) {
     rc = 0;
-    /* The head places, retries and restarts; here it just runs. */
-    s.strategy = TD_ST_DEFAULT;
-    s.pg_id = 0;
-    s.max_restarts = 0;
-    s.retry_exceptions = 0;  /* the head sees the error and retries */
-    const char *msg = NULL;
-    n->submitter = wk->id;  /* prints go back to the head, as this task's */
-    n->submitter_task = htid;
-    n->from_head = 1;       /* the head keeps its lineage */
-    int sub = s.kind == TD_K_ACTOR_CALL && !td_map_get(&n->actors, s.actor_id)
-                  ? (msg = "the actor is not on this node", TD_EINVAL)
-                  : td_node_submit(n, &s, &msg);
-    n->submitter = n->submitter_task = 0;
-    n->from_head = 0;
-    if (sub == 0) {
-      td_fwd_t *f = td_xcalloc(1, sizeof(*f));
-      f->task = htid;
-      f->kind = s.kind;
-      f->nret = s.nret;
-      f->actor = s.actor_id;
-      uint32_t nr = s.nret < 0 ? 1 : (uint32_t)s.nret;
-      f->rets = td_xmalloc(nr * 8 + 8);
-      memcpy(f->rets, s.rets, nr * 8);
-      td_map_set(&n->fwd, htid, f);
-      for (uint32_t i = 0; i < nr; i++) {
-        td_obj_t *o = td__obj(n, s.rets[i]);
-        if (!o) continue;
-        o->fwd = f;
-        if (o->state != OBJ_PENDING) td__obj_wake(n, o);
-      }
-      if (s.kind == TD_K_ACTOR_NEW) {
-        td_actor_t *a = td_map_get(&n->actors, s.actor_id);
-        if (a) a->fwd_attempt = attempt;
-      }
-    } else {
-      td__errblob(&n->tmp, s.kind == TD_K_ACTOR_CALL ? "ActorDiedError" : "TaskError", msg);
-      td_chan_begin(&wk->ch, TD_M_DONE);
-      td_buf_u64(&wk->ch.out, htid);
-      td_buf_u8(&wk->ch.out, 0);
-      td_buf_str(&wk->ch.out, n->tmp.p, n->tmp.len);
-      td_chan_end(&wk->ch);
-    }
+    td__node_task_run(n, wk, &s, htid, attempt);
   }
   for (uint32_t i = 0; i < nmade; i++) td_node_decref(n, made[i]);
   free(made);

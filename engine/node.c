@@ -142,6 +142,36 @@ void td__link_chan(td_wk_t *wk) {
   wk->ch.split_head = TD__CHUNK_HEAD;
 }
 
+/* -- What the object table tells the other modules ------------------------------------
+ * obj.c keeps objects; it knows nothing of who waits on them, where else
+ * they are or how they are made again. What changes there goes through
+ * these three, which tell each module in turn. */
+
+/* o is ready or failed: nodes that asked for its chunks get them, then what
+ * waits on it (tasks, requests) wakes. Last, as waking may free o. */
+void td__obj_done(td_node_t *n, td_obj_t *o) {
+  if (n->ncwait) td__cwait_serve(n, o->id);
+  td__obj_wake(n, o);
+}
+
+/* o is being freed (out of the table, its value still there): a fetch of
+ * it ends (the head hears it did not land), chunk requests for it are
+ * answered, its lineage goes, and so does the ref held on its owner's copy. */
+void td__obj_freeing(td_node_t *n, td_obj_t *o) {
+  if (o->chunked) td__have(n, o, 0);
+  if (n->ncwait) td__cwait_serve(n, o->id);
+  if (n->lineage.len) free(td_map_del(&n->lineage, o->id));
+  if (n->lin_kept.len) td__lineage_drop(n, o->id);
+  if (o->foreign) td__unhold(n, o);
+}
+
+/* An object of producer is gone: a task kept only until its results were
+ * fetched (T_FETCHING) ends with the last of them. */
+void td__obj_freed(td_node_t *n, td_task_t *producer) {
+  if (producer && producer->state == T_FETCHING && !td__task_fetching(n, producer))
+    td__task_finish(n, producer);
+}
+
 /* -- Messages: from workers, clients, nodes and the head ------------------------------ */
 
 /* Who may send what. A message from any other kind of sender is malformed:

@@ -486,6 +486,9 @@ void td__inflight_add(td_node_t *n, td_wk_t *wk, td_task_t *t);
 void td__inflight_del(td_node_t *n, td_wk_t *wk, td_task_t *t);
 void td__link_chan(td_wk_t *wk);
 const char *td__msg_name(uint8_t type);
+void td__obj_done(td_node_t *n, td_obj_t *o);
+void td__obj_freeing(td_node_t *n, td_obj_t *o);
+void td__obj_freed(td_node_t *n, td_task_t *producer);
 void td__put_lstr(td_buf_t *b, const char *s);
 
 /* obj.c: the object table. */

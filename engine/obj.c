@@ -33,26 +33,22 @@ void td__obj_free(td_node_t *n, td_obj_t *o) {
   /* A task kept for the result it was still to fetch (T_FETCHING) ends
    * with the last such result. */
   td_task_t *pt = o->producer && (o->away || o->chunked) ? o->producer : NULL;
-  if (o->chunked) {  /* freed while it was coming in */
-    td__have(n, o, 0);
+  td__obj_freeing(n, o);
+  if (o->chunked) { /* freed while it was coming in */
     td_store_free(n->store, o->off, o->len);
     o->chunked = 0;
   }
-  if (n->ncwait) td__cwait_serve(n, o->id);
   if (o->copies) {
     free(o->copies->c);
     free(o->copies);
   }
-  if (n->lineage.len) free(td_map_del(&n->lineage, o->id));
-  if (n->lin_kept.len) td__lineage_drop(n, o->id);
-  if (o->foreign) td__unhold(n, o);
   td__obj_release_data(n, o);
   for (uint32_t i = 0; i < o->ncontained; i++) td_node_decref(n, o->contained[i]);
   for (uint32_t i = 0; i < o->nitems; i++) td_node_decref(n, o->items[i]);
   free(o->contained);
   free(o->items);
   free(o->waiters);
-  if (pt && pt->state == T_FETCHING && !td__task_fetching(n, pt)) td__task_finish(n, pt);
+  td__obj_freed(n, pt);
   if (n->nobj_pool < TD_POOL_MAX) {
     if (!n->obj_pool) n->obj_pool = td_xmalloc(TD_POOL_MAX * sizeof(void *));
     n->obj_pool[n->nobj_pool++] = o;
@@ -194,8 +190,7 @@ void td__obj_set(td_node_t *n, td_obj_t *o, int state, int shm, const uint8_t *d
     for (uint32_t i = 0; i < nrefs; i++) td_node_incref(n, refs[i]);
   }
   o->producer = NULL;
-  if (n->ncwait) td__cwait_serve(n, o->id);  /* other nodes asked for its chunks */
-  td__obj_wake(n, o);  /* last: it may free o */
+  td__obj_done(n, o); /* last: it may free o */
 }
 
 void td__obj_fail(td_node_t *n, td_obj_t *o, const uint8_t *blob, size_t len) {

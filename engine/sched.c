@@ -204,134 +204,140 @@ static void td__actor_start(td_node_t *n, td_actor_t *a, td_wk_t *host) {
   td__actor_pump(n, a);
 }
 
+/* What one pass of the scheduler did with a queued task: placed it (the
+ * pass goes on as if from the start), missed it (256 misses in a row end
+ * the pass), or passed it by without counting. */
+enum { SCHED_PLACED, SCHED_MISSED, SCHED_PASSED };
+
+/* Placed by td__place on a link (where 1), or infeasible (where 3). */
+static void td__sched_placed(td_node_t *n, td_task_t *t, int where, double *pool, int bundle, td_wk_t *to,
+                             int hold, const char *why) {
+  tq_del(&n->queue, t);
+  if (where == 3 && t->spec.kind == TD_K_TASK) {
+    td__task_fail(n, t, "TaskError", why);
+  } else if (where == 3) {
+    t->state = T_SENT;
+    td__actor_die(n, t->actor, why);
+  } else if (t->spec.kind == TD_K_TASK) {
+    if (hold) td__take(hold == 2 ? pool : to->navail, t, 1);
+    t->node_held = (uint8_t)hold;
+    t->held_bundle = bundle;
+    td__send_task(n, to, t);
+  } else {
+    td_actor_t *a = t->actor;
+    if (hold) td__take(hold == 2 ? pool : to->navail, t, 1);
+    a->res_node = hold == 1 ? to : NULL;
+    a->res_held = hold == 1;
+    a->pg_share = hold == 2 ? (uint32_t)bundle + 1 : 0;
+    td__actor_start(n, a, to);
+  }
+}
+
+/* An actor created here: its resources, its GPUs, a process to host it. */
+static int td__sched_actor(td_node_t *n, td_task_t *t, double *pool, int bundle) {
+  td_actor_t *a = t->actor;
+  if (!pool || !td__fits(pool, t)) return SCHED_MISSED;
+  int gpus[16];
+  double g = td__task_gpus(t);
+  int k = td__gpus_take(n, g, gpus);
+  if (g > 0 && !k) return SCHED_MISSED;
+  td__take(pool, t, 1);
+  a->res_held = t->spec.pg_id == 0;
+  a->pg_share = t->spec.pg_id ? (uint32_t)bundle + 1 : 0;
+  memcpy(a->gpus, gpus, sizeof(int) * (size_t)k);
+  a->ngpus = k;
+  td_wk_t *host = td__pick_host(n, a);
+  if (!host) {
+    td__take(pool, t, -1);
+    td__gpus_give(n, g, gpus, k);
+    a->res_held = 0;
+    a->pg_share = 0;
+    return SCHED_MISSED;
+  }
+  tq_del(&n->queue, t);
+  td__actor_start(n, a, host);
+  return SCHED_PASSED;
+}
+
+/* A task run here: leased to an idle task worker when it fits (one is
+ * started if none is idle), else pipelined behind a leased worker of the
+ * same shape. */
+static int td__sched_task(td_node_t *n, td_task_t *t, double *pool, int bundle) {
+  int nidle;
+  td_wk_t *idle;
+  int active = td__task_workers(n, &nidle, &idle);
+  if (pool && td__fits(pool, t)) {
+    int cap = (int)(n->total[TD_RES_CPU] > 1 ? n->total[TD_RES_CPU] : 1);
+    if (!idle && active < 4 * cap + 8) idle = td__spawn(n, WK_TASK, NULL, 0);
+    if (idle) {
+      int gpus[16];
+      double g = td__task_gpus(t);
+      int k = td__gpus_take(n, g, gpus);
+      if (!(g > 0 && !k)) {
+        tq_del(&n->queue, t);
+        td__take(pool, t, 1);
+        idle->leased = 1;
+        memset(idle->lease, 0, sizeof(idle->lease));
+        for (int i = 0; i < t->nres; i++) idle->lease[t->res_idx[i]] += t->res_amt[i];
+        idle->lease_pg = t->spec.pg_id;
+        idle->lease_bundle = bundle;
+        memcpy(idle->gpus, gpus, sizeof(int) * (size_t)k);
+        idle->ngpus = k;
+        td__send_task(n, idle, t);
+        return SCHED_PLACED;
+      }
+    }
+  }
+  td_wk_t *best = NULL;
+  for (int i = 0; i < n->nwks; i++) {
+    td_wk_t *w = n->wks[i];
+    if (w->dead || w->kind != WK_TASK || !w->leased || w->blocked) continue;
+    if (w->inflight.len >= TD_PIPELINE || w->nslow || !td__same_shape(w, t, bundle)) continue;
+    if (!best || w->inflight.len < best->inflight.len) best = w;
+  }
+  if (!best) return SCHED_MISSED;
+  tq_del(&n->queue, t);
+  td__send_task(n, best, t);
+  return SCHED_PLACED;
+}
+
+static int td__sched_one(td_node_t *n, td_task_t *t) {
+  int bundle;
+  double *pool = td__pool(n, t, &bundle);
+  td_wk_t *to;
+  int hold;
+  char why[200];
+  if (t->restored && td_now() < n->adopt_until) return SCHED_MISSED;
+  if (t->restored && td__restored_gone(n, t)) return SCHED_PASSED;
+  if (t->has_away && td__away_wait(n, t, 0)) { /* an argument is being made again */
+    tq_del(&n->queue, t);
+    t->state = T_WAITDEPS;
+    return SCHED_PASSED;
+  }
+  int where = td__place(n, t, bundle, pool && td__fits(pool, t), &to, &hold, why, sizeof(why));
+  if (where == 3 || where == 1) {
+    td__sched_placed(n, t, where, pool, bundle, to, hold, why);
+    return SCHED_PLACED;
+  }
+  if (where == 2) return SCHED_MISSED;
+  if (t->has_away && td__away_wait(n, t, 1)) { /* to run here: its arguments come here first */
+    tq_del(&n->queue, t);
+    t->state = T_WAITDEPS;
+    return SCHED_PASSED;
+  }
+  if (t->spec.kind == TD_K_ACTOR_NEW) return td__sched_actor(n, t, pool, bundle);
+  return td__sched_task(n, t, pool, bundle);
+}
+
+/* One pass over the queue, oldest first: each task is placed on a link,
+ * failed, started here, or left for a later pass. */
 void td__sched(td_node_t *n) {
   for (td_pg_t *pg = n->pgs; pg; pg = pg->next) td__try_pg(n, pg);
   int misses = 0;
-  td_task_t *t = n->queue.head;
-  while (t && misses < 256) {
-    td_task_t *next = t->next;
-    int bundle;
-    double *pool = td__pool(n, t, &bundle);
-    td_wk_t *to;
-    int hold;
-    char why[200];
-    if (t->restored && td_now() < n->adopt_until) { misses++; t = next; continue; }
-    if (t->restored && td__restored_gone(n, t)) { t = next; continue; }
-    if (t->has_away && td__away_wait(n, t, 0)) {  /* an argument is being made again */
-      tq_del(&n->queue, t);
-      t->state = T_WAITDEPS;
-      t = next;
-      continue;
-    }
-    int where = td__place(n, t, bundle, pool && td__fits(pool, t), &to, &hold, why, sizeof(why));
-    if (where == 3 || where == 1) {
-      tq_del(&n->queue, t);
-      if (where == 3 && t->spec.kind == TD_K_TASK) {
-        td__task_fail(n, t, "TaskError", why);
-      } else if (where == 3) {
-        t->state = T_SENT;
-        td__actor_die(n, t->actor, why);
-      } else if (t->spec.kind == TD_K_TASK) {
-        if (hold) td__take(hold == 2 ? pool : to->navail, t, 1);
-        t->node_held = (uint8_t)hold;
-        t->held_bundle = bundle;
-        td__send_task(n, to, t);
-      } else {
-        td_actor_t *a = t->actor;
-        if (hold) td__take(hold == 2 ? pool : to->navail, t, 1);
-        a->res_node = hold == 1 ? to : NULL;
-        a->res_held = hold == 1;
-        a->pg_share = hold == 2 ? (uint32_t)bundle + 1 : 0;
-        td__actor_start(n, a, to);
-      }
-      misses = 0;
-      t = next;
-      continue;
-    }
-    if (where == 2) { misses++; t = next; continue; }
-    if (t->has_away && td__away_wait(n, t, 1)) {  /* to run here: its arguments come here first */
-      tq_del(&n->queue, t);
-      t->state = T_WAITDEPS;
-      t = next;
-      continue;
-    }
-    if (t->spec.kind == TD_K_ACTOR_NEW) {
-      td_actor_t *a = t->actor;
-      if (pool && td__fits(pool, t)) {
-        int gpus[16];
-        double g = td__task_gpus(t);
-        int k = td__gpus_take(n, g, gpus);
-        if (g > 0 && !k) { misses++; t = next; continue; }
-        td__take(pool, t, 1);
-        a->res_held = t->spec.pg_id == 0;
-        a->pg_share = t->spec.pg_id ? (uint32_t)bundle + 1 : 0;
-        memcpy(a->gpus, gpus, sizeof(int) * (size_t)k);
-        a->ngpus = k;
-        td_wk_t *host = td__pick_host(n, a);
-        if (!host) {
-          td__take(pool, t, -1);
-          td__gpus_give(n, g, gpus, k);
-          a->res_held = 0;
-          a->pg_share = 0;
-          misses++;
-          t = next;
-          continue;
-        }
-        tq_del(&n->queue, t);
-        td__actor_start(n, a, host);
-      } else {
-        misses++;
-      }
-      t = next;
-      continue;
-    }
-    int nidle;
-    td_wk_t *idle;
-    int active = td__task_workers(n, &nidle, &idle);
-    if (pool && td__fits(pool, t)) {
-      int cap = (int)(n->total[TD_RES_CPU] > 1 ? n->total[TD_RES_CPU] : 1);
-      int cpu_free_task = 1;
-      for (int i = 0; i < t->nres; i++)
-        if (t->res_idx[i] == TD_RES_CPU && t->res_amt[i] > 0) cpu_free_task = 0;
-      /* It fits, so it may run now: a worker is started if none is idle. */
-      (void)cpu_free_task;
-      if (!idle && active < 4 * cap + 8) idle = td__spawn(n, WK_TASK, NULL, 0);
-      if (idle) {
-        int gpus[16];
-        double g = td__task_gpus(t);
-        int k = td__gpus_take(n, g, gpus);
-        if (!(g > 0 && !k)) {
-          tq_del(&n->queue, t);
-          td__take(pool, t, 1);
-          idle->leased = 1;
-          memset(idle->lease, 0, sizeof(idle->lease));
-          for (int i = 0; i < t->nres; i++) idle->lease[t->res_idx[i]] += t->res_amt[i];
-          idle->lease_pg = t->spec.pg_id;
-          idle->lease_bundle = bundle;
-          memcpy(idle->gpus, gpus, sizeof(int) * (size_t)k);
-          idle->ngpus = k;
-          td__send_task(n, idle, t);
-          t = next;
-          misses = 0;
-          continue;
-        }
-      }
-    }
-    /* Pipeline behind a leased worker of the same shape. */
-    td_wk_t *best = NULL;
-    for (int i = 0; i < n->nwks; i++) {
-      td_wk_t *w = n->wks[i];
-      if (w->dead || w->kind != WK_TASK || !w->leased || w->blocked) continue;
-      if (w->inflight.len >= TD_PIPELINE || w->nslow || !td__same_shape(w, t, bundle)) continue;
-      if (!best || w->inflight.len < best->inflight.len) best = w;
-    }
-    if (best) {
-      tq_del(&n->queue, t);
-      td__send_task(n, best, t);
-      misses = 0;
-    } else {
-      misses++;
-    }
-    t = next;
+  for (td_task_t *t = n->queue.head, *next; t && misses < 256; t = next) {
+    next = t->next;
+    int r = td__sched_one(n, t);
+    if (r == SCHED_PLACED) misses = 0;
+    else if (r == SCHED_MISSED) misses++;
   }
 }

@@ -111,6 +111,67 @@ static int td__ask_stack(const td_wk_t *wk) {
          kill(wk->pid, SIGUSR2) == 0;
 }
 
+/* A queued task or call: behind its actor's other calls, or waiting for
+ * resources (and for what: a bundle, a node that had them, its turn). */
+static void td__task_queued(td_node_t *n, td_task_t *t, td_wb_t *b, int depth, double now) {
+  if (t->actor && t->on == &t->actor->queue) {
+    int ahead = 0;
+    for (td_task_t *q = t->actor->queue.head; q && q != t; q = q->next) ahead++;
+    td__wf(b, " is queued at its actor %016llx (state %s), %d call%s before it",
+           (unsigned long long)t->actor->id, td__actor_word(t->actor->state), ahead, ahead == 1 ? "" : "s");
+    if (t->actor->state == A_PENDING && t->actor->create && t->actor->create != t && depth == 0) {
+      td__wf(b, "\n  the actor: ");
+      td__task(n, t->actor->create, b, depth + 1, 0, now);
+    } else if (t->actor->state == A_ALIVE && t->actor->host) {
+      td__wf(b, "; the actor runs in worker pid %d with %d call%s in flight", (int)t->actor->host->pid,
+             t->actor->host->inflight.len, t->actor->host->inflight.len == 1 ? "" : "s");
+    }
+    return;
+  }
+  td__wf(b, " is queued for resources: it asks for ");
+  td__demand(n, t, b);
+  char why[400];
+  td__task_infeasible(n, t, why, sizeof(why));
+  if (why[0]) {
+    td__wf(b, "; %s", why);
+    if (t->unplaced)
+      td__wf(b, " (it waits %.0f s more for a node that had it to rejoin)", n->settle_until - now);
+    return;
+  }
+  int bundle;
+  double *pool = td__pool(n, t, &bundle);
+  if (t->spec.pg_id) {
+    if (!pool) {
+      td__wf(b,
+             "; its placement group %016llx is not created yet (its bundles wait for resources) or was "
+             "removed",
+             (unsigned long long)t->spec.pg_id);
+      return;
+    }
+    td_pg_t *pg = td__pg(n, t->spec.pg_id);
+    td__wf(b, " from bundle %d of placement group %016llx: ", bundle + 1, (unsigned long long)t->spec.pg_id);
+    td__free(n, t, pool, pg->total[bundle], b);
+    return;
+  }
+  int fits_here = td__fits(n->avail, t), fits_node = -1;
+  for (int i = 0; i < n->nwks && fits_node < 0; i++) {
+    td_wk_t *w = n->wks[i];
+    if (w->kind == WK_NODE && w->joined && !w->dead && td__fits(w->navail, t)) fits_node = (int)w->node_index;
+  }
+  int ahead = 0;
+  for (td_task_t *q = n->queue.head; q && q != t; q = q->next) ahead++;
+  if (fits_here || fits_node >= 0) {
+    td__wf(b, "; node-%u has that free now: it waits its turn (%d queued before it) or a worker starting",
+           fits_here ? n->index : (uint32_t)fits_node, ahead);
+  } else {
+    td__wf(b, "; no node has that free now (node-%u: ", n->index);
+    td__free(n, t, n->avail, n->total, b);
+    td__wf(b, "%s): it waits for running work to finish, %d queued before it",
+           n->nlinks ? "; other nodes are short too" : "", ahead);
+  }
+  return;
+}
+
 static void td__task(td_node_t *n, td_task_t *t, td_wb_t *b, int depth, int stack, double now) {
   td__wf(b, "%s ", td__kind_word(t));
   td__name(t, b);
@@ -130,67 +191,7 @@ static void td__task(td_node_t *n, td_task_t *t, td_wb_t *b, int depth, int stac
       }
       return;
     }
-    case T_QUEUED: {
-      if (t->actor && t->on == &t->actor->queue) {
-        int ahead = 0;
-        for (td_task_t *q = t->actor->queue.head; q && q != t; q = q->next) ahead++;
-        td__wf(b, " is queued at its actor %016llx (state %s), %d call%s before it",
-               (unsigned long long)t->actor->id, td__actor_word(t->actor->state), ahead,
-               ahead == 1 ? "" : "s");
-        if (t->actor->state == A_PENDING && t->actor->create && t->actor->create != t && depth == 0) {
-          td__wf(b, "\n  the actor: ");
-          td__task(n, t->actor->create, b, depth + 1, 0, now);
-        } else if (t->actor->state == A_ALIVE && t->actor->host) {
-          td__wf(b, "; the actor runs in worker pid %d with %d call%s in flight", (int)t->actor->host->pid,
-                 t->actor->host->inflight.len, t->actor->host->inflight.len == 1 ? "" : "s");
-        }
-        return;
-      }
-      td__wf(b, " is queued for resources: it asks for ");
-      td__demand(n, t, b);
-      char why[400];
-      td__task_infeasible(n, t, why, sizeof(why));
-      if (why[0]) {
-        td__wf(b, "; %s", why);
-        if (t->unplaced)
-          td__wf(b, " (it waits %.0f s more for a node that had it to rejoin)", n->settle_until - now);
-        return;
-      }
-      int bundle;
-      double *pool = td__pool(n, t, &bundle);
-      if (t->spec.pg_id) {
-        if (!pool) {
-          td__wf(b,
-                 "; its placement group %016llx is not created yet (its bundles wait for resources) or was "
-                 "removed",
-                 (unsigned long long)t->spec.pg_id);
-          return;
-        }
-        td_pg_t *pg = td__pg(n, t->spec.pg_id);
-        td__wf(b, " from bundle %d of placement group %016llx: ", bundle + 1,
-               (unsigned long long)t->spec.pg_id);
-        td__free(n, t, pool, pg->total[bundle], b);
-        return;
-      }
-      int fits_here = td__fits(n->avail, t), fits_node = -1;
-      for (int i = 0; i < n->nwks && fits_node < 0; i++) {
-        td_wk_t *w = n->wks[i];
-        if (w->kind == WK_NODE && w->joined && !w->dead && td__fits(w->navail, t))
-          fits_node = (int)w->node_index;
-      }
-      int ahead = 0;
-      for (td_task_t *q = n->queue.head; q && q != t; q = q->next) ahead++;
-      if (fits_here || fits_node >= 0) {
-        td__wf(b, "; node-%u has that free now: it waits its turn (%d queued before it) or a worker starting",
-               fits_here ? n->index : (uint32_t)fits_node, ahead);
-      } else {
-        td__wf(b, "; no node has that free now (node-%u: ", n->index);
-        td__free(n, t, n->avail, n->total, b);
-        td__wf(b, "%s): it waits for running work to finish, %d queued before it",
-               n->nlinks ? "; other nodes are short too" : "", ahead);
-      }
-      return;
-    }
+    case T_QUEUED: td__task_queued(n, t, b, depth, now); return;
     case T_SENT: {
       td_wk_t *wk = t->wk;
       double since = t->sent_at > 0 ? now - t->sent_at : -1;
