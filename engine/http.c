@@ -1,206 +1,21 @@
-/* Tide HTTP ingress: HTTP/1.1 server on libuv + llhttp.
- * See http.h for the threading and ownership rules.
+/* Tide HTTP ingress: HTTP/1.1 server on libuv + llhttp. This file holds the
+ * server and its connections: buffers, request ids and the request pool,
+ * each connection's queue (responses leave in request order), writing,
+ * deadlines, reading, accepting and the server's lifetime. Requests are
+ * parsed in http_parse.c and responses made in http_respond.c; the three
+ * share the records in http_int.h. See http.h for the threading and
+ * ownership rules.
  */
-#include "http.h"
+#include "http_int.h"
 
-#include <llhttp.h>
 #include <malloc.h>
-#include <pthread.h>
 #include <signal.h>
-#include <stddef.h>
 #include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/eventfd.h>
 #include <time.h>
-#include <unistd.h>
-
-/* -- Constants ----------------------------------------------------------- */
-
-#define TD__HTTP_READ_BUF (64 * 1024)                /* one shared read buffer */
-#define TD__HTTP_HIGH_WATER (1024 * 1024)            /* unsent bytes that pause parsing */
-#define TD__HTTP_CONN_BUDGET (4 * 1024 * 1024)       /* queued requests' bytes that pause parsing */
-#define TD__HTTP_SERVER_BUDGET (64 * 1024 * 1024)    /* the same, all connections together */
-#define TD__HTTP_EAGER_FLUSH (256 * 1024)            /* stream bytes that are written at once */
-#define TD__HTTP_KEEP_BUF (64 * 1024)                /* pooled buffers above this are freed */
-#define TD__HTTP_POOL_MAX 256                        /* idle request structs kept */
-#define TD__HTTP_LINGER_MS 2000                      /* read-and-discard after our FIN */
-#define TD__HTTP_NEVER UINT64_MAX
-
-/* Error responses the server writes itself: one table of messages. */
-static const struct {
-  int status;      /* HTTP status */
-  const char *msg; /* JSON "error" text */
-} td__http_errmsg[] = {
-    {400, "malformed HTTP request"},
-    {405, "method not allowed"},
-    {408, "request not received in time"},
-    {413, "request body too large"},
-    {414, "request target too long"},
-    {431, "request header fields too large"},
-    {500, "internal server error"},
-    {503, "server out of memory"},
-    {504, "no response in time"},
-    {505, "HTTP version not supported"},
-};
-
-/* -- Types --------------------------------------------------------------- */
-
-/* A growable byte buffer. */
-typedef struct td__hbuf {
-  char *p;    /* bytes */
-  size_t len; /* used */
-  size_t cap; /* allocated */
-} td__hbuf_t;
-
-/* Offsets of one request header inside the request's arena. */
-typedef struct td__hoff {
-  uint32_t no; /* name offset */
-  uint32_t nl; /* name length */
-  uint32_t vo; /* value offset */
-  uint32_t vl; /* value length */
-} td__hoff_t;
-
-enum {
-  TD__RQ_PARSING = 0, /* bytes still arriving */
-  TD__RQ_DISPATCHED,  /* handed to on_request; no response yet */
-  TD__RQ_STREAMING,   /* stream started; chunks follow */
-  TD__RQ_DONE         /* whole response queued; waits for its turn to be sent */
-};
-
-enum {
-  TD__FR_LENGTH = 0, /* Content-Length (whole responses) */
-  TD__FR_CHUNKED,    /* Transfer-Encoding: chunked */
-  TD__FR_CLOSE,      /* raw bytes, the connection's close ends it (HTTP/1.0) */
-  TD__FR_NONE        /* no body allowed (HEAD, 204, 304): writes are dropped */
-};
-
-typedef struct td__http_req td__http_req_t;
-struct td__http_req {
-  td_http_request_t pub;  /* the view handed to on_request */
-  td__http_conn_t *conn;  /* the connection it arrived on */
-  td__http_req_t *next;   /* next in the connection's queue, or in the pool */
-  uint8_t has_id;         /* its id is live (in srv->ids) */
-  uint8_t state;          /* TD__RQ_* */
-  uint8_t framing;        /* TD__FR_* of a streamed response */
-  uint8_t head_only;      /* HEAD request: headers only */
-  uint8_t close_after;    /* the connection ends after this response */
-  uint8_t healthz;        /* answered by the server */
-  uint8_t drain_armed;    /* td_http_stream_notify asked for an on_drain call */
-  uint8_t log_cut;        /* its streamed response was aborted (access log) */
-  int log_status;         /* status of the response made, 0 before (access log) */
-  uint64_t log_bytes;     /* body bytes of it (access log) */
-  size_t drain_low;       /* ... when its unsent output is at most this */
-  uint64_t t_start;       /* loop time of its first byte */
-  uint64_t t_dispatch;    /* loop time it was handed to on_request */
-  size_t url_len;         /* request target length (arena offset 0) */
-  size_t body_off;        /* arena offset of the body */
-  td__hbuf_t in;          /* arena: target, header names and values, body */
-  td__hbuf_t out;         /* response bytes made while not at the queue head */
-  td__hoff_t *hoff;       /* header offsets while parsing */
-  size_t nhoff;           /* headers parsed */
-  size_t choff;           /* capacity of hoff */
-  td_http_header_t *hdrs; /* header views built when the request completes */
-  size_t chdrs;           /* capacity of hdrs */
-};
-
-struct td__http_conn {
-  uv_tcp_t tcp;             /* the socket (unused for virtual connections) */
-  uv_timer_t timer;         /* deadlines: request, response, idle, send, linger */
-  uv_write_t wreq;          /* the one write in flight */
-  uv_shutdown_t sreq;       /* our FIN before closing */
-  llhttp_t parser;          /* request parser */
-  td_http_server_t *srv;    /* owner */
-  td__http_conn_t *prev;    /* srv->conns list */
-  td__http_conn_t *next;    /* srv->conns list */
-  td__http_conn_t *dnext;   /* srv->dirty list */
-  td__http_req_t *qhead;    /* requests in arrival order; the head answers first */
-  td__http_req_t *qtail;    /* last queued */
-  td__http_req_t *cur;      /* request being parsed (also queued) */
-  td__http_req_t *ready;    /* request just completed by the parser */
-  unsigned nq;              /* queued requests */
-  td__hbuf_t wbuf;          /* bytes to write next */
-  td__hbuf_t wflight;       /* bytes handed to uv_write */
-  td__hbuf_t stash;         /* received bytes not parsed while parsing is paused */
-  size_t stash_off;         /* first unparsed byte in stash */
-  size_t held;              /* conn_held and unsent output, as counted in srv->held */
-  size_t hbytes;            /* request line + header bytes of the current request */
-  uint64_t id;              /* connection number, for logs */
-  char peer[48];            /* client address, for the access log */
-  uint64_t t_activity;      /* loop time of the last read or response */
-  uint64_t t_write;         /* loop time the write in flight last made progress */
-  size_t wq_mark;           /* libuv's write queue size then */
-  uint64_t t_linger;        /* loop time our FIN was sent */
-  uint64_t timer_due;       /* when the armed timer fires */
-  int err_status;           /* status picked by a parser callback that failed */
-  int nclosing;             /* handle close callbacks still to come */
-  td__http_sink_cb sink;    /* virtual connections: where output goes */
-  void *sink_ud;            /* its argument */
-  uint8_t hstate;           /* 0 between headers, 1 in a name, 2 in a value */
-  uint8_t in_body;          /* headers complete: later fields are trailers */
-  uint8_t virt;             /* in-memory connection (tests, fuzzer) */
-  uint8_t dirty;            /* in srv->dirty */
-  uint8_t dead;             /* killed: no more I/O, waiting to be freed */
-  uint8_t stop_parsing;     /* no more requests are read (close after the queue) */
-  uint8_t writing;          /* a uv_write is in flight */
-  uint8_t paused;           /* parsing paused: pipeline full or output backlog */
-  uint8_t shut;             /* shutdown requested */
-  uint8_t lingering;        /* shutdown done, discarding input until EOF */
-};
-
-/* A response call made on another thread, queued for the loop thread. */
-typedef struct td__http_cmd td__http_cmd_t;
-struct td__http_cmd {
-  td__http_cmd_t *next; /* queue */
-  int op;               /* TD__OP_* */
-  td_http_req_id id;    /* request */
-  int status;           /* respond, stream_start; notify: its level */
-  size_t nh;            /* headers (copied after this struct) */
-  td_http_header_t *h;  /* copied headers */
-  const char *data;     /* copied body or chunk */
-  size_t len;           /* its length */
-};
-
-enum { TD__OP_RESPOND = 1, TD__OP_START, TD__OP_WRITE, TD__OP_END, TD__OP_ABORT, TD__OP_NOTIFY };
-
-struct td_http_server {
-  uv_loop_t *loop;            /* the loop it runs on */
-  td_http_opts_t o;           /* options with defaults filled in */
-  pthread_t thread;           /* the loop thread */
-  uv_tcp_t listener;          /* listening socket */
-  uv_prepare_t prepare;       /* flushes dirty connections before the loop blocks */
-  uv_async_t async;           /* wakes the loop for calls from other threads */
-  int listen_tried;           /* td_http_server_listen was called */
-  int port;                   /* bound port */
-  td__http_conn_t *conns;     /* open connections */
-  td__http_conn_t *dirty;     /* connections with output or parsing to resume */
-  td__http_req_t **ids;       /* live requests by id: open addressing, linear probing */
-  size_t ids_cap;             /* table size, a power of two (0 before the first) */
-  size_t ids_count;           /* live ids */
-  td_http_req_id next_id;     /* ids are 1, 2, 3, ...: exact in a double for ages */
-  td__http_req_t *pool;       /* idle request structs */
-  unsigned npool;             /* their number */
-  td_http_stats_t st;         /* counters */
-  pthread_mutex_t mu;         /* guards cmds, mq_closed */
-  td__http_cmd_t *cmd_head;   /* calls from other threads */
-  td__http_cmd_t *cmd_tail;   /* last one */
-  int mq_closed;              /* no more cross-thread calls accepted */
-  int closing;                /* td_http_server_close was called */
-  int nhandles;               /* handles and connections not yet closed */
-  td_http_close_cb close_cb;  /* called when nhandles reaches 0 */
-  uint64_t next_conn_id;      /* connection numbering */
-  uint64_t date_tick;         /* second of the cached Date header */
-  uint64_t trim_at;           /* loop time memory was last given back (malloc_trim) */
-  size_t held;                /* what the connections hold (their c->held) */
-  uv_timer_t trim_timer;      /* the next trim, at most one a second */
-  size_t date_len;            /* its length */
-  char date[48];              /* "Date: ...\r\n" */
-  char rbuf[TD__HTTP_READ_BUF]; /* read buffer shared by all connections */
-};
 
 /* -- Buffers ------------------------------------------------------------- */
 
-static int hbuf_reserve(td__hbuf_t *b, size_t extra) {
+int td__http_hbuf_reserve(td__hbuf_t *b, size_t extra) {
   if (b->cap - b->len >= extra) return 0;
   size_t need = b->len + extra;
   if (need < b->len) return UV_ENOMEM;
@@ -213,17 +28,11 @@ static int hbuf_reserve(td__hbuf_t *b, size_t extra) {
   return 0;
 }
 
-static int hbuf_put(td__hbuf_t *b, const void *d, size_t n) {
-  if (hbuf_reserve(b, n)) return UV_ENOMEM;
+int td__http_hbuf_put(td__hbuf_t *b, const void *d, size_t n) {
+  if (td__http_hbuf_reserve(b, n)) return UV_ENOMEM;
   if (n) memcpy(b->p + b->len, d, n);
   b->len += n;
   return 0;
-}
-
-/* Appends without checking: callers reserved the room. */
-static void hbuf_raw(td__hbuf_t *b, const void *d, size_t n) {
-  memcpy(b->p + b->len, d, n);
-  b->len += n;
 }
 
 static void hbuf_free(td__hbuf_t *b) {
@@ -238,113 +47,10 @@ static void hbuf_recycle(td__hbuf_t *b) {
   b->len = 0;
 }
 
-static size_t fmt_u64(char *dst, uint64_t v) {
-  char t[24];
-  size_t n = 0;
-  do {
-    t[n++] = (char)('0' + v % 10);
-    v /= 10;
-  } while (v);
-  for (size_t i = 0; i < n; i++) dst[i] = t[n - 1 - i];
-  return n;
-}
-
-static size_t fmt_hex(char *dst, uint64_t v) {
-  static const char hx[] = "0123456789abcdef";
-  char t[24];
-  size_t n = 0;
-  do {
-    t[n++] = hx[v & 15];
-    v >>= 4;
-  } while (v);
-  for (size_t i = 0; i < n; i++) dst[i] = t[n - 1 - i];
-  return n;
-}
-
-/* -- Small helpers ------------------------------------------------------- */
-
-static int on_loop_thread(const td_http_server_t *srv) {
-  return pthread_equal(pthread_self(), srv->thread);
-}
-
-static int lower(int ch) { return (ch >= 'A' && ch <= 'Z') ? ch + 32 : ch; }
-
-static int ieq(const char *a, size_t an, const char *b) {
-  size_t bn = strlen(b);
-  if (an != bn) return 0;
-  for (size_t i = 0; i < an; i++)
-    if (lower((unsigned char)a[i]) != lower((unsigned char)b[i])) return 0;
-  return 1;
-}
-
-/* RFC 9110 token characters, for header names. */
-static int is_tchar(unsigned char ch) {
-  if ((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9'))
-    return 1;
-  return ch && strchr("!#$%&'*+-.^_`|~", ch) != NULL;
-}
-
-const char *td_http_status_text(int status) {
-  switch (status) {
-    case 100: return "Continue";
-    case 200: return "OK";
-    case 201: return "Created";
-    case 202: return "Accepted";
-    case 203: return "Non-Authoritative Information";
-    case 204: return "No Content";
-    case 205: return "Reset Content";
-    case 206: return "Partial Content";
-    case 301: return "Moved Permanently";
-    case 302: return "Found";
-    case 303: return "See Other";
-    case 304: return "Not Modified";
-    case 307: return "Temporary Redirect";
-    case 308: return "Permanent Redirect";
-    case 400: return "Bad Request";
-    case 401: return "Unauthorized";
-    case 402: return "Payment Required";
-    case 403: return "Forbidden";
-    case 404: return "Not Found";
-    case 405: return "Method Not Allowed";
-    case 406: return "Not Acceptable";
-    case 408: return "Request Timeout";
-    case 409: return "Conflict";
-    case 410: return "Gone";
-    case 411: return "Length Required";
-    case 412: return "Precondition Failed";
-    case 413: return "Content Too Large";
-    case 414: return "URI Too Long";
-    case 415: return "Unsupported Media Type";
-    case 416: return "Range Not Satisfiable";
-    case 417: return "Expectation Failed";
-    case 421: return "Misdirected Request";
-    case 422: return "Unprocessable Content";
-    case 425: return "Too Early";
-    case 426: return "Upgrade Required";
-    case 428: return "Precondition Required";
-    case 429: return "Too Many Requests";
-    case 431: return "Request Header Fields Too Large";
-    case 451: return "Unavailable For Legal Reasons";
-    case 500: return "Internal Server Error";
-    case 501: return "Not Implemented";
-    case 502: return "Bad Gateway";
-    case 503: return "Service Unavailable";
-    case 504: return "Gateway Timeout";
-    case 505: return "HTTP Version Not Supported";
-    case 507: return "Insufficient Storage";
-    default: return "Unknown";
-  }
-}
-
-const char *td_http_request_header(const td_http_request_t *req, const char *name) {
-  for (size_t i = 0; i < req->nheaders; i++)
-    if (ieq(req->headers[i].name, req->headers[i].name_len, name))
-      return req->headers[i].value;
-  return NULL;
-}
+/* -- The Date header ----------------------------------------------------- */
 
 /* The cached "Date: ...\r\n" line, refreshed once a second of loop time. */
-static void date_refresh(td_http_server_t *srv) {
+void td__http_date_refresh(td_http_server_t *srv) {
   static const char *wd[] = {"Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"};
   static const char *mo[] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun",
                              "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
@@ -363,7 +69,7 @@ static void date_refresh(td_http_server_t *srv) {
 
 /* -- Request ids and the request pool ------------------------------------ */
 
-static td__http_req_t *req_new(td__http_conn_t *c) {
+td__http_req_t *td__http_req_new(td__http_conn_t *c) {
   td_http_server_t *srv = c->srv;
   td__http_req_t *r = srv->pool;
   if (r) {
@@ -410,7 +116,7 @@ static int ids_grow(td_http_server_t *srv) {
 }
 
 /* Gives the request an id (it is about to be handed to on_request). */
-static int req_assign_id(td_http_server_t *srv, td__http_req_t *r) {
+int td__http_req_assign_id(td_http_server_t *srv, td__http_req_t *r) {
   if ((srv->ids_count + 1) * 2 > srv->ids_cap && ids_grow(srv)) return UV_ENOMEM;
   r->pub.id = ++srv->next_id;
   size_t mask = srv->ids_cap - 1, k = (size_t)r->pub.id & mask;
@@ -430,7 +136,7 @@ static size_t ids_index(const td_http_server_t *srv, td_http_req_id id) {
 }
 
 /* Kills the request's id: later calls with it get UV_ENOENT. */
-static void req_drop_id(td_http_server_t *srv, td__http_req_t *r) {
+void td__http_req_drop_id(td_http_server_t *srv, td__http_req_t *r) {
   if (!r->has_id) return;
   r->has_id = 0;
   size_t i = ids_index(srv, r->pub.id);
@@ -450,7 +156,7 @@ static void req_drop_id(td_http_server_t *srv, td__http_req_t *r) {
   }
 }
 
-static td__http_req_t *req_lookup(td_http_server_t *srv, td_http_req_id id) {
+td__http_req_t *td__http_req_lookup(td_http_server_t *srv, td_http_req_id id) {
   size_t k = ids_index(srv, id);
   return k == SIZE_MAX ? NULL : srv->ids[k];
 }
@@ -481,7 +187,7 @@ static void server_trim_soon(td_http_server_t *srv);
 
 static void req_release(td_http_server_t *srv, td__http_req_t *r) {
   req_log(srv, r);
-  req_drop_id(srv, r);
+  td__http_req_drop_id(srv, r);
   if (r->in.cap + r->out.cap > TD__HTTP_KEEP_BUF) server_trim_soon(srv);
   if (srv->npool >= TD__HTTP_POOL_MAX) {
     hbuf_free(&r->in);
@@ -508,14 +214,11 @@ static int req_live(const td__http_req_t *r) {
 /* -- Connection bookkeeping ---------------------------------------------- */
 
 static void conn_service(td__http_conn_t *c);
-static void conn_flush(td__http_conn_t *c);
-static void conn_timer_update(td__http_conn_t *c);
 static void conn_check_drain(td__http_conn_t *c);
-static void conn_parse(td__http_conn_t *c, const char *p, size_t n);
 
 static void on_prepare(uv_prepare_t *h);
 
-static void conn_mark_dirty(td__http_conn_t *c) {
+void td__http_conn_mark_dirty(td__http_conn_t *c) {
   if (c->dirty || c->dead) return;
   td_http_server_t *srv = c->srv;
   c->dirty = 1;
@@ -534,7 +237,7 @@ static void dirty_remove(td__http_conn_t *c) {
   c->dnext = NULL;
 }
 
-static void conn_enqueue(td__http_conn_t *c, td__http_req_t *r) {
+void td__http_conn_enqueue(td__http_conn_t *c, td__http_req_t *r) {
   r->next = NULL;
   if (c->qtail)
     c->qtail->next = r;
@@ -544,26 +247,9 @@ static void conn_enqueue(td__http_conn_t *c, td__http_req_t *r) {
   c->nq++;
 }
 
-/* Where a request's response bytes go: straight to the socket buffer when it
- * is the head of the queue, else into its own buffer until its turn. */
-static td__hbuf_t *req_target(td__http_req_t *r) {
-  return r == r->conn->qhead ? &r->conn->wbuf : &r->out;
-}
-
-/* Output the client has not taken: what waits behind a write the socket
- * could not take at once, plus what waits for its turn in the queue. Bytes
- * made in the current loop turn and not yet tried do not count, so a big
- * response written in pieces by one callback is not mistaken for a slow
- * client. */
-static size_t conn_backlog(const td__http_conn_t *c, const td__hbuf_t *target) {
-  size_t n = c->writing ? c->wbuf.len + c->wflight.len : 0;
-  if (target != &c->wbuf) n += target->len;
-  return n;
-}
-
 /* Pops finished requests off the head, moving the next one's buffered
  * output to the socket buffer, so responses leave in request order. */
-static void conn_advance(td__http_conn_t *c) {
+void td__http_conn_advance(td__http_conn_t *c) {
   td_http_server_t *srv = c->srv;
   int popped = 0;
   while (c->qhead && c->qhead->state == TD__RQ_DONE) {
@@ -575,7 +261,7 @@ static void conn_advance(td__http_conn_t *c) {
     popped = 1;
     td__http_req_t *h = c->qhead;
     if (h && h->out.len) {
-      if (hbuf_put(&c->wbuf, h->out.p, h->out.len)) {
+      if (td__http_hbuf_put(&c->wbuf, h->out.p, h->out.len)) {
         /* Out of memory: nothing sensible to send; the connection ends. */
         c->stop_parsing = 1;
         h->out.len = 0;
@@ -586,7 +272,7 @@ static void conn_advance(td__http_conn_t *c) {
   }
   if (popped) {
     c->t_activity = uv_now(srv->loop);
-    conn_mark_dirty(c);
+    td__http_conn_mark_dirty(c);
   }
 }
 
@@ -596,7 +282,7 @@ static void conn_advance(td__http_conn_t *c) {
  * td__http_virt_close. */
 static void on_conn_closed(uv_handle_t *h);
 
-static void conn_kill(td__http_conn_t *c, td_http_abort_reason_t reason) {
+void td__http_conn_kill(td__http_conn_t *c, td_http_abort_reason_t reason) {
   if (c->dead) return;
   td_http_server_t *srv = c->srv;
   c->dead = 1;
@@ -669,7 +355,7 @@ static void on_conn_closed(uv_handle_t *h) {
 
 /* Drops every request queued after `after` (all of them if NULL): the
  * connection is going to end behind it. */
-static void conn_drop_after(td__http_conn_t *c, td__http_req_t *after) {
+void td__http_conn_drop_after(td__http_conn_t *c, td__http_req_t *after) {
   td_http_server_t *srv = c->srv;
   td__http_req_t *r = after ? after->next : c->qhead;
   if (after) {
@@ -694,502 +380,6 @@ static void conn_drop_after(td__http_conn_t *c, td__http_req_t *after) {
   }
 }
 
-/* -- Response formatting ------------------------------------------------- */
-
-static int headers_valid(const td_http_header_t *h, size_t n) {
-  if (n && !h) return 0;
-  for (size_t i = 0; i < n; i++) {
-    if (!h[i].name || !h[i].value) return 0;
-    size_t nl = h[i].name_len ? h[i].name_len : strlen(h[i].name);
-    size_t vl = h[i].value_len ? h[i].value_len : strlen(h[i].value);
-    if (nl == 0) return 0;
-    for (size_t k = 0; k < nl; k++)
-      if (!is_tchar((unsigned char)h[i].name[k])) return 0;
-    for (size_t k = 0; k < vl; k++) {
-      unsigned char ch = (unsigned char)h[i].value[k];
-      if ((ch < 0x20 && ch != '\t') || ch == 0x7f) return 0; /* no CR/LF injection */
-    }
-  }
-  return 1;
-}
-
-/* Headers the server frames itself; the application's copies are ignored. */
-static int header_reserved(const char *name, size_t n) {
-  return ieq(name, n, "content-length") || ieq(name, n, "transfer-encoding") ||
-         ieq(name, n, "connection") || ieq(name, n, "date");
-}
-
-/* Writes the status line and headers of a response for r into b.
- * framing TD__FR_LENGTH sends Content-Length: clen. */
-static int fmt_head(td__hbuf_t *b, td__http_req_t *r, int status,
-                    const td_http_header_t *h, size_t nh, int framing, size_t clen) {
-  td_http_server_t *srv = r->conn->srv;
-  const char *reason = td_http_status_text(status);
-  size_t need = 64 + strlen(reason) + srv->date_len + 48;
-  for (size_t i = 0; i < nh; i++)
-    need += (h[i].name_len ? h[i].name_len : strlen(h[i].name)) +
-            (h[i].value_len ? h[i].value_len : strlen(h[i].value)) + 4;
-  if (hbuf_reserve(b, need)) return UV_ENOMEM;
-  r->log_status = status;
-  char st[4] = {(char)('0' + status / 100), (char)('0' + status / 10 % 10),
-                (char)('0' + status % 10), ' '};
-  hbuf_raw(b, "HTTP/1.1 ", 9);
-  hbuf_raw(b, st, 4);
-  hbuf_raw(b, reason, strlen(reason));
-  hbuf_raw(b, "\r\n", 2);
-  for (size_t i = 0; i < nh; i++) {
-    size_t nl = h[i].name_len ? h[i].name_len : strlen(h[i].name);
-    size_t vl = h[i].value_len ? h[i].value_len : strlen(h[i].value);
-    if (header_reserved(h[i].name, nl)) continue;
-    hbuf_raw(b, h[i].name, nl);
-    hbuf_raw(b, ": ", 2);
-    hbuf_raw(b, h[i].value, vl);
-    hbuf_raw(b, "\r\n", 2);
-  }
-  hbuf_raw(b, srv->date, srv->date_len);
-  if (framing == TD__FR_LENGTH) {
-    char num[24];
-    hbuf_raw(b, "Content-Length: ", 16);
-    hbuf_raw(b, num, fmt_u64(num, clen));
-    hbuf_raw(b, "\r\n", 2);
-  } else if (framing == TD__FR_CHUNKED) {
-    hbuf_raw(b, "Transfer-Encoding: chunked\r\n", 28);
-  }
-  if (r->close_after)
-    hbuf_raw(b, "Connection: close\r\n", 19);
-  else if (r->pub.http_minor == 0)
-    hbuf_raw(b, "Connection: keep-alive\r\n", 24);
-  hbuf_raw(b, "\r\n", 2);
-  return 0;
-}
-
-static int status_has_body(int status) { return status != 204 && status != 304; }
-
-/* Queues a whole response for r (head + body) and marks it done. */
-static int req_write_whole(td__http_req_t *r, int status, const td_http_header_t *h,
-                           size_t nh, const void *body, size_t len) {
-  td__hbuf_t *b = req_target(r);
-  size_t mark = b->len;
-  int has_body = status_has_body(status);
-  int rc = fmt_head(b, r, status, h, nh, has_body ? TD__FR_LENGTH : TD__FR_NONE,
-                    len);
-  if (rc == 0 && has_body && !r->head_only) rc = hbuf_put(b, body, len);
-  if (rc) {
-    b->len = mark;
-    return rc;
-  }
-  r->state = TD__RQ_DONE;
-  r->log_bytes = has_body && !r->head_only ? len : 0;
-  r->conn->srv->st.responses++;
-  return 0;
-}
-
-/* Server-made responses: errors as {"error":..,"status":..}, healthz. */
-static void req_reply_internal(td__http_req_t *r, int status, int close_conn) {
-  td__http_conn_t *c = r->conn;
-  td_http_server_t *srv = c->srv;
-  char body[160];
-  size_t len;
-  const char *msg = NULL;
-  if (close_conn) r->close_after = 1;
-  if (r->healthz) {
-    len = (size_t)snprintf(body, sizeof(body), "{\"status\":\"ok\"}\n");
-  } else {
-    for (size_t i = 0; i < sizeof(td__http_errmsg) / sizeof(td__http_errmsg[0]); i++)
-      if (td__http_errmsg[i].status == status) msg = td__http_errmsg[i].msg;
-    if (!msg) msg = td_http_status_text(status);
-    len = (size_t)snprintf(body, sizeof(body), "{\"error\":\"%s\",\"status\":%d}\n", msg,
-                           status);
-  }
-  static const td_http_header_t ct[] = {TD_HTTP_HDR("Content-Type", "application/json")};
-  date_refresh(srv);
-  if (req_write_whole(r, status, ct, 1, body, len)) {
-    /* Out of memory: end the connection without a response. */
-    r->state = TD__RQ_DONE;
-    r->close_after = 1;
-    c->stop_parsing = 1;
-  }
-  if (r->close_after) conn_drop_after(c, r);
-  conn_advance(c);
-  conn_mark_dirty(c);
-}
-
-/* -- Parser callbacks ---------------------------------------------------- */
-
-#define CONN(p) ((td__http_conn_t *)(p)->data)
-
-static int hdr_limit(td__http_conn_t *c, size_t len, int status) {
-  c->hbytes += len;
-  if (c->hbytes > c->srv->o.max_header_bytes) {
-    c->err_status = status;
-    return HPE_USER;
-  }
-  return 0;
-}
-
-static int arena_put(td__http_conn_t *c, const char *at, size_t len) {
-  if (hbuf_put(&c->cur->in, at, len)) {
-    c->err_status = 503;
-    return HPE_USER;
-  }
-  return 0;
-}
-
-static int cb_message_begin(llhttp_t *p) {
-  td__http_conn_t *c = CONN(p);
-  td__http_req_t *r = req_new(c);
-  if (!r) {
-    c->err_status = 503;
-    return -1;
-  }
-  conn_enqueue(c, r);
-  c->cur = r;
-  c->hbytes = 0;
-  c->hstate = 0;
-  c->in_body = 0;
-  r->t_start = uv_now(c->srv->loop);
-  conn_timer_update(c);
-  return 0;
-}
-
-static int cb_url(llhttp_t *p, const char *at, size_t len) {
-  td__http_conn_t *c = CONN(p);
-  if (hdr_limit(c, len, 414)) return HPE_USER;
-  return arena_put(c, at, len);
-}
-
-static int cb_url_complete(llhttp_t *p) {
-  td__http_conn_t *c = CONN(p);
-  c->cur->url_len = c->cur->in.len;
-  return arena_put(c, "", 1);
-}
-
-/* Ends the header whose value is being read. */
-static int header_finish(td__http_conn_t *c) {
-  td__http_req_t *r = c->cur;
-  td__hoff_t *h = &r->hoff[r->nhoff];
-  size_t end = r->in.len;
-  while (end > h->vo && (r->in.p[end - 1] == ' ' || r->in.p[end - 1] == '\t')) end--;
-  r->in.len = end;
-  h->vl = (uint32_t)(end - h->vo);
-  r->nhoff++;
-  c->hstate = 0;
-  return arena_put(c, "", 1);
-}
-
-static int cb_header_field(llhttp_t *p, const char *at, size_t len) {
-  td__http_conn_t *c = CONN(p);
-  if (hdr_limit(c, len, 431)) return HPE_USER;
-  if (c->in_body) return 0; /* trailers of a chunked body: counted, not kept */
-  td__http_req_t *r = c->cur;
-  if (c->hstate == 2 && header_finish(c)) return HPE_USER;
-  if (c->hstate == 0) {
-    if (r->nhoff >= c->srv->o.max_headers) {
-      c->err_status = 431;
-      return HPE_USER;
-    }
-    if (r->nhoff == r->choff) {
-      size_t cap = r->choff ? r->choff * 2 : 16;
-      td__hoff_t *n = realloc(r->hoff, cap * sizeof(*n));
-      if (!n) {
-        c->err_status = 503;
-        return HPE_USER;
-      }
-      r->hoff = n;
-      r->choff = cap;
-    }
-    r->hoff[r->nhoff].no = (uint32_t)r->in.len;
-    c->hstate = 1;
-  }
-  return arena_put(c, at, len);
-}
-
-static int cb_header_field_complete(llhttp_t *p) {
-  td__http_conn_t *c = CONN(p);
-  if (c->in_body) return 0;
-  td__http_req_t *r = c->cur;
-  if (c->hstate != 1 || r->in.len == r->hoff[r->nhoff].no) {
-    /* llhttp 8.1 lets an empty field name (": v") through; RFC 9110 does not. */
-    c->err_status = 400;
-    return HPE_USER;
-  }
-  td__hoff_t *h = &r->hoff[r->nhoff];
-  h->nl = (uint32_t)(r->in.len - h->no);
-  for (size_t i = h->no; i < r->in.len; i++) r->in.p[i] = (char)lower((unsigned char)r->in.p[i]);
-  if (arena_put(c, "", 1)) return HPE_USER;
-  h->vo = (uint32_t)r->in.len;
-  c->hstate = 2;
-  return 0;
-}
-
-static int cb_header_value(llhttp_t *p, const char *at, size_t len) {
-  td__http_conn_t *c = CONN(p);
-  if (hdr_limit(c, len, 431)) return HPE_USER;
-  if (c->in_body || c->hstate != 2) return 0;
-  return arena_put(c, at, len);
-}
-
-static int cb_header_value_complete(llhttp_t *p) {
-  td__http_conn_t *c = CONN(p);
-  if (c->in_body || c->hstate != 2) return 0;
-  return header_finish(c) ? HPE_USER : 0;
-}
-
-static const char *arena_header(td__http_req_t *r, const char *name) {
-  for (size_t i = 0; i < r->nhoff; i++)
-    if (ieq(r->in.p + r->hoff[i].no, r->hoff[i].nl, name)) return r->in.p + r->hoff[i].vo;
-  return NULL;
-}
-
-static int cb_headers_complete(llhttp_t *p) {
-  td__http_conn_t *c = CONN(p);
-  td_http_server_t *srv = c->srv;
-  td__http_req_t *r = c->cur;
-  if (c->hstate == 2 && header_finish(c)) return -1;
-  c->hstate = 0;
-  c->in_body = 1;
-  if (p->http_major != 1) {
-    c->err_status = 505;
-    return -1;
-  }
-  if (p->method == HTTP_CONNECT) {
-    c->err_status = 405;
-    return -1;
-  }
-  r->pub.method = llhttp_method_name((llhttp_method_t)p->method);
-  r->pub.http_minor = p->http_minor;
-  r->pub.keep_alive = llhttp_should_keep_alive(p);
-  r->head_only = p->method == HTTP_HEAD;
-  if (!r->pub.keep_alive || p->upgrade) r->close_after = 1; /* no protocol switch */
-  if ((p->flags & F_CONTENT_LENGTH) && p->content_length > srv->o.max_body_bytes) {
-    c->err_status = 413;
-    return -1;
-  }
-  r->body_off = r->in.len;
-  /* "Expect: 100-continue": say go on now, unless an earlier response is
-   * still owed (an interim response may not overtake it). */
-  const char *ex = arena_header(r, "expect");
-  if (ex && p->http_minor >= 1 && ieq(ex, strlen(ex), "100-continue") &&
-      r == c->qhead) {
-    if (hbuf_put(&c->wbuf, "HTTP/1.1 100 Continue\r\n\r\n", 25) == 0) conn_mark_dirty(c);
-  }
-  return 0;
-}
-
-static int cb_body(llhttp_t *p, const char *at, size_t len) {
-  td__http_conn_t *c = CONN(p);
-  td__http_req_t *r = c->cur;
-  if (r->in.len - r->body_off + len > c->srv->o.max_body_bytes) {
-    c->err_status = 413;
-    return HPE_USER;
-  }
-  return arena_put(c, at, len);
-}
-
-/* The request is complete: build its public view, then pause the parser so
- * that the request is dispatched outside llhttp_execute. */
-static int cb_message_complete(llhttp_t *p) {
-  td__http_conn_t *c = CONN(p);
-  td__http_req_t *r = c->cur;
-  size_t body_len = r->in.len - r->body_off;
-  if (arena_put(c, "", 1)) return HPE_USER;
-  if (r->nhoff > r->chdrs) {
-    td_http_header_t *h = realloc(r->hdrs, r->nhoff * sizeof(*h));
-    if (!h) {
-      c->err_status = 503;
-      return HPE_USER;
-    }
-    r->hdrs = h;
-    r->chdrs = r->nhoff;
-  }
-  char *base = r->in.p;
-  for (size_t i = 0; i < r->nhoff; i++) {
-    r->hdrs[i].name = base + r->hoff[i].no;
-    r->hdrs[i].name_len = r->hoff[i].nl;
-    r->hdrs[i].value = base + r->hoff[i].vo;
-    r->hdrs[i].value_len = r->hoff[i].vl;
-  }
-  r->pub.headers = r->hdrs;
-  r->pub.nheaders = r->nhoff;
-  r->pub.body = base + r->body_off;
-  r->pub.body_len = body_len;
-
-  /* Target: origin form "/p?q", absolute form "http://h/p?q", or "*". */
-  char *t = base, *end = base + r->url_len;
-  for (char *s = t; s < end; s++)
-    if (*s == '#') {
-      *s = '\0';
-      end = s;
-      break;
-    }
-  if (end - t > 7 && (lower(t[0]) == 'h' && lower(t[1]) == 't' && lower(t[2]) == 't' &&
-                      lower(t[3]) == 'p')) {
-    char *s = memchr(t, ':', (size_t)(end - t));
-    if (s && s + 3 <= end && s[1] == '/' && s[2] == '/') {
-      s += 3;
-      while (s < end && *s != '/' && *s != '?') s++;
-      t = s;
-    }
-  }
-  char *q = memchr(t, '?', (size_t)(end - t));
-  if (q) {
-    *q = '\0';
-    r->pub.query = q + 1;
-    r->pub.query_len = (size_t)(end - q - 1);
-    end = q;
-  } else {
-    r->pub.query = "";
-    r->pub.query_len = 0;
-  }
-  if (t == end) {
-    r->pub.path = "/";
-    r->pub.path_len = 1;
-  } else {
-    r->pub.path = t;
-    r->pub.path_len = (size_t)(end - t);
-  }
-  c->ready = r;
-  c->cur = NULL;
-  c->in_body = 0;
-  return HPE_PAUSED;
-}
-
-static const llhttp_settings_t td__http_settings = {
-    .on_message_begin = cb_message_begin,
-    .on_url = cb_url,
-    .on_header_field = cb_header_field,
-    .on_header_value = cb_header_value,
-    .on_headers_complete = cb_headers_complete,
-    .on_body = cb_body,
-    .on_message_complete = cb_message_complete,
-    .on_url_complete = cb_url_complete,
-    .on_header_field_complete = cb_header_field_complete,
-    .on_header_value_complete = cb_header_value_complete,
-};
-
-/* -- Parsing and dispatch ------------------------------------------------ */
-
-/* Bytes held for the requests queued on a connection: their bodies and
- * the responses made for them that wait for their turn. */
-static size_t conn_held(const td__http_conn_t *c) {
-  size_t n = 0;
-  for (const td__http_req_t *r = c->qhead; r; r = r->next) n += r->in.len + r->out.len;
-  return n;
-}
-
-/* Counts what the connection holds now in the server's total. */
-static void conn_account(td__http_conn_t *c) {
-  size_t h = conn_held(c) + c->wbuf.len + c->wflight.len;
-  c->srv->held = c->srv->held - c->held + h;
-  c->held = h;
-}
-
-/* A new request is read only while the connection holds little: a client
- * that pipelines large requests and reads slowly gets no more memory than
- * this budget (and its own socket buffers) before it must catch up. And
- * while the connections together hold more than theirs, a connection
- * reads a request only when it has none queued: many pipelining
- * connections cannot take the process's memory, nor lock out a client
- * that sends one request at a time. */
-static int conn_can_parse(td__http_conn_t *c) {
-  conn_account(c);
-  return c->nq < c->srv->o.max_pipeline &&
-         c->wbuf.len + c->wflight.len < TD__HTTP_HIGH_WATER &&
-         (c->nq == 0 || (conn_held(c) < TD__HTTP_CONN_BUDGET && c->srv->held < TD__HTTP_SERVER_BUDGET));
-}
-
-/* Keeps unparsed input for later (parsing paused). */
-static void conn_stash(td__http_conn_t *c, const char *p, size_t n) {
-  if (c->stash.p && p >= c->stash.p && p <= c->stash.p + c->stash.len) {
-    c->stash_off = (size_t)(p - c->stash.p);
-  } else {
-    c->stash.len = 0;
-    c->stash_off = 0;
-    if (hbuf_put(&c->stash, p, n)) {
-      conn_kill(c, TD_HTTP_ABORT_DISCONNECT);
-      return;
-    }
-  }
-  if (!c->paused) {
-    c->paused = 1;
-    if (!c->virt) uv_read_stop((uv_stream_t *)&c->tcp);
-  }
-}
-
-static void conn_dispatch(td__http_conn_t *c) {
-  td_http_server_t *srv = c->srv;
-  td__http_req_t *r = c->ready;
-  c->ready = NULL;
-  if (!r) return;
-  srv->st.requests++;
-  if (r->close_after) c->stop_parsing = 1;
-  if (r->pub.path_len == 10 && memcmp(r->pub.path, "/-/healthz", 10) == 0 &&
-      (r->head_only || strcmp(r->pub.method, "GET") == 0)) {
-    r->healthz = 1;
-    srv->st.healthz++;
-    req_reply_internal(r, 200, 0);
-    return;
-  }
-  if (req_assign_id(srv, r)) {
-    req_reply_internal(r, 503, 1);
-    return;
-  }
-  r->state = TD__RQ_DISPATCHED;
-  r->t_dispatch = uv_now(srv->loop);
-  srv->o.on_request(srv, &r->pub, srv->o.data);
-  /* r may be gone now; c stays allocated until its close callbacks. */
-}
-
-static void conn_parse_error(td__http_conn_t *c, llhttp_errno_t e) {
-  td_http_server_t *srv = c->srv;
-  int status = c->err_status ? c->err_status : 400;
-  (void)e;
-  c->err_status = 0;
-  td__http_req_t *r = c->cur;
-  c->cur = NULL;
-  if (!r) {
-    r = req_new(c);
-    if (!r) {
-      conn_kill(c, TD_HTTP_ABORT_DISCONNECT);
-      return;
-    }
-    conn_enqueue(c, r);
-  }
-  if (status == 400 || status == 505 || status == 405)
-    srv->st.bad_requests++;
-  else if (status == 413 || status == 414 || status == 431)
-    srv->st.too_large++;
-  req_reply_internal(r, status, 1);
-}
-
-static void conn_parse(td__http_conn_t *c, const char *p, size_t n) {
-  while (n > 0) {
-    if (c->dead) return;
-    if (c->stop_parsing) return; /* the rest is discarded */
-    if (!c->cur && !conn_can_parse(c)) {
-      conn_stash(c, p, n);
-      return;
-    }
-    llhttp_errno_t e = llhttp_execute(&c->parser, p, n);
-    if (e == HPE_OK) return;
-    if (e == HPE_PAUSED || e == HPE_PAUSED_UPGRADE) {
-      const char *pos = llhttp_get_error_pos(&c->parser);
-      size_t used = (pos >= p && pos <= p + n) ? (size_t)(pos - p) : n;
-      if (e == HPE_PAUSED) {
-        llhttp_resume(&c->parser);
-      } else {
-        c->stop_parsing = 1; /* nothing after an Upgrade request is HTTP to us */
-      }
-      p += used;
-      n -= used;
-      conn_dispatch(c);
-      continue;
-    }
-    conn_parse_error(c, e);
-    return;
-  }
-}
-
 /* -- Writing ------------------------------------------------------------- */
 
 static void on_shutdown(uv_shutdown_t *req, int status);
@@ -1202,16 +392,16 @@ static void conn_maybe_finish(td__http_conn_t *c) {
   if (c->nq || c->wbuf.len || c->writing) return;
   c->shut = 1;
   if (c->virt) {
-    conn_kill(c, TD_HTTP_ABORT_CONN_CLOSE);
+    td__http_conn_kill(c, TD_HTTP_ABORT_CONN_CLOSE);
     return;
   }
   if (uv_shutdown(&c->sreq, (uv_stream_t *)&c->tcp, on_shutdown))
-    conn_kill(c, TD_HTTP_ABORT_CONN_CLOSE);
+    td__http_conn_kill(c, TD_HTTP_ABORT_CONN_CLOSE);
 }
 
 static void on_write(uv_write_t *req, int status);
 
-static void conn_flush(td__http_conn_t *c) {
+void td__http_conn_flush(td__http_conn_t *c) {
   if (c->dead || c->writing) return;
   if (c->wbuf.len == 0) {
     conn_maybe_finish(c);
@@ -1232,7 +422,7 @@ static void conn_flush(td__http_conn_t *c) {
     return;
   }
   if (n < 0 && n != UV_EAGAIN) {
-    conn_kill(c, TD_HTTP_ABORT_DISCONNECT);
+    td__http_conn_kill(c, TD_HTTP_ABORT_DISCONNECT);
     return;
   }
   if (n < 0) n = 0;
@@ -1243,7 +433,7 @@ static void conn_flush(td__http_conn_t *c) {
   c->wbuf.len = 0;
   b = uv_buf_init(c->wflight.p + n, (unsigned)(c->wflight.len - (size_t)n));
   if (uv_write(&c->wreq, (uv_stream_t *)&c->tcp, &b, 1, on_write)) {
-    conn_kill(c, TD_HTTP_ABORT_DISCONNECT);
+    td__http_conn_kill(c, TD_HTTP_ABORT_DISCONNECT);
     return;
   }
   c->writing = 1;
@@ -1258,7 +448,7 @@ static void on_write(uv_write_t *req, int status) {
   if (c->wflight.cap > TD__HTTP_HIGH_WATER) hbuf_free(&c->wflight);
   if (c->dead) return;
   if (status < 0) {
-    conn_kill(c, TD_HTTP_ABORT_DISCONNECT);
+    td__http_conn_kill(c, TD_HTTP_ABORT_DISCONNECT);
     return;
   }
   conn_service(c);
@@ -1305,7 +495,7 @@ static uint64_t conn_deadline(const td__http_conn_t *c, int *why) {
 
 static void on_timer(uv_timer_t *h);
 
-static void conn_timer_update(td__http_conn_t *c) {
+void td__http_conn_timer_update(td__http_conn_t *c) {
   if (c->virt || c->dead) return;
   uint64_t d = conn_deadline(c, NULL);
   if (d == TD__HTTP_NEVER) return; /* an armed timer re-checks when it fires */
@@ -1331,9 +521,7 @@ static void on_timer(uv_timer_t *h) {
   }
   switch (why) {
     case TD__DL_LINGER:
-    case TD__DL_IDLE:
-      conn_kill(c, TD_HTTP_ABORT_DISCONNECT);
-      return;
+    case TD__DL_IDLE: td__http_conn_kill(c, TD_HTTP_ABORT_DISCONNECT); return;
     case TD__DL_SEND:
       if (c->tcp.write_queue_size < c->wq_mark) {
         /* Slow but moving: measure the next period from now. */
@@ -1342,13 +530,13 @@ static void on_timer(uv_timer_t *h) {
         break;
       }
       srv->st.timeouts++;
-      conn_kill(c, TD_HTTP_ABORT_SLOW_CLIENT);
+      td__http_conn_kill(c, TD_HTTP_ABORT_SLOW_CLIENT);
       return;
     case TD__DL_REQUEST: {
       td__http_req_t *r = c->cur;
       c->cur = NULL;
       srv->st.timeouts++;
-      req_reply_internal(r, 408, 1);
+      td__http_req_reply_internal(r, 408, 1);
       break;
     }
     case TD__DL_RESPONSE: {
@@ -1356,8 +544,8 @@ static void on_timer(uv_timer_t *h) {
       while (r && r->state != TD__RQ_DISPATCHED) r = r->next;
       if (!r) break;
       td_http_req_id id = r->pub.id;
-      req_drop_id(srv, r);
-      req_reply_internal(r, 504, 0);
+      td__http_req_drop_id(srv, r);
+      td__http_req_reply_internal(r, 504, 0);
       srv->st.aborted++;
       if (srv->o.on_abort) srv->o.on_abort(srv, id, TD_HTTP_ABORT_TIMEOUT, srv->o.data);
       break;
@@ -1368,7 +556,7 @@ static void on_timer(uv_timer_t *h) {
   if (!c->dead) {
     c->timer_due = 0;
     uv_timer_stop(&c->timer);
-    conn_timer_update(c);
+    td__http_conn_timer_update(c);
   }
 }
 
@@ -1385,19 +573,19 @@ static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf) {
  * already made are still sent, then the connection closes. */
 static void conn_eof(td__http_conn_t *c) {
   if (c->lingering) {
-    conn_kill(c, TD_HTTP_ABORT_DISCONNECT);
+    td__http_conn_kill(c, TD_HTTP_ABORT_DISCONNECT);
     return;
   }
   for (td__http_req_t *r = c->qhead; r; r = r->next)
     if (req_live(r)) {
-      conn_kill(c, TD_HTTP_ABORT_DISCONNECT);
+      td__http_conn_kill(c, TD_HTTP_ABORT_DISCONNECT);
       return;
     }
   if (c->cur) {
     /* A partial request: drop it (it sits at the tail). */
     td__http_req_t *prev = NULL;
     for (td__http_req_t *r = c->qhead; r && r != c->cur; r = r->next) prev = r;
-    conn_drop_after(c, prev);
+    td__http_conn_drop_after(c, prev);
   }
   c->stop_parsing = 1;
   if (c->paused) {
@@ -1405,7 +593,7 @@ static void conn_eof(td__http_conn_t *c) {
     c->stash.len = c->stash_off = 0;
   }
   if (!c->virt) uv_read_stop((uv_stream_t *)&c->tcp);
-  conn_mark_dirty(c);
+  td__http_conn_mark_dirty(c);
 }
 
 static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
@@ -1415,17 +603,16 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
   if (n < 0) {
     if (n == UV_EOF)
       conn_eof(c);
-    else
-      conn_kill(c, TD_HTTP_ABORT_DISCONNECT);
+    else td__http_conn_kill(c, TD_HTTP_ABORT_DISCONNECT);
     return;
   }
   if (n == 0) return;
   c->t_activity = uv_now(c->srv->loop);
   if (c->lingering || c->stop_parsing) return; /* discarded */
-  conn_parse(c, buf->base, (size_t)n);
+  td__http_conn_parse(c, buf->base, (size_t)n);
   if (!c->dead) {
-    conn_mark_dirty(c);
-    conn_timer_update(c);
+    td__http_conn_mark_dirty(c);
+    td__http_conn_timer_update(c);
   }
 }
 
@@ -1433,17 +620,17 @@ static void on_shutdown(uv_shutdown_t *req, int status) {
   td__http_conn_t *c = req->handle->data;
   if (c->dead) return;
   if (status < 0 || uv_is_closing((uv_handle_t *)&c->tcp)) {
-    conn_kill(c, TD_HTTP_ABORT_CONN_CLOSE);
+    td__http_conn_kill(c, TD_HTTP_ABORT_CONN_CLOSE);
     return;
   }
   c->lingering = 1;
   c->t_linger = uv_now(c->srv->loop);
   if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read)) {
-    conn_kill(c, TD_HTTP_ABORT_CONN_CLOSE);
+    td__http_conn_kill(c, TD_HTTP_ABORT_CONN_CLOSE);
     return;
   }
   uv_timer_stop(&c->timer);
-  conn_timer_update(c);
+  td__http_conn_timer_update(c);
 }
 
 /* A streaming request at the head of its queue whose unsent output fell to
@@ -1460,26 +647,26 @@ static void conn_check_drain(td__http_conn_t *c) {
 /* Resumes paused parsing, flushes output, re-arms the timer. */
 static void conn_service(td__http_conn_t *c) {
   if (c->dead) return;
-  if (c->paused && !c->stop_parsing && conn_can_parse(c)) {
+  if (c->paused && !c->stop_parsing && td__http_conn_can_parse(c)) {
     c->paused = 0;
     size_t off = c->stash_off, len = c->stash.len;
-    conn_parse(c, c->stash.p + off, len - off);
+    td__http_conn_parse(c, c->stash.p + off, len - off);
     if (c->dead) return;
     if (!c->paused) {
       c->stash.len = c->stash_off = 0;
       if (!c->virt && !c->lingering) {
         if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read)) {
-          conn_kill(c, TD_HTTP_ABORT_DISCONNECT);
+          td__http_conn_kill(c, TD_HTTP_ABORT_DISCONNECT);
           return;
         }
       }
     }
   }
-  conn_flush(c);
+  td__http_conn_flush(c);
   if (c->dead) return;
   conn_check_drain(c);
-  conn_account(c);
-  conn_timer_update(c);
+  td__http_conn_account(c);
+  td__http_conn_timer_update(c);
 }
 
 static void server_run_dirty(td_http_server_t *srv) {
@@ -1494,7 +681,7 @@ static void server_run_dirty(td_http_server_t *srv) {
 
 static void on_prepare(uv_prepare_t *h) {
   td_http_server_t *srv = h->data;
-  date_refresh(srv);
+  td__http_date_refresh(srv);
   server_run_dirty(srv);
   uv_prepare_stop(h);
 }
@@ -1545,7 +732,7 @@ static void on_connection(uv_stream_t *ls, int status) {
                             ? conn_oldest_idle(srv, NULL, NULL) : NULL;
   if (idle) {
     srv->st.refused++;
-    conn_kill(idle, TD_HTTP_ABORT_DISCONNECT);
+    td__http_conn_kill(idle, TD_HTTP_ABORT_DISCONNECT);
   }
   if (srv->st.connections_open >= srv->o.max_connections) {
     srv->st.refused++;
@@ -1570,7 +757,7 @@ static void on_connection(uv_stream_t *ls, int status) {
   srv->nhandles++;
   if (uv_accept(ls, (uv_stream_t *)&c->tcp) ||
       uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read)) {
-    conn_kill(c, TD_HTTP_ABORT_DISCONNECT);
+    td__http_conn_kill(c, TD_HTTP_ABORT_DISCONNECT);
     return;
   }
   uv_tcp_nodelay(&c->tcp, 1);
@@ -1589,13 +776,13 @@ static void on_connection(uv_stream_t *ls, int status) {
       srv->st.refused++;
       td__http_conn_t *old = conn_oldest_idle(srv, c->peer, c);
       if (!old) {
-        conn_kill(c, TD_HTTP_ABORT_DISCONNECT);
+        td__http_conn_kill(c, TD_HTTP_ABORT_DISCONNECT);
         return;
       }
-      conn_kill(old, TD_HTTP_ABORT_DISCONNECT);  /* the new one takes its place */
+      td__http_conn_kill(old, TD_HTTP_ABORT_DISCONNECT); /* the new one takes its place */
     }
   }
-  conn_timer_update(c);
+  td__http_conn_timer_update(c);
 }
 
 /* -- Server lifetime ----------------------------------------------------- */
@@ -1605,8 +792,6 @@ static void on_server_handle_closed(uv_handle_t *h) {
   srv->nhandles--;
   server_maybe_closed(srv);
 }
-
-static void on_async(uv_async_t *h);
 
 td_http_server_t *td_http_server_new(uv_loop_t *loop, const td_http_opts_t *opts) {
   if (!loop || !opts || !opts->on_request) abort(); /* API misuse */
@@ -1636,14 +821,14 @@ td_http_server_t *td_http_server_new(uv_loop_t *loop, const td_http_opts_t *opts
   }
   uv_tcp_init(loop, &srv->listener);
   uv_prepare_init(loop, &srv->prepare);
-  uv_async_init(loop, &srv->async, on_async);
+  uv_async_init(loop, &srv->async, td__http_on_async);
   uv_timer_init(loop, &srv->trim_timer);
   srv->listener.data = srv->prepare.data = srv->async.data = srv->trim_timer.data = srv;
   uv_unref((uv_handle_t *)&srv->async);
   uv_unref((uv_handle_t *)&srv->prepare);
   uv_unref((uv_handle_t *)&srv->trim_timer);
   srv->nhandles = 4;
-  date_refresh(srv);
+  td__http_date_refresh(srv);
   return srv;
 }
 
@@ -1709,502 +894,16 @@ void td_http_server_close(td_http_server_t *srv, td_http_close_cb cb) {
   pthread_mutex_lock(&srv->mu);
   srv->mq_closed = 1;
   pthread_mutex_unlock(&srv->mu);
-  while (srv->conns) conn_kill(srv->conns, TD_HTTP_ABORT_SERVER_CLOSE);
+  while (srv->conns) td__http_conn_kill(srv->conns, TD_HTTP_ABORT_SERVER_CLOSE);
   uv_close((uv_handle_t *)&srv->listener, on_server_handle_closed);
   uv_close((uv_handle_t *)&srv->prepare, on_server_handle_closed);
   uv_close((uv_handle_t *)&srv->async, on_server_handle_closed);
   uv_close((uv_handle_t *)&srv->trim_timer, on_server_handle_closed);
 }
 
-/* -- Response calls ------------------------------------------------------ */
-
-static int respond_now(td_http_server_t *srv, td_http_req_id id, int status,
-                       const td_http_header_t *h, size_t nh, const void *body,
-                       size_t len) {
-  td__http_req_t *r = req_lookup(srv, id);
-  if (!r) return UV_ENOENT;
-  if (r->state != TD__RQ_DISPATCHED) return UV_EINVAL;
-  td__http_conn_t *c = r->conn;
-  td__hbuf_t *b = req_target(r);
-  if (conn_backlog(c, b) > srv->o.max_output_bytes) {
-    conn_kill(c, TD_HTTP_ABORT_SLOW_CLIENT);
-    return UV_ENOBUFS;
-  }
-  date_refresh(srv);
-  int rc = req_write_whole(r, status, h, nh, body, len);
-  if (rc) return rc;
-  req_drop_id(srv, r);
-  conn_advance(c);
-  conn_mark_dirty(c);
-  return 0;
-}
-
-static int stream_start_now(td_http_server_t *srv, td_http_req_id id, int status,
-                            const td_http_header_t *h, size_t nh) {
-  td__http_req_t *r = req_lookup(srv, id);
-  if (!r) return UV_ENOENT;
-  if (r->state != TD__RQ_DISPATCHED) return UV_EINVAL;
-  td__http_conn_t *c = r->conn;
-  int framing;
-  if (r->head_only || !status_has_body(status))
-    framing = TD__FR_NONE;
-  else if (r->pub.http_minor >= 1)
-    framing = TD__FR_CHUNKED;
-  else
-    framing = TD__FR_CLOSE;
-  if (framing == TD__FR_CLOSE) {
-    /* Only the connection's end can delimit this body. */
-    r->close_after = 1;
-    conn_drop_after(c, r);
-  }
-  date_refresh(srv);
-  td__hbuf_t *b = req_target(r);
-  int rc = fmt_head(b, r, status, h, nh, framing, 0);
-  if (rc) return rc;
-  r->framing = (uint8_t)framing;
-  r->state = TD__RQ_STREAMING;
-  conn_mark_dirty(c);
-  return 0;
-}
-
-static int stream_write_now(td_http_server_t *srv, td_http_req_id id, const void *data,
-                            size_t len) {
-  td__http_req_t *r = req_lookup(srv, id);
-  if (!r) return UV_ENOENT;
-  if (r->state != TD__RQ_STREAMING) return UV_EINVAL;
-  if (len == 0 || r->framing == TD__FR_NONE) return 0;
-  td__http_conn_t *c = r->conn;
-  td__hbuf_t *b = req_target(r);
-  if (conn_backlog(c, b) > srv->o.max_output_bytes) {
-    conn_kill(c, TD_HTTP_ABORT_SLOW_CLIENT);
-    return UV_ENOBUFS;
-  }
-  if (hbuf_reserve(b, len + 24)) return UV_ENOMEM;
-  r->log_bytes += len;
-  if (r->framing == TD__FR_CHUNKED) {
-    char hx[24];
-    size_t n = fmt_hex(hx, len);
-    hx[n++] = '\r';
-    hx[n++] = '\n';
-    hbuf_raw(b, hx, n);
-    hbuf_raw(b, data, len);
-    hbuf_raw(b, "\r\n", 2);
-  } else {
-    hbuf_raw(b, data, len);
-  }
-  if (b == &c->wbuf && b->len >= TD__HTTP_EAGER_FLUSH) conn_flush(c);
-  conn_mark_dirty(c);
-  return 0;
-}
-
-static int stream_notify_now(td_http_server_t *srv, td_http_req_id id, size_t low) {
-  td__http_req_t *r = req_lookup(srv, id);
-  if (!r) return UV_ENOENT;
-  if (r->state != TD__RQ_STREAMING) return UV_EINVAL;
-  r->drain_armed = 1;
-  r->drain_low = low;
-  conn_mark_dirty(r->conn);  /* checked when the loop next services it */
-  return 0;
-}
-
-static int stream_end_now(td_http_server_t *srv, td_http_req_id id) {
-  td__http_req_t *r = req_lookup(srv, id);
-  if (!r) return UV_ENOENT;
-  if (r->state != TD__RQ_STREAMING) return UV_EINVAL;
-  td__http_conn_t *c = r->conn;
-  if (r->framing == TD__FR_CHUNKED && hbuf_put(req_target(r), "0\r\n\r\n", 5))
-    return UV_ENOMEM;
-  r->state = TD__RQ_DONE;
-  srv->st.responses++;
-  req_drop_id(srv, r);
-  conn_advance(c);
-  conn_mark_dirty(c);
-  return 0;
-}
-
-static int abort_now(td_http_server_t *srv, td_http_req_id id) {
-  td__http_req_t *r = req_lookup(srv, id);
-  if (!r) return UV_ENOENT;
-  td__http_conn_t *c = r->conn;
-  if (r->state == TD__RQ_DISPATCHED) {
-    req_drop_id(srv, r);
-    req_reply_internal(r, 500, 0);
-    return 0;
-  }
-  if (r->state != TD__RQ_STREAMING) return UV_EINVAL;
-  /* Truncate: what was sent stays, no terminating chunk, then close. */
-  req_drop_id(srv, r);
-  r->state = TD__RQ_DONE;
-  r->log_cut = 1;
-  r->close_after = 1;
-  srv->st.responses++;
-  conn_drop_after(c, r);
-  conn_advance(c);
-  conn_mark_dirty(c);
-  return 0;
-}
-
-static int cmd_run(td_http_server_t *srv, const td__http_cmd_t *m) {
-  switch (m->op) {
-    case TD__OP_RESPOND: return respond_now(srv, m->id, m->status, m->h, m->nh, m->data, m->len);
-    case TD__OP_START: return stream_start_now(srv, m->id, m->status, m->h, m->nh);
-    case TD__OP_WRITE: return stream_write_now(srv, m->id, m->data, m->len);
-    case TD__OP_END: return stream_end_now(srv, m->id);
-    case TD__OP_ABORT: return abort_now(srv, m->id);
-    case TD__OP_NOTIFY: return stream_notify_now(srv, m->id, (size_t)m->status);
-    default: return UV_EINVAL;
-  }
-}
-
-static void on_async(uv_async_t *h) {
-  td_http_server_t *srv = h->data;
-  pthread_mutex_lock(&srv->mu);
-  td__http_cmd_t *m = srv->cmd_head;
-  srv->cmd_head = srv->cmd_tail = NULL;
-  pthread_mutex_unlock(&srv->mu);
-  while (m) {
-    td__http_cmd_t *n = m->next;
-    if (!srv->closing) (void)cmd_run(srv, m);
-    free(m);
-    m = n;
-  }
-}
-
-/* Copies a call made on another thread and queues it for the loop. */
-static int cmd_post(td_http_server_t *srv, int op, td_http_req_id id, int status,
-                    const td_http_header_t *h, size_t nh, const void *data, size_t len) {
-  size_t size = sizeof(td__http_cmd_t) + nh * sizeof(td_http_header_t) + len + 1;
-  for (size_t i = 0; i < nh; i++)
-    size += (h[i].name_len ? h[i].name_len : strlen(h[i].name)) +
-            (h[i].value_len ? h[i].value_len : strlen(h[i].value)) + 2;
-  td__http_cmd_t *m = malloc(size);
-  if (!m) return UV_ENOMEM;
-  m->next = NULL;
-  m->op = op;
-  m->id = id;
-  m->status = status;
-  m->nh = nh;
-  m->h = (td_http_header_t *)(m + 1);
-  char *s = (char *)(m->h + nh);
-  for (size_t i = 0; i < nh; i++) {
-    size_t nl = h[i].name_len ? h[i].name_len : strlen(h[i].name);
-    size_t vl = h[i].value_len ? h[i].value_len : strlen(h[i].value);
-    memcpy(s, h[i].name, nl);
-    s[nl] = '\0';
-    m->h[i].name = s;
-    m->h[i].name_len = nl;
-    s += nl + 1;
-    memcpy(s, h[i].value, vl);
-    s[vl] = '\0';
-    m->h[i].value = s;
-    m->h[i].value_len = vl;
-    s += vl + 1;
-  }
-  if (len) memcpy(s, data, len);
-  m->data = s;
-  m->len = len;
-  pthread_mutex_lock(&srv->mu);
-  if (srv->mq_closed) {
-    pthread_mutex_unlock(&srv->mu);
-    free(m);
-    return UV_ECANCELED;
-  }
-  if (srv->cmd_tail)
-    srv->cmd_tail->next = m;
-  else
-    srv->cmd_head = m;
-  srv->cmd_tail = m;
-  /* Under the lock: td_http_server_close sets mq_closed under it before it
-   * closes the async handle, so the handle is alive here. */
-  uv_async_send(&srv->async);
-  pthread_mutex_unlock(&srv->mu);
-  return 0;
-}
-
-static int status_valid(int status) { return status >= 200 && status <= 599; }
-
-int td_http_respond(td_http_server_t *srv, td_http_req_id id, int status,
-                    const td_http_header_t *headers, size_t nheaders, const void *body,
-                    size_t len) {
-  if (!status_valid(status) || !headers_valid(headers, nheaders) || (len && !body))
-    return UV_EINVAL;
-  if (!on_loop_thread(srv))
-    return cmd_post(srv, TD__OP_RESPOND, id, status, headers, nheaders, body, len);
-  return respond_now(srv, id, status, headers, nheaders, body, len);
-}
-
-int td_http_stream_start(td_http_server_t *srv, td_http_req_id id, int status,
-                         const td_http_header_t *headers, size_t nheaders) {
-  if (!status_valid(status) || !headers_valid(headers, nheaders)) return UV_EINVAL;
-  if (!on_loop_thread(srv))
-    return cmd_post(srv, TD__OP_START, id, status, headers, nheaders, NULL, 0);
-  return stream_start_now(srv, id, status, headers, nheaders);
-}
-
-int td_http_stream_write(td_http_server_t *srv, td_http_req_id id, const void *data,
-                         size_t len) {
-  if (len && !data) return UV_EINVAL;
-  if (!on_loop_thread(srv)) {
-    if (len == 0) return 0;
-    return cmd_post(srv, TD__OP_WRITE, id, 0, NULL, 0, data, len);
-  }
-  return stream_write_now(srv, id, data, len);
-}
-
-int td_http_stream_notify(td_http_server_t *srv, td_http_req_id id, size_t low) {
-  if (low > INT32_MAX) low = INT32_MAX;
-  /* The level travels in the command's status field; it carries no data. */
-  if (!on_loop_thread(srv)) return cmd_post(srv, TD__OP_NOTIFY, id, (int)low, NULL, 0, NULL, 0);
-  return stream_notify_now(srv, id, low);
-}
-
-int td_http_stream_end(td_http_server_t *srv, td_http_req_id id) {
-  if (!on_loop_thread(srv)) return cmd_post(srv, TD__OP_END, id, 0, NULL, 0, NULL, 0);
-  return stream_end_now(srv, id);
-}
-
-int td_http_abort(td_http_server_t *srv, td_http_req_id id) {
-  if (!on_loop_thread(srv)) return cmd_post(srv, TD__OP_ABORT, id, 0, NULL, 0, NULL, 0);
-  return abort_now(srv, id);
-}
-
 void td_http_server_flush(td_http_server_t *srv) {
-  date_refresh(srv);
+  td__http_date_refresh(srv);
   server_run_dirty(srv);
-}
-
-/* -- Inbox ----------------------------------------------------------------- */
-
-typedef struct td__http_evnode td__http_evnode_t;
-struct td__http_evnode {
-  td__http_evnode_t *next; /* queue */
-  td_http_event_t ev;      /* what the consumer gets */
-};
-
-struct td_http_inbox {
-  pthread_mutex_t mu;       /* guards everything below */
-  td__http_evnode_t *head;  /* oldest */
-  td__http_evnode_t *tail;  /* newest */
-  size_t n;                 /* queued */
-  int fd;                   /* eventfd: nonzero count while n > 0 */
-};
-
-td_http_inbox_t *td_http_inbox_new(void) {
-  td_http_inbox_t *ib = calloc(1, sizeof(*ib));
-  if (!ib) return NULL;
-  ib->fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-  if (ib->fd < 0 || pthread_mutex_init(&ib->mu, NULL)) {
-    if (ib->fd >= 0) close(ib->fd);
-    free(ib);
-    return NULL;
-  }
-  return ib;
-}
-
-void td_http_event_free(td_http_event_t *ev) {
-  if (ev) free((char *)ev - offsetof(td__http_evnode_t, ev));
-}
-
-void td_http_inbox_destroy(td_http_inbox_t **pib) {
-  td_http_inbox_t *ib = *pib;
-  if (!ib) return;
-  *pib = NULL;
-  td__http_evnode_t *e = ib->head;
-  while (e) {
-    td__http_evnode_t *n = e->next;
-    free(e);
-    e = n;
-  }
-  close(ib->fd);
-  pthread_mutex_destroy(&ib->mu);
-  free(ib);
-}
-
-int td_http_inbox_fd(const td_http_inbox_t *ib) { return ib->fd; }
-
-static void inbox_push(td_http_inbox_t *ib, td__http_evnode_t *e) {
-  uint64_t one = 1;
-  e->next = NULL;
-  pthread_mutex_lock(&ib->mu);
-  if (ib->tail)
-    ib->tail->next = e;
-  else
-    ib->head = e;
-  ib->tail = e;
-  if (ib->n++ == 0 && write(ib->fd, &one, sizeof(one)) < 0) {
-    /* The count cannot overflow at one write per empty-to-full edge. */
-  }
-  pthread_mutex_unlock(&ib->mu);
-}
-
-td_http_event_t *td_http_inbox_pop(td_http_inbox_t *ib) {
-  uint64_t v;
-  pthread_mutex_lock(&ib->mu);
-  td__http_evnode_t *e = ib->head;
-  if (e) {
-    ib->head = e->next;
-    if (!ib->head) ib->tail = NULL;
-    if (--ib->n == 0 && read(ib->fd, &v, sizeof(v)) < 0) {
-      /* Already zero: nothing to reset. */
-    }
-  }
-  pthread_mutex_unlock(&ib->mu);
-  return e ? &e->ev : NULL;
-}
-
-void td_http_inbox_on_request(td_http_server_t *srv, const td_http_request_t *req,
-                              void *inbox) {
-  size_t size = sizeof(td__http_evnode_t) + req->nheaders * sizeof(td_http_header_t) +
-                req->path_len + req->query_len + req->body_len + 3;
-  for (size_t i = 0; i < req->nheaders; i++)
-    size += req->headers[i].name_len + req->headers[i].value_len + 2;
-  td__http_evnode_t *e = malloc(size);
-  if (!e) {
-    static const td_http_header_t ct[] = {TD_HTTP_HDR("Content-Type", "application/json")};
-    static const char msg[] = "{\"error\":\"server out of memory\",\"status\":503}\n";
-    (void)td_http_respond(srv, req->id, 503, ct, 1, msg, sizeof(msg) - 1);
-    return;
-  }
-  td_http_event_t *ev = &e->ev;
-  memset(ev, 0, sizeof(*ev));
-  ev->kind = TD_HTTP_EV_REQUEST;
-  ev->id = req->id;
-  ev->req = *req;
-  td_http_header_t *h = (td_http_header_t *)(e + 1);
-  char *p = (char *)(h + req->nheaders);
-#define TD__COPY(dst, src, n) \
-  do {                        \
-    memcpy(p, (src), (n));    \
-    p[(n)] = '\0';            \
-    (dst) = p;                \
-    p += (n) + 1;             \
-  } while (0)
-  for (size_t i = 0; i < req->nheaders; i++) {
-    h[i].name_len = req->headers[i].name_len;
-    h[i].value_len = req->headers[i].value_len;
-    TD__COPY(h[i].name, req->headers[i].name, h[i].name_len);
-    TD__COPY(h[i].value, req->headers[i].value, h[i].value_len);
-  }
-  ev->req.headers = req->nheaders ? h : NULL;
-  TD__COPY(ev->req.path, req->path, req->path_len);
-  TD__COPY(ev->req.query, req->query, req->query_len);
-  TD__COPY(ev->req.body, req->body, req->body_len);
-#undef TD__COPY
-  inbox_push(inbox, e);
-}
-
-void td_http_inbox_on_abort(td_http_server_t *srv, td_http_req_id id,
-                            td_http_abort_reason_t reason, void *inbox) {
-  (void)srv;
-  td__http_evnode_t *e = calloc(1, sizeof(*e));
-  if (!e) return; /* the owner keeps a dead id; its late answer is dropped */
-  e->ev.kind = TD_HTTP_EV_ABORT;
-  e->ev.id = id;
-  e->ev.reason = reason;
-  inbox_push(inbox, e);
-}
-
-void td_http_inbox_on_drain(td_http_server_t *srv, td_http_req_id id, void *inbox) {
-  (void)srv;
-  td__http_evnode_t *e = calloc(1, sizeof(*e));
-  if (!e) return; /* the stream stalls until the slow-client limits end it */
-  e->ev.kind = TD_HTTP_EV_DRAIN;
-  e->ev.id = id;
-  inbox_push(inbox, e);
-}
-
-/* -- A server on its own thread -------------------------------------------- */
-
-struct td_http_thread {
-  pthread_t th;           /* the loop thread */
-  uv_loop_t loop;         /* its loop */
-  uv_async_t stop;        /* closes the server from td_http_thread_stop */
-  td_http_server_t *srv;  /* the server */
-  td_http_opts_t opts;    /* as given */
-  char host[64];          /* listen address */
-  int port;               /* requested, then bound */
-  int rc;                 /* listen result */
-  int ready;              /* start finished (guarded by mu) */
-  pthread_mutex_t mu;     /* start handshake */
-  pthread_cond_t cv;      /* signalled when ready */
-};
-
-static void thread_on_stop(uv_async_t *h) {
-  td_http_thread_t *t = h->data;
-  td_http_server_close(t->srv, NULL);
-  uv_close((uv_handle_t *)&t->stop, NULL);
-}
-
-static void *thread_main(void *arg) {
-  td_http_thread_t *t = arg;
-  int rc = uv_loop_init(&t->loop);
-  if (rc == 0) {
-    t->srv = td_http_server_new(&t->loop, &t->opts);
-    rc = t->srv ? td_http_server_listen(t->srv, t->host[0] ? t->host : NULL, t->port)
-                : UV_ENOMEM;
-    if (rc == 0) rc = uv_async_init(&t->loop, &t->stop, thread_on_stop);
-    if (rc == 0) {
-      t->stop.data = t;
-      t->port = td_http_server_port(t->srv);
-    } else if (t->srv) {
-      td_http_server_close(t->srv, NULL);
-      uv_run(&t->loop, UV_RUN_DEFAULT);
-    }
-  }
-  pthread_mutex_lock(&t->mu);
-  t->rc = rc;
-  t->ready = 1;
-  pthread_cond_signal(&t->cv);
-  pthread_mutex_unlock(&t->mu);
-  if (rc == 0) uv_run(&t->loop, UV_RUN_DEFAULT);
-  uv_loop_close(&t->loop);
-  return NULL;
-}
-
-int td_http_thread_start(const td_http_opts_t *opts, const char *host, int port,
-                         td_http_thread_t **out) {
-  if (!opts || !opts->on_request || !out) abort(); /* API misuse */
-  *out = NULL;
-  if (host && strlen(host) >= sizeof(((td_http_thread_t *)0)->host)) return UV_EINVAL;
-  td_http_thread_t *t = calloc(1, sizeof(*t));
-  if (!t) return UV_ENOMEM;
-  t->opts = *opts;
-  if (host) strcpy(t->host, host);
-  t->port = port;
-  pthread_mutex_init(&t->mu, NULL);
-  pthread_cond_init(&t->cv, NULL);
-  if (pthread_create(&t->th, NULL, thread_main, t)) {
-    free(t);
-    return UV_EAGAIN;
-  }
-  pthread_mutex_lock(&t->mu);
-  while (!t->ready) pthread_cond_wait(&t->cv, &t->mu);
-  pthread_mutex_unlock(&t->mu);
-  int rc = t->rc;
-  if (rc) {
-    pthread_join(t->th, NULL);
-    pthread_mutex_destroy(&t->mu);
-    pthread_cond_destroy(&t->cv);
-    free(t);
-    return rc;
-  }
-  *out = t;
-  return 0;
-}
-
-td_http_server_t *td_http_thread_server(td_http_thread_t *t) { return t->srv; }
-
-int td_http_thread_port(const td_http_thread_t *t) { return t->port; }
-
-void td_http_thread_stop(td_http_thread_t **pt) {
-  td_http_thread_t *t = *pt;
-  if (!t) return;
-  *pt = NULL;
-  uv_async_send(&t->stop);
-  pthread_join(t->th, NULL);
-  pthread_mutex_destroy(&t->mu);
-  pthread_cond_destroy(&t->cv);
-  free(t);
 }
 
 /* -- Virtual connections (tests, fuzzer) ---------------------------------- */
@@ -2227,19 +926,19 @@ void td__http_virt_feed(td__http_conn_t *c, const char *data, size_t len) {
   }
   if (c->stop_parsing) return;
   if (c->paused) {
-    if (hbuf_put(&c->stash, data, len)) conn_kill(c, TD_HTTP_ABORT_DISCONNECT);
+    if (td__http_hbuf_put(&c->stash, data, len)) td__http_conn_kill(c, TD_HTTP_ABORT_DISCONNECT);
     return;
   }
-  conn_parse(c, data, len);
-  conn_mark_dirty(c);
+  td__http_conn_parse(c, data, len);
+  td__http_conn_mark_dirty(c);
 }
 
 void td__http_virt_flush(td_http_server_t *srv) {
-  date_refresh(srv);
+  td__http_date_refresh(srv);
   server_run_dirty(srv);
 }
 
 void td__http_virt_close(td__http_conn_t *c) {
-  conn_kill(c, TD_HTTP_ABORT_DISCONNECT);
+  td__http_conn_kill(c, TD_HTTP_ABORT_DISCONNECT);
   conn_free(c);
 }
