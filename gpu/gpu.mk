@@ -17,9 +17,10 @@ LDLIBS        += -lopenblas
 
 # The module alone, for plain `luajit` (tests/gpu/dev_prelude.lua); not
 # needed by bin/tide, so not built by default.
-build/tide_tensor_dev.so: $(GPU_CORE_SRCS) lua/tensor_lua.c $(GPU_HDRS)
+TENSOR_LUA_SRCS := lua/tensor_lua.c lua/tensor_new_lua.c lua/tensor_ops_lua.c
+build/tide_tensor_dev.so: $(GPU_CORE_SRCS) $(TENSOR_LUA_SRCS) lua/tensor_lua_int.h $(GPU_HDRS)
 	@mkdir -p build
-	$(CC) $(CFLAGS) -fPIC -shared -o $@ $(GPU_CORE_SRCS) lua/tensor_lua.c -lopenblas -lm -lpthread -ldl
+	$(CC) $(CFLAGS) -fPIC -shared -o $@ $(GPU_CORE_SRCS) $(TENSOR_LUA_SRCS) -lopenblas -lm -lpthread -ldl
 
 TEST_DEPS += build/bench-allreduce
 build/bench-allreduce: gpu/bench/bench_allreduce.c gpu/ring.c gpu/ring_local.c gpu/gpu_err.c $(GPU_HDRS)

@@ -2,7 +2,7 @@
 # The tensor binding and the nn modules under AddressSanitizer and UBSan:
 # the tensor and GPT Lua suites (and the CUDA suite against the fake
 # plugin) run on the engine built with sanitizers (build/asan/tide, which
-# links lua/tensor_lua.c and gpu/).  Any sanitizer report fails the test.  TAP.
+# links lua/tensor_*lua.c and gpu/).  Any sanitizer report fails the test.  TAP.
 cd "$(dirname "$0")/../.." || exit 1
 . tests/sh/lib.sh
 bin=build/asan/tide
