@@ -2,6 +2,8 @@
  * the public API on. One module, two backends: in the driver the calls go
  * straight to the embedded node; in a worker they become messages to the
  * node, and blocking calls yield the task's coroutine (or wait).
+ * core.c holds what both share, core_driver.c the driver's backend,
+ * worker_api.c the worker's (core_int.h, private, joins them).
  * Uses node, ser, chan.
  */
 #ifndef TD_CORE_H

@@ -2,7 +2,7 @@
 -- (addresses, stream keys, NCCL ids). Workers and drivers reach it with
 -- core.call_node("kv_put" | "kv_get" | "kv_del", ...); a node passes those
 -- on to its head. It lives in the driver's private RPC state, which
--- lua/core.c (td_core_driver_rpc) loads this module into. On a head with a
+-- lua/core_driver.c (td_core_driver_rpc) loads this module into. On a head with a
 -- store (head.db) every string key is kept there too, and comes back after
 -- a restart.
 local M = {}

@@ -1,0 +1,351 @@
+/* Tide Lua bindings, the worker's backend of tide.core (see core.h): in a
+ * worker or a client attached to a node, gets, waits, streams, puts,
+ * streamed items, prints and RPCs to the node's control operations become
+ * request frames to the node, and their replies become Lua values (td__push_*).
+ * Waiting for a reply (td_w_await: yield or block) is the executor's
+ * (worker.c). Uses core.c (core_int.h), chan, ser.
+ */
+#include "core_int.h"
+
+#include <lauxlib.h>
+#include <stdlib.h>
+
+/* -- Worker: requests ---------------------------------------------------------------- */
+
+static int td__push_get1(lua_State *L, const uint8_t *p, size_t n, void *ud) {
+  (void)ud;
+  td_rd_t rd;
+  td_rd_init(&rd, p, n);
+  if (td_rd_u8(&rd)) {
+    lua_pushinteger(L, 2);
+    return 1;
+  }
+  td__mkref_owned_flag = 0;
+  uint8_t kind = rd.p < rd.end ? *rd.p : 0;
+  int rc = td_core_push_wire(L, &rd, (uint64_t)(uintptr_t)ud);
+  if (rc < 0) return luaL_error(L, "malformed reply from the node");
+  if (kind == TD_V_SHM) {
+    uint64_t id = (uint64_t)(uintptr_t)ud;
+    td_chan_begin(&td_ctx.ch, TD_M_UNPIN);
+    td_buf_u32(&td_ctx.ch.out, 1);
+    td_buf_u64(&td_ctx.ch.out, id);
+    td_chan_end(&td_ctx.ch);
+  }
+  lua_pushinteger(L, rc);
+  lua_insert(L, -2);
+  return 2;
+}
+
+/* What the node answers when a wait times out, for td_w_timeout. */
+static const uint8_t td__tmo_get[1] = {1}, td__tmo_wait[4] = {0}, td__tmo_stream[9] = {2};
+
+static double td__timeout_arg(lua_State *L, int idx) {
+  if (lua_isnoneornil(L, idx)) return -1;
+  return luaL_checknumber(L, idx);
+}
+
+static int w_get1(lua_State *L) {
+  uint64_t id = td__checkref(L, 1);
+  double timeout = td__timeout_arg(L, 2);
+  td_core_flush_refs();
+  uint32_t req = td_w_begin_req(TD_M_GET);
+  td_buf_f64(&td_ctx.ch.out, timeout);
+  td_buf_u32(&td_ctx.ch.out, 1);
+  td_buf_u64(&td_ctx.ch.out, id);
+  td_chan_end(&td_ctx.ch);
+  td_w_timeout(timeout, td__tmo_get, 1);
+  return td_w_await(L, req, td__push_get1, (void *)(uintptr_t)id);
+}
+
+typedef struct {
+  uint64_t *ids;
+  uint32_t n;
+} td__getn_t;
+
+static int td__push_getn(lua_State *L, const uint8_t *p, size_t n, void *ud) {
+  td__getn_t *g = ud;
+  td_rd_t rd;
+  td_rd_init(&rd, p, n);
+  if (td_rd_u8(&rd)) {
+    free(g->ids);
+    free(g);
+    lua_pushinteger(L, 2);
+    return 1;
+  }
+  td__mkref_owned_flag = 0;
+  lua_createtable(L, (int)g->n, 1);
+  int status = 0;
+  uint32_t nshm = 0;
+  uint64_t *shm = td_xmalloc((size_t)g->n * 8 + 8);
+  for (uint32_t i = 0; i < g->n; i++) {
+    uint8_t kind = rd.p < rd.end ? *rd.p : 0;
+    if (kind == TD_V_SHM) shm[nshm++] = g->ids[i];
+    int rc = td_core_push_wire(L, &rd, g->ids[i]);
+    if (rc < 0) {
+      free(shm);
+      free(g->ids);
+      free(g);
+      return luaL_error(L, "malformed reply from the node");
+    }
+    if (rc == 1 && !status) {
+      status = 1;
+      lua_replace(L, -2); /* the error replaces the array */
+      break;
+    }
+    lua_rawseti(L, -2, (int)i + 1);
+  }
+  if (!status) {
+    lua_pushinteger(L, (lua_Integer)g->n);
+    lua_setfield(L, -2, "n");
+  }
+  if (nshm) {
+    td_chan_begin(&td_ctx.ch, TD_M_UNPIN);
+    td_buf_u32(&td_ctx.ch.out, nshm);
+    td_buf_put(&td_ctx.ch.out, shm, (size_t)nshm * 8);
+    td_chan_end(&td_ctx.ch);
+  }
+  free(shm);
+  free(g->ids);
+  free(g);
+  lua_pushinteger(L, status);
+  lua_insert(L, -2);
+  return 2;
+}
+
+static int w_getn(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  double timeout = td__timeout_arg(L, 2);
+  td__getn_t *g = td_xcalloc(1, sizeof(*g));
+  g->n = (uint32_t)lua_objlen(L, 1);
+  g->ids = td_xmalloc((size_t)g->n * 8 + 8);
+  for (uint32_t i = 0; i < g->n; i++) {
+    lua_rawgeti(L, 1, (int)i + 1);
+    td_ref_ud_t *r = luaL_testudata(L, -1, TD_REF_MT);
+    if (!r) {
+      free(g->ids);
+      free(g);
+      return luaL_error(L, "element %d is not an ObjectRef", (int)i + 1);
+    }
+    g->ids[i] = r->id;
+    lua_pop(L, 1);
+  }
+  td_core_flush_refs();
+  uint32_t req = td_w_begin_req(TD_M_GET);
+  td_buf_f64(&td_ctx.ch.out, timeout);
+  td_buf_u32(&td_ctx.ch.out, g->n);
+  td_buf_put(&td_ctx.ch.out, g->ids, (size_t)g->n * 8);
+  td_chan_end(&td_ctx.ch);
+  td_w_timeout(timeout, td__tmo_get, 1);
+  return td_w_await(L, req, td__push_getn, g);
+}
+
+static int td__push_wait(lua_State *L, const uint8_t *p, size_t n, void *ud) {
+  (void)ud;
+  td_rd_t rd;
+  td_rd_init(&rd, p, n);
+  uint32_t cnt = td_rd_u32(&rd);
+  if (rd.bad || cnt > n) return luaL_error(L, "malformed reply from the node");
+  lua_createtable(L, (int)cnt, 0);
+  for (uint32_t i = 0; i < cnt; i++) {
+    lua_pushboolean(L, td_rd_u8(&rd));
+    lua_rawseti(L, -2, (int)i + 1);
+  }
+  return 1;
+}
+
+static int w_wait(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  uint32_t num = (uint32_t)luaL_checkinteger(L, 2);
+  double timeout = td__timeout_arg(L, 3);
+  uint32_t n = (uint32_t)lua_objlen(L, 1);
+  uint64_t *ids = td_xmalloc((size_t)n * 8 + 8);
+  for (uint32_t i = 0; i < n; i++) {
+    lua_rawgeti(L, 1, (int)i + 1);
+    ids[i] = td__checkref(L, -1);
+    lua_pop(L, 1);
+  }
+  uint32_t req = td_w_begin_req(TD_M_WAIT);
+  td_buf_f64(&td_ctx.ch.out, timeout);
+  td_buf_u32(&td_ctx.ch.out, num);
+  td_buf_u32(&td_ctx.ch.out, n);
+  td_buf_put(&td_ctx.ch.out, ids, (size_t)n * 8);
+  td_chan_end(&td_ctx.ch);
+  free(ids);
+  td_w_timeout(timeout, td__tmo_wait, 4);
+  return td_w_await(L, req, td__push_wait, NULL);
+}
+
+static int td__push_stream(lua_State *L, const uint8_t *p, size_t n, void *ud) {
+  (void)ud;
+  td_rd_t rd;
+  td_rd_init(&rd, p, n);
+  uint8_t st = td_rd_u8(&rd);
+  uint64_t item = td_rd_u64(&rd);
+  if (rd.bad) return luaL_error(L, "malformed reply from the node");
+  if (st == 0) td_core_pushref(L, item, 1);
+  else if (st == 1) lua_pushnil(L);
+  else lua_pushboolean(L, 0);
+  return 1;
+}
+
+static int w_stream_next(lua_State *L) {
+  uint64_t id = td__checkref(L, 1);
+  uint32_t idx = (uint32_t)luaL_checkinteger(L, 2);
+  double timeout = td__timeout_arg(L, 3);
+  uint32_t req = td_w_begin_req(TD_M_STREAM_NEXT);
+  td_buf_u64(&td_ctx.ch.out, id);
+  td_buf_u32(&td_ctx.ch.out, idx);
+  td_buf_f64(&td_ctx.ch.out, timeout);
+  td_chan_end(&td_ctx.ch);
+  td_w_timeout(timeout, td__tmo_stream, 9);
+  return td_w_await(L, req, td__push_stream, NULL);
+}
+
+static td_buf_t td__valbuf;
+
+int td__w_put(lua_State *L) {
+  luaL_checkany(L, 1);
+  if (td_ser_value(&td_ctx.ser, L, 1, "tide.put value")) return td_core_ser_error(L, &td_ctx.ser);
+  td_buf_reset(&td__valbuf);
+  int rc = td_core_put_value(&td_ctx.ser, &td__valbuf);
+  if (rc == TD_ESTOREFULL) {
+    td__collect(L);
+    rc = td_core_put_value(&td_ctx.ser, &td__valbuf);
+  }
+  if (rc) return luaL_error(L, "tide.put: %s", td_strerror(rc));
+  uint64_t id = td_core_new_id();
+  td_chan_begin(&td_ctx.ch, TD_M_PUT);
+  td_buf_u64(&td_ctx.ch.out, id);
+  td_buf_put(&td_ctx.ch.out, td__valbuf.p, td__valbuf.len);
+  td_buf_u32(&td_ctx.ch.out, (uint32_t)td_ctx.ser.nrefs);
+  td_buf_put(&td_ctx.ch.out, td_ctx.ser.refs, (size_t)td_ctx.ser.nrefs * 8);
+  td_chan_end(&td_ctx.ch);
+  td_core_pushref(L, id, 1);
+  return 1;
+}
+
+static int td__push_room(lua_State *L, const uint8_t *p, size_t n, void *ud) {
+  (void)L, (void)p, (void)n, (void)ud;
+  return 0;
+}
+
+/* core.stream_room(): in a streaming call, waits until its consumer has
+ * taken enough items to be within the window it set (see
+ * td_node_stream_window); returns at once when it set none. */
+static int w_stream_room(lua_State *L) {
+  if (!td_ctx.cur_task || !td_ctx.cur_streaming) return 0;
+  uint32_t req = td_w_begin_req(TD_M_STREAM_ROOM);
+  td_buf_u64(&td_ctx.ch.out, td_ctx.cur_task);
+  td_chan_end(&td_ctx.ch);
+  return td_w_await(L, req, td__push_room, NULL);
+}
+
+/* core.yield_item(value): one item of a streaming task. */
+static int w_yield_item(lua_State *L) {
+  luaL_checkany(L, 1);
+  if (!td_ctx.cur_task || !td_ctx.cur_streaming)
+    return luaL_error(
+        L, "tide.yield can only be called inside a task or method called with num_returns = \"streaming\"");
+  if (td_ser_value(&td_ctx.ser, L, 1, "yielded value")) return td_core_ser_error(L, &td_ctx.ser);
+  td_buf_reset(&td__valbuf);
+  int rc = td_core_put_value(&td_ctx.ser, &td__valbuf);
+  if (rc) return luaL_error(L, "tide.yield: %s", td_strerror(rc));
+  td_chan_begin(&td_ctx.ch, TD_M_ITEM);
+  td_buf_u64(&td_ctx.ch.out, td_ctx.cur_task);
+  td_buf_u64(&td_ctx.ch.out, td_core_new_id());
+  td_buf_put(&td_ctx.ch.out, td__valbuf.p, td__valbuf.len);
+  td_buf_u32(&td_ctx.ch.out, (uint32_t)td_ctx.ser.nrefs);
+  td_buf_put(&td_ctx.ch.out, td_ctx.ser.refs, (size_t)td_ctx.ser.nrefs * 8);
+  td_chan_end(&td_ctx.ch);
+  return 0;
+}
+
+static int w_print(lua_State *L) {
+  size_t n;
+  const char *s = luaL_checklstring(L, 1, &n);
+  td_chan_begin(&td_ctx.ch, TD_M_PRINT);
+  td_buf_str(&td_ctx.ch.out, s, n);
+  td_buf_u64(&td_ctx.ch.out, td_ctx.cur_task);
+  td_chan_end(&td_ctx.ch);
+  return 0;
+}
+
+static int w_sleep(lua_State *L) { return td_w_sleep(L, luaL_checknumber(L, 1)); }
+
+/* The worker's backend (luaopen_tide_core); the control operations are
+ * RPCs (td__w_rpc), added there. */
+const luaL_Reg td__worker_fns[] = {{"get1", w_get1},
+                                   {"getn", w_getn},
+                                   {"wait", w_wait},
+                                   {"stream_next", w_stream_next},
+                                   {"put", td__w_put},
+                                   {"sleep", w_sleep},
+                                   {"yield_item", w_yield_item},
+                                   {"stream_room", w_stream_room},
+                                   {"print", w_print},
+                                   {NULL, NULL}};
+
+/* RPC: the op's arguments are encoded as one table; the reply is a table
+ * of results whose refs the node already holds for us. */
+static int td__push_rpc(lua_State *L, const uint8_t *p, size_t n, void *ud) {
+  (void)ud;
+  td_rd_t rd;
+  td_rd_init(&rd, p, n);
+  uint8_t ok = td_rd_u8(&rd);
+  uint32_t l;
+  const uint8_t *b = td_rd_str(&rd, &l);
+  if (rd.bad) return luaL_error(L, "malformed reply from the node");
+  td__mkref_owned_flag = 1;
+  int rc = td__decode(L, b, l, 0);
+  td__mkref_owned_flag = 0;
+  if (rc) return lua_error(L);
+  if (!ok) {
+    /* The node raised: its error is the first result. */
+    if (lua_istable(L, -1)) lua_rawgeti(L, -1, 1);
+    return lua_error(L);
+  }
+  int cnt = (int)lua_objlen(L, -1);
+  luaL_checkstack(L, cnt + 2, "rpc results");
+  int t = lua_gettop(L);
+  for (int i = 1; i <= cnt; i++) lua_rawgeti(L, t, i);
+  lua_remove(L, t);
+  return cnt;
+}
+
+int td__w_rpc(lua_State *L) {
+  size_t ol;
+  const char *op = lua_tolstring(L, lua_upvalueindex(1), &ol);
+  if (!op) {
+    /* core.call_node(op, ...): the op comes first. */
+    op = luaL_checklstring(L, 1, &ol);
+    lua_remove(L, 1);
+  }
+  int n = lua_gettop(L);
+  lua_createtable(L, n, 0);
+  for (int i = 1; i <= n; i++) {
+    lua_pushvalue(L, i);
+    lua_rawseti(L, -2, i);
+  }
+  if (td_ser_value(&td_ctx.ser, L, -1, "argument")) return td_core_ser_error(L, &td_ctx.ser);
+  td_core_flush_refs();
+  /* An op whose answer nobody waits for (upvalue 2) is sent without a
+   * request id: the node replies to none, and order is kept. */
+  int cast = lua_toboolean(L, lua_upvalueindex(2));
+  uint32_t req = 0;
+  if (cast) {
+    td_chan_begin(&td_ctx.ch, TD_M_RPC);
+    td_buf_u32(&td_ctx.ch.out, 0);
+  } else {
+    req = td_w_begin_req(TD_M_RPC);
+  }
+  td_buf_str(&td_ctx.ch.out, op, ol);
+  td_buf_u32(&td_ctx.ch.out, (uint32_t)td_ctx.ser.size);
+  td_ser_append(&td_ctx.ser, &td_ctx.ch.out);
+  td_chan_end(&td_ctx.ch);
+  if (cast) {
+    td_chan_flush(&td_ctx.ch);
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  return td_w_await(L, req, td__push_rpc, NULL);
+}
