@@ -79,6 +79,9 @@ build/obj/%.o: %.c $(HDRS) build/config.mk
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c -o $@ $<
 
+# cmd/'s private header (cmd/cmd.h), for its own objects only.
+$(patsubst %.c,build/obj/%.o,$(CMD_SRCS)): $(wildcard cmd/*.h)
+
 # The engine alone, as a library: its C tests (build/ctest-engine) link
 # with it and the system libraries it needs, without LuaJIT or the tensors.
 build/libtide_engine.a: $(ENGINE_OBJS)

@@ -31,7 +31,7 @@ static char **td__complete(const char *text, int start, int end) {
   return rl_completion_matches(text, td__complete_gen);
 }
 
-/* Ctrl-C at the prompt: the signal handler (main.c) sees td_repl_reading
+/* Ctrl-C at the prompt: the signal handler (cmd/run.c) sees td_repl_reading
  * and only sets td_repl_sigint; libedit's read is interrupted (its handler
  * has no SA_RESTART) and readline returns. */
 volatile sig_atomic_t td_repl_reading, td_repl_sigint;

@@ -62,7 +62,7 @@ local function show(j)
     j.exit_code and tostring(j.exit_code) or "-", j.script))
 end
 
--- The arguments were checked by cmd/main.c (td__jobcli_args) already.
+-- The arguments were checked by cmd/client.c (td__jobcli_args) already.
 local args, follow = {}, false
 local i = 1
 while i <= #arg do

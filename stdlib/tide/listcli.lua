@@ -2,7 +2,7 @@
 -- page; filtering and limits are done there, stdlib/tide/obs.lua).
 --   tide list KIND [--filter K=V]... [--limit N] [--offset N] [--json]
 --   tide logs worker|actor|task|job ID [--follow] [--tail N]
--- The arguments were checked by engine/main.c (td__listcli_args) already.
+-- The arguments were checked by cmd/client.c (td__listcli_args) already.
 local core = require("tide.core")
 local cjson = require("cjson")
 local format = string.format

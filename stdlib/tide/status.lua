@@ -31,7 +31,7 @@ local function used_total(total, avail)
   end
 end
 
--- tide status --why REF_OR_TASK (main.c passes it in TIDE_STATUS_WHY): why
+-- tide status --why REF_OR_TASK (cmd/client.c passes it in TIDE_STATUS_WHY): why
 -- that object or task is not done, then nothing else.
 local why = os.getenv("TIDE_STATUS_WHY")
 if why then

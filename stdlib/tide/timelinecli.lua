@@ -1,7 +1,7 @@
 -- tide timeline [--job ID] [--local] [-o FILE] [--address A] [--key FILE]:
 -- the tasks and actor calls of the running node (on a head: of every node)
 -- as Chrome trace events (Perfetto, chrome://tracing), on stdout or into FILE. tide timeline --merge FILE...
--- [-o FILE]: several nodes' traces as one. main.c has checked the flags.
+-- [-o FILE]: several nodes' traces as one. cmd/client.c has checked the flags.
 local core = require("tide.core")
 local timeline = require("tide.timeline")
 
