@@ -33,6 +33,13 @@ TEST_DECLARE(pg_bundle_share)
 TEST_DECLARE(pg_remove_fails_its_work)
 TEST_DECLARE(pg_node_dies)
 TEST_DECLARE(pg_goes_with_its_client)
+TEST_DECLARE(lineage_rerun_when_kept_result_lost)
+TEST_DECLARE(lineage_spec_kept_and_resubmitted)
+TEST_DECLARE(lineage_dropped_with_last_ref)
+TEST_DECLARE(lineage_malformed)
+TEST_DECLARE(lineage_node_keeps_and_sends)
+TEST_DECLARE(lineage_freed_with_result)
+TEST_DECLARE(lineage_head_work_not_kept)
 #if __has_include("test-list-http.h")
 #include "test-list-http.h"
 #endif
