@@ -96,7 +96,8 @@ build/ctest: $(CTEST_SRCS) $(LIB_OBJS) $(EXTRA_OBJS) $(wildcard tests/c/*.h)
 	$(CC) $(CFLAGS) -Itests/c $(LDFLAGS) -o $@ $(CTEST_SRCS) $(LIB_OBJS) $(EXTRA_OBJS) $(LDLIBS)
 
 # The engine's own tests, compiled and linked with the engine layer only.
-CTEST_ENGINE_SRCS := tests/c/test-core.c tests/c/test-node.c tests/c/test-msgs.c tests/c/test-http.c tests/c/runner.c
+CTEST_ENGINE_SRCS := tests/c/test-core.c tests/c/test-obj.c tests/c/test-sched.c tests/c/test-pg.c \
+                     tests/c/test-lineage.c tests/c/test-msgs.c tests/c/test-http.c tests/c/runner.c
 build/ctest-engine: $(CTEST_ENGINE_SRCS) build/libtide_engine.a $(EXTRA_OBJS) $(wildcard tests/c/*.h)
 	$(CC) $(CORE_CFLAGS) $(ENGINE_CFLAGS) -DTD_TEST_ENGINE_ONLY -Iengine -Itests/c -o $@ \
 	  $(CTEST_ENGINE_SRCS) build/libtide_engine.a $(EXTRA_OBJS) $(ENGINE_LIBS)

@@ -797,3 +797,15 @@ void td_obs_rotate(size_t max) {
   }
   closedir(d);
 }
+
+/* -- Live handles (node.h) ------------------------------------------------- */
+
+void td_node_handles(td_node_t *n, td_node_handles_t *h) {
+  memset(h, 0, sizeof(*h));
+  h->records = n->nwks;
+  for (td_req_t *r = n->reqs; r; r = r->next) h->requests++;
+  h->tasks = (int)n->tasks.len;
+  for (td_pg_t *pg = n->pgs; pg; pg = pg->next) h->groups++;
+  h->lineage = (int)(n->lineage.len + n->lin_kept.len);
+  h->forwarded = (int)n->fwd.len;
+}

@@ -239,4 +239,19 @@ enum { TD_WHY_STACK = 1, TD_WHY_WARNED = 2 };
  * says so). */
 int td_node_why(td_node_t *n, uint64_t id, int flags, char *out, size_t len);
 
+/* -- Live handles (introspect.c) --------------------------------------------- */
+
+/* What a node still holds that td_node_stats does not count, so that a
+ * test can end by checking that nothing is left (libuv's "no live
+ * handles"): every count is 0 on a node that has let everything go. */
+typedef struct td_node_handles {
+  int records;   /* workers, clients and links in its table */
+  int requests;  /* GET, WAIT and stream requests not answered yet */
+  int tasks;     /* task records in any state: waiting for arguments, queued, sent, fetching */
+  int groups;    /* placement groups, reserved or waiting */
+  int lineage;   /* task specs kept to make a lost result again (a node's, and on a head its nodes') */
+  int forwarded; /* work the head sent this node whose results have not all gone back */
+} td_node_handles_t;
+void td_node_handles(td_node_t *n, td_node_handles_t *h);
+
 #endif
