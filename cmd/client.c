@@ -147,7 +147,7 @@ int td__serve_status(int argc, char **argv) {
  * status. */
 static int td__client_run(int argc, char **argv, const char *script) {
   char path[PATH_MAX + 32];
-  snprintf(path, sizeof(path), "%s/stdlib/tide/%s", td__home, script);
+  snprintf(path, sizeof(path), "%s/stdlib/tide/%s", td__cmd_home, script);
   for (int k = 2; k + 1 < argc; k++) {
     if (!strcmp(argv[k], "--address")) setenv("TIDE_ADDRESS", argv[k + 1], 1);
     if (!strcmp(argv[k], "--key")) td__key_arg = argv[k + 1];
@@ -202,7 +202,7 @@ int td__cmd_timeline(int argc, char **argv) {
     setenv("TIDE_ADDRESS", "local", 1);
   }
   char path[PATH_MAX + 32];
-  snprintf(path, sizeof(path), "%s/stdlib/tide/timelinecli.lua", td__home);
+  snprintf(path, sizeof(path), "%s/stdlib/tide/timelinecli.lua", td__cmd_home);
   return td__run(argc, argv, 2, path);
 }
 
@@ -217,7 +217,7 @@ int td__cmd_list(int argc, char **argv) {
 /* tide status: stdlib/tide/status.lua, with the flags of tide run. */
 int td__cmd_status(int argc, char **argv) {
   char path[PATH_MAX + 32];
-  snprintf(path, sizeof(path), "%s/stdlib/tide/status.lua", td__home);
+  snprintf(path, sizeof(path), "%s/stdlib/tide/status.lua", td__cmd_home);
   td__statuscmd = 1;
   int has_addr = 0;
   /* --why REF_OR_TASK: status.lua explains that one thing instead. */

@@ -22,7 +22,7 @@
 
 /* main.c */
 extern const char *td__key_arg; /* --key FILE */
-extern char td__home[PATH_MAX];
+extern char td__cmd_home[PATH_MAX];
 extern char td__exe[PATH_MAX];
 extern const char *td__cmd; /* the command being run, for the hint of a usage error */
 int td__is_help(const char *a);

@@ -322,8 +322,8 @@ static void td__daemon_up(td__start_t *s) {
   } else {
     setenv("TIDE_SESSION_DIR", s->dir, 1);
     td_node_restore(td_ctx.node);
-    td_core_enable_jobs(td__home);
-    td_obs_enable(td__home);
+    td_core_enable_jobs(td__cmd_home);
+    td_obs_enable(td__cmd_home);
   }
   signal(SIGTERM, td__on_term);
   signal(SIGINT, td__on_term);

@@ -17,7 +17,7 @@
 #include "cmd.h"
 
 const char *td__key_arg; /* --key FILE */
-char td__home[PATH_MAX];
+char td__cmd_home[PATH_MAX];
 char td__exe[PATH_MAX];
 /* The command being run, for the hint of a usage error. */
 const char *td__cmd;
@@ -77,7 +77,7 @@ static int td__cmd_serve(int argc, char **argv) {
 static int td__cmd_repl(int argc, char **argv) {
   td__repl = 1;
   char path[PATH_MAX + 32];
-  snprintf(path, sizeof(path), "%s/stdlib/tide/repl.lua", td__home);
+  snprintf(path, sizeof(path), "%s/stdlib/tide/repl.lua", td__cmd_home);
   /* Flags are parsed by td__run as for `tide run`. */
   return td__run(argc, argv, 2, path);
 }
@@ -86,7 +86,7 @@ static int td__cmd_bench(int argc, char **argv) {
   for (int k = 2; k < argc; k++)
     if (td__is_help(argv[k])) return td__help("bench");
   char path[PATH_MAX + 32];
-  snprintf(path, sizeof(path), "%s/bench/bench.lua", td__home);
+  snprintf(path, sizeof(path), "%s/bench/bench.lua", td__cmd_home);
   return td__run(argc, argv, 2, path);
 }
 
@@ -274,15 +274,15 @@ int main(int argc, char **argv) {
   /* TIDE_HOME is the checkout: bin/tide lives in $TIDE_HOME/bin. */
   const char *home = getenv("TIDE_HOME");
   if (home) {
-    snprintf(td__home, sizeof(td__home), "%s", home);
+    snprintf(td__cmd_home, sizeof(td__cmd_home), "%s", home);
   } else {
-    snprintf(td__home, sizeof(td__home), "%s", td__exe);
+    snprintf(td__cmd_home, sizeof(td__cmd_home), "%s", td__exe);
     for (int k = 0; k < 2; k++) {
-      char *s = strrchr(td__home, '/');
+      char *s = strrchr(td__cmd_home, '/');
       if (s) *s = 0;
     }
   }
-  setenv("TIDE_HOME", td__home, 1);
+  setenv("TIDE_HOME", td__cmd_home, 1);
   if (getenv("TIDE_VERBOSE")) td_verbose = 1;
   if (argc < 2) { fputs(td__usage, stderr); return 2; }
   const char *cmd = argv[1];

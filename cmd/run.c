@@ -91,7 +91,7 @@ static int td__traceback(lua_State *L) {
 
 void td__open(lua_State *L) {
   luaL_openlibs(L);
-  td_core_setup_paths(L, td__home);
+  td_core_setup_paths(L, td__cmd_home);
   lua_pushcfunction(L, luaopen_tide_readline);
   lua_setfield(L, -2, "tide.readline");
   lua_pop(L, 1);
