@@ -42,7 +42,7 @@ static void td__actor_release(td_node_t *n, td_actor_t *a) {
     a->res_held = 0;
     return;
   }
-  td__take(n->avail, c, -1);
+  td__take(n->sched.avail, c, -1);
   td__gpus_give(n, td__task_gpus(c), a->gpus, a->ngpus);
   a->ngpus = 0;
   a->res_held = 0;
@@ -59,14 +59,14 @@ void td__actor_die(td_node_t *n, td_actor_t *a, const char *why) {
     td_persist_put("actor", key, NULL, 0);
     td_persist_put("actor_up", key, NULL, 0);
   }
-  if (a->fwd_attempt && n->head) {
+  if (a->fwd_attempt && n->links.head) {
     /* The head decides whether it restarts, and where. */
-    td_chan_begin(&n->head->ch, TD_M_ACTOR_EXIT);
-    td_buf_u64(&n->head->ch.out, a->id);
-    td_buf_u8(&n->head->ch.out, a->crashed);
-    td_buf_str(&n->head->ch.out, why, strlen(why));
-    td_buf_u32(&n->head->ch.out, a->fwd_attempt);
-    td_chan_end(&n->head->ch);
+    td_chan_begin(&n->links.head->ch, TD_M_ACTOR_EXIT);
+    td_buf_u64(&n->links.head->ch.out, a->id);
+    td_buf_u8(&n->links.head->ch.out, a->crashed);
+    td_buf_str(&n->links.head->ch.out, why, strlen(why));
+    td_buf_u32(&n->links.head->ch.out, a->fwd_attempt);
+    td_chan_end(&n->links.head->ch);
   }
   if (a->host) a->host->nactors--;
   a->host = NULL;
@@ -92,7 +92,7 @@ void td__actor_restart_or_die(td_node_t *n, td_actor_t *a, const char *why) {
     a->state = A_RESTARTING;
     td__actor_release(n, a);
     a->create->state = T_QUEUED;
-    tq_push(&n->queue, a->create);
+    tq_push(&n->sched.queue, a->create);
     return;
   }
   char msg[512];
@@ -139,13 +139,13 @@ td_wk_t *td__pick_host(td_node_t *n, td_actor_t *a) {
     return td__spawn(n, WK_GPUHOST, a->gpus, a->ngpus);
   td_wk_t *best = NULL;
   int hosts = 0;
-  for (int i = 0; i < n->nwks; i++) {
-    td_wk_t *w = n->wks[i];
+  for (int i = 0; i < n->procs.n; i++) {
+    td_wk_t *w = n->procs.list[i];
     if (w->dead || w->kind != WK_HOST) continue;
     hosts++;
     if (w->nactors < TD_ACTORS_PER_HOST && (!best || w->nactors < best->nactors)) best = w;
   }
-  int want = (int)(n->total[TD_RES_CPU] > 1 ? n->total[TD_RES_CPU] : 1);
+  int want = (int)(n->sched.total[TD_RES_CPU] > 1 ? n->sched.total[TD_RES_CPU] : 1);
   if (!best || (hosts < want && best->nactors > 0)) {
     td_wk_t *w = td__spawn(n, WK_HOST, NULL, 0);
     if (w) best = w;
@@ -158,7 +158,7 @@ td_wk_t *td__pick_host(td_node_t *n, td_actor_t *a) {
  * Arguments that are refs cannot be kept (their objects die with the head). */
 void td__persist_actor(td_node_t *n, const td_spec_t *s) {
   if (!td_persist_on() || s->ndeps || s->nrefs) return;
-  td_fnblob_t *fb = td_map_get(&n->fns, s->fn_id);
+  td_fnblob_t *fb = td_map_get(&n->tasks.fns, s->fn_id);
   if (!fb) return;
   td_buf_t b;
   td_buf_init(&b);
@@ -186,9 +186,9 @@ void td__restore_actor(void *ud, const char *key, const void *val, size_t len) {
   }
   td_node_register_fn(n, s.fn_id, blob, bl);
   const char *msg;
-  if (!td_map_get(&n->actors, s.actor_id) && td_node_submit(n, &s, &msg) == 0) {
+  if (!td_map_get(&n->actors.map, s.actor_id) && td_node_submit(n, &s, &msg) == 0) {
     td_node_decref(n, s.rets[0]);  /* nobody waits for its readiness */
-    td_actor_t *a = td_map_get(&n->actors, s.actor_id);
+    td_actor_t *a = td_map_get(&n->actors.map, s.actor_id);
     if (a && a->create) a->create->restored = 1;
     fprintf(stderr, "tide: restoring detached actor %s%s%s\n", key, s.name[0] ? " " : "", s.name);
   }
@@ -211,7 +211,7 @@ void td__restore_actor_up(void *ud, const char *key, const void *val, size_t len
   td_node_t *n = ud;
   char v[16];
   snprintf(v, sizeof(v), "%.*s", (int)(len < 15 ? len : 15), (const char *)val);
-  td_actor_t *a = td_map_get(&n->actors, strtoull(key, NULL, 16));
+  td_actor_t *a = td_map_get(&n->actors.map, strtoull(key, NULL, 16));
   if (!a || !a->create || !a->create->restored) {
     td_persist_put("actor_up", key, NULL, 0);  /* its actor was not kept */
     return;
@@ -236,7 +236,7 @@ int td__restored_gone(td_node_t *n, td_task_t *t) {
            (unsigned long long)a->id);
     return 0;
   }
-  tq_del(&n->queue, t);
+  tq_del(&n->sched.queue, t);
   t->state = T_SENT;
   td__actor_die(n, a, "the actor died: no node still ran it when the head restarted "
                       "(its node died or left while the head was down), and it has no restarts left");
@@ -249,14 +249,14 @@ int td_node_kill_actor(td_node_t *n, uint64_t actor_id, int no_restart) {
 
 /* Kills an actor (why: "killed by ..."), restarted unless no_restart. */
 int td__kill_actor(td_node_t *n, uint64_t actor_id, int no_restart, const char *why) {
-  td_actor_t *a = td_map_get(&n->actors, actor_id);
-  if (!a && n->head && !n->head->dead) {
+  td_actor_t *a = td_map_get(&n->actors.map, actor_id);
+  if (!a && n->links.head && !n->links.head->dead) {
     /* Not here: the head keeps it (forwarded, or placed on another node). */
-    td_chan_begin(&n->head->ch, TD_M_KILL);
-    td_buf_u64(&n->head->ch.out, actor_id);
-    td_buf_u8(&n->head->ch.out, (uint8_t)(no_restart != 0));
-    td_buf_str(&n->head->ch.out, why, strlen(why));
-    td_chan_end(&n->head->ch);
+    td_chan_begin(&n->links.head->ch, TD_M_KILL);
+    td_buf_u64(&n->links.head->ch.out, actor_id);
+    td_buf_u8(&n->links.head->ch.out, (uint8_t)(no_restart != 0));
+    td_buf_str(&n->links.head->ch.out, why, strlen(why));
+    td_chan_end(&n->links.head->ch);
     return 0;
   }
   if (!a) return TD_ENOTFOUND;
@@ -268,7 +268,7 @@ int td__kill_actor(td_node_t *n, uint64_t actor_id, int no_restart, const char *
     td__actor_restart_or_die(n, a, why);
   } else {
     if ((a->state == A_PENDING || a->state == A_RESTARTING) && a->create->state == T_QUEUED)
-      tq_del(&n->queue, a->create);
+      tq_del(&n->sched.queue, a->create);
     td__actor_die(n, a, msg);
   }
   if (host && !host->dead) {
@@ -288,7 +288,7 @@ int td_node_get_actor(td_node_t *n, const char *name, const char *ns, uint64_t *
                       uint64_t *class_id) {
   size_t it = 0;
   td_actor_t *a;
-  while (td_map_next(&n->actors, &it, NULL, (void **)&a)) {
+  while (td_map_next(&n->actors.map, &it, NULL, (void **)&a)) {
     if (a->state == A_DEAD || !a->create) continue;
     if (!strcmp(a->create->spec.name, name) && !strcmp(a->create->spec.ns, ns)) {
       *actor_id = a->id;
@@ -300,7 +300,7 @@ int td_node_get_actor(td_node_t *n, const char *name, const char *ns, uint64_t *
 }
 
 int td_node_actor_state(td_node_t *n, uint64_t actor_id, const char **reason) {
-  td_actor_t *a = td_map_get(&n->actors, actor_id);
+  td_actor_t *a = td_map_get(&n->actors.map, actor_id);
   if (!a) return -1;
   *reason = a->reason;
   return a->state;
@@ -317,7 +317,7 @@ void td__actor_kill_at(td_wk_t *wk, uint64_t aid) {
 /* An actor's init ran: its creation's ref becomes true. */
 int td__on_actor_ready(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   uint64_t aid = td_rd_u64(rd);
-  td_actor_t *a = td_map_get(&n->actors, aid);
+  td_actor_t *a = td_map_get(&n->actors.map, aid);
   if (a && a->host == wk && a->create) {
     td_obj_t *o = td__obj(n, a->create->spec.rets[0]);
     uint8_t tt = TD_T_TRUE;
@@ -340,7 +340,7 @@ int td__on_actor_exit(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   const uint8_t *why = td_rd_str(rd, &l);
   if (rd->bad) return TD_EPROTO;
   uint32_t incarnation = td_rd_u32(rd);
-  td_actor_t *a = td_map_get(&n->actors, aid);
+  td_actor_t *a = td_map_get(&n->actors.map, aid);
   /* An earlier incarnation's exit (after a kill and restart) is old news. */
   if (!a || a->host != wk || rd->bad || incarnation != a->create->attempt) return 0;
   char msg[512];
@@ -375,7 +375,7 @@ int td__on_actor_kill(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   (void)wk;
   uint64_t aid = td_rd_u64(rd);
   if (rd->bad) return TD_EPROTO;
-  td_actor_t *a = td_map_get(&n->actors, aid);
+  td_actor_t *a = td_map_get(&n->actors.map, aid);
   if (a && a->fwd_attempt) {
     a->fwd_attempt = 0; /* the head knows */
     td_node_kill_actor(n, aid, 1);

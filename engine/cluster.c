@@ -30,8 +30,8 @@
 #include "node_int.h"
 
 td_wk_t *td__link(td_node_t *n, uint32_t index) {
-  for (int i = 0; i < n->nwks; i++) {
-    td_wk_t *w = n->wks[i];
+  for (int i = 0; i < n->procs.n; i++) {
+    td_wk_t *w = n->procs.list[i];
     if (w->kind == WK_NODE && w->joined && !w->dead && w->node_index == index) return w;
   }
   return NULL;
@@ -39,10 +39,10 @@ td_wk_t *td__link(td_node_t *n, uint32_t index) {
 
 /* The most of resource r any live node has (this one included). */
 double td__cluster_max(td_node_t *n, int r) {
-  double most = n->total[r];
-  if (!n->nlinks) return most;  /* one node: no scan on the submit path */
-  for (int i = 0; i < n->nwks; i++) {
-    td_wk_t *w = n->wks[i];
+  double most = n->sched.total[r];
+  if (!n->links.nlinks) return most; /* one node: no scan on the submit path */
+  for (int i = 0; i < n->procs.n; i++) {
+    td_wk_t *w = n->procs.list[i];
     if (w->kind == WK_NODE && w->joined && !w->dead && w->ntotal[r] > most) most = w->ntotal[r];
   }
   return most;
@@ -53,12 +53,12 @@ double td__cluster_max(td_node_t *n, int r) {
  * only they could run waits for them instead of failing as infeasible
  * (td__unplaced_check). */
 void td__settle(td_node_t *n, const double *had) {
-  double now = td_now(), grace = 3 * n->node_timeout;
+  double now = td_now(), grace = 3 * n->links.node_timeout;
   if (grace < 10) grace = 10;
-  if (n->settle_until < now) memset(n->settle_max, 0, sizeof(n->settle_max));
+  if (n->links.settle_until < now) memset(n->links.settle_max, 0, sizeof(n->links.settle_max));
   for (int r = 0; r < TD_NRES_MAX; r++)
-    if (!had || had[r] > n->settle_max[r]) n->settle_max[r] = had ? had[r] : HUGE_VAL;
-  n->settle_until = now + grace;
+    if (!had || had[r] > n->links.settle_max[r]) n->links.settle_max[r] = had ? had[r] : HUGE_VAL;
+  n->links.settle_until = now + grace;
 }
 
 /* Head -> node: the whole spec (demands by name), the function the first
@@ -73,7 +73,7 @@ void td__send_node_task(td_node_t *n, td_wk_t *wk, td_task_t *t) {
   memcpy(&s, &t->spec, sizeof(s));
   s.nres = 0;
   for (int i = 0; i < t->nres; i++) {
-    snprintf(s.res_name[s.nres], sizeof(s.res_name[0]), "%s", n->resname[t->res_idx[i]]);
+    snprintf(s.res_name[s.nres], sizeof(s.res_name[0]), "%s", n->sched.resname[t->res_idx[i]]);
     s.res_amt[s.nres++] = t->res_amt[i];
   }
   int has_cpu = 0;
@@ -89,7 +89,7 @@ void td__send_node_task(td_node_t *n, td_wk_t *wk, td_task_t *t) {
   td_buf_u32(b, t->spec.ndeps);
   for (uint32_t i = 0; i < t->spec.ndeps; i++) {
     td_obj_t *o = td__obj(n, t->spec.deps[i]);
-    if (o && (o->state == OBJ_READY || (o->away && o->state == OBJ_PENDING)) && o->len > n->inline_max)
+    if (o && (o->state == OBJ_READY || (o->away && o->state == OBJ_PENDING)) && o->len > n->objs.inline_max)
       td_buf_u8(b, TD_V_PULL);  /* fetched once by the node, however many tasks use it */
     else
       td__put_value(n, b, t->spec.deps[i], 0, 1);
@@ -97,8 +97,8 @@ void td__send_node_task(td_node_t *n, td_wk_t *wk, td_task_t *t) {
 }
 
 static td_wk_t *td__upstream(td_node_t *n, uint64_t id) {
-  if (!id || td_id_node(id) == n->index) return NULL;
-  if (n->head) return n->head->dead ? NULL : n->head;
+  if (!id || td_id_node(id) == n->links.index) return NULL;
+  if (n->links.head) return n->links.head->dead ? NULL : n->links.head;
   return td__link(n, td_id_node(id));
 }
 
@@ -122,8 +122,8 @@ td_obj_t *td__foreign(td_node_t *n, uint64_t id, int held) {
 
 /* foreign == 2: a return of work forwarded to the head, kept there. */
 static td_wk_t *td__upstream_of(td_node_t *n, td_obj_t *o) {
-  if (o->foreign == 2) return n->head && !n->head->dead ? n->head : NULL;
-  if (o->up) return n->head ? (n->head->dead ? NULL : n->head) : td__link(n, o->up - 1);
+  if (o->foreign == 2) return n->links.head && !n->links.head->dead ? n->links.head : NULL;
+  if (o->up) return n->links.head ? (n->links.head->dead ? NULL : n->links.head) : td__link(n, o->up - 1);
   return td__upstream(n, o->id);
 }
 
@@ -137,8 +137,8 @@ void td__pull(td_node_t *n, td_obj_t *o) {
   td_wk_t *up = td__upstream_of(n, o);
   if (!up) return;
   o->pulling = 1;
-  uint32_t req = (++n->next_pull) | 0x80000000u;
-  td_map_set(&n->pulls, req, (void *)(uintptr_t)o->id);
+  uint32_t req = (++n->xfer.next_pull) | 0x80000000u;
+  td_map_set(&n->xfer.pulls, req, (void *)(uintptr_t)o->id);
   td_chan_begin(&up->ch, TD_M_GET);
   td_buf_u32(&up->ch.out, req);
   td_buf_f64(&up->ch.out, -1);
@@ -152,8 +152,8 @@ void td__pull(td_node_t *n, td_obj_t *o) {
 void td__obj_fill(td_node_t *n, td_obj_t *o, int state, const uint8_t *p, size_t len,
                          const uint64_t *refs, uint32_t nrefs) {
   size_t off;
-  if (state == OBJ_READY && len > n->inline_max && td__alloc(n, len, &off, o) == 0) {
-    memcpy(td_store_base(n->store) + off, p, len);
+  if (state == OBJ_READY && len > n->objs.inline_max && td__alloc(n, len, &off, o) == 0) {
+    memcpy(td_store_base(n->objs.store) + off, p, len);
     td__obj_set(n, o, OBJ_READY, 1, NULL, len, off, refs, nrefs);
   } else {
     td__obj_set(n, o, state, 0, p, len, 0, refs, nrefs);
@@ -161,17 +161,17 @@ void td__obj_fill(td_node_t *n, td_obj_t *o, int state, const uint8_t *p, size_t
 }
 
 int td_node_relay(td_node_t *n, td_wk_t *wk, uint32_t req, const char *op, const uint8_t *args, size_t len) {
-  if (!n->head || n->head->dead) return TD_ENOTFOUND;
+  if (!n->links.head || n->links.head->dead) return TD_ENOTFOUND;
   td_relay_t *r = td_xmalloc(sizeof(*r));
   r->wk_id = wk->id;
   r->req = req;
-  uint32_t fr = (++n->next_pull & 0x3fffffffu) | 0x40000000u;
-  td_map_set(&n->relays, fr, r);
-  td_chan_begin(&n->head->ch, TD_M_RPC);
-  td_buf_u32(&n->head->ch.out, fr);
-  td_buf_str(&n->head->ch.out, op, strlen(op));
-  td_buf_str(&n->head->ch.out, args, len);
-  td_chan_end(&n->head->ch);
+  uint32_t fr = (++n->xfer.next_pull & 0x3fffffffu) | 0x40000000u;
+  td_map_set(&n->links.relays, fr, r);
+  td_chan_begin(&n->links.head->ch, TD_M_RPC);
+  td_buf_u32(&n->links.head->ch.out, fr);
+  td_buf_str(&n->links.head->ch.out, op, strlen(op));
+  td_buf_str(&n->links.head->ch.out, args, len);
+  td_chan_end(&n->links.head->ch);
   return 0;
 }
 
@@ -179,19 +179,20 @@ int td_node_relay(td_node_t *n, td_wk_t *wk, uint32_t req, const char *op, const
  * request (its reply goes back to the worker that asked). */
 int td__on_link_reply(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   uint32_t req = td_rd_u32(rd);
-  td_relay_t *rl = rd->bad ? NULL : td_map_get(&n->relays, req);
+  td_relay_t *rl = rd->bad ? NULL : td_map_get(&n->links.relays, req);
   if (rl) {
-    td_map_del(&n->relays, req);
-    for (int i = 0; i < n->nwks; i++)
-      if (n->wks[i]->id == rl->wk_id) td_node_reply(n, n->wks[i], rl->req, rd->p, (size_t)(rd->end - rd->p));
+    td_map_del(&n->links.relays, req);
+    for (int i = 0; i < n->procs.n; i++)
+      if (n->procs.list[i]->id == rl->wk_id)
+        td_node_reply(n, n->procs.list[i], rl->req, rd->p, (size_t)(rd->end - rd->p));
     free(rl);
     return 0;
   }
   uint8_t timed_out = td_rd_u8(rd);
   if (rd->bad) return TD_EPROTO;
-  void *v = td_map_get(&n->pulls, req);
+  void *v = td_map_get(&n->xfer.pulls, req);
   if (!v) return 0;
-  td_map_del(&n->pulls, req);
+  td_map_del(&n->xfer.pulls, req);
   td_obj_t *o = td__obj(n, (uint64_t)(uintptr_t)v);
   uint8_t kind = timed_out ? TD_V_LOST : td_rd_u8(rd);
   uint32_t vl = 0, from = 0, epl = 0;
@@ -203,9 +204,9 @@ int td__on_link_reply(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   }
   const uint8_t *vp = kind >= TD_V_LOST ? NULL : td_rd_str(rd, &vl);
   if (rd->bad || kind == TD_V_SHM || kind > TD_V_PEER) return TD_EPROTO;
-  if (kind == TD_V_PEER && (wk != n->head || epl == 0 || epl > 127)) return TD_EPROTO;
+  if (kind == TD_V_PEER && (wk != n->links.head || epl == 0 || epl > 127)) return TD_EPROTO;
   if (!o || o->state != OBJ_PENDING) {
-    if (kind >= TD_V_PULL && wk == n->head) td__have_id(n, (uint64_t)(uintptr_t)v, 0);  /* not fetched */
+    if (kind >= TD_V_PULL && wk == n->links.head) td__have_id(n, (uint64_t)(uintptr_t)v, 0); /* not fetched */
     return 0;
   }
   if (kind >= TD_V_PULL) {
@@ -217,7 +218,7 @@ int td__on_link_reply(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
       td_wk_t *peer = td__peer(n, from, e);
       if (peer) up = peer;
     }
-    o->told = wk == n->head;
+    o->told = wk == n->links.head;
     td__chunk_begin(n, o, total, up);
     if (up != wk && o->chunked) td__ppull_note(n, o, up);
     return 0;
@@ -234,9 +235,9 @@ int td__on_link_reply(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
 
 /* Function definitions the other side has not had yet. */
 void td__send_fns(td_node_t *n, td_wk_t *wk) {
-  for (; wk->fns_upto < n->nfn_order; wk->fns_upto++) {
-    uint64_t id = n->fn_order[wk->fns_upto];
-    td_fnblob_t *fb = td_map_get(&n->fns, id);
+  for (; wk->fns_upto < n->tasks.nfn_order; wk->fns_upto++) {
+    uint64_t id = n->tasks.fn_order[wk->fns_upto];
+    td_fnblob_t *fb = td_map_get(&n->tasks.fns, id);
     if (!fb || td_map_get(&wk->fns_sent, id)) continue;
     td_map_set(&wk->fns_sent, id, (void *)1);
     td_chan_begin(&wk->ch, TD_M_FN);
@@ -252,13 +253,13 @@ void td__send_fns(td_node_t *n, td_wk_t *wk) {
  * that hold in a new foreign record, or gives it back if it has one. */
 void td__export(td_node_t *n, const uint64_t *ids, uint32_t k) {
   for (uint32_t i = 0; i < k; i++) {
-    td_node_incref_for(n, n->head, ids[i]);
-    if (!n->lineage.len || !td_map_get(&n->lineage, ids[i])) continue;
-    if (n->nlin_out == n->caplin_out) {
-      n->caplin_out = n->caplin_out ? n->caplin_out * 2 : 16;
-      n->lin_out = td_xrealloc(n->lin_out, n->caplin_out * 8);
+    td_node_incref_for(n, n->links.head, ids[i]);
+    if (!n->lineage.specs.len || !td_map_get(&n->lineage.specs, ids[i])) continue;
+    if (n->lineage.nout == n->lineage.capout) {
+      n->lineage.capout = n->lineage.capout ? n->lineage.capout * 2 : 16;
+      n->lineage.out = td_xrealloc(n->lineage.out, n->lineage.capout * 8);
     }
-    n->lin_out[n->nlin_out++] = ids[i];
+    n->lineage.out[n->lineage.nout++] = ids[i];
   }
 }
 
@@ -282,18 +283,18 @@ void td__import(td_node_t *n, td_wk_t *from, const uint64_t *ids, uint32_t k) {
  * Returns 1 when forwarded. */
 static int td__for_head(td_node_t *n, const td_spec_t *s) {
   if (s->nret < 0) return 0;  /* streams stay here */
-  if (s->kind == TD_K_ACTOR_CALL) return td_map_get(&n->actors, s->actor_id) == NULL;
+  if (s->kind == TD_K_ACTOR_CALL) return td_map_get(&n->actors.map, s->actor_id) == NULL;
   if (s->kind == TD_K_ACTOR_NEW && (s->detached || s->name[0])) return 1;
   for (uint32_t i = 0; i < s->nres; i++) {
     int idx = td_node_res_index(n, s->res_name[i]);
-    if (idx >= 0 && s->res_amt[i] > n->total[idx] + 1e-9) return 1;
+    if (idx >= 0 && s->res_amt[i] > n->sched.total[idx] + 1e-9) return 1;
   }
   return 0;
 }
 
 int td__forward(td_node_t *n, const td_spec_t *s) {
-  if (!n->head || !td__for_head(n, s)) return 0;
-  td_wk_t *h = n->head;
+  if (!n->links.head || !td__for_head(n, s)) return 0;
+  td_wk_t *h = n->links.head;
   td__send_fns(n, h);
   td__export(n, s->deps, s->ndeps);
   td__export(n, s->refs, s->nrefs);
@@ -316,7 +317,7 @@ int td__forward(td_node_t *n, const td_spec_t *s) {
  * at once: its returns are pending records, its arguments held. Returns 1
  * when held. */
 int td__hold_for_head(td_node_t *n, td_wk_t *wk, const td_spec_t *s, const uint8_t *msg, uint32_t len) {
-  if (n->head || n->rejoin_until <= td_now() || !td__for_head(n, s)) return 0;
+  if (n->links.head || n->links.rejoin_until <= td_now() || !td__for_head(n, s)) return 0;
   td_waitsub_t *w = td_xcalloc(1, sizeof(*w));
   /* Whose work, as td_node_submit is told it (a client's, or that of the
    * task this worker runs). */
@@ -325,7 +326,7 @@ int td__hold_for_head(td_node_t *n, td_wk_t *wk, const td_spec_t *s, const uint8
   w->msg = td_xmalloc(len + 1);
   memcpy(w->msg, msg, len);
   w->len = len;
-  td_waitsub_t **tail = &n->waitsubs;
+  td_waitsub_t **tail = &n->links.waitsubs;
   while (*tail) tail = &(*tail)->next;
   *tail = w;  /* in submission order */
   for (uint32_t i = 0; i < (uint32_t)s->nret; i++) {
@@ -348,7 +349,7 @@ int td__hold_for_head(td_node_t *n, td_wk_t *wk, const td_spec_t *s, const uint8
 /* Whether something here waits for id: a task's argument, or a get. */
 static int td__waited_for(td_node_t *n, td_obj_t *o) {
   if (o->nwaiters) return 1;
-  for (td_req_t *r = n->reqs; r; r = r->next)
+  for (td_req_t *r = n->procs.reqs; r; r = r->next)
     for (uint32_t i = 0; r->op == TD_M_GET && i < r->n; i++)
       if (r->ids[i] == o->id) return 1;
   return 0;
@@ -357,8 +358,8 @@ static int td__waited_for(td_node_t *n, td_obj_t *o) {
 /* The held work goes on (the head is back: forwarded, or run here when
  * this node can now) or fails (why != NULL: the head did not come back). */
 static void td__waitsubs_end(td_node_t *n, const char *why) {
-  td_waitsub_t *w = n->waitsubs;
-  n->waitsubs = NULL;
+  td_waitsub_t *w = n->links.waitsubs;
+  n->links.waitsubs = NULL;
   while (w) {
     td_waitsub_t *next = w->next;
     td_spec_t s;
@@ -369,12 +370,12 @@ static void td__waitsubs_end(td_node_t *n, const char *why) {
       const char *msg = why;
       if (!why && td__forward(n, &s)) {
         if (s.kind == TD_K_ACTOR_NEW && !s.detached && w->owner)
-          td_map_set(&n->fwd_actors, s.actor_id, (void *)(uintptr_t)w->owner);
+          td_map_set(&n->links.fwd_actors, s.actor_id, (void *)(uintptr_t)w->owner);
       } else if (!why) {
-        n->submitter = w->owner;
-        n->submitter_task = w->owner_task;
+        n->tasks.submitter = w->owner;
+        n->tasks.submitter_task = w->owner_task;
         if (td_node_submit(n, &s, &msg) == 0) msg = NULL;
-        n->submitter = n->submitter_task = 0;
+        n->tasks.submitter = n->tasks.submitter_task = 0;
       }
       if (msg) td__errblob(&n->tmp, s.kind == TD_K_ACTOR_CALL ? "ActorDiedError" : "TaskError", msg);
       for (uint32_t i = 0; i < (uint32_t)s.nret; i++) {
@@ -395,10 +396,10 @@ static void td__waitsubs_end(td_node_t *n, const char *why) {
 }
 
 void td__waitsubs_check(td_node_t *n, double now) {
-  if (!n->waitsubs) return;
-  if (n->head) {
+  if (!n->links.waitsubs) return;
+  if (n->links.head) {
     td__waitsubs_end(n, NULL);
-  } else if (now >= n->rejoin_until) {
+  } else if (now >= n->links.rejoin_until) {
     char why[160];
     snprintf(why, sizeof(why), "the head is gone and did not come back within %d s (this node keeps rejoining it)",
              TD_HEAD_WAIT);
@@ -419,10 +420,11 @@ td_obj_t *td__obj_from_bytes(td_node_t *n, uint64_t id, int state, const uint8_t
  * object, task or actor the head knows carries it (ids hold their node's
  * index, so a reused one must not meet ids of the node that had it). */
 static int td__index_free(td_node_t *n, uint32_t idx) {
-  if (idx == n->index) return 0;
-  for (int i = 0; i < n->nwks; i++)
-    if (n->wks[i]->kind == WK_NODE && !n->wks[i]->dead && n->wks[i]->node_index == idx) return 0;
-  const td_map_t *maps[] = {&n->objs, &n->tasks, &n->actors};
+  if (idx == n->links.index) return 0;
+  for (int i = 0; i < n->procs.n; i++)
+    if (n->procs.list[i]->kind == WK_NODE && !n->procs.list[i]->dead && n->procs.list[i]->node_index == idx)
+      return 0;
+  const td_map_t *maps[] = {&n->objs.map, &n->tasks.map, &n->actors.map};
   for (int m = 0; m < 3; m++) {
     uint64_t id;
     for (size_t it = 0; td_map_next(maps[m], &it, &id, NULL);)
@@ -438,7 +440,7 @@ static uint32_t td__reuse_index(td_node_t *n) {
   double now = td_now(), oldest = now - TD_INDEX_REST;
   uint32_t best = 0;
   for (uint32_t idx = 1; idx <= TD_NODE_MAX; idx++) {
-    double gone = n->gone_at ? n->gone_at[idx] : 0;
+    double gone = n->links.gone_at ? n->links.gone_at[idx] : 0;
     if (gone > oldest || !td__index_free(n, idx)) continue;
     best = idx;
     oldest = gone;
@@ -452,16 +454,17 @@ int td__on_join(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   uint32_t want = td_rd_u32(rd);
   if (rd->bad) return TD_EPROTO;
   uint32_t idx = want;
-  if (!idx || idx > TD_NODE_MAX || idx == n->index || td__link(n, idx)) {
-    do idx = ++n->next_index; while (idx <= TD_NODE_MAX && (idx == n->index || td__link(n, idx)));
+  if (!idx || idx > TD_NODE_MAX || idx == n->links.index || td__link(n, idx)) {
+    do idx = ++n->links.next_index;
+    while (idx <= TD_NODE_MAX && (idx == n->links.index || td__link(n, idx)));
     if (idx > TD_NODE_MAX) {
-      n->next_index = TD_NODE_MAX;
+      n->links.next_index = TD_NODE_MAX;
       idx = td__reuse_index(n);
       if (!idx) { td_log("refusing a node: no node index left"); return TD_EPROTO; }
       td_log("every node index was given: node index %u is given again", idx);
     }
   }
-  if (idx > n->next_index) n->next_index = idx;
+  if (idx > n->links.next_index) n->links.next_index = idx;
   wk->kind = WK_NODE;
   td__link_chan(wk);
   wk->node_index = idx;
@@ -496,7 +499,7 @@ int td__on_node_info(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
     if (o < (int)sizeof(line) - 48) o += snprintf(line + o, sizeof(line) - (size_t)o, " %s=%g", rname, v);
   }
   wk->joined = 1;
-  n->nlinks++;
+  n->links.nlinks++;
   char key[16];
   snprintf(key, sizeof(key), "%u", wk->node_index);
   td_persist_put("node", key, wk->name, strlen(wk->name));
@@ -519,19 +522,19 @@ int td__on_node_info(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
 /* The package a head path was shipped as, while fresh (a minute). */
 static const char *td__wd_hash(td_node_t *n, const char *path) {
   double now = td_now();
-  for (td_wdmap_t *m = n->wdmap; m; m = m->next)
+  for (td_wdmap_t *m = n->links.wdmap; m; m = m->next)
     if (!strcmp(m->path, path)) return now - m->at < 60 ? m->hash : NULL;
   return NULL;
 }
 
 static void td__wd_note(td_node_t *n, const char *path, const char *hash) {
-  td_wdmap_t *m = n->wdmap;
+  td_wdmap_t *m = n->links.wdmap;
   while (m && strcmp(m->path, path)) m = m->next;
   if (!m) {
     m = td_xcalloc(1, sizeof(*m));
     snprintf(m->path, sizeof(m->path), "%s", path);
-    m->next = n->wdmap;
-    n->wdmap = m;
+    m->next = n->links.wdmap;
+    n->links.wdmap = m;
   }
   snprintf(m->hash, sizeof(m->hash), "%s", hash);
   m->at = td_now();
@@ -589,14 +592,14 @@ static void td__node_task_wd(td_node_t *n, td_spec_t *s, char *key, size_t keyle
 static void td__node_task_park(td_node_t *n, td_wk_t *wk, const char *key, const uint8_t *msg,
                                uint32_t msglen) {
   int asked = 0;
-  for (td_parked_t *q = n->parked; q; q = q->next) asked |= !strcmp(q->key, key);
+  for (td_parked_t *q = n->links.parked; q; q = q->next) asked |= !strcmp(q->key, key);
   td_parked_t *pk = td_xcalloc(1, sizeof(*pk));
   snprintf(pk->key, sizeof(pk->key), "%s", key);
   pk->msg = td_xmalloc(msglen);
   memcpy(pk->msg, msg, msglen);
   pk->len = msglen;
-  pk->next = n->parked;
-  n->parked = pk;
+  pk->next = n->links.parked;
+  n->links.parked = pk;
   if (!asked) {
     td_chan_begin(&wk->ch, TD_M_PKG_GET);
     td_buf_str(&wk->ch.out, key, strlen(key));
@@ -643,14 +646,14 @@ static void td__node_task_run(td_node_t *n, td_wk_t *wk, td_spec_t *s, uint64_t 
   s->max_restarts = 0;
   s->retry_exceptions = 0; /* the head sees the error and retries */
   const char *msg = NULL;
-  n->submitter = wk->id; /* prints go back to the head, as this task's */
-  n->submitter_task = htid;
-  n->from_head = 1; /* the head keeps its lineage */
-  int sub = s->kind == TD_K_ACTOR_CALL && !td_map_get(&n->actors, s->actor_id)
+  n->tasks.submitter = wk->id; /* prints go back to the head, as this task's */
+  n->tasks.submitter_task = htid;
+  n->lineage.from_head = 1; /* the head keeps its lineage */
+  int sub = s->kind == TD_K_ACTOR_CALL && !td_map_get(&n->actors.map, s->actor_id)
                 ? (msg = "the actor is not on this node", TD_EINVAL)
                 : td_node_submit(n, s, &msg);
-  n->submitter = n->submitter_task = 0;
-  n->from_head = 0;
+  n->tasks.submitter = n->tasks.submitter_task = 0;
+  n->lineage.from_head = 0;
   if (sub != 0) {
     td__errblob(&n->tmp, s->kind == TD_K_ACTOR_CALL ? "ActorDiedError" : "TaskError", msg);
     td_chan_begin(&wk->ch, TD_M_DONE);
@@ -668,7 +671,7 @@ static void td__node_task_run(td_node_t *n, td_wk_t *wk, td_spec_t *s, uint64_t 
   uint32_t nr = s->nret < 0 ? 1 : (uint32_t)s->nret;
   f->rets = td_xmalloc(nr * 8 + 8);
   memcpy(f->rets, s->rets, nr * 8);
-  td_map_set(&n->fwd, htid, f);
+  td_map_set(&n->links.fwd, htid, f);
   for (uint32_t i = 0; i < nr; i++) {
     td_obj_t *o = td__obj(n, s->rets[i]);
     if (!o) continue;
@@ -676,13 +679,13 @@ static void td__node_task_run(td_node_t *n, td_wk_t *wk, td_spec_t *s, uint64_t 
     if (o->state != OBJ_PENDING) td__obj_wake(n, o);
   }
   if (s->kind == TD_K_ACTOR_NEW) {
-    td_actor_t *a = td_map_get(&n->actors, s->actor_id);
+    td_actor_t *a = td_map_get(&n->actors.map, s->actor_id);
     if (a) a->fwd_attempt = attempt;
   }
 }
 
 int td__on_node_task(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
-  if (wk != n->head) return TD_EPROTO;
+  if (wk != n->links.head) return TD_EPROTO;
   uint64_t htid = td_rd_u64(rd);
   uint32_t attempt = td_rd_u32(rd);
   td_spec_t s;
@@ -708,7 +711,7 @@ int td__on_node_task(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
     td_node_register_fn(n, s.fn_id, blob, bl);
   }
   uint32_t nd = td_rd_u32(rd);
-  if (rd->bad || nd != s.ndeps || td_map_get(&n->fwd, htid)) goto out;
+  if (rd->bad || nd != s.ndeps || td_map_get(&n->links.fwd, htid)) goto out;
   uint64_t *made = td_xmalloc((size_t)nd * 8 + 8);
   uint32_t nmade = 0;
   td__node_task_args(n, rd, &s, nd, made, &nmade);
@@ -729,7 +732,7 @@ static void td__put_link_value(td_node_t *n, td_buf_t *b, td_obj_t *o) {
   td__put_value(n, b, o->id, 0, 2);
   if (o->state == OBJ_READY && o->len > TD_CHUNK) {  /* kept until the head has fetched it */
     td_buf_u64(b, o->id);
-    td_node_incref_for(n, n->head, o->id);  /* given back if the head dies first */
+    td_node_incref_for(n, n->links.head, o->id); /* given back if the head dies first */
   }
   td_buf_u32(b, o->ncontained);
   td_buf_put(b, o->contained, (size_t)o->ncontained * 8);
@@ -748,7 +751,7 @@ static void td__put_link_value(td_node_t *n, td_buf_t *b, td_obj_t *o) {
 
 static void td__fwd_end(td_node_t *n, td_fwd_t *f) {
   uint32_t nr = f->nret < 0 ? 1 : (uint32_t)f->nret;
-  td_map_del(&n->fwd, f->task);
+  td_map_del(&n->links.fwd, f->task);
   for (uint32_t i = 0; i < nr; i++) {
     td_obj_t *o = td__obj(n, f->rets[i]);
     if (o && o->fwd == f) o->fwd = NULL;
@@ -759,24 +762,24 @@ static void td__fwd_end(td_node_t *n, td_fwd_t *f) {
 }
 
 static void td__link_fail(td_node_t *n, uint64_t task, const uint8_t *blob, size_t len) {
-  td_chan_begin(&n->head->ch, TD_M_DONE);
-  td_buf_u64(&n->head->ch.out, task);
-  td_buf_u8(&n->head->ch.out, 0);
-  td_buf_str(&n->head->ch.out, blob, len);
-  td_chan_end(&n->head->ch);
+  td_chan_begin(&n->links.head->ch, TD_M_DONE);
+  td_buf_u64(&n->links.head->ch.out, task);
+  td_buf_u8(&n->links.head->ch.out, 0);
+  td_buf_str(&n->links.head->ch.out, blob, len);
+  td_chan_end(&n->links.head->ch);
 }
 
 /* Node: sends the head what finished of its work. */
 void td__fwd_flush(td_node_t *n) {
-  uint32_t cnt = n->nfwd_ready;
-  uint64_t *ids = n->fwd_ready;
-  n->fwd_ready = NULL;
-  n->nfwd_ready = n->capfwd_ready = 0;
+  uint32_t cnt = n->links.nfwd_ready;
+  uint64_t *ids = n->links.fwd_ready;
+  n->links.fwd_ready = NULL;
+  n->links.nfwd_ready = n->links.capfwd_ready = 0;
   for (uint32_t k = 0; k < cnt; k++) {
     td_obj_t *o = td__obj(n, ids[k]);
     td_fwd_t *f = o ? o->fwd : NULL;
-    if (!f || !n->head) continue;
-    td_buf_t *b = &n->head->ch.out;
+    if (!f || !n->links.head) continue;
+    td_buf_t *b = &n->links.head->ch.out;
     if (f->nret < 0) {
       /* A stream: its new items, then its end (or the error that ended it). */
       int failed = 0;
@@ -788,20 +791,20 @@ void td__fwd_flush(td_node_t *n) {
           break;
         }
         if (!it) continue;
-        td_chan_begin(&n->head->ch, TD_M_ITEM);
+        td_chan_begin(&n->links.head->ch, TD_M_ITEM);
         td_buf_u64(b, f->task);
         td_buf_u64(b, it->id);
         td__put_value(n, b, it->id, 0, 1);
         td_buf_u32(b, 0);
-        td_chan_end(&n->head->ch);
+        td_chan_end(&n->links.head->ch);
       }
       if (failed || o->stream_done) {
         if (!failed) {
-          td_chan_begin(&n->head->ch, TD_M_DONE);
+          td_chan_begin(&n->links.head->ch, TD_M_DONE);
           td_buf_u64(b, f->task);
           td_buf_u8(b, 1);
           td_buf_u32(b, 0);
-          td_chan_end(&n->head->ch);
+          td_chan_end(&n->links.head->ch);
         }
         td__fwd_end(n, f);
       }
@@ -819,62 +822,62 @@ void td__fwd_flush(td_node_t *n) {
     if (f->kind == TD_K_ACTOR_NEW) {
       /* Ready; a failed init reaches the head as the actor's exit. */
       if (!err) {
-        td_chan_begin(&n->head->ch, TD_M_ACTOR_READY);
+        td_chan_begin(&n->links.head->ch, TD_M_ACTOR_READY);
         td_buf_u64(b, f->actor);
-        td_chan_end(&n->head->ch);
+        td_chan_end(&n->links.head->ch);
       }
     } else if (err) {
       td__link_fail(n, f->task, err->data, err->len);
     } else {
-      td_chan_begin(&n->head->ch, TD_M_DONE);
+      td_chan_begin(&n->links.head->ch, TD_M_DONE);
       td_buf_u64(b, f->task);
       td_buf_u8(b, 1);
       td_buf_u32(b, nr);
       for (uint32_t i = 0; i < nr; i++) td__put_link_value(n, b, td__obj(n, f->rets[i]));
-      td_chan_end(&n->head->ch);
+      td_chan_end(&n->links.head->ch);
     }
     td__fwd_end(n, f);
   }
   free(ids);
-  if (n->head && n->head->ch.out.len > (256u << 10)) td_chan_flush(&n->head->ch);
+  if (n->links.head && n->links.head->ch.out.len > (256u << 10)) td_chan_flush(&n->links.head->ch);
 }
 
 void td__fwd_note(td_node_t *n, uint64_t id) {
-  if (n->nfwd_ready == n->capfwd_ready) {
-    n->capfwd_ready = n->capfwd_ready ? n->capfwd_ready * 2 : 64;
-    n->fwd_ready = td_xrealloc(n->fwd_ready, n->capfwd_ready * 8);
+  if (n->links.nfwd_ready == n->links.capfwd_ready) {
+    n->links.capfwd_ready = n->links.capfwd_ready ? n->links.capfwd_ready * 2 : 64;
+    n->links.fwd_ready = td_xrealloc(n->links.fwd_ready, n->links.capfwd_ready * 8);
   }
-  n->fwd_ready[n->nfwd_ready++] = id;
+  n->links.fwd_ready[n->links.nfwd_ready++] = id;
 }
 
 /* Node: the head is gone. Its work here is dropped: a head that comes
  * back does not know it. */
 void td__parked_drop(td_node_t *n) {
-  while (n->parked) {
-    td_parked_t *q = n->parked;
-    n->parked = q->next;
+  while (n->links.parked) {
+    td_parked_t *q = n->links.parked;
+    n->links.parked = q->next;
     free(q->msg);
     free(q);
   }
 }
 
 void td__head_lost(td_node_t *n) {
-  n->rejoin_until = td_now() + TD_HEAD_WAIT;
+  n->links.rejoin_until = td_now() + TD_HEAD_WAIT;
   size_t it = 0, k = 0;
   void *v;
-  td_fwd_t **fs = td_xmalloc((size_t)n->fwd.len * sizeof(*fs) + 8);
-  while (td_map_next(&n->fwd, &it, NULL, &v)) fs[k++] = v;
+  td_fwd_t **fs = td_xmalloc((size_t)n->links.fwd.len * sizeof(*fs) + 8);
+  while (td_map_next(&n->links.fwd, &it, NULL, &v)) fs[k++] = v;
   for (size_t i = 0; i < k; i++) td__fwd_end(n, fs[i]);
   free(fs);
   /* Its actors here (each has fwd_attempt set when created for it); the
    * detached ones live on, for a restarted head to adopt (td__adopt). */
-  uint64_t *actors = td_xmalloc((size_t)n->actors.len * 8 + 8);
+  uint64_t *actors = td_xmalloc((size_t)n->actors.map.len * 8 + 8);
   uint32_t na = 0;
   td_actor_t *a;
   it = 0;
-  while (td_map_next(&n->actors, &it, NULL, (void **)&a))
+  while (td_map_next(&n->actors.map, &it, NULL, (void **)&a))
     if (a->fwd_attempt && a->state != A_DEAD && !(a->create && a->create->spec.detached)) actors[na++] = a->id;
-  n->head = NULL;
+  n->links.head = NULL;
   for (uint32_t i = 0; i < na; i++) td_node_kill_actor(n, actors[i], 1);
   free(actors);
   td__parked_drop(n);  /* its work waiting for packages goes too */
@@ -890,7 +893,7 @@ static void td__sweep_foreign(td_node_t *n) {
   size_t it = 0, k = 0;
   td_obj_t *o;
   uint64_t ids[64];
-  while (k < 64 && td_map_next(&n->objs, &it, NULL, (void **)&o))
+  while (k < 64 && td_map_next(&n->objs.map, &it, NULL, (void **)&o))
     if (o->refs <= 0 && !o->nwaiters && o->state == OBJ_PENDING && o->foreign && !o->pulling && !o->chunked)
       ids[k++] = o->id;
   for (size_t i = 0; i < k; i++) {
@@ -902,15 +905,15 @@ static void td__sweep_foreign(td_node_t *n) {
 /* Heartbeats both ways; a link silent past the timeout is dead. */
 void td__cluster_tick(td_node_t *n, double now) {
   td__dp_tick(n, now);
-  if (n->waitsubs) td__waitsubs_check(n, now);
-  if (n->nppull) td__ppull_check(n, NULL, now);
-  int beat = now - n->beat_at >= 1.0;
-  if (beat) n->beat_at = now;
-  if (beat && n->objs.len && (uint64_t)now % 5 == 0) td__sweep_foreign(n);
-  for (int i = 0; i < n->nwks; i++) {
-    td_wk_t *w = n->wks[i];
+  if (n->links.waitsubs) td__waitsubs_check(n, now);
+  if (n->xfer.nppull) td__ppull_check(n, NULL, now);
+  int beat = now - n->links.beat_at >= 1.0;
+  if (beat) n->links.beat_at = now;
+  if (beat && n->objs.map.len && (uint64_t)now % 5 == 0) td__sweep_foreign(n);
+  for (int i = 0; i < n->procs.n; i++) {
+    td_wk_t *w = n->procs.list[i];
     if ((w->kind != WK_NODE && w->kind != WK_HEAD) || w->dead) continue;
-    if (now - w->last_seen > n->node_timeout) {
+    if (now - w->last_seen > n->links.node_timeout) {
       char why[160];
       if (w->last_seen == 0)
         snprintf(why, sizeof(why), "restarted and no longer knows this node");
@@ -979,7 +982,7 @@ int td__on_pkg(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   const uint8_t *k = td_rd_str(rd, &kl);
   uint8_t ok = td_rd_u8(rd);
   const uint8_t *blob = td_rd_str(rd, &bl);
-  if (rd->bad || wk != n->head || kl == 0 || kl >= 1024) return TD_EPROTO;
+  if (rd->bad || wk != n->links.head || kl == 0 || kl >= 1024) return TD_EPROTO;
   char hash[1024], err[300] = "";  /* the key: a hash, or a working dir's path */
   memcpy(hash, k, kl);
   hash[kl] = 0;
@@ -992,7 +995,7 @@ int td__on_pkg(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   } else {
     td_pkg_install(hash, blob, bl, err, sizeof(err));
   }
-  td_parked_t **pp = &n->parked, *q, *mine = NULL;
+  td_parked_t **pp = &n->links.parked, *q, *mine = NULL;
   while ((q = *pp)) {  /* take this package's work, oldest first */
     if (strcmp(q->key, hash)) { pp = &q->next; continue; }
     *pp = q->next;
@@ -1003,11 +1006,11 @@ int td__on_pkg(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   while (mine) {
     q = mine;
     mine = q->next;
-    if (!err[0] && n->head) {
+    if (!err[0] && n->links.head) {
       td_rd_t r2;
       td_rd_init(&r2, q->msg, q->len);
       rc |= td__on_node_task(n, wk, &r2);
-    } else if (n->head && q->len >= 8) {
+    } else if (n->links.head && q->len >= 8) {
       uint64_t htid;
       memcpy(&htid, q->msg, 8);
       char why[600];
@@ -1055,33 +1058,33 @@ int td_link_handshake(int fd, uint32_t want, uint32_t *index, double timeout) {
 }
 
 int td_node_link_head(td_node_t *n, int fd) {
-  if (n->head) return TD_EINVAL;
+  if (n->links.head) return TD_EINVAL;
   fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
   td_wk_t *wk = td__wk_add(n, td__new_wk_id(n), WK_HEAD, fd);
   td__link_chan(wk);
   wk->remote = 1;
   wk->last_seen = td_now();
-  n->head = wk;
+  n->links.head = wk;
   td_chan_begin(&wk->ch, TD_M_NODE_INFO);
-  td_buf_str(&wk->ch.out, n->name, strlen(n->name));
-  td_buf_u32(&wk->ch.out, (uint32_t)n->nres);
-  for (int i = 0; i < n->nres; i++) {
-    td_buf_str(&wk->ch.out, n->resname[i], strlen(n->resname[i]));
-    td_buf_f64(&wk->ch.out, n->total[i]);
+  td_buf_str(&wk->ch.out, n->links.name, strlen(n->links.name));
+  td_buf_u32(&wk->ch.out, (uint32_t)n->sched.nres);
+  for (int i = 0; i < n->sched.nres; i++) {
+    td_buf_str(&wk->ch.out, n->sched.resname[i], strlen(n->sched.resname[i]));
+    td_buf_f64(&wk->ch.out, n->sched.total[i]);
   }
   /* Detached actors an earlier head placed here, still running. */
   size_t at = wk->ch.out.len, it = 0;
   uint32_t na = 0;
   td_actor_t *a;
   td_buf_u32(&wk->ch.out, 0);
-  while (td_map_next(&n->actors, &it, NULL, (void **)&a)) {
+  while (td_map_next(&n->actors.map, &it, NULL, (void **)&a)) {
     if (!a->fwd_attempt || a->state != A_ALIVE) continue;
     td_buf_u64(&wk->ch.out, a->id);
     td_buf_u32(&wk->ch.out, a->fwd_attempt);
     na++;
   }
   memcpy(wk->ch.out.p + at, &na, 4);
-  td_buf_u32(&wk->ch.out, (uint32_t)n->peer_port);
+  td_buf_u32(&wk->ch.out, (uint32_t)n->xfer.peer_port);
   td_chan_end(&wk->ch);
   td__dp_advertise(n, wk);
   td_chan_flush(&wk->ch);
@@ -1089,15 +1092,15 @@ int td_node_link_head(td_node_t *n, int fd) {
 }
 
 void td_node_set_peering(td_node_t *n, int port, td_peer_open_cb open, td_peer_close_cb close, void *ud) {
-  n->peer_port = port;
-  n->peer_open = open;
-  n->peer_close = close;
-  n->peer_ud = ud;
+  n->xfer.peer_port = port;
+  n->xfer.peer_open = open;
+  n->xfer.peer_close = close;
+  n->xfer.peer_ud = ud;
 }
 
-int td_node_linked(td_node_t *n) { return n->head != NULL; }
+int td_node_linked(td_node_t *n) { return n->links.head != NULL; }
 
-uint32_t td_node_index(td_node_t *n) { return n->index; }
+uint32_t td_node_index(td_node_t *n) { return n->links.index; }
 
 /* This machine's address as other machines would see it: its first
  * IPv4 address that is up and not loopback, else loopback. */
@@ -1123,11 +1126,21 @@ int td_node_cluster(td_node_t *n, td_node_info_t *out, int max) {
   if (max < 1) return 0;
   td_node_stats_t st;
   td_node_stats(n, &st);
-  out[k++] = (td_node_info_t){n->index, n->name, td__host_address(), 1, n->total, n->avail,
-                              st.tasks_running, st.actors, st, 1, 0};
+  td_node_links_t *l = &n->links;
+  out[k++] = (td_node_info_t){l->index,
+                              l->name,
+                              td__host_address(),
+                              1,
+                              n->sched.total,
+                              n->sched.avail,
+                              st.tasks_running,
+                              st.actors,
+                              st,
+                              1,
+                              0};
   double now = td_now();
-  for (int i = 0; i < n->nwks && k < max; i++) {
-    td_wk_t *w = n->wks[i];
+  for (int i = 0; i < n->procs.n && k < max; i++) {
+    td_wk_t *w = n->procs.list[i];
     if (w->kind != WK_NODE || !w->joined || w->dead) continue;
     /* A node on this machine comes from loopback (or a unix socket). */
     const char *a = w->peer_host[0] && strcmp(w->peer_host, "127.0.0.1") && strcmp(w->peer_host, "::1")
@@ -1178,7 +1191,7 @@ int td__on_cancel(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   (void)wk;
   uint64_t htid = td_rd_u64(rd);
   uint8_t force = td_rd_u8(rd);
-  td_fwd_t *f = rd->bad ? NULL : td_map_get(&n->fwd, htid);
+  td_fwd_t *f = rd->bad ? NULL : td_map_get(&n->links.fwd, htid);
   if (f) td_node_cancel(n, f->rets[0], force);
   return rd->bad ? TD_EPROTO : 0;
 }

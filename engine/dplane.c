@@ -138,13 +138,13 @@ int td_dp_mode_parse(const char *s) {
 static const char *td__dp_mode_name(int m) { return m == TD_DP_PLAIN ? "plain (GMAC, not encrypted)" : "AES-128-GCM"; }
 
 static td_wk_t *td__dp_wk(td_node_t *n, uint64_t id) {
-  for (int i = 0; i < n->nwks; i++)
-    if (n->wks[i]->id == id && !n->wks[i]->dead) return n->wks[i];
+  for (int i = 0; i < n->procs.n; i++)
+    if (n->procs.list[i]->id == id && !n->procs.list[i]->dead) return n->procs.list[i];
   return NULL;
 }
 
 static td__dplink_t *td__dp_link(td_node_t *n, uint64_t wk, int make) {
-  struct td_dp *d = n->dp;
+  struct td_dp *d = n->xfer.dp;
   for (int i = 0; i < d->nl; i++)
     if (d->l[i].wk == wk) return &d->l[i];
   if (!make) return NULL;
@@ -216,7 +216,7 @@ static void td__dps_watch(struct td_dp *d, td__dps_t *s, int out) {
 }
 
 static td__dps_t *td__dps_new(td_node_t *n, int fd, int out_side, const char *host) {
-  struct td_dp *d = n->dp;
+  struct td_dp *d = n->xfer.dp;
   td__dps_t *s = td_xcalloc(1, sizeof(*s));
   s->fd = fd;
   s->out_side = out_side;
@@ -241,7 +241,7 @@ static td__dps_t *td__dps_new(td_node_t *n, int fd, int out_side, const char *ho
  * from where they had got to, over the link, and no new stream is opened
  * for a while when it failed (why: what happened, logged). */
 static void td__dps_close(td_node_t *n, td__dps_t *s, const char *why) {
-  struct td_dp *d = n->dp;
+  struct td_dp *d = n->xfer.dp;
   for (int i = 0; i < d->ns; i++)
     if (d->s[i] == s) { d->s[i] = d->s[--d->ns]; break; }
   epoll_ctl(d->efd, EPOLL_CTL_DEL, s->fd, NULL);
@@ -260,7 +260,7 @@ static void td__dps_close(td_node_t *n, td__dps_t *s, const char *why) {
     size_t it = 0;
     uint64_t id;
     td_obj_t *o;
-    while (td_map_next(&n->objs, &it, &id, (void **)&o)) {
+    while (td_map_next(&n->objs.map, &it, &id, (void **)&o)) {
       if (!o->dp || o->src != wk->id || !o->chunked || o->state != OBJ_PENDING) continue;
       o->dp = 0;
       o->asked = o->got;  /* what had not landed is asked for again, over the link */
@@ -315,7 +315,7 @@ static void td__rec_put(struct td_dp *d, td__dps_t *s, uint8_t type, const uint8
 
 /* Makes the queued chunks into records while the socket takes them. */
 static void td__dps_pump(td_node_t *n, td__dps_t *s) {
-  struct td_dp *d = n->dp;
+  struct td_dp *d = n->xfer.dp;
   if (s->state != S_UP) return;
   for (int rounds = 0; rounds < 64; rounds++) {
     while (s->out.len - s->out_off < TD__DP_OUT && s->qh < s->nq) {
@@ -346,7 +346,7 @@ static void td__dps_pump(td_node_t *n, td__dps_t *s) {
           fprintf(stderr, "tide: data plane: TIDE_DP_TAMPER changed a byte of data record %d sent\n", d->tamper);
         }
         c->done += k;
-        n->bytes_sent += k;
+        n->xfer.bytes_sent += k;
       }
       if (c->done >= c->len) s->qh++;
     }
@@ -387,7 +387,7 @@ static int td__hs_write(td__dps_t *s, const uint8_t *p, size_t len) {
 }
 
 static void td__dp_refused(td_node_t *n, td__dps_t *s, const char *why) {
-  struct td_dp *d = n->dp;
+  struct td_dp *d = n->xfer.dp;
   d->refused++;
   double now = td_now();
   if (now - d->refused_at >= 1) {
@@ -409,7 +409,7 @@ static void td__dps_keys(struct td_dp *d, td__dps_t *s) {
 
 /* The sender's side of a handshake, as its bytes come. */
 static void td__hs_server(td_node_t *n, td__dps_t *s) {
-  struct td_dp *d = n->dp;
+  struct td_dp *d = n->xfer.dp;
   int r = td__hs_read(s);
   if (r < 0) { td__dp_refused(n, s, "it closed during the handshake"); return; }
   if (r == 0) return;
@@ -465,9 +465,9 @@ static uint8_t *td__dp_dst(td_node_t *n, td__dps_t *s, td_wk_t *wk, uint32_t *ro
   *room = s->rlen - s->rhave;
   if (s->rtype != R_DATA) return s->rsmall + s->rhave;
   td_obj_t *o = td__dp_sink(n, s, wk);
-  if (o) return td_store_base(n->store) + o->off + s->sink_off + s->sink_done + s->rhave;
+  if (o) return td_store_base(n->objs.store) + o->off + s->sink_off + s->sink_done + s->rhave;
   if (*room > TD__DP_REC) *room = TD__DP_REC;
-  return n->dp->scratch;
+  return n->xfer.dp->scratch;
 }
 
 /* A record has come whole and authentic. 0, or -1: the stream is broken. */
@@ -475,7 +475,7 @@ static int td__dp_record(td_node_t *n, td__dps_t *s, td_wk_t *wk) {
   if (s->rtype == R_READY) {
     if (s->state != S_WAITREADY) return -1;
     s->state = S_UP;
-    fprintf(stderr, "tide: data plane: stream to %s up (%s)\n", s->host, td__dp_mode_name(n->dp->mode));
+    fprintf(stderr, "tide: data plane: stream to %s up (%s)\n", s->host, td__dp_mode_name(n->xfer.dp->mode));
     fflush(stderr);
     return 0;
   }
@@ -505,7 +505,7 @@ static int td__dp_record(td_node_t *n, td__dps_t *s, td_wk_t *wk) {
 /* Reads records while the socket has them (at most a few MiB, so the
  * loop goes on to other links too). 0, or -1 when s was closed. */
 static int td__dp_read(td_node_t *n, td__dps_t *s) {
-  struct td_dp *d = n->dp;
+  struct td_dp *d = n->xfer.dp;
   int plain = d->mode == TD_DP_PLAIN;
   size_t budget = 16u << 20;
   while (budget) {
@@ -573,7 +573,7 @@ static int td__dp_read(td_node_t *n, td__dps_t *s) {
 
 /* The fetcher's side of a handshake, as its bytes come. */
 static void td__hs_client(td_node_t *n, td__dps_t *s) {
-  struct td_dp *d = n->dp;
+  struct td_dp *d = n->xfer.dp;
   if (s->state == S_CONNECTING) {
     int err = 0;
     socklen_t el = sizeof(err);
@@ -608,7 +608,7 @@ static void td__hs_client(td_node_t *n, td__dps_t *s) {
 /* -- The node's side ------------------------------------------------------------ */
 
 int td_node_set_dplane(td_node_t *n, int mode, const char *bind_host, const char *head_host, const char *key_text) {
-  if (mode == TD_DP_OFF || n->dp) return 0;
+  if (mode == TD_DP_OFF || n->xfer.dp) return 0;
   struct td_dp *d = td_xcalloc(1, sizeof(*d));
   d->mode = mode;
   d->lfd = d->efd = -1;
@@ -656,26 +656,27 @@ int td_node_set_dplane(td_node_t *n, int mode, const char *bind_host, const char
   struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
   epoll_ctl(d->efd, EPOLL_CTL_ADD, d->lfd, &ev);
   d->scratch = td_xmalloc(TD__DP_REC);
-  n->dp = d;
+  n->xfer.dp = d;
   /* Links made before: their other ends learn of it now. */
-  for (int i = 0; i < n->nwks; i++)
-    if (n->wks[i]->kind >= WK_NODE && !n->wks[i]->dead && n->wks[i]->ch.fd >= 0) td__dp_advertise(n, n->wks[i]);
+  for (int i = 0; i < n->procs.n; i++)
+    if (n->procs.list[i]->kind >= WK_NODE && !n->procs.list[i]->dead && n->procs.list[i]->ch.fd >= 0)
+      td__dp_advertise(n, n->procs.list[i]);
   return 0;
 }
 
-int td_node_dplane_port(td_node_t *n) { return n->dp ? n->dp->port : 0; }
+int td_node_dplane_port(td_node_t *n) { return n->xfer.dp ? n->xfer.dp->port : 0; }
 
-int td__dp_fd(td_node_t *n) { return n->dp ? n->dp->efd : -1; }
+int td__dp_fd(td_node_t *n) { return n->xfer.dp ? n->xfer.dp->efd : -1; }
 
 /* Tells the other end of wk where to open streams to fetch from this node. */
 void td__dp_advertise(td_node_t *n, td_wk_t *wk) {
-  if (!n->dp) return;
+  if (!n->xfer.dp) return;
   td__dplink_t *l = td__dp_link(n, wk->id, 1);
   l->sent = 1;
   td_chan_begin(&wk->ch, TD_M_DP);
-  td_buf_u32(&wk->ch.out, (uint32_t)n->dp->port);
+  td_buf_u32(&wk->ch.out, (uint32_t)n->xfer.dp->port);
   td_buf_str(&wk->ch.out, l->mine, 16);
-  td_buf_u8(&wk->ch.out, (uint8_t)n->dp->mode);
+  td_buf_u8(&wk->ch.out, (uint8_t)n->xfer.dp->mode);
   td_chan_end(&wk->ch);
 }
 
@@ -686,16 +687,17 @@ int td__on_dp(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   uint8_t mode = td_rd_u8(rd);
   if (rd->bad || port == 0 || port > 65535 || tl != 16 || (mode != TD_DP_ON && mode != TD_DP_PLAIN))
     return TD_EPROTO;
-  if (!n->dp) return 0;  /* this node fetches over the link */
-  if (mode != n->dp->mode) {
+  if (!n->xfer.dp) return 0; /* this node fetches over the link */
+  if (mode != n->xfer.dp->mode) {
     fprintf(stderr, "tide: data plane: %s%u runs --data-plane %s, this node %s: chunks go over the link\n",
-            wk->kind == WK_HEAD ? "the head, node-" : "node-", wk->node_index, mode == TD_DP_PLAIN ? "plain" : "on", n->dp->mode == TD_DP_PLAIN ? "plain" : "on");
+            wk->kind == WK_HEAD ? "the head, node-" : "node-", wk->node_index,
+            mode == TD_DP_PLAIN ? "plain" : "on", n->xfer.dp->mode == TD_DP_PLAIN ? "plain" : "on");
     return 0;
   }
   /* Where the other end is: the address its link came from, the host in
    * the endpoint this node opened it to, or this node's head. */
   char host[64] = "";
-  if (wk->kind == WK_HEAD) snprintf(host, sizeof(host), "%s", n->dp->head_host);
+  if (wk->kind == WK_HEAD) snprintf(host, sizeof(host), "%s", n->xfer.dp->head_host);
   else if (wk->kind == WK_PEER && !strncmp(wk->name, "tcp://", 6)) {
     const char *h = wk->name + 6, *c = strrchr(h, ':');
     if (*h == '[') h++;
@@ -718,7 +720,7 @@ int td__on_dp(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
 /* 1 if chunks asked for over wk can come on a stream now; else 0, and a
  * stream is opened if it can be (the next fetch uses it). */
 int td__dp_ready(td_node_t *n, td_wk_t *wk) {
-  struct td_dp *d = n->dp;
+  struct td_dp *d = n->xfer.dp;
   if (!d || !wk) return 0;
   td__dplink_t *l = td__dp_link(n, wk->id, 0);
   if (!l || !l->port) return 0;
@@ -756,7 +758,7 @@ int td__dp_ready(td_node_t *n, td_wk_t *wk) {
  * none (it failed), nothing: the fetcher sees its stream end, and asks
  * again over the link. */
 void td__dp_send(td_node_t *n, td_wk_t *wk, uint64_t id, uint64_t off, uint32_t len) {
-  struct td_dp *d = n->dp;
+  struct td_dp *d = n->xfer.dp;
   td__dps_t *s = NULL;
   for (int i = 0; d && i < d->ns && !s; i++)
     if (d->s[i]->out_side && d->s[i]->wk == wk->id && d->s[i]->state == S_UP) s = d->s[i];
@@ -770,7 +772,7 @@ void td__dp_send(td_node_t *n, td_wk_t *wk, uint64_t id, uint64_t off, uint32_t 
 }
 
 static void td__dp_accept(td_node_t *n) {
-  struct td_dp *d = n->dp;
+  struct td_dp *d = n->xfer.dp;
   for (int k = 0; k < 64; k++) {
     struct sockaddr_storage ss;
     socklen_t sl = sizeof(ss);
@@ -789,7 +791,7 @@ static void td__dp_accept(td_node_t *n) {
 }
 
 void td__dp_io(td_node_t *n) {
-  struct td_dp *d = n->dp;
+  struct td_dp *d = n->xfer.dp;
   if (!d) return;
   struct epoll_event ev[32];
   int k = epoll_wait(d->efd, ev, 32, 0);
@@ -820,7 +822,7 @@ void td__dp_io(td_node_t *n) {
 
 /* Streams whose link is gone, and handshakes that take too long, end. */
 void td__dp_tick(td_node_t *n, double now) {
-  struct td_dp *d = n->dp;
+  struct td_dp *d = n->xfer.dp;
   if (!d) return;
   for (int i = d->ns - 1; i >= 0; i--) {
     td__dps_t *s = d->s[i];
@@ -835,7 +837,7 @@ void td__dp_tick(td_node_t *n, double now) {
 }
 
 void td__dp_free(td_node_t *n) {
-  struct td_dp *d = n->dp;
+  struct td_dp *d = n->xfer.dp;
   if (!d) return;
   while (d->ns) {
     d->s[0]->state = S_CONNECTING;  /* the node is going: nothing is asked again */
@@ -848,5 +850,5 @@ void td__dp_free(td_node_t *n) {
   free(d->scratch);
   OPENSSL_cleanse(d->secret, sizeof(d->secret));
   free(d);
-  n->dp = NULL;
+  n->xfer.dp = NULL;
 }

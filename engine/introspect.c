@@ -183,9 +183,9 @@ done:
 static void td__res_json(td_node_t *n, td_buf_t *b, const double *v) {
   td_buf_reset(b);
   td_buf_u8(b, '{');
-  for (int i = 0; i < n->nres; i++) {
+  for (int i = 0; i < n->sched.nres; i++) {
     if (i) td_buf_u8(b, ',');
-    td_json_str(b, n->resname[i], strlen(n->resname[i]));
+    td_json_str(b, n->sched.resname[i], strlen(n->sched.resname[i]));
     td__printf(b, v[i] == floor(v[i]) && fabs(v[i]) < 9e15 ? ":%.0f" : ":%.17g", v[i]);
   }
   td_buf_u8(b, '}');
@@ -234,15 +234,15 @@ static void td__list_nodes(td_node_t *n, td_lister_t *ls) {
 
 static const char *const td__actor_states[] = {"PENDING", "ALIVE", "RESTARTING", "DEAD"};
 
-/* The node index a worker or link stands for (this node's own workers: n->index). */
+/* The node index a worker or link stands for (this node's own workers: n->links.index). */
 static uint32_t td__wk_node(td_node_t *n, const td_wk_t *wk) {
-  return wk && wk->kind == WK_NODE ? wk->node_index : n->index;
+  return wk && wk->kind == WK_NODE ? wk->node_index : n->links.index;
 }
 
 static void td__list_actors(td_node_t *n, td_lister_t *ls) {
   size_t it = 0;
   td_actor_t *a;
-  while (td_map_next(&n->actors, &it, NULL, (void **)&a)) {
+  while (td_map_next(&n->actors.map, &it, NULL, (void **)&a)) {
     if (!td__need(ls)) continue;
     td_row_t *r = &ls->row;
     rid(r, "actor_id", a->id);
@@ -367,7 +367,7 @@ static void td__wait_reason(td_node_t *n, td_task_t *t, char *why, size_t len) {
     snprintf(why, len, "done; its result is being fetched from the node that made it");
     return;
   }
-  if (t->on != &n->queue) {
+  if (t->on != &n->sched.queue) {
     if (t->actor && t->spec.kind == TD_K_ACTOR_CALL)
       snprintf(why, len, "actor: queued behind the actor's other calls (actor %s)",
                t->actor->state == A_ALIVE ? "alive" : td__actor_states[t->actor->state]);
@@ -385,15 +385,15 @@ static void td__wait_reason(td_node_t *n, td_task_t *t, char *why, size_t len) {
   for (int i = 0; i < t->nres; i++) {
     int r = t->res_idx[i];
     if (t->res_amt[i] > td__cluster_max(n, r) + 1e-9) {
-      snprintf(why, len, "infeasible: it requires %s = %g but the most any node has is %g", n->resname[r],
-               t->res_amt[i], td__cluster_max(n, r));
+      snprintf(why, len, "infeasible: it requires %s = %g but the most any node has is %g",
+               n->sched.resname[r], t->res_amt[i], td__cluster_max(n, r));
       return;
     }
   }
   /* Feasible: is there a node with the resources free now? */
-  int fits = td__fits(n->avail, t);
-  for (int i = 0; i < n->nwks && !fits; i++) {
-    td_wk_t *w = n->wks[i];
+  int fits = td__fits(n->sched.avail, t);
+  for (int i = 0; i < n->procs.n && !fits; i++) {
+    td_wk_t *w = n->procs.list[i];
     if (w->kind == WK_NODE && w->joined && !w->dead && td__fits(w->navail, t)) fits = 1;
   }
   if (fits) {
@@ -403,8 +403,8 @@ static void td__wait_reason(td_node_t *n, td_task_t *t, char *why, size_t len) {
   char need[256] = "";
   size_t k = 0;
   for (int i = 0; i < t->nres && k < sizeof(need) - 40; i++)
-    k += (size_t)snprintf(need + k, sizeof(need) - k, "%s%s = %g", i ? ", " : "", n->resname[t->res_idx[i]],
-                          t->res_amt[i]);
+    k += (size_t)snprintf(need + k, sizeof(need) - k, "%s%s = %g", i ? ", " : "",
+                          n->sched.resname[t->res_idx[i]], t->res_amt[i]);
   snprintf(why, len, "resources: waiting for %s to be free", need);
 }
 
@@ -413,7 +413,7 @@ static void td__list_tasks(td_node_t *n, td_lister_t *ls) {
   td_task_t *t;
   double now = td_now();
   char why[400];
-  while (td_map_next(&n->tasks, &it, NULL, (void **)&t)) {
+  while (td_map_next(&n->tasks.map, &it, NULL, (void **)&t)) {
     if (t->state == T_DONE) continue;
     if (td__live_creation(t) || !td__need(ls)) continue;
     td_row_t *r = &ls->row;
@@ -475,7 +475,7 @@ static void td__list_objects(td_node_t *n, td_lister_t *ls) {
   td_obj_t *o;
   static const char *const states[] = {"PENDING", "READY", "ERROR"};
   static const char *const locs[] = {"none", "inline", "shm", "spilled"};
-  while (td_map_next(&n->objs, &it, NULL, (void **)&o)) {
+  while (td_map_next(&n->objs.map, &it, NULL, (void **)&o)) {
     if (!td__need(ls)) continue;
     td_row_t *r = &ls->row;
     rid(r, "object_id", o->id);
@@ -501,7 +501,7 @@ static void td__list_pgs(td_node_t *n, td_lister_t *ls) {
   td_buf_t tmp, one;
   td_buf_init(&tmp);
   td_buf_init(&one);
-  for (td_pg_t *pg = n->pgs; pg; pg = pg->next) {
+  for (td_pg_t *pg = n->pgs.list; pg; pg = pg->next) {
     td_row_t *r = &ls->row;
     rid(r, "pg_id", pg->id);
     rs(r, "name", pg->name);
@@ -619,7 +619,7 @@ void td_introspect_metrics(td_node_t *n, td_buf_t *b) {
   long st[5] = {0};
   size_t it = 0;
   td_task_t *t;
-  while (td_map_next(&n->tasks, &it, NULL, (void **)&t))
+  while (td_map_next(&n->tasks.map, &it, NULL, (void **)&t))
     if (t->state <= T_FETCHING && !td__live_creation(t)) st[t->state]++;
   td__help(b, "tide_tasks", "gauge", "Tasks and actor calls the head knows, by state.");
   td__printf(b, "tide_tasks{state=\"waiting_deps\"} %ld\ntide_tasks{state=\"queued\"} %ld\n"
@@ -632,7 +632,7 @@ void td_introspect_metrics(td_node_t *n, td_buf_t *b) {
   long as[4] = {0};
   td_actor_t *a;
   it = 0;
-  while (td_map_next(&n->actors, &it, NULL, (void **)&a))
+  while (td_map_next(&n->actors.map, &it, NULL, (void **)&a))
     if (a->state >= 0 && a->state <= A_DEAD) as[a->state]++;
   td__help(b, "tide_actors", "gauge", "Actors by state.");
   for (int i = 0; i <= A_DEAD; i++) {
@@ -643,7 +643,7 @@ void td_introspect_metrics(td_node_t *n, td_buf_t *b) {
     td__printf(b, "tide_actors{state=\"%s\"} %ld\n", lower, as[i]);
   }
   long pgs[3] = {0};
-  for (td_pg_t *pg = n->pgs; pg; pg = pg->next) pgs[pg->removed ? 2 : pg->created ? 1 : 0]++;
+  for (td_pg_t *pg = n->pgs.list; pg; pg = pg->next) pgs[pg->removed ? 2 : pg->created ? 1 : 0]++;
   td__help(b, "tide_placement_groups", "gauge", "Placement groups by state.");
   td__printf(b, "tide_placement_groups{state=\"pending\"} %ld\ntide_placement_groups{state=\"created\"} %ld\n"
              "tide_placement_groups{state=\"removed\"} %ld\n", pgs[0], pgs[1], pgs[2]);
@@ -688,11 +688,11 @@ void td_introspect_metrics(td_node_t *n, td_buf_t *b) {
     td__help(b, name, "gauge", pass ? "Logical resources free on the node (CPU, GPU, memory bytes, custom)."
                                     : "Logical resources of the node (CPU, GPU, memory bytes, custom).");
     for (int i = 0; i < k; i++)
-      for (int r = 0; r < n->nres; r++) {
+      for (int r = 0; r < n->sched.nres; r++) {
         const double *v = pass ? info[i].avail : info[i].total;
         if (v[r] == 0 && r > TD_RES_MEM) continue;
         td__printf(b, "%s{node=\"node-%u\",resource=\"", name, info[i].index);
-        td__label(b, n->resname[r]);
+        td__label(b, n->sched.resname[r]);
         td__printf(b, v[r] == floor(v[r]) && fabs(v[r]) < 9e15 ? "\"} %.0f\n" : "\"} %.17g\n", v[r]);
       }
   }
@@ -714,15 +714,15 @@ void td_introspect_metrics(td_node_t *n, td_buf_t *b) {
     fclose(mf);
     if (total >= 0 && avail >= 0) {
       td__help(b, "tide_host_memory_total_bytes", "gauge", "Memory of the head's machine.");
-      td__printf(b, "tide_host_memory_total_bytes{node=\"node-%u\"} %.0f\n", n->index, total);
+      td__printf(b, "tide_host_memory_total_bytes{node=\"node-%u\"} %.0f\n", n->links.index, total);
       td__help(b, "tide_host_memory_available_bytes", "gauge", "Memory available on the head's machine.");
-      td__printf(b, "tide_host_memory_available_bytes{node=\"node-%u\"} %.0f\n", n->index, avail);
+      td__printf(b, "tide_host_memory_available_bytes{node=\"node-%u\"} %.0f\n", n->links.index, avail);
     }
   }
   double la[1];
   if (getloadavg(la, 1) == 1) {
     td__help(b, "tide_host_load1", "gauge", "One-minute load average of the head's machine.");
-    td__printf(b, "tide_host_load1{node=\"node-%u\"} %.2f\n", n->index, la[0]);
+    td__printf(b, "tide_host_load1{node=\"node-%u\"} %.2f\n", n->links.index, la[0]);
   }
 }
 
@@ -802,10 +802,10 @@ void td_obs_rotate(size_t max) {
 
 void td_node_handles(td_node_t *n, td_node_handles_t *h) {
   memset(h, 0, sizeof(*h));
-  h->records = n->nwks;
-  for (td_req_t *r = n->reqs; r; r = r->next) h->requests++;
-  h->tasks = (int)n->tasks.len;
-  for (td_pg_t *pg = n->pgs; pg; pg = pg->next) h->groups++;
-  h->lineage = (int)(n->lineage.len + n->lin_kept.len);
-  h->forwarded = (int)n->fwd.len;
+  h->records = n->procs.n;
+  for (td_req_t *r = n->procs.reqs; r; r = r->next) h->requests++;
+  h->tasks = (int)n->tasks.map.len;
+  for (td_pg_t *pg = n->pgs.list; pg; pg = pg->next) h->groups++;
+  h->lineage = (int)(n->lineage.specs.len + n->lineage.kept.len);
+  h->forwarded = (int)n->links.fwd.len;
 }

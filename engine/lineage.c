@@ -28,7 +28,7 @@ static int td__lineage_refs(const td_fnblob_t *lb, uint64_t **ids, uint64_t **sc
 
 /* Head: a kept spec holds its arguments' objects; dropping it lets go. */
 void td__lineage_drop(td_node_t *n, uint64_t id) {
-  td_fnblob_t *lb = td_map_del(&n->lin_kept, id);
+  td_fnblob_t *lb = td_map_del(&n->lineage.kept, id);
   if (!lb) return;
   uint64_t *ids, *scratch;
   int k = td__lineage_refs(lb, &ids, &scratch);
@@ -51,8 +51,8 @@ void td__lineage_keep(td_node_t *n, const td_spec_t *s) {
     td_fnblob_t *lb = td_xmalloc(sizeof(*lb) + b.len);
     lb->len = b.len;
     memcpy(lb->data, b.p, b.len);
-    free(td_map_del(&n->lineage, s->rets[i]));
-    td_map_set(&n->lineage, s->rets[i], lb);
+    free(td_map_del(&n->lineage.specs, s->rets[i]));
+    td_map_set(&n->lineage.specs, s->rets[i], lb);
   }
   td_buf_free(&b);
 }
@@ -60,10 +60,10 @@ void td__lineage_keep(td_node_t *n, const td_spec_t *s) {
 /* After the message that exported them: the specs go to the head, with the
  * definitions it has not had. */
 void td__lineage_send(td_node_t *n) {
-  if (n->head && !n->head->dead) {
-    td__send_fns(n, n->head);
-    for (uint32_t i = 0; i < n->nlin_out; i++) {
-      td_fnblob_t *lb = td_map_del(&n->lineage, n->lin_out[i]);
+  if (n->links.head && !n->links.head->dead) {
+    td__send_fns(n, n->links.head);
+    for (uint32_t i = 0; i < n->lineage.nout; i++) {
+      td_fnblob_t *lb = td_map_del(&n->lineage.specs, n->lineage.out[i]);
       if (!lb) continue;
       /* Its arguments' refs travel with it (exports; their own lineage
        * follows, as they are queued in turn). */
@@ -72,14 +72,14 @@ void td__lineage_send(td_node_t *n) {
       if (k > 0) td__export(n, ids, (uint32_t)k);
       if (k >= 0) free(ids);
       free(scratch);
-      td_chan_begin(&n->head->ch, TD_M_LINEAGE);
-      td_buf_u64(&n->head->ch.out, n->lin_out[i]);
-      td_buf_str(&n->head->ch.out, lb->data, lb->len);
-      td_chan_end(&n->head->ch);
+      td_chan_begin(&n->links.head->ch, TD_M_LINEAGE);
+      td_buf_u64(&n->links.head->ch.out, n->lineage.out[i]);
+      td_buf_str(&n->links.head->ch.out, lb->data, lb->len);
+      td_chan_end(&n->links.head->ch);
       free(lb);
     }
   }
-  n->nlin_out = 0;
+  n->lineage.nout = 0;
 }
 
 /* Head: keeps a node's spec for a value still to come from it. */
@@ -112,7 +112,7 @@ int td__on_lineage(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   free(scratch);
   td_obj_t *o = td__obj(n, id);
   td__lineage_drop(n, id);
-  td_map_set(&n->lin_kept, id, lb);
+  td_map_set(&n->lineage.kept, id, lb);
   /* Kept only for a value still to come from that node. */
   if (!o || o->foreign != 1 || o->state != OBJ_PENDING || td_id_node(id) != wk->node_index)
     td__lineage_drop(n, id);
@@ -122,7 +122,7 @@ int td__on_lineage(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
 /* Head: the node that held o died before sending it; its task runs again
  * here (wherever it fits), filling the same object. Returns 1 if it does. */
 static int td__lineage_rerun(td_node_t *n, td_obj_t *o) {
-  td_fnblob_t *lb = n->lin_kept.len ? td_map_get(&n->lin_kept, o->id) : NULL;
+  td_fnblob_t *lb = n->lineage.kept.len ? td_map_get(&n->lineage.kept, o->id) : NULL;
   if (!lb) return 0;
   td_rd_t rd;
   td_rd_init(&rd, lb->data, lb->len);
@@ -152,7 +152,7 @@ static int td__lineage_rerun(td_node_t *n, td_obj_t *o) {
 /* A pending object no longer comes from the node it was fetched from (it
  * will be made again): what it had of that node's value goes. */
 void td__obj_unfetch(td_node_t *n, td_obj_t *o) {
-  if (o->chunked) td_store_free(n->store, o->off, o->len);
+  if (o->chunked) td_store_free(n->objs.store, o->off, o->len);
   o->chunked = 0;
   o->away = 0;
   o->pulling = 0;
@@ -168,8 +168,8 @@ void td__obj_unfetch(td_node_t *n, td_obj_t *o) {
 void td__link_lost_objects(td_node_t *n, td_wk_t *wk) {
   size_t cnt = 0, it = 0;
   td_obj_t *o;
-  uint64_t *ids = td_xmalloc((size_t)n->objs.len * 8 + 8);
-  while (td_map_next(&n->objs, &it, NULL, (void **)&o)) {
+  uint64_t *ids = td_xmalloc((size_t)n->objs.map.len * 8 + 8);
+  while (td_map_next(&n->objs.map, &it, NULL, (void **)&o)) {
     if (!o->foreign || o->state != OBJ_PENDING) continue;
     int from = wk->kind == WK_HEAD ? 1
                                    : (o->foreign == 1 && td_id_node(o->id) == wk->node_index) ||
@@ -189,7 +189,7 @@ void td__link_lost_objects(td_node_t *n, td_wk_t *wk) {
     o->up = 0;
     td_task_t *t = o->producer;
     int rerun = t && t->state == T_FETCHING && t->retries_left != 0;
-    if (rerun || (n->lin_kept.len && td_map_get(&n->lin_kept, o->id))) {
+    if (rerun || (n->lineage.kept.len && td_map_get(&n->lineage.kept, o->id))) {
       /* Lineage: the task that made it runs again, elsewhere. */
       td__obj_unfetch(n, o);
       if (rerun || td__lineage_rerun(n, o)) continue;
@@ -198,8 +198,8 @@ void td__link_lost_objects(td_node_t *n, td_wk_t *wk) {
   }
   /* Tasks whose results were lost in transit run again. */
   size_t it2 = 0, nf = 0;
-  td_task_t *t, **fetching = td_xmalloc((size_t)n->tasks.len * sizeof(*fetching) + 8);
-  while (td_map_next(&n->tasks, &it2, NULL, (void **)&t))
+  td_task_t *t, **fetching = td_xmalloc((size_t)n->tasks.map.len * sizeof(*fetching) + 8);
+  while (td_map_next(&n->tasks.map, &it2, NULL, (void **)&t))
     if (t->state == T_FETCHING && !td__task_fetching(n, t)) fetching[nf++] = t;
   for (size_t i = 0; i < nf; i++) {
     t = fetching[i];
@@ -217,8 +217,7 @@ void td__link_lost_objects(td_node_t *n, td_wk_t *wk) {
     t->state = T_QUEUED;
     if (t->spec.kind == TD_K_ACTOR_CALL && t->actor)
       tq_push_front(&t->actor->queue, t);  /* for its actor once restarted (if it dies, the call fails) */
-    else
-      tq_push_front(&n->queue, t);
+    else tq_push_front(&n->sched.queue, t);
     fprintf(stderr, "tide: running %s %llu again: its result was lost with the node that made it\n",
             t->spec.kind == TD_K_ACTOR_CALL ? "actor call" : "task", (unsigned long long)t->id);
   }
@@ -234,12 +233,13 @@ void td__link_lost_objects(td_node_t *n, td_wk_t *wk) {
   td__put_lstr(&n->tmp, err);
   it = 0;
   void *v;
-  while (td_map_next(&n->relays, &it, NULL, &v)) {
+  while (td_map_next(&n->links.relays, &it, NULL, &v)) {
     td_relay_t *rl = v;
-    for (int i = 0; i < n->nwks; i++)
-      if (n->wks[i]->id == rl->wk_id) td_node_reply(n, n->wks[i], rl->req, n->tmp.p, n->tmp.len);
+    for (int i = 0; i < n->procs.n; i++)
+      if (n->procs.list[i]->id == rl->wk_id)
+        td_node_reply(n, n->procs.list[i], rl->req, n->tmp.p, n->tmp.len);
     free(rl);
   }
-  td_map_free(&n->relays);
-  td_map_init(&n->relays);
+  td_map_free(&n->links.relays);
+  td_map_init(&n->links.relays);
 }

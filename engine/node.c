@@ -42,7 +42,7 @@ void td__inflight_add(td_node_t *n, td_wk_t *wk, td_task_t *t) {
     return;
   }
   t->sent_at = td_now();
-  td_fnstat_t *st = td_map_get(&n->fnstats, t->spec.fn_id);
+  td_fnstat_t *st = td_map_get(&n->sched.fnstats, t->spec.fn_id);
   t->slow = !(st && st->avg < TD_SHORT_TASK);
   wk->nslow += t->slow;
 }
@@ -86,54 +86,54 @@ static void td__restore_node(void *ud, const char *key, const void *val, size_t 
   (void)val, (void)len;
   unsigned long idx = strtoul(key, NULL, 10);
   /* Indices given before stay reserved for nodes that come back. */
-  if (idx > n->next_index && idx <= TD_NODE_MAX) n->next_index = (uint32_t)idx;
+  if (idx > n->links.next_index && idx <= TD_NODE_MAX) n->links.next_index = (uint32_t)idx;
 }
 
 /* Before any worker is made: ids continue past the last boot's. */
 static void td__restore_ids(td_node_t *n) {
   if (!td_persist_on()) return;
   td_persist_each("meta", td__restore_meta, n);
-  n->next_wk = (n->next_wk + 256) & ~(uint64_t)255;
+  n->procs.next_id = (n->procs.next_id + 256) & ~(uint64_t)255;
   char v[24];
-  int l = snprintf(v, sizeof(v), "%llu", (unsigned long long)(n->next_wk + 256));
+  int l = snprintf(v, sizeof(v), "%llu", (unsigned long long)(n->procs.next_id + 256));
   td_persist_put("meta", "next_wk", v, (size_t)l);
 }
 
 void td_node_restore(td_node_t *n) {
   td_persist_each("node", td__restore_node, n);
-  if (n->next_index) td__settle(n, NULL);  /* its nodes rejoin: work that needs them waits */
+  if (n->links.next_index) td__settle(n, NULL); /* its nodes rejoin: work that needs them waits */
   /* Nodes still running restored actors rejoin and report them; only then
    * are the others placed anew. A node tries to rejoin every 4 s at most
    * (a 3 s handshake, a 1 s pause), and one try may start just before
    * this head listens: the wait covers two tries. */
-  double adopt = 2 * n->node_timeout;
-  n->adopt_until = td_now() + (adopt > 6 ? adopt : 6);
-  n->restoring = 1;
+  double adopt = 2 * n->links.node_timeout;
+  n->actors.adopt_until = td_now() + (adopt > 6 ? adopt : 6);
+  n->actors.restoring = 1;
   td_persist_each("pg", td__restore_pg, n);
   td_persist_each("actor", td__restore_actor, n);
   td_persist_each("actor_up", td__restore_actor_up, n);
-  n->restoring = 0;
+  n->actors.restoring = 0;
 }
 
 /* -- Stats (placement groups are in pg.c) ------------------------------------------------- */
 
 void td_node_stats(td_node_t *n, td_node_stats_t *st) {
   memset(st, 0, sizeof(*st));
-  for (int i = 0; i < n->nwks; i++) {
-    if (n->wks[i]->dead || n->wks[i]->kind >= WK_CLIENT) continue;  /* clients and links */
+  for (int i = 0; i < n->procs.n; i++) {
+    if (n->procs.list[i]->dead || n->procs.list[i]->kind >= WK_CLIENT) continue; /* clients and links */
     st->workers++;
-    st->tasks_running += n->wks[i]->inflight.len;
+    st->tasks_running += n->procs.list[i]->inflight.len;
   }
   size_t it = 0;
   td_actor_t *a;
-  while (td_map_next(&n->actors, &it, NULL, (void **)&a)) st->actors += a->state != A_DEAD;
-  st->tasks_queued = n->queue.len;
-  st->objects = n->objs.len;
-  st->store_used = td_store_used(n->store);
-  st->store_capacity = td_store_capacity(n->store);
-  st->spilled_bytes = td_spill_used(n->spill);
-  st->bytes_sent = n->bytes_sent;
-  st->bytes_from_peers = n->bytes_from_peers;
+  while (td_map_next(&n->actors.map, &it, NULL, (void **)&a)) st->actors += a->state != A_DEAD;
+  st->tasks_queued = n->sched.queue.len;
+  st->objects = n->objs.map.len;
+  st->store_used = td_store_used(n->objs.store);
+  st->store_capacity = td_store_capacity(n->objs.store);
+  st->spilled_bytes = td_spill_used(n->objs.spill);
+  st->bytes_sent = n->xfer.bytes_sent;
+  st->bytes_from_peers = n->xfer.bytes_from_peers;
 }
 
 /* Links carry chunks of large values (transfer.c reads them into place). */
@@ -150,7 +150,7 @@ void td__link_chan(td_wk_t *wk) {
 /* o is ready or failed: nodes that asked for its chunks get them, then what
  * waits on it (tasks, requests) wakes. Last, as waking may free o. */
 void td__obj_done(td_node_t *n, td_obj_t *o) {
-  if (n->ncwait) td__cwait_serve(n, o->id);
+  if (n->xfer.ncwait) td__cwait_serve(n, o->id);
   td__obj_wake(n, o);
 }
 
@@ -159,9 +159,9 @@ void td__obj_done(td_node_t *n, td_obj_t *o) {
  * answered, its lineage goes, and so does the ref held on its owner's copy. */
 void td__obj_freeing(td_node_t *n, td_obj_t *o) {
   if (o->chunked) td__have(n, o, 0);
-  if (n->ncwait) td__cwait_serve(n, o->id);
-  if (n->lineage.len) free(td_map_del(&n->lineage, o->id));
-  if (n->lin_kept.len) td__lineage_drop(n, o->id);
+  if (n->xfer.ncwait) td__cwait_serve(n, o->id);
+  if (n->lineage.specs.len) free(td_map_del(&n->lineage.specs, o->id));
+  if (n->lineage.kept.len) td__lineage_drop(n, o->id);
   if (o->foreign) td__unhold(n, o);
 }
 
@@ -259,8 +259,8 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
 /* -- Loop -------------------------------------------------------------------------------- */
 
 void td_node_flush(td_node_t *n) {
-  for (int i = 0; i < n->nwks; i++)
-    if (td_chan_pending(&n->wks[i]->ch)) td_chan_flush(&n->wks[i]->ch);
+  for (int i = 0; i < n->procs.n; i++)
+    if (td_chan_pending(&n->procs.list[i]->ch)) td_chan_flush(&n->procs.list[i]->ch);
 }
 
 static void td__wk_malformed(td_node_t *n, td_wk_t *wk, uint8_t type) {
@@ -303,22 +303,23 @@ void td_node_pump(td_node_t *n, double timeout) {
   td__sched(n);
   td_node_flush(n);
   double now = td_now();
-  for (td_req_t *r = n->reqs; r; r = r->next)
+  for (td_req_t *r = n->procs.reqs; r; r = r->next)
     if (r->deadline > 0 && r->deadline - now < timeout) timeout = r->deadline - now;
-  if (n->nunplaced && n->settle_until - now < timeout) timeout = n->settle_until - now + 0.001;
+  if (n->links.nunplaced && n->links.settle_until - now < timeout)
+    timeout = n->links.settle_until - now + 0.001;
   double scan = td__why_next(n, now);
   if (scan < timeout) timeout = scan;
   /* Something changed after this round's checks (a stream's consumer let
    * items go in the tick): check again at once instead of sleeping. */
-  if (timeout < 0 || n->dirty) timeout = 0;
-  if (n->cappfds < n->nwks + 2) {
-    n->cappfds = n->nwks + 16;
+  if (timeout < 0 || n->objs.dirty) timeout = 0;
+  if (n->cappfds < n->procs.n + 2) {
+    n->cappfds = n->procs.n + 16;
     n->pfds = td_xrealloc(n->pfds, (size_t)n->cappfds * sizeof(struct pollfd));
   }
-  int np = n->nwks;
+  int np = n->procs.n;
   for (int i = 0; i < np; i++) {
-    n->pfds[i].fd = n->wks[i]->ch.fd;
-    n->pfds[i].events = POLLIN | (td_chan_pending(&n->wks[i]->ch) ? POLLOUT : 0);
+    n->pfds[i].fd = n->procs.list[i]->ch.fd;
+    n->pfds[i].events = POLLIN | (td_chan_pending(&n->procs.list[i]->ch) ? POLLOUT : 0);
     n->pfds[i].revents = 0;
   }
   int ms = timeout > 1e6 ? -1 : (int)(timeout * 1000 + 0.999);
@@ -335,30 +336,34 @@ void td_node_pump(td_node_t *n, double timeout) {
     uint64_t *ids = td_xmalloc((size_t)np * 8 + 8);
     int nr = 0;
     for (int i = 0; i < np; i++)
-      if (n->pfds[i].revents) { ready[nr] = n->wks[i]; ids[nr++] = n->wks[i]->id; }
+      if (n->pfds[i].revents) {
+        ready[nr] = n->procs.list[i];
+        ids[nr++] = n->procs.list[i]->id;
+      }
     for (int i = 0; i < nr; i++) {
       int alive = 0;
-      for (int k = 0; k < n->nwks; k++) if (n->wks[k] == ready[i] && n->wks[k]->id == ids[i]) alive = 1;
+      for (int k = 0; k < n->procs.n; k++)
+        if (n->procs.list[k] == ready[i] && n->procs.list[k]->id == ids[i]) alive = 1;
       if (alive) td__wk_input(n, ready[i]);
     }
     free(ready);
     free(ids);
   }
-  if (n->dirty || n->reqs) {
-    n->dirty = 0;
+  if (n->objs.dirty || n->procs.reqs) {
+    n->objs.dirty = 0;
     td__reqs_check(n, td_now());
   }
-  if (n->nfwd_ready) td__fwd_flush(n);
-  if (n->nlin_out) td__lineage_send(n);
-  if (n->head || n->nlinks || n->next_index || n->waitsubs) {
+  if (n->links.nfwd_ready) td__fwd_flush(n);
+  if (n->lineage.nout) td__lineage_send(n);
+  if (n->links.head || n->links.nlinks || n->links.next_index || n->links.waitsubs) {
     double now = td_now();
     if (now - n->tick_at >= 0.25) {
       n->tick_at = now;
       td__cluster_tick(n, now);
     }
   }
-  if (n->nunplaced) td__unplaced_check(n, td_now());
-  if (n->hang_warn_s > 0 && n->tasks.len) td__why_tick(n, td_now());
+  if (n->links.nunplaced) td__unplaced_check(n, td_now());
+  if (n->tasks.hang_warn_s > 0 && n->tasks.map.len) td__why_tick(n, td_now());
   td__sched(n);
   if (n->ext_tick) n->ext_tick(n->ext_ud);
   td_node_flush(n);
@@ -373,19 +378,20 @@ int td_node_feed(td_node_t *n, uint8_t type, const uint8_t *p, uint32_t len) {
 int td_node_feed_as(td_node_t *n, int from_head, uint8_t type, const uint8_t *p, uint32_t len) {
   td_wk_t *wk = NULL;
   if (from_head) {
-    if (!n->head) {
+    if (!n->links.head) {
       wk = td__wk_add(n, td__new_wk_id(n), WK_HEAD, -1);
       wk->remote = 1;
       wk->last_seen = td_now();
-      n->head = wk;
+      n->links.head = wk;
     }
-    wk = n->head;
+    wk = n->links.head;
   } else {
     /* The fake client last fed, also once a JOIN made it a node's link. */
-    for (int i = 0; i < n->nwks; i++)
-      if ((n->wks[i]->kind == WK_CLIENT || n->wks[i]->kind == WK_NODE || n->wks[i]->kind == WK_PEER) &&
-          n->wks[i]->ch.fd < 0)
-        wk = n->wks[i];
+    for (int i = 0; i < n->procs.n; i++)
+      if ((n->procs.list[i]->kind == WK_CLIENT || n->procs.list[i]->kind == WK_NODE ||
+           n->procs.list[i]->kind == WK_PEER) &&
+          n->procs.list[i]->ch.fd < 0)
+        wk = n->procs.list[i];
     if (!wk) wk = td__wk_add(n, td__new_wk_id(n), WK_CLIENT, -1);
   }
   int rc = td__on_msg(n, wk, type, p, len);
@@ -396,14 +402,17 @@ int td_node_feed_as(td_node_t *n, int from_head, uint8_t type, const uint8_t *p,
 
 int td_node_add_client(td_node_t *n, int fd) {
   /* The store fd goes first, beside one byte, as SCM_RIGHTS. */
-  if (td_sock_send_fd(fd, td_store_fd(n->store))) { close(fd); return TD_EIO; }
+  if (td_sock_send_fd(fd, td_store_fd(n->objs.store))) {
+    close(fd);
+    return TD_EIO;
+  }
   td_wk_t *wk = td__wk_add(n, td__new_wk_id(n), WK_CLIENT, fd);
   struct ucred cred;
   socklen_t cl = sizeof(cred);
   if (n->tl && !getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &cl)) td__tl_client(n, wk->id, cred.pid);
   td_chan_begin(&wk->ch, TD_M_HELLO);
   td_buf_u64(&wk->ch.out, wk->id);
-  td_buf_u64(&wk->ch.out, n->inline_max);
+  td_buf_u64(&wk->ch.out, n->objs.inline_max);
   td_chan_end(&wk->ch);
   td_chan_flush(&wk->ch);
   td_log("client %llu attached", (unsigned long long)wk->id);
@@ -412,8 +421,8 @@ int td_node_add_client(td_node_t *n, int fd) {
 
 int td_node_fds(td_node_t *n, int *fds, int max) {
   int k = 0;
-  for (int i = 0; i < n->nwks && k < max; i++)
-    if (n->wks[i]->ch.fd >= 0) fds[k++] = n->wks[i]->ch.fd;
+  for (int i = 0; i < n->procs.n && k < max; i++)
+    if (n->procs.list[i]->ch.fd >= 0) fds[k++] = n->procs.list[i]->ch.fd;
   if (n->ext_fd >= 0 && k < max) fds[k++] = n->ext_fd;
   return k;
 }
@@ -433,55 +442,58 @@ td_node_t *td_node_new(const td_node_opts_t *o) {
   long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
   double mem = (double)pages * (double)psz;
   size_t cap = o->store_capacity ? o->store_capacity : (size_t)(mem * 0.3);
-  n->store = td_store_new(cap);
-  if (!n->store) { free(n); return NULL; }
-  n->inline_max = o->inline_max ? o->inline_max : 64 * 1024;
-  n->spill = td_spill_new(NULL);
+  n->objs.store = td_store_new(cap);
+  if (!n->objs.store) {
+    free(n);
+    return NULL;
+  }
+  n->objs.inline_max = o->inline_max ? o->inline_max : 64 * 1024;
+  n->objs.spill = td_spill_new(NULL);
   n->ext_fd = -1;
-  n->no_workers = o->no_workers;
-  n->index = o->index <= TD_NODE_MAX ? o->index : 0;
-  n->next_seq = (uint64_t)n->index << TD_NODE_SHIFT;
-  n->next_wk = (uint64_t)n->index << (TD_NODE_SHIFT - 32);
-  n->node_timeout = o->node_timeout > 0 ? o->node_timeout : 5.0;
-  snprintf(n->name, sizeof(n->name), "%s", o->name ? o->name : "");
-  if (!n->name[0]) gethostname(n->name, sizeof(n->name) - 1);
-  td_map_init(&n->fwd);
-  td_map_init(&n->pulls);
-  td_map_init(&n->lineage);
-  td_map_init(&n->lin_kept);
-  td_map_init(&n->relays);
-  td_map_init(&n->fwd_actors);
-  td_map_init(&n->objs);
-  td_map_init(&n->tasks);
-  td_map_init(&n->actors);
-  td_map_init(&n->fns);
-  td_map_init(&n->fnstats);
+  n->procs.no_workers = o->no_workers;
+  n->links.index = o->index <= TD_NODE_MAX ? o->index : 0;
+  n->objs.next_seq = (uint64_t)n->links.index << TD_NODE_SHIFT;
+  n->procs.next_id = (uint64_t)n->links.index << (TD_NODE_SHIFT - 32);
+  n->links.node_timeout = o->node_timeout > 0 ? o->node_timeout : 5.0;
+  snprintf(n->links.name, sizeof(n->links.name), "%s", o->name ? o->name : "");
+  if (!n->links.name[0]) gethostname(n->links.name, sizeof(n->links.name) - 1);
+  td_map_init(&n->links.fwd);
+  td_map_init(&n->xfer.pulls);
+  td_map_init(&n->lineage.specs);
+  td_map_init(&n->lineage.kept);
+  td_map_init(&n->links.relays);
+  td_map_init(&n->links.fwd_actors);
+  td_map_init(&n->objs.map);
+  td_map_init(&n->tasks.map);
+  td_map_init(&n->actors.map);
+  td_map_init(&n->tasks.fns);
+  td_map_init(&n->sched.fnstats);
   td_buf_init(&n->tmp);
   td__tl_init(n);
   td__why_init(n);
   td_node_res_index(n, "CPU");
   td_node_res_index(n, "GPU");
   td_node_res_index(n, "memory");
-  n->total[TD_RES_CPU] = o->num_cpus >= 0 ? o->num_cpus : (double)ncpu;
-  n->total[TD_RES_GPU] = o->num_gpus > 0 ? o->num_gpus : 0;
-  n->total[TD_RES_MEM] = o->memory >= 0 ? o->memory : mem * 0.7;
-  n->ngpus = (int)n->total[TD_RES_GPU];
-  if (n->ngpus > 64) n->ngpus = 64;
-  for (int g = 0; g < n->ngpus; g++) n->gpu_free[g] = 1;
+  n->sched.total[TD_RES_CPU] = o->num_cpus >= 0 ? o->num_cpus : (double)ncpu;
+  n->sched.total[TD_RES_GPU] = o->num_gpus > 0 ? o->num_gpus : 0;
+  n->sched.total[TD_RES_MEM] = o->memory >= 0 ? o->memory : mem * 0.7;
+  n->sched.ngpus = (int)n->sched.total[TD_RES_GPU];
+  if (n->sched.ngpus > 64) n->sched.ngpus = 64;
+  for (int g = 0; g < n->sched.ngpus; g++) n->sched.gpu_free[g] = 1;
   for (int i = 0; i < o->nres; i++) {
     int idx = td_node_res_index(n, o->res_names[i]);
-    if (idx >= 0) n->total[idx] = o->res_amts[i];
+    if (idx >= 0) n->sched.total[idx] = o->res_amts[i];
   }
-  memcpy(n->avail, n->total, sizeof(n->total));
-  snprintf(n->exe, sizeof(n->exe), "%s", o->exe ? o->exe : "/proc/self/exe");
+  memcpy(n->sched.avail, n->sched.total, sizeof(n->sched.total));
+  snprintf(n->procs.exe, sizeof(n->procs.exe), "%s", o->exe ? o->exe : "/proc/self/exe");
   td__restore_ids(n);
   for (int i = 0; i < o->prestart; i++) td__spawn(n, WK_TASK, NULL, 0);
   return n;
 }
 
 void td_node_set_rpc(td_node_t *n, td_rpc_cb cb, void *ud) {
-  n->rpc = cb;
-  n->rpc_ud = ud;
+  n->procs.rpc = cb;
+  n->procs.rpc_ud = ud;
 }
 
 /* TIDE_DEBUG_LEFTOVERS=1: what is still in the object table when the node
@@ -492,14 +504,15 @@ static void td__log_leftovers(td_node_t *n) {
   size_t it = 0;
   uint64_t id;
   void *v;
-  while (td_map_next(&n->objs, &it, &id, &v)) {
+  while (td_map_next(&n->objs.map, &it, &id, &v)) {
     td_obj_t *o = v;
     char who[256] = "";
     size_t wl = 0;
-    for (int i = 0; i < n->nwks && wl < sizeof(who) - 40; i++) {
-      intptr_t c = (intptr_t)td_map_get(&n->wks[i]->held, id);
+    for (int i = 0; i < n->procs.n && wl < sizeof(who) - 40; i++) {
+      intptr_t c = (intptr_t)td_map_get(&n->procs.list[i]->held, id);
       if (c)
-        wl += (size_t)snprintf(who + wl, sizeof(who) - wl, " wk%d(kind %d)x%ld", i, n->wks[i]->kind, (long)c);
+        wl += (size_t)snprintf(who + wl, sizeof(who) - wl, " wk%d(kind %d)x%ld", i, n->procs.list[i]->kind,
+                               (long)c);
     }
     fprintf(stderr,
             "tide: leftover object %016llx (node-%u): state %d loc %d len %zu refs %lld pins %d "
@@ -523,48 +536,56 @@ void td_node_destroy(td_node_t **np) {
   if (!n) return;
   td__log_leftovers(n);
   td__dp_free(n);
-  for (int i = 0; i < n->nwks; i++)
-    if (n->wks[i]->pid > 0) kill(n->wks[i]->pid, SIGKILL);
-  for (int i = 0; i < n->nwks; i++) {
-    td_wk_t *wk = n->wks[i];
+  for (int i = 0; i < n->procs.n; i++)
+    if (n->procs.list[i]->pid > 0) kill(n->procs.list[i]->pid, SIGKILL);
+  for (int i = 0; i < n->procs.n; i++) {
+    td_wk_t *wk = n->procs.list[i];
     if (wk->pid > 0) waitpid(wk->pid, NULL, 0);
     td_chan_close(&wk->ch);
-    if (wk->bridge && n->peer_close) n->peer_close(n->peer_ud, wk->bridge);
+    if (wk->bridge && n->xfer.peer_close) n->xfer.peer_close(n->xfer.peer_ud, wk->bridge);
     td_map_free(&wk->fns_sent);
     td_map_free(&wk->allocs);
     td_map_free(&wk->held);
     td_map_free(&wk->pinned);
     free(wk);
   }
-  free(n->wks);
+  free(n->procs.list);
   td__tl_free(n);
   size_t it = 0;
   void *v;
-  while (td_map_next(&n->objs, &it, NULL, &v)) {
+  while (td_map_next(&n->objs.map, &it, NULL, &v)) {
     td_obj_t *o = v;
     if (o->copies) free(o->copies->c);
     free(o->copies); free(o->data); free(o->contained); free(o->items); free(o->waiters); free(o);
   }
-  while (n->nobj_pool) free(n->obj_pool[--n->nobj_pool]);
-  while (n->ntask_pool) free(n->task_pool[--n->ntask_pool]);
-  free(n->obj_pool);
-  free(n->task_pool);
+  while (n->objs.npool) free(n->objs.pool[--n->objs.npool]);
+  while (n->tasks.npool) free(n->tasks.pool[--n->tasks.npool]);
+  free(n->objs.pool);
+  free(n->tasks.pool);
   it = 0;
-  while (td_map_next(&n->tasks, &it, NULL, &v)) {
+  while (td_map_next(&n->tasks.map, &it, NULL, &v)) {
     td_task_t *t = v;
     free(t);
   }
   it = 0;
-  while (td_map_next(&n->actors, &it, NULL, &v)) { free(((td_actor_t *)v)->reason); free(v); }
+  while (td_map_next(&n->actors.map, &it, NULL, &v)) {
+    free(((td_actor_t *)v)->reason);
+    free(v);
+  }
   it = 0;
-  while (td_map_next(&n->fns, &it, NULL, &v)) free(v);
+  while (td_map_next(&n->tasks.fns, &it, NULL, &v)) free(v);
   it = 0;
-  while (td_map_next(&n->fnstats, &it, NULL, &v)) free(v);
-  td_map_free(&n->fnstats);
-  while (n->reqs) { td_req_t *r = n->reqs; n->reqs = r->next; free(r->ids); free(r); }
-  while (n->pgs) {
-    td_pg_t *pg = n->pgs;
-    n->pgs = pg->next;
+  while (td_map_next(&n->sched.fnstats, &it, NULL, &v)) free(v);
+  td_map_free(&n->sched.fnstats);
+  while (n->procs.reqs) {
+    td_req_t *r = n->procs.reqs;
+    n->procs.reqs = r->next;
+    free(r->ids);
+    free(r);
+  }
+  while (n->pgs.list) {
+    td_pg_t *pg = n->pgs.list;
+    n->pgs.list = pg->next;
     while (pg->adopt) {
       td_adoptee_t *e = pg->adopt;
       pg->adopt = e->next;
@@ -573,42 +594,48 @@ void td_node_destroy(td_node_t **np) {
     free(pg->total); free(pg->avail); free(pg->where); free(pg->hint); free(pg);
   }
   it = 0;
-  while (td_map_next(&n->fwd, &it, NULL, &v)) { free(((td_fwd_t *)v)->rets); free(v); }
-  td_map_free(&n->fwd);
-  td_map_free(&n->pulls);
+  while (td_map_next(&n->links.fwd, &it, NULL, &v)) {
+    free(((td_fwd_t *)v)->rets);
+    free(v);
+  }
+  td_map_free(&n->links.fwd);
+  td_map_free(&n->xfer.pulls);
   it = 0;
-  while (td_map_next(&n->lineage, &it, NULL, &v)) free(v);
-  td_map_free(&n->lineage);
+  while (td_map_next(&n->lineage.specs, &it, NULL, &v)) free(v);
+  td_map_free(&n->lineage.specs);
   it = 0;
-  while (td_map_next(&n->lin_kept, &it, NULL, &v)) free(v);
-  td_map_free(&n->lin_kept);
-  free(n->lin_out);
+  while (td_map_next(&n->lineage.kept, &it, NULL, &v)) free(v);
+  td_map_free(&n->lineage.kept);
+  free(n->lineage.out);
   td__parked_drop(n);
-  for (td_waitsub_t *w = n->waitsubs, *next; w; w = next) {
+  for (td_waitsub_t *w = n->links.waitsubs, *next; w; w = next) {
     next = w->next;
     free(w->held);
     free(w->msg);
     free(w);
   }
-  while (n->wdmap) {
-    td_wdmap_t *m = n->wdmap;
-    n->wdmap = m->next;
+  while (n->links.wdmap) {
+    td_wdmap_t *m = n->links.wdmap;
+    n->links.wdmap = m->next;
     free(m);
   }
   it = 0;
-  while (td_map_next(&n->relays, &it, NULL, &v)) free(v);
-  td_map_free(&n->relays);
-  td_map_free(&n->fwd_actors);
-  free(n->gone_at);
-  free(n->fwd_ready);
-  free(n->fn_order);
-  free(n->cwait);
-  free(n->ppull);
-  td_map_free(&n->objs); td_map_free(&n->tasks); td_map_free(&n->actors); td_map_free(&n->fns);
+  while (td_map_next(&n->links.relays, &it, NULL, &v)) free(v);
+  td_map_free(&n->links.relays);
+  td_map_free(&n->links.fwd_actors);
+  free(n->links.gone_at);
+  free(n->links.fwd_ready);
+  free(n->tasks.fn_order);
+  free(n->xfer.cwait);
+  free(n->xfer.ppull);
+  td_map_free(&n->objs.map);
+  td_map_free(&n->tasks.map);
+  td_map_free(&n->actors.map);
+  td_map_free(&n->tasks.fns);
   td_buf_free(&n->tmp);
   free(n->pfds);
-  td_spill_destroy(&n->spill);
-  td_store_destroy(&n->store);
+  td_spill_destroy(&n->objs.spill);
+  td_store_destroy(&n->objs.store);
   free(n);
   *np = NULL;
 }

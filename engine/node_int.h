@@ -182,11 +182,11 @@ struct td_task {
   double sent_at;        /* when it was sent to its worker */
   double submit_at;      /* when it was submitted (timeline only: 0 when it is off) */
   double hang_seen;      /* why.c: when a scan saw it waiting (0: not yet) */
-  uint64_t hang_done;    /* why.c: n->ndone then; work that ended since re-arms the wait */
+  uint64_t hang_done;    /* why.c: n->tasks.ndone then; work that ended since re-arms the wait */
   uint8_t hang_warned;   /* why.c: named once already */
   uint8_t slow;          /* not known to be short when sent */
   uint8_t node_held;     /* sent to a node link holding: 1 its resources, 2 a bundle's */
-  uint8_t pooled;        /* a TD_TASK_TAIL record, reused from n->task_pool */
+  uint8_t pooled;        /* a TD_TASK_TAIL record, reused from n->tasks.pool */
   uint8_t restored;      /* a detached actor's creation, restored by a restarted head */
   uint8_t has_away;      /* a task with arguments kept on other nodes (td_obj_t away) */
   uint8_t unplaced;      /* queued although no node has what it asks for: nodes may rejoin (settle_until) */
@@ -227,7 +227,7 @@ struct td_wk {
   /* Node links (WK_NODE, WK_HEAD): */
   uint32_t node_index;
   int joined;            /* WK_NODE: its resources are known */
-  uint32_t fns_upto;     /* function definitions sent so far (n->fn_order) */
+  uint32_t fns_upto;     /* function definitions sent so far (n->tasks.fn_order) */
   char name[64];
   double ntotal[TD_NRES_MAX], navail[TD_NRES_MAX]; /* by this node's resource index */
   td_node_stats_t nstats; /* a joined node's own figures, from its last heartbeat */
@@ -310,91 +310,148 @@ typedef struct td_fnblob {
   uint8_t data[];
 } td_fnblob_t;
 
-struct td_node {
-  td_store_t *store;
-  size_t inline_max;
-  int nres;
-  char resname[TD_NRES_MAX][32];
-  double total[TD_NRES_MAX], avail[TD_NRES_MAX];
-  double gpu_free[64];   /* free fraction of each GPU id */
-  int ngpus;
-  td_map_t objs, tasks, actors, fns, fnstats;
-  td_wk_t **wks;
-  int nwks, capwks;
-  td_tq_t queue;         /* runnable tasks and actor creations */
-  td_req_t *reqs;        /* pending worker requests */
-  td_pg_t *pgs;
-  uint64_t next_seq, next_task, next_wk;
+/* The node's records, one sub-struct per module: a field belongs to the
+ * module named on its struct, which alone writes it (others may read). */
+
+/* Objects (obj.c; spill.c and store.c under it). */
+typedef struct td_node_objs {
+  td_map_t map;          /* object id -> td_obj_t */
+  td_store_t *store;     /* shared memory for values above inline_max (store.h) */
+  size_t inline_max;     /* values up to this many bytes travel inside messages */
   td_spill_t *spill;     /* where objects the store has no room for go (spill.h) */
-  uint64_t clock;
-  int dirty;             /* objects changed since requests were checked */
-  char exe[PATH_MAX];
-  td_rpc_cb rpc;
-  void *rpc_ud;
-  td_wk_t *rpc_wk;       /* whose request the RPC handler is running */
-  uint64_t submitter, submitter_task; /* owner of the tasks being submitted now */
-  td_buf_t tmp;
-  struct pollfd *pfds;
-  int cappfds;
-  int no_workers;        /* opts.no_workers */
-  int ext_fd;            /* extension fd (-1: none) */
-  td_node_cb ext_read, ext_tick;
-  void *ext_ud;
-  /* Cluster: */
-  uint32_t index;        /* this node's index; 0 = the head */
-  char name[64];
-  double node_timeout;   /* silence after which a link is dead */
-  double beat_at;        /* when heartbeats were last sent */
-  double tick_at;        /* when links were last checked */
-  td_wk_t *head;         /* a node's link to its head */
-  int nlinks;            /* a head's joined nodes */
-  uint32_t spread;       /* round robin for SPREAD */
-  uint32_t next_index;
-  double *gone_at;       /* head: by node index, when its node left (0: not while this head ran) */
-  int restoring;         /* re-creating persisted actors: they wait for nodes */
-  double adopt_until;    /* until then restored actors wait to be adopted (td__adopt) */
-  double settle_until;   /* head: nodes may still rejoin (it restarted, or one left) until then */
-  double settle_max[TD_NRES_MAX]; /* the most of each resource a node that may rejoin had */
-  int nunplaced;         /* tasks queued with unplaced set, judged again when settled */
-  td_map_t fwd;          /* head task id -> td_fwd_t */
-  td_map_t pulls;        /* request id -> object id, values asked of a link */
-  td_map_t lineage;      /* node: object id -> td_fnblob_t, the spec of the task that makes it */
-  td_map_t lin_kept;     /* head: the same, sent by nodes; holds the spec's argument refs */
-  uint64_t *lin_out;     /* node: ids whose lineage goes to the head after this message */
-  int from_head;         /* node: submitting work the head sent (not this node's own) */
-  uint32_t nlin_out, caplin_out;
-  td_map_t relays;       /* request id -> td_relay_t, requests passed to the head */
-  td_map_t fwd_actors;   /* node: actor id -> its driver's client id, for the non-detached
-                          * actors forwarded to the head: they end when that driver leaves */
-  uint32_t next_pull;
-  uint64_t *fn_order;    /* function ids in the order registered */
+  uint64_t next_seq;     /* the last id made here (td_node_new_id): node index << TD_NODE_SHIFT, up */
+  uint64_t clock;        /* ticks on each use, for the spill's least-recently-used order */
+  int dirty;             /* objects changed since waiting requests were checked (the pump) */
+  void **pool;           /* free td_obj_t records kept for reuse */
+  int npool;
+} td_node_objs_t;
+
+/* Resources and the run queue (sched.c). */
+typedef struct td_node_sched {
+  int nres;                      /* resources known, by index */
+  char resname[TD_NRES_MAX][32]; /* their names: "CPU", "GPU", ... */
+  double total[TD_NRES_MAX];     /* this node's amount of each */
+  double avail[TD_NRES_MAX];     /* what is not held by running work */
+  double gpu_free[64];           /* free fraction of each GPU id */
+  int ngpus;                     /* GPU ids in gpu_free */
+  td_tq_t queue;                 /* runnable tasks and actor creations, in order */
+  td_map_t fnstats;              /* function id -> td_fnstat_t: short tasks pipeline */
+  uint32_t spread;               /* round robin for SPREAD */
+} td_node_sched_t;
+
+/* Tasks and functions (task.c; why.c's scan). */
+typedef struct td_node_tasks {
+  td_map_t map;       /* task id -> td_task_t, until it ends */
+  uint64_t next;      /* the last task id given here */
+  td_map_t fns;       /* function id -> td_fnblob_t, its definition */
+  uint64_t *fn_order; /* function ids in the order registered (sent to nodes in it) */
   uint32_t nfn_order, capfn_order;
-  uint64_t *fwd_ready;   /* returns of head work that changed */
-  uint32_t nfwd_ready, capfwd_ready;
-  struct td_parked *parked; /* head work waiting for its working-directory package */
-  td_waitsub_t *waitsubs;   /* work for a head that is gone (td__hold_for_head) */
-  double rejoin_until;      /* until when such work waits for it */
-  struct td_wdmap *wdmap;   /* head paths of working dirs -> packages, fetched */
-  /* Node-to-node fetches (see Peers): */
-  int peer_port;         /* where this node listens for other nodes (0: nowhere) */
-  td_peer_open_cb peer_open;
-  td_peer_close_cb peer_close;
-  void *peer_ud;
-  struct td_cwait *cwait;   /* chunks other nodes asked for that have not landed here yet */
-  uint32_t ncwait, capcwait;
-  struct td_ppull *ppull;   /* objects being fetched from other nodes: their progress */
-  uint32_t nppull, capppull;
-  uint64_t bytes_sent, bytes_from_peers;
-  td_shun_t shun[TD_SHUN_MAX]; /* nodes not asked for chunks until then (they went silent) */
-  uint32_t nshun;
-  struct td_dp *dp;      /* the data plane: direct streams for chunks (dplane.c; NULL: off) */
-  /* Free task and object records, reused: no malloc per task. */
-  void **task_pool, **obj_pool;
-  int ntask_pool, nobj_pool;
-  struct td_tl *tl;    /* the timeline's ring (timeline.c); NULL: not recording */
+  uint64_t submitter, submitter_task; /* whose tasks are being submitted now (prints go there) */
+  void **pool;                        /* free td_task_t records of TD_TASK_TAIL, kept for reuse */
+  int npool;
   uint64_t ndone;      /* tasks and calls ended here: progress, for why.c */
   double hang_warn_s;  /* TIDE_HANG_WARN_S: a queued task this long without progress is named (0: off) */
   double hang_scan_at; /* why.c: when to look for such tasks next */
+} td_node_tasks_t;
+
+/* Actors (actor.c). */
+typedef struct td_node_actors {
+  td_map_t map;       /* actor id -> td_actor_t, until it is dead and unreferenced */
+  int restoring;      /* a restarted head re-creates persisted actors: they wait for nodes */
+  double adopt_until; /* until then restored actors wait to be adopted (td__adopt) */
+} td_node_actors_t;
+
+/* Placement groups (pg.c). */
+typedef struct td_node_pgs {
+  td_pg_t *list; /* every group not removed, newest first */
+} td_node_pgs_t;
+
+/* Lineage: how to make an object again (lineage.c). */
+typedef struct td_node_lineage {
+  td_map_t specs; /* node: object id -> td_fnblob_t, the spec of the task that makes it */
+  td_map_t kept;  /* head: the same, sent by nodes; holds the spec's argument refs */
+  uint64_t *out;  /* node: ids whose lineage goes to the head after this message */
+  uint32_t nout, capout;
+  int from_head; /* node: submitting work the head sent (its lineage is the head's) */
+} td_node_lineage_t;
+
+/* Worker processes, clients and links: everything on a channel (workers.c). */
+typedef struct td_node_procs {
+  td_wk_t **list; /* every channel's worker record, in no order */
+  int n, cap;
+  uint64_t next_id;      /* the last worker id given */
+  td_req_t *reqs;        /* GET / WAIT / STREAM_NEXT requests waiting for objects */
+  char exe[PATH_MAX];    /* the executable workers are started from */
+  int no_workers;        /* opts.no_workers: start none (tests, clients only) */
+  td_rpc_cb rpc;         /* runs a worker's control call (the Lua layer's) */
+  void *rpc_ud;          /* rpc's argument */
+  td_wk_t *rpc_wk;       /* whose request the RPC handler is running */
+} td_node_procs_t;
+
+/* Moving large objects between nodes (transfer.c; dplane.c). */
+typedef struct td_node_xfer {
+  int peer_port;               /* where this node listens for other nodes (0: nowhere) */
+  td_peer_open_cb peer_open;   /* opens a link to another node (the host's) */
+  td_peer_close_cb peer_close; /* closes one */
+  void *peer_ud;               /* their argument */
+  td_map_t pulls;              /* request id -> object id, values asked of a link */
+  uint32_t next_pull;          /* the last such request id */
+  td_cwait_t *cwait;           /* chunks other nodes asked for that have not landed here yet */
+  uint32_t ncwait, capcwait;
+  td_ppull_t *ppull; /* objects being fetched from other nodes: their progress */
+  uint32_t nppull, capppull;
+  uint64_t bytes_sent;         /* chunk bytes sent to other nodes */
+  uint64_t bytes_from_peers;   /* chunk bytes received from nodes other than the head */
+  td_shun_t shun[TD_SHUN_MAX]; /* nodes not asked for chunks until then (they went silent) */
+  uint32_t nshun;
+  struct td_dp *dp; /* the data plane: direct streams for chunks (dplane.c; NULL: off) */
+} td_node_xfer_t;
+
+/* The head and its nodes (cluster.c). */
+typedef struct td_node_links {
+  uint32_t index;        /* this node's index; 0 = the head */
+  char name[64];         /* this node's name, as the cluster lists it */
+  td_wk_t *head;         /* a node's link to its head (NULL: this is the head, or alone) */
+  double node_timeout;   /* silence after which a link is dead */
+  double beat_at;        /* when heartbeats were last sent */
+  int nlinks;            /* a head's joined nodes */
+  uint32_t next_index;   /* head: the last node index given */
+  double *gone_at;       /* head: by node index, when its node left (0: not while this head ran) */
+  double settle_until;   /* head: nodes may still rejoin (it restarted, or one left) until then */
+  double settle_max[TD_NRES_MAX]; /* the most of each resource a node that may rejoin had */
+  int nunplaced;         /* tasks queued with unplaced set, judged again when settled */
+  td_map_t fwd;          /* node: head task id -> td_fwd_t, work the head sent */
+  uint64_t *fwd_ready;   /* node: returns of head work that changed, to send */
+  uint32_t nfwd_ready, capfwd_ready;
+  td_map_t fwd_actors;   /* node: actor id -> its driver's client id, for the non-detached
+                          * actors forwarded to the head: they end when that driver leaves */
+  td_map_t relays;       /* node: request id -> td_relay_t, requests passed to the head */
+  td_parked_t *parked;   /* node: head work waiting for its working-directory package */
+  td_wdmap_t *wdmap;     /* node: head paths of working dirs -> packages, fetched */
+  td_waitsub_t *waitsubs; /* node: work for a head that is gone (td__hold_for_head) */
+  double rejoin_until;    /* node: until when such work waits for it */
+} td_node_links_t;
+
+struct td_node {
+  td_node_objs_t objs;
+  td_node_sched_t sched;
+  td_node_tasks_t tasks;
+  td_node_actors_t actors;
+  td_node_pgs_t pgs;
+  td_node_lineage_t lineage;
+  td_node_procs_t procs;
+  td_node_xfer_t xfer;
+  td_node_links_t links;
+  /* The loop (node.c): */
+  td_buf_t tmp;        /* scratch for building one message or blob at a time */
+  struct pollfd *pfds; /* the poll set, rebuilt each turn: one per channel, then ext_fd */
+  int cappfds;
+  double tick_at;      /* when links and timers were last checked */
+  int ext_fd;          /* the host's extra fd, polled with the channels (-1: none) */
+  td_node_cb ext_read; /* called when ext_fd is readable */
+  td_node_cb ext_tick; /* called each turn of the loop */
+  void *ext_ud;        /* their argument */
+  td_tl_t *tl;         /* the timeline's ring (timeline.c); NULL: not recording */
 };
 
 /* -- Queues ---------------------------------------------------------------- */
@@ -444,7 +501,7 @@ static inline void td__take(double *pool, const td_task_t *t, double sign) {
 /* -- Placement groups: lookups on hot paths (pg.c has the rest) ------------- */
 
 static inline td_pg_t *td__pg(td_node_t *n, uint64_t id) {
-  for (td_pg_t *pg = n->pgs; pg; pg = pg->next)
+  for (td_pg_t *pg = n->pgs.list; pg; pg = pg->next)
     if (pg->id == id) return pg;
   return NULL;
 }
@@ -452,7 +509,7 @@ static inline td_pg_t *td__pg(td_node_t *n, uint64_t id) {
 /* The pool a task draws from: the node's, or a placement group bundle's. */
 static inline double *td__pool(td_node_t *n, td_task_t *t, int *bundle) {
   *bundle = -1;
-  if (!t->spec.pg_id) return n->avail;
+  if (!t->spec.pg_id) return n->sched.avail;
   td_pg_t *pg = td__pg(n, t->spec.pg_id);
   if (!pg || !pg->created || pg->removed) return NULL;
   if (t->spec.bundle >= 0) {
@@ -471,7 +528,7 @@ static inline double *td__pool(td_node_t *n, td_task_t *t, int *bundle) {
 }
 
 /* The object record of id here, or NULL. */
-static inline td_obj_t *td__obj(td_node_t *n, uint64_t id) { return td_map_get(&n->objs, id); }
+static inline td_obj_t *td__obj(td_node_t *n, uint64_t id) { return td_map_get(&n->objs.map, id); }
 
 /* -- Functions the node's files share, by the file that defines them ---------- */
 

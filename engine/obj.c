@@ -4,38 +4,38 @@
  * the store, spilling to make room and bringing spilled values back. */
 #include "node_int.h"
 
-uint64_t td_node_new_id(td_node_t *n) { return ++n->next_seq; }
+uint64_t td_node_new_id(td_node_t *n) { return ++n->objs.next_seq; }
 
 td_obj_t *td__obj_new(td_node_t *n, uint64_t id) {
-  td_obj_t *o = td_map_get(&n->objs, id);
+  td_obj_t *o = td_map_get(&n->objs.map, id);
   if (o) return o;
-  if (n->nobj_pool) {
-    o = n->obj_pool[--n->nobj_pool];
+  if (n->objs.npool) {
+    o = n->objs.pool[--n->objs.npool];
     memset(o, 0, sizeof(*o));
   } else {
     o = td_xcalloc(1, sizeof(*o));
   }
   o->id = id;
-  td_map_set(&n->objs, id, o);
+  td_map_set(&n->objs.map, id, o);
   return o;
 }
 
 static void td__obj_release_data(td_node_t *n, td_obj_t *o) {
-  if (o->loc == LOC_SHM) td_store_free(n->store, o->off, o->len);
-  if (o->loc == LOC_SPILLED) td_spill_free(n->spill, o->off, o->len);
+  if (o->loc == LOC_SHM) td_store_free(n->objs.store, o->off, o->len);
+  if (o->loc == LOC_SPILLED) td_spill_free(n->objs.spill, o->off, o->len);
   free(o->data);
   o->data = NULL;
   o->loc = LOC_NONE;
 }
 
 void td__obj_free(td_node_t *n, td_obj_t *o) {
-  td_map_del(&n->objs, o->id);
+  td_map_del(&n->objs.map, o->id);
   /* A task kept for the result it was still to fetch (T_FETCHING) ends
    * with the last such result. */
   td_task_t *pt = o->producer && (o->away || o->chunked) ? o->producer : NULL;
   td__obj_freeing(n, o);
   if (o->chunked) { /* freed while it was coming in */
-    td_store_free(n->store, o->off, o->len);
+    td_store_free(n->objs.store, o->off, o->len);
     o->chunked = 0;
   }
   if (o->copies) {
@@ -49,9 +49,9 @@ void td__obj_free(td_node_t *n, td_obj_t *o) {
   free(o->items);
   free(o->waiters);
   td__obj_freed(n, pt);
-  if (n->nobj_pool < TD_POOL_MAX) {
-    if (!n->obj_pool) n->obj_pool = td_xmalloc(TD_POOL_MAX * sizeof(void *));
-    n->obj_pool[n->nobj_pool++] = o;
+  if (n->objs.npool < TD_POOL_MAX) {
+    if (!n->objs.pool) n->objs.pool = td_xmalloc(TD_POOL_MAX * sizeof(void *));
+    n->objs.pool[n->objs.npool++] = o;
   } else {
     free(o);
   }
@@ -89,23 +89,23 @@ int td_node_pin(td_node_t *n, uint64_t id, int delta) {
 
 /* Spills victims until `size` bytes fit; returns 0 or an error. */
 int td__alloc(td_node_t *n, size_t size, size_t *off, td_obj_t *keep) {
-  if (size > td_store_capacity(n->store)) return TD_ETOOBIG;
-  while (td_store_alloc(n->store, size, off) != 0) {
+  if (size > td_store_capacity(n->objs.store)) return TD_ETOOBIG;
+  while (td_store_alloc(n->objs.store, size, off) != 0) {
     td_obj_t *victim = NULL, *o;
     size_t it = 0;
-    while (td_map_next(&n->objs, &it, NULL, (void **)&o)) {
+    while (td_map_next(&n->objs.map, &it, NULL, (void **)&o)) {
       if (o->loc != LOC_SHM || o->pins || o == keep) continue;
       if (!victim || o->last_use < victim->last_use) victim = o;
     }
     if (!victim) return TD_ESTOREFULL;
     size_t at;
-    int rc = td_spill_write(n->spill, td_store_base(n->store) + victim->off, victim->len, &at);
+    int rc = td_spill_write(n->objs.spill, td_store_base(n->objs.store) + victim->off, victim->len, &at);
     if (rc) {
       td_log("cannot spill object %llx (%zu bytes) to %s: %s", (unsigned long long)victim->id, victim->len,
-             td_spill_dir(n->spill), td_strerror(rc));
+             td_spill_dir(n->objs.spill), td_strerror(rc));
       return rc;
     }
-    td_store_free(n->store, victim->off, victim->len);
+    td_store_free(n->objs.store, victim->off, victim->len);
     victim->loc = LOC_SPILLED;
     victim->off = at;
     td_log("spilled object %llx (%zu bytes)", (unsigned long long)victim->id, victim->len);
@@ -117,20 +117,23 @@ int td__alloc(td_node_t *n, size_t size, size_t *off, td_obj_t *keep) {
  * the object is first read into memory and its own spill space given back,
  * so the victim it displaces can go there: what was stored stays readable. */
 int td__obj_resident(td_node_t *n, td_obj_t *o) {
-  o->last_use = ++n->clock;
+  o->last_use = ++n->objs.clock;
   if (o->loc != LOC_SPILLED) return 0;
   size_t off;
   int rc = td__alloc(n, o->len, &off, o);
   if (rc == TD_ENOSPACE) {
     uint8_t *tmp = malloc(o->len);
     if (!tmp) return rc;
-    if (td_spill_read(n->spill, o->off, tmp, o->len)) { free(tmp); return TD_EIO; }
-    td_spill_free(n->spill, o->off, o->len);
+    if (td_spill_read(n->objs.spill, o->off, tmp, o->len)) {
+      free(tmp);
+      return TD_EIO;
+    }
+    td_spill_free(n->objs.spill, o->off, o->len);
     o->loc = LOC_INLINE;  /* for now: not a spill victim, not in the store */
     o->data = tmp;
     rc = td__alloc(n, o->len, &off, o);
     if (rc == 0) {
-      memcpy(td_store_base(n->store) + off, tmp, o->len);
+      memcpy(td_store_base(n->objs.store) + off, tmp, o->len);
       o->data = NULL;
       free(tmp);
       o->loc = LOC_SHM;
@@ -141,11 +144,11 @@ int td__obj_resident(td_node_t *n, td_obj_t *o) {
     return 0;
   }
   if (rc) return rc;
-  if (td_spill_read(n->spill, o->off, td_store_base(n->store) + off, o->len)) {
-    td_store_free(n->store, off, o->len);
+  if (td_spill_read(n->objs.spill, o->off, td_store_base(n->objs.store) + off, o->len)) {
+    td_store_free(n->objs.store, off, o->len);
     return TD_EIO;
   }
-  td_spill_free(n->spill, o->off, o->len);
+  td_spill_free(n->objs.spill, o->off, o->len);
   o->loc = LOC_SHM;
   o->off = off;
   return 0;
@@ -170,7 +173,7 @@ void td__wait_on(td_obj_t *o, td_task_t *t) {
 void td__obj_set(td_node_t *n, td_obj_t *o, int state, int shm, const uint8_t *data,
                         size_t len, size_t off, const uint64_t *refs, uint32_t nrefs) {
   if (o->state != OBJ_PENDING) {  /* a duplicate result, e.g. after a retry */
-    if (shm) td_store_free(n->store, off, len);
+    if (shm) td_store_free(n->objs.store, off, len);
     return;
   }
   o->state = (uint8_t)state;
@@ -218,17 +221,17 @@ void td__obj_fail(td_node_t *n, td_obj_t *o, const uint8_t *blob, size_t len) {
 int td_node_store(td_node_t *n, uint64_t id, size_t size, const uint64_t *refs, uint32_t nrefs,
                   uint8_t **dst) {
   td_obj_t *o = td__obj_new(n, id);
-  if (size > n->inline_max) {
+  if (size > n->objs.inline_max) {
     size_t off;
     int rc = td__alloc(n, size, &off, NULL);
     if (rc) {
-      td_map_del(&n->objs, id);
+      td_map_del(&n->objs.map, id);
       free(o);
       return rc;
     }
     o->refs = 1;
     td__obj_set(n, o, OBJ_READY, 1, NULL, size, off, refs, nrefs);
-    *dst = td_store_base(n->store) + off;
+    *dst = td_store_base(n->objs.store) + off;
   } else {
     o->data = td_xmalloc(size);
     o->state = OBJ_READY;
@@ -241,10 +244,10 @@ int td_node_store(td_node_t *n, uint64_t id, size_t size, const uint64_t *refs, 
       for (uint32_t i = 0; i < nrefs; i++) td_node_incref(n, refs[i]);
     }
     *dst = o->data;
-    n->dirty = 1;
+    n->objs.dirty = 1;
   }
   o->refs = 1;
-  o->last_use = ++n->clock;
+  o->last_use = ++n->objs.clock;
   return 0;
 }
 
@@ -262,7 +265,7 @@ int td_node_bytes(td_node_t *n, uint64_t id, const uint8_t **p, size_t *len, int
   int rc = td__obj_resident(n, o);
   if (rc) return rc;
   *is_err = o->state == OBJ_ERROR;
-  *p = o->loc == LOC_SHM ? td_store_base(n->store) + o->off : o->data;
+  *p = o->loc == LOC_SHM ? td_store_base(n->objs.store) + o->off : o->data;
   *len = o->len;
   return 0;
 }
@@ -288,7 +291,7 @@ void td_node_stream_release(td_node_t *n, uint64_t stream, uint32_t idx) {
     td_node_decref(n, item);
   }
   if (idx + 1 > o->released && idx < o->nitems) o->released = idx + 1;
-  n->dirty = 1;  /* a producer waiting for room may go on */
+  n->objs.dirty = 1; /* a producer waiting for room may go on */
 }
 
 /* Reads one value as sent by a worker: inline or an extent it filled. */

@@ -6,13 +6,13 @@
 
 /* The pool of resources of the node with index idx (this one or a link). */
 static double *td__node_pool(td_node_t *n, uint32_t idx) {
-  if (idx == n->index) return n->avail;
+  if (idx == n->links.index) return n->sched.avail;
   td_wk_t *w = td__link(n, idx);
   return w ? w->navail : NULL;
 }
 
 static int td__bundle_fits(td_node_t *n, const double *pool, const double *bundle) {
-  for (int i = 0; i < n->nres; i++)
+  for (int i = 0; i < n->sched.nres; i++)
     if (pool[i] + 1e-9 < bundle[i]) return 0;
   return 1;
 }
@@ -21,16 +21,16 @@ int td__try_pg(td_node_t *n, td_pg_t *pg) {
   if (pg->created || pg->removed) return 0;
   /* Restored: placed once its nodes had time to rejoin and report the
    * actors they still run in it (their bundles go to those nodes). */
-  if (pg->holds_ready && td_now() < n->adopt_until) return 0;
-  int k = 1 + n->nlinks, c;
+  if (pg->holds_ready && td_now() < n->actors.adopt_until) return 0;
+  int k = 1 + n->links.nlinks, c;
   uint32_t *idx = td_xmalloc((size_t)k * sizeof(uint32_t));
   double (*av)[TD_NRES_MAX] = td_xmalloc((size_t)k * sizeof(*av));
   int *used = td_xcalloc((size_t)k, sizeof(int)), *at = td_xmalloc((size_t)pg->nb * sizeof(int) + 1);
-  idx[0] = n->index;
-  memcpy(av[0], n->avail, sizeof(av[0]));
+  idx[0] = n->links.index;
+  memcpy(av[0], n->sched.avail, sizeof(av[0]));
   k = 1;
-  for (int i = 0; i < n->nwks; i++) {
-    td_wk_t *w = n->wks[i];
+  for (int i = 0; i < n->procs.n; i++) {
+    td_wk_t *w = n->procs.list[i];
     if (w->kind != WK_NODE || !w->joined || w->dead) continue;
     idx[k] = w->node_index;
     memcpy(av[k++], w->navail, sizeof(av[0]));
@@ -57,7 +57,7 @@ int td__try_pg(td_node_t *n, td_pg_t *pg) {
     for (int b = 0; b < pg->nb && ok; b++) {
       if (pg->where[b] != TD__NOWHERE) continue;
       if (!td__bundle_fits(n, av[home], pg->total[b])) ok = 0;
-      for (int i = 0; ok && i < n->nres; i++) av[home][i] -= pg->total[b][i];
+      for (int i = 0; ok && i < n->sched.nres; i++) av[home][i] -= pg->total[b][i];
       at[b] = home;
     }
     goto decided;
@@ -67,7 +67,7 @@ int td__try_pg(td_node_t *n, td_pg_t *pg) {
      * restored group's bundles were on, first). */
     double need[TD_NRES_MAX] = {0};
     for (int b = 0; b < pg->nb; b++)
-      for (int i = 0; i < n->nres; i++) need[i] += pg->total[b][i];
+      for (int i = 0; i < n->sched.nres; i++) need[i] += pg->total[b][i];
     c = k;
     for (int b = 0; b < pg->nb && pg->hint && c == k; b++) {
       if (!pg->hint[b]) continue;
@@ -98,7 +98,7 @@ int td__try_pg(td_node_t *n, td_pg_t *pg) {
     if (pick < 0) { ok = 0; break; }
     at[b] = pick;
     used[pick] = 1;
-    for (int i = 0; i < n->nres; i++) av[pick][i] -= pg->total[b][i];
+    for (int i = 0; i < n->sched.nres; i++) av[pick][i] -= pg->total[b][i];
   }
 decided:
   if (ok) {
@@ -107,7 +107,7 @@ decided:
       if (repair && pg->where[b] != TD__NOWHERE) continue;
       pg->where[b] = idx[at[b]];
       double *pool = td__node_pool(n, pg->where[b]);
-      for (int i = 0; i < n->nres; i++) pool[i] -= pg->total[b][i];
+      for (int i = 0; i < n->sched.nres; i++) pool[i] -= pg->total[b][i];
     }
     pg->created = 1;
     td__pg_adopt(n, pg);
@@ -137,9 +137,9 @@ static void td__persist_pg(td_node_t *n, const td_pg_t *pg) {
     size_t at = b.len;
     uint32_t k = 0;
     td_buf_u32(&b, 0);
-    for (int r = 0; r < n->nres; r++) {
+    for (int r = 0; r < n->sched.nres; r++) {
       if (pg->total[i][r] <= 0) continue;
-      td_buf_str(&b, n->resname[r], strlen(n->resname[r]));
+      td_buf_str(&b, n->sched.resname[r], strlen(n->sched.resname[r]));
       td_buf_f64(&b, pg->total[i][r]);
       k++;
     }
@@ -163,12 +163,12 @@ static td_pg_t *td__pg_new(td_node_t *n, uint64_t id, int nb, const double (*bun
   memcpy(pg->avail, bundles, (size_t)nb * sizeof(*pg->avail));
   snprintf(pg->name, sizeof(pg->name), "%s", name ? name : "");
   pg->detached = (uint8_t)(detached != 0);
-  pg->owner = !detached && n->rpc_wk && n->rpc_wk->kind == WK_CLIENT ? n->rpc_wk->id : 0;
+  pg->owner = !detached && n->procs.rpc_wk && n->procs.rpc_wk->kind == WK_CLIENT ? n->procs.rpc_wk->id : 0;
   pg->ready_id = td_node_new_id(n);
   td_obj_t *o = td__obj_new(n, pg->ready_id);
   o->refs = 1;
-  pg->next = n->pgs;
-  n->pgs = pg;
+  pg->next = n->pgs.list;
+  n->pgs.list = pg;
   return pg;
 }
 
@@ -221,7 +221,7 @@ void td__restore_pg(void *ud, const char *key, const void *val, size_t len) {
   nm[nl] = 0;
   uint64_t id = strtoull(key, NULL, 16);
   /* The node's own ids go on past it (the worker ids' store does not cover them). */
-  if (td_id_node(id) == td_id_node(n->next_seq) && id > n->next_seq) n->next_seq = id;
+  if (td_id_node(id) == td_id_node(n->objs.next_seq) && id > n->objs.next_seq) n->objs.next_seq = id;
   td_pg_t *pg = td__pg_new(n, id, (int)nb, (const double (*)[TD_NRES_MAX])b, strategy, nm, 1);
   pg->holds_ready = 1;
   pg->hint = td_xcalloc(nb, sizeof(uint32_t));
@@ -230,17 +230,17 @@ void td__restore_pg(void *ud, const char *key, const void *val, size_t len) {
 }
 
 int td_node_pg_remove(td_node_t *n, uint64_t pg_id) {
-  td_pg_t **pp = &n->pgs, *pg;
+  td_pg_t **pp = &n->pgs.list, *pg;
   while ((pg = *pp) && pg->id != pg_id) pp = &pg->next;
   if (!pg) return TD_ENOTFOUND;
   if (pg->created)
     for (int b = 0; b < pg->nb; b++) {
       double *pool = td__node_pool(n, pg->where[b]);  /* NULL: that node died */
-      for (int i = 0; pool && i < n->nres; i++) pool[i] += pg->total[b][i];
+      for (int i = 0; pool && i < n->sched.nres; i++) pool[i] += pg->total[b][i];
     }
   /* Work still running in it keeps its worker; its lease returns nowhere. */
-  for (int i = 0; i < n->nwks; i++)
-    if (n->wks[i]->lease_pg == pg_id) n->wks[i]->lease_pg = UINT64_MAX;
+  for (int i = 0; i < n->procs.n; i++)
+    if (n->procs.list[i]->lease_pg == pg_id) n->procs.list[i]->lease_pg = UINT64_MAX;
   td_obj_t *o = td__obj(n, pg->ready_id);
   if (o && o->state == OBJ_PENDING) {
     td__errblob(&n->tmp, "TaskCancelledError", "the placement group was removed");
@@ -261,11 +261,11 @@ int td_node_pg_remove(td_node_t *n, uint64_t pg_id) {
   free(pg->hint);
   free(pg);
   /* Work queued for the group can never run now. */
-  td_task_t *t = n->queue.head;
+  td_task_t *t = n->sched.queue.head;
   while (t) {
     td_task_t *next = t->next;
     if (t->spec.pg_id == pg_id) {
-      tq_del(&n->queue, t);
+      tq_del(&n->sched.queue, t);
       if (t->spec.kind == TD_K_ACTOR_NEW) {
         t->state = T_DONE;
         td__actor_die(n, t->actor, "its placement group was removed");
@@ -277,15 +277,15 @@ int td_node_pg_remove(td_node_t *n, uint64_t pg_id) {
   }
   /* What runs in it ends, as in Ray: its actors are killed, its running
    * tasks cancelled. */
-  size_t it = 0, k = 0, cap = n->actors.len + n->tasks.len;
+  size_t it = 0, k = 0, cap = n->actors.map.len + n->tasks.map.len;
   uint64_t *ids = td_xmalloc(cap * 8 + 8);
   td_actor_t *a;
-  while (td_map_next(&n->actors, &it, NULL, (void **)&a))
+  while (td_map_next(&n->actors.map, &it, NULL, (void **)&a))
     if (a->state != A_DEAD && a->create && a->create->spec.pg_id == pg_id) ids[k++] = a->id;
   for (size_t i = 0; i < k; i++) td__kill_actor(n, ids[i], 1, "killed: its placement group was removed");
   k = 0;
   it = 0;
-  while (td_map_next(&n->tasks, &it, NULL, (void **)&t))
+  while (td_map_next(&n->tasks.map, &it, NULL, (void **)&t))
     if (t->state == T_SENT && t->spec.kind == TD_K_TASK && t->spec.pg_id == pg_id) ids[k++] = t->spec.rets[0];
   for (size_t i = 0; i < k; i++) td_node_cancel(n, ids[i], 1);
   free(ids);
@@ -295,7 +295,7 @@ int td_node_pg_remove(td_node_t *n, uint64_t pg_id) {
 
 int td_node_pg_find(td_node_t *n, const char *name, uint64_t *pg_id, uint64_t *ready_id,
                     int *strategy, int *nb, const double (**bundles)[TD_NRES_MAX]) {
-  td_pg_t *pg = n->pgs;
+  td_pg_t *pg = n->pgs.list;
   while (pg && (!name[0] || strcmp(pg->name, name))) pg = pg->next;
   if (!pg) return TD_ENOTFOUND;
   *pg_id = pg->id;
@@ -311,7 +311,7 @@ int td_node_pg_find(td_node_t *n, const char *name, uint64_t *pg_id, uint64_t *r
  * (as Ray reschedules them): the other bundles give their share back and
  * the next pass reserves all of them anew. Work in them waits meanwhile. */
 void td__pgs_node_lost(td_node_t *n, uint32_t index) {
-  for (td_pg_t *pg = n->pgs; pg; pg = pg->next) {
+  for (td_pg_t *pg = n->pgs.list; pg; pg = pg->next) {
     if (!pg->created || pg->removed || !pg->where) continue;
     int lost = 0;
     for (int b = 0; b < pg->nb; b++) {
@@ -329,7 +329,7 @@ void td__pgs_node_lost(td_node_t *n, uint32_t index) {
 
 /* The restored creation of a detached actor still waiting to be placed. */
 static td_task_t *td__adoptable(td_node_t *n, uint64_t aid) {
-  td_actor_t *a = td_map_get(&n->actors, aid);
+  td_actor_t *a = td_map_get(&n->actors.map, aid);
   td_task_t *t = a ? a->create : NULL;
   return t && a->state == A_PENDING && t->state == T_QUEUED && t->restored ? t : NULL;
 }
@@ -388,7 +388,7 @@ void td__pg_adopt(td_node_t *n, td_pg_t *pg) {
 void td__adopt_at(td_node_t *n, td_wk_t *wk, td_task_t *t, uint32_t attempt) {
   td_actor_t *a = t->actor;
   uint64_t aid = a->id;
-  tq_del(&n->queue, t);
+  tq_del(&n->sched.queue, t);
   a->host = wk;
   wk->nactors++;
   a->state = A_ALIVE;

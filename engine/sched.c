@@ -9,23 +9,23 @@
 #include "node_int.h"
 
 int td_node_res_index(td_node_t *n, const char *name) {
-  for (int i = 0; i < n->nres; i++)
-    if (!strcmp(n->resname[i], name)) return i;
-  if (n->nres == TD_NRES_MAX || strlen(name) >= 32) return -1;
-  snprintf(n->resname[n->nres], 32, "%s", name);
-  n->total[n->nres] = n->avail[n->nres] = 0;
-  return n->nres++;
+  for (int i = 0; i < n->sched.nres; i++)
+    if (!strcmp(n->sched.resname[i], name)) return i;
+  if (n->sched.nres == TD_NRES_MAX || strlen(name) >= 32) return -1;
+  snprintf(n->sched.resname[n->sched.nres], 32, "%s", name);
+  n->sched.total[n->sched.nres] = n->sched.avail[n->sched.nres] = 0;
+  return n->sched.nres++;
 }
 
-int td_node_res_count(td_node_t *n) { return n->nres; }
+int td_node_res_count(td_node_t *n) { return n->sched.nres; }
 
-const char *td_node_res_name(td_node_t *n, int i) { return n->resname[i]; }
+const char *td_node_res_name(td_node_t *n, int i) { return n->sched.resname[i]; }
 
 /* Cluster-wide: this node and every node joined to it. */
 static double td__res_sum(td_node_t *n, int i, int avail) {
-  double v = avail ? n->avail[i] : n->total[i];
-  for (int k = 0; k < n->nwks; k++) {
-    td_wk_t *w = n->wks[k];
+  double v = avail ? n->sched.avail[i] : n->sched.total[i];
+  for (int k = 0; k < n->procs.n; k++) {
+    td_wk_t *w = n->procs.list[k];
     if (w->kind == WK_NODE && w->joined && !w->dead) v += avail ? w->navail[i] : w->ntotal[i];
   }
   return v;
@@ -40,17 +40,24 @@ static int td__gpus_take(td_node_t *n, double amount, int *ids) {
   if (amount <= 0) return 0;
   int k = 0;
   if (amount < 1) {
-    for (int g = 0; g < n->ngpus; g++)
-      if (n->gpu_free[g] + 1e-9 >= amount) { n->gpu_free[g] -= amount; ids[0] = g; return 1; }
+    for (int g = 0; g < n->sched.ngpus; g++)
+      if (n->sched.gpu_free[g] + 1e-9 >= amount) {
+        n->sched.gpu_free[g] -= amount;
+        ids[0] = g;
+        return 1;
+      }
     return 0;
   }
-  for (int g = 0; g < n->ngpus && k < (int)amount && k < 16; g++)
-    if (n->gpu_free[g] >= 1 - 1e-9) { n->gpu_free[g] = 0; ids[k++] = g; }
+  for (int g = 0; g < n->sched.ngpus && k < (int)amount && k < 16; g++)
+    if (n->sched.gpu_free[g] >= 1 - 1e-9) {
+      n->sched.gpu_free[g] = 0;
+      ids[k++] = g;
+    }
   return k;
 }
 
 void td__gpus_give(td_node_t *n, double amount, const int *ids, int k) {
-  for (int i = 0; i < k; i++) n->gpu_free[ids[i]] += amount < 1 ? amount : 1;
+  for (int i = 0; i < k; i++) n->sched.gpu_free[ids[i]] += amount < 1 ? amount : 1;
 }
 
 double td__task_gpus(const td_task_t *t) {
@@ -71,7 +78,7 @@ static int td__place(td_node_t *n, td_task_t *t, int bundle, int local_fits, td_
   if (t->spec.pg_id) {
     /* Where its bundle is; local_fits says whether the bundle has room. */
     td_pg_t *pg = td__pg(n, t->spec.pg_id);
-    if (!pg || !pg->where || bundle < 0 || bundle >= pg->nb || pg->where[bundle] == n->index) return 0;
+    if (!pg || !pg->where || bundle < 0 || bundle >= pg->nb || pg->where[bundle] == n->links.index) return 0;
     if (pg->where[bundle] == TD__NOWHERE) return 2;  /* being placed again */
     td_wk_t *w = td__link(n, pg->where[bundle]);
     if (!w) {
@@ -86,7 +93,7 @@ static int td__place(td_node_t *n, td_task_t *t, int bundle, int local_fits, td_
   }
   td_wk_t *w = NULL;
   if (st == TD_ST_NODE || st == TD_ST_NODE_SOFT) {
-    if (t->spec.node == n->index) {
+    if (t->spec.node == n->links.index) {
       if (local_fits || st == TD_ST_NODE) return 0;
     } else if ((w = td__link(n, t->spec.node)) != NULL) {
       if (!td__fits(w->ntotal, t) && st == TD_ST_NODE_SOFT) w = NULL;  /* never fits there */
@@ -94,7 +101,7 @@ static int td__place(td_node_t *n, td_task_t *t, int bundle, int local_fits, td_
       snprintf(why, whylen, "no alive node node-%u for a hard node affinity", t->spec.node);
       return 3;
     }
-  } else if (st == TD_ST_SPREAD && n->nlinks) {
+  } else if (st == TD_ST_SPREAD && n->links.nlinks) {
     /* Round robin over the nodes, this one as number 0, from the one after
      * the node chosen last: the first with room for it now; when none has
      * room, the next that can ever run it takes its turn, and the task
@@ -104,7 +111,7 @@ static int td__place(td_node_t *n, td_task_t *t, int bundle, int local_fits, td_
      * again on every pass while those that drew a node were queued there
      * at once, so 8 tasks on two nodes went 1 and 7). */
     if (t->spread_to) {
-      if (t->spread_to - 1 == n->index) return 0;
+      if (t->spread_to - 1 == n->links.index) return 0;
       if ((w = td__link(n, t->spread_to - 1)) != NULL && td__fits(w->ntotal, t)) {
         *hold = td__fits(w->navail, t);
         *out = w;
@@ -112,21 +119,21 @@ static int td__place(td_node_t *n, td_task_t *t, int bundle, int local_fits, td_
       }
       t->spread_to = 0;  /* its node died: choose again */
     }
-    int k = n->nlinks + 1;
+    int k = n->links.nlinks + 1;
     td_wk_t *links[k];
     memset(links, 0, sizeof(links));
-    for (int i = 0, seen = 1; i < n->nwks && seen < k; i++) {
-      td_wk_t *x = n->wks[i];
+    for (int i = 0, seen = 1; i < n->procs.n && seen < k; i++) {
+      td_wk_t *x = n->procs.list[i];
       if (x->kind == WK_NODE && x->joined && !x->dead) links[seen++] = x;
     }
     for (int pass = 0; pass < 2; pass++) {  /* room now; then room ever */
       for (int j = 0; j < k; j++) {
-        int c = (int)((n->spread + (uint32_t)j) % (uint32_t)k);
-        int fits = c == 0 ? (pass ? td__fits(n->total, t) : local_fits)
+        int c = (int)((n->sched.spread + (uint32_t)j) % (uint32_t)k);
+        int fits = c == 0 ? (pass ? td__fits(n->sched.total, t) : local_fits)
                           : links[c] && td__fits(pass ? links[c]->ntotal : links[c]->navail, t);
         if (!fits) continue;
-        n->spread = (uint32_t)c + 1;
-        if (pass) t->spread_to = 1 + (c == 0 ? n->index : links[c]->node_index);
+        n->sched.spread = (uint32_t)c + 1;
+        if (pass) t->spread_to = 1 + (c == 0 ? n->links.index : links[c]->node_index);
         if (c == 0) return 0;
         *hold = !pass;
         *out = links[c];
@@ -144,20 +151,20 @@ static int td__place(td_node_t *n, td_task_t *t, int bundle, int local_fits, td_
     *out = w;  /* where its large arguments are, and it fits now */
     return 1;
   }
-  if (local_fits || !n->nlinks) return 0;
+  if (local_fits || !n->links.nlinks) return 0;
   /* Spill to the node with the most free CPU where it fits now. */
-  for (int i = 0; i < n->nwks; i++) {
-    td_wk_t *x = n->wks[i];
+  for (int i = 0; i < n->procs.n; i++) {
+    td_wk_t *x = n->procs.list[i];
     if (x->kind != WK_NODE || !x->joined || x->dead || !td__fits(x->navail, t)) continue;
     if (!w || x->navail[TD_RES_CPU] > w->navail[TD_RES_CPU]) w = x;
   }
-  if (!w && t->spec.kind == TD_K_TASK && !td__fits(n->total, t)) {
+  if (!w && t->spec.kind == TD_K_TASK && !td__fits(n->sched.total, t)) {
     /* Nowhere free, and this node can never run it: a task known to be
      * short queues at the least busy node that can, as local tasks
      * pipeline behind a leased worker. */
-    td_fnstat_t *fs = td_map_get(&n->fnstats, t->spec.fn_id);
-    for (int i = 0; fs && fs->avg < TD_SHORT_TASK && i < n->nwks; i++) {
-      td_wk_t *x = n->wks[i];
+    td_fnstat_t *fs = td_map_get(&n->sched.fnstats, t->spec.fn_id);
+    for (int i = 0; fs && fs->avg < TD_SHORT_TASK && i < n->procs.n; i++) {
+      td_wk_t *x = n->procs.list[i];
       if (x->kind != WK_NODE || !x->joined || x->dead || !td__fits(x->ntotal, t)) continue;
       double cap = TD_PIPELINE * (x->ntotal[TD_RES_CPU] > 1 ? x->ntotal[TD_RES_CPU] : 1);
       if (x->inflight.len < cap && (!w || x->inflight.len < w->inflight.len)) w = x;
@@ -172,8 +179,8 @@ static int td__task_workers(td_node_t *n, int *idle_out, td_wk_t **idle) {
   int count = 0, blocked = 0;
   *idle = NULL;
   *idle_out = 0;
-  for (int i = 0; i < n->nwks; i++) {
-    td_wk_t *w = n->wks[i];
+  for (int i = 0; i < n->procs.n; i++) {
+    td_wk_t *w = n->procs.list[i];
     if (w->dead || w->kind != WK_TASK) continue;
     count++;
     if (w->blocked) blocked++;
@@ -212,7 +219,7 @@ enum { SCHED_PLACED, SCHED_MISSED, SCHED_PASSED };
 /* Placed by td__place on a link (where 1), or infeasible (where 3). */
 static void td__sched_placed(td_node_t *n, td_task_t *t, int where, double *pool, int bundle, td_wk_t *to,
                              int hold, const char *why) {
-  tq_del(&n->queue, t);
+  tq_del(&n->sched.queue, t);
   if (where == 3 && t->spec.kind == TD_K_TASK) {
     td__task_fail(n, t, "TaskError", why);
   } else if (where == 3) {
@@ -254,7 +261,7 @@ static int td__sched_actor(td_node_t *n, td_task_t *t, double *pool, int bundle)
     a->pg_share = 0;
     return SCHED_MISSED;
   }
-  tq_del(&n->queue, t);
+  tq_del(&n->sched.queue, t);
   td__actor_start(n, a, host);
   return SCHED_PASSED;
 }
@@ -267,14 +274,14 @@ static int td__sched_task(td_node_t *n, td_task_t *t, double *pool, int bundle) 
   td_wk_t *idle;
   int active = td__task_workers(n, &nidle, &idle);
   if (pool && td__fits(pool, t)) {
-    int cap = (int)(n->total[TD_RES_CPU] > 1 ? n->total[TD_RES_CPU] : 1);
+    int cap = (int)(n->sched.total[TD_RES_CPU] > 1 ? n->sched.total[TD_RES_CPU] : 1);
     if (!idle && active < 4 * cap + 8) idle = td__spawn(n, WK_TASK, NULL, 0);
     if (idle) {
       int gpus[16];
       double g = td__task_gpus(t);
       int k = td__gpus_take(n, g, gpus);
       if (!(g > 0 && !k)) {
-        tq_del(&n->queue, t);
+        tq_del(&n->sched.queue, t);
         td__take(pool, t, 1);
         idle->leased = 1;
         memset(idle->lease, 0, sizeof(idle->lease));
@@ -289,14 +296,14 @@ static int td__sched_task(td_node_t *n, td_task_t *t, double *pool, int bundle) 
     }
   }
   td_wk_t *best = NULL;
-  for (int i = 0; i < n->nwks; i++) {
-    td_wk_t *w = n->wks[i];
+  for (int i = 0; i < n->procs.n; i++) {
+    td_wk_t *w = n->procs.list[i];
     if (w->dead || w->kind != WK_TASK || !w->leased || w->blocked) continue;
     if (w->inflight.len >= TD_PIPELINE || w->nslow || !td__same_shape(w, t, bundle)) continue;
     if (!best || w->inflight.len < best->inflight.len) best = w;
   }
   if (!best) return SCHED_MISSED;
-  tq_del(&n->queue, t);
+  tq_del(&n->sched.queue, t);
   td__send_task(n, best, t);
   return SCHED_PLACED;
 }
@@ -307,10 +314,10 @@ static int td__sched_one(td_node_t *n, td_task_t *t) {
   td_wk_t *to;
   int hold;
   char why[200];
-  if (t->restored && td_now() < n->adopt_until) return SCHED_MISSED;
+  if (t->restored && td_now() < n->actors.adopt_until) return SCHED_MISSED;
   if (t->restored && td__restored_gone(n, t)) return SCHED_PASSED;
   if (t->has_away && td__away_wait(n, t, 0)) { /* an argument is being made again */
-    tq_del(&n->queue, t);
+    tq_del(&n->sched.queue, t);
     t->state = T_WAITDEPS;
     return SCHED_PASSED;
   }
@@ -321,7 +328,7 @@ static int td__sched_one(td_node_t *n, td_task_t *t) {
   }
   if (where == 2) return SCHED_MISSED;
   if (t->has_away && td__away_wait(n, t, 1)) { /* to run here: its arguments come here first */
-    tq_del(&n->queue, t);
+    tq_del(&n->sched.queue, t);
     t->state = T_WAITDEPS;
     return SCHED_PASSED;
   }
@@ -332,9 +339,9 @@ static int td__sched_one(td_node_t *n, td_task_t *t) {
 /* One pass over the queue, oldest first: each task is placed on a link,
  * failed, started here, or left for a later pass. */
 void td__sched(td_node_t *n) {
-  for (td_pg_t *pg = n->pgs; pg; pg = pg->next) td__try_pg(n, pg);
+  for (td_pg_t *pg = n->pgs.list; pg; pg = pg->next) td__try_pg(n, pg);
   int misses = 0;
-  for (td_task_t *t = n->queue.head, *next; t && misses < 256; t = next) {
+  for (td_task_t *t = n->sched.queue.head, *next; t && misses < 256; t = next) {
     next = t->next;
     int r = td__sched_one(n, t);
     if (r == SCHED_PLACED) misses = 0;

@@ -57,7 +57,7 @@ int td__put_value(td_node_t *n, td_buf_t *b, uint64_t id, int pin, int remote) {
     td_buf_u8(b, TD_V_INLINE);
     td_buf_u32(b, (uint32_t)o->len);
     td_buf_reserve(b, o->len);
-    if (td_spill_read(n->spill, o->off, b->p + b->len, o->len) == 0) {
+    if (td_spill_read(n->objs.spill, o->off, b->p + b->len, o->len) == 0) {
       b->len += o->len;
       return 0;
     }
@@ -77,7 +77,7 @@ int td__put_value(td_node_t *n, td_buf_t *b, uint64_t id, int pin, int remote) {
   } else if (o->loc == LOC_SHM && remote) {
     /* A remote client cannot map the store: the bytes travel inline. */
     td_buf_u8(b, TD_V_INLINE);
-    td_buf_str(b, td_store_base(n->store) + o->off, o->len);
+    td_buf_str(b, td_store_base(n->objs.store) + o->off, o->len);
   } else if (o->loc == LOC_SHM) {
     td_buf_u8(b, TD_V_SHM);
     td_buf_u64(b, o->off);
@@ -103,7 +103,7 @@ void td__send_fn(td_node_t *n, td_wk_t *wk, uint64_t fn_id) {
     td_buf_u8(&wk->ch.out, 0);
     return;
   }
-  td_fnblob_t *fb = td_map_get(&n->fns, fn_id);
+  td_fnblob_t *fb = td_map_get(&n->tasks.fns, fn_id);
   if (!fb) { td_buf_u8(&wk->ch.out, 0); return; }
   td_map_set(&wk->fns_sent, fn_id, (void *)1);
   td_buf_u8(&wk->ch.out, 1);
@@ -171,12 +171,12 @@ void td__send_task(td_node_t *n, td_wk_t *wk, td_task_t *t) {
 }
 
 static void td__task_free(td_node_t *n, td_task_t *t) {
-  td_map_del(&n->tasks, t->id);
+  td_map_del(&n->tasks.map, t->id);
   for (uint32_t i = 0; i < t->spec.ndeps; i++) td_node_decref(n, t->spec.deps[i]);
   for (uint32_t i = 0; i < t->spec.nrefs; i++) td_node_decref(n, t->spec.refs[i]);
-  if (t->pooled && n->ntask_pool < TD_POOL_MAX) {
-    if (!n->task_pool) n->task_pool = td_xmalloc(TD_POOL_MAX * sizeof(void *));
-    n->task_pool[n->ntask_pool++] = t;
+  if (t->pooled && n->tasks.npool < TD_POOL_MAX) {
+    if (!n->tasks.pool) n->tasks.pool = td_xmalloc(TD_POOL_MAX * sizeof(void *));
+    n->tasks.pool[n->tasks.npool++] = t;
   } else {
     free(t);  /* with its arrays and arguments */
   }
@@ -186,13 +186,13 @@ static void td__task_free(td_node_t *n, td_task_t *t) {
 void td__lease_done(td_node_t *n, td_wk_t *wk) {
   if (wk->kind != WK_TASK || wk->inflight.len || !wk->leased) return;
   if (!wk->blocked) {
-    double *pool = n->avail;
+    double *pool = n->sched.avail;
     if (wk->lease_pg) {
       td_pg_t *pg = td__pg(n, wk->lease_pg);
       pool = pg && !pg->removed && wk->lease_bundle >= 0 ? pg->avail[wk->lease_bundle] : NULL;
     }
     if (pool)
-      for (int i = 0; i < n->nres; i++) pool[i] += wk->lease[i];
+      for (int i = 0; i < n->sched.nres; i++) pool[i] += wk->lease[i];
     td__gpus_give(n, wk->lease[TD_RES_GPU], wk->gpus, wk->ngpus);
   }
   wk->ngpus = 0;
@@ -204,7 +204,7 @@ void td__lease_done(td_node_t *n, td_wk_t *wk) {
 /* Ends a task: every return gets `blob` as an error (when given). */
 void td__task_finish(td_node_t *n, td_task_t *t) {
   t->state = T_DONE;
-  n->ndone++;
+  n->tasks.ndone++;
   td__obs_finished++;
   td__unpin_deps(n, t);
   uint32_t nr = t->spec.nret < 0 ? 1 : (uint32_t)t->spec.nret;
@@ -272,8 +272,8 @@ void td__wake_waiters(td_node_t *n, td_obj_t *o, int away) {
     } else if (t->state == T_WAITDEPS) {
       if (t->spec.kind == TD_K_TASK && td__deps_failed(n, t)) { td__task_finish(n, t); continue; }
       t->state = T_QUEUED;
-      tq_push(&n->queue, t);
-      if (t->unplaced) n->nunplaced++;
+      tq_push(&n->sched.queue, t);
+      if (t->unplaced) n->links.nunplaced++;
     }
   }
   free(ws);
@@ -282,7 +282,7 @@ void td__wake_waiters(td_node_t *n, td_obj_t *o, int away) {
 /* Frees o when nothing holds it any more: the caller must not touch o
  * after this unless it holds a ref of its own. */
 void td__obj_wake(td_node_t *n, td_obj_t *o) {
-  n->dirty = 1;
+  n->objs.dirty = 1;
   if (o->fwd) td__fwd_note(n, o->id);
   /* A waiter woken here may end at once (an argument failed) and drop its
    * ref to o: o stays until the wake is over. */
@@ -325,7 +325,7 @@ static td_task_t *td__task_new(td_node_t *n, const td_spec_t *s) {
   size_t ids = ((size_t)nr + s->ndeps + s->nrefs) * 8;
   size_t tail_len = ids + s->args_len + 1;
   int pooled = tail_len <= TD_TASK_TAIL;
-  td_task_t *t = pooled && n->ntask_pool ? n->task_pool[--n->ntask_pool]
+  td_task_t *t = pooled && n->tasks.npool ? n->tasks.pool[--n->tasks.npool]
                                           : td_xmalloc(sizeof(*t) + (pooled ? TD_TASK_TAIL : tail_len));
   uint64_t *tail = (uint64_t *)(t + 1);
   size_t spec_at = offsetof(td_task_t, spec), spec_end = spec_at + sizeof(td_spec_t);
@@ -336,10 +336,10 @@ static td_task_t *td__task_new(td_node_t *n, const td_spec_t *s) {
   t->spec.env_len = s->env_len;
   td__env_pkg(&t->spec);
   t->spec.nres = 0;
-  t->id = ++n->next_task;
+  t->id = ++n->tasks.next;
   t->pooled = (uint8_t)pooled;
-  t->owner = n->submitter;
-  t->owner_task = n->submitter_task;
+  t->owner = n->tasks.submitter;
+  t->owner_task = n->tasks.submitter_task;
   t->spec.rets = tail;
   memcpy(t->spec.rets, s->rets, nr * 8);
   t->spec.deps = tail + nr;
@@ -351,7 +351,7 @@ static td_task_t *td__task_new(td_node_t *n, const td_spec_t *s) {
   t->spec.args = args;
   t->retries_left = s->max_retries;
   if (n->tl) t->submit_at = td_now();
-  td_map_set(&n->tasks, t->id, t);
+  td_map_set(&n->tasks.map, t->id, t);
   return t;
 }
 
@@ -375,7 +375,7 @@ void td__task_infeasible(td_node_t *n, td_task_t *t, char *why, size_t len) {
           if ((s->bundle < 0 || b == s->bundle) && pg->total[b][r] > most) most = pg->total[b][r];
         if (t->res_amt[i] > most + 1e-9)
           snprintf(why, len, "infeasible: it requires %s = %g but its placement group bundle has %g",
-                   n->resname[r], t->res_amt[i], most);
+                   n->sched.resname[r], t->res_amt[i], most);
       }
     }
     return;
@@ -384,18 +384,18 @@ void td__task_infeasible(td_node_t *n, td_task_t *t, char *why, size_t len) {
     int r = t->res_idx[i];
     double most = td__cluster_max(n, r);
     if (t->res_amt[i] > most + 1e-9)
-      snprintf(why, len, "infeasible: it requires %s = %g but %s %s = %g", n->resname[r], t->res_amt[i],
-               n->nlinks ? "the most any node has is" : "this node has", n->resname[r], most);
+      snprintf(why, len, "infeasible: it requires %s = %g but %s %s = %g", n->sched.resname[r], t->res_amt[i],
+               n->links.nlinks ? "the most any node has is" : "this node has", n->sched.resname[r], most);
   }
 }
 
 /* Settled (no node left or rejoined of late): tasks queued while their
  * demand exceeded every node now run, or fail as infeasible. */
 void td__unplaced_check(td_node_t *n, double now) {
-  if (!n->nunplaced || now < n->settle_until) return;
-  n->nunplaced = 0;
+  if (!n->links.nunplaced || now < n->links.settle_until) return;
+  n->links.nunplaced = 0;
   char why[400];
-  for (td_task_t *t = n->queue.head, *next; t; t = next) {
+  for (td_task_t *t = n->sched.queue.head, *next; t; t = next) {
     next = t->next;
     if (!t->unplaced) continue;
     t->unplaced = 0;
@@ -403,7 +403,7 @@ void td__unplaced_check(td_node_t *n, double now) {
     if (!why[0]) continue;
     size_t l = strlen(why);
     snprintf(why + l, sizeof(why) - l, " (no node that has it came back in time)");
-    tq_del(&n->queue, t);
+    tq_del(&n->sched.queue, t);
     if (t->spec.kind == TD_K_TASK) {
       td__task_fail(n, t, "TaskError", why);
     } else {
@@ -418,7 +418,7 @@ int td_node_submit(td_node_t *n, const td_spec_t *s, const char **msg) {
   *msg = NULL;
   td_actor_t *a = NULL;
   if (s->kind == TD_K_ACTOR_CALL) {
-    a = td_map_get(&n->actors, s->actor_id);
+    a = td_map_get(&n->actors.map, s->actor_id);
     if (!a) { *msg = "unknown actor"; return TD_EINVAL; }
   }
   td_task_t *t = td__task_new(n, s);
@@ -443,7 +443,7 @@ int td_node_submit(td_node_t *n, const td_spec_t *s, const char **msg) {
     o->producer = t;
     if (s->nret < 0) o->is_stream = 1;
   }
-  if (n->head && !n->from_head) td__lineage_keep(n, s);
+  if (n->links.head && !n->lineage.from_head) td__lineage_keep(n, s);
   for (uint32_t i = 0; i < s->ndeps; i++) td_node_incref(n, s->deps[i]);
   for (uint32_t i = 0; i < s->nrefs; i++) td_node_incref(n, s->refs[i]);
   for (uint32_t i = 0; i < s->ndeps; i++) {
@@ -473,9 +473,9 @@ int td_node_submit(td_node_t *n, const td_spec_t *s, const char **msg) {
    * that restarted, a node that just left): then it waits for them. */
   char why[400] = "";
   if (s->kind != TD_K_ACTOR_CALL) td__task_infeasible(n, t, why, sizeof(why));
-  int wait = why[0] && !s->pg_id && n->settle_until > td_now() && td__fits(n->settle_max, t);
+  int wait = why[0] && !s->pg_id && n->links.settle_until > td_now() && td__fits(n->links.settle_max, t);
   if (wait) why[0] = 0, t->unplaced = 1;
-  if (why[0] && n->restoring) why[0] = 0;  /* its nodes have not rejoined yet */
+  if (why[0] && n->actors.restoring) why[0] = 0; /* its nodes have not rejoined yet */
   if (why[0] && s->kind == TD_K_TASK) {
     td__task_fail(n, t, "TaskError", why);
     return 0;
@@ -488,7 +488,7 @@ int td_node_submit(td_node_t *n, const td_spec_t *s, const char **msg) {
     a->state = A_PENDING;
     a->restarts_left = s->max_restarts;
     t->actor = a;
-    td_map_set(&n->actors, a->id, a);
+    td_map_set(&n->actors.map, a->id, a);
     if (why[0]) {
       td__actor_die(n, a, why);
       return 0;
@@ -503,25 +503,26 @@ int td_node_submit(td_node_t *n, const td_spec_t *s, const char **msg) {
     return 0;
   }
   t->state = T_QUEUED;
-  tq_push(&n->queue, t);
-  if (t->unplaced) n->nunplaced++;
+  tq_push(&n->sched.queue, t);
+  if (t->unplaced) n->links.nunplaced++;
   /* Only a task at the head can start now; others wait their turn (the
    * next pump schedules the rest), so submitting stays O(1). */
-  if (n->queue.len == 1 && !n->restoring) td__sched(n);  /* restored: marked first (td__restore_actor) */
+  if (n->sched.queue.len == 1 && !n->actors.restoring)
+    td__sched(n); /* restored: marked first (td__restore_actor) */
   return 0;
 }
 
 void td_node_register_fn(td_node_t *n, uint64_t id, const uint8_t *blob, size_t len) {
-  if (td_map_get(&n->fns, id)) return;
+  if (td_map_get(&n->tasks.fns, id)) return;
   td_fnblob_t *fb = td_xmalloc(sizeof(*fb) + len);
   fb->len = len;
   memcpy(fb->data, blob, len);
-  td_map_set(&n->fns, id, fb);
-  if (n->nfn_order == n->capfn_order) {
-    n->capfn_order = n->capfn_order ? n->capfn_order * 2 : 64;
-    n->fn_order = td_xrealloc(n->fn_order, n->capfn_order * 8);
+  td_map_set(&n->tasks.fns, id, fb);
+  if (n->tasks.nfn_order == n->tasks.capfn_order) {
+    n->tasks.capfn_order = n->tasks.capfn_order ? n->tasks.capfn_order * 2 : 64;
+    n->tasks.fn_order = td_xrealloc(n->tasks.fn_order, n->tasks.capfn_order * 8);
   }
-  n->fn_order[n->nfn_order++] = id;
+  n->tasks.fn_order[n->tasks.nfn_order++] = id;
 }
 
 int td_node_cancel(td_node_t *n, uint64_t obj_id, int force) {
@@ -529,7 +530,7 @@ int td_node_cancel(td_node_t *n, uint64_t obj_id, int force) {
   if (!o || !o->producer) return TD_ENOTFOUND;
   td_task_t *t = o->producer;
   if (t->state == T_QUEUED || t->state == T_WAITDEPS) {
-    if (t->state == T_QUEUED) tq_del(&n->queue, t);
+    if (t->state == T_QUEUED) tq_del(&n->sched.queue, t);
     else if (t->actor && t->spec.kind == TD_K_ACTOR_CALL) tq_del(&t->actor->queue, t);
     /* Drop it from the waiter lists of its dependencies. */
     for (uint32_t i = 0; i < t->spec.ndeps; i++) {
@@ -588,7 +589,7 @@ int td__on_submit(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
     for (uint32_t i = 0; i < nh; i++) td__count(wk, &wk->held, s.rets[i], 1);
     uint64_t owner = wk->kind == WK_CLIENT ? wk->id : wk->inflight.head ? wk->inflight.head->owner : 0;
     if (s.kind == TD_K_ACTOR_NEW && !s.detached && owner)
-      td_map_set(&n->fwd_actors, s.actor_id, (void *)(uintptr_t)owner);
+      td_map_set(&n->links.fwd_actors, s.actor_id, (void *)(uintptr_t)owner);
     free(scratch);
     return 0;
   }
@@ -599,12 +600,12 @@ int td__on_submit(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   if (!rc) {
     const char *msg;
     /* Whose work: a client's, or the work of the task this worker runs. */
-    n->submitter = wk->kind == WK_CLIENT ? wk->id : wk->inflight.head ? wk->inflight.head->owner : 0;
-    n->submitter_task = wk->kind == WK_CLIENT || !wk->inflight.head ? 0 : wk->inflight.head->owner_task;
+    n->tasks.submitter = wk->kind == WK_CLIENT ? wk->id : wk->inflight.head ? wk->inflight.head->owner : 0;
+    n->tasks.submitter_task = wk->kind == WK_CLIENT || !wk->inflight.head ? 0 : wk->inflight.head->owner_task;
     int sub = td_node_submit(n, &s, &msg);
-    n->submitter = n->submitter_task = 0;
+    n->tasks.submitter = n->tasks.submitter_task = 0;
     if (sub == 0 && s.kind == TD_K_ACTOR_NEW) {
-      td_actor_t *na = td_map_get(&n->actors, s.actor_id);
+      td_actor_t *na = td_map_get(&n->actors.map, s.actor_id);
       if (na) na->owner = wk->id;
     }
     uint32_t nh = s.nret < 0 ? 1 : (uint32_t)s.nret;
@@ -646,10 +647,10 @@ static void td__task_timed(td_node_t *n, td_wk_t *wk, td_task_t *t, int ok) {
   }
   double dur = now - (t->sent_at > wk->last_done ? t->sent_at : wk->last_done);
   wk->last_done = now;
-  td_fnstat_t *st = td_map_get(&n->fnstats, t->spec.fn_id);
+  td_fnstat_t *st = td_map_get(&n->sched.fnstats, t->spec.fn_id);
   if (!st) {
     st = td_xcalloc(1, sizeof(*st));
-    td_map_set(&n->fnstats, t->spec.fn_id, st);
+    td_map_set(&n->sched.fnstats, t->spec.fn_id, st);
     st->avg = dur;
   } else {
     st->avg = 0.8 * st->avg + 0.2 * dur;
@@ -698,7 +699,7 @@ static int td__on_done_chunked(td_node_t *n, td_wk_t *wk, td_rd_t *rd, td_obj_t 
 int td__on_done(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   uint64_t tid = td_rd_u64(rd);
   uint8_t ok = td_rd_u8(rd);
-  td_task_t *t = td_map_get(&n->tasks, tid);
+  td_task_t *t = td_map_get(&n->tasks.map, tid);
   if (t && t->wk != wk) t = NULL;
   if (ok) {
     uint32_t nv = td_rd_u32(rd);
@@ -731,7 +732,7 @@ int td__on_done(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
       td_obj_t *o = t ? td__obj(n, t->spec.rets[i]) : NULL;
       if (o && !shm && wk->kind == WK_NODE) td__obj_fill(n, o, OBJ_READY, p, len, refs, nrefs);
       else if (o) td__obj_set(n, o, OBJ_READY, shm, p, len, off, refs, nrefs);
-      else if (shm) td_store_free(n->store, off, len);
+      else if (shm) td_store_free(n->objs.store, off, len);
       for (uint32_t k = 0; k < nmade; k++) td_node_decref(n, made[k]);
       free(made);
       free(refs);
@@ -757,7 +758,7 @@ int td__on_done(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
       td__unpin_deps(n, t);
       t->state = T_QUEUED;
       t->wk = NULL;
-      tq_push_front(&n->queue, t);
+      tq_push_front(&n->sched.queue, t);
       td__lease_done(n, wk);
       return 0;
     }
@@ -795,10 +796,10 @@ int td__on_item(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   uint32_t nrefs = td_rd_u32(rd);
   const uint8_t *rp = td_rd_bytes(rd, (size_t)nrefs * 8);
   if (rd->bad || !item) return TD_EPROTO;
-  td_task_t *t = td_map_get(&n->tasks, tid);
+  td_task_t *t = td_map_get(&n->tasks.map, tid);
   td_obj_t *s = t && t->wk == wk && t->spec.nret < 0 ? td__obj(n, t->spec.rets[0]) : NULL;
   if (!s || td__obj(n, item)) {
-    if (shm) td_store_free(n->store, off, len);
+    if (shm) td_store_free(n->objs.store, off, len);
     return 0;
   }
   uint64_t *refs = td_xmalloc((size_t)nrefs * 8 + 8);
@@ -812,7 +813,7 @@ int td__on_item(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
     s->items = td_xrealloc(s->items, s->capitems * 8);
   }
   s->items[s->nitems++] = item;
-  n->dirty = 1;
+  n->objs.dirty = 1;
   if (s->fwd) td__fwd_note(n, s->id);
   return 0;
 }

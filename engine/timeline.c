@@ -104,7 +104,7 @@ static void td__utf8_trim(char *s) {
  * name, or "actor"), name.new for creations, "task" for a nameless task. */
 static void td__tl_fullname(td_node_t *n, const td_tl_event_t *e, char *out, size_t len) {
   if (e->kind == TD_K_ACTOR_CALL) {
-    td_actor_t *a = td_map_get(&n->actors, e->actor);
+    td_actor_t *a = td_map_get(&n->actors.map, e->actor);
     const char *an = a && a->create && a->create->spec.name[0] ? a->create->spec.name : "actor";
     snprintf(out, len, "%.20s.%.23s", an, e->name);
   } else if (e->kind == TD_K_ACTOR_NEW) {
@@ -128,7 +128,7 @@ void td__tl_record(td_node_t *n, const td_task_t *t, const td_wk_t *wk, double b
   e->ref = t->spec.rets ? t->spec.rets[0] : 0;
   e->owner = t->owner;
   e->actor = t->spec.kind == TD_K_TASK ? 0 : t->spec.actor_id;
-  e->node = wk && wk->kind == WK_NODE ? wk->node_index : n->index;
+  e->node = wk && wk->kind == WK_NODE ? wk->node_index : n->links.index;
   e->pid = wk && wk->kind < WK_NODE ? (int32_t)wk->pid : 0;
   e->wk = wk && wk->kind < WK_NODE ? wk->id : 0;
   e->args = t->spec.args_len;

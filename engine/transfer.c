@@ -56,7 +56,7 @@ void td__chunk_more(td_node_t *n, td_obj_t *o, td_wk_t *up) {
 void td__chunk_fail(td_node_t *n, td_obj_t *o, const char *kind, const char *why) {
   td__have(n, o, 0);
   o->away = 0;
-  if (o->chunked) td_store_free(n->store, o->off, o->len);
+  if (o->chunked) td_store_free(n->objs.store, o->off, o->len);
   o->chunked = 0;
   o->pulling = 0;
   o->len = 0;
@@ -77,7 +77,7 @@ void td__chunk_begin(td_node_t *n, td_obj_t *o, uint64_t total, td_wk_t *up) {
     td__chunk_more(n, o, up);
     return;
   }
-  if (o->chunked) td_store_free(n->store, o->off, o->len);  /* not the same value */
+  if (o->chunked) td_store_free(n->objs.store, o->off, o->len); /* not the same value */
   o->chunked = 0;
   if (total == 0 || td__alloc(n, total, &off, o) != 0) {
     char why[160];
@@ -116,7 +116,7 @@ int td__on_chunk(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   if (rd->bad) return TD_EPROTO;
   td_obj_t *o = td__chunk_obj(n, wk, id, off, l);
   if (!o) return 0;
-  memcpy(td_store_base(n->store) + o->off + off, p, l);
+  memcpy(td_store_base(n->objs.store) + o->off + off, p, l);
   td__chunk_landed(n, wk, o, l);
   return 0;
 }
@@ -135,7 +135,7 @@ static td_obj_t *td__sink_obj(td_node_t *n, td_wk_t *wk) {
 static uint8_t *td__sink_dst(td_node_t *n, td_wk_t *wk, size_t *room) {
   td_obj_t *o = td__sink_obj(n, wk);
   *room = wk->sink_left;
-  if (o) return td_store_base(n->store) + o->off + wk->sink_off + (wk->sink_len - wk->sink_left);
+  if (o) return td_store_base(n->objs.store) + o->off + wk->sink_off + (wk->sink_len - wk->sink_left);
   td_buf_reset(&n->tmp);
   td_buf_reserve(&n->tmp, 64 * 1024);
   if (*room > n->tmp.cap) *room = n->tmp.cap;
@@ -165,7 +165,7 @@ int td__sink_take(td_node_t *n, td_wk_t *wk) {
   wk->sink_off = off;
   wk->sink_len = wk->sink_left = l;
   uint32_t k = have - TD__CHUNK_HEAD;
-  if (o) memcpy(td_store_base(n->store) + o->off + off, p + TD__CHUNK_HEAD, k);
+  if (o) memcpy(td_store_base(n->objs.store) + o->off + off, p + TD__CHUNK_HEAD, k);
   wk->sink_left -= k;
   td_chan_take(&wk->ch);
   return 1;
@@ -191,11 +191,11 @@ int td__sink_read(td_node_t *n, td_wk_t *wk) {
 void td__chunk_landed(td_node_t *n, td_wk_t *wk, td_obj_t *o, uint32_t l) {
   o->got += l;
   if (wk->kind == WK_PEER) {
-    n->bytes_from_peers += l;
+    n->xfer.bytes_from_peers += l;
     td__ppull_note(n, o, wk);
   }
   if (o->got < o->len) {
-    if (n->ncwait) td__cwait_serve(n, o->id);  /* other nodes waiting for these bytes */
+    if (n->xfer.ncwait) td__cwait_serve(n, o->id); /* other nodes waiting for these bytes */
     /* The next request leaves now, not when the loop has read all the
      * link holds: the sender never waits on a full pipe for it. */
     td__chunk_more(n, o, wk);
@@ -321,7 +321,7 @@ void td__obj_away(td_node_t *n, td_obj_t *o, td_wk_t *wk, uint64_t total) {
   if (!o->copies) o->copies = td_xcalloc(1, sizeof(td_copies_t));
   td__copy_drop(o->copies, wk->node_index);
   td__copy_add(o->copies, wk->node_index, 0)->done = 1;
-  n->dirty = 1;  /* requests from nodes can be answered now */
+  n->objs.dirty = 1; /* requests from nodes can be answered now */
   td__wake_waiters(n, o, 1);
   if (o->nwaiters) td__pull(n, o);
 }
@@ -369,11 +369,11 @@ td_wk_t *td__away_home(td_node_t *n, td_task_t *t) {
 
 /* Node: tells the head a fetch it directed ended. */
 void td__have_id(td_node_t *n, uint64_t id, int ok) {
-  if (!n->head || n->head->dead) return;
-  td_chan_begin(&n->head->ch, TD_M_HAVE);
-  td_buf_u64(&n->head->ch.out, id);
-  td_buf_u8(&n->head->ch.out, (uint8_t)ok);
-  td_chan_end(&n->head->ch);
+  if (!n->links.head || n->links.head->dead) return;
+  td_chan_begin(&n->links.head->ch, TD_M_HAVE);
+  td_buf_u64(&n->links.head->ch.out, id);
+  td_buf_u8(&n->links.head->ch.out, (uint8_t)ok);
+  td_chan_end(&n->links.head->ch);
 }
 
 void td__have(td_node_t *n, td_obj_t *o, int ok) {
@@ -383,24 +383,25 @@ void td__have(td_node_t *n, td_obj_t *o, int ok) {
 }
 
 static td_wk_t *td__wk_by_id(td_node_t *n, uint64_t id) {
-  for (int i = 0; i < n->nwks; i++)
-    if (n->wks[i]->id == id && !n->wks[i]->dead) return n->wks[i];
+  for (int i = 0; i < n->procs.n; i++)
+    if (n->procs.list[i]->id == id && !n->procs.list[i]->dead) return n->procs.list[i];
   return NULL;
 }
 
 /* Node: the link to node `index` at endpoint ep, opened if need be. */
 td_wk_t *td__peer(td_node_t *n, uint32_t index, const char *ep) {
-  for (int i = 0; i < n->nwks; i++) {
-    td_wk_t *w = n->wks[i];
+  for (int i = 0; i < n->procs.n; i++) {
+    td_wk_t *w = n->procs.list[i];
     if (w->kind == WK_PEER && w->bridge && !w->dead && w->node_index == index &&
         !strncmp(w->name, ep, sizeof(w->name) - 1))
       return w;
   }
-  if (!n->peer_open || !n->peer_port) return NULL;
-  for (uint32_t k = 0; k < n->nshun && k < TD_SHUN_MAX; k++)
-    if (n->shun[k].index == index && n->shun[k].until > td_now()) return NULL;  /* the head serves it */
+  if (!n->xfer.peer_open || !n->xfer.peer_port) return NULL;
+  for (uint32_t k = 0; k < n->xfer.nshun && k < TD_SHUN_MAX; k++)
+    if (n->xfer.shun[k].index == index && n->xfer.shun[k].until > td_now())
+      return NULL; /* the head serves it */
   int fd = -1;
-  void *h = n->peer_open(n->peer_ud, ep, &fd);
+  void *h = n->xfer.peer_open(n->xfer.peer_ud, ep, &fd);
   if (!h) return NULL;
   fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
   td_wk_t *w = td__wk_add(n, td__new_wk_id(n), WK_PEER, fd);
@@ -410,7 +411,7 @@ td_wk_t *td__peer(td_node_t *n, uint32_t index, const char *ep) {
   w->bridge = h;
   snprintf(w->name, sizeof(w->name), "%.63s", ep);
   td_chan_begin(&w->ch, TD_M_PEER);
-  td_buf_u32(&w->ch.out, n->index);
+  td_buf_u32(&w->ch.out, n->links.index);
   td_chan_end(&w->ch);
   td_log("opened a link to node-%u at %s", index, ep);
   return w;
@@ -418,17 +419,17 @@ td_wk_t *td__peer(td_node_t *n, uint32_t index, const char *ep) {
 
 /* Node: notes that a chunk of o came from another node just now. */
 void td__ppull_note(td_node_t *n, td_obj_t *o, td_wk_t *peer) {
-  for (uint32_t i = 0; i < n->nppull; i++)
-    if (n->ppull[i].id == o->id) {
-      n->ppull[i].wk = peer->id;
-      n->ppull[i].at = td_now();
+  for (uint32_t i = 0; i < n->xfer.nppull; i++)
+    if (n->xfer.ppull[i].id == o->id) {
+      n->xfer.ppull[i].wk = peer->id;
+      n->xfer.ppull[i].at = td_now();
       return;
     }
-  if (n->nppull == n->capppull) {
-    n->capppull = n->capppull ? n->capppull * 2 : 8;
-    n->ppull = td_xrealloc(n->ppull, n->capppull * sizeof(td_ppull_t));
+  if (n->xfer.nppull == n->xfer.capppull) {
+    n->xfer.capppull = n->xfer.capppull ? n->xfer.capppull * 2 : 8;
+    n->xfer.ppull = td_xrealloc(n->xfer.ppull, n->xfer.capppull * sizeof(td_ppull_t));
   }
-  n->ppull[n->nppull++] = (td_ppull_t){o->id, peer->id, td_now()};
+  n->xfer.ppull[n->xfer.nppull++] = (td_ppull_t){o->id, peer->id, td_now()};
 }
 
 /* Node: the rest of o comes from the head, not from the node it came from
@@ -436,7 +437,7 @@ void td__ppull_note(td_node_t *n, td_obj_t *o, td_wk_t *peer) {
 void td__peer_fallback(td_node_t *n, td_obj_t *o, const char *why) {
   fprintf(stderr, "tide: object %016llx: %s; fetching the rest from the head\n", (unsigned long long)o->id, why);
   fflush(stderr);
-  if (!n->head || n->head->dead) {
+  if (!n->links.head || n->links.head->dead) {
     td__chunk_fail(n, o, "ObjectLostError", "the node it was fetched from lost it, and the head is gone");
     return;
   }
@@ -453,13 +454,13 @@ void td__peer_fallback(td_node_t *n, td_obj_t *o, const char *why) {
 void td__ppull_check(td_node_t *n, td_wk_t *peer, double now) {
   uint64_t silent[8];
   int nsilent = 0;
-  for (uint32_t i = 0; i < n->nppull;) {
-    td_ppull_t p = n->ppull[i];
+  for (uint32_t i = 0; i < n->xfer.nppull;) {
+    td_ppull_t p = n->xfer.ppull[i];
     td_obj_t *o = td__obj(n, p.id);
     int live = o && o->chunked && o->state == OBJ_PENDING && o->src == p.wk;
-    int stuck = live && (peer ? peer->id == p.wk : now - p.at > n->node_timeout);
+    int stuck = live && (peer ? peer->id == p.wk : now - p.at > n->links.node_timeout);
     if (live && !stuck) { i++; continue; }
-    n->ppull[i] = n->ppull[--n->nppull];
+    n->xfer.ppull[i] = n->xfer.ppull[--n->xfer.nppull];
     if (!stuck) continue;
     char why[96];
     if (peer) snprintf(why, sizeof(why), "the link with node-%u closed", peer->node_index);
@@ -474,7 +475,7 @@ void td__ppull_check(td_node_t *n, td_wk_t *peer, double now) {
   for (int k = 0; k < nsilent; k++) {
     td_wk_t *w = td__wk_by_id(n, silent[k]);
     if (!w) continue;
-    n->shun[n->nshun++ % TD_SHUN_MAX] = (td_shun_t){w->node_index, now + TD_SHUN_S};
+    n->xfer.shun[n->xfer.nshun++ % TD_SHUN_MAX] = (td_shun_t){w->node_index, now + TD_SHUN_S};
     td__wk_dead(n, w, "sent nothing for the node timeout");
   }
 }
@@ -485,8 +486,9 @@ const uint8_t *td__chunk_src(td_node_t *n, uint64_t id, uint64_t off, uint32_t l
   td_obj_t *o = td__obj(n, id);
   if (!o || len > TD_CHUNK || off >= o->len || len > o->len - off) return NULL;
   if (o->state == OBJ_READY && td__obj_resident(n, o) == 0)
-    return (o->loc == LOC_SHM ? td_store_base(n->store) + o->off : o->data) + off;
-  if (o->state == OBJ_PENDING && o->chunked && off + len <= o->got) return td_store_base(n->store) + o->off + off;
+    return (o->loc == LOC_SHM ? td_store_base(n->objs.store) + o->off : o->data) + off;
+  if (o->state == OBJ_PENDING && o->chunked && off + len <= o->got)
+    return td_store_base(n->objs.store) + o->off + off;
   return NULL;
 }
 
@@ -506,7 +508,7 @@ static void td__chunk_send(td_node_t *n, td_wk_t *wk, uint64_t id, uint64_t off,
   memcpy(head + 8, &off, 8);
   memcpy(head + 16, &n32, 4);
   td_chan_frame_ext(&wk->ch, TD_M_CHUNK, head, sizeof(head), src, n32);
-  n->bytes_sent += n32;
+  n->xfer.bytes_sent += n32;
 }
 
 /* 1 if another node's request for a chunk of o waits for it to land. */
@@ -519,11 +521,11 @@ static int td__chunk_waits(const td_obj_t *o, uint64_t off, uint32_t len) {
  * id that have landed (or that will not: it failed or went). */
 void td__cwait_serve(td_node_t *n, uint64_t id) {
   td_obj_t *o = td__obj(n, id);
-  for (uint32_t i = 0; i < n->ncwait;) {
-    td_cwait_t c = n->cwait[i];
+  for (uint32_t i = 0; i < n->xfer.ncwait;) {
+    td_cwait_t c = n->xfer.cwait[i];
     if (c.id != id || td__chunk_waits(o, c.off, c.len)) { i++; continue; }
-    memmove(&n->cwait[i], &n->cwait[i + 1], (n->ncwait - i - 1) * sizeof(td_cwait_t));
-    n->ncwait--;
+    memmove(&n->xfer.cwait[i], &n->xfer.cwait[i + 1], (n->xfer.ncwait - i - 1) * sizeof(td_cwait_t));
+    n->xfer.ncwait--;
     td_wk_t *w = td__wk_by_id(n, c.wk);
     if (w) td__chunk_send(n, w, c.id, c.off, c.len, c.via);
   }
@@ -537,14 +539,14 @@ int td__on_chunk_get(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   if (rd->bad || via > 1) return TD_EPROTO;
   td_obj_t *o = td__obj(n, id);
   int wait = wk->kind == WK_PEER && len <= TD_CHUNK && td__chunk_waits(o, off, len);
-  for (uint32_t i = 0; i < n->ncwait && !wait; i++)  /* keeps their order */
-    wait = n->cwait[i].id == id && n->cwait[i].wk == wk->id;
-  if (wait && n->ncwait < TD_CWAIT_MAX) {
-    if (n->ncwait == n->capcwait) {
-      n->capcwait = n->capcwait ? n->capcwait * 2 : 16;
-      n->cwait = td_xrealloc(n->cwait, n->capcwait * sizeof(td_cwait_t));
+  for (uint32_t i = 0; i < n->xfer.ncwait && !wait; i++) /* keeps their order */
+    wait = n->xfer.cwait[i].id == id && n->xfer.cwait[i].wk == wk->id;
+  if (wait && n->xfer.ncwait < TD_CWAIT_MAX) {
+    if (n->xfer.ncwait == n->xfer.capcwait) {
+      n->xfer.capcwait = n->xfer.capcwait ? n->xfer.capcwait * 2 : 16;
+      n->xfer.cwait = td_xrealloc(n->xfer.cwait, n->xfer.capcwait * sizeof(td_cwait_t));
     }
-    n->cwait[n->ncwait++] = (td_cwait_t){wk->id, id, off, len, via};
+    n->xfer.cwait[n->xfer.ncwait++] = (td_cwait_t){wk->id, id, off, len, via};
     return 0;
   }
   td__chunk_send(n, wk, id, off, len, via);

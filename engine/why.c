@@ -54,14 +54,14 @@ static void td__demand(td_node_t *n, const td_task_t *t, td_wb_t *b) {
     return;
   }
   for (int i = 0; i < t->nres; i++)
-    td__wf(b, "%s%s=%g", i ? ", " : "", n->resname[t->res_idx[i]], t->res_amt[i]);
+    td__wf(b, "%s%s=%g", i ? ", " : "", n->sched.resname[t->res_idx[i]], t->res_amt[i]);
 }
 
 /* "CPU 0 of 2 free" for each resource t asks for, in pool (of total). */
 static void td__free(td_node_t *n, const td_task_t *t, const double *pool, const double *total, td_wb_t *b) {
   for (int i = 0; i < t->nres; i++) {
     int r = t->res_idx[i];
-    td__wf(b, "%s%s %g of %g free", i ? ", " : "", n->resname[r], pool[r] > 0 ? pool[r] : 0, total[r]);
+    td__wf(b, "%s%s %g of %g free", i ? ", " : "", n->sched.resname[r], pool[r] > 0 ? pool[r] : 0, total[r]);
   }
 }
 
@@ -77,7 +77,7 @@ static void td__obj_line(td_node_t *n, uint64_t id, td_wb_t *b, int depth, int s
   td_obj_t *o = td__obj(n, id);
   if (!o) {
     td__wf(b, "object %016llx is not known on node-%u (freed, never made, or another node's)",
-           (unsigned long long)id, n->index);
+           (unsigned long long)id, n->links.index);
     return;
   }
   if (o->state == OBJ_READY) {
@@ -100,7 +100,7 @@ static void td__obj_line(td_node_t *n, uint64_t id, td_wb_t *b, int depth, int s
     td__wf(b, ": it belongs to node-%u, which makes it; ask there (tide status --why on that node)",
            td_id_node(id));
   } else {
-    td__wf(b, ": no task on node-%u makes it (its maker runs elsewhere, or was lost)", n->index);
+    td__wf(b, ": no task on node-%u makes it (its maker runs elsewhere, or was lost)", n->links.index);
   }
 }
 
@@ -135,7 +135,7 @@ static void td__task_queued(td_node_t *n, td_task_t *t, td_wb_t *b, int depth, d
   if (why[0]) {
     td__wf(b, "; %s", why);
     if (t->unplaced)
-      td__wf(b, " (it waits %.0f s more for a node that had it to rejoin)", n->settle_until - now);
+      td__wf(b, " (it waits %.0f s more for a node that had it to rejoin)", n->links.settle_until - now);
     return;
   }
   int bundle;
@@ -153,21 +153,21 @@ static void td__task_queued(td_node_t *n, td_task_t *t, td_wb_t *b, int depth, d
     td__free(n, t, pool, pg->total[bundle], b);
     return;
   }
-  int fits_here = td__fits(n->avail, t), fits_node = -1;
-  for (int i = 0; i < n->nwks && fits_node < 0; i++) {
-    td_wk_t *w = n->wks[i];
+  int fits_here = td__fits(n->sched.avail, t), fits_node = -1;
+  for (int i = 0; i < n->procs.n && fits_node < 0; i++) {
+    td_wk_t *w = n->procs.list[i];
     if (w->kind == WK_NODE && w->joined && !w->dead && td__fits(w->navail, t)) fits_node = (int)w->node_index;
   }
   int ahead = 0;
-  for (td_task_t *q = n->queue.head; q && q != t; q = q->next) ahead++;
+  for (td_task_t *q = n->sched.queue.head; q && q != t; q = q->next) ahead++;
   if (fits_here || fits_node >= 0) {
     td__wf(b, "; node-%u has that free now: it waits its turn (%d queued before it) or a worker starting",
-           fits_here ? n->index : (uint32_t)fits_node, ahead);
+           fits_here ? n->links.index : (uint32_t)fits_node, ahead);
   } else {
-    td__wf(b, "; no node has that free now (node-%u: ", n->index);
-    td__free(n, t, n->avail, n->total, b);
+    td__wf(b, "; no node has that free now (node-%u: ", n->links.index);
+    td__free(n, t, n->sched.avail, n->sched.total, b);
     td__wf(b, "%s): it waits for running work to finish, %d queued before it",
-           n->nlinks ? "; other nodes are short too" : "", ahead);
+           n->links.nlinks ? "; other nodes are short too" : "", ahead);
   }
   return;
 }
@@ -218,12 +218,12 @@ static void td__task(td_node_t *n, td_task_t *t, td_wb_t *b, int depth, int stac
       }
       int running = ahead < room;
       if (running) {
-        td__wf(b, " is running on node-%u in worker %016llx (pid %d)", n->index, (unsigned long long)wk->id,
-               (int)wk->pid);
+        td__wf(b, " is running on node-%u in worker %016llx (pid %d)", n->links.index,
+               (unsigned long long)wk->id, (int)wk->pid);
         if (since >= 0) td__wf(b, " for %.1f s", since);
       } else {
         td__wf(b, " was sent to worker %016llx (pid %d) on node-%u", (unsigned long long)wk->id, (int)wk->pid,
-               n->index);
+               n->links.index);
         if (since >= 0) td__wf(b, " %.1f s ago", since);
         td__wf(b, " and runs after the %d %s before it there", ahead,
                t->spec.kind == TD_K_ACTOR_CALL ? (ahead == 1 ? "call" : "calls")
@@ -251,7 +251,7 @@ int td_node_why(td_node_t *n, uint64_t id, int flags, char *out, size_t len) {
     td__obj_line(n, id, &b, 0, stack, now);
     return 0;
   }
-  td_task_t *t = td_map_get(&n->tasks, id);
+  td_task_t *t = td_map_get(&n->tasks.map, id);
   if (t) {
     td__task(n, t, &b, 0, stack, now);
     return 0;
@@ -259,21 +259,21 @@ int td_node_why(td_node_t *n, uint64_t id, int flags, char *out, size_t len) {
   td__wf(&b,
          "node-%u knows no object or unfinished task %016llx (finished and freed, never made, or another "
          "node's)",
-         n->index, (unsigned long long)id);
+         n->links.index, (unsigned long long)id);
   return TD_ENOTFOUND;
 }
 
 /* TIDE_HANG_WARN_S: seconds a task may wait to start before the node says
  * why, once (default 30; 0 turns it off). */
 void td__why_init(td_node_t *n) {
-  n->hang_warn_s = 30;
+  n->tasks.hang_warn_s = 30;
   const char *e = getenv("TIDE_HANG_WARN_S");
   if (e && *e) {
     char *end;
     double v = strtod(e, &end);
     if (*end || v < 0 || v != v)
       fprintf(stderr, "tide: TIDE_HANG_WARN_S=%s is not a number of seconds >= 0; keeping 30\n", e);
-    else n->hang_warn_s = v;
+    else n->tasks.hang_warn_s = v;
   }
 }
 
@@ -284,22 +284,22 @@ void td__why_init(td_node_t *n) {
  * queue, not a hang. Tasks waiting for arguments are not named here: what
  * makes their arguments is, or a get that waits on them says why. */
 void td__why_tick(td_node_t *n, double now) {
-  if (n->hang_warn_s <= 0 || now < n->hang_scan_at) return;
-  n->hang_scan_at = now + TD__WHY_SCAN;
+  if (n->tasks.hang_warn_s <= 0 || now < n->tasks.hang_scan_at) return;
+  n->tasks.hang_scan_at = now + TD__WHY_SCAN;
   size_t it = 0;
   uint64_t id;
   void *v;
   int named = 0, more = 0;
   char buf[2048];
-  while (td_map_next(&n->tasks, &it, &id, &v)) {
+  while (td_map_next(&n->tasks.map, &it, &id, &v)) {
     td_task_t *t = v;
     if (t->state != T_QUEUED || t->hang_warned) continue;
-    if (t->hang_seen <= 0 || (t->hang_done != n->ndone && !t->unplaced)) {
+    if (t->hang_seen <= 0 || (t->hang_done != n->tasks.ndone && !t->unplaced)) {
       t->hang_seen = now;
-      t->hang_done = n->ndone;
+      t->hang_done = n->tasks.ndone;
       continue;
     }
-    if (now - t->hang_seen < n->hang_warn_s) continue;
+    if (now - t->hang_seen < n->tasks.hang_warn_s) continue;
     t->hang_warned = 1;
     if (named >= TD__WHY_WARN_MAX) {
       more++;
@@ -309,14 +309,14 @@ void td__why_tick(td_node_t *n, double now) {
     td_wb_t b = {buf, 0, sizeof(buf)};
     buf[0] = 0;
     td__task(n, t, &b, 0, 0, now);
-    fprintf(stderr, "tide: no progress for %.0f s: %s\n", n->hang_warn_s, buf);
+    fprintf(stderr, "tide: no progress for %.0f s: %s\n", n->tasks.hang_warn_s, buf);
   }
   if (more)
     fprintf(stderr, "tide: and %d more tasks not started for %.0f s (tide status --why TASK_ID for one)\n",
-            more, n->hang_warn_s);
+            more, n->tasks.hang_warn_s);
 }
 
 double td__why_next(td_node_t *n, double now) {
-  if (n->hang_warn_s <= 0 || !n->tasks.len) return 1e9;
-  return n->hang_scan_at > now ? n->hang_scan_at - now : 0;
+  if (n->tasks.hang_warn_s <= 0 || !n->tasks.map.len) return 1e9;
+  return n->tasks.hang_scan_at > now ? n->tasks.hang_scan_at - now : 0;
 }

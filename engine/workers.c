@@ -19,7 +19,7 @@ uint64_t td_wk_id(const td_wk_t *wk) { return wk->id; }
  * use, so ids a restarted head gives never repeat those of objects and
  * actors it restores. */
 uint64_t td__new_wk_id(td_node_t *n) {
-  uint64_t id = ++n->next_wk;
+  uint64_t id = ++n->procs.next_id;
   if ((id & 255) == 0 && td_persist_on()) {
     char v[24];
     int l = snprintf(v, sizeof(v), "%llu", (unsigned long long)(id + 256));
@@ -35,7 +35,7 @@ void td__restore_meta(void *ud, const char *key, const void *val, size_t len) {
   memcpy(v, val, len);
   v[len] = 0;
   uint64_t w = strtoull(v, NULL, 10);
-  if (w > n->next_wk) n->next_wk = w;
+  if (w > n->procs.next_id) n->procs.next_id = w;
 }
 
 /* A new entry in the node's table of workers, clients and links. */
@@ -46,16 +46,16 @@ td_wk_t *td__wk_add(td_node_t *n, uint64_t id, int kind, int fd) {
   td_chan_init(&wk->ch, fd);
   td_map_init(&wk->fns_sent);
   td_map_init(&wk->allocs);
-  if (n->nwks == n->capwks) {
-    n->capwks = n->capwks ? n->capwks * 2 : 16;
-    n->wks = td_xrealloc(n->wks, (size_t)n->capwks * sizeof(td_wk_t *));
+  if (n->procs.n == n->procs.cap) {
+    n->procs.cap = n->procs.cap ? n->procs.cap * 2 : 16;
+    n->procs.list = td_xrealloc(n->procs.list, (size_t)n->procs.cap * sizeof(td_wk_t *));
   }
-  n->wks[n->nwks++] = wk;
+  n->procs.list[n->procs.n++] = wk;
   return wk;
 }
 
 td_wk_t *td__spawn(td_node_t *n, int kind, const int *gpus, int ngpus) {
-  if (n->no_workers) return NULL;
+  if (n->procs.no_workers) return NULL;
   int sv[2];
   if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) return NULL;
   uint64_t id = td__new_wk_id(n);
@@ -74,7 +74,7 @@ td_wk_t *td__spawn(td_node_t *n, int kind, const int *gpus, int ngpus) {
     /* Move the socket and the store to fds 3 and 4 without clobbering
      * either, and keep them across exec. */
     int sock = sv[1] == 4 ? dup(sv[1]) : sv[1];
-    if (td_store_fd(n->store) != 4) dup2(td_store_fd(n->store), 4);
+    if (td_store_fd(n->objs.store) != 4) dup2(td_store_fd(n->objs.store), 4);
     if (sock != 3) dup2(sock, 3);
     fcntl(3, F_SETFD, 0);
     fcntl(4, F_SETFD, 0);
@@ -83,7 +83,7 @@ td_wk_t *td__spawn(td_node_t *n, int kind, const int *gpus, int ngpus) {
     /* No setenv here (not safe after fork in a threaded process): the
      * worker sets CUDA_VISIBLE_DEVICES from argv. */
     char *argv[] = {"tide-worker", "__worker", idbuf, kindbuf, gpubuf, NULL};
-    execv(n->exe, argv);
+    execv(n->procs.exe, argv);
     _exit(127);
   }
   close(sv[1]);
@@ -176,7 +176,7 @@ static int td__req_try(td_node_t *n, td_req_t *r, int expired) {
 }
 
 void td__reqs_check(td_node_t *n, double now) {
-  td_req_t **pp = &n->reqs, *r;
+  td_req_t **pp = &n->procs.reqs, *r;
   while ((r = *pp)) {
     int expired = r->deadline > 0 && now >= r->deadline;
     if (r->wk->dead || td__req_try(n, r, expired)) {
@@ -206,7 +206,7 @@ int td__req_add(td_node_t *n, td_wk_t *wk, int op, td_rd_t *rd) {
     r->deadline = timeout >= 0 ? td_now() + timeout : 0;
   } else if (op == TD_M_STREAM_ROOM) {
     /* Named by the producing task: the worker does not know the stream. */
-    td_task_t *t = td_map_get(&n->tasks, td_rd_u64(rd));
+    td_task_t *t = td_map_get(&n->tasks.map, td_rd_u64(rd));
     r->n = 1;
     r->ids = td_xmalloc(8);
     r->ids[0] = t && t->wk == wk && t->spec.nret < 0 ? t->spec.rets[0] : 0;
@@ -239,8 +239,8 @@ int td__req_add(td_node_t *n, td_wk_t *wk, int op, td_rd_t *rd) {
     free(r);
     return 0;
   }
-  r->next = n->reqs;
-  n->reqs = r;
+  r->next = n->procs.reqs;
+  n->procs.reqs = r;
   return 0;
 }
 
@@ -259,10 +259,10 @@ int td__on_stream_room(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
 /* A print from task tid goes to the client whose work it is (a driver
  * attached to this node), or to the head when the head sent the task. */
 static void td__print_to_owner(td_node_t *n, uint64_t tid, const uint8_t *s, uint32_t l) {
-  td_task_t *t = tid ? td_map_get(&n->tasks, tid) : NULL;
+  td_task_t *t = tid ? td_map_get(&n->tasks.map, tid) : NULL;
   if (!t || !t->owner) return;
-  for (int i = 0; i < n->nwks; i++) {
-    td_wk_t *w = n->wks[i];
+  for (int i = 0; i < n->procs.n; i++) {
+    td_wk_t *w = n->procs.list[i];
     if (w->id != t->owner || w->dead || (w->kind != WK_CLIENT && w->kind != WK_HEAD)) continue;
     td_chan_begin(&w->ch, TD_M_PRINT);
     td_buf_str(&w->ch.out, s, l);
@@ -296,9 +296,9 @@ int td__on_rpc(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   char opname[64];
   memcpy(opname, op, ol);
   opname[ol] = 0;
-  n->rpc_wk = wk;
-  if (n->rpc) n->rpc(n->rpc_ud, wk, req, opname, args, al);
-  n->rpc_wk = NULL;
+  n->procs.rpc_wk = wk;
+  if (n->procs.rpc) n->procs.rpc(n->procs.rpc_ud, wk, req, opname, args, al);
+  n->procs.rpc_wk = NULL;
   return 0;
 }
 
@@ -307,17 +307,17 @@ int td__on_rpc(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
 int td__on_blocked(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   uint32_t cnt = td_rd_u32(rd);
   for (uint32_t i = 0; i < cnt && !rd->bad; i++) {
-    td_task_t *t = td_map_get(&n->tasks, td_rd_u64(rd));
+    td_task_t *t = td_map_get(&n->tasks.map, td_rd_u64(rd));
     if (!t || t->wk != wk || t->state != T_SENT) continue;
     td__inflight_del(n, wk, t);
     td__unpin_deps(n, t);
     t->attempt--;
     t->state = T_QUEUED;
     t->wk = NULL;
-    tq_push_front(&n->queue, t);
+    tq_push_front(&n->sched.queue, t);
   }
   if (wk->kind == WK_TASK && wk->leased && !wk->blocked) {
-    n->avail[TD_RES_CPU] += wk->lease[TD_RES_CPU];
+    n->sched.avail[TD_RES_CPU] += wk->lease[TD_RES_CPU];
     wk->blocked = 1;
   }
   return rd->bad ? TD_EPROTO : 0;
@@ -326,7 +326,7 @@ int td__on_blocked(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
 int td__on_unblocked(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   (void)rd;
   if (wk->blocked) {
-    n->avail[TD_RES_CPU] -= wk->lease[TD_RES_CPU];
+    n->sched.avail[TD_RES_CPU] -= wk->lease[TD_RES_CPU];
     wk->blocked = 0;
   }
   return 0;
@@ -340,7 +340,7 @@ static void td__free_lent(td_node_t *n, td_wk_t *wk) {
   uint64_t k;
   void *v;
   while (td_map_next(&wk->allocs, &it, &k, &v))
-    td_store_free(n->store, (size_t)(k - 1), (size_t)(uintptr_t)v);
+    td_store_free(n->objs.store, (size_t)(k - 1), (size_t)(uintptr_t)v);
   td_map_free(&wk->allocs);
 }
 
@@ -355,22 +355,22 @@ void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why) {
   if (wk->kind == WK_CLIENT) {
     /* A driver that leaves takes its placement groups and non-detached
      * actors with it. */
-    for (td_pg_t *pg = n->pgs, *next; pg; pg = next) {
+    for (td_pg_t *pg = n->pgs.list, *next; pg; pg = next) {
       next = pg->next;
       if (pg->owner == wk->id) td_node_pg_remove(n, pg->id);
     }
     size_t it2 = 0;
     td_actor_t *oa;
-    while (td_map_next(&n->actors, &it2, NULL, (void **)&oa))
+    while (td_map_next(&n->actors.map, &it2, NULL, (void **)&oa))
       if (oa->owner == wk->id && oa->state != A_DEAD && oa->create && !oa->create->spec.detached)
         td_node_kill_actor(n, oa->id, 1);
     /* and those it made here that the head keeps */
     uint64_t aid;
     void *owner;
-    for (size_t it3 = 0; td_map_next(&n->fwd_actors, &it3, &aid, &owner);)
+    for (size_t it3 = 0; td_map_next(&n->links.fwd_actors, &it3, &aid, &owner);)
       if ((uint64_t)(uintptr_t)owner == wk->id) td__kill_actor(n, aid, 1, "killed: its driver left");
-    for (size_t it3 = 0; td_map_next(&n->fwd_actors, &it3, &aid, &owner);)
-      if ((uint64_t)(uintptr_t)owner == wk->id) td_map_del(&n->fwd_actors, aid), it3 = 0;
+    for (size_t it3 = 0; td_map_next(&n->links.fwd_actors, &it3, &aid, &owner);)
+      if ((uint64_t)(uintptr_t)owner == wk->id) td_map_del(&n->links.fwd_actors, aid), it3 = 0;
   }
   /* A link that never joined (a join whose answer came too late: the node
    * joined again, under the same index) had nothing: the node lives on. */
@@ -378,22 +378,22 @@ void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why) {
   if ((wk->kind == WK_NODE && !ghost) || wk->kind == WK_HEAD) td__link_lost_objects(n, wk);
   if (wk->kind == WK_PEER) {
     td__ppull_check(n, wk, td_now()); /* what came from there comes from the head now */
-    if (wk->bridge && n->peer_close) n->peer_close(n->peer_ud, wk->bridge);
+    if (wk->bridge && n->xfer.peer_close) n->xfer.peer_close(n->xfer.peer_ud, wk->bridge);
     wk->bridge = NULL;
   }
   if (ghost) {
     snprintf(reason, sizeof(reason), "a connection given index %u closed before it joined: it %s",
              wk->node_index, why);
   } else if (wk->kind == WK_NODE) {
-    n->nlinks--;
-    if (!n->gone_at) n->gone_at = td_xcalloc(TD_NODE_MAX + 1, sizeof(double));
-    n->gone_at[wk->node_index] = td_now();
+    n->links.nlinks--;
+    if (!n->links.gone_at) n->links.gone_at = td_xcalloc(TD_NODE_MAX + 1, sizeof(double));
+    n->links.gone_at[wk->node_index] = td_now();
     td__settle(n, wk->ntotal); /* it may be restarted: work only it could run waits a while */
     td__pgs_node_lost(n, wk->node_index);
     snprintf(reason, sizeof(reason), "node-%u (%s) died: it %s", wk->node_index, wk->name, why);
   } else if (wk->kind == WK_HEAD) {
     snprintf(reason, sizeof(reason), "lost the head: it %s", why);
-    if (n->head == wk) td__head_lost(n);
+    if (n->links.head == wk) td__head_lost(n);
   } else if (wk->kind == WK_PEER) {
     snprintf(reason, sizeof(reason), "the link with node-%u closed: it %s", wk->node_index, why);
   } else if (r == wk->pid && WIFSIGNALED(st))
@@ -416,7 +416,7 @@ void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why) {
       } else if (!first || t->retries_left != 0) {
         if (first && t->retries_left > 0) t->retries_left--;
         t->state = T_QUEUED;
-        tq_push_front(&n->queue, t);
+        tq_push_front(&n->sched.queue, t);
       } else {
         td__task_fail(n, t, "WorkerCrashedError", reason);
       }
@@ -436,17 +436,17 @@ void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why) {
   }
   size_t it = 0;
   td_actor_t *a;
-  while (td_map_next(&n->actors, &it, NULL, (void **)&a))
+  while (td_map_next(&n->actors.map, &it, NULL, (void **)&a))
     if (a->host == wk) td__actor_restart_or_die(n, a, reason);
   wk->ngpus = wk->kind == WK_TASK ? wk->ngpus : 0;
   td__lease_done(n, wk);
-  for (int i = 0; i < n->nwks; i++) {
-    if (n->wks[i] != wk) continue;
-    n->wks[i] = n->wks[--n->nwks];
+  for (int i = 0; i < n->procs.n; i++) {
+    if (n->procs.list[i] != wk) continue;
+    n->procs.list[i] = n->procs.list[--n->procs.n];
     break;
   }
   /* Its pending requests die with it. */
-  for (td_req_t **pp = &n->reqs, *r; (r = *pp);) {
+  for (td_req_t **pp = &n->procs.reqs, *r; (r = *pp);) {
     if (r->wk != wk) {
       pp = &r->next;
       continue;
@@ -459,5 +459,5 @@ void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why) {
   td_map_free(&wk->fns_sent);
   td__free_lent(n, wk);
   free(wk);
-  n->dirty = 1;
+  n->objs.dirty = 1;
 }
