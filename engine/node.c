@@ -144,8 +144,26 @@ void td__link_chan(td_wk_t *wk) {
 
 /* -- What the object table tells the other modules ------------------------------------
  * obj.c keeps objects; it knows nothing of who waits on them, where else
- * they are or how they are made again. What changes there goes through
- * these three, which tell each module in turn. */
+ * they are or how they are made again. An object that became ready or
+ * failed while a message was handled is recorded there and acted on in the
+ * objects phase once the message is done (Redis's signalKeyAsReady, then
+ * handleClientsBlockedOnKeys after the command); outside a message it is
+ * acted on at once (td__obj_done). An object being freed is told at once
+ * (td__obj_freeing, td__obj_freed), as its record goes. */
+
+/* The objects phase: for each object that became ready or failed
+ * (obj.c records them), nodes that asked for its chunks get them, then
+ * what waits on it (tasks, requests) wakes. Waking may fail tasks and so
+ * change more objects: they are taken in the same pass. An object freed
+ * since (or freed and being made again by lineage: pending) is skipped. */
+void td__objs_phase(td_node_t *n) {
+  td_node_objs_t *t = &n->objs;
+  for (uint32_t i = 0; i < t->nchanged; i++) {
+    td_obj_t *o = td_map_get(&t->map, t->changed[i]);
+    if (o && o->state != OBJ_PENDING) td__obj_done(n, o);
+  }
+  t->nchanged = 0;
+}
 
 /* o is ready or failed: nodes that asked for its chunks get them, then what
  * waits on it (tasks, requests) wakes. Last, as waking may free o. */
@@ -253,7 +271,11 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
   if (!m || !m->fn || !(m->from & K(wk->kind))) return TD_EPROTO;
   td_rd_t rd;
   td_rd_init(&rd, p, len);
-  return m->fn(n, wk, &rd);
+  n->objs.recording = 1;
+  int rc = m->fn(n, wk, &rd);
+  n->objs.recording = 0;
+  if (n->objs.nchanged) td__objs_phase(n); /* what the message changed, acted on before the next */
+  return rc;
 }
 
 /* -- Loop -------------------------------------------------------------------------------- */
@@ -299,9 +321,11 @@ static void td__wk_input(td_node_t *n, td_wk_t *wk) {
   }
 }
 
-void td_node_pump(td_node_t *n, double timeout) {
-  td__sched(n);
-  td_node_flush(n);
+/* How long the poll may sleep: until the nearest deadline of a waiting
+ * request, of nodes settling, or of the hang scan; not at all when
+ * something changed after this turn's checks (a stream's consumer let items
+ * go in the tick, an object changed outside a message). */
+static double td__poll_timeout(td_node_t *n, double timeout) {
   double now = td_now();
   for (td_req_t *r = n->procs.reqs; r; r = r->next)
     if (r->deadline > 0 && r->deadline - now < timeout) timeout = r->deadline - now;
@@ -309,9 +333,14 @@ void td_node_pump(td_node_t *n, double timeout) {
     timeout = n->links.settle_until - now + 0.001;
   double scan = td__why_next(n, now);
   if (scan < timeout) timeout = scan;
-  /* Something changed after this round's checks (a stream's consumer let
-   * items go in the tick): check again at once instead of sleeping. */
   if (timeout < 0 || n->objs.dirty) timeout = 0;
+  return timeout;
+}
+
+/* The I/O phase: waits up to timeout for any channel, the host's fd or the
+ * data plane, then reads what came (each message is handled, and its
+ * objects phase run, in td__wk_input). */
+static void td__io_phase(td_node_t *n, double timeout) {
   if (n->cappfds < n->procs.n + 2) {
     n->cappfds = n->procs.n + 16;
     n->pfds = td_xrealloc(n->pfds, (size_t)n->cappfds * sizeof(struct pollfd));
@@ -325,30 +354,40 @@ void td_node_pump(td_node_t *n, double timeout) {
   int ms = timeout > 1e6 ? -1 : (int)(timeout * 1000 + 0.999);
   int ext = n->ext_fd >= 0;
   if (ext) n->pfds[np] = (struct pollfd){n->ext_fd, POLLIN, 0};
-  int dp = td__dp_fd(n) >= 0;  /* the data plane's streams, behind one epoll fd */
+  int dp = td__dp_fd(n) >= 0; /* the data plane's streams, behind one epoll fd */
   if (dp) n->pfds[np + ext] = (struct pollfd){td__dp_fd(n), POLLIN, 0};
   int r = poll(n->pfds, (nfds_t)(np + ext + dp), ms);
-  if (r > 0 && ext && n->pfds[np].revents) n->ext_read(n->ext_ud);
-  if (r > 0 && dp && n->pfds[np + ext].revents) td__dp_io(n);
-  if (r > 0) {
-    /* Workers may die while handling; copy the list first. */
-    td_wk_t **ready = td_xmalloc((size_t)np * sizeof(td_wk_t *) + 1);
-    uint64_t *ids = td_xmalloc((size_t)np * 8 + 8);
-    int nr = 0;
-    for (int i = 0; i < np; i++)
-      if (n->pfds[i].revents) {
-        ready[nr] = n->procs.list[i];
-        ids[nr++] = n->procs.list[i]->id;
-      }
-    for (int i = 0; i < nr; i++) {
-      int alive = 0;
-      for (int k = 0; k < n->procs.n; k++)
-        if (n->procs.list[k] == ready[i] && n->procs.list[k]->id == ids[i]) alive = 1;
-      if (alive) td__wk_input(n, ready[i]);
+  if (r <= 0) return;
+  if (ext && n->pfds[np].revents) n->ext_read(n->ext_ud);
+  if (dp && n->pfds[np + ext].revents) td__dp_io(n);
+  /* Workers may die while handling; copy the list first. */
+  td_wk_t **ready = td_xmalloc((size_t)np * sizeof(td_wk_t *) + 1);
+  uint64_t *ids = td_xmalloc((size_t)np * 8 + 8);
+  int nr = 0;
+  for (int i = 0; i < np; i++)
+    if (n->pfds[i].revents) {
+      ready[nr] = n->procs.list[i];
+      ids[nr++] = n->procs.list[i]->id;
     }
-    free(ready);
-    free(ids);
+  for (int i = 0; i < nr; i++) {
+    int alive = 0;
+    for (int k = 0; k < n->procs.n; k++)
+      if (n->procs.list[k] == ready[i] && n->procs.list[k]->id == ids[i]) alive = 1;
+    if (alive) td__wk_input(n, ready[i]);
   }
+  free(ready);
+  free(ids);
+}
+
+/* One turn of the loop, in named phases (libuv's uv_run is the model):
+ * schedule and send; I/O (every message, then its objects phase);
+ * requests waiting for objects; results and lineage owed to the head; the
+ * cluster's timers; tasks waiting for nodes to settle; the hang scan;
+ * schedule again, the host's tick, and send. */
+void td_node_pump(td_node_t *n, double timeout) {
+  td__sched(n);
+  td_node_flush(n);
+  td__io_phase(n, td__poll_timeout(n, timeout));
   if (n->objs.dirty || n->procs.reqs) {
     n->objs.dirty = 0;
     td__reqs_check(n, td_now());
@@ -561,6 +600,7 @@ void td_node_destroy(td_node_t **np) {
   while (n->objs.npool) free(n->objs.pool[--n->objs.npool]);
   while (n->tasks.npool) free(n->tasks.pool[--n->tasks.npool]);
   free(n->objs.pool);
+  free(n->objs.changed);
   free(n->tasks.pool);
   it = 0;
   while (td_map_next(&n->tasks.map, &it, NULL, &v)) {

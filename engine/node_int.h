@@ -322,6 +322,10 @@ typedef struct td_node_objs {
   uint64_t next_seq;     /* the last id made here (td_node_new_id): node index << TD_NODE_SHIFT, up */
   uint64_t clock;        /* ticks on each use, for the spill's least-recently-used order */
   int dirty;             /* objects changed since waiting requests were checked (the pump) */
+  int recording;         /* a message is being handled: changes are recorded, not acted on */
+  uint64_t *changed;     /* objects that became ready or failed while recording, their waiters
+                          * not woken yet: node.c's objects phase (td__objs_phase) acts on them */
+  uint32_t nchanged, capchanged;
   void **pool;           /* free td_obj_t records kept for reuse */
   int npool;
 } td_node_objs_t;
@@ -544,6 +548,7 @@ void td__inflight_del(td_node_t *n, td_wk_t *wk, td_task_t *t);
 void td__link_chan(td_wk_t *wk);
 const char *td__msg_name(uint8_t type);
 void td__obj_done(td_node_t *n, td_obj_t *o);
+void td__objs_phase(td_node_t *n);
 void td__obj_freeing(td_node_t *n, td_obj_t *o);
 void td__obj_freed(td_node_t *n, td_task_t *producer);
 void td__put_lstr(td_buf_t *b, const char *s);

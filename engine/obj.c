@@ -168,6 +168,26 @@ void td__wait_on(td_obj_t *o, td_task_t *t) {
   t->deps_pending++;
 }
 
+/* o became ready or failed. While a message is handled this is recorded,
+ * not acted on: what waits on it (tasks, requests, other nodes' chunk
+ * requests) is woken in the objects phase once the message is done (node.c,
+ * td__objs_phase), so o stays valid for the handler. Outside a message (the
+ * driver's own calls, chunks read straight into the store) it is acted on
+ * at once (td__obj_done; it may free o). */
+static void td__obj_changed(td_node_t *n, td_obj_t *o) {
+  td_node_objs_t *t = &n->objs;
+  if (!t->recording) {
+    td__obj_done(n, o);
+    return;
+  }
+  if (t->nchanged == t->capchanged) {
+    t->capchanged = t->capchanged ? t->capchanged * 2 : 64;
+    t->changed = td_xrealloc(t->changed, t->capchanged * 8);
+  }
+  t->changed[t->nchanged++] = o->id;
+  t->dirty = 1;
+}
+
 /* Gives a pending object its value. `data` is inline bytes (copied) or,
  * with shm, an extent the worker already filled. */
 void td__obj_set(td_node_t *n, td_obj_t *o, int state, int shm, const uint8_t *data,
@@ -193,7 +213,7 @@ void td__obj_set(td_node_t *n, td_obj_t *o, int state, int shm, const uint8_t *d
     for (uint32_t i = 0; i < nrefs; i++) td_node_incref(n, refs[i]);
   }
   o->producer = NULL;
-  td__obj_done(n, o); /* last: it may free o */
+  td__obj_changed(n, o);
 }
 
 void td__obj_fail(td_node_t *n, td_obj_t *o, const uint8_t *blob, size_t len) {
@@ -212,7 +232,7 @@ void td__obj_fail(td_node_t *n, td_obj_t *o, const uint8_t *blob, size_t len) {
     o->state = OBJ_READY;
     o->loc = LOC_INLINE;
     o->producer = NULL;
-    td__obj_wake(n, o);
+    td__obj_changed(n, o);
     return;
   }
   td__obj_set(n, o, OBJ_ERROR, 0, blob, len, 0, NULL, 0);
