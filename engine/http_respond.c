@@ -31,12 +31,6 @@ static const struct {
 
 /* -- Small helpers --------------------------------------------------------- */
 
-/* Appends without checking: callers reserved the room. */
-static void hbuf_raw(td__hbuf_t *b, const void *d, size_t n) {
-  memcpy(b->p + b->len, d, n);
-  b->len += n;
-}
-
 static size_t fmt_u64(char *dst, uint64_t v) {
   char t[24];
   size_t n = 0;
@@ -122,14 +116,14 @@ const char *td_http_status_text(int status) {
 
 /* Where a request's response bytes go: straight to the socket buffer when it
  * is the head of the queue, else into its own buffer until its turn. */
-static td__hbuf_t *req_target(td__http_req_t *r) { return r == r->conn->qhead ? &r->conn->wbuf : &r->out; }
+static td_buf_t *req_target(td__http_req_t *r) { return r == r->conn->qhead ? &r->conn->wbuf : &r->out; }
 
 /* Output the client has not taken: what waits behind a write the socket
  * could not take at once, plus what waits for its turn in the queue. Bytes
  * made in the current loop turn and not yet tried do not count, so a big
  * response written in pieces by one callback is not mistaken for a slow
  * client. */
-static size_t conn_backlog(const td__http_conn_t *c, const td__hbuf_t *target) {
+static size_t conn_backlog(const td__http_conn_t *c, const td_buf_t *target) {
   size_t n = c->writing ? c->wbuf.len + c->wflight.len : 0;
   if (target != &c->wbuf) n += target->len;
   return n;
@@ -162,63 +156,56 @@ static int header_reserved(const char *name, size_t n) {
 
 /* Writes the status line and headers of a response for r into b.
  * framing TD__FR_LENGTH sends Content-Length: clen. */
-static int fmt_head(td__hbuf_t *b, td__http_req_t *r, int status, const td_http_header_t *h, size_t nh,
-                    int framing, size_t clen) {
+static void fmt_head(td_buf_t *b, td__http_req_t *r, int status, const td_http_header_t *h, size_t nh,
+                     int framing, size_t clen) {
   td_http_server_t *srv = r->conn->srv;
   const char *reason = td_http_status_text(status);
   size_t need = 64 + strlen(reason) + srv->date_len + 48;
   for (size_t i = 0; i < nh; i++)
     need += (h[i].name_len ? h[i].name_len : strlen(h[i].name)) +
             (h[i].value_len ? h[i].value_len : strlen(h[i].value)) + 4;
-  if (td__http_hbuf_reserve(b, need)) return UV_ENOMEM;
+  td_buf_reserve(b, need); /* one growth for the whole head */
   r->log_status = status;
   char st[4] = {(char)('0' + status / 100), (char)('0' + status / 10 % 10), (char)('0' + status % 10), ' '};
-  hbuf_raw(b, "HTTP/1.1 ", 9);
-  hbuf_raw(b, st, 4);
-  hbuf_raw(b, reason, strlen(reason));
-  hbuf_raw(b, "\r\n", 2);
+  td_buf_put(b, "HTTP/1.1 ", 9);
+  td_buf_put(b, st, 4);
+  td_buf_put(b, reason, strlen(reason));
+  td_buf_put(b, "\r\n", 2);
   for (size_t i = 0; i < nh; i++) {
     size_t nl = h[i].name_len ? h[i].name_len : strlen(h[i].name);
     size_t vl = h[i].value_len ? h[i].value_len : strlen(h[i].value);
     if (header_reserved(h[i].name, nl)) continue;
-    hbuf_raw(b, h[i].name, nl);
-    hbuf_raw(b, ": ", 2);
-    hbuf_raw(b, h[i].value, vl);
-    hbuf_raw(b, "\r\n", 2);
+    td_buf_put(b, h[i].name, nl);
+    td_buf_put(b, ": ", 2);
+    td_buf_put(b, h[i].value, vl);
+    td_buf_put(b, "\r\n", 2);
   }
-  hbuf_raw(b, srv->date, srv->date_len);
+  td_buf_put(b, srv->date, srv->date_len);
   if (framing == TD__FR_LENGTH) {
     char num[24];
-    hbuf_raw(b, "Content-Length: ", 16);
-    hbuf_raw(b, num, fmt_u64(num, clen));
-    hbuf_raw(b, "\r\n", 2);
+    td_buf_put(b, "Content-Length: ", 16);
+    td_buf_put(b, num, fmt_u64(num, clen));
+    td_buf_put(b, "\r\n", 2);
   } else if (framing == TD__FR_CHUNKED) {
-    hbuf_raw(b, "Transfer-Encoding: chunked\r\n", 28);
+    td_buf_put(b, "Transfer-Encoding: chunked\r\n", 28);
   }
-  if (r->close_after) hbuf_raw(b, "Connection: close\r\n", 19);
-  else if (r->pub.http_minor == 0) hbuf_raw(b, "Connection: keep-alive\r\n", 24);
-  hbuf_raw(b, "\r\n", 2);
-  return 0;
+  if (r->close_after) td_buf_put(b, "Connection: close\r\n", 19);
+  else if (r->pub.http_minor == 0) td_buf_put(b, "Connection: keep-alive\r\n", 24);
+  td_buf_put(b, "\r\n", 2);
 }
 
 static int status_has_body(int status) { return status != 204 && status != 304; }
 
 /* Queues a whole response for r (head + body) and marks it done. */
-static int req_write_whole(td__http_req_t *r, int status, const td_http_header_t *h, size_t nh,
-                           const void *body, size_t len) {
-  td__hbuf_t *b = req_target(r);
-  size_t mark = b->len;
+static void req_write_whole(td__http_req_t *r, int status, const td_http_header_t *h, size_t nh,
+                            const void *body, size_t len) {
+  td_buf_t *b = req_target(r);
   int has_body = status_has_body(status);
-  int rc = fmt_head(b, r, status, h, nh, has_body ? TD__FR_LENGTH : TD__FR_NONE, len);
-  if (rc == 0 && has_body && !r->head_only) rc = td__http_hbuf_put(b, body, len);
-  if (rc) {
-    b->len = mark;
-    return rc;
-  }
+  fmt_head(b, r, status, h, nh, has_body ? TD__FR_LENGTH : TD__FR_NONE, len);
+  if (has_body && !r->head_only) td_buf_put(b, body, len);
   r->state = TD__RQ_DONE;
   r->log_bytes = has_body && !r->head_only ? len : 0;
   r->conn->srv->st.responses++;
-  return 0;
 }
 
 /* Server-made responses: errors as {"error":..,"status":..}, healthz. */
@@ -239,12 +226,7 @@ void td__http_req_reply_internal(td__http_req_t *r, int status, int close_conn) 
   }
   static const td_http_header_t ct[] = {TD_HTTP_HDR("Content-Type", "application/json")};
   td__http_date_refresh(srv);
-  if (req_write_whole(r, status, ct, 1, body, len)) {
-    /* Out of memory: end the connection without a response. */
-    r->state = TD__RQ_DONE;
-    r->close_after = 1;
-    c->stop_parsing = 1;
-  }
+  req_write_whole(r, status, ct, 1, body, len);
   if (r->close_after) td__http_conn_drop_after(c, r);
   td__http_conn_advance(c);
   td__http_conn_mark_dirty(c);
@@ -258,14 +240,13 @@ static int respond_now(td_http_server_t *srv, td_http_req_id id, int status, con
   if (!r) return UV_ENOENT;
   if (r->state != TD__RQ_DISPATCHED) return UV_EINVAL;
   td__http_conn_t *c = r->conn;
-  td__hbuf_t *b = req_target(r);
+  td_buf_t *b = req_target(r);
   if (conn_backlog(c, b) > srv->o.max_output_bytes) {
     td__http_conn_kill(c, TD_HTTP_ABORT_SLOW_CLIENT);
     return UV_ENOBUFS;
   }
   td__http_date_refresh(srv);
-  int rc = req_write_whole(r, status, h, nh, body, len);
-  if (rc) return rc;
+  req_write_whole(r, status, h, nh, body, len);
   td__http_req_drop_id(srv, r);
   td__http_conn_advance(c);
   td__http_conn_mark_dirty(c);
@@ -288,9 +269,8 @@ static int stream_start_now(td_http_server_t *srv, td_http_req_id id, int status
     td__http_conn_drop_after(c, r);
   }
   td__http_date_refresh(srv);
-  td__hbuf_t *b = req_target(r);
-  int rc = fmt_head(b, r, status, h, nh, framing, 0);
-  if (rc) return rc;
+  td_buf_t *b = req_target(r);
+  fmt_head(b, r, status, h, nh, framing, 0);
   r->framing = (uint8_t)framing;
   r->state = TD__RQ_STREAMING;
   td__http_conn_mark_dirty(c);
@@ -303,23 +283,23 @@ static int stream_write_now(td_http_server_t *srv, td_http_req_id id, const void
   if (r->state != TD__RQ_STREAMING) return UV_EINVAL;
   if (len == 0 || r->framing == TD__FR_NONE) return 0;
   td__http_conn_t *c = r->conn;
-  td__hbuf_t *b = req_target(r);
+  td_buf_t *b = req_target(r);
   if (conn_backlog(c, b) > srv->o.max_output_bytes) {
     td__http_conn_kill(c, TD_HTTP_ABORT_SLOW_CLIENT);
     return UV_ENOBUFS;
   }
-  if (td__http_hbuf_reserve(b, len + 24)) return UV_ENOMEM;
+  td_buf_reserve(b, len + 24);
   r->log_bytes += len;
   if (r->framing == TD__FR_CHUNKED) {
     char hx[24];
     size_t n = fmt_hex(hx, len);
     hx[n++] = '\r';
     hx[n++] = '\n';
-    hbuf_raw(b, hx, n);
-    hbuf_raw(b, data, len);
-    hbuf_raw(b, "\r\n", 2);
+    td_buf_put(b, hx, n);
+    td_buf_put(b, data, len);
+    td_buf_put(b, "\r\n", 2);
   } else {
-    hbuf_raw(b, data, len);
+    td_buf_put(b, data, len);
   }
   if (b == &c->wbuf && b->len >= TD__HTTP_EAGER_FLUSH) td__http_conn_flush(c);
   td__http_conn_mark_dirty(c);
@@ -341,7 +321,7 @@ static int stream_end_now(td_http_server_t *srv, td_http_req_id id) {
   if (!r) return UV_ENOENT;
   if (r->state != TD__RQ_STREAMING) return UV_EINVAL;
   td__http_conn_t *c = r->conn;
-  if (r->framing == TD__FR_CHUNKED && td__http_hbuf_put(req_target(r), "0\r\n\r\n", 5)) return UV_ENOMEM;
+  if (r->framing == TD__FR_CHUNKED) td_buf_put(req_target(r), "0\r\n\r\n", 5);
   r->state = TD__RQ_DONE;
   srv->st.responses++;
   td__http_req_drop_id(srv, r);
