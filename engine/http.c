@@ -13,6 +13,26 @@
 #include <stdio.h>
 #include <time.h>
 
+/* -- Errors -------------------------------------------------------------- */
+
+/* libuv's codes stop here: the ones a caller acts on become TD_E* codes;
+ * the rest are -errno on Unix and pass through, which td_strerror names
+ * ("Permission denied"); libuv's own (UV_EOF, UV_EAI_*) become TD_EIO. */
+int td__http_err(int uv) {
+  switch (uv) {
+    case 0: return 0;
+    case UV_ENOMEM: return TD_ENOMEM;
+    case UV_EINVAL: return TD_EINVAL;
+    case UV_ETIMEDOUT: return TD_ETIMEDOUT;
+    case UV_EADDRINUSE: return TD_EADDRINUSE;
+    case UV_ECANCELED: return TD_ECANCELED;
+    case UV_EOF:
+    case UV_ECONNRESET:
+    case UV_EPIPE: return TD_ECLOSED;
+    default: return uv < 0 && uv > TD__EFIRST ? uv : TD_EIO;
+  }
+}
+
 /* -- Buffers ------------------------------------------------------------- */
 
 /* Trims a pooled buffer so an occasional huge request does not stay resident. */
@@ -75,7 +95,7 @@ td__http_req_t *td__http_req_new(td__http_conn_t *c) {
 static int ids_grow(td_http_server_t *srv) {
   size_t cap = srv->ids_cap ? srv->ids_cap * 2 : 64;
   td__http_req_t **t = calloc(cap, sizeof(*t));
-  if (!t) return UV_ENOMEM;
+  if (!t) return TD_ENOMEM;
   for (size_t i = 0; i < srv->ids_cap; i++) {
     td__http_req_t *r = srv->ids[i];
     if (!r) continue;
@@ -91,7 +111,7 @@ static int ids_grow(td_http_server_t *srv) {
 
 /* Gives the request an id (it is about to be handed to on_request). */
 int td__http_req_assign_id(td_http_server_t *srv, td__http_req_t *r) {
-  if ((srv->ids_count + 1) * 2 > srv->ids_cap && ids_grow(srv)) return UV_ENOMEM;
+  if ((srv->ids_count + 1) * 2 > srv->ids_cap && ids_grow(srv)) return TD_ENOMEM;
   r->pub.id = ++srv->next_id;
   size_t mask = srv->ids_cap - 1, k = (size_t)r->pub.id & mask;
   while (srv->ids[k]) k = (k + 1) & mask;
@@ -109,7 +129,7 @@ static size_t ids_index(const td_http_server_t *srv, td_http_req_id id) {
   return SIZE_MAX;
 }
 
-/* Kills the request's id: later calls with it get UV_ENOENT. */
+/* Kills the request's id: later calls with it get TD_ENOTFOUND. */
 void td__http_req_drop_id(td_http_server_t *srv, td__http_req_t *r) {
   if (!r->has_id) return;
   r->has_id = 0;
@@ -802,9 +822,9 @@ td_http_server_t *td_http_server_new(uv_loop_t *loop, const td_http_opts_t *opts
 }
 
 int td_http_server_listen(td_http_server_t *srv, const char *host, int port) {
-  if (srv->closing) return UV_ECANCELED;
-  if (srv->listen_tried) return UV_EALREADY;
-  if (port < 0 || port > 65535) return UV_EINVAL;
+  if (srv->closing) return TD_ECANCELED;
+  if (srv->listen_tried) return TD_EINVAL;
+  if (port < 0 || port > 65535) return TD_EINVAL;
   srv->listen_tried = 1;
   if (!host) host = "127.0.0.1";
   struct sockaddr_storage ss;
@@ -813,11 +833,11 @@ int td_http_server_listen(td_http_server_t *srv, const char *host, int port) {
     rc = uv_ip6_addr(host, port, (struct sockaddr_in6 *)&ss);
   else
     rc = uv_ip4_addr(host, port, (struct sockaddr_in *)&ss);
-  if (rc) return UV_EINVAL;
-  if ((rc = uv_tcp_bind(&srv->listener, (const struct sockaddr *)&ss, 0))) return rc;
-  if ((rc = uv_listen((uv_stream_t *)&srv->listener, 1024, on_connection))) return rc;
+  if (rc) return TD_EINVAL;
+  if ((rc = uv_tcp_bind(&srv->listener, (const struct sockaddr *)&ss, 0))) return td__http_err(rc);
+  if ((rc = uv_listen((uv_stream_t *)&srv->listener, 1024, on_connection))) return td__http_err(rc);
   int len = sizeof(ss);
-  if ((rc = uv_tcp_getsockname(&srv->listener, (struct sockaddr *)&ss, &len))) return rc;
+  if ((rc = uv_tcp_getsockname(&srv->listener, (struct sockaddr *)&ss, &len))) return td__http_err(rc);
   srv->port = ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
                                              : ((struct sockaddr_in *)&ss)->sin_port);
   return 0;

@@ -193,7 +193,10 @@ void td__http_date_refresh(td_http_server_t *srv);
 td__http_req_t *td__http_req_new(td__http_conn_t *c);
 /* Gives the request an id (it is about to be handed to on_request). */
 int td__http_req_assign_id(td_http_server_t *srv, td__http_req_t *r);
-/* Kills the request's id: later calls with it get UV_ENOENT. */
+/* A libuv code as a TD_E* code (or -errno); 0 stays 0. */
+int td__http_err(int uv);
+
+/* Kills the request's id: later calls with it get TD_ENOTFOUND. */
 void td__http_req_drop_id(td_http_server_t *srv, td__http_req_t *r);
 td__http_req_t *td__http_req_lookup(td_http_server_t *srv, td_http_req_id id);
 void td__http_conn_mark_dirty(td__http_conn_t *c);

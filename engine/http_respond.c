@@ -237,13 +237,13 @@ void td__http_req_reply_internal(td__http_req_t *r, int status, int close_conn) 
 static int respond_now(td_http_server_t *srv, td_http_req_id id, int status, const td_http_header_t *h,
                        size_t nh, const void *body, size_t len) {
   td__http_req_t *r = td__http_req_lookup(srv, id);
-  if (!r) return UV_ENOENT;
-  if (r->state != TD__RQ_DISPATCHED) return UV_EINVAL;
+  if (!r) return TD_ENOTFOUND;
+  if (r->state != TD__RQ_DISPATCHED) return TD_EINVAL;
   td__http_conn_t *c = r->conn;
   td_buf_t *b = req_target(r);
   if (conn_backlog(c, b) > srv->o.max_output_bytes) {
     td__http_conn_kill(c, TD_HTTP_ABORT_SLOW_CLIENT);
-    return UV_ENOBUFS;
+    return TD_ESLOWPEER;
   }
   td__http_date_refresh(srv);
   req_write_whole(r, status, h, nh, body, len);
@@ -256,8 +256,8 @@ static int respond_now(td_http_server_t *srv, td_http_req_id id, int status, con
 static int stream_start_now(td_http_server_t *srv, td_http_req_id id, int status, const td_http_header_t *h,
                             size_t nh) {
   td__http_req_t *r = td__http_req_lookup(srv, id);
-  if (!r) return UV_ENOENT;
-  if (r->state != TD__RQ_DISPATCHED) return UV_EINVAL;
+  if (!r) return TD_ENOTFOUND;
+  if (r->state != TD__RQ_DISPATCHED) return TD_EINVAL;
   td__http_conn_t *c = r->conn;
   int framing;
   if (r->head_only || !status_has_body(status)) framing = TD__FR_NONE;
@@ -279,14 +279,14 @@ static int stream_start_now(td_http_server_t *srv, td_http_req_id id, int status
 
 static int stream_write_now(td_http_server_t *srv, td_http_req_id id, const void *data, size_t len) {
   td__http_req_t *r = td__http_req_lookup(srv, id);
-  if (!r) return UV_ENOENT;
-  if (r->state != TD__RQ_STREAMING) return UV_EINVAL;
+  if (!r) return TD_ENOTFOUND;
+  if (r->state != TD__RQ_STREAMING) return TD_EINVAL;
   if (len == 0 || r->framing == TD__FR_NONE) return 0;
   td__http_conn_t *c = r->conn;
   td_buf_t *b = req_target(r);
   if (conn_backlog(c, b) > srv->o.max_output_bytes) {
     td__http_conn_kill(c, TD_HTTP_ABORT_SLOW_CLIENT);
-    return UV_ENOBUFS;
+    return TD_ESLOWPEER;
   }
   td_buf_reserve(b, len + 24);
   r->log_bytes += len;
@@ -308,8 +308,8 @@ static int stream_write_now(td_http_server_t *srv, td_http_req_id id, const void
 
 static int stream_notify_now(td_http_server_t *srv, td_http_req_id id, size_t low) {
   td__http_req_t *r = td__http_req_lookup(srv, id);
-  if (!r) return UV_ENOENT;
-  if (r->state != TD__RQ_STREAMING) return UV_EINVAL;
+  if (!r) return TD_ENOTFOUND;
+  if (r->state != TD__RQ_STREAMING) return TD_EINVAL;
   r->drain_armed = 1;
   r->drain_low = low;
   td__http_conn_mark_dirty(r->conn); /* checked when the loop next services it */
@@ -318,8 +318,8 @@ static int stream_notify_now(td_http_server_t *srv, td_http_req_id id, size_t lo
 
 static int stream_end_now(td_http_server_t *srv, td_http_req_id id) {
   td__http_req_t *r = td__http_req_lookup(srv, id);
-  if (!r) return UV_ENOENT;
-  if (r->state != TD__RQ_STREAMING) return UV_EINVAL;
+  if (!r) return TD_ENOTFOUND;
+  if (r->state != TD__RQ_STREAMING) return TD_EINVAL;
   td__http_conn_t *c = r->conn;
   if (r->framing == TD__FR_CHUNKED) td_buf_put(req_target(r), "0\r\n\r\n", 5);
   r->state = TD__RQ_DONE;
@@ -332,14 +332,14 @@ static int stream_end_now(td_http_server_t *srv, td_http_req_id id) {
 
 static int abort_now(td_http_server_t *srv, td_http_req_id id) {
   td__http_req_t *r = td__http_req_lookup(srv, id);
-  if (!r) return UV_ENOENT;
+  if (!r) return TD_ENOTFOUND;
   td__http_conn_t *c = r->conn;
   if (r->state == TD__RQ_DISPATCHED) {
     td__http_req_drop_id(srv, r);
     td__http_req_reply_internal(r, 500, 0);
     return 0;
   }
-  if (r->state != TD__RQ_STREAMING) return UV_EINVAL;
+  if (r->state != TD__RQ_STREAMING) return TD_EINVAL;
   /* Truncate: what was sent stays, no terminating chunk, then close. */
   td__http_req_drop_id(srv, r);
   r->state = TD__RQ_DONE;
@@ -360,7 +360,7 @@ static int cmd_run(td_http_server_t *srv, const td__http_cmd_t *m) {
     case TD__OP_END: return stream_end_now(srv, m->id);
     case TD__OP_ABORT: return abort_now(srv, m->id);
     case TD__OP_NOTIFY: return stream_notify_now(srv, m->id, (size_t)m->status);
-    default: return UV_EINVAL;
+    default: return TD_EINVAL;
   }
 }
 
@@ -386,7 +386,7 @@ static int cmd_post(td_http_server_t *srv, int op, td_http_req_id id, int status
     size += (h[i].name_len ? h[i].name_len : strlen(h[i].name)) +
             (h[i].value_len ? h[i].value_len : strlen(h[i].value)) + 2;
   td__http_cmd_t *m = malloc(size);
-  if (!m) return UV_ENOMEM;
+  if (!m) return TD_ENOMEM;
   m->next = NULL;
   m->op = op;
   m->id = id;
@@ -415,7 +415,7 @@ static int cmd_post(td_http_server_t *srv, int op, td_http_req_id id, int status
   if (srv->mq_closed) {
     pthread_mutex_unlock(&srv->mu);
     free(m);
-    return UV_ECANCELED;
+    return TD_ECANCELED;
   }
   if (srv->cmd_tail) srv->cmd_tail->next = m;
   else srv->cmd_head = m;
@@ -431,20 +431,20 @@ static int status_valid(int status) { return status >= 200 && status <= 599; }
 
 int td_http_respond(td_http_server_t *srv, td_http_req_id id, int status, const td_http_header_t *headers,
                     size_t nheaders, const void *body, size_t len) {
-  if (!status_valid(status) || !headers_valid(headers, nheaders) || (len && !body)) return UV_EINVAL;
+  if (!status_valid(status) || !headers_valid(headers, nheaders) || (len && !body)) return TD_EINVAL;
   if (!on_loop_thread(srv)) return cmd_post(srv, TD__OP_RESPOND, id, status, headers, nheaders, body, len);
   return respond_now(srv, id, status, headers, nheaders, body, len);
 }
 
 int td_http_stream_start(td_http_server_t *srv, td_http_req_id id, int status,
                          const td_http_header_t *headers, size_t nheaders) {
-  if (!status_valid(status) || !headers_valid(headers, nheaders)) return UV_EINVAL;
+  if (!status_valid(status) || !headers_valid(headers, nheaders)) return TD_EINVAL;
   if (!on_loop_thread(srv)) return cmd_post(srv, TD__OP_START, id, status, headers, nheaders, NULL, 0);
   return stream_start_now(srv, id, status, headers, nheaders);
 }
 
 int td_http_stream_write(td_http_server_t *srv, td_http_req_id id, const void *data, size_t len) {
-  if (len && !data) return UV_EINVAL;
+  if (len && !data) return TD_EINVAL;
   if (!on_loop_thread(srv)) {
     if (len == 0) return 0;
     return cmd_post(srv, TD__OP_WRITE, id, 0, NULL, 0, data, len);
@@ -628,11 +628,11 @@ static void thread_on_stop(uv_async_t *h) {
 
 static void *thread_main(void *arg) {
   td_http_thread_t *t = arg;
-  int rc = uv_loop_init(&t->loop);
+  int rc = td__http_err(uv_loop_init(&t->loop));
   if (rc == 0) {
     t->srv = td_http_server_new(&t->loop, &t->opts);
-    rc = t->srv ? td_http_server_listen(t->srv, t->host[0] ? t->host : NULL, t->port) : UV_ENOMEM;
-    if (rc == 0) rc = uv_async_init(&t->loop, &t->stop, thread_on_stop);
+    rc = t->srv ? td_http_server_listen(t->srv, t->host[0] ? t->host : NULL, t->port) : TD_ENOMEM;
+    if (rc == 0) rc = td__http_err(uv_async_init(&t->loop, &t->stop, thread_on_stop));
     if (rc == 0) {
       t->stop.data = t;
       t->port = td_http_server_port(t->srv);
@@ -654,17 +654,18 @@ static void *thread_main(void *arg) {
 int td_http_thread_start(const td_http_opts_t *opts, const char *host, int port, td_http_thread_t **out) {
   if (!opts || !opts->on_request || !out) abort(); /* API misuse */
   *out = NULL;
-  if (host && strlen(host) >= sizeof(((td_http_thread_t *)0)->host)) return UV_EINVAL;
+  if (host && strlen(host) >= sizeof(((td_http_thread_t *)0)->host)) return TD_EINVAL;
   td_http_thread_t *t = calloc(1, sizeof(*t));
-  if (!t) return UV_ENOMEM;
+  if (!t) return TD_ENOMEM;
   t->opts = *opts;
   if (host) strcpy(t->host, host);
   t->port = port;
   pthread_mutex_init(&t->mu, NULL);
   pthread_cond_init(&t->cv, NULL);
-  if (pthread_create(&t->th, NULL, thread_main, t)) {
+  int e = pthread_create(&t->th, NULL, thread_main, t);
+  if (e) {
     free(t);
-    return UV_EAGAIN;
+    return -e; /* EAGAIN: no resources for a thread */
   }
   pthread_mutex_lock(&t->mu);
   while (!t->ready) pthread_cond_wait(&t->cv, &t->mu);

@@ -31,7 +31,10 @@
   _(CLOSED, "peer closed the connection")                                 \
   _(INVAL, "invalid argument")                                            \
   _(TIMEDOUT, "timed out")                                                \
-  _(NOSPACE, "no space left on the spill disk (TIDE_SPILL_DIR, or /tmp)")
+  _(NOSPACE, "no space left on the spill disk (TIDE_SPILL_DIR, or /tmp)") \
+  _(ADDRINUSE, "address already in use")                                  \
+  _(CANCELED, "cancelled: shutting down")                                 \
+  _(SLOWPEER, "the peer stopped reading; its connection was dropped")
 
 /* clang-format off */
 /* Each code's place in the table (0, 1, ...), for the codes below. */
