@@ -37,25 +37,12 @@ TEST_IMPL(buf_grow) {
  * number and has its own message; a negative errno (what a libuv code is
  * on Unix) gets libc's sentence; nothing else passes for a code. */
 TEST_IMPL(err_codes) {
-  static const int codes[] = {
-#define TD__CODE(name, msg) TD_E##name,
-      TD_ERRDEF(TD__CODE)
-#undef TD__CODE
+  static const test_err_t table[] = {
+#define TD__ROW(name, msg) {TD_E##name, msg},
+      TD_ERRDEF(TD__ROW)
+#undef TD__ROW
   };
-  static const char *const msgs[] = {
-#define TD__TEXT(name, msg) msg,
-      TD_ERRDEF(TD__TEXT)
-#undef TD__TEXT
-  };
-  size_t n = sizeof(codes) / sizeof(codes[0]);
-  ASSERT_EQ(n, (size_t)TD__ECOUNT);
-  for (size_t i = 0; i < n; i++) {
-    ASSERT(codes[i] < 0);
-    ASSERT(codes[i] < TD__EFIRST && codes[i] >= TD__ELAST);
-    for (size_t j = 0; j < i; j++) ASSERT(codes[i] != codes[j]);
-    ASSERT(strcmp(td_strerror(codes[i]), msgs[i]) == 0);
-    for (size_t j = 0; j < i; j++) ASSERT(strcmp(msgs[i], msgs[j]) != 0);
-  }
+  assert_err_table(table, sizeof(table) / sizeof(table[0]), TD__ECOUNT, TD__EFIRST, TD__ELAST, td_strerror);
   /* Numbers are stable (new codes go at the end of the table). */
   ASSERT_EQ(TD_ENOMEM, -1001);
   ASSERT_EQ(TD_EPROTO, -1003);

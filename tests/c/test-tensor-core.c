@@ -192,24 +192,14 @@ TEST_IMPL(tensor_pool_reuse) {
 /* Every TD_GPU_E* code is negative, below TD_GPU__EFIRST and below td.h's
  * TD_E* range (so the two never meet), distinct and named. */
 TEST_IMPL(tensor_err_codes) {
-  static const int codes[] = {
-#define TD_GPU__CODE(name, msg) TD_GPU_E##name,
-      TD_GPU_ERRDEF(TD_GPU__CODE)
-#undef TD_GPU__CODE
-  };
-  static const char *const msgs[] = {
-#define TD_GPU__TEXT(name, msg) msg,
-      TD_GPU_ERRDEF(TD_GPU__TEXT)
-#undef TD_GPU__TEXT
-  };
-  size_t n = sizeof(codes) / sizeof(codes[0]);
-  ASSERT_EQ(n, (size_t)TD_GPU__ECOUNT);
   ASSERT((int)TD_GPU__EFIRST < (int)TD__ELAST);
-  for (size_t i = 0; i < n; i++) {
-    ASSERT(codes[i] < TD_GPU__EFIRST && codes[i] >= TD_GPU__ELAST);
-    for (size_t j = 0; j < i; j++) ASSERT(codes[i] != codes[j]);
-    ASSERT(strcmp(td_gpu_strerror(codes[i]), msgs[i]) == 0);
-  }
+  static const test_err_t table[] = {
+#define TD_GPU__ROW(name, msg) {TD_GPU_E##name, msg},
+      TD_GPU_ERRDEF(TD_GPU__ROW)
+#undef TD_GPU__ROW
+  };
+  assert_err_table(table, sizeof(table) / sizeof(table[0]), TD_GPU__ECOUNT, TD_GPU__EFIRST, TD_GPU__ELAST,
+                   td_gpu_strerror);
   ASSERT_EQ(TD_GPU_ENOMEM, -2001); /* the numbers the CUDA plugin returns */
   ASSERT(strcmp(td_gpu_strerror(0), "success") == 0);
   ASSERT(strcmp(td_gpu_strerror(-TD_GPU_ENOMEM), "unknown error") == 0);
