@@ -17,7 +17,6 @@
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
-#include <uv.h>
 #include <zmq.h>
 
 #include "bridge.h"
@@ -282,11 +281,11 @@ static void td__daemon_tcp(td__start_t *s) {
 static void td__daemon_dashboard(td__start_t *s) {
   int bound = 0, rc = td_obs_dashboard_start(s->dash_host, s->dash_port, s->dash_secret, td__listen_fd,
                                              td__on_accept, &bound);
-  if (rc == UV_EADDRINUSE && !s->dash_given)
+  if (rc == TD_EADDRINUSE && !s->dash_given)
     rc = td_obs_dashboard_start(s->dash_host, 0, s->dash_secret, td__listen_fd, td__on_accept, &bound);
   if (rc) {
     fprintf(stderr, "tide: no dashboard: cannot listen on %s:%d: %s\n", s->dash_host, s->dash_port,
-            uv_strerror(rc));
+            td_strerror(rc));
     return;
   }
   printf("tide: dashboard and /metrics on http://%s:%d/\n", s->dash_host, bound);

@@ -13,37 +13,31 @@
 #include <stdio.h>
 #include <time.h>
 
+/* -- Errors -------------------------------------------------------------- */
+
+/* libuv's codes stop here: the ones a caller acts on become TD_E* codes;
+ * the rest are -errno on Unix and pass through, which td_strerror names
+ * ("Permission denied"); libuv's own (UV_EOF, UV_EAI_*) become TD_EIO. */
+int td__http_err(int uv) {
+  switch (uv) {
+    case 0: return 0;
+    case UV_ENOMEM: return TD_ENOMEM;
+    case UV_EINVAL: return TD_EINVAL;
+    case UV_ETIMEDOUT: return TD_ETIMEDOUT;
+    case UV_EADDRINUSE: return TD_EADDRINUSE;
+    case UV_ECANCELED: return TD_ECANCELED;
+    case UV_EOF:
+    case UV_ECONNRESET:
+    case UV_EPIPE: return TD_ECLOSED;
+    default: return uv < 0 && uv > TD__EFIRST ? uv : TD_EIO;
+  }
+}
+
 /* -- Buffers ------------------------------------------------------------- */
 
-int td__http_hbuf_reserve(td__hbuf_t *b, size_t extra) {
-  if (b->cap - b->len >= extra) return 0;
-  size_t need = b->len + extra;
-  if (need < b->len) return UV_ENOMEM;
-  size_t cap = b->cap ? b->cap : 256;
-  while (cap < need) cap *= 2;
-  char *p = realloc(b->p, cap);
-  if (!p) return UV_ENOMEM;
-  b->p = p;
-  b->cap = cap;
-  return 0;
-}
-
-int td__http_hbuf_put(td__hbuf_t *b, const void *d, size_t n) {
-  if (td__http_hbuf_reserve(b, n)) return UV_ENOMEM;
-  if (n) memcpy(b->p + b->len, d, n);
-  b->len += n;
-  return 0;
-}
-
-static void hbuf_free(td__hbuf_t *b) {
-  free(b->p);
-  b->p = NULL;
-  b->len = b->cap = 0;
-}
-
 /* Trims a pooled buffer so an occasional huge request does not stay resident. */
-static void hbuf_recycle(td__hbuf_t *b) {
-  if (b->cap > TD__HTTP_KEEP_BUF) hbuf_free(b);
+static void hbuf_recycle(td_buf_t *b) {
+  if (b->cap > TD__HTTP_KEEP_BUF) td_buf_free(b);
   b->len = 0;
 }
 
@@ -101,7 +95,7 @@ td__http_req_t *td__http_req_new(td__http_conn_t *c) {
 static int ids_grow(td_http_server_t *srv) {
   size_t cap = srv->ids_cap ? srv->ids_cap * 2 : 64;
   td__http_req_t **t = calloc(cap, sizeof(*t));
-  if (!t) return UV_ENOMEM;
+  if (!t) return TD_ENOMEM;
   for (size_t i = 0; i < srv->ids_cap; i++) {
     td__http_req_t *r = srv->ids[i];
     if (!r) continue;
@@ -117,7 +111,7 @@ static int ids_grow(td_http_server_t *srv) {
 
 /* Gives the request an id (it is about to be handed to on_request). */
 int td__http_req_assign_id(td_http_server_t *srv, td__http_req_t *r) {
-  if ((srv->ids_count + 1) * 2 > srv->ids_cap && ids_grow(srv)) return UV_ENOMEM;
+  if ((srv->ids_count + 1) * 2 > srv->ids_cap && ids_grow(srv)) return TD_ENOMEM;
   r->pub.id = ++srv->next_id;
   size_t mask = srv->ids_cap - 1, k = (size_t)r->pub.id & mask;
   while (srv->ids[k]) k = (k + 1) & mask;
@@ -135,7 +129,7 @@ static size_t ids_index(const td_http_server_t *srv, td_http_req_id id) {
   return SIZE_MAX;
 }
 
-/* Kills the request's id: later calls with it get UV_ENOENT. */
+/* Kills the request's id: later calls with it get TD_ENOTFOUND. */
 void td__http_req_drop_id(td_http_server_t *srv, td__http_req_t *r) {
   if (!r->has_id) return;
   r->has_id = 0;
@@ -190,8 +184,8 @@ static void req_release(td_http_server_t *srv, td__http_req_t *r) {
   td__http_req_drop_id(srv, r);
   if (r->in.cap + r->out.cap > TD__HTTP_KEEP_BUF) server_trim_soon(srv);
   if (srv->npool >= TD__HTTP_POOL_MAX) {
-    hbuf_free(&r->in);
-    hbuf_free(&r->out);
+    td_buf_free(&r->in);
+    td_buf_free(&r->out);
     free(r->hoff);
     free(r->hdrs);
     free(r);
@@ -261,12 +255,7 @@ void td__http_conn_advance(td__http_conn_t *c) {
     popped = 1;
     td__http_req_t *h = c->qhead;
     if (h && h->out.len) {
-      if (td__http_hbuf_put(&c->wbuf, h->out.p, h->out.len)) {
-        /* Out of memory: nothing sensible to send; the connection ends. */
-        c->stop_parsing = 1;
-        h->out.len = 0;
-        break;
-      }
+      td_buf_put(&c->wbuf, h->out.p, h->out.len);
       h->out.len = 0;
     }
   }
@@ -318,9 +307,9 @@ void td__http_conn_kill(td__http_conn_t *c, td_http_abort_reason_t reason) {
 
 static void conn_free(td__http_conn_t *c) {
   c->srv->held -= c->held;
-  hbuf_free(&c->wbuf);
-  hbuf_free(&c->wflight);
-  hbuf_free(&c->stash);
+  td_buf_free(&c->wbuf);
+  td_buf_free(&c->wflight);
+  td_buf_free(&c->stash);
   free(c);
 }
 
@@ -408,16 +397,16 @@ void td__http_conn_flush(td__http_conn_t *c) {
     return;
   }
   if (c->virt) {
-    if (c->sink) c->sink(c->sink_ud, c->wbuf.p, c->wbuf.len);
+    if (c->sink) c->sink(c->sink_ud, (const char *)c->wbuf.p, c->wbuf.len);
     c->wbuf.len = 0;
     conn_maybe_finish(c);
     return;
   }
-  uv_buf_t b = uv_buf_init(c->wbuf.p, (unsigned)c->wbuf.len);
+  uv_buf_t b = uv_buf_init((char *)c->wbuf.p, (unsigned)c->wbuf.len);
   int n = uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
   if (n == (int)c->wbuf.len) {
     c->wbuf.len = 0;
-    if (c->wbuf.cap > TD__HTTP_HIGH_WATER) hbuf_free(&c->wbuf); /* after a big one */
+    if (c->wbuf.cap > TD__HTTP_HIGH_WATER) td_buf_free(&c->wbuf); /* after a big one */
     conn_maybe_finish(c);
     return;
   }
@@ -427,11 +416,11 @@ void td__http_conn_flush(td__http_conn_t *c) {
   }
   if (n < 0) n = 0;
   /* Hand the rest to uv_write; new output collects in the other buffer. */
-  td__hbuf_t t = c->wflight;
+  td_buf_t t = c->wflight;
   c->wflight = c->wbuf;
   c->wbuf = t;
   c->wbuf.len = 0;
-  b = uv_buf_init(c->wflight.p + n, (unsigned)(c->wflight.len - (size_t)n));
+  b = uv_buf_init((char *)c->wflight.p + n, (unsigned)(c->wflight.len - (size_t)n));
   if (uv_write(&c->wreq, (uv_stream_t *)&c->tcp, &b, 1, on_write)) {
     td__http_conn_kill(c, TD_HTTP_ABORT_DISCONNECT);
     return;
@@ -445,7 +434,7 @@ static void on_write(uv_write_t *req, int status) {
   td__http_conn_t *c = req->handle->data;
   c->writing = 0;
   c->wflight.len = 0;
-  if (c->wflight.cap > TD__HTTP_HIGH_WATER) hbuf_free(&c->wflight);
+  if (c->wflight.cap > TD__HTTP_HIGH_WATER) td_buf_free(&c->wflight);
   if (c->dead) return;
   if (status < 0) {
     td__http_conn_kill(c, TD_HTTP_ABORT_DISCONNECT);
@@ -650,7 +639,7 @@ static void conn_service(td__http_conn_t *c) {
   if (c->paused && !c->stop_parsing && td__http_conn_can_parse(c)) {
     c->paused = 0;
     size_t off = c->stash_off, len = c->stash.len;
-    td__http_conn_parse(c, c->stash.p + off, len - off);
+    td__http_conn_parse(c, (const char *)c->stash.p + off, len - off);
     if (c->dead) return;
     if (!c->paused) {
       c->stash.len = c->stash_off = 0;
@@ -833,9 +822,9 @@ td_http_server_t *td_http_server_new(uv_loop_t *loop, const td_http_opts_t *opts
 }
 
 int td_http_server_listen(td_http_server_t *srv, const char *host, int port) {
-  if (srv->closing) return UV_ECANCELED;
-  if (srv->listen_tried) return UV_EALREADY;
-  if (port < 0 || port > 65535) return UV_EINVAL;
+  if (srv->closing) return TD_ECANCELED;
+  if (srv->listen_tried) return TD_EINVAL;
+  if (port < 0 || port > 65535) return TD_EINVAL;
   srv->listen_tried = 1;
   if (!host) host = "127.0.0.1";
   struct sockaddr_storage ss;
@@ -844,11 +833,11 @@ int td_http_server_listen(td_http_server_t *srv, const char *host, int port) {
     rc = uv_ip6_addr(host, port, (struct sockaddr_in6 *)&ss);
   else
     rc = uv_ip4_addr(host, port, (struct sockaddr_in *)&ss);
-  if (rc) return UV_EINVAL;
-  if ((rc = uv_tcp_bind(&srv->listener, (const struct sockaddr *)&ss, 0))) return rc;
-  if ((rc = uv_listen((uv_stream_t *)&srv->listener, 1024, on_connection))) return rc;
+  if (rc) return TD_EINVAL;
+  if ((rc = uv_tcp_bind(&srv->listener, (const struct sockaddr *)&ss, 0))) return td__http_err(rc);
+  if ((rc = uv_listen((uv_stream_t *)&srv->listener, 1024, on_connection))) return td__http_err(rc);
   int len = sizeof(ss);
-  if ((rc = uv_tcp_getsockname(&srv->listener, (struct sockaddr *)&ss, &len))) return rc;
+  if ((rc = uv_tcp_getsockname(&srv->listener, (struct sockaddr *)&ss, &len))) return td__http_err(rc);
   srv->port = ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
                                              : ((struct sockaddr_in *)&ss)->sin_port);
   return 0;
@@ -875,8 +864,8 @@ static void server_maybe_closed(td_http_server_t *srv) {
   while (srv->pool) {
     td__http_req_t *r = srv->pool;
     srv->pool = r->next;
-    hbuf_free(&r->in);
-    hbuf_free(&r->out);
+    td_buf_free(&r->in);
+    td_buf_free(&r->out);
     free(r->hoff);
     free(r->hdrs);
     free(r);
@@ -926,7 +915,7 @@ void td__http_virt_feed(td__http_conn_t *c, const char *data, size_t len) {
   }
   if (c->stop_parsing) return;
   if (c->paused) {
-    if (td__http_hbuf_put(&c->stash, data, len)) td__http_conn_kill(c, TD_HTTP_ABORT_DISCONNECT);
+    td_buf_put(&c->stash, data, len);
     return;
   }
   td__http_conn_parse(c, data, len);

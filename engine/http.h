@@ -1,7 +1,8 @@
 /* Tide HTTP ingress: an HTTP/1.1 server (keep-alive, pipelining, chunked
  * streaming, limits) on a libuv loop the caller drives.
  * Uses libuv (uv_tcp, uv_timer, uv_prepare, uv_async) and llhttp (Debian
- * node-llhttp sources, compiled in by engine/http.mk). Routing is not here:
+ * node-llhttp sources, compiled in by engine/http.mk), and td.h for its
+ * error codes and byte buffers. Routing is not here:
  * one on_request callback receives every parsed request.
  */
 #ifndef TD_HTTP_H
@@ -10,6 +11,8 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <uv.h>
+
+#include "td.h"
 
 /* -- Threads, ownership, lifetimes ---------------------------------------
  *
@@ -23,7 +26,7 @@
  * reused by a server. Ids count 1, 2, 3, ... per server, so a Lua number
  * (a double, exact below 2^53) holds every id a server will hand out. Ids may be passed anywhere (other threads, Lua, other
  * processes' replies); a call with an id whose request has finished or been
- * aborted returns UV_ENOENT and does nothing, so late replies are harmless.
+ * aborted returns TD_ENOTFOUND and does nothing, so late replies are harmless.
  *
  * The response calls (td_http_respond, td_http_stream_start/write/end,
  * td_http_abort) may be called from any thread. On the loop thread they act
@@ -42,11 +45,13 @@
  * on_abort reports it first (client gone, response timeout, slow client,
  * server closing). After on_abort the id is dead.
  *
- * Errors are 0 or a negative libuv code (UV_E*, i.e. -errno on Unix):
- * UV_ENOENT (no such live request), UV_EINVAL (bad argument, or a call that
- * does not fit the request's state, such as a second respond), UV_ENOBUFS
- * (the client does not read: its connection was dropped), UV_ECANCELED (the
- * server is closing), UV_ENOMEM. uv_strerror() names them.
+ * Errors are 0 or a negative code (td.h), never a libuv code: TD_ENOTFOUND
+ * (no such live request), TD_EINVAL (bad argument, or a call that does not
+ * fit the request's state, such as a second respond), TD_ESLOWPEER (the
+ * client does not read: its connection was dropped), TD_ECANCELED (the
+ * server is closing), TD_ENOMEM. libuv's codes are mapped where libuv is
+ * called (td__http_err); one without a TD_E* code of its own stays -errno.
+ * td_strerror() names them all.
  */
 
 typedef struct td_http_server td_http_server_t;
@@ -105,7 +110,7 @@ typedef void (*td_http_request_cb)(td_http_server_t *srv,
 
 /* Called on the loop thread when a request handed to on_request will never
  * be answered (reason above), so a generator can be cancelled. The id is
- * already dead when it runs; response calls with it return UV_ENOENT. */
+ * already dead when it runs; response calls with it return TD_ENOTFOUND. */
 typedef void (*td_http_abort_cb)(td_http_server_t *srv, td_http_req_id id,
                                  td_http_abort_reason_t reason, void *data);
 
@@ -185,8 +190,9 @@ td_http_server_t *td_http_server_new(uv_loop_t *loop, const td_http_opts_t *opts
 
 /* Listens on host:port. host NULL means "127.0.0.1" (never all interfaces
  * unless asked: "0.0.0.0" or "::"); port 0 picks a free port (see
- * td_http_server_port). Returns 0 or a UV error (UV_EADDRINUSE, UV_EINVAL);
- * a server listens on one address at most (UV_EALREADY). */
+ * td_http_server_port). Returns 0, TD_EADDRINUSE, TD_EINVAL (a bad address,
+ * or a second listen: a server listens on one address at most) or -errno
+ * (-EACCES, -EADDRNOTAVAIL). */
 int td_http_server_listen(td_http_server_t *srv, const char *host, int port);
 
 /* The port listened on, or 0 when not listening. */
@@ -217,7 +223,7 @@ int td_http_stream_start(td_http_server_t *srv, td_http_req_id id, int status,
                          const td_http_header_t *headers, size_t nheaders);
 
 /* Sends one chunk (len 0 does nothing). Chunks are flushed before the loop
- * next waits for I/O. UV_ENOBUFS: the client has stopped reading and its
+ * next waits for I/O. TD_ESLOWPEER: the client has stopped reading and its
  * connection was dropped (on_abort fired). */
 int td_http_stream_write(td_http_server_t *srv, td_http_req_id id,
                          const void *data, size_t len);
@@ -305,8 +311,8 @@ typedef struct td_http_thread td_http_thread_t;
 
 /* Starts a thread with its own loop and a server listening on host:port
  * (as td_http_server_new + _listen); callbacks run on that thread. Returns
- * 0 and the caller owns *out, or a UV error (listen failed: nothing left
- * running). */
+ * 0 and the caller owns *out, or a code as td_http_server_listen's (nothing
+ * is left running). */
 int td_http_thread_start(const td_http_opts_t *opts, const char *host, int port,
                          td_http_thread_t **out);
 /* The server, for the response calls (which any thread may make). */

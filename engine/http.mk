@@ -4,7 +4,8 @@
 # Also builds the libFuzzer target run by tests/sh/http_fuzz_test.sh and the
 # load generator in bench/http/.
 
-# The ingress itself (split by concept behind engine/http_int.h).
+# The ingress itself (split by concept behind engine/http_int.h); the
+# binaries that link it alone add engine/util.c (td.h's buffers and codes).
 HTTP_SRCS := engine/http.c engine/http_parse.c engine/http_respond.c
 HTTP_HDRS := engine/http.h engine/http_int.h
 
@@ -35,14 +36,14 @@ LLHTTP_FUZZ_OBJS := $(patsubst build/llhttp/%,build/llhttp-fuzz/%,$(LLHTTP_OBJS)
 build/llhttp-fuzz/%.o: $(LLHTTP_DIR)/%.c
 	@mkdir -p $(dir $@)
 	$(CLANG) -g -O1 -w -fsanitize=fuzzer-no-link $(FUZZ_SAN) -I$(LLHTTP_INC) -c -o $@ $<
-build/fuzz-http: tests/fuzz/fuzz_http.c $(HTTP_SRCS) $(HTTP_HDRS) $(LLHTTP_FUZZ_OBJS)
+build/fuzz-http: tests/fuzz/fuzz_http.c $(HTTP_SRCS) engine/util.c $(HTTP_HDRS) engine/td.h $(LLHTTP_FUZZ_OBJS)
 	@mkdir -p build
 	$(CLANG) -g -O1 -std=gnu11 -Wall -Wextra -Werror -fsanitize=fuzzer $(FUZZ_SAN) \
 	  -Iengine -isystem $(LLHTTP_INC) $(HTTP_UV_CFLAGS) \
-	  -o $@ tests/fuzz/fuzz_http.c $(HTTP_SRCS) $(LLHTTP_FUZZ_OBJS) $(HTTP_UV_LIBS)
+	  -o $@ tests/fuzz/fuzz_http.c $(HTTP_SRCS) engine/util.c $(LLHTTP_FUZZ_OBJS) $(HTTP_UV_LIBS)
 
 # The HTTP load generator and in-process hello/echo server (bench/http).
-build/bench-http: bench/http/bench_http.c $(HTTP_SRCS) $(HTTP_HDRS) $(LLHTTP_OBJS)
+build/bench-http: bench/http/bench_http.c $(HTTP_SRCS) engine/util.c $(HTTP_HDRS) engine/td.h $(LLHTTP_OBJS)
 	@mkdir -p build
 	$(CC) $(OPT) -g -std=gnu11 -Wall -Wextra -Werror -Iengine -isystem $(LLHTTP_INC) \
-	  $(HTTP_UV_CFLAGS) -o $@ bench/http/bench_http.c $(HTTP_SRCS) $(LLHTTP_OBJS) $(HTTP_UV_LIBS) -lm
+	  $(HTTP_UV_CFLAGS) -o $@ bench/http/bench_http.c $(HTTP_SRCS) engine/util.c $(LLHTTP_OBJS) $(HTTP_UV_LIBS) -lm

@@ -6,6 +6,7 @@
 #ifndef TD_HTTP_INT_H
 #define TD_HTTP_INT_H
 #include "http.h"
+#include "td.h"
 
 #include <llhttp.h>
 #include <pthread.h>
@@ -27,13 +28,6 @@
 #define TD__HTTP_NEVER UINT64_MAX
 
 /* -- Types --------------------------------------------------------------- */
-
-/* A growable byte buffer. */
-typedef struct td__hbuf {
-  char *p;    /* bytes */
-  size_t len; /* used */
-  size_t cap; /* allocated */
-} td__hbuf_t;
 
 /* Offsets of one request header inside the request's arena. */
 typedef struct td__hoff {
@@ -77,8 +71,8 @@ struct td__http_req {
   uint64_t t_dispatch;    /* loop time it was handed to on_request */
   size_t url_len;         /* request target length (arena offset 0) */
   size_t body_off;        /* arena offset of the body */
-  td__hbuf_t in;          /* arena: target, header names and values, body */
-  td__hbuf_t out;         /* response bytes made while not at the queue head */
+  td_buf_t in;            /* arena: target, header names and values, body */
+  td_buf_t out;           /* response bytes made while not at the queue head */
   td__hoff_t *hoff;       /* header offsets while parsing */
   size_t nhoff;           /* headers parsed */
   size_t choff;           /* capacity of hoff */
@@ -101,9 +95,9 @@ struct td__http_conn {
   td__http_req_t *cur;    /* request being parsed (also queued) */
   td__http_req_t *ready;  /* request just completed by the parser */
   unsigned nq;            /* queued requests */
-  td__hbuf_t wbuf;        /* bytes to write next */
-  td__hbuf_t wflight;     /* bytes handed to uv_write */
-  td__hbuf_t stash;       /* received bytes not parsed while parsing is paused */
+  td_buf_t wbuf;          /* bytes to write next */
+  td_buf_t wflight;       /* bytes handed to uv_write */
+  td_buf_t stash;         /* received bytes not parsed while parsing is paused */
   size_t stash_off;       /* first unparsed byte in stash */
   size_t held;            /* conn_held and unsent output, as counted in srv->held */
   size_t hbytes;          /* request line + header bytes of the current request */
@@ -194,14 +188,15 @@ static inline int td__http_ieq(const char *a, size_t an, const char *b) {
 
 /* -- engine/http.c: buffers, requests, connections ------------------------- */
 
-int td__http_hbuf_reserve(td__hbuf_t *b, size_t extra);
-int td__http_hbuf_put(td__hbuf_t *b, const void *d, size_t n);
 /* The cached "Date: ...\r\n" line, refreshed once a second of loop time. */
 void td__http_date_refresh(td_http_server_t *srv);
 td__http_req_t *td__http_req_new(td__http_conn_t *c);
 /* Gives the request an id (it is about to be handed to on_request). */
 int td__http_req_assign_id(td_http_server_t *srv, td__http_req_t *r);
-/* Kills the request's id: later calls with it get UV_ENOENT. */
+/* A libuv code as a TD_E* code (or -errno); 0 stays 0. */
+int td__http_err(int uv);
+
+/* Kills the request's id: later calls with it get TD_ENOTFOUND. */
 void td__http_req_drop_id(td_http_server_t *srv, td__http_req_t *r);
 td__http_req_t *td__http_req_lookup(td_http_server_t *srv, td_http_req_id id);
 void td__http_conn_mark_dirty(td__http_conn_t *c);

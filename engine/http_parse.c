@@ -28,10 +28,7 @@ static int hdr_limit(td__http_conn_t *c, size_t len, int status) {
 }
 
 static int arena_put(td__http_conn_t *c, const char *at, size_t len) {
-  if (td__http_hbuf_put(&c->cur->in, at, len)) {
-    c->err_status = 503;
-    return HPE_USER;
-  }
+  td_buf_put(&c->cur->in, at, len);
   return 0;
 }
 
@@ -137,7 +134,8 @@ static int cb_header_value_complete(llhttp_t *p) {
 
 static const char *arena_header(td__http_req_t *r, const char *name) {
   for (size_t i = 0; i < r->nhoff; i++)
-    if (td__http_ieq(r->in.p + r->hoff[i].no, r->hoff[i].nl, name)) return r->in.p + r->hoff[i].vo;
+    if (td__http_ieq((const char *)r->in.p + r->hoff[i].no, r->hoff[i].nl, name))
+      return (const char *)r->in.p + r->hoff[i].vo;
   return NULL;
 }
 
@@ -170,7 +168,8 @@ static int cb_headers_complete(llhttp_t *p) {
    * still owed (an interim response may not overtake it). */
   const char *ex = arena_header(r, "expect");
   if (ex && p->http_minor >= 1 && td__http_ieq(ex, strlen(ex), "100-continue") && r == c->qhead) {
-    if (td__http_hbuf_put(&c->wbuf, "HTTP/1.1 100 Continue\r\n\r\n", 25) == 0) td__http_conn_mark_dirty(c);
+    td_buf_put(&c->wbuf, "HTTP/1.1 100 Continue\r\n\r\n", 25);
+    td__http_conn_mark_dirty(c);
   }
   return 0;
 }
@@ -201,7 +200,7 @@ static int cb_message_complete(llhttp_t *p) {
     r->hdrs = h;
     r->chdrs = r->nhoff;
   }
-  char *base = r->in.p;
+  char *base = (char *)r->in.p;
   for (size_t i = 0; i < r->nhoff; i++) {
     r->hdrs[i].name = base + r->hoff[i].no;
     r->hdrs[i].name_len = r->hoff[i].nl;
@@ -298,15 +297,13 @@ int td__http_conn_can_parse(td__http_conn_t *c) {
 
 /* Keeps unparsed input for later (parsing paused). */
 static void conn_stash(td__http_conn_t *c, const char *p, size_t n) {
-  if (c->stash.p && p >= c->stash.p && p <= c->stash.p + c->stash.len) {
-    c->stash_off = (size_t)(p - c->stash.p);
+  const char *s = (const char *)c->stash.p;
+  if (s && p >= s && p <= s + c->stash.len) {
+    c->stash_off = (size_t)(p - s);
   } else {
     c->stash.len = 0;
     c->stash_off = 0;
-    if (td__http_hbuf_put(&c->stash, p, n)) {
-      td__http_conn_kill(c, TD_HTTP_ABORT_DISCONNECT);
-      return;
-    }
+    td_buf_put(&c->stash, p, n);
   }
   if (!c->paused) {
     c->paused = 1;

@@ -31,12 +31,6 @@ static const struct {
 
 /* -- Small helpers --------------------------------------------------------- */
 
-/* Appends without checking: callers reserved the room. */
-static void hbuf_raw(td__hbuf_t *b, const void *d, size_t n) {
-  memcpy(b->p + b->len, d, n);
-  b->len += n;
-}
-
 static size_t fmt_u64(char *dst, uint64_t v) {
   char t[24];
   size_t n = 0;
@@ -122,14 +116,14 @@ const char *td_http_status_text(int status) {
 
 /* Where a request's response bytes go: straight to the socket buffer when it
  * is the head of the queue, else into its own buffer until its turn. */
-static td__hbuf_t *req_target(td__http_req_t *r) { return r == r->conn->qhead ? &r->conn->wbuf : &r->out; }
+static td_buf_t *req_target(td__http_req_t *r) { return r == r->conn->qhead ? &r->conn->wbuf : &r->out; }
 
 /* Output the client has not taken: what waits behind a write the socket
  * could not take at once, plus what waits for its turn in the queue. Bytes
  * made in the current loop turn and not yet tried do not count, so a big
  * response written in pieces by one callback is not mistaken for a slow
  * client. */
-static size_t conn_backlog(const td__http_conn_t *c, const td__hbuf_t *target) {
+static size_t conn_backlog(const td__http_conn_t *c, const td_buf_t *target) {
   size_t n = c->writing ? c->wbuf.len + c->wflight.len : 0;
   if (target != &c->wbuf) n += target->len;
   return n;
@@ -162,63 +156,56 @@ static int header_reserved(const char *name, size_t n) {
 
 /* Writes the status line and headers of a response for r into b.
  * framing TD__FR_LENGTH sends Content-Length: clen. */
-static int fmt_head(td__hbuf_t *b, td__http_req_t *r, int status, const td_http_header_t *h, size_t nh,
-                    int framing, size_t clen) {
+static void fmt_head(td_buf_t *b, td__http_req_t *r, int status, const td_http_header_t *h, size_t nh,
+                     int framing, size_t clen) {
   td_http_server_t *srv = r->conn->srv;
   const char *reason = td_http_status_text(status);
   size_t need = 64 + strlen(reason) + srv->date_len + 48;
   for (size_t i = 0; i < nh; i++)
     need += (h[i].name_len ? h[i].name_len : strlen(h[i].name)) +
             (h[i].value_len ? h[i].value_len : strlen(h[i].value)) + 4;
-  if (td__http_hbuf_reserve(b, need)) return UV_ENOMEM;
+  td_buf_reserve(b, need); /* one growth for the whole head */
   r->log_status = status;
   char st[4] = {(char)('0' + status / 100), (char)('0' + status / 10 % 10), (char)('0' + status % 10), ' '};
-  hbuf_raw(b, "HTTP/1.1 ", 9);
-  hbuf_raw(b, st, 4);
-  hbuf_raw(b, reason, strlen(reason));
-  hbuf_raw(b, "\r\n", 2);
+  td_buf_put(b, "HTTP/1.1 ", 9);
+  td_buf_put(b, st, 4);
+  td_buf_put(b, reason, strlen(reason));
+  td_buf_put(b, "\r\n", 2);
   for (size_t i = 0; i < nh; i++) {
     size_t nl = h[i].name_len ? h[i].name_len : strlen(h[i].name);
     size_t vl = h[i].value_len ? h[i].value_len : strlen(h[i].value);
     if (header_reserved(h[i].name, nl)) continue;
-    hbuf_raw(b, h[i].name, nl);
-    hbuf_raw(b, ": ", 2);
-    hbuf_raw(b, h[i].value, vl);
-    hbuf_raw(b, "\r\n", 2);
+    td_buf_put(b, h[i].name, nl);
+    td_buf_put(b, ": ", 2);
+    td_buf_put(b, h[i].value, vl);
+    td_buf_put(b, "\r\n", 2);
   }
-  hbuf_raw(b, srv->date, srv->date_len);
+  td_buf_put(b, srv->date, srv->date_len);
   if (framing == TD__FR_LENGTH) {
     char num[24];
-    hbuf_raw(b, "Content-Length: ", 16);
-    hbuf_raw(b, num, fmt_u64(num, clen));
-    hbuf_raw(b, "\r\n", 2);
+    td_buf_put(b, "Content-Length: ", 16);
+    td_buf_put(b, num, fmt_u64(num, clen));
+    td_buf_put(b, "\r\n", 2);
   } else if (framing == TD__FR_CHUNKED) {
-    hbuf_raw(b, "Transfer-Encoding: chunked\r\n", 28);
+    td_buf_put(b, "Transfer-Encoding: chunked\r\n", 28);
   }
-  if (r->close_after) hbuf_raw(b, "Connection: close\r\n", 19);
-  else if (r->pub.http_minor == 0) hbuf_raw(b, "Connection: keep-alive\r\n", 24);
-  hbuf_raw(b, "\r\n", 2);
-  return 0;
+  if (r->close_after) td_buf_put(b, "Connection: close\r\n", 19);
+  else if (r->pub.http_minor == 0) td_buf_put(b, "Connection: keep-alive\r\n", 24);
+  td_buf_put(b, "\r\n", 2);
 }
 
 static int status_has_body(int status) { return status != 204 && status != 304; }
 
 /* Queues a whole response for r (head + body) and marks it done. */
-static int req_write_whole(td__http_req_t *r, int status, const td_http_header_t *h, size_t nh,
-                           const void *body, size_t len) {
-  td__hbuf_t *b = req_target(r);
-  size_t mark = b->len;
+static void req_write_whole(td__http_req_t *r, int status, const td_http_header_t *h, size_t nh,
+                            const void *body, size_t len) {
+  td_buf_t *b = req_target(r);
   int has_body = status_has_body(status);
-  int rc = fmt_head(b, r, status, h, nh, has_body ? TD__FR_LENGTH : TD__FR_NONE, len);
-  if (rc == 0 && has_body && !r->head_only) rc = td__http_hbuf_put(b, body, len);
-  if (rc) {
-    b->len = mark;
-    return rc;
-  }
+  fmt_head(b, r, status, h, nh, has_body ? TD__FR_LENGTH : TD__FR_NONE, len);
+  if (has_body && !r->head_only) td_buf_put(b, body, len);
   r->state = TD__RQ_DONE;
   r->log_bytes = has_body && !r->head_only ? len : 0;
   r->conn->srv->st.responses++;
-  return 0;
 }
 
 /* Server-made responses: errors as {"error":..,"status":..}, healthz. */
@@ -239,12 +226,7 @@ void td__http_req_reply_internal(td__http_req_t *r, int status, int close_conn) 
   }
   static const td_http_header_t ct[] = {TD_HTTP_HDR("Content-Type", "application/json")};
   td__http_date_refresh(srv);
-  if (req_write_whole(r, status, ct, 1, body, len)) {
-    /* Out of memory: end the connection without a response. */
-    r->state = TD__RQ_DONE;
-    r->close_after = 1;
-    c->stop_parsing = 1;
-  }
+  req_write_whole(r, status, ct, 1, body, len);
   if (r->close_after) td__http_conn_drop_after(c, r);
   td__http_conn_advance(c);
   td__http_conn_mark_dirty(c);
@@ -255,17 +237,16 @@ void td__http_req_reply_internal(td__http_req_t *r, int status, int close_conn) 
 static int respond_now(td_http_server_t *srv, td_http_req_id id, int status, const td_http_header_t *h,
                        size_t nh, const void *body, size_t len) {
   td__http_req_t *r = td__http_req_lookup(srv, id);
-  if (!r) return UV_ENOENT;
-  if (r->state != TD__RQ_DISPATCHED) return UV_EINVAL;
+  if (!r) return TD_ENOTFOUND;
+  if (r->state != TD__RQ_DISPATCHED) return TD_EINVAL;
   td__http_conn_t *c = r->conn;
-  td__hbuf_t *b = req_target(r);
+  td_buf_t *b = req_target(r);
   if (conn_backlog(c, b) > srv->o.max_output_bytes) {
     td__http_conn_kill(c, TD_HTTP_ABORT_SLOW_CLIENT);
-    return UV_ENOBUFS;
+    return TD_ESLOWPEER;
   }
   td__http_date_refresh(srv);
-  int rc = req_write_whole(r, status, h, nh, body, len);
-  if (rc) return rc;
+  req_write_whole(r, status, h, nh, body, len);
   td__http_req_drop_id(srv, r);
   td__http_conn_advance(c);
   td__http_conn_mark_dirty(c);
@@ -275,8 +256,8 @@ static int respond_now(td_http_server_t *srv, td_http_req_id id, int status, con
 static int stream_start_now(td_http_server_t *srv, td_http_req_id id, int status, const td_http_header_t *h,
                             size_t nh) {
   td__http_req_t *r = td__http_req_lookup(srv, id);
-  if (!r) return UV_ENOENT;
-  if (r->state != TD__RQ_DISPATCHED) return UV_EINVAL;
+  if (!r) return TD_ENOTFOUND;
+  if (r->state != TD__RQ_DISPATCHED) return TD_EINVAL;
   td__http_conn_t *c = r->conn;
   int framing;
   if (r->head_only || !status_has_body(status)) framing = TD__FR_NONE;
@@ -288,9 +269,8 @@ static int stream_start_now(td_http_server_t *srv, td_http_req_id id, int status
     td__http_conn_drop_after(c, r);
   }
   td__http_date_refresh(srv);
-  td__hbuf_t *b = req_target(r);
-  int rc = fmt_head(b, r, status, h, nh, framing, 0);
-  if (rc) return rc;
+  td_buf_t *b = req_target(r);
+  fmt_head(b, r, status, h, nh, framing, 0);
   r->framing = (uint8_t)framing;
   r->state = TD__RQ_STREAMING;
   td__http_conn_mark_dirty(c);
@@ -299,27 +279,27 @@ static int stream_start_now(td_http_server_t *srv, td_http_req_id id, int status
 
 static int stream_write_now(td_http_server_t *srv, td_http_req_id id, const void *data, size_t len) {
   td__http_req_t *r = td__http_req_lookup(srv, id);
-  if (!r) return UV_ENOENT;
-  if (r->state != TD__RQ_STREAMING) return UV_EINVAL;
+  if (!r) return TD_ENOTFOUND;
+  if (r->state != TD__RQ_STREAMING) return TD_EINVAL;
   if (len == 0 || r->framing == TD__FR_NONE) return 0;
   td__http_conn_t *c = r->conn;
-  td__hbuf_t *b = req_target(r);
+  td_buf_t *b = req_target(r);
   if (conn_backlog(c, b) > srv->o.max_output_bytes) {
     td__http_conn_kill(c, TD_HTTP_ABORT_SLOW_CLIENT);
-    return UV_ENOBUFS;
+    return TD_ESLOWPEER;
   }
-  if (td__http_hbuf_reserve(b, len + 24)) return UV_ENOMEM;
+  td_buf_reserve(b, len + 24);
   r->log_bytes += len;
   if (r->framing == TD__FR_CHUNKED) {
     char hx[24];
     size_t n = fmt_hex(hx, len);
     hx[n++] = '\r';
     hx[n++] = '\n';
-    hbuf_raw(b, hx, n);
-    hbuf_raw(b, data, len);
-    hbuf_raw(b, "\r\n", 2);
+    td_buf_put(b, hx, n);
+    td_buf_put(b, data, len);
+    td_buf_put(b, "\r\n", 2);
   } else {
-    hbuf_raw(b, data, len);
+    td_buf_put(b, data, len);
   }
   if (b == &c->wbuf && b->len >= TD__HTTP_EAGER_FLUSH) td__http_conn_flush(c);
   td__http_conn_mark_dirty(c);
@@ -328,8 +308,8 @@ static int stream_write_now(td_http_server_t *srv, td_http_req_id id, const void
 
 static int stream_notify_now(td_http_server_t *srv, td_http_req_id id, size_t low) {
   td__http_req_t *r = td__http_req_lookup(srv, id);
-  if (!r) return UV_ENOENT;
-  if (r->state != TD__RQ_STREAMING) return UV_EINVAL;
+  if (!r) return TD_ENOTFOUND;
+  if (r->state != TD__RQ_STREAMING) return TD_EINVAL;
   r->drain_armed = 1;
   r->drain_low = low;
   td__http_conn_mark_dirty(r->conn); /* checked when the loop next services it */
@@ -338,10 +318,10 @@ static int stream_notify_now(td_http_server_t *srv, td_http_req_id id, size_t lo
 
 static int stream_end_now(td_http_server_t *srv, td_http_req_id id) {
   td__http_req_t *r = td__http_req_lookup(srv, id);
-  if (!r) return UV_ENOENT;
-  if (r->state != TD__RQ_STREAMING) return UV_EINVAL;
+  if (!r) return TD_ENOTFOUND;
+  if (r->state != TD__RQ_STREAMING) return TD_EINVAL;
   td__http_conn_t *c = r->conn;
-  if (r->framing == TD__FR_CHUNKED && td__http_hbuf_put(req_target(r), "0\r\n\r\n", 5)) return UV_ENOMEM;
+  if (r->framing == TD__FR_CHUNKED) td_buf_put(req_target(r), "0\r\n\r\n", 5);
   r->state = TD__RQ_DONE;
   srv->st.responses++;
   td__http_req_drop_id(srv, r);
@@ -352,14 +332,14 @@ static int stream_end_now(td_http_server_t *srv, td_http_req_id id) {
 
 static int abort_now(td_http_server_t *srv, td_http_req_id id) {
   td__http_req_t *r = td__http_req_lookup(srv, id);
-  if (!r) return UV_ENOENT;
+  if (!r) return TD_ENOTFOUND;
   td__http_conn_t *c = r->conn;
   if (r->state == TD__RQ_DISPATCHED) {
     td__http_req_drop_id(srv, r);
     td__http_req_reply_internal(r, 500, 0);
     return 0;
   }
-  if (r->state != TD__RQ_STREAMING) return UV_EINVAL;
+  if (r->state != TD__RQ_STREAMING) return TD_EINVAL;
   /* Truncate: what was sent stays, no terminating chunk, then close. */
   td__http_req_drop_id(srv, r);
   r->state = TD__RQ_DONE;
@@ -380,7 +360,7 @@ static int cmd_run(td_http_server_t *srv, const td__http_cmd_t *m) {
     case TD__OP_END: return stream_end_now(srv, m->id);
     case TD__OP_ABORT: return abort_now(srv, m->id);
     case TD__OP_NOTIFY: return stream_notify_now(srv, m->id, (size_t)m->status);
-    default: return UV_EINVAL;
+    default: return TD_EINVAL;
   }
 }
 
@@ -406,7 +386,7 @@ static int cmd_post(td_http_server_t *srv, int op, td_http_req_id id, int status
     size += (h[i].name_len ? h[i].name_len : strlen(h[i].name)) +
             (h[i].value_len ? h[i].value_len : strlen(h[i].value)) + 2;
   td__http_cmd_t *m = malloc(size);
-  if (!m) return UV_ENOMEM;
+  if (!m) return TD_ENOMEM;
   m->next = NULL;
   m->op = op;
   m->id = id;
@@ -435,7 +415,7 @@ static int cmd_post(td_http_server_t *srv, int op, td_http_req_id id, int status
   if (srv->mq_closed) {
     pthread_mutex_unlock(&srv->mu);
     free(m);
-    return UV_ECANCELED;
+    return TD_ECANCELED;
   }
   if (srv->cmd_tail) srv->cmd_tail->next = m;
   else srv->cmd_head = m;
@@ -451,20 +431,20 @@ static int status_valid(int status) { return status >= 200 && status <= 599; }
 
 int td_http_respond(td_http_server_t *srv, td_http_req_id id, int status, const td_http_header_t *headers,
                     size_t nheaders, const void *body, size_t len) {
-  if (!status_valid(status) || !headers_valid(headers, nheaders) || (len && !body)) return UV_EINVAL;
+  if (!status_valid(status) || !headers_valid(headers, nheaders) || (len && !body)) return TD_EINVAL;
   if (!on_loop_thread(srv)) return cmd_post(srv, TD__OP_RESPOND, id, status, headers, nheaders, body, len);
   return respond_now(srv, id, status, headers, nheaders, body, len);
 }
 
 int td_http_stream_start(td_http_server_t *srv, td_http_req_id id, int status,
                          const td_http_header_t *headers, size_t nheaders) {
-  if (!status_valid(status) || !headers_valid(headers, nheaders)) return UV_EINVAL;
+  if (!status_valid(status) || !headers_valid(headers, nheaders)) return TD_EINVAL;
   if (!on_loop_thread(srv)) return cmd_post(srv, TD__OP_START, id, status, headers, nheaders, NULL, 0);
   return stream_start_now(srv, id, status, headers, nheaders);
 }
 
 int td_http_stream_write(td_http_server_t *srv, td_http_req_id id, const void *data, size_t len) {
-  if (len && !data) return UV_EINVAL;
+  if (len && !data) return TD_EINVAL;
   if (!on_loop_thread(srv)) {
     if (len == 0) return 0;
     return cmd_post(srv, TD__OP_WRITE, id, 0, NULL, 0, data, len);
@@ -648,11 +628,11 @@ static void thread_on_stop(uv_async_t *h) {
 
 static void *thread_main(void *arg) {
   td_http_thread_t *t = arg;
-  int rc = uv_loop_init(&t->loop);
+  int rc = td__http_err(uv_loop_init(&t->loop));
   if (rc == 0) {
     t->srv = td_http_server_new(&t->loop, &t->opts);
-    rc = t->srv ? td_http_server_listen(t->srv, t->host[0] ? t->host : NULL, t->port) : UV_ENOMEM;
-    if (rc == 0) rc = uv_async_init(&t->loop, &t->stop, thread_on_stop);
+    rc = t->srv ? td_http_server_listen(t->srv, t->host[0] ? t->host : NULL, t->port) : TD_ENOMEM;
+    if (rc == 0) rc = td__http_err(uv_async_init(&t->loop, &t->stop, thread_on_stop));
     if (rc == 0) {
       t->stop.data = t;
       t->port = td_http_server_port(t->srv);
@@ -674,17 +654,18 @@ static void *thread_main(void *arg) {
 int td_http_thread_start(const td_http_opts_t *opts, const char *host, int port, td_http_thread_t **out) {
   if (!opts || !opts->on_request || !out) abort(); /* API misuse */
   *out = NULL;
-  if (host && strlen(host) >= sizeof(((td_http_thread_t *)0)->host)) return UV_EINVAL;
+  if (host && strlen(host) >= sizeof(((td_http_thread_t *)0)->host)) return TD_EINVAL;
   td_http_thread_t *t = calloc(1, sizeof(*t));
-  if (!t) return UV_ENOMEM;
+  if (!t) return TD_ENOMEM;
   t->opts = *opts;
   if (host) strcpy(t->host, host);
   t->port = port;
   pthread_mutex_init(&t->mu, NULL);
   pthread_cond_init(&t->cv, NULL);
-  if (pthread_create(&t->th, NULL, thread_main, t)) {
+  int e = pthread_create(&t->th, NULL, thread_main, t);
+  if (e) {
     free(t);
-    return UV_EAGAIN;
+    return -e; /* EAGAIN: no resources for a thread */
   }
   pthread_mutex_lock(&t->mu);
   while (!t->ready) pthread_cond_wait(&t->cv, &t->mu);

@@ -426,7 +426,7 @@ int td__on_alloc(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   td_buf_t b;
   td_buf_init(&b);
   td_buf_u8(&b, rc == 0);
-  td_buf_u64(&b, rc == 0 ? off : (uint64_t)rc);
+  td_buf_u64(&b, rc == 0 ? off : (uint64_t)(int64_t)rc); /* a code: negative, read back as int64 */
   td_node_reply(n, wk, req, b.p, b.len);
   td_buf_free(&b);
   return 0;

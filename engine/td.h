@@ -12,31 +12,51 @@
 
 /* -- Error codes ---------------------------------------------------------- */
 
-/* Every function that can fail returns 0 or one of these (positive, from
- * TD__EFIRST up, so they never meet errno or libuv codes). The messages
- * live in one table, td_strerror(). The few functions around libuv return
- * libuv's negative codes instead, and say so where declared. */
-#define TD_ERRDEF(_)                                               \
-  _(NOMEM, "out of memory")                                        \
-  _(IO, "i/o error")                                               \
-  _(PROTO, "malformed protocol message")                           \
-  _(SER, "value cannot be serialized")                             \
-  _(NOTFOUND, "not found")                                         \
-  _(STOREFULL, "object store is full")                             \
-  _(TOOBIG, "value too large for the object store even after spilling") \
-  _(CLOSED, "peer closed the connection")                          \
-  _(INVAL, "invalid argument")                                    \
-  _(TIMEDOUT, "timed out")                                         \
-  _(NOSPACE, "no space left on the spill disk (TIDE_SPILL_DIR, or /tmp)")
+/* Every function that can fail returns 0 or a negative code: one of these
+ * TD_E* (TD__EFIRST - 1 and down: -1001, -1002, ...) or, where an errno
+ * without a TD_E* of its own passes through, -errno (-1 .. -999). Library
+ * codes are mapped where the library is called: libuv's in engine/http.c,
+ * CUDA's and NCCL's in the gpu layer, whose own codes count down from
+ * -2000 (gpu/gpu_err.h, td_gpu_strerror). A code keeps its number when
+ * codes are added at the end of the table. The messages live in one
+ * table, td_strerror(). */
+#define TD_ERRDEF(_)                                                      \
+  _(NOMEM, "out of memory")                                               \
+  _(IO, "i/o error")                                                      \
+  _(PROTO, "malformed protocol message")                                  \
+  _(SER, "value cannot be serialized")                                    \
+  _(NOTFOUND, "not found")                                                \
+  _(STOREFULL, "object store is full")                                    \
+  _(TOOBIG, "value too large for the object store even after spilling")   \
+  _(CLOSED, "peer closed the connection")                                 \
+  _(INVAL, "invalid argument")                                            \
+  _(TIMEDOUT, "timed out")                                                \
+  _(NOSPACE, "no space left on the spill disk (TIDE_SPILL_DIR, or /tmp)") \
+  _(ADDRINUSE, "address already in use")                                  \
+  _(CANCELED, "cancelled: shutting down")                                 \
+  _(SLOWPEER, "the peer stopped reading; its connection was dropped")
+
+/* clang-format off */
+/* Each code's place in the table (0, 1, ...), for the codes below. */
+enum {
+#define TD__EIDX(name, msg) TD__I##name,
+  TD_ERRDEF(TD__EIDX)
+#undef TD__EIDX
+  TD__ECOUNT /* how many TD_E* codes there are */
+};
 
 enum {
   TD_OK = 0,
-#define TD__ENUM(name, msg) TD_E##name,
-  TD__EFIRST = 1000,
+  TD__EFIRST = -1000, /* TD_E* codes are below it: TD_ENOMEM is -1001 */
+#define TD__ENUM(name, msg) TD_E##name = TD__EFIRST - 1 - TD__I##name,
   TD_ERRDEF(TD__ENUM)
 #undef TD__ENUM
+  TD__ELAST = TD__EFIRST - TD__ECOUNT /* the lowest TD_E* code */
 };
+/* clang-format on */
 
+/* The message for 0, a TD_E* code or a negative errno (strerror's text);
+ * "unknown error" for anything else. Static storage; never NULL. */
 const char *td_strerror(int err);
 
 /* -- Byte buffers --------------------------------------------------------- */

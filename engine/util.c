@@ -12,14 +12,17 @@ int td_verbose = 0;
 /* -- Errors --------------------------------------------------------------- */
 
 const char *td_strerror(int err) {
-  if (err < 0) err = -err;
   switch (err) {
 #define TD__MSG(name, msg) case TD_E##name: return msg;
     TD_ERRDEF(TD__MSG)
 #undef TD__MSG
     case 0: return "success";
-    default: return "unknown error";
+    default: break;
   }
+  /* Below -999 strerror() would only say "Unknown error -N". On Unix a
+   * libuv code in this range is -errno, so it is named too. */
+  if (err < 0 && err > TD__EFIRST) return strerror(-err);
+  return "unknown error";
 }
 
 /* -- Memory --------------------------------------------------------------- */

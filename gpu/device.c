@@ -60,7 +60,7 @@ static void td__plugin_path(char *buf, size_t n) {
 
 static void td__load(void) {
   if (getenv("TIDE_DISABLE_CUDA") || !td__gpu_present()) {
-    td__dev.err = -TD_GPU_ENODEV;
+    td__dev.err = TD_GPU_ENODEV;
     snprintf(td__dev.why, sizeof(td__dev.why), "no NVIDIA GPU device found");
     return;
   }
@@ -68,7 +68,7 @@ static void td__load(void) {
   td__plugin_path(path, sizeof(path));
   void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
   if (!h) {
-    td__dev.err = -TD_GPU_EPLUGIN;
+    td__dev.err = TD_GPU_EPLUGIN;
     snprintf(td__dev.why, sizeof(td__dev.why), "%s", dlerror());
     return;
   }
@@ -76,7 +76,7 @@ static void td__load(void) {
   *(void **)&get = dlsym(h, "td_cuda_plugin_get");
   const td_cuda_plugin_t *p = get ? get() : NULL;
   if (!p || p->abi != TD_CUDA_PLUGIN_ABI) {
-    td__dev.err = -TD_GPU_EPLUGIN;
+    td__dev.err = TD_GPU_EPLUGIN;
     snprintf(td__dev.why, sizeof(td__dev.why), "%.300s: %s", path,
              p ? "plugin ABI version mismatch" : "td_cuda_plugin_get missing");
     return;
@@ -85,7 +85,7 @@ static void td__load(void) {
   int n = 0;
   int rc = p->device_count(&n);
   if (rc || n <= 0) {
-    td__dev.err = -TD_GPU_ENODEV;
+    td__dev.err = TD_GPU_ENODEV;
     const char *d = td_gpu_last_detail();
     snprintf(td__dev.why, sizeof(td__dev.why), "CUDA reports no device%s%.300s",
              d[0] ? ": " : "", d);
@@ -115,7 +115,7 @@ const td_ops_t *td_device_ops(int dev, int *err) {
   if (!p) return NULL;
   if (dev < 0 || dev >= td__dev.ndev) {
     td_gpu_set_detail("cuda:%d does not exist (%d devices)", dev, td__dev.ndev);
-    *err = -TD_GPU_ENODEV;
+    *err = TD_GPU_ENODEV;
     return NULL;
   }
   int rc = p->set_device(dev);
@@ -159,7 +159,7 @@ int td_device_memcpy(int dst_dev, void *dst, int src_dev, const void *src,
   }
   /* Between two GPUs: through a host bounce buffer (simple, not fast). */
   void *tmp = malloc(n);
-  if (!tmp) return -TD_GPU_ENOMEM;
+  if (!tmp) return TD_GPU_ENOMEM;
   int rc = td_device_memcpy(TD_CPU, tmp, src_dev, src, n);
   if (!rc) rc = td_device_memcpy(dst_dev, dst, TD_CPU, tmp, n);
   free(tmp);

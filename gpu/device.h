@@ -60,8 +60,8 @@ typedef const td_cuda_plugin_t *(*td_cuda_plugin_get_fn)(void);
 
 /* Loads the CUDA plugin once if a GPU is present: $TIDE_CUDA_PLUGIN, else
  * dirname(/proc/self/exe)/../build/tide_cuda.so.  Returns the plugin
- * (borrowed, lives until exit) or NULL with *err set to -TD_GPU_ENODEV (no
- * GPU) or -TD_GPU_EPLUGIN (detail says why). */
+ * (borrowed, lives until exit) or NULL with *err set to TD_GPU_ENODEV (no
+ * GPU) or TD_GPU_EPLUGIN (detail says why). */
 const td_cuda_plugin_t *td_cuda_plugin(int *err);
 
 /* Number of usable CUDA devices (0 without a GPU or plugin); never fails. */

@@ -13,11 +13,9 @@ static const char *const td__gpu_msgs[] = {
 static __thread char td__gpu_detail[256];
 
 const char *td_gpu_strerror(int err) {
-  int i = -err - TD_GPU__EFIRST - 1;
   if (err == 0) return "success";
-  if (i < 0 || i >= (int)(sizeof(td__gpu_msgs) / sizeof(td__gpu_msgs[0])))
-    return "unknown error";
-  return td__gpu_msgs[i];
+  if (err < TD_GPU__EFIRST && err >= TD_GPU__ELAST) return td__gpu_msgs[TD_GPU__EFIRST - 1 - err];
+  return "unknown error";
 }
 
 void td_gpu_set_detail(const char *fmt, ...) {

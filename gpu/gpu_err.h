@@ -25,15 +25,29 @@
   _(IO, "transport error")                                                 \
   _(UNSUPPORTED, "operation not supported on this device")
 
+/* clang-format off */
+/* Each code's place in the table (0, 1, ...), for the codes below. */
 enum {
-  TD_GPU_OK = 0,
-#define TD_GPU__ENUM(name, msg) TD_GPU_E##name,
-  TD_GPU__EFIRST = 2000, /* codes are returned negated: -TD_GPU_ENOMEM */
-  TD_GPU_ERRDEF(TD_GPU__ENUM)
-#undef TD_GPU__ENUM
+#define TD_GPU__EIDX(name, msg) TD_GPU__I##name,
+  TD_GPU_ERRDEF(TD_GPU__EIDX)
+#undef TD_GPU__EIDX
+  TD_GPU__ECOUNT /* how many TD_GPU_E* codes there are */
 };
 
-/* Returns the static message for a (negative) code; never NULL. */
+/* Negative like td.h's TD_E* codes (which are -1001 down), in a range of
+ * their own: TD_GPU_ENOMEM is -2001.  Returned as they are. */
+enum {
+  TD_GPU_OK = 0,
+  TD_GPU__EFIRST = -2000, /* TD_GPU_E* codes are below it */
+#define TD_GPU__ENUM(name, msg) TD_GPU_E##name = TD_GPU__EFIRST - 1 - TD_GPU__I##name,
+  TD_GPU_ERRDEF(TD_GPU__ENUM)
+#undef TD_GPU__ENUM
+  TD_GPU__ELAST = TD_GPU__EFIRST - TD_GPU__ECOUNT /* the lowest TD_GPU_E* code */
+};
+/* clang-format on */
+
+/* Returns the static message for 0 or a TD_GPU_E* code, "unknown error"
+ * for anything else (td_strerror names td.h's codes).  Never NULL. */
 const char *td_gpu_strerror(int err);
 
 /* Sets the per-thread detail text of the last failure (library messages

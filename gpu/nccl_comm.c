@@ -22,12 +22,12 @@ int td_nccl_unique_id(uint8_t *id) {
 }
 
 int td_nccl_new(td_nccl_t **out, int nranks, const uint8_t *id, int rank, int dev) {
-  if (nranks < 1 || rank < 0 || rank >= nranks || dev < 0) return -TD_GPU_EINVAL;
+  if (nranks < 1 || rank < 0 || rank >= nranks || dev < 0) return TD_GPU_EINVAL;
   int err = 0;
   const td_cuda_plugin_t *p = td__plug(dev, &err);
   if (!p) return err;
   td_nccl_t *c = calloc(1, sizeof(*c));
-  if (!c) return -TD_GPU_ENOMEM;
+  if (!c) return TD_GPU_ENOMEM;
   int rc = p->nccl_comm_init(&c->comm, nranks, id, rank);
   if (rc) {
     free(c);
@@ -56,11 +56,11 @@ int td_nccl_device(const td_nccl_t *c) { return c->dev; }
 /* Checks t is contiguous on the communicator's device; returns the plugin. */
 static const td_cuda_plugin_t *td__ready(td_nccl_t *c, const td_tensor_t *t, int *err) {
   if (td_tensor_device(t) != c->dev) {
-    *err = -TD_GPU_EDEVICE;
+    *err = TD_GPU_EDEVICE;
     return NULL;
   }
   if (!td_tensor_is_contiguous(t)) {
-    *err = -TD_GPU_EINVAL;
+    *err = TD_GPU_EINVAL;
     return NULL;
   }
   return td__plug(c->dev, err);
@@ -81,7 +81,7 @@ int td_nccl_allgather(td_nccl_t *c, const td_tensor_t *in, td_tensor_t *out) {
   if (!p) return err;
   if (td_tensor_dtype(in) != td_tensor_dtype(out) ||
       td_tensor_numel(out) != td_tensor_numel(in) * c->nranks)
-    return -TD_GPU_ESHAPE;
+    return TD_GPU_ESHAPE;
   return p->nccl_allgather(c->comm, td_tensor_data(in), td_tensor_data(out),
                            (size_t)td_tensor_numel(in), td_tensor_dtype(in));
 }
@@ -93,7 +93,7 @@ int td_nccl_reduce_scatter(td_nccl_t *c, const td_tensor_t *in, td_tensor_t *out
   if (!p) return err;
   if (td_tensor_dtype(in) != td_tensor_dtype(out) ||
       td_tensor_numel(in) != td_tensor_numel(out) * c->nranks)
-    return -TD_GPU_ESHAPE;
+    return TD_GPU_ESHAPE;
   return p->nccl_reduce_scatter(c->comm, td_tensor_data(in), td_tensor_data(out),
                                 (size_t)td_tensor_numel(out), td_tensor_dtype(in), op);
 }
@@ -102,7 +102,7 @@ int td_nccl_broadcast(td_nccl_t *c, td_tensor_t *t, int root) {
   int err = 0;
   const td_cuda_plugin_t *p = td__ready(c, t, &err);
   if (!p) return err;
-  if (root < 0 || root >= c->nranks) return -TD_GPU_EINVAL;
+  if (root < 0 || root >= c->nranks) return TD_GPU_EINVAL;
   return p->nccl_broadcast(c->comm, td_tensor_data(t), (size_t)td_tensor_numel(t),
                            td_tensor_dtype(t), root);
 }
@@ -111,7 +111,7 @@ int td_nccl_send(td_nccl_t *c, const td_tensor_t *t, int peer) {
   int err = 0;
   const td_cuda_plugin_t *p = td__ready(c, t, &err);
   if (!p) return err;
-  if (peer < 0 || peer >= c->nranks) return -TD_GPU_EINVAL;
+  if (peer < 0 || peer >= c->nranks) return TD_GPU_EINVAL;
   return p->nccl_send(c->comm, td_tensor_data(t), (size_t)td_tensor_numel(t),
                       td_tensor_dtype(t), peer);
 }
@@ -120,7 +120,7 @@ int td_nccl_recv(td_nccl_t *c, td_tensor_t *t, int peer) {
   int err = 0;
   const td_cuda_plugin_t *p = td__ready(c, t, &err);
   if (!p) return err;
-  if (peer < 0 || peer >= c->nranks) return -TD_GPU_EINVAL;
+  if (peer < 0 || peer >= c->nranks) return TD_GPU_EINVAL;
   return p->nccl_recv(c->comm, td_tensor_data(t), (size_t)td_tensor_numel(t),
                       td_tensor_dtype(t), peer);
 }

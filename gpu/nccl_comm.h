@@ -2,7 +2,7 @@
  * plugin's NCCL entry points (device.h) that check tensors (contiguous, on
  * the communicator's device, sizes) and run each collective to completion.
  * Uses tensor.h and device.h.  Without a GPU every call returns
- * -TD_GPU_ENODEV (or -TD_GPU_EPLUGIN).
+ * TD_GPU_ENODEV (or TD_GPU_EPLUGIN).
  *
  * Setup (DESIGN §5): rank 0 calls td_nccl_unique_id() and publishes the 128
  * bytes (the engine: through the head's KV store); every rank then calls

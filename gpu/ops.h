@@ -77,7 +77,7 @@ typedef struct td_ops {
 
   /* -- Embeddings -- */
 
-  /* y(n,dim) = table(vocab,dim)[ids[i]]; -TD_GPU_ERANGE on a bad id. */
+  /* y(n,dim) = table(vocab,dim)[ids[i]]; TD_GPU_ERANGE on a bad id. */
   int (*embedding_fwd)(float *y, const int32_t *ids, const float *table,
                        int64_t n, int64_t vocab, int64_t dim);
   /* dtable[ids[i]] += dy[i] (always accumulates). */
@@ -104,7 +104,7 @@ typedef struct td_ops {
   /* -- Loss -- */
 
   /* losses(rows) = -log softmax(logits(rows,V))[target]; target -1 is
-   * ignored (loss 0); other out-of-range targets: -TD_GPU_ERANGE. */
+   * ignored (loss 0); other out-of-range targets: TD_GPU_ERANGE. */
   int (*cross_entropy_fwd)(float *losses, const float *logits,
                            const int32_t *targets, int64_t rows, int64_t V);
   /* dlogits (+)= scale * (softmax(logits) - onehot(target)); 0 for ignored. */

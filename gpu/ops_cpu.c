@@ -101,7 +101,7 @@ static void td__store(void *p, int dtype, int64_t i, double v) {
 
 static int td__cpu_convert(void *dst, int dd, const void *src, int sd,
                            int64_t n) {
-  if (td_dtype_size(dd) == 0 || td_dtype_size(sd) == 0) return -TD_GPU_EDTYPE;
+  if (td_dtype_size(dd) == 0 || td_dtype_size(sd) == 0) return TD_GPU_EDTYPE;
   if (dd == sd) {
     memcpy(dst, src, (size_t)n * td_dtype_size(dd));
   } else if (dd == TD_F32 && sd == TD_BF16) {
@@ -130,7 +130,7 @@ static int td__cpu_fill(void *out, int dtype, int64_t n, double v) {
     int32_t x = (int32_t)v, *o = out;
     for (int64_t i = 0; i < n; i++) o[i] = x;
   } else {
-    return -TD_GPU_EDTYPE;
+    return TD_GPU_EDTYPE;
   }
   return 0;
 }
@@ -178,8 +178,8 @@ static int td__cpu_strided_copy(void *dst, const void *src, size_t elem,
 static int td__cpu_matmul(int dtype, float *c, const void *a, const void *b,
                           int M, int N, int K, int ta, int tb, float alpha,
                           float beta) {
-  if (dtype != TD_F32) return -TD_GPU_EDTYPE;
-  if (M < 0 || N < 0 || K < 0) return -TD_GPU_EINVAL;
+  if (dtype != TD_F32) return TD_GPU_EDTYPE;
+  if (M < 0 || N < 0 || K < 0) return TD_GPU_EINVAL;
   if (M == 0 || N == 0) return 0;
   if (K == 0) { /* sgemm leaves c untouched when K == 0; define it as beta*c */
     for (int64_t i = 0; i < (int64_t)M * N; i++) c[i] = beta == 0 ? 0 : beta * c[i];
@@ -195,7 +195,7 @@ static int td__cpu_matmul(int dtype, float *c, const void *a, const void *b,
 
 TD__HOT static int td__cpu_add(float *out, const float *a, const float *b, int64_t n,
                        int64_t nb, float alpha, float beta) {
-  if (nb <= 0 || n % nb) return -TD_GPU_ESHAPE;
+  if (nb <= 0 || n % nb) return TD_GPU_ESHAPE;
   for (int64_t i = 0; i < n; i += nb)
     for (int64_t j = 0; j < nb; j++) out[i + j] = alpha * a[i + j] + beta * b[j];
   return 0;
@@ -203,7 +203,7 @@ TD__HOT static int td__cpu_add(float *out, const float *a, const float *b, int64
 
 TD__HOT static int td__cpu_mul(float *out, const float *a, const float *b, int64_t n,
                        int64_t nb) {
-  if (nb <= 0 || n % nb) return -TD_GPU_ESHAPE;
+  if (nb <= 0 || n % nb) return TD_GPU_ESHAPE;
   for (int64_t i = 0; i < n; i += nb)
     for (int64_t j = 0; j < nb; j++) out[i + j] = a[i + j] * b[j];
   return 0;
@@ -356,7 +356,7 @@ static int td__cpu_embedding_fwd(float *y, const int32_t *ids,
                                  const float *table, int64_t n, int64_t vocab,
                                  int64_t dim) {
   for (int64_t i = 0; i < n; i++)
-    if (ids[i] < 0 || ids[i] >= vocab) return -TD_GPU_ERANGE;
+    if (ids[i] < 0 || ids[i] >= vocab) return TD_GPU_ERANGE;
   for (int64_t i = 0; i < n; i++)
     memcpy(y + i * dim, table + (int64_t)ids[i] * dim, sizeof(float) * (size_t)dim);
   return 0;
@@ -366,7 +366,7 @@ static int td__cpu_embedding_bwd(float *dtable, const float *dy,
                                  const int32_t *ids, int64_t n, int64_t vocab,
                                  int64_t dim) {
   for (int64_t i = 0; i < n; i++)
-    if (ids[i] < 0 || ids[i] >= vocab) return -TD_GPU_ERANGE;
+    if (ids[i] < 0 || ids[i] >= vocab) return TD_GPU_ERANGE;
   for (int64_t i = 0; i < n; i++) {
     float *row = dtable + (int64_t)ids[i] * dim;
     const float *g = dy + i * dim;
@@ -378,7 +378,7 @@ static int td__cpu_embedding_bwd(float *dtable, const float *dy,
 /* -- Attention ----------------------------------------------------------------- */
 
 static int td__attn_check(int B, int T, int C, int NH) {
-  return B < 0 || T < 0 || C <= 0 || NH <= 0 || C % NH ? -TD_GPU_EINVAL : 0;
+  return B < 0 || T < 0 || C <= 0 || NH <= 0 || C % NH ? TD_GPU_EINVAL : 0;
 }
 
 /* Attention per (batch, head) as two small GEMMs over strided views of
@@ -387,7 +387,7 @@ static int td__attn_check(int B, int T, int C, int NH) {
  * still wins over a triangular loop by a wide margin. */
 TD__HOT static int td__cpu_attention_fwd(float *out, float *att, const float *qkv,
                                  int B, int T, int C, int NH) {
-  if (td__attn_check(B, T, C, NH)) return -TD_GPU_EINVAL;
+  if (td__attn_check(B, T, C, NH)) return TD_GPU_EINVAL;
   if (B == 0 || T == 0) return 0;
   int hs = C / NH, C3 = 3 * C;
   float scale = 1.0f / sqrtf((float)hs);
@@ -419,13 +419,13 @@ TD__HOT static int td__cpu_attention_fwd(float *out, float *att, const float *qk
 TD__HOT static int td__cpu_attention_bwd(float *dqkv, const float *dout,
                                  const float *qkv, const float *att, int B,
                                  int T, int C, int NH, int accum) {
-  if (td__attn_check(B, T, C, NH)) return -TD_GPU_EINVAL;
+  if (td__attn_check(B, T, C, NH)) return TD_GPU_EINVAL;
   if (!accum) memset(dqkv, 0, sizeof(float) * (size_t)B * T * 3 * C);
   if (B == 0 || T == 0) return 0;
   int hs = C / NH, C3 = 3 * C;
   float scale = 1.0f / sqrtf((float)hs);
   float *ds = malloc(sizeof(float) * (size_t)T * T);
-  if (!ds) return -TD_GPU_ENOMEM;
+  if (!ds) return TD_GPU_ENOMEM;
   for (int b = 0; b < B; b++)
     for (int h = 0; h < NH; h++) {
       const float *q = qkv + (int64_t)b * T * C3 + h * hs;
@@ -455,12 +455,11 @@ TD__HOT static int td__cpu_attention_bwd(float *dqkv, const float *dout,
 static int td__cpu_attention_cached(float *out, float *kcache, float *vcache,
                                     const float *qkv, int B, int Tn, int pos,
                                     int Tmax, int C, int NH) {
-  if (td__attn_check(B, Tn, C, NH) || pos < 0 || pos + Tn > Tmax)
-    return -TD_GPU_EINVAL;
+  if (td__attn_check(B, Tn, C, NH) || pos < 0 || pos + Tn > Tmax) return TD_GPU_EINVAL;
   int hs = C / NH;
   float scale = 1.0f / sqrtf((float)hs);
   float *s = malloc(sizeof(float) * (size_t)(Tmax > 0 ? Tmax : 1));
-  if (!s) return -TD_GPU_ENOMEM;
+  if (!s) return TD_GPU_ENOMEM;
   for (int b = 0; b < B; b++)
     for (int t = 0; t < Tn; t++) {
       const float *row = qkv + ((int64_t)b * Tn + t) * 3 * C;
@@ -501,9 +500,9 @@ static int td__cpu_attention_cached(float *out, float *kcache, float *vcache,
 
 static int td__cpu_ce_fwd(float *losses, const float *logits,
                           const int32_t *targets, int64_t rows, int64_t V) {
-  if (V <= 0) return -TD_GPU_EINVAL;
+  if (V <= 0) return TD_GPU_EINVAL;
   for (int64_t r = 0; r < rows; r++)
-    if (targets[r] < -1 || targets[r] >= V) return -TD_GPU_ERANGE;
+    if (targets[r] < -1 || targets[r] >= V) return TD_GPU_ERANGE;
   for (int64_t r = 0; r < rows; r++) {
     if (targets[r] == -1) {
       losses[r] = 0;
@@ -522,9 +521,9 @@ static int td__cpu_ce_fwd(float *losses, const float *logits,
 static int td__cpu_ce_bwd(float *dlogits, const float *logits,
                           const int32_t *targets, int64_t rows, int64_t V,
                           float scale, int accum) {
-  if (V <= 0) return -TD_GPU_EINVAL;
+  if (V <= 0) return TD_GPU_EINVAL;
   for (int64_t r = 0; r < rows; r++)
-    if (targets[r] < -1 || targets[r] >= V) return -TD_GPU_ERANGE;
+    if (targets[r] < -1 || targets[r] >= V) return TD_GPU_ERANGE;
   for (int64_t r = 0; r < rows; r++) {
     const float *l = logits + r * V;
     float *d = dlogits + r * V;
@@ -552,7 +551,7 @@ static int td__cpu_ce_bwd(float *dlogits, const float *logits,
 TD__HOT static int td__cpu_adamw(float *p, const float *g, float *m, float *v,
                          int64_t n, float lr, float beta1, float beta2,
                          float eps, float wd, int t) {
-  if (t < 1) return -TD_GPU_EINVAL;
+  if (t < 1) return TD_GPU_EINVAL;
   float c1 = 1.0f - powf(beta1, (float)t), c2 = 1.0f - powf(beta2, (float)t);
   for (int64_t i = 0; i < n; i++) {
     float gi = g[i];
@@ -566,7 +565,7 @@ TD__HOT static int td__cpu_adamw(float *p, const float *g, float *m, float *v,
 
 static int td__cpu_argmax(int32_t *out, const float *x, int64_t rows,
                           int64_t cols) {
-  if (cols <= 0) return -TD_GPU_EINVAL;
+  if (cols <= 0) return TD_GPU_EINVAL;
   for (int64_t r = 0; r < rows; r++) {
     const float *xr = x + r * cols;
     int64_t best = 0;
@@ -593,11 +592,11 @@ static int td__cand_desc(const void *a, const void *b) {
 int td_sample_rows(int32_t *out, const float *logits, int64_t rows,
                    int64_t cols, float temperature, int top_k,
                    const double *u) {
-  if (cols <= 0) return -TD_GPU_EINVAL;
+  if (cols <= 0) return TD_GPU_EINVAL;
   if (temperature <= 0) return td__cpu_argmax(out, logits, rows, cols);
   int64_t k = top_k > 0 && top_k < cols ? top_k : cols;
   td__cand_t *c = malloc(sizeof(*c) * (size_t)cols);
-  if (!c) return -TD_GPU_ENOMEM;
+  if (!c) return TD_GPU_ENOMEM;
   for (int64_t r = 0; r < rows; r++) {
     const float *l = logits + r * cols;
     for (int64_t j = 0; j < cols; j++) c[j] = (td__cand_t){l[j], (int32_t)j};

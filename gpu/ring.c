@@ -46,9 +46,9 @@ int td_ring_new(td_ring_t **out, const td_ring_transport_t *tr, int rank,
                 int nranks, size_t piece_bytes) {
   if (!tr || !tr->send || !tr->recv || nranks < 1 || rank < 0 || rank >= nranks ||
       (tr->recv_peek && !tr->recv_release))
-    return -TD_GPU_EINVAL;
+    return TD_GPU_EINVAL;
   td_ring_t *r = calloc(1, sizeof(*r));
-  if (!r) return -TD_GPU_ENOMEM;
+  if (!r) return TD_GPU_ENOMEM;
   r->tr = *tr;
   r->rank = rank;
   r->n = nranks;
@@ -150,7 +150,7 @@ static int td__xfer(td_ring_t *r, int to, const char *sbuf, size_t slen,
   char carry[sizeof(float)];  /* a float split by the ring's end, put together */
   if (!tr->recv_peek && (sink->reduce || tr->sendrecv)) {
     tmp = td__scratch(r, r->piece);
-    if (!tmp) return -TD_GPU_ENOMEM;
+    if (!tmp) return TD_GPU_ENOMEM;
   }
   while (so < slen || ro < rlen) {
     size_t ps = slen - so < r->piece ? slen - so : r->piece;
@@ -161,7 +161,7 @@ static int td__xfer(td_ring_t *r, int to, const char *sbuf, size_t slen,
       for (size_t got = 0; !rc && got < pr;) {
         const void *p;
         int64_t n = tr->recv_peek(tr->ctx, from, &p, pr - got);
-        if (n <= 0) return n < 0 ? (int)n : -TD_GPU_EIO;
+        if (n <= 0) return n < 0 ? (int)n : TD_GPU_EIO;
         size_t take = (size_t)n, at = ro + got;
         if (sink->reduce) {
           /* The stream need not be float-aligned in the ring (a barrier
@@ -211,7 +211,7 @@ static int td__mod(int a, int n) { return ((a % n) + n) % n; }
 
 int td_ring_allreduce(td_ring_t *r, const float *send, float *recv,
                       size_t count, int op) {
-  if (op < TD_RING_SUM || op > TD_RING_MIN) return -TD_GPU_EINVAL;
+  if (op < TD_RING_SUM || op > TD_RING_MIN) return TD_GPU_EINVAL;
   int n = r->n, me = r->rank, rc;
   if (n == 1 || count == 0) {
     if (send != recv) memcpy(recv, send, count * sizeof(float));
@@ -225,7 +225,7 @@ int td_ring_allreduce(td_ring_t *r, const float *send, float *recv,
     const float *mine = send;
     if (send == recv) {
       float *tmp = td__scratch(r, r->piece + count * sizeof(float));
-      if (!tmp) return -TD_GPU_ENOMEM;
+      if (!tmp) return TD_GPU_ENOMEM;
       tmp = (float *)(void *)((char *)tmp + r->piece);
       memcpy(tmp, send, count * sizeof(float));
       mine = tmp;
@@ -270,7 +270,7 @@ int td_ring_allreduce(td_ring_t *r, const float *send, float *recv,
 
 int td_ring_reduce_scatter(td_ring_t *r, const float *in, float *out,
                            size_t count, int op) {
-  if (op < TD_RING_SUM || op > TD_RING_MIN) return -TD_GPU_EINVAL;
+  if (op < TD_RING_SUM || op > TD_RING_MIN) return TD_GPU_EINVAL;
   int n = r->n, me = r->rank, rc;
   size_t mine = td_ring_chunk_count(count, n, me);
   if (n == 1) {
@@ -282,7 +282,7 @@ int td_ring_reduce_scatter(td_ring_t *r, const float *in, float *out,
    * reduces chunk me straight into out.  Two work buffers alternate. */
   size_t maxc = td_ring_chunk_count(count, n, 0) + 1;
   float *work = td__scratch(r, 2 * maxc * sizeof(float) + r->piece);
-  if (!work && count) return -TD_GPU_ENOMEM;
+  if (!work && count) return TD_GPU_ENOMEM;
   /* td__xfer may use the scratch's head for pieces: keep the work after it. */
   float *w[2] = {NULL, NULL};
   if (work) {
@@ -325,7 +325,7 @@ int td_ring_allgather(td_ring_t *r, const void *send, void *recv, size_t bytes) 
 }
 
 int td_ring_broadcast(td_ring_t *r, void *buf, size_t bytes, int root) {
-  if (root < 0 || root >= r->n) return -TD_GPU_EINVAL;
+  if (root < 0 || root >= r->n) return TD_GPU_EINVAL;
   int n = r->n, pos = td__mod(r->rank - root, n);
   int next = (r->rank + 1) % n, prev = (r->rank + n - 1) % n;
   const td_ring_transport_t *tr = &r->tr;
@@ -341,12 +341,12 @@ int td_ring_broadcast(td_ring_t *r, void *buf, size_t bytes, int root) {
 }
 
 int td_ring_send(td_ring_t *r, const void *buf, size_t bytes, int peer) {
-  if (peer < 0 || peer >= r->n || peer == r->rank) return -TD_GPU_EINVAL;
+  if (peer < 0 || peer >= r->n || peer == r->rank) return TD_GPU_EINVAL;
   return bytes ? r->tr.send(r->tr.ctx, peer, buf, bytes) : 0;
 }
 
 int td_ring_recv(td_ring_t *r, void *buf, size_t bytes, int peer) {
-  if (peer < 0 || peer >= r->n || peer == r->rank) return -TD_GPU_EINVAL;
+  if (peer < 0 || peer >= r->n || peer == r->rank) return TD_GPU_EINVAL;
   return bytes ? r->tr.recv(r->tr.ctx, peer, buf, bytes) : 0;
 }
 
@@ -356,7 +356,7 @@ int td_ring_barrier(td_ring_t *r) {
   char small[64], *all = small;
   if (r->n > (int)sizeof(small)) {
     all = malloc((size_t)r->n);
-    if (!all) return -TD_GPU_ENOMEM;
+    if (!all) return TD_GPU_ENOMEM;
   }
   char b = 1;
   int rc = td_ring_allgather(r, &b, all, 1);

@@ -62,17 +62,17 @@ static inline void td__relax(void) {
 }
 
 int td_ring_shm_new(td_ring_shm_t **out, int nranks, size_t cap) {
-  if (nranks < 1 || cap < 4096) return -TD_GPU_EINVAL;
+  if (nranks < 1 || cap < 4096) return TD_GPU_EINVAL;
   cap = (cap + 4095) & ~(size_t)4095;
   td_ring_shm_t *s = calloc(1, sizeof(*s));
-  if (!s) return -TD_GPU_ENOMEM;
+  if (!s) return TD_GPU_ENOMEM;
   size_t hdr = ((sizeof(td__chan_t) * (size_t)nranks * nranks) + 4095) & ~(size_t)4095;
   s->map_len = hdr + cap * (size_t)nranks * nranks;
   void *p = mmap(NULL, s->map_len, PROT_READ | PROT_WRITE,
                  MAP_SHARED | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
   if (p == MAP_FAILED) {
     free(s);
-    return -TD_GPU_ENOMEM;
+    return TD_GPU_ENOMEM;
   }
   s->n = nranks;
   s->rank = -1;
@@ -91,10 +91,10 @@ size_t td_ring_shm_bytes(int nranks, size_t cap) {
 }
 
 int td_ring_shm_wrap(td_ring_shm_t **out, void *mem, int nranks, size_t cap, int init) {
-  if (nranks < 1 || cap < 4096 || !mem) return -TD_GPU_EINVAL;
+  if (nranks < 1 || cap < 4096 || !mem) return TD_GPU_EINVAL;
   cap = (cap + 4095) & ~(size_t)4095;
   td_ring_shm_t *s = calloc(1, sizeof(*s));
-  if (!s) return -TD_GPU_ENOMEM;
+  if (!s) return TD_GPU_ENOMEM;
   size_t hdr = ((sizeof(td__chan_t) * (size_t)nranks * nranks) + 4095) & ~(size_t)4095;
   s->map_len = 0; /* not ours to unmap */
   s->n = nranks;
@@ -122,7 +122,7 @@ static td__chan_t *td__chan(td_ring_shm_t *s, int from, int to, char **data) {
 
 static int td__shm_send(void *ctx, int peer, const void *buf, size_t len) {
   td_ring_shm_t *s = ctx;
-  if (peer < 0 || peer >= s->n || peer == s->rank) return -TD_GPU_EINVAL;
+  if (peer < 0 || peer >= s->n || peer == s->rank) return TD_GPU_EINVAL;
   char *data;
   td__chan_t *c = td__chan(s, s->rank, peer, &data);
   const char *p = buf;
@@ -159,8 +159,8 @@ static int td__shm_send(void *ctx, int peer, const void *buf, size_t len) {
 
 static int64_t td__shm_peek(void *ctx, int peer, const void **ptr, size_t len) {
   td_ring_shm_t *s = ctx;
-  if (peer < 0 || peer >= s->n || peer == s->rank) return -TD_GPU_EINVAL;
-  if (len == 0) return -TD_GPU_EINVAL;
+  if (peer < 0 || peer >= s->n || peer == s->rank) return TD_GPU_EINVAL;
+  if (len == 0) return TD_GPU_EINVAL;
   char *data;
   td__chan_t *c = td__chan(s, peer, s->rank, &data);
   uint64_t tail = c->tail; /* only this process writes tail */
@@ -230,13 +230,13 @@ struct td_ring_sock {
 };
 
 int td_ring_sock_new(td_ring_sock_t **out, int nranks) {
-  if (nranks < 1) return -TD_GPU_EINVAL;
+  if (nranks < 1) return TD_GPU_EINVAL;
   td_ring_sock_t *s = calloc(1, sizeof(*s));
   int *fd = malloc(sizeof(int) * (size_t)nranks * nranks);
   if (!s || !fd) {
     free(s);
     free(fd);
-    return -TD_GPU_ENOMEM;
+    return TD_GPU_ENOMEM;
   }
   for (int i = 0; i < nranks * nranks; i++) fd[i] = -1;
   for (int i = 0; i < nranks; i++)
@@ -247,7 +247,7 @@ int td_ring_sock_new(td_ring_sock_t **out, int nranks) {
           if (fd[k] >= 0) close(fd[k]);
         free(fd);
         free(s);
-        return -TD_GPU_EIO;
+        return TD_GPU_EIO;
       }
       fd[i * nranks + j] = sv[0];
       fd[j * nranks + i] = sv[1];
@@ -274,12 +274,12 @@ static int td__sock_fd(td_ring_sock_t *s, int peer) {
 
 static int td__sock_send(void *ctx, int peer, const void *buf, size_t len) {
   int fd = td__sock_fd(ctx, peer);
-  if (fd < 0) return -TD_GPU_EINVAL;
+  if (fd < 0) return TD_GPU_EINVAL;
   const char *p = buf;
   while (len) {
     ssize_t n = send(fd, p, len, MSG_NOSIGNAL);
     if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return -TD_GPU_EIO;
+    if (n <= 0) return TD_GPU_EIO;
     p += n;
     len -= (size_t)n;
   }
@@ -288,12 +288,12 @@ static int td__sock_send(void *ctx, int peer, const void *buf, size_t len) {
 
 static int td__sock_recv(void *ctx, int peer, void *buf, size_t len) {
   int fd = td__sock_fd(ctx, peer);
-  if (fd < 0) return -TD_GPU_EINVAL;
+  if (fd < 0) return TD_GPU_EINVAL;
   char *p = buf;
   while (len) {
     ssize_t n = recv(fd, p, len, 0);
     if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return -TD_GPU_EIO;
+    if (n <= 0) return TD_GPU_EIO;
     p += n;
     len -= (size_t)n;
   }
@@ -303,7 +303,7 @@ static int td__sock_recv(void *ctx, int peer, void *buf, size_t len) {
 static int td__sock_sendrecv(void *ctx, int to, const void *sbuf, size_t slen,
                              int from, void *rbuf, size_t rlen) {
   int tfd = td__sock_fd(ctx, to), ffd = td__sock_fd(ctx, from);
-  if (tfd < 0 || ffd < 0) return -TD_GPU_EINVAL;
+  if (tfd < 0 || ffd < 0) return TD_GPU_EINVAL;
   size_t so = 0, ro = 0;
   while (so < slen || ro < rlen) {
     struct pollfd p[2];
@@ -312,21 +312,19 @@ static int td__sock_sendrecv(void *ctx, int to, const void *sbuf, size_t slen,
     if (ro < rlen) ri = np, p[np++] = (struct pollfd){ffd, POLLIN, 0};
     if (poll(p, (nfds_t)np, -1) < 0) {
       if (errno == EINTR) continue;
-      return -TD_GPU_EIO;
+      return TD_GPU_EIO;
     }
     if (si >= 0 && (p[si].revents & (POLLOUT | POLLERR | POLLHUP))) {
       ssize_t n = send(tfd, (const char *)sbuf + so, slen - so, MSG_DONTWAIT | MSG_NOSIGNAL);
       if (n > 0)
         so += (size_t)n;
-      else if (n < 0 && errno != EAGAIN && errno != EINTR)
-        return -TD_GPU_EIO;
+      else if (n < 0 && errno != EAGAIN && errno != EINTR) return TD_GPU_EIO;
     }
     if (ri >= 0 && (p[ri].revents & (POLLIN | POLLERR | POLLHUP))) {
       ssize_t n = recv(ffd, (char *)rbuf + ro, rlen - ro, MSG_DONTWAIT);
       if (n > 0)
         ro += (size_t)n;
-      else if (n == 0 || (errno != EAGAIN && errno != EINTR))
-        return -TD_GPU_EIO;
+      else if (n == 0 || (errno != EAGAIN && errno != EINTR)) return TD_GPU_EIO;
     }
   }
   return 0;

@@ -35,7 +35,7 @@ int td_dtype_parse(const char *name) {
   if (strcmp(name, "int32") == 0) return TD_I32;
   if (strcmp(name, "int64") == 0) return TD_I64;
   if (strcmp(name, "uint8") == 0) return TD_U8;
-  return -TD_GPU_EDTYPE;
+  return TD_GPU_EDTYPE;
 }
 
 int td_device_parse(const char *name, int *dev) {
@@ -55,7 +55,7 @@ int td_device_parse(const char *name, int *dev) {
       return 0;
     }
   }
-  return -TD_GPU_EINVAL;
+  return TD_GPU_EINVAL;
 }
 
 void td_device_format(int dev, char *buf, size_t n) {
@@ -204,7 +204,7 @@ size_t td_tensor_host_bytes(void) {
 
 static int td__storage_new(td_storage_t **out, int device, size_t nbytes) {
   td_storage_t *st = calloc(1, sizeof(*st));
-  if (!st) return -TD_GPU_ENOMEM;
+  if (!st) return TD_GPU_ENOMEM;
   st->refs = 1;
   st->device = device;
   st->nbytes = nbytes;
@@ -212,7 +212,7 @@ static int td__storage_new(td_storage_t **out, int device, size_t nbytes) {
     st->data = td__host_alloc(nbytes);
     if (!st->data) {
       free(st);
-      return -TD_GPU_ENOMEM;
+      return TD_GPU_ENOMEM;
     }
   } else {
     int rc = td_device_alloc(device, &st->data, nbytes ? nbytes : 4);
@@ -239,11 +239,10 @@ static void td__storage_release(td_storage_t *st) {
 /* -- Creation ---------------------------------------------------------------- */
 
 static int td__check_shape(int ndim, const int64_t *shape, int64_t *numel) {
-  if (ndim < 0 || ndim > TD_MAX_DIMS) return -TD_GPU_EINVAL;
+  if (ndim < 0 || ndim > TD_MAX_DIMS) return TD_GPU_EINVAL;
   int64_t n = 1;
   for (int i = 0; i < ndim; i++) {
-    if (shape[i] < 0 || (shape[i] > 0 && n > INT64_MAX / 16 / shape[i]))
-      return -TD_GPU_EINVAL;
+    if (shape[i] < 0 || (shape[i] > 0 && n > INT64_MAX / 16 / shape[i])) return TD_GPU_EINVAL;
     n *= shape[i];
   }
   *numel = n;
@@ -263,9 +262,9 @@ int td_tensor_empty(td_tensor_t **out, int dtype, int device, int ndim,
   int64_t n;
   int rc = td__check_shape(ndim, shape, &n);
   if (rc) return rc;
-  if (td_dtype_size(dtype) == 0) return -TD_GPU_EDTYPE;
+  if (td_dtype_size(dtype) == 0) return TD_GPU_EDTYPE;
   td_tensor_t *t = calloc(1, sizeof(*t));
-  if (!t) return -TD_GPU_ENOMEM;
+  if (!t) return TD_GPU_ENOMEM;
   rc = td__storage_new(&t->st, device, (size_t)n * td_dtype_size(dtype));
   if (rc) {
     free(t);
@@ -309,14 +308,14 @@ int td_tensor_wrap(td_tensor_t **out, void *data, size_t nbytes, int dtype,
   int64_t n;
   int rc = td__check_shape(ndim, shape, &n);
   if (rc) return rc;
-  if (td_dtype_size(dtype) == 0) return -TD_GPU_EDTYPE;
-  if ((size_t)n * td_dtype_size(dtype) > nbytes) return -TD_GPU_ESHAPE;
+  if (td_dtype_size(dtype) == 0) return TD_GPU_EDTYPE;
+  if ((size_t)n * td_dtype_size(dtype) > nbytes) return TD_GPU_ESHAPE;
   td_tensor_t *t = calloc(1, sizeof(*t));
   td_storage_t *st = calloc(1, sizeof(*st));
   if (!t || !st) {
     free(t);
     free(st);
-    return -TD_GPU_ENOMEM;
+    return TD_GPU_ENOMEM;
   }
   st->refs = 1;
   st->device = TD_CPU;
@@ -387,30 +386,30 @@ static td_tensor_t *td__alias(const td_tensor_t *t) {
 
 int td_tensor_view(td_tensor_t **out, const td_tensor_t *t, int ndim,
                    const int64_t *shape) {
-  if (ndim < 0 || ndim > TD_MAX_DIMS) return -TD_GPU_EINVAL;
-  if (!td_tensor_is_contiguous(t)) return -TD_GPU_EINVAL;
+  if (ndim < 0 || ndim > TD_MAX_DIMS) return TD_GPU_EINVAL;
+  if (!td_tensor_is_contiguous(t)) return TD_GPU_EINVAL;
   int64_t known = 1, n = td_tensor_numel(t);
   int infer = -1;
   int64_t sh[TD_MAX_DIMS];
   for (int i = 0; i < ndim; i++) {
     sh[i] = shape[i];
     if (shape[i] == -1) {
-      if (infer >= 0) return -TD_GPU_EINVAL;
+      if (infer >= 0) return TD_GPU_EINVAL;
       infer = i;
     } else if (shape[i] < 0) {
-      return -TD_GPU_EINVAL;
+      return TD_GPU_EINVAL;
     } else {
       known *= shape[i];
     }
   }
   if (infer >= 0) {
-    if (known == 0 || n % known) return -TD_GPU_ESHAPE;
+    if (known == 0 || n % known) return TD_GPU_ESHAPE;
     sh[infer] = n / known;
     known = n;
   }
-  if (known != n) return -TD_GPU_ESHAPE;
+  if (known != n) return TD_GPU_ESHAPE;
   td_tensor_t *v = td__alias(t);
-  if (!v) return -TD_GPU_ENOMEM;
+  if (!v) return TD_GPU_ENOMEM;
   v->ndim = ndim;
   memcpy(v->shape, sh, sizeof(int64_t) * (size_t)ndim);
   td__set_contiguous(v);
@@ -420,10 +419,10 @@ int td_tensor_view(td_tensor_t **out, const td_tensor_t *t, int ndim,
 
 int td_tensor_slice(td_tensor_t **out, const td_tensor_t *t, int dim,
                     int64_t start, int64_t stop) {
-  if (dim < 0 || dim >= t->ndim) return -TD_GPU_EINVAL;
-  if (start < 0 || stop < start || stop > t->shape[dim]) return -TD_GPU_ERANGE;
+  if (dim < 0 || dim >= t->ndim) return TD_GPU_EINVAL;
+  if (start < 0 || stop < start || stop > t->shape[dim]) return TD_GPU_ERANGE;
   td_tensor_t *v = td__alias(t);
-  if (!v) return -TD_GPU_ENOMEM;
+  if (!v) return TD_GPU_ENOMEM;
   v->offset += start * t->stride[dim];
   v->shape[dim] = stop - start;
   *out = v;
@@ -432,9 +431,9 @@ int td_tensor_slice(td_tensor_t **out, const td_tensor_t *t, int dim,
 
 int td_tensor_transpose(td_tensor_t **out, const td_tensor_t *t, int d0,
                         int d1) {
-  if (d0 < 0 || d0 >= t->ndim || d1 < 0 || d1 >= t->ndim) return -TD_GPU_EINVAL;
+  if (d0 < 0 || d0 >= t->ndim || d1 < 0 || d1 >= t->ndim) return TD_GPU_EINVAL;
   td_tensor_t *v = td__alias(t);
-  if (!v) return -TD_GPU_ENOMEM;
+  if (!v) return TD_GPU_ENOMEM;
   int64_t s = v->shape[d0], st = v->stride[d0];
   v->shape[d0] = v->shape[d1];
   v->stride[d0] = v->stride[d1];
@@ -478,7 +477,7 @@ int td_tensor_clone(td_tensor_t **out, const td_tensor_t *t) {
 int td_tensor_contiguous(td_tensor_t **out, const td_tensor_t *t) {
   if (td_tensor_is_contiguous(t)) {
     *out = td__alias(t);
-    return *out ? 0 : -TD_GPU_ENOMEM;
+    return *out ? 0 : TD_GPU_ENOMEM;
   }
   return td__gather(out, t);
 }
@@ -498,7 +497,7 @@ static int td__convert(td_tensor_t **out, const td_tensor_t *t, int dtype) {
 
 int td_tensor_to(td_tensor_t **out, const td_tensor_t *t, int device,
                  int dtype) {
-  if (td_dtype_size(dtype) == 0) return -TD_GPU_EDTYPE;
+  if (td_dtype_size(dtype) == 0) return TD_GPU_EDTYPE;
   td_tensor_t *c = NULL, *d = NULL;
   int src = t->st->device;
   int rc = td_tensor_contiguous(&c, t);
@@ -561,9 +560,9 @@ static void td__scatter_host(void *dst, const void *src, size_t elem, int ndim,
 }
 
 int td_tensor_copy(td_tensor_t *dst, const td_tensor_t *src) {
-  if (dst->ndim != src->ndim) return -TD_GPU_ESHAPE;
+  if (dst->ndim != src->ndim) return TD_GPU_ESHAPE;
   for (int i = 0; i < dst->ndim; i++)
-    if (dst->shape[i] != src->shape[i]) return -TD_GPU_ESHAPE;
+    if (dst->shape[i] != src->shape[i]) return TD_GPU_ESHAPE;
   td_tensor_t *tmp = NULL;
   int rc = td_tensor_to(&tmp, src, dst->st->device, dst->dtype);
   if (rc) return rc;
@@ -576,15 +575,15 @@ int td_tensor_copy(td_tensor_t *dst, const td_tensor_t *src) {
                      td_dtype_size(dst->dtype), dst->ndim, dst->shape,
                      dst->stride);
   } else {
-    rc = -TD_GPU_EUNSUPPORTED;
+    rc = TD_GPU_EUNSUPPORTED;
   }
   td_tensor_free(&tmp);
   return rc;
 }
 
 int td_tensor_fill(td_tensor_t *t, double v) {
-  if (!td_tensor_is_contiguous(t)) return -TD_GPU_EINVAL;
-  if (t->dtype != TD_F32 && t->dtype != TD_I32) return -TD_GPU_EDTYPE;
+  if (!td_tensor_is_contiguous(t)) return TD_GPU_EINVAL;
+  if (t->dtype != TD_F32 && t->dtype != TD_I32) return TD_GPU_EDTYPE;
   int err = 0;
   const td_ops_t *ops = td_device_ops(t->st->device, &err);
   if (!ops) return err;
@@ -613,7 +612,7 @@ size_t td_tensor_header(const td_tensor_t *t, void *buf) {
 
 int td_tensor_serialize(const td_tensor_t *t, void *buf, size_t cap) {
   size_t need = td_tensor_serialized_size(t);
-  if (cap < need) return -TD_GPU_EINVAL;
+  if (cap < need) return TD_GPU_EINVAL;
   uint8_t *data = (uint8_t *)buf + td_tensor_header(t, buf);
   if (t->st->device == TD_CPU && td_tensor_is_contiguous(t)) {
     memcpy(data, td_tensor_data(t), td_tensor_nbytes(t));
@@ -631,21 +630,21 @@ int td_tensor_serialize(const td_tensor_t *t, void *buf, size_t cap) {
 static int td__parse_header(const void *hdr, size_t hlen, size_t n, int *dtype,
                             int *ndim, int64_t *shape) {
   const uint8_t *p = hdr;
-  if (hlen < 8 || memcmp(p, TD__SER_MAGIC, 4) != 0) return -TD_GPU_EFORMAT;
+  if (hlen < 8 || memcmp(p, TD__SER_MAGIC, 4) != 0) return TD_GPU_EFORMAT;
   *dtype = p[4];
   *ndim = p[5];
-  if (td_dtype_size(*dtype) == 0 || *ndim > TD_MAX_DIMS) return -TD_GPU_EFORMAT;
-  if (hlen < 8 + 8 * (size_t)*ndim) return -TD_GPU_EFORMAT;
+  if (td_dtype_size(*dtype) == 0 || *ndim > TD_MAX_DIMS) return TD_GPU_EFORMAT;
+  if (hlen < 8 + 8 * (size_t)*ndim) return TD_GPU_EFORMAT;
   memcpy(shape, p + 8, 8 * (size_t)*ndim);
   int64_t numel;
-  if (td__check_shape(*ndim, shape, &numel)) return -TD_GPU_EFORMAT;
-  if (n != (size_t)numel * td_dtype_size(*dtype)) return -TD_GPU_EFORMAT;
+  if (td__check_shape(*ndim, shape, &numel)) return TD_GPU_EFORMAT;
+  if (n != (size_t)numel * td_dtype_size(*dtype)) return TD_GPU_EFORMAT;
   return 0;
 }
 
 int td_tensor_deserialize(td_tensor_t **out, const void *buf, size_t len) {
   size_t hlen = len >= 8 ? 8 + 8 * (size_t)((const uint8_t *)buf)[5] : len;
-  if (hlen > len) return -TD_GPU_EFORMAT;
+  if (hlen > len) return TD_GPU_EFORMAT;
   return td_tensor_from_parts(out, buf, hlen, (const uint8_t *)buf + hlen, len - hlen, NULL, NULL);
 }
 

@@ -42,7 +42,7 @@ typedef void (*td_release_cb)(void *ctx, void *data);
 
 size_t td_dtype_size(int dtype);                 /* bytes per element; 0 if bad */
 const char *td_dtype_name(int dtype);            /* "f32", ...; "?" if bad */
-int td_dtype_parse(const char *name);            /* dtype or -TD_GPU_EDTYPE */
+int td_dtype_parse(const char *name);            /* dtype or TD_GPU_EDTYPE */
 /* Parses "cpu", "cuda", "cuda:N" into a device id; negative code on error
  * (TD_CPU is -1, so the result is returned through *dev). */
 int td_device_parse(const char *name, int *dev);

@@ -146,7 +146,7 @@ static int td__fail(td_cnet_t *c, int peer, int gone, const char *fmt, const cha
              what);
   else snprintf(c->err, sizeof(c->err), "%s", what);
   c->gone |= gone;
-  return -TD_GPU_EIO;
+  return TD_GPU_EIO;
 }
 
 const char *td_cnet_error(const td_cnet_t *c) { return c->err; }
@@ -459,9 +459,9 @@ static int td__pull(td_cnet_t *c, int peer, uint8_t *dst, size_t room, size_t *t
  * length may be 0). */
 static int td__xfer(td_cnet_t *c, int to, const uint8_t *sbuf, size_t slen, int from, uint8_t *rbuf,
                     size_t rlen) {
-  if (c->err[0]) return -TD_GPU_EIO; /* a failed group stays failed */
+  if (c->err[0]) return TD_GPU_EIO; /* a failed group stays failed */
   td__cpeer_t *ps = slen ? &c->p[to] : NULL, *pr = rlen ? &c->p[from] : NULL;
-  if ((ps && ps->fd < 0) || (pr && pr->fd < 0)) return -TD_GPU_EINVAL;
+  if ((ps && ps->fd < 0) || (pr && pr->fd < 0)) return TD_GPU_EINVAL;
   size_t sdone = 0, rdone = 0;
   double last = td__now();
   while (1) {

@@ -213,11 +213,11 @@ static void td__on_readable(void *ud) {
 
 int td_obs_dashboard_start(const char *host, int port, const char *secret, int listen_fd, td_node_cb on_accept,
                            int *bound) {
-  if (!td_ctx.node || !td_ctx.rpcL) return UV_EINVAL;
+  if (!td_ctx.node || !td_ctx.rpcL) return TD_EINVAL;
   D.token[0] = 0;
   if (secret && secret[0]) td_obs_token(secret, D.token);
   D.ib = td_http_inbox_new();
-  if (!D.ib) return UV_ENOMEM;
+  if (!D.ib) return TD_ENOMEM;
   td_http_opts_t o;
   memset(&o, 0, sizeof(o));
   o.on_request = td_http_inbox_on_request;

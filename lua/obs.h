@@ -18,7 +18,8 @@ void td_obs_token(const char *secret, char out[65]);
 /* Serves the dashboard on host:port (port 0: any; *bound gets it). The
  * daemon's listening socket listen_fd keeps being watched (on_accept)
  * beside it. secret: the cluster key's, for the token other addresses
- * must show (NULL: loopback only). Returns 0 or a libuv error. */
+ * must show (NULL: loopback only). Returns 0, TD_EADDRINUSE, TD_EINVAL,
+ * TD_ENOMEM or -errno (td_http_server_listen's codes). */
 int td_obs_dashboard_start(const char *host, int port, const char *secret, int listen_fd, td_node_cb on_accept,
                            int *bound);
 void td_obs_dashboard_stop(void);

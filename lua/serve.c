@@ -693,7 +693,7 @@ static int s_start(lua_State *L) {
     if (S.access_owned) fclose(S.access);
     S.access = NULL;
     td_http_inbox_destroy(&S.ib);
-    return luaL_error(L, "cannot listen on %s:%d: %s", host, port, uv_strerror(rc));
+    return luaL_error(L, "cannot listen on %s:%d: %s", host, port, td_strerror(rc));
   }
   S.srv = td_http_thread_server(S.th);
   td_node_watch_fd(td_ctx.node, td_http_inbox_fd(S.ib), td__on_readable, td__on_tick, NULL);

@@ -111,7 +111,7 @@ int td__tlua_opt_bool(lua_State *L, int opts, const char *k, int def) {
 int td__tlua_opt_dtype(lua_State *L, int opts, int def) {
   if (!td__tlua_opt_field(L, opts, "dtype")) return def;
   const char *s = lua_tostring(L, -1);
-  int d = s ? td_dtype_parse(s) : -TD_GPU_EDTYPE;
+  int d = s ? td_dtype_parse(s) : TD_GPU_EDTYPE;
   if (d < 0) luaL_error(L, "tide.tensor: unknown dtype '%s'", s ? s : "?");
   lua_pop(L, 1);
   return d;

@@ -309,7 +309,9 @@ static int td__push_alloc(lua_State *L, const uint8_t *p, size_t n, void *ud) {
   td_rd_init(&rd, p, n);
   uint8_t ok = td_rd_u8(&rd);
   uint64_t v = td_rd_u64(&rd);
-  *(int64_t *)ud = ok && !rd.bad ? (int64_t)v : -(int64_t)(v ? v : TD_ESTOREFULL);
+  /* The node sends the offset, or the (negative) code as a u64. */
+  int64_t code = (int64_t)v;
+  *(int64_t *)ud = ok && !rd.bad ? code : code < 0 && code >= INT32_MIN ? code : TD_ESTOREFULL;
   return 0;
 }
 
@@ -319,7 +321,7 @@ int td_w_alloc(size_t size, size_t *off) {
   td_buf_u64(&td_ctx.ch.out, size);
   td_chan_end(&td_ctx.ch);
   td__block(NULL, req, td__push_alloc, &res, 0);
-  if (res < 0) return (int)-res;
+  if (res < 0) return (int)res;
   *off = (size_t)res;
   return 0;
 }

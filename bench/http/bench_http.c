@@ -62,7 +62,7 @@ static void *server_main(void *arg) {
   s->srv = td_http_server_new(&s->loop, &o);
   int rc = td_http_server_listen(s->srv, "127.0.0.1", s->port);
   if (rc) {
-    fprintf(stderr, "bench-http: listen: %s\n", uv_strerror(rc));
+    fprintf(stderr, "bench-http: listen: %s\n", td_strerror(rc));
     exit(1);
   }
   s->port = td_http_server_port(s->srv);

@@ -34,7 +34,7 @@ static void td__set_hook(void (*fn)(const char *fmt, ...)) { td__detail = fn; }
 
 static int td__cuda_fail(cudaError_t e, const char *what) {
   if (td__detail) td__detail("%s: %s", what, cudaGetErrorString(e));
-  return -TD_GPU_ECUDA;
+  return TD_GPU_ECUDA;
 }
 
 #define CK(call)                                          \
@@ -51,7 +51,7 @@ static int td__cuda_fail(cudaError_t e, const char *what) {
     cublasStatus_t s__ = (call);                                         \
     if (s__ != CUBLAS_STATUS_SUCCESS) {                                  \
       if (td__detail) td__detail("%s: cuBLAS status %d", #call, (int)s__); \
-      return -TD_GPU_ECUBLAS;                                            \
+      return TD_GPU_ECUBLAS;                                            \
     }                                                                    \
   } while (0)
 
@@ -60,7 +60,7 @@ static int td__cuda_fail(cudaError_t e, const char *what) {
     ncclResult_t r__ = (call);                                            \
     if (r__ != ncclSuccess) {                                             \
       if (td__detail) td__detail("%s: %s", #call, ncclGetErrorString(r__)); \
-      return -TD_GPU_ENCCL;                                               \
+      return TD_GPU_ENCCL;                                               \
     }                                                                     \
   } while (0)
 
@@ -90,7 +90,7 @@ static int *td__flag[TD__MAXDEV]; /* device int: kernels report bad ids here */
 
 static int td__cur(int *dev) {
   CK(cudaGetDevice(dev));
-  if (*dev < 0 || *dev >= TD__MAXDEV) return -TD_GPU_ENODEV;
+  if (*dev < 0 || *dev >= TD__MAXDEV) return TD_GPU_ENODEV;
   return 0;
 }
 
@@ -124,7 +124,7 @@ static int td__flag_reset(int *flag) {
 static int td__flag_read(int *flag) {
   int v = 0;
   CK(cudaMemcpy(&v, flag, sizeof(int), cudaMemcpyDeviceToHost));
-  return v ? -TD_GPU_ERANGE : 0;
+  return v ? TD_GPU_ERANGE : 0;
 }
 
 /* -- Memory ------------------------------------------------------------------------------ */
@@ -195,7 +195,7 @@ static int td_c_fill(void *out, int dtype, int64_t n, double v) {
   else if (dtype == TD_I32)
     k_fill_i32<<<td__blocks(n, NT), NT>>>((int32_t *)out, n, (int32_t)v);
   else
-    return -TD_GPU_EDTYPE;
+    return TD_GPU_EDTYPE;
   CK_LAUNCH("fill");
   return 0;
 }
@@ -227,7 +227,7 @@ __global__ void k_convert(void *dst, int dd, const void *src, int sd, int64_t n)
 }
 
 static int td_c_convert(void *dst, int dd, const void *src, int sd, int64_t n) {
-  if (td__esize(dd) == 0 || td__esize(sd) == 0) return -TD_GPU_EDTYPE;
+  if (td__esize(dd) == 0 || td__esize(sd) == 0) return TD_GPU_EDTYPE;
   if (n <= 0) return 0;
   if (dd == sd) {
     CK(cudaMemcpy(dst, src, (size_t)n * td__esize(dd), cudaMemcpyDeviceToDevice));
@@ -277,7 +277,7 @@ static int td_c_strided_copy(void *dst, const void *src, size_t elem, int ndim,
  * storage. */
 static int td_c_matmul(int dtype, float *c, const void *a, const void *b, int M, int N, int K,
                        int ta, int tb, float alpha, float beta) {
-  if (M < 0 || N < 0 || K < 0) return -TD_GPU_EINVAL;
+  if (M < 0 || N < 0 || K < 0) return TD_GPU_EINVAL;
   if (M == 0 || N == 0) return 0;
   cudaDataType_t t;
   if (dtype == TD_F32)
@@ -287,7 +287,7 @@ static int td_c_matmul(int dtype, float *c, const void *a, const void *b, int M,
   else if (dtype == TD_BF16)
     t = CUDA_R_16BF;
   else
-    return -TD_GPU_EDTYPE;
+    return TD_GPU_EDTYPE;
   cublasHandle_t h;
   int rc = td__handle(&h);
   if (rc) return rc;
@@ -312,7 +312,7 @@ __global__ void k_mul(float *o, const float *a, const float *b, int64_t n, int64
 }
 
 static int td_c_add(float *o, const float *a, const float *b, int64_t n, int64_t nb, float al, float be) {
-  if (nb <= 0 || n % nb) return -TD_GPU_ESHAPE;
+  if (nb <= 0 || n % nb) return TD_GPU_ESHAPE;
   if (n == 0) return 0;
   k_add<<<td__blocks(n, NT), NT>>>(o, a, b, n, nb, al, be);
   CK_LAUNCH("add");
@@ -320,7 +320,7 @@ static int td_c_add(float *o, const float *a, const float *b, int64_t n, int64_t
 }
 
 static int td_c_mul(float *o, const float *a, const float *b, int64_t n, int64_t nb) {
-  if (nb <= 0 || n % nb) return -TD_GPU_ESHAPE;
+  if (nb <= 0 || n % nb) return TD_GPU_ESHAPE;
   if (n == 0) return 0;
   k_mul<<<td__blocks(n, NT), NT>>>(o, a, b, n, nb);
   CK_LAUNCH("mul");
@@ -647,11 +647,11 @@ __global__ void k_attention_fwd(float *out, float *att, const float *qkv, int B,
 }
 
 static int td__attn_check(int B, int T, int C, int NH) {
-  return B < 0 || T < 0 || C <= 0 || NH <= 0 || C % NH ? -TD_GPU_EINVAL : 0;
+  return B < 0 || T < 0 || C <= 0 || NH <= 0 || C % NH ? TD_GPU_EINVAL : 0;
 }
 
 static int td_c_attention_fwd(float *out, float *att, const float *qkv, int B, int T, int C, int NH) {
-  if (td__attn_check(B, T, C, NH)) return -TD_GPU_EINVAL;
+  if (td__attn_check(B, T, C, NH)) return TD_GPU_EINVAL;
   int64_t n = (int64_t)B * NH * T;
   if (n == 0) return 0;
   k_attention_fwd<<<td__blocks(n, 128), 128>>>(out, att, qkv, B, T, C, NH);
@@ -728,7 +728,7 @@ __global__ void k_attn_bwd_dkv(float *dqkv, const float *dot, const float *dout,
 
 static int td_c_attention_bwd(float *dqkv, const float *dout, const float *qkv, const float *att,
                               int B, int T, int C, int NH, int accum) {
-  if (td__attn_check(B, T, C, NH)) return -TD_GPU_EINVAL;
+  if (td__attn_check(B, T, C, NH)) return TD_GPU_EINVAL;
   if (!accum) CK(cudaMemset(dqkv, 0, sizeof(float) * (size_t)B * T * 3 * C));
   int64_t n = (int64_t)B * NH * T;
   if (n == 0) return 0;
@@ -786,7 +786,7 @@ __global__ void k_attention_cached(float *out, const float *kc, const float *vc,
 static int td_c_attention_cached(float *out, float *kc, float *vc, const float *qkv, int B, int Tn,
                                  int pos, int Tmax, int C, int NH) {
   if (td__attn_check(B, Tn, C, NH) || pos < 0 || pos + Tn > Tmax || C / NH > TD__MAX_HS)
-    return -TD_GPU_EINVAL;
+    return TD_GPU_EINVAL;
   int64_t n = (int64_t)B * Tn * C;
   if (n == 0) return 0;
   k_cache_write<<<td__blocks(n, NT), NT>>>(kc, vc, qkv, B, Tn, pos, Tmax, C);
@@ -871,7 +871,7 @@ __global__ void k_adamw(float *p, const float *g, float *m, float *v, int64_t n,
 
 static int td_c_adamw(float *p, const float *g, float *m, float *v, int64_t n, float lr, float b1,
                       float b2, float eps, float wd, int t) {
-  if (t < 1) return -TD_GPU_EINVAL;
+  if (t < 1) return TD_GPU_EINVAL;
   if (n <= 0) return 0;
   float c1 = 1.0f - powf(b1, (float)t), c2 = 1.0f - powf(b2, (float)t);
   k_adamw<<<td__blocks(n, NT), NT>>>(p, g, m, v, n, lr, b1, b2, eps, wd, c1, c2);
@@ -890,7 +890,7 @@ __global__ void k_argmax(int32_t *out, const float *x, int64_t cols) {
 }
 
 static int td_c_argmax(int32_t *out, const float *x, int64_t rows, int64_t cols) {
-  if (cols <= 0) return -TD_GPU_EINVAL;
+  if (cols <= 0) return TD_GPU_EINVAL;
   if (rows <= 0) return 0;
   k_argmax<<<(unsigned)rows, 32>>>(out, x, cols);
   CK_LAUNCH("argmax");
@@ -907,7 +907,7 @@ static int td__nccl_type(int dtype, ncclDataType_t *t) {
     case TD_I32: *t = ncclInt32; return 0;
     case TD_I64: *t = ncclInt64; return 0;
     case TD_U8: *t = ncclUint8; return 0;
-    default: return -TD_GPU_EDTYPE;
+    default: return TD_GPU_EDTYPE;
   }
 }
 
@@ -917,7 +917,7 @@ static int td__nccl_op(int op, ncclRedOp_t *o) {
     case TD_AVG: *o = ncclAvg; return 0;
     case TD_MAX: *o = ncclMax; return 0;
     case TD_MIN: *o = ncclMin; return 0;
-    default: return -TD_GPU_EINVAL;
+    default: return TD_GPU_EINVAL;
   }
 }
 
@@ -952,14 +952,14 @@ static int td__nccl_done(void) {
 static int td_c_nccl_allreduce(void *comm, const void *s, void *r, size_t count, int dtype, int op) {
   ncclDataType_t t;
   ncclRedOp_t o;
-  if (td__nccl_type(dtype, &t) || td__nccl_op(op, &o)) return -TD_GPU_EINVAL;
+  if (td__nccl_type(dtype, &t) || td__nccl_op(op, &o)) return TD_GPU_EINVAL;
   CKN(ncclAllReduce(s, r, count, t, o, (ncclComm_t)comm, 0));
   return td__nccl_done();
 }
 
 static int td_c_nccl_allgather(void *comm, const void *s, void *r, size_t count, int dtype) {
   ncclDataType_t t;
-  if (td__nccl_type(dtype, &t)) return -TD_GPU_EDTYPE;
+  if (td__nccl_type(dtype, &t)) return TD_GPU_EDTYPE;
   CKN(ncclAllGather(s, r, count, t, (ncclComm_t)comm, 0));
   return td__nccl_done();
 }
@@ -967,28 +967,28 @@ static int td_c_nccl_allgather(void *comm, const void *s, void *r, size_t count,
 static int td_c_nccl_reduce_scatter(void *comm, const void *s, void *r, size_t count, int dtype, int op) {
   ncclDataType_t t;
   ncclRedOp_t o;
-  if (td__nccl_type(dtype, &t) || td__nccl_op(op, &o)) return -TD_GPU_EINVAL;
+  if (td__nccl_type(dtype, &t) || td__nccl_op(op, &o)) return TD_GPU_EINVAL;
   CKN(ncclReduceScatter(s, r, count, t, o, (ncclComm_t)comm, 0));
   return td__nccl_done();
 }
 
 static int td_c_nccl_broadcast(void *comm, void *buf, size_t count, int dtype, int root) {
   ncclDataType_t t;
-  if (td__nccl_type(dtype, &t)) return -TD_GPU_EDTYPE;
+  if (td__nccl_type(dtype, &t)) return TD_GPU_EDTYPE;
   CKN(ncclBroadcast(buf, buf, count, t, root, (ncclComm_t)comm, 0));
   return td__nccl_done();
 }
 
 static int td_c_nccl_send(void *comm, const void *buf, size_t count, int dtype, int peer) {
   ncclDataType_t t;
-  if (td__nccl_type(dtype, &t)) return -TD_GPU_EDTYPE;
+  if (td__nccl_type(dtype, &t)) return TD_GPU_EDTYPE;
   CKN(ncclSend(buf, count, t, peer, (ncclComm_t)comm, 0));
   return td__nccl_done();
 }
 
 static int td_c_nccl_recv(void *comm, void *buf, size_t count, int dtype, int peer) {
   ncclDataType_t t;
-  if (td__nccl_type(dtype, &t)) return -TD_GPU_EDTYPE;
+  if (td__nccl_type(dtype, &t)) return TD_GPU_EDTYPE;
   CKN(ncclRecv(buf, count, t, peer, (ncclComm_t)comm, 0));
   return td__nccl_done();
 }

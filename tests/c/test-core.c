@@ -2,6 +2,7 @@
  * shared-memory store, channels and the spec codec (including malformed
  * input, which must be rejected, never crash).  Links with the engine
  * library alone: no Lua, no tensors. */
+#include <errno.h>
 #include <signal.h>
 #include <sys/resource.h>
 #include <stdlib.h>
@@ -29,6 +30,31 @@ TEST_IMPL(buf_grow) {
   td_rd_u32(&r);
   ASSERT_EQ(r.bad, 1);
   td_buf_free(&b);
+  return 0;
+}
+
+/* Every TD_E* code is negative, below TD__EFIRST, distinct, keeps its
+ * number and has its own message; a negative errno (what a libuv code is
+ * on Unix) gets libc's sentence; nothing else passes for a code. */
+TEST_IMPL(err_codes) {
+  static const test_err_t table[] = {
+#define TD__ROW(name, msg) {TD_E##name, msg},
+      TD_ERRDEF(TD__ROW)
+#undef TD__ROW
+  };
+  assert_err_table(table, sizeof(table) / sizeof(table[0]), TD__ECOUNT, TD__EFIRST, TD__ELAST, td_strerror);
+  /* Numbers are stable (new codes go at the end of the table). */
+  ASSERT_EQ(TD_ENOMEM, -1001);
+  ASSERT_EQ(TD_EPROTO, -1003);
+  ASSERT(strcmp(td_strerror(0), "success") == 0);
+  ASSERT(strcmp(td_strerror(-ENOENT), strerror(ENOENT)) == 0);
+  ASSERT(strcmp(td_strerror(-EADDRINUSE), "Address already in use") == 0);
+  ASSERT(strcmp(td_strerror(-EACCES), "Permission denied") == 0);
+  /* Positive numbers, and negatives outside both ranges, are not codes. */
+  ASSERT(strcmp(td_strerror(1), "unknown error") == 0);
+  ASSERT(strcmp(td_strerror(-TD_ENOMEM), "unknown error") == 0);
+  ASSERT(strcmp(td_strerror(TD__ELAST - 1), "unknown error") == 0);
+  ASSERT(strcmp(td_strerror(TD__EFIRST), "unknown error") == 0);
   return 0;
 }
 
@@ -197,6 +223,7 @@ TEST_IMPL(chan_frames) {
   const uint8_t *p;
   uint32_t n;
   ASSERT_EQ(td_chan_next(&b, &t, &p, &n), TD_EPROTO);
+  ASSERT(td_chan_next(&b, &t, &p, &n) < 0); /* what its callers test */
   td_chan_close(&a);
   ASSERT_EQ(td_chan_read(&b), TD_ECLOSED);
   td_chan_close(&b);

@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include "http.h"
+#include "http_int.h"
 #include "test.h"
 
 /* -- Fixture: server thread ---------------------------------------------- */
@@ -104,7 +105,7 @@ static void *fx_thread(void *arg) {
   fx->srv = td_http_server_new(&fx->loop, &fx->opts);
   ASSERT(fx->srv != NULL);
   ASSERT_EQ(td_http_server_listen(fx->srv, NULL, 0), 0);
-  ASSERT_EQ(td_http_server_listen(fx->srv, NULL, 0), UV_EALREADY);
+  ASSERT_EQ(td_http_server_listen(fx->srv, NULL, 0), TD_EINVAL);
   fx->port = td_http_server_port(fx->srv);
   ASSERT(fx->port > 0);
   ASSERT_EQ(uv_async_init(&fx->loop, &fx->stop, fx_on_stop), 0);
@@ -368,7 +369,7 @@ static void app_basic(fx_t *fx, td_http_server_t *srv, const td_http_request_t *
     ASSERT_EQ(td_http_stream_write(srv, req->id, "two", 3), 0);
     ASSERT_EQ(td_http_stream_write(srv, req->id, "three", 5), 0);
     ASSERT_EQ(td_http_stream_end(srv, req->id), 0);
-    ASSERT_EQ(td_http_stream_end(srv, req->id), UV_ENOENT);
+    ASSERT_EQ(td_http_stream_end(srv, req->id), TD_ENOTFOUND);
   } else if (strcmp(req->path, "/info") == 0) {
     char b[512];
     const char *x = td_http_request_header(req, "x-test");
@@ -843,7 +844,7 @@ TEST_IMPL(http_disconnect) {
   ASSERT(fx_wait(fx, &fx->naborts, 1));
   ASSERT_EQ(fx->abort_id, id);
   ASSERT_EQ(fx->abort_reason, TD_HTTP_ABORT_DISCONNECT);
-  ASSERT_EQ(fx->abort_write_rc, UV_ENOENT);
+  ASSERT_EQ(fx->abort_write_rc, TD_ENOTFOUND);
   /* Late calls from this thread are accepted and dropped. */
   ASSERT_EQ(td_http_stream_write(fx->srv, id, "more", 4), 0);
   ASSERT_EQ(td_http_stream_end(fx->srv, id), 0);
@@ -918,26 +919,26 @@ static void app_api(fx_t *fx, td_http_server_t *srv, const td_http_request_t *re
   static const td_http_header_t own[] = {TD_HTTP_HDR("Content-Length", "999"),
                                          TD_HTTP_HDR("X-Own", "kept")};
   (void)fx;
-  ASSERT_EQ(td_http_respond(srv, req->id, 99, NULL, 0, NULL, 0), UV_EINVAL);
-  ASSERT_EQ(td_http_respond(srv, req->id, 600, NULL, 0, NULL, 0), UV_EINVAL);
-  ASSERT_EQ(td_http_respond(srv, req->id, 200, crlf, 1, NULL, 0), UV_EINVAL);
-  ASSERT_EQ(td_http_respond(srv, req->id, 200, badname, 1, NULL, 0), UV_EINVAL);
-  ASSERT_EQ(td_http_stream_write(srv, req->id, "x", 1), UV_EINVAL);
-  ASSERT_EQ(td_http_stream_end(srv, req->id), UV_EINVAL);
-  ASSERT_EQ(td_http_respond(srv, req->id + 1, 200, NULL, 0, NULL, 0), UV_ENOENT);
-  ASSERT_EQ(td_http_respond(srv, 0, 200, NULL, 0, NULL, 0), UV_ENOENT);
+  ASSERT_EQ(td_http_respond(srv, req->id, 99, NULL, 0, NULL, 0), TD_EINVAL);
+  ASSERT_EQ(td_http_respond(srv, req->id, 600, NULL, 0, NULL, 0), TD_EINVAL);
+  ASSERT_EQ(td_http_respond(srv, req->id, 200, crlf, 1, NULL, 0), TD_EINVAL);
+  ASSERT_EQ(td_http_respond(srv, req->id, 200, badname, 1, NULL, 0), TD_EINVAL);
+  ASSERT_EQ(td_http_stream_write(srv, req->id, "x", 1), TD_EINVAL);
+  ASSERT_EQ(td_http_stream_end(srv, req->id), TD_EINVAL);
+  ASSERT_EQ(td_http_respond(srv, req->id + 1, 200, NULL, 0, NULL, 0), TD_ENOTFOUND);
+  ASSERT_EQ(td_http_respond(srv, 0, 200, NULL, 0, NULL, 0), TD_ENOTFOUND);
   if (strcmp(req->path, "/abort") == 0) {
     ASSERT_EQ(td_http_abort(srv, req->id), 0);
   } else if (strcmp(req->path, "/abort-stream") == 0) {
     ASSERT_EQ(td_http_stream_start(srv, req->id, 200, NULL, 0), 0);
-    ASSERT_EQ(td_http_respond(srv, req->id, 200, NULL, 0, NULL, 0), UV_EINVAL);
+    ASSERT_EQ(td_http_respond(srv, req->id, 200, NULL, 0, NULL, 0), TD_EINVAL);
     ASSERT_EQ(td_http_stream_write(srv, req->id, "partial", 7), 0);
     ASSERT_EQ(td_http_abort(srv, req->id), 0);
   } else {
     ASSERT_EQ(td_http_respond(srv, req->id, 201, own, 2, "ok", 2), 0);
   }
-  ASSERT_EQ(td_http_respond(srv, req->id, 200, NULL, 0, NULL, 0), UV_ENOENT);
-  ASSERT_EQ(td_http_abort(srv, req->id), UV_ENOENT);
+  ASSERT_EQ(td_http_respond(srv, req->id, 200, NULL, 0, NULL, 0), TD_ENOTFOUND);
+  ASSERT_EQ(td_http_abort(srv, req->id), TD_ENOTFOUND);
 }
 
 TEST_IMPL(http_api_misuse) {
@@ -1060,6 +1061,23 @@ static void noop_req(td_http_server_t *srv, const td_http_request_t *req, void *
   (void)data;
 }
 
+/* libuv's codes stop at the ingress: what a caller acts on becomes a TD_E*
+ * code (with the sentence libuv gave it), an errno without one stays
+ * -errno, which td_strerror names, and libuv's own codes are TD_E* too. */
+TEST_IMPL(http_errors_mapped) {
+  ASSERT_EQ(td__http_err(0), 0);
+  ASSERT_EQ(td__http_err(UV_EADDRINUSE), TD_EADDRINUSE);
+  ASSERT(strcmp(td_strerror(TD_EADDRINUSE), uv_strerror(UV_EADDRINUSE)) == 0);
+  ASSERT_EQ(td__http_err(UV_ENOMEM), TD_ENOMEM);
+  ASSERT_EQ(td__http_err(UV_ETIMEDOUT), TD_ETIMEDOUT);
+  ASSERT_EQ(td__http_err(UV_ECANCELED), TD_ECANCELED);
+  ASSERT_EQ(td__http_err(UV_EOF), TD_ECLOSED);
+  ASSERT_EQ(td__http_err(UV_EACCES), -EACCES);
+  ASSERT(strcmp(td_strerror(td__http_err(UV_EACCES)), "Permission denied") == 0);
+  ASSERT_EQ(td__http_err(UV_EAI_NONAME), TD_EIO);
+  return 0;
+}
+
 TEST_IMPL(http_lifecycle) {
   /* Created, never listened, closed: no handle left. */
   uv_loop_t loop;
@@ -1080,8 +1098,8 @@ TEST_IMPL(http_lifecycle) {
   fx_t *fx = fx_start(noop_app, NULL);
   ASSERT_EQ(uv_loop_init(&loop), 0);
   srv = td_http_server_new(&loop, &o);
-  ASSERT_EQ(td_http_server_listen(srv, "127.0.0.1", fx->port), UV_EADDRINUSE);
-  ASSERT_EQ(td_http_server_listen(srv, "127.0.0.1", fx->port), UV_EALREADY);
+  ASSERT_EQ(td_http_server_listen(srv, "127.0.0.1", fx->port), TD_EADDRINUSE);
+  ASSERT_EQ(td_http_server_listen(srv, "127.0.0.1", fx->port), TD_EINVAL);
   closed_flag = 0;
   td_http_server_close(srv, on_closed_flag);
   ASSERT_EQ(uv_run(&loop, UV_RUN_DEFAULT), 0);
@@ -1092,7 +1110,7 @@ TEST_IMPL(http_lifecycle) {
   /* A host that is not an address. */
   ASSERT_EQ(uv_loop_init(&loop), 0);
   srv = td_http_server_new(&loop, &o);
-  ASSERT_EQ(td_http_server_listen(srv, "not-an-ip", 0), UV_EINVAL);
+  ASSERT_EQ(td_http_server_listen(srv, "not-an-ip", 0), TD_EINVAL);
   td_http_server_close(srv, NULL);
   ASSERT_EQ(uv_run(&loop, UV_RUN_DEFAULT), 0);
   ASSERT_EQ(uv_loop_close(&loop), 0);
@@ -1269,7 +1287,7 @@ TEST_IMPL(http_ids_many) {
   for (int i = 0; i < total; i++) {
     int q = order[i];
     ASSERT_EQ(td_http_respond(srv, vn->ids[q], 200, NULL, 0, path[q], strlen(path[q])), 0);
-    ASSERT_EQ(td_http_respond(srv, vn->ids[q], 200, NULL, 0, NULL, 0), UV_ENOENT);
+    ASSERT_EQ(td_http_respond(srv, vn->ids[q], 200, NULL, 0, NULL, 0), TD_ENOTFOUND);
     if (i % 97 == 0) td__http_virt_flush(srv);
   }
   td__http_virt_flush(srv);
@@ -1320,7 +1338,7 @@ TEST_IMPL(http_inbox_thread) {
   int port = td_http_thread_port(th);
   ASSERT(port > 0);
   td_http_thread_t *th2 = (td_http_thread_t *)1;
-  ASSERT_EQ(td_http_thread_start(&o, "127.0.0.1", port, &th2), UV_EADDRINUSE);
+  ASSERT_EQ(td_http_thread_start(&o, "127.0.0.1", port, &th2), TD_EADDRINUSE);
   ASSERT(th2 == NULL);
 
   resp_t *r = malloc(sizeof(*r));

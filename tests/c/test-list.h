@@ -3,6 +3,7 @@
  * own tests come first; build/ctest-engine (TD_TEST_ENGINE_ONLY) runs
  * them linked with the engine library alone. */
 TEST_DECLARE(buf_grow)
+TEST_DECLARE(err_codes)
 TEST_DECLARE(map_basic)
 TEST_DECLARE(map_mark_ids)
 TEST_DECLARE(store_alloc_free)
@@ -42,6 +43,7 @@ TEST_DECLARE(lineage_freed_with_result)
 TEST_DECLARE(lineage_head_work_not_kept)
 TEST_DECLARE(msgs_senders_checked)
 TEST_DECLARE(msgs_wrong_sender_dropped)
+TEST_DECLARE(msgs_bad_frame_drops_client)
 #if __has_include("test-list-http.h")
 #include "test-list-http.h"
 #endif

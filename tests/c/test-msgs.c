@@ -3,7 +3,10 @@
  * (a wrong sender, a type no one sends) drops the sender as malformed,
  * giving back what it held. Driven through td_node_feed (a client) and
  * td_node_feed_as (the head's link), with no worker processes. */
+#include <poll.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include "node.h"
 #include "proto.h"
@@ -85,6 +88,33 @@ TEST_IMPL(msgs_wrong_sender_dropped) {
   td_node_stats(n, &st);
   ASSERT_EQ(st.objects, 0);
   ASSERT_EQ(st.store_used, 0);
+  td_node_destroy(&n);
+  return 0;
+}
+
+/* A client whose frame has an impossible length is dropped (its socket is
+ * closed), not kept reading forever: td_chan_next's TD_EPROTO is negative,
+ * which is what the node tests for. */
+TEST_IMPL(msgs_bad_frame_drops_client) {
+  td_node_t *n = msgs_node();
+  ASSERT(n);
+  int sv[2];
+  ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+  ASSERT_EQ(td_node_add_client(n, sv[1]), 0);
+  uint8_t frame[5] = {0, 0, 0, 0, 'x'}; /* length 0: no type byte */
+  ASSERT_EQ(write(sv[0], frame, sizeof(frame)), (ssize_t)sizeof(frame));
+  int eof = 0;
+  for (int i = 0; i < 200 && !eof; i++) {
+    td_node_pump(n, 0.01);
+    struct pollfd pfd = {sv[0], POLLIN, 0};
+    char buf[4096];
+    while (!eof && poll(&pfd, 1, 0) > 0) eof = read(sv[0], buf, sizeof(buf)) <= 0;
+  }
+  ASSERT(eof);
+  td_node_handles_t h;
+  td_node_handles(n, &h);
+  ASSERT_EQ(h.records, 0);
+  close(sv[0]);
   td_node_destroy(&n);
   return 0;
 }

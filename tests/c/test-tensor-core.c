@@ -8,6 +8,8 @@
 #include <lualib.h>
 
 #include "device.h"
+#include "gpu_err.h"
+#include "td.h"
 #include "tensor.h"
 #include "ser.h"
 #include "tensor_lua.h"
@@ -30,12 +32,12 @@ TEST_IMPL(tensor_views) {
   ASSERT_EQ(td_tensor_shape(v)[1], 4);
   ASSERT(td_tensor_same_storage(t, v));
   int64_t bad[2] = {5, -1};
-  ASSERT_EQ(td_tensor_view(&c, t, 2, bad), -TD_GPU_ESHAPE);
+  ASSERT_EQ(td_tensor_view(&c, t, 2, bad), TD_GPU_ESHAPE);
   /* slice dim 1 rows [1,3): elements start at 4 */
   ASSERT_EQ(td_tensor_slice(&s, t, 1, 1, 3), 0);
   ASSERT_EQ(((float *)td_tensor_data(s))[0], 4.0f);
   ASSERT(!td_tensor_is_contiguous(s));
-  ASSERT_EQ(td_tensor_slice(&c, t, 1, 2, 4), -TD_GPU_ERANGE);
+  ASSERT_EQ(td_tensor_slice(&c, t, 1, 2, 4), TD_GPU_ERANGE);
   ASSERT_EQ(td_tensor_contiguous(&c, s), 0);
   float *cp = td_tensor_data(c);
   ASSERT_EQ(cp[0], 4.0f);
@@ -88,7 +90,7 @@ TEST_IMPL(tensor_copy_convert) {
   ASSERT_EQ(td_tensor_zeros(&z, TD_F32, TD_CPU, 2, zs), 0);
   ASSERT_EQ(td_tensor_copy(z, tr), 0);
   ASSERT_EQ(((float *)td_tensor_data(z))[1], 3.0f);
-  ASSERT_EQ(td_tensor_copy(z, t), -TD_GPU_ESHAPE);
+  ASSERT_EQ(td_tensor_copy(z, t), TD_GPU_ESHAPE);
   ASSERT_EQ(td_tensor_fill(z, 7), 0);
   ASSERT_EQ(((float *)td_tensor_data(z))[5], 7.0f);
   td_tensor_free(&t), td_tensor_free(&h), td_tensor_free(&b), td_tensor_free(&tr), td_tensor_free(&z);
@@ -107,7 +109,7 @@ TEST_IMPL(tensor_serialize) {
   size_t n = td_tensor_serialized_size(s);
   ASSERT_EQ(n, 8 + 3 * 8 + 6 * 4u);
   char *buf = malloc(n);
-  ASSERT_EQ(td_tensor_serialize(s, buf, n - 1), -TD_GPU_EINVAL);
+  ASSERT_EQ(td_tensor_serialize(s, buf, n - 1), TD_GPU_EINVAL);
   ASSERT_EQ(td_tensor_serialize(s, buf, n), 0);
   ASSERT_EQ(td_tensor_deserialize(&u, buf, n), 0);
   ASSERT_EQ(td_tensor_ndim(u), 3);
@@ -130,16 +132,17 @@ TEST_IMPL(tensor_serialize) {
   ASSERT_EQ(td_tensor_from_parts(&w, buf, 32, buf + 32, n - 32, NULL, NULL), 0);
   ASSERT((char *)td_tensor_data(w) != buf + 32 && !td_tensor_is_readonly(w));
   td_tensor_free(&w);
-  ASSERT_EQ(td_tensor_from_parts(&w, buf, 32, buf + 32, n - 36, td__count_release, &released), -TD_GPU_EFORMAT);
+  ASSERT_EQ(td_tensor_from_parts(&w, buf, 32, buf + 32, n - 36, td__count_release, &released),
+            TD_GPU_EFORMAT);
   ASSERT_EQ(released, 1);
   /* Malformed input is refused, never read past its end. */
-  ASSERT_EQ(td_tensor_deserialize(&w, buf, n - 4), -TD_GPU_EFORMAT);
-  ASSERT_EQ(td_tensor_deserialize(&w, buf, 7), -TD_GPU_EFORMAT);
+  ASSERT_EQ(td_tensor_deserialize(&w, buf, n - 4), TD_GPU_EFORMAT);
+  ASSERT_EQ(td_tensor_deserialize(&w, buf, 7), TD_GPU_EFORMAT);
   buf[4] = 99; /* bad dtype */
-  ASSERT_EQ(td_tensor_deserialize(&w, buf, n), -TD_GPU_EFORMAT);
+  ASSERT_EQ(td_tensor_deserialize(&w, buf, n), TD_GPU_EFORMAT);
   buf[4] = 0;
   buf[5] = 9; /* too many dims */
-  ASSERT_EQ(td_tensor_deserialize(&w, buf, n), -TD_GPU_EFORMAT);
+  ASSERT_EQ(td_tensor_deserialize(&w, buf, n), TD_GPU_EFORMAT);
   free(buf);
   td_tensor_free(&t), td_tensor_free(&s), td_tensor_free(&u);
   return 0;
@@ -162,7 +165,7 @@ TEST_IMPL(tensor_wrap_release) {
   td_tensor_free(&v);
   ASSERT_EQ(released, 1);
   int64_t big[2] = {3, 3};
-  ASSERT_EQ(td_tensor_wrap(&t, data, sizeof(data), TD_F32, 2, big, NULL, NULL), -TD_GPU_ESHAPE);
+  ASSERT_EQ(td_tensor_wrap(&t, data, sizeof(data), TD_F32, 2, big, NULL, NULL), TD_GPU_ESHAPE);
   return 0;
 }
 
@@ -186,24 +189,43 @@ TEST_IMPL(tensor_pool_reuse) {
   return 0;
 }
 
+/* Every TD_GPU_E* code is negative, below TD_GPU__EFIRST and below td.h's
+ * TD_E* range (so the two never meet), distinct and named. */
+TEST_IMPL(tensor_err_codes) {
+  ASSERT((int)TD_GPU__EFIRST < (int)TD__ELAST);
+  static const test_err_t table[] = {
+#define TD_GPU__ROW(name, msg) {TD_GPU_E##name, msg},
+      TD_GPU_ERRDEF(TD_GPU__ROW)
+#undef TD_GPU__ROW
+  };
+  assert_err_table(table, sizeof(table) / sizeof(table[0]), TD_GPU__ECOUNT, TD_GPU__EFIRST, TD_GPU__ELAST,
+                   td_gpu_strerror);
+  ASSERT_EQ(TD_GPU_ENOMEM, -2001); /* the numbers the CUDA plugin returns */
+  ASSERT(strcmp(td_gpu_strerror(0), "success") == 0);
+  ASSERT(strcmp(td_gpu_strerror(-TD_GPU_ENOMEM), "unknown error") == 0);
+  ASSERT(strcmp(td_gpu_strerror(TD_GPU__ELAST - 1), "unknown error") == 0);
+  ASSERT(strcmp(td_gpu_strerror(TD_ENOMEM), "unknown error") == 0);
+  return 0;
+}
+
 TEST_IMPL(tensor_devices_without_gpu) {
   int dev = 5;
   ASSERT_EQ(td_device_parse("cpu", &dev), 0);
   ASSERT_EQ(dev, TD_CPU);
   ASSERT_EQ(td_device_parse("cuda:3", &dev), 0);
   ASSERT_EQ(dev, 3);
-  ASSERT_EQ(td_device_parse("cuda:x", &dev), -TD_GPU_EINVAL);
-  ASSERT_EQ(td_device_parse("tpu", &dev), -TD_GPU_EINVAL);
+  ASSERT_EQ(td_device_parse("cuda:x", &dev), TD_GPU_EINVAL);
+  ASSERT_EQ(td_device_parse("tpu", &dev), TD_GPU_EINVAL);
   ASSERT_EQ(td_dtype_parse("bf16"), TD_BF16);
-  ASSERT_EQ(td_dtype_parse("f8"), -TD_GPU_EDTYPE);
-  ASSERT(strcmp(td_gpu_strerror(-TD_GPU_ENODEV), "no GPU: CUDA device not available") == 0);
+  ASSERT_EQ(td_dtype_parse("f8"), TD_GPU_EDTYPE);
+  ASSERT(strcmp(td_gpu_strerror(TD_GPU_ENODEV), "no GPU: CUDA device not available") == 0);
   ASSERT(strcmp(td_gpu_strerror(-1), "unknown error") == 0);
   if (td_cuda_device_count() > 0) return 0; /* a GPU machine: see the Lua GPU tests */
   int64_t shape[1] = {4};
   td_tensor_t *t = NULL, *g = NULL;
   ASSERT_EQ(td_tensor_zeros(&t, TD_F32, TD_CPU, 1, shape), 0);
   int rc = td_tensor_to(&g, t, 0, TD_F32);
-  ASSERT(rc == -TD_GPU_ENODEV || rc == -TD_GPU_EPLUGIN);
+  ASSERT(rc == TD_GPU_ENODEV || rc == TD_GPU_EPLUGIN);
   ASSERT(g == NULL);
   ASSERT_EQ(td_tensor_empty(&g, TD_F32, 0, 1, shape), rc);
   td_tensor_free(&t);

@@ -66,7 +66,7 @@ static void on_request(td_http_server_t *s, const td_http_request_t *req, void *
   switch (b % 8) {
     case 0:
       must(td_http_respond(s, req->id, 200, h, 2, req->path, req->path_len) == 0);
-      must(td_http_respond(s, req->id, 200, NULL, 0, "x", 1) == UV_ENOENT);
+      must(td_http_respond(s, req->id, 200, NULL, 0, "x", 1) == TD_ENOTFOUND);
       break;
     case 1:
       must(td_http_stream_start(s, req->id, 200, h, 1) == 0);
@@ -98,12 +98,12 @@ static void on_request(td_http_server_t *s, const td_http_request_t *req, void *
       must(td_http_respond(s, req->id, 204, NULL, 0, "ignored", 7) == 0);
       break;
     case 6:
-      must(td_http_respond(s, req->id, 99, NULL, 0, NULL, 0) == UV_EINVAL);
-      must(td_http_stream_write(s, req->id, "x", 1) == UV_EINVAL);
+      must(td_http_respond(s, req->id, 99, NULL, 0, NULL, 0) == TD_EINVAL);
+      must(td_http_stream_write(s, req->id, "x", 1) == TD_EINVAL);
       must(td_http_respond(s, req->id, 404, NULL, 0, req->body, req->body_len) == 0);
       break;
     default:
-      must(td_http_respond(s, req->id, 200, bad, 1, NULL, 0) == UV_EINVAL);
+      must(td_http_respond(s, req->id, 200, bad, 1, NULL, 0) == TD_EINVAL);
       must(td_http_respond(s, req->id, 500, NULL, 0, "e", 1) == 0);
       break;
   }
@@ -113,7 +113,7 @@ static void on_abort(td_http_server_t *s, td_http_req_id id, td_http_abort_reaso
                      void *data) {
   (void)data;
   (void)why;
-  must(td_http_respond(s, id, 200, NULL, 0, NULL, 0) == UV_ENOENT);
+  must(td_http_respond(s, id, 200, NULL, 0, NULL, 0) == TD_ENOTFOUND);
   for (int i = 0; i < npending; i++)
     if (pending[i] == id) pending[i] = 0;
 }

@@ -26,12 +26,12 @@ static int fake_name(int dev, char *buf, size_t n) {
   buf[n - 1] = '\0';
   return 0;
 }
-static int fake_set(int dev) { return dev == 0 ? 0 : -TD_GPU_ENODEV; }
+static int fake_set(int dev) { return dev == 0 ? 0 : TD_GPU_ENODEV; }
 static int fake_malloc(void **p, size_t n) {
   *p = n > ((size_t)1 << 40) ? NULL : malloc(n ? n : 4);
   if (!*p) {
     if (fake_detail) fake_detail("cudaMalloc: out of memory");
-    return -TD_GPU_ECUDA;
+    return TD_GPU_ECUDA;
   }
   return 0;
 }
@@ -59,7 +59,7 @@ static int fake_init(void **comm, int nranks, const void *id, int rank) {
   (void)id;
   if (nranks != 1 || rank != 0) {
     if (fake_detail) fake_detail("the fake plugin only has one rank");
-    return -TD_GPU_ENCCL;
+    return TD_GPU_ENCCL;
   }
   *comm = malloc(1);
   return 0;
@@ -82,11 +82,11 @@ static int fake_rs(void *c, const void *s, void *r, size_t n, int dt, int op) {
 }
 static int fake_bcast(void *c, void *b, size_t n, int dt, int root) {
   (void)c, (void)b, (void)n, (void)dt;
-  return root == 0 ? 0 : -TD_GPU_EINVAL;
+  return root == 0 ? 0 : TD_GPU_EINVAL;
 }
 static int fake_p2p(void *c, const void *b, size_t n, int dt, int peer) {
   (void)c, (void)b, (void)n, (void)dt, (void)peer;
-  return -TD_GPU_ENCCL;
+  return TD_GPU_ENCCL;
 }
 static int fake_recv(void *c, void *b, size_t n, int dt, int peer) {
   return fake_p2p(c, b, n, dt, peer);
@@ -97,9 +97,9 @@ static int fake_recv(void *c, void *b, size_t n, int dt, int peer) {
 static int fake_matmul(int dtype, float *c, const void *a, const void *b, int M, int N, int K,
                        int ta, int tb, float alpha, float beta) {
   if (dtype == TD_F32) return td_cpu_ops.matmul(dtype, c, a, b, M, N, K, ta, tb, alpha, beta);
-  if (dtype != TD_F16 && dtype != TD_BF16) return -TD_GPU_EDTYPE;
+  if (dtype != TD_F16 && dtype != TD_BF16) return TD_GPU_EDTYPE;
   float *af = malloc(sizeof(float) * ((size_t)M * K + 1)), *bf = malloc(sizeof(float) * ((size_t)K * N + 1));
-  int rc = !af || !bf ? -TD_GPU_ENOMEM : 0;
+  int rc = !af || !bf ? TD_GPU_ENOMEM : 0;
   if (!rc) rc = td_cpu_ops.convert(af, TD_F32, a, dtype, (int64_t)M * K);
   if (!rc) rc = td_cpu_ops.convert(bf, TD_F32, b, dtype, (int64_t)K * N);
   if (!rc) rc = td_cpu_ops.matmul(TD_F32, c, af, bf, M, N, K, ta, tb, alpha, beta);
