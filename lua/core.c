@@ -339,7 +339,10 @@ static void td__spec_opts(lua_State *L, int t, td_spec_t *s) {
   lua_getfield(L, t, "pg");
   if (!lua_isnil(L, -1) && td_core_toid(L, -1, &s->pg_id)) luaL_error(L, "option pg: a placement group id expected");
   lua_pop(L, 1);
-  s->strategy = (uint8_t)td__optnum(L, t, "strategy", 0);
+  lua_Number st = td__optnum(L, t, "strategy", TD_ST_DEFAULT);
+  if (!td_code_name(td_strategy_codes, (int)st))
+    luaL_error(L, "option strategy: a core.STRATEGY code expected");
+  s->strategy = (uint8_t)st;
   s->node = (uint32_t)td__optnum(L, t, "node", 0);
   lua_getfield(L, t, "detached");
   s->detached = (uint8_t)lua_toboolean(L, -1);
@@ -630,6 +633,23 @@ static int c_decode(lua_State *L) {
   return 1;
 }
 
+/* -- Codes by name ------------------------------------------------------------------- */
+
+const td_code_t td_get_status_codes[] = {{"OK", TD_GET_OK},           {"ERROR", TD_GET_ERROR},
+                                         {"TIMEOUT", TD_GET_TIMEOUT}, {"CANCELLED", TD_GET_CANCELLED},
+                                         {"RAISED", TD_GET_RAISED},   {NULL, 0}};
+
+/* Sets t[field] = {NAME = code, ...} on the table at the top, from a code
+ * table: the only place Lua learns the codes' values. */
+static void td__set_codes(lua_State *L, const char *field, const td_code_t *codes) {
+  lua_newtable(L);
+  for (const td_code_t *c = codes; c->name; c++) {
+    lua_pushinteger(L, c->value);
+    lua_setfield(L, -2, c->name);
+  }
+  lua_setfield(L, -2, field);
+}
+
 /* -- Module --------------------------------------------------------------------------- */
 
 /* The op of those a client or worker sends without waiting for a reply. */
@@ -705,6 +725,9 @@ int luaopen_tide_core(lua_State *L) {
       }
     }
   }
+  td__set_codes(L, "STATUS", td_get_status_codes);
+  td__set_codes(L, "STRATEGY", td_strategy_codes);
+  td__set_codes(L, "PG_STRATEGY", td_pg_strategy_codes);
   lua_pushboolean(L, td_ctx.is_driver);
   lua_setfield(L, -2, "is_driver");
   lua_pushboolean(L, !td_ctx.is_driver && td_ctx.kind == WK_CLIENT);
