@@ -507,7 +507,7 @@ static int c_register(lua_State *L) {
   } else {
     td_chan_begin(&td_ctx.ch, TD_M_RPC);
     td_buf_u32(&td_ctx.ch.out, 0);
-    td_buf_str(&td_ctx.ch.out, "register", 8);
+    td_buf_str(&td_ctx.ch.out, TD_RPC_REGISTER, sizeof(TD_RPC_REGISTER) - 1);
     td_buf_u32(&td_ctx.ch.out, (uint32_t)(td__argbuf.len + 8));
     td_buf_u64(&td_ctx.ch.out, id);
     td_buf_put(&td_ctx.ch.out, td__argbuf.p, td__argbuf.len);
@@ -652,12 +652,6 @@ static void td__set_codes(lua_State *L, const char *field, const td_code_t *code
 
 /* -- Module --------------------------------------------------------------------------- */
 
-/* The op of those a client or worker sends without waiting for a reply. */
-static const char td__rpc_cast[] = "pg_remove";
-const char *const td__rpc_ops[] = {"cancel",    "kill",      "get_actor", "actor_state", "pg_create",
-                                   "pg_remove", "pg_lookup", "resources", "stats",       "nodes",
-                                   "timeline",  "why",       NULL};
-
 int luaopen_tide_core(lua_State *L) {
   if (luaL_newmetatable(L, TD_REF_MT)) {
     lua_pushcfunction(L, ref_gc);
@@ -701,15 +695,23 @@ int luaopen_tide_core(lua_State *L) {
     luaL_register(L, NULL, common);
     luaL_register(L, NULL, td_ctx.is_driver ? td__driver_fns : td__worker_fns);
   }
+  /* The C control ops (td__rpc_table): the driver calls them, a worker
+   * sends them to its node; core.call_node sends any op by name. */
+  td__rpc_find("", 0); /* indexes the table before the first RPC */
+  for (const td_rpc_op_t *op = td__rpc_table; op->name; op++) {
+    if (!op->fn) continue;
+    if (td_ctx.is_driver) {
+      lua_pushcfunction(L, op->fn);
+      if (!td__opening_rpc) lua_pushcclosure(L, td__guard, 1);
+    } else {
+      lua_pushlightuserdata(L, (void *)op);
+      lua_pushcclosure(L, td__w_rpc, 1);
+    }
+    lua_setfield(L, -2, op->name);
+  }
   if (!td_ctx.is_driver) {
     lua_pushcfunction(L, td__w_rpc);
     lua_setfield(L, -2, "call_node");
-    for (int i = 0; td__rpc_ops[i]; i++) {
-      lua_pushstring(L, td__rpc_ops[i]);
-      lua_pushboolean(L, !strcmp(td__rpc_ops[i], td__rpc_cast));
-      lua_pushcclosure(L, td__w_rpc, 2);
-      lua_setfield(L, -2, td__rpc_ops[i]);
-    }
   }
   if (td_ctx.is_driver) {
     td_core_register_start(L);
