@@ -153,7 +153,7 @@ static int td__driver_value(lua_State *L, uint64_t id) {
   return is_err;
 }
 
-/* core.get1(ref, timeout) -> status (0 ok, 1 error, 2 timeout), value */
+/* core.get1(ref, timeout) -> status (TD_GET_OK, TD_GET_ERROR, TD_GET_TIMEOUT), value */
 static int d_get1(lua_State *L) {
   uint64_t id = td__checkref(L, 1);
   double deadline = td__deadline(L, 2);
@@ -161,13 +161,13 @@ static int d_get1(lua_State *L) {
     int st = td_node_state(td_ctx.node, id);
     if (st != TD_OBJ_PENDING) break;
     if (td_now() >= deadline) {
-      lua_pushinteger(L, 2);
+      lua_pushinteger(L, TD_GET_TIMEOUT);
       return 1;
     }
     td__pump(L, deadline);
   }
   int err = td__driver_value(L, id);
-  lua_pushinteger(L, err);
+  lua_pushinteger(L, err ? TD_GET_ERROR : TD_GET_OK);
   lua_insert(L, -2);
   return 2;
 }
@@ -183,7 +183,7 @@ static int d_getn(lua_State *L) {
     lua_pop(L, 1);
     while (td_node_state(td_ctx.node, id) == TD_OBJ_PENDING) {
       if (td_now() >= deadline) {
-        lua_pushinteger(L, 2);
+        lua_pushinteger(L, TD_GET_TIMEOUT);
         return 1;
       }
       td__pump(L, deadline);
@@ -195,7 +195,7 @@ static int d_getn(lua_State *L) {
     uint64_t id = ((td_ref_ud_t *)lua_touserdata(L, -1))->id;
     lua_pop(L, 1);
     if (td__driver_value(L, id)) {
-      lua_pushinteger(L, 1);
+      lua_pushinteger(L, TD_GET_ERROR);
       lua_insert(L, -2);
       return 2;
     }
@@ -203,7 +203,7 @@ static int d_getn(lua_State *L) {
   }
   lua_pushinteger(L, n);
   lua_setfield(L, -2, "n");
-  lua_pushinteger(L, 0);
+  lua_pushinteger(L, TD_GET_OK);
   lua_insert(L, -2);
   return 2;
 }

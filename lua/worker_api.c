@@ -17,7 +17,7 @@ static int td__push_get1(lua_State *L, const uint8_t *p, size_t n, void *ud) {
   td_rd_t rd;
   td_rd_init(&rd, p, n);
   if (td_rd_u8(&rd)) {
-    lua_pushinteger(L, 2);
+    lua_pushinteger(L, TD_GET_TIMEOUT);
     return 1;
   }
   td__mkref_owned_flag = 0;
@@ -31,7 +31,7 @@ static int td__push_get1(lua_State *L, const uint8_t *p, size_t n, void *ud) {
     td_buf_u64(&td_ctx.ch.out, id);
     td_chan_end(&td_ctx.ch);
   }
-  lua_pushinteger(L, rc);
+  lua_pushinteger(L, rc ? TD_GET_ERROR : TD_GET_OK);
   lua_insert(L, -2);
   return 2;
 }
@@ -69,12 +69,12 @@ static int td__push_getn(lua_State *L, const uint8_t *p, size_t n, void *ud) {
   if (td_rd_u8(&rd)) {
     free(g->ids);
     free(g);
-    lua_pushinteger(L, 2);
+    lua_pushinteger(L, TD_GET_TIMEOUT);
     return 1;
   }
   td__mkref_owned_flag = 0;
   lua_createtable(L, (int)g->n, 1);
-  int status = 0;
+  int status = TD_GET_OK;
   uint32_t nshm = 0;
   uint64_t *shm = td_xmalloc((size_t)g->n * 8 + 8);
   for (uint32_t i = 0; i < g->n; i++) {
@@ -87,14 +87,14 @@ static int td__push_getn(lua_State *L, const uint8_t *p, size_t n, void *ud) {
       free(g);
       return luaL_error(L, "malformed reply from the node");
     }
-    if (rc == 1 && !status) {
-      status = 1;
+    if (rc == 1 && status == TD_GET_OK) {
+      status = TD_GET_ERROR;
       lua_replace(L, -2); /* the error replaces the array */
       break;
     }
     lua_rawseti(L, -2, (int)i + 1);
   }
-  if (!status) {
+  if (status == TD_GET_OK) {
     lua_pushinteger(L, (lua_Integer)g->n);
     lua_setfield(L, -2, "n");
   }
