@@ -4,7 +4,8 @@
  * around every driver entry point; gets, waits, streams and puts that pump
  * the node until done (d_*); the control operations (cancel, kill, actors,
  * placement groups, resources, nodes, stats, timeline, why, persist,
- * packages); the node's private Lua state that runs workers' RPCs
+ * packages) and their table, td__rpc_table, through which workers' RPCs
+ * are dispatched; the node's private Lua state that runs those RPCs
  * (td_core_driver_rpc, td__rpc_cb) and jobs; and core.start/core.stop.
  * Uses core.c (core_int.h), node, persist, pkg, bridge.
  */
