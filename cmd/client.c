@@ -156,7 +156,7 @@ static int td__client_run(int argc, char **argv, const char *script) {
   char sock[PATH_MAX];
   int kind = td__resolve_address(getenv("TIDE_ADDRESS"), sock, sizeof(sock));
   if (kind < 0) return 2;
-  if (kind == 0) setenv("TIDE_NODE_SOCKET", sock, 1);
+  if (kind == TD__ADDR_UNIX) setenv("TIDE_NODE_SOCKET", sock, 1);
   return td__run(argc, argv, 1, path);
 }
 

@@ -51,6 +51,10 @@ int td__lock_holder(int dfd);
 int td__alive(int pid);
 int td__lock_holder_live(int dfd);
 int td__lock_take(int dfd);
+/* What --address names: a node's Unix socket here, or a node over TCP. */
+enum { TD__ADDR_UNIX, TD__ADDR_TCP };
+/* Resolves --address into out: TD__ADDR_UNIX (a socket path) or
+ * TD__ADDR_TCP (a ZeroMQ endpoint); -1 after printing why not. */
 int td__resolve_address(const char *a, char *out, size_t n);
 int td__load_key(td_cluster_key_t *key);
 void td__why_no_answer(const char *ep, char *why, size_t n);

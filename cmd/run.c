@@ -178,7 +178,7 @@ int td__run(int argc, char **argv, int first, const char *script_override) {
     char path[PATH_MAX], err[512];
     int kind = td__resolve_address(addr, path, sizeof(path));
     if (kind < 0) return 2;
-    if (kind == 1) {
+    if (kind == TD__ADDR_TCP) {
       /* TCP: the cluster key from --key, TIDE_KEY_FILE, or this user's session. */
       td_cluster_key_t key;
       int fd;

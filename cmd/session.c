@@ -134,8 +134,8 @@ static int td__is_tide(int pid) {
   return base && !strcmp(base + 1, "tide");
 }
 
-/* Resolves --address: a Unix socket path (returns 0) or, for HOST:PORT, a
- * ZeroMQ endpoint (returns 1); -1 after printing why not. */
+/* Resolves --address: a Unix socket path, or for HOST:PORT a ZeroMQ
+ * endpoint (cmd.h). */
 int td__resolve_address(const char *a, char *out, size_t n) {
   if (!strcmp(a, "local") || !strcmp(a, "auto") || !*a) {
     char dir[PATH_MAX - 16];
@@ -143,16 +143,16 @@ int td__resolve_address(const char *a, char *out, size_t n) {
     /* Another user's node would get this driver's code and data. */
     if (td__session_foreign()) return -1;
     snprintf(out, n, "%s/node.sock", dir);
-    return 0;
+    return TD__ADDR_UNIX;
   }
   if (strchr(a, '/')) {
     snprintf(out, n, "%s", a);
-    return 0;
+    return TD__ADDR_UNIX;
   }
   const char *colon = strrchr(a, ':');
   if (colon && colon[1] && strspn(colon + 1, "0123456789") == strlen(colon + 1) && colon > a) {
     snprintf(out, n, "tcp://%.*s:%s", (int)(colon - a), a, colon + 1);
-    return 1;
+    return TD__ADDR_TCP;
   }
   td__usage_error("address %s: give HOST:PORT, local, or a node.sock path", a);
   return -1;

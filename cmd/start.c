@@ -167,7 +167,8 @@ static int td__start_check(td__start_t *s) {
   if (s->join) {
     int kind = td__resolve_address(s->join, s->join_ep, sizeof(s->join_ep));
     if (kind < 0) return 2;
-    if (kind != 1) return td__usage_error("--address %s: a node joins its head at HOST:PORT", s->join);
+    if (kind != TD__ADDR_TCP)
+      return td__usage_error("--address %s: a node joins its head at HOST:PORT", s->join);
     if (td__load_key(&s->join_key)) return 1;
     if (!s->port_given) s->port = -1; /* a port of its own choosing, for other nodes */
     if (!s->bind_host)

@@ -497,7 +497,6 @@ static void td__list_objects(td_node_t *n, td_lister_t *ls) {
 }
 
 static void td__list_pgs(td_node_t *n, td_lister_t *ls) {
-  static const char *const strategies[] = {"PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"};
   td_buf_t tmp, one;
   td_buf_init(&tmp);
   td_buf_init(&one);
@@ -506,7 +505,8 @@ static void td__list_pgs(td_node_t *n, td_lister_t *ls) {
     rid(r, "pg_id", pg->id);
     rs(r, "name", pg->name);
     rs(r, "state", pg->removed ? "REMOVED" : pg->created ? "CREATED" : "PENDING");
-    rs(r, "strategy", pg->strategy >= 0 && pg->strategy <= TD_PG_STRICT_SPREAD ? strategies[pg->strategy] : "?");
+    const char *strategy = td_code_name(td_pg_strategy_codes, pg->strategy);
+    rs(r, "strategy", strategy ? strategy : "?");
     td_buf_reset(&tmp);
     td_buf_u8(&tmp, '[');
     for (int b = 0; b < pg->nb; b++) {

@@ -130,8 +130,12 @@ int td_node_actor_state(td_node_t *n, uint64_t actor_id, const char **reason);
 
 /* -- Placement groups ------------------------------------------------------ */
 
-enum { TD_PG_PACK, TD_PG_SPREAD, TD_PG_STRICT_PACK, TD_PG_STRICT_SPREAD };
-/* bundles: nb rows of TD_NRES_MAX amounts indexed by resource index. A
+/* Placement-group strategies; Lua reads them by name (core.PG_STRATEGY,
+ * from td_pg_strategy_codes), and so does tide list. */
+enum { TD_PG_PACK, TD_PG_SPREAD, TD_PG_STRICT_PACK, TD_PG_STRICT_SPREAD, TD_PG_COUNT };
+extern const td_code_t td_pg_strategy_codes[];
+/* bundles: nb rows of TD_NRES_MAX amounts indexed by resource index;
+ * strategy: a TD_PG_* (anything else is misuse). A
  * detached group outlives the client that made it and, on a head with a
  * store, the head (persisted; reserved again on restart). *ready_id holds
  * one reference for the caller. */

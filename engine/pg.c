@@ -4,6 +4,14 @@
  * placed again after a restart, where their detached actors are adopted. */
 #include "node_int.h"
 
+#include <assert.h>
+
+const td_code_t td_pg_strategy_codes[] = {{"PACK", TD_PG_PACK},
+                                          {"SPREAD", TD_PG_SPREAD},
+                                          {"STRICT_PACK", TD_PG_STRICT_PACK},
+                                          {"STRICT_SPREAD", TD_PG_STRICT_SPREAD},
+                                          {NULL, 0}};
+
 /* The pool of resources of the node with index idx (this one or a link). */
 static double *td__node_pool(td_node_t *n, uint32_t idx) {
   if (idx == n->links.index) return n->sched.avail;
@@ -174,6 +182,7 @@ static td_pg_t *td__pg_new(td_node_t *n, uint64_t id, int nb, const double (*bun
 
 int td_node_pg_create(td_node_t *n, int nb, const double (*bundles)[TD_NRES_MAX], int strategy,
                       const char *name, int detached, uint64_t *pg_id, uint64_t *ready_id) {
+  assert(strategy >= 0 && strategy < TD_PG_COUNT); /* the caller checks a user's strategy */
   td_pg_t *pg = td__pg_new(n, td_node_new_id(n), nb, bundles, strategy, name, detached);
   if (detached) td__persist_pg(n, pg);
   *pg_id = pg->id;
@@ -193,7 +202,7 @@ void td__restore_pg(void *ud, const char *key, const void *val, size_t len) {
   const uint8_t *name = td_rd_str(&rd, &nl);
   nb = td_rd_u32(&rd);
   double (*b)[TD_NRES_MAX] = NULL;
-  int ok = !rd.bad && nb > 0 && nb <= 1024 && nl < 64 && strategy >= 0 && strategy <= TD_PG_STRICT_SPREAD;
+  int ok = !rd.bad && nb > 0 && nb <= 1024 && nl < 64 && strategy >= 0 && strategy < TD_PG_COUNT;
   if (ok) b = td_xcalloc(nb, sizeof(*b));
   for (uint32_t i = 0; ok && i < nb; i++) {
     uint32_t k = td_rd_u32(&rd);

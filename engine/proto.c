@@ -100,9 +100,23 @@ int td_spec_decode(td_spec_t *s, td_rd_t *r, uint64_t **scratch) {
   if (td__get_str(r, s->ns, sizeof(s->ns))) return TD_EPROTO;
   uint32_t elen;
   const uint8_t *e = td_rd_str(r, &elen);
-  if (r->bad || elen > sizeof(s->env) || s->kind > TD_K_ACTOR_CALL ||
-      s->strategy > TD_ST_NODE_SOFT) return TD_EPROTO;
+  if (r->bad || elen > sizeof(s->env) || s->kind > TD_K_ACTOR_CALL || s->strategy >= TD_ST_COUNT)
+    return TD_EPROTO;
   memcpy(s->env, e, elen);
   s->env_len = elen;
   return 0;
+}
+
+/* -- Codes by name ---------------------------------------------------------- */
+
+const td_code_t td_strategy_codes[] = {{"DEFAULT", TD_ST_DEFAULT},
+                                       {"SPREAD", TD_ST_SPREAD},
+                                       {"NODE", TD_ST_NODE},
+                                       {"NODE_SOFT", TD_ST_NODE_SOFT},
+                                       {NULL, 0}};
+
+const char *td_code_name(const td_code_t *t, int value) {
+  for (; t->name; t++)
+    if (t->value == value) return t->name;
+  return NULL;
 }

@@ -83,8 +83,23 @@ enum { TD_V_INLINE, TD_V_SHM, TD_V_ERROR, TD_V_LOST,
 
 enum { TD_K_TASK, TD_K_ACTOR_NEW, TD_K_ACTOR_CALL };
 /* Scheduling strategies: default (local first, then a node that fits),
- * spread over nodes, or node affinity, hard or soft. */
-enum { TD_ST_DEFAULT, TD_ST_SPREAD, TD_ST_NODE, TD_ST_NODE_SOFT };
+ * spread over nodes, or node affinity, hard or soft. Lua reads them by
+ * name (core.STRATEGY, from td_strategy_codes). */
+enum { TD_ST_DEFAULT, TD_ST_SPREAD, TD_ST_NODE, TD_ST_NODE_SOFT, TD_ST_COUNT };
+
+/* A code and its name. The codes that cross into Lua (strategies here,
+ * placement-group strategies in node.h, get statuses in lua/core.h) each
+ * have one such table, ended by {NULL, 0}: lua/core.c exports it as a
+ * table of names (core.STRATEGY.SPREAD), and text output prints from it. */
+typedef struct td_code {
+  const char *name; /* as Lua and text see it: "SPREAD" */
+  int value;        /* the enum's value: TD_ST_SPREAD */
+} td_code_t;
+
+/* TD_ST_* by name. */
+extern const td_code_t td_strategy_codes[];
+/* The name of `value` in a code table; NULL when it has none. */
+const char *td_code_name(const td_code_t *t, int value);
 
 #define TD_NRES_MAX 32   /* resource kinds per node: CPU, GPU, memory, custom */
 #define TD_RES_CPU 0

@@ -339,7 +339,10 @@ static void td__spec_opts(lua_State *L, int t, td_spec_t *s) {
   lua_getfield(L, t, "pg");
   if (!lua_isnil(L, -1) && td_core_toid(L, -1, &s->pg_id)) luaL_error(L, "option pg: a placement group id expected");
   lua_pop(L, 1);
-  s->strategy = (uint8_t)td__optnum(L, t, "strategy", 0);
+  lua_Number st = td__optnum(L, t, "strategy", TD_ST_DEFAULT);
+  if (!td_code_name(td_strategy_codes, (int)st))
+    luaL_error(L, "option strategy: a core.STRATEGY code expected");
+  s->strategy = (uint8_t)st;
   s->node = (uint32_t)td__optnum(L, t, "node", 0);
   lua_getfield(L, t, "detached");
   s->detached = (uint8_t)lua_toboolean(L, -1);
@@ -504,7 +507,7 @@ static int c_register(lua_State *L) {
   } else {
     td_chan_begin(&td_ctx.ch, TD_M_RPC);
     td_buf_u32(&td_ctx.ch.out, 0);
-    td_buf_str(&td_ctx.ch.out, "register", 8);
+    td_buf_str(&td_ctx.ch.out, TD_RPC_REGISTER, sizeof(TD_RPC_REGISTER) - 1);
     td_buf_u32(&td_ctx.ch.out, (uint32_t)(td__argbuf.len + 8));
     td_buf_u64(&td_ctx.ch.out, id);
     td_buf_put(&td_ctx.ch.out, td__argbuf.p, td__argbuf.len);
@@ -630,13 +633,24 @@ static int c_decode(lua_State *L) {
   return 1;
 }
 
-/* -- Module --------------------------------------------------------------------------- */
+/* -- Codes by name ------------------------------------------------------------------- */
 
-/* The op of those a client or worker sends without waiting for a reply. */
-static const char td__rpc_cast[] = "pg_remove";
-const char *const td__rpc_ops[] = {"cancel",    "kill",      "get_actor", "actor_state", "pg_create",
-                                   "pg_remove", "pg_lookup", "resources", "stats",       "nodes",
-                                   "timeline",  "why",       NULL};
+const td_code_t td_get_status_codes[] = {{"OK", TD_GET_OK},           {"ERROR", TD_GET_ERROR},
+                                         {"TIMEOUT", TD_GET_TIMEOUT}, {"CANCELLED", TD_GET_CANCELLED},
+                                         {"RAISED", TD_GET_RAISED},   {NULL, 0}};
+
+/* Sets t[field] = {NAME = code, ...} on the table at the top, from a code
+ * table: the only place Lua learns the codes' values. */
+static void td__set_codes(lua_State *L, const char *field, const td_code_t *codes) {
+  lua_newtable(L);
+  for (const td_code_t *c = codes; c->name; c++) {
+    lua_pushinteger(L, c->value);
+    lua_setfield(L, -2, c->name);
+  }
+  lua_setfield(L, -2, field);
+}
+
+/* -- Module --------------------------------------------------------------------------- */
 
 int luaopen_tide_core(lua_State *L) {
   if (luaL_newmetatable(L, TD_REF_MT)) {
@@ -681,15 +695,23 @@ int luaopen_tide_core(lua_State *L) {
     luaL_register(L, NULL, common);
     luaL_register(L, NULL, td_ctx.is_driver ? td__driver_fns : td__worker_fns);
   }
+  /* The C control ops (td__rpc_table): the driver calls them, a worker
+   * sends them to its node; core.call_node sends any op by name. */
+  td__rpc_find("", 0); /* indexes the table before the first RPC */
+  for (const td_rpc_op_t *op = td__rpc_table; op->name; op++) {
+    if (!op->fn) continue;
+    if (td_ctx.is_driver) {
+      lua_pushcfunction(L, op->fn);
+      if (!td__opening_rpc) lua_pushcclosure(L, td__guard, 1);
+    } else {
+      lua_pushlightuserdata(L, (void *)op);
+      lua_pushcclosure(L, td__w_rpc, 1);
+    }
+    lua_setfield(L, -2, op->name);
+  }
   if (!td_ctx.is_driver) {
     lua_pushcfunction(L, td__w_rpc);
     lua_setfield(L, -2, "call_node");
-    for (int i = 0; td__rpc_ops[i]; i++) {
-      lua_pushstring(L, td__rpc_ops[i]);
-      lua_pushboolean(L, !strcmp(td__rpc_ops[i], td__rpc_cast));
-      lua_pushcclosure(L, td__w_rpc, 2);
-      lua_setfield(L, -2, td__rpc_ops[i]);
-    }
   }
   if (td_ctx.is_driver) {
     td_core_register_start(L);
@@ -705,6 +727,9 @@ int luaopen_tide_core(lua_State *L) {
       }
     }
   }
+  td__set_codes(L, "STATUS", td_get_status_codes);
+  td__set_codes(L, "STRATEGY", td_strategy_codes);
+  td__set_codes(L, "PG_STRATEGY", td_pg_strategy_codes);
   lua_pushboolean(L, td_ctx.is_driver);
   lua_setfield(L, -2, "is_driver");
   lua_pushboolean(L, !td_ctx.is_driver && td_ctx.kind == WK_CLIENT);

@@ -17,6 +17,19 @@
 
 typedef int (*td_push_fn)(lua_State *L, const uint8_t *p, size_t n, void *ud);
 
+/* What a blocking call tells stdlib/tide.lua (core.get1 and core.getn
+ * return it first; core.wait and core.sleep return it in place of their
+ * result when the wait ends early). Lua reads them by name: core.STATUS,
+ * from td_get_status_codes. */
+enum {
+  TD_GET_OK,        /* the value follows */
+  TD_GET_ERROR,     /* the task failed: its error table follows */
+  TD_GET_TIMEOUT,   /* the timeout passed first */
+  TD_GET_CANCELLED, /* the calling task was cancelled while it waited */
+  TD_GET_RAISED     /* the reply could not be made into values: a message follows */
+};
+extern const td_code_t td_get_status_codes[];
+
 /* Process-wide state of the bindings (one per process). */
 typedef struct td_ctx {
   int is_driver;

@@ -4,7 +4,8 @@
  * around every driver entry point; gets, waits, streams and puts that pump
  * the node until done (d_*); the control operations (cancel, kill, actors,
  * placement groups, resources, nodes, stats, timeline, why, persist,
- * packages); the node's private Lua state that runs workers' RPCs
+ * packages) and their table, td__rpc_table, through which workers' RPCs
+ * are dispatched; the node's private Lua state that runs those RPCs
  * (td_core_driver_rpc, td__rpc_cb) and jobs; and core.start/core.stop.
  * Uses core.c (core_int.h), node, persist, pkg, bridge.
  */
@@ -153,7 +154,7 @@ static int td__driver_value(lua_State *L, uint64_t id) {
   return is_err;
 }
 
-/* core.get1(ref, timeout) -> status (0 ok, 1 error, 2 timeout), value */
+/* core.get1(ref, timeout) -> status (TD_GET_OK, TD_GET_ERROR, TD_GET_TIMEOUT), value */
 static int d_get1(lua_State *L) {
   uint64_t id = td__checkref(L, 1);
   double deadline = td__deadline(L, 2);
@@ -161,13 +162,13 @@ static int d_get1(lua_State *L) {
     int st = td_node_state(td_ctx.node, id);
     if (st != TD_OBJ_PENDING) break;
     if (td_now() >= deadline) {
-      lua_pushinteger(L, 2);
+      lua_pushinteger(L, TD_GET_TIMEOUT);
       return 1;
     }
     td__pump(L, deadline);
   }
   int err = td__driver_value(L, id);
-  lua_pushinteger(L, err);
+  lua_pushinteger(L, err ? TD_GET_ERROR : TD_GET_OK);
   lua_insert(L, -2);
   return 2;
 }
@@ -183,7 +184,7 @@ static int d_getn(lua_State *L) {
     lua_pop(L, 1);
     while (td_node_state(td_ctx.node, id) == TD_OBJ_PENDING) {
       if (td_now() >= deadline) {
-        lua_pushinteger(L, 2);
+        lua_pushinteger(L, TD_GET_TIMEOUT);
         return 1;
       }
       td__pump(L, deadline);
@@ -195,7 +196,7 @@ static int d_getn(lua_State *L) {
     uint64_t id = ((td_ref_ud_t *)lua_touserdata(L, -1))->id;
     lua_pop(L, 1);
     if (td__driver_value(L, id)) {
-      lua_pushinteger(L, 1);
+      lua_pushinteger(L, TD_GET_ERROR);
       lua_insert(L, -2);
       return 2;
     }
@@ -203,7 +204,7 @@ static int d_getn(lua_State *L) {
   }
   lua_pushinteger(L, n);
   lua_setfield(L, -2, "n");
-  lua_pushinteger(L, 0);
+  lua_pushinteger(L, TD_GET_OK);
   lua_insert(L, -2);
   return 2;
 }
@@ -338,6 +339,8 @@ static int c_actor_state(lua_State *L) {
 static int c_pg_create(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   int strategy = (int)luaL_checkinteger(L, 2);
+  if (!td_code_name(td_pg_strategy_codes, strategy))
+    return luaL_argerror(L, 2, "a core.PG_STRATEGY code expected");
   const char *name = luaL_optstring(L, 3, "");
   int detached = lua_toboolean(L, 4);
   int nb = (int)lua_objlen(L, 1);
@@ -594,16 +597,8 @@ static int c_pkg_install(lua_State *L) {
   return 1;
 }
 
-/* core.register_blob(id, blob): a worker's registration, through RPC. */
-static int c_register_blob(lua_State *L) {
-  size_t n;
-  uint64_t id = td_core_checkid(L, 1, "function");
-  const char *b = luaL_checklstring(L, 2, &n);
-  td_node_register_fn(td_ctx.node, id, (const uint8_t *)b, n);
-  return 0;
-}
-
-/* The driver's backend; luaopen_tide_core wraps each in td__guard. */
+/* The driver's backend; luaopen_tide_core wraps each in td__guard (and
+ * adds the C ops of td__rpc_table). */
 const luaL_Reg td__driver_fns[] = {{"get1", d_get1},
                                    {"getn", d_getn},
                                    {"wait", d_wait},
@@ -612,66 +607,143 @@ const luaL_Reg td__driver_fns[] = {{"get1", d_get1},
                                    {"sleep", d_sleep},
                                    {"pump", d_pump},
                                    {"state", d_state},
-                                   {"cancel", c_cancel},
-                                   {"kill", c_kill},
-                                   {"get_actor", c_get_actor},
-                                   {"actor_state", c_actor_state},
-                                   {"pg_create", c_pg_create},
-                                   {"pg_remove", c_pg_remove},
-                                   {"pg_lookup", c_pg_lookup},
-                                   {"resources", c_resources},
-                                   {"stats", c_stats},
-                                   {"nodes", c_nodes},
-                                   {"timeline", c_timeline},
-                                   {"why", c_why},
-                                   {"register_blob", c_register_blob},
                                    {"persist", c_persist},
                                    {"persisted", c_persisted},
                                    {"pkg_install", c_pkg_install},
                                    {NULL, NULL}};
 
-/* Driver side of RPC: runs `op` from the worker in the private state. */
-static void td__rpc_cb(void *ud, td_wk_t *wk, uint32_t req, const char *op, const uint8_t *args, size_t len) {
-  lua_State *L = ud;
-  td_buf_t out;
-  td_buf_init(&out);
-  int top = lua_gettop(L);
-  if (!strcmp(op, "register")) {
-    if (len >= 8) {
-      uint64_t id;
-      memcpy(&id, args, 8);
-      td_node_register_fn(td_ctx.node, id, args + 8, len - 8);
+/* -- The control operations' table (core_int.h) ------------------------------------ */
+
+/* A worker's or client's registration of a function or class: u64 id, then
+ * its encoded definition. */
+static void td__rpc_register(const uint8_t *args, size_t len) {
+  uint64_t id;
+  if (len < 8) return;
+  memcpy(&id, args, 8);
+  td_node_register_fn(td_ctx.node, id, args + 8, len - 8);
+}
+
+const td_rpc_op_t td__rpc_table[] = {
+    {TD_RPC_REGISTER, NULL, td__rpc_register, TD_RPC_CAST},
+    /* C ops, in this file; a worker's core.<name> sends them. */
+    {"cancel", c_cancel, NULL, 0},
+    {"kill", c_kill, NULL, 0},
+    {"get_actor", c_get_actor, NULL, TD_RPC_HEAD_IF_NONE}, /* named actors live on the head */
+    {"actor_state", c_actor_state, NULL, 0},
+    {"pg_create", c_pg_create, NULL, 0},
+    {"pg_remove", c_pg_remove, NULL, TD_RPC_CAST},
+    {"pg_lookup", c_pg_lookup, NULL, 0},
+    {"resources", c_resources, NULL, TD_RPC_HEAD}, /* the cluster's */
+    {"stats", c_stats, NULL, 0},
+    {"nodes", c_nodes, NULL, TD_RPC_HEAD},
+    {"timeline", c_timeline, NULL, 0},
+    {"why", c_why, NULL, 0},
+    /* Lua ops: the head's key-value store (stdlib/tide/kv.lua). */
+    {"kv_put", NULL, NULL, TD_RPC_HEAD},
+    {"kv_get", NULL, NULL, TD_RPC_HEAD},
+    {"kv_del", NULL, NULL, TD_RPC_HEAD},
+    /* A daemon's jobs (stdlib/tide/jobs.lua, td_core_enable_jobs). */
+    {"pkg_put", NULL, NULL, 0},
+    {"job_submit", NULL, NULL, 0},
+    {"job_log", NULL, NULL, 0},
+    {"job_list", NULL, NULL, 0},
+    {"job_status", NULL, NULL, 0},
+    {"job_stop", NULL, NULL, 0},
+    /* A daemon's observability (stdlib/tide/obs.lua, td_obs_enable). */
+    {"obs_list", NULL, NULL, 0},
+    {"obs_log", NULL, NULL, 0},
+    {"obs_metrics", NULL, NULL, 0},
+    {"metrics_put", NULL, NULL, 0},
+    {NULL, NULL, NULL, 0}};
+
+/* Name -> entry, made once (FNV-1a of the name; td__rpc_find compares the
+ * name too). Every process opens tide.core, which indexes the table,
+ * before its first RPC. */
+static td_map_t td__rpc_index;
+static int td__rpc_indexed;
+
+static uint64_t td__rpc_hash(const char *s, size_t n) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (size_t i = 0; i < n; i++) h = (h ^ (uint8_t)s[i]) * 0x100000001b3ull;
+  return h;
+}
+
+static void td__rpc_make_index(void) {
+  td_map_init(&td__rpc_index);
+  for (const td_rpc_op_t *op = td__rpc_table; op->name; op++) {
+    uint64_t h = td__rpc_hash(op->name, strlen(op->name));
+    if (td_map_get(&td__rpc_index, h)) {
+      fprintf(stderr, "tide: BUG: two control operations hash alike in td__rpc_table: %s\n", op->name);
+      abort();
     }
-    return;
+    td_map_set(&td__rpc_index, h, (void *)op);
   }
-  /* The KV and the cluster's resources and nodes are the head's: a node passes them on. */
-  if ((!strncmp(op, "kv_", 3) || !strcmp(op, "resources") || !strcmp(op, "nodes")) && req &&
-      td_node_relay(td_ctx.node, wk, req, op, args, len) == 0)
-    return;
-  int ok = 0;
+  td__rpc_indexed = 1;
+}
+
+const td_rpc_op_t *td__rpc_find(const char *name, size_t len) {
+  if (!td__rpc_indexed) td__rpc_make_index();
+  const td_rpc_op_t *op = td_map_get(&td__rpc_index, td__rpc_hash(name, len));
+  return op && !strncmp(op->name, name, len) && !op->name[len] ? op : NULL;
+}
+
+/* The private state's ops table ("tide.rpc.ops"): its functions by entry
+ * (t[index + 1]), so dispatch is one rawgeti. Lua modules install and read
+ * ops by name (ops.kv_put = f): the metamethods map the name to its entry,
+ * and refuse a name that is not a Lua op of td__rpc_table. */
+static int td__ops_index(lua_State *L) {
+  size_t n;
+  const char *k = lua_type(L, 2) == LUA_TSTRING ? lua_tolstring(L, 2, &n) : NULL;
+  const td_rpc_op_t *op = k ? td__rpc_find(k, n) : NULL;
+  if (!op) return 0;
+  lua_rawgeti(L, 1, (int)(op - td__rpc_table) + 1);
+  return 1;
+}
+
+static int td__ops_newindex(lua_State *L) {
+  size_t n;
+  const char *k = lua_type(L, 2) == LUA_TSTRING ? lua_tolstring(L, 2, &n) : NULL;
+  const td_rpc_op_t *op = k ? td__rpc_find(k, n) : NULL;
+  if (!op || op->fn || op->raw)
+    return luaL_error(
+        L, "cannot install control operation %s: not a Lua op of td__rpc_table (lua/core_driver.c)",
+        k ? k : luaL_typename(L, 2));
+  lua_pushvalue(L, 3);
+  lua_rawseti(L, 1, (int)(op - td__rpc_table) + 1);
+  return 0;
+}
+
+/* Pushes the op's results and returns 1, or pushes an error message and
+ * returns 0. `args` is the encoded argument list. */
+static int td__rpc_run(lua_State *L, const td_rpc_op_t *op, const uint8_t *args, size_t len) {
   lua_getfield(L, LUA_REGISTRYINDEX, "tide.rpc.ops");
-  lua_getfield(L, -1, op);
+  lua_rawgeti(L, -1, (int)(op - td__rpc_table) + 1);
+  lua_remove(L, -2);
   if (!lua_isfunction(L, -1)) {
-    lua_pushfstring(L, "unknown operation %s", op);
-  } else {
-    td__mkref_owned_flag = 0;
-    if (td__decode(L, args, len, 0) == 0 && lua_istable(L, -1)) {
-      int n = (int)lua_objlen(L, -1);
-      int t = lua_gettop(L);
-      for (int i = 1; i <= n; i++) lua_rawgeti(L, t, i);
-      lua_remove(L, t);
-      ok = lua_pcall(L, n, LUA_MULTRET, 0) == 0;
-    } else {
-      lua_remove(L, -2);
-    }
+    lua_pop(L, 1);
+    lua_pushfstring(L, "operation %s is not served by this node", op->name);
+    return 0;
   }
-  int base = top + 2; /* ops table, then results */
-  int nres = lua_gettop(L) - base + 1;
-  if (ok && nres == 0 && req && !strcmp(op, "get_actor") &&
-      td_node_relay(td_ctx.node, wk, req, op, args, len) == 0) {
-    lua_settop(L, top); /* not here: maybe elsewhere in the cluster */
-    return;
+  td__mkref_owned_flag = 0;
+  if (td__decode(L, args, len, 0) != 0) {
+    lua_remove(L, -2); /* the decoder's message stays */
+    return 0;
   }
+  if (!lua_istable(L, -1)) {
+    lua_pop(L, 2);
+    lua_pushfstring(L, "operation %s: its arguments are not a list", op->name);
+    return 0;
+  }
+  int n = (int)lua_objlen(L, -1), t = lua_gettop(L);
+  luaL_checkstack(L, n + 1, "rpc arguments");
+  for (int i = 1; i <= n; i++) lua_rawgeti(L, t, i);
+  lua_remove(L, t);
+  return lua_pcall(L, n, LUA_MULTRET, 0) == 0;
+}
+
+/* Answers request req of wk (none when 0) with ok and the nres values
+ * from index base: one encoded list. */
+static void td__rpc_answer(lua_State *L, td_wk_t *wk, uint32_t req, int ok, int base, int nres) {
   lua_createtable(L, nres, 0);
   for (int i = 0; i < nres; i++) {
     lua_pushvalue(L, base + i);
@@ -687,6 +759,8 @@ static void td__rpc_cb(void *ud, td_wk_t *wk, uint32_t req, const char *op, cons
   /* The worker's handles to returned refs are taken here for it (and
    * given back if it dies first). */
   for (int i = 0; i < s.nrefs && req; i++) td_node_incref_for(td_ctx.node, wk, s.refs[i]);
+  td_buf_t out;
+  td_buf_init(&out);
   td_buf_u8(&out, (uint8_t)ok);
   td_buf_u32(&out, (uint32_t)s.size);
   td_ser_append(&s, &out);
@@ -694,11 +768,39 @@ static void td__rpc_cb(void *ud, td_wk_t *wk, uint32_t req, const char *op, cons
   int had_refs = s.nrefs > 0;
   td_ser_free(&s);
   td_buf_free(&out);
-  lua_settop(L, top);
   /* This state's handles to the refs it handed out go now, not at some
    * later collection: the requester holds what it was given, and a
    * requester that dies gives back exactly that. */
-  if (had_refs) lua_gc(L, LUA_GCCOLLECT, 0);
+  if (had_refs) {
+    lua_settop(L, base - 1);
+    lua_gc(L, LUA_GCCOLLECT, 0);
+  }
+}
+
+/* The driver's side of RPC (td_rpc_cb): a control op from a worker, a
+ * client or, on a head, a node that relays it. Its entry says how it runs. */
+static void td__rpc_cb(void *ud, td_wk_t *wk, uint32_t req, const char *name, const uint8_t *args,
+                       size_t len) {
+  lua_State *L = ud;
+  const td_rpc_op_t *op = td__rpc_find(name, strlen(name));
+  if (op && op->raw) {
+    op->raw(args, len);
+    return;
+  }
+  /* The cluster's state is the head's: a node passes the op on. */
+  if (op && (op->flags & TD_RPC_HEAD) && req && td_node_relay(td_ctx.node, wk, req, name, args, len) == 0)
+    return;
+  int top = lua_gettop(L), ok = 0;
+  if (op) ok = td__rpc_run(L, op, args, len);
+  else lua_pushfstring(L, "unknown operation %s", name);
+  int nres = lua_gettop(L) - top;
+  if (ok && nres == 0 && (op->flags & TD_RPC_HEAD_IF_NONE) && req &&
+      td_node_relay(td_ctx.node, wk, req, name, args, len) == 0) {
+    lua_settop(L, top); /* not here: maybe elsewhere in the cluster */
+    return;
+  }
+  td__rpc_answer(L, wk, req, ok, top + 1, nres);
+  lua_settop(L, top);
 }
 
 /* Sets up the driver's private RPC state once the node exists; `from` is
@@ -711,13 +813,21 @@ void td_core_driver_rpc(lua_State *from) {
   td__opening_rpc = 1;
   luaopen_tide_core(L);
   td__opening_rpc = 0;
-  lua_newtable(L);
-  for (int i = 0; td__rpc_ops[i]; i++) {
-    lua_getfield(L, -2, td__rpc_ops[i]);
-    lua_setfield(L, -2, td__rpc_ops[i]);
-  }
-  lua_setfield(L, LUA_REGISTRYINDEX, "tide.rpc.ops");
   lua_setfield(L, LUA_REGISTRYINDEX, "tide.rpc.core");
+  /* The ops table: the C ops now, the Lua ops as their modules load. */
+  lua_newtable(L);
+  for (const td_rpc_op_t *op = td__rpc_table; op->name; op++) {
+    if (!op->fn) continue;
+    lua_pushcfunction(L, op->fn);
+    lua_rawseti(L, -2, (int)(op - td__rpc_table) + 1);
+  }
+  lua_createtable(L, 0, 2);
+  lua_pushcfunction(L, td__ops_index);
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, td__ops_newindex);
+  lua_setfield(L, -2, "__newindex");
+  lua_setmetatable(L, -2);
+  lua_setfield(L, LUA_REGISTRYINDEX, "tide.rpc.ops");
   /* The head's key-value store (stdlib/tide/kv.lua) adds its ops. */
   lua_getglobal(from, "package");
   lua_getfield(from, -1, "path");
@@ -755,12 +865,18 @@ void td_core_enable_jobs(const char *home) {
     lua_pop(L, 1);
     return;
   }
+  /* Each of the module's functions is the Lua op of that name. */
   lua_getfield(L, LUA_REGISTRYINDEX, "tide.rpc.ops");
   lua_pushnil(L);
   while (lua_next(L, -3)) {
-    lua_pushvalue(L, -2);
-    lua_insert(L, -2);
-    lua_settable(L, -4);
+    size_t n;
+    const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tolstring(L, -2, &n) : NULL;
+    const td_rpc_op_t *op = k ? td__rpc_find(k, n) : NULL;
+    if (op && !op->fn && !op->raw && lua_isfunction(L, -1)) lua_rawseti(L, -3, (int)(op - td__rpc_table) + 1);
+    else {
+      fprintf(stderr, "tide: BUG: tide.jobs.%s is not a Lua op of td__rpc_table\n", k ? k : "?");
+      lua_pop(L, 1);
+    }
   }
   lua_pop(L, 2);
 }

@@ -24,12 +24,48 @@ double td__optnum(lua_State *L, int t, const char *k, double def);
 /* Collects garbage and gives back the holds it drops (before a full store
  * is reported). */
 void td__collect(lua_State *L);
-/* The control operations a worker reaches through RPC (NULL-terminated). */
-extern const char *const td__rpc_ops[];
+
+/* -- Control operations (core_driver.c) --------------------------------------------
+ * Every control call a worker or client makes of its node (cancel, kill,
+ * get_actor, placement groups, the KV, jobs ...) is one entry of
+ * td__rpc_table, as a command of Redis's command table. The op's name is
+ * its key on the wire (TD_M_RPC carries it, and a node relays it to its
+ * head as is); each end finds the entry with td__rpc_find, so the table's
+ * order is no contract. The driver calls a C op's function directly; a
+ * worker's core.<name> sends it; the node's private Lua state runs what
+ * arrives, dispatched by the entry, never by comparing names. */
+
+/* How an op travels and where it runs. */
+enum {
+  TD_RPC_CAST = 1 << 0,         /* sent without a request id: nobody waits for an answer */
+  TD_RPC_HEAD = 1 << 1,         /* the cluster's state: a node relays it to its head */
+  TD_RPC_HEAD_IF_NONE = 1 << 2, /* answered here if it can be; relayed to the head when it returns nothing */
+};
+
+/* A C op whose arguments are bytes, not an encoded list: runs without Lua. */
+typedef void (*td_rpc_raw_fn)(const uint8_t *args, size_t len);
+
+typedef struct td_rpc_op {
+  const char *name;  /* its name in Lua (core.<name>, call_node) and on the wire */
+  lua_CFunction fn;  /* a C op: the driver's function, run in the private state */
+  td_rpc_raw_fn raw; /* or a C op without Lua (always a cast) */
+  unsigned flags;    /* TD_RPC_* */
+} td_rpc_op_t;
+/* fn and raw both NULL: a Lua op, a function that stdlib/tide/kv.lua,
+ * jobs.lua or obs.lua installs in the private state's ops table. */
+
+/* The op c_register sends: a function or class definition, as bytes. */
+#define TD_RPC_REGISTER "register"
+
+/* Every op, ended by {NULL}. */
+extern const td_rpc_op_t td__rpc_table[];
+/* The op named name[0..len), or NULL when there is none. */
+const td_rpc_op_t *td__rpc_find(const char *name, size_t len);
 
 /* -- core_driver.c ----------------------------------------------------------------- */
 
-/* The driver's backend: the d_* calls and the control operations. */
+/* The driver's backend: the d_* calls (the control operations are in
+ * td__rpc_table). */
 extern const luaL_Reg td__driver_fns[];
 /* Set while the node's private RPC state opens tide.core (no guards). */
 extern int td__opening_rpc;
@@ -48,7 +84,9 @@ void td_core_driver_rpc(lua_State *from);
 extern const luaL_Reg td__worker_fns[];
 /* core.put in a worker. */
 int td__w_put(lua_State *L);
-/* A control operation as an RPC to the node (upvalues: op, no reply wanted). */
+/* A control operation as an RPC to the node: upvalue 1 is its td__rpc_table
+ * entry (a light userdata); without one (core.call_node) the op's name
+ * comes first. */
 int td__w_rpc(lua_State *L);
 
 #endif

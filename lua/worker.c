@@ -274,7 +274,7 @@ static int td__block(lua_State *L, uint32_t req, td_push_fn push, void *ud, int 
         if (tid == td__cur->task_id) {
           /* Tell the waiting call it was cancelled; the reply is dropped. */
           if (report) { td_chan_begin(&td_ctx.ch, TD_M_UNBLOCKED); td_chan_end(&td_ctx.ch); }
-          lua_pushinteger(L, 3);
+          lua_pushinteger(L, TD_GET_CANCELLED);
           return 1;
         }
       }
@@ -900,8 +900,8 @@ static void td__on_reply(const uint8_t *p, uint32_t len) {
   lua_pushlightuserdata(L, &x);
   c->req = 0;
   if (lua_pcall(L, 1, LUA_MULTRET, 0) != 0) {
-    /* Resume with status 4 and the message: the stdlib raises it. */
-    lua_pushinteger(c->co, 4);
+    /* Resume with TD_GET_RAISED and the message: the stdlib raises it. */
+    lua_pushinteger(c->co, TD_GET_RAISED);
     lua_xmove(L, c->co, 1);
     lua_settop(L, top);
     td__resume(c, 2);
@@ -924,7 +924,7 @@ static void td__on_cancel(const uint8_t *p, uint32_t len) {
     if (c->task_id != tid) continue;
     td_map_del(&td__waiting, req);
     c->req = 0;
-    lua_pushinteger(c->co, 3);
+    lua_pushinteger(c->co, TD_GET_CANCELLED);
     td__resume(c, 1);
     return;
   }

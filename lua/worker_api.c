@@ -17,7 +17,7 @@ static int td__push_get1(lua_State *L, const uint8_t *p, size_t n, void *ud) {
   td_rd_t rd;
   td_rd_init(&rd, p, n);
   if (td_rd_u8(&rd)) {
-    lua_pushinteger(L, 2);
+    lua_pushinteger(L, TD_GET_TIMEOUT);
     return 1;
   }
   td__mkref_owned_flag = 0;
@@ -31,7 +31,7 @@ static int td__push_get1(lua_State *L, const uint8_t *p, size_t n, void *ud) {
     td_buf_u64(&td_ctx.ch.out, id);
     td_chan_end(&td_ctx.ch);
   }
-  lua_pushinteger(L, rc);
+  lua_pushinteger(L, rc ? TD_GET_ERROR : TD_GET_OK);
   lua_insert(L, -2);
   return 2;
 }
@@ -69,12 +69,12 @@ static int td__push_getn(lua_State *L, const uint8_t *p, size_t n, void *ud) {
   if (td_rd_u8(&rd)) {
     free(g->ids);
     free(g);
-    lua_pushinteger(L, 2);
+    lua_pushinteger(L, TD_GET_TIMEOUT);
     return 1;
   }
   td__mkref_owned_flag = 0;
   lua_createtable(L, (int)g->n, 1);
-  int status = 0;
+  int status = TD_GET_OK;
   uint32_t nshm = 0;
   uint64_t *shm = td_xmalloc((size_t)g->n * 8 + 8);
   for (uint32_t i = 0; i < g->n; i++) {
@@ -87,14 +87,14 @@ static int td__push_getn(lua_State *L, const uint8_t *p, size_t n, void *ud) {
       free(g);
       return luaL_error(L, "malformed reply from the node");
     }
-    if (rc == 1 && !status) {
-      status = 1;
+    if (rc == 1 && status == TD_GET_OK) {
+      status = TD_GET_ERROR;
       lua_replace(L, -2); /* the error replaces the array */
       break;
     }
     lua_rawseti(L, -2, (int)i + 1);
   }
-  if (!status) {
+  if (status == TD_GET_OK) {
     lua_pushinteger(L, (lua_Integer)g->n);
     lua_setfield(L, -2, "n");
   }
@@ -313,11 +313,13 @@ static int td__push_rpc(lua_State *L, const uint8_t *p, size_t n, void *ud) {
 }
 
 int td__w_rpc(lua_State *L) {
-  size_t ol;
-  const char *op = lua_tolstring(L, lua_upvalueindex(1), &ol);
+  const td_rpc_op_t *op = lua_touserdata(L, lua_upvalueindex(1));
   if (!op) {
-    /* core.call_node(op, ...): the op comes first. */
-    op = luaL_checklstring(L, 1, &ol);
+    /* core.call_node(op, ...): the op's name comes first. */
+    size_t nl;
+    const char *name = luaL_checklstring(L, 1, &nl);
+    op = td__rpc_find(name, nl);
+    if (!op || op->raw) return luaL_error(L, "unknown operation %s", name);
     lua_remove(L, 1);
   }
   int n = lua_gettop(L);
@@ -328,9 +330,9 @@ int td__w_rpc(lua_State *L) {
   }
   if (td_ser_value(&td_ctx.ser, L, -1, "argument")) return td_core_ser_error(L, &td_ctx.ser);
   td_core_flush_refs();
-  /* An op whose answer nobody waits for (upvalue 2) is sent without a
-   * request id: the node replies to none, and order is kept. */
-  int cast = lua_toboolean(L, lua_upvalueindex(2));
+  /* An op whose answer nobody waits for is sent without a request id:
+   * the node replies to none, and order is kept. */
+  int cast = (op->flags & TD_RPC_CAST) != 0;
   uint32_t req = 0;
   if (cast) {
     td_chan_begin(&td_ctx.ch, TD_M_RPC);
@@ -338,7 +340,7 @@ int td__w_rpc(lua_State *L) {
   } else {
     req = td_w_begin_req(TD_M_RPC);
   }
-  td_buf_str(&td_ctx.ch.out, op, ol);
+  td_buf_str(&td_ctx.ch.out, op->name, strlen(op->name));
   td_buf_u32(&td_ctx.ch.out, (uint32_t)td_ctx.ser.size);
   td_ser_append(&td_ctx.ser, &td_ctx.ch.out);
   td_chan_end(&td_ctx.ch);

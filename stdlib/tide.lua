@@ -10,6 +10,11 @@ local type, pairs, ipairs, select, setmetatable, getmetatable, error, tostring =
   type, pairs, ipairs, select, setmetatable, getmetatable, error, tostring
 local format, unpack = string.format, unpack
 
+-- The codes tide.core speaks, by name (lua/core.h, engine/proto.h,
+-- engine/node.h): cached as upvalues, so a compare costs nothing.
+local ST, STRATEGY, PG_STRATEGY = core.STATUS, core.STRATEGY, core.PG_STRATEGY
+local ST_OK, ST_ERROR, ST_TIMEOUT, ST_CANCELLED, ST_RAISED = ST.OK, ST.ERROR, ST.TIMEOUT, ST.CANCELLED, ST.RAISED
+
 capture.install()
 local REF_MT = debug.getregistry()["tide.ObjectRef"]
 
@@ -34,13 +39,13 @@ local function raise(kind, message, extra)
 end
 
 local function raise_status(st, v, what)
-  if st == 1 then
+  if st == ST_ERROR then
     error(setmetatable(v, Error), 0)
-  elseif st == 2 then
+  elseif st == ST_TIMEOUT then
     raise("GetTimeoutError", what .. " timed out")
-  elseif st == 3 then
+  elseif st == ST_CANCELLED then
     raise("TaskCancelledError", "the task was cancelled")
-  elseif st == 4 then
+  elseif st == ST_RAISED then
     error(v, 0)
   end
 end
@@ -183,11 +188,11 @@ local function normalize(o, is_actor)
     n.bundle = o.bundle_index and (o.bundle_index - 1) or -1
   end
   local ss = o.scheduling_strategy
-  if ss == "SPREAD" then n.strategy = 1 end
+  if ss == "SPREAD" then n.strategy = STRATEGY.SPREAD end
   if type(ss) == "table" and ss.node_id ~= nil then
     local k = type(ss.node_id) == "string" and tonumber(ss.node_id:match("^node%-(%d+)$"))
     if k then
-      n.strategy = ss.soft and 3 or 2
+      n.strategy = ss.soft and STRATEGY.NODE_SOFT or STRATEGY.NODE
       n.node = k
     elseif not ss.soft then
       uerror(format("no node with id %s for a hard node affinity (node ids look like \"node-1\")",
@@ -526,14 +531,14 @@ function M.get(x, opts)
     local st, v
     if h then
       st, v = core.get1(x, h)
-      if st == 2 then
+      if st == ST_TIMEOUT then
         warn_hang("tide.get", x, h)
         st, v = core.get1(x, rest(timeout, h))
       end
     else
       st, v = core.get1(x, timeout)
     end
-    if st == 0 then return v end
+    if st == ST_OK then return v end
     raise_status(st, v, "tide.get")
   end
   if getmetatable(x) == Generator then
@@ -550,7 +555,7 @@ function M.get(x, opts)
   local st, v
   if h and #x > 0 then
     st, v = core.getn(x, h)
-    if st == 2 then
+    if st == ST_TIMEOUT then
       local flags = core.wait(x, #x, 0)
       for i = 1, #x do
         if type(flags) == "table" and not flags[i] then warn_hang("tide.get", x[i], h) break end
@@ -560,7 +565,7 @@ function M.get(x, opts)
   else
     st, v = core.getn(x, timeout)
   end
-  if st == 0 then return v end
+  if st == ST_OK then return v end
   raise_status(st, v, "tide.get")
 end
 
@@ -620,7 +625,7 @@ end
 function M.sleep(s)
   if type(s) ~= "number" then error("tide.sleep: expected seconds", 2) end
   local st = core.sleep(s)
-  if st == 3 then raise("TaskCancelledError", "the task was cancelled") end
+  if st == ST_CANCELLED then raise("TaskCancelledError", "the task was cancelled") end
 end
 
 -- -- Cluster ----------------------------------------------------------------------
@@ -653,7 +658,12 @@ function M.stats() ensure(); return core.stats() end
 
 local PlacementGroup = {}
 PlacementGroup.__index = PlacementGroup
-local STRATEGIES = {PACK = 0, SPREAD = 1, STRICT_PACK = 2, STRICT_SPREAD = 3}
+-- PG_STRATEGY's names by code, and in code order for messages.
+local STRATEGY_NAMES, STRATEGY_TEXT = {}, {}
+for k, v in pairs(PG_STRATEGY) do STRATEGY_NAMES[v] = k end
+for i = 0, #STRATEGY_NAMES do STRATEGY_TEXT[#STRATEGY_TEXT + 1] = STRATEGY_NAMES[i] end
+STRATEGY_TEXT = table.concat(STRATEGY_TEXT, ", ", 1, #STRATEGY_TEXT - 1) .. " or " .. STRATEGY_TEXT[#STRATEGY_TEXT]
+M._pg_strategies = STRATEGY_TEXT
 
 function M.placement_group(bundles, opts)
   if type(bundles) ~= "table" or #bundles == 0 then
@@ -668,9 +678,9 @@ function M.placement_group(bundles, opts)
     end
   end
   local strategy = opts and opts.strategy or "PACK"
-  local code = STRATEGIES[strategy]
+  local code = PG_STRATEGY[strategy]
   if not code then
-    error("tide.placement_group: strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD", 2)
+    error("tide.placement_group: strategy must be " .. STRATEGY_TEXT, 2)
   end
   local name, lifetime = opts and opts.name or "", opts and opts.lifetime
   if type(name) ~= "string" or #name > 63 then
@@ -684,9 +694,6 @@ function M.placement_group(bundles, opts)
   return setmetatable({id = id, bundles = bundles, strategy = strategy, name = name, _ready = ready},
     PlacementGroup)
 end
-
-local STRATEGY_NAMES = {}
-for k, v in pairs(STRATEGIES) do STRATEGY_NAMES[v] = k end
 
 function M.get_placement_group(name)
   if type(name) ~= "string" or name == "" then

@@ -8,6 +8,8 @@
 local M = {}
 
 -- Adds kv_put, kv_get and kv_del to ops; core is that state's tide.core.
+-- Each is an entry of td__rpc_table (lua/core_driver.c), whose flags make
+-- a node relay them to its head; ops takes no name the table lacks.
 function M.install(ops, core)
   local kv = {}
   for k, v in pairs(core.persisted("kv")) do

@@ -359,7 +359,7 @@ local OPTS = {num_workers = true, resources_per_worker = true, placement_strateg
   progress_interval = true, runtime_env = true, placement_timeout = true, name = true,
   retry_exceptions = true}
 local RES_KEYS = {num_cpus = true, num_gpus = true, memory = true, resources = true}
-local STRATEGIES = {PACK = true, SPREAD = true, STRICT_PACK = true, STRICT_SPREAD = true}
+local STRATEGIES = require("tide.core").PG_STRATEGY  -- placement-group strategies by name
 
 local function is_int(v, lo) return type(v) == "number" and v % 1 == 0 and v >= lo end
 
@@ -407,7 +407,7 @@ local function check(opts)
   o.resources_per_worker = rpw
   o.placement_strategy = o.placement_strategy or "PACK"
   if not STRATEGIES[o.placement_strategy] then
-    error("train.fit: option 'placement_strategy' must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got "
+    error("train.fit: option 'placement_strategy' must be " .. tide._pg_strategies .. ", got "
       .. tostring(o.placement_strategy), 3)
   end
   if o.dataset ~= nil and not require("tide.data").is_dataset(o.dataset) then

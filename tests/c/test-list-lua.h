@@ -1,5 +1,6 @@
 /* Lua binding tests (tests/c/test-lua.c). */
 TEST_DECLARE(ser_roundtrip)
+TEST_DECLARE(rpc_table)
 /* Collective streams between nodes (tests/c/test-coll-net.c). */
 TEST_DECLARE(coll_net_allreduce)
 TEST_DECLARE(coll_net_wrong_secret_refused)

@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core_int.h"
 #include "ser.h"
 #include "test.h"
 
@@ -65,5 +66,30 @@ TEST_IMPL(ser_roundtrip) {
   ASSERT(strstr(s.err, "C function"));
   td_ser_free(&s);
   lua_close(L);
+  return 0;
+}
+
+/* The control operations' table (lua/core_driver.c): every op is found by
+ * its name and only by it; an op that runs without Lua is a cast (its
+ * sender waits for no answer, and none comes). */
+TEST_IMPL(rpc_table) {
+  int n = 0, lua_ops = 0;
+  for (const td_rpc_op_t *op = td__rpc_table; op->name; op++, n++) {
+    ASSERT(td__rpc_find(op->name, strlen(op->name)) == op);
+    ASSERT(!(op->fn && op->raw));
+    if (op->raw) ASSERT(op->flags & TD_RPC_CAST);
+    if (!op->fn && !op->raw) lua_ops++;
+  }
+  ASSERT(n > 10 && lua_ops > 0);
+  ASSERT(td__rpc_find("", 0) == NULL);
+  ASSERT(td__rpc_find("kv_", 3) == NULL);
+  ASSERT(td__rpc_find("kv_putx", 7) == NULL);
+  ASSERT(td__rpc_find("cance", 5) == NULL);
+  ASSERT(td__rpc_find("cancelled", 6) == td__rpc_find("cancel", 6)); /* by length */
+  ASSERT(td__rpc_find("cancel", 6)->fn != NULL);
+  ASSERT(td__rpc_find("pg_remove", 9)->flags & TD_RPC_CAST);
+  ASSERT(td__rpc_find("kv_get", 6)->flags & TD_RPC_HEAD);
+  ASSERT(td__rpc_find("get_actor", 9)->flags & TD_RPC_HEAD_IF_NONE);
+  ASSERT(td__rpc_find(TD_RPC_REGISTER, strlen(TD_RPC_REGISTER))->raw != NULL);
   return 0;
 }

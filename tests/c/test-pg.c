@@ -270,3 +270,27 @@ TEST_IMPL(pg_goes_with_its_client) {
   td_node_decref(n, made.ready);
   return end_test(&n, NULL, 0, KEEP_PEERS);
 }
+
+/* Each code table names every value of its enum once, by a distinct name,
+ * and td_code_name answers for exactly those: Lua learns the codes from
+ * these tables only (core.STRATEGY, core.PG_STRATEGY). */
+static void codes_cover(const td_code_t *t, int count) {
+  int seen[64] = {0}, k = 0;
+  ASSERT(count <= 64);
+  for (const td_code_t *c = t; c->name; c++, k++) {
+    ASSERT(c->value >= 0 && c->value < count && !seen[c->value]);
+    seen[c->value] = 1;
+    for (const td_code_t *d = t; d != c; d++) ASSERT(strcmp(d->name, c->name) != 0);
+    ASSERT(td_code_name(t, c->value) == c->name);
+  }
+  ASSERT_EQ(k, count);
+  ASSERT(td_code_name(t, count) == NULL && td_code_name(t, -1) == NULL);
+}
+
+TEST_IMPL(pg_codes_by_name) {
+  codes_cover(td_pg_strategy_codes, TD_PG_COUNT);
+  codes_cover(td_strategy_codes, TD_ST_COUNT);
+  ASSERT(!strcmp(td_code_name(td_pg_strategy_codes, TD_PG_STRICT_SPREAD), "STRICT_SPREAD"));
+  ASSERT(!strcmp(td_code_name(td_strategy_codes, TD_ST_NODE_SOFT), "NODE_SOFT"));
+  return 0;
+}
