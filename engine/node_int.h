@@ -326,7 +326,7 @@ typedef struct td_node_objs {
   uint64_t *changed;     /* objects that became ready or failed while recording, their waiters
                           * not woken yet: node.c's objects phase (td__objs_phase) acts on them */
   uint32_t nchanged, capchanged;
-  void **pool;           /* free td_obj_t records kept for reuse */
+  void **pool; /* free td_obj_t records kept for reuse */
   int npool;
 } td_node_objs_t;
 
