@@ -382,3 +382,27 @@ int td__on_actor_kill(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   }
   return 0;
 }
+
+/* A driver that left takes its non-detached actors with it: those here,
+ * and those it made here that the head keeps. */
+void td__actors_owner_left(td_node_t *n, uint64_t owner) {
+  size_t it2 = 0;
+  td_actor_t *oa;
+  while (td_map_next(&n->actors.map, &it2, NULL, (void **)&oa))
+    if (oa->owner == owner && oa->state != A_DEAD && oa->create && !oa->create->spec.detached)
+      td_node_kill_actor(n, oa->id, 1);
+  uint64_t aid;
+  void *who;
+  for (size_t it3 = 0; td_map_next(&n->links.fwd_actors, &it3, &aid, &who);)
+    if ((uint64_t)(uintptr_t)who == owner) td__kill_actor(n, aid, 1, "killed: its driver left");
+  for (size_t it3 = 0; td_map_next(&n->links.fwd_actors, &it3, &aid, &who);)
+    if ((uint64_t)(uintptr_t)who == owner) td_map_del(&n->links.fwd_actors, aid), it3 = 0;
+}
+
+/* The process hosting actors died: each restarts or dies. */
+void td__actors_host_lost(td_node_t *n, td_wk_t *wk, const char *reason) {
+  size_t it = 0;
+  td_actor_t *a;
+  while (td_map_next(&n->actors.map, &it, NULL, (void **)&a))
+    if (a->host == wk) td__actor_restart_or_die(n, a, reason);
+}

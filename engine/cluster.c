@@ -96,70 +96,6 @@ void td__send_node_task(td_node_t *n, td_wk_t *wk, td_task_t *t) {
   }
 }
 
-static td_wk_t *td__upstream(td_node_t *n, uint64_t id) {
-  if (!id || td_id_node(id) == n->links.index) return NULL;
-  if (n->links.head) return n->links.head->dead ? NULL : n->links.head;
-  return td__link(n, td_id_node(id));
-}
-
-void td__send_refs1(td_wk_t *up, uint64_t id, int32_t delta) {
-  td_chan_begin(&up->ch, TD_M_REFS);
-  td_buf_u32(&up->ch.out, 1);
-  td_buf_u64(&up->ch.out, id);
-  td_buf_u32(&up->ch.out, (uint32_t)delta);
-  td_chan_end(&up->ch);
-}
-
-/* held: the ref upstream is already taken (an export); else one is asked. */
-td_obj_t *td__foreign(td_node_t *n, uint64_t id, int held) {
-  td_wk_t *up = td__upstream(n, id);
-  if (!up) return NULL;
-  td_obj_t *o = td__obj_new(n, id);
-  o->foreign = 1;
-  if (!held) td__send_refs1(up, id, 1);
-  return o;
-}
-
-/* foreign == 2: a return of work forwarded to the head, kept there. */
-static td_wk_t *td__upstream_of(td_node_t *n, td_obj_t *o) {
-  if (o->foreign == 2) return n->links.head && !n->links.head->dead ? n->links.head : NULL;
-  if (o->up) return n->links.head ? (n->links.head->dead ? NULL : n->links.head) : td__link(n, o->up - 1);
-  return td__upstream(n, o->id);
-}
-
-void td__unhold(td_node_t *n, td_obj_t *o) {
-  td_wk_t *up = td__upstream_of(n, o);
-  if (up) td__send_refs1(up, o->id, -1);
-}
-
-void td__pull(td_node_t *n, td_obj_t *o) {
-  if (o->pulling || !o->foreign || o->state != OBJ_PENDING) return;
-  td_wk_t *up = td__upstream_of(n, o);
-  if (!up) return;
-  o->pulling = 1;
-  uint32_t req = (++n->xfer.next_pull) | 0x80000000u;
-  td_map_set(&n->xfer.pulls, req, (void *)(uintptr_t)o->id);
-  td_chan_begin(&up->ch, TD_M_GET);
-  td_buf_u32(&up->ch.out, req);
-  td_buf_f64(&up->ch.out, -1);
-  td_buf_u32(&up->ch.out, 1);
-  td_buf_u64(&up->ch.out, o->id);
-  td_chan_end(&up->ch);
-}
-
-/* Fills a pending object from inline bytes another node sent (into the
- * store when large, so workers here map it). */
-void td__obj_fill(td_node_t *n, td_obj_t *o, int state, const uint8_t *p, size_t len,
-                         const uint64_t *refs, uint32_t nrefs) {
-  size_t off;
-  if (state == OBJ_READY && len > n->objs.inline_max && td__alloc(n, len, &off, o) == 0) {
-    memcpy(td_store_base(n->objs.store) + off, p, len);
-    td__obj_set(n, o, OBJ_READY, 1, NULL, len, off, refs, nrefs);
-  } else {
-    td__obj_set(n, o, state, 0, p, len, 0, refs, nrefs);
-  }
-}
-
 int td_node_relay(td_node_t *n, td_wk_t *wk, uint32_t req, const char *op, const uint8_t *args, size_t len) {
   if (!n->links.head || n->links.head->dead) return TD_ENOTFOUND;
   td_relay_t *r = td_xmalloc(sizeof(*r));
@@ -1194,4 +1130,20 @@ int td__on_cancel(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   td_fwd_t *f = rd->bad ? NULL : td_map_get(&n->links.fwd, htid);
   if (f) td_node_cancel(n, f->rets[0], force);
   return rd->bad ? TD_EPROTO : 0;
+}
+
+/* A link between this node and another died (not a ghost: see
+ * td__wk_ghost): the objects that were there are lost or fetched again;
+ * a head counts the node gone, and waits a while for it to come back; a
+ * node has lost its head. */
+void td__link_dead(td_node_t *n, td_wk_t *wk) {
+  td__link_lost_objects(n, wk);
+  if (wk->kind == WK_NODE) {
+    n->links.nlinks--;
+    if (!n->links.gone_at) n->links.gone_at = td_xcalloc(TD_NODE_MAX + 1, sizeof(double));
+    n->links.gone_at[wk->node_index] = td_now();
+    td__settle(n, wk->ntotal); /* it may be restarted: work only it could run waits a while */
+  } else if (n->links.head == wk) {
+    td__head_lost(n);
+  }
 }

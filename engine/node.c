@@ -190,6 +190,34 @@ void td__obj_freed(td_node_t *n, td_task_t *producer) {
     td__task_finish(n, producer);
 }
 
+/* -- A worker, client or link died --------------------------------------------------
+ * Each module lets go of what it had there, in this order: what a driver
+ * owned; what was on the other node of a link; where fetches came from;
+ * the work that was running there; the actors it hosted; last, the record. */
+void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why) {
+  if (wk->dead) return;
+  wk->dead = 1;
+  td_chan_close(&wk->ch);
+  char reason[256];
+  td__wk_reason(wk, why, reason, sizeof(reason)); /* workers.c: reaps the process */
+  if (wk->kind == WK_CLIENT) {
+    td__pgs_owner_left(n, wk->id);
+    td__actors_owner_left(n, wk->id);
+  }
+  /* A link that never joined (a join whose answer came too late: the node
+   * joined again, under the same index) had nothing: the node lives on. */
+  if ((wk->kind == WK_NODE || wk->kind == WK_HEAD) && !td__wk_ghost(wk)) {
+    td__link_dead(n, wk);
+    if (wk->kind == WK_NODE) td__pgs_node_lost(n, wk->node_index);
+  }
+  if (wk->kind == WK_PEER) td__peer_dead(n, wk);
+  td_log("%s", reason);
+  if (wk->kind == WK_NODE || wk->kind == WK_HEAD) fprintf(stderr, "tide: %s\n", reason);
+  td__tasks_lost(n, wk, reason);
+  td__actors_host_lost(n, wk, reason);
+  td__wk_free(n, wk);
+}
+
 /* -- Messages: from workers, clients, nodes and the head ------------------------------ */
 
 /* Who may send what. A message from any other kind of sender is malformed:

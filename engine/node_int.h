@@ -584,6 +584,7 @@ int td__put_value(td_node_t *n, td_buf_t *b, uint64_t id, int pin, int remote);
 void td__send_fn(td_node_t *n, td_wk_t *wk, uint64_t fn_id);
 void td__send_task(td_node_t *n, td_wk_t *wk, td_task_t *t);
 void td__task_fail(td_node_t *n, td_task_t *t, const char *kind, const char *msg);
+void td__tasks_lost(td_node_t *n, td_wk_t *wk, const char *reason);
 void td__task_finish(td_node_t *n, td_task_t *t);
 void td__unpin_deps(td_node_t *n, td_task_t *t);
 void td__unplaced_check(td_node_t *n, double now);
@@ -597,6 +598,8 @@ void td__actor_die(td_node_t *n, td_actor_t *a, const char *why);
 void td__actor_kill_at(td_wk_t *wk, uint64_t aid);
 void td__actor_pump(td_node_t *n, td_actor_t *a);
 void td__actor_restart_or_die(td_node_t *n, td_actor_t *a, const char *why);
+void td__actors_owner_left(td_node_t *n, uint64_t owner);
+void td__actors_host_lost(td_node_t *n, td_wk_t *wk, const char *reason);
 int td__kill_actor(td_node_t *n, uint64_t actor_id, int no_restart, const char *why);
 void td__persist_actor(td_node_t *n, const td_spec_t *s);
 td_wk_t *td__pick_host(td_node_t *n, td_actor_t *a);
@@ -611,6 +614,7 @@ void td__adopt(td_node_t *n, td_wk_t *wk, uint64_t aid, uint32_t attempt);
 void td__adopt_at(td_node_t *n, td_wk_t *wk, td_task_t *t, uint32_t attempt);
 void td__pg_adopt(td_node_t *n, td_pg_t *pg);
 void td__pgs_node_lost(td_node_t *n, uint32_t index);
+void td__pgs_owner_left(td_node_t *n, uint64_t owner);
 void td__restore_pg(void *ud, const char *key, const void *val, size_t len);
 int td__try_pg(td_node_t *n, td_pg_t *pg);
 
@@ -623,6 +627,7 @@ void td__obj_unfetch(td_node_t *n, td_obj_t *o);
 int td__on_lineage(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
 
 /* transfer.c: large objects between nodes. */
+void td__peer_dead(td_node_t *n, td_wk_t *wk);
 td_wk_t *td__away_home(td_node_t *n, td_task_t *t);
 int td__away_source(td_node_t *n, td_obj_t *o, td_wk_t *wk);
 uint32_t td__away_wait(td_node_t *n, td_task_t *t, int here);
@@ -651,6 +656,15 @@ void td__put_pull(td_node_t *n, td_buf_t *b, td_obj_t *o, td_wk_t *wk);
 int td__sink_read(td_node_t *n, td_wk_t *wk);
 int td__sink_take(td_node_t *n, td_wk_t *wk);
 
+/* ... and where another node's object is, and getting it. */
+td_wk_t *td__upstream(td_node_t *n, uint64_t id);
+td_obj_t *td__foreign(td_node_t *n, uint64_t id, int held);
+void td__unhold(td_node_t *n, td_obj_t *o);
+void td__send_refs1(td_wk_t *up, uint64_t id, int32_t delta);
+void td__pull(td_node_t *n, td_obj_t *o);
+void td__obj_fill(td_node_t *n, td_obj_t *o, int state, const uint8_t *p, size_t len, const uint64_t *refs,
+                  uint32_t nrefs);
+
 /* dplane.c: chunks over direct, encrypted TCP streams between nodes. */
 void td__dp_advertise(td_node_t *n, td_wk_t *wk);
 int td__dp_fd(td_node_t *n);
@@ -668,7 +682,12 @@ void td__reqs_check(td_node_t *n, double now);
 void td__restore_meta(void *ud, const char *key, const void *val, size_t len);
 td_wk_t *td__spawn(td_node_t *n, int kind, const int *gpus, int ngpus);
 td_wk_t *td__wk_add(td_node_t *n, uint64_t id, int kind, int fd);
-void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why);
+void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why); /* node.c: tells each module */
+void td__wk_reason(td_wk_t *wk, const char *why, char *reason, size_t cap);
+void td__wk_free(td_node_t *n, td_wk_t *wk);
+/* A node link whose join was answered too late (the node joined again,
+ * under the same index): it had nothing. */
+static inline int td__wk_ghost(const td_wk_t *wk) { return wk->kind == WK_NODE && !wk->joined; }
 td_msg_fn td__on_get, td__on_wait, td__on_stream_next, td__on_stream_room, td__on_print, td__on_rpc,
     td__on_blocked, td__on_unblocked;
 
@@ -686,19 +705,17 @@ double td__why_next(td_node_t *n, double now);
 void td__why_tick(td_node_t *n, double now);
 
 /* cluster.c: links between a head and its nodes. */
+void td__link_dead(td_node_t *n, td_wk_t *wk);
 double td__cluster_max(td_node_t *n, int r);
 void td__settle(td_node_t *n, const double *had);
 void td__cluster_tick(td_node_t *n, double now);
 void td__export(td_node_t *n, const uint64_t *ids, uint32_t k);
-td_obj_t *td__foreign(td_node_t *n, uint64_t id, int held);
 int td__forward(td_node_t *n, const td_spec_t *s);
 void td__fwd_flush(td_node_t *n);
 void td__fwd_note(td_node_t *n, uint64_t id);
 void td__head_lost(td_node_t *n);
 void td__import(td_node_t *n, td_wk_t *from, const uint64_t *ids, uint32_t k);
 td_wk_t *td__link(td_node_t *n, uint32_t index);
-void td__obj_fill(td_node_t *n, td_obj_t *o, int state, const uint8_t *p, size_t len,
-    const uint64_t *refs, uint32_t nrefs);
 td_obj_t *td__obj_from_bytes(td_node_t *n, uint64_t id, int state, const uint8_t *p, size_t len);
 int td__on_join(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
 int td__on_link_reply(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
@@ -710,10 +727,7 @@ td_msg_fn td__on_beat, td__on_welcome, td__on_cancel;
 void td__parked_drop(td_node_t *n);
 int td__hold_for_head(td_node_t *n, td_wk_t *wk, const td_spec_t *s, const uint8_t *msg, uint32_t len);
 void td__waitsubs_check(td_node_t *n, double now);
-void td__pull(td_node_t *n, td_obj_t *o);
 void td__send_fns(td_node_t *n, td_wk_t *wk);
 void td__send_node_task(td_node_t *n, td_wk_t *wk, td_task_t *t);
-void td__send_refs1(td_wk_t *up, uint64_t id, int32_t delta);
-void td__unhold(td_node_t *n, td_obj_t *o);
 
 #endif

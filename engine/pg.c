@@ -413,3 +413,11 @@ void td__adopt_at(td_node_t *n, td_wk_t *wk, td_task_t *t, uint32_t attempt) {
           t->spec.name[0] ? " " : "", t->spec.name, wk->node_index);
   td__actor_pump(n, a);
 }
+
+/* A driver that left takes its placement groups with it. */
+void td__pgs_owner_left(td_node_t *n, uint64_t owner) {
+  for (td_pg_t *pg = n->pgs.list, *next; pg; pg = next) {
+    next = pg->next;
+    if (pg->owner == owner) td_node_pg_remove(n, pg->id);
+  }
+}

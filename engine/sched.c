@@ -133,7 +133,7 @@ static int td__place(td_node_t *n, td_task_t *t, int bundle, int local_fits, td_
                           : links[c] && td__fits(pass ? links[c]->ntotal : links[c]->navail, t);
         if (!fits) continue;
         n->sched.spread = (uint32_t)c + 1;
-        if (pass) t->spread_to = 1 + (c == 0 ? n->links.index : links[c]->node_index);
+        t->spread_to = 1 + (c == 0 ? n->links.index : links[c]->node_index);
         if (c == 0) return 0;
         *hold = !pass;
         *out = links[c];

@@ -817,3 +817,40 @@ int td__on_item(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   if (s->fwd) td__fwd_note(n, s->id);
   return 0;
 }
+
+/* The tasks and calls sent to a worker or node that died: a task runs
+ * again if it has retries (or was only queued behind the one that was
+ * running), else fails; an actor's call is sent again if both it and the
+ * actor have retries, else fails. */
+void td__tasks_lost(td_node_t *n, td_wk_t *wk, const char *reason) {
+  int first = 1;
+  while (wk->inflight.head) {
+    td_task_t *t = wk->inflight.head;
+    td__inflight_del(n, wk, t);
+    td__unpin_deps(n, t);
+    t->wk = NULL;
+    if (t->spec.kind == TD_K_TASK) {
+      if (t->cancelled) {
+        td__task_fail(n, t, "TaskCancelledError", "the task was cancelled");
+      } else if (!first || t->retries_left != 0) {
+        if (first && t->retries_left > 0) t->retries_left--;
+        t->state = T_QUEUED;
+        tq_push_front(&n->sched.queue, t);
+      } else {
+        td__task_fail(n, t, "WorkerCrashedError", reason);
+      }
+    } else if (t->spec.kind == TD_K_ACTOR_CALL) {
+      td_actor_t *a = t->actor;
+      if (t->retries_left != 0 && a->restarts_left != 0) {
+        if (t->retries_left > 0) t->retries_left--;
+        t->state = T_QUEUED;
+        tq_push_front(&a->queue, t);
+      } else {
+        char msg[400];
+        snprintf(msg, sizeof(msg), "the actor's process died: %s", reason);
+        td__task_fail(n, t, "ActorDiedError", msg);
+      }
+    }
+    first = wk->kind == WK_NODE; /* every task on a node was running */
+  }
+}

@@ -19,6 +19,77 @@
 
 #include "node_int.h"
 
+/* -- Where another node's object is, and getting it ----------------------------------
+ * An object made on another node has a foreign record here that holds one
+ * ref there (td__foreign, td__unhold); its value is asked of the link it
+ * comes from (td__pull) and filled in when it comes (td__obj_fill). */
+
+/* The link an object of another node is asked of: a node asks its head; the
+ * head asks the node that made it. NULL: the object is this node's own. */
+td_wk_t *td__upstream(td_node_t *n, uint64_t id) {
+  if (!id || td_id_node(id) == n->links.index) return NULL;
+  if (n->links.head) return n->links.head->dead ? NULL : n->links.head;
+  return td__link(n, td_id_node(id));
+}
+
+void td__send_refs1(td_wk_t *up, uint64_t id, int32_t delta) {
+  td_chan_begin(&up->ch, TD_M_REFS);
+  td_buf_u32(&up->ch.out, 1);
+  td_buf_u64(&up->ch.out, id);
+  td_buf_u32(&up->ch.out, (uint32_t)delta);
+  td_chan_end(&up->ch);
+}
+
+/* held: the ref upstream is already taken (an export); else one is asked. */
+td_obj_t *td__foreign(td_node_t *n, uint64_t id, int held) {
+  td_wk_t *up = td__upstream(n, id);
+  if (!up) return NULL;
+  td_obj_t *o = td__obj_new(n, id);
+  o->foreign = 1;
+  if (!held) td__send_refs1(up, id, 1);
+  return o;
+}
+
+/* foreign == 2: a return of work forwarded to the head, kept there. */
+static td_wk_t *td__upstream_of(td_node_t *n, td_obj_t *o) {
+  if (o->foreign == 2) return n->links.head && !n->links.head->dead ? n->links.head : NULL;
+  if (o->up) return n->links.head ? (n->links.head->dead ? NULL : n->links.head) : td__link(n, o->up - 1);
+  return td__upstream(n, o->id);
+}
+
+void td__unhold(td_node_t *n, td_obj_t *o) {
+  td_wk_t *up = td__upstream_of(n, o);
+  if (up) td__send_refs1(up, o->id, -1);
+}
+
+void td__pull(td_node_t *n, td_obj_t *o) {
+  if (o->pulling || !o->foreign || o->state != OBJ_PENDING) return;
+  td_wk_t *up = td__upstream_of(n, o);
+  if (!up) return;
+  o->pulling = 1;
+  uint32_t req = (++n->xfer.next_pull) | 0x80000000u;
+  td_map_set(&n->xfer.pulls, req, (void *)(uintptr_t)o->id);
+  td_chan_begin(&up->ch, TD_M_GET);
+  td_buf_u32(&up->ch.out, req);
+  td_buf_f64(&up->ch.out, -1);
+  td_buf_u32(&up->ch.out, 1);
+  td_buf_u64(&up->ch.out, o->id);
+  td_chan_end(&up->ch);
+}
+
+/* Fills a pending object from inline bytes another node sent (into the
+ * store when large, so workers here map it). */
+void td__obj_fill(td_node_t *n, td_obj_t *o, int state, const uint8_t *p, size_t len, const uint64_t *refs,
+                  uint32_t nrefs) {
+  size_t off;
+  if (state == OBJ_READY && len > n->objs.inline_max && td__alloc(n, len, &off, o) == 0) {
+    memcpy(td_store_base(n->objs.store) + off, p, len);
+    td__obj_set(n, o, OBJ_READY, 1, NULL, len, off, refs, nrefs);
+  } else {
+    td__obj_set(n, o, state, 0, p, len, 0, refs, nrefs);
+  }
+}
+
 /* Head: objects a node pushed beside a return value (made there, held
  * by it). Each new one holds a ref until the value that contains it is set. */
 int td__link_pushed(td_node_t *n, td_rd_t *rd, uint64_t **made, uint32_t *nmade) {
@@ -586,4 +657,12 @@ int td__on_remote(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   wk->remote = 1;
   td_sock_bulk(wk->ch.fd); /* a bridged peer: chunks of values go this way */
   return 0;
+}
+
+/* A link to another node opened for fetches closed: what came from there
+ * comes from the head now. */
+void td__peer_dead(td_node_t *n, td_wk_t *wk) {
+  td__ppull_check(n, wk, td_now());
+  if (wk->bridge && n->xfer.peer_close) n->xfer.peer_close(n->xfer.peer_ud, wk->bridge);
+  wk->bridge = NULL;
 }

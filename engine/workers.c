@@ -344,100 +344,30 @@ static void td__free_lent(td_node_t *n, td_wk_t *wk) {
   td_map_free(&wk->allocs);
 }
 
-void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why) {
-  if (wk->dead) return;
-  wk->dead = 1;
-  td_chan_close(&wk->ch);
+/* Why wk died, in words (a worker process's exit status, reaped here, or
+ * which link closed), for logs and for the errors of what it was running. */
+void td__wk_reason(td_wk_t *wk, const char *why, char *reason, size_t cap) {
   int st = 0;
-  char reason[256];
   pid_t r = 0;
   for (int i = 0; wk->pid > 0 && i < 200 && (r = waitpid(wk->pid, &st, WNOHANG)) == 0; i++) usleep(1000);
-  if (wk->kind == WK_CLIENT) {
-    /* A driver that leaves takes its placement groups and non-detached
-     * actors with it. */
-    for (td_pg_t *pg = n->pgs.list, *next; pg; pg = next) {
-      next = pg->next;
-      if (pg->owner == wk->id) td_node_pg_remove(n, pg->id);
-    }
-    size_t it2 = 0;
-    td_actor_t *oa;
-    while (td_map_next(&n->actors.map, &it2, NULL, (void **)&oa))
-      if (oa->owner == wk->id && oa->state != A_DEAD && oa->create && !oa->create->spec.detached)
-        td_node_kill_actor(n, oa->id, 1);
-    /* and those it made here that the head keeps */
-    uint64_t aid;
-    void *owner;
-    for (size_t it3 = 0; td_map_next(&n->links.fwd_actors, &it3, &aid, &owner);)
-      if ((uint64_t)(uintptr_t)owner == wk->id) td__kill_actor(n, aid, 1, "killed: its driver left");
-    for (size_t it3 = 0; td_map_next(&n->links.fwd_actors, &it3, &aid, &owner);)
-      if ((uint64_t)(uintptr_t)owner == wk->id) td_map_del(&n->links.fwd_actors, aid), it3 = 0;
-  }
-  /* A link that never joined (a join whose answer came too late: the node
-   * joined again, under the same index) had nothing: the node lives on. */
-  int ghost = wk->kind == WK_NODE && !wk->joined;
-  if ((wk->kind == WK_NODE && !ghost) || wk->kind == WK_HEAD) td__link_lost_objects(n, wk);
-  if (wk->kind == WK_PEER) {
-    td__ppull_check(n, wk, td_now()); /* what came from there comes from the head now */
-    if (wk->bridge && n->xfer.peer_close) n->xfer.peer_close(n->xfer.peer_ud, wk->bridge);
-    wk->bridge = NULL;
-  }
-  if (ghost) {
-    snprintf(reason, sizeof(reason), "a connection given index %u closed before it joined: it %s",
-             wk->node_index, why);
+  if (td__wk_ghost(wk)) {
+    snprintf(reason, cap, "a connection given index %u closed before it joined: it %s", wk->node_index, why);
   } else if (wk->kind == WK_NODE) {
-    n->links.nlinks--;
-    if (!n->links.gone_at) n->links.gone_at = td_xcalloc(TD_NODE_MAX + 1, sizeof(double));
-    n->links.gone_at[wk->node_index] = td_now();
-    td__settle(n, wk->ntotal); /* it may be restarted: work only it could run waits a while */
-    td__pgs_node_lost(n, wk->node_index);
-    snprintf(reason, sizeof(reason), "node-%u (%s) died: it %s", wk->node_index, wk->name, why);
+    snprintf(reason, cap, "node-%u (%s) died: it %s", wk->node_index, wk->name, why);
   } else if (wk->kind == WK_HEAD) {
-    snprintf(reason, sizeof(reason), "lost the head: it %s", why);
-    if (n->links.head == wk) td__head_lost(n);
+    snprintf(reason, cap, "lost the head: it %s", why);
   } else if (wk->kind == WK_PEER) {
-    snprintf(reason, sizeof(reason), "the link with node-%u closed: it %s", wk->node_index, why);
+    snprintf(reason, cap, "the link with node-%u closed: it %s", wk->node_index, why);
   } else if (r == wk->pid && WIFSIGNALED(st))
-    snprintf(reason, sizeof(reason), "worker process %d was killed by signal %d", (int)wk->pid, WTERMSIG(st));
+    snprintf(reason, cap, "worker process %d was killed by signal %d", (int)wk->pid, WTERMSIG(st));
   else if (r == wk->pid && WIFEXITED(st))
-    snprintf(reason, sizeof(reason), "worker process %d exited with status %d", (int)wk->pid,
-             WEXITSTATUS(st));
-  else snprintf(reason, sizeof(reason), "worker process %d %s", (int)wk->pid, why);
-  td_log("%s", reason);
-  if (wk->kind == WK_NODE || wk->kind == WK_HEAD) fprintf(stderr, "tide: %s\n", reason);
-  int first = 1;
-  while (wk->inflight.head) {
-    td_task_t *t = wk->inflight.head;
-    td__inflight_del(n, wk, t);
-    td__unpin_deps(n, t);
-    t->wk = NULL;
-    if (t->spec.kind == TD_K_TASK) {
-      if (t->cancelled) {
-        td__task_fail(n, t, "TaskCancelledError", "the task was cancelled");
-      } else if (!first || t->retries_left != 0) {
-        if (first && t->retries_left > 0) t->retries_left--;
-        t->state = T_QUEUED;
-        tq_push_front(&n->sched.queue, t);
-      } else {
-        td__task_fail(n, t, "WorkerCrashedError", reason);
-      }
-    } else if (t->spec.kind == TD_K_ACTOR_CALL) {
-      td_actor_t *a = t->actor;
-      if (t->retries_left != 0 && a->restarts_left != 0) {
-        if (t->retries_left > 0) t->retries_left--;
-        t->state = T_QUEUED;
-        tq_push_front(&a->queue, t);
-      } else {
-        char msg[400];
-        snprintf(msg, sizeof(msg), "the actor's process died: %s", reason);
-        td__task_fail(n, t, "ActorDiedError", msg);
-      }
-    }
-    first = wk->kind == WK_NODE; /* every task on a node was running */
-  }
-  size_t it = 0;
-  td_actor_t *a;
-  while (td_map_next(&n->actors.map, &it, NULL, (void **)&a))
-    if (a->host == wk) td__actor_restart_or_die(n, a, reason);
+    snprintf(reason, cap, "worker process %d exited with status %d", (int)wk->pid, WEXITSTATUS(st));
+  else snprintf(reason, cap, "worker process %d %s", (int)wk->pid, why);
+}
+
+/* The last of a dead worker: its lease, its place in the list, its waiting
+ * requests, the refs and pins it held, the extents lent to it. */
+void td__wk_free(td_node_t *n, td_wk_t *wk) {
   wk->ngpus = wk->kind == WK_TASK ? wk->ngpus : 0;
   td__lease_done(n, wk);
   for (int i = 0; i < n->procs.n; i++) {

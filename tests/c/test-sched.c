@@ -207,30 +207,26 @@ TEST_IMPL(sched_spread) {
   /* SPREAD takes turns, the head first: a is placed here at once. */
   uint64_t a = submit_to(n, TD_ST_SPREAD, 0, 0);
   ASSERT(queued_here(n, a));
-#if 0
-  /* ENGINE BUG (engine/sched.c:125-129, td__place): "the choice sticks"
-   * holds only for a turn taken on the second pass (spread_to is set only
-   * there). A SPREAD task placed here on the first pass, because the head
-   * has room, that then waits for a worker (none idle: no_workers here,
-   * or the worker cap reached) draws again on every scheduling pass; the
-   * next pass sends it to node-1 and the round robin moves on for it. */
+  /* The choice sticks: a waits here for a worker (there is none: no
+   * workers in these tests) and is not placed again on later passes. */
   td_node_pump(n, 0);
   ASSERT(queued_here(n, a));
-#endif
-  /* As it is: on the next passes a goes to node-1, b takes the head's
-   * turn, c node-1's; node-1 (2 CPUs) is then full and b stays here. */
+  /* b takes node-1's turn, c the head's again, d node-1's. */
   uint64_t b = submit_to(n, TD_ST_SPREAD, 0, 0), c = submit_to(n, TD_ST_SPREAD, 0, 0);
+  uint64_t d4 = submit_to(n, TD_ST_SPREAD, 0, 0);
   td_node_pump(n, 0);
   td_node_pump(n, 0);
-  ASSERT(running_on_node1(n, a));
-  ASSERT(queued_here(n, b));
-  ASSERT(running_on_node1(n, c));
+  ASSERT(queued_here(n, a));
+  ASSERT(running_on_node1(n, b));
+  ASSERT(queued_here(n, c));
+  ASSERT(running_on_node1(n, d4));
   ASSERT_EQ(td_node_res_avail(n, TD_RES_CPU), 2);
-  ASSERT_EQ(feed_done(n, task_of(n, a), "a"), 0);
-  ASSERT_EQ(feed_done(n, task_of(n, c), "c"), 0);
-  ASSERT_EQ(td_node_cancel(n, b, 0), 0);
-  uint64_t all[] = {d[0], d[1], d[2], a, b, c};
-  return end_test(&n, all, 6, DROP_CLIENT);
+  ASSERT_EQ(feed_done(n, task_of(n, b), "b"), 0);
+  ASSERT_EQ(feed_done(n, task_of(n, d4), "d"), 0);
+  ASSERT_EQ(td_node_cancel(n, a, 0), 0);
+  ASSERT_EQ(td_node_cancel(n, c, 0), 0);
+  uint64_t all[] = {d[0], d[1], d[2], a, b, c, d4};
+  return end_test(&n, all, 7, DROP_CLIENT);
 }
 
 TEST_IMPL(sched_node_dies_with_work) {
