@@ -16,10 +16,12 @@
 #include "ser.h"
 
 typedef int (*td_push_fn)(lua_State *L, const uint8_t *p, size_t n, void *ud);
+struct td_core_be; /* the driver's or a worker's calls (core_int.h) */
 
 /* Process-wide state of the bindings (one per process). */
 typedef struct td_ctx {
   int is_driver;
+  const struct td_core_be *be; /* is_driver's backend, set when tide.core opens */
   td_node_t *node;         /* driver: the embedded node */
   lua_State *rpcL;         /* driver: private state that runs worker RPCs */
   td_chan_t ch;            /* worker: channel to the node */
