@@ -1,7 +1,9 @@
 /* Tide Lua bindings, the tide.core module (see core.h): what both
  * backends share. The process's context (td_ctx); ObjectRefs and the
  * process's count of them; decoding values (zero-copy tensors over the
- * store) and encoding them for results and puts; task, actor and
+ * store) and encoding them for results and puts; the calls both backends
+ * have (get, wait, stream, put, sleep), each bound once over td_ctx.be,
+ * and the shaping of their results (td__ret_*); task, actor and
  * registration specs (submit); the runtime context, terminal and
  * encode/decode calls; and the module's opening, which picks a backend:
  * core_driver.c (the driver's direct calls into its embedded node) or
@@ -304,6 +306,125 @@ void td__collect(lua_State *L) {
   td_core_flush_refs();
 }
 
+/* -- Calls both backends have ---------------------------------------------------------
+ * Each is bound once: the binding checks its arguments and reads ids and
+ * timeouts; td_ctx.be reaches the node and pushes the results with the
+ * td__ret_* helpers (core_int.h). What a backend returns (a worker's
+ * yield too) is returned as is. */
+
+int td__ret_status(lua_State *L, int is_err) {
+  lua_pushinteger(L, is_err ? TD_GET_ERROR : TD_GET_OK);
+  lua_insert(L, -2);
+  return 2;
+}
+
+int td__ret_timeout(lua_State *L) {
+  lua_pushinteger(L, TD_GET_TIMEOUT);
+  return 1;
+}
+
+int td__ret_values(lua_State *L, uint32_t n, td__value_fn value, void *ud) {
+  lua_createtable(L, (int)n, 1);
+  for (uint32_t i = 0; i < n; i++) {
+    int rc = value(L, i, ud);
+    if (rc < 0) return rc;
+    if (rc == 1) return td__ret_status(L, 1); /* the error, not the array */
+    lua_rawseti(L, -2, (int)i + 1);
+  }
+  lua_pushinteger(L, (lua_Integer)n);
+  lua_setfield(L, -2, "n");
+  return td__ret_status(L, 0);
+}
+
+int td__ret_item(lua_State *L, int st, uint64_t item, int owned) {
+  if (st == 0) td_core_pushref(L, item, owned);
+  else if (st == 1) lua_pushnil(L);
+  else lua_pushboolean(L, 0);
+  return 1;
+}
+
+/* The timeout argument at idx: nil for none (< 0), or seconds. */
+static double td__timeout_arg(lua_State *L, int idx) {
+  if (lua_isnoneornil(L, idx)) return -1;
+  return luaL_checknumber(L, idx);
+}
+
+/* Ids that fit here need no allocation. */
+#define TD__IDS_STACK 64
+
+/* The ids of the n ObjectRefs in the array at t, in buf when they fit
+ * (TD__IDS_STACK), else in a userdata left on the stack (collected, so a
+ * raise leaks nothing). */
+static uint64_t *td__ref_ids(lua_State *L, int t, uint32_t n, uint64_t *buf) {
+  uint64_t *ids = n <= TD__IDS_STACK ? buf : lua_newuserdata(L, (size_t)n * 8);
+  for (uint32_t i = 0; i < n; i++) {
+    lua_rawgeti(L, t, (int)i + 1);
+    td_ref_ud_t *r = luaL_testudata(L, -1, TD_REF_MT);
+    if (!r) {
+      luaL_error(L, "element %d is not an ObjectRef", (int)i + 1);
+      return NULL; /* not reached */
+    }
+    ids[i] = r->id;
+    lua_pop(L, 1);
+  }
+  return ids;
+}
+
+/* core.get1(ref, timeout) -> status (core.STATUS: OK, ERROR, TIMEOUT), value */
+static int c_get1(lua_State *L) {
+  uint64_t id = td__checkref(L, 1);
+  return td_ctx.be->get1(L, id, td__timeout_arg(L, 2));
+}
+
+/* core.getn(refs, timeout) -> status, values|error (array in order, with n) */
+static int c_getn(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  double timeout = td__timeout_arg(L, 2);
+  uint32_t n = (uint32_t)lua_objlen(L, 1);
+  uint64_t buf[TD__IDS_STACK];
+  return td_ctx.be->getn(L, td__ref_ids(L, 1, n, buf), n, timeout);
+}
+
+/* core.wait(refs, num, timeout) -> array of booleans (ready) */
+static int c_wait(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  int num = (int)luaL_checkinteger(L, 2);
+  double timeout = td__timeout_arg(L, 3);
+  uint32_t n = (uint32_t)lua_objlen(L, 1);
+  uint64_t buf[TD__IDS_STACK];
+  return td_ctx.be->wait(L, td__ref_ids(L, 1, n, buf), n, num, timeout);
+}
+
+/* core.stream_next(stream_ref, idx0, timeout) -> ref | nil (end) | false (timeout) */
+static int c_stream_next(lua_State *L) {
+  uint64_t id = td__checkref(L, 1);
+  uint32_t idx = (uint32_t)luaL_checkinteger(L, 2);
+  return td_ctx.be->stream_next(L, id, idx, td__timeout_arg(L, 3));
+}
+
+/* core.put(value) -> ref */
+static int c_put(lua_State *L) {
+  luaL_checkany(L, 1);
+  if (td_ser_value(&td_ctx.ser, L, 1, "tide.put value")) return td_core_ser_error(L, &td_ctx.ser);
+  uint64_t id = 0;
+  int rc = td_ctx.be->put(L, &id);
+  if (rc == TD_ESTOREFULL) {
+    td__collect(L);
+    rc = td_ctx.be->put(L, &id);
+  }
+  if (rc) {
+    double cap = td_ctx.be->store_capacity();
+    if (cap < 0) return luaL_error(L, "tide.put: %s", td_strerror(rc));
+    return luaL_error(L, "tide.put: %s (value of %f bytes, store capacity %f bytes)", td_strerror(rc),
+                      (double)td_ctx.ser.size, cap);
+  }
+  td_core_pushref(L, id, 1);
+  return 1;
+}
+
+/* core.sleep(seconds) -> nothing | 3 (a worker's task was cancelled) */
+static int c_sleep(lua_State *L) { return td_ctx.be->sleep(L, luaL_checknumber(L, 1)); }
+
 /* -- Specs from normalized options ------------------------------------------------- */
 
 double td__optnum(lua_State *L, int t, const char *k, double def) {
@@ -405,7 +526,7 @@ static int td__promote_args(lua_State *L, int first, int n) {
       continue;
     if (ty == LUA_TUSERDATA && luaL_testudata(L, idx, TD_REF_MT)) continue;
     if (td_ser_value(&td_ctx.ser, L, idx, NULL) || td_ctx.ser.size < TD__ARG_PUT_MIN) continue;
-    lua_pushcfunction(L, td_ctx.is_driver ? td__d_put : td__w_put);
+    lua_pushcfunction(L, c_put);
     lua_pushvalue(L, idx);
     lua_call(L, 1, 1);
     lua_replace(L, idx);
@@ -668,7 +789,14 @@ int luaopen_tide_core(lua_State *L) {
     lua_setfield(L, -2, "id");
   }
   lua_pop(L, 1);
-  static const luaL_Reg common[] = {{"submit", c_submit},
+  td_ctx.be = td_ctx.is_driver ? &td__driver_be : &td__worker_be;
+  static const luaL_Reg common[] = {{"get1", c_get1},
+                                    {"getn", c_getn},
+                                    {"wait", c_wait},
+                                    {"stream_next", c_stream_next},
+                                    {"put", c_put},
+                                    {"sleep", c_sleep},
+                                    {"submit", c_submit},
                                     {"actor_new", c_actor_new},
                                     {"actor_call", c_actor_call},
                                     {"register", c_register},

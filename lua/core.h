@@ -16,6 +16,7 @@
 #include "ser.h"
 
 typedef int (*td_push_fn)(lua_State *L, const uint8_t *p, size_t n, void *ud);
+struct td_core_be; /* the driver's or a worker's calls (core_int.h) */
 
 /* What a blocking call tells stdlib/tide.lua (core.get1 and core.getn
  * return it first; core.wait and core.sleep return it in place of their
@@ -33,6 +34,7 @@ extern const td_code_t td_get_status_codes[];
 /* Process-wide state of the bindings (one per process). */
 typedef struct td_ctx {
   int is_driver;
+  const struct td_core_be *be; /* is_driver's backend, set when tide.core opens */
   td_node_t *node;         /* driver: the embedded node */
   lua_State *rpcL;         /* driver: private state that runs worker RPCs */
   td_chan_t ch;            /* worker: channel to the node */

@@ -1,8 +1,9 @@
 /* Tide Lua bindings, the driver's backend of tide.core (see core.h): its
  * direct calls into the node embedded in the driver process. The pump
  * thread that advances the node while the script computes, and the guard
- * around every driver entry point; gets, waits, streams and puts that pump
- * the node until done (d_*); the control operations (cancel, kill, actors,
+ * around every driver entry point; its backend of the calls a worker has
+ * too (td__driver_be: gets, waits, streams, puts and sleeps that pump the
+ * node until done, bound in core.c); the control operations (cancel, kill, actors,
  * placement groups, resources, nodes, stats, timeline, why, persist,
  * packages) and their table, td__rpc_table, through which workers' RPCs
  * are dispatched; the node's private Lua state that runs those RPCs
@@ -103,7 +104,7 @@ int td__guard(lua_State *L) {
 }
 int td__opening_rpc; /* the node's private state takes no guards */
 
-/* -- Driver: waiting on the node ---------------------------------------------------- */
+/* -- Driver: the backend (td__driver_be), waiting on the node ------------------------ */
 
 extern volatile int td_interrupted;
 volatile int td_interrupted;
@@ -120,11 +121,8 @@ static void td__pump(lua_State *L, double deadline) {
   }
 }
 
-static double td__deadline(lua_State *L, int idx) {
-  if (lua_isnoneornil(L, idx)) return 1e300;
-  double t = luaL_checknumber(L, idx);
-  return t < 0 ? 1e300 : td_now() + t;
-}
+/* When a wait of `timeout` s (< 0: none) begun now gives up. */
+static double td__deadline(double timeout) { return timeout < 0 ? 1e300 : td_now() + timeout; }
 
 /* Pushes the value (or error table) of a finished object; returns status
  * 0 ok, 1 error. */
@@ -154,133 +152,75 @@ static int td__driver_value(lua_State *L, uint64_t id) {
   return is_err;
 }
 
-/* core.get1(ref, timeout) -> status (TD_GET_OK, TD_GET_ERROR, TD_GET_TIMEOUT), value */
-static int d_get1(lua_State *L) {
-  uint64_t id = td__checkref(L, 1);
-  double deadline = td__deadline(L, 2);
-  for (;;) {
-    int st = td_node_state(td_ctx.node, id);
-    if (st != TD_OBJ_PENDING) break;
-    if (td_now() >= deadline) {
-      lua_pushinteger(L, TD_GET_TIMEOUT);
-      return 1;
-    }
+/* Pumps until id is done or the deadline passes; returns whether it is done. */
+static int td__until_done(lua_State *L, uint64_t id, double deadline) {
+  while (td_node_state(td_ctx.node, id) == TD_OBJ_PENDING) {
+    if (td_now() >= deadline) return 0;
     td__pump(L, deadline);
   }
-  int err = td__driver_value(L, id);
-  lua_pushinteger(L, err ? TD_GET_ERROR : TD_GET_OK);
-  lua_insert(L, -2);
-  return 2;
+  return 1;
 }
 
-/* core.getn(refs, timeout) -> status, values|error (array in order) */
-static int d_getn(lua_State *L) {
-  luaL_checktype(L, 1, LUA_TTABLE);
-  double deadline = td__deadline(L, 2);
-  int n = (int)lua_objlen(L, 1);
-  for (int i = 1; i <= n; i++) {
-    lua_rawgeti(L, 1, i);
-    uint64_t id = td__checkref(L, -1);
-    lua_pop(L, 1);
-    while (td_node_state(td_ctx.node, id) == TD_OBJ_PENDING) {
-      if (td_now() >= deadline) {
-        lua_pushinteger(L, TD_GET_TIMEOUT);
-        return 1;
-      }
-      td__pump(L, deadline);
-    }
-  }
-  lua_createtable(L, n, 1);
-  for (int i = 1; i <= n; i++) {
-    lua_rawgeti(L, 1, i);
-    uint64_t id = ((td_ref_ud_t *)lua_touserdata(L, -1))->id;
-    lua_pop(L, 1);
-    if (td__driver_value(L, id)) {
-      lua_pushinteger(L, TD_GET_ERROR);
-      lua_insert(L, -2);
-      return 2;
-    }
-    lua_rawseti(L, -2, i);
-  }
-  lua_pushinteger(L, n);
-  lua_setfield(L, -2, "n");
-  lua_pushinteger(L, TD_GET_OK);
-  lua_insert(L, -2);
-  return 2;
+static int d_get1(lua_State *L, uint64_t id, double timeout) {
+  if (!td__until_done(L, id, td__deadline(timeout))) return td__ret_timeout(L);
+  return td__ret_status(L, td__driver_value(L, id));
 }
 
-/* core.wait(refs, num, timeout) -> array of booleans */
-static int d_wait(lua_State *L) {
-  luaL_checktype(L, 1, LUA_TTABLE);
-  int num = (int)luaL_checkinteger(L, 2);
-  double deadline = td__deadline(L, 3);
-  int n = (int)lua_objlen(L, 1);
-  uint64_t *ids = td_xmalloc((size_t)n * 8 + 8);
-  for (int i = 1; i <= n; i++) {
-    lua_rawgeti(L, 1, i);
-    ids[i - 1] = td__checkref(L, -1);
-    lua_pop(L, 1);
-  }
+static int td__driver_value_at(lua_State *L, uint32_t i, void *ud) {
+  return td__driver_value(L, ((const uint64_t *)ud)[i]);
+}
+
+static int d_getn(lua_State *L, const uint64_t *ids, uint32_t n, double timeout) {
+  double deadline = td__deadline(timeout);
+  for (uint32_t i = 0; i < n; i++)
+    if (!td__until_done(L, ids[i], deadline)) return td__ret_timeout(L);
+  return td__ret_values(L, n, td__driver_value_at, (void *)ids);
+}
+
+static int d_wait(lua_State *L, const uint64_t *ids, uint32_t n, int num, double timeout) {
+  double deadline = td__deadline(timeout);
   for (;;) {
     int ready = 0;
-    for (int i = 0; i < n; i++) ready += td_node_state(td_ctx.node, ids[i]) != TD_OBJ_PENDING;
+    for (uint32_t i = 0; i < n; i++) ready += td_node_state(td_ctx.node, ids[i]) != TD_OBJ_PENDING;
     if (ready >= num || td_now() >= deadline) break;
     td__pump(L, deadline);
   }
-  lua_createtable(L, n, 0);
-  for (int i = 0; i < n; i++) {
+  lua_createtable(L, (int)n, 0);
+  for (uint32_t i = 0; i < n; i++) {
     lua_pushboolean(L, td_node_state(td_ctx.node, ids[i]) != TD_OBJ_PENDING);
-    lua_rawseti(L, -2, i + 1);
+    lua_rawseti(L, -2, (int)i + 1);
   }
-  free(ids);
   return 1;
 }
 
-/* core.stream_next(stream_ref, idx0, timeout) -> ref | nil (end) | false (timeout) */
-static int d_stream_next(lua_State *L) {
-  uint64_t id = td__checkref(L, 1);
-  uint32_t idx = (uint32_t)luaL_checkinteger(L, 2);
-  double deadline = td__deadline(L, 3);
+static int d_stream_next(lua_State *L, uint64_t id, uint32_t idx, double timeout) {
+  double deadline = td__deadline(timeout);
   for (;;) {
-    uint64_t item;
+    uint64_t item = 0;
     int st = td_node_stream_item(td_ctx.node, id, idx, &item);
-    if (st == 1) {
-      td_core_pushref(L, item, 0);
-      return 1;
-    }
-    if (st < 0) {
-      lua_pushnil(L);
-      return 1;
-    }
-    if (td_now() >= deadline) {
-      lua_pushboolean(L, 0);
-      return 1;
-    }
+    if (st == 1) return td__ret_item(L, 0, item, 0);
+    if (st < 0) return td__ret_item(L, 1, 0, 0);
+    if (td_now() >= deadline) return td__ret_item(L, 2, 0, 0);
     td__pump(L, deadline);
   }
 }
 
-/* core.put(value) -> ref */
-int td__d_put(lua_State *L) {
-  luaL_checkany(L, 1);
+static int d_put(lua_State *L, uint64_t *id) {
+  (void)L;
   td_core_flush_refs();
-  if (td_ser_value(&td_ctx.ser, L, 1, "tide.put value")) return td_core_ser_error(L, &td_ctx.ser);
-  uint64_t id = td_node_new_id(td_ctx.node);
+  if (!*id) *id = td_node_new_id(td_ctx.node);
   uint8_t *dst;
-  int rc = td_node_store(td_ctx.node, id, td_ctx.ser.size, td_ctx.ser.refs, (uint32_t)td_ctx.ser.nrefs, &dst);
-  if (rc == TD_ESTOREFULL) {
-    td__collect(L);
-    rc = td_node_store(td_ctx.node, id, td_ctx.ser.size, td_ctx.ser.refs, (uint32_t)td_ctx.ser.nrefs, &dst);
-  }
-  if (rc) {
-    td_node_stats_t st;
-    td_node_stats(td_ctx.node, &st);
-    return luaL_error(L, "tide.put: %s (value of %f bytes, store capacity %f bytes)", td_strerror(rc),
-                      (double)td_ctx.ser.size, (double)st.store_capacity);
-  }
+  int rc =
+      td_node_store(td_ctx.node, *id, td_ctx.ser.size, td_ctx.ser.refs, (uint32_t)td_ctx.ser.nrefs, &dst);
+  if (rc) return rc;
   td_ser_copy(&td_ctx.ser, dst);
-  td_core_pushref(L, id, 1);
-  return 1;
+  return 0;
+}
+
+static double d_store_capacity(void) {
+  td_node_stats_t st;
+  td_node_stats(td_ctx.node, &st);
+  return (double)st.store_capacity;
 }
 
 /* core.state(ref) -> "pending" | "ready" | "failed" | "missing" (REPL display) */
@@ -291,11 +231,21 @@ static int d_state(lua_State *L) {
   return 1;
 }
 
-static int d_sleep(lua_State *L) {
-  double deadline = td_now() + luaL_checknumber(L, 1);
+static int d_sleep(lua_State *L, double seconds) {
+  double deadline = td_now() + seconds;
   while (td_now() < deadline) td__pump(L, deadline);
   return 0;
 }
+
+const td_core_be_t td__driver_be = {
+    .get1 = d_get1,
+    .getn = d_getn,
+    .wait = d_wait,
+    .stream_next = d_stream_next,
+    .put = d_put,
+    .store_capacity = d_store_capacity,
+    .sleep = d_sleep,
+};
 
 static int d_pump(lua_State *L) {
   td__pump(L, td_now() + (lua_isnumber(L, 1) ? lua_tonumber(L, 1) : 0));
@@ -597,15 +547,18 @@ static int c_pkg_install(lua_State *L) {
   return 1;
 }
 
-/* The driver's backend; luaopen_tide_core wraps each in td__guard (and
- * adds the C ops of td__rpc_table). */
-const luaL_Reg td__driver_fns[] = {{"get1", d_get1},
-                                   {"getn", d_getn},
-                                   {"wait", d_wait},
-                                   {"stream_next", d_stream_next},
-                                   {"put", td__d_put},
-                                   {"sleep", d_sleep},
-                                   {"pump", d_pump},
+/* core.register_blob(id, blob): a worker's registration, through RPC. */
+static int c_register_blob(lua_State *L) {
+  size_t n;
+  uint64_t id = td_core_checkid(L, 1, "function");
+  const char *b = luaL_checklstring(L, 2, &n);
+  td_node_register_fn(td_ctx.node, id, (const uint8_t *)b, n);
+  return 0;
+}
+
+/* The driver's calls a worker does not have; luaopen_tide_core wraps each
+ * (and the shared ones) in td__guard. */
+const luaL_Reg td__driver_fns[] = {{"pump", d_pump},
                                    {"state", d_state},
                                    {"persist", c_persist},
                                    {"persisted", c_persisted},

@@ -10,16 +10,12 @@
 #include <lauxlib.h>
 #include <stdlib.h>
 
-/* -- Worker: requests ---------------------------------------------------------------- */
+/* -- Worker: the backend (td__worker_be) -------------------------------------------- */
 
 static int td__push_get1(lua_State *L, const uint8_t *p, size_t n, void *ud) {
-  (void)ud;
   td_rd_t rd;
   td_rd_init(&rd, p, n);
-  if (td_rd_u8(&rd)) {
-    lua_pushinteger(L, TD_GET_TIMEOUT);
-    return 1;
-  }
+  if (td_rd_u8(&rd)) return td__ret_timeout(L);
   td__mkref_owned_flag = 0;
   uint8_t kind = rd.p < rd.end ? *rd.p : 0;
   int rc = td_core_push_wire(L, &rd, (uint64_t)(uintptr_t)ud);
@@ -31,111 +27,78 @@ static int td__push_get1(lua_State *L, const uint8_t *p, size_t n, void *ud) {
     td_buf_u64(&td_ctx.ch.out, id);
     td_chan_end(&td_ctx.ch);
   }
-  lua_pushinteger(L, rc ? TD_GET_ERROR : TD_GET_OK);
-  lua_insert(L, -2);
-  return 2;
+  return td__ret_status(L, rc);
 }
 
 /* What the node answers when a wait times out, for td_w_timeout. */
 static const uint8_t td__tmo_get[1] = {1}, td__tmo_wait[4] = {0}, td__tmo_stream[9] = {2};
 
-static double td__timeout_arg(lua_State *L, int idx) {
-  if (lua_isnoneornil(L, idx)) return -1;
-  return luaL_checknumber(L, idx);
-}
-
-static int w_get1(lua_State *L) {
-  uint64_t id = td__checkref(L, 1);
-  double timeout = td__timeout_arg(L, 2);
+/* Sends a GET for n ids with the timeout. */
+static uint32_t td__send_get(const uint64_t *ids, uint32_t n, double timeout) {
   td_core_flush_refs();
   uint32_t req = td_w_begin_req(TD_M_GET);
   td_buf_f64(&td_ctx.ch.out, timeout);
-  td_buf_u32(&td_ctx.ch.out, 1);
-  td_buf_u64(&td_ctx.ch.out, id);
+  td_buf_u32(&td_ctx.ch.out, n);
+  td_buf_put(&td_ctx.ch.out, ids, (size_t)n * 8);
   td_chan_end(&td_ctx.ch);
   td_w_timeout(timeout, td__tmo_get, 1);
+  return req;
+}
+
+static int w_get1(lua_State *L, uint64_t id, double timeout) {
+  uint32_t req = td__send_get(&id, 1, timeout);
   return td_w_await(L, req, td__push_get1, (void *)(uintptr_t)id);
 }
 
+/* A getn's ids, kept until its reply; one allocation. */
 typedef struct {
-  uint64_t *ids;
   uint32_t n;
+  uint64_t ids[];
 } td__getn_t;
+
+/* Reading a getn's reply: the objects in the store, to unpin after. */
+typedef struct {
+  td_rd_t rd;
+  const td__getn_t *g;
+  uint64_t *shm;
+  uint32_t nshm;
+} td__getn_rd_t;
+
+static int td__wire_value_at(lua_State *L, uint32_t i, void *ud) {
+  td__getn_rd_t *r = ud;
+  uint8_t kind = r->rd.p < r->rd.end ? *r->rd.p : 0;
+  if (kind == TD_V_SHM) r->shm[r->nshm++] = r->g->ids[i];
+  return td_core_push_wire(L, &r->rd, r->g->ids[i]);
+}
 
 static int td__push_getn(lua_State *L, const uint8_t *p, size_t n, void *ud) {
   td__getn_t *g = ud;
-  td_rd_t rd;
-  td_rd_init(&rd, p, n);
-  if (td_rd_u8(&rd)) {
-    free(g->ids);
+  td__getn_rd_t r = {.g = g};
+  td_rd_init(&r.rd, p, n);
+  if (td_rd_u8(&r.rd)) {
     free(g);
-    lua_pushinteger(L, TD_GET_TIMEOUT);
-    return 1;
+    return td__ret_timeout(L);
   }
   td__mkref_owned_flag = 0;
-  lua_createtable(L, (int)g->n, 1);
-  int status = TD_GET_OK;
-  uint32_t nshm = 0;
-  uint64_t *shm = td_xmalloc((size_t)g->n * 8 + 8);
-  for (uint32_t i = 0; i < g->n; i++) {
-    uint8_t kind = rd.p < rd.end ? *rd.p : 0;
-    if (kind == TD_V_SHM) shm[nshm++] = g->ids[i];
-    int rc = td_core_push_wire(L, &rd, g->ids[i]);
-    if (rc < 0) {
-      free(shm);
-      free(g->ids);
-      free(g);
-      return luaL_error(L, "malformed reply from the node");
-    }
-    if (rc == 1 && status == TD_GET_OK) {
-      status = TD_GET_ERROR;
-      lua_replace(L, -2); /* the error replaces the array */
-      break;
-    }
-    lua_rawseti(L, -2, (int)i + 1);
-  }
-  if (status == TD_GET_OK) {
-    lua_pushinteger(L, (lua_Integer)g->n);
-    lua_setfield(L, -2, "n");
-  }
-  if (nshm) {
+  r.shm = td_xmalloc((size_t)g->n * 8 + 8);
+  int nres = td__ret_values(L, g->n, td__wire_value_at, &r);
+  if (nres >= 0 && r.nshm) {
     td_chan_begin(&td_ctx.ch, TD_M_UNPIN);
-    td_buf_u32(&td_ctx.ch.out, nshm);
-    td_buf_put(&td_ctx.ch.out, shm, (size_t)nshm * 8);
+    td_buf_u32(&td_ctx.ch.out, r.nshm);
+    td_buf_put(&td_ctx.ch.out, r.shm, (size_t)r.nshm * 8);
     td_chan_end(&td_ctx.ch);
   }
-  free(shm);
-  free(g->ids);
+  free(r.shm);
   free(g);
-  lua_pushinteger(L, status);
-  lua_insert(L, -2);
-  return 2;
+  if (nres < 0) return luaL_error(L, "malformed reply from the node");
+  return nres;
 }
 
-static int w_getn(lua_State *L) {
-  luaL_checktype(L, 1, LUA_TTABLE);
-  double timeout = td__timeout_arg(L, 2);
-  td__getn_t *g = td_xcalloc(1, sizeof(*g));
-  g->n = (uint32_t)lua_objlen(L, 1);
-  g->ids = td_xmalloc((size_t)g->n * 8 + 8);
-  for (uint32_t i = 0; i < g->n; i++) {
-    lua_rawgeti(L, 1, (int)i + 1);
-    td_ref_ud_t *r = luaL_testudata(L, -1, TD_REF_MT);
-    if (!r) {
-      free(g->ids);
-      free(g);
-      return luaL_error(L, "element %d is not an ObjectRef", (int)i + 1);
-    }
-    g->ids[i] = r->id;
-    lua_pop(L, 1);
-  }
-  td_core_flush_refs();
-  uint32_t req = td_w_begin_req(TD_M_GET);
-  td_buf_f64(&td_ctx.ch.out, timeout);
-  td_buf_u32(&td_ctx.ch.out, g->n);
-  td_buf_put(&td_ctx.ch.out, g->ids, (size_t)g->n * 8);
-  td_chan_end(&td_ctx.ch);
-  td_w_timeout(timeout, td__tmo_get, 1);
+static int w_getn(lua_State *L, const uint64_t *ids, uint32_t n, double timeout) {
+  td__getn_t *g = td_xmalloc(sizeof(*g) + (size_t)n * 8);
+  g->n = n;
+  memcpy(g->ids, ids, (size_t)n * 8);
+  uint32_t req = td__send_get(ids, n, timeout);
   return td_w_await(L, req, td__push_getn, g);
 }
 
@@ -153,24 +116,13 @@ static int td__push_wait(lua_State *L, const uint8_t *p, size_t n, void *ud) {
   return 1;
 }
 
-static int w_wait(lua_State *L) {
-  luaL_checktype(L, 1, LUA_TTABLE);
-  uint32_t num = (uint32_t)luaL_checkinteger(L, 2);
-  double timeout = td__timeout_arg(L, 3);
-  uint32_t n = (uint32_t)lua_objlen(L, 1);
-  uint64_t *ids = td_xmalloc((size_t)n * 8 + 8);
-  for (uint32_t i = 0; i < n; i++) {
-    lua_rawgeti(L, 1, (int)i + 1);
-    ids[i] = td__checkref(L, -1);
-    lua_pop(L, 1);
-  }
+static int w_wait(lua_State *L, const uint64_t *ids, uint32_t n, int num, double timeout) {
   uint32_t req = td_w_begin_req(TD_M_WAIT);
   td_buf_f64(&td_ctx.ch.out, timeout);
-  td_buf_u32(&td_ctx.ch.out, num);
+  td_buf_u32(&td_ctx.ch.out, (uint32_t)num);
   td_buf_u32(&td_ctx.ch.out, n);
   td_buf_put(&td_ctx.ch.out, ids, (size_t)n * 8);
   td_chan_end(&td_ctx.ch);
-  free(ids);
   td_w_timeout(timeout, td__tmo_wait, 4);
   return td_w_await(L, req, td__push_wait, NULL);
 }
@@ -182,16 +134,10 @@ static int td__push_stream(lua_State *L, const uint8_t *p, size_t n, void *ud) {
   uint8_t st = td_rd_u8(&rd);
   uint64_t item = td_rd_u64(&rd);
   if (rd.bad) return luaL_error(L, "malformed reply from the node");
-  if (st == 0) td_core_pushref(L, item, 1);
-  else if (st == 1) lua_pushnil(L);
-  else lua_pushboolean(L, 0);
-  return 1;
+  return td__ret_item(L, st, item, 1);
 }
 
-static int w_stream_next(lua_State *L) {
-  uint64_t id = td__checkref(L, 1);
-  uint32_t idx = (uint32_t)luaL_checkinteger(L, 2);
-  double timeout = td__timeout_arg(L, 3);
+static int w_stream_next(lua_State *L, uint64_t id, uint32_t idx, double timeout) {
   uint32_t req = td_w_begin_req(TD_M_STREAM_NEXT);
   td_buf_u64(&td_ctx.ch.out, id);
   td_buf_u32(&td_ctx.ch.out, idx);
@@ -203,26 +149,35 @@ static int w_stream_next(lua_State *L) {
 
 static td_buf_t td__valbuf;
 
-int td__w_put(lua_State *L) {
-  luaL_checkany(L, 1);
-  if (td_ser_value(&td_ctx.ser, L, 1, "tide.put value")) return td_core_ser_error(L, &td_ctx.ser);
+static int w_put(lua_State *L, uint64_t *id) {
+  (void)L;
   td_buf_reset(&td__valbuf);
   int rc = td_core_put_value(&td_ctx.ser, &td__valbuf);
-  if (rc == TD_ESTOREFULL) {
-    td__collect(L);
-    rc = td_core_put_value(&td_ctx.ser, &td__valbuf);
-  }
-  if (rc) return luaL_error(L, "tide.put: %s", td_strerror(rc));
-  uint64_t id = td_core_new_id();
+  if (rc) return rc;
+  *id = td_core_new_id();
   td_chan_begin(&td_ctx.ch, TD_M_PUT);
-  td_buf_u64(&td_ctx.ch.out, id);
+  td_buf_u64(&td_ctx.ch.out, *id);
   td_buf_put(&td_ctx.ch.out, td__valbuf.p, td__valbuf.len);
   td_buf_u32(&td_ctx.ch.out, (uint32_t)td_ctx.ser.nrefs);
   td_buf_put(&td_ctx.ch.out, td_ctx.ser.refs, (size_t)td_ctx.ser.nrefs * 8);
   td_chan_end(&td_ctx.ch);
-  td_core_pushref(L, id, 1);
-  return 1;
+  return 0;
 }
+
+/* A worker does not know the store's size. */
+static double w_store_capacity(void) { return -1; }
+
+const td_core_be_t td__worker_be = {
+    .get1 = w_get1,
+    .getn = w_getn,
+    .wait = w_wait,
+    .stream_next = w_stream_next,
+    .put = w_put,
+    .store_capacity = w_store_capacity,
+    .sleep = td_w_sleep,
+};
+
+/* -- Worker: its own calls ----------------------------------------------------------- */
 
 static int td__push_room(lua_State *L, const uint8_t *p, size_t n, void *ud) {
   (void)L, (void)p, (void)n, (void)ud;
@@ -270,20 +225,10 @@ static int w_print(lua_State *L) {
   return 0;
 }
 
-static int w_sleep(lua_State *L) { return td_w_sleep(L, luaL_checknumber(L, 1)); }
-
-/* The worker's backend (luaopen_tide_core); the control operations are
- * RPCs (td__w_rpc), added there. */
-const luaL_Reg td__worker_fns[] = {{"get1", w_get1},
-                                   {"getn", w_getn},
-                                   {"wait", w_wait},
-                                   {"stream_next", w_stream_next},
-                                   {"put", td__w_put},
-                                   {"sleep", w_sleep},
-                                   {"yield_item", w_yield_item},
-                                   {"stream_room", w_stream_room},
-                                   {"print", w_print},
-                                   {NULL, NULL}};
+/* The worker's calls the driver does not have (luaopen_tide_core); the
+ * control operations are RPCs (td__w_rpc), added there. */
+const luaL_Reg td__worker_fns[] = {
+    {"yield_item", w_yield_item}, {"stream_room", w_stream_room}, {"print", w_print}, {NULL, NULL}};
 
 /* RPC: the op's arguments are encoded as one table; the reply is a table
  * of results whose refs the node already holds for us. */
