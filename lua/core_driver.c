@@ -547,15 +547,6 @@ static int c_pkg_install(lua_State *L) {
   return 1;
 }
 
-/* core.register_blob(id, blob): a worker's registration, through RPC. */
-static int c_register_blob(lua_State *L) {
-  size_t n;
-  uint64_t id = td_core_checkid(L, 1, "function");
-  const char *b = luaL_checklstring(L, 2, &n);
-  td_node_register_fn(td_ctx.node, id, (const uint8_t *)b, n);
-  return 0;
-}
-
 /* The driver's calls a worker does not have; luaopen_tide_core wraps each
  * (and the shared ones) in td__guard. */
 const luaL_Reg td__driver_fns[] = {{"pump", d_pump},
