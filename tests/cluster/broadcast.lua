@@ -49,13 +49,16 @@ local function same(a, b)
   end
   return true
 end
--- Settled figures: two readings a heartbeat apart (one a second) agree, so
--- no earlier transfer is still on its way into them (on a loaded machine a
--- heartbeat can come late, and a test would count the one before's bytes).
+-- Settled figures: two readings agree although at least one heartbeat came
+-- between them, so no earlier transfer is still on its way into them (on a
+-- loaded machine a heartbeat can come late, and a test would count the one
+-- before's bytes). A node beats every 1 to 1.25 s (its timers run every
+-- 0.25 s): readings 1.1 s apart could both come before the beat that
+-- carries a transfer that just ended, and count none of it.
 local function traffic()
   local prev = snapshot()
-  for _ = 1, 15 do
-    tide.sleep(1.1)
+  for _ = 1, 10 do
+    tide.sleep(2.5)
     local cur = snapshot()
     if same(prev, cur) then return cur end
     prev = cur
