@@ -422,7 +422,7 @@ static int c_put(lua_State *L) {
   return 1;
 }
 
-/* core.sleep(seconds) -> nothing | 3 (a worker's task was cancelled) */
+/* core.sleep(seconds) -> nothing | core.STATUS.CANCELLED (a worker's task was cancelled) */
 static int c_sleep(lua_State *L) { return td_ctx.be->sleep(L, luaL_checknumber(L, 1)); }
 
 /* -- Specs from normalized options ------------------------------------------------- */

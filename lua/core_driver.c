@@ -152,17 +152,22 @@ static int td__driver_value(lua_State *L, uint64_t id) {
   return is_err;
 }
 
-/* Pumps until id is done or the deadline passes; returns whether it is done. */
-static int td__until_done(lua_State *L, uint64_t id, double deadline) {
+/* Pumps until id is done or the deadline passes; returns whether it is done.
+ * The deadline (*deadline, 0 until needed) is taken only when id is not done
+ * yet: a get of a ready value (tide.get passes the hang warning's timeout on
+ * every call) reads no clock. */
+static int td__until_done(lua_State *L, uint64_t id, double timeout, double *deadline) {
   while (td_node_state(td_ctx.node, id) == TD_OBJ_PENDING) {
-    if (td_now() >= deadline) return 0;
-    td__pump(L, deadline);
+    if (*deadline == 0) *deadline = td__deadline(timeout);
+    if (td_now() >= *deadline) return 0;
+    td__pump(L, *deadline);
   }
   return 1;
 }
 
 static int d_get1(lua_State *L, uint64_t id, double timeout) {
-  if (!td__until_done(L, id, td__deadline(timeout))) return td__ret_timeout(L);
+  double deadline = 0;
+  if (!td__until_done(L, id, timeout, &deadline)) return td__ret_timeout(L);
   return td__ret_status(L, td__driver_value(L, id));
 }
 
@@ -171,9 +176,9 @@ static int td__driver_value_at(lua_State *L, uint32_t i, void *ud) {
 }
 
 static int d_getn(lua_State *L, const uint64_t *ids, uint32_t n, double timeout) {
-  double deadline = td__deadline(timeout);
+  double deadline = 0;
   for (uint32_t i = 0; i < n; i++)
-    if (!td__until_done(L, ids[i], deadline)) return td__ret_timeout(L);
+    if (!td__until_done(L, ids[i], timeout, &deadline)) return td__ret_timeout(L);
   return td__ret_values(L, n, td__driver_value_at, (void *)ids);
 }
 
