@@ -40,8 +40,10 @@ local function list_jobs(filters, limit, offset)
       end
     end
   end
-  return cjson.encode({kind = "jobs", rows = setmetatable(rows, cjson.empty_array_mt), total = #all,
+  -- This cjson (2.1.0) has no empty_array_mt and writes an empty table as {}.
+  local j = cjson.encode({kind = "jobs", rows = #rows > 0 and rows or "__rows__", total = #all,
     matched = matched, offset = offset, limit = limit, truncated = matched > offset + #rows})
+  return (j:gsub('"rows":"__rows__"', '"rows":[]', 1))
 end
 
 -- list(kind, {{key, value}, ...}, limit, offset) -> JSON text
