@@ -424,7 +424,7 @@ end
 -- -- Compiling a run ------------------------------------------------------------
 
 local RUN_OPTS = set_of("preserve_order", "progress", "progress_interval", "max_retries", "on_error",
-  "max_in_flight", "block_bytes")
+  "max_in_flight", "block_bytes", "name")
 
 local function run_options(fn, opts, level)
   opts = check_opts(fn, opts, RUN_OPTS, level + 1)
@@ -432,13 +432,17 @@ local function run_options(fn, opts, level)
   check_count(fn, "max_retries", opts.max_retries, level + 1, true)
   check_count(fn, "max_in_flight", opts.max_in_flight, level + 1)
   check_count(fn, "block_bytes", opts.block_bytes, level + 1)
+  if opts.name ~= nil and (type(opts.name) ~= "string" or opts.name == "") then
+    error(format("%s: name must be a non-empty string, got %s", fn, tostring(opts.name)), level + 1)
+  end
   local o = {}
   for k, v in pairs(defaults) do o[k] = v end
   for k, v in pairs(opts) do o[k] = v end
-  if o.progress then
-    local ok, ctx = pcall(tide.get_runtime_context)
-    if ok and ctx.worker_id ~= "driver" then o.progress = false end
-  end
+  -- A run in a task or actor (a training rank's shard) shows no progress
+  -- and publishes no tide_data_* series: only the driver's runs do.
+  local ok, ctx = pcall(tide.get_runtime_context)
+  o.publish = not (ok and ctx.worker_id ~= "driver")
+  if not o.publish then o.progress = false end
   return o
 end
 
@@ -555,12 +559,15 @@ function M.reap()
 end
 
 local count_rf
+local runs = 0
 local function start(ds, run, sink)
   M.reap()
   local defs = compile(ds, run, sink)
   count_rf = count_rf or tide.remote({num_cpus = 0, name = "tide.data:count_lines"}, W.count_lines)
+  runs = runs + 1
   local ex = E.new(defs, {preserve_order = run.preserve_order, progress = run.progress,
-    progress_interval = run.progress_interval, count_rf = count_rf})
+    progress_interval = run.progress_interval, count_rf = count_rf, publish = run.publish,
+    name = run.name or format("data-%d-%d-%d", W.getpid(), os.time(), runs)})
   ds._last = ex
   return ex
 end

@@ -14,6 +14,10 @@
 -- a node that is not the head keeps its own: the dashboard shows the
 -- head's). In a driver with an embedded cluster (tide run) the values stay
 -- in the process: tide.metrics.text() renders them.
+--
+-- tide.train and tide.data publish their own tide_train_* / tide_data_*
+-- gauges through M._publish (many in one request); the head keeps a
+-- history of those (M._history, served at /api/series by tide.obs).
 local format, concat, type, tostring, tonumber = string.format, table.concat, type, tostring, tonumber
 
 local M = {}
@@ -76,7 +80,20 @@ function M._store()
         if value <= le then s.b[i] = (s.b[i] or 0) + 1 end
       end
     end
-    return true
+    return true, s, key
+  end
+  -- drop(name, key): forgets one series (key as put returns it), and the
+  -- metric with its last series.
+  function S.drop(name, key)
+    local m = S.metrics[name]
+    if not m or not m.series[key] then return end
+    m.series[key] = nil
+    if next(m.series) == nil then
+      S.metrics[name] = nil
+      for i, n in ipairs(S.order) do
+        if n == name then table.remove(S.order, i); break end
+      end
+    end
   end
   function S.text()
     local out = {}
@@ -107,6 +124,113 @@ function M._store()
   return S
 end
 
+-- -- History of the engine's own series (the head's training and data pages) ----
+
+local wall -- seconds since the epoch, to the microsecond
+local function wall_clock()
+  if not wall then
+    local ffi = require("ffi")
+    pcall(ffi.cdef, "typedef struct { long tv_sec; long tv_nsec; } tide_metrics_timespec;")
+    -- Other modules declare clock_gettime with their own struct type (the
+    -- first declaration wins): a void * converts to whichever it is.
+    pcall(ffi.cdef, "int clock_gettime(int clk, void *ts);")
+    local ts = ffi.new("tide_metrics_timespec")
+    local p = ffi.cast("void *", ts)
+    wall = function()
+      ffi.C.clock_gettime(0, p) -- CLOCK_REALTIME
+      return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
+    end
+  end
+  return wall()
+end
+
+-- _history(store, opts) -> H: puts into store (H.put, the arguments of
+-- store.put; H.op, the node's metrics_put: one put, or a list of them in
+-- one request) and keeps, for the gauges and counters whose names start
+-- with one of opts.prefixes, the last opts.max_points (time, value) points
+-- of each series. At most opts.max_series such series are kept: a new one
+-- past that drops the one updated least recently, from the store too.
+-- H.series(prefix, points) -> {{name, labels, points = {{t, v}, ...}}, ...}
+-- (the last `points` of each, all when nil), sorted by name and labels.
+function M._history(store, opts)
+  opts = opts or {}
+  local prefixes = opts.prefixes or {"tide_train_", "tide_data_"}
+  local max_series, max_points = opts.max_series or 400, opts.max_points or 600
+  local clock = opts.clock or wall_clock
+  local H = {}
+  local by_id, count = {}, 0
+
+  local function tracked(name)
+    for _, p in ipairs(prefixes) do
+      if name:sub(1, #p) == p then return true end
+    end
+    return false
+  end
+
+  local function evict()
+    local old_id, old
+    for id, h in pairs(by_id) do
+      if not old or h.last < old.last then old_id, old = id, h end
+    end
+    if not old then return end
+    by_id[old_id] = nil
+    count = count - 1
+    store.drop(old.name, old.key)
+  end
+
+  function H.put(kind, name, help, labels, op, value, buckets)
+    local _, s, key = store.put(kind, name, help, labels, op, value, buckets)
+    if kind == "histogram" or type(name) ~= "string" or not tracked(name) then return true end
+    local id = name .. "{" .. key .. "}"
+    local h = by_id[id]
+    if not h then
+      if count >= max_series then evict() end
+      local l = {}
+      for k, v in pairs(labels or {}) do l[k] = tostring(v) end
+      h = {name = name, key = key, labels = l, t = {}, v = {}, n = 0, pos = 0}
+      by_id[id] = h
+      count = count + 1
+    end
+    local t = clock()
+    h.pos = h.pos % max_points + 1
+    h.t[h.pos], h.v[h.pos] = t, s.value
+    if h.n < max_points then h.n = h.n + 1 end
+    h.last = t
+    return true
+  end
+
+  function H.op(first, ...)
+    if type(first) ~= "table" then return H.put(first, ...) end
+    for _, p in ipairs(first) do H.put(p[1], p[2], p[3], p[4], p[5], p[6], p[7]) end
+    return true
+  end
+
+  function H.series(prefix, points)
+    prefix = prefix or ""
+    local ids = {}
+    for id, h in pairs(by_id) do
+      if h.name:sub(1, #prefix) == prefix then ids[#ids + 1] = id end
+    end
+    table.sort(ids)
+    local out = {}
+    for i, id in ipairs(ids) do
+      local h = by_id[id]
+      local n = points and math.min(points, h.n) or h.n
+      local pts = {}
+      for j = 1, n do
+        local k = (h.pos - n + j - 1) % max_points + 1
+        pts[j] = {h.t[k], h.v[k]}
+      end
+      out[i] = {name = h.name, labels = h.labels, points = pts}
+    end
+    return out
+  end
+
+  function H.limits() return max_series, max_points end
+  function H.now() return clock() end
+  return H
+end
+
 -- -- The user's side ----------------------------------------------------------------
 
 local local_store -- an embedded driver's (no node to send to)
@@ -120,6 +244,28 @@ local function send(kind, name, help, labels, op, value, buckets)
     local_store = local_store or M._store()
     local_store.put(kind, name, help, labels, op, value, buckets)
   end
+end
+
+-- _publish(puts): the engine's own series (tide.train's and tide.data's),
+-- many in one request: puts = {{kind, name, help, labels, op, value}, ...},
+-- labels already strings. Sent like a user's update (kept in the process
+-- in an embedded driver). False when nothing was sent; a node that serves
+-- no metrics (a worker of an embedded cluster) is not asked again.
+local publish_off, local_bound
+function M._publish(puts)
+  if publish_off or #puts == 0 then return false end
+  local core = require("tide.core")
+  if not core.call_node then
+    -- Kept here: as many series as a head keeps (a driver that runs a
+    -- pipeline per epoch does not grow without end), without their history.
+    local_store = local_store or M._store()
+    local_bound = local_bound or M._history(local_store, {max_points = 1})
+    local_bound.op(puts)
+    return true
+  end
+  local ok, err = pcall(core.call_node, "metrics_put", puts)
+  if not ok and tostring(err):find("not served", 1, true) then publish_off = true end
+  return ok
 end
 
 local function check_labels(labels, kind, level)

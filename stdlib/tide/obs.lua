@@ -40,8 +40,10 @@ local function list_jobs(filters, limit, offset)
       end
     end
   end
-  return cjson.encode({kind = "jobs", rows = setmetatable(rows, cjson.empty_array_mt), total = #all,
+  -- This cjson (2.1.0) has no empty_array_mt and writes an empty table as {}.
+  local j = cjson.encode({kind = "jobs", rows = #rows > 0 and rows or "__rows__", total = #all,
     matched = matched, offset = offset, limit = limit, truncated = matched > offset + #rows})
+  return (j:gsub('"rows":"__rows__"', '"rows":[]', 1))
 end
 
 -- list(kind, {{key, value}, ...}, limit, offset) -> JSON text
@@ -146,8 +148,35 @@ ops.obs_log = M.worker_log
 
 -- -- User metrics (tide.metrics) ---------------------------------------------------
 
-local user = require("tide.metrics")._store()
-ops.metrics_put = user.put
+-- The head keeps a history of tide.train's and tide.data's series
+-- (tide_train_*, tide_data_*): the last 600 points of at most 400 series.
+local metrics = require("tide.metrics")
+local user = metrics._store()
+local history = metrics._history(user)
+ops.metrics_put = history.op
+
+-- series(prefix, points) -> JSON text: {now, max_series, max_points,
+-- series = {{name, labels, points = {{t, v}, ...}}, ...}}; t in seconds
+-- since the epoch; a value that is not finite is null.
+-- (Written by hand around cjson: this cjson writes an empty table as {}.)
+function M.series(prefix, points)
+  points = tonumber(points)
+  if points then points = math.max(0, math.floor(points)) end
+  local out = {}
+  for i, s in ipairs(history.series(prefix or "", points)) do
+    local pts = {}
+    for j, p in ipairs(s.points) do
+      local v = p[2]
+      if v ~= v or v == math.huge or v == -math.huge then v = cjson.null end
+      pts[j] = cjson.encode({p[1], v})
+    end
+    out[i] = format('{"name":%s,"labels":%s,"points":[%s]}', cjson.encode(s.name), cjson.encode(s.labels),
+      concat(pts, ","))
+  end
+  local ms, mp = history.limits()
+  return format('{"now":%s,"max_series":%d,"max_points":%d,"series":[%s]}', cjson.encode(history.now()), ms, mp,
+    concat(out, ","))
+end
 
 local function jobs_text()
   local counts = {RUNNING = 0, SUCCEEDED = 0, FAILED = 0, STOPPED = 0}
@@ -194,7 +223,7 @@ end
 local TYPES = {html = "text/html; charset=utf-8", js = "application/javascript; charset=utf-8",
   css = "text/css; charset=utf-8", svg = "image/svg+xml"}
 local PAGES = {["/"] = true, ["/nodes"] = true, ["/actors"] = true, ["/tasks"] = true, ["/objects"] = true,
-  ["/placement-groups"] = true, ["/jobs"] = true}
+  ["/placement-groups"] = true, ["/jobs"] = true, ["/training"] = true, ["/data"] = true}
 
 local function file(name)
   local f = io.open(home .. "/stdlib/tide/dashboard/" .. name, "rb")
@@ -233,6 +262,11 @@ function M.http(method, path, query)
     local ok, chunk, nxt, more = pcall(M.worker_log, q.kind or "job", q.id, q.offset, q.tail)
     if not ok then return json_error(404, tostring(chunk)) end
     return 200, "application/json", cjson.encode({data = chunk, offset = nxt, more = more})
+  end
+  if path == "/api/series" then
+    local okq, q = pcall(parse_query, query)
+    if not okq then return json_error(400, q) end
+    return 200, "application/json", M.series(q.prefix, q.points)
   end
   local name = path:match("^/static/([%w_%-]+%.%a+)$")
   local ext = name and name:match("%.(%a+)$")

@@ -21,6 +21,7 @@ local tide = require("tide")
 local W = require("tide.data.worker")
 local ST = require("tide.nn.safetensors")
 local T = require("tide.tensor")
+local Metrics = require("tide.metrics")
 
 local type, pairs, ipairs, tostring, tonumber, error, pcall, xpcall =
   type, pairs, ipairs, tostring, tonumber, error, pcall, xpcall
@@ -601,6 +602,7 @@ function M.fit(opts)
   local attempt, death_t = 0, nil
   local last_line, lines_drawn = 0, false
   local rate = {t = nil, tokens = nil, tps = nil}
+  local pub = {t = nil, dirty = false}
 
   local function show(final)
     if not progress or not metrics then return end
@@ -652,7 +654,10 @@ function M.fit(opts)
         r = r.r
         -- tokens/s over windows of at least 0.5 s of rank 0's clock
         if type(r.tokens) == "number" then
-          if not rate.t then rate.t, rate.tokens = rt, r.tokens
+          rate.tl, rate.tokl = rt, r.tokens
+          if not rate.t then
+            rate.t, rate.tokens = rt, r.tokens
+            rate.t0, rate.tokens0 = rt, r.tokens
           elseif rt - rate.t >= 0.5 then
             rate.tps = (r.tokens - rate.tokens) / (rt - rate.t)
             rate.t, rate.tokens = rt, r.tokens
@@ -661,6 +666,7 @@ function M.fit(opts)
         r._attempt, r._t, r._world_size = attempt, now() - t0, world
         history[#history + 1] = r
         metrics = r
+        pub.dirty = true
         if o.on_report then o.on_report(r) end
       end
     end
@@ -669,6 +675,36 @@ function M.fit(opts)
   local function drain()
     local ok, items = pcall(tide.get, reporter:drain(), {timeout = 30})
     if ok and items then take(items) end
+  end
+
+  -- The last report as gauges (the head's /metrics and training page): at
+  -- once for the first report, then at most once a second, and at the end.
+  local function publish(final)
+    if not metrics or (not final and not (pub.dirty and (not pub.t or now() - pub.t >= 1))) then return end
+    pub.t, pub.dirty = now(), false
+    local run = {run = run_name}
+    local puts = {}
+    local function gauge(name, help, v, labels)
+      puts[#puts + 1] = {"gauge", name, help, labels or run, "set", v}
+    end
+    for k, v in pairs(metrics) do
+      if type(k) == "string" and type(v) == "number" and k:sub(1, 1) ~= "_" then
+        gauge("tide_train_metric", "The last value of each number in a training run's reports.", v,
+          {run = run_name, key = k})
+      end
+    end
+    if type(metrics.step) == "number" then
+      gauge("tide_train_step", "The step of a training run's last report.", metrics.step)
+    end
+    local tps = tonumber(metrics.tokens_per_s) or rate.tps
+    if not tps and final and rate.t0 and rate.tl > rate.t0 then
+      tps = (rate.tokl - rate.tokens0) / (rate.tl - rate.t0) -- a run shorter than one window
+    end
+    if tps then gauge("tide_train_tokens_per_second", "A training run's tokens per second.", tps) end
+    gauge("tide_train_workers", "The workers (ranks) of a training run.", world or 0)
+    gauge("tide_train_running", "1 while a training run runs, 0 once train.fit returned or raised.",
+      final and 0 or 1)
+    Metrics._publish(puts)
   end
 
   local pg, actors
@@ -681,7 +717,7 @@ function M.fit(opts)
   local ok_all, err_all = pcall(function()
     while true do
       attempt = attempt + 1
-      rate.t, rate.tokens, rate.tps = nil, nil, nil
+      rate.t, rate.tokens, rate.tps, rate.t0, rate.tokens0 = nil, nil, nil, nil, nil
       local last = o.checkpoint_dir and checkpoints(o.checkpoint_dir) or {}
       last = last[#last]
       if attempt > 1 then
@@ -744,6 +780,7 @@ function M.fit(opts)
           drain()
           last_drain = now()
           show(false)
+          publish(false)
         end
       end
       drain()
@@ -779,6 +816,7 @@ function M.fit(opts)
   end)
   teardown()
   pcall(tide.kill, reporter)
+  publish(true)
   if not ok_all then
     if lines_drawn then io.stderr:write("\n") end
     error(err_all, 0)

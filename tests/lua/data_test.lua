@@ -745,5 +745,19 @@ t.test("blocks of uniform rows travel packed by column and come back equal; othe
   t.eq(st.rows, 40)
 end)
 
+t.local_test("a driver's run publishes each stage's rows out, rows/s and in flight (tide_data_* gauges)", function()
+  t.eq(data.range(1000):map(function(r) return r end):count({name = "gauge-pipe"}), 1000)
+  -- An embedded driver keeps them in the process (a head keeps their history).
+  local text = tide.metrics.text()
+  local l = '{pipeline="gauge-pipe",stage="1 range->map"}'
+  t.ok(text:find("tide_data_rows_out" .. l .. " 1000\n", 1, true), text)
+  t.ok(text:find("tide_data_in_flight" .. l .. " 0\n", 1, true), text)
+  local at = select(2, text:find("tide_data_rows_per_second" .. l .. " ", 1, true))
+  t.ok(at and text:sub(at + 1, at + 1):match("[1-9]"), text)
+  t.ok(text:find('tide_data_running{pipeline="gauge-pipe"} 0\n', 1, true), text)
+  local ok, err = pcall(function() data.range(3):count({name = 5}) end)
+  t.ok(not ok and tostring(err):find("ds:count: name must be a non%-empty string"), tostring(err))
+end)
+
 os.execute("rm -rf '" .. DIR .. "'")
 t.done()

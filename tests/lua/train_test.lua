@@ -265,6 +265,20 @@ t.test("reports stream to the driver while the loop runs (and computes without w
   t.eq(r.history[6]._attempt, 1)
 end)
 
+t.local_test("fit publishes the last report as tide_train_* gauges (kept in an embedded driver)", function()
+  train.fit({name = "gauges-run", num_workers = 1, progress = false, loop = function(ctx)
+    for step = 1, 5 do ctx:report({step = step, loss = 1 / step, tokens = step * 10, note = "text"}) end
+  end})
+  local text = tide.metrics.text()
+  t.ok(text:find('tide_train_step{run="gauges-run"} 5\n', 1, true), text)
+  t.ok(text:find('tide_train_metric{key="loss",run="gauges-run"} 0.2\n', 1, true), text)
+  t.ok(text:find('tide_train_metric{key="tokens",run="gauges-run"} 50\n', 1, true), text)
+  t.ok(text:find('tide_train_workers{run="gauges-run"} 1\n', 1, true), text)
+  t.ok(text:find('tide_train_running{run="gauges-run"} 0\n', 1, true), text)
+  t.ok(not text:find('key="note"', 1, true) and not text:find('key="_', 1, true),
+    "only the report's own numbers are published: " .. text)
+end)
+
 t.test("ctx:allreduce is exact over many sizes, with barriers between (ring buffer wrap-arounds)", function()
   local r = train.fit({num_workers = 2, progress = false, loop = function(ctx)
     local Tn = require("tide.tensor")

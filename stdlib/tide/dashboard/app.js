@@ -1,6 +1,7 @@
 // The Tide dashboard: draws the view the path names from the head's JSON
 // endpoints (/api/list/KIND with the same filters and paging as `tide
-// list`, /api/logs), refreshing every 2 s. Plain JS, charts in hand-made
+// list`, /api/logs, /api/series for training runs and data pipelines),
+// refreshing every 2 s. Plain JS, charts in hand-made
 // SVG; no build step, nothing fetched from anywhere but the head.
 "use strict";
 
@@ -222,6 +223,158 @@ function overview() {
   state.timer = setInterval(refresh, REFRESH_MS);
 }
 
+// -- Training runs and data pipelines (the head's tide_train_* / tide_data_* history) --
+
+const SVG_NS = "http://www.w3.org/2000/svg";
+const COLORS = ["#3b82c4", "#17703a", "#9a6700", "#a4161a", "#6f42c1", "#0f7b8a", "#c2410c", "#4b5563"];
+
+function svgEl(tag, attrs, text) {
+  const e = document.createElementNS(SVG_NS, tag);
+  for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+
+function short(v) {
+  if (v === undefined || v === null) return "";
+  if (Number.isInteger(v)) return String(v);
+  const a = Math.abs(v);
+  return a !== 0 && (a >= 1e5 || a < 1e-3) ? v.toExponential(2) : v.toFixed(a >= 100 ? 1 : 4);
+}
+
+// A chart of lines over time: lines = [{label, points: [[t, v], ...]}].
+function timeChart(id, lines, w, h) {
+  const pts = lines.flatMap((l) => l.points.filter((p) => typeof p[1] === "number"));
+  const svg = svgEl("svg", {id: id, width: w, height: h + 18 * Math.ceil(lines.length / 3) + 4, class: "timechart"});
+  if (!pts.length) return svg;
+  const t0 = Math.min(...pts.map((p) => p[0])), t1 = Math.max(...pts.map((p) => p[0]));
+  let lo = Math.min(...pts.map((p) => p[1])), hi = Math.max(...pts.map((p) => p[1]));
+  if (hi === lo) { hi += 1; lo -= lo > 0 ? Math.min(1, lo) : 1; }
+  const L = 64, R = 8, T = 6, B = 18;
+  const x = (t) => L + (t1 > t0 ? (t - t0) / (t1 - t0) : 1) * (w - L - R);
+  const y = (v) => T + (1 - (v - lo) / (hi - lo)) * (h - T - B);
+  svg.append(svgEl("rect", {x: L, y: T, width: w - L - R, height: h - T - B, fill: "#fff", stroke: "#d8dee6"}));
+  svg.append(svgEl("text", {x: L - 4, y: T + 9, "text-anchor": "end"}, short(hi)));
+  svg.append(svgEl("text", {x: L - 4, y: h - B, "text-anchor": "end"}, short(lo)));
+  svg.append(svgEl("text", {x: L, y: h - 4}, new Date(t0 * 1000).toLocaleTimeString()));
+  svg.append(svgEl("text", {x: w - R, y: h - 4, "text-anchor": "end"}, new Date(t1 * 1000).toLocaleTimeString()));
+  lines.forEach((l, i) => {
+    const c = COLORS[i % COLORS.length];
+    const ps = l.points.filter((p) => typeof p[1] === "number");
+    svg.append(svgEl("polyline", {fill: "none", stroke: c, "stroke-width": "2",
+      points: ps.map((p) => `${x(p[0]).toFixed(1)},${y(p[1]).toFixed(1)}`).join(" ")}));
+    if (ps.length === 1) svg.append(svgEl("circle", {cx: x(ps[0][0]), cy: y(ps[0][1]), r: 3, fill: c}));
+    svg.append(svgEl("text", {x: L + (i % 3) * ((w - L) / 3), y: h + 14 + 18 * Math.floor(i / 3), fill: c}, l.label));
+  });
+  return svg;
+}
+
+// A page of the series whose names start with prefix (/api/series), drawn by
+// draw(box, response), or the empty text while there are none.
+function seriesView(prefix, title, empty, draw) {
+  const box = el("div", {id: "series"});
+  const err = el("span", {id: "error", class: "error"});
+  main.replaceChildren(el("h1", {}, title), err, box);
+  async function refresh() {
+    try {
+      const res = await api("/api/series", {prefix: prefix, points: "300"});
+      err.textContent = "";
+      if (!res.series.length) box.replaceChildren(el("p", {id: "empty", class: "empty"}, empty));
+      else draw(box, res);
+      status.textContent = "updated " + new Date().toLocaleTimeString();
+    } catch (e) {
+      err.textContent = String(e.message || e);
+    }
+  }
+  refresh();
+  state.timer = setInterval(refresh, REFRESH_MS);
+}
+
+const last = (s) => s && s.points.length ? s.points[s.points.length - 1][1] : null;
+const lastT = (s) => s && s.points.length ? s.points[s.points.length - 1][0] : 0;
+const fixed0 = (v) => typeof v === "number" ? v.toFixed(0) : "";
+const ago = (now, t) => t ? Math.max(0, Math.round(now - t)) + " s ago" : "";
+
+// Groups series by one label: Map(label value -> {name or name/key -> series}).
+function groupBy(series, label, sub) {
+  const g = new Map();
+  for (const s of series) {
+    const k = s.labels[label];
+    if (k === undefined) continue;
+    if (!g.has(k)) g.set(k, {});
+    g.get(k)[s.name + (sub && s.labels[sub] !== undefined ? "/" + s.labels[sub] : "")] = s;
+  }
+  return g;
+}
+
+function trainingView() {
+  seriesView("tide_train_", "Training runs",
+    "No training run has reported to this head yet: runs report when train.fit runs in a driver attached with --address.",
+    (box, res) => {
+      const runs = groupBy(res.series, "run", "key");
+      const keys = new Set();
+      for (const m of runs.values()) for (const k of Object.keys(m)) {
+        if (k.startsWith("tide_train_metric/") && k !== "tide_train_metric/step") keys.add(k.slice(18));
+      }
+      const metricKeys = [...keys].sort();
+      const order = [...runs.keys()].sort((a, b) => Math.max(...Object.values(runs.get(b)).map(lastT)) -
+        Math.max(...Object.values(runs.get(a)).map(lastT)));
+      const head = el("tr", {}, ...["run", "state", "step", ...metricKeys, "tokens/s", "workers", "updated"].map((c) => el("th", {}, c)));
+      const rows = order.map((run) => {
+        const m = runs.get(run);
+        const running = last(m.tide_train_running);
+        const t = Math.max(...Object.values(m).map(lastT));
+        return el("tr", {"data-id": run},
+          el("td", {class: "run"}, run),
+          el("td", {class: running ? "state-RUNNING" : "state-SUCCEEDED"}, running ? "running" : "ended"),
+          el("td", {class: "step"}, cell(last(m.tide_train_step))),
+          ...metricKeys.map((k) => el("td", {class: "metric", "data-key": k}, short(last(m["tide_train_metric/" + k])))),
+          el("td", {class: "tps"}, fixed0(last(m.tide_train_tokens_per_second))),
+          el("td", {}, cell(last(m.tide_train_workers))),
+          el("td", {title: new Date(t * 1000).toLocaleString()}, ago(res.now, t)));
+      });
+      const key = metricKeys.includes("loss") ? "loss" : metricKeys[0];
+      const parts = [el("table", {id: "table"}, el("thead", {}, head), el("tbody", {id: "rows"}, ...rows))];
+      if (key) {
+        parts.push(el("h1", {}, key + " over time"), timeChart("loss-chart",
+          order.filter((r) => runs.get(r)["tide_train_metric/" + key]).slice(0, 8)
+            .map((r) => ({label: r, points: runs.get(r)["tide_train_metric/" + key].points})), 900, 240));
+      }
+      box.replaceChildren(...parts);
+    });
+}
+
+function dataView() {
+  seriesView("tide_data_", "Data pipelines",
+    "No data pipeline has reported to this head yet: pipelines report when a tide.data pipeline runs in a driver attached with --address.",
+    (box, res) => {
+      const pipes = groupBy(res.series, "pipeline", "stage");
+      const order = [...pipes.keys()].sort((a, b) => Math.max(...Object.values(pipes.get(b)).map(lastT)) -
+        Math.max(...Object.values(pipes.get(a)).map(lastT)));
+      const parts = [];
+      for (const p of order.slice(0, 20)) {
+        const m = pipes.get(p);
+        const running = last(m.tide_data_running);
+        const stages = Object.keys(m).filter((k) => k.startsWith("tide_data_rows_out/")).map((k) => k.slice(19))
+          .sort((a, b) => parseInt(a) - parseInt(b));
+        const t = Math.max(...Object.values(m).map(lastT));
+        parts.push(el("h1", {}, el("span", {class: "pipeline"}, p), " ",
+          el("span", {class: running ? "state-RUNNING" : "state-SUCCEEDED"}, running ? "running" : "ended"),
+          el("span", {class: "l"}, " updated " + ago(res.now, t))));
+        const head = el("tr", {}, ...["stage", "rows out", "rows/s", "in flight"].map((c) => el("th", {}, c)));
+        parts.push(el("table", {class: "stages", "data-id": p}, el("thead", {}, head), el("tbody", {},
+          ...stages.map((st) => el("tr", {"data-stage": st},
+            el("td", {class: "stage"}, st),
+            el("td", {class: "rows"}, cell(last(m["tide_data_rows_out/" + st]))),
+            el("td", {class: "rate"}, fixed0(last(m["tide_data_rows_per_second/" + st]))),
+            el("td", {class: "inflight"}, cell(last(m["tide_data_in_flight/" + st]))))))));
+        parts.push(timeChart("rate-chart-" + order.indexOf(p), stages.map((st) => ({label: st + " rows/s",
+          points: (m["tide_data_rows_per_second/" + st] || {points: []}).points})), 900, 160));
+      }
+      box.replaceChildren(...parts);
+    });
+}
+
 // -- Routing ------------------------------------------------------------------
 
 const kind = location.pathname.replace(/^\//, "");
@@ -230,4 +383,6 @@ for (const a of document.querySelectorAll("#nav a")) {
   if (TOKEN) a.setAttribute("href", a.getAttribute("href") + "?token=" + encodeURIComponent(TOKEN));
 }
 if (VIEWS[kind]) tableView(kind);
+else if (kind === "training") trainingView();
+else if (kind === "data") dataView();
 else overview();

@@ -442,7 +442,7 @@ function E.new(defs, opts)
     files = {}, peak_store = 0,
     peak_spilled = 0, store_full = false, last_sample = 0,
     completions = 0, final_rows = 0, chains = {},
-    count_rf = opts.count_rf}, Exec)
+    count_rf = opts.count_rf, publish_on = opts.publish, name = opts.name, pub = {}}, Exec)
   local okn, nodes = pcall(tide.nodes)
   ex.cluster = okn and #nodes > 1
   local _, cap, spilled = store_stats(ex.cluster)
@@ -531,6 +531,39 @@ function Exec:show_progress(final)
   end
 end
 
+-- Each stage's rows out, rows/s and units in flight as gauges (the head's
+-- /metrics and data page), labelled with the pipeline's name and the
+-- stage ("2 map_batches"): once a second from the start (a run shorter
+-- than that: only at its end), and at the end. rows/s is over the time
+-- since the last publish (at the end, after less than 0.25 s: the last
+-- rate kept, or the whole run's).
+local HELP_ROWS = "Rows out of a tide.data pipeline's stage so far."
+local HELP_RATE = "Rows per second out of a tide.data pipeline's stage."
+local HELP_FLIGHT = "Units (tasks or actor calls) in flight in a tide.data pipeline's stage."
+function Exec:publish(final)
+  if not self.publish_on then return end
+  local t = now()
+  local dt = t - (self.pub_t or self.t0)
+  if not final and dt < 1 then return end
+  local puts = {}
+  for i, st in ipairs(self.stages) do
+    local p = self.pub[i] or {rows = 0}
+    self.pub[i] = p
+    local rows = st.st.rows_out
+    local labels = {pipeline = self.name, stage = format("%d %s", i, st.name)}
+    if not final or dt >= 0.25 then p.rate = dt > 0 and (rows - p.rows) / dt or 0
+    elseif not p.rate then p.rate = t > self.t0 and rows / (t - self.t0) or 0 end
+    p.rows = rows
+    puts[#puts + 1] = {"gauge", "tide_data_rows_out", HELP_ROWS, labels, "set", rows}
+    puts[#puts + 1] = {"gauge", "tide_data_rows_per_second", HELP_RATE, labels, "set", p.rate}
+    puts[#puts + 1] = {"gauge", "tide_data_in_flight", HELP_FLIGHT, labels, "set", final and 0 or st:in_flight()}
+  end
+  puts[#puts + 1] = {"gauge", "tide_data_running", "1 while a tide.data pipeline runs, 0 once it ended.",
+    {pipeline = self.name}, "set", final and 0 or 1}
+  self.pub_t = t
+  require("tide.metrics")._publish(puts)
+end
+
 -- One round: submit what the bounds allow (downstream first, so blocks
 -- move on before new ones are made), then wait for some unit to finish.
 function Exec:step()
@@ -554,6 +587,7 @@ function Exec:step()
   end
   self:sample()
   self:show_progress(false)
+  self:publish(false)
   return true
 end
 
@@ -587,6 +621,7 @@ function Exec:finish()
   self:sample(true)
   self.t_end = now()
   self:show_progress(true)
+  self:publish(true)
   for _, st in ipairs(self.stages) do if st.pool then st.pool:shutdown() end end
 end
 

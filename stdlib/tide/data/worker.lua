@@ -31,6 +31,7 @@ function W.now()
   return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
 end
 function W.isatty(fd) return ffi.C.isatty(fd) == 1 end
+function W.getpid() return ffi.C.getpid() end
 local now = W.now
 
 -- A full garbage collection, so that refs this process dropped release
