@@ -804,6 +804,7 @@ void td_node_handles(td_node_t *n, td_node_handles_t *h) {
   memset(h, 0, sizeof(*h));
   h->records = n->procs.n;
   for (td_req_t *r = n->procs.reqs; r; r = r->next) h->requests++;
+  for (td_allocw_t *w = n->objs.allocw; w; w = w->next) h->requests++; /* ALLOCs waiting for room */
   h->tasks = (int)n->tasks.map.len;
   for (td_pg_t *pg = n->pgs.list; pg; pg = pg->next) h->groups++;
   h->lineage = (int)(n->lineage.specs.len + n->lineage.kept.len);

@@ -361,6 +361,7 @@ static double td__poll_timeout(td_node_t *n, double timeout) {
     timeout = n->links.settle_until - now + 0.001;
   double scan = td__why_next(n, now);
   if (scan < timeout) timeout = scan;
+  if (n->objs.allocw && timeout > 0.01) timeout = 0.01; /* ALLOCs waiting for room: look again soon */
   if (timeout < 0 || n->objs.dirty) timeout = 0;
   return timeout;
 }
@@ -420,6 +421,7 @@ void td_node_pump(td_node_t *n, double timeout) {
     n->objs.dirty = 0;
     td__reqs_check(n, td_now());
   }
+  if (n->objs.allocw) td__allocs_retry(n, td_now());
   if (n->links.nfwd_ready) td__fwd_flush(n);
   if (n->lineage.nout) td__lineage_send(n);
   if (n->links.head || n->links.nlinks || n->links.next_index || n->links.waitsubs) {
@@ -629,6 +631,7 @@ void td_node_destroy(td_node_t **np) {
   while (n->tasks.npool) free(n->tasks.pool[--n->tasks.npool]);
   free(n->objs.pool);
   free(n->objs.changed);
+  td__allocs_free(n);
   free(n->tasks.pool);
   it = 0;
   while (td_map_next(&n->tasks.map, &it, NULL, &v)) {

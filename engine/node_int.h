@@ -305,6 +305,17 @@ typedef struct td_adoptee {
   struct td_adoptee *next;
 } td_adoptee_t;
 
+/* A worker's TD_M_ALLOC that found the store full of values in use: it
+ * waits for room (pins let go as tasks end) until its deadline. */
+typedef struct td_allocw {
+  uint64_t wk_id;
+  uint32_t req;
+  uint64_t size;
+  double deadline;
+  struct td_allocw *next;
+} td_allocw_t;
+#define TD_ALLOC_WAIT 10.0 /* s an ALLOC waits for room before it fails */
+
 typedef struct td_fnblob {
   size_t len;
   uint8_t data[];
@@ -326,6 +337,7 @@ typedef struct td_node_objs {
   uint64_t *changed;     /* objects that became ready or failed while recording, their waiters
                           * not woken yet: node.c's objects phase (td__objs_phase) acts on them */
   uint32_t nchanged, capchanged;
+  td_allocw_t *allocw; /* ALLOCs waiting for room, oldest first (td__allocs_retry) */
   void **pool; /* free td_obj_t records kept for reuse */
   int npool;
 } td_node_objs_t;
@@ -567,6 +579,8 @@ void td__wait_on(td_obj_t *o, td_task_t *t);
 int td__read_value(td_rd_t *rd, int *shm, const uint8_t **p, size_t *len, size_t *off);
 int td__take_extent(td_wk_t *wk, size_t off, size_t len);
 td_msg_fn td__on_put, td__on_refs, td__on_pin, td__on_unpin, td__on_alloc;
+void td__allocs_retry(td_node_t *n, double now);
+void td__allocs_free(td_node_t *n);
 
 /* sched.c: resources, placement, leasing workers. */
 void td__gpus_give(td_node_t *n, double amount, const int *ids, int k);

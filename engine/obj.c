@@ -416,12 +416,8 @@ int td__on_unpin(td_node_t *n, td_wk_t *wk, td_rd_t *rd) { return td__on_pins(n,
 
 /* An extent of the store lent to a local worker to write a value into; it
  * comes back whole in a PUT or DONE, or is freed with the worker. */
-int td__on_alloc(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
-  uint32_t req = td_rd_u32(rd);
-  uint64_t size = td_rd_u64(rd);
-  if (rd->bad) return TD_EPROTO;
-  size_t off = 0;
-  int rc = wk->remote ? TD_EINVAL : td__alloc(n, size, &off, NULL);
+/* Answers a worker's ALLOC: the extent lent, or the (negative) code. */
+static void td__alloc_reply(td_node_t *n, td_wk_t *wk, uint32_t req, uint64_t size, int rc, size_t off) {
   if (rc == 0) td_map_set(&wk->allocs, (uint64_t)off + 1, (void *)(uintptr_t)size);
   td_buf_t b;
   td_buf_init(&b);
@@ -429,5 +425,51 @@ int td__on_alloc(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   td_buf_u64(&b, rc == 0 ? off : (uint64_t)(int64_t)rc); /* a code: negative, read back as int64 */
   td_node_reply(n, wk, req, b.p, b.len);
   td_buf_free(&b);
+}
+
+/* A store full of values in use (pinned by the tasks reading them) has room
+ * again once some of those tasks end: an ALLOC waits for that, as Ray's
+ * create requests queue, and fails only after TD_ALLOC_WAIT seconds. */
+int td__on_alloc(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  uint32_t req = td_rd_u32(rd);
+  uint64_t size = td_rd_u64(rd);
+  if (rd->bad) return TD_EPROTO;
+  size_t off = 0;
+  int rc = wk->remote ? TD_EINVAL : td__alloc(n, size, &off, NULL);
+  if (rc == TD_ESTOREFULL) {
+    td_allocw_t *w = td_xcalloc(1, sizeof(*w)), **pp = &n->objs.allocw;
+    *w = (td_allocw_t){wk->id, req, size, td_now() + TD_ALLOC_WAIT, NULL};
+    while (*pp) pp = &(*pp)->next;
+    *pp = w;
+    return 0;
+  }
+  td__alloc_reply(n, wk, req, size, rc, off);
   return 0;
+}
+
+/* The pump's retry of waiting ALLOCs, oldest first: each gets room, or
+ * fails at its deadline; one whose worker died is dropped. */
+void td__allocs_retry(td_node_t *n, double now) {
+  for (td_allocw_t **pp = &n->objs.allocw, *w; (w = *pp);) {
+    td_wk_t *wk = NULL;
+    for (int i = 0; i < n->procs.n && !wk; i++)
+      if (n->procs.list[i]->id == w->wk_id && !n->procs.list[i]->dead) wk = n->procs.list[i];
+    size_t off = 0;
+    int rc = wk ? td__alloc(n, w->size, &off, NULL) : 0;
+    if (wk && rc == TD_ESTOREFULL && now < w->deadline) {
+      pp = &w->next;
+      continue;
+    }
+    if (wk) td__alloc_reply(n, wk, w->req, w->size, rc, off);
+    *pp = w->next;
+    free(w);
+  }
+}
+
+void td__allocs_free(td_node_t *n) {
+  while (n->objs.allocw) {
+    td_allocw_t *w = n->objs.allocw;
+    n->objs.allocw = w->next;
+    free(w);
+  }
 }

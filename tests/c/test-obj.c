@@ -176,6 +176,32 @@ TEST_IMPL(obj_pins) {
   return end_test(&n, left, 2, DROP_CLIENT);
 }
 
+/* A worker's ALLOC that finds the store full of values in use waits for
+ * room, and gets it when a pin goes; it does not fail at once. */
+TEST_IMPL(obj_alloc_waits_for_room) {
+  td_node_t *n = mknode(2);
+  ASSERT(n);
+  uint64_t big = store_big(n, 3 * MIB);
+  ASSERT(big);
+  ASSERT_EQ(feed_pin(n, TD_M_PIN, big), 0); /* in use: it cannot spill */
+  msg_t m;
+  td_buf_u32(&msg_begin(&m, TD_M_ALLOC)->b, 7);
+  td_buf_u64(&m.b, 2 * MIB);
+  ASSERT_EQ(msg_feed(n, &m, 0), 0);
+  td_node_pump(n, 0);
+  td_node_handles_t h;
+  td_node_handles(n, &h);
+  ASSERT_EQ(h.requests, 1); /* waiting, not failed */
+  ASSERT(td_node_in_store(n, big));
+  ASSERT_EQ(feed_pin(n, TD_M_UNPIN, big), 0);
+  td_node_pump(n, 0);
+  td_node_handles(n, &h);
+  ASSERT_EQ(h.requests, 0); /* answered: big spilled to make room */
+  ASSERT(!td_node_in_store(n, big));
+  uint64_t left[] = {big};
+  return end_test(&n, left, 1, DROP_CLIENT);
+}
+
 TEST_IMPL(obj_client_death_gives_back) {
   td_node_t *n = mknode(2);
   ASSERT(n);
