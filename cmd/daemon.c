@@ -17,7 +17,6 @@
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
-#include <zmq.h>
 
 #include "bridge.h"
 #include "dplane.h"
@@ -241,10 +240,11 @@ static void td__daemon_dplane(td__start_t *s, const td_cluster_key_t *key) {
 static void td__daemon_tcp(td__start_t *s) {
   if (s->port == 0) return;
   td_cluster_key_t key;
-  if (s->join ? td_key_save(s->keyf, &s->join_key)
-              : td_key_load(s->keyf, &key) && td_key_create(s->keyf, &key)) {
+  int rc = s->join ? td_key_save(s->keyf, &s->join_key) : td_key_load(s->keyf, &key);
+  if (!s->join && rc) rc = td_key_create(s->keyf, &key);
+  if (rc) {
     snprintf(s->failed, sizeof(s->failed), "cannot write the cluster key %.300s: %s", s->keyf,
-             strerror(errno));
+             td_strerror(rc));
     return;
   }
   char ep[300];
@@ -254,11 +254,9 @@ static void td__daemon_tcp(td__start_t *s) {
   else snprintf(ep, sizeof(ep), "tcp://%s:*", s->bind_host);
   /* A killed predecessor may hold the port for a moment while its
    * last threads exit: try for a while before giving up. */
-  int up = -1, err = 0;
-  for (int i = 0; i < 100 && (up = td_bridge_server_start(ep, s->sock, &key)) != 0 && !td__stop_daemon; i++) {
-    err = errno;
+  int up = -1;
+  for (int i = 0; i < 100 && (up = td_bridge_server_start(ep, s->sock, &key)) != 0 && !td__stop_daemon; i++)
     usleep(100000);
-  }
   if (up == 0 && s->dp_mode != TD_DP_OFF) td__daemon_dplane(s, &key);
   if (up == 0 && s->join) {
     /* Other nodes fetch objects from this one there. */
@@ -267,12 +265,12 @@ static void td__daemon_tcp(td__start_t *s) {
   } else if (up == 0)
     printf("tide: listening on %s (CURVE; key %s)%s\n", ep, s->keyf,
            s->loopback_only ? "; loopback only: --host ADDR lets other machines join" : "");
-  else if (err == EADDRINUSE)
+  else if (up == TD_EADDRINUSE)
     snprintf(s->failed, sizeof(s->failed),
              "cannot listen on %.100s:%d: port %d is in use (another head, or another "
              "program); pick another with --port",
              s->bind_host, s->port, s->port);
-  else snprintf(s->failed, sizeof(s->failed), "cannot listen on %.300s: %s", ep, zmq_strerror(err));
+  else snprintf(s->failed, sizeof(s->failed), "cannot listen on %.300s: %s", ep, td_strerror(up));
 }
 
 /* The dashboard and /metrics: on loopback unless told otherwise, and

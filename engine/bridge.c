@@ -158,33 +158,46 @@ static int td__forward(td__pool_t *p, void *sock, int fd, const void *id, size_t
   return 1;
 }
 
+/* The code for ZeroMQ's last failure (zmq_errno): -errno for the system
+ * errors it passes on, TD_EADDRINUSE by name, and TD_EZMQ for its own
+ * (EFSM, ETERM, ...), which strerror() cannot name. */
+static int td__zerr(void) {
+  int e = zmq_errno();
+  if (e == EADDRINUSE) return TD_EADDRINUSE;
+  return e > 0 && e < ZMQ_HAUSNUMERO ? -e : TD_EZMQ;
+}
+
+/* -errno for the system call that just failed (never 0). */
+static int td__syserr(void) { return errno > 0 ? -errno : TD_EIO; }
+
 /* -- Keys -------------------------------------------------------------------- */
 
 int td_key_create(const char *path, td_cluster_key_t *k) {
   if (zmq_curve_keypair(k->server_public, k->server_secret) ||
       zmq_curve_keypair(k->client_public, k->client_secret))
-    return -1;
+    return td__zerr();
   return td_key_save(path, k);
 }
 
 int td_key_save(const char *path, const td_cluster_key_t *k) {
   /* Never through a link: a key written into someone else's file. */
   int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
-  if (fd < 0) return -1;
+  if (fd < 0) return td__syserr();
   fchmod(fd, 0600);
   char buf[512];
   int n = snprintf(buf, sizeof(buf),
                    "# Tide cluster key: whoever holds this file may join and run code.\n"
                    "server_public=%s\nserver_secret=%s\nclient_public=%s\nclient_secret=%s\n",
                    k->server_public, k->server_secret, k->client_public, k->client_secret);
-  int ok = write(fd, buf, (size_t)n) == n;
+  ssize_t w = write(fd, buf, (size_t)n);
+  int rc = w == n ? 0 : w < 0 ? td__syserr() : TD_ENOSPACE;
   close(fd);
-  return ok ? 0 : -1;
+  return rc;
 }
 
 int td_key_load(const char *path, td_cluster_key_t *k) {
   FILE *f = fopen(path, "r");
-  if (!f) return -1;
+  if (!f) return td__syserr();
   memset(k, 0, sizeof(*k));
   char line[256];
   while (fgets(line, sizeof(line), f)) {
@@ -200,7 +213,7 @@ int td_key_load(const char *path, td_cluster_key_t *k) {
     else if (!strcmp(line, "client_secret")) memcpy(k->client_secret, v, 41);
   }
   fclose(f);
-  return k->server_public[0] && k->client_public[0] && k->client_secret[0] ? 0 : -1;
+  return k->server_public[0] && k->client_public[0] && k->client_secret[0] ? 0 : TD_EINVAL;
 }
 
 /* -- Node side ----------------------------------------------------------------- */
@@ -520,14 +533,19 @@ static void *td__server_main(void *arg) {
 }
 
 int td_bridge_server_start(const char *endpoint, const char *unix_sock, const td_cluster_key_t *k) {
-  if (strlen(unix_sock) >= sizeof(B.unix_sock)) return -1;
+  if (strlen(unix_sock) >= sizeof(B.unix_sock)) return TD_EINVAL;
   memcpy(B.unix_sock, unix_sock, strlen(unix_sock) + 1);
   B.key = *k;
-  if (!zmq_z85_decode(B.client_pub, k->client_public)) return -1;
+  if (!zmq_z85_decode(B.client_pub, k->client_public)) return TD_EINVAL;
   B.ctx = zmq_ctx_new();
   /* The ZAP handler is bound before any CURVE socket. */
   B.zap = zmq_socket(B.ctx, ZMQ_REP);
-  if (zmq_bind(B.zap, "inproc://zeromq.zap.01")) return -1;
+  if (zmq_bind(B.zap, "inproc://zeromq.zap.01")) {
+    int rc = td__zerr();
+    zmq_close(B.zap);
+    zmq_ctx_term(B.ctx);
+    return rc;
+  }
   B.router = zmq_socket(B.ctx, ZMQ_ROUTER);
   int one = 1, linger = 0;
   zmq_setsockopt(B.router, ZMQ_CURVE_SERVER, &one, sizeof(one));
@@ -546,17 +564,17 @@ int td_bridge_server_start(const char *endpoint, const char *unix_sock, const td
   td__no_hwm(B.mon);  /* a flood of connections must not drop the events that end them */
   zmq_connect(B.mon, "inproc://tide-bridge-monitor");
   if (zmq_bind(B.router, endpoint)) {
-    int err = errno;
+    int rc = td__zerr();
     zmq_close(B.mon);
     zmq_close(B.router);
     zmq_close(B.zap);
     zmq_ctx_term(B.ctx);
-    errno = err;  /* for the caller's message */
-    return -1;
+    return rc;
   }
   atomic_store(&B.stop, 0);
   td__pool_init(&B.pool);
-  if (pthread_create(&B.th, NULL, td__server_main, NULL)) return -1;
+  int err = pthread_create(&B.th, NULL, td__server_main, NULL);
+  if (err) return -err;
   B.running = 1;
   return 0;
 }
@@ -726,7 +744,7 @@ static td_bridge_client_t *td__client;
 
 int td_bridge_client_start(const char *endpoint, const td_cluster_key_t *k, int *fd) {
   td__client = td_bridge_open(endpoint, k, fd);
-  return td__client ? 0 : -1;
+  return td__client ? 0 : TD_EIO;
 }
 
 void td_bridge_client_stop(void) {

@@ -18,13 +18,16 @@ typedef struct td_cluster_key {
   char client_public[41], client_secret[41];
 } td_cluster_key_t;
 
-/* Creates a fresh key and writes it to path with mode 0600. */
+/* Creates a fresh key and writes it to path with mode 0600. These return
+ * 0 or a negative code (td_strerror): -errno for the file, TD_EINVAL for a
+ * key file without the three keys, TD_EZMQ for ZeroMQ's own failures. */
 int td_key_create(const char *path, td_cluster_key_t *k);
 int td_key_save(const char *path, const td_cluster_key_t *k);
 int td_key_load(const char *path, td_cluster_key_t *k);
 
 /* Node side: listens on endpoint ("tcp://0.0.0.0:6380") and forwards every
- * authenticated peer to the node's Unix socket. Returns 0 or -1 (errno). */
+ * authenticated peer to the node's Unix socket. Returns 0 or a negative
+ * code: TD_EADDRINUSE when the port is taken, -errno or TD_EZMQ. */
 int td_bridge_server_start(const char *endpoint, const char *unix_sock, const td_cluster_key_t *k);
 void td_bridge_server_stop(void);
 int td_bridge_server_port(void);  /* the port listened on (0: none), also for "tcp://H:*" */
@@ -40,7 +43,8 @@ void td_bridge_close(td_bridge_client_t *c, int flush);
 
 /* The one connection of a node to its head or a driver to its node:
  * connects to endpoint ("tcp://host:port"); *fd receives the
- * local end to use as the node connection. Returns 0 or -1. */
+ * local end to use as the node connection. Returns 0 or TD_EIO (a connection
+ * that fails later reads as the end of *fd's stream). */
 int td_bridge_client_start(const char *endpoint, const td_cluster_key_t *k, int *fd);
 /* Flushes what is queued for the node and stops (at exit). */
 void td_bridge_client_stop(void);

@@ -353,8 +353,18 @@ static void td__wk_input(td_node_t *n, td_wk_t *wk) {
  * request, of nodes settling, or of the hang scan; not at all when
  * something changed after this turn's checks (a stream's consumer let items
  * go in the tick, an object changed outside a message). */
+/* The cluster's timers (heartbeats, a silent link's death, fetch and
+ * data-plane checks) run every TD__TICK_S while the node is in a cluster. */
+#define TD__TICK_S 0.25
+static int td__in_cluster(const td_node_t *n) {
+  return n->links.head || n->links.nlinks || n->links.next_index || n->links.waitsubs;
+}
+
 static double td__poll_timeout(td_node_t *n, double timeout) {
   double now = td_now();
+  /* Sleep no longer than to the next tick: a daemon pumps with 0.5 s, and
+   * a dead node was found up to that much after its timeout. */
+  if (td__in_cluster(n) && n->tick_at + TD__TICK_S - now < timeout) timeout = n->tick_at + TD__TICK_S - now;
   for (td_req_t *r = n->procs.reqs; r; r = r->next)
     if (r->deadline > 0 && r->deadline - now < timeout) timeout = r->deadline - now;
   if (n->links.nunplaced && n->links.settle_until - now < timeout)
@@ -424,9 +434,9 @@ void td_node_pump(td_node_t *n, double timeout) {
   if (n->objs.allocw) td__allocs_retry(n, td_now());
   if (n->links.nfwd_ready) td__fwd_flush(n);
   if (n->lineage.nout) td__lineage_send(n);
-  if (n->links.head || n->links.nlinks || n->links.next_index || n->links.waitsubs) {
+  if (td__in_cluster(n)) {
     double now = td_now();
-    if (now - n->tick_at >= 0.25) {
+    if (now - n->tick_at >= TD__TICK_S) {
       n->tick_at = now;
       td__cluster_tick(n, now);
     }

@@ -102,7 +102,12 @@ void td_node_decref(td_node_t *n, uint64_t id);
  * that keep them there (not spilled) while something maps them. */
 int td_node_in_store(td_node_t *n, uint64_t id);
 int td_node_pin(td_node_t *n, uint64_t id, int delta);  /* 1 if it changed a pin */
-/* Streams: 1 = *item is the idx-th item (0-based), 0 = not yet, -1 = ended. */
+/* Streams: what td_node_stream_item finds at index idx (0-based). */
+enum {
+  TD_STREAM_ENDED = -1, /* the stream ended before idx */
+  TD_STREAM_NOT_YET = 0,
+  TD_STREAM_ITEM = 1, /* *item is the idx-th item */
+};
 int td_node_stream_item(td_node_t *n, uint64_t stream, uint32_t idx, uint64_t *item);
 /* Back-pressure for a stream whose consumer is on this node: its producer,
  * asking for room (TD_M_STREAM_ROOM), waits while `window` items or more

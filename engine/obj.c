@@ -292,9 +292,12 @@ int td_node_bytes(td_node_t *n, uint64_t id, const uint8_t **p, size_t *len, int
 
 int td_node_stream_item(td_node_t *n, uint64_t stream, uint32_t idx, uint64_t *item) {
   td_obj_t *o = td__obj(n, stream);
-  if (!o) return -1;
-  if (idx < o->nitems) { *item = o->items[idx]; return 1; }
-  return o->stream_done ? -1 : 0;
+  if (!o) return TD_STREAM_ENDED;
+  if (idx < o->nitems) {
+    *item = o->items[idx];
+    return TD_STREAM_ITEM;
+  }
+  return o->stream_done ? TD_STREAM_ENDED : TD_STREAM_NOT_YET;
 }
 
 void td_node_stream_window(td_node_t *n, uint64_t stream, uint32_t window) {

@@ -16,6 +16,7 @@
  * TD_E* (TD__EFIRST - 1 and down: -1001, -1002, ...) or, where an errno
  * without a TD_E* of its own passes through, -errno (-1 .. -999). Library
  * codes are mapped where the library is called: libuv's in engine/http.c,
+ * ZeroMQ's in engine/bridge.c,
  * CUDA's and NCCL's in the gpu layer, whose own codes count down from
  * -2000 (gpu/gpu_err.h, td_gpu_strerror). A code keeps its number when
  * codes are added at the end of the table. The messages live in one
@@ -34,7 +35,8 @@
   _(NOSPACE, "no space left on the spill disk (TIDE_SPILL_DIR, or /tmp)") \
   _(ADDRINUSE, "address already in use")                                  \
   _(CANCELED, "cancelled: shutting down")                                 \
-  _(SLOWPEER, "the peer stopped reading; its connection was dropped")
+  _(SLOWPEER, "the peer stopped reading; its connection was dropped")     \
+  _(ZMQ, "messaging library (ZeroMQ) failure")
 
 /* clang-format off */
 /* Each code's place in the table (0, 1, ...), for the codes below. */

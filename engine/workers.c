@@ -165,12 +165,12 @@ static int td__req_try(td_node_t *n, td_req_t *r, int expired) {
   /* TD_M_STREAM_NEXT: ids[0] = stream, num = index */
   uint64_t item = 0;
   int st = td_node_stream_item(n, r->ids[0], r->num, &item);
-  if (st == 0 && !expired) return 0;
+  if (st == TD_STREAM_NOT_YET && !expired) return 0;
   td_chan_begin(&r->wk->ch, TD_M_REPLY);
   td_buf_u32(b, r->req);
-  td_buf_u8(b, st == 1 ? 0 : st == -1 ? 1 : 2);
+  td_buf_u8(b, st == TD_STREAM_ITEM ? TD_SN_ITEM : st == TD_STREAM_ENDED ? TD_SN_ENDED : TD_SN_TIMEOUT);
   td_buf_u64(b, item);
-  if (st == 1) td_node_incref(n, item); /* the worker's new handle */
+  if (st == TD_STREAM_ITEM) td_node_incref(n, item); /* the worker's new handle */
   td_chan_end(&r->wk->ch);
   return 1;
 }

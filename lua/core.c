@@ -336,9 +336,9 @@ int td__ret_values(lua_State *L, uint32_t n, td__value_fn value, void *ud) {
   return td__ret_status(L, 0);
 }
 
-int td__ret_item(lua_State *L, int st, uint64_t item, int owned) {
-  if (st == 0) td_core_pushref(L, item, owned);
-  else if (st == 1) lua_pushnil(L);
+int td__ret_item(lua_State *L, td_sn_t st, uint64_t item, int owned) {
+  if (st == TD_SN_ITEM) td_core_pushref(L, item, owned);
+  else if (st == TD_SN_ENDED) lua_pushnil(L);
   else lua_pushboolean(L, 0);
   return 1;
 }

@@ -24,6 +24,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
+#include <sys/eventfd.h>
 
 /* -- Background pump -----------------------------------------------------------
  * The embedded node lives in the driver process and advances when the
@@ -35,6 +36,10 @@
 static _Atomic int td__driver_in, td__bg_active, td__bg_stop;
 static pthread_t td__bg;
 static int td__bg_running;
+/* Wakes the thread from its poll when it is to stop, so that a script's
+ * exit does not wait out the poll's timeout (it made `tide run` of a
+ * one-line script take 18 or 38 ms, by chance). */
+static int td__bg_wake = -1;
 
 static inline void td__enter(void) {
   atomic_store(&td__driver_in, 1);
@@ -58,16 +63,18 @@ static void *td__bg_main(void *arg) {
       continue;
     }
     td_node_pump(td_ctx.node, 0);
-    int n = td_node_fds(td_ctx.node, fds, MAXFD);
+    int n = td_node_fds(td_ctx.node, fds, MAXFD - 1);
     atomic_store(&td__bg_active, 0);
     for (int i = 0; i < n; i++) pfds[i] = (struct pollfd){fds[i], POLLIN, 0};
-    poll(pfds, (nfds_t)n, 20);
+    pfds[n] = (struct pollfd){td__bg_wake, POLLIN, 0};
+    poll(pfds, (nfds_t)n + 1, 20);
   }
   return NULL;
 }
 
 static void td__bg_start(void) {
   if (td__bg_running) return;
+  if (td__bg_wake < 0) td__bg_wake = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   atomic_store(&td__bg_stop, 0);
   if (pthread_create(&td__bg, NULL, td__bg_main, NULL) == 0) td__bg_running = 1;
 }
@@ -77,7 +84,12 @@ static void td__bg_start(void) {
 void td_core_bg_stop(void) {
   if (!td__bg_running) return;
   atomic_store(&td__bg_stop, 1);
+  uint64_t one = 1;
+  ssize_t w = write(td__bg_wake, &one, sizeof(one));
+  (void)w;
   pthread_join(td__bg, NULL);
+  uint64_t got;
+  w = read(td__bg_wake, &got, sizeof(got)); /* ready for a next start */
   td__bg_running = 0;
   atomic_store(&td__driver_in, 0);
 }
@@ -203,9 +215,9 @@ static int d_stream_next(lua_State *L, uint64_t id, uint32_t idx, double timeout
   for (;;) {
     uint64_t item = 0;
     int st = td_node_stream_item(td_ctx.node, id, idx, &item);
-    if (st == 1) return td__ret_item(L, 0, item, 0);
-    if (st < 0) return td__ret_item(L, 1, 0, 0);
-    if (td_now() >= deadline) return td__ret_item(L, 2, 0, 0);
+    if (st == TD_STREAM_ITEM) return td__ret_item(L, TD_SN_ITEM, item, 0);
+    if (st == TD_STREAM_ENDED) return td__ret_item(L, TD_SN_ENDED, 0, 0);
+    if (td_now() >= deadline) return td__ret_item(L, TD_SN_TIMEOUT, 0, 0);
     td__pump(L, deadline);
   }
 }

@@ -9,6 +9,7 @@
 #include <lauxlib.h>
 
 #include "core.h"
+#include "proto.h"
 
 /* -- The backend -----------------------------------------------------------------
  * What the driver and a worker do differently for the calls both have.
@@ -49,9 +50,9 @@ typedef int (*td__value_fn)(lua_State *L, uint32_t i, void *ud);
 /* getn's results: TD_GET_OK and the array of the n values (with field n),
  * or TD_GET_ERROR and the first error instead. Returns 2, or value's < 0 code. */
 int td__ret_values(lua_State *L, uint32_t n, td__value_fn value, void *ud);
-/* stream_next's result for st: 0 the ref to item (`owned` as in
- * td_core_pushref), 1 nil (the stream ended), 2 false (timeout). Returns 1. */
-int td__ret_item(lua_State *L, int st, uint64_t item, int owned);
+/* stream_next's result for st (a td_sn_t): the ref to item (`owned` as in
+ * td_core_pushref), nil (the stream ended) or false (timeout). Returns 1. */
+int td__ret_item(lua_State *L, td_sn_t st, uint64_t item, int owned);
 
 /* -- core.c ---------------------------------------------------------------------- */
 

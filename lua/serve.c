@@ -568,8 +568,8 @@ static void td__on_tick(void *ud) {
       uint64_t item;
       if (p->unacked >= TD_SERVE_STREAM_HIGH) break;  /* the client is behind: wait for a drain */
       int st = td_node_stream_item(td_ctx.node, p->stream, p->next, &item);
-      if (st == 0) break;
-      if (st < 0) {
+      if (st == TD_STREAM_NOT_YET) break;
+      if (st == TD_STREAM_ENDED) {
         if (p->started) td_http_stream_end(S.srv, p->rid);
         else td__respond_json(p->rid, 500, "{\"error\":\"the handler produced no response\"}");
         td__pend_free(p);

@@ -31,7 +31,7 @@ static int td__push_get1(lua_State *L, const uint8_t *p, size_t n, void *ud) {
 }
 
 /* What the node answers when a wait times out, for td_w_timeout. */
-static const uint8_t td__tmo_get[1] = {1}, td__tmo_wait[4] = {0}, td__tmo_stream[9] = {2};
+static const uint8_t td__tmo_get[1] = {1}, td__tmo_wait[4] = {0}, td__tmo_stream[9] = {TD_SN_TIMEOUT};
 
 /* Sends a GET for n ids with the timeout. */
 static uint32_t td__send_get(const uint64_t *ids, uint32_t n, double timeout) {
@@ -133,8 +133,8 @@ static int td__push_stream(lua_State *L, const uint8_t *p, size_t n, void *ud) {
   td_rd_init(&rd, p, n);
   uint8_t st = td_rd_u8(&rd);
   uint64_t item = td_rd_u64(&rd);
-  if (rd.bad) return luaL_error(L, "malformed reply from the node");
-  return td__ret_item(L, st, item, 1);
+  if (rd.bad || st > TD_SN_TIMEOUT) return luaL_error(L, "malformed reply from the node");
+  return td__ret_item(L, (td_sn_t)st, item, 1);
 }
 
 static int w_stream_next(lua_State *L, uint64_t id, uint32_t idx, double timeout) {

@@ -2,13 +2,18 @@
  * shared-memory store, channels and the spec codec (including malformed
  * input, which must be rejected, never crash).  Links with the engine
  * library alone: no Lua, no tensors. */
+#include <arpa/inet.h>
 #include <errno.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <string.h>
 #include <signal.h>
 #include <sys/resource.h>
 #include <stdlib.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "bridge.h"
 #include "chan.h"
 #include "proto.h"
 #include "spill.h"
@@ -55,6 +60,38 @@ TEST_IMPL(err_codes) {
   ASSERT(strcmp(td_strerror(-TD_ENOMEM), "unknown error") == 0);
   ASSERT(strcmp(td_strerror(TD__ELAST - 1), "unknown error") == 0);
   ASSERT(strcmp(td_strerror(TD__EFIRST), "unknown error") == 0);
+  return 0;
+}
+
+/* The bridge says what failed with a code td_strerror names, not -1 and
+ * errno: a missing key file, a file without the keys, a port taken. */
+TEST_IMPL(bridge_err_codes) {
+  td_cluster_key_t k, back;
+  ASSERT_EQ(td_key_load("/nonexistent-tide-dir/cluster.key", &k), -ENOENT);
+  char path[] = "/tmp/tide-test-key-XXXXXX";
+  int fd = mkstemp(path);
+  ASSERT(fd >= 0);
+  ASSERT_EQ(write(fd, "# no keys here\nserver_public=short\n", 35), 35);
+  close(fd);
+  ASSERT_EQ(td_key_load(path, &k), TD_EINVAL);
+  ASSERT_EQ(td_key_create(path, &k), 0);
+  ASSERT_EQ(td_key_load(path, &back), 0);
+  ASSERT(memcmp(&k, &back, sizeof(k)) == 0);
+  unlink(path);
+  ASSERT_EQ(td_key_save("/nonexistent-tide-dir/cluster.key", &k), -ENOENT);
+
+  int s = socket(AF_INET, SOCK_STREAM, 0);
+  struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+  socklen_t sl = sizeof(sa);
+  ASSERT(bind(s, (struct sockaddr *)&sa, sizeof(sa)) == 0 && listen(s, 1) == 0);
+  ASSERT(getsockname(s, (struct sockaddr *)&sa, &sl) == 0);
+  char ep[64];
+  snprintf(ep, sizeof(ep), "tcp://127.0.0.1:%d", ntohs(sa.sin_port));
+  int rc = td_bridge_server_start(ep, "/tmp/tide-test-bridge.sock", &k);
+  ASSERT_EQ(rc, TD_EADDRINUSE);
+  ASSERT(strcmp(td_strerror(rc), "address already in use") == 0);
+  ASSERT_EQ(td_bridge_server_start("bogus://x", "/tmp/tide-test-bridge.sock", &k), -EPROTONOSUPPORT);
+  close(s);
   return 0;
 }
 

@@ -4,6 +4,7 @@
  * them linked with the engine library alone. */
 TEST_DECLARE(buf_grow)
 TEST_DECLARE(err_codes)
+TEST_DECLARE(bridge_err_codes)
 TEST_DECLARE(map_basic)
 TEST_DECLARE(map_mark_ids)
 TEST_DECLARE(store_alloc_free)
