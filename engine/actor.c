@@ -284,19 +284,37 @@ int td__kill_actor(td_node_t *n, uint64_t actor_id, int no_restart, const char *
   return 0;
 }
 
+/* The key of a named actor in n->actors.names: FNV-1a of the namespace,
+ * a 0 byte and the name. */
+uint64_t td__actor_name_key(const char *ns, const char *name) {
+  uint64_t h = 14695981039346656037ull;
+  for (const char *p = ns;; p++) {
+    h = (h ^ (uint8_t)*p) * 1099511628211ull;
+    if (!*p) break;
+  }
+  for (const char *p = name; *p; p++) h = (h ^ (uint8_t)*p) * 1099511628211ull;
+  return h;
+}
+
+static int td__actor_named(const td_actor_t *a, const char *name, const char *ns) {
+  return a->state != A_DEAD && a->create && !strcmp(a->create->spec.name, name) &&
+         !strcmp(a->create->spec.ns, ns);
+}
+
+/* Looked up by name through the index, so that making N named actors (each
+ * checks its name is free) is not N^2; only two names whose keys collide
+ * need the scan. */
 int td_node_get_actor(td_node_t *n, const char *name, const char *ns, uint64_t *actor_id,
                       uint64_t *class_id) {
-  size_t it = 0;
-  td_actor_t *a;
-  while (td_map_next(&n->actors.map, &it, NULL, (void **)&a)) {
-    if (a->state == A_DEAD || !a->create) continue;
-    if (!strcmp(a->create->spec.name, name) && !strcmp(a->create->spec.ns, ns)) {
-      *actor_id = a->id;
-      *class_id = a->create->spec.fn_id;
-      return 0;
-    }
+  td_actor_t *a = td_map_get(&n->actors.names, td__actor_name_key(ns, name));
+  if (a && a->create && (strcmp(a->create->spec.name, name) || strcmp(a->create->spec.ns, ns))) {
+    size_t it = 0; /* another name with the same key */
+    while (td_map_next(&n->actors.map, &it, NULL, (void **)&a) && !td__actor_named(a, name, ns)) {}
   }
-  return TD_ENOTFOUND;
+  if (!a || !td__actor_named(a, name, ns)) return TD_ENOTFOUND;
+  *actor_id = a->id;
+  *class_id = a->create->spec.fn_id;
+  return 0;
 }
 
 int td_node_actor_state(td_node_t *n, uint64_t actor_id, const char **reason) {

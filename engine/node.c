@@ -545,6 +545,7 @@ td_node_t *td_node_new(const td_node_opts_t *o) {
   td_map_init(&n->objs.map);
   td_map_init(&n->tasks.map);
   td_map_init(&n->actors.map);
+  td_map_init(&n->actors.names);
   td_map_init(&n->tasks.fns);
   td_map_init(&n->sched.fnstats);
   td_buf_init(&n->tmp);
@@ -712,6 +713,7 @@ void td_node_destroy(td_node_t **np) {
   td_map_free(&n->objs.map);
   td_map_free(&n->tasks.map);
   td_map_free(&n->actors.map);
+  td_map_free(&n->actors.names);
   td_map_free(&n->tasks.fns);
   td_buf_free(&n->tmp);
   free(n->pfds);

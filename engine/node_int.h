@@ -373,6 +373,9 @@ typedef struct td_node_tasks {
 /* Actors (actor.c). */
 typedef struct td_node_actors {
   td_map_t map;       /* actor id -> td_actor_t, until it is dead and unreferenced */
+  td_map_t names;     /* td__actor_name_key(ns, name) -> the named td_actor_t made last
+                       * with that key (td_node_get_actor checks it is alive and that
+                       * the names match) */
   int restoring;      /* a restarted head re-creates persisted actors: they wait for nodes */
   double adopt_until; /* until then restored actors wait to be adopted (td__adopt) */
 } td_node_actors_t;
@@ -609,6 +612,7 @@ td_msg_fn td__on_fn, td__on_submit, td__on_done, td__on_item;
 /* actor.c: the actor directory. */
 void td__actor_calls_lost(td_node_t *n, td_actor_t *a, td_wk_t *wk, int may_retry, const char *why);
 void td__actor_die(td_node_t *n, td_actor_t *a, const char *why);
+uint64_t td__actor_name_key(const char *ns, const char *name);
 void td__actor_kill_at(td_wk_t *wk, uint64_t aid);
 void td__actor_pump(td_node_t *n, td_actor_t *a);
 void td__actor_restart_or_die(td_node_t *n, td_actor_t *a, const char *why);

@@ -489,6 +489,7 @@ int td_node_submit(td_node_t *n, const td_spec_t *s, const char **msg) {
     a->restarts_left = s->max_restarts;
     t->actor = a;
     td_map_set(&n->actors.map, a->id, a);
+    if (s->name[0]) td_map_set(&n->actors.names, td__actor_name_key(s->ns, s->name), a);
     if (why[0]) {
       td__actor_die(n, a, why);
       return 0;

@@ -145,6 +145,10 @@ t.test("kill: later calls raise ActorDiedError and the name is released", functi
   local err = t.raises(function() tide.get(c:incr(), {timeout = 30}) end, "ActorDiedError")
   t.eq(err.kind, "ActorDiedError")
   t.raises(function() tide.get_actor("to-kill") end, "to%-kill")
+  -- The released name is free for a new actor, which get_actor then finds.
+  local d = Counter:options({name = "to-kill"}):remote(40)
+  t.eq(tide.get(tide.get_actor("to-kill"):incr()), 41)
+  t.eq(tide.get(d:incr()), 42)
 end)
 
 t.test("kill with calls in flight: every pending call gets ActorDiedError", function()
