@@ -10,7 +10,8 @@
 //
 // SPEC is a file with one page a line, fields separated by tabs:
 //   NAME  PATH  [CLICK_SELECTOR  [UNTIL_SELECTOR]]
-// After the page has drawn (its #status or #error has text), CLICK_SELECTOR
+// After the page has drawn (its #status or #error has text, or it shows its
+// #empty text), CLICK_SELECTOR
 // is clicked and the page is given until UNTIL_SELECTOR matches; then
 // --settle MS more (more refreshes, for charts). Writes OUT_DIR/NAME.html
 // (the DOM), OUT_DIR/dashboard-NAME.png, and OUT_DIR/NAME.errors (the
@@ -117,7 +118,7 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 // -- One page -----------------------------------------------------------------
 
 const DRAWN = `(() => { const s = document.getElementById("status"), e = document.getElementById("error");
-  return !!((s && s.textContent) || (e && e.textContent)); })()`;
+  return !!((s && s.textContent) || (e && e.textContent) || document.getElementById("empty")); })()`;
 
 async function evaluate(b, sid, expression) {
   const r = await b.call("Runtime.evaluate", {expression, returnByValue: true}, sid);
@@ -152,7 +153,7 @@ async function visit(b, o, page, errors) {
       {width: o.width, height: o.height, deviceScaleFactor: 1, mobile: false}, sid);
     const nav = await b.call("Page.navigate", {url: o.base + page.path}, sid);
     if (nav.errorText) throw new Error(`cannot load ${o.base + page.path}: ${nav.errorText}`);
-    await until(b, sid, DRAWN, o.timeout, "the page drawn (#status or #error set)");
+    await until(b, sid, DRAWN, o.timeout, "the page drawn (#status, #error or #empty)");
     if (page.click) {
       const q = JSON.stringify(page.click);
       const hit = await evaluate(b, sid, `(() => { const e = document.querySelector(${q}); if (e) e.click(); return !!e; })()`);

@@ -291,9 +291,10 @@ for p in $PAGES; do
       want="$want $(matched jobs --filter status=RUNNING) $(matched objects)"
       got=$(for c in nodes actors running queued failed pgs jobs objects; do printf '%s ' "$(num "$html" count-$c)"; done)
       used=$(human "$(lj nodes --limit 1 | field store_used)")
-      check "the overview in Chromium: nodes, actors alive, tasks running, waiting, failed, placement groups, jobs running, objects ($got) as tide list says; the store bar; the chart" \
+      check "the overview in Chromium: nodes, actors alive, tasks running, waiting, failed, placement groups, jobs running, objects ($got) as tide list says; the store bar; the chart's legend" \
         '[ "$got" = "$want " ] && [ "${want% *}" = "1 6 1 3 1 1 0" ] &&
-         echo "$html" | grep -q ">$used / " && echo "$html" | grep -q "<polyline"' "want $want, store $used: $html" ;;
+         echo "$html" | grep -q ">$used / " && echo "$html" | grep -q "<polyline" &&
+         echo "$html" | grep -q ">running 1</text>" && echo "$html" | grep -q ">waiting 3</text>"' "want $want, store $used: $html" ;;
     nodes)
       r=$(rows "$html" | grep '^<tr data-id="node-0"'); n0=$(lj nodes --limit 1)
       used=$(human "$(echo "$n0" | field store_used)"); cap=$(human "$(echo "$n0" | field store_capacity)")
@@ -342,8 +343,9 @@ for p in $PAGES; do
     training) training_checks Chromium ;;
     data) data_checks Chromium ;;
     *)
-      check "the $p page in Chromium: drawn, no error shown" \
-        'echo "$html" | grep -q "id=\"status\"[^>]*>updated " && ! echo "$html" | grep -q "id=\"error\"[^>]*>[^<]"' "$html" ;;
+      check "the $p page in Chromium: drawn (or its empty text), no error shown" \
+        '{ echo "$html" | grep -q "id=\"status\"[^>]*>updated " || echo "$html" | grep -q "id=\"empty\""; } &&
+         ! echo "$html" | grep -q "id=\"error\"[^>]*>[^<]"' "$html" ;;
   esac
   errs=$(cat "$G/$p.errors" 2>/dev/null)
   check "the $p page in Chromium: no script error; a screenshot" \
