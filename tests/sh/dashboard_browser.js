@@ -143,6 +143,17 @@ async function until(b, sid, expression, ms, what) {
   }
 }
 
+// Clicks page.click, then waits until page.until matches.
+async function click(b, sid, o, page) {
+  const q = JSON.stringify(page.click);
+  const hit = await evaluate(b, sid, `(() => { const e = document.querySelector(${q}); if (e) e.click(); return !!e; })()`);
+  if (!hit) throw new Error(`nothing matches ${page.click} to click`);
+  if (page.until) {
+    await until(b, sid, `!!document.querySelector(${JSON.stringify(page.until)})`, o.timeout,
+      `${page.until} after clicking ${page.click}`);
+  }
+}
+
 async function visit(b, o, page, errors) {
   const {targetId} = await b.call("Target.createTarget", {url: "about:blank"});
   const {sessionId: sid} = await b.call("Target.attachToTarget", {targetId, flatten: true});
@@ -153,21 +164,19 @@ async function visit(b, o, page, errors) {
       {width: o.width, height: o.height, deviceScaleFactor: 1, mobile: false}, sid);
     const nav = await b.call("Page.navigate", {url: o.base + page.path}, sid);
     if (nav.errorText) throw new Error(`cannot load ${o.base + page.path}: ${nav.errorText}`);
-    await until(b, sid, DRAWN, o.timeout, "the page drawn (#status, #error or #empty)");
-    if (page.click) {
-      const q = JSON.stringify(page.click);
-      const hit = await evaluate(b, sid, `(() => { const e = document.querySelector(${q}); if (e) e.click(); return !!e; })()`);
-      if (!hit) throw new Error(`nothing matches ${page.click} to click`);
-      if (page.until) {
-        await until(b, sid, `!!document.querySelector(${JSON.stringify(page.until)})`, o.timeout,
-          `${page.until} after clicking ${page.click}`);
-      }
+    let failure = null;
+    try {
+      await until(b, sid, DRAWN, o.timeout, "the page drawn (#status, #error or #empty)");
+      if (page.click) await click(b, sid, o, page);
+      if (o.settle) await sleep(o.settle);
+    } catch (e) {
+      failure = e; // the page as it is is kept all the same, to see why
     }
-    if (o.settle) await sleep(o.settle);
     fs.writeFileSync(path.join(o.out, page.name + ".html"),
       await evaluate(b, sid, "document.documentElement.outerHTML"));
     const shot = await b.call("Page.captureScreenshot", {format: "png"}, sid);
     fs.writeFileSync(path.join(o.out, `dashboard-${page.name}.png`), Buffer.from(shot.data, "base64"));
+    if (failure) throw failure;
   } finally {
     fs.writeFileSync(path.join(o.out, page.name + ".errors"), errors.get(sid).map((e) => e + "\n").join(""));
     await b.call("Target.closeTarget", {targetId}).catch(() => {});

@@ -83,7 +83,7 @@ const VIEWS = {
   actors: {title: "Actors", cols: ["actor_id", "state", "name", "namespace", "node", "pid", "restarts",
     "queued_calls", "death_reason"]},
   tasks: {title: "Tasks", cols: ["task_id", "state", "type", "name", "method", "node", "pid", "running_s",
-    "wait_reason", "error"], detail: (r) => r.traceback || r.wait_reason ?
+    "wait_reason", "error"], detail: (r) => r.traceback || r.wait_reason || r.error ?
       [r.error ? "error: " + r.error : null, r.traceback ? "remote traceback:\n" + r.traceback : null,
        r.wait_reason ? "waits: " + r.wait_reason : null].filter(Boolean).join("\n\n") : null},
   objects: {title: "Objects", cols: ["object_id", "state", "size", "where", "node", "refs", "pins"], bytes: ["size"]},
