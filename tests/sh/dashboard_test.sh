@@ -26,7 +26,7 @@ mkdir -p "$TIDE_SESSION_DIR" "$ART"
 # Every browser's process group (its pid file) is ended whatever happens;
 # all of $W but the artifacts goes.
 endchrome() { for f in "$ART"/*/chrome.pid; do [ -f "$f" ] && kill -9 -"$(cat "$f")" 2>/dev/null; done; }
-trap 'endchrome; $T stop >/dev/null 2>&1; find "$W" -mindepth 1 -maxdepth 1 ! -name artifacts -exec rm -rf {} +; rmdir "$ART" "$W" 2>/dev/null' EXIT
+trap 'endchrome; $T stop >/dev/null 2>&1; [ -d "$ART/pages" ] && cp "$TIDE_SESSION_DIR/node.log" "$ART/"; find "$W" -mindepth 1 -maxdepth 1 ! -name artifacts -exec rm -rf {} +; rmdir "$ART" "$W" 2>/dev/null' EXIT
 DPORT=$((23000 + $$ % 1000))
 $T start --head --num-cpus 2 --port 0 --dashboard-port $DPORT >"$W/start" 2>&1
 D=http://127.0.0.1:$DPORT
@@ -359,5 +359,9 @@ left=$(ps -eo pgid=,stat=,pid=,args= | awk -v g="$g" '$1 == g && $2 !~ /^Z/')
 check "no Chromium process is left (process group $g)" '[ -n "$g" ] && [ -z "$left" ]' "$left"
 touch "$W/done"
 wait $DRV
-echo "# screenshots and page DOMs: $ART"
+# Under TIDE_BIN=build/asan/tide: what the head and its workers did for
+# the browser, clean.
+san=$(grep -A8 -E "Sanitizer|runtime error" "$TIDE_SESSION_DIR/node.log" "$TIDE_SESSION_DIR"/logs/* 2>/dev/null)
+check "the head's and the workers' logs have no sanitizer report" '[ -z "$san" ]' "$san"
+echo "# screenshots, page DOMs and the head's node.log: $ART"
 plan
