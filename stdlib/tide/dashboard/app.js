@@ -56,9 +56,22 @@ function human(b) {
 
 function cell(v) {
   if (v === undefined || v === null) return "";
-  if (typeof v === "object") return JSON.stringify(v);
+  if (typeof v === "object") return plain(v);
   if (typeof v === "number" && !Number.isInteger(v)) return v.toFixed(3);
   return String(v);
+}
+
+// Resources, bundles and lists as a person reads them: "CPU 2, GPU 0,
+// memory 16.5 GiB" rather than JSON with memory as a float of bytes.
+const BYTE_KEYS = new Set(["memory", "object_store_memory"]);
+function plain(v) {
+  if (Array.isArray(v)) return v.map((x) => typeof x === "object" && x !== null ? "{" + plain(x) + "}" : cell(x)).join(", ");
+  return Object.keys(v).sort().map((k) => {
+    const x = v[k];
+    if (typeof x === "number" && BYTE_KEYS.has(k)) return k + " " + human(Math.round(x));
+    if (typeof x === "number") return k + " " + (Number.isInteger(x) ? String(x) : String(+x.toFixed(2)));
+    return k + " " + (typeof x === "object" && x !== null ? "{" + plain(x) + "}" : String(x));
+  }).join(", ");
 }
 
 // -- Table views ------------------------------------------------------------
@@ -70,13 +83,16 @@ const VIEWS = {
   actors: {title: "Actors", cols: ["actor_id", "state", "name", "namespace", "node", "pid", "restarts",
     "queued_calls", "death_reason"]},
   tasks: {title: "Tasks", cols: ["task_id", "state", "type", "name", "method", "node", "pid", "running_s",
-    "wait_reason", "error"], detail: (r) => r.traceback || r.wait_reason ?
+    "wait_reason", "error"], detail: (r) => r.traceback || r.wait_reason || r.error ?
       [r.error ? "error: " + r.error : null, r.traceback ? "remote traceback:\n" + r.traceback : null,
        r.wait_reason ? "waits: " + r.wait_reason : null].filter(Boolean).join("\n\n") : null},
   objects: {title: "Objects", cols: ["object_id", "state", "size", "where", "node", "refs", "pins"], bytes: ["size"]},
   "placement-groups": {title: "Placement groups", cols: ["pg_id", "name", "state", "strategy", "bundles", "nodes"]},
   jobs: {title: "Jobs", cols: ["id", "status", "pid", "exit_code", "script"], logs: true},
 };
+
+// Columns of free text, which may wrap; the others stay on one line.
+const WRAP = new Set(["wait_reason", "error", "death_reason", "script", "resources", "available", "bundles"]);
 
 const state = {offset: 0, limit: 50, filters: [], open: null, timer: null, log: null};
 
@@ -94,7 +110,7 @@ function tableView(kind) {
   const err = el("span", {id: "error", class: "error"});
   const prev = el("button", {id: "prev", onclick: () => { state.offset = Math.max(0, state.offset - state.limit); refresh(); }}, "◀ prev");
   const next = el("button", {id: "next", onclick: () => { state.offset += state.limit; refresh(); }}, "next ▶");
-  const thead = el("tr", {}, ...v.cols.map((c) => el("th", {}, c)));
+  const thead = el("tr", {}, ...v.cols.map((c) => el("th", {}, c.replace(/_/g, " "))));
   const tbody = el("tbody", {id: "rows"});
   const logBox = el("div", {id: "logbox"});
   main.replaceChildren(el("h1", {}, v.title),
@@ -118,8 +134,9 @@ function tableView(kind) {
           ...v.cols.map((c) => {
             let s = v.bytes && v.bytes.includes(c) ? human(r[c]) : cell(r[c]);
             if (s.length > 120) s = s.slice(0, 117) + "...";
-            const td = el("td", {class: (c === "state" || c === "status" ? "state-" + r[c] : "") + (c === "error" ? " err" : "")}, s);
-            return td;
+            const cls = [c === "state" || c === "status" ? "state-" + r[c] : "", c === "error" ? "err" : "",
+              WRAP.has(c) ? "wrap" : ""].filter(Boolean).join(" ");
+            return el("td", {class: cls}, s);
           }));
         if (v.detail || v.logs) tr.addEventListener("click", () => {
           state.open = state.open === id ? null : id;
@@ -165,27 +182,51 @@ function openLog(kind, id, box) {
 
 const history = [];  // {running, queued} per refresh, for the chart
 
+// The overview's chart: one line per key over the refreshes so far, a dot
+// on each line's last point (the only one, just after the page opened),
+// and a legend with each key's value now.
 function spark(points, keys, colors, w, h) {
   const max = Math.max(1, ...points.flatMap((p) => keys.map((k) => p[k])));
   const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
   svg.setAttribute("width", w);
   svg.setAttribute("height", h + 16);
   svg.setAttribute("id", "chart");
+  const x = (j) => (j / Math.max(1, points.length - 1)) * (w - 8) + 4;
+  const y = (v) => h - (v / max) * (h - 8) - 4;
+  const frame = document.createElementNS(svg.namespaceURI, "rect");
+  for (const [k, v] of Object.entries({x: 0.5, y: 0.5, width: w - 1, height: h - 1, fill: "#fff", stroke: "#d8dee6"})) {
+    frame.setAttribute(k, v);
+  }
+  svg.append(frame);
   keys.forEach((k, i) => {
     const pl = document.createElementNS(svg.namespaceURI, "polyline");
     pl.setAttribute("fill", "none");
     pl.setAttribute("stroke", colors[i]);
     pl.setAttribute("stroke-width", "2");
-    pl.setAttribute("points", points.map((p, j) =>
-      `${(j / Math.max(1, points.length - 1)) * (w - 4) + 2},${h - (p[k] / max) * (h - 4) + 2}`).join(" "));
+    pl.setAttribute("points", points.map((p, j) => `${x(j)},${y(p[k])}`).join(" "));
     svg.append(pl);
+    const lastP = points[points.length - 1];
+    if (lastP) {
+      const dot = document.createElementNS(svg.namespaceURI, "circle");
+      dot.setAttribute("cx", x(points.length - 1));
+      dot.setAttribute("cy", y(lastP[k]));
+      dot.setAttribute("r", "3");
+      dot.setAttribute("fill", colors[i]);
+      svg.append(dot);
+    }
     const t = document.createElementNS(svg.namespaceURI, "text");
     t.setAttribute("x", 4 + i * 110);
     t.setAttribute("y", h + 14);
     t.setAttribute("fill", colors[i]);
-    t.textContent = `${k} (max ${max})`;
+    t.textContent = `${k} ${lastP ? lastP[k] : 0}`;
     svg.append(t);
   });
+  const top = document.createElementNS(svg.namespaceURI, "text");
+  top.setAttribute("x", w - 4);
+  top.setAttribute("y", h + 14);
+  top.setAttribute("text-anchor", "end");
+  top.textContent = `top of the chart: ${max}`;
+  svg.append(top);
   return svg;
 }
 
@@ -207,9 +248,9 @@ function overview() {
         card("running", running, "tasks running", "/tasks"), card("queued", queued + waiting, "tasks waiting", "/tasks"),
         card("failed", failed, "tasks failed (kept)", "/tasks"), card("objects", objects, "objects", "/objects"),
         card("pgs", pgs, "placement groups", "/placement-groups"), card("jobs", jobs, "jobs running", "/jobs"));
-      history.push({running: running, queued: queued + waiting});
+      history.push({running: running, waiting: queued + waiting});
       if (history.length > 150) history.shift();
-      document.getElementById("chartbox").replaceChildren(spark(history, ["running", "queued"], ["#17703a", "#9a6700"], 600, 120));
+      document.getElementById("chartbox").replaceChildren(spark(history, ["running", "waiting"], ["#17703a", "#9a6700"], 600, 120));
       document.getElementById("stores").replaceChildren(el("table", {}, el("tbody", {},
         ...nodes.rows.map((n) => el("tr", {}, el("td", {}, n.node_id + " " + (n.name || "")),
           el("td", {}, el("span", {class: "bar"}, el("span", {style: `width:${n.store_capacity ? Math.min(100, 100 * n.store_used / n.store_capacity) : 0}%`}))),

@@ -463,6 +463,7 @@ function E.new(defs, opts)
     ex.stages[i] = st
   end
   ex.final = ex.stages[#ex.stages]
+  ex:publish(false, true)
   return ex
 end
 
@@ -533,29 +534,32 @@ end
 
 -- Each stage's rows out, rows/s and units in flight as gauges (the head's
 -- /metrics and data page), labelled with the pipeline's name and the
--- stage ("2 map_batches"): once a second from the start (a run shorter
--- than that: only at its end), and at the end. rows/s is over the time
+-- stage ("2 map_batches"): when the run starts (rows and rate 0), then
+-- once a second, and at the end, so even a run shorter than a second has
+-- a line of two points on the data page's chart. rows/s is over the time
 -- since the last publish (at the end, after less than 0.25 s: the last
--- rate kept, or the whole run's).
+-- rate kept, or the whole run's; the start's 0 is no rate).
 local HELP_ROWS = "Rows out of a tide.data pipeline's stage so far."
 local HELP_RATE = "Rows per second out of a tide.data pipeline's stage."
 local HELP_FLIGHT = "Units (tasks or actor calls) in flight in a tide.data pipeline's stage."
-function Exec:publish(final)
+function Exec:publish(final, start)
   if not self.publish_on then return end
   local t = now()
   local dt = t - (self.pub_t or self.t0)
-  if not final and dt < 1 then return end
+  if not final and not start and dt < 1 then return end
   local puts = {}
   for i, st in ipairs(self.stages) do
     local p = self.pub[i] or {rows = 0}
     self.pub[i] = p
     local rows = st.st.rows_out
     local labels = {pipeline = self.name, stage = format("%d %s", i, st.name)}
-    if not final or dt >= 0.25 then p.rate = dt > 0 and (rows - p.rows) / dt or 0
+    if start then
+      p.rate = nil -- the start's 0 is no rate to keep
+    elseif not final or dt >= 0.25 then p.rate = dt > 0 and (rows - p.rows) / dt or 0
     elseif not p.rate then p.rate = t > self.t0 and rows / (t - self.t0) or 0 end
     p.rows = rows
     puts[#puts + 1] = {"gauge", "tide_data_rows_out", HELP_ROWS, labels, "set", rows}
-    puts[#puts + 1] = {"gauge", "tide_data_rows_per_second", HELP_RATE, labels, "set", p.rate}
+    puts[#puts + 1] = {"gauge", "tide_data_rows_per_second", HELP_RATE, labels, "set", p.rate or 0}
     puts[#puts + 1] = {"gauge", "tide_data_in_flight", HELP_FLIGHT, labels, "set", final and 0 or st:in_flight()}
   end
   puts[#puts + 1] = {"gauge", "tide_data_running", "1 while a tide.data pipeline runs, 0 once it ended.",
