@@ -618,6 +618,17 @@ t.test("back-pressure: a slow sink (a pool of one actor writing) holds the sourc
   t.eq(st.stages[2].actors, 1)
 end)
 
+t.test("peak_store_bytes counts blocks small enough to be kept inline (outside the store)", function()
+  -- Blocks of 20 rows of ~1 KiB: about 20 KiB each, under the 64 KiB
+  -- inline limit, so none enters the shared-memory store.
+  local ds = data.range(400, {block_rows = 20})
+    :map(function(r) return {id = r.id, s = string.rep("x", 1000)} end)
+    :map_batches(function(b) tide.sleep(0.02); return b end, {fuse = false}) -- blocks wait: sampled
+  t.eq(ds:count(), 400)
+  local st = ds:stats()
+  t.ok(st.peak_store_bytes >= 20 * 1000, "peak_store_bytes " .. st.peak_store_bytes .. " for 20 KiB blocks")
+end)
+
 t.local_test("a dataset five times the store streams through without spilling", function()
   local payload_rows = 160 * 1024 -- 160 MiB of 1 KiB rows through a 32 MiB store
   local ds = data.range(payload_rows, {block_rows = 1024})
