@@ -23,7 +23,9 @@
 --       tree's peak memory.
 -- TIDE_BENCH_SCALE scales the row counts; TIDE_BENCH_DATA_STREAM_MB sets the
 -- streamed sizes (comma-separated MB, default 256,1024);
--- TIDE_BENCH_DATA_ROUNDS / TIDE_BENCH_DATA_TRIALS the rounds (default 3).
+-- TIDE_BENCH_DATA_ROUNDS / TIDE_BENCH_DATA_TRIALS the rounds (default 3);
+-- TIDE_BENCH_DATA_IPU the row function's iterations per µs (default:
+-- calibrated each run).
 local tide = require("tide")
 local data = require("tide.data")
 local raw = require("tide.rawbench")
@@ -57,8 +59,13 @@ return function(ctx)
       return 20 * 100000 / ((raw.now() - t0) * 1e6)
     end
     -- The fastest of several probes: the others were slowed by other work.
-    local ipu = 0
-    for _ = 1, 7 do ipu = math.max(ipu, iters_per_us()) end
+    -- TIDE_BENCH_DATA_IPU fixes it instead, so that runs of two builds
+    -- (or under different loads) do the very same work per row.
+    local ipu = tonumber(os.getenv("TIDE_BENCH_DATA_IPU") or "")
+    if not ipu then
+      ipu = 0
+      for _ = 1, 7 do ipu = math.max(ipu, iters_per_us()) end
+    end
     -- CPU seconds used by this process tree: this process (the driver and
     -- the embedded node), the children it reaped (pool actors killed at the
     -- end of a run), and its live children (workers), from /proc (ticks).

@@ -874,6 +874,7 @@ void td__cluster_tick(td_node_t *n, double now) {
         td_buf_u64(&w->ch.out, st.spilled_bytes);
         td_buf_u64(&w->ch.out, st.bytes_sent);
         td_buf_u64(&w->ch.out, st.bytes_from_peers);
+        td_buf_u64(&w->ch.out, st.inline_bytes);
       }
       td_chan_end(&w->ch);
     }
@@ -1105,6 +1106,7 @@ int td__on_beat(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
     st->spilled_bytes = td_rd_u64(rd);
     st->bytes_sent = rd->p < rd->end ? td_rd_u64(rd) : 0;
     st->bytes_from_peers = rd->p < rd->end ? td_rd_u64(rd) : 0;
+    st->inline_bytes = rd->p < rd->end ? td_rd_u64(rd) : 0;
     wk->has_nstats = !rd->bad;
   }
   if (wk->kind == WK_CLIENT) {

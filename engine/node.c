@@ -132,6 +132,7 @@ void td_node_stats(td_node_t *n, td_node_stats_t *st) {
   st->store_used = td_store_used(n->objs.store);
   st->store_capacity = td_store_capacity(n->objs.store);
   st->spilled_bytes = td_spill_used(n->objs.spill);
+  st->inline_bytes = n->objs.inline_bytes;
   st->bytes_sent = n->xfer.bytes_sent;
   st->bytes_from_peers = n->xfer.bytes_from_peers;
 }

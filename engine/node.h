@@ -188,6 +188,7 @@ void td_node_restore(td_node_t *n);
 typedef struct td_node_stats {
   int workers, actors, tasks_running, tasks_queued;
   size_t objects, store_used, store_capacity, spilled_bytes;
+  size_t inline_bytes;       /* values kept inline (up to inline_max) and error blobs, outside the store */
   uint64_t bytes_sent;       /* object bytes this node sent other nodes in chunks */
   uint64_t bytes_from_peers; /* object bytes it fetched from nodes other than its head */
 } td_node_stats_t;

@@ -329,6 +329,8 @@ typedef struct td_node_objs {
   td_map_t map;          /* object id -> td_obj_t */
   td_store_t *store;     /* shared memory for values above inline_max (store.h) */
   size_t inline_max;     /* values up to this many bytes travel inside messages */
+  size_t inline_bytes;   /* bytes of the values and error blobs kept in this process's memory
+                          * (o->data), outside the store: the sum of their o->len */
   td_spill_t *spill;     /* where objects the store has no room for go (spill.h) */
   uint64_t next_seq;     /* the last id made here (td_node_new_id): node index << TD_NODE_SHIFT, up */
   uint64_t clock;        /* ticks on each use, for the spill's least-recently-used order */

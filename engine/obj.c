@@ -20,11 +20,26 @@ td_obj_t *td__obj_new(td_node_t *n, uint64_t id) {
   return o;
 }
 
+/* Gives o its bytes in this process's memory (inline values, error blobs,
+ * a spilled value read back with the store full), counted in
+ * inline_bytes so that tide.stats() shows memory the store does not. */
+static void td__obj_hold(td_node_t *n, td_obj_t *o, uint8_t *data) {
+  o->data = data;
+  n->objs.inline_bytes += o->len;
+}
+
+/* Takes o's bytes out of the count; the caller frees or keeps them. */
+static void td__obj_unhold(td_node_t *n, td_obj_t *o) {
+  if (o->data) n->objs.inline_bytes -= o->len;
+  o->data = NULL;
+}
+
 static void td__obj_release_data(td_node_t *n, td_obj_t *o) {
   if (o->loc == LOC_SHM) td_store_free(n->objs.store, o->off, o->len);
   if (o->loc == LOC_SPILLED) td_spill_free(n->objs.spill, o->off, o->len);
-  free(o->data);
-  o->data = NULL;
+  uint8_t *data = o->data;
+  td__obj_unhold(n, o);
+  free(data);
   o->loc = LOC_NONE;
 }
 
@@ -130,11 +145,11 @@ int td__obj_resident(td_node_t *n, td_obj_t *o) {
     }
     td_spill_free(n->objs.spill, o->off, o->len);
     o->loc = LOC_INLINE;  /* for now: not a spill victim, not in the store */
-    o->data = tmp;
+    td__obj_hold(n, o, tmp);
     rc = td__alloc(n, o->len, &off, o);
     if (rc == 0) {
       memcpy(td_store_base(n->objs.store) + off, tmp, o->len);
-      o->data = NULL;
+      td__obj_unhold(n, o);
       free(tmp);
       o->loc = LOC_SHM;
       o->off = off;
@@ -203,7 +218,7 @@ void td__obj_set(td_node_t *n, td_obj_t *o, int state, int shm, const uint8_t *d
     o->off = off;
   } else {
     o->loc = LOC_INLINE;
-    o->data = td_xmalloc(len);
+    td__obj_hold(n, o, td_xmalloc(len));
     memcpy(o->data, data, len);
   }
   if (nrefs) {
@@ -253,10 +268,10 @@ int td_node_store(td_node_t *n, uint64_t id, size_t size, const uint64_t *refs, 
     td__obj_set(n, o, OBJ_READY, 1, NULL, size, off, refs, nrefs);
     *dst = td_store_base(n->objs.store) + off;
   } else {
-    o->data = td_xmalloc(size);
     o->state = OBJ_READY;
     o->loc = LOC_INLINE;
     o->len = size;
+    td__obj_hold(n, o, td_xmalloc(size));
     if (nrefs) {
       o->contained = td_xmalloc(nrefs * 8);
       memcpy(o->contained, refs, nrefs * 8);

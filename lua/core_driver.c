@@ -378,7 +378,7 @@ static int c_resources(lua_State *L) {
 #define TD__STATS_FIELDS                                                  \
   TD__F(workers) TD__F(actors) TD__F(tasks_running) TD__F(tasks_queued) \
   TD__F(objects) TD__F(store_used) TD__F(store_capacity) TD__F(spilled_bytes) \
-  TD__F(bytes_sent) TD__F(bytes_from_peers)
+  TD__F(inline_bytes) TD__F(bytes_sent) TD__F(bytes_from_peers)
 /* clang-format on */
 
 static int c_nodes(lua_State *L) {

@@ -450,7 +450,9 @@ end
 -- map_batches or repartition, each with the row operations after it; the
 -- sink fused into the last stage (a pool's actors write their own output:
 -- a separate write stage would cost one more trip through the store).
-local function compile(ds, run, sink)
+-- `discard`: the last stage only counts its rows (ds:count), so its
+-- blocks never enter the store.
+local function compile(ds, run, sink, discard)
   local ncpu = cpus()
   local defs = {}
   local cur = {kind = "tasks", name = ds._src.name, ops = {}, on_error = run.on_error,
@@ -512,7 +514,8 @@ local function compile(ds, run, sink)
     local split = nxt and not nxt.repartition and nxt.batch_size or nil
     -- Before a pool: blocks cut to its largest unit, not to one batch.
     if split and nxt.max_batches_per_unit then split = split * nxt.max_batches_per_unit end
-    local plan = {ops = def.ops, sink = def.sink, label = def.name, split_rows = split}
+    local plan = {ops = def.ops, sink = def.sink, label = def.name, split_rows = split,
+      discard = discard and i == #defs or nil}
     if def.kind == "actors" then
       plan.call = def.fn.call
       plan.skip, plan.max_retries = def.on_error == "skip", def.max_retries
@@ -560,9 +563,9 @@ end
 
 local count_rf
 local runs = 0
-local function start(ds, run, sink)
+local function start(ds, run, sink, discard)
   M.reap()
-  local defs = compile(ds, run, sink)
+  local defs = compile(ds, run, sink, discard)
   count_rf = count_rf or tide.remote({num_cpus = 0, name = "tide.data:count_lines"}, W.count_lines)
   runs = runs + 1
   local ex = E.new(defs, {preserve_order = run.preserve_order, progress = run.progress,
@@ -649,10 +652,10 @@ function Dataset:take_all(opts)
   return out
 end
 
--- ds:count([opts]) -> the number of rows; blocks are counted where they
--- are, never fetched.
+-- ds:count([opts]) -> the number of rows; the last stage's blocks are
+-- counted where they are made, never stored or fetched.
 function Dataset:count(opts)
-  local ex = start(self, run_options("ds:count", opts, 2))
+  local ex = start(self, run_options("ds:count", opts, 2), nil, true)
   local n = 0
   while true do
     local m = ex:next_output()

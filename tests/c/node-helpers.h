@@ -37,8 +37,8 @@ static inline td_node_t *mknode_at(uint32_t index, double cpus) {
 static inline td_node_t *mknode(double cpus) { return mknode_at(0, cpus); }
 
 /* No live handles: no object, no task record (queued, running or
- * otherwise), no store or spill bytes, every resource of every live node
- * free (no lease, no reservation), and no worker, client or link record,
+ * otherwise), no store, spill or inline bytes, every resource of every
+ * live node free (no lease, no reservation), and no worker, client or link record,
  * pending request, placement group, kept lineage or forwarded work.
  * Says on stderr what is left. */
 static inline int no_live_handles(td_node_t *n) {
@@ -53,6 +53,7 @@ static inline int no_live_handles(td_node_t *n) {
       {(long)st.objects, "objects"},
       {(long)st.tasks_queued + st.tasks_running + h.tasks, "tasks"},
       {(long)(st.store_used + st.spilled_bytes), "store bytes"},
+      {(long)st.inline_bytes, "inline bytes"},
       {h.records, "worker, client or link records"},
       {h.requests, "pending requests"},
       {h.groups, "placement groups"},

@@ -618,6 +618,28 @@ t.test("back-pressure: a slow sink (a pool of one actor writing) holds the sourc
   t.eq(st.stages[2].actors, 1)
 end)
 
+t.test("count: the last stage's rows are counted where they are made, never sent", function()
+  -- Rows that cannot be sent at all (a coroutine inside): count works, as
+  -- nothing of the last stage enters the store; a stage boundary before
+  -- it still sends, and fails naming the value.
+  local ds = data.range(50, {block_rows = 10}):map(function(r) return {id = r.id, co = coroutine.create(print)} end)
+  t.eq(ds:count(), 50)
+  t.eq(ds:stats().stages[1].rows_out, 50)
+  local staged = ds:map_batches(function(b) return b end, {fuse = false})
+  t.raises(function() staged:count({max_retries = 0}) end, "cannot send a coroutine")
+end)
+
+t.test("peak_store_bytes counts blocks small enough to be kept inline (outside the store)", function()
+  -- Blocks of 20 rows of ~1 KiB: about 20 KiB each, under the 64 KiB
+  -- inline limit, so none enters the shared-memory store.
+  local ds = data.range(400, {block_rows = 20})
+    :map(function(r) return {id = r.id, s = string.rep("x", 1000)} end)
+    :map_batches(function(b) tide.sleep(0.02); return b end, {fuse = false}) -- blocks wait: sampled
+  t.eq(ds:count(), 400)
+  local st = ds:stats()
+  t.ok(st.peak_store_bytes >= 20 * 1000, "peak_store_bytes " .. st.peak_store_bytes .. " for 20 KiB blocks")
+end)
+
 t.local_test("a dataset five times the store streams through without spilling", function()
   local payload_rows = 160 * 1024 -- 160 MiB of 1 KiB rows through a 32 MiB store
   local ds = data.range(payload_rows, {block_rows = 1024})
@@ -735,6 +757,11 @@ t.test("blocks of uniform rows travel packed by column and come back equal; othe
   plain(function(i) return i end)
   plain(function(i) return {id = i % 2 == 0 and i or tostring(i)} end)
   t.ok(W.pack({{id = 1}}).rows, "a short block is not packed")
+  -- A slice is rebuilt alone, after what out holds already.
+  local part = {"a", "b"}
+  t.eq(W.unpack_into(b, 11, 15, part, 2), 7)
+  t.eq(#part, 7); t.eq(part[2], "b"); t.eq(part[3].id, 11); t.eq(part[7].id, 15); t.eq(part[7].text, rows[15].text)
+  t.eq(W.unpack_into(b, 41, 40, part, 7), 7) -- an empty slice
   -- Through a pipeline: a stage of its own and an actor pool get them back.
   local out = data.from_items(rows, {block_rows = 25})
     :map_batches(function(batch) return batch end, {batch_size = 30, fuse = false})

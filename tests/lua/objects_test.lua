@@ -61,6 +61,21 @@ t.test("a small value does not use the shared-memory store", function()
   t.eq(#tide.get(r), 1000)
 end)
 
+t.test("small values kept inline count in inline_bytes while held, and leave it when dropped", function()
+  flush()
+  local before = tide.stats().inline_bytes
+  t.eq(type(before), "number")
+  local refs = {}
+  for i = 1, 10 do refs[i] = tide.put(string.rep("i", 10000) .. i) end
+  local held = tide.stats().inline_bytes
+  t.ok(held >= before + 10 * 10000, "inline_bytes did not grow by the values: " .. before .. " -> " .. held)
+  t.ok(held < before + 10 * 10000 + 10 * 64, "inline_bytes grew by more than the encoded values: " .. held)
+  refs = nil
+  flush()
+  local after = tide.stats().inline_bytes
+  t.ok(after < before + 10000, string.format("inline_bytes not given back: before %d, after %d", before, after))
+end)
+
 t.test("a value above 64 KiB goes to the shared-memory store", function()
   flush()
   local before = tide.stats().store_used

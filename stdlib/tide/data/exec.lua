@@ -415,9 +415,12 @@ Exec.__index = Exec
 
 -- The store figures of the whole cluster: this node's own now, plus every
 -- other node's as of its last heartbeat (tide.nodes lists them on a head).
+-- `held` adds the values small enough to be kept inline, outside the
+-- store (blocks of up to 64 KiB): memory the blocks take all the same.
 local function store_stats(cluster)
   local s = tide.stats()
   local used, cap, spilled = s.store_used or 0, s.store_capacity or 0, s.spilled_bytes or 0
+  local held = used + (s.inline_bytes or 0)
   if cluster then
     local ok, nodes = pcall(tide.nodes)
     if ok then
@@ -425,13 +428,14 @@ local function store_stats(cluster)
         local ns = nodes[i].stats
         if ns then
           used = used + (ns.store_used or 0)
+          held = held + (ns.store_used or 0) + (ns.inline_bytes or 0)
           cap = cap + (ns.store_capacity or 0)
           spilled = spilled + (ns.spilled_bytes or 0)
         end
       end
     end
   end
-  return used, cap, spilled
+  return used, cap, spilled, held
 end
 
 -- E.new(defs, opts): defs are the compiled stages (see tide.data's
@@ -488,8 +492,8 @@ function Exec:sample(force)
   local t = now()
   if not force and t - self.last_sample < (self.cluster and 0.25 or 0.05) then return end
   self.last_sample = t
-  local used, _, spilled = store_stats(self.cluster)
-  if used > self.peak_store then self.peak_store = used end
+  local used, _, spilled, held = store_stats(self.cluster)
+  if held > self.peak_store then self.peak_store = held end
   local sp = spilled - self.spilled0
   if sp > self.peak_spilled then self.peak_spilled = sp end
   self.store_used = used

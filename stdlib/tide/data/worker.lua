@@ -588,7 +588,7 @@ function W.run(plan, self, spec, ...)
     calls = acc.calls, retries = acc.retries}
   if plan.sink then
     if #rows > 0 then meta.path, meta.bytes = write_block(plan.sink, spec.idx, rows) end
-  else
+  elseif not plan.discard then -- (ds:count: the rows are counted, not kept)
     local k = plan.split_rows
     if k and #rows > k then
       -- Cut for the next stage's batches, so that each of its calls decodes
