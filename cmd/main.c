@@ -137,7 +137,9 @@ static const struct td__command {
      "\n"
      "serve run: runs APP.lua, which declares deployments (serve.run), and serves\n"
      "them over HTTP on H:P (default 127.0.0.1:8000) until Ctrl-C. It takes the\n"
-     "options of `tide run` too (see `tide run --help`).\n"
+     "options of `tide run` too (see `tide run --help`). With --address it attaches\n"
+     "to that node, whose daemon then runs the ingress (a head's dashboard and\n"
+     "/metrics show it) until this process ends.\n"
      "serve status: prints the deployments of a running `tide serve run`.\n"},
     {"start", td__start,
      "usage: tide start --head [options]\n"

@@ -5,7 +5,7 @@
  * The dashboard runs on a thread of its own (td_http_thread_start); its
  * requests reach the daemon's loop through an inbox whose fd sits in one
  * epoll set with the daemon's listening socket (the node polls one
- * extension fd). Each request is answered on the loop thread by
+ * extension fd: the host's watch slot). Each request is answered on the loop thread by
  * stdlib/tide/obs.lua (obs.http), which reads the node's tables through
  * engine/introspect.c: no copy of the state is kept anywhere else.
  *

@@ -191,8 +191,37 @@ local function jobs_text()
   return concat(out)
 end
 
+-- -- Serve ------------------------------------------------------------------------
+
+-- A serve ingress runs in this process when a `tide serve run --address`
+-- attached to this node started it (lua/serve.c): its counts are exact,
+-- read from the ingress on each request, not sampled.
+local rcore = debug.getregistry()["tide.rpc.core"]
+
+local function serve_text()
+  return rcore and rcore.serve_metrics and rcore.serve_metrics() or ""
+end
+
+-- serve_json() -> {"deployments": [{name, route, replicas, ongoing, queued,
+-- requests, errors, rejected, rate, p50_ms, p99_ms, codes}, ...]}, by name.
+function M.serve_json()
+  local stats = rcore and rcore.serve_stats and rcore.serve_stats() or {}
+  local names, out = {}, {}
+  for name in pairs(stats) do names[#names + 1] = name end
+  table.sort(names)
+  for i, name in ipairs(names) do
+    local d = stats[name]
+    out[i] = cjson.encode({name = name, route = d.route, replicas = d.live, ongoing = d.ongoing, queued = d.queued,
+      requests = d.requests, errors = d.errors, rejected = d.rejected, rate = d.rate,
+      p50_ms = d.p50 and d.p50 * 1000 or cjson.null, p99_ms = d.p99 and d.p99 * 1000 or cjson.null,
+      codes = next(d.codes) and d.codes or cjson.null})
+  end
+  -- Written by hand around cjson: this cjson writes an empty table as {}.
+  return format('{"deployments":[%s]}', concat(out, ","))
+end
+
 function M.metrics_text()
-  return obs_c.metrics() .. jobs_text() .. user.text()
+  return obs_c.metrics() .. jobs_text() .. serve_text() .. user.text()
 end
 ops.obs_metrics = M.metrics_text
 
@@ -223,7 +252,7 @@ end
 local TYPES = {html = "text/html; charset=utf-8", js = "application/javascript; charset=utf-8",
   css = "text/css; charset=utf-8", svg = "image/svg+xml"}
 local PAGES = {["/"] = true, ["/nodes"] = true, ["/actors"] = true, ["/tasks"] = true, ["/objects"] = true,
-  ["/placement-groups"] = true, ["/jobs"] = true, ["/training"] = true, ["/data"] = true}
+  ["/placement-groups"] = true, ["/jobs"] = true, ["/training"] = true, ["/data"] = true, ["/serve"] = true}
 
 local function file(name)
   local f = io.open(home .. "/stdlib/tide/dashboard/" .. name, "rb")
@@ -263,6 +292,7 @@ function M.http(method, path, query)
     if not ok then return json_error(404, tostring(chunk)) end
     return 200, "application/json", cjson.encode({data = chunk, offset = nxt, more = more})
   end
+  if path == "/api/serve" then return 200, "application/json", M.serve_json() end
   if path == "/api/series" then
     local okq, q = pcall(parse_query, query)
     if not okq then return json_error(400, q) end
