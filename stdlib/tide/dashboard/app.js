@@ -69,11 +69,11 @@ const VIEWS = {
     "tasks_queued", "store_used", "store_capacity", "spilled_bytes", "resources", "available"],
     bytes: ["store_used", "store_capacity", "spilled_bytes"]},
   actors: {title: "Actors", cols: ["actor_id", "state", "name", "namespace", "node", "pid", "restarts",
-    "queued_calls", "death_reason"]},
+    "queued_calls", "death_reason"], logs: true},
   tasks: {title: "Tasks", cols: ["task_id", "state", "type", "name", "method", "node", "pid", "running_s",
     "wait_reason", "error"], detail: (r) => r.traceback || r.wait_reason ?
       [r.error ? "error: " + r.error : null, r.traceback ? "remote traceback:\n" + r.traceback : null,
-       r.wait_reason ? "waits: " + r.wait_reason : null].filter(Boolean).join("\n\n") : null},
+       r.wait_reason ? "waits: " + r.wait_reason : null].filter(Boolean).join("\n\n") : null, logs: true},
   objects: {title: "Objects", cols: ["object_id", "state", "size", "where", "node", "refs", "pins"], bytes: ["size"]},
   "placement-groups": {title: "Placement groups", cols: ["pg_id", "name", "state", "strategy", "bundles", "nodes"]},
   jobs: {title: "Jobs", cols: ["id", "status", "pid", "exit_code", "script"], logs: true},
@@ -143,7 +143,11 @@ function tableView(kind) {
   state.timer = setInterval(refresh, REFRESH_MS);
 }
 
-// A job's output, followed while it runs.
+// What /api/logs calls each table's rows: a task's or actor's output is
+// only its own prints (sliced from its worker's log), a job's all of it.
+const LOG_KINDS = {jobs: "job", tasks: "task", actors: "actor"};
+
+// A job's, task's or actor's output, followed while it runs.
 function openLog(kind, id, box) {
   if (state.log) clearInterval(state.log);
   if (state.open !== id) { box.replaceChildren(); return; }
@@ -152,7 +156,7 @@ function openLog(kind, id, box) {
   let off = 0;
   const pull = async () => {
     try {
-      const r = await api("/api/logs", {kind: kind === "jobs" ? "job" : kind, id: id, offset: String(off)});
+      const r = await api("/api/logs", {kind: LOG_KINDS[kind], id: id, offset: String(off)});
       if (r.data) { pre.append(r.data); pre.scrollTop = pre.scrollHeight; }
       off = r.offset;
       if (!r.more && !r.data) clearInterval(state.log);
