@@ -166,6 +166,11 @@ local function read_slice(loc, offset, tail)
   offset = tonumber(offset) or 0
   local max = tail and 64 * 1048576 or 1048576
   if loc.wids then
+    -- Followed while it ran, then ended: read on in the worker it ran in.
+    if offset > 0 and #loc.wids == 1 then
+      local chunk, nxt = obs_c.log_slice(loc.wids[1], loc.by, loc.sid, offset, max)
+      return chunk or "", nxt or offset, false
+    end
     if offset > 0 then return "", offset, false end
     local parts = {}
     for i, wid in ipairs(loc.wids) do parts[i] = obs_c.log_slice(wid, loc.by, loc.sid, 0, max) or "" end

@@ -32,6 +32,14 @@ pcall(tide.get, bad:remote())
 local f = io.open(arg[1] .. "/ids", "w")
 f:write(one, "\n", two, "\n", three, "\n")
 f:close()
+-- A task followed while it runs: it says its id, waits to be followed, prints.
+local slow = tide.remote(function(dir)
+  local g = io.open(dir .. "/slow.tmp", "w"); g:write(tide.get_runtime_context().task_id); g:close()
+  os.rename(dir .. "/slow.tmp", dir .. "/slow")
+  while not io.open(dir .. "/following") do tide.sleep(0.05) end
+  for i = 1, 5 do tide.sleep(0.3); print("SLOW line " .. i) end -- it ends as the last line lands
+end)
+tide.get(slow:remote(arg[1]))
 while not io.open(arg[1] .. "/done") do tide.sleep(0.1) end
 LUA
 $T run --address local "$W/drv.lua" "$W" > "$W/drv.out" 2>&1 &
@@ -73,6 +81,16 @@ check "tide logs task on a failed task: its own prints only" \
 s=$($T logs task 00000000000fffff 2>&1); rc=$?
 check "tide logs task of a task never seen: exit 1, says so" \
   '[ $rc = 1 ] && echo "$s" | grep -q "no task 00000000000fffff"' "$rc $s"
+
+for i in $(seq 1 100); do [ -s "$W/slow" ] && break; sleep 0.1; done
+timeout 30 $T logs task "$(cat $W/slow)" --follow > "$W/follow.out" 2>&1 &
+FOL=$!
+sleep 0.5
+touch "$W/following"
+wait $FOL; rc=$?
+s=$(cat "$W/follow.out")
+check "tide logs task --follow: the task's lines as it prints them, and it ends when the task does" \
+  '[ $rc = 0 ] && [ "$(echo "$s" | grep -c "SLOW line [1-5]$")" = 5 ] && [ "$(echo "$s" | wc -l)" = 5 ]' "rc $rc: $s"
 
 j=$(curl -s "http://127.0.0.1:$DPORT/api/logs?kind=task&id=$T2&offset=0")
 check "the dashboard's /api/logs for a task: only its lines" \
