@@ -137,7 +137,9 @@ static const struct td__command {
      "\n"
      "serve run: runs APP.lua, which declares deployments (serve.run), and serves\n"
      "them over HTTP on H:P (default 127.0.0.1:8000) until Ctrl-C. It takes the\n"
-     "options of `tide run` too (see `tide run --help`).\n"
+     "options of `tide run` too (see `tide run --help`). With --address it attaches\n"
+     "to that node, whose daemon then runs the ingress (a head's dashboard and\n"
+     "/metrics show it) until this process ends.\n"
      "serve status: prints the deployments of a running `tide serve run`.\n"},
     {"start", td__start,
      "usage: tide start --head [options]\n"
@@ -184,10 +186,11 @@ static const struct td__command {
      "usage: tide logs worker|actor|task|job ID [--follow] [--tail N] [--address A] [--key FILE]\n"
      "\n"
      "Prints the output kept for a worker process (its stdout, stderr and its\n"
-     "tasks' prints, in the session's logs/, rotated by size), for the worker an\n"
-     "actor or task runs (ran) in, or for a job. --follow keeps printing as it\n"
-     "grows; --tail N starts at the last N lines. On a head, a worker on another\n"
-     "node is read there (through a task placed on that node).\n"},
+     "tasks' prints, in the session's logs/, rotated by size); for an actor or a\n"
+     "task, only what it printed (its slice of its worker's log; an ended task by\n"
+     "its task_id); or a job's. --follow keeps printing as it grows; --tail N\n"
+     "starts at the last N lines. On a head, a worker on another node is read\n"
+     "there (through a task placed on that node).\n"},
     {"stop", td__cmd_stop,
      "usage: tide stop [--all]\n"
      "\n"

@@ -2,7 +2,6 @@
  * dashboard (filtered and paged here), the Prometheus text of /metrics,
  * and the history of failed tasks. See introspect.h.
  */
-#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
@@ -724,78 +723,6 @@ void td_introspect_metrics(td_node_t *n, td_buf_t *b) {
     td__help(b, "tide_host_load1", "gauge", "One-minute load average of the head's machine.");
     td__printf(b, "tide_host_load1{node=\"node-%u\"} %.2f\n", n->links.index, la[0]);
   }
-}
-
-/* -- Worker output, per process, in the session directory ------------------ */
-
-static char td__logdir[PATH_MAX]; /* SESSION/logs, "" when not kept */
-static struct { uint64_t id; int fd; } td__logfds[32]; /* open worker logs, for prints */
-static unsigned td__logfd_next;
-
-int td_obs_set_logdir(const char *session) {
-  char d[PATH_MAX];
-  if (snprintf(d, sizeof(d), "%s/logs", session) >= (int)sizeof(d)) return TD_EINVAL;
-  if (mkdir(d, 0700) != 0 && errno != EEXIST) return TD_EIO;
-  snprintf(td__logdir, sizeof(td__logdir), "%s", d);
-  return 0;
-}
-
-const char *td_obs_logdir(void) { return td__logdir[0] ? td__logdir : NULL; }
-
-int td__obs_worker_log(uint64_t wk_id) {
-  if (!td__logdir[0]) return -1;
-  char p[PATH_MAX + 40], h[17];
-  td__hexid(h, wk_id);
-  snprintf(p, sizeof(p), "%s/worker-%s.out", td__logdir, h);
-  /* O_APPEND: after a rotation truncates the file, writes go to its new end. */
-  return open(p, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOFOLLOW, 0600);
-}
-
-void td__obs_print(uint64_t wk_id, const uint8_t *s, size_t l) {
-  if (!td__logdir[0] || !wk_id) return;
-  int fd = -1;
-  for (unsigned i = 0; i < 32; i++)
-    if (td__logfds[i].id == wk_id && td__logfds[i].fd > 0) fd = td__logfds[i].fd;
-  if (fd < 0) {
-    unsigned k = td__logfd_next++ % 32;
-    if (td__logfds[k].fd > 0) close(td__logfds[k].fd);
-    td__logfds[k].fd = 0;
-    fd = td__obs_worker_log(wk_id);
-    if (fd < 0) return;
-    td__logfds[k].id = wk_id;
-    td__logfds[k].fd = fd;
-  }
-  ssize_t w = write(fd, s, l);
-  (void)w;
-}
-
-void td_obs_rotate(size_t max) {
-  if (!td__logdir[0]) return;
-  DIR *d = opendir(td__logdir);
-  if (!d) return;
-  struct dirent *e;
-  while ((e = readdir(d))) {
-    size_t nl = strlen(e->d_name);
-    if (strncmp(e->d_name, "worker-", 7) || nl < 5 || strcmp(e->d_name + nl - 4, ".out")) continue;
-    char p[PATH_MAX + 300], old[PATH_MAX + 310];
-    snprintf(p, sizeof(p), "%s/%s", td__logdir, e->d_name);
-    struct stat st;
-    if (stat(p, &st) != 0 || (size_t)st.st_size <= max) continue;
-    /* Copy, then truncate (the worker keeps its descriptor: O_APPEND
-     * writes land at the start of the emptied file). One older part is kept. */
-    snprintf(old, sizeof(old), "%s.1", p);
-    int in = open(p, O_RDWR | O_CLOEXEC | O_NOFOLLOW), out = open(old, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
-    if (in >= 0 && out >= 0) {
-      char buf[65536];
-      ssize_t r;
-      while ((r = read(in, buf, sizeof(buf))) > 0)
-        if (write(out, buf, (size_t)r) != r) break;
-      if (ftruncate(in, 0) != 0) td_log("cannot truncate %s", p);
-    }
-    if (in >= 0) close(in);
-    if (out >= 0) close(out);
-  }
-  closedir(d);
 }
 
 /* -- Live handles (node.h) ------------------------------------------------- */

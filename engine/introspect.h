@@ -9,6 +9,7 @@
 #define TD_INTROSPECT_H
 
 #include "node.h"
+#include "worklog.h"
 
 #define TD_LIST_FILTERS 8   /* --filter key=value pairs per request */
 #define TD_FAILED_KEEP 1000 /* failed tasks remembered (the oldest go first) */
@@ -38,16 +39,7 @@ void td__obs_failed(td_node_t *n, struct td_task *t, const uint8_t *blob, size_t
 /* ... and every task that ends (a counter for /metrics). */
 extern uint64_t td__obs_finished;
 
-/* Worker output: with a log directory set (a daemon: SESSION/logs), every
- * worker's stdout and stderr, and the prints of its tasks, go to
- * logs/worker-<id>.out; td_obs_rotate moves a file past max bytes to
- * <file>.1 (one older part kept) and empties it. */
-int td_obs_set_logdir(const char *session);
-const char *td_obs_logdir(void);
-int td__obs_worker_log(uint64_t wk_id);   /* an fd the worker's output goes to, or -1 */
-void td__obs_print(uint64_t wk_id, const uint8_t *s, size_t l);
-void td_obs_rotate(size_t max);
-
+/* Worker output (tide logs): worklog.h. */
 /* Appends s to out as a JSON string (quoted, escaped). */
 void td_json_str(td_buf_t *out, const char *s, size_t len);
 

@@ -381,8 +381,8 @@ static double td__poll_timeout(td_node_t *n, double timeout) {
  * data plane, then reads what came (each message is handled, and its
  * objects phase run, in td__wk_input). */
 static void td__io_phase(td_node_t *n, double timeout) {
-  if (n->cappfds < n->procs.n + 2) {
-    n->cappfds = n->procs.n + 16;
+  if (n->cappfds < n->procs.n + 1 + TD_NODE_WATCHES) {
+    n->cappfds = n->procs.n + 16 + TD_NODE_WATCHES;
     n->pfds = td_xrealloc(n->pfds, (size_t)n->cappfds * sizeof(struct pollfd));
   }
   int np = n->procs.n;
@@ -392,13 +392,21 @@ static void td__io_phase(td_node_t *n, double timeout) {
     n->pfds[i].revents = 0;
   }
   int ms = timeout > 1e6 ? -1 : (int)(timeout * 1000 + 0.999);
-  int ext = n->ext_fd >= 0;
-  if (ext) n->pfds[np] = (struct pollfd){n->ext_fd, POLLIN, 0};
+  int ext = 0, slot[TD_NODE_WATCHES];
+  for (int i = 0; i < TD_NODE_WATCHES; i++)
+    if (n->watch[i].fd >= 0) {
+      slot[ext] = i;
+      n->pfds[np + ext++] = (struct pollfd){n->watch[i].fd, POLLIN, 0};
+    }
   int dp = td__dp_fd(n) >= 0; /* the data plane's streams, behind one epoll fd */
   if (dp) n->pfds[np + ext] = (struct pollfd){td__dp_fd(n), POLLIN, 0};
   int r = poll(n->pfds, (nfds_t)(np + ext + dp), ms);
   if (r <= 0) return;
-  if (ext && n->pfds[np].revents) n->ext_read(n->ext_ud);
+  /* A callback may remove a watch (an ingress that stops): each is looked up afresh. */
+  for (int k = 0; k < ext; k++) {
+    td_node_watch_t *w = &n->watch[slot[k]];
+    if (n->pfds[np + k].revents && w->fd == n->pfds[np + k].fd && w->read) w->read(w->ud);
+  }
   if (dp && n->pfds[np + ext].revents) td__dp_io(n);
   /* Workers may die while handling; copy the list first. */
   td_wk_t **ready = td_xmalloc((size_t)np * sizeof(td_wk_t *) + 1);
@@ -445,7 +453,8 @@ void td_node_pump(td_node_t *n, double timeout) {
   if (n->links.nunplaced) td__unplaced_check(n, td_now());
   if (n->tasks.hang_warn_s > 0 && n->tasks.map.len) td__why_tick(n, td_now());
   td__sched(n);
-  if (n->ext_tick) n->ext_tick(n->ext_ud);
+  for (int i = 0; i < TD_NODE_WATCHES; i++)
+    if (n->watch[i].tick) n->watch[i].tick(n->watch[i].ud);
   td_node_flush(n);
 }
 
@@ -503,15 +512,32 @@ int td_node_fds(td_node_t *n, int *fds, int max) {
   int k = 0;
   for (int i = 0; i < n->procs.n && k < max; i++)
     if (n->procs.list[i]->ch.fd >= 0) fds[k++] = n->procs.list[i]->ch.fd;
-  if (n->ext_fd >= 0 && k < max) fds[k++] = n->ext_fd;
+  for (int i = 0; i < TD_NODE_WATCHES; i++)
+    if (n->watch[i].fd >= 0 && k < max) fds[k++] = n->watch[i].fd;
   return k;
 }
 
 void td_node_watch_fd(td_node_t *n, int fd, td_node_cb on_readable, td_node_cb on_tick, void *ud) {
-  n->ext_fd = fd;
-  n->ext_read = on_readable;
-  n->ext_tick = on_tick;
-  n->ext_ud = ud;
+  n->watch[0] = (td_node_watch_t){fd, on_readable, on_tick, ud};
+}
+
+int td_node_watch_add(td_node_t *n, int fd, td_node_cb on_readable, td_node_cb on_tick, void *ud) {
+  for (int i = 1; i < TD_NODE_WATCHES; i++)
+    if (n->watch[i].fd < 0 && !n->watch[i].tick) {
+      n->watch[i] = (td_node_watch_t){fd, on_readable, on_tick, ud};
+      return i;
+    }
+  return -EBUSY;
+}
+
+void td_node_watch_remove(td_node_t *n, int slot) {
+  if (slot > 0 && slot < TD_NODE_WATCHES) n->watch[slot] = (td_node_watch_t){-1, NULL, NULL, NULL};
+}
+
+int td_node_proc_alive(td_node_t *n, uint64_t id) {
+  for (int i = 0; i < n->procs.n; i++)
+    if (n->procs.list[i]->id == id && !n->procs.list[i]->dead) return 1;
+  return 0;
 }
 
 /* -- Lifecycle ------------------------------------------------------------------------------ */
@@ -529,7 +555,7 @@ td_node_t *td_node_new(const td_node_opts_t *o) {
   }
   n->objs.inline_max = o->inline_max ? o->inline_max : 64 * 1024;
   n->objs.spill = td_spill_new(NULL);
-  n->ext_fd = -1;
+  for (int i = 0; i < TD_NODE_WATCHES; i++) n->watch[i].fd = -1;
   n->procs.no_workers = o->no_workers;
   n->links.index = o->index <= TD_NODE_MAX ? o->index : 0;
   n->objs.next_seq = (uint64_t)n->links.index << TD_NODE_SHIFT;

@@ -69,6 +69,13 @@ void td_node_flush(td_node_t *n);
  * it is readable, and a callback after every pump. */
 typedef void (*td_node_cb)(void *ud);
 void td_node_watch_fd(td_node_t *n, int fd, td_node_cb on_readable, td_node_cb on_tick, void *ud);
+/* The same for an extension beside the host's (a serve ingress in a node
+ * daemon, whose host watches its listener): returns the watch's slot (> 0)
+ * for td_node_watch_remove, or -EBUSY when every slot is taken. */
+int td_node_watch_add(td_node_t *n, int fd, td_node_cb on_readable, td_node_cb on_tick, void *ud);
+void td_node_watch_remove(td_node_t *n, int slot);
+/* Whether process `id` (a worker or an attached client) is still attached. */
+int td_node_proc_alive(td_node_t *n, uint64_t id);
 /* Adopts a connected client (a driver or REPL attached to this node over
  * a Unix socket): sends it the store fd and its id. Returns 0 or an error. */
 int td_node_add_client(td_node_t *n, int fd);

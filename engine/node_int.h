@@ -453,6 +453,16 @@ typedef struct td_node_links {
   double rejoin_until;    /* node: until when such work waits for it */
 } td_node_links_t;
 
+/* One extra fd the loop polls for its host or an extension (the daemon's
+ * listener, the dashboard, a serve ingress), with its callbacks. */
+#define TD_NODE_WATCHES 4
+typedef struct td_node_watch {
+  int fd;          /* polled with the channels (-1: none) */
+  td_node_cb read; /* called when fd is readable */
+  td_node_cb tick; /* called each turn of the loop */
+  void *ud;        /* their argument */
+} td_node_watch_t;
+
 struct td_node {
   td_node_objs_t objs;
   td_node_sched_t sched;
@@ -465,13 +475,11 @@ struct td_node {
   td_node_links_t links;
   /* The loop (node.c): */
   td_buf_t tmp;        /* scratch for building one message or blob at a time */
-  struct pollfd *pfds; /* the poll set, rebuilt each turn: one per channel, then ext_fd */
+  struct pollfd *pfds; /* the poll set, rebuilt each turn: one per channel, then the watched fds */
   int cappfds;
   double tick_at;      /* when links and timers were last checked */
-  int ext_fd;          /* the host's extra fd, polled with the channels (-1: none) */
-  td_node_cb ext_read; /* called when ext_fd is readable */
-  td_node_cb ext_tick; /* called each turn of the loop */
-  void *ext_ud;        /* their argument */
+  td_node_watch_t
+      watch[TD_NODE_WATCHES]; /* [0] the host's (td_node_watch_fd); the rest td_node_watch_add's */
   td_tl_t *tl;         /* the timeline's ring (timeline.c); NULL: not recording */
 };
 

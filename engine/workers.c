@@ -273,14 +273,17 @@ static void td__print_to_owner(td_node_t *n, uint64_t tid, const uint8_t *s, uin
 }
 
 /* A worker's output: on this terminal, in its log (tide logs), and to the
- * driver or head whose work printed it. */
+ * driver or head whose work printed it. PRINT is str text, then (from a
+ * worker) u64 task and u64 actor: whose it is, 0 for none, so that the log's
+ * index can slice one task's or actor's lines out. */
 int td__on_print(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   uint32_t l;
   const uint8_t *s = td_rd_str(rd, &l);
   if (rd->bad) return TD_EPROTO;
   uint64_t tid = rd->end - rd->p >= 8 ? td_rd_u64(rd) : 0;
+  uint64_t aid = rd->end - rd->p >= 8 ? td_rd_u64(rd) : 0;
   td_term_print(s, l); /* above any progress bars */
-  td__obs_print(wk->kind == WK_NODE ? 0 : wk->id, s, l);
+  td__obs_print(wk->kind == WK_NODE ? 0 : wk->id, tid, aid, s, l);
   td__print_to_owner(n, tid, s, l);
   return 0;
 }

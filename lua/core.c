@@ -845,9 +845,9 @@ int luaopen_tide_core(lua_State *L) {
     td_core_register_start(L);
     td_serve_register(L);
     if (!td__opening_rpc) {
-      /* serve_* and start/stop are guarded like the rest. */
-      static const char *const guarded[] = {"serve_start", "serve_deployment", "serve_replicas",
-                                            "serve_remove", "serve_stats", "serve_stop", "stop", NULL};
+      /* serve_metrics and start/stop are guarded like the rest (the
+       * other serve_* are control ops, guarded above). */
+      static const char *const guarded[] = {"serve_metrics", "stop", NULL};
       for (int k = 0; guarded[k]; k++) {
         lua_getfield(L, -1, guarded[k]);
         lua_pushcclosure(L, td__guard, 1);

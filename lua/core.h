@@ -37,6 +37,7 @@ typedef struct td_ctx {
   const struct td_core_be *be; /* is_driver's backend, set when tide.core opens */
   td_node_t *node;         /* driver: the embedded node */
   lua_State *rpcL;         /* driver: private state that runs worker RPCs */
+  uint64_t rpc_caller;     /* driver: the process whose RPC op runs now (0: none) */
   td_chan_t ch;            /* worker: channel to the node */
   uint8_t *base;           /* worker: store mapping */
   size_t cap;

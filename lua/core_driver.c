@@ -615,6 +615,13 @@ const td_rpc_op_t td__rpc_table[] = {
     {"obs_log", NULL, NULL, 0},
     {"obs_metrics", NULL, NULL, 0},
     {"metrics_put", NULL, NULL, 0},
+    /* A serve ingress on this node for an attached `tide serve run` (lua/serve.c). */
+    {"serve_start", td_serve_start, NULL, 0},
+    {"serve_deployment", td_serve_deployment, NULL, 0},
+    {"serve_replicas", td_serve_replicas, NULL, 0},
+    {"serve_remove", td_serve_remove, NULL, 0},
+    {"serve_stats", td_serve_stats, NULL, 0},
+    {"serve_stop", td_serve_stop, NULL, 0},
     {NULL, NULL, NULL, 0}};
 
 /* Name -> entry, made once (FNV-1a of the name; td__rpc_find compares the
@@ -752,8 +759,10 @@ static void td__rpc_cb(void *ud, td_wk_t *wk, uint32_t req, const char *name, co
   if (op && (op->flags & TD_RPC_HEAD) && req && td_node_relay(td_ctx.node, wk, req, name, args, len) == 0)
     return;
   int top = lua_gettop(L), ok = 0;
+  td_ctx.rpc_caller = wk ? td_wk_id(wk) : 0; /* an op that keeps state for its caller (serve_start) */
   if (op) ok = td__rpc_run(L, op, args, len);
   else lua_pushfstring(L, "unknown operation %s", name);
+  td_ctx.rpc_caller = 0;
   int nres = lua_gettop(L) - top;
   if (ok && nres == 0 && (op->flags & TD_RPC_HEAD_IF_NONE) && req &&
       td_node_relay(td_ctx.node, wk, req, name, args, len) == 0) {

@@ -106,6 +106,18 @@ extern const td_rpc_op_t td__rpc_table[];
 /* The op named name[0..len), or NULL when there is none. */
 const td_rpc_op_t *td__rpc_find(const char *name, size_t len);
 
+/* -- serve.c: the serve ingress's control ops (td__rpc_table) ----------------------- */
+
+/* core.serve_start, serve_deployment, serve_replicas, serve_remove,
+ * serve_stats, serve_stop: a driver with an embedded node calls them; an
+ * attached client's are RPCs that run them on its node (lua/serve.c). */
+int td_serve_start(lua_State *L);
+int td_serve_deployment(lua_State *L);
+int td_serve_replicas(lua_State *L);
+int td_serve_remove(lua_State *L);
+int td_serve_stats(lua_State *L);
+int td_serve_stop(lua_State *L);
+
 /* -- core_driver.c ----------------------------------------------------------------- */
 
 /* The driver's backend, and its calls a worker does not have (the

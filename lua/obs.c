@@ -5,7 +5,7 @@
  * The dashboard runs on a thread of its own (td_http_thread_start); its
  * requests reach the daemon's loop through an inbox whose fd sits in one
  * epoll set with the daemon's listening socket (the node polls one
- * extension fd). Each request is answered on the loop thread by
+ * extension fd: the host's watch slot). Each request is answered on the loop thread by
  * stdlib/tide/obs.lua (obs.http), which reads the node's tables through
  * engine/introspect.c: no copy of the state is kept anywhere else.
  *
@@ -93,8 +93,57 @@ static int o_json_str(lua_State *L) {
   return 1;
 }
 
+static td_slice_by_t td__slice_by(lua_State *L, int idx) {
+  const char *by = luaL_checkstring(L, idx);
+  if (!strcmp(by, "task")) return TD_SLICE_TASK;
+  if (!strcmp(by, "actor")) return TD_SLICE_ACTOR;
+  luaL_error(L, "log slices are by task or actor, not %s", by);
+  return TD_SLICE_TASK;
+}
+
+/* obs_c.log_slice(worker_id, "task"|"actor", id, record, max_bytes) ->
+ * bytes, next record | nil, why: the prints of one task or actor in a
+ * worker's log, from index record `record` on (engine/worklog.h). */
+static int o_log_slice(lua_State *L) {
+  uint64_t wk = td_core_checkid(L, 1, "worker");
+  td_slice_by_t by = td__slice_by(L, 2);
+  uint64_t id = td_core_checkid(L, 3, by == TD_SLICE_TASK ? "task" : "actor");
+  uint64_t rec = (uint64_t)luaL_optnumber(L, 4, 0);
+  size_t max = (size_t)luaL_optnumber(L, 5, 1048576);
+  td_buf_t b;
+  td_buf_init(&b);
+  if (td_obs_log_slice(wk, by, id, &rec, max, &b) != 0) {
+    td_buf_free(&b);
+    lua_pushnil(L);
+    lua_pushfstring(L, "worker %s has no index of prints (it printed none that were a task's or an actor's)",
+                    lua_tostring(L, 1));
+    return 2;
+  }
+  lua_pushlstring(L, (const char *)b.p, b.len);
+  td_buf_free(&b);
+  lua_pushnumber(L, (lua_Number)rec);
+  return 2;
+}
+
+/* obs_c.log_find("task"|"actor", id) -> {worker_id, ...}: the workers on
+ * this node whose logs hold its prints. */
+static int o_log_find(lua_State *L) {
+  td_slice_by_t by = td__slice_by(L, 1);
+  uint64_t id = td_core_checkid(L, 2, by == TD_SLICE_TASK ? "task" : "actor");
+  uint64_t wks[16];
+  int n = td_obs_log_find(by, id, wks, 16);
+  lua_createtable(L, n, 0);
+  for (int i = 0; i < n; i++) {
+    td_core_pushid(L, wks[i]);
+    lua_rawseti(L, -2, i + 1);
+  }
+  return 1;
+}
+
 int luaopen_tide_obs_c(lua_State *L) {
-  static const luaL_Reg fns[] = {{"list", o_list}, {"metrics", o_metrics}, {"json_str", o_json_str}, {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"list", o_list},         {"metrics", o_metrics},
+                                 {"json_str", o_json_str}, {"log_slice", o_log_slice},
+                                 {"log_find", o_log_find}, {NULL, NULL}};
   lua_newtable(L);
   luaL_register(L, NULL, fns);
   return 1;

@@ -3,7 +3,11 @@
  * from the replicas' streamed results, all in C on the node's loop: no Lua
  * runs in the driver per request. Replicas run stdlib/tide/serve.lua's
  * __serve method, which yields one header item and then body chunks.
- * Uses http, node, ser; exposed to Lua as tide.core serve_* functions.
+ * The ingress runs in the process that has the node: a driver's embedded
+ * node, or, for a driver attached to a node daemon (`tide serve run
+ * --address`), that daemon, whose dashboard and /metrics then show it.
+ * Uses http, node, ser; exposed to Lua as tide.core serve_* functions,
+ * which are control ops (core_int.h) so that an attached client's run here.
  */
 #include <lauxlib.h>
 #include <errno.h>
@@ -15,9 +19,20 @@
 #include <unistd.h>
 
 #include "core.h"
+#include "core_int.h"
 #include "http.h"
 
 #define TD_SERVE_MAX_DEPS 64
+/* Status codes counted per deployment: 100 .. 599. */
+#define TD_SERVE_CODES 500
+/* p50 and p99 are over a deployment's last TD_SERVE_RECENT requests; req/s
+ * over the last TD_SERVE_RATE_S whole seconds. */
+#define TD_SERVE_RECENT 1024
+#define TD_SERVE_RATE_S 10
+/* Arrivals are counted per whole second in a ring one longer than the
+ * window, so the window's oldest second is never the slot the current one
+ * reuses. */
+#define TD_SERVE_RATE_SLOTS (TD_SERVE_RATE_S + 1)
 /* Latency buckets of /-/metrics (seconds, Prometheus' defaults). */
 #define TD_SERVE_NBUCKETS 11
 static const double td__serve_buckets[TD_SERVE_NBUCKETS] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10};
@@ -39,6 +54,11 @@ typedef struct td_dep {
   uint64_t requests, errors, rejected;
   uint64_t lat[TD_SERVE_NBUCKETS + 1]; /* finished requests by latency bucket (+Inf last), for /-/metrics */
   double lat_sum;        /* seconds, of those */
+  uint64_t codes[TD_SERVE_CODES]; /* finished requests by status (code - 100; 499: the client left first) */
+  float recent[TD_SERVE_RECENT];  /* the last requests' latencies (s), a ring, for p50 and p99 */
+  uint64_t nrecent;               /* requests put in the ring so far */
+  uint32_t rate_n[TD_SERVE_RATE_SLOTS];   /* requests that arrived in second rate_sec[i] */
+  uint64_t rate_sec[TD_SERVE_RATE_SLOTS]; /* which second (uv_hrtime / 1e9) slot i counts */
 } td_dep_t;
 
 typedef struct td_pend {
@@ -58,6 +78,7 @@ typedef struct td_pend {
   size_t args_len;
   char what[160];        /* "METHOD /path", for the error log */
   uint64_t start_ns;     /* when it arrived (uv_hrtime), for the latency histogram */
+  int status;            /* the status sent, or 0: none yet (499 if it ends so) */
   struct td_pend *prev, *nxt;
 } td_pend_t;
 
@@ -86,6 +107,8 @@ static struct {
   FILE *access;          /* access log (stderr, a file), or NULL: off */
   int access_owned;      /* fclose it at stop */
   pthread_mutex_t log_mu; /* one line at a time from the HTTP thread and this one */
+  int watch;              /* the node's watch slot (td_node_watch_add) */
+  uint64_t owner;         /* the attached client that started it (0: this process's driver) */
 } S;
 
 /* -- Logs ------------------------------------------------------------------ */
@@ -208,6 +231,12 @@ static void td__respond_json(td_http_req_id rid, int status, const char *json) {
   td_http_respond(S.srv, rid, status, h, status == 503 ? 2 : 1, json, strlen(json));
 }
 
+/* Answers a routed request, remembering its status for the counts. */
+static void td__respond_pend(td_pend_t *p, int status, const char *json) {
+  p->status = status;
+  td__respond_json(p->rid, status, json);
+}
+
 static void td__json_str(td_buf_t *b, const char *s, size_t n) {
   td_buf_u8(b, '"');
   for (size_t i = 0; i < n; i++) {
@@ -251,6 +280,53 @@ static int td__blob_field(const uint8_t *p, size_t n, const char *key, const cha
   return -1;
 }
 
+/* Counts a finished request by its status (0: none was sent, the client
+ * left first: 499, as nginx logs it). */
+static void td__count_code(td_dep_t *d, int status) {
+  if (status == 0) status = 499;
+  if (status >= 100 && status < 100 + TD_SERVE_CODES) d->codes[status - 100]++;
+}
+
+/* Counts an arrival in its second's slot. */
+static void td__rate_bump(td_dep_t *d, uint64_t now_ns) {
+  uint64_t sec = now_ns / 1000000000ull;
+  int i = (int)(sec % TD_SERVE_RATE_SLOTS);
+  if (d->rate_sec[i] != sec) d->rate_sec[i] = sec, d->rate_n[i] = 0;
+  d->rate_n[i]++;
+}
+
+/* Requests per second that arrived over the last TD_SERVE_RATE_S whole seconds. */
+static double td__rate(const td_dep_t *d, uint64_t now_ns) {
+  uint64_t sec = now_ns / 1000000000ull, n = 0;
+  for (int i = 0; i < TD_SERVE_RATE_SLOTS; i++)
+    if (d->rate_sec[i] < sec && d->rate_sec[i] + TD_SERVE_RATE_S >= sec) n += d->rate_n[i];
+  return (double)n / TD_SERVE_RATE_S;
+}
+
+static int td__float_cmp(const void *a, const void *b) {
+  float x = *(const float *)a, y = *(const float *)b;
+  return x < y ? -1 : x > y;
+}
+
+/* p50 and p99 (nearest rank, seconds) of the last requests; 0 when none. */
+static int td__quantiles(const td_dep_t *d, double *p50, double *p99) {
+  static float tmp[TD_SERVE_RECENT];
+  size_t n = d->nrecent < TD_SERVE_RECENT ? (size_t)d->nrecent : TD_SERVE_RECENT;
+  if (n == 0) return 0;
+  memcpy(tmp, d->recent, n * sizeof(float));
+  qsort(tmp, n, sizeof(float), td__float_cmp);
+  *p50 = tmp[(n * 50 + 99) / 100 - 1];
+  *p99 = tmp[(n * 99 + 99) / 100 - 1];
+  return 1;
+}
+
+/* Requests waiting for a live replica (parked): the deployment's queue. */
+static int td__queued(const td_dep_t *d) {
+  int k = 0;
+  for (const td_pend_t *p = S.pend; p; p = p->nxt) k += p->dep == d && p->parked_ns;
+  return k;
+}
+
 static void td__pend_free(td_pend_t *p) {
   if (p->start_ns) {
     double s = (double)(uv_hrtime() - p->start_ns) / 1e9;
@@ -258,6 +334,8 @@ static void td__pend_free(td_pend_t *p) {
     while (b < TD_SERVE_NBUCKETS && s > td__serve_buckets[b]) b++;
     p->dep->lat[b]++;
     p->dep->lat_sum += s;
+    p->dep->recent[p->dep->nrecent++ % TD_SERVE_RECENT] = (float)s;
+    td__count_code(p->dep, p->status);
   }
   td_replica_t *r = td__rep(p->dep, p->actor_id);
   if (r && r->ongoing > 0) r->ongoing--;
@@ -342,56 +420,97 @@ static void td__prom_esc(char *out, size_t n, const char *s, size_t len) {
   out[o] = 0;
 }
 
-static void td__metrics(td_http_req_id rid) {
-  td_buf_t *b = &S.buf;
-  td_buf_reset(b);
+/* "deployment=\"NAME\",route=\"ROUTE\"" for d's samples. */
+static void td__labels(char *out, size_t n, const td_dep_t *d) {
+  char en[140], ep[300];
+  td__prom_esc(en, sizeof(en), d->name, strlen(d->name));
+  td__prom_esc(ep, sizeof(ep), d->prefix, d->plen ? d->plen : 1);
+  snprintf(out, n, "deployment=\"%s\",route=\"%s\"", en, ep);
+}
+
+static void td__metrics_family(td_buf_t *b, const char *name, const char *type, const char *help) {
   char t[512];
-  static const struct { const char *name, *type, *help; } fams[] = {
-    {"tide_serve_requests_total", "counter", "Requests routed to the deployment."},
-    {"tide_serve_errors_total", "counter", "Requests that failed (500, or 503 with no live replica)."},
-    {"tide_serve_rejected_total", "counter", "Requests refused with 503: every replica at max_ongoing_requests."},
-    {"tide_serve_replicas", "gauge", "Replicas taking requests."},
-    {"tide_serve_ongoing_requests", "gauge", "Requests being handled now."},
+  td_buf_put(b, t, (size_t)snprintf(t, sizeof(t), "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type));
+}
+
+static void td__metrics_codes(td_buf_t *b) {
+  char t[600], lb[480];
+  td__metrics_family(b, "tide_serve_requests_total", "counter",
+                     "Requests answered, by deployment, route and status code (499: the client left first).");
+  for (int i = 0; i < S.ndeps; i++) {
+    td__labels(lb, sizeof(lb), &S.deps[i]);
+    for (int c = 0; c < TD_SERVE_CODES; c++)
+      if (S.deps[i].codes[c])
+        td_buf_put(b, t,
+                   (size_t)snprintf(t, sizeof(t), "tide_serve_requests_total{%s,code=\"%d\"} %llu\n", lb,
+                                    c + 100, (unsigned long long)S.deps[i].codes[c]));
+  }
+}
+
+static void td__metrics_histogram(td_buf_t *b) {
+  char t[1600], lb[480];
+  td__metrics_family(b, "tide_serve_request_duration_seconds", "histogram",
+                     "Time from a request's arrival to the end of its response.");
+  for (int i = 0; i < S.ndeps; i++) {
+    td_dep_t *d = &S.deps[i];
+    uint64_t cum = 0;
+    td__labels(lb, sizeof(lb), d);
+    for (int k = 0; k < TD_SERVE_NBUCKETS; k++) {
+      cum += d->lat[k];
+      td_buf_put(
+          b, t,
+          (size_t)snprintf(t, sizeof(t), "tide_serve_request_duration_seconds_bucket{%s,le=\"%g\"} %llu\n",
+                           lb, td__serve_buckets[k], (unsigned long long)cum));
+    }
+    cum += d->lat[TD_SERVE_NBUCKETS];
+    td_buf_put(b, t,
+               (size_t)snprintf(t, sizeof(t),
+                                "tide_serve_request_duration_seconds_bucket{%s,le=\"+Inf\"} %llu\n"
+                                "tide_serve_request_duration_seconds_sum{%s} %.9g\n"
+                                "tide_serve_request_duration_seconds_count{%s} %llu\n",
+                                lb, (unsigned long long)cum, lb, d->lat_sum, lb, (unsigned long long)cum));
+  }
+}
+
+/* The ingress's metrics in Prometheus text format into b (reset first):
+ * served at /-/metrics, and by a daemon's /metrics (core.serve_metrics). */
+static void td__metrics_text(td_buf_t *b) {
+  td_buf_reset(b);
+  char t[600], lb[480];
+  static const struct {
+    const char *name, *type, *help;
+  } fams[] = {
+      {"tide_serve_errors_total", "counter", "Requests that failed (500, or 503 with no live replica)."},
+      {"tide_serve_rejected_total", "counter",
+       "Requests refused with 503: every replica at max_ongoing_requests."},
+      {"tide_serve_replicas", "gauge", "Replicas taking requests."},
+      {"tide_serve_ongoing_requests", "gauge", "Requests being handled now."},
+      {"tide_serve_queued_requests", "gauge", "Requests waiting for a live replica."},
   };
+  td__metrics_codes(b);
   for (size_t f = 0; f < sizeof(fams) / sizeof(fams[0]); f++) {
-    td_buf_put(b, t, (size_t)snprintf(t, sizeof(t), "# HELP %s %s\n# TYPE %s %s\n", fams[f].name, fams[f].help,
-                                      fams[f].name, fams[f].type));
+    td__metrics_family(b, fams[f].name, fams[f].type, fams[f].help);
     for (int i = 0; i < S.ndeps; i++) {
       td_dep_t *d = &S.deps[i];
       int live = 0, ongoing = 0;
       for (int k = 0; k < d->nreps; k++) live += !d->reps[k].draining, ongoing += d->reps[k].ongoing;
-      uint64_t v = f == 0 ? d->requests : f == 1 ? d->errors : f == 2 ? d->rejected : f == 3 ? (uint64_t)live
-                                                                                              : (uint64_t)ongoing;
-      char en[140], ep[300];
-      td__prom_esc(en, sizeof(en), d->name, strlen(d->name));
-      td__prom_esc(ep, sizeof(ep), d->prefix, d->plen ? d->plen : 1);
-      td_buf_put(b, t, (size_t)snprintf(t, sizeof(t), "%s{deployment=\"%s\",route=\"%s\"} %llu\n", fams[f].name,
-                                        en, ep, (unsigned long long)v));
+      uint64_t v = f == 0   ? d->errors
+                   : f == 1 ? d->rejected
+                   : f == 2 ? (uint64_t)live
+                   : f == 3 ? (uint64_t)ongoing
+                            : (uint64_t)td__queued(d);
+      td__labels(lb, sizeof(lb), d);
+      td_buf_put(b, t,
+                 (size_t)snprintf(t, sizeof(t), "%s{%s} %llu\n", fams[f].name, lb, (unsigned long long)v));
     }
   }
-  td_buf_put(b, t, (size_t)snprintf(t, sizeof(t), "# HELP tide_serve_request_duration_seconds Time from a request's "
-                                    "arrival to the end of its response.\n# TYPE tide_serve_request_duration_seconds histogram\n"));
-  for (int i = 0; i < S.ndeps; i++) {
-    td_dep_t *d = &S.deps[i];
-    uint64_t cum = 0;
-    char lb[480], en[140], ep[300];
-    td__prom_esc(en, sizeof(en), d->name, strlen(d->name));
-    td__prom_esc(ep, sizeof(ep), d->prefix, d->plen ? d->plen : 1);
-    snprintf(lb, sizeof(lb), "deployment=\"%s\",route=\"%s\"", en, ep);
-    for (int k = 0; k <= TD_SERVE_NBUCKETS; k++) {
-      cum += d->lat[k];
-      if (k < TD_SERVE_NBUCKETS)
-        td_buf_put(b, t, (size_t)snprintf(t, sizeof(t), "tide_serve_request_duration_seconds_bucket{%s,le=\"%g\"} %llu\n",
-                                          lb, td__serve_buckets[k], (unsigned long long)cum));
-      else
-        td_buf_put(b, t, (size_t)snprintf(t, sizeof(t), "tide_serve_request_duration_seconds_bucket{%s,le=\"+Inf\"} %llu\n"
-                                          "tide_serve_request_duration_seconds_sum{%s} %.9g\n"
-                                          "tide_serve_request_duration_seconds_count{%s} %llu\n",
-                                          lb, (unsigned long long)cum, lb, d->lat_sum, lb, (unsigned long long)cum));
-    }
-  }
+  td__metrics_histogram(b);
+}
+
+static void td__metrics(td_http_req_id rid) {
+  td__metrics_text(&S.buf);
   td_http_header_t h[1] = {TD_HTTP_HDR("Content-Type", "text/plain; version=0.0.4; charset=utf-8")};
-  td_http_respond(S.srv, rid, 200, h, 1, b->p, b->len);
+  td_http_respond(S.srv, rid, 200, h, 1, S.buf.p, S.buf.len);
 }
 
 static void td__on_request(const td_http_request_t *q) {
@@ -448,6 +567,7 @@ static void td__on_request(const td_http_request_t *q) {
   p->rid = q->id;
   p->dep = d;
   p->start_ns = uv_hrtime();
+  td__rate_bump(d, p->start_ns);
   snprintf(p->what, sizeof(p->what), "%s %.*s", q->method, (int)(q->path_len < 140 ? q->path_len : 140), q->path);
   p->idempotent = !strcmp(q->method, "GET") || !strcmp(q->method, "HEAD") ||
                   !strcmp(q->method, "PUT") || !strcmp(q->method, "DELETE");
@@ -462,6 +582,7 @@ static void td__on_request(const td_http_request_t *q) {
       p->parked_ns = uv_hrtime();  /* td__on_tick dispatches it once a replica is back */
     } else {
       d->rejected++;
+      td__count_code(d, 503);
       td__respond_json(q->id, 503, "{\"error\":\"every replica is at max_ongoing_requests; retry later\"}");
       free(p->args);
       free(p);
@@ -519,6 +640,7 @@ static int td__start_response(td_pend_t *p, const char *s, size_t n) {
   if (status < 100 || status > 599) status = 500;
   const char *e = s + n, *line = memchr(s, '\n', n);
   if (!line) return -1;
+  p->status = status;
   line++;
   td_http_header_t h[32];
   size_t nh = 0;
@@ -544,8 +666,18 @@ static int td__start_response(td_pend_t *p, const char *s, size_t n) {
   return 0;
 }
 
+static void td__stop(void);
+
 static void td__on_tick(void *ud) {
   (void)ud;
+  /* An attached `tide serve run` that went away (stopped, killed) leaves
+   * no ingress behind on the daemon: its replicas went with it. */
+  if (S.owner && !td_node_proc_alive(td_ctx.node, S.owner)) {
+    fprintf(stderr, "[serve] the client that started the ingress (%016llx) is gone: it stops\n",
+            (unsigned long long)S.owner);
+    td__stop();
+    return;
+  }
   td_pend_t *p = S.pend;
   while (p) {
     td_pend_t *nxt = p->nxt;
@@ -555,7 +687,9 @@ static void td__on_tick(void *ud) {
         td__drop_args(p);
       } else if (uv_hrtime() - p->parked_ns > TD_SERVE_PARK_NS) {
         p->dep->errors++;
-        td__respond_json(p->rid, 503, "{\"error\":\"the deployment has no live replica (they are being replaced); retry later\"}");
+        td__respond_pend(
+            p, 503,
+            "{\"error\":\"the deployment has no live replica (they are being replaced); retry later\"}");
         td__pend_free(p);
         p = nxt;
         continue;
@@ -571,7 +705,7 @@ static void td__on_tick(void *ud) {
       if (st == TD_STREAM_NOT_YET) break;
       if (st == TD_STREAM_ENDED) {
         if (p->started) td_http_stream_end(S.srv, p->rid);
-        else td__respond_json(p->rid, 500, "{\"error\":\"the handler produced no response\"}");
+        else td__respond_pend(p, 500, "{\"error\":\"the handler produced no response\"}");
         td__pend_free(p);
         break;
       }
@@ -625,7 +759,7 @@ static void td__on_tick(void *ud) {
           td_buf_put(&S.buf, ",\"id\":", 6);
           td__json_str(&S.buf, eid, 16);
           td_buf_put(&S.buf, "}", 2);
-          td__respond_json(p->rid, died ? 503 : 500, (const char *)S.buf.p);
+          td__respond_pend(p, died ? 503 : 500, (const char *)S.buf.p);
         }
         td__pend_free(p);
         break;
@@ -639,7 +773,7 @@ static void td__on_tick(void *ud) {
       if (!p->started) {
         int rc = td__start_response(p, (const char *)sp, sl);
         if (rc != 0) {
-          if (rc < 0) td__respond_json(p->rid, 500, "{\"error\":\"malformed response from the replica\"}");
+          if (rc < 0) td__respond_pend(p, 500, "{\"error\":\"malformed response from the replica\"}");
           td__pend_free(p);
           break;
         }
@@ -659,11 +793,15 @@ static void td__on_tick(void *ud) {
 
 /* core.serve_start(host, port, max_body, timeout_ms, access_log) -> port;
  * access_log: "off" (or nil), "-" (stderr), or a file to append to. */
-static int s_start(lua_State *L) {
+int td_serve_start(lua_State *L) {
   const char *host = luaL_optstring(L, 1, "127.0.0.1");
   int port = (int)luaL_optinteger(L, 2, 8000);
   const char *alog = luaL_optstring(L, 5, "off");
   if (!td_ctx.node) return luaL_error(L, "the cluster is not running");
+  if (S.th && S.owner)
+    return luaL_error(
+        L, "a serve ingress already runs on this node (for the attached client %016llx, on port %d)",
+        (unsigned long long)S.owner, td_http_thread_port(S.th));
   if (S.th) return luaL_error(L, "the HTTP ingress is already running");
   pthread_mutex_init(&S.log_mu, NULL);
   S.access = NULL;
@@ -696,13 +834,18 @@ static int s_start(lua_State *L) {
     return luaL_error(L, "cannot listen on %s:%d: %s", host, port, td_strerror(rc));
   }
   S.srv = td_http_thread_server(S.th);
-  td_node_watch_fd(td_ctx.node, td_http_inbox_fd(S.ib), td__on_readable, td__on_tick, NULL);
+  S.watch = td_node_watch_add(td_ctx.node, td_http_inbox_fd(S.ib), td__on_readable, td__on_tick, NULL);
+  if (S.watch < 0) {
+    td__stop();
+    return luaL_error(L, "cannot serve: the node watches as many fds as it can");
+  }
+  S.owner = td_ctx.rpc_caller;
   lua_pushinteger(L, td_http_thread_port(S.th));
   return 1;
 }
 
 /* core.serve_deployment(name, route, max_ongoing) */
-static int s_deployment(lua_State *L) {
+int td_serve_deployment(lua_State *L) {
   const char *name = luaL_checkstring(L, 1);
   size_t plen;
   const char *prefix = luaL_checklstring(L, 2, &plen);
@@ -734,7 +877,7 @@ static td_dep_t *td__checkdep(lua_State *L, int idx) {
 
 /* core.serve_replicas(name, {actor_id, ...}): new replicas take traffic;
  * replicas left out drain (no new requests) until removed. */
-static int s_replicas(lua_State *L) {
+int td_serve_replicas(lua_State *L) {
   td_dep_t *d = td__checkdep(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
   for (int i = 0; i < d->nreps; i++) d->reps[i].draining = 1;
@@ -756,7 +899,7 @@ static int s_replicas(lua_State *L) {
 }
 
 /* core.serve_remove(name, actor_id): forgets a drained replica. */
-static int s_remove(lua_State *L) {
+int td_serve_remove(lua_State *L) {
   td_dep_t *d = td__checkdep(L, 1);
   uint64_t id = td_core_checkid(L, 2, "actor");
   for (int i = 0; i < d->nreps; i++) {
@@ -767,41 +910,83 @@ static int s_remove(lua_State *L) {
   return 0;
 }
 
-/* core.serve_stats() -> {name = {route, requests, errors, rejected, replicas = {{id, ongoing, draining}}}} */
-static int s_stats(lua_State *L) {
+static void td__set_num(lua_State *L, const char *k, double v) {
+  lua_pushnumber(L, v);
+  lua_setfield(L, -2, k);
+}
+
+/* Pushes {["200"] = n, ...}: d's finished requests by status. */
+static void td__push_codes(lua_State *L, const td_dep_t *d) {
+  lua_newtable(L);
+  for (int c = 0; c < TD_SERVE_CODES; c++) {
+    if (!d->codes[c]) continue;
+    lua_pushfstring(L, "%d", c + 100);
+    lua_pushnumber(L, (lua_Number)d->codes[c]);
+    lua_settable(L, -3);
+  }
+}
+
+static void td__push_replicas(lua_State *L, const td_dep_t *d) {
+  lua_createtable(L, d->nreps, 0);
+  for (int k = 0; k < d->nreps; k++) {
+    lua_createtable(L, 0, 3);
+    td_core_pushid(L, d->reps[k].actor_id);
+    lua_setfield(L, -2, "id");
+    lua_pushinteger(L, d->reps[k].ongoing);
+    lua_setfield(L, -2, "ongoing");
+    lua_pushboolean(L, d->reps[k].draining);
+    lua_setfield(L, -2, "draining");
+    lua_rawseti(L, -2, k + 1);
+  }
+}
+
+/* core.serve_stats() -> {name = {route, requests, errors, rejected, codes =
+ * {["200"] = n}, rate (req/s), p50, p99 (s; absent before a request
+ * finished), live, ongoing, queued, replicas = {{id, ongoing, draining}}}} */
+int td_serve_stats(lua_State *L) {
+  uint64_t now = uv_hrtime();
   lua_createtable(L, 0, S.ndeps);
   for (int i = 0; i < S.ndeps; i++) {
     td_dep_t *d = &S.deps[i];
-    lua_createtable(L, 0, 6);
+    lua_createtable(L, 0, 14);
     lua_pushlstring(L, d->prefix, d->plen ? d->plen : 1);
     lua_setfield(L, -2, "route");
-    lua_pushnumber(L, (lua_Number)d->requests);
-    lua_setfield(L, -2, "requests");
-    lua_pushnumber(L, (lua_Number)d->errors);
-    lua_setfield(L, -2, "errors");
-    lua_pushnumber(L, (lua_Number)d->rejected);
-    lua_setfield(L, -2, "rejected");
-    lua_createtable(L, d->nreps, 0);
-    for (int k = 0; k < d->nreps; k++) {
-      lua_createtable(L, 0, 3);
-      td_core_pushid(L, d->reps[k].actor_id);
-      lua_setfield(L, -2, "id");
-      lua_pushinteger(L, d->reps[k].ongoing);
-      lua_setfield(L, -2, "ongoing");
-      lua_pushboolean(L, d->reps[k].draining);
-      lua_setfield(L, -2, "draining");
-      lua_rawseti(L, -2, k + 1);
-    }
+    td__set_num(L, "requests", (double)d->requests);
+    td__set_num(L, "errors", (double)d->errors);
+    td__set_num(L, "rejected", (double)d->rejected);
+    td__set_num(L, "rate", td__rate(d, now));
+    double p50, p99;
+    if (td__quantiles(d, &p50, &p99)) td__set_num(L, "p50", p50), td__set_num(L, "p99", p99);
+    int ongoing = 0;
+    for (int k = 0; k < d->nreps; k++) ongoing += d->reps[k].ongoing;
+    td__set_num(L, "live", td__live(d));
+    td__set_num(L, "ongoing", ongoing);
+    td__set_num(L, "queued", td__queued(d));
+    td__push_codes(L, d);
+    lua_setfield(L, -2, "codes");
+    td__push_replicas(L, d);
     lua_setfield(L, -2, "replicas");
     lua_setfield(L, -2, d->name);
   }
   return 1;
 }
 
-static int s_stop(lua_State *L) {
-  (void)L;
-  if (!S.th) return 0;
-  td_node_watch_fd(td_ctx.node, -1, NULL, NULL, NULL);
+/* core.serve_metrics() -> the ingress's Prometheus text ("" when none runs). */
+static int s_metrics(lua_State *L) {
+  if (!S.th) {
+    lua_pushliteral(L, "");
+    return 1;
+  }
+  td__metrics_text(&S.buf);
+  lua_pushlstring(L, (const char *)S.buf.p, S.buf.len);
+  return 1;
+}
+
+static void td__stop(void) {
+  if (!S.th) return;
+  if (S.watch > 0) td_node_watch_remove(td_ctx.node, S.watch);
+  S.watch = 0;
+  S.owner = 0;
   td_http_thread_stop(&S.th);
   if (S.access_owned) fclose(S.access);
   S.access = NULL;
@@ -812,12 +997,16 @@ static int s_stop(lua_State *L) {
   td_map_free(&S.by_rid);
   td_buf_free(&S.buf);
   S.srv = NULL;
+}
+
+int td_serve_stop(lua_State *L) {
+  (void)L;
+  td__stop();
   return 0;
 }
 
+/* The driver's serve_* that are not control ops (the others: td__rpc_table). */
 void td_serve_register(lua_State *L) {
-  static const luaL_Reg fns[] = {
-    {"serve_start", s_start}, {"serve_deployment", s_deployment}, {"serve_replicas", s_replicas},
-    {"serve_remove", s_remove}, {"serve_stats", s_stats}, {"serve_stop", s_stop}, {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"serve_metrics", s_metrics}, {NULL, NULL}};
   luaL_register(L, NULL, fns);
 }

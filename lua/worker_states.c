@@ -149,6 +149,7 @@ static int td__c_print(lua_State *L) {
   td_chan_begin(&td_ctx.ch, TD_M_PRINT);
   td_buf_str(&td_ctx.ch.out, s, len);
   td_buf_u64(&td_ctx.ch.out, td_ctx.cur_task ? td_ctx.cur_task : td_ctx.print_task); /* to its driver */
+  td_buf_u64(&td_ctx.ch.out, td_ctx.cur_actor); /* its log's index slices by both */
   td_chan_end(&td_ctx.ch);
   return 0;
 }

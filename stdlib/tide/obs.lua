@@ -74,56 +74,74 @@ local function here()
   return t.rows[1] and t.rows[1].node_id or "node-0"
 end
 
--- The worker a log target names: a worker id, or the worker an actor or
--- task runs in (a failed task: the one it ran in). Or nil, the node
--- ("node-N") it is on, when that is another node, and the target and id to
--- ask there: a task by its first return ("task-ref"), as task ids are each
--- node's own.
-local function worker_of(target, id)
+-- Where a log target's output is: {wid = worker id} for a worker's whole
+-- log; for an actor or a task, {wid, by = "actor"|"task", sid = its id}, the
+-- slice of its prints in that worker's log, or {wids = {...}, by, sid} when
+-- the node no longer knows its worker (a task that ended, an actor gone)
+-- and the logs' indexes name them; or {node = "node-N", target, id} when
+-- it is on another node, to ask there: a task by its first return
+-- ("task-ref"), as task ids are each node's own.
+local function locate(target, id)
   if type(id) ~= "string" or not id:match("^%x+$") or #id ~= 16 then
     error(format("logs %s: the ID is 16 hex digits (as tide list shows), not %s", target, tostring(id)), 0)
   end
   if target == "worker" then
     -- A worker id is its node's index << 20 | its number there.
     local node = "node-" .. math.floor(tonumber(id:sub(-8), 16) / 2 ^ 20)
-    if node ~= here() then return nil, node, target, id end
-    return id
+    if node ~= here() then return {node = node, target = target, id = id} end
+    return {wid = id}
   end
-  local r
+  local r, by
   if target == "actor" then
+    by = "actor"
     r = one_row("actors", "actor_id", id)
-    if not r then error("no actor " .. id .. " (tide list actors)", 0) end
+    if not r then
+      local wids = obs_c.log_find("actor", id)
+      if #wids > 0 then return {wids = wids, by = by, sid = id} end
+      error("no actor " .. id .. " (tide list actors)", 0)
+    end
   elseif target == "task-ref" then
+    by = "task"
     r = one_row("tasks", "ref", id)
     if not r then error("no task with return " .. id .. " running, queued or among the failed ones kept", 0) end
   else
+    by = "task"
     r = one_row("tasks", "task_id", id) or one_row("tasks", "ref", id)
-    if not r then error("no task " .. id .. " running, queued or among the failed ones kept (tide list tasks)", 0) end
+    if not r then
+      local wids = obs_c.log_find("task", id)
+      if #wids > 0 then return {wids = wids, by = by, sid = id} end
+      error("no task " .. id .. " running, queued, among the failed ones kept (tide list tasks) or in a " ..
+        "worker's log here (an ended task is found by its task_id)", 0)
+    end
   end
-  if r.worker_id then return r.worker_id end
+  local sid = by == "actor" and id or r.task_id
+  if r.worker_id then return {wid = r.worker_id, by = by, sid = sid, ended = r.state == "FAILED"} end
   if r.node and r.node ~= "" and r.node ~= here() then
-    if target == "actor" then return nil, r.node, target, id end
-    if r.ref then return nil, r.node, "task-ref", r.ref end
+    if target == "actor" then return {node = r.node, target = target, id = id} end
+    if r.ref then return {node = r.node, target = "task-ref", id = r.ref} end
     error(format("task %s ran on %s and has no return to find it by there: run tide logs on that node", id, r.node), 0)
   end
   error(format("%s %s has no worker yet (it has not started)", target, id), 0)
 end
 
--- worker_log(target, id, offset, tail) -> bytes from offset, the next offset,
--- whether more may come; and, when the worker is on another node, nothing
--- but that node's id and the target and id to ask it for (the client asks
--- that node: stdlib/tide/listcli.lua).
--- A file shorter than offset was rotated: read from 0.
-function M.worker_log(target, id, offset, tail)
-  if target == "job" then
-    local chunk, status = ops.job_log(id, offset)
-    return chunk, (tonumber(offset) or 0) + #chunk, status == "RUNNING"
-  end
-  local wid, elsewhere, t2, id2 = worker_of(target, id)
-  if not wid then return "", tonumber(offset) or 0, true, elsewhere, t2, id2 end
+local function last_lines(s, want)
+  local lines = {}
+  for line in s:gmatch("[^\n]*\n?") do if line ~= "" then lines[#lines + 1] = line end end
+  return concat(lines, "", math.max(1, #lines - want + 1))
+end
+
+-- The worker's log file, open; raises when none is kept here.
+local function worker_file(wid)
   local path = logdir() .. "/worker-" .. wid .. ".out"
   local f = io.open(path, "rb")
   if not f then error("no output kept for worker " .. wid .. " (" .. path .. ")", 0) end
+  return f
+end
+
+-- A worker's whole log from offset (its last `tail` lines when offset is 0).
+-- A file shorter than offset was rotated: read from 0.
+local function read_whole(wid, offset, tail)
+  local f = worker_file(wid)
   local size = f:seek("end")
   offset = tonumber(offset) or 0
   if offset > size then offset = 0 end
@@ -133,16 +151,55 @@ function M.worker_log(target, id, offset, tail)
     local from = math.max(0, size - 65536 * math.max(1, math.ceil(want / 256)))
     f:seek("set", from)
     local s = f:read("*a") or ""
-    local lines = {}
-    for line in s:gmatch("[^\n]*\n?") do if line ~= "" then lines[#lines + 1] = line end end
-    local first = math.max(1, #lines - want + 1)
     f:close()
-    return concat(lines, "", first), size, true
+    return last_lines(s, want), size, true
   end
   f:seek("set", offset)
   local chunk = f:read(1048576) or ""
   f:close()
   return chunk, offset + #chunk, true
+end
+
+-- A task's or actor's prints: from index record `offset` of its worker's
+-- log; or, when only the logs' indexes know it, all of them at once.
+local function read_slice(loc, offset, tail)
+  offset = tonumber(offset) or 0
+  local max = tail and 64 * 1048576 or 1048576
+  if loc.wids then
+    -- Followed while it ran, then ended: read on in the worker it ran in.
+    if offset > 0 and #loc.wids == 1 then
+      local chunk, nxt = obs_c.log_slice(loc.wids[1], loc.by, loc.sid, offset, max)
+      return chunk or "", nxt or offset, false
+    end
+    if offset > 0 then return "", offset, false end
+    local parts = {}
+    for i, wid in ipairs(loc.wids) do parts[i] = obs_c.log_slice(wid, loc.by, loc.sid, 0, max) or "" end
+    local s = concat(parts)
+    return tail and last_lines(s, tonumber(tail)) or s, 1, false
+  end
+  local chunk, nxt = obs_c.log_slice(loc.wid, loc.by, loc.sid, offset, max)
+  if not chunk then
+    worker_file(loc.wid):close()
+    return "", offset, not loc.ended -- it has printed nothing yet
+  end
+  if tail and offset == 0 then chunk = last_lines(chunk, tonumber(tail)) end
+  return chunk, nxt, not loc.ended
+end
+
+-- worker_log(target, id, offset, tail) -> bytes from offset, the next offset,
+-- whether more may come; and, when the worker is on another node, nothing
+-- but that node's id and the target and id to ask it for (the client asks
+-- that node: stdlib/tide/listcli.lua). For a task or an actor, only its own
+-- prints (offsets count the worker log's index records, not bytes).
+function M.worker_log(target, id, offset, tail)
+  if target == "job" then
+    local chunk, status = ops.job_log(id, offset)
+    return chunk, (tonumber(offset) or 0) + #chunk, status == "RUNNING"
+  end
+  local loc = locate(target, id)
+  if loc.node then return "", tonumber(offset) or 0, true, loc.node, loc.target, loc.id end
+  if loc.by then return read_slice(loc, offset, tail) end
+  return read_whole(loc.wid, offset, tail)
 end
 ops.obs_log = M.worker_log
 
@@ -191,8 +248,37 @@ local function jobs_text()
   return concat(out)
 end
 
+-- -- Serve ------------------------------------------------------------------------
+
+-- A serve ingress runs in this process when a `tide serve run --address`
+-- attached to this node started it (lua/serve.c): its counts are exact,
+-- read from the ingress on each request, not sampled.
+local rcore = debug.getregistry()["tide.rpc.core"]
+
+local function serve_text()
+  return rcore and rcore.serve_metrics and rcore.serve_metrics() or ""
+end
+
+-- serve_json() -> {"deployments": [{name, route, replicas, ongoing, queued,
+-- requests, errors, rejected, rate, p50_ms, p99_ms, codes}, ...]}, by name.
+function M.serve_json()
+  local stats = rcore and rcore.serve_stats and rcore.serve_stats() or {}
+  local names, out = {}, {}
+  for name in pairs(stats) do names[#names + 1] = name end
+  table.sort(names)
+  for i, name in ipairs(names) do
+    local d = stats[name]
+    out[i] = cjson.encode({name = name, route = d.route, replicas = d.live, ongoing = d.ongoing, queued = d.queued,
+      requests = d.requests, errors = d.errors, rejected = d.rejected, rate = d.rate,
+      p50_ms = d.p50 and d.p50 * 1000 or cjson.null, p99_ms = d.p99 and d.p99 * 1000 or cjson.null,
+      codes = next(d.codes) and d.codes or cjson.null})
+  end
+  -- Written by hand around cjson: this cjson writes an empty table as {}.
+  return format('{"deployments":[%s]}', concat(out, ","))
+end
+
 function M.metrics_text()
-  return obs_c.metrics() .. jobs_text() .. user.text()
+  return obs_c.metrics() .. jobs_text() .. serve_text() .. user.text()
 end
 ops.obs_metrics = M.metrics_text
 
@@ -223,7 +309,7 @@ end
 local TYPES = {html = "text/html; charset=utf-8", js = "application/javascript; charset=utf-8",
   css = "text/css; charset=utf-8", svg = "image/svg+xml"}
 local PAGES = {["/"] = true, ["/nodes"] = true, ["/actors"] = true, ["/tasks"] = true, ["/objects"] = true,
-  ["/placement-groups"] = true, ["/jobs"] = true, ["/training"] = true, ["/data"] = true}
+  ["/placement-groups"] = true, ["/jobs"] = true, ["/training"] = true, ["/data"] = true, ["/serve"] = true}
 
 local function file(name)
   local f = io.open(home .. "/stdlib/tide/dashboard/" .. name, "rb")
@@ -263,6 +349,7 @@ function M.http(method, path, query)
     if not ok then return json_error(404, tostring(chunk)) end
     return 200, "application/json", cjson.encode({data = chunk, offset = nxt, more = more})
   end
+  if path == "/api/serve" then return 200, "application/json", M.serve_json() end
   if path == "/api/series" then
     local okq, q = pcall(parse_query, query)
     if not okq then return json_error(400, q) end

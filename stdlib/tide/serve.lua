@@ -631,12 +631,26 @@ function M.start(opts)
   local max_jobs, ttl = opts.max_jobs or 10000, opts.job_ttl_s or 3600
   if type(max_jobs) ~= "number" or max_jobs < 1 then error("serve.start: max_jobs must be a number >= 1", 2) end
   if type(ttl) ~= "number" or ttl < 0 then error("serve.start: job_ttl_s must be a number >= 0", 2) end
-  running.port = core.serve_start(host, port, opts.max_body_bytes, opts.request_timeout_ms, alog)
+  -- Attached to a node (--address), the ingress runs in that node's
+  -- daemon (core.serve_* are its control ops), whose dashboard and
+  -- /metrics then show the deployments; it stops when this process goes.
+  -- No nils before alog: an RPC's argument list would end at the first.
+  running.port = core.serve_start(host, port, opts.max_body_bytes or 0, opts.request_timeout_ms or 0, alog)
   tide.get(running.state:set_limits(max_jobs, ttl))
   running.host = host
   running.started = true
-  log("listening on http://%s:%d", host, running.port)
+  if core.is_client then
+    log("listening on http://%s:%d (in the node this driver is attached to)", host, running.port)
+  else
+    log("listening on http://%s:%d", host, running.port)
+  end
   return running.port
+end
+
+-- Serves for `seconds`: an embedded node is pumped here; an attached
+-- driver's ingress runs in its node, so the driver only waits.
+local function wait(seconds)
+  if core.pump then core.pump(seconds) else tide.sleep(seconds) end
 end
 
 local tick_once
@@ -726,7 +740,7 @@ function M.run(app, opts)
   local rb = require("tide.rawbench")
   local last = 0
   while true do
-    core.pump(0.05)
+    wait(0.05)
     local now = rb.now()
     if now - last >= 0.25 then
       last = now
@@ -741,7 +755,7 @@ function M.poll(seconds)
   local t_end = rb.now() + (seconds or 0)
   local last = 0
   repeat
-    core.pump(0.02)
+    wait(0.02)
     local mono = rb.now()
     if mono - last >= 0.25 then last = mono; tick(mono) end
   until mono >= t_end

@@ -19,6 +19,7 @@
 #include "spill.h"
 #include "store.h"
 #include "test.h"
+#include "worklog.h"
 
 TEST_IMPL(buf_grow) {
   td_buf_t b;
@@ -379,5 +380,66 @@ TEST_IMPL(spec_roundtrip_and_garbage) {
     free(scratch);
   }
   td_buf_free(&b);
+  return 0;
+}
+
+/* Worker logs: two tasks' prints interleaved in one worker's log, with
+ * the worker's own output between them; each slice is one task's lines
+ * only, an actor's slice both of its calls', and a rotation starts the
+ * index again. */
+static void worklog_print(uint64_t wk, uint64_t task, uint64_t actor, const char *s) {
+  td__obs_print(wk, task, actor, (const uint8_t *)s, strlen(s));
+}
+
+static void worklog_expect(uint64_t wk, td_slice_by_t by, uint64_t id, const char *want) {
+  td_buf_t b;
+  td_buf_init(&b);
+  uint64_t rec = 0;
+  ASSERT_EQ(td_obs_log_slice(wk, by, id, &rec, 1 << 20, &b), 0);
+  ASSERT_EQ(b.len, strlen(want));
+  ASSERT(b.len == 0 || memcmp(b.p, want, b.len) == 0);
+  td_buf_free(&b);
+}
+
+TEST_IMPL(worklog_slices) {
+  char dir[] = "/tmp/tide-worklog-XXXXXX";
+  ASSERT(mkdtemp(dir) != NULL);
+  ASSERT_EQ(td_obs_set_logdir(dir), 0);
+  const uint64_t wk = 0x100002, A = 0x11, B = 0x12, ACT = 0x77;
+  int raw = td__obs_worker_log(wk); /* the worker's own stdout */
+  ASSERT(raw >= 0);
+  worklog_print(wk, A, ACT, "alpha 1\n");
+  worklog_print(wk, B, ACT, "beta 1\n");
+  ASSERT_EQ(write(raw, "raw bytes\n", 10), 10);
+  worklog_print(wk, A, ACT, "alpha 2\n");
+  worklog_print(wk, 0x13, 0, "gamma 1\n");
+  worklog_print(wk, B, ACT, "beta 2\n");
+  worklog_expect(wk, TD_SLICE_TASK, A, "alpha 1\nalpha 2\n");
+  worklog_expect(wk, TD_SLICE_TASK, B, "beta 1\nbeta 2\n");
+  worklog_expect(wk, TD_SLICE_ACTOR, ACT, "alpha 1\nbeta 1\nalpha 2\nbeta 2\n");
+  worklog_expect(wk, TD_SLICE_TASK, 0x99, "");
+  /* A slice is read on from where the last read stopped. */
+  td_buf_t b;
+  td_buf_init(&b);
+  uint64_t rec = 0;
+  ASSERT_EQ(td_obs_log_slice(wk, TD_SLICE_TASK, B, &rec, 1, &b), 0); /* stops once it has a byte */
+  ASSERT(b.len == 7 && rec == 2);
+  ASSERT_EQ(td_obs_log_slice(wk, TD_SLICE_TASK, B, &rec, 1 << 20, &b), 0);
+  ASSERT(b.len == 14 && !memcmp(b.p, "beta 1\nbeta 2\n", 14) && rec == 5);
+  uint64_t wks[4];
+  ASSERT(td_obs_log_find(TD_SLICE_TASK, B, wks, 4) == 1 && wks[0] == wk);
+  ASSERT_EQ(td_obs_log_find(TD_SLICE_TASK, 0x99, wks, 4), 0);
+  /* Rotation empties the log and its index: a reader past the end starts again. */
+  td_obs_rotate(8);
+  worklog_print(wk, B, ACT, "beta 3\n");
+  b.len = 0;
+  ASSERT_EQ(td_obs_log_slice(wk, TD_SLICE_TASK, B, &rec, 1 << 20, &b), 0);
+  ASSERT(b.len == 7 && !memcmp(b.p, "beta 3\n", 7) && rec == 1);
+  ASSERT_EQ(td_obs_log_slice(0x100003, TD_SLICE_TASK, B, &rec, 1 << 20, &b), TD_ENOTFOUND);
+  td_buf_free(&b);
+  close(raw);
+  char cmd[64];
+  snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+  ASSERT_EQ(system(cmd), 0);
   return 0;
 }

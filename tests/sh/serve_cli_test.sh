@@ -95,11 +95,11 @@ if echo "$out" | grep -q '"\\*/echo":"echo"' && echo "$out" | grep -q 'jobs'; th
 else notok "/-/routes lists the routes" "$out"; fi
 
 out=$(http GET $P /-/metrics)
-if echo "$out" | grep -q '^tide_serve_requests_total{deployment="echo",route="/echo"} [1-9]' &&
+if echo "$out" | grep -q '^tide_serve_requests_total{deployment="echo",route="/echo",code="200"} [1-9]' &&
    echo "$out" | grep -q '^tide_serve_request_duration_seconds_count{deployment="echo",route="/echo"} [1-9]' &&
    echo "$out" | grep -q '^tide_serve_replicas{deployment="echo",route="/echo"} 2$'; then
-  ok "/-/metrics counts requests per deployment and route, with a latency histogram"
-else notok "/-/metrics counts requests per deployment and route, with a latency histogram" "$out"; fi
+  ok "/-/metrics counts requests per deployment, route and status, with a latency histogram"
+else notok "/-/metrics counts requests per deployment, route and status, with a latency histogram" "$out"; fi
 if command -v promtool >/dev/null 2>&1; then
   pout=$(curl -s http://127.0.0.1:$P/-/metrics | promtool check metrics 2>&1)
   if [ $? -eq 0 ]; then ok "promtool accepts /-/metrics"; else notok "promtool accepts /-/metrics" "$pout"; fi

@@ -1,6 +1,7 @@
 // The Tide dashboard: draws the view the path names from the head's JSON
 // endpoints (/api/list/KIND with the same filters and paging as `tide
-// list`, /api/logs, /api/series for training runs and data pipelines),
+// list`, /api/logs, /api/series for training runs and data pipelines,
+// /api/serve for serve deployments),
 // refreshing every 2 s. Plain JS, charts in hand-made
 // SVG; no build step, nothing fetched from anywhere but the head.
 "use strict";
@@ -81,11 +82,11 @@ const VIEWS = {
     "tasks_queued", "store_used", "store_capacity", "spilled_bytes", "resources", "available"],
     bytes: ["store_used", "store_capacity", "spilled_bytes"]},
   actors: {title: "Actors", cols: ["actor_id", "state", "name", "namespace", "node", "pid", "restarts",
-    "queued_calls", "death_reason"]},
+    "queued_calls", "death_reason"], logs: true},
   tasks: {title: "Tasks", cols: ["task_id", "state", "type", "name", "method", "node", "pid", "running_s",
     "wait_reason", "error"], detail: (r) => r.traceback || r.wait_reason || r.error ?
       [r.error ? "error: " + r.error : null, r.traceback ? "remote traceback:\n" + r.traceback : null,
-       r.wait_reason ? "waits: " + r.wait_reason : null].filter(Boolean).join("\n\n") : null},
+       r.wait_reason ? "waits: " + r.wait_reason : null].filter(Boolean).join("\n\n") : null, logs: true},
   objects: {title: "Objects", cols: ["object_id", "state", "size", "where", "node", "refs", "pins"], bytes: ["size"]},
   "placement-groups": {title: "Placement groups", cols: ["pg_id", "name", "state", "strategy", "bundles", "nodes"]},
   jobs: {title: "Jobs", cols: ["id", "status", "pid", "exit_code", "script"], logs: true},
@@ -159,7 +160,11 @@ function tableView(kind) {
   state.timer = setInterval(refresh, REFRESH_MS);
 }
 
-// A job's output, followed while it runs.
+// What /api/logs calls each table's rows: a task's or actor's output is
+// only its own prints (sliced from its worker's log), a job's all of it.
+const LOG_KINDS = {jobs: "job", tasks: "task", actors: "actor"};
+
+// A job's, task's or actor's output, followed while it runs.
 function openLog(kind, id, box) {
   if (state.log) clearInterval(state.log);
   if (state.open !== id) { box.replaceChildren(); return; }
@@ -168,7 +173,7 @@ function openLog(kind, id, box) {
   let off = 0;
   const pull = async () => {
     try {
-      const r = await api("/api/logs", {kind: kind === "jobs" ? "job" : kind, id: id, offset: String(off)});
+      const r = await api("/api/logs", {kind: LOG_KINDS[kind], id: id, offset: String(off)});
       if (r.data) { pre.append(r.data); pre.scrollTop = pre.scrollHeight; }
       off = r.offset;
       if (!r.more && !r.data) clearInterval(state.log);
@@ -416,6 +421,60 @@ function dataView() {
     });
 }
 
+// -- Serve deployments (/api/serve: the ingress a `tide serve run --address` runs in this head) --
+
+const serveHistory = new Map();  // deployment -> [[t, req/s], ...] since the page opened
+
+function serveRow(d) {
+  const ms = (v) => typeof v === "number" ? v.toFixed(1) : "";
+  const codes = d.codes ? Object.keys(d.codes).sort().map((c) => c + ": " + d.codes[c]).join(", ") : "";
+  const answered = d.codes ? Object.values(d.codes).reduce((a, b) => a + b, 0) : 0;
+  return el("tr", {"data-id": d.name},
+    el("td", {class: "name"}, d.name), el("td", {class: "route"}, d.route),
+    el("td", {class: "replicas"}, cell(d.replicas)), el("td", {class: "rate"}, d.rate.toFixed(1)),
+    el("td", {class: "p50"}, ms(d.p50_ms)), el("td", {class: "p99"}, ms(d.p99_ms)),
+    el("td", {class: "ongoing"}, cell(d.ongoing)), el("td", {class: "queued"}, cell(d.queued)),
+    el("td", {class: "answered"}, String(answered)), el("td", {class: "errors"}, cell(d.errors)),
+    el("td", {class: "rejected"}, cell(d.rejected)), el("td", {class: "codes"}, codes));
+}
+
+function serveView() {
+  const box = el("div", {id: "serve"});
+  const err = el("span", {id: "error", class: "error"});
+  main.replaceChildren(el("h1", {}, "Serve deployments"), err, box);
+  async function refresh() {
+    try {
+      const res = await api("/api/serve");
+      err.textContent = "";
+      if (!res.deployments.length) {
+        box.replaceChildren(el("p", {id: "empty", class: "empty"},
+          "No serve application runs in this head: start one attached to it with tide serve run --address."));
+        return;
+      }
+      const now = Date.now() / 1000;
+      for (const d of res.deployments) {
+        if (!serveHistory.has(d.name)) serveHistory.set(d.name, []);
+        const h = serveHistory.get(d.name);
+        h.push([now, d.rate]);
+        if (h.length > 300) h.shift();
+      }
+      const cols = ["deployment", "route", "replicas", "req/s", "p50 ms", "p99 ms", "ongoing", "queued",
+        "answered", "errors", "rejected", "by status"];
+      box.replaceChildren(
+        el("table", {id: "table"}, el("thead", {}, el("tr", {}, ...cols.map((c) => el("th", {}, c)))),
+          el("tbody", {id: "rows"}, ...res.deployments.map(serveRow))),
+        el("h1", {}, "Requests per second"),
+        timeChart("rate-chart", res.deployments.slice(0, 8).map((d) => ({label: d.name, points: serveHistory.get(d.name)})),
+          900, 200));
+      status.textContent = "updated " + new Date().toLocaleTimeString();
+    } catch (e) {
+      err.textContent = String(e.message || e);
+    }
+  }
+  refresh();
+  state.timer = setInterval(refresh, REFRESH_MS);
+}
+
 // -- Routing ------------------------------------------------------------------
 
 const kind = location.pathname.replace(/^\//, "");
@@ -426,4 +485,5 @@ for (const a of document.querySelectorAll("#nav a")) {
 if (VIEWS[kind]) tableView(kind);
 else if (kind === "training") trainingView();
 else if (kind === "data") dataView();
+else if (kind === "serve") serveView();
 else overview();
