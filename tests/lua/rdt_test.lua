@@ -110,6 +110,16 @@ t.test("several in flight arrive in order", function()
   t.deep_eq(tide.get(c:get_log()), sizes)
 end)
 
+t.test("two actors that exchange tensors both ways do not wait on each other", function()
+  -- Each is the other's consumer: the sends and receives the caller queued
+  -- meet in its order (a consumer asking for its own send would queue it
+  -- behind the producer's own pending receive).
+  local ra, rb = p:make(65536, 21), c:make(65536, 22)
+  local oa, ob = p:check(rb, 65536, 22), c:check(ra, 65536, 21)
+  t.ok(tide.get(oa, {timeout = 20}).same, "producer got the consumer's tensor")
+  t.ok(tide.get(ob, {timeout = 20}).same, "consumer got the producer's tensor")
+end)
+
 t.test("a result that is not a tensor passes as it is; bad declarations and kinds are named", function()
   local n = p:make_number()
   t.eq(tide.get(n), 42)
