@@ -379,6 +379,39 @@ if wanted("allreduce") then
   end
 end
 
+-- A 64 MiB tensor from one actor to another (issue 16, item 4), both
+-- ways in the same run: a plain method's result through the object store
+-- (one copy in, mapped by the consumer) and a tide.method with
+-- tensor_transport = "collective" (held by the producer, sent over the
+-- pair's collective group). Each call reads one element of what it got.
+if wanted("actor_tensor") then
+  local Side = tide.actor({
+    setup = function(self, rank)
+      require("tide.collective").init_group(2, rank, "bench-rdt")
+      self.x = require("tide.tensor").ones({16 * 1024 * 1024})
+    end,
+    plain = function(self) return self.x end,
+    direct = tide.method({tensor_transport = "collective"}, function(self) return self.x end),
+    first = function(_, x) return x:get(1) end,
+  })
+  local p = Side:options({own_process = true}):remote()
+  local c = Side:options({own_process = true}):remote()
+  tide.get({p:setup(0), c:setup(1)})
+  local bytes = 64 * 1024 * 1024
+  for _, way in ipairs({"plain", "direct"}) do
+    tide.get(c:first(p[way](p)))  -- warm: pages, pools, definitions
+    collectgarbage()
+    local gb = rate(function()
+      tide.get(c:first(p[way](p)))
+      collectgarbage()
+    end, bytes / 1e9, 2)
+    m(way == "plain" and "actor_tensor_64MiB_object_store" or "actor_tensor_64MiB_direct", gb, "GB/s",
+      limits.memcpy / 1e9, {bytes = bytes})
+  end
+  tide.kill(p)
+  tide.kill(c)
+end
+
 -- tide.data (issue 14): pipeline efficiency against a plain loop, a large
 -- file streamed with memory bounded, and Tide's side of the Ray Data / Dask
 -- comparison (bench/data.lua; `tide bench data` runs just these).

@@ -186,6 +186,40 @@ do
       "bytes / time from the first submit to the second result, best of 3"})
 end
 
+-- A 64 MiB tensor from an actor on node-1 to an actor on node-2 (issue
+-- 16, item 4), both ways in the same run: a plain method's result through
+-- the object store (node to node) and a tide.method with tensor_transport
+-- = "collective" (sent over the pair's group, its encrypted streams).
+do
+  local Side = tide.actor({
+    setup = function(self, rank)
+      require("tide.collective").init_group(2, rank, "bench-rdt-mn", {timeout = 30})
+      self.x = require("tide.tensor").ones({16 * 1024 * 1024})
+    end,
+    plain = function(self) return self.x end,
+    direct = tide.method({tensor_transport = "collective"}, function(self) return self.x end),
+    first = function(_, x) return x:get(1) end,
+  })
+  local p = Side:options({own_process = true, scheduling_strategy = {node_id = "node-1"}}):remote()
+  local c = Side:options({own_process = true, scheduling_strategy = {node_id = "node-2"}}):remote()
+  tide.get({p:setup(0), c:setup(1)}, {timeout = 60})
+  for _, way in ipairs({"plain", "direct"}) do
+    local best = math.huge
+    for i = 1, 4 do
+      local t0 = raw.now()
+      tide.get(c:first(p[way](p)), {timeout = 60})
+      if i > 1 then best = math.min(best, raw.now() - t0) end  -- the first warms up
+      let_go(0.3)
+    end
+    emit({metric = "multinode_actor_tensor_64MiB_" .. (way == "plain" and "object_store" or "direct"),
+      value = 64 * 1024 * 1024 / best / 1e9, unit = "GB/s", limit = tcp / 1e9, data_plane = dp,
+      note = "an actor on node-1 returns a 64 MiB tensor, an actor on node-2 reads one element of it; " ..
+        "bytes / time per call pair, best of 3 after a warm-up"})
+  end
+  tide.kill(p)
+  tide.kill(c)
+end
+
 -- Node death: an actor on node-2 with a restart left answers again from
 -- another node; the time includes detection (the heartbeat timeout).
 local pidfile = os.getenv("TD_NODE2_PID")

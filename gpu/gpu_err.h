@@ -9,21 +9,22 @@
 #ifndef TD_GPU_ERR_H
 #define TD_GPU_ERR_H
 
-#define TD_GPU_ERRDEF(_)                                                   \
-  _(NOMEM, "out of memory")                                                \
-  _(INVAL, "invalid argument")                                             \
-  _(SHAPE, "shape mismatch")                                               \
-  _(DTYPE, "unsupported dtype for this operation")                         \
-  _(DEVICE, "tensors are on different devices")                            \
-  _(NODEV, "no GPU: CUDA device not available")                            \
-  _(PLUGIN, "CUDA plugin could not be loaded")                             \
-  _(CUDA, "CUDA error")                                                    \
-  _(CUBLAS, "cuBLAS error")                                                \
-  _(NCCL, "NCCL error")                                                    \
-  _(RANGE, "index out of range")                                           \
-  _(FORMAT, "malformed serialized tensor")                                 \
-  _(IO, "transport error")                                                 \
-  _(UNSUPPORTED, "operation not supported on this device")
+#define TD_GPU_ERRDEF(_)                                   \
+  _(NOMEM, "out of memory")                                \
+  _(INVAL, "invalid argument")                             \
+  _(SHAPE, "shape mismatch")                               \
+  _(DTYPE, "unsupported dtype for this operation")         \
+  _(DEVICE, "tensors are on different devices")            \
+  _(NODEV, "no GPU: CUDA device not available")            \
+  _(PLUGIN, "CUDA plugin could not be loaded")             \
+  _(CUDA, "CUDA error")                                    \
+  _(CUBLAS, "cuBLAS error")                                \
+  _(NCCL, "NCCL error")                                    \
+  _(RANGE, "index out of range")                           \
+  _(FORMAT, "malformed serialized tensor")                 \
+  _(IO, "transport error")                                 \
+  _(UNSUPPORTED, "operation not supported on this device") \
+  _(PEER, "a peer rank's process exited")
 
 /* clang-format off */
 /* Each code's place in the table (0, 1, ...), for the codes below. */

@@ -6,6 +6,7 @@
 #include <linux/futex.h>
 #include <poll.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -25,9 +26,11 @@ typedef struct td__chan {
   uint64_t head __attribute__((aligned(64))); /* bytes written */
   uint32_t head_seq;                          /* futex: bumped after head moves */
   uint32_t reader_waiting;                    /* reader sleeps on head_seq */
+  int32_t writer_pid;                         /* the writer's process, 0 before it attaches */
   uint64_t tail __attribute__((aligned(64))); /* bytes consumed */
   uint32_t tail_seq;                          /* futex: bumped after tail moves */
   uint32_t writer_waiting;                    /* writer sleeps on tail_seq */
+  int32_t reader_pid;                         /* the reader's process, 0 before it attaches */
 } td__chan_t;
 
 struct td_ring_shm {
@@ -49,6 +52,17 @@ struct td_ring_shm {
 static void td__futex_wait(uint32_t *addr, uint32_t seen) {
   struct timespec ts = {0, 2 * 1000 * 1000}; /* re-check every 2 ms regardless */
   syscall(SYS_futex, addr, FUTEX_WAIT, seen, &ts, NULL, 0);
+}
+
+/* A peer whose process is gone never publishes again: a wait that has
+ * slept TD__LIVE_EVERY times (~100 ms) checks that the peer's process
+ * still exists, so a rank that dies fails the others instead of hanging
+ * them. */
+#define TD__LIVE_EVERY 50
+
+static int td__peer_gone(const int32_t *pidp) {
+  int32_t pid = __atomic_load_n(pidp, __ATOMIC_ACQUIRE);
+  return pid > 0 && kill(pid, 0) != 0 && errno == ESRCH;
 }
 
 static void td__futex_wake(uint32_t *addr) {
@@ -135,6 +149,9 @@ static int td__shm_send(void *ctx, int peer, const void *buf, size_t len) {
       } else if (spins < TD__SPINS + TD__YIELDS) {
         sched_yield();
       } else {
+        if ((spins - TD__SPINS - TD__YIELDS) % TD__LIVE_EVERY == TD__LIVE_EVERY - 1 &&
+            td__peer_gone(&c->reader_pid))
+          return TD_GPU_EPEER;
         uint32_t seen = __atomic_load_n(&c->tail_seq, __ATOMIC_ACQUIRE);
         __atomic_store_n(&c->writer_waiting, 1, __ATOMIC_SEQ_CST);
         if (__atomic_load_n(&c->tail, __ATOMIC_SEQ_CST) == tail) td__futex_wait(&c->tail_seq, seen);
@@ -171,6 +188,9 @@ static int64_t td__shm_peek(void *ctx, int peer, const void **ptr, size_t len) {
     } else if (spins < TD__SPINS + TD__YIELDS) {
       sched_yield();
     } else {
+      if ((spins - TD__SPINS - TD__YIELDS) % TD__LIVE_EVERY == TD__LIVE_EVERY - 1 &&
+          td__peer_gone(&c->writer_pid))
+        return TD_GPU_EPEER;
       uint32_t seen = __atomic_load_n(&c->head_seq, __ATOMIC_ACQUIRE);
       __atomic_store_n(&c->reader_waiting, 1, __ATOMIC_SEQ_CST);
       if (__atomic_load_n(&c->head, __ATOMIC_SEQ_CST) == tail) td__futex_wait(&c->head_seq, seen);
@@ -212,6 +232,14 @@ static int td__shm_recv(void *ctx, int peer, void *buf, size_t len) {
 
 void td_ring_shm_transport(td_ring_shm_t *s, int rank, td_ring_transport_t *tr) {
   s->rank = rank;
+  /* This process's end of each of its channels, for the peers' liveness
+   * checks. */
+  int32_t me = (int32_t)getpid();
+  for (int p = 0; p < s->n; p++) {
+    if (p == rank) continue;
+    __atomic_store_n(&s->chans[(size_t)rank * (size_t)s->n + (size_t)p].writer_pid, me, __ATOMIC_RELEASE);
+    __atomic_store_n(&s->chans[(size_t)p * (size_t)s->n + (size_t)rank].reader_pid, me, __ATOMIC_RELEASE);
+  }
   memset(tr, 0, sizeof(*tr));
   tr->ctx = s;
   tr->send = td__shm_send;

@@ -3,6 +3,7 @@
 -- C module tide.core. The same module serves the driver and workers.
 local core = require("tide.core")
 local capture = require("tide.capture")
+local rdt = require("tide.rdt")
 
 local M = {}
 
@@ -367,6 +368,11 @@ end
 
 function RemoteFunction:remote(...)
   if getmetatable(self) ~= RemoteFunction then colon_slip("remote function", "f") end
+  if rdt.active() then return self:_submit(rdt.args_for_task(...)) end
+  return self:_submit(...)
+end
+
+function RemoteFunction:_submit(...)
   if self.nret == -1 then
     local ref = core.submit(self.fn_id, self.norm, -1, ...)
     return setmetatable({ref = ref, i = 0}, Generator)
@@ -388,17 +394,19 @@ RemoteFunction.__tostring = function(self) return "RemoteFunction(" .. tostring(
 
 local ActorClass = {__tide_module = "tide"}
 ActorClass.__index = ActorClass
-ActorClass.__tide_ser = function(c) return core.encode({"class", c.class_id, c.opts}) end
+ActorClass.__tide_ser = function(c) return core.encode({"class", c.class_id, c.opts, c.rdt}) end
 local ActorHandle = {__tide_module = "tide"}
 
 -- class: the class table when known here (the handle was made here), so a
--- misspelled method fails at the call, not at tide.get.
-local function make_handle(id, class_id, ready, class)
-  return setmetatable({_id = id, _class_id = class_id, _ready = ready, _methods = {}, _class = class},
-    ActorHandle)
+-- misspelled method fails at the call, not at tide.get. rdt: the methods
+-- declared with tide.method ({name = group | false}), which travels with
+-- the handle.
+local function make_handle(id, class_id, ready, class, rdt_methods)
+  return setmetatable({_id = id, _class_id = class_id, _ready = ready, _methods = {}, _class = class,
+    _rdt = rdt_methods}, ActorHandle)
 end
 
-local HANDLE_FIELDS = {_id = true, _class_id = true, _ready = true, _methods = true, _class = true}
+local HANDLE_FIELDS = {_id = true, _class_id = true, _ready = true, _methods = true, _class = true, _rdt = true}
 
 ActorHandle.__index = function(h, k)
   local m = h._methods[k]
@@ -409,37 +417,47 @@ ActorHandle.__index = function(h, k)
     uerror(format("the actor has no method '%s'%s", k, did_you_mean(k, class)))
   end
   local id = rawget(h, "_id")
+  local rm = rawget(h, "_rdt")
+  local group = rm and rm[k]  -- declared with tide.method: its group, or false
   m = function(self, ...)
     if self ~= h then
       uerror(format("actor method: write actor:%s(...) with a colon, not actor.%s(...)", k, k))
     end
+    if group ~= nil then return rdt.call(id, k, group, ...) end
+    if rdt.active() then return core.actor_call(id, k, 1, rdt.args_for_actor(id, ...)) end
     return core.actor_call(id, k, 1, ...)
   end
   h._methods[k] = m
   return m
 end
 ActorHandle.__tostring = function(h) return "ActorHandle(" .. tostring(h._id) .. ")" end
-ActorHandle.__tide_ser = function(h) return core.encode({"actor", h._id, h._class_id}) end
+ActorHandle.__tide_ser = function(h) return core.encode({"actor", h._id, h._class_id, h._rdt}) end
 
 function M.actor(class, opts)
   if type(class) ~= "table" then
     error("tide.actor: expected a table of methods, got " .. type(class), 2)
   end
   for k, v in pairs(class) do
-    if type(k) ~= "string" or type(v) ~= "function" then
+    if type(k) ~= "string" or (type(v) ~= "function" and getmetatable(v) ~= rdt.METHOD) then
       error(format("tide.actor: field %s must be a method (function), got %s", tostring(k), type(v)), 2)
     end
   end
   check_opts(opts, ACTOR_OPTS, "tide.actor", 2)
   ensure()
+  local rdt_methods
+  class, rdt_methods = rdt.prepare_class(class)
   local id = core.register(class)
-  return setmetatable({class_id = id, opts = opts or {}, class = class}, ActorClass)
+  return setmetatable({class_id = id, opts = opts or {}, class = class, rdt = rdt_methods}, ActorClass)
 end
+
+-- tide.method({tensor_transport = "collective" [, group = name]}, fn): a
+-- method whose tensor result goes straight to consumers (stdlib/tide/rdt.lua).
+M.method = rdt.method
 
 function ActorClass:options(opts)
   check_opts(opts, ACTOR_OPTS, "options", 2)
-  return setmetatable({class_id = self.class_id, opts = merge(self.opts, opts), class = self.class},
-    ActorClass)
+  return setmetatable({class_id = self.class_id, opts = merge(self.opts, opts), class = self.class,
+    rdt = self.rdt}, ActorClass)
 end
 
 ActorClass.__call = function()
@@ -452,13 +470,18 @@ function ActorClass:remote(...)
   if o.name then
     local aid, cid = core.get_actor(o.name, o.namespace or "")
     if aid then
-      if o.get_if_exists then return make_handle(aid, cid) end
+      if o.get_if_exists then return make_handle(aid, cid, nil, nil, self.rdt) end
       error(format("an actor named '%s' already exists in namespace '%s'", o.name, o.namespace or ""), 2)
     end
   end
   local norm = normalize(o, true)
-  local aid, ready = core.actor_new(self.class_id, norm, ...)
-  return make_handle(aid, self.class_id, ready, self.class)
+  local aid, ready
+  if rdt.active() then
+    aid, ready = core.actor_new(self.class_id, norm, rdt.args_for_task(...))
+  else
+    aid, ready = core.actor_new(self.class_id, norm, ...)
+  end
+  return make_handle(aid, self.class_id, ready, self.class, self.rdt)
 end
 
 function M.get_actor(name, opts)
@@ -482,8 +505,8 @@ end
 -- Decoding handles and remote functions received in values.
 function M.__tide_deser(s)
   local t = core.decode(s)
-  if t[1] == "actor" then return make_handle(t[2], t[3]) end
-  if t[1] == "class" then return setmetatable({class_id = t[2], opts = t[3] or {}}, ActorClass) end
+  if t[1] == "actor" then return make_handle(t[2], t[3], nil, nil, t[4]) end
+  if t[1] == "class" then return setmetatable({class_id = t[2], opts = t[3] or {}, rdt = t[4]}, ActorClass) end
   return make_rf(t[1], t[2])
 end
 
@@ -522,6 +545,10 @@ local function warn_hang(what, ref, waited)
 end
 M._hang_warn_s = hang_warn_s
 
+-- A ref to a directly transported tensor decodes to its descriptor here:
+-- tide.get fetches the tensor from its producer.
+local RDT_DESC = rdt.DESC
+
 function M.get(x, opts)
   local timeout = opts and opts.timeout
   if timeout ~= nil and type(timeout) ~= "number" then error("tide.get: timeout must be a number", 2) end
@@ -538,7 +565,10 @@ function M.get(x, opts)
     else
       st, v = core.get1(x, timeout)
     end
-    if st == ST_OK then return v end
+    if st == ST_OK then
+      if getmetatable(v) == RDT_DESC then return rdt.fetch(v, timeout) end
+      return v
+    end
     raise_status(st, v, "tide.get")
   end
   if getmetatable(x) == Generator then
@@ -565,7 +595,12 @@ function M.get(x, opts)
   else
     st, v = core.getn(x, timeout)
   end
-  if st == ST_OK then return v end
+  if st == ST_OK then
+    for i = 1, #x do
+      if getmetatable(v[i]) == RDT_DESC then v[i] = rdt.fetch(v[i], timeout) end
+    end
+    return v
+  end
   raise_status(st, v, "tide.get")
 end
 
@@ -742,7 +777,8 @@ local function exec_node(node, memo)
   if node.rf then
     r = node.rf:remote(unpack(args, 1, node.args.n))
   else
-    r = core.actor_call(node.actor._id, node.method, 1, unpack(args, 1, node.args.n))
+    local h = node.actor
+    r = h[node.method](h, unpack(args, 1, node.args.n))
   end
   memo[node] = r
   return r

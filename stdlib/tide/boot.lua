@@ -8,7 +8,9 @@ local function errfmt(err, tb, name)
   local ctx = core.context()
   local e = {traceback = tb or "", task = name, pid = ctx.pid}
   if type(err) == "table" and type(err.kind) == "string" then
-    if err.kind == "TaskCancelledError" then
+    -- keep_kind: the stdlib's own failures that name what went wrong
+    -- elsewhere (tide.rdt: the producer died, the tensor is gone).
+    if err.kind == "TaskCancelledError" or err.keep_kind then
       e.kind, e.message = err.kind, err.message
     else
       e.kind = "TaskError"

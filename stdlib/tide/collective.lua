@@ -12,6 +12,8 @@ local M = {}
 local CAP = 1024 * 1024      -- bytes per rank-to-rank channel
 local groups, default = {}, nil
 local owners = {}            -- group -> the task or actor that made it
+local my_rank = {}           -- group -> this process's rank in it
+local actor_ranks = {}       -- group -> {actor id = rank} of its ranks that are actors (tide.rdt)
 local spans = setmetatable({}, {__mode = "k"})  -- group -> nodes it spans
 
 -- Groups last for the task or actor that made them: a worker process
@@ -52,7 +54,15 @@ local function init_nccl(world, rank, name, opts)
   end
   local comm = T.nccl_comm(world, id, rank, opts.device or "cuda:0")
   local g = {nccl = comm, device = opts.device or "cuda:0"}
-  groups[name], default, owners[g] = g, g, owner()
+  -- Which actor is which rank (tide.rdt sends to an actor by its rank).
+  local mine = core.context().actor_id or ""  -- "": a task
+  core.call_node("kv_put", key .. ":actor:" .. rank, mine)
+  local ar = {}
+  for r = 0, world - 1 do
+    local a = r == rank and mine or await_key(key .. ":actor:" .. r, name, opts.timeout or 60, "rank " .. r)
+    if a ~= "" then ar[a] = r end
+  end
+  groups[name], default, owners[g], my_rank[g], actor_ranks[g] = g, g, owner(), rank, ar
   return g
 end
 
@@ -83,7 +93,8 @@ function M.init_group(world, rank, name, opts)
   local bytes = cc.region_bytes(world, CAP)
   if world == 1 then
     local g = cc.attach(cc.alloc(bytes), bytes, 1, 0, CAP, true)
-    groups[name], default, owners[g] = g, g, owner()
+    local a = core.context().actor_id
+    groups[name], default, owners[g], my_rank[g], actor_ranks[g] = g, g, owner(), 0, a and {[a] = 0} or {}
     return g
   end
   -- Rendezvous through the head's KV: every rank says where it is (its
@@ -94,7 +105,8 @@ function M.init_group(world, rank, name, opts)
   local node = core.context().node_id
   local host = os.getenv("TIDE_COLL_HOST") or "127.0.0.1"
   local net = cc.net_listen(host)
-  local me = {node = node, host = host, port = net:port(), nonce = cc.random_hex():sub(1, 16)}
+  local me = {node = node, host = host, port = net:port(), nonce = cc.random_hex():sub(1, 16),
+              actor = core.context().actor_id}
   core.call_node("kv_put", base .. ":rank:" .. rank, me)
   local tbl
   if rank == 0 then
@@ -114,9 +126,10 @@ function M.init_group(world, rank, name, opts)
     end
   end
   -- Nodes in the order of their first rank; this node's ranks in order.
-  local leaders, mine, hosts, ports, names, seen = {}, {}, {}, {}, {}, {}
+  local leaders, mine, hosts, ports, names, seen, ar = {}, {}, {}, {}, {}, {}, {}
   for r = 0, world - 1 do
     local e = tbl.ranks[r + 1]
+    if e.actor then ar[e.actor] = r end
     hosts[r + 1], ports[r + 1], names[r + 1] = e.host, e.port, e.node
     if not seen[e.node] then seen[e.node] = true; leaders[#leaders + 1] = r end
     if e.node == node then mine[#mine + 1] = r end
@@ -153,7 +166,7 @@ function M.init_group(world, rank, name, opts)
   if rank == 0 then core.call_node("kv_del", base .. ":table") end
   if off and lrank == 0 then core.call_node("kv_del", lkey) end
   spans[g] = #leaders
-  groups[name], default, owners[g] = g, g, owner()
+  groups[name], default, owners[g], my_rank[g], actor_ranks[g] = g, g, owner(), rank, ar
   return g
 end
 
@@ -217,6 +230,36 @@ function M.num_nodes(name) return spans[group(name)] or 1 end
 
 -- Elements of rank's chunk in reduce_scatter of count elements.
 function M.chunk_count(count, world, rank) return cc.chunk_count(count, world, rank) end
+
+-- For tide.rdt (direct tensor transport): the group named (or, without a
+-- name, the only one) this task or actor joined -> name, rank, and the
+-- device of an NCCL group (nil for the CPU ring); nil, and the names when
+-- there are several, when there is none to use.
+function M._rdt_group(name)
+  local me = owner()
+  if name then
+    local g = groups[name]
+    if g and owners[g] == me then return name, my_rank[g], g.nccl and g.device or nil end
+    return nil
+  end
+  local found, names = nil, {}
+  for n, g in pairs(groups) do
+    if owners[g] == me then found = n; names[#names + 1] = n end
+  end
+  if #names > 1 then
+    table.sort(names)
+    return nil, table.concat(names, ", ")
+  end
+  if found then return M._rdt_group(found) end
+end
+
+-- For tide.rdt: the rank of actor aid in this task's or actor's group
+-- named name, or nil when that actor is not one of its ranks.
+function M._rdt_rank_of(name, aid)
+  local g = groups[name]
+  if not g or owners[g] ~= owner() then return nil end
+  return actor_ranks[g][aid]
+end
 
 function M.destroy_group(name)
   local g = groups[name]

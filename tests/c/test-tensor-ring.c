@@ -306,3 +306,38 @@ TEST_IMPL(ring_send_recv) {
                 td_ring_chunk_count(10, 4, 2) + td_ring_chunk_count(10, 4, 3), 10u);
   return 0;
 }
+
+/* A rank whose peer's process is gone fails (TD_GPU_EPEER) instead of
+ * waiting forever: rank 1 attaches and exits, then rank 0 waits on it,
+ * receiving and sending (a full channel). */
+TEST_IMPL(ring_shm_peer_exit) {
+  td_ring_shm_t *shm = NULL;
+  ASSERT_EQ(td_ring_shm_new(&shm, 2, 4096), 0);
+  pid_t peer = fork();
+  ASSERT(peer >= 0);
+  if (peer == 0) {
+    td_ring_transport_t tr;
+    td_ring_shm_transport(shm, 1, &tr);
+    _exit(0);
+  }
+  int st = 0;
+  ASSERT_EQ(waitpid(peer, &st, 0), peer); /* reaped: the pid no longer exists */
+  pid_t me = fork();
+  ASSERT(me >= 0);
+  if (me == 0) {
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    alarm(20);
+    td_ring_transport_t tr;
+    td_ring_shm_transport(shm, 0, &tr);
+    char buf[16384];
+    memset(buf, 0, sizeof(buf));
+    if (tr.recv(tr.ctx, 1, buf, sizeof(buf)) != TD_GPU_EPEER) _exit(1);
+    if (tr.send(tr.ctx, 1, buf, sizeof(buf)) != TD_GPU_EPEER) _exit(2);
+    _exit(0);
+  }
+  ASSERT_EQ(waitpid(me, &st, 0), me);
+  ASSERT(WIFEXITED(st));
+  ASSERT_EQ(WEXITSTATUS(st), 0);
+  td_ring_shm_free(&shm);
+  return 0;
+}

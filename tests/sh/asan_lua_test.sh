@@ -6,7 +6,7 @@ cd "$(dirname "$0")/../.."
 bin=build/asan/tide
 n=0
 if [ ! -x $bin ]; then echo "ok 1 - asan suites # SKIP $bin not built"; echo "1..1"; exit 0; fi
-for s in tasks actors failures objects tensor_store contracts; do
+for s in tasks actors failures objects tensor_store contracts rdt; do
   n=$((n + 1))
   log=build/test-logs/asan-$s.log
   TIDE_HOME=$(pwd) ASAN_OPTIONS=detect_leaks=0:handle_abort=1 UBSAN_OPTIONS=print_stacktrace=1 \

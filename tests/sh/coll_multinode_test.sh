@@ -4,7 +4,9 @@
 # run the ranks), real TCP streams between the ranks. A group whose ranks
 # sit on two nodes gives the same bytes as the same group on one node, for
 # every op and collective, at sizes 0, 1, odd and 1 MiB; non-f32 tensors
-# are refused clearly; a group over 3 nodes with 2 ranks on one of them
+# are refused clearly; a tensor returned with direct transport (tide.method)
+# goes from an actor on node-1 to one on node-2 over the group, and
+# tide.get of its ref still works; a group over 3 nodes with 2 ranks on one of them
 # (hierarchical: shared memory inside the node, streams between nodes)
 # agrees with one node too; the streams are AES-128-GCM (plain with
 # --data-plane plain, and two such groups agree); a rank's node killed in
@@ -122,6 +124,37 @@ check "the 1 MiB allreduce sum is the one computed by hand" \
   'echo "$two" | grep -q "^rank 1 allreduce sum 262144: 262144 "' "$(echo "$two" | grep "allreduce sum 262144")"
 check "a non-f32 tensor is refused clearly across nodes" \
   '[ "$(echo "$two" | grep -c "i32: f32 tensor expected")" = 2 ]' "$(echo "$two" | grep i32)"
+cat > $D/rdt.lua <<'LUA'
+-- Direct tensor transport across nodes: a producer actor on node-1, a
+-- consumer on node-2, in one group; the consumer gets the bytes over the
+-- group's streams, and the driver's tide.get fetches them through the store.
+local tide = require("tide")
+local W = tide.actor({
+  setup = function(_, rank) require("tide.collective").init_group(2, rank, "rdt-mn", {timeout = 30}) end,
+  make = tide.method({tensor_transport = "collective"}, function(_, n)
+    return require("tide.tensor").randn({n}, {seed = 5})
+  end),
+  check = function(_, x, n)
+    return x:to_bytes() == require("tide.tensor").randn({n}, {seed = 5}):to_bytes()
+  end,
+  stats = function() return require("tide.rdt").stats() end,
+})
+local p = W:options({own_process = true, scheduling_strategy = {node_id = "node-1"}}):remote()
+local c = W:options({own_process = true, scheduling_strategy = {node_id = "node-2"}}):remote()
+tide.get({p:setup(0), c:setup(1)}, {timeout = 60})
+local n = 3 * 1024 * 1024 + 5
+local r = p:make(n)
+print("SAME", tide.get(c:check(r, n), {timeout = 60}))
+print("RECEIVED", tide.get(c:stats()).received_bytes, "SENT", tide.get(p:stats()).sent_bytes)
+local x = tide.get(r, {timeout = 60})
+print("GET", x:numel() == n and x:to_bytes() == require("tide.tensor").randn({n}, {seed = 5}):to_bytes())
+LUA
+out=$(TIDE_SESSION_DIR=$D/head timeout 120 $T run --address local $D/rdt.lua 2>&1)
+check "direct tensor transport across nodes: the consumer on node-2 gets the producer's bytes over the group" \
+  'echo "$out" | grep -q "^SAME.true" && echo "$out" | grep -q "^RECEIVED.$((4 * (3 * 1024 * 1024 + 5))).SENT.$((4 * (3 * 1024 * 1024 + 5)))$"' "$out"
+check "... and tide.get of the same ref in the driver fetches it through the store" \
+  'echo "$out" | grep -q "^GET.true"' "$out"
+
 echo "# three nodes, two ranks on node-1"
 one=$(coll one4 node-1,node-1,node-1,node-1)
 three=$(coll three4 node-1,node-2,node-1,node-3)
