@@ -45,7 +45,7 @@ static void td__on_accept(void *ud) {
 /* A join that failed with rc: the link is closed, and the log says why. */
 static void td__join_failed(const char *ep, int fd, int rc) {
   close(fd);
-  td_bridge_client_stop();
+  td_bridge_client_drop(); /* a JOIN nobody answered need not be delivered */
   fprintf(stderr, "tide: cannot join the head at %s: %s; retrying\n", ep, td_strerror(rc));
   fflush(stderr);
 }
@@ -365,8 +365,9 @@ static void td__daemon_loop(td__start_t *s) {
       rotate_at = td_now() + 2;
     }
     if (s->join && !joining && !td_node_linked(td_ctx.node) && td_now() >= retry_at) {
-      /* The head is gone: keep trying, under the same index. */
-      td_bridge_client_stop();
+      /* The head is gone: keep trying, under the same index. Its old link
+       * is dead: nothing queued on it need wait to be delivered. */
+      td_bridge_client_drop();
       retry_at = td_now() + 1;
       if (td_bridge_client_start(s->join_ep, &s->join_key, &s->link_fd)) continue;
       int rc = td_link_join_start(&join, s->link_fd, s->node_index);
