@@ -39,17 +39,26 @@ static void td__on_accept(void *ud) {
   if (fd >= 0) td_node_add_client(td_ctx.node, fd);
 }
 
+/* How long a head has to answer a JOIN. */
+#define TD__JOIN_WAIT_S 3.0
+
+/* A join that failed with rc: the link is closed, and the log says why. */
+static void td__join_failed(const char *ep, int fd, int rc) {
+  close(fd);
+  td_bridge_client_drop(); /* a JOIN nobody answered need not be delivered */
+  fprintf(stderr, "tide: cannot join the head at %s: %s; retrying\n", ep, td_strerror(rc));
+  fflush(stderr);
+}
+
 /* One try at joining the head: connect over CURVE and get an index.
  * Returns 0 with *fd the link, or -1. */
 static int td__join_once(const char *ep, const td_cluster_key_t *key, uint32_t want, uint32_t *index,
                          int *fd) {
-  if (td_bridge_client_start(ep, key, fd)) return -1;
-  int rc = td_link_handshake(*fd, want, index, 3.0);
+  int rc = td_bridge_client_start(ep, key, fd);
+  if (rc) return -1;
+  rc = td_link_handshake(*fd, want, index, TD__JOIN_WAIT_S);
   if (rc == 0) return 0;
-  close(*fd);
-  td_bridge_client_stop();
-  fprintf(stderr, "tide: cannot join the head at %s: %s; retrying\n", ep, td_strerror(rc));
-  fflush(stderr);
+  td__join_failed(ep, *fd, rc);
   return -1;
 }
 
@@ -339,36 +348,59 @@ static void td__daemon_up(td__start_t *s) {
 /* Pumps the node until SIGTERM: rotates the worker logs, and rejoins a
  * head that went away. */
 static void td__daemon_loop(td__start_t *s) {
-  double retry_at = 0, rotate_at = 0;
+  double retry_at = 0, rotate_at = 0, join_until = 0;
   const char *lm = getenv("TIDE_LOG_MAX_BYTES");
   size_t log_max = lm && atoll(lm) > 0 ? (size_t)atoll(lm) : (size_t)64 << 20;
+  /* Rejoining a head that went away: JOIN is sent and its answer looked
+   * for between turns of the loop, so the node keeps serving its own
+   * workers and drivers meanwhile (the blocking handshake stopped it for
+   * up to TD__JOIN_WAIT_S in every second the head was away). */
+  td_link_join_t join;
+  int joining = 0;
   while (!td__stop_daemon) {
     td_core_flush_refs();
-    td_node_pump(td_ctx.node, 0.5);
+    td_node_pump(td_ctx.node, joining ? 0.02 : 0.5);
     if (td_now() >= rotate_at) {
       td_obs_rotate(log_max);
       rotate_at = td_now() + 2;
     }
-    if (s->join && !td_node_linked(td_ctx.node) && td_now() >= retry_at) {
-      /* The head is gone: keep trying, under the same index. */
-      td_bridge_client_stop();
-      uint32_t again = 0;
-      if (td__join_once(s->join_ep, &s->join_key, s->node_index, &again, &s->link_fd) == 0) {
-        if (again != s->node_index) {
-          fprintf(stderr,
-                  "tide: the head gave this node index %u, not its own %u; stopping "
-                  "(start it again to join as a new node)\n",
-                  again, s->node_index);
-          break;
-        }
-        td_node_link_head(td_ctx.node, s->link_fd);
-        printf("tide: rejoined the head at %s as node-%u\n", s->join, s->node_index);
-        fflush(stdout);
-      } else {
-        retry_at = td_now() + 1;
+    if (s->join && !joining && !td_node_linked(td_ctx.node) && td_now() >= retry_at) {
+      /* The head is gone: keep trying, under the same index. Its old link
+       * is dead: nothing queued on it need wait to be delivered. */
+      td_bridge_client_drop();
+      retry_at = td_now() + 1;
+      if (td_bridge_client_start(s->join_ep, &s->join_key, &s->link_fd)) continue;
+      int rc = td_link_join_start(&join, s->link_fd, s->node_index);
+      if (rc) {
+        td_link_join_end(&join);
+        td__join_failed(s->join_ep, s->link_fd, rc);
+        continue;
       }
+      joining = 1;
+      join_until = td_now() + TD__JOIN_WAIT_S;
+    }
+    if (!joining) continue;
+    uint32_t again = 0;
+    int rc = td_link_join_poll(&join, &again);
+    if (rc == TD_ETIMEDOUT && td_now() < join_until) continue;
+    td_link_join_end(&join);
+    joining = 0;
+    retry_at = td_now() + 1;
+    if (rc) {
+      td__join_failed(s->join_ep, s->link_fd, rc);
+    } else if (again != s->node_index) {
+      fprintf(stderr,
+              "tide: the head gave this node index %u, not its own %u; stopping "
+              "(start it again to join as a new node)\n",
+              again, s->node_index);
+      break;
+    } else {
+      td_node_link_head(td_ctx.node, s->link_fd);
+      printf("tide: rejoined the head at %s as node-%u\n", s->join, s->node_index);
+      fflush(stdout);
     }
   }
+  if (joining) td_link_join_end(&join);
 }
 
 /* Stops the node and removes what it leaves in the session directory.

@@ -751,3 +751,8 @@ void td_bridge_client_stop(void) {
   td_bridge_close(td__client, 1);
   td__client = NULL;
 }
+
+void td_bridge_client_drop(void) {
+  td_bridge_close(td__client, 0);
+  td__client = NULL;
+}

@@ -48,5 +48,8 @@ void td_bridge_close(td_bridge_client_t *c, int flush);
 int td_bridge_client_start(const char *endpoint, const td_cluster_key_t *k, int *fd);
 /* Flushes what is queued for the node and stops (at exit). */
 void td_bridge_client_stop(void);
+/* Stops at once, dropping what is queued: for a link that is dead anyway
+ * (a head that did not answer a JOIN), so that nothing waits on it. */
+void td_bridge_client_drop(void);
 
 #endif

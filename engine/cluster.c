@@ -961,36 +961,48 @@ int td__on_pkg(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   return rc;
 }
 
-int td_link_handshake(int fd, uint32_t want, uint32_t *index, double timeout) {
-  td_chan_t c;
-  td_chan_init(&c, fd);
-  td_chan_begin(&c, TD_M_JOIN);
-  td_buf_u32(&c.out, want);
-  td_chan_end(&c);
-  int rc = td_chan_flush_all(&c) ? TD_EIO : TD_ETIMEDOUT;
-  double deadline = td_now() + timeout;
-  while (rc == TD_ETIMEDOUT) {
-    double left = deadline - td_now();
-    if (left <= 0) break;
-    struct pollfd pfd = {fd, POLLIN, 0};
-    if (poll(&pfd, 1, (int)(left * 1000) + 1) <= 0) continue;
-    if (td_chan_read(&c)) { rc = TD_EIO; break; }
-    uint8_t type;
-    const uint8_t *p;
-    uint32_t len;
-    int got;
-    while ((got = td_chan_next(&c, &type, &p, &len)) == 1) {
-      if (type != TD_M_WELCOME) continue;  /* the node's HELLO to a client */
-      td_rd_t rd;
-      td_rd_init(&rd, p, len);
-      *index = td_rd_u32(&rd);
-      rc = rd.bad || !*index ? TD_EPROTO : 0;
-      break;
-    }
-    if (got < 0) rc = TD_EPROTO;
+int td_link_join_start(td_link_join_t *j, int fd, uint32_t want) {
+  td_chan_init(&j->c, fd);
+  td_chan_begin(&j->c, TD_M_JOIN);
+  td_buf_u32(&j->c.out, want);
+  td_chan_end(&j->c);
+  return td_chan_flush_all(&j->c) ? TD_EIO : 0;
+}
+
+int td_link_join_poll(td_link_join_t *j, uint32_t *index) {
+  struct pollfd pfd = {j->c.fd, POLLIN, 0};
+  if (poll(&pfd, 1, 0) <= 0) return TD_ETIMEDOUT;
+  if (td_chan_read(&j->c)) return TD_EIO;
+  uint8_t type;
+  const uint8_t *p;
+  uint32_t len;
+  int got;
+  while ((got = td_chan_next(&j->c, &type, &p, &len)) == 1) {
+    if (type != TD_M_WELCOME) continue; /* the node's HELLO to a client */
+    td_rd_t rd;
+    td_rd_init(&rd, p, len);
+    *index = td_rd_u32(&rd);
+    return rd.bad || !*index ? TD_EPROTO : 0;
   }
-  c.fd = -1;
-  td_chan_close(&c);
+  return got < 0 ? TD_EPROTO : TD_ETIMEDOUT;
+}
+
+void td_link_join_end(td_link_join_t *j) {
+  j->c.fd = -1;
+  td_chan_close(&j->c);
+}
+
+int td_link_handshake(int fd, uint32_t want, uint32_t *index, double timeout) {
+  td_link_join_t j;
+  int rc = td_link_join_start(&j, fd, want);
+  double deadline = td_now() + timeout;
+  if (rc == 0) rc = td_link_join_poll(&j, index);
+  while (rc == TD_ETIMEDOUT && td_now() < deadline) {
+    struct pollfd pfd = {fd, POLLIN, 0};
+    poll(&pfd, 1, (int)((deadline - td_now()) * 1000) + 1);
+    rc = td_link_join_poll(&j, index);
+  }
+  td_link_join_end(&j);
   return rc;
 }
 

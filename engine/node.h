@@ -8,6 +8,7 @@
 #ifndef TD_NODE_H
 #define TD_NODE_H
 
+#include "chan.h"
 #include "proto.h"
 #include "store.h"
 
@@ -177,6 +178,17 @@ double td_node_res_avail(td_node_t *n, int i);
  * connection to the head and waits for its index. Returns 0, TD_ETIMEDOUT,
  * TD_EIO or TD_EPROTO. Done before td_node_new, whose ids carry the index. */
 int td_link_handshake(int fd, uint32_t want, uint32_t *index, double timeout);
+/* The same without waiting, for a node that rejoins while it keeps running
+ * its own work: td_link_join_start sends JOIN on fd; td_link_join_poll
+ * reads what has come (it never blocks): 0 with *index once the head
+ * answered, TD_ETIMEDOUT while nothing has, or TD_EIO / TD_EPROTO;
+ * td_link_join_end forgets the join (fd stays open). */
+typedef struct td_link_join {
+  td_chan_t c;
+} td_link_join_t;
+int td_link_join_start(td_link_join_t *j, int fd, uint32_t want);
+int td_link_join_poll(td_link_join_t *j, uint32_t *index);
+void td_link_join_end(td_link_join_t *j);
 /* Adopts the connection as this node's link to its head (after the
  * handshake) and reports its resources. The head then sends it work. */
 int td_node_link_head(td_node_t *n, int fd);

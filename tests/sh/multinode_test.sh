@@ -225,7 +225,6 @@ hpid=$(cat $D/head/node.pid)
 kill -9 $hpid
 for i in $(seq 50); do [ "$(grep -c "lost the head" $D/n2/node.log)" -gt "$lost_before" ] && break; sleep 0.1; done
 touch $D/headgone
-# The node takes it between its tries to rejoin (each blocks up to 3 s).
 for i in $(seq 100); do grep -q SUBMITTED $D/held.out 2>/dev/null && break; sleep 0.1; done
 sleep 4
 t0=$(now)
