@@ -316,8 +316,10 @@ function Ctx:report(m)
   if self.rank ~= 0 then return end
   local r = {}
   for k, v in pairs(m) do r[k] = v end
-  -- Stamped with this rank's clock: the driver computes tokens/s from it.
-  local ref = self._spec.reporter:push({{r = r, t = now()}})
+  -- Stamped with this rank's clock (the driver computes tokens/s from it)
+  -- and its attempt and world: a report of a failed attempt may reach the
+  -- driver after the next attempt began.
+  local ref = self._spec.reporter:push({{r = r, t = now(), a = self.attempt, w = self.world_size}})
   self._last_push = ref
   -- A worker sends what it submitted when it next talks to its node: a
   -- loop that computes without waiting would hold its reports until the
@@ -650,7 +652,7 @@ function M.fit(opts)
           death_t = nil
         end
       else
-        local rt = r.t
+        local rt, ra, rw = r.t, r.a, r.w
         r = r.r
         -- tokens/s over windows of at least 0.5 s of rank 0's clock
         if type(r.tokens) == "number" then
@@ -663,7 +665,7 @@ function M.fit(opts)
             rate.t, rate.tokens = rt, r.tokens
           end
         end
-        r._attempt, r._t, r._world_size = attempt, now() - t0, world
+        r._attempt, r._t, r._world_size = ra or attempt, now() - t0, rw or world
         history[#history + 1] = r
         metrics = r
         pub.dirty = true
