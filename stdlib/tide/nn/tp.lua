@@ -732,6 +732,10 @@ function Group:_collect(refs, what, timeout)
       local rank = rank_of[ref:id()]
       if not ok then
         local msg, kind = describe(v)
+        -- The caller itself was cancelled (a serve client hung up) while it
+        -- waited: every rank was given its call and finishes it, so the
+        -- group stays whole; only this caller stops.
+        if kind == "TaskCancelledError" then error(v, 0) end
         self:_fail(format("shard rank %d of %d failed in %s: %s", rank, self.world_size, what, msg), kind)
       end
       out[rank + 1] = v
