@@ -54,9 +54,8 @@ static void td__join_failed(const char *ep, int fd, int rc) {
  * Returns 0 with *fd the link, or -1. */
 static int td__join_once(const char *ep, const td_cluster_key_t *key, uint32_t want, uint32_t *index,
                          int *fd) {
-  int rc = td_bridge_client_start(ep, key, fd);
-  if (rc) return -1;
-  rc = td_link_handshake(*fd, want, index, TD__JOIN_WAIT_S);
+  if (td_bridge_client_start(ep, key, fd)) return -1;
+  int rc = td_link_handshake(*fd, want, index, TD__JOIN_WAIT_S);
   if (rc == 0) return 0;
   td__join_failed(ep, *fd, rc);
   return -1;

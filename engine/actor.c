@@ -287,13 +287,7 @@ int td__kill_actor(td_node_t *n, uint64_t actor_id, int no_restart, const char *
 /* The key of a named actor in n->actors.names: FNV-1a of the namespace,
  * a 0 byte and the name. */
 uint64_t td__actor_name_key(const char *ns, const char *name) {
-  uint64_t h = 14695981039346656037ull;
-  for (const char *p = ns;; p++) {
-    h = (h ^ (uint8_t)*p) * 1099511628211ull;
-    if (!*p) break;
-  }
-  for (const char *p = name; *p; p++) h = (h ^ (uint8_t)*p) * 1099511628211ull;
-  return h;
+  return td_fnv1a(td_fnv1a(TD_FNV_BASIS, ns, strlen(ns) + 1), name, strlen(name));
 }
 
 static int td__actor_named(const td_actor_t *a, const char *name, const char *ns) {

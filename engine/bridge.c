@@ -354,9 +354,7 @@ static uint64_t td__peer_addr(int fd, char *host, size_t hostlen) {
     al = 16;
   }
   if (a) inet_ntop(ss.ss_family, a, host, (socklen_t)hostlen);
-  uint64_t h = 1469598103934665603ull;  /* FNV-1a */
-  for (size_t i = 0; i < al; i++) h = (h ^ a[i]) * 1099511628211ull;
-  return h;
+  return td_fnv1a(TD_FNV_BASIS, a, al);
 }
 
 static void td__hs_del(int fd) {

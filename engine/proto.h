@@ -9,63 +9,66 @@
 
 /* -- Message types -------------------------------------------------------- */
 
+/* The comments are a column, continued under it: */
+/* clang-format off */
 enum {
   /* node -> worker */
-  TD_M_TASK = 1,   /* run a task */
-  TD_M_ACTOR_NEW,  /* create an actor in this process */
-  TD_M_ACTOR_CALL, /* call an actor method */
-  TD_M_ACTOR_KILL, /* destroy an actor */
-  TD_M_REPLY,      /* reply to a worker request: u32 req_id, payload */
-  TD_M_CANCEL,     /* interrupt a running task: u64 task_id */
-  TD_M_HELLO,      /* to a client: u64 its id, u64 inline_max (store fd sent before) */
-  TD_M_NODE_TASK,  /* head -> node: u64 task id, u32 attempt, spec, fn, dep values */
-  TD_M_WELCOME,    /* head -> node: u32 the node's index */
+  TD_M_TASK = 1,       /* run a task */
+  TD_M_ACTOR_NEW,      /* create an actor in this process */
+  TD_M_ACTOR_CALL,     /* call an actor method */
+  TD_M_ACTOR_KILL,     /* destroy an actor */
+  TD_M_REPLY,          /* reply to a worker request: u32 req_id, payload */
+  TD_M_CANCEL,         /* interrupt a running task: u64 task_id */
+  TD_M_HELLO,          /* to a client: u64 its id, u64 inline_max (store fd sent before) */
+  TD_M_NODE_TASK,      /* head -> node: u64 task id, u32 attempt, spec, fn, dep values */
+  TD_M_WELCOME,        /* head -> node: u32 the node's index */
   /* worker -> node */
-  TD_M_READY = 20, /* u32 pid */
-  TD_M_DONE,       /* task or call finished */
-  TD_M_ITEM,       /* one streamed item */
-  TD_M_SUBMIT,     /* a nested task, actor or call (td_spec) */
-  TD_M_GET,        /* u32 req, f64 timeout, u32 n, u64 ids[n]; the reply: u8 timed out
+  TD_M_READY = 20,     /* u32 pid */
+  TD_M_DONE,           /* task or call finished */
+  TD_M_ITEM,           /* one streamed item */
+  TD_M_SUBMIT,         /* a nested task, actor or call (td_spec) */
+  TD_M_GET,            /* u32 req, f64 timeout, u32 n, u64 ids[n]; the reply: u8 timed out
                           (1: nothing follows), else n values */
-  TD_M_WAIT,       /* u32 req, f64 timeout, u32 num, u32 n, u64 ids[n] */
-  TD_M_PUT,        /* u64 id, value, refs */
-  TD_M_REFS,       /* u32 n, (u64 id, i32 delta)[n] */
-  TD_M_PRINT,      /* str text */
-  TD_M_ALLOC,      /* u32 req, u64 size: shared-memory extent */
-  TD_M_BLOCKED,    /* u32 n, u64 unstarted task ids[n] handed back */
+  TD_M_WAIT,           /* u32 req, f64 timeout, u32 num, u32 n, u64 ids[n] */
+  TD_M_PUT,            /* u64 id, value, refs */
+  TD_M_REFS,           /* u32 n, (u64 id, i32 delta)[n] */
+  TD_M_PRINT,          /* str text */
+  TD_M_ALLOC,          /* u32 req, u64 size: shared-memory extent */
+  TD_M_BLOCKED,        /* u32 n, u64 unstarted task ids[n] handed back */
   TD_M_UNBLOCKED,
-  TD_M_ACTOR_EXIT,  /* u64 actor id, u8 crashed, str reason */
-  TD_M_RPC,         /* u32 req, str op, str args (serialized list) */
-  TD_M_STREAM_NEXT, /* u32 req, u64 stream id, u32 index, f64 timeout; the reply:
+  TD_M_ACTOR_EXIT,     /* u64 actor id, u8 crashed, str reason */
+  TD_M_RPC,            /* u32 req, str op, str args (serialized list) */
+  TD_M_STREAM_NEXT,    /* u32 req, u64 stream id, u32 index, f64 timeout; the reply:
                           u8 td_sn_t, u64 item */
-  TD_M_UNPIN,       /* u32 n, u64 ids[n] */
-  TD_M_ACTOR_READY, /* u64 actor id */
-  TD_M_REMOTE,      /* from the TCP bridge: this client cannot map the store; str its address */
-  TD_M_PIN,         /* u32 n, u64 ids[n]: keep them in place (zero-copy reads) */
-  TD_M_STREAM_ROOM, /* u32 req, u64 task id: answered once its stream is within
+  TD_M_UNPIN,          /* u32 n, u64 ids[n] */
+  TD_M_ACTOR_READY,    /* u64 actor id */
+  TD_M_REMOTE,         /* from the TCP bridge: this client cannot map the store; str its address */
+  TD_M_PIN,            /* u32 n, u64 ids[n]: keep them in place (zero-copy reads) */
+  TD_M_STREAM_ROOM,    /* u32 req, u64 task id: answered once its stream is within
                           the window its consumer set (td_node_stream_window) */
   /* between nodes (a node's link to its head, both ways) */
-  TD_M_BEAT = 40, /* heartbeat; node -> head: u32 workers, actors, tasks running,
+  TD_M_BEAT = 40,      /* heartbeat; node -> head: u32 workers, actors, tasks running,
                           queued, u64 objects, store used, store capacity, spilled,
-                          bytes sent to nodes, bytes fetched from nodes */
-  TD_M_JOIN,      /* node -> head: u32 index wanted (0: any) */
-  TD_M_NODE_INFO, /* node -> head: str name, u32 n, (str resource, f64 total)[n],
+                          bytes sent to nodes, bytes fetched from nodes, bytes kept inline */
+  TD_M_JOIN,           /* node -> head: u32 index wanted (0: any) */
+  TD_M_NODE_INFO,      /* node -> head: str name, u32 n, (str resource, f64 total)[n],
                           u32 k, (u64 actor, u32 incarnation)[k]: detached actors it runs,
                           u32 the port it listens on for other nodes (0: none) */
-  TD_M_FN,        /* either way: u64 id, str definition (before work that needs it) */
-  TD_M_PKG_GET,   /* node -> head: str hash of a working-directory package */
-  TD_M_PKG,       /* head -> node: str hash, u8 ok, str package (or why not) */
-  TD_M_CHUNK_GET, /* between nodes: u64 object id, u64 offset, u32 length[, u8 1: answer on
+  TD_M_FN,             /* either way: u64 id, str definition (before work that needs it) */
+  TD_M_PKG_GET,        /* node -> head: str hash of a working-directory package */
+  TD_M_PKG,            /* head -> node: str hash, u8 ok, str package (or why not) */
+  TD_M_CHUNK_GET,      /* between nodes: u64 object id, u64 offset, u32 length[, u8 1: answer on
                           the link's data-plane stream (TD_M_DP)] */
-  TD_M_CHUNK,     /* the answer: u64 id, u64 offset, str bytes (empty: it is gone) */
-  TD_M_LINEAGE,   /* node -> head: u64 object id, str spec of the task that makes it */
-  TD_M_PEER,      /* node -> node, first on a link between them: u32 the sender's index */
-  TD_M_HAVE,      /* node -> head: u64 object id, u8 ok: a fetch the head directed ended */
-  TD_M_KILL,      /* node -> head: u64 actor id, u8 no_restart, str why: an actor the head keeps */
-  TD_M_DP,        /* either way on a link between nodes: u32 port, str token[16], u8 mode: the
+  TD_M_CHUNK,          /* the answer: u64 id, u64 offset, str bytes (empty: it is gone) */
+  TD_M_LINEAGE,        /* node -> head: u64 object id, str spec of the task that makes it */
+  TD_M_PEER,           /* node -> node, first on a link between them: u32 the sender's index */
+  TD_M_HAVE,           /* node -> head: u64 object id, u8 ok: a fetch the head directed ended */
+  TD_M_KILL,           /* node -> head: u64 actor id, u8 no_restart, str why: an actor the head keeps */
+  TD_M_DP,             /* either way on a link between nodes: u32 port, str token[16], u8 mode: the
                           sender's data-plane listener; a stream presenting the token carries the
                           chunks asked for on this link with the CHUNK_GET flag set (dplane.c) */
 };
+/* clang-format on */
 
 /* The status of a STREAM_NEXT reply, and what core.stream_next returns
  * for it (td__ret_item). */

@@ -147,6 +147,10 @@ int td_map_next(const td_map_t *m, size_t *it, uint64_t *key, void **val);
 /* -- Misc ----------------------------------------------------------------- */
 
 double td_now(void); /* monotonic seconds */
+/* FNV-1a of n bytes at p, going on from h (TD_FNV_BASIS to start): a
+ * 64-bit key for in-process tables, not a checksum. */
+#define TD_FNV_BASIS 14695981039346656037ull
+uint64_t td_fnv1a(uint64_t h, const void *p, size_t n);
 void *td_xmalloc(size_t n);
 void *td_xcalloc(size_t n, size_t m);
 void *td_xrealloc(void *p, size_t n);

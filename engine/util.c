@@ -157,6 +157,12 @@ double td_now(void) {
   return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
+uint64_t td_fnv1a(uint64_t h, const void *p, size_t n) {
+  const uint8_t *b = p;
+  for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 1099511628211ull;
+  return h;
+}
+
 void td_log(const char *fmt, ...) {
   if (!td_verbose) return;
   va_list ap;
