@@ -120,6 +120,10 @@ end
 -- so every producer and consumer meet their sends and receives in the
 -- order this caller made them (as Ray's __ray_send__ / __ray_recv__), and
 -- the receive runs before the call, which finds the tensor it left.
+-- The producer first answers an offer (whether, and to which rank, it
+-- will send), which the receive reads before it blocks: a producer that
+-- will not send (it left the group, the tensor is gone, the offer
+-- raised) never leaves its consumer waiting in the group's recv.
 function M.args_for_actor(aid, ...)
   local n, args, done = select("#", ...), nil, nil
   for i = 1, n do
@@ -130,8 +134,11 @@ function M.args_for_actor(aid, ...)
       done = done or {}
       local r = done[v]
       if not r then
+        local offer = core.actor_call(o.actor, "__tide_rdt", 1, "offer", o.token, aid)
         core.actor_call(o.actor, "__tide_rdt", 1, "send", o.token, aid)
-        r = core.actor_call(aid, "__tide_rdt", 1, "recv", v, o.token)
+        -- In a table, so that the receive gets the ref (not its value, or
+        -- its failure before running) and names the producer if it died.
+        r = core.actor_call(aid, "__tide_rdt", 1, "recv", v, o.token, {offer})
         done[v] = r
       end
       args[i] = r
@@ -297,12 +304,20 @@ end
 -- notices a transfer it did not ask for). Nothing held (the method failed
 -- or returned no tensor): nothing to send, and the consumer's receive
 -- does not wait for it.
-function ops.send(_, token, to)
-  local t = held[token]
-  if not t then return false end
+-- The rank send(token, to) sends to, or false when it will not send.
+local function send_rank(token, to)
+  if not held[token] then return false end
   local C, group = coll(), held_group[token]
-  local dst = C._rdt_rank_of(group, to)
+  if not C._rdt_group(group) then return false end  -- this actor left the group
+  return C._rdt_rank_of(group, to) or false
+end
+
+function ops.offer(_, token, to) return send_rank(token, to) end
+
+function ops.send(_, token, to)
+  local dst = send_rank(token, to)
   if not dst then return false end
+  local t, C, group = held[token], coll(), held_group[token]
   local _, _, device = C._rdt_group(group)
   flush_frames()
   C.send(header(device, STATUS_OK, tag(token)), dst, group)
@@ -372,7 +387,20 @@ end
 -- Consumer: gets the tensor a descriptor names (directly from a fellow
 -- group member, else through the object store) and keeps it for the call
 -- that follows, whose argument is this call's result.
-function ops.recv(_, d, token)
+-- The producer's offer: the rank it will send to, or false. A producer
+-- that died or failed raises here, not in the group's recv.
+local function read_offer(d, offer)
+  local ok, v = pcall(require("tide").get, offer)
+  if ok then return v end
+  if type(v) == "table" and v.kind == "ActorDiedError" then
+    fail("ActorDiedError", format("actor %s (rank %d of group %s), which held the tensor its method %s returned,"
+      .. " died before sending it: %s", d.actor, d.rank, d.group, d.method or "?", tostring(v.message)))
+  end
+  if type(v) == "table" then fail(v.kind or "ObjectLostError", tostring(v.message)) end
+  error(v, 0)
+end
+
+function ops.recv(_, d, token, offer)
   local T = require("tide.tensor")
   local t
   if T.is_tensor(d) then
@@ -381,7 +409,12 @@ function ops.recv(_, d, token)
     return d  -- the method returned no tensor: its value passes as it is
   else
     local gname, rank, device = coll()._rdt_group(d.group)
-    if gname and rank ~= d.rank then
+    local to = gname and rank ~= d.rank and read_offer(d, offer[1])
+    if to and to ~= rank then
+      fail("ObjectLostError", format("group %s: actor %s sends the tensor to rank %d, but this actor is rank %d"
+        .. " (the two hold different views of the group)", d.group, d.actor, to, rank))
+    end
+    if to then
       t = pull(d, token, device)
     else
       local ok, v = pcall(M.fetch, d)

@@ -39,6 +39,7 @@ local Worker = tide.actor({
   get_log = function(self) return self.log end,
   echo = function(_, v) return v end,
   busy = function(_, s) require("tide").sleep(s); return true end,
+  leave = function(_, name) require("tide.collective").destroy_group(name); return true end,
   stats = function() return require("tide.rdt").stats() end,
 })
 
@@ -148,6 +149,17 @@ t.test("dropping the last ref frees the tensor in the producer", function()
   end
   t.eq(held, 0, "tensors still held")
   t.eq(tide.get(p:stats()).held_bytes, 0)
+end)
+
+t.test("a producer that left its group sends nothing, and its consumer gets the tensor through the store", function()
+  local r2 = p:make(N, 11)
+  local before = tide.get(p:stats())
+  tide.get(p:leave("rdt-a"), {timeout = 60})
+  local out = tide.get(c:check(r2, N, 11), {timeout = 30})
+  t.ok(out.same, "the bytes differ")
+  local ps = tide.get(p:stats())
+  t.eq(ps.fetched - before.fetched, 1, "fetched through the object store")
+  t.eq(ps.sent - before.sent, 0, "not sent directly")
 end)
 
 t.test("a producer that dies fails its consumer (ActorDiedError naming it), never hangs", function()
