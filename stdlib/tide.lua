@@ -596,8 +596,10 @@ function M.get(x, opts)
     st, v = core.getn(x, timeout)
   end
   if st == ST_OK then
-    for i = 1, #x do
-      if getmetatable(v[i]) == RDT_DESC then v[i] = rdt.fetch(v[i], timeout) end
+    if rdt.seen then  -- only once this process has decoded a descriptor
+      for i = 1, #x do
+        if getmetatable(v[i]) == RDT_DESC then v[i] = rdt.fetch(v[i], timeout) end
+      end
     end
     return v
   end

@@ -194,7 +194,7 @@ end
 LOCAL.__tide_ser = function(l) return core.encode({"local", l.token}) end
 
 -- Decodes a descriptor: the tensor itself where it is held or was received,
--- else the descriptor (tide.get fetches it).
+-- else the descriptor (tide.get fetches it; M.seen tells it to look).
 function M.__tide_deser(blob)
   local t = core.decode(blob)
   if t[1] == "local" then
@@ -210,6 +210,7 @@ function M.__tide_deser(blob)
   end
   local h = held[t[2]]
   if h then return h end
+  M.seen = true
   return setmetatable({token = t[2], actor = t[3], group = t[4], rank = t[5], shape = t[6], device = t[7],
     method = t[8]}, DESC)
 end

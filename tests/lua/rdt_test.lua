@@ -89,12 +89,14 @@ t.test("the ref works everywhere else: tide.get, a plain task, an actor outside 
   local fetched0 = tide.get(p:stats()).fetched
   local x = tide.get(r, {timeout = 60})
   t.eq(x:to_bytes(), require("tide.tensor").randn({N}, {seed = 7}):to_bytes(), "tide.get")
+  local xs = tide.get({r}, {timeout = 60})
+  t.eq(xs[1]:to_bytes(), x:to_bytes(), "tide.get of a list")
   t.ok(tide.get(check_task:remote(r, N, 7), {timeout = 60}), "a plain task")
   local o = Worker:options({own_process = true}):remote()
   local out = tide.get(o:check(r, N, 7), {timeout = 60})
   t.ok(out.same, "an actor outside the group")
   t.eq(tide.get(o:stats()).received, 0, "not directly")
-  t.eq(tide.get(p:stats()).fetched - fetched0, 3, "each fetched from the producer through the store")
+  t.eq(tide.get(p:stats()).fetched - fetched0, 4, "each fetched from the producer through the store")
   tide.kill(o)
 end)
 
