@@ -146,17 +146,19 @@ void td__link_chan(td_wk_t *wk) {
 /* -- What the object table tells the other modules ------------------------------------
  * obj.c keeps objects; it knows nothing of who waits on them, where else
  * they are or how they are made again. An object that became ready or
- * failed while a message was handled is recorded there and acted on in the
- * objects phase once the message is done (Redis's signalKeyAsReady, then
- * handleClientsBlockedOnKeys after the command); outside a message it is
- * acted on at once (td__obj_done). An object being freed is told at once
- * (td__obj_freeing, td__obj_freed), as its record goes. */
+ * failed is recorded there and acted on in the objects phase: once the
+ * message that changed it is done (Redis's signalKeyAsReady, then
+ * handleClientsBlockedOnKeys after the command), or, for a change made
+ * outside a message, at the pump's next objects phase. An object being
+ * freed is told at once (td__obj_freeing, td__obj_freed), as its record
+ * goes. */
 
 /* The objects phase: for each object that became ready or failed
  * (obj.c records them), nodes that asked for its chunks get them, then
  * what waits on it (tasks, requests) wakes. Waking may fail tasks and so
- * change more objects: they are taken in the same pass. An object freed
- * since (or freed and being made again by lineage: pending) is skipped. */
+ * change more objects: they are recorded and taken in the same pass. An
+ * object freed since (or freed and being made again by lineage: pending)
+ * is skipped. */
 void td__objs_phase(td_node_t *n) {
   td_node_objs_t *t = &n->objs;
   for (uint32_t i = 0; i < t->nchanged; i++) {
@@ -164,6 +166,10 @@ void td__objs_phase(td_node_t *n) {
     if (o && o->state != OBJ_PENDING) td__obj_done(n, o);
   }
   t->nchanged = 0;
+}
+
+void td_node_settle(td_node_t *n) {
+  if (n->objs.nchanged) td__objs_phase(n);
 }
 
 /* o is ready or failed: nodes that asked for its chunks get them, then what
@@ -300,9 +306,7 @@ static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p,
   if (!m || !m->fn || !(m->from & K(wk->kind))) return TD_EPROTO;
   td_rd_t rd;
   td_rd_init(&rd, p, len);
-  n->objs.recording = 1;
   int rc = m->fn(n, wk, &rd);
-  n->objs.recording = 0;
   if (n->objs.nchanged) td__objs_phase(n); /* what the message changed, acted on before the next */
   return rc;
 }
@@ -433,9 +437,11 @@ static void td__io_phase(td_node_t *n, double timeout) {
  * cluster's timers; tasks waiting for nodes to settle; the hang scan;
  * schedule again, the host's tick, and send. */
 void td_node_pump(td_node_t *n, double timeout) {
+  td_node_settle(n); /* what changed outside a message, since the last turn */
   td__sched(n);
   td_node_flush(n);
   td__io_phase(n, td__poll_timeout(n, timeout));
+  td_node_settle(n);
   if (n->objs.dirty || n->procs.reqs) {
     n->objs.dirty = 0;
     td__reqs_check(n, td_now());
@@ -452,6 +458,7 @@ void td_node_pump(td_node_t *n, double timeout) {
   }
   if (n->links.nunplaced) td__unplaced_check(n, td_now());
   if (n->tasks.hang_warn_s > 0 && n->tasks.map.len) td__why_tick(n, td_now());
+  td_node_settle(n); /* what the timers and the tick changed */
   td__sched(n);
   for (int i = 0; i < TD_NODE_WATCHES; i++)
     if (n->watch[i].tick) n->watch[i].tick(n->watch[i].ud);

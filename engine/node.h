@@ -66,6 +66,11 @@ void td_node_set_peering(td_node_t *n, int port, td_peer_open_cb open, td_peer_c
 /* One loop iteration: flush, poll up to `timeout` s, handle, schedule. */
 void td_node_pump(td_node_t *n, double timeout);
 void td_node_flush(td_node_t *n);
+/* Acts on the objects that calls made outside a message changed (became
+ * ready or failed: their waiters wake, results nobody holds go), as each
+ * message and each pump does. A host calls it after its own calls (the
+ * driver, when a tide call returns) so that they take effect at once. */
+void td_node_settle(td_node_t *n);
 /* Extensions (the HTTP ingress): one more fd to poll, with a callback when
  * it is readable, and a callback after every pump. */
 typedef void (*td_node_cb)(void *ud);

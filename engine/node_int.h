@@ -335,9 +335,8 @@ typedef struct td_node_objs {
   uint64_t next_seq;     /* the last id made here (td_node_new_id): node index << TD_NODE_SHIFT, up */
   uint64_t clock;        /* ticks on each use, for the spill's least-recently-used order */
   int dirty;             /* objects changed since waiting requests were checked (the pump) */
-  int recording;         /* a message is being handled: changes are recorded, not acted on */
-  uint64_t *changed;     /* objects that became ready or failed while recording, their waiters
-                          * not woken yet: node.c's objects phase (td__objs_phase) acts on them */
+  uint64_t *changed;     /* objects that became ready or failed, their waiters not woken yet:
+                          * node.c's objects phase (td__objs_phase) acts on them */
   uint32_t nchanged, capchanged;
   td_allocw_t *allocw; /* ALLOCs waiting for room, oldest first (td__allocs_retry) */
   void **pool; /* free td_obj_t records kept for reuse */

@@ -183,18 +183,14 @@ void td__wait_on(td_obj_t *o, td_task_t *t) {
   t->deps_pending++;
 }
 
-/* o became ready or failed. While a message is handled this is recorded,
- * not acted on: what waits on it (tasks, requests, other nodes' chunk
- * requests) is woken in the objects phase once the message is done (node.c,
- * td__objs_phase), so o stays valid for the handler. Outside a message (the
- * driver's own calls, chunks read straight into the store) it is acted on
- * at once (td__obj_done; it may free o). */
+/* o became ready or failed. This is recorded, not acted on: what waits on
+ * it (tasks, requests, other nodes' chunk requests) is woken in the objects
+ * phase (node.c, td__objs_phase) once the message that changed it is done,
+ * or, for a change made outside a message (the driver's own calls, chunks
+ * read straight into the store, the cluster's timers), in the pump's next
+ * objects phase; so o stays valid for whoever changed it. */
 static void td__obj_changed(td_node_t *n, td_obj_t *o) {
   td_node_objs_t *t = &n->objs;
-  if (!t->recording) {
-    td__obj_done(n, o);
-    return;
-  }
   if (t->nchanged == t->capchanged) {
     t->capchanged = t->capchanged ? t->capchanged * 2 : 64;
     t->changed = td_xrealloc(t->changed, t->capchanged * 8);

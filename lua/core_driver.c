@@ -111,7 +111,10 @@ int td__guard(lua_State *L) {
     td__enter();
   }
   int n = f(L);
-  if (--td__depth == 0) td__leave();
+  if (--td__depth == 0) {
+    if (td_ctx.node) td_node_settle(td_ctx.node); /* what the call changed takes effect before it returns */
+    td__leave();
+  }
   return n;
 }
 int td__opening_rpc; /* the node's private state takes no guards */

@@ -234,9 +234,36 @@ TEST_IMPL(obj_client_death_gives_back) {
   /* Its task is still queued (work outlives its submitter); cancelled, its
    * result has no holder and goes. */
   ASSERT_EQ(td_node_cancel(n, ret, 0), 0);
+  td_node_settle(n); /* the host's own call takes effect */
   ASSERT_EQ(td_node_state(n, ret), TD_OBJ_MISSING);
   uint64_t left[] = {driver, more};
   return end_test(&n, left, 2, KEEP_PEERS);
+}
+
+/* A change made outside a message (here the host's own cancel) is
+ * recorded, not acted on inside the call: what waits on the object wakes
+ * at td_node_settle (the driver's call guard, or the pump's next turn),
+ * so the object table never calls up into the task layer. */
+TEST_IMPL(obj_changes_outside_a_message_settle) {
+  td_node_t *n = mknode(2);
+  ASSERT(n);
+  uint64_t a = td_node_new_id(n), b = td_node_new_id(n);
+  td_spec_t s = task_spec(&a, 1);
+  ASSERT(submit(n, &s)); /* it fits and waits, queued, for a worker (none comes here) */
+  s = task_spec(&b, 1);
+  s.deps = &a;
+  s.ndeps = 1;
+  ASSERT(submit(n, &s));
+  td_node_incref(n, a); /* held, so that it stays failed, not freed */
+  ASSERT_EQ(td_node_cancel(n, a, 0), 0);
+  ASSERT_EQ(td_node_state(n, a), TD_OBJ_ERROR);
+  ASSERT_EQ(td_node_state(n, b), TD_OBJ_PENDING); /* its waiter is not woken inside the call */
+  td_node_settle(n);
+  ASSERT(failed_with(n, b, "cancel")); /* woken: a dependency failed */
+  td_node_decref(n, a);
+  td_node_decref(n, a);
+  td_node_decref(n, b);
+  return end_test(&n, NULL, 0, KEEP_PEERS);
 }
 
 TEST_IMPL(obj_get_requests) {
