@@ -511,14 +511,15 @@ local tb_handler = function(e)
   return debug.traceback(tostring(e), 2)
 end
 
--- A pool unit: calls the user's call once per spec.bs rows of the unit (a
--- unit carries a block of several batches, so the driver's round trip and
--- the part file are paid per block, not per batch). A call that raises:
+-- A map_batches unit (a task, or a call on a pool actor): calls the user's
+-- function once per spec.bs rows of the unit (a unit carries a block of
+-- several batches, so the driver's round trip, the task and the part file
+-- are paid per block, not per batch). A call that raises:
 --   on_error = "raise": the unit fails naming the batch's rows (the
 --     driver retries the whole unit, then fails the pipeline);
 --   on_error = "skip": the batch is called again here, up to max_retries
 --     times, then dropped and counted; the unit's other batches are kept.
-local function call_batches(plan, self, rows, spec, acc)
+local function call_batches(plan, call, self, rows, spec, acc)
   local n = #rows
   local bs = spec.bs or n
   if bs < 1 then bs = 1 end
@@ -536,7 +537,7 @@ local function call_batches(plan, self, rows, spec, acc)
     local ok, res
     if plan.skip then
       for attempt = 1, (plan.max_retries or 0) + 1 do
-        ok, res = pcall(plan.call, self, batch)
+        ok, res = pcall(call, self, batch)
         if not ok and is_exit(res) then error(res, 0) end
         if ok and type(res) ~= "table" then ok = false end
         if ok then break end
@@ -547,7 +548,7 @@ local function call_batches(plan, self, rows, spec, acc)
         res = nil
       end
     else
-      ok, res = xpcall(plan.call, tb_handler, self, batch)
+      ok, res = xpcall(call, tb_handler, self, batch)
       if not ok then
         if is_exit(res) then error(res, 0) end
         error(format("%s: call failed on the batch of rows %d-%d: %s", plan.label,
@@ -578,10 +579,10 @@ function W.run(plan, self, spec, ...)
   local n_in = #rows
   local acc = {skipped = 0, batches = 0, calls = 0, retries = 0}
   if plan.call then
-    rows = call_batches(plan, self, rows, spec, acc)
+    rows = call_batches(plan, plan.call, self, rows, spec, acc)
   elseif plan.batch_fn then
-    acc.calls = 1
-    rows = check_batch_out(plan.batch_fn(rows), plan.label)
+    local fn = plan.batch_fn
+    rows = call_batches(plan, function(_, batch) return fn(batch) end, nil, rows, spec, acc)
   end
   rows = apply_ops(plan.ops, rows, plan.label, acc)
   local meta = {n = #rows, n_in = n_in, skipped = acc.skipped, skipped_batches = acc.batches,
