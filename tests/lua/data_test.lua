@@ -661,7 +661,7 @@ t.test("peak_store_bytes counts blocks small enough to be kept inline (outside t
   -- Blocks of 20 rows of ~1 KiB: about 20 KiB each, under the 64 KiB
   -- inline limit, so none enters the shared-memory store.
   local ds = data.range(400, {block_rows = 20})
-    :map(function(r) return {id = r.id, s = string.rep("x", 1000)} end)
+    :map(function(r) return {id = r.id, s = string.rep(string.char(65 + r.id % 26), 1000)} end) -- not all one
     :map_batches(function(b) tide.sleep(0.02); return b end, {fuse = false}) -- blocks wait: sampled
   t.eq(ds:count(), 400)
   local st = ds:stats()
@@ -671,7 +671,7 @@ end)
 t.local_test("a dataset five times the store streams through without spilling", function()
   local payload_rows = 160 * 1024 -- 160 MiB of 1 KiB rows through a 32 MiB store
   local ds = data.range(payload_rows, {block_rows = 1024})
-    :map(function(r) return {id = r.id, s = string.rep("x", 1000)} end)
+    :map(function(r) return {id = r.id, s = string.rep(string.char(65 + r.id % 26), 1000)} end) -- not all one
     :map_batches(function(b)
       local n = 0
       for _, r in ipairs(b) do n = n + #r.s end
@@ -758,18 +758,25 @@ t.test("blocks of uniform rows travel packed by column and come back equal; othe
   local core = require("tide.core")
   local rows = {}
   for i = 1, 40 do
-    rows[i] = {id = i, text = i % 3 == 0 and "" or ("row \0 " .. i), ok = i % 2 == 0, x = i == 7 and 0 / 0 or -i / 3}
+    rows[i] = {id = i, text = i % 3 == 0 and "" or ("row \0 " .. i), ok = i % 2 == 0, x = i == 7 and 0 / 0 or -i / 3,
+      path = "/same/for/every/row", big = ({1 / 0, -1 / 0, 2 ^ 53 + 2, -0.0})[i % 4 + 1]}
   end
   local b = W.pack(rows)
   t.ok(b.cols and not b.rows, "uniform scalar rows are packed by column")
+  for c, k in ipairs(b.keys) do
+    t.eq(type(b.cols[c]), b.kinds[c] == "string" and "table" or "string") -- bytes, not arrays of values
+    if k == "path" then t.eq(b.cols[c].c, "/same/for/every/row") end -- one value, sent once
+  end
   local back = W.unpack(core.decode(core.encode(b)))
   t.eq(#back, 40)
   for i = 1, 40 do
     t.eq(back[i].id, i); t.eq(back[i].text, rows[i].text); t.eq(back[i].ok, rows[i].ok)
     if i == 7 then t.ok(back[i].x ~= back[i].x, "NaN kept") else t.eq(back[i].x, rows[i].x) end
+    t.eq(back[i].path, "/same/for/every/row"); t.eq(back[i].big, rows[i].big)
+    t.eq(1 / back[i].big, 1 / rows[i].big) -- -0.0 stays negative
     local n = 0
     for _ in pairs(back[i]) do n = n + 1 end
-    t.eq(n, 4)
+    t.eq(n, 6)
   end
   -- Rows that differ in keys, hold tables, have metatables or array parts,
   -- or are not tables, travel as they are.
@@ -785,7 +792,18 @@ t.test("blocks of uniform rows travel packed by column and come back equal; othe
   plain(function(i) return i == 20 and {id = i, [1] = "x"} or {id = i} end)
   plain(function(i) return i end)
   plain(function(i) return {id = i % 2 == 0 and i or tostring(i)} end)
+  plain(function(i) return i == 20 and {id = i} or {id = i, h = i} end) -- a key missing
+  plain(function(i)
+    local r = {}
+    for k = 1, 33 do r["k" .. k] = i end
+    return r
+  end) -- more keys than a packed block takes
   t.ok(W.pack({{id = 1}}).rows, "a short block is not packed")
+  -- A range's blocks bound for the next stage are packed without making rows.
+  local ids = {}
+  for i = 5, 44 do ids[#ids + 1] = {id = i} end
+  t.deep_eq(W.pack_range(5, 44), W.pack(ids))
+  t.deep_eq(W.unpack(W.pack_range(7, 9)), {{id = 7}, {id = 8}, {id = 9}})
   -- A slice is rebuilt alone, after what out holds already.
   local part = {"a", "b"}
   t.eq(W.unpack_into(b, 11, 15, part, 2), 7)
