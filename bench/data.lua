@@ -25,7 +25,8 @@
 -- streamed sizes (comma-separated MB, default 256,1024);
 -- TIDE_BENCH_DATA_ROUNDS / TIDE_BENCH_DATA_TRIALS the rounds (default 3);
 -- TIDE_BENCH_DATA_IPU the row function's iterations per µs (default:
--- calibrated each run).
+-- calibrated each run); TIDE_BENCH_DATA_COSTS the µs per row of the
+-- efficiency rows (comma-separated, default 1,10,100).
 local tide = require("tide")
 local data = require("tide.data")
 local raw = require("tide.rawbench")
@@ -96,7 +97,9 @@ return function(ctx)
     local ok, r = pcall(tide.cluster_resources)
     if ok and r.CPU then ncpu = math.max(1, math.floor(r.CPU)) end
     local rounds = tonumber(os.getenv("TIDE_BENCH_DATA_ROUNDS") or "3")
-    for _, cost in ipairs({1, 10, 100}) do
+    local costs = {}
+    for c in (os.getenv("TIDE_BENCH_DATA_COSTS") or "1,10,100"):gmatch("[^,]+") do costs[#costs + 1] = tonumber(c) end
+    for _, cost in ipairs(costs) do
       local iters = math.max(1, math.floor(cost * ipu + 0.5))
       -- About 1 s of CPU per core per run, in 32 blocks (so the last block
       -- on a core is a small share of the run).

@@ -333,10 +333,10 @@ local MB_OPTS = set_of("batch_size", "fuse", "concurrency", "num_gpus", "num_cpu
   "max_retries", "on_error", "max_in_flight", "init_args", "name", "max_tasks_in_flight_per_actor",
   "batches_per_unit")
 
--- A pool unit (one actor call, one part file when the pool writes) carries
--- at most this many rows when batches_per_unit is not given (but always at
--- least one batch): the stage before cuts its blocks to this size, so a
--- unit decodes about the rows it uses.
+-- A unit of a map_batches stage (one task or actor call, one part file when
+-- the stage writes) carries at most this many rows when batches_per_unit is
+-- not given (but always at least one batch): the stage before cuts its
+-- blocks to this size, so a unit decodes about the rows it uses.
 M.UNIT_MAX_ROWS = 8192
 
 -- ds:map_batches(fn(batch) -> batch, opts) with tasks, or
@@ -387,9 +387,8 @@ function Dataset:map_batches(fn, opts)
   if opts.fuse ~= nil and type(opts.fuse) ~= "boolean" then
     error("ds:map_batches: fuse must be a boolean, got " .. type(opts.fuse), 2)
   end
-  if not stateful and (opts.init_args or opts.max_tasks_in_flight_per_actor or opts.batches_per_unit) then
-    error("ds:map_batches: init_args, max_tasks_in_flight_per_actor and batches_per_unit need {init, call}"
-      .. " (an actor pool)", 2)
+  if not stateful and (opts.init_args or opts.max_tasks_in_flight_per_actor) then
+    error("ds:map_batches: init_args and max_tasks_in_flight_per_actor need {init, call} (an actor pool)", 2)
   end
   if opts.batches_per_unit and not opts.batch_size then
     error("ds:map_batches: batches_per_unit needs batch_size", 2)
@@ -467,7 +466,7 @@ local function compile(ds, run, sink, discard)
       cur.name = cur.name .. "->" .. (op.name or op.kind)
     elseif op.kind == "map_batches" and not op.stateful and cur.kind == "tasks" and not cur.sink
       and o.num_gpus == nil and o.num_cpus == nil and o.memory == nil and o.resources == nil
-      and op.concurrency == nil and o.max_in_flight == nil and o.fuse ~= false then
+      and op.concurrency == nil and o.max_in_flight == nil and o.batches_per_unit == nil and o.fuse ~= false then
       -- Fused into the tasks before it: no trip through the store. Batches
       -- are cut within each block.
       cur.ops[#cur.ops + 1] = {kind = "batch", fn = op.fn, batch_size = o.batch_size,
@@ -482,12 +481,10 @@ local function compile(ds, run, sink, discard)
         max_retries = o.max_retries or run.max_retries, fn = op.fn, max_in_flight = o.max_in_flight,
         task_opts = {num_gpus = o.num_gpus, num_cpus = o.num_cpus, memory = o.memory, resources = o.resources},
         concurrency = op.concurrency, init_args = o.init_args, per_actor = o.max_tasks_in_flight_per_actor}
-      if op.stateful then
-        cur.concurrency = cur.concurrency or {1, 1}
-        if o.batch_size then
-          cur.batches_per_unit = o.batches_per_unit
-          cur.max_batches_per_unit = o.batches_per_unit or max(1, floor(M.UNIT_MAX_ROWS / o.batch_size))
-        end
+      if op.stateful then cur.concurrency = cur.concurrency or {1, 1} end
+      if o.batch_size then
+        cur.batches_per_unit = o.batches_per_unit
+        cur.max_batches_per_unit = o.batches_per_unit or max(1, floor(M.UNIT_MAX_ROWS / o.batch_size))
       end
     elseif op.kind == "repartition" then
       push()
@@ -512,13 +509,13 @@ local function compile(ds, run, sink, discard)
   for i, def in ipairs(defs) do
     local nxt = defs[i + 1]
     local split = nxt and not nxt.repartition and nxt.batch_size or nil
-    -- Before a pool: blocks cut to its largest unit, not to one batch.
+    -- Blocks cut to the next stage's largest unit, not to one batch.
     if split and nxt.max_batches_per_unit then split = split * nxt.max_batches_per_unit end
     local plan = {ops = def.ops, sink = def.sink, label = def.name, split_rows = split,
       discard = discard and i == #defs or nil}
+    plan.skip, plan.max_retries = def.on_error == "skip", def.max_retries
     if def.kind == "actors" then
       plan.call = def.fn.call
-      plan.skip, plan.max_retries = def.on_error == "skip", def.max_retries
       local user = {init = def.fn.init}
       local topts = {max_concurrency = 1}
       for k, v in pairs(def.task_opts) do topts[k] = v end

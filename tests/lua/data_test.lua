@@ -315,7 +315,7 @@ t.test("a pool unit carries batches_per_unit batches: call once per batch_size s
   t.eq(back[1].call, 1); t.eq(back[50].call, 5); t.eq(back[51].call, 6); t.eq(back[105].call, 11)
   t.raises(function() data.range(3):map_batches({call = function(_, b) return b end}, {batches_per_unit = 2}) end,
     "batches_per_unit needs batch_size")
-  t.raises(function() data.range(3):map_batches(function(b) return b end, {batch_size = 1, batches_per_unit = 2}) end,
+  t.raises(function() data.range(3):map_batches(function(b) return b end, {batch_size = 1, init_args = {}}) end,
     "need {init, call}")
   t.raises(function()
     data.range(3):map_batches({call = function(_, b) return b end}, {batch_size = 1, batches_per_unit = 0})
@@ -339,46 +339,74 @@ t.test("pool units are sized by the measured time per batch: cheap batches many 
   t.ok(st.units >= 8, "10 slow batches went in " .. st.units .. " units")
 end)
 
-t.test("a pool batch that raises: with skip only that batch is dropped (retried in place first); "
-  .. "with raise the whole unit is retried and the error names the batch's rows", function()
-  local function ds_for(fails)
-    return data.range(60, {block_rows = 30}):map_batches({
-      call = function(_, batch)
-        if batch[1].id == 21 and fails() then error("bad pool batch") end
-        return batch
-      end,
-    }, {batch_size = 10, batches_per_unit = 3, concurrency = 1, on_error = "skip", max_retries = 1})
+-- One body for both kinds of map_batches stage: units of three batches of
+-- 10 rows, in which the batch of rows 21-30 raises.
+local function batch_failures(kind)
+  local function ds_for(fails, opts)
+    local function f(batch)
+      if batch[1].id == 21 and fails() then error("bad " .. kind .. " batch") end
+      return batch
+    end
+    local src = data.range(60, {block_rows = 30})
+    if kind == "task" then return src:map_batches(f, opts) end
+    opts.concurrency = 1
+    return src:map_batches({call = function(_, batch) return f(batch) end}, opts)
   end
-  local always = ds_for(function() return true end)
+  local skip = {batch_size = 10, batches_per_unit = 3, on_error = "skip", max_retries = 1}
+  local always = ds_for(function() return true end, skip)
   t.deep_eq(ids(always:take_all()), (function()
     local want = {}
     for i = 1, 60 do if i < 21 or i > 30 then want[#want + 1] = i end end
     return want
   end)())
   local st = always:stats().stages[2]
+  t.eq(st.units, 2); t.eq(st.calls, 6); t.eq(st.rows_out, 50)
   t.eq(st.skipped_rows, 10); t.eq(st.skipped_batches, 1); t.eq(st.retries, 1)
-  local marker = DIR .. "/pool-flaky"
+  local marker = DIR .. "/" .. kind .. "-flaky"
   local once = ds_for(function()
     if io.open(marker, "rb") then return false end
     io.open(marker, "wb"):close()
     return true
-  end)
+  end, skip)
   t.eq(once:count(), 60)
   st = once:stats().stages[2]
   t.eq(st.skipped_rows, 0); t.eq(st.retries, 1)
   local calls = Counter:remote()
-  local raising = data.range(60, {block_rows = 30}):map_batches({
-    call = function(_, batch)
-      tide.get(calls:incr())
-      if batch[1].id == 21 then error("bad pool batch") end
-      return batch
-    end,
-  }, {batch_size = 10, batches_per_unit = 3, concurrency = 1, max_retries = 1})
-  local err = t.raises(function() raising:count() end, "rows 1%-30 of its input after 2 attempts")
-  t.eq(err.first, 1); t.eq(err.last, 30)
-  t.ok(tostring(err):find("batch of rows 21-30", 1, true), "batch rows not named: " .. tostring(err))
-  t.ok(tostring(err):find("data_test.lua", 1, true), "remote traceback lost: " .. tostring(err))
-  t.ok(tide.get(calls:get()) >= 6, "the unit was not retried whole") -- 3 batches, twice (the other unit may run)
+  local raising = ds_for(function() tide.get(calls:incr()); return true end,
+    {batch_size = 10, batches_per_unit = 3, max_retries = 2})
+  local err = t.raises(function() raising:count() end, "rows 21%-30 of its input after 3 attempts")
+  t.eq(err.first, 21); t.eq(err.last, 30)
+  t.ok(tostring(err):find("batch of rows 21-30: ", 1, true), "batch rows not named: " .. tostring(err))
+  t.ok(tostring(err):find("bad " .. kind .. " batch", 1, true), "message lost: " .. tostring(err))
+  t.ok(err.traceback:find("data_test.lua", 1, true), "remote traceback lost: " .. tostring(err.traceback))
+  t.eq(tide.get(calls:get()), 3) -- the failing batch once per attempt of its (whole) unit
+end
+
+t.test("a pool batch that raises inside a unit of several: with skip only that batch is dropped (retried in "
+  .. "place first); with raise the unit is retried and the error names the batch's rows", function()
+  batch_failures("pool")
+end)
+
+t.test("task stage units carry several batches; cheap batches travel many to a unit", function()
+  local fixed = data.range(60, {block_rows = 30}):map_batches(function(batch)
+    for _, r in ipairs(batch) do r.bsz = #batch end
+    return batch
+  end, {batch_size = 10, batches_per_unit = 3})
+  local back = fixed:take_all()
+  t.deep_eq(ids(back), (function() local w = {}; for i = 1, 60 do w[i] = i end; return w end)())
+  for _, r in ipairs(back) do t.eq(r.bsz, 10) end
+  local st = fixed:stats().stages[2] -- batches_per_unit keeps it a stage of its own
+  t.eq(st.calls, 6); t.eq(st.units, 2)
+  local cheap = data.range(2000, {block_rows = 500}):map_batches(function(batch) return batch end,
+    {batch_size = 10, fuse = false})
+  t.eq(cheap:count(), 2000)
+  st = cheap:stats().stages[2]
+  t.eq(st.calls, 200)
+  t.ok(st.units <= 20, "200 cheap batches took " .. st.units .. " task units")
+end)
+
+t.test("a task batch that raises inside a unit of several: the same as in a pool", function()
+  batch_failures("task")
 end)
 
 t.test("leaving an iter_rows loop early: the next run ends the abandoned run's pool", function()
@@ -633,7 +661,7 @@ t.test("peak_store_bytes counts blocks small enough to be kept inline (outside t
   -- Blocks of 20 rows of ~1 KiB: about 20 KiB each, under the 64 KiB
   -- inline limit, so none enters the shared-memory store.
   local ds = data.range(400, {block_rows = 20})
-    :map(function(r) return {id = r.id, s = string.rep("x", 1000)} end)
+    :map(function(r) return {id = r.id, s = string.rep(string.char(65 + r.id % 26), 1000)} end) -- not all one
     :map_batches(function(b) tide.sleep(0.02); return b end, {fuse = false}) -- blocks wait: sampled
   t.eq(ds:count(), 400)
   local st = ds:stats()
@@ -643,7 +671,7 @@ end)
 t.local_test("a dataset five times the store streams through without spilling", function()
   local payload_rows = 160 * 1024 -- 160 MiB of 1 KiB rows through a 32 MiB store
   local ds = data.range(payload_rows, {block_rows = 1024})
-    :map(function(r) return {id = r.id, s = string.rep("x", 1000)} end)
+    :map(function(r) return {id = r.id, s = string.rep(string.char(65 + r.id % 26), 1000)} end) -- not all one
     :map_batches(function(b)
       local n = 0
       for _, r in ipairs(b) do n = n + #r.s end
@@ -717,7 +745,8 @@ t.local_test("stats: rows and time per stage, store peak; tostring reads", funct
   t.eq(st.rows, 50)
   t.eq(#st.stages, 2)
   t.eq(st.stages[2].rows_in, 50)
-  t.eq(st.stages[2].blocks, 5)
+  t.eq(st.stages[2].calls, 5)
+  t.ok(st.stages[2].blocks >= 1 and st.stages[2].blocks <= 5, "blocks: " .. st.stages[2].blocks)
   t.ok(st.stages[1].time_s >= 0 and st.wall_s > 0)
   t.ok(st.store_capacity == STORE)
   local s = tostring(st)
@@ -729,18 +758,25 @@ t.test("blocks of uniform rows travel packed by column and come back equal; othe
   local core = require("tide.core")
   local rows = {}
   for i = 1, 40 do
-    rows[i] = {id = i, text = i % 3 == 0 and "" or ("row \0 " .. i), ok = i % 2 == 0, x = i == 7 and 0 / 0 or -i / 3}
+    rows[i] = {id = i, text = i % 3 == 0 and "" or ("row \0 " .. i), ok = i % 2 == 0, x = i == 7 and 0 / 0 or -i / 3,
+      path = "/same/for/every/row", big = ({1 / 0, -1 / 0, 2 ^ 53 + 2, -0.0})[i % 4 + 1]}
   end
   local b = W.pack(rows)
   t.ok(b.cols and not b.rows, "uniform scalar rows are packed by column")
+  for c, k in ipairs(b.keys) do
+    t.eq(type(b.cols[c]), b.kinds[c] == "string" and "table" or "string") -- bytes, not arrays of values
+    if k == "path" then t.eq(b.cols[c].c, "/same/for/every/row") end -- one value, sent once
+  end
   local back = W.unpack(core.decode(core.encode(b)))
   t.eq(#back, 40)
   for i = 1, 40 do
     t.eq(back[i].id, i); t.eq(back[i].text, rows[i].text); t.eq(back[i].ok, rows[i].ok)
     if i == 7 then t.ok(back[i].x ~= back[i].x, "NaN kept") else t.eq(back[i].x, rows[i].x) end
+    t.eq(back[i].path, "/same/for/every/row"); t.eq(back[i].big, rows[i].big)
+    t.eq(1 / back[i].big, 1 / rows[i].big) -- -0.0 stays negative
     local n = 0
     for _ in pairs(back[i]) do n = n + 1 end
-    t.eq(n, 4)
+    t.eq(n, 6)
   end
   -- Rows that differ in keys, hold tables, have metatables or array parts,
   -- or are not tables, travel as they are.
@@ -756,7 +792,18 @@ t.test("blocks of uniform rows travel packed by column and come back equal; othe
   plain(function(i) return i == 20 and {id = i, [1] = "x"} or {id = i} end)
   plain(function(i) return i end)
   plain(function(i) return {id = i % 2 == 0 and i or tostring(i)} end)
+  plain(function(i) return i == 20 and {id = i} or {id = i, h = i} end) -- a key missing
+  plain(function(i)
+    local r = {}
+    for k = 1, 33 do r["k" .. k] = i end
+    return r
+  end) -- more keys than a packed block takes
   t.ok(W.pack({{id = 1}}).rows, "a short block is not packed")
+  -- A range's blocks bound for the next stage are packed without making rows.
+  local ids = {}
+  for i = 5, 44 do ids[#ids + 1] = {id = i} end
+  t.deep_eq(W.pack_range(5, 44), W.pack(ids))
+  t.deep_eq(W.unpack(W.pack_range(7, 9)), {{id = 7}, {id = 8}, {id = 9}})
   -- A slice is rebuilt alone, after what out holds already.
   local part = {"a", "b"}
   t.eq(W.unpack_into(b, 11, 15, part, 2), 7)

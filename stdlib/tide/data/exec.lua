@@ -20,11 +20,13 @@ local now = W.now
 
 local E = {}
 
--- A pool unit's target length when batches_per_unit is not given: the
--- executor measures the time per batch and sizes each unit to about this
--- many seconds of the actor's work (at least one batch, at most the
--- stage's max_batches_per_unit), so cheap batches travel many to a unit
--- and a slow model's batches one at a time.
+-- A map_batches unit's target length when batches_per_unit is not given:
+-- the executor measures the time per batch and sizes each unit to about
+-- this many seconds of a task's or actor's work (at least one batch, at
+-- most the stage's max_batches_per_unit), so cheap batches travel many to
+-- a unit (a task costs the driver and the worker about 0.2 ms, which a
+-- batch of 1 µs rows does not cover) and a slow model's batches one at a
+-- time.
 E.UNIT_TARGET_S = 0.1
 
 -- -- Errors ----------------------------------------------------------------
@@ -40,22 +42,36 @@ DataError.__tostring = function(e)
 end
 E.DataError = DataError
 
+-- The rows of the batch a unit's error names (W's "call failed on the
+-- batch of rows A-B: "), and the message with the batch function's own
+-- traceback taken out of it: a unit of many batches fails on one.
+local function failed_batch(msg, tb)
+  local a, b = msg:match("call failed on the batch of rows (%d+)%-(%d+): ")
+  if not a then return nil, nil, msg, tb end
+  local cut = msg:find("\nstack traceback:", 1, true)
+  if cut then msg, tb = msg:sub(1, cut - 1), msg:sub(cut + 1) .. (tb ~= "" and "\n" .. tb or "") end
+  return tonumber(a), tonumber(b), msg, tb
+end
+
 local function fail(ex, st, unit, err, attempts)
   local kind, msg, tb = "Error", tostring(err), ""
   if type(err) == "table" then
     kind, msg, tb = err.kind or "Error", err.message or tostring(err), err.traceback or ""
   end
+  local first, last
+  first, last, msg, tb = failed_batch(msg, tb)
+  first, last = first or unit.first, last or unit.last
   local where
   if unit.spec.desc then
     where = E.describe_desc(unit.spec.desc)
-  elseif unit.first then
-    where = format("rows %d-%d of its input", unit.first, unit.last)
+  elseif first then
+    where = format("rows %d-%d of its input", first, last)
   else
     where = format("block %d", unit.idx)
   end
   ex:shutdown()
   error(setmetatable({kind = "DataError", stage = st.index, stage_name = st.name, where = where,
-    first = unit.first, last = unit.last, attempts = attempts, cause = kind, remote_message = msg,
+    first = first, last = last, attempts = attempts, cause = kind, remote_message = msg,
     message = format("stage %d (%s) failed on %s after %d attempt%s: %s: %s", st.index, st.name,
       where, attempts, attempts == 1 and "" or "s", kind, msg),
     traceback = tb}, DataError), 0)
@@ -200,7 +216,7 @@ local function complete(ex, unit)
   end
   if st.def.on_error == "skip" then
     -- The whole unit: each of its batches counts.
-    local bs = st.kind == "actors" and st.def.batch_size
+    local bs = st.def.batch_size
     st.st.skipped_batches = st.st.skipped_batches + (bs and math.ceil((unit.rows or 0) / bs) or 1)
     st.st.skipped_rows = st.st.skipped_rows + (unit.rows or 0)
     st.st.rows_in = st.st.rows_in + (unit.rows or 0)
@@ -297,8 +313,7 @@ local function take_batch(st, k)
   st.rows_batched = st.rows_batched + k
   local idx = st.next_idx
   st.next_idx = idx + 1
-  local spec = {slices = slices, idx = idx, first = first}
-  if st.kind == "actors" then spec.bs = st.def.batch_size end
+  local spec = {slices = slices, idx = idx, first = first, bs = st.def.batch_size}
   return {stage = st, seq = idx, idx = idx, spec = spec, args = args,
     attempts = 1, rows = k, first = first, last = first + k - 1}
 end
@@ -352,7 +367,7 @@ local function schedule_stage(ex, st)
   -- Take input blocks while a batch is not complete (so a batch wider than
   -- the stage before's buffer never deadlocks).
   local input = st.input
-  -- A unit's rows: batch_size, times the batches a pool unit carries.
+  -- A unit's rows: batch_size, times the batches a unit carries.
   local bs = st.def.batch_size
   local unit_rows = bs and bs * (st.bpu or 1)
   local want = unit_rows or 1
@@ -458,12 +473,11 @@ function E.new(defs, opts)
     if i == 1 then st.descs, st.src_next = def.descs, 1
     else st.input = ex.stages[i - 1] end
     if def.repartition then st.barrier = true end
-    if def.kind == "actors" then
-      st.pool = new_pool(ex, st)
-      -- Batches per unit: fixed, or measured (starting at one).
-      st.bpu, st.bpu_max = def.batches_per_unit or 1, def.max_batches_per_unit or 1
-      st.bpu_auto = def.batches_per_unit == nil and def.batch_size ~= nil
-    else st.rf = def.rf end
+    if def.kind == "actors" then st.pool = new_pool(ex, st) else st.rf = def.rf end
+    -- Batches per unit of a map_batches stage: fixed, or measured
+    -- (starting at one).
+    st.bpu, st.bpu_max = def.batches_per_unit or 1, def.max_batches_per_unit or 1
+    st.bpu_auto = def.batches_per_unit == nil and def.batch_size ~= nil and not def.repartition
     ex.stages[i] = st
   end
   ex.final = ex.stages[#ex.stages]

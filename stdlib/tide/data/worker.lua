@@ -52,19 +52,68 @@ end
 -- A block travels through the store as {n = rows, rows = array} or, when
 -- every row is a plain table with the same string keys and scalar values
 -- (the usual case: {text, path, line}, {id, h}), packed by column:
--- {n, keys, kinds, cols}, numbers and booleans as arrays of numbers and
--- strings as one string plus an array of lengths. The engine's serializer
--- costs about 1 µs to encode and 0.4-0.6 µs to decode each small row table
--- (a table per row, its keys again for every row, an error-path entry per
--- element); an array of numbers it copies whole (0.16 µs a row for two
--- columns), and one long string costs next to nothing. A packed block
--- arrives as new, separate row tables: rows that were the same table in
--- the sender are separate rows in the receiver.
+-- {n, keys, kinds, cols}. Each column is one string: numbers as the bytes
+-- of an array of doubles, booleans one byte each, strings as {s = all of
+-- them joined, lens = their lengths as int32s}, or {c = the value} when
+-- every row has the same one (a path). The engine's serializer costs about
+-- 1 µs to encode and 0.4-0.6 µs to decode each small row table (a table
+-- per row, its keys again for every row), and 0.13 µs to encode each
+-- element of an array of numbers (a C API call or more each); one long
+-- string it copies whole. A packed block arrives as new, separate row
+-- tables: rows that were the same table in the sender are separate rows in
+-- the receiver. The bytes are the machine's own: nodes share a byte order.
 local PACK_MIN = 16 -- below this the engine's own path is as cheap
+local PACK_MAX_KEYS = 32 -- rows with more keys travel as they are
 local ok_tnew, tnew = pcall(require, "table.new")
 if not ok_tnew then tnew = function() return {} end end
-local getmetatable, next, sub = getmetatable, next, string.sub
+local getmetatable, next, sub, rep, loadstring = getmetatable, next, string.sub, string.rep, loadstring
 local SCALAR = {number = true, string = true, boolean = true}
+local CTYPE = {number = ffi.typeof("double[?]"), boolean = ffi.typeof("uint8_t[?]")}
+local CPTR = {number = ffi.typeof("const double *"), boolean = ffi.typeof("const uint8_t *"),
+  lens = ffi.typeof("const int32_t *")}
+local int32s = ffi.typeof("int32_t[?]")
+
+-- A function(rows, n, k1, t1, c1, ..., knk, tnk, cnk) that copies value
+-- kc of every row into column cc (cc[i], i from 1), or returns false if a
+-- row is no plain table, a value not of type tc, or a row has a key beyond
+-- k1..knk. Generated per number of keys so that each row is straight-line
+-- code, which LuaJIT compiles (a loop over the keys inside the loop over
+-- the rows it would not).
+local gatherers = {}
+local function gatherer(nk)
+  local f = gatherers[nk]
+  if f then return f end
+  local params, body = {}, {}
+  for c = 1, nk do
+    params[c] = format("k%d, t%d, c%d", c, c, c)
+    body[c] = format("    local v%d = r[k%d]\n    if type(v%d) ~= t%d then return false end\n    c%d[i] = v%d",
+      c, c, c, c, c, c)
+  end
+  local src = "local type, getmetatable, next = ...\n"
+    .. "return function(rows, n, " .. concat(params, ", ") .. ")\n"
+    .. "  for i = 1, n do\n"
+    .. "    local r = rows[i]\n"
+    .. "    if type(r) ~= \"table\" or getmetatable(r) ~= nil then return false end\n"
+    .. concat(body, "\n") .. "\n"
+    -- r holds k1..knk (their values are not nil): nk keys, and no other.
+    .. "    local k = next(r)\n" .. rep("    k = next(r, k)\n", nk - 1)
+    .. "    if next(r, k) ~= nil then return false end\n"
+    .. "  end\n  return true\nend\n"
+  f = assert(loadstring(src, "=tide.data.pack" .. nk))(type, getmetatable, next)
+  gatherers[nk] = f
+  return f
+end
+
+-- The bytes of a string column: {c = v} if every value is v, else the
+-- values joined and their lengths.
+local function string_column(col, n)
+  local v1, same = col[1], true
+  for i = 2, n do if col[i] ~= v1 then same = false; break end end
+  if same then return {c = v1} end
+  local lens = int32s(n)
+  for i = 1, n do lens[i - 1] = #col[i] end
+  return {s = concat(col, "", 1, n), lens = ffi.string(lens, 4 * n)}
+end
 
 function W.pack(rows)
   local n = #rows
@@ -75,62 +124,59 @@ function W.pack(rows)
   local keys, kinds, nk = {}, {}, 0
   for k, v in pairs(r1) do
     local tv = type(v)
-    if type(k) ~= "string" or not SCALAR[tv] then return plain end
+    if type(k) ~= "string" or not SCALAR[tv] or nk == PACK_MAX_KEYS then return plain end
     nk = nk + 1
     keys[nk], kinds[nk] = k, tv
   end
   if nk == 0 then return plain end
-  local cols = {}
-  for c = 1, nk do cols[c] = tnew(n, 0) end
-  for i = 1, n do
-    local r = rows[i]
-    if type(r) ~= "table" or getmetatable(r) ~= nil then return plain end
-    for c = 1, nk do
-      local v = r[keys[c]]
-      if type(v) ~= kinds[c] then return plain end
-      cols[c][i] = v
-    end
-    -- No keys beyond the first row's (an array part counts too).
-    local cnt, k = 0, next(r)
-    while k ~= nil do cnt = cnt + 1; k = next(r, k) end
-    if cnt ~= nk then return plain end
+  -- Numbers and booleans go straight into C arrays (index 0 unused).
+  local cols, args = {}, {}
+  for c = 1, nk do
+    local ct = CTYPE[kinds[c]]
+    cols[c] = ct and ct(n + 1) or tnew(n, 0)
+    args[3 * c - 2], args[3 * c - 1], args[3 * c] = keys[c], kinds[c], cols[c]
   end
+  if not gatherer(nk)(rows, n, unpack(args, 1, 3 * nk)) then return plain end
   for c = 1, nk do
     local kind, col = kinds[c], cols[c]
-    if kind == "string" then
-      local lens = tnew(n, 0)
-      for i = 1, n do lens[i] = #col[i] end
-      cols[c] = {s = concat(col), lens = lens}
-    elseif kind == "boolean" then
-      for i = 1, n do col[i] = col[i] and 1 or 0 end
-    end
+    if kind == "string" then cols[c] = string_column(col, n)
+    else cols[c] = ffi.string(col + 1, ffi.sizeof(col) / (n + 1) * n) end
   end
   return {n = n, keys = keys, kinds = kinds, cols = cols}
 end
 
--- The rows of a block made by W.pack.
-function W.unpack(b)
-  if b.rows then return b.rows end
-  local n, keys, kinds, cols = b.n, b.keys, b.kinds, b.cols
-  local nk = #keys
-  local rows = tnew(n, 0)
-  for i = 1, n do rows[i] = tnew(0, nk) end
-  for c = 1, nk do
-    local k, kind, col = keys[c], kinds[c], cols[c]
-    if kind == "string" then
-      local s, lens, pos = col.s, col.lens, 1
-      for i = 1, n do
-        local e = pos + lens[i]
-        rows[i][k] = sub(s, pos, e - 1)
-        pos = e
-      end
-    elseif kind == "boolean" then
-      for i = 1, n do rows[i][k] = col[i] == 1 end
-    else
-      for i = 1, n do rows[i][k] = col[i] end
+-- W.pack of the rows {id = lo} .. {id = hi} of a range, made without them.
+function W.pack_range(lo, hi)
+  local n = hi - lo + 1
+  local ids = CTYPE.number(n)
+  for i = 0, n - 1 do ids[i] = lo + i end
+  return {n = n, keys = {"id"}, kinds = {"number"}, cols = {ffi.string(ids, 8 * n)}}
+end
+
+-- Sets field k of out[base + 1 .. base + hi - lo + 1] to values lo..hi of
+-- a packed column (kind: number, boolean or string).
+local function unpack_column(k, kind, col, lo, hi, out, base)
+  local d = base - lo + 1
+  if kind == "string" then
+    if col.c ~= nil then
+      local v = col.c
+      for j = lo, hi do out[j + d][k] = v end
+      return
     end
+    local s, lens, pos = col.s, ffi.cast(CPTR.lens, col.lens), 1
+    for j = 0, lo - 2 do pos = pos + lens[j] end
+    for j = lo, hi do
+      local e = pos + lens[j - 1]
+      out[j + d][k] = sub(s, pos, e - 1)
+      pos = e
+    end
+  elseif kind == "boolean" then
+    local p = ffi.cast(CPTR.boolean, col)
+    for j = lo, hi do out[j + d][k] = p[j - 1] == 1 end
+  else
+    local p = ffi.cast(CPTR.number, col)
+    for j = lo, hi do out[j + d][k] = p[j - 1] end
   end
-  return rows
 end
 
 -- Appends rows lo..hi of a block made by W.pack to out (after out[n]),
@@ -145,23 +191,16 @@ function W.unpack_into(b, lo, hi, out, n)
   local keys, kinds, cols = b.keys, b.kinds, b.cols
   local nk = #keys
   for j = 1, hi - lo + 1 do out[n + j] = tnew(0, nk) end
-  for c = 1, nk do
-    local k, kind, col = keys[c], kinds[c], cols[c]
-    if kind == "string" then
-      local s, lens, pos = col.s, col.lens, 1
-      for j = 1, lo - 1 do pos = pos + lens[j] end
-      for j = lo, hi do
-        local e = pos + lens[j]
-        out[n + j - lo + 1][k] = sub(s, pos, e - 1)
-        pos = e
-      end
-    elseif kind == "boolean" then
-      for j = lo, hi do out[n + j - lo + 1][k] = col[j] == 1 end
-    else
-      for j = lo, hi do out[n + j - lo + 1][k] = col[j] end
-    end
-  end
+  for c = 1, nk do unpack_column(keys[c], kinds[c], cols[c], lo, hi, out, n) end
   return n + hi - lo + 1
+end
+
+-- The rows of a block made by W.pack.
+function W.unpack(b)
+  if b.rows then return b.rows end
+  local rows = tnew(b.n, 0)
+  W.unpack_into(b, 1, b.n, rows, 0)
+  return rows
 end
 
 -- -- Sources -------------------------------------------------------------
@@ -511,14 +550,15 @@ local tb_handler = function(e)
   return debug.traceback(tostring(e), 2)
 end
 
--- A pool unit: calls the user's call once per spec.bs rows of the unit (a
--- unit carries a block of several batches, so the driver's round trip and
--- the part file are paid per block, not per batch). A call that raises:
+-- A map_batches unit (a task, or a call on a pool actor): calls the user's
+-- function once per spec.bs rows of the unit (a unit carries a block of
+-- several batches, so the driver's round trip, the task and the part file
+-- are paid per block, not per batch). A call that raises:
 --   on_error = "raise": the unit fails naming the batch's rows (the
 --     driver retries the whole unit, then fails the pipeline);
 --   on_error = "skip": the batch is called again here, up to max_retries
 --     times, then dropped and counted; the unit's other batches are kept.
-local function call_batches(plan, self, rows, spec, acc)
+local function call_batches(plan, call, self, rows, spec, acc)
   local n = #rows
   local bs = spec.bs or n
   if bs < 1 then bs = 1 end
@@ -536,7 +576,7 @@ local function call_batches(plan, self, rows, spec, acc)
     local ok, res
     if plan.skip then
       for attempt = 1, (plan.max_retries or 0) + 1 do
-        ok, res = pcall(plan.call, self, batch)
+        ok, res = pcall(call, self, batch)
         if not ok and is_exit(res) then error(res, 0) end
         if ok and type(res) ~= "table" then ok = false end
         if ok then break end
@@ -547,7 +587,7 @@ local function call_batches(plan, self, rows, spec, acc)
         res = nil
       end
     else
-      ok, res = xpcall(plan.call, tb_handler, self, batch)
+      ok, res = xpcall(call, tb_handler, self, batch)
       if not ok then
         if is_exit(res) then error(res, 0) end
         error(format("%s: call failed on the batch of rows %d-%d: %s", plan.label,
@@ -565,6 +605,23 @@ local function call_batches(plan, self, rows, spec, acc)
   return out or {}
 end
 
+-- Puts a unit's n output rows into the store: one block (meta.ref), or,
+-- when the next stage takes at most k rows a unit, parts of k rows
+-- (meta.parts), so that each of its units decodes only the rows it uses.
+-- block(lo, hi) makes the block of rows lo..hi.
+local function put_blocks(meta, n, k, block)
+  if not k or n <= k then
+    meta.ref = tide.put(block(1, n))
+    return
+  end
+  local parts = {}
+  for lo = 1, n, k do
+    local hi = math.min(n, lo + k - 1)
+    parts[#parts + 1] = {ref = tide.put(block(lo, hi)), n = hi - lo + 1}
+  end
+  meta.parts = parts
+end
+
 -- Runs one unit of a stage. plan: {batch_fn?, call?, ops, sink?, label};
 -- self is the pool actor's state (nil in a task).
 function W.run(plan, self, spec, ...)
@@ -572,37 +629,39 @@ function W.run(plan, self, spec, ...)
   -- collected; collect now so the store holds only live blocks.
   W.collect()
   local t0 = now()
+  local d = spec.desc
+  if d and d.kind == "range" and #plan.ops == 0 and not plan.sink and not plan.discard then
+    -- Its rows only cross to the next stage: packed ids, no row tables.
+    local n = d.hi - d.lo + 1
+    local meta = {n = n, n_in = n}
+    put_blocks(meta, n, plan.split_rows, function(lo, hi) return W.pack_range(d.lo + lo - 1, d.lo + hi - 1) end)
+    meta.t = now() - t0
+    return meta
+  end
   local rows
-  if spec.desc then rows = W.read_source(spec.desc, (...))
+  if d then rows = W.read_source(d, (...))
   else rows = gather(spec.slices, ...) end
   local n_in = #rows
   local acc = {skipped = 0, batches = 0, calls = 0, retries = 0}
   if plan.call then
-    rows = call_batches(plan, self, rows, spec, acc)
+    rows = call_batches(plan, plan.call, self, rows, spec, acc)
   elseif plan.batch_fn then
-    acc.calls = 1
-    rows = check_batch_out(plan.batch_fn(rows), plan.label)
+    local fn = plan.batch_fn
+    rows = call_batches(plan, function(_, batch) return fn(batch) end, nil, rows, spec, acc)
   end
   rows = apply_ops(plan.ops, rows, plan.label, acc)
-  local meta = {n = #rows, n_in = n_in, skipped = acc.skipped, skipped_batches = acc.batches,
+  local n = #rows
+  local meta = {n = n, n_in = n_in, skipped = acc.skipped, skipped_batches = acc.batches,
     calls = acc.calls, retries = acc.retries}
   if plan.sink then
-    if #rows > 0 then meta.path, meta.bytes = write_block(plan.sink, spec.idx, rows) end
+    if n > 0 then meta.path, meta.bytes = write_block(plan.sink, spec.idx, rows) end
   elseif not plan.discard then -- (ds:count: the rows are counted, not kept)
-    local k = plan.split_rows
-    if k and #rows > k then
-      -- Cut for the next stage's batches, so that each of its calls decodes
-      -- only the rows of its batch, not whole blocks.
-      local parts = {}
-      for lo = 1, #rows, k do
-        local part = {}
-        for j = lo, math.min(#rows, lo + k - 1) do part[j - lo + 1] = rows[j] end
-        parts[#parts + 1] = {ref = tide.put(W.pack(part)), n = #part}
-      end
-      meta.parts = parts
-    else
-      meta.ref = tide.put(W.pack(rows))
-    end
+    put_blocks(meta, n, plan.split_rows, function(lo, hi)
+      if lo == 1 and hi == n then return W.pack(rows) end
+      local part = tnew(hi - lo + 1, 0)
+      for j = lo, hi do part[j - lo + 1] = rows[j] end
+      return W.pack(part)
+    end)
   end
   meta.t = now() - t0
   return meta
