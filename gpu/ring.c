@@ -221,18 +221,11 @@ int td_ring_allreduce(td_ring_t *r, const float *send, float *recv,
   if (n == 2 && count * sizeof(float) <= TD__PAIR_MAX) {
     /* Two ranks, small message: one exchange of whole buffers instead of the
      * ring's two steps (same bytes moved, half the round trips); a + b is
-     * the same float on both ranks.  In place needs a copy of ours first. */
-    const float *mine = send;
-    if (send == recv) {
-      float *tmp = td__scratch(r, r->piece + count * sizeof(float));
-      if (!tmp) return TD_GPU_ENOMEM;
-      tmp = (float *)(void *)((char *)tmp + r->piece);
-      memcpy(tmp, send, count * sizeof(float));
-      mine = tmp;
-    }
-    td__sink_t k = {1, op, (char *)recv, (const char *)mine};
-    rc = td__xfer(r, next, (const char *)mine, count * sizeof(float), prev, &k,
-                  count * sizeof(float));
+     * the same float on both ranks.  In place needs no copy of ours:
+     * td__xfer sends each piece before it reduces the peer's piece into the
+     * same bytes. */
+    td__sink_t k = {1, op, (char *)recv, (const char *)send};
+    rc = td__xfer(r, next, (const char *)send, count * sizeof(float), prev, &k, count * sizeof(float));
     if (!rc && op == TD_RING_AVG)
       for (size_t i = 0; i < count; i++) recv[i] *= 0.5f;
     return rc;

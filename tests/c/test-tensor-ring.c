@@ -155,6 +155,32 @@ TEST_IMPL(ring_allreduce_small_pieces) {
   return 0;
 }
 
+/* Two ranks in place around the single-exchange limit (64 KiB = 16384
+ * floats): the exchange reduces into the bytes it sends from, piece by
+ * piece, with no copy of them, so each piece must leave before the peer's
+ * lands on it; three rounds reuse the buffers. */
+static int in_place_pair_rounds(td_ring_t *r, int rank, int n, void *varg) {
+  (void)varg;
+  static const size_t counts[] = {16383, 16384, 16385};
+  for (int round = 0; round < 3; round++)
+    for (size_t ci = 0; ci < 3; ci++)
+      for (int op = TD_RING_SUM; op <= TD_RING_MIN; op++) {
+        ar_arg a = {counts[ci], op, 1};
+        if (check_allreduce(r, rank, n, &a)) return 1;
+      }
+  return 0;
+}
+
+TEST_IMPL(ring_allreduce_in_place_pair) {
+  /* Pieces of 4 KiB (16 per 64 KiB, through a 16 KiB channel) and one
+   * piece per message. */
+  for (int kind = 0; kind < NKINDS; kind++) {
+    ASSERT_EQ(run_ranks(2, kind, 4096, in_place_pair_rounds, NULL), 0);
+    ASSERT_EQ(run_ranks(2, kind, 1 << 20, in_place_pair_rounds, NULL), 0);
+  }
+  return 0;
+}
+
 static int check_reduce_scatter(td_ring_t *r, int rank, int n, void *varg) {
   ar_arg *a = varg;
   size_t c = a->count, mine = td_ring_chunk_count(c, n, rank);
