@@ -408,11 +408,17 @@ int luaopen_tide_collective_c(lua_State *L) {
     lua_setfield(L, -2, "__gc");
   }
   lua_pop(L, 1);
-  static const luaL_Reg fns[] = {
-      {"region_bytes", c_region_bytes}, {"alloc", c_alloc},           {"attach", c_attach},
-      {"chunk_count", c_chunk_count},   {"net_listen", c_net_listen}, {"attach_net", c_attach_net},
-      {"random_hex", c_random_hex},     {"owner_key", c_owner_key},   {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"region_bytes", c_region_bytes},
+                                 {"alloc", c_alloc},
+                                 {"attach", c_attach},
+                                 {"chunk_count", c_chunk_count},
+                                 {"net_listen", c_net_listen},
+                                 {"attach_net", c_attach_net},
+                                 {"random_hex", c_random_hex},
+                                 {NULL, NULL}};
   lua_newtable(L);
   luaL_register(L, NULL, fns);
+  lua_pushcfunction(L, c_owner_key);
+  lua_setfield(L, -2, "owner_key");
   return 1;
 }
