@@ -128,7 +128,9 @@ static int barrier_then_allreduce(td_ring_t *r, int rank, int n, void *varg) {
   for (int round = 0; round < 3; round++) {
     if (td_ring_barrier(r)) return 1;
     for (int k = 0; k < 8; k++) {
-      ar_arg a = {4099 + (size_t)k * 7, TD_RING_SUM, k % 2};
+      /* The last four are above the two-rank exchange's 64 KiB: the
+       * interleaved two-rank ring, or the ring for three. */
+      ar_arg a = {(k < 4 ? 4099 : 20011) + (size_t)k * 7, k < 4 ? TD_RING_SUM : k - 4, k % 2};
       if (check_allreduce(r, rank, n, &a)) {
         fprintf(stderr, "round %d allreduce %d after a barrier is wrong\n", round, k);
         return 1;
