@@ -9,6 +9,8 @@
 # Env: SIDE=engine (default) times `bin/tide bench allreduce` (two tasks in
 #      a tide.collective group); SIDE=ring times build/bench-allreduce (the
 #      ring alone between forked processes).
+#      BASE=/other/checkout/bin/tide (engine side only) also runs another
+#      build's `bench allreduce` in each round, for a before/after column.
 cd "$(dirname "$0")/../.." || exit 1
 ROUNDS=${1:-3}
 PEERS=${2:-$(cd .. && pwd)/shared/peers}
@@ -31,6 +33,10 @@ case $SIDE in
   *) echo "compare_allreduce: SIDE must be engine or ring, not $SIDE"; exit 1 ;;
 esac
 for r in $(seq 1 "$ROUNDS"); do
+  if [ "$SIDE" = engine ] && [ -n "$BASE" ]; then
+    echo "round $r base load $(cut -d' ' -f1-3 /proc/loadavg)"
+    "$BASE" bench allreduce >>"$OUT/base.jsonl" || exit 1
+  fi
   echo "round $r tide load $(cut -d' ' -f1-3 /proc/loadavg)"
   if [ "$SIDE" = engine ]; then
     bin/tide bench allreduce >>"$OUT/tide.jsonl" || exit 1
@@ -40,7 +46,8 @@ for r in $(seq 1 "$ROUNDS"); do
   echo "round $r mpi  load $(cut -d' ' -f1-3 /proc/loadavg)"
   MPI_VARIANTS=malloc-no-mmap bash "$PEERS/run_mpi.sh" >>"$OUT/mpi.jsonl" 2>/dev/null || exit 1
 done
-python3 - "$OUT/tide.jsonl" "$OUT/mpi.jsonl" <<'PY'
+touch "$OUT/base.jsonl"
+python3 - "$OUT/tide.jsonl" "$OUT/mpi.jsonl" "$OUT/base.jsonl" <<'PY'
 import json, statistics, sys
 def load(p):
     d = {}
@@ -51,7 +58,13 @@ def load(p):
         if j.get("correct") is False: sys.exit("incorrect result in " + p)
         d.setdefault(j["metric"], []).append(j["value"])
     return d
-t, m = load(sys.argv[1]), load(sys.argv[2])
+t, m, base = load(sys.argv[1]), load(sys.argv[2]), load(sys.argv[3])
+if base:
+    print("%-26s %12s %12s %8s   %s" % ("metric (busbw GB/s)", "base", "tide", "tide/base", "base runs"))
+    for k in t:
+        a, b = statistics.median(t[k]), statistics.median(base.get(k, [float("nan")]))
+        print("%-26s %12.3f %12.3f %8.2f   %s" % (k, b, a, a / b if b else float("nan"),
+              " ".join("%.2f" % v for v in base.get(k, []))))
 print("%-26s %12s %12s %8s   %s" % ("metric (busbw GB/s)", "tide", "openmpi", "ratio", "tide runs / mpi runs"))
 for k in t:
     a, b = statistics.median(t[k]), statistics.median(m.get(k, [float("nan")]))
