@@ -258,7 +258,9 @@ int td_ring_allreduce(td_ring_t *r, const float *send, float *recv,
       for (size_t i = 0; i < count; i++) recv[i] *= 0.5f;
     return rc;
   }
-  if (n == 2) return td__pair_ring(r, send, recv, count, op);
+  /* Over shared memory only, where it was measured: streams between nodes
+   * (coll_net.c) keep the plain ring their own figures were taken with. */
+  if (n == 2 && r->tr.recv_peek) return td__pair_ring(r, send, recv, count, op);
   /* Reduce-scatter: step s sends chunk me-s, receives and reduces me-s-1
    * (recv = op(send, incoming): each chunk is reduced once per rank, so the
    * out-of-place form costs no extra copy).  Step 0 sends from send. */
