@@ -42,11 +42,13 @@ struct td_ring_shm {
   char *data;         /* n * n * cap bytes */
 };
 
-/* Waiting for a peer: spin briefly (the peer is usually on another core
- * and about to publish), then yield the CPU a while (a peer that shares
- * our core, as on a loaded or oversubscribed machine, gets to run at once),
- * then sleep on the futex. */
-#define TD__SPINS 256
+/* Waiting for a peer: yield the CPU a while, then sleep on the futex.
+ * No busy-wait with PAUSE first: on the AMD VMs here a PAUSE takes 25-160
+ * ns and a peer that shares our core cannot publish while we spin, so 256
+ * of them cost up to 40 us a wait (a 4 KiB allreduce took 22-28 us with
+ * them, 9-10 us without: build/bench-allreduce, 2026-12-07, load 5).  A
+ * yield (~1 us) lets such a peer run at once, and costs a quiet machine one
+ * system call. */
 #define TD__YIELDS 512
 
 static void td__futex_wait(uint32_t *addr, uint32_t seen) {
@@ -67,12 +69,6 @@ static int td__peer_gone(const int32_t *pidp) {
 
 static void td__futex_wake(uint32_t *addr) {
   syscall(SYS_futex, addr, FUTEX_WAKE, 1, NULL, NULL, 0);
-}
-
-static inline void td__relax(void) {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#endif
 }
 
 int td_ring_shm_new(td_ring_shm_t **out, int nranks, size_t cap) {
@@ -144,13 +140,10 @@ static int td__shm_send(void *ctx, int peer, const void *buf, size_t len) {
   while (len) {
     uint64_t tail = __atomic_load_n(&c->tail, __ATOMIC_ACQUIRE);
     for (int spins = 0; head - tail == s->cap; spins++) {
-      if (spins < TD__SPINS) {
-        td__relax();
-      } else if (spins < TD__SPINS + TD__YIELDS) {
+      if (spins < TD__YIELDS) {
         sched_yield();
       } else {
-        if ((spins - TD__SPINS - TD__YIELDS) % TD__LIVE_EVERY == TD__LIVE_EVERY - 1 &&
-            td__peer_gone(&c->reader_pid))
+        if ((spins - TD__YIELDS) % TD__LIVE_EVERY == TD__LIVE_EVERY - 1 && td__peer_gone(&c->reader_pid))
           return TD_GPU_EPEER;
         uint32_t seen = __atomic_load_n(&c->tail_seq, __ATOMIC_ACQUIRE);
         __atomic_store_n(&c->writer_waiting, 1, __ATOMIC_SEQ_CST);
@@ -183,13 +176,10 @@ static int64_t td__shm_peek(void *ctx, int peer, const void **ptr, size_t len) {
   uint64_t tail = c->tail; /* only this process writes tail */
   uint64_t head = __atomic_load_n(&c->head, __ATOMIC_ACQUIRE);
   for (int spins = 0; head == tail; spins++) {
-    if (spins < TD__SPINS) {
-      td__relax();
-    } else if (spins < TD__SPINS + TD__YIELDS) {
+    if (spins < TD__YIELDS) {
       sched_yield();
     } else {
-      if ((spins - TD__SPINS - TD__YIELDS) % TD__LIVE_EVERY == TD__LIVE_EVERY - 1 &&
-          td__peer_gone(&c->writer_pid))
+      if ((spins - TD__YIELDS) % TD__LIVE_EVERY == TD__LIVE_EVERY - 1 && td__peer_gone(&c->writer_pid))
         return TD_GPU_EPEER;
       uint32_t seen = __atomic_load_n(&c->head_seq, __ATOMIC_ACQUIRE);
       __atomic_store_n(&c->reader_waiting, 1, __ATOMIC_SEQ_CST);

@@ -363,6 +363,18 @@ static int c_attach_net(lua_State *L) {
   return 1;
 }
 
+/* owner_key() -> "a<actor id>" inside an actor, else "t<task id>": whose
+ * groups these are. Every operation checks it, so it is made here without
+ * building core.context()'s table (2 us, 6% of a 64 KiB allreduce). */
+static int c_owner_key(lua_State *L) {
+  int actor = td_ctx.cur_actor != 0;
+  char key[24];
+  snprintf(key, sizeof(key), "%c%016llx", actor ? 'a' : 't',
+           (unsigned long long)(actor ? td_ctx.cur_actor : td_ctx.cur_task));
+  lua_pushstring(L, key);
+  return 1;
+}
+
 /* random_hex() -> 64 hex digits (a group's secret). */
 static int c_random_hex(lua_State *L) {
   uint8_t r[32];
@@ -406,5 +418,7 @@ int luaopen_tide_collective_c(lua_State *L) {
                                  {NULL, NULL}};
   lua_newtable(L);
   luaL_register(L, NULL, fns);
+  lua_pushcfunction(L, c_owner_key);
+  lua_setfield(L, -2, "owner_key");
   return 1;
 }

@@ -18,10 +18,7 @@ local spans = setmetatable({}, {__mode = "k"})  -- group -> nodes it spans
 
 -- Groups last for the task or actor that made them: a worker process
 -- reused by a later task does not hand it someone else's group.
-local function owner()
-  local ctx = core.context()
-  return ctx.actor_id and ("a" .. ctx.actor_id) or ("t" .. tostring(ctx.task_id))
-end
+local owner = cc.owner_key
 
 local function sleep(s)
   local tide = require("tide")

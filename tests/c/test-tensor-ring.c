@@ -128,7 +128,9 @@ static int barrier_then_allreduce(td_ring_t *r, int rank, int n, void *varg) {
   for (int round = 0; round < 3; round++) {
     if (td_ring_barrier(r)) return 1;
     for (int k = 0; k < 8; k++) {
-      ar_arg a = {4099 + (size_t)k * 7, TD_RING_SUM, k % 2};
+      /* The last four are above the two-rank exchange's 64 KiB: the
+       * interleaved two-rank ring, or the ring for three. */
+      ar_arg a = {(k < 4 ? 4099 : 20011) + (size_t)k * 7, k < 4 ? TD_RING_SUM : k - 4, k % 2};
       if (check_allreduce(r, rank, n, &a)) {
         fprintf(stderr, "round %d allreduce %d after a barrier is wrong\n", round, k);
         return 1;
@@ -152,6 +154,32 @@ TEST_IMPL(ring_allreduce_small_pieces) {
   /* ...and large pieces, one per chunk. */
   a.count = 300001;
   ASSERT_EQ(run_ranks(2, KIND_SHM, 1 << 20, check_allreduce, &a), 0);
+  return 0;
+}
+
+/* Two ranks in place around the single-exchange limit (64 KiB = 16384
+ * floats): the exchange reduces into the bytes it sends from, piece by
+ * piece, with no copy of them, so each piece must leave before the peer's
+ * lands on it; three rounds reuse the buffers. */
+static int in_place_pair_rounds(td_ring_t *r, int rank, int n, void *varg) {
+  (void)varg;
+  static const size_t counts[] = {16383, 16384, 16385};
+  for (int round = 0; round < 3; round++)
+    for (size_t ci = 0; ci < 3; ci++)
+      for (int op = TD_RING_SUM; op <= TD_RING_MIN; op++) {
+        ar_arg a = {counts[ci], op, 1};
+        if (check_allreduce(r, rank, n, &a)) return 1;
+      }
+  return 0;
+}
+
+TEST_IMPL(ring_allreduce_in_place_pair) {
+  /* Pieces of 4 KiB (16 per 64 KiB, through a 16 KiB channel) and one
+   * piece per message. */
+  for (int kind = 0; kind < NKINDS; kind++) {
+    ASSERT_EQ(run_ranks(2, kind, 4096, in_place_pair_rounds, NULL), 0);
+    ASSERT_EQ(run_ranks(2, kind, 1 << 20, in_place_pair_rounds, NULL), 0);
+  }
   return 0;
 }
 

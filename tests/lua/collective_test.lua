@@ -83,6 +83,53 @@ for _, case in ipairs({{2, 1000}, {3, 1001}, {4, 1023}, {2, 7}}) do
   end)
 end
 
+-- Every element against a plain reference: sizes around the two-rank
+-- exchange's limit (64 KiB = 16384 floats) and across several of the
+-- ring's 256 KiB pieces, odd lengths, every op, in place, three rounds
+-- reusing the same tensor. x[i] = ((rank * 37 + i * 11) % 101) - 50 keeps
+-- sums, maxima and minima exact.
+local exact_body = tide.remote({num_cpus = 0}, function(world, rank, sizes, name)
+  local T = require("tide.tensor")
+  local C = require("tide.collective")
+  C.init_group(world, rank, name)
+  local function val(r, i) return (r * 37 + i * 11) % 101 - 50 end
+  local bad = {}
+  for _, n in ipairs(sizes) do
+    local x = T.zeros({n})
+    for round = 1, 3 do
+      for _, op in ipairs({"sum", "avg", "max", "min"}) do
+        for i = 1, n do x:set(i, val(rank + round, i)) end
+        C.allreduce(x, op)
+        for i = 1, n do
+          local want = val(round, i)
+          for r = 1, world - 1 do
+            local v = val(r + round, i)
+            if op == "max" then want = math.max(want, v)
+            elseif op == "min" then want = math.min(want, v)
+            else want = want + v end
+          end
+          if op == "avg" then want = want / world end
+          local got = x:get(i)
+          if math.abs(got - want) > 1e-5 * math.abs(want) then
+            bad[#bad + 1] = string.format("n=%d round %d %s [%d] = %g, want %g", n, round, op, i, got, want)
+            break
+          end
+        end
+      end
+    end
+  end
+  return table.concat(bad, "; ")
+end)
+
+for _, world in ipairs({2, 3}) do
+  t.test(string.format("%d ranks: allreduce equals a plain reference, every element", world), function()
+    local sizes = {1, 7, 16383, 16384, 16385, 262147}
+    local refs = {}
+    for r = 0, world - 1 do refs[r + 1] = exact_body:remote(world, r, sizes, "exact" .. world) end
+    for r, msg in ipairs(tide.get(refs, {timeout = 120})) do t.eq(msg, "", "rank " .. (r - 1)) end
+  end)
+end
+
 t.test("bad arguments are refused clearly", function()
   local f = tide.remote({num_cpus = 0}, function()
     local C = require("tide.collective")
