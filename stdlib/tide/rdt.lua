@@ -12,8 +12,8 @@ local core = require("tide.core")
 
 local M = {}
 
-local type, pairs, select, setmetatable, getmetatable, error, tostring, next =
-  type, pairs, select, setmetatable, getmetatable, error, tostring, next
+local type, pairs, ipairs, select, setmetatable, getmetatable, error, tostring, next =
+  type, pairs, ipairs, select, setmetatable, getmetatable, error, tostring, next
 local format, unpack, newproxy = string.format, unpack, newproxy
 
 -- -- Declarations (the caller's side) ----------------------------------------
@@ -179,17 +179,63 @@ DESC.__index = DESC
 M.DESC = DESC
 local LOCAL = {__tide_module = "tide.rdt"}  -- a tensor received into this actor
 
-local held, nheld, held_bytes = {}, 0, 0    -- producer: token -> tensor
+local held, nheld, held_bytes = {}, 0, 0    -- producer: token -> {parts, skel, bytes}
 local held_group = {}                       -- producer: token -> its group's name
-local received = {}                         -- consumer: token -> tensor, until a call decodes it
+local received = {}                         -- consumer: token -> value, until a call decodes it
 local recent = setmetatable({}, {__mode = "v"})  -- the same ref twice in one call
 local counts = {sent = 0, sent_bytes = 0, fetched = 0, received = 0, received_bytes = 0, freed = 0}
 
 DESC.__tide_ser = function(d)
-  return core.encode({"desc", d.token, d.actor, d.group, d.rank, d.shape, d.device, d.method})
+  return core.encode({"desc", d.token, d.actor, d.group, d.rank, d.shapes, d.device, d.method, d.skel})
 end
 DESC.__tostring = function(d)
-  return format("DirectTensor(%s from actor %s, rank %d of %s)", d.token, d.actor, d.rank, d.group)
+  return format("DirectTensor(%s from actor %s, rank %d of %s, %d tensor%s)", d.token, d.actor, d.rank, d.group,
+    #d.shapes, #d.shapes == 1 and "" or "s")
+end
+
+-- A result's tensors: the tensor itself (no skeleton), or, for a plain
+-- table, every tensor in it at any depth, in the order met, and a copy of
+-- the table with {[SLOT] = i} in each tensor's place (its other values
+-- travel inside the descriptor); nil when there is no tensor.
+local SLOT = "__tide_rdt_slot"
+
+local function split(v, is_tensor)
+  if is_tensor(v) then return {v}, false end
+  if type(v) ~= "table" or getmetatable(v) ~= nil then return nil end
+  local parts, path = {}, {}
+  local function walk(x)
+    if path[x] then error("tensor_transport = \"collective\": the result's tables hold a cycle", 0) end
+    path[x] = true
+    local out = {}
+    for k, e in pairs(x) do
+      if is_tensor(e) then
+        parts[#parts + 1] = e
+        out[k] = {[SLOT] = #parts}
+      elseif type(e) == "table" and getmetatable(e) == nil then
+        out[k] = walk(e)
+      else
+        out[k] = e
+      end
+    end
+    path[x] = nil
+    return out
+  end
+  local skel = walk(v)
+  if not parts[1] then return nil end
+  return parts, skel
+end
+
+-- The value a skeleton and its tensors make (a new table each time).
+local function join(parts, skel)
+  if not skel then return parts[1] end
+  local function build(x)
+    local out = {}
+    for k, e in pairs(x) do
+      if type(e) == "table" then out[k] = e[SLOT] and parts[e[SLOT]] or build(e) else out[k] = e end
+    end
+    return out
+  end
+  return build(skel)
 end
 LOCAL.__tide_ser = function(l) return core.encode({"local", l.token}) end
 
@@ -209,10 +255,10 @@ function M.__tide_deser(blob)
     error("direct tensor transport: tensor " .. tostring(t[2]) .. " was not received by this actor", 0)
   end
   local h = held[t[2]]
-  if h then return h end
+  if h then return join(h.parts, h.skel) end
   M.seen = true
-  return setmetatable({token = t[2], actor = t[3], group = t[4], rank = t[5], shape = t[6], device = t[7],
-    method = t[8]}, DESC)
+  return setmetatable({token = t[2], actor = t[3], group = t[4], rank = t[5], shapes = t[6], device = t[7],
+    method = t[8], skel = t[9] or false}, DESC)
 end
 
 -- An error whose kind reaches the caller as it is (tide.boot's errfmt).
@@ -265,31 +311,41 @@ local function producer_group(name, method)
     .. " tide.collective.init_group in this actor first", method))
 end
 
--- Runs the declared method; a tensor result stays here, its descriptor
--- goes to the store.
-function ops.call(self, name, token, group, ...)
-  local fn = rawget(self, "__class")[name]
-  if type(fn) ~= "function" then fail("TaskError", format("the actor has no method '%s'", tostring(name))) end
-  local v = fn(self, ...)
-  local T = require("tide.tensor")
-  if not T.is_tensor(v) then return v end
-  local gname, rank, device = producer_group(group, name)
+-- A tensor the group can carry, made contiguous.
+local function carried(v, name, gname, want)
   if v:dtype() ~= "f32" then
     fail("TaskError", format("%s: tensor_transport = \"collective\" carries f32 tensors, not %s (convert it,"
       .. " or return it from a method without tensor_transport to send it through the object store)",
       name, v:dtype()))
   end
-  local want = device or "cpu"
   if v:device() ~= want then
     fail("TaskError", format("%s: group '%s' carries %s tensors; the method returned one on %s", name, gname,
       want, v:device()))
   end
-  v = v:contiguous()
-  if held[token] == nil then nheld = nheld + 1 else held_bytes = held_bytes - held[token]:nbytes() end
-  held[token], held_group[token] = v, gname
-  held_bytes = held_bytes + v:nbytes()
+  return v:contiguous()
+end
+
+-- Runs the declared method; a tensor result (or the tensors of a table
+-- result) stays here, its descriptor goes to the store.
+function ops.call(self, name, token, group, ...)
+  local fn = rawget(self, "__class")[name]
+  if type(fn) ~= "function" then fail("TaskError", format("the actor has no method '%s'", tostring(name))) end
+  local v = fn(self, ...)
+  local ok, parts, skel = pcall(split, v, require("tide.tensor").is_tensor)
+  if not ok then fail("TaskError", name .. ": " .. tostring(parts)) end
+  if not parts then return v end
+  local gname, rank, device = producer_group(group, name)
+  local want, shapes, bytes = device or "cpu", {}, 0
+  for i = 1, #parts do
+    parts[i] = carried(parts[i], name, gname, want)
+    shapes[i], bytes = parts[i]:shape(), bytes + parts[i]:nbytes()
+  end
+  local old = held[token]
+  if old == nil then nheld = nheld + 1 else held_bytes = held_bytes - old.bytes end
+  held[token], held_group[token] = {parts = parts, skel = skel, bytes = bytes}, gname
+  held_bytes = held_bytes + bytes
   return setmetatable({token = token, actor = core.context().actor_id, group = gname, rank = rank,
-    shape = v:shape(), device = want, method = name}, DESC)
+    shapes = shapes, skel = skel, device = want, method = name}, DESC)
 end
 
 local function header(device, a, b)
@@ -318,30 +374,30 @@ function ops.offer(_, token, to) return send_rank(token, to) end
 function ops.send(_, token, to)
   local dst = send_rank(token, to)
   if not dst then return false end
-  local t, C, group = held[token], coll(), held_group[token]
+  local h, C, group = held[token], coll(), held_group[token]
   local _, _, device = C._rdt_group(group)
   flush_frames()
   C.send(header(device, STATUS_OK, tag(token)), dst, group)
-  C.send(t, dst, group)
-  counts.sent, counts.sent_bytes = counts.sent + 1, counts.sent_bytes + t:nbytes()
+  for i = 1, #h.parts do C.send(h.parts[i], dst, group) end
+  counts.sent, counts.sent_bytes = counts.sent + 1, counts.sent_bytes + h.bytes
   return true
 end
 
 function ops.fetch(_, token)
-  local t = held[token]
-  if not t then
+  local h = held[token]
+  if not h then
     fail("ObjectLostError", format("actor %s no longer holds tensor %s: its last ref was dropped",
       tostring(core.context().actor_id), token))
   end
   counts.fetched = counts.fetched + 1
-  return t
+  return join(h.parts, h.skel)
 end
 
 function ops.free(_, token)
-  local t = held[token]
-  if not t then return false end
+  local h = held[token]
+  if not h then return false end
   held[token], held_group[token] = nil, nil
-  nheld, held_bytes = nheld - 1, held_bytes - t:nbytes()
+  nheld, held_bytes = nheld - 1, held_bytes - h.bytes
   counts.freed = counts.freed + 1
   return true
 end
@@ -378,16 +434,17 @@ local function pull(d, token, device)
     fail("ObjectLostError", format("group %s: rank %d sent another transfer than the one asked for (another"
       .. " send/recv between the same ranks interleaved)", d.group, d.rank))
   end
-  local t = T.empty(d.shape, {device = device or "cpu"})
-  ok, err = pcall(C.recv, t, d.rank, d.group)
-  if not ok then recv_failed(d, err) end
-  counts.received, counts.received_bytes = counts.received + 1, counts.received_bytes + t:nbytes()
-  return t
+  local parts, bytes = {}, 0
+  for i, shape in ipairs(d.shapes) do
+    local t = T.empty(shape, {device = device or "cpu"})
+    ok, err = pcall(C.recv, t, d.rank, d.group)
+    if not ok then recv_failed(d, err) end
+    parts[i], bytes = t, bytes + t:nbytes()
+  end
+  counts.received, counts.received_bytes = counts.received + 1, counts.received_bytes + bytes
+  return join(parts, d.skel)
 end
 
--- Consumer: gets the tensor a descriptor names (directly from a fellow
--- group member, else through the object store) and keeps it for the call
--- that follows, whose argument is this call's result.
 -- The producer's offer: the rank it will send to, or false. A producer
 -- that died or failed raises here, not in the group's recv.
 local function read_offer(d, offer)
@@ -401,13 +458,16 @@ local function read_offer(d, offer)
   error(v, 0)
 end
 
+-- Consumer: gets the value a descriptor names (directly from a fellow
+-- group member, else through the object store) and keeps it for the call
+-- that follows, whose argument is this call's result.
 function ops.recv(_, d, token, offer)
   local T = require("tide.tensor")
   local t
   if T.is_tensor(d) then
     t = d  -- this actor holds it
   elseif getmetatable(d) ~= DESC then
-    return d  -- the method returned no tensor: its value passes as it is
+    return d  -- no tensor, or a table this actor holds: the value passes as it is
   else
     local gname, rank, device = coll()._rdt_group(d.group)
     local to = gname and rank ~= d.rank and read_offer(d, offer[1])

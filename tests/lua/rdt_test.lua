@@ -19,6 +19,12 @@ local Worker = tide.actor({
   make = tide.method({tensor_transport = "collective"}, function(_, n, seed)
     return require("tide.tensor").randn({n}, {seed = seed})
   end),
+  -- A table of tensors at two depths, with other values among them.
+  make_kv = tide.method({tensor_transport = "collective"}, function(_, n, seed)
+    local T = require("tide.tensor")
+    return {h = T.randn({n}, {seed = seed}), kv = {T.randn({2, n}, {seed = seed + 1}), T.randn({3}, {seed = seed + 2})},
+      step = 7, name = "layer"}
+  end),
   make_plain = function(_, n, seed) return require("tide.tensor").randn({n}, {seed = seed}) end,
   make_i32 = tide.method({tensor_transport = "collective"}, function()
     return require("tide.tensor").zeros({4}, {dtype = "i32"})
@@ -32,6 +38,14 @@ local Worker = tide.actor({
     local T = require("tide.tensor")
     return {same = T.is_tensor(x) and x:to_bytes() == T.randn({n}, {seed = seed}):to_bytes(),
             n = T.is_tensor(x) and x:numel() or -1}
+  end,
+  -- Whether x is exactly what make_kv(n, seed) returns.
+  check_kv = function(_, x, n, seed)
+    local T = require("tide.tensor")
+    local function same(a, b) return T.is_tensor(a) and a:to_bytes() == b:to_bytes() end
+    return type(x) == "table" and same(x.h, T.randn({n}, {seed = seed}))
+      and same(x.kv[1], T.randn({2, n}, {seed = seed + 1})) and same(x.kv[2], T.randn({3}, {seed = seed + 2}))
+      and x.step == 7 and x.name == "layer" and #x.kv == 2
   end,
   keep = function(self, x) self.kept = x; return x:numel() end,
   drop = function(self) self.kept = nil; collectgarbage(); collectgarbage() end,
@@ -121,6 +135,27 @@ t.test("two actors that exchange tensors both ways do not wait on each other", f
   local oa, ob = p:check(rb, 65536, 22), c:check(ra, 65536, 21)
   t.ok(tide.get(oa, {timeout = 20}).same, "producer got the consumer's tensor")
   t.ok(tide.get(ob, {timeout = 20}).same, "consumer got the producer's tensor")
+end)
+
+t.test("a table of tensors travels directly, every tensor at any depth, its other values with it", function()
+  local before = tide.get(p:stats())
+  local n = 1000
+  local r2 = p:make_kv(n, 21)
+  t.ok(tide.get(c:check_kv(r2, n, 21), {timeout = 60}), "the consumer's table differs")
+  local ps = tide.get(p:stats())
+  t.eq(ps.sent - before.sent, 1, "sent directly")
+  t.eq(ps.sent_bytes - before.sent_bytes, (n + 2 * n + 3) * 4, "all three tensors' bytes")
+  t.eq(ps.held_bytes - before.held_bytes, (n + 2 * n + 3) * 4)
+  t.eq(ps.fetched - before.fetched, 0, "not through the object store")
+  local x = tide.get(r2, {timeout = 60})
+  t.eq(x.step, 7, "tide.get of the ref gives the table")
+  t.eq(x.kv[1]:numel(), 2 * n)
+  t.ok(tide.get(check_task:remote(r2, n, 21), {timeout = 60}) == false, "a plain task gets the table, not a tensor")
+  x, r2 = nil, nil
+  collectgarbage(); collectgarbage()
+  tide.get(p:stats())  -- sends the queued frees (earlier tests' refs may go too)
+  local freed = ps.held_bytes - tide.get(p:stats()).held_bytes
+  t.ok(freed >= (n + 2 * n + 3) * 4, "freed with the ref: " .. freed .. " bytes")
 end)
 
 t.test("a result that is not a tensor passes as it is; bad declarations and kinds are named", function()
