@@ -571,10 +571,16 @@ local function new_replica(d, cls)
   }):remote()
 end
 
-local function publish(st, name)
+-- Tells the ingress the replicas of a deployment.
+local function route_to(st, name)
   local ids = {}
   for i, r in ipairs(st.replicas) do ids[i] = r._id end
   core.serve_replicas(name, ids)
+end
+
+-- Tells the ingress, then the serve state (which waits for it).
+local function publish(st, name)
+  route_to(st, name)
   -- The state actor has a process of its own, so a replica's crash cannot
   -- take it down; should it die anyway, the ingress keeps serving (only
   -- jobs and handles need it), so its failure is logged, never raised.
@@ -584,13 +590,18 @@ end
 
 -- serve.deploy(app): creates or replaces deployments; returns at once.
 -- Redeploying a name starts new replicas, moves traffic to them, and lets
--- the old ones finish what they have before they are stopped.
+-- the old ones finish what they have before they are stopped. Every route
+-- reaches the ingress before the serve state (an actor, which may still
+-- be starting) is told: a request that comes as soon as the port answers
+-- finds its route, not a 404.
 function M.deploy(app)
   if getmetatable(app) == Deployment then app = {app} end
   if type(app) ~= "table" then error("serve.deploy: expected a deployment or an array of them", 2) end
-  if not running.started then M.start() end
   for _, d in ipairs(app) do
     if getmetatable(d) ~= Deployment then error("serve.deploy: expected deployments from serve.deployment", 2) end
+  end
+  if not running.started then M.start() end
+  for _, d in ipairs(app) do
     local cls = tide.actor(replica_class(d))
     local a = d.autoscaling
     local n = a and (a.min_replicas or 1) or (d.num_replicas or 1)
@@ -606,8 +617,9 @@ function M.deploy(app)
       running.order[#running.order + 1] = d.name
     end
     running.deps[d.name] = st
-    publish(st, d.name)
+    route_to(st, d.name)
   end
+  for _, d in ipairs(app) do publish(running.deps[d.name], d.name) end
 end
 
 -- Starts the HTTP ingress (serve.run does it for you).
@@ -635,8 +647,10 @@ function M.start(opts)
   -- daemon (core.serve_* are its control ops), whose dashboard and
   -- /metrics then show the deployments; it stops when this process goes.
   -- No nils before alog: an RPC's argument list would end at the first.
-  running.port = core.serve_start(host, port, opts.max_body_bytes or 0, opts.request_timeout_ms or 0, alog)
+  -- The state first (its process may take a while to start), so the port
+  -- opens only when the deployments can follow at once.
   tide.get(running.state:set_limits(max_jobs, ttl))
+  running.port = core.serve_start(host, port, opts.max_body_bytes or 0, opts.request_timeout_ms or 0, alog)
   running.host = host
   running.started = true
   if core.is_client then
