@@ -268,6 +268,15 @@ enum { TD_WHY_STACK = 1, TD_WHY_WARNED = 2 };
  * says so). */
 int td_node_why(td_node_t *n, uint64_t id, int flags, char *out, size_t len);
 
+/* -- Transfers (transfer.c) -------------------------------------------------- */
+
+/* How far this node's fetch of object id from another node has come:
+ * *total bytes, of which *got have landed (counted per chunk as it lands,
+ * so asking costs a lookup). Returns 0, or TD_ENOTFOUND when no chunked
+ * fetch of it is under way here (it is this node's own, small, ready, or
+ * its size is not known yet). */
+int td_node_xfer(td_node_t *n, uint64_t id, uint64_t *total, uint64_t *got);
+
 /* -- Live handles (introspect.c) --------------------------------------------- */
 
 /* What a node still holds that td_node_stats does not count, so that a

@@ -87,7 +87,7 @@ const VIEWS = {
     "wait_reason", "error"], detail: (r) => r.traceback || r.wait_reason || r.error ?
       [r.error ? "error: " + r.error : null, r.traceback ? "remote traceback:\n" + r.traceback : null,
        r.wait_reason ? "waits: " + r.wait_reason : null].filter(Boolean).join("\n\n") : null, logs: true},
-  objects: {title: "Objects", cols: ["object_id", "state", "size", "where", "node", "refs", "pins"], bytes: ["size"]},
+  objects: {title: "Objects", cols: ["object_id", "state", "size", "where", "node", "refs", "pins", "fetched"], bytes: ["size", "fetched"]},
   "placement-groups": {title: "Placement groups", cols: ["pg_id", "name", "state", "strategy", "bundles", "nodes"]},
   jobs: {title: "Jobs", cols: ["id", "status", "pid", "exit_code", "script"], logs: true},
 };
