@@ -140,10 +140,42 @@ static int o_log_find(lua_State *L) {
   return 1;
 }
 
+static void td__push_note(void *ud, uint32_t node, const char *name, const uint8_t *p, size_t len) {
+  lua_State *L = ud;
+  lua_createtable(L, 0, 3);
+  lua_pushfstring(L, "node-%d", (int)node);
+  lua_setfield(L, -2, "node");
+  lua_pushstring(L, name);
+  lua_setfield(L, -2, "name");
+  lua_pushlstring(L, (const char *)p, len);
+  lua_setfield(L, -2, "data");
+  lua_rawseti(L, -2, (int)lua_objlen(L, -2) + 1);
+}
+
+/* obs_c.notes(topic) -> {{node = "node-N", name, data}, ...}: the latest
+ * note under topic of each node joined to this head (td_node_notes). */
+static int o_notes(lua_State *L) {
+  const char *topic = luaL_checkstring(L, 1);
+  lua_newtable(L);
+  if (td_ctx.node) td_node_notes(td_ctx.node, topic, td__push_note, L);
+  return 1;
+}
+
+/* obs_c.node_index() -> this node's index (0: the head). */
+static int o_node_index(lua_State *L) {
+  lua_pushinteger(L, td_ctx.node ? (lua_Integer)td_node_index(td_ctx.node) : 0);
+  return 1;
+}
+
 int luaopen_tide_obs_c(lua_State *L) {
-  static const luaL_Reg fns[] = {{"list", o_list},         {"metrics", o_metrics},
-                                 {"json_str", o_json_str}, {"log_slice", o_log_slice},
-                                 {"log_find", o_log_find}, {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"list", o_list},
+                                 {"metrics", o_metrics},
+                                 {"json_str", o_json_str},
+                                 {"log_slice", o_log_slice},
+                                 {"log_find", o_log_find},
+                                 {"notes", o_notes},
+                                 {"node_index", o_node_index},
+                                 {NULL, NULL}};
   lua_newtable(L);
   luaL_register(L, NULL, fns);
   return 1;

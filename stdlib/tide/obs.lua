@@ -255,23 +255,76 @@ end
 -- read from the ingress on each request, not sampled.
 local rcore = debug.getregistry()["tide.rpc.core"]
 
-local function serve_text()
-  return rcore and rcore.serve_metrics and rcore.serve_metrics() or ""
+-- A serve ingress on another node (an app attached there) sends its stats
+-- and metrics text to its head once a second (lua/serve.c, td__note_head);
+-- the head keeps each node's latest until that node leaves or the ingress
+-- stops. serves() -> {{node = "node-N", stats = {...}, metrics = text}, ...}:
+-- this node's own first (node-0 on a head), then the others' by node.
+local function serves()
+  local own = {node = format("node-%d", obs_c.node_index()),
+    stats = rcore and rcore.serve_stats and rcore.serve_stats() or {},
+    metrics = rcore and rcore.serve_metrics and rcore.serve_metrics() or ""}
+  local out = {own}
+  for _, n in ipairs(obs_c.notes("serve")) do
+    local ok, t = pcall(cjson.decode, n.data)
+    if ok and type(t) == "table" and type(t.stats) == "table" and type(t.metrics) == "string" then
+      out[#out + 1] = {node = n.node, stats = t.stats, metrics = t.metrics}
+    end
+  end
+  table.sort(out, function(a, b)
+    if (a == own) ~= (b == own) then return a == own end
+    return tonumber(a.node:match("%d+")) < tonumber(b.node:match("%d+"))
+  end)
+  return out
 end
 
--- serve_json() -> {"deployments": [{name, route, replicas, ongoing, queued,
--- requests, errors, rejected, rate, p50_ms, p99_ms, codes}, ...]}, by name.
+-- The serve metrics of every node as one Prometheus text: each family's
+-- HELP and TYPE once, then its samples from each node; another node's
+-- samples carry node="node-N" (the head's own stay as they were).
+local function serve_text()
+  local order, fams = {}, {}
+  for i, s in ipairs(serves()) do
+    local label = i > 1 and format('{node="%s",', s.node)
+    local cur
+    for line in s.metrics:gmatch("[^\n]+") do
+      local kind, name = line:match("^# (%u+) ([%w_:]+)")
+      if kind then
+        cur = fams[name]
+        if not cur then
+          cur = {head = {}, seen = {}, samples = {}}
+          fams[name], order[#order + 1] = cur, name
+        end
+        if not cur.seen[kind] then cur.seen[kind], cur.head[#cur.head + 1] = true, line end
+      elseif cur then
+        cur.samples[#cur.samples + 1] = label and line:gsub("^([%w_:]+){", "%1" .. label, 1) or line
+      end
+    end
+  end
+  local out = {}
+  for _, name in ipairs(order) do
+    local f = fams[name]
+    out[#out + 1] = concat(f.head, "\n")
+    if #f.samples > 0 then out[#out + 1] = concat(f.samples, "\n") end
+  end
+  return #out > 0 and concat(out, "\n") .. "\n" or ""
+end
+
+-- serve_json() -> {"deployments": [{name, node, route, replicas, ongoing,
+-- queued, requests, errors, rejected, rate, p50_ms, p99_ms, codes}, ...]},
+-- by node (this one first), then name.
 function M.serve_json()
-  local stats = rcore and rcore.serve_stats and rcore.serve_stats() or {}
-  local names, out = {}, {}
-  for name in pairs(stats) do names[#names + 1] = name end
-  table.sort(names)
-  for i, name in ipairs(names) do
-    local d = stats[name]
-    out[i] = cjson.encode({name = name, route = d.route, replicas = d.live, ongoing = d.ongoing, queued = d.queued,
-      requests = d.requests, errors = d.errors, rejected = d.rejected, rate = d.rate,
-      p50_ms = d.p50 and d.p50 * 1000 or cjson.null, p99_ms = d.p99 and d.p99 * 1000 or cjson.null,
-      codes = next(d.codes) and d.codes or cjson.null})
+  local out = {}
+  for _, s in ipairs(serves()) do
+    local names = {}
+    for name in pairs(s.stats) do names[#names + 1] = name end
+    table.sort(names)
+    for _, name in ipairs(names) do
+      local d = s.stats[name]
+      out[#out + 1] = cjson.encode({name = name, node = s.node, route = d.route, replicas = d.live,
+        ongoing = d.ongoing, queued = d.queued, requests = d.requests, errors = d.errors, rejected = d.rejected,
+        rate = d.rate, p50_ms = d.p50 and d.p50 * 1000 or cjson.null, p99_ms = d.p99 and d.p99 * 1000 or cjson.null,
+        codes = next(d.codes) and d.codes or cjson.null})
+    end
   end
   -- Written by hand around cjson: this cjson writes an empty table as {}.
   return format('{"deployments":[%s]}', concat(out, ","))

@@ -9,12 +9,7 @@ cd "$(dirname "$0")/../.."
 head_session repl-progress 23000
 MIB=384
 $T start --head --port $PORT --num-cpus 1 --dashboard-port off >/dev/null 2>&1
-TIDE_SESSION_DIR=$W/n1 $T start --address 127.0.0.1:$PORT --key $TIDE_SESSION_DIR/cluster.key \
-  --num-cpus 1 --resources '{"A":1}' >/dev/null 2>&1
-trap '[ -n "$KILL" ] && kill -9 $KILL 2>/dev/null; TIDE_SESSION_DIR=$W/n1 $T stop >/dev/null 2>&1;
-  $T stop >/dev/null 2>&1; rm -rf "$W" "$TIDE_SESSION_DIR"' EXIT
-i=0
-while [ $i -lt 100 ] && [ "$($T status 2>/dev/null | grep -c '^node-')" != 2 ]; do sleep 0.1; i=$((i + 1)); done
+join_node $W/n1 --num-cpus 1 --resources '{"A":1}'
 
 # The value is made on node-1 (only it has A) and kept there until the
 # REPL, attached to the head, gets it: the head fetches it in chunks.

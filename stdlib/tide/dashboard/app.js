@@ -421,21 +421,26 @@ function dataView() {
     });
 }
 
-// -- Serve deployments (/api/serve: the ingress a `tide serve run --address` runs in this head) --
+// -- Serve deployments (/api/serve: the ingress a `tide serve run --address` runs in this head,
+// and those on other nodes, which send their stats to it) --
 
 const serveHistory = new Map();  // deployment -> [[t, req/s], ...] since the page opened
+
+// A deployment's key: its name on this node, node/name on another.
+const serveKey = (d) => !d.node || d.node === "node-0" ? d.name : d.node + "/" + d.name;
 
 function serveRow(d) {
   const ms = (v) => typeof v === "number" ? v.toFixed(1) : "";
   const codes = d.codes ? Object.keys(d.codes).sort().map((c) => c + ": " + d.codes[c]).join(", ") : "";
   const answered = d.codes ? Object.values(d.codes).reduce((a, b) => a + b, 0) : 0;
-  return el("tr", {"data-id": d.name},
+  return el("tr", {"data-id": serveKey(d)},
     el("td", {class: "name"}, d.name), el("td", {class: "route"}, d.route),
     el("td", {class: "replicas"}, cell(d.replicas)), el("td", {class: "rate"}, d.rate.toFixed(1)),
     el("td", {class: "p50"}, ms(d.p50_ms)), el("td", {class: "p99"}, ms(d.p99_ms)),
     el("td", {class: "ongoing"}, cell(d.ongoing)), el("td", {class: "queued"}, cell(d.queued)),
     el("td", {class: "answered"}, String(answered)), el("td", {class: "errors"}, cell(d.errors)),
-    el("td", {class: "rejected"}, cell(d.rejected)), el("td", {class: "codes"}, codes));
+    el("td", {class: "rejected"}, cell(d.rejected)), el("td", {class: "codes"}, codes),
+    el("td", {class: "node"}, d.node || ""));
 }
 
 function serveView() {
@@ -448,23 +453,23 @@ function serveView() {
       err.textContent = "";
       if (!res.deployments.length) {
         box.replaceChildren(el("p", {id: "empty", class: "empty"},
-          "No serve application runs in this head: start one attached to it with tide serve run --address."));
+          "No serve application runs in this cluster: start one attached to a node with tide serve run --address."));
         return;
       }
       const now = Date.now() / 1000;
       for (const d of res.deployments) {
-        if (!serveHistory.has(d.name)) serveHistory.set(d.name, []);
-        const h = serveHistory.get(d.name);
+        if (!serveHistory.has(serveKey(d))) serveHistory.set(serveKey(d), []);
+        const h = serveHistory.get(serveKey(d));
         h.push([now, d.rate]);
         if (h.length > 300) h.shift();
       }
       const cols = ["deployment", "route", "replicas", "req/s", "p50 ms", "p99 ms", "ongoing", "queued",
-        "answered", "errors", "rejected", "by status"];
+        "answered", "errors", "rejected", "by status", "node"];
       box.replaceChildren(
         el("table", {id: "table"}, el("thead", {}, el("tr", {}, ...cols.map((c) => el("th", {}, c)))),
           el("tbody", {id: "rows"}, ...res.deployments.map(serveRow))),
         el("h1", {}, "Requests per second"),
-        timeChart("rate-chart", res.deployments.slice(0, 8).map((d) => ({label: d.name, points: serveHistory.get(d.name)})),
+        timeChart("rate-chart", res.deployments.slice(0, 8).map((d) => ({label: serveKey(d), points: serveHistory.get(serveKey(d))})),
           900, 200));
       status.textContent = "updated " + new Date().toLocaleTimeString();
     } catch (e) {
