@@ -288,13 +288,15 @@ function short(v) {
   return a !== 0 && (a >= 1e5 || a < 1e-3) ? v.toExponential(2) : v.toFixed(a >= 100 ? 1 : 4);
 }
 
-// A chart of lines over time: lines = [{label, points: [[t, v], ...]}].
-function timeChart(id, lines, w, h) {
+// A chart of lines over time: lines = [{label, points: [[t, v], ...]}];
+// zero: the axis starts at 0 (rates, counts).
+function timeChart(id, lines, w, h, zero) {
   const pts = lines.flatMap((l) => l.points.filter((p) => typeof p[1] === "number"));
   const svg = svgEl("svg", {id: id, width: w, height: h + 18 * Math.ceil(lines.length / 3) + 4, class: "timechart"});
   if (!pts.length) return svg;
   const t0 = Math.min(...pts.map((p) => p[0])), t1 = Math.max(...pts.map((p) => p[0]));
   let lo = Math.min(...pts.map((p) => p[1])), hi = Math.max(...pts.map((p) => p[1]));
+  if (zero && lo > 0) lo = 0;
   if (hi === lo) { hi += 1; lo -= lo > 0 ? Math.min(1, lo) : 1; }
   const L = 64, R = 8, T = 6, B = 18;
   const x = (t) => L + (t1 > t0 ? (t - t0) / (t1 - t0) : 1) * (w - L - R);
@@ -310,7 +312,9 @@ function timeChart(id, lines, w, h) {
     svg.append(svgEl("polyline", {fill: "none", stroke: c, "stroke-width": "2",
       points: ps.map((p) => `${x(p[0]).toFixed(1)},${y(p[1]).toFixed(1)}`).join(" ")}));
     if (ps.length === 1) svg.append(svgEl("circle", {cx: x(ps[0][0]), cy: y(ps[0][1]), r: 3, fill: c}));
-    svg.append(svgEl("text", {x: L + (i % 3) * ((w - L) / 3), y: h + 14 + 18 * Math.floor(i / 3), fill: c}, l.label));
+    // style, not fill: the stylesheet's svg text colour would win over the attribute.
+    svg.append(svgEl("text", {x: L + (i % 3) * ((w - L) / 3), y: h + 14 + 18 * Math.floor(i / 3), style: "fill:" + c},
+      l.label));
   });
   return svg;
 }
@@ -470,7 +474,7 @@ function serveView() {
           el("tbody", {id: "rows"}, ...res.deployments.map(serveRow))),
         el("h1", {}, "Requests per second"),
         timeChart("rate-chart", res.deployments.slice(0, 8).map((d) => ({label: serveKey(d), points: serveHistory.get(serveKey(d))})),
-          900, 200));
+          900, 200, true));
       status.textContent = "updated " + new Date().toLocaleTimeString();
     } catch (e) {
       err.textContent = String(e.message || e);
