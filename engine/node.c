@@ -655,6 +655,7 @@ void td_node_destroy(td_node_t **np) {
     td_map_free(&wk->allocs);
     td_map_free(&wk->held);
     td_map_free(&wk->pinned);
+    td__notes_free(wk);
     free(wk);
   }
   free(n->procs.list);
