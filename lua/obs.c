@@ -125,6 +125,24 @@ static int o_log_slice(lua_State *L) {
   return 2;
 }
 
+/* obs_c.log_slice_rotated(worker_id, "task"|"actor", id[, max]) -> bytes | nil:
+ * the slice of the part of the worker's log that rotation kept (.1). */
+static int o_log_slice_rotated(lua_State *L) {
+  uint64_t wk = td_core_checkid(L, 1, "worker");
+  td_slice_by_t by = td__slice_by(L, 2);
+  uint64_t id = td_core_checkid(L, 3, by == TD_SLICE_TASK ? "task" : "actor");
+  size_t max = (size_t)luaL_optnumber(L, 4, 1048576);
+  td_buf_t b;
+  td_buf_init(&b);
+  if (td_obs_log_slice_rotated(wk, by, id, max, &b) != 0) {
+    td_buf_free(&b);
+    return 0;
+  }
+  lua_pushlstring(L, (const char *)b.p, b.len);
+  td_buf_free(&b);
+  return 1;
+}
+
 /* obs_c.log_find("task"|"actor", id) -> {worker_id, ...}: the workers on
  * this node whose logs hold its prints. */
 static int o_log_find(lua_State *L) {
@@ -175,6 +193,7 @@ int luaopen_tide_obs_c(lua_State *L) {
                                  {"log_find", o_log_find},
                                  {"notes", o_notes},
                                  {"node_index", o_node_index},
+                                 {"log_slice_rotated", o_log_slice_rotated},
                                  {NULL, NULL}};
   lua_newtable(L);
   luaL_register(L, NULL, fns);

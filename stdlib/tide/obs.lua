@@ -160,24 +160,36 @@ local function read_whole(wid, offset, tail)
   return chunk, offset + #chunk, true
 end
 
--- A task's or actor's prints: from index record `offset` of its worker's
--- log; or, when only the logs' indexes know it, all of them at once.
+-- A task's or actor's prints in worker wid's log. offset 0: from the first
+-- the log kept (the part rotation kept, then the current part); else
+-- offset - 1 is the current part's index record to go on from. The next
+-- offset is at least 1, so a follower never reads the rotated part twice.
+-- nil when the worker has no index of prints (yet).
+local function slice(loc, wid, offset, max)
+  local old = offset == 0 and obs_c.log_slice_rotated(wid, loc.by, loc.sid, max) or ""
+  local chunk, nxt = obs_c.log_slice(wid, loc.by, loc.sid, offset > 0 and offset - 1 or 0, max)
+  if not chunk and old == "" then return nil end
+  return old .. (chunk or ""), (nxt or 0) + 1
+end
+
+-- A task's or actor's prints: from `offset` (above) of its worker's log;
+-- or, when only the logs' indexes know it, all of them at once.
 local function read_slice(loc, offset, tail)
   offset = tonumber(offset) or 0
   local max = tail and 64 * 1048576 or 1048576
   if loc.wids then
     -- Followed while it ran, then ended: read on in the worker it ran in.
     if offset > 0 and #loc.wids == 1 then
-      local chunk, nxt = obs_c.log_slice(loc.wids[1], loc.by, loc.sid, offset, max)
+      local chunk, nxt = slice(loc, loc.wids[1], offset, max)
       return chunk or "", nxt or offset, false
     end
     if offset > 0 then return "", offset, false end
     local parts = {}
-    for i, wid in ipairs(loc.wids) do parts[i] = obs_c.log_slice(wid, loc.by, loc.sid, 0, max) or "" end
+    for i, wid in ipairs(loc.wids) do parts[i] = slice(loc, wid, 0, max) or "" end
     local s = concat(parts)
     return tail and last_lines(s, tonumber(tail)) or s, 1, false
   end
-  local chunk, nxt = obs_c.log_slice(loc.wid, loc.by, loc.sid, offset, max)
+  local chunk, nxt = slice(loc, loc.wid, offset, max)
   if not chunk then
     worker_file(loc.wid):close()
     return "", offset, not loc.ended -- it has printed nothing yet
@@ -190,7 +202,7 @@ end
 -- whether more may come; and, when the worker is on another node, nothing
 -- but that node's id and the target and id to ask it for (the client asks
 -- that node: stdlib/tide/listcli.lua). For a task or an actor, only its own
--- prints (offsets count the worker log's index records, not bytes).
+-- prints (offsets count the worker log's index records, not bytes: see slice).
 function M.worker_log(target, id, offset, tail)
   if target == "job" then
     local chunk, status = ops.job_log(id, offset)
