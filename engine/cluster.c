@@ -1129,6 +1129,75 @@ int td__on_beat(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   return 0;
 }
 
+/* -- Notes (node.h) ------------------------------------------------------------ */
+
+#define TD_NOTE_TOPIC 16
+#define TD_NOTE_MAX 8 /* topics kept per node */
+#define TD_NOTE_BYTES (1u << 20)
+
+typedef struct td_note {
+  char topic[TD_NOTE_TOPIC];
+  uint8_t *p;
+  size_t len;
+} td_note_t;
+
+int td_node_note_head(td_node_t *n, const char *topic, const void *p, size_t len) {
+  td_wk_t *h = n->links.head;
+  if (!h || h->dead || strlen(topic) >= TD_NOTE_TOPIC || len > TD_NOTE_BYTES) return TD_ENOTFOUND;
+  td_chan_begin(&h->ch, TD_M_NOTE);
+  td_buf_str(&h->ch.out, topic, strlen(topic));
+  td_buf_str(&h->ch.out, p, len);
+  td_chan_end(&h->ch);
+  return 0;
+}
+
+void td_node_notes(td_node_t *n, const char *topic, td_note_cb cb, void *ud) {
+  for (int i = 0; i < n->procs.n; i++) {
+    td_wk_t *w = n->procs.list[i];
+    if (w->kind != WK_NODE || w->dead) continue;
+    for (uint32_t k = 0; k < w->nnotes; k++)
+      if (!strcmp(w->notes[k].topic, topic)) cb(ud, w->node_index, w->name, w->notes[k].p, w->notes[k].len);
+  }
+}
+
+void td__notes_free(td_wk_t *wk) {
+  for (uint32_t k = 0; k < wk->nnotes; k++) free(wk->notes[k].p);
+  free(wk->notes);
+  wk->notes = NULL;
+  wk->nnotes = 0;
+}
+
+/* Head: a node's note replaces its last one under the same topic. */
+int td__on_note(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  (void)n;
+  uint32_t tl, l;
+  const uint8_t *t = td_rd_str(rd, &tl);
+  const uint8_t *p = td_rd_str(rd, &l);
+  if (rd->bad || tl == 0 || tl >= TD_NOTE_TOPIC || l > TD_NOTE_BYTES) return TD_EPROTO;
+  uint32_t k = 0;
+  while (k < wk->nnotes && (strlen(wk->notes[k].topic) != tl || memcmp(wk->notes[k].topic, t, tl))) k++;
+  if (k == wk->nnotes) {
+    if (l == 0) return 0;
+    if (k == TD_NOTE_MAX) return 0; /* a node with more topics than that keeps its first ones */
+    wk->notes = td_xrealloc(wk->notes, (k + 1) * sizeof(td_note_t));
+    memset(&wk->notes[k], 0, sizeof(td_note_t));
+    memcpy(wk->notes[k].topic, t, tl);
+    wk->nnotes++;
+  }
+  td_note_t *nt = &wk->notes[k];
+  free(nt->p);
+  nt->p = NULL;
+  nt->len = 0;
+  if (l == 0) {
+    *nt = wk->notes[--wk->nnotes];
+    return 0;
+  }
+  nt->p = td_xmalloc(l);
+  memcpy(nt->p, p, l);
+  nt->len = l;
+  return 0;
+}
+
 /* Node: index 0 means the head restarted and does not know this node. */
 int td__on_welcome(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   (void)n;

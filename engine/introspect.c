@@ -114,8 +114,8 @@ static const char *const td__keys_actors[] = {"actor_id", "state", "name", "name
   "worker_id", "pid", "restarts", "detached", "queued_calls", "death_reason", NULL};
 static const char *const td__keys_tasks[] = {"task_id", "ref", "name", "type", "state", "node", "worker_id", "pid",
   "actor_id", "method", "attempt", "running_s", "wait_reason", "error_kind", "error", "traceback", NULL};
-static const char *const td__keys_objects[] = {"object_id", "state", "size", "where", "node", "refs", "pins",
-  "stream", NULL};
+static const char *const td__keys_objects[] = {"object_id", "state", "size",   "where",   "node",
+                                               "refs",      "pins",  "stream", "fetched", NULL};
 static const char *const td__keys_pgs[] = {"pg_id", "name", "state", "strategy", "bundles", "nodes", "detached",
   NULL};
 
@@ -491,6 +491,8 @@ static void td__list_objects(td_node_t *n, td_lister_t *ls) {
     rn(r, "refs", (double)o->refs);
     rn(r, "pins", o->pins);
     rs(r, "stream", o->is_stream ? "true" : "false");
+    /* Bytes landed of a value being fetched from another node in chunks. */
+    rn(r, "fetched", o->chunked && o->state == OBJ_PENDING ? (double)o->got : 0);
     td__emit(ls);
   }
 }

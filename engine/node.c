@@ -283,6 +283,7 @@ static const td_msg_t td__msgs[] = {
   [TD_M_LINEAGE] = {"LINEAGE", td__on_lineage, K(WK_NODE)},
   [TD_M_HAVE] = {"HAVE", td__on_have, K(WK_NODE)},
   [TD_M_KILL] = {"KILL", td__on_kill, K(WK_NODE)},
+  [TD_M_NOTE] = {"NOTE", td__on_note, K(WK_NODE)},
   [TD_M_NODE_TASK] = {"NODE_TASK", td__on_node_task, K(WK_HEAD)},
   [TD_M_PKG] = {"PKG", td__on_pkg, K(WK_HEAD)},
   [TD_M_WELCOME] = {"WELCOME", td__on_welcome, K(WK_HEAD)},
@@ -661,6 +662,7 @@ void td_node_destroy(td_node_t **np) {
     td_map_free(&wk->allocs);
     td_map_free(&wk->held);
     td_map_free(&wk->pinned);
+    td__notes_free(wk);
     free(wk);
   }
   free(n->procs.list);

@@ -273,6 +273,27 @@ enum { TD_WHY_STACK = 1, TD_WHY_WARNED = 2 };
  * says so). */
 int td_node_why(td_node_t *n, uint64_t id, int flags, char *out, size_t len);
 
+/* -- Notes from nodes to their head (cluster.c) -------------------------------- */
+
+/* Node: sends len bytes under topic (at most 15 characters) to the head,
+ * which keeps the latest per node and topic until the node leaves; len 0
+ * withdraws it. For a host's own figures (a serve ingress's stats), sent
+ * now and then, not per task. Returns 0, or TD_ENOTFOUND when this node
+ * has no head (it is the head, or alone, or its head is gone). */
+int td_node_note_head(td_node_t *n, const char *topic, const void *p, size_t len);
+typedef void (*td_note_cb)(void *ud, uint32_t node, const char *name, const uint8_t *p, size_t len);
+/* Head: calls cb with the latest note under topic of each node joined now. */
+void td_node_notes(td_node_t *n, const char *topic, td_note_cb cb, void *ud);
+
+/* -- Transfers (transfer.c) -------------------------------------------------- */
+
+/* How far this node's fetch of object id from another node has come:
+ * *total bytes, of which *got have landed (counted per chunk as it lands,
+ * so asking costs a lookup). Returns 0, or TD_ENOTFOUND when no chunked
+ * fetch of it is under way here (it is this node's own, small, ready, or
+ * its size is not known yet). */
+int td_node_xfer(td_node_t *n, uint64_t id, uint64_t *total, uint64_t *got);
+
 /* -- Live handles (introspect.c) --------------------------------------------- */
 
 /* What a node still holds that td_node_stats does not count, so that a

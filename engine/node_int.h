@@ -232,6 +232,8 @@ struct td_wk {
   double ntotal[TD_NRES_MAX], navail[TD_NRES_MAX]; /* by this node's resource index */
   td_node_stats_t nstats; /* a joined node's own figures, from its last heartbeat */
   int has_nstats;
+  struct td_note *notes; /* WK_NODE: the latest note per topic it sent (TD_M_NOTE) */
+  uint32_t nnotes;
   double last_seen;      /* last message from the other side */
   uint64_t sink_id;      /* a TD_M_CHUNK read straight into the store: its object */
   uint64_t sink_off;     /* its offset in the value */
@@ -750,7 +752,8 @@ int td__on_node_info(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
 int td__on_node_task(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
 int td__on_pkg(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
 int td__on_pkg_get(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
-td_msg_fn td__on_beat, td__on_welcome, td__on_cancel;
+td_msg_fn td__on_beat, td__on_welcome, td__on_cancel, td__on_note;
+void td__notes_free(td_wk_t *wk);
 void td__parked_drop(td_node_t *n);
 int td__hold_for_head(td_node_t *n, td_wk_t *wk, const td_spec_t *s, const uint8_t *msg, uint32_t len);
 void td__waitsubs_check(td_node_t *n, double now);

@@ -67,6 +67,8 @@ enum {
   TD_M_DP,             /* either way on a link between nodes: u32 port, str token[16], u8 mode: the
                           sender's data-plane listener; a stream presenting the token carries the
                           chunks asked for on this link with the CHUNK_GET flag set (dplane.c) */
+  TD_M_NOTE,           /* node -> head: str topic, str bytes (empty: withdrawn): the latest of a
+                          host's figures (a serve ingress's), kept per node (td_node_note_head) */
 };
 /* clang-format on */
 

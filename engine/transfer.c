@@ -290,6 +290,14 @@ void td__chunk_landed(td_node_t *n, td_wk_t *wk, td_obj_t *o, uint32_t l) {
   if (t && t->state == T_FETCHING && !td__task_fetching(n, t)) td__task_finish(n, t);
 }
 
+int td_node_xfer(td_node_t *n, uint64_t id, uint64_t *total, uint64_t *got) {
+  td_obj_t *o = td__obj(n, id);
+  if (!o || o->state != OBJ_PENDING || !o->chunked) return TD_ENOTFOUND;
+  *total = o->len;
+  *got = o->got;
+  return 0;
+}
+
 td_copy_t *td__copy(td_copies_t *cp, uint32_t node) {
   for (uint32_t i = 0; i < cp->n; i++)
     if (cp->c[i].node == node) return &cp->c[i];

@@ -391,6 +391,7 @@ void td__wk_free(td_node_t *n, td_wk_t *wk) {
   td__give_back(n, wk);
   td_map_free(&wk->fns_sent);
   td__free_lent(n, wk);
+  td__notes_free(wk);
   free(wk);
   n->objs.dirty = 1;
 }

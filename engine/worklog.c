@@ -135,14 +135,16 @@ static int td__rec_matches(const td_logrec_t *r, td_slice_by_t by, uint64_t id) 
   return by == TD_SLICE_TASK ? r->task == id : r->actor == id;
 }
 
-int td_obs_log_slice(uint64_t wk_id, td_slice_by_t by, uint64_t id, uint64_t *rec, size_t max,
-                     td_buf_t *out) {
+/* A slice of one part of worker wk_id's log: the current one (idx, out) or
+ * the one rotation kept (idx.1, out.1). */
+static int td__slice_part(uint64_t wk_id, const char *idx, const char *outf, td_slice_by_t by, uint64_t id,
+                          uint64_t *rec, size_t max, td_buf_t *out) {
   if (!td__logdir[0]) return TD_ENOTFOUND;
   char p[PATH_MAX + 40];
-  td__log_path(p, sizeof(p), wk_id, "idx");
+  td__log_path(p, sizeof(p), wk_id, idx);
   int ix = open(p, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
   if (ix < 0) return TD_ENOTFOUND;
-  td__log_path(p, sizeof(p), wk_id, "out");
+  td__log_path(p, sizeof(p), wk_id, outf);
   int fd = open(p, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
   struct stat st;
   if (fd < 0 || fstat(ix, &st) != 0) {
@@ -172,6 +174,16 @@ int td_obs_log_slice(uint64_t wk_id, td_slice_by_t by, uint64_t id, uint64_t *re
   return 0;
 }
 
+int td_obs_log_slice(uint64_t wk_id, td_slice_by_t by, uint64_t id, uint64_t *rec, size_t max,
+                     td_buf_t *out) {
+  return td__slice_part(wk_id, "idx", "out", by, id, rec, max, out);
+}
+
+int td_obs_log_slice_rotated(uint64_t wk_id, td_slice_by_t by, uint64_t id, size_t max, td_buf_t *out) {
+  uint64_t rec = 0;
+  return td__slice_part(wk_id, "idx.1", "out.1", by, id, &rec, max, out);
+}
+
 /* Whether the index at path holds a record `by` id. */
 static int td__idx_has(const char *path, td_slice_by_t by, uint64_t id) {
   int ix = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
@@ -198,10 +210,15 @@ int td_obs_log_find(td_slice_by_t by, uint64_t id, uint64_t *wks, int max) {
   while (n < max && (e = readdir(d))) {
     unsigned long long w;
     char tail[8];
-    if (sscanf(e->d_name, "worker-%16llx.%7s", &w, tail) != 2 || strcmp(tail, "idx")) continue;
+    /* The current index and the one rotation kept; each worker once. */
+    if (sscanf(e->d_name, "worker-%16llx.%7s", &w, tail) != 2 ||
+        (strcmp(tail, "idx") && strcmp(tail, "idx.1")))
+      continue;
+    int seen = 0;
+    for (int k = 0; k < n && !seen; k++) seen = wks[k] == (uint64_t)w;
     char p[PATH_MAX + 300];
     snprintf(p, sizeof(p), "%s/%s", td__logdir, e->d_name);
-    if (td__idx_has(p, by, id)) wks[n++] = (uint64_t)w;
+    if (!seen && td__idx_has(p, by, id)) wks[n++] = (uint64_t)w;
   }
   closedir(d);
   return n;

@@ -32,7 +32,11 @@ typedef enum { TD_SLICE_TASK, TD_SLICE_ACTOR } td_slice_by_t;
  * was rotated) starts again from 0. Returns 0, or TD_ENOTFOUND when the
  * worker kept no index (it printed nothing indexed). */
 int td_obs_log_slice(uint64_t wk_id, td_slice_by_t by, uint64_t id, uint64_t *rec, size_t max, td_buf_t *out);
-/* The workers whose index holds a print `by` id (a finished task's
+/* The same from the part rotation kept (worker-<id>.idx.1 and .out.1), from
+ * its first record, up to max bytes. Returns 0, or TD_ENOTFOUND when there
+ * is none. */
+int td_obs_log_slice_rotated(uint64_t wk_id, td_slice_by_t by, uint64_t id, size_t max, td_buf_t *out);
+/* The workers whose index (or the rotated one) holds a print `by` id (a finished task's
  * worker, which the node no longer knows): up to max ids into wks, in the
  * log directory's order; returns how many. */
 int td_obs_log_find(td_slice_by_t by, uint64_t id, uint64_t *wks, int max);

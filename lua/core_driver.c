@@ -528,6 +528,30 @@ static int c_why(lua_State *L) {
   return 2;
 }
 
+/* core.xfer(ref | {ref, ...}) -> total, got | nil: the bytes of these
+ * objects that this node is fetching from other nodes, and how many of them
+ * have landed (td_node_xfer); nil when none is being fetched. The REPL's
+ * tide.get draws its progress bar from it. */
+static int c_xfer(lua_State *L) {
+  uint64_t total = 0, got = 0, t, g;
+  int any = 0;
+  if (lua_istable(L, 1)) {
+    for (int i = 1, k = (int)lua_objlen(L, 1); i <= k; i++) {
+      lua_rawgeti(L, 1, i);
+      uint64_t id = td__checkref(L, lua_gettop(L));
+      lua_pop(L, 1);
+      if (td_node_xfer(td_ctx.node, id, &t, &g)) continue;
+      total += t, got += g, any = 1;
+    }
+  } else if (!td_node_xfer(td_ctx.node, td__checkref(L, 1), &t, &g)) {
+    total = t, got = g, any = 1;
+  }
+  if (!any) return 0;
+  lua_pushnumber(L, (lua_Number)total);
+  lua_pushnumber(L, (lua_Number)got);
+  return 2;
+}
+
 /* core.persist(kind, key, bytes|nil): the head's store (persist.h). */
 static int c_persist(lua_State *L) {
   size_t n = 0;
@@ -602,6 +626,7 @@ const td_rpc_op_t td__rpc_table[] = {
     {"nodes", c_nodes, NULL, TD_RPC_HEAD},
     {"timeline", c_timeline, NULL, 0},
     {"why", c_why, NULL, 0},
+    {"xfer", c_xfer, NULL, 0},
     /* Lua ops: the head's key-value store (stdlib/tide/kv.lua). */
     {"kv_put", NULL, NULL, TD_RPC_HEAD},
     {"kv_get", NULL, NULL, TD_RPC_HEAD},

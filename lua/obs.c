@@ -125,6 +125,24 @@ static int o_log_slice(lua_State *L) {
   return 2;
 }
 
+/* obs_c.log_slice_rotated(worker_id, "task"|"actor", id[, max]) -> bytes | nil:
+ * the slice of the part of the worker's log that rotation kept (.1). */
+static int o_log_slice_rotated(lua_State *L) {
+  uint64_t wk = td_core_checkid(L, 1, "worker");
+  td_slice_by_t by = td__slice_by(L, 2);
+  uint64_t id = td_core_checkid(L, 3, by == TD_SLICE_TASK ? "task" : "actor");
+  size_t max = (size_t)luaL_optnumber(L, 4, 1048576);
+  td_buf_t b;
+  td_buf_init(&b);
+  if (td_obs_log_slice_rotated(wk, by, id, max, &b) != 0) {
+    td_buf_free(&b);
+    return 0;
+  }
+  lua_pushlstring(L, (const char *)b.p, b.len);
+  td_buf_free(&b);
+  return 1;
+}
+
 /* obs_c.log_find("task"|"actor", id) -> {worker_id, ...}: the workers on
  * this node whose logs hold its prints. */
 static int o_log_find(lua_State *L) {
@@ -140,10 +158,43 @@ static int o_log_find(lua_State *L) {
   return 1;
 }
 
+static void td__push_note(void *ud, uint32_t node, const char *name, const uint8_t *p, size_t len) {
+  lua_State *L = ud;
+  lua_createtable(L, 0, 3);
+  lua_pushfstring(L, "node-%d", (int)node);
+  lua_setfield(L, -2, "node");
+  lua_pushstring(L, name);
+  lua_setfield(L, -2, "name");
+  lua_pushlstring(L, (const char *)p, len);
+  lua_setfield(L, -2, "data");
+  lua_rawseti(L, -2, (int)lua_objlen(L, -2) + 1);
+}
+
+/* obs_c.notes(topic) -> {{node = "node-N", name, data}, ...}: the latest
+ * note under topic of each node joined to this head (td_node_notes). */
+static int o_notes(lua_State *L) {
+  const char *topic = luaL_checkstring(L, 1);
+  lua_newtable(L);
+  if (td_ctx.node) td_node_notes(td_ctx.node, topic, td__push_note, L);
+  return 1;
+}
+
+/* obs_c.node_index() -> this node's index (0: the head). */
+static int o_node_index(lua_State *L) {
+  lua_pushinteger(L, td_ctx.node ? (lua_Integer)td_node_index(td_ctx.node) : 0);
+  return 1;
+}
+
 int luaopen_tide_obs_c(lua_State *L) {
-  static const luaL_Reg fns[] = {{"list", o_list},         {"metrics", o_metrics},
-                                 {"json_str", o_json_str}, {"log_slice", o_log_slice},
-                                 {"log_find", o_log_find}, {NULL, NULL}};
+  static const luaL_Reg fns[] = {{"list", o_list},
+                                 {"metrics", o_metrics},
+                                 {"json_str", o_json_str},
+                                 {"log_slice", o_log_slice},
+                                 {"log_find", o_log_find},
+                                 {"notes", o_notes},
+                                 {"node_index", o_node_index},
+                                 {"log_slice_rotated", o_log_slice_rotated},
+                                 {NULL, NULL}};
   lua_newtable(L);
   luaL_register(L, NULL, fns);
   return 1;

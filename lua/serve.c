@@ -109,6 +109,7 @@ static struct {
   pthread_mutex_t log_mu; /* one line at a time from the HTTP thread and this one */
   int watch;              /* the node's watch slot (td_node_watch_add) */
   uint64_t owner;         /* the attached client that started it (0: this process's driver) */
+  uint64_t noted_ns;      /* when its stats last went to the head (td__note_head) */
 } S;
 
 /* -- Logs ------------------------------------------------------------------ */
@@ -507,6 +508,62 @@ static void td__metrics_text(td_buf_t *b) {
   td__metrics_histogram(b);
 }
 
+/* {"route": ..., "requests": n, ..., "codes": {"200": n}}: what
+ * core.serve_stats has of d, but its replicas, as JSON into b. */
+static void td__stats_json(td_buf_t *b, const td_dep_t *d, uint64_t now) {
+  char t[400];
+  int ongoing = 0;
+  for (int k = 0; k < d->nreps; k++) ongoing += d->reps[k].ongoing;
+  td_buf_put(b, "{\"route\":", 9);
+  td__json_str(b, d->prefix, d->plen ? d->plen : 1);
+  td_buf_put(b, t,
+             (size_t)snprintf(
+                 t, sizeof(t),
+                 ",\"requests\":%llu,\"errors\":%llu,\"rejected\":%llu,\"rate\":%.9g,\"live\":%d,"
+                 "\"ongoing\":%d,\"queued\":%d",
+                 (unsigned long long)d->requests, (unsigned long long)d->errors,
+                 (unsigned long long)d->rejected, td__rate(d, now), td__live(d), ongoing, td__queued(d)));
+  double p50, p99;
+  if (td__quantiles(d, &p50, &p99))
+    td_buf_put(b, t, (size_t)snprintf(t, sizeof(t), ",\"p50\":%.9g,\"p99\":%.9g", p50, p99));
+  td_buf_put(b, ",\"codes\":{", 10);
+  for (int c = 0, first = 1; c < TD_SERVE_CODES; c++) {
+    if (!d->codes[c]) continue;
+    td_buf_put(b, t,
+               (size_t)snprintf(t, sizeof(t), "%s\"%d\":%llu", first ? "" : ",", c + 100,
+                                (unsigned long long)d->codes[c]));
+    first = 0;
+  }
+  td_buf_put(b, "}}", 2);
+}
+
+/* On a node that is not the head, the ingress's stats and metrics go to the
+ * head once a second, {"stats": {name: {...}}, "metrics": text}, so that
+ * the head's /api/serve, /serve page and /metrics show this node's
+ * deployments too (stdlib/tide/obs.lua). */
+static void td__note_head(void) {
+  uint64_t now = uv_hrtime();
+  if (now - S.noted_ns < 1000000000ull || td_node_index(td_ctx.node) == 0) return;
+  S.noted_ns = now;
+  td_buf_t m, b;
+  td_buf_init(&m);
+  td_buf_init(&b);
+  td__metrics_text(&m);
+  td_buf_put(&b, "{\"metrics\":", 11);
+  td__json_str(&b, (const char *)m.p, m.len);
+  td_buf_put(&b, ",\"stats\":{", 10);
+  for (int i = 0; i < S.ndeps; i++) {
+    if (i) td_buf_u8(&b, ',');
+    td__json_str(&b, S.deps[i].name, strlen(S.deps[i].name));
+    td_buf_u8(&b, ':');
+    td__stats_json(&b, &S.deps[i], now);
+  }
+  td_buf_put(&b, "}}", 2);
+  td_node_note_head(td_ctx.node, "serve", b.p, b.len);
+  td_buf_free(&m);
+  td_buf_free(&b);
+}
+
 static void td__metrics(td_http_req_id rid) {
   td__metrics_text(&S.buf);
   td_http_header_t h[1] = {TD_HTTP_HDR("Content-Type", "text/plain; version=0.0.4; charset=utf-8")};
@@ -678,6 +735,7 @@ static void td__on_tick(void *ud) {
     td__stop();
     return;
   }
+  td__note_head();
   td_pend_t *p = S.pend;
   while (p) {
     td_pend_t *nxt = p->nxt;
@@ -984,6 +1042,8 @@ static int s_metrics(lua_State *L) {
 
 static void td__stop(void) {
   if (!S.th) return;
+  if (td_ctx.node) td_node_note_head(td_ctx.node, "serve", "", 0); /* the head forgets it */
+  S.noted_ns = 0;
   if (S.watch > 0) td_node_watch_remove(td_ctx.node, S.watch);
   S.watch = 0;
   S.owner = 0;

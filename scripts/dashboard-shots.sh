@@ -4,32 +4,36 @@
 # loss curve, a data pipeline of two stages, actors alive and dead, tasks
 # running, queued, waiting for an argument and failed, one with a
 # traceback and one infeasible, objects, placement groups created and
-# pending, jobs that ended and one that runs), then loads each page the dashboard's menu lists in headless
+# pending, jobs that ended and one that runs, a serve application answering
+# a stream of curl requests), then loads each page the dashboard's menu lists in headless
 # Chromium (tests/sh/dashboard_browser.js, 1280x900) and writes
 # OUT_DIR/dashboard-PAGE.png, made smaller by pngquant or optipng when
 # installed.
 #
 #   sh scripts/dashboard-shots.sh [OUT_DIR]     (default docs/img)
 #
-# Needs chromium and node (Debian chromium, nodejs); takes about a minute.
+# Needs chromium, node and curl (Debian chromium, nodejs, curl); takes about
+# a minute.
 set -u
 cd "$(dirname "$0")/.." || exit 1
 OUT=${1:-docs/img}
 T=$(pwd)/bin/tide
 CHROME=$(command -v chromium || command -v chromium-browser || command -v google-chrome)
 NODE=$(command -v node)
-if [ -z "$CHROME" ] || [ -z "$NODE" ]; then
-  echo "dashboard-shots: needs chromium and node (apt-get install chromium nodejs)" >&2
+if [ -z "$CHROME" ] || [ -z "$NODE" ] || ! command -v curl >/dev/null 2>&1; then
+  echo "dashboard-shots: needs chromium, node and curl (apt-get install chromium nodejs curl)" >&2
   exit 2
 fi
 [ -x "$T" ] || { echo "dashboard-shots: no $T: run make first" >&2; exit 2; }
 W=$(mktemp -d /tmp/tide-shots-XXXXXX)
 export TIDE_SESSION_DIR=$W/session
 mkdir -p "$TIDE_SESSION_DIR" "$OUT"
-DRV=
+DRV= SRV= LOAD=
 cleanup() {
   [ -f "$W/shots/chrome.pid" ] && kill -9 -"$(cat "$W/shots/chrome.pid")" 2>/dev/null
   touch "$W/done"
+  [ -n "$LOAD" ] && wait "$LOAD"
+  [ -n "$SRV" ] && kill "$SRV" 2>/dev/null && wait "$SRV"
   [ -n "$DRV" ] && wait "$DRV"
   $T stop >/dev/null 2>&1
   rm -rf "$W"
@@ -110,6 +114,38 @@ printf 'local tide = require("tide")\nfor i = 1, 600 do print("indexed batch " .
 for j in ingest check index; do $T submit "$W/$j.lua" >>"$W/jobs.log" 2>&1; done
 for i in $(seq 1 150); do [ -f "$W/ready" ] && break; sleep 0.2; done
 [ -f "$W/ready" ] || { echo "dashboard-shots: the workload did not start:" >&2; cat "$W/live.log" >&2; exit 1; }
+
+# A serve application attached to the head, and curl asking it until the
+# shots are taken: a chat route (2 replicas, 20-70 ms a request) and an
+# embed route that fails one request in ten.
+cat >"$W/app.lua" <<'LUA'
+local tide, serve = require("tide"), require("tide.serve")
+serve.run({
+  serve.deployment{name = "chat", route = "/v1/chat", num_replicas = 2,
+    call = function(self, req) tide.sleep(0.02 + math.random() * 0.05); return {reply = "ok"} end},
+  serve.deployment{name = "embed", route = "/v1/embed",
+    call = function(self, req)
+      if req.body == "bad" then error("cannot embed an empty document") end
+      return {dim = 384}
+    end},
+})
+LUA
+$T serve run --address local --port 0 --access-log off "$W/app.lua" >"$W/serve.log" 2>&1 &
+SRV=$!
+for i in $(seq 1 150); do grep -q "listening on" "$W/serve.log" && break; sleep 0.2; done
+SURL=$(sed -n 's|.*listening on \(http://[0-9.:]*\).*|\1|p' "$W/serve.log" | head -1)
+[ -n "$SURL" ] || { echo "dashboard-shots: the serve app did not start:" >&2; cat "$W/serve.log" >&2; exit 1; }
+(
+  i=0
+  while [ ! -f "$W/done" ]; do
+    i=$((i + 1))
+    curl -s -o /dev/null -d "hello $i" "$SURL/v1/chat"
+    body=doc; [ $((i % 10)) = 0 ] && body=bad
+    curl -s -o /dev/null -d "$body" "$SURL/v1/embed"
+    sleep 0.05
+  done
+) &
+LOAD=$!
 sleep 2
 
 # Each page, the failed task opened, a job's output shown; 8 s on each so

@@ -515,14 +515,17 @@ end
 -- Hang warnings: a get or wait still waiting after TIDE_HANG_WARN_S
 -- seconds (30; 0: never) says once, on stderr, why (core.why: the task that
 -- makes the object and where it is), then goes on waiting.
-local hang_s
-local function hang_warn_s()
-  if hang_s == nil then
-    local v = tonumber(os.getenv("TIDE_HANG_WARN_S") or "")
-    hang_s = v and v >= 0 and v or 30
+-- A number of seconds >= 0 from the environment, read once.
+local env_s = {}
+local function env_seconds(name, default)
+  if env_s[name] == nil then
+    local v = tonumber(os.getenv(name) or "")
+    env_s[name] = v and v >= 0 and v or default
   end
-  return hang_s
+  return env_s[name]
 end
+
+local function hang_warn_s() return env_seconds("TIDE_HANG_WARN_S", 30) end
 
 -- The first wait of a get or wait that may hang: up to the warning, or
 -- the whole timeout when that comes first (nil: no warning to give).
@@ -545,6 +548,64 @@ local function warn_hang(what, ref, waited)
 end
 M._hang_warn_s = hang_warn_s
 
+-- A get of many refs warns about the first one not ready.
+local function warn_hang_first(refs, waited)
+  local flags = core.wait(refs, #refs, 0)
+  for i = 1, #refs do
+    if type(flags) == "table" and not flags[i] then warn_hang("tide.get", refs[i], waited) break end
+  end
+end
+
+-- Progress of large transfers, in the REPL (tide._get_progress, set by
+-- stdlib/tide/repl.lua; scripts pay nothing): a get that has waited
+-- TIDE_PROGRESS_AFTER s (0.5) while its node fetches the values from another node shows
+-- a tide.progress bar of the bytes landed (core.xfer, counted by the node per
+-- chunk), updated every PROGRESS_STEP s and closed when the get returns.
+local PROGRESS_STEP, MIB = 0.2, 1024 * 1024
+
+local function xfer_bar(bar, x, t0)
+  local ok, total, got = pcall(core.xfer, x)
+  if not ok or not total then
+    -- Every byte has landed; what is left is reading the value.
+    if bar then bar:set(bar.total) end
+    return bar
+  end
+  if not bar then
+    bar = require("tide.progress").new(math.floor(total / MIB + 0.5),
+      {desc = "fetching from another node", unit = "MiB"})
+    bar.t0 = t0 -- the rate is over the whole get, not from when the bar appeared
+  end
+  bar:set_total(math.floor(total / MIB + 0.5))
+  bar:set(math.floor(got / MIB))
+  return bar
+end
+
+-- get(x, seconds) -> st, v, waited for in slices: the hang warning after h
+-- seconds (warn(h)), the bar after TIDE_PROGRESS_AFTER.
+local function get_progress(get, x, timeout, h, warn)
+  local now, after = core.now, env_seconds("TIDE_PROGRESS_AFTER", 0.5)
+  local t0, bar = now(), nil
+  local deadline = timeout and timeout >= 0 and t0 + timeout
+  while true do
+    local t = now()
+    local step = t - t0 < after and t0 + after - t or PROGRESS_STEP
+    if h then step = math.min(step, math.max(0, t0 + h - t)) end
+    if deadline then step = math.min(step, math.max(0, deadline - t)) end
+    local ok, st, v = pcall(get, x, step)
+    t = now()
+    if not ok or st ~= ST_TIMEOUT or (deadline and t >= deadline) then
+      if bar then
+        if st == ST_OK then bar:set(bar.total) end
+        bar:close()
+      end
+      if not ok then error(st, 0) end
+      return st, v
+    end
+    if h and t - t0 >= h then warn(h); h = nil end
+    if t - t0 >= after then bar = xfer_bar(bar, x, t0) end
+  end
+end
+
 -- A ref to a directly transported tensor decodes to its descriptor here:
 -- tide.get fetches the tensor from its producer.
 local RDT_DESC = rdt.DESC
@@ -556,7 +617,9 @@ function M.get(x, opts)
   local h = hang_first(timeout)
   if is_ref(x) then
     local st, v
-    if h then
+    if M._get_progress then
+      st, v = get_progress(core.get1, x, timeout, h, function(w) warn_hang("tide.get", x, w) end)
+    elseif h then
       st, v = core.get1(x, h)
       if st == ST_TIMEOUT then
         warn_hang("tide.get", x, h)
@@ -583,13 +646,12 @@ function M.get(x, opts)
     end
   end
   local st, v
-  if h and #x > 0 then
+  if M._get_progress and #x > 0 then
+    st, v = get_progress(core.getn, x, timeout, h, function(w) warn_hang_first(x, w) end)
+  elseif h and #x > 0 then
     st, v = core.getn(x, h)
     if st == ST_TIMEOUT then
-      local flags = core.wait(x, #x, 0)
-      for i = 1, #x do
-        if type(flags) == "table" and not flags[i] then warn_hang("tide.get", x[i], h) break end
-      end
+      warn_hang_first(x, h)
       st, v = core.getn(x, rest(timeout, h))
     end
   else

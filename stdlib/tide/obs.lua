@@ -160,24 +160,36 @@ local function read_whole(wid, offset, tail)
   return chunk, offset + #chunk, true
 end
 
--- A task's or actor's prints: from index record `offset` of its worker's
--- log; or, when only the logs' indexes know it, all of them at once.
+-- A task's or actor's prints in worker wid's log. offset 0: from the first
+-- the log kept (the part rotation kept, then the current part); else
+-- offset - 1 is the current part's index record to go on from. The next
+-- offset is at least 1, so a follower never reads the rotated part twice.
+-- nil when the worker has no index of prints (yet).
+local function slice(loc, wid, offset, max)
+  local old = offset == 0 and obs_c.log_slice_rotated(wid, loc.by, loc.sid, max) or ""
+  local chunk, nxt = obs_c.log_slice(wid, loc.by, loc.sid, offset > 0 and offset - 1 or 0, max)
+  if not chunk and old == "" then return nil end
+  return old .. (chunk or ""), (nxt or 0) + 1
+end
+
+-- A task's or actor's prints: from `offset` (above) of its worker's log;
+-- or, when only the logs' indexes know it, all of them at once.
 local function read_slice(loc, offset, tail)
   offset = tonumber(offset) or 0
   local max = tail and 64 * 1048576 or 1048576
   if loc.wids then
     -- Followed while it ran, then ended: read on in the worker it ran in.
     if offset > 0 and #loc.wids == 1 then
-      local chunk, nxt = obs_c.log_slice(loc.wids[1], loc.by, loc.sid, offset, max)
+      local chunk, nxt = slice(loc, loc.wids[1], offset, max)
       return chunk or "", nxt or offset, false
     end
     if offset > 0 then return "", offset, false end
     local parts = {}
-    for i, wid in ipairs(loc.wids) do parts[i] = obs_c.log_slice(wid, loc.by, loc.sid, 0, max) or "" end
+    for i, wid in ipairs(loc.wids) do parts[i] = slice(loc, wid, 0, max) or "" end
     local s = concat(parts)
     return tail and last_lines(s, tonumber(tail)) or s, 1, false
   end
-  local chunk, nxt = obs_c.log_slice(loc.wid, loc.by, loc.sid, offset, max)
+  local chunk, nxt = slice(loc, loc.wid, offset, max)
   if not chunk then
     worker_file(loc.wid):close()
     return "", offset, not loc.ended -- it has printed nothing yet
@@ -190,7 +202,7 @@ end
 -- whether more may come; and, when the worker is on another node, nothing
 -- but that node's id and the target and id to ask it for (the client asks
 -- that node: stdlib/tide/listcli.lua). For a task or an actor, only its own
--- prints (offsets count the worker log's index records, not bytes).
+-- prints (offsets count the worker log's index records, not bytes: see slice).
 function M.worker_log(target, id, offset, tail)
   if target == "job" then
     local chunk, status = ops.job_log(id, offset)
@@ -255,23 +267,76 @@ end
 -- read from the ingress on each request, not sampled.
 local rcore = debug.getregistry()["tide.rpc.core"]
 
-local function serve_text()
-  return rcore and rcore.serve_metrics and rcore.serve_metrics() or ""
+-- A serve ingress on another node (an app attached there) sends its stats
+-- and metrics text to its head once a second (lua/serve.c, td__note_head);
+-- the head keeps each node's latest until that node leaves or the ingress
+-- stops. serves() -> {{node = "node-N", stats = {...}, metrics = text}, ...}:
+-- this node's own first (node-0 on a head), then the others' by node.
+local function serves()
+  local own = {node = format("node-%d", obs_c.node_index()),
+    stats = rcore and rcore.serve_stats and rcore.serve_stats() or {},
+    metrics = rcore and rcore.serve_metrics and rcore.serve_metrics() or ""}
+  local out = {own}
+  for _, n in ipairs(obs_c.notes("serve")) do
+    local ok, t = pcall(cjson.decode, n.data)
+    if ok and type(t) == "table" and type(t.stats) == "table" and type(t.metrics) == "string" then
+      out[#out + 1] = {node = n.node, stats = t.stats, metrics = t.metrics}
+    end
+  end
+  table.sort(out, function(a, b)
+    if (a == own) ~= (b == own) then return a == own end
+    return tonumber(a.node:match("%d+")) < tonumber(b.node:match("%d+"))
+  end)
+  return out
 end
 
--- serve_json() -> {"deployments": [{name, route, replicas, ongoing, queued,
--- requests, errors, rejected, rate, p50_ms, p99_ms, codes}, ...]}, by name.
+-- The serve metrics of every node as one Prometheus text: each family's
+-- HELP and TYPE once, then its samples from each node; another node's
+-- samples carry node="node-N" (the head's own stay as they were).
+local function serve_text()
+  local order, fams = {}, {}
+  for i, s in ipairs(serves()) do
+    local label = i > 1 and format('{node="%s",', s.node)
+    local cur
+    for line in s.metrics:gmatch("[^\n]+") do
+      local kind, name = line:match("^# (%u+) ([%w_:]+)")
+      if kind then
+        cur = fams[name]
+        if not cur then
+          cur = {head = {}, seen = {}, samples = {}}
+          fams[name], order[#order + 1] = cur, name
+        end
+        if not cur.seen[kind] then cur.seen[kind], cur.head[#cur.head + 1] = true, line end
+      elseif cur then
+        cur.samples[#cur.samples + 1] = label and line:gsub("^([%w_:]+){", "%1" .. label, 1) or line
+      end
+    end
+  end
+  local out = {}
+  for _, name in ipairs(order) do
+    local f = fams[name]
+    out[#out + 1] = concat(f.head, "\n")
+    if #f.samples > 0 then out[#out + 1] = concat(f.samples, "\n") end
+  end
+  return #out > 0 and concat(out, "\n") .. "\n" or ""
+end
+
+-- serve_json() -> {"deployments": [{name, node, route, replicas, ongoing,
+-- queued, requests, errors, rejected, rate, p50_ms, p99_ms, codes}, ...]},
+-- by node (this one first), then name.
 function M.serve_json()
-  local stats = rcore and rcore.serve_stats and rcore.serve_stats() or {}
-  local names, out = {}, {}
-  for name in pairs(stats) do names[#names + 1] = name end
-  table.sort(names)
-  for i, name in ipairs(names) do
-    local d = stats[name]
-    out[i] = cjson.encode({name = name, route = d.route, replicas = d.live, ongoing = d.ongoing, queued = d.queued,
-      requests = d.requests, errors = d.errors, rejected = d.rejected, rate = d.rate,
-      p50_ms = d.p50 and d.p50 * 1000 or cjson.null, p99_ms = d.p99 and d.p99 * 1000 or cjson.null,
-      codes = next(d.codes) and d.codes or cjson.null})
+  local out = {}
+  for _, s in ipairs(serves()) do
+    local names = {}
+    for name in pairs(s.stats) do names[#names + 1] = name end
+    table.sort(names)
+    for _, name in ipairs(names) do
+      local d = s.stats[name]
+      out[#out + 1] = cjson.encode({name = name, node = s.node, route = d.route, replicas = d.live,
+        ongoing = d.ongoing, queued = d.queued, requests = d.requests, errors = d.errors, rejected = d.rejected,
+        rate = d.rate, p50_ms = d.p50 and d.p50 * 1000 or cjson.null, p99_ms = d.p99 and d.p99 * 1000 or cjson.null,
+        codes = next(d.codes) and d.codes or cjson.null})
+    end
   end
   -- Written by hand around cjson: this cjson writes an empty table as {}.
   return format('{"deployments":[%s]}', concat(out, ","))

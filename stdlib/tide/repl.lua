@@ -130,6 +130,9 @@ end
 -- here runs in LuaJIT's interpreter (still fast; tasks and actors run in
 -- workers with the compiler on). jit.on() turns it back on.
 if jit then jit.off(); jit.flush() end
+-- A get that waits for a large value another node sends shows its bytes
+-- coming in (tide.progress; stdlib/tide.lua).
+tide._get_progress = true
 
 rl.load_history(HISTORY)
 rl.set_words(completions())

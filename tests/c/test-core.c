@@ -435,6 +435,14 @@ TEST_IMPL(worklog_slices) {
   b.len = 0;
   ASSERT_EQ(td_obs_log_slice(wk, TD_SLICE_TASK, B, &rec, 1 << 20, &b), 0);
   ASSERT(b.len == 7 && !memcmp(b.p, "beta 3\n", 7) && rec == 1);
+  /* The part rotation kept is sliced on its own; a task whose prints are
+   * only there (A) is still found, once. */
+  b.len = 0;
+  ASSERT_EQ(td_obs_log_slice_rotated(wk, TD_SLICE_TASK, B, 1 << 20, &b), 0);
+  ASSERT(b.len == 14 && !memcmp(b.p, "beta 1\nbeta 2\n", 14));
+  ASSERT(td_obs_log_find(TD_SLICE_TASK, A, wks, 4) == 1 && wks[0] == wk);
+  ASSERT(td_obs_log_find(TD_SLICE_TASK, B, wks, 4) == 1 && wks[0] == wk);
+  ASSERT_EQ(td_obs_log_slice_rotated(0x100003, TD_SLICE_TASK, B, 1 << 20, &b), TD_ENOTFOUND);
   ASSERT_EQ(td_obs_log_slice(0x100003, TD_SLICE_TASK, B, &rec, 1 << 20, &b), TD_ENOTFOUND);
   td_buf_free(&b);
   close(raw);

@@ -49,6 +49,7 @@ TEST_DECLARE(lineage_head_work_not_kept)
 TEST_DECLARE(msgs_senders_checked)
 TEST_DECLARE(msgs_wrong_sender_dropped)
 TEST_DECLARE(msgs_bad_frame_drops_client)
+TEST_DECLARE(msgs_node_notes)
 #if __has_include("test-list-http.h")
 #include "test-list-http.h"
 #endif

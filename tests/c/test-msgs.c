@@ -118,3 +118,68 @@ TEST_IMPL(msgs_bad_frame_drops_client) {
   td_node_destroy(&n);
   return 0;
 }
+
+/* NOTE from a node's link: the head keeps the latest per topic. */
+static int note(td_node_t *n, const char *topic, const char *data) {
+  td_buf_t b;
+  td_buf_init(&b);
+  td_buf_str(&b, topic, strlen(topic));
+  td_buf_str(&b, data, strlen(data));
+  int rc = td_node_feed(n, TD_M_NOTE, b.p, (uint32_t)b.len);
+  td_buf_free(&b);
+  return rc;
+}
+
+typedef struct {
+  int count;
+  uint32_t node;
+  char data[32];
+} notes_seen_t;
+
+static void note_seen(void *ud, uint32_t node, const char *name, const uint8_t *p, size_t len) {
+  (void)name;
+  notes_seen_t *s = ud;
+  s->count++;
+  s->node = node;
+  snprintf(s->data, sizeof(s->data), "%.*s", (int)len, (const char *)p);
+}
+
+static notes_seen_t notes_of(td_node_t *n, const char *topic) {
+  notes_seen_t s;
+  memset(&s, 0, sizeof(s));
+  td_node_notes(n, topic, note_seen, &s);
+  return s;
+}
+
+TEST_IMPL(msgs_node_notes) {
+  td_node_t *n = msgs_node();
+  ASSERT(n);
+  /* This node has no head to send to. */
+  ASSERT_EQ(td_node_note_head(n, "serve", "x", 1), TD_ENOTFOUND);
+  /* A client may not send a note; one that joined (a node's link) may. */
+  ASSERT_EQ(note(n, "serve", "a"), TD_EPROTO);
+  uint8_t want[4] = {0};
+  ASSERT_EQ(td_node_feed(n, TD_M_JOIN, want, sizeof(want)), 0);
+  ASSERT_EQ(note(n, "serve", "a"), 0);
+  notes_seen_t s = notes_of(n, "serve");
+  ASSERT_EQ(s.count, 1);
+  ASSERT(s.node >= 1);
+  ASSERT_EQ(strcmp(s.data, "a"), 0);
+  /* The latest replaces it; other topics are kept apart. */
+  ASSERT_EQ(note(n, "serve", "bb"), 0);
+  ASSERT_EQ(note(n, "other", "x"), 0);
+  s = notes_of(n, "serve");
+  ASSERT_EQ(s.count, 1);
+  ASSERT_EQ(strcmp(s.data, "bb"), 0);
+  ASSERT_EQ(notes_of(n, "other").count, 1);
+  /* Empty: withdrawn. */
+  ASSERT_EQ(note(n, "serve", ""), 0);
+  ASSERT_EQ(notes_of(n, "serve").count, 0);
+  ASSERT_EQ(notes_of(n, "other").count, 1);
+  /* A topic too long is malformed: the link is dropped, its notes with it. */
+  ASSERT_EQ(note(n, "a-topic-too-long", "x"), TD_EPROTO);
+  td_node_pump(n, 0);
+  ASSERT_EQ(notes_of(n, "other").count, 0);
+  td_node_destroy(&n);
+  return 0;
+}

@@ -223,21 +223,38 @@ touch "$W/done"
 wait $DRV
 
 # Rotation by size: TIDE_LOG_MAX_BYTES=20000 on this head.
+# The task prints a line, writes past the limit, waits for the rotation,
+# and prints another: its slice has both, from the rotated part and the
+# current one.
 cat > "$W/loud.lua" <<'LUA'
 local tide = require("tide")
-local loud = tide.remote(function()
+local loud = tide.remote(function(logs)
+  print("MARK before the rotation")
   for i = 1, 600 do io.write(string.format("line %04d %s\n", i, string.rep("y", 60))) end
   io.flush()
-  return tide.get_runtime_context().worker_id
+  local wid = tide.get_runtime_context().worker_id
+  local file = string.format("%s/worker-%016x.out.1", logs, tonumber(wid:match("%d+$")))
+  for _ = 1, 100 do
+    local f = io.open(file)
+    if f then f:close() break end
+    tide.sleep(0.1)
+  end
+  print("MARK after the rotation")
+  return wid .. " TASK " .. tide.get_runtime_context().task_id
 end)
-print("WID", tide.get(loud:remote()))
+print("WID", tide.get(loud:remote(arg[1])))
 LUA
-$T run --address local "$W/loud.lua" >"$W/loud.out" 2>&1
+$T run --address local "$W/loud.lua" "$TIDE_SESSION_DIR/logs" >"$W/loud.out" 2>&1
 for i in $(seq 1 40); do ls "$TIDE_SESSION_DIR"/logs/*.out.1 >/dev/null 2>&1 && break; sleep 0.2; done
 big=$(grep -l "line 0600" "$TIDE_SESSION_DIR"/logs/*.out* 2>/dev/null | head -1)
 check "a worker log past TIDE_LOG_MAX_BYTES is rotated to .1 and emptied" \
   'ls "$TIDE_SESSION_DIR"/logs/*.out.1 >/dev/null 2>&1 && [ -n "$big" ] &&
    [ $(stat -c %s "${big%.1}") -lt 20000 ]' "$(ls -la $TIDE_SESSION_DIR/logs) $(cat $W/loud.out)"
+ltask=$(sed -n 's/.* TASK \([0-9a-f]*\)$/\1/p' "$W/loud.out")
+out=$($T logs task "$ltask" 2>&1)
+check "tide logs task: a slice has the prints in the rotated part and in the current one" \
+  '[ "$(echo "$out" | grep -c "MARK")" = 2 ] && echo "$out" | head -1 | grep -q "MARK before" &&
+   echo "$out" | tail -1 | grep -q "MARK after"' "$ltask: $out $(cat $W/loud.out)"
 
 # A job's logs, followed to its end.
 cat > "$W/job.lua" <<'LUA'

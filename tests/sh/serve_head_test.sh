@@ -32,7 +32,7 @@ serve.run({
 LUA
 $T serve run --address local --port $SP "$W/app.lua" > "$W/serve.log" 2>&1 &
 KILL=$!
-for i in $(seq 1 150); do grep -q "listening on" "$W/serve.log" && break; sleep 0.2; done
+serve_listening "$W/serve.log"
 check "tide serve run --address: the ingress runs in the node it attached to" \
   'grep -q "listening on http://127.0.0.1:$SP (in the node this driver is attached to)" "$W/serve.log"' \
   "$(cat $W/serve.log)"
@@ -123,7 +123,7 @@ check "... and the head says why" 'grep -q "the client that started the ingress 
 # The same port again, from a new driver.
 $T serve run --address local --port $SP "$W/app.lua" > "$W/serve2.log" 2>&1 &
 KILL=$!
-for i in $(seq 1 150); do grep -q "listening on" "$W/serve2.log" && break; sleep 0.2; done
+serve_listening "$W/serve2.log"
 check "a new serve run attaches and listens on the same port" 'grep -q "listening on http://127.0.0.1:$SP" "$W/serve2.log"' \
   "$(cat $W/serve2.log)"
 kill $KILL

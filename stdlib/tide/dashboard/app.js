@@ -87,7 +87,7 @@ const VIEWS = {
     "wait_reason", "error"], detail: (r) => r.traceback || r.wait_reason || r.error ?
       [r.error ? "error: " + r.error : null, r.traceback ? "remote traceback:\n" + r.traceback : null,
        r.wait_reason ? "waits: " + r.wait_reason : null].filter(Boolean).join("\n\n") : null, logs: true},
-  objects: {title: "Objects", cols: ["object_id", "state", "size", "where", "node", "refs", "pins"], bytes: ["size"]},
+  objects: {title: "Objects", cols: ["object_id", "state", "size", "where", "node", "refs", "pins", "fetched"], bytes: ["size", "fetched"]},
   "placement-groups": {title: "Placement groups", cols: ["pg_id", "name", "state", "strategy", "bundles", "nodes"]},
   jobs: {title: "Jobs", cols: ["id", "status", "pid", "exit_code", "script"], logs: true},
 };
@@ -288,13 +288,15 @@ function short(v) {
   return a !== 0 && (a >= 1e5 || a < 1e-3) ? v.toExponential(2) : v.toFixed(a >= 100 ? 1 : 4);
 }
 
-// A chart of lines over time: lines = [{label, points: [[t, v], ...]}].
-function timeChart(id, lines, w, h) {
+// A chart of lines over time: lines = [{label, points: [[t, v], ...]}];
+// zero: the axis starts at 0 (rates, counts).
+function timeChart(id, lines, w, h, zero) {
   const pts = lines.flatMap((l) => l.points.filter((p) => typeof p[1] === "number"));
   const svg = svgEl("svg", {id: id, width: w, height: h + 18 * Math.ceil(lines.length / 3) + 4, class: "timechart"});
   if (!pts.length) return svg;
   const t0 = Math.min(...pts.map((p) => p[0])), t1 = Math.max(...pts.map((p) => p[0]));
   let lo = Math.min(...pts.map((p) => p[1])), hi = Math.max(...pts.map((p) => p[1]));
+  if (zero && lo > 0) lo = 0;
   if (hi === lo) { hi += 1; lo -= lo > 0 ? Math.min(1, lo) : 1; }
   const L = 64, R = 8, T = 6, B = 18;
   const x = (t) => L + (t1 > t0 ? (t - t0) / (t1 - t0) : 1) * (w - L - R);
@@ -310,7 +312,9 @@ function timeChart(id, lines, w, h) {
     svg.append(svgEl("polyline", {fill: "none", stroke: c, "stroke-width": "2",
       points: ps.map((p) => `${x(p[0]).toFixed(1)},${y(p[1]).toFixed(1)}`).join(" ")}));
     if (ps.length === 1) svg.append(svgEl("circle", {cx: x(ps[0][0]), cy: y(ps[0][1]), r: 3, fill: c}));
-    svg.append(svgEl("text", {x: L + (i % 3) * ((w - L) / 3), y: h + 14 + 18 * Math.floor(i / 3), fill: c}, l.label));
+    // style, not fill: the stylesheet's svg text colour would win over the attribute.
+    svg.append(svgEl("text", {x: L + (i % 3) * ((w - L) / 3), y: h + 14 + 18 * Math.floor(i / 3), style: "fill:" + c},
+      l.label));
   });
   return svg;
 }
@@ -421,21 +425,26 @@ function dataView() {
     });
 }
 
-// -- Serve deployments (/api/serve: the ingress a `tide serve run --address` runs in this head) --
+// -- Serve deployments (/api/serve: the ingress a `tide serve run --address` runs in this head,
+// and those on other nodes, which send their stats to it) --
 
 const serveHistory = new Map();  // deployment -> [[t, req/s], ...] since the page opened
+
+// A deployment's key: its name on this node, node/name on another.
+const serveKey = (d) => !d.node || d.node === "node-0" ? d.name : d.node + "/" + d.name;
 
 function serveRow(d) {
   const ms = (v) => typeof v === "number" ? v.toFixed(1) : "";
   const codes = d.codes ? Object.keys(d.codes).sort().map((c) => c + ": " + d.codes[c]).join(", ") : "";
   const answered = d.codes ? Object.values(d.codes).reduce((a, b) => a + b, 0) : 0;
-  return el("tr", {"data-id": d.name},
+  return el("tr", {"data-id": serveKey(d)},
     el("td", {class: "name"}, d.name), el("td", {class: "route"}, d.route),
     el("td", {class: "replicas"}, cell(d.replicas)), el("td", {class: "rate"}, d.rate.toFixed(1)),
     el("td", {class: "p50"}, ms(d.p50_ms)), el("td", {class: "p99"}, ms(d.p99_ms)),
     el("td", {class: "ongoing"}, cell(d.ongoing)), el("td", {class: "queued"}, cell(d.queued)),
     el("td", {class: "answered"}, String(answered)), el("td", {class: "errors"}, cell(d.errors)),
-    el("td", {class: "rejected"}, cell(d.rejected)), el("td", {class: "codes"}, codes));
+    el("td", {class: "rejected"}, cell(d.rejected)), el("td", {class: "codes"}, codes),
+    el("td", {class: "node"}, d.node || ""));
 }
 
 function serveView() {
@@ -448,24 +457,24 @@ function serveView() {
       err.textContent = "";
       if (!res.deployments.length) {
         box.replaceChildren(el("p", {id: "empty", class: "empty"},
-          "No serve application runs in this head: start one attached to it with tide serve run --address."));
+          "No serve application runs in this cluster: start one attached to a node with tide serve run --address."));
         return;
       }
       const now = Date.now() / 1000;
       for (const d of res.deployments) {
-        if (!serveHistory.has(d.name)) serveHistory.set(d.name, []);
-        const h = serveHistory.get(d.name);
+        if (!serveHistory.has(serveKey(d))) serveHistory.set(serveKey(d), []);
+        const h = serveHistory.get(serveKey(d));
         h.push([now, d.rate]);
         if (h.length > 300) h.shift();
       }
       const cols = ["deployment", "route", "replicas", "req/s", "p50 ms", "p99 ms", "ongoing", "queued",
-        "answered", "errors", "rejected", "by status"];
+        "answered", "errors", "rejected", "by status", "node"];
       box.replaceChildren(
         el("table", {id: "table"}, el("thead", {}, el("tr", {}, ...cols.map((c) => el("th", {}, c)))),
           el("tbody", {id: "rows"}, ...res.deployments.map(serveRow))),
         el("h1", {}, "Requests per second"),
-        timeChart("rate-chart", res.deployments.slice(0, 8).map((d) => ({label: d.name, points: serveHistory.get(d.name)})),
-          900, 200));
+        timeChart("rate-chart", res.deployments.slice(0, 8).map((d) => ({label: serveKey(d), points: serveHistory.get(serveKey(d))})),
+          900, 200, true));
       status.textContent = "updated " + new Date().toLocaleTimeString();
     } catch (e) {
       err.textContent = String(e.message || e);
