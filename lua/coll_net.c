@@ -49,10 +49,13 @@
  * exchange is many records, so one rank seals while the other opens and
  * the wire carries a third (each record waits whole before it opens). */
 #define TD__CN_SEAL (64u << 10)
-/* Reducing in place, bytes sent ahead of those received and reduced: the
- * socket buffers (4 MiB) would hold 8 MiB in flight each way, and bytes
- * that wait that long leave the caches before the peer copies them out
- * (measured: 0.79 core-s/GB unbounded, 0.44 at 512 KiB). */
+/* Reducing in place, bytes sent ahead of those received and reduced. It
+ * must stay well under what the socket buffers hold (4 MiB each end): a
+ * peer late to the call (still computing) leaves our stream at a zero
+ * window otherwise, and TCP_USER_TIMEOUT (5 s) aborts it as if the peer's
+ * host were gone. Small also keeps what is in flight in the caches (one
+ * forked two-rank run each at load ~6: 0.79 core-s/GB unbounded, 0.44 at
+ * 512 KiB; 512 KiB and 2 MiB, three each: 0.54 and 0.60 at 256 MiB). */
 #define TD__CN_AHEAD (512u << 10)
 #define TD__CN_HDR 8
 #define TD__CN_TAG 16

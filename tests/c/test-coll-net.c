@@ -247,3 +247,32 @@ static int cn_pair_die(td_cnet_t *c, td_ring_t *r, int rank, int n, char *msg) {
 }
 
 TEST_IMPL(coll_net_pair_peer_death) { return cn_death(cn_pair_die); }
+
+/* Rank 1 comes to the exchange 6 s late (still computing, say) with
+ * 16 MiB: rank 0 sends no more than the socket buffers hold meanwhile, so
+ * its stream never sits at a zero window past TCP_USER_TIMEOUT (5 s),
+ * which would abort it as if rank 1's host were gone. */
+static int cn_pair_late(td_cnet_t *c, td_ring_t *r, int rank, int n, char *msg) {
+  (void)n;
+  (void)r;
+  size_t cnt = 4u << 20;
+  float *x = malloc(cnt * sizeof(float));
+  for (size_t i = 0; i < cnt; i++) x[i] = (float)(rank + 1);
+  if (rank == 1) sleep(6);
+  int rc = td_cnet_allreduce_pair(c, 1 - rank, x, cnt, TD_RING_SUM);
+  int bad = rc || x[0] != 3 || x[cnt - 1] != 3;
+  snprintf(msg, 200, "%d %g %s", rc, x[cnt - 1], td_cnet_error(c));
+  free(x);
+  return bad;
+}
+
+TEST_IMPL(coll_net_pair_late_peer) {
+  int codes[N_MAX];
+  char msgs[N_MAX][200];
+  cn_run(2, 0, -1, NULL, cn_pair_late, codes, msgs);
+  for (int r = 0; r < 2; r++) {
+    if (codes[r]) fprintf(stderr, "rank %d: %d %s\n", r, codes[r], msgs[r]);
+    ASSERT_EQ(codes[r], 0);
+  }
+  return 0;
+}
