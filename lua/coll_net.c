@@ -50,12 +50,10 @@
  * the wire carries a third (each record waits whole before it opens). */
 #define TD__CN_SEAL (64u << 10)
 /* Reducing in place, bytes sent ahead of those received and reduced. It
- * must stay well under what the socket buffers hold (4 MiB each end): a
- * peer late to the call (still computing) leaves our stream at a zero
- * window otherwise, and TCP_USER_TIMEOUT (5 s) aborts it as if the peer's
- * host were gone. Small also keeps what is in flight in the caches (one
- * forked two-rank run each at load ~6: 0.79 core-s/GB unbounded, 0.44 at
- * 512 KiB; 512 KiB and 2 MiB, three each: 0.54 and 0.60 at 256 MiB). */
+ * stays well under what the socket buffers hold (4 MiB each end), which
+ * keeps what is in flight in the caches (one forked two-rank run each at
+ * load ~6: 0.79 core-s/GB unbounded, 0.44 at 512 KiB; 512 KiB and 2 MiB,
+ * three each: 0.54 and 0.60 at 256 MiB). */
 #define TD__CN_AHEAD (512u << 10)
 #define TD__CN_HDR 8
 #define TD__CN_TAG 16
@@ -76,6 +74,7 @@ typedef struct td__cpeer {
   size_t iwant, ipos; /* bytes of the record wanted so far, and read */
   size_t pbeg, pend;  /* plaintext ready in ibuf + TD__CN_HDR */
   char name[64];
+  double silent_since; /* when its TCP was first seen unanswering (0: it answers) */
 } td__cpeer_t;
 
 struct td_cnet {
@@ -225,16 +224,17 @@ static void td__tune(int fd) {
   int one = 1, buf = 4 << 20;
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
   /* A peer host that vanishes without closing (power, network) is found
-   * by keepalive probes in about 5 s (the default node timeout), however
-   * long an operation may rightly wait for a slow rank; unacknowledged
-   * data gives up as soon. */
+   * by keepalive probes in about 5 s (the default node timeout) while the
+   * stream is idle, however long an operation may rightly wait for a slow
+   * rank; with bytes outstanding, by td__peer_silent. Not by
+   * TCP_USER_TIMEOUT: it also aborts a stream whose live peer has simply
+   * not read yet (a zero window, probes answered) -- a send of more than
+   * the buffers hold to a rank that comes to its recv 5 s later. */
   int idle = 2, intvl = 1, cnt = 3;
-  unsigned int uto = 5000;
   setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
   setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle));
   setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof(intvl));
   setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof(cnt));
-  setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &uto, sizeof(uto));
   setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &buf, sizeof(buf));
   setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &buf, sizeof(buf));
   fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
@@ -518,6 +518,25 @@ static int td__land(td_cnet_t *c, int from, const td__rx_t *x, uint8_t *rbuf, si
 
 /* Sends slen bytes to peer `to` while receiving rlen from `from` (either
  * length may be 0) into rbuf as x says; rbuf may be sbuf when reducing. */
+/* Whether the host behind a stream with bytes outstanding has stopped
+ * answering: the kernel has data unacknowledged or a zero-window probe
+ * unanswered, and nothing was acknowledged for TD__CN_SILENT_MS, seen so
+ * for a second (a live peer answers a probe within a round trip, though
+ * probes back off to minutes apart while it does not read). */
+#define TD__CN_SILENT_MS 5000
+
+static int td__peer_silent(td__cpeer_t *p, double now) {
+  struct tcp_info ti;
+  socklen_t len = sizeof(ti);
+  if (getsockopt(p->fd, IPPROTO_TCP, TCP_INFO, &ti, &len) != 0) return 0;
+  if (!(ti.tcpi_unacked > 0 || ti.tcpi_probes > 0) || ti.tcpi_last_ack_recv < TD__CN_SILENT_MS) {
+    p->silent_since = 0;
+    return 0;
+  }
+  if (p->silent_since == 0) p->silent_since = now;
+  return now - p->silent_since >= 1.0;
+}
+
 static int td__xfer(td_cnet_t *c, int to, const uint8_t *sbuf, size_t slen, int from, uint8_t *rbuf,
                     size_t rlen, const td__rx_t *x) {
   if (c->err[0]) return TD_GPU_EIO; /* a failed group stays failed */
@@ -585,6 +604,12 @@ static int td__xfer(td_cnet_t *c, int to, const uint8_t *sbuf, size_t slen, int 
       char w[64];
       snprintf(w, sizeof(w), "%.0f", c->timeout);
       return td__fail(c, who, 1, "it sent nothing for %s s (its node stopped answering?)", w);
+    }
+    if (!progress) {
+      static const char silent[] = "its host acknowledged nothing for %s s (gone from the network?)";
+      if (sending && td__peer_silent(ps, now)) return td__fail(c, to, 1, silent, "5");
+      if (receiving && (!sending || pr != ps) && td__peer_silent(pr, now))
+        return td__fail(c, from, 1, silent, "5");
     }
     /* A record held for our own bytes to be sealed first needs no more
      * input yet: waiting on POLLIN would spin. */

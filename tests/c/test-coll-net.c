@@ -249,9 +249,8 @@ static int cn_pair_die(td_cnet_t *c, td_ring_t *r, int rank, int n, char *msg) {
 TEST_IMPL(coll_net_pair_peer_death) { return cn_death(cn_pair_die); }
 
 /* Rank 1 comes to the exchange 6 s late (still computing, say) with
- * 16 MiB: rank 0 sends no more than the socket buffers hold meanwhile, so
- * its stream never sits at a zero window past TCP_USER_TIMEOUT (5 s),
- * which would abort it as if rank 1's host were gone. */
+ * 16 MiB: rank 0 waits for it (a stream at a zero window whose probes
+ * are answered is a live peer, not a host gone). */
 static int cn_pair_late(td_cnet_t *c, td_ring_t *r, int rank, int n, char *msg) {
   (void)n;
   (void)r;
@@ -270,6 +269,40 @@ TEST_IMPL(coll_net_pair_late_peer) {
   int codes[N_MAX];
   char msgs[N_MAX][200];
   cn_run(2, 0, -1, NULL, cn_pair_late, codes, msgs);
+  for (int r = 0; r < 2; r++) {
+    if (codes[r]) fprintf(stderr, "rank %d: %d %s\n", r, codes[r], msgs[r]);
+    ASSERT_EQ(codes[r], 0);
+  }
+  return 0;
+}
+
+/* A send of more than the socket buffers hold (32 MiB) to a rank that
+ * comes to its recv 7 s later: the sender's stream sits at a zero window
+ * meanwhile, its probes answered, and must wait, not fail as if the
+ * receiver's host were gone (TCP_USER_TIMEOUT aborted it after 5 s). */
+static int cn_send_late(td_cnet_t *c, td_ring_t *r, int rank, int n, char *msg) {
+  (void)n;
+  size_t cnt = 8u << 20;
+  float *x = malloc(cnt * sizeof(float));
+  for (size_t i = 0; i < cnt; i++) x[i] = rank == 0 ? (float)(i % 1000) : -1;
+  int rc;
+  if (rank == 0) {
+    rc = td_ring_send(r, x, cnt * sizeof(float), 1);
+  } else {
+    sleep(7);
+    rc = td_ring_recv(r, x, cnt * sizeof(float), 0);
+  }
+  int bad = rc != 0;
+  for (size_t i = 0; !bad && i < cnt; i += 4099) bad = x[i] != (float)(i % 1000);
+  snprintf(msg, 200, "%d %g %s", rc, x[cnt - 1], td_cnet_error(c));
+  free(x);
+  return bad;
+}
+
+TEST_IMPL(coll_net_send_to_late_receiver) {
+  int codes[N_MAX];
+  char msgs[N_MAX][200];
+  cn_run(2, 0, -1, NULL, cn_send_late, codes, msgs);
   for (int r = 0; r < 2; r++) {
     if (codes[r]) fprintf(stderr, "rank %d: %d %s\n", r, codes[r], msgs[r]);
     ASSERT_EQ(codes[r], 0);
