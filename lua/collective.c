@@ -26,10 +26,12 @@ typedef struct td_group {
   /* A group that spans nodes: streams to every rank (net); ring is the
    * flat ring over them, and allreduce is hierarchical: local (the ring
    * over this node's shared memory, NULL alone on the node), then xring
-   * among the nodes' first ranks (NULL on the others), then a broadcast
-   * back over local. */
+   * among the nodes' first ranks (NULL on the others) or, between two
+   * nodes, one exchange with xpeer (the other node's first rank; -1
+   * otherwise), then a broadcast back over local. */
   td_cnet_t *net;
   td_ring_t *local, *xring;
+  int xpeer;
 } td_group_t;
 
 #define TD_NET_MT "tide.CollectiveNet"
@@ -92,6 +94,7 @@ static int g_allreduce(lua_State *L) {
     int hop = op == TD_RING_AVG ? TD_RING_SUM : op, rc = 0;
     if (g->local) rc = td_ring_allreduce(g->local, p, p, n, hop);
     if (!rc && g->xring) rc = td_ring_allreduce(g->xring, p, p, n, hop);
+    if (!rc && g->xpeer >= 0) rc = td_cnet_allreduce_pair(g->net, g->xpeer, p, n, hop);
     if (!rc && g->local) rc = td_ring_broadcast(g->local, p, n * sizeof(float), 0);
     td__gcheck(L, g, rc, "allreduce");
     if (op == TD_RING_AVG) {
@@ -328,6 +331,7 @@ static int c_attach_net(lua_State *L) {
   g->rank = rank;
   g->world = world;
   g->net = u->c;
+  g->xpeer = -1;
   u->c = NULL;
   td_ring_transport_t tr;
   td_cnet_transport(g->net, &tr);
@@ -343,7 +347,8 @@ static int c_attach_net(lua_State *L) {
       if (map[i] == rank) me = i;
     }
     if (me < 0) return luaL_error(L, "group setup failed: this rank is not among the nodes' first ranks");
-    if (nl > 1) {
+    if (nl == 2) g->xpeer = map[1 - me];
+    if (nl > 2) {
       if (td_cnet_sub_transport(g->net, map, nl, &tr))
         return luaL_error(L, "group setup failed: out of memory");
       td__check(L, td_ring_new(&g->xring, &tr, me, nl, 512 * 1024), "ring setup");

@@ -94,18 +94,21 @@ static int cn_sum(td_cnet_t *c, td_ring_t *r, int rank, int n, char *msg) {
   return td_ring_barrier(r) ? 3 : 0;
 }
 
-TEST_IMPL(coll_net_allreduce) {
+/* fn succeeds on each of n ranks, encrypted and plain. */
+static int cn_all_ok(int n, cn_fn fn) {
   int codes[N_MAX];
   char msgs[N_MAX][200];
   for (int plain = 0; plain <= 1; plain++) {
-    cn_run(3, plain, -1, NULL, cn_sum, codes, msgs);
-    for (int r = 0; r < 3; r++) {
-      if (codes[r]) fprintf(stderr, "rank %d: %d %s\n", r, codes[r], msgs[r]);
+    cn_run(n, plain, -1, NULL, fn, codes, msgs);
+    for (int r = 0; r < n; r++) {
+      if (codes[r]) fprintf(stderr, "plain %d rank %d: %d %s\n", plain, r, codes[r], msgs[r]);
       ASSERT_EQ(codes[r], 0);
     }
   }
   return 0;
 }
+
+TEST_IMPL(coll_net_allreduce) { return cn_all_ok(3, cn_sum); }
 
 TEST_IMPL(coll_net_wrong_secret_refused) {
   int codes[N_MAX];
@@ -120,17 +123,20 @@ TEST_IMPL(coll_net_wrong_secret_refused) {
   return 0;
 }
 
-TEST_IMPL(coll_net_tamper_detected) {
+/* Rank 1 changes its record number rec in flight: rank 0 refuses it, and
+ * rank 1 fails too as rank 0 closes its streams. */
+static int cn_tamper(cn_fn fn, const char *rec) {
   int codes[N_MAX];
   char msgs[N_MAX][200];
-  cn_run(2, 0, -1, "2", cn_sum, codes, msgs);
+  cn_run(2, 0, -1, rec, fn, codes, msgs);
   ASSERT_EQ(codes[0], 1);
   ASSERT(strstr(msgs[0], "rank 1 on node-b: a record failed authentication"));
-  /* Rank 1 fails too: rank 0 closed its streams. */
   ASSERT_EQ(codes[1], 1);
   ASSERT(strstr(msgs[1], "rank 0 on node-a"));
   return 0;
 }
+
+TEST_IMPL(coll_net_tamper_detected) { return cn_tamper(cn_sum, "2"); }
 
 /* Rank 1 dies after joining; rank 0's allreduce must fail, naming it. */
 static int cn_die(td_cnet_t *c, td_ring_t *r, int rank, int n, char *msg) {
@@ -142,15 +148,18 @@ static int cn_die(td_cnet_t *c, td_ring_t *r, int rank, int n, char *msg) {
   return rc ? 0 : 1;
 }
 
-TEST_IMPL(coll_net_peer_death) {
+/* fn's rank 0 must see rank 1 gone, named. */
+static int cn_death(cn_fn fn) {
   int codes[N_MAX];
   char msgs[N_MAX][200];
-  cn_run(2, 0, -1, NULL, cn_die, codes, msgs);
+  cn_run(2, 0, -1, NULL, fn, codes, msgs);
   ASSERT_EQ(codes[0], 0);
   if (!strstr(msgs[0], " 1 rank 1 on node-b: ")) fprintf(stderr, "rank 0: %s\n", msgs[0]);
   ASSERT(strstr(msgs[0], " 1 rank 1 on node-b: "));
   return 0;
 }
+
+TEST_IMPL(coll_net_peer_death) { return cn_death(cn_die); }
 
 /* Rank 1 stays silent; rank 0, with an operation timeout of 1 s, fails
  * naming it instead of waiting. */
@@ -173,5 +182,130 @@ TEST_IMPL(coll_net_silent_peer_times_out) {
   cn_run(2, 0, -1, NULL, cn_silent, codes, msgs);
   ASSERT_EQ(codes[0], 0);
   ASSERT(strstr(msgs[0], " 1 rank 1 on node-b: it sent nothing for 1 s"));
+  return 0;
+}
+
+/* -- The two-rank exchange (td_cnet_allreduce_pair) ------------------------- */
+
+static float cn_val(size_t i, int rank, int salt) {
+  return (float)((long)((i * 7 + (size_t)rank * 13 + (size_t)salt) % 101) - 50) + (rank ? 0.25f : 0.5f);
+}
+
+/* Every op at lengths 0, 1, odd, one record and a bit, and several
+ * records past the window: the pair's bytes are the ring's (run here too,
+ * on the same data) and the sums computed by hand. */
+static int cn_pair(td_cnet_t *c, td_ring_t *r, int rank, int n, char *msg) {
+  (void)n;
+  static const size_t counts[] = {0, 1, 7, 16385, COUNT};
+  static const int ops[] = {TD_RING_SUM, TD_RING_MAX, TD_RING_MIN};
+  float *x = malloc(COUNT * sizeof(float)), *y = malloc(COUNT * sizeof(float));
+  int bad = 0;
+  for (size_t ci = 0; !bad && ci < sizeof(counts) / sizeof(counts[0]); ci++)
+    for (int oi = 0; !bad && oi < 3; oi++) {
+      size_t cnt = counts[ci];
+      for (size_t i = 0; i < cnt; i++) x[i] = y[i] = cn_val(i, rank, oi);
+      int rc = td_cnet_allreduce_pair(c, 1 - rank, x, cnt, ops[oi]);
+      if (!rc) rc = td_ring_allreduce(r, y, y, cnt, ops[oi]);
+      if (rc) {
+        snprintf(msg, 200, "count %zu op %d: %s", cnt, ops[oi], td_cnet_error(c));
+        bad = 1;
+        break;
+      }
+      for (size_t i = 0; i < cnt; i++) {
+        float a = cn_val(i, 0, oi), b = cn_val(i, 1, oi);
+        float want = ops[oi] == TD_RING_SUM   ? a + b
+                     : ops[oi] == TD_RING_MAX ? (a > b ? a : b)
+                                              : (a < b ? a : b);
+        if (memcmp(&x[i], &y[i], sizeof(float)) || x[i] != want) {
+          snprintf(msg, 200, "count %zu op %d element %zu: pair %g, ring %g, want %g", cnt, ops[oi], i, x[i],
+                   y[i], want);
+          bad = 2;
+          break;
+        }
+      }
+    }
+  free(x);
+  free(y);
+  return bad ? bad : td_ring_barrier(r) ? 3 : 0;
+}
+
+TEST_IMPL(coll_net_pair_allreduce) { return cn_all_ok(2, cn_pair); }
+
+/* A record of the exchange changed in flight (rank 1's third). */
+TEST_IMPL(coll_net_pair_tamper_detected) { return cn_tamper(cn_pair, "3"); }
+
+/* Rank 1 dies after joining; rank 0's exchange fails, naming it. */
+static int cn_pair_die(td_cnet_t *c, td_ring_t *r, int rank, int n, char *msg) {
+  (void)n;
+  (void)r;
+  if (rank == 1) _exit(0);
+  float *x = calloc(COUNT, sizeof(float));
+  int rc = td_cnet_allreduce_pair(c, 1, x, COUNT, TD_RING_SUM);
+  free(x);
+  snprintf(msg, 200, "%d %d %s", rc, td_cnet_peer_gone(c), td_cnet_error(c));
+  return rc ? 0 : 1;
+}
+
+TEST_IMPL(coll_net_pair_peer_death) { return cn_death(cn_pair_die); }
+
+/* Rank 1 comes to the exchange 6 s late (still computing, say) with
+ * 16 MiB: rank 0 waits for it (a stream at a zero window whose probes
+ * are answered is a live peer, not a host gone). */
+static int cn_pair_late(td_cnet_t *c, td_ring_t *r, int rank, int n, char *msg) {
+  (void)n;
+  (void)r;
+  size_t cnt = 4u << 20;
+  float *x = malloc(cnt * sizeof(float));
+  for (size_t i = 0; i < cnt; i++) x[i] = (float)(rank + 1);
+  if (rank == 1) sleep(6);
+  int rc = td_cnet_allreduce_pair(c, 1 - rank, x, cnt, TD_RING_SUM);
+  int bad = rc || x[0] != 3 || x[cnt - 1] != 3;
+  snprintf(msg, 200, "%d %g %s", rc, x[cnt - 1], td_cnet_error(c));
+  free(x);
+  return bad;
+}
+
+TEST_IMPL(coll_net_pair_late_peer) {
+  int codes[N_MAX];
+  char msgs[N_MAX][200];
+  cn_run(2, 0, -1, NULL, cn_pair_late, codes, msgs);
+  for (int r = 0; r < 2; r++) {
+    if (codes[r]) fprintf(stderr, "rank %d: %d %s\n", r, codes[r], msgs[r]);
+    ASSERT_EQ(codes[r], 0);
+  }
+  return 0;
+}
+
+/* A send of more than the socket buffers hold (32 MiB) to a rank that
+ * comes to its recv 7 s later: the sender's stream sits at a zero window
+ * meanwhile, its probes answered, and must wait, not fail as if the
+ * receiver's host were gone (TCP_USER_TIMEOUT aborted it after 5 s). */
+static int cn_send_late(td_cnet_t *c, td_ring_t *r, int rank, int n, char *msg) {
+  (void)n;
+  size_t cnt = 8u << 20;
+  float *x = malloc(cnt * sizeof(float));
+  for (size_t i = 0; i < cnt; i++) x[i] = rank == 0 ? (float)(i % 1000) : -1;
+  int rc;
+  if (rank == 0) {
+    rc = td_ring_send(r, x, cnt * sizeof(float), 1);
+  } else {
+    sleep(7);
+    rc = td_ring_recv(r, x, cnt * sizeof(float), 0);
+  }
+  int bad = rc != 0;
+  for (size_t i = 0; !bad && i < cnt; i += 4099) bad = x[i] != (float)(i % 1000);
+  snprintf(msg, 200, "%d %g %s", rc, x[cnt - 1], td_cnet_error(c));
+  free(x);
+  return bad;
+}
+
+TEST_IMPL(coll_net_send_to_late_receiver) {
+  int codes[N_MAX];
+  char msgs[N_MAX][200];
+  cn_run(2, 0, -1, NULL, cn_send_late, codes, msgs);
+  for (int r = 0; r < 2; r++) {
+    if (codes[r]) fprintf(stderr, "rank %d: %d %s\n", r, codes[r], msgs[r]);
+    ASSERT_EQ(codes[r], 0);
+  }
   return 0;
 }

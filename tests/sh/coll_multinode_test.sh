@@ -8,9 +8,10 @@
 # goes from an actor on node-1 to one on node-2 over the group, and
 # tide.get of its ref still works; a group over 3 nodes with 2 ranks on one of them
 # (hierarchical: shared memory inside the node, streams between nodes)
-# agrees with one node too; the streams are AES-128-GCM (plain with
-# --data-plane plain, and two such groups agree); a rank's node killed in
-# the middle of allreduces fails the others at once with NodeDiedError
+# agrees with one node too, and so does a group of 3 ranks over 2 nodes
+# (the nodes' first ranks exchange instead of running the ring); the
+# streams are AES-128-GCM (plain with --data-plane plain, and two such
+# groups agree); a rank's node killed in the middle of allreduces fails the others at once with NodeDiedError
 # naming the rank and node; tide.train with 2 workers spread over 2 nodes
 # trains to the loss of the same run on one node, and when node-2 is
 # killed mid-run, fit takes the survivor's NodeDiedError as a death and
@@ -155,15 +156,24 @@ check "direct tensor transport across nodes: the consumer on node-2 gets the pro
 check "... and tide.get of the same ref in the driver fetches it through the store" \
   'echo "$out" | grep -q "^GET.true"' "$out"
 
+# spread TAG PLACES NODES WHAT: the group on the nodes in PLACES (rank
+# order) gives the same bytes as the same group on node-1 alone, and ran
+# where asked, in a group over NODES nodes.
+spread() {
+  places=$2 nn=$3 w=$(echo "$2" | tr , "\n" | wc -l)
+  one=$(coll "one$1" "$(echo "$2" | sed "s/node-[0-9]/node-1/g")")
+  many=$(coll "many$1" "$2")
+  check "$w ranks on $3 nodes ($4): the same bytes as $w ranks on one node" \
+    'same "$(echo "$one" | grep "^rank")" "$(echo "$many" | grep "^rank")"' \
+    "$(echo "$one" > $D/a; echo "$many" > $D/b; diff $D/a $D/b | head -20)"
+  check "the $w ranks were on $(echo "$2" | tr , " "), in a group over $3 nodes" \
+    '[ "$(echo "$many" | grep "^where" | sed "s/.* on \(node-[0-9]\),.*/\1/" | tr "\n" ",")" = "$places," ] &&
+     [ "$(echo "$many" | grep -c "group over $nn nodes")" = "$w" ]' "$(echo "$many" | grep where)"
+}
+echo "# two nodes, two ranks on node-1 (the nodes' first ranks exchange, lua/coll_net.c)"
+spread 3 node-1,node-2,node-1 2 "2 on node-1, odd sizes too"
 echo "# three nodes, two ranks on node-1"
-one=$(coll one4 node-1,node-1,node-1,node-1)
-three=$(coll three4 node-1,node-2,node-1,node-3)
-check "4 ranks on 3 nodes (2 on node-1): the same bytes as 4 ranks on one node" \
-  'same "$(echo "$one" | grep "^rank")" "$(echo "$three" | grep "^rank")"' \
-  "$(echo "$one" > $D/a; echo "$three" > $D/b; diff $D/a $D/b | head -20)"
-check "the 4 ranks were on node-1, node-2, node-1, node-3" \
-  '[ "$(echo "$three" | grep "^where" | sed "s/.* on \(node-[0-9]\),.*/\1/" | tr "\n" " ")" = "node-1 node-2 node-1 node-3 " ] &&
-   [ "$(echo "$three" | grep -c "group over 3 nodes")" = 4 ]' "$(echo "$three" | grep where)"
+spread 4 node-1,node-2,node-1,node-3 3 "2 on node-1"
 
 cat > $D/loop.lua <<'LUA'
 -- Rank 0 on node-1 and rank 1 on node-2 allreduce 4 MiB over and over;

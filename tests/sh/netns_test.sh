@@ -144,7 +144,45 @@ out=$(TIDE_SESSION_DIR=$D/head timeout 150 $T run --address local $D/coll.lua 2>
 want=$(echo "$out" | sed -n 's/^WANT //p')
 check "a collective group over the two namespaces: the allreduce gives the sums made on one machine" \
   '[ -n "$want" ] && echo "$out" | grep -qxF "GOT $want | $want"' "$out"
+# A host that goes silent in the middle of an operation fails it on both
+# ranks within seconds (the sender: TCP acknowledged nothing for 5 s; the
+# receiver: keepalive), not after the kernel's retries (minutes). Files
+# order it: rank 0 says it sends, the link is cut, then rank 1 receives.
+cat > $D/cut.lua <<'LUA'
+local tide = require("tide")
+local body = tide.remote({num_cpus = 0}, function(rank, dir)
+  local T = require("tide.tensor")
+  local C = require("tide.collective")
+  local now = require("tide.rawbench").now
+  C.init_group(2, rank, "netns-cut", {timeout = 30})
+  local x = T.zeros({16 * 1024 * 1024})
+  C.barrier()
+  if rank == 0 then
+    io.open(dir .. "/sending", "w"):close()
+  else
+    while not io.open(dir .. "/cut") do tide.sleep(0.05) end
+  end
+  local t0 = now()
+  local ok, err = pcall(rank == 0 and C.send or C.recv, x, 1 - rank)
+  return string.format("%s %.1f %s", tostring(ok), now() - t0, tostring(err))
+end)
+local dir = arg[1]
+local function on(id) return {scheduling_strategy = {node_id = id}} end
+local got = tide.get({body:options(on("node-1")):remote(0, dir), body:options(on("node-2")):remote(1, dir)},
+  {timeout = 90})
+print("CUT0 " .. got[1])
+print("CUT1 " .. got[2])
+LUA
+TIDE_SESSION_DIR=$D/head timeout 120 $T run --address local $D/cut.lua $D >$D/cut.out 2>&1 &
+cutp=$!
+i=0; while [ $i -lt 300 ] && [ ! -e $D/sending ]; do sleep 0.05; i=$((i + 1)); done
 ip netns exec $NS1 ip link set tdp1-$S down
+touch $D/cut
+wait $cutp
+out=$(cat $D/cut.out)
+check "a node gone silent mid-send fails the operation on both ranks within 20 s (NodeDiedError), not the kernel's minutes" \
+  'echo "$out" | grep -q "^CUT0 false .*NodeDiedError" && echo "$out" | grep -q "^CUT1 false .*NodeDiedError" &&
+   echo "$out" | awk "/^CUT/ { if (\$3 + 0 > 20) bad = 1 } END { exit bad }"' "$out"
 out=$(bcast)
 check "with the link between them cut, the fetch stalls and finishes from the head" \
   'echo "$out" | grep -q "^HELD 2 2" && [ "$(fallbacks)" = 1 ]' "$out $(fallbacks)"
