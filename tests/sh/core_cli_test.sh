@@ -159,7 +159,7 @@ done
 # 9. teardown on Ctrl-C (SIGINT) while the driver blocks in tide.get
 env --default-signal=INT $TIDE run "$D/workers.lua" block >"$D/o" 2>"$D/e" &
 tp=$!
-i=0; while [ $i -lt 100 ] && ! grep -q '^WORKERS' "$D/o"; do sleep 0.1; i=$((i + 1)); done
+i=0; while [ $i -lt 300 ] && ! grep -q '^WORKERS' "$D/o"; do sleep 0.1; i=$((i + 1)); done  # 30 s: slow under load
 pids=$(sed -n 's/^WORKERS //p' "$D/o")
 kids=$(pgrep -P $tp | tr '\n' ' ')
 kill -INT $tp
@@ -176,7 +176,7 @@ kill -9 $tp $pids $kids 2>/dev/null
 # 10. teardown when the driver is killed with SIGKILL
 $TIDE run "$D/workers.lua" block >"$D/o" 2>"$D/e" &
 tp=$!
-i=0; while [ $i -lt 100 ] && ! grep -q '^WORKERS' "$D/o"; do sleep 0.1; i=$((i + 1)); done
+i=0; while [ $i -lt 300 ] && ! grep -q '^WORKERS' "$D/o"; do sleep 0.1; i=$((i + 1)); done  # 30 s: slow under load
 pids=$(sed -n 's/^WORKERS //p' "$D/o")
 kids=$(pgrep -P $tp | tr '\n' ' ')
 kill -9 $tp
