@@ -523,7 +523,10 @@ static int td__land(td_cnet_t *c, int from, const td__rx_t *x, uint8_t *rbuf, si
  * unanswered, and nothing was acknowledged for TD__CN_SILENT_MS, seen so
  * for a second (a live peer answers a probe within a round trip, though
  * probes back off to minutes apart while it does not read). */
-#define TD__CN_SILENT_MS 5000
+#define TD__CN_SILENT_S 5
+#define TD__CN_SILENT_MS (TD__CN_SILENT_S * 1000)
+#define TD__CN_STR_(x) #x
+#define TD__CN_STR(x) TD__CN_STR_(x)
 
 static int td__peer_silent(td__cpeer_t *p, double now) {
   struct tcp_info ti;
@@ -607,9 +610,10 @@ static int td__xfer(td_cnet_t *c, int to, const uint8_t *sbuf, size_t slen, int 
     }
     if (!progress) {
       static const char silent[] = "its host acknowledged nothing for %s s (gone from the network?)";
-      if (sending && td__peer_silent(ps, now)) return td__fail(c, to, 1, silent, "5");
+      const char *secs = TD__CN_STR(TD__CN_SILENT_S);
+      if (sending && td__peer_silent(ps, now)) return td__fail(c, to, 1, silent, secs);
       if (receiving && (!sending || pr != ps) && td__peer_silent(pr, now))
-        return td__fail(c, from, 1, silent, "5");
+        return td__fail(c, from, 1, silent, secs);
     }
     /* A record held for our own bytes to be sealed first needs no more
      * input yet: waiting on POLLIN would spin. */

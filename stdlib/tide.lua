@@ -617,7 +617,7 @@ function M.get(x, opts)
     -- A ready value (the common case) needs no deadline, warning or bar.
     local st, v = core.get1(x, 0)
     if st == ST_OK and getmetatable(v) ~= RDT_DESC then
-      used = true
+      ensure()
       return v
     end
   end

@@ -578,14 +578,19 @@ local function route_to(st, name)
   core.serve_replicas(name, ids)
 end
 
--- Tells the ingress, then the serve state (which waits for it).
-local function publish(st, name)
-  route_to(st, name)
+-- Tells the serve state (which waits for it).
+local function tell_state(st, name)
   -- The state actor has a process of its own, so a replica's crash cannot
   -- take it down; should it die anyway, the ingress keeps serving (only
   -- jobs and handles need it), so its failure is logged, never raised.
   local ok, err = pcall(function() return tide.get(running.state:set_replicas(name, st.replicas)) end)
   if not ok then log("cannot publish the replicas of %s to the serve state: %s", name, tostring(err)) end
+end
+
+-- Tells the ingress, then the serve state.
+local function publish(st, name)
+  route_to(st, name)
+  tell_state(st, name)
 end
 
 -- serve.deploy(app): creates or replaces deployments; returns at once.
@@ -619,7 +624,7 @@ function M.deploy(app)
     running.deps[d.name] = st
     route_to(st, d.name)
   end
-  for _, d in ipairs(app) do publish(running.deps[d.name], d.name) end
+  for _, d in ipairs(app) do tell_state(running.deps[d.name], d.name) end
 end
 
 -- Starts the HTTP ingress (serve.run does it for you).
