@@ -126,6 +126,7 @@ build/asan/tide: $(SRCS) $(EXTRA_OBJS) $(wildcard engine/*.h lua/*.h gpu/*.h) bu
 	$(CC) $(CFLAGS) $(ASAN) -O1 $(LDFLAGS) -o $@ $(SRCS) $(EXTRA_OBJS) $(LDLIBS)
 
 test: all build/ctest build/ctest-engine build/ctest-asan $(TEST_DEPS)
+	@sh scripts/deps.sh test
 	@sh tests/run.sh
 
 # The flagship: train, batch-generate, serve, fine-tune (about a minute on
