@@ -9,7 +9,7 @@
 #                              nvcc is found; never linked, dlopen()ed at run
 #                              time when a GPU is present.
 
-GPU_CORE_SRCS := gpu/gpu_err.c gpu/tensor.c gpu/ops_cpu.c gpu/device.c \
+GPU_CORE_SRCS := gpu/gpu_err.c gpu/tensor.c gpu/ops_cpu.c gpu/device.c gpu/reduce.c \
                  gpu/ring.c gpu/ring_local.c gpu/nccl_comm.c
 GPU_HDRS      := $(wildcard gpu/*.h)
 GPU_SRCS      += $(GPU_CORE_SRCS)
@@ -23,9 +23,11 @@ build/tide_tensor_dev.so: $(GPU_CORE_SRCS) $(TENSOR_LUA_SRCS) lua/tensor_lua_int
 	$(CC) $(CFLAGS) -fPIC -shared -o $@ $(GPU_CORE_SRCS) $(TENSOR_LUA_SRCS) -lopenblas -lm -lpthread -ldl
 
 TEST_DEPS += build/bench-allreduce
-build/bench-allreduce: gpu/bench/bench_allreduce.c gpu/ring.c gpu/ring_local.c gpu/gpu_err.c $(GPU_HDRS)
+BENCH_ALLREDUCE_SRCS := gpu/bench/bench_allreduce.c gpu/ring.c gpu/ring_local.c gpu/reduce.c gpu/gpu_err.c \
+                        gpu/tensor.c gpu/device.c gpu/ops_cpu.c
+build/bench-allreduce: $(BENCH_ALLREDUCE_SRCS) $(GPU_HDRS)
 	@mkdir -p build
-	$(CC) $(CFLAGS) -o $@ gpu/bench/bench_allreduce.c gpu/ring.c gpu/ring_local.c gpu/gpu_err.c -lpthread
+	$(CC) $(CFLAGS) -o $@ $(BENCH_ALLREDUCE_SRCS) -lopenblas -lm -lpthread -ldl
 
 # -- CUDA plugin (only when nvcc exists) ---------------------------------------
 NVCC ?= $(shell command -v nvcc 2>/dev/null || { test -x /usr/local/cuda/bin/nvcc && echo /usr/local/cuda/bin/nvcc; })

@@ -9,7 +9,7 @@
  * and over recv_peek the two steps interleaved per piece (td__pair_ring). */
 #include "ring.h"
 
-#include "simd.h"
+#include "tensor.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -76,56 +76,33 @@ void td_ring_free(td_ring_t **r) {
 int td_ring_rank(const td_ring_t *r) { return r->rank; }
 int td_ring_size(const td_ring_t *r) { return r->n; }
 
-/* -- Reduction kernels ------------------------------------------------------------ */
-
-TD__HOT static void td__reduce_inplace(float *restrict dst, const float *restrict b,
-                               size_t n, int op) {
-  switch (op) {
-    case TD_RING_MAX:
-      for (size_t i = 0; i < n; i++) dst[i] = dst[i] > b[i] ? dst[i] : b[i];
-      break;
-    case TD_RING_MIN:
-      for (size_t i = 0; i < n; i++) dst[i] = dst[i] < b[i] ? dst[i] : b[i];
-      break;
-    default:
-      for (size_t i = 0; i < n; i++) dst[i] += b[i];
-  }
-}
-
-TD__HOT static void td__reduce_into(float *restrict dst, const float *restrict a,
-                            const float *restrict b, size_t n, int op) {
-  switch (op) {
-    case TD_RING_MAX:
-      for (size_t i = 0; i < n; i++) dst[i] = a[i] > b[i] ? a[i] : b[i];
-      break;
-    case TD_RING_MIN:
-      for (size_t i = 0; i < n; i++) dst[i] = a[i] < b[i] ? a[i] : b[i];
-      break;
-    default:
-      for (size_t i = 0; i < n; i++) dst[i] = a[i] + b[i];
-  }
-}
+/* -- Received bytes ------------------------------------------------------------ */
 
 /* What happens to received bytes: copied to dst, or reduced as
- * dst = op(a, received) (a may equal dst). */
+ * dst = op(a, received) (a may equal dst) in elements of dtype. */
 typedef struct {
   int reduce;       /* 0 = copy, 1 = reduce */
   int op;           /* TD_RING_* when reducing */
+  int dtype;        /* TD_F32 ... when reducing */
+  size_t es;        /* bytes per element when reducing */
   char *dst;        /* destination of byte 0 of the message */
   const char *a;    /* first operand of byte 0 when reducing */
 } td__sink_t;
+
+static td__sink_t td__reducing(int op, int dtype, void *dst, const void *a) {
+  return (td__sink_t){1, op, dtype, td_dtype_size(dtype), dst, a};
+}
+static td__sink_t td__copying(void *dst) { return (td__sink_t){0, 0, 0, 1, dst, NULL}; }
 
 static void td__apply(const td__sink_t *k, size_t off, const void *in, size_t n) {
   if (!k->reduce) {
     memcpy(k->dst + off, in, n);
     return;
   }
-  float *d = (float *)(void *)(k->dst + off);
-  const float *a = (const float *)(const void *)(k->a + off);
-  if ((uintptr_t)in % sizeof(float)) {
-    /* Bytes read in place from a ring whose stream is not float-aligned
-     * (after a barrier's byte): reduced through an aligned copy. */
-    float tmp[1024];
+  if ((uintptr_t)in % k->es) {
+    /* Bytes read in place from a ring whose stream is not aligned to the
+     * element (after a barrier's byte): reduced through an aligned copy. */
+    uint64_t tmp[512];
     for (size_t done = 0; done < n; done += sizeof(tmp)) {
       size_t m = n - done < sizeof(tmp) ? n - done : sizeof(tmp);
       memcpy(tmp, (const char *)in + done, m);
@@ -136,10 +113,7 @@ static void td__apply(const td__sink_t *k, size_t off, const void *in, size_t n)
     }
     return;
   }
-  if (a == d)
-    td__reduce_inplace(d, in, n / sizeof(float), k->op);
-  else
-    td__reduce_into(d, a, in, n / sizeof(float), k->op);
+  td_reduce(k->dst + off, k->a + off, in, n / k->es, k->dtype, k->op);
 }
 
 /* Sends slen bytes at sbuf to `to` while receiving rlen bytes from `from`
@@ -149,7 +123,7 @@ static int td__xfer(td_ring_t *r, int to, const char *sbuf, size_t slen,
   const td_ring_transport_t *tr = &r->tr;
   size_t so = 0, ro = 0;
   char *tmp = NULL;
-  char carry[sizeof(float)];  /* a float split by the ring's end, put together */
+  char carry[8]; /* an element split by the ring's end, put together */
   if (!tr->recv_peek && (sink->reduce || tr->sendrecv)) {
     tmp = td__scratch(r, r->piece);
     if (!tmp) return TD_GPU_ENOMEM;
@@ -166,18 +140,18 @@ static int td__xfer(td_ring_t *r, int to, const char *sbuf, size_t slen,
         if (n <= 0) return n < 0 ? (int)n : TD_GPU_EIO;
         size_t take = (size_t)n, at = ro + got;
         if (sink->reduce) {
-          /* The stream need not be float-aligned in the ring (a barrier
-           * sends one byte): a float split at the ring's end is put
-           * together here and reduced whole, never by halves. */
-          size_t in_float = at % sizeof(float);
-          if (in_float || take < sizeof(float)) {
-            size_t k = sizeof(float) - in_float;
+          /* The stream need not be aligned to the element in the ring (a
+           * barrier sends one byte): an element split at the ring's end is
+           * put together here and reduced whole, never by halves. */
+          size_t es = sink->es, in_el = at % es;
+          if (in_el || take < es) {
+            size_t k = es - in_el;
             if (k > take) k = take;
-            memcpy(carry + in_float, p, k);
-            if (in_float + k == sizeof(float)) td__apply(sink, at - in_float, carry, sizeof(float));
+            memcpy(carry + in_el, p, k);
+            if (in_el + k == es) td__apply(sink, at - in_el, carry, es);
             take = k;
           } else {
-            take -= take % sizeof(float);
+            take -= take % es;
             td__apply(sink, at, p, take);
           }
         } else {
@@ -217,121 +191,116 @@ static int td__mod(int a, int n) { return ((a % n) + n) % n; }
  * still in cache (the allgather), and piece k of the peer's reduced half
  * comes in.  The ring's allgather instead read the whole reduced half again
  * from memory after the reduce-scatter.  Both directions carry RS_k, AG_k,
- * RS_k+1, ... in the same order. */
-static int td__pair_ring(td_ring_t *r, const float *send, float *recv, size_t count, int op) {
+ * RS_k+1, ... in the same order.  Offsets and lengths are in elements of
+ * es bytes. */
+static int td__pair_ring(td_ring_t *r, const char *send, char *recv, size_t count, int dtype, int op) {
   int peer = 1 - r->rank;
+  size_t es = td_dtype_size(dtype);
   size_t m0 = td_ring_chunk_start(count, 2, r->rank), mc = td_ring_chunk_count(count, 2, r->rank);
   size_t o0 = td_ring_chunk_start(count, 2, peer), oc = td_ring_chunk_count(count, 2, peer);
-  size_t step = r->piece / sizeof(float);
+  size_t step = r->piece / es;
   for (size_t k = 0; k < mc || k < oc; k += step) {
     size_t ms = k >= mc ? 0 : mc - k < step ? mc - k : step;
     size_t os = k >= oc ? 0 : oc - k < step ? oc - k : step;
-    float *mine = recv + m0 + k;
-    td__sink_t red = {1, op, (char *)mine, (const char *)(send + m0 + k)};
-    int rc =
-        td__xfer(r, peer, (const char *)(send + o0 + k), os * sizeof(float), peer, &red, ms * sizeof(float));
-    if (!rc && op == TD_RING_AVG)
-      for (size_t i = 0; i < ms; i++) mine[i] *= 0.5f;
-    td__sink_t cp = {0, 0, (char *)(recv + o0 + k), NULL};
-    if (!rc) rc = td__xfer(r, peer, (const char *)mine, ms * sizeof(float), peer, &cp, os * sizeof(float));
+    char *mine = recv + (m0 + k) * es;
+    td__sink_t red = td__reducing(op, dtype, mine, send + (m0 + k) * es);
+    int rc = td__xfer(r, peer, send + (o0 + k) * es, os * es, peer, &red, ms * es);
+    if (!rc && op == TD_RING_AVG) td_reduce_avg(mine, ms, dtype, 2);
+    td__sink_t cp = td__copying(recv + (o0 + k) * es);
+    if (!rc) rc = td__xfer(r, peer, mine, ms * es, peer, &cp, os * es);
     if (rc) return rc;
   }
   return 0;
 }
 
-int td_ring_allreduce(td_ring_t *r, const float *send, float *recv,
-                      size_t count, int op) {
-  if (op < TD_RING_SUM || op > TD_RING_MIN) return TD_GPU_EINVAL;
-  int n = r->n, me = r->rank, rc;
+int td_ring_allreduce(td_ring_t *r, const void *sendv, void *recvv, size_t count, int dtype, int op) {
+  int n = r->n, me = r->rank, rc = td_reduce_check(dtype, op);
+  if (rc) return rc;
+  const char *send = sendv;
+  char *recv = recvv;
+  size_t es = td_dtype_size(dtype);
   if (n == 1 || count == 0) {
-    if (send != recv) memcpy(recv, send, count * sizeof(float));
+    if (send != recv) memcpy(recv, send, count * es);
     return 0;
   }
   int next = (me + 1) % n, prev = (me + n - 1) % n;
-  if (n == 2 && count * sizeof(float) <= TD__PAIR_MAX) {
+  if (n == 2 && count * es <= TD__PAIR_MAX) {
     /* Two ranks, small message: one exchange of whole buffers instead of the
      * ring's two steps (same bytes moved, half the round trips); a + b is
-     * the same float on both ranks.  In place needs no copy of ours:
+     * the same value on both ranks.  In place needs no copy of ours:
      * td__xfer sends each piece before it reduces the peer's piece into the
      * same bytes. */
-    td__sink_t k = {1, op, (char *)recv, (const char *)send};
-    rc = td__xfer(r, next, (const char *)send, count * sizeof(float), prev, &k, count * sizeof(float));
-    if (!rc && op == TD_RING_AVG)
-      for (size_t i = 0; i < count; i++) recv[i] *= 0.5f;
+    td__sink_t k = td__reducing(op, dtype, recv, send);
+    rc = td__xfer(r, next, send, count * es, prev, &k, count * es);
+    if (!rc && op == TD_RING_AVG) td_reduce_avg(recv, count, dtype, 2);
     return rc;
   }
   /* Over shared memory only, where it was measured: streams between nodes
    * (coll_net.c) keep the plain ring their own figures were taken with. */
-  if (n == 2 && r->tr.recv_peek) return td__pair_ring(r, send, recv, count, op);
+  if (n == 2 && r->tr.recv_peek) return td__pair_ring(r, send, recv, count, dtype, op);
   /* Reduce-scatter: step s sends chunk me-s, receives and reduces me-s-1
    * (recv = op(send, incoming): each chunk is reduced once per rank, so the
    * out-of-place form costs no extra copy).  Step 0 sends from send. */
   for (int s = 0; s < n - 1; s++) {
     int cs = td__mod(me - s, n), cr = td__mod(me - s - 1, n);
-    size_t s0 = td_ring_chunk_start(count, n, cs), r0 = td_ring_chunk_start(count, n, cr);
-    td__sink_t k = {1, op, (char *)(recv + r0), (const char *)(send + r0)};
-    rc = td__xfer(r, next, (const char *)((s == 0 ? send : recv) + s0),
-                  td_ring_chunk_count(count, n, cs) * sizeof(float), prev, &k,
-                  td_ring_chunk_count(count, n, cr) * sizeof(float));
+    size_t s0 = td_ring_chunk_start(count, n, cs) * es, r0 = td_ring_chunk_start(count, n, cr) * es;
+    td__sink_t k = td__reducing(op, dtype, recv + r0, send + r0);
+    rc = td__xfer(r, next, (s == 0 ? send : recv) + s0, td_ring_chunk_count(count, n, cs) * es, prev, &k,
+                  td_ring_chunk_count(count, n, cr) * es);
     if (rc) return rc;
   }
   /* This rank now holds the reduced chunk me+1. */
   int mine = td__mod(me + 1, n);
-  if (op == TD_RING_AVG) {
-    float *p = recv + td_ring_chunk_start(count, n, mine), inv = 1.0f / (float)n;
-    for (size_t i = 0, c = td_ring_chunk_count(count, n, mine); i < c; i++) p[i] *= inv;
-  }
+  if (op == TD_RING_AVG)
+    td_reduce_avg(recv + td_ring_chunk_start(count, n, mine) * es, td_ring_chunk_count(count, n, mine), dtype,
+                  n);
   /* Allgather: step s sends chunk me+1-s, receives chunk me-s. */
   for (int s = 0; s < n - 1; s++) {
     int cs = td__mod(me + 1 - s, n), cr = td__mod(me - s, n);
-    size_t s0 = td_ring_chunk_start(count, n, cs), r0 = td_ring_chunk_start(count, n, cr);
-    td__sink_t k = {0, 0, (char *)(recv + r0), NULL};
-    rc = td__xfer(r, next, (const char *)(recv + s0),
-                  td_ring_chunk_count(count, n, cs) * sizeof(float), prev, &k,
-                  td_ring_chunk_count(count, n, cr) * sizeof(float));
+    size_t s0 = td_ring_chunk_start(count, n, cs) * es, r0 = td_ring_chunk_start(count, n, cr) * es;
+    td__sink_t k = td__copying(recv + r0);
+    rc = td__xfer(r, next, recv + s0, td_ring_chunk_count(count, n, cs) * es, prev, &k,
+                  td_ring_chunk_count(count, n, cr) * es);
     if (rc) return rc;
   }
   return 0;
 }
 
-int td_ring_reduce_scatter(td_ring_t *r, const float *in, float *out,
-                           size_t count, int op) {
-  if (op < TD_RING_SUM || op > TD_RING_MIN) return TD_GPU_EINVAL;
-  int n = r->n, me = r->rank, rc;
-  size_t mine = td_ring_chunk_count(count, n, me);
+int td_ring_reduce_scatter(td_ring_t *r, const void *inv, void *outv, size_t count, int dtype, int op) {
+  int n = r->n, me = r->rank, rc = td_reduce_check(dtype, op);
+  if (rc) return rc;
+  const char *in = inv;
+  char *out = outv;
+  size_t es = td_dtype_size(dtype), mine = td_ring_chunk_count(count, n, me);
   if (n == 1) {
-    memcpy(out, in, count * sizeof(float));
+    memcpy(out, in, count * es);
     return 0;
   }
   /* Step s sends chunk me-s-1 (in[] at s = 0, else the partial reduced at
    * step s-1) and reduces chunk me-s-2 into a work buffer; the last step
    * reduces chunk me straight into out.  Two work buffers alternate. */
-  size_t maxc = td_ring_chunk_count(count, n, 0) + 1;
-  float *work = td__scratch(r, 2 * maxc * sizeof(float) + r->piece);
+  size_t maxc = (td_ring_chunk_count(count, n, 0) + 1) * es;
+  char *work = td__scratch(r, 2 * maxc + r->piece);
   if (!work && count) return TD_GPU_ENOMEM;
   /* td__xfer may use the scratch's head for pieces: keep the work after it. */
-  float *w[2] = {NULL, NULL};
+  char *w[2] = {NULL, NULL};
   if (work) {
-    w[0] = (float *)(void *)((char *)work + r->piece);
+    w[0] = work + r->piece;
     w[1] = w[0] + maxc;
   }
   int next = (me + 1) % n, prev = (me + n - 1) % n;
-  const float *sending = NULL;
+  const char *sending = NULL;
   for (int s = 0; s < n - 1; s++) {
     int cs = td__mod(me - s - 1, n), cr = td__mod(me - s - 2, n);
-    if (s == 0) sending = in + td_ring_chunk_start(count, n, cs);
-    float *dst = s == n - 2 ? out : w[s % 2];
-    td__sink_t k = {1, op, (char *)dst, (const char *)(in + td_ring_chunk_start(count, n, cr))};
-    rc = td__xfer(r, next, (const char *)sending,
-                  td_ring_chunk_count(count, n, cs) * sizeof(float), prev, &k,
-                  td_ring_chunk_count(count, n, cr) * sizeof(float));
+    if (s == 0) sending = in + td_ring_chunk_start(count, n, cs) * es;
+    char *dst = s == n - 2 ? out : w[s % 2];
+    td__sink_t k = td__reducing(op, dtype, dst, in + td_ring_chunk_start(count, n, cr) * es);
+    rc = td__xfer(r, next, sending, td_ring_chunk_count(count, n, cs) * es, prev, &k,
+                  td_ring_chunk_count(count, n, cr) * es);
     if (rc) return rc;
     sending = dst;
   }
-  if (op == TD_RING_AVG) {
-    float inv = 1.0f / (float)n;
-    for (size_t i = 0; i < mine; i++) out[i] *= inv;
-  }
+  if (op == TD_RING_AVG) td_reduce_avg(out, mine, dtype, n);
   return 0;
 }
 
@@ -343,7 +312,7 @@ int td_ring_allgather(td_ring_t *r, const void *send, void *recv, size_t bytes) 
   int next = (me + 1) % n, prev = (me + n - 1) % n;
   for (int s = 0; s < n - 1; s++) {
     int cs = td__mod(me - s, n), cr = td__mod(me - s - 1, n);
-    td__sink_t k = {0, 0, out + (size_t)cr * bytes, NULL};
+    td__sink_t k = td__copying(out + (size_t)cr * bytes);
     rc = td__xfer(r, next, out + (size_t)cs * bytes, bytes, prev, &k, bytes);
     if (rc) return rc;
   }

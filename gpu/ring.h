@@ -20,6 +20,7 @@
 #include <stdint.h>
 
 #include "gpu_err.h"
+#include "reduce.h"
 
 /* How bytes move between ranks.  send/recv are required; the optional
  * members let a transport avoid deadlock or copies:
@@ -45,9 +46,6 @@ typedef struct td_ring_transport {
 
 typedef struct td_ring td_ring_t;
 
-/* Reductions (same values as td_redop_t in device.h). */
-enum { TD_RING_SUM = 0, TD_RING_AVG = 1, TD_RING_MAX = 2, TD_RING_MIN = 3 };
-
 /* First element of chunk c when count elements are split over n ranks. */
 static inline size_t td_ring_chunk_start(size_t count, int n, int c) {
   return (size_t)(((unsigned __int128)count * (unsigned)c) / (unsigned)n);
@@ -67,15 +65,15 @@ void td_ring_free(td_ring_t **r);
 int td_ring_rank(const td_ring_t *r);
 int td_ring_size(const td_ring_t *r);
 
-/* recv[i] = op over ranks of send[i], i < count (f32).  send == recv is the
- * in-place form.  TD_RING_AVG divides the sum by nranks. */
-int td_ring_allreduce(td_ring_t *r, const float *send, float *recv,
-                      size_t count, int op);
+/* recv[i] = op over ranks of send[i], i < count elements of dtype (TD_F32
+ * ..., reduce.h says how each reduces).  send == recv is the in-place form.
+ * TD_RING_AVG divides the sum by nranks (float dtypes only: see
+ * td_reduce_check, whose code is returned for a pair it refuses). */
+int td_ring_allreduce(td_ring_t *r, const void *send, void *recv, size_t count, int dtype, int op);
 /* out = the reduced chunk td_ring_chunk(count, nranks, rank) of in (count
- * elements on every rank); out holds td_ring_chunk_count(.., rank) floats.
- * in is not modified. */
-int td_ring_reduce_scatter(td_ring_t *r, const float *in, float *out,
-                           size_t count, int op);
+ * elements of dtype on every rank); out holds td_ring_chunk_count(..,
+ * rank) elements.  in is not modified. */
+int td_ring_reduce_scatter(td_ring_t *r, const void *in, void *out, size_t count, int dtype, int op);
 /* recv (nranks * bytes) = every rank's send (bytes each), in rank order;
  * send may be recv + rank * bytes (in place). */
 int td_ring_allgather(td_ring_t *r, const void *send, void *recv, size_t bytes);

@@ -24,7 +24,7 @@
  * leaving them waiting. */
 #include "coll_net.h"
 
-#include "simd.h"
+#include "tensor.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -470,29 +470,14 @@ static int td__pull(td_cnet_t *c, int peer, uint8_t *dst, size_t room, size_t *t
 }
 
 /* How received plaintext lands: copied (op < 0), or reduced into the
- * receive buffer as op(lower rank's, higher rank's), the same float on
- * both ranks whatever the op. */
+ * receive buffer as op(lower rank's, higher rank's) in elements of dtype,
+ * the same value on both ranks whatever the op. */
 typedef struct td__rx {
-  int op, mine_first;
+  int op, mine_first, dtype;
+  size_t es; /* bytes per element */
 } td__rx_t;
 
-static const td__rx_t td__copy = {-1, 0};
-
-/* dst = op(dst, in), or op(in, dst) when the received bytes come first:
- * loops the compiler vectorizes, one per op and order. */
-TD__HOT static void td__reduce(float *restrict dst, const float *restrict in, size_t n, int op,
-                               int mine_first) {
-  if (op == TD_RING_MAX && mine_first)
-    for (size_t i = 0; i < n; i++) dst[i] = dst[i] > in[i] ? dst[i] : in[i];
-  else if (op == TD_RING_MAX)
-    for (size_t i = 0; i < n; i++) dst[i] = in[i] > dst[i] ? in[i] : dst[i];
-  else if (op == TD_RING_MIN && mine_first)
-    for (size_t i = 0; i < n; i++) dst[i] = dst[i] < in[i] ? dst[i] : in[i];
-  else if (op == TD_RING_MIN)
-    for (size_t i = 0; i < n; i++) dst[i] = in[i] < dst[i] ? in[i] : dst[i];
-  else
-    for (size_t i = 0; i < n; i++) dst[i] += in[i];
-}
+static const td__rx_t td__copy = {-1, 0, 0, 1};
 
 /* Hands opened plaintext to the receive buffer at *rdone: copied, or
  * reduced. Reducing in place (sbuf == rbuf), bytes of ours not yet sealed
@@ -506,10 +491,10 @@ static int td__land(td_cnet_t *c, int from, const td__rx_t *x, uint8_t *rbuf, si
     memcpy(rbuf + *rdone, in, k);
   } else {
     if (sealed < *rdone + k) return 1;
-    if (k % sizeof(float) || (*rdone + k) % sizeof(float))
-      return td__fail(c, from, 0, "%s", "a record that splits a float: the ranks' lengths differ?");
-    td__reduce((float *)(void *)(rbuf + *rdone), (const float *)(const void *)in, k / sizeof(float), x->op,
-               x->mine_first);
+    if (k % x->es || (*rdone + k) % x->es)
+      return td__fail(c, from, 0, "%s", "a record that splits an element: the ranks' lengths differ?");
+    uint8_t *dst = rbuf + *rdone;
+    td_reduce(dst, x->mine_first ? dst : in, x->mine_first ? in : dst, k / x->es, x->dtype, x->op);
   }
   pr->pbeg += k;
   *rdone += k;
@@ -631,14 +616,13 @@ static int td__xfer(td_cnet_t *c, int to, const uint8_t *sbuf, size_t slen, int 
   }
 }
 
-int td_cnet_allreduce_pair(td_cnet_t *c, int peer, float *buf, size_t count, int op) {
-  if (peer < 0 || peer >= c->world || peer == c->rank || op < TD_RING_SUM || op > TD_RING_MIN ||
-      op == TD_RING_AVG)
-    return TD_GPU_EINVAL;
-  if (count == 0) return 0;
-  td__rx_t x = {op, c->rank < peer};
-  uint8_t *b = (uint8_t *)buf;
-  return td__xfer(c, peer, b, count * sizeof(float), peer, b, count * sizeof(float), &x);
+int td_cnet_allreduce_pair(td_cnet_t *c, int peer, void *buf, size_t count, int dtype, int op) {
+  if (peer < 0 || peer >= c->world || peer == c->rank || op == TD_RING_AVG) return TD_GPU_EINVAL;
+  int rc = td_reduce_check(dtype, op);
+  if (rc || count == 0) return rc;
+  td__rx_t x = {op, c->rank < peer, dtype, td_dtype_size(dtype)};
+  size_t len = count * x.es;
+  return td__xfer(c, peer, buf, len, peer, buf, len, &x);
 }
 
 static td_cnet_t *td__sub_c(void *ctx, int *to) {

@@ -28,14 +28,14 @@ void td_cnet_transport(td_cnet_t *c, td_ring_transport_t *tr);
  * copied; n at most the world; at most 4 per cnet, freed with it).
  * Returns 0 or -1. */
 int td_cnet_sub_transport(td_cnet_t *c, const int *map, int n, td_ring_transport_t *tr);
-/* Allreduce of count floats in place between this rank and group rank
- * peer alone, in one exchange: each sends its whole buffer once and
- * reduces the other's into it as it arrives (one round trip, where a
- * ring of two takes two steps and a wait between). Both get op(lower
- * rank's, higher rank's), the same floats. op: TD_RING_SUM, MAX or MIN
- * (for AVG the caller sums and divides). Returns 0, or a negative code
- * with td_cnet_error() saying why. */
-int td_cnet_allreduce_pair(td_cnet_t *c, int peer, float *buf, size_t count, int op);
+/* Allreduce of count elements of dtype in place between this rank and
+ * group rank peer alone, in one exchange: each sends its whole buffer
+ * once and reduces the other's into it as it arrives (one round trip,
+ * where a ring of two takes two steps and a wait between). Both get
+ * op(lower rank's, higher rank's), the same values. op: TD_RING_SUM, MAX
+ * or MIN (for AVG the caller sums and divides). Returns 0, or a negative
+ * code (with td_cnet_error() saying why for a transport failure). */
+int td_cnet_allreduce_pair(td_cnet_t *c, int peer, void *buf, size_t count, int dtype, int op);
 /* Seconds an operation waits for a peer that sends nothing (0: forever). */
 void td_cnet_set_timeout(td_cnet_t *c, double s);
 /* Why the last call failed (names the peer rank and node), "" if none. */

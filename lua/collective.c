@@ -46,19 +46,32 @@ static td_group_t *td__group(lua_State *L) {
   return g;
 }
 
-/* A CPU f32 contiguous tensor argument: its data and element count; one
- * the call writes must not map an object in the store. */
-static float *td__f32(lua_State *L, int idx, size_t *count, int write) {
+/* A CPU contiguous tensor argument: its data, element count and dtype;
+ * one the call writes must not map an object in the store. */
+typedef struct {
+  void *p;
+  size_t count, bytes;
+  int dtype;
+} td__arg_t;
+
+static td__arg_t td__tensor(lua_State *L, int idx, int write) {
   td_tensor_t *t = td_tensor_lua_to(L, idx);
   if (!t) luaL_argerror(L, idx, "tensor expected");
-  if (td_tensor_dtype(t) != TD_F32) luaL_argerror(L, idx, "f32 tensor expected");
   if (td_tensor_device(t) != TD_CPU)
     luaL_argerror(L, idx, "CPU tensor expected (CUDA tensors use NCCL: tide.tensor.nccl_comm)");
   if (!td_tensor_is_contiguous(t)) luaL_argerror(L, idx, "contiguous tensor expected");
   if (write && td_tensor_is_readonly(t))
     luaL_argerror(L, idx, "the tensor is read-only (it maps an object in the store; use a :clone())");
-  *count = (size_t)td_tensor_numel(t);
-  return td_tensor_data(t);
+  td__arg_t a = {td_tensor_data(t), (size_t)td_tensor_numel(t), 0, td_tensor_dtype(t)};
+  a.bytes = a.count * td_dtype_size(a.dtype);
+  return a;
+}
+
+/* Two tensors of one operation must have one dtype. */
+static void td__same_dtype(lua_State *L, const char *what, const td__arg_t *in, const td__arg_t *out) {
+  if (in->dtype != out->dtype)
+    luaL_error(L, "%s: in is %s, out is %s: both must have the same dtype", what, td_dtype_name(in->dtype),
+               td_dtype_name(out->dtype));
 }
 
 static int td__check(lua_State *L, int rc, const char *what) {
@@ -75,32 +88,33 @@ static int td__gcheck(lua_State *L, td_group_t *g, int rc, const char *what) {
   return td__check(L, rc, what);
 }
 
-static int td__op(lua_State *L, int idx) {
+/* The op at idx, checked against the dtype it reduces. */
+static int td__op(lua_State *L, int idx, const char *what, int dtype) {
   static const char *const ops[] = {"sum", "avg", "max", "min", NULL};
   static const int codes[] = {TD_RING_SUM, TD_RING_AVG, TD_RING_MAX, TD_RING_MIN};
-  return codes[luaL_checkoption(L, idx, "sum", ops)];
+  int op = codes[luaL_checkoption(L, idx, "sum", ops)];
+  if (td_reduce_check(dtype, op))
+    luaL_error(L, "%s: avg needs a float tensor (f32, f16 or bf16), not %s (sum it, then divide)", what,
+               td_dtype_name(dtype));
+  return op;
 }
 
 /* g:allreduce(t, op): in place. */
 static int g_allreduce(lua_State *L) {
   td_group_t *g = td__group(L);
-  size_t n;
-  float *p = td__f32(L, 2, &n, 1);
-  int op = td__op(L, 3);
+  td__arg_t a = td__tensor(L, 2, 1);
+  int op = td__op(L, 3, "allreduce", a.dtype);
   if (!g->net) {
-    td__check(L, td_ring_allreduce(g->ring, p, p, n, op), "allreduce");
+    td__check(L, td_ring_allreduce(g->ring, a.p, a.p, a.count, a.dtype, op), "allreduce");
   } else {
     /* Sums for avg, divided once at the end (as the flat ring does). */
     int hop = op == TD_RING_AVG ? TD_RING_SUM : op, rc = 0;
-    if (g->local) rc = td_ring_allreduce(g->local, p, p, n, hop);
-    if (!rc && g->xring) rc = td_ring_allreduce(g->xring, p, p, n, hop);
-    if (!rc && g->xpeer >= 0) rc = td_cnet_allreduce_pair(g->net, g->xpeer, p, n, hop);
-    if (!rc && g->local) rc = td_ring_broadcast(g->local, p, n * sizeof(float), 0);
+    if (g->local) rc = td_ring_allreduce(g->local, a.p, a.p, a.count, a.dtype, hop);
+    if (!rc && g->xring) rc = td_ring_allreduce(g->xring, a.p, a.p, a.count, a.dtype, hop);
+    if (!rc && g->xpeer >= 0) rc = td_cnet_allreduce_pair(g->net, g->xpeer, a.p, a.count, a.dtype, hop);
+    if (!rc && g->local) rc = td_ring_broadcast(g->local, a.p, a.bytes, 0);
     td__gcheck(L, g, rc, "allreduce");
-    if (op == TD_RING_AVG) {
-      float inv = g->world == 2 ? 0.5f : 1.0f / (float)g->world;
-      for (size_t i = 0; i < n; i++) p[i] *= inv;
-    }
+    if (op == TD_RING_AVG) td_reduce_avg(a.p, a.count, a.dtype, g->world);
   }
   lua_settop(L, 2);
   return 1;
@@ -109,12 +123,13 @@ static int g_allreduce(lua_State *L) {
 /* g:reduce_scatter(in, out, op): out gets this rank's chunk. */
 static int g_reduce_scatter(lua_State *L) {
   td_group_t *g = td__group(L);
-  size_t n, m;
-  float *in = td__f32(L, 2, &n, 0), *out = td__f32(L, 3, &m, 1);
-  if (m < td_ring_chunk_count(n, g->world, g->rank))
-    return luaL_error(L, "reduce_scatter: out holds %d elements, this rank's chunk has %d", (int)m,
-                      (int)td_ring_chunk_count(n, g->world, g->rank));
-  td__gcheck(L, g, td_ring_reduce_scatter(g->ring, in, out, n, td__op(L, 4)), "reduce_scatter");
+  td__arg_t in = td__tensor(L, 2, 0), out = td__tensor(L, 3, 1);
+  td__same_dtype(L, "reduce_scatter", &in, &out);
+  int op = td__op(L, 4, "reduce_scatter", in.dtype);
+  if (out.count < td_ring_chunk_count(in.count, g->world, g->rank))
+    return luaL_error(L, "reduce_scatter: out holds %d elements, this rank's chunk has %d", (int)out.count,
+                      (int)td_ring_chunk_count(in.count, g->world, g->rank));
+  td__gcheck(L, g, td_ring_reduce_scatter(g->ring, in.p, out.p, in.count, in.dtype, op), "reduce_scatter");
   lua_settop(L, 3);
   return 1;
 }
@@ -122,12 +137,12 @@ static int g_reduce_scatter(lua_State *L) {
 /* g:allgather(in, out): out = every rank's in, in rank order. */
 static int g_allgather(lua_State *L) {
   td_group_t *g = td__group(L);
-  size_t n, m;
-  float *in = td__f32(L, 2, &n, 0), *out = td__f32(L, 3, &m, 1);
-  if (m != n * (size_t)g->world)
+  td__arg_t in = td__tensor(L, 2, 0), out = td__tensor(L, 3, 1);
+  td__same_dtype(L, "allgather", &in, &out);
+  if (out.count != in.count * (size_t)g->world)
     return luaL_error(L, "allgather: out must hold world_size * #in = %d elements, not %d",
-                      (int)(n * (size_t)g->world), (int)m);
-  td__gcheck(L, g, td_ring_allgather(g->ring, in, out, n * sizeof(float)), "allgather");
+                      (int)(in.count * (size_t)g->world), (int)out.count);
+  td__gcheck(L, g, td_ring_allgather(g->ring, in.p, out.p, in.bytes), "allgather");
   lua_settop(L, 3);
   return 1;
 }
@@ -135,32 +150,29 @@ static int g_allgather(lua_State *L) {
 /* g:broadcast(t, root): root's t to everyone, in place. */
 static int g_broadcast(lua_State *L) {
   td_group_t *g = td__group(L);
-  size_t n;
   int root = (int)luaL_optinteger(L, 3, 0);
-  float *p = td__f32(L, 2, &n, root != g->rank);
+  td__arg_t a = td__tensor(L, 2, root != g->rank);
   if (root < 0 || root >= g->world) return luaL_argerror(L, 3, "root out of range");
-  td__gcheck(L, g, td_ring_broadcast(g->ring, p, n * sizeof(float), root), "broadcast");
+  td__gcheck(L, g, td_ring_broadcast(g->ring, a.p, a.bytes, root), "broadcast");
   lua_settop(L, 2);
   return 1;
 }
 
 static int g_send(lua_State *L) {
   td_group_t *g = td__group(L);
-  size_t n;
-  float *p = td__f32(L, 2, &n, 0);
+  td__arg_t a = td__tensor(L, 2, 0);
   int peer = (int)luaL_checkinteger(L, 3);
   if (peer < 0 || peer >= g->world || peer == g->rank) return luaL_argerror(L, 3, "bad peer rank");
-  td__gcheck(L, g, td_ring_send(g->ring, p, n * sizeof(float), peer), "send");
+  td__gcheck(L, g, td_ring_send(g->ring, a.p, a.bytes, peer), "send");
   return 0;
 }
 
 static int g_recv(lua_State *L) {
   td_group_t *g = td__group(L);
-  size_t n;
-  float *p = td__f32(L, 2, &n, 1);
+  td__arg_t a = td__tensor(L, 2, 1);
   int peer = (int)luaL_checkinteger(L, 3);
   if (peer < 0 || peer >= g->world || peer == g->rank) return luaL_argerror(L, 3, "bad peer rank");
-  td__gcheck(L, g, td_ring_recv(g->ring, p, n * sizeof(float), peer), "recv");
+  td__gcheck(L, g, td_ring_recv(g->ring, a.p, a.bytes, peer), "recv");
   lua_settop(L, 2);
   return 1;
 }

@@ -133,18 +133,21 @@ static int td__table_shape(lua_State *L, int idx, int64_t *shape) {
   return ndim;
 }
 
-static void td__table_fill(lua_State *L, int idx, int dim, int ndim, const int64_t *shape, float *out,
-                           int64_t *pos) {
+/* Fills f32 elements, or i64 ones when ints (as to_table reads them, so an
+ * integer above 2^24 survives). */
+static void td__table_fill(lua_State *L, int idx, int dim, int ndim, const int64_t *shape, void *out,
+                           int ints, int64_t *pos) {
   if (dim == ndim) {
     if (lua_type(L, idx) != LUA_TNUMBER) luaL_error(L, "tide.tensor.from_table: non-numeric element");
-    out[(*pos)++] = (float)lua_tonumber(L, idx);
+    if (ints) ((int64_t *)out)[(*pos)++] = (int64_t)lua_tonumber(L, idx);
+    else ((float *)out)[(*pos)++] = (float)lua_tonumber(L, idx);
     return;
   }
   if (lua_type(L, idx) != LUA_TTABLE || (int64_t)lua_objlen(L, idx) != shape[dim])
     luaL_error(L, "tide.tensor.from_table: ragged nested table at depth %d", dim + 1);
   for (int64_t i = 0; i < shape[dim]; i++) {
     lua_rawgeti(L, idx, (int)i + 1);
-    td__table_fill(L, lua_gettop(L), dim + 1, ndim, shape, out, pos);
+    td__table_fill(L, lua_gettop(L), dim + 1, ndim, shape, out, ints, pos);
     lua_pop(L, 1);
   }
 }
@@ -154,11 +157,12 @@ static int td__l_from_table(lua_State *L) {
   int64_t shape[TD_MAX_DIMS];
   int ndim = lua_type(L, 1) == LUA_TNUMBER ? 0 : td__table_shape(L, 1, shape);
   if (lua_type(L, 1) != LUA_TNUMBER) luaL_checktype(L, 1, LUA_TTABLE);
+  int dt = td__tlua_opt_dtype(L, 2, TD_F32), ints = dt == TD_I32 || dt == TD_I64 || dt == TD_U8;
   td_tensor_t *t = NULL;
-  TD__TRY(L, "from_table", td_tensor_empty(&t, TD_F32, TD_CPU, ndim, shape));
+  TD__TRY(L, "from_table", td_tensor_empty(&t, ints ? TD_I64 : TD_F32, TD_CPU, ndim, shape));
   td__tlua_push(L, t);
   int64_t pos = 0;
-  td__table_fill(L, 1, 0, ndim, shape, td_tensor_data(t), &pos);
+  td__table_fill(L, 1, 0, ndim, shape, td_tensor_data(t), ints, &pos);
   return td__finish_host(L, "from_table", t, 2);
 }
 

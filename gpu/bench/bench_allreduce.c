@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include "ring.h"
+#include "tensor.h"
 
 static double now(void) {
   struct timespec ts;
@@ -61,17 +62,17 @@ static int run_rank(td_ring_shm_t *shm, int rank, int n, int iters, int warmup,
     size_t count = bytes / sizeof(float);
     int n_it = bytes <= (1u << 20) ? iters * 10 : iters;
     for (int w = 0; w < warmup; w++)
-      if (td_ring_allreduce(ring, send, recv, count, TD_RING_SUM)) return 1;
+      if (td_ring_allreduce(ring, send, recv, count, TD_F32, TD_RING_SUM)) return 1;
     for (int it = 0; it < n_it; it++) {
       if (td_ring_barrier(ring)) return 1;
       double t0 = now();
-      if (td_ring_allreduce(ring, send, recv, count, TD_RING_SUM)) return 1;
+      if (td_ring_allreduce(ring, send, recv, count, TD_F32, TD_RING_SUM)) return 1;
       float dt = (float)((now() - t0) * 1e6), dtmax;
-      if (td_ring_allreduce(ring, &dt, &dtmax, 1, TD_RING_MAX)) return 1;
+      if (td_ring_allreduce(ring, &dt, &dtmax, 1, TD_F32, TD_RING_MAX)) return 1;
       times[it] = dtmax * 1e-6;
     }
     float ok = recv[0] == expect && recv[count / 2] == expect && recv[count - 1] == expect, all_ok;
-    if (td_ring_allreduce(ring, &ok, &all_ok, 1, TD_RING_MIN)) return 1;
+    if (td_ring_allreduce(ring, &ok, &all_ok, 1, TD_F32, TD_RING_MIN)) return 1;
     if (rank == 0) {
       double sum = 0;
       for (int it = 0; it < n_it; it++) sum += times[it];

@@ -186,7 +186,8 @@ local recent = setmetatable({}, {__mode = "v"})  -- the same ref twice in one ca
 local counts = {sent = 0, sent_bytes = 0, fetched = 0, received = 0, received_bytes = 0, freed = 0}
 
 DESC.__tide_ser = function(d)
-  return core.encode({"desc", d.token, d.actor, d.group, d.rank, d.shapes, d.device, d.method, d.skel})
+  return core.encode({"desc", d.token, d.actor, d.group, d.rank, d.shapes, d.device, d.method, d.skel or false,
+    d.dtypes})
 end
 DESC.__tostring = function(d)
   return format("DirectTensor(%s from actor %s, rank %d of %s, %d tensor%s)", d.token, d.actor, d.rank, d.group,
@@ -258,7 +259,7 @@ function M.__tide_deser(blob)
   if h then return join(h.parts, h.skel) end
   M.seen = true
   return setmetatable({token = t[2], actor = t[3], group = t[4], rank = t[5], shapes = t[6], device = t[7],
-    method = t[8], skel = t[9] or false}, DESC)
+    method = t[8], skel = t[9] or false, dtypes = t[10]}, DESC)
 end
 
 -- An error whose kind reaches the caller as it is (tide.boot's errfmt).
@@ -311,13 +312,8 @@ local function producer_group(name, method)
     .. " tide.collective.init_group in this actor first", method))
 end
 
--- A tensor the group can carry, made contiguous.
+-- A tensor the group can carry (any dtype), made contiguous.
 local function carried(v, name, gname, want)
-  if v:dtype() ~= "f32" then
-    fail("TaskError", format("%s: tensor_transport = \"collective\" carries f32 tensors, not %s (convert it,"
-      .. " or return it from a method without tensor_transport to send it through the object store)",
-      name, v:dtype()))
-  end
   if v:device() ~= want then
     fail("TaskError", format("%s: group '%s' carries %s tensors; the method returned one on %s", name, gname,
       want, v:device()))
@@ -335,17 +331,17 @@ function ops.call(self, name, token, group, ...)
   if not ok then fail("TaskError", name .. ": " .. tostring(parts)) end
   if not parts then return v end
   local gname, rank, device = producer_group(group, name)
-  local want, shapes, bytes = device or "cpu", {}, 0
+  local want, shapes, dtypes, bytes = device or "cpu", {}, {}, 0
   for i = 1, #parts do
     parts[i] = carried(parts[i], name, gname, want)
-    shapes[i], bytes = parts[i]:shape(), bytes + parts[i]:nbytes()
+    shapes[i], dtypes[i], bytes = parts[i]:shape(), parts[i]:dtype(), bytes + parts[i]:nbytes()
   end
   local old = held[token]
   if old == nil then nheld = nheld + 1 else held_bytes = held_bytes - old.bytes end
   held[token], held_group[token] = {parts = parts, skel = skel, bytes = bytes}, gname
   held_bytes = held_bytes + bytes
   return setmetatable({token = token, actor = core.context().actor_id, group = gname, rank = rank,
-    shapes = shapes, skel = skel, device = want, method = name}, DESC)
+    shapes = shapes, dtypes = dtypes, skel = skel, device = want, method = name}, DESC)
 end
 
 local function header(device, a, b)
@@ -436,7 +432,7 @@ local function pull(d, token, device)
   end
   local parts, bytes = {}, 0
   for i, shape in ipairs(d.shapes) do
-    local t = T.empty(shape, {device = device or "cpu"})
+    local t = T.empty(shape, {device = device or "cpu", dtype = d.dtypes[i]})
     ok, err = pcall(C.recv, t, d.rank, d.group)
     if not ok then recv_failed(d, err) end
     parts[i], bytes = t, bytes + t:nbytes()

@@ -265,16 +265,19 @@ function Ctx:allreduce(x, op)
     error("ctx:allreduce: expected a tensor or an array of tensors", 2)
   end
   local list = {}
-  local total = 0
+  local total, dtype = 0, nil
   for i, e in ipairs(x) do
     local t = T.is_tensor(e) and e or (type(e) == "table" and T.is_tensor(e[2]) and e[2])
     if not t then error(format("ctx:allreduce: element %d is not a tensor or a {name, tensor} pair", i), 2) end
     list[i] = t
     total = total + t:numel()
+    -- One dtype (bf16 gradients): the buffer has it, so half the bytes
+    -- move; mixed dtypes reduce in f32.
+    dtype = (dtype == nil or dtype == t:dtype()) and t:dtype() or "f32"
   end
   local flat = self._flat[x]
-  if not flat or flat:numel() ~= total then
-    flat = T.zeros({total}, {device = list[1]:device()})
+  if not flat or flat:numel() ~= total or flat:dtype() ~= dtype then
+    flat = T.zeros({total}, {device = list[1]:device(), dtype = dtype})
     self._flat[x] = flat
   end
   local off = 0

@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "coll_net.h"
+#include "dtype-helpers.h"
 #include "test.h"
 
 #define N_MAX 4
@@ -75,7 +76,7 @@ static int cn_sum(td_cnet_t *c, td_ring_t *r, int rank, int n, char *msg) {
   (void)c;
   float *x = malloc(COUNT * sizeof(float));
   for (int i = 0; i < COUNT; i++) x[i] = (float)((i * 7 + rank * 13) % 101 - 50);
-  int rc = td_ring_allreduce(r, x, x, COUNT, TD_RING_SUM);
+  int rc = td_ring_allreduce(r, x, x, COUNT, TD_F32, TD_RING_SUM);
   if (rc) {
     snprintf(msg, 200, "allreduce: %s", td_cnet_error(c));
     free(x);
@@ -143,7 +144,7 @@ static int cn_die(td_cnet_t *c, td_ring_t *r, int rank, int n, char *msg) {
   (void)n;
   if (rank == 1) _exit(0);
   float x[1000] = {0};
-  int rc = td_ring_allreduce(r, x, x, 1000, TD_RING_SUM);
+  int rc = td_ring_allreduce(r, x, x, 1000, TD_F32, TD_RING_SUM);
   snprintf(msg, 200, "%d %d %s", rc, td_cnet_peer_gone(c), td_cnet_error(c));
   return rc ? 0 : 1;
 }
@@ -171,7 +172,7 @@ static int cn_silent(td_cnet_t *c, td_ring_t *r, int rank, int n, char *msg) {
   }
   td_cnet_set_timeout(c, 1);
   float x[16] = {0};
-  int rc = td_ring_allreduce(r, x, x, 16, TD_RING_SUM);
+  int rc = td_ring_allreduce(r, x, x, 16, TD_F32, TD_RING_SUM);
   snprintf(msg, 200, "%d %d %s", rc, td_cnet_peer_gone(c), td_cnet_error(c));
   return rc ? 0 : 1;
 }
@@ -204,8 +205,8 @@ static int cn_pair(td_cnet_t *c, td_ring_t *r, int rank, int n, char *msg) {
     for (int oi = 0; !bad && oi < 3; oi++) {
       size_t cnt = counts[ci];
       for (size_t i = 0; i < cnt; i++) x[i] = y[i] = cn_val(i, rank, oi);
-      int rc = td_cnet_allreduce_pair(c, 1 - rank, x, cnt, ops[oi]);
-      if (!rc) rc = td_ring_allreduce(r, y, y, cnt, ops[oi]);
+      int rc = td_cnet_allreduce_pair(c, 1 - rank, x, cnt, TD_F32, ops[oi]);
+      if (!rc) rc = td_ring_allreduce(r, y, y, cnt, TD_F32, ops[oi]);
       if (rc) {
         snprintf(msg, 200, "count %zu op %d: %s", cnt, ops[oi], td_cnet_error(c));
         bad = 1;
@@ -231,6 +232,43 @@ static int cn_pair(td_cnet_t *c, td_ring_t *r, int rank, int n, char *msg) {
 
 TEST_IMPL(coll_net_pair_allreduce) { return cn_all_ok(2, cn_pair); }
 
+/* The exchange in every dtype: elements of 2 and 8 bytes across records
+ * (16385 elements: records of 64 KiB end inside none of them), each op,
+ * against the values computed here (exact in every dtype). */
+static int cn_pair_dtypes(td_cnet_t *c, td_ring_t *r, int rank, int n, char *msg) {
+  (void)n;
+  static const int dtypes[] = {TD_F16, TD_BF16, TD_I32, TD_I64, TD_U8};
+  static const int ops[] = {TD_RING_SUM, TD_RING_MAX, TD_RING_MIN};
+  const size_t cnt = 16385 * 3;
+  char *x = malloc(cnt * 8);
+  int bad = 0;
+  for (int d = 0; !bad && d < 5; d++)
+    for (int oi = 0; !bad && oi < 3; oi++) {
+      int dt = dtypes[d];
+      for (size_t i = 0; i < cnt; i++) dt_set(dt, x, i, (double)((i * 7 + (size_t)rank * 13) % 101));
+      if (td_cnet_allreduce_pair(c, 1 - rank, x, cnt, dt, ops[oi])) {
+        snprintf(msg, 200, "%s op %d: %s", td_dtype_name(dt), ops[oi], td_cnet_error(c));
+        bad = 1;
+      }
+      for (size_t i = 0; !bad && i < cnt; i++) {
+        double a = (double)((i * 7) % 101), b = (double)((i * 7 + 13) % 101);
+        double want = ops[oi] == TD_RING_SUM   ? a + b
+                      : ops[oi] == TD_RING_MAX ? (a > b ? a : b)
+                                               : (a < b ? a : b);
+        if (dt_get(dt, x, i) != want) {
+          snprintf(msg, 200, "%s op %d element %zu: %g, want %g", td_dtype_name(dt), ops[oi], i,
+                   dt_get(dt, x, i), want);
+          bad = 2;
+        }
+      }
+    }
+  if (!bad && td_cnet_allreduce_pair(c, 1 - rank, x, 1, TD_I32, TD_RING_AVG) != TD_GPU_EINVAL) bad = 3;
+  free(x);
+  return bad ? bad : td_ring_barrier(r) ? 4 : 0;
+}
+
+TEST_IMPL(coll_net_pair_allreduce_dtypes) { return cn_all_ok(2, cn_pair_dtypes); }
+
 /* A record of the exchange changed in flight (rank 1's third). */
 TEST_IMPL(coll_net_pair_tamper_detected) { return cn_tamper(cn_pair, "3"); }
 
@@ -240,7 +278,7 @@ static int cn_pair_die(td_cnet_t *c, td_ring_t *r, int rank, int n, char *msg) {
   (void)r;
   if (rank == 1) _exit(0);
   float *x = calloc(COUNT, sizeof(float));
-  int rc = td_cnet_allreduce_pair(c, 1, x, COUNT, TD_RING_SUM);
+  int rc = td_cnet_allreduce_pair(c, 1, x, COUNT, TD_F32, TD_RING_SUM);
   free(x);
   snprintf(msg, 200, "%d %d %s", rc, td_cnet_peer_gone(c), td_cnet_error(c));
   return rc ? 0 : 1;
@@ -258,7 +296,7 @@ static int cn_pair_late(td_cnet_t *c, td_ring_t *r, int rank, int n, char *msg) 
   float *x = malloc(cnt * sizeof(float));
   for (size_t i = 0; i < cnt; i++) x[i] = (float)(rank + 1);
   if (rank == 1) sleep(6);
-  int rc = td_cnet_allreduce_pair(c, 1 - rank, x, cnt, TD_RING_SUM);
+  int rc = td_cnet_allreduce_pair(c, 1 - rank, x, cnt, TD_F32, TD_RING_SUM);
   int bad = rc || x[0] != 3 || x[cnt - 1] != 3;
   snprintf(msg, 200, "%d %g %s", rc, x[cnt - 1], td_cnet_error(c));
   free(x);

@@ -57,6 +57,16 @@ t.test("creation helpers", function()
   t.raises(function() T.zeros({2}, {dtype = "f8"}) end, "unknown dtype")
 end)
 
+t.test("from_table keeps integers above 2^24 exact in i32 and i64", function()
+  -- They went through f32 first: 16777217 became 16777216, a token id or
+  -- an offset silently off by one.
+  t.eq(T.from_table({16777217, -16777219}, {dtype = "i32"}):to_table()[1], 16777217)
+  t.eq(T.from_table({16777217, -16777219}, {dtype = "i32"}):to_table()[2], -16777219)
+  t.eq(T.from_table({{2 ^ 40 + 23}}, {dtype = "i64"}):to_table()[1][1], 2 ^ 40 + 23)
+  t.eq(T.from_table(7, {dtype = "i64"}):item(), 7)
+  t.eq(T.from_table({200, 3}, {dtype = "u8"}):to_table()[1], 200)
+end)
+
 t.test("views: view, reshape, slice, transpose share storage", function()
   local x = T.from_table({{1, 2, 3}, {4, 5, 6}})
   local v = x:view({3, 2})

@@ -130,6 +130,92 @@ for _, world in ipairs({2, 3}) do
   end)
 end
 
+-- Every dtype (gradients in bf16 or f16, token counts in i32 or i64, bytes
+-- in u8): allreduce with each op it takes, reduce_scatter, allgather,
+-- broadcast and send/recv, sizes on both sides of the two-rank exchange's
+-- 64 KiB; values exact in every dtype (|sum| <= 150 fits bf16's 8 bits).
+local dtype_body = tide.remote({num_cpus = 0}, function(world, rank, name)
+  local T = require("tide.tensor")
+  local C = require("tide.collective")
+  C.init_group(world, rank, name)
+  local bad = {}
+  local function val(dt, r, i)
+    local v = (r * 37 + i * 11) % 51 - (dt == "u8" and 0 or 25)
+    return dt == "i64" and v + (i % 3) * 2 ^ 40 or v
+  end
+  local function filled(dt, r, n)
+    local v = {}
+    for i = 1, n do v[i] = val(dt, r, i) end
+    return T.from_table(v, {dtype = dt})
+  end
+  local function check(what, x, want_at)
+    local v = x:to_table()
+    for i = 1, #v do
+      if v[i] ~= want_at(i) then
+        bad[#bad + 1] = string.format("%s [%d] = %s, want %s", what, i, tostring(v[i]), tostring(want_at(i)))
+        return
+      end
+    end
+  end
+  for _, dt in ipairs({"f16", "bf16", "i32", "i64", "u8"}) do
+    for _, n in ipairs({7, 40001}) do
+      local ops = (dt == "f16" or dt == "bf16") and world == 2 and {"sum", "avg", "max", "min"} or {"sum", "max", "min"}
+      for _, op in ipairs(ops) do
+        local x = filled(dt, rank, n)
+        C.allreduce(x, op)
+        check(dt .. " allreduce " .. op .. " n=" .. n, x, function(i)
+          local w = val(dt, 0, i)
+          for r = 1, world - 1 do
+            local v = val(dt, r, i)
+            w = op == "max" and math.max(w, v) or op == "min" and math.min(w, v) or w + v
+          end
+          return op == "avg" and w / world or w
+        end)
+      end
+      local rs = T.zeros({C.chunk_count(n, world, rank)}, {dtype = dt})
+      C.reduce_scatter(filled(dt, rank, n), rs, "sum")
+      local start = 0
+      for r = 0, rank - 1 do start = start + C.chunk_count(n, world, r) end
+      check(dt .. " reduce_scatter n=" .. n, rs, function(i)
+        local w = 0
+        for r = 0, world - 1 do w = w + val(dt, r, start + i) end
+        return w
+      end)
+      local g = T.zeros({n * world}, {dtype = dt})
+      C.allgather(filled(dt, rank, n), g)
+      check(dt .. " allgather n=" .. n, g, function(i) return val(dt, math.floor((i - 1) / n), (i - 1) % n + 1) end)
+      local b = rank == 1 and filled(dt, 9, n) or T.zeros({n}, {dtype = dt})
+      C.broadcast(b, 1)
+      check(dt .. " broadcast n=" .. n, b, function(i) return val(dt, 9, i) end)
+      if rank == 0 then C.send(filled(dt, 5, n), 1)
+      elseif rank == 1 then
+        local r = T.zeros({n}, {dtype = dt})
+        C.recv(r, 0)
+        check(dt .. " recv n=" .. n, r, function(i) return val(dt, 5, i) end)
+      end
+    end
+  end
+  -- Refused clearly: avg of integers, and two dtypes in one call.
+  local ok1, e1 = pcall(C.allreduce, T.zeros({4}, {dtype = "i32"}), "avg")
+  local ok2, e2 = pcall(C.allgather, T.zeros({4}, {dtype = "bf16"}), T.zeros({4 * world}))
+  if ok1 or not tostring(e1):find("allreduce: avg needs a float tensor (f32, f16 or bf16), not i32", 1, true) then
+    bad[#bad + 1] = "avg of i32: " .. tostring(e1)
+  end
+  if ok2 or not tostring(e2):find("allgather: in is bf16, out is f32: both must have the same dtype", 1, true) then
+    bad[#bad + 1] = "mixed dtypes: " .. tostring(e2)
+  end
+  C.barrier()
+  return table.concat(bad, "; ")
+end)
+
+for _, world in ipairs({2, 3}) do
+  t.test(string.format("%d ranks: every collective in f16, bf16, i32, i64 and u8", world), function()
+    local refs = {}
+    for r = 0, world - 1 do refs[r + 1] = dtype_body:remote(world, r, "dtypes" .. world) end
+    for r, msg in ipairs(tide.get(refs, {timeout = 120})) do t.eq(msg, "", "rank " .. (r - 1)) end
+  end)
+end
+
 t.test("bad arguments are refused clearly", function()
   local f = tide.remote({num_cpus = 0}, function()
     local C = require("tide.collective")

@@ -26,9 +26,22 @@ local Worker = tide.actor({
       step = 7, name = "layer"}
   end),
   make_plain = function(_, n, seed) return require("tide.tensor").randn({n}, {seed = seed}) end,
-  make_i32 = tide.method({tensor_transport = "collective"}, function()
-    return require("tide.tensor").zeros({4}, {dtype = "i32"})
+  -- Every dtype the group carries: bf16 activations, i64 token ids, u8 bytes.
+  make_typed = tide.method({tensor_transport = "collective"}, function()
+    local T = require("tide.tensor")
+    return {h = T.from_table({1.5, -2, 3.25}, {dtype = "bf16"}), ids = T.from_table({2 ^ 40 + 7, 3}, {dtype = "i64"}),
+      b = T.from_table({255, 0, 7}, {dtype = "u8"}), f = T.from_table({0.5}, {dtype = "f16"})}
   end),
+  check_typed = function(_, x)
+    local function same(t, dt, want)
+      if t:dtype() ~= dt then return false end
+      local v = t:to_table()
+      for i = 1, #want do if v[i] ~= want[i] then return false end end
+      return #v == #want
+    end
+    return same(x.h, "bf16", {1.5, -2, 3.25}) and same(x.ids, "i64", {2 ^ 40 + 7, 3}) and same(x.b, "u8", {255, 0, 7})
+      and same(x.f, "f16", {0.5})
+  end,
   make_number = tide.method({tensor_transport = "collective"}, function() return 42 end),
   make_named = tide.method({tensor_transport = "collective", group = "nowhere"}, function()
     return require("tide.tensor").zeros({4})
@@ -158,11 +171,20 @@ t.test("a table of tensors travels directly, every tensor at any depth, its othe
   t.ok(freed >= (n + 2 * n + 3) * 4, "freed with the ref: " .. freed .. " bytes")
 end)
 
+t.test("tensors of every dtype go directly, dtype and bytes kept", function()
+  local sent0, fetched0 = tide.get(p:stats()).sent, tide.get(p:stats()).fetched
+  t.ok(tide.get(c:check_typed(p:make_typed()), {timeout = 60}), "a consumer in the group")
+  t.eq(tide.get(p:stats()).sent, sent0 + 1, "sent directly")
+  local x = tide.get(p:make_typed(), {timeout = 60})
+  t.eq(x.ids:dtype(), "i64")
+  t.eq(x.ids:to_table()[1], 2 ^ 40 + 7, "tide.get through the store")
+  t.eq(tide.get(p:stats()).fetched, fetched0 + 1)
+end)
+
 t.test("a result that is not a tensor passes as it is; bad declarations and kinds are named", function()
   local n = p:make_number()
   t.eq(tide.get(n), 42)
   t.eq(tide.get(c:echo(n)), 42)
-  t.raises(function() tide.get(p:make_i32()) end, "carries f32 tensors, not i32")
   t.raises(function() tide.get(p:make_named()) end, "names group 'nowhere', which this actor has not joined")
   local loner = Worker:remote()
   t.raises(function() tide.get(loner:make(4, 1)) end, "needs a collective group: call tide.collective.init_group")
