@@ -4,6 +4,8 @@
 .DEFAULT_GOAL := all
 CC      ?= cc
 OPT     ?= -O2
+# libcrypto: its headers only; engine/crypto.c loads it on first use, so
+# processes that never encrypt (most workers) do not map it.
 PKGS    := luajit libuv libzmq libsodium libedit sqlite3 libcrypto
 
 # The packages' flags live in build/config.mk, which make remakes before it
@@ -54,7 +56,7 @@ deps:
 build/config.mk: FORCE
 	@sh scripts/deps.sh
 	@mkdir -p build
-	@cflags=$$(pkg-config --cflags $(PKGS)) && libs=$$(pkg-config --libs $(PKGS)) && \
+	@cflags=$$(pkg-config --cflags $(PKGS)) && libs=$$(pkg-config --libs $(filter-out libcrypto,$(PKGS))) && \
 	  { echo "PKG_CFLAGS := $$cflags"; echo "PKG_LIBS := $$libs"; \
 	    echo "# clang: $$(command -v clang)"; } >$@.tmp
 	@if cmp -s $@.tmp $@; then rm -f $@.tmp; else mv $@.tmp $@; fi
@@ -87,7 +89,7 @@ $(patsubst %.c,build/obj/%.o,$(CMD_SRCS)): $(wildcard cmd/*.h)
 build/libtide_engine.a: $(ENGINE_OBJS)
 	@rm -f $@
 	ar rcs $@ $^
-ENGINE_LIBS = $(shell pkg-config --libs libuv libzmq libsodium sqlite3 libcrypto) -lm -lpthread -ldl
+ENGINE_LIBS = $(shell pkg-config --libs libuv libzmq libsodium sqlite3) -lm -lpthread -ldl
 
 # C unit tests: one binary per build flavour (plain, asan+ubsan), each test
 # run in its own process with a timeout by tests/c/runner.c.
@@ -112,12 +114,12 @@ ifneq ($(shell command -v clang 2>/dev/null),)
 TEST_DEPS += build/fuzz-node
 endif
 NODE_FUZZ_SRCS := tests/fuzz/fuzz_node.c engine/node.c engine/obj.c engine/sched.c engine/task.c engine/pg.c engine/transfer.c engine/lineage.c engine/actor.c engine/workers.c engine/cluster.c engine/introspect.c engine/worklog.c engine/timeline.c engine/term.c engine/why.c engine/util.c engine/store.c engine/spill.c engine/chan.c \
-                  engine/proto.c engine/persist.c engine/pkg.c engine/dplane.c lua/ser.c
+                  engine/proto.c engine/persist.c engine/pkg.c engine/dplane.c engine/crypto.c lua/ser.c
 build/fuzz-node: $(NODE_FUZZ_SRCS) $(wildcard engine/*.h lua/*.h)
 	@mkdir -p build
 	clang -g -O1 -std=gnu11 -D_GNU_SOURCE -Wall -Wextra -Werror -fsanitize=fuzzer,address,undefined \
 	  -fno-sanitize-recover=undefined -Iengine -Ilua $(shell pkg-config --cflags luajit) \
-	  -o $@ $(NODE_FUZZ_SRCS) $(shell pkg-config --libs luajit sqlite3 libsodium libcrypto) -lm
+	  -o $@ $(NODE_FUZZ_SRCS) $(shell pkg-config --libs luajit sqlite3 libsodium) -lm -ldl
 
 # The whole engine under ASan+UBSan, for the Lua suites (tests/sh/asan_lua_test.sh).
 TEST_DEPS += build/asan/tide

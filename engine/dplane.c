@@ -39,14 +39,11 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
-#include <openssl/evp.h>
-#include <openssl/hmac.h>
-#include <openssl/rand.h>
-#include <openssl/sha.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "crypto.h"
 #include "node_int.h"
 
 #define TD__DP_REC (256u << 10)   /* payload bytes of one record */
@@ -609,6 +606,11 @@ static void td__hs_client(td_node_t *n, td__dps_t *s) {
 
 int td_node_set_dplane(td_node_t *n, int mode, const char *bind_host, const char *head_host, const char *key_text) {
   if (mode == TD_DP_OFF || n->xfer.dp) return 0;
+  if (td_crypto_load()) {
+    fprintf(stderr, "tide: data plane off: %s\n", td_crypto_error());
+    errno = ENOENT;
+    return -1;
+  }
   struct td_dp *d = td_xcalloc(1, sizeof(*d));
   d->mode = mode;
   d->lfd = d->efd = -1;

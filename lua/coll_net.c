@@ -23,6 +23,7 @@
  * died (its workers die with it) fails the others at once instead of
  * leaving them waiting. */
 #include "coll_net.h"
+#include "crypto.h"
 
 #include "tensor.h"
 
@@ -32,10 +33,6 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
-#include <openssl/crypto.h>
-#include <openssl/evp.h>
-#include <openssl/hmac.h>
-#include <openssl/rand.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -98,7 +95,7 @@ static double td__now(void) {
   return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-int td_cnet_random(uint8_t out[32]) { return RAND_bytes(out, 32) == 1 ? 0 : -1; }
+int td_cnet_random(uint8_t out[32]) { return td_crypto_load() || RAND_bytes(out, 32) != 1 ? -1 : 0; }
 
 static void td__hmac(const uint8_t *key, const char *label, const uint8_t *p, size_t len, uint8_t out[32]) {
   uint8_t buf[256];
@@ -167,6 +164,10 @@ int td_cnet_peer_gone(const td_cnet_t *c) { return c->gone; }
 void td_cnet_set_timeout(td_cnet_t *c, double s) { c->timeout = s; }
 
 int td_cnet_listen(td_cnet_t **out, const char *host, int *port) {
+  if (td_crypto_load()) {
+    errno = ENOENT;
+    return -1;
+  }
   struct addrinfo hints = {0}, *ai = NULL;
   hints.ai_socktype = SOCK_STREAM;
   hints.ai_flags = AI_PASSIVE | AI_NUMERICHOST;

@@ -7,12 +7,12 @@
  */
 #include <errno.h>
 #include <lauxlib.h>
-#include <openssl/crypto.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "coll_net.h"
 #include "core.h"
+#include "crypto.h"
 #include "ring.h"
 #include "tensor.h"
 #include "tensor_lua.h"
@@ -251,6 +251,7 @@ static int c_net_listen(lua_State *L) {
   memset(u, 0, sizeof(*u));
   luaL_getmetatable(L, TD_NET_MT);
   lua_setmetatable(L, -2);
+  if (td_crypto_load()) return luaL_error(L, "init_group: a group across nodes needs %s", td_crypto_error());
   if (td_cnet_listen(&u->c, host, &u->port))
     return luaL_error(L, "init_group: cannot listen on %s for the group's other nodes: %s", host,
                       strerror(errno));
@@ -396,7 +397,9 @@ static int c_owner_key(lua_State *L) {
 static int c_random_hex(lua_State *L) {
   uint8_t r[32];
   char hex[65];
-  if (td_cnet_random(r)) return luaL_error(L, "init_group: no random bytes");
+  if (td_cnet_random(r))
+    return luaL_error(L, "init_group: no random bytes%s%s", td_crypto_error()[0] ? ": " : "",
+                      td_crypto_error());
   for (int i = 0; i < 32; i++) snprintf(hex + 2 * i, 3, "%02x", r[i]);
   OPENSSL_cleanse(r, sizeof(r));
   lua_pushlstring(L, hex, 64);

@@ -249,4 +249,16 @@ check "the head had streams to both nodes, and the victim's closed under it" \
 check "the head survives it and still runs work" \
   'echo "print(require(\"tide\").get(require(\"tide\").put(7)))" > $D/seven.lua &&
    TIDE_SESSION_DIR=$D/head timeout 60 $T run --address local $D/seven.lua 2>&1 | grep -q "^7"'
+
+echo "# libcrypto cannot be loaded (it is loaded on first use, not linked)"
+TIDE_TEST_LIBCRYPTO=libtide-nope.so.9 cluster "" ""
+out=$(xfer 16 1)
+check "without libcrypto the nodes say why their data plane is off and objects cross over ZeroMQ" \
+  'echo "$out" | grep -q "RIGHT 1/1" && grep -q "data plane off: cannot load libtide-nope.so.9" $D/head/node.log &&
+   ! grep -q "stream to 127.0.0.1:[0-9]* up" $D/n1/node.log' "$out $(grep 'data plane' $D/head/node.log $D/n1/node.log)"
+cluster "" ""
+check "a worker that never encrypts does not map libcrypto" \
+  'echo "print(require(\"tide\").get(require(\"tide\").remote(function()
+     return io.open(\"/proc/self/maps\"):read(\"*a\"):find(\"libcrypto\") and \"mapped\" or \"not mapped\" end):remote()))" \
+     > $D/maps.lua && TIDE_SESSION_DIR=$D/head timeout 60 $T run --address local $D/maps.lua 2>&1 | grep -q "^not mapped"'
 echo "1..$n"
