@@ -287,22 +287,42 @@ int td__on_print(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   uint64_t tid = rd->end - rd->p >= 8 ? td_rd_u64(rd) : 0;
   uint64_t aid = rd->end - rd->p >= 8 ? td_rd_u64(rd) : 0;
   uint8_t flags = rd->end - rd->p >= 1 ? td_rd_u8(rd) : 0;
-  uint64_t from = wk->kind == WK_NODE ? 0 : wk->id; /* a worker of this node */
-  if (!(flags & TD_PRINT_RAW)) {
-    td_term_print(s, l); /* above any progress bars */
-    td__obs_print(from, tid, aid, s, l);
-    td__print_to_owner(n, tid, s, l, flags);
+  td_node_procs_t *pr = &n->procs;
+  if (pr->raw.len && (!(flags & TD_PRINT_RAW) || pr->raw_wk != wk->id || pr->raw_task != tid ||
+                      pr->raw_actor != aid || pr->raw_flags != flags || pr->raw.len >= (1u << 20)))
+    td__raw_flush(n);
+  if (flags & TD_PRINT_RAW) {
+    pr->raw_wk = wk->id;
+    pr->raw_task = tid;
+    pr->raw_actor = aid;
+    pr->raw_flags = flags;
+    td_buf_put(&pr->raw, s, l);
     return 0;
   }
-  /* Bytes a task wrote to stdout or stderr go where the worker's own
-   * stdout or stderr would have put them -- its log, or this node's output
-   * when it keeps none -- and to the driver whose work it is. From another
-   * node, they were kept there: this node only passes them on, or shows
-   * them when no driver of the task is attached (an embedded one). */
-  int kept = from && td__obs_print(from, tid, aid, s, l) == 0;
-  int sent = td__print_to_owner(n, tid, s, l, flags);
-  if (!kept && (from || !sent)) td_term_write(flags & TD_PRINT_STDERR ? 2 : 1, s, l);
+  td_term_print(s, l); /* above any progress bars */
+  td__obs_print(wk->kind == WK_NODE ? 0 : wk->id, tid, aid, s, l);
+  td__print_to_owner(n, tid, s, l, flags);
   return 0;
+}
+
+/* Bytes a task wrote to stdout or stderr go where the worker's own stdout
+ * or stderr would have put them -- its log, or this node's output when it
+ * keeps none -- and to the driver whose work it is. From another node,
+ * they were kept there: this node only passes them on, or shows them when
+ * no driver of the task is attached (an embedded one). */
+void td__raw_flush(td_node_t *n) {
+  td_node_procs_t *pr = &n->procs;
+  if (!pr->raw.len) return;
+  td_wk_t *wk = NULL;
+  for (int i = 0; i < pr->n && !wk; i++)
+    if (pr->list[i]->id == pr->raw_wk) wk = pr->list[i];
+  uint64_t from = wk && wk->kind != WK_NODE ? wk->id : 0; /* a worker of this node */
+  const uint8_t *s = pr->raw.p;
+  uint32_t l = (uint32_t)pr->raw.len;
+  int kept = from && td__obs_print(from, pr->raw_task, pr->raw_actor, s, l) == 0;
+  int sent = td__print_to_owner(n, pr->raw_task, s, l, pr->raw_flags);
+  if (!kept && (from || !sent)) td_term_write(pr->raw_flags & TD_PRINT_STDERR ? 2 : 1, s, l);
+  pr->raw.len = 0;
 }
 
 /* A control call (cancel, kill, placement groups, the KV ...), answered by

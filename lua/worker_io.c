@@ -27,6 +27,11 @@ enum { TD__UP_WRITE = 1, TD__UP_STDOUT, TD__UP_STDERR, TD__UP_OUTPUT };
 /* A frame's text at most: writes merged into one stay small frames, and
  * a huge write is sent in pieces, each far below TD_FRAME_MAX. */
 #define TD__TEXT_MAX (1u << 20)
+/* Lines on stdout go to the node at once when this long has passed since
+ * the last went, or this many bytes wait: a burst of lines then costs one
+ * send, not one a line, while a line now and then still goes at once. */
+#define TD__LINE_S 0.01
+#define TD__LINES_MAX (64u << 10)
 /* Past this many unsent bytes a write waits for the node to take them,
  * as a write to a full pipe would: a task cannot fill memory with them. */
 #define TD__PENDING_MAX (4u << 20)
@@ -40,6 +45,7 @@ static struct {
 
 /* What Lua's write returns on success: 1 the file (5.2 style), 0 true. */
 static int td__ret_file = -1;
+static double td__line_at; /* when lines last went to the node (td_now) */
 
 /* -- Frames ------------------------------------------------------------------------- */
 
@@ -47,7 +53,8 @@ static int td__ret_file = -1;
  * drops its tail so bytes can follow its text. Returns 1 if so. */
 static int td__reopen(uint64_t task, uint64_t actor, uint8_t flags) {
   td_chan_t *ch = &td_ctx.ch;
-  if (!td__last.end || ch->begun != td__last.begun || ch->out.len != td__last.end || ch->out_off > td__last.at)
+  if (!td__last.end || ch->begun != td__last.begun || ch->out.len != td__last.end ||
+      ch->out_off > td__last.at)
     return 0;
   const uint8_t *tail = ch->out.p + ch->out.len - TD__TAIL;
   uint64_t t, a;
@@ -98,7 +105,8 @@ static void td__send(lua_State *L, int first, int last, uint8_t flags) {
     size_t l;
     const char *s = num;
     /* Numbers as Lua's write formats them (tostring may differ, e.g. nan). */
-    if (lua_type(L, i) == LUA_TNUMBER) l = (size_t)snprintf(num, sizeof(num), LUA_NUMBER_FMT, lua_tonumber(L, i));
+    if (lua_type(L, i) == LUA_TNUMBER)
+      l = (size_t)snprintf(num, sizeof(num), LUA_NUMBER_FMT, lua_tonumber(L, i));
     else s = lua_tolstring(L, i, &l);
     eol |= memchr(s, '\n', l) != NULL;
     while (l) {
@@ -114,8 +122,16 @@ static void td__send(lua_State *L, int first, int last, uint8_t flags) {
     }
   }
   td__close(at, task, actor, flags);
-  /* As stdio would have written them: stdout by lines, stderr at once. */
-  if (eol || flags & TD_PRINT_STDERR) td_chan_flush(ch);
+  size_t pending = ch->out.len - ch->out_off;
+  if (flags & TD_PRINT_STDERR) {
+    td_chan_flush(ch); /* unbuffered, as stdio's stderr */
+  } else if (eol) {
+    double now = td_now();
+    if (now - td__line_at >= TD__LINE_S || pending >= TD__LINES_MAX) {
+      td_chan_flush(ch);
+      td__line_at = now;
+    }
+  }
   if (td_chan_pending(ch) && ch->out.len - ch->out_off > TD__PENDING_MAX) td_chan_flush_all(ch);
 }
 
@@ -247,7 +263,8 @@ void td__io_attribute(lua_State *L) {
   luaL_getmetatable(L, LUA_FILEHANDLE);
   lua_getfield(L, -1, "__index");
   int methods = lua_gettop(L);
-  if (!lua_istable(L, io) || !lua_isuserdata(L, io + 1) || !lua_isuserdata(L, io + 2) || !lua_istable(L, methods)) {
+  if (!lua_istable(L, io) || !lua_isuserdata(L, io + 1) || !lua_isuserdata(L, io + 2) ||
+      !lua_istable(L, methods)) {
     lua_settop(L, top);
     return;
   }
