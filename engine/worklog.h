@@ -1,6 +1,7 @@
 /* Worker output kept per process (tide logs). With a log directory set (a
  * daemon: SESSION/logs) every worker's stdout and stderr, and the prints
- * of its tasks, go to logs/worker-<id>.out; beside it, logs/worker-<id>.idx
+ * and Lua writes to stdout and stderr of its tasks (sent as PRINT frames),
+ * go to logs/worker-<id>.out; beside it, logs/worker-<id>.idx
  * records where each print landed and whose it was (task, actor), so that
  * one task's or actor's output can be sliced out of a worker's that ran
  * many, even of calls that ran interleaved. td_obs_rotate moves a file
