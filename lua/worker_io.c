@@ -65,11 +65,11 @@ static int td__reopen(uint64_t task, uint64_t actor, uint8_t flags) {
   return 1;
 }
 
-/* Begins a frame for (task, actor, flags), or reopens the last one.
- * Returns where it begins. */
-static size_t td__open(uint64_t task, uint64_t actor, uint8_t flags) {
+/* Begins a frame for (task, actor, flags), or reopens the last one if
+ * it may (not when that one is full). Returns where it begins. */
+static size_t td__open(uint64_t task, uint64_t actor, uint8_t flags, int reopen) {
   td_chan_t *ch = &td_ctx.ch;
-  if (td__reopen(task, actor, flags)) return td__last.at;
+  if (reopen && td__reopen(task, actor, flags)) return td__last.at;
   size_t at = ch->out.len;
   td_chan_begin(ch, TD_M_PRINT);
   td_buf_u32(&ch->out, 0); /* the text's length, set by td__close */
@@ -98,7 +98,7 @@ static void td__send(lua_State *L, int first, int last, uint8_t flags) {
   FILE *f = flags & TD_PRINT_STDERR ? stderr : stdout;
   if (__fpending(f)) fflush(f); /* what stdio holds of the stream was written first */
   flags |= TD_PRINT_RAW;
-  size_t at = td__open(task, actor, flags);
+  size_t at = td__open(task, actor, flags, 1);
   int eol = 0;
   for (int i = first; i <= last; i++) {
     char num[64];
@@ -113,7 +113,7 @@ static void td__send(lua_State *L, int first, int last, uint8_t flags) {
       size_t room = TD__TEXT_MAX - (ch->out.len - at - TD__HEAD);
       if (!room) {
         td__close(at, task, actor, flags);
-        at = td__open(task, actor, flags);
+        at = td__open(task, actor, flags, 0);
         continue;
       }
       size_t n = l < room ? l : room;
