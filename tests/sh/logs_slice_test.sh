@@ -140,15 +140,22 @@ local A = tide.actor({
 })
 local a = A:options({max_concurrency = 2}):remote()
 local rt, rx, ry = task:remote("TSK"), a:mix("XX"), a:mix("YY")
+-- Past the 1 MiB a log read returns at once: 2.5 MiB in pieces and one write.
+local big = tide.remote(function()
+  for _ = 1, 5 do io.write(string.rep("b", 262144)) end
+  io.write(string.rep("B", 1310720), "\n")
+  return tide.get_runtime_context().task_id
+end)
+local rb = big:remote()
 local f = io.open(arg[1] .. "/wids", "w")
-f:write(tide.get(rt), "\n", tide.get(rx), "\n", tide.get(ry), "\n", tide.get(a:id()), "\n")
+f:write(tide.get(rt), "\n", tide.get(rx), "\n", tide.get(ry), "\n", tide.get(a:id()), "\n", tide.get(rb), "\n")
 f:close()
 while not io.open(arg[1] .. "/wdone") do tide.sleep(0.1) end -- the actor lives on till then
 LUA
 $T run --address local "$W/writes.lua" "$W" > "$W/writes.out" 2> "$W/writes.err" &
 KILL=$!
-poll 300 '[ -f "$W/wids" ] && [ "$(wc -l < "$W/wids")" = 4 ]'
-check "the driver ran the writing task and calls" '[ "$(wc -l < "$W/wids")" = 4 ]' \
+poll 300 '[ -f "$W/wids" ] && [ "$(wc -l < "$W/wids")" = 5 ]'
+check "the driver ran the writing task and calls" '[ "$(wc -l < "$W/wids")" = 5 ]' \
   "$(cat "$W/writes.out" "$W/writes.err")"
 # What mix(TAG) writes, prints' prefixes left out.
 want() {
@@ -176,6 +183,9 @@ WK=$($T list actors --filter actor_id=$AID --json 2>&1 | sed -n 's/.*"worker_id"
 whole=$($T logs worker $WK 2>&1)
 check "the two calls' partial lines were interleaved in the worker" \
   'echo "$whole" | grep -q "XX part[123] .*YY\|YY part[123] .*XX"' "$whole"
+s=$($T logs task $(sed -n 5p "$W/wids") 2>&1 | tr -s bB)
+nb=$($T logs task $(sed -n 5p "$W/wids") 2>&1 | wc -c)
+check "tide logs task: a 2.5 MiB slice whole, each byte once" '[ "$nb" = 2621441 ] && [ "$s" = bB ]' "$nb bytes: $s"
 touch "$W/wdone"
 wait $KILL
 KILL=
