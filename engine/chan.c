@@ -106,6 +106,7 @@ int td_chan_partial(td_chan_t *c, const uint8_t **p, uint32_t *have, uint32_t *l
 void td_chan_take(td_chan_t *c) { c->in.len = c->scan = c->in_off; }
 
 void td_chan_begin(td_chan_t *c, uint8_t type) {
+  c->begun++;
   c->frame_at = c->out.len;
   td_buf_u32(&c->out, 0);
   td_buf_u8(&c->out, type);
@@ -121,6 +122,7 @@ void td_chan_frame_ext(td_chan_t *c, uint8_t type, const void *head, size_t hl, 
   size_t pl = 5 + hl, done = 0;
   assert(hl <= 64 && 1 + hl + n <= TD_FRAME_MAX);
   uint32_t len = (uint32_t)(1 + hl + n);
+  c->begun++;
   memcpy(pre, &len, 4);
   pre[4] = type;
   memcpy(pre + 5, head, hl);

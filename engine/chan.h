@@ -20,6 +20,7 @@ typedef struct td_chan {
   uint8_t split;   /* frames of this type are taken in pieces (0: none) */
   uint32_t split_head; /* payload bytes the taker needs to see first */
   size_t scan;     /* first frame in `in` not yet checked for `split` */
+  uint64_t begun;  /* frames begun so far: tells a writer its frame is still the last */
 } td_chan_t;
 
 void td_chan_init(td_chan_t *c, int fd);

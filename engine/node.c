@@ -203,6 +203,7 @@ void td__obj_freed(td_node_t *n, td_task_t *producer) {
  * the work that was running there; the actors it hosted; last, the record. */
 void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why) {
   if (wk->dead) return;
+  td__raw_flush(n); /* before its calls are failed and forgotten */
   wk->dead = 1;
   td_chan_close(&wk->ch);
   char reason[256];
@@ -305,6 +306,7 @@ const char *td__msg_name(uint8_t type) {
 static int td__on_msg(td_node_t *n, td_wk_t *wk, uint8_t type, const uint8_t *p, uint32_t len) {
   const td_msg_t *m = type < sizeof(td__msgs) / sizeof(td__msgs[0]) ? &td__msgs[type] : NULL;
   if (!m || !m->fn || !(m->from & K(wk->kind))) return TD_EPROTO;
+  if (n->procs.raw.len && type != TD_M_PRINT) td__raw_flush(n); /* held output goes before what follows */
   td_rd_t rd;
   td_rd_init(&rd, p, len);
   int rc = m->fn(n, wk, &rd);
@@ -428,6 +430,7 @@ static void td__io_phase(td_node_t *n, double timeout) {
       if (n->procs.list[k] == ready[i] && n->procs.list[k]->id == ids[i]) alive = 1;
     if (alive) td__wk_input(n, ready[i]);
   }
+  td__raw_flush(n);
   free(ready);
   free(ids);
 }
@@ -492,6 +495,7 @@ int td_node_feed_as(td_node_t *n, int from_head, uint8_t type, const uint8_t *p,
     if (!wk) wk = td__wk_add(n, td__new_wk_id(n), WK_CLIENT, -1);
   }
   int rc = td__on_msg(n, wk, type, p, len);
+  td__raw_flush(n);
   if (rc) td__wk_dead(n, wk, "sent a malformed message");
   else td_buf_reset(&wk->ch.out); /* replies go nowhere */
   return rc;
@@ -666,6 +670,7 @@ void td_node_destroy(td_node_t **np) {
     free(wk);
   }
   free(n->procs.list);
+  td_buf_free(&n->procs.raw);
   td__tl_free(n);
   size_t it = 0;
   void *v;

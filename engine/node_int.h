@@ -408,6 +408,14 @@ typedef struct td_node_procs {
   td_rpc_cb rpc;         /* runs a worker's control call (the Lua layer's) */
   void *rpc_ud;          /* rpc's argument */
   td_wk_t *rpc_wk;       /* whose request the RPC handler is running */
+  /* A call's raw output (PRINT frames flagged RAW) held while the frames
+   * that follow add to it, and acted on once (td__raw_flush): one log
+   * write, index record and forward for a burst of writes. */
+  td_buf_t raw;       /* its bytes (len 0: none held) */
+  uint64_t raw_wk;    /* the channel they came on */
+  uint64_t raw_task;  /* whose: the task ... */
+  uint64_t raw_actor; /* ... and the actor (0: none) */
+  uint8_t raw_flags;  /* TD_PRINT_* (RAW, and STDERR or not) */
 } td_node_procs_t;
 
 /* Moving large objects between nodes (transfer.c; dplane.c). */
@@ -719,6 +727,9 @@ void td__wk_free(td_node_t *n, td_wk_t *wk);
 static inline int td__wk_ghost(const td_wk_t *wk) { return wk->kind == WK_NODE && !wk->joined; }
 td_msg_fn td__on_get, td__on_wait, td__on_stream_next, td__on_stream_room, td__on_print, td__on_rpc,
     td__on_blocked, td__on_unblocked;
+/* Acts on the raw output held (procs.raw): before any other message, a
+ * worker's death, and at the end of the I/O phase. */
+void td__raw_flush(td_node_t *n);
 
 /* timeline.c: the ring of tasks and calls that ended. */
 void td__tl_init(td_node_t *n);

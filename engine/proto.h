@@ -32,7 +32,8 @@ enum {
   TD_M_WAIT,           /* u32 req, f64 timeout, u32 num, u32 n, u64 ids[n] */
   TD_M_PUT,            /* u64 id, value, refs */
   TD_M_REFS,           /* u32 n, (u64 id, i32 delta)[n] */
-  TD_M_PRINT,          /* str text */
+  TD_M_PRINT,          /* str text, then (optional, in order) u64 task, u64 actor (0: none),
+                          u8 TD_PRINT_* flags */
   TD_M_ALLOC,          /* u32 req, u64 size: shared-memory extent */
   TD_M_BLOCKED,        /* u32 n, u64 unstarted task ids[n] handed back */
   TD_M_UNBLOCKED,
@@ -71,6 +72,11 @@ enum {
                           host's figures (a serve ingress's), kept per node (td_node_note_head) */
 };
 /* clang-format on */
+
+/* How a PRINT's text was written. 0: a print, a whole line with its
+ * origin's prefix. RAW: bytes Lua wrote to stdout itself (io.write), as
+ * they were, maybe part of a line; with STDERR, to stderr. */
+enum { TD_PRINT_RAW = 1, TD_PRINT_STDERR = 2 };
 
 /* The status of a STREAM_NEXT reply, and what core.stream_next returns
  * for it (td__ret_item). */

@@ -31,21 +31,24 @@ static void td__draw(void) {
   for (size_t i = 0; i < td__area_len; i++) td__area_lines += td__area[i] == '\n';
 }
 
-void td_term_print(const void *s, size_t l) {
+void td_term_write(int fd, const void *s, size_t l) {
+  FILE *f = fd == 2 ? stderr : stdout;
   pthread_mutex_lock(&td__term_mu);
   if (!td__area_lines) {
-    fwrite(s, 1, l, stdout);
-    fflush(stdout);
+    fwrite(s, 1, l, f);
+    fflush(f);
   } else {
     td__erase();
     fflush(stderr);
-    fwrite(s, 1, l, stdout);
-    if (l && ((const char *)s)[l - 1] != '\n') fputc('\n', stdout);
-    fflush(stdout);
+    fwrite(s, 1, l, f);
+    if (l && ((const char *)s)[l - 1] != '\n') fputc('\n', f);
+    fflush(f);
     td__draw();
   }
   pthread_mutex_unlock(&td__term_mu);
 }
+
+void td_term_print(const void *s, size_t l) { td_term_write(1, s, l); }
 
 void td_term_area(const char *text, size_t l) {
   pthread_mutex_lock(&td__term_mu);

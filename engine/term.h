@@ -11,6 +11,9 @@
 /* Writes s (l bytes) to stdout, above the status area if one is drawn;
  * a line that does not end in a newline gets one while the area shows. */
 void td_term_print(const void *s, size_t l);
+/* The same on stdout (fd 1) or stderr (fd 2): a task's own writes to
+ * either, forwarded as they were made. */
+void td_term_write(int fd, const void *s, size_t l);
 /* Replaces the status area by text (lines separated by '\n', no newline
  * at the end; l 0: no area) and draws it on stderr. */
 void td_term_area(const char *text, size_t l);

@@ -257,35 +257,72 @@ int td__on_stream_room(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
 }
 
 /* A print from task tid goes to the client whose work it is (a driver
- * attached to this node), or to the head when the head sent the task. */
-static void td__print_to_owner(td_node_t *n, uint64_t tid, const uint8_t *s, uint32_t l) {
+ * attached to this node), or to the head when the head sent the task.
+ * Returns 1 if it was sent, 0 if the task has no such owner here. */
+static int td__print_to_owner(td_node_t *n, uint64_t tid, const uint8_t *s, uint32_t l, uint8_t flags) {
   td_task_t *t = tid ? td_map_get(&n->tasks.map, tid) : NULL;
-  if (!t || !t->owner) return;
+  if (!t || !t->owner) return 0;
   for (int i = 0; i < n->procs.n; i++) {
     td_wk_t *w = n->procs.list[i];
     if (w->id != t->owner || w->dead || (w->kind != WK_CLIENT && w->kind != WK_HEAD)) continue;
     td_chan_begin(&w->ch, TD_M_PRINT);
     td_buf_str(&w->ch.out, s, l);
-    if (w->kind == WK_HEAD) td_buf_u64(&w->ch.out, t->owner_task);
+    td_buf_u64(&w->ch.out, w->kind == WK_HEAD ? t->owner_task : 0);
+    td_buf_u64(&w->ch.out, 0);
+    td_buf_u8(&w->ch.out, flags);
     td_chan_end(&w->ch);
-    return;
+    return 1;
   }
+  return 0;
 }
 
 /* A worker's output: on this terminal, in its log (tide logs), and to the
  * driver or head whose work printed it. PRINT is str text, then (from a
  * worker) u64 task and u64 actor: whose it is, 0 for none, so that the log's
- * index can slice one task's or actor's lines out. */
+ * index can slice one task's or actor's lines out; then u8 flags. */
 int td__on_print(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   uint32_t l;
   const uint8_t *s = td_rd_str(rd, &l);
   if (rd->bad) return TD_EPROTO;
   uint64_t tid = rd->end - rd->p >= 8 ? td_rd_u64(rd) : 0;
   uint64_t aid = rd->end - rd->p >= 8 ? td_rd_u64(rd) : 0;
+  uint8_t flags = rd->end - rd->p >= 1 ? td_rd_u8(rd) : 0;
+  td_node_procs_t *pr = &n->procs;
+  if (pr->raw.len && (!(flags & TD_PRINT_RAW) || pr->raw_wk != wk->id || pr->raw_task != tid ||
+                      pr->raw_actor != aid || pr->raw_flags != flags || pr->raw.len >= (1u << 20)))
+    td__raw_flush(n);
+  if (flags & TD_PRINT_RAW) {
+    pr->raw_wk = wk->id;
+    pr->raw_task = tid;
+    pr->raw_actor = aid;
+    pr->raw_flags = flags;
+    td_buf_put(&pr->raw, s, l);
+    return 0;
+  }
   td_term_print(s, l); /* above any progress bars */
   td__obs_print(wk->kind == WK_NODE ? 0 : wk->id, tid, aid, s, l);
-  td__print_to_owner(n, tid, s, l);
+  td__print_to_owner(n, tid, s, l, flags);
   return 0;
+}
+
+/* Bytes a task wrote to stdout or stderr go where the worker's own stdout
+ * or stderr would have put them -- its log, or this node's output when it
+ * keeps none -- and to the driver whose work it is. From another node,
+ * they were kept there: this node only passes them on, or shows them when
+ * no driver of the task is attached (an embedded one). */
+void td__raw_flush(td_node_t *n) {
+  td_node_procs_t *pr = &n->procs;
+  if (!pr->raw.len) return;
+  td_wk_t *wk = NULL;
+  for (int i = 0; i < pr->n && !wk; i++)
+    if (pr->list[i]->id == pr->raw_wk) wk = pr->list[i];
+  uint64_t from = wk && wk->kind != WK_NODE ? wk->id : 0; /* a worker of this node */
+  const uint8_t *s = pr->raw.p;
+  uint32_t l = (uint32_t)pr->raw.len;
+  int kept = from && td__obs_print(from, pr->raw_task, pr->raw_actor, s, l) == 0;
+  int sent = td__print_to_owner(n, pr->raw_task, s, l, pr->raw_flags);
+  if (!kept && (from || !sent)) td_term_write(pr->raw_flags & TD_PRINT_STDERR ? 2 : 1, s, l);
+  pr->raw.len = 0;
 }
 
 /* A control call (cancel, kill, placement groups, the KV ...), answered by

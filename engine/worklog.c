@@ -71,24 +71,26 @@ static int td__log_slot(uint64_t wk_id) {
   return (int)k;
 }
 
-void td__obs_print(uint64_t wk_id, uint64_t task, uint64_t actor, const uint8_t *s, size_t l) {
-  if (!td__logdir[0] || !wk_id) return;
+int td__obs_print(uint64_t wk_id, uint64_t task, uint64_t actor, const uint8_t *s, size_t l) {
+  if (!td__logdir[0] || !wk_id) return -1;
   int k = td__log_slot(wk_id);
-  if (k < 0) return;
+  if (k < 0) return -1;
   ssize_t w = write(td__logfds[k].fd, s, l);
-  if (w <= 0 || (!task && !actor)) return;
+  if (w < 0) return -1;
+  if (!w || (!task && !actor)) return 0;
   /* With O_APPEND the offset is the file's end after this write: the
    * worker's own output (its stdout) may have landed just before. */
   off_t end = lseek(td__logfds[k].fd, 0, SEEK_CUR);
-  if (end < w) return;
+  if (end < w) return 0;
   if (td__logfds[k].idx <= 0) td__logfds[k].idx = td__log_open(wk_id, "idx");
   if (td__logfds[k].idx < 0) {
     td__logfds[k].idx = 0;
-    return;
+    return 0;
   }
   td_logrec_t r = {(uint64_t)(end - w), task, actor, (uint32_t)w, 0};
   w = write(td__logfds[k].idx, &r, sizeof(r));
   (void)w;
+  return 0;
 }
 
 /* Copies p to p.1, then empties p (its writers keep their descriptors). */

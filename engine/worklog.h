@@ -1,6 +1,7 @@
 /* Worker output kept per process (tide logs). With a log directory set (a
  * daemon: SESSION/logs) every worker's stdout and stderr, and the prints
- * of its tasks, go to logs/worker-<id>.out; beside it, logs/worker-<id>.idx
+ * and Lua writes to stdout and stderr of its tasks (sent as PRINT frames),
+ * go to logs/worker-<id>.out; beside it, logs/worker-<id>.idx
  * records where each print landed and whose it was (task, actor), so that
  * one task's or actor's output can be sliced out of a worker's that ran
  * many, even of calls that ran interleaved. td_obs_rotate moves a file
@@ -19,8 +20,9 @@ int td_obs_set_logdir(const char *session);
 const char *td_obs_logdir(void);
 int td__obs_worker_log(uint64_t wk_id); /* an fd the worker's output goes to, or -1 */
 /* A print of worker wk_id: appended to its log and, when it was a task's
- * or an actor's (task or actor not 0), indexed under them. */
-void td__obs_print(uint64_t wk_id, uint64_t task, uint64_t actor, const uint8_t *s, size_t l);
+ * or an actor's (task or actor not 0), indexed under them. Returns 0, or
+ * -1 when no log keeps it (none is kept, or it cannot be written). */
+int td__obs_print(uint64_t wk_id, uint64_t task, uint64_t actor, const uint8_t *s, size_t l);
 void td_obs_rotate(size_t max);
 
 /* Which prints a slice takes: those of one task, or of one actor. */

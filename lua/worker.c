@@ -253,7 +253,9 @@ static int td__block(lua_State *L, uint32_t req, td_push_fn push, void *ud, int 
         td_rd_init(&rd, p, len);
         uint32_t l;
         const uint8_t *s = td_rd_str(&rd, &l);
-        if (!rd.bad) td_term_print(s, l); /* above any progress bars */
+        uint8_t flags = rd.end - rd.p >= 17 ? rd.p[16] : 0; /* after u64 task, u64 actor */
+        /* Above any progress bars; what a task wrote to stderr, on stderr. */
+        if (!rd.bad) td_term_write(flags & TD_PRINT_STDERR ? 2 : 1, s, l);
         continue;
       }
       if (type == TD_M_TASK && report && len >= 8) {
@@ -510,7 +512,8 @@ static void td__resume(td_co_t *c, int nargs) {
   if (a && a->envlen) td__set_env(a->env, a->envlen, 0);
   fflush(stdout);
   td__cur = NULL;
-  td_ctx.cur_task = 0;
+  /* No call runs: what Lua writes now (a finalizer) is no call's. */
+  td_ctx.cur_task = td_ctx.print_task = td_ctx.cur_actor = 0;
   td_ctx.cur_streaming = 0;
   if (st == LUA_YIELD) {
     if (!c->req) {  /* a plain coroutine.yield at the top: treat as an error */

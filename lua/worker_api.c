@@ -220,7 +220,7 @@ static int w_print(lua_State *L) {
   const char *s = luaL_checklstring(L, 1, &n);
   td_chan_begin(&td_ctx.ch, TD_M_PRINT);
   td_buf_str(&td_ctx.ch.out, s, n);
-  td_buf_u64(&td_ctx.ch.out, td_ctx.cur_task);
+  td_buf_u64(&td_ctx.ch.out, td_ctx.cur_task ? td_ctx.cur_task : td_ctx.print_task); /* to its driver */
   td_buf_u64(&td_ctx.ch.out, td_ctx.cur_actor); /* its log's index slices by both */
   td_chan_end(&td_ctx.ch);
   return 0;

@@ -1,6 +1,7 @@
 /* Private to the worker executor: what worker.c (the loop, waiting, tasks
- * and actors) and worker_states.c (the Lua states it runs them in) use of
- * each other. Other files use core.h.
+ * and actors), worker_states.c (the Lua states it runs them in) and
+ * worker_io.c (their writes to stdout and stderr) use of each other.
+ * Other files use core.h.
  */
 #ifndef TD_WORKER_INT_H
 #define TD_WORKER_INT_H
@@ -26,5 +27,12 @@ int td__load_fn(lua_State *L, uint64_t id, const uint8_t *blob, uint32_t len);
 /* Decodes args+deps from rd onto L. Returns nargs, or -1 with an error
  * value pushed (error table when a dependency failed: *deperr set). */
 int td__push_args(lua_State *L, td_rd_t *rd, int *deperr);
+
+/* -- worker_io.c ------------------------------------------------------------------- */
+
+/* Makes L's writes to stdout and stderr from Lua (io.write, file:write)
+ * the running call's output, sent to the node as PRINT frames (RAW). Call
+ * once the io library is open in L; a no-op if it is not. */
+void td__io_attribute(lua_State *L);
 
 #endif

@@ -173,6 +173,7 @@ static int td__lazy_global(lua_State *L) {
   lua_pushcfunction(L, open);
   lua_pushstring(L, k);
   lua_call(L, 1, 0);
+  if (open == luaopen_io) td__io_attribute(L);
   lua_rawget(L, 1);
   return 1;
 }
@@ -223,6 +224,7 @@ lua_State *td__newstate(int actor) {
     lua_setmetatable(L, LUA_GLOBALSINDEX);
   } else {
     luaL_openlibs(L);
+    td__io_attribute(L);
   }
   td_core_setup_paths(L, td__home);
   if (actor) {

@@ -178,10 +178,13 @@ local function read_slice(loc, offset, tail)
   offset = tonumber(offset) or 0
   local max = tail and 64 * 1048576 or 1048576
   if loc.wids then
-    -- Followed while it ran, then ended: read on in the worker it ran in.
-    if offset > 0 and #loc.wids == 1 then
+    -- One worker ran it: read on from where this read stopped (a slice
+    -- past max bytes takes several reads).
+    if #loc.wids == 1 then
       local chunk, nxt = slice(loc, loc.wids[1], offset, max)
-      return chunk or "", nxt or offset, false
+      chunk = chunk or ""
+      if tail and offset == 0 then chunk = last_lines(chunk, tonumber(tail)) end
+      return chunk, nxt or offset, false
     end
     if offset > 0 then return "", offset, false end
     local parts = {}
