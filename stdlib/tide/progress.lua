@@ -175,7 +175,9 @@ local function plain(force_bar)
   if t - last_line < interval() or #open == 0 then return end
   last_line = t
   local parts = {}
-  for i, b in ipairs(open) do parts[i] = b:line(nil, t) end
+  for i, b in ipairs(open) do
+    parts[i], b.shown = b:line(nil, t), b.count
+  end
   emit(concat(parts, " | "))
 end
 
@@ -225,7 +227,8 @@ end
 
 -- Ends the bar: on a terminal its last state stays on the screen above the
 -- bars still open; in plain lines, a bar that ran at least an interval
--- gets a last line.
+-- gets a last line (none when the last plain line already showed its
+-- count: a finished bar is not written twice).
 function Bar:close()
   if self.closed then return self end
   self.closed = true
@@ -238,8 +241,8 @@ function Bar:close()
     if #open == 0 and orig_print then
       _G.print, orig_print = orig_print, nil
     end
-  elseif mode == "lines" and now() - self.t0 >= interval(self) then
-    plain(self)
+  elseif mode == "lines" and now() - self.t0 >= interval(self) and self.shown ~= self.count then
+    plain(self)  -- a last line, unless the last periodic one showed this count
   end
   return self
 end
