@@ -528,7 +528,9 @@ local function compile(ds, run, sink, discard)
       def.max_in_flight = def.max_in_flight or run.max_in_flight or (def.concurrency[2] * per + 2)
     else
       plan.batch_fn = def.fn
-      local topts = {max_retries = 0, name = "tide.data:" .. def.name}
+      -- pipeline: the executor bounds the units in flight, so each worker
+      -- may hold its next unit while it runs one (no idle round trip).
+      local topts = {max_retries = 0, name = "tide.data:" .. def.name, pipeline = true}
       for k, v in pairs(def.task_opts) do topts[k] = v end
       def.rf = tide.remote(topts, function(spec, ...) return W.run(plan, nil, spec, ...) end)
       local conc = def.concurrency and def.concurrency[2]
