@@ -381,4 +381,23 @@ t.test("pipeline = true: tasks queue at busy workers however long they run; with
   t.raises(function() tide.remote({pipeline = 1}, f) end, "pipeline")
 end)
 
+t.test("a task's result reaches the driver when it ends, not after the task pipelined behind it", function()
+  -- Busy, not asleep: a task that sends nothing (a sleep's WAIT would
+  -- carry the DONE before it out with it).
+  local g = tide.remote({pipeline = true}, function(s)
+    local clock = require("tide.rawbench").now
+    local stop = clock() + s
+    while clock() < stop do end
+    return true
+  end)
+  local raw = require("tide.rawbench")
+  local refs = {g:remote(0.4), g:remote(0.4), g:remote(0.8), g:remote(0.8)}
+  local t0 = raw.now()
+  t.eq(tide.get(refs[1]), true)
+  local took = raw.now() - t0
+  -- 0.4 s and the round trip; 1.2 s if its DONE waited for the next task.
+  t.ok(took < 1.0, string.format("the first result took %.2f s", took))
+  for i = 2, 4 do t.eq(tide.get(refs[i]), true) end
+end)
+
 t.done()
