@@ -31,13 +31,13 @@ E.UNIT_TARGET_S = 0.1
 
 -- A unit's input takes at most about this many bytes in the store (rows of
 -- blocks that were not packed count UNKNOWN_ROW_BYTES each), and at most
--- data.UNIT_MAX_ROWS rows. A worker whose task runs 2 ms or more gets its
--- next one only once the node (in the driver's process) has seen it
--- finish, so it idles for a round trip after each unit: small rows (an id
--- and a number) travel up to 16,384 a unit (at 1 µs of work a row, units
--- of 8,192 left the workers idle 8-15% of the time; units of 65,536 cost
--- 5-10% more CPU a row, their rows no longer in the caches), large ones
--- (text, images) fewer, so a unit's memory stays about the same.
+-- data.UNIT_MAX_ROWS rows. Small rows (an id and a number) travel up to
+-- 16,384 a unit, so that a unit of 1 µs rows is more than a few ms of work
+-- for its task's trip through the driver and the node (at 8,192, before
+-- task stages were pipelined, the workers sat idle 8-15% of a stage run
+-- between units); not more, as units of 65,536 such rows cost 5-10% more
+-- CPU a row, their rows no longer in the caches. Large rows (text,
+-- images) travel fewer, so a unit's memory stays about the same.
 E.UNIT_MAX_BYTES = 2 ^ 20
 E.UNKNOWN_ROW_BYTES = 128
 
