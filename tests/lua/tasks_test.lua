@@ -363,7 +363,7 @@ t.test("a named task reports its name in the runtime context or works normally",
   t.ok(id ~= nil, "task_id missing in a task's runtime context")
 end)
 
-t.test("pipeline = true: tasks queue at busy workers however long they run; without it they wait at the node", function()
+t.local_test("pipeline = true: tasks queue at busy workers however long they run; without it they wait at the node", function()
   -- Two CPUs: a short task and a long one run; two more short ones
   -- follow. Without pipeline they wait at the node and both run on the
   -- worker that finished first; with it they are sent at once, one to each
@@ -381,7 +381,7 @@ t.test("pipeline = true: tasks queue at busy workers however long they run; with
   t.raises(function() tide.remote({pipeline = 1}, f) end, "pipeline")
 end)
 
-t.test("a task's result reaches the driver when it ends, not after the task pipelined behind it", function()
+t.local_test("a task's result reaches the driver when it ends, not after the task pipelined behind it", function()
   -- Busy, not asleep: a task that sends nothing (a sleep's WAIT would
   -- carry the DONE before it out with it).
   local g = tide.remote({pipeline = true}, function(s)
