@@ -43,7 +43,10 @@ void td__inflight_add(td_node_t *n, td_wk_t *wk, td_task_t *t) {
   }
   t->sent_at = td_now();
   td_fnstat_t *st = td_map_get(&n->sched.fnstats, t->spec.fn_id);
-  t->slow = !(st && st->avg < TD_SHORT_TASK);
+  /* A pipeline task's submitter bounds its own tasks in flight (tide.data's
+   * stages: two per CPU), so it may queue behind a long one and sit behind
+   * one: its worker starts the next task without waiting for the node. */
+  t->slow = !t->spec.pipeline && !(st && st->avg < TD_SHORT_TASK);
   wk->nslow += t->slow;
 }
 

@@ -148,6 +148,7 @@ typedef struct td_spec {
   uint8_t detached;
   uint8_t own_process;    /* actors: a process of its own, shared with no other actor */
   uint8_t retry_exceptions; /* tasks: retry when the function raises */
+  uint8_t pipeline;         /* tasks: may queue at a busy worker, however long it runs */
   uint64_t pg_id;         /* 0 = none */
   int32_t bundle;         /* 0-based; -1 = any */
   uint8_t strategy;       /* TD_ST_* */

@@ -474,6 +474,9 @@ static void td__spec_opts(lua_State *L, int t, td_spec_t *s) {
   lua_getfield(L, t, "retry_exceptions");
   s->retry_exceptions = (uint8_t)lua_toboolean(L, -1);
   lua_pop(L, 1);
+  lua_getfield(L, t, "pipeline");
+  s->pipeline = (uint8_t)lua_toboolean(L, -1);
+  lua_pop(L, 1);
   td__optstr(L, t, "name", s->name, sizeof(s->name));
   td__optstr(L, t, "namespace", s->ns, sizeof(s->ns));
   lua_getfield(L, t, "resources");

@@ -76,6 +76,7 @@ static td_buf_t td__out;
 char td__home[4096];              /* TIDE_HOME, for new states' package.path */
 static int td__gpu_env_set;       /* a task here set CUDA_VISIBLE_DEVICES */
 static double td__last_read;      /* when the socket was last drained */
+static double td__flushed_at;     /* when the channel's output was last flushed */
 static int td__remote;            /* a client over the TCP bridge */
 static td_map_t td__abandoned;    /* req -> 1: waits given up locally */
 static td_actor_st_t *td__dead_actors; /* destroyed actors, freed between frames */
@@ -105,6 +106,15 @@ static void td__defer(uint8_t type, const uint8_t *p, uint32_t len) {
 static void td__flush(void) {
   td_core_flush_refs();
   if (td_chan_flush_all(&td_ctx.ch)) _exit(0);
+  td__flushed_at = td_now();
+}
+
+/* Between frames: results wait while more frames are here, so that many
+ * quick tasks' DONEs go out in one write; but not past 1 ms, or a task
+ * pipelined behind a long one would hold the long one's DONE back for the
+ * whole of its own run (and its submitter's next task with it). */
+static void td__flush_if_late(void) {
+  if (td_now() - td__flushed_at > 0.001) td__flush();
 }
 
 /* Reads whatever is there; exits when the node is gone. Returns poll's. */
@@ -1104,6 +1114,7 @@ int td_worker_main(int argc, char **argv) {
       if (!td__dq_head) td__dq_tail = NULL;
       td__dispatch(f->type, f->data, f->len);
       free(f);
+      td__flush_if_late();
     }
     uint8_t type;
     const uint8_t *p;
@@ -1117,6 +1128,7 @@ int td_worker_main(int argc, char **argv) {
       td_buf_reset(&cur);
       td_buf_put(&cur, p, len);
       td__dispatch(type, cur.p, len);
+      td__flush_if_late();
     }
     if (td__dq_head) continue;
     if (td_ctx.mapped) td__collect();

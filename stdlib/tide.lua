@@ -72,7 +72,8 @@ local COMMON = {
   name = "string", placement_group = "table", bundle_index = "number",
   scheduling_strategy = "string|table", runtime_env = "table",
 }
-local TASK_OPTS = {max_retries = "number", num_returns = "number|string", retry_exceptions = "boolean"}
+local TASK_OPTS = {max_retries = "number", num_returns = "number|string", retry_exceptions = "boolean",
+  pipeline = "boolean"}
 local ACTOR_OPTS = {
   max_restarts = "number", max_task_retries = "number", namespace = "string",
   lifetime = "string", max_concurrency = "number", get_if_exists = "boolean",
@@ -181,7 +182,7 @@ local function normalize(o, is_actor)
     resources = res, name = o.name, namespace = o.namespace,
     max_retries = o.max_retries, max_restarts = o.max_restarts,
     max_task_retries = o.max_task_retries, max_concurrency = o.max_concurrency,
-    detached = o.lifetime == "detached", retry_exceptions = o.retry_exceptions,
+    detached = o.lifetime == "detached", retry_exceptions = o.retry_exceptions, pipeline = o.pipeline,
     own_process = o.own_process,
   }
   if o.placement_group then

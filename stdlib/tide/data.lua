@@ -335,9 +335,10 @@ local MB_OPTS = set_of("batch_size", "fuse", "concurrency", "num_gpus", "num_cpu
 
 -- A unit of a map_batches stage (one task or actor call, one part file when
 -- the stage writes) carries at most this many rows when batches_per_unit is
--- not given (but always at least one batch): the stage before cuts its
--- blocks to this size, so a unit decodes about the rows it uses.
-M.UNIT_MAX_ROWS = 8192
+-- not given (but always at least one batch), fewer when its rows are large
+-- (tide.data.exec's UNIT_MAX_BYTES): the stage before cuts its blocks to
+-- this size, so a unit decodes about the rows it uses.
+M.UNIT_MAX_ROWS = 16384
 
 -- ds:map_batches(fn(batch) -> batch, opts) with tasks, or
 -- ds:map_batches({init = fn(self, ...), call = fn(self, batch)}, opts) with a
@@ -527,10 +528,13 @@ local function compile(ds, run, sink, discard)
       def.max_in_flight = def.max_in_flight or run.max_in_flight or (def.concurrency[2] * per + 2)
     else
       plan.batch_fn = def.fn
-      local topts = {max_retries = 0, name = "tide.data:" .. def.name}
+      -- pipeline: the executor bounds the units in flight, so each worker
+      -- may hold its next unit while it runs one (no idle round trip).
+      local topts = {max_retries = 0, name = "tide.data:" .. def.name, pipeline = true}
       for k, v in pairs(def.task_opts) do topts[k] = v end
       def.rf = tide.remote(topts, function(spec, ...) return W.run(plan, nil, spec, ...) end)
       local conc = def.concurrency and def.concurrency[2]
+      def.slots = conc or ncpu -- the units that run at once, for the last units' sizes
       def.max_in_flight = def.max_in_flight or run.max_in_flight or conc or 2 * ncpu
     end
   end

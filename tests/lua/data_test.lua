@@ -405,6 +405,39 @@ t.test("task stage units carry several batches; cheap batches travel many to a u
   t.ok(st.units <= 20, "200 cheap batches took " .. st.units .. " task units")
 end)
 
+-- The rows of each part file of dir, in order.
+local function part_rows(dir)
+  local out = {}
+  for _, name in ipairs(ls(dir)) do
+    local _, n = read_file(dir .. "/" .. name):gsub("\n", "")
+    out[#out + 1] = n
+  end
+  return out
+end
+
+t.test("a unit's rows are capped by their bytes in the store, and the last units shrink to share the tail", function()
+  local function run(name, rows, make)
+    local dir = DIR .. "/" .. name
+    local ds = data.range(rows, {block_rows = 5000})
+    if make then ds = ds:map(make) end
+    ds:map_batches(function(batch) return batch end, {batch_size = 100, fuse = false}):write_jsonl(dir)
+    local parts, total, most = part_rows(dir), 0, 0
+    for _, n in ipairs(parts) do total = total + n; most = math.max(most, n) end
+    t.eq(total, rows)
+    return parts, most
+  end
+  -- Rows of 8 bytes (an id): beyond the 8,192 rows a unit once carried.
+  local small, most = run("units-small", 100000)
+  t.ok(most > 8192 and most <= data.UNIT_MAX_ROWS, "largest unit of small rows: " .. most .. " rows")
+  -- Once the input has ended, each unit takes its share of what is left
+  -- between the two workers: the last two are at most half the largest.
+  t.ok(small[#small] <= most / 2 and small[#small - 1] <= most / 2,
+    string.format("last units %d and %d rows, largest %d", small[#small - 1], small[#small], most))
+  -- Rows of about 1 KB: 1 MiB of them is about 1,000 rows (whole batches).
+  local _, big = run("units-big", 20000, function(r) return {id = r.id, s = string.rep("x", 1000) .. r.id} end)
+  t.ok(big >= 100 and big <= 1100, "largest unit of 1 KB rows: " .. big .. " rows")
+end)
+
 t.test("a task batch that raises inside a unit of several: the same as in a pool", function()
   batch_failures("task")
 end)

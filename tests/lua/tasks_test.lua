@@ -363,4 +363,41 @@ t.test("a named task reports its name in the runtime context or works normally",
   t.ok(id ~= nil, "task_id missing in a task's runtime context")
 end)
 
+t.local_test("pipeline = true: tasks queue at busy workers however long they run; without it they wait at the node", function()
+  -- Two CPUs: a short task and a long one run; two more short ones
+  -- follow. Without pipeline they wait at the node and both run on the
+  -- worker that finished first; with it they are sent at once, one to each
+  -- worker, so one of them waits behind the long task.
+  local f = function(s) tide.sleep(s); return tide.get_runtime_context().pid end
+  for _, pipe in ipairs({false, true}) do
+    local g = tide.remote({pipeline = pipe}, f)
+    local refs = {g:remote(0.05), g:remote(1.0), g:remote(0.05), g:remote(0.05)}
+    local pid = {}
+    for i, r in ipairs(refs) do pid[i] = tide.get(r) end
+    local behind = pid[3] == pid[2] or pid[4] == pid[2]
+    t.ok(pid[1] ~= pid[2], "the first two tasks ran in one worker")
+    t.eq(behind, pipe, "pipeline = " .. tostring(pipe) .. ": a short task ran behind the long one")
+  end
+  t.raises(function() tide.remote({pipeline = 1}, f) end, "pipeline")
+end)
+
+t.local_test("a task's result reaches the driver when it ends, not after the task pipelined behind it", function()
+  -- Busy, not asleep: a task that sends nothing (a sleep's WAIT would
+  -- carry the DONE before it out with it).
+  local g = tide.remote({pipeline = true}, function(s)
+    local clock = require("tide.rawbench").now
+    local stop = clock() + s
+    while clock() < stop do end
+    return true
+  end)
+  local raw = require("tide.rawbench")
+  local refs = {g:remote(0.4), g:remote(0.4), g:remote(0.8), g:remote(0.8)}
+  local t0 = raw.now()
+  t.eq(tide.get(refs[1]), true)
+  local took = raw.now() - t0
+  -- 0.4 s and the round trip; 1.2 s if its DONE waited for the next task.
+  t.ok(took < 1.0, string.format("the first result took %.2f s", took))
+  for i = 2, 4 do t.eq(tide.get(refs[i]), true) end
+end)
+
 t.done()

@@ -14,7 +14,7 @@ local W = require("tide.data.worker")
 
 local type, pairs, ipairs, pcall, error, tostring, setmetatable =
   type, pairs, ipairs, pcall, error, tostring, setmetatable
-local format, floor, min = string.format, math.floor, math.min
+local format, floor, ceil, min = string.format, math.floor, math.ceil, math.min
 local unpack = unpack
 local now = W.now
 
@@ -28,6 +28,18 @@ local E = {}
 -- batch of 1 µs rows does not cover) and a slow model's batches one at a
 -- time.
 E.UNIT_TARGET_S = 0.1
+
+-- A unit's input takes at most about this many bytes in the store (rows of
+-- blocks that were not packed count UNKNOWN_ROW_BYTES each), and at most
+-- data.UNIT_MAX_ROWS rows. Small rows (an id and a number) travel up to
+-- 16,384 a unit, so that a unit of 1 µs rows is more than a few ms of work
+-- for its task's trip through the driver and the node (at 8,192, before
+-- task stages were pipelined, the workers sat idle 8-15% of a stage run
+-- between units); not more, as units of 65,536 such rows cost 5-10% more
+-- CPU a row, their rows no longer in the caches. Large rows (text,
+-- images) travel fewer, so a unit's memory stays about the same.
+E.UNIT_MAX_BYTES = 2 ^ 20
+E.UNKNOWN_ROW_BYTES = 128
 
 -- -- Errors ----------------------------------------------------------------
 
@@ -98,7 +110,7 @@ local function new_stage(ex, def, index)
   local st = setmetatable({ex = ex, def = def, index = index, name = def.name,
     kind = def.kind, running = 0, n_done = 0, done = {}, next_read = 1, next_seq = 1,
     next_idx = 1, pending = {}, pending_rows = 0, retry = {}, cap = def.max_in_flight,
-    sizes = nil,
+    sizes = nil, in_rows = 0, in_bytes = 0,
     st = {name = def.name, kind = def.kind == "actors" and "actor pool" or "tasks",
       rows_in = 0, rows_out = 0, blocks = 0, units = 0, calls = 0, retries = 0, skipped_rows = 0,
       skipped_batches = 0, busy_s = 0, peak_in_flight = 0, max_in_flight = def.max_in_flight,
@@ -318,16 +330,39 @@ local function take_batch(st, k)
     attempts = 1, rows = k, first = first, last = first + k - 1}
 end
 
+-- Counts an input block's rows and bytes: a stage that sizes its own
+-- units carries at most the rows of that size that E.UNIT_MAX_BYTES holds.
+local function note_size(st, n, size)
+  st.in_rows, st.in_bytes = st.in_rows + n, st.in_bytes + (size or E.UNKNOWN_ROW_BYTES * n)
+  if not st.bpu_auto then return end
+  local b = floor(E.UNIT_MAX_BYTES * st.in_rows / (st.in_bytes + 1) / st.def.batch_size)
+  st.bpu_max = b < 1 and 1 or (b > st.bpu_cap and st.bpu_cap or b)
+  if st.bpu > st.bpu_max then st.bpu = st.bpu_max end
+end
+
 -- Takes an output block of the stage before into this stage's pending
 -- input: a block, or the parts it was cut into for this stage's batches.
 local function absorb(st, m)
   if m.n == 0 then return end
   if m.parts then
-    for _, p in ipairs(m.parts) do st.pending[#st.pending + 1] = {ref = p.ref, n = p.n, off = 0} end
+    for _, p in ipairs(m.parts) do
+      st.pending[#st.pending + 1] = {ref = p.ref, n = p.n, off = 0}
+      note_size(st, p.n, p.size)
+    end
   else
     st.pending[#st.pending + 1] = {ref = m.ref, n = m.n, off = 0}
+    note_size(st, m.n, m.size)
   end
   st.pending_rows = st.pending_rows + m.n
+end
+
+-- The most rows the next unit takes once the stage's input has ended: its
+-- share of the rows left among the stage's workers (guided
+-- self-scheduling), in whole batches, so the last units shrink and the
+-- workers finish together instead of one running a full unit alone.
+local function tail_rows(st, bs)
+  local workers = st.pool and #st.pool.actors or st.def.slots or 1
+  return ceil(st.pending_rows / (workers * bs)) * bs
 end
 
 -- Whether the stage can start one more unit now.
@@ -405,6 +440,7 @@ local function schedule_stage(ex, st)
     if bs then
       if st.pending_rows < unit_rows and not ended then break end
       k = min(unit_rows, st.pending_rows)
+      if ended and st.bpu_auto then k = min(k, tail_rows(st, bs)) end
     else
       k = st.pending[1].n - st.pending[1].off -- one batch per input block
     end
@@ -477,6 +513,7 @@ function E.new(defs, opts)
     -- Batches per unit of a map_batches stage: fixed, or measured
     -- (starting at one).
     st.bpu, st.bpu_max = def.batches_per_unit or 1, def.max_batches_per_unit or 1
+    st.bpu_cap = st.bpu_max
     st.bpu_auto = def.batches_per_unit == nil and def.batch_size ~= nil and not def.repartition
     ex.stages[i] = st
   end

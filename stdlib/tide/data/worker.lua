@@ -153,6 +153,20 @@ function W.pack_range(lo, hi)
   return {n = n, keys = {"id"}, kinds = {"number"}, cols = {ffi.string(ids, 8 * n)}}
 end
 
+-- The bytes a block made by W.pack takes in the store (its columns), or
+-- nil for rows that travel as they are (their size is not known here).
+function W.packed_bytes(b)
+  if b.rows then return nil end
+  local size, cols = 0, b.cols
+  for c = 1, #cols do
+    local col = cols[c]
+    if type(col) == "string" then size = size + #col
+    elseif col.c ~= nil then size = size + #col.c
+    else size = size + #col.s + #col.lens end
+  end
+  return size
+end
+
 -- Sets field k of out[base + 1 .. base + hi - lo + 1] to values lo..hi of
 -- a packed column (kind: number, boolean or string).
 local function unpack_column(k, kind, col, lo, hi, out, base)
@@ -608,16 +622,19 @@ end
 -- Puts a unit's n output rows into the store: one block (meta.ref), or,
 -- when the next stage takes at most k rows a unit, parts of k rows
 -- (meta.parts), so that each of its units decodes only the rows it uses.
--- block(lo, hi) makes the block of rows lo..hi.
+-- block(lo, hi) makes the block of rows lo..hi. Each block's packed bytes
+-- go with it (size), so that the next stage sizes its units by bytes.
 local function put_blocks(meta, n, k, block)
   if not k or n <= k then
-    meta.ref = tide.put(block(1, n))
+    local b = block(1, n)
+    meta.ref, meta.size = tide.put(b), W.packed_bytes(b)
     return
   end
   local parts = {}
   for lo = 1, n, k do
     local hi = math.min(n, lo + k - 1)
-    parts[#parts + 1] = {ref = tide.put(block(lo, hi)), n = hi - lo + 1}
+    local b = block(lo, hi)
+    parts[#parts + 1] = {ref = tide.put(b), n = hi - lo + 1, size = W.packed_bytes(b)}
   end
   meta.parts = parts
 end
