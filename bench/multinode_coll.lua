@@ -1,7 +1,7 @@
 -- tide.collective across nodes, for `tide bench multinode` (bench.lua runs
 -- it attached to the head of its loopback cluster: node-1 and node-2 run
 -- the ranks). Prints multinode_allreduce_f32_sum_<size> (bus bandwidth,
--- 2 ranks on 2 nodes, AES-128-GCM streams unless the cluster runs
+-- 2 ranks on 2 nodes, AES-128-OCB streams unless the cluster runs
 -- --data-plane plain) and, where mpirun is installed, Open MPI's allreduce
 -- over its TCP transport (mpirun --mca btl self,tcp, 2 ranks, this host)
 -- at the same sizes in the same run, with Tide's ratio to it.

@@ -6,9 +6,10 @@
  * that already hold them in their own memory, step after step, and waits
  * on each piece. A stream straight between the two ranks costs no hop
  * through either daemon. The wire format follows the data plane's: the
- * same AES-128-GCM records (u32 length, u8 type, 3 zero bytes as AAD,
- * payload, 16-byte tag; the nonce is the record's number, keys fresh per
- * stream) and the same handshake shape (both ends' random nonces, HMAC-
+ * same records (u32 length, u8 type, 3 zero bytes as AAD, payload, 16-byte
+ * tag; the nonce is the record's number, keys fresh per stream), sealed
+ * with AES-128-OCB rather than GCM (td__dir_init says why; plain streams
+ * keep GCM's GMAC), and the same handshake shape (both ends' random nonces, HMAC-
  * SHA256 proofs of a shared secret, one key per direction derived from the
  * secret and the whole handshake). The secret is the group's: rank 0 makes
  * it and hands it out through the head's KV, which only CURVE-
@@ -54,7 +55,7 @@
 #define TD__CN_AHEAD (512u << 10)
 #define TD__CN_HDR 8
 #define TD__CN_TAG 16
-#define TD__CN_MAGIC "TDC1"
+#define TD__CN_MAGIC "TDC2" /* 2: AES-128-OCB records (1: AES-128-GCM) */
 #define TD__CN_HELLO 41 /* magic, mode, u32 rank, 32-byte nonce */
 
 typedef struct td__cdir {
@@ -106,14 +107,24 @@ static void td__hmac(const uint8_t *key, const char *label, const uint8_t *p, si
   HMAC(EVP_sha256(), key, 32, buf, ll + len, out, &ol);
 }
 
-static int td__dir_init(td__cdir_t *d, const uint8_t *secret, const char *label, const uint8_t *hs,
-                        size_t hl) {
+/* A direction's cipher (enc: 1 sending, 0 receiving), keyed from the
+ * secret and the handshake. Encrypted streams use AES-128-OCB (RFC 7253):
+ * with the CPU's vector AES it seals and opens at 7.7-8.2 GB/s a core
+ * here against AES-128-GCM's 3.8-4.4 (`openssl speed -evp aes-128-ocb
+ * -bytes 65536`, the two in the same minute), and every byte a rank moves
+ * passes it twice (it seals what it sends and opens what it receives), so
+ * the cipher was over half of a rank's time. Plain streams authenticate
+ * with GCM's GMAC, which reads the payload once without the AES. */
+static int td__dir_init(td__cdir_t *d, int plain, int enc, const uint8_t *secret, const char *label,
+                        const uint8_t *hs, size_t hl) {
   uint8_t k[32];
   td__hmac(secret, label, hs, hl, k);
   d->cx = EVP_CIPHER_CTX_new();
-  int ok = d->cx && EVP_CipherInit_ex(d->cx, EVP_aes_128_gcm(), NULL, NULL, NULL, -1) &&
-           EVP_CIPHER_CTX_ctrl(d->cx, EVP_CTRL_GCM_SET_IVLEN, 12, NULL) &&
-           EVP_CipherInit_ex(d->cx, NULL, NULL, k, NULL, -1);
+  int ok = d->cx &&
+           EVP_CipherInit_ex(d->cx, plain ? EVP_aes_128_gcm() : EVP_aes_128_ocb(), NULL, NULL, NULL, enc) &&
+           EVP_CIPHER_CTX_ctrl(d->cx, EVP_CTRL_AEAD_SET_IVLEN, 12, NULL) &&
+           (plain || EVP_CIPHER_CTX_ctrl(d->cx, EVP_CTRL_AEAD_SET_TAG, TD__CN_TAG, NULL)) &&
+           EVP_CipherInit_ex(d->cx, NULL, NULL, k, NULL, enc);
   OPENSSL_cleanse(k, sizeof(k));
   d->seq = 0;
   return ok ? 0 : -1;
@@ -129,15 +140,28 @@ static void td__rec_begin(td__cdir_t *d, int enc, const uint8_t hdr[TD__CN_HDR])
 }
 
 /* Payload bytes in to out (may be the same): encrypted/decrypted, or,
- * plain, authenticated only. */
-static void td__rec_update(td__cdir_t *d, int plain, uint8_t *out, const uint8_t *in, size_t len) {
-  int l;
+ * plain, authenticated only. Returns the bytes written to out so far: OCB
+ * holds back a last partial block until td__rec_end. */
+static size_t td__rec_update(td__cdir_t *d, int plain, uint8_t *out, const uint8_t *in, size_t len) {
+  int l = 0;
   if (plain) {
     EVP_CipherUpdate(d->cx, NULL, &l, in, (int)len);
     if (out != in) memcpy(out, in, len);
-  } else {
-    EVP_CipherUpdate(d->cx, out, &l, in, (int)len);
+    return len;
   }
+  EVP_CipherUpdate(d->cx, out, &l, in, (int)len);
+  return (size_t)l;
+}
+
+/* Ends a record whose payload goes to out (done bytes of it written):
+ * its last bytes written, and its tag made into tag (sending) or checked
+ * against it (receiving). 0, or -1 when the tag is wrong. */
+static int td__rec_end(td__cdir_t *d, int enc, uint8_t *out, size_t done, uint8_t *tag) {
+  uint8_t none[16] = {0};
+  int l;
+  if (!enc) EVP_CIPHER_CTX_ctrl(d->cx, EVP_CTRL_AEAD_SET_TAG, TD__CN_TAG, tag);
+  if (EVP_CipherFinal_ex(d->cx, out ? out + done : none, &l) != 1) return -1;
+  return enc ? (EVP_CIPHER_CTX_ctrl(d->cx, EVP_CTRL_AEAD_GET_TAG, TD__CN_TAG, tag) == 1 ? 0 : -1) : 0;
 }
 
 /* A group that failed in an operation shuts every stream: the other ranks
@@ -243,12 +267,11 @@ static void td__tune(int fd) {
 
 static int td__peer_keys(td_cnet_t *c, td__cpeer_t *p, const uint8_t *secret, const uint8_t *hs, size_t hl,
                          int server) {
-  if (td__dir_init(&p->tx, secret, server ? "s2c" : "c2s", hs, hl) ||
-      td__dir_init(&p->rx, secret, server ? "c2s" : "s2c", hs, hl))
+  if (td__dir_init(&p->tx, c->plain, 1, secret, server ? "s2c" : "c2s", hs, hl) ||
+      td__dir_init(&p->rx, c->plain, 0, secret, server ? "c2s" : "s2c", hs, hl))
     return -1;
   p->obuf = malloc(TD__CN_HDR + TD__CN_REC + TD__CN_TAG);
   p->ibuf = malloc(TD__CN_HDR + TD__CN_REC + TD__CN_TAG);
-  (void)c;
   return p->obuf && p->ibuf ? 0 : -1;
 }
 
@@ -412,10 +435,8 @@ static size_t td__seal(td_cnet_t *c, td__cpeer_t *p, const uint8_t *src, size_t 
   memset(h, 0, TD__CN_HDR);
   memcpy(h, &l32, 4);
   td__rec_begin(&p->tx, 1, h);
-  td__rec_update(&p->tx, c->plain, h + TD__CN_HDR, src, k);
-  int l;
-  EVP_CipherFinal_ex(p->tx.cx, NULL, &l);
-  EVP_CIPHER_CTX_ctrl(p->tx.cx, EVP_CTRL_GCM_GET_TAG, TD__CN_TAG, h + TD__CN_HDR + k);
+  size_t w = td__rec_update(&p->tx, c->plain, h + TD__CN_HDR, src, k);
+  td__rec_end(&p->tx, 1, h + TD__CN_HDR, w, h + TD__CN_HDR + k);
   p->olen = TD__CN_HDR + k + TD__CN_TAG;
   p->opos = 0;
   if (c->tamper && p->tx.seq == (uint64_t)c->tamper) h[TD__CN_HDR + k / 2] ^= 0x40;
@@ -458,10 +479,9 @@ static int td__pull(td_cnet_t *c, int peer, uint8_t *dst, size_t room, size_t *t
    * operation fails and the group with it: nothing reads them as a result. */
   int direct = room >= len;
   td__rec_begin(&p->rx, 0, p->ibuf);
-  td__rec_update(&p->rx, c->plain, direct ? dst : body, body, len);
-  EVP_CIPHER_CTX_ctrl(p->rx.cx, EVP_CTRL_GCM_SET_TAG, TD__CN_TAG, body + len);
-  int l;
-  if (EVP_CipherFinal_ex(p->rx.cx, NULL, &l) != 1)
+  uint8_t *out = direct ? dst : body;
+  size_t w = td__rec_update(&p->rx, c->plain, out, body, len);
+  if (td__rec_end(&p->rx, 0, c->plain ? NULL : out, w, body + len))
     return td__fail(c, peer, 0, "%s", "a record failed authentication: the stream is closed");
   p->pbeg = 0;
   p->pend = direct ? 0 : len;

@@ -1,6 +1,6 @@
 /* Tide collectives across nodes: a ring transport (gpu/ring.h) over TCP
- * streams between the ranks of a group, AES-128-GCM records (or GMAC only,
- * --data-plane plain) keyed per stream from a secret the group's rank 0
+ * streams between the ranks of a group, AES-128-OCB records (or GCM's GMAC
+ * only, --data-plane plain) keyed per stream from a secret the group's rank 0
  * makes and hands out through the head's KV (coll_net.c, and
  * docs/architecture.md, "Collectives across nodes"). */
 #ifndef TD_COLL_NET_H

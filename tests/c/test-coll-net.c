@@ -4,12 +4,17 @@
  * a rank with another secret is refused at the handshake; a record changed
  * in flight fails authentication; a rank that dies fails the others'
  * operation at once, naming it, and a failed rank's streams close so the
- * others fail too instead of waiting. */
+ * others fail too instead of waiting; and, through a relay that keeps
+ * what crosses the wire, a rank's bytes never appear there encrypted. */
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -21,6 +26,56 @@
 #define COUNT 300007 /* floats: several records a piece, not divisible by 3 */
 
 typedef int (*cn_fn)(td_cnet_t *c, td_ring_t *r, int rank, int n, char *msg);
+
+/* When set, rank 1 reaches rank 0 through a relay that keeps the first
+ * CN_TAP bytes rank 1 sends, as they cross the wire (memory shared with
+ * the relay's process). */
+#define CN_TAP (1u << 20)
+static uint8_t *cn_tap;
+
+/* The relay: one connection from lfd to port on loopback, both ways,
+ * until either end closes. Its writes may block: the ranks always read. */
+static void cn_relay(int lfd, int port) {
+  struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  int a = accept(lfd, NULL, NULL), b = socket(AF_INET, SOCK_STREAM, 0);
+  if (a < 0 || b < 0 || connect(b, (struct sockaddr *)&sa, sizeof(sa))) _exit(1);
+  static char buf[65536];
+  size_t got = 0;
+  struct pollfd pf[2] = {{a, POLLIN, 0}, {b, POLLIN, 0}};
+  while (poll(pf, 2, -1) > 0)
+    for (int i = 0; i < 2; i++) {
+      ssize_t k = pf[i].revents ? read(pf[i].fd, buf, sizeof(buf)) : 0;
+      if (pf[i].revents && k <= 0) _exit(0);
+      size_t m = i == 0 && got < CN_TAP ? ((size_t)k < CN_TAP - got ? (size_t)k : CN_TAP - got) : 0;
+      memcpy(cn_tap + got, buf, m);
+      got += m;
+      if (k > 0 && write(pf[1 - i].fd, buf, (size_t)k) != k) _exit(0);
+    }
+  _exit(0);
+}
+
+/* Starts the relay to rank 0's port (when cn_tap is set): its pid, and
+ * the port the other ranks are to connect to instead; else 0. */
+static pid_t cn_relay_start(int *port0) {
+  if (!cn_tap) return 0;
+  struct sockaddr_in sa = {.sin_family = AF_INET};
+  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t sl = sizeof(sa);
+  int lfd = socket(AF_INET, SOCK_STREAM, 0);
+  if (lfd < 0 || bind(lfd, (struct sockaddr *)&sa, sizeof(sa)) || listen(lfd, 1) ||
+      getsockname(lfd, (struct sockaddr *)&sa, &sl))
+    abort();
+  pid_t pid = fork();
+  if (pid == 0) {
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    alarm(30);
+    cn_relay(lfd, *port0);
+  }
+  close(lfd);
+  *port0 = ntohs(sa.sin_port);
+  return pid;
+}
 
 /* Forks n ranks, each joining with secret (rank `odd` with another one
  * when odd >= 0) and running fn; each rank's exit code and message (first
@@ -34,6 +89,7 @@ static void cn_run(int n, int plain, int odd, const char *tamper_rank1, cn_fn fn
     if (td_cnet_listen(&cs[r], "127.0.0.1", &ports[r])) abort();
     hosts[r] = "127.0.0.1";
   }
+  pid_t relay = cn_relay_start(&ports[0]);
   char(*shared)[200] = mmap(NULL, N_MAX * 200, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
   memset(shared, 0, N_MAX * 200);
   pid_t pids[N_MAX];
@@ -69,6 +125,7 @@ static void cn_run(int n, int plain, int odd, const char *tamper_rank1, cn_fn fn
     codes[r] = WIFEXITED(st) ? WEXITSTATUS(st) : 100 + (WIFSIGNALED(st) ? WTERMSIG(st) : 0);
     memcpy(msgs[r], shared[r], 200);
   }
+  if (relay) waitpid(relay, NULL, 0);
   munmap(shared, N_MAX * 200);
 }
 
@@ -341,3 +398,41 @@ static int cn_send_late(td_cnet_t *c, td_ring_t *r, int rank, int n, char *msg) 
 }
 
 TEST_IMPL(coll_net_send_to_late_receiver) { return cn_pair_ok(cn_send_late); }
+
+/* What crosses the wire: encrypted, none of rank 1's bytes appear in it;
+ * plain (authenticated only), they do, so the search itself can fail. */
+static float cn_mark(size_t i) { return 1000.25f + (float)i; }
+
+static int cn_marked(td_cnet_t *c, td_ring_t *r, int rank, int n, char *msg) {
+  (void)r;
+  (void)n;
+  size_t cnt = 65536;
+  float *x = malloc(cnt * sizeof(float));
+  for (size_t i = 0; i < cnt; i++) x[i] = rank == 1 ? cn_mark(i) : 0;
+  int rc = td_cnet_allreduce_pair(c, 1 - rank, x, cnt, TD_RING_SUM);
+  int bad = rc || x[0] != cn_mark(0) || x[cnt - 1] != cn_mark(cnt - 1);
+  snprintf(msg, 200, "%d %g %s", rc, x[cnt - 1], td_cnet_error(c));
+  free(x);
+  return bad;
+}
+
+TEST_IMPL(coll_net_bytes_encrypted) {
+  float mark[256];
+  for (size_t i = 0; i < 256; i++) mark[i] = cn_mark(i);
+  for (int plain = 0; plain <= 1; plain++) {
+    cn_tap = mmap(NULL, CN_TAP, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    ASSERT(cn_tap != MAP_FAILED);
+    int codes[N_MAX];
+    char msgs[N_MAX][200];
+    cn_run(2, plain, -1, NULL, cn_marked, codes, msgs);
+    for (int r = 0; r < 2; r++) {
+      if (codes[r]) fprintf(stderr, "plain %d rank %d: %d %s\n", plain, r, codes[r], msgs[r]);
+      ASSERT_EQ(codes[r], 0);
+    }
+    int seen = memmem(cn_tap, CN_TAP, mark, sizeof(mark)) != NULL;
+    munmap(cn_tap, CN_TAP);
+    cn_tap = NULL;
+    ASSERT_EQ(seen, plain);
+  }
+  return 0;
+}

@@ -10,7 +10,7 @@
 # (hierarchical: shared memory inside the node, streams between nodes)
 # agrees with one node too, and so does a group of 3 ranks over 2 nodes
 # (the nodes' first ranks exchange instead of running the ring); the
-# streams are AES-128-GCM (plain with --data-plane plain, and two such
+# streams are AES-128-OCB (plain with --data-plane plain, and two such
 # groups agree); a rank's node killed in the middle of allreduces fails the others at once with NodeDiedError
 # naming the rank and node; tide.train with 2 workers spread over 2 nodes
 # trains to the loss of the same run on one node, and when node-2 is

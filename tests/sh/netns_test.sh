@@ -111,7 +111,7 @@ check "the nodes open data-plane streams to the head at its veth addresses (AES-
    grep -q "data plane: stream to $NET2.1:[0-9]* up (AES-128-GCM)" $D/n2/node.log' \
   "$(grep -h 'data plane' $D/n1/node.log $D/n2/node.log)"
 # A tide.collective group over the two namespaces: rank 0 on node-1, rank
-# 1 on node-2, streams between the nodes' own addresses (AES-128-GCM).
+# 1 on node-2, streams between the nodes' own addresses (AES-128-OCB).
 cat > $D/coll.lua <<'LUA'
 local tide = require("tide")
 local body = tide.remote({num_cpus = 0}, function(rank)
