@@ -20,7 +20,7 @@
 /* clang-format off */
 #define TD__CRYPTO_FNS(_) \
   _(CRYPTO_memcmp) _(EVP_CIPHER_CTX_ctrl) _(EVP_CIPHER_CTX_free) _(EVP_CIPHER_CTX_new) \
-  _(EVP_CipherFinal_ex) _(EVP_CipherInit_ex) _(EVP_CipherUpdate) _(EVP_aes_128_gcm) \
+  _(EVP_CipherFinal_ex) _(EVP_CipherInit_ex) _(EVP_CipherUpdate) _(EVP_aes_128_gcm) _(EVP_aes_128_ocb) \
   _(EVP_sha256) _(HMAC) _(OPENSSL_cleanse) _(RAND_bytes) _(SHA256)
 /* clang-format on */
 
@@ -46,6 +46,7 @@ const char *td_crypto_error(void);
 #define EVP_CipherInit_ex td_crypto.EVP_CipherInit_ex
 #define EVP_CipherUpdate td_crypto.EVP_CipherUpdate
 #define EVP_aes_128_gcm td_crypto.EVP_aes_128_gcm
+#define EVP_aes_128_ocb td_crypto.EVP_aes_128_ocb
 #define EVP_sha256 td_crypto.EVP_sha256
 #define HMAC td_crypto.HMAC
 #define OPENSSL_cleanse td_crypto.OPENSSL_cleanse

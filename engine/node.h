@@ -134,6 +134,9 @@ void td_node_stream_release(td_node_t *n, uint64_t stream, uint32_t idx);
 
 /* Registers a function or actor class descriptor under id. */
 void td_node_register_fn(td_node_t *n, uint64_t id, const uint8_t *blob, size_t len);
+/* The descriptor registered under id (*len its bytes), or NULL when this
+ * node has none. */
+const uint8_t *td_node_fn(td_node_t *n, uint64_t id, size_t *len);
 /* Submits a task, actor creation or actor call. The return objects are
  * created with one reference each, held by the submitter. Returns 0 or
  * TD_EINVAL with *msg set (unknown resource shapes are accepted: they wait). */

@@ -526,6 +526,13 @@ void td_node_register_fn(td_node_t *n, uint64_t id, const uint8_t *blob, size_t 
   n->tasks.fn_order[n->tasks.nfn_order++] = id;
 }
 
+const uint8_t *td_node_fn(td_node_t *n, uint64_t id, size_t *len) {
+  td_fnblob_t *fb = td_map_get(&n->tasks.fns, id);
+  if (!fb) return NULL;
+  *len = fb->len;
+  return fb->data;
+}
+
 int td_node_cancel(td_node_t *n, uint64_t obj_id, int force) {
   td_obj_t *o = td__obj(n, obj_id);
   if (!o || !o->producer) return TD_ENOTFOUND;

@@ -287,13 +287,19 @@ static int c_kill(lua_State *L) {
   return 1;
 }
 
+/* core.get_actor(name, ns) -> actor id, class id, the class's definition
+ * (encoded, when this node has it: its tide.method declarations). */
 static int c_get_actor(lua_State *L) {
   const char *name = luaL_checkstring(L, 1), *ns = luaL_optstring(L, 2, "");
   uint64_t aid, cid;
   if (td_node_get_actor(td_ctx.node, name, ns, &aid, &cid)) return 0;
   td_core_pushid(L, aid);
   td_core_pushid(L, cid);
-  return 2;
+  size_t len;
+  const uint8_t *def = td_node_fn(td_ctx.node, cid, &len);
+  if (!def) return 2;
+  lua_pushlstring(L, (const char *)def, len);
+  return 3;
 }
 
 static int c_actor_state(lua_State *L) {

@@ -489,11 +489,13 @@ function M.get_actor(name, opts)
   if type(name) ~= "string" then error("tide.get_actor: name must be a string", 2) end
   ensure()
   local ns = opts and opts.namespace or ""
-  local aid, cid = core.get_actor(name, ns)
+  local aid, cid, def = core.get_actor(name, ns)
   if not aid then
     error(format("tide.get_actor: no live actor named '%s' in namespace '%s'", name, ns), 2)
   end
-  return make_handle(aid, cid)
+  -- Its class's tide.method declarations, so its calls send directly as
+  -- the creator's handle's do.
+  return make_handle(aid, cid, nil, nil, rdt.methods_in(def))
 end
 
 function M.kill(h, opts)

@@ -64,7 +64,18 @@ function M.prepare_class(class)
     end
   end
   out.__tide_rdt = dispatch
+  -- The declarations go with the class's definition too, so a handle from
+  -- tide.get_actor finds them there (M.methods_in).
+  out.__tide_rdt_methods = methods
   return out, methods
+end
+
+-- The declarations in a class's encoded definition (core.get_actor's
+-- third value), or nil: none, or a definition this process cannot load.
+function M.methods_in(def)
+  if type(def) ~= "string" then return nil end
+  local ok, class = pcall(core.decode, def)
+  return ok and type(class) == "table" and rawget(class, "__tide_rdt_methods") or nil
 end
 
 -- -- Refs this process made (the owner's side) -------------------------------

@@ -409,7 +409,7 @@ static int cn_marked(td_cnet_t *c, td_ring_t *r, int rank, int n, char *msg) {
   size_t cnt = 65536;
   float *x = malloc(cnt * sizeof(float));
   for (size_t i = 0; i < cnt; i++) x[i] = rank == 1 ? cn_mark(i) : 0;
-  int rc = td_cnet_allreduce_pair(c, 1 - rank, x, cnt, TD_RING_SUM);
+  int rc = td_cnet_allreduce_pair(c, 1 - rank, x, cnt, TD_F32, TD_RING_SUM);
   int bad = rc || x[0] != cn_mark(0) || x[cnt - 1] != cn_mark(cnt - 1);
   snprintf(msg, 200, "%d %g %s", rc, x[cnt - 1], td_cnet_error(c));
   free(x);
