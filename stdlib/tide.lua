@@ -613,40 +613,40 @@ end
 -- tide.get fetches the tensor from its producer.
 local RDT_DESC = rdt.DESC
 
-local EMBEDDED = core.is_driver -- this process runs the node: a get with timeout 0 costs no message
+-- One ref: one call into the node whether its value is ready or not (a
+-- probe with timeout 0 first made a pending get, as in a loop of remote
+-- and get, enter the node twice).
+local function get_ref(x, timeout)
+  local h = hang_first(timeout)
+  local st, v
+  if M._get_progress then
+    st, v = get_progress(core.get1, x, timeout, h, function(w) warn_hang("tide.get", x, w) end)
+  elseif h then
+    st, v = core.get1(x, h)
+    if st == ST_TIMEOUT then
+      warn_hang("tide.get", x, h)
+      st, v = core.get1(x, rest(timeout, h))
+    end
+  else
+    st, v = core.get1(x, timeout)
+  end
+  if st == ST_OK then
+    if getmetatable(v) == RDT_DESC then return rdt.fetch(v, timeout) end
+    return v
+  end
+  raise_status(st, v, "tide.get")
+end
 
 function M.get(x, opts)
-  if opts == nil and EMBEDDED and started and getmetatable(x) == REF_MT then
-    -- A ready value (the common case) needs no deadline, warning or bar.
-    local st, v = core.get1(x, 0)
-    if st == ST_OK and getmetatable(v) ~= RDT_DESC then
-      ensure()
-      return v
-    end
+  if opts == nil and getmetatable(x) == REF_MT then
+    ensure()
+    return get_ref(x, nil)
   end
   local timeout = opts and opts.timeout
   if timeout ~= nil and type(timeout) ~= "number" then error("tide.get: timeout must be a number", 2) end
   ensure()
   local h = hang_first(timeout)
-  if is_ref(x) then
-    local st, v
-    if M._get_progress then
-      st, v = get_progress(core.get1, x, timeout, h, function(w) warn_hang("tide.get", x, w) end)
-    elseif h then
-      st, v = core.get1(x, h)
-      if st == ST_TIMEOUT then
-        warn_hang("tide.get", x, h)
-        st, v = core.get1(x, rest(timeout, h))
-      end
-    else
-      st, v = core.get1(x, timeout)
-    end
-    if st == ST_OK then
-      if getmetatable(v) == RDT_DESC then return rdt.fetch(v, timeout) end
-      return v
-    end
-    raise_status(st, v, "tide.get")
-  end
+  if is_ref(x) then return get_ref(x, timeout) end
   if getmetatable(x) == Generator then
     error("tide.get: expected an ObjectRef, got a generator; iterate it to get refs", 2)
   end
