@@ -409,9 +409,10 @@ end
 
 local HANDLE_FIELDS = {_id = true, _class_id = true, _ready = true, _methods = true, _class = true, _rdt = true}
 
-ActorHandle.__index = function(h, k)
-  local m = h._methods[k]
-  if m then return m end
+-- Makes handle h's method k (kept in h._methods). Apart from __index: a
+-- function that makes a closure cannot be compiled by LuaJIT (NYI: UCLO at
+-- its returns), and __index runs at every call.
+local function make_method(h, k)
   if type(k) ~= "string" or HANDLE_FIELDS[k] or not k:match("^[%a_][%w_]*$") then return nil end
   local class = rawget(h, "_class")
   if class and type(class[k]) ~= "function" then
@@ -420,7 +421,7 @@ ActorHandle.__index = function(h, k)
   local id = rawget(h, "_id")
   local rm = rawget(h, "_rdt")
   local group = rm and rm[k]  -- declared with tide.method: its group, or false
-  m = function(self, ...)
+  local m = function(self, ...)
     if self ~= h then
       uerror(format("actor method: write actor:%s(...) with a colon, not actor.%s(...)", k, k))
     end
@@ -430,6 +431,12 @@ ActorHandle.__index = function(h, k)
   end
   h._methods[k] = m
   return m
+end
+
+ActorHandle.__index = function(h, k)
+  local m = h._methods[k]
+  if m then return m end
+  return make_method(h, k)
 end
 ActorHandle.__tostring = function(h) return "ActorHandle(" .. tostring(h._id) .. ")" end
 ActorHandle.__tide_ser = function(h) return core.encode({"actor", h._id, h._class_id, h._rdt}) end
@@ -584,7 +591,7 @@ local function xfer_bar(bar, x, t0)
 end
 
 -- get(x, seconds) -> st, v, waited for in slices: the hang warning after h
--- seconds (warn(h)), the bar after TIDE_PROGRESS_AFTER.
+-- seconds (warn(x, h)), the bar after TIDE_PROGRESS_AFTER.
 local function get_progress(get, x, timeout, h, warn)
   local now, after = core.now, env_seconds("TIDE_PROGRESS_AFTER", 0.5)
   local t0, bar = now(), nil
@@ -604,7 +611,7 @@ local function get_progress(get, x, timeout, h, warn)
       if not ok then error(st, 0) end
       return st, v
     end
-    if h and t - t0 >= h then warn(h); h = nil end
+    if h and t - t0 >= h then warn(x, h); h = nil end
     if t - t0 >= after then bar = xfer_bar(bar, x, t0) end
   end
 end
@@ -613,14 +620,19 @@ end
 -- tide.get fetches the tensor from its producer.
 local RDT_DESC = rdt.DESC
 
+local function warn_get1(x, waited) warn_hang("tide.get", x, waited) end
+
 -- One ref: one call into the node whether its value is ready or not (a
 -- probe with timeout 0 first made a pending get, as in a loop of remote
--- and get, enter the node twice).
+-- and get, enter the node twice). No closure here nor in tide.get: a
+-- function whose locals a closure keeps cannot be compiled by LuaJIT
+-- (NYI: UCLO at each return), which made a get of a ready value half as
+-- fast.
 local function get_ref(x, timeout)
   local h = hang_first(timeout)
   local st, v
   if M._get_progress then
-    st, v = get_progress(core.get1, x, timeout, h, function(w) warn_hang("tide.get", x, w) end)
+    st, v = get_progress(core.get1, x, timeout, h, warn_get1)
   elseif h then
     st, v = core.get1(x, h)
     if st == ST_TIMEOUT then
@@ -660,7 +672,7 @@ function M.get(x, opts)
   end
   local st, v
   if M._get_progress and #x > 0 then
-    st, v = get_progress(core.getn, x, timeout, h, function(w) warn_hang_first(x, w) end)
+    st, v = get_progress(core.getn, x, timeout, h, warn_hang_first)
   elseif h and #x > 0 then
     st, v = core.getn(x, h)
     if st == ST_TIMEOUT then
