@@ -163,7 +163,20 @@ void td_core_flush_refs(void) {
 uint64_t td__checkref(lua_State *L, int idx) {
   td_ref_ud_t *r = luaL_testudata(L, idx, TD_REF_MT);
   if (!r) return (uint64_t)luaL_argerror(L, idx, lua_pushfstring(L, "ObjectRef expected, got %s", luaL_typename(L, idx)));
+  if (!r->id) return (uint64_t)luaL_argerror(L, idx, "a released ObjectRef");
   return r->id;
+}
+
+/* core.release(ref): gives this handle's reference back now, as its
+ * collection would (tide.data lets a consumed block go at once instead of
+ * whenever the driver next collects). The handle is empty afterwards: a
+ * later use raises, a later collection does nothing. */
+static int c_release(lua_State *L) {
+  luaL_checkudata(L, 1, TD_REF_MT);
+  lua_settop(L, 1);
+  ref_gc(L);
+  td_core_flush_refs();
+  return 0;
 }
 
 static int ref_tostring(lua_State *L) {
@@ -362,6 +375,10 @@ static uint64_t *td__ref_ids(lua_State *L, int t, uint32_t n, uint64_t *buf) {
     td_ref_ud_t *r = luaL_testudata(L, -1, TD_REF_MT);
     if (!r) {
       luaL_error(L, "element %d is not an ObjectRef", (int)i + 1);
+      return NULL; /* not reached */
+    }
+    if (!r->id) {
+      luaL_error(L, "element %d is a released ObjectRef", (int)i + 1);
       return NULL; /* not reached */
     }
     ids[i] = r->id;
@@ -798,6 +815,7 @@ int luaopen_tide_core(lua_State *L) {
                                     {"wait", c_wait},
                                     {"stream_next", c_stream_next},
                                     {"put", c_put},
+                                    {"release", c_release},
                                     {"sleep", c_sleep},
                                     {"submit", c_submit},
                                     {"actor_new", c_actor_new},

@@ -338,6 +338,7 @@ static int td__ser(td_ser_t *s, lua_State *L, int idx, const char *what) {
     case LUA_TUSERDATA: {
       if (td__is_ref(L, idx)) {
         uint64_t id = ((td_ref_ud_t *)lua_touserdata(L, idx))->id;
+        if (!id) return td__ser_fail(s, what, "%s", "cannot send a released ObjectRef");
         td_buf_u8(&s->buf, TD_T_REF);
         td_buf_u64(&s->buf, id);
         td__push_id(&s->refs, &s->nrefs, &s->caprefs, id);
@@ -402,6 +403,11 @@ int td_ser_args(td_ser_t *s, lua_State *L, int first, int n) {
     int idx = first + i;
     if (lua_type(L, idx) == LUA_TUSERDATA && td__is_ref(L, idx)) {
       uint64_t id = ((td_ref_ud_t *)lua_touserdata(L, idx))->id;
+      if (!id) {
+        s->argi = i + 1;
+        rc = td__ser_fail(s, NULL, "%s", "cannot send a released ObjectRef");
+        break;
+      }
       td_buf_u8(&s->buf, TD_T_ARGREF);
       td_buf_u64(&s->buf, id);
       td__push_id(&s->deps, &s->ndeps, &s->capdeps, id);

@@ -546,6 +546,15 @@ end
 -- them (cancels their work, kills their pools). A finalizer only marks:
 -- it may run in the middle of any Tide call.
 local abandoned = {}
+
+-- An output block's rows; the block is let go at once (the rows are a
+-- copy), not when the caller's state next collects.
+local function fetch(m)
+  local b = W.unpack(tide.get(m.ref))
+  core.release(m.ref)
+  return b
+end
+
 local function guard(ex)
   local p = newproxy(true)
   getmetatable(p).__gc = function()
@@ -592,7 +601,7 @@ function Dataset:iter_rows(opts)
       end
       local m = ex:next_output()
       if not m then return nil end
-      block, i = m.n > 0 and W.unpack(tide.get(m.ref)) or nil, 0
+      block, i = m.n > 0 and fetch(m) or nil, 0
     end
   end
 end
@@ -622,7 +631,7 @@ function Dataset:iter_batches(opts)
       end
       local m = ex:next_output()
       if not m then return n > 0 and out or nil end
-      block, off = m.n > 0 and W.unpack(tide.get(m.ref)) or nil, 0
+      block, off = m.n > 0 and fetch(m) or nil, 0
     end
   end
 end
@@ -638,7 +647,7 @@ function Dataset:take(n, opts)
     local m = ex:next_output()
     if not m then break end
     if m.n > 0 then
-      local b = W.unpack(tide.get(m.ref))
+      local b = fetch(m)
       for i = 1, min(#b, n - #out) do out[#out + 1] = b[i] end
     end
   end

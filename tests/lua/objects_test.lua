@@ -266,6 +266,32 @@ t.test("large objects are freed from the store when dropped", function()
   t.ok(after < before + MiB, string.format("store not freed: before %d, after %d", before, after))
 end)
 
+-- core.release (internal; tide.data lets consumed blocks go with it): the
+-- object leaves the store at once, with the collector stopped, and the
+-- empty handle is refused wherever it is used, never read as another id.
+t.test("core.release frees a large object now; the released handle is refused", function()
+  local core = require("tide.core")
+  flush()
+  local before = tide.stats().store_used
+  collectgarbage("stop")
+  local r = tide.put(pattern(MiB, 5))
+  local keep = tide.put(pattern(MiB, 6))
+  t.ok(tide.stats().store_used >= before + 2 * MiB, "store_used did not grow")
+  core.release(r)
+  local after = tide.stats().store_used
+  collectgarbage("restart")
+  t.ok(after < before + 2 * MiB, string.format("not freed: before %d, after %d", before, after))
+  t.eq(tide.get(keep), pattern(MiB, 6))
+  t.raises(function() tide.get(r) end, "released ObjectRef")
+  t.raises(function() tide.wait({r}) end, "released ObjectRef")
+  t.raises(function() noop:remote(r) end, "released ObjectRef")
+  t.raises(function() noop:remote({r}) end, "released ObjectRef")
+  t.raises(function() core.release("x") end, "ObjectRef expected")
+  core.release(r) -- twice: nothing more to give back
+  r = nil
+  flush()
+end)
+
 t.test("task results are freed when their refs are dropped", function()
   flush()
   local before = tide.stats().objects

@@ -10,7 +10,9 @@
 -- predecessor stops submitting — back-pressure up to the source. Sources
 -- also pause while the store is more than 70% full.
 local tide = require("tide")
+local core = require("tide.core")
 local W = require("tide.data.worker")
+local release = core.release
 
 local type, pairs, ipairs, pcall, error, tostring, setmetatable =
   type, pairs, ipairs, pcall, error, tostring, setmetatable
@@ -166,7 +168,23 @@ local function submit(ex, st, unit)
   if f > st.st.peak_in_flight then st.st.peak_in_flight = f end
 end
 
+-- A unit is done with its input blocks (it succeeded, or was skipped):
+-- each block whose rows every unit has taken and finished is let go now.
+-- Waiting for the driver's next collection instead left consumed blocks
+-- in the store long enough, under load, to fill it and spill live ones.
+local function let_go(unit)
+  local blocks = unit.blocks
+  if not blocks then return end
+  unit.blocks = nil
+  for i = 1, unit.args.n do
+    local b = blocks[i]
+    b.users = b.users - 1
+    if b.users == 0 and b.off >= b.n then release(b.ref) end
+  end
+end
+
 local function store_output(st, unit, meta)
+  let_go(unit)
   local seq = unit.seq
   if not st.ex.preserve_order or not seq then seq = st.next_seq; st.next_seq = st.next_seq + 1 end
   st.done[seq] = meta
@@ -180,7 +198,10 @@ local function complete(ex, unit)
   ex.n_inflight = ex.n_inflight - 1
   st.running = st.running - 1
   if unit.actor then unit.actor.inflight = unit.actor.inflight - 1 end
+  -- The result holds the refs of the blocks it made: let it go now, so
+  -- that they live only as long as the handles in meta.
   local ok, meta = pcall(tide.get, unit.ref)
+  release(unit.ref)
   unit.ref = nil
   local t = now()
   st.st.last_end = t
@@ -309,13 +330,15 @@ end
 
 -- Makes one batch unit out of the first `k` pending rows.
 local function take_batch(st, k)
-  local slices, args, first = {}, {n = 0}, st.rows_batched + 1
+  local slices, args, first, blocks = {}, {n = 0}, st.rows_batched + 1, {}
   local got = 0
   while got < k do
     local b = st.pending[1]
     local take = min(k - got, b.n - b.off)
     args.n = args.n + 1
     args[args.n] = b.ref
+    blocks[args.n] = b
+    b.users = b.users + 1
     slices[#slices + 1] = {args.n, b.off + 1, b.off + take}
     b.off = b.off + take
     got = got + take
@@ -326,7 +349,7 @@ local function take_batch(st, k)
   local idx = st.next_idx
   st.next_idx = idx + 1
   local spec = {slices = slices, idx = idx, first = first, bs = st.def.batch_size}
-  return {stage = st, seq = idx, idx = idx, spec = spec, args = args,
+  return {stage = st, seq = idx, idx = idx, spec = spec, args = args, blocks = blocks,
     attempts = 1, rows = k, first = first, last = first + k - 1}
 end
 
@@ -346,11 +369,11 @@ local function absorb(st, m)
   if m.n == 0 then return end
   if m.parts then
     for _, p in ipairs(m.parts) do
-      st.pending[#st.pending + 1] = {ref = p.ref, n = p.n, off = 0}
+      st.pending[#st.pending + 1] = {ref = p.ref, n = p.n, off = 0, users = 0}
       note_size(st, p.n, p.size)
     end
   else
-    st.pending[#st.pending + 1] = {ref = m.ref, n = m.n, off = 0}
+    st.pending[#st.pending + 1] = {ref = m.ref, n = m.n, off = 0, users = 0}
     note_size(st, m.n, m.size)
   end
   st.pending_rows = st.pending_rows + m.n
