@@ -150,6 +150,7 @@ check-bare:
 
 lint:
 	sh scripts/check-layers.sh
+	sh scripts/check-sizes.sh
 	sh scripts/check-format.sh $${BASE:-HEAD~1}
 	cppcheck -q --error-exitcode=1 --enable=warning,performance engine lua gpu cmd
 	luacheck -q stdlib examples tests/lua

@@ -761,14 +761,23 @@ int td__on_join(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
 int td__on_link_reply(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
 int td__on_node_info(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
 int td__on_node_task(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
-int td__on_pkg(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
-int td__on_pkg_get(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
 td_msg_fn td__on_beat, td__on_welcome, td__on_cancel, td__on_note;
 void td__notes_free(td_wk_t *wk);
-void td__parked_drop(td_node_t *n);
 int td__hold_for_head(td_node_t *n, td_wk_t *wk, const td_spec_t *s, const uint8_t *msg, uint32_t len);
 void td__waitsubs_check(td_node_t *n, double now);
 void td__send_fns(td_node_t *n, td_wk_t *wk);
 void td__send_node_task(td_node_t *n, td_wk_t *wk, td_task_t *t);
+/* Fails the head's task htid here: a failed DONE with the error blob. */
+void td__link_fail(td_node_t *n, uint64_t task, const uint8_t *blob, size_t len);
+
+/* workdir.c: working directories (packages) of the work a head sends. */
+/* Points the spec at the copy here of its working directory, or writes
+ * the package key to fetch into key (empty when none is needed). */
+void td__node_task_wd(td_node_t *n, td_spec_t *s, char *key, size_t keylen);
+/* Parks the work message until its package arrives; asks the head once. */
+void td__node_task_park(td_node_t *n, td_wk_t *wk, const char *key, const uint8_t *msg, uint32_t msglen);
+int td__on_pkg(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
+int td__on_pkg_get(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
+void td__parked_drop(td_node_t *n);
 
 #endif

@@ -723,6 +723,59 @@ static int td__start_response(td_pend_t *p, const char *s, size_t n) {
   return 0;
 }
 
+/* The replica's stream ended in an error: an idempotent request whose
+ * replica died tries another one (or waits for one); otherwise the client
+ * gets the kind of failure and an id, and the log the message. */
+static void td__item_failed(td_pend_t *p, const uint8_t *b, size_t len) {
+  const char *kind = "", *msg = "the request failed";
+  uint32_t kl = 0, ml = (uint32_t)strlen(msg);
+  td__blob_field(b, len, "kind", &kind, &kl);
+  td__blob_field(b, len, "message", &msg, &ml);
+  int died = kl == 14 && !memcmp(kind, "ActorDiedError", 14);
+  if (died) {
+    /* No new requests for it: the controller replaces it. */
+    td_replica_t *r = td__rep(p->dep, p->actor_id);
+    if (r) r->dead = 1;
+  }
+  if (!p->started && died && p->idempotent && !p->retried) {
+    /* The replica died: an idempotent request tries another one, or
+     * waits for a replacement when none is left. */
+    uint64_t dead = p->actor_id;
+    td_replica_t *r = td__rep(p->dep, dead);
+    if (r && r->ongoing > 0) r->ongoing--;
+    p->actor_id = 0;
+    td_node_decref(td_ctx.node, p->stream);
+    p->stream = 0;
+    p->retried = 1;
+    if (td__dispatch(p, dead) == 0) return;
+    if (td__live(p->dep) == 0) {
+      p->parked_ns = uv_hrtime();
+      return;
+    }
+  }
+  p->dep->errors++;
+  /* The message (a traceback, server paths) goes to the log under an
+   * id; the client gets the id and the kind of failure only. */
+  char eid[17];
+  td__error_id(eid);
+  td__log_error(p, eid, kind, kl, msg, ml);
+  if (p->started) {
+    td_http_abort(S.srv, p->rid); /* no final chunk: the client sees it cut */
+  } else {
+    td_buf_reset(&S.buf);
+    td_buf_put(&S.buf, "{\"error\":", 9);
+    const char *say = died ? "the replica died while handling the request; retry" : "internal server error";
+    td__json_str(&S.buf, say, strlen(say));
+    td_buf_put(&S.buf, ",\"kind\":", 8);
+    td__json_str(&S.buf, kind, kl);
+    td_buf_put(&S.buf, ",\"id\":", 6);
+    td__json_str(&S.buf, eid, 16);
+    td_buf_put(&S.buf, "}", 2);
+    td__respond_pend(p, died ? 503 : 500, (const char *)S.buf.p);
+  }
+  td__pend_free(p);
+}
+
 static void td__stop(void);
 
 static void td__on_tick(void *ud) {
@@ -773,53 +826,7 @@ static void td__on_tick(void *ud) {
       int is_err;
       if (td_node_bytes(td_ctx.node, item, &b, &len, &is_err)) continue;
       if (is_err) {
-        const char *kind = "", *msg = "the request failed";
-        uint32_t kl = 0, ml = (uint32_t)strlen(msg);
-        td__blob_field(b, len, "kind", &kind, &kl);
-        td__blob_field(b, len, "message", &msg, &ml);
-        int died = kl == 14 && !memcmp(kind, "ActorDiedError", 14);
-        if (died) {
-          /* No new requests for it: the controller replaces it. */
-          td_replica_t *r = td__rep(p->dep, p->actor_id);
-          if (r) r->dead = 1;
-        }
-        if (!p->started && died && p->idempotent && !p->retried) {
-          /* The replica died: an idempotent request tries another one, or
-           * waits for a replacement when none is left. */
-          uint64_t dead = p->actor_id;
-          td_replica_t *r = td__rep(p->dep, dead);
-          if (r && r->ongoing > 0) r->ongoing--;
-          p->actor_id = 0;
-          td_node_decref(td_ctx.node, p->stream);
-          p->stream = 0;
-          p->retried = 1;
-          if (td__dispatch(p, dead) == 0) break;
-          if (td__live(p->dep) == 0) {
-            p->parked_ns = uv_hrtime();
-            break;
-          }
-        }
-        p->dep->errors++;
-        /* The message (a traceback, server paths) goes to the log under an
-         * id; the client gets the id and the kind of failure only. */
-        char eid[17];
-        td__error_id(eid);
-        td__log_error(p, eid, kind, kl, msg, ml);
-        if (p->started) {
-          td_http_abort(S.srv, p->rid);  /* no final chunk: the client sees it cut */
-        } else {
-          td_buf_reset(&S.buf);
-          td_buf_put(&S.buf, "{\"error\":", 9);
-          const char *say = died ? "the replica died while handling the request; retry" : "internal server error";
-          td__json_str(&S.buf, say, strlen(say));
-          td_buf_put(&S.buf, ",\"kind\":", 8);
-          td__json_str(&S.buf, kind, kl);
-          td_buf_put(&S.buf, ",\"id\":", 6);
-          td__json_str(&S.buf, eid, 16);
-          td_buf_put(&S.buf, "}", 2);
-          td__respond_pend(p, died ? 503 : 500, (const char *)S.buf.p);
-        }
-        td__pend_free(p);
+        td__item_failed(p, b, len);
         break;
       }
       /* Items are strings: the header item, then body chunks. */
