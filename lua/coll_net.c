@@ -46,7 +46,7 @@
 /* Payload bytes a record is sealed with: small enough that a 1 MiB
  * exchange is many records, so one rank seals while the other opens and
  * the wire carries a third (each record waits whole before it opens). */
-#define TD__CN_SEAL (64u << 10)
+#define TD__CN_SEAL ((64u << 10) - 128)
 /* Reducing in place, bytes sent ahead of those received and reduced. It
  * stays well under what the socket buffers hold (4 MiB each end), which
  * keeps what is in flight in the caches (one forked two-rank run each at
@@ -71,6 +71,8 @@ typedef struct td__cpeer {
   uint8_t *ibuf;      /* the record being read, then its plaintext */
   size_t iwant, ipos; /* bytes of the record wanted so far, and read */
   size_t pbeg, pend;  /* plaintext ready in ibuf + TD__CN_HDR */
+  uint8_t carry[TD__CN_HDR]; /* the next record's first bytes, read with this one's */
+  size_t ncarry;
   char name[64];
   double silent_since; /* when its TCP was first seen unanswering (0: it answers) */
 } td__cpeer_t;
@@ -271,7 +273,7 @@ static int td__peer_keys(td_cnet_t *c, td__cpeer_t *p, const uint8_t *secret, co
       td__dir_init(&p->rx, c->plain, 0, secret, server ? "c2s" : "s2c", hs, hl))
     return -1;
   p->obuf = malloc(TD__CN_HDR + TD__CN_REC + TD__CN_TAG);
-  p->ibuf = malloc(TD__CN_HDR + TD__CN_REC + TD__CN_TAG);
+  p->ibuf = malloc(TD__CN_HDR + TD__CN_REC + TD__CN_TAG + TD__CN_HDR); /* + the next header */
   return p->obuf && p->ibuf ? 0 : -1;
 }
 
@@ -449,18 +451,29 @@ static int td__pull(td_cnet_t *c, int peer, uint8_t *dst, size_t room, size_t *t
   td__cpeer_t *p = &c->p[peer];
   if (p->iwant == 0) {
     p->iwant = TD__CN_HDR;
-    p->ipos = 0;
+    memcpy(p->ibuf, p->carry, p->ncarry);
+    p->ipos = p->ncarry;
+    p->ncarry = 0;
   }
-  while (p->ipos < p->iwant) {
-    ssize_t k = recv(p->fd, p->ibuf + p->ipos, p->iwant - p->ipos, 0);
+  for (;;) {
+    if (p->iwant == TD__CN_HDR && p->ipos == TD__CN_HDR) {
+      uint32_t l32;
+      memcpy(&l32, p->ibuf, 4);
+      if (l32 == 0 || l32 > TD__CN_REC || p->ibuf[4] || p->ibuf[5] || p->ibuf[6] || p->ibuf[7])
+        return td__fail(c, peer, 0, "%s", "a malformed record: the stream is closed");
+      p->iwant = TD__CN_HDR + l32 + TD__CN_TAG;
+    }
+    if (p->ipos == p->iwant) break;
+    /* A body is read with the next record's header when it is there: one
+     * recv a record, not two. */
+    size_t want = p->iwant - p->ipos + (p->iwant > TD__CN_HDR ? TD__CN_HDR : 0);
+    ssize_t k = recv(p->fd, p->ibuf + p->ipos, want, 0);
     if (k > 0) {
       p->ipos += (size_t)k;
-      if (p->ipos == TD__CN_HDR && p->iwant == TD__CN_HDR) {
-        uint32_t l32;
-        memcpy(&l32, p->ibuf, 4);
-        if (l32 == 0 || l32 > TD__CN_REC || p->ibuf[4] || p->ibuf[5] || p->ibuf[6] || p->ibuf[7])
-          return td__fail(c, peer, 0, "%s", "a malformed record: the stream is closed");
-        p->iwant = TD__CN_HDR + l32 + TD__CN_TAG;
+      if (p->ipos > p->iwant) {
+        p->ncarry = p->ipos - p->iwant;
+        memcpy(p->carry, p->ibuf + p->iwant, p->ncarry);
+        p->ipos = p->iwant;
       }
       continue;
     }
