@@ -29,6 +29,14 @@ build/bench-allreduce: $(BENCH_ALLREDUCE_SRCS) $(GPU_HDRS)
 	@mkdir -p build
 	$(CC) $(CFLAGS) -o $@ $(BENCH_ALLREDUCE_SRCS) -lopenblas -lm -lpthread -ldl
 
+# The cross-node collective's exchange alone, two forked ranks (bench/coll_net_pair.c).
+TEST_DEPS += build/bench-cnet
+build/bench-cnet: bench/coll_net_pair.c lua/coll_net.c lua/coll_net.h gpu/reduce.c gpu/gpu_err.c \
+                  gpu/tensor.c gpu/device.c gpu/ops_cpu.c build/libtide_engine.a $(GPU_HDRS)
+	@mkdir -p build
+	$(CC) $(CFLAGS) -o $@ bench/coll_net_pair.c lua/coll_net.c gpu/reduce.c gpu/gpu_err.c \
+	  gpu/tensor.c gpu/device.c gpu/ops_cpu.c build/libtide_engine.a -lopenblas -lm -lpthread -ldl
+
 # -- CUDA plugin (only when nvcc exists) ---------------------------------------
 NVCC ?= $(shell command -v nvcc 2>/dev/null || { test -x /usr/local/cuda/bin/nvcc && echo /usr/local/cuda/bin/nvcc; })
 ifneq ($(strip $(NVCC)),)
