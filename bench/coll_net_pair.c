@@ -27,7 +27,8 @@ static double now(void) {
 static double cpu(void) {
   struct rusage u;
   getrusage(RUSAGE_SELF, &u);
-  return (double)(u.ru_utime.tv_sec + u.ru_stime.tv_sec) + (double)(u.ru_utime.tv_usec + u.ru_stime.tv_usec) * 1e-6;
+  return (double)(u.ru_utime.tv_sec + u.ru_stime.tv_sec) +
+         (double)(u.ru_utime.tv_usec + u.ru_stime.tv_usec) * 1e-6;
 }
 
 static int cmp(const void *a, const void *b) {
@@ -65,9 +66,10 @@ static int rank_main(td_cnet_t *c, int rank, size_t bytes, int calls, int plain)
   if (rank == 0) {
     qsort(t, (size_t)calls, sizeof(double), cmp);
     double med = calls % 2 ? t[calls / 2] : 0.5 * (t[calls / 2 - 1] + t[calls / 2]);
-    printf("{\"metric\":\"cnet_pair_allreduce_f32_sum\",\"bytes\":%zu,\"calls\":%d,\"plain\":%d,"
-           "\"ms_median\":%.4f,\"busbw_GBps\":%.3f,\"cpu_core_s_per_gb\":%.3f}\n",
-           bytes, calls, plain, med * 1e3, (double)bytes / med / 1e9, dc / calls / (2.0 * (double)bytes / 1e9));
+    printf(
+        "{\"metric\":\"cnet_pair_allreduce_f32_sum\",\"bytes\":%zu,\"calls\":%d,\"plain\":%d,"
+        "\"ms_median\":%.4f,\"busbw_GBps\":%.3f,\"cpu_core_s_per_gb\":%.3f}\n",
+        bytes, calls, plain, med * 1e3, (double)bytes / med / 1e9, dc / calls / (2.0 * (double)bytes / 1e9));
     fflush(stdout);
   }
   free(x);
