@@ -79,6 +79,7 @@ static double td__last_read;      /* when the socket was last drained */
 static double td__flushed_at;     /* when the channel's output was last flushed */
 static int td__remote;            /* a client over the TCP bridge */
 static td_map_t td__abandoned;    /* req -> 1: waits given up locally */
+static td_map_t td__fn_us;        /* fn id -> 1 + microseconds its last run took here */
 static td_actor_st_t *td__dead_actors; /* destroyed actors, freed between frames */
 static double td__tmo = -1;       /* td_w_timeout's, for the next wait */
 static const uint8_t *td__tmo_reply;
@@ -115,6 +116,15 @@ static void td__flush(void) {
  * whole of its own run (and its submitter's next task with it). */
 static void td__flush_if_late(void) {
   if (td_now() - td__flushed_at > 0.001) td__flush();
+}
+
+/* Before a task runs: results still waiting go out first unless its
+ * function ran in under 1 ms here last time. A task that follows a quick
+ * one (a tide.data source block, then a 15 ms unit) held the quick one's
+ * DONE back for its whole run, and the driver's next stage waited on it. */
+static void td__flush_before(uint64_t fn_id) {
+  uintptr_t us = (uintptr_t)td_map_get(&td__fn_us, fn_id);
+  if (us == 0 || us > 1000) td__flush();
 }
 
 /* Reads whatever is there; exits when the node is gone. Returns poll's. */
@@ -652,7 +662,10 @@ static void td__on_task(const uint8_t *p, uint32_t len) {
   if (ng) setenv("CUDA_VISIBLE_DEVICES", gpus, 1);
   else if (td__gpu_env_set) unsetenv("CUDA_VISIBLE_DEVICES");
   td__gpu_env_set = ng > 0;
+  td__flush_before(fn_id);
+  double t0 = td_now();
   td__resume(c, nargs);
+  td_map_set(&td__fn_us, fn_id, (void *)(uintptr_t)(1 + (td_now() - t0) * 1e6));
   if (el) td__set_env(env, el, 0);
 }
 
@@ -736,7 +749,13 @@ static void td__actor_start_call(td_actor_st_t *a, const uint8_t *p, uint32_t le
     a->running--;
     return;
   }
+  /* Timed per actor and method, as tasks are per function. */
+  uint64_t key = a->id;
+  for (uint32_t i = 0; i < ml; i++) key = (key ^ m[i]) * 0x100000001b3ull;
+  td__flush_before(key);
+  double t0 = td_now();
   td__resume(c, nargs + 1);
+  td_map_set(&td__fn_us, key, (void *)(uintptr_t)(1 + (td_now() - t0) * 1e6));
 }
 
 static void td__actor_next(td_actor_st_t *a) {
@@ -988,6 +1007,7 @@ static void td__ctx_init(int fd) {
   td_map_init(&td__waiting);
   td_map_init(&td__blobs);
   td_map_init(&td__abandoned);
+  td_map_init(&td__fn_us);
   td_ser_init(&td_ctx.ser);
   td_buf_init(&td__out);
 }

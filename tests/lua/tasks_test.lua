@@ -400,4 +400,28 @@ t.local_test("a task's result reaches the driver when it ends, not after the tas
   for i = 2, 4 do t.eq(tide.get(refs[i]), true) end
 end)
 
+t.local_test("a quick task's result is not held back by a long one pipelined behind it", function()
+  -- Both workers busy (a, b); q queues behind a, c behind b, d behind q.
+  -- q ends in microseconds, less than the 1 ms over which a worker lets
+  -- results gather; d then runs 2 s busy (sending nothing). q's DONE
+  -- must go out before d runs, not with d's.
+  local raw = require("tide.rawbench")
+  local busy = tide.remote({pipeline = true}, function(s)
+    local stop = raw.now() + s
+    while raw.now() < stop do end
+    return true
+  end)
+  local quick = tide.remote({pipeline = true}, function() return "q" end)
+  tide.get({busy:remote(0.01), busy:remote(0.01)}) -- each worker knows busy is long
+  local t0 = raw.now()
+  local a, b = busy:remote(0.5), busy:remote(0.5)
+  local q = quick:remote()
+  local c, d = busy:remote(2.0), busy:remote(2.0)
+  t.eq(tide.get(q), "q")
+  local took = raw.now() - t0
+  -- 0.5 s and a round trip; 2.5 s if its DONE waited for d.
+  t.ok(took < 1.5, string.format("the quick result took %.2f s", took))
+  for _, r in ipairs({a, b, c, d}) do t.eq(tide.get(r), true) end
+end)
+
 t.done()

@@ -519,7 +519,7 @@ function E.new(defs, opts)
     progress = opts.progress, progress_interval = opts.progress_interval or 5, t0 = now(), bytes_written = 0,
     files = {}, peak_store = 0,
     peak_spilled = 0, store_full = false, last_sample = 0,
-    completions = 0, final_rows = 0, chains = {},
+    final_rows = 0, chains = {},
     count_rf = opts.count_rf, publish_on = opts.publish, name = opts.name, pub = {}}, Exec)
   local okn, nodes = pcall(tide.nodes)
   ex.cluster = okn and #nodes > 1
@@ -659,13 +659,11 @@ function Exec:step()
     for _, r in ipairs(ready) do
       local u = self.inflight[r:id()]
       if u then complete(self, u) end
-      self.completions = self.completions + 1
     end
-    -- Dropped refs free their objects only once collected.
-    if self.completions >= 8 or self.store_full then
-      self.completions = 0
-      W.collect(self.store_full)
-    end
+    -- Blocks and results are let go explicitly (let_go, complete); other
+    -- refs dropped here free their objects once collected, which a full
+    -- store no longer waits for.
+    if self.store_full then W.collect(true) end
   end
   self:sample()
   self:show_progress(false)
