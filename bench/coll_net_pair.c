@@ -12,17 +12,11 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "coll_net.h"
+#include "td.h"
 #include "tensor.h"
-
-static double now(void) {
-  struct timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
-}
 
 static double cpu(void) {
   struct rusage u;
@@ -55,12 +49,12 @@ static int rank_main(td_cnet_t *c, int rank, size_t bytes, int calls, int plain)
     if (td_cnet_allreduce_pair(c, 1 - rank, x, n, TD_F32, 0)) return 1;
   double c0 = cpu();
   for (int k = 0; k < calls; k++) {
-    double t0 = now();
+    double t0 = td_now();
     if (td_cnet_allreduce_pair(c, 1 - rank, x, n, TD_F32, 0)) {
       fprintf(stderr, "bench-cnet: %s\n", td_cnet_error(c));
       return 1;
     }
-    t[k] = now() - t0;
+    t[k] = td_now() - t0;
   }
   double dc = cpu() - c0;
   if (rank == 0) {

@@ -127,6 +127,17 @@ static void td__flush_before(uint64_t fn_id) {
   if (us == 0 || us > 1000) td__flush();
 }
 
+static void td__resume(td_co_t *c, int nargs);
+
+/* Runs c after what td__flush_before decides for key, and times it for
+ * the next time. */
+static void td__resume_timed(td_co_t *c, int nargs, uint64_t key) {
+  td__flush_before(key);
+  double t0 = td_now();
+  td__resume(c, nargs);
+  td_map_set(&td__fn_us, key, (void *)(uintptr_t)(1 + (td_now() - t0) * 1e6));
+}
+
 /* Reads whatever is there; exits when the node is gone. Returns poll's. */
 static int td__read(int timeout_ms) {
   struct pollfd pfd = {td_ctx.ch.fd, POLLIN, 0};
@@ -662,10 +673,7 @@ static void td__on_task(const uint8_t *p, uint32_t len) {
   if (ng) setenv("CUDA_VISIBLE_DEVICES", gpus, 1);
   else if (td__gpu_env_set) unsetenv("CUDA_VISIBLE_DEVICES");
   td__gpu_env_set = ng > 0;
-  td__flush_before(fn_id);
-  double t0 = td_now();
-  td__resume(c, nargs);
-  td_map_set(&td__fn_us, fn_id, (void *)(uintptr_t)(1 + (td_now() - t0) * 1e6));
+  td__resume_timed(c, nargs, fn_id);
   if (el) td__set_env(env, el, 0);
 }
 
@@ -750,12 +758,7 @@ static void td__actor_start_call(td_actor_st_t *a, const uint8_t *p, uint32_t le
     return;
   }
   /* Timed per actor and method, as tasks are per function. */
-  uint64_t key = a->id;
-  for (uint32_t i = 0; i < ml; i++) key = (key ^ m[i]) * 0x100000001b3ull;
-  td__flush_before(key);
-  double t0 = td_now();
-  td__resume(c, nargs + 1);
-  td_map_set(&td__fn_us, key, (void *)(uintptr_t)(1 + (td_now() - t0) * 1e6));
+  td__resume_timed(c, nargs + 1, td_fnv1a(a->id, m, ml));
 }
 
 static void td__actor_next(td_actor_st_t *a) {
