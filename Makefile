@@ -4,9 +4,9 @@
 .DEFAULT_GOAL := all
 CC      ?= cc
 OPT     ?= -O2
-# libcrypto: its headers only; engine/crypto.c loads it on first use, so
-# processes that never encrypt (most workers) do not map it.
-PKGS    := luajit libuv libzmq libsodium libedit sqlite3 libcrypto
+# libcrypto and libgcrypt: their headers only; engine/crypto.c loads them on
+# first use, so processes that never encrypt (most workers) do not map them.
+PKGS    := luajit libuv libzmq libsodium libedit sqlite3 libcrypto libgcrypt
 
 # The packages' flags live in build/config.mk, which make remakes before it
 # builds anything: its rule runs scripts/deps.sh first, then pkg-config.  When
@@ -56,7 +56,7 @@ deps:
 build/config.mk: FORCE
 	@sh scripts/deps.sh
 	@mkdir -p build
-	@cflags=$$(pkg-config --cflags $(PKGS)) && libs=$$(pkg-config --libs $(filter-out libcrypto,$(PKGS))) && \
+	@cflags=$$(pkg-config --cflags $(PKGS)) && libs=$$(pkg-config --libs $(filter-out libcrypto libgcrypt,$(PKGS))) && \
 	  { echo "PKG_CFLAGS := $$cflags"; echo "PKG_LIBS := $$libs"; \
 	    echo "# clang: $$(command -v clang)"; } >$@.tmp
 	@if cmp -s $@.tmp $@; then rm -f $@.tmp; else mv $@.tmp $@; fi

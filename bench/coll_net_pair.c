@@ -62,8 +62,9 @@ static int rank_main(td_cnet_t *c, int rank, size_t bytes, int calls, int plain)
     double med = calls % 2 ? t[calls / 2] : 0.5 * (t[calls / 2 - 1] + t[calls / 2]);
     printf(
         "{\"metric\":\"cnet_pair_allreduce_f32_sum\",\"bytes\":%zu,\"calls\":%d,\"plain\":%d,"
-        "\"ms_median\":%.4f,\"busbw_GBps\":%.3f,\"cpu_core_s_per_gb\":%.3f}\n",
-        bytes, calls, plain, med * 1e3, (double)bytes / med / 1e9, dc / calls / (2.0 * (double)bytes / 1e9));
+        "\"cipher\":\"%s\",\"ms_median\":%.4f,\"busbw_GBps\":%.3f,\"cpu_core_s_per_gb\":%.3f}\n",
+        bytes, calls, plain, td_cnet_cipher(c), med * 1e3, (double)bytes / med / 1e9,
+        dc / calls / (2.0 * (double)bytes / 1e9));
     fflush(stdout);
   }
   free(x);

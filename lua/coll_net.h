@@ -40,6 +40,9 @@ int td_cnet_allreduce_pair(td_cnet_t *c, int peer, void *buf, size_t count, int 
 void td_cnet_set_timeout(td_cnet_t *c, double s);
 /* Why the last call failed (names the peer rank and node), "" if none. */
 const char *td_cnet_error(const td_cnet_t *c);
+/* What seals a joined group's records: "aes-128-ocb (libgcrypt)", the same
+ * by OpenSSL where libgcrypt did not load, or "gmac (openssl)" (plain). */
+const char *td_cnet_cipher(const td_cnet_t *c);
 /* Whether the failure was a peer gone (closed, reset, silent too long). */
 int td_cnet_peer_gone(const td_cnet_t *c);
 void td_cnet_free(td_cnet_t **c);

@@ -8,7 +8,7 @@
 set -e
 PKGS="pkg-config gcc make libuv1-dev libzmq3-dev libsodium-dev libedit-dev
 libopenblas-dev node-llhttp lua-cjson lua-check libsqlite3-dev clang
-libclang-rt-14-dev bible-kjv-text libssl-dev"
+libclang-rt-14-dev bible-kjv-text libssl-dev libgcrypt20-dev"
 # Either LuaJIT flavour satisfies the build; never remove one that is installed.
 if ! dpkg-query -W -f='${Status}\n' libluajit-5.1-dev libluajit2-5.1-dev 2>/dev/null |
     grep -q 'install ok installed'; then

@@ -33,6 +33,10 @@ typedef int (*cn_fn)(td_cnet_t *c, td_ring_t *r, int rank, int n, char *msg);
 #define CN_TAP (1u << 20)
 static uint8_t *cn_tap;
 
+/* When set, rank 1 runs without libgcrypt (a library path that is not
+ * there), so it seals and opens with OpenSSL's OCB. */
+static int cn_ossl1;
+
 /* The relay: one connection from lfd to port on loopback, both ways,
  * until either end closes. Its writes may block: the ranks always read. */
 static void cn_relay(int lfd, int port) {
@@ -101,6 +105,7 @@ static void cn_run(int n, int plain, int odd, const char *tamper_rank1, cn_fn fn
       for (int k = 0; k < n; k++)
         if (k != r) td_cnet_free(&cs[k]);
       if (r == 1 && tamper_rank1) setenv("TIDE_COLL_TAMPER", tamper_rank1, 1);
+      if (r == 1 && cn_ossl1) setenv("TIDE_TEST_LIBGCRYPT", "/nonexistent/libgcrypt.so", 1);
       uint8_t secret[32];
       memset(secret, 7, sizeof(secret));
       if (r == odd) secret[0] = 8;
@@ -288,6 +293,34 @@ static int cn_pair(td_cnet_t *c, td_ring_t *r, int rank, int n, char *msg) {
 }
 
 TEST_IMPL(coll_net_pair_allreduce) { return cn_all_ok(2, cn_pair); }
+
+/* libgcrypt's OCB on rank 0 and OpenSSL's on rank 1 (one host with
+ * libgcrypt, one without) seal the same records: the exchange and the
+ * ring agree, and a record changed in flight still fails. */
+static int cn_pair_mixed(td_cnet_t *c, td_ring_t *r, int rank, int n, char *msg) {
+  const char *want = rank == 0 ? "aes-128-ocb (libgcrypt)" : "aes-128-ocb (openssl)";
+  if (strcmp(td_cnet_cipher(c), want)) {
+    snprintf(msg, 200, "cipher %s, not %s", td_cnet_cipher(c), want);
+    return 4;
+  }
+  return cn_pair(c, r, rank, n, msg);
+}
+
+TEST_IMPL(coll_net_ciphers_interoperate) {
+  int codes[N_MAX];
+  char msgs[N_MAX][200];
+  cn_ossl1 = 1;
+  cn_run(2, 0, -1, NULL, cn_pair_mixed, codes, msgs);
+  for (int r = 0; r < 2; r++) {
+    if (codes[r]) fprintf(stderr, "rank %d: %d %s\n", r, codes[r], msgs[r]);
+    ASSERT_EQ(codes[r], 0);
+  }
+  cn_run(2, 0, -1, "3", cn_pair, codes, msgs);
+  ASSERT_EQ(codes[0], 1);
+  ASSERT(strstr(msgs[0], "rank 1 on node-b: a record failed authentication"));
+  cn_ossl1 = 0;
+  return 0;
+}
 
 /* The exchange in every dtype: elements of 2 and 8 bytes across records
  * (16385 elements: records of 64 KiB end inside none of them), each op,
