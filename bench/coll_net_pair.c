@@ -46,7 +46,10 @@ static int rank_main(td_cnet_t *c, int rank, size_t bytes, int calls, int plain)
   if (!x || !t) return 1;
   for (size_t i = 0; i < n; i++) x[i] = 1.0f;
   for (int w = 0; w < 3; w++)
-    if (td_cnet_allreduce_pair(c, 1 - rank, x, n, TD_F32, 0)) return 1;
+    if (td_cnet_allreduce_pair(c, 1 - rank, x, n, TD_F32, 0)) {
+      fprintf(stderr, "bench-cnet: warm-up: %s\n", td_cnet_error(c));
+      return 1;
+    }
   double c0 = cpu();
   for (int k = 0; k < calls; k++) {
     double t0 = td_now();
