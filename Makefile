@@ -114,7 +114,7 @@ ifneq ($(shell command -v clang 2>/dev/null),)
 TEST_DEPS += build/fuzz-node
 endif
 NODE_FUZZ_SRCS := tests/fuzz/fuzz_node.c engine/node.c engine/obj.c engine/sched.c engine/task.c engine/pg.c engine/transfer.c engine/lineage.c engine/actor.c engine/workers.c engine/cluster.c engine/introspect.c engine/worklog.c engine/timeline.c engine/term.c engine/why.c engine/util.c engine/store.c engine/spill.c engine/chan.c \
-                  engine/proto.c engine/persist.c engine/pkg.c engine/workdir.c engine/dplane.c engine/crypto.c lua/ser.c
+                  engine/proto.c engine/persist.c engine/pkg.c engine/workdir.c engine/dplane.c engine/aead.c engine/crypto.c lua/ser.c
 build/fuzz-node: $(NODE_FUZZ_SRCS) $(wildcard engine/*.h lua/*.h)
 	@mkdir -p build
 	clang -g -O1 -std=gnu11 -D_GNU_SOURCE -Wall -Wextra -Werror -fsanitize=fuzzer,address,undefined \

@@ -238,7 +238,7 @@ static void td__daemon_dplane(td__start_t *s, const td_cluster_key_t *key) {
             strerror(errno));
   else
     printf("tide: data plane on %s port %d (%s)\n", s->bind_host, td_node_dplane_port(td_ctx.node),
-           s->dp_mode == TD_DP_PLAIN ? "plain: authenticated, not encrypted" : "AES-128-GCM");
+           s->dp_mode == TD_DP_PLAIN ? "plain: authenticated, not encrypted" : "AES-128-OCB");
   memset(kt, 0, sizeof(kt));
 }
 

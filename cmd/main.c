@@ -158,7 +158,7 @@ static const struct td__command {
      "  --name N              this node's name\n"
      "  --node-timeout S      seconds of silence before a node counts as dead (default 5)\n"
      "  --data-plane MODE     how object bytes cross between nodes: on (direct TCP streams,\n"
-     "                        AES-128-GCM; the default), plain (authenticated, not encrypted:\n"
+     "                        AES-128-OCB; the default), plain (authenticated, not encrypted:\n"
      "                        trusted networks only) or off (over the ZeroMQ links)\n"
      "  --join-timeout S      give up joining after S seconds, saying why (default 15;\n"
      "                        0: keep trying); a node that has joined always rejoins\n"

@@ -8,7 +8,7 @@
  * through either daemon. The wire format follows the data plane's: the
  * same records (u32 length, u8 type, 3 zero bytes as AAD, payload, 16-byte
  * tag; the nonce is the record's number, keys fresh per stream), sealed
- * with AES-128-OCB rather than GCM (td__dir_init says why; plain streams
+ * with AES-128-OCB rather than GCM (engine/aead.c says why; plain streams
  * keep GCM's GMAC), and the same handshake shape (both ends' random nonces, HMAC-
  * SHA256 proofs of a shared secret, one key per direction derived from the
  * secret and the whole handshake). The secret is the group's: rank 0 makes
@@ -24,6 +24,7 @@
  * died (its workers die with it) fails the others at once instead of
  * leaving them waiting. */
 #include "coll_net.h"
+#include "aead.h"
 #include "crypto.h"
 
 #include "tensor.h"
@@ -59,21 +60,13 @@
  * three each: 0.54 and 0.60 at 256 MiB). */
 #define TD__CN_AHEAD (512u << 10)
 #define TD__CN_HDR 8
-#define TD__CN_TAG 16
+#define TD__CN_TAG TD_AEAD_TAG
 #define TD__CN_MAGIC "TDC2" /* 2: AES-128-OCB records (1: AES-128-GCM) */
 #define TD__CN_HELLO 41 /* magic, mode, u32 rank, 32-byte nonce */
 
-/* A direction's cipher: libgcrypt's OCB where it loads (gh), else
- * OpenSSL's (cx); plain streams' GMAC is always OpenSSL's. */
-typedef struct td__cdir {
-  EVP_CIPHER_CTX *cx;
-  gcry_cipher_hd_t gh;
-  uint64_t seq;
-} td__cdir_t;
-
 typedef struct td__cpeer {
   int fd;
-  td__cdir_t tx, rx;
+  td_aead_t tx, rx;
   uint8_t *obuf; /* the record being written */
   size_t olen, opos;
   uint8_t *ibuf;      /* the record being read, then its plaintext */
@@ -117,98 +110,15 @@ static void td__hmac(const uint8_t *key, const char *label, const uint8_t *p, si
   HMAC(EVP_sha256(), key, 32, buf, ll + len, out, &ol);
 }
 
-/* A direction's cipher (enc: 1 sending, 0 receiving), keyed from the
- * secret and the handshake. Encrypted streams use AES-128-OCB (RFC 7253):
- * every byte a rank moves passes the cipher twice (it seals what it sends
- * and opens what it receives), which was over half of a rank's time with
- * GCM. In 64 KiB records here, seal and open a core: OpenSSL 3.0's GCM
- * 4.4-4.6 GB/s, its OCB 7-9.5 (128-bit AES-NI), libgcrypt 1.10's OCB
- * 15-19.5 (256-bit VAES); so libgcrypt seals and opens where it loads,
- * OpenSSL's OCB where not (the same records: the two interoperate). Plain
- * streams authenticate with GCM's GMAC, which reads the payload once
- * without the AES. */
-static int td__dir_init(td__cdir_t *d, int plain, int enc, const uint8_t *secret, const char *label,
+/* A direction's records (engine/aead.h: AES-128-OCB, or plain GMAC),
+ * keyed from the secret and the handshake. */
+static int td__dir_init(td_aead_t *d, int plain, int enc, const uint8_t *secret, const char *label,
                         const uint8_t *hs, size_t hl) {
   uint8_t k[32];
   td__hmac(secret, label, hs, hl, k);
-  d->seq = 0;
-  d->gh = NULL;
-  if (!plain && td_gcrypt_load() == 0 &&
-      gcry_cipher_open(&d->gh, GCRY_CIPHER_AES128, GCRY_CIPHER_MODE_OCB, 0) == 0) {
-    if (gcry_cipher_setkey(d->gh, k, 16) == 0) {
-      OPENSSL_cleanse(k, sizeof(k));
-      return 0;
-    }
-    gcry_cipher_close(d->gh); /* FIPS mode, say: OpenSSL's then */
-    d->gh = NULL;
-  }
-  d->cx = EVP_CIPHER_CTX_new();
-  int ok = d->cx &&
-           EVP_CipherInit_ex(d->cx, plain ? EVP_aes_128_gcm() : EVP_aes_128_ocb(), NULL, NULL, NULL, enc) &&
-           EVP_CIPHER_CTX_ctrl(d->cx, EVP_CTRL_AEAD_SET_IVLEN, 12, NULL) &&
-           (plain || EVP_CIPHER_CTX_ctrl(d->cx, EVP_CTRL_AEAD_SET_TAG, TD__CN_TAG, NULL)) &&
-           EVP_CipherInit_ex(d->cx, NULL, NULL, k, NULL, enc);
+  int rc = td_aead_init(d, plain, enc, k);
   OPENSSL_cleanse(k, sizeof(k));
-  return ok ? 0 : -1;
-}
-
-static void td__dir_free(td__cdir_t *d) {
-  if (d->gh) gcry_cipher_close(d->gh);
-  EVP_CIPHER_CTX_free(d->cx);
-}
-
-static void td__rec_begin(td__cdir_t *d, int enc, const uint8_t hdr[TD__CN_HDR]) {
-  uint8_t iv[12] = {0};
-  memcpy(iv + 4, &d->seq, 8);
-  d->seq++;
-  if (d->gh) {
-    gcry_cipher_setiv(d->gh, iv, sizeof(iv));
-    gcry_cipher_authenticate(d->gh, hdr, TD__CN_HDR);
-    return;
-  }
-  EVP_CipherInit_ex(d->cx, NULL, NULL, NULL, iv, enc);
-  int l;
-  EVP_CipherUpdate(d->cx, NULL, &l, hdr, TD__CN_HDR);
-}
-
-/* A record's whole payload in to out (may be the same): encrypted or
- * decrypted (enc), or, plain, authenticated only. Returns the bytes written
- * to out so far: OpenSSL's OCB holds back a last partial block until
- * td__rec_end. */
-static size_t td__rec_update(td__cdir_t *d, int plain, int enc, uint8_t *out, const uint8_t *in, size_t len) {
-  int l = 0;
-  if (d->gh) {
-    /* One call a record, so it is the last: the final block is marked
-     * first, as libgcrypt's OCB asks. In place, `in` is passed as none. */
-    gcry_cipher_final(d->gh);
-    const uint8_t *src = in == out ? NULL : in;
-    size_t sl = in == out ? 0 : len;
-    if (enc) gcry_cipher_encrypt(d->gh, out, len, src, sl);
-    else gcry_cipher_decrypt(d->gh, out, len, src, sl);
-    return len;
-  }
-  if (plain) {
-    EVP_CipherUpdate(d->cx, NULL, &l, in, (int)len);
-    if (out != in) memcpy(out, in, len);
-    return len;
-  }
-  EVP_CipherUpdate(d->cx, out, &l, in, (int)len);
-  return (size_t)l;
-}
-
-/* Ends a record whose payload goes to out (done bytes of it written):
- * its last bytes written, and its tag made into tag (sending) or checked
- * against it (receiving). 0, or -1 when the tag is wrong. */
-static int td__rec_end(td__cdir_t *d, int enc, uint8_t *out, size_t done, uint8_t *tag) {
-  if (d->gh)
-    return (enc ? gcry_cipher_gettag(d->gh, tag, TD__CN_TAG) : gcry_cipher_checktag(d->gh, tag, TD__CN_TAG))
-               ? -1
-               : 0;
-  uint8_t none[16] = {0};
-  int l;
-  if (!enc) EVP_CIPHER_CTX_ctrl(d->cx, EVP_CTRL_AEAD_SET_TAG, TD__CN_TAG, tag);
-  if (EVP_CipherFinal_ex(d->cx, out ? out + done : none, &l) != 1) return -1;
-  return enc ? (EVP_CIPHER_CTX_ctrl(d->cx, EVP_CTRL_AEAD_GET_TAG, TD__CN_TAG, tag) == 1 ? 0 : -1) : 0;
+  return rc;
 }
 
 /* A group that failed in an operation shuts every stream: the other ranks
@@ -469,8 +379,8 @@ void td_cnet_free(td_cnet_t **cp) {
   for (int i = 0; c->p && i < c->world; i++) {
     td__cpeer_t *p = &c->p[i];
     if (p->fd >= 0) close(p->fd);
-    td__dir_free(&p->tx);
-    td__dir_free(&p->rx);
+    td_aead_free(&p->tx);
+    td_aead_free(&p->rx);
     free(p->obuf);
     free(p->ibuf);
   }
@@ -490,9 +400,9 @@ static size_t td__seal(td_cnet_t *c, td__cpeer_t *p, const uint8_t *src, size_t 
   uint32_t l32 = (uint32_t)k;
   memset(h, 0, TD__CN_HDR);
   memcpy(h, &l32, 4);
-  td__rec_begin(&p->tx, 1, h);
-  size_t w = td__rec_update(&p->tx, c->plain, 1, h + TD__CN_HDR, src, k);
-  td__rec_end(&p->tx, 1, h + TD__CN_HDR, w, h + TD__CN_HDR + k);
+  td_aead_begin(&p->tx, h, TD__CN_HDR);
+  size_t w = td_aead_update(&p->tx, h + TD__CN_HDR, src, k, 1);
+  td_aead_end(&p->tx, h + TD__CN_HDR + w, h + TD__CN_HDR + k);
   p->olen = TD__CN_HDR + k + TD__CN_TAG;
   p->opos = 0;
   if (c->tamper && p->tx.seq == (uint64_t)c->tamper) h[TD__CN_HDR + k / 2] ^= 0x40;
@@ -545,10 +455,10 @@ static int td__pull(td_cnet_t *c, int peer, uint8_t *dst, size_t room, size_t *t
    * a record whose tag then fails are in the caller's buffer, but the
    * operation fails and the group with it: nothing reads them as a result. */
   int direct = room >= len;
-  td__rec_begin(&p->rx, 0, p->ibuf);
+  td_aead_begin(&p->rx, p->ibuf, TD__CN_HDR);
   uint8_t *out = direct ? dst : body;
-  size_t w = td__rec_update(&p->rx, c->plain, 0, out, body, len);
-  if (td__rec_end(&p->rx, 0, c->plain ? NULL : out, w, body + len))
+  size_t w = td_aead_update(&p->rx, out, body, len, 1);
+  if (td_aead_end(&p->rx, out + w, body + len))
     return td__fail(c, peer, 0, "%s", "a record failed authentication: the stream is closed");
   p->pbeg = 0;
   p->pend = direct ? 0 : len;
