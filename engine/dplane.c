@@ -125,8 +125,10 @@ struct td_dp {
   uint64_t refused, refused_logged, auth_failed;
   double refused_at;
   int tamper;           /* TIDE_DP_TAMPER (tests): flip a byte of that data record sent */
-  int move;             /* TIDE_DP_MOVE (tests): the first data record from that one that lands in */
-  uint64_t data_got;    /* pieces moves to scratch mid-way (0: done, or none) */
+  /* TIDE_DP_MOVE (tests): the first data record from this one on that lands
+   * in pieces moves to scratch mid-way, as if its chunk had gone (0: none). */
+  int move;
+  uint64_t data_got; /* data records received whole */
   uint64_t data_sent;
 };
 
@@ -484,7 +486,10 @@ static int td__dp_record(td_node_t *n, td__dps_t *s, td_wk_t *wk) {
   if (s->rtype == R_READY) {
     if (s->state != S_WAITREADY) return -1;
     s->state = S_UP;
-    fprintf(stderr, "tide: data plane: stream to %s up (%s)\n", s->host, td__dp_mode_name(n->xfer.dp->mode));
+    fprintf(stderr, "tide: data plane: stream to %s up (%s%s)\n", s->host, td__dp_mode_name(n->xfer.dp->mode),
+            s->rx.plain ? ""
+            : s->rx.gh  ? ", libgcrypt"
+                        : ", OpenSSL");
     fflush(stderr);
     return 0;
   }
@@ -573,7 +578,8 @@ static int td__dp_read(td_node_t *n, td__dps_t *s) {
     }
     s->rpart = 0;
     s->rhave = 0;
-    if (s->rtype == R_DATA && ++d->data_got && s->moved) td__dp_moved_back(n, s, wk);
+    if (s->rtype == R_DATA) d->data_got++;
+    if (s->moved) td__dp_moved_back(n, s, wk);
     if (td__dp_record(n, s, wk)) {
       td__dps_close(n, s, "an unexpected record");
       return -1;

@@ -5,7 +5,8 @@
 # cross with the right bytes (sums checked on both ends), over a stream;
 # a byte changed in flight (TIDE_DP_TAMPER) closes the stream and the fetch
 # completes over the control link with the right bytes; a record whose
-# chunk goes away mid-way still opens in scratch; plain mode works;
+# chunk goes away mid-way still opens in scratch; a node without libgcrypt
+# (OpenSSL's OCB) talks to one with it; plain mode works;
 # a node with another data-plane secret, garbage, unknown tokens, silent
 # and too many connections are refused while the head keeps serving; a
 # node killed in the middle of a transfer fails the get or has it made
@@ -26,7 +27,7 @@ cluster() {
   stop_all
   rm -rf "$D/head" "$D/n1" "$D/n2"
   TIDE_SESSION_DIR=$D/head $T start --head --port $PORT --num-cpus 0 --node-timeout 2 $1 >/dev/null 2>&1
-  TIDE_SESSION_DIR=$D/n1 $T start --address 127.0.0.1:$PORT --key $KEY --num-cpus 2 --node-timeout 2 \
+  env $N1ENV TIDE_SESSION_DIR=$D/n1 $T start --address 127.0.0.1:$PORT --key $KEY --num-cpus 2 --node-timeout 2 \
     --resources '{"A":1}' $2 >/dev/null 2>&1
   [ -n "$3" ] && TIDE_SESSION_DIR=$D/n2 $T start --address 127.0.0.1:$PORT --key $KEY --num-cpus 2 \
     --node-timeout 2 $3 >/dev/null 2>&1
@@ -69,7 +70,7 @@ cluster "" ""
 out=$(xfer 64 3)
 check "64 MiB objects cross from the head to node-1 with the right bytes" 'echo "$out" | grep -q "RIGHT 3/3"' "$out"
 check "node-1 fetched over an AES-128-OCB data-plane stream to the head" \
-  'grep -q "data plane: stream to 127.0.0.1:[0-9]* up (AES-128-OCB)" $D/n1/node.log' "$(grep 'data plane' $D/n1/node.log)"
+  'grep -q "data plane: stream to 127.0.0.1:[0-9]* up (AES-128-OCB, libgcrypt)" $D/n1/node.log' "$(grep 'data plane' $D/n1/node.log)"
 check "no record failed and no stream closed" '! grep -q "closed the stream" $D/n1/node.log $D/head/node.log' \
   "$(grep 'data plane' $D/n1/node.log $D/head/node.log)"
 
@@ -134,6 +135,18 @@ TIDE_DP_MOVE=7 cluster "" ""
 out=$(xfer 64 3)
 check "a record moved to scratch mid-way opens right (the carried block), and the stream stays up" \
   'echo "$out" | grep -q "RIGHT 3/3" && grep -q "TIDE_DP_MOVE opened data record [0-9]* from byte [1-9]" $D/n1/node.log &&
+   ! grep -q "closed the stream" $D/n1/node.log $D/head/node.log' \
+  "$out $(grep 'data plane' $D/n1/node.log $D/head/node.log)"
+
+# A node without libgcrypt seals and opens with OpenSSL's OCB: the same
+# records, so it fetches from a head that has it, both ways of a stream.
+N1ENV=TIDE_TEST_LIBGCRYPT=/nonexistent/libgcrypt.so
+cluster "" ""
+N1ENV=
+out=$(xfer 64 3)
+check "a node without libgcrypt (OpenSSL's OCB) fetches from a head with it, with the right bytes" \
+  'echo "$out" | grep -q "RIGHT 3/3" && grep -q "stream to 127.0.0.1:[0-9]* up (AES-128-OCB, OpenSSL)" $D/n1/node.log &&
+   grep -q "stream to 127.0.0.1:[0-9]* up (AES-128-OCB, libgcrypt)" $D/head/node.log &&
    ! grep -q "closed the stream" $D/n1/node.log $D/head/node.log' \
   "$out $(grep 'data plane' $D/n1/node.log $D/head/node.log)"
 
@@ -207,7 +220,7 @@ out=$(TIDE_SESSION_DIR=$D/head timeout 180 $T run --address local $D/bcast.lua 2
 HPORT=$(sed -n 's/.*data plane on 127.0.0.1 port \([0-9]*\).*/\1/p' $D/head/node.log | head -1)
 check "broadcasts and results made on another node arrive with the right bytes" 'echo "$out" | grep -q "RIGHT 8/8"' "$out"
 check "nodes fetch from each other over data-plane streams" \
-  'grep -h "data plane: stream to" $D/n1/node.log $D/n2/node.log | grep -v ":$HPORT up" | grep -q "up (AES-128-OCB)"' \
+  'grep -h "data plane: stream to" $D/n1/node.log $D/n2/node.log | grep -v ":$HPORT up" | grep -q "up (AES-128-OCB, libgcrypt)"' \
   "$(grep -h 'data plane' $D/n1/node.log $D/n2/node.log)"
 
 echo "# a node killed in the middle of a transfer"

@@ -107,8 +107,8 @@ out=$(bcast)
 check "two nodes in their own namespaces fetch a 24 MiB object from each other, at the addresses the head saw them at" \
   'echo "$out" | grep -Eq "^HELD 2 2 PEERS (2516[0-9]{4}|[3-9][0-9]{7})"' "$out"
 check "the nodes open data-plane streams to the head at its veth addresses (AES-128-OCB)" \
-  'grep -q "data plane: stream to $NET1.1:[0-9]* up (AES-128-OCB)" $D/n1/node.log &&
-   grep -q "data plane: stream to $NET2.1:[0-9]* up (AES-128-OCB)" $D/n2/node.log' \
+  'grep -q "data plane: stream to $NET1.1:[0-9]* up (AES-128-OCB, libgcrypt)" $D/n1/node.log &&
+   grep -q "data plane: stream to $NET2.1:[0-9]* up (AES-128-OCB, libgcrypt)" $D/n2/node.log' \
   "$(grep -h 'data plane' $D/n1/node.log $D/n2/node.log)"
 # A tide.collective group over the two namespaces: rank 0 on node-1, rank
 # 1 on node-2, streams between the nodes' own addresses (AES-128-OCB).
