@@ -147,9 +147,7 @@ void td_cnet_set_timeout(td_cnet_t *c, double s) { c->timeout = s; }
 const char *td_cnet_cipher(const td_cnet_t *c) {
   for (int i = 0; c->p && i < c->world; i++)
     if (c->p[i].fd >= 0)
-      return c->plain        ? "gmac (openssl)"
-             : c->p[i].tx.gh ? "aes-128-ocb (libgcrypt)"
-                             : "aes-128-ocb (openssl)";
+      return td_aead_name(&c->p[i].tx);
   return "none";
 }
 
