@@ -31,7 +31,7 @@ static void td__ser_reset(td_ser_t *s) {
   s->nsegs = s->nrefs = s->ndeps = 0;
   s->size = s->segbytes = 0;
   s->err[0] = s->why[0] = 0;
-  s->depth = 0;
+  s->depth = s->fndepth = s->nanchor = 0;
   s->nseen = 0;
   s->seen.len = 0;
   if (++s->seen.gen == 0) {  /* wrapped: stale slots could look current */
@@ -222,6 +222,35 @@ static int td__ser_table(td_ser_t *s, lua_State *L, int idx, const char *what) {
   return 0;
 }
 
+/* A function's descriptor (the table on top) is made fresh by the dump
+ * hook and dropped once encoded; the seen-set knows tables by address,
+ * so a descriptor collected mid-encoding could hand its address to a
+ * table made later (the next function's descriptor, or its upvalues) and
+ * that table would go out as a back reference to the dead one: the wrong
+ * upvalues, or "bad function descriptor" at the reader. Descriptors are
+ * kept in a registry table until the encoding ends (td__unanchor). */
+#define TD__ANCHOR "tide.ser.anchor"
+
+static void td__anchor(td_ser_t *s, lua_State *L) {
+  lua_getfield(L, LUA_REGISTRYINDEX, TD__ANCHOR);
+  if (!lua_istable(L, -1)) {
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushvalue(L, -1);
+    lua_setfield(L, LUA_REGISTRYINDEX, TD__ANCHOR);
+  }
+  lua_pushvalue(L, -2);
+  lua_rawseti(L, -2, ++s->nanchor);
+  lua_pop(L, 1);
+}
+
+static void td__unanchor(td_ser_t *s, lua_State *L) {
+  if (!s->nanchor) return;
+  lua_pushnil(L);
+  lua_setfield(L, LUA_REGISTRYINDEX, TD__ANCHOR);
+  s->nanchor = 0;
+}
+
 /* Bytes kept outside the buffer and copied once by td_ser_copy. */
 static void td__seg_add(td_ser_t *s, const void *p, size_t n) {
   if (s->nsegs == s->capsegs) {
@@ -320,7 +349,9 @@ static int td__ser(td_ser_t *s, lua_State *L, int idx, const char *what) {
       const char *p = lua_tolstring(L, idx, &n);
       td_buf_u8(&s->buf, TD_T_STR);
       td_buf_u32(&s->buf, (uint32_t)n);
-      if (n >= TD_SER_SEG_MIN) td__seg_add(s, p, n);
+      /* Not inside a function's descriptor: its strings (the bytecode) die
+       * with it when the encoding ends, before td_ser_copy reads them. */
+      if (n >= TD_SER_SEG_MIN && !s->fndepth) td__seg_add(s, p, n);
       else td_buf_put(&s->buf, p, n);
       return 0;
     }
@@ -365,9 +396,12 @@ static int td__ser(td_ser_t *s, lua_State *L, int idx, const char *what) {
         lua_pop(L, 1);
         return rc;
       }
+      td__anchor(s, L);
       td_buf_u8(&s->buf, TD_T_FUNC);
       s->depth++;
+      s->fndepth++;
       int rc = td__ser_table(s, L, lua_gettop(L), what);
+      s->fndepth--;
       s->depth--;
       lua_pop(L, 1);
       return rc;
@@ -389,6 +423,7 @@ int td_ser_value(td_ser_t *s, lua_State *L, int idx, const char *what) {
   int top = lua_gettop(L);
   int rc = td__ser(s, L, idx, what);
   lua_settop(L, top);
+  td__unanchor(s, L);
   if (rc == TD_ESER) td__ser_compose(s);
   td__ser_finish(s);
   return rc;
@@ -417,6 +452,7 @@ int td_ser_args(td_ser_t *s, lua_State *L, int first, int n) {
     rc = td__ser(s, L, idx, NULL);
   }
   lua_settop(L, top);
+  td__unanchor(s, L);
   if (rc == TD_ESER) td__ser_compose(s);
   td__ser_finish(s);
   return rc;

@@ -48,6 +48,8 @@ typedef struct td_ser {
     uint32_t gen;
   } seen;
   int nseen;
+  int nanchor; /* function descriptors kept alive while encoding */
+  int fndepth; /* > 0: inside a function descriptor */
 } td_ser_t;
 
 void td_ser_init(td_ser_t *s);

@@ -424,4 +424,39 @@ t.local_test("a quick task's result is not held back by a long one pipelined beh
   for _, r in ipairs({a, b, c, d}) do t.eq(tide.get(r), true) end
 end)
 
+-- Each function goes out as a descriptor the dump hook makes fresh, and the
+-- encoder knows tables by address: a descriptor collected while the rest
+-- was still being encoded gave its address to the next one, which went out
+-- as a back reference to it ("bad function descriptor" at the reader, or
+-- another function's upvalues). A collector that runs at every allocation
+-- makes that happen at once without the anchoring in lua/ser.c.
+t.test("many closures in one argument each keep their own upvalues, the collector running throughout", function()
+  local fns = {}
+  for i = 1, 300 do
+    local cfg = {id = i, name = "f" .. i}
+    fns[i] = function() return cfg.id, cfg.name end
+  end
+  local check = tide.remote(function(list)
+    local bad = {}
+    for i, f in ipairs(list) do
+      local ok, id, name = pcall(f)
+      if not ok or id ~= i or name ~= "f" .. i then bad[#bad + 1] = i .. ":" .. tostring(id) end
+    end
+    return {#list, table.concat(bad, " ")}
+  end)
+  local pause, stepmul = collectgarbage("setpause", 0), collectgarbage("setstepmul", 10000)
+  local ok, r = pcall(function()
+    local out = {}
+    for k = 1, 5 do out[k] = tide.get(check:remote(fns)) end
+    return out
+  end)
+  collectgarbage("setpause", pause)
+  collectgarbage("setstepmul", stepmul)
+  t.ok(ok, tostring(r))
+  for k = 1, 5 do
+    t.eq(r[k][1], 300)
+    t.eq(r[k][2], "")
+  end
+end)
+
 t.done()
