@@ -35,6 +35,25 @@ int td_aead_init(td_aead_t *a, int plain, int enc, const uint8_t *key) {
   return ok ? 0 : -1;
 }
 
+void td_aead_hmac(const uint8_t *key, const char *label, const uint8_t *p, size_t len, uint8_t out[32]) {
+  uint8_t buf[256];
+  size_t ll = strlen(label);
+  memcpy(buf, label, ll);
+  memcpy(buf + ll, p, len);
+  unsigned int ol = 32;
+  HMAC(EVP_sha256(), key, 32, buf, ll + len, out, &ol);
+}
+
+int td_aead_keyed(td_aead_t *a, int plain, int enc, const uint8_t *secret, const char *label,
+                  const uint8_t *hs, size_t hl) {
+  uint8_t k[32];
+  if (td_crypto_load()) return -1;
+  td_aead_hmac(secret, label, hs, hl, k);
+  int rc = td_aead_init(a, plain, enc, k);
+  OPENSSL_cleanse(k, sizeof(k));
+  return rc;
+}
+
 void td_aead_free(td_aead_t *a) {
   if (a->gh) gcry_cipher_close(a->gh);
   if (a->cx) EVP_CIPHER_CTX_free(a->cx);

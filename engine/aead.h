@@ -36,6 +36,16 @@ typedef struct td_aead {
 int td_aead_init(td_aead_t *a, int plain, int enc, const uint8_t *key);
 void td_aead_free(td_aead_t *a);
 
+/* HMAC-SHA256(key, label || p) into out (which may be key): the streams'
+ * handshake proofs and keys. label and p: 256 bytes at most together.
+ * libcrypto must be loaded (td_crypto_load). */
+void td_aead_hmac(const uint8_t *key, const char *label, const uint8_t *p, size_t len, uint8_t out[32]);
+
+/* td_aead_init keyed with HMAC(secret, label || hs), a stream direction's
+ * key from its handshake; the key is wiped once used. 0, or -1. */
+int td_aead_keyed(td_aead_t *a, int plain, int enc, const uint8_t *secret, const char *label,
+                  const uint8_t *hs, size_t hl);
+
 /* What seals the records: "aes-128-ocb (libgcrypt)", "aes-128-ocb
  * (openssl)" or "gmac (openssl)". */
 const char *td_aead_name(const td_aead_t *a);

@@ -165,26 +165,6 @@ static td__dplink_t *td__dp_link(td_node_t *n, uint64_t wk, int make) {
   return l;
 }
 
-/* -- Keys and records -------------------------------------------------------- */
-
-static void td__hmac(const uint8_t *key, const char *label, const uint8_t *p, size_t len, uint8_t out[32]) {
-  uint8_t buf[256];
-  size_t ll = strlen(label);
-  memcpy(buf, label, ll);
-  memcpy(buf + ll, p, len);
-  unsigned int ol = 32;
-  HMAC(EVP_sha256(), key, 32, buf, ll + len, out, &ol);
-}
-
-/* A direction's records, keyed from the secret and the handshake so far. */
-static void td__dir_init(td_aead_t *dr, int plain, int enc, const uint8_t *secret, const char *label,
-                         const uint8_t *hs, size_t hl) {
-  uint8_t k[32];
-  td__hmac(secret, label, hs, hl, k);
-  td_aead_init(dr, plain, enc, k); /* libcrypto is there: the handshake ran on it */
-  OPENSSL_cleanse(k, sizeof(k));
-}
-
 /* -- Streams ---------------------------------------------------------------- */
 
 static void td__dps_watch(struct td_dp *d, td__dps_t *s, int out) {
@@ -381,8 +361,8 @@ static void td__dp_refused(td_node_t *n, td__dps_t *s, const char *why) {
 
 static void td__dps_keys(struct td_dp *d, td__dps_t *s) {
   int plain = d->mode == TD_DP_PLAIN;
-  td__dir_init(&s->tx, plain, 1, d->secret, s->out_side ? "s2c" : "c2s", s->hs, TD__HS1 + TD__HS2);
-  td__dir_init(&s->rx, plain, 0, d->secret, s->out_side ? "c2s" : "s2c", s->hs, TD__HS1 + TD__HS2);
+  td_aead_keyed(&s->tx, plain, 1, d->secret, s->out_side ? "s2c" : "c2s", s->hs, TD__HS1 + TD__HS2);
+  td_aead_keyed(&s->rx, plain, 0, d->secret, s->out_side ? "c2s" : "s2c", s->hs, TD__HS1 + TD__HS2);
 }
 
 /* The sender's side of a handshake, as its bytes come. */
@@ -403,7 +383,7 @@ static void td__hs_server(td_node_t *n, td__dps_t *s) {
     memcpy(m, TD__DP_MAGIC, 4);
     m[4] = (uint8_t)d->mode;
     RAND_bytes(m + 5, 32);
-    td__hmac(d->secret, "server", s->hs, TD__HS1 + 37, m + 37);
+    td_aead_hmac(d->secret, "server", s->hs, TD__HS1 + 37, m + 37);
     if (td__hs_write(s, m, TD__HS2)) { td__dp_refused(n, s, "it closed during the handshake"); return; }
     s->state = S_HS3;
     s->hlen = TD__HS1 + TD__HS2;
@@ -411,7 +391,7 @@ static void td__hs_server(td_node_t *n, td__dps_t *s) {
     return;
   }
   uint8_t mac[32];
-  td__hmac(d->secret, "client", s->hs, TD__HS1 + TD__HS2, mac);
+  td_aead_hmac(d->secret, "client", s->hs, TD__HS1 + TD__HS2, mac);
   if (CRYPTO_memcmp(mac, s->hs + TD__HS1 + TD__HS2, 32)) {
     td__dp_refused(n, s, "it does not hold the cluster key");
     return;
@@ -462,12 +442,10 @@ static void td__dp_moved_back(td_node_t *n, td__dps_t *s, td_wk_t *wk) {
 }
 
 /* Opens the payload's whole blocks landed so far (all of it, last: the
- * tag has come), from where it now lands: a record whose chunk went away
- * mid-way goes on in scratch, its partial block carried over. 0, or -1
- * when the record is not authentic. */
-static int td__dp_open(td_node_t *n, td__dps_t *s, td_wk_t *wk, int last) {
-  uint32_t room;
-  uint8_t *base = td__dp_dst(n, s, wk, &room) - s->rhave;
+ * tag has come), at base, where its first byte lands now: a record whose
+ * chunk went away mid-way goes on in scratch, its partial block carried
+ * over. 0, or -1 when the record is not authentic. */
+static int td__dp_open(td__dps_t *s, uint8_t *base, int last) {
   if (base != s->rbase) {
     memcpy(base + s->ropen, s->rcarry, s->rcn);
     s->rbase = base;
@@ -561,8 +539,9 @@ static int td__dp_read(td_node_t *n, td__dps_t *s) {
     if (s->rpart == 1) {
       /* Opened in place as it lands, while in cache; it counts only once
        * its tag is checked. */
+      uint8_t *base = dst - s->rhave;
       s->rhave += (uint32_t)r;
-      td__dp_open(n, s, wk, 0);
+      td__dp_open(s, base, 0);
       if (s->rhave == s->rlen) s->rpart = 2;
       else if (d->move && s->rtype == R_DATA && d->data_got + 1 >= (uint64_t)d->move && s->ropen && s->rcn)
         s->moved = s->ropen, d->move = 0; /* tests: as if its chunk went away, a partial block pending */
@@ -570,7 +549,7 @@ static int td__dp_read(td_node_t *n, td__dps_t *s) {
     }
     s->rtagn += (uint32_t)r;
     if (s->rtagn < 16) continue;
-    if (td__dp_open(n, s, wk, 1)) {
+    if (td__dp_open(s, td__dp_dst(n, s, wk, &room) - s->rhave, 1)) {
       d->auth_failed++;
       td__dps_close(n, s, "a record failed authentication (changed in flight, or not from a cluster member); "
                           "what it carried is fetched again over the control link");
@@ -608,13 +587,13 @@ static void td__hs_client(td_node_t *n, td__dps_t *s) {
     if (r < 0) { td__dps_close(n, s, "it closed during the handshake (a --data-plane mode or cluster key that differs?)"); return; }
     if (r == 0) return;
     uint8_t mac[32];
-    td__hmac(d->secret, "server", s->hs, TD__HS1 + 37, mac);
+    td_aead_hmac(d->secret, "server", s->hs, TD__HS1 + 37, mac);
     if (memcmp(s->hs + TD__HS1, TD__DP_MAGIC, 4) || s->hs[TD__HS1 + 4] != d->mode ||
         CRYPTO_memcmp(mac, s->hs + TD__HS1 + 37, 32)) {
       td__dps_close(n, s, "it does not hold the cluster key, or runs another --data-plane mode");
       return;
     }
-    td__hmac(d->secret, "client", s->hs, TD__HS1 + TD__HS2, mac);
+    td_aead_hmac(d->secret, "client", s->hs, TD__HS1 + TD__HS2, mac);
     if (td__hs_write(s, mac, 32)) { td__dps_close(n, s, "it closed during the handshake"); return; }
     td__dps_keys(d, s);
     s->state = S_WAITREADY;
@@ -644,10 +623,10 @@ int td_node_set_dplane(td_node_t *n, int mode, const char *bind_host, const char
     freeaddrinfo(hai);
   }
   SHA256((const uint8_t *)key_text, strlen(key_text), d->secret);
-  td__hmac(d->secret, "tide data plane v1", (const uint8_t *)"", 0, d->secret);
+  td_aead_hmac(d->secret, "tide data plane v1", (const uint8_t *)"", 0, d->secret);
   /* Tests: a node that derives another secret (as one with another key would). */
   const char *ts = getenv("TIDE_DP_TEST_SECRET");
-  if (ts) td__hmac(d->secret, ts, (const uint8_t *)"", 0, d->secret);
+  if (ts) td_aead_hmac(d->secret, ts, (const uint8_t *)"", 0, d->secret);
   const char *t = getenv("TIDE_DP_TAMPER");
   d->tamper = t ? atoi(t) : 0;
   d->move = getenv("TIDE_DP_MOVE") ? atoi(getenv("TIDE_DP_MOVE")) : 0;

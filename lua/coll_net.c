@@ -101,26 +101,6 @@ static double td__now(void) {
 
 int td_cnet_random(uint8_t out[32]) { return td_crypto_load() || RAND_bytes(out, 32) != 1 ? -1 : 0; }
 
-static void td__hmac(const uint8_t *key, const char *label, const uint8_t *p, size_t len, uint8_t out[32]) {
-  uint8_t buf[256];
-  size_t ll = strlen(label);
-  memcpy(buf, label, ll);
-  memcpy(buf + ll, p, len);
-  unsigned int ol = 32;
-  HMAC(EVP_sha256(), key, 32, buf, ll + len, out, &ol);
-}
-
-/* A direction's records (engine/aead.h: AES-128-OCB, or plain GMAC),
- * keyed from the secret and the handshake. */
-static int td__dir_init(td_aead_t *d, int plain, int enc, const uint8_t *secret, const char *label,
-                        const uint8_t *hs, size_t hl) {
-  uint8_t k[32];
-  td__hmac(secret, label, hs, hl, k);
-  int rc = td_aead_init(d, plain, enc, k);
-  OPENSSL_cleanse(k, sizeof(k));
-  return rc;
-}
-
 /* A group that failed in an operation shuts every stream: the other ranks
  * fail at once too (they see it closed), rather than wait on this one. */
 static void td__break(td_cnet_t *c) {
@@ -231,8 +211,8 @@ static void td__tune(int fd) {
 
 static int td__peer_keys(td_cnet_t *c, td__cpeer_t *p, const uint8_t *secret, const uint8_t *hs, size_t hl,
                          int server) {
-  if (td__dir_init(&p->tx, c->plain, 1, secret, server ? "s2c" : "c2s", hs, hl) ||
-      td__dir_init(&p->rx, c->plain, 0, secret, server ? "c2s" : "s2c", hs, hl))
+  if (td_aead_keyed(&p->tx, c->plain, 1, secret, server ? "s2c" : "c2s", hs, hl) ||
+      td_aead_keyed(&p->rx, c->plain, 0, secret, server ? "c2s" : "s2c", hs, hl))
     return -1;
   p->obuf = malloc(TD__CN_HDR + TD__CN_REC + TD__CN_TAG);
   p->ibuf = malloc(TD__CN_HDR + TD__CN_REC + TD__CN_TAG + TD__CN_HDR); /* + the next header */
@@ -277,7 +257,7 @@ static int td__join_client(td_cnet_t *c, int peer, const char *host, int port, c
     close(fd);
     return td__fail(c, peer, 1, "%s during the handshake", rc == -2 ? "no answer" : "it closed the stream");
   }
-  td__hmac(secret, "server", hs, 2 * TD__CN_HELLO, mac);
+  td_aead_hmac(secret, "server", hs, 2 * TD__CN_HELLO, mac);
   uint32_t pr;
   memcpy(&pr, hs + TD__CN_HELLO + 5, 4);
   if (memcmp(hs + TD__CN_HELLO, TD__CN_MAGIC, 4) || hs[TD__CN_HELLO + 4] != c->plain ||
@@ -287,7 +267,7 @@ static int td__join_client(td_cnet_t *c, int peer, const char *host, int port, c
                     "its stream does not prove the group's secret (a stale address, or another "
                     "--data-plane mode?)");
   }
-  td__hmac(secret, "client", hs, 2 * TD__CN_HELLO + 32, hs + 2 * TD__CN_HELLO + 32);
+  td_aead_hmac(secret, "client", hs, 2 * TD__CN_HELLO + 32, hs + 2 * TD__CN_HELLO + 32);
   if (td__io_full(fd, hs + 2 * TD__CN_HELLO + 32, 32, 1, deadline)) {
     close(fd);
     return td__fail(c, peer, 1, "%s", "it closed the stream during the handshake");
@@ -327,13 +307,13 @@ static int td__join_server(td_cnet_t *c, const uint8_t *secret, double deadline)
     uint32_t me = (uint32_t)c->rank;
     memcpy(hs + TD__CN_HELLO + 5, &me, 4);
     RAND_bytes(hs + TD__CN_HELLO + 9, 32);
-    td__hmac(secret, "server", hs, 2 * TD__CN_HELLO, hs + 2 * TD__CN_HELLO);
+    td_aead_hmac(secret, "server", hs, 2 * TD__CN_HELLO, hs + 2 * TD__CN_HELLO);
     if (td__io_full(fd, hs + TD__CN_HELLO, TD__CN_HELLO + 32, 1, dl) ||
         td__io_full(fd, hs + 2 * TD__CN_HELLO + 32, 32, 0, dl)) {
       close(fd);
       continue;
     }
-    td__hmac(secret, "client", hs, 2 * TD__CN_HELLO + 32, mac);
+    td_aead_hmac(secret, "client", hs, 2 * TD__CN_HELLO + 32, mac);
     if (CRYPTO_memcmp(mac, hs + 2 * TD__CN_HELLO + 32, 32)) {
       close(fd);
       continue;
