@@ -222,7 +222,7 @@ static int td__peer_keys(td_cnet_t *c, td__cpeer_t *p, const uint8_t *secret, co
   if (td_aead_keyed(&p->tx, c->plain, 1, secret, server ? "s2c" : "c2s", hs, hl) ||
       td_aead_keyed(&p->rx, c->plain, 0, secret, server ? "c2s" : "s2c", hs, hl))
     return -1;
-  p->obuf = malloc(TD__CN_BATCH * (TD__CN_HDR + TD__CN_REC + TD__CN_TAG));
+  p->obuf = malloc(TD__CN_BATCH * (TD__CN_HDR + TD__CN_SEAL + TD__CN_TAG));
   p->ibuf = malloc(TD__CN_IBUF);
   return p->obuf && p->ibuf ? 0 : -1;
 }
