@@ -214,6 +214,7 @@ void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why) {
   if (wk->kind == WK_CLIENT) {
     td__pgs_owner_left(n, wk->id);
     td__actors_owner_left(n, wk->id);
+    td__tasks_owner_left(n, wk->id);
   }
   /* A link that never joined (a join whose answer came too late: the node
    * joined again, under the same index) had nothing: the node lives on. */

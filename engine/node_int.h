@@ -190,6 +190,7 @@ struct td_task {
   uint8_t restored;      /* a detached actor's creation, restored by a restarted head */
   uint8_t has_away;      /* a task with arguments kept on other nodes (td_obj_t away) */
   uint8_t unplaced;      /* queued although no node has what it asks for: nodes may rejoin (settle_until) */
+  uint8_t via_link;      /* submitted by another node: owner names a driver of this node by guess */
   uint64_t owner;        /* the client (or head link) whose work it is: prints go there */
   uint64_t owner_task;   /* on a node: the head's id of this task */
   int32_t held_bundle;   /* node_held 2: the bundle of its placement group */
@@ -366,6 +367,7 @@ typedef struct td_node_tasks {
   uint64_t *fn_order; /* function ids in the order registered (sent to nodes in it) */
   uint32_t nfn_order, capfn_order;
   uint64_t submitter, submitter_task; /* whose tasks are being submitted now (prints go there) */
+  uint8_t submitter_link;             /* they come from another node: their owner is a guess */
   void **pool;                        /* free td_task_t records of TD_TASK_TAIL, kept for reuse */
   int npool;
   uint64_t ndone;      /* tasks and calls ended here: progress, for why.c */
@@ -621,6 +623,7 @@ void td__send_fn(td_node_t *n, td_wk_t *wk, uint64_t fn_id);
 void td__send_task(td_node_t *n, td_wk_t *wk, td_task_t *t);
 void td__task_fail(td_node_t *n, td_task_t *t, const char *kind, const char *msg);
 void td__tasks_lost(td_node_t *n, td_wk_t *wk, const char *reason);
+void td__tasks_owner_left(td_node_t *n, uint64_t owner);
 void td__task_finish(td_node_t *n, td_task_t *t);
 void td__unpin_deps(td_node_t *n, td_task_t *t);
 void td__unplaced_check(td_node_t *n, double now);

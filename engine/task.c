@@ -340,6 +340,7 @@ static td_task_t *td__task_new(td_node_t *n, const td_spec_t *s) {
   t->pooled = (uint8_t)pooled;
   t->owner = n->tasks.submitter;
   t->owner_task = n->tasks.submitter_task;
+  t->via_link = n->tasks.submitter_link;
   t->spec.rets = tail;
   memcpy(t->spec.rets, s->rets, nr * 8);
   t->spec.deps = tail + nr;
@@ -533,10 +534,18 @@ const uint8_t *td_node_fn(td_node_t *n, uint64_t id, size_t *len) {
   return fb->data;
 }
 
+static void td__task_cancel(td_node_t *n, td_task_t *t, int force);
+
 int td_node_cancel(td_node_t *n, uint64_t obj_id, int force) {
   td_obj_t *o = td__obj(n, obj_id);
   if (!o || !o->producer) return TD_ENOTFOUND;
-  td_task_t *t = o->producer;
+  td__task_cancel(n, o->producer, force);
+  return 0;
+}
+
+/* Cancels t: dropped if it has not run yet, else stopped where it runs
+ * (force: its worker killed; a node is asked to do the same). */
+static void td__task_cancel(td_node_t *n, td_task_t *t, int force) {
   if (t->state == T_QUEUED || t->state == T_WAITDEPS) {
     if (t->state == T_QUEUED) tq_del(&n->sched.queue, t);
     else if (t->actor && t->spec.kind == TD_K_ACTOR_CALL) tq_del(&t->actor->queue, t);
@@ -548,7 +557,7 @@ int td_node_cancel(td_node_t *n, uint64_t obj_id, int force) {
         if (d->waiters[k] == t) d->waiters[k--] = d->waiters[--d->nwaiters];
     }
     td__task_fail(n, t, "TaskCancelledError", "the task was cancelled before it ran");
-    return 0;
+    return;
   }
   if (t->state == T_SENT && t->wk) {
     t->cancelled = 1;
@@ -562,7 +571,33 @@ int td_node_cancel(td_node_t *n, uint64_t obj_id, int force) {
       td_chan_end(&t->wk->ch);
     }
   }
-  return 0;
+}
+
+/* A driver that left takes its tasks with it, as a Ray job's end does:
+ * those it submitted here, and those its tasks submitted here, are
+ * dropped if they have not run and stopped if they run (their workers
+ * killed), so a job that was stopped, or ended without waiting on them,
+ * leaves no work running for nobody. Actors' calls and creations are
+ * actor.c's (non-detached actors go with their driver). Work a node sent
+ * here names its owner only by guess (via_link): it stays. */
+void td__tasks_owner_left(td_node_t *n, uint64_t owner) {
+  td_buf_t ids;
+  td_buf_init(&ids);
+  size_t it = 0;
+  td_task_t *t;
+  while (td_map_next(&n->tasks.map, &it, NULL, (void **)&t))
+    if (t->owner == owner && !t->via_link && t->spec.kind == TD_K_TASK && !t->cancelled &&
+        (t->state == T_WAITDEPS || t->state == T_QUEUED || t->state == T_SENT))
+      td_buf_u64(&ids, t->id);
+  /* Looked up again one by one: failing one fails those waiting on it. */
+  for (size_t i = 0; i + 8 <= ids.len; i += 8) {
+    uint64_t id;
+    memcpy(&id, ids.p + i, 8);
+    if ((t = td_map_get(&n->tasks.map, id)) && !t->cancelled) td__task_cancel(n, t, 1);
+  }
+  if (ids.len)
+    td_log("driver %016llx left: %zu of its tasks cancelled", (unsigned long long)owner, ids.len / 8);
+  td_buf_free(&ids);
 }
 
 /* -- Messages (node.c's table dispatches them) ------------------------------ */
@@ -610,8 +645,10 @@ int td__on_submit(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
     /* Whose work: a client's, or the work of the task this worker runs. */
     n->tasks.submitter = wk->kind == WK_CLIENT ? wk->id : wk->inflight.head ? wk->inflight.head->owner : 0;
     n->tasks.submitter_task = wk->kind == WK_CLIENT || !wk->inflight.head ? 0 : wk->inflight.head->owner_task;
+    n->tasks.submitter_link = wk->kind == WK_NODE;
     int sub = td_node_submit(n, &s, &msg);
     n->tasks.submitter = n->tasks.submitter_task = 0;
+    n->tasks.submitter_link = 0;
     if (sub == 0 && s.kind == TD_K_ACTOR_NEW) {
       td_actor_t *na = td_map_get(&n->actors.map, s.actor_id);
       if (na) na->owner = wk->id;

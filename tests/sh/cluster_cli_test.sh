@@ -158,6 +158,33 @@ check "tide job stop prints the job's status after the stop (STOPPED, not RUNNIN
   'echo "$out" | grep "$lid" | grep -q STOPPED' "$out"
 out=$($T job status "$lid" 2>&1)
 check "tide job stop stops a running job" 'echo "$out" | grep -q STOPPED' "$out"
+# The job's task (sleeping 60 s) goes with it, as a Ray job's do.
+for i in 1 2 3 4 5 6 7 8 9 10; do
+  $T list tasks 2>/dev/null | grep "long.lua" | grep -q RUNNING || break; sleep 0.5
+done
+out=$($T list tasks 2>&1)
+check "a stopped job's running task is cancelled, not left running for nobody" \
+  'echo "$out" | grep "long.lua" | grep -q FAILED && ! echo "$out" | grep "long.lua" | grep -q RUNNING' "$out"
+# So do the tasks of an attached driver killed outright: the one running
+# and the one queued behind it (one CPU left for them: the head has 2).
+cat > "$W/orphan.lua" <<'LUA'
+local tide = require("tide")
+local nap = tide.remote({num_cpus = 2}, function() tide.sleep(60) end)
+local a, b = nap:remote(), nap:remote()
+print("ORPHAN started"); io.stdout:flush()
+tide.get({a, b})
+LUA
+$T run --address local "$W/orphan.lua" >"$W/orphan.out" 2>&1 &
+opid=$!
+for i in $(seq 40); do grep -q "ORPHAN started" "$W/orphan.out" && break; sleep 0.25; done
+for i in $(seq 20); do $T list tasks 2>/dev/null | grep "orphan.lua" | grep -q RUNNING && break; sleep 0.25; done
+kill -9 $opid; wait $opid 2>/dev/null
+for i in $(seq 20); do
+  $T list tasks 2>/dev/null | grep "orphan.lua" | grep -Eq "RUNNING|PENDING|QUEUED" || break; sleep 0.5
+done
+out=$($T list tasks 2>&1)
+check "a driver killed with SIGKILL takes its running and queued tasks with it" \
+  '[ "$(echo "$out" | grep "orphan.lua" | grep -c FAILED)" = 2 ]' "$out"
 out=$($T job status nope 2>&1); st=$?
 check "an unknown job id is an error: one line, no traceback" \
   '[ $st -eq 1 ] && [ "$out" = "tide: no job nope" ]' "$out"
