@@ -407,7 +407,14 @@ static int td__ser(td_ser_t *s, lua_State *L, int idx, const char *what) {
       return rc;
     }
     case LUA_TTHREAD: return td__ser_fail(s, what, "cannot send a %s", "coroutine");
-    case LUA_TLIGHTUSERDATA: return td__ser_fail(s, what, "cannot send a %s", "light userdata");
+    case LUA_TLIGHTUSERDATA:
+      /* NULL is cjson.null (what read_jsonl makes of JSON's null): it
+       * arrives as NULL, equal to the receiver's cjson.null. */
+      if (!lua_touserdata(L, idx)) {
+        td_buf_u8(&s->buf, TD_T_NULL);
+        return 0;
+      }
+      return td__ser_fail(s, what, "cannot send a %s", "light userdata");
     default: return td__ser_fail(s, what, "cannot send a %s", luaL_typename(L, idx));
   }
 }
@@ -552,6 +559,7 @@ static int td__de(td__dctx_t *c, lua_State *L) {
   int rc = 0;
   switch (tag) {
     case TD_T_NIL: lua_pushnil(L); break;
+    case TD_T_NULL: lua_pushlightuserdata(L, NULL); break;
     case TD_T_FALSE: lua_pushboolean(L, 0); break;
     case TD_T_TRUE: lua_pushboolean(L, 1); break;
     case TD_T_NUM: lua_pushnumber(L, td_rd_f64(&c->r)); break;

@@ -127,6 +127,13 @@ t.test("read_jsonl, read_csv (quoted fields) and read_binary", function()
   local rows = data.read_jsonl(d .. "/a.jsonl", {block_bytes = 100}):take_all()
   t.eq(#rows, 40)
   t.eq(rows[40].i, 40); t.eq(rows[7].s, "x7")
+  -- JSON's null is cjson.null, and it crosses the object store and tasks.
+  write_file(d .. "/n.jsonl", '{"a":null,"b":1}\n{"a":2,"b":null}\n')
+  local nr = data.read_jsonl(d .. "/n.jsonl"):map(function(r) return {a = r.a, b = r.b} end):take_all()
+  t.eq(#nr, 2)
+  t.ok(nr[1].a == cjson.null and nr[1].b == 1 and nr[2].a == 2 and nr[2].b == cjson.null, cjson.encode(nr))
+  local isnull = tide.remote(function(x) return x == require("cjson").null end)
+  t.eq(tide.get(isnull:remote(cjson.null)), true)
   write_file(d .. "/bad.jsonl", '{"a": 1}\n{oops\n')
   t.raises(function() data.read_jsonl(d .. "/bad.jsonl"):count() end, "bad JSON line")
 
