@@ -154,7 +154,7 @@ static const struct td__command {
      "  --key FILE            the cluster key to join with (default: TIDE_KEY_FILE,\n"
      "                        then the session's cluster.key)\n"
      "  --port P              TCP port (head default 6380; a joining node picks one)\n"
-     "  --host H              interface to listen on (default 0.0.0.0)\n"
+     "  --host H              interface to listen on (default 127.0.0.1: this machine only)\n"
      "  --name N              this node's name\n"
      "  --node-timeout S      seconds of silence before a node counts as dead (default 5)\n"
      "  --data-plane MODE     how object bytes cross between nodes: on (direct TCP streams,\n"
@@ -257,6 +257,10 @@ int td__help(const char *cmd) {
       fputs(td__commands[i].help, stdout);
       return 0;
     }
+  if (cmd) {
+    td__cmd = NULL;
+    return td__usage_error("help: no command %s", cmd);
+  }
   fputs(td__usage, stdout);
   return 0;
 }

@@ -224,14 +224,18 @@ int td__run(int argc, char **argv, int first, const char *script_override) {
   lua_getglobal(L, "require");
   lua_pushliteral(L, "tide");
   if (lua_pcall(L, 1, 1, 0) != 0) {
-    fprintf(stderr, "tide: %s\n", lua_tostring(L, -1));
-    return 2;
+    /* The library itself is missing: a binary copied away from its
+     * checkout, without TIDE_HOME. Not a usage error. */
+    fprintf(stderr,
+            "tide: %s\n(bin/tide finds its library in TIDE_HOME, default the directory above bin/: %s)\n",
+            lua_tostring(L, -1), getenv("TIDE_HOME") ? getenv("TIDE_HOME") : "?");
+    return 1;
   }
   lua_getfield(L, -1, "_start");
   if (lua_pcall(L, 0, 0, 0) != 0) {
-    fprintf(stderr, "tide: %s\n", lua_tostring(L, -1));
+    int rc = td__usage_error("%s", lua_tostring(L, -1));
     lua_close(L);
-    return 2;
+    return rc;
   }
   lua_pop(L, 1);
   lua_pushcfunction(L, td__traceback);

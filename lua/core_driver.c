@@ -442,7 +442,7 @@ static int c_stats(lua_State *L) {
 }
 
 /* core.timeline() -> {dropped = n, events = {{name, kind, submit, start, end, ...}, ...}}
- * | nil, why: the node's ring of tasks and calls that ended (timeline.c),
+ * (raises when TIDE_TIMELINE=0): the node's ring of tasks and calls that ended (timeline.c),
  * times in unix seconds; stdlib/tide/timeline.lua makes Chrome trace events. */
 static void td__tl_push(void *ud, const td_tl_event_t *e) {
   static const char *kinds[] = {"task", "actor_new", "actor_call"};
@@ -502,9 +502,9 @@ static int c_timeline(lua_State *L) {
   lua_pushnil(L); /* wall0's slot, read by td__tl_push */
   lua_newtable(L);
   if (td_node_timeline(td_ctx.node, NULL, NULL, &dropped, &wall0)) {
-    lua_pushnil(L);
-    lua_pushliteral(L, "timeline recording is off on this node (TIDE_TIMELINE=0)");
-    return 2;
+    /* Raised, not returned: an RPC from a client carries an error's
+     * message, but only a call's first result. */
+    return luaL_error(L, "timeline recording is off on this node (TIDE_TIMELINE=0)");
   }
   lua_pushnumber(L, wall0);
   lua_replace(L, 1);

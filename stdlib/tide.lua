@@ -244,7 +244,7 @@ local function start(level)
     local ok, cjson = pcall(require, "cjson")
     if not ok then error("--resources needs lua-cjson", level + 1) end
     local ok2, t = pcall(cjson.decode, o.resources_json)
-    if not ok2 or type(t) ~= "table" then
+    if not ok2 or type(t) ~= "table" or not o.resources_json:match("^%s*{") then
       error("--resources: not a JSON object: " .. o.resources_json, level + 1)
     end
     for k, v in pairs(t) do

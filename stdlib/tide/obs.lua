@@ -208,8 +208,8 @@ end
 -- prints (offsets count the worker log's index records, not bytes: see slice).
 function M.worker_log(target, id, offset, tail)
   if target == "job" then
-    local chunk, status = ops.job_log(id, offset)
-    return chunk, (tonumber(offset) or 0) + #chunk, status == "RUNNING"
+    local chunk, status, nxt = ops.job_log(id, offset, tail)
+    return chunk, nxt, status == "RUNNING"
   end
   local loc = locate(target, id)
   if loc.node then return "", tonumber(offset) or 0, true, loc.node, loc.target, loc.id end

@@ -15,8 +15,8 @@ local format, floor = string.format, math.floor
 -- The raw records, oldest first: {name, kind, submit, start, end, node, pid,
 -- worker_id, task_id, ref, owner, args_bytes, ok, ran, ...}; dropped.
 local function records()
-  local r, why = core.timeline()
-  if not r then error("tide.timeline: " .. tostring(why), 0) end
+  local ok, r = pcall(core.timeline)
+  if not ok then error("tide.timeline: " .. tostring(type(r) == "table" and r.message or r), 0) end
   return r
 end
 

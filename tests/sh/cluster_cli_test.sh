@@ -148,6 +148,8 @@ out=$($T job status "$id" 2>&1)
 check "tide job status shows it succeeded" 'echo "$out" | grep -q "SUCCEEDED"' "$out"
 out=$($T job logs "$id" 2>&1)
 check "tide job logs shows its output" 'echo "$out" | grep -q "JOB	6	36"' "$out"
+out=$($T logs job "$id" --tail 1 2>&1)
+check "tide logs job ID --tail 1 prints its last line only" '[ "$out" = "JOB	6	36" ]' "$out"
 out=$(cd "$W/wd" && $T submit --working-dir "$W/wd" long.lua 2>&1)
 lid=$(echo "$out" | sed -n 's/^submitted //p')
 sleep 1.5

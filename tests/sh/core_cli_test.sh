@@ -75,6 +75,12 @@ printf 'print("ran")\n' >"$D/hello.lua"
 $TIDE run --resources '{bad json' "$D/hello.lua" >"$D/o" 2>&1; st=$?
 [ $st -eq 2 ] && grep -q -- "--resources" "$D/o" && ! grep -q "^ran" "$D/o"
 check "--resources with bad JSON: exit 2 before the script runs" $? "status $st" "$(tailof $D/o)"
+$TIDE run --resources '[1,2]' "$D/hello.lua" >"$D/o" 2>&1; st=$?
+[ $st -eq 2 ] && grep -q -- "--resources: not a JSON object" "$D/o" && grep -q "see 'tide run --help'" "$D/o" &&
+  ! grep -q "^ran" "$D/o"
+check "--resources with a JSON array: exit 2, a hint, before the script runs" $? "status $st" "$(tailof $D/o)"
+$TIDE help nosuch >"$D/o" 2>&1; st=$?
+[ $st -eq 2 ] && grep -q "no command nosuch" "$D/o"; check "tide help of no such command: exit 2, says so" $? "status $st" "$(tailof $D/o)"
 
 # 2b. every command has its own --help (exit 0, on stdout, no node needed);
 # a usage error is one line naming the mistake and a hint, not the usage

@@ -182,4 +182,11 @@ out=$(TIDE_TIMELINE_EVENTS=4 $T run --num-cpus 2 "$W/ring.lua" 2>&1)
 check "a ring of 4 keeps the last 4 runs and counts 6 dropped" 'echo "$out" | grep -q "RING	4	6"' "$out"
 out=$(TIDE_TIMELINE=0 $T run --num-cpus 2 "$W/ring.lua" 2>&1)
 check "TIDE_TIMELINE=0 turns recording off, and tide.timeline says so" 'echo "$out" | grep -q "ERR.*recording is off"' "$out"
+# The same on a daemon, through the CLI (the reason crosses the RPC).
+S0=$(mktemp -d /tmp/tide-tl0-XXXXXX); rmdir "$S0"
+TIDE_TIMELINE=0 TIDE_SESSION_DIR=$S0 $T start --head --port 0 --num-cpus 1 >/dev/null 2>&1
+out=$(TIDE_SESSION_DIR=$S0 $T timeline -o "$W/off.json" 2>&1); st=$?
+TIDE_SESSION_DIR=$S0 $T stop >/dev/null 2>&1; rm -rf "$S0"
+check "tide timeline on a node with TIDE_TIMELINE=0 says recording is off (exit 1, no file)" \
+  '[ $st -eq 1 ] && echo "$out" | grep -q "recording is off on this node" && [ ! -e "$W/off.json" ]' "$out"
 echo "1..$n"
