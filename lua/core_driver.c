@@ -923,7 +923,10 @@ static int d_start(lua_State *L) {
   setenv("TIDE_INLINE_MAX", im, 1);
   td_ctx.node = td_node_new(&o);
   if (!td_ctx.node)
-    return luaL_error(L, "cannot start the node: object store of %f bytes", (double)o.store_capacity);
+    return luaL_error(L,
+                      "cannot start the node: no object store of %f bytes could be made "
+                      "(object_store_memory, or --object-store-memory, too large for this machine?)",
+                      (double)o.store_capacity);
   td_core_driver_rpc(L);
   td__bg_start();
   return 0;

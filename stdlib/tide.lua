@@ -36,6 +36,7 @@ M.Error = Error
 local function raise(kind, message, extra)
   local e = extra or {}
   e.kind, e.message = kind, message
+  e.traceback = e.traceback or "" -- made here, not raised by remote code
   error(setmetatable(e, Error), 0)
 end
 
@@ -127,8 +128,12 @@ local function check_opts(opts, allowed, fname, level)
     if not want:find(t, 1, true) then
       error(format("%s: option '%s' must be a %s, got %s", fname, k, want:gsub("|", " or "), t), level + 1)
     end
-    if t == "number" and v < 0 and k ~= "max_retries" and k ~= "max_restarts" and k ~= "max_task_retries" then
+    local retries = k == "max_retries" or k == "max_restarts" or k == "max_task_retries"
+    if t == "number" and v < 0 and not retries then
       error(format("%s: option '%s' must not be negative", fname, k), level + 1)
+    end
+    if retries and t == "number" and (v < -1 or v % 1 ~= 0) then
+      error(format("%s: option '%s' must be a whole number, -1 for unlimited", fname, k), level + 1)
     end
   end
   if opts.num_returns ~= nil and opts.num_returns ~= "streaming"
@@ -256,10 +261,11 @@ local function start(level)
     o.resources_json = nil
   end
   if o.address and o.address ~= "" and o.address ~= "local" then
-    error("connecting to a cluster at " .. o.address .. " is not supported yet; run without --address",
-      level + 1)
+    error(format("tide.init: a script cannot attach itself to %s; run it attached: tide run --address %s "
+      .. "--key FILE SCRIPT", o.address, o.address), level + 1)
   end
-  core.start(o)
+  local ok, err = pcall(core.start, o)
+  if not ok then error(tostring(err):gsub("^[^:\n]*%.lua:%d+: ", ""), level + 1) end
   started = true
 end
 
@@ -789,6 +795,8 @@ for i = 0, #STRATEGY_NAMES do STRATEGY_TEXT[#STRATEGY_TEXT + 1] = STRATEGY_NAMES
 STRATEGY_TEXT = table.concat(STRATEGY_TEXT, ", ", 1, #STRATEGY_TEXT - 1) .. " or " .. STRATEGY_TEXT[#STRATEGY_TEXT]
 M._pg_strategies = STRATEGY_TEXT
 
+local PG_OPTS = {strategy = true, name = true, lifetime = true}
+
 function M.placement_group(bundles, opts)
   if type(bundles) ~= "table" or #bundles == 0 then
     error("tide.placement_group: bundles must be a non-empty array of resource tables", 2)
@@ -799,6 +807,13 @@ function M.placement_group(bundles, opts)
       if type(k) ~= "string" or type(v) ~= "number" or v < 0 then
         error(format("tide.placement_group: bundle %d has a bad entry %s", i, tostring(k)), 2)
       end
+    end
+  end
+  if opts ~= nil and type(opts) ~= "table" then error("tide.placement_group: options must be a table", 2) end
+  for k in pairs(opts or {}) do
+    if k ~= "strategy" and k ~= "name" and k ~= "lifetime" then
+      error(format("tide.placement_group: unknown option '%s'%s", tostring(k),
+        type(k) == "string" and did_you_mean(k, PG_OPTS) or ""), 2)
     end
   end
   local strategy = opts and opts.strategy or "PACK"

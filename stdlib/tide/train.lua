@@ -53,7 +53,7 @@ end
 
 -- -- Errors ----------------------------------------------------------------------
 
-local TrainError = {}
+local TrainError = {kind = "TrainError"}
 TrainError.__index = TrainError
 TrainError.__tostring = function(e) return "TrainError: " .. e.message end
 M.TrainError = TrainError
@@ -128,18 +128,25 @@ local function flatten(state)
     end
     local tv = type(v)
     if tv == "table" then
+      -- Shared or cyclic: JSON would write it twice (and load two tables).
       if seen[v] then error("ctx:checkpoint: the state holds a table twice (at " .. path .. ")", 0) end
       seen[v] = true
-      local out = {}
+      local out, nnum, nstr = {}, 0, 0
       for k, x in pairs(v) do
         local kt = type(k)
         if kt ~= "string" and kt ~= "number" then
           error(format("ctx:checkpoint: a key of type %s at '%s' (keys must be strings or numbers)",
             kt, path), 0)
         end
+        if kt == "number" then nnum = nnum + 1 else nstr = nstr + 1 end
         out[k] = walk(x, path == "" and tostring(k) or path .. "." .. tostring(k))
       end
-      seen[v] = nil
+      -- JSON has arrays (1..n) and objects (string keys): anything else
+      -- would load back changed (holes as cjson.null, numbers as strings).
+      if nnum > 0 and (nstr > 0 or nnum ~= #v or v[nnum] == nil) then
+        error(format("ctx:checkpoint: the table at '%s' cannot be written as JSON: its keys must be all strings, "
+          .. "or the numbers 1 to n without holes", path == "" and "state" or path), 0)
+      end
       return out
     elseif tv == "number" then
       return enc_num(v)

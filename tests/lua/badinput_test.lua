@@ -44,6 +44,14 @@ t.test("unknown option keys raise naming the key (remote, options, actor)", func
   t.raises(function() tide.actor({m = function() end}, {max_restart = 1}) end, "max_restart")
   t.raises(function() Echo:options({lifetme = "detached"}) end, "lifetme")
   t.raises(function() tide.init({num_gpu = 1}) end, "num_gpu")
+  t.raises(function() tide.placement_group({{CPU = 1}}, {nam = "x"}) end, "unknown option 'nam' %(did you mean 'name'%?%)")
+end)
+
+t.test("retry counts are whole numbers, -1 for unlimited", function()
+  t.raises(function() tide.remote({max_retries = -2}, function() end) end, "'max_retries' must be a whole number")
+  t.raises(function() count:options({max_retries = 1.5}) end, "'max_retries' must be a whole number")
+  t.raises(function() tide.actor({m = function() end}, {max_restarts = -3}) end, "'max_restarts' must be a whole")
+  t.ok(pcall(count.options, count, {max_retries = -1}), "-1 (unlimited) is refused")
 end)
 
 t.test("wrong option types raise naming the key and the types", function()

@@ -44,6 +44,8 @@ t.test("get statuses reach tide.get as errors: timeout, task error", function()
   local r = slow:remote()
   t.raises(function() tide.get(r, {timeout = 0.05}) end, "GetTimeoutError")
   t.raises(function() tide.get({r}, {timeout = 0.05}) end, "GetTimeoutError")
+  local _, te = pcall(tide.get, r, {timeout = 0})
+  t.eq(te.traceback, "") -- made by the engine, as the error table's contract says
   tide.cancel(r, {force = true})
   t.raises(function() tide.get(r) end, "Cancel")
   local bad = tide.remote(function() error("boom") end)

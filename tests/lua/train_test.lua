@@ -365,6 +365,16 @@ t.local_test("bad arguments raise at the call with clear messages", function()
     loop = function(ctx) ctx:checkpoint({f = print}) end})
   t.eq(ok5, false)
   t.ok(tostring(e5):find("cannot save a function at 'f'"), tostring(e5))
+  t.eq(e5.kind, "TrainError")
+  -- states JSON would change on the way back: refused, not saved changed
+  local shared = {1}
+  for _, c in ipairs({{{a = shared, b = shared}, "holds a table twice %(at b%)", "holds a table twice %(at a%)"},
+                      {{sp = {[1] = 1, [5] = 2}}, "the table at 'sp' cannot be written as JSON"},
+                      {{m = {1, x = 2}}, "the table at 'm' cannot be written as JSON"}}) do
+    local ok6, e6 = pcall(train.fit, {num_workers = 1, progress = false, checkpoint_dir = dir("bad"),
+      loop = function(ctx) ctx:checkpoint(c[1]) end})
+    t.ok(not ok6 and (tostring(e6):find(c[2]) or c[3] and tostring(e6):find(c[3])), tostring(e6))
+  end
 end)
 
 local function write_file(path, s)
