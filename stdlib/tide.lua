@@ -858,8 +858,12 @@ end
 
 -- -- DAGs ------------------------------------------------------------------------
 
-local DAGNode = {}
+local DAGNode = {__tide_module = "tide"}
 DAGNode.__index = DAGNode
+-- A recipe, not a value: sent, it would arrive as a plain table.
+DAGNode.__tide_ser = function()
+  error("a DAG node cannot be sent; execute it first (node:execute()) and send its ref", 0)
+end
 
 function RemoteFunction:bind(...)
   return setmetatable({rf = self, args = {n = select("#", ...), ...}}, DAGNode)
