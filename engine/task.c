@@ -561,7 +561,10 @@ static void td__task_cancel(td_node_t *n, td_task_t *t, int force) {
   }
   if (t->state == T_SENT && t->wk) {
     t->cancelled = 1;
-    if (force && t->wk->kind == WK_TASK) {
+    /* Only the task the worker runs is killed with it: one queued behind
+     * another on the worker is skipped when its turn comes (the worker
+     * sees the cancel first), so the other is not killed too. */
+    if (force && t->wk->kind == WK_TASK && t->wk->inflight.head == t) {
       t->force_cancel = 1;
       kill(t->wk->pid, SIGKILL);
     } else {
