@@ -38,7 +38,8 @@ if why then
   local core = require("tide.core")
   local id = why:match("^ObjectRef%((%x+)%)$") or why
   if not id:match("^%x+$") or #id > 16 then
-    io.stderr:write("tide: status --why needs an ObjectRef's or a task's id (up to 16 hex digits), got ", why, "\n")
+    io.stderr:write("tide: status --why needs an ObjectRef's or a task's id (up to 16 hex digits), got ", why,
+      "\nsee 'tide status --help'\n")
     os.exit(2)
   end
   id = string.rep("0", 16 - #id) .. id:lower()
