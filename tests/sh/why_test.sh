@@ -124,7 +124,7 @@ check "status --why on the long call: running in its worker for how long" \
 out=$($T status --why 00000000deadbeef 2>&1); st=$?
 check "status --why on an unknown id says so (exit 1)" '[ $st -eq 1 ] && echo "$out" | grep -q "knows no object or unfinished task 00000000deadbeef"' "$out"
 out=$($T status --why nothex 2>&1); st=$?
-check "status --why with a malformed id is a usage error" '[ $st -eq 2 ] && echo "$out" | grep -q "needs an ObjectRef.s or a task.s id"' "$out"
+check "status --why with a malformed id is a usage error" '[ $st -eq 2 ] && echo "$out" | grep -q "needs an ObjectRef.s or a task.s id" && echo "$out" | grep -q "see .tide status --help."' "$out"
 out=$($T status --why 2>&1); st=$?
 check "status --why without a value is a usage error" '[ $st -eq 2 ] && echo "$out" | grep -q "option --why needs a value"' "$out"
 kill $hp 2>/dev/null
