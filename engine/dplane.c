@@ -688,7 +688,12 @@ int td__on_dp(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   uint8_t mode = td_rd_u8(rd);
   if (rd->bad || port == 0 || port > 65535 || tl != 16 || (mode != TD_DP_ON && mode != TD_DP_PLAIN))
     return TD_EPROTO;
-  if (!n->xfer.dp) return 0; /* this node fetches over the link */
+  if (!n->xfer.dp) { /* this node fetches over the link */
+    fprintf(stderr,
+            "tide: data plane: %s%u has one, this node runs --data-plane off: chunks go over the link\n",
+            wk->kind == WK_HEAD ? "the head, node-" : "node-", wk->node_index);
+    return 0;
+  }
   if (mode != n->xfer.dp->mode) {
     fprintf(stderr, "tide: data plane: %s%u runs --data-plane %s, this node %s: chunks go over the link\n",
             wk->kind == WK_HEAD ? "the head, node-" : "node-", wk->node_index,

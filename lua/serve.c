@@ -678,10 +678,12 @@ static void td__on_readable(void *ud) {
         td__stream_pace(p);
       }
     } else {
-      /* The client went away: stop the generation. */
+      /* The client went away, or the ingress answered 504 itself (the
+       * response took too long): stop the generation. */
       td_pend_t *p = td_map_get(&S.by_rid, ev->id);
       if (p) {
         if (p->stream) td_node_cancel(td_ctx.node, p->stream, 0);
+        if (ev->reason == TD_HTTP_ABORT_TIMEOUT && !p->status) p->status = 504;
         td__pend_free(p);
       }
     }
@@ -863,10 +865,13 @@ int td_serve_start(lua_State *L) {
   int port = (int)luaL_optinteger(L, 2, 8000);
   const char *alog = luaL_optstring(L, 5, "off");
   if (!td_ctx.node) return luaL_error(L, "the cluster is not running");
-  if (S.th && S.owner)
-    return luaL_error(
-        L, "a serve ingress already runs on this node (for the attached client %016llx, on port %d)",
-        (unsigned long long)S.owner, td_http_thread_port(S.th));
+  if (S.th && S.owner) {
+    /* luaL_error's format knows no %llx: the id is made here. */
+    char who[24];
+    snprintf(who, sizeof(who), "%016llx", (unsigned long long)S.owner);
+    return luaL_error(L, "a serve ingress already runs on this node (for the attached client %s, on port %d)",
+                      who, td_http_thread_port(S.th));
+  }
   if (S.th) return luaL_error(L, "the HTTP ingress is already running");
   pthread_mutex_init(&S.log_mu, NULL);
   S.access = NULL;

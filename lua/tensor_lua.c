@@ -241,9 +241,10 @@ td_tensor_t *td__tlua_out(lua_State *L, const char *fn, int opts, const char *ke
     td_tensor_t *o = td__tlua_mut(L, fn, lua_gettop(L));
     if (!td_tensor_is_contiguous(o) || td_tensor_dtype(o) != dtype ||
         td_tensor_device(o) != device || td_tensor_numel(o) != n)
-      luaL_error(L, "tide.tensor.%s: option '%s' must be a contiguous %s tensor "
-                 "of %lld elements on the same device",
-                 fn, key, td_dtype_name(dtype), (long long)n);
+      luaL_error(L,
+                 "tide.tensor.%s: option '%s' must be a contiguous %s tensor "
+                 "of %f elements on the same device", /* %f: luaL_error knows no %lld */
+                 fn, key, td_dtype_name(dtype), (double)n);
     if (given) *given = 1;
     return o;
   }

@@ -22,8 +22,11 @@
 /* Raises "tide.tensor.<fn>: <message>[: <detail>]" for a failed call. */
 __attribute__((noreturn)) void td__tlua_raise(lua_State *L, const char *fn, int rc);
 
+/* The detail is cleared first: one left by an earlier call (a probe of
+ * CUDA that found no device) must not name this call's failure. */
 #define TD__TRY(L, fn, expr)               \
   do {                                     \
+    td_gpu_clear_detail();                 \
     int rc__ = (expr);                     \
     if (rc__) td__tlua_raise(L, fn, rc__); \
   } while (0)

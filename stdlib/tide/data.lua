@@ -199,19 +199,20 @@ end
 
 -- Expands paths, directories (every file under them, recursively) and
 -- globs (wildcards in the last component) into a sorted list of files.
+-- Errors at level 4: the caller of data.read_* (via file_source).
 local function expand_paths(fn, spec)
   if type(spec) == "string" then spec = {spec} end
   if type(spec) ~= "table" or #spec == 0 then
-    error(fn .. ": expected a path, a glob or an array of them", 3)
+    error(fn .. ": expected a path, a glob or an array of them", 4)
   end
   local files = {}
   for _, p in ipairs(spec) do
-    if type(p) ~= "string" then error(fn .. ": paths must be strings, got " .. type(p), 3) end
+    if type(p) ~= "string" then error(fn .. ": paths must be strings, got " .. type(p), 4) end
     if p:find("[%*%?%[]") then
       local dir, base = p:match("^(.*)/([^/]*)$")
       if not dir then dir, base = ".", p end
       if dir:find("[%*%?%[]") then
-        error(fn .. ": wildcards are supported in the last path component only: " .. p, 3)
+        error(fn .. ": wildcards are supported in the last path component only: " .. p, 4)
       end
       local pat = glob_to_pattern(base)
       local n0 = #files
@@ -220,13 +221,13 @@ local function expand_paths(fn, spec)
           files[#files + 1] = (dir == "." and not p:find("^%./")) and f:gsub("^%./", "") or f
         end
       end
-      if #files == n0 then error(fn .. ": no files match " .. p, 3) end
+      if #files == n0 then error(fn .. ": no files match " .. p, 4) end
     elseif is_dir(p) then
       local n0 = #files
       for _, f in ipairs(list_files(p, true)) do files[#files + 1] = f end
-      if #files == n0 then error(fn .. ": no files in directory " .. p, 3) end
+      if #files == n0 then error(fn .. ": no files in directory " .. p, 4) end
     else
-      if not file_size(p) then error(fn .. ": cannot open " .. p, 3) end
+      if not file_size(p) then error(fn .. ": cannot open " .. p, 4) end
       files[#files + 1] = p
     end
   end
@@ -498,6 +499,21 @@ local function compile(ds, run, sink, discard)
     cur.name = cur.name == "write" and "write_" .. sink.format or cur.name .. "->write_" .. sink.format
   end
   push()
+  -- A pool's actors hold their CPUs for the whole run, up to its largest
+  -- size: pools that can hold so many that a task of another stage no
+  -- longer fits would leave the run waiting forever.
+  local held, need, needy = 0, 0, nil
+  for _, def in ipairs(defs) do
+    if def.kind == "actors" then held = held + def.concurrency[2] * (def.task_opts.num_cpus or 0)
+    elseif (def.task_opts.num_cpus or 1) > need then need, needy = def.task_opts.num_cpus or 1, def.name end
+  end
+  local ok, total = pcall(function() return tide.cluster_resources().CPU end)
+  total = ok and total or ncpu
+  if held > 0 and need > 0 and held + need > total + 1e-9 then
+    error(format("tide.data: the actor pools can hold %g of the cluster's %g CPUs (concurrency x num_cpus), "
+      .. "leaving less than the %g CPU a task of stage '%s' needs: the run would wait forever. Lower the "
+      .. "pools' concurrency or num_cpus", held, total, need, needy), 0)
+  end
 
   local store = tide.stats().store_capacity or 0
   local bb = run.block_bytes or ds._src.block_bytes

@@ -484,11 +484,13 @@ function M.batch(opts)
         local reqs = {}
         for i, s in ipairs(batch) do reqs[i] = s.req end
         local ok, res = pcall(fn, self, reqs)
+        -- Too few or too many results: which belongs to which is unknown,
+        -- so every request of the batch fails.
+        local bad = ok and (type(res) ~= "table" or #res ~= #batch)
         for i, s in ipairs(batch) do
           s.done = true
           if not ok then s.err = res
-          elseif type(res) ~= "table" or res[i] == nil and #res ~= #batch then
-            s.err = "serve.batch: the handler must return one result per request"
+          elseif bad then s.err = "serve.batch: the handler must return one result per request"
           else s.result = res[i] end
         end
       end

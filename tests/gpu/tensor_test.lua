@@ -55,6 +55,12 @@ t.test("creation helpers", function()
   t.raises(function() T.from_bytes(bytes, {3}) end, "8 bytes given")
   t.raises(function() T.from_table({{1, 2}, {3}}) end, "ragged")
   t.raises(function() T.zeros({2}, {dtype = "f8"}) end, "unknown dtype")
+  -- an `out` of the wrong size names the count it must have (luaL_error has no %lld)
+  t.raises(function() T.add(T.ones({4}), T.ones({4}), {out = T.zeros({5})}) end, "tensor of 4 elements on")
+  -- a reason left by an earlier call (a probe that found no GPU) is not added to this one's
+  T.cuda_available()
+  local ok, e = pcall(T.zeros, {-1})
+  t.ok(not ok and not tostring(e):find("GPU", 1, true), tostring(e))
 end)
 
 t.test("from_table keeps integers above 2^24 exact in i32 and i64", function()

@@ -118,6 +118,19 @@ t.test("read_lines: globs, rows {text, path, line}, files split into blocks with
   t.eq(data.read_lines({d .. "/b.txt", d .. "/c.txt"}):count(), 4)
 end)
 
+t.test("pools that can hold every CPU the task stages need raise at once, not wait forever", function()
+  local total = tide.cluster_resources().CPU
+  local pool = {call = function(_, b) return b end}
+  local err = t.raises(function()
+    data.range(40):map_batches(pool, {num_cpus = 1, concurrency = total}):count()
+  end, "the run would wait forever")
+  t.ok(tostring(err):find("can hold " .. total .. " of the cluster's " .. total .. " CPUs", 1, true), tostring(err))
+  -- With room left for the tasks, the same pipeline runs.
+  if total >= 2 then
+    t.eq(data.range(40):map_batches(pool, {num_cpus = 1, concurrency = total - 1}):count(), 40)
+  end
+end)
+
 t.test("read_jsonl, read_csv (quoted fields) and read_binary", function()
   local d = DIR .. "/formats"
   os.execute("mkdir -p '" .. d .. "'")

@@ -117,6 +117,11 @@ local app = {
     name = "badbatch", route = "/badbatch",
     call = serve.batch{max_batch_size = 4, batch_wait_timeout_s = 0.01}(function(self, reqs)
       if reqs[1].query.raise then error("batch handler failed") end
+      if reqs[1].query.short then -- one result short of the batch
+        local out = {}
+        for i = 1, #reqs - 1 do out[i] = {ok = i} end
+        return out
+      end
       return {}
     end),
   },
@@ -381,6 +386,20 @@ t.test("batching: handler errors and wrong result counts fail each request with 
   t.ok(r.count.json and r.count.json.id and not r.count.body:find("one result per request", 1, true), r.count.body)
 end)
 
+t.test("batching: a handler one result short fails every request of the batch, not only the last", function()
+  local r = run(function(httpc, p)
+    local cs = {}
+    for i = 1, 4 do
+      cs[i] = httpc.connect(p)
+      cs[i]:send_raw(httpc.format_request("GET", "/badbatch?short=1"))
+    end
+    local out = {}
+    for i = 1, 4 do out[i] = cs[i]:read_response(); cs[i]:close() end
+    return out
+  end)
+  for i = 1, 4 do t.eq(r[i].status, 500, "request " .. i .. ": " .. tostring(r[i].body)) end
+end)
+
 t.test("jobs: a job survives a redeploy of its deployment", function()
   local id = run(function(httpc, p) return httpc.post(p, "/jobs2/long", {json = {}}).json.id end)
   t.ok(poll_until(function()
@@ -411,12 +430,16 @@ t.test("shutdown and restart with limits: max_body_bytes -> 413, request_timeout
       big = httpc.post(p, "/small", {body = string.rep("a", 2048), headers = {["Content-Type"] = "text/plain"}}),
       late = httpc.get(p, "/lazy", {timeout = 5}),
       old = pcall(httpc.get, p - 1, "/-/healthz", {timeout = 1}),
+      metrics = httpc.get(p, "/-/metrics"),
     }
   end):remote(PORT + 1))
   t.eq(r.ok.status, 200)
   t.eq(r.ok.json.n, 1000)
   t.eq(r.big.status, 413)
   t.eq(r.late.status, 504)
+  -- counted as what the client got, not as a client that left (499)
+  t.ok(r.metrics.body:find('tide_serve_requests_total{deployment="lazy",route="/lazy",code="504"} 1', 1, true)
+    and not r.metrics.body:find('route="/lazy",code="499"', 1, true), r.metrics.body)
   t.eq(r.old, false, "the first ingress is gone")
   t.deep_eq(serve.status().ver, nil, "deployments from before the shutdown are gone")
 end)
