@@ -121,6 +121,12 @@ local function locate(target, id)
     if r.ref then return {node = r.node, target = "task-ref", id = r.ref} end
     error(format("task %s ran on %s and has no return to find it by there: run tide logs on that node", id, r.node), 0)
   end
+  if target == "actor" then
+    -- Ended (its worker gone): its lines are still in the worker logs here.
+    local wids = obs_c.log_find("actor", id)
+    if #wids > 0 then return {wids = wids, by = by, sid = id} end
+    if r.state == "DEAD" then error(format("actor %s is dead, and no worker log here holds its output", id), 0) end
+  end
   error(format("%s %s has no worker yet (it has not started)", target, id), 0)
 end
 

@@ -117,6 +117,11 @@ check "the dashboard's /api/logs for a task: only its lines" \
 touch "$W/done"
 wait $KILL
 KILL=
+# Its driver gone, the actor is dead: its lines are still found.
+for i in $(seq 1 50); do $T list actors --filter actor_id=$ACT 2>/dev/null | grep -q DEAD && break; sleep 0.1; done
+s=$($T logs actor $ACT 2>&1); rc=$?
+check "tide logs actor after the actor ended: still its calls' lines" \
+  '[ $rc = 0 ] && [ "$(echo "$s" | grep -c "ALPHA line")" = 6 ] && [ "$(echo "$s" | grep -c "BETA line")" = 6 ]' "rc $rc: $s"
 
 # Writes from Lua: a task, and two calls interleaved in one actor, each
 # writing partial lines between sleeps, to stdout and stderr, between prints.
