@@ -261,10 +261,10 @@ int td__sink_read(td_node_t *n, td_wk_t *wk) {
 /* After l more bytes of o have landed: ask for more, or set the value. */
 void td__chunk_landed(td_node_t *n, td_wk_t *wk, td_obj_t *o, uint32_t l) {
   o->got += l;
-  if (wk->kind == WK_PEER) {
-    n->xfer.bytes_from_peers += l;
-    td__ppull_note(n, o, wk);
-  }
+  /* From a node that is not this node's head: a peer, or (on the head)
+   * any node. */
+  if (wk->kind == WK_PEER || wk->kind == WK_NODE) n->xfer.bytes_from_peers += l;
+  if (wk->kind == WK_PEER) td__ppull_note(n, o, wk);
   if (o->got < o->len) {
     if (n->xfer.ncwait) td__cwait_serve(n, o->id); /* other nodes waiting for these bytes */
     /* The next request leaves now, not when the loop has read all the

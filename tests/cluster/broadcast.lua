@@ -123,10 +123,13 @@ t.test("a task on another node fetches a large result from the node that made it
   t.eq(delta(s0, s1, "node-2", "peers"), 4 * n + 64, "bytes node-2 fetched from other nodes")
   t.eq(delta(s0, s1, "node-1", "sent"), 4 * n + 64, "bytes node-1 sent")
   t.eq(delta(s0, s1, "node-0", "sent"), 0, "bytes the head sent")
-  -- The driver asks for it: the head fetches it now.
+  -- The driver asks for it: the head fetches it now, and counts it as
+  -- fetched from another node.
+  local h0 = snapshot()["node-0"].peers
   local x = tide.get(r, {timeout = 60})
   t.eq(x:numel(), n)
   t.eq(x:get(n), 7)
+  t.eq(snapshot()["node-0"].peers - h0, 4 * n + 64, "bytes the head fetched from node-1 for the driver")
 end)
 
 t.test("an actor on another node gets a large result as a call argument from the node that made it", function()
