@@ -811,7 +811,7 @@ function M.placement_group(bundles, opts)
   end
   if opts ~= nil and type(opts) ~= "table" then error("tide.placement_group: options must be a table", 2) end
   for k in pairs(opts or {}) do
-    if k ~= "strategy" and k ~= "name" and k ~= "lifetime" then
+    if not PG_OPTS[k] then
       error(format("tide.placement_group: unknown option '%s'%s", tostring(k),
         type(k) == "string" and did_you_mean(k, PG_OPTS) or ""), 2)
     end
