@@ -102,9 +102,11 @@ function M.is_dataset(v) return getmetatable(v) == Dataset end
 
 -- -- Sources ----------------------------------------------------------------
 
+-- The cluster's CPUs: a whole count of at least 1, and as it reports them.
 local function cpus()
   local ok, r = pcall(tide.cluster_resources)
-  return ok and r.CPU and max(1, floor(r.CPU)) or 1
+  local n = ok and r.CPU or nil
+  return n and max(1, floor(n)) or 1, n or 1
 end
 
 local RANGE_OPTS = set_of("block_rows", "num_blocks")
@@ -454,7 +456,7 @@ end
 -- `discard`: the last stage only counts its rows (ds:count), so its
 -- blocks never enter the store.
 local function compile(ds, run, sink, discard)
-  local ncpu = cpus()
+  local ncpu, total = cpus()
   local defs = {}
   local cur = {kind = "tasks", name = ds._src.name, ops = {}, on_error = run.on_error,
     max_retries = run.max_retries, task_opts = {}}
@@ -507,8 +509,6 @@ local function compile(ds, run, sink, discard)
     if def.kind == "actors" then held = held + def.concurrency[2] * (def.task_opts.num_cpus or 0)
     elseif (def.task_opts.num_cpus or 1) > need then need, needy = def.task_opts.num_cpus or 1, def.name end
   end
-  local ok, total = pcall(function() return tide.cluster_resources().CPU end)
-  total = ok and total or ncpu
   if held > 0 and need > 0 and held + need > total + 1e-9 then
     error(format("tide.data: the actor pools can hold %g of the cluster's %g CPUs (concurrency x num_cpus), "
       .. "leaving less than the %g CPU a task of stage '%s' needs: the run would wait forever. Lower the "

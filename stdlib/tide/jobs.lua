@@ -118,8 +118,8 @@ end
 
 -- job_log(id, offset[, tail]) -> bytes of the job's output from offset
 -- (0-based), status, the offset after them: for `tide job logs` and `tide
--- logs job` from any machine. tail N (from offset 0): its last N lines,
--- found in the log's last MiB.
+-- logs job` from any machine. tail (from offset 0): the log's last MiB
+-- instead, for the caller to cut its last lines from.
 function M.job_log(id, offset, tail)
   local j = jobs[id]
   if not j then error("no job " .. tostring(id), 0) end
@@ -127,16 +127,7 @@ function M.job_log(id, offset, tail)
   local f = io.open(j.log, "rb")
   offset = tonumber(offset) or 0
   if not f then return "", j.status, offset end
-  tail = tonumber(tail)
-  if tail and offset == 0 then
-    local size = f:seek("end")
-    f:seek("set", math.max(0, size - 1048576))
-    local chunk = f:read("*a") or ""
-    f:close()
-    local lines = {}
-    for line in chunk:gmatch("[^\n]*\n?") do if line ~= "" then lines[#lines + 1] = line end end
-    return table.concat(lines, "", math.max(1, #lines - tail + 1)), j.status, size
-  end
+  if tail and offset == 0 then offset = math.max(0, f:seek("end") - 1048576) end
   f:seek("set", offset)
   local chunk = f:read(1048576) or ""
   f:close()

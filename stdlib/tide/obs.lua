@@ -215,6 +215,7 @@ end
 function M.worker_log(target, id, offset, tail)
   if target == "job" then
     local chunk, status, nxt = ops.job_log(id, offset, tail)
+    if tail and (tonumber(offset) or 0) == 0 then chunk = last_lines(chunk, tonumber(tail)) end
     return chunk, nxt, status == "RUNNING"
   end
   local loc = locate(target, id)

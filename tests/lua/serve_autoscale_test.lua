@@ -12,7 +12,8 @@ local ffi = require("ffi")
 
 local PORT = 18320
 
-local client = dofile("tests/lua/serve_client.lua").client
+local sc = dofile("tests/lua/serve_client.lua")
+local client, at_once = sc.client, sc.at_once
 
 -- Captures this process's stderr (fd 2) into a file while the tests run,
 -- to check the controller's log lines.
@@ -96,13 +97,9 @@ t.test("autoscaling: concurrent slow requests grow the replicas up to max_replic
   local base = tide.get(client(function(httpc, p) return httpc.get(p, "/auto").json.actor_id end):remote(PORT))
   -- Four requests of 2.5 s at once: 4 ongoing / target 1 wants 4, capped at 3.
   local load = client(function(httpc, p)
-    local cs = {}
-    for i = 1, 4 do
-      cs[i] = httpc.connect(p)
-      cs[i]:send_raw(httpc.format_request("GET", "/auto?s=2.5"))
-    end
-    local out = {}
-    for i = 1, 4 do out[i] = cs[i]:read_response({timeout = 30}).status; cs[i]:close() end
+    local slow = "/auto?s=2.5"
+    local out = at_once(httpc, p, {slow, slow, slow, slow}, {timeout = 30})
+    for i, r in ipairs(out) do out[i] = r.status end
     return out
   end):remote(PORT)
   local most = 0
@@ -153,13 +150,8 @@ end)
 
 t.test("autoscaling: a spike shorter than upscale_delay_s does not scale", function()
   local spike = client(function(httpc, p)
-    local cs = {}
-    for i = 1, 3 do
-      cs[i] = httpc.connect(p)
-      cs[i]:send_raw(httpc.format_request("GET", "/steady?s=0.6"))
-    end
-    local out = {}
-    for i = 1, 3 do out[i] = cs[i]:read_response().status; cs[i]:close() end
+    local out = at_once(httpc, p, {"/steady?s=0.6", "/steady?s=0.6", "/steady?s=0.6"})
+    for i, r in ipairs(out) do out[i] = r.status end
     return out
   end):remote(PORT)
   local most = 0

@@ -15,6 +15,20 @@ function M.client(fn)
   end)
 end
 
+-- Inside a client task: one GET per path, each on a connection of its
+-- own, all sent before any answer is read (so they are in flight at
+-- once); the responses, in the paths' order.
+function M.at_once(httpc, port, paths, read_opts)
+  local cs = {}
+  for i, path in ipairs(paths) do
+    cs[i] = httpc.connect(port)
+    cs[i]:send_raw(httpc.format_request("GET", path))
+  end
+  local out = {}
+  for i = 1, #cs do out[i] = cs[i]:read_response(read_opts); cs[i]:close() end
+  return out
+end
+
 -- Waits for refs (one or a list) while serving and running the controller.
 function M.await(refs, timeout)
   local single = tide.is_ref(refs)

@@ -11,7 +11,7 @@ local serve = require("tide.serve")
 local PORT = 18310
 
 local sc = dofile("tests/lua/serve_client.lua")
-local client, await, run = sc.client, sc.await, sc.runner(PORT)
+local client, await, run, at_once = sc.client, sc.await, sc.runner(PORT), sc.at_once
 
 local function poll_until(pred, timeout)
   local deadline = os.time() + (timeout or 10)
@@ -350,14 +350,9 @@ end)
 
 t.test("batching: concurrent requests reach the handler in batches of up to 4", function()
   local r = run(function(httpc, p)
-    local cs = {}
-    for i = 1, 10 do
-      cs[i] = httpc.connect(p)
-      cs[i]:send_raw(httpc.format_request("GET", "/batched?x=" .. i))
-    end
-    local out = {}
-    for i = 1, 10 do out[i] = cs[i]:read_response(); cs[i]:close() end
-    return out
+    local paths = {}
+    for i = 1, 10 do paths[i] = "/batched?x=" .. i end
+    return at_once(httpc, p, paths)
   end)
   local biggest = 0
   for i = 1, 10 do
@@ -387,16 +382,8 @@ t.test("batching: handler errors and wrong result counts fail each request with 
 end)
 
 t.test("batching: a handler one result short fails every request of the batch, not only the last", function()
-  local r = run(function(httpc, p)
-    local cs = {}
-    for i = 1, 4 do
-      cs[i] = httpc.connect(p)
-      cs[i]:send_raw(httpc.format_request("GET", "/badbatch?short=1"))
-    end
-    local out = {}
-    for i = 1, 4 do out[i] = cs[i]:read_response(); cs[i]:close() end
-    return out
-  end)
+  local short = "/badbatch?short=1"
+  local r = run(function(httpc, p) return at_once(httpc, p, {short, short, short, short}) end)
   for i = 1, 4 do t.eq(r[i].status, 500, "request " .. i .. ": " .. tostring(r[i].body)) end
 end)
 
