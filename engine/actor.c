@@ -411,6 +411,24 @@ void td__actors_owner_left(td_node_t *n, uint64_t owner) {
     if ((uint64_t)(uintptr_t)who == owner) td_map_del(&n->links.fwd_actors, aid), it3 = 0;
 }
 
+/* A job ended (its driver left; td__job_end): the non-detached actors its
+ * tasks made here go too, wherever that driver was. Those this node hosts
+ * for the head (fwd_attempt) are the head's to kill: it was told too. */
+void td__actors_job_end(td_node_t *n, uint64_t job) {
+  uint64_t *ids = NULL;
+  size_t nids = 0, cap = 0, it = 0;
+  td_actor_t *a;
+  while (td_map_next(&n->actors.map, &it, NULL, (void **)&a)) {
+    if (a->state == A_DEAD || a->fwd_attempt || !a->create || a->create->spec.job != job ||
+        a->create->spec.detached)
+      continue;
+    if (nids == cap) ids = td_xrealloc(ids, (cap = cap ? cap * 2 : 8) * sizeof(*ids));
+    ids[nids++] = a->id;
+  }
+  for (size_t i = 0; i < nids; i++) td__kill_actor(n, ids[i], 1, "killed: its job ended");
+  free(ids);
+}
+
 /* The process hosting actors died: each restarts or dies. */
 void td__actors_host_lost(td_node_t *n, td_wk_t *wk, const char *reason) {
   size_t it = 0;

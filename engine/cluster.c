@@ -217,11 +217,16 @@ void td__import(td_node_t *n, td_wk_t *from, const uint64_t *ids, uint32_t k) {
  * So does every named or detached actor: the head keeps the cluster's
  * names (one actor per name) and persists detached actors, which a
  * restarted head adopts; made here, the head would never know of them.
- * Returns 1 when forwarded. */
+ * So does work whose placement only the head can decide: in a placement
+ * group (the head keeps them), on another node, or spread over the
+ * cluster. Returns 1 when forwarded. */
 static int td__for_head(td_node_t *n, const td_spec_t *s) {
   if (s->nret < 0) return 0;  /* streams stay here */
   if (s->kind == TD_K_ACTOR_CALL) return td_map_get(&n->actors.map, s->actor_id) == NULL;
   if (s->kind == TD_K_ACTOR_NEW && (s->detached || s->name[0])) return 1;
+  if (s->pg_id && !td__pg(n, s->pg_id)) return 1;
+  if ((s->strategy == TD_ST_NODE || s->strategy == TD_ST_NODE_SOFT) && s->node != n->links.index) return 1;
+  if (s->strategy == TD_ST_SPREAD) return 1;
   for (uint32_t i = 0; i < s->nres; i++) {
     int idx = td_node_res_index(n, s->res_name[i]);
     if (idx >= 0 && s->res_amt[i] > n->sched.total[idx] + 1e-9) return 1;
@@ -260,6 +265,7 @@ int td__hold_for_head(td_node_t *n, td_wk_t *wk, const td_spec_t *s, const uint8
    * task this worker runs). */
   w->owner = wk->kind == WK_CLIENT ? wk->id : wk->inflight.head ? wk->inflight.head->owner : 0;
   w->owner_task = wk->kind == WK_CLIENT || !wk->inflight.head ? 0 : wk->inflight.head->owner_task;
+  w->job = s->job;
   w->msg = td_xmalloc(len + 1);
   memcpy(w->msg, msg, len);
   w->len = len;
@@ -305,6 +311,7 @@ static void td__waitsubs_end(td_node_t *n, const char *why) {
     td_rd_init(&rd, w->msg, w->len);
     if (td_spec_decode(&s, &rd, &scratch) == 0) {
       const char *msg = why;
+      s.job = w->job;
       if (!why && td__forward(n, &s)) {
         if (s.kind == TD_K_ACTOR_NEW && !s.detached && w->owner)
           td_map_set(&n->links.fwd_actors, s.actor_id, (void *)(uintptr_t)w->owner);
@@ -1035,6 +1042,29 @@ int td__on_cancel(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   td_fwd_t *f = rd->bad ? NULL : td_map_get(&n->links.fwd, htid);
   if (f) td_node_cancel(n, f->rets[0], force);
   return rd->bad ? TD_EPROTO : 0;
+}
+
+/* A job ended: its driver (id job) left this node, or a link says so
+ * (from). Its tasks and non-detached actors here go (task.c, actor.c),
+ * and so do those on every other node: the head tells each node, a node
+ * its head, so a task tree that spread over the cluster goes whole. */
+void td__job_end(td_node_t *n, uint64_t job, td_wk_t *from) {
+  td__tasks_job_end(n, job);
+  td__actors_job_end(n, job);
+  for (int i = 0; i < n->procs.n; i++) {
+    td_wk_t *w = n->procs.list[i];
+    if (w == from || w->dead || td__wk_ghost(w) || (w->kind != WK_NODE && w != n->links.head)) continue;
+    td_chan_begin(&w->ch, TD_M_JOB_END);
+    td_buf_u64(&w->ch.out, job);
+    td_chan_end(&w->ch);
+  }
+}
+
+int td__on_job_end(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  uint64_t job = td_rd_u64(rd);
+  if (rd->bad || !job) return TD_EPROTO;
+  td__job_end(n, job, wk); /* not told back; a node's only link on is to its head */
+  return 0;
 }
 
 /* A link between this node and another died (not a ghost: see

@@ -214,7 +214,7 @@ void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why) {
   if (wk->kind == WK_CLIENT) {
     td__pgs_owner_left(n, wk->id);
     td__actors_owner_left(n, wk->id);
-    td__tasks_owner_left(n, wk->id);
+    td__job_end(n, wk->id, NULL);
   }
   /* A link that never joined (a join whose answer came too late: the node
    * joined again, under the same index) had nothing: the node lives on. */
@@ -289,6 +289,8 @@ static const td_msg_t td__msgs[] = {
   [TD_M_HAVE] = {"HAVE", td__on_have, K(WK_NODE)},
   [TD_M_KILL] = {"KILL", td__on_kill, K(WK_NODE)},
   [TD_M_NOTE] = {"NOTE", td__on_note, K(WK_NODE)},
+  [TD_M_JOB_END] = {"JOB_END", td__on_job_end, FROM_LINK},
+  [TD_M_CANCEL_REF] = {"CANCEL_REF", td__on_cancel_ref, FROM_LINK},
   [TD_M_NODE_TASK] = {"NODE_TASK", td__on_node_task, K(WK_HEAD)},
   [TD_M_PKG] = {"PKG", td__on_pkg, K(WK_HEAD)},
   [TD_M_WELCOME] = {"WELCOME", td__on_welcome, K(WK_HEAD)},

@@ -67,6 +67,7 @@ typedef struct td_parked {
  * back (a TD_M_SUBMIT as its submitter sent it). */
 typedef struct td_waitsub {
   uint64_t owner, owner_task; /* whose work (td_node_submit's submitter) */
+  uint64_t job;               /* its spec's job (the held message does not say) */
   uint64_t *held;             /* the arguments held here meanwhile */
   uint32_t nheld;
   uint8_t *msg;
@@ -190,7 +191,6 @@ struct td_task {
   uint8_t restored;      /* a detached actor's creation, restored by a restarted head */
   uint8_t has_away;      /* a task with arguments kept on other nodes (td_obj_t away) */
   uint8_t unplaced;      /* queued although no node has what it asks for: nodes may rejoin (settle_until) */
-  uint8_t via_link;      /* submitted by another node: owner names a driver of this node by guess */
   uint64_t owner;        /* the client (or head link) whose work it is: prints go there */
   uint64_t owner_task;   /* on a node: the head's id of this task */
   int32_t held_bundle;   /* node_held 2: the bundle of its placement group */
@@ -367,7 +367,6 @@ typedef struct td_node_tasks {
   uint64_t *fn_order; /* function ids in the order registered (sent to nodes in it) */
   uint32_t nfn_order, capfn_order;
   uint64_t submitter, submitter_task; /* whose tasks are being submitted now (prints go there) */
-  uint8_t submitter_link;             /* they come from another node: their owner is a guess */
   void **pool;                        /* free td_task_t records of TD_TASK_TAIL, kept for reuse */
   int npool;
   uint64_t ndone;      /* tasks and calls ended here: progress, for why.c */
@@ -623,7 +622,8 @@ void td__send_fn(td_node_t *n, td_wk_t *wk, uint64_t fn_id);
 void td__send_task(td_node_t *n, td_wk_t *wk, td_task_t *t);
 void td__task_fail(td_node_t *n, td_task_t *t, const char *kind, const char *msg);
 void td__tasks_lost(td_node_t *n, td_wk_t *wk, const char *reason);
-void td__tasks_owner_left(td_node_t *n, uint64_t owner);
+uint64_t td__job_of(td_node_t *n, const td_wk_t *wk);
+void td__tasks_job_end(td_node_t *n, uint64_t job);
 void td__task_finish(td_node_t *n, td_task_t *t);
 void td__unpin_deps(td_node_t *n, td_task_t *t);
 void td__unplaced_check(td_node_t *n, double now);
@@ -639,6 +639,7 @@ void td__actor_kill_at(td_wk_t *wk, uint64_t aid);
 void td__actor_pump(td_node_t *n, td_actor_t *a);
 void td__actor_restart_or_die(td_node_t *n, td_actor_t *a, const char *why);
 void td__actors_owner_left(td_node_t *n, uint64_t owner);
+void td__actors_job_end(td_node_t *n, uint64_t job);
 void td__actors_host_lost(td_node_t *n, td_wk_t *wk, const char *reason);
 int td__kill_actor(td_node_t *n, uint64_t actor_id, int no_restart, const char *why);
 void td__persist_actor(td_node_t *n, const td_spec_t *s);
@@ -698,6 +699,7 @@ int td__sink_take(td_node_t *n, td_wk_t *wk);
 
 /* ... and where another node's object is, and getting it. */
 td_wk_t *td__upstream(td_node_t *n, uint64_t id);
+td_wk_t *td__upstream_of(td_node_t *n, td_obj_t *o);
 td_obj_t *td__foreign(td_node_t *n, uint64_t id, int held);
 void td__unhold(td_node_t *n, td_obj_t *o);
 void td__send_refs1(td_wk_t *up, uint64_t id, int32_t delta);
@@ -749,6 +751,7 @@ void td__why_tick(td_node_t *n, double now);
 
 /* cluster.c: links between a head and its nodes. */
 void td__link_dead(td_node_t *n, td_wk_t *wk);
+void td__job_end(td_node_t *n, uint64_t job, td_wk_t *from);
 double td__cluster_max(td_node_t *n, int r);
 void td__settle(td_node_t *n, const double *had);
 void td__cluster_tick(td_node_t *n, double now);
@@ -764,7 +767,7 @@ int td__on_join(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
 int td__on_link_reply(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
 int td__on_node_info(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
 int td__on_node_task(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
-td_msg_fn td__on_beat, td__on_welcome, td__on_cancel, td__on_note;
+td_msg_fn td__on_beat, td__on_welcome, td__on_cancel, td__on_note, td__on_job_end, td__on_cancel_ref;
 void td__notes_free(td_wk_t *wk);
 int td__hold_for_head(td_node_t *n, td_wk_t *wk, const td_spec_t *s, const uint8_t *msg, uint32_t len);
 void td__waitsubs_check(td_node_t *n, double now);

@@ -28,8 +28,10 @@ void td_spec_encode(const td_spec_t *s, td_buf_t *b) {
   td_buf_u32(b, (uint32_t)s->max_concurrency);
   /* own_process and pipeline ride in bits 1 and 2 of the detached byte,
    * so specs kept in head.db by an older build still read (the bits are 0
-   * there). */
-  td_buf_u8(b, (uint8_t)((s->detached ? 1 : 0) | (s->own_process ? 2 : 0) | (s->pipeline ? 4 : 0)));
+   * there); bit 3 says the job's id follows. */
+  td_buf_u8(b, (uint8_t)((s->detached ? 1 : 0) | (s->own_process ? 2 : 0) | (s->pipeline ? 4 : 0) |
+                         (s->job ? 8 : 0)));
+  if (s->job) td_buf_u64(b, s->job);
   td_buf_u8(b, s->retry_exceptions);
   td_buf_u64(b, s->pg_id);
   td_buf_u32(b, (uint32_t)s->bundle);
@@ -93,6 +95,7 @@ int td_spec_decode(td_spec_t *s, td_rd_t *r, uint64_t **scratch) {
   s->detached = flags & 1;
   s->own_process = (flags >> 1) & 1;
   s->pipeline = (flags >> 2) & 1;
+  if (flags & 8) s->job = td_rd_u64(r);
   s->retry_exceptions = td_rd_u8(r);
   s->pg_id = td_rd_u64(r);
   s->bundle = (int32_t)td_rd_u32(r);

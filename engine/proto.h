@@ -70,6 +70,10 @@ enum {
                           chunks asked for on this link with the CHUNK_GET flag set (dplane.c) */
   TD_M_NOTE,           /* node -> head: str topic, str bytes (empty: withdrawn): the latest of a
                           host's figures (a serve ingress's), kept per node (td_node_note_head) */
+  TD_M_JOB_END,        /* either way between nodes: u64 job: a driver left; its work everywhere
+                          goes with it (the head passes it on to every other node) */
+  TD_M_CANCEL_REF,     /* either way between nodes: u64 object id, u8 force: cancel the task that
+                          makes it, which the other end keeps (tide.cancel of a foreign ref) */
 };
 /* clang-format on */
 
@@ -153,6 +157,8 @@ typedef struct td_spec {
   int32_t bundle;         /* 0-based; -1 = any */
   uint8_t strategy;       /* TD_ST_* */
   uint32_t node;          /* TD_ST_NODE*: the node's index */
+  uint64_t job;           /* the driver whose work this is (its id, unique in the cluster;
+                             0: none known): set by the node a submission enters at */
   char name[128];         /* task name or actor name */
   char ns[64];            /* actor namespace */
   uint32_t env_len;

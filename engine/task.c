@@ -340,7 +340,6 @@ static td_task_t *td__task_new(td_node_t *n, const td_spec_t *s) {
   t->pooled = (uint8_t)pooled;
   t->owner = n->tasks.submitter;
   t->owner_task = n->tasks.submitter_task;
-  t->via_link = n->tasks.submitter_link;
   t->spec.rets = tail;
   memcpy(t->spec.rets, s->rets, nr * 8);
   t->spec.deps = tail + nr;
@@ -536,10 +535,34 @@ const uint8_t *td_node_fn(td_node_t *n, uint64_t id, size_t *len) {
 
 static void td__task_cancel(td_node_t *n, td_task_t *t, int force);
 
-int td_node_cancel(td_node_t *n, uint64_t obj_id, int force) {
+/* Cancels the task that makes obj_id: here, or where the ref came from
+ * (work forwarded to the head, or made on another node), unless that is
+ * `from`, which asked. */
+static int td__cancel_from(td_node_t *n, uint64_t obj_id, int force, td_wk_t *from) {
   td_obj_t *o = td__obj(n, obj_id);
-  if (!o || !o->producer) return TD_ENOTFOUND;
-  td__task_cancel(n, o->producer, force);
+  if (!o) return TD_ENOTFOUND;
+  if (o->producer) {
+    td__task_cancel(n, o->producer, force);
+    return 0;
+  }
+  td_wk_t *up = o->foreign && o->state == OBJ_PENDING ? td__upstream_of(n, o) : NULL;
+  if (!up || up == from) return TD_ENOTFOUND;
+  td_chan_begin(&up->ch, TD_M_CANCEL_REF);
+  td_buf_u64(&up->ch.out, obj_id);
+  td_buf_u8(&up->ch.out, (uint8_t)force);
+  td_chan_end(&up->ch);
+  return 0;
+}
+
+int td_node_cancel(td_node_t *n, uint64_t obj_id, int force) {
+  return td__cancel_from(n, obj_id, force, NULL);
+}
+
+int td__on_cancel_ref(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  uint64_t id = td_rd_u64(rd);
+  uint8_t force = td_rd_u8(rd);
+  if (rd->bad) return TD_EPROTO;
+  td__cancel_from(n, id, force, wk);
   return 0;
 }
 
@@ -576,20 +599,32 @@ static void td__task_cancel(td_node_t *n, td_task_t *t, int force) {
   }
 }
 
+/* The job a submission from wk belongs to: a client's own id (ids are
+ * unique in the cluster: each node makes them from its index), or the job
+ * of the task the worker runs. An actor's work is the actor's, as in Ray:
+ * its creator's job, and none for a detached actor (it outlives drivers). */
+uint64_t td__job_of(td_node_t *n, const td_wk_t *wk) {
+  if (wk->kind == WK_CLIENT) return wk->id;
+  const td_task_t *t = wk->inflight.head;
+  if (!t) return 0;
+  if (t->spec.kind == TD_K_TASK) return t->spec.job;
+  const td_actor_t *a = td_map_get(&n->actors.map, t->spec.actor_id);
+  const td_spec_t *c = a && a->create ? &a->create->spec : &t->spec;
+  return c->detached ? 0 : c->job;
+}
+
 /* A driver that left takes its tasks with it, as a Ray job's end does:
- * those it submitted here, and those its tasks submitted here, are
- * dropped if they have not run and stopped if they run (their workers
- * killed), so a job that was stopped, or ended without waiting on them,
- * leaves no work running for nobody. Actors' calls and creations are
- * actor.c's (non-detached actors go with their driver). Work a node sent
- * here names its owner only by guess (via_link): it stays. */
-void td__tasks_owner_left(td_node_t *n, uint64_t owner) {
+ * every task of its job here, whoever submitted it and whichever node it
+ * came from, is dropped if it has not run and stopped if it runs (its
+ * worker killed), so a job that was stopped, or ended without waiting on
+ * them, leaves no work running for nobody. Actors are actor.c's. */
+void td__tasks_job_end(td_node_t *n, uint64_t job) {
   td_buf_t ids;
   td_buf_init(&ids);
   size_t it = 0;
   td_task_t *t;
   while (td_map_next(&n->tasks.map, &it, NULL, (void **)&t))
-    if (t->owner == owner && !t->via_link && t->spec.kind == TD_K_TASK && !t->cancelled &&
+    if (t->spec.job == job && t->spec.kind == TD_K_TASK && !t->cancelled &&
         (t->state == T_WAITDEPS || t->state == T_QUEUED || t->state == T_SENT))
       td_buf_u64(&ids, t->id);
   /* Looked up again one by one: failing one fails those waiting on it. */
@@ -599,7 +634,7 @@ void td__tasks_owner_left(td_node_t *n, uint64_t owner) {
     if ((t = td_map_get(&n->tasks.map, id)) && !t->cancelled) td__task_cancel(n, t, 1);
   }
   if (ids.len)
-    td_log("driver %016llx left: %zu of its tasks cancelled", (unsigned long long)owner, ids.len / 8);
+    td_log("job %016llx ended: %zu of its tasks here cancelled", (unsigned long long)job, ids.len / 8);
   td_buf_free(&ids);
 }
 
@@ -626,6 +661,9 @@ int td__on_submit(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   td_spec_t s;
   uint64_t *scratch;
   int rc = td_spec_decode(&s, rd, &scratch);
+  /* Whose job: a client's own, or that of the work this worker runs; a
+   * node's work says. */
+  if (wk->kind != WK_NODE) s.job = td__job_of(n, wk);
   if (!rc && wk->kind != WK_NODE && td__hold_for_head(n, wk, &s, p, len)) {
     free(scratch);
     return 0;
@@ -648,10 +686,8 @@ int td__on_submit(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
     /* Whose work: a client's, or the work of the task this worker runs. */
     n->tasks.submitter = wk->kind == WK_CLIENT ? wk->id : wk->inflight.head ? wk->inflight.head->owner : 0;
     n->tasks.submitter_task = wk->kind == WK_CLIENT || !wk->inflight.head ? 0 : wk->inflight.head->owner_task;
-    n->tasks.submitter_link = wk->kind == WK_NODE;
     int sub = td_node_submit(n, &s, &msg);
     n->tasks.submitter = n->tasks.submitter_task = 0;
-    n->tasks.submitter_link = 0;
     if (sub == 0 && s.kind == TD_K_ACTOR_NEW) {
       td_actor_t *na = td_map_get(&n->actors.map, s.actor_id);
       if (na) na->owner = wk->id;

@@ -51,7 +51,7 @@ td_obj_t *td__foreign(td_node_t *n, uint64_t id, int held) {
 }
 
 /* foreign == 2: a return of work forwarded to the head, kept there. */
-static td_wk_t *td__upstream_of(td_node_t *n, td_obj_t *o) {
+td_wk_t *td__upstream_of(td_node_t *n, td_obj_t *o) {
   if (o->foreign == 2) return n->links.head && !n->links.head->dead ? n->links.head : NULL;
   if (o->up) return n->links.head ? (n->links.head->dead ? NULL : n->links.head) : td__link(n, o->up - 1);
   return td__upstream(n, o->id);

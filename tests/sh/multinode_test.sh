@@ -108,6 +108,80 @@ check "... a worker of a node that is not there: a clear error" \
 echo 'require("tide").kill(require("tide").get_actor("logged"))' > $D/unlog.lua
 TIDE_SESSION_DIR=$D/head timeout 60 $T run --address local $D/unlog.lua >/dev/null 2>&1
 
+echo "# a driver that leaves takes its work with it, on every node"
+# A task on node-1 starts a task and two actors on node-2: the task and
+# the non-detached actor go when the driver is killed, wherever it was
+# attached (the head, or node-1: its node tells the head, which tells the
+# others); the detached actor stays.
+cat > $D/tree.lua <<'LUA'
+local tide = require("tide")
+local tag = arg[1]
+local leaf = tide.remote(function() tide.sleep(120) return 1 end)
+local Held = tide.actor({hi = function() return 1 end})
+local on = function(node) return {scheduling_strategy = {node_id = node}} end
+local mid = tide.remote(function()
+  local l = leaf:options(on("node-2")):remote()
+  local a = Held:options({name = "tree-child-" .. tag, scheduling_strategy = {node_id = "node-2"}}):remote()
+  local d = Held:options({name = "tree-kept-" .. tag, lifetime = "detached",
+    scheduling_strategy = {node_id = "node-2"}}):remote()
+  tide.get({a:hi(), d:hi()})
+  print("TREE up"); io.stdout:flush()
+  return tide.get(l)
+end)
+tide.get(mid:options(on("node-1")):remote())
+LUA
+for at in head n1; do
+  TIDE_SESSION_DIR=$D/$at $T run --address local $D/tree.lua $at >$D/tree-$at.out 2>&1 &
+  tp=$!
+  for i in $(seq 80); do grep -q "TREE up" $D/tree-$at.out && break; sleep 0.25; done
+  before=$(TIDE_SESSION_DIR=$D/n2 $T list tasks 2>&1 | grep "tree.lua")
+  kill -9 $tp; wait $tp 2>/dev/null
+  for i in $(seq 40); do
+    TIDE_SESSION_DIR=$D/n2 $T list tasks 2>/dev/null | grep "tree.lua" | grep -Eq "RUNNING|PENDING" || break; sleep 0.25
+  done
+  after=$(for s in head n1 n2; do TIDE_SESSION_DIR=$D/$s $T list tasks 2>&1 | grep "tree.lua"; done)
+  check "a driver on $at killed: its task's task on node-2 is cancelled, nothing of it left running on any node" \
+    'echo "$before" | grep -q RUNNING && ! echo "$after" | grep -Eq "RUNNING|PENDING"' "$(cat $D/tree-$at.out) $before / $after"
+  for i in $(seq 20); do
+    TIDE_SESSION_DIR=$D/head $T list actors --filter name=tree-child-$at 2>/dev/null | grep -q DEAD && break; sleep 0.25
+  done
+  acts=$(TIDE_SESSION_DIR=$D/head $T list actors 2>&1 | grep "tree-")
+  check "... its task's non-detached actor on node-2 is killed, the detached one stays" \
+    'echo "$acts" | grep "tree-child-$at" | grep -q DEAD && echo "$acts" | grep "tree-kept-$at" | grep -q ALIVE' "$acts"
+  echo "require('tide').kill(require('tide').get_actor('tree-kept-$at'))" > $D/untree.lua
+  TIDE_SESSION_DIR=$D/head timeout 60 $T run --address local $D/untree.lua >/dev/null 2>&1
+done
+
+echo "# a task on a node places its own work over the cluster, and cancels it"
+cat > $D/nested.lua <<'LUA'
+local tide = require("tide")
+local where = tide.remote(function() return tide.get_runtime_context().node_id end)
+local nap = tide.remote(function() tide.sleep(60) return "slept" end)
+local probe = tide.remote(function()
+  local out = {tide.get(where:options({scheduling_strategy = {node_id = "node-2"}}):remote())}
+  local pg = tide.placement_group({{CPU = 1}})
+  tide.get(pg:ready())
+  out[2] = tide.get(where:options({placement_group = pg}):remote())
+  tide.remove_placement_group(pg)
+  local s, seen = {}, {}
+  for i = 1, 6 do s[i] = where:options({scheduling_strategy = "SPREAD"}):remote() end
+  for _, v in ipairs(tide.get(s)) do seen[v] = true end
+  out[3] = (seen["node-1"] and "1" or "") .. (seen["node-2"] and "2" or "")
+  local r = nap:options({scheduling_strategy = {node_id = "node-2"}}):remote()
+  tide.sleep(0.5)
+  out[4] = tostring(tide.cancel(r, {force = true}))
+  local ok, err = pcall(tide.get, r, {timeout = 20})
+  out[5] = tostring(ok) .. " " .. tostring(err.kind)
+  return out
+end)
+print("NESTED", table.concat(tide.get(probe:options({scheduling_strategy = {node_id = "node-1"}}):remote()), "|"))
+LUA
+out=$(TIDE_SESSION_DIR=$D/head timeout 60 $T run --address local $D/nested.lua 2>&1)
+check "a task on node-1: its task with affinity to node-2 runs there, its placement group's task runs, SPREAD reaches both nodes" \
+  'echo "$out" | grep -Eq "^NESTED	node-2\|node-[12]\|12\|"' "$out"
+check "... and tide.cancel of its task on node-2 cancels it (the head keeps it)" \
+  'echo "$out" | grep -q "|true|false TaskCancelledError$"' "$out"
+
 echo "# the core suites against the cluster"
 for s in tasks actors objects failures; do
   TIDE_SESSION_DIR=$D/head TIDE_TEST_CLUSTER=1 timeout 300 $T run --address local tests/lua/${s}_test.lua 2>&1 |
