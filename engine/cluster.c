@@ -266,6 +266,7 @@ int td__hold_for_head(td_node_t *n, td_wk_t *wk, const td_spec_t *s, const uint8
   w->owner = wk->kind == WK_CLIENT ? wk->id : wk->inflight.head ? wk->inflight.head->owner : 0;
   w->owner_task = wk->kind == WK_CLIENT || !wk->inflight.head ? 0 : wk->inflight.head->owner_task;
   w->job = s->job;
+  w->parent = s->parent;
   w->msg = td_xmalloc(len + 1);
   memcpy(w->msg, msg, len);
   w->len = len;
@@ -312,6 +313,7 @@ static void td__waitsubs_end(td_node_t *n, const char *why) {
     if (td_spec_decode(&s, &rd, &scratch) == 0) {
       const char *msg = why;
       s.job = w->job;
+      s.parent = w->parent;
       if (!why && td__forward(n, &s)) {
         if (s.kind == TD_K_ACTOR_NEW && !s.detached && w->owner)
           td_map_set(&n->links.fwd_actors, s.actor_id, (void *)(uintptr_t)w->owner);
@@ -1040,7 +1042,7 @@ int td__on_cancel(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   uint64_t htid = td_rd_u64(rd);
   uint8_t force = td_rd_u8(rd);
   td_fwd_t *f = rd->bad ? NULL : td_map_get(&n->links.fwd, htid);
-  if (f) td_node_cancel(n, f->rets[0], force);
+  if (f) td_node_cancel(n, f->rets[0], force & TD_CANCEL_FORCE);
   return rd->bad ? TD_EPROTO : 0;
 }
 
@@ -1051,11 +1053,19 @@ int td__on_cancel(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
 void td__job_end(td_node_t *n, uint64_t job, td_wk_t *from) {
   td__tasks_job_end(n, job);
   td__actors_job_end(n, job);
+  td__tell_cluster(n, from, TD_M_JOB_END, job, -1);
+}
+
+/* Tells the rest of the cluster something about id (u64 id, then u8 flags
+ * unless flags < 0): a head tells every node, a node its head; not `from`,
+ * which told us. */
+void td__tell_cluster(td_node_t *n, td_wk_t *from, uint8_t type, uint64_t id, int flags) {
   for (int i = 0; i < n->procs.n; i++) {
     td_wk_t *w = n->procs.list[i];
     if (w == from || w->dead || td__wk_ghost(w) || (w->kind != WK_NODE && w != n->links.head)) continue;
-    td_chan_begin(&w->ch, TD_M_JOB_END);
-    td_buf_u64(&w->ch.out, job);
+    td_chan_begin(&w->ch, type);
+    td_buf_u64(&w->ch.out, id);
+    if (flags >= 0) td_buf_u8(&w->ch.out, (uint8_t)flags);
     td_chan_end(&w->ch);
   }
 }

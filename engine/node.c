@@ -291,6 +291,7 @@ static const td_msg_t td__msgs[] = {
   [TD_M_NOTE] = {"NOTE", td__on_note, K(WK_NODE)},
   [TD_M_JOB_END] = {"JOB_END", td__on_job_end, FROM_LINK},
   [TD_M_CANCEL_REF] = {"CANCEL_REF", td__on_cancel_ref, FROM_LINK},
+  [TD_M_CANCEL_TREE] = {"CANCEL_TREE", td__on_cancel_tree, FROM_LINK},
   [TD_M_NODE_TASK] = {"NODE_TASK", td__on_node_task, K(WK_HEAD)},
   [TD_M_PKG] = {"PKG", td__on_pkg, K(WK_HEAD)},
   [TD_M_WELCOME] = {"WELCOME", td__on_welcome, K(WK_HEAD)},

@@ -141,7 +141,10 @@ const uint8_t *td_node_fn(td_node_t *n, uint64_t id, size_t *len);
  * created with one reference each, held by the submitter. Returns 0 or
  * TD_EINVAL with *msg set (unknown resource shapes are accepted: they wait). */
 int td_node_submit(td_node_t *n, const td_spec_t *spec, const char **msg);
-int td_node_cancel(td_node_t *n, uint64_t obj_id, int force);
+/* Cancels the task that makes obj_id (flags: TD_CANCEL_*), wherever it
+ * runs. 0, or TD_ENOTFOUND when nothing makes it any more. */
+enum { TD_CANCEL_FORCE = 1, TD_CANCEL_RECURSIVE = 2 };
+int td_node_cancel(td_node_t *n, uint64_t obj_id, int flags);
 int td_node_kill_actor(td_node_t *n, uint64_t actor_id, int no_restart);
 /* Finds a live named actor. Returns 0 or TD_ENOTFOUND. */
 int td_node_get_actor(td_node_t *n, const char *name, const char *ns, uint64_t *actor_id,

@@ -67,7 +67,7 @@ typedef struct td_parked {
  * back (a TD_M_SUBMIT as its submitter sent it). */
 typedef struct td_waitsub {
   uint64_t owner, owner_task; /* whose work (td_node_submit's submitter) */
-  uint64_t job;               /* its spec's job (the held message does not say) */
+  uint64_t job, parent;       /* its spec's (the held message does not say) */
   uint64_t *held;             /* the arguments held here meanwhile */
   uint32_t nheld;
   uint8_t *msg;
@@ -752,6 +752,7 @@ void td__why_tick(td_node_t *n, double now);
 /* cluster.c: links between a head and its nodes. */
 void td__link_dead(td_node_t *n, td_wk_t *wk);
 void td__job_end(td_node_t *n, uint64_t job, td_wk_t *from);
+void td__tell_cluster(td_node_t *n, td_wk_t *from, uint8_t type, uint64_t id, int flags);
 double td__cluster_max(td_node_t *n, int r);
 void td__settle(td_node_t *n, const double *had);
 void td__cluster_tick(td_node_t *n, double now);
@@ -767,7 +768,8 @@ int td__on_join(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
 int td__on_link_reply(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
 int td__on_node_info(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
 int td__on_node_task(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
-td_msg_fn td__on_beat, td__on_welcome, td__on_cancel, td__on_note, td__on_job_end, td__on_cancel_ref;
+td_msg_fn td__on_beat, td__on_welcome, td__on_cancel, td__on_note, td__on_job_end, td__on_cancel_ref,
+    td__on_cancel_tree;
 void td__notes_free(td_wk_t *wk);
 int td__hold_for_head(td_node_t *n, td_wk_t *wk, const td_spec_t *s, const uint8_t *msg, uint32_t len);
 void td__waitsubs_check(td_node_t *n, double now);

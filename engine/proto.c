@@ -28,10 +28,11 @@ void td_spec_encode(const td_spec_t *s, td_buf_t *b) {
   td_buf_u32(b, (uint32_t)s->max_concurrency);
   /* own_process and pipeline ride in bits 1 and 2 of the detached byte,
    * so specs kept in head.db by an older build still read (the bits are 0
-   * there); bit 3 says the job's id follows. */
+   * there); bits 3 and 4 say the job's id and the parent's follow. */
   td_buf_u8(b, (uint8_t)((s->detached ? 1 : 0) | (s->own_process ? 2 : 0) | (s->pipeline ? 4 : 0) |
-                         (s->job ? 8 : 0)));
+                         (s->job ? 8 : 0) | (s->parent ? 16 : 0)));
   if (s->job) td_buf_u64(b, s->job);
+  if (s->parent) td_buf_u64(b, s->parent);
   td_buf_u8(b, s->retry_exceptions);
   td_buf_u64(b, s->pg_id);
   td_buf_u32(b, (uint32_t)s->bundle);
@@ -96,6 +97,7 @@ int td_spec_decode(td_spec_t *s, td_rd_t *r, uint64_t **scratch) {
   s->own_process = (flags >> 1) & 1;
   s->pipeline = (flags >> 2) & 1;
   if (flags & 8) s->job = td_rd_u64(r);
+  if (flags & 16) s->parent = td_rd_u64(r);
   s->retry_exceptions = td_rd_u8(r);
   s->pg_id = td_rd_u64(r);
   s->bundle = (int32_t)td_rd_u32(r);

@@ -18,7 +18,7 @@ enum {
   TD_M_ACTOR_CALL,     /* call an actor method */
   TD_M_ACTOR_KILL,     /* destroy an actor */
   TD_M_REPLY,          /* reply to a worker request: u32 req_id, payload */
-  TD_M_CANCEL,         /* interrupt a running task: u64 task_id */
+  TD_M_CANCEL,         /* interrupt a running task: u64 task_id (to a node: u8 TD_CANCEL_* flags) */
   TD_M_HELLO,          /* to a client: u64 its id, u64 inline_max (store fd sent before) */
   TD_M_NODE_TASK,      /* head -> node: u64 task id, u32 attempt, spec, fn, dep values */
   TD_M_WELCOME,        /* head -> node: u32 the node's index */
@@ -72,8 +72,10 @@ enum {
                           host's figures (a serve ingress's), kept per node (td_node_note_head) */
   TD_M_JOB_END,        /* either way between nodes: u64 job: a driver left; its work everywhere
                           goes with it (the head passes it on to every other node) */
-  TD_M_CANCEL_REF,     /* either way between nodes: u64 object id, u8 force: cancel the task that
-                          makes it, which the other end keeps (tide.cancel of a foreign ref) */
+  TD_M_CANCEL_REF,     /* either way between nodes: u64 object id, u8 TD_CANCEL_* flags: cancel the
+                          task that makes it, which the other end keeps (a foreign ref) */
+  TD_M_CANCEL_TREE,    /* either way between nodes: u64 parent, u8 force: cancel the tasks that
+                          the task making parent submitted, and theirs (passed on by the head) */
 };
 /* clang-format on */
 
@@ -159,6 +161,8 @@ typedef struct td_spec {
   uint32_t node;          /* TD_ST_NODE*: the node's index */
   uint64_t job;           /* the driver whose work this is (its id, unique in the cluster;
                              0: none known): set by the node a submission enters at */
+  uint64_t parent;        /* the first return of the task whose worker submitted it (0: a
+                             driver's): a recursive cancel of that task reaches this one */
   char name[128];         /* task name or actor name */
   char ns[64];            /* actor namespace */
   uint32_t env_len;

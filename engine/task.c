@@ -535,34 +535,70 @@ const uint8_t *td_node_fn(td_node_t *n, uint64_t id, size_t *len) {
 
 static void td__task_cancel(td_node_t *n, td_task_t *t, int force);
 
+/* Cancels the tasks that the task making `parent` (its first return)
+ * submitted, and theirs, as Ray's recursive cancel does: those here, and
+ * those on every other node (the head passes CANCEL_TREE on, to every node
+ * but `from`, which sent it). */
+static void td__cancel_tree(td_node_t *n, uint64_t parent, int force, td_wk_t *from) {
+  td_buf_t ids;
+  td_buf_init(&ids);
+  size_t it = 0;
+  td_task_t *t;
+  while (td_map_next(&n->tasks.map, &it, NULL, (void **)&t))
+    if (t->spec.parent == parent && !t->cancelled &&
+        (t->state == T_WAITDEPS || t->state == T_QUEUED || t->state == T_SENT))
+      td_buf_u64(&ids, t->id);
+  for (size_t i = 0; i + 8 <= ids.len; i += 8) {
+    uint64_t id;
+    memcpy(&id, ids.p + i, 8);
+    if (!(t = td_map_get(&n->tasks.map, id)) || t->cancelled) continue;
+    uint64_t r = t->spec.rets[0];
+    td__task_cancel(n, t, force);
+    td__cancel_tree(n, r, force, NULL);
+  }
+  td_buf_free(&ids);
+  td__tell_cluster(n, from, TD_M_CANCEL_TREE, parent, force);
+}
+
+int td__on_cancel_tree(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  uint64_t parent = td_rd_u64(rd);
+  uint8_t force = td_rd_u8(rd);
+  if (rd->bad || !parent) return TD_EPROTO;
+  td__cancel_tree(n, parent, force & TD_CANCEL_FORCE, wk);
+  return 0;
+}
+
 /* Cancels the task that makes obj_id: here, or where the ref came from
  * (work forwarded to the head, or made on another node), unless that is
  * `from`, which asked. */
-static int td__cancel_from(td_node_t *n, uint64_t obj_id, int force, td_wk_t *from) {
+static int td__cancel_from(td_node_t *n, uint64_t obj_id, int flags, td_wk_t *from) {
   td_obj_t *o = td__obj(n, obj_id);
   if (!o) return TD_ENOTFOUND;
+  int force = flags & TD_CANCEL_FORCE;
   if (o->producer) {
+    uint64_t r = o->producer->spec.rets[0];
     td__task_cancel(n, o->producer, force);
+    if (flags & TD_CANCEL_RECURSIVE) td__cancel_tree(n, r, force, NULL);
     return 0;
   }
   td_wk_t *up = o->foreign && o->state == OBJ_PENDING ? td__upstream_of(n, o) : NULL;
   if (!up || up == from) return TD_ENOTFOUND;
   td_chan_begin(&up->ch, TD_M_CANCEL_REF);
   td_buf_u64(&up->ch.out, obj_id);
-  td_buf_u8(&up->ch.out, (uint8_t)force);
+  td_buf_u8(&up->ch.out, (uint8_t)flags);
   td_chan_end(&up->ch);
   return 0;
 }
 
-int td_node_cancel(td_node_t *n, uint64_t obj_id, int force) {
-  return td__cancel_from(n, obj_id, force, NULL);
+int td_node_cancel(td_node_t *n, uint64_t obj_id, int flags) {
+  return td__cancel_from(n, obj_id, flags, NULL);
 }
 
 int td__on_cancel_ref(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   uint64_t id = td_rd_u64(rd);
-  uint8_t force = td_rd_u8(rd);
+  uint8_t flags = td_rd_u8(rd);
   if (rd->bad) return TD_EPROTO;
-  td__cancel_from(n, id, force, wk);
+  td__cancel_from(n, id, flags & (TD_CANCEL_FORCE | TD_CANCEL_RECURSIVE), wk);
   return 0;
 }
 
@@ -663,7 +699,10 @@ int td__on_submit(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   int rc = td_spec_decode(&s, rd, &scratch);
   /* Whose job: a client's own, or that of the work this worker runs; a
    * node's work says. */
-  if (wk->kind != WK_NODE) s.job = td__job_of(n, wk);
+  if (wk->kind != WK_NODE) {
+    s.job = td__job_of(n, wk);
+    s.parent = wk->kind != WK_CLIENT && wk->inflight.head ? wk->inflight.head->spec.rets[0] : 0;
+  }
   if (!rc && wk->kind != WK_NODE && td__hold_for_head(n, wk, &s, p, len)) {
     free(scratch);
     return 0;

@@ -276,8 +276,8 @@ static int d_pump(lua_State *L) {
 
 static int c_cancel(lua_State *L) {
   uint64_t id = td__checkref(L, 1);
-  int force = lua_toboolean(L, 2);
-  lua_pushboolean(L, td_node_cancel(td_ctx.node, id, force) == 0);
+  int flags = (lua_toboolean(L, 2) ? TD_CANCEL_FORCE : 0) | (lua_toboolean(L, 3) ? TD_CANCEL_RECURSIVE : 0);
+  lua_pushboolean(L, td_node_cancel(td_ctx.node, id, flags) == 0);
   return 1;
 }
 

@@ -740,9 +740,18 @@ function M.wait(refs, opts)
   return ready, pending
 end
 
+local CANCEL_OPTS = {force = true, recursive = true}
+
 function M.cancel(ref, opts)
-  if not is_ref(ref) then error("tide.cancel: expected an ObjectRef", 2) end
-  return core.cancel(ref, opts and opts.force or false)
+  if getmetatable(ref) == Generator then ref = ref.ref end -- a streaming task: its stream
+  if not is_ref(ref) then error("tide.cancel: expected an ObjectRef or an ObjectRefGenerator", 2) end
+  if opts ~= nil and type(opts) ~= "table" then error("tide.cancel: opts must be a table", 2) end
+  opts = opts or {}
+  for k, v in pairs(opts) do
+    if not CANCEL_OPTS[k] then error("tide.cancel: unknown option '" .. tostring(k) .. "'", 2) end
+    if type(v) ~= "boolean" then error("tide.cancel: option '" .. k .. "' must be a boolean", 2) end
+  end
+  return core.cancel(ref, opts.force or false, opts.recursive ~= false)
 end
 
 function M.yield(v)

@@ -137,6 +137,34 @@ t.test("generator next(timeout) raises GetTimeoutError when no item comes", func
   t.eq(type(err) == "table" and err.kind, "GetTimeoutError")
 end)
 
+t.test("tide.cancel of a task cancels the tasks it submitted too, unless recursive = false", function()
+  local child = tide.remote(function() tide.sleep(60) return 1 end)
+  -- A streaming parent hands its child's ref out, then waits on it.
+  local parent = tide.remote({num_returns = "streaming"}, function()
+    local c = child:remote()
+    tide.yield({c})
+    tide.yield(tide.get(c))
+  end)
+  local function child_after_cancel(opts)
+    local gen = parent:remote()
+    local c = tide.get(gen:next(30))[1]
+    t.ok(tide.cancel(gen, opts), "cancel of the running parent")
+    local ok, err = pcall(tide.get, c, {timeout = 1.5})
+    if ok then return "done" end
+    if err.kind ~= "TaskCancelledError" then tide.cancel(c, {force = true}) end
+    return err.kind
+  end
+  t.eq(child_after_cancel({force = true}), "TaskCancelledError")
+  t.eq(child_after_cancel(), "TaskCancelledError")  -- the parent stops at its wait; the child too
+  t.eq(child_after_cancel({force = true, recursive = false}), "GetTimeoutError")
+  local r = child:remote()
+  t.raises(function() tide.cancel(r, {forse = true}) end, "unknown option 'forse'")
+  t.raises(function() tide.cancel(r, {force = 1}) end, "option 'force' must be a boolean")
+  t.raises(function() tide.cancel(r, true) end, "opts must be a table")
+  t.raises(function() tide.cancel({}) end, "expected an ObjectRef or an ObjectRefGenerator")
+  tide.cancel(r, {force = true})
+end)
+
 t.test("upvalues are captured by value when tide.remote is called", function()
   local base = 100
   local cfg = {scale = 3}

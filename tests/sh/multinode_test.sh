@@ -182,6 +182,25 @@ check "a task on node-1: its task with affinity to node-2 runs there, its placem
 check "... and tide.cancel of its task on node-2 cancels it (the head keeps it)" \
   'echo "$out" | grep -q "|true|false TaskCancelledError$"' "$out"
 
+cat > $D/rcancel.lua <<'LUA'
+local tide = require("tide")
+local child = tide.remote(function() tide.sleep(60) return 1 end)
+local parent = tide.remote({num_returns = "streaming"}, function()
+  local c = child:options({scheduling_strategy = {node_id = "node-2"}}):remote()
+  tide.yield({c})
+  tide.yield(tide.get(c))
+end)
+local gen = parent:options({scheduling_strategy = {node_id = "node-1"}}):remote()
+local c = tide.get(gen:next(30))[1]
+tide.sleep(0.3)
+tide.cancel(gen)
+local ok, err = pcall(tide.get, c, {timeout = 10})
+print("RCANCEL", ok, type(err) == "table" and err.kind or err)
+LUA
+out=$(TIDE_SESSION_DIR=$D/head timeout 60 $T run --address local $D/rcancel.lua 2>&1)
+check "tide.cancel of a task on node-1 cancels the task it started on node-2 (recursive, as Ray's)" \
+  'echo "$out" | grep -q "^RCANCEL	false	TaskCancelledError$"' "$out"
+
 echo "# the core suites against the cluster"
 for s in tasks actors objects failures; do
   TIDE_SESSION_DIR=$D/head TIDE_TEST_CLUSTER=1 timeout 300 $T run --address local tests/lua/${s}_test.lua 2>&1 |
