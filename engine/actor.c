@@ -250,8 +250,11 @@ int td_node_kill_actor(td_node_t *n, uint64_t actor_id, int no_restart) {
 /* Kills an actor (why: "killed by ..."), restarted unless no_restart. */
 int td__kill_actor(td_node_t *n, uint64_t actor_id, int no_restart, const char *why) {
   td_actor_t *a = td_map_get(&n->actors.map, actor_id);
-  if (!a && n->links.head && !n->links.head->dead) {
-    /* Not here: the head keeps it (forwarded, or placed on another node). */
+  if ((!a || (a->of_head && a->fwd_attempt)) && n->links.head && !n->links.head->dead) {
+    /* Not here, or here for the head: the head keeps it (forwarded, or
+     * placed on another node), and decides on its restart. Calls made
+     * here from now on go there too, after the kill. */
+    if (a) a->of_head = 2;
     td_chan_begin(&n->links.head->ch, TD_M_KILL);
     td_buf_u64(&n->links.head->ch.out, actor_id);
     td_buf_u8(&n->links.head->ch.out, (uint8_t)(no_restart != 0));

@@ -214,19 +214,28 @@ void td__import(td_node_t *n, td_wk_t *from, const uint64_t *ids, uint32_t k) {
 
 /* Node: work a worker here submitted that this node cannot do (a call to
  * an actor it does not host, a demand it cannot meet) goes to the head.
- * So does every named or detached actor: the head keeps the cluster's
- * names (one actor per name) and persists detached actors, which a
- * restarted head adopts; made here, the head would never know of them.
+ * So does every actor while the head is there: the head keeps the
+ * cluster's actors, so that a handle works on every node (a call from
+ * another node reaches the head, which knows where the actor is), and
+ * their names (one actor per name), and persists detached ones, which a
+ * restarted head adopts. It places them here when they can ever fit
+ * (td__forward). Without a head, named and detached ones wait for it.
  * So does work whose placement only the head can decide: in a placement
  * group (the head keeps them), on another node, or spread over the
  * cluster. Returns 1 when forwarded. */
 static int td__for_head(td_node_t *n, const td_spec_t *s) {
   if (s->nret < 0) return 0;  /* streams stay here */
-  if (s->kind == TD_K_ACTOR_CALL) return td_map_get(&n->actors.map, s->actor_id) == NULL;
-  if (s->kind == TD_K_ACTOR_NEW && (s->detached || s->name[0])) return 1;
+  if (s->kind == TD_K_ACTOR_CALL) {
+    /* One the head keeps that died here: the head restarts it (or fails
+     * the call), wherever. */
+    const td_actor_t *a = td_map_get(&n->actors.map, s->actor_id);
+    return !a || (a->of_head && (a->state == A_DEAD || a->of_head == 2));
+  }
+  if (s->kind == TD_K_ACTOR_NEW && (s->detached || s->name[0] || n->links.head)) return 1;
   if (s->pg_id && !td__pg(n, s->pg_id)) return 1;
   if ((s->strategy == TD_ST_NODE || s->strategy == TD_ST_NODE_SOFT) && s->node != n->links.index) return 1;
   if (s->strategy == TD_ST_SPREAD) return 1;
+  if (td__spills(n, s)) return 1;
   for (uint32_t i = 0; i < s->nres; i++) {
     int idx = td_node_res_index(n, s->res_name[i]);
     if (idx >= 0 && s->res_amt[i] > n->sched.total[idx] + 1e-9) return 1;
@@ -241,7 +250,14 @@ int td__forward(td_node_t *n, const td_spec_t *s) {
   td__export(n, s->deps, s->ndeps);
   td__export(n, s->refs, s->nrefs);
   td_chan_begin(&h->ch, TD_M_SUBMIT);
-  td_spec_encode(s, &h->ch.out);
+  if (s->kind == TD_K_ACTOR_NEW && s->strategy == TD_ST_DEFAULT && !s->pg_id) {
+    td_spec_t here = *s; /* made here when it can ever fit here, as before the head kept them all */
+    here.strategy = TD_ST_NODE_SOFT;
+    here.node = n->links.index;
+    td_spec_encode(&here, &h->ch.out);
+  } else {
+    td_spec_encode(s, &h->ch.out);
+  }
   td_chan_end(&h->ch);
   /* The returns live on the head; here they are foreign records that
    * hold the submitter's ref there. */
@@ -506,11 +522,15 @@ static void td__node_task_run(td_node_t *n, td_wk_t *wk, td_spec_t *s, uint64_t 
   const char *msg = NULL;
   n->tasks.submitter = wk->id; /* prints go back to the head, as this task's */
   n->tasks.submitter_task = htid;
+  /* An actor's incarnation here is the head's: a restart on this node, in
+   * the same worker, then tells the old one's exit from the new one's. */
+  n->tasks.attempt_base = s->kind == TD_K_ACTOR_NEW && attempt > 0 ? attempt - 1 : 0;
   n->lineage.from_head = 1; /* the head keeps its lineage */
   int sub = s->kind == TD_K_ACTOR_CALL && !td_map_get(&n->actors.map, s->actor_id)
                 ? (msg = "the actor is not on this node", TD_EINVAL)
                 : td_node_submit(n, s, &msg);
   n->tasks.submitter = n->tasks.submitter_task = 0;
+  n->tasks.attempt_base = 0;
   n->lineage.from_head = 0;
   if (sub != 0) {
     td__errblob(&n->tmp, s->kind == TD_K_ACTOR_CALL ? "ActorDiedError" : "TaskError", msg);
@@ -538,7 +558,7 @@ static void td__node_task_run(td_node_t *n, td_wk_t *wk, td_spec_t *s, uint64_t 
   }
   if (s->kind == TD_K_ACTOR_NEW) {
     td_actor_t *a = td_map_get(&n->actors.map, s->actor_id);
-    if (a) a->fwd_attempt = attempt;
+    if (a) a->fwd_attempt = attempt, a->of_head = 1;
   }
 }
 
@@ -752,6 +772,8 @@ static void td__sweep_foreign(td_node_t *n) {
 /* Heartbeats both ways; a link silent past the timeout is dead. */
 void td__cluster_tick(td_node_t *n, double now) {
   td__dp_tick(n, now);
+  n->links.room_at = now;
+  td__room_tick(n);
   if (n->links.waitsubs) td__waitsubs_check(n, now);
   if (n->xfer.nppull) td__ppull_check(n, NULL, now);
   int beat = now - n->links.beat_at >= 1.0;

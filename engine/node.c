@@ -292,6 +292,7 @@ static const td_msg_t td__msgs[] = {
   [TD_M_JOB_END] = {"JOB_END", td__on_job_end, FROM_LINK},
   [TD_M_CANCEL_REF] = {"CANCEL_REF", td__on_cancel_ref, FROM_LINK},
   [TD_M_CANCEL_TREE] = {"CANCEL_TREE", td__on_cancel_tree, FROM_LINK},
+  [TD_M_ROOM] = {"ROOM", td__on_room, FROM_LINK},
   [TD_M_NODE_TASK] = {"NODE_TASK", td__on_node_task, K(WK_HEAD)},
   [TD_M_PKG] = {"PKG", td__on_pkg, K(WK_HEAD)},
   [TD_M_WELCOME] = {"WELCOME", td__on_welcome, K(WK_HEAD)},
@@ -371,6 +372,7 @@ static void td__wk_input(td_node_t *n, td_wk_t *wk) {
 /* The cluster's timers (heartbeats, a silent link's death, fetch and
  * data-plane checks) run every TD__TICK_S while the node is in a cluster. */
 #define TD__TICK_S 0.25
+#define TD__ROOM_S 0.05 /* CPUs and GPUs free, told to the head and back, at most this often */
 static int td__in_cluster(const td_node_t *n) {
   return n->links.head || n->links.nlinks || n->links.next_index || n->links.waitsubs;
 }
@@ -380,6 +382,8 @@ static double td__poll_timeout(td_node_t *n, double timeout) {
   /* Sleep no longer than to the next tick: a daemon pumps with 0.5 s, and
    * a dead node was found up to that much after its timeout. */
   if (td__in_cluster(n) && n->tick_at + TD__TICK_S - now < timeout) timeout = n->tick_at + TD__TICK_S - now;
+  if (n->links.room_owed && n->links.room_at + TD__ROOM_S - now < timeout)
+    timeout = n->links.room_at + TD__ROOM_S - now;
   for (td_req_t *r = n->procs.reqs; r; r = r->next)
     if (r->deadline > 0 && r->deadline - now < timeout) timeout = r->deadline - now;
   if (n->links.nunplaced && n->links.settle_until - now < timeout)
@@ -462,9 +466,15 @@ void td_node_pump(td_node_t *n, double timeout) {
   if (n->lineage.nout) td__lineage_send(n);
   if (td__in_cluster(n)) {
     double now = td_now();
+    n->links.room_owed = 0;
     if (now - n->tick_at >= TD__TICK_S) {
       n->tick_at = now;
       td__cluster_tick(n, now);
+    } else if (now - n->links.room_at >= TD__ROOM_S) {
+      n->links.room_at = now; /* between ticks too: room changes with the work */
+      td__room_tick(n);
+    } else {
+      n->links.room_owed = 1; /* too soon after the last: the loop wakes for it */
     }
   }
   if (n->links.nunplaced) td__unplaced_check(n, td_now());

@@ -195,6 +195,7 @@ struct td_task {
   uint64_t owner_task;   /* on a node: the head's id of this task */
   int32_t held_bundle;   /* node_held 2: the bundle of its placement group */
   uint32_t spread_to;    /* SPREAD: 1 + the index of the busy node whose turn it took, to wait there */
+  uint32_t origin;       /* head: 1 + the index of the node that sent it here (0: none) */
   td_task_t *prev, *next;/* links in the queue it is on */
   void *on;              /* the queue it is on, NULL if none */
 };
@@ -233,6 +234,9 @@ struct td_wk {
   double ntotal[TD_NRES_MAX], navail[TD_NRES_MAX]; /* by this node's resource index */
   td_node_stats_t nstats; /* a joined node's own figures, from its last heartbeat */
   int has_nstats;
+  double nfree[2];       /* WK_NODE: the CPUs and GPUs free there, all work counted, as it last
+                          * said (TD_M_ROOM; -1: not yet); navail counts only the head's own */
+  double room_sent[2];   /* links: the last TD_M_ROOM sent on it */
   struct td_note *notes; /* WK_NODE: the latest note per topic it sent (TD_M_NOTE) */
   uint32_t nnotes;
   double last_seen;      /* last message from the other side */
@@ -267,6 +271,8 @@ struct td_actor {
   int gpus[16], ngpus;
   td_wk_t *res_node;     /* the node link whose resources it holds */
   uint32_t fwd_attempt;  /* on a node: the head's incarnation (0: not the head's) */
+  uint8_t of_head;       /* on a node: the head keeps it (it restarts it, calls may wait there);
+                          * 2: killed through the head, so calls go there */
   uint8_t crashed;       /* it died by a crash, not by a kill or its own exit */
   uint8_t was_up;        /* restored by a restarted head: an earlier head had started it */
 };
@@ -367,6 +373,8 @@ typedef struct td_node_tasks {
   uint64_t *fn_order; /* function ids in the order registered (sent to nodes in it) */
   uint32_t nfn_order, capfn_order;
   uint64_t submitter, submitter_task; /* whose tasks are being submitted now (prints go there) */
+  uint32_t submitter_node;            /* head: 1 + the index of the node they come from (0: none) */
+  uint32_t attempt_base;              /* node: the head's attempt of the actor being made, less 1 */
   void **pool;                        /* free td_task_t records of TD_TASK_TAIL, kept for reuse */
   int npool;
   uint64_t ndone;      /* tasks and calls ended here: progress, for why.c */
@@ -461,6 +469,12 @@ typedef struct td_node_links {
   td_wdmap_t *wdmap;     /* node: head paths of working dirs -> packages, fetched */
   td_waitsub_t *waitsubs; /* node: work for a head that is gone (td__hold_for_head) */
   double rejoin_until;    /* node: until when such work waits for it */
+  double room[2];         /* node: the CPUs and GPUs free on the rest of the cluster, as the
+                           * head last said (TD_M_ROOM): work that would queue here goes
+                           * there instead (td__for_head) */
+  double room_used[2];    /* node: what of it this node sent the head since (td__spills) */
+  double room_at;         /* when TD_M_ROOM changes were last sent */
+  int room_owed;          /* a turn since found it too soon to send them */
 } td_node_links_t;
 
 /* One extra fd the loop polls for its host or an extension (the daemon's
@@ -752,6 +766,9 @@ void td__why_tick(td_node_t *n, double now);
 /* cluster.c: links between a head and its nodes. */
 void td__link_dead(td_node_t *n, td_wk_t *wk);
 void td__job_end(td_node_t *n, uint64_t job, td_wk_t *from);
+void td__room_tick(td_node_t *n);
+void td__node_full(td_wk_t *wk, const td_spec_t *s);
+int td__spills(td_node_t *n, const td_spec_t *s);
 void td__tell_cluster(td_node_t *n, td_wk_t *from, uint8_t type, uint64_t id, int flags);
 double td__cluster_max(td_node_t *n, int r);
 void td__settle(td_node_t *n, const double *had);
@@ -769,7 +786,7 @@ int td__on_link_reply(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
 int td__on_node_info(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
 int td__on_node_task(td_node_t *n, td_wk_t *wk, td_rd_t *rd);
 td_msg_fn td__on_beat, td__on_welcome, td__on_cancel, td__on_note, td__on_job_end, td__on_cancel_ref,
-    td__on_cancel_tree;
+    td__on_cancel_tree, td__on_room;
 void td__notes_free(td_wk_t *wk);
 int td__hold_for_head(td_node_t *n, td_wk_t *wk, const td_spec_t *s, const uint8_t *msg, uint32_t len);
 void td__waitsubs_check(td_node_t *n, double now);

@@ -74,6 +74,8 @@ enum {
                           goes with it (the head passes it on to every other node) */
   TD_M_CANCEL_REF,     /* either way between nodes: u64 object id, u8 TD_CANCEL_* flags: cancel the
                           task that makes it, which the other end keeps (a foreign ref) */
+  TD_M_ROOM,           /* either way between nodes: f64 CPUs, f64 GPUs free: a node's own (to its
+                          head), or the rest of the cluster's (to a node), sent when it changed */
   TD_M_CANCEL_TREE,    /* either way between nodes: u64 parent, u8 force: cancel the tasks that
                           the task making parent submitted, and theirs (passed on by the head) */
 };

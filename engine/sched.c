@@ -5,7 +5,11 @@
  *
  * A head sees each node that joined it as one WK_NODE link with the node's
  * resources (cluster.c); it places tasks and actors there when they do not
- * fit here, spread, or ask for that node. */
+ * fit here, spread, or ask for that node. Work a node's task submits that
+ * would wait there while other nodes have room goes to the head too
+ * (spillback, td__spills, at the end). */
+#include <math.h>
+
 #include "node_int.h"
 
 int td_node_res_index(td_node_t *n, const char *name) {
@@ -64,6 +68,22 @@ double td__task_gpus(const td_task_t *t) {
   for (int i = 0; i < t->nres; i++)
     if (t->res_idx[i] == TD_RES_GPU) return t->res_amt[i];
   return 0;
+}
+
+/* Whether node link x sent t here (it had no room for it). */
+static int td__origin(const td_task_t *t, const td_wk_t *x) {
+  return t->origin && t->origin == x->node_index + 1;
+}
+
+/* Whether x says it has the CPUs and GPUs t asks for free, its own work
+ * counted (its last heartbeat; a node that has not said: yes). */
+static int td__fits_free(const td_wk_t *x, const td_task_t *t) {
+  for (int i = 0; i < t->nres; i++) {
+    int r = t->res_idx[i];
+    if ((r == TD_RES_CPU || r == TD_RES_GPU) && x->nfree[r] >= 0 && t->res_amt[i] > x->nfree[r] + 1e-9)
+      return 0;
+  }
+  return 1;
 }
 
 /* Where a task or actor creation goes: 0 here, 1 to *out, 2 wait, 3 fail
@@ -152,11 +172,18 @@ static int td__place(td_node_t *n, td_task_t *t, int bundle, int local_fits, td_
     return 1;
   }
   if (local_fits || !n->links.nlinks) return 0;
-  /* Spill to the node with the most free CPU where it fits now. */
+  /* Spill to the node with the most free CPU where it fits now. Work a node
+   * sent here for want of room there (its origin) goes to another node
+   * first, and back to that one only once it says it has room: until then
+   * it waits here, where any node that frees up can take it. */
   for (int i = 0; i < n->procs.n; i++) {
     td_wk_t *x = n->procs.list[i];
     if (x->kind != WK_NODE || !x->joined || x->dead || !td__fits(x->navail, t)) continue;
-    if (!w || x->navail[TD_RES_CPU] > w->navail[TD_RES_CPU]) w = x;
+    int home = td__origin(t, x);
+    if (home && !td__fits_free(x, t)) continue;
+    if (!w || home < td__origin(t, w) ||
+        (home == td__origin(t, w) && x->navail[TD_RES_CPU] > w->navail[TD_RES_CPU]))
+      w = x;
   }
   if (!w && t->spec.kind == TD_K_TASK && !td__fits(n->sched.total, t)) {
     /* Nowhere free, and this node can never run it: a task known to be
@@ -165,7 +192,8 @@ static int td__place(td_node_t *n, td_task_t *t, int bundle, int local_fits, td_
     td_fnstat_t *fs = td_map_get(&n->sched.fnstats, t->spec.fn_id);
     for (int i = 0; fs && fs->avg < TD_SHORT_TASK && i < n->procs.n; i++) {
       td_wk_t *x = n->procs.list[i];
-      if (x->kind != WK_NODE || !x->joined || x->dead || !td__fits(x->ntotal, t)) continue;
+      if (x->kind != WK_NODE || !x->joined || x->dead || !td__fits(x->ntotal, t) || td__origin(t, x))
+        continue;
       double cap = TD_PIPELINE * (x->ntotal[TD_RES_CPU] > 1 ? x->ntotal[TD_RES_CPU] : 1);
       if (x->inflight.len < cap && (!w || x->inflight.len < w->inflight.len)) w = x;
     }
@@ -347,4 +375,92 @@ void td__sched(td_node_t *n) {
     if (r == SCHED_PLACED) misses = 0;
     else if (r == SCHED_MISSED) misses++;
   }
+}
+
+/* -- Spillback: free CPUs and GPUs across the cluster (TD_M_ROOM) ------------ */
+
+/* Head: node link wk sent a plain task here, so it had no room for that
+ * task's CPUs or GPUs just now, whatever it said before (TD_M_ROOM): its
+ * next word on it counts. */
+void td__node_full(td_wk_t *wk, const td_spec_t *s) {
+  int cpu = 1;
+  for (uint32_t i = 0; i < s->nres; i++) {
+    if (!strcmp(s->res_name[i], "CPU")) cpu = s->res_amt[i] > 0;
+    else if (!strcmp(s->res_name[i], "GPU") && s->res_amt[i] > 0) wk->nfree[TD_RES_GPU] = 0;
+  }
+  if (cpu) wk->nfree[TD_RES_CPU] = 0;
+}
+
+/* Node: a plain task that would wait here for CPUs or GPUs while the rest
+ * of the cluster has them free (as the head last said: TD_M_ROOM) goes to
+ * the head, which places it there: work a task submits spreads over the
+ * cluster, as Ray's spillback does, instead of queueing on the node that
+ * submitted it. Of a burst, each task goes where it would wait less: here,
+ * behind the work running and queued, or there, behind what this node sent
+ * since the head last said (room_used). Custom resources, placement,
+ * streams and tide.data's pipelined tasks stay. */
+int td__spills(td_node_t *n, const td_spec_t *s) {
+  if (s->kind != TD_K_TASK || s->nret < 0 || s->pipeline || s->strategy != TD_ST_DEFAULT || s->pg_id ||
+      !n->links.head || n->links.head->dead)
+    return 0;
+  double want[2] = {1, 0}; /* a task asks for 1 CPU unless told otherwise */
+  for (uint32_t i = 0; i < s->nres; i++) {
+    int r = !strcmp(s->res_name[i], "CPU") ? TD_RES_CPU : !strcmp(s->res_name[i], "GPU") ? TD_RES_GPU : -1;
+    if (r >= 0) want[r] = s->res_amt[i];
+    else if (s->res_amt[i] > 0) return 0;
+  }
+  int fits = 1;
+  double wait_here = 0, wait_there = 0; /* in turns of the resource's whole amount */
+  for (int r = 0; r < 2; r++) {
+    if (want[r] <= 0) continue;
+    fits &= want[r] <= n->sched.avail[r] + 1e-9;
+    double total = n->sched.total[r], queued = (double)n->sched.queue.len * want[r];
+    double here = total > 0 ? (total - n->sched.avail[r] + queued) / total : HUGE_VAL;
+    double there = (n->links.room_used[r] + want[r]) / n->links.room[r];
+    if (here > wait_here) wait_here = here;
+    if (there > wait_there) wait_there = there;
+  }
+  if (fits || wait_there > wait_here) return 0;
+  for (int r = 0; r < 2; r++) n->links.room_used[r] += want[r];
+  return 1;
+}
+
+/* Head: what of resource r (CPU or GPU) is free on the head and on every
+ * node but `but`: on a node, the least of what the head placed there
+ * leaves and what the node says is free with its own work counted. */
+static double td__room_beside(td_node_t *n, const td_wk_t *but, int r) {
+  double v = n->sched.avail[r];
+  for (int i = 0; i < n->procs.n; i++) {
+    const td_wk_t *x = n->procs.list[i];
+    if (x == but || x->kind != WK_NODE || !x->joined || x->dead) continue;
+    v += x->nfree[r] >= 0 && x->nfree[r] < x->navail[r] ? x->nfree[r] : x->navail[r];
+  }
+  return v;
+}
+
+/* Every tick (TD__TICK_S), what changed of the CPUs and GPUs free: a
+ * node tells its head what it has free, all its work counted; the head
+ * tells each node what the rest of the cluster has (td__spills). */
+void td__room_tick(td_node_t *n) {
+  for (int i = 0; i < n->procs.n; i++) {
+    td_wk_t *w = n->procs.list[i];
+    if (w->dead || !(w == n->links.head || (w->kind == WK_NODE && w->joined))) continue;
+    double v[2];
+    for (int r = 0; r < 2; r++) v[r] = w == n->links.head ? n->sched.avail[r] : td__room_beside(n, w, r);
+    if (v[0] == w->room_sent[0] && v[1] == w->room_sent[1]) continue;
+    td_chan_begin(&w->ch, TD_M_ROOM);
+    for (int r = 0; r < 2; r++) td_buf_f64(&w->ch.out, w->room_sent[r] = v[r]);
+    td_chan_end(&w->ch);
+  }
+}
+
+int td__on_room(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
+  double v[2];
+  for (int r = 0; r < 2; r++) v[r] = td_rd_f64(rd);
+  if (rd->bad) return TD_EPROTO;
+  for (int r = 0; r < 2; r++) {
+    if (wk->kind == WK_NODE) wk->nfree[r] = v[r];
+    else if (wk == n->links.head) n->links.room[r] = v[r], n->links.room_used[r] = 0;
+  }
+  return 0;
 }

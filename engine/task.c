@@ -340,6 +340,8 @@ static td_task_t *td__task_new(td_node_t *n, const td_spec_t *s) {
   t->pooled = (uint8_t)pooled;
   t->owner = n->tasks.submitter;
   t->owner_task = n->tasks.submitter_task;
+  t->origin = n->tasks.submitter_node;
+  t->attempt = n->tasks.attempt_base;
   t->spec.rets = tail;
   memcpy(t->spec.rets, s->rets, nr * 8);
   t->spec.deps = tail + nr;
@@ -719,14 +721,17 @@ int td__on_submit(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   if (!rc && wk->kind == WK_NODE) {
     td__import(n, wk, s.deps, s.ndeps);
     td__import(n, wk, s.refs, s.nrefs);
+    if (s.kind == TD_K_TASK && s.strategy == TD_ST_DEFAULT && !s.pg_id) td__node_full(wk, &s);
   }
   if (!rc) {
     const char *msg;
     /* Whose work: a client's, or the work of the task this worker runs. */
     n->tasks.submitter = wk->kind == WK_CLIENT ? wk->id : wk->inflight.head ? wk->inflight.head->owner : 0;
     n->tasks.submitter_task = wk->kind == WK_CLIENT || !wk->inflight.head ? 0 : wk->inflight.head->owner_task;
+    n->tasks.submitter_node = wk->kind == WK_NODE ? wk->node_index + 1 : 0;
     int sub = td_node_submit(n, &s, &msg);
     n->tasks.submitter = n->tasks.submitter_task = 0;
+    n->tasks.submitter_node = 0;
     if (sub == 0 && s.kind == TD_K_ACTOR_NEW) {
       td_actor_t *na = td_map_get(&n->actors.map, s.actor_id);
       if (na) na->owner = wk->id;

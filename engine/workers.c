@@ -43,6 +43,7 @@ td_wk_t *td__wk_add(td_node_t *n, uint64_t id, int kind, int fd) {
   td_wk_t *wk = td_xcalloc(1, sizeof(*wk));
   wk->id = id;
   wk->kind = kind;
+  wk->nfree[0] = wk->nfree[1] = wk->room_sent[0] = wk->room_sent[1] = -1; /* not said yet */
   td_chan_init(&wk->ch, fd);
   td_map_init(&wk->fns_sent);
   td_map_init(&wk->allocs);

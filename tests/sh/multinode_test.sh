@@ -201,6 +201,26 @@ out=$(TIDE_SESSION_DIR=$D/head timeout 60 $T run --address local $D/rcancel.lua 
 check "tide.cancel of a task on node-1 cancels the task it started on node-2 (recursive, as Ray's)" \
   'echo "$out" | grep -q "^RCANCEL	false	TaskCancelledError$"' "$out"
 
+# Work a task submits beyond its node's CPUs runs on the other nodes too
+# (spillback): 8 half-second tasks from a task on node-1 (2 CPUs), with
+# node-2's 2 CPUs free.
+cat > $D/fan.lua <<'LUA'
+local tide = require("tide")
+local work = tide.remote(function() tide.sleep(0.5) return tide.get_runtime_context().node_id end)
+local fan = tide.remote(function()
+  tide.sleep(0.5) -- the nodes' free CPUs reach the head and back (every 50 ms)
+  local rs = {}
+  for i = 1, 8 do rs[i] = work:remote() end
+  local seen = {}
+  for _, v in ipairs(tide.get(rs)) do seen[v] = (seen[v] or 0) + 1 end
+  return (seen["node-1"] or 0) .. " " .. (seen["node-2"] or 0)
+end)
+print("FAN", tide.get(fan:options({num_cpus = 0, scheduling_strategy = {node_id = "node-1"}}):remote()))
+LUA
+out=$(TIDE_SESSION_DIR=$D/head timeout 60 $T run --address local $D/fan.lua 2>&1)
+check "a task on node-1 that submits more than node-1 can run at once: node-2 runs some of it" \
+  'echo "$out" | grep -Eq "^FAN	[0-9]+ [2-9]$"' "$out"
+
 echo "# the core suites against the cluster"
 for s in tasks actors objects failures; do
   TIDE_SESSION_DIR=$D/head TIDE_TEST_CLUSTER=1 timeout 300 $T run --address local tests/lua/${s}_test.lua 2>&1 |
