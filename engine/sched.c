@@ -395,14 +395,23 @@ void td__node_full(td_wk_t *wk, const td_spec_t *s) {
  * of the cluster has them free (as the head last said: TD_M_ROOM) goes to
  * the head, which places it there: work a task submits spreads over the
  * cluster, as Ray's spillback does, instead of queueing on the node that
- * submitted it. Of a burst, each task goes where it would wait less: here,
- * behind the work running and queued, or there, behind what this node sent
- * since the head last said (room_used). Custom resources, placement,
- * streams and tide.data's pipelined tasks stay. */
+ * submitted it. A function not known to be long goes as far as that room;
+ * of a burst of one known to be long (50 ms), each task goes where it
+ * would wait less: here, behind the work running and queued, or there,
+ * behind what this node sent since the head last said (room_used). Custom resources, placement,
+ * streams, tide.data's pipelined tasks and tasks known to be short stay. */
+#define TD__LONG_TASK 0.05 /* s: a function whose tasks take this long spills beyond the room */
+
 int td__spills(td_node_t *n, const td_spec_t *s) {
   if (s->kind != TD_K_TASK || s->nret < 0 || s->pipeline || s->strategy != TD_ST_DEFAULT || s->pg_id ||
       !n->links.head || n->links.head->dead)
     return 0;
+  /* A function whose tasks are known to be short (2 ms) stays: they
+   * pipeline behind the workers here sooner than a trip through the head.
+   * One not known yet goes only as far as the room there. */
+  td_fnstat_t *fs = td_map_get(&n->sched.fnstats, s->fn_id);
+  if (fs && fs->avg < TD_SHORT_TASK) return 0;
+  int known_long = fs && fs->avg >= TD__LONG_TASK;
   double want[2] = {1, 0}; /* a task asks for 1 CPU unless told otherwise */
   for (uint32_t i = 0; i < s->nres; i++) {
     int r = !strcmp(s->res_name[i], "CPU") ? TD_RES_CPU : !strcmp(s->res_name[i], "GPU") ? TD_RES_GPU : -1;
@@ -417,6 +426,7 @@ int td__spills(td_node_t *n, const td_spec_t *s) {
     double total = n->sched.total[r], queued = (double)n->sched.queue.len * want[r];
     double here = total > 0 ? (total - n->sched.avail[r] + queued) / total : HUGE_VAL;
     double there = (n->links.room_used[r] + want[r]) / n->links.room[r];
+    if (there > 1 + 1e-9 && !known_long) return 0;
     if (here > wait_here) wait_here = here;
     if (there > wait_there) wait_there = there;
   }
