@@ -214,7 +214,7 @@ void td__wk_dead(td_node_t *n, td_wk_t *wk, const char *why) {
   if (wk->kind == WK_CLIENT) {
     td__pgs_owner_left(n, wk->id);
     td__actors_owner_left(n, wk->id);
-    td__job_end(n, wk->id, NULL);
+    if (wk->submitted) td__job_end(n, wk->id, NULL); /* not for `tide status` and the like */
   }
   /* A link that never joined (a join whose answer came too late: the node
    * joined again, under the same index) had nothing: the node lives on. */

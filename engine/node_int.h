@@ -225,6 +225,7 @@ struct td_wk {
   td_map_t allocs;       /* shm extents lent by TD_M_ALLOC: off+1 -> len */
   int nslow;             /* inflight tasks not known to be short */
   int remote;            /* a client over TCP: no shared memory */
+  uint8_t submitted;     /* a client that submitted work: its leaving ends a job (td__job_end) */
   double last_done;      /* when its last task finished */
   /* Node links (WK_NODE, WK_HEAD): */
   uint32_t node_index;

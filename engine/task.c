@@ -702,6 +702,7 @@ int td__on_submit(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   /* Whose job: a client's own, or that of the work this worker runs; a
    * node's work says. */
   if (wk->kind != WK_NODE) {
+    wk->submitted = 1;
     s.job = td__job_of(n, wk);
     s.parent = wk->kind != WK_CLIENT && wk->inflight.head ? wk->inflight.head->spec.rets[0] : 0;
   }
