@@ -537,6 +537,9 @@ const uint8_t *td_node_fn(td_node_t *n, uint64_t id, size_t *len) {
 
 static void td__task_cancel(td_node_t *n, td_task_t *t, int force);
 
+/* What names t as a parent (spec.parent): its first return; 0 for none. */
+static uint64_t td__parent_key(const td_task_t *t) { return t->spec.nret != 0 ? t->spec.rets[0] : 0; }
+
 /* Cancels the tasks that the task making `parent` (its first return)
  * submitted, and theirs, as Ray's recursive cancel does: those here, and
  * those on every other node (the head passes CANCEL_TREE on, to every node
@@ -554,9 +557,9 @@ static void td__cancel_tree(td_node_t *n, uint64_t parent, int force, td_wk_t *f
     uint64_t id;
     memcpy(&id, ids.p + i, 8);
     if (!(t = td_map_get(&n->tasks.map, id)) || t->cancelled) continue;
-    uint64_t r = t->spec.rets[0];
+    uint64_t r = td__parent_key(t);
     td__task_cancel(n, t, force);
-    td__cancel_tree(n, r, force, NULL);
+    if (r) td__cancel_tree(n, r, force, NULL);
   }
   td_buf_free(&ids);
   td__tell_cluster(n, from, TD_M_CANCEL_TREE, parent, force);
@@ -578,9 +581,9 @@ static int td__cancel_from(td_node_t *n, uint64_t obj_id, int flags, td_wk_t *fr
   if (!o) return TD_ENOTFOUND;
   int force = flags & TD_CANCEL_FORCE;
   if (o->producer) {
-    uint64_t r = o->producer->spec.rets[0];
+    uint64_t r = td__parent_key(o->producer);
     td__task_cancel(n, o->producer, force);
-    if (flags & TD_CANCEL_RECURSIVE) td__cancel_tree(n, r, force, NULL);
+    if ((flags & TD_CANCEL_RECURSIVE) && r) td__cancel_tree(n, r, force, NULL);
     return 0;
   }
   td_wk_t *up = o->foreign && o->state == OBJ_PENDING ? td__upstream_of(n, o) : NULL;
@@ -704,7 +707,7 @@ int td__on_submit(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
   if (wk->kind != WK_NODE) {
     wk->submitted = 1;
     s.job = td__job_of(n, wk);
-    s.parent = wk->kind != WK_CLIENT && wk->inflight.head ? wk->inflight.head->spec.rets[0] : 0;
+    s.parent = wk->kind != WK_CLIENT && wk->inflight.head ? td__parent_key(wk->inflight.head) : 0;
   }
   if (!rc && wk->kind != WK_NODE && td__hold_for_head(n, wk, &s, p, len)) {
     free(scratch);
