@@ -717,7 +717,10 @@ int td__on_submit(td_node_t *n, td_wk_t *wk, td_rd_t *rd) {
     uint32_t nh = s.nret < 0 ? 1 : (uint32_t)s.nret;
     for (uint32_t i = 0; i < nh; i++) td__count(wk, &wk->held, s.rets[i], 1);
     uint64_t owner = wk->kind == WK_CLIENT ? wk->id : wk->inflight.head ? wk->inflight.head->owner : 0;
-    if (s.kind == TD_K_ACTOR_NEW && !s.detached && owner)
+    /* Kept for a driver here, until it leaves; the head's own work's
+     * actors end with their job there (td__job_end), and an entry for
+     * the head's link would stay for good. */
+    if (s.kind == TD_K_ACTOR_NEW && !s.detached && owner && (!n->links.head || owner != n->links.head->id))
       td_map_set(&n->links.fwd_actors, s.actor_id, (void *)(uintptr_t)owner);
     free(scratch);
     return 0;
