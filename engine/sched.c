@@ -398,8 +398,9 @@ void td__node_full(td_wk_t *wk, const td_spec_t *s) {
  * submitted it. A function not known to be long goes as far as that room;
  * of a burst of one known to be long (50 ms), each task goes where it
  * would wait less: here, behind the work running and queued, or there,
- * behind what this node sent since the head last said (room_used). Custom resources, placement,
- * streams, tide.data's pipelined tasks and tasks known to be short stay. */
+ * behind what this node sent since the head last said (room_used).
+ * Custom resources, placement, streams, tide.data's pipelined tasks and
+ * tasks known to be short stay. */
 #define TD__LONG_TASK 0.05 /* s: a function whose tasks take this long spills beyond the room */
 
 int td__spills(td_node_t *n, const td_spec_t *s) {
@@ -422,6 +423,7 @@ int td__spills(td_node_t *n, const td_spec_t *s) {
   double wait_here = 0, wait_there = 0; /* in turns of the resource's whole amount */
   for (int r = 0; r < 2; r++) {
     if (want[r] <= 0) continue;
+    if (want[r] > n->links.room[r] + 1e-9) return 0; /* no node has it free */
     fits &= want[r] <= n->sched.avail[r] + 1e-9;
     double total = n->sched.total[r], queued = (double)n->sched.queue.len * want[r];
     double here = total > 0 ? (total - n->sched.avail[r] + queued) / total : HUGE_VAL;
@@ -448,8 +450,8 @@ static double td__room_beside(td_node_t *n, const td_wk_t *but, int r) {
   return v;
 }
 
-/* Every tick (TD__TICK_S), what changed of the CPUs and GPUs free: a
- * node tells its head what it has free, all its work counted; the head
+/* What changed of the CPUs and GPUs free, at most every TD__ROOM_S (node.c):
+ * a node tells its head what it has free, all its work counted; the head
  * tells each node what the rest of the cluster has (td__spills). */
 void td__room_tick(td_node_t *n) {
   for (int i = 0; i < n->procs.n; i++) {
