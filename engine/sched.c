@@ -379,16 +379,27 @@ void td__sched(td_node_t *n) {
 
 /* -- Spillback: free CPUs and GPUs across the cluster (TD_M_ROOM) ------------ */
 
+/* The CPUs and GPUs spec s asks for (1 CPU unless it says otherwise), in
+ * want; 1 when it also asks for another resource. */
+static int td__cpu_gpu(const td_spec_t *s, double want[2]) {
+  int other = 0;
+  want[TD_RES_CPU] = 1, want[TD_RES_GPU] = 0;
+  for (uint32_t i = 0; i < s->nres; i++) {
+    int r = !strcmp(s->res_name[i], "CPU") ? TD_RES_CPU : !strcmp(s->res_name[i], "GPU") ? TD_RES_GPU : -1;
+    if (r >= 0) want[r] = s->res_amt[i];
+    else other |= s->res_amt[i] > 0;
+  }
+  return other;
+}
+
 /* Head: node link wk sent a plain task here, so it had no room for that
  * task's CPUs or GPUs just now, whatever it said before (TD_M_ROOM): its
  * next word on it counts. */
 void td__node_full(td_wk_t *wk, const td_spec_t *s) {
-  int cpu = 1;
-  for (uint32_t i = 0; i < s->nres; i++) {
-    if (!strcmp(s->res_name[i], "CPU")) cpu = s->res_amt[i] > 0;
-    else if (!strcmp(s->res_name[i], "GPU") && s->res_amt[i] > 0) wk->nfree[TD_RES_GPU] = 0;
-  }
-  if (cpu) wk->nfree[TD_RES_CPU] = 0;
+  double want[2];
+  td__cpu_gpu(s, want);
+  for (int r = 0; r < 2; r++)
+    if (want[r] > 0) wk->nfree[r] = 0;
 }
 
 /* Node: a plain task that would wait here for CPUs or GPUs while the rest
@@ -413,12 +424,8 @@ int td__spills(td_node_t *n, const td_spec_t *s) {
   td_fnstat_t *fs = td_map_get(&n->sched.fnstats, s->fn_id);
   if (fs && fs->avg < TD_SHORT_TASK) return 0;
   int known_long = fs && fs->avg >= TD__LONG_TASK;
-  double want[2] = {1, 0}; /* a task asks for 1 CPU unless told otherwise */
-  for (uint32_t i = 0; i < s->nres; i++) {
-    int r = !strcmp(s->res_name[i], "CPU") ? TD_RES_CPU : !strcmp(s->res_name[i], "GPU") ? TD_RES_GPU : -1;
-    if (r >= 0) want[r] = s->res_amt[i];
-    else if (s->res_amt[i] > 0) return 0;
-  }
+  double want[2];
+  if (td__cpu_gpu(s, want)) return 0;
   int fits = 1;
   double wait_here = 0, wait_there = 0; /* in turns of the resource's whole amount */
   for (int r = 0; r < 2; r++) {

@@ -540,28 +540,40 @@ static void td__task_cancel(td_node_t *n, td_task_t *t, int force);
 /* What names t as a parent (spec.parent): its first return; 0 for none. */
 static uint64_t td__parent_key(const td_task_t *t) { return t->spec.nret != 0 ? t->spec.rets[0] : 0; }
 
-/* Cancels the tasks that the task making `parent` (its first return)
- * submitted, and theirs, as Ray's recursive cancel does: those here, and
- * those on every other node (the head passes CANCEL_TREE on, to every node
- * but `from`, which sent it). */
-static void td__cancel_tree(td_node_t *n, uint64_t parent, int force, td_wk_t *from) {
+static void td__cancel_tree(td_node_t *n, uint64_t parent, int force, td_wk_t *from);
+
+/* Cancels the tasks here that have not ended and whose spec names key:
+ * as their job (tasks only), or as their parent (by_parent: and then the
+ * tasks each of those submitted, on every node). Returns how many. */
+static size_t td__cancel_matching(td_node_t *n, int by_parent, uint64_t key, int force) {
   td_buf_t ids;
   td_buf_init(&ids);
   size_t it = 0;
   td_task_t *t;
   while (td_map_next(&n->tasks.map, &it, NULL, (void **)&t))
-    if (t->spec.parent == parent && !t->cancelled &&
-        (t->state == T_WAITDEPS || t->state == T_QUEUED || t->state == T_SENT))
+    if ((by_parent ? t->spec.parent == key : t->spec.job == key && t->spec.kind == TD_K_TASK) &&
+        !t->cancelled && (t->state == T_WAITDEPS || t->state == T_QUEUED || t->state == T_SENT))
       td_buf_u64(&ids, t->id);
+  /* Looked up again one by one: failing one fails those waiting on it. */
   for (size_t i = 0; i + 8 <= ids.len; i += 8) {
     uint64_t id;
     memcpy(&id, ids.p + i, 8);
     if (!(t = td_map_get(&n->tasks.map, id)) || t->cancelled) continue;
     uint64_t r = td__parent_key(t);
     td__task_cancel(n, t, force);
-    if (r) td__cancel_tree(n, r, force, NULL);
+    if (by_parent && r) td__cancel_tree(n, r, force, NULL);
   }
+  size_t k = ids.len / 8;
   td_buf_free(&ids);
+  return k;
+}
+
+/* Cancels the tasks that the task making `parent` (its first return)
+ * submitted, and theirs, as Ray's recursive cancel does: those here, and
+ * those on every other node (the head passes CANCEL_TREE on, to every node
+ * but `from`, which sent it). */
+static void td__cancel_tree(td_node_t *n, uint64_t parent, int force, td_wk_t *from) {
+  td__cancel_matching(n, 1, parent, force);
   td__tell_cluster(n, from, TD_M_CANCEL_TREE, parent, force);
 }
 
@@ -660,23 +672,8 @@ uint64_t td__job_of(td_node_t *n, const td_wk_t *wk) {
  * worker killed), so a job that was stopped, or ended without waiting on
  * them, leaves no work running for nobody. Actors are actor.c's. */
 void td__tasks_job_end(td_node_t *n, uint64_t job) {
-  td_buf_t ids;
-  td_buf_init(&ids);
-  size_t it = 0;
-  td_task_t *t;
-  while (td_map_next(&n->tasks.map, &it, NULL, (void **)&t))
-    if (t->spec.job == job && t->spec.kind == TD_K_TASK && !t->cancelled &&
-        (t->state == T_WAITDEPS || t->state == T_QUEUED || t->state == T_SENT))
-      td_buf_u64(&ids, t->id);
-  /* Looked up again one by one: failing one fails those waiting on it. */
-  for (size_t i = 0; i + 8 <= ids.len; i += 8) {
-    uint64_t id;
-    memcpy(&id, ids.p + i, 8);
-    if ((t = td_map_get(&n->tasks.map, id)) && !t->cancelled) td__task_cancel(n, t, 1);
-  }
-  if (ids.len)
-    td_log("job %016llx ended: %zu of its tasks here cancelled", (unsigned long long)job, ids.len / 8);
-  td_buf_free(&ids);
+  size_t k = td__cancel_matching(n, 0, job, 1);
+  if (k) td_log("job %016llx ended: %zu of its tasks here cancelled", (unsigned long long)job, k);
 }
 
 /* -- Messages (node.c's table dispatches them) ------------------------------ */
